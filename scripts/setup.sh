@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Set up everything this project needs on a fresh Debian 12 machine, idempotently:
+# Debian packages (Mesa EGL/llvmpipe for headless rendering, Xvfb, POV-Ray and its examples),
+# a virtual environment in .venv, PyTorch (the CPU build unless an NVIDIA GPU is present) and the
+# project with its Python dependencies. A second run only checks and returns in seconds.
+#
+#   bash scripts/setup.sh          # runtime
+#   bash scripts/setup.sh --dev    # + test tools (pytest, ruff, scikit-image)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+EXTRAS=""
+[[ "${1:-}" == "--dev" ]] && EXTRAS="[dev]"
+TORCH_VERSION="2.13.0"
+APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri libgles2 xvfb xauth povray povray-examples)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+install_debian_packages() {
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    local sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    log "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+pick_python() {
+    for candidate in python3.11 python3.12 python3.13 python3.10 python3; do
+        if command -v "$candidate" >/dev/null &&
+            "$candidate" -c "import sys; sys.exit(sys.version_info < (3, 10))" 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    log "Python >= 3.10 not found"
+    return 1
+}
+
+install_torch() {
+    .venv/bin/python -c "import torch" 2>/dev/null && return 0
+    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+        log "NVIDIA GPU found: installing torch ${TORCH_VERSION} (CUDA build)"
+        .venv/bin/pip install -q "torch==${TORCH_VERSION}"
+    else
+        # Plain `torch` from PyPI is the multi-gigabyte CUDA build; without a GPU take the CPU one.
+        log "no NVIDIA GPU: installing torch ${TORCH_VERSION} (CPU build)"
+        .venv/bin/pip install -q --retries 1 "torch==${TORCH_VERSION}+cpu" \
+            --extra-index-url https://download.pytorch.org/whl/cpu
+    fi
+}
+
+install_project() {
+    # Reinstall only when the dependency list changed (keeps a second run fast).
+    local stamp=".venv/.setup-$(sha256sum pyproject.toml | cut -c1-16)${EXTRAS}"
+    [[ -f "$stamp" ]] && return 0
+    log "installing the project and its Python dependencies${EXTRAS}"
+    .venv/bin/pip install -q -e ".${EXTRAS}"
+    rm -f .venv/.setup-*
+    touch "$stamp"
+}
+
+install_debian_packages
+if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c "import sys" 2>/dev/null; then
+    log "creating .venv"
+    "$(pick_python)" -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+fi
+install_torch
+install_project
+log "ready: $(.venv/bin/python -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")')"
