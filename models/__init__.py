@@ -1,0 +1,51 @@
+"""Network architectures of the TAKDSR upscaler: RLFN, RFDN and PAN decoders, the teacher's
+compact-feature encoder, a registry and self-describing safetensors checkpoints.
+
+This package knows nothing of training or serving. Values are float RGB in [0, 1], NCHW.
+"""
+
+from pathlib import Path
+
+from .base import SRDecoder
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_model, read_metadata, save_checkpoint
+from .encoder import CompactEncoder, EncoderConfig, quantize_8bit
+from .flops import count_flops, count_macs, count_parameters
+from .pan import PAN, PANConfig
+from .registry import arch_name, build_model, list_models
+from .rfdn import RFDN, RFDNConfig
+from .rlfn import RLFN, RLFNConfig
+from .teacher import Teacher, TeacherOutput, init_from_teacher
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# The student the daemon and the demo run by default (trained by the TAKDSR pipeline, x2).
+DEFAULT_STUDENT_PATH = WEIGHTS_DIR / "rlfn_s_takdsr_x2.safetensors"
+
+__all__ = [
+    "DEFAULT_STUDENT_PATH",
+    "PAN",
+    "RFDN",
+    "RLFN",
+    "WEIGHTS_DIR",
+    "Checkpoint",
+    "CheckpointError",
+    "CompactEncoder",
+    "EncoderConfig",
+    "PANConfig",
+    "RFDNConfig",
+    "RLFNConfig",
+    "SRDecoder",
+    "Teacher",
+    "TeacherOutput",
+    "arch_name",
+    "build_model",
+    "count_flops",
+    "count_macs",
+    "count_parameters",
+    "init_from_teacher",
+    "list_models",
+    "load_checkpoint",
+    "load_model",
+    "quantize_8bit",
+    "read_metadata",
+    "save_checkpoint",
+]

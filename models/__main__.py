@@ -1,0 +1,75 @@
+"""``python -m models info PATH_OR_NAME [--input WxH]``: architecture, parameters, MACs and FLOPs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .flops import count_flops, count_parameters
+from .registry import arch_name, build_model, list_models
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from exc
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return width, height
+
+
+def _load(target: str) -> tuple[nn.Module, dict | None]:
+    if target in list_models():
+        return build_model(target), None
+    if not Path(target).exists() and not target.endswith(".safetensors"):
+        raise CheckpointError(target, f"neither a file nor a model name ({', '.join(list_models())})")
+    checkpoint = load_checkpoint(target)
+    return checkpoint.model, checkpoint.metadata
+
+
+def info(target: str, width: int, height: int) -> str:
+    model, metadata = _load(target)
+    flops = count_flops(model, height, width)
+    if arch_name(model).endswith("_teacher"):
+        cf_size = f"{width // model.scale}x{height // model.scale}"
+        reads = f"the teacher reads the {width}x{height} HR image through a {cf_size} CF"
+    else:
+        reads = f"input {width}x{height} -> output {width * model.scale}x{height * model.scale}"
+    lines = [
+        f"model        {target}",
+        f"architecture {arch_name(model)} {json.dumps(model.arch_args(), sort_keys=True)}",
+        f"scale        x{model.scale} ({reads})",
+        f"parameters   {count_parameters(model):,}",
+        f"MACs         {flops / 2 / 1e9:.3f} G at {width}x{height} input",
+        f"FLOPs        {flops / 1e9:.3f} G at {width}x{height} input",
+    ]
+    if metadata is not None:
+        lines.append("metadata     " + json.dumps(metadata, indent=2, sort_keys=True).replace("\n", "\n             "))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info_parser = commands.add_parser("info", help="describe a registered model or a checkpoint file")
+    info_parser.add_argument("target", metavar="PATH_OR_NAME")
+    info_parser.add_argument(
+        "--input", type=_parse_size, default=(1920, 1080), help="size WxH of the image the model reads (1920x1080)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        print(info(args.target, *args.input))
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

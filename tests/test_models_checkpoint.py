@@ -1,0 +1,212 @@
+"""Checkpoints: bit-exact round trips, self-description, one clear error for every kind of bad file,
+and init_from_teacher copying exactly what it should."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models import (
+    CheckpointError,
+    Teacher,
+    build_model,
+    init_from_teacher,
+    list_models,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
+from models.checkpoint import METADATA_KEY
+
+
+def _narrow(name: str) -> torch.nn.Module:
+    overrides: dict = {"channels": 8, "blocks": 2}
+    if name.startswith("pan"):
+        overrides["up_channels"] = 8
+    if name.endswith("_teacher"):
+        overrides["encoder_channels"] = 8
+    return build_model(name, **overrides)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_round_trip_is_bit_exact(tmp_path: Path, name: str) -> None:
+    torch.manual_seed(1)
+    model = _narrow(name).eval()
+    path = save_checkpoint(model, tmp_path / "m.safetensors", role="teacher" if "teacher" in name else "student",
+                           training={"steps": 3})
+    loaded = load_checkpoint(path)
+    assert type(loaded.model) is type(model)
+    for (key, a), (key_b, b) in zip(model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert key == key_b and torch.equal(a, b)
+    x = torch.rand(1, 3, 32, 32) if isinstance(model, Teacher) else torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        a_out, b_out = model(x), loaded.model(x)
+    a_img = a_out.image if isinstance(model, Teacher) else a_out
+    b_img = b_out.image if isinstance(model, Teacher) else b_out
+    assert torch.equal(a_img, b_img)
+    assert loaded.metadata["training"] == {"steps": 3}
+    assert loaded.metadata["scale"] == 2 and loaded.metadata["value_range"] == [0.0, 1.0]
+
+
+def test_metadata_describes_the_model(tmp_path: Path) -> None:
+    model = build_model("rfdn_s", channels=12, scale=3)
+    path = save_checkpoint(model, tmp_path / "s.safetensors", role="student")
+    meta = read_metadata(path)
+    assert meta["arch"] == "rfdn" and meta["arch_args"] == {"channels": 12, "blocks": 1, "scale": 3}
+    assert meta["role"] == "student" and meta["format_version"] == 1
+
+
+def test_save_unwraps_compiled_models(tmp_path: Path) -> None:
+    model = build_model("pan_s", channels=8, up_channels=8)
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = model  # what torch.compile's OptimizedModule holds
+    path = save_checkpoint(wrapped, tmp_path / "c.safetensors", role="student")
+    assert not any(k.startswith("_orig_mod") for k in load_checkpoint(path).model.state_dict())
+
+
+def test_save_rejects_unknown_role(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="role"):
+        save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "x.safetensors", role="boss")
+
+
+@pytest.fixture
+def good_file(tmp_path: Path) -> Path:
+    return save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "good.safetensors", role="student")
+
+
+def _write_with_metadata(path: Path, tensors: dict, metadata: dict | str | None) -> Path:
+    raw = None if metadata is None else {METADATA_KEY: metadata if isinstance(metadata, str) else json.dumps(metadata)}
+    save_file(tensors, str(path), metadata=raw)
+    return path
+
+
+def _good_meta(path: Path) -> dict:
+    return read_metadata(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found") as info:
+        load_checkpoint(tmp_path / "absent.safetensors")
+    assert "absent.safetensors" in str(info.value)
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(tmp_path)
+
+
+def test_truncated_file(tmp_path: Path, good_file: Path) -> None:
+    data = good_file.read_bytes()
+    for cut in (4, 100, len(data) // 2, len(data) - 10):
+        truncated = tmp_path / f"cut{cut}.safetensors"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=f"cut{cut}"):
+            load_checkpoint(truncated)
+
+
+def test_garbage_file(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\x00\x01 definitely not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(path)
+
+
+def test_pickle_is_refused_and_never_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+
+    class Exploit:
+        def __reduce__(self):  # would create the marker file if unpickled
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    torch_style = tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(2)}, torch_style)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(torch_style)
+    assert not marker.exists()
+
+
+def test_safetensors_without_our_metadata(tmp_path: Path) -> None:
+    path = _write_with_metadata(tmp_path / "plain.safetensors", {"w": torch.zeros(2)}, None)
+    with pytest.raises(CheckpointError, match="metadata"):
+        load_checkpoint(path)
+
+
+def test_metadata_not_json(tmp_path: Path) -> None:
+    path = _write_with_metadata(tmp_path / "badjson.safetensors", {"w": torch.zeros(2)}, "{not json")
+    with pytest.raises(CheckpointError, match="JSON"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format_version": 99}, "format_version"),
+        ({"arch": "resnet50"}, "cannot build"),
+        ({"arch_args": {"channels": 8, "blocks": 1, "scale": 2, "esa_channels": 16, "depth": 4}}, "cannot build"),
+        ({"role": "boss"}, "role"),
+        ({"value_range": [0, 255]}, "value_range"),
+        ({"scale": 4}, "scale"),
+        ({"arch_args": "rlfn"}, "arch_args"),
+    ],
+)
+def test_bad_metadata_fields(tmp_path: Path, good_file: Path, change: dict, message: str) -> None:
+    tensors = load_checkpoint(good_file).model.state_dict()
+    meta = {**_good_meta(good_file), **change}
+    path = _write_with_metadata(tmp_path / "bad.safetensors", {k: v.contiguous() for k, v in tensors.items()}, meta)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_the_architecture(tmp_path: Path, good_file: Path) -> None:
+    tensors = dict(load_checkpoint(good_file).model.state_dict())
+    meta = _good_meta(good_file)
+    missing = dict(tensors)
+    missing.pop("conv_1.weight")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(_write_with_metadata(tmp_path / "missing.safetensors", missing, meta))
+    reshaped = {**tensors, "conv_1.weight": torch.zeros(8, 3, 5, 5)}
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(_write_with_metadata(tmp_path / "shape.safetensors", reshaped, meta))
+
+
+@pytest.mark.parametrize("family", ["rlfn", "rfdn", "pan"])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_init_from_teacher_copies_shared_tensors_and_keeps_first_blocks(family: str, blocks: int) -> None:
+    torch.manual_seed(2)
+    extra = {"up_channels": 8} if family == "pan" else {}
+    teacher = build_model(f"{family}_teacher", channels=8, blocks=6, encoder_channels=8, **extra)
+    small = init_from_teacher(teacher, blocks)
+    assert small.config.blocks == blocks and small.config.channels == 8
+    teacher_state = teacher.decoder.state_dict()
+    small_state = small.state_dict()
+    for name, tensor in small_state.items():
+        source = teacher_state[name]
+        if name == "fuse.0.weight":  # RFDN's fusion conv: the kept blocks' input slices
+            assert torch.equal(tensor, source[:, : 8 * blocks])
+        else:
+            assert torch.equal(tensor, source), name
+    dropped = {n for n in teacher_state if n.startswith("blocks.") and int(n.split(".")[1]) >= blocks}
+    assert dropped and not dropped & set(small_state)
+
+
+def test_init_from_teacher_student_is_independent_of_teacher() -> None:
+    teacher = build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8)
+    student = init_from_teacher(teacher, 1)
+    with torch.no_grad():
+        student.conv_1.weight.add_(1.0)
+    assert not torch.equal(student.conv_1.weight, teacher.decoder.conv_1.weight)
+
+
+def test_init_from_teacher_rejects_bad_block_count() -> None:
+    teacher = build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8)
+    with pytest.raises(ValueError, match="blocks"):
+        init_from_teacher(teacher, 3)
