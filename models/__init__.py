@@ -7,7 +7,15 @@ This package knows nothing of training or serving. Values are float RGB in [0, 1
 from pathlib import Path
 
 from .base import SRDecoder
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_model, read_metadata, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    read_metadata,
+    save_checkpoint,
+    unwrap,
+)
 from .encoder import CompactEncoder, EncoderConfig, quantize_8bit
 from .flops import count_flops, count_macs, count_parameters
 from .pan import PAN, PANConfig
@@ -48,4 +56,5 @@ __all__ = [
     "quantize_8bit",
     "read_metadata",
     "save_checkpoint",
+    "unwrap",
 ]
