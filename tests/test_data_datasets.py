@@ -1,0 +1,218 @@
+"""Training patches and evaluation frames: shapes, HR/LR alignment, seeding, augmentation, mixing, config."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from training.data.augment import NO_AUGMENT, AugmentConfig, AugmentParams, apply_geometry, sample_augment
+from training.data.config import DataConfig, SourceConfig, build_eval_dataset, build_train_dataset
+from training.data.datasets import EpochSampler, FrameDataset, PatchDataset, worker_start_method
+from training.data.degrade import degrade
+from training.data.images import DatasetError, read_image
+from training.data.sources import FolderSource, Frame, scene_times
+
+ALL_AUGMENT = AugmentConfig(channel_permute_p=0.5, blend_p=0.5)
+
+
+def _write_images(folder: Path, count: int, size: tuple[int, int], seed: int, tint: tuple[int, int, int] | None = None):
+    """Random RGB PNGs; with `tint`, one dominant channel so a patch tells which folder it came from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        rgb = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        if tint is not None:
+            rgb = (rgb // 4 + np.array(tint, np.uint8)).astype(np.uint8)
+        assert cv2.imwrite(str(folder / f"img{i:02d}.png"), rgb[:, :, ::-1])
+    return folder
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return _write_images(tmp_path / "imgs", 3, (50, 62), seed=0)
+
+
+class _NativeSource:
+    """A source with a native LR whose HR is the LR with each pixel repeated s x s: alignment is checkable."""
+
+    native = True
+
+    def __init__(self, scale: int, seed: int = 0) -> None:
+        lr = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        self.frames = [Frame(np.repeat(np.repeat(lr, scale, 0), scale, 1), lr)]
+
+    def __len__(self) -> int:
+        return 1
+
+    def name(self, index: int) -> str:
+        return "native"
+
+    def frame(self, index: int) -> Frame:
+        return self.frames[index]
+
+
+def _dataset(folder: Path, scale: int = 2, **kwargs) -> PatchDataset:
+    source = FolderSource(folder, 24, progress=False)
+    defaults = {"scale": scale, "patch_size": 24, "augment": ALL_AUGMENT, "seed": 3, "length": 12}
+    return PatchDataset([source], [1.0], **{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_item_shapes_and_bicubic_alignment(folder: Path, scale: int) -> None:
+    ds = _dataset(folder, scale, augment=AugmentConfig(blend_p=1.0))  # blending is where LR could go wrong
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["hr"].shape == (3, 24, 24) and item["lr"].shape == (3, 24 // scale, 24 // scale)
+        assert item["hr"].dtype == item["lr"].dtype == torch.float32
+        assert torch.equal(item["lr"], degrade(item["hr"], scale))
+
+
+def test_unaugmented_patch_is_a_crop_on_the_lr_grid(folder: Path) -> None:
+    images = [read_image(p) for p in sorted(folder.glob("*.png"))]
+    ds = _dataset(folder, 3, augment=NO_AUGMENT)
+    for i in range(6):
+        hr = ds[i]["hr"]
+        matches = [
+            (y, x)
+            for image in images
+            for y in range(0, image.shape[1] - 23)
+            for x in range(0, image.shape[2] - 23)
+            if torch.equal(image[:, y : y + 24, x : x + 24], hr)
+        ]
+        assert len(matches) == 1 and matches[0][0] % 3 == 0 and matches[0][1] % 3 == 0
+
+
+def test_same_seed_same_patches_other_seed_other_patches(folder: Path) -> None:
+    a, b, c = _dataset(folder), _dataset(folder), _dataset(folder, seed=4)
+    for i in (0, 5, 11, 1000):  # any index is valid, not only those below len
+        assert torch.equal(a[i]["hr"], b[i]["hr"]) and torch.equal(a[i]["lr"], b[i]["lr"])
+    assert not all(torch.equal(a[i]["hr"], c[i]["hr"]) for i in range(4))
+    with pytest.raises(IndexError):
+        a[-1]
+
+
+def _batches(ds: PatchDataset, workers: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+    sampler = EpochSampler(len(ds))
+    sampler.set_epoch(epoch)
+    loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers)
+    return list(loader)
+
+
+def test_reproducible_with_0_and_2_workers(folder: Path) -> None:
+    ds = _dataset(folder)
+    serial, parallel = _batches(ds, 0, epoch=1), _batches(ds, 2, epoch=1)
+    assert len(serial) == len(parallel) == 3
+    for one, two in zip(serial, parallel, strict=True):
+        assert torch.equal(one["hr"], two["hr"]) and torch.equal(one["lr"], two["lr"])
+    assert worker_start_method(ds) is None  # no OpenGL involved: the default fork is fine
+    first_epoch = _batches(ds, 0, epoch=0)
+    assert not torch.equal(first_epoch[0]["hr"], serial[0]["hr"])  # a new epoch sees new patches
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_native_lr_stays_aligned_through_every_augmentation(scale: int) -> None:
+    ds = PatchDataset([_NativeSource(scale)], [1.0], scale=scale, patch_size=16, augment=ALL_AUGMENT, length=64)
+    blended = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        upsampled = item["lr"].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, P, P)
+        error = (upsampled - item["hr"]).abs().max().item()
+        assert error <= 0.5 / 255 + 1e-6  # only the LR's rounding back to 8 bits after a blend
+        blended += error > 1e-6
+        levels = item["lr"] * 255
+        assert torch.allclose(levels, levels.round(), atol=1e-4)  # native LR stays on 8-bit levels
+    assert 0 < blended < len(ds)
+
+
+def test_geometry_commutes_with_the_hr_lr_grid() -> None:
+    lr = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    hr = lr.repeat_interleave(2, 1).repeat_interleave(2, 2)  # (3, 8, 8), each LR pixel a 2x2 block
+    for k in range(40):
+        params = sample_augment(ALL_AUGMENT, np.random.default_rng(k))
+        expected = apply_geometry(lr, params).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        assert torch.equal(apply_geometry(hr, params), expected)
+    assert torch.equal(apply_geometry(hr, AugmentParams()), hr)
+
+
+def test_augmentation_frequencies() -> None:
+    draws = [sample_augment(ALL_AUGMENT, np.random.default_rng(k)) for k in range(2000)]
+    assert abs(np.mean([d.hflip for d in draws]) - 0.5) < 0.05
+    assert abs(np.mean([d.rot90 == 1 for d in draws]) - 0.25) < 0.05
+    assert abs(np.mean([d.channels != (0, 1, 2) for d in draws]) - 0.5) < 0.05
+    alphas = [d.blend_alpha for d in draws if d.blend_alpha is not None]
+    assert abs(len(alphas) / len(draws) - 0.5) < 0.05 and min(alphas) >= 0.3 and max(alphas) <= 0.7
+    off = [sample_augment(NO_AUGMENT, np.random.default_rng(k)) for k in range(50)]
+    assert all(d == AugmentParams() for d in off)
+
+
+def test_mixed_sources_follow_weights(tmp_path: Path) -> None:
+    red = FolderSource(_write_images(tmp_path / "red", 2, (32, 32), 1, tint=(192, 0, 0)), 16, progress=False)
+    blue = FolderSource(_write_images(tmp_path / "blue", 2, (32, 32), 2, tint=(0, 0, 192)), 16, progress=False)
+    ds = PatchDataset([red, blue], [3.0, 1.0], scale=2, patch_size=16, length=400, patches_per_image=1)
+    from_red = [ds[i]["hr"][0].mean() > ds[i]["hr"][2].mean() for i in range(len(ds))]
+    assert abs(np.mean(from_red) - 0.75) < 0.07
+
+
+def test_frame_dataset_crops_to_the_scale(tmp_path: Path) -> None:
+    _write_images(tmp_path / "eval", 2, (50, 62), seed=5)
+    ds = FrameDataset(FolderSource(tmp_path / "eval", 4, progress=False), 4)
+    item = ds[1]
+    assert item["name"] == "img01"
+    assert item["hr"].shape == (3, 48, 60) and item["lr"].shape == (3, 12, 15)
+    assert torch.equal(item["hr"], read_image(tmp_path / "eval" / "img01.png")[:, :48, :60])
+    assert torch.equal(item["lr"], degrade(item["hr"], 4))
+
+
+def test_patch_must_be_a_multiple_of_the_scale(folder: Path) -> None:
+    with pytest.raises(DatasetError, match="multiple"):
+        _dataset(folder, 3, patch_size=32)
+
+
+def test_config_from_dict_rejects_unknown_keys() -> None:
+    good = {"sources": [{"kind": "folder", "path": "x", "weight": 2}], "augment": {"blend_p": 0.1}}
+    cfg = DataConfig.from_dict(good)
+    assert cfg.sources[0].weight == 2 and cfg.augment.blend_p == 0.1 and cfg.patch_size == 192
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+    assert "None" not in repr(cfg.to_dict())  # TOML has no null: None fields are left out
+    bad = [
+        {**good, "patchsize": 64},
+        {**good, "sources": [{"kind": "folder", "path": "x", "wieght": 1}]},
+        {**good, "augment": {"blend": 0.1}},
+        {**good, "eval": {"kind": "folder", "root": "x"}},
+        {"sources": [{"kind": "folder", "path": "x", "lr_kind": "native"}]},
+        {"sources": [{"kind": "video"}]},
+        {"scale": 2},
+        {**good, "scale": "2"},
+        {**good, "patch_size": 100, "scale": 3},
+        {"sources": []},
+    ]
+    for data in bad:
+        with pytest.raises(ValueError):
+            DataConfig.from_dict(data)
+
+
+def test_build_datasets_from_config(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = DataConfig([SourceConfig("folder", str(folder))], patch_size=24, length=8, augment=ALL_AUGMENT)
+    train = build_train_dataset(cfg, scale=3, seed=7)
+    assert len(train) == 8 and train[0]["lr"].shape == (3, 8, 8) and train.seed == 7
+    monkeypatch.setenv("TAKDSR_SHARED", str(tmp_path / "shared"))
+    _write_images(tmp_path / "shared" / "data" / "cg-dev", 1, (30, 40), seed=9)
+    evaluation = build_eval_dataset(cfg, scale=2)  # eval path None: the shared cg-dev folder
+    assert len(evaluation) == 1 and evaluation[0]["lr"].shape == (3, 15, 20)
+
+
+@pytest.mark.parametrize("period", [10.0, 48.0])
+def test_scene_times_split_is_disjoint_and_fixed(period: float) -> None:
+    train, val = scene_times("train", 50, period), scene_times("val", 20, period)
+    assert len(set(train)) == 50 and len(set(val)) == 20 and train == scene_times("train", 50, period)
+    assert scene_times("train", 80, period)[:50] == train  # more frames keep the ones already there
+    gaps = np.diff(sorted(train))
+    assert gaps.max() < 2.5 * gaps.min()  # evenly spread
+    eps = 1e-3  # times are rounded to 4 decimals
+    assert all(0 <= t < 0.75 * period for t in train) and all(0.8 * period - eps <= t < 0.95 * period for t in val)
+    # On the loop, every validation time is at least 5% of a period from every training time, wrap included.
+    phases = [(t / period) % 1.0 for t in val]
+    assert min(min(abs(p - t / period), 1 - abs(p - t / period)) for p in phases for t in train) >= 0.05 - eps

@@ -1,0 +1,145 @@
+"""Image reading and folder scanning: formats, conversions, skipped files, empty folders."""
+
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from training.data.images import (
+    DatasetError,
+    ImageReadError,
+    SkippedFilesWarning,
+    read_image,
+    scan_images,
+    to_uint8,
+    write_png,
+)
+
+
+def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _write_bgr(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+
+
+@pytest.fixture
+def messy_folder(tmp_path: Path) -> Path:
+    """Good images of every kind, nested, mixed with junk that must be skipped."""
+    rgb = _rgb(40, 48)
+    _write_bgr(tmp_path / "a_rgb.png", rgb[:, :, ::-1])
+    _write_bgr(tmp_path / "nested" / "deeper" / "b_grey.png", rgb[:, :, 0])
+    bgra = np.dstack([rgb[:, :, ::-1], np.full((40, 48), 7, np.uint8)])
+    _write_bgr(tmp_path / "nested" / "c_rgba.png", bgra)
+    _write_bgr(tmp_path / "d_16bit.png", (rgb.astype(np.uint16) * 257)[:, :, ::-1])
+    for suffix in (".jpg", ".webp", ".bmp", ".tiff"):
+        _write_bgr(tmp_path / "formats" / f"e{suffix}", rgb[:, :, ::-1])
+    _write_bgr(tmp_path / "f_tiny.png", _rgb(8, 48))
+    good = (tmp_path / "a_rgb.png").read_bytes()
+    (tmp_path / "g_truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "h_text.png").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("junk")
+    (tmp_path / "nested" / "README.md").write_text("junk")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "ignored.txt").write_text("hidden files are not part of a dataset")
+    return tmp_path
+
+
+def test_read_rgb_png_is_rgb_in_unit_range(tmp_path: Path) -> None:
+    rgb = _rgb(5, 7)
+    _write_bgr(tmp_path / "x.png", rgb[:, :, ::-1])
+    image = read_image(tmp_path / "x.png")
+    assert image.shape == (3, 5, 7) and image.dtype == torch.float32
+    assert torch.equal(image, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
+
+
+def test_grey_becomes_three_equal_channels(tmp_path: Path) -> None:
+    grey = _rgb(6, 9)[:, :, 1]
+    _write_bgr(tmp_path / "g.png", grey)
+    image = read_image(tmp_path / "g.png")
+    assert image.shape == (3, 6, 9)
+    for channel in image:
+        assert torch.equal(channel, torch.from_numpy(grey).float() / 255)
+
+
+def test_rgba_drops_alpha(tmp_path: Path) -> None:
+    rgb = _rgb(6, 9)
+    _write_bgr(tmp_path / "a.png", np.dstack([rgb[:, :, ::-1], np.zeros((6, 9), np.uint8)]))  # alpha 0 everywhere
+    assert torch.equal(read_image(tmp_path / "a.png"), torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
+
+
+def test_16bit_scales_to_unit_range(tmp_path: Path) -> None:
+    rgb16 = np.array([[[0, 65535, 32768]]], np.uint16)  # one RGB pixel
+    _write_bgr(tmp_path / "h.png", rgb16[:, :, ::-1])
+    image = read_image(tmp_path / "h.png")
+    assert torch.allclose(image[:, 0, 0], torch.tensor([0.0, 1.0, 32768 / 65535]))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".bmp", ".tiff"])
+def test_other_formats(tmp_path: Path, suffix: str) -> None:
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[:, :, 0] = 200  # pure red survives lossy codecs approximately
+    _write_bgr(tmp_path / f"x{suffix}", rgb[:, :, ::-1])
+    image = read_image(tmp_path / f"x{suffix}")
+    assert image.shape == (3, 16, 16)
+    assert abs(image[0].mean().item() - 200 / 255) < 0.02 and image[2].mean().item() < 0.02
+
+
+def test_unreadable_raises_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "x.png").write_text("nope")
+    with pytest.raises(ImageReadError, match=r"x\.png"):
+        read_image(tmp_path / "x.png")
+
+
+def test_write_png_round_trip(tmp_path: Path) -> None:
+    image = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(0))
+    write_png(tmp_path / "w.png", image)
+    back = read_image(tmp_path / "w.png")
+    assert torch.equal(back, torch.from_numpy(to_uint8(image)).permute(2, 0, 1).float() / 255)
+    assert (back - image).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_scan_keeps_good_images_and_warns_once(messy_folder: Path) -> None:
+    with pytest.warns(SkippedFilesWarning) as record:
+        found = scan_images(messy_folder, min_size=32, progress=False)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "skipped 5 file(s)" in message
+    assert "2 not images" in message and "2 unreadable" in message and "1 smaller than 32px" in message
+    assert "g_truncated.png" in message and "f_tiny.png" in message
+    names = sorted(str(info.path.relative_to(messy_folder)) for info in found)
+    assert names == sorted(
+        ["a_rgb.png", "nested/deeper/b_grey.png", "nested/c_rgba.png", "d_16bit.png"]
+        + [f"formats/e{s}" for s in (".jpg", ".webp", ".bmp", ".tiff")]
+    )
+    assert all((info.height, info.width) == (40, 48) for info in found)
+
+
+def test_scan_without_junk_does_not_warn(tmp_path: Path) -> None:
+    _write_bgr(tmp_path / "x.png", _rgb(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(scan_images(tmp_path, progress=False)) == 1
+
+
+def test_empty_folder_is_a_dataset_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no usable image"):
+        scan_images(tmp_path, progress=False)
+    assert issubclass(DatasetError, ValueError)
+
+
+def test_nothing_usable_is_a_dataset_error(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x")
+    _write_bgr(tmp_path / "small.png", _rgb(4, 4))
+    with pytest.warns(SkippedFilesWarning), pytest.raises(DatasetError):
+        scan_images(tmp_path, min_size=16, progress=False)
+
+
+def test_missing_folder_is_a_dataset_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_images(tmp_path / "nope", progress=False)

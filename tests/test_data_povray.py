@@ -1,0 +1,85 @@
+"""The curated POV-Ray scene list, licences, and one tiny render through the command line."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.data.images import read_image
+from training.data.paths import REPO_ROOT, reserved_scenes, shared_dir
+from training.data.povray import COPYRIGHT_FILE, EXAMPLES_DIR, load_scene_list, render_scenes, scene_licence
+
+FAST_SCENE = "objects/wtorus.pov"  # well under a second at 320x180
+
+needs_examples = pytest.mark.skipif(not EXAMPLES_DIR.is_dir(), reason="Debian's povray-examples is not installed")
+needs_povray = pytest.mark.skipif(shutil.which("povray") is None, reason="povray is not installed")
+
+
+def test_curated_list_is_disjoint_from_reserved_scenes() -> None:
+    scenes = load_scene_list()
+    reserved = reserved_scenes("povray")
+    assert len(reserved) >= 10  # the file was found and parsed
+    assert len(scenes) >= 40 and len(set(scenes)) == len(scenes)
+    assert not set(scenes) & reserved
+
+
+def test_reserved_parsing_follows_the_shared_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reserved-scenes.txt").write_text("# c\npovray a/b.pov\nopenarena x\npovray c.pov # d\n")
+    monkeypatch.setenv("TAKDSR_SHARED", str(tmp_path))
+    assert reserved_scenes("povray") == {"a/b.pov", "c.pov"}
+    monkeypatch.delenv("TAKDSR_SHARED")
+    assert shared_dir() == REPO_ROOT.parent / "shared"
+
+
+@needs_examples
+def test_curated_scenes_exist_and_keep_the_aspect_ratio() -> None:
+    for scene in load_scene_list():
+        text = (EXAMPLES_DIR / scene).read_text(encoding="latin-1")
+        assert "image_width/image_height" in text.replace(" ", ""), scene
+
+
+@pytest.mark.skipif(not COPYRIGHT_FILE.is_file(), reason="no povray-examples copyright file")
+def test_licences_follow_the_copyright_file() -> None:
+    assert scene_licence("advanced/blocks/stackergold.pov") == "CC-BY-SA-3.0"
+    assert scene_licence("camera/perspective.pov") == "CC-BY-SA-3.0"  # listed with advanced/ in the file
+    assert scene_licence("objects/wtorus.pov") == "CC-BY-3.0"
+    assert {scene_licence(s) for s in load_scene_list()} == {"CC-BY-3.0", "CC-BY-SA-3.0"}
+
+
+def test_reserved_scenes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        render_scenes(["advanced/teapot/teapot.pov"], tmp_path, 32, 18, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def _run(out: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "training.data", "povray", "--out", str(out), "--width", "48", "--height", "27",
+               "--jobs", "1", "--timeout", "60", "--only", FAST_SCENE]  # fmt: skip
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+@needs_povray
+@needs_examples
+def test_render_one_scene_through_the_command(tmp_path: Path) -> None:
+    out = tmp_path / "pov"
+    result = _run(out)
+    assert result.returncode == 0, result.stderr
+    png = out / "objects__wtorus.png"
+    image = read_image(png)
+    assert image.shape == (3, 27, 48) and image.std() > 0.01  # a picture, not a blank frame
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["scenes"][FAST_SCENE]
+    assert record["sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
+    assert record["licence"] == "CC-BY-3.0" and record["png"] == png.name and record["seconds"] > 0
+    assert record["command"][0] == "povray" and "+W48" in record["command"] and "+A0.3" in record["command"]
+    assert manifest["failed"] == {}
+
+    mtime = png.stat().st_mtime_ns
+    again = _run(out)  # already rendered with the same command: skipped
+    assert again.returncode == 0 and png.stat().st_mtime_ns == mtime
+    assert json.loads((out / "manifest.json").read_text()) == manifest

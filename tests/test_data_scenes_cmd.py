@@ -1,0 +1,137 @@
+"""Scene-renderer data: the `scenes` command, native LR alignment, lazy per-worker contexts, the time split.
+
+Tiny frames (64x36) on whatever OpenGL is present (Mesa llvmpipe here). The first test keeps this process free
+of any OpenGL context, so that the forked DataLoader workers are the first to make one.
+"""
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from training.data.augment import AugmentConfig
+from training.data.config import DataConfig, SourceConfig, build_eval_dataset, build_train_dataset
+from training.data.datasets import EpochSampler, PatchDataset, worker_start_method
+from training.data.degrade import degrade
+from training.data.images import read_image
+from training.data.paths import REPO_ROOT
+from training.data.sources import SceneSource, frame_name, loop_period
+
+scenes = pytest.importorskip("scenes", reason="the scene renderer package `scenes` is not importable yet")
+NO_EGL = "could not create a headless EGL"
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return -10 * math.log10(((a - b) ** 2).mean().item() + 1e-12)
+
+
+def _scene_source(**kwargs) -> SceneSource:
+    defaults = {"width": 64, "height": 36, "scale": 2, "lr_kind": "native", "supersample": 2, "frames_per_preset": 3}
+    return SceneSource(None, "train", **{**defaults, **kwargs})
+
+
+def test_workers_render_lazily_and_reproducibly() -> None:
+    source = _scene_source()
+    ds = PatchDataset([source], [1.0], scale=2, patch_size=16, augment=AugmentConfig(blend_p=0.5), seed=1, length=8)
+    try:
+        parallel = list(DataLoader(ds, batch_size=4, sampler=EpochSampler(8), num_workers=2, timeout=120))
+    except RuntimeError as exc:
+        if NO_EGL in str(exc):
+            pytest.skip(f"no headless OpenGL here: {exc}")
+        raise
+    assert source.renderer._renderer is None  # the workers rendered; this process made no context
+    serial = [ds[i] for i in range(8)]
+    assert torch.equal(torch.stack([item["hr"] for item in serial]), torch.cat([b["hr"] for b in parallel]))
+    assert torch.equal(torch.stack([item["lr"] for item in serial]), torch.cat([b["lr"] for b in parallel]))
+
+
+def _run_command(out: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "training.data", "scenes", "--out", str(out), "--count", "4", "--width", "64",
+               "--height", "36", "--scale", "2", "--lr-kind", "native", "--supersample", "2", "--split", "val",
+               "--presets", "city"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    if result.returncode != 0 and NO_EGL in result.stderr:
+        pytest.skip("no headless OpenGL here")
+    return result
+
+
+def test_scenes_command_writes_aligned_pairs(tmp_path: Path) -> None:
+    out = tmp_path / "frames"
+    result = _run_command(out)
+    assert result.returncode == 0, result.stderr
+    frames = json.loads((out / "manifest.json").read_text())["frames"]
+    assert len(frames) == 4
+    period = loop_period("city")
+    pairs = []
+    for record in frames.values():
+        assert record["preset"] == "city" and record["split"] == "val" and record["lr_kind"] == "native"
+        assert 0.8 * period - 1e-3 <= record["t"] < 0.95 * period  # validation times only (rounded to 4 decimals)
+        hr, lr = read_image(out / record["hr"]), read_image(out / record["lr"])
+        assert hr.shape == (3, 36, 64) and lr.shape == (3, 18, 32)
+        assert record["hr_sha256"] == hashlib.sha256((out / record["hr"]).read_bytes()).hexdigest()
+        pairs.append((hr, lr))
+    # Same camera: each HR, degraded, is closer to its own native LR than to the LR of any other time.
+    for i, (hr, _) in enumerate(pairs):
+        scores = [_psnr(degrade(hr, 2), lr) for _, lr in pairs]
+        assert int(np.argmax(scores)) == i
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert _run_command(out).returncode == 0  # everything already there: nothing re-rendered
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == mtimes
+
+
+def test_loop_period_is_the_camera_period() -> None:
+    for preset in scenes.PRESETS:
+        period = loop_period(preset)
+        assert period < 600
+        for t in (0.3, 7.7):
+            a, b = scenes.camera_at(preset, t), scenes.camera_at(preset, t + period)
+            assert np.allclose((*a.position, a.yaw, a.pitch), (*b.position, b.yaw, b.pitch), atol=1e-6)
+
+
+def test_bicubic_scene_patches_and_validation_frames() -> None:
+    cfg = DataConfig(
+        [SourceConfig("scenes", width=64, height=36, lr_kind="bicubic", frames_per_preset=2)],
+        patch_size=16, length=4,
+        eval=SourceConfig("scenes", width=64, height=36, lr_kind="native", frames_per_preset=1),
+    )  # fmt: skip
+    train = build_train_dataset(cfg, scale=4, seed=0)
+    for i in range(len(train)):
+        assert torch.equal(train[i]["lr"], degrade(train[i]["hr"], 4))
+    evaluation = build_eval_dataset(cfg, scale=2)
+    assert len(evaluation) == len(scenes.PRESETS)
+    item = evaluation[0]
+    assert item["hr"].shape == (3, 36, 64) and item["lr"].shape == (3, 18, 32)
+    preset, t = evaluation.source.pool[0]
+    assert item["name"] == frame_name(preset, t) and t >= 0.8 * loop_period(preset) - 1e-3
+    train_times = {t for _, t in train.sources[0].pool}
+    assert not train_times & {t for _, t in evaluation.source.pool}
+
+
+def test_disk_cache_is_reused(tmp_path: Path) -> None:
+    first = _scene_source(cache_dir=tmp_path, frames_per_preset=1)
+    frame = first.frame(0)
+    assert len(list(tmp_path.rglob("*.png"))) == 2  # HR and native LR
+    second = _scene_source(cache_dir=tmp_path, frames_per_preset=1)
+    again = second.frame(0)
+    assert second.renderer._renderer is None  # read from disk, not rendered
+    assert np.array_equal(frame.hr, again.hr) and np.array_equal(frame.lr, again.lr)
+
+
+def test_fork_after_rendering_is_refused_and_forkserver_works() -> None:
+    source = _scene_source(frames_per_preset=1)
+    ds = PatchDataset([source], [1.0], scale=2, patch_size=16, seed=5, length=4)
+    serial = [ds[i] for i in range(4)]  # this process now holds an OpenGL context
+    assert worker_start_method(ds) == "forkserver"
+    fresh = PatchDataset([_scene_source(frames_per_preset=2)], [1.0], scale=2, patch_size=16, seed=5, length=4)
+    with pytest.raises(RuntimeError, match="forkserver"):  # a clear error, not a hang
+        list(DataLoader(fresh, batch_size=4, num_workers=1, timeout=60))
+    loader = DataLoader(ds, batch_size=4, num_workers=1, timeout=120, multiprocessing_context=worker_start_method(ds))
+    assert torch.equal(next(iter(loader))["hr"], torch.stack([item["hr"] for item in serial]))

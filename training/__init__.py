@@ -1,0 +1,1 @@
+"""Training of the TAKDSR teacher, assistant and student models."""

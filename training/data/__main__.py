@@ -1,0 +1,85 @@
+"""Command line: `python -m training.data {povray,scenes} ...` (see docs/data.md)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.data.images import DatasetError
+from training.data.povray import SCENE_LIST, load_scene_list, render_scenes
+from training.data.scenes_cmd import write_scene_frames
+
+
+def _antialias(text: str) -> float | None:
+    """`off` or an adaptive antialiasing threshold (POV-Ray's +A<threshold>)."""
+    if text.lower() == "off":
+        return None
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("antialias threshold must be >= 0, or 'off'")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pov = sub.add_parser("povray", help="render the curated POV-Ray example scenes to PNG")
+    pov.add_argument("--out", type=Path, required=True, help="output folder (PNGs + manifest.json)")
+    pov.add_argument("--width", type=int, default=1920)
+    pov.add_argument("--height", type=int, default=1080)
+    pov.add_argument("--jobs", type=int, default=1, help="parallel povray processes (each uses every core)")
+    pov.add_argument("--timeout", type=float, default=1800.0, help="seconds per scene before it is abandoned")
+    pov.add_argument("--antialias", type=_antialias, default=0.3, help="threshold for +A, or 'off' (default 0.3)")
+    pov.add_argument("--scenes", type=Path, default=SCENE_LIST, help="scene list (default: the curated list)")
+    pov.add_argument("--only", nargs="+", metavar="SCENE", help="render only these scenes of the list")
+
+    scn = sub.add_parser("scenes", help="render HR/LR frame pairs of the procedural scenes")
+    scn.add_argument("--out", type=Path, required=True, help="output folder (hr/, lr_x<s>/, manifest.json)")
+    scn.add_argument("--count", type=int, required=True, help="number of frames (presets in turn)")
+    scn.add_argument("--width", type=int, default=1920)
+    scn.add_argument("--height", type=int, default=1080)
+    scn.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
+    scn.add_argument("--lr-kind", choices=("native", "bicubic"), default="native")
+    scn.add_argument("--supersample", type=int, default=2, help="HR rendered with k x k samples per pixel")
+    scn.add_argument("--split", choices=("train", "val"), default="train")
+    scn.add_argument("--presets", nargs="+", help="presets to render (default: all)")
+    return parser
+
+
+def _povray(args: argparse.Namespace) -> int:
+    scenes = load_scene_list(args.scenes)
+    if args.only:
+        missing = sorted(set(args.only) - set(scenes))
+        if missing:
+            raise DatasetError(f"not in {args.scenes}: {', '.join(missing)}")
+        scenes = [s for s in scenes if s in args.only]
+    manifest = render_scenes(
+        scenes, args.out, args.width, args.height, jobs=args.jobs, timeout=args.timeout, antialias=args.antialias
+    )
+    failed = {s: why for s, why in manifest["failed"].items() if s in scenes}
+    for scene, why in failed.items():
+        print(f"failed: {scene}: {why}", file=sys.stderr)
+    print(f"{len(scenes) - len(failed)}/{len(scenes)} scenes in {args.out} (manifest: {args.out / 'manifest.json'})")
+    return 1 if failed else 0
+
+
+def _scenes(args: argparse.Namespace) -> int:
+    manifest = write_scene_frames(
+        args.out, args.count, width=args.width, height=args.height, scale=args.scale, lr_kind=args.lr_kind,
+        supersample=args.supersample, split=args.split, presets=args.presets,
+    )  # fmt: skip
+    print(f"{len(manifest['frames'])} frame pairs in {args.out} (manifest: {args.out / 'manifest.json'})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _povray(args) if args.command == "povray" else _scenes(args)
+    except (DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

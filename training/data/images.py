@@ -1,0 +1,162 @@
+"""Reading images from disk into the project's value range, and scanning folders of them.
+
+Every image becomes a float32 (3, H, W) RGB tensor in [0, 1]. Decoding is OpenCV's (`IMREAD_UNCHANGED`, so 16-bit
+stays 16-bit and alpha is visible); nothing here ever unpickles.
+
+Alpha is dropped, not composited: in rendered frames and game captures the alpha channel is rarely coverage (a
+back buffer's alpha is often 0 or junk), and compositing over a background would darken or erase those frames.
+"""
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DatasetError",
+    "ImageInfo",
+    "ImageReadError",
+    "SkippedFilesWarning",
+    "read_image",
+    "read_image_array",
+    "scan_images",
+    "to_tensor",
+    "to_uint8",
+    "write_png",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+_NAMED_IN_WARNING = 5
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be built: nothing usable in a folder, a source that cannot give what was asked, ..."""
+
+
+class ImageReadError(ValueError):
+    """One file could not be decoded as an image."""
+
+
+class SkippedFilesWarning(UserWarning):
+    """Some files of a folder were skipped (one warning per scan, with counts)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """A usable image of a scanned folder."""
+
+    path: Path
+    height: int
+    width: int
+
+
+def _to_rgb(raw: np.ndarray) -> np.ndarray:
+    """OpenCV's (H, W), (H, W, 1), (H, W, 3) BGR or (H, W, 4) BGRA -> (H, W, 3) RGB, same dtype."""
+    if raw.ndim == 2:
+        raw = raw[:, :, None]
+    channels = raw.shape[2]
+    if channels == 1:
+        return np.repeat(raw, 3, axis=2)
+    if channels in (3, 4):
+        return np.ascontiguousarray(raw[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
+    raise ImageReadError(f"unsupported channel count {channels}")
+
+
+def _to_unit_float(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 / uint16 / float -> float32 in [0, 1]."""
+    if rgb.dtype == np.uint8:
+        return rgb.astype(np.float32) / 255.0
+    if rgb.dtype == np.uint16:
+        return rgb.astype(np.float32) / 65535.0
+    if rgb.dtype in (np.float32, np.float64):
+        return np.clip(rgb, 0.0, 1.0).astype(np.float32)  # float TIFF: taken as already in [0, 1]
+    raise ImageReadError(f"unsupported pixel type {rgb.dtype}")
+
+
+def _decode(path: Path) -> np.ndarray:
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.size == 0:
+        raise ImageReadError(f"cannot decode {path} as an image (unreadable, truncated or not an image)")
+    return raw
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 / uint16 / float array -> (3, H, W) float32 tensor in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(_to_unit_float(rgb).transpose(2, 0, 1)))
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 RGB, rounded."""
+    return (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Any supported image file -> (3, H, W) float32 RGB in [0, 1]; raises ImageReadError."""
+    return to_tensor(_to_rgb(_decode(Path(path))))
+
+
+def read_image_array(path: str | Path) -> np.ndarray:
+    """(H, W, 3) RGB array in the file's own dtype (uint8 for 8-bit files: 4x less memory to cache than float);
+    to_tensor then gives the project's range. Raises ImageReadError."""
+    return _to_rgb(_decode(Path(path)))
+
+
+def write_png(path: str | Path, image: torch.Tensor | np.ndarray) -> None:
+    """Write (3, H, W) float in [0, 1] or (H, W, 3) uint8 RGB as an 8-bit PNG; raises OSError on failure."""
+    rgb = to_uint8(image) if isinstance(image, torch.Tensor) else image
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
+        raise OSError(f"could not write {path}")
+
+
+def _skip_message(root: Path, skipped: dict[str, list[Path]]) -> str:
+    total = sum(len(paths) for paths in skipped.values())
+    parts = []
+    for reason, paths in skipped.items():
+        if paths:
+            names = ", ".join(str(p.relative_to(root)) for p in paths[:_NAMED_IN_WARNING])
+            more = f", ... {len(paths) - _NAMED_IN_WARNING} more" if len(paths) > _NAMED_IN_WARNING else ""
+            parts.append(f"{len(paths)} {reason} ({names}{more})")
+    return f"{root}: skipped {total} file(s): " + "; ".join(parts)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -> list[ImageInfo]:
+    """Every usable image under `root` (recursive, sorted by path, hidden files ignored), each decoded once to
+    validate it.
+
+    Files that are not images (by suffix), fail to decode, or are smaller than `min_size` on either side are
+    skipped with one SkippedFilesWarning naming a few. Raises DatasetError if nothing usable is left.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist or is not a folder")
+    # Hidden files and folders (".DS_Store", ".git", half-written ".name.png") are not part of a dataset.
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+    skipped: dict[str, list[Path]] = {"not images": [], "unreadable": [], f"smaller than {min_size}px": []}
+    found = []
+    for path in tqdm(files, desc=f"scan {root.name}", unit="file", disable=not progress, leave=False):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped["not images"].append(path)
+            continue
+        try:
+            height, width = _to_rgb(_decode(path)).shape[:2]
+        except ImageReadError:
+            skipped["unreadable"].append(path)
+            continue
+        if min(height, width) < min_size:
+            skipped[f"smaller than {min_size}px"].append(path)
+            continue
+        found.append(ImageInfo(path, height, width))
+    if any(skipped.values()):
+        warnings.warn(_skip_message(root, skipped), SkippedFilesWarning, stacklevel=2)
+    if not found:
+        raise DatasetError(f"no usable image in {root} (suffixes {', '.join(IMAGE_SUFFIXES)}, min size {min_size}px)")
+    return found

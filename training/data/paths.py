@@ -1,0 +1,34 @@
+"""Where the shared (not committed) project data lives, and the scenes reserved for evaluation."""
+
+import os
+from pathlib import Path
+
+__all__ = ["REPO_ROOT", "default_eval_dir", "reserved_scenes", "shared_dir"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_dir() -> Path:
+    """The shared data folder: $TAKDSR_SHARED, else `<repo>/../shared`."""
+    env = os.environ.get("TAKDSR_SHARED")
+    return Path(env) if env else REPO_ROOT.parent / "shared"
+
+
+def default_eval_dir() -> Path:
+    """The development evaluation frames (1920x1080 PNG). Never train on them."""
+    return shared_dir() / "data" / "cg-dev"
+
+
+def reserved_scenes(source: str) -> set[str]:
+    """Scenes of `source` ("povray", "openarena", ...) that must never be rendered or trained on.
+
+    Reads `<shared>/data/reserved-scenes.txt` (lines `<source> <scene>`, `#` comments). A missing file raises
+    FileNotFoundError: without it nothing guarantees that training stays off the evaluation scenes.
+    """
+    path = shared_dir() / "data" / "reserved-scenes.txt"
+    scenes = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) == 2 and fields[0] == source:
+            scenes.add(fields[1])
+    return scenes

@@ -1,0 +1,212 @@
+"""Rendering the curated POV-Ray example scenes (Debian's povray-examples) into a folder of training images.
+
+Each scene renders unmodified, in a temporary copy of its folder (the examples are read-only and include files
+relative to their folder), as the development frames were made: `povray +W.. +H.. +A0.3 +FN -D -V +I<scene>`.
+The manifest (`manifest.json` in the output folder) records per scene its path, command, seconds, the PNG's
+sha256 and its licence as Debian's copyright file states it.
+"""
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from training.data.paths import reserved_scenes
+
+__all__ = [
+    "COPYRIGHT_FILE",
+    "EXAMPLES_DIR",
+    "INCLUDE_DIR",
+    "SCENE_LIST",
+    "RenderRecord",
+    "load_scene_list",
+    "output_name",
+    "povray_command",
+    "render_scene",
+    "render_scenes",
+    "scene_licence",
+]
+
+EXAMPLES_DIR = Path("/usr/share/doc/povray/examples")
+INCLUDE_DIR = Path("/usr/share/povray-3.7/include")
+COPYRIGHT_FILE = Path("/usr/share/doc/povray-examples/copyright")
+SCENE_LIST = Path(__file__).with_name("povray_scenes.txt")
+MANIFEST_NAME = "manifest.json"
+# The copyright file names scenes by their path in the upstream source tree.
+_UPSTREAM_PREFIX = "distribution/scenes/"
+
+
+@dataclass
+class RenderRecord:
+    """One rendered scene, as the manifest stores it."""
+
+    scene: str  # relative to EXAMPLES_DIR
+    png: str  # file name inside the output folder
+    command: list[str]  # run in a copy of the scene's folder
+    seconds: float
+    sha256: str
+    licence: str
+    width: int
+    height: int
+
+
+def load_scene_list(path: Path = SCENE_LIST) -> list[str]:
+    """Scenes of a list file: one path relative to EXAMPLES_DIR a line, `#` starts a comment."""
+    scenes = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        scene = line.split("#", 1)[0].strip()
+        if scene:
+            scenes.append(scene)
+    return scenes
+
+
+def _copyright_stanzas(text: str) -> list[tuple[list[str], str]]:
+    """Debian machine-readable copyright -> [(file patterns, licence)] of its `Files:` paragraphs, in order."""
+    stanzas = []
+    for paragraph in text.split("\n\n"):
+        fields: dict[str, list[str]] = {}
+        key = None
+        for line in paragraph.splitlines():
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += line.split()  # continuation line
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.split()
+        if "Files" in fields and fields.get("License"):
+            stanzas.append((fields["Files"], fields["License"][0]))
+    return stanzas
+
+
+def scene_licence(scene: str, copyright_file: Path = COPYRIGHT_FILE) -> str:
+    """The licence of an example scene per the package's copyright file (DEP-5: the last matching paragraph wins)."""
+    upstream = _UPSTREAM_PREFIX + scene
+    licence = None
+    for patterns, name in _copyright_stanzas(copyright_file.read_text(encoding="utf-8")):
+        if any(fnmatch.fnmatchcase(upstream, pattern) for pattern in patterns):
+            licence = name
+    if licence is None:
+        raise ValueError(f"no licence for {upstream} in {copyright_file}")
+    return licence
+
+
+def output_name(scene: str) -> str:
+    """`advanced/blocks/stackergold.pov` -> `advanced__blocks__stackergold.png` (one flat folder)."""
+    return scene.removesuffix(".pov").replace("/", "__") + ".png"
+
+
+def povray_command(scene: str, width: int, height: int, antialias: float | None, out_name: str) -> list[str]:
+    """The command line, run from the scene's folder. `antialias`: adaptive threshold (+A), None for none."""
+    aa = f"+A{antialias:g}" if antialias is not None else "-A"
+    size = [f"+W{width}", f"+H{height}"]
+    return ["povray", *size, aa, "+FN", "-D", "-V", f"+L{INCLUDE_DIR}", f"+I{Path(scene).name}", f"+O{out_name}"]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def render_scene(
+    scene: str, out_dir: Path, width: int, height: int, *, antialias: float | None = 0.3, timeout: float = 600.0
+) -> RenderRecord:
+    """Render one scene to `out_dir/output_name(scene)`. Raises RuntimeError on failure or timeout.
+
+    The PNG appears only once complete (rendered in a temporary folder, then moved), so a killed run never
+    leaves a partial image that a later run would skip.
+    """
+    if scene in reserved_scenes("povray"):
+        raise ValueError(f"{scene} is reserved for evaluation and must never be rendered")
+    source = EXAMPLES_DIR / scene
+    if not source.is_file():
+        raise FileNotFoundError(f"no scene {source} (is Debian's povray-examples installed?)")
+    command = povray_command(scene, width, height, antialias, "render.png")
+    with tempfile.TemporaryDirectory(prefix="takdsr-povray-") as tmp:
+        workdir = Path(tmp) / "scene"
+        shutil.copytree(source.parent, workdir)
+        start = time.perf_counter()
+        try:
+            result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"{scene}: timed out after {timeout:g} s") from exc
+        seconds = time.perf_counter() - start
+        rendered = workdir / "render.png"
+        if result.returncode != 0 or not rendered.is_file():
+            raise RuntimeError(f"{scene}: povray exit {result.returncode}: {result.stderr.strip()[-400:]}")
+        final = out_dir / output_name(scene)
+        shutil.move(rendered, final.with_suffix(".part"))
+        os.replace(final.with_suffix(".part"), final)
+    return RenderRecord(
+        scene, final.name, command, round(seconds, 2), _sha256(final), scene_licence(scene), width, height
+    )
+
+
+def _load_manifest(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"scenes": {}, "failed": {}}
+
+
+def _save_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _is_done(out_dir: Path, record: dict | None, command: list[str]) -> bool:
+    """Rendered already with this exact command, and the PNG is the one the manifest hashed."""
+    if record is None or record["command"] != command:
+        return False
+    png = out_dir / record["png"]
+    return png.is_file() and _sha256(png) == record["sha256"]
+
+
+def render_scenes(
+    scenes: list[str],
+    out_dir: Path,
+    width: int,
+    height: int,
+    *,
+    jobs: int = 1,
+    timeout: float = 600.0,
+    antialias: float | None = 0.3,
+    progress: bool = True,
+) -> dict:
+    """Render `scenes` into `out_dir` with `jobs` parallel povray processes, skipping those already rendered with
+    the same command. Updates `out_dir/manifest.json` after every scene and returns it; failures (errors,
+    timeouts) are listed under "failed" and do not stop the others."""
+    reserved = sorted(set(scenes) & reserved_scenes("povray"))
+    if reserved:
+        raise ValueError(f"reserved for evaluation, never render: {', '.join(reserved)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST_NAME
+    manifest = _load_manifest(manifest_path)
+    todo = [
+        s for s in scenes
+        if not _is_done(out_dir, manifest["scenes"].get(s), povray_command(s, width, height, antialias, "render.png"))
+    ]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads: the work is in povray processes
+        futures = {
+            pool.submit(render_scene, s, out_dir, width, height, antialias=antialias, timeout=timeout): s for s in todo
+        }
+        bar = tqdm(
+            total=len(scenes), initial=len(scenes) - len(todo), desc="povray", unit="scene", disable=not progress
+        )
+        for future in as_completed(futures):
+            scene = futures[future]
+            try:
+                manifest["scenes"][scene] = asdict(future.result())
+                manifest["failed"].pop(scene, None)
+            except (RuntimeError, OSError) as exc:
+                manifest["failed"][scene] = str(exc)
+            _save_manifest(manifest_path, manifest)
+            bar.update()
+        bar.close()
+    return manifest

@@ -1,0 +1,118 @@
+"""Writing rendered HR/LR frame pairs of the procedural scenes to disk, with a manifest.
+
+Layout of `--out`: `hr/<name>.png` (W x H, rendered with k x k supersampling), `lr_x<s>/<name>.png` (W/s x H/s:
+the native render at LR size, or `degrade` of the HR), `manifest.json`. Frame k is preset `k % P` at the
+`k // P`-th time of the split (see sources.scene_times), so train and val frames never share a time.
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from training.data.degrade import degrade
+from training.data.images import DatasetError, to_tensor, to_uint8, write_png
+from training.data.sources import LazyRenderer, LrKind, Split, check_presets, frame_name, loop_period, scene_times
+
+__all__ = ["FrameRecord", "frame_plan", "write_scene_frames"]
+
+
+@dataclass
+class FrameRecord:
+    """One written HR/LR pair, as the manifest stores it."""
+
+    name: str
+    preset: str
+    t: float
+    split: str
+    hr: str  # paths relative to the output folder
+    lr: str
+    width: int
+    height: int
+    scale: int
+    lr_kind: str
+    supersample: int
+    seconds: float
+    hr_sha256: str
+    lr_sha256: str
+
+
+def frame_plan(presets: list[str], count: int, split: Split) -> list[tuple[str, float]]:
+    """`count` (preset, t) pairs: presets in turn, each walking through its split's fixed times."""
+    per_preset = math.ceil(count / len(presets))
+    times = {p: scene_times(split, per_preset, loop_period(p)) for p in presets}
+    return [(presets[k % len(presets)], times[presets[k % len(presets)]][k // len(presets)]) for k in range(count)]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files_exist(out_dir: Path, record: dict) -> bool:
+    return (out_dir / record["hr"]).is_file() and (out_dir / record["lr"]).is_file()
+
+
+def _render_pair(
+    renderer: LazyRenderer, preset: str, t: float, size: tuple[int, int], scale: int, supersample: int, lr_kind: LrKind
+) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) and (H/s, W/s, 3) uint8 RGB."""
+    width, height = size
+    hr = renderer.render(preset, t, width, height, supersample)
+    if lr_kind == "native":
+        return hr, renderer.render(preset, t, width // scale, height // scale, 1)  # same t: same camera
+    return hr, to_uint8(degrade(to_tensor(hr), scale))
+
+
+def write_scene_frames(
+    out_dir: Path,
+    count: int,
+    *,
+    width: int = 1920,
+    height: int = 1080,
+    scale: int = 2,
+    lr_kind: LrKind = "native",
+    supersample: int = 2,
+    split: Split = "train",
+    presets: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Render `count` HR/LR pairs into `out_dir` (skipping pairs the manifest already has with the same settings)
+    and return the manifest, which is also written to `out_dir/manifest.json` after every frame."""
+    if count < 1:
+        raise DatasetError(f"count must be >= 1, got {count}")
+    if width % scale or height % scale:
+        raise DatasetError(f"frame {width}x{height} is not a multiple of scale {scale}")
+    presets = check_presets(presets)
+    renderer = LazyRenderer()
+    lr_dir = f"lr_x{scale}"
+    for sub in ("hr", lr_dir):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {"frames": {}}
+    settings = {"width": width, "height": height, "scale": scale, "lr_kind": lr_kind, "supersample": supersample}
+    for preset, t in tqdm(frame_plan(presets, count, split), desc="scenes", unit="frame", disable=not progress):
+        name = frame_name(preset, t)
+        old = manifest["frames"].get(name)
+        if old and all(old[k] == v for k, v in settings.items()) and _files_exist(out_dir, old):
+            continue
+        start = time.perf_counter()
+        hr, lr = _render_pair(renderer, preset, t, (width, height), scale, supersample, lr_kind)
+        seconds = time.perf_counter() - start
+        hr_path, lr_path = out_dir / "hr" / f"{name}.png", out_dir / lr_dir / f"{name}.png"
+        write_png(hr_path, hr)
+        write_png(lr_path, lr)
+        record = FrameRecord(
+            name, preset, t, split, f"hr/{name}.png", f"{lr_dir}/{name}.png", width, height, scale, lr_kind,
+            supersample, round(seconds, 3), _sha256(hr_path), _sha256(lr_path),
+        )  # fmt: skip
+        manifest["frames"][name] = asdict(record)
+        tmp = manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, manifest_path)
+    return manifest
