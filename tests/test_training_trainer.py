@@ -1,0 +1,239 @@
+"""The trainer: loss terms by hand, frozen guides, overfitting one batch, exact resume, Ctrl-C,
+NaN detection, DDP with 2 CPU processes, and the smoke pipeline end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import Teacher, build_model, load_checkpoint, load_model
+from training.config import StageConfig, load_config
+from training.distill import Distillation, Guide, TrainedModel
+from training.pipeline import run_pipeline
+from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _Trainer, train_stage
+
+from training_utils import SMOKE_CONFIG, make_image_folder, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def _teacher() -> Teacher:
+    torch.manual_seed(0)
+    return build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8).eval()
+
+
+def test_teacher_loss_terms_by_hand() -> None:
+    teacher = _teacher()
+    hr, lr = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+    terms = Distillation(TrainedModel(teacher), [], imitation_weight=0.01)(lr, hr)
+    out = teacher(hr)
+    assert set(terms) == {"pixel", "imitation", "total"}
+    assert torch.allclose(terms["pixel"], (hr - out.image).abs().mean())
+    assert torch.allclose(terms["imitation"], 0.01 * (lr - out.cf_prime).abs().mean())
+    assert torch.allclose(terms["total"], terms["pixel"] + terms["imitation"])
+
+
+def test_ta_and_student_loss_terms_by_hand() -> None:
+    teacher = _teacher()
+    ta = build_model("rlfn", channels=8, blocks=1).eval()
+    student = build_model("rlfn", channels=8, blocks=1).eval()
+    hr, lr = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+    mix = (0.3, 0.7)
+    t_out = teacher(hr)
+    mixed = 0.3 * t_out.cf_prime + 0.7 * lr
+    a_img, a_feat = ta.forward_with_features(mixed)
+
+    ta_terms = Distillation(TrainedModel(ta), [Guide("teacher", teacher)], mix=mix, feature_weight=1e-4)(lr, hr)
+    assert torch.allclose(ta_terms["pixel"], (hr - a_img).abs().mean())
+    assert torch.allclose(ta_terms["out_teacher"], (t_out.image - a_img).abs().mean())
+    assert torch.allclose(ta_terms["feat_teacher"], 1e-4 * (t_out.features - a_feat).abs().mean())
+
+    guides = [Guide("teacher", teacher), Guide("ta1", ta, mix)]
+    s_terms = Distillation(TrainedModel(student), guides, feature_weight=1e-4)(lr, hr)
+    s_img, s_feat = student.forward_with_features(lr)
+    expected = {
+        "pixel": (hr - s_img).abs().mean(),
+        "out_teacher": (t_out.image - s_img).abs().mean(),
+        "out_ta1": (a_img - s_img).abs().mean(),
+        "feat_teacher": 1e-4 * (t_out.features - s_feat).abs().mean(),
+        "feat_ta1": 1e-4 * (a_feat - s_feat).abs().mean(),
+    }
+    for name, value in expected.items():
+        assert torch.allclose(s_terms[name], value), name
+    assert torch.allclose(s_terms["total"], sum(expected.values()))
+
+
+def test_mixed_input_without_a_teacher_guide_is_an_error() -> None:
+    with pytest.raises(ValueError, match="teacher"):
+        Distillation(TrainedModel(build_model("rlfn_s", channels=8)), [], mix=(0.3, 0.7))
+
+
+def _stage_config(folder: Path, tmp_path: Path, role: str, **stage: object):
+    config = tiny_config(folder)
+    return dataclasses.replace(config, stage=StageConfig(name=role, role=role, **stage))
+
+
+def test_frozen_guides_do_not_change_and_student_does(image_folder: Path, tmp_path: Path) -> None:
+    teacher_config = _stage_config(image_folder, tmp_path, "teacher")
+    teacher_path = train_stage(teacher_config, tmp_path / "teacher").checkpoint
+    before = {k: v.clone() for k, v in load_model(teacher_path).state_dict().items()}
+    student_config = _stage_config(
+        image_folder, tmp_path, "student", init_from=str(teacher_path), guides=[str(teacher_path)]
+    )
+    trainer = _Trainer(student_config, tmp_path / "student", _Dist())
+    initial_student = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    trainer.run(resume=False)
+    guide = trainer.guides[0].model
+    assert not guide.training and not any(p.requires_grad for p in guide.parameters())
+    for name, tensor in guide.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    changed = [k for k, v in trainer.network.state_dict().items() if not torch.equal(v, initial_student[k])]
+    assert changed
+
+
+def test_student_overfits_a_single_batch() -> None:
+    torch.manual_seed(0)
+    student = build_model("rlfn_s", channels=16)
+    hr = F.interpolate(torch.rand(2, 3, 8, 8), size=(32, 32), mode="bilinear", align_corners=False)
+    lr = F.avg_pool2d(hr, 2)
+    loss_module = Distillation(TrainedModel(student), [])
+    optimizer = torch.optim.Adam(student.parameters(), lr=2e-3)
+    first = loss_module(lr, hr)["total"].item()
+    for _ in range(300):
+        loss = loss_module(lr, hr)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first / 10, (first, loss.item())
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["total"] for r in records}
+
+
+def test_resume_continues_exactly(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _stage_config(image_folder, tmp_path, "teacher")
+    train_stage(config, tmp_path / "straight")
+    expected = _losses(tmp_path / "straight")
+
+    original_step = _Trainer._step
+
+    def stop_after_three(self: _Trainer, loss_module, batch, step):  # the Ctrl-C flag, as SIGINT sets it
+        terms = original_step(self, loss_module, batch, step)
+        if step + 1 == 3:
+            self.stop_requested = True
+        return terms
+
+    monkeypatch.setattr(_Trainer, "_step", stop_after_three)
+    with pytest.raises(TrainingInterrupted, match="step 3"):
+        train_stage(config, tmp_path / "resumed")
+    monkeypatch.setattr(_Trainer, "_step", original_step)
+    assert set(_losses(tmp_path / "resumed")) == {1, 2, 3}
+    train_stage(config, tmp_path / "resumed", resume=True)
+    resumed = _losses(tmp_path / "resumed")
+    assert list(resumed) == list(expected)
+    for step in (4, 5, 6):
+        assert resumed[step] == expected[step], step
+    a = load_model(tmp_path / "straight" / "final.safetensors").state_dict()
+    b = load_model(tmp_path / "resumed" / "final.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_the_step(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _stage_config(image_folder, tmp_path, "student")
+    original_forward = Distillation.forward
+    calls = {"n": 0}
+
+    def poisoned(self, lr, hr):
+        calls["n"] += 1
+        terms = original_forward(self, lr, hr)
+        if calls["n"] == 4:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(Distillation, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        train_stage(config, tmp_path / "nan")
+
+
+def _write_config(tmp_path: Path, folder: Path, steps: int) -> Path:
+    text = SMOKE_CONFIG.read_text().split("[[data.sources]]")[0]
+    text += f'[[data.sources]]\nkind = "folder"\npath = "{folder}"\n\n[stage]\nname = "teacher"\nrole = "teacher"\n'
+    path = tmp_path / "config.toml"
+    path.write_text(text.replace("steps = 12", f"steps = {steps}"))
+    return path
+
+
+def test_ctrl_c_saves_state_and_exits_cleanly(image_folder: Path, tmp_path: Path) -> None:
+    config = _write_config(tmp_path, image_folder, steps=100_000)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "training", "train", "--config", str(config), "--run-dir", str(run_dir),
+               "--set", "runtime.log_every=1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 2:
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "resume with --resume" in stderr
+    state = torch.load(run_dir / "state.pt", weights_only=True)
+    assert state["step"] == max(_losses(run_dir))
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_ddp_two_cpu_processes_with_gloo(image_folder: Path, tmp_path: Path) -> None:
+    config = _write_config(tmp_path, image_folder, steps=4)
+    run_dir = tmp_path / "ddp"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training", "train", "--config", str(config),
+               "--run-dir", str(run_dir), "--set", "runtime.threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(run_dir / "final.safetensors")
+    assert checkpoint.metadata["training"]["world_size"] == 2
+    assert checkpoint.metadata["training"]["steps"] == 4
+
+
+def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
+    config = load_config(
+        SMOKE_CONFIG,
+        [f'data.sources=[{{kind="folder", path="{image_folder}"}}]', "eval.rendered_val=false", "eval.cg_dev=false",
+         f'eval.folders=["{image_folder}"]'],
+    )
+    run_dir = tmp_path / "smoke"
+    results = run_pipeline(config, run_dir)
+    for stage in ("teacher", "ta1", "student_takdsr", "teacher_continuous", "student_pisr", "student_alone"):
+        checkpoint = load_checkpoint(run_dir / stage / "final.safetensors")
+        assert checkpoint.metadata["training"]["steps"] == 12
+    assert load_checkpoint(run_dir / "ta1" / "final.safetensors").metadata["training"]["mix"] == [0.3, 0.7]
+    saved = json.loads((run_dir / "results.json").read_text())
+    scores = saved["sets"][image_folder.name]["scores"]
+    assert {"bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA", "teacher"} <= set(scores)
+    assert results["sets"][image_folder.name]["scores"]["bicubic"]["mean"]["psnr_rgb"] > 10
+    report = (run_dir / "report.md").read_text()
+    assert "TAKDSR" in report and "PISR'" in report
+    for plot in ("loss_curves.png", "psnr_per_model.png", f"crops_{image_folder.name}.png"):
+        assert (run_dir / plot).stat().st_size > 1000

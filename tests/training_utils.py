@@ -1,0 +1,43 @@
+"""Helpers for the trainer tests: a synthetic image folder and a tiny experiment config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from training.config import Config, from_dict
+
+SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "smoke_cpu.toml"
+
+
+def make_image_folder(folder: Path, count: int = 6, size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:
+    """PNG images of random rectangles, lines and text: sharp edges for the networks to learn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    height, width = size
+    for index in range(count):
+        image = np.full((height, width, 3), rng.integers(0, 255, 3), np.uint8)
+        for _ in range(25):
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            p1 = tuple(int(v) for v in rng.integers(0, max(size), 2))
+            p2 = tuple(int(v) for v in rng.integers(0, max(size), 2))
+            cv2.rectangle(image, p1, p2, colour, -1 if rng.random() < 0.5 else 1)
+            cv2.putText(image, "Ab3", p1, cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1)
+        cv2.imwrite(str(folder / f"img{index}.png"), image)
+    return folder
+
+
+def tiny_config(folder: Path, **sections: dict) -> Config:
+    """A narrow RLFN experiment on `folder`; `sections` update the config's tables."""
+    raw: dict = {
+        "experiment": {"name": "tiny", "channels": 8, "teacher_blocks": 2, "ta_blocks": [1], "encoder_channels": 8},
+        "optim": {"steps": 6, "batch_size": 2},
+        "runtime": {"workers": 0, "log_every": 1, "checkpoint_every": 1000, "progress": False, "threads": 1},
+        "data": {"patch_size": 32, "sources": [{"kind": "folder", "path": str(folder)}]},
+        "eval": {"cg_dev": False, "rendered_val": False, "folders": [str(folder)], "max_images": 2, "crop": 64},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return from_dict(raw)

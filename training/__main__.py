@@ -1,0 +1,86 @@
+"""python -m training {train, pipeline, evaluate}: the TAKDSR trainer's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from models import CheckpointError, read_metadata
+from training.config import Config, EvalConfig, load_config
+from training.data import DatasetError
+from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate
+from training.pipeline import run_pipeline
+from training.trainer import NonFiniteLossError, TrainingInterrupted, train_stage
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train one stage (the [stage] table of the config)")
+    pipeline = commands.add_parser("pipeline", help="train and evaluate the paper's whole comparison")
+    for sub in (train, pipeline):
+        sub.add_argument("--config", required=True, type=Path, help="a TOML file (see training/configs/)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        sub.add_argument("--run-dir", type=Path, help="output folder (default runs/<experiment>[/<stage>])")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    evaluate_cmd = commands.add_parser("evaluate", help="PSNR/SSIM of a checkpoint against bicubic and Lanczos")
+    evaluate_cmd.add_argument("--checkpoint", required=True, type=Path)
+    evaluate_cmd.add_argument("--teacher", type=Path, help="the teacher checkpoint (needed to evaluate a TA)")
+    evaluate_cmd.add_argument("--data", type=Path, help="an image folder (default: ../shared/data/cg-dev)")
+    evaluate_cmd.add_argument("--json", type=Path, help="also write the scores here")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    run_dir = args.resume or args.run_dir or Path("runs") / config.experiment.name / config.stage.name
+    result = train_stage(config, run_dir, resume=args.resume is not None)
+    print(f"{config.stage.name}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    run_dir = args.run_dir or Path("runs") / config.experiment.name
+    results = run_pipeline(config, run_dir)
+    for set_name, data in results["sets"].items():
+        means = {name: round(s["mean"]["psnr_rgb"], 2) for name, s in data["scores"].items()}
+        print(f"{set_name}: mean PSNR RGB {means}")
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    scale = read_metadata(args.checkpoint)["scale"]
+    folders = [str(args.data)] if args.data else []
+    eval_config = EvalConfig(cg_dev=args.data is None, rendered_val=False, folders=folders)
+    images = next(iter(eval_sets(Config(eval=eval_config), scale).values()))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predictors = {**baseline_predictors(scale), "model": checkpoint_predictor(args.checkpoint, device, args.teacher)}
+    scores, _ = evaluate(predictors, images, scale)
+    for name, result in scores.items():
+        print(f"{name:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["mean"].items()))
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"train": _train, "pipeline": _pipeline, "evaluate": _evaluate}
+    try:
+        return handlers[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 130
+    except (NonFiniteLossError, CheckpointError, DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

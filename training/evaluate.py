@@ -1,0 +1,159 @@
+"""Evaluation: PSNR/SSIM (RGB and Y) per image and averaged, for trained models and for the
+bicubic and Lanczos baselines, on cg-dev, the scene renderer's validation split and any folder.
+
+Every model is evaluated the way it works: a student on the LR image, a TA on its mixed input
+(which needs its teacher's CF' of the HR image), a teacher on the HR image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from models import Teacher, count_macs, count_parameters, load_checkpoint
+from training.config import Config
+from training.data import DataConfig, SourceConfig, build_eval_dataset, to_tensor, to_uint8
+from training.distill import mixed_input
+from training.metrics import image_metrics
+
+__all__ = ["EvalImage", "Predictor", "baseline_predictors", "checkpoint_predictor", "eval_sets", "evaluate"]
+
+# (1, 3, h, w) LR and (1, 3, H, W) HR in [0, 1] -> (1, 3, H, W) SR
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+METRIC_KEYS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
+
+
+@dataclass
+class EvalImage:
+    name: str
+    lr: torch.Tensor  # (3, h, w)
+    hr: torch.Tensor  # (3, H, W)
+
+
+@dataclass
+class ModelInfo:
+    """What the report says about a model besides its scores."""
+
+    params: int = 0
+    macs: int = 0  # at the LR input size of the report (the teacher: at the matching HR size)
+    role: str = ""
+    checkpoint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def eval_sets(config: Config, scale: int) -> dict[str, list[EvalImage]]:
+    """The evaluation sets named in config.eval, each a list of whole (or centre-cropped) images."""
+    base = config.data or DataConfig(sources=[SourceConfig(kind="folder", path=".")], scale=scale)
+    wanted: dict[str, SourceConfig] = {}
+    if config.eval.cg_dev:
+        wanted["cg-dev"] = SourceConfig(kind="folder")
+    if config.eval.rendered_val:
+        width, height = config.eval.rendered_size
+        wanted["rendered-val"] = SourceConfig(
+            kind="scenes", width=width, height=height, frames_per_preset=config.eval.rendered_frames
+        )
+    for folder in config.eval.folders:
+        wanted[Path(folder).name] = SourceConfig(kind="folder", path=folder)
+    return {name: list(_images(base, source, scale, config)) for name, source in wanted.items()}
+
+
+def _images(base: DataConfig, source: SourceConfig, scale: int, config: Config) -> Iterator[EvalImage]:
+    dataset = build_eval_dataset(dataclasses.replace(base, eval=source, scale=scale), scale)
+    count = len(dataset) if not config.eval.max_images else min(len(dataset), config.eval.max_images)
+    for index in range(count):
+        item = dataset[index]
+        yield _center_crop(EvalImage(item["name"], item["lr"], item["hr"]), config.eval.crop, scale)
+
+
+def _center_crop(image: EvalImage, crop: int, scale: int) -> EvalImage:
+    if not crop:
+        return image
+    lr_crop = crop // scale
+    h, w = image.lr.shape[-2:]
+    top, left = max(0, (h - lr_crop) // 2), max(0, (w - lr_crop) // 2)
+    lr = image.lr[:, top : top + lr_crop, left : left + lr_crop]
+    hr = image.hr[:, top * scale : (top + lr_crop) * scale, left * scale : (left + lr_crop) * scale]
+    return EvalImage(image.name, lr, hr)
+
+
+def baseline_predictors(scale: int) -> dict[str, Predictor]:
+    """Bicubic and Lanczos-4 upscaling of the 8-bit LR image (OpenCV)."""
+
+    def resize_with(interpolation: int) -> Predictor:
+        def predict(lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+            lr_u8 = to_uint8(lr[0].cpu())  # (h, w, 3)
+            size = (lr_u8.shape[1] * scale, lr_u8.shape[0] * scale)
+            return to_tensor(cv2.resize(lr_u8, size, interpolation=interpolation)).unsqueeze(0)
+
+        return predict
+
+    return {"bicubic": resize_with(cv2.INTER_CUBIC), "lanczos": resize_with(cv2.INTER_LANCZOS4)}
+
+
+def checkpoint_predictor(path: str | Path, device: torch.device, teacher_path: str | Path | None = None) -> Predictor:
+    """A trained model as a predictor; a TA also needs the teacher whose CF' it mixes in."""
+    checkpoint = load_checkpoint(path, device=device)
+    model, metadata = checkpoint.model, checkpoint.metadata
+    if isinstance(model, Teacher):
+        return lambda lr, hr: model(hr.to(device)).image
+    mix = metadata["training"].get("mix") if metadata["role"] == "ta" else None
+    if mix is None:
+        return lambda lr, hr: model(lr.to(device))
+    if teacher_path is None:
+        raise ValueError(f"{path} is a TA: evaluating it needs its teacher's checkpoint")
+    teacher = load_checkpoint(teacher_path, device=device).model
+    return lambda lr, hr: model(mixed_input(teacher(hr.to(device)).cf_prime, lr.to(device), tuple(mix)))
+
+
+def model_info(path: str | Path, lr_size: tuple[int, int], scale: int) -> ModelInfo:
+    checkpoint = load_checkpoint(path)
+    model: nn.Module = checkpoint.model
+    width, height = lr_size
+    if isinstance(model, Teacher):
+        width, height = width * scale, height * scale
+    return ModelInfo(
+        count_parameters(model), count_macs(model, height, width), checkpoint.metadata["role"], str(path)
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    predictors: dict[str, Predictor], images: list[EvalImage], scale: int, keep_crops: int = 0
+) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
+    """Scores of every predictor on every image: {model: {"per_image": {name: metrics}, "mean": metrics}},
+    plus uint8 crops (for the side-by-side figure) of the first `keep_crops` images, ground truth under "GT"."""
+    results: dict[str, Any] = {name: {"per_image": {}} for name in predictors}
+    crops: dict[str, list[np.ndarray]] = {name: [] for name in [*predictors, "GT"]}
+    for index, image in enumerate(images):
+        lr, hr = image.lr.unsqueeze(0), image.hr.unsqueeze(0)
+        region = _detail_region(image.hr, scale) if index < keep_crops else None
+        if region is not None:
+            crops["GT"].append(to_uint8(image.hr[region]))
+        for name, predict in predictors.items():
+            sr = predict(lr, hr).float().clamp(0, 1)[0].cpu()  # (3, H, W)
+            results[name]["per_image"][image.name] = image_metrics(sr, image.hr, scale)
+            if region is not None:
+                crops[name].append(to_uint8(sr[region]))
+    for scores in results.values():
+        per_image = scores["per_image"].values()
+        scores["mean"] = {key: float(np.mean([m[key] for m in per_image])) for key in METRIC_KEYS}
+    return results, crops
+
+
+def _detail_region(hr: torch.Tensor, scale: int, size: int = 96) -> tuple[slice, slice, slice]:
+    """The size x size window with the most high-frequency energy (where upscalers differ most)."""
+    grey = hr.mean(dim=0)
+    detail = (grey[1:, :] - grey[:-1, :]).abs()[:, :-1] + (grey[:, 1:] - grey[:, :-1]).abs()[:-1, :]
+    size = min(size, *detail.shape)
+    energy = torch.nn.functional.avg_pool2d(detail[None, None], size, stride=size // 2)[0, 0]
+    row, col = divmod(int(torch.argmax(energy)), energy.shape[1])
+    top, left = row * (size // 2), col * (size // 2)
+    return slice(None), slice(top, top + size), slice(left, left + size)

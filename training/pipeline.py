@@ -1,0 +1,106 @@
+"""`python -m training pipeline`: the paper's whole comparison in one run.
+
+Stages, each in its own folder under RUN_DIR (a finished stage is skipped, an interrupted one resumed):
+  teacher            discrete-CF teacher                              (TAKDSR)
+  ta1 .. taK         TAs, init from the teacher, dense guidance        (TAKDSR)
+  student_takdsr     student, init from the teacher, guided by teacher + TAs
+  teacher_continuous continuous-CF teacher                            (PISR')
+  student_pisr       student, init from it, guided by it alone        (PISR')
+  student_alone      student from scratch, L1 to the ground truth     (X_s)
+then evaluates them with bicubic and Lanczos on the evaluation sets and writes results.json,
+report.md and the plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import read_metadata
+from training.config import Config, StageConfig, dump_toml
+from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate, model_info
+from training.report import write_report
+from training.trainer import FINAL_FILE, STATE_FILE, train_stage
+
+__all__ = ["DISPLAY_NAMES", "pipeline_stages", "run_pipeline"]
+
+# stage name -> the name in the paper's tables
+DISPLAY_NAMES = {
+    "student_alone": "X_s",
+    "student_pisr": "PISR'",
+    "student_takdsr": "TAKDSR",
+    "ta1": "TA",
+    "ta2": "TA2",
+    "teacher": "teacher",
+    "teacher_continuous": "teacher (continuous)",
+}
+REPORT_LR_SIZE = (960, 540)  # MACs are reported at this LR input size, as in docs/results.md
+
+
+def pipeline_stages(config: Config, run_dir: Path) -> list[StageConfig]:
+    exp = config.experiment
+    steps = {"teacher": exp.teacher_steps, "ta": exp.ta_steps, "student": exp.student_steps}
+
+    def final(name: str) -> str:
+        return str(run_dir / name / FINAL_FILE)
+
+    def stage(name: str, role: str, **fields: Any) -> StageConfig:
+        return StageConfig(name=name, role=role, steps=steps[role], **fields)
+
+    stages = [stage("teacher", "teacher")]
+    ta_names = [f"ta{i + 1}" for i in range(len(exp.ta_blocks))]
+    for index, (name, blocks) in enumerate(zip(ta_names, exp.ta_blocks, strict=True)):
+        guides = [final("teacher"), *(final(n) for n in ta_names[:index])]
+        stages.append(stage(name, "ta", blocks=blocks, init_from=final("teacher"), guides=guides))
+    guides = [final("teacher"), *(final(n) for n in ta_names)]
+    stages.append(stage("student_takdsr", "student", init_from=final("teacher"), guides=guides))
+    if exp.baselines:
+        stages.append(stage("teacher_continuous", "teacher", discrete=False))
+        continuous = final("teacher_continuous")
+        stages.append(stage("student_pisr", "student", init_from=continuous, guides=[continuous]))
+        stages.append(stage("student_alone", "student"))
+    return stages
+
+
+def run_pipeline(config: Config, run_dir: Path) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_toml(config.to_dict()))
+    for stage in pipeline_stages(config, run_dir):
+        stage_dir = run_dir / stage.name
+        if not (stage_dir / FINAL_FILE).exists():
+            train_stage(dataclasses.replace(config, stage=stage), stage_dir, resume=(stage_dir / STATE_FILE).exists())
+    results = evaluate_run(config, run_dir)
+    write_report(run_dir, results)
+    return results
+
+
+def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = None) -> dict[str, Any]:
+    """Scores of every trained stage plus bicubic and Lanczos; writes RUN_DIR/results.json."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scale = config.experiment.scale
+    stage_names = [s.name for s in pipeline_stages(config, run_dir)]
+    checkpoints = {DISPLAY_NAMES.get(n, n): run_dir / n / FINAL_FILE for n in stage_names}
+    predictors = dict(baseline_predictors(scale))
+    for display, path in checkpoints.items():
+        teacher = run_dir / "teacher" / FINAL_FILE if display.startswith("TA") else None
+        predictors[display] = checkpoint_predictor(path, device, teacher)
+    results: dict[str, Any] = {"scale": scale, "sets": {}, "crops": {}, "models": {}}
+    for set_name, images in eval_sets(config, scale).items():
+        scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure)
+        results["sets"][set_name] = {"images": [image.name for image in images], "scores": scores}
+        results["crops"][set_name] = crops
+    for display, path in checkpoints.items():
+        results["models"][display] = dataclasses.asdict(model_info(path, REPORT_LR_SIZE, scale))
+        results["models"][display]["training"] = _training_summary(path)
+    serialisable = {k: v for k, v in results.items() if k != "crops"}
+    (run_dir / "results.json").write_text(json.dumps(serialisable, indent=2))
+    return results
+
+
+def _training_summary(path: Path) -> dict[str, Any]:
+    training = read_metadata(path)["training"]
+    return {k: training.get(k) for k in ("steps", "batch_size", "device", "seconds", "final_loss")}

@@ -1,0 +1,119 @@
+"""report.md and the plots of a pipeline run (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = ["write_report"]
+
+MODEL_ORDER = ["bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA2", "TA", "teacher (continuous)", "teacher"]
+
+
+def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
+    """report.md (the paper-style tables) plus loss_curves.png, psnr_per_model.png, crops_<set>.png."""
+    run_dir = Path(run_dir)
+    _plot_losses(run_dir)
+    _plot_psnr(run_dir, results)
+    for set_name, crops in results.get("crops", {}).items():
+        if crops.get("GT"):
+            _plot_crops(run_dir / f"crops_{set_name}.png", crops)
+    path = run_dir / "report.md"
+    path.write_text(_markdown(run_dir, results))
+    return path
+
+
+def _ordered(names: list[str]) -> list[str]:
+    known = [n for n in MODEL_ORDER if n in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def _markdown(run_dir: Path, results: dict[str, Any]) -> str:
+    lines = [f"# Results: {run_dir.name} (x{results['scale']})", ""]
+    models = results.get("models", {})
+    for set_name, data in results["sets"].items():
+        scores = data["scores"]
+        lines += [f"## {set_name} ({len(data['images'])} images)", ""]
+        lines += ["| model | params | MACs (G) at 960x540 | PSNR RGB | SSIM RGB | PSNR Y | SSIM Y |", "|---" * 7 + "|"]
+        for name in _ordered(list(scores)):
+            mean, info = scores[name]["mean"], models.get(name, {})
+            params = f"{info['params']:,}" if info else "-"
+            macs = f"{info['macs'] / 1e9:.2f}" if info else "-"
+            lines.append(
+                f"| {name} | {params} | {macs} | {mean['psnr_rgb']:.2f} | {mean['ssim_rgb']:.4f} "
+                f"| {mean['psnr_y']:.2f} | {mean['ssim_y']:.4f} |"
+            )
+        lines += ["", "PSNR RGB per image:", ""]
+        names = _ordered(list(scores))
+        lines += ["| image | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for image in data["images"]:
+            row = [f"{scores[n]['per_image'][image]['psnr_rgb']:.2f}" for n in names]
+            lines.append(f"| {image} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["## Training", "", "| model | steps | batch | device | seconds | final loss |", "|---" * 6 + "|"]
+    for name in _ordered(list(models)):
+        t = models[name].get("training", {})
+        lines.append(f"| {name} | {t.get('steps')} | {t.get('batch_size')} | {t.get('device')} "
+                     f"| {t.get('seconds')} | {t.get('final_loss', float('nan')):.5f} |")
+    lines += ["", "MACs: the teacher's are for its 1920x1080 HR input. Plots: loss_curves.png, psnr_per_model.png,",
+              "crops_<set>.png (bicubic / X_s / PISR' / TAKDSR / TA / teacher / ground truth).", ""]
+    return "\n".join(lines)
+
+
+def _plot_losses(run_dir: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for metrics in sorted(run_dir.glob("*/metrics.jsonl")):
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        if records:
+            ax.plot([r["step"] for r in records], [r["total"] for r in records], label=metrics.parent.name)
+    ax.set(xlabel="step", ylabel="total loss", yscale="log", title="training loss per stage")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_psnr(run_dir: Path, results: dict[str, Any]) -> None:
+    sets = list(results["sets"])
+    names = _ordered(list(results["sets"][sets[0]]["scores"])) if sets else []
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(1, len(sets))
+    for index, set_name in enumerate(sets):
+        scores = results["sets"][set_name]["scores"]
+        values = [scores[n]["mean"]["psnr_rgb"] for n in names]
+        ax.bar(np.arange(len(names)) + index * width, values, width, label=set_name)
+    ax.set_xticks(np.arange(len(names)) + width * (len(sets) - 1) / 2, names, rotation=20, fontsize=8)
+    all_values = [results["sets"][s]["scores"][n]["mean"]["psnr_rgb"] for s in sets for n in names]
+    if all_values:
+        ax.set_ylim(min(all_values) - 1, max(all_values) + 0.5)
+    ax.set(ylabel="mean PSNR RGB (dB)", title="PSNR per model")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "psnr_per_model.png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_crops(path: Path, crops: dict[str, list[np.ndarray]]) -> None:
+    columns = [n for n in ["bicubic", "X_s", "PISR'", "TAKDSR", "TA", "teacher"] if crops.get(n)] + ["GT"]
+    rows = len(crops["GT"])
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.9 * len(columns), 1.9 * rows), squeeze=False)
+    for row in range(rows):
+        for col, name in enumerate(columns):
+            axes[row][col].imshow(crops[name][row], interpolation="nearest")
+            axes[row][col].set_xticks([])
+            axes[row][col].set_yticks([])
+            if row == 0:
+                axes[row][col].set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,342 @@
+"""The training loop for one stage: model, frozen guides, data, Adam + cosine schedule, AMP,
+checkpoints, exact resume, Ctrl-C, NaN detection, DistributedDataParallel.
+
+The loop knows nothing of the stage: it asks `Distillation` for a dict of loss terms and
+minimises their total. Every `checkpoint_every` steps (and on Ctrl-C) the full state goes to
+RUN_DIR/state.pt; `--resume RUN_DIR` continues from it exactly: batches are a pure function of
+(seed, step, rank), so the resumed run sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from models import Teacher, build_model, init_from_teacher, load_checkpoint, save_checkpoint
+from training.config import Config, dump_toml
+from training.data import build_train_dataset, worker_start_method
+from training.distill import Distillation, Guide, TrainedModel
+
+__all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "train_stage"]
+
+STATE_FILE = "state.pt"
+FINAL_FILE = "final.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: the state was saved; resume with --resume RUN_DIR."""
+
+
+@dataclass
+class StageResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batch k of rank r holds dataset indices ((k * world + r) * B, ... + B): a pure function of
+    the step, so resuming at step k needs no sampler state. Endless; the loop stops it."""
+
+    def __init__(self, batch_size: int, start_step: int, dist_info: _Dist) -> None:
+        self.batch_size, self.start_step, self.dist = batch_size, start_step, dist_info
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            first = (step * self.dist.world + self.dist.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
+            step += 1
+
+
+def train_stage(config: Config, run_dir: Path, *, resume: bool = False) -> StageResult:
+    """Train the stage described by `config.stage`; returns where the final checkpoint is."""
+    dist_info = _init_distributed(config.runtime.device)
+    try:
+        return _Trainer(config, run_dir, dist_info).run(resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Trainer:
+    def __init__(self, config: Config, run_dir: Path, dist_info: _Dist) -> None:
+        if config.data is None:
+            raise ValueError("the config has no [data] section")
+        self.config, self.run_dir, self.dist = config, Path(run_dir), dist_info
+        self.device = _device(config.runtime.device, dist_info)
+        if config.runtime.threads:
+            torch.set_num_threads(config.runtime.threads)
+        torch.manual_seed(config.runtime.seed)
+        self.steps = config.stage.steps or config.optim.steps
+        self.network = build_stage_network(config).to(self.device)
+        self.guides = [
+            Guide(g.name, g.model.to(self.device), g.mix) for g in load_guides(config.stage.guides)
+        ]
+        self.trained = TrainedModel(self.network)
+        if config.runtime.channels_last:
+            self.trained.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(
+            self.trained.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas)
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=self.steps, eta_min=config.optim.lr_min
+        )
+        self.autocast_dtype = _autocast_dtype(config.runtime.amp, self.device)
+        self.stop_requested = False
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, resume: bool) -> StageResult:
+        start_step = self._load_state() if resume else 0
+        if self.dist.main:
+            self._write_run_files(start_step)
+        loss_module = self._distillation()
+        batches = iter(self._loader(start_step))
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        started, step, total = time.perf_counter(), start_step, math.nan
+        progress = tqdm(
+            total=self.steps, initial=start_step, desc=self.config.stage.name,
+            disable=not (self.dist.main and self.config.runtime.progress), dynamic_ncols=True,
+        )  # fmt: skip
+        try:
+            while step < self.steps:
+                terms = self._step(loss_module, next(batches), step)
+                step += 1
+                total = terms["total"]
+                progress.update(1)
+                progress.set_postfix(loss=f"{total:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                self._log(step, terms, progress)
+                if step % self.config.runtime.checkpoint_every == 0 or self.stop_requested:
+                    self._save_state(step)
+                if self.stop_requested and step < self.steps:
+                    raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume {self.run_dir}")
+        finally:
+            progress.close()
+            signal.signal(signal.SIGINT, previous_handler)
+        seconds = time.perf_counter() - started
+        checkpoint = self._save_final(step, seconds, total) if self.dist.main else self.run_dir / FINAL_FILE
+        return StageResult(checkpoint, step, seconds, total)
+
+    def _step(self, loss_module: Distillation, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        lr, hr = (self._to_device(batch[key]) for key in ("lr", "hr"))
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            terms = loss_module(lr, hr)
+        total = terms["total"]
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(f"loss is {total.item()} at step {step + 1} ({self.config.stage.name})")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.config.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.trained.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {name: value.item() for name, value in terms.items()}
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.stop_requested:  # a second Ctrl-C forces
+            raise KeyboardInterrupt
+        self.stop_requested = True
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _distillation(self) -> Distillation:
+        model: nn.Module = self.trained
+        if self.config.runtime.compile:
+            model = torch.compile(model)
+        if self.dist.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        loss = self.config.loss
+        return Distillation(
+            model, self.guides, mix=stage_mix(self.config),
+            imitation_weight=loss.imitation, feature_weight=loss.feature, output_weight=loss.output,
+        )  # fmt: skip
+
+    def _loader(self, start_step: int) -> DataLoader:
+        dataset = build_train_dataset(self.config.data, self.config.experiment.scale, self.config.runtime.seed)
+        sampler = StepBatchSampler(self.config.optim.batch_size, start_step, self.dist)
+        workers = self.config.runtime.workers
+        # Scene sources render with OpenGL: their workers must not be forked from a process holding a context.
+        return DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            multiprocessing_context=worker_start_method(dataset) if workers > 0 else None,
+        )  # fmt: skip
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if self.config.runtime.channels_last else torch.contiguous_format
+        return tensor.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+
+    def _log(self, step: int, terms: dict[str, float], progress: tqdm) -> None:
+        if not self.dist.main or (step % self.config.runtime.log_every and step != self.steps):
+            return
+        rate = progress.format_dict.get("rate") or 0.0
+        record = {"step": step, "lr": self.scheduler.get_last_lr()[0], "it_per_s": rate, **terms}
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _write_run_files(self, start_step: int) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(dump_toml(self.config.to_dict()))
+        if start_step == 0:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:  # drop records past the resumed step, so metrics.jsonl reads as one run
+            _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
+
+    def _save_state(self, step: int) -> None:
+        if not self.dist.main:
+            return
+        state = {
+            "step": step,
+            "model": self.trained.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        tmp = self.run_dir / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.run_dir / STATE_FILE)
+
+    def _load_state(self) -> int:
+        path = self.run_dir / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.trained.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        return int(state["step"])
+
+    def _save_final(self, steps: int, seconds: float, final_loss: float) -> Path:
+        stage = self.config.stage
+        summary = {
+            "stage": stage.name,
+            "steps": steps,
+            "batch_size": self.config.optim.batch_size,
+            "device": _device_name(self.device),
+            "world_size": self.dist.world,
+            "seconds": round(seconds, 1),
+            "final_loss": final_loss,
+            "mix": list(stage_mix(self.config)) if stage_mix(self.config) else None,
+            "guides": [Path(p).name for p in stage.guides],
+            "init_from": Path(stage.init_from).name if stage.init_from else None,
+            "config": self.config.to_dict(),
+        }
+        return save_checkpoint(self.network, self.run_dir / FINAL_FILE, role=stage.role, training=summary)
+
+
+# -- stage construction (also used by the pipeline and the tests) -----------------------------------
+
+
+def stage_mix(config: Config) -> tuple[float, float] | None:
+    """The TA's input mix; None for teachers and students."""
+    return tuple(config.experiment.mix) if config.stage.role == "ta" else None
+
+
+def stage_blocks(config: Config) -> int:
+    exp, stage = config.experiment, config.stage
+    if stage.blocks:
+        return stage.blocks
+    return {"teacher": exp.teacher_blocks, "ta": exp.ta_blocks[0], "student": exp.student_blocks}[stage.role]
+
+
+def build_stage_network(config: Config) -> nn.Module:
+    """The network the stage trains: a fresh teacher, or a decoder initialised from a teacher."""
+    exp, stage = config.experiment, config.stage
+    blocks = stage_blocks(config)
+    if stage.role == "teacher":
+        return build_model(
+            f"{exp.family}_teacher", channels=exp.channels, blocks=blocks, scale=exp.scale,
+            encoder_channels=exp.encoder_channels, discrete=stage.discrete, **exp.extra_args,
+        )  # fmt: skip
+    if stage.init_from:
+        teacher = load_checkpoint(stage.init_from).model
+        if not isinstance(teacher, Teacher):
+            raise ValueError(f"init_from {stage.init_from} is not a teacher checkpoint")
+        return init_from_teacher(teacher, blocks)
+    return build_model(exp.family, channels=exp.channels, blocks=blocks, scale=exp.scale, **exp.extra_args)
+
+
+def load_guides(paths: list[str]) -> list[Guide]:
+    """Frozen higher models, named by their stage; a TA guide keeps the mix it was trained with."""
+    guides = []
+    for path in paths:
+        checkpoint = load_checkpoint(path)
+        training = checkpoint.metadata.get("training", {})
+        mix = training.get("mix") if checkpoint.metadata["role"] == "ta" else None
+        name = training.get("stage") or checkpoint.metadata["role"]
+        guides.append(Guide(name, checkpoint.model, tuple(mix) if mix else None))
+    if guides and not isinstance(guides[0].model, Teacher):
+        raise ValueError("the first guide must be the teacher")
+    return guides
+
+
+def _init_distributed(device: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    info = _Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def _device(name: str, dist_info: _Dist) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device asks for CUDA but no GPU is available")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
