@@ -1,0 +1,39 @@
+"""`python -m models info`: registered names and checkpoint files, and a clear error otherwise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from models import build_model, count_macs, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _info(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "models", "info", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_info_on_a_registered_name_prints_params_and_macs() -> None:
+    result = _info("rlfn", "--input", "64x48")
+    assert result.returncode == 0, result.stderr
+    assert "526,856" in result.stdout
+    macs = count_macs(build_model("rlfn"), 48, 64)
+    assert f"{macs / 1e9:.3f} G at 64x48" in result.stdout
+
+
+def test_info_on_a_checkpoint_prints_its_metadata(tmp_path: Path) -> None:
+    path = save_checkpoint(build_model("pan_s", channels=8, up_channels=8), tmp_path / "p.safetensors",
+                           role="student", training={"steps": 42})
+    result = _info(str(path), "--input", "32x32")
+    assert result.returncode == 0, result.stderr
+    assert '"steps": 42' in result.stdout and '"role": "student"' in result.stdout
+
+
+def test_info_on_a_bad_target_is_a_clear_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"nope")
+    for target in ("not_a_model", str(broken)):
+        result = _info(target)
+        assert result.returncode == 2 and "error:" in result.stderr and target in result.stderr
