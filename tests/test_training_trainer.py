@@ -221,7 +221,7 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     config = load_config(
         SMOKE_CONFIG,
         [f'data.sources=[{{kind="folder", path="{image_folder}"}}]', "eval.rendered_val=false", "eval.cg_dev=false",
-         f'eval.folders=["{image_folder}"]'],
+         f'eval.folders=["{image_folder}"]', "eval.latency_repeats=1"],
     )
     run_dir = tmp_path / "smoke"
     results = run_pipeline(config, run_dir)
@@ -233,7 +233,18 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     scores = saved["sets"][image_folder.name]["scores"]
     assert {"bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA", "teacher"} <= set(scores)
     assert results["sets"][image_folder.name]["scores"]["bicubic"]["mean"]["psnr_rgb"] > 10
+    assert saved["models"]["TAKDSR"]["latency"]["median_ms"] > 0
     report = (run_dir / "report.md").read_text()
     assert "TAKDSR" in report and "PISR'" in report
     for plot in ("loss_curves.png", "psnr_per_model.png", f"crops_{image_folder.name}.png"):
         assert (run_dir / plot).stat().st_size > 1000
+
+
+def test_latency_command(tmp_path: Path) -> None:
+    output = tmp_path / "latency.json"
+    command = [sys.executable, "-m", "training", "latency", "rlfn_s", "--input", "64x48", "--repeats", "2",
+               "--json", str(output)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    timing = json.loads(output.read_text())["rlfn_s"]
+    assert timing["median_ms"] > 0 and timing["input"] == "64x48"

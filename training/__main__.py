@@ -1,4 +1,4 @@
-"""python -m training {train, pipeline, evaluate}: the TAKDSR trainer's command line."""
+"""python -m training {train, pipeline, evaluate, latency}: the TAKDSR trainer's command line."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, read_metadata
+from models import CheckpointError, Teacher, build_model, list_models, load_model, read_metadata
 from training.config import Config, EvalConfig, load_config
 from training.data import DatasetError
 from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate
+from training.latency import measure_latency
 from training.pipeline import run_pipeline
 from training.trainer import NonFiniteLossError, TrainingInterrupted, train_stage
 
@@ -32,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--teacher", type=Path, help="the teacher checkpoint (needed to evaluate a TA)")
     evaluate_cmd.add_argument("--data", type=Path, help="an image folder (default: ../shared/data/cg-dev)")
     evaluate_cmd.add_argument("--json", type=Path, help="also write the scores here")
+    latency = commands.add_parser("latency", help="inference time of checkpoints or registered models")
+    latency.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_NAME")
+    latency.add_argument("--input", default="960x540", help="LR input WxH (a teacher reads the matching HR size)")
+    latency.add_argument("--device", default="cpu")
+    latency.add_argument("--repeats", type=int, default=5)
+    latency.add_argument("--json", type=Path, help="also write the timings here")
     return parser
 
 
@@ -69,9 +76,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latency(args: argparse.Namespace) -> int:
+    width, height = (int(v) for v in args.input.lower().split("x"))
+    device = torch.device(args.device)
+    timings = {}
+    for target in args.targets:
+        model = build_model(target) if target in list_models() else load_model(target)
+        scale = model.scale if isinstance(model, Teacher) else 1
+        timings[target] = measure_latency(model, width * scale, height * scale, device, repeats=args.repeats)
+        timings[target]["input"] = f"{width * scale}x{height * scale}"
+        print(f"{target}: {timings[target]['median_ms']:.1f} ms median at {timings[target]['input']} on {device}")
+    if args.json:
+        args.json.write_text(json.dumps(timings, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "pipeline": _pipeline, "evaluate": _evaluate}
+    handlers = {"train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency}
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:

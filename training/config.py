@@ -111,6 +111,7 @@ class EvalConfig:
     max_images: int = 0  # per set, 0 = all (for smoke runs)
     crop: int = 0  # HR centre crop side, 0 = whole frames (for smoke runs)
     crops_for_figure: int = 3  # side-by-side crops in the report
+    latency_repeats: int = 3  # timed forward passes per model at 960x540 LR input (0 = skip)
 
 
 @dataclass

@@ -57,11 +57,13 @@ def _markdown(run_dir: Path, results: dict[str, Any]) -> str:
             row = [f"{scores[n]['per_image'][image]['psnr_rgb']:.2f}" for n in names]
             lines.append(f"| {image} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["## Training", "", "| model | steps | batch | device | seconds | final loss |", "|---" * 6 + "|"]
+    header = "| model | steps | batch | device | seconds | final loss | inference ms (median, 960x540 LR) |"
+    lines += ["## Training and inference time", "", header, "|---" * 7 + "|"]
     for name in _ordered(list(models)):
-        t = models[name].get("training", {})
+        t, latency = models[name].get("training", {}), models[name].get("latency")
+        timing = f"{latency['median_ms']:.0f} ({latency['device']})" if latency else "-"
         lines.append(f"| {name} | {t.get('steps')} | {t.get('batch_size')} | {t.get('device')} "
-                     f"| {t.get('seconds')} | {t.get('final_loss', float('nan')):.5f} |")
+                     f"| {t.get('seconds')} | {t.get('final_loss', float('nan')):.5f} | {timing} |")
     lines += ["", "MACs: the teacher's are for its 1920x1080 HR input. Plots: loss_curves.png, psnr_per_model.png,",
               "crops_<set>.png (bicubic / X_s / PISR' / TAKDSR / TA / teacher / ground truth).", ""]
     return "\n".join(lines)

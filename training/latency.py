@@ -1,0 +1,34 @@
+"""Inference time of a model on one input size: median and p90 of repeated forward passes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from models import Teacher
+
+__all__ = ["measure_latency"]
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: nn.Module, width: int, height: int, device: torch.device, *, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Milliseconds per forward pass at a (1, 3, height, width) input of the size the model reads
+    (for a teacher, the HR image). Channels-last fp32; CUDA timings are synchronised."""
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, height, width, device=device).contiguous(memory_format=torch.channels_last)
+    times = []
+    for index in range(warmup + repeats):
+        start = time.perf_counter()
+        output = model(x)
+        _ = output.image if isinstance(model, Teacher) else output
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {"median_ms": statistics.median(times), "p90_ms": quantiles[-1], "repeats": repeats}
