@@ -1,0 +1,157 @@
+"""Helpers for the upscaler daemon tests: run a daemon subprocess that is always stopped, raw sockets that never
+hang, tiny checkpoints, and /dev/shm inspection. Imported by tests/test_server_*.py (not a conftest)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from upscaler_server import protocol
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHM_DIR = pathlib.Path("/dev/shm")
+READY_TIMEOUT = 60.0  # a cold torch import on a loaded 2-core machine can take a while
+STOP_TIMEOUT = 20.0
+
+
+def make_checkpoint(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A small random rlfn_s student (16 channels) saved as a real checkpoint."""
+    import torch
+
+    import models
+
+    torch.manual_seed(seed)
+    return models.save_checkpoint(models.build_model("rlfn_s", scale=2, channels=16), path, role="student")
+
+
+def shm_segments(pid: int | None = None) -> list[str]:
+    """This user's daemon segments in /dev/shm, of daemon ``pid`` or of any daemon."""
+    prefix = f"takdsr-{os.getuid()}-" + (f"{pid}-" if pid is not None else "")
+    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix)) if SHM_DIR.is_dir() else []
+
+
+def short_tmpdir() -> pathlib.Path:
+    """A fresh short directory: ipc:// paths must stay under ~100 characters."""
+    return pathlib.Path(tempfile.mkdtemp(prefix="ups-", dir="/tmp"))
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    endpoint: str
+    log_path: pathlib.Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def segments(self) -> list[str]:
+        return shm_segments(self.pid)
+
+
+def spawn(args: Sequence[str], log_path: pathlib.Path) -> subprocess.Popen[bytes]:
+    """``python -m upscaler_server ARGS`` with stdout and stderr in ``log_path`` (files never fill up and block)."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "upscaler_server", *args], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def wait_ready(daemon: Daemon, timeout: float = READY_TIMEOUT) -> None:
+    """Wait until the daemon answers a ping; fail with its log if it exits or stays silent."""
+    deadline = time.monotonic() + timeout
+    with raw_socket(daemon.endpoint) as sock:
+        while time.monotonic() < deadline:
+            if daemon.proc.poll() is not None:
+                pytest.fail(f"daemon exited with {daemon.proc.returncode} before it was ready:\n{daemon.log()}")
+            sock.send(protocol.encode(protocol.Ping(req=1, sessions=[])))
+            if sock.poll(250, zmq.POLLIN):
+                sock.recv()
+                return
+    pytest.fail(f"daemon not ready after {timeout} s:\n{daemon.log()}")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+    """Send ``sig`` and wait; SIGKILL after ``timeout`` (and fail). Returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            pytest.fail(f"daemon {proc.pid} ignored signal {sig} for {timeout} s and was killed")
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def run_server(*args: str, endpoint: str | None = None, check_clean: bool = True) -> Iterator[Daemon]:
+    """Start ``python -m upscaler_server ARGS`` on a private ipc endpoint and always stop it (SIGTERM).
+
+    After a run without failure, the daemon must have exited 0 and left no segment in /dev/shm."""
+    tmp = short_tmpdir()
+    endpoint = endpoint or f"ipc://{tmp}/d.sock"
+    daemon = Daemon(spawn(["--endpoint", endpoint, *args], tmp / "daemon.log"), endpoint, tmp / "daemon.log")
+    failed = True
+    try:
+        wait_ready(daemon)
+        yield daemon
+        failed = False
+    finally:
+        status = stop(daemon.proc)
+        left = daemon.segments()
+        for name in left:  # never leave litter behind, even when failing
+            (SHM_DIR / name).unlink(missing_ok=True)
+        log = daemon.log()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if check_clean and not failed:
+            assert status == 0, f"daemon exited {status} on SIGTERM:\n{log}"
+            assert not left, f"daemon left shared memory behind: {left}\n{log}"
+            assert "Traceback" not in log and "leaked" not in log, f"daemon logged an internal error:\n{log}"
+
+
+@contextlib.contextmanager
+def raw_socket(endpoint: str) -> Iterator[zmq.Socket[bytes]]:
+    """A DEALER socket (linger 0) on a private context, closed and terminated on exit."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def exchange(sock: zmq.Socket[bytes], payload: bytes | list[bytes], timeout: float = 10.0) -> Any:
+    """Send raw bytes (one frame, or a list of frames) and return the decoded last reply frame; fails instead of
+    hanging."""
+    if isinstance(payload, list):
+        sock.send_multipart(payload)
+    else:
+        sock.send(payload)
+    if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+        pytest.fail(f"no reply within {timeout} s to {payload!r:.80}")
+    return msgpack.unpackb(sock.recv_multipart()[-1], raw=False)
+
+
+def request(sock: zmq.Socket[bytes], **fields: Any) -> Any:
+    """Build a raw request map (``v`` added unless given), exchange it and return the reply map."""
+    return exchange(sock, msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True))

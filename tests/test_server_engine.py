@@ -1,0 +1,157 @@
+"""The engine in-process (formats, alpha, rounding, limits), the offline CLI, and the CUDA paths when a GPU exists."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from upscaler_server.engine import Engine, NearestEngine, create_engine
+from upscaler_server.errors import EngineError, ModelLoadError
+from upscaler_server.protocol import PIXEL_FORMATS
+
+from server_utils import REPO, make_checkpoint
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.safetensors")
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: pathlib.Path) -> Iterator[Engine]:
+    threads = torch.get_num_threads()
+    yield create_engine(checkpoint=checkpoint, device="cpu", precision="fp32", threads=1)
+    torch.set_num_threads(threads)  # the engine sets the process-wide count; give other tests theirs back
+
+
+def _reference(engine: Engine, rgb: np.ndarray) -> np.ndarray:
+    """The documented conversion, written out independently: u8/255 -> model -> round(clamp(y, 0, 1) * 255)."""
+    net = engine._net  # type: ignore[attr-defined]
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+    with torch.inference_mode():
+        y = net(x.contiguous(memory_format=torch.channels_last))
+    return (y[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def test_engine_matches_reference(engine: Engine) -> None:
+    rgb = RNG.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    out = engine.run(rgb)
+    assert out.shape == (48, 80, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, _reference(engine, rgb))
+
+
+def test_pixel_formats_agree(engine: Engine) -> None:
+    rgba = RNG.integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    ref = engine.run(rgb, "RGB8")
+    bgr = engine.run(np.ascontiguousarray(rgb[..., ::-1]), "BGR8")
+    out_rgba = engine.run(rgba, "RGBA8")
+    out_bgra = engine.run(np.ascontiguousarray(rgba[..., [2, 1, 0, 3]]), "BGRA8")
+    np.testing.assert_array_equal(bgr[..., ::-1], ref)
+    np.testing.assert_array_equal(out_rgba[..., :3], ref)
+    np.testing.assert_array_equal(out_bgra[..., [2, 1, 0]], ref)
+    alpha = np.repeat(np.repeat(rgba[..., 3], 2, axis=0), 2, axis=1)  # nearest neighbour, never the model
+    np.testing.assert_array_equal(out_rgba[..., 3], alpha)
+    np.testing.assert_array_equal(out_bgra[..., 3], alpha)
+
+
+def test_output_is_clamped_not_wrapped(engine: Engine) -> None:
+    white, black = np.full((16, 16, 3), 255, np.uint8), np.zeros((16, 16, 3), np.uint8)
+    for frame in (white, black):  # a random network overshoots [0, 1]; uint8 must saturate, not wrap
+        np.testing.assert_array_equal(engine.run(frame), _reference(engine, frame))
+
+
+def test_engine_rejects_bad_frames(engine: Engine) -> None:
+    assert engine.min_input_size == 15
+    with pytest.raises(EngineError, match="minimum"):
+        engine.run(np.zeros((14, 64, 3), np.uint8))
+    with pytest.raises(EngineError):
+        engine.run(np.zeros((16, 16, 3), np.float32))
+    with pytest.raises(EngineError):
+        engine.upscale(np.zeros((16, 16, 3), np.uint8), PIXEL_FORMATS["RGBA8"], np.zeros((32, 32, 4), np.uint8))
+    with pytest.raises(EngineError, match="output"):
+        engine.upscale(np.zeros((16, 16, 3), np.uint8), PIXEL_FORMATS["RGB8"], np.zeros((32, 31, 3), np.uint8))
+
+
+def test_read_only_input_is_accepted(engine: Engine) -> None:
+    rgb = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    frozen = np.frombuffer(rgb.tobytes(), np.uint8).reshape(rgb.shape)
+    np.testing.assert_array_equal(engine.run(frozen), engine.run(rgb))
+
+
+def test_nearest_engine() -> None:
+    frame = RNG.integers(0, 256, (3, 5, 4), dtype=np.uint8)
+    out = NearestEngine(3).run(frame, "BGRA8")
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(frame, 3, axis=0), 3, axis=1))
+
+
+def test_missing_and_bad_models(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        create_engine(checkpoint=tmp_path / "nope.safetensors", device="cpu")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelLoadError, match=r"corrupt\.safetensors"):
+        create_engine(checkpoint=corrupt, device="cpu")
+    with pytest.raises(ModelLoadError, match="decoder"):
+        create_engine(model="rlfn_teacher", device="cpu")
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        create_engine(model="no_such_model", device="cpu")
+
+
+def test_offline_cli_is_bit_exact(engine: Engine, checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    rgba = RNG.integers(0, 256, (18, 16, 4), dtype=np.uint8)
+    cv2.imwrite(str(src / "colour.png"), rgb[..., ::-1])
+    cv2.imwrite(str(src / "alpha.png"), rgba[..., [2, 1, 0, 3]])
+    cv2.imwrite(str(src / "grey.png"), rgb[..., 0])
+    (src / "notes.txt").write_text("not an image, not picked up from a folder")
+    cmd = [sys.executable, "-m", "upscaler_server.upscale", "--checkpoint", str(checkpoint), "--device", "cpu",
+           "--threads", "1", str(src), "-o", str(tmp_path / "out")]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alpha.png", "colour.png", "grey.png"]
+    colour = cv2.imread(str(tmp_path / "out" / "colour.png"), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    np.testing.assert_array_equal(colour, engine.run(rgb))
+    alpha = cv2.imread(str(tmp_path / "out" / "alpha.png"), cv2.IMREAD_UNCHANGED)[..., [2, 1, 0, 3]]
+    np.testing.assert_array_equal(alpha, engine.run(rgba, "RGBA8"))
+    grey = cv2.imread(str(tmp_path / "out" / "grey.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(grey[..., ::-1], engine.run(np.repeat(rgb[..., :1], 3, axis=2)))
+
+
+def test_offline_cli_reports_failures(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    tiny = tmp_path / "tiny.png"
+    cv2.imwrite(str(tiny), np.zeros((8, 8, 3), np.uint8))
+    base = [sys.executable, "-m", "upscaler_server.upscale", "--device", "cpu", "-o", str(tmp_path / "out")]
+    run = subprocess.run([*base, "--checkpoint", str(checkpoint), str(tiny)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1 and "minimum" in run.stderr
+    run = subprocess.run([*base, "--checkpoint", str(tmp_path / "missing.safetensors"), str(tiny)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "missing.safetensors" in run.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_cuda_engine_close_to_cpu(engine: Engine, checkpoint: pathlib.Path, graphs: bool) -> None:
+    gpu = create_engine(checkpoint=checkpoint, device="cuda", precision="fp16", cuda_graphs=graphs)
+    rgba = RNG.integers(0, 256, (64, 96, 4), dtype=np.uint8)
+    for fmt in ("RGBA8", "BGRA8"):
+        frame = rgba if fmt == "RGBA8" else np.ascontiguousarray(rgba[..., [2, 1, 0, 3]])
+        first, second = gpu.run(frame, fmt), gpu.run(frame, fmt)  # second run: cached plan (graph replay)
+        np.testing.assert_array_equal(first, second)
+        diff = np.abs(first.astype(int) - engine.run(frame, fmt).astype(int))
+        assert diff.max() <= 4, f"fp16 CUDA differs from fp32 CPU by {diff.max()} levels"
+        np.testing.assert_array_equal(first[..., 3], np.repeat(np.repeat(rgba[..., 3], 2, 0), 2, 1))
+    gpu.close()

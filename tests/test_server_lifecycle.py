@@ -1,0 +1,245 @@
+"""Daemon lifecycle, one daemon per test: signals, leases, stale segments, bad checkpoints, busy, restarts."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from upscaler_server.client import UpscalerClient
+from upscaler_server.errors import BusyError, ServerUnavailableError
+
+from server_utils import (
+    REPO,
+    SHM_DIR,
+    make_checkpoint,
+    run_server,
+    shm_segments,
+    short_tmpdir,
+    spawn,
+    stop,
+)
+
+RNG = np.random.default_rng(5)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[pathlib.Path]:
+    """A short private directory for ipc endpoints, removed afterwards."""
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _exit_of(args: list[str], timeout: float = 60) -> tuple[int, str]:
+    """Run the daemon expecting it to refuse to start; its exit status and log."""
+    tmp = short_tmpdir()
+    try:
+        proc = spawn(["--endpoint", f"ipc://{tmp}/d.sock", *args], tmp / "log")
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            pytest.fail(f"the daemon started although it should have refused: {args}")
+        return proc.returncode, (tmp / "log").read_text()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_exits_zero_and_unlinks_everything(sig: int) -> None:
+    with run_server("--backend", "nearest", check_clean=False) as daemon:
+        client = UpscalerClient(daemon.endpoint, timeout=10)
+        session = client.open_session(64, 48, "RGBA8", slots=3)
+        session.input(0)[...] = 7
+        session.submit(0)
+        assert len(daemon.segments()) == 2
+        status = stop(daemon.proc, sig)
+        assert status == 0, daemon.log()
+        assert daemon.segments() == []
+        assert not pathlib.Path(daemon.endpoint[len("ipc://"):]).exists(), "ipc socket file left behind"
+        assert "stopped" in daemon.log()
+        session.close(notify=False)
+        client.close()
+
+
+def test_second_signal_forces_a_clean_exit_during_a_frame() -> None:
+    with run_server("--model", "rlfn_s", "--threads", "1", check_clean=False) as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=30) as client:
+        session = client.open_session(1920, 1080, "RGB8", slots=1)
+        session.submit(0)  # seconds on one CPU thread
+        time.sleep(0.3)
+        start = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop(daemon.proc) == 0, daemon.log()  # the second SIGTERM
+        assert time.monotonic() - start < 2.0
+        assert daemon.segments() == []
+        assert "forced" in daemon.log()
+        session.close(notify=False)
+
+
+def test_killed_client_is_cleaned_up_after_its_lease() -> None:
+    with run_server("--model", "rlfn_s", "--threads", "1", "--lease-timeout", "1") as daemon:
+        script = textwrap.dedent(f"""
+            import sys, time
+            from upscaler_server.client import UpscalerClient
+            client = UpscalerClient({daemon.endpoint!r}, timeout=10)
+            session = client.open_session(200, 150, "RGB8", slots=2)
+            session.input(0)[...] = 128
+            session.submit(0)          # killed while this frame is on the engine
+            print("submitted", flush=True)
+            time.sleep(60)
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+            assert len(daemon.segments()) == 2
+        finally:
+            proc.kill()
+            proc.wait(10)
+        deadline = time.monotonic() + 15
+        while daemon.segments() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert daemon.segments() == [], daemon.log()
+        assert "lease expired" in daemon.log()
+        with UpscalerClient(daemon.endpoint, timeout=30) as client:  # and it still serves
+            assert client.upscale(np.zeros((16, 16, 3), np.uint8)).shape == (32, 32, 3)
+
+
+def test_stale_segments_of_dead_daemons_are_removed_at_start() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    uid = os.getuid()
+    stale = [SHM_DIR / f"takdsr-{uid}-{dead.pid}-0000abcd-{kind}" for kind in ("in", "out")]
+    alive = SHM_DIR / f"takdsr-{uid}-{os.getpid()}-0000abcd-in"  # this test process is alive: keep its segment
+    for path in (*stale, alive):
+        path.write_bytes(b"\0" * 4096)
+    try:
+        with run_server("--backend", "nearest") as daemon:
+            assert not any(p.exists() for p in stale), daemon.log()
+            assert alive.exists()
+            assert "stale" in daemon.log()
+    finally:
+        for path in (*stale, alive):
+            path.unlink(missing_ok=True)
+
+
+def test_missing_checkpoint_stops_the_daemon(tmp_path: pathlib.Path) -> None:
+    status, log = _exit_of(["--checkpoint", str(tmp_path / "absent.safetensors")])
+    assert status == 3
+    assert "absent.safetensors" in log and "not found" in log
+
+
+def test_corrupt_checkpoint_stops_the_daemon(tmp_path: pathlib.Path) -> None:
+    good = make_checkpoint(tmp_path / "good.safetensors")
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    status, log = _exit_of(["--checkpoint", str(bad)])
+    assert status == 3
+    assert "truncated.safetensors" in log and "cannot load checkpoint" in log
+
+
+@pytest.mark.skipif(models.DEFAULT_STUDENT_PATH.exists(), reason="the bundled student has shipped")
+def test_without_bundled_weights_the_daemon_says_what_to_do() -> None:
+    status, log = _exit_of([])
+    assert status == 3
+    assert "--checkpoint" in log and "--model" in log
+
+
+def test_second_daemon_on_the_same_endpoint_refuses() -> None:
+    with run_server("--backend", "nearest") as daemon:
+        status, log = _exit_of(["--backend", "nearest", "--endpoint", daemon.endpoint])
+        assert status == 2 and "already serves" in log
+        with UpscalerClient(daemon.endpoint, timeout=10) as client:  # the first one still owns the endpoint
+            client.ping()
+
+
+def test_busy_reply_when_the_queue_is_full() -> None:
+    with run_server("--model", "rlfn_s", "--threads", "1", "--max-queue", "1") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=60) as client:
+        session = client.open_session(160, 120, "RGB8", slots=4)
+        for slot in range(4):
+            session.submit(slot)
+        outcomes = []
+        for _ in range(4):
+            try:
+                session.collect()
+                outcomes.append("done")
+            except BusyError as exc:
+                outcomes.append("busy")
+                assert "queued" in str(exc)
+        assert outcomes[0] == "done" and "busy" in outcomes, outcomes
+        session.submit(0)  # busy slots are free again
+        assert session.collect().slot == 0
+
+
+def test_slow_frames_outlast_client_timeouts_without_resubmission() -> None:
+    with run_server("--model", "rlfn_s", "--threads", "1") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=0.05, retries=200) as client:
+        frame = np.zeros((150, 200, 3), np.uint8)
+        session = client.open_session(200, 150, "RGB8", slots=1)
+        session.submit(0)
+        assert session.collect().timings.infer_us > 50_000  # many timeouts elapsed, the same frame came back
+        assert client.upscale_inline(frame).shape == (300, 400, 3)
+        assert "Traceback" not in daemon.log()
+
+
+def test_client_recovers_when_the_daemon_restarts(short_dir: pathlib.Path) -> None:
+    endpoint = f"ipc://{short_dir}/d.sock"
+    frame = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    expected = np.repeat(np.repeat(frame, 2, 0), 2, 1)
+    with run_server("--backend", "nearest", endpoint=endpoint) as first:
+        client = UpscalerClient(endpoint, timeout=5, retries=2)
+        np.testing.assert_array_equal(client.upscale(frame), expected)
+        old_instance = client.info.instance
+    try:
+        with run_server("--backend", "nearest", endpoint=endpoint) as second:
+            assert second.pid != first.pid
+            np.testing.assert_array_equal(client.upscale(frame), expected)  # its old session is gone: reopened
+    finally:
+        client.close()
+    assert old_instance
+
+
+def test_unreachable_daemon_raises_instead_of_hanging(short_dir: pathlib.Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match="no reply"):
+        UpscalerClient(f"ipc://{short_dir}/nobody.sock", timeout=0.2, retries=1)
+    assert time.monotonic() - start < 5
+
+
+def test_sigterm_during_start_up_still_exits_zero(short_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    proc = spawn(["--endpoint", f"ipc://{short_dir}/d.sock", "--backend", "nearest"], tmp_path / "log")
+    time.sleep(0.3)  # torch is still loading
+    assert stop(proc) == 0, (tmp_path / "log").read_text()
+    assert shm_segments(proc.pid) == []
+
+
+def test_invalid_settings_exit_2() -> None:
+    status, log = _exit_of(["--backend", "nearest", "--max-queue", "0"])
+    assert status == 2 and "invalid settings" in log
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_daemon_serves_fp16_with_graphs(tmp_path: pathlib.Path) -> None:
+    checkpoint = make_checkpoint(tmp_path / "student.safetensors")
+    frame = RNG.integers(0, 256, (72, 128, 4), dtype=np.uint8)
+    with run_server("--checkpoint", str(checkpoint), "--device", "cuda", "--cuda-graphs") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=60) as client:
+        assert client.device.startswith("cuda") and client.info.precision == "fp16"
+        first, second = client.upscale(frame, "BGRA8"), client.upscale(frame, "BGRA8")
+        np.testing.assert_array_equal(first, second)
+        np.testing.assert_array_equal(first[..., 3], np.repeat(np.repeat(frame[..., 3], 2, 0), 2, 1))

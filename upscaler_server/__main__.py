@@ -1,0 +1,125 @@
+"""``python -m upscaler_server`` / ``upscaler-server``: command line -> Config -> engine -> Server.
+
+Exit status: 0 after SIGTERM/SIGINT (a second signal forces a stop without waiting for the running frame),
+2 for invalid settings or an endpoint already served, 3 when the model cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from upscaler_server.config import Config, default_endpoint
+from upscaler_server.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from upscaler_server.server import Server
+
+__all__ = ["main"]
+
+log = logging.getLogger("upscaler_server")
+
+EXIT_CONFIG = 2
+EXIT_MODEL = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Config(endpoint="ipc://unused")
+    p = argparse.ArgumentParser(prog="upscaler-server", description="Real-time neural upscaling daemon "
+                                "(ZeroMQ control messages, pixels in shared memory; see docs/protocol.md).")
+    p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT (default: $TAKDSR_UPSCALER_ENDPOINT or "
+                   "ipc://$XDG_RUNTIME_DIR/takdsr/upscaler.sock, else ipc:///tmp/takdsr-$UID/upscaler.sock)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint (default: the bundled student)")
+    src.add_argument("--model", help="run this registered model with RANDOM weights (benchmarks and tests only)")
+    p.add_argument("--backend", choices=["torch", "nearest"], default=defaults.backend,
+                   help="nearest: nearest-neighbour copy without a model, to measure transport alone")
+    p.add_argument("--scale", type=int, default=defaults.scale, help="scale of --model and of the nearest backend")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=defaults.device)
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=defaults.precision,
+                   help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (0: all usable cores)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture a CUDA graph per resolution")
+    p.add_argument("--max-width", type=int, default=defaults.max_width, help="largest input width")
+    p.add_argument("--max-height", type=int, default=defaults.max_height, help="largest input height")
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest input width*height")
+    p.add_argument("--max-slots", type=int, default=defaults.max_slots, help="most slots per session")
+    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="most open sessions")
+    p.add_argument("--max-shm-mb", type=int, default=defaults.max_shm_bytes >> 20,
+                   help="shared memory all sessions may hold, MiB")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="frames waiting for the engine before clients get BUSY")
+    p.add_argument("--lease-timeout", type=float, default=defaults.lease_timeout,
+                   help="seconds without a message before a session is closed and its memory freed")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return Config(endpoint=args.endpoint or default_endpoint(), checkpoint=args.checkpoint, model=args.model,
+                  backend=args.backend, scale=args.scale, device=args.device, precision=args.precision,
+                  threads=args.threads, cuda_graphs=args.cuda_graphs, max_width=args.max_width,
+                  max_height=args.max_height, max_pixels=args.max_pixels, max_slots=args.max_slots,
+                  max_sessions=args.max_sessions, max_shm_bytes=args.max_shm_mb << 20, max_queue=args.max_queue,
+                  lease_timeout=args.lease_timeout)
+
+
+class _Signals:
+    """SIGTERM/SIGINT handlers installed before the slow start-up: a stop asked for early still exits 0."""
+
+    def __init__(self) -> None:
+        self.server: Server | None = None
+        self.requested = 0
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.requested += 1
+        if self.server is not None:
+            self.server.request_stop()  # flags and a wake-up byte only; the loop does the work
+
+    def attach(self, server: Server) -> None:
+        self.server = server
+        for _ in range(min(self.requested, 2)):
+            server.request_stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point (``upscaler-server``); returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signals = _Signals()
+    from upscaler_server.engine import build_engine  # torch loads here, after argument errors are reported
+    from upscaler_server.server import Server
+
+    try:
+        config = _config(args)
+        server = Server(config, build_engine(config))
+    except ModelLoadError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_MODEL
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+    signals.attach(server)
+    try:
+        server.serve()
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+    if server.worker_running:  # forced stop: sockets and shared memory are already released
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

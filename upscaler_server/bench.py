@@ -1,0 +1,224 @@
+"""``python -m upscaler_server.bench``: transport overhead and end-to-end speed of the daemon.
+
+Transport: a daemon with the ``nearest`` backend (OpenCV nearest-neighbour x2 instead of a network: the engine
+costs about one write of the output) is timed per round trip for each LR size, RGB8:
+
+- ``shm``: ``client.upscale(frame, out=buffer)``: copy into the input slot, submit, wait, copy the output slot out;
+- ``shm zero-copy``: submit + wait only, for integrators who render into / read from the slots directly;
+- ``inline``: the pixels inside the ZeroMQ messages (``process`` / ``result``);
+- ``memcpy``: one in-process copy of the same input and output bytes, the floor any transport pays once;
+- ``nearest``: the "model" alone, in-process.
+
+End to end: a daemon with the real student (the bundled or given checkpoint; random-init ``rlfn_s`` while no
+trained weights exist, said so in the output), frames per second and p50/p99 latency of synchronous round trips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from upscaler_server.client import UpscalerClient
+from upscaler_server.errors import ServerUnavailableError
+
+__all__ = ["end_to_end", "main", "transport"]
+
+SIZES = ((640, 360), (1280, 720), (1920, 1080))
+
+
+@contextlib.contextmanager
+def _daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[str]:
+    """A daemon subprocess on a private ipc endpoint; yields the endpoint, always stops it."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ups-bench-", dir="/tmp"))
+    endpoint = f"ipc://{tmp}/bench.sock"
+    with open(tmp / "daemon.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "upscaler_server", "--endpoint", endpoint, *args],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start:\n{(tmp / 'daemon.log').read_text()}")
+            try:
+                UpscalerClient(endpoint, timeout=0.5, retries=0, heartbeat=False).close()
+                break
+            except ServerUnavailableError:
+                continue
+        yield endpoint
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _median_ms(call: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples) * 1e3)
+
+
+def _nearest_into(lr: np.ndarray, out: np.ndarray) -> None:
+    """What the nearest backend computes, in-process."""
+    cv2.resize(lr, (out.shape[1], out.shape[0]), dst=out, interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def transport(sizes: Sequence[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
+    """Round-trip medians (ms) through shared memory, inline messages and a raw memcpy, per LR size."""
+    with _daemon(["--backend", "nearest", "--log-level", "WARNING"]) as endpoint, \
+            UpscalerClient(endpoint, timeout=60) as client:
+        return [_transport_row(client, w, h, repeats) for w, h in sizes]
+
+
+def _transport_row(client: UpscalerClient, w: int, h: int, repeats: int) -> dict[str, Any]:
+    lr = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    hr = np.empty((h * 2, w * 2, 3), np.uint8)
+    _nearest_into(lr, hr)
+    if not (np.array_equal(client.upscale(lr), hr) and np.array_equal(client.upscale_inline(lr), hr)):
+        raise RuntimeError("the daemon returned wrong pixels")
+    session = client.open_session(w, h, "RGB8", slots=1)
+    session.input(0)[...] = lr
+    lr_copy, hr_copy = np.empty_like(lr), np.empty_like(hr)
+
+    def zero_copy() -> None:
+        session.submit(0)
+        session.collect()
+
+    def memcpy() -> None:
+        np.copyto(lr_copy, lr)
+        np.copyto(hr_copy, hr)
+
+    row: dict[str, Any] = {
+        "lr": f"{w}x{h}", "hr": f"{2 * w}x{2 * h}", "bytes_in": lr.nbytes, "bytes_out": hr.nbytes,
+        "memcpy_ms": _median_ms(memcpy, repeats),
+        "nearest_ms": _median_ms(lambda: _nearest_into(lr, hr_copy), repeats),
+        "shm_ms": _median_ms(lambda: client.upscale(lr, out=hr_copy), repeats),
+        "shm_zero_copy_ms": _median_ms(zero_copy, repeats),
+        "inline_ms": _median_ms(lambda: client.upscale_inline(lr), repeats),
+    }
+    session.close()
+    row["shm_over_memcpy"] = row["shm_ms"] / row["memcpy_ms"]
+    row["inline_over_memcpy"] = row["inline_ms"] / row["memcpy_ms"]
+    row["inline_over_shm"] = row["inline_ms"] / row["shm_ms"]
+    return row
+
+
+def end_to_end(sizes: Sequence[tuple[int, int]], frames: int, budget_s: float,
+               daemon_args: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Daemon info and, per LR size, fps and latency percentiles of synchronous frames through shared memory."""
+    rows = []
+    rng = np.random.default_rng(1)
+    with _daemon([*daemon_args, "--log-level", "WARNING"]) as endpoint, \
+            UpscalerClient(endpoint, timeout=600) as client:
+        info = {"model": client.model, "scale": client.scale, "device": client.device,
+                "precision": client.info.precision, "random_weights": client.info.random_weights}
+        for w, h in sizes:
+            session = client.open_session(w, h, "RGB8", slots=1)
+            session.input(0)[...] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            session.submit(0)
+            session.collect()  # warm-up
+            latencies, infer = [], []
+            start = time.perf_counter()
+            while len(latencies) < frames and (len(latencies) < 3 or time.perf_counter() - start < budget_s):
+                t0 = time.perf_counter()
+                session.submit(0)
+                result = session.collect()
+                latencies.append(time.perf_counter() - t0)
+                infer.append(result.timings.infer_us / 1e3)
+            session.close()
+            lat_ms = np.array(latencies) * 1e3
+            rows.append({"lr": f"{w}x{h}", "hr": f"{w * client.scale}x{h * client.scale}", "frames": len(latencies),
+                         "fps": len(latencies) / float(np.sum(latencies)), "p50_ms": float(np.percentile(lat_ms, 50)),
+                         "p99_ms": float(np.percentile(lat_ms, 99)), "infer_ms": float(np.median(infer))})
+    return info, rows
+
+
+def _student_args(checkpoint: pathlib.Path | None, device: str, threads: int) -> tuple[list[str], str]:
+    """Daemon arguments for the end-to-end run and a description of its weights."""
+    extra = ["--device", device, "--threads", str(threads)]
+    if checkpoint is not None:
+        return ["--checkpoint", str(checkpoint), *extra], f"checkpoint {checkpoint}"
+    from models import DEFAULT_STUDENT_PATH
+
+    if DEFAULT_STUDENT_PATH.exists():
+        return ["--checkpoint", str(DEFAULT_STUDENT_PATH), *extra], f"bundled student {DEFAULT_STUDENT_PATH.name}"
+    return ["--model", "rlfn_s", *extra], "random-init rlfn_s (no trained weights shipped yet; same cost)"
+
+
+def _print_tables(result: dict[str, Any]) -> None:
+    print(f"Transport: nearest-neighbour x2 backend, RGB8, median of {result['transport_repeats']} round trips (ms)")
+    print(f"{'LR':>10} {'in MB':>6} {'out MB':>6} {'memcpy':>7} {'nearest':>7} {'shm':>7} {'shm 0cp':>7} "
+          f"{'inline':>7} {'shm/cpy':>7} {'inl/cpy':>7} {'inl/shm':>7}")
+    for r in result["transport"]:
+        print(f"{r['lr']:>10} {r['bytes_in'] / 1e6:6.2f} {r['bytes_out'] / 1e6:6.2f} {r['memcpy_ms']:7.2f} "
+              f"{r['nearest_ms']:7.2f} {r['shm_ms']:7.2f} {r['shm_zero_copy_ms']:7.2f} {r['inline_ms']:7.2f} "
+              f"{r['shm_over_memcpy']:7.1f} {r['inline_over_memcpy']:7.1f} {r['inline_over_shm']:7.2f}")
+    e2e = result["end_to_end"]
+    print(f"\nEnd to end: {e2e['weights']}; model {e2e['model']} x{e2e['scale']} on {e2e['device']} "
+          f"({e2e['precision']}), synchronous frames through shared memory")
+    print(f"{'LR':>10} {'HR':>10} {'frames':>6} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'infer ms':>8}")
+    for r in e2e["rows"]:
+        print(f"{r['lr']:>10} {r['hr']:>10} {r['frames']:>6} {r['fps']:7.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+              f"{r['infer_ms']:8.1f}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    return int(w), int(h)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; prints the tables and optionally writes JSON."""
+    p = argparse.ArgumentParser(prog="python -m upscaler_server.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    p.add_argument("--sizes", type=_size, nargs="+", default=list(SIZES), help="LR sizes WxH for both parts")
+    p.add_argument("--e2e-sizes", type=_size, nargs="+", help="LR sizes of the end-to-end part (default: --sizes)")
+    p.add_argument("--repeats", type=int, default=30, help="transport round trips per size")
+    p.add_argument("--frames", type=int, default=20, help="end-to-end frames per size (at least 3)")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds per end-to-end size before stopping early")
+    p.add_argument("--checkpoint", type=pathlib.Path, help="student for the end-to-end part")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="daemon CPU threads (0: all usable cores)")
+    p.add_argument("--skip-e2e", action="store_true", help="transport only")
+    args = p.parse_args(argv)
+    result: dict[str, Any] = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                                          "cpus": os.cpu_count()},
+                              "transport_repeats": args.repeats, "transport": transport(args.sizes, args.repeats)}
+    if args.skip_e2e:
+        result["end_to_end"] = {"weights": "skipped", "model": "-", "scale": 0, "device": "-", "precision": "-",
+                                "rows": []}
+    else:
+        daemon_args, weights = _student_args(args.checkpoint, args.device, args.threads)
+        info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
+        result["end_to_end"] = {"weights": weights, **info, "rows": rows}
+    _print_tables(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Client library of the upscaler daemon. numpy, pyzmq and msgpack only: importing it never loads torch.
+
+Simple use::
+
+    with UpscalerClient() as client:            # connects, says hello (client.info: model, scale, device, limits)
+        hr = client.upscale(lr)                  # (H, W, 3|4) uint8 -> (H*s, W*s, 3|4) uint8
+
+Pipelined, zero-copy use (render straight into shared memory)::
+
+    session = client.open_session(1280, 720, "BGRA8", slots=3)
+    session.input(0)[...] = frame               # or render into this view
+    session.submit(0)
+    result = session.collect()                   # oldest submitted frame first; result.output is a view
+
+Reliability follows the ZeroMQ guide's Lazy Pirate pattern: a request without a reply within ``timeout`` closes the
+socket, reconnects (same routing id, so late replies still arrive) and retries up to ``retries`` times. A background
+thread sends heartbeats that keep this client's sessions alive while the caller is busy.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+import zmq
+
+from upscaler_server.config import default_endpoint
+from upscaler_server.errors import (
+    BusyError,
+    ErrorCode,
+    ProtocolError,
+    ServerUnavailableError,
+    SessionError,
+    SessionLostError,
+    UpscalerError,
+    error_for_code,
+)
+from upscaler_server.protocol import (
+    PIXEL_FORMATS,
+    Close,
+    Closed,
+    Done,
+    Error,
+    Hello,
+    Message,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Process,
+    Result,
+    Submit,
+    Timings,
+    Welcome,
+    decode,
+    encode,
+)
+from upscaler_server.shm import Ring, RingLayout
+
+__all__ = ["FrameResult", "Session", "UpscalerClient"]
+
+M = TypeVar("M", bound=Message)
+_REPLY_MAX_BYTES = 1 << 31  # inline results carry a whole output frame
+_AUTO_SESSIONS = 4  # sessions upscale() keeps open for recently seen frame sizes
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """A finished frame. ``output`` is a zero-copy view of the output slot: valid until that slot is resubmitted."""
+
+    session: int
+    slot: int
+    frame: int
+    timings: Timings
+    output: np.ndarray
+
+
+class _Link:
+    """A DEALER socket with a fixed routing id, a mailbox of replies keyed by request id, and reconnect."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+        self._ctx = ctx
+        self.endpoint = endpoint
+        self._routing_id = b"\x01" + secrets.token_bytes(15)  # ids starting with a zero byte are reserved
+        self._socket = self._connect()
+        self._ids = itertools.count(1)
+        self._mailbox: dict[int, Message] = {}
+        self._waiting: set[int] = set()
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
+        sock.connect(self.endpoint)
+        return sock
+
+    def reconnect(self) -> None:
+        self._socket.close(linger=0)
+        self._socket = self._connect()
+
+    def send(self, msg: Message) -> int:
+        """Send ``msg`` with a fresh request id (or its own, if set) and return the id."""
+        if msg.req == 0:
+            msg = dataclasses.replace(msg, req=next(self._ids))
+        self._waiting.add(msg.req)
+        self._socket.send(encode(msg))
+        return msg.req
+
+    def wait(self, req: int, timeout: float) -> Message | None:
+        """The reply to ``req``, or None after ``timeout`` seconds; other awaited replies go to the mailbox."""
+        deadline = time.monotonic() + timeout
+        while req not in self._mailbox:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                return None
+            reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
+            if reply.req in self._waiting:  # anything else answers a request given up on
+                self._mailbox[reply.req] = reply
+        self._waiting.discard(req)
+        return self._mailbox.pop(req)
+
+    def forget(self, req: int) -> None:
+        self._waiting.discard(req)
+        self._mailbox.pop(req, None)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+class _Heartbeat(threading.Thread):
+    """Pings the daemon every ``interval`` seconds with the ids of the open sessions, on its own socket."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, interval: float,
+                 sessions: Callable[[], list[int]]) -> None:
+        super().__init__(name="upscaler-heartbeat", daemon=True)
+        self._ctx, self._endpoint, self._interval, self._sessions = ctx, endpoint, interval, sessions
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(self._endpoint)
+        try:
+            while not self._halt.wait(self._interval):
+                ids = self._sessions()
+                if ids:
+                    with contextlib.suppress(zmq.Again):  # daemon unreachable and our queue full: next period
+                        sock.send(encode(Ping(sessions=ids)), zmq.NOBLOCK)
+                while sock.poll(0, zmq.POLLIN):
+                    sock.recv()  # pongs only prove liveness; a lost session surfaces on its next submit
+        except zmq.ZMQError:
+            pass  # context terminated under us: the client is closing
+        finally:
+            sock.close(linger=0)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+class UpscalerClient:
+    """Connection to the daemon; a context manager that closes its sessions on exit. Not thread-safe: use one
+    client per thread."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 10.0, retries: int = 3,
+                 name: str = "python-client", heartbeat: bool = True) -> None:
+        """Connect and say hello. ``timeout``: seconds per attempt; raises ServerUnavailableError after
+        ``retries`` + 1 silent attempts."""
+        self.timeout = timeout
+        self.retries = retries
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._link = _Link(self._ctx, endpoint or default_endpoint())
+        self._lock = threading.Lock()  # guards _sessions against the heartbeat thread
+        self._sessions: dict[int, Session] = {}
+        self._auto: collections.OrderedDict[tuple[int, int, str], Session] = collections.OrderedDict()
+        self._frames = itertools.count(1)
+        self._heartbeat: _Heartbeat | None = None
+        try:
+            self.info: Welcome = self.request(Hello(client=name[:64]), Welcome)
+        except BaseException:
+            self._link.close()
+            self._ctx.term()
+            raise
+        if heartbeat:
+            self._heartbeat = _Heartbeat(self._ctx, self._link.endpoint, self.info.heartbeat_ms / 1000,
+                                         self._session_ids)
+            self._heartbeat.start()
+
+    # --- properties and lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self._link.endpoint
+
+    @property
+    def model(self) -> str:
+        return self.info.model
+
+    @property
+    def scale(self) -> int:
+        return self.info.scale
+
+    @property
+    def device(self) -> str:
+        return self.info.device
+
+    def __enter__(self) -> UpscalerClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every session (briefly waiting for the daemon), stop heartbeats and release the sockets."""
+        for session in list(self._sessions.values()):
+            session.close()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        self._link.close()
+        if not self._ctx.closed:
+            self._ctx.term()
+
+    def _session_ids(self) -> list[int]:
+        with self._lock:
+            return list(self._sessions)
+
+    # --- requests ----------------------------------------------------------------------------------------------------
+
+    def request(self, msg: Message, expect: type[M], retries: int | None = None, timeout: float | None = None,
+                idempotent: bool = True) -> M:
+        """Send ``msg`` and return its reply of type ``expect``; an ``error`` reply raises the matching
+        UpscalerError subclass. Lazy Pirate: after ``timeout`` s of silence, reconnect (same routing id) and resend,
+        except that a non-``idempotent`` request is only resent when the daemon restarted meanwhile; while the same
+        daemon answers a ping, its late reply is awaited instead (a slow frame must not be computed twice)."""
+        retries = self.retries if retries is None else retries
+        timeout = self.timeout if timeout is None else timeout
+        req: int | None = None
+        for _ in range(retries + 1):
+            if req is None:
+                req = self._link.send(msg)
+            reply = self._link.wait(req, timeout)
+            if reply is not None:
+                return _expect(reply, expect)
+            self._link.reconnect()
+            if idempotent or not self._same_daemon(timeout):
+                self._link.forget(req)
+                req = None
+        raise ServerUnavailableError(f"no reply from the upscaler daemon at {self.endpoint} after {retries + 1} "
+                                     f"attempt(s) of {timeout:g} s; is it running (python -m upscaler_server)?")
+
+    def _same_daemon(self, timeout: float) -> bool:
+        """True when the daemon that said hello answers a ping (it is alive, just slow)."""
+        req = self._link.send(Ping(sessions=[]))
+        reply = self._link.wait(req, max(timeout, 1.0))  # a busy machine may answer a ping slowly
+        self._link.forget(req)
+        return isinstance(reply, Pong) and reply.instance == self.info.instance
+
+    def ping(self) -> float:
+        """Round-trip time of a ping, seconds."""
+        start = time.perf_counter()
+        self.request(Ping(sessions=[]), Pong)
+        return time.perf_counter() - start
+
+    def open_session(self, width: int, height: int, pixel_format: str = "RGB8", slots: int = 3) -> Session:
+        """Open a session for ``width`` x ``height`` frames in ``pixel_format`` with ``slots`` frames in flight."""
+        opened = self.request(Open(width=width, height=height, format=pixel_format, slots=slots), Opened)
+        try:
+            session = Session(self, opened)
+        except Exception:
+            with contextlib.suppress(UpscalerError):  # the segments failed us; the lease cleans up otherwise
+                self.request(Close(session=opened.session), Closed, retries=0)
+            raise
+        with self._lock:
+            self._sessions[session.id] = session
+        return session
+
+    def _forget(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.pop(session.id, None)
+        for key, cached in list(self._auto.items()):
+            if cached is session:
+                del self._auto[key]
+
+    def next_frame_id(self) -> int:
+        return next(self._frames)
+
+    # --- one-call upscaling ------------------------------------------------------------------------------------------
+
+    def upscale(self, frame: np.ndarray, pixel_format: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Upscale one (H, W, 3|4) uint8 frame through shared memory; returns ``out`` or a new (H*s, W*s, C) array.
+        ``pixel_format`` defaults to RGB8 / RGBA8 by channel count (say "BGRA8" or "BGR8" for those orders)."""
+        fmt = _format_of(frame, pixel_format)
+        key = (frame.shape[0], frame.shape[1], fmt)
+        for attempt in range(2):
+            session = self._auto_session(key)
+            try:
+                return session.upscale(frame, out)
+            except SessionLostError:  # daemon restarted or lease expired: reopen once
+                session.close(notify=False)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _auto_session(self, key: tuple[int, int, str]) -> Session:
+        if key in self._auto:
+            self._auto.move_to_end(key)
+            return self._auto[key]
+        if len(self._auto) >= _AUTO_SESSIONS:
+            self._auto.popitem(last=False)[1].close()
+        session = self.open_session(key[1], key[0], key[2], slots=1)
+        self._auto[key] = session
+        return session
+
+    def upscale_inline(self, frame: np.ndarray, pixel_format: str | None = None) -> np.ndarray:
+        """Upscale with the pixels inside the messages (no shared memory): for remote or sandboxed clients."""
+        fmt = _format_of(frame, pixel_format)
+        msg = Process(width=frame.shape[1], height=frame.shape[0], format=fmt, frame=self.next_frame_id(),
+                      pixels=memoryview(np.ascontiguousarray(frame)).cast("B"))
+        result = _retry_busy(lambda: self.request(msg, Result, idempotent=False), self.timeout)
+        return np.frombuffer(result.pixels, np.uint8).reshape(result.height, result.width, -1)
+
+
+class Session:
+    """A daemon session: input and output rings in shared memory, frames submitted by slot."""
+
+    def __init__(self, client: UpscalerClient, opened: Opened) -> None:
+        self._client = client
+        self.id = opened.session
+        self.width, self.height = opened.width, opened.height
+        self.out_width, self.out_height = opened.out_width, opened.out_height
+        self.pixel_format = opened.format
+        self.slots = opened.slots
+        channels = PIXEL_FORMATS[opened.format].channels
+        lay_in = RingLayout(opened.width, opened.height, channels, opened.slots)
+        lay_out = RingLayout(opened.out_width, opened.out_height, channels, opened.slots)
+        lay_in.check(opened.input)
+        lay_out.check(opened.output)
+        self._in = Ring.attach(opened.input.name, lay_in)
+        try:
+            self._out = Ring.attach(opened.output.name, lay_out)
+        except Exception:
+            self._in.close()
+            raise
+        self._inputs = [self._in.slot(i) for i in range(self.slots)]
+        self._outputs = [self._out.slot(i) for i in range(self.slots)]
+        self._outstanding: collections.deque[tuple[int, int, int]] = collections.deque()  # (req, slot, frame)
+        self._next_slot = 0
+        self.closed = False
+
+    def input(self, slot: int) -> np.ndarray:
+        """Writable (height, width, channels) view of input slot ``slot``: put the frame here, then submit."""
+        return self._inputs[slot]
+
+    def output(self, slot: int) -> np.ndarray:
+        """(out_height, out_width, channels) view of output slot ``slot``; read it after its frame is collected."""
+        return self._outputs[slot]
+
+    @property
+    def in_flight(self) -> list[int]:
+        """Slots submitted and not collected yet, oldest first."""
+        return [slot for _, slot, _ in self._outstanding]
+
+    def free_slot(self) -> int | None:
+        """A slot not in flight (round-robin), or None when all are."""
+        busy = set(self.in_flight)
+        for i in range(self.slots):
+            slot = (self._next_slot + i) % self.slots
+            if slot not in busy:
+                self._next_slot = slot + 1
+                return slot
+        return None
+
+    def submit(self, slot: int, frame: int | None = None) -> int:
+        """Ask the daemon to upscale input slot ``slot`` into output slot ``slot``; returns the frame id.
+        Does not wait: :meth:`collect` returns results in submission order."""
+        if self.closed:
+            raise SessionError(f"session {self.id} is closed", ErrorCode.UNKNOWN_SESSION)
+        if not 0 <= slot < self.slots:
+            raise SessionError(f"slot {slot} is out of range [0, {self.slots})", ErrorCode.SLOT_OUT_OF_RANGE)
+        if slot in self.in_flight:
+            raise SessionError(f"slot {slot} is still in flight; collect it first", ErrorCode.SLOT_IN_FLIGHT)
+        frame = self._client.next_frame_id() if frame is None else frame
+        req = self._client._link.send(Submit(session=self.id, slot=slot, frame=frame))
+        self._outstanding.append((req, slot, frame))
+        return frame
+
+    def collect(self, timeout: float | None = None) -> FrameResult:
+        """Wait for the oldest submitted frame. Raises BusyError if the daemon refused it (resubmit later),
+        SessionLostError if the session is gone, ServerUnavailableError if the daemon stays silent."""
+        if not self._outstanding:
+            raise SessionError(f"session {self.id} has no frame in flight", ErrorCode.SLOT_OUT_OF_RANGE)
+        req, slot, frame = self._outstanding[0]
+        link, timeout = self._client._link, timeout or self._client.timeout
+        for _ in range(self._client.retries + 1):
+            reply = link.wait(req, timeout)
+            if reply is not None:
+                self._outstanding.popleft()
+                done = _expect(reply, Done)
+                return FrameResult(self.id, slot, frame, done.timings, self._outputs[slot])
+            link.reconnect()  # same routing id: a late reply still reaches us
+            self._check_alive()
+        self._outstanding.popleft()
+        link.forget(req)
+        raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; is the daemon overloaded?")
+
+    def _check_alive(self) -> None:
+        pong = self._client.request(Ping(sessions=[self.id]), Pong)
+        if self.id not in pong.sessions or pong.instance != self._client.info.instance:
+            self._outstanding.clear()
+            raise SessionLostError(f"session {self.id} is gone (daemon restarted or lease expired)")
+
+    def upscale(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy ``frame`` into a free slot, upscale it and copy the result into ``out`` (default: a new array);
+        BUSY replies are retried for up to the client's timeout."""
+        if frame.shape != self._inputs[0].shape or frame.dtype != np.uint8:
+            raise SessionError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
+                               f"{self._inputs[0].shape} uint8", ErrorCode.INVALID_FIELD)
+        while self._outstanding:
+            self.collect()
+        slot = self.free_slot()
+        assert slot is not None
+        np.copyto(self._inputs[slot], frame)
+
+        def attempt() -> FrameResult:
+            self.submit(slot)
+            return self.collect()
+
+        result = _retry_busy(attempt, self._client.timeout).output
+        if out is None:
+            return np.array(result)
+        np.copyto(out, result)
+        return out
+
+    def close(self, notify: bool = True) -> None:
+        """Close the session (the daemon frees its memory) and unmap the rings; views taken earlier stay valid
+        only while they are referenced. ``notify=False`` skips telling the daemon (it already forgot us)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._client._forget(self)
+        if notify:
+            # Gone already, or the daemon is down: its lease or its restart cleans up.
+            with contextlib.suppress(ServerUnavailableError, SessionError, ProtocolError):
+                self._client.request(Close(session=self.id), Closed, retries=0, timeout=min(self._client.timeout, 1))
+        self._inputs.clear()
+        self._outputs.clear()
+        self._in.close()
+        self._out.close()
+
+
+def _expect(reply: Message, expect: type[M]) -> M:
+    if isinstance(reply, Error):
+        raise error_for_code(reply.code, reply.message)
+    if not isinstance(reply, expect):
+        raise ProtocolError(f"expected a {expect.TYPE} reply, got {reply.TYPE}", ErrorCode.MALFORMED)
+    return reply
+
+
+def _retry_busy(call: Callable[[], Any], timeout: float) -> Any:
+    """``call()``, retried with a growing pause while the daemon answers BUSY, for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            return call()
+        except BusyError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
+def _format_of(frame: np.ndarray, pixel_format: str | None) -> str:
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
+        raise ValueError(f"frames must be (H, W, 3|4) uint8 arrays, got {frame.shape} {frame.dtype}")
+    fmt = pixel_format or ("RGB8" if frame.shape[2] == 3 else "RGBA8")
+    if fmt not in PIXEL_FORMATS or PIXEL_FORMATS[fmt].channels != frame.shape[2]:
+        raise ValueError(f"pixel format {fmt!r} does not fit a {frame.shape[2]}-channel frame")
+    return fmt
+

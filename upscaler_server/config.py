@@ -1,0 +1,85 @@
+"""Daemon settings (one dataclass) and the default per-user endpoint. Torch-free: the client uses it too."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import stat
+from dataclasses import dataclass
+from typing import Literal
+
+from upscaler_server.errors import ConfigError
+
+__all__ = ["ENDPOINT_ENV", "Config", "default_endpoint", "runtime_dir"]
+
+# Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
+ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
+
+Device = Literal["auto", "cuda", "cpu"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Backend = Literal["torch", "nearest"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon needs; built by ``__main__`` from the command line."""
+
+    endpoint: str  # ZeroMQ endpoint the ROUTER binds: ipc://PATH or tcp://127.0.0.1:PORT
+    checkpoint: pathlib.Path | None = None  # student checkpoint; None with model=None: the bundled student
+    model: str | None = None  # registered architecture with random weights instead of a checkpoint (benchmarks)
+    backend: Backend = "torch"  # "nearest": nearest-neighbour copy, no model (transport benchmarks, tests)
+    scale: int = 2  # upscale factor of the nearest backend and of --model (a checkpoint knows its own)
+    device: Device = "auto"  # auto: CUDA when available, else CPU
+    precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    threads: int = 0  # CPU intra-op threads; 0: the cores this process may run on
+    cuda_graphs: bool = False  # capture one CUDA graph per resolution after warm-up
+    max_width: int = 3840  # largest low-resolution frame width
+    max_height: int = 2160  # largest low-resolution frame height
+    max_pixels: int = 3840 * 2160  # largest low-resolution width * height
+    max_slots: int = 8  # most slots per session
+    max_sessions: int = 64  # most open sessions across all clients
+    max_shm_bytes: int = 4 << 30  # shared memory all sessions may hold together
+    max_queue: int = 16  # frames waiting for the engine; more get a BUSY reply
+    lease_timeout: float = 10.0  # seconds without a message naming a session before it is closed
+    drain_timeout: float = 10.0  # seconds to let the in-flight frame finish at shutdown
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and self.model is not None:
+            raise ConfigError("give either --checkpoint or --model, not both")
+        positive = {"scale": self.scale, "max_width": self.max_width, "max_height": self.max_height,
+                    "max_pixels": self.max_pixels, "max_slots": self.max_slots, "max_sessions": self.max_sessions,
+                    "max_shm_bytes": self.max_shm_bytes, "max_queue": self.max_queue}
+        bad = [k for k, v in positive.items() if v < 1]
+        if max(self.max_width, self.max_height) > 65535 or self.max_slots > 64 or self.scale > 16:
+            bad.append("max_width/max_height <= 65535, max_slots <= 64, scale <= 16")
+        if max(self.max_sessions, self.max_queue) > 1 << 20:
+            bad.append("max_sessions/max_queue <= 1048576")
+        if bad or self.lease_timeout <= 0 or self.threads < 0 or self.drain_timeout < 0:
+            raise ConfigError(f"invalid settings {bad}: sizes, counts and the lease must be positive, threads >= 0")
+        if not self.endpoint.startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest message the daemon accepts: an inline 4-channel frame at the size limit plus headers."""
+        return self.max_pixels * 4 + 4096
+
+
+def runtime_dir() -> pathlib.Path:
+    """A directory only this user can enter: $XDG_RUNTIME_DIR/takdsr or /tmp/takdsr-$UID (created 0700)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = pathlib.Path(base) / "takdsr" if base else pathlib.Path(f"/tmp/takdsr-{os.getuid()}")
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:
+        raise ConfigError(f"cannot create the runtime directory {path}: {exc}") from exc
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise ConfigError(f"{path} must be a directory owned by uid {os.getuid()} with mode 0700; "
+                          "remove it or set XDG_RUNTIME_DIR")
+    return path
+
+
+def default_endpoint() -> str:
+    """$TAKDSR_UPSCALER_ENDPOINT, else ipc://<runtime_dir()>/upscaler.sock."""
+    return os.environ.get(ENDPOINT_ENV) or f"ipc://{runtime_dir() / 'upscaler.sock'}"

@@ -1,0 +1,360 @@
+"""Inference engine: uint8 frames in, uint8 frames out. Knows nothing of ZeroMQ or sessions.
+
+An :class:`Engine` upscales one (H, W, C) uint8 array in a pixel format into a caller-provided (H*s, W*s, C) array
+(typically a shared-memory slot). The uint8 <-> float conversion, channel order and alpha handling happen on the
+engine's device: ``x = u8 / 255`` in RGB order, ``out = round(clamp(y, 0, 1) * 255)`` written back in the frame's
+channel order, alpha upscaled by nearest neighbour (never through the model). Backends:
+
+- :class:`TorchEngine`: a ``models`` network, eager PyTorch, channels_last, under ``inference_mode``. CPU: a thread
+  count that fits the usable cores. CUDA: fp16/bf16, pinned staging buffers, its own stream, warm-up (cuDNN
+  autotune) per resolution and optionally one CUDA graph per resolution.
+
+Results are deterministic for a given device, precision and CPU thread count (oneDNN splits work by thread, so a
+different thread count may change the last bit of a float and, rarely, a rounded uint8 value).
+- :class:`NearestEngine`: nearest-neighbour copy, no model; measures transport alone (benchmarks, tests).
+
+Later backends (torch.compile, onnxruntime, TensorRT) subclass :class:`Engine` and implement ``upscale``.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from upscaler_server.config import Config
+from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
+from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
+
+__all__ = ["Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine", "create_engine", "load_network"]
+
+log = logging.getLogger("upscaler_server.engine")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_MAX_PLANS = 8  # resolutions whose CUDA buffers/graphs stay cached
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Seconds spent per stage on one frame."""
+
+    copy_in: float
+    infer: float
+    copy_out: float
+
+
+class Engine(abc.ABC):
+    """Upscales uint8 frames; subclasses set the attributes below and implement :meth:`upscale`."""
+
+    name: str  # model architecture, e.g. "rlfn_s"
+    scale: int
+    min_input_size: int  # smallest height and width accepted
+    device: str
+    precision: str
+    random_weights: bool  # True when the network was not loaded from a checkpoint
+    weights: str  # where the weights came from, for logs
+
+    def output_shape(self, height: int, width: int, fmt: PixelFormat) -> tuple[int, int, int]:
+        return height * self.scale, width * self.scale, fmt.channels
+
+    def prepare(self, height: int, width: int, fmt: PixelFormat) -> None:  # noqa: B027 - optional hook
+        """Warm up for a resolution (allocate buffers, autotune); a no-op unless the backend gains from it."""
+
+    @abc.abstractmethod
+    def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+        """Upscale ``lr`` (H, W, C) uint8 into ``out`` (H*s, W*s, C) uint8, both in ``fmt``."""
+
+    def run(self, lr: np.ndarray, fmt: PixelFormat | str | None = None) -> np.ndarray:
+        """Convenience: upscale into a new array. ``fmt`` defaults to RGB8 / RGBA8 by channel count."""
+        fmt = _format_for(lr, fmt)
+        out = np.empty(self.output_shape(lr.shape[0], lr.shape[1], fmt), np.uint8)
+        self.upscale(lr, fmt, out)
+        return out
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device resources."""
+
+    def check(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> None:
+        """Raise EngineError unless ``lr`` and ``out`` have the shapes, dtype and layout this engine needs."""
+        if lr.dtype != np.uint8 or lr.ndim != 3 or lr.shape[2] != fmt.channels:
+            raise EngineError(f"input must be (H, W, {fmt.channels}) uint8 for {fmt.name}, got {lr.shape} {lr.dtype}")
+        if min(lr.shape[:2]) < self.min_input_size:
+            raise EngineError(f"input {lr.shape[1]}x{lr.shape[0]} is smaller than the model's minimum "
+                              f"{self.min_input_size}x{self.min_input_size}")
+        expected = self.output_shape(lr.shape[0], lr.shape[1], fmt)
+        if out.dtype != np.uint8 or out.shape != expected or not out.flags.c_contiguous or not out.flags.writeable:
+            raise EngineError(f"output must be a writable C-contiguous {expected} uint8 array, got {out.shape}")
+
+
+def _format_for(lr: np.ndarray, fmt: PixelFormat | str | None) -> PixelFormat:
+    if isinstance(fmt, PixelFormat):
+        return fmt
+    name = fmt or ("RGBA8" if lr.ndim == 3 and lr.shape[2] == 4 else "RGB8")
+    if name not in PIXEL_FORMATS:
+        raise EngineError(f"unknown pixel format {name!r}; use one of {sorted(PIXEL_FORMATS)}")
+    return PIXEL_FORMATS[name]
+
+
+class NearestEngine(Engine):
+    """Nearest-neighbour upscale (OpenCV, SIMD): about the cost of writing the output once, no model at all."""
+
+    def __init__(self, scale: int = 2) -> None:
+        self.name, self.scale, self.min_input_size = "nearest", scale, 1
+        self.device, self.precision, self.random_weights = "cpu", "uint8", False
+        self.weights = "none (nearest-neighbour copy, transport tests only)"
+
+    def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+        self.check(lr, fmt, out)
+        start = time.perf_counter()
+        cv2.resize(lr, (out.shape[1], out.shape[0]), dst=out, interpolation=cv2.INTER_NEAREST_EXACT)
+        return StageTimes(0.0, time.perf_counter() - start, 0.0)
+
+
+def _to_model_input(src: torch.Tensor, fmt: PixelFormat, dtype: torch.dtype,
+                    memory_format: torch.memory_format) -> torch.Tensor:
+    """(H, W, C) uint8 in ``fmt`` -> (1, 3, H, W) RGB in [0, 1] of ``dtype``."""
+    chw = src.permute(2, 0, 1)  # (H, W, C) -> (C, H, W), a view
+    # stack of views, not chw[list]: list indexing copies an index tensor to the device, which breaks graph capture
+    rgb = chw[:3] if fmt.rgb == (0, 1, 2) else torch.stack([chw[i] for i in fmt.rgb])  # (3, H, W)
+    x = rgb.unsqueeze(0).to(torch.float32).div_(255.0)  # (1, 3, H, W); divide in fp32 so every path rounds alike
+    return x.to(dtype).contiguous(memory_format=memory_format)
+
+
+def _write_output(y: torch.Tensor, src: torch.Tensor, fmt: PixelFormat, scale: int, dst: torch.Tensor) -> None:
+    """Model output (1, 3, sH, sW) -> ``dst`` (sH, sW, C) uint8 in ``fmt``; alpha is ``src``'s, nearest-upscaled."""
+    q = y[0].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)  # (3, sH, sW)
+    d = dst.permute(2, 0, 1)  # (sH, sW, C) -> (C, sH, sW), a view on dst
+    for c, index in enumerate(fmt.rgb):
+        d[index].copy_(q[c])
+    if fmt.alpha is not None:
+        h, w = src.shape[0], src.shape[1]
+        a = src[:, :, fmt.alpha]  # (H, W)
+        # (sH, sW) -> (H, s, W, s): every LR alpha fills its s x s block
+        d[fmt.alpha].unflatten(0, (h, scale)).unflatten(2, (w, scale)).copy_(a[:, None, :, None].expand(h, scale, w,
+                                                                                                        scale))
+
+
+@dataclass
+class _CudaPlan:
+    """Static buffers (and optionally a graph) for one resolution and format on CUDA."""
+
+    fmt: PixelFormat
+    host_in: torch.Tensor  # pinned (H, W, C) uint8
+    dev_in: torch.Tensor
+    dev_out: torch.Tensor  # (sH, sW, C) uint8
+    host_out: torch.Tensor  # pinned
+    events: list[torch.cuda.Event]
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class TorchEngine(Engine):
+    """A PyTorch network from ``models`` on CPU or CUDA."""
+
+    def __init__(self, network: torch.nn.Module, *, name: str, device: str, precision: str, weights: str | None,
+                 threads: int = 0, cuda_graphs: bool = False) -> None:
+        """``weights``: the checkpoint path, or None for a randomly initialised network."""
+        self.name, self.device, self.precision = name, device, precision
+        self.random_weights = weights is None
+        self.weights = weights or "RANDOM (benchmarks only: output is noise)"
+        self.scale = int(network.scale)
+        self.min_input_size = int(getattr(network, "min_input_size", 1))
+        self._dtype = _DTYPES[precision]
+        self._cuda = device.startswith("cuda")
+        self._memory_format = torch.channels_last  # NHWC: faster on tensor cores and 2-3x faster with oneDNN on CPU
+        self._graphs = cuda_graphs and self._cuda
+        self._plans: collections.OrderedDict[tuple[int, int, str], _CudaPlan] = collections.OrderedDict()
+        if self._cuda:
+            torch.backends.cudnn.benchmark = True  # autotuned per resolution during warm-up
+            self._stream: torch.cuda.Stream | None = torch.cuda.Stream(device=device)
+        else:
+            self._stream = None
+            torch.set_num_threads(threads or _usable_cores())
+        self._net = network.eval().requires_grad_(False).to(device=device, dtype=self._dtype,
+                                                             memory_format=self._memory_format)
+
+    def _compute(self, src: torch.Tensor, fmt: PixelFormat, dst: torch.Tensor) -> None:
+        _write_output(self._net(_to_model_input(src, fmt, self._dtype, self._memory_format)), src, fmt, self.scale, dst)
+
+    def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+        self.check(lr, fmt, out)
+        try:
+            with torch.inference_mode():
+                return self._upscale_cuda(lr, fmt, out) if self._cuda else self._upscale_cpu(lr, fmt, out)
+        except (RuntimeError, ValueError) as exc:
+            raise EngineError(f"inference failed on a {lr.shape[1]}x{lr.shape[0]} {fmt.name} frame: {exc}") from exc
+
+    def _upscale_cpu(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+        t0 = time.perf_counter()
+        src = torch.from_numpy(lr if lr.flags.writeable else lr.copy())  # torch warns on read-only buffers
+        x = _to_model_input(src, fmt, self._dtype, self._memory_format)
+        t1 = time.perf_counter()
+        y = self._net(x)  # (1, 3, H, W) -> (1, 3, sH, sW)
+        t2 = time.perf_counter()
+        _write_output(y, src, fmt, self.scale, torch.from_numpy(out))
+        return StageTimes(t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    def prepare(self, height: int, width: int, fmt: PixelFormat) -> None:
+        if self._cuda:
+            with torch.inference_mode():
+                self._plan(height, width, fmt)
+
+    def _plan(self, height: int, width: int, fmt: PixelFormat) -> _CudaPlan:
+        key = (height, width, fmt.name)
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.popitem(last=False)
+        out_shape = self.output_shape(height, width, fmt)
+        plan = _CudaPlan(
+            fmt=fmt,
+            host_in=torch.empty((height, width, fmt.channels), dtype=torch.uint8, pin_memory=True),
+            dev_in=torch.zeros((height, width, fmt.channels), dtype=torch.uint8, device=self.device),
+            dev_out=torch.empty(out_shape, dtype=torch.uint8, device=self.device),
+            host_out=torch.empty(out_shape, dtype=torch.uint8, pin_memory=True),
+            events=[torch.cuda.Event(enable_timing=True) for _ in range(4)],
+        )
+        self._warm_up(plan)
+        self._plans[key] = plan
+        return plan
+
+    def _warm_up(self, plan: _CudaPlan) -> None:
+        assert self._stream is not None
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            for _ in range(3):  # first runs pick cuDNN algorithms for this shape
+                self._compute(plan.dev_in, plan.fmt, plan.dev_out)
+        self._stream.synchronize()
+        if not self._graphs:
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._compute(plan.dev_in, plan.fmt, plan.dev_out)
+            plan.graph = graph
+        except RuntimeError as exc:  # e.g. an op that cannot be captured: stay eager for this shape
+            log.warning("CUDA graph capture failed for %s, running eagerly: %s", tuple(plan.dev_in.shape), exc)
+
+    def _upscale_cuda(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+        assert self._stream is not None
+        plan = self._plan(lr.shape[0], lr.shape[1], fmt)
+        t0 = time.perf_counter()
+        np.copyto(plan.host_in.numpy(), lr)
+        t1 = time.perf_counter()
+        e0, e1, e2, e3 = plan.events
+        with torch.cuda.stream(self._stream):
+            e0.record(self._stream)
+            plan.dev_in.copy_(plan.host_in, non_blocking=True)
+            e1.record(self._stream)
+            if plan.graph is not None:
+                plan.graph.replay()
+            else:
+                self._compute(plan.dev_in, fmt, plan.dev_out)
+            e2.record(self._stream)
+            plan.host_out.copy_(plan.dev_out, non_blocking=True)
+            e3.record(self._stream)
+        e3.synchronize()
+        t2 = time.perf_counter()
+        np.copyto(out, plan.host_out.numpy())
+        t3 = time.perf_counter()
+        return StageTimes(t1 - t0 + e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3,
+                          e2.elapsed_time(e3) / 1e3 + t3 - t2)
+
+    def close(self) -> None:
+        self._plans.clear()
+        if self._cuda:
+            torch.cuda.empty_cache()
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        return "cuda:0"
+    return "cpu"
+
+
+def _resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "fp16" if device.startswith("cuda") else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("fp16 needs CUDA; use --precision fp32 or bf16 on CPU")
+    if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use --precision fp16")
+    return precision
+
+
+def load_network(checkpoint: pathlib.Path | None, model: str | None,
+                 scale: int) -> tuple[torch.nn.Module, str, str | None]:
+    """(network, architecture name, checkpoint path or None for random weights) from a checkpoint, the bundled
+    student (both None) or a registered model name."""
+    try:
+        import models
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import the models package: {exc}") from exc
+    if model is not None:
+        if model not in models.list_models():
+            raise ModelLoadError(f"unknown model {model!r}; registered: {', '.join(models.list_models())}")
+        return _decoder(models.build_model(model, scale=scale), model), model, None
+    path = pathlib.Path(checkpoint) if checkpoint is not None else pathlib.Path(models.DEFAULT_STUDENT_PATH)
+    if not path.is_file():
+        hint = "" if checkpoint is not None else " (the bundled student has not shipped yet)"
+        raise ModelLoadError(f"checkpoint {path} not found{hint}; pass --checkpoint PATH, or --model NAME to run "
+                             "a registered model with random weights")
+    try:
+        ckpt = models.load_checkpoint(path, device="cpu")
+    except (models.CheckpointError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load checkpoint {path}: {exc}") from exc
+    value_range = list(ckpt.metadata.get("value_range", [0.0, 1.0]))
+    if value_range != [0.0, 1.0]:
+        raise ModelLoadError(f"checkpoint {path} expects values in {value_range}; the engine feeds [0, 1]")
+    return _decoder(ckpt.model, str(path)), str(ckpt.metadata.get("arch", type(ckpt.model).__name__)), str(path)
+
+
+def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:
+    import models
+
+    if not isinstance(network, models.SRDecoder):  # a teacher's forward needs the HR frame it is meant to produce
+        raise ModelLoadError(f"{source} is a {type(network).__name__}, not an LR -> HR decoder; serve a student, "
+                             "TA or backbone (e.g. rlfn_s)")
+    return network
+
+
+def build_engine(config: Config) -> Engine:
+    """The engine the daemon's ``config`` asks for; raises ModelLoadError or ConfigError (exit non-zero)."""
+    return create_engine(checkpoint=config.checkpoint, model=config.model, backend=config.backend,
+                         scale=config.scale, device=config.device, precision=config.precision, threads=config.threads,
+                         cuda_graphs=config.cuda_graphs)
+
+
+def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None = None, backend: str = "torch",
+                  scale: int = 2, device: str = "auto", precision: str = "auto", threads: int = 0,
+                  cuda_graphs: bool = False) -> Engine:
+    """An engine from explicit settings (the offline CLI and tests use this; see Config for their meaning)."""
+    if backend == "nearest":
+        return NearestEngine(scale)
+    if backend != "torch":
+        raise ConfigError(f"unknown backend {backend!r}; use torch or nearest")
+    resolved = _resolve_device(device)
+    network, name, weights = load_network(checkpoint, model, scale)
+    if weights is None:
+        log.warning("model %s runs with RANDOM weights: output is noise, for benchmarks and tests only", name)
+    return TorchEngine(network, name=name, device=resolved, precision=_resolve_precision(precision, resolved),
+                       weights=weights, threads=threads, cuda_graphs=cuda_graphs)

@@ -1,0 +1,142 @@
+"""Frame jobs, a bounded round-robin queue across sessions, and the engine's worker thread.
+
+The transport thread puts jobs; one worker thread takes them, runs the engine and hands each finished job back
+through a callback. Fairness: each session (or inline client) has its own FIFO and the worker serves the FIFOs in
+turn, so one client with many slots in flight cannot starve another.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from upscaler_server.engine import Engine, StageTimes
+from upscaler_server.errors import BusyError, ErrorCode, UpscalerError
+from upscaler_server.protocol import PixelFormat
+from upscaler_server.sessions import Session
+
+__all__ = ["FairQueue", "Job", "Worker"]
+
+log = logging.getLogger("upscaler_server.scheduler")
+
+
+@dataclass(eq=False)
+class Job:
+    """One frame (or a warm-up: no pixels, no reply) and where its reply goes."""
+
+    envelope: list[bytes]  # ZeroMQ routing frames of the requester
+    req: int
+    frame: int
+    fmt: PixelFormat
+    height: int
+    width: int
+    received: float  # perf_counter() when the request arrived
+    lr: np.ndarray | None = None
+    out: np.ndarray | None = None
+    session: Session | None = None  # None: an inline (process) frame
+    slot: int = 0
+    warmup: bool = False  # prepare the engine for this size and format; lr and out are None
+    started: float = 0.0
+    times: StageTimes | None = None
+    error: tuple[ErrorCode, str] | None = None  # code and message only: a traceback would pin the slot views
+
+    def drop_buffers(self) -> None:
+        self.lr = self.out = None
+
+
+class FairQueue:
+    """Queue of jobs keyed by session, bounded to ``capacity`` frames (warm-ups are not counted: they hold no
+    pixels); :meth:`get` serves the keys round-robin. Thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._fifos: collections.OrderedDict[Hashable, collections.deque[Job]] = collections.OrderedDict()
+        self._count = 0  # frames queued, warm-ups excluded
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        """Frames waiting (warm-ups excluded)."""
+        with self._cond:
+            return self._count
+
+    def put(self, key: Hashable, job: Job) -> None:
+        """Queue ``job``; BusyError when ``capacity`` frames already wait."""
+        with self._cond:
+            if self._closed:
+                raise UpscalerError("the daemon is shutting down", ErrorCode.SHUTTING_DOWN)
+            if self._count >= self._capacity and not job.warmup:
+                raise BusyError(f"{self._count} frames are queued (limit {self._capacity}); retry in a few ms or "
+                                "keep fewer frames in flight")
+            self._fifos.setdefault(key, collections.deque()).append(job)
+            self._count += not job.warmup
+            self._cond.notify()
+
+    def get(self) -> Job | None:
+        """Next job, blocking; None once the queue is closed."""
+        with self._cond:
+            while not self._fifos and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            key, fifo = next(iter(self._fifos.items()))
+            job = fifo.popleft()
+            self._count -= not job.warmup
+            if fifo:
+                self._fifos.move_to_end(key)  # the next key gets the next turn
+            else:
+                del self._fifos[key]
+            return job
+
+    def drop(self, key: Hashable) -> list[Job]:
+        """Remove and return the queued jobs of ``key`` (a session that ended)."""
+        with self._cond:
+            jobs = list(self._fifos.pop(key, ()))
+            self._count -= sum(not job.warmup for job in jobs)
+            return jobs
+
+    def close(self) -> list[Job]:
+        """Refuse new jobs, wake the worker, and return every job that was still queued."""
+        with self._cond:
+            self._closed = True
+            jobs = [job for fifo in self._fifos.values() for job in fifo]
+            self._fifos.clear()
+            self._count = 0
+            self._cond.notify_all()
+            return jobs
+
+
+class Worker(threading.Thread):
+    """Runs the engine on queued jobs until the queue closes; ``finished`` gets each job back (any thread)."""
+
+    def __init__(self, engine: Engine, queue: FairQueue, finished: Callable[[Job], None]) -> None:
+        super().__init__(name="upscaler-engine", daemon=True)  # daemon: a forced stop must not wait for a frame
+        self._engine = engine
+        self._queue = queue
+        self._finished = finished
+
+    def run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            job.started = time.perf_counter()
+            self._run_one(job)
+            self._finished(job)
+            del job  # the transport thread drops the slot views; hold none here
+
+    def _run_one(self, job: Job) -> None:
+        try:
+            if job.warmup:
+                self._engine.prepare(job.height, job.width, job.fmt)
+            else:
+                assert job.lr is not None and job.out is not None
+                job.times = self._engine.upscale(job.lr, job.fmt, job.out)
+        except UpscalerError as exc:
+            job.error = (exc.code, str(exc))
+        except Exception as exc:  # a bug or an unexpected backend error must not kill the worker
+            log.exception("engine failed on a %dx%d frame", job.width, job.height)
+            job.error = (ErrorCode.INFERENCE_ERROR, f"inference failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,382 @@
+"""The daemon's transport: a ZeroMQ ROUTER socket, message dispatch, sessions, leases and shutdown.
+
+One thread (the caller of :meth:`Server.serve`) owns the socket and the sessions; a :class:`Worker` thread runs the
+engine. Finished jobs come back through a queue plus a byte on a pipe that the socket poller also watches. Every
+client mistake becomes an ``error`` reply and the loop carries on. Shutdown (after :meth:`Server.request_stop`, which
+is safe to call from a signal handler): stop reading requests, drop queued frames, finish the running frame unless
+forced, close the socket (linger 0), unlink all shared memory, terminate the context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import queue
+import secrets
+import stat
+import time
+from collections.abc import Callable
+
+import numpy as np
+import zmq
+
+from upscaler_server import __version__
+from upscaler_server.config import Config
+from upscaler_server.engine import Engine
+from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, SessionError, UpscalerError
+from upscaler_server.protocol import (
+    PIXEL_FORMATS,
+    VERSION,
+    Close,
+    Closed,
+    Done,
+    Error,
+    Hello,
+    Message,
+    Open,
+    Ping,
+    Pong,
+    Process,
+    Result,
+    Submit,
+    Timings,
+    Welcome,
+    decode,
+    encode,
+)
+from upscaler_server.scheduler import FairQueue, Job, Worker
+from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
+from upscaler_server.shm import remove_stale_segments
+
+__all__ = ["Server"]
+
+log = logging.getLogger("upscaler_server")
+
+_POLL_MS = 100  # longest wait before the loop checks flags and leases again
+_BURST = 64  # messages read per poll round before finished frames get their turn
+
+
+class Server:
+    """Serves ``engine`` on ``config.endpoint`` until :meth:`request_stop`."""
+
+    def __init__(self, config: Config, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.instance = secrets.token_hex(8)
+        self._ctx = zmq.Context()
+        self._router: zmq.Socket[bytes] | None = None
+        self._sessions = SessionTable(config, engine.scale, engine.min_input_size)
+        self._draining: set[Session] = set()  # ended sessions whose frame is still on the engine
+        self._queue = FairQueue(config.max_queue)
+        self._finished: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._worker = Worker(engine, self._queue, self._on_finished)
+        self._stopping = False
+        self._forced = False
+        self._handlers: dict[type[Message], Callable[[Message, list[bytes], float], Message | None]] = {
+            Hello: self._on_hello, Open: self._on_open, Submit: self._on_submit, Process: self._on_process,
+            Close: self._on_close, Ping: self._on_ping,
+        }
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop; a second call forces (the running frame is not awaited). Signal-handler safe."""
+        self._forced = self._stopping
+        self._stopping = True
+        self._wake()
+
+    def serve(self) -> None:
+        """Bind, log the ready line, serve until stopped, then shut down in order. ConfigError if binding fails."""
+        removed = remove_stale_segments()
+        if removed:
+            log.info("removed %d stale shared-memory segment(s) of dead daemons: %s", len(removed), ", ".join(removed))
+        try:
+            self._router = self._bind()
+            self._worker.start()
+            log.info("upscaler ready: endpoint=%s model=%s scale=%d device=%s precision=%s weights=%s pid=%d",
+                     self.config.endpoint, self.engine.name, self.engine.scale, self.engine.device,
+                     self.engine.precision, self.engine.weights, os.getpid())
+            self._loop(self._router)
+        finally:
+            self._shutdown()
+
+    def _bind(self) -> zmq.Socket[bytes]:
+        endpoint = self.config.endpoint
+        if endpoint.startswith("ipc://") and _ipc_in_use(self._ctx, endpoint):
+            raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint")
+        router = self._ctx.socket(zmq.ROUTER)
+        router.linger = 0
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its routing id takes over
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        try:
+            router.bind(endpoint)
+        except zmq.ZMQError as exc:
+            router.close(linger=0)
+            raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
+        if endpoint.startswith("ipc://"):
+            os.chmod(endpoint[len("ipc://"):], 0o600)
+        return router
+
+    def _loop(self, router: zmq.Socket[bytes]) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_reap = 0.0
+        while not self._stopping:
+            events = dict(poller.poll(_POLL_MS))
+            if router in events:
+                self._read_requests(router)
+            if self._wake_r in events:
+                self._drain_wake()
+            self._deliver_finished()
+            now = time.monotonic()
+            if now >= next_reap:
+                self._reap(now)
+                next_reap = now + min(0.1, self.config.lease_timeout / 4)
+
+    def _shutdown(self) -> None:
+        log.info("stopping: %d session(s), %d queued frame(s)", len(self._sessions), len(self._queue))
+        for job in self._queue.close():
+            self._release_job(job)
+            if not job.warmup:
+                self._reply(job.envelope, _error(job.req, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down"))
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self._worker.is_alive() and not self._forced and time.monotonic() < deadline:
+            self._worker.join(0.05)
+        self._deliver_finished()
+        worker_done = not self._worker.is_alive()
+        if self._router is not None:
+            self._close_router(self._router)
+        for session in self._sessions.all():
+            self._sessions.remove(session.id)
+            self._draining.add(session)
+        for session in self._draining:
+            session.unlink()
+            if worker_done:
+                session.release()
+        self._draining.clear()
+        if worker_done:  # a running worker may still use the engine and the pipe: leave them to process exit
+            self.engine.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        self._ctx.term()
+        log.info("stopped" if worker_done else "stopped without waiting for the running frame (forced)")
+
+    @property
+    def worker_running(self) -> bool:
+        """True after a forced stop left the engine thread busy: the process must exit without finalisation
+        (``os._exit``), since tearing down the interpreter under a running torch kernel aborts."""
+        return self._worker.is_alive()
+
+    def _close_router(self, router: zmq.Socket[bytes]) -> None:
+        router.close(linger=0)
+        if self.config.endpoint.startswith("ipc://"):  # libzmq leaves the socket file behind
+            path = pathlib.Path(self.config.endpoint[len("ipc://"):])
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe already guarantees a wake-up
+            os.write(self._wake_w, b"\0")
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # --- requests ----------------------------------------------------------------------------------------------------
+
+    def _read_requests(self, router: zmq.Socket[bytes]) -> None:
+        for _ in range(_BURST):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle([f.bytes for f in frames[:-1]], frames[-1].buffer)
+
+    def _handle(self, envelope: list[bytes], payload: memoryview) -> None:
+        received = time.perf_counter()
+        if not (len(envelope) == 1 or (len(envelope) == 2 and envelope[1] == b"")):
+            self._reply(envelope[:1], _error(0, ErrorCode.MALFORMED, "a request is one frame (DEALER) or an empty "
+                                                                     "delimiter frame and one frame (REQ)"))
+            return
+        req = 0
+        try:
+            msg = decode(payload, "request", max_bin=self.config.max_message_bytes)
+            req = msg.req
+            reply = self._handlers[type(msg)](msg, envelope, received)
+        except ProtocolError as exc:
+            reply = _error(exc.req, exc.code, str(exc))
+        except UpscalerError as exc:
+            reply = _error(req, exc.code, str(exc))
+        except Exception as exc:  # a daemon bug: report it, keep serving
+            log.exception("internal error on a request from %s", envelope[0].hex()[:8])
+            reply = _error(req, ErrorCode.INTERNAL, f"internal error ({type(exc).__name__}); see the daemon log")
+        if reply is not None:
+            self._reply(envelope, reply)
+
+    def _on_hello(self, msg: Message, envelope: list[bytes], received: float) -> Message:
+        assert isinstance(msg, Hello)
+        log.info("hello from %r (%s)", msg.client, envelope[0].hex()[:8])
+        cfg, eng = self.config, self.engine
+        return Welcome(req=msg.req, server=f"takdsr-upscaler/{__version__}", instance=self.instance,
+                       versions=[VERSION], model=eng.name, scale=eng.scale, device=eng.device,
+                       precision=eng.precision, random_weights=eng.random_weights, formats=sorted(PIXEL_FORMATS),
+                       min_size=eng.min_input_size, max_width=cfg.max_width, max_height=cfg.max_height,
+                       max_pixels=cfg.max_pixels, max_slots=cfg.max_slots, max_sessions=cfg.max_sessions,
+                       max_queue=cfg.max_queue, lease_ms=int(cfg.lease_timeout * 1000),
+                       heartbeat_ms=max(1, int(cfg.lease_timeout * 1000 / 4)))
+
+    def _on_open(self, msg: Message, envelope: list[bytes], received: float) -> Message:
+        assert isinstance(msg, Open)
+        session = self._sessions.open(msg, envelope[0].hex()[:8])
+        # Warm-up runs ahead of the session's first frame, off the transport thread.
+        self._queue.put(session.id, Job(envelope, msg.req, 0, session.fmt, msg.height, msg.width, received,
+                                        session=session, warmup=True))
+        session.pending += 1
+        log.info("session %d opened by %s: %dx%d %s, %d slot(s)", session.id, session.client, msg.width, msg.height,
+                 msg.format, msg.slots)
+        return session.opened(msg.req)
+
+    def _on_submit(self, msg: Message, envelope: list[bytes], received: float) -> None:
+        assert isinstance(msg, Submit)
+        session = self._sessions.get(msg.session)
+        session.touch()
+        if msg.slot >= session.slots:
+            raise SessionError(f"slot {msg.slot} is out of range: session {session.id} has {session.slots} slot(s)",
+                                ErrorCode.SLOT_OUT_OF_RANGE)
+        if msg.slot in session.in_flight:
+            raise SessionError(f"slot {msg.slot} of session {session.id} is still in flight; wait for its done "
+                                "reply before submitting it again", ErrorCode.SLOT_IN_FLIGHT)
+        job = Job(envelope, msg.req, msg.frame, session.fmt, session.height, session.width, received,
+                  lr=session.input.slot(msg.slot), out=session.output.slot(msg.slot), session=session, slot=msg.slot)
+        self._queue.put(session.id, job)
+        session.in_flight.add(msg.slot)
+        session.pending += 1
+
+    def _on_process(self, msg: Message, envelope: list[bytes], received: float) -> None:
+        assert isinstance(msg, Process)
+        fmt = pixel_format(msg.format)
+        check_frame_size(self.config, self.engine.min_input_size, msg.width, msg.height)
+        expected = msg.width * msg.height * fmt.channels
+        if len(msg.pixels) != expected:
+            raise ProtocolError(f"pixels has {len(msg.pixels)} bytes; {msg.width}x{msg.height} {fmt.name} needs "
+                                f"{expected}", ErrorCode.INVALID_FIELD, msg.req)
+        lr = np.frombuffer(msg.pixels, np.uint8).reshape(msg.height, msg.width, fmt.channels)
+        out = np.empty(self.engine.output_shape(msg.height, msg.width, fmt), np.uint8)
+        job = Job(envelope, msg.req, msg.frame, fmt, msg.height, msg.width, received, lr=lr, out=out)
+        self._queue.put(("inline", envelope[0]), job)
+
+    def _on_close(self, msg: Message, envelope: list[bytes], received: float) -> Message:
+        assert isinstance(msg, Close)
+        self._end_session(self._sessions.get(msg.session), "closed by its client")
+        return Closed(req=msg.req, session=msg.session)
+
+    def _on_ping(self, msg: Message, envelope: list[bytes], received: float) -> Message:
+        assert isinstance(msg, Ping)
+        alive = [s for s in dict.fromkeys(msg.sessions) if s in self._sessions]
+        now = time.monotonic()
+        for session_id in alive:
+            self._sessions.get(session_id).touch(now)
+        return Pong(req=msg.req, sessions=alive, instance=self.instance)
+
+    # --- sessions and finished frames --------------------------------------------------------------------------------
+
+    def _end_session(self, session: Session, reason: str) -> None:
+        self._sessions.remove(session.id)
+        for job in self._queue.drop(session.id):
+            self._release_job(job)
+        log.info("session %d ended: %s", session.id, reason)
+        if session.pending == 0:
+            session.release()
+        else:
+            self._draining.add(session)
+
+    def _reap(self, now: float) -> None:
+        for session in self._sessions.expired(now):
+            self._end_session(session, f"lease expired (no message for {self.config.lease_timeout:g} s)")
+
+    def _release_job(self, job: Job) -> None:
+        """Forget a job that will never run or whose result was delivered; unmap its session if it was the last."""
+        job.drop_buffers()
+        session = job.session
+        if session is None:
+            return
+        session.pending -= 1
+        session.touch()  # the lease runs from the last finished frame: a slow frame never expires its session
+        if not job.warmup:
+            session.in_flight.discard(job.slot)
+        if session.ended and session.pending == 0 and session in self._draining:
+            self._draining.discard(session)
+            session.release()
+
+    def _on_finished(self, job: Job) -> None:
+        """Worker thread: hand the job to the transport thread."""
+        self._finished.put(job)
+        self._wake()
+
+    def _deliver_finished(self) -> None:
+        while True:
+            try:
+                job = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            if job.warmup and job.error is not None:
+                log.warning("warm-up failed for %dx%d %s: %s", job.width, job.height, job.fmt.name, job.error[1])
+            wanted = not job.warmup and not (job.session is not None and job.session.ended)
+            reply = self._result_reply(job) if wanted else None
+            self._release_job(job)
+            if reply is not None:
+                self._reply(job.envelope, reply)
+
+    def _result_reply(self, job: Job) -> Message:
+        if job.error is not None:
+            return _error(job.req, job.error[0], job.error[1])
+        times = job.times
+        assert times is not None
+        timings = Timings(queue_us=_us(job.started - job.received), copy_in_us=_us(times.copy_in),
+                          infer_us=_us(times.infer), copy_out_us=_us(times.copy_out),
+                          total_us=_us(time.perf_counter() - job.received))
+        if job.session is not None:
+            return Done(req=job.req, session=job.session.id, slot=job.slot, frame=job.frame, timings=timings)
+        assert job.out is not None
+        return Result(req=job.req, frame=job.frame, width=job.out.shape[1], height=job.out.shape[0],
+                      format=job.fmt.name, pixels=memoryview(job.out).cast("B"), timings=timings)
+
+    def _reply(self, envelope: list[bytes], reply: Message) -> None:
+        if self._router is None or self._router.closed:
+            return
+        try:
+            self._router.send_multipart([*envelope, encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone or its queue full: its loss, never block the daemon
+            log.debug("reply to %s dropped: %s", envelope[0].hex()[:8], exc)
+
+
+def _error(req: int, code: ErrorCode, message: str) -> Error:
+    return Error(req=req, code=int(code), name=code.name, message=message[:1024])
+
+
+def _us(seconds: float) -> int:
+    return max(0, round(seconds * 1e6))
+
+
+def _ipc_in_use(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> bool:
+    """True when a live daemon answers a ping on ``endpoint`` (binding would steal its socket file)."""
+    if not pathlib.Path(endpoint[len("ipc://"):]).exists():
+        return False
+    probe = ctx.socket(zmq.DEALER)
+    probe.linger = 0
+    try:
+        probe.connect(endpoint)
+        probe.send(encode(Ping(req=0, sessions=[])))
+        return bool(probe.poll(500, zmq.POLLIN))
+    finally:
+        probe.close(linger=0)

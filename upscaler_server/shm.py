@@ -1,0 +1,209 @@
+"""POSIX shared-memory rings of frame slots, their naming, and removal of segments left by dead daemons.
+
+Only the daemon creates and unlinks segments. Names are ``/takdsr-<uid>-<pid>-<session as 8 hex digits>-<in|out>``:
+the pid of the owning daemon tells a later daemon whether the owner is still alive. Torch-free (the client uses it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import sys
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+from upscaler_server.errors import SharedMemoryError
+from upscaler_server.protocol import Segment
+
+__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "remove_stale_segments", "segment_name"]
+
+log = logging.getLogger("upscaler_server.shm")
+
+SLOT_ALIGN = 4096  # slot starts are page-aligned so a slot can be mapped, DMA'd or pinned on its own
+SHM_DIR = pathlib.Path("/dev/shm")  # where Linux exposes POSIX shared memory; absent elsewhere (no stale scan)
+_PREFIX = "takdsr"
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Byte layout of a ring: ``slots`` frames of height x width x channels uint8, tightly packed rows."""
+
+    width: int
+    height: int
+    channels: int
+    slots: int
+
+    @property
+    def row_stride(self) -> int:
+        return self.width * self.channels
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.row_stride * self.height
+
+    @property
+    def slot_stride(self) -> int:
+        return -(-self.slot_bytes // SLOT_ALIGN) * SLOT_ALIGN
+
+    @property
+    def size(self) -> int:
+        return self.slot_stride * self.slots
+
+    def segment(self, name: str) -> Segment:
+        """The wire description of a segment with this layout."""
+        return Segment(name=name, size=self.size, slot_stride=self.slot_stride, slot_bytes=self.slot_bytes,
+                       row_stride=self.row_stride)
+
+    def check(self, seg: Segment) -> None:
+        """Raise SharedMemoryError when ``seg`` (from the daemon) disagrees with this layout."""
+        if self.segment(seg.name) != seg:
+            raise SharedMemoryError(f"segment {seg.name} layout {seg} does not match the expected {self}")
+
+
+def segment_name(pid: int, session: int, kind: str) -> str:
+    """Wire name (leading slash) of a session's ``kind`` ("in" or "out") segment owned by daemon ``pid``."""
+    return f"/{_PREFIX}-{os.getuid()}-{pid}-{session:08x}-{kind}"
+
+
+class Ring:
+    """A mapped segment holding a ring of frame slots; ``owner`` rings were created here and may be unlinked."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, layout: RingLayout, owner: bool) -> None:
+        self._shm: shared_memory.SharedMemory | None = shm
+        self.layout = layout
+        self.owner = owner
+        self.name = "/" + shm.name.lstrip("/")
+        self._unlinked = False
+
+    @classmethod
+    def create(cls, name: str, layout: RingLayout) -> Ring:
+        """Create a new 0600 segment (fails if the name exists) with its pages reserved up front."""
+        _check_space(layout.size)
+        try:
+            shm = shared_memory.SharedMemory(name=name.lstrip("/"), create=True, size=layout.size)
+        except OSError as exc:
+            raise SharedMemoryError(f"cannot create shared memory {name} ({layout.size} bytes): {exc}") from exc
+        ring = cls(shm, layout, owner=True)
+        try:
+            _reserve(name, layout.size)
+        except SharedMemoryError:
+            ring.unlink()
+            ring.close()
+            raise
+        return ring
+
+    @classmethod
+    def attach(cls, name: str, layout: RingLayout) -> Ring:
+        """Map an existing segment without letting Python's resource tracker unlink it at our exit."""
+        try:
+            shm = _attach_untracked(name.lstrip("/"))
+        except OSError as exc:
+            raise SharedMemoryError(f"cannot attach shared memory {name}: {exc}; is the daemon still running?") \
+                from exc
+        if shm.size < layout.size:
+            shm.close()
+            raise SharedMemoryError(f"shared memory {name} has {shm.size} bytes, expected {layout.size}")
+        return cls(shm, layout, owner=False)
+
+    def slot(self, index: int) -> np.ndarray:
+        """Zero-copy (height, width, channels) uint8 view of slot ``index``; drop it before :meth:`close`."""
+        if self._shm is None:
+            raise SharedMemoryError(f"shared memory {self.name} is closed")
+        if not 0 <= index < self.layout.slots:
+            raise IndexError(f"slot {index} out of range [0, {self.layout.slots})")
+        lay = self.layout
+        return np.ndarray((lay.height, lay.width, lay.channels), np.uint8, self._shm.buf, index * lay.slot_stride)
+
+    def unlink(self) -> None:
+        """Remove the name (owner only, idempotent); the mapping stays valid until :meth:`close`."""
+        if not self.owner or self._unlinked or self._shm is None:
+            return
+        self._unlinked = True
+        try:
+            self._shm.unlink()  # also unregisters it from the resource tracker: no second unlink at exit
+        except FileNotFoundError:
+            log.warning("shared memory %s was already removed by someone else", self.name)
+
+    def close(self) -> bool:
+        """Unmap; False while numpy views of a slot are still alive (the mapping then goes with the last view)."""
+        if self._shm is None:
+            return True
+        try:
+            self._shm.close()
+        except BufferError:
+            return False
+        self._shm = None
+        return True
+
+
+def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
+    shm = shared_memory.SharedMemory(name=name)
+    # Python < 3.13 registers attached segments too and would unlink the daemon's segment when this process exits.
+    resource_tracker.unregister("/" + name, "shared_memory")  # type: ignore[attr-defined,unused-ignore]
+    return shm
+
+
+def _check_space(size: int) -> None:
+    if not SHM_DIR.is_dir():
+        return
+    st = os.statvfs(SHM_DIR)
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise SharedMemoryError(f"{SHM_DIR} has {free} bytes free, a session needs {size}: close sessions, use "
+                                "fewer slots or a smaller frame, or enlarge the tmpfs")
+
+
+def _reserve(name: str, size: int) -> None:
+    """Allocate the pages now: tmpfs would otherwise fail later with SIGBUS when the daemon first writes."""
+    path = SHM_DIR / name.lstrip("/")
+    if not hasattr(os, "posix_fallocate") or not path.exists():
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        raise SharedMemoryError(f"cannot reserve {size} bytes for {name}: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an unreaped zombie still answers kill(0) but will never clean up
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
+    """Unlink this user's daemon segments whose owner pid is dead (or is this very process, which owns none yet)."""
+    if not shm_dir.is_dir():
+        return []
+    pattern = re.compile(rf"^{_PREFIX}-{os.getuid()}-(\d+)-[0-9a-f]{{8}}-(in|out)$")
+    removed = []
+    for entry in os.scandir(shm_dir):
+        match = pattern.match(entry.name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(entry.name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove stale shared memory %s: %s", entry.path, exc)
+    return removed

@@ -1,0 +1,109 @@
+"""``python -m upscaler_server.upscale``: upscale image files or folders in-process (no daemon), PNG out.
+
+The same :class:`~upscaler_server.engine.Engine` as the daemon does the work, so results are bit-identical to the
+daemon's for the same checkpoint, device and precision. Colour images keep their alpha channel (upscaled by nearest
+neighbour); grey images are upscaled as RGB and written as RGB. Exit status: 0 if every image was written, 1 if some
+failed (each failure is reported), 2 for bad arguments, 3 when the model cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+from collections.abc import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from upscaler_server.engine import Engine, create_engine
+from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
+
+__all__ = ["IMAGE_SUFFIXES", "collect_inputs", "main", "upscale_file"]
+
+log = logging.getLogger("upscaler_server.upscale")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
+    """Image files named directly, plus those directly inside named folders (sorted). ConfigError on clashes."""
+    files: list[pathlib.Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{path} is neither a file nor a folder")
+    stems: dict[str, pathlib.Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise ConfigError(f"{f} and {stems[f.stem]} would both be written as {f.stem}.png; upscale them apart")
+        stems[f.stem] = f
+    return files
+
+
+def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    """Upscale one image file into ``out_dir``/<stem>.png and return the written path."""
+    image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise UpscalerError(f"{src}: not an image OpenCV can read")
+    if image.dtype != np.uint8:
+        raise UpscalerError(f"{src}: {image.dtype} pixels; only 8-bit images are supported")
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    fmt = {3: "BGR8", 4: "BGRA8"}.get(image.shape[2])
+    if fmt is None:
+        raise UpscalerError(f"{src}: {image.shape[2]} channels; expected 1, 3 or 4")
+    hr = engine.run(np.ascontiguousarray(image), fmt)
+    target = out_dir / f"{src.stem}.png"
+    if not cv2.imwrite(str(target), hr):
+        raise UpscalerError(f"cannot write {target}")
+    return target
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m upscaler_server.upscale",
+                                description="Upscale images in-process with the daemon's engine (PNG out).")
+    p.add_argument("inputs", nargs="+", type=pathlib.Path, metavar="INPUT", help="image files or folders")
+    p.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="OUTDIR", help="output folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint (default: the bundled student)")
+    src.add_argument("--model", help="registered model with RANDOM weights (tests and benchmarks only)")
+    p.add_argument("--scale", type=int, default=2, help="scale of --model")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all usable cores)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        files = collect_inputs(args.inputs)
+        engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
+                               precision=args.precision, threads=args.threads)
+        args.output.mkdir(parents=True, exist_ok=True)
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        return 3
+    except (ConfigError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    failed = 0
+    for src in files:
+        try:
+            log.info("%s -> %s", src, upscale_file(engine, src, args.output))
+        except UpscalerError as exc:
+            log.error("%s", exc)
+            failed += 1
+    log.info("%d of %d image(s) written to %s", len(files) - failed, len(files), args.output)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
