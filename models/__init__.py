@@ -10,6 +10,7 @@ from .base import SRDecoder
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
+    describe,
     load_checkpoint,
     load_model,
     read_metadata,
@@ -49,6 +50,7 @@ __all__ = [
     "count_flops",
     "count_macs",
     "count_parameters",
+    "describe",
     "init_from_teacher",
     "list_models",
     "load_checkpoint",

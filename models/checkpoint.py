@@ -27,7 +27,15 @@ from torch import nn
 
 from .registry import arch_name, build_model
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "load_model", "read_metadata", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "describe",
+    "load_checkpoint",
+    "load_model",
+    "read_metadata",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "takdsr"
@@ -122,6 +130,16 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     if model.scale != metadata["scale"]:
         raise CheckpointError(path, f"metadata scale {metadata['scale']} != the network's scale {model.scale}")
     return Checkpoint(model.to(device).eval(), metadata)
+
+
+def describe(metadata: dict[str, Any]) -> str:
+    """A short human name for a checkpoint, e.g. 'rlfn student 52ch x1 block (student_takdsr)'."""
+    args = metadata.get("arch_args", {})
+    blocks = args.get("blocks")
+    text = f"{metadata.get('arch', '?')} {metadata.get('role', '?')} {args.get('channels', '?')}ch"
+    text += f" x{blocks} block{'s' if blocks != 1 else ''}"
+    stage = metadata.get("training", {}).get("stage")
+    return f"{text} ({stage})" if stage else text
 
 
 def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:

@@ -15,6 +15,7 @@ from models import (
     CheckpointError,
     Teacher,
     build_model,
+    describe,
     init_from_teacher,
     list_models,
     load_checkpoint,
@@ -210,3 +211,9 @@ def test_init_from_teacher_rejects_bad_block_count() -> None:
     teacher = build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8)
     with pytest.raises(ValueError, match="blocks"):
         init_from_teacher(teacher, 3)
+
+
+def test_describe_names_arch_role_width_blocks_and_stage(tmp_path: Path) -> None:
+    path = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "d.safetensors", role="student",
+                           training={"stage": "student_takdsr"})
+    assert describe(read_metadata(path)) == "rlfn student 8ch x1 block (student_takdsr)"

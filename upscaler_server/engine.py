@@ -325,7 +325,7 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
     value_range = list(ckpt.metadata.get("value_range", [0.0, 1.0]))
     if value_range != [0.0, 1.0]:
         raise ModelLoadError(f"checkpoint {path} expects values in {value_range}; the engine feeds [0, 1]")
-    return _decoder(ckpt.model, str(path)), str(ckpt.metadata.get("arch", type(ckpt.model).__name__)), str(path)
+    return _decoder(ckpt.model, str(path)), models.describe(ckpt.metadata), str(path)
 
 
 def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:
