@@ -21,6 +21,7 @@ from models import Teacher, build_model, load_checkpoint, load_model
 from training.config import StageConfig, load_config
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import run_pipeline
+from training.ship import ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _Trainer, train_stage
 
 from training_utils import SMOKE_CONFIG, make_image_folder, tiny_config
@@ -238,6 +239,12 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     assert "TAKDSR" in report and "PISR'" in report
     for plot in ("loss_curves.png", "psnr_per_model.png", f"crops_{image_folder.name}.png"):
         assert (run_dir / plot).stat().st_size > 1000
+
+    index = ship_run(run_dir, tmp_path / "weights")
+    assert len(index) == 5 and json.loads((tmp_path / "weights" / "weights.json").read_text()) == index
+    student = load_checkpoint(tmp_path / "weights" / "rlfn_s_takdsr_x2.safetensors")
+    expected_psnr = scores["TAKDSR"]["mean"]["psnr_rgb"]
+    assert student.metadata["training"]["metrics"][image_folder.name]["psnr_rgb"] == expected_psnr
 
 
 def test_latency_command(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""python -m training {train, pipeline, evaluate, latency}: the TAKDSR trainer's command line."""
+"""python -m training {train, pipeline, evaluate, latency, ship}: the TAKDSR trainer's command line."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from training.data import DatasetError
 from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate
 from training.latency import measure_latency
 from training.pipeline import run_pipeline
+from training.ship import ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, train_stage
 
 
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--teacher", type=Path, help="the teacher checkpoint (needed to evaluate a TA)")
     evaluate_cmd.add_argument("--data", type=Path, help="an image folder (default: ../shared/data/cg-dev)")
     evaluate_cmd.add_argument("--json", type=Path, help="also write the scores here")
+    ship = commands.add_parser("ship", help="copy a pipeline run's checkpoints, with their scores, to a folder")
+    ship.add_argument("run_dir", type=Path)
+    ship.add_argument("--out", type=Path, default=Path("models/weights"))
     latency = commands.add_parser("latency", help="inference time of checkpoints or registered models")
     latency.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_NAME")
     latency.add_argument("--input", default="960x540", help="LR input WxH (a teacher reads the matching HR size)")
@@ -91,9 +95,15 @@ def _latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ship(args: argparse.Namespace) -> int:
+    for name, entry in ship_run(args.run_dir, args.out).items():
+        print(f"{args.out / name}: {entry['report_name']}, {entry['params']:,} parameters")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency}
+    handlers = {"train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship}
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:

@@ -251,8 +251,9 @@ class _Trainer:
             "seconds": round(seconds, 1),
             "final_loss": final_loss,
             "mix": list(stage_mix(self.config)) if stage_mix(self.config) else None,
-            "guides": [Path(p).name for p in stage.guides],
-            "init_from": Path(stage.init_from).name if stage.init_from else None,
+            # checkpoints are <run>/<stage>/final.safetensors: name the stages
+            "guides": [Path(p).parent.name for p in stage.guides],
+            "init_from": Path(stage.init_from).parent.name if stage.init_from else None,
             "config": self.config.to_dict(),
         }
         return save_checkpoint(self.network, self.run_dir / FINAL_FILE, role=stage.role, training=summary)
