@@ -1,0 +1,142 @@
+"""``python -m client_demo`` (``takdsr-demo``): command line -> DemoConfig -> (spawned daemon) -> window or headless.
+
+Exit status: 0 done; 1 unexpected error; 2 invalid arguments or a stream the daemon refuses; 3 headless: the upscaler
+could not be reached or stopped answering; 4 --spawn-server: the daemon could not start (its log is printed);
+5 no window could be opened; 130 interrupted (Ctrl-C, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+import scenes
+from client_demo.config import EXIT_INTERRUPTED, EXIT_NO_WINDOW, EXIT_SPAWN, DaemonWatch, DemoConfig
+from client_demo.controls import VIEWS
+from client_demo.link import UpscaleLink
+from client_demo.spawn import DaemonStartError, SpawnedDaemon
+
+__all__ = ["main", "parse_args"]
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x360, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"width and height must be positive, got {text!r}")
+    return width, height
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = DemoConfig()
+    p = argparse.ArgumentParser(prog="takdsr-demo", description="Live demo of the TAKDSR upscaler: a game scene "
+                                "rendered at low resolution, upscaled by the daemon, beside bilinear scaling and a "
+                                "native high-resolution render. See docs/demo.md.")
+    p.add_argument("--endpoint", help="daemon endpoint (default: the client's default, or the spawned daemon's)")
+    p.add_argument("--spawn-server", action="store_true", help="start a daemon for this run and stop it at exit")
+    p.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint for --spawn-server "
+                   "(default: the bundled student)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the --spawn-server daemon "
+                   "(default: auto)")
+    p.add_argument("--scene", choices=scenes.PRESETS, default=d.scene, help="scene preset")
+    p.add_argument("--lr", type=_size, default=d.lr_size, metavar="WxH", help="rendered (low-resolution) size")
+    p.add_argument("--scale", type=int, default=d.scale, help="upscale factor (must match the daemon's)")
+    p.add_argument("--view", choices=VIEWS, default=d.view, help="what is shown / written")
+    p.add_argument("--compare", choices=["bilinear", "native"], default=d.compare,
+                   help="right half of the split view")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="seconds without a daemon reply before reconnecting (keep above one frame's upscale time)")
+    p.add_argument("--out", type=pathlib.Path, help="headless: output folder (default: demo_out); "
+                   "window: screenshot folder (default: the current one)")
+    g = p.add_argument_group("headless mode")
+    g.add_argument("--headless", action="store_true", help="no window: write PNGs, an MP4 and stats.json")
+    g.add_argument("--frames", type=int, default=d.frames, help="frames to render")
+    g.add_argument("--fps", type=float, default=d.fps, help="camera-path clock and MP4 frame rate")
+    g.add_argument("--start", type=float, default=d.start, help="seconds on the camera path of the first frame")
+    w = p.add_argument_group("window mode")
+    w.add_argument("--max-fps", type=float, default=d.max_fps, help="frame-rate cap of the window loop")
+    w.add_argument("--screenshot-after", type=int, metavar="N", help="save a screenshot after N frames")
+    w.add_argument("--exit-after", type=int, metavar="N", help="quit after N frames")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
+    """DemoConfig from the command line; exits with status 2 (argparse) on invalid arguments."""
+    p = _parser()
+    a = p.parse_args(argv)
+    if (a.checkpoint is not None or a.device is not None) and not a.spawn_server:
+        p.error("--checkpoint and --device configure the daemon that --spawn-server starts")
+    if a.scale < 1 or a.frames < 1 or a.fps <= 0 or a.max_fps <= 0 or a.timeout <= 0:
+        p.error("--scale, --frames, --fps, --max-fps and --timeout must be positive")
+    if a.checkpoint is not None and not a.checkpoint.is_file():
+        p.error(f"--checkpoint {a.checkpoint} is not a file")
+    return DemoConfig(endpoint=a.endpoint, spawn_server=a.spawn_server, checkpoint=a.checkpoint,
+                      device=a.device or "auto", scene=a.scene, lr_size=a.lr, scale=a.scale, view=a.view,
+                      compare=a.compare, timeout=a.timeout, out=a.out, headless=a.headless, frames=a.frames,
+                      fps=a.fps, start=a.start, max_fps=a.max_fps, screenshot_after=a.screenshot_after,
+                      exit_after=a.exit_after)
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag that the loops check (they then clean up); a second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.requested += 1
+        if self.requested > 1:
+            raise KeyboardInterrupt
+
+    def __call__(self) -> bool:
+        return self.requested > 0
+
+
+def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signals) -> int:
+    link = UpscaleLink(endpoint, cfg.lr_size, cfg.scale, cfg.timeout)
+    link.start()  # connects while the renderer warms up
+    try:
+        if cfg.headless:
+            from client_demo.headless import run_headless
+
+            return run_headless(cfg, link, watch, stop)
+        try:
+            from client_demo.window import run_window  # glfw and imgui: window mode only
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("imgui_bundle", "glfw"):
+                raise
+            print(f"client_demo: window mode needs {exc.name} (pip install imgui-bundle glfw); or use --headless",
+                  file=sys.stderr)
+            return EXIT_NO_WINDOW
+        return run_window(cfg, link, watch, stop)
+    finally:
+        link.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point (``takdsr-demo``); returns the exit status."""
+    cfg = parse_args(argv)
+    stop = _Signals()
+    try:
+        if not cfg.spawn_server:
+            return _run(cfg, cfg.endpoint, lambda: None, stop)
+        with SpawnedDaemon(cfg.checkpoint, cfg.device, cfg.endpoint) as daemon:
+            print(f"client_demo: starting the upscaler daemon ({daemon.endpoint}) ...", file=sys.stderr)
+            try:
+                daemon.start(stop)
+            except DaemonStartError as exc:
+                print(f"client_demo: {exc}", file=sys.stderr)
+                return EXIT_SPAWN
+            print(f"client_demo: upscaler daemon ready (pid {daemon.pid})", file=sys.stderr)
+            return _run(cfg, daemon.endpoint, daemon.gone, stop)
+    except KeyboardInterrupt:
+        print("client_demo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

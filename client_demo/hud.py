@@ -1,0 +1,156 @@
+"""The window's HUD and controls, built with Dear ImGui (imgui-bundle) and an ImPlot frame-time graph.
+
+imgui-bundle's C++ GLFW and OpenGL3 backends draw into whatever framebuffer is bound and restore the GL state they
+change, so they run beside moderngl on the same context. They need the same libglfw as the ``glfw`` package, which
+imgui-bundle arranges when it is imported first (see window.py).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import numpy as np
+from imgui_bundle import ImVec2, ImVec4, imgui, implot
+
+import scenes
+from client_demo.controls import VIEWS, CameraRig, ViewState
+
+__all__ = ["Hud", "HudInfo"]
+
+HISTORY = 240  # frames in the frame-time graph
+_GOOD = ImVec4(0.45, 0.9, 0.45, 1.0)
+_BAD = ImVec4(1.0, 0.45, 0.35, 1.0)
+_KEYS = (
+    "WASD move, Q/E down/up, Shift faster",
+    "arrows or left-drag: look (drag the divider to move it)",
+    "V view   C split: bilinear/native   P pause",
+    "R back to the camera path   H hide HUD",
+    "F12 screenshot   Esc quit",
+)
+
+
+@dataclass
+class HudInfo:
+    """Numbers and words the HUD shows this frame."""
+
+    fps: float  # window frames in the last second
+    upscaled_fps: float  # upscaled frames received in the last second
+    render_ms: float | None  # LR render + read-back, p50 over the last second
+    round_trip_ms: float | None  # upscale round trip, p50 over the last second
+    infer_ms: float | None  # the daemon's network time, p50 over the last second
+    model: str  # e.g. "rlfn x2 (cpu, fp32)"
+    random_weights: bool
+    lr_size: tuple[int, int]
+    hr_size: tuple[int, int]
+    status: str  # one line on the upscaler's state
+    detail: str  # why, when something is wrong (may be long)
+    status_ok: bool
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+class Hud:
+    """Dear ImGui context, backends and the HUD window; call new_frame, draw, render once per frame."""
+
+    def __init__(self, window_address: int) -> None:
+        imgui.create_context()
+        implot.create_context()
+        imgui.get_io().set_ini_filename(None)  # a demo should not leave imgui.ini in the user's folder
+        imgui.style_colors_dark()
+        imgui.backends.glfw_init_for_opengl(window_address, True)
+        imgui.backends.opengl3_init("#version 330")
+        self.frame_ms: collections.deque[float] = collections.deque(maxlen=HISTORY)
+        self.round_trip_ms: collections.deque[float] = collections.deque(maxlen=HISTORY)
+
+    def new_frame(self) -> None:
+        imgui.backends.opengl3_new_frame()
+        imgui.backends.glfw_new_frame()
+        imgui.new_frame()
+
+    def draw(self, info: HudInfo, ui: ViewState, rig: CameraRig) -> bool:
+        """The HUD window; returns True when its screenshot button was pressed."""
+        imgui.set_next_window_pos(ImVec2(8, 8), imgui.Cond_.first_use_ever)
+        imgui.set_next_window_bg_alpha(0.75)
+        imgui.begin("TAKDSR upscaler", None, imgui.WindowFlags_.always_auto_resize)
+        self._numbers(info)
+        self._controls(ui, rig)
+        self._graph()
+        shot = imgui.button("Screenshot (F12)")
+        if imgui.collapsing_header("Keys"):
+            for line in _KEYS:
+                imgui.text(line)
+        imgui.end()
+        return shot
+
+    def _numbers(self, info: HudInfo) -> None:
+        imgui.text_colored(_GOOD if info.status_ok else _BAD, info.status)
+        if info.detail:
+            imgui.push_text_wrap_pos(360)
+            imgui.text_wrapped(info.detail)
+            imgui.pop_text_wrap_pos()
+        imgui.text(f"{info.fps:5.1f} fps   upscaled {info.upscaled_fps:5.1f} fps")
+        imgui.text(f"render {_ms(info.render_ms)}   upscale round trip p50 {_ms(info.round_trip_ms)}")
+        imgui.text(f"network {_ms(info.infer_ms)}   model {info.model}")
+        if info.random_weights:
+            imgui.text_colored(_BAD, "random weights: the upscaled image is noise")
+        (lw, lh), (hw, hh) = info.lr_size, info.hr_size
+        imgui.text(f"LR {lw}x{lh} -> HR {hw}x{hh}")
+
+    def _controls(self, ui: ViewState, rig: CameraRig) -> None:
+        _, index = imgui.combo("view", VIEWS.index(ui.view), list(VIEWS))
+        ui.view = VIEWS[index]
+        if ui.view == "split":
+            if imgui.radio_button("SR | bilinear", ui.compare == "bilinear"):
+                ui.compare = "bilinear"
+            imgui.same_line()
+            if imgui.radio_button("SR | native", ui.compare == "native"):
+                ui.compare = "native"
+        changed, index = imgui.combo("scene", scenes.PRESETS.index(rig.preset), list(scenes.PRESETS))
+        if changed:
+            rig.set_preset(scenes.PRESETS[index])
+        _, rig.paused = imgui.checkbox("pause (P)", rig.paused)
+        imgui.same_line()
+        imgui.text("camera: free" if rig.free is not None else f"camera: path t={rig.t:.1f} s")
+
+    def _graph(self) -> None:
+        if not self.frame_ms:
+            return
+        flags = implot.Flags_.no_menus | implot.Flags_.no_box_select | implot.Flags_.no_mouse_text
+        if implot.begin_plot("##frame times", ImVec2(320, 110), flags):
+            implot.setup_axes("", "ms", implot.AxisFlags_.no_tick_labels, implot.AxisFlags_.auto_fit)
+            implot.setup_axis_limits(implot.ImAxis_.x1, 0, HISTORY, implot.Cond_.always)
+            implot.plot_line("frame", np.asarray(self.frame_ms, np.float32))
+            if self.round_trip_ms:
+                implot.plot_line("upscale round trip", np.asarray(self.round_trip_ms, np.float32))
+            implot.end_plot()
+
+    def banner(self, text: str) -> None:
+        """A message across the middle of the window (e.g. the upscaler is unavailable)."""
+        size = imgui.get_io().display_size
+        text_size = imgui.calc_text_size(text)
+        pos = ImVec2((size.x - text_size.x) / 2, size.y * 0.5 - text_size.y / 2)
+        draw = imgui.get_foreground_draw_list()
+        draw.add_rect_filled(ImVec2(pos.x - 12, pos.y - 8), ImVec2(pos.x + text_size.x + 12, pos.y + text_size.y + 8),
+                             imgui.get_color_u32(ImVec4(0.0, 0.0, 0.0, 0.7)))
+        draw.add_text(pos, imgui.get_color_u32(_BAD), text)
+
+    def label(self, x: float, y: float, text: str) -> None:
+        """A small caption at window position (x, y), e.g. naming each half of the split view."""
+        draw = imgui.get_foreground_draw_list()
+        size = imgui.calc_text_size(text)
+        draw.add_rect_filled(ImVec2(x - 4, y - 2), ImVec2(x + size.x + 4, y + size.y + 2),
+                             imgui.get_color_u32(ImVec4(0.0, 0.0, 0.0, 0.6)))
+        draw.add_text(ImVec2(x, y), imgui.get_color_u32(ImVec4(1.0, 1.0, 1.0, 1.0)), text)
+
+    def render(self) -> None:
+        imgui.render()
+        imgui.backends.opengl3_render_draw_data(imgui.get_draw_data())
+
+    def close(self) -> None:
+        imgui.backends.opengl3_shutdown()
+        imgui.backends.glfw_shutdown()
+        implot.destroy_context()
+        imgui.destroy_context()

@@ -1,0 +1,305 @@
+"""The demo's connection to the upscaler daemon, driven from a worker thread so the render loop never waits on a socket.
+
+The render loop (main thread) owns the session's slots: it takes a free slot, renders straight into the slot's
+zero-copy shared-memory view, submits it and later gets a :class:`Finished` frame whose output it reads and releases.
+The worker thread owns the :class:`UpscalerClient` (which is not thread-safe): it submits, collects in submission
+order (``PIPELINE_DEPTH`` frames in flight: frame n+1 renders while frame n upscales), retries BUSY replies and,
+when the daemon is gone or restarted, reconnects with exponential backoff. ``Session.collect`` blocks for up to the
+client's timeout and reconnects on silence, which is why it runs here and not in the render loop.
+
+Shared-memory views must not outlive the mapping, so after a lost connection the worker waits until the main thread
+has dropped its views (a ``_Released`` message) before it closes the old session.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from upscaler_server.client import Session, UpscalerClient
+from upscaler_server.errors import BusyError, ErrorCode, SessionError, UpscalerError
+from upscaler_server.protocol import Timings, Welcome
+
+__all__ = ["PIPELINE_DEPTH", "Finished", "LinkState", "UpscaleLink"]
+
+PIPELINE_DEPTH = 2  # frames in flight (and slots): one upscaling while the next renders
+PIXEL_FORMAT = "RGB8"  # what scenes renders; the daemon maps other orders itself
+CONNECT_TIMEOUT = 2.0  # s for the hello of a local daemon: a dead endpoint is noticed quickly
+BACKOFF = (0.25, 4.0)  # s between reconnection attempts: first, largest (doubling in between)
+BUSY_PAUSE = 0.005  # s before resubmitting a frame the daemon refused as BUSY
+IDLE_POLL = 0.05  # s the worker waits for a job before checking for shutdown again
+
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"  # first attempt under way
+    READY = "ready"  # session open: frames can be submitted
+    RETRYING = "retrying"  # daemon unreachable or session lost; reconnecting with backoff
+    FAILED = "failed"  # the daemon refused this stream (size, format, scale): retrying cannot help
+
+
+@dataclass(frozen=True)
+class Finished:
+    """An upscaled frame; read ``UpscaleLink.output(slot)`` and then ``release(slot)``."""
+
+    slot: int
+    frame: int
+    round_trip: float  # s from submit to done, as the worker saw it
+    timings: Timings  # the daemon's own measurements
+
+
+@dataclass(frozen=True)
+class _Connected:
+    epoch: int
+    info: Welcome
+    inputs: list[np.ndarray]
+    outputs: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Lost:
+    epoch: int
+    reason: str
+    retry_in: float | None  # None: the worker has given up (refused stream)
+
+
+@dataclass(frozen=True)
+class _Done:
+    epoch: int
+    finished: Finished
+
+
+@dataclass(frozen=True)
+class _Job:
+    epoch: int
+    slot: int
+    frame: int
+
+
+@dataclass(frozen=True)
+class _Released:
+    epoch: int
+
+
+# Open errors that no retry can fix (others, such as RESOURCE_LIMIT, may clear up when other clients leave).
+_REFUSALS = {ErrorCode.SIZE_TOO_LARGE, ErrorCode.SIZE_TOO_SMALL, ErrorCode.UNSUPPORTED_FORMAT}
+
+
+class _Refused(Exception):
+    """The daemon cannot serve this stream at all (wrong scale, size or format)."""
+
+
+class _Worker(threading.Thread):
+    def __init__(self, endpoint: str | None, size: tuple[int, int], scale: int, timeout: float,
+                 jobs: queue.Queue[_Job | _Released], events: queue.Queue[_Connected | _Lost | _Done]) -> None:
+        super().__init__(name="upscale-link", daemon=True)
+        self._endpoint, self._size, self._scale, self._timeout = endpoint, size, scale, timeout
+        self._jobs, self._events = jobs, events
+        self._backoff = BACKOFF[0]
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        epoch = 0
+        while not self.halt.is_set():
+            epoch += 1
+            try:
+                self._connection(epoch)
+            except UpscalerError:
+                pass  # reported by _connection; try again after the pause
+            except Exception as exc:  # a bug here must not leave the demo waiting for a link that never comes
+                self._events.put(_Lost(epoch, f"internal error in the upscaler link: {exc!r}", None))
+                raise
+            self.halt.wait(self._backoff)
+            self._backoff = min(self._backoff * 2, BACKOFF[1])
+
+    def _connection(self, epoch: int) -> None:
+        """One connection: hello, open, serve until halted or an error, which is reported before the client is
+        closed (the main thread must drop its views of the old rings first)."""
+        client: UpscalerClient | None = None
+        handed_out = False
+        try:
+            client = UpscalerClient(self._endpoint, timeout=min(self._timeout, CONNECT_TIMEOUT), retries=0,
+                                    name="takdsr-demo")
+            client.timeout, client.retries = self._timeout, 1
+            session = self._open(client)
+            self._events.put(_Connected(epoch, client.info, [session.input(i) for i in range(session.slots)],
+                                        [session.output(i) for i in range(session.slots)]))
+            handed_out, self._backoff = True, BACKOFF[0]
+            self._serve(session, epoch)
+        except _Refused as exc:
+            self._events.put(_Lost(epoch, str(exc), None))
+            self.halt.set()
+        except UpscalerError as exc:
+            self._events.put(_Lost(epoch, str(exc), self._backoff))
+            raise
+        finally:
+            if handed_out and not self.halt.is_set():
+                self._await_release(epoch)
+            if client is not None:
+                client.close()
+
+    def _open(self, client: UpscalerClient) -> Session:
+        if client.scale != self._scale:
+            raise _Refused(f"the daemon upscales x{client.scale} but the demo was asked for x{self._scale}; "
+                           f"pass --scale {client.scale}")
+        width, height = self._size
+        try:
+            return client.open_session(width, height, PIXEL_FORMAT, slots=PIPELINE_DEPTH)
+        except SessionError as exc:
+            if exc.code in _REFUSALS:
+                raise _Refused(f"the daemon refused {width}x{height} {PIXEL_FORMAT} frames: {exc}") from exc
+            raise
+
+    def _serve(self, session: Session, epoch: int) -> None:
+        sent: collections.deque[tuple[int, int, float]] = collections.deque()  # (slot, frame, t), as the session's
+        while not self.halt.is_set():
+            if sent and (len(sent) >= PIPELINE_DEPTH or self._jobs.empty()):
+                slot, frame, start = sent.popleft()
+                try:
+                    result = session.collect()
+                except BusyError:  # not accepted: the slot is free again, so submit it anew (now last in order)
+                    time.sleep(BUSY_PAUSE)
+                    session.submit(slot, frame)
+                    sent.append((slot, frame, start))
+                    continue
+                finished = Finished(slot, frame, time.perf_counter() - start, result.timings)
+                self._events.put(_Done(epoch, finished))
+                continue
+            try:
+                job = self._jobs.get(timeout=IDLE_POLL)
+            except queue.Empty:
+                continue
+            if isinstance(job, _Job) and job.epoch == epoch:
+                sent.append((job.slot, session.submit(job.slot, job.frame), time.perf_counter()))
+
+    def _await_release(self, epoch: int) -> None:
+        """Wait (briefly) until the main thread has dropped its views of this connection's shared memory."""
+        deadline = time.monotonic() + 2.0
+        while not self.halt.is_set() and time.monotonic() < deadline:
+            try:
+                message = self._jobs.get(timeout=IDLE_POLL)
+            except queue.Empty:
+                continue
+            if isinstance(message, _Released) and message.epoch == epoch:
+                return
+
+
+class UpscaleLink:
+    """Main-thread side of the link: slot ownership, state for the HUD, and the worker thread.
+
+    ``timeout`` is the seconds to wait for any reply before reconnecting; a frame is given up after about twice
+    that (CPU inference of a large frame takes seconds, so keep it well above one frame's time)."""
+
+    def __init__(self, endpoint: str | None, lr_size: tuple[int, int], scale: int, timeout: float) -> None:
+        self.endpoint = endpoint
+        self._jobs: queue.Queue[_Job | _Released] = queue.Queue()
+        self._events: queue.Queue[_Connected | _Lost | _Done] = queue.Queue()
+        self._worker = _Worker(endpoint, lr_size, scale, timeout, self._jobs, self._events)
+        self.state = LinkState.CONNECTING
+        self.reason = ""  # why the last connection ended
+        self.retry_at = 0.0  # time.monotonic() of the next attempt while RETRYING
+        self.info: Welcome | None = None
+        self._epoch = 0
+        self._inputs: list[np.ndarray] = []
+        self._outputs: list[np.ndarray] = []
+        self._free: set[int] = set()
+        self._in_flight: set[int] = set()
+        self._progress = time.monotonic()  # last finished frame, or the submit that ended an idle spell
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def close(self, wait: float = 2.0) -> None:
+        """Stop the worker; its client closes the session. Views of the slots become invalid."""
+        self._drop_views()
+        self._drain()  # queued news may hold views too, and the worker is about to unmap
+        self._worker.halt.set()
+        if self._worker.is_alive():
+            self._worker.join(wait)
+        self._drain()
+
+    @property
+    def ready(self) -> bool:
+        return self.state is LinkState.READY
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def acquire(self) -> int | None:
+        """A free slot to render into (then :meth:`submit` it), or None when not connected or all are busy."""
+        if not self.ready or not self._free:
+            return None
+        slot = min(self._free)
+        self._free.discard(slot)
+        return slot
+
+    def input(self, slot: int) -> np.ndarray:
+        """Zero-copy (height, width, 3) RGB view of input slot ``slot`` in shared memory, row 0 at the top."""
+        return self._inputs[slot]
+
+    def output(self, slot: int) -> np.ndarray:
+        """Zero-copy (height*s, width*s, 3) view of output slot ``slot``; valid until the slot is released."""
+        return self._outputs[slot]
+
+    def waiting(self) -> float:
+        """Seconds the oldest frame in flight has gone without news (0 when none is in flight)."""
+        return time.monotonic() - self._progress if self._in_flight else 0.0
+
+    def submit(self, slot: int, frame: int) -> None:
+        if not self._in_flight:
+            self._progress = time.monotonic()
+        self._in_flight.add(slot)
+        self._jobs.put(_Job(self._epoch, slot, frame))
+
+    def release(self, slot: int) -> None:
+        """Give a finished slot back for the next frame."""
+        if self.ready:
+            self._free.add(slot)
+
+    def poll(self, timeout: float = 0.0) -> list[Finished]:
+        """Wait up to ``timeout`` s for news from the worker, apply all there is, and return the finished frames."""
+        try:
+            event = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+        except queue.Empty:
+            return []
+        finished: list[Finished] = []
+        while True:
+            self._apply(event, finished)
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return finished
+
+    def _apply(self, event: _Connected | _Lost | _Done, finished: list[Finished]) -> None:
+        if isinstance(event, _Connected):
+            self._epoch, self.info, self.state, self.reason = event.epoch, event.info, LinkState.READY, ""
+            self._inputs, self._outputs = event.inputs, event.outputs
+            self._free, self._in_flight = set(range(len(event.inputs))), set()
+        elif isinstance(event, _Lost):
+            self._drop_views()
+            finished.clear()  # their slots' views are gone
+            self.reason = event.reason
+            self.state = LinkState.FAILED if event.retry_in is None else LinkState.RETRYING
+            self.retry_at = time.monotonic() + (event.retry_in or 0.0)
+            self._jobs.put(_Released(event.epoch))
+        elif event.epoch == self._epoch and self.ready:  # else a frame of a connection that is gone
+            self._in_flight.discard(event.finished.slot)
+            self._progress = time.monotonic()
+            finished.append(event.finished)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drop_views(self) -> None:
+        self._inputs, self._outputs = [], []
+        self._free, self._in_flight = set(), set()

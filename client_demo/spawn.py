@@ -1,0 +1,123 @@
+"""``--spawn-server``: run the upscaler daemon as a child process on a private ipc endpoint and always stop it.
+
+The child gets its own session (a Ctrl-C in the terminal reaches the demo only, which then closes its upscaler session
+before stopping the daemon in order) and, on Linux, a parent-death signal, so it cannot outlive a demo that is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+from upscaler_server.client import UpscalerClient
+from upscaler_server.errors import ServerUnavailableError
+from upscaler_server.shm import SHM_DIR
+
+__all__ = ["DaemonStartError", "SpawnedDaemon"]
+
+READY_TIMEOUT = 120.0  # s: a cold torch import plus model warm-up on a busy 2-core machine
+STOP_TIMEOUT = 15.0  # s to finish the running frame after SIGTERM before SIGKILL
+_PR_SET_PDEATHSIG = 1
+
+
+class DaemonStartError(RuntimeError):
+    """The spawned daemon exited or stayed silent before it was ready; the message holds its log's last lines."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: have the kernel send SIGTERM when the demo dies (even by SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class SpawnedDaemon:
+    """``python -m upscaler_server`` started by the demo. Use as a context manager: stopped on any exit."""
+
+    def __init__(self, checkpoint: pathlib.Path | None = None, device: str = "auto",
+                 endpoint: str | None = None) -> None:
+        self._dir = pathlib.Path(tempfile.mkdtemp(prefix="takdsr-demo-", dir="/tmp"))  # short: ipc paths max ~100
+        self.endpoint = endpoint or f"ipc://{self._dir / 'upscaler.sock'}"
+        self.log_path = self._dir / "daemon.log"
+        args = ["--endpoint", self.endpoint, "--device", device]
+        if checkpoint is not None:
+            args += ["--checkpoint", str(checkpoint)]
+        self.command: Sequence[str] = [sys.executable, "-m", "upscaler_server", *args]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def __enter__(self) -> SpawnedDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, should_stop: Callable[[], bool] = lambda: False, timeout: float = READY_TIMEOUT) -> None:
+        """Start the daemon and wait until it answers; DaemonStartError if it exits or stays silent."""
+        with open(self.log_path, "wb") as log:  # a file, not a pipe: a chatty daemon must never block on us
+            self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if should_stop():
+                raise KeyboardInterrupt
+            status = self.exit_status()
+            if status is not None:
+                raise DaemonStartError(f"the upscaler daemon exited with status {status} before it was ready:\n"
+                                       f"{self.log_tail()}")
+            with contextlib.suppress(ServerUnavailableError):
+                UpscalerClient(self.endpoint, timeout=0.5, retries=0, heartbeat=False, name="takdsr-demo").close()
+                return
+        raise DaemonStartError(f"the upscaler daemon did not answer within {timeout:g} s:\n{self.log_tail()}")
+
+    def exit_status(self) -> int | None:
+        """The daemon's exit status once it has exited, else None."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def gone(self) -> str | None:
+        """Why the daemon is no longer running ("exited with status -9"), or None while it runs."""
+        status = self.exit_status()
+        return None if status is None else f"exited with status {status}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no daemon log)"
+        return "\n".join("  | " + line for line in text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL if needed; clear a dead daemon's shared memory; remove the private directory."""
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.returncode != 0:
+                self._remove_segments(proc.pid)
+            self._proc = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    @staticmethod
+    def _remove_segments(pid: int) -> None:
+        """A daemon that was killed could not unlink its rings; it was ours, so its segments are ours to clear
+        (named /takdsr-<uid>-<pid>-..., docs/protocol.md 6.1). Other daemons' segments are left alone."""
+        if not SHM_DIR.is_dir():
+            return
+        for path in SHM_DIR.glob(f"takdsr-{os.getuid()}-{pid}-*"):
+            path.unlink(missing_ok=True)

@@ -1,0 +1,319 @@
+"""Window mode: a glfw window whose OpenGL context renders the scene, shows the upscaled frames and the HUD.
+
+Order matters: the glfw window (GLX) is created before any OpenGL context of our own, and the scene renderer borrows
+the window's context (an EGL context created first crashes Mesa; docs/scenes.md). The loop never waits on the
+daemon for longer than the rest of its frame budget: the link's worker thread does the waiting, and while the
+upscaler is unavailable the window shows bilinear scaling with a message.
+"""
+
+from __future__ import annotations
+
+from imgui_bundle import imgui  # before glfw: it points the glfw package at imgui-bundle's libglfw (one per process)
+
+# isort: split
+import ctypes
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import glfw
+import moderngl
+import numpy as np
+
+import scenes
+from client_demo.config import EXIT_INTERRUPTED, EXIT_NO_WINDOW, EXIT_OK, DaemonWatch, DemoConfig
+from client_demo.controls import LOOK_SPEED, MOUSE_LOOK, CameraRig, ViewState
+from client_demo.frames import GpuFrames, letterbox, read_rgb
+from client_demo.hud import Hud, HudInfo
+from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
+from client_demo.metrics import RollingWindow
+
+__all__ = ["run_window"]
+
+SHOWN = PIPELINE_DEPTH  # LR target holding the LR of the upscaled frame on screen (its slot is reused meanwhile)
+LIVE = PIPELINE_DEPTH + 1  # LR target rendered when no slot is free but the view needs a current LR frame
+DIVIDER_GRAB = 6.0  # px either side of the split divider that start dragging it
+MAX_DT = 0.1  # s: a longer frame (start-up, a stall) advances the camera path by no more than this
+STALL = 2.0  # s without an upscaled frame before the window says it is waiting
+_MOVE_KEYS = {imgui.Key.w: (1, 0, 0), imgui.Key.s: (-1, 0, 0), imgui.Key.d: (0, 1, 0), imgui.Key.a: (0, -1, 0),
+              imgui.Key.e: (0, 0, 1), imgui.Key.q: (0, 0, -1)}
+_LOOK_KEYS = {imgui.Key.left_arrow: (1, 0), imgui.Key.right_arrow: (-1, 0), imgui.Key.up_arrow: (0, 1),
+              imgui.Key.down_arrow: (0, -1)}
+
+
+@dataclass(frozen=True)
+class _Pose:
+    """What a submitted frame shows, so the views of that frame can be rebuilt when it comes back."""
+
+    preset: str
+    t: float
+    camera: scenes.Camera
+
+
+class _WindowDemo:
+    def __init__(self, cfg: DemoConfig, window: glfw._GLFWwindow, ctx: moderngl.Context, link: UpscaleLink,
+                 watch: DaemonWatch) -> None:
+        self.cfg, self.window, self.ctx, self.link, self.watch = cfg, window, ctx, link, watch
+        self.renderer = scenes.SceneRenderer(ctx)
+        self.gpu = GpuFrames(self.renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH + 2)
+        self.hud = Hud(ctypes.cast(window, ctypes.c_void_p).value or 0)
+        self.rig = CameraRig(cfg.scene, t=cfg.start)
+        self.ui = ViewState(view=cfg.view, compare=cfg.compare)
+        self.frames = self.upscaled = 0
+        self._pending: dict[int, _Pose] = {}  # slot -> pose of the frame in flight there
+        self._shown: _Pose | None = None  # pose of the upscaled frame on screen
+        self._native_of: _Pose | None = None  # pose the native target was last rendered for
+        self._live = LIVE
+        self._drag: str | None = None  # "divider" or "look" while the left button is held
+        self._viewport = (0, 0, *cfg.hr_size)
+        self._times = {name: RollingWindow() for name in ("frame", "render", "round_trip", "infer")}
+
+    def close(self) -> None:
+        self.hud.close()
+        self.gpu.release()
+        self.renderer.release()
+
+    def run(self, should_stop: Callable[[], bool]) -> int:
+        began = last = time.perf_counter()
+        while not (glfw.window_should_close(self.window) or should_stop()):
+            start = time.perf_counter()
+            deadline = start + 1.0 / self.cfg.max_fps
+            if self.frames > 1:  # start - last is the previous frame's time; frame 0's is the renderer's start-up
+                self._times["frame"].add(start, (start - last) * 1e3)
+                self.hud.frame_ms.append((start - last) * 1e3)
+            elif self.frames == 1:
+                began = start
+            self._frame(min(start - last, MAX_DT), deadline)
+            last = start
+            self.frames += 1
+            if self.cfg.exit_after is not None and self.frames >= self.cfg.exit_after:
+                break
+            time.sleep(max(0.0, deadline - time.perf_counter()))
+        self._summary(time.perf_counter() - began)
+        return EXIT_INTERRUPTED if should_stop() else EXIT_OK
+
+    def _summary(self, seconds: float) -> None:
+        rtt = float(np.median(self.hud.round_trip_ms)) if self.hud.round_trip_ms else None
+        rate = f" in {seconds:.1f} s ({(self.frames - 1) / seconds:.1f} fps)" if seconds > 0 and self.frames > 1 else ""
+        print(f"client_demo: {self.frames} frames shown{rate}, {self.upscaled} upscaled"
+              + (f" (round trip p50 {rtt:.1f} ms)" if rtt is not None else ""))
+
+    def _frame(self, dt: float, deadline: float) -> None:
+        glfw.poll_events()
+        self.hud.new_frame()
+        shot = self._input(dt)
+        self.rig.advance(dt)
+        pose = _Pose(self.rig.preset, self.rig.t, self.rig.pose())
+        self._feed(pose)
+        self._show(self.link.poll(max(0.0, deadline - time.perf_counter())))
+        self._compose(pose)
+        self._overlay()
+        if self.ui.show_hud:
+            shot = self.hud.draw(self._info(), self.ui, self.rig) or shot
+        self.hud.render()
+        if shot or self.frames + 1 == self.cfg.screenshot_after:
+            self._screenshot()
+        glfw.swap_buffers(self.window)
+
+    # --- input ---------------------------------------------------------------------------------------------------
+
+    def _input(self, dt: float) -> bool:
+        """Keys and mouse (unless the HUD has them); returns True when a screenshot was asked for."""
+        io = imgui.get_io()
+        shot = imgui.is_key_pressed(imgui.Key.f12, False)
+        if io.want_capture_keyboard:
+            return shot
+        actions = {imgui.Key.escape: lambda: glfw.set_window_should_close(self.window, True),
+                   imgui.Key.v: self.ui.cycle_view, imgui.Key.c: self.ui.toggle_compare,
+                   imgui.Key.p: self.rig.toggle_pause, imgui.Key.r: self.rig.back_to_path,
+                   imgui.Key.h: self.ui.toggle_hud}
+        for key, action in actions.items():
+            if imgui.is_key_pressed(key, False):
+                action()
+        self.rig.move(*_held(_MOVE_KEYS, 3), dt=dt, fast=imgui.is_key_down(imgui.Key.left_shift))
+        yaw, pitch = _held(_LOOK_KEYS, 2)
+        self.rig.look(yaw * LOOK_SPEED * dt, pitch * LOOK_SPEED * dt)
+        self._mouse(io)
+        return shot
+
+    def _mouse(self, io: imgui.IO) -> None:
+        if not imgui.is_mouse_down(imgui.MouseButton_.left):
+            self._drag = None
+            return
+        x, _, w, _ = self._viewport_in_window()
+        if self._drag is None:
+            if io.want_capture_mouse:
+                return
+            near = self.ui.view == "split" and abs(io.mouse_pos.x - (x + self.ui.split * w)) < DIVIDER_GRAB
+            self._drag = "divider" if near else "look"
+        if self._drag == "divider":
+            self.ui.split = min(1.0, max(0.0, (io.mouse_pos.x - x) / w))
+        else:
+            self.rig.look(-io.mouse_delta.x * MOUSE_LOOK, -io.mouse_delta.y * MOUSE_LOOK)
+
+    def _viewport_in_window(self) -> tuple[float, float, float, float]:
+        """The picture's viewport in window coordinates (top-left origin), which imgui's mouse uses."""
+        fb_w, fb_h = glfw.get_framebuffer_size(self.window)
+        win_w, win_h = glfw.get_window_size(self.window)
+        sx, sy = win_w / max(fb_w, 1), win_h / max(fb_h, 1)
+        x, y, w, h = self._viewport
+        return x * sx, (fb_h - y - h) * sy, w * sx, h * sy
+
+    # --- frames --------------------------------------------------------------------------------------------------
+
+    def _sr_available(self) -> bool:
+        return self.link.ready and self._shown is not None and not self.watch()
+
+    def _feed(self, pose: _Pose) -> None:
+        """Render this frame's LR into a free slot and submit it; else render it for the views that need it."""
+        if not self.link.ready:  # frames in flight are lost; a stale SR frame must not reappear on reconnection
+            self._pending.clear()
+            self._shown = None
+        slot = self.link.acquire()
+        if slot is None:
+            if self.ui.view == "bilinear" or (self.ui.view != "native" and not self._sr_available()):
+                self.gpu.render_lr(LIVE, pose.preset, pose.t, pose.camera)
+                self._live = LIVE
+            return
+        start = time.perf_counter()
+        self.gpu.render_lr(slot, pose.preset, pose.t, pose.camera)
+        self.gpu.read_lr(slot, self.link.input(slot))
+        self._times["render"].add(start, (time.perf_counter() - start) * 1e3)
+        self.link.submit(slot, self.frames)
+        self._pending[slot], self._live = pose, slot
+
+    def _show(self, finished: list[Finished]) -> None:
+        """Put the newest finished frame on screen (its SR, and its LR for the split view); free every slot."""
+        now = time.perf_counter()
+        for frame in finished:
+            pose = self._pending.pop(frame.slot, None)
+            if frame is finished[-1] and pose is not None:
+                self.gpu.copy_lr(frame.slot, SHOWN)
+                self.gpu.upload_sr(self.link.output(frame.slot))
+                self._shown = pose
+            self.link.release(frame.slot)
+            self.upscaled += 1
+            self._times["round_trip"].add(now, frame.round_trip * 1e3)
+            self._times["infer"].add(now, frame.timings.infer_us / 1e3)
+            self.hud.round_trip_ms.append(frame.round_trip * 1e3)
+
+    def _compose(self, pose: _Pose) -> None:
+        fb_w, fb_h = glfw.get_framebuffer_size(self.window)
+        screen = self.ctx.screen
+        screen.use()
+        screen.viewport = (0, 0, fb_w, fb_h)
+        screen.clear(0.0, 0.0, 0.0, 1.0)
+        self._viewport = vp = letterbox(fb_w, fb_h, *self.cfg.hr_size)
+        view = self.ui.view
+        if view == "native":
+            self._render_native(pose)
+            self.gpu.draw(screen, vp, "native")
+        elif view == "bilinear" or not self._sr_available():
+            self.gpu.draw(screen, vp, "bilinear", lr=self._live)
+        elif view == "sr":
+            self.gpu.draw(screen, vp, "sr")
+        else:
+            if self.ui.compare == "native" and self._shown is not None:
+                self._render_native(self._shown)
+            self.gpu.draw(screen, vp, "sr", self.ui.compare, self.ui.split, lr=SHOWN)
+
+    def _render_native(self, pose: _Pose) -> None:
+        if pose != self._native_of:  # a paused or unchanged frame is not rendered again
+            self.gpu.render_native(pose.preset, pose.t, pose.camera)
+            self._native_of = pose
+
+    def _overlay(self) -> None:
+        """Captions of the split halves, or a banner when upscaled frames cannot be shown."""
+        if self.ui.view in ("sr", "split") and not self._sr_available():
+            self.hud.banner(self._status()[0] + " - showing bilinear")
+            return
+        if self.link.waiting() > STALL and self.ui.view in ("sr", "split"):
+            self.hud.banner(f"waiting for the upscaler: no frame for {self.link.waiting():.0f} s")
+        if self.ui.view == "split":  # captions at the bottom, clear of the HUD
+            x, y, w, h = self._viewport_in_window()
+            model = self.link.info.model if self.link.info else "?"
+            self.hud.label(x + 8, y + h - 24, f"SR ({model})")
+            self.hud.label(x + self.ui.split * w + 8, y + h - 24, self.ui.compare)
+
+    # --- HUD -----------------------------------------------------------------------------------------------------
+
+    def _status(self) -> tuple[str, str, bool]:
+        """(short status, detail, healthy) of the upscaler."""
+        gone, link = self.watch(), self.link
+        if gone:
+            return "upscaler daemon stopped", f"the spawned daemon {gone}", False
+        if link.state is LinkState.READY:
+            return ("connected" if self._shown else "connected - waiting for the first frame"), "", True
+        if link.state is LinkState.CONNECTING:
+            return "connecting to the upscaler...", "", False
+        if link.state is LinkState.FAILED:
+            return "upscaler refused the stream", link.reason, False
+        wait = max(0.0, link.retry_at - time.monotonic())
+        return f"upscaler unavailable - retrying in {wait:.0f} s", link.reason, False
+
+    def _info(self) -> HudInfo:
+        now, times, info = time.perf_counter(), self._times, self.link.info
+        status, detail, ok = self._status()
+        model = f"{info.model} x{info.scale} ({info.device}, {info.precision})" if info else "-"
+        return HudInfo(fps=times["frame"].count(now), upscaled_fps=times["round_trip"].count(now),
+                       render_ms=times["render"].median(now), round_trip_ms=times["round_trip"].median(now),
+                       infer_ms=times["infer"].median(now), model=model,
+                       random_weights=bool(info and info.random_weights), lr_size=self.cfg.lr_size,
+                       hr_size=self.cfg.hr_size, status=status, detail=detail, status_ok=ok)
+
+    def _screenshot(self) -> None:
+        """PNG of the whole window as shown (picture and HUD) into --out or the current folder."""
+        fb_w, fb_h = glfw.get_framebuffer_size(self.window)
+        self.ctx.screen.viewport = (0, 0, fb_w, fb_h)
+        pixels = read_rgb(self.ctx.screen)
+        folder = self.cfg.out or pathlib.Path.cwd()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"takdsr-demo-{time.strftime('%Y%m%d-%H%M%S')}-{self.frames:05d}.png"
+        cv2.imwrite(str(path), pixels[..., ::-1])
+        print(f"client_demo: screenshot {path}")
+
+
+def _held(keys: dict[imgui.Key, tuple[int, ...]], size: int) -> list[int]:
+    """Sum of the direction vectors of the keys held down."""
+    total = [0] * size
+    for key, vector in keys.items():
+        if imgui.is_key_down(key):
+            total = [a + b for a, b in zip(total, vector, strict=True)]
+    return total
+
+
+def _open_window(cfg: DemoConfig) -> glfw._GLFWwindow | None:
+    if not glfw.init():
+        return None
+    glfw.window_hint(glfw.CONTEXT_VERSION_MAJOR, 3)
+    glfw.window_hint(glfw.CONTEXT_VERSION_MINOR, 3)
+    glfw.window_hint(glfw.OPENGL_PROFILE, glfw.OPENGL_CORE_PROFILE)
+    glfw.window_hint(glfw.OPENGL_FORWARD_COMPAT, True)
+    window = glfw.create_window(*cfg.hr_size, f"TAKDSR upscaler demo - {cfg.scene}", None, None)
+    if not window:
+        glfw.terminate()
+        return None
+    glfw.make_context_current(window)
+    glfw.swap_interval(0)  # the loop paces itself (--max-fps); vsync would add waits we do not measure
+    return window
+
+
+def run_window(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_stop: Callable[[], bool]) -> int:
+    """Open the window and run until Esc, closing it, --exit-after or a signal; returns the exit status."""
+    window = _open_window(cfg)
+    if window is None:
+        print("client_demo: cannot open an OpenGL 3.3 window (is DISPLAY set?); use --headless without a display",
+              file=sys.stderr)
+        return EXIT_NO_WINDOW
+    try:
+        demo = _WindowDemo(cfg, window, moderngl.create_context(), link, watch)
+        try:
+            return demo.run(should_stop)
+        finally:
+            demo.close()
+    finally:
+        glfw.destroy_window(window)
+        glfw.terminate()

@@ -1,0 +1,80 @@
+"""client_demo pieces that need neither a daemon nor OpenGL: metrics, the camera rig, views, the command line."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import scenes
+from client_demo.cli import parse_args
+from client_demo.controls import VIEWS, CameraRig, ViewState
+from client_demo.frames import letterbox
+from client_demo.metrics import PSNR_CAP_DB, RollingWindow, percentiles, psnr
+
+
+def test_psnr_matches_its_definition() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-3, 4, a.shape), 0, 255).astype(np.uint8)
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 / mse))
+    assert psnr(a, a) == PSNR_CAP_DB
+    with pytest.raises(ValueError, match="one shape"):
+        psnr(a, a[:-1])
+
+
+def test_percentiles_and_rolling_window() -> None:
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
+    p = percentiles(range(101))
+    assert (p["p50"], p["p90"], p["p99"]) == (50, 90, 99)
+    window = RollingWindow(seconds=1.0)
+    for i, value in enumerate([100.0, 1.0, 2.0, 3.0]):
+        window.add(i * 0.4, value)  # at t=1.2 the first value (t=0) is older than a second
+    assert window.count(1.2) == 3 and window.median(1.2) == 2.0
+    assert window.count(10.0) == 0 and window.median(10.0) is None
+
+
+def test_camera_rig_follows_the_path_until_moved() -> None:
+    rig = CameraRig("arena", t=2.0)
+    assert rig.pose() == scenes.camera_at("arena", 2.0)
+    rig.paused = True
+    rig.advance(1.0)
+    assert rig.t == 2.0
+    start = rig.pose()
+    rig.move(forward=1, right=0, up=0, dt=0.5)
+    moved = np.subtract(rig.pose().position, start.position)
+    assert moved @ start.forward() > 0 and moved[1] == 0, "forward follows the heading, on the level"
+    rig.move(forward=0, right=1, up=0, dt=0.5)
+    right = np.subtract(rig.pose().position, start.position) - moved
+    assert abs(right @ start.forward()) < 1e-9 and np.cross(start.forward(), right)[1] < 0, "right is to the right"
+    rig.look(yaw=0.0, pitch=10.0)
+    assert rig.pose().pitch < math.pi / 2
+    rig.back_to_path()
+    assert rig.pose() == scenes.camera_at("arena", 2.0)
+
+
+def test_view_state_cycles_every_view() -> None:
+    ui = ViewState()
+    seen = []
+    for _ in VIEWS:
+        seen.append(ui.view)
+        ui.cycle_view()
+    assert sorted(seen) == sorted(VIEWS) and ui.view == VIEWS[0]
+    ui.toggle_compare()
+    assert ui.compare == "native"
+
+
+def test_letterbox_keeps_the_aspect_ratio() -> None:
+    assert letterbox(1280, 720, 1280, 720) == (0, 0, 1280, 720)
+    assert letterbox(1000, 1000, 1280, 720) == (0, 219, 1000, 562)
+
+
+def test_command_line() -> None:
+    cfg = parse_args(["--lr", "320x180", "--scale", "2", "--view", "native", "--headless"])
+    assert cfg.lr_size == (320, 180) and cfg.hr_size == (640, 360) and cfg.view == "native" and cfg.headless
+    for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--frames", "0"], ["--scene", "moon"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(bad)
+        assert exc.value.code == 2, bad
