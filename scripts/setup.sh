@@ -12,7 +12,10 @@ cd "$(dirname "$0")/.."
 EXTRAS=""
 [[ "${1:-}" == "--dev" ]] && EXTRAS="[dev]"
 TORCH_VERSION="2.13.0"
-APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri libgles2 xvfb xauth povray povray-examples)
+# EGL/llvmpipe: headless rendering; xvfb: the demo window in tests; povray: training data;
+# the rest builds and checks the C client (examples/c_client)
+APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri libgles2 xvfb xauth povray povray-examples
+    build-essential pkg-config libzmq3-dev libmsgpack-dev libpng-dev valgrind)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

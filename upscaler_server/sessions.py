@@ -121,7 +121,7 @@ class SessionTable:
         used = sum(s.shm_bytes for s in self._sessions.values())
         if used + lay_in.size + lay_out.size > self._config.max_shm_bytes:
             raise SessionError(f"the session needs {lay_in.size + lay_out.size} bytes of shared memory, "
-                               f"{self._config.max_shm_bytes - used} remain (--max-shm-bytes); use fewer slots",
+                               f"{self._config.max_shm_bytes - used} remain (--max-shm-mb); use fewer slots",
                                ErrorCode.RESOURCE_LIMIT)
         session_id = self._new_id()
         ring_in = Ring.create(segment_name(os.getpid(), session_id, "in"), lay_in)

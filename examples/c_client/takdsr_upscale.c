@@ -1,0 +1,189 @@
+/* takdsr_upscale: upscale one frame (a .ppm/.png file or a generated pattern) through the daemon's shared memory.
+ *
+ *   takdsr_upscale [-e ENDPOINT] (-i IN.png|IN.ppm | -p WxH) [-f FORMAT] [-s SLOTS] [-n FRAMES] [-t MS] -o OUT
+ *
+ * The frame is submitted FRAMES times, pipelined over SLOTS slots (BUSY replies are retried), and the last result is
+ * written to OUT (.png or .ppm). Exit status: 0 on success, 1 on any error (printed with the daemon's code and
+ * message), 2 for bad arguments. */
+#define _DEFAULT_SOURCE /* nanosleep */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "image_io.h"
+#include "takdsr_client.h"
+
+typedef struct options {
+    const char *endpoint, *input, *output, *format;
+    uint32_t pattern_w, pattern_h, slots, frames;
+    int timeout_ms;
+} options;
+
+static int usage(const char *argv0) {
+    fprintf(stderr,
+            "usage: %s [-e ENDPOINT] (-i IN.png|IN.ppm | -p WxH) [-f RGB8|BGR8|RGBA8|BGRA8] [-s SLOTS] [-n FRAMES]\n"
+            "          [-t TIMEOUT_MS] -o OUT.png|OUT.ppm\n",
+            argv0);
+    return 2;
+}
+
+static int parse(int argc, char **argv, options *o) {
+    *o = (options){.format = "RGB8", .slots = 2, .frames = 1, .timeout_ms = 10000};
+    static const struct option longs[] = {
+        {"endpoint", required_argument, NULL, 'e'}, {"input", required_argument, NULL, 'i'},
+        {"pattern", required_argument, NULL, 'p'},  {"format", required_argument, NULL, 'f'},
+        {"slots", required_argument, NULL, 's'},    {"frames", required_argument, NULL, 'n'},
+        {"timeout", required_argument, NULL, 't'},  {"output", required_argument, NULL, 'o'},
+        {NULL, 0, NULL, 0}};
+    int opt;
+    while ((opt = getopt_long(argc, argv, "e:i:p:f:s:n:t:o:", longs, NULL)) != -1) {
+        switch (opt) {
+        case 'e': o->endpoint = optarg; break;
+        case 'i': o->input = optarg; break;
+        case 'p':
+            if (sscanf(optarg, "%ux%u", &o->pattern_w, &o->pattern_h) != 2) return -1;
+            break;
+        case 'f': o->format = optarg; break;
+        case 's': o->slots = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 'n': o->frames = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 't': o->timeout_ms = atoi(optarg); break;
+        case 'o': o->output = optarg; break;
+        default: return -1;
+        }
+    }
+    bool one_source = (o->input != NULL) != (o->pattern_w > 0);
+    return optind == argc && one_source && o->output && o->slots > 0 && o->frames > 0 ? 0 : -1;
+}
+
+/* Byte index of R, G, B in a pixel of `format`, and whether it has alpha (section 6.3 of docs/protocol.md). */
+static void layout(const char *format, int rgb[3], bool *alpha) {
+    bool bgr = format[0] == 'B';
+    rgb[0] = bgr ? 2 : 0, rgb[1] = 1, rgb[2] = bgr ? 0 : 2;
+    *alpha = strchr(format, 'A') != NULL;
+}
+
+/* RGB(A) image -> a slot in `format` (alpha 255 when the image has none). */
+static void to_slot(const image *img, const takdsr_geometry *g, uint8_t *slot) {
+    int rgb[3];
+    bool alpha;
+    layout(g->format, rgb, &alpha);
+    for (size_t i = 0; i < (size_t)img->width * img->height; i++) {
+        const uint8_t *src = img->pixels + i * img->channels;
+        uint8_t *dst = slot + i * g->channels;
+        for (int c = 0; c < 3; c++) dst[rgb[c]] = src[c];
+        if (alpha) dst[3] = img->channels == 4 ? src[3] : 255;
+    }
+}
+
+/* An output slot in `format` -> RGB or RGBA image. */
+static void from_slot(const uint8_t *slot, const takdsr_geometry *g, image *img) {
+    int rgb[3];
+    bool alpha;
+    layout(g->format, rgb, &alpha);
+    for (size_t i = 0; i < (size_t)img->width * img->height; i++) {
+        const uint8_t *src = slot + i * g->channels;
+        uint8_t *dst = img->pixels + i * img->channels;
+        for (int c = 0; c < 3; c++) dst[c] = src[rgb[c]];
+        if (img->channels == 4) dst[3] = src[3];
+    }
+}
+
+static int report(takdsr_client *c, const char *what) {
+    const takdsr_error *e = takdsr_last_error(c);
+    if (e->status == TAKDSR_E_SERVER)
+        fprintf(stderr, "error: %s: daemon error %d %s: %s\n", what, e->code, e->name, e->message);
+    else
+        fprintf(stderr, "error: %s: %s: %s\n", what, takdsr_status_name(e->status), e->message);
+    return 1;
+}
+
+static void pause_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+/* Waits for one finished frame (a BUSY frame is resubmitted after a growing pause) and frees its slot in busy[];
+ * sets *last_slot when frame `last` is done. */
+static int collect(takdsr_client *c, takdsr_session *s, uint64_t last, bool *busy, int *last_slot,
+                   uint64_t *total_us) {
+    long pause = 1;
+    for (;;) {
+        takdsr_event ev;
+        if (takdsr_wait(c, -1, &ev) != TAKDSR_OK) return report(c, "waiting for a frame");
+        if (ev.status == TAKDSR_OK) {
+            *total_us += ev.timings.total_us;
+            if (ev.frame == last) *last_slot = (int)ev.slot;
+            busy[ev.slot] = false;
+            return 0;
+        }
+        if (ev.error.code != TAKDSR_BUSY || pause > 1000) {
+            fprintf(stderr, "error: frame %llu: daemon error %d %s: %s\n", (unsigned long long)ev.frame, ev.error.code,
+                    ev.error.name, ev.error.message);
+            return 1;
+        }
+        pause_ms(pause);
+        pause = pause < 50 ? pause * 2 : pause + 50;
+        if (takdsr_submit(s, ev.slot, ev.frame) != TAKDSR_OK) return report(c, "resubmitting a busy frame");
+    }
+}
+
+/* Submits the frame o->frames times over the session's slots and copies the last result into out. */
+static int run_frames(takdsr_client *c, takdsr_session *s, const options *o, const image *lr, image *out) {
+    const takdsr_geometry *g = takdsr_session_geometry(s);
+    int last_slot = -1;
+    uint64_t total_us = 0;
+    bool busy[64] = {false}; /* slots in flight; a session has at most 64 */
+    for (uint32_t f = 1; f <= o->frames; f++) {
+        while (takdsr_pending(c) >= g->slots)
+            if (collect(c, s, o->frames, busy, &last_slot, &total_us)) return 1;
+        uint32_t slot = 0;
+        while (busy[slot]) slot++;
+        to_slot(lr, g, takdsr_session_input(s, slot));
+        if (takdsr_submit(s, slot, f) != TAKDSR_OK) return report(c, "submitting a frame");
+        busy[slot] = true;
+    }
+    while (takdsr_pending(c) > 0)
+        if (collect(c, s, o->frames, busy, &last_slot, &total_us)) return 1;
+    from_slot(takdsr_session_output(s, (uint32_t)last_slot), g, out);
+    printf("%u frame(s) %ux%u -> %ux%u %s, mean daemon time %.2f ms\n", o->frames, g->width, g->height,
+           g->out_width, g->out_height, g->format, (double)total_us / 1000.0 / o->frames);
+    return 0;
+}
+
+static int upscale(takdsr_client *c, const options *o, const image *lr, image *out) {
+    takdsr_info info;
+    if (takdsr_hello(c, "takdsr_upscale (C)", &info) != TAKDSR_OK) return report(c, "hello");
+    printf("daemon %s: model %s x%u on %s (%s)%s\n", info.server, info.model, info.scale, info.device, info.precision,
+           info.random_weights ? " [RANDOM WEIGHTS: output is noise]" : "");
+    takdsr_session *s;
+    if (takdsr_session_open(c, lr->width, lr->height, o->format, o->slots, &s) != TAKDSR_OK)
+        return report(c, "opening a session");
+    const takdsr_geometry *g = takdsr_session_geometry(s);
+    int rc = 1;
+    if (g->width != lr->width || g->height != lr->height)
+        fprintf(stderr, "error: the daemon opened a %ux%u session\n", g->width, g->height);
+    else if (image_pattern(g->out_width, g->out_height, g->channels, out) != 0)
+        fprintf(stderr, "error: out of memory\n");
+    else
+        rc = run_frames(c, s, o, lr, out);
+    if (takdsr_session_close(s) != TAKDSR_OK && rc == 0) rc = report(c, "closing the session");
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    options o;
+    if (parse(argc, argv, &o) != 0) return usage(argv[0]);
+    image lr = {0}, hr = {0};
+    bool alpha = strchr(o.format, 'A') != NULL;
+    if (o.input ? image_load(o.input, &lr) != 0 : image_pattern(o.pattern_w, o.pattern_h, alpha ? 4 : 3, &lr) != 0)
+        return 1;
+    takdsr_client *c = takdsr_client_new(o.endpoint, o.timeout_ms);
+    int rc = c ? upscale(c, &o, &lr, &hr) : 1;
+    if (rc == 0) rc = image_save(o.output, &hr) == 0 ? 0 : 1;
+    takdsr_client_free(c);
+    image_free(&lr);
+    image_free(&hr);
+    return rc;
+}

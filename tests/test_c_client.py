@@ -1,0 +1,103 @@
+"""The C client example (examples/c_client) against a live daemon: it builds with make, its output equals the Python
+client's byte for byte, it reports error replies, and valgrind finds no leak or memory error in it."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+
+from upscaler_server.client import UpscalerClient
+
+from server_utils import REPO, Daemon, make_checkpoint, run_server
+
+C_DIR = REPO / "examples" / "c_client"
+DEBIAN_PACKAGES = "build-essential pkg-config libzmq3-dev libmsgpack-dev libpng-dev valgrind"
+RUN_TIMEOUT = 120  # seconds; valgrind on a loaded 2-core machine is slow
+
+
+@pytest.fixture(scope="module")
+def binary() -> pathlib.Path:
+    missing = [tool for tool in ("cc", "make", "pkg-config") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found: apt-get install {DEBIAN_PACKAGES} (or bash scripts/setup.sh)")
+    build = subprocess.run(["nice", "make", "-C", str(C_DIR)], capture_output=True, text=True, timeout=300)
+    if build.returncode != 0:
+        pytest.fail(f"make -C examples/c_client failed; it needs the Debian packages {DEBIAN_PACKAGES}:\n"
+                    f"{build.stdout}{build.stderr}")
+    return C_DIR / "build" / "takdsr_upscale"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.safetensors")
+    with run_server("--checkpoint", str(checkpoint), "--device", "cpu", "--threads", "1") as d:
+        yield d
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+
+def _python_upscale(daemon: Daemon, frame: np.ndarray, fmt: str) -> np.ndarray:
+    with UpscalerClient(daemon.endpoint, timeout=30, name="pytest-c-compare") as client:
+        return client.upscale(frame, fmt)
+
+
+def _pattern(width: int, height: int) -> np.ndarray:
+    """The C program's generated RGBA pattern (image_io.c, image_pattern)."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgba = [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), np.where((x // 4 + y // 4) & 1, 220, 30),
+            (x * 7 + y * 13) & 0xFF]
+    return np.stack(rgba, axis=-1).astype(np.uint8)
+
+
+def test_ppm_file_matches_the_python_client(binary: pathlib.Path, daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    rgb = np.random.default_rng(3).integers(0, 256, (27, 41, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "in.ppm"), rgb[..., ::-1])  # OpenCV's header has a comment line: parsed too
+    out = tmp_path / "out.ppm"
+    result = _run([str(binary), "-e", daemon.endpoint, "-i", str(tmp_path / "in.ppm"), "-o", str(out)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    c_output = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    np.testing.assert_array_equal(c_output, _python_upscale(daemon, rgb, "RGB8"))
+    assert not daemon.segments(), "the C client's session was not closed"
+
+
+def test_pipelined_bgra_pattern_matches_the_python_client(binary: pathlib.Path, daemon: Daemon,
+                                                          tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "out.png"
+    cmd = [str(binary), "-e", daemon.endpoint, "-p", "33x20", "-f", "BGRA8", "-s", "3", "-n", "5", "-o", str(out)]
+    result = _run(cmd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 frame(s) 33x20 -> 66x40 BGRA8" in result.stdout
+    rgba = _pattern(33, 20)
+    expected = _python_upscale(daemon, np.ascontiguousarray(rgba[..., [2, 1, 0, 3]]), "BGRA8")
+    np.testing.assert_array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), expected)  # both BGRA
+
+
+def test_error_reply_is_printed_with_its_code(binary: pathlib.Path, daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    result = _run([str(binary), "-e", daemon.endpoint, "-p", "10x30", "-o", str(tmp_path / "x.ppm")])
+    assert result.returncode == 1
+    assert "daemon error 14 SIZE_TOO_SMALL" in result.stderr and "minimum" in result.stderr
+
+
+def test_silent_daemon_is_a_timeout(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    result = _run([str(binary), "-e", endpoint, "-p", "20x20", "-t", "300", "-o", str(tmp_path / "x.ppm")])
+    assert result.returncode == 1 and "TIMEOUT" in result.stderr
+
+
+def test_no_leak_under_valgrind(binary: pathlib.Path, daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    if shutil.which("valgrind") is None:
+        pytest.fail(f"valgrind not found: apt-get install {DEBIAN_PACKAGES} (or bash scripts/setup.sh)")
+    cmd = ["nice", "valgrind", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect,possible",
+           "--error-exitcode=1", str(binary), "-e", daemon.endpoint, "-p", "32x24", "-f", "RGBA8", "-s", "2",
+           "-n", "3", "-o", str(tmp_path / "out.png")]
+    result = _run(cmd)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "ERROR SUMMARY: 0 errors" in result.stderr, result.stderr[-6000:]

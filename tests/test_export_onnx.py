@@ -1,0 +1,110 @@
+"""ONNX export (upscaler_server.export): onnxruntime (CPU) reproduces PyTorch for every student family, with static
+and dynamic shapes, float and uint8 I/O; the uint8 graph reproduces the daemon's conversion; the CLI refuses what it
+cannot export.
+
+Tolerances (docs/integration.md): float I/O max abs diff <= 1e-4; uint8 I/O at most 1 level and < 0.1% of bytes."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import models
+from upscaler_server import export
+from upscaler_server.engine import TorchEngine
+
+FLOAT_TOL = 1e-4
+UINT8_MAX_FRACTION = 1e-3  # bytes that may differ by one level (a float landing on the other side of .5)
+SIZES = [(20, 24), (37, 51)]  # (H, W); RLFN/RFDN need >= 15; odd sizes exercise ESA's pooling and interpolation
+SMALL = {"rlfn_s": {"channels": 16}, "rfdn_s": {"channels": 16}, "pan_s": {"channels": 16, "up_channels": 8}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _network(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return models.build_model(name, **SMALL[name]).eval()
+
+
+def _session(path: pathlib.Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session: ort.InferenceSession, x: torch.Tensor) -> np.ndarray:
+    return session.run(["hr"], {"lr": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_float_io_matches_pytorch(name: str, dynamic: bool, tmp_path: pathlib.Path) -> None:
+    network = _network(name)
+    path = tmp_path / f"{name}.onnx"
+    export.export_onnx(network, path, io="float", height=SIZES[0][0], width=SIZES[0][1], dynamic=dynamic)
+    session = _session(path)
+    for h, w in SIZES if dynamic else SIZES[:1]:
+        x = export.example_input("float", h, w, seed=h)
+        with torch.no_grad():
+            expected = network(x).numpy()  # (1, 3, 2h, 2w)
+        got = _run(session, x)
+        assert got.shape == expected.shape == (1, 3, 2 * h, 2 * w)
+        assert np.abs(got - expected).max() <= FLOAT_TOL
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_uint8_io_matches_the_daemon_conversion(name: str, tmp_path: pathlib.Path) -> None:
+    network = _network(name)
+    path = tmp_path / f"{name}_u8.onnx"
+    export.export_onnx(network, path, io="uint8", height=SIZES[0][0], width=SIZES[0][1], dynamic=True)
+    session = _session(path)
+    engine = TorchEngine(network, name=name, device="cpu", precision="fp32", weights=None, threads=1)
+    for h, w in SIZES:
+        x = export.example_input("uint8", h, w, seed=w)  # (1, h, w, 3) RGB
+        got = _run(session, x)
+        assert got.dtype == np.uint8 and got.shape == (1, 2 * h, 2 * w, 3)
+        for expected in (engine.run(x[0].numpy(), "RGB8"), export.Uint8IO(network)(x)[0].numpy()):
+            diff = np.abs(got[0].astype(np.int16) - expected.astype(np.int16))
+            assert diff.max() <= 1 and (diff > 0).mean() < UINT8_MAX_FRACTION
+
+
+def test_static_export_fixes_the_size(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "static.onnx"
+    export.export_onnx(_network("rlfn_s"), path, io="uint8", height=16, width=18)
+    shape = onnx.load(str(path)).graph.input[0].type.tensor_type.shape
+    assert [d.dim_value for d in shape.dim] == [1, 16, 18, 3]
+    with pytest.raises(ValueError, match="minimum input size"):
+        export.export_onnx(_network("rlfn_s"), tmp_path / "tiny.onnx", height=14, width=18)
+
+
+def test_cli_exports_a_checkpoint_with_metadata(tmp_path: pathlib.Path) -> None:
+    ckpt = models.save_checkpoint(_network("rfdn_s"), tmp_path / "student.safetensors", role="student")
+    out = tmp_path / "student.onnx"
+    argv = ["--checkpoint", str(ckpt), "--io", "float", "--height", "16", "--width", "20", "-o", str(out)]
+    assert export.main(argv) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["takdsr.io"] == "float" and props["takdsr.scale"] == "2" and props["takdsr.min_size"] == "15"
+    assert props["takdsr.weights"] == str(ckpt) and props["takdsr.model"].startswith("rfdn student 16ch")
+
+
+def test_cli_refuses_teachers_and_a_missing_student(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert export.main(["--model", "pan_teacher", "-o", str(tmp_path / "t.onnx")]) == 3
+    assert "not an LR -> HR decoder" in capsys.readouterr().err
+    monkeypatch.setattr(models, "DEFAULT_STUDENT_PATH", tmp_path / "absent.safetensors")
+    assert export.main(["-o", str(tmp_path / "s.onnx")]) == 3
+    assert "not found" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.onnx"))
