@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 
 from training.data import DataConfig
+from training.data.config import known_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,13 +181,7 @@ def _parse_value(text: str) -> Any:
 
 
 def _section(cls: type, values: Any, name: str) -> Any:
-    if not isinstance(values, dict):
-        raise ValueError(f"[{name}] must be a table")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) in [{name}]: {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    return cls(**known_fields(cls, values, f"[{name}]"))
 
 
 def _validate(config: Config) -> None:

@@ -12,7 +12,7 @@ from training.data.images import DatasetError
 from training.data.paths import default_eval_dir
 from training.data.sources import FolderSource, LrKind, SceneSource
 
-__all__ = ["DataConfig", "SourceConfig", "build_eval_dataset", "build_train_dataset"]
+__all__ = ["DataConfig", "SourceConfig", "build_eval_dataset", "build_train_dataset", "known_fields"]
 
 
 @dataclass
@@ -68,14 +68,14 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
         """Build from plain data (a parsed TOML/YAML table); unknown keys raise ValueError at every level."""
-        top = _known(cls, data, "data")
+        top = known_fields(cls, data, "data")
         if "sources" not in top:
             raise ValueError("data.sources is required (a list of source tables)")
         top["sources"] = [_source(s, f"data.sources[{i}]") for i, s in enumerate(top["sources"])]
         if "eval" in top:
             top["eval"] = _source(top["eval"], "data.eval")
         if "augment" in top:
-            augment = _known(AugmentConfig, top["augment"], "data.augment")
+            augment = known_fields(AugmentConfig, top["augment"], "data.augment")
             if "blend_alpha" in augment:
                 augment["blend_alpha"] = tuple(augment["blend_alpha"])
             top["augment"] = AugmentConfig(**augment)
@@ -95,7 +95,8 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def _known(cls: type, data: Any, where: str) -> dict[str, Any]:
+def known_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """`data` as keyword arguments for the dataclass `cls`; a ValueError names any unknown key."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a table, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -106,7 +107,7 @@ def _known(cls: type, data: Any, where: str) -> dict[str, Any]:
 
 
 def _source(data: Any, where: str) -> SourceConfig:
-    fields = _known(SourceConfig, data, where)
+    fields = known_fields(SourceConfig, data, where)
     if "kind" not in fields:
         raise ValueError(f"{where}.kind is required ('folder' or 'scenes')")
     return SourceConfig(**fields)
