@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from models import Teacher, count_macs, count_parameters, load_checkpoint
 from training.config import Config
@@ -132,7 +133,7 @@ def evaluate(
     plus uint8 crops (for the side-by-side figure) of the first `keep_crops` images, ground truth under "GT"."""
     results: dict[str, Any] = {name: {"per_image": {}} for name in predictors}
     crops: dict[str, list[np.ndarray]] = {name: [] for name in [*predictors, "GT"]}
-    for index, image in enumerate(images):
+    for index, image in enumerate(tqdm(images, desc="evaluate", unit="image", leave=False)):
         lr, hr = image.lr.unsqueeze(0), image.hr.unsqueeze(0)
         region = _detail_region(image.hr, scale) if index < keep_crops else None
         if region is not None:
