@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 
+import cv2
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["image_metrics", "psnr", "quantize", "ssim", "to_y"]
 
@@ -46,25 +47,35 @@ def psnr(sr: torch.Tensor, hr: torch.Tensor, *, shave: int = 0, y_only: bool = F
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    kernel_1d = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel_1d /= kernel_1d.sum()
-    return torch.outer(kernel_1d, kernel_1d).view(1, 1, size, size)
+def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    coords = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    kernel = np.exp(-(coords**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def _blur(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """(H, W) float64 -> the 11x11 Gaussian window's mean at every valid (unpadded) position.
+    OpenCV's separable filter is exact in float64 and ~20x faster than a float64 conv2d here; the
+    border mode does not matter because the border rows are cropped away."""
+    radius = len(kernel) // 2
+    full = cv2.sepFilter2D(x, cv2.CV_64F, kernel, kernel, borderType=cv2.BORDER_REFLECT)
+    return full[radius:-radius, radius:-radius]
 
 
 def ssim(sr: torch.Tensor, hr: torch.Tensor, *, shave: int = 0, y_only: bool = False) -> float:
     """Mean SSIM over the valid (unpadded) window positions, averaged over channels."""
-    a, b = _prepare(sr, hr, shave, y_only)
-    window = _gaussian_window().to(a.device)
+    a_all, b_all = (t.cpu().numpy() for t in _prepare(sr, hr, shave, y_only))
+    kernel = _gaussian_1d()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    a, b = a.unsqueeze(1), b.unsqueeze(1)  # (C, 1, H, W): one SSIM map per channel
-    mu_a, mu_b = F.conv2d(a, window), F.conv2d(b, window)
-    var_a = F.conv2d(a * a, window) - mu_a**2
-    var_b = F.conv2d(b * b, window) - mu_b**2
-    cov = F.conv2d(a * b, window) - mu_a * mu_b
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return ssim_map.mean().item()
+    means = []
+    for a, b in zip(a_all, b_all, strict=True):  # one SSIM map per channel
+        mu_a, mu_b = _blur(a, kernel), _blur(b, kernel)
+        var_a = _blur(a * a, kernel) - mu_a**2
+        var_b = _blur(b * b, kernel) - mu_b**2
+        cov = _blur(a * b, kernel) - mu_a * mu_b
+        ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        means.append(ssim_map.mean())
+    return float(np.mean(means))
 
 
 def image_metrics(sr: torch.Tensor, hr: torch.Tensor, scale: int) -> dict[str, float]:
