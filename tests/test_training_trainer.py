@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from models import Teacher, build_model, load_checkpoint, load_model
 from training.config import StageConfig, load_config
 from training.distill import Distillation, Guide, TrainedModel
-from training.pipeline import run_pipeline
+from training.pipeline import pipeline_stages, run_pipeline
 from training.ship import ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _Trainer, train_stage
 
@@ -255,3 +255,19 @@ def test_latency_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     timing = json.loads(output.read_text())["rlfn_s"]
     assert timing["median_ms"] > 0 and timing["input"] == "64x48"
+
+
+def test_two_tas_get_dense_guidance(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, experiment={"teacher_blocks": 4, "ta_blocks": [3, 2]})
+    stages = {stage.name: stage for stage in pipeline_stages(config, tmp_path)}
+    final = {name: str(tmp_path / name / "final.safetensors") for name in stages}
+    assert stages["ta1"].guides == [final["teacher"]] and stages["ta1"].blocks == 3
+    assert stages["ta2"].guides == [final["teacher"], final["ta1"]] and stages["ta2"].blocks == 2
+    assert stages["student_takdsr"].guides == [final["teacher"], final["ta1"], final["ta2"]]
+    assert stages["student_pisr"].guides == [final["teacher_continuous"]] and not stages["student_alone"].guides
+
+    teacher, ta1 = _teacher(), build_model("rlfn", channels=8, blocks=1).eval()
+    ta2 = build_model("rlfn", channels=8, blocks=1)
+    guides = [Guide("teacher", teacher), Guide("ta1", ta1, (0.3, 0.7))]
+    terms = Distillation(TrainedModel(ta2), guides, mix=(0.3, 0.7))(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32))
+    assert {"out_teacher", "feat_teacher", "out_ta1", "feat_ta1"} <= set(terms)
