@@ -114,17 +114,20 @@ class _Trainer:
         )
         self.autocast_dtype = _autocast_dtype(config.runtime.amp, self.device)
         self.stop_requested = False
+        self.started = 0.0
+        self.seconds_before = 0.0  # wall time of the segments before a resume
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, resume: bool) -> StageResult:
         start_step = self._load_state() if resume else 0
+        self.started = time.perf_counter()
         if self.dist.main:
             self._write_run_files(start_step)
         loss_module = self._distillation()
         batches = iter(self._loader(start_step))
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        started, step, total = time.perf_counter(), start_step, math.nan
+        step, total = start_step, math.nan
         progress = tqdm(
             total=self.steps, initial=start_step, desc=self.config.stage.name,
             disable=not (self.dist.main and self.config.runtime.progress), dynamic_ncols=True,
@@ -144,7 +147,7 @@ class _Trainer:
         finally:
             progress.close()
             signal.signal(signal.SIGINT, previous_handler)
-        seconds = time.perf_counter() - started
+        seconds = self._elapsed()
         checkpoint = self._save_final(step, seconds, total) if self.dist.main else self.run_dir / FINAL_FILE
         return StageResult(checkpoint, step, seconds, total)
 
@@ -162,6 +165,10 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return {name: value.item() for name, value in terms.items()}
+
+    def _elapsed(self) -> float:
+        """Training wall time, summed over every segment of a resumed run."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.stop_requested:  # a second Ctrl-C forces
@@ -223,6 +230,7 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "seconds": self._elapsed(),
         }
         tmp = self.run_dir / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
@@ -238,6 +246,7 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
+        self.seconds_before = float(state.get("seconds", 0.0))
         return int(state["step"])
 
     def _save_final(self, steps: int, seconds: float, final_loss: float) -> Path:
