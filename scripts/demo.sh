@@ -20,4 +20,11 @@ if [[ -z "${DISPLAY:-}" && -z "${WAYLAND_DISPLAY:-}" ]]; then
     mode=(--headless --out demo_out)
     echo "[demo] no display: rendering headless into demo_out/ (frames/*.png, demo.mp4, stats.json)" >&2
 fi
-exec .venv/bin/python -m client_demo --spawn-server "${mode[@]}" "$@"
+# Without an NVIDIA GPU the student runs on the CPU, which manages a few frames per second at 320x180 LR but
+# not 640x360 (docs/demo.md has the numbers): start small there. A later --lr in "$@" wins.
+size=()
+if ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
+    size=(--lr 320x180)
+    echo "[demo] no NVIDIA GPU: the student runs on the CPU; starting at --lr 320x180" >&2
+fi
+exec .venv/bin/python -m client_demo --spawn-server "${mode[@]}" "${size[@]}" "$@"
