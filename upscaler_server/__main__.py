@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from upscaler_server.config import Config, default_endpoint
+from upscaler_server.config import Config, add_backend_arguments, default_endpoint
 from upscaler_server.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -39,8 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint (default: the bundled student)")
     src.add_argument("--model", help="run this registered model with RANDOM weights (benchmarks and tests only)")
-    p.add_argument("--backend", choices=["torch", "nearest"], default=defaults.backend,
-                   help="nearest: nearest-neighbour copy without a model, to measure transport alone")
+    add_backend_arguments(p, defaults.backend)
     p.add_argument("--scale", type=int, default=defaults.scale, help="scale of --model and of the nearest backend")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=defaults.device)
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=defaults.precision,
@@ -65,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Config:
     return Config(endpoint=args.endpoint or default_endpoint(), checkpoint=args.checkpoint, model=args.model,
                   backend=args.backend, scale=args.scale, device=args.device, precision=args.precision,
-                  threads=args.threads, cuda_graphs=args.cuda_graphs, max_width=args.max_width,
+                  threads=args.threads, cuda_graphs=args.cuda_graphs, cache_dir=args.cache_dir,
+                  auto_backends=tuple(args.auto_backends), tune_sizes=tuple(args.tune_sizes), max_width=args.max_width,
                   max_height=args.max_height, max_pixels=args.max_pixels, max_slots=args.max_slots,
                   max_sessions=args.max_sessions, max_shm_bytes=args.max_shm_mb << 20, max_queue=args.max_queue,
                   lease_timeout=args.lease_timeout)

@@ -11,6 +11,9 @@ costs about one write of the output) is timed per round trip for each LR size, R
 
 End to end: a daemon with the real student (the bundled or given checkpoint; random-init ``rlfn_s`` while no
 trained weights exist, said so in the output), frames per second and p50/p99 latency of synchronous round trips.
+
+Backends (``--backends eager,compile,onnxruntime,...``): instead of the two parts above, a backend x LR size table
+of model-only and end-to-end times, speed-up over fp32 eager and accuracy against it (see ``bench_backends``).
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ import cv2
 import numpy as np
 
 from upscaler_server.client import UpscalerClient
+from upscaler_server.config import parse_size
 from upscaler_server.errors import ServerUnavailableError
 
 __all__ = ["end_to_end", "main", "transport"]
 
 SIZES = ((640, 360), (1280, 720), (1920, 1080))
+BACKEND_SIZES = ((320, 180), (640, 360), (1280, 720), (1920, 1080))
 
 
 @contextlib.contextmanager
@@ -185,25 +190,30 @@ def _print_tables(result: dict[str, Any]) -> None:
               f"{r['infer_ms']:8.1f}")
 
 
-def _size(text: str) -> tuple[int, int]:
-    w, _, h = text.lower().partition("x")
-    return int(w), int(h)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; prints the tables and optionally writes JSON."""
     p = argparse.ArgumentParser(prog="python -m upscaler_server.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
-    p.add_argument("--sizes", type=_size, nargs="+", default=list(SIZES), help="LR sizes WxH for both parts")
-    p.add_argument("--e2e-sizes", type=_size, nargs="+", help="LR sizes of the end-to-end part (default: --sizes)")
+    p.add_argument("--sizes", type=_sizes, nargs="+", help="LR sizes WxH (space- or comma-separated) for both parts "
+                   "(default: 640x360 1280x720 1920x1080; with --backends also 320x180)")
+    p.add_argument("--e2e-sizes", type=_sizes, nargs="+", help="LR sizes of the end-to-end part (default: --sizes)")
     p.add_argument("--repeats", type=int, default=30, help="transport round trips per size")
     p.add_argument("--frames", type=int, default=20, help="end-to-end frames per size (at least 3)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per end-to-end size before stopping early")
     p.add_argument("--checkpoint", type=pathlib.Path, help="student for the end-to-end part")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="daemon CPU threads (0: all usable cores)")
-    p.add_argument("--skip-e2e", action="store_true", help="transport only")
+    p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
+    p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
+                   help="compare these backends (eager, compile, onnxruntime, tensorrt, each optionally -fp32/-bf16/"
+                   "-fp16, e.g. compile-bf16) instead of the transport and end-to-end parts")
+    p.add_argument("--cache-dir", type=pathlib.Path, help="ONNX/TensorRT cache for --backends")
     args = p.parse_args(argv)
+    default_sizes = [list(BACKEND_SIZES if args.backends else SIZES)]
+    args.sizes = [s for group in args.sizes or default_sizes for s in group]
+    args.e2e_sizes = [s for group in args.e2e_sizes for s in group] if args.e2e_sizes else None
+    if args.backends:
+        return _backends_main(args)
     result: dict[str, Any] = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                                           "cpus": os.cpu_count()},
                               "transport_repeats": args.repeats, "transport": transport(args.sizes, args.repeats)}
@@ -215,6 +225,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
         result["end_to_end"] = {"weights": weights, **info, "rows": rows}
     _print_tables(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [parse_size(t) for t in text.split(",") if t]
+
+
+def _backends_main(args: argparse.Namespace) -> int:
+    from upscaler_server.bench_backends import compare_backends, print_backend_table
+
+    e2e_sizes = [] if args.skip_e2e else (args.e2e_sizes or args.sizes)
+    result = compare_backends(args.backends, args.sizes, checkpoint=args.checkpoint, device=args.device,
+                              threads=args.threads, frames=args.frames, budget_s=args.budget, e2e_sizes=e2e_sizes,
+                              cache_dir=args.cache_dir)
+    result["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                         "load": os.getloadavg()}
+    print_backend_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import stat
@@ -10,14 +11,16 @@ from typing import Literal
 
 from upscaler_server.errors import ConfigError
 
-__all__ = ["ENDPOINT_ENV", "Config", "default_endpoint", "runtime_dir"]
+__all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "default_endpoint", "parse_size",
+           "runtime_dir"]
 
 # Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
 ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
 
 Device = Literal["auto", "cuda", "cpu"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-Backend = Literal["torch", "nearest"]
+Backend = Literal["auto", "eager", "torch", "compile", "onnxruntime", "tensorrt", "nearest"]
+BACKEND_CHOICES = ("auto", "eager", "torch", "compile", "onnxruntime", "tensorrt", "nearest")
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,17 @@ class Config:
     endpoint: str  # ZeroMQ endpoint the ROUTER binds: ipc://PATH or tcp://127.0.0.1:PORT
     checkpoint: pathlib.Path | None = None  # student checkpoint; None with model=None: the bundled student
     model: str | None = None  # registered architecture with random weights instead of a checkpoint (benchmarks)
-    backend: Backend = "torch"  # "nearest": nearest-neighbour copy, no model (transport benchmarks, tests)
+    # eager (alias torch): PyTorch; compile: torch.compile; onnxruntime; tensorrt (CUDA); auto: the fastest of those
+    # within tolerance of fp32 eager, measured per resolution; nearest: nearest-neighbour copy, no model (tests)
+    backend: Backend = "eager"
     scale: int = 2  # upscale factor of the nearest backend and of --model (a checkpoint knows its own)
     device: Device = "auto"  # auto: CUDA when available, else CPU
     precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     threads: int = 0  # CPU intra-op threads; 0: the cores this process may run on
     cuda_graphs: bool = False  # capture one CUDA graph per resolution after warm-up
+    cache_dir: pathlib.Path | None = None  # auto's measurements, ONNX/TensorRT files; None: $TAKDSR_CACHE_DIR or XDG
+    auto_backends: tuple[str, ...] = ()  # backends auto may pick from; empty: every available one
+    tune_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) auto measures at start-up, not on first frame
     max_width: int = 3840  # largest low-resolution frame width
     max_height: int = 2160  # largest low-resolution frame height
     max_pixels: int = 3840 * 2160  # largest low-resolution width * height
@@ -63,6 +71,29 @@ class Config:
     def max_message_bytes(self) -> int:
         """Largest message the daemon accepts: an inline 4-channel frame at the size limit plus headers."""
         return self.max_pixels * 4 + 4096
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"640x360"`` -> (640, 360); ValueError otherwise (argparse reports it)."""
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise ValueError(f"{text!r} is not WIDTHxHEIGHT")
+    return int(w), int(h)
+
+
+def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    """--backend, --cache-dir, --auto-backends and --tune-sizes (the daemon and the offline CLI share them)."""
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=default,
+                   help="eager (alias torch): PyTorch; compile: torch.compile; onnxruntime; tensorrt (CUDA); auto: the "
+                   "fastest of those within 2 levels / 50 dB of fp32 eager, measured per resolution and cached; "
+                   "nearest: nearest-neighbour copy without a model, to measure transport alone")
+    p.add_argument("--cache-dir", type=pathlib.Path, help="auto's measurements, ONNX and TensorRT files (default: "
+                   "$TAKDSR_CACHE_DIR, else $XDG_CACHE_HOME/takdsr or ~/.cache/takdsr)")
+    p.add_argument("--auto-backends", type=lambda t: [b for b in t.split(",") if b], default=[],
+                   metavar="B1,B2", help="what auto may pick from: backends (eager,compile,onnxruntime,tensorrt) or "
+                   "labels (eager-bf16, compile-fp32); default all available")
+    p.add_argument("--tune-sizes", type=parse_size, nargs="*", default=[], metavar="WxH",
+                   help="LR sizes auto measures at start-up instead of on their first frame")
 
 
 def runtime_dir() -> pathlib.Path:

@@ -13,13 +13,15 @@ Results are deterministic for a given device, precision and CPU thread count (on
 different thread count may change the last bit of a float and, rarely, a rounded uint8 value).
 - :class:`NearestEngine`: nearest-neighbour copy, no model; measures transport alone (benchmarks, tests).
 
-Later backends (torch.compile, onnxruntime, TensorRT) subclass :class:`Engine` and implement ``upscale``.
+Faster backends (``torch.compile``, onnxruntime, TensorRT) and ``auto``, which picks the fastest accurate one per
+resolution by measurement, live in :mod:`upscaler_server.backends`; :func:`create_engine` builds any of them.
 """
 
 from __future__ import annotations
 
 import abc
 import collections
+import hashlib
 import logging
 import os
 import pathlib
@@ -34,7 +36,8 @@ from upscaler_server.config import Config
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
-__all__ = ["Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine", "create_engine", "load_network"]
+__all__ = ["Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine", "create_engine", "load_network",
+           "model_hash", "resolve_device", "resolve_precision", "usable_cores"]
 
 log = logging.getLogger("upscaler_server.engine")
 
@@ -176,7 +179,7 @@ class TorchEngine(Engine):
             self._stream: torch.cuda.Stream | None = torch.cuda.Stream(device=device)
         else:
             self._stream = None
-            torch.set_num_threads(threads or _usable_cores())
+            torch.set_num_threads(threads or usable_cores())
         self._net = network.eval().requires_grad_(False).to(device=device, dtype=self._dtype,
                                                              memory_format=self._memory_format)
 
@@ -274,14 +277,14 @@ class TorchEngine(Engine):
             torch.cuda.empty_cache()
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -291,7 +294,7 @@ def _resolve_device(device: str) -> str:
     return "cpu"
 
 
-def _resolve_precision(precision: str, device: str) -> str:
+def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "fp16" if device.startswith("cuda") else "fp32"
     if precision == "fp16" and device == "cpu":
@@ -337,24 +340,50 @@ def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:
     return network
 
 
+def model_hash(network: torch.nn.Module, weights: str | None) -> str:
+    """SHA-256 of the checkpoint file, or of the architecture and weights of a randomly initialised network."""
+    digest = hashlib.sha256()
+    if weights is not None:
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    digest.update(repr(network).encode())
+    for key, value in network.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_engine(config: Config) -> Engine:
     """The engine the daemon's ``config`` asks for; raises ModelLoadError or ConfigError (exit non-zero)."""
     return create_engine(checkpoint=config.checkpoint, model=config.model, backend=config.backend,
                          scale=config.scale, device=config.device, precision=config.precision, threads=config.threads,
-                         cuda_graphs=config.cuda_graphs)
+                         cuda_graphs=config.cuda_graphs, cache_dir=config.cache_dir,
+                         auto_backends=config.auto_backends, tune_sizes=config.tune_sizes)
 
 
-def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None = None, backend: str = "torch",
+def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None = None, backend: str = "eager",
                   scale: int = 2, device: str = "auto", precision: str = "auto", threads: int = 0,
-                  cuda_graphs: bool = False) -> Engine:
-    """An engine from explicit settings (the offline CLI and tests use this; see Config for their meaning)."""
+                  cuda_graphs: bool = False, cache_dir: pathlib.Path | None = None,
+                  auto_backends: tuple[str, ...] = (), tune_sizes: tuple[tuple[int, int], ...] = ()) -> Engine:
+    """An engine from explicit settings (the offline CLI and tests use this; see Config for their meaning).
+    ``backend``: eager (alias torch), compile, onnxruntime, tensorrt, auto or nearest."""
+    from upscaler_server import backends  # the backends import this module
+
     if backend == "nearest":
         return NearestEngine(scale)
-    if backend != "torch":
-        raise ConfigError(f"unknown backend {backend!r}; use torch or nearest")
-    resolved = _resolve_device(device)
+    if backend not in backends.BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
+    resolved = resolve_device(device)
     network, name, weights = load_network(checkpoint, model, scale)
     if weights is None:
         log.warning("model %s runs with RANDOM weights: output is noise, for benchmarks and tests only", name)
-    return TorchEngine(network, name=name, device=resolved, precision=_resolve_precision(precision, resolved),
-                       weights=weights, threads=threads, cuda_graphs=cuda_graphs)
+    settings = backends.Settings(name=name, device=resolved, precision=precision, weights=weights, threads=threads,
+                                 cuda_graphs=cuda_graphs, cache_dir=backends.cache_dir(cache_dir),
+                                 model_hash=model_hash(network, weights))
+    if backend == "auto":
+        return backends.AutoEngine(network, settings, candidates=auto_backends, tune_sizes=tune_sizes)
+    engine = backends.make_backend(backend, network, settings)
+    log.info("backend %s on %s, %s", backend, engine.device, engine.precision)
+    return engine

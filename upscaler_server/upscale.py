@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
+from upscaler_server.config import add_backend_arguments
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all usable cores)")
+    add_backend_arguments(p, "eager")
     return p
 
 
@@ -86,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         files = collect_inputs(args.inputs)
         engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
-                               precision=args.precision, threads=args.threads)
+                               precision=args.precision, threads=args.threads, backend=args.backend,
+                               cache_dir=args.cache_dir, auto_backends=tuple(args.auto_backends),
+                               tune_sizes=tuple(args.tune_sizes))
         args.output.mkdir(parents=True, exist_ok=True)
     except ModelLoadError as exc:
         log.error("%s", exc)

@@ -1,0 +1,187 @@
+"""Every inference backend against fp32 eager, ``auto``'s choice and its on-disk cache, and the daemon serving
+frames through ``--backend onnxruntime`` and ``--backend auto``. Unavailable backends (TensorRT, CUDA ones on a CPU
+machine) are skipped with the reason."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from upscaler_server.backends import TOLERANCE, AutoEngine, Settings, Tolerance, unavailable
+from upscaler_server.backends.auto import accuracy, candidate_labels
+from upscaler_server.client import UpscalerClient
+from upscaler_server.engine import Engine, create_engine, load_network, model_hash
+
+from server_utils import REPO, make_checkpoint, run_server
+
+RNG = np.random.default_rng(5)
+FP32_MAX_LEVELS = 1  # fp32 backends reorder float sums: a value at a rounding boundary may move one level
+CASES = [("eager", "cpu", "bf16"), ("compile", "cpu", "fp32"), ("compile", "cpu", "bf16"),
+         ("onnxruntime", "cpu", "fp32"), ("eager", "cuda", "fp16"), ("compile", "cuda", "fp16"),
+         ("onnxruntime", "cuda", "fp32"), ("tensorrt", "cuda", "fp16")]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # engines set the process-wide count
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: pathlib.Path) -> Engine:
+    return create_engine(checkpoint=checkpoint, backend="eager", device="cpu", precision="fp32", threads=1)
+
+
+def _within(out: np.ndarray, expected: np.ndarray, max_levels: int, tolerance: Tolerance = TOLERANCE) -> None:
+    max_diff, psnr = accuracy(expected, out)
+    assert max_diff <= max_levels and psnr >= tolerance.min_psnr, f"{max_diff} levels, {psnr:.1f} dB"
+
+
+def test_accuracy_measure() -> None:
+    a = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert accuracy(a, a) == (0, math.inf)
+    b = a.astype(np.int16)
+    b[0, 0, 0] = (b[0, 0, 0] + 3) % 256 if b[0, 0, 0] < 253 else b[0, 0, 0] - 3
+    max_diff, psnr = accuracy(a, b.astype(np.uint8))
+    assert max_diff == 3 and psnr == pytest.approx(10 * math.log10(255**2 / (9 / a.size)))
+
+
+@pytest.mark.parametrize(("backend", "device", "precision"), CASES, ids=["-".join(c) for c in CASES])
+def test_backend_within_tolerance_of_fp32_eager(backend: str, device: str, precision: str, reference: Engine,
+                                                checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none on this machine")
+    reason = unavailable(backend, "cuda:0" if device == "cuda" else device, precision)
+    if reason is not None:
+        pytest.skip(f"{backend}-{precision} unavailable here: {reason}")
+    engine = create_engine(checkpoint=checkpoint, backend=backend, device=device, precision=precision, threads=1,
+                           cache_dir=tmp_path)
+    assert engine.precision == precision and engine.scale == 2
+    max_levels = FP32_MAX_LEVELS if precision == "fp32" else TOLERANCE.max_levels
+    rgba = RNG.integers(0, 256, (24, 40, 4), dtype=np.uint8)
+    bgra = np.ascontiguousarray(rgba[..., [2, 1, 0, 3]])
+    expected = reference.run(rgba, "RGBA8")
+    _within(engine.run(np.ascontiguousarray(rgba[..., :3]), "RGB8"), expected[..., :3], max_levels)
+    out = engine.run(bgra, "BGRA8")
+    _within(out[..., [2, 1, 0]], expected[..., :3], max_levels)
+    np.testing.assert_array_equal(out[..., 3], expected[..., 3])  # alpha: nearest neighbour, never the model
+    np.testing.assert_array_equal(engine.run(bgra, "BGRA8"), out)  # deterministic, cached graphs/plans reused
+    engine.close()
+
+
+def _auto(checkpoint: pathlib.Path, cache: pathlib.Path, allowed: tuple[str, ...] = ("eager", "onnxruntime"),
+          tolerance: Tolerance = TOLERANCE) -> AutoEngine:
+    network, name, weights = load_network(checkpoint, None, 2)
+    settings = Settings(name=name, device="cpu", precision="auto", weights=weights, threads=1, cuda_graphs=False,
+                        cache_dir=cache, model_hash=model_hash(network, weights))
+    return AutoEngine(network, settings, candidates=allowed, tolerance=tolerance, budget_s=0.2)
+
+
+def test_auto_picks_a_valid_backend_and_reuses_its_cache(checkpoint: pathlib.Path, reference: Engine,
+                                                          tmp_path: pathlib.Path) -> None:
+    rgb = RNG.integers(0, 256, (20, 32, 3), dtype=np.uint8)
+    first = _auto(checkpoint, tmp_path)
+    assert first.labels[0] == "eager-fp32" and set(first.labels) <= {"eager-fp32", "eager-bf16", "onnxruntime-fp32"}
+    _within(first.run(rgb), reference.run(rgb), TOLERANCE.max_levels)
+    assert first.measured == [(20, 32)] and first.choices[20, 32] in first.labels
+    entries = json.loads((tmp_path / "auto.json").read_text())["entries"]
+    (entry,) = entries.values()
+    assert entry["choice"] == first.choices[20, 32] and set(entry["candidates"]) == set(first.labels)
+    second = _auto(checkpoint, tmp_path)
+    second.run(rgb)
+    assert second.measured == [] and second.choices == first.choices  # read from the cache, not measured again
+    other_size = _auto(checkpoint, tmp_path)
+    other_size.run(RNG.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    assert other_size.measured == [(16, 24)]
+
+
+def test_auto_rejects_backends_outside_its_tolerance(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    if unavailable("eager", "cpu", "bf16") is not None:
+        pytest.skip("this CPU has no bf16: nothing inexact to reject")
+    strict = Tolerance(max_levels=0, min_psnr=math.inf)  # only exact outputs pass; bf16 is off by a level somewhere
+    engine = _auto(checkpoint, tmp_path, allowed=("eager-bf16",), tolerance=strict)
+    assert engine.labels == ["eager-fp32", "eager-bf16"]
+    engine.run(RNG.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    assert engine.choices[24, 40] == "eager-fp32"
+    (entry,) = json.loads((tmp_path / "auto.json").read_text())["entries"].values()
+    assert entry["candidates"]["eager-bf16"]["ok"] is False and "ms" not in entry["candidates"]["eager-bf16"]
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 1, "entries": [1, 2]}', '{"version": 99}'])
+def test_corrupt_cache_is_ignored_with_a_warning(checkpoint: pathlib.Path, tmp_path: pathlib.Path, content: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "auto.json").write_text(content)
+    with caplog.at_level(logging.WARNING, logger="upscaler_server.backends.auto"):
+        engine = _auto(checkpoint, tmp_path, allowed=("eager",))
+    assert any("corrupt" in r.getMessage() for r in caplog.records)
+    engine.run(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert engine.measured == [(16, 16)]
+    data = json.loads((tmp_path / "auto.json").read_text())  # rewritten, valid
+    assert data["version"] == 1 and len(data["entries"]) == 1
+
+
+def test_candidates_follow_device_and_precision() -> None:
+    assert candidate_labels("cpu", "fp32", ("eager",)) == ["eager-fp32"]
+    assert all(c.endswith("fp32") for c in candidate_labels("cpu", "fp32"))
+    assert "tensorrt-fp16" not in candidate_labels("cpu", "auto")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
+def test_daemon_serves_a_frame(backend: str, checkpoint: pathlib.Path, reference: Engine,
+                               tmp_path: pathlib.Path) -> None:
+    if unavailable("onnxruntime", "cpu", "fp32") is not None:
+        pytest.skip(unavailable("onnxruntime", "cpu", "fp32"))
+    args = ["--checkpoint", str(checkpoint), "--device", "cpu", "--threads", "1", "--backend", backend,
+            "--cache-dir", str(tmp_path), "--auto-backends", "eager,onnxruntime"]
+    rgba = RNG.integers(0, 256, (24, 40, 4), dtype=np.uint8)
+    with run_server(*args) as daemon, UpscalerClient(daemon.endpoint, timeout=60, name="pytest") as client:
+        out = client.upscale(rgba, "RGBA8")
+        assert client.info.precision == ("fp32" if backend == "onnxruntime" else "auto")
+    expected = reference.run(rgba, "RGBA8")
+    _within(out[..., :3], expected[..., :3], FP32_MAX_LEVELS if backend == "onnxruntime" else TOLERANCE.max_levels)
+    np.testing.assert_array_equal(out[..., 3], expected[..., 3])
+    if backend == "auto":
+        (entry,) = json.loads((tmp_path / "auto.json").read_text())["entries"].values()
+        assert entry["choice"] in {"eager-fp32", "eager-bf16", "onnxruntime-fp32"}
+
+
+def test_offline_cli_takes_a_backend(checkpoint: pathlib.Path, reference: Engine, tmp_path: pathlib.Path) -> None:
+    if unavailable("onnxruntime", "cpu", "fp32") is not None:
+        pytest.skip(unavailable("onnxruntime", "cpu", "fp32"))
+    rgb = RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "frame.png"), rgb[..., ::-1])
+    cmd = [sys.executable, "-m", "upscaler_server.upscale", "--checkpoint", str(checkpoint), "--device", "cpu",
+           "--threads", "1", "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache"),
+           str(tmp_path / "frame.png"), "-o", str(tmp_path / "out")]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = cv2.imread(str(tmp_path / "out" / "frame.png"), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    _within(out, reference.run(rgb), FP32_MAX_LEVELS)
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_picks_an_accurate_backend(checkpoint: pathlib.Path, reference: Engine,
+                                                 tmp_path: pathlib.Path) -> None:
+    engine = create_engine(checkpoint=checkpoint, backend="auto", device="cuda", cache_dir=tmp_path)
+    rgba = RNG.integers(0, 256, (64, 96, 4), dtype=np.uint8)
+    out = engine.run(rgba, "RGBA8")
+    assert isinstance(engine, AutoEngine) and engine.choices[64, 96] in engine.labels
+    diff = np.abs(out.astype(int) - reference.run(rgba, "RGBA8").astype(int))
+    assert diff.max() <= 4, f"auto on CUDA differs from fp32 CPU by {diff.max()} levels"  # as the eager CUDA test
+    engine.close()

@@ -1,0 +1,38 @@
+"""Build a named backend."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+
+from upscaler_server.backends.common import BACKENDS, Settings, unavailable
+from upscaler_server.backends.compile import CompiledEngine
+from upscaler_server.backends.onnxrt import OnnxRuntimeEngine
+from upscaler_server.backends.tensorrt import TensorRTEngine
+from upscaler_server.engine import Engine, TorchEngine, resolve_precision
+from upscaler_server.errors import ConfigError
+
+__all__ = ["make_backend"]
+
+
+def make_backend(backend: str, network: torch.nn.Module, settings: Settings) -> Engine:
+    """A named backend (not auto or nearest) on its own copy of ``network``; ConfigError if it cannot run here."""
+    precision = resolve_precision(settings.precision, settings.device)
+    reason = unavailable(backend, settings.device, precision)
+    if reason is not None:
+        raise ConfigError(f"backend {backend} ({precision}) is not available: {reason}")
+    network = copy.deepcopy(network)  # backends move and cast their network in place
+    settings = replace(settings, precision=precision)
+    if backend in ("eager", "torch"):
+        return TorchEngine(network, name=settings.name, device=settings.device, precision=precision,
+                           weights=settings.weights, threads=settings.threads, cuda_graphs=settings.cuda_graphs)
+    if backend == "compile":
+        return CompiledEngine(network, name=settings.name, device=settings.device, precision=precision,
+                              weights=settings.weights, threads=settings.threads, cuda_graphs=settings.cuda_graphs)
+    if backend == "onnxruntime":
+        return OnnxRuntimeEngine(network, settings)
+    if backend == "tensorrt":
+        return TensorRTEngine(network, settings)
+    raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")

@@ -1,0 +1,120 @@
+"""``onnxruntime`` backend: the uint8-I/O ONNX export (``upscaler_server.export``) run by onnxruntime.
+
+The graph takes (1, H, W, 3) uint8 RGB and returns (1, sH, sW, 3) uint8 RGB: the float conversion, clamp and rounding
+run inside onnxruntime, fused with the first and last convolutions where its optimiser can. H and W are symbolic, so
+one file serves every resolution; it is exported once per model (keyed by its hash) into the cache folder. RGB8
+frames are bound directly (no copy in or out); other formats reorder channels with NumPy around the call and upscale
+alpha by nearest neighbour, as every backend does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from upscaler_server.backends.common import Settings
+from upscaler_server.engine import Engine, StageTimes, usable_cores
+from upscaler_server.errors import EngineError, ModelLoadError
+from upscaler_server.protocol import PixelFormat
+
+__all__ = ["OnnxRuntimeEngine", "onnx_file"]
+
+log = logging.getLogger("upscaler_server.backends.onnxrt")
+
+
+def onnx_file(network: torch.nn.Module, settings: Settings) -> pathlib.Path:
+    """The cached uint8-I/O, dynamic-shape ONNX file of ``network``; exported (a few seconds) when missing."""
+    from upscaler_server.export import export_onnx
+
+    folder = settings.cache_dir / "onnx"
+    path = folder / f"{settings.model_hash[:24]}-uint8-dynamic.onnx"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("exporting %s to %s (once per model)", settings.name, path)
+    size = max(64, int(getattr(network, "min_input_size", 1)))
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
+    os.close(fd)
+    try:
+        for noisy in ("torch.onnx", "onnxscript", "onnx_ir"):  # per-pass notices, "torchvision is not installed"
+            logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "torch.onnx" else logging.ERROR)
+        export_onnx(network.float().cpu(), pathlib.Path(tmp), io="uint8", height=size, width=size, dynamic=True,
+                    metadata={"takdsr.model": settings.name, "takdsr.sha256": settings.model_hash})
+        os.replace(tmp, path)  # atomic: a concurrent daemon never reads half a file
+    except (RuntimeError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"cannot export {settings.name} to ONNX for onnxruntime/TensorRT: {exc}") from exc
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+class OnnxRuntimeEngine(Engine):
+    """A decoder exported to ONNX (uint8 RGB in and out) on onnxruntime's CPU or CUDA provider."""
+
+    def __init__(self, network: torch.nn.Module, settings: Settings) -> None:
+        import onnxruntime as ort
+
+        self.name, self.device, self.precision = settings.name, settings.device, "fp32"
+        self.random_weights = settings.weights is None
+        self.weights = settings.weights or "RANDOM (benchmarks only: output is noise)"
+        self.scale = int(network.scale)
+        self.min_input_size = int(getattr(network, "min_input_size", 1))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = settings.threads or usable_cores()
+        options.inter_op_num_threads = 1  # one chain of convolutions: nothing to run side by side
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        cuda = self.device.startswith("cuda")
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if cuda:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": _device_index(self.device)}))
+        try:
+            self._session = ort.InferenceSession(str(onnx_file(network, settings)), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise ModelLoadError(f"onnxruntime cannot load the exported model: {exc}") from exc
+        self._scratch: dict[tuple[int, int], np.ndarray] = {}
+
+    def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+        self.check(lr, fmt, out)
+        t0 = time.perf_counter()
+        direct = fmt.rgb == (0, 1, 2) and fmt.alpha is None
+        rgb = lr if direct else np.ascontiguousarray(lr[:, :, list(fmt.rgb)])  # (H, W, C) -> (H, W, 3) RGB
+        hr = out if direct else self._buffer(out.shape[0], out.shape[1])  # (sH, sW, 3) RGB
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("lr", rgb[None])  # (1, H, W, 3), a view
+        binding.bind_output("hr", "cpu", 0, np.uint8, [1, *hr.shape], hr.ctypes.data)
+        t1 = time.perf_counter()
+        try:
+            self._session.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise EngineError(f"onnxruntime failed on a {lr.shape[1]}x{lr.shape[0]} {fmt.name} frame: {exc}") from exc
+        t2 = time.perf_counter()
+        if not direct:
+            for c, index in enumerate(fmt.rgb):
+                out[:, :, index] = hr[:, :, c]
+            if fmt.alpha is not None:
+                out[:, :, fmt.alpha] = cv2.resize(np.ascontiguousarray(lr[:, :, fmt.alpha]),
+                                                  (out.shape[1], out.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+        return StageTimes(t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    def _buffer(self, height: int, width: int) -> np.ndarray:
+        if (height, width) not in self._scratch:
+            if len(self._scratch) >= 8:
+                self._scratch.clear()
+            self._scratch[height, width] = np.empty((height, width, 3), np.uint8)
+        return self._scratch[height, width]
+
+    def close(self) -> None:
+        self._scratch.clear()
+
+
+def _device_index(device: str) -> int:
+    return int(device.partition(":")[2] or 0)
