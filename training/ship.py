@@ -47,6 +47,7 @@ def ship_run(run_dir: Path, out_dir: Path) -> dict[str, Any]:
             "macs_960x540": results["models"][display]["macs"],
             "training": {k: training.get(k) for k in ("steps", "batch_size", "device", "seconds", "mix", "init_from")},
             "metrics": scores,
+            "bicubic": {set_name: data["scores"]["bicubic"]["mean"] for set_name, data in results["sets"].items()},
             "latency": results["models"][display].get("latency"),
         }
     (out_dir / "weights.json").write_text(json.dumps(index, indent=2) + "\n")
