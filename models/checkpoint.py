@@ -90,11 +90,18 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(tensors, tmp_name, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp_name, target)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return target
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
