@@ -228,7 +228,7 @@ def _report(out: pathlib.Path, stats: dict[str, Any]) -> None:
     line = f"wrote {stats['frames']}/{stats['frames_requested']} frames to {out}"
     if stats["frames"]:
         fps = f"{stats['fps']:.2f}" if stats["fps"] else "n/a"
-        line += (f": {fps} fps, upscale round trip p50 {rtt['p50']:.1f} ms, PSNR vs native: "
+        line += (f": {fps} fps, upscale round trip p50 {rtt['p50']:.1f} ms, PSNR vs the supersampled render: "
                  f"SR {quality['sr_mean']:.2f} dB, bilinear {quality['bilinear_mean']:.2f} dB")
     print(line)
     if stats["error"]:
