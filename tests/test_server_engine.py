@@ -155,3 +155,22 @@ def test_cuda_engine_close_to_cpu(engine: Engine, checkpoint: pathlib.Path, grap
         assert diff.max() <= 4, f"fp16 CUDA differs from fp32 CPU by {diff.max()} levels"
         np.testing.assert_array_equal(first[..., 3], np.repeat(np.repeat(rgba[..., 3], 2, 0), 2, 1))
     gpu.close()
+
+
+def test_plan_cache_keeps_the_most_recent_sizes() -> None:
+    from upscaler_server.engine import PlanCache
+
+    built: list[tuple[int, int, str]] = []
+    cache: PlanCache[str] = PlanCache(capacity=2)
+
+    def get(key: tuple[int, int, str]) -> str:
+        return cache.get(key, lambda: built.append(key) or f"plan{key}")
+
+    a, b, c = (1, 1, "RGB8"), (2, 2, "RGB8"), (3, 3, "RGB8")
+    assert get(a) == get(a) == "plan(1, 1, 'RGB8')" and built == [a]
+    get(b)
+    get(a)  # a is now the most recent: c evicts b
+    get(c)
+    get(a)
+    get(b)
+    assert built == [a, b, c, b]

@@ -26,7 +26,9 @@ import logging
 import os
 import pathlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import cv2
 import numpy as np
@@ -43,6 +45,28 @@ log = logging.getLogger("upscaler_server.engine")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAX_PLANS = 8  # resolutions whose CUDA buffers/graphs stay cached
+_PlanT = TypeVar("_PlanT")
+
+
+class PlanCache(Generic[_PlanT]):
+    """Per-resolution plans (device buffers, CUDA graphs, TensorRT engines) of the last few frame sizes;
+    the least recently used is dropped first, so a client cycling through sizes cannot exhaust memory."""
+
+    def __init__(self, capacity: int = _MAX_PLANS) -> None:
+        self.capacity = capacity
+        self._plans: collections.OrderedDict[tuple[int, int, str], _PlanT] = collections.OrderedDict()
+
+    def get(self, key: tuple[int, int, str], build: Callable[[], _PlanT]) -> _PlanT:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        if len(self._plans) >= self.capacity:
+            self._plans.popitem(last=False)
+        self._plans[key] = plan = build()
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
 
 
 @dataclass(frozen=True)
@@ -173,7 +197,7 @@ class TorchEngine(Engine):
         self._cuda = device.startswith("cuda")
         self._memory_format = torch.channels_last  # NHWC: faster on tensor cores and 2-3x faster with oneDNN on CPU
         self._graphs = cuda_graphs and self._cuda
-        self._plans: collections.OrderedDict[tuple[int, int, str], _CudaPlan] = collections.OrderedDict()
+        self._plans: PlanCache[_CudaPlan] = PlanCache()
         if self._cuda:
             torch.backends.cudnn.benchmark = True  # autotuned per resolution during warm-up
             self._stream: torch.cuda.Stream | None = torch.cuda.Stream(device=device)
@@ -210,12 +234,9 @@ class TorchEngine(Engine):
                 self._plan(height, width, fmt)
 
     def _plan(self, height: int, width: int, fmt: PixelFormat) -> _CudaPlan:
-        key = (height, width, fmt.name)
-        if key in self._plans:
-            self._plans.move_to_end(key)
-            return self._plans[key]
-        if len(self._plans) >= _MAX_PLANS:
-            self._plans.popitem(last=False)
+        return self._plans.get((height, width, fmt.name), lambda: self._new_plan(height, width, fmt))
+
+    def _new_plan(self, height: int, width: int, fmt: PixelFormat) -> _CudaPlan:
         out_shape = self.output_shape(height, width, fmt)
         plan = _CudaPlan(
             fmt=fmt,
@@ -226,7 +247,6 @@ class TorchEngine(Engine):
             events=[torch.cuda.Event(enable_timing=True) for _ in range(4)],
         )
         self._warm_up(plan)
-        self._plans[key] = plan
         return plan
 
     def _warm_up(self, plan: _CudaPlan) -> None:

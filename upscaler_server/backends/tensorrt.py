@@ -10,7 +10,6 @@ Untested where this was written (no GPU, no ``tensorrt`` package): tests/test_ba
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import pathlib
@@ -24,7 +23,7 @@ import torch
 
 from upscaler_server.backends.common import Settings
 from upscaler_server.backends.onnxrt import onnx_file
-from upscaler_server.engine import Engine, StageTimes
+from upscaler_server.engine import Engine, PlanCache, StageTimes
 from upscaler_server.errors import EngineError, ModelLoadError
 from upscaler_server.protocol import PixelFormat
 
@@ -32,7 +31,6 @@ __all__ = ["TensorRTEngine"]
 
 log = logging.getLogger("upscaler_server.backends.tensorrt")
 
-_MAX_PLANS = 8
 _WORKSPACE = 1 << 30
 
 
@@ -67,7 +65,7 @@ class TensorRTEngine(Engine):
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._stream = torch.cuda.Stream(device=self.device)
-        self._plans: collections.OrderedDict[tuple[int, int, str], _Plan] = collections.OrderedDict()
+        self._plans: PlanCache[_Plan] = PlanCache()
 
     def prepare(self, height: int, width: int, fmt: PixelFormat) -> None:
         self._plan(height, width, fmt)
@@ -114,12 +112,9 @@ class TensorRTEngine(Engine):
         return bytes(serialized)
 
     def _plan(self, height: int, width: int, fmt: PixelFormat) -> _Plan:
-        key = (height, width, fmt.name)
-        if key in self._plans:
-            self._plans.move_to_end(key)
-            return self._plans[key]
-        if len(self._plans) >= _MAX_PLANS:
-            self._plans.popitem(last=False)
+        return self._plans.get((height, width, fmt.name), lambda: self._new_plan(height, width, fmt))
+
+    def _new_plan(self, height: int, width: int, fmt: PixelFormat) -> _Plan:
         engine = self._load_or_build(height, width)
         context = engine.create_execution_context()
         out_shape = self.output_shape(height, width, fmt)
@@ -134,7 +129,6 @@ class TensorRTEngine(Engine):
         context.set_input_shape("lr", tuple(plan.rgb_in.shape))
         context.set_tensor_address("lr", plan.rgb_in.data_ptr())
         context.set_tensor_address("hr", plan.rgb_out.data_ptr())
-        self._plans[key] = plan
         return plan
 
     def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
