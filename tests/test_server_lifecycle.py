@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-import models
 from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import BusyError, ServerUnavailableError
 
@@ -151,11 +150,10 @@ def test_corrupt_checkpoint_stops_the_daemon(tmp_path: pathlib.Path) -> None:
     assert "truncated.safetensors" in log and "cannot load checkpoint" in log
 
 
-@pytest.mark.skipif(models.DEFAULT_STUDENT_PATH.exists(), reason="the bundled student has shipped")
-def test_without_bundled_weights_the_daemon_says_what_to_do() -> None:
-    status, log = _exit_of([])
+def test_missing_checkpoint_stops_the_daemon_and_says_what_to_do(tmp_path: pathlib.Path) -> None:
+    status, log = _exit_of(["--checkpoint", str(tmp_path / "absent.safetensors")])
     assert status == 3
-    assert "--checkpoint" in log and "--model" in log
+    assert "absent.safetensors not found" in log and "--checkpoint" in log and "--model" in log
 
 
 def test_second_daemon_on_the_same_endpoint_refuses() -> None:
