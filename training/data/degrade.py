@@ -8,6 +8,10 @@ target) goes through `degrade`, so that a model never sees two slightly differen
 import torch
 import torch.nn.functional as F
 
+# The one 8-bit rounding of the project (the teacher's CF' uses it too); its straight-through
+# gradient is irrelevant here, where nothing needs a gradient.
+from models import quantize_8bit
+
 __all__ = ["degrade", "downscale_bicubic", "quantize_8bit"]
 
 
@@ -37,11 +41,6 @@ def downscale_bicubic(hr: torch.Tensor, scale: int) -> torch.Tensor:
         batched, size=(height // scale, width // scale), mode="bicubic", antialias=True, align_corners=False
     )  # (B, 3, H/s, W/s)
     return lr if hr.dim() == 4 else lr.squeeze(0)
-
-
-def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
-    """Clamp to [0, 1] and round to the 256 levels of an 8-bit image (round half to even), staying float."""
-    return torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
 
 
 def degrade(hr: torch.Tensor, scale: int) -> torch.Tensor:
