@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, Teacher, build_model, list_models, load_model, read_metadata
+from models import CheckpointError, build_model, list_models, load_model, read_metadata
 from training.config import Config, EvalConfig, load_config
 from training.data import DatasetError
 from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate
@@ -86,9 +86,7 @@ def _latency(args: argparse.Namespace) -> int:
     timings = {}
     for target in args.targets:
         model = build_model(target) if target in list_models() else load_model(target)
-        scale = model.scale if isinstance(model, Teacher) else 1
-        timings[target] = measure_latency(model, width * scale, height * scale, device, repeats=args.repeats)
-        timings[target]["input"] = f"{width * scale}x{height * scale}"
+        timings[target] = measure_latency(model, width, height, device, repeats=args.repeats)
         print(f"{target}: {timings[target]['median_ms']:.1f} ms median at {timings[target]['input']} on {device}")
     if args.json:
         args.json.write_text(json.dumps(timings, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,10 +16,12 @@ __all__ = ["measure_latency"]
 
 @torch.inference_mode()
 def measure_latency(
-    model: nn.Module, width: int, height: int, device: torch.device, *, repeats: int = 5, warmup: int = 1
-) -> dict[str, float]:
-    """Milliseconds per forward pass at a (1, 3, height, width) input of the size the model reads
-    (for a teacher, the HR image). Channels-last fp32; CUDA timings are synchronised."""
+    model: nn.Module, lr_width: int, lr_height: int, device: torch.device, *, repeats: int = 5, warmup: int = 1
+) -> dict[str, Any]:
+    """Milliseconds per forward pass for an LR frame of lr_width x lr_height: a decoder reads that frame,
+    a teacher the matching HR image (recorded as "input"). Channels-last fp32; CUDA timings synchronised."""
+    factor = model.scale if isinstance(model, Teacher) else 1
+    width, height = lr_width * factor, lr_height * factor
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     x = torch.rand(1, 3, height, width, device=device).contiguous(memory_format=torch.channels_last)
     times = []
@@ -31,4 +34,9 @@ def measure_latency(
         if index >= warmup:
             times.append((time.perf_counter() - start) * 1000)
     quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return {"median_ms": statistics.median(times), "p90_ms": quantiles[-1], "repeats": repeats}
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": quantiles[-1],
+        "repeats": repeats,
+        "input": f"{width}x{height}",
+    }

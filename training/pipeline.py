@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from models import Teacher, load_model, read_metadata
+from models import load_model, read_metadata
 from training.config import Config, StageConfig, dump_toml
 from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate, model_info
 from training.latency import measure_latency
@@ -98,17 +98,15 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
         results["models"][display] = dataclasses.asdict(model_info(path, REPORT_LR_SIZE, scale))
         results["models"][display]["training"] = _training_summary(path)
         if config.eval.latency_repeats:
-            results["models"][display]["latency"] = _latency(path, scale, device, config.eval.latency_repeats)
+            results["models"][display]["latency"] = _latency(path, device, config.eval.latency_repeats)
     serialisable = {k: v for k, v in results.items() if k != "crops"}
     (run_dir / "results.json").write_text(json.dumps(serialisable, indent=2))
     return results
 
 
-def _latency(path: Path, scale: int, device: torch.device, repeats: int) -> dict[str, Any]:
-    model = load_model(path)
-    factor = scale if isinstance(model, Teacher) else 1
-    width, height = REPORT_LR_SIZE[0] * factor, REPORT_LR_SIZE[1] * factor
-    return {**measure_latency(model, width, height, device, repeats=repeats), "device": str(device)}
+def _latency(path: Path, device: torch.device, repeats: int) -> dict[str, Any]:
+    timing = measure_latency(load_model(path), *REPORT_LR_SIZE, device, repeats=repeats)
+    return {**timing, "device": str(device)}
 
 
 def _training_summary(path: Path) -> dict[str, Any]:
