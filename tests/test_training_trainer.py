@@ -157,6 +157,35 @@ def test_resume_continues_exactly(image_folder: Path, tmp_path: Path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _lr_at_each_step(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in records}
+
+
+def test_time_budget_fixes_the_length_after_the_probe(image_folder: Path, tmp_path: Path) -> None:
+    config = _stage_config(image_folder, tmp_path, "student")
+    spent = dataclasses.replace(config, runtime=dataclasses.replace(
+        config.runtime, time_budget_s=1e-6, budget_probe_steps=2))  # fmt: skip
+    result = train_stage(spent, tmp_path / "spent")
+    assert result.steps == 2  # the budget was gone after the probe: stop there, not at optim.steps = 6
+    assert load_checkpoint(result.checkpoint).metadata["training"]["steps"] == 2
+
+    roomy = dataclasses.replace(spent, runtime=dataclasses.replace(spent.runtime, time_budget_s=1e6))
+    assert train_stage(roomy, tmp_path / "roomy").steps == config.optim.steps  # never past the configured steps
+    train_stage(config, tmp_path / "plain")
+    assert _lr_at_each_step(tmp_path / "roomy") == _lr_at_each_step(tmp_path / "plain")
+
+
+def test_the_cosine_follows_a_shortened_stage(image_folder: Path, tmp_path: Path) -> None:
+    config = _stage_config(image_folder, tmp_path, "student")
+    trainer = _Trainer(config, tmp_path / "run", _Dist())
+    trainer.steps = 4  # what a time budget does after its probe steps
+    for _ in range(4):
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(config.optim.lr_min)
+
+
 def test_nan_loss_stops_with_the_step(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = _stage_config(image_folder, tmp_path, "student")
     original_forward = Distillation.forward
@@ -245,6 +274,22 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     student = load_checkpoint(tmp_path / "weights" / "rlfn_s_takdsr_x2.safetensors")
     expected_psnr = scores["TAKDSR"]["mean"]["psnr_rgb"]
     assert student.metadata["training"]["metrics"][image_folder.name]["psnr_rgb"] == expected_psnr
+
+
+def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_path: Path) -> None:
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 2},
+                         eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_pipeline(config, run_dir, ["teacher", "student_pisr"])  # no baselines in this experiment
+    with pytest.raises(FileNotFoundError, match="train those stages first"):
+        run_pipeline(config, run_dir, ["ta1"])
+    assert run_pipeline(config, run_dir, ["teacher"]) is None
+    assert (run_dir / "teacher" / "final.safetensors").exists() and not (run_dir / "ta1").exists()
+    run_pipeline(config, run_dir, ["ta1"])
+    results = run_pipeline(config, run_dir)  # trains only what is left (the student), then evaluates
+    assert load_checkpoint(run_dir / "student_takdsr" / "final.safetensors").metadata["training"]["steps"] == 2
+    assert {"TAKDSR", "TA", "teacher"} <= set(results["sets"][image_folder.name]["scores"])
 
 
 def test_latency_command(tmp_path: Path) -> None:

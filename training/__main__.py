@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", required=True, type=Path, help="a TOML file (see training/configs/)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
         sub.add_argument("--run-dir", type=Path, help="output folder (default runs/<experiment>[/<stage>])")
+    pipeline.add_argument(
+        "--stages", type=lambda text: text.split(","), metavar="NAME,...",
+        help="train only these stages (e.g. teacher,student_alone), no evaluation: for parallel runs",
+    )  # fmt: skip
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     evaluate_cmd = commands.add_parser("evaluate", help="PSNR/SSIM of a checkpoint against bicubic and Lanczos")
     evaluate_cmd.add_argument("--checkpoint", required=True, type=Path)
@@ -57,7 +61,10 @@ def _train(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     run_dir = args.run_dir or Path("runs") / config.experiment.name
-    results = run_pipeline(config, run_dir)
+    results = run_pipeline(config, run_dir, args.stages)
+    if results is None:
+        print(f"trained {', '.join(args.stages)} in {run_dir}")
+        return 0
     for set_name, data in results["sets"].items():
         means = {name: round(s["mean"]["psnr_rgb"], 2) for name, s in data["scores"].items()}
         print(f"{set_name}: mean PSNR RGB {means}")

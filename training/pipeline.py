@@ -9,6 +9,10 @@ Stages, each in its own folder under RUN_DIR (a finished stage is skipped, an in
   student_alone      student from scratch, L1 to the ground truth     (X_s)
 then evaluates them with bicubic and Lanczos on the evaluation sets and writes results.json,
 report.md and the plots.
+
+`stages=[...]` trains only the named stages and does not evaluate: independent stages (the teacher,
+the continuous teacher and X_s; later the TA and PISR') can then run as parallel processes on one GPU,
+and a final plain run evaluates them all.
 """
 
 from __future__ import annotations
@@ -67,16 +71,36 @@ def pipeline_stages(config: Config, run_dir: Path) -> list[StageConfig]:
     return stages
 
 
-def run_pipeline(config: Config, run_dir: Path) -> dict[str, Any]:
+def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None) -> dict[str, Any] | None:
+    """Train every unfinished stage and evaluate (returns the results), or train only `stages` (returns None)."""
+    all_stages = pipeline_stages(config, run_dir)
+    chosen = _chosen_stages(all_stages, stages)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_toml(config.to_dict()))
-    for stage in pipeline_stages(config, run_dir):
+    if stages is None:  # parallel partial runs may differ in their overrides (e.g. time budgets)
+        (run_dir / "config.toml").write_text(dump_toml(config.to_dict()))
+    for stage in chosen:
         stage_dir = run_dir / stage.name
-        if not (stage_dir / FINAL_FILE).exists():
-            train_stage(dataclasses.replace(config, stage=stage), stage_dir, resume=(stage_dir / STATE_FILE).exists())
+        if (stage_dir / FINAL_FILE).exists():
+            continue
+        missing = [p for p in (stage.init_from, *stage.guides) if p and not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError(f"stage {stage.name} needs {', '.join(missing)}: train those stages first")
+        train_stage(dataclasses.replace(config, stage=stage), stage_dir, resume=(stage_dir / STATE_FILE).exists())
+    if stages is not None:
+        return None
     results = evaluate_run(config, run_dir)
     write_report(run_dir, results)
     return results
+
+
+def _chosen_stages(all_stages: list[StageConfig], names: list[str] | None) -> list[StageConfig]:
+    if names is None:
+        return all_stages
+    known = [stage.name for stage in all_stages]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise ValueError(f"unknown stage(s) {unknown or names}; this experiment has {', '.join(known)}")
+    return [stage for stage in all_stages if stage.name in names]
 
 
 def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = None) -> dict[str, Any]:

@@ -97,6 +97,8 @@ class _Trainer:
         self.device = _device(config.runtime.device, dist_info)
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest conv kernels once
         torch.manual_seed(config.runtime.seed)
         self.steps = config.stage.steps or config.optim.steps
         self.network = build_stage_network(config).to(self.device)
@@ -109,11 +111,15 @@ class _Trainer:
         self.optimizer = torch.optim.Adam(
             self.trained.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas)
         )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=self.steps, eta_min=config.optim.lr_min
+        # Cosine from optim.lr to optim.lr_min over self.steps, read at every step: a time budget
+        # may shorten self.steps after the probe steps, and the schedule follows.
+        lr_ratio = config.optim.lr_min / config.optim.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _cosine_factor(step, self.steps, lr_ratio)
         )
         self.autocast_dtype = _autocast_dtype(config.runtime.amp, self.device)
         self.stop_requested = False
+        self.budget_fixed = config.runtime.time_budget_s <= 0  # True once self.steps is final
         self.started = 0.0
         self.seconds_before = 0.0  # wall time of the segments before a resume
 
@@ -137,6 +143,8 @@ class _Trainer:
                 terms = self._step(loss_module, next(batches), step)
                 step += 1
                 total = terms["total"]
+                if not self.budget_fixed and step - start_step >= self.config.runtime.budget_probe_steps:
+                    self._fit_budget(step, step - start_step, progress)
                 progress.update(1)
                 progress.set_postfix(loss=f"{total:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self._log(step, terms, progress)
@@ -165,6 +173,18 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return {name: value.item() for name, value in terms.items()}
+
+    def _fit_budget(self, step: int, steps_this_segment: int, progress: tqdm) -> None:
+        """Fix the stage's length to what fits in runtime.time_budget_s at the rate measured so far
+        (which includes data-loader start-up, so it errs short). Ranks agree on rank 0's answer."""
+        rate = steps_this_segment / (time.perf_counter() - self.started)
+        remaining = self.config.runtime.time_budget_s - self._elapsed()
+        steps = torch.tensor(min(self.steps, max(step, step + int(remaining * rate))))
+        if self.dist.world > 1:
+            dist.broadcast(steps, src=0)
+        self.steps, self.budget_fixed = int(steps), True
+        progress.total = self.steps
+        progress.refresh()
 
     def _elapsed(self) -> float:
         """Training wall time, summed over every segment of a resumed run."""
@@ -231,6 +251,8 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "seconds": self._elapsed(),
+            "steps": self.steps,  # the stage's length, which a time budget may have fixed
+            "budget_fixed": self.budget_fixed,
         }
         tmp = self.run_dir / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
@@ -247,6 +269,8 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.seconds_before = float(state.get("seconds", 0.0))
+        self.steps = int(state.get("steps", self.steps))
+        self.budget_fixed = bool(state.get("budget_fixed", self.budget_fixed))
         return int(state["step"])
 
     def _save_final(self, steps: int, seconds: float, final_loss: float) -> Path:
@@ -343,6 +367,12 @@ def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
+
+
+def _cosine_factor(step: int, steps: int, min_ratio: float) -> float:
+    """The learning rate at `step` as a fraction of the peak: cosine from 1 down to min_ratio at `steps`."""
+    progress = min(step, steps) / max(steps, 1)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
