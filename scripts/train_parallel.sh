@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Train several independent pipeline stages at once, one process each, on one GPU, each fitted into a
+# wall-time budget (runtime.time_budget_s). The small TAKDSR networks leave a GPU mostly idle, so
+# independent stages (teacher, teacher_continuous, student_alone; then ta1, student_pisr) share it well.
+#
+#   scripts/train_parallel.sh CONFIG RUN_DIR BUDGET_S STAGE[,STAGE...] [--set KEY=VALUE ...]
+#
+# Each stage logs to RUN_DIR/<stage>.log. A stage still running BUDGET_S + 90 s after it started is sent
+# Ctrl-C (SIGINT): it saves its state and a later run resumes it. Exits non-zero if any stage failed.
+# Afterwards `python -m training pipeline --config CONFIG --run-dir RUN_DIR` trains what is left and
+# evaluates everything.
+set -uo pipefail
+
+if [[ $# -lt 4 ]]; then
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+config=$1 run_dir=$2 budget=$3 stages=$4
+shift 4
+python=${PYTHON:-python3}
+mkdir -p "$run_dir"
+
+pids=()
+names=()
+for stage in ${stages//,/ }; do
+    timeout --signal=INT --kill-after=60 "$((${budget%.*} + 90))" \
+        "$python" -m training pipeline --config "$config" --run-dir "$run_dir" --stages "$stage" \
+        --set "runtime.time_budget_s=$budget" --set runtime.progress=false "$@" \
+        >"$run_dir/$stage.log" 2>&1 &
+    pids+=($!)
+    names+=("$stage")
+done
+
+status=0
+for i in "${!pids[@]}"; do
+    if wait "${pids[$i]}"; then
+        echo "${names[$i]}: done ($(tail -n 1 "$run_dir/${names[$i]}.log"))"
+    else
+        code=$?
+        status=1
+        echo "${names[$i]}: exit $code, last lines of $run_dir/${names[$i]}.log:"
+        tail -n 5 "$run_dir/${names[$i]}.log"
+    fi
+done
+exit $status
