@@ -165,9 +165,9 @@ def _lr_at_each_step(run_dir: Path) -> dict[int, float]:
 def test_time_budget_fixes_the_length_after_the_probe(image_folder: Path, tmp_path: Path) -> None:
     config = _stage_config(image_folder, tmp_path, "student")
     spent = dataclasses.replace(config, runtime=dataclasses.replace(
-        config.runtime, time_budget_s=1e-6, budget_probe_steps=2))  # fmt: skip
+        config.runtime, time_budget_s=1e-6))  # fmt: skip
     result = train_stage(spent, tmp_path / "spent")
-    assert result.steps == 2  # the budget was gone after the probe: stop there, not at optim.steps = 6
+    assert result.steps == 2  # the budget was gone after the probe (steps 1-2): stop, not at optim.steps = 6
     assert load_checkpoint(result.checkpoint).metadata["training"]["steps"] == 2
 
     roomy = dataclasses.replace(spent, runtime=dataclasses.replace(spent.runtime, time_budget_s=1e6))

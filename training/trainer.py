@@ -120,6 +120,7 @@ class _Trainer:
         self.autocast_dtype = _autocast_dtype(config.runtime.amp, self.device)
         self.stop_requested = False
         self.budget_fixed = config.runtime.time_budget_s <= 0  # True once self.steps is final
+        self.probe_mark: tuple[int, float] | None = None  # (step, clock) where the rate measurement began
         self.started = 0.0
         self.seconds_before = 0.0  # wall time of the segments before a resume
 
@@ -143,8 +144,8 @@ class _Trainer:
                 terms = self._step(loss_module, next(batches), step)
                 step += 1
                 total = terms["total"]
-                if not self.budget_fixed and step - start_step >= self.config.runtime.budget_probe_steps:
-                    self._fit_budget(step, step - start_step, progress)
+                if not self.budget_fixed:
+                    self._probe_budget(step, progress)
                 progress.update(1)
                 progress.set_postfix(loss=f"{total:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self._log(step, terms, progress)
@@ -174,12 +175,20 @@ class _Trainer:
         self.scheduler.step()
         return {name: value.item() for name, value in terms.items()}
 
-    def _fit_budget(self, step: int, steps_this_segment: int, progress: tqdm) -> None:
-        """Fix the stage's length to what fits in runtime.time_budget_s at the rate measured so far
-        (which includes data-loader start-up, so it errs short). Ranks agree on rank 0's answer."""
-        rate = steps_this_segment / (time.perf_counter() - self.started)
-        remaining = self.config.runtime.time_budget_s - self._elapsed()
-        steps = torch.tensor(min(self.steps, max(step, step + int(remaining * rate))))
+    def _probe_budget(self, step: int, progress: tqdm) -> None:
+        """Measure the step rate over the second half of the probe time, then fix the stage's length
+        to what fits in runtime.time_budget_s. Ranks agree on rank 0's answer."""
+        budget, now = self.config.runtime.time_budget_s, time.perf_counter()
+        elapsed = self._elapsed()
+        if self.probe_mark is None:
+            if elapsed >= budget * self.config.runtime.budget_probe / 2:
+                self.probe_mark = (step, now)
+            return
+        mark_step, mark_clock = self.probe_mark
+        if elapsed < budget * self.config.runtime.budget_probe or step == mark_step:
+            return
+        rate = (step - mark_step) / (now - mark_clock)
+        steps = torch.tensor(min(self.steps, step + max(0, int((budget - elapsed) * rate))))
         if self.dist.world > 1:
             dist.broadcast(steps, src=0)
         self.steps, self.budget_fixed = int(steps), True
