@@ -100,12 +100,10 @@ class RuntimeConfig:
     log_every: int = 25
     checkpoint_every: int = 500
     progress: bool = True
-    # > 0: fit the stage into this many seconds of training. The configured steps run until
-    # `budget_probe` of the budget has passed; the step rate measured over the second half of that
-    # time (after start-up and cold caches) then fixes the stage's length, and so its cosine, to
-    # what fits, never more than the configured steps. The length used is saved in the checkpoint.
+    # > 0: a wall-time budget in seconds: the cosine runs over the budget instead of the steps and
+    # the stage ends when it is spent (or at the configured steps, if sooner). The steps done are
+    # saved in the checkpoint; for sharing a GPU's time among parallel stages.
     time_budget_s: float = 0.0
-    budget_probe: float = 0.1
 
 
 @dataclass
@@ -204,8 +202,8 @@ def _validate(config: Config) -> None:
         raise ValueError("optim.steps and optim.batch_size must be >= 1")
     if config.runtime.amp not in ("auto", "bf16", "off"):
         raise ValueError(f"runtime.amp must be auto, bf16 or off, got {config.runtime.amp!r}")
-    if config.runtime.time_budget_s < 0 or not 0 < config.runtime.budget_probe < 1:
-        raise ValueError("runtime.time_budget_s must be >= 0 and runtime.budget_probe in (0, 1)")
+    if config.runtime.time_budget_s < 0:
+        raise ValueError("runtime.time_budget_s must be >= 0 (0: no budget)")
     if config.data is not None and config.data.scale != exp.scale:
         raise ValueError(f"data.scale {config.data.scale} != experiment.scale {exp.scale}")
 

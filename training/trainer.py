@@ -111,16 +111,17 @@ class _Trainer:
         self.optimizer = torch.optim.Adam(
             self.trained.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas)
         )
-        # Cosine from optim.lr to optim.lr_min over self.steps, read at every step: a time budget
-        # may shorten self.steps after the probe steps, and the schedule follows.
+        self.budget_s = config.runtime.time_budget_s  # 0: no budget
+        self.budget_spent = 0.0  # rank 0's elapsed / budget at the last step, the same on every rank
+        # Cosine from optim.lr to optim.lr_min over the stage: over its steps, or with a time budget
+        # over its wall time (a step rate measured early misleads while caches are cold).
         lr_ratio = config.optim.lr_min / config.optim.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _cosine_factor(step, self.steps, lr_ratio)
+            self.optimizer, lambda step: _cosine_factor(self._progress(step), lr_ratio)
         )
         self.autocast_dtype = _autocast_dtype(config.runtime.amp, self.device)
         self.stop_requested = False
-        self.budget_fixed = config.runtime.time_budget_s <= 0  # True once self.steps is final
-        self.probe_mark: tuple[int, float] | None = None  # (step, clock) where the rate measurement began
+        self.last_log: tuple[int, float] | None = None  # (step, clock) of the last metrics record
         self.started = 0.0
         self.seconds_before = 0.0  # wall time of the segments before a resume
 
@@ -140,18 +141,19 @@ class _Trainer:
             disable=not (self.dist.main and self.config.runtime.progress), dynamic_ncols=True,
         )  # fmt: skip
         try:
-            while step < self.steps:
+            while step < self.steps and self.budget_spent < 1.0:
                 terms = self._step(loss_module, next(batches), step)
                 step += 1
                 total = terms["total"]
-                if not self.budget_fixed:
-                    self._probe_budget(step, progress)
+                if self.budget_s:
+                    self._update_budget()
+                self.scheduler.step()  # the lr of the next step, from the progress made
                 progress.update(1)
                 progress.set_postfix(loss=f"{total:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                self._log(step, terms, progress)
+                self._log(step, terms)
                 if step % self.config.runtime.checkpoint_every == 0 or self.stop_requested:
                     self._save_state(step)
-                if self.stop_requested and step < self.steps:
+                if self.stop_requested and step < self.steps and self.budget_spent < 1.0:
                     raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume {self.run_dir}")
         finally:
             progress.close()
@@ -172,28 +174,17 @@ class _Trainer:
         if self.config.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.trained.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
         return {name: value.item() for name, value in terms.items()}
 
-    def _probe_budget(self, step: int, progress: tqdm) -> None:
-        """Measure the step rate over the second half of the probe time, then fix the stage's length
-        to what fits in runtime.time_budget_s. Ranks agree on rank 0's answer."""
-        budget, now = self.config.runtime.time_budget_s, time.perf_counter()
-        elapsed = self._elapsed()
-        if self.probe_mark is None:
-            if elapsed >= budget * self.config.runtime.budget_probe / 2:
-                self.probe_mark = (step, now)
-            return
-        mark_step, mark_clock = self.probe_mark
-        if elapsed < budget * self.config.runtime.budget_probe or step == mark_step:
-            return
-        rate = (step - mark_step) / (now - mark_clock)
-        steps = torch.tensor(min(self.steps, step + max(0, int((budget - elapsed) * rate))))
-        if self.dist.world > 1:
-            dist.broadcast(steps, src=0)
-        self.steps, self.budget_fixed = int(steps), True
-        progress.total = self.steps
-        progress.refresh()
+    def _progress(self, step: int) -> float:
+        """How far the stage is, in [0, 1]: by steps, or by wall time with a budget."""
+        return self.budget_spent if self.budget_s else step / max(self.steps, 1)
+
+    def _update_budget(self) -> None:
+        spent = torch.tensor(self._elapsed() / self.budget_s)
+        if self.dist.world > 1:  # every rank follows rank 0's clock: the same lr, the same last step
+            dist.broadcast(spent, src=0)
+        self.budget_spent = float(spent)
 
     def _elapsed(self) -> float:
         """Training wall time, summed over every segment of a resumed run."""
@@ -234,10 +225,13 @@ class _Trainer:
         memory_format = torch.channels_last if self.config.runtime.channels_last else torch.contiguous_format
         return tensor.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
 
-    def _log(self, step: int, terms: dict[str, float], progress: tqdm) -> None:
-        if not self.dist.main or (step % self.config.runtime.log_every and step != self.steps):
+    def _log(self, step: int, terms: dict[str, float]) -> None:
+        last = step == self.steps or self.budget_spent >= 1.0
+        if not self.dist.main or (step % self.config.runtime.log_every and not last):
             return
-        rate = progress.format_dict.get("rate") or 0.0
+        now = time.perf_counter()
+        rate = (step - self.last_log[0]) / max(now - self.last_log[1], 1e-9) if self.last_log else 0.0
+        self.last_log = (step, now)
         record = {"step": step, "lr": self.scheduler.get_last_lr()[0], "it_per_s": rate, **terms}
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -260,8 +254,7 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "seconds": self._elapsed(),
-            "steps": self.steps,  # the stage's length, which a time budget may have fixed
-            "budget_fixed": self.budget_fixed,
+            "budget_spent": self.budget_spent,
         }
         tmp = self.run_dir / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
@@ -278,8 +271,7 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.seconds_before = float(state.get("seconds", 0.0))
-        self.steps = int(state.get("steps", self.steps))
-        self.budget_fixed = bool(state.get("budget_fixed", self.budget_fixed))
+        self.budget_spent = float(state.get("budget_spent", 0.0))
         return int(state["step"])
 
     def _save_final(self, steps: int, seconds: float, final_loss: float) -> Path:
@@ -378,9 +370,9 @@ def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def _cosine_factor(step: int, steps: int, min_ratio: float) -> float:
-    """The learning rate at `step` as a fraction of the peak: cosine from 1 down to min_ratio at `steps`."""
-    progress = min(step, steps) / max(steps, 1)
+def _cosine_factor(progress: float, min_ratio: float) -> float:
+    """The learning rate as a fraction of the peak: cosine from 1 at progress 0 to min_ratio at 1."""
+    progress = min(max(progress, 0.0), 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
