@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from upscaler_server.engine import Engine, NearestEngine, create_engine
-from upscaler_server.errors import EngineError, ModelLoadError
+from upscaler_server.engine import Engine, NearestEngine, create_engine, resolve_device
+from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PIXEL_FORMATS
 
 from server_utils import REPO, make_checkpoint
@@ -174,3 +174,17 @@ def test_plan_cache_keeps_the_most_recent_sizes() -> None:
     get(a)
     get(b)
     assert built == [a, b, c, b]
+
+
+def test_device_names_resolve_or_fail_clearly() -> None:
+    assert resolve_device("cpu") == "cpu"
+    for bad in ("gpu", "cuda:x", "cuda:-1", "mps"):
+        with pytest.raises(ConfigError, match="unknown device"):
+            resolve_device(bad)
+    if torch.cuda.is_available():  # an already resolved name stays on the GPU (it once fell back to the CPU)
+        assert resolve_device("cuda:0") == resolve_device("cuda") == resolve_device("auto") == "cuda:0"
+    else:
+        assert resolve_device("auto") == "cpu"
+        for name in ("cuda", "cuda:0"):
+            with pytest.raises(ConfigError, match="no CUDA device"):
+                resolve_device(name)

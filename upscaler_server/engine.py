@@ -305,13 +305,19 @@ def usable_cores() -> int:
 
 
 def resolve_device(device: str) -> str:
+    """"auto", "cpu", "cuda" or "cuda:N" -> "cpu" or "cuda:N" (also when given an already resolved name)."""
     if device == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-        return "cuda:0"
-    return "cpu"
+    if device == "cpu":
+        return "cpu"
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index or "0").isdigit():
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if int(index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+    return f"cuda:{int(index or 0)}"
 
 
 def resolve_precision(precision: str, device: str) -> str:
