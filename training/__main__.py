@@ -18,6 +18,8 @@ from training.pipeline import run_pipeline
 from training.ship import ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, train_stage
 
+BUILTIN_SETS = ("cg-dev", "rendered-val", "rendered-val-native")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
@@ -34,9 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     evaluate_cmd = commands.add_parser("evaluate", help="PSNR/SSIM of a checkpoint against bicubic and Lanczos")
-    evaluate_cmd.add_argument("--checkpoint", required=True, type=Path)
+    evaluate_cmd.add_argument("--checkpoint", required=True, type=Path, action="append", help="repeat for several")
     evaluate_cmd.add_argument("--teacher", type=Path, help="the teacher checkpoint (needed to evaluate a TA)")
-    evaluate_cmd.add_argument("--data", type=Path, help="an image folder (default: ../shared/data/cg-dev)")
+    evaluate_cmd.add_argument("--data", type=Path, action="append", default=[], help="an image folder (repeatable)")
+    evaluate_cmd.add_argument(
+        "--sets", type=lambda text: text.split(","), default=None, metavar="NAME,...",
+        help=f"built-in sets: {', '.join(BUILTIN_SETS)} (default: cg-dev, unless --data is given)",
+    )  # fmt: skip
+    evaluate_cmd.add_argument("--frames", type=int, default=2, help="rendered validation frames per preset")
     evaluate_cmd.add_argument("--json", type=Path, help="also write the scores here")
     ship = commands.add_parser("ship", help="copy a pipeline run's checkpoints, with their scores, to a folder")
     ship.add_argument("run_dir", type=Path)
@@ -73,18 +80,40 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    scale = read_metadata(args.checkpoint)["scale"]
-    folders = [str(args.data)] if args.data else []
-    eval_config = EvalConfig(cg_dev=args.data is None, rendered_val=False, folders=folders)
-    images = next(iter(eval_sets(Config(eval=eval_config), scale).values()))
+    scales = {read_metadata(path)["scale"] for path in args.checkpoint}
+    if len(scales) != 1:
+        raise ValueError(f"the checkpoints upscale by different factors {sorted(scales)}: evaluate them separately")
+    scale = scales.pop()
+    names = args.sets if args.sets is not None else ([] if args.data else ["cg-dev"])
+    unknown = sorted(set(names) - set(BUILTIN_SETS))
+    if unknown:
+        raise ValueError(f"unknown set(s) {unknown}; built-in sets: {', '.join(BUILTIN_SETS)}")
+    eval_config = EvalConfig(
+        cg_dev="cg-dev" in names, rendered_val="rendered-val" in names,
+        rendered_native="rendered-val-native" in names, rendered_frames=args.frames,
+        folders=[str(folder) for folder in args.data],
+    )  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    predictors = {**baseline_predictors(scale), "model": checkpoint_predictor(args.checkpoint, device, args.teacher)}
-    scores, _ = evaluate(predictors, images, scale)
-    for name, result in scores.items():
-        print(f"{name:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["mean"].items()))
+    predictors = dict(baseline_predictors(scale))
+    for label, path in _checkpoint_labels(args.checkpoint).items():
+        predictors[label] = checkpoint_predictor(path, device, args.teacher)
+    results = {}
+    for set_name, images in eval_sets(Config(eval=eval_config), scale).items():
+        scores, _ = evaluate(predictors, images, scale)
+        results[set_name] = scores
+        print(f"{set_name} ({len(images)} images), mean:")
+        for name, result in scores.items():
+            print(f"  {name:24s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["mean"].items()))
     if args.json:
-        args.json.write_text(json.dumps(scores, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _checkpoint_labels(paths: list[Path]) -> dict[str, Path]:
+    """Short names for the tables: the file's stem, or parent/stem where stems repeat (pipeline runs)."""
+    stems = [path.stem for path in paths]
+    labels = [path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}" for path in paths]
+    return dict(zip(labels, paths, strict=True))
 
 
 def _latency(args: argparse.Namespace) -> int:

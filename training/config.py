@@ -109,7 +109,8 @@ class RuntimeConfig:
 @dataclass
 class EvalConfig:
     cg_dev: bool = True  # the shared development frames (../shared/data/cg-dev)
-    rendered_val: bool = True  # the scene renderer's validation split
+    rendered_val: bool = True  # the scene renderer's validation split, LR = degrade(HR) (bicubic)
+    rendered_native: bool = False  # the same frames with the LR rendered natively at LR size (engine-like)
     rendered_frames: int = 2  # validation frames per preset
     rendered_size: list[int] = field(default_factory=lambda: [1920, 1080])  # HR width, height
     folders: list[str] = field(default_factory=list)  # any other image folders

@@ -61,6 +61,11 @@ def eval_sets(config: Config, scale: int) -> dict[str, list[EvalImage]]:
         wanted["rendered-val"] = SourceConfig(
             kind="scenes", width=width, height=height, frames_per_preset=config.eval.rendered_frames
         )
+    if config.eval.rendered_native:
+        width, height = config.eval.rendered_size
+        wanted["rendered-val-native"] = SourceConfig(
+            kind="scenes", width=width, height=height, frames_per_preset=config.eval.rendered_frames, lr_kind="native"
+        )
     for folder in config.eval.folders:
         wanted[Path(folder).name] = SourceConfig(kind="folder", path=folder)
     return {name: list(_images(base, source, scale, config)) for name, source in wanted.items()}
