@@ -29,7 +29,8 @@ def test_evaluate_compares_several_checkpoints(tmp_path: Path) -> None:
     paths = []
     for run in ("a", "b"):
         torch.manual_seed(len(paths))
-        paths.append(save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / run / "final.safetensors", role="student"))
+        model = build_model("rlfn_s", channels=8)
+        paths.append(save_checkpoint(model, tmp_path / run / "final.safetensors", role="student"))
     output = tmp_path / "scores.json"
     result = _evaluate("--checkpoint", str(paths[0]), "--checkpoint", str(paths[1]), "--data", str(folder),
                        "--json", str(output))  # fmt: skip
