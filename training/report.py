@@ -30,6 +30,10 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+PER_IMAGE_METRICS = (("psnr_rgb", "PSNR RGB", 2), ("ssim_rgb", "SSIM RGB", 4), ("psnr_y", "PSNR Y", 2),
+                     ("ssim_y", "SSIM Y", 4))  # fmt: skip
+
+
 def _ordered(names: list[str]) -> list[str]:
     known = [n for n in MODEL_ORDER if n in names]
     return known + sorted(n for n in names if n not in known)
@@ -50,12 +54,13 @@ def _markdown(run_dir: Path, results: dict[str, Any]) -> str:
                 f"| {name} | {params} | {macs} | {mean['psnr_rgb']:.2f} | {mean['ssim_rgb']:.4f} "
                 f"| {mean['psnr_y']:.2f} | {mean['ssim_y']:.4f} |"
             )
-        lines += ["", "PSNR RGB per image:", ""]
         names = _ordered(list(scores))
-        lines += ["| image | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for image in data["images"]:
-            row = [f"{scores[n]['per_image'][image]['psnr_rgb']:.2f}" for n in names]
-            lines.append(f"| {image} | " + " | ".join(row) + " |")
+        for metric, label, digits in PER_IMAGE_METRICS:
+            lines += ["", f"{label} per image:", ""]
+            lines += ["| image | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+            for image in data["images"]:
+                row = [f"{scores[n]['per_image'][image][metric]:.{digits}f}" for n in names]
+                lines.append(f"| {image} | " + " | ".join(row) + " |")
         lines.append("")
     header = "| model | steps | batch | device | seconds | final loss | inference ms (median, 960x540 LR) |"
     lines += ["## Training and inference time", "", header, "|---" * 7 + "|"]
