@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from models import build_model, save_checkpoint
+from models import build_model, load_checkpoint, save_checkpoint
 from training.config import Config, EvalConfig
 from training.data import degrade
 from training.evaluate import eval_sets
+from training.ship import ship_checkpoint
 
 from training_utils import make_image_folder
 
@@ -53,3 +55,28 @@ def test_native_validation_frames_differ_from_bicubic_ones() -> None:
         assert torch.equal(b.hr, n.hr)  # the same HR frame
         assert torch.equal(b.lr, degrade(b.hr, 2))
         assert n.lr.shape == b.lr.shape and not torch.equal(n.lr, b.lr)  # rendered at LR size, not filtered
+
+
+def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
+    path = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "native_student.safetensors",
+                           role="student", training={"steps": 3, "config": {"data": {"sources": [
+                               {"kind": "scenes", "lr_kind": "native"}]}}})  # fmt: skip
+    mean = {"psnr_rgb": 30.0, "ssim_rgb": 0.9, "psnr_y": 31.0, "ssim_y": 0.91}
+    scores = tmp_path / "scores.json"
+    by_model = {"bicubic": {"mean": mean}, "native_student": {"mean": mean}}
+    scores.write_text(json.dumps({"rendered-val-native": by_model}))
+    out = tmp_path / "weights"
+    out.mkdir()
+    (out / "weights.json").write_text(json.dumps({"earlier.safetensors": {"stage": "teacher"}}))
+
+    entry = ship_checkpoint(path, "rlfn_s_native_x2", "X_s (native LR)", scores, out)
+    index = json.loads((out / "weights.json").read_text())
+    assert set(index) == {"earlier.safetensors", "rlfn_s_native_x2.safetensors"} and index[
+        "rlfn_s_native_x2.safetensors"] == entry  # fmt: skip
+    assert entry["lr_kinds"] == ["native"] and entry["metrics"] == {"rendered-val-native": mean}
+    shipped = load_checkpoint(out / "rlfn_s_native_x2.safetensors")
+    assert shipped.metadata["training"]["metrics"] == entry["metrics"] and shipped.metadata["training"]["steps"] == 3
+
+    other = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "unscored.safetensors", role="student")
+    with pytest.raises(ValueError, match="no scores for 'unscored'"):
+        ship_checkpoint(other, "x", "x", scores, out)

@@ -15,7 +15,7 @@ from training.data import DatasetError
 from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate
 from training.latency import measure_latency
 from training.pipeline import run_pipeline
-from training.ship import ship_run
+from training.ship import ship_checkpoint, ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, train_stage
 
 BUILTIN_SETS = ("cg-dev", "rendered-val", "rendered-val-native")
@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     ship = commands.add_parser("ship", help="copy a pipeline run's checkpoints, with their scores, to a folder")
     ship.add_argument("run_dir", type=Path)
     ship.add_argument("--out", type=Path, default=Path("models/weights"))
+    ship_one = commands.add_parser("ship-checkpoint", help="ship one checkpoint with scores from `evaluate --json`")
+    ship_one.add_argument("checkpoint", type=Path)
+    ship_one.add_argument("--name", required=True, help="file name stem in the weights folder")
+    ship_one.add_argument("--report-name", required=True, help="the model's name in reports")
+    ship_one.add_argument("--scores", required=True, type=Path, help="`evaluate --json` output that scored it")
+    ship_one.add_argument("--out", type=Path, default=Path("models/weights"))
     latency = commands.add_parser("latency", help="inference time of checkpoints or registered models")
     latency.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_NAME")
     latency.add_argument("--input", default="960x540", help="LR input WxH (a teacher reads the matching HR size)")
@@ -129,6 +135,12 @@ def _latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ship_checkpoint(args: argparse.Namespace) -> int:
+    entry = ship_checkpoint(args.checkpoint, args.name, args.report_name, args.scores, args.out)
+    print(f"{args.out / (args.name + '.safetensors')}: {entry['report_name']}, {entry['params']:,} parameters")
+    return 0
+
+
 def _ship(args: argparse.Namespace) -> int:
     for name, entry in ship_run(args.run_dir, args.out).items():
         print(f"{args.out / name}: {entry['report_name']}, {entry['params']:,} parameters")
@@ -137,7 +149,10 @@ def _ship(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship}
+    handlers = {
+        "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,
+        "ship-checkpoint": _ship_checkpoint,
+    }  # fmt: skip
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:
