@@ -8,6 +8,7 @@ could not be reached or stopped answering; 4 --spawn-server: the daemon could no
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 import signal
 import sys
@@ -15,7 +16,14 @@ from collections.abc import Sequence
 from types import FrameType
 
 import scenes
-from client_demo.config import EXIT_INTERRUPTED, EXIT_NO_WINDOW, EXIT_SPAWN, DaemonWatch, DemoConfig
+from client_demo.config import (
+    EXIT_INTERRUPTED,
+    EXIT_NO_WINDOW,
+    EXIT_SPAWN,
+    NATIVE_STUDENT_FILE,
+    DaemonWatch,
+    DemoConfig,
+)
 from client_demo.controls import VIEWS
 from client_demo.link import UpscaleLink
 from client_demo.spawn import DaemonStartError, SpawnedDaemon
@@ -41,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="daemon endpoint (default: the client's default, or the spawned daemon's)")
     p.add_argument("--spawn-server", action="store_true", help="start a daemon for this run and stop it at exit")
     p.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint for --spawn-server "
-                   "(default: the bundled student)")
+                   "(default: the bundled student trained on natively rendered LR, as the demo renders it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the --spawn-server daemon "
                    "(default: auto)")
     p.add_argument("--scene", choices=scenes.PRESETS, default=d.scene, help="scene preset")
@@ -121,6 +129,17 @@ def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signa
         link.close()
 
 
+def _native_student() -> pathlib.Path | None:
+    """The demo renders its LR frames natively (aliased), which the student trained on native LR upscales
+    better than the bicubic-trained default (docs/ablations.md); None: the daemon's own default. Found
+    without importing `models`, which would import torch into the demo (tests/test_demo_headless.py)."""
+    spec = importlib.util.find_spec("models")
+    if spec is None or spec.origin is None:
+        return None
+    path = pathlib.Path(spec.origin).parent / "weights" / NATIVE_STUDENT_FILE
+    return path if path.is_file() else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point (``takdsr-demo``); returns the exit status."""
     cfg = parse_args(argv)
@@ -128,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not cfg.spawn_server:
             return _run(cfg, cfg.endpoint, lambda: None, stop)
-        with SpawnedDaemon(cfg.checkpoint, cfg.device, cfg.endpoint) as daemon:
+        with SpawnedDaemon(cfg.checkpoint or _native_student(), cfg.device, cfg.endpoint) as daemon:
             print(f"client_demo: starting the upscaler daemon ({daemon.endpoint}) ...", file=sys.stderr)
             try:
                 daemon.start(stop)

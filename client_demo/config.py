@@ -14,6 +14,7 @@ __all__ = [
     "EXIT_SPAWN",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "NATIVE_STUDENT_FILE",
     "DaemonWatch",
     "DemoConfig",
 ]
@@ -26,6 +27,10 @@ EXIT_SPAWN = 4  # --spawn-server: the daemon could not start (its log is printed
 EXIT_NO_WINDOW = 5  # window mode: no display or no OpenGL 3.3 context
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
+# The bundled student trained on natively rendered LR (models.NATIVE_STUDENT_PATH's name; the demo does not
+# import `models`, which imports torch): the spawned daemon's default.
+NATIVE_STUDENT_FILE = "rlfn_s_native_x2.safetensors"
+
 # Returns why the spawned daemon is gone (e.g. "exited with status -9"), or None while it runs or when not spawned.
 DaemonWatch = Callable[[], str | None]
 
@@ -36,7 +41,7 @@ class DemoConfig:
 
     endpoint: str | None = None  # daemon endpoint; None: the client's default (or the spawned daemon's)
     spawn_server: bool = False  # start (and stop) a daemon of our own
-    checkpoint: pathlib.Path | None = None  # for the spawned daemon; None: the bundled student
+    checkpoint: pathlib.Path | None = None  # for the spawned daemon; None: the bundled native-LR student
     device: str = "auto"  # for the spawned daemon
     scene: str = "city"  # scenes preset
     lr_size: tuple[int, int] = (640, 360)  # rendered (low-resolution) size

@@ -26,11 +26,15 @@ from .rlfn import RLFN, RLFNConfig
 from .teacher import Teacher, TeacherOutput, init_from_teacher
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-# The student the daemon and the demo run by default (trained by the TAKDSR pipeline, x2).
+# The student the daemon runs by default (trained by the TAKDSR pipeline on bicubic LR, x2).
 DEFAULT_STUDENT_PATH = WEIGHTS_DIR / "rlfn_s_takdsr_x2.safetensors"
+# A student trained on LR frames rendered natively at low resolution (aliased, no antialiasing), as the
+# demo renders them: the demo's daemon runs it by default (docs/ablations.md, engine-native LR).
+NATIVE_STUDENT_PATH = WEIGHTS_DIR / "rlfn_s_native_x2.safetensors"
 
 __all__ = [
     "DEFAULT_STUDENT_PATH",
+    "NATIVE_STUDENT_PATH",
     "PAN",
     "RFDN",
     "RLFN",

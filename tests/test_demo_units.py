@@ -78,3 +78,12 @@ def test_command_line() -> None:
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)
         assert exc.value.code == 2, bad
+
+
+def test_the_demo_finds_the_native_student_without_importing_torch() -> None:
+    import models
+    from client_demo.cli import _native_student
+    from client_demo.config import NATIVE_STUDENT_FILE
+
+    assert models.NATIVE_STUDENT_PATH.name == NATIVE_STUDENT_FILE  # the two names of one file agree
+    assert _native_student() == models.NATIVE_STUDENT_PATH.resolve()
