@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # The main job in one command, on a fresh Debian 12 machine or an installed one:
 #   1. bash scripts/setup.sh (idempotent: Debian packages, .venv, PyTorch, the project);
-#   2. the live demo with a daemon of its own (--spawn-server: the bundled student on the GPU if there is one,
-#      else on the CPU), stopped cleanly when the demo ends (Esc, Ctrl-C, SIGTERM or an error).
+#   2. the live demo with a daemon of its own (--spawn-server: the bundled student trained on natively rendered
+#      LR, on the GPU if there is one, else on the CPU), stopped cleanly when the demo ends (Esc, Ctrl-C, SIGTERM or an error).
 # With a display ($DISPLAY, or $WAYLAND_DISPLAY through XWayland) the demo opens a window; without one it renders
 # headless into demo_out/ (frames/*.png, demo.mp4, stats.json). Extra arguments pass through to the demo:
 #   bash scripts/demo.sh --scene garden --lr 320x180
 #   bash scripts/demo.sh --checkpoint runs/my_run/student.safetensors --device cpu
 #   bash scripts/demo.sh --headless --frames 300 --out my_out
-# Exit status: the demo's (docs/demo.md); 4 when the daemon cannot start, e.g. no bundled student yet (pass
-# --checkpoint PATH).
+# Exit status: the demo's (docs/demo.md); 4 when the daemon cannot start (its log is printed).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
