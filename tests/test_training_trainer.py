@@ -313,3 +313,23 @@ def test_two_tas_get_dense_guidance(tmp_path: Path) -> None:
     guides = [Guide("teacher", teacher), Guide("ta1", ta1, (0.3, 0.7))]
     terms = Distillation(TrainedModel(ta2), guides, mix=(0.3, 0.7))(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32))
     assert {"out_teacher", "feat_teacher", "out_ta1", "feat_ta1"} <= set(terms)
+
+
+def test_train_parallel_script_runs_stages_side_by_side(image_folder: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    sets = ["--set", f'data.sources=[{{kind="folder", path="{image_folder}"}}]', "--set", "runtime.workers=0",
+            "--set", "experiment.channels=8", "--set", "experiment.encoder_channels=8"]  # fmt: skip
+    command = ["bash", str(REPO / "scripts" / "train_parallel.sh"), str(SMOKE_CONFIG), str(run_dir), "30",
+               "teacher,student_alone", *sets]  # fmt: skip
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "teacher: done" in result.stdout and "student_alone: done" in result.stdout
+    for stage in ("teacher", "student_alone"):
+        training = load_checkpoint(run_dir / stage / "final.safetensors").metadata["training"]
+        assert training["config"]["runtime"]["time_budget_s"] == 30 and training["steps"] >= 1
+    assert not (run_dir / "ta1").exists()  # only the stages asked for
+
+    failed = subprocess.run([*command[:5], "ta1,nonsense", *sets], cwd=REPO, capture_output=True, text=True,
+                            timeout=240, env=env)  # fmt: skip
+    assert failed.returncode == 1 and "nonsense: exit 1" in failed.stdout
