@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models import count_macs, count_parameters, load_checkpoint, save_checkpoint
+from models import Checkpoint, count_macs, count_parameters, load_checkpoint, save_checkpoint
 from training.trainer import FINAL_FILE
 
 __all__ = ["SHIPPED", "lr_kinds", "ship_checkpoint", "ship_run"]
@@ -32,29 +32,17 @@ def ship_run(run_dir: Path, out_dir: Path) -> dict[str, Any]:
     results = json.loads((run_dir / "results.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
+    bicubic = {set_name: data["scores"]["bicubic"]["mean"] for set_name, data in results["sets"].items()}
     for stage, (stem, display) in SHIPPED.items():
-        source = run_dir / stage / FINAL_FILE
-        checkpoint = load_checkpoint(source)
-        metadata = checkpoint.metadata
-        family = metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
-        name = f"{family}_{stem}_x{metadata['scale']}.safetensors"
-        scores = {set_name: data["scores"][display]["mean"] for set_name, data in results["sets"].items()}
-        training = {**metadata["training"], "metrics": scores, "run": run_dir.name}
-        save_checkpoint(checkpoint.model, out_dir / name, role=metadata["role"], training=training)
-        index[name] = {
-            "stage": stage,
-            "report_name": display,
-            "role": metadata["role"],
-            "arch": metadata["arch"],
-            "arch_args": metadata["arch_args"],
-            "params": results["models"][display]["params"],
-            "macs_960x540": results["models"][display]["macs"],
-            "training": {k: training.get(k) for k in ("steps", "batch_size", "device", "seconds", "mix", "init_from")},
-            "metrics": scores,
-            "bicubic": {set_name: data["scores"]["bicubic"]["mean"] for set_name, data in results["sets"].items()},
-            "latency": results["models"][display].get("latency"),
-            "lr_kinds": lr_kinds(training["config"]),
-        }
+        checkpoint = load_checkpoint(run_dir / stage / FINAL_FILE)
+        family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
+        name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
+        info = results["models"][display]
+        index[name] = _ship_file(
+            checkpoint, out_dir / name, report_name=display, run=run_dir.name,
+            scores={set_name: data["scores"][display]["mean"] for set_name, data in results["sets"].items()},
+            bicubic=bicubic, params=info["params"], macs=info["macs"], latency=info.get("latency"),
+        )  # fmt: skip
     (out_dir / "weights.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
 
@@ -63,35 +51,46 @@ def ship_checkpoint(path: Path, name: str, report_name: str, scores_path: Path, 
     """Ship one checkpoint as `out_dir/name.safetensors` with the scores of its label in `scores_path`
     (`python -m training evaluate --json`: {set: {label: {"mean": ...}}}); returns its weights.json entry."""
     checkpoint = load_checkpoint(path)
-    metadata = checkpoint.metadata
     all_scores = json.loads(scores_path.read_text())
     label = path.stem
     missing = [set_name for set_name, scores in all_scores.items() if label not in scores]
     if missing or not all_scores:
         raise ValueError(f"{scores_path} has no scores for {label!r} in {missing or 'any set'}")
-    scores = {set_name: scores[label]["mean"] for set_name, scores in all_scores.items()}
-    training = {**metadata["training"], "metrics": scores, "run": path.parent.name}
     file_name = f"{name}.safetensors"
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(checkpoint.model, out_dir / file_name, role=metadata["role"], training=training)
     index = _read_index(out_dir)
-    model = checkpoint.model
-    index[file_name] = {
+    index[file_name] = _ship_file(
+        checkpoint, out_dir / file_name, report_name=report_name, run=path.parent.name,
+        scores={set_name: scores[label]["mean"] for set_name, scores in all_scores.items()},
+        bicubic={set_name: scores["bicubic"]["mean"] for set_name, scores in all_scores.items()},
+        params=count_parameters(checkpoint.model), macs=count_macs(checkpoint.model, 540, 960), latency=None,
+    )  # fmt: skip
+    (out_dir / "weights.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index[file_name]
+
+
+def _ship_file(
+    checkpoint: Checkpoint, path: Path, *, report_name: str, run: str, scores: dict[str, Any],
+    bicubic: dict[str, Any], params: int, macs: int, latency: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Save `checkpoint` at `path` with its scores in the metadata; returns its weights.json entry."""
+    metadata = checkpoint.metadata
+    training = {**metadata["training"], "metrics": scores, "run": run}
+    save_checkpoint(checkpoint.model, path, role=metadata["role"], training=training)
+    return {
         "stage": training.get("stage"),
         "report_name": report_name,
         "role": metadata["role"],
         "arch": metadata["arch"],
         "arch_args": metadata["arch_args"],
-        "params": count_parameters(model),
-        "macs_960x540": count_macs(model, 540, 960),
+        "params": params,
+        "macs_960x540": macs,
         "training": {k: training.get(k) for k in ("steps", "batch_size", "device", "seconds", "mix", "init_from")},
         "metrics": scores,
-        "bicubic": {set_name: scores["bicubic"]["mean"] for set_name, scores in all_scores.items()},
-        "latency": None,
+        "bicubic": bicubic,
+        "latency": latency,
         "lr_kinds": lr_kinds(training["config"]),
     }
-    (out_dir / "weights.json").write_text(json.dumps(index, indent=2) + "\n")
-    return index[file_name]
 
 
 def lr_kinds(config: dict[str, Any]) -> list[str]:
