@@ -21,6 +21,10 @@ from training.trainer import NonFiniteLossError, TrainingInterrupted, train_stag
 BUILTIN_SETS = ("cg-dev", "rendered-val", "rendered-val-native")
 
 
+def _comma_list(text: str) -> list[str]:
+    return text.split(",")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -31,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
         sub.add_argument("--run-dir", type=Path, help="output folder (default runs/<experiment>[/<stage>])")
     pipeline.add_argument(
-        "--stages", type=lambda text: text.split(","), metavar="NAME,...",
+        "--stages", type=_comma_list, metavar="NAME,...",
         help="train only these stages (e.g. teacher,student_alone), no evaluation: for parallel runs",
     )  # fmt: skip
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
@@ -40,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--teacher", type=Path, help="the teacher checkpoint (needed to evaluate a TA)")
     evaluate_cmd.add_argument("--data", type=Path, action="append", default=[], help="an image folder (repeatable)")
     evaluate_cmd.add_argument(
-        "--sets", type=lambda text: text.split(","), default=None, metavar="NAME,...",
+        "--sets", type=_comma_list, default=None, metavar="NAME,...",
         help=f"built-in sets: {', '.join(BUILTIN_SETS)} (default: cg-dev, unless --data is given)",
     )  # fmt: skip
     evaluate_cmd.add_argument("--frames", type=int, default=2, help="rendered validation frames per preset")

@@ -56,16 +56,13 @@ def eval_sets(config: Config, scale: int) -> dict[str, list[EvalImage]]:
     wanted: dict[str, SourceConfig] = {}
     if config.eval.cg_dev:
         wanted["cg-dev"] = SourceConfig(kind="folder")
-    if config.eval.rendered_val:
-        width, height = config.eval.rendered_size
-        wanted["rendered-val"] = SourceConfig(
-            kind="scenes", width=width, height=height, frames_per_preset=config.eval.rendered_frames
-        )
-    if config.eval.rendered_native:
-        width, height = config.eval.rendered_size
-        wanted["rendered-val-native"] = SourceConfig(
-            kind="scenes", width=width, height=height, frames_per_preset=config.eval.rendered_frames, lr_kind="native"
-        )
+    width, height = config.eval.rendered_size
+    rendered = (("rendered-val", config.eval.rendered_val, "bicubic"),
+                ("rendered-val-native", config.eval.rendered_native, "native"))  # fmt: skip
+    for name, asked, lr_kind in rendered:  # the same validation frames, LR by degrade(HR) or rendered at LR size
+        if asked:
+            wanted[name] = SourceConfig(kind="scenes", width=width, height=height,
+                                        frames_per_preset=config.eval.rendered_frames, lr_kind=lr_kind)  # fmt: skip
     for folder in config.eval.folders:
         wanted[Path(folder).name] = SourceConfig(kind="folder", path=folder)
     return {name: list(_images(base, source, scale, config)) for name, source in wanted.items()}

@@ -141,7 +141,7 @@ class _Trainer:
             disable=not (self.dist.main and self.config.runtime.progress), dynamic_ncols=True,
         )  # fmt: skip
         try:
-            while step < self.steps and self.budget_spent < 1.0:
+            while not self._finished(step):
                 terms = self._step(loss_module, next(batches), step)
                 step += 1
                 total = terms["total"]
@@ -153,7 +153,7 @@ class _Trainer:
                 self._log(step, terms)
                 if step % self.config.runtime.checkpoint_every == 0 or self.stop_requested:
                     self._save_state(step)
-                if self.stop_requested and step < self.steps and self.budget_spent < 1.0:
+                if self.stop_requested and not self._finished(step):
                     raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume {self.run_dir}")
         finally:
             progress.close()
@@ -175,6 +175,10 @@ class _Trainer:
             nn.utils.clip_grad_norm_(self.trained.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         return {name: value.item() for name, value in terms.items()}
+
+    def _finished(self, step: int) -> bool:
+        """The stage has run its steps, or spent its time budget."""
+        return step >= self.steps or self.budget_spent >= 1.0
 
     def _progress(self, step: int) -> float:
         """How far the stage is, in [0, 1]: by steps, or by wall time with a budget."""
@@ -226,8 +230,7 @@ class _Trainer:
         return tensor.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
 
     def _log(self, step: int, terms: dict[str, float]) -> None:
-        last = step == self.steps or self.budget_spent >= 1.0
-        if not self.dist.main or (step % self.config.runtime.log_every and not last):
+        if not self.dist.main or (step % self.config.runtime.log_every and not self._finished(step)):
             return
         now = time.perf_counter()
         rate = (step - self.last_log[0]) / max(now - self.last_log[1], 1e-9) if self.last_log else 0.0
