@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models import build_model, load_checkpoint, save_checkpoint
+from training.__main__ import _checkpoint_labels
 from training.config import Config, EvalConfig
 from training.data import degrade
 from training.evaluate import eval_sets
@@ -58,9 +59,9 @@ def test_native_validation_frames_differ_from_bicubic_ones() -> None:
 
 
 def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
+    training = {"steps": 3, "config": {"data": {"sources": [{"kind": "scenes", "lr_kind": "native"}]}}}
     path = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "native_student.safetensors",
-                           role="student", training={"steps": 3, "config": {"data": {"sources": [
-                               {"kind": "scenes", "lr_kind": "native"}]}}})  # fmt: skip
+                           role="student", training=training)  # fmt: skip
     mean = {"psnr_rgb": 30.0, "ssim_rgb": 0.9, "psnr_y": 31.0, "ssim_y": 0.91}
     scores = tmp_path / "scores.json"
     by_model = {"bicubic": {"mean": mean}, "native_student": {"mean": mean}}
@@ -77,6 +78,21 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
     shipped = load_checkpoint(out / "rlfn_s_native_x2.safetensors")
     assert shipped.metadata["training"]["metrics"] == entry["metrics"] and shipped.metadata["training"]["steps"] == 3
 
-    other = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "unscored.safetensors", role="student")
+    other = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "unscored.safetensors", role="student",
+                            training=training)  # fmt: skip
     with pytest.raises(ValueError, match="no scores for 'unscored'"):
         ship_checkpoint(other, "x", "x", scores, out)
+    relabelled = ship_checkpoint(other, "x", "x", scores, out, label="native_student")  # scored under another name
+    assert relabelled["metrics"] == {"rendered-val-native": mean}
+
+
+def test_checkpoint_labels_are_unique_and_short() -> None:
+    paths = [Path("runs/a/student/final.safetensors"), Path("runs/b/student/final.safetensors"),
+             Path("runs/a/ta1/final.safetensors"), Path("models/weights/rlfn_s_takdsr_x2.safetensors")]  # fmt: skip
+    labels = _checkpoint_labels(paths)
+    assert list(labels) == ["a/student/final", "b/student/final", "ta1/final", "rlfn_s_takdsr_x2"]
+    assert list(labels.values()) == paths
+    nested = _checkpoint_labels([Path("final.safetensors"), Path("x/final.safetensors")])
+    assert list(nested) == ["final", "x/final"]  # a path with no folders left is named by itself
+    with pytest.raises(ValueError, match="given twice"):
+        _checkpoint_labels([Path("x/final.safetensors"), Path("x/../x/final.safetensors")])

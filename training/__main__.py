@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     ship_one.add_argument("--name", required=True, help="file name stem in the weights folder")
     ship_one.add_argument("--report-name", required=True, help="the model's name in reports")
     ship_one.add_argument("--scores", required=True, type=Path, help="`evaluate --json` output that scored it")
+    ship_one.add_argument("--label", help="the checkpoint's label in SCORES (default: the file's stem)")
     ship_one.add_argument("--out", type=Path, default=Path("models/weights"))
     latency = commands.add_parser("latency", help="inference time of checkpoints or registered models")
     latency.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_NAME")
@@ -120,10 +121,26 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_labels(paths: list[Path]) -> dict[str, Path]:
-    """Short names for the tables: the file's stem, or parent/stem where stems repeat (pipeline runs)."""
-    stems = [path.stem for path in paths]
-    labels = [path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}" for path in paths]
-    return dict(zip(labels, paths, strict=True))
+    """Short unique names for the tables: the file's stem, with as many parent folders in front as it
+    takes to tell apart files whose stems repeat (e.g. RUN/STAGE/final in several pipeline runs)."""
+    if len({path.resolve() for path in paths}) != len(paths):
+        raise ValueError("the same checkpoint is given twice")
+    depths = [0] * len(paths)
+    while True:
+        labels = [_label(path, depth) for path, depth in zip(paths, depths, strict=True)]
+        repeated = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        if not repeated:
+            return dict(zip(labels, paths, strict=True))
+        for i in repeated:
+            depths[i] += 1
+
+
+def _label(path: Path, depth: int) -> str:
+    """The stem of `path` after its last `depth` parent folders (the whole path when it has fewer)."""
+    parents = path.parent.parts
+    if depth > len(parents):
+        return str(path.with_suffix(""))
+    return "/".join([*parents[len(parents) - depth :], path.stem])
 
 
 def _latency(args: argparse.Namespace) -> int:
@@ -140,7 +157,7 @@ def _latency(args: argparse.Namespace) -> int:
 
 
 def _ship_checkpoint(args: argparse.Namespace) -> int:
-    entry = ship_checkpoint(args.checkpoint, args.name, args.report_name, args.scores, args.out)
+    entry = ship_checkpoint(args.checkpoint, args.name, args.report_name, args.scores, args.out, label=args.label)
     print(f"{args.out / (args.name + '.safetensors')}: {entry['report_name']}, {entry['params']:,} parameters")
     return 0
 

@@ -24,6 +24,7 @@ SHIPPED = {
     "teacher": ("teacher_takdsr", "teacher"),
     "student_pisr": ("s_pisr", "PISR'"),
     "student_alone": ("s_alone", "X_s"),
+    "teacher_continuous": ("teacher_continuous", "teacher (continuous)"),  # PISR's teacher; the ablations reuse it
 }
 
 
@@ -47,12 +48,15 @@ def ship_run(run_dir: Path, out_dir: Path) -> dict[str, Any]:
     return index
 
 
-def ship_checkpoint(path: Path, name: str, report_name: str, scores_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Ship one checkpoint as `out_dir/name.safetensors` with the scores of its label in `scores_path`
-    (`python -m training evaluate --json`: {set: {label: {"mean": ...}}}); returns its weights.json entry."""
+def ship_checkpoint(
+    path: Path, name: str, report_name: str, scores_path: Path, out_dir: Path, *, label: str | None = None
+) -> dict[str, Any]:
+    """Ship one checkpoint as `out_dir/name.safetensors` with the scores of its label (default: the file's
+    stem) in `scores_path` (`python -m training evaluate --json`: {set: {label: {"mean": ...}}}); returns
+    its weights.json entry."""
     checkpoint = load_checkpoint(path)
     all_scores = json.loads(scores_path.read_text())
-    label = path.stem
+    label = label or path.stem
     missing = [set_name for set_name, scores in all_scores.items() if label not in scores]
     if missing or not all_scores:
         raise ValueError(f"{scores_path} has no scores for {label!r} in {missing or 'any set'}")
