@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The RLFN x2 ablations of issue 10 at the reduced CPU schedule of training/configs/rlfn_x2_ablation_cpu.toml
+# (the same steps, batch and data for every row). Every row starts from the shipped H100 teachers, so the
+# rows differ only in the ablated choice. Two queues of rows run as parallel 1-thread processes.
+# A finished stage is skipped and an interrupted one resumed, so rerunning continues where it stopped.
+#   usage: scripts/ablations_cpu.sh [RUN_ROOT]        (default runs/ablations; results: docs/ablations.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=${1:-runs/ablations}
+PY=${PYTHON:-.venv/bin/python}
+CONFIG=training/configs/rlfn_x2_ablation_cpu.toml
+TEACHER=models/weights/rlfn_teacher_takdsr_x2.safetensors
+CONTINUOUS_TEACHER=models/weights/rlfn_teacher_continuous_x2.safetensors
+
+# put_stage RUN STAGE CHECKPOINT: a finished stage the pipeline will reuse instead of training it
+put_stage() { mkdir -p "$ROOT/$1/$2"; cp "$3" "$ROOT/$1/$2/final.safetensors"; }
+pipe() { local run=$1; shift; "$PY" -m training pipeline --config "$CONFIG" --run-dir "$ROOT/$run" "$@"; }
+
+row_base() {  # the paper's setting: one 3-block TA reading 0.3 CF' + 0.7 X, discrete CF, feature term, teacher init
+    put_stage base teacher "$TEACHER"
+    pipe base --stages ta1,student_takdsr
+}
+row_no_feature() {  # needs row_base's TA
+    put_stage no_feature teacher "$TEACHER"
+    put_stage no_feature ta1 "$ROOT/base/ta1/final.safetensors"
+    pipe no_feature --stages student_takdsr --set loss.feature=0
+}
+row_scratch() {  # needs row_base's TA; guided like TAKDSR but randomly initialised
+    [ -f "$ROOT/scratch/student_takdsr/final.safetensors" ] && return 0
+    "$PY" -m training train --config "$CONFIG" --run-dir "$ROOT/scratch/student_takdsr" \
+        --set stage.name=student_takdsr --set stage.role=student --set stage.steps=0 \
+        --set "stage.guides=[\"$TEACHER\", \"$ROOT/base/ta1/final.safetensors\"]"
+}
+row_mix() {  # row_mix NAME A B: the TA reads A CF' + B X
+    put_stage "$1" teacher "$TEACHER"
+    pipe "$1" --stages ta1,student_takdsr --set "experiment.mix=[$2,$3]"
+}
+row_two_tas() {  # TA1 (4 blocks) then TA2 (2 blocks), dense guidance: each is guided by every model above it
+    put_stage two_tas teacher "$TEACHER"
+    pipe two_tas --stages ta1,ta2,student_takdsr --set "experiment.ta_blocks=[4,2]"
+}
+row_continuous_ta() {  # TAKDSR with the continuous-CF teacher: the TA mixes the unrounded CF
+    put_stage continuous_ta teacher "$CONTINUOUS_TEACHER"
+    pipe continuous_ta --stages ta1,student_takdsr
+}
+row_baselines() {  # X_s (student alone) and PISR' (continuous teacher -> student, no TA) at the same steps
+    put_stage base teacher_continuous "$CONTINUOUS_TEACHER"
+    pipe base --stages student_alone,student_pisr --set experiment.baselines=true
+}
+
+queue_1() { row_base && row_no_feature && row_scratch && row_mix mix_01_09 0.1 0.9; }
+queue_2() { row_baselines && row_continuous_ta && row_mix mix_05_05 0.5 0.5 && row_two_tas; }
+
+mkdir -p "$ROOT"
+queue_1 >"$ROOT/queue_1.log" 2>&1 &
+first=$!
+queue_2 >"$ROOT/queue_2.log" 2>&1 &
+second=$!
+trap 'kill -INT $first $second 2>/dev/null' INT TERM
+status=0
+wait $first || status=$?
+wait $second || status=$?
+exit $status
