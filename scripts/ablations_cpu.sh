@@ -4,6 +4,7 @@
 # rows differ only in the ablated choice. Two queues of rows run as parallel 1-thread processes.
 # A finished stage is skipped and an interrupted one resumed, so rerunning continues where it stopped.
 #   usage: scripts/ablations_cpu.sh [RUN_ROOT]        (default runs/ablations; results: docs/ablations.md)
+# then RUN_ROOT/scores_*.json hold the scores; scripts/scores_table.py prints them as tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/ablations}
@@ -48,6 +49,19 @@ row_baselines() {  # X_s (student alone) and PISR' (continuous teacher -> studen
     pipe base --stages student_alone,student_pisr --set experiment.baselines=true
 }
 
+# Scores of every row on cg-dev and the rendered validation frames (a TA needs the teacher whose CF it mixes)
+evaluate_rows() {
+    local sets=cg-dev,rendered-val students=() tas=()
+    for file in "$ROOT"/*/student_*/final.safetensors; do students+=(--checkpoint "$file"); done
+    for file in "$ROOT"/*/ta*/final.safetensors; do
+        case $file in "$ROOT"/continuous_ta/*|"$ROOT"/no_feature/*) ;; *) tas+=(--checkpoint "$file") ;; esac
+    done
+    "$PY" -m training evaluate --sets $sets "${students[@]}" --json "$ROOT/scores_students.json"
+    "$PY" -m training evaluate --sets $sets "${tas[@]}" --teacher "$TEACHER" --json "$ROOT/scores_tas.json"
+    "$PY" -m training evaluate --sets $sets --checkpoint "$ROOT/continuous_ta/ta1/final.safetensors" \
+        --teacher "$CONTINUOUS_TEACHER" --json "$ROOT/scores_continuous_ta.json"
+}
+
 queue_1() { row_base && row_no_feature && row_scratch && row_mix mix_01_09 0.1 0.9; }
 queue_2() { row_baselines && row_continuous_ta && row_mix mix_05_05 0.5 0.5 && row_two_tas; }
 
@@ -60,4 +74,5 @@ trap 'kill -INT $first $second 2>/dev/null' INT TERM
 status=0
 wait $first || status=$?
 wait $second || status=$?
+[ $status -eq 0 ] && evaluate_rows
 exit $status

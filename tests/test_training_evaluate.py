@@ -96,3 +96,21 @@ def test_checkpoint_labels_are_unique_and_short() -> None:
     assert list(nested) == ["final", "x/final"]  # a path with no folders left is named by itself
     with pytest.raises(ValueError, match="given twice"):
         _checkpoint_labels([Path("x/final.safetensors"), Path("x/../x/final.safetensors")])
+
+
+def test_scores_table_merges_files_and_names_rows(tmp_path: Path) -> None:
+    def mean(psnr: float) -> dict:
+        return {"mean": {"psnr_rgb": psnr, "ssim_rgb": 0.9, "psnr_y": psnr + 1, "ssim_y": 0.95}}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"cg-dev": {"bicubic": mean(30), "run/student": mean(31.5)}}))
+    second.write_text(json.dumps({"cg-dev": {"bicubic": mean(30), "run/ta1": mean(33.25)}}))
+    script = [sys.executable, str(REPO / "scripts" / "scores_table.py"), str(first), str(second)]
+    result = subprocess.run([*script, "--rows", "run/ta1=TA,run/student=Student"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2:] == ["| TA | 33.25 / 0.9000 / 34.25 / 0.9500 |",
+                                              "| Student | 31.50 / 0.9000 / 32.50 / 0.9500 |"]  # fmt: skip
+    missing = subprocess.run([*script, "--rows", "nope=X"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope" in missing.stderr
+    twice = subprocess.run([*script, str(first)], capture_output=True, text=True)
+    assert twice.returncode != 0 and "scored twice" in twice.stderr

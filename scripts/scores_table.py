@@ -1,0 +1,68 @@
+"""Print a markdown table of mean scores from `python -m training evaluate --json` files.
+
+    python scripts/scores_table.py SCORES.json [MORE.json ...] [--rows label=Name,label2=Name2,...]
+
+One row per model (bicubic, Lanczos and every checkpoint label, or the --rows chosen, in that order),
+one column per evaluation set: PSNR RGB / SSIM RGB / PSNR Y / SSIM Y of the mean over its images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
+
+
+def merged_scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """{set: {label: mean scores}} over several files; a label scored twice on one set is an error."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for set_name, by_label in json.loads(path.read_text()).items():
+            for label, result in by_label.items():
+                known = merged.setdefault(set_name, {})
+                if label in known and label not in ("bicubic", "lanczos"):  # the baselines repeat in every file
+                    raise ValueError(f"{label!r} is scored twice on {set_name}")
+                known[label] = result["mean"]
+    return merged
+
+
+def table(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]]) -> str:
+    sets = list(scores)
+    lines = ["| model | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for label, name in rows:
+        cells = [_cell(scores[set_name].get(label)) for set_name in sets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(mean: dict[str, float] | None) -> str:
+    if mean is None:
+        return "-"
+    return " / ".join(f"{mean[k]:.2f}" if k.startswith("psnr") else f"{mean[k]:.4f}" for k in METRICS)
+
+
+def _rows(text: str | None, scores: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    if text is None:
+        labels = list(dict.fromkeys(label for by_label in scores.values() for label in by_label))
+        return [(label, label) for label in labels]
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    unknown = [label for label, *_ in pairs if not any(label in by_label for by_label in scores.values())]
+    if unknown:
+        raise SystemExit(f"no scores for {unknown}")
+    return [(label, rest[0] if rest else label) for label, *rest in pairs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scores", nargs="+", type=Path)
+    parser.add_argument("--rows", help="label=Name pairs, comma-separated, in table order")
+    args = parser.parse_args()
+    scores = merged_scores(args.scores)
+    print(table(scores, _rows(args.rows, scores)))
+
+
+if __name__ == "__main__":
+    main()
