@@ -26,6 +26,11 @@ row_no_feature() {  # needs row_base's TA
     put_stage no_feature ta1 "$ROOT/base/ta1/final.safetensors"
     pipe no_feature --stages student_takdsr --set loss.feature=0
 }
+row_seed() {  # row_base's student again with another seed (other patches and flips): the noise floor
+    put_stage base_seed1 teacher "$TEACHER"
+    put_stage base_seed1 ta1 "$ROOT/base/ta1/final.safetensors"
+    pipe base_seed1 --stages student_takdsr --set runtime.seed=1
+}
 row_scratch() {  # needs row_base's TA; guided like TAKDSR but randomly initialised
     [ -f "$ROOT/scratch/student_takdsr/final.safetensors" ] && return 0
     "$PY" -m training train --config "$CONFIG" --run-dir "$ROOT/scratch/student_takdsr" \
@@ -53,8 +58,8 @@ row_baselines() {  # X_s (student alone) and PISR' (continuous teacher -> studen
 evaluate_rows() {
     local sets=cg-dev,rendered-val students=() tas=()
     for file in "$ROOT"/*/student_*/final.safetensors; do students+=(--checkpoint "$file"); done
-    for file in "$ROOT"/*/ta*/final.safetensors; do
-        case $file in "$ROOT"/continuous_ta/*|"$ROOT"/no_feature/*) ;; *) tas+=(--checkpoint "$file") ;; esac
+    for file in "$ROOT"/*/ta*/final.safetensors; do  # TAs trained here (put_stage copies have no metrics.jsonl)
+        [[ -f $(dirname "$file")/metrics.jsonl && $file != "$ROOT"/continuous_ta/* ]] && tas+=(--checkpoint "$file")
     done
     "$PY" -m training evaluate --sets $sets "${students[@]}" --json "$ROOT/scores_students.json"
     "$PY" -m training evaluate --sets $sets "${tas[@]}" --teacher "$TEACHER" --json "$ROOT/scores_tas.json"
@@ -62,7 +67,7 @@ evaluate_rows() {
         --teacher "$CONTINUOUS_TEACHER" --json "$ROOT/scores_continuous_ta.json"
 }
 
-queue_1() { row_base && row_no_feature && row_scratch && row_mix mix_01_09 0.1 0.9; }
+queue_1() { row_base && row_no_feature && row_scratch && row_mix mix_01_09 0.1 0.9 && row_seed; }
 queue_2() { row_baselines && row_continuous_ta && row_mix mix_05_05 0.5 0.5 && row_two_tas; }
 
 mkdir -p "$ROOT"
