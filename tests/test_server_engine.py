@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import pathlib
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from upscaler_server.protocol import PIXEL_FORMATS
 from server_utils import REPO, make_checkpoint
 
 RNG = np.random.default_rng(7)
+RGB = PIXEL_FORMATS["RGB8"]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,41 @@ def test_cuda_engine_close_to_cpu(engine: Engine, checkpoint: pathlib.Path, grap
         diff = np.abs(first.astype(int) - engine.run(frame, fmt).astype(int))
         assert diff.max() <= 4, f"fp16 CUDA differs from fp32 CPU by {diff.max()} levels"
         np.testing.assert_array_equal(first[..., 3], np.repeat(np.repeat(rgba[..., 3], 2, 0), 2, 1))
+    gpu.close()
+
+
+def _pipelined(engine: Engine, frames: list[np.ndarray]) -> list[np.ndarray]:
+    """Upscale ``frames`` the way the daemon's worker does: the next frame starts before the previous is waited for."""
+    outs, waiting = [], collections.deque()
+    for frame in frames:
+        outs.append(np.empty(engine.output_shape(frame.shape[0], frame.shape[1], RGB), np.uint8))
+        waiting.append(engine.start(frame, RGB, outs[-1]))
+        if len(waiting) >= engine.max_in_flight:
+            waiting.popleft()()
+    while waiting:
+        waiting.popleft()()
+    return outs
+
+
+def test_start_on_cpu_finishes_the_frame_at_once(checkpoint: pathlib.Path) -> None:
+    cpu = create_engine(checkpoint=checkpoint, device="cpu", precision="fp32", threads=1, overlap=True)
+    assert cpu.max_in_flight == 1  # overlap is a CUDA feature: the CPU has no copies to hide
+    frames = [RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(3)]
+    for out, frame in zip(_pipelined(cpu, frames), frames, strict=True):
+        np.testing.assert_array_equal(out, cpu.run(frame))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_cuda_overlap_gives_the_frames_of_one_at_a_time(checkpoint: pathlib.Path, graphs: bool) -> None:
+    gpu = create_engine(checkpoint=checkpoint, device="cuda", precision="fp16", cuda_graphs=graphs, overlap=True)
+    assert gpu.max_in_flight == 2
+    sizes = [(64, 96), (64, 96), (48, 80), (64, 96), (64, 96), (48, 80), (48, 80)]  # two plans, interleaved
+    frames = [RNG.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    one_at_a_time = [gpu.run(frame) for frame in frames]
+    for pipelined, expected in zip(_pipelined(gpu, frames), one_at_a_time, strict=True):
+        np.testing.assert_array_equal(pipelined, expected)
     gpu.close()
 
 

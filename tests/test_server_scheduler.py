@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from upscaler_server.engine import NearestEngine
-from upscaler_server.errors import BusyError, ErrorCode, UpscalerError
-from upscaler_server.protocol import PIXEL_FORMATS
+from upscaler_server.engine import NearestEngine, StageTimes
+from upscaler_server.errors import BusyError, EngineError, ErrorCode, UpscalerError
+from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 from upscaler_server.scheduler import FairQueue, Job, Worker
 
 RGB = PIXEL_FORMATS["RGB8"]
@@ -56,6 +57,7 @@ def test_drop_and_close() -> None:
     assert [j.frame for j in q.drop("a")] == [1, 2]
     assert [j.frame for j in q.close()] == [3]
     assert q.get() is None
+    assert q.get(block=False) is None
     with pytest.raises(UpscalerError) as info:
         q.put("a", _job(4))
     assert info.value.code == ErrorCode.SHUTTING_DOWN
@@ -86,3 +88,83 @@ def test_worker_runs_jobs_and_reports_failures() -> None:
     np.testing.assert_array_equal(ok.out, np.repeat(np.repeat(good, 2, 0), 2, 1))
     assert warm.warmup and warm.error is None
     assert bad.error is not None and bad.error[0] == ErrorCode.INFERENCE_ERROR
+
+
+def test_get_without_blocking() -> None:
+    q = FairQueue(capacity=2)
+    assert q.get(block=False) is None  # empty: returns at once
+    q.put("a", _job(1))
+    assert q.get(block=False).frame == 1  # type: ignore[union-attr]
+
+
+class _TwoInFlight(NearestEngine):
+    """Records when frames start and are waited for; the frame numbered ``fail_on`` fails when waited for."""
+
+    max_in_flight = 2
+
+    def __init__(self, fail_on: int = -1) -> None:
+        super().__init__(2)
+        self.log: list[tuple[str, int]] = []
+        self.fail_on = fail_on
+
+    def start(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> Callable[[], StageTimes]:
+        frame = int(lr[0, 0, 0])
+        self.log.append(("start", frame))
+
+        def wait() -> StageTimes:
+            self.log.append(("wait", frame))
+            if frame == self.fail_on:
+                raise EngineError("the device failed")
+            return self.upscale(lr, fmt, out)
+
+        return wait
+
+
+def _run_worker(engine: NearestEngine, jobs: list[Job], expected: int) -> list[Job]:
+    """Queue ``jobs`` before the worker starts, let it finish ``expected`` of them, close; the finished ones."""
+    q, finished, done = FairQueue(capacity=10), [], threading.Event()
+
+    def on_finished(job: Job) -> None:
+        finished.append(job)
+        if len(finished) == expected:
+            done.set()
+
+    for job in jobs:
+        q.put("a", job)
+    worker = Worker(engine, q, on_finished)
+    worker.start()
+    assert done.wait(10), f"only {len(finished)} of {expected} jobs finished"
+    q.close()
+    worker.join(10)
+    assert not worker.is_alive()
+    return finished
+
+
+def _frame(number: int) -> np.ndarray:
+    return np.full((4, 4, 3), number, np.uint8)
+
+
+def test_worker_starts_the_next_frame_before_waiting_for_one() -> None:
+    engine = _TwoInFlight()
+    finished = _run_worker(engine, [_job(n, _frame(n)) for n in (1, 2, 3)], expected=3)
+    assert engine.log == [("start", 1), ("start", 2), ("wait", 1), ("start", 3), ("wait", 2), ("wait", 3)]
+    assert [job.frame for job in finished] == [1, 2, 3]  # replies in the order the frames were taken
+    for job in finished:
+        assert job.error is None and job.times is not None
+        np.testing.assert_array_equal(job.out, np.repeat(np.repeat(job.lr, 2, 0), 2, 1))
+
+
+def test_worker_finishes_a_lone_frame_without_waiting_for_another() -> None:
+    engine = _TwoInFlight()
+    (job,) = _run_worker(engine, [_job(7, _frame(7))], expected=1)  # nothing else is ever queued
+    assert engine.log == [("start", 7), ("wait", 7)] and job.error is None
+
+
+def test_worker_reports_a_frame_that_fails_when_waited_for_and_goes_on() -> None:
+    engine = _TwoInFlight(fail_on=2)
+    jobs = [_job(1, _frame(1)), _job(2, _frame(2)), _job(0), _job(3, _frame(3))]  # _job(0): a warm-up between
+    finished = _run_worker(engine, jobs, expected=4)
+    assert [job.frame for job in finished] == [1, 2, 0, 3]
+    failed = finished[1]
+    assert failed.error == (ErrorCode.INFERENCE_ERROR, "the device failed") and failed.times is None
+    assert all(job.error is None for job in finished if job is not failed)

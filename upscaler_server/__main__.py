@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (0: all usable cores)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture a CUDA graph per resolution")
+    p.add_argument("--overlap", action="store_true", help="CUDA, eager/compile: keep two frames in flight so one "
+                   "frame's copies overlap the next one's compute (needs clients with several slots in flight)")
     p.add_argument("--max-width", type=int, default=defaults.max_width, help="largest input width")
     p.add_argument("--max-height", type=int, default=defaults.max_height, help="largest input height")
     p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest input width*height")
@@ -64,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Config:
     return Config(endpoint=args.endpoint or default_endpoint(), checkpoint=args.checkpoint, model=args.model,
                   backend=args.backend, scale=args.scale, device=args.device, precision=args.precision,
-                  threads=args.threads, cuda_graphs=args.cuda_graphs, cache_dir=args.cache_dir,
+                  threads=args.threads, cuda_graphs=args.cuda_graphs, overlap=args.overlap, cache_dir=args.cache_dir,
                   auto_backends=tuple(args.auto_backends), tune_sizes=tuple(args.tune_sizes), max_width=args.max_width,
                   max_height=args.max_height, max_pixels=args.max_pixels, max_slots=args.max_slots,
                   max_sessions=args.max_sessions, max_shm_bytes=args.max_shm_mb << 20, max_queue=args.max_queue,

@@ -10,7 +10,8 @@ costs about one write of the output) is timed per round trip for each LR size, R
 - ``nearest``: the "model" alone, in-process.
 
 End to end: a daemon with the real student (the bundled or given checkpoint; random-init ``rlfn_s`` while no
-trained weights exist, said so in the output), frames per second and p50/p99 latency of synchronous round trips.
+trained weights exist, said so in the output), frames per second and p50/p99 latency of synchronous round trips,
+and the frames per second of a client that keeps two frames in flight (what ``--overlap`` speeds up on CUDA).
 
 Backends (``--backends eager,compile,onnxruntime,...``): instead of the two parts above, a backend x LR size table
 of model-only and end-to-end times, speed-up over fp32 eager and accuracy against it (see ``bench_backends``).
@@ -157,8 +158,27 @@ def end_to_end(sizes: Sequence[tuple[int, int]], frames: int, budget_s: float,
             lat_ms = np.array(latencies) * 1e3
             rows.append({"lr": f"{w}x{h}", "hr": f"{w * client.scale}x{h * client.scale}", "frames": len(latencies),
                          "fps": len(latencies) / float(np.sum(latencies)), "p50_ms": float(np.percentile(lat_ms, 50)),
-                         "p99_ms": float(np.percentile(lat_ms, 99)), "infer_ms": float(np.median(infer))})
+                         "p99_ms": float(np.percentile(lat_ms, 99)), "infer_ms": float(np.median(infer)),
+                         "fps_2_in_flight": _two_in_flight_fps(client, w, h, frames, budget_s, rng)})
     return info, rows
+
+
+def _two_in_flight_fps(client: UpscalerClient, w: int, h: int, frames: int, budget_s: float,
+                       rng: np.random.Generator) -> float:
+    """Frames per second when each finished frame's slot is resubmitted while the other slot's frame runs."""
+    session = client.open_session(w, h, "RGB8", slots=2)
+    for slot in (0, 1):
+        session.input(slot)[...] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        session.submit(slot)
+    done, start = 0, time.perf_counter()
+    while done < frames and (done < 3 or time.perf_counter() - start < budget_s):
+        session.submit(session.collect().slot)
+        done += 1
+    elapsed = time.perf_counter() - start
+    for _ in (0, 1):
+        session.collect()
+    session.close()
+    return done / elapsed
 
 
 def _student_args(checkpoint: pathlib.Path | None, device: str, threads: int) -> tuple[list[str], str]:
@@ -183,11 +203,12 @@ def _print_tables(result: dict[str, Any]) -> None:
               f"{r['shm_over_memcpy']:7.1f} {r['inline_over_memcpy']:7.1f} {r['inline_over_shm']:7.2f}")
     e2e = result["end_to_end"]
     print(f"\nEnd to end: {e2e['weights']}; model {e2e['model']} x{e2e['scale']} on {e2e['device']} "
-          f"({e2e['precision']}), synchronous frames through shared memory")
-    print(f"{'LR':>10} {'HR':>10} {'frames':>6} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'infer ms':>8}")
+          f"({e2e['precision']}{', overlap' if e2e.get('overlap') else ''}), frames through shared memory: "
+          "synchronous, then two in flight")
+    print(f"{'LR':>10} {'HR':>10} {'frames':>6} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'infer ms':>8} {'fps x2':>7}")
     for r in e2e["rows"]:
         print(f"{r['lr']:>10} {r['hr']:>10} {r['frames']:>6} {r['fps']:7.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{r['infer_ms']:8.1f}")
+              f"{r['infer_ms']:8.1f} {r['fps_2_in_flight']:7.2f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=pathlib.Path, help="student for the end-to-end part")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="daemon CPU threads (0: all usable cores)")
+    p.add_argument("--overlap", action="store_true", help="end-to-end daemon with --overlap (CUDA)")
     p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
     p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
                    help="compare these backends (eager, compile, onnxruntime, tensorrt, each optionally -fp32/-bf16/"
@@ -222,8 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "rows": []}
     else:
         daemon_args, weights = _student_args(args.checkpoint, args.device, args.threads)
+        daemon_args += ["--overlap"] if args.overlap else []
         info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
-        result["end_to_end"] = {"weights": weights, **info, "rows": rows}
+        result["end_to_end"] = {"weights": weights, "overlap": args.overlap, **info, "rows": rows}
     _print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -38,6 +38,7 @@ class Config:
     precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     threads: int = 0  # CPU intra-op threads; 0: the cores this process may run on
     cuda_graphs: bool = False  # capture one CUDA graph per resolution after warm-up
+    overlap: bool = False  # CUDA: two frames in flight, one's copies overlapping the other's compute (eager/compile)
     cache_dir: pathlib.Path | None = None  # auto's measurements, ONNX/TensorRT files; None: $TAKDSR_CACHE_DIR or XDG
     auto_backends: tuple[str, ...] = ()  # backends auto may pick from; empty: every available one
     tune_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) auto measures at start-up, not on first frame

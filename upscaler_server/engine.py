@@ -7,7 +7,9 @@ channel order, alpha upscaled by nearest neighbour (never through the model). Ba
 
 - :class:`TorchEngine`: a ``models`` network, eager PyTorch, channels_last, under ``inference_mode``. CPU: a thread
   count that fits the usable cores. CUDA: fp16/bf16, pinned staging buffers, its own stream, warm-up (cuDNN
-  autotune) per resolution and optionally one CUDA graph per resolution.
+  autotune) per resolution and optionally one CUDA graph per resolution. With ``overlap`` the uploads, the network
+  and the downloads run on three streams and two frames may be in flight (:meth:`Engine.start`), so one frame's
+  copies overlap the next one's compute.
 
 Results are deterministic for a given device, precision and CPU thread count (oneDNN splits work by thread, so a
 different thread count may change the last bit of a float and, rarely, a rounded uint8 value).
@@ -21,12 +23,13 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import hashlib
 import logging
 import os
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -88,6 +91,7 @@ class Engine(abc.ABC):
     precision: str
     random_weights: bool  # True when the network was not loaded from a checkpoint
     weights: str  # where the weights came from, for logs
+    max_in_flight: int = 1  # frames :meth:`start` may have begun whose result was not yet waited for
 
     def output_shape(self, height: int, width: int, fmt: PixelFormat) -> tuple[int, int, int]:
         return height * self.scale, width * self.scale, fmt.channels
@@ -98,6 +102,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
         """Upscale ``lr`` (H, W, C) uint8 into ``out`` (H*s, W*s, C) uint8, both in ``fmt``."""
+
+    def start(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> Callable[[], StageTimes]:
+        """Begin upscaling ``lr`` into ``out``; the returned function waits until ``out`` holds the frame and returns
+        the stage times. The caller keeps both arrays alive until then, waits in start order, and has at most
+        :attr:`max_in_flight` frames started and not waited for. This default finishes the frame before returning."""
+        times = self.upscale(lr, fmt, out)
+        return lambda: times
 
     def run(self, lr: np.ndarray, fmt: PixelFormat | str | None = None) -> np.ndarray:
         """Convenience: upscale into a new array. ``fmt`` defaults to RGB8 / RGBA8 by channel count."""
@@ -170,24 +181,39 @@ def _write_output(y: torch.Tensor, src: torch.Tensor, fmt: PixelFormat, scale: i
 
 
 @dataclass
-class _CudaPlan:
-    """Static buffers (and optionally a graph) for one resolution and format on CUDA."""
+class _CudaBuffers:
+    """Static buffers (and optionally a graph) for one frame in flight at one resolution and format."""
 
-    fmt: PixelFormat
     host_in: torch.Tensor  # pinned (H, W, C) uint8
     dev_in: torch.Tensor
     dev_out: torch.Tensor  # (sH, sW, C) uint8
     host_out: torch.Tensor  # pinned
-    events: list[torch.cuda.Event]
+    events: list[torch.cuda.Event]  # timing: upload, compute and download, each a start and an end
     graph: torch.cuda.CUDAGraph | None = None
+
+
+@dataclass
+class _CudaPlan:
+    """Everything one resolution and format needs on CUDA: a buffer set per frame that may be in flight."""
+
+    fmt: PixelFormat
+    buffers: list[_CudaBuffers]
+    started: int = 0  # frames started with this plan: frame i uses buffers[i % len(buffers)]
+
+    def next_buffers(self) -> _CudaBuffers:
+        # the set was last used max_in_flight frames ago, which the caller has waited for (Engine.start's contract)
+        buffers = self.buffers[self.started % len(self.buffers)]
+        self.started += 1
+        return buffers
 
 
 class TorchEngine(Engine):
     """A PyTorch network from ``models`` on CPU or CUDA."""
 
     def __init__(self, network: torch.nn.Module, *, name: str, device: str, precision: str, weights: str | None,
-                 threads: int = 0, cuda_graphs: bool = False) -> None:
-        """``weights``: the checkpoint path, or None for a randomly initialised network."""
+                 threads: int = 0, cuda_graphs: bool = False, overlap: bool = False) -> None:
+        """``weights``: the checkpoint path, or None for a randomly initialised network. ``overlap`` (CUDA only):
+        two frames in flight, uploads, compute and downloads on their own streams."""
         self.name, self.device, self.precision = name, device, precision
         self.random_weights = weights is None
         self.weights = weights or "RANDOM (benchmarks only: output is noise)"
@@ -198,9 +224,13 @@ class TorchEngine(Engine):
         self._memory_format = torch.channels_last  # NHWC: faster on tensor cores and 2-3x faster with oneDNN on CPU
         self._graphs = cuda_graphs and self._cuda
         self._plans: PlanCache[_CudaPlan] = PlanCache()
+        self.max_in_flight = 2 if overlap and self._cuda else 1
         if self._cuda:
             torch.backends.cudnn.benchmark = True  # autotuned per resolution during warm-up
-            self._stream: torch.cuda.Stream | None = torch.cuda.Stream(device=device)
+            self._stream: torch.cuda.Stream | None = torch.cuda.Stream(device=device)  # the network's
+            # without overlap one stream does everything in order; with it, copies wait on events, not on compute
+            copies = [torch.cuda.Stream(device=device) for _ in range(2)] if overlap else [self._stream] * 2
+            self._upload_stream, self._download_stream = copies
         else:
             self._stream = None
             torch.set_num_threads(threads or usable_cores())
@@ -211,12 +241,21 @@ class TorchEngine(Engine):
         _write_output(self._net(_to_model_input(src, fmt, self._dtype, self._memory_format)), src, fmt, self.scale, dst)
 
     def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+        return self.start(lr, fmt, out)()
+
+    def start(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> Callable[[], StageTimes]:
         self.check(lr, fmt, out)
-        try:
-            with torch.inference_mode():
-                return self._upscale_cuda(lr, fmt, out) if self._cuda else self._upscale_cpu(lr, fmt, out)
-        except (RuntimeError, ValueError) as exc:
-            raise EngineError(f"inference failed on a {lr.shape[1]}x{lr.shape[0]} {fmt.name} frame: {exc}") from exc
+        with _engine_errors(lr, fmt), torch.inference_mode():
+            if not self._cuda:
+                times = self._upscale_cpu(lr, fmt, out)
+                return lambda: times
+            finish = self._start_cuda(lr, fmt, out)
+
+        def wait() -> StageTimes:
+            with _engine_errors(lr, fmt):  # CUDA reports a failed kernel when it is waited for
+                return finish()
+
+        return wait
 
     def _upscale_cpu(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
         t0 = time.perf_counter()
@@ -238,63 +277,88 @@ class TorchEngine(Engine):
 
     def _new_plan(self, height: int, width: int, fmt: PixelFormat) -> _CudaPlan:
         out_shape = self.output_shape(height, width, fmt)
-        plan = _CudaPlan(
-            fmt=fmt,
+        plan = _CudaPlan(fmt=fmt, buffers=[_CudaBuffers(
             host_in=torch.empty((height, width, fmt.channels), dtype=torch.uint8, pin_memory=True),
             dev_in=torch.zeros((height, width, fmt.channels), dtype=torch.uint8, device=self.device),
             dev_out=torch.empty(out_shape, dtype=torch.uint8, device=self.device),
             host_out=torch.empty(out_shape, dtype=torch.uint8, pin_memory=True),
-            events=[torch.cuda.Event(enable_timing=True) for _ in range(4)],
-        )
+            events=[torch.cuda.Event(enable_timing=True) for _ in range(6)],
+        ) for _ in range(self.max_in_flight)])  # fmt: skip
         self._warm_up(plan)
         return plan
 
     def _warm_up(self, plan: _CudaPlan) -> None:
         assert self._stream is not None
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffers were zeroed there
+        first = plan.buffers[0]
         with torch.cuda.stream(self._stream):
             for _ in range(3):  # first runs pick cuDNN algorithms for this shape
-                self._compute(plan.dev_in, plan.fmt, plan.dev_out)
+                self._compute(first.dev_in, plan.fmt, first.dev_out)
         self._stream.synchronize()
         if not self._graphs:
             return
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self._stream):
-                self._compute(plan.dev_in, plan.fmt, plan.dev_out)
-            plan.graph = graph
-        except RuntimeError as exc:  # e.g. an op that cannot be captured: stay eager for this shape
-            log.warning("CUDA graph capture failed for %s, running eagerly: %s", tuple(plan.dev_in.shape), exc)
+        for buffers in plan.buffers:  # a graph reads and writes fixed addresses: one per buffer set
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self._stream):
+                    self._compute(buffers.dev_in, plan.fmt, buffers.dev_out)
+                buffers.graph = graph
+            except RuntimeError as exc:  # e.g. an op that cannot be captured: stay eager for this shape
+                log.warning("CUDA graph capture failed for %s, running eagerly: %s", tuple(buffers.dev_in.shape), exc)
+                return
 
-    def _upscale_cuda(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+    def _start_cuda(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> Callable[[], StageTimes]:
+        """Queue upload -> network -> download of one frame on the streams; returns what waits for it."""
         assert self._stream is not None
         plan = self._plan(lr.shape[0], lr.shape[1], fmt)
+        buffers = plan.next_buffers()
         t0 = time.perf_counter()
-        np.copyto(plan.host_in.numpy(), lr)
-        t1 = time.perf_counter()
-        e0, e1, e2, e3 = plan.events
+        np.copyto(buffers.host_in.numpy(), lr)  # pageable -> pinned; the set's previous frame was waited for
+        staged = time.perf_counter() - t0
+        up_start, up_end, compute_start, compute_end, down_start, down_end = buffers.events
+        upload, download = self._upload_stream, self._download_stream
+        with torch.cuda.stream(upload):
+            up_start.record(upload)
+            buffers.dev_in.copy_(buffers.host_in, non_blocking=True)
+            up_end.record(upload)
+        self._stream.wait_event(up_end)
         with torch.cuda.stream(self._stream):
-            e0.record(self._stream)
-            plan.dev_in.copy_(plan.host_in, non_blocking=True)
-            e1.record(self._stream)
-            if plan.graph is not None:
-                plan.graph.replay()
+            compute_start.record(self._stream)
+            if buffers.graph is not None:
+                buffers.graph.replay()
             else:
-                self._compute(plan.dev_in, fmt, plan.dev_out)
-            e2.record(self._stream)
-            plan.host_out.copy_(plan.dev_out, non_blocking=True)
-            e3.record(self._stream)
-        e3.synchronize()
-        t2 = time.perf_counter()
-        np.copyto(out, plan.host_out.numpy())
-        t3 = time.perf_counter()
-        return StageTimes(t1 - t0 + e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3,
-                          e2.elapsed_time(e3) / 1e3 + t3 - t2)
+                self._compute(buffers.dev_in, fmt, buffers.dev_out)
+            compute_end.record(self._stream)
+        download.wait_event(compute_end)
+        with torch.cuda.stream(download):
+            down_start.record(download)
+            buffers.host_out.copy_(buffers.dev_out, non_blocking=True)
+            down_end.record(download)
+
+        def finish() -> StageTimes:
+            down_end.synchronize()
+            t1 = time.perf_counter()
+            np.copyto(out, buffers.host_out.numpy())
+            unstaged = time.perf_counter() - t1
+            return StageTimes(staged + up_start.elapsed_time(up_end) / 1e3,
+                              compute_start.elapsed_time(compute_end) / 1e3,
+                              down_start.elapsed_time(down_end) / 1e3 + unstaged)
+
+        return finish
 
     def close(self) -> None:
         self._plans.clear()
         if self._cuda:
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _engine_errors(lr: np.ndarray, fmt: PixelFormat) -> Iterator[None]:
+    """Backend failures (CUDA out of memory, a bad kernel) as EngineError, which the daemon sends to the client."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as exc:
+        raise EngineError(f"inference failed on a {lr.shape[1]}x{lr.shape[0]} {fmt.name} frame: {exc}") from exc
 
 
 def usable_cores() -> int:
@@ -385,13 +449,13 @@ def build_engine(config: Config) -> Engine:
     """The engine the daemon's ``config`` asks for; raises ModelLoadError or ConfigError (exit non-zero)."""
     return create_engine(checkpoint=config.checkpoint, model=config.model, backend=config.backend,
                          scale=config.scale, device=config.device, precision=config.precision, threads=config.threads,
-                         cuda_graphs=config.cuda_graphs, cache_dir=config.cache_dir,
+                         cuda_graphs=config.cuda_graphs, overlap=config.overlap, cache_dir=config.cache_dir,
                          auto_backends=config.auto_backends, tune_sizes=config.tune_sizes)
 
 
 def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None = None, backend: str = "eager",
                   scale: int = 2, device: str = "auto", precision: str = "auto", threads: int = 0,
-                  cuda_graphs: bool = False, cache_dir: pathlib.Path | None = None,
+                  cuda_graphs: bool = False, overlap: bool = False, cache_dir: pathlib.Path | None = None,
                   auto_backends: tuple[str, ...] = (), tune_sizes: tuple[tuple[int, int], ...] = ()) -> Engine:
     """An engine from explicit settings (the offline CLI and tests use this; see Config for their meaning).
     ``backend``: eager (alias torch), compile, onnxruntime, tensorrt, auto or nearest."""
@@ -406,7 +470,7 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     if weights is None:
         log.warning("model %s runs with RANDOM weights: output is noise, for benchmarks and tests only", name)
     settings = backends.Settings(name=name, device=resolved, precision=precision, weights=weights, threads=threads,
-                                 cuda_graphs=cuda_graphs, cache_dir=backends.cache_dir(cache_dir),
+                                 cuda_graphs=cuda_graphs, overlap=overlap, cache_dir=backends.cache_dir(cache_dir),
                                  model_hash=model_hash(network, weights))
     if backend == "auto":
         return backends.AutoEngine(network, settings, candidates=auto_backends, tune_sizes=tune_sizes)

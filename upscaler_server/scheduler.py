@@ -8,10 +8,11 @@ turn, so one client with many slots in flight cannot starve another.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,12 +79,12 @@ class FairQueue:
             self._count += not job.warmup
             self._cond.notify()
 
-    def get(self) -> Job | None:
-        """Next job, blocking; None once the queue is closed."""
+    def get(self, block: bool = True) -> Job | None:
+        """Next job; None once the queue is closed, or at once when ``block`` is False and nothing waits."""
         with self._cond:
-            while not self._fifos and not self._closed:
+            while block and not self._fifos and not self._closed:
                 self._cond.wait()
-            if self._closed:
+            if self._closed or not self._fifos:
                 return None
             key, fifo = next(iter(self._fifos.items()))
             job = fifo.popleft()
@@ -113,7 +114,9 @@ class FairQueue:
 
 
 class Worker(threading.Thread):
-    """Runs the engine on queued jobs until the queue closes; ``finished`` gets each job back (any thread)."""
+    """Runs the engine on queued jobs until the queue closes; ``finished`` gets each job back (any thread), in the
+    order the jobs were taken. An engine with ``max_in_flight`` 2 gets the next frame while it works on one (CUDA:
+    one frame's copies overlap the other's compute); with nothing else queued, the frame is finished at once."""
 
     def __init__(self, engine: Engine, queue: FairQueue, finished: Callable[[Job], None]) -> None:
         super().__init__(name="upscaler-engine", daemon=True)  # daemon: a forced stop must not wait for a frame
@@ -122,19 +125,39 @@ class Worker(threading.Thread):
         self._finished = finished
 
     def run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            job.started = time.perf_counter()
-            self._run_one(job)
-            self._finished(job)
+        in_flight: collections.deque[tuple[Job, Callable[[], StageTimes] | None]] = collections.deque()
+        while True:
+            job = self._queue.get(block=not in_flight)
+            if job is None and not in_flight:
+                return  # closed, and every frame taken is finished
+            if job is not None:
+                job.started = time.perf_counter()
+                in_flight.append((job, self._start(job)))
+            if job is None or len(in_flight) >= self._engine.max_in_flight:
+                self._finish(*in_flight.popleft())
             del job  # the transport thread drops the slot views; hold none here
 
-    def _run_one(self, job: Job) -> None:
-        try:
+    def _start(self, job: Job) -> Callable[[], StageTimes] | None:
+        """Begin the job; returns what waits for its frame, or None when it is already done (or failed)."""
+        with self._errors_into(job):
             if job.warmup:
                 self._engine.prepare(job.height, job.width, job.fmt)
             else:
                 assert job.lr is not None and job.out is not None
-                job.times = self._engine.upscale(job.lr, job.fmt, job.out)
+                return self._engine.start(job.lr, job.fmt, job.out)
+        return None
+
+    def _finish(self, job: Job, wait: Callable[[], StageTimes] | None) -> None:
+        if wait is not None:
+            with self._errors_into(job):
+                job.times = wait()
+        self._finished(job)
+
+    @contextlib.contextmanager
+    def _errors_into(self, job: Job) -> Iterator[None]:
+        """An engine error becomes the job's error reply; the worker itself never dies of one."""
+        try:
+            yield
         except UpscalerError as exc:
             job.error = (exc.code, str(exc))
         except Exception as exc:  # a bug or an unexpected backend error must not kill the worker

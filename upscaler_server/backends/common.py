@@ -30,6 +30,7 @@ class Settings:
     cuda_graphs: bool  # eager/compile on CUDA: one graph per resolution
     cache_dir: pathlib.Path  # auto's measurements, exported ONNX files, TensorRT engines
     model_hash: str  # SHA-256 of the checkpoint (or of random weights): keys every cached file
+    overlap: bool = False  # eager/compile on CUDA: two frames in flight on separate copy and compute streams
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ class CompiledEngine(TorchEngine):
     """:class:`TorchEngine` with the frame conversion and the network compiled by inductor."""
 
     def __init__(self, network: torch.nn.Module, *, name: str, device: str, precision: str, weights: str | None,
-                 threads: int = 0, cuda_graphs: bool = False) -> None:
+                 threads: int = 0, cuda_graphs: bool = False, overlap: bool = False) -> None:
         super().__init__(network, name=name, device=device, precision=precision, weights=weights, threads=threads,
-                         cuda_graphs=cuda_graphs)
+                         cuda_graphs=cuda_graphs, overlap=overlap)
         for key in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
             if hasattr(torch._dynamo.config, key):
                 setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), _RECOMPILE_LIMIT))

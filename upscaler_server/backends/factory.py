@@ -25,12 +25,11 @@ def make_backend(backend: str, network: torch.nn.Module, settings: Settings) -> 
         raise ConfigError(f"backend {backend} ({precision}) is not available: {reason}")
     network = copy.deepcopy(network)  # backends move and cast their network in place
     settings = replace(settings, precision=precision)
-    if backend in ("eager", "torch"):
-        return TorchEngine(network, name=settings.name, device=settings.device, precision=precision,
-                           weights=settings.weights, threads=settings.threads, cuda_graphs=settings.cuda_graphs)
-    if backend == "compile":
-        return CompiledEngine(network, name=settings.name, device=settings.device, precision=precision,
-                              weights=settings.weights, threads=settings.threads, cuda_graphs=settings.cuda_graphs)
+    if backend in ("eager", "torch", "compile"):
+        engine_class = CompiledEngine if backend == "compile" else TorchEngine
+        return engine_class(network, name=settings.name, device=settings.device, precision=precision,
+                            weights=settings.weights, threads=settings.threads, cuda_graphs=settings.cuda_graphs,
+                            overlap=settings.overlap)
     if backend == "onnxruntime":
         return OnnxRuntimeEngine(network, settings)
     if backend == "tensorrt":
