@@ -10,7 +10,7 @@ Difference from the official code: values are in [0, 1] (the official code feeds
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -90,3 +90,19 @@ class RLFN(SRDecoder):
 
     def reconstruct(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.upsampler(features)  # (B, C, h, w) -> (B, 3, h*s, w*s)
+
+    def widened(self, multiple: int) -> RLFN:
+        """The same function with the feature width rounded up to a multiple of ``multiple`` (e.g. 52 -> 56 for
+        fp16 tensor-core convolutions, which want channel counts divisible by 8). The extra channels have zero
+        weights and biases, so they stay zero through every layer: LeakyReLU(0) = 0, the residual adds add zeros,
+        and ESA's mask (sigmoid(0) = 0.5) multiplies a zero. Only the summation order of the convolutions can
+        change the last bits of the output."""
+        width = -(-self.config.channels // multiple) * multiple
+        wide = RLFN(replace(self.config, channels=width)).to(next(self.parameters()).device)
+        padded = {}
+        for name, target in wide.state_dict().items():
+            source = self.state_dict()[name]  # same rank; a dimension of `channels` grows to `width`
+            padded[name] = torch.zeros_like(target)
+            padded[name][tuple(slice(0, size) for size in source.shape)] = source
+        wide.load_state_dict(padded)
+        return wide

@@ -21,6 +21,7 @@ from upscaler_server.backends import TOLERANCE, AutoEngine, Settings, Tolerance,
 from upscaler_server.backends.auto import accuracy, candidate_labels
 from upscaler_server.client import UpscalerClient
 from upscaler_server.engine import Engine, create_engine, load_network, model_hash
+from upscaler_server.errors import ConfigError
 
 from server_utils import REPO, make_checkpoint, run_server
 
@@ -185,3 +186,27 @@ def test_auto_on_cuda_picks_an_accurate_backend(checkpoint: pathlib.Path, refere
     diff = np.abs(out.astype(int) - reference.run(rgba, "RGBA8").astype(int))
     assert diff.max() <= 4, f"auto on CUDA differs from fp32 CPU by {diff.max()} levels"  # as the eager CUDA test
     engine.close()
+
+
+def test_pad_channels_gives_the_same_frames(tmp_path: pathlib.Path) -> None:
+    import models
+
+    torch.manual_seed(1)
+    path = models.save_checkpoint(models.build_model("rlfn_s", scale=2), tmp_path / "s52.safetensors", role="student")
+    plain = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1)
+    padded = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1, pad_channels=8)
+    assert padded._net.config.channels == 56 and "zero-padded to 56" in padded.name  # type: ignore[attr-defined]
+    rgb = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    _within(padded.run(rgb), plain.run(rgb), FP32_MAX_LEVELS)
+    with pytest.raises(ConfigError, match="needs an RLFN network"):
+        create_engine(model="pan_s", device="cpu", pad_channels=8)
+
+
+def test_bench_labels_name_backend_precision_and_padding() -> None:
+    from upscaler_server.bench_backends import _split
+
+    assert _split("compile-fp16-pad8", "cuda:0") == ("compile", "fp16", 8)
+    assert _split("eager-pad8", "cuda:0") == ("eager", "fp16", 8)  # the device's precision
+    assert _split("torch-bf16", "cpu") == ("eager", "bf16", 0)
+    assert _split("onnxruntime", "cuda:0") == ("onnxruntime", "fp32", 0)
+    assert _split("auto", "cpu") == ("auto", "auto", 0)

@@ -135,3 +135,19 @@ def test_models_package_imports_nothing_of_ours() -> None:
     code += "('training', 'upscaler_server', 'client_demo', 'scenes'))))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("name", ["rlfn_s", "rlfn"])
+@torch.no_grad()
+def test_widened_rlfn_computes_the_same_function(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, scale=2).eval()
+    for parameter in model.parameters():  # trained-like weights: no parameter is left at a special value
+        parameter.add_(torch.randn_like(parameter) * 0.02)
+    wide = model.widened(8)
+    assert wide.config.channels == 56 and model.config.channels == 52
+    convs = [m for m in wide.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.in_channels % 8 == 0 or c.in_channels == 3 for c in convs)  # 3: the RGB input
+    x = torch.rand(2, 3, 24, 20)
+    torch.testing.assert_close(wide(x), model(x), atol=1e-5, rtol=1e-5)
+    assert model.widened(4) is not model and model.widened(4).config.channels == 52  # already a multiple of 4

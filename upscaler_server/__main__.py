@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Config:
     return Config(endpoint=args.endpoint or default_endpoint(), checkpoint=args.checkpoint, model=args.model,
                   backend=args.backend, scale=args.scale, device=args.device, precision=args.precision,
-                  threads=args.threads, cuda_graphs=args.cuda_graphs, overlap=args.overlap, cache_dir=args.cache_dir,
-                  auto_backends=tuple(args.auto_backends), tune_sizes=tuple(args.tune_sizes), max_width=args.max_width,
+                  threads=args.threads, cuda_graphs=args.cuda_graphs, overlap=args.overlap,
+                  pad_channels=args.pad_channels, cache_dir=args.cache_dir, auto_backends=tuple(args.auto_backends),
+                  tune_sizes=tuple(args.tune_sizes), max_width=args.max_width,
                   max_height=args.max_height, max_pixels=args.max_pixels, max_slots=args.max_slots,
                   max_sessions=args.max_sessions, max_shm_bytes=args.max_shm_mb << 20, max_queue=args.max_queue,
                   lease_timeout=args.lease_timeout)

@@ -228,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
     p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
                    help="compare these backends (eager, compile, onnxruntime, tensorrt, each optionally -fp32/-bf16/"
-                   "-fp16, e.g. compile-bf16) instead of the transport and end-to-end parts")
+                   "-fp16 and -padN for channels zero-padded to a multiple of N, e.g. compile-bf16, eager-fp16-pad8) "
+                   "instead of the transport and end-to-end parts")
     p.add_argument("--cache-dir", type=pathlib.Path, help="ONNX/TensorRT cache for --backends")
     args = p.parse_args(argv)
     default_sizes = [list(BACKEND_SIZES if args.backends else SIZES)]

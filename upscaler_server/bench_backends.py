@@ -1,6 +1,7 @@
 """Backend comparison for ``python -m upscaler_server.bench --backends ...``: backend x LR size.
 
-Per backend label (``eager``, ``compile-bf16``, ``onnxruntime``, ...; the precision defaults to the device's) and size:
+Per backend label (``eager``, ``compile-bf16``, ``onnxruntime``, ``compile-fp16-pad8``, ...; the precision defaults to
+the device's; a ``-padN`` suffix runs the network with its channels zero-padded to a multiple of N) and size:
 
 - model-only: ``engine.upscale`` in-process on an RGB8 frame (uint8 conversion and colour order included, as the
   daemon calls it), median and p99 of the timed frames after one warm-up frame (compilation, autotuning);
@@ -32,12 +33,18 @@ __all__ = ["compare_backends", "print_backend_table"]
 _REFERENCE = "eager-fp32"
 
 
-def _split(label: str, device: str) -> tuple[str, str]:
-    backend, _, precision = label.partition("-")
-    backend = "eager" if backend == "torch" else backend
+def _split(label: str, device: str) -> tuple[str, str, int]:
+    """``"compile-fp16-pad8"`` -> ("compile", "fp16", 8): backend, precision (default: the device's), padding."""
+    parts = label.split("-")
+    pad = int(parts.pop()[3:]) if len(parts) > 1 and parts[-1].startswith("pad") and parts[-1][3:].isdigit() else 0
+    backend, precision = ("eager" if parts[0] == "torch" else parts[0]), "-".join(parts[1:])
     if backend == "auto":
-        return backend, precision or "auto"
-    return backend, precision or ("fp32" if backend == "onnxruntime" or device == "cpu" else "fp16")
+        return backend, precision or "auto", pad
+    return backend, precision or ("fp32" if backend == "onnxruntime" or device == "cpu" else "fp16"), pad
+
+
+def _label(backend: str, precision: str, pad: int) -> str:
+    return (backend if backend == "auto" else f"{backend}-{precision}") + (f"-pad{pad}" if pad else "")
 
 
 def _time(engine: Any, frame: np.ndarray, out: np.ndarray, frames: int, budget_s: float) -> list[float]:
@@ -64,16 +71,16 @@ def _model_rows(labels: Sequence[str], sizes: Sequence[tuple[int, int]], checkpo
                               threads=threads)
     expected = {s: reference.run(inputs[s]) for s in sizes}
     rows: list[dict[str, Any]] = []
-    for label in [_REFERENCE, *[lb for lb in labels if _split(lb, device) != ("eager", "fp32")]]:
-        backend, precision = _split(label, device)
+    for label in [_REFERENCE, *[lb for lb in labels if _split(lb, device) != ("eager", "fp32", 0)]]:
+        backend, precision, pad = _split(label, device)
         engine = create_engine(checkpoint=checkpoint, backend=backend, device=device, precision=precision,
-                               threads=threads, cache_dir=cache_dir)
+                               threads=threads, cache_dir=cache_dir, pad_channels=pad)
         for (w, h), frame in inputs.items():
             out = engine.run(frame)  # warm-up: compilation, autotuning, ONNX export
             max_diff, psnr = accuracy(expected[w, h], out)
             ms = _time(engine, frame, out, frames, budget_s)
             picked = getattr(engine, "choices", {}).get((h, w), "")  # what auto chose for this size
-            rows.append({"backend": backend if backend == "auto" else f"{backend}-{precision}", "picked": picked,
+            rows.append({"backend": _label(backend, precision, pad), "picked": picked,
                          "lr": f"{w}x{h}", "frames": len(ms),
                          "model_ms": float(np.median(ms)), "model_p99_ms": float(np.percentile(ms, 99)),
                          "max_diff": max_diff, "psnr": None if math.isinf(psnr) else psnr})
@@ -98,9 +105,9 @@ def compare_backends(labels: Sequence[str], sizes: Sequence[tuple[int, int]], *,
         checkpoint = checkpoint or _random_student(pathlib.Path(tmp) / "rlfn_s_random.safetensors")
         rows = _model_rows(labels, sizes, checkpoint, device, threads, frames, budget_s, cache_dir)
         for label in dict.fromkeys(r["backend"] for r in rows) if e2e_sizes else ():
-            backend, precision = _split(label, device)
+            backend, precision, pad = _split(label, device)
             args = ["--checkpoint", str(checkpoint), "--backend", backend, "--precision", precision, "--device",
-                    device.partition(":")[0], "--threads", str(threads)]
+                    device.partition(":")[0], "--threads", str(threads), "--pad-channels", str(pad)]
             if cache_dir is not None:
                 args += ["--cache-dir", str(cache_dir)]
             _, e2e = end_to_end(e2e_sizes, frames, budget_s, args)

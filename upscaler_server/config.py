@@ -39,6 +39,7 @@ class Config:
     threads: int = 0  # CPU intra-op threads; 0: the cores this process may run on
     cuda_graphs: bool = False  # capture one CUDA graph per resolution after warm-up
     overlap: bool = False  # CUDA: two frames in flight, one's copies overlapping the other's compute (eager/compile)
+    pad_channels: int = 0  # > 0: zero-pad an RLFN's feature width to a multiple of this (same output; tensor cores)
     cache_dir: pathlib.Path | None = None  # auto's measurements, ONNX/TensorRT files; None: $TAKDSR_CACHE_DIR or XDG
     auto_backends: tuple[str, ...] = ()  # backends auto may pick from; empty: every available one
     tune_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) auto measures at start-up, not on first frame
@@ -63,6 +64,8 @@ class Config:
             bad.append("max_width/max_height <= 65535, max_slots <= 64, scale <= 16")
         if max(self.max_sessions, self.max_queue) > 1 << 20:
             bad.append("max_sessions/max_queue <= 1048576")
+        if not 0 <= self.pad_channels <= 64:
+            bad.append("0 <= pad_channels <= 64")
         if bad or self.lease_timeout <= 0 or self.threads < 0 or self.drain_timeout < 0:
             raise ConfigError(f"invalid settings {bad}: sizes, counts and the lease must be positive, threads >= 0")
         if not self.endpoint.startswith(("ipc://", "tcp://")):
@@ -95,6 +98,9 @@ def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
                    "labels (eager-bf16, compile-fp32); default all available")
     p.add_argument("--tune-sizes", type=parse_size, nargs="*", default=[], metavar="WxH",
                    help="LR sizes auto measures at start-up instead of on their first frame")
+    p.add_argument("--pad-channels", type=int, default=0, metavar="N",
+                   help="zero-pad an RLFN student's feature width to a multiple of N (52 -> 56 for N=8): the same "
+                   "output, in channel counts fp16 tensor-core convolutions prefer; 0 (default): off")
 
 
 def runtime_dir() -> pathlib.Path:

@@ -430,6 +430,14 @@ def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:
     return network
 
 
+def _widened(network: torch.nn.Module, name: str, multiple: int) -> tuple[torch.nn.Module, str]:
+    """``network`` with its feature width padded to a multiple of ``multiple`` (same function), and its new name."""
+    if not hasattr(network, "widened"):
+        raise ConfigError(f"--pad-channels needs an RLFN network; {name} is {type(network).__name__}")
+    wide = network.widened(multiple)
+    return wide, f"{name}, channels zero-padded to {wide.config.channels}"
+
+
 def model_hash(network: torch.nn.Module, weights: str | None) -> str:
     """SHA-256 of the checkpoint file, or of the architecture and weights of a randomly initialised network."""
     digest = hashlib.sha256()
@@ -449,13 +457,15 @@ def build_engine(config: Config) -> Engine:
     """The engine the daemon's ``config`` asks for; raises ModelLoadError or ConfigError (exit non-zero)."""
     return create_engine(checkpoint=config.checkpoint, model=config.model, backend=config.backend,
                          scale=config.scale, device=config.device, precision=config.precision, threads=config.threads,
-                         cuda_graphs=config.cuda_graphs, overlap=config.overlap, cache_dir=config.cache_dir,
+                         cuda_graphs=config.cuda_graphs, overlap=config.overlap, pad_channels=config.pad_channels,
+                         cache_dir=config.cache_dir,
                          auto_backends=config.auto_backends, tune_sizes=config.tune_sizes)
 
 
 def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None = None, backend: str = "eager",
                   scale: int = 2, device: str = "auto", precision: str = "auto", threads: int = 0,
-                  cuda_graphs: bool = False, overlap: bool = False, cache_dir: pathlib.Path | None = None,
+                  cuda_graphs: bool = False, overlap: bool = False, pad_channels: int = 0,
+                  cache_dir: pathlib.Path | None = None,
                   auto_backends: tuple[str, ...] = (), tune_sizes: tuple[tuple[int, int], ...] = ()) -> Engine:
     """An engine from explicit settings (the offline CLI and tests use this; see Config for their meaning).
     ``backend``: eager (alias torch), compile, onnxruntime, tensorrt, auto or nearest."""
@@ -467,11 +477,15 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
         raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
     resolved = resolve_device(device)
     network, name, weights = load_network(checkpoint, model, scale)
+    identity = model_hash(network, weights)
+    if pad_channels:
+        network, name = _widened(network, name, pad_channels)
+        identity = hashlib.sha256(f"{identity} widened to a multiple of {pad_channels}".encode()).hexdigest()
     if weights is None:
         log.warning("model %s runs with RANDOM weights: output is noise, for benchmarks and tests only", name)
     settings = backends.Settings(name=name, device=resolved, precision=precision, weights=weights, threads=threads,
                                  cuda_graphs=cuda_graphs, overlap=overlap, cache_dir=backends.cache_dir(cache_dir),
-                                 model_hash=model_hash(network, weights))
+                                 model_hash=identity)
     if backend == "auto":
         return backends.AutoEngine(network, settings, candidates=auto_backends, tune_sizes=tune_sizes)
     engine = backends.make_backend(backend, network, settings)

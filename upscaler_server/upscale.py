@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = collect_inputs(args.inputs)
         engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
                                precision=args.precision, threads=args.threads, backend=args.backend,
-                               cache_dir=args.cache_dir, auto_backends=tuple(args.auto_backends),
+                               cache_dir=args.cache_dir, pad_channels=args.pad_channels,
+                               auto_backends=tuple(args.auto_backends),
                                tune_sizes=tuple(args.tune_sizes))
         args.output.mkdir(parents=True, exist_ok=True)
     except ModelLoadError as exc:
