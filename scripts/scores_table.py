@@ -1,9 +1,10 @@
 """Print a markdown table of mean scores from `python -m training evaluate --json` files.
 
-    python scripts/scores_table.py SCORES.json [MORE.json ...] [--rows label=Name,label2=Name2,...]
+    python scripts/scores_table.py SCORES.json [MORE.json ...] [--rows label=Name,label2=Name2,...] [--plot FILE]
 
 One row per model (bicubic, Lanczos and every checkpoint label, or the --rows chosen, in that order),
 one column per evaluation set: PSNR RGB / SSIM RGB / PSNR Y / SSIM Y of the mean over its images.
+--plot also draws the rows' mean PSNR RGB as bars, one panel per set, against the first row.
 """
 
 from __future__ import annotations
@@ -55,13 +56,43 @@ def _rows(text: str | None, scores: dict[str, dict[str, Any]]) -> list[tuple[str
     return [(label, rest[0] if rest else label) for label, *rest in pairs]
 
 
+def plot(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]], path: Path) -> None:
+    """Horizontal bars of each row's mean PSNR RGB minus the first row's, one panel per evaluation set."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    sets = list(scores)
+    figure, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 0.45 * len(rows) + 1.2), sharey=True,
+                                squeeze=False)  # fmt: skip
+    names = [name for _, name in rows]
+    for ax, set_name in zip(axes[0], sets, strict=True):
+        values = [scores[set_name][label]["psnr_rgb"] for label, _ in rows]
+        ax.barh(names, [v - values[0] for v in values], color="tab:blue")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_title(set_name, fontsize=10)
+        ax.set_xlabel(f"PSNR RGB minus the first row's ({values[0]:.2f} dB), dB", fontsize=8)
+    axes[0][0].invert_yaxis()  # the first row on top
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scores", nargs="+", type=Path)
     parser.add_argument("--rows", help="label=Name pairs, comma-separated, in table order")
+    parser.add_argument("--plot", type=Path, help="also draw the rows' PSNR RGB as bars into this PNG")
     args = parser.parse_args()
     scores = merged_scores(args.scores)
-    print(table(scores, _rows(args.rows, scores)))
+    rows = _rows(args.rows, scores)
+    print(table(scores, rows))
+    if args.plot:
+        missing = [label for label, _ in rows if any(label not in by_label for by_label in scores.values())]
+        if missing:
+            raise SystemExit(f"--plot needs every row scored on every set; missing: {missing}")
+        plot(scores, rows, args.plot)
 
 
 if __name__ == "__main__":

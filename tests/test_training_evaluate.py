@@ -114,3 +114,8 @@ def test_scores_table_merges_files_and_names_rows(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "nope" in missing.stderr
     twice = subprocess.run([*script, str(first)], capture_output=True, text=True)
     assert twice.returncode != 0 and "scored twice" in twice.stderr
+    second.write_text(json.dumps({"cg-dev": {"bicubic": mean(30), "run/ta1": mean(33.25), "run/student": mean(31)}}))
+    bars = subprocess.run([*script[:2], str(second), "--rows", "bicubic=B,run/ta1=TA", "--plot",
+                           str(tmp_path / "bars.png")], capture_output=True, text=True)  # fmt: skip
+    assert bars.returncode == 0, bars.stderr
+    assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
