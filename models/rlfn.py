@@ -99,9 +99,10 @@ class RLFN(SRDecoder):
         change the last bits of the output."""
         width = -(-self.config.channels // multiple) * multiple
         wide = RLFN(replace(self.config, channels=width)).to(next(self.parameters()).device)
+        sources = self.state_dict()
         padded = {}
         for name, target in wide.state_dict().items():
-            source = self.state_dict()[name]  # same rank; a dimension of `channels` grows to `width`
+            source = sources[name]  # same rank; a dimension of `channels` grows to `width`
             padded[name] = torch.zeros_like(target)
             padded[name][tuple(slice(0, size) for size in source.shape)] = source
         wide.load_state_dict(padded)
