@@ -51,6 +51,13 @@ def test_set_override_needs_key_value() -> None:
         apply_overrides({}, ["optim.steps"])
 
 
+@pytest.mark.parametrize("text", ['[{kind="folder",\n path="x"}]', "[0.3, 0.7", '"unclosed'])
+def test_set_override_that_looks_like_toml_must_be_toml(text: str) -> None:
+    with pytest.raises(ValueError, match=r"data\.sources: .* is not a valid TOML value"):
+        apply_overrides({}, [f"data.sources={text}"])
+    assert apply_overrides({}, ["runtime.device=cuda:1"]) == {"runtime": {"device": "cuda:1"}}  # bare strings stay
+
+
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     config = load_config(CONFIGS[0], ["optim.steps=11"])
     saved = tmp_path / "config.toml"

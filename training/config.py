@@ -174,14 +174,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
                 raise ValueError(f"--set {key}: {part!r} is not a table")
-        table[leaf] = _parse_value(text.strip())
+        table[leaf] = _parse_value(key.strip(), text.strip())
     return raw
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(key: str, text: str) -> Any:
+    """TOML, or else a bare string; an array, table or quoted string that is not valid TOML is an error
+    (e.g. an inline table broken over two lines), not a string that fails later with a puzzling message."""
     try:
         return tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if text[:1] in ('[', '{', '"', "'"):
+            raise ValueError(f"--set {key}: {text!r} is not a valid TOML value ({exc})") from None
         return text
 
 
