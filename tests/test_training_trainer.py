@@ -274,6 +274,13 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     expected_psnr = scores["TAKDSR"]["mean"]["psnr_rgb"]
     assert student.metadata["training"]["metrics"][image_folder.name]["psnr_rgb"] == expected_psnr
 
+    only_student = ship_run(run_dir, tmp_path / "students", stages=["student_takdsr"])
+    assert list(only_student) == ["rlfn_s_takdsr_x2.safetensors"] == [p.name for p in
+                                                                       (tmp_path / "students").glob("*.safetensors")]
+    assert only_student["rlfn_s_takdsr_x2.safetensors"] == index["rlfn_s_takdsr_x2.safetensors"]
+    with pytest.raises(ValueError, match="cannot ship stage"):
+        ship_run(run_dir, tmp_path / "students", stages=["student_takdsr", "ta7"])
+
 
 def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_path: Path) -> None:
     config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 2},

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     ship = commands.add_parser("ship", help="copy a pipeline run's checkpoints, with their scores, to a folder")
     ship.add_argument("run_dir", type=Path)
     ship.add_argument("--out", type=Path, default=Path("models/weights"))
+    ship.add_argument(
+        "--stages", type=_comma_list, metavar="NAME,...", help="ship only these stages (e.g. student_takdsr)"
+    )
     ship_one = commands.add_parser("ship-checkpoint", help="ship one checkpoint with scores from `evaluate --json`")
     ship_one.add_argument("checkpoint", type=Path)
     ship_one.add_argument("--name", required=True, help="file name stem in the weights folder")
@@ -163,7 +166,7 @@ def _ship_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _ship(args: argparse.Namespace) -> int:
-    for name, entry in ship_run(args.run_dir, args.out).items():
+    for name, entry in ship_run(args.run_dir, args.out, args.stages).items():
         print(f"{args.out / name}: {entry['report_name']}, {entry['params']:,} parameters")
     return 0
 

@@ -1,4 +1,4 @@
-"""`python -m training ship RUN_DIR --out models/weights`: copy a pipeline run's checkpoints into the
+"""`python -m training ship RUN_DIR --out models/weights [--stages ...]`: copy a pipeline run's checkpoints into the
 bundled-weights folder, with the run's evaluation scores merged into each file's metadata, and
 update weights.json (what each file is, how it was trained, what it scores).
 
@@ -28,13 +28,19 @@ SHIPPED = {
 }
 
 
-def ship_run(run_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write the shipped checkpoints and weights.json; returns the index written."""
+def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None) -> dict[str, Any]:
+    """Write the shipped checkpoints (every stage of SHIPPED, or only `stages`) and weights.json; returns the
+    index written."""
+    unknown = sorted(set(stages or []) - set(SHIPPED))
+    if unknown or stages == []:
+        raise ValueError(f"cannot ship stage(s) {unknown or stages}; shippable: {', '.join(SHIPPED)}")
     results = json.loads((run_dir / "results.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
     bicubic = {set_name: data["scores"]["bicubic"]["mean"] for set_name, data in results["sets"].items()}
     for stage, (stem, display) in SHIPPED.items():
+        if stages is not None and stage not in stages:
+            continue
         checkpoint = load_checkpoint(run_dir / stage / FINAL_FILE)
         family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
         name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
