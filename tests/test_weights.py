@@ -17,9 +17,11 @@ from training.data import default_eval_dir, degrade, read_image
 from training.distill import mixed_input
 from training.evaluate import baseline_predictors, eval_sets
 from training.metrics import psnr
+from upscaler_server.engine import create_engine
 
 INDEX = WEIGHTS_DIR / "weights.json"
 SHIPPED = sorted(WEIGHTS_DIR.glob("*.safetensors"))
+STUDENTS = [path for path in SHIPPED if json.loads(INDEX.read_text())[path.name]["role"] == "student"]
 # Detailed 256x256 HR windows (top, left) of two cg-dev frames: text, thin geometry and texture.
 CROPS = {"pov_ttf1.png": (600, 700), "oa_bases7_sp01.png": (300, 800)}
 
@@ -56,8 +58,11 @@ def native_frames() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _teacher_of(path: Path) -> Teacher:
+    """The shipped discrete-CF teacher of the TA at `path` (the one of the same family)."""
     index = json.loads(INDEX.read_text())
-    teacher_file = next(name for name, entry in index.items() if entry["stage"] == "teacher")
+    family = index[path.name]["arch"].split("_")[0]
+    teacher_file = next(name for name, entry in index.items()
+                        if entry["stage"] == "teacher" and entry["arch"] == f"{family}_teacher")  # fmt: skip
     return load_checkpoint(WEIGHTS_DIR / teacher_file).model
 
 
@@ -85,3 +90,21 @@ def test_shipped_checkpoint_beats_bicubic(path: Path, request: pytest.FixtureReq
         baseline_all.append(psnr(bicubic(lr, hr)[0], hr[0], shave=2))
     ours, baseline = sum(ours_all) / len(ours_all), sum(baseline_all) / len(baseline_all)
     assert ours > baseline, f"{path.name}: mean {ours:.2f} dB, bicubic {baseline:.2f} dB ({ours_all}, {baseline_all})"
+
+
+@pytest.mark.parametrize("path", STUDENTS, ids=[p.stem for p in STUDENTS])
+@torch.no_grad()
+def test_the_daemon_engine_serves_every_shipped_student(path: Path) -> None:
+    """`--checkpoint FILE` works for every student family: the engine's uint8 frame is the network's own output,
+    clamped and rounded (within one level: the two runs use different thread counts, so sums round apart)."""
+    rgb = torch.randint(0, 256, (36, 52, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    try:
+        served = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1).run(rgb.numpy())
+    finally:
+        torch.set_num_threads(threads)  # the engine sets the process-wide count
+    lr = (rgb.permute(2, 0, 1)[None].float() / 255).contiguous(memory_format=torch.channels_last)
+    expected = (load_checkpoint(path).model.eval()(lr)[0].clamp(0, 1) * 255).round().to(torch.uint8)
+    assert served.shape == (72, 104, 3)
+    difference = (torch.from_numpy(served).permute(2, 0, 1).int() - expected.int()).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3, f"max {difference.max()}"
