@@ -1,4 +1,5 @@
-"""Print a markdown table of mean scores from `python -m training evaluate --json` files.
+"""Print a markdown table of mean scores from `python -m training evaluate --json` files, or from a pipeline
+run's results.json (its models are labelled `<run folder>/<model>`, e.g. `rfdn/TAKDSR`).
 
     python scripts/scores_table.py SCORES.json [MORE.json ...] [--rows label=Name,label2=Name2,...] [--plot FILE]
 
@@ -21,13 +22,25 @@ def merged_scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
     """{set: {label: mean scores}} over several files; a label scored twice on one set is an error."""
     merged: dict[str, dict[str, Any]] = {}
     for path in paths:
-        for set_name, by_label in json.loads(path.read_text()).items():
+        for set_name, by_label in _scores_by_set(path).items():
             for label, result in by_label.items():
                 known = merged.setdefault(set_name, {})
                 if label in known and label not in ("bicubic", "lanczos"):  # the baselines repeat in every file
                     raise ValueError(f"{label!r} is scored twice on {set_name}")
                 known[label] = result["mean"]
     return merged
+
+
+def _scores_by_set(path: Path) -> dict[str, dict[str, Any]]:
+    """{set: {label: {"mean": ...}}}: an evaluate --json file as it is, a results.json with run-prefixed labels."""
+    data = json.loads(path.read_text())
+    if "sets" not in data or "models" not in data:
+        return data
+    return {
+        set_name: {label if label in ("bicubic", "lanczos") else f"{path.parent.name}/{label}": result
+                   for label, result in results["scores"].items()}
+        for set_name, results in data["sets"].items()
+    }  # fmt: skip
 
 
 def table(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]]) -> str:

@@ -119,3 +119,21 @@ def test_scores_table_merges_files_and_names_rows(tmp_path: Path) -> None:
                            str(tmp_path / "bars.png")], capture_output=True, text=True)  # fmt: skip
     assert bars.returncode == 0, bars.stderr
     assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scores_table_reads_pipeline_results_with_the_run_as_prefix(tmp_path: Path) -> None:
+    def mean(psnr: float) -> dict:
+        return {"mean": {"psnr_rgb": psnr, "ssim_rgb": 0.9, "psnr_y": psnr + 1, "ssim_y": 0.95}, "per_image": {}}
+
+    for run, psnr in (("rfdn", 31.0), ("pan", 32.0)):
+        (tmp_path / run).mkdir()
+        results = {"scale": 2, "models": {}, "sets": {"cg-dev": {"images": ["a"], "scores": {
+            "bicubic": mean(30), "TAKDSR": mean(psnr)}}}}  # fmt: skip
+        (tmp_path / run / "results.json").write_text(json.dumps(results))
+    files = [str(tmp_path / run / "results.json") for run in ("rfdn", "pan")]
+    script = [sys.executable, str(REPO / "scripts" / "scores_table.py"), *files,
+              "--rows", "bicubic=B,pan/TAKDSR=PAN,rfdn/TAKDSR=RFDN"]  # fmt: skip
+    result = subprocess.run(script, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(" | ")[0] for line in result.stdout.splitlines()[2:]] == ["| B", "| PAN", "| RFDN"]
+    assert "| PAN | 32.00 /" in result.stdout
