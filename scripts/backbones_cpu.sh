@@ -6,56 +6,115 @@
 # patches, the data of the ablations (59 POV-Ray renders and 48 scene frames at 1280x720). Every model is
 # trained from scratch here, the teachers included. Two queues of stages run as parallel 1-thread processes;
 # a finished stage is skipped and an interrupted one resumed, so rerunning continues where it stopped.
-#   usage: scripts/backbones_cpu.sh [RUN_ROOT] [FAMILY...]   (default runs/backbones, families rfdn pan rlfn)
-# Each family's run folder then holds results.json and report.md (docs/ablations.md has the tables).
+#
+#   scripts/backbones_cpu.sh [FAMILY...]        the comparison, then its evaluation (default: rfdn pan rlfn)
+#   scripts/backbones_cpu.sh cf-ta FAMILY...    after it: the two missing corners of CF kind x TA (discrete CF
+#                                               without a TA, continuous CF with one), students scored with both
+#   scripts/backbones_cpu.sh long FAMILY...     after it: the TAKDSR student again with 6,000 steps (the same
+#                                               teacher and TA), in parallel, scored: the students that ship
+# RUN_ROOT (default runs/backbones) holds a folder per family: results.json and report.md of the comparison,
+# cf_ta_scores.json of the corners; <family>_long/ the longer student (docs/ablations.md has the tables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=${1:-runs/backbones}
-FAMILIES=(rfdn pan rlfn)
-(($# > 1)) && FAMILIES=("${@:2}")
+ROOT=${RUN_ROOT:-runs/backbones}
 PY=${PYTHON:-.venv/bin/python}
 
 # TOML inline tables must stay on one line
 POVRAY='{kind="folder", path="data/povray", weight=1.0}'
 SCENES='{kind="scenes", width=1280, height=720, supersample=2, frames_per_preset=12, cache_dir="data/scenes-cache", weight=1.0}'
+STUDENT_STEPS=1500
+SHIPPED_STUDENT_STEPS=6000
 SCHEDULE=(
-    --set experiment.teacher_steps=3000 --set experiment.ta_steps=1500 --set experiment.student_steps=1500
-    --set optim.batch_size=8 --set data.patch_size=96
+    --set experiment.teacher_steps=3000 --set experiment.ta_steps=$STUDENT_STEPS
+    --set experiment.student_steps=$STUDENT_STEPS --set optim.batch_size=8 --set data.patch_size=96
     --set runtime.device=cpu --set runtime.amp=off --set runtime.workers=1 --set runtime.threads=1
     --set runtime.log_every=50 --set runtime.checkpoint_every=500 --set runtime.progress=false
     --set "data.sources=[$POVRAY, $SCENES]"
 )
 
+config() { echo "training/configs/$1_x2.toml"; }
 # stages FAMILY STAGE[,STAGE...]: train those stages of FAMILY's experiment (no evaluation)
-stages() {
-    "$PY" -m training pipeline --config "training/configs/$1_x2.toml" --run-dir "$ROOT/$1" --stages "$2" \
-        "${SCHEDULE[@]}"
-}
+stages() { "$PY" -m training pipeline --config "$(config "$1")" --run-dir "$ROOT/$1" --stages "$2" "${SCHEDULE[@]}"; }
 # evaluate FAMILY: score every stage with bicubic and Lanczos (cg-dev, rendered-val), results.json, report.md
 evaluate() {
-    "$PY" -m training pipeline --config "training/configs/$1_x2.toml" --run-dir "$ROOT/$1" "${SCHEDULE[@]}" \
-        --set runtime.threads=2
+    "$PY" -m training pipeline --config "$(config "$1")" --run-dir "$ROOT/$1" "${SCHEDULE[@]}" --set runtime.threads=2
 }
 
 # The two queues hold about the same work: one family's TAKDSR chain (teacher, TA, student) in one queue, its
 # baselines (continuous teacher, PISR', X_s) in the other, alternating from family to family.
 queue() {
     local index=$1 family
-    for family in "${FAMILIES[@]}"; do
+    shift
+    for family in "$@"; do
         if ((index % 2 == 0)); then stages "$family" teacher,ta1,student_takdsr
         else stages "$family" teacher_continuous,student_pisr,student_alone; fi
         index=$((index + 1))
     done
 }
 
-mkdir -p "$ROOT"
-queue 0 >"$ROOT/queue_1.log" 2>&1 &
-first=$!
-queue 1 >"$ROOT/queue_2.log" 2>&1 &
-second=$!
-trap 'kill -INT $first $second 2>/dev/null' INT TERM
-status=0
-wait $first || status=$?
-wait $second || status=$?
-[ $status -eq 0 ] || exit $status
-for family in "${FAMILIES[@]}"; do evaluate "$family" >"$ROOT/evaluate_$family.log" 2>&1; done
+comparison() {
+    mkdir -p "$ROOT"
+    queue 0 "$@" >"$ROOT/queue_1.log" 2>&1 &
+    local first=$! second status=0
+    queue 1 "$@" >"$ROOT/queue_2.log" 2>&1 &
+    second=$!
+    trap 'kill -INT $first $second 2>/dev/null' INT TERM
+    wait $first || status=$?
+    wait $second || status=$?
+    [ $status -eq 0 ] || return $status
+    for family in "$@"; do evaluate "$family" >"$ROOT/evaluate_$family.log" 2>&1; done
+}
+
+# extra_stage FAMILY DIR NAME ROLE STEPS INIT GUIDE...: one stage outside the pipeline in DIR/NAME, the same
+# schedule otherwise; skipped once trained
+extra_stage() {
+    local family=$1 dir=$2 name=$3 role=$4 steps=$5 init=$6 guides
+    shift 6
+    [ -f "$dir/$name/final.safetensors" ] && return 0
+    guides=$(printf '"%s", ' "$@")
+    "$PY" -m training train --config "$(config "$family")" --run-dir "$dir/$name" "${SCHEDULE[@]}" \
+        --set stage.name="$name" --set stage.role="$role" --set stage.steps="$steps" \
+        --set stage.init_from="\"$init\"" --set "stage.guides=[${guides%, }]"
+}
+
+# TAKDSR is discrete CF + TA and PISR' continuous CF without one; these are the other two corners, so the
+# effect of the CF kind and of the TA can be told apart
+cf_ta() {
+    local family=$1 dir="$ROOT/$1"
+    local teacher=$dir/teacher/final.safetensors continuous=$dir/teacher_continuous/final.safetensors
+    extra_stage "$family" "$dir" student_discrete_no_ta student $STUDENT_STEPS "$teacher" "$teacher"
+    extra_stage "$family" "$dir" ta_continuous ta $STUDENT_STEPS "$continuous" "$continuous"
+    extra_stage "$family" "$dir" student_continuous_ta student $STUDENT_STEPS "$continuous" "$continuous" \
+        "$dir/ta_continuous/final.safetensors"
+    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$dir/cf_ta_scores.json" \
+        --checkpoint "$dir/student_discrete_no_ta/final.safetensors" \
+        --checkpoint "$dir/student_continuous_ta/final.safetensors"
+}
+
+# the TAKDSR student of FAMILY's comparison again, with more steps; scored on both sets
+long_student() {
+    local dir="$ROOT/$1" out="$ROOT/$1_long"
+    extra_stage "$1" "$out" student_takdsr student $SHIPPED_STUDENT_STEPS "$dir/teacher/final.safetensors" \
+        "$dir/teacher/final.safetensors" "$dir/ta1/final.safetensors"
+    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$out/scores.json" \
+        --checkpoint "$out/student_takdsr/final.safetensors"
+}
+
+if [[ "${1:-}" == "cf-ta" ]]; then
+    shift
+    for family in "$@"; do cf_ta "$family" >"$ROOT/cf_ta_$family.log" 2>&1; done
+elif [[ "${1:-}" == "long" ]]; then
+    shift
+    pids=()
+    for family in "$@"; do
+        long_student "$family" >"$ROOT/long_$family.log" 2>&1 &
+        pids+=($!)
+    done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    exit $status
+else
+    families=("$@")
+    ((${#families[@]})) || families=(rfdn pan rlfn)
+    comparison "${families[@]}"
+fi
