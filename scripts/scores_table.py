@@ -2,10 +2,13 @@
 run's results.json (its models are labelled `<run folder>/<model>`, e.g. `rfdn/TAKDSR`).
 
     python scripts/scores_table.py SCORES.json [MORE.json ...] [--rows label=Name,label2=Name2,...] [--plot FILE]
+                                   [--info]
 
 One row per model (bicubic, Lanczos and every checkpoint label, or the --rows chosen, in that order),
 one column per evaluation set: PSNR RGB / SSIM RGB / PSNR Y / SSIM Y of the mean over its images.
 --plot also draws the rows' mean PSNR RGB as bars, one panel per set, against the first row.
+--info adds what a results.json knows of each model: parameters, MACs at 960x540 LR input, training steps and
+seconds, and the inference time the evaluation measured (median ms at 960x540 on its device).
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ def merged_scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def merged_info(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """{label: the model's entry in "models"} of every results.json among `paths` (labels as in merged_scores)."""
+    info: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for display, entry in json.loads(path.read_text()).get("models", {}).items():
+            info[f"{path.parent.name}/{display}"] = entry
+    return info
+
+
 def _scores_by_set(path: Path) -> dict[str, dict[str, Any]]:
     """{set: {label: {"mean": ...}}}: an evaluate --json file as it is, a results.json with run-prefixed labels."""
     data = json.loads(path.read_text())
@@ -43,13 +55,33 @@ def _scores_by_set(path: Path) -> dict[str, dict[str, Any]]:
     }  # fmt: skip
 
 
-def table(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]]) -> str:
+INFO_COLUMNS = ("params", "GMACs", "steps", "train s", "ms at 960x540")
+
+
+def table(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]],
+          info: dict[str, dict[str, Any]] | None = None) -> str:  # fmt: skip
     sets = list(scores)
-    lines = ["| model | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    columns = [*(INFO_COLUMNS if info is not None else ()), *sets]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label, name in rows:
         cells = [_cell(scores[set_name].get(label)) for set_name in sets]
+        if info is not None:
+            cells = [*_info_cells(info.get(label)), *cells]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _info_cells(entry: dict[str, Any] | None) -> list[str]:
+    if entry is None:  # bicubic, Lanczos, or a label from an evaluate --json file
+        return ["-"] * len(INFO_COLUMNS)
+    training, latency = entry.get("training", {}), entry.get("latency")
+    return [
+        f"{entry['params']:,}",
+        f"{entry['macs'] / 1e9:.1f}",
+        f"{training.get('steps', '-')}",
+        f"{training['seconds']:.0f}" if training.get("seconds") is not None else "-",
+        f"{latency['median_ms']:.0f} ({latency['device']})" if latency else "-",
+    ]
 
 
 def _cell(mean: dict[str, float] | None) -> str:
@@ -97,10 +129,11 @@ def main() -> None:
     parser.add_argument("scores", nargs="+", type=Path)
     parser.add_argument("--rows", help="label=Name pairs, comma-separated, in table order")
     parser.add_argument("--plot", type=Path, help="also draw the rows' PSNR RGB as bars into this PNG")
+    parser.add_argument("--info", action="store_true", help="add parameters, MACs, steps, seconds, inference ms")
     args = parser.parse_args()
     scores = merged_scores(args.scores)
     rows = _rows(args.rows, scores)
-    print(table(scores, rows))
+    print(table(scores, rows, merged_info(args.scores) if args.info else None))
     if args.plot:
         missing = [label for label, _ in rows if any(label not in by_label for by_label in scores.values())]
         if missing:

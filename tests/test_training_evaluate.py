@@ -137,3 +137,14 @@ def test_scores_table_reads_pipeline_results_with_the_run_as_prefix(tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert [line.split(" | ")[0] for line in result.stdout.splitlines()[2:]] == ["| B", "| PAN", "| RFDN"]
     assert "| PAN | 32.00 /" in result.stdout
+
+    info = json.loads((tmp_path / "pan" / "results.json").read_text())
+    info["models"]["TAKDSR"] = {"params": 45103, "macs": 46.69e9, "training": {"steps": 1500, "seconds": 978.4},
+                                "latency": {"median_ms": 812.3, "device": "cpu"}}  # fmt: skip
+    (tmp_path / "pan" / "results.json").write_text(json.dumps(info))
+    with_info = subprocess.run([*script, "--info"], capture_output=True, text=True)
+    assert with_info.returncode == 0, with_info.stderr
+    lines = with_info.stdout.splitlines()
+    assert lines[0] == "| model | params | GMACs | steps | train s | ms at 960x540 | cg-dev |"
+    assert lines[3].startswith("| PAN | 45,103 | 46.7 | 1500 | 978 | 812 (cpu) | 32.00 /")
+    assert lines[2].startswith("| B | - | - | - | - | - | 30.00 /")
