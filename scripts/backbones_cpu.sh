@@ -10,10 +10,11 @@
 #   scripts/backbones_cpu.sh [FAMILY...]        the comparison, then its evaluation (default: rfdn pan rlfn)
 #   scripts/backbones_cpu.sh cf-ta FAMILY...    after it: the two missing corners of CF kind x TA (discrete CF
 #                                               without a TA, continuous CF with one), students scored with both
-#   scripts/backbones_cpu.sh long FAMILY...     after it: the TAKDSR student again with 6,000 steps (the same
-#                                               teacher and TA), in parallel, scored: the students that ship
+#   scripts/backbones_cpu.sh ship FAMILY...     on its own: the TAKDSR chain (teacher, TA, student) and X_s
+#                                               again, TA 1,000 and students 2,500 steps, one queue per family,
+#                                               evaluated: the students that ship
 # RUN_ROOT (default runs/backbones) holds a folder per family: results.json and report.md of the comparison,
-# cf_ta_scores.json of the corners; <family>_long/ the longer student (docs/ablations.md has the tables).
+# cf_ta_scores.json of the corners; <family>_ship/ the shipped set (docs/ablations.md has the tables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${RUN_ROOT:-runs/backbones}
@@ -23,7 +24,8 @@ PY=${PYTHON:-.venv/bin/python}
 POVRAY='{kind="folder", path="data/povray", weight=1.0}'
 SCENES='{kind="scenes", width=1280, height=720, supersample=2, frames_per_preset=12, cache_dir="data/scenes-cache", weight=1.0}'
 STUDENT_STEPS=1500
-SHIPPED_STUDENT_STEPS=6000
+SHIPPED_TA_STEPS=1000
+SHIPPED_STUDENT_STEPS=2500
 SCHEDULE=(
     --set experiment.teacher_steps=3000 --set experiment.ta_steps=$STUDENT_STEPS
     --set experiment.student_steps=$STUDENT_STEPS --set optim.batch_size=8 --set data.patch_size=96
@@ -91,28 +93,42 @@ cf_ta() {
         --checkpoint "$dir/student_continuous_ta/final.safetensors"
 }
 
-# the TAKDSR student of FAMILY's comparison again, with more steps; scored on both sets
-long_student() {
-    local dir="$ROOT/$1" out="$ROOT/$1_long"
-    extra_stage "$1" "$out" student_takdsr student $SHIPPED_STUDENT_STEPS "$dir/teacher/final.safetensors" \
-        "$dir/teacher/final.safetensors" "$dir/ta1/final.safetensors"
-    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$out/scores.json" \
-        --checkpoint "$out/student_takdsr/final.safetensors"
+# ship_pipeline FAMILY ARGS...: the pipeline of FAMILY's shipped set (its own TA and student schedule)
+ship_pipeline() {
+    local family=$1
+    shift
+    "$PY" -m training pipeline --config "$(config "$family")" --run-dir "$ROOT/${family}_ship" "${SCHEDULE[@]}" \
+        --set experiment.ta_steps=$SHIPPED_TA_STEPS --set experiment.student_steps=$SHIPPED_STUDENT_STEPS "$@"
+}
+# ship_family FAMILY: train the chain and X_s, then score the chain with bicubic and Lanczos (results.json,
+# report.md) and X_s (x_s_scores.json)
+ship_family() {
+    local dir="$ROOT/$1_ship"
+    ship_pipeline "$1" --stages teacher,ta1,student_takdsr,student_alone
+    ship_pipeline "$1" --set experiment.baselines=false
+    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$dir/x_s_scores.json" \
+        --checkpoint "$dir/student_alone/final.safetensors"
+}
+# one 1-thread queue per family, in parallel
+ship() {
+    local family pids=() status=0
+    mkdir -p "$ROOT"
+    for family in "$@"; do
+        ship_family "$family" >"$ROOT/ship_$family.log" 2>&1 &
+        pids+=($!)
+    done
+    trap 'kill -INT "${pids[@]}" 2>/dev/null' INT TERM
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    return $status
 }
 
 if [[ "${1:-}" == "cf-ta" ]]; then
     shift
     for family in "$@"; do cf_ta "$family" >"$ROOT/cf_ta_$family.log" 2>&1; done
-elif [[ "${1:-}" == "long" ]]; then
+elif [[ "${1:-}" == "ship" ]]; then
     shift
-    pids=()
-    for family in "$@"; do
-        long_student "$family" >"$ROOT/long_$family.log" 2>&1 &
-        pids+=($!)
-    done
-    status=0
-    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-    exit $status
+    (($#)) || { echo "usage: $0 ship FAMILY... (e.g. ship rfdn pan)" >&2; exit 2; }
+    ship "$@"
 else
     families=("$@")
     ((${#families[@]})) || families=(rfdn pan rlfn)
