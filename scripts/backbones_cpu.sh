@@ -54,16 +54,22 @@ queue() {
     done
 }
 
+# wait_all PID...: wait for every background job PID (Ctrl-C interrupts them all); fails if any failed
+wait_all() {
+    local pid status=0
+    trap "kill -INT $* 2>/dev/null" INT TERM
+    for pid in "$@"; do wait "$pid" || status=$?; done
+    return $status
+}
+
 comparison() {
+    local pids=()
     mkdir -p "$ROOT"
     queue 0 "$@" >"$ROOT/queue_1.log" 2>&1 &
-    local first=$! second status=0
+    pids+=($!)
     queue 1 "$@" >"$ROOT/queue_2.log" 2>&1 &
-    second=$!
-    trap 'kill -INT $first $second 2>/dev/null' INT TERM
-    wait $first || status=$?
-    wait $second || status=$?
-    [ $status -eq 0 ] || return $status
+    pids+=($!)
+    wait_all "${pids[@]}" || return $?
     for family in "$@"; do evaluate "$family" >"$ROOT/evaluate_$family.log" 2>&1; done
 }
 
@@ -111,15 +117,13 @@ ship_family() {
 }
 # one 1-thread queue per family, in parallel
 ship() {
-    local family pids=() status=0
+    local family pids=()
     mkdir -p "$ROOT"
     for family in "$@"; do
         ship_family "$family" >"$ROOT/ship_$family.log" 2>&1 &
         pids+=($!)
     done
-    trap 'kill -INT "${pids[@]}" 2>/dev/null' INT TERM
-    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-    return $status
+    wait_all "${pids[@]}"
 }
 
 if [[ "${1:-}" == "cf-ta" ]]; then
