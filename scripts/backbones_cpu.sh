@@ -13,6 +13,9 @@
 #   scripts/backbones_cpu.sh ship FAMILY...     on its own: the TAKDSR chain (teacher, TA, student) and X_s
 #                                               again, TA 1,000 and students 2,500 steps, one queue per family,
 #                                               evaluated: the students that ship
+#   scripts/backbones_cpu.sh ship-pisr FAMILY...  after or beside 'ship': PISR' (continuous-CF teacher, then its
+#                                               student, no TA) at the shipped set's schedule, in the same
+#                                               folder, scored on its own (pisr_scores.json)
 # RUN_ROOT (default runs/backbones) holds a folder per family: results.json and report.md of the comparison,
 # cf_ta_scores.json of the corners; <family>_ship/ the shipped set (docs/ablations.md has the tables).
 set -euo pipefail
@@ -115,12 +118,21 @@ ship_family() {
     "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$dir/x_s_scores.json" \
         --checkpoint "$dir/student_alone/final.safetensors"
 }
-# one 1-thread queue per family, in parallel
-ship() {
-    local family pids=()
+# ship_pisr_family FAMILY: PISR' beside the chain, its teacher 3,000 steps as the discrete one, its student
+# SHIPPED_STUDENT_STEPS as the TAKDSR student and X_s, so the three students compare at one schedule
+ship_pisr_family() {
+    local dir="$ROOT/$1_ship"
+    ship_pipeline "$1" --stages teacher_continuous,student_pisr
+    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$dir/pisr_scores.json" \
+        --checkpoint "$dir/teacher_continuous/final.safetensors" --checkpoint "$dir/student_pisr/final.safetensors"
+}
+# per_family FUNCTION FAMILY...: FUNCTION FAMILY for every family as parallel 1-thread queues, logs in ROOT
+per_family() {
+    local run=$1 family pids=()
+    shift
     mkdir -p "$ROOT"
     for family in "$@"; do
-        ship_family "$family" >"$ROOT/ship_$family.log" 2>&1 &
+        "$run" "$family" >"$ROOT/${run}_$family.log" 2>&1 &
         pids+=($!)
     done
     wait_all "${pids[@]}"
@@ -129,10 +141,11 @@ ship() {
 if [[ "${1:-}" == "cf-ta" ]]; then
     shift
     for family in "$@"; do cf_ta "$family" >"$ROOT/cf_ta_$family.log" 2>&1; done
-elif [[ "${1:-}" == "ship" ]]; then
+elif [[ "${1:-}" == "ship" || "${1:-}" == "ship-pisr" ]]; then
+    mode=$1
     shift
-    (($#)) || { echo "usage: $0 ship FAMILY... (e.g. ship rfdn pan)" >&2; exit 2; }
-    ship "$@"
+    (($#)) || { echo "usage: $0 $mode FAMILY... (e.g. $mode rfdn pan)" >&2; exit 2; }
+    if [[ $mode == ship ]]; then per_family ship_family "$@"; else per_family ship_pisr_family "$@"; fi
 else
     families=("$@")
     ((${#families[@]})) || families=(rfdn pan rlfn)
