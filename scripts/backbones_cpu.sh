@@ -88,6 +88,15 @@ extra_stage() {
         --set stage.init_from="\"$init\"" --set "stage.guides=[${guides%, }]"
 }
 
+# score DIR JSON STAGE...: the final checkpoints of those stages of DIR on cg-dev and rendered-val, with
+# bicubic and Lanczos, into DIR/JSON
+score() {
+    local dir=$1 json=$2 stage checkpoints=()
+    shift 2
+    for stage in "$@"; do checkpoints+=(--checkpoint "$dir/$stage/final.safetensors"); done
+    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$dir/$json" "${checkpoints[@]}"
+}
+
 # TAKDSR is discrete CF + TA and PISR' continuous CF without one; these are the other two corners, so the
 # effect of the CF kind and of the TA can be told apart
 cf_ta() {
@@ -97,9 +106,7 @@ cf_ta() {
     extra_stage "$family" "$dir" ta_continuous ta $STUDENT_STEPS "$continuous" "$continuous"
     extra_stage "$family" "$dir" student_continuous_ta student $STUDENT_STEPS "$continuous" "$continuous" \
         "$dir/ta_continuous/final.safetensors"
-    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$dir/cf_ta_scores.json" \
-        --checkpoint "$dir/student_discrete_no_ta/final.safetensors" \
-        --checkpoint "$dir/student_continuous_ta/final.safetensors"
+    score "$dir" cf_ta_scores.json student_discrete_no_ta student_continuous_ta
 }
 
 # ship_pipeline FAMILY ARGS...: the pipeline of FAMILY's shipped set (its own TA and student schedule)
@@ -112,19 +119,15 @@ ship_pipeline() {
 # ship_family FAMILY: train the chain and X_s, then score the chain with bicubic and Lanczos (results.json,
 # report.md) and X_s (x_s_scores.json)
 ship_family() {
-    local dir="$ROOT/$1_ship"
     ship_pipeline "$1" --stages teacher,ta1,student_takdsr,student_alone
     ship_pipeline "$1" --set experiment.baselines=false
-    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$dir/x_s_scores.json" \
-        --checkpoint "$dir/student_alone/final.safetensors"
+    score "$ROOT/$1_ship" x_s_scores.json student_alone
 }
 # ship_pisr_family FAMILY: PISR' beside the chain, its teacher 3,000 steps as the discrete one, its student
 # SHIPPED_STUDENT_STEPS as the TAKDSR student and X_s, so the three students compare at one schedule
 ship_pisr_family() {
-    local dir="$ROOT/$1_ship"
     ship_pipeline "$1" --stages teacher_continuous,student_pisr
-    "$PY" -m training evaluate --sets cg-dev,rendered-val --json "$dir/pisr_scores.json" \
-        --checkpoint "$dir/teacher_continuous/final.safetensors" --checkpoint "$dir/student_pisr/final.safetensors"
+    score "$ROOT/$1_ship" pisr_scores.json teacher_continuous student_pisr
 }
 # per_family FUNCTION FAMILY...: FUNCTION FAMILY for every family as parallel 1-thread queues, logs in ROOT
 per_family() {
