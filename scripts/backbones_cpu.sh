@@ -16,6 +16,9 @@
 #   scripts/backbones_cpu.sh ship-pisr FAMILY...  after or beside 'ship': PISR' (continuous-CF teacher, then its
 #                                               student, no TA) at the shipped set's schedule, in the same
 #                                               folder, scored on its own (pisr_scores.json)
+#   scripts/backbones_cpu.sh teachers FAMILY STEPS  the discrete- and the continuous-CF teacher of FAMILY at
+#                                               STEPS steps (two parallel 1-thread processes), scored: does
+#                                               the gap between the CF kinds close with the teacher's schedule?
 # RUN_ROOT (default runs/backbones) holds a folder per family: results.json and report.md of the comparison,
 # cf_ta_scores.json of the corners; <family>_ship/ the shipped set (docs/ablations.md has the tables).
 set -euo pipefail
@@ -129,6 +132,18 @@ ship_pisr_family() {
     ship_pipeline "$1" --stages teacher_continuous,student_pisr
     score "$ROOT/$1_ship" pisr_scores.json teacher_continuous student_pisr
 }
+# teachers FAMILY STEPS: both teachers at STEPS steps in ROOT/FAMILY_teachers_STEPS, then teacher_scores.json
+teachers() {
+    local family=$1 steps=$2 dir="$ROOT/$1_teachers_$2" stage pids=()
+    mkdir -p "$dir"
+    for stage in teacher teacher_continuous; do
+        "$PY" -m training pipeline --config "$(config "$family")" --run-dir "$dir" --stages "$stage" \
+            "${SCHEDULE[@]}" --set experiment.teacher_steps="$steps" >"$dir/$stage.log" 2>&1 &
+        pids+=($!)
+    done
+    wait_all "${pids[@]}" || return $?
+    score "$dir" teacher_scores.json teacher teacher_continuous
+}
 # per_family FUNCTION FAMILY...: FUNCTION FAMILY for every family as parallel 1-thread queues, logs in ROOT
 per_family() {
     local run=$1 family pids=()
@@ -149,6 +164,9 @@ elif [[ "${1:-}" == "ship" || "${1:-}" == "ship-pisr" ]]; then
     shift
     (($#)) || { echo "usage: $0 $mode FAMILY... (e.g. $mode rfdn pan)" >&2; exit 2; }
     if [[ $mode == ship ]]; then per_family ship_family "$@"; else per_family ship_pisr_family "$@"; fi
+elif [[ "${1:-}" == "teachers" ]]; then
+    (($# == 3)) || { echo "usage: $0 teachers FAMILY STEPS (e.g. teachers rfdn 6000)" >&2; exit 2; }
+    teachers "$2" "$3"
 else
     families=("$@")
     ((${#families[@]})) || families=(rfdn pan rlfn)
