@@ -148,3 +148,30 @@ def test_scores_table_reads_pipeline_results_with_the_run_as_prefix(tmp_path: Pa
     assert lines[0] == "| model | params | GMACs | steps | train s | ms at 960x540 | cg-dev |"
     assert lines[3].startswith("| PAN | 45,103 | 46.7 | 1500 | 978 | 812 (cpu) | 32.00 /")
     assert lines[2].startswith("| B | - | - | - | - | - | 30.00 /")
+
+
+def test_cf_probe_switches_the_cf_kind_and_describes_the_cf(tmp_path: Path) -> None:
+    folder = make_image_folder(tmp_path / "images", count=2, size=(48, 64))
+    paths = []
+    for discrete in (True, False):
+        torch.manual_seed(int(discrete))
+        teacher = build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8, discrete=discrete)
+        paths.append(save_checkpoint(teacher, tmp_path / f"teacher_{discrete}.safetensors", role="teacher"))
+    output = tmp_path / "probe.json"
+    script = [sys.executable, str(REPO / "scripts" / "cf_probe.py"), "--data", str(folder)]
+    result = subprocess.run([*script, *map(str, paths), "--json", str(output)], cwd=REPO, capture_output=True,
+                            text=True, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    probes = json.loads(output.read_text())
+    assert [probe["discrete"] for probe in probes] == [True, False]
+    for probe in probes:
+        mean = probe["mean"]
+        assert probe["images"] == 2
+        assert mean["as_trained"]["psnr_rgb"] != mean["switched"]["psnr_rgb"]  # the kind did change the input
+        assert 0 <= mean["cf"]["share_outside_0_1"] <= 1 and 0 <= mean["cf"]["mean_distance_to_level"] <= 0.5
+        assert 1 <= mean["cf"]["levels_used_per_channel"] <= 256
+    assert "| teacher_True.safetensors | discrete |" in result.stdout
+
+    student = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "student.safetensors", role="student")
+    refused = subprocess.run([*script, str(student)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert refused.returncode != 0 and "is not a teacher checkpoint" in refused.stderr

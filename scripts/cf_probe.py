@@ -1,0 +1,119 @@
+"""Probe how a teacher uses its compact feature (CF): is its score carried by the 8-bit levels or by what
+lies between and beyond them?
+
+For each teacher checkpoint, on cg-dev (or any --data folder), it prints and writes as JSON:
+- PSNR/SSIM RGB of the teacher as trained, and with the CF kind switched at inference only (a discrete
+  teacher fed its raw CF; a continuous teacher fed its CF clipped and rounded to 8-bit levels, as TAKDSR
+  does): how much of the teacher's quality depends on information finer than 8 bits;
+- the raw CF's statistics: share of values outside [0, 1] (which the 8-bit CF' clips), mean distance to
+  the nearest level in levels (0.25 for values spread evenly between levels), levels used per channel;
+- PSNR of CF' against the bicubic LR image X: how close the teacher's LR-sized input is to an LR image.
+
+    python scripts/cf_probe.py models/weights/rlfn_teacher_takdsr_x2.safetensors \
+        models/weights/rlfn_teacher_continuous_x2.safetensors --json probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import Teacher, load_checkpoint
+from models.encoder import LEVELS, quantize_8bit
+from training.config import Config, EvalConfig
+from training.evaluate import EvalImage, eval_sets
+from training.metrics import image_metrics, psnr
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", type=Path, help="teacher checkpoints")
+    parser.add_argument("--data", type=Path, help="an image folder instead of cg-dev")
+    parser.add_argument("--max-images", type=int, default=0, help="only the first N images (0: all)")
+    parser.add_argument("--crop", type=int, default=0, help="HR centre crop side (0: whole images)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    return parser.parse_args()
+
+
+def load_teacher(path: Path) -> Teacher:
+    model = load_checkpoint(path).model
+    if not isinstance(model, Teacher):
+        raise ValueError(f"{path} is not a teacher checkpoint (its arch has no encoder)")
+    return model.eval()
+
+
+def with_cf_kind(teacher: Teacher, discrete: bool) -> Teacher:
+    """The same weights, with the decoder reading the 8-bit CF' (discrete) or the raw CF."""
+    teacher.encoder.config = dataclasses.replace(teacher.encoder.config, discrete=discrete)
+    return teacher
+
+
+def cf_statistics(cf: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+    """cf, lr: (1, 3, h, w) in [0, 1] units."""
+    outside = ((cf < 0) | (cf > 1)).float().mean().item()
+    scaled = cf.clamp(0, 1) * LEVELS
+    to_level = (scaled - scaled.round()).abs().mean().item()
+    levels_used = np.mean([torch.unique(scaled[0, c].round()).numel() for c in range(cf.shape[1])])
+    return {
+        "share_outside_0_1": outside,
+        "mean_distance_to_level": to_level,
+        "levels_used_per_channel": float(levels_used),
+        "psnr_cf_prime_vs_lr": psnr(quantize_8bit(cf)[0], lr[0], shave=0),
+    }
+
+
+@torch.no_grad()
+def probe(path: Path, images: list[EvalImage], scale: int) -> dict[str, Any]:
+    teacher = load_teacher(path)
+    trained_discrete = teacher.discrete
+    rows: dict[str, list[dict[str, float]]] = {"as_trained": [], "switched": [], "cf": []}
+    for image in images:
+        lr, hr = image.lr.unsqueeze(0), image.hr.unsqueeze(0)  # (1, 3, h, w), (1, 3, H, W)
+        for kind, discrete in (("as_trained", trained_discrete), ("switched", not trained_discrete)):
+            output = with_cf_kind(teacher, discrete)(hr)
+            rows[kind].append(image_metrics(output.image.clamp(0, 1)[0], image.hr, scale))
+        rows["cf"].append(cf_statistics(output.cf, lr))
+    with_cf_kind(teacher, trained_discrete)
+    mean = {kind: {key: float(np.mean([row[key] for row in values])) for key in values[0]}
+            for kind, values in rows.items()}  # fmt: skip
+    return {"checkpoint": str(path), "discrete": trained_discrete, "images": len(images), "mean": mean}
+
+
+def main() -> int:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scales = {load_teacher(path).scale for path in args.checkpoints}
+    if len(scales) != 1:
+        raise SystemExit(f"the teachers upscale by different factors {sorted(scales)}: probe them separately")
+    scale = scales.pop()
+    folders = [str(args.data)] if args.data else []
+    eval_config = EvalConfig(
+        cg_dev=not folders, rendered_val=False, folders=folders, max_images=args.max_images, crop=args.crop
+    )
+    images = next(iter(eval_sets(Config(eval=eval_config), scale).values()))
+    results = [probe(path, images, scale) for path in args.checkpoints]
+    columns = ["teacher", "CF kind", "PSNR as trained", "PSNR, kind switched", "outside [0,1]", "to nearest level",
+               "levels/ch", "CF' vs X dB"]  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for result in results:
+        mean = result["mean"]
+        print(f"| {Path(result['checkpoint']).name} | {'discrete' if result['discrete'] else 'continuous'} "
+              f"| {mean['as_trained']['psnr_rgb']:.2f} | {mean['switched']['psnr_rgb']:.2f} "
+              f"| {mean['cf']['share_outside_0_1']:.2%} | {mean['cf']['mean_distance_to_level']:.3f} "
+              f"| {mean['cf']['levels_used_per_channel']:.0f} | {mean['cf']['psnr_cf_prime_vs_lr']:.2f} |")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
