@@ -26,6 +26,7 @@ import torch
 
 from models import Teacher, load_checkpoint
 from models.encoder import LEVELS, quantize_8bit
+from training.__main__ import _checkpoint_labels
 from training.config import Config, EvalConfig
 from training.evaluate import EvalImage, eval_sets
 from training.metrics import image_metrics, psnr
@@ -99,14 +100,16 @@ def main() -> int:
         cg_dev=not folders, rendered_val=False, folders=folders, max_images=args.max_images, crop=args.crop
     )
     images = next(iter(eval_sets(Config(eval=eval_config), scale).values()))
-    results = [probe(path, images, scale) for path in args.checkpoints]
+    results = [
+        {"label": label, **probe(path, images, scale)} for label, path in _checkpoint_labels(args.checkpoints).items()
+    ]
     columns = ["teacher", "CF kind", "PSNR as trained", "PSNR, kind switched", "outside [0,1]", "to nearest level",
                "levels/ch", "CF' vs X dB"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for result in results:
         mean = result["mean"]
-        print(f"| {Path(result['checkpoint']).name} | {'discrete' if result['discrete'] else 'continuous'} "
+        print(f"| {result['label']} | {'discrete' if result['discrete'] else 'continuous'} "
               f"| {mean['as_trained']['psnr_rgb']:.2f} | {mean['switched']['psnr_rgb']:.2f} "
               f"| {mean['cf']['share_outside_0_1']:.2%} | {mean['cf']['mean_distance_to_level']:.3f} "
               f"| {mean['cf']['levels_used_per_channel']:.0f} | {mean['cf']['psnr_cf_prime_vs_lr']:.2f} |")  # fmt: skip

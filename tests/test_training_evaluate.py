@@ -170,7 +170,7 @@ def test_cf_probe_switches_the_cf_kind_and_describes_the_cf(tmp_path: Path) -> N
         assert mean["as_trained"]["psnr_rgb"] != mean["switched"]["psnr_rgb"]  # the kind did change the input
         assert 0 <= mean["cf"]["share_outside_0_1"] <= 1 and 0 <= mean["cf"]["mean_distance_to_level"] <= 0.5
         assert 1 <= mean["cf"]["levels_used_per_channel"] <= 256
-    assert "| teacher_True.safetensors | discrete |" in result.stdout
+    assert "| teacher_True | discrete |" in result.stdout
 
     student = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "student.safetensors", role="student")
     refused = subprocess.run([*script, str(student)], cwd=REPO, capture_output=True, text=True, timeout=240)
