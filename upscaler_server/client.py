@@ -13,8 +13,10 @@ Pipelined, zero-copy use (render straight into shared memory)::
     result = session.collect()                   # oldest submitted frame first; result.output is a view
 
 Reliability follows the ZeroMQ guide's Lazy Pirate pattern: a request without a reply within ``timeout`` closes the
-socket, reconnects (same routing id, so late replies still arrive) and retries up to ``retries`` times. A background
-thread sends heartbeats that keep this client's sessions alive while the caller is busy.
+socket, reconnects (same routing id) and retries up to ``retries`` times. Frames are the exception: while the daemon
+answers a ping, the client keeps its socket and waits for the slow frame's reply, since resending would compute the
+frame twice and closing the socket would drop a reply already queued on it. A background thread sends heartbeats
+that keep this client's sessions alive while the caller is busy.
 """
 
 from __future__ import annotations
@@ -242,8 +244,9 @@ class UpscalerClient:
                 idempotent: bool = True) -> M:
         """Send ``msg`` and return its reply of type ``expect``; an ``error`` reply raises the matching
         UpscalerError subclass. Lazy Pirate: after ``timeout`` s of silence, reconnect (same routing id) and resend,
-        except that a non-``idempotent`` request is only resent when the daemon restarted meanwhile; while the same
-        daemon answers a ping, its late reply is awaited instead (a slow frame must not be computed twice)."""
+        except that a non-``idempotent`` request is only resent when the daemon stops answering or restarted; while
+        the same daemon answers a ping on this socket, its late reply is awaited on it instead (a slow frame must not
+        be computed twice, and reconnecting could drop the reply: a closed socket loses what it had queued)."""
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
         req: int | None = None
@@ -253,10 +256,11 @@ class UpscalerClient:
             reply = self._link.wait(req, timeout)
             if reply is not None:
                 return _expect(reply, expect)
+            if not idempotent and self._same_daemon(timeout):
+                continue
             self._link.reconnect()
-            if idempotent or not self._same_daemon(timeout):
-                self._link.forget(req)
-                req = None
+            self._link.forget(req)
+            req = None
         raise ServerUnavailableError(f"no reply from the upscaler daemon at {self.endpoint} after {retries + 1} "
                                      f"attempt(s) of {timeout:g} s; is it running (python -m upscaler_server)?")
 
@@ -409,14 +413,13 @@ class Session:
                 self._outstanding.popleft()
                 done = _expect(reply, Done)
                 return FrameResult(self.id, slot, frame, done.timings, self._outputs[slot])
-            link.reconnect()  # same routing id: a late reply still reaches us
-            self._check_alive()
+            self._check_alive()  # keeps this socket while the daemon answers, so the late reply reaches it
         self._outstanding.popleft()
         link.forget(req)
         raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; is the daemon overloaded?")
 
     def _check_alive(self) -> None:
-        pong = self._client.request(Ping(sessions=[self.id]), Pong)
+        pong = self._client.request(Ping(sessions=[self.id]), Pong, timeout=max(self._client.timeout, 1.0))
         if self.id not in pong.sessions or pong.instance != self._client.info.instance:
             self._outstanding.clear()
             raise SessionLostError(f"session {self.id} is gone (daemon restarted or lease expired)")
