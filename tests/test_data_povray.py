@@ -7,11 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from training.data.images import read_image
 from training.data.paths import REPO_ROOT, reserved_scenes, shared_dir
-from training.data.povray import COPYRIGHT_FILE, EXAMPLES_DIR, load_scene_list, render_scenes, scene_licence
+from training.data.povray import (
+    COPYRIGHT_FILE,
+    EXAMPLES_DIR,
+    load_scene_list,
+    pixels_sha256,
+    povray_command,
+    render_scenes,
+    scene_licence,
+)
 
 FAST_SCENE = "objects/wtorus.pov"  # well under a second at 320x180
 
@@ -75,11 +85,51 @@ def test_render_one_scene_through_the_command(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     record = manifest["scenes"][FAST_SCENE]
     assert record["sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
+    assert record["pixels_sha256"] == pixels_sha256(png)
     assert record["licence"] == "CC-BY-3.0" and record["png"] == png.name and record["seconds"] > 0
     assert record["command"][0] == "povray" and "+W48" in record["command"] and "+A0.3" in record["command"]
+    assert "+WT1" in record["command"]
     assert manifest["failed"] == {}
 
     mtime = png.stat().st_mtime_ns
     again = _run(out)  # already rendered with the same command: skipped
     assert again.returncode == 0 and png.stat().st_mtime_ns == mtime
     assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_pixel_digest_ignores_file_bytes_but_not_pixels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (9, 16, 3), dtype=np.uint8)
+    fast, small = tmp_path / "fast.png", tmp_path / "small.png"
+    cv2.imwrite(str(fast), picture, [cv2.IMWRITE_PNG_COMPRESSION, 0])
+    cv2.imwrite(str(small), picture, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    assert fast.read_bytes() != small.read_bytes()
+    assert pixels_sha256(fast) == pixels_sha256(small)
+    picture[4, 7, 1] ^= 1
+    cv2.imwrite(str(small), picture)
+    assert pixels_sha256(fast) != pixels_sha256(small)
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not a readable image"):
+        pixels_sha256(tmp_path / "junk.png")
+
+
+def test_work_threads_reach_the_command_line() -> None:
+    assert "+WT1" in povray_command("objects/wtorus.pov", 48, 27, 0.3, "out.png")  # the default: reproducible
+    assert "+WT3" in povray_command("objects/wtorus.pov", 48, 27, 0.3, "out.png", work_threads=3)
+    assert not any(arg.startswith("+WT") for arg in povray_command("objects/wtorus.pov", 48, 27, 0.3, "o.png", 0))
+    with pytest.raises(ValueError, match="work_threads"):
+        povray_command("objects/wtorus.pov", 48, 27, 0.3, "out.png", work_threads=-1)
+    refused = subprocess.run([sys.executable, "-m", "training.data", "povray", "--out", "x", "--work-threads", "-1"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "--work-threads" in refused.stderr
+
+
+@needs_povray
+@needs_examples
+def test_a_radiosity_scene_renders_the_same_pixels_twice(tmp_path: Path) -> None:
+    # With POV-Ray's default threads this scene's radiosity differs from run to run (docs/data.md).
+    scene = "radiosity/radiosity_37.pov"
+    first = render_scenes([scene], tmp_path / "a", 160, 90, timeout=120, progress=False)["scenes"][scene]
+    second = render_scenes([scene], tmp_path / "b", 160, 90, timeout=120, progress=False)["scenes"][scene]
+    assert "+WT1" in first["command"]
+    assert first["pixels_sha256"] == second["pixels_sha256"]

@@ -1,6 +1,7 @@
 """Command line: `python -m training.data {povray,scenes} ...` (see docs/data.md)."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,14 @@ def _antialias(text: str) -> float | None:
     return value
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0 (POV-Ray's +WT: 0 means its default)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,7 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     pov.add_argument("--out", type=Path, required=True, help="output folder (PNGs + manifest.json)")
     pov.add_argument("--width", type=int, default=1920)
     pov.add_argument("--height", type=int, default=1080)
-    pov.add_argument("--jobs", type=int, default=1, help="parallel povray processes (each uses every core)")
+    pov.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="parallel povray processes (default: one per core)"
+    )
+    pov.add_argument(
+        "--work-threads",
+        type=_count,
+        default=1,
+        help="render threads per povray process (default 1: the same pixels every run; 0: POV-Ray's "
+        "default of one per core, whose pixels vary from run to run)",
+    )
     pov.add_argument("--timeout", type=float, default=1800.0, help="seconds per scene before it is abandoned")
     pov.add_argument("--antialias", type=_antialias, default=0.3, help="threshold for +A, or 'off' (default 0.3)")
     pov.add_argument("--scenes", type=Path, default=SCENE_LIST, help="scene list (default: the curated list)")
@@ -54,8 +72,9 @@ def _povray(args: argparse.Namespace) -> int:
             raise DatasetError(f"not in {args.scenes}: {', '.join(missing)}")
         scenes = [s for s in scenes if s in args.only]
     manifest = render_scenes(
-        scenes, args.out, args.width, args.height, jobs=args.jobs, timeout=args.timeout, antialias=args.antialias
-    )
+        scenes, args.out, args.width, args.height, jobs=args.jobs, timeout=args.timeout, antialias=args.antialias,
+        work_threads=args.work_threads,
+    )  # fmt: skip
     failed = {s: why for s, why in manifest["failed"].items() if s in scenes}
     for scene, why in failed.items():
         print(f"failed: {scene}: {why}", file=sys.stderr)

@@ -1,9 +1,13 @@
 """Rendering the curated POV-Ray example scenes (Debian's povray-examples) into a folder of training images.
 
 Each scene renders unmodified, in a temporary copy of its folder (the examples are read-only and include files
-relative to their folder), as the development frames were made: `povray +W.. +H.. +A0.3 +FN -D -V +I<scene>`.
-The manifest (`manifest.json` in the output folder) records per scene its path, command, seconds, the PNG's
-sha256 and its licence as Debian's copyright file states it.
+relative to their folder), as the development frames were made: `povray +W.. +H.. +A0.3 +FN -D -V +I<scene>`,
+plus `+WT1`: one render thread per povray process (parallelism comes from several processes), because POV-Ray's
+multi-threaded radiosity, media and adaptive anti-aliasing depend on thread timing, so two multi-threaded renders
+of the same scene differ in their pixels (docs/data.md has the measurement). The manifest (`manifest.json` in the
+output folder) records per scene its path, command, seconds, the PNG's sha256 (the file, which also holds a render
+date), the sha256 of its decoded pixels (equal for equal pictures) and its licence as Debian's copyright file
+states it.
 """
 
 import fnmatch
@@ -18,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 from tqdm import tqdm
 
 from training.data.paths import reserved_scenes
@@ -30,6 +35,7 @@ __all__ = [
     "RenderRecord",
     "load_scene_list",
     "output_name",
+    "pixels_sha256",
     "povray_command",
     "render_scene",
     "render_scenes",
@@ -53,7 +59,8 @@ class RenderRecord:
     png: str  # file name inside the output folder
     command: list[str]  # run in a copy of the scene's folder
     seconds: float
-    sha256: str
+    sha256: str  # of the file
+    pixels_sha256: str  # of the decoded pixels, see pixels_sha256()
     licence: str
     width: int
     height: int
@@ -103,19 +110,45 @@ def output_name(scene: str) -> str:
     return scene.removesuffix(".pov").replace("/", "__") + ".png"
 
 
-def povray_command(scene: str, width: int, height: int, antialias: float | None, out_name: str) -> list[str]:
-    """The command line, run from the scene's folder. `antialias`: adaptive threshold (+A), None for none."""
+def povray_command(
+    scene: str, width: int, height: int, antialias: float | None, out_name: str, work_threads: int = 1
+) -> list[str]:
+    """The command line, run from the scene's folder. `antialias`: adaptive threshold (+A), None for none.
+    `work_threads`: POV-Ray's render threads (+WT); 1 renders the same pixels every time, 0 leaves POV-Ray's
+    default (one per core), which is not reproducible."""
+    if work_threads < 0:
+        raise ValueError(f"work_threads must be >= 0, got {work_threads}")
     aa = f"+A{antialias:g}" if antialias is not None else "-A"
     size = [f"+W{width}", f"+H{height}"]
-    return ["povray", *size, aa, "+FN", "-D", "-V", f"+L{INCLUDE_DIR}", f"+I{Path(scene).name}", f"+O{out_name}"]
+    threads = [f"+WT{work_threads}"] if work_threads else []
+    scene_args = [f"+L{INCLUDE_DIR}", f"+I{Path(scene).name}", f"+O{out_name}"]
+    return ["povray", *size, aa, *threads, "+FN", "-D", "-V", *scene_args]
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def pixels_sha256(path: Path) -> str:
+    """sha256 of an image's decoded pixels and shape: equal for equal pictures, whatever the file's metadata
+    (POV-Ray writes the render date into the PNG) or compression."""
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise ValueError(f"{path}: not a readable image")
+    digest = hashlib.sha256(f"{pixels.shape} {pixels.dtype}".encode())
+    digest.update(pixels.tobytes())
+    return digest.hexdigest()
+
+
 def render_scene(
-    scene: str, out_dir: Path, width: int, height: int, *, antialias: float | None = 0.3, timeout: float = 600.0
+    scene: str,
+    out_dir: Path,
+    width: int,
+    height: int,
+    *,
+    antialias: float | None = 0.3,
+    timeout: float = 600.0,
+    work_threads: int = 1,
 ) -> RenderRecord:
     """Render one scene to `out_dir/output_name(scene)`. Raises RuntimeError on failure or timeout.
 
@@ -127,7 +160,7 @@ def render_scene(
     source = EXAMPLES_DIR / scene
     if not source.is_file():
         raise FileNotFoundError(f"no scene {source} (is Debian's povray-examples installed?)")
-    command = povray_command(scene, width, height, antialias, "render.png")
+    command = povray_command(scene, width, height, antialias, "render.png", work_threads)
     with tempfile.TemporaryDirectory(prefix="takdsr-povray-") as tmp:
         workdir = Path(tmp) / "scene"
         shutil.copytree(source.parent, workdir)
@@ -144,8 +177,9 @@ def render_scene(
         shutil.move(rendered, final.with_suffix(".part"))
         os.replace(final.with_suffix(".part"), final)
     return RenderRecord(
-        scene, final.name, command, round(seconds, 2), _sha256(final), scene_licence(scene), width, height
-    )
+        scene, final.name, command, round(seconds, 2), _sha256(final), pixels_sha256(final), scene_licence(scene),
+        width, height,
+    )  # fmt: skip
 
 
 def _load_manifest(path: Path) -> dict:
@@ -177,6 +211,7 @@ def render_scenes(
     jobs: int = 1,
     timeout: float = 600.0,
     antialias: float | None = 0.3,
+    work_threads: int = 1,
     progress: bool = True,
 ) -> dict:
     """Render `scenes` into `out_dir` with `jobs` parallel povray processes, skipping those already rendered with
@@ -188,13 +223,17 @@ def render_scenes(
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = _load_manifest(manifest_path)
-    todo = [
-        s for s in scenes
-        if not _is_done(out_dir, manifest["scenes"].get(s), povray_command(s, width, height, antialias, "render.png"))
-    ]  # fmt: skip
+
+    def command_of(scene: str) -> list[str]:
+        return povray_command(scene, width, height, antialias, "render.png", work_threads)
+
+    todo = [s for s in scenes if not _is_done(out_dir, manifest["scenes"].get(s), command_of(s))]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads: the work is in povray processes
         futures = {
-            pool.submit(render_scene, s, out_dir, width, height, antialias=antialias, timeout=timeout): s for s in todo
+            pool.submit(
+                render_scene, s, out_dir, width, height, antialias=antialias, timeout=timeout, work_threads=work_threads
+            ): s
+            for s in todo
         }
         bar = tqdm(
             total=len(scenes), initial=len(scenes) - len(todo), desc="povray", unit="scene", disable=not progress
