@@ -3,6 +3,7 @@ NaN detection, DDP with 2 CPU processes, and the smoke pipeline end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -208,7 +209,8 @@ def _write_config(tmp_path: Path, folder: Path, steps: int) -> Path:
     return path
 
 
-def test_ctrl_c_saves_state_and_exits_cleanly(image_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_state_and_exits_cleanly(image_folder: Path, tmp_path: Path, signum: int) -> None:
     config = _write_config(tmp_path, image_folder, steps=100_000)
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "training", "train", "--config", str(config), "--run-dir", str(run_dir),
@@ -219,14 +221,65 @@ def test_ctrl_c_saves_state_and_exits_cleanly(image_folder: Path, tmp_path: Path
         while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 2:
             assert time.monotonic() < deadline and process.poll() is None, process.communicate()
             time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
-    assert "resume with --resume" in stderr
+    assert process.returncode == 128 + signum, stderr
+    assert f"interrupted by {signal.Signals(signum).name}" in stderr and "resume with --resume" in stderr
     state = torch.load(run_dir / "state.pt", weights_only=True)
     assert state["step"] == max(_losses(run_dir))
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # it just ended
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_scene_workers_end_with_a_killed_trainer(tmp_path: Path) -> None:
+    # Scene sources start their workers by forkserver, whose workers torch does not tie to the trainer.
+    text = SMOKE_CONFIG.read_text().replace("steps = 12", "steps = 100000").replace("workers = 0", "workers = 1")
+    config = tmp_path / "config.toml"
+    config.write_text(text + '\n[stage]\nname = "teacher"\nrole = "teacher"\n')
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "training", "train", "--config", str(config), "--run-dir", str(run_dir),
+               "--set", "runtime.log_every=1"]  # fmt: skip
+    with open(tmp_path / "log.txt", "w") as log:  # not a pipe: surviving workers would hold it open
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists():
+            assert time.monotonic() < deadline and process.poll() is None, (tmp_path / "log.txt").read_text()
+            time.sleep(0.2)
+        workers = _descendants(process.pid)
+        assert workers  # the fork server and the worker, at least
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while (alive := {pid for pid in workers if Path(f"/proc/{pid}").exists()}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"still running after the trainer was killed: {sorted(alive)}"
+    finally:
+        process.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")

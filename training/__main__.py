@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     except (NonFiniteLossError, CheckpointError, DatasetError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,10 +9,13 @@ RUN_DIR/state.pt; `--resume RUN_DIR` continues from it exactly: batches are a pu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import select
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +45,42 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C: the state was saved; resume with --resume RUN_DIR."""
+    """Ctrl-C or SIGTERM: the state was saved; resume with --resume RUN_DIR."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum  # the signal that stopped training: the command exits 128 + signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: end this worker as soon as the trainer process is gone, however it ended
+    (SIGKILL included). Torch's own check watches the worker's parent, which under forkserver (scene sources) is
+    the fork server, not the trainer, so without this the workers outlive a killed trainer, memory and all."""
+    threading.Thread(target=_exit_when_gone, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+), or the trainer is gone already
+        while _alive(pid):
+            time.sleep(1.0)
+    else:
+        select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but is not ours to signal
+        pass
+    return True
 
 
 @dataclass
@@ -121,6 +159,7 @@ class _Trainer:
         )
         self.autocast_dtype = _autocast_dtype(config.runtime.amp, self.device)
         self.stop_requested = False
+        self.stop_signal = signal.SIGINT  # which signal asked to stop (SIGINT or SIGTERM)
         self.last_log: tuple[int, float] | None = None  # (step, clock) of the last metrics record
         self.started = 0.0
         self.seconds_before = 0.0  # wall time of the segments before a resume
@@ -134,7 +173,7 @@ class _Trainer:
             self._write_run_files(start_step)
         loss_module = self._distillation()
         batches = iter(self._loader(start_step))
-        previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        previous_handlers = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
         step, total = start_step, math.nan
         progress = tqdm(
             total=self.steps, initial=start_step, desc=self.config.stage.name,
@@ -154,10 +193,14 @@ class _Trainer:
                 if step % self.config.runtime.checkpoint_every == 0 or self.stop_requested:
                     self._save_state(step)
                 if self.stop_requested and not self._finished(step):
-                    raise TrainingInterrupted(f"interrupted at step {step}; resume with --resume {self.run_dir}")
+                    name = signal.Signals(self.stop_signal).name
+                    raise TrainingInterrupted(
+                        f"interrupted by {name} at step {step}; resume with --resume {self.run_dir}", self.stop_signal
+                    )
         finally:
             progress.close()
-            signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         seconds = self._elapsed()
         checkpoint = self._save_final(step, seconds, total) if self.dist.main else self.run_dir / FINAL_FILE
         return StageResult(checkpoint, step, seconds, total)
@@ -194,10 +237,12 @@ class _Trainer:
         """Training wall time, summed over every segment of a resumed run."""
         return self.seconds_before + time.perf_counter() - self.started
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.stop_requested:  # a second Ctrl-C forces
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        """Ctrl-C or SIGTERM (a job scheduler's stop): finish the step, save the state, stop. Only sets flags."""
+        if self.stop_requested:  # a second signal forces
             raise KeyboardInterrupt
         self.stop_requested = True
+        self.stop_signal = signum
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -223,6 +268,7 @@ class _Trainer:
             dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             multiprocessing_context=worker_start_method(dataset) if workers > 0 else None,
+            worker_init_fn=functools.partial(exit_with_trainer, os.getpid()) if workers > 0 else None,
         )  # fmt: skip
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
