@@ -61,6 +61,7 @@ class Peer:
     def __init__(self, sock: zmq.Socket[bytes]) -> None:
         self.sock = sock
         self.ids = itertools.count(1)
+        self.opened: list[int] = []  # sessions this peer opened, closed after the test whatever its outcome
 
     def send(self, **fields: Any) -> int:
         """Send a request (v = 1 and a fresh req unless given); returns its req."""
@@ -91,6 +92,14 @@ class Peer:
 
     def silent(self, timeout: float) -> bool:
         return not self.sock.poll(int(timeout * 1000), zmq.POLLIN)
+
+    def close_opened(self) -> None:
+        """Close what the test left open, so a failed test cannot spend the next test's session limit (replies,
+        UNKNOWN_SESSION for sessions already gone, are read and not checked)."""
+        pending = {self.send(type="close", session=sid) for sid in self.opened}
+        deadline = time.monotonic() + 10.0
+        while pending and self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            pending.discard(msgpack.unpackb(self.sock.recv_multipart()[-1], raw=False).get("req"))
 
 
 def _check_reply(reply: Any) -> None:
@@ -154,12 +163,15 @@ def daemon(checkpoint: pathlib.Path) -> Iterator[Daemon]:
 @pytest.fixture
 def peer(daemon: Daemon) -> Iterator[Peer]:
     with raw_socket(daemon.endpoint) as sock:
-        yield Peer(sock)
+        peer = Peer(sock)
+        yield peer
+        peer.close_opened()
 
 
 def open_session(peer: Peer, width: int, height: int, fmt: str = "RGB8", slots: int = 1) -> dict[str, Any]:
     reply = peer.call(type="open", width=width, height=height, format=fmt, slots=slots)
     assert reply["type"] == "opened", reply
+    peer.opened.append(reply["session"])
     return reply
 
 
@@ -275,14 +287,21 @@ def test_pipelined_results_and_round_robin(peer: Peer) -> None:
     frames, sent = {}, {}
     for s in sessions:
         for slot in range(3):
-            pixels = frame(40, 30, "RGB8", seed=10 * s["session"] % 97 + slot)
+            frames[1000 + len(frames)] = pixels = frame(40, 30, "RGB8", seed=10 * s["session"] % 97 + slot)
             write_slot(s["input"], slot, pixels)
-            fid = 1000 + len(sent)
-            sent[peer.send(type="submit", session=s["session"], slot=slot, frame=fid)] = (s, slot, fid)
-            frames[fid] = pixels
+    # Turns only show while both sessions have frames queued: a largest-size inline frame (~9 ms here, the 40x30
+    # frames ~1 ms) keeps the worker busy while the six submits, sent back to back, queue up behind it.
+    blocker = peer.send(type="process", width=200, height=80, format="RGB8", frame=1,
+                        pixels=frame(200, 80, "RGB8", seed=0))
+    for fid in frames:
+        s, slot = sessions[(fid - 1000) // 3], (fid - 1000) % 3
+        sent[peer.send(type="submit", session=s["session"], slot=slot, frame=fid)] = (s, slot, fid)
     order = []
-    for _ in range(6):
+    for _ in range(7):
         done = peer.recv()
+        if done["req"] == blocker:
+            assert done["type"] == "result", done
+            continue
         s, slot, fid = sent.pop(done["req"])
         assert done["type"] == "done" and (done["session"], done["slot"], done["frame"]) == (s["session"], slot, fid)
         order.append((s["session"], fid))
