@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Train several independent pipeline stages at once, one process each, on one GPU, each fitted into a
-# wall-time budget (runtime.time_budget_s). The small TAKDSR networks leave a GPU mostly idle, so
-# independent stages (teacher, teacher_continuous, student_alone; then ta1, student_pisr) share it well.
+# wall-time budget (runtime.time_budget_s), or each for its configured steps with BUDGET_S 0. The small
+# TAKDSR networks leave a GPU mostly idle, so independent stages (teacher, teacher_continuous,
+# student_alone; then ta1, student_pisr) share it well.
 #
 #   scripts/train_parallel.sh CONFIG RUN_DIR BUDGET_S STAGE[,STAGE...] [--set KEY=VALUE ...]
 #
-# Each stage logs to RUN_DIR/<stage>.log. A stage still running BUDGET_S + 90 s after it started is sent
-# Ctrl-C (SIGINT): it saves its state and a later run resumes it. Exits non-zero if any stage failed.
-# Afterwards `python -m training pipeline --config CONFIG --run-dir RUN_DIR` trains what is left and
-# evaluates everything.
+# Each stage logs to RUN_DIR/<stage>.log. With a budget, a stage still running BUDGET_S + 90 s after it
+# started is sent Ctrl-C (SIGINT): it saves its state and a later run resumes it. With BUDGET_S 0 the
+# stages run their steps (the cosine over steps, so stages of equal steps get the same schedule) with
+# no time limit of their own: the caller's Ctrl-C stops them the same way. Exits non-zero if any stage
+# failed. Afterwards `python -m training pipeline --config CONFIG --run-dir RUN_DIR` trains what is
+# left and evaluates everything.
 set -uo pipefail
 
 if [[ $# -lt 4 ]]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 config=$1 run_dir=$2 budget=$3 stages=$4
@@ -22,9 +25,10 @@ mkdir -p "$run_dir"
 
 pids=()
 names=()
+limit=()
+[[ $budget != 0 ]] && limit=(timeout --signal=INT --kill-after=60 "$((${budget%.*} + 90))")
 for stage in ${stages//,/ }; do
-    timeout --signal=INT --kill-after=60 "$((${budget%.*} + 90))" \
-        "$python" -m training pipeline --config "$config" --run-dir "$run_dir" --stages "$stage" \
+    "${limit[@]}" "$python" -m training pipeline --config "$config" --run-dir "$run_dir" --stages "$stage" \
         --set "runtime.time_budget_s=$budget" --set runtime.progress=false "$@" \
         >"$run_dir/$stage.log" 2>&1 &
     pids+=($!)
