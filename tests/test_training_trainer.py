@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -395,3 +396,54 @@ def test_train_parallel_script_runs_stages_side_by_side(image_folder: Path, tmp_
     failed = subprocess.run([*command[:5], "ta1,nonsense", *sets], cwd=REPO, capture_output=True, text=True,
                             timeout=240, env=env)  # fmt: skip
     assert failed.returncode == 1 and "nonsense: exit 1" in failed.stdout
+
+
+def _matched_students(run_dir: Path, out_dir: Path, steps: int, image_folder: Path, **popen: Any) -> list[str]:
+    """The command of scripts/matched_students.sh at tiny settings (the shipped 52-channel guides, small patches)."""
+    sets = [f'data.sources=[{{kind="folder", path="{image_folder}"}}]', "data.patch_size=48", "optim.batch_size=2",
+            "runtime.workers=0", "runtime.threads=1", "runtime.checkpoint_every=1"]  # fmt: skip
+    return ["bash", str(REPO / "scripts" / "matched_students.sh"), str(run_dir), str(out_dir), str(steps),
+            *(arg for item in sets for arg in ("--set", item))]  # fmt: skip
+
+
+MATCHED = {"student_takdsr": (["teacher", "ta1"], "teacher"), "student_pisr": (["teacher_continuous"],
+           "teacher_continuous"), "student_alone": ([], None)}  # fmt: skip
+
+
+def test_matched_students_train_equal_steps_from_the_shipped_guides(image_folder: Path, tmp_path: Path) -> None:
+    run_dir, out_dir = tmp_path / "run", tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(_matched_students(run_dir, out_dir, 2, image_folder), cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage, (guides, init_from) in MATCHED.items():
+        training = load_checkpoint(out_dir / f"{stage}.safetensors").metadata["training"]
+        seen = (training["steps"], training["batch_size"], training["guides"], training["init_from"])
+        assert seen == (2, 2, guides, init_from), stage
+        assert training["config"]["runtime"]["time_budget_s"] == 0  # the cosine runs over the steps
+    for stage, shipped in (("teacher", "rlfn_teacher_takdsr_x2"), ("ta1", "rlfn_ta_takdsr_x2"),
+                           ("teacher_continuous", "rlfn_teacher_continuous_x2")):  # fmt: skip
+        shipped_bytes = (REPO / "models" / "weights" / f"{shipped}.safetensors").read_bytes()
+        assert (run_dir / stage / "final.safetensors").read_bytes() == shipped_bytes
+
+
+def test_matched_students_stopped_by_ctrl_c_hand_back_their_state(image_folder: Path, tmp_path: Path) -> None:
+    run_dir, out_dir = tmp_path / "run", tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    process = subprocess.Popen(_matched_students(run_dir, out_dir, 100_000, image_folder), cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180  # every trainer has saved a state, so each has its Ctrl-C handler
+        while not all((run_dir / stage / "state.pt").exists() for stage in MATCHED) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole group, as from a terminal or `timeout`
+        output, _ = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1, output
+    for stage in MATCHED:
+        assert f"{stage}: exit 130" in output
+        state = torch.load(out_dir / f"{stage}.state.pt", weights_only=True)
+        assert 1 <= state["step"] < 100_000
+    assert not list(out_dir.glob("*.safetensors"))

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The three RLFN x2 students of docs/results.md (TAKDSR, PISR', X_s) trained again side by side for the same
+# number of steps, with the same batch, data and cosine, from the shipped teacher, TA and continuous-CF teacher:
+# the paper's protocol (every model the same epochs). The shipped students had equal wall time instead, and so
+# unequal steps (TAKDSR 6,106, PISR' 4,416, X_s 9,833). Meant for a GPU (`scripts/gpu_checks.sh students`); on
+# a CPU only with tiny settings, as the test does.
+#
+#   scripts/matched_students.sh RUN_DIR OUT_DIR STEPS [--set KEY=VALUE ...]
+#
+# Needs data/povray (docs/data.md) beside the scene frames, which are rendered on first use. Seeds RUN_DIR with
+# the shipped guides (kept where RUN_DIR has them already), trains the stages that are not finished (a stage
+# with a saved state resumes), then copies each stage's final checkpoint to OUT_DIR/<stage>.safetensors, or,
+# for a stage stopped early, its saved state to OUT_DIR/<stage>.state.pt (put back as RUN_DIR/<stage>/state.pt,
+# a later run resumes it). Ctrl-C stops the trainers, which save their state; this script still copies it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $# -lt 3 ]]; then
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+run_dir=$1 out_dir=$2 steps=$3
+shift 3
+STAGES=student_takdsr,student_pisr,student_alone
+# run-folder stage -> shipped file: the guides and initialisations the pipeline looks for in RUN_DIR
+declare -A SHIPPED=([teacher]=rlfn_teacher_takdsr_x2 [ta1]=rlfn_ta_takdsr_x2
+    [teacher_continuous]=rlfn_teacher_continuous_x2)
+
+for stage in "${!SHIPPED[@]}"; do
+    mkdir -p "$run_dir/$stage"
+    [[ -f $run_dir/$stage/final.safetensors ]] ||
+        cp "models/weights/${SHIPPED[$stage]}.safetensors" "$run_dir/$stage/final.safetensors" || exit 1
+done
+mkdir -p "$out_dir"
+
+trap '' INT # the trainers take the Ctrl-C themselves and save their state; this script stays to copy it
+bash scripts/train_parallel.sh training/configs/rlfn_x2.toml "$run_dir" 0 "$STAGES" \
+    --set "experiment.student_steps=$steps" --set optim.batch_size=32 --set data.cache_mb=2048 \
+    --set runtime.log_every=200 --set runtime.checkpoint_every=500 "$@"
+status=$?
+
+for stage in ${STAGES//,/ }; do
+    if [[ -f $run_dir/$stage/final.safetensors ]]; then
+        cp "$run_dir/$stage/final.safetensors" "$out_dir/$stage.safetensors"
+    elif [[ -f $run_dir/$stage/state.pt ]]; then
+        cp "$run_dir/$stage/state.pt" "$out_dir/$stage.state.pt"
+    fi
+done
+exit $status
