@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -398,7 +397,7 @@ def test_train_parallel_script_runs_stages_side_by_side(image_folder: Path, tmp_
     assert failed.returncode == 1 and "nonsense: exit 1" in failed.stdout
 
 
-def _matched_students(run_dir: Path, out_dir: Path, steps: int, image_folder: Path, **popen: Any) -> list[str]:
+def _matched_students(run_dir: Path, out_dir: Path, steps: int, image_folder: Path) -> list[str]:
     """The command of scripts/matched_students.sh at tiny settings (the shipped 52-channel guides, small patches)."""
     sets = [f'data.sources=[{{kind="folder", path="{image_folder}"}}]', "data.patch_size=48", "optim.batch_size=2",
             "runtime.workers=0", "runtime.threads=1", "runtime.checkpoint_every=1"]  # fmt: skip
