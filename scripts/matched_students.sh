@@ -3,9 +3,9 @@
 # number of steps, with the same batch, data and cosine, from the shipped teacher, TA and continuous-CF teacher:
 # the paper's protocol (every model the same epochs). The shipped students had equal wall time instead, and so
 # unequal steps (TAKDSR 6,106, PISR' 4,416, X_s 9,833). Meant for a GPU (`scripts/gpu_checks.sh students`); on
-# a CPU only with tiny settings, as the test does.
+# a CPU with CONFIG=training/configs/rlfn_x2_ablation_cpu.toml and a small batch (docs/results.md).
 #
-#   scripts/matched_students.sh RUN_DIR OUT_DIR STEPS [--set KEY=VALUE ...]
+#   [CONFIG=...] scripts/matched_students.sh RUN_DIR OUT_DIR STEPS [--set KEY=VALUE ...]
 #
 # Needs data/povray (docs/data.md) beside the scene frames, which are rendered on first use. Seeds RUN_DIR with
 # the shipped guides (kept where RUN_DIR has them already), trains the stages that are not finished (a stage
@@ -34,7 +34,7 @@ done
 mkdir -p "$out_dir"
 
 trap '' INT # the trainers take the Ctrl-C themselves and save their state; this script stays to copy it
-bash scripts/train_parallel.sh training/configs/rlfn_x2.toml "$run_dir" 0 "$STAGES" \
+bash scripts/train_parallel.sh "${CONFIG:-training/configs/rlfn_x2.toml}" "$run_dir" 0 "$STAGES" \
     --set "experiment.student_steps=$steps" --set optim.batch_size=32 --set data.cache_mb=2048 \
     --set runtime.log_every=200 --set runtime.checkpoint_every=500 "$@"
 status=$?

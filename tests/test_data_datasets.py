@@ -204,6 +204,14 @@ def test_build_datasets_from_config(folder: Path, tmp_path: Path, monkeypatch: p
     assert len(evaluation) == 1 and evaluation[0]["lr"].shape == (3, 15, 20)
 
 
+def test_folder_scan_progress_follows_the_flag(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = DataConfig([SourceConfig("folder", str(folder))], patch_size=24, length=8)
+    build_train_dataset(cfg, scale=3, progress=False)  # a trainer logging to a file: no progress bars
+    assert "scan" not in capsys.readouterr().err
+    build_train_dataset(cfg, scale=3)
+    assert "scan" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("period", [10.0, 48.0])
 def test_scene_times_split_is_disjoint_and_fixed(period: float) -> None:
     train, val = scene_times("train", 50, period), scene_times("val", 20, period)

@@ -260,7 +260,10 @@ class _Trainer:
         )  # fmt: skip
 
     def _loader(self, start_step: int) -> DataLoader:
-        dataset = build_train_dataset(self.config.data, self.config.experiment.scale, self.config.runtime.seed)
+        dataset = build_train_dataset(
+            self.config.data, self.config.experiment.scale, self.config.runtime.seed,
+            progress=self.dist.main and self.config.runtime.progress,
+        )  # fmt: skip
         sampler = StepBatchSampler(self.config.optim.batch_size, start_step, self.dist)
         workers = self.config.runtime.workers
         # Scene sources render with OpenGL: their workers must not be forked from a process holding a context.

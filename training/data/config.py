@@ -114,12 +114,13 @@ def _source(data: Any, where: str) -> SourceConfig:
 
 
 def _build_source(
-    cfg: SourceConfig, scale: int, min_size: int, split: Literal["train", "val"], cache_mb: int
-) -> FolderSource | SceneSource:
+    cfg: SourceConfig, scale: int, min_size: int, split: Literal["train", "val"], cache_mb: int,
+    progress: bool = True,
+) -> FolderSource | SceneSource:  # fmt: skip
     if cfg.kind == "folder":
         if cfg.path is None:
             raise DatasetError("a training folder source needs a path")
-        return FolderSource(cfg.path, min_size, cache_mb=cache_mb)
+        return FolderSource(cfg.path, min_size, cache_mb=cache_mb, progress=progress)
     if min(cfg.width, cfg.height) < min_size:
         raise DatasetError(f"scene frames {cfg.width}x{cfg.height} are smaller than the {min_size}px patch")
     return SceneSource(
@@ -129,10 +130,13 @@ def _build_source(
     )  # fmt: skip
 
 
-def build_train_dataset(cfg: DataConfig, scale: int | None = None, seed: int | None = None) -> PatchDataset:
-    """The training patches of `cfg` (scenes sources use the training times only)."""
+def build_train_dataset(
+    cfg: DataConfig, scale: int | None = None, seed: int | None = None, *, progress: bool = True
+) -> PatchDataset:
+    """The training patches of `cfg` (scenes sources use the training times only); `progress` shows the
+    folder scans' progress bars (off for runs that log to a file)."""
     scale = cfg.scale if scale is None else scale
-    sources = [_build_source(s, scale, cfg.patch_size, "train", cfg.cache_mb) for s in cfg.sources]
+    sources = [_build_source(s, scale, cfg.patch_size, "train", cfg.cache_mb, progress) for s in cfg.sources]
     return PatchDataset(
         sources, [s.weight for s in cfg.sources], scale=scale, patch_size=cfg.patch_size, augment=cfg.augment,
         seed=cfg.seed if seed is None else seed, length=cfg.length, patches_per_image=cfg.patches_per_image,
