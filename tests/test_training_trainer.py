@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models import Teacher, build_model, load_checkpoint, load_model
+from training.__main__ import main as training_main
 from training.config import StageConfig, load_config
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
@@ -156,6 +157,56 @@ def test_resume_continues_exactly(image_folder: Path, tmp_path: Path, monkeypatc
     a = load_model(tmp_path / "straight" / "final.safetensors").state_dict()
     b = load_model(tmp_path / "resumed" / "final.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_state_checkpoints_a_run_part_way(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher = train_stage(_stage_config(image_folder, tmp_path, "teacher"), tmp_path / "teacher").checkpoint
+    config = _stage_config(image_folder, tmp_path, "student", init_from=str(teacher), guides=[str(teacher)])
+    original_step = _Trainer._step
+
+    def stop_after_three(self: _Trainer, loss_module, batch, step):  # the Ctrl-C flag, as SIGINT sets it
+        terms = original_step(self, loss_module, batch, step)
+        self.stop_requested = step + 1 == 3
+        return terms
+
+    monkeypatch.setattr(_Trainer, "_step", stop_after_three)
+    run = tmp_path / "student"
+    with pytest.raises(TrainingInterrupted):
+        train_stage(config, run)
+    monkeypatch.setattr(_Trainer, "_step", original_step)
+    teacher.rename(tmp_path / "moved.safetensors")  # the weights come from the state alone
+
+    assert training_main(["export-state", str(run), "--out", str(tmp_path / "step3.safetensors")]) == 0
+    assert "student at step 3 of 6" in capsys.readouterr().out
+    exported = load_checkpoint(tmp_path / "step3.safetensors")
+    training = exported.metadata["training"]
+    assert exported.metadata["role"] == "student" and training["steps"] == 3 and training["partial_of"] == 6
+    saved = torch.load(run / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[f"network.{k}"], v) for k, v in exported.model.state_dict().items())
+
+    (tmp_path / "moved.safetensors").rename(teacher)
+    train_stage(config, run, resume=True)  # the run goes on: its final weights are not step 3's
+    final = load_model(run / "final.safetensors").state_dict()
+    assert any(not torch.equal(final[k], v) for k, v in exported.model.state_dict().items())
+
+
+def test_export_state_rejects_a_missing_or_foreign_state(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "teacher"
+    train_stage(_stage_config(image_folder, tmp_path, "teacher"), run)
+    out = str(tmp_path / "x.safetensors")
+    assert training_main(["export-state", str(run), "--out", out]) == 1  # checkpoint_every 1000: no state
+    assert "no saved state" in capsys.readouterr().err
+    torch.save({"step": 2, "model": {"network.other": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    assert training_main(["export-state", str(run), "--state", str(tmp_path / "foreign.pt"), "--out", out]) == 1
+    assert "does not hold this config's teacher network" in capsys.readouterr().err
+    torch.save([1, 2], tmp_path / "junk.pt")
+    assert training_main(["export-state", str(run), "--state", str(tmp_path / "junk.pt"), "--out", out]) == 1
+    assert "is not a training state" in capsys.readouterr().err
+    assert not Path(out).exists()
 
 
 def _lr_at_each_step(run_dir: Path) -> dict[int, float]:

@@ -1,4 +1,4 @@
-"""python -m training {train, pipeline, evaluate, latency, ship}: the TAKDSR trainer's command line."""
+"""python -m training {train, pipeline, evaluate, latency, ship, export-state}: the TAKDSR trainer's command line."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from training.evaluate import baseline_predictors, checkpoint_predictor, eval_se
 from training.latency import measure_latency
 from training.pipeline import run_pipeline
 from training.ship import ship_checkpoint, ship_run
-from training.trainer import NonFiniteLossError, TrainingInterrupted, train_stage
+from training.trainer import NonFiniteLossError, TrainingInterrupted, export_state, train_stage
 
 BUILTIN_SETS = ("cg-dev", "rendered-val", "rendered-val-native")
 
@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     ship_one.add_argument("--scores", required=True, type=Path, help="`evaluate --json` output that scored it")
     ship_one.add_argument("--label", help="the checkpoint's label in SCORES (default: the file's stem)")
     ship_one.add_argument("--out", type=Path, default=Path("models/weights"))
+    export = commands.add_parser("export-state", help="a checkpoint of a run's saved state, to evaluate it part-way")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a stage's run folder (config.toml, state.pt)")
+    export.add_argument("--state", type=Path, help="a copy of the state to export (default RUN_DIR/state.pt)")
+    export.add_argument("--out", required=True, type=Path, help="the checkpoint to write (.safetensors)")
     latency = commands.add_parser("latency", help="inference time of checkpoints or registered models")
     latency.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_NAME")
     latency.add_argument("--input", default="960x540", help="LR input WxH (a teacher reads the matching HR size)")
@@ -159,6 +163,17 @@ def _latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_state(args: argparse.Namespace) -> int:
+    config = load_config(args.run_dir / "config.toml")
+    state = args.state or args.run_dir / "state.pt"
+    if not state.is_file():
+        raise FileNotFoundError(f"no saved state: {state} does not exist")
+    path = export_state(state, config, args.out)
+    steps = read_metadata(path)["training"]["steps"]
+    print(f"{path}: {config.stage.name} at step {steps} of {config.stage.steps or config.optim.steps}")
+    return 0
+
+
 def _ship_checkpoint(args: argparse.Namespace) -> int:
     entry = ship_checkpoint(args.checkpoint, args.name, args.report_name, args.scores, args.out, label=args.label)
     print(f"{args.out / (args.name + '.safetensors')}: {entry['report_name']}, {entry['params']:,} parameters")
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
         "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,
-        "ship-checkpoint": _ship_checkpoint,
+        "ship-checkpoint": _ship_checkpoint, "export-state": _export_state,
     }  # fmt: skip
     try:
         return handlers[args.command](args)

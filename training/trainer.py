@@ -9,6 +9,7 @@ RUN_DIR/state.pt; `--resume RUN_DIR` continues from it exactly: batches are a pu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -34,7 +35,7 @@ from training.config import Config, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.distill import Distillation, Guide, TrainedModel
 
-__all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "train_stage"]
+__all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_state", "train_stage"]
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.safetensors"
@@ -327,22 +328,44 @@ class _Trainer:
         return int(state["step"])
 
     def _save_final(self, steps: int, seconds: float, final_loss: float) -> Path:
-        stage = self.config.stage
-        summary = {
-            "stage": stage.name,
-            "steps": steps,
-            "batch_size": self.config.optim.batch_size,
-            "device": _device_name(self.device),
-            "world_size": self.dist.world,
-            "seconds": round(seconds, 1),
-            "final_loss": final_loss,
-            "mix": list(stage_mix(self.config)) if stage_mix(self.config) else None,
-            # checkpoints are <run>/<stage>/final.safetensors: name the stages
-            "guides": [Path(p).parent.name for p in stage.guides],
-            "init_from": Path(stage.init_from).parent.name if stage.init_from else None,
-            "config": self.config.to_dict(),
-        }
-        return save_checkpoint(self.network, self.run_dir / FINAL_FILE, role=stage.role, training=summary)
+        summary = _training_summary(self.config, steps, seconds)
+        summary.update(device=_device_name(self.device), world_size=self.dist.world, final_loss=final_loss)
+        return save_checkpoint(self.network, self.run_dir / FINAL_FILE, role=self.config.stage.role, training=summary)
+
+
+def _training_summary(config: Config, steps: int, seconds: float) -> dict[str, Any]:
+    """What a checkpoint's metadata says of the stage that trained it."""
+    stage = config.stage
+    return {
+        "stage": stage.name,
+        "steps": steps,
+        "batch_size": config.optim.batch_size,
+        "seconds": round(seconds, 1),
+        "mix": list(stage_mix(config)) if stage_mix(config) else None,
+        # checkpoints are <run>/<stage>/final.safetensors: name the stages
+        "guides": [Path(p).parent.name for p in stage.guides],
+        "init_from": Path(stage.init_from).parent.name if stage.init_from else None,
+        "config": config.to_dict(),
+    }
+
+
+def export_state(state_path: Path, config: Config, out: Path) -> Path:
+    """A checkpoint of the network in a saved training state (RUN_DIR/state.pt, written every
+    `checkpoint_every` steps), to evaluate a run part-way; `config` is the run's (RUN_DIR/config.toml).
+    Its metadata says `partial_of` the stage's planned steps and the step it was saved at."""
+    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"step", "model"} <= state.keys():
+        raise ValueError(f"{state_path} is not a training state (no 'step' and 'model' entries)")
+    # the weights come from the state: build the bare network, without loading the teacher it started from
+    network = build_stage_network(dataclasses.replace(config, stage=dataclasses.replace(config.stage, init_from="")))
+    try:
+        TrainedModel(network).load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{state_path} does not hold this config's {config.stage.name} network: {exc}") from None
+    summary = _training_summary(config, int(state["step"]), float(state.get("seconds", 0.0)))
+    summary["partial_of"] = config.stage.steps or config.optim.steps
+    return save_checkpoint(network, out, role=config.stage.role, training=summary)
 
 
 # -- stage construction (also used by the pipeline and the tests) -----------------------------------
