@@ -42,6 +42,9 @@ def test_reserved_parsing_follows_the_shared_dir(tmp_path: Path, monkeypatch: py
     (tmp_path / "data" / "reserved-scenes.txt").write_text("# c\npovray a/b.pov\nopenarena x\npovray c.pov # d\n")
     monkeypatch.setenv("TAKDSR_SHARED", str(tmp_path))
     assert reserved_scenes("povray") == {"a/b.pov", "c.pov"}
+    monkeypatch.setenv("TAKDSR_SHARED", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="TAKDSR_SHARED"):  # never an empty list: that would allow all
+        reserved_scenes("povray")
     monkeypatch.delenv("TAKDSR_SHARED")
     assert shared_dir() == REPO_ROOT.parent / "shared"
 

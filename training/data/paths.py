@@ -26,6 +26,11 @@ def reserved_scenes(source: str) -> set[str]:
     FileNotFoundError: without it nothing guarantees that training stays off the evaluation scenes.
     """
     path = shared_dir() / "data" / "reserved-scenes.txt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: without it nothing keeps training off the evaluation scenes (the shared data "
+            "folder is <repo>/../shared; set TAKDSR_SHARED to use another)"
+        )
     scenes = set()
     for line in path.read_text(encoding="utf-8").splitlines():
         fields = line.split("#", 1)[0].split()
