@@ -192,6 +192,22 @@ def test_export_state_checkpoints_a_run_part_way(
     assert any(not torch.equal(final[k], v) for k, v in exported.model.state_dict().items())
 
 
+def test_snapshots_keep_the_network_part_way(image_folder: Path, tmp_path: Path) -> None:
+    config = _stage_config(image_folder, tmp_path, "teacher")
+    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, snapshot_every=2))
+    train_stage(config, tmp_path / "run")
+    snapshots = sorted((tmp_path / "run" / "snapshots").iterdir())
+    assert [p.name for p in snapshots] == ["step_2.safetensors", "step_4.safetensors"]  # step 6 is the final one
+    weights = [load_checkpoint(p) for p in [*snapshots, tmp_path / "run" / "final.safetensors"]]
+    assert [c.metadata["training"]["steps"] for c in weights] == [2, 4, 6]
+    assert [c.metadata["training"].get("partial_of") for c in weights] == [6, 6, None]
+    first, second, final = (c.model.state_dict() for c in weights)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(second[k], final[k]) for k in first)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        load_config(SMOKE_CONFIG, ["runtime.snapshot_every=-1"])
+
+
 def test_export_state_rejects_a_missing_or_foreign_state(
     image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

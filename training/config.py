@@ -99,6 +99,9 @@ class RuntimeConfig:
     threads: int = 0  # torch CPU threads per process (0 = torch's default)
     log_every: int = 25
     checkpoint_every: int = 500
+    # > 0: also keep the network every this many steps as RUN_DIR/snapshots/step_<N>.safetensors (a checkpoint
+    # with the step and `partial_of` in its metadata), to evaluate a run part-way; 0: only the final one
+    snapshot_every: int = 0
     progress: bool = True
     # > 0: a wall-time budget in seconds: the cosine runs over the budget instead of the steps and
     # the stage ends when it is spent (or at the configured steps, if sooner). The steps done are
@@ -207,6 +210,8 @@ def _validate(config: Config) -> None:
         raise ValueError("optim.steps and optim.batch_size must be >= 1")
     if config.runtime.amp not in ("auto", "bf16", "off"):
         raise ValueError(f"runtime.amp must be auto, bf16 or off, got {config.runtime.amp!r}")
+    if config.runtime.checkpoint_every < 1 or config.runtime.snapshot_every < 0:
+        raise ValueError("runtime.checkpoint_every must be >= 1 and runtime.snapshot_every >= 0 (0: none)")
     if config.runtime.time_budget_s < 0:
         raise ValueError("runtime.time_budget_s must be >= 0 (0: no budget)")
     if config.data is not None and config.data.scale != exp.scale:

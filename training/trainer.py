@@ -4,7 +4,8 @@ checkpoints, exact resume, Ctrl-C, NaN detection, DistributedDataParallel.
 The loop knows nothing of the stage: it asks `Distillation` for a dict of loss terms and
 minimises their total. Every `checkpoint_every` steps (and on Ctrl-C) the full state goes to
 RUN_DIR/state.pt; `--resume RUN_DIR` continues from it exactly: batches are a pure function of
-(seed, step, rank), so the resumed run sees the same data as an uninterrupted one.
+(seed, step, rank), so the resumed run sees the same data as an uninterrupted one. Every
+`snapshot_every` steps the network alone goes to RUN_DIR/snapshots/step_<N>.safetensors.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_s
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.safetensors"
+SNAPSHOT_DIR = "snapshots"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -193,6 +195,8 @@ class _Trainer:
                 self._log(step, terms)
                 if step % self.config.runtime.checkpoint_every == 0 or self.stop_requested:
                     self._save_state(step)
+                if self._snapshot_due(step):
+                    self._save_snapshot(step)
                 if self.stop_requested and not self._finished(step):
                     name = signal.Signals(self.stop_signal).name
                     raise TrainingInterrupted(
@@ -326,6 +330,16 @@ class _Trainer:
         self.seconds_before = float(state.get("seconds", 0.0))
         self.budget_spent = float(state.get("budget_spent", 0.0))
         return int(state["step"])
+
+    def _snapshot_due(self, step: int) -> bool:
+        every = self.config.runtime.snapshot_every
+        return self.dist.main and every > 0 and step % every == 0 and not self._finished(step)
+
+    def _save_snapshot(self, step: int) -> None:
+        summary = _training_summary(self.config, step, self._elapsed())
+        summary.update(device=_device_name(self.device), world_size=self.dist.world, partial_of=self.steps)
+        path = self.run_dir / SNAPSHOT_DIR / f"step_{step}.safetensors"
+        save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
 
     def _save_final(self, steps: int, seconds: float, final_loss: float) -> Path:
         summary = _training_summary(self.config, steps, seconds)
