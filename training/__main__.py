@@ -169,8 +169,8 @@ def _export_state(args: argparse.Namespace) -> int:
     if not state.is_file():
         raise FileNotFoundError(f"no saved state: {state} does not exist")
     path = export_state(state, config, args.out)
-    steps = read_metadata(path)["training"]["steps"]
-    print(f"{path}: {config.stage.name} at step {steps} of {config.stage.steps or config.optim.steps}")
+    training = read_metadata(path)["training"]
+    print(f"{path}: {config.stage.name} at step {training['steps']} of {training['partial_of']}")
     return 0
 
 

@@ -141,7 +141,7 @@ class _Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest conv kernels once
         torch.manual_seed(config.runtime.seed)
-        self.steps = config.stage.steps or config.optim.steps
+        self.steps = stage_steps(config)
         self.network = build_stage_network(config).to(self.device)
         self.guides = [
             Guide(g.name, g.model.to(self.device), g.mix) for g in load_guides(config.stage.guides)
@@ -378,7 +378,7 @@ def export_state(state_path: Path, config: Config, out: Path) -> Path:
     except RuntimeError as exc:
         raise ValueError(f"{state_path} does not hold this config's {config.stage.name} network: {exc}") from None
     summary = _training_summary(config, int(state["step"]), float(state.get("seconds", 0.0)))
-    summary["partial_of"] = config.stage.steps or config.optim.steps
+    summary["partial_of"] = stage_steps(config)
     return save_checkpoint(network, out, role=config.stage.role, training=summary)
 
 
@@ -388,6 +388,11 @@ def export_state(state_path: Path, config: Config, out: Path) -> Path:
 def stage_mix(config: Config) -> tuple[float, float] | None:
     """The TA's input mix; None for teachers and students."""
     return tuple(config.experiment.mix) if config.stage.role == "ta" else None
+
+
+def stage_steps(config: Config) -> int:
+    """The steps the stage is planned for: its own, else the experiment's."""
+    return config.stage.steps or config.optim.steps
 
 
 def stage_blocks(config: Config) -> int:
