@@ -222,6 +222,9 @@ def test_export_state_rejects_a_missing_or_foreign_state(
     torch.save([1, 2], tmp_path / "junk.pt")
     assert training_main(["export-state", str(run), "--state", str(tmp_path / "junk.pt"), "--out", out]) == 1
     assert "is not a training state" in capsys.readouterr().err
+    (tmp_path / "text.pt").write_text("not a torch file")
+    assert training_main(["export-state", str(run), "--state", str(tmp_path / "text.pt"), "--out", out]) == 1
+    assert "is not a training state" in capsys.readouterr().err
     assert not Path(out).exists()
 
 

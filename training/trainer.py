@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import select
 import signal
 import threading
@@ -368,7 +369,10 @@ def export_state(state_path: Path, config: Config, out: Path) -> Path:
     `checkpoint_every` steps), to evaluate a run part-way; `config` is the run's (RUN_DIR/config.toml).
     Its metadata says `partial_of` the stage's planned steps and the step it was saved at."""
     # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a torch file, or a truncated one
+        raise ValueError(f"{state_path} is not a training state: {exc}") from None
     if not isinstance(state, dict) or not {"step", "model"} <= state.keys():
         raise ValueError(f"{state_path} is not a training state (no 'step' and 'model' entries)")
     # the weights come from the state: build the bare network, without loading the teacher it started from
