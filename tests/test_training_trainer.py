@@ -225,6 +225,9 @@ def test_export_state_rejects_a_missing_or_foreign_state(
     (tmp_path / "text.pt").write_text("not a torch file")
     assert training_main(["export-state", str(run), "--state", str(tmp_path / "text.pt"), "--out", out]) == 1
     assert "is not a training state" in capsys.readouterr().err
+    (run / "state.pt").write_bytes((tmp_path / "junk.pt").read_bytes()[:40])  # a truncated state: resume says so
+    with pytest.raises(ValueError, match="is not a training state"):
+        train_stage(_stage_config(image_folder, tmp_path, "teacher"), run, resume=True)
     assert not Path(out).exists()
 
 

@@ -37,7 +37,7 @@ from training.config import Config, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.distill import Distillation, Guide, TrainedModel
 
-__all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_state", "train_stage"]
+__all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_state", "read_state", "train_stage"]
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.safetensors"
@@ -322,8 +322,7 @@ class _Trainer:
         path = self.run_dir / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = read_state(path, self.device, needs=("optimizer", "scheduler", "torch_rng"))
         self.trained.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -364,17 +363,25 @@ def _training_summary(config: Config, steps: int, seconds: float) -> dict[str, A
     }
 
 
+def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A saved training state (RUN_DIR/state.pt) with at least `step`, `model` and `needs`; anything else
+    (not a torch file, truncated, other contents) is a ValueError naming the file."""
+    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a torch file, or a truncated one
+        raise ValueError(f"{path} is not a training state: {exc}") from None
+    missing = {"step", "model", *needs} - (state.keys() if isinstance(state, dict) else set())
+    if missing:
+        raise ValueError(f"{path} is not a training state (no {', '.join(sorted(missing))} entries)")
+    return state
+
+
 def export_state(state_path: Path, config: Config, out: Path) -> Path:
     """A checkpoint of the network in a saved training state (RUN_DIR/state.pt, written every
     `checkpoint_every` steps), to evaluate a run part-way; `config` is the run's (RUN_DIR/config.toml).
     Its metadata says `partial_of` the stage's planned steps and the step it was saved at."""
-    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a torch file, or a truncated one
-        raise ValueError(f"{state_path} is not a training state: {exc}") from None
-    if not isinstance(state, dict) or not {"step", "model"} <= state.keys():
-        raise ValueError(f"{state_path} is not a training state (no 'step' and 'model' entries)")
+    state = read_state(state_path, torch.device("cpu"))
     # the weights come from the state: build the bare network, without loading the teacher it started from
     network = build_stage_network(dataclasses.replace(config, stage=dataclasses.replace(config.stage, init_from="")))
     try:
