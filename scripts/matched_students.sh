@@ -22,15 +22,9 @@ fi
 run_dir=$1 out_dir=$2 steps=$3
 shift 3
 STAGES=student_takdsr,student_pisr,student_alone
-# run-folder stage -> shipped file: the guides and initialisations the pipeline looks for in RUN_DIR
-declare -A SHIPPED=([teacher]=rlfn_teacher_takdsr_x2 [ta1]=rlfn_ta_takdsr_x2
-    [teacher_continuous]=rlfn_teacher_continuous_x2)
-
-for stage in "${!SHIPPED[@]}"; do
-    mkdir -p "$run_dir/$stage"
-    [[ -f $run_dir/$stage/final.safetensors ]] ||
-        cp "models/weights/${SHIPPED[$stage]}.safetensors" "$run_dir/$stage/final.safetensors" || exit 1
-done
+python=${PYTHON:-python3}
+# the guides and initialisations the pipeline looks for in RUN_DIR: the shipped teacher, TA and continuous teacher
+"$python" -m training seed-run "$run_dir" --stages teacher,ta1,teacher_continuous || exit 1
 mkdir -p "$out_dir"
 
 trap '' INT # the trainers take the Ctrl-C themselves and save their state; this script stays to copy it

@@ -1,4 +1,5 @@
-"""`python -m training evaluate` with several checkpoints and sets, and the native-LR validation set."""
+"""`python -m training evaluate` with several checkpoints and sets, the native-LR validation set, and moving
+checkpoints between runs and the shipped-weights folder (ship-checkpoint, seed-run)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import build_model, load_checkpoint, save_checkpoint
+from models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from training.__main__ import _checkpoint_labels
 from training.config import Config, EvalConfig
 from training.data import degrade
 from training.evaluate import eval_sets
-from training.ship import ship_checkpoint
+from training.ship import seed_run, ship_checkpoint
 
 from training_utils import make_image_folder
 
@@ -84,6 +85,50 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
         ship_checkpoint(other, "x", "x", scores, out)
     relabelled = ship_checkpoint(other, "x", "x", scores, out, label="native_student")  # scored under another name
     assert relabelled["metrics"] == {"rendered-val-native": mean}
+
+
+def _weights_folder(folder: Path) -> Path:
+    """A shipped-weights folder with a tiny RLFN x2 teacher and TA under the shipped file names."""
+    folder.mkdir()
+    save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2), folder / "rlfn_teacher_takdsr_x2.safetensors",
+                    role="teacher", training={"steps": 1})  # fmt: skip
+    save_checkpoint(build_model("rlfn_ta", channels=8), folder / "rlfn_ta_takdsr_x2.safetensors", role="ta",
+                    training={"steps": 1})  # fmt: skip
+    return folder
+
+
+def test_seed_run_copies_shipped_guides_and_never_overwrites(tmp_path: Path) -> None:
+    weights, run = _weights_folder(tmp_path / "weights"), tmp_path / "run"
+    assert seed_run(run, ["teacher", "ta1"], weights_dir=weights) == {"teacher": "copied", "ta1": "copied"}
+    for stage, name in (("teacher", "rlfn_teacher_takdsr_x2"), ("ta1", "rlfn_ta_takdsr_x2")):
+        assert (run / stage / "final.safetensors").read_bytes() == (weights / f"{name}.safetensors").read_bytes()
+    trained_here = run / "ta1" / "final.safetensors"
+    trained_here.write_bytes(b"the run's own TA")
+    assert seed_run(run, ["teacher", "ta1"], weights_dir=weights) == {"teacher": "kept", "ta1": "kept"}
+    assert trained_here.read_bytes() == b"the run's own TA"
+
+
+def test_seed_run_refuses_unknown_missing_or_foreign_files(tmp_path: Path) -> None:
+    weights, run = _weights_folder(tmp_path / "weights"), tmp_path / "run"
+    with pytest.raises(ValueError, match="cannot seed stage"):
+        seed_run(run, ["teacher", "ta9"], weights_dir=weights)
+    with pytest.raises(FileNotFoundError, match="no shipped teacher_continuous for rlfn x2"):
+        seed_run(run, ["teacher", "teacher_continuous"], weights_dir=weights)
+    with pytest.raises(FileNotFoundError, match="no shipped teacher for pan x2"):
+        seed_run(run, ["teacher"], weights_dir=weights, family="pan")
+    (weights / "rlfn_ta_takdsr_x2.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        seed_run(run, ["teacher", "ta1"], weights_dir=weights)
+    assert not run.exists()  # every file is checked before the first copy
+
+
+def test_seed_run_command_line(tmp_path: Path) -> None:
+    weights, run = _weights_folder(tmp_path / "weights"), tmp_path / "run"
+    command = [sys.executable, "-m", "training", "seed-run", str(run), "--weights", str(weights), "--stages"]
+    seeded = subprocess.run([*command, "teacher"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert seeded.returncode == 0 and f"{run / 'teacher'}: copied" in seeded.stdout, seeded.stderr
+    wrong = subprocess.run([*command, "student_x"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 1 and "error: cannot seed stage(s) ['student_x']" in wrong.stderr
 
 
 def test_checkpoint_labels_are_unique_and_short() -> None:

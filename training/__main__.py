@@ -1,4 +1,5 @@
-"""python -m training {train, pipeline, evaluate, latency, ship, export-state}: the TAKDSR trainer's command line."""
+"""python -m training {train, pipeline, evaluate, latency, ship, ship-checkpoint, seed-run, export-state}:
+the TAKDSR trainer's command line."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from training.data import DatasetError
 from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate
 from training.latency import measure_latency
 from training.pipeline import run_pipeline
-from training.ship import ship_checkpoint, ship_run
+from training.ship import seed_run, ship_checkpoint, ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, export_state, train_stage
 
 BUILTIN_SETS = ("cg-dev", "rendered-val", "rendered-val-native")
@@ -62,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     ship_one.add_argument("--scores", required=True, type=Path, help="`evaluate --json` output that scored it")
     ship_one.add_argument("--label", help="the checkpoint's label in SCORES (default: the file's stem)")
     ship_one.add_argument("--out", type=Path, default=Path("models/weights"))
+    seed = commands.add_parser("seed-run", help="put shipped checkpoints into a run folder as finished stages")
+    seed.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a pipeline run folder (created if needed)")
+    seed.add_argument(
+        "--stages", required=True, type=_comma_list, metavar="NAME,...", help="e.g. teacher,ta1,teacher_continuous"
+    )
+    seed.add_argument("--family", default="rlfn", help="the architecture family of the shipped files")
+    seed.add_argument("--scale", type=int, default=2)
+    seed.add_argument("--weights", type=Path, default=Path("models/weights"), help="the shipped-weights folder")
     export = commands.add_parser("export-state", help="a checkpoint of a run's saved state, to evaluate it part-way")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a stage's run folder (config.toml, state.pt)")
     export.add_argument("--state", type=Path, help="a copy of the state to export (default RUN_DIR/state.pt)")
@@ -180,6 +189,13 @@ def _ship_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_run(args: argparse.Namespace) -> int:
+    done = seed_run(args.run_dir, args.stages, weights_dir=args.weights, family=args.family, scale=args.scale)
+    for stage, action in done.items():
+        print(f"{args.run_dir / stage}: {action}")
+    return 0
+
+
 def _ship(args: argparse.Namespace) -> int:
     for name, entry in ship_run(args.run_dir, args.out, args.stages).items():
         print(f"{args.out / name}: {entry['report_name']}, {entry['params']:,} parameters")
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
         "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,
-        "ship-checkpoint": _ship_checkpoint, "export-state": _export_state,
+        "ship-checkpoint": _ship_checkpoint, "seed-run": _seed_run, "export-state": _export_state,
     }  # fmt: skip
     try:
         return handlers[args.command](args)

@@ -4,18 +4,22 @@ update weights.json (what each file is, how it was trained, what it scores).
 
 `python -m training ship-checkpoint FILE --name NAME --scores SCORES.json` does the same for one
 checkpoint trained outside a pipeline (e.g. the native-LR student), with the scores written by
-`python -m training evaluate --json`."""
+`python -m training evaluate --json`.
+
+`python -m training seed-run RUN_DIR --stages teacher,ta1` goes the other way: it puts shipped checkpoints into a
+run folder as finished stages, so that `pipeline --stages ...` trains new students from the shipped guides."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from models import Checkpoint, count_macs, count_parameters, load_checkpoint, save_checkpoint
+from models import Checkpoint, count_macs, count_parameters, load_checkpoint, read_metadata, save_checkpoint
 from training.trainer import FINAL_FILE
 
-__all__ = ["SHIPPED", "lr_kinds", "ship_checkpoint", "ship_run"]
+__all__ = ["SHIPPED", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
 
 # pipeline stage -> (file name stem in models/weights, the name used in reports)
 SHIPPED = {
@@ -77,6 +81,30 @@ def ship_checkpoint(
     )  # fmt: skip
     (out_dir / "weights.json").write_text(json.dumps(index, indent=2) + "\n")
     return index[file_name]
+
+
+def seed_run(
+    run_dir: Path, stages: list[str], *, weights_dir: Path, family: str = "rlfn", scale: int = 2
+) -> dict[str, str]:
+    """Copy the shipped checkpoint of each stage into `run_dir/<stage>/final.safetensors`, where the pipeline
+    takes it as a finished stage (a guide or an initialisation). A stage the run already has is kept: a run
+    folder is never overwritten. Returns {stage: "copied" | "kept"}."""
+    unknown = sorted(set(stages) - set(SHIPPED))
+    if unknown or not stages:
+        raise ValueError(f"cannot seed stage(s) {unknown or stages}; shipped stages: {', '.join(SHIPPED)}")
+    sources = {stage: weights_dir / f"{family}_{SHIPPED[stage][0]}_x{scale}.safetensors" for stage in stages}
+    for stage, source in sources.items():
+        if not source.is_file():
+            raise FileNotFoundError(f"no shipped {stage} for {family} x{scale}: {source} does not exist")
+        read_metadata(source)  # a truncated or foreign file fails here, before anything is copied
+    done = {}
+    for stage, source in sources.items():
+        target = run_dir / stage / FINAL_FILE
+        done[stage] = "kept" if target.exists() else "copied"
+        if done[stage] == "copied":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return done
 
 
 def _ship_file(
