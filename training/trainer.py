@@ -336,15 +336,17 @@ class _Trainer:
         return self.dist.main and every > 0 and step % every == 0 and not self._finished(step)
 
     def _save_snapshot(self, step: int) -> None:
-        summary = _training_summary(self.config, step, self._elapsed())
-        summary.update(device=_device_name(self.device), world_size=self.dist.world, partial_of=self.steps)
         path = self.run_dir / SNAPSHOT_DIR / f"step_{step}.safetensors"
-        save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
+        self._save_network(path, step, self._elapsed(), partial_of=self.steps)
 
     def _save_final(self, steps: int, seconds: float, final_loss: float) -> Path:
+        return self._save_network(self.run_dir / FINAL_FILE, steps, seconds, final_loss=final_loss)
+
+    def _save_network(self, path: Path, steps: int, seconds: float, **extra: Any) -> Path:
+        """The network alone as a checkpoint, its metadata saying how it was trained (plus `extra`)."""
         summary = _training_summary(self.config, steps, seconds)
-        summary.update(device=_device_name(self.device), world_size=self.dist.world, final_loss=final_loss)
-        return save_checkpoint(self.network, self.run_dir / FINAL_FILE, role=self.config.stage.role, training=summary)
+        summary.update(device=_device_name(self.device), world_size=self.dist.world, **extra)
+        return save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
 
 
 def _training_summary(config: Config, steps: int, seconds: float) -> dict[str, Any]:
