@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from training.data.images import (
+    MANIFEST_NAME,
     DatasetError,
     ImageReadError,
     SkippedFilesWarning,
@@ -125,6 +126,19 @@ def test_scan_without_junk_does_not_warn(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(scan_images(tmp_path, progress=False)) == 1
+
+
+def test_scan_passes_over_the_data_commands_manifest_but_not_a_nested_one(tmp_path: Path) -> None:
+    _write_bgr(tmp_path / "x.png", _rgb(4, 4))
+    (tmp_path / MANIFEST_NAME).write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [info.path.name for info in scan_images(tmp_path, progress=False)] == ["x.png"]
+    # Only the folder's own record is known; a manifest.json further down is an ordinary stray file.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / MANIFEST_NAME).write_text("{}")
+    with pytest.warns(SkippedFilesWarning, match=r"1 not images"):
+        scan_images(tmp_path, progress=False)
 
 
 def test_empty_folder_is_a_dataset_error(tmp_path: Path) -> None:

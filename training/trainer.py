@@ -144,9 +144,7 @@ class _Trainer:
         torch.manual_seed(config.runtime.seed)
         self.steps = stage_steps(config)
         self.network = build_stage_network(config).to(self.device)
-        self.guides = [
-            Guide(g.name, g.model.to(self.device), g.mix) for g in load_guides(config.stage.guides)
-        ]
+        self.guides = [Guide(g.name, g.model.to(self.device), g.mix) for g in load_guides(config.stage.guides)]
         self.trained = TrainedModel(self.network)
         if config.runtime.channels_last:
             self.trained.to(memory_format=torch.channels_last)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MANIFEST_NAME",
     "DatasetError",
     "ImageInfo",
     "ImageReadError",
@@ -32,6 +33,9 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _NAMED_IN_WARNING = 5
+# The record our data commands (`python -m training.data povray|scenes`) write at the top of their output
+# folder: part of the dataset's provenance, not junk, so a scan passes over it without a warning.
+MANIFEST_NAME = "manifest.json"
 
 
 class DatasetError(ValueError):
@@ -129,8 +133,8 @@ def _hidden(relative: Path) -> bool:
 
 
 def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -> list[ImageInfo]:
-    """Every usable image under `root` (recursive, sorted by path, hidden files ignored), each decoded once to
-    validate it.
+    """Every usable image under `root` (recursive, sorted by path, hidden files and the data commands'
+    top-level manifest.json ignored), each decoded once to validate it.
 
     Files that are not images (by suffix), fail to decode, or are smaller than `min_size` on either side are
     skipped with one SkippedFilesWarning naming a few. Raises DatasetError if nothing usable is left.
@@ -139,7 +143,9 @@ def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
     # Hidden files and folders (".DS_Store", ".git", half-written ".name.png") are not part of a dataset.
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)) and p != root / MANIFEST_NAME
+    )
     skipped: dict[str, list[Path]] = {"not images": [], "unreadable": [], f"smaller than {min_size}px": []}
     found = []
     for path in tqdm(files, desc=f"scan {root.name}", unit="file", disable=not progress, leave=False):

@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
+from training.data.images import MANIFEST_NAME
 from training.data.paths import reserved_scenes
 
 __all__ = [
@@ -46,7 +47,6 @@ EXAMPLES_DIR = Path("/usr/share/doc/povray/examples")
 INCLUDE_DIR = Path("/usr/share/povray-3.7/include")
 COPYRIGHT_FILE = Path("/usr/share/doc/povray-examples/copyright")
 SCENE_LIST = Path(__file__).with_name("povray_scenes.txt")
-MANIFEST_NAME = "manifest.json"
 # The copyright file names scenes by their path in the upstream source tree.
 _UPSTREAM_PREFIX = "distribution/scenes/"
 
