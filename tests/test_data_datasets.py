@@ -1,5 +1,6 @@
 """Training patches and evaluation frames: shapes, HR/LR alignment, seeding, augmentation, mixing, config."""
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -188,6 +189,8 @@ def test_config_from_dict_rejects_unknown_keys() -> None:
         {**good, "scale": "2"},
         {**good, "patch_size": 100, "scale": 3},
         {"sources": []},
+        {**good, "seed": -1},
+        {**good, "seed": 1.5},
     ]
     for data in bad:
         with pytest.raises(ValueError):
@@ -198,6 +201,10 @@ def test_build_datasets_from_config(folder: Path, tmp_path: Path, monkeypatch: p
     cfg = DataConfig([SourceConfig("folder", str(folder))], patch_size=24, length=8, augment=ALL_AUGMENT)
     train = build_train_dataset(cfg, scale=3, seed=7)
     assert len(train) == 8 and train[0]["lr"].shape == (3, 8, 8) and train.seed == 7
+    assert build_train_dataset(cfg, scale=3, progress=False).seed == 0  # no seed anywhere
+    seeded = dataclasses.replace(cfg, seed=5)
+    assert build_train_dataset(seeded, scale=3, progress=False).seed == 5
+    assert build_train_dataset(seeded, scale=3, seed=7, progress=False).seed == 7
     monkeypatch.setenv("TAKDSR_SHARED", str(tmp_path / "shared"))
     _write_images(tmp_path / "shared" / "data" / "cg-dev", 1, (30, 40), seed=9)
     evaluation = build_eval_dataset(cfg, scale=2)  # eval path None: the shared cg-dev folder

@@ -92,6 +92,19 @@ def _stage_config(folder: Path, tmp_path: Path, role: str, **stage: object):
     return dataclasses.replace(config, stage=StageConfig(name=role, role=role, **stage))
 
 
+@pytest.mark.parametrize(("data_seed", "runtime_seed", "patch_seed"), [(None, 3, 3), (5, 3, 5), (0, 3, 0)])
+def test_patches_follow_data_seed_else_the_run_seed(
+    image_folder: Path, tmp_path: Path, data_seed: int | None, runtime_seed: int, patch_seed: int
+) -> None:
+    config = _stage_config(image_folder, tmp_path, "teacher")
+    config = dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, seed=data_seed),
+        runtime=dataclasses.replace(config.runtime, seed=runtime_seed),
+    )
+    assert _Trainer(config, tmp_path / "run", _Dist())._loader(0).dataset.seed == patch_seed
+
+
 def test_frozen_guides_do_not_change_and_student_does(image_folder: Path, tmp_path: Path) -> None:
     teacher_config = _stage_config(image_folder, tmp_path, "teacher")
     teacher_path = train_stage(teacher_config, tmp_path / "teacher").checkpoint

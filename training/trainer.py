@@ -265,7 +265,7 @@ class _Trainer:
 
     def _loader(self, start_step: int) -> DataLoader:
         dataset = build_train_dataset(
-            self.config.data, self.config.experiment.scale, self.config.runtime.seed,
+            self.config.data, self.config.experiment.scale, stage_data_seed(self.config),
             progress=self.dist.main and self.config.runtime.progress,
         )  # fmt: skip
         sampler = StepBatchSampler(self.config.optim.batch_size, start_step, self.dist)
@@ -404,6 +404,13 @@ def stage_mix(config: Config) -> tuple[float, float] | None:
 def stage_steps(config: Config) -> int:
     """The steps the stage is planned for: its own, else the experiment's."""
     return config.stage.steps or config.optim.steps
+
+
+def stage_data_seed(config: Config) -> int:
+    """The seed of the stage's training patches: data.seed where the config sets it, else the run's seed. So
+    `runtime.seed` alone changes the initialisation and the patches together, and a fixed `data.seed` keeps the
+    patches while `runtime.seed` varies the initialisation (to tell the two apart)."""
+    return config.runtime.seed if config.data.seed is None else config.data.seed
 
 
 def stage_blocks(config: Config) -> int:

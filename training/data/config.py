@@ -43,11 +43,12 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    """Data for one training run. `scale` and `seed` may be overridden by the factories' arguments."""
+    """Data for one training run. `scale` and `seed` may be overridden by the factories' arguments. `seed` None
+    (the default) means: the training run's own seed (the trainer passes runtime.seed)."""
 
     sources: list[SourceConfig]
     scale: int = 2
-    seed: int = 0
+    seed: int | None = None
     patch_size: int = 192  # HR patch side; the LR patch is patch_size / scale
     length: int = 16000  # patches per epoch (the dataset's virtual length; see EpochSampler)
     patches_per_image: int = 4  # consecutive patches cropped from one frame (fewer decodes and renders)
@@ -60,6 +61,8 @@ class DataConfig:
             raise ValueError("data.sources must list at least one source")
         for name in ("scale", "seed", "patch_size", "length", "patches_per_image", "cache_mb"):
             value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
                 raise ValueError(f"data.{name} must be a positive int, got {value!r}")
         if self.patch_size % self.scale:
@@ -139,7 +142,7 @@ def build_train_dataset(
     sources = [_build_source(s, scale, cfg.patch_size, "train", cfg.cache_mb, progress) for s in cfg.sources]
     return PatchDataset(
         sources, [s.weight for s in cfg.sources], scale=scale, patch_size=cfg.patch_size, augment=cfg.augment,
-        seed=cfg.seed if seed is None else seed, length=cfg.length, patches_per_image=cfg.patches_per_image,
+        seed=(cfg.seed or 0) if seed is None else seed, length=cfg.length, patches_per_image=cfg.patches_per_image,
     )  # fmt: skip
 
 
