@@ -1,0 +1,130 @@
+"""The best linear upsampler a training set allows: a floor any trained student should clear.
+
+Each HR pixel is fitted as an affine function of the K x K LR window around it (one filter per colour channel and
+sub-pixel position, 3*K*K + 1 coefficients each), by least squares over the training patches of a config: the same
+data, degradation and seed a `python -m training` run of that config trains on. A student below this floor has not
+learned even what a linear filter can; the CPU ablations use it to read their under-trained X_s runs
+(docs/results.md). Prints mean PSNR/SSIM beside bicubic and Lanczos and writes them as JSON in the layout of
+`python -m training evaluate --json`.
+
+    python scripts/linear_baseline.py --config training/configs/rlfn_x2_ablation_cpu.toml --window 7 \
+        --patches 3000 --sets cg-dev,rendered-val --json linear.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.__main__ import BUILTIN_SETS
+from training.config import Config, EvalConfig, load_config
+from training.data import build_train_dataset
+from training.evaluate import baseline_predictors, eval_sets, evaluate
+from training.trainer import stage_data_seed
+
+
+class LinearUpsampler(nn.Module):
+    """An affine K x K filter bank: (B, 3, h, w) -> (B, 3, h*s, w*s), borders padded by replication."""
+
+    def __init__(self, weights: torch.Tensor, window: int, scale: int) -> None:
+        super().__init__()
+        if weights.shape != (3 * window * window + 1, 3 * scale * scale):
+            raise ValueError(f"weights of shape {tuple(weights.shape)} do not fit window {window}, scale {scale}")
+        self.register_buffer("weights", weights.double())
+        self.window, self.scale = window, scale
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        half = self.window // 2
+        windows = _windows(F.pad(lr.double(), [half] * 4, mode="replicate"), self.window)  # (B, h*w, 3KK+1)
+        out = (windows @ self.weights).transpose(1, 2)  # (B, 3*s*s, h*w)
+        out = out.reshape(lr.shape[0], -1, *lr.shape[-2:])
+        return F.pixel_shuffle(out, self.scale).to(lr.dtype)
+
+
+def _windows(lr: torch.Tensor, window: int) -> torch.Tensor:
+    """Every whole K x K window of `lr` (B, 3, H, W) as a row, with a trailing 1 for the bias: (B, L, 3KK+1)."""
+    columns = F.unfold(lr, window)  # (B, 3KK, L), L = (H-K+1)*(W-K+1)
+    return torch.cat([columns, torch.ones_like(columns[:, :1])], dim=1).transpose(1, 2)
+
+
+def fit_linear_upsampler(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], window: int, scale: int
+) -> LinearUpsampler:
+    """Least squares over (LR (3, h, w), HR (3, h*s, w*s)) pairs, by the normal equations in float64 (their size is
+    independent of the number of pairs). Only windows wholly inside an LR patch are used, so padding never enters
+    the fit."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"the window must be an odd number of LR pixels, got {window}")
+    features = 3 * window * window + 1
+    gram = torch.zeros(features, features, dtype=torch.float64)
+    moments = torch.zeros(features, 3 * scale * scale, dtype=torch.float64)
+    half, used = window // 2, 0
+    for lr, hr in pairs:
+        lr, hr = lr.double().unsqueeze(0), hr.double().unsqueeze(0)
+        height, width = lr.shape[-2] - window + 1, lr.shape[-1] - window + 1
+        if height < 1 or width < 1:
+            raise ValueError(f"an LR patch of {tuple(lr.shape[-2:])} is smaller than the {window}x{window} window")
+        rows = _windows(lr, window)[0]  # (L, 3KK+1)
+        # the HR pixels as sub-pixel planes (3*s*s, h, w), cut to the centres of the whole windows, one row each
+        planes = F.pixel_unshuffle(hr, scale)[0, :, half : half + height, half : half + width]
+        targets = planes.reshape(planes.shape[0], -1).T  # (L, 3*s*s), rows in the order of `rows`
+        gram += rows.T @ rows
+        moments += rows.T @ targets
+        used += 1
+    if not used:
+        raise ValueError("no training pairs to fit")
+    # A tiny ridge keeps the solve defined where a window's pixels are collinear (flat patches).
+    weights = torch.linalg.solve(gram + 1e-8 * gram.diagonal().mean() * torch.eye(features, dtype=gram.dtype), moments)
+    return LinearUpsampler(weights, window, scale)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="a training config: its [data] gives the patches")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--window", type=int, default=7, help="LR window side, odd (default 7)")
+    parser.add_argument("--patches", type=int, default=3000, help="training patches to fit on (default 3000)")
+    parser.add_argument("--sets", default="cg-dev", help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)}")
+    parser.add_argument("--data", type=Path, action="append", default=[], help="an image folder to score on")
+    parser.add_argument("--json", type=Path, help="also write the scores here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, args.set)
+    scale = config.experiment.scale
+    names = [name for name in args.sets.split(",") if name]
+    unknown = sorted(set(names) - set(BUILTIN_SETS))
+    if unknown:
+        raise SystemExit(f"unknown set(s) {unknown}; built-in sets: {', '.join(BUILTIN_SETS)}")
+    dataset = build_train_dataset(config.data, scale, stage_data_seed(config), progress=False)
+    count = min(args.patches, len(dataset))
+    model = fit_linear_upsampler(((dataset[i]["lr"], dataset[i]["hr"]) for i in range(count)), args.window, scale)
+    label = f"linear_{args.window}x{args.window}"
+    predictors = {**baseline_predictors(scale), label: lambda lr, hr: model(lr)}
+    eval_config = EvalConfig(
+        cg_dev="cg-dev" in names, rendered_val="rendered-val" in names,
+        rendered_native="rendered-val-native" in names, folders=[str(folder) for folder in args.data],
+    )  # fmt: skip
+    results = {}
+    print(f"{label}: least squares over {count} training patches of {args.config}")
+    for set_name, images in eval_sets(Config(eval=eval_config), scale).items():
+        scores, _ = evaluate(predictors, images, scale)
+        results[set_name] = scores
+        print(f"{set_name} ({len(images)} images), mean:")
+        for name, result in scores.items():
+            print(f"  {name:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["mean"].items()))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
