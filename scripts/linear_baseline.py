@@ -14,7 +14,6 @@ learned even what a linear filter can; the CPU ablations use it to read their un
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.__main__ import BUILTIN_SETS
-from training.config import Config, EvalConfig, load_config
+from training.config import load_config
 from training.data import build_train_dataset
-from training.evaluate import baseline_predictors, eval_sets, evaluate
+from training.evaluate import BUILTIN_SETS, baseline_predictors, builtin_sets_config, score_sets
 from training.trainer import stage_data_seed
 
 
@@ -100,29 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.set)
     scale = config.experiment.scale
-    names = [name for name in args.sets.split(",") if name]
-    unknown = sorted(set(names) - set(BUILTIN_SETS))
-    if unknown:
-        raise SystemExit(f"unknown set(s) {unknown}; built-in sets: {', '.join(BUILTIN_SETS)}")
+    try:  # refused before the fit, which takes minutes
+        eval_config = builtin_sets_config([name for name in args.sets.split(",") if name], args.data)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     dataset = build_train_dataset(config.data, scale, stage_data_seed(config), progress=False)
     count = min(args.patches, len(dataset))
     model = fit_linear_upsampler(((dataset[i]["lr"], dataset[i]["hr"]) for i in range(count)), args.window, scale)
     label = f"linear_{args.window}x{args.window}"
     predictors = {**baseline_predictors(scale), label: lambda lr, hr: model(lr)}
-    eval_config = EvalConfig(
-        cg_dev="cg-dev" in names, rendered_val="rendered-val" in names,
-        rendered_native="rendered-val-native" in names, folders=[str(folder) for folder in args.data],
-    )  # fmt: skip
-    results = {}
     print(f"{label}: least squares over {count} training patches of {args.config}")
-    for set_name, images in eval_sets(Config(eval=eval_config), scale).items():
-        scores, _ = evaluate(predictors, images, scale)
-        results[set_name] = scores
-        print(f"{set_name} ({len(images)} images), mean:")
-        for name, result in scores.items():
-            print(f"  {name:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["mean"].items()))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    score_sets(predictors, eval_config, scale, args.json)
     return 0
 
 

@@ -11,15 +11,13 @@ from pathlib import Path
 import torch
 
 from models import CheckpointError, build_model, list_models, load_model, read_metadata
-from training.config import Config, EvalConfig, load_config
+from training.config import load_config
 from training.data import DatasetError
-from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate
+from training.evaluate import BUILTIN_SETS, baseline_predictors, builtin_sets_config, checkpoint_predictor, score_sets
 from training.latency import measure_latency
 from training.pipeline import run_pipeline
 from training.ship import seed_run, ship_checkpoint, ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, export_state, train_stage
-
-BUILTIN_SETS = ("cg-dev", "rendered-val", "rendered-val-native")
 
 
 def _comma_list(text: str) -> list[str]:
@@ -112,27 +110,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"the checkpoints upscale by different factors {sorted(scales)}: evaluate them separately")
     scale = scales.pop()
     names = args.sets if args.sets is not None else ([] if args.data else ["cg-dev"])
-    unknown = sorted(set(names) - set(BUILTIN_SETS))
-    if unknown:
-        raise ValueError(f"unknown set(s) {unknown}; built-in sets: {', '.join(BUILTIN_SETS)}")
-    eval_config = EvalConfig(
-        cg_dev="cg-dev" in names, rendered_val="rendered-val" in names,
-        rendered_native="rendered-val-native" in names, rendered_frames=args.frames,
-        folders=[str(folder) for folder in args.data],
-    )  # fmt: skip
+    eval_config = builtin_sets_config(names, args.data, args.frames)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictors = dict(baseline_predictors(scale))
     for label, path in _checkpoint_labels(args.checkpoint).items():
         predictors[label] = checkpoint_predictor(path, device, args.teacher)
-    results = {}
-    for set_name, images in eval_sets(Config(eval=eval_config), scale).items():
-        scores, _ = evaluate(predictors, images, scale)
-        results[set_name] = scores
-        print(f"{set_name} ({len(images)} images), mean:")
-        for name, result in scores.items():
-            print(f"  {name:24s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["mean"].items()))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    score_sets(predictors, eval_config, scale, args.json)
     return 0
 
 

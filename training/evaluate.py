@@ -8,6 +8,7 @@ Every model is evaluated the way it works: a student on the LR image, a TA on it
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +21,27 @@ from torch import nn
 from tqdm import tqdm
 
 from models import Teacher, TeacherOutput, count_macs, count_parameters, load_checkpoint, read_metadata
-from training.config import Config
+from training.config import Config, EvalConfig
 from training.data import DataConfig, SourceConfig, build_eval_dataset, to_tensor, to_uint8
 from training.distill import mixed_input
 from training.metrics import image_metrics
 
-__all__ = ["EvalImage", "Predictor", "baseline_predictors", "checkpoint_predictor", "eval_sets", "evaluate"]
+__all__ = [
+    "BUILTIN_SETS",
+    "EvalImage",
+    "Predictor",
+    "baseline_predictors",
+    "builtin_sets_config",
+    "checkpoint_predictor",
+    "eval_sets",
+    "evaluate",
+    "score_sets",
+]
 
 # (1, 3, h, w) LR and (1, 3, H, W) HR in [0, 1] -> (1, 3, H, W) SR
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METRIC_KEYS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
+BUILTIN_SETS = ("cg-dev", "rendered-val", "rendered-val-native")
 
 
 @dataclass
@@ -66,6 +78,36 @@ def eval_sets(config: Config, scale: int) -> dict[str, list[EvalImage]]:
     for folder in config.eval.folders:
         wanted[Path(folder).name] = SourceConfig(kind="folder", path=folder)
     return {name: list(_images(base, source, scale, config)) for name, source in wanted.items()}
+
+
+def builtin_sets_config(names: list[str], folders: list[Path], rendered_frames: int = 2) -> EvalConfig:
+    """The evaluation config that scores the built-in sets `names` (of BUILTIN_SETS) and the image `folders`.
+    Raises ValueError naming any unknown set, so a command can refuse before it does any work."""
+    unknown = sorted(set(names) - set(BUILTIN_SETS))
+    if unknown:
+        raise ValueError(f"unknown set(s) {unknown}; built-in sets: {', '.join(BUILTIN_SETS)}")
+    return EvalConfig(
+        cg_dev="cg-dev" in names, rendered_val="rendered-val" in names,
+        rendered_native="rendered-val-native" in names, rendered_frames=rendered_frames,
+        folders=[str(folder) for folder in folders],
+    )  # fmt: skip
+
+
+def score_sets(
+    predictors: dict[str, Predictor], eval_config: EvalConfig, scale: int, json_path: Path | None = None
+) -> dict[str, Any]:
+    """Every predictor on every set of `eval_config`: prints each set's means and returns {set: scores} (the
+    layout of `evaluate`), also written to `json_path` when given."""
+    results = {}
+    for set_name, images in eval_sets(Config(eval=eval_config), scale).items():
+        scores, _ = evaluate(predictors, images, scale)
+        results[set_name] = scores
+        print(f"{set_name} ({len(images)} images), mean:")
+        for name, result in scores.items():
+            print(f"  {name:24s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["mean"].items()))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+    return results
 
 
 def _images(base: DataConfig, source: SourceConfig, scale: int, config: Config) -> Iterator[EvalImage]:
