@@ -12,6 +12,7 @@ costs about one write of the output) is timed per round trip for each LR size, R
 End to end: a daemon with the real student (the bundled or given checkpoint; random-init ``rlfn_s`` while no
 trained weights exist, said so in the output), frames per second and p50/p99 latency of synchronous round trips,
 and the frames per second of a client that keeps two frames in flight (what ``--overlap`` speeds up on CUDA).
+``--backend`` and ``--precision`` are passed to that daemon (default: its own defaults, eager).
 
 Backends (``--backends eager,compile,onnxruntime,...``): instead of the two parts above, a backend x LR size table
 of model-only and end-to-end times, speed-up over fp32 eager and accuracy against it (see ``bench_backends``).
@@ -38,7 +39,7 @@ import cv2
 import numpy as np
 
 from upscaler_server.client import UpscalerClient
-from upscaler_server.config import parse_size
+from upscaler_server.config import BACKEND_CHOICES, Config, parse_size
 from upscaler_server.errors import ServerUnavailableError
 
 __all__ = ["end_to_end", "main", "transport"]
@@ -203,7 +204,8 @@ def _print_tables(result: dict[str, Any]) -> None:
               f"{r['shm_over_memcpy']:7.1f} {r['inline_over_memcpy']:7.1f} {r['inline_over_shm']:7.2f}")
     e2e = result["end_to_end"]
     print(f"\nEnd to end: {e2e['weights']}; model {e2e['model']} x{e2e['scale']} on {e2e['device']} "
-          f"({e2e['precision']}{', overlap' if e2e.get('overlap') else ''}), frames through shared memory: "
+          f"(backend {e2e.get('backend', '-')}, {e2e['precision']}{', overlap' if e2e.get('overlap') else ''}), "
+          "frames through shared memory: "
           "synchronous, then two in flight")
     print(f"{'LR':>10} {'HR':>10} {'frames':>6} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'infer ms':>8} {'fps x2':>7}")
     for r in e2e["rows"]:
@@ -213,7 +215,9 @@ def _print_tables(result: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; prints the tables and optionally writes JSON."""
-    p = argparse.ArgumentParser(prog="python -m upscaler_server.bench", description=__doc__.split("\n\n")[0])
+    # no abbreviations: --backend (the end-to-end daemon's) and --backends (the comparison) must never be confused
+    p = argparse.ArgumentParser(prog="python -m upscaler_server.bench", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     p.add_argument("--sizes", type=_sizes, nargs="+", help="LR sizes WxH (space- or comma-separated) for both parts "
                    "(default: 640x360 1280x720 1920x1080; with --backends also 320x180)")
@@ -224,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=pathlib.Path, help="student for the end-to-end part")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="daemon CPU threads (0: all usable cores)")
+    p.add_argument("--backend", choices=[c for c in BACKEND_CHOICES if c != "nearest"], default=Config.backend,
+                   help="the end-to-end daemon's --backend (to compare several backends, use --backends)")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=Config.precision,
+                   help="the end-to-end daemon's --precision")
     p.add_argument("--overlap", action="store_true", help="end-to-end daemon with --overlap (CUDA)")
     p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
     p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
@@ -245,9 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "rows": []}
     else:
         daemon_args, weights = _student_args(args.checkpoint, args.device, args.threads)
+        daemon_args += ["--backend", args.backend, "--precision", args.precision]
         daemon_args += ["--overlap"] if args.overlap else []
         info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
-        result["end_to_end"] = {"weights": weights, "overlap": args.overlap, **info, "rows": rows}
+        result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap, **info,
+                                "rows": rows}
     _print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
