@@ -3,13 +3,14 @@
 # (the same steps, batch and data for every row). Every row starts from the shipped H100 teachers, so the
 # rows differ only in the ablated choice. Two queues of rows run as parallel 1-thread processes.
 # A finished stage is skipped and an interrupted one resumed, so rerunning continues where it stopped.
-#   usage: scripts/ablations_cpu.sh [RUN_ROOT]        (default runs/ablations; results: docs/ablations.md)
+#   usage: [CONFIG=FILE] scripts/ablations_cpu.sh [RUN_ROOT]   (default runs/ablations; results: docs/ablations.md)
+# CONFIG (default the CPU ablation config) lets a GPU session rerun every row on a copy with a longer schedule.
 # then RUN_ROOT/scores_*.json hold the scores; scripts/scores_table.py prints them as tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/ablations}
 PY=${PYTHON:-.venv/bin/python}
-CONFIG=training/configs/rlfn_x2_ablation_cpu.toml
+CONFIG=${CONFIG:-training/configs/rlfn_x2_ablation_cpu.toml}
 TEACHER=models/weights/rlfn_teacher_takdsr_x2.safetensors
 CONTINUOUS_TEACHER=models/weights/rlfn_teacher_continuous_x2.safetensors
 

@@ -22,13 +22,15 @@ fi
 run_dir=$1 out_dir=$2 steps=$3
 shift 3
 STAGES=student_takdsr,student_pisr,student_alone
-python=${PYTHON:-python3}
+# PYTHON runs the trainers: by default the repository's .venv (scripts/setup.sh) when there is one, else python3
+python=${PYTHON:-.venv/bin/python}
+[[ -n ${PYTHON:-} || -x $python ]] || python=python3
 # the guides and initialisations the pipeline looks for in RUN_DIR: the shipped teacher, TA and continuous teacher
 "$python" -m training seed-run "$run_dir" --stages teacher,ta1,teacher_continuous || exit 1
 mkdir -p "$out_dir"
 
 trap '' INT # the trainers take the Ctrl-C themselves and save their state; this script stays to copy it
-bash scripts/train_parallel.sh "${CONFIG:-training/configs/rlfn_x2.toml}" "$run_dir" 0 "$STAGES" \
+PYTHON=$python bash scripts/train_parallel.sh "${CONFIG:-training/configs/rlfn_x2.toml}" "$run_dir" 0 "$STAGES" \
     --set "experiment.student_steps=$steps" --set optim.batch_size=32 --set data.cache_mb=2048 \
     --set runtime.log_every=200 --set runtime.checkpoint_every=500 "$@"
 status=$?

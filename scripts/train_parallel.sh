@@ -20,7 +20,10 @@ if [[ $# -lt 4 ]]; then
 fi
 config=$1 run_dir=$2 budget=$3 stages=$4
 shift 4
-python=${PYTHON:-python3}
+# PYTHON runs the trainers: by default the repository's .venv (scripts/setup.sh) when there is one, else python3
+venv_python="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
+[[ -x $venv_python ]] || venv_python=python3
+python=${PYTHON:-$venv_python}
 mkdir -p "$run_dir"
 
 pids=()
