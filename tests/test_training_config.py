@@ -38,6 +38,48 @@ def test_unknown_or_invalid_values_are_errors(raw: dict) -> None:
         from_dict(raw)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.steps=abc", "optim.steps must be an integer, got 'abc'"),
+        ("optim.batch_size=2.5", "optim.batch_size must be an integer"),
+        ("runtime.time_budget_s=abc", "runtime.time_budget_s must be a number"),
+        ("runtime.channels_last=1", "runtime.channels_last must be true or false"),
+        ("loss.output=abc", "loss.output must be a number"),
+        ('experiment.mix=[0.3, "x"]', r"experiment.mix\[1\] must be a number"),
+        ("experiment.ta_blocks=3", "experiment.ta_blocks must be a list"),
+        ("experiment.ta_blocks=[]", "experiment.ta_blocks must list one or more TAs"),
+        ("experiment.extra_args=5", "experiment.extra_args must be a table"),
+        ("stage.guides=[1]", r"stage.guides\[0\] must be a string"),
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("optim.lr=1e-5", "optim.lr must be > 0 and >= optim.lr_min"),
+        ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas must be two numbers"),
+        ("runtime.log_every=0", "runtime.log_every must be >= 1"),
+        ("runtime.threads=-1", "runtime.threads must be >= 0"),
+        ("runtime.workers=-2", "runtime.workers must be >= 0"),
+        ("runtime.device=gpu", "runtime.device must be auto, cpu, cuda or cuda:N"),
+        ("loss.feature=-1", "loss.feature must be >= 0"),
+        ("experiment.mix=[0, 0]", "experiment.mix must be two weights"),
+        ("experiment.channels=0", "experiment.channels must be >= 1"),
+        ("eval.rendered_size=[1920]", "eval.rendered_size must be"),
+        ("eval.crop=-1", "eval.crop must be >= 0"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(override: str, message: str) -> None:
+    """A wrong type or an out-of-range value fails when the config is read, with the key in the message, not as a
+    traceback deep inside training (a zero learning rate used to divide by zero in the scheduler)."""
+    with pytest.raises(ValueError, match=message):
+        from_dict(apply_overrides({}, [override]))
+
+
+def test_ints_where_floats_are_wanted_become_floats() -> None:
+    config = from_dict(apply_overrides({}, ["optim.lr=1", "optim.lr_min=0", "experiment.mix=[1, 0]"]))
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.experiment.mix == [1.0, 0.0] and all(isinstance(w, float) for w in config.experiment.mix)
+    assert from_dict(apply_overrides({}, ["runtime.device=cuda:1"])).runtime.device == "cuda:1"
+
+
 def test_set_overrides_parse_toml_values() -> None:
     overrides = ["optim.steps=7", "experiment.mix=[0.5, 0.5]", "experiment.name=abc", "runtime.compile=true"]
     raw = apply_overrides({}, overrides)

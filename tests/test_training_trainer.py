@@ -241,7 +241,37 @@ def test_export_state_rejects_a_missing_or_foreign_state(
     (run / "state.pt").write_bytes((tmp_path / "junk.pt").read_bytes()[:40])  # a truncated state: resume says so
     with pytest.raises(ValueError, match="is not a training state"):
         train_stage(_stage_config(image_folder, tmp_path, "teacher"), run, resume=True)
+    (run / "state.pt").write_text("hello\n")  # torch's unpickler raises KeyError on this one
+    with pytest.raises(ValueError, match="is not a training state"):
+        train_stage(_stage_config(image_folder, tmp_path, "teacher"), run, resume=True)
     assert not Path(out).exists()
+
+
+def test_resume_with_a_changed_network_says_so(image_folder: Path, tmp_path: Path) -> None:
+    config = _stage_config(image_folder, tmp_path, "teacher")
+    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, checkpoint_every=1))
+    train_stage(config, tmp_path / "run")
+    wider = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, channels=12))
+    with pytest.raises(ValueError, match="does not hold this config's teacher training state"):
+        train_stage(wider, tmp_path / "run", resume=True)
+
+
+def test_patches_too_small_for_a_network_are_refused_before_training(image_folder: Path, tmp_path: Path) -> None:
+    """RLFN's ESA pools a 15-pixel LR window: a teacher needs 30-px HR patches at x2, a student 30 px too."""
+    for role in ("teacher", "student"):
+        config = _stage_config(image_folder, tmp_path, role)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, patch_size=16))
+        with pytest.raises(ValueError, match=r"data\.patch_size 16 is too small .* at least 30 px at x2"):
+            train_stage(config, tmp_path / role)
+        assert not (tmp_path / role / "metrics.jsonl").exists()
+
+
+def test_two_guides_of_the_same_stage_name_are_refused(image_folder: Path, tmp_path: Path) -> None:
+    """Loss terms are keyed by the guide's stage name: a second guide of the same name would drop the first's terms."""
+    teacher = train_stage(_stage_config(image_folder, tmp_path, "teacher"), tmp_path / "teacher").checkpoint
+    config = _stage_config(image_folder, tmp_path, "student", guides=[str(teacher), str(teacher)])
+    with pytest.raises(ValueError, match="two guides are named 'teacher'"):
+        train_stage(config, tmp_path / "student")
 
 
 def _lr_at_each_step(run_dir: Path) -> dict[int, float]:
@@ -435,6 +465,17 @@ def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_pa
     results = run_pipeline(config, run_dir)  # trains only what is left (the student), then evaluates
     assert load_checkpoint(run_dir / "student_takdsr" / "final.safetensors").metadata["training"]["steps"] == 2
     assert {"TAKDSR", "TA", "teacher"} <= set(results["sets"][image_folder.name]["scores"])
+
+
+def test_pipeline_with_three_tas_trains_and_scores_each(image_folder: Path, tmp_path: Path) -> None:
+    """Any number of TAs: each is scored with the teacher's CF' and named TA, TA2, TA3 in the results."""
+    config = tiny_config(image_folder, experiment={"baselines": False, "teacher_blocks": 4, "ta_blocks": [3, 2, 1]},
+                         optim={"steps": 1}, eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
+    results = run_pipeline(config, tmp_path / "run")
+    scores = results["sets"][image_folder.name]["scores"]
+    assert {"TAKDSR", "TA3", "TA2", "TA", "teacher"} <= set(scores)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.index("| TA3 ") < report.index("| TA2 ") < report.index("| TA ") < report.index("| teacher ")
 
 
 def test_latency_command(tmp_path: Path) -> None:

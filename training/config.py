@@ -9,7 +9,9 @@ falling back to a plain string). The resolved config is saved beside each run as
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,29 +195,84 @@ def _parse_value(key: str, text: str) -> Any:
 
 
 def _section(cls: type, values: Any, name: str) -> Any:
-    return cls(**known_fields(cls, values, f"[{name}]"))
+    fields = known_fields(cls, values, f"[{name}]")
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _typed(value, hints[key], f"{name}.{key}") for key, value in fields.items()})
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked against the field's annotation (an int where a float is wanted becomes a float), so a
+    wrong type is refused here, naming the key, rather than failing deep inside training."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a table, got {value!r}")
+        return value
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _at_least(minimum: float, **values: float) -> None:
+    """Each keyword (a dotted key spelt with __ for the dot) must be >= minimum."""
+    for key, value in values.items():
+        if value < minimum:
+            raise ValueError(f"{key.replace('__', '.')} must be >= {minimum}, got {value}")
 
 
 def _validate(config: Config) -> None:
-    exp, stage = config.experiment, config.stage
+    exp, stage, optim, runtime = config.experiment, config.stage, config.optim, config.runtime
     if stage.role not in ROLES:
         raise ValueError(f"stage.role must be one of {ROLES}, got {stage.role!r}")
     if exp.scale not in (2, 3, 4):
         raise ValueError(f"experiment.scale must be 2, 3 or 4, got {exp.scale}")
-    if len(exp.mix) != 2:
-        raise ValueError(f"experiment.mix must be two weights [lambda1, lambda2], got {exp.mix}")
-    if sorted(exp.ta_blocks, reverse=True) != exp.ta_blocks or any(b < 1 for b in exp.ta_blocks):
-        raise ValueError(f"experiment.ta_blocks must be positive and decreasing, got {exp.ta_blocks}")
-    if config.optim.steps < 1 or config.optim.batch_size < 1:
-        raise ValueError("optim.steps and optim.batch_size must be >= 1")
-    if config.runtime.amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"runtime.amp must be auto, bf16 or off, got {config.runtime.amp!r}")
-    if config.runtime.checkpoint_every < 1 or config.runtime.snapshot_every < 0:
-        raise ValueError("runtime.checkpoint_every must be >= 1 and runtime.snapshot_every >= 0 (0: none)")
-    if config.runtime.time_budget_s < 0:
-        raise ValueError("runtime.time_budget_s must be >= 0 (0: no budget)")
+    if len(exp.mix) != 2 or any(w < 0 for w in exp.mix) or sum(exp.mix) <= 0:
+        raise ValueError(f"experiment.mix must be two weights [lambda1, lambda2] >= 0, not both 0, got {exp.mix}")
+    # TAKDSR needs at least one TA (the baselines without one are PISR' and X_s)
+    if not exp.ta_blocks or sorted(exp.ta_blocks, reverse=True) != exp.ta_blocks or min(exp.ta_blocks) < 1:
+        raise ValueError(f"experiment.ta_blocks must list one or more TAs, positive and decreasing, got "
+                         f"{exp.ta_blocks}")
+    _at_least(1, experiment__channels=exp.channels, experiment__teacher_blocks=exp.teacher_blocks,
+              experiment__student_blocks=exp.student_blocks, experiment__encoder_channels=exp.encoder_channels,
+              optim__steps=optim.steps, optim__batch_size=optim.batch_size, runtime__log_every=runtime.log_every,
+              runtime__checkpoint_every=runtime.checkpoint_every)
+    _at_least(0, experiment__teacher_steps=exp.teacher_steps, experiment__ta_steps=exp.ta_steps,
+              experiment__student_steps=exp.student_steps, stage__blocks=stage.blocks, stage__steps=stage.steps,
+              optim__lr_min=optim.lr_min, optim__grad_clip=optim.grad_clip, loss__imitation=config.loss.imitation,
+              loss__feature=config.loss.feature, loss__output=config.loss.output, runtime__workers=runtime.workers,
+              runtime__seed=runtime.seed, runtime__threads=runtime.threads,
+              runtime__snapshot_every=runtime.snapshot_every, runtime__time_budget_s=runtime.time_budget_s)
+    if optim.lr <= 0 or optim.lr_min > optim.lr:
+        raise ValueError(f"optim.lr must be > 0 and >= optim.lr_min, got lr {optim.lr}, lr_min {optim.lr_min}")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
+    if runtime.amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"runtime.amp must be auto, bf16 or off, got {runtime.amp!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", runtime.device):
+        raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, got {runtime.device!r}")
+    _validate_eval(config.eval)
     if config.data is not None and config.data.scale != exp.scale:
         raise ValueError(f"data.scale {config.data.scale} != experiment.scale {exp.scale}")
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    _at_least(0, eval__rendered_frames=ev.rendered_frames, eval__max_images=ev.max_images, eval__crop=ev.crop,
+              eval__crops_for_figure=ev.crops_for_figure, eval__latency_repeats=ev.latency_repeats)
+    if len(ev.rendered_size) != 2 or min(ev.rendered_size) < 1:
+        raise ValueError(f"eval.rendered_size must be [width, height] >= 1, got {ev.rendered_size}")
 
 
 def _drop_none(value: Any) -> Any:

@@ -31,7 +31,7 @@ from training.latency import measure_latency
 from training.report import write_report
 from training.trainer import FINAL_FILE, STATE_FILE, train_stage
 
-__all__ = ["DISPLAY_NAMES", "pipeline_stages", "run_pipeline"]
+__all__ = ["DISPLAY_NAMES", "display_name", "pipeline_stages", "run_pipeline"]
 
 # stage name -> the name in the paper's tables
 DISPLAY_NAMES = {
@@ -39,11 +39,17 @@ DISPLAY_NAMES = {
     "student_pisr": "PISR'",
     "student_takdsr": "TAKDSR",
     "ta1": "TA",
-    "ta2": "TA2",
     "teacher": "teacher",
     "teacher_continuous": "teacher (continuous)",
 }
 REPORT_LR_SIZE = (960, 540)  # MACs are reported at this LR input size, as in docs/results.md
+
+
+def display_name(stage_name: str) -> str:
+    """The paper's name for a stage; TAs after the first are TA2, TA3, ... (any number may be configured)."""
+    if stage_name.startswith("ta") and stage_name[2:].isdigit() and stage_name != "ta1":
+        return f"TA{stage_name[2:]}"
+    return DISPLAY_NAMES.get(stage_name, stage_name)
 
 
 def pipeline_stages(config: Config, run_dir: Path) -> list[StageConfig]:
@@ -107,12 +113,13 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
     """Scores of every trained stage plus bicubic and Lanczos; writes RUN_DIR/results.json."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = config.experiment.scale
-    stage_names = [s.name for s in pipeline_stages(config, run_dir)]
-    checkpoints = {DISPLAY_NAMES.get(n, n): run_dir / n / FINAL_FILE for n in stage_names}
+    stages = pipeline_stages(config, run_dir)
+    checkpoints = {display_name(s.name): run_dir / s.name / FINAL_FILE for s in stages}
     predictors = dict(baseline_predictors(scale))
-    for display, path in checkpoints.items():
-        teacher = run_dir / "teacher" / FINAL_FILE if display.startswith("TA") else None
-        predictors[display] = checkpoint_predictor(path, device, teacher)
+    for stage in stages:
+        # a TA reads the teacher's CF' mixed with the LR image, so it is scored with the teacher it was trained on
+        teacher = run_dir / "teacher" / FINAL_FILE if stage.role == "ta" else None
+        predictors[display_name(stage.name)] = checkpoint_predictor(run_dir / stage.name / FINAL_FILE, device, teacher)
     results: dict[str, Any] = {"scale": scale, "sets": {}, "crops": {}, "models": {}}
     for set_name, images in eval_sets(config, scale).items():
         scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 
 __all__ = ["write_report"]
 
-MODEL_ORDER = ["bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA2", "TA", "teacher (continuous)", "teacher"]
+MODEL_ORDER = ["bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA", "teacher (continuous)", "teacher"]
 
 
 def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
@@ -35,8 +36,15 @@ PER_IMAGE_METRICS = (("psnr_rgb", "PSNR RGB", 2), ("ssim_rgb", "SSIM RGB", 4), (
 
 
 def _ordered(names: list[str]) -> list[str]:
-    known = [n for n in MODEL_ORDER if n in names]
-    return known + sorted(n for n in names if n not in known)
+    """Smallest model first: the baselines, the students, the TAs from the last (TA3, TA2) up to TA, the teachers;
+    names the table does not know go last."""
+
+    def rank(name: str) -> tuple[int, int, str]:
+        if re.fullmatch(r"TA\d+", name):
+            return MODEL_ORDER.index("TA"), -int(name[2:]), name
+        return (MODEL_ORDER.index(name), 0, name) if name in MODEL_ORDER else (len(MODEL_ORDER), 0, name)
+
+    return sorted(names, key=rank)
 
 
 def _markdown(run_dir: Path, results: dict[str, Any]) -> str:

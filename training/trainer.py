@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import pickle
 import select
 import signal
 import threading
@@ -145,6 +144,8 @@ class _Trainer:
         self.steps = stage_steps(config)
         self.network = build_stage_network(config).to(self.device)
         self.guides = [Guide(g.name, g.model.to(self.device), g.mix) for g in load_guides(config.stage.guides)]
+        networks = [self.network, *(guide.model for guide in self.guides)]
+        check_patch_size(config.data.patch_size, config.experiment.scale, networks)
         self.trained = TrainedModel(self.network)
         if config.runtime.channels_last:
             self.trained.to(memory_format=torch.channels_last)
@@ -321,9 +322,13 @@ class _Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
         state = read_state(path, self.device, needs=("optimizer", "scheduler", "torch_rng"))
-        self.trained.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.trained.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} does not hold this config's {self.config.stage.name} training state (was the "
+                             f"config changed since it was saved?): {exc}") from None
         torch.set_rng_state(state["torch_rng"].cpu())
         self.seconds_before = float(state.get("seconds", 0.0))
         self.budget_spent = float(state.get("budget_spent", 0.0))
@@ -369,11 +374,13 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
     # weights_only: tensors and plain containers only, never arbitrary pickled objects.
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a torch file, or a truncated one
-        raise ValueError(f"{path} is not a training state: {exc}") from None
+    except Exception as exc:  # weights_only cannot run code, so any failure here just means "not a state file"
+        raise ValueError(f"{path} is not a training state: {type(exc).__name__}: {exc}") from None
     missing = {"step", "model", *needs} - (state.keys() if isinstance(state, dict) else set())
     if missing:
         raise ValueError(f"{path} is not a training state (no {', '.join(sorted(missing))} entries)")
+    if not isinstance(state["model"], dict) or not isinstance(state["step"], int):
+        raise ValueError(f"{path} is not a training state (its model is not a state dict or its step not an int)")
     return state
 
 
@@ -417,7 +424,22 @@ def stage_blocks(config: Config) -> int:
     exp, stage = config.experiment, config.stage
     if stage.blocks:
         return stage.blocks
-    return {"teacher": exp.teacher_blocks, "ta": exp.ta_blocks[0], "student": exp.student_blocks}[stage.role]
+    if stage.role == "ta":
+        return exp.ta_blocks[0]
+    return exp.teacher_blocks if stage.role == "teacher" else exp.student_blocks
+
+
+def check_patch_size(patch_size: int, scale: int, networks: list[nn.Module]) -> None:
+    """Refuse training patches too small for a network (RLFN's and RFDN's ESA pool a 15-pixel LR window), with the
+    smallest that works, rather than failing inside a pooling layer. A teacher reads the HR patch, the others
+    the LR one (patch_size / scale)."""
+    for network in networks:
+        side = patch_size if isinstance(network, Teacher) else patch_size // scale
+        minimum = int(getattr(network, "min_input_size", 1))
+        if side < minimum:
+            smallest = minimum if isinstance(network, Teacher) else minimum * scale
+            raise ValueError(f"data.patch_size {patch_size} is too small for {type(network).__name__}: it needs "
+                             f"patches of at least {smallest} px at x{scale}")
 
 
 def build_stage_network(config: Config) -> nn.Module:
@@ -445,6 +467,9 @@ def load_guides(paths: list[str]) -> list[Guide]:
         training = checkpoint.metadata.get("training", {})
         mix = training.get("mix") if checkpoint.metadata["role"] == "ta" else None
         name = training.get("stage") or checkpoint.metadata["role"]
+        if name in {guide.name for guide in guides}:  # the loss terms are keyed by name: one would vanish silently
+            raise ValueError(f"two guides are named {name!r} (their stage): {path} and an earlier one; guides "
+                             "must come from different stages")
         guides.append(Guide(name, checkpoint.model, tuple(mix) if mix else None))
     if guides and not isinstance(guides[0].model, Teacher):
         raise ValueError("the first guide must be the teacher")
@@ -468,7 +493,7 @@ def _device(name: str, dist_info: _Dist) -> torch.device:
         return torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device asks for CUDA but no GPU is available")
+        raise ValueError("runtime.device asks for CUDA but no GPU is available")
     return device
 
 
