@@ -43,6 +43,9 @@ def messy_folder(tmp_path: Path) -> Path:
     _write_bgr(tmp_path / "f_tiny.png", _rgb(8, 48))
     good = (tmp_path / "a_rgb.png").read_bytes()
     (tmp_path / "g_truncated.png").write_bytes(good[: len(good) // 2])
+    jpeg = (tmp_path / "formats" / "e.jpg").read_bytes()
+    (tmp_path / "i_truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # OpenCV would decode it to grey rows
+    assert cv2.imwrite(str(tmp_path / "j_int16.tiff"), rgb.astype(np.int16))  # a pixel type we do not map to [0, 1]
     (tmp_path / "h_text.png").write_text("not an image")
     (tmp_path / "notes.txt").write_text("junk")
     (tmp_path / "nested" / "README.md").write_text("junk")
@@ -95,6 +98,19 @@ def test_unreadable_raises_clear_error(tmp_path: Path) -> None:
     (tmp_path / "x.png").write_text("nope")
     with pytest.raises(ImageReadError, match=r"x\.png"):
         read_image(tmp_path / "x.png")
+    assert cv2.imwrite(str(tmp_path / "depth.tiff"), np.zeros((8, 8), np.int16))
+    with pytest.raises(ImageReadError, match=r"depth\.tiff has pixels of type int16"):
+        read_image(tmp_path / "depth.tiff")
+
+
+def test_a_truncated_jpeg_is_refused_and_a_complete_one_read(tmp_path: Path) -> None:
+    _write_bgr(tmp_path / "whole.jpg", _rgb(64, 64))
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "padded.jpg").write_bytes(data + b"\x00" * 16)  # zero padding after the end marker is fine
+    assert read_image(tmp_path / "padded.jpg").shape == (3, 64, 64)
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"cut\.jpg: a truncated JPEG"):
+        read_image(tmp_path / "cut.jpg")
 
 
 def test_write_png_round_trip(tmp_path: Path) -> None:
@@ -110,9 +126,10 @@ def test_scan_keeps_good_images_and_warns_once(messy_folder: Path) -> None:
         found = scan_images(messy_folder, min_size=32, progress=False)
     assert len(record) == 1
     message = str(record[0].message)
-    assert "skipped 5 file(s)" in message
-    assert "2 not images" in message and "2 unreadable" in message and "1 smaller than 32px" in message
+    assert "skipped 7 file(s)" in message
+    assert "2 not images" in message and "4 unreadable" in message and "1 smaller than 32px" in message
     assert "g_truncated.png" in message and "f_tiny.png" in message
+    assert "i_truncated.jpg" in message and "j_int16.tiff" in message
     names = sorted(str(info.path.relative_to(messy_folder)) for info in found)
     assert names == sorted(
         ["a_rgb.png", "nested/deeper/b_grey.png", "nested/c_rgba.png", "d_16bit.png"]

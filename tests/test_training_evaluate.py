@@ -47,6 +47,26 @@ def test_evaluate_compares_several_checkpoints(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "unknown set(s) ['nonsense']" in bad.stderr
 
 
+def test_evaluation_folders_keep_their_images_apart_and_skip_what_a_model_cannot_take(tmp_path: Path) -> None:
+    """Two folders of the same name are two sets; an image whose LR side is below the model's minimum (RLFN: 15)
+    is skipped with a warning, not a crash inside the network."""
+    first = make_image_folder(tmp_path / "a" / "imgs", count=2, size=(48, 64))
+    second = make_image_folder(tmp_path / "b" / "imgs", count=1, size=(48, 64), seed=1)
+    make_image_folder(tmp_path / "tiny", count=1, size=(20, 20))
+    (second / "tiny.png").write_bytes((tmp_path / "tiny" / "img0.png").read_bytes())
+    model = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "s.safetensors", role="student")
+    output = tmp_path / "scores.json"
+    result = _evaluate("--checkpoint", str(model), "--data", str(first), "--data", str(second), "--json", str(output))
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(output.read_text())
+    assert set(scores) == {"a/imgs", "b/imgs"}
+    assert len(scores["a/imgs"]["s"]["per_image"]) == 2 and list(scores["b/imgs"]["s"]["per_image"]) == ["img0"]
+    assert "skipped 1 file(s): 1 smaller than 30px (tiny.png)" in result.stderr
+    own_cg_dev = make_image_folder(tmp_path / "cg-dev", count=1)
+    clash = _evaluate("--checkpoint", str(model), "--sets", "cg-dev", "--data", str(own_cg_dev))
+    assert clash.returncode == 1 and "the name of a built-in set" in clash.stderr
+
+
 def test_native_validation_frames_differ_from_bicubic_ones() -> None:
     eval_config = EvalConfig(cg_dev=False, rendered_val=True, rendered_native=True, rendered_frames=1,
                              rendered_size=[128, 96])  # fmt: skip
@@ -139,6 +159,8 @@ def test_checkpoint_labels_are_unique_and_short() -> None:
     assert list(labels.values()) == paths
     nested = _checkpoint_labels([Path("final.safetensors"), Path("x/final.safetensors")])
     assert list(nested) == ["final", "x/final"]  # a path with no folders left is named by itself
+    suffixes = _checkpoint_labels([Path("plain/mine.safetensors"), Path("plain/mine.bak")])
+    assert list(suffixes) == ["plain/mine.safetensors", "plain/mine.bak"]  # only the suffix tells them apart
     with pytest.raises(ValueError, match="given twice"):
         _checkpoint_labels([Path("x/final.safetensors"), Path("x/../x/final.safetensors")])
 

@@ -13,7 +13,14 @@ import torch
 from models import CheckpointError, build_model, list_models, load_model, read_metadata
 from training.config import load_config
 from training.data import DatasetError
-from training.evaluate import BUILTIN_SETS, baseline_predictors, builtin_sets_config, checkpoint_predictor, score_sets
+from training.evaluate import (
+    BUILTIN_SETS,
+    baseline_predictors,
+    builtin_sets_config,
+    checkpoint_predictor,
+    min_lr_side,
+    score_sets,
+)
 from training.latency import measure_latency
 from training.pipeline import run_pipeline
 from training.ship import seed_run, ship_checkpoint, ship_run
@@ -115,7 +122,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     predictors = dict(baseline_predictors(scale))
     for label, path in _checkpoint_labels(args.checkpoint).items():
         predictors[label] = checkpoint_predictor(path, device, args.teacher)
-    score_sets(predictors, eval_config, scale, args.json)
+    models = [*args.checkpoint, *([args.teacher] if args.teacher else [])]
+    score_sets(predictors, eval_config, scale, args.json, min_lr_side(models, scale))
     return 0
 
 
@@ -135,8 +143,11 @@ def _checkpoint_labels(paths: list[Path]) -> dict[str, Path]:
 
 
 def _label(path: Path, depth: int) -> str:
-    """The stem of `path` after its last `depth` parent folders (the whole path when it has fewer)."""
+    """The stem of `path` after its last `depth` parent folders (the whole path when it has fewer), and one step
+    further the whole path with its suffix (distinct files differ there: plain/mine.safetensors, plain/mine.bak)."""
     parents = path.parent.parts
+    if depth > len(parents) + 1:
+        return str(path)
     if depth > len(parents):
         return str(path.with_suffix(""))
     return "/".join([*parents[len(parents) - depth :], path.stem])

@@ -35,6 +35,8 @@ __all__ = [
     "checkpoint_predictor",
     "eval_sets",
     "evaluate",
+    "folder_set_names",
+    "min_lr_side",
     "score_sets",
 ]
 
@@ -62,8 +64,9 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def eval_sets(config: Config, scale: int) -> dict[str, list[EvalImage]]:
-    """The evaluation sets named in config.eval, each a list of whole (or centre-cropped) images."""
+def eval_sets(config: Config, scale: int, min_lr_side: int = 1) -> dict[str, list[EvalImage]]:
+    """The evaluation sets named in config.eval, each a list of whole (or centre-cropped) images; folder images
+    whose LR side would be below `min_lr_side` (see `min_lr_side`) are skipped with a warning."""
     base = config.data or DataConfig(sources=[SourceConfig(kind="folder", path=".")], scale=scale)
     wanted: dict[str, SourceConfig] = {}
     if config.eval.cg_dev:
@@ -75,9 +78,37 @@ def eval_sets(config: Config, scale: int) -> dict[str, list[EvalImage]]:
         if asked:
             wanted[name] = SourceConfig(kind="scenes", width=width, height=height,
                                         frames_per_preset=config.eval.rendered_frames, lr_kind=lr_kind)  # fmt: skip
-    for folder in config.eval.folders:
-        wanted[Path(folder).name] = SourceConfig(kind="folder", path=folder)
-    return {name: list(_images(base, source, scale, config)) for name, source in wanted.items()}
+    for name, folder in folder_set_names(config.eval.folders).items():
+        if name in wanted:
+            raise ValueError(f"the image folder {folder} would be scored as {name!r}, the name of a built-in set; "
+                             "rename the folder or leave that set out")
+        wanted[name] = SourceConfig(kind="folder", path=folder)
+    return {name: list(_images(base, source, scale, config, min_lr_side)) for name, source in wanted.items()}
+
+
+def folder_set_names(folders: list[str]) -> dict[str, str]:
+    """A set name for each image folder: its name, with as many parent folders in front as it takes to tell
+    apart folders of the same name (a/imgs, b/imgs). The same folder twice is an error."""
+    paths = [Path(folder) for folder in folders]
+    if len({path.resolve() for path in paths}) != len(paths):
+        raise ValueError(f"an image folder is given twice: {', '.join(folders)}")
+    depth = 1
+    while True:
+        names = ["/".join(path.resolve().parts[-depth:]) for path in paths]
+        if len(set(names)) == len(names):
+            return dict(zip(names, folders, strict=True))
+        depth += 1  # resolved, distinct paths differ within their full length, so this ends
+
+
+def min_lr_side(paths: list[str | Path], scale: int) -> int:
+    """The smallest LR side every checkpoint in `paths` accepts (RLFN's and RFDN's ESA pool a 15-pixel window);
+    a teacher reads the HR image, so its minimum is divided by the scale."""
+    sides = [1]
+    for path in paths:
+        model = load_checkpoint(path).model
+        minimum = int(getattr(model, "min_input_size", 1))
+        sides.append(-(-minimum // scale) if isinstance(model, Teacher) else minimum)
+    return max(sides)
 
 
 def builtin_sets_config(names: list[str], folders: list[Path], rendered_frames: int = 2) -> EvalConfig:
@@ -94,12 +125,13 @@ def builtin_sets_config(names: list[str], folders: list[Path], rendered_frames: 
 
 
 def score_sets(
-    predictors: dict[str, Predictor], eval_config: EvalConfig, scale: int, json_path: Path | None = None
+    predictors: dict[str, Predictor], eval_config: EvalConfig, scale: int, json_path: Path | None = None,
+    min_lr_side: int = 1,
 ) -> dict[str, Any]:
     """Every predictor on every set of `eval_config`: prints each set's means and returns {set: scores} (the
     layout of `evaluate`), also written to `json_path` when given."""
     results = {}
-    for set_name, images in eval_sets(Config(eval=eval_config), scale).items():
+    for set_name, images in eval_sets(Config(eval=eval_config), scale, min_lr_side).items():
         scores, _ = evaluate(predictors, images, scale)
         results[set_name] = scores
         print(f"{set_name} ({len(images)} images), mean:")
@@ -110,8 +142,10 @@ def score_sets(
     return results
 
 
-def _images(base: DataConfig, source: SourceConfig, scale: int, config: Config) -> Iterator[EvalImage]:
-    dataset = build_eval_dataset(dataclasses.replace(base, eval=source, scale=scale), scale)
+def _images(
+    base: DataConfig, source: SourceConfig, scale: int, config: Config, min_lr_side: int
+) -> Iterator[EvalImage]:
+    dataset = build_eval_dataset(dataclasses.replace(base, eval=source, scale=scale), scale, min_lr_side)
     count = len(dataset) if not config.eval.max_images else min(len(dataset), config.eval.max_images)
     for index in range(count):
         item = dataset[index]

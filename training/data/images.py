@@ -82,11 +82,33 @@ def _to_unit_float(rgb: np.ndarray) -> np.ndarray:
     raise ImageReadError(f"unsupported pixel type {rgb.dtype}")
 
 
+_PIXEL_TYPES = (np.uint8, np.uint16, np.float32, np.float64)  # what _to_unit_float maps to [0, 1]
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+_JPEG_END = b"\xff\xd9"  # the end-of-image marker
+
+
 def _decode(path: Path) -> np.ndarray:
+    """The file's pixels as OpenCV reads them; ImageReadError naming the file for anything we cannot use."""
+    if path.suffix.lower() in _JPEG_SUFFIXES and not _jpeg_complete(path):
+        # libjpeg decodes a truncated file to grey rows and only prints a warning: refuse it here instead
+        raise ImageReadError(f"cannot decode {path}: a truncated JPEG (no end-of-image marker)")
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0:
         raise ImageReadError(f"cannot decode {path} as an image (unreadable, truncated or not an image)")
+    if raw.dtype not in _PIXEL_TYPES:
+        raise ImageReadError(f"{path} has pixels of type {raw.dtype}; supported: 8- and 16-bit unsigned, float")
     return raw
+
+
+def _jpeg_complete(path: Path) -> bool:
+    """Whether the file ends with JPEG's end-of-image marker (trailing zero padding allowed)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 4096))
+            tail = handle.read().rstrip(b"\x00")
+    except OSError:
+        return False
+    return tail.endswith(_JPEG_END)
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
