@@ -68,19 +68,32 @@ def arch_name(model: nn.Module) -> str:
 
 
 def _build_teacher(family: _Family, overrides: dict[str, Any]) -> Teacher:
-    encoder_channels = overrides.pop("encoder_channels", EncoderConfig.channels)
-    discrete = overrides.pop("discrete", EncoderConfig.discrete)
-    decoder = family.decoder(_make_config(family.config, overrides, f"{family.decoder.family}_teacher"))
-    encoder = CompactEncoder(EncoderConfig(channels=encoder_channels, scale=decoder.scale, discrete=discrete))
-    return Teacher(encoder, decoder)
+    name = f"{family.decoder.family}_teacher"
+    encoder_values = {"channels": overrides.pop("encoder_channels", EncoderConfig.channels)}
+    if "discrete" in overrides:
+        encoder_values["discrete"] = overrides.pop("discrete")
+    decoder = family.decoder(_make_config(family.config, overrides, name))
+    encoder_values["scale"] = decoder.scale
+    return Teacher(CompactEncoder(_typed_config(EncoderConfig, encoder_values, f"{name} encoder")), decoder)
 
 
 def _make_config(config_type: type, values: dict[str, Any], name: str) -> Any:
-    known = {f.name for f in fields(config_type)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{name}: unknown option(s) {unknown}; known: {sorted(known)}")
-    config = config_type(**values)
-    if config.scale not in (2, 3, 4) or config.blocks < 1 or config.channels < 4:
-        raise ValueError(f"{name}: need scale in (2, 3, 4), blocks >= 1 and channels >= 4, got {config}")
+    config = _typed_config(config_type, values, name)
+    if config.scale not in (2, 3, 4) or config.channels < 4:
+        raise ValueError(f"{name}: need scale in (2, 3, 4) and channels >= 4, got {config}")
     return config
+
+
+def _typed_config(config_type: type, values: dict[str, Any], name: str) -> Any:
+    """`config_type(**values)` after checking each value: ints (widths, counts, scale) are ints >= 1 and flags
+    are bools, so arch_args from a file cannot build a network with negative widths or a truthy string."""
+    hints = {f.name: f.type for f in fields(config_type)}  # "int" / "bool": the modules use postponed annotations
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {unknown}; known: {sorted(hints)}")
+    for key, value in values.items():
+        if hints[key] in ("bool", bool) and not isinstance(value, bool):
+            raise ValueError(f"{name}: {key} must be true or false, got {value!r}")
+        if hints[key] in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: {key} must be an integer >= 1, got {value!r}")
+    return config_type(**values)

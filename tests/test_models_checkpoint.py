@@ -157,6 +157,8 @@ def test_metadata_not_json(tmp_path: Path) -> None:
         ({"value_range": [0, 255]}, "value_range"),
         ({"scale": 4}, "scale"),
         ({"arch_args": "rlfn"}, "arch_args"),
+        ({"arch_args": {"channels": 8, "blocks": 1, "scale": 2, "esa_channels": -3}}, "esa_channels must be an int"),
+        ({"arch_args": {"channels": 8, "blocks": "1", "scale": 2, "esa_channels": 16}}, "blocks must be an integer"),
     ],
 )
 def test_bad_metadata_fields(tmp_path: Path, good_file: Path, change: dict, message: str) -> None:
@@ -217,3 +219,16 @@ def test_describe_names_arch_role_width_blocks_and_stage(tmp_path: Path) -> None
     path = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "d.safetensors", role="student",
                            training={"stage": "student_takdsr"})
     assert describe(read_metadata(path)) == "rlfn student 8ch x1 block (student_takdsr)"
+
+
+@pytest.mark.parametrize(("change", "message"), [({"encoder_channels": -3}, "encoder_channels|channels must be an int"),
+                                                 ({"discrete": "no"}, "discrete must be true or false")])
+def test_bad_teacher_arch_args(tmp_path: Path, change: dict, message: str) -> None:
+    """A teacher's encoder options are checked too: a negative width or a truthy string is refused, not built."""
+    good = save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8),
+                           tmp_path / "teacher.safetensors", role="teacher")  # fmt: skip
+    tensors = {k: v.contiguous() for k, v in load_checkpoint(good).model.state_dict().items()}
+    meta = _good_meta(good)
+    meta["arch_args"] = {**meta["arch_args"], **change}
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_write_with_metadata(tmp_path / "bad.safetensors", tensors, meta))

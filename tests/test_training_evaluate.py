@@ -67,6 +67,17 @@ def test_evaluation_folders_keep_their_images_apart_and_skip_what_a_model_cannot
     assert clash.returncode == 1 and "the name of a built-in set" in clash.stderr
 
 
+def test_a_ta_needs_a_teacher_and_a_teacher_it_gets(tmp_path: Path) -> None:
+    folder = make_image_folder(tmp_path / "images", count=1, size=(48, 64))
+    ta = save_checkpoint(build_model("rlfn_ta", channels=8), tmp_path / "ta.safetensors", role="ta",
+                         training={"mix": [0.3, 0.7]})  # fmt: skip
+    student = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "s.safetensors", role="student")
+    alone = _evaluate("--checkpoint", str(ta), "--data", str(folder))
+    assert alone.returncode == 1 and "is a TA: evaluating it needs its teacher's checkpoint" in alone.stderr
+    wrong = _evaluate("--checkpoint", str(ta), "--teacher", str(student), "--data", str(folder))
+    assert wrong.returncode == 1 and "s.safetensors is not a teacher checkpoint (it is a student, rlfn)" in wrong.stderr
+
+
 def test_native_validation_frames_differ_from_bicubic_ones() -> None:
     eval_config = EvalConfig(cg_dev=False, rendered_val=True, rendered_native=True, rendered_frames=1,
                              rendered_size=[128, 96])  # fmt: skip
@@ -105,6 +116,12 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
         ship_checkpoint(other, "x", "x", scores, out)
     relabelled = ship_checkpoint(other, "x", "x", scores, out, label="native_student")  # scored under another name
     assert relabelled["metrics"] == {"rendered-val-native": mean}
+
+    bare = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "native_student.safetensors", role="student")
+    before = json.loads((out / "weights.json").read_text())
+    with pytest.raises(ValueError, match="has no training config in its metadata"):
+        ship_checkpoint(bare, "bare", "bare", scores, out)
+    assert not (out / "bare.safetensors").exists() and json.loads((out / "weights.json").read_text()) == before
 
 
 def _weights_folder(folder: Path) -> Path:

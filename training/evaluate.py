@@ -207,7 +207,10 @@ _TEACHER_RUNS: dict[tuple[str, str], _TeacherRun] = {}
 def _teacher_run(path: str | Path, device: torch.device) -> _TeacherRun:
     key = (str(Path(path).resolve()), str(device))
     if key not in _TEACHER_RUNS:
-        _TEACHER_RUNS[key] = _TeacherRun(_load_for_eval(path, device)[0], device)
+        model, metadata = _load_for_eval(path, device)
+        if not isinstance(model, Teacher):
+            raise ValueError(f"{path} is not a teacher checkpoint (it is a {metadata['role']}, {metadata['arch']})")
+        _TEACHER_RUNS[key] = _TeacherRun(model, device)
     return _TEACHER_RUNS[key]
 
 

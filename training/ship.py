@@ -65,6 +65,10 @@ def ship_checkpoint(
     stem) in `scores_path` (`python -m training evaluate --json`: {set: {label: {"mean": ...}}}); returns
     its weights.json entry."""
     checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint.metadata["training"].get("config"), dict):
+        # shipped weights carry how they were trained (config, data, steps, device): refuse before writing anything
+        raise ValueError(f"{path} has no training config in its metadata: only checkpoints this trainer wrote "
+                         "(a stage's final.safetensors, or python -m training export-state) can be shipped")
     all_scores = json.loads(scores_path.read_text())
     label = label or path.stem
     missing = [set_name for set_name, scores in all_scores.items() if label not in scores]
@@ -114,8 +118,7 @@ def _ship_file(
     """Save `checkpoint` at `path` with its scores in the metadata; returns its weights.json entry."""
     metadata = checkpoint.metadata
     training = {**metadata["training"], "metrics": scores, "run": run}
-    save_checkpoint(checkpoint.model, path, role=metadata["role"], training=training)
-    return {
+    entry = {
         "stage": training.get("stage"),
         "report_name": report_name,
         "role": metadata["role"],
@@ -129,6 +132,8 @@ def _ship_file(
         "latency": latency,
         "lr_kinds": lr_kinds(training["config"]),
     }
+    save_checkpoint(checkpoint.model, path, role=metadata["role"], training=training)
+    return entry
 
 
 def lr_kinds(config: dict[str, Any]) -> list[str]:
