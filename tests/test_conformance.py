@@ -49,10 +49,9 @@ TIMINGS_KEYS = {"queue_us", "copy_in_us", "infer_us", "copy_out_us", "total_us"}
 TRIGGERED = {1: "test_malformed", 2: "test_version", 3: "test_unknown_type", 4: "test_invalid_field",
              10: "test_session_lifecycle", 11: "test_slot_errors", 12: "test_slot_errors", 13: "test_size_limits",
              14: "test_size_limits", 15: "test_size_limits", 16: "test_resource_limits", 20: "test_busy",
-             21: "test_shutdown_answers_queued_frames"}
-# Not triggerable from outside: SHM_ERROR needs /dev/shm to fail after the daemon's own free-space check passed;
-# INFERENCE_ERROR needs the engine to fail on a valid frame; INTERNAL needs a daemon bug.
-NOT_TRIGGERABLE = {30, 31, 99}
+             21: "test_shutdown_answers_queued_frames", 30: "test_truncated_segment"}
+# Not triggerable from outside: INFERENCE_ERROR needs the engine to fail on a valid frame; INTERNAL needs a daemon bug.
+NOT_TRIGGERABLE = {31, 99}
 
 
 class Peer:
@@ -265,6 +264,22 @@ def test_session_lifecycle(peer: Peer, daemon: Daemon) -> None:
     expect_error(peer.call(type="submit", session=12345, slot=0, frame=1), 10, "UNKNOWN_SESSION")
 
 
+def test_truncated_segment(peer: Peer) -> None:
+    """Section 6: a segment a client truncated (opened with O_TRUNC, or ftruncate()d) is refused with SHM_ERROR
+    instead of killing the daemon with SIGBUS; once its size is back, the session works again."""
+    opened = open_session(peer, 20, 16)
+    sid = opened["session"]
+    for kind in ("input", "output"):
+        fd = os.open(_shm_path(opened[kind]), os.O_RDWR | os.O_TRUNC)
+        try:
+            expect_error(peer.call(type="submit", session=sid, slot=0, frame=1), 30, "SHM_ERROR")
+            assert peer.call(type="ping", sessions=[sid])["sessions"] == [sid]  # the daemon and session live on
+            os.ftruncate(fd, opened[kind]["size"])
+        finally:
+            os.close(fd)
+        assert peer.call(type="submit", session=sid, slot=0, frame=2)["type"] == "done"
+
+
 def test_pixel_formats(peer: Peer) -> None:
     """Section 6.3: byte order per format, alpha bypasses the network (nearest neighbour)."""
     width, height = 18, 16
@@ -381,8 +396,9 @@ def test_busy(peer: Peer) -> None:
     msgpack.packb([1, "ping", 3]),  # not a map
     msgpack.packb({"v": 1, "type": "ping", "req": 5, "sessions": []}) + b"\x00",  # trailing bytes
     msgpack.packb({1: 1, "type": "ping", "req": 5, "sessions": []}),  # a key that is not a str
+    msgpack.packb({"v": 1, b"type": "ping", "req": 5, "sessions": []}, use_bin_type=True),  # a bin key
     [b"extra", msgpack.packb({"v": 1, "type": "ping", "req": 5, "sessions": []})],  # two frames from a DEALER
-], ids=["garbage", "empty", "array", "trailing", "int-key", "two-frames"])
+], ids=["garbage", "empty", "array", "trailing", "int-key", "bin-key", "two-frames"])
 def test_malformed(peer: Peer, payload: bytes | list[bytes]) -> None:
     peer.send_raw(payload)
     expect_error(peer.recv(), 1, "MALFORMED", req=0)

@@ -234,6 +234,27 @@ def test_invalid_settings_exit_2() -> None:
     assert status == 2 and "invalid settings" in log
 
 
+@pytest.mark.parametrize("lease", ["0.0005", "nan", "inf", "1e20"])
+def test_a_lease_welcome_cannot_carry_is_refused_at_start(lease: str) -> None:
+    """The lease travels as an integer of milliseconds >= 1; a value outside that used to pass the settings and then
+    break every hello (nan) or crash the daemon on the first one (0.0005, 1e20)."""
+    status, log = _exit_of(["--backend", "nearest", "--lease-timeout", lease])
+    assert status == 2 and "the lease timeout must be 0.001 to 86400 seconds" in log
+
+
+def test_a_model_name_too_long_for_welcome_is_cut(tmp_path: pathlib.Path) -> None:
+    """welcome.model holds at most 128 characters; a checkpoint whose stage name is longer still gets a welcome."""
+    import models
+
+    long_stage = "finetune_" + "x" * 150
+    path = models.save_checkpoint(models.build_model("rlfn_s", channels=8), tmp_path / "long.safetensors",
+                                  role="student", training={"stage": long_stage})  # fmt: skip
+    with run_server("--checkpoint", str(path), "--device", "cpu", "--threads", "1") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=30) as client:
+        assert len(client.model) == 128 and client.model.startswith("rlfn student 8ch x1 block (finetune_xxx")
+        assert client.ping()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_daemon_serves_fp16_with_graphs(tmp_path: pathlib.Path) -> None:

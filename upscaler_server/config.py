@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import stat
@@ -21,6 +22,9 @@ Device = Literal["auto", "cuda", "cpu"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Backend = Literal["auto", "eager", "torch", "compile", "onnxruntime", "tensorrt", "nearest"]
 BACKEND_CHOICES = ("auto", "eager", "torch", "compile", "onnxruntime", "tensorrt", "nearest")
+
+
+MAX_LEASE_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,13 @@ class Config:
             bad.append("max_sessions/max_queue <= 1048576")
         if not 0 <= self.pad_channels <= 64:
             bad.append("0 <= pad_channels <= 64")
-        if bad or self.lease_timeout <= 0 or self.threads < 0 or self.drain_timeout < 0:
-            raise ConfigError(f"invalid settings {bad}: sizes, counts and the lease must be positive, threads >= 0")
+        if bad or self.threads < 0:
+            raise ConfigError(f"invalid settings {bad}: sizes and counts must be positive, threads >= 0")
+        # the lease travels in milliseconds (welcome.lease_ms, an integer >= 1); a day is longer than any frame
+        if not (math.isfinite(self.lease_timeout) and 0.001 <= self.lease_timeout <= MAX_LEASE_S):
+            raise ConfigError(f"the lease timeout must be 0.001 to {MAX_LEASE_S:.0f} seconds, got {self.lease_timeout}")
+        if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
+            raise ConfigError(f"the drain timeout must be a finite number of seconds >= 0, got {self.drain_timeout}")
         if not self.endpoint.startswith(("ipc://", "tcp://")):
             raise ConfigError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
 

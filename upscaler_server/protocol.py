@@ -19,6 +19,7 @@ import msgpack
 from upscaler_server.errors import ErrorCode, ProtocolError
 
 __all__ = [
+    "MODEL_NAME_MAX",
     "PIXEL_FORMATS",
     "VERSION",
     "Close",
@@ -52,6 +53,7 @@ SESSION_MAX = 2**31 - 1
 DIM_MAX = 65535
 SLOTS_MAX = 64
 PING_SESSIONS_MAX = 256
+MODEL_NAME_MAX = 128  # characters of welcome.model
 # Control messages are tiny; only `process`/`result` carry pixels, bounded by the caller (the daemon's limits).
 CONTROL_MAX_BYTES = 64 * 1024
 
@@ -295,7 +297,7 @@ class Welcome(Message):
     server: Annotated[str, _Str(64)]  # daemon name and version
     instance: Annotated[str, _Str(64)]  # changes every time a daemon starts: a client can tell a restart
     versions: Annotated[list[int], _List(_Int(1, 65535), 16)]  # protocol versions spoken
-    model: Annotated[str, _Str(128)]  # architecture name
+    model: Annotated[str, _Str(MODEL_NAME_MAX)]  # architecture name
     scale: Annotated[int, _Int(1, 16)]  # output size = input size * scale
     device: Annotated[str, _Str(64)]  # e.g. "cpu", "cuda:0"
     precision: Annotated[str, _Str(16)]  # "fp32", "fp16", "bf16"
@@ -410,7 +412,20 @@ def _unpack(data: bytes, max_bin: int) -> dict[Any, Any]:
         raise ProtocolError(f"message is not valid msgpack ({type(exc).__name__}: {exc})"[:300]) from exc
     if not isinstance(raw, dict):
         raise ProtocolError(f"message must be a msgpack map, got {type(raw).__name__}")
+    _check_keys(raw)
     return raw
+
+
+def _check_keys(value: Any) -> None:
+    """Every map key, at any depth, is a str; strict_map_key still lets bin (bytes) keys through."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ProtocolError(f"map keys must be msgpack str, got {type(key).__name__} {key!r}"[:300])
+            _check_keys(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_keys(item)
 
 
 def _message_class(kind: Any, side: str) -> type[Message]:

@@ -144,6 +144,8 @@ class Worker(threading.Thread):
                 self._engine.prepare(job.height, job.width, job.fmt)
             else:
                 assert job.lr is not None and job.out is not None
+                if job.session is not None:
+                    job.session.check_segments()  # again: a client may truncate a segment while its frame waits
                 return self._engine.start(job.lr, job.fmt, job.out)
         return None
 

@@ -27,6 +27,7 @@ from upscaler_server.config import Config
 from upscaler_server.engine import Engine
 from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, SessionError, UpscalerError
 from upscaler_server.protocol import (
+    MODEL_NAME_MAX,
     PIXEL_FORMATS,
     VERSION,
     Close,
@@ -228,11 +229,11 @@ class Server:
         log.info("hello from %r (%s)", msg.client, envelope[0].hex()[:8])
         cfg, eng = self.config, self.engine
         return Welcome(req=msg.req, server=f"takdsr-upscaler/{__version__}", instance=self.instance,
-                       versions=[VERSION], model=eng.name, scale=eng.scale, device=eng.device,
+                       versions=[VERSION], model=eng.name[:MODEL_NAME_MAX], scale=eng.scale, device=eng.device,
                        precision=eng.precision, random_weights=eng.random_weights, formats=sorted(PIXEL_FORMATS),
                        min_size=eng.min_input_size, max_width=cfg.max_width, max_height=cfg.max_height,
                        max_pixels=cfg.max_pixels, max_slots=cfg.max_slots, max_sessions=cfg.max_sessions,
-                       max_queue=cfg.max_queue, lease_ms=int(cfg.lease_timeout * 1000),
+                       max_queue=cfg.max_queue, lease_ms=max(1, int(cfg.lease_timeout * 1000)),
                        heartbeat_ms=max(1, int(cfg.lease_timeout * 1000 / 4)))
 
     def _on_open(self, msg: Message, envelope: list[bytes], received: float) -> Message:
@@ -256,6 +257,7 @@ class Server:
         if msg.slot in session.in_flight:
             raise SessionError(f"slot {msg.slot} of session {session.id} is still in flight; wait for its done "
                                 "reply before submitting it again", ErrorCode.SLOT_IN_FLIGHT)
+        session.check_segments()
         job = Job(envelope, msg.req, msg.frame, session.fmt, session.height, session.width, received,
                   lr=session.input.slot(msg.slot), out=session.output.slot(msg.slot), session=session, slot=msg.slot)
         self._queue.put(session.id, job)
@@ -355,7 +357,13 @@ class Server:
         if self._router is None or self._router.closed:
             return
         try:
-            self._router.send_multipart([*envelope, encode(reply)], zmq.NOBLOCK)
+            payload = encode(reply)
+        except ProtocolError as exc:  # a daemon bug (a reply outside the schema): say so, keep serving
+            log.exception("cannot encode a %s reply", type(reply).__name__)
+            message = f"internal error: the reply broke the schema ({exc})"
+            payload = encode(_error(reply.req, ErrorCode.INTERNAL, message))
+        try:
+            self._router.send_multipart([*envelope, payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or its queue full: its loss, never block the daemon
             log.debug("reply to %s dropped: %s", envelope[0].hex()[:8], exc)
 

@@ -53,6 +53,11 @@ class Session:
                       slots=self.slots, input=self.input.layout.segment(self.input.name),
                       output=self.output.layout.segment(self.output.name))
 
+    def check_segments(self) -> None:
+        """SharedMemoryError if a client truncated either segment (see Ring.check_intact)."""
+        for ring in (self.input, self.output):
+            ring.check_intact()
+
     def unlink(self) -> None:
         for ring in (self.input, self.output):
             ring.unlink()

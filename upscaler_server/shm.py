@@ -118,6 +118,17 @@ class Ring:
         lay = self.layout
         return np.ndarray((lay.height, lay.width, lay.channels), np.uint8, self._shm.buf, index * lay.slot_stride)
 
+    def check_intact(self) -> None:
+        """Raise SharedMemoryError when the segment is now smaller than its layout: a client that opened it with
+        O_TRUNC or ftruncate()d it to a wrong size. Touching the lost pages would kill this process (SIGBUS), so
+        the daemon checks before each frame it reads or writes there."""
+        if self._shm is None:
+            raise SharedMemoryError(f"shared memory {self.name} is closed")
+        size = os.fstat(self._shm._fd).st_size  # our own descriptor: the segment we map, even if renamed
+        if size < self.layout.size:
+            raise SharedMemoryError(f"shared memory {self.name} was truncated to {size} bytes; it needs "
+                                    f"{self.layout.size}: open it without O_TRUNC and never resize it")
+
     def unlink(self) -> None:
         """Remove the name (owner only, idempotent); the mapping stays valid until :meth:`close`."""
         if not self.owner or self._unlinked or self._shm is None:
