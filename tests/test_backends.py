@@ -137,6 +137,36 @@ def test_corrupt_cache_is_ignored_with_a_warning(checkpoint: pathlib.Path, tmp_p
     assert data["version"] == 1 and len(data["entries"]) == 1
 
 
+def test_two_engines_sharing_a_cache_keep_each_others_entries(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    first, second = _auto(checkpoint, tmp_path, allowed=("eager",)), _auto(checkpoint, tmp_path, allowed=("eager",))
+    first.run(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    second.run(RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8))  # read the file before first wrote its entry
+    sizes = {key.rsplit("|", 1)[1] for key in json.loads((tmp_path / "auto.json").read_text())["entries"]}
+    assert sizes == {"16x16", "24x20"}
+
+
+def test_a_stricter_tolerance_measures_again(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A choice made under one tolerance is not reused under another: the tolerance is part of the cache key."""
+    loose = _auto(checkpoint, tmp_path, allowed=("eager",))
+    loose.run(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    strict = _auto(checkpoint, tmp_path, allowed=("eager",), tolerance=Tolerance(max_levels=0, min_psnr=math.inf))
+    strict.run(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert loose.measured == strict.measured == [(16, 16)]
+
+
+def test_single_precision_backends_take_auto_as_theirs() -> None:
+    """onnxruntime runs fp32 and TensorRT fp16 only: "auto" means that precision, anything else is refused."""
+    from upscaler_server.backends.factory import ONLY_PRECISION
+
+    assert ONLY_PRECISION == {"onnxruntime": "fp32", "tensorrt": "fp16"}
+    assert unavailable("tensorrt", "cuda:0", "fp32") == "the tensorrt backend builds fp16 engines only"
+    assert unavailable("onnxruntime", "cpu", "bf16") == "the onnxruntime backend runs fp32 only"
+    if unavailable("onnxruntime", "cpu", "fp32") is None:
+        engine = create_engine(checkpoint=None, model="rlfn_s", backend="onnxruntime", device="cpu", precision="auto",
+                               threads=1)  # fmt: skip
+        assert engine.precision == "fp32"
+
+
 def test_candidates_follow_device_and_precision() -> None:
     assert candidate_labels("cpu", "fp32", ("eager",)) == ["eager-fp32"]
     assert all(c.endswith("fp32") for c in candidate_labels("cpu", "fp32"))

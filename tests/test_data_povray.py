@@ -16,6 +16,7 @@ from training.data.paths import REPO_ROOT, reserved_scenes, shared_dir
 from training.data.povray import (
     COPYRIGHT_FILE,
     EXAMPLES_DIR,
+    canonical_scene,
     load_scene_list,
     pixels_sha256,
     povray_command,
@@ -47,6 +48,33 @@ def test_reserved_parsing_follows_the_shared_dir(tmp_path: Path, monkeypatch: py
         reserved_scenes("povray")
     monkeypatch.delenv("TAKDSR_SHARED")
     assert shared_dir() == REPO_ROOT.parent / "shared"
+
+
+def test_a_reserved_scene_is_refused_however_it_is_spelt(tmp_path: Path) -> None:
+    reserved = sorted(reserved_scenes("povray"))[0]
+    folder, name = reserved.rsplit("/", 1)
+    for spelling in (reserved, f"./{reserved}", f"{folder}//{name}", f"{folder}/../{folder}/{name}",
+                     str(EXAMPLES_DIR / reserved)):  # fmt: skip
+        with pytest.raises(ValueError, match="reserved for evaluation, never render"):
+            render_scenes([FAST_SCENE, spelling], tmp_path, 32, 18)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_scene_paths_are_canonical_and_stay_under_the_examples() -> None:
+    assert canonical_scene("./objects//wtorus.pov") == canonical_scene(str(EXAMPLES_DIR / "objects/wtorus.pov"))
+    assert canonical_scene("./objects//wtorus.pov") == "objects/wtorus.pov"
+    for outside in ("../secret.pov", "/etc/passwd", "."):
+        with pytest.raises(ValueError, match="not"):
+            canonical_scene(outside)
+
+
+def test_an_output_folder_of_another_command_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"frames": {}}))  # what the scenes command writes
+    with pytest.raises(ValueError, match=r"was not written by `python -m training\.data povray`"):
+        render_scenes([FAST_SCENE], tmp_path, 32, 18)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        render_scenes([FAST_SCENE], tmp_path, 32, 18)
 
 
 @needs_examples

@@ -87,6 +87,15 @@ def test_scenes_command_writes_aligned_pairs(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == mtimes
 
 
+def test_scenes_command_refuses_another_commands_folder(tmp_path: Path) -> None:
+    out = tmp_path / "povray_out"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"scenes": {}, "failed": {}}))  # what the povray command writes
+    result = _run_command(out)
+    assert result.returncode == 2 and "was not written by `python -m training.data scenes`" in result.stderr
+    assert "Traceback" not in result.stderr and not list(out.rglob("*.png"))
+
+
 def test_loop_period_is_the_camera_period() -> None:
     for preset in scenes.PRESETS:
         period = loop_period(preset)

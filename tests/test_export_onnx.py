@@ -92,7 +92,7 @@ def test_static_export_fixes_the_size(tmp_path: pathlib.Path) -> None:
 
 def test_cli_exports_a_checkpoint_with_metadata(tmp_path: pathlib.Path) -> None:
     ckpt = models.save_checkpoint(_network("rfdn_s"), tmp_path / "student.safetensors", role="student")
-    out = tmp_path / "student.onnx"
+    out = tmp_path / "new" / "folder" / "student.onnx"  # folders that do not exist yet are created
     argv = ["--checkpoint", str(ckpt), "--io", "float", "--height", "16", "--width", "20", "-o", str(out)]
     assert export.main(argv) == 0
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -107,4 +107,7 @@ def test_cli_refuses_teachers_and_a_missing_student(tmp_path: pathlib.Path, monk
     monkeypatch.setattr(models, "DEFAULT_STUDENT_PATH", tmp_path / "absent.safetensors")
     assert export.main(["-o", str(tmp_path / "s.onnx")]) == 3
     assert "not found" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert export.main(["--model", "rlfn_s", "-o", str(tmp_path / "a_file" / "s.onnx")]) == 2
+    assert "cannot create the folder of" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.onnx"))

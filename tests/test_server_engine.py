@@ -137,10 +137,24 @@ def test_offline_cli_reports_failures(checkpoint: pathlib.Path, tmp_path: pathli
     base = [sys.executable, "-m", "upscaler_server.upscale", "--device", "cpu", "-o", str(tmp_path / "out")]
     run = subprocess.run([*base, "--checkpoint", str(checkpoint), str(tiny)], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
-    assert run.returncode == 1 and "minimum" in run.stderr
+    assert run.returncode == 1 and f"{tiny}: input 8x8 is smaller than the model's minimum" in run.stderr
     run = subprocess.run([*base, "--checkpoint", str(tmp_path / "missing.safetensors"), str(tiny)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 3 and "missing.safetensors" in run.stderr
+
+
+def test_offline_cli_never_overwrites_an_input(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """An output folder holding an input PNG of the same stem is refused before anything is written."""
+    source = tmp_path / "in" / "a.png"
+    source.parent.mkdir()
+    cv2.imwrite(str(source), np.full((20, 24, 3), 9, np.uint8))
+    before = source.read_bytes()
+    for inputs in ([source], [source.parent]):
+        run = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--device", "cpu", "--checkpoint",
+                              str(checkpoint), "-o", str(source.parent), *map(str, inputs)], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 2 and "is an input: writing it would overwrite the original" in run.stderr
+        assert source.read_bytes() == before
 
 
 @pytest.mark.gpu

@@ -164,9 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     meta = {"takdsr.model": name, "takdsr.weights": weights or "random"}
     try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create the folder of {args.output}: {exc}", file=sys.stderr)
+        return 2
+    try:
         export_onnx(network, args.output, io=args.io, height=args.height, width=args.width,
                     dynamic=args.dynamic_shapes, opset=args.opset, metadata=meta)
-    except (ValueError, RuntimeError, ImportError) as exc:
+    except (ValueError, RuntimeError, ImportError, OSError) as exc:
         print(f"error: export failed: {exc}", file=sys.stderr)
         return 1
     shape = "dynamic HxW" if args.dynamic_shapes else f"{args.width}x{args.height}"

@@ -21,7 +21,7 @@ from upscaler_server.config import add_backend_arguments
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 
-__all__ = ["IMAGE_SUFFIXES", "collect_inputs", "main", "upscale_file"]
+__all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "upscale_file"]
 
 log = logging.getLogger("upscaler_server.upscale")
 
@@ -46,6 +46,17 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
     return files
 
 
+def check_targets(files: Iterable[pathlib.Path], out_dir: pathlib.Path) -> None:
+    """ConfigError when an output <stem>.png would be one of the inputs (an input PNG inside the output folder):
+    the inputs are never overwritten."""
+    sources = {f.resolve() for f in files}
+    for f in files:
+        target = (out_dir / f"{f.stem}.png").resolve()
+        if target in sources:
+            raise ConfigError(f"{out_dir / (f.stem + '.png')} is an input: writing it would overwrite the original; "
+                              "choose another output folder")
+
+
 def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     """Upscale one image file into ``out_dir``/<stem>.png and return the written path."""
     image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
@@ -58,7 +69,10 @@ def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pa
     fmt = {3: "BGR8", 4: "BGRA8"}.get(image.shape[2])
     if fmt is None:
         raise UpscalerError(f"{src}: {image.shape[2]} channels; expected 1, 3 or 4")
-    hr = engine.run(np.ascontiguousarray(image), fmt)
+    try:
+        hr = engine.run(np.ascontiguousarray(image), fmt)
+    except UpscalerError as exc:  # e.g. smaller than the model's minimum: say which file
+        raise UpscalerError(f"{src}: {exc}", exc.code) from None
     target = out_dir / f"{src.stem}.png"
     if not cv2.imwrite(str(target), hr):
         raise UpscalerError(f"cannot write {target}")
@@ -87,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         files = collect_inputs(args.inputs)
+        check_targets(files, args.output)
         engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
                                precision=args.precision, threads=args.threads, backend=args.backend,
                                cache_dir=args.cache_dir, pad_channels=args.pad_channels,

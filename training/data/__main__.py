@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from training.data.images import DatasetError
-from training.data.povray import SCENE_LIST, load_scene_list, render_scenes
+from training.data.povray import SCENE_LIST, canonical_scene, load_scene_list, render_scenes
 from training.data.scenes_cmd import write_scene_frames
 
 
@@ -67,10 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 def _povray(args: argparse.Namespace) -> int:
     scenes = load_scene_list(args.scenes)
     if args.only:
-        missing = sorted(set(args.only) - set(scenes))
+        only = {canonical_scene(s) for s in args.only}
+        missing = sorted(only - set(scenes))
         if missing:
             raise DatasetError(f"not in {args.scenes}: {', '.join(missing)}")
-        scenes = [s for s in scenes if s in args.only]
+        scenes = [s for s in scenes if s in only]
     manifest = render_scenes(
         scenes, args.out, args.width, args.height, jobs=args.jobs, timeout=args.timeout, antialias=args.antialias,
         work_threads=args.work_threads,

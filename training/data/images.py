@@ -7,6 +7,7 @@ Alpha is dropped, not composited: in rendered frames and game captures the alpha
 back buffer's alpha is often 0 or junk), and compositing over a background would darken or erase those frames.
 """
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "SkippedFilesWarning",
     "read_image",
     "read_image_array",
+    "read_manifest",
     "scan_images",
     "to_tensor",
     "to_uint8",
@@ -48,6 +50,21 @@ class ImageReadError(ValueError):
 
 class SkippedFilesWarning(UserWarning):
     """Some files of a folder were skipped (one warning per scan, with counts)."""
+
+
+def read_manifest(path: Path, tables: tuple[str, ...], command: str) -> dict:
+    """A data command's manifest.json with its `tables` (each a JSON object), or empty tables when there is none
+    yet. DatasetError when the file is not that command's (another command's output folder, or junk)."""
+    if not path.is_file():
+        return {table: {} for table in tables}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is not valid JSON ({exc}); move it away or use another --out folder") from None
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(t), dict) for t in tables):
+        raise DatasetError(f"{path} was not written by `python -m training.data {command}` (no "
+                           f"{' / '.join(tables)} table): use another --out folder")
+    return manifest
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from training.data.images import MANIFEST_NAME
+from training.data.images import MANIFEST_NAME, read_manifest
 from training.data.paths import reserved_scenes
 
 __all__ = [
@@ -67,13 +68,39 @@ class RenderRecord:
 
 
 def load_scene_list(path: Path = SCENE_LIST) -> list[str]:
-    """Scenes of a list file: one path relative to EXAMPLES_DIR a line, `#` starts a comment."""
+    """Scenes of a list file: one path relative to EXAMPLES_DIR a line, `#` starts a comment; each in its
+    canonical spelling (see canonical_scene)."""
     scenes = []
     for line in path.read_text(encoding="utf-8").splitlines():
         scene = line.split("#", 1)[0].strip()
         if scene:
-            scenes.append(scene)
+            scenes.append(canonical_scene(scene))
     return scenes
+
+
+def canonical_scene(scene: str) -> str:
+    """`scene` relative to EXAMPLES_DIR and normalised (`./a//b.pov` and `EXAMPLES_DIR/a/b.pov` -> `a/b.pov`): the
+    one spelling the reserved list, the manifest and the output names use. ValueError for a path outside it."""
+    path = posixpath.normpath(scene)
+    root = posixpath.normpath(EXAMPLES_DIR.as_posix())
+    if posixpath.isabs(path):
+        if not path.startswith(root + "/"):
+            raise ValueError(f"scene {scene} is not under {EXAMPLES_DIR}")
+        path = path[len(root) + 1 :]
+    if path in (".", "..") or path.startswith("../"):
+        raise ValueError(f"scene {scene} is not a file under {EXAMPLES_DIR}")
+    return path
+
+
+def refuse_reserved(scenes: list[str]) -> None:
+    """ValueError naming every scene of `scenes` the evaluation reserves, however it is spelt (compared in the
+    canonical spelling, and as resolved files, so a symlink to a reserved scene is caught too)."""
+    reserved = {canonical_scene(s) for s in reserved_scenes("povray")}
+    reserved_files = {(EXAMPLES_DIR / s).resolve() for s in reserved}
+    hits = sorted(s for s in scenes if canonical_scene(s) in reserved
+                  or (EXAMPLES_DIR / canonical_scene(s)).resolve() in reserved_files)  # fmt: skip
+    if hits:
+        raise ValueError(f"reserved for evaluation, never render: {', '.join(hits)}")
 
 
 def _copyright_stanzas(text: str) -> list[tuple[list[str], str]]:
@@ -155,8 +182,8 @@ def render_scene(
     The PNG appears only once complete (rendered in a temporary folder, then moved), so a killed run never
     leaves a partial image that a later run would skip.
     """
-    if scene in reserved_scenes("povray"):
-        raise ValueError(f"{scene} is reserved for evaluation and must never be rendered")
+    refuse_reserved([scene])
+    scene = canonical_scene(scene)
     source = EXAMPLES_DIR / scene
     if not source.is_file():
         raise FileNotFoundError(f"no scene {source} (is Debian's povray-examples installed?)")
@@ -183,9 +210,7 @@ def render_scene(
 
 
 def _load_manifest(path: Path) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    return {"scenes": {}, "failed": {}}
+    return read_manifest(path, ("scenes", "failed"), "povray")
 
 
 def _save_manifest(path: Path, manifest: dict) -> None:
@@ -217,9 +242,8 @@ def render_scenes(
     """Render `scenes` into `out_dir` with `jobs` parallel povray processes, skipping those already rendered with
     the same command. Updates `out_dir/manifest.json` after every scene and returns it; failures (errors,
     timeouts) are listed under "failed" and do not stop the others."""
-    reserved = sorted(set(scenes) & reserved_scenes("povray"))
-    if reserved:
-        raise ValueError(f"reserved for evaluation, never render: {', '.join(reserved)}")
+    refuse_reserved(scenes)
+    scenes = list(dict.fromkeys(canonical_scene(s) for s in scenes))  # one spelling: ./a.pov and a.pov are one scene
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = _load_manifest(manifest_path)

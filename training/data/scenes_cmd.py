@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training.data.degrade import degrade
-from training.data.images import MANIFEST_NAME, DatasetError, to_tensor, to_uint8, write_png
+from training.data.images import MANIFEST_NAME, DatasetError, read_manifest, to_tensor, to_uint8, write_png
 from training.data.sources import LazyRenderer, LrKind, Split, check_presets, frame_name, loop_period, scene_times
 
 __all__ = ["FrameRecord", "frame_plan", "write_scene_frames"]
@@ -94,7 +94,7 @@ def write_scene_frames(
     for sub in ("hr", lr_dir):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {"frames": {}}
+    manifest = read_manifest(manifest_path, ("frames",), "scenes")
     settings = {"width": width, "height": height, "scale": scale, "lr_kind": lr_kind, "supersample": supersample}
     for preset, t in tqdm(frame_plan(presets, count, split), desc="scenes", unit="frame", disable=not progress):
         name = frame_name(preset, t)

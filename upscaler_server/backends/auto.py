@@ -6,14 +6,16 @@ through fp32 eager (the reference) and every candidate; a candidate whose output
 or that fails to build, is rejected; the others are timed (median of a few runs within a time budget) and the fastest
 wins. The choice and every candidate's numbers are written to ``auto.json`` in the cache folder under a key made of
 the hardware (CPU model, flags and usable cores, or GPU name), torch / onnxruntime / TensorRT versions, the model's
-SHA-256, the thread count and the resolution: the next start with the same key does not measure again. An unreadable
-or malformed file is ignored with a warning and rewritten.
+SHA-256, the thread count, the tolerance and the resolution: the next start with the same key does not measure again.
+An unreadable or malformed file is ignored with a warning and rewritten. Daemons sharing the folder take turns to
+write it (a lock file beside it) and merge what the others wrote, so none loses another's measurements.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import logging
@@ -90,26 +92,35 @@ class _Cache:
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
-        if not path.exists():
-            return
+        self.entries: dict[str, dict[str, Any]] = self._read(warn=True)
+
+    def _read(self, *, warn: bool) -> dict[str, dict[str, Any]]:
+        """The file's entries; {} when it is missing or malformed (with a warning when ``warn``)."""
+        if not self.path.exists():
+            return {}
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(self.path.read_text())
             if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not all(
                     isinstance(v, dict) and isinstance(v.get("choice"), str) for v in data["entries"].values()):
                 raise ValueError(f"not a version {CACHE_VERSION} auto-backend cache")
-            self.entries = data["entries"]
+            return data["entries"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("ignoring the corrupt auto-backend cache %s (%s); it will be rewritten", path, exc)
+            if warn:
+                log.warning("ignoring the corrupt auto-backend cache %s (%s); it will be rewritten", self.path, exc)
+            return {}
 
     def store(self, key: str, entry: dict[str, Any]) -> None:
         self.entries[key] = entry
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": CACHE_VERSION, "entries": self.entries}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)  # atomic: a reader never sees half a file
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; released when the file closes
+                # merge: another daemon may have stored other resolutions since this one read the file
+                self.entries = {**self._read(warn=False), key: entry}
+                fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"version": CACHE_VERSION, "entries": self.entries}, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)  # atomic: a reader never sees half a file
         except OSError as exc:
             log.warning("cannot write the auto-backend cache %s: %s (the choice holds for this run only)", self.path,
                         exc)
@@ -136,7 +147,8 @@ class AutoEngine(Engine):
         threads = settings.threads or usable_cores()
         self._key = (f"{_hardware(settings.device)}|{settings.device.partition(':')[0]}|threads={threads}|"
                      f"torch={torch.__version__}|ort={_version('onnxruntime')}|trt={_version('tensorrt')}|"
-                     f"model={settings.model_hash[:24]}|precision={settings.precision}|{','.join(self.labels)}")
+                     f"model={settings.model_hash[:24]}|precision={settings.precision}|{','.join(self.labels)}|"
+                     f"tol={tolerance.max_levels}lv/{tolerance.min_psnr:g}dB")
         for width, height in tune_sizes:
             self.prepare(height, width, PIXEL_FORMATS["RGB8"])
 

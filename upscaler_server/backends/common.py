@@ -78,6 +78,8 @@ def unavailable(backend: str, device: str, precision: str) -> str | None:
     if backend == "tensorrt":
         if not cuda:
             return "TensorRT needs CUDA"
+        if precision not in ("fp16", "auto"):
+            return "the tensorrt backend builds fp16 engines only"
         if importlib.util.find_spec("tensorrt") is None:
             return "the tensorrt package is not installed (pip install tensorrt)"
     return None

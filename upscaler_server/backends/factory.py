@@ -14,12 +14,15 @@ from upscaler_server.backends.tensorrt import TensorRTEngine
 from upscaler_server.engine import Engine, TorchEngine, resolve_precision
 from upscaler_server.errors import ConfigError
 
-__all__ = ["make_backend"]
+__all__ = ["ONLY_PRECISION", "make_backend"]
+
+ONLY_PRECISION = {"onnxruntime": "fp32", "tensorrt": "fp16"}  # backends that run one precision: what "auto" means
 
 
 def make_backend(backend: str, network: torch.nn.Module, settings: Settings) -> Engine:
     """A named backend (not auto or nearest) on its own copy of ``network``; ConfigError if it cannot run here."""
-    precision = resolve_precision(settings.precision, settings.device)
+    asked = ONLY_PRECISION.get(backend, "auto") if settings.precision == "auto" else settings.precision
+    precision = resolve_precision(asked, settings.device)
     reason = unavailable(backend, settings.device, precision)
     if reason is not None:
         raise ConfigError(f"backend {backend} ({precision}) is not available: {reason}")
