@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from upscaler_server.client import UpscalerClient
-from upscaler_server.errors import ServerUnavailableError
+from upscaler_server.errors import ConfigError, ServerUnavailableError
 from upscaler_server.shm import SHM_DIR
 
 __all__ = ["DaemonStartError", "SpawnedDaemon"]
@@ -46,6 +46,7 @@ class SpawnedDaemon:
                  endpoint: str | None = None) -> None:
         self._dir = pathlib.Path(tempfile.mkdtemp(prefix="takdsr-demo-", dir="/tmp"))  # short: ipc paths max ~100
         self.endpoint = endpoint or f"ipc://{self._dir / 'upscaler.sock'}"
+        self._shared_endpoint = endpoint is not None  # another daemon could already serve it
         self.log_path = self._dir / "daemon.log"
         args = ["--endpoint", self.endpoint, "--device", device]
         if checkpoint is not None:
@@ -64,7 +65,11 @@ class SpawnedDaemon:
         self.stop()
 
     def start(self, should_stop: Callable[[], bool] = lambda: False, timeout: float = READY_TIMEOUT) -> None:
-        """Start the daemon and wait until it answers; DaemonStartError if it exits or stays silent."""
+        """Start the daemon and wait until it answers; DaemonStartError if it exits or stays silent, or if another
+        daemon already answers on the endpoint (its answer would be taken for ours)."""
+        if self._shared_endpoint and self._answers(timeout=0.5):
+            raise DaemonStartError(f"another upscaler daemon already serves {self.endpoint}: drop --spawn-server to "
+                                   "use it, or give --spawn-server another --endpoint")
         with open(self.log_path, "wb") as log:  # a file, not a pipe: a chatty daemon must never block on us
             self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent if sys.platform == "linux" else None)
@@ -76,10 +81,16 @@ class SpawnedDaemon:
             if status is not None:
                 raise DaemonStartError(f"the upscaler daemon exited with status {status} before it was ready:\n"
                                        f"{self.log_tail()}")
-            with contextlib.suppress(ServerUnavailableError):
-                UpscalerClient(self.endpoint, timeout=0.5, retries=0, heartbeat=False, name="takdsr-demo").close()
+            if self._answers(timeout=0.5):
                 return
         raise DaemonStartError(f"the upscaler daemon did not answer within {timeout:g} s:\n{self.log_tail()}")
+
+    def _answers(self, timeout: float) -> bool:
+        """Whether a daemon says hello on the endpoint within ``timeout`` seconds."""
+        with contextlib.suppress(ServerUnavailableError, ConfigError):
+            UpscalerClient(self.endpoint, timeout=timeout, retries=0, heartbeat=False, name="takdsr-demo").close()
+            return True
+        return False
 
     def exit_status(self) -> int | None:
         """The daemon's exit status once it has exited, else None."""

@@ -86,6 +86,16 @@ def test_error_reply_is_printed_with_its_code(binary: pathlib.Path, daemon: Daem
     assert "daemon error 14 SIZE_TOO_SMALL" in result.stderr and "minimum" in result.stderr
 
 
+@pytest.mark.parametrize("args", [["-p", "5x0"], ["-p", "-5x3"], ["-p", "70000x8"], ["-p", "8x8junk"],
+                                  ["-p", "8x8", "-s", "0"], ["-p", "8x8", "-s", "-1"], ["-p", "8x8", "-n", "x"],
+                                  ["-p", "8x8", "-t", "-3"]])
+def test_bad_arguments_exit_2_before_any_work(binary: pathlib.Path, tmp_path: pathlib.Path, args: list[str]) -> None:
+    """Sizes and counts are checked whole: a sign or junk is refused, never wrapped to a huge allocation."""
+    run = _run([str(binary), "-e", "ipc:///nonexistent/socket", *args, "-o", str(tmp_path / "out.png")])
+    assert run.returncode == 2 and "usage:" in run.stderr, run.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_silent_daemon_is_a_timeout(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
     endpoint = f"ipc://{tmp_path}/nobody.sock"
     result = _run([str(binary), "-e", endpoint, "-p", "20x20", "-t", "300", "-o", str(tmp_path / "x.ppm")])

@@ -137,6 +137,15 @@ def _wait_for_frames(demo: subprocess.Popen[str], log: pathlib.Path, frames_dir:
     pytest.fail(f"the demo wrote fewer than {count} frames in 90 s:\n{log.read_text()}")
 
 
+def test_spawn_server_on_an_endpoint_already_served_refuses(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """Another daemon answering on --endpoint would be taken for the spawned one: refused before spawning."""
+    command = demo_command("--headless", "--spawn-server", "--endpoint", nearest_daemon.endpoint, "--frames", "2",
+                           "--out", str(tmp_path / "out"))
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 4 and "another upscaler daemon already serves" in run.stderr, run.stderr
+    assert "daemon ready" not in run.stderr and not (tmp_path / "out").exists()
+
+
 def test_demo_never_imports_torch(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
     """Every client_demo module is imported and a headless run done in one process; torch must not be loaded."""
     code = (

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from upscaler_server.client import UpscalerClient
-from upscaler_server.errors import BusyError, ServerUnavailableError
+from upscaler_server.errors import BusyError, ConfigError, ServerUnavailableError, SessionError, UpscalerError
 
 from server_utils import (
     REPO,
@@ -210,9 +210,72 @@ def test_client_recovers_when_the_daemon_restarts(short_dir: pathlib.Path) -> No
         with run_server("--backend", "nearest", endpoint=endpoint) as second:
             assert second.pid != first.pid
             np.testing.assert_array_equal(client.upscale(frame), expected)  # its old session is gone: reopened
+            assert client.info.instance != old_instance  # and the client said hello to the new daemon
     finally:
         client.close()
-    assert old_instance
+
+
+def test_slow_frames_after_a_restart_are_awaited_not_lost(short_dir: pathlib.Path) -> None:
+    """After a restart, a frame slower than the client's timeout still comes back: the client compares the ping's
+    daemon with the new one, not with the one it first said hello to."""
+    endpoint = f"ipc://{short_dir}/d.sock"
+    small, large = np.zeros((16, 16, 3), np.uint8), np.zeros((150, 200, 3), np.uint8)
+    with run_server("--model", "rlfn_s", "--threads", "1", endpoint=endpoint):
+        client = UpscalerClient(endpoint, timeout=5, retries=2)
+        client.upscale(small)
+    try:
+        with run_server("--model", "rlfn_s", "--threads", "1", endpoint=endpoint) as second:
+            client.timeout, client.retries = 0.02, 500  # each 150x200 frame takes many timeouts on one thread
+            for _ in range(2):
+                assert client.upscale(large).shape == (300, 400, 3)
+            assert "Traceback" not in second.log()
+    finally:
+        client.close()
+
+
+def test_a_frame_given_up_on_keeps_its_slot_until_it_finishes() -> None:
+    """collect() that times out leaves the frame running on the daemon: its slot stays busy (no SLOT_IN_FLIGHT from
+    the daemon on reuse), the next upscale waits for it, and its late reply does not linger in the mailbox."""
+    with run_server("--model", "rlfn_s", "--threads", "1") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=0.02, retries=0) as client:
+        session = client.open_session(200, 150, "RGB8", slots=1)
+        session.submit(0)
+        with pytest.raises(ServerUnavailableError, match="got no reply"):
+            session.collect()
+        with pytest.raises(SessionError, match="still runs a frame whose collect"):
+            session.submit(0)
+        client.timeout, client.retries = 30, 2
+        assert session.upscale(np.zeros((150, 200, 3), np.uint8)).shape == (300, 400, 3)
+        client.timeout, client.retries = 0.02, 0
+        with pytest.raises(ServerUnavailableError):  # an inline frame given up on: its late result must not stay
+            client.upscale_inline(np.zeros((150, 200, 3), np.uint8))
+        time.sleep(1.0)
+        client.ping()  # reads the late result off the socket: it must be dropped, not kept
+        assert client._link._mailbox == {} and client._link._waiting == set()
+
+
+def test_closed_sessions_and_clients_say_so() -> None:
+    with run_server("--backend", "nearest") as daemon:
+        client = UpscalerClient(daemon.endpoint, timeout=5)
+        session = client.open_session(32, 24, "RGB8", slots=1)
+        session.close()
+        for call in (lambda: session.input(0), lambda: session.output(0), session.collect,
+                     lambda: session.upscale(np.zeros((24, 32, 3), np.uint8))):  # fmt: skip
+            with pytest.raises(SessionError, match="is closed"):
+                call()
+        client.close()
+        with pytest.raises(UpscalerError, match="UpscalerClient is closed"):
+            client.ping()
+        with pytest.raises(UpscalerError, match="UpscalerClient is closed"):
+            client.upscale(np.zeros((24, 32, 3), np.uint8))
+
+
+def test_a_bad_endpoint_is_a_clear_error_and_leaks_nothing() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(ConfigError, match="cannot connect to 'bogus'"):
+            UpscalerClient("bogus")
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
 
 
 def test_unreachable_daemon_raises_instead_of_hanging(short_dir: pathlib.Path) -> None:

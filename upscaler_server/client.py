@@ -39,6 +39,7 @@ import zmq
 from upscaler_server.config import default_endpoint
 from upscaler_server.errors import (
     BusyError,
+    ConfigError,
     ErrorCode,
     ProtocolError,
     ServerUnavailableError,
@@ -101,9 +102,14 @@ class _Link:
 
     def _connect(self) -> zmq.Socket[bytes]:
         sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
-        sock.connect(self.endpoint)
+        try:
+            sock.linger = 0
+            sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"cannot connect to {self.endpoint!r}: {exc} (endpoints look like "
+                              "ipc:///path/to/socket or tcp://127.0.0.1:5555)") from None
         return sock
 
     def reconnect(self) -> None:
@@ -123,7 +129,7 @@ class _Link:
         deadline = time.monotonic() + timeout
         while req not in self._mailbox:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            if not self._socket.poll(max(0, int(left * 1000)) if left > 0 else 0, zmq.POLLIN):
                 return None
             reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
             if reply.req in self._waiting:  # anything else answers a request given up on
@@ -134,6 +140,10 @@ class _Link:
     def forget(self, req: int) -> None:
         self._waiting.discard(req)
         self._mailbox.pop(req, None)
+
+    def take(self, req: int) -> Message | None:
+        """The reply to ``req`` if it has arrived (read from the socket now, without waiting), else None."""
+        return self.wait(req, 0.0) if req in self._waiting or req in self._mailbox else None
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -180,15 +190,21 @@ class UpscalerClient:
         ``retries`` + 1 silent attempts."""
         self.timeout = timeout
         self.retries = retries
+        self.closed = False
+        self._name = name[:64]
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._link = _Link(self._ctx, endpoint or default_endpoint())
         self._lock = threading.Lock()  # guards _sessions against the heartbeat thread
         self._sessions: dict[int, Session] = {}
         self._auto: collections.OrderedDict[tuple[int, int, str], Session] = collections.OrderedDict()
         self._frames = itertools.count(1)
         self._heartbeat: _Heartbeat | None = None
         try:
-            self.info: Welcome = self.request(Hello(client=name[:64]), Welcome)
+            self._link = _Link(self._ctx, endpoint or default_endpoint())
+        except BaseException:
+            self._ctx.term()
+            raise
+        try:
+            self.info: Welcome = self.request(Hello(client=self._name), Welcome)
         except BaseException:
             self._link.close()
             self._ctx.term()
@@ -225,8 +241,11 @@ class UpscalerClient:
 
     def close(self) -> None:
         """Close every session (briefly waiting for the daemon), stop heartbeats and release the sockets."""
+        if self.closed:
+            return
         for session in list(self._sessions.values()):
             session.close()
+        self.closed = True
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
@@ -247,6 +266,8 @@ class UpscalerClient:
         except that a non-``idempotent`` request is only resent when the daemon stops answering or restarted; while
         the same daemon answers a ping on this socket, its late reply is awaited on it instead (a slow frame must not
         be computed twice, and reconnecting could drop the reply: a closed socket loses what it had queued)."""
+        if self.closed:
+            raise UpscalerError("this UpscalerClient is closed; create a new one", ErrorCode.UNKNOWN_SESSION)
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
         req: int | None = None
@@ -261,6 +282,8 @@ class UpscalerClient:
             self._link.reconnect()
             self._link.forget(req)
             req = None
+        if req is not None:  # given up on a request the daemon may still answer: drop its reply when it comes
+            self._link.forget(req)
         raise ServerUnavailableError(f"no reply from the upscaler daemon at {self.endpoint} after {retries + 1} "
                                      f"attempt(s) of {timeout:g} s; is it running (python -m upscaler_server)?")
 
@@ -269,7 +292,15 @@ class UpscalerClient:
         req = self._link.send(Ping(sessions=[]))
         reply = self._link.wait(req, max(timeout, 1.0))  # a busy machine may answer a ping slowly
         self._link.forget(req)
-        return isinstance(reply, Pong) and reply.instance == self.info.instance
+        return isinstance(reply, Pong) and self._same_instance(reply.instance)
+
+    def _same_instance(self, instance: str) -> bool:
+        """Whether ``instance`` is the daemon that said hello; if not, it restarted: say hello to the new one, so
+        ``info`` (limits, model, instance) describes the daemon that now answers."""
+        if instance == self.info.instance:
+            return True
+        self.info = self.request(Hello(client=self._name), Welcome)
+        return False
 
     def ping(self) -> float:
         """Round-trip time of a ping, seconds."""
@@ -315,6 +346,7 @@ class UpscalerClient:
                 session.close(notify=False)
                 if attempt:
                     raise
+                self._same_instance(self.request(Ping(sessions=[]), Pong).instance)  # hello anew if it restarted
         raise AssertionError("unreachable")
 
     def _auto_session(self, key: tuple[int, int, str]) -> Session:
@@ -341,6 +373,7 @@ class Session:
 
     def __init__(self, client: UpscalerClient, opened: Opened) -> None:
         self._client = client
+        self.instance = client.info.instance  # the daemon it was opened on, as far as the client knows
         self.id = opened.session
         self.width, self.height = opened.width, opened.height
         self.out_width, self.out_height = opened.out_width, opened.out_height
@@ -360,25 +393,49 @@ class Session:
         self._inputs = [self._in.slot(i) for i in range(self.slots)]
         self._outputs = [self._out.slot(i) for i in range(self.slots)]
         self._outstanding: collections.deque[tuple[int, int, int]] = collections.deque()  # (req, slot, frame)
+        # slot -> req of a frame whose collect() timed out: the daemon still has the slot until that reply comes
+        self._abandoned: dict[int, int] = {}
         self._next_slot = 0
         self.closed = False
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionError(f"session {self.id} is closed", ErrorCode.UNKNOWN_SESSION)
+
     def input(self, slot: int) -> np.ndarray:
         """Writable (height, width, channels) view of input slot ``slot``: put the frame here, then submit."""
+        self._check_open()
+        self._check_slot(slot)
         return self._inputs[slot]
 
     def output(self, slot: int) -> np.ndarray:
         """(out_height, out_width, channels) view of output slot ``slot``; read it after its frame is collected."""
+        self._check_open()
+        self._check_slot(slot)
         return self._outputs[slot]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise SessionError(f"slot {slot} is out of range [0, {self.slots})", ErrorCode.SLOT_OUT_OF_RANGE)
 
     @property
     def in_flight(self) -> list[int]:
         """Slots submitted and not collected yet, oldest first."""
         return [slot for _, slot, _ in self._outstanding]
 
+    def _still_running(self, slot: int) -> bool:
+        """Whether ``slot`` holds a frame given up on by collect() that the daemon has not finished yet."""
+        req = self._abandoned.get(slot)
+        if req is None:
+            return False
+        if self._client._link.take(req) is None:
+            return True
+        del self._abandoned[slot]  # its late reply came: the daemon is done with the slot
+        return False
+
     def free_slot(self) -> int | None:
         """A slot not in flight (round-robin), or None when all are."""
-        busy = set(self.in_flight)
+        busy = set(self.in_flight) | {slot for slot in list(self._abandoned) if self._still_running(slot)}
         for i in range(self.slots):
             slot = (self._next_slot + i) % self.slots
             if slot not in busy:
@@ -389,12 +446,13 @@ class Session:
     def submit(self, slot: int, frame: int | None = None) -> int:
         """Ask the daemon to upscale input slot ``slot`` into output slot ``slot``; returns the frame id.
         Does not wait: :meth:`collect` returns results in submission order."""
-        if self.closed:
-            raise SessionError(f"session {self.id} is closed", ErrorCode.UNKNOWN_SESSION)
-        if not 0 <= slot < self.slots:
-            raise SessionError(f"slot {slot} is out of range [0, {self.slots})", ErrorCode.SLOT_OUT_OF_RANGE)
+        self._check_open()
+        self._check_slot(slot)
         if slot in self.in_flight:
             raise SessionError(f"slot {slot} is still in flight; collect it first", ErrorCode.SLOT_IN_FLIGHT)
+        if self._still_running(slot):
+            raise SessionError(f"slot {slot} still runs a frame whose collect() timed out; wait for it with "
+                               "wait_slot() or use another slot", ErrorCode.SLOT_IN_FLIGHT)
         frame = self._client.next_frame_id() if frame is None else frame
         req = self._client._link.send(Submit(session=self.id, slot=slot, frame=frame))
         self._outstanding.append((req, slot, frame))
@@ -403,6 +461,7 @@ class Session:
     def collect(self, timeout: float | None = None) -> FrameResult:
         """Wait for the oldest submitted frame. Raises BusyError if the daemon refused it (resubmit later),
         SessionLostError if the session is gone, ServerUnavailableError if the daemon stays silent."""
+        self._check_open()
         if not self._outstanding:
             raise SessionError(f"session {self.id} has no frame in flight", ErrorCode.SLOT_OUT_OF_RANGE)
         req, slot, frame = self._outstanding[0]
@@ -415,25 +474,47 @@ class Session:
                 return FrameResult(self.id, slot, frame, done.timings, self._outputs[slot])
             self._check_alive()  # keeps this socket while the daemon answers, so the late reply reaches it
         self._outstanding.popleft()
-        link.forget(req)
+        self._abandoned[slot] = req  # the daemon holds the slot until it answers; the reply frees it
         raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; is the daemon overloaded?")
+
+    def wait_slot(self, slot: int, timeout: float | None = None) -> None:
+        """Wait until the daemon has finished a frame of ``slot`` whose collect() timed out (no-op otherwise);
+        ServerUnavailableError if it is still running after ``timeout`` (default: the client's)."""
+        req = self._abandoned.get(slot)
+        if req is None:
+            return
+        if self._client._link.wait(req, timeout or self._client.timeout) is None:
+            raise ServerUnavailableError(f"slot {slot} of session {self.id} still runs a frame given up on")
+        del self._abandoned[slot]
+
+    def _forget_replies(self) -> None:
+        """Stop awaiting every reply of this session (it is lost or closed), so none lingers in the mailbox."""
+        for req in [req for req, _, _ in self._outstanding] + list(self._abandoned.values()):
+            self._client._link.forget(req)
+        self._outstanding.clear()
+        self._abandoned.clear()
 
     def _check_alive(self) -> None:
         pong = self._client.request(Ping(sessions=[self.id]), Pong, timeout=max(self._client.timeout, 1.0))
-        if self.id not in pong.sessions or pong.instance != self._client.info.instance:
-            self._outstanding.clear()
+        if pong.instance != self.instance:
+            self._client._same_instance(pong.instance)  # a restart: the client says hello to the new daemon
+        if pong.instance != self.instance or self.id not in pong.sessions:
+            self._forget_replies()
             raise SessionLostError(f"session {self.id} is gone (daemon restarted or lease expired)")
 
     def upscale(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Copy ``frame`` into a free slot, upscale it and copy the result into ``out`` (default: a new array);
         BUSY replies are retried for up to the client's timeout."""
+        self._check_open()
         if frame.shape != self._inputs[0].shape or frame.dtype != np.uint8:
             raise SessionError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
                                f"{self._inputs[0].shape} uint8", ErrorCode.INVALID_FIELD)
         while self._outstanding:
             self.collect()
         slot = self.free_slot()
-        assert slot is not None
+        if slot is None:  # every slot still runs a frame an earlier call gave up on: wait for the oldest
+            slot = next(iter(self._abandoned))
+            self.wait_slot(slot)
         np.copyto(self._inputs[slot], frame)
 
         def attempt() -> FrameResult:
@@ -453,7 +534,8 @@ class Session:
             return
         self.closed = True
         self._client._forget(self)
-        if notify:
+        self._forget_replies()
+        if notify and not self._client.closed:
             # Gone already, or the daemon is down: its lease or its restart cleans up.
             with contextlib.suppress(ServerUnavailableError, SessionError, ProtocolError):
                 self._client.request(Close(session=self.id), Closed, retries=0, timeout=min(self._client.timeout, 1))

@@ -110,13 +110,16 @@ class Ring:
         return cls(shm, layout, owner=False)
 
     def slot(self, index: int) -> np.ndarray:
-        """Zero-copy (height, width, channels) uint8 view of slot ``index``; drop it before :meth:`close`."""
+        """Zero-copy (height, width, channels) uint8 view of slot ``index``. The view holds an export of the mapping
+        (through its own memoryview slice), so the mapping outlives :meth:`close` for as long as the view lives."""
         if self._shm is None:
             raise SharedMemoryError(f"shared memory {self.name} is closed")
         if not 0 <= index < self.layout.slots:
             raise IndexError(f"slot {index} out of range [0, {self.layout.slots})")
         lay = self.layout
-        return np.ndarray((lay.height, lay.width, lay.channels), np.uint8, self._shm.buf, index * lay.slot_stride)
+        start = index * lay.slot_stride
+        return np.frombuffer(self._shm.buf[start : start + lay.slot_bytes], np.uint8).reshape(
+            lay.height, lay.width, lay.channels)
 
     def check_intact(self) -> None:
         """Raise SharedMemoryError when the segment is now smaller than its layout: a client that opened it with
@@ -140,15 +143,26 @@ class Ring:
             log.warning("shared memory %s was already removed by someone else", self.name)
 
     def close(self) -> bool:
-        """Unmap; False while numpy views of a slot are still alive (the mapping then goes with the last view)."""
-        if self._shm is None:
+        """Unmap, or, while views of a slot are alive, leave the mapping to them: it goes with the last one (each
+        holds an export of it; unmapping under them would crash the reader). Returns False in that case."""
+        shm, self._shm = self._shm, None
+        if shm is None:
             return True
         try:
-            self._shm.close()
-        except BufferError:
+            shm.close()
+        except BufferError:  # raised by mmap.close(): exports (views) remain
+            _leave_mapping_to_views(shm)
             return False
-        self._shm = None
         return True
+
+
+def _leave_mapping_to_views(shm: shared_memory.SharedMemory) -> None:
+    """Close ``shm``'s descriptor and drop its own reference to the mmap, which the views' exports keep mapped and
+    which unmaps itself when the last goes; SharedMemory.__del__ then has nothing left to close (no BufferError)."""
+    shm._mmap = None  # type: ignore[attr-defined]
+    if shm._fd >= 0:
+        os.close(shm._fd)
+        shm._fd = -1
 
 
 def _attach_untracked(name: str) -> shared_memory.SharedMemory:

@@ -6,6 +6,7 @@
  * written to OUT (.png or .ppm). Exit status: 0 on success, 1 on any error (printed with the daemon's code and
  * message), 2 for bad arguments. */
 #define _DEFAULT_SOURCE /* nanosleep */
+#include <ctype.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,29 @@ static int usage(const char *argv0) {
     return 2;
 }
 
+/* Decimal digits only (no sign, no blanks), min <= value <= max; the end of the number goes to *end. */
+static bool parse_uint(const char *text, unsigned long min, unsigned long max, uint32_t *out, const char **end) {
+    if (!isdigit((unsigned char)text[0])) return false; /* strtoul would take "-5" as a huge number */
+    char *stop;
+    unsigned long value = strtoul(text, &stop, 10);
+    if (value < min || value > max) return false;
+    *out = (uint32_t)value;
+    *end = stop;
+    return true;
+}
+
+/* A whole argument that is a number in [min, max]. */
+static bool parse_arg(const char *text, unsigned long min, unsigned long max, uint32_t *out) {
+    const char *end;
+    return parse_uint(text, min, max, out, &end) && *end == '\0';
+}
+
+/* "WxH", each side 1 to 65535 (the protocol's limit). */
+static bool parse_size(const char *text, uint32_t *w, uint32_t *h) {
+    const char *end;
+    return parse_uint(text, 1, 65535, w, &end) && *end == 'x' && parse_arg(end + 1, 1, 65535, h);
+}
+
 static int parse(int argc, char **argv, options *o) {
     *o = (options){.format = "RGB8", .slots = 2, .frames = 1, .timeout_ms = 10000};
     static const struct option longs[] = {
@@ -43,12 +67,21 @@ static int parse(int argc, char **argv, options *o) {
         case 'e': o->endpoint = optarg; break;
         case 'i': o->input = optarg; break;
         case 'p':
-            if (sscanf(optarg, "%ux%u", &o->pattern_w, &o->pattern_h) != 2) return -1;
+            if (!parse_size(optarg, &o->pattern_w, &o->pattern_h)) return -1;
             break;
         case 'f': o->format = optarg; break;
-        case 's': o->slots = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case 'n': o->frames = (uint32_t)strtoul(optarg, NULL, 10); break;
-        case 't': o->timeout_ms = atoi(optarg); break;
+        case 's':
+            if (!parse_arg(optarg, 1, 64, &o->slots)) return -1; /* the protocol allows 64 slots at most */
+            break;
+        case 'n':
+            if (!parse_arg(optarg, 1, UINT32_MAX, &o->frames)) return -1;
+            break;
+        case 't': {
+            uint32_t ms;
+            if (!parse_arg(optarg, 1, 3600000, &ms)) return -1;
+            o->timeout_ms = (int)ms;
+            break;
+        }
         case 'o': o->output = optarg; break;
         default: return -1;
         }
