@@ -16,7 +16,9 @@ Reliability follows the ZeroMQ guide's Lazy Pirate pattern: a request without a 
 socket, reconnects (same routing id) and retries up to ``retries`` times. Frames are the exception: while the daemon
 answers a ping, the client keeps its socket and waits for the slow frame's reply, since resending would compute the
 frame twice and closing the socket would drop a reply already queued on it. A background thread sends heartbeats
-that keep this client's sessions alive while the caller is busy.
+that keep this client's sessions alive while the caller is busy. A ``collect()`` that gives up leaves its frame running
+on the daemon: the slot stays busy until the late reply comes (``Session.wait_slot`` waits for it). When the daemon
+restarts, the client says hello to the new one (``info`` follows) and ``upscale()`` reopens its session.
 """
 
 from __future__ import annotations
