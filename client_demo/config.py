@@ -24,7 +24,7 @@ EXIT_ERROR = 1  # an unexpected error (a traceback is printed)
 EXIT_USAGE = 2  # invalid arguments, or the daemon refuses this stream (scale, size)
 EXIT_UNAVAILABLE = 3  # headless: the upscaler could not be reached, or stopped answering mid-run
 EXIT_SPAWN = 4  # --spawn-server: the daemon could not start (its log is printed)
-EXIT_NO_WINDOW = 5  # window mode: no display or no OpenGL 3.3 context
+EXIT_NO_WINDOW = 5  # no display (window mode) or no OpenGL 3.3 context (either mode)
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 # The bundled student trained on natively rendered LR (models.NATIVE_STUDENT_PATH's name; the demo does not

@@ -20,7 +20,15 @@ import cv2
 import numpy as np
 
 import scenes
-from client_demo.config import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, DaemonWatch, DemoConfig
+from client_demo.config import (
+    EXIT_INTERRUPTED,
+    EXIT_NO_WINDOW,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    DaemonWatch,
+    DemoConfig,
+)
 from client_demo.frames import GpuFrames
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
 from client_demo.metrics import percentiles, psnr
@@ -156,7 +164,11 @@ def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_
     """Render ``cfg.frames`` frames into ``cfg.out``; returns the exit status (see client_demo.config)."""
     out = cfg.out or DEFAULT_OUT
     renderer = scenes.SceneRenderer()  # its own EGL context, released with it
-    gpu = GpuFrames(renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH)
+    try:
+        gpu = GpuFrames(renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH)
+    except scenes.HeadlessContextError as exc:  # no EGL here: one clear line, as window mode gives for no display
+        print(f"client_demo: {exc}", file=sys.stderr)
+        return EXIT_NO_WINDOW
     outputs = _Outputs(out, cfg.hr_size, cfg.fps)
     run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop)
     started = time.perf_counter()

@@ -15,9 +15,10 @@ import numpy as np
 
 from scenes.camera import Camera
 from scenes.presets import PRESETS, camera_at
-from scenes.renderer import SceneRenderer, create_headless_context
+from scenes.renderer import HeadlessContextError, SceneRenderer, create_headless_context
 
-__all__ = ["PRESETS", "Camera", "SceneRenderer", "camera_at", "create_headless_context", "render"]
+__all__ = ["PRESETS", "Camera", "HeadlessContextError", "SceneRenderer", "camera_at", "create_headless_context",
+           "render"]
 
 _shared: SceneRenderer | None = None
 

@@ -7,6 +7,7 @@ instance buffers and the (static) sun shadow map once per preset. Nothing touche
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from numbers import Integral
@@ -31,6 +32,10 @@ _INSTANCE_FORMAT = ("16f 4f 4f/i", "in_model", "in_tint", "in_uvrect")
 _SOFTWARE_RENDERERS = ("llvmpipe", "softpipe", "swrast", "swiftshader", "lavapipe")
 
 
+class HeadlessContextError(RuntimeError):
+    """No headless OpenGL 3.3 context can be made here (no EGL, no GPU driver or llvmpipe)."""
+
+
 def create_headless_context() -> moderngl.Context:
     """A standalone OpenGL 3.3+ context through EGL (works without a display, e.g. Mesa llvmpipe).
 
@@ -40,7 +45,7 @@ def create_headless_context() -> moderngl.Context:
     try:
         return moderngl.create_standalone_context(backend="egl", require=330)
     except Exception as exc:
-        raise RuntimeError(
+        raise HeadlessContextError(
             "could not create a headless EGL OpenGL 3.3 context; install Mesa's EGL (libegl1, libgl1-mesa-dri) "
             "or pass the context of an existing window to SceneRenderer(ctx)"
         ) from exc
@@ -130,8 +135,15 @@ class SceneRenderer:
             raise ValueError(f"anisotropy must be >= 1 (1 = off) or None for automatic, got {anisotropy!r}")
         self._ctx = ctx
         self._owns_ctx = ctx is None
+        self._finalizer: weakref.finalize | None = None  # releases an owned context if release() is never called
         self._anisotropy = anisotropy
         self._reset()
+
+    def __enter__(self) -> SceneRenderer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def _reset(self) -> None:
         self._objects: list[_GLObject] = []  # every GL object created here, released in release()
@@ -147,6 +159,9 @@ class SceneRenderer:
         """The OpenGL context, created headless on first access if none was given."""
         if self._ctx is None:
             self._ctx = create_headless_context()
+            # a renderer dropped without release() must not keep its context (tens of MB each on llvmpipe)
+            self._finalizer = weakref.finalize(self, self._ctx.release)
+            self._finalizer.atexit = False  # the process is ending: the driver frees everything anyway
         return self._ctx
 
     def _activate(self) -> moderngl.Context:
@@ -235,6 +250,9 @@ class SceneRenderer:
     def release(self) -> None:
         """Free every GL object (and the context, if this renderer created it); it can be used again later."""
         if self._owns_ctx and self._ctx is not None:
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
             self._ctx.release()
             self._ctx = None
         elif self._objects:

@@ -8,16 +8,18 @@
 #   bash scripts/demo.sh --scene garden --lr 320x180
 #   bash scripts/demo.sh --checkpoint runs/my_run/student.safetensors --device cpu
 #   bash scripts/demo.sh --headless --frames 300 --out my_out
+# Relative paths in the arguments (--out, --checkpoint) are taken from the folder it is run in, like demo_out/.
 # Exit status: the demo's (docs/demo.md); 4 when the daemon cannot start (its log is printed).
 set -euo pipefail
+unset CDPATH # an exported CDPATH would send the cd below elsewhere
 
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+repo=$(cd "$(dirname "$0")/.." && pwd)
+(cd "$repo" && bash scripts/setup.sh)
 
 mode=()
 if [[ -z "${DISPLAY:-}" && -z "${WAYLAND_DISPLAY:-}" ]]; then
     mode=(--headless --out demo_out)
-    echo "[demo] no display: rendering headless into demo_out/ (frames/*.png, demo.mp4, stats.json)" >&2
+    echo "[demo] no display: rendering headless into $PWD/demo_out/ (frames/*.png, demo.mp4, stats.json)" >&2
 fi
 # Without an NVIDIA GPU the student runs on the CPU, which manages a few frames per second at 320x180 LR but
 # not 640x360 (docs/demo.md has the numbers): start small there. A later --lr in "$@" wins.
@@ -26,4 +28,4 @@ if ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; the
     size=(--lr 320x180)
     echo "[demo] no NVIDIA GPU: the student runs on the CPU; starting at --lr 320x180" >&2
 fi
-exec .venv/bin/python -m client_demo --spawn-server "${mode[@]}" "${size[@]}" "$@"
+exec "$repo/.venv/bin/python" -m client_demo --spawn-server "${mode[@]}" "${size[@]}" "$@"

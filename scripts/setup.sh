@@ -7,6 +7,10 @@
 #   bash scripts/setup.sh          # runtime
 #   bash scripts/setup.sh --dev    # + test tools (pytest, ruff, scikit-image)
 set -euo pipefail
+# Ctrl-C must stop the setup: bash would otherwise read an interrupted check (python exits 1 on SIGINT) as
+# "not installed" and go on installing
+trap 'log "interrupted"; exit 130' INT TERM
+unset CDPATH # an exported CDPATH would send the cd below elsewhere
 
 cd "$(dirname "$0")/.."
 EXTRAS=""
@@ -16,6 +20,7 @@ TORCH_VERSION="2.13.0"
 # the rest builds and checks the C client (examples/c_client)
 APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri libgles2 xvfb xauth povray povray-examples
     build-essential pkg-config libzmq3-dev libmsgpack-dev libpng-dev valgrind)
+PIP=(.venv/bin/python -m pip) # not .venv/bin/pip: its first line names the folder the venv was made in
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -45,35 +50,50 @@ pick_python() {
     return 1
 }
 
+venv_works() {
+    [[ -x .venv/bin/python ]] && .venv/bin/python -m pip --version >/dev/null 2>&1
+}
+
+has_nvidia_gpu() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
+
 install_torch() {
     .venv/bin/python -c "import torch" 2>/dev/null && return 0
-    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    local spec="torch==${TORCH_VERSION}" index=()
+    if has_nvidia_gpu; then
         log "NVIDIA GPU found: installing torch ${TORCH_VERSION} (CUDA build)"
-        .venv/bin/pip install -q "torch==${TORCH_VERSION}"
     else
         # Plain `torch` from PyPI is the multi-gigabyte CUDA build; without a GPU take the CPU one.
         log "no NVIDIA GPU: installing torch ${TORCH_VERSION} (CPU build)"
-        .venv/bin/pip install -q --retries 1 "torch==${TORCH_VERSION}+cpu" \
-            --extra-index-url https://download.pytorch.org/whl/cpu
+        spec+="+cpu"
+        index=(--extra-index-url https://download.pytorch.org/whl/cpu)
     fi
+    "${PIP[@]}" install -q --retries 1 "$spec" "${index[@]}"
+    if ! .venv/bin/python -c "import torch" 2>/dev/null; then # installed but broken: pip said "already satisfied"
+        log "torch is installed but does not import: reinstalling it"
+        "${PIP[@]}" install -q --retries 1 --force-reinstall --no-deps "$spec" "${index[@]}"
+    fi
+    .venv/bin/python -c "import torch" # still broken: stop here, with its error
 }
 
 install_project() {
-    # Reinstall only when the dependency list changed (keeps a second run fast).
-    local stamp=".venv/.setup-$(sha256sum pyproject.toml | cut -c1-16)${EXTRAS}"
-    [[ -f "$stamp" ]] && return 0
+    # Reinstall only when the dependency list changed (keeps a second run fast); a --dev install also serves a
+    # runtime run, so switching between the demo and the tests installs nothing
+    local hash
+    hash=$(sha256sum pyproject.toml | cut -c1-16)
+    [[ -f ".venv/.setup-${hash}${EXTRAS}" || -f ".venv/.setup-${hash}[dev]" ]] && return 0
     log "installing the project and its Python dependencies${EXTRAS}"
-    .venv/bin/pip install -q -e ".${EXTRAS}"
+    "${PIP[@]}" install -q -e ".${EXTRAS}"
     rm -f .venv/.setup-*
-    touch "$stamp"
+    touch ".venv/.setup-${hash}${EXTRAS}"
 }
 
 install_debian_packages
-if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c "import sys" 2>/dev/null; then
+if ! venv_works; then
     log "creating .venv"
-    "$(pick_python)" -m venv .venv
-    .venv/bin/pip install -q --upgrade pip
+    "$(pick_python)" -m venv --clear .venv # --clear: a broken venv (its Python gone or moved) is rebuilt whole
+    "${PIP[@]}" install -q --upgrade pip
 fi
 install_torch
 install_project
-log "ready: $(.venv/bin/python -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")')"
+summary=$(.venv/bin/python -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")')
+log "ready: $summary"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -87,3 +88,18 @@ def test_the_demo_finds_the_native_student_without_importing_torch() -> None:
 
     assert models.NATIVE_STUDENT_PATH.name == NATIVE_STUDENT_FILE  # the two names of one file agree
     assert _native_student() == models.NATIVE_STUDENT_PATH.resolve()
+
+
+def test_headless_without_opengl_says_so_in_one_line(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """No EGL: exit 5 with the renderer's message, as window mode does for no display; no traceback."""
+    from client_demo import headless
+    from client_demo.config import EXIT_NO_WINDOW
+
+    def no_gl(*args: object, **kwargs: object) -> None:
+        raise scenes.HeadlessContextError("could not create a headless EGL OpenGL 3.3 context; install Mesa's EGL")
+
+    monkeypatch.setattr(headless, "GpuFrames", no_gl)
+    cfg = parse_args(["--headless", "--lr", "320x180", "--out", str(tmp_path / "out")])
+    assert headless.run_headless(cfg, link=None, watch=lambda: None, should_stop=lambda: False) == EXIT_NO_WINDOW
+    assert "client_demo: could not create a headless EGL" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import subprocess
 import sys
@@ -124,6 +125,21 @@ def test_borrowed_context_survives_release(renderer: SceneRenderer) -> None:
     assert np.array_equal(renderer.render("arena", 1.0, W, H), frame)
     assert np.array_equal(borrowed.render("arena", 1.0, W, H), frame), "usable again after release"
     borrowed.release()
+
+
+def test_an_owned_context_is_released_by_with_or_when_dropped() -> None:
+    """A renderer that makes its own context frees it on leaving a with block, and when dropped without release()
+    (each headless context holds tens of MB on llvmpipe)."""
+    with SceneRenderer() as scoped:
+        scoped.render("city", 0.0, 32, 18)
+    assert scoped._ctx is None and scoped._finalizer is None
+    dropped = SceneRenderer()
+    dropped.render("city", 0.0, 32, 18)
+    finalizer = dropped._finalizer
+    assert finalizer is not None and finalizer.alive
+    del dropped
+    gc.collect()
+    assert not finalizer.alive  # its context was released
 
 
 def test_module_level_render_matches_a_renderer(renderer: SceneRenderer) -> None:
