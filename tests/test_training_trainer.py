@@ -478,6 +478,19 @@ def test_pipeline_with_three_tas_trains_and_scores_each(image_folder: Path, tmp_
     assert report.index("| TA3 ") < report.index("| TA2 ") < report.index("| TA ") < report.index("| teacher ")
 
 
+def test_full_reference_is_the_whole_backbone_trained_alone(image_folder: Path, tmp_path: Path) -> None:
+    config = tiny_config(image_folder, experiment={"baselines": False, "full_reference": True, "teacher_steps": 2},
+                         optim={"steps": 1}, eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
+    full = {stage.name: stage for stage in pipeline_stages(config, tmp_path / "run")}["full_alone"]
+    assert (full.role, full.blocks, full.steps, full.guides, full.init_from) == ("student", 2, 2, [], "")
+    results = run_pipeline(config, tmp_path / "run")
+    checkpoint = load_checkpoint(tmp_path / "run" / "full_alone" / "final.safetensors")
+    assert checkpoint.model.config.blocks == 2 and checkpoint.metadata["training"]["steps"] == 2
+    assert "full backbone" in results["sets"][image_folder.name]["scores"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.index("| TA ") < report.index("| full backbone ") < report.index("| teacher ")
+
+
 def test_latency_command(tmp_path: Path) -> None:
     output = tmp_path / "latency.json"
     command = [sys.executable, "-m", "training", "latency", "rlfn_s", "--input", "64x48", "--repeats", "2",

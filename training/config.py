@@ -58,6 +58,8 @@ class ExperimentConfig:
     ta_steps: int = 0
     student_steps: int = 0
     baselines: bool = True  # pipeline: also train PISR' (continuous teacher -> student) and X_s (student alone)
+    # pipeline: also train the full backbone (teacher_blocks, on X, alone, teacher_steps): the paper's upper reference
+    full_reference: bool = False
 
 
 @dataclass

@@ -39,6 +39,7 @@ DISPLAY_NAMES = {
     "student_pisr": "PISR'",
     "student_takdsr": "TAKDSR",
     "ta1": "TA",
+    "full_alone": "full backbone",
     "teacher": "teacher",
     "teacher_continuous": "teacher (continuous)",
 }
@@ -74,6 +75,9 @@ def pipeline_stages(config: Config, run_dir: Path) -> list[StageConfig]:
         continuous = final("teacher_continuous")
         stages.append(stage("student_pisr", "student", init_from=continuous, guides=[continuous]))
         stages.append(stage("student_alone", "student"))
+    if exp.full_reference:  # the whole decoder trained on X alone: what the backbone reaches without HR information
+        stages.append(StageConfig(name="full_alone", role="student", blocks=exp.teacher_blocks,
+                                  steps=exp.teacher_steps))  # fmt: skip
     return stages
 
 

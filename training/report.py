@@ -15,7 +15,8 @@ import numpy as np
 
 __all__ = ["write_report"]
 
-MODEL_ORDER = ["bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA", "teacher (continuous)", "teacher"]
+MODEL_ORDER = ["bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA", "full backbone", "teacher (continuous)",
+               "teacher"]
 
 
 def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
