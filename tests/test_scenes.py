@@ -30,6 +30,7 @@ def test_public_api() -> None:
     assert set(scenes.__all__) == {
         "PRESETS",
         "Camera",
+        "HeadlessContextError",
         "SceneRenderer",
         "camera_at",
         "create_headless_context",
