@@ -51,7 +51,7 @@ from upscaler_server.scheduler import FairQueue, Job, Worker
 from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
 from upscaler_server.shm import remove_stale_segments
 
-__all__ = ["Server"]
+__all__ = ["Server", "reply_backlog"]
 
 log = logging.getLogger("upscaler_server")
 
@@ -114,6 +114,11 @@ class Server:
         router.linger = 0
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its routing id takes over
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        # Replies a client leaves unread queue up in the daemon; an inline result is a whole HR frame, so without a
+        # bound a client that sends and never reads could grow the daemon by gigabytes. Beyond this many unread
+        # replies per client the daemon drops them (a reading client has at most its frames in flight waiting,
+        # which max_queue bounds). Set before bind: a listener copies its options then.
+        router.sndhwm = reply_backlog(self.config)
         try:
             router.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -366,6 +371,11 @@ class Server:
             self._router.send_multipart([*envelope, payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or its queue full: its loss, never block the daemon
             log.debug("reply to %s dropped: %s", envelope[0].hex()[:8], exc)
+
+
+def reply_backlog(config: Config) -> int:
+    """The most replies one client may leave unread before the daemon drops further ones (ZMQ_SNDHWM)."""
+    return config.max_queue + config.max_slots + 16
 
 
 def _error(req: int, code: ErrorCode, message: str) -> Error:
