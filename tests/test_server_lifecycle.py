@@ -293,17 +293,14 @@ def test_sigterm_during_start_up_still_exits_zero(short_dir: pathlib.Path, tmp_p
 
 
 def test_a_client_that_never_reads_cannot_pile_up_results_in_the_daemon() -> None:
-    """Unread replies are bounded per client (ZMQ_SNDHWM, docs/protocol.md section 1): 120 inline 640x480 results
-    (921,600 bytes each) sent to a socket that never reads leave at most the backlog, not all 120, in the daemon."""
+    """Inline results a client leaves unread are bounded per client (--max-unread-mb, docs/protocol.md section 1):
+    120 inline 640x480 results (921,600 bytes each) for a socket that never reads: past 8 MiB unread the daemon
+    answers BUSY instead of holding one more HR frame, and it still serves the client once it reads."""
     import msgpack
     import zmq
 
-    from upscaler_server.config import Config
-    from upscaler_server.server import reply_backlog
-
-    backlog = reply_backlog(Config(endpoint="ipc:///unused", max_queue=4))
     frame = np.zeros((240, 320, 3), np.uint8).tobytes()
-    with run_server("--backend", "nearest", "--max-queue", "4") as daemon:
+    with run_server("--backend", "nearest", "--max-unread-mb", "8") as daemon:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.linger, sock.rcvhwm, sock.rcvbuf = 0, 1, 4096  # a stalled reader: almost nothing buffered on our side
@@ -312,14 +309,17 @@ def test_a_client_that_never_reads_cannot_pile_up_results_in_the_daemon() -> Non
             for req in range(1, 121):
                 sock.send(msgpack.packb({"v": 1, "type": "process", "req": req, "width": 320, "height": 240,
                                          "format": "RGB8", "frame": req, "pixels": frame}))  # fmt: skip
-                time.sleep(0.004)  # slower than the engine: frames are answered, not refused BUSY
+                time.sleep(0.004)  # slower than the engine: the frame queue never fills
             time.sleep(1.0)
-            results = 0
+            kinds: list[str] = []
             while sock.poll(500, zmq.POLLIN):
-                results += msgpack.unpackb(sock.recv(), raw=False)["type"] == "result"
-            assert 0 < results <= backlog + 8, results  # + what the kernel's socket buffers held
-            sock.send(msgpack.packb({"v": 1, "type": "ping", "req": 999, "sessions": []}))
-            assert sock.poll(5000, zmq.POLLIN) and msgpack.unpackb(sock.recv(), raw=False)["type"] == "pong"
+                reply = msgpack.unpackb(sock.recv(), raw=False)
+                kinds.append(reply.get("name", reply["type"]))
+            assert len(kinds) == 120 and set(kinds) == {"result", "BUSY"}, kinds  # every request answered
+            assert kinds.count("result") <= 8 * 2**20 // 921_600 + 8, kinds.count("result")  # + the sockets' buffers
+            sock.send(msgpack.packb({"v": 1, "type": "process", "req": 999, "width": 320, "height": 240,
+                                     "format": "RGB8", "frame": 999, "pixels": frame}))  # fmt: skip
+            assert sock.poll(5000, zmq.POLLIN) and msgpack.unpackb(sock.recv(), raw=False)["type"] == "result"
         finally:
             sock.close(linger=0)
             ctx.term()

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="shared memory all sessions may hold, MiB")
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
                    help="frames waiting for the engine before clients get BUSY")
+    p.add_argument("--max-unread-mb", type=int, default=defaults.max_unread_bytes >> 20,
+                   help="inline results a client may leave unread, MiB, before its next process gets BUSY "
+                        "(at least two of that frame's results are always allowed)")
     p.add_argument("--lease-timeout", type=float, default=defaults.lease_timeout,
                    help="seconds without a message before a session is closed and its memory freed")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -71,6 +74,7 @@ def _config(args: argparse.Namespace) -> Config:
                   tune_sizes=tuple(args.tune_sizes), max_width=args.max_width,
                   max_height=args.max_height, max_pixels=args.max_pixels, max_slots=args.max_slots,
                   max_sessions=args.max_sessions, max_shm_bytes=args.max_shm_mb << 20, max_queue=args.max_queue,
+                  max_unread_bytes=args.max_unread_mb << 20,
                   lease_timeout=args.lease_timeout)
 
 

@@ -54,6 +54,8 @@ class Config:
     max_sessions: int = 64  # most open sessions across all clients
     max_shm_bytes: int = 4 << 30  # shared memory all sessions may hold together
     max_queue: int = 16  # frames waiting for the engine; more get a BUSY reply
+    # inline results one client may leave unread in the daemon (ZeroMQ's queue) before its next process gets BUSY
+    max_unread_bytes: int = 256 << 20
     lease_timeout: float = 10.0  # seconds without a message naming a session before it is closed
     drain_timeout: float = 10.0  # seconds to let the in-flight frame finish at shutdown
 
@@ -62,7 +64,8 @@ class Config:
             raise ConfigError("give either --checkpoint or --model, not both")
         positive = {"scale": self.scale, "max_width": self.max_width, "max_height": self.max_height,
                     "max_pixels": self.max_pixels, "max_slots": self.max_slots, "max_sessions": self.max_sessions,
-                    "max_shm_bytes": self.max_shm_bytes, "max_queue": self.max_queue}
+                    "max_shm_bytes": self.max_shm_bytes, "max_queue": self.max_queue,
+                    "max_unread_bytes": self.max_unread_bytes}
         bad = [k for k, v in positive.items() if v < 1]
         if max(self.max_width, self.max_height) > 65535 or self.max_slots > 64 or self.scale > 16:
             bad.append("max_width/max_height <= 65535, max_slots <= 64, scale <= 16")

@@ -25,7 +25,7 @@ import zmq
 from upscaler_server import __version__
 from upscaler_server.config import Config
 from upscaler_server.engine import Engine
-from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, SessionError, UpscalerError
+from upscaler_server.errors import BusyError, ConfigError, ErrorCode, ProtocolError, SessionError, UpscalerError
 from upscaler_server.protocol import (
     MODEL_NAME_MAX,
     PIXEL_FORMATS,
@@ -51,7 +51,7 @@ from upscaler_server.scheduler import FairQueue, Job, Worker
 from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
 from upscaler_server.shm import remove_stale_segments
 
-__all__ = ["Server", "reply_backlog"]
+__all__ = ["Server"]
 
 log = logging.getLogger("upscaler_server")
 
@@ -76,6 +76,8 @@ class Server:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._worker = Worker(engine, self._queue, self._on_finished)
+        # inline results handed to ZeroMQ and not yet written to the client's socket, per client: (tracker, bytes)
+        self._unread: dict[bytes, list[tuple[zmq.MessageTracker, int]]] = {}
         self._stopping = False
         self._forced = False
         self._handlers: dict[type[Message], Callable[[Message, list[bytes], float], Message | None]] = {
@@ -114,11 +116,6 @@ class Server:
         router.linger = 0
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its routing id takes over
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        # Replies a client leaves unread queue up in the daemon; an inline result is a whole HR frame, so without a
-        # bound a client that sends and never reads could grow the daemon by gigabytes. Beyond this many unread
-        # replies per client the daemon drops them (a reading client has at most its frames in flight waiting,
-        # which max_queue bounds). Set before bind: a listener copies its options then.
-        router.sndhwm = reply_backlog(self.config)
         try:
             router.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -277,10 +274,21 @@ class Server:
         if len(msg.pixels) != expected:
             raise ProtocolError(f"pixels has {len(msg.pixels)} bytes; {msg.width}x{msg.height} {fmt.name} needs "
                                 f"{expected}", ErrorCode.INVALID_FIELD, msg.req)
+        self._check_unread(envelope[0], expected * self.engine.scale**2)
         lr = np.frombuffer(msg.pixels, np.uint8).reshape(msg.height, msg.width, fmt.channels)
         out = np.empty(self.engine.output_shape(msg.height, msg.width, fmt), np.uint8)
         job = Job(envelope, msg.req, msg.frame, fmt, msg.height, msg.width, received, lr=lr, out=out)
         self._queue.put(("inline", envelope[0]), job)
+
+    def _check_unread(self, client: bytes, result_bytes: int) -> None:
+        """BUSY while the client's earlier inline results still wait in ZeroMQ's queue beyond the budget: each is a
+        whole HR frame, so a client that sends and never reads would otherwise grow the daemon without bound."""
+        pending = [(tracker, size) for tracker, size in self._unread.pop(client, []) if not tracker.done]
+        unread = sum(size for _, size in pending)
+        if pending:
+            self._unread[client] = pending
+        if unread + result_bytes > max(self.config.max_unread_bytes, 2 * result_bytes):
+            raise BusyError(f"{unread >> 20} MiB of your earlier results are still unread; read them, then retry")
 
     def _on_close(self, msg: Message, envelope: list[bytes], received: float) -> Message:
         assert isinstance(msg, Close)
@@ -310,6 +318,9 @@ class Server:
     def _reap(self, now: float) -> None:
         for session in self._sessions.expired(now):
             self._end_session(session, f"lease expired (no message for {self.config.lease_timeout:g} s)")
+        for client, sent in list(self._unread.items()):  # forget clients whose results are all written out
+            if all(tracker.done for tracker, _ in sent):
+                del self._unread[client]
 
     def _release_job(self, job: Job) -> None:
         """Forget a job that will never run or whose result was delivered; unmap its session if it was the last."""
@@ -368,14 +379,13 @@ class Server:
             message = f"internal error: the reply broke the schema ({exc})"
             payload = encode(_error(reply.req, ErrorCode.INTERNAL, message))
         try:
-            self._router.send_multipart([*envelope, payload], zmq.NOBLOCK)
+            if isinstance(reply, Result):  # tracked: ZeroMQ marks it done once written out (or dropped)
+                tracker = self._router.send_multipart([*envelope, payload], zmq.NOBLOCK, copy=False, track=True)
+                self._unread.setdefault(envelope[0], []).append((tracker, len(payload)))
+            else:
+                self._router.send_multipart([*envelope, payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or its queue full: its loss, never block the daemon
             log.debug("reply to %s dropped: %s", envelope[0].hex()[:8], exc)
-
-
-def reply_backlog(config: Config) -> int:
-    """The most replies one client may leave unread before the daemon drops further ones (ZMQ_SNDHWM)."""
-    return config.max_queue + config.max_slots + 16
 
 
 def _error(req: int, code: ErrorCode, message: str) -> Error:
