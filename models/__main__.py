@@ -35,6 +35,7 @@ def _load(target: str) -> tuple[nn.Module, dict | None]:
 
 def info(target: str, width: int, height: int) -> str:
     model, metadata = _load(target)
+    _check_input(model, width, height)
     flops = count_flops(model, height, width)
     if arch_name(model).endswith("_teacher"):
         cf_size = f"{width // model.scale}x{height // model.scale}"
@@ -54,6 +55,17 @@ def info(target: str, width: int, height: int) -> str:
     return "\n".join(lines)
 
 
+def _check_input(model: nn.Module, width: int, height: int) -> None:
+    """ValueError for a size the model cannot read: below its smallest input, or (a teacher) not a multiple of its
+    scale."""
+    minimum = int(getattr(model, "min_input_size", 1))
+    if min(width, height) < minimum:
+        raise ValueError(f"{width}x{height} is smaller than the smallest input {minimum}x{minimum} of this model")
+    if arch_name(model).endswith("_teacher") and (width % model.scale or height % model.scale):
+        raise ValueError(f"a teacher reads the HR image: {width}x{height} must be a multiple of its scale "
+                         f"{model.scale}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(info(args.target, *args.input))
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -37,3 +37,11 @@ def test_info_on_a_bad_target_is_a_clear_error(tmp_path: Path) -> None:
     for target in ("not_a_model", str(broken)):
         result = _info(target)
         assert result.returncode == 2 and "error:" in result.stderr and target in result.stderr
+
+
+def test_info_on_a_size_the_model_cannot_read_is_a_clear_error() -> None:
+    small = _info("rlfn_s", "--input", "10x10")
+    assert small.returncode == 2 and "smaller than the smallest input 15x15" in small.stderr
+    odd = _info("pan_teacher", "--input", "1921x1080")
+    assert odd.returncode == 2 and "must be a multiple of its scale 2" in odd.stderr
+    assert "Traceback" not in small.stderr + odd.stderr

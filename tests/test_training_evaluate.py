@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from models import CheckpointError, build_model, count_macs, load_checkpoint, save_checkpoint
 from training.__main__ import _checkpoint_labels
 from training.config import Config, EvalConfig
 from training.data import degrade
@@ -116,6 +116,11 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
         ship_checkpoint(other, "x", "x", scores, out)
     relabelled = ship_checkpoint(other, "x", "x", scores, out, label="native_student")  # scored under another name
     assert relabelled["metrics"] == {"rendered-val-native": mean}
+
+    teacher = save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8),
+                              tmp_path / "native_student.safetensors", role="teacher", training=training)  # fmt: skip
+    shipped_teacher = ship_checkpoint(teacher, "t", "t", scores, out)
+    assert shipped_teacher["macs_960x540"] == count_macs(load_checkpoint(teacher).model, 1080, 1920)  # HR input
 
     bare = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "native_student.safetensors", role="student")
     before = json.loads((out / "weights.json").read_text())

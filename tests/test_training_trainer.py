@@ -450,6 +450,14 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot ship stage"):
         ship_run(run_dir, tmp_path / "students", stages=["student_takdsr", "ta7"])
 
+    unscored = json.loads((run_dir / "results.json").read_text())
+    del unscored["models"]["PISR'"]
+    (run_dir / "results.json").write_text(json.dumps(unscored))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "weights").iterdir()}
+    with pytest.raises(ValueError, match="has no scores for PISR'"):
+        ship_run(run_dir, tmp_path / "weights")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "weights").iterdir()} == before  # nothing replaced
+
 
 def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_path: Path) -> None:
     config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 2},

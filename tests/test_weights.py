@@ -17,6 +17,7 @@ from training.data import default_eval_dir, degrade, read_image
 from training.distill import mixed_input
 from training.evaluate import baseline_predictors, eval_sets
 from training.metrics import psnr
+from training.ship import file_sha256
 from upscaler_server.engine import create_engine
 
 INDEX = WEIGHTS_DIR / "weights.json"
@@ -75,6 +76,8 @@ def test_shipped_checkpoint_beats_bicubic(path: Path, request: pytest.FixtureReq
     assert (meta["role"], meta["arch"], meta["arch_args"]) == (entry["role"], entry["arch"], entry["arch_args"])
     assert meta["scale"] == 2 and meta["training"]["steps"] > 0
     assert meta["training"]["metrics"] == entry["metrics"] and meta["training"]["stage"] == entry["stage"]
+    # the bytes the index vouches for: a file holding another file's tensors under its own metadata fails here
+    assert file_sha256(path) == entry["sha256"], f"{path.name} is not the file weights.json describes"
     native = entry["lr_kinds"] == ["native"]
     pairs = request.getfixturevalue("native_frames" if native else "crops")
     bicubic = baseline_predictors(2)["bicubic"]

@@ -33,7 +33,8 @@ def measure_latency(
             torch.cuda.synchronize(device)
         if index >= warmup:
             times.append((time.perf_counter() - start) * 1000)
-    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    # inclusive: interpolate between the measured times, never extrapolate past the slowest (few repeats)
+    quantiles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return {
         "median_ms": statistics.median(times),
         "p90_ms": quantiles[-1],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,10 @@ def _markdown(run_dir: Path, results: dict[str, Any]) -> str:
     for name in _ordered(list(models)):
         t, latency = models[name].get("training", {}), models[name].get("latency")
         timing = f"{latency['median_ms']:.0f} ({latency['device']})" if latency else "-"
+        final_loss = t.get("final_loss")  # None for a checkpoint exported from a saved state
+        loss = f"{final_loss:.5f}" if final_loss is not None else "-"
         lines.append(f"| {name} | {t.get('steps')} | {t.get('batch_size')} | {t.get('device')} "
-                     f"| {t.get('seconds')} | {t.get('final_loss', float('nan')):.5f} | {timing} |")
+                     f"| {t.get('seconds')} | {loss} | {timing} |")
     lines += ["", "MACs: the teacher's are for its 1920x1080 HR input. Plots: loss_curves.png, psnr_per_model.png,",
               "crops_<set>.png (bicubic / X_s / PISR' / TAKDSR / TA / teacher / ground truth).", ""]
     return "\n".join(lines)
@@ -86,7 +89,7 @@ def _markdown(run_dir: Path, results: dict[str, Any]) -> str:
 def _plot_losses(run_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for metrics in sorted(run_dir.glob("*/metrics.jsonl")):
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        records = _loss_records(metrics)
         if records:
             ax.plot([r["step"] for r in records], [r["total"] for r in records], label=metrics.parent.name)
     ax.set(xlabel="step", ylabel="total loss", yscale="log", title="training loss per stage")
@@ -98,17 +101,32 @@ def _plot_losses(run_dir: Path) -> None:
     plt.close(fig)
 
 
+def _loss_records(path: Path) -> list[dict[str, Any]]:
+    """The step/total records of a stage's metrics.jsonl; a line cut short by a killed stage is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record and "total" in record:
+            records.append(record)
+    return records
+
+
 def _plot_psnr(run_dir: Path, results: dict[str, Any]) -> None:
     sets = list(results["sets"])
-    names = _ordered(list(results["sets"][sets[0]]["scores"])) if sets else []
+    names = _ordered(list({n: None for s in sets for n in results["sets"][s]["scores"]}))  # every set's models
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / max(1, len(sets))
+    all_values = []
     for index, set_name in enumerate(sets):
         scores = results["sets"][set_name]["scores"]
-        values = [scores[n]["mean"]["psnr_rgb"] for n in names]
+        values = [scores[n]["mean"]["psnr_rgb"] if n in scores else math.nan for n in names]  # not scored: no bar
+        values = [v if math.isfinite(v) else math.nan for v in values]  # identical images score inf: no bar either
         ax.bar(np.arange(len(names)) + index * width, values, width, label=set_name)
+        all_values += [v for v in values if math.isfinite(v)]
     ax.set_xticks(np.arange(len(names)) + width * (len(sets) - 1) / 2, names, rotation=20, fontsize=8)
-    all_values = [results["sets"][s]["scores"][n]["mean"]["psnr_rgb"] for s in sets for n in names]
     if all_values:
         ax.set_ylim(min(all_values) - 1, max(all_values) + 0.5)
     ax.set(ylabel="mean PSNR RGB (dB)", title="PSNR per model")

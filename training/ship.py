@@ -11,15 +11,26 @@ run folder as finished stages, so that `pipeline --stages ...` trains new studen
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from models import Checkpoint, count_macs, count_parameters, load_checkpoint, read_metadata, save_checkpoint
+from models import (
+    Checkpoint,
+    Teacher,
+    count_macs,
+    count_parameters,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from training.trainer import FINAL_FILE
 
-__all__ = ["SHIPPED", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
+__all__ = ["SHIPPED", "file_sha256", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
 
 # pipeline stage -> (file name stem in models/weights, the name used in reports)
 SHIPPED = {
@@ -39,13 +50,18 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None) -> d
     if unknown or stages == []:
         raise ValueError(f"cannot ship stage(s) {unknown or stages}; shippable: {', '.join(SHIPPED)}")
     results = json.loads((run_dir / "results.json").read_text())
+    bicubic = {set_name: data["scores"]["bicubic"]["mean"] for set_name, data in results["sets"].items()}
+    # everything is loaded and looked up first: a missing stage or score fails before any file is replaced
+    chosen = [(stage, stem, display) for stage, (stem, display) in SHIPPED.items() if stages is None or stage in stages]
+    loaded = []
+    for stage, stem, display in chosen:
+        checkpoint = load_checkpoint(run_dir / stage / FINAL_FILE)
+        if display not in results["models"] or any(display not in d["scores"] for d in results["sets"].values()):
+            raise ValueError(f"{run_dir / 'results.json'} has no scores for {display} ({stage}): evaluate the run")
+        loaded.append((checkpoint, stem, display))
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
-    bicubic = {set_name: data["scores"]["bicubic"]["mean"] for set_name, data in results["sets"].items()}
-    for stage, (stem, display) in SHIPPED.items():
-        if stages is not None and stage not in stages:
-            continue
-        checkpoint = load_checkpoint(run_dir / stage / FINAL_FILE)
+    for checkpoint, stem, display in loaded:
         family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
         name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
         info = results["models"][display]
@@ -54,7 +70,7 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None) -> d
             scores={set_name: data["scores"][display]["mean"] for set_name, data in results["sets"].items()},
             bicubic=bicubic, params=info["params"], macs=info["macs"], latency=info.get("latency"),
         )  # fmt: skip
-    (out_dir / "weights.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_index(out_dir, index)
     return index
 
 
@@ -77,13 +93,15 @@ def ship_checkpoint(
     file_name = f"{name}.safetensors"
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
+    model = checkpoint.model
+    side = model.scale if isinstance(model, Teacher) else 1  # a teacher reads the HR frame: 1920x1080 at x2
     index[file_name] = _ship_file(
         checkpoint, out_dir / file_name, report_name=report_name, run=path.parent.name,
         scores={set_name: scores[label]["mean"] for set_name, scores in all_scores.items()},
         bicubic={set_name: scores["bicubic"]["mean"] for set_name, scores in all_scores.items()},
-        params=count_parameters(checkpoint.model), macs=count_macs(checkpoint.model, 540, 960), latency=None,
+        params=count_parameters(model), macs=count_macs(model, 540 * side, 960 * side), latency=None,
     )  # fmt: skip
-    (out_dir / "weights.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_index(out_dir, index)
     return index[file_name]
 
 
@@ -133,7 +151,12 @@ def _ship_file(
         "lr_kinds": lr_kinds(training["config"]),
     }
     save_checkpoint(checkpoint.model, path, role=metadata["role"], training=training)
+    entry["sha256"] = file_sha256(path)  # the test of the shipped weights checks it: no file swaps its tensors
     return entry
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def lr_kinds(config: dict[str, Any]) -> list[str]:
@@ -145,3 +168,12 @@ def lr_kinds(config: dict[str, Any]) -> list[str]:
 def _read_index(out_dir: Path) -> dict[str, Any]:
     index_path = out_dir / "weights.json"
     return json.loads(index_path.read_text()) if index_path.exists() else {}
+
+
+def _write_index(out_dir: Path, index: dict[str, Any]) -> None:
+    """weights.json, replaced atomically: an interrupted write never leaves half an index."""
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=out_dir)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(index, indent=2) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the index is as readable as the weights
+    os.replace(tmp, out_dir / "weights.json")
