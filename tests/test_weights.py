@@ -13,11 +13,10 @@ import torch
 
 from models import DEFAULT_STUDENT_PATH, NATIVE_STUDENT_PATH, WEIGHTS_DIR, Teacher, load_checkpoint
 from training.config import Config, EvalConfig
-from training.data import default_eval_dir, degrade, read_image
+from training.data import default_eval_dir, degrade, file_sha256, read_image
 from training.distill import mixed_input
 from training.evaluate import baseline_predictors, eval_sets
 from training.metrics import psnr
-from training.ship import file_sha256
 from upscaler_server.engine import create_engine
 
 INDEX = WEIGHTS_DIR / "weights.json"

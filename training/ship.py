@@ -11,11 +11,8 @@ run folder as finished stages, so that `pipeline --stages ...` trains new studen
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +25,10 @@ from models import (
     read_metadata,
     save_checkpoint,
 )
+from training.data import file_sha256, write_json_atomic
 from training.trainer import FINAL_FILE
 
-__all__ = ["SHIPPED", "file_sha256", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
+__all__ = ["SHIPPED", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
 
 # pipeline stage -> (file name stem in models/weights, the name used in reports)
 SHIPPED = {
@@ -155,10 +153,6 @@ def _ship_file(
     return entry
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def lr_kinds(config: dict[str, Any]) -> list[str]:
     """The kinds of LR a checkpoint was trained on ("bicubic", "native"), from its saved training config."""
     sources = config.get("data", {}).get("sources", [])
@@ -172,8 +166,4 @@ def _read_index(out_dir: Path) -> dict[str, Any]:
 
 def _write_index(out_dir: Path, index: dict[str, Any]) -> None:
     """weights.json, replaced atomically: an interrupted write never leaves half an index."""
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=out_dir)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(index, indent=2) + "\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the index is as readable as the weights
-    os.replace(tmp, out_dir / "weights.json")
+    write_json_atomic(out_dir / "weights.json", index, indent=2, sort_keys=False)

@@ -11,10 +11,12 @@ from training.data.images import (
     DatasetError,
     ImageReadError,
     SkippedFilesWarning,
+    file_sha256,
     read_image,
     scan_images,
     to_tensor,
     to_uint8,
+    write_json_atomic,
     write_png,
 )
 from training.data.paths import default_eval_dir, reserved_scenes, shared_dir
@@ -42,6 +44,7 @@ __all__ = [
     "default_eval_dir",
     "degrade",
     "downscale_bicubic",
+    "file_sha256",
     "load_scene_list",
     "loop_period",
     "quantize_8bit",
@@ -55,6 +58,7 @@ __all__ = [
     "to_tensor",
     "to_uint8",
     "worker_start_method",
+    "write_json_atomic",
     "write_png",
     "write_scene_frames",
 ]

@@ -7,7 +7,9 @@ Alpha is dropped, not composited: in rendered frames and game captures the alpha
 back buffer's alpha is often 0 or junk), and compositing over a background would darken or erase those frames.
 """
 
+import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +26,14 @@ __all__ = [
     "ImageInfo",
     "ImageReadError",
     "SkippedFilesWarning",
+    "file_sha256",
     "read_image",
     "read_image_array",
     "read_manifest",
     "scan_images",
     "to_tensor",
     "to_uint8",
+    "write_json_atomic",
     "write_png",
 ]
 
@@ -65,6 +69,18 @@ def read_manifest(path: Path, tables: tuple[str, ...], command: str) -> dict:
         raise DatasetError(f"{path} was not written by `python -m training.data {command}` (no "
                            f"{' / '.join(tables)} table): use another --out folder")
     return manifest
+
+
+def write_json_atomic(path: Path, value: object, *, indent: int = 1, sort_keys: bool = True) -> None:
+    """Write `value` as JSON through a temporary file and a rename: a killed writer never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, as the data commands' manifests and weights.json record it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

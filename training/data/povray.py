@@ -12,7 +12,6 @@ states it.
 
 import fnmatch
 import hashlib
-import json
 import os
 import posixpath
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from training.data.images import MANIFEST_NAME, read_manifest
+from training.data.images import MANIFEST_NAME, file_sha256, read_manifest, write_json_atomic
 from training.data.paths import reserved_scenes
 
 __all__ = [
@@ -152,10 +151,6 @@ def povray_command(
     return ["povray", *size, aa, *threads, "+FN", "-D", "-V", *scene_args]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def pixels_sha256(path: Path) -> str:
     """sha256 of an image's decoded pixels and shape: equal for equal pictures, whatever the file's metadata
     (POV-Ray writes the render date into the PNG) or compression."""
@@ -204,7 +199,7 @@ def render_scene(
         shutil.move(rendered, final.with_suffix(".part"))
         os.replace(final.with_suffix(".part"), final)
     return RenderRecord(
-        scene, final.name, command, round(seconds, 2), _sha256(final), pixels_sha256(final), scene_licence(scene),
+        scene, final.name, command, round(seconds, 2), file_sha256(final), pixels_sha256(final), scene_licence(scene),
         width, height,
     )  # fmt: skip
 
@@ -213,18 +208,12 @@ def _load_manifest(path: Path) -> dict:
     return read_manifest(path, ("scenes", "failed"), "povray")
 
 
-def _save_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _is_done(out_dir: Path, record: dict | None, command: list[str]) -> bool:
     """Rendered already with this exact command, and the PNG is the one the manifest hashed."""
     if record is None or record["command"] != command:
         return False
     png = out_dir / record["png"]
-    return png.is_file() and _sha256(png) == record["sha256"]
+    return png.is_file() and file_sha256(png) == record["sha256"]
 
 
 def render_scenes(
@@ -269,7 +258,7 @@ def render_scenes(
                 manifest["failed"].pop(scene, None)
             except (RuntimeError, OSError) as exc:
                 manifest["failed"][scene] = str(exc)
-            _save_manifest(manifest_path, manifest)
+            write_json_atomic(manifest_path, manifest)
             bar.update()
         bar.close()
     return manifest

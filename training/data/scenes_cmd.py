@@ -5,10 +5,7 @@ the native render at LR size, or `degrade` of the HR), `manifest.json`. Frame k 
 `k // P`-th time of the split (see sources.scene_times), so train and val frames never share a time.
 """
 
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +14,16 @@ import numpy as np
 from tqdm import tqdm
 
 from training.data.degrade import degrade
-from training.data.images import MANIFEST_NAME, DatasetError, read_manifest, to_tensor, to_uint8, write_png
+from training.data.images import (
+    MANIFEST_NAME,
+    DatasetError,
+    file_sha256,
+    read_manifest,
+    to_tensor,
+    to_uint8,
+    write_json_atomic,
+    write_png,
+)
 from training.data.sources import LazyRenderer, LrKind, Split, check_presets, frame_name, loop_period, scene_times
 
 __all__ = ["FrameRecord", "frame_plan", "write_scene_frames"]
@@ -48,10 +54,6 @@ def frame_plan(presets: list[str], count: int, split: Split) -> list[tuple[str, 
     per_preset = math.ceil(count / len(presets))
     times = {p: scene_times(split, per_preset, loop_period(p)) for p in presets}
     return [(presets[k % len(presets)], times[presets[k % len(presets)]][k // len(presets)]) for k in range(count)]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _files_exist(out_dir: Path, record: dict) -> bool:
@@ -109,10 +111,8 @@ def write_scene_frames(
         write_png(lr_path, lr)
         record = FrameRecord(
             name, preset, t, split, f"hr/{name}.png", f"{lr_dir}/{name}.png", width, height, scale, lr_kind,
-            supersample, round(seconds, 3), _sha256(hr_path), _sha256(lr_path),
+            supersample, round(seconds, 3), file_sha256(hr_path), file_sha256(lr_path),
         )  # fmt: skip
         manifest["frames"][name] = asdict(record)
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, manifest_path)
+        write_json_atomic(manifest_path, manifest)
     return manifest
