@@ -26,9 +26,8 @@ import torch
 
 from models import Teacher, load_checkpoint
 from models.encoder import LEVELS, quantize_8bit
-from training.__main__ import _checkpoint_labels
 from training.config import Config, EvalConfig
-from training.evaluate import EvalImage, eval_sets
+from training.evaluate import EvalImage, eval_sets, unique_labels
 from training.metrics import image_metrics, psnr
 
 
@@ -101,7 +100,7 @@ def main() -> int:
     )
     images = next(iter(eval_sets(Config(eval=eval_config), scale).values()))
     results = [
-        {"label": label, **probe(path, images, scale)} for label, path in _checkpoint_labels(args.checkpoints).items()
+        {"label": label, **probe(path, images, scale)} for label, path in unique_labels(args.checkpoints).items()
     ]
     columns = ["teacher", "CF kind", "PSNR as trained", "PSNR, kind switched", "outside [0,1]", "to nearest level",
                "levels/ch", "CF' vs X dB"]  # fmt: skip

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from models import CheckpointError, build_model, count_macs, load_checkpoint, save_checkpoint
-from training.__main__ import _checkpoint_labels
 from training.config import Config, EvalConfig
 from training.data import degrade
-from training.evaluate import eval_sets
+from training.evaluate import eval_sets, unique_labels
 from training.ship import seed_run, ship_checkpoint
 
 from training_utils import make_image_folder
@@ -176,15 +175,15 @@ def test_seed_run_command_line(tmp_path: Path) -> None:
 def test_checkpoint_labels_are_unique_and_short() -> None:
     paths = [Path("runs/a/student/final.safetensors"), Path("runs/b/student/final.safetensors"),
              Path("runs/a/ta1/final.safetensors"), Path("models/weights/rlfn_s_takdsr_x2.safetensors")]  # fmt: skip
-    labels = _checkpoint_labels(paths)
+    labels = unique_labels(paths)
     assert list(labels) == ["a/student/final", "b/student/final", "ta1/final", "rlfn_s_takdsr_x2"]
     assert list(labels.values()) == paths
-    nested = _checkpoint_labels([Path("final.safetensors"), Path("x/final.safetensors")])
+    nested = unique_labels([Path("final.safetensors"), Path("x/final.safetensors")])
     assert list(nested) == ["final", "x/final"]  # a path with no folders left is named by itself
-    suffixes = _checkpoint_labels([Path("plain/mine.safetensors"), Path("plain/mine.bak")])
+    suffixes = unique_labels([Path("plain/mine.safetensors"), Path("plain/mine.bak")])
     assert list(suffixes) == ["plain/mine.safetensors", "plain/mine.bak"]  # only the suffix tells them apart
     with pytest.raises(ValueError, match="given twice"):
-        _checkpoint_labels([Path("x/final.safetensors"), Path("x/../x/final.safetensors")])
+        unique_labels([Path("x/final.safetensors"), Path("x/../x/final.safetensors")])
 
 
 def test_scores_table_merges_files_and_names_rows(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from training.evaluate import (
     checkpoint_predictor,
     min_lr_side,
     score_sets,
+    unique_labels,
 )
 from training.latency import measure_latency
 from training.pipeline import run_pipeline
@@ -120,37 +121,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     eval_config = builtin_sets_config(names, args.data, args.frames)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictors = dict(baseline_predictors(scale))
-    for label, path in _checkpoint_labels(args.checkpoint).items():
+    for label, path in unique_labels(args.checkpoint).items():
         predictors[label] = checkpoint_predictor(path, device, args.teacher)
     models = [*args.checkpoint, *([args.teacher] if args.teacher else [])]
     score_sets(predictors, eval_config, scale, args.json, min_lr_side(models, scale))
     return 0
-
-
-def _checkpoint_labels(paths: list[Path]) -> dict[str, Path]:
-    """Short unique names for the tables: the file's stem, with as many parent folders in front as it
-    takes to tell apart files whose stems repeat (e.g. RUN/STAGE/final in several pipeline runs)."""
-    if len({path.resolve() for path in paths}) != len(paths):
-        raise ValueError("the same checkpoint is given twice")
-    depths = [0] * len(paths)
-    while True:
-        labels = [_label(path, depth) for path, depth in zip(paths, depths, strict=True)]
-        repeated = [i for i, label in enumerate(labels) if labels.count(label) > 1]
-        if not repeated:
-            return dict(zip(labels, paths, strict=True))
-        for i in repeated:
-            depths[i] += 1
-
-
-def _label(path: Path, depth: int) -> str:
-    """The stem of `path` after its last `depth` parent folders (the whole path when it has fewer), and one step
-    further the whole path with its suffix (distinct files differ there: plain/mine.safetensors, plain/mine.bak)."""
-    parents = path.parent.parts
-    if depth > len(parents) + 1:
-        return str(path)
-    if depth > len(parents):
-        return str(path.with_suffix(""))
-    return "/".join([*parents[len(parents) - depth :], path.stem])
 
 
 def _latency(args: argparse.Namespace) -> int:

@@ -35,9 +35,9 @@ __all__ = [
     "checkpoint_predictor",
     "eval_sets",
     "evaluate",
-    "folder_set_names",
     "min_lr_side",
     "score_sets",
+    "unique_labels",
 ]
 
 # (1, 3, h, w) LR and (1, 3, H, W) HR in [0, 1] -> (1, 3, H, W) SR
@@ -78,26 +78,41 @@ def eval_sets(config: Config, scale: int, min_lr_side: int = 1) -> dict[str, lis
         if asked:
             wanted[name] = SourceConfig(kind="scenes", width=width, height=height,
                                         frames_per_preset=config.eval.rendered_frames, lr_kind=lr_kind)  # fmt: skip
-    for name, folder in folder_set_names(config.eval.folders).items():
+    folders = [Path(folder).resolve() for folder in config.eval.folders]  # resolved: "." has a name too
+    for name, folder in unique_labels(folders, "image folder", keep_suffix=True).items():
         if name in wanted:
             raise ValueError(f"the image folder {folder} would be scored as {name!r}, the name of a built-in set; "
                              "rename the folder or leave that set out")
-        wanted[name] = SourceConfig(kind="folder", path=folder)
+        wanted[name] = SourceConfig(kind="folder", path=str(folder))
     return {name: list(_images(base, source, scale, config, min_lr_side)) for name, source in wanted.items()}
 
 
-def folder_set_names(folders: list[str]) -> dict[str, str]:
-    """A set name for each image folder: its name, with as many parent folders in front as it takes to tell
-    apart folders of the same name (a/imgs, b/imgs). The same folder twice is an error."""
-    paths = [Path(folder) for folder in folders]
+def unique_labels(paths: list[Path], what: str = "checkpoint", *, keep_suffix: bool = False) -> dict[str, Path]:
+    """Short unique names for the tables: each path's stem (its whole name with `keep_suffix`, for folders), with
+    as many parent folders in front as it takes to tell apart paths whose names repeat (RUN/STAGE/final in several
+    pipeline runs, a/imgs and b/imgs). The same `what` given twice is a ValueError."""
     if len({path.resolve() for path in paths}) != len(paths):
-        raise ValueError(f"an image folder is given twice: {', '.join(folders)}")
-    depth = 1
+        raise ValueError(f"the same {what} is given twice")
+    depths = [0] * len(paths)
     while True:
-        names = ["/".join(path.resolve().parts[-depth:]) for path in paths]
-        if len(set(names)) == len(names):
-            return dict(zip(names, folders, strict=True))
-        depth += 1  # resolved, distinct paths differ within their full length, so this ends
+        labels = [_label(path, depth, keep_suffix) for path, depth in zip(paths, depths, strict=True)]
+        repeated = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        if not repeated:
+            return dict(zip(labels, paths, strict=True))
+        for i in repeated:
+            depths[i] += 1
+
+
+def _label(path: Path, depth: int, keep_suffix: bool) -> str:
+    """The stem (or name) of `path` after its last `depth` parent folders (the whole path when it has fewer), and
+    one step further the whole path with its suffix (distinct files differ there: plain/mine.safetensors,
+    plain/mine.bak)."""
+    parents = path.parent.parts
+    if depth > len(parents) + 1 or (keep_suffix and depth > len(parents)):
+        return str(path)
+    if depth > len(parents):
+        return str(path.with_suffix(""))
+    return "/".join([*parents[len(parents) - depth :], path.name if keep_suffix else path.stem])
 
 
 def min_lr_side(paths: list[str | Path], scale: int) -> int:
