@@ -23,7 +23,7 @@ from .pan import PAN, PANConfig
 from .registry import arch_name, build_model, list_models
 from .rfdn import RFDN, RFDNConfig
 from .rlfn import RLFN, RLFNConfig
-from .teacher import Teacher, TeacherOutput, init_from_teacher
+from .teacher import Teacher, TeacherOutput, init_from_teacher, min_lr_size
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # The student the daemon runs by default (trained by the TAKDSR pipeline on bicubic LR, x2).
@@ -59,6 +59,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "load_model",
+    "min_lr_size",
     "quantize_8bit",
     "read_metadata",
     "save_checkpoint",

@@ -19,7 +19,7 @@ from torch import nn
 from .base import SRDecoder
 from .encoder import CompactEncoder
 
-__all__ = ["Teacher", "TeacherOutput", "init_from_teacher"]
+__all__ = ["Teacher", "TeacherOutput", "init_from_teacher", "min_lr_size"]
 
 
 class TeacherOutput(NamedTuple):
@@ -64,6 +64,12 @@ class Teacher(nn.Module):
         cf_prime = self.encoder.decoder_input(cf)
         image, features = self.decoder.forward_with_features(cf_prime)
         return TeacherOutput(image, cf, cf_prime, features)
+
+
+def min_lr_size(model: nn.Module) -> int:
+    """The smallest LR height and width a model works at: a decoder's own minimum; a teacher's decoder's (the
+    teacher reads an HR image `scale` times that)."""
+    return int((model.decoder if isinstance(model, Teacher) else model).min_input_size)
 
 
 def init_from_teacher(teacher: Teacher | SRDecoder, blocks: int) -> SRDecoder:

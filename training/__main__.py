@@ -124,7 +124,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     for label, path in unique_labels(args.checkpoint).items():
         predictors[label] = checkpoint_predictor(path, device, args.teacher)
     models = [*args.checkpoint, *([args.teacher] if args.teacher else [])]
-    score_sets(predictors, eval_config, scale, args.json, min_lr_side(models, scale))
+    score_sets(predictors, eval_config, scale, args.json, min_lr_side(models))
     return 0
 
 

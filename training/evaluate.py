@@ -20,7 +20,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models import Teacher, TeacherOutput, count_macs, count_parameters, load_checkpoint, read_metadata
+from models import (
+    Teacher,
+    TeacherOutput,
+    count_macs,
+    count_parameters,
+    load_checkpoint,
+    min_lr_size,
+    read_metadata,
+)
 from training.config import Config, EvalConfig
 from training.data import DataConfig, SourceConfig, build_eval_dataset, to_tensor, to_uint8
 from training.distill import mixed_input
@@ -115,15 +123,9 @@ def _label(path: Path, depth: int, keep_suffix: bool) -> str:
     return "/".join([*parents[len(parents) - depth :], path.name if keep_suffix else path.stem])
 
 
-def min_lr_side(paths: list[str | Path], scale: int) -> int:
-    """The smallest LR side every checkpoint in `paths` accepts (RLFN's and RFDN's ESA pool a 15-pixel window);
-    a teacher reads the HR image, so its minimum is divided by the scale."""
-    sides = [1]
-    for path in paths:
-        model = load_checkpoint(path).model
-        minimum = int(getattr(model, "min_input_size", 1))
-        sides.append(-(-minimum // scale) if isinstance(model, Teacher) else minimum)
-    return max(sides)
+def min_lr_side(paths: list[str | Path]) -> int:
+    """The smallest LR side every checkpoint in `paths` accepts (RLFN's and RFDN's ESA pool a 15-pixel window)."""
+    return max([1, *(min_lr_size(load_checkpoint(path).model) for path in paths)])
 
 
 def builtin_sets_config(names: list[str], folders: list[Path], rendered_frames: int = 2) -> EvalConfig:

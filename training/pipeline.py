@@ -125,7 +125,7 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
         teacher = run_dir / "teacher" / FINAL_FILE if stage.role == "ta" else None
         predictors[display_name(stage.name)] = checkpoint_predictor(run_dir / stage.name / FINAL_FILE, device, teacher)
     results: dict[str, Any] = {"scale": scale, "sets": {}, "crops": {}, "models": {}}
-    for set_name, images in eval_sets(config, scale, min_lr_side(list(checkpoints.values()), scale)).items():
+    for set_name, images in eval_sets(config, scale, min_lr_side(list(checkpoints.values()))).items():
         scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure)
         results["sets"][set_name] = {"images": [image.name for image in images], "scores": scores}
         results["crops"][set_name] = crops

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from models import Teacher, build_model, init_from_teacher, load_checkpoint, save_checkpoint
+from models import Teacher, build_model, init_from_teacher, load_checkpoint, min_lr_size, save_checkpoint
 from training.config import Config, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.distill import Distillation, Guide, TrainedModel
@@ -431,15 +431,13 @@ def stage_blocks(config: Config) -> int:
 
 def check_patch_size(patch_size: int, scale: int, networks: list[nn.Module]) -> None:
     """Refuse training patches too small for a network (RLFN's and RFDN's ESA pool a 15-pixel LR window), with the
-    smallest that works, rather than failing inside a pooling layer. A teacher reads the HR patch, the others
-    the LR one (patch_size / scale)."""
+    smallest that works, rather than failing inside a pooling layer (a teacher reads the HR patch, the others the
+    LR one: either way the LR side patch_size / scale is what must reach the minimum)."""
     for network in networks:
-        side = patch_size if isinstance(network, Teacher) else patch_size // scale
-        minimum = int(getattr(network, "min_input_size", 1))
-        if side < minimum:
-            smallest = minimum if isinstance(network, Teacher) else minimum * scale
+        minimum = min_lr_size(network)
+        if patch_size // scale < minimum:
             raise ValueError(f"data.patch_size {patch_size} is too small for {type(network).__name__}: it needs "
-                             f"patches of at least {smallest} px at x{scale}")
+                             f"patches of at least {minimum * scale} px at x{scale}")
 
 
 def build_stage_network(config: Config) -> nn.Module:
