@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,17 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training_utils import make_image_folder
+from training_utils import load_script, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bicubic_floors.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("bicubic_floors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _keys_weights(t: float, a: float) -> float:
@@ -34,7 +26,7 @@ def _keys_weights(t: float, a: float) -> float:
 def test_the_kernel_is_keys_a_minus_half_by_hand() -> None:
     """One row, away from the borders: each x2 output sample is the a = -0.5 kernel at offsets +-0.25, +-0.75, ..."""
     row = torch.tensor([0, 40, 200, 90, 10, 250, 120, 30], dtype=torch.float32) / 255
-    out = _script().keys_bicubic(row.expand(1, 3, 4, 8).contiguous(), 2)[0, 0, 0]
+    out = load_script(SCRIPT).keys_bicubic(row.expand(1, 3, 4, 8).contiguous(), 2)[0, 0, 0]
     for j in range(4, 11):  # output sample j sits at input position (j + 0.5) / 2 - 0.5
         x = (j + 0.5) / 2 - 0.5
         taps = range(int(np.floor(x)) - 1, int(np.floor(x)) + 3)

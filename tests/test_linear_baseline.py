@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,22 +12,15 @@ import torch
 
 from training.config import dump_toml
 
-from training_utils import make_image_folder, tiny_config
+from training_utils import load_script, make_image_folder, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "linear_baseline.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("linear_baseline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(("window", "scale"), [(3, 2), (5, 3)])
 def test_fit_recovers_a_linear_upsampler_exactly(window: int, scale: int) -> None:
-    script = _script()
+    script = load_script(SCRIPT)
     generator = torch.Generator().manual_seed(window)
     truth = script.LinearUpsampler(
         torch.randn(3 * window * window + 1, 3 * scale * scale, generator=generator, dtype=torch.float64),
@@ -45,7 +37,7 @@ def test_fit_recovers_a_linear_upsampler_exactly(window: int, scale: int) -> Non
 
 
 def test_fit_rejects_bad_windows_and_inputs() -> None:
-    script = _script()
+    script = load_script(SCRIPT)
     pair = (torch.rand(3, 4, 4), torch.rand(3, 8, 8))
     with pytest.raises(ValueError, match="odd"):
         script.fit_linear_upsampler([pair], 4, 2)

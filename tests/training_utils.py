@@ -1,8 +1,10 @@
-"""Helpers for the trainer tests: a synthetic image folder and a tiny experiment config."""
+"""Helpers for the trainer tests: a synthetic image folder, a tiny experiment config, the analysis scripts."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -10,6 +12,14 @@ import numpy as np
 from training.config import Config, from_dict
 
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "smoke_cpu.toml"
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of scripts/ imported as a module (they are not a package), to test its functions directly."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_image_folder(folder: Path, count: int = 6, size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:
