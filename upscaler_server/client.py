@@ -131,7 +131,7 @@ class _Link:
         deadline = time.monotonic() + timeout
         while req not in self._mailbox:
             left = deadline - time.monotonic()
-            if not self._socket.poll(max(0, int(left * 1000)) if left > 0 else 0, zmq.POLLIN):
+            if not self._socket.poll(max(0, int(left * 1000)), zmq.POLLIN):  # 0 when due: only what has arrived
                 return None
             reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
             if reply.req in self._waiting:  # anything else answers a request given up on

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pathlib
 import queue
@@ -274,9 +275,10 @@ class Server:
         if len(msg.pixels) != expected:
             raise ProtocolError(f"pixels has {len(msg.pixels)} bytes; {msg.width}x{msg.height} {fmt.name} needs "
                                 f"{expected}", ErrorCode.INVALID_FIELD, msg.req)
-        self._check_unread(envelope[0], expected * self.engine.scale**2)
+        out_shape = self.engine.output_shape(msg.height, msg.width, fmt)
+        self._check_unread(envelope[0], math.prod(out_shape))
         lr = np.frombuffer(msg.pixels, np.uint8).reshape(msg.height, msg.width, fmt.channels)
-        out = np.empty(self.engine.output_shape(msg.height, msg.width, fmt), np.uint8)
+        out = np.empty(out_shape, np.uint8)
         job = Job(envelope, msg.req, msg.frame, fmt, msg.height, msg.width, received, lr=lr, out=out)
         self._queue.put(("inline", envelope[0]), job)
 

@@ -21,7 +21,7 @@ from upscaler_server.config import add_backend_arguments
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 
-__all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "upscale_file"]
+__all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "output_path", "upscale_file"]
 
 log = logging.getLogger("upscaler_server.upscale")
 
@@ -46,14 +46,18 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
     return files
 
 
-def check_targets(files: Iterable[pathlib.Path], out_dir: pathlib.Path) -> None:
-    """ConfigError when an output <stem>.png would be one of the inputs (an input PNG inside the output folder):
-    the inputs are never overwritten."""
+def output_path(src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    """Where the upscaled ``src`` is written: ``out_dir``/<stem>.png."""
+    return out_dir / f"{src.stem}.png"
+
+
+def check_targets(files: list[pathlib.Path], out_dir: pathlib.Path) -> None:
+    """ConfigError when an output would be one of the inputs (an input PNG inside the output folder): the inputs
+    are never overwritten."""
     sources = {f.resolve() for f in files}
     for f in files:
-        target = (out_dir / f"{f.stem}.png").resolve()
-        if target in sources:
-            raise ConfigError(f"{out_dir / (f.stem + '.png')} is an input: writing it would overwrite the original; "
+        if output_path(f, out_dir).resolve() in sources:
+            raise ConfigError(f"{output_path(f, out_dir)} is an input: writing it would overwrite the original; "
                               "choose another output folder")
 
 
@@ -73,7 +77,7 @@ def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pa
         hr = engine.run(np.ascontiguousarray(image), fmt)
     except UpscalerError as exc:  # e.g. smaller than the model's minimum: say which file
         raise UpscalerError(f"{src}: {exc}", exc.code) from None
-    target = out_dir / f"{src.stem}.png"
+    target = output_path(src, out_dir)
     if not cv2.imwrite(str(target), hr):
         raise UpscalerError(f"cannot write {target}")
     return target
