@@ -43,6 +43,7 @@ __all__ = [
     "checkpoint_predictor",
     "eval_sets",
     "evaluate",
+    "macs_at",
     "min_lr_side",
     "score_sets",
     "unique_labels",
@@ -250,12 +251,15 @@ def checkpoint_predictor(path: str | Path, device: torch.device, teacher_path: s
 def model_info(path: str | Path, lr_size: tuple[int, int], scale: int) -> ModelInfo:
     checkpoint = load_checkpoint(path)
     model: nn.Module = checkpoint.model
+    return ModelInfo(count_parameters(model), macs_at(model, lr_size), checkpoint.metadata["role"], str(path))
+
+
+def macs_at(model: nn.Module, lr_size: tuple[int, int]) -> int:
+    """MACs for an LR input of `lr_size` (width, height); a teacher's at the matching HR size, which it reads."""
     width, height = lr_size
     if isinstance(model, Teacher):
-        width, height = width * scale, height * scale
-    return ModelInfo(
-        count_parameters(model), count_macs(model, height, width), checkpoint.metadata["role"], str(path)
-    )
+        width, height = width * model.scale, height * model.scale
+    return count_macs(model, height, width)
 
 
 @torch.no_grad()

@@ -16,16 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from models import (
-    Checkpoint,
-    Teacher,
-    count_macs,
-    count_parameters,
-    load_checkpoint,
-    read_metadata,
-    save_checkpoint,
-)
+from models import Checkpoint, count_parameters, load_checkpoint, read_metadata, save_checkpoint
 from training.data import file_sha256, write_json_atomic
+from training.evaluate import macs_at
+from training.pipeline import REPORT_LR_SIZE
 from training.trainer import FINAL_FILE
 
 __all__ = ["SHIPPED", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
@@ -92,12 +86,11 @@ def ship_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
     model = checkpoint.model
-    side = model.scale if isinstance(model, Teacher) else 1  # a teacher reads the HR frame: 1920x1080 at x2
     index[file_name] = _ship_file(
         checkpoint, out_dir / file_name, report_name=report_name, run=path.parent.name,
         scores={set_name: scores[label]["mean"] for set_name, scores in all_scores.items()},
         bicubic={set_name: scores["bicubic"]["mean"] for set_name, scores in all_scores.items()},
-        params=count_parameters(model), macs=count_macs(model, 540 * side, 960 * side), latency=None,
+        params=count_parameters(model), macs=macs_at(model, REPORT_LR_SIZE), latency=None,
     )  # fmt: skip
     _write_index(out_dir, index)
     return index[file_name]
