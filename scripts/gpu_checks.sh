@@ -4,7 +4,8 @@
 #   tests     (120 s) the GPU tests
 #   latency    (60 s) the inference time of every shipped model at 960x540
 #   e2e       (120 s) the daemon end to end at 1920x1080, without and with --overlap
-#   backends  (240 s) the backend table at 1920x1080 (eager and compiled fp16, plain and channels padded to 8)
+#   backends  (240 s) the backend table at 1920x1080: eager and compiled fp16, each plain, with a CUDA graph per
+#                     resolution, and with the graph and channels padded to 8 (one change per step)
 #   students  (450 s) the three RLFN students retrained side by side at equal steps (scripts/matched_students.sh);
 #                     needs data/povray carried (64 MiB in all) and the GL loaders of --download-wheels
 # No PART runs tests, latency, e2e and backends (540 s: one device call with timeout_s=600). A lease of 15 minutes
@@ -23,6 +24,9 @@ MISSING=(pyzmq==27.1.0 tomli-w==1.2.0 moderngl==5.13.0 glcontext==3.1.0)
 # The GL loaders (glvnd) the image lacks: the NVIDIA driver's EGL is reached through them (the device's README)
 GL_LOADERS=(libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 DEFAULT_PARTS=(tests latency e2e backends)
+# The backend table's rows: each one change from the row before it (graphs, then padding), for eager and compile
+BACKEND_ROWS=eager-fp32,eager-fp16,eager-fp16-graphs,eager-fp16-pad8-graphs
+BACKEND_ROWS+=,compile-fp16,compile-fp16-graphs,compile-fp16-pad8-graphs
 
 download() {
     local platforms=() apt_opts=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
@@ -60,14 +64,15 @@ PY=${PYTHON:-python3}
 export PYTHON=$PY # the students part's scripts start their trainers with it
 OUT=${OUT:-gpu_out}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# first: the carried wheels are for the GPU image's python and may not install anywhere else
+if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_checks: no CUDA device visible to $PY" >&2
+    exit 2
+fi
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$WHEELS"/*.whl || exit 1
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "gpu_checks: no CUDA device visible to $PY" >&2
-    exit 2
 fi
 mkdir -p "$OUT"
 
@@ -98,7 +103,7 @@ for name in "${parts[@]}"; do
             --checkpoint $STUDENT --sizes 1920x1080 --frames 200 --budget 10 --overlap --json $OUT/e2e_overlap.json" ;;
     backends)
         part backends 240 "$PY" -m upscaler_server.bench --device cuda --checkpoint "$STUDENT" --skip-e2e \
-            --sizes 1920x1080 --backends eager-fp32,eager-fp16,eager-fp16-pad8,compile-fp16,compile-fp16-pad8 \
+            --sizes 1920x1080 --backends "$BACKEND_ROWS" \
             --json "$OUT/backends.json" ;;
     students) # equal steps: about the shipped TAKDSR student's 6,106; a run dir under runs/ resumes if carried
         install_gl_loaders

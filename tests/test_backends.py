@@ -232,11 +232,19 @@ def test_pad_channels_gives_the_same_frames(tmp_path: pathlib.Path) -> None:
         create_engine(model="pan_s", device="cpu", pad_channels=8)
 
 
-def test_bench_labels_name_backend_precision_and_padding() -> None:
-    from upscaler_server.bench_backends import _split
+def test_bench_labels_name_backend_precision_padding_and_graphs() -> None:
+    from upscaler_server.bench_backends import Variant, parse_label
 
-    assert _split("compile-fp16-pad8", "cuda:0") == ("compile", "fp16", 8)
-    assert _split("eager-pad8", "cuda:0") == ("eager", "fp16", 8)  # the device's precision
-    assert _split("torch-bf16", "cpu") == ("eager", "bf16", 0)
-    assert _split("onnxruntime", "cuda:0") == ("onnxruntime", "fp32", 0)
-    assert _split("auto", "cpu") == ("auto", "auto", 0)
+    assert parse_label("compile-fp16-pad8", "cuda:0") == Variant("compile", "fp16", 8, False)
+    assert parse_label("eager-pad8", "cuda:0") == Variant("eager", "fp16", 8, False)  # the device's precision
+    assert parse_label("torch-bf16", "cpu") == Variant("eager", "bf16", 0, False)
+    assert parse_label("onnxruntime", "cuda:0") == Variant("onnxruntime", "fp32", 0, False)
+    assert parse_label("auto", "cpu") == Variant("auto", "auto", 0, False)
+    graphs = parse_label("compile-fp16-pad8-graphs", "cuda:0")
+    assert graphs == Variant("compile", "fp16", 8, True) and graphs.label == "compile-fp16-pad8-graphs"
+    assert parse_label("eager-graphs", "cuda:0").label == "eager-fp16-graphs"
+    for label, device in [("eager-graphs", "cpu"), ("onnxruntime-graphs", "cuda:0")]:
+        with pytest.raises(ValueError, match="-graphs needs CUDA"):
+            parse_label(label, device)
+
+

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from server_utils import REPO
 
 
@@ -35,3 +37,33 @@ def test_bench_refuses_an_abbreviated_option() -> None:
     command = [sys.executable, "-m", "upscaler_server.bench", "--backe", "eager", "--skip-e2e"]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "unrecognized arguments: --backe" in run.stderr
+
+
+def test_bench_backends_table_has_stage_times_speedups_and_end_to_end(tmp_path: pathlib.Path) -> None:
+    """`--backends` on the CPU: fp32 eager as the reference, every row's compute and copies within its total, and
+    the end-to-end column from a daemon run with that row's settings."""
+    out = tmp_path / "backends.json"
+    command = [sys.executable, "-m", "upscaler_server.bench", "--backends", "eager,eager-fp32-pad8", "--sizes",
+               "64x48", "--frames", "4", "--budget", "5", "--device", "cpu", "--threads", "1", "--json", str(out)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["eager-fp32", "eager-fp32-pad8"]  # "eager" is the reference, once
+    reference, padded = rows
+    assert reference["speedup"] == 1.0 and reference["max_diff"] == 0 and reference["psnr"] is None
+    assert padded["max_diff"] <= 1  # zero-padded channels compute the same function (float sums reordered)
+    for r in rows:
+        assert r["lr"] == "64x48" and r["frames"] >= 4 and r["model_p99_ms"] >= r["model_ms"] > 0
+        assert r["compute_ms"] > 0 and r["copies_ms"] >= 0
+        # each frame's parts lie inside its timed call, so their medians add up to no more than a slow frame
+        assert r["compute_ms"] + r["copies_ms"] <= r["model_p99_ms"] * 1.1
+        assert r["e2e_ms"] > 0 and r["fps"] == pytest.approx(1e3 / r["e2e_ms"])
+    assert "| of which compute | of which copies |" in run.stdout
+
+
+def test_bench_backends_refuses_cuda_graphs_on_the_cpu_before_measuring(tmp_path: pathlib.Path) -> None:
+    command = [sys.executable, "-m", "upscaler_server.bench", "--backends", "eager,eager-graphs", "--device", "cpu",
+               "--skip-e2e", "--sizes", "64x48", "--json", str(tmp_path / "b.json")]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "eager-graphs: -graphs needs CUDA" in run.stderr
+    assert "measured" not in run.stderr and not (tmp_path / "b.json").exists()

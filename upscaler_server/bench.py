@@ -40,7 +40,7 @@ import numpy as np
 
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, Config, parse_size
-from upscaler_server.errors import ServerUnavailableError
+from upscaler_server.errors import ConfigError, ServerUnavailableError
 
 __all__ = ["end_to_end", "main", "transport"]
 
@@ -204,7 +204,8 @@ def _print_tables(result: dict[str, Any]) -> None:
               f"{r['shm_over_memcpy']:7.1f} {r['inline_over_memcpy']:7.1f} {r['inline_over_shm']:7.2f}")
     e2e = result["end_to_end"]
     print(f"\nEnd to end: {e2e['weights']}; model {e2e['model']} x{e2e['scale']} on {e2e['device']} "
-          f"(backend {e2e.get('backend', '-')}, {e2e['precision']}{', overlap' if e2e.get('overlap') else ''}), "
+          f"(backend {e2e.get('backend', '-')}, {e2e['precision']}{', overlap' if e2e.get('overlap') else ''}"
+          f"{', CUDA graphs' if e2e.get('cuda_graphs') else ''}), "
           "frames through shared memory: "
           "synchronous, then two in flight")
     print(f"{'LR':>10} {'HR':>10} {'frames':>6} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'infer ms':>8} {'fps x2':>7}")
@@ -233,11 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=Config.precision,
                    help="the end-to-end daemon's --precision")
     p.add_argument("--overlap", action="store_true", help="end-to-end daemon with --overlap (CUDA)")
+    p.add_argument("--cuda-graphs", action="store_true", help="end-to-end daemon with --cuda-graphs (CUDA)")
     p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
     p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
                    help="compare these backends (eager, compile, onnxruntime, tensorrt, each optionally -fp32/-bf16/"
-                   "-fp16 and -padN for channels zero-padded to a multiple of N, e.g. compile-bf16, eager-fp16-pad8) "
-                   "instead of the transport and end-to-end parts")
+                   "-fp16, -padN for channels zero-padded to a multiple of N and, on CUDA, -graphs for a CUDA graph "
+                   "per resolution, e.g. compile-bf16, eager-fp16-pad8-graphs) instead of the transport and "
+                   "end-to-end parts")
     p.add_argument("--cache-dir", type=pathlib.Path, help="ONNX/TensorRT cache for --backends")
     args = p.parse_args(argv)
     default_sizes = [list(BACKEND_SIZES if args.backends else SIZES)]
@@ -255,9 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon_args, weights = _student_args(args.checkpoint, args.device, args.threads)
         daemon_args += ["--backend", args.backend, "--precision", args.precision]
         daemon_args += ["--overlap"] if args.overlap else []
+        daemon_args += ["--cuda-graphs"] if args.cuda_graphs else []
         info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
-        result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap, **info,
-                                "rows": rows}
+        result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap,
+                                "cuda_graphs": args.cuda_graphs, **info, "rows": rows}
     _print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -269,9 +273,16 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 
 
 def _backends_main(args: argparse.Namespace) -> int:
-    from upscaler_server.bench_backends import compare_backends, print_backend_table
+    from upscaler_server.bench_backends import compare_backends, parse_label, print_backend_table
+    from upscaler_server.engine import resolve_device
 
     e2e_sizes = [] if args.skip_e2e else (args.e2e_sizes or args.sizes)
+    try:  # a label that cannot run here is refused before anything is measured
+        for label in args.backends:
+            parse_label(label, resolve_device(args.device))
+    except (ValueError, ConfigError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     result = compare_backends(args.backends, args.sizes, checkpoint=args.checkpoint, device=args.device,
                               threads=args.threads, frames=args.frames, budget_s=args.budget, e2e_sizes=e2e_sizes,
                               cache_dir=args.cache_dir)

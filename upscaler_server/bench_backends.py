@@ -1,10 +1,13 @@
 """Backend comparison for ``python -m upscaler_server.bench --backends ...``: backend x LR size.
 
-Per backend label (``eager``, ``compile-bf16``, ``onnxruntime``, ``compile-fp16-pad8``, ...; the precision defaults to
-the device's; a ``-padN`` suffix runs the network with its channels zero-padded to a multiple of N) and size:
+Per backend label (``eager``, ``compile-bf16``, ``onnxruntime``, ``compile-fp16-pad8-graphs``, ...; the precision
+defaults to the device's; a ``-padN`` suffix runs the network with its channels zero-padded to a multiple of N, a
+``-graphs`` suffix (CUDA, eager and compile) replays one CUDA graph per resolution) and size:
 
 - model-only: ``engine.upscale`` in-process on an RGB8 frame (uint8 conversion and colour order included, as the
   daemon calls it), median and p99 of the timed frames after one warm-up frame (compilation, autotuning);
+- where that time goes, from the engine's own stage times (medians): compute (on CUDA the device time between CUDA
+  events around the conversions and the network) and copies (host staging, and on CUDA the upload and download);
 - end to end: a daemon started with that backend, synchronous frames through shared memory (median);
 - speed-up: fp32 eager's model-only median over this one, measured in the same run;
 - accuracy against fp32 eager on the same frame: max abs difference in 8-bit levels and PSNR.
@@ -24,44 +27,72 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["compare_backends", "print_backend_table"]
+__all__ = ["Variant", "compare_backends", "parse_label", "print_backend_table"]
 
 _REFERENCE = "eager-fp32"
 
 
-def _split(label: str, device: str) -> tuple[str, str, int]:
-    """``"compile-fp16-pad8"`` -> ("compile", "fp16", 8): backend, precision (default: the device's), padding."""
+class Variant(NamedTuple):
+    """One row label of the table: ``backend[-precision][-padN][-graphs]``."""
+
+    backend: str
+    precision: str
+    pad: int  # channels zero-padded to a multiple of this (0: as trained)
+    graphs: bool  # one CUDA graph per resolution (``--cuda-graphs``)
+
+    @property
+    def label(self) -> str:
+        name = self.backend if self.backend == "auto" else f"{self.backend}-{self.precision}"
+        return name + (f"-pad{self.pad}" if self.pad else "") + ("-graphs" if self.graphs else "")
+
+
+def parse_label(label: str, device: str) -> Variant:
+    """``"compile-fp16-pad8-graphs"`` -> Variant("compile", "fp16", 8, True); the precision defaults to the device's.
+    Raises ValueError for ``-graphs`` where no CUDA graph can be captured (a CPU, or a backend that is not torch's)."""
     parts = label.split("-")
+    graphs = len(parts) > 1 and parts[-1] == "graphs"
+    if graphs:
+        parts.pop()
     pad = int(parts.pop()[3:]) if len(parts) > 1 and parts[-1].startswith("pad") and parts[-1][3:].isdigit() else 0
     backend, precision = ("eager" if parts[0] == "torch" else parts[0]), "-".join(parts[1:])
+    if graphs and (not device.startswith("cuda") or backend not in ("eager", "compile")):
+        raise ValueError(f"{label}: -graphs needs CUDA and the eager or compile backend")
     if backend == "auto":
-        return backend, precision or "auto", pad
-    return backend, precision or ("fp32" if backend == "onnxruntime" or device == "cpu" else "fp16"), pad
+        return Variant(backend, precision or "auto", pad, graphs)
+    default = "fp32" if backend == "onnxruntime" or device == "cpu" else "fp16"
+    return Variant(backend, precision or default, pad, graphs)
 
 
-def _label(backend: str, precision: str, pad: int) -> str:
-    return (backend if backend == "auto" else f"{backend}-{precision}") + (f"-pad{pad}" if pad else "")
+class _Sample(NamedTuple):
+    """One timed frame, in ms: the whole ``engine.upscale`` call and the engine's own stage times."""
+
+    total: float
+    compute: float  # StageTimes.infer: on CUDA the on-device time (CUDA events), conversions included
+    copies: float  # StageTimes.copy_in + copy_out: host staging and the PCIe upload and download on CUDA
 
 
-def _time(engine: Any, frame: np.ndarray, out: np.ndarray, frames: int, budget_s: float) -> list[float]:
+def _time(engine: Any, frame: np.ndarray, out: np.ndarray, frames: int, budget_s: float) -> list[_Sample]:
     from upscaler_server.protocol import PIXEL_FORMATS
 
     rgb = PIXEL_FORMATS["RGB8"]
-    samples: list[float] = []
+    samples: list[_Sample] = []
     deadline = time.perf_counter() + budget_s
     while len(samples) < frames and (len(samples) < 3 or time.perf_counter() < deadline):
         start = time.perf_counter()
-        engine.upscale(frame, rgb, out)
-        samples.append((time.perf_counter() - start) * 1e3)
+        stages = engine.upscale(frame, rgb, out)
+        total = time.perf_counter() - start
+        samples.append(_Sample(total * 1e3, stages.infer * 1e3, (stages.copy_in + stages.copy_out) * 1e3))
     return samples
 
 
-def _model_rows(labels: Sequence[str], sizes: Sequence[tuple[int, int]], checkpoint: pathlib.Path, device: str,
-                threads: int, frames: int, budget_s: float, cache_dir: pathlib.Path | None) -> list[dict[str, Any]]:
+def _model_rows(variants: Sequence[Variant], sizes: Sequence[tuple[int, int]], checkpoint: pathlib.Path,
+                device: str, threads: int, frames: int, budget_s: float,
+                cache_dir: pathlib.Path | None) -> list[dict[str, Any]]:
+    """Model-only rows, ``variants[0]`` being fp32 eager: the reference of every speed-up."""
     from upscaler_server.backends.auto import accuracy
     from upscaler_server.engine import create_engine
 
@@ -71,18 +102,20 @@ def _model_rows(labels: Sequence[str], sizes: Sequence[tuple[int, int]], checkpo
                               threads=threads)
     expected = {s: reference.run(inputs[s]) for s in sizes}
     rows: list[dict[str, Any]] = []
-    for label in [_REFERENCE, *[lb for lb in labels if _split(lb, device) != ("eager", "fp32", 0)]]:
-        backend, precision, pad = _split(label, device)
-        engine = create_engine(checkpoint=checkpoint, backend=backend, device=device, precision=precision,
-                               threads=threads, cache_dir=cache_dir, pad_channels=pad)
+    for variant in variants:
+        engine = create_engine(checkpoint=checkpoint, backend=variant.backend, device=device,
+                               precision=variant.precision, threads=threads, cache_dir=cache_dir,
+                               pad_channels=variant.pad, cuda_graphs=variant.graphs)
         for (w, h), frame in inputs.items():
-            out = engine.run(frame)  # warm-up: compilation, autotuning, ONNX export
+            out = engine.run(frame)  # warm-up: compilation, autotuning, ONNX export, graph capture
             max_diff, psnr = accuracy(expected[w, h], out)
-            ms = _time(engine, frame, out, frames, budget_s)
+            samples = _time(engine, frame, out, frames, budget_s)
+            total = [s.total for s in samples]
             picked = getattr(engine, "choices", {}).get((h, w), "")  # what auto chose for this size
-            rows.append({"backend": _label(backend, precision, pad), "picked": picked,
-                         "lr": f"{w}x{h}", "frames": len(ms),
-                         "model_ms": float(np.median(ms)), "model_p99_ms": float(np.percentile(ms, 99)),
+            rows.append({"backend": variant.label, "picked": picked, "lr": f"{w}x{h}", "frames": len(samples),
+                         "model_ms": float(np.median(total)), "model_p99_ms": float(np.percentile(total, 99)),
+                         "compute_ms": float(np.median([s.compute for s in samples])),
+                         "copies_ms": float(np.median([s.copies for s in samples])),
                          "max_diff": max_diff, "psnr": None if math.isinf(psnr) else psnr})
             print(f"measured {rows[-1]}", file=sys.stderr, flush=True)  # a crash later keeps what was measured
         engine.close()
@@ -92,28 +125,37 @@ def _model_rows(labels: Sequence[str], sizes: Sequence[tuple[int, int]], checkpo
     return rows
 
 
+def _daemon_args(variant: Variant, checkpoint: pathlib.Path, device: str, threads: int,
+                 cache_dir: pathlib.Path | None) -> list[str]:
+    """The daemon command line that runs ``variant`` (the end-to-end column)."""
+    args = ["--checkpoint", str(checkpoint), "--backend", variant.backend, "--precision", variant.precision,
+            "--device", device.partition(":")[0], "--threads", str(threads), "--pad-channels", str(variant.pad)]
+    args += ["--cuda-graphs"] if variant.graphs else []
+    return args + (["--cache-dir", str(cache_dir)] if cache_dir is not None else [])
+
+
 def compare_backends(labels: Sequence[str], sizes: Sequence[tuple[int, int]], *, checkpoint: pathlib.Path | None,
                      device: str, threads: int, frames: int, budget_s: float, e2e_sizes: Sequence[tuple[int, int]],
                      cache_dir: pathlib.Path | None) -> dict[str, Any]:
-    """Rows (dicts) of the comparison; end-to-end fields only for ``e2e_sizes``."""
+    """Rows (dicts) of the comparison; end-to-end fields only for ``e2e_sizes``. Raises ValueError for a label that
+    cannot run on ``device`` (see :func:`parse_label`), before anything is measured."""
     from upscaler_server.bench import end_to_end
     from upscaler_server.engine import resolve_device
 
     device = resolve_device(device)
+    # fp32 eager first (every speed-up is over it), then each other label once, in the order given
+    parsed = [parse_label(label, device) for label in [_REFERENCE, *labels]]
+    variants = list({v.label: v for v in parsed}.values())
     with tempfile.TemporaryDirectory(prefix="ups-bench-") as tmp:
         weights = f"checkpoint {checkpoint}" if checkpoint else "random-init rlfn_s, seed 0 (same cost as trained)"
         checkpoint = checkpoint or _random_student(pathlib.Path(tmp) / "rlfn_s_random.safetensors")
-        rows = _model_rows(labels, sizes, checkpoint, device, threads, frames, budget_s, cache_dir)
-        for label in dict.fromkeys(r["backend"] for r in rows) if e2e_sizes else ():
-            backend, precision, pad = _split(label, device)
-            args = ["--checkpoint", str(checkpoint), "--backend", backend, "--precision", precision, "--device",
-                    device.partition(":")[0], "--threads", str(threads), "--pad-channels", str(pad)]
-            if cache_dir is not None:
-                args += ["--cache-dir", str(cache_dir)]
-            _, e2e = end_to_end(e2e_sizes, frames, budget_s, args)
+        rows = _model_rows(variants, sizes, checkpoint, device, threads, frames, budget_s, cache_dir)
+        for variant in variants if e2e_sizes else ():
+            _, e2e = end_to_end(e2e_sizes, frames, budget_s, _daemon_args(variant, checkpoint, device, threads,
+                                                                          cache_dir))
             for r in rows:
                 match = [e for e in e2e if e["lr"] == r["lr"]]
-                if r["backend"] == label and match:
+                if r["backend"] == variant.label and match:
                     r.update(e2e_ms=match[0]["p50_ms"], fps=1e3 / match[0]["p50_ms"])
     return {"device": device, "threads": threads, "weights": weights, "rows": rows}
 
@@ -131,12 +173,13 @@ def print_backend_table(result: dict[str, Any]) -> None:
     """The comparison as a Markdown table."""
     print(f"\nBackends on {result['device']} ({result['threads'] or 'all'} threads), {result['weights']}; model-only: "
           "engine.upscale in-process (RGB8, conversions included); e2e: daemon round trip through shared memory")
-    print("| backend | LR | frames | model ms (median) | model ms (p99) | e2e ms | fps (e2e) | speed-up vs eager fp32 "
-          "| max diff (levels) | PSNR dB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| backend | LR | frames | model ms (median) | model ms (p99) | of which compute | of which copies | e2e ms "
+          "| fps (e2e) | speed-up vs eager fp32 | max diff (levels) | PSNR dB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         e2e = f"{r['e2e_ms']:.1f} | {r['fps']:.2f}" if "e2e_ms" in r else "- | -"
         psnr = "inf (identical)" if r["psnr"] is None else f"{r['psnr']:.1f}"
         name = f"{r['backend']} ({r['picked']})" if r.get("picked") else r["backend"]
-        print(f"| {name} | {r['lr']} | {r['frames']} | {r['model_ms']:.1f} | {r['model_p99_ms']:.1f} | {e2e} "
-              f"| {r['speedup']:.2f}x | {r['max_diff']} | {psnr} |")
+        print(f"| {name} | {r['lr']} | {r['frames']} | {r['model_ms']:.1f} | {r['model_p99_ms']:.1f} "
+              f"| {r['compute_ms']:.2f} | {r['copies_ms']:.2f} | {e2e} | {r['speedup']:.2f}x | {r['max_diff']} "
+              f"| {psnr} |")
