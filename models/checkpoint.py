@@ -14,6 +14,7 @@ tensors that do not fit) raises ``CheckpointError`` naming the file and the prob
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+_MAX_ARCH_INT = 4096  # no width, block count or scale of these networks comes near it
 METADATA_KEY = "takdsr"
 ROLES = ("teacher", "ta", "student")
 VALUE_RANGE = [0.0, 1.0]
@@ -123,12 +125,13 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model from the file alone; the model is returned in eval mode on ``device``."""
+    """Rebuild the model from the file alone; the model is returned in eval mode on ``device``.
+
+    The network the metadata declares is first built without memory (on the meta device) and its tensor names and
+    shapes compared with the file's header, so a small file cannot make the loader allocate a huge network."""
     metadata = read_metadata(path)
-    try:
-        model = build_model(metadata["arch"], **metadata["arch_args"])
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(path, f"cannot build {metadata['arch']!r} from its arch_args ({exc})") from exc
+    _check_shapes(path, metadata, _build(path, metadata, torch.device("meta")))
+    model = _build(path, metadata, torch.device("cpu"))
     state = _read_tensors(path)
     try:
         model.load_state_dict(state, strict=True)
@@ -158,21 +161,62 @@ def _check_file(path: str | os.PathLike[str]) -> None:
         raise CheckpointError(path, "file not found")
     if not os.path.isfile(path):
         raise CheckpointError(path, "not a regular file")
+    try:  # safetensors reports an unreadable file as "No such file or directory"
+        open(path, "rb").close()
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+
+
+def _build(path: str | os.PathLike[str], metadata: dict[str, Any], device: torch.device) -> nn.Module:
+    for key, value in metadata["arch_args"].items():  # even on the meta device, a million blocks take minutes
+        if isinstance(value, int) and not isinstance(value, bool) and value > _MAX_ARCH_INT:
+            raise CheckpointError(path, f"arch_args {key}={value} is beyond any network of this package "
+                                        f"(at most {_MAX_ARCH_INT})")
+    try:
+        with device:
+            return build_model(metadata["arch"], **metadata["arch_args"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(path, f"cannot build {metadata['arch']!r} from its arch_args ({exc})") from exc
+
+
+def _check_shapes(path: str | os.PathLike[str], metadata: dict[str, Any], model: nn.Module) -> None:
+    """The declared network's tensors against the file's header (names and shapes; nothing is read)."""
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            stored = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(path, f"weights are truncated or corrupt ({exc})") from exc
+    if stored == expected:
+        return
+    missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    wrong = [f"{n} {stored[n]} (needs {expected[n]})" for n in sorted(expected.keys() & stored.keys())
+             if stored[n] != expected[n]]
+    problems = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if items]
+    raise CheckpointError(path, f"weights do not fit {metadata['arch']!r} {metadata['arch_args']}: "
+                                f"{'; '.join(problems)}")
 
 
 def _read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+            state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(path, f"weights are truncated or corrupt ({exc})") from exc
+    for name, tensor in state.items():  # load_state_dict would cast ints and bools silently, and NaN runs as NaN
+        if not tensor.is_floating_point():
+            raise CheckpointError(path, f"tensor {name!r} holds {tensor.dtype}, not floating-point weights")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(path, f"tensor {name!r} holds NaN or infinite values")
+    return state
 
 
 def _validate_metadata(path: str | os.PathLike[str], metadata: Any) -> None:
     if not isinstance(metadata, dict):
         raise CheckpointError(path, "metadata is not a JSON object")
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):  # True == 1 in Python
         raise CheckpointError(path, f"format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
     expected_types = {"arch": str, "arch_args": dict, "scale": int, "role": str, "training": dict}
     for key, expected in expected_types.items():
@@ -182,3 +226,14 @@ def _validate_metadata(path: str | os.PathLike[str], metadata: Any) -> None:
         raise CheckpointError(path, f"unknown role {metadata['role']!r}; expected one of {ROLES}")
     if metadata.get("value_range") != VALUE_RANGE:
         raise CheckpointError(path, f"value_range {metadata.get('value_range')!r} is not {VALUE_RANGE}")
+    _validate_training(path, metadata["training"])
+
+
+def _validate_training(path: str | os.PathLike[str], training: dict[str, Any]) -> None:
+    """The training fields that loaders act on: the stage name and a TA's input mix."""
+    stage, mix = training.get("stage"), training.get("mix")
+    if stage is not None and not isinstance(stage, str):
+        raise CheckpointError(path, f"training.stage {stage!r} is not a string")
+    numbers = isinstance(mix, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mix)
+    if mix is not None and not (numbers and len(mix) == 2 and all(math.isfinite(v) for v in mix)):
+        raise CheckpointError(path, f"training.mix {mix!r} is not two finite numbers (lambda1 CF', lambda2 X)")

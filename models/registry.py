@@ -47,11 +47,11 @@ def list_models() -> list[str]:
 
 def build_model(name: str, **overrides: Any) -> nn.Module:
     """A freshly initialised model by registry name; overrides replace config fields."""
-    family_name, _, role = name.partition("_")
-    family = FAMILIES.get(family_name)
-    suffix = f"_{role}" if role else ""
-    if family is None or (suffix not in _ROLES and suffix != "_teacher"):
+    if name not in list_models():  # exact names only: "rlfn_" is no model
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    family_name, _, role = name.partition("_")
+    family = FAMILIES[family_name]
+    suffix = f"_{role}" if role else ""
     if suffix == "_teacher":
         return _build_teacher(family, dict(overrides))
     defaults = {"blocks": _ROLES[suffix](family.full_blocks)}

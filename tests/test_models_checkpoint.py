@@ -159,6 +159,12 @@ def test_metadata_not_json(tmp_path: Path) -> None:
         ({"arch_args": "rlfn"}, "arch_args"),
         ({"arch_args": {"channels": 8, "blocks": 1, "scale": 2, "esa_channels": -3}}, "esa_channels must be an int"),
         ({"arch_args": {"channels": 8, "blocks": "1", "scale": 2, "esa_channels": 16}}, "blocks must be an integer"),
+        ({"format_version": True}, "format_version"),  # True == 1 in Python
+        ({"arch": "rlfn_"}, "cannot build"),
+        ({"training": {"stage": ["student"]}}, "training.stage"),
+        ({"training": {"mix": 5}}, "training.mix"),
+        ({"training": {"mix": [0.5]}}, "training.mix"),
+        ({"training": {"mix": [0.3, float("nan")]}}, "training.mix"),
     ],
 )
 def test_bad_metadata_fields(tmp_path: Path, good_file: Path, change: dict, message: str) -> None:
@@ -179,6 +185,57 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path: Path, good_file: Pat
     reshaped = {**tensors, "conv_1.weight": torch.zeros(8, 3, 5, 5)}
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(_write_with_metadata(tmp_path / "shape.safetensors", reshaped, meta))
+
+
+def test_declared_network_is_checked_against_the_header_before_it_is_built(
+    tmp_path: Path, good_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file whose metadata declares a huge network is refused without allocating that network."""
+    import models.checkpoint as checkpoint_module
+
+    tensors = {k: v.contiguous() for k, v in load_checkpoint(good_file).model.state_dict().items()}
+    meta = _good_meta(good_file)
+    built_on: list[str] = []
+
+    def spy(name: str, **args: object) -> torch.nn.Module:
+        built_on.append(torch.empty(0).device.type)  # the default device inside the loader's `with device:`
+        return build_model(name, **args)
+
+    monkeypatch.setattr(checkpoint_module, "build_model", spy)
+    wide = {**meta, "arch_args": {**meta["arch_args"], "channels": 1024, "blocks": 6}}
+    with pytest.raises(CheckpointError, match=r"missing: blocks\.1\..*wrong shape: blocks\.0\.c1_r\.bias \[8\] "
+                                              r"\(needs \[1024\]\)"):
+        load_checkpoint(_write_with_metadata(tmp_path / "wide.safetensors", tensors, wide))
+    assert built_on == ["meta"]
+    huge = {**meta, "arch_args": {**meta["arch_args"], "blocks": 10**6}}
+    with pytest.raises(CheckpointError, match="blocks=1000000 is beyond any network"):
+        load_checkpoint(_write_with_metadata(tmp_path / "huge.safetensors", tensors, huge))
+    assert built_on == ["meta"]  # refused before even the meta build
+
+
+@pytest.mark.parametrize(("name", "bad", "message"), [
+    ("conv_1.weight", lambda t: t.fill_(float("nan")), "NaN or infinite"),
+    ("conv_1.bias", lambda t: t.fill_(float("inf")), "NaN or infinite"),
+    ("conv_1.weight", lambda t: t.to(torch.int32), "torch.int32, not floating-point"),
+    ("conv_1.bias", lambda t: t > 0, "torch.bool, not floating-point"),
+])  # fmt: skip
+def test_weights_that_are_not_finite_floats(tmp_path: Path, good_file: Path, name: str, bad, message: str) -> None:
+    tensors = {k: v.clone().contiguous() for k, v in load_checkpoint(good_file).model.state_dict().items()}
+    tensors[name] = bad(tensors[name]).contiguous()
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' holds .*{message}"):
+        load_checkpoint(_write_with_metadata(tmp_path / "bad.safetensors", tensors, _good_meta(good_file)))
+
+
+def test_unreadable_file_is_named_so(good_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """safetensors says "No such file or directory" for a file it may not read; the loader says what it is."""
+    import models.checkpoint as checkpoint_module
+
+    def denied(*_: object, **__: object) -> None:
+        raise PermissionError(13, "Permission denied")  # what open() raises for a mode-000 file (not for root)
+
+    monkeypatch.setattr(checkpoint_module, "open", denied, raising=False)
+    with pytest.raises(CheckpointError, match="cannot be read \\(Permission denied\\)"):
+        load_checkpoint(good_file)
 
 
 @pytest.mark.parametrize("family", ["rlfn", "rfdn", "pan"])

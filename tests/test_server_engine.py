@@ -107,6 +107,8 @@ def test_missing_and_bad_models(tmp_path: pathlib.Path) -> None:
         create_engine(model="rlfn_teacher", device="cpu")
     with pytest.raises(ModelLoadError, match="unknown model"):
         create_engine(model="no_such_model", device="cpu")
+    with pytest.raises(ModelLoadError, match="need scale in"):  # the nearest backend's scales go higher
+        create_engine(model="rlfn_s", scale=5, device="cpu")
 
 
 def test_offline_cli_is_bit_exact(engine: Engine, checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:

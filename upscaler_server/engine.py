@@ -405,7 +405,11 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
     if model is not None:
         if model not in models.list_models():
             raise ModelLoadError(f"unknown model {model!r}; registered: {', '.join(models.list_models())}")
-        return _decoder(models.build_model(model, scale=scale), model), model, None
+        try:
+            network = models.build_model(model, scale=scale)
+        except ValueError as exc:  # e.g. a scale the family does not have
+            raise ModelLoadError(f"cannot build {model!r}: {exc}") from exc
+        return _decoder(network, model), model, None
     path = pathlib.Path(checkpoint) if checkpoint is not None else pathlib.Path(models.DEFAULT_STUDENT_PATH)
     if not path.is_file():
         hint = "" if checkpoint is not None else " (the bundled student has not shipped yet)"
