@@ -38,7 +38,8 @@ def demo_command(*args: str, xvfb: bool = False) -> list[str]:
         return command
     xvfb_run = shutil.which("xvfb-run")
     if xvfb_run is None:
-        pytest.skip("xvfb-run is not installed (Debian package xvfb); window mode cannot be tested without a display")
+        pytest.fail("xvfb-run is not installed (Debian package xvfb), so window mode cannot be tested without a "
+                    "display; bash scripts/setup.sh --dev installs it")
     return [xvfb_run, "-a", "-s", XVFB_SCREEN, *command]
 
 

@@ -19,6 +19,7 @@ import torch
 
 from upscaler_server.backends import TOLERANCE, AutoEngine, Settings, Tolerance, unavailable
 from upscaler_server.backends.auto import accuracy, candidate_labels
+from upscaler_server.backends.common import cpu_bf16
 from upscaler_server.client import UpscalerClient
 from upscaler_server.engine import Engine, create_engine, load_network, model_hash
 from upscaler_server.errors import ConfigError
@@ -26,6 +27,7 @@ from upscaler_server.errors import ConfigError
 from server_utils import REPO, make_checkpoint, run_server
 
 RNG = np.random.default_rng(5)
+ONNXRUNTIME_HINT = "onnxruntime comes with the dev install: bash scripts/setup.sh --dev"
 FP32_MAX_LEVELS = 1  # fp32 backends reorder float sums: a value at a rounding boundary may move one level
 CASES = [("eager", "cpu", "bf16"), ("compile", "cpu", "fp32"), ("compile", "cpu", "bf16"),
          ("onnxruntime", "cpu", "fp32"), ("eager", "cuda", "fp16"), ("compile", "cuda", "fp16"),
@@ -69,8 +71,11 @@ def test_backend_within_tolerance_of_fp32_eager(backend: str, device: str, preci
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU; none on this machine")
     reason = unavailable(backend, "cuda:0" if device == "cuda" else device, precision)
-    if reason is not None:
+    # what may be missing: GPU packages (tensorrt, onnxruntime's CUDA provider) and bf16 instructions in this CPU;
+    # every CPU backend comes with the dev install
+    if reason is not None and (device == "cuda" or (precision == "bf16" and not cpu_bf16())):
         pytest.skip(f"{backend}-{precision} unavailable here: {reason}")
+    assert reason is None, f"{backend}-{precision}: {reason} (bash scripts/setup.sh --dev installs it)"
     engine = create_engine(checkpoint=checkpoint, backend=backend, device=device, precision=precision, threads=1,
                            cache_dir=tmp_path)
     assert engine.precision == precision and engine.scale == 2
@@ -161,10 +166,10 @@ def test_single_precision_backends_take_auto_as_theirs() -> None:
     assert ONLY_PRECISION == {"onnxruntime": "fp32", "tensorrt": "fp16"}
     assert unavailable("tensorrt", "cuda:0", "fp32") == "the tensorrt backend builds fp16 engines only"
     assert unavailable("onnxruntime", "cpu", "bf16") == "the onnxruntime backend runs fp32 only"
-    if unavailable("onnxruntime", "cpu", "fp32") is None:
-        engine = create_engine(checkpoint=None, model="rlfn_s", backend="onnxruntime", device="cpu", precision="auto",
-                               threads=1)  # fmt: skip
-        assert engine.precision == "fp32"
+    assert unavailable("onnxruntime", "cpu", "fp32") is None, ONNXRUNTIME_HINT
+    engine = create_engine(checkpoint=None, model="rlfn_s", backend="onnxruntime", device="cpu", precision="auto",
+                           threads=1)  # fmt: skip
+    assert engine.precision == "fp32"
 
 
 def test_candidates_follow_device_and_precision() -> None:
@@ -176,8 +181,7 @@ def test_candidates_follow_device_and_precision() -> None:
 @pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
 def test_daemon_serves_a_frame(backend: str, checkpoint: pathlib.Path, reference: Engine,
                                tmp_path: pathlib.Path) -> None:
-    if unavailable("onnxruntime", "cpu", "fp32") is not None:
-        pytest.skip(unavailable("onnxruntime", "cpu", "fp32"))
+    assert unavailable("onnxruntime", "cpu", "fp32") is None, ONNXRUNTIME_HINT
     args = ["--checkpoint", str(checkpoint), "--device", "cpu", "--threads", "1", "--backend", backend,
             "--cache-dir", str(tmp_path), "--auto-backends", "eager,onnxruntime"]
     rgba = RNG.integers(0, 256, (24, 40, 4), dtype=np.uint8)
@@ -193,8 +197,7 @@ def test_daemon_serves_a_frame(backend: str, checkpoint: pathlib.Path, reference
 
 
 def test_offline_cli_takes_a_backend(checkpoint: pathlib.Path, reference: Engine, tmp_path: pathlib.Path) -> None:
-    if unavailable("onnxruntime", "cpu", "fp32") is not None:
-        pytest.skip(unavailable("onnxruntime", "cpu", "fp32"))
+    assert unavailable("onnxruntime", "cpu", "fp32") is None, ONNXRUNTIME_HINT
     rgb = RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "frame.png"), rgb[..., ::-1])
     cmd = [sys.executable, "-m", "upscaler_server.upscale", "--checkpoint", str(checkpoint), "--device", "cpu",

@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+
+from training.data import degrade
+from training.data.images import read_image
+from training.metrics import image_metrics
 
 from training_utils import load_script, make_image_folder
 
@@ -43,3 +48,7 @@ def test_command_scores_both_floors(tmp_path: Path) -> None:
     scores = json.loads(out.read_text())["images"]
     assert set(scores) == {"bicubic", "lanczos", "bicubic a=-0.5"}
     assert scores["bicubic a=-0.5"]["mean"]["psnr_rgb"] != scores["bicubic"]["mean"]["psnr_rgb"]
+    # one image scored here by hand: the a = -0.5 kernel on the bicubic LR of the whole image
+    hr = read_image(folder / "img0.png")
+    sr = load_script(SCRIPT).keys_bicubic(degrade(hr, 2).unsqueeze(0), 2).clamp(0, 1)[0]
+    assert scores["bicubic a=-0.5"]["per_image"]["img0"] == pytest.approx(image_metrics(sr, hr, 2), abs=1e-4)

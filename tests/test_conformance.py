@@ -267,17 +267,20 @@ def test_session_lifecycle(peer: Peer, daemon: Daemon) -> None:
 def test_truncated_segment(peer: Peer) -> None:
     """Section 6: a segment a client truncated (opened with O_TRUNC, or ftruncate()d) is refused with SHM_ERROR
     instead of killing the daemon with SIGBUS; once its size is back, the session works again."""
-    opened = open_session(peer, 20, 16)
+    opened = open_session(peer, 20, 16, slots=2)
     sid = opened["session"]
     for kind in ("input", "output"):
         fd = os.open(_shm_path(opened[kind]), os.O_RDWR | os.O_TRUNC)
         try:
-            expect_error(peer.call(type="submit", session=sid, slot=0, frame=1), 30, "SHM_ERROR")
-            assert peer.call(type="ping", sessions=[sid])["sessions"] == [sid]  # the daemon and session live on
+            # to nothing, then short by one byte: the last slot's end is gone, the first slot is still whole
+            for size in (0, opened[kind]["size"] - 1):
+                os.ftruncate(fd, size)
+                expect_error(peer.call(type="submit", session=sid, slot=1, frame=1), 30, "SHM_ERROR")
+                assert peer.call(type="ping", sessions=[sid])["sessions"] == [sid]  # the daemon and session live on
             os.ftruncate(fd, opened[kind]["size"])
         finally:
             os.close(fd)
-        assert peer.call(type="submit", session=sid, slot=0, frame=2)["type"] == "done"
+        assert peer.call(type="submit", session=sid, slot=1, frame=2)["type"] == "done"
 
 
 def test_pixel_formats(peer: Peer) -> None:
@@ -441,6 +444,8 @@ INVALID = {
     "257 sessions": {"type": "ping", "sessions": list(range(1, 258))},
     "pixels too short": {"type": "process", "width": 16, "height": 16, "format": "RGB8", "frame": 1,
                          "pixels": bytes(767)},
+    "pixels too long": {"type": "process", "width": 16, "height": 16, "format": "RGB8", "frame": 1,
+                        "pixels": bytes(769)},
 }
 
 

@@ -26,8 +26,24 @@ from training.data.povray import (
 
 FAST_SCENE = "objects/wtorus.pov"  # well under a second at 320x180
 
-needs_examples = pytest.mark.skipif(not EXAMPLES_DIR.is_dir(), reason="Debian's povray-examples is not installed")
-needs_povray = pytest.mark.skipif(shutil.which("povray") is None, reason="povray is not installed")
+SETUP_HINT = "bash scripts/setup.sh --dev installs it (Debian packages povray and povray-examples)"
+
+
+@pytest.fixture
+def examples_installed() -> None:
+    """A failure, not a skip: the README's test command installs POV-Ray and its example scenes."""
+    if not EXAMPLES_DIR.is_dir() or not COPYRIGHT_FILE.is_file():
+        pytest.fail(f"Debian's povray-examples is not installed ({EXAMPLES_DIR}); {SETUP_HINT}")
+
+
+@pytest.fixture
+def povray_installed() -> None:
+    if shutil.which("povray") is None:
+        pytest.fail(f"povray is not installed; {SETUP_HINT}")
+
+
+needs_examples = pytest.mark.usefixtures("examples_installed")
+needs_povray = pytest.mark.usefixtures("povray_installed")
 
 
 def test_curated_list_is_disjoint_from_reserved_scenes() -> None:
@@ -84,7 +100,7 @@ def test_curated_scenes_exist_and_keep_the_aspect_ratio() -> None:
         assert "image_width/image_height" in text.replace(" ", ""), scene
 
 
-@pytest.mark.skipif(not COPYRIGHT_FILE.is_file(), reason="no povray-examples copyright file")
+@needs_examples
 def test_licences_follow_the_copyright_file() -> None:
     assert scene_licence("advanced/blocks/stackergold.pov") == "CC-BY-SA-3.0"
     assert scene_licence("camera/perspective.pov") == "CC-BY-SA-3.0"  # listed with advanced/ in the file

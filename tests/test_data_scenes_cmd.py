@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import scenes
 from training.data.augment import AugmentConfig
 from training.data.config import DataConfig, SourceConfig, build_eval_dataset, build_train_dataset
 from training.data.datasets import EpochSampler, PatchDataset, worker_start_method
@@ -24,8 +25,8 @@ from training.data.images import read_image
 from training.data.paths import REPO_ROOT
 from training.data.sources import SceneSource, frame_name, loop_period
 
-scenes = pytest.importorskip("scenes", reason="the scene renderer package `scenes` is not importable yet")
 NO_EGL = "could not create a headless EGL"
+EGL_HINT = "bash scripts/setup.sh --dev installs Mesa's EGL (llvmpipe)"
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,7 +45,7 @@ def test_workers_render_lazily_and_reproducibly() -> None:
         parallel = list(DataLoader(ds, batch_size=4, sampler=EpochSampler(8), num_workers=2, timeout=120))
     except RuntimeError as exc:
         if NO_EGL in str(exc):
-            pytest.skip(f"no headless OpenGL here: {exc}")
+            pytest.fail(f"no headless OpenGL here: {exc}; {EGL_HINT}")
         raise
     assert source.renderer._renderer is None  # the workers rendered; this process made no context
     serial = [ds[i] for i in range(8)]
@@ -58,7 +59,7 @@ def _run_command(out: Path) -> subprocess.CompletedProcess:
                "--presets", "city"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     if result.returncode != 0 and NO_EGL in result.stderr:
-        pytest.skip("no headless OpenGL here")
+        pytest.fail(f"no headless OpenGL here; {EGL_HINT}")
     return result
 
 

@@ -160,6 +160,9 @@ def test_metadata_not_json(tmp_path: Path) -> None:
         ({"arch_args": {"channels": 8, "blocks": 1, "scale": 2, "esa_channels": -3}}, "esa_channels must be an int"),
         ({"arch_args": {"channels": 8, "blocks": "1", "scale": 2, "esa_channels": 16}}, "blocks must be an integer"),
         ({"format_version": True}, "format_version"),  # True == 1 in Python
+        ({"training": "x"}, "'training' missing or not a dict"),
+        ({"scale": "2"}, "'scale' missing or not a int"),
+        ({"arch": 5}, "'arch' missing or not a str"),
         ({"arch": "rlfn_"}, "cannot build"),
         ({"training": {"stage": ["student"]}}, "training.stage"),
         ({"training": {"mix": 5}}, "training.mix"),

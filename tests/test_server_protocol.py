@@ -114,12 +114,20 @@ def test_decode_rejects_other_field_kinds() -> None:
     assert code_of({**process, "pixels": "abc"}) == ErrorCode.INVALID_FIELD  # str where bin is due
     assert code_of({"type": "ping", "sessions": 7}) == ErrorCode.INVALID_FIELD  # scalar where array is due
     assert code_of({"type": "ping", "sessions": [1, "2"]}) == ErrorCode.INVALID_FIELD  # bad array item
-    assert code_of({"type": "ping", "sessions": list(range(1, 300))}) == ErrorCode.INVALID_FIELD  # too many
+    assert code_of({"type": "ping", "sessions": list(range(1, 258))}) == ErrorCode.INVALID_FIELD  # one too many
+    at_limit = p.decode(msgpack.packb({"v": 1, "req": 1, "type": "ping", "sessions": list(range(1, 257))}))
+    assert isinstance(at_limit, p.Ping) and len(at_limit.sessions) == 256
     done = {"type": "done", "session": 1, "slot": 0, "frame": 0}
     assert code_of({**done, "timings": [1, 2]}, "reply") == ErrorCode.INVALID_FIELD  # array where map is due
     assert code_of({**done, "timings": {"queue_us": 1}}, "reply") == ErrorCode.INVALID_FIELD  # nested key missing
     welcome = msgpack.unpackb(p.encode(EXAMPLES[6]), raw=False)
     assert code_of({**welcome, "random_weights": 1}, "reply") == ErrorCode.INVALID_FIELD  # int where bool is due
+
+
+def test_strings_at_their_length_limits_round_trip() -> None:
+    """An empty client name is allowed (minimum 0); so are a 1-character and a 64-character one."""
+    for client in ("", "c", "c" * 64):
+        assert p.decode(p.encode(p.Hello(req=1, client=client))) == p.Hello(req=1, client=client)
 
 
 def test_decode_keeps_request_id_for_error_replies() -> None:

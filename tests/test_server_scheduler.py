@@ -50,12 +50,18 @@ def test_capacity_counts_frames_not_warm_ups() -> None:
 
 
 def test_drop_and_close() -> None:
+    lr = np.zeros((4, 4, 3), np.uint8)
     q = FairQueue(capacity=5)
-    q.put("a", _job(1))
-    q.put("a", _job(2))
-    q.put("b", _job(3))
+    q.put("a", _job(1, lr))
+    q.put("a", _job(2, lr))
+    q.put("b", _job(3, lr))
     assert [j.frame for j in q.drop("a")] == [1, 2]
-    assert [j.frame for j in q.close()] == [3]
+    assert len(q) == 1  # the dropped frames free their places
+    for frame in (5, 6, 7, 8):  # up to the capacity again
+        q.put("c", _job(frame, lr))
+    with pytest.raises(BusyError):
+        q.put("c", _job(9, lr))
+    assert [j.frame for j in q.close()] == [3, 5, 6, 7, 8]
     assert q.get() is None
     assert q.get(block=False) is None
     with pytest.raises(UpscalerError) as info:

@@ -69,10 +69,30 @@ def test_a_truncated_segment_is_detected() -> None:
         try:
             with pytest.raises(SharedMemoryError, match="was truncated to 0 bytes"):
                 owner.check_intact()
+            short = LAYOUT.size - 1  # slot 0 still whole, the last slot's last byte gone
+            os.ftruncate(fd, short)
+            with pytest.raises(SharedMemoryError, match=f"was truncated to {short} bytes"):
+                owner.check_intact()
             os.ftruncate(fd, LAYOUT.size)
             owner.check_intact()  # its size back: usable again
         finally:
             os.close(fd)
+    finally:
+        owner.unlink()
+        owner.close()
+
+
+def test_slot_indices_and_attach_sizes_are_checked() -> None:
+    name = f"/takdsr-test-bounds-{os.getpid()}"
+    owner = Ring.create(name, LAYOUT)
+    try:
+        assert owner.slot(LAYOUT.slots - 1).shape == (LAYOUT.height, LAYOUT.width, LAYOUT.channels)
+        for index in (-1, LAYOUT.slots):
+            with pytest.raises(IndexError, match="out of range"):
+                owner.slot(index)
+        bigger = RingLayout(LAYOUT.width, LAYOUT.height, LAYOUT.channels, LAYOUT.slots + 1)
+        with pytest.raises(SharedMemoryError, match=f"has {LAYOUT.size} bytes, expected {bigger.size}"):
+            Ring.attach(name, bigger)  # a client told a layout larger than the segment
     finally:
         owner.unlink()
         owner.close()

@@ -14,7 +14,9 @@ import torch
 from models import CheckpointError, build_model, count_macs, load_checkpoint, save_checkpoint
 from training.config import Config, EvalConfig
 from training.data import degrade
+from training.data.images import read_image
 from training.evaluate import eval_sets, unique_labels
+from training.metrics import image_metrics
 from training.ship import seed_run, ship_checkpoint
 
 from training_utils import make_image_folder
@@ -41,6 +43,11 @@ def test_evaluate_compares_several_checkpoints(tmp_path: Path) -> None:
     scores = json.loads(output.read_text())["images"]
     assert set(scores) == {"bicubic", "lanczos", "a/final", "b/final"}  # same stems: named by their folders
     assert scores["a/final"]["mean"]["psnr_rgb"] != scores["b/final"]["mean"]["psnr_rgb"]
+    # one image scored here by hand: the bicubic LR of the whole image, the network, all four metrics
+    hr = read_image(folder / "img1.png")
+    with torch.no_grad():
+        sr = load_checkpoint(paths[1]).model(degrade(hr, 2).unsqueeze(0)).clamp(0, 1)[0]
+    assert scores["b/final"]["per_image"]["img1"] == pytest.approx(image_metrics(sr, hr, 2), abs=1e-4)
 
     bad = _evaluate("--checkpoint", str(paths[0]), "--sets", "cg-dev,nonsense")
     assert bad.returncode == 1 and "unknown set(s) ['nonsense']" in bad.stderr

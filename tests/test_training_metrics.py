@@ -61,6 +61,15 @@ def test_metrics_round_to_8_bit_first() -> None:
     assert image_metrics(nudged.clamp(0, 1), hr, 2)["psnr_rgb"] == math.inf
 
 
+def test_image_metrics_are_the_four_metrics_on_the_shaved_image() -> None:
+    sr, hr = _pair(3)
+    expected = {"psnr_rgb": psnr(sr, hr, shave=2), "ssim_rgb": ssim(sr, hr, shave=2),
+                "psnr_y": psnr(sr, hr, shave=2, y_only=True), "ssim_y": ssim(sr, hr, shave=2, y_only=True)}
+    assert image_metrics(sr, hr, 2) == expected
+    assert len(set(expected.values())) == 4  # four different numbers: none can stand in for another
+    assert expected["ssim_rgb"] != ssim(sr, hr)  # the shave changes the score, so leaving it out is seen
+
+
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="one size"):
         psnr(torch.rand(3, 8, 8), torch.rand(3, 8, 9))

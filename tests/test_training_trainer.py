@@ -398,11 +398,11 @@ def test_scene_workers_end_with_a_killed_trainer(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
 def test_ddp_two_cpu_processes_with_gloo(image_folder: Path, tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun comes with torch, next to this python"
     config = _write_config(tmp_path, image_folder, steps=4)
     run_dir = tmp_path / "ddp"
-    torchrun = str(Path(sys.executable).parent / "torchrun")
     command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training", "train", "--config", str(config),
                "--run-dir", str(run_dir), "--set", "runtime.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

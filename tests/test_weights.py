@@ -40,7 +40,8 @@ def test_the_default_students_and_the_index_ship() -> None:
 def crops() -> list[tuple[torch.Tensor, torch.Tensor]]:
     folder = default_eval_dir()
     if not folder.is_dir():
-        pytest.skip(f"the shared evaluation frames are not at {folder} (set TAKDSR_SHARED)")
+        pytest.fail(f"the shared evaluation frames are not at {folder}: run the tests from a clone placed next to "
+                    "shared/, or set TAKDSR_SHARED")
     pairs = []
     for name, (top, left) in CROPS.items():
         hr = read_image(folder / name)[:, top : top + 256, left : left + 256]
