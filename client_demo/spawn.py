@@ -83,6 +83,7 @@ class SpawnedDaemon:
                                        f"{self.log_tail()}")
             if self._answers(timeout=0.5):
                 return
+            time.sleep(0.05)  # the client fails at once while the daemon's socket file does not exist yet
         raise DaemonStartError(f"the upscaler daemon did not answer within {timeout:g} s:\n{self.log_tail()}")
 
     def _answers(self, timeout: float) -> bool:

@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -278,11 +279,28 @@ def test_a_bad_endpoint_is_a_clear_error_and_leaks_nothing() -> None:
     assert len(os.listdir("/proc/self/fd")) <= before + 1
 
 
-def test_unreachable_daemon_raises_instead_of_hanging(short_dir: pathlib.Path) -> None:
+def test_unreachable_daemon_raises_instead_of_hanging() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # free once closed: nobody listens there
     start = time.monotonic()
     with pytest.raises(ServerUnavailableError, match="no reply"):
-        UpscalerClient(f"ipc://{short_dir}/nobody.sock", timeout=0.2, retries=1)
+        UpscalerClient(f"tcp://127.0.0.1:{port}", timeout=0.2, retries=1)
     assert time.monotonic() - start < 5
+
+
+def test_no_daemon_behind_an_ipc_path_is_reported_at_once(short_dir: pathlib.Path) -> None:
+    """No socket file, or one a killed daemon left behind: said at once, not after every attempt's timeout (5 s x 2
+    here, 10 s x 4 by default)."""
+    stale = short_dir / "stale.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(stale))
+    listener.close()  # the file stays, nobody listens: what SIGKILL leaves
+    for path, why in ((short_dir / "nobody.sock", "does not exist"), (stale, "no longer running")):
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailableError, match=f"no upscaler daemon at ipc://{path}: .*{why}"):
+            UpscalerClient(f"ipc://{path}", timeout=5, retries=1)
+        assert time.monotonic() - start < 5
 
 
 def test_sigterm_during_start_up_still_exits_zero(short_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -64,8 +64,8 @@ def _daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[str]:
             try:
                 UpscalerClient(endpoint, timeout=0.5, retries=0, heartbeat=False).close()
                 break
-            except ServerUnavailableError:
-                continue
+            except ServerUnavailableError:  # at once while the socket file does not exist yet
+                time.sleep(0.05)
         yield endpoint
     finally:
         proc.send_signal(signal.SIGTERM)

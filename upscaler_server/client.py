@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import itertools
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +89,26 @@ class FrameResult:
     frame: int
     timings: Timings
     output: np.ndarray
+
+
+def _nobody_listens(endpoint: str) -> str | None:
+    """Why no daemon can be listening on an ``ipc://`` endpoint (no socket file, or one left by a daemon that is gone),
+    else None. ZeroMQ itself would wait for a listener until the timeout, attempt after attempt."""
+    path = endpoint.removeprefix("ipc://")
+    if path == endpoint or path.startswith("@"):  # tcp://, or Linux's abstract namespace: no file to look at
+        return None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)  # the daemon's ZeroMQ drops a peer that leaves before its greeting
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except ConnectionRefusedError:
+        return f"{path} was left by a daemon that is no longer running"
+    except OSError:  # no permission, a name too long: ZeroMQ reports what it finds
+        return None
+    finally:
+        probe.close()
+    return None
 
 
 class _Link:
@@ -189,7 +210,7 @@ class UpscalerClient:
     def __init__(self, endpoint: str | None = None, *, timeout: float = 10.0, retries: int = 3,
                  name: str = "python-client", heartbeat: bool = True) -> None:
         """Connect and say hello. ``timeout``: seconds per attempt; raises ServerUnavailableError after
-        ``retries`` + 1 silent attempts."""
+        ``retries`` + 1 silent attempts, or at once when an ``ipc://`` endpoint has no socket file or a stale one."""
         self.timeout = timeout
         self.retries = retries
         self.closed = False
@@ -200,8 +221,14 @@ class UpscalerClient:
         self._auto: collections.OrderedDict[tuple[int, int, str], Session] = collections.OrderedDict()
         self._frames = itertools.count(1)
         self._heartbeat: _Heartbeat | None = None
+        endpoint = endpoint or default_endpoint()
+        absent = _nobody_listens(endpoint)
+        if absent is not None:
+            self._ctx.term()
+            raise ServerUnavailableError(f"no upscaler daemon at {endpoint}: {absent}; start one with "
+                                         "python -m upscaler_server")
         try:
-            self._link = _Link(self._ctx, endpoint or default_endpoint())
+            self._link = _Link(self._ctx, endpoint)
         except BaseException:
             self._ctx.term()
             raise
