@@ -475,6 +475,19 @@ def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_pa
     assert {"TAKDSR", "TA", "teacher"} <= set(results["sets"][image_folder.name]["scores"])
 
 
+def test_pipeline_checks_its_evaluation_folders_before_training(image_folder: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing evaluation folder (here cg-dev, with the shared folder elsewhere) fails before any stage trains."""
+    monkeypatch.setenv("TAKDSR_SHARED", str(tmp_path / "no-shared"))
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 1},
+                         eval={"cg_dev": True, "folders": [str(image_folder), str(tmp_path / "gone")]})  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"no-shared/data/cg-dev \(cg-dev; the shared data folder is "
+                                                r"\$TAKDSR_SHARED=.*no-shared\); .*/gone$"):
+        run_pipeline(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing trained
+    assert run_pipeline(config, tmp_path / "run", ["teacher"]) is None  # a stage alone does not evaluate
+
+
 def test_pipeline_with_three_tas_trains_and_scores_each(image_folder: Path, tmp_path: Path) -> None:
     """Any number of TAs: each is scored with the teacher's CF' and named TA, TA2, TA3 in the results."""
     config = tiny_config(image_folder, experiment={"baselines": False, "teacher_blocks": 4, "ta_blocks": [3, 2, 1]},

@@ -30,7 +30,8 @@ from models import (
     read_metadata,
 )
 from training.config import Config, EvalConfig
-from training.data import DataConfig, SourceConfig, build_eval_dataset, to_tensor, to_uint8
+from training.data import DataConfig, SourceConfig, build_eval_dataset, default_eval_dir, to_tensor, to_uint8
+from training.data.paths import shared_hint
 from training.distill import mixed_input
 from training.metrics import image_metrics
 
@@ -76,6 +77,7 @@ class ModelInfo:
 def eval_sets(config: Config, scale: int, min_lr_side: int = 1) -> dict[str, list[EvalImage]]:
     """The evaluation sets named in config.eval, each a list of whole (or centre-cropped) images; folder images
     whose LR side would be below `min_lr_side` (see `min_lr_side`) are skipped with a warning."""
+    check_eval_folders(config)
     base = config.data or DataConfig(sources=[SourceConfig(kind="folder", path=".")], scale=scale)
     wanted: dict[str, SourceConfig] = {}
     if config.eval.cg_dev:
@@ -94,6 +96,17 @@ def eval_sets(config: Config, scale: int, min_lr_side: int = 1) -> dict[str, lis
                              "rename the folder or leave that set out")
         wanted[name] = SourceConfig(kind="folder", path=str(folder))
     return {name: list(_images(base, source, scale, config, min_lr_side)) for name, source in wanted.items()}
+
+
+def check_eval_folders(config: Config) -> None:
+    """FileNotFoundError naming every image folder the evaluation of ``config`` would read and cannot; the pipeline
+    checks before training, so that a run does not train every stage and then fail on its evaluation."""
+    folders = [(Path(folder), "") for folder in config.eval.folders]
+    if config.eval.cg_dev:
+        folders.insert(0, (default_eval_dir(), f" (cg-dev; {shared_hint()})"))
+    missing = [f"{folder}{hint}" for folder, hint in folders if not folder.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"evaluation image folder(s) missing: {'; '.join(missing)}")
 
 
 def unique_labels(paths: list[Path], what: str = "checkpoint", *, keep_suffix: bool = False) -> dict[str, Path]:

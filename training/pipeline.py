@@ -26,7 +26,15 @@ import torch
 
 from models import load_model, read_metadata
 from training.config import Config, StageConfig, dump_toml
-from training.evaluate import baseline_predictors, checkpoint_predictor, eval_sets, evaluate, min_lr_side, model_info
+from training.evaluate import (
+    baseline_predictors,
+    check_eval_folders,
+    checkpoint_predictor,
+    eval_sets,
+    evaluate,
+    min_lr_side,
+    model_info,
+)
 from training.latency import measure_latency
 from training.report import write_report
 from training.trainer import FINAL_FILE, STATE_FILE, train_stage
@@ -85,6 +93,8 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
     """Train every unfinished stage and evaluate (returns the results), or train only `stages` (returns None)."""
     all_stages = pipeline_stages(config, run_dir)
     chosen = _chosen_stages(all_stages, stages)
+    if stages is None:  # the evaluation after training: its folders are checked before hours of training
+        check_eval_folders(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     if stages is None:  # parallel partial runs may differ in their overrides (e.g. time budgets)
         (run_dir / "config.toml").write_text(dump_toml(config.to_dict()))

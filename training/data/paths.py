@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "default_eval_dir", "reserved_scenes", "shared_dir"]
+__all__ = ["REPO_ROOT", "default_eval_dir", "reserved_scenes", "shared_dir", "shared_hint"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -12,6 +12,15 @@ def shared_dir() -> Path:
     """The shared data folder: $TAKDSR_SHARED, else `<repo>/../shared`."""
     env = os.environ.get("TAKDSR_SHARED")
     return Path(env) if env else REPO_ROOT.parent / "shared"
+
+
+def shared_hint() -> str:
+    """Where the shared data folder was looked for and how to point elsewhere, for error messages."""
+    if os.environ.get("TAKDSR_SHARED"):
+        return f"the shared data folder is $TAKDSR_SHARED={shared_dir()}"
+    if not (REPO_ROOT / "pyproject.toml").is_file():  # an installed package: there is no checkout to sit beside
+        return "this is an installed package, not a checkout: set TAKDSR_SHARED to the shared data folder"
+    return f"the shared data folder is {shared_dir()}, beside the checkout; set TAKDSR_SHARED to use another"
 
 
 def default_eval_dir() -> Path:
@@ -28,8 +37,7 @@ def reserved_scenes(source: str) -> set[str]:
     path = shared_dir() / "data" / "reserved-scenes.txt"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} does not exist: without it nothing keeps training off the evaluation scenes (the shared data "
-            "folder is <repo>/../shared; set TAKDSR_SHARED to use another)"
+            f"{path} does not exist: without it nothing keeps training off the evaluation scenes ({shared_hint()})"
         )
     scenes = set()
     for line in path.read_text(encoding="utf-8").splitlines():
