@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "native high-resolution render. See docs/demo.md.")
     p.add_argument("--endpoint", help="daemon endpoint (default: the client's default, or the spawned daemon's)")
     p.add_argument("--spawn-server", action="store_true", help="start a daemon for this run and stop it at exit")
-    p.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint for --spawn-server "
-                   "(default: the bundled student trained on natively rendered LR, as the demo renders it)")
+    p.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint for --spawn-server: a file or a "
+                   "bundled name such as rlfn_s_takdsr_x2 (default: the bundled student trained on natively "
+                   "rendered LR, as the demo renders it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the --spawn-server daemon "
                    "(default: auto)")
     p.add_argument("--scene", choices=scenes.PRESETS, default=d.scene, help="scene preset")
@@ -82,8 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
         p.error("--checkpoint and --device configure the daemon that --spawn-server starts")
     if a.scale < 1 or a.frames < 1 or a.fps <= 0 or a.max_fps <= 0 or a.timeout <= 0:
         p.error("--scale, --frames, --fps, --max-fps and --timeout must be positive")
-    if a.checkpoint is not None and not a.checkpoint.is_file():
-        p.error(f"--checkpoint {a.checkpoint} is not a file")
+    if a.checkpoint is not None and not (a.checkpoint.is_file() or _bundled(a.checkpoint)):
+        p.error(f"--checkpoint {a.checkpoint} is not a file or the name of a bundled checkpoint")
     return DemoConfig(endpoint=a.endpoint, spawn_server=a.spawn_server, checkpoint=a.checkpoint,
                       device=a.device or "auto", scene=a.scene, lr_size=a.lr, scale=a.scale, view=a.view,
                       compare=a.compare, timeout=a.timeout, out=a.out, headless=a.headless, frames=a.frames,
@@ -129,15 +130,25 @@ def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signa
         link.close()
 
 
+def _weights_dir() -> pathlib.Path | None:
+    """The bundled checkpoints' folder, found without importing `models`, which would import torch into the demo
+    (tests/test_demo_headless.py)."""
+    spec = importlib.util.find_spec("models")
+    return None if spec is None or spec.origin is None else pathlib.Path(spec.origin).parent / "weights"
+
+
+def _bundled(checkpoint: pathlib.Path) -> bool:
+    """Whether the daemon will find ``checkpoint`` among the bundled ones (models.resolve_checkpoint's names)."""
+    weights = _weights_dir()
+    return weights is not None and (weights / f"{checkpoint.name.removesuffix('.safetensors')}.safetensors").is_file()
+
+
 def _native_student() -> pathlib.Path | None:
     """The demo renders its LR frames natively (aliased), which the student trained on native LR upscales
-    better than the bicubic-trained default (docs/ablations.md); None: the daemon's own default. Found
-    without importing `models`, which would import torch into the demo (tests/test_demo_headless.py)."""
-    spec = importlib.util.find_spec("models")
-    if spec is None or spec.origin is None:
-        return None
-    path = pathlib.Path(spec.origin).parent / "weights" / NATIVE_STUDENT_FILE
-    return path if path.is_file() else None
+    better than the bicubic-trained default (docs/ablations.md); None: the daemon's own default."""
+    weights = _weights_dir()
+    path = weights / NATIVE_STUDENT_FILE if weights is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,16 +4,16 @@ compact-feature encoder, a registry and self-describing safetensors checkpoints.
 This package knows nothing of training or serving. Values are float RGB in [0, 1], NCHW.
 """
 
-from pathlib import Path
-
 from .base import SRDecoder
 from .checkpoint import (
+    WEIGHTS_DIR,
     Checkpoint,
     CheckpointError,
     describe,
     load_checkpoint,
     load_model,
     read_metadata,
+    resolve_checkpoint,
     save_checkpoint,
     unwrap,
 )
@@ -25,7 +25,6 @@ from .rfdn import RFDN, RFDNConfig
 from .rlfn import RLFN, RLFNConfig
 from .teacher import Teacher, TeacherOutput, init_from_teacher, min_lr_size
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # The student the daemon runs by default (trained by the TAKDSR pipeline on bicubic LR, x2).
 DEFAULT_STUDENT_PATH = WEIGHTS_DIR / "rlfn_s_takdsr_x2.safetensors"
 # A student trained on LR frames rendered natively at low resolution (aliased, no antialiasing), as the
@@ -62,6 +61,7 @@ __all__ = [
     "min_lr_size",
     "quantize_8bit",
     "read_metadata",
+    "resolve_checkpoint",
     "save_checkpoint",
     "unwrap",
 ]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .flops import count_flops, count_parameters
 from .registry import arch_name, build_model, list_models
 
@@ -27,9 +26,11 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _load(target: str) -> tuple[nn.Module, dict | None]:
     if target in list_models():
         return build_model(target), None
-    if not Path(target).exists() and not target.endswith(".safetensors"):
-        raise CheckpointError(target, f"neither a file nor a model name ({', '.join(list_models())})")
-    checkpoint = load_checkpoint(target)
+    path = resolve_checkpoint(target)
+    if not path.exists() and not target.endswith(".safetensors"):
+        raise CheckpointError(target, f"neither a file, a bundled checkpoint nor a model name "
+                                      f"({', '.join(list_models())})")
+    checkpoint = load_checkpoint(path)
     return checkpoint.model, checkpoint.metadata
 
 

@@ -35,9 +35,11 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "read_metadata",
+    "resolve_checkpoint",
     "save_checkpoint",
 ]
 
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the bundled checkpoints, installed with the package
 FORMAT_VERSION = 1
 _MAX_ARCH_INT = 4096  # no width, block count or scale of these networks comes near it
 METADATA_KEY = "takdsr"
@@ -140,6 +142,19 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     if model.scale != metadata["scale"]:
         raise CheckpointError(path, f"metadata scale {metadata['scale']} != the network's scale {model.scale}")
     return Checkpoint(model.to(device).eval(), metadata)
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself when it exists; else a bundled checkpoint it names: ``rlfn_s_native_x2``, with or without
+    ``.safetensors``, or ``models/weights/<name>`` read from outside a checkout (an installed package). Anything else
+    comes back unchanged, for the caller to report as missing."""
+    given = Path(path)
+    if given.exists():
+        return given
+    bare = given.parent == Path(".")
+    from_checkout = given.parent.parts[-2:] == ("models", "weights") and not given.is_absolute()
+    bundled = WEIGHTS_DIR / f"{given.name.removesuffix('.safetensors')}.safetensors"
+    return bundled if (bare or from_checkout) and bundled.is_file() else given
 
 
 def describe(metadata: dict[str, Any]) -> str:

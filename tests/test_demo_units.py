@@ -75,7 +75,10 @@ def test_letterbox_keeps_the_aspect_ratio() -> None:
 def test_command_line() -> None:
     cfg = parse_args(["--lr", "320x180", "--scale", "2", "--view", "native", "--headless"])
     assert cfg.lr_size == (320, 180) and cfg.hr_size == (640, 360) and cfg.view == "native" and cfg.headless
-    for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--frames", "0"], ["--scene", "moon"]):
+    named = parse_args(["--spawn-server", "--checkpoint", "rlfn_s_takdsr_x2"])  # a bundled name: the daemon finds it
+    assert str(named.checkpoint) == "rlfn_s_takdsr_x2"
+    for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--frames", "0"], ["--scene", "moon"],
+                ["--spawn-server", "--checkpoint", "no_such_student_x2"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)
         assert exc.value.code == 2, bad

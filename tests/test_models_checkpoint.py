@@ -292,3 +292,18 @@ def test_bad_teacher_arch_args(tmp_path: Path, change: dict, message: str) -> No
     meta["arch_args"] = {**meta["arch_args"], **change}
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(_write_with_metadata(tmp_path / "bad.safetensors", tensors, meta))
+
+
+def test_bundled_checkpoints_resolve_by_name_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed package has no models/weights beside the caller: bundled names still find the files."""
+    from models import WEIGHTS_DIR, resolve_checkpoint
+
+    bundled = WEIGHTS_DIR / "rlfn_s_native_x2.safetensors"
+    monkeypatch.chdir(tmp_path)
+    for name in ("rlfn_s_native_x2", "rlfn_s_native_x2.safetensors", "models/weights/rlfn_s_native_x2.safetensors"):
+        assert resolve_checkpoint(name) == bundled, name
+    for other in ("/elsewhere/rlfn_s_native_x2.safetensors", "mine/rlfn_s_native_x2.safetensors", "no_such_x2"):
+        assert resolve_checkpoint(other) == Path(other), other  # left for the caller to report as missing
+    own = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "rlfn_s_native_x2.safetensors", role="student")
+    assert resolve_checkpoint("rlfn_s_native_x2.safetensors") == Path("rlfn_s_native_x2.safetensors")  # a file wins
+    assert own.exists()

@@ -109,6 +109,10 @@ def test_missing_and_bad_models(tmp_path: pathlib.Path) -> None:
         create_engine(model="no_such_model", device="cpu")
     with pytest.raises(ModelLoadError, match="need scale in"):  # the nearest backend's scales go higher
         create_engine(model="rlfn_s", scale=5, device="cpu")
+    with pytest.raises(ModelLoadError, match=r"is a folder; pass a \.safetensors file or a bundled name"):
+        create_engine(checkpoint=tmp_path, device="cpu")
+    named = create_engine(checkpoint=pathlib.Path("rlfn_s_native_x2"), device="cpu", threads=1)  # a bundled name
+    assert named.weights.endswith("models/weights/rlfn_s_native_x2.safetensors")
 
 
 def test_offline_cli_is_bit_exact(engine: Engine, checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT (default: $TAKDSR_UPSCALER_ENDPOINT or "
                    "ipc://$XDG_RUNTIME_DIR/takdsr/upscaler.sock, else ipc:///tmp/takdsr-$UID/upscaler.sock)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint (default: the bundled student)")
+    src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint: a .safetensors file or a bundled "
+                     "name such as rlfn_s_native_x2 (default: the bundled rlfn_s_takdsr_x2)")
     src.add_argument("--model", help="run this registered model with RANDOM weights (benchmarks and tests only)")
     add_backend_arguments(p, defaults.backend)
     p.add_argument("--scale", type=int, default=defaults.scale, help="scale of --model and of the nearest backend")

@@ -410,11 +410,14 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
         except ValueError as exc:  # e.g. a scale the family does not have
             raise ModelLoadError(f"cannot build {model!r}: {exc}") from exc
         return _decoder(network, model), model, None
-    path = pathlib.Path(checkpoint) if checkpoint is not None else pathlib.Path(models.DEFAULT_STUDENT_PATH)
+    path = models.resolve_checkpoint(checkpoint) if checkpoint is not None else models.DEFAULT_STUDENT_PATH
+    if path.is_dir():
+        raise ModelLoadError(f"checkpoint {path} is a folder; pass a .safetensors file or a bundled name "
+                             f"({', '.join(sorted(p.stem for p in models.WEIGHTS_DIR.glob('*.safetensors')))})")
     if not path.is_file():
         hint = "" if checkpoint is not None else " (the bundled student has not shipped yet)"
-        raise ModelLoadError(f"checkpoint {path} not found{hint}; pass --checkpoint PATH, or --model NAME to run "
-                             "a registered model with random weights")
+        raise ModelLoadError(f"checkpoint {path} not found{hint}; pass --checkpoint PATH or a bundled name, or "
+                             "--model NAME to run a registered model with random weights")
     try:
         ckpt = models.load_checkpoint(path, device="cpu")
     except (models.CheckpointError, OSError, ValueError) as exc:

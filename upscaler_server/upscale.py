@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=pathlib.Path, metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="OUTDIR", help="output folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint (default: the bundled student)")
+    src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint: a .safetensors file or a bundled "
+                     "name such as rlfn_s_native_x2 (default: the bundled rlfn_s_takdsr_x2)")
     src.add_argument("--model", help="registered model with RANDOM weights (tests and benchmarks only)")
     p.add_argument("--scale", type=int, default=2, help="scale of --model")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
