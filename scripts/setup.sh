@@ -67,7 +67,7 @@ install_torch() {
         spec+="+cpu"
         index=(--extra-index-url https://download.pytorch.org/whl/cpu)
     fi
-    "${PIP[@]}" install -q --retries 1 "$spec" "${index[@]}"
+    "${PIP[@]}" install -q --retries 1 "$spec" numpy "${index[@]}" # numpy too: torch warns at import without it
     if ! .venv/bin/python -c "import torch" 2>/dev/null; then # installed but broken: pip said "already satisfied"
         log "torch is installed but does not import: reinstalling it"
         "${PIP[@]}" install -q --retries 1 --force-reinstall --no-deps "$spec" "${index[@]}"
