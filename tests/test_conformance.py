@@ -401,7 +401,10 @@ def test_busy(peer: Peer) -> None:
     msgpack.packb({1: 1, "type": "ping", "req": 5, "sessions": []}),  # a key that is not a str
     msgpack.packb({"v": 1, b"type": "ping", "req": 5, "sessions": []}, use_bin_type=True),  # a bin key
     [b"extra", msgpack.packb({"v": 1, "type": "ping", "req": 5, "sessions": []})],  # two frames from a DEALER
-], ids=["garbage", "empty", "array", "trailing", "int-key", "bin-key", "two-frames"])
+    b"\x84" + b"".join(map(msgpack.packb, ["v", 1, "type", "ping", "req", 5, "sessions"]))
+    + b"\x91" * 990 + b"\x90",  # arrays nested 990 deep: Python's recursion limit, were it walked recursively
+    msgpack.packb({"v": 1, "type": "ping", "req": 5, "sessions": [[{}] * 1000] * 8}),  # thousands of empty maps
+], ids=["garbage", "empty", "array", "trailing", "int-key", "bin-key", "two-frames", "deep", "many-maps"])
 def test_malformed(peer: Peer, payload: bytes | list[bytes]) -> None:
     peer.send_raw(payload)
     expect_error(peer.recv(), 1, "MALFORMED", req=0)

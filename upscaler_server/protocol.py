@@ -10,6 +10,7 @@ raise :class:`ProtocolError` with :attr:`ErrorCode.INVALID_FIELD`.
 from __future__ import annotations
 
 import functools
+import itertools
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
@@ -54,6 +55,7 @@ DIM_MAX = 65535
 SLOTS_MAX = 64
 PING_SESSIONS_MAX = 256
 MODEL_NAME_MAX = 128  # characters of welcome.model
+MAX_CONTAINERS = 64  # maps and arrays in one message, all depths together (the largest, welcome, has 4)
 # Control messages are tiny; only `process`/`result` carry pixels, bounded by the caller (the daemon's limits).
 CONTROL_MAX_BYTES = 64 * 1024
 
@@ -406,26 +408,31 @@ def decode(data: bytes, side: Literal["request", "reply"] = "request", max_bin: 
 
 def _unpack(data: bytes, max_bin: int) -> dict[Any, Any]:
     limits = {"max_bin_len": max_bin, "max_str_len": 4096, "max_array_len": 1024, "max_map_len": 64}
+    containers = itertools.count(1)
+
+    def counted(value: Any) -> Any:
+        # a few dozen maps and arrays at most in any message: without a bound, megabytes of one-byte empty maps
+        # would cost the daemon gigabytes and seconds (and deep nesting Python's recursion)
+        if next(containers) > MAX_CONTAINERS:
+            raise ProtocolError(f"message holds more than {MAX_CONTAINERS} maps and arrays")
+        return value
+
+    def map_of_str_keys(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+        for key, _ in pairs:  # strict_map_key still lets bin (bytes) keys through
+            if not isinstance(key, str):
+                raise ProtocolError(f"map keys must be msgpack str, got {type(key).__name__} {key!r}"[:300])
+        return counted(dict(pairs))
+
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, **limits)
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, list_hook=counted,
+                              object_pairs_hook=map_of_str_keys, **limits)
+    except ProtocolError:
+        raise
     except Exception as exc:  # msgpack raises half a dozen types for garbage; all mean the same to a client
         raise ProtocolError(f"message is not valid msgpack ({type(exc).__name__}: {exc})"[:300]) from exc
     if not isinstance(raw, dict):
         raise ProtocolError(f"message must be a msgpack map, got {type(raw).__name__}")
-    _check_keys(raw)
     return raw
-
-
-def _check_keys(value: Any) -> None:
-    """Every map key, at any depth, is a str; strict_map_key still lets bin (bytes) keys through."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ProtocolError(f"map keys must be msgpack str, got {type(key).__name__} {key!r}"[:300])
-            _check_keys(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_keys(item)
 
 
 def _message_class(kind: Any, side: str) -> type[Message]:
