@@ -343,6 +343,43 @@ def test_a_client_that_never_reads_cannot_pile_up_results_in_the_daemon() -> Non
             ctx.term()
 
 
+def test_many_connections_that_never_read_share_one_bound() -> None:
+    """The budget is per connection, so all of them together are bounded too (four budgets): 16 stalled sockets,
+    10 inline 640x480 results each, --max-unread-mb 4: at most 16 MiB of results are held for them at a time
+    (without the bound each socket would hold 4 MiB: 64 MiB)."""
+    import msgpack
+    import zmq
+
+    frame = np.zeros((240, 320, 3), np.uint8).tobytes()
+    with run_server("--backend", "nearest", "--max-unread-mb", "4") as daemon:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        socks = [ctx.socket(zmq.DEALER) for _ in range(16)]
+        try:
+            for sock in socks:
+                sock.linger, sock.rcvhwm, sock.rcvbuf = 0, 1, 4096
+                sock.connect(daemon.endpoint)
+            for req in range(1, 11):
+                for sock in socks:
+                    sock.send(msgpack.packb({"v": 1, "type": "process", "req": req, "width": 320, "height": 240,
+                                             "format": "RGB8", "frame": req, "pixels": frame}))  # fmt: skip
+                    time.sleep(0.004)
+            time.sleep(1.0)
+            results = 0
+            for sock in socks:
+                kinds = []
+                while sock.poll(300, zmq.POLLIN):
+                    kinds.append(msgpack.unpackb(sock.recv(), raw=False).get("name", "result"))
+                assert len(kinds) == 10 and set(kinds) <= {"result", "BUSY"}, kinds  # every request answered
+                results += kinds.count("result")
+            # 4 x 4 MiB of 921,600-byte results held by the daemon, plus what already left it: up to two results
+            # per socket sit in the socket's buffers on our side (measured: 2), one more for timing
+            assert results <= 4 * 4 * 2**20 // 921_600 + 3 * len(socks), results
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+            ctx.term()
+
+
 def test_invalid_settings_exit_2() -> None:
     status, log = _exit_of(["--backend", "nearest", "--max-queue", "0"])
     assert status == 2 and "invalid settings" in log

@@ -58,6 +58,7 @@ log = logging.getLogger("upscaler_server")
 
 _POLL_MS = 100  # longest wait before the loop checks flags and leases again
 _BURST = 64  # messages read per poll round before finished frames get their turn
+_ALL_CLIENTS_UNREAD = 4  # unread inline results of all clients together: this many times one client's budget
 
 
 class Server:
@@ -291,6 +292,10 @@ class Server:
             self._unread[client] = pending
         if unread + result_bytes > max(self.config.max_unread_bytes, 2 * result_bytes):
             raise BusyError(f"{unread >> 20} MiB of your earlier results are still unread; read them, then retry")
+        # and all clients together: each connection has its own budget, so many connections could still pile up
+        everyone = sum(size for sent in self._unread.values() for tracker, size in sent if not tracker.done)
+        if everyone + result_bytes > max(_ALL_CLIENTS_UNREAD * self.config.max_unread_bytes, 2 * result_bytes):
+            raise BusyError(f"{everyone >> 20} MiB of results are still unread by this daemon's clients; retry later")
 
     def _on_close(self, msg: Message, envelope: list[bytes], received: float) -> Message:
         assert isinstance(msg, Close)
