@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import resource
 import shutil
 import signal
 import socket
@@ -378,6 +379,51 @@ def test_many_connections_that_never_read_share_one_bound() -> None:
             for sock in socks:
                 sock.close(linger=0)
             ctx.term()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "folder"])
+def test_an_endpoint_path_that_is_not_a_socket_is_left_alone(short_dir: pathlib.Path, kind: str) -> None:
+    """ZeroMQ unlinks an ipc path before binding: a file (or a link, or a folder) there would be deleted."""
+    path = short_dir / f"{kind}.sock"
+    victim = short_dir / "victim.txt"
+    victim.write_text("keep me")
+    {"file": lambda: path.write_text("keep me"), "symlink": lambda: path.symlink_to(victim),
+     "folder": lambda: path.mkdir()}[kind]()  # fmt: skip
+    status, log = _exit_of(["--backend", "nearest", "--endpoint", f"ipc://{path}"])
+    assert status == 2 and "not a socket: binding would replace it" in log, log
+    assert path.is_symlink() if kind == "symlink" else path.exists()
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("endpoint", "message"), [
+    ("ipc://@abstract", "must be a file path"), ("ipc://*", "must be a file path"),
+    ("tcp://0.0.0.0:47311", "reachable from other hosts"), ("tcp://*:47311", "reachable from other hosts"),
+])  # fmt: skip
+def test_endpoints_without_access_control_are_refused(endpoint: str, message: str) -> None:
+    status, log = _exit_of(["--backend", "nearest", "--endpoint", endpoint])
+    assert status == 2 and message in log, log
+
+
+def test_an_ipc_socket_is_private_and_the_fd_limit_raised(short_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """Mode 0600 from the moment it exists (a umask of 000 must not open a window), and the soft limit of open
+    files raised to the hard one (libzmq aborts on EMFILE)."""
+    endpoint = f"ipc://{short_dir}/private.sock"
+    script = ("import os, resource, sys; os.umask(0); soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+              "from upscaler_server.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--backend", "nearest", "--endpoint", endpoint],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=(tmp_path / "log").open("wb"))
+    try:
+        deadline = time.monotonic() + 60
+        while not (short_dir / "private.sock").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "log").read_text()
+            time.sleep(0.05)
+        assert (short_dir / "private.sock").stat().st_mode & 0o777 == 0o600
+        limits = (pathlib.Path(f"/proc/{proc.pid}/limits").read_text().split("Max open files")[1].split()[:2])
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert int(limits[0]) == (hard if hard != resource.RLIM_INFINITY else 1 << 16) and int(limits[0]) > 256
+    finally:
+        assert stop(proc) == 0
 
 
 def test_invalid_settings_exit_2() -> None:

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "(ZeroMQ control messages, pixels in shared memory; see docs/protocol.md).")
     p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT (default: $TAKDSR_UPSCALER_ENDPOINT or "
                    "ipc://$XDG_RUNTIME_DIR/takdsr/upscaler.sock, else ipc:///tmp/takdsr-$UID/upscaler.sock)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a tcp:// endpoint on a non-loopback address "
+                   "(anyone who reaches it can use the daemon: trusted networks only)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint: a .safetensors file or a bundled "
                      "name such as rlfn_s_native_x2 (default: the bundled rlfn_s_takdsr_x2)")
@@ -68,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return Config(endpoint=args.endpoint or default_endpoint(), checkpoint=args.checkpoint, model=args.model,
+    return Config(endpoint=args.endpoint or default_endpoint(), allow_remote=args.allow_remote,
+                  checkpoint=args.checkpoint, model=args.model,
                   backend=args.backend, scale=args.scale, device=args.device, precision=args.precision,
                   threads=args.threads, cuda_graphs=args.cuda_graphs, overlap=args.overlap,
                   pad_channels=args.pad_channels, cache_dir=args.cache_dir, auto_backends=tuple(args.auto_backends),

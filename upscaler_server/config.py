@@ -58,6 +58,7 @@ class Config:
     max_unread_bytes: int = 256 << 20
     lease_timeout: float = 10.0  # seconds without a message naming a session before it is closed
     drain_timeout: float = 10.0  # seconds to let the in-flight frame finish at shutdown
+    allow_remote: bool = False  # a tcp:// endpoint on an address other hosts can reach (there is no authentication)
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None and self.model is not None:
@@ -82,11 +83,29 @@ class Config:
             raise ConfigError(f"the drain timeout must be a finite number of seconds >= 0, got {self.drain_timeout}")
         if not self.endpoint.startswith(("ipc://", "tcp://")):
             raise ConfigError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
+        _check_endpoint(self.endpoint, self.allow_remote)
 
     @property
     def max_message_bytes(self) -> int:
         """Largest message the daemon accepts: an inline 4-channel frame at the size limit plus headers."""
         return self.max_pixels * 4 + 4096
+
+
+_LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
+    """ipc: a file path (the socket gets mode 0600, so only this user connects); tcp: loopback unless allowed, since
+    anyone who reaches the port can open, use and close sessions."""
+    kind, _, address = endpoint.partition("://")
+    if kind == "ipc" and (not address or address.startswith("@") or "*" in address):
+        raise ConfigError(f"endpoint {endpoint!r}: an ipc endpoint must be a file path (no abstract @names or "
+                          "wildcards: those have no file permissions)")
+    if kind == "tcp":
+        host = address.rpartition(":")[0]
+        if not (host in _LOOPBACK_HOSTS or host.startswith("127.") or allow_remote):
+            raise ConfigError(f"endpoint {endpoint!r} is reachable from other hosts, and the protocol has no "
+                              "authentication: bind tcp://127.0.0.1:PORT, or pass --allow-remote on a trusted network")
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import queue
+import resource
 import secrets
 import stat
 import time
@@ -58,6 +59,8 @@ log = logging.getLogger("upscaler_server")
 
 _POLL_MS = 100  # longest wait before the loop checks flags and leases again
 _BURST = 64  # messages read per poll round before finished frames get their turn
+_HANDSHAKE_MS = 5000  # ZeroMQ's greeting must arrive within this after a connection opens
+_FD_LIMIT = 1 << 16  # open files to ask for when the hard limit is unlimited
 _ALL_CLIENTS_UNREAD = 4  # unread inline results of all clients together: this many times one client's budget
 
 
@@ -97,6 +100,7 @@ class Server:
 
     def serve(self) -> None:
         """Bind, log the ready line, serve until stopped, then shut down in order. ConfigError if binding fails."""
+        raise_fd_limit()
         removed = remove_stale_segments()
         if removed:
             log.info("removed %d stale shared-memory segment(s) of dead daemons: %s", len(removed), ", ".join(removed))
@@ -112,19 +116,27 @@ class Server:
 
     def _bind(self) -> zmq.Socket[bytes]:
         endpoint = self.config.endpoint
-        if endpoint.startswith("ipc://") and _ipc_in_use(self._ctx, endpoint):
-            raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint")
+        ipc_path = endpoint.removeprefix("ipc://") if endpoint.startswith("ipc://") else None
+        if ipc_path is not None:
+            _check_socket_path(ipc_path)
+            if _ipc_in_use(self._ctx, endpoint):
+                raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint")
         router = self._ctx.socket(zmq.ROUTER)
         router.linger = 0
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its routing id takes over
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        # a connection that never sends ZeroMQ's greeting holds a descriptor: drop it after 5 s, not the default 30
+        router.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
+        umask = os.umask(0o077)  # the socket file is private from its creation, not only after the chmod below
         try:
             router.bind(endpoint)
         except zmq.ZMQError as exc:
             router.close(linger=0)
             raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
-        if endpoint.startswith("ipc://"):
-            os.chmod(endpoint[len("ipc://"):], 0o600)
+        finally:
+            os.umask(umask)
+        if ipc_path is not None:
+            os.chmod(ipc_path, 0o600)
         return router
 
     def _loop(self, router: zmq.Socket[bytes]) -> None:
@@ -401,6 +413,25 @@ def _error(req: int, code: ErrorCode, message: str) -> Error:
 
 def _us(seconds: float) -> int:
     return max(0, round(seconds * 1e6))
+
+
+def _check_socket_path(path: str) -> None:
+    """Refuse to bind where binding would delete something that is not a socket (ZeroMQ unlinks the path first)."""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISSOCK(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "a file"
+            raise ConfigError(f"{path} is {kind}, not a socket: binding would replace it; pass another --endpoint")
+
+
+def raise_fd_limit() -> None:
+    """Soft limit of open files up to the hard one: each connection costs the daemon a descriptor, and libzmq aborts
+    the process when it cannot accept one (EMFILE) instead of refusing that connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, _FD_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _ipc_in_use(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> bool:
