@@ -264,6 +264,18 @@ def test_session_lifecycle(peer: Peer, daemon: Daemon) -> None:
     expect_error(peer.call(type="submit", session=12345, slot=0, frame=1), 10, "UNKNOWN_SESSION")
 
 
+def test_a_session_belongs_to_the_connection_that_opened_it(peer: Peer, daemon: Daemon) -> None:
+    """Section 5.8: session ids are in the segments' names, so another connection may not submit to a session or
+    close it; pings from anywhere are answered, and the owner's session stays usable."""
+    sid = open_session(peer, 20, 16)["session"]
+    with raw_socket(daemon.endpoint) as sock:
+        other = Peer(sock)
+        expect_error(other.call(type="submit", session=sid, slot=0, frame=1), 10, "UNKNOWN_SESSION")
+        expect_error(other.call(type="close", session=sid), 10, "UNKNOWN_SESSION")
+        assert other.call(type="ping", sessions=[sid])["sessions"] == [sid]
+    assert peer.call(type="submit", session=sid, slot=0, frame=2)["type"] == "done"
+
+
 def test_truncated_segment(peer: Peer) -> None:
     """Section 6: a segment a client truncated (opened with O_TRUNC, or ftruncate()d) is refused with SHM_ERROR
     instead of killing the daemon with SIGBUS; once its size is back, the session works again."""

@@ -254,7 +254,7 @@ class Server:
 
     def _on_open(self, msg: Message, envelope: list[bytes], received: float) -> Message:
         assert isinstance(msg, Open)
-        session = self._sessions.open(msg, envelope[0].hex()[:8])
+        session = self._sessions.open(msg, envelope[0])
         # Warm-up runs ahead of the session's first frame, off the transport thread.
         self._queue.put(session.id, Job(envelope, msg.req, 0, session.fmt, msg.height, msg.width, received,
                                         session=session, warmup=True))
@@ -265,7 +265,7 @@ class Server:
 
     def _on_submit(self, msg: Message, envelope: list[bytes], received: float) -> None:
         assert isinstance(msg, Submit)
-        session = self._sessions.get(msg.session)
+        session = self._sessions.get(msg.session, owner=envelope[0])
         session.touch()
         if msg.slot >= session.slots:
             raise SessionError(f"slot {msg.slot} is out of range: session {session.id} has {session.slots} slot(s)",
@@ -311,7 +311,7 @@ class Server:
 
     def _on_close(self, msg: Message, envelope: list[bytes], received: float) -> Message:
         assert isinstance(msg, Close)
-        self._end_session(self._sessions.get(msg.session), "closed by its client")
+        self._end_session(self._sessions.get(msg.session, owner=envelope[0]), "closed by its client")
         return Closed(req=msg.req, session=msg.session)
 
     def _on_ping(self, msg: Message, envelope: list[bytes], received: float) -> Message:

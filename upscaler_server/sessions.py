@@ -34,11 +34,16 @@ class Session:
     scale: int
     input: Ring
     output: Ring
-    client: str  # short client identity for logs
+    owner: bytes  # routing id of the connection that opened it: only that connection may submit to it or close it
     last_seen: float = field(default_factory=time.monotonic)
     in_flight: set[int] = field(default_factory=set)
     pending: int = 0  # jobs accepted and not completed by the engine (queued or running)
     ended: bool = False
+
+    @property
+    def client(self) -> str:
+        """Short identity of the owner, for logs."""
+        return self.owner.hex()[:8]
 
     @property
     def shm_bytes(self) -> int:
@@ -105,14 +110,19 @@ class SessionTable:
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
-    def get(self, session_id: int) -> Session:
+    def get(self, session_id: int, owner: bytes | None = None) -> Session:
+        """The open session ``session_id``; with ``owner``, only if that connection opened it (session ids are no
+        secret: they are in the segments' names)."""
         session = self._sessions.get(session_id)
         if session is None:
             raise SessionError(f"session {session_id} is not open (closed, lease expired or daemon restarted); "
                                "open a new one", ErrorCode.UNKNOWN_SESSION)
+        if owner is not None and owner != session.owner:
+            raise SessionError(f"session {session_id} was opened on another connection; a session is used and "
+                               "closed through the connection (routing id) that opened it", ErrorCode.UNKNOWN_SESSION)
         return session
 
-    def open(self, msg: Open, client: str) -> Session:
+    def open(self, msg: Open, owner: bytes) -> Session:
         """Validate ``msg`` against the limits, create the rings and register the session."""
         fmt = pixel_format(msg.format)
         check_frame_size(self._config, self._min_size, msg.width, msg.height)
@@ -136,7 +146,7 @@ class SessionTable:
             ring_in.unlink()
             ring_in.close()
             raise
-        session = Session(session_id, fmt, msg.width, msg.height, msg.slots, self._scale, ring_in, ring_out, client)
+        session = Session(session_id, fmt, msg.width, msg.height, msg.slots, self._scale, ring_in, ring_out, owner)
         self._sessions[session_id] = session
         return session
 
