@@ -53,23 +53,29 @@ def _parser() -> argparse.ArgumentParser:
                    "rendered LR, as the demo renders it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the --spawn-server daemon "
                    "(default: auto)")
-    p.add_argument("--scene", choices=scenes.PRESETS, default=d.scene, help="scene preset")
-    p.add_argument("--lr", type=_size, default=d.lr_size, metavar="WxH", help="rendered (low-resolution) size")
-    p.add_argument("--scale", type=int, default=d.scale, help="upscale factor (must match the daemon's)")
-    p.add_argument("--view", choices=VIEWS, default=d.view, help="what is shown / written")
+    p.add_argument("--scene", choices=scenes.PRESETS, default=d.scene, help="scene preset (default: %(default)s)")
+    p.add_argument("--lr", type=_size, default=d.lr_size, metavar="WxH",
+                   help=f"rendered (low-resolution) size (default: {d.lr_size[0]}x{d.lr_size[1]})")
+    p.add_argument("--scale", type=int, default=d.scale, help="upscale factor, the daemon's (default: %(default)s)")
+    p.add_argument("--view", choices=VIEWS, default=d.view, help="what is shown / written (default: %(default)s)")
     p.add_argument("--compare", choices=["bilinear", "native"], default=d.compare,
-                   help="right half of the split view")
+                   help="right half of the split view (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=d.timeout,
-                   help="seconds without a daemon reply before reconnecting (keep above one frame's upscale time)")
+                   help="seconds a frame may wait for the daemon before it is pinged; a frame is given up, and the "
+                   "daemon reconnected, after about twice that; keep it above one frame's upscale time "
+                   "(default: %(default)s)")
     p.add_argument("--out", type=pathlib.Path, help="headless: output folder (default: demo_out); "
                    "window: screenshot folder (default: the current one)")
     g = p.add_argument_group("headless mode")
     g.add_argument("--headless", action="store_true", help="no window: write PNGs, an MP4 and stats.json")
-    g.add_argument("--frames", type=int, default=d.frames, help="frames to render")
-    g.add_argument("--fps", type=float, default=d.fps, help="camera-path clock and MP4 frame rate")
-    g.add_argument("--start", type=float, default=d.start, help="seconds on the camera path of the first frame")
+    g.add_argument("--frames", type=int, default=d.frames, help="frames to render (default: %(default)s)")
+    g.add_argument("--fps", type=float, default=d.fps,
+                   help="camera-path clock and MP4 frame rate (default: %(default)s)")
+    g.add_argument("--start", type=float, default=d.start,
+                   help="seconds on the camera path of the first frame (default: %(default)s)")
     w = p.add_argument_group("window mode")
-    w.add_argument("--max-fps", type=float, default=d.max_fps, help="frame-rate cap of the window loop")
+    w.add_argument("--max-fps", type=float, default=d.max_fps,
+                   help="frame-rate cap of the window loop (default: %(default)s)")
     w.add_argument("--screenshot-after", type=int, metavar="N", help="save a screenshot after N frames")
     w.add_argument("--exit-after", type=int, metavar="N", help="quit after N frames")
     return p

@@ -15,6 +15,7 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
     "NATIVE_STUDENT_FILE",
+    "SR_CAPTION",
     "DaemonWatch",
     "DemoConfig",
 ]
@@ -30,6 +31,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 # The bundled student trained on natively rendered LR (models.NATIVE_STUDENT_PATH's name; the demo does not
 # import `models`, which imports torch): the spawned daemon's default.
 NATIVE_STUDENT_FILE = "rlfn_s_native_x2.safetensors"
+
+# The caption of the upscaled half of the split view (window and headless); the model's name is in the HUD.
+SR_CAPTION = "upscaled (SR)"
 
 # Returns why the spawned daemon is gone (e.g. "exited with status -9"), or None while it runs or when not spawned.
 DaemonWatch = Callable[[], str | None]

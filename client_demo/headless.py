@@ -26,6 +26,7 @@ from client_demo.config import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    SR_CAPTION,
     DaemonWatch,
     DemoConfig,
 )
@@ -70,18 +71,36 @@ class _Outputs:
         self.frames_dir = out / FRAMES_DIR
         self.frames_dir.mkdir(parents=True, exist_ok=True)
         self.video_path = out / VIDEO_NAME
-        self._video = cv2.VideoWriter(str(self.video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-        if not self._video.isOpened():
-            raise OSError(f"OpenCV cannot write {self.video_path} (mp4v)")
+        self._size, self._fps = size, fps
+        self._video: cv2.VideoWriter | None = None  # opened with the first frame: a run that never gets one
+        self.video_path.unlink(missing_ok=True)  # leaves no unplayable file (nor an older run's video)
 
     def write(self, index: int, rgb: np.ndarray) -> None:
         bgr = np.ascontiguousarray(rgb[..., ::-1])
         if not cv2.imwrite(str(self.frames_dir / f"{index:05d}.png"), bgr):
             raise OSError(f"cannot write a PNG into {self.frames_dir}")
+        if self._video is None:
+            self._video = cv2.VideoWriter(str(self.video_path), cv2.VideoWriter_fourcc(*"mp4v"), self._fps,
+                                          self._size)
+            if not self._video.isOpened():
+                raise OSError(f"OpenCV cannot write {self.video_path} (mp4v)")
         self._video.write(bgr)
 
     def close(self) -> None:
-        self._video.release()
+        if self._video is not None:
+            self._video.release()
+
+
+def caption(rgb: np.ndarray, text: str, x: int, end: int) -> None:
+    """Write ``text`` on a dark box at the bottom of ``rgb`` (H, W, 3) from column ``x``, in place; left out when it
+    would reach column ``end`` (the edge of the half it names) or the frame is too low for it."""
+    font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1
+    (width, height), baseline = cv2.getTextSize(text, font, scale, thickness)
+    bottom = rgb.shape[0] - 8
+    if x + width + 4 >= end or bottom - height - 6 < 0:
+        return
+    cv2.rectangle(rgb, (x - 4, bottom - height - 6), (x + width + 4, bottom + baseline - 2), (0, 0, 0), cv2.FILLED)
+    cv2.putText(rgb, text, (x, bottom - 2), font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
 class _HeadlessRun:
@@ -153,7 +172,12 @@ class _HeadlessRun:
         native = gpu.native_pixels()
         reference = gpu.reference_pixels(cfg.scene, t)
         shown = {"sr": sr, "bilinear": bilinear, "native": native}.get(cfg.view)
-        self.outputs.write(index, shown if shown is not None else gpu.compose("sr", cfg.compare, 0.5, frame.slot))
+        if shown is None:  # the split view: say which half is which, as the window does
+            shown = np.ascontiguousarray(gpu.compose("sr", cfg.compare, 0.5, frame.slot))
+            middle = shown.shape[1] // 2
+            caption(shown, SR_CAPTION, 8, middle)
+            caption(shown, cfg.compare, middle + 8, shown.shape[1])
+        self.outputs.write(index, shown)
         self.records.append(FrameRecord(index, t, render_ms, frame.round_trip * 1e3, frame.timings.infer_us / 1e3,
                                         psnr(sr, reference), psnr(bilinear, reference)))
         self.link.release(frame.slot)

@@ -93,7 +93,7 @@ class Hud:
             imgui.pop_text_wrap_pos()
         imgui.text(f"{info.fps:5.1f} fps   upscaled {info.upscaled_fps:5.1f} fps")
         imgui.text(f"render {_ms(info.render_ms)}   upscale round trip p50 {_ms(info.round_trip_ms)}")
-        imgui.text(f"network {_ms(info.infer_ms)}   model {info.model}")
+        imgui.text(f"inference {_ms(info.infer_ms)}   model {info.model}")
         if info.random_weights:
             imgui.text_colored(_BAD, "random weights: the upscaled image is noise")
         (lw, lh), (hw, hh) = info.lr_size, info.hr_size
@@ -136,6 +136,9 @@ class Hud:
         draw.add_rect_filled(ImVec2(pos.x - 12, pos.y - 8), ImVec2(pos.x + text_size.x + 12, pos.y + text_size.y + 8),
                              imgui.get_color_u32(ImVec4(0.0, 0.0, 0.0, 0.7)))
         draw.add_text(pos, imgui.get_color_u32(_BAD), text)
+
+    def text_width(self, text: str) -> float:
+        return float(imgui.calc_text_size(text).x)
 
     def label(self, x: float, y: float, text: str) -> None:
         """A small caption at window position (x, y), e.g. naming each half of the split view."""

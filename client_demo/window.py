@@ -24,20 +24,21 @@ import moderngl
 import numpy as np
 
 import scenes
-from client_demo.config import EXIT_INTERRUPTED, EXIT_NO_WINDOW, EXIT_OK, DaemonWatch, DemoConfig
+from client_demo.config import EXIT_INTERRUPTED, EXIT_NO_WINDOW, EXIT_OK, SR_CAPTION, DaemonWatch, DemoConfig
 from client_demo.controls import LOOK_SPEED, MOUSE_LOOK, CameraRig, ViewState
 from client_demo.frames import GpuFrames, letterbox, read_rgb
 from client_demo.hud import Hud, HudInfo
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
 from client_demo.metrics import RollingWindow
 
-__all__ = ["run_window"]
+__all__ = ["run_window", "window_size"]
 
 SHOWN = PIPELINE_DEPTH  # LR target holding the LR of the upscaled frame on screen (its slot is reused meanwhile)
 LIVE = PIPELINE_DEPTH + 1  # LR target rendered when no slot is free but the view needs a current LR frame
 DIVIDER_GRAB = 6.0  # px either side of the split divider that start dragging it
 MAX_DT = 0.1  # s: a longer frame (start-up, a stall) advances the camera path by no more than this
-STALL = 2.0  # s without an upscaled frame before the window says it is waiting
+STALL = 2.0  # s without an upscaled frame (at least) before the window shows bilinear and says it is waiting
+MIN_WINDOW_WIDTH = 1280  # the window opens at least this wide (the picture is scaled to fit, aspect kept)
 _MOVE_KEYS = {imgui.Key.w: (1, 0, 0), imgui.Key.s: (-1, 0, 0), imgui.Key.d: (0, 1, 0), imgui.Key.a: (0, -1, 0),
               imgui.Key.e: (0, 0, 1), imgui.Key.q: (0, 0, -1)}
 _LOOK_KEYS = {imgui.Key.left_arrow: (1, 0), imgui.Key.right_arrow: (-1, 0), imgui.Key.up_arrow: (0, 1),
@@ -165,7 +166,14 @@ class _WindowDemo:
     # --- frames --------------------------------------------------------------------------------------------------
 
     def _sr_available(self) -> bool:
-        return self.link.ready and self._shown is not None and not self.watch()
+        return self.link.ready and self._shown is not None and not self.watch() and not self._stalled()
+
+    def _stalled(self) -> bool:
+        """No upscaled frame for longer than STALL, and than three of the recent round trips (a slow CPU daemon is
+        not stalled): the scene then goes on moving in bilinear instead of freezing on the last upscaled frame."""
+        recent = sorted(self.hud.round_trip_ms)
+        typical = recent[len(recent) // 2] / 1e3 if recent else 0.0
+        return self.link.waiting() > max(STALL, 3 * typical)
 
     def _feed(self, pose: _Pose) -> None:
         """Render this frame's LR into a free slot and submit it; else render it for the views that need it."""
@@ -228,15 +236,18 @@ class _WindowDemo:
     def _overlay(self) -> None:
         """Captions of the split halves, or a banner when upscaled frames cannot be shown."""
         if self.ui.view in ("sr", "split") and not self._sr_available():
-            self.hud.banner(self._status()[0] + " - showing bilinear")
+            stalled = self.link.ready and self._stalled()
+            reason = f"waiting for the upscaler: no frame for {self.link.waiting():.0f} s" if stalled else \
+                self._status()[0]
+            self.hud.banner(reason + " - showing bilinear")
             return
-        if self.link.waiting() > STALL and self.ui.view in ("sr", "split"):
-            self.hud.banner(f"waiting for the upscaler: no frame for {self.link.waiting():.0f} s")
-        if self.ui.view == "split":  # captions at the bottom, clear of the HUD
+        if self.ui.view == "split":  # captions at the bottom, clear of the HUD, each kept inside its half
             x, y, w, h = self._viewport_in_window()
-            model = self.link.info.model if self.link.info else "?"
-            self.hud.label(x + 8, y + h - 24, f"SR ({model})")
-            self.hud.label(x + self.ui.split * w + 8, y + h - 24, self.ui.compare)
+            divider = self.ui.split * w
+            if divider > self.hud.text_width(SR_CAPTION) + 24:
+                self.hud.label(x + 8, y + h - 24, SR_CAPTION)
+            if w - divider > self.hud.text_width(self.ui.compare) + 24:
+                self.hud.label(x + divider + 8, y + h - 24, self.ui.compare)
 
     # --- HUD -----------------------------------------------------------------------------------------------------
 
@@ -285,6 +296,22 @@ def _held(keys: dict[imgui.Key, tuple[int, ...]], size: int) -> list[int]:
     return total
 
 
+def window_size(hr_size: tuple[int, int], screen: tuple[int, int] | None) -> tuple[int, int]:
+    """The HR picture magnified by a whole factor until it is at least MIN_WINDOW_WIDTH wide, as far as the screen
+    allows: a small HR size (the CPU default, 640x360) would leave the HUD covering most of the picture."""
+    width, height = hr_size
+    factor = -(-MIN_WINDOW_WIDTH // width)
+    if screen is not None:
+        factor = min(factor, screen[0] // width, screen[1] // height)
+    return width * max(1, factor), height * max(1, factor)
+
+
+def _screen_size() -> tuple[int, int] | None:
+    monitor = glfw.get_primary_monitor()
+    mode = glfw.get_video_mode(monitor) if monitor else None
+    return (mode.size.width, mode.size.height) if mode else None
+
+
 def _open_window(cfg: DemoConfig) -> glfw._GLFWwindow | None:
     if not glfw.init():
         return None
@@ -292,7 +319,8 @@ def _open_window(cfg: DemoConfig) -> glfw._GLFWwindow | None:
     glfw.window_hint(glfw.CONTEXT_VERSION_MINOR, 3)
     glfw.window_hint(glfw.OPENGL_PROFILE, glfw.OPENGL_CORE_PROFILE)
     glfw.window_hint(glfw.OPENGL_FORWARD_COMPAT, True)
-    window = glfw.create_window(*cfg.hr_size, f"TAKDSR upscaler demo - {cfg.scene}", None, None)
+    size = window_size(cfg.hr_size, _screen_size())
+    window = glfw.create_window(*size, f"TAKDSR upscaler demo - {cfg.scene}", None, None)
     if not window:
         glfw.terminate()
         return None

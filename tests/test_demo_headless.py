@@ -73,6 +73,26 @@ def test_headless_frames_are_the_upscaled_render(nearest_daemon: Daemon, tmp_pat
         assert record["psnr_bilinear_db"] == pytest.approx(psnr(bilinear, reference), abs=0.5)
 
 
+def test_the_split_view_is_captioned_and_a_run_without_frames_leaves_no_video(nearest_daemon: Daemon,
+                                                                             tmp_path: pathlib.Path) -> None:
+    """Whoever watches demo.mp4 must see which half is the upscaler; a run that gets no frame writes no video."""
+    args = ["--headless", "--endpoint", nearest_daemon.endpoint, "--lr", "160x90", "--frames", "1", "--scene",
+            "arena"]
+    for view in ("split", "sr"):
+        result = run_demo(*args, "--view", view, "--out", str(tmp_path / view))
+        assert result.returncode == 0, output_of(result)
+    split, sr = (read_png(tmp_path / view / "frames" / "00000.png") for view in ("split", "sr"))
+    left = slice(0, split.shape[1] // 2 - 1)  # the divider is the two middle columns
+    assert np.array_equal(split[:-30, left], sr[:-30, left])  # the upscaled half, untouched above the caption
+    caption = split[-30:, left]
+    assert (caption == 255).all(axis=2).any() and (caption == 0).all(axis=2).sum() > 200  # white text, dark box
+    assert not np.array_equal(caption, sr[-30:, left])
+    nobody = run_demo("--headless", "--endpoint", f"ipc://{tmp_path}/nobody.sock", "--lr", LR_ARG, "--frames", "2",
+                      "--out", str(tmp_path / "none"))
+    assert nobody.returncode == 3, output_of(nobody)
+    assert not (tmp_path / "none" / "demo.mp4").exists()  # no unplayable 257-byte file
+
+
 def test_spawn_server_writes_outputs_and_leaves_nothing(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
     frames = 4
     result = run_demo("--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",

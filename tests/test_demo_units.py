@@ -106,3 +106,13 @@ def test_headless_without_opengl_says_so_in_one_line(tmp_path: pathlib.Path, mon
     cfg = parse_args(["--headless", "--lr", "320x180", "--out", str(tmp_path / "out")])
     assert headless.run_headless(cfg, link=None, watch=lambda: None, should_stop=lambda: False) == EXIT_NO_WINDOW
     assert "client_demo: could not create a headless EGL" in capsys.readouterr().err
+
+
+def test_the_window_magnifies_small_pictures_within_the_screen() -> None:
+    from client_demo.window import window_size
+
+    assert window_size((640, 360), (1920, 1080)) == (1280, 720)  # the CPU default: the HUD covers a corner only
+    assert window_size((1280, 720), (1920, 1080)) == (1280, 720)
+    assert window_size((3840, 2160), (1920, 1080)) == (3840, 2160)  # never below the HR size (it is letterboxed)
+    assert window_size((192, 108), (1280, 800)) == (1152, 648)  # x7 would not fit the screen
+    assert window_size((640, 360), None) == (1280, 720)
