@@ -242,7 +242,7 @@ class Server:
 
     def _on_hello(self, msg: Message, envelope: list[bytes], received: float) -> Message:
         assert isinstance(msg, Hello)
-        log.info("hello from %r (%s)", msg.client, envelope[0].hex()[:8])
+        log.debug("hello from %r (%s)", msg.client, envelope[0].hex()[:8])  # a hello flood must not flood the log
         cfg, eng = self.config, self.engine
         return Welcome(req=msg.req, server=f"takdsr-upscaler/{__version__}", instance=self.instance,
                        versions=[VERSION], model=eng.name[:MODEL_NAME_MAX], scale=eng.scale, device=eng.device,
