@@ -144,9 +144,13 @@ def _weights_dir() -> pathlib.Path | None:
 
 
 def _bundled(checkpoint: pathlib.Path) -> bool:
-    """Whether the daemon will find ``checkpoint`` among the bundled ones (models.resolve_checkpoint's names)."""
+    """Whether the daemon will find ``checkpoint`` among the bundled ones: models.names_bundled's rule (a bare name,
+    or models/weights/NAME relative to a checkout), repeated here because importing `models` imports torch."""
     weights = _weights_dir()
-    return weights is not None and (weights / f"{checkpoint.name.removesuffix('.safetensors')}.safetensors").is_file()
+    named = checkpoint.parent == pathlib.Path(".") or (checkpoint.parts[-3:-1] == ("models", "weights")
+                                                        and not checkpoint.is_absolute())
+    file_name = f"{checkpoint.name.removesuffix('.safetensors')}.safetensors"
+    return named and weights is not None and (weights / file_name).is_file()
 
 
 def _native_student() -> pathlib.Path | None:

@@ -34,7 +34,7 @@ from client_demo.frames import GpuFrames
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
 from client_demo.metrics import percentiles, psnr
 
-__all__ = ["DEFAULT_OUT", "FRAMES_DIR", "STATS_NAME", "VIDEO_NAME", "run_headless"]
+__all__ = ["DEFAULT_OUT", "FRAMES_DIR", "STATS_NAME", "VIDEO_NAME", "caption", "run_headless"]
 
 DEFAULT_OUT = pathlib.Path("demo_out")
 FRAMES_DIR = "frames"

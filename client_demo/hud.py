@@ -138,6 +138,7 @@ class Hud:
         draw.add_text(pos, imgui.get_color_u32(_BAD), text)
 
     def text_width(self, text: str) -> float:
+        """Width in pixels of ``text`` in the HUD's font (to keep a caption inside the half it names)."""
         return float(imgui.calc_text_size(text).x)
 
     def label(self, x: float, y: float, text: str) -> None:

@@ -68,6 +68,7 @@ class _WindowDemo:
         self._shown: _Pose | None = None  # pose of the upscaled frame on screen
         self._native_of: _Pose | None = None  # pose the native target was last rendered for
         self._live = LIVE
+        self._sr_ok = False  # upscaled frames can be shown this frame (see _frame)
         self._drag: str | None = None  # "divider" or "look" while the left button is held
         self._viewport = (0, 0, *cfg.hr_size)
         self._times = {name: RollingWindow() for name in ("frame", "render", "round_trip", "infer")}
@@ -108,6 +109,7 @@ class _WindowDemo:
         shot = self._input(dt)
         self.rig.advance(dt)
         pose = _Pose(self.rig.preset, self.rig.t, self.rig.pose())
+        self._sr_ok = self._sr_available()  # decided once a frame: what is rendered and what is drawn must agree
         self._feed(pose)
         self._show(self.link.poll(max(0.0, deadline - time.perf_counter())))
         self._compose(pose)
@@ -171,8 +173,7 @@ class _WindowDemo:
     def _stalled(self) -> bool:
         """No upscaled frame for longer than STALL, and than three of the recent round trips (a slow CPU daemon is
         not stalled): the scene then goes on moving in bilinear instead of freezing on the last upscaled frame."""
-        recent = sorted(self.hud.round_trip_ms)
-        typical = recent[len(recent) // 2] / 1e3 if recent else 0.0
+        typical = float(np.median(self.hud.round_trip_ms)) / 1e3 if self.hud.round_trip_ms else 0.0
         return self.link.waiting() > max(STALL, 3 * typical)
 
     def _feed(self, pose: _Pose) -> None:
@@ -182,7 +183,7 @@ class _WindowDemo:
             self._shown = None
         slot = self.link.acquire()
         if slot is None:
-            if self.ui.view == "bilinear" or (self.ui.view != "native" and not self._sr_available()):
+            if self.ui.view == "bilinear" or (self.ui.view != "native" and not self._sr_ok):
                 self.gpu.render_lr(LIVE, pose.preset, pose.t, pose.camera)
                 self._live = LIVE
             return
@@ -219,7 +220,7 @@ class _WindowDemo:
         if view == "native":
             self._render_native(pose)
             self.gpu.draw(screen, vp, "native")
-        elif view == "bilinear" or not self._sr_available():
+        elif view == "bilinear" or not self._sr_ok:
             self.gpu.draw(screen, vp, "bilinear", lr=self._live)
         elif view == "sr":
             self.gpu.draw(screen, vp, "sr")
@@ -235,7 +236,7 @@ class _WindowDemo:
 
     def _overlay(self) -> None:
         """Captions of the split halves, or a banner when upscaled frames cannot be shown."""
-        if self.ui.view in ("sr", "split") and not self._sr_available():
+        if self.ui.view in ("sr", "split") and not self._sr_ok:
             stalled = self.link.ready and self._stalled()
             reason = f"waiting for the upscaler: no frame for {self.link.waiting():.0f} s" if stalled else \
                 self._status()[0]

@@ -149,12 +149,19 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     ``.safetensors``, or ``models/weights/<name>`` read from outside a checkout (an installed package). Anything else
     comes back unchanged, for the caller to report as missing."""
     given = Path(path)
-    if given.exists():
+    file_name = f"{given.name.removesuffix('.safetensors')}.safetensors"
+    if given.exists() or not names_bundled(given):
         return given
-    bare = given.parent == Path(".")
-    from_checkout = given.parent.parts[-2:] == ("models", "weights") and not given.is_absolute()
-    bundled = WEIGHTS_DIR / f"{given.name.removesuffix('.safetensors')}.safetensors"
-    return bundled if (bare or from_checkout) and bundled.is_file() else given
+    if (given.parent / file_name).is_file():  # the user's own NAME.safetensors, here, before a bundled one
+        return given.parent / file_name
+    bundled = WEIGHTS_DIR / file_name
+    return bundled if bundled.is_file() else given
+
+
+def names_bundled(path: Path) -> bool:
+    """Whether ``path`` has the form of a bundled checkpoint's name: a bare name, or ``models/weights/NAME``
+    relative to a checkout (client_demo.cli repeats this rule without importing torch; a test keeps them equal)."""
+    return path.parent == Path(".") or (path.parts[-3:-1] == ("models", "weights") and not path.is_absolute())
 
 
 def describe(metadata: dict[str, Any]) -> str:

@@ -249,5 +249,9 @@ def test_bench_labels_name_backend_precision_padding_and_graphs() -> None:
     for label, device in [("eager-graphs", "cpu"), ("onnxruntime-graphs", "cuda:0")]:
         with pytest.raises(ValueError, match="-graphs needs CUDA"):
             parse_label(label, device)
+    assert parse_label("auto-bf16", "cpu").label == "auto-bf16" != parse_label("auto", "cpu").label
+    for bad in ("eager-fp16-graphs-pad8", "eager-fp8", "cuda-fp16", "compile-fp16-pad"):
+        with pytest.raises(ValueError, match="not a label of the form"):
+            parse_label(bad, "cuda:0")
 
 

@@ -61,9 +61,12 @@ def test_bench_backends_table_has_stage_times_speedups_and_end_to_end(tmp_path: 
     assert "| of which compute | of which copies |" in run.stdout
 
 
-def test_bench_backends_refuses_cuda_graphs_on_the_cpu_before_measuring(tmp_path: pathlib.Path) -> None:
-    command = [sys.executable, "-m", "upscaler_server.bench", "--backends", "eager,eager-graphs", "--device", "cpu",
+@pytest.mark.parametrize(("labels", "message"), [("eager,eager-graphs", "eager-graphs: -graphs needs CUDA"),
+                                                 ("eager,eager-fp16", "eager-fp16 cannot run here: fp16 needs CUDA")])
+def test_bench_backends_refuses_what_cannot_run_here_before_measuring(tmp_path: pathlib.Path, labels: str,
+                                                                      message: str) -> None:
+    command = [sys.executable, "-m", "upscaler_server.bench", "--backends", labels, "--device", "cpu",
                "--skip-e2e", "--sizes", "64x48", "--json", str(tmp_path / "b.json")]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "eager-graphs: -graphs needs CUDA" in run.stderr
+    assert run.returncode == 2 and message in run.stderr, run.stderr
     assert "measured" not in run.stderr and not (tmp_path / "b.json").exists()

@@ -78,7 +78,8 @@ def test_command_line() -> None:
     named = parse_args(["--spawn-server", "--checkpoint", "rlfn_s_takdsr_x2"])  # a bundled name: the daemon finds it
     assert str(named.checkpoint) == "rlfn_s_takdsr_x2"
     for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--frames", "0"], ["--scene", "moon"],
-                ["--spawn-server", "--checkpoint", "no_such_student_x2"]):
+                ["--spawn-server", "--checkpoint", "no_such_student_x2"],
+                ["--spawn-server", "--checkpoint", "/nonexistent/dir/rlfn_s_takdsr_x2.safetensors"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)
         assert exc.value.code == 2, bad

@@ -304,6 +304,21 @@ def test_bundled_checkpoints_resolve_by_name_from_anywhere(tmp_path: Path, monke
         assert resolve_checkpoint(name) == bundled, name
     for other in ("/elsewhere/rlfn_s_native_x2.safetensors", "mine/rlfn_s_native_x2.safetensors", "no_such_x2"):
         assert resolve_checkpoint(other) == Path(other), other  # left for the caller to report as missing
-    own = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "rlfn_s_native_x2.safetensors", role="student")
-    assert resolve_checkpoint("rlfn_s_native_x2.safetensors") == Path("rlfn_s_native_x2.safetensors")  # a file wins
-    assert own.exists()
+    save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "rlfn_s_native_x2.safetensors", role="student")
+    for name in ("rlfn_s_native_x2.safetensors", "rlfn_s_native_x2"):  # the user's own file here wins
+        assert resolve_checkpoint(name) == Path("rlfn_s_native_x2.safetensors"), name
+
+
+def test_the_demo_knows_the_bundled_names_as_the_loader_does() -> None:
+    """client_demo checks --checkpoint without importing torch, with its own copy of the loader's rule."""
+    from client_demo.cli import _bundled
+    from models import WEIGHTS_DIR
+    from models.checkpoint import names_bundled
+
+    for text in ("rlfn_s_native_x2", "rlfn_s_takdsr_x2.safetensors", "models/weights/pan_s_takdsr_x2.safetensors",
+                 "/nonexistent/dir/rlfn_s_takdsr_x2.safetensors", "mine/rlfn_s_native_x2.safetensors",
+                 "/x/models/weights/rlfn_s_native_x2", "no_such_student_x2", "models/weights/no_such_x2"):
+        path = Path(text)
+        bundled_file = WEIGHTS_DIR / f"{path.name.removesuffix('.safetensors')}.safetensors"
+        expected = names_bundled(path) and bundled_file.is_file()
+        assert _bundled(path) == expected, text

@@ -404,6 +404,43 @@ def test_endpoints_without_access_control_are_refused(endpoint: str, message: st
     assert status == 2 and message in log, log
 
 
+def test_endpoint_shapes() -> None:
+    from upscaler_server.config import Config
+
+    assert Config(endpoint="ipc:///tmp/star*name.sock").endpoint.endswith("*name.sock")  # only "ipc://*" is a wildcard
+    for endpoint in ("tcp://127.0.0.1", "tcp://5555", "tcp://127.0.0.1:port"):
+        with pytest.raises(ConfigError, match="needs a host and a port"):
+            Config(endpoint=endpoint)
+    assert Config(endpoint="tcp://localhost:5555") and Config(endpoint="tcp://0.0.0.0:5555", allow_remote=True)
+
+
+def test_the_client_does_not_hang_on_a_listener_that_never_accepts(short_dir: pathlib.Path) -> None:
+    """A stopped daemon's socket with a full backlog: the client's probe gives up, then its attempts time out."""
+    script = textwrap.dedent(f"""
+        import socket
+        from upscaler_server.client import UpscalerClient
+        from upscaler_server.errors import ServerUnavailableError
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind("{short_dir}/full.sock")
+        listener.listen(0)
+        fillers = []
+        while True:  # connect until the backlog is full
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            try:
+                filler.connect("{short_dir}/full.sock")
+            except BlockingIOError:
+                break
+            fillers.append(filler)
+        try:
+            UpscalerClient("ipc://{short_dir}/full.sock", timeout=0.5, retries=0)
+        except ServerUnavailableError as exc:
+            print("unavailable:", exc)
+        """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "unavailable: no reply" in run.stdout, run.stdout + run.stderr
+
+
 def test_an_ipc_socket_is_private_and_the_fd_limit_raised(short_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """Mode 0600 from the moment it exists (a umask of 000 must not open a window), and the soft limit of open
     files raised to the hard one (libzmq aborts on EMFILE)."""

@@ -273,19 +273,21 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 
 
 def _backends_main(args: argparse.Namespace) -> int:
-    from upscaler_server.bench_backends import compare_backends, parse_label, print_backend_table
+    from upscaler_server.bench_backends import compare_backends, parse_label, print_backend_table, unavailable_here
     from upscaler_server.engine import resolve_device
 
     e2e_sizes = [] if args.skip_e2e else (args.e2e_sizes or args.sizes)
     try:  # a label that cannot run here is refused before anything is measured
-        for label in args.backends:
-            parse_label(label, resolve_device(args.device))
+        device = resolve_device(args.device)
+        variants = [parse_label(label, device) for label in args.backends]
+        for variant in variants:
+            if (reason := unavailable_here(variant, device)) is not None:
+                raise ValueError(f"{variant.label} cannot run here: {reason}")
     except (ValueError, ConfigError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    result = compare_backends(args.backends, args.sizes, checkpoint=args.checkpoint, device=args.device,
-                              threads=args.threads, frames=args.frames, budget_s=args.budget, e2e_sizes=e2e_sizes,
-                              cache_dir=args.cache_dir)
+    result = compare_backends(variants, args.sizes, checkpoint=args.checkpoint, device=device, threads=args.threads,
+                              frames=args.frames, budget_s=args.budget, e2e_sizes=e2e_sizes, cache_dir=args.cache_dir)
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                          "load": os.getloadavg()}
     print_backend_table(result)

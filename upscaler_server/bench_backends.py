@@ -31,9 +31,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Variant", "compare_backends", "parse_label", "print_backend_table"]
+__all__ = ["Variant", "compare_backends", "parse_label", "print_backend_table", "unavailable_here"]
 
 _REFERENCE = "eager-fp32"
+_BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "auto")
 
 
 class Variant(NamedTuple):
@@ -46,25 +47,38 @@ class Variant(NamedTuple):
 
     @property
     def label(self) -> str:
-        name = self.backend if self.backend == "auto" else f"{self.backend}-{self.precision}"
+        plain = (self.backend, self.precision) == ("auto", "auto")
+        name = self.backend if plain else f"{self.backend}-{self.precision}"
         return name + (f"-pad{self.pad}" if self.pad else "") + ("-graphs" if self.graphs else "")
 
 
 def parse_label(label: str, device: str) -> Variant:
     """``"compile-fp16-pad8-graphs"`` -> Variant("compile", "fp16", 8, True); the precision defaults to the device's.
-    Raises ValueError for ``-graphs`` where no CUDA graph can be captured (a CPU, or a backend that is not torch's)."""
+    Raises ValueError for a label outside that grammar, and for ``-graphs`` where no CUDA graph can be captured (a
+    CPU, or a backend that is not torch's). Whether the backend runs here is :func:`unavailable_here`'s question."""
     parts = label.split("-")
     graphs = len(parts) > 1 and parts[-1] == "graphs"
     if graphs:
         parts.pop()
     pad = int(parts.pop()[3:]) if len(parts) > 1 and parts[-1].startswith("pad") and parts[-1][3:].isdigit() else 0
     backend, precision = ("eager" if parts[0] == "torch" else parts[0]), "-".join(parts[1:])
+    if backend not in _BACKENDS or precision not in ("", "fp32", "fp16", "bf16", *(("auto",) if backend == "auto"
+                                                                                     else ())):
+        raise ValueError(f"{label}: not a label of the form backend[-fp32|-fp16|-bf16][-padN][-graphs] with backend "
+                         f"one of {', '.join(_BACKENDS)}")
     if graphs and (not device.startswith("cuda") or backend not in ("eager", "compile")):
         raise ValueError(f"{label}: -graphs needs CUDA and the eager or compile backend")
     if backend == "auto":
         return Variant(backend, precision or "auto", pad, graphs)
     default = "fp32" if backend == "onnxruntime" or device == "cpu" else "fp16"
     return Variant(backend, precision or default, pad, graphs)
+
+
+def unavailable_here(variant: Variant, device: str) -> str | None:
+    """Why ``variant`` cannot run on ``device`` (a package, a CPU feature, CUDA), or None."""
+    from upscaler_server.backends import unavailable
+
+    return None if variant.backend == "auto" else unavailable(variant.backend, device, variant.precision)
 
 
 class _Sample(NamedTuple):
@@ -134,18 +148,15 @@ def _daemon_args(variant: Variant, checkpoint: pathlib.Path, device: str, thread
     return args + (["--cache-dir", str(cache_dir)] if cache_dir is not None else [])
 
 
-def compare_backends(labels: Sequence[str], sizes: Sequence[tuple[int, int]], *, checkpoint: pathlib.Path | None,
-                     device: str, threads: int, frames: int, budget_s: float, e2e_sizes: Sequence[tuple[int, int]],
-                     cache_dir: pathlib.Path | None) -> dict[str, Any]:
-    """Rows (dicts) of the comparison; end-to-end fields only for ``e2e_sizes``. Raises ValueError for a label that
-    cannot run on ``device`` (see :func:`parse_label`), before anything is measured."""
+def compare_backends(variants: Sequence[Variant], sizes: Sequence[tuple[int, int]], *,
+                     checkpoint: pathlib.Path | None, device: str, threads: int, frames: int, budget_s: float,
+                     e2e_sizes: Sequence[tuple[int, int]], cache_dir: pathlib.Path | None) -> dict[str, Any]:
+    """Rows (dicts) of the comparison of ``variants`` (see :func:`parse_label`) on the resolved ``device``;
+    end-to-end fields only for ``e2e_sizes``."""
     from upscaler_server.bench import end_to_end
-    from upscaler_server.engine import resolve_device
 
-    device = resolve_device(device)
-    # fp32 eager first (every speed-up is over it), then each other label once, in the order given
-    parsed = [parse_label(label, device) for label in [_REFERENCE, *labels]]
-    variants = list({v.label: v for v in parsed}.values())
+    # fp32 eager first (every speed-up is over it), then each other variant once, in the order given
+    variants = list({v.label: v for v in [parse_label(_REFERENCE, device), *variants]}.values())
     with tempfile.TemporaryDirectory(prefix="ups-bench-") as tmp:
         weights = f"checkpoint {checkpoint}" if checkpoint else "random-init rlfn_s, seed 0 (same cost as trained)"
         checkpoint = checkpoint or _random_student(pathlib.Path(tmp) / "rlfn_s_random.safetensors")

@@ -91,6 +91,9 @@ class FrameResult:
     output: np.ndarray
 
 
+_PROBE_S = 0.5  # longest wait of the ipc probe's connect
+
+
 def _nobody_listens(endpoint: str) -> str | None:
     """Why no daemon can be listening on an ``ipc://`` endpoint (no socket file, or one left by a daemon that is gone),
     else None. ZeroMQ itself would wait for a listener until the timeout, attempt after attempt."""
@@ -98,13 +101,14 @@ def _nobody_listens(endpoint: str) -> str | None:
     if path == endpoint or path.startswith("@"):  # tcp://, or Linux's abstract namespace: no file to look at
         return None
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_PROBE_S)  # a listener whose backlog is full (a stopped daemon) would block connect forever
     try:
         probe.connect(path)  # the daemon's ZeroMQ drops a peer that leaves before its greeting
     except FileNotFoundError:
         return f"{path} does not exist"
     except ConnectionRefusedError:
         return f"{path} was left by a daemon that is no longer running"
-    except OSError:  # no permission, a name too long: ZeroMQ reports what it finds
+    except OSError:  # a timeout, no permission, a name too long: ZeroMQ's own attempts report what they find
         return None
     finally:
         probe.close()

@@ -98,11 +98,14 @@ def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
     """ipc: a file path (the socket gets mode 0600, so only this user connects); tcp: loopback unless allowed, since
     anyone who reaches the port can open, use and close sessions."""
     kind, _, address = endpoint.partition("://")
-    if kind == "ipc" and (not address or address.startswith("@") or "*" in address):
+    if kind == "ipc" and (not address or address.startswith("@") or address == "*"):
         raise ConfigError(f"endpoint {endpoint!r}: an ipc endpoint must be a file path (no abstract @names or "
                           "wildcards: those have no file permissions)")
     if kind == "tcp":
-        host = address.rpartition(":")[0]
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"endpoint {endpoint!r}: a tcp endpoint needs a host and a port, e.g. "
+                              "tcp://127.0.0.1:5555")
         if not (host in _LOOPBACK_HOSTS or host.startswith("127.") or allow_remote):
             raise ConfigError(f"endpoint {endpoint!r} is reachable from other hosts, and the protocol has no "
                               "authentication: bind tcp://127.0.0.1:PORT, or pass --allow-remote on a trusted network")

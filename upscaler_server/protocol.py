@@ -55,7 +55,7 @@ DIM_MAX = 65535
 SLOTS_MAX = 64
 PING_SESSIONS_MAX = 256
 MODEL_NAME_MAX = 128  # characters of welcome.model
-MAX_CONTAINERS = 64  # maps and arrays in one message, all depths together (the largest, welcome, has 4)
+MAX_CONTAINERS = 64  # maps and arrays in one message, all depths together (welcome and opened have 3)
 # Control messages are tiny; only `process`/`result` carry pixels, bounded by the caller (the daemon's limits).
 CONTROL_MAX_BYTES = 64 * 1024
 

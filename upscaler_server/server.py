@@ -127,7 +127,7 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         # a connection that never sends ZeroMQ's greeting holds a descriptor: drop it after 5 s, not the default 30
         router.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
-        umask = os.umask(0o077)  # the socket file is private from its creation, not only after the chmod below
+        umask = os.umask(0o177)  # the socket file is created with mode 0600: no moment where others may connect
         try:
             router.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -135,8 +135,6 @@ class Server:
             raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
         finally:
             os.umask(umask)
-        if ipc_path is not None:
-            os.chmod(ipc_path, 0o600)
         return router
 
     def _loop(self, router: zmq.Socket[bytes]) -> None:
