@@ -342,9 +342,24 @@ def test_a_stop_signal_saves_state_and_exits_cleanly(image_folder: Path, tmp_pat
     finally:
         process.kill()
     assert process.returncode == 128 + signum, stderr
-    assert f"interrupted by {signal.Signals(signum).name}" in stderr and "resume with --resume" in stderr
+    resume = f"resume with `python -m training train --resume {run_dir}`"
+    assert f"interrupted by {signal.Signals(signum).name}" in stderr and resume in stderr, stderr
     state = torch.load(run_dir / "state.pt", weights_only=True)
     assert state["step"] == max(_losses(run_dir))
+    if signum != signal.SIGINT:
+        return
+    # the printed command continues the run with its own config; another --config is refused and changes nothing
+    saved = (run_dir / "config.toml").read_text()
+    other = subprocess.run([sys.executable, "-m", "training", "train", "--config", str(SMOKE_CONFIG), "--resume",
+                            str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert other.returncode == 1 and "differs from the config" in other.stderr, other.stderr
+    assert (run_dir / "config.toml").read_text() == saved
+    steps = state["step"] + 2
+    command = [sys.executable, "-m", "training", "train", "--resume", str(run_dir), "--set", f"optim.steps={steps}"]
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    final = load_checkpoint(run_dir / "final.safetensors")
+    assert max(_losses(run_dir)) == steps and final.metadata["training"]["steps"] == steps
 
 
 def _descendants(pid: int) -> set[int]:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from models import CheckpointError, build_model, list_models, load_model, read_metadata
-from training.config import load_config
+from training.config import Config, load_config
 from training.data import DatasetError
 from training.evaluate import (
     BUILTIN_SETS,
@@ -37,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one stage (the [stage] table of the config)")
     pipeline = commands.add_parser("pipeline", help="train and evaluate the paper's whole comparison")
+    pipeline.add_argument("--config", required=True, type=Path, help="a TOML file (see training/configs/)")
+    train.add_argument("--config", type=Path, help="a TOML file (see training/configs/); with --resume, the run's "
+                       "own config.toml is used and a different --config is refused")
     for sub in (train, pipeline):
-        sub.add_argument("--config", required=True, type=Path, help="a TOML file (see training/configs/)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
         sub.add_argument("--run-dir", type=Path, help="output folder (default runs/<experiment>[/<stage>])")
     pipeline.add_argument(
@@ -91,11 +95,43 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
+    if args.resume is not None:
+        config = _resumed_config(args.resume, args.config, args.set)
+    elif args.config is None:
+        raise ValueError("train needs --config FILE (or --resume RUN_DIR, which reads the run's own config)")
+    else:
+        config = load_config(args.config, args.set)
     run_dir = args.resume or args.run_dir or Path("runs") / config.experiment.name / config.stage.name
     result = train_stage(config, run_dir, resume=args.resume is not None)
     print(f"{config.stage.name}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
     return 0
+
+
+def _resumed_config(run_dir: Path, config_path: Path | None, overrides: list[str]) -> Config:
+    """The config a run continues with: the one it saved, plus ``--set`` changes made on purpose. A ``--config`` that
+    differs from it is refused: continuing with another data source, network or schedule would quietly change the
+    run (or end it at once) and overwrite what it was started with."""
+    saved = run_dir / "config.toml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"nothing to resume: {saved} does not exist")
+    config = load_config(saved, overrides)
+    if config_path is not None:
+        given = load_config(config_path, overrides).to_dict()
+        differ = sorted(_differing_keys(given, config.to_dict()))
+        if differ:
+            keys = ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else "")
+            raise ValueError(f"{config_path} differs from the config {run_dir} was started with ({keys}); resume "
+                             f"with --resume {run_dir} alone, and --set KEY=VALUE for a change made on purpose")
+    return config
+
+
+def _differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key in a.keys() | b.keys():
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            yield from _differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right:
+            yield f"{prefix}{key}"
 
 
 def _pipeline(args: argparse.Namespace) -> int:

@@ -200,7 +200,8 @@ class _Trainer:
                 if self.stop_requested and not self._finished(step):
                     name = signal.Signals(self.stop_signal).name
                     raise TrainingInterrupted(
-                        f"interrupted by {name} at step {step}; resume with --resume {self.run_dir}", self.stop_signal
+                        f"interrupted by {name} at step {step}; resume with `python -m training train --resume "
+                        f"{self.run_dir}` (or rerun the same pipeline command)", self.stop_signal
                     )
         finally:
             progress.close()
@@ -496,7 +497,9 @@ def _device(name: str, dist_info: _Dist) -> torch.device:
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads of {os.cpu_count()} cores)"  # the threads the times were taken on
 
 
 def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
