@@ -86,6 +86,10 @@ class _Outputs:
                 raise OSError(f"OpenCV cannot write {self.video_path} (mp4v)")
         self._video.write(bgr)
 
+    @property
+    def wrote_video(self) -> bool:
+        return self._video is not None
+
     def close(self) -> None:
         if self._video is not None:
             self._video.release()
@@ -249,7 +253,7 @@ def _stats(cfg: DemoConfig, link: UpscaleLink, run: _HeadlessRun, wall: float, e
             "bilinear_mean": float(np.mean(psnr_bilinear)) if records else None,
             "sr_minus_bilinear": float(np.mean(psnr_sr) - np.mean(psnr_bilinear)) if records else None,
         },
-        "outputs": {"frames_dir": FRAMES_DIR, "video": VIDEO_NAME},
+        "outputs": {"frames_dir": FRAMES_DIR, "video": VIDEO_NAME if run.outputs.wrote_video else None},
         "per_frame": [asdict(r) for r in records],
     }
 

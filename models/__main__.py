@@ -70,7 +70,9 @@ def _check_input(model: nn.Module, width: int, height: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    info_parser = commands.add_parser("info", help="describe a registered model or a checkpoint file")
+    info_parser = commands.add_parser(
+        "info", help="describe a registered model, a checkpoint file or a bundled checkpoint by name"
+    )
     info_parser.add_argument("target", metavar="PATH_OR_NAME")
     info_parser.add_argument(
         "--input", type=_parse_size, default=(1920, 1080), help="size WxH of the image the model reads (1920x1080)"

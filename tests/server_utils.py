@@ -132,6 +132,7 @@ def raw_socket(endpoint: str) -> Iterator[zmq.Socket[bytes]]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    sock.ipv6 = True  # a daemon on tcp://[::1]:PORT; IPv4 and ipc work either way
     sock.connect(endpoint)
     try:
         yield sock

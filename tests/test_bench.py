@@ -70,3 +70,11 @@ def test_bench_backends_refuses_what_cannot_run_here_before_measuring(tmp_path: 
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and message in run.stderr, run.stderr
     assert "measured" not in run.stderr and not (tmp_path / "b.json").exists()
+
+
+def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
+    """The daemon would drop --cuda-graphs and --overlap on a CPU while the table still named them."""
+    for option in ("--cuda-graphs", "--overlap"):
+        command = [sys.executable, "-m", "upscaler_server.bench", option, "--device", "cpu", "--skip-e2e"]
+        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "need CUDA" in run.stderr, run.stderr

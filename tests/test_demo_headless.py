@@ -91,6 +91,7 @@ def test_the_split_view_is_captioned_and_a_run_without_frames_leaves_no_video(ne
                       "--out", str(tmp_path / "none"))
     assert nobody.returncode == 3, output_of(nobody)
     assert not (tmp_path / "none" / "demo.mp4").exists()  # no unplayable 257-byte file
+    assert read_stats(tmp_path / "none")["outputs"]["video"] is None
 
 
 def test_spawn_server_writes_outputs_and_leaves_nothing(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -414,6 +414,26 @@ def test_endpoint_shapes() -> None:
     assert Config(endpoint="tcp://localhost:5555") and Config(endpoint="tcp://0.0.0.0:5555", allow_remote=True)
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_a_daemon_on_the_ipv6_loopback_serves() -> None:
+    """tcp://[::1]:PORT passes the loopback check, so it must also bind and be reachable (ZeroMQ's IPV6 option)."""
+    with socket.socket(socket.AF_INET6) as free:
+        free.bind(("::1", 0))
+        port = free.getsockname()[1]
+    with run_server("--backend", "nearest", endpoint=f"tcp://[::1]:{port}") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=10, name="pytest") as client:
+        assert client.upscale(np.zeros((16, 16, 3), np.uint8)).shape == (32, 32, 3)
+
+
 def test_the_client_does_not_hang_on_a_listener_that_never_accepts(short_dir: pathlib.Path) -> None:
     """A stopped daemon's socket with a full backlog: the client's probe gives up, then its attempts time out."""
     script = textwrap.dedent(f"""

@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="frames waiting for the engine before clients get BUSY")
     p.add_argument("--max-unread-mb", type=int, default=defaults.max_unread_bytes >> 20,
                    help="inline results a client may leave unread, MiB, before its next process gets BUSY "
-                        "(at least two of that frame's results are always allowed)")
+                        "(at least two of that frame's results are always allowed; all clients together: four times "
+                        "this)")
     p.add_argument("--lease-timeout", type=float, default=defaults.lease_timeout,
                    help="seconds without a message before a session is closed and its memory freed")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

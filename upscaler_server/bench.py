@@ -237,10 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cuda-graphs", action="store_true", help="end-to-end daemon with --cuda-graphs (CUDA)")
     p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
     p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
-                   help="compare these backends (eager, compile, onnxruntime, tensorrt, each optionally -fp32/-bf16/"
-                   "-fp16, -padN for channels zero-padded to a multiple of N and, on CUDA, -graphs for a CUDA graph "
-                   "per resolution, e.g. compile-bf16, eager-fp16-pad8-graphs) instead of the transport and "
-                   "end-to-end parts")
+                   help="compare these backends (eager, compile, onnxruntime, tensorrt, auto, each optionally "
+                   "-fp32/-bf16/-fp16, -padN for channels zero-padded to a multiple of N and, on CUDA, -graphs for a "
+                   "CUDA graph per resolution, e.g. compile-bf16, eager-fp16-pad8-graphs) instead of the transport "
+                   "and end-to-end parts")
     p.add_argument("--cache-dir", type=pathlib.Path, help="ONNX/TensorRT cache for --backends")
     args = p.parse_args(argv)
     default_sizes = [list(BACKEND_SIZES if args.backends else SIZES)]
@@ -248,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.e2e_sizes = [s for group in args.e2e_sizes for s in group] if args.e2e_sizes else None
     if args.backends:
         return _backends_main(args)
+    if args.cuda_graphs or args.overlap:
+        _require_cuda(p, args.device)
     result: dict[str, Any] = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                                           "cpus": os.cpu_count()},
                               "transport_repeats": args.repeats, "transport": transport(args.sizes, args.repeats)}
@@ -266,6 +268,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _require_cuda(parser: argparse.ArgumentParser, device: str) -> None:
+    """--cuda-graphs and --overlap: the daemon would drop them on a CPU, and the table would still name them."""
+    from upscaler_server.engine import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if not resolved.startswith("cuda"):
+        parser.error("--cuda-graphs and --overlap need CUDA (--device cuda, or auto on a machine with a GPU)")
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:

@@ -132,6 +132,7 @@ class _Link:
         try:
             sock.linger = 0
             sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
+            sock.setsockopt(zmq.IPV6, 1)  # a daemon on tcp://[::1]:PORT; IPv4 addresses work either way
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close(linger=0)

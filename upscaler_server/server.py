@@ -127,6 +127,7 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         # a connection that never sends ZeroMQ's greeting holds a descriptor: drop it after 5 s, not the default 30
         router.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
+        router.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT binds only with it; IPv4 addresses work either way
         umask = os.umask(0o177)  # the socket file is created with mode 0600: no moment where others may connect
         try:
             router.bind(endpoint)

@@ -324,10 +324,11 @@ takdsr_client *takdsr_client_new(const char *endpoint, int timeout_ms) {
     c->sock = c->ctx ? zmq_socket(c->ctx, ZMQ_DEALER) : NULL;
     /* A fixed routing id (first byte not 0) lets a reopened socket receive late replies (section 1). */
     unsigned char id[16] = {0x01};
-    int linger = 0;
+    int linger = 0, ipv6 = 1; /* ipv6: a daemon on tcp://[::1]:PORT; IPv4 and ipc work either way */
     if (!c->sock || getentropy(id + 1, sizeof id - 1) != 0 ||
         zmq_setsockopt(c->sock, ZMQ_ROUTING_ID, id, sizeof id) != 0 ||
         zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
+        zmq_setsockopt(c->sock, ZMQ_IPV6, &ipv6, sizeof ipv6) != 0 ||
         zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms) != 0 ||
         zmq_connect(c->sock, endpoint ? endpoint : where) != 0) {
         fprintf(stderr, "takdsr: cannot connect to %s: %s\n", endpoint ? endpoint : where, zmq_strerror(errno));
