@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from upscaler_server.config import Config, add_backend_arguments, default_endpoint
+from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, default_endpoint
 from upscaler_server.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -39,8 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true", help="allow a tcp:// endpoint on a non-loopback address "
                    "(anyone who reaches it can use the daemon: trusted networks only)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint: a .safetensors file or a bundled "
-                     "name such as rlfn_s_native_x2 (default: the bundled rlfn_s_takdsr_x2)")
+    src.add_argument("--checkpoint", type=pathlib.Path, help=CHECKPOINT_HELP)
     src.add_argument("--model", help="run this registered model with RANDOM weights (benchmarks and tests only)")
     add_backend_arguments(p, defaults.backend)
     p.add_argument("--scale", type=int, default=defaults.scale, help="scale of --model and of the nearest backend")

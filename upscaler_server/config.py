@@ -119,6 +119,11 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
+# --checkpoint of the daemon and of the offline CLI
+CHECKPOINT_HELP = ("student checkpoint: a .safetensors file or a bundled name such as rlfn_s_native_x2 (default: the "
+                   "bundled rlfn_s_takdsr_x2)")
+
+
 def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
     """--backend, --cache-dir, --auto-backends and --tune-sizes (the daemon and the offline CLI share them)."""
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=default,

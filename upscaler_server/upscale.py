@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
-from upscaler_server.config import add_backend_arguments
+from upscaler_server.config import CHECKPOINT_HELP, add_backend_arguments
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 
@@ -89,8 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=pathlib.Path, metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="OUTDIR", help="output folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint: a .safetensors file or a bundled "
-                     "name such as rlfn_s_native_x2 (default: the bundled rlfn_s_takdsr_x2)")
+    src.add_argument("--checkpoint", type=pathlib.Path, help=CHECKPOINT_HELP)
     src.add_argument("--model", help="registered model with RANDOM weights (tests and benchmarks only)")
     p.add_argument("--scale", type=int, default=2, help="scale of --model")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
