@@ -27,6 +27,7 @@ from client_demo.config import (
 from client_demo.controls import VIEWS
 from client_demo.link import UpscaleLink
 from client_demo.spawn import DaemonStartError, SpawnedDaemon
+from upscaler_server.config import cli_prog
 
 __all__ = ["main", "parse_args"]
 
@@ -43,7 +44,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def _parser() -> argparse.ArgumentParser:
     d = DemoConfig()
-    p = argparse.ArgumentParser(prog="takdsr-demo", description="Live demo of the TAKDSR upscaler: a game scene "
+    p = argparse.ArgumentParser(prog=cli_prog("client_demo", "takdsr-demo"),
+                                description="Live demo of the TAKDSR upscaler: a game scene "
                                 "rendered at low resolution, upscaled by the daemon, beside bilinear scaling and a "
                                 "native high-resolution render. See docs/demo.md.")
     p.add_argument("--endpoint", help="daemon endpoint (default: the client's default, or the spawned daemon's)")

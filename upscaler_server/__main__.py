@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, default_endpoint
+from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, cli_prog, default_endpoint
 from upscaler_server.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -32,8 +32,9 @@ EXIT_MODEL = 3
 
 def _parser() -> argparse.ArgumentParser:
     defaults = Config(endpoint="ipc://unused")
-    p = argparse.ArgumentParser(prog="upscaler-server", description="Real-time neural upscaling daemon "
-                                "(ZeroMQ control messages, pixels in shared memory; see docs/protocol.md).")
+    p = argparse.ArgumentParser(prog=cli_prog("upscaler_server", "upscaler-server"),
+                                description="Real-time neural upscaling daemon (ZeroMQ control messages, pixels in "
+                                "shared memory; see docs/protocol.md).")
     p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT (default: $TAKDSR_UPSCALER_ENDPOINT or "
                    "ipc://$XDG_RUNTIME_DIR/takdsr/upscaler.sock, else ipc:///tmp/takdsr-$UID/upscaler.sock)")
     p.add_argument("--allow-remote", action="store_true", help="allow a tcp:// endpoint on a non-loopback address "

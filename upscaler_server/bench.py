@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from upscaler_server.client import UpscalerClient
-from upscaler_server.config import BACKEND_CHOICES, Config, parse_size
+from upscaler_server.config import BACKEND_CHOICES, Config, cli_prog, parse_size
 from upscaler_server.errors import ConfigError, ServerUnavailableError
 
 __all__ = ["end_to_end", "main", "transport"]
@@ -217,8 +217,8 @@ def _print_tables(result: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; prints the tables and optionally writes JSON."""
     # no abbreviations: --backend (the end-to-end daemon's) and --backends (the comparison) must never be confused
-    p = argparse.ArgumentParser(prog="python -m upscaler_server.bench", description=__doc__.split("\n\n")[0],
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(prog=cli_prog("upscaler_server.bench", "takdsr-bench"),
+                                description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     p.add_argument("--sizes", type=_sizes, nargs="+", help="LR sizes WxH (space- or comma-separated) for both parts "
                    "(default: 640x360 1280x720 1920x1080; with --backends also 320x180)")

@@ -7,13 +7,14 @@ import math
 import os
 import pathlib
 import stat
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
 from upscaler_server.errors import ConfigError
 
-__all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "default_endpoint", "parse_size",
-           "runtime_dir"]
+__all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "cli_prog", "default_endpoint",
+           "parse_size", "runtime_dir"]
 
 # Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
 ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
@@ -117,6 +118,12 @@ def parse_size(text: str) -> tuple[int, int]:
     if not sep or not w.isdigit() or not h.isdigit():
         raise ValueError(f"{text!r} is not WIDTHxHEIGHT")
     return int(w), int(h)
+
+
+def cli_prog(module: str, console_script: str) -> str:
+    """The name usage lines should show: the console script when it was run as one, else ``python -m module``."""
+    # argv[0] is the script's path for a console script and the module's file for `python -m`
+    return console_script if pathlib.Path(sys.argv[0]).name == console_script else f"python -m {module}"
 
 
 # --checkpoint of the daemon and of the offline CLI

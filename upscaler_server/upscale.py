@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
-from upscaler_server.config import CHECKPOINT_HELP, add_backend_arguments
+from upscaler_server.config import CHECKPOINT_HELP, add_backend_arguments, cli_prog
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 
@@ -84,7 +84,7 @@ def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pa
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m upscaler_server.upscale",
+    p = argparse.ArgumentParser(prog=cli_prog("upscaler_server.upscale", "takdsr-upscale"),
                                 description="Upscale images in-process with the daemon's engine (PNG out).")
     p.add_argument("inputs", nargs="+", type=pathlib.Path, metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="OUTDIR", help="output folder")

@@ -1,0 +1,34 @@
+"""Usage lines name the command the user typed: the console script, or ``python -m module``."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+# (console script from pyproject.toml, the module that `python -m` runs)
+COMMANDS = [
+    ("upscaler-server", "upscaler_server"),
+    ("takdsr-upscale", "upscaler_server.upscale"),
+    ("takdsr-bench", "upscaler_server.bench"),
+    ("takdsr-demo", "client_demo"),
+]
+
+
+def _usage_line(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize(("script", "module"), COMMANDS)
+def test_usage_names_the_console_script(script: str, module: str) -> None:
+    path = pathlib.Path(sys.executable).parent / script
+    assert path.exists(), f"{path} missing: install the project with `bash scripts/setup.sh --dev`"
+    assert _usage_line([str(path), "--help"]).startswith(f"usage: {script} ")
+
+
+@pytest.mark.parametrize(("script", "module"), COMMANDS)
+def test_usage_names_python_dash_m(script: str, module: str) -> None:
+    assert _usage_line([sys.executable, "-m", module, "--help"]).startswith(f"usage: python -m {module} ")
