@@ -53,6 +53,20 @@ def test_evaluate_compares_several_checkpoints(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "unknown set(s) ['nonsense']" in bad.stderr
 
 
+def test_evaluate_and_latency_take_bundled_names(tmp_path: Path) -> None:
+    """`--checkpoint rlfn_ta_takdsr_x2 --teacher rlfn_teacher_takdsr_x2` from any folder, as the daemon takes them."""
+    folder = make_image_folder(tmp_path / "images", count=1, size=(48, 64))
+    output = tmp_path / "scores.json"
+    command = [sys.executable, "-m", "training", "evaluate", "--checkpoint", "rlfn_ta_takdsr_x2", "--teacher",
+               "rlfn_teacher_takdsr_x2", "--data", str(folder), "--json", str(output)]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(output.read_text())["images"]["rlfn_ta_takdsr_x2"]["mean"]["psnr_rgb"] > 0
+    command = [sys.executable, "-m", "training", "latency", "rlfn_s_takdsr_x2", "--input", "32x32", "--repeats", "1"]
+    latency = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert latency.returncode == 0 and latency.stdout.startswith("rlfn_s_takdsr_x2: "), latency.stderr
+
+
 def test_evaluation_folders_keep_their_images_apart_and_skip_what_a_model_cannot_take(tmp_path: Path) -> None:
     """Two folders of the same name are two sets; an image whose LR side is below the model's minimum (RLFN: 15)
     is skipped with a warning, not a crash inside the network."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from models import CheckpointError, build_model, list_models, load_model, read_metadata
+from models import CheckpointError, build_model, list_models, load_model, read_metadata, resolve_checkpoint
 from training.config import Config, load_config
 from training.data import DatasetError
 from training.evaluate import (
@@ -51,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     evaluate_cmd = commands.add_parser("evaluate", help="PSNR/SSIM of a checkpoint against bicubic and Lanczos")
-    evaluate_cmd.add_argument("--checkpoint", required=True, type=Path, action="append", help="repeat for several")
-    evaluate_cmd.add_argument("--teacher", type=Path, help="the teacher checkpoint (needed to evaluate a TA)")
+    # a file, or a bundled name such as rlfn_s_takdsr_x2 (models.resolve_checkpoint)
+    evaluate_cmd.add_argument("--checkpoint", required=True, type=resolve_checkpoint, action="append",
+                              help="a .safetensors file or a bundled name such as rlfn_s_takdsr_x2; repeat for several")
+    evaluate_cmd.add_argument("--teacher", type=resolve_checkpoint, help="the teacher checkpoint (needed to evaluate "
+                              "a TA): a file or a bundled name")
     evaluate_cmd.add_argument("--data", type=Path, action="append", default=[], help="an image folder (repeatable)")
     evaluate_cmd.add_argument(
         "--sets", type=_comma_list, default=None, metavar="NAME,...",
@@ -86,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--state", type=Path, help="a copy of the state to export (default RUN_DIR/state.pt)")
     export.add_argument("--out", required=True, type=Path, help="the checkpoint to write (.safetensors)")
     latency = commands.add_parser("latency", help="inference time of checkpoints or registered models")
-    latency.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_NAME")
+    latency.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_NAME",
+                         help="checkpoint files, bundled checkpoint names or registered model names")
     latency.add_argument("--input", default="960x540", help="LR input WxH (a teacher reads the matching HR size)")
     latency.add_argument("--device", default="cpu")
     latency.add_argument("--repeats", type=int, default=5)
@@ -169,7 +173,7 @@ def _latency(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     timings = {}
     for target in args.targets:
-        model = build_model(target) if target in list_models() else load_model(target)
+        model = build_model(target) if target in list_models() else load_model(resolve_checkpoint(target))
         timings[target] = measure_latency(model, width, height, device, repeats=args.repeats)
         print(f"{target}: {timings[target]['median_ms']:.1f} ms median at {timings[target]['input']} on {device}")
     if args.json:
