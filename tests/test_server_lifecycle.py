@@ -423,15 +423,33 @@ def _ipv6_loopback() -> bool:
         return False
 
 
+def _free_ipv6_endpoint() -> str:
+    with socket.socket(socket.AF_INET6) as free:
+        free.bind(("::1", 0))
+        return f"tcp://[::1]:{free.getsockname()[1]}"
+
+
 @pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
 def test_a_daemon_on_the_ipv6_loopback_serves() -> None:
     """tcp://[::1]:PORT passes the loopback check, so it must also bind and be reachable (ZeroMQ's IPV6 option)."""
-    with socket.socket(socket.AF_INET6) as free:
-        free.bind(("::1", 0))
-        port = free.getsockname()[1]
-    with run_server("--backend", "nearest", endpoint=f"tcp://[::1]:{port}") as daemon, \
+    with run_server("--backend", "nearest", endpoint=_free_ipv6_endpoint()) as daemon, \
             UpscalerClient(daemon.endpoint, timeout=10, name="pytest") as client:
         assert client.upscale(np.zeros((16, 16, 3), np.uint8)).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("kind", ["ipc", "tcp6"])
+def test_heartbeats_keep_an_idle_session_past_its_lease(kind: str) -> None:
+    """The client's heartbeat thread pings from its own socket; it must reach the daemon on every endpoint kind
+    (it once lacked the IPV6 option, so idle sessions on tcp://[::1] expired)."""
+    if kind == "tcp6" and not _ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    endpoint = _free_ipv6_endpoint() if kind == "tcp6" else None
+    with run_server("--backend", "nearest", "--lease-timeout", "0.6", endpoint=endpoint) as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=10, name="pytest") as client:
+        session = client.open_session(16, 16, "RGB8", slots=1)
+        time.sleep(2.0)  # over three leases without a request: only the pings keep it
+        assert session.upscale(np.zeros((16, 16, 3), np.uint8)).shape == (32, 32, 3)
+        assert "lease expired" not in daemon.log()
 
 
 def test_the_client_does_not_hang_on_a_listener_that_never_accepts(short_dir: pathlib.Path) -> None:

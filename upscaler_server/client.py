@@ -128,17 +128,11 @@ class _Link:
         self._waiting: set[int] = set()
 
     def _connect(self) -> zmq.Socket[bytes]:
-        sock = self._ctx.socket(zmq.DEALER)
         try:
-            sock.linger = 0
-            sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
-            sock.setsockopt(zmq.IPV6, 1)  # a daemon on tcp://[::1]:PORT; IPv4 addresses work either way
-            sock.connect(self.endpoint)
+            return _dealer(self._ctx, self.endpoint, self._routing_id)
         except zmq.ZMQError as exc:
-            sock.close(linger=0)
             raise ConfigError(f"cannot connect to {self.endpoint!r}: {exc} (endpoints look like "
                               "ipc:///path/to/socket or tcp://127.0.0.1:5555)") from None
-        return sock
 
     def reconnect(self) -> None:
         self._socket.close(linger=0)
@@ -177,6 +171,21 @@ class _Link:
         self._socket.close(linger=0)
 
 
+def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, routing_id: bytes | None = None) -> zmq.Socket[bytes]:
+    """A DEALER connected to the daemon, set up alike for requests and heartbeats (ZMQError if it cannot connect)."""
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.linger = 0
+        if routing_id is not None:
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        sock.setsockopt(zmq.IPV6, 1)  # a daemon on tcp://[::1]:PORT; IPv4 addresses work either way
+        sock.connect(endpoint)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
 class _Heartbeat(threading.Thread):
     """Pings the daemon every ``interval`` seconds with the ids of the open sessions, on its own socket."""
 
@@ -187,9 +196,7 @@ class _Heartbeat(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(self._endpoint)
+        sock = _dealer(self._ctx, self._endpoint)  # the link connected to the same endpoint: this cannot fail
         try:
             while not self._halt.wait(self._interval):
                 ids = self._sessions()
