@@ -34,7 +34,7 @@ class SRDecoder(nn.Module):
 
     Subclasses set ``family`` and ``min_input_size`` and implement ``extract_features`` and
     ``reconstruct``. The decoder's blocks live in ``self.blocks`` (an ``nn.ModuleList``) so that
-    ``models.transfer.init_from_teacher`` can keep the first ones.
+    ``models.teacher.init_from_teacher`` can keep the first ones.
     """
 
     family: ClassVar[str]

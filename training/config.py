@@ -19,7 +19,7 @@ from typing import Any
 import tomli_w
 
 from training.data import DataConfig
-from training.data.config import known_fields
+from training.data.config import drop_none, known_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,7 +138,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _drop_none(dataclasses.asdict(self))
+        return drop_none(dataclasses.asdict(self))
 
 
 _SECTIONS = {
@@ -275,15 +275,6 @@ def _validate_eval(ev: EvalConfig) -> None:
               eval__crops_for_figure=ev.crops_for_figure, eval__latency_repeats=ev.latency_repeats)
     if len(ev.rendered_size) != 2 or min(ev.rendered_size) < 1:
         raise ValueError(f"eval.rendered_size must be [width, height] >= 1, got {ev.rendered_size}")
-
-
-def _drop_none(value: Any) -> Any:
-    # TOML has no null: fields left at None are simply omitted (they are the defaults).
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_drop_none(v) for v in value]
-    return value
 
 
 def dump_toml(value: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,6 @@ class ModelInfo:
     macs: int = 0  # at the LR input size of the report (the teacher: at the matching HR size)
     role: str = ""
     checkpoint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def eval_sets(config: Config, scale: int, min_lr_side: int = 1) -> dict[str, list[EvalImage]]:
@@ -261,7 +260,7 @@ def checkpoint_predictor(path: str | Path, device: torch.device, teacher_path: s
     return lambda lr, hr: model(mixed_input(teacher(hr).cf_prime, _to(lr, device), tuple(mix)))
 
 
-def model_info(path: str | Path, lr_size: tuple[int, int], scale: int) -> ModelInfo:
+def model_info(path: str | Path, lr_size: tuple[int, int]) -> ModelInfo:
     checkpoint = load_checkpoint(path)
     model: nn.Module = checkpoint.model
     return ModelInfo(count_parameters(model), macs_at(model, lr_size), checkpoint.metadata["role"], str(path))
@@ -285,7 +284,7 @@ def evaluate(
     crops: dict[str, list[np.ndarray]] = {name: [] for name in [*predictors, "GT"]}
     for index, image in enumerate(tqdm(images, desc="evaluate", unit="image", leave=False)):
         lr, hr = image.lr.unsqueeze(0), image.hr.unsqueeze(0)
-        region = _detail_region(image.hr, scale) if index < keep_crops else None
+        region = _detail_region(image.hr) if index < keep_crops else None
         if region is not None:
             crops["GT"].append(to_uint8(image.hr[region]))
         for name, predict in predictors.items():
@@ -299,7 +298,7 @@ def evaluate(
     return results, crops
 
 
-def _detail_region(hr: torch.Tensor, scale: int, size: int = 96) -> tuple[slice, slice, slice]:
+def _detail_region(hr: torch.Tensor, size: int = 96) -> tuple[slice, slice, slice]:
     """The size x size window with the most high-frequency energy (where upscalers differ most)."""
     grey = hr.mean(dim=0)
     detail = (grey[1:, :] - grey[:-1, :]).abs()[:, :-1] + (grey[:, 1:] - grey[:, :-1]).abs()[:-1, :]

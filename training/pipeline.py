@@ -140,7 +140,7 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
         results["sets"][set_name] = {"images": [image.name for image in images], "scores": scores}
         results["crops"][set_name] = crops
     for display, path in checkpoints.items():
-        results["models"][display] = dataclasses.asdict(model_info(path, REPORT_LR_SIZE, scale))
+        results["models"][display] = dataclasses.asdict(model_info(path, REPORT_LR_SIZE))
         results["models"][display]["training"] = _training_summary(path)
         if config.eval.latency_repeats:
             results["models"][display]["latency"] = _latency(path, device, config.eval.latency_repeats)

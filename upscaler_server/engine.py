@@ -10,10 +10,10 @@ channel order, alpha upscaled by nearest neighbour (never through the model). Ba
   autotune) per resolution and optionally one CUDA graph per resolution. With ``overlap`` the uploads, the network
   and the downloads run on three streams and two frames may be in flight (:meth:`Engine.start`), so one frame's
   copies overlap the next one's compute.
+- :class:`NearestEngine`: nearest-neighbour copy, no model; measures transport alone (benchmarks, tests).
 
 Results are deterministic for a given device, precision and CPU thread count (oneDNN splits work by thread, so a
 different thread count may change the last bit of a float and, rarely, a rounded uint8 value).
-- :class:`NearestEngine`: nearest-neighbour copy, no model; measures transport alone (benchmarks, tests).
 
 Faster backends (``torch.compile``, onnxruntime, TensorRT) and ``auto``, which picks the fastest accurate one per
 resolution by measurement, live in :mod:`upscaler_server.backends`; :func:`create_engine` builds any of them.
@@ -422,9 +422,7 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
         ckpt = models.load_checkpoint(path, device="cpu")
     except (models.CheckpointError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load checkpoint {path}: {exc}") from exc
-    value_range = list(ckpt.metadata.get("value_range", [0.0, 1.0]))
-    if value_range != [0.0, 1.0]:
-        raise ModelLoadError(f"checkpoint {path} expects values in {value_range}; the engine feeds [0, 1]")
+    # value_range needs no check here: load_checkpoint accepts only [0, 1], what the engine feeds
     return _decoder(ckpt.model, str(path)), models.describe(ckpt.metadata), str(path)
 
 

@@ -12,7 +12,8 @@ from training.data.images import DatasetError
 from training.data.paths import default_eval_dir
 from training.data.sources import FolderSource, LrKind, SceneSource
 
-__all__ = ["DataConfig", "SourceConfig", "build_eval_dataset", "build_train_dataset", "known_fields"]
+__all__ = ["DataConfig", "SourceConfig", "build_eval_dataset", "build_train_dataset", "drop_none",
+           "known_fields"]
 
 
 @dataclass
@@ -87,14 +88,15 @@ class DataConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for saving the resolved config beside a run; None fields are left out (TOML has no null,
         and from_dict gives them back as their default, None)."""
-        return _drop_none(dataclasses.asdict(self))
+        return drop_none(dataclasses.asdict(self))
 
 
-def _drop_none(value: Any) -> Any:
+def drop_none(value: Any) -> Any:
+    """`value` without the None fields of its tables, for TOML, which has no null (None fields are the defaults)."""
     if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
+        return {k: drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [drop_none(v) for v in value]
     return value
 
 
