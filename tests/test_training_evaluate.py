@@ -65,6 +65,10 @@ def test_evaluate_and_latency_take_bundled_names(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "training", "latency", "rlfn_s_takdsr_x2", "--input", "32x32", "--repeats", "1"]
     latency = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert latency.returncode == 0 and latency.stdout.startswith("rlfn_s_takdsr_x2: "), latency.stderr
+    bad_size = subprocess.run([*command[:-4], "--input", "32x32x3"], capture_output=True, text=True, timeout=240)
+    assert bad_size.returncode == 2 and "expected WIDTHxHEIGHT" in bad_size.stderr
+    too_small = subprocess.run([*command[:-4], "--input", "14x64"], capture_output=True, text=True, timeout=240)
+    assert too_small.returncode == 1 and "needs an LR input of at least 15 px a side" in too_small.stderr
 
 
 def test_evaluation_folders_keep_their_images_apart_and_skip_what_a_model_cannot_take(tmp_path: Path) -> None:

@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from models import CheckpointError, build_model, list_models, load_model, read_metadata, resolve_checkpoint
+from models import (
+    CheckpointError,
+    build_model,
+    list_models,
+    load_model,
+    min_lr_size,
+    read_metadata,
+    resolve_checkpoint,
+)
 from training.config import Config, load_config
 from training.data import DatasetError
 from training.evaluate import (
@@ -32,6 +40,14 @@ from training.trainer import NonFiniteLossError, TrainingInterrupted, export_sta
 
 def _comma_list(text: str) -> list[str]:
     return text.split(",")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`960x540` -> (960, 540); argparse reports anything else."""
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT with positive integers, got {text!r}")
+    return int(width), int(height)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     latency = commands.add_parser("latency", help="inference time of checkpoints or registered models")
     latency.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_NAME",
                          help="checkpoint files, bundled checkpoint names or registered model names")
-    latency.add_argument("--input", default="960x540", help="LR input WxH (a teacher reads the matching HR size)")
+    latency.add_argument("--input", type=_size, default="960x540",
+                         help="LR input WxH (a teacher reads the matching HR size)")
     latency.add_argument("--device", default="cpu")
     latency.add_argument("--repeats", type=int, default=5)
     latency.add_argument("--json", type=Path, help="also write the timings here")
@@ -169,11 +186,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _latency(args: argparse.Namespace) -> int:
-    width, height = (int(v) for v in args.input.lower().split("x"))
+    width, height = args.input
     device = torch.device(args.device)
     timings = {}
     for target in args.targets:
         model = build_model(target) if target in list_models() else load_model(resolve_checkpoint(target))
+        if min(width, height) < min_lr_size(model):
+            raise ValueError(f"{target} needs an LR input of at least {min_lr_size(model)} px a side, got "
+                             f"{width}x{height}")
         timings[target] = measure_latency(model, width, height, device, repeats=args.repeats)
         print(f"{target}: {timings[target]['median_ms']:.1f} ms median at {timings[target]['input']} on {device}")
     if args.json:
