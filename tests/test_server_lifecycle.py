@@ -404,6 +404,20 @@ def test_endpoints_without_access_control_are_refused(endpoint: str, message: st
     assert status == 2 and message in log, log
 
 
+@pytest.mark.parametrize(("field", "largest"), [
+    ("max_width", 65535), ("max_height", 65535), ("max_slots", 64), ("scale", 16), ("max_sessions", 1 << 20),
+    ("max_queue", 1 << 20),
+])  # fmt: skip
+def test_settings_the_welcome_reply_cannot_carry_are_refused(field: str, largest: int) -> None:
+    """The welcome reply's schema bounds these fields: a daemon must refuse to start past them, not fail later."""
+    from upscaler_server.config import Config
+
+    assert getattr(Config(endpoint="ipc:///tmp/x.sock", **{field: largest}), field) == largest
+    for bad in (0, largest + 1):
+        with pytest.raises(ConfigError, match="invalid settings"):
+            Config(endpoint="ipc:///tmp/x.sock", **{field: bad})
+
+
 def test_endpoint_shapes() -> None:
     from upscaler_server.config import Config
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from upscaler_server.errors import ConfigError
+from upscaler_server.protocol import COUNT_MAX, DIM_MAX, SCALE_MAX, SLOTS_MAX
 
 __all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "cli_prog", "default_endpoint",
            "parse_size", "runtime_dir"]
@@ -69,10 +70,11 @@ class Config:
                     "max_shm_bytes": self.max_shm_bytes, "max_queue": self.max_queue,
                     "max_unread_bytes": self.max_unread_bytes}
         bad = [k for k, v in positive.items() if v < 1]
-        if max(self.max_width, self.max_height) > 65535 or self.max_slots > 64 or self.scale > 16:
-            bad.append("max_width/max_height <= 65535, max_slots <= 64, scale <= 16")
-        if max(self.max_sessions, self.max_queue) > 1 << 20:
-            bad.append("max_sessions/max_queue <= 1048576")
+        # the welcome reply carries these, and its schema bounds them
+        if max(self.max_width, self.max_height) > DIM_MAX or self.max_slots > SLOTS_MAX or self.scale > SCALE_MAX:
+            bad.append(f"max_width/max_height <= {DIM_MAX}, max_slots <= {SLOTS_MAX}, scale <= {SCALE_MAX}")
+        if max(self.max_sessions, self.max_queue) > COUNT_MAX:
+            bad.append(f"max_sessions/max_queue <= {COUNT_MAX}")
         if not 0 <= self.pad_channels <= 64:
             bad.append("0 <= pad_channels <= 64")
         if bad or self.threads < 0:

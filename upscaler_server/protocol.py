@@ -53,6 +53,8 @@ U64_MAX = 2**64 - 1
 SESSION_MAX = 2**31 - 1
 DIM_MAX = 65535
 SLOTS_MAX = 64
+SCALE_MAX = 16  # welcome.scale
+COUNT_MAX = 1 << 20  # welcome.max_sessions and max_queue
 PING_SESSIONS_MAX = 256
 MODEL_NAME_MAX = 128  # characters of welcome.model
 MAX_CONTAINERS = 64  # maps and arrays in one message, all depths together (welcome and opened have 3)
@@ -300,7 +302,7 @@ class Welcome(Message):
     instance: Annotated[str, _Str(64)]  # changes every time a daemon starts: a client can tell a restart
     versions: Annotated[list[int], _List(_Int(1, 65535), 16)]  # protocol versions spoken
     model: Annotated[str, _Str(MODEL_NAME_MAX)]  # architecture name
-    scale: Annotated[int, _Int(1, 16)]  # output size = input size * scale
+    scale: Annotated[int, _Int(1, SCALE_MAX)]  # output size = input size * scale
     device: Annotated[str, _Str(64)]  # e.g. "cpu", "cuda:0"
     precision: Annotated[str, _Str(16)]  # "fp32", "fp16", "bf16"
     random_weights: Annotated[bool, _Bool()]  # true: benchmarking model with random init, output is noise
@@ -310,8 +312,8 @@ class Welcome(Message):
     max_height: Dim
     max_pixels: Annotated[int, _Int(1, U64_MAX)]  # largest width * height accepted
     max_slots: Annotated[int, _Int(1, SLOTS_MAX)]
-    max_sessions: Annotated[int, _Int(1, 1 << 20)]
-    max_queue: Annotated[int, _Int(1, 1 << 20)]  # frames waiting for the engine before BUSY
+    max_sessions: Annotated[int, _Int(1, COUNT_MAX)]
+    max_queue: Annotated[int, _Int(1, COUNT_MAX)]  # frames waiting for the engine before BUSY
     lease_ms: Annotated[int, _Int(1, U64_MAX)]  # a session with no message for this long is closed
     heartbeat_ms: Annotated[int, _Int(1, U64_MAX)]  # suggested ping period
 
