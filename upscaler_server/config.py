@@ -8,6 +8,7 @@ import os
 import pathlib
 import stat
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +24,7 @@ ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
 Device = Literal["auto", "cuda", "cpu"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Backend = Literal["auto", "eager", "torch", "compile", "onnxruntime", "tensorrt", "nearest"]
-BACKEND_CHOICES = ("auto", "eager", "torch", "compile", "onnxruntime", "tensorrt", "nearest")
+BACKEND_CHOICES: tuple[str, ...] = typing.get_args(Backend)
 
 
 MAX_LEASE_S = 86_400.0

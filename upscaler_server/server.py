@@ -100,7 +100,7 @@ class Server:
 
     def serve(self) -> None:
         """Bind, log the ready line, serve until stopped, then shut down in order. ConfigError if binding fails."""
-        raise_fd_limit()
+        _raise_fd_limit()
         removed = remove_stale_segments()
         if removed:
             log.info("removed %d stale shared-memory segment(s) of dead daemons: %s", len(removed), ", ".join(removed))
@@ -116,7 +116,7 @@ class Server:
 
     def _bind(self) -> zmq.Socket[bytes]:
         endpoint = self.config.endpoint
-        ipc_path = endpoint.removeprefix("ipc://") if endpoint.startswith("ipc://") else None
+        ipc_path = _ipc_path(endpoint)
         if ipc_path is not None:
             _check_socket_path(ipc_path)
             if _ipc_in_use(self._ctx, endpoint):
@@ -191,8 +191,8 @@ class Server:
 
     def _close_router(self, router: zmq.Socket[bytes]) -> None:
         router.close(linger=0)
-        if self.config.endpoint.startswith("ipc://"):  # libzmq leaves the socket file behind
-            path = pathlib.Path(self.config.endpoint[len("ipc://"):])
+        path = _ipc_path(self.config.endpoint)
+        if path is not None:  # libzmq leaves the socket file behind
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()
@@ -414,7 +414,7 @@ def _us(seconds: float) -> int:
     return max(0, round(seconds * 1e6))
 
 
-def _check_socket_path(path: str) -> None:
+def _check_socket_path(path: pathlib.Path) -> None:
     """Refuse to bind where binding would delete something that is not a socket (ZeroMQ unlinks the path first)."""
     with contextlib.suppress(FileNotFoundError):
         mode = os.lstat(path).st_mode
@@ -423,7 +423,12 @@ def _check_socket_path(path: str) -> None:
             raise ConfigError(f"{path} is {kind}, not a socket: binding would replace it; pass another --endpoint")
 
 
-def raise_fd_limit() -> None:
+def _ipc_path(endpoint: str) -> pathlib.Path | None:
+    """The socket file of an ``ipc://`` endpoint; None for any other transport."""
+    return pathlib.Path(endpoint.removeprefix("ipc://")) if endpoint.startswith("ipc://") else None
+
+
+def _raise_fd_limit() -> None:
     """Soft limit of open files up to the hard one: each connection costs the daemon a descriptor, and libzmq aborts
     the process when it cannot accept one (EMFILE) instead of refusing that connection."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -435,7 +440,8 @@ def raise_fd_limit() -> None:
 
 def _ipc_in_use(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> bool:
     """True when a live daemon answers a ping on ``endpoint`` (binding would steal its socket file)."""
-    if not pathlib.Path(endpoint[len("ipc://"):]).exists():
+    path = _ipc_path(endpoint)
+    if path is None or not path.exists():
         return False
     probe = ctx.socket(zmq.DEALER)
     probe.linger = 0
