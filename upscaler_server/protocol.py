@@ -58,6 +58,9 @@ COUNT_MAX = 1 << 20  # welcome.max_sessions and max_queue
 PING_SESSIONS_MAX = 256
 MODEL_NAME_MAX = 128  # characters of welcome.model
 MAX_CONTAINERS = 64  # maps and arrays in one message, all depths together (welcome and opened have 3)
+# msgpack decodes bin as bytes; senders may pass any buffer (a client hands over its frame's memoryview, no copy)
+Binary = bytes | bytearray | memoryview
+
 # Control messages are tiny; only `process`/`result` carry pixels, bounded by the caller (the daemon's limits).
 CONTROL_MAX_BYTES = 64 * 1024
 
@@ -132,7 +135,7 @@ class _Bool(_Check):
 class _Bin(_Check):
     max_len: int
 
-    def check(self, name: str, value: Any) -> bytes | memoryview:
+    def check(self, name: str, value: Any) -> Binary:
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise _invalid(name, "binary data (msgpack bin)", value)
         if memoryview(value).nbytes > self.max_len:
@@ -274,7 +277,7 @@ class Process(Message):
     height: Dim
     format: FormatName
     frame: U64
-    pixels: Annotated[bytes, _Bin(U64_MAX)]  # height * width * channels bytes, rows top first, no padding
+    pixels: Annotated[Binary, _Bin(U64_MAX)]  # height * width * channels bytes, rows top first, no padding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,7 +351,7 @@ class Result(Message):
     width: Annotated[int, _Int(1, U64_MAX)]  # output width
     height: Annotated[int, _Int(1, U64_MAX)]  # output height
     format: FormatName
-    pixels: Annotated[bytes, _Bin(U64_MAX)]
+    pixels: Annotated[Binary, _Bin(U64_MAX)]
     timings: Annotated[Timings, _Map(Timings)]
 
 
