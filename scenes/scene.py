@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from scenes.camera import Vec3
 from scenes.textures import layer_index
@@ -68,13 +69,14 @@ class Scene:
 
 
 def trs(
-    positions: np.ndarray,
-    scales: np.ndarray,
-    yaw: np.ndarray | float = 0.0,
-    pitch: np.ndarray | float = 0.0,
-    roll: np.ndarray | float = 0.0,
+    positions: ArrayLike,
+    scales: ArrayLike,
+    yaw: ArrayLike = 0.0,
+    pitch: ArrayLike = 0.0,
+    roll: ArrayLike = 0.0,
 ) -> np.ndarray:
-    """(N, 4, 4) matrices translate @ rot_y(yaw) @ rot_x(pitch) @ rot_z(roll) @ scale."""
+    """(N, 4, 4) matrices translate @ rot_y(yaw) @ rot_x(pitch) @ rot_z(roll) @ scale; positions (N, 3) or (3,),
+    scales (N, 3), (3,) or one number, angles (N,) or one number (radians)."""
     p = np.atleast_2d(np.asarray(positions, np.float64))
     n = len(p)
     s = np.broadcast_to(np.asarray(scales, np.float64), (n, 3))
