@@ -97,7 +97,27 @@ def test_cli_exports_a_checkpoint_with_metadata(tmp_path: pathlib.Path) -> None:
     assert export.main(argv) == 0
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["takdsr.io"] == "float" and props["takdsr.scale"] == "2" and props["takdsr.min_size"] == "15"
-    assert props["takdsr.weights"] == str(ckpt) and props["takdsr.model"].startswith("rfdn student 16ch")
+    assert props["takdsr.weights"] == "student.safetensors" and props["takdsr.model"].startswith("rfdn student 16ch")
+    # the lowest IR version of its opsets (the exporter's own, 10, is refused by onnxruntime < 1.16)
+    model = onnx.load(str(out))
+    assert model.ir_version == onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True) < 10
+
+
+def test_cli_refuses_a_ta_and_an_opset_it_cannot_reach(tmp_path: pathlib.Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A TA trained on a mixed input would export as an LR -> HR graph worse than the student; an opset the
+    converter cannot reach used to be reported as written while the file kept opset 18."""
+    ta = models.save_checkpoint(models.build_model("rlfn_ta", channels=16), tmp_path / "ta.safetensors", role="ta",
+                                training={"mix": [0.3, 0.7]})  # fmt: skip
+    assert export.main(["--checkpoint", str(ta), "-o", str(tmp_path / "ta.onnx")]) == 3
+    assert "teacher assistant trained on 0.3 * CF' + 0.7 * LR" in capsys.readouterr().err
+    lr_only = models.save_checkpoint(models.build_model("rlfn_ta", channels=16), tmp_path / "ta_lr.safetensors",
+                                     role="ta", training={"mix": [0.0, 1.0]})  # fmt: skip
+    assert export.main(["--checkpoint", str(lr_only), "--height", "16", "--width", "16",
+                        "-o", str(tmp_path / "ta_lr.onnx")]) == 0  # fmt: skip
+    out = tmp_path / "old.onnx"
+    assert export.main(["--model", "rlfn_s", "--height", "17", "--width", "31", "--opset", "13", "-o", str(out)]) == 1
+    assert "could not convert the graph to opset 13" in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_refuses_teachers_and_a_missing_student(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

@@ -31,7 +31,7 @@ import pathlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import cv2
 import numpy as np
@@ -423,15 +423,26 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
     except (models.CheckpointError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load checkpoint {path}: {exc}") from exc
     # value_range needs no check here: load_checkpoint accepts only [0, 1], what the engine feeds
+    _refuse_mixed_input(ckpt.metadata, path)
     return _decoder(ckpt.model, str(path)), models.describe(ckpt.metadata), str(path)
+
+
+def _refuse_mixed_input(metadata: dict[str, Any], path: pathlib.Path) -> None:
+    """A TA trained on lambda1 * CF' + lambda2 * LR needs CF', which the teacher's encoder makes from the HR frame:
+    an upscaler has no HR frame, and on the LR alone the TA scores below the student (1.3 dB in a review)."""
+    mix = metadata["training"].get("mix")
+    if metadata["role"] == "ta" and mix is not None and mix[0] != 0:
+        raise ModelLoadError(f"{path} is a teacher assistant trained on {mix[0]} * CF' + {mix[1]} * LR; CF' comes "
+                             "from the high-resolution frame, which an upscaler does not have. Serve a student "
+                             "(e.g. the bundled rlfn_s_takdsr_x2)")
 
 
 def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:
     import models
 
     if not isinstance(network, models.SRDecoder):  # a teacher's forward needs the HR frame it is meant to produce
-        raise ModelLoadError(f"{source} is a {type(network).__name__}, not an LR -> HR decoder; serve a student, "
-                             "TA or backbone (e.g. rlfn_s)")
+        raise ModelLoadError(f"{source} is a {type(network).__name__}, not an LR -> HR decoder; serve a student "
+                             "or a backbone (e.g. rlfn_s)")
     return network
 
 

@@ -92,6 +92,14 @@ def export_onnx(network: nn.Module, path: pathlib.Path, *, io: IO = "uint8", hei
         raise RuntimeError("torch.onnx.export returned no program")
     program.save(str(path), external_data=False)
     model = onnx.load(str(path))
+    written = {entry.domain: entry.version for entry in model.opset_import}.get("", opset)
+    if written != opset:  # the exporter logs its failed conversion and keeps its own opset
+        path.unlink()
+        raise RuntimeError(f"the exporter could not convert the graph to opset {opset} (it stayed at {written}); "
+                           f"leave --opset at its default {DEFAULT_OPSET}")
+    # the exporter stamps its onnx package's newest IR version (10 with onnx 1.16+), which onnxruntime < 1.16 refuses;
+    # the lowest IR version that has these opsets is what every reader of them accepts
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     props = {"takdsr.io": io, "takdsr.scale": str(int(network.scale)), "takdsr.min_size": str(min_size),
              **(metadata or {})}
     onnx.helper.set_model_props(model, props)
@@ -133,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m upscaler_server.export", description="Export a deployable decoder "
                                 "(default: the bundled student) for engines; see docs/integration.md.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=pathlib.Path, help="student/TA checkpoint (default: the bundled student)")
+    src.add_argument("--checkpoint", type=pathlib.Path,
+                     help="student checkpoint: a file or a bundled name (default: the bundled student)")
     src.add_argument("--model", help="a registered decoder (e.g. rlfn_s) with RANDOM weights, for benchmarks")
     p.add_argument("--scale", type=int, default=2, help="scale of --model (a checkpoint knows its own)")
     p.add_argument("--seed", type=int, default=0, help="seed of --model's random weights")
@@ -162,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    meta = {"takdsr.model": name, "takdsr.weights": weights or "random"}
+    # the checkpoint's file name, not its path: the ONNX file travels to other machines
+    meta = {"takdsr.model": name, "takdsr.weights": pathlib.Path(weights).name if weights else "random"}
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
