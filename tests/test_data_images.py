@@ -1,6 +1,9 @@
 """Image reading and folder scanning: formats, conversions, skipped files, empty folders."""
 
+import os
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import cv2
@@ -111,6 +114,47 @@ def test_a_truncated_jpeg_is_refused_and_a_complete_one_read(tmp_path: Path) -> 
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match=r"cut\.jpg: a truncated JPEG"):
         read_image(tmp_path / "cut.jpg")
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # known by its bytes, whatever its name
+    with pytest.raises(ImageReadError, match=r"cut\.png: a truncated JPEG"):
+        read_image(tmp_path / "cut.png")
+
+
+def _grey_png(width: int, height: int, rows: bytes | None = None) -> bytes:
+    """A 1-bit grey PNG of zeros: a few KB that decode to width * height bytes (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    pixels = (b"\x00" * (1 + (width + 7) // 8)) * height if rows is None else rows  # filter byte + packed row
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixels, 9)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_bombs_non_finite_floats_and_odd_names_are_skipped_with_their_reason(tmp_path: Path) -> None:
+    """Each of these once crashed a scan or poisoned training: a name that is not UTF-8 (OpenCV's imread segfaulted),
+    a header OpenCV refuses (cv2.error traceback), a 72-megapixel PNG of 9 KB (GBs per worker), a NaN float TIFF
+    (the loss turned NaN at the step that cropped it)."""
+    _write_bgr(tmp_path / "good.png", _rgb(40, 48))
+    latin1 = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")  # an old Latin-1 name
+    with open(latin1, "wb") as handle:
+        handle.write((tmp_path / "good.png").read_bytes())
+    (tmp_path / "bomb.png").write_bytes(_grey_png(9000, 8000))
+    (tmp_path / "huge_header.png").write_bytes(_grey_png(60000, 60000, rows=b"\x00"))
+    nan = np.full((40, 48, 3), 0.5, np.float32)
+    nan[3, 4, 1] = np.nan
+    assert cv2.imwrite(str(tmp_path / "nan.tiff"), nan)
+    with pytest.raises(ImageReadError, match="larger than 67 megapixels"):
+        read_image(tmp_path / "bomb.png")
+    with pytest.raises(ImageReadError, match="NaN or infinite"):
+        read_image(tmp_path / "nan.tiff")
+    assert read_image(os.fsdecode(latin1)).shape == (3, 40, 48)
+    with pytest.warns(SkippedFilesWarning) as record:
+        found = scan_images(tmp_path, min_size=32, progress=False)
+    assert sorted(info.path.name for info in found) == sorted(["good.png", os.fsdecode(b"caf\xe9.png")])
+    message = str(record[0].message)
+    assert "1 larger than 67 megapixels (bomb.png)" in message and "1 unreadable (huge_header.png)" in message
+    assert "1 with NaN or infinite pixels (nan.tiff)" in message
 
 
 def test_write_png_round_trip(tmp_path: Path) -> None:

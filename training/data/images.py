@@ -49,7 +49,11 @@ class DatasetError(ValueError):
 
 
 class ImageReadError(ValueError):
-    """One file could not be decoded as an image."""
+    """One file could not be decoded as an image; `reason` is how a folder scan counts it."""
+
+    def __init__(self, message: str, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SkippedFilesWarning(UserWarning):
@@ -116,32 +120,41 @@ def _to_unit_float(rgb: np.ndarray) -> np.ndarray:
 
 
 _PIXEL_TYPES = (np.uint8, np.uint16, np.float32, np.float64)  # what _to_unit_float maps to [0, 1]
-_JPEG_SUFFIXES = (".jpg", ".jpeg")
-_JPEG_END = b"\xff\xd9"  # the end-of-image marker
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"  # the start- and end-of-image markers
+# 8K x 8K: larger is no rendered frame but a decompression bomb (a 48 KB PNG can declare 20000x20000), which would
+# cost GBs per decode and per DataLoader worker's frame cache
+MAX_PIXELS = 1 << 26
+TOO_LARGE = f"larger than {MAX_PIXELS / 1e6:.0f} megapixels"
 
 
 def _decode(path: Path) -> np.ndarray:
     """The file's pixels as OpenCV reads them; ImageReadError naming the file for anything we cannot use."""
-    if path.suffix.lower() in _JPEG_SUFFIXES and not _jpeg_complete(path):
+    try:
+        # the bytes, not the name: OpenCV's imread crashes the process on a name that is not valid UTF-8
+        data = np.fromfile(path, np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if bytes(data[:2]) == _JPEG_START and not _jpeg_complete(data):
         # libjpeg decodes a truncated file to grey rows and only prints a warning: refuse it here instead
         raise ImageReadError(f"cannot decode {path}: a truncated JPEG (no end-of-image marker)")
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    try:
+        raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as exc:  # e.g. a header declaring more pixels than OpenCV will allocate
+        raise ImageReadError(f"cannot decode {path}: OpenCV refused it ({exc.err or exc})") from None
     if raw is None or raw.size == 0:
         raise ImageReadError(f"cannot decode {path} as an image (unreadable, truncated or not an image)")
+    if raw.shape[0] * raw.shape[1] > MAX_PIXELS:
+        raise ImageReadError(f"{path} is {raw.shape[1]}x{raw.shape[0]}, {TOO_LARGE}", TOO_LARGE)
     if raw.dtype not in _PIXEL_TYPES:
         raise ImageReadError(f"{path} has pixels of type {raw.dtype}; supported: 8- and 16-bit unsigned, float")
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # a float TIFF's NaN would turn the loss NaN
+        raise ImageReadError(f"{path} has NaN or infinite pixels", "with NaN or infinite pixels")
     return raw
 
 
-def _jpeg_complete(path: Path) -> bool:
-    """Whether the file ends with JPEG's end-of-image marker (trailing zero padding allowed)."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(max(0, path.stat().st_size - 4096))
-            tail = handle.read().rstrip(b"\x00")
-    except OSError:
-        return False
-    return tail.endswith(_JPEG_END)
+def _jpeg_complete(data: np.ndarray) -> bool:
+    """Whether a JPEG file's bytes end with its end-of-image marker (trailing zero padding allowed)."""
+    return bytes(data[-4096:]).rstrip(b"\x00").endswith(_JPEG_END)
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -209,8 +222,8 @@ def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -
             continue
         try:
             height, width = _to_rgb(_decode(path)).shape[:2]
-        except ImageReadError:
-            skipped["unreadable"].append(path)
+        except ImageReadError as exc:
+            skipped.setdefault(exc.reason, []).append(path)
             continue
         if min(height, width) < min_size:
             skipped[f"smaller than {min_size}px"].append(path)
