@@ -157,6 +157,45 @@ def test_bombs_non_finite_floats_and_odd_names_are_skipped_with_their_reason(tmp
     assert "1 with NaN or infinite pixels (nan.tiff)" in message
 
 
+def _listable(folder: Path) -> bool:
+    try:
+        os.listdir(folder)
+    except PermissionError:
+        return False
+    return True
+
+
+def test_linked_folders_are_followed_once_and_what_cannot_be_reached_is_named(tmp_path: Path) -> None:
+    """A dataset assembled from links is read whole (rglob passed over linked folders without a word); a link loop
+    ends; broken links, folders that cannot be listed and pipes (which would block a read) are counted."""
+    real = tmp_path / "real_set"
+    _write_bgr(real / "a.png", _rgb(40, 48))
+    data = tmp_path / "data"
+    _write_bgr(data / "own.png", _rgb(40, 48, seed=1))
+    (data / "set1").symlink_to(real, target_is_directory=True)
+    (data / "set1_again").symlink_to(real, target_is_directory=True)  # the same real folder: read once
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    (data / "gone.png").symlink_to(tmp_path / "missing.png")
+    os.mkfifo(data / "pipe.png")
+    locked = data / "locked"
+    _write_bgr(locked / "hidden_from_us.png", _rgb(40, 48))
+    locked.chmod(0)
+    try:
+        listable = _listable(locked)  # root lists a folder of mode 0 all the same
+        with pytest.warns(SkippedFilesWarning) as record:
+            found = scan_images(data, min_size=32, progress=False)
+    finally:
+        locked.chmod(0o755)
+    names = [str(info.path.relative_to(data)) for info in found]
+    message = str(record[0].message)
+    if listable:
+        assert names == ["locked/hidden_from_us.png", "own.png", "set1/a.png"]
+        assert "2 unreachable (broken links, unreadable folders, pipes) (gone.png, pipe.png)" in message
+    else:
+        assert names == ["own.png", "set1/a.png"]
+        assert "3 unreachable (broken links, unreadable folders, pipes) (gone.png, locked, pipe.png)" in message
+
+
 def test_write_png_round_trip(tmp_path: Path) -> None:
     image = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(0))
     write_png(tmp_path / "w.png", image)

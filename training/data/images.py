@@ -196,8 +196,30 @@ def _skip_message(root: Path, skipped: dict[str, list[Path]]) -> str:
     return f"{root}: skipped {total} file(s): " + "; ".join(parts)
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def _files_under(root: Path) -> tuple[list[Path], list[Path]]:
+    """(files, unreachable) under `root`, sorted: linked folders are followed (a dataset assembled from links),
+    each real folder once (a link loop ends); broken links and folders that cannot be listed are unreachable.
+    Hidden files and folders (".DS_Store", ".git", half-written ".name.png") are not part of a dataset."""
+    files: list[Path] = []
+    unreachable: list[Path] = []
+    seen: set[str] = set()
+
+    def refused(error: OSError) -> None:
+        unreachable.append(Path(error.filename))
+
+    for folder, subfolders, names in os.walk(root, onerror=refused, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in names:
+            path = Path(folder, name)
+            if name.startswith(".") or path == root / MANIFEST_NAME:
+                continue
+            (files if path.is_file() else unreachable).append(path)  # is_file follows links: False when broken
+    return sorted(files), sorted(unreachable)
 
 
 def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -> list[ImageInfo]:
@@ -210,11 +232,9 @@ def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
-    # Hidden files and folders (".DS_Store", ".git", half-written ".name.png") are not part of a dataset.
-    files = sorted(
-        p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)) and p != root / MANIFEST_NAME
-    )
-    skipped: dict[str, list[Path]] = {"not images": [], "unreadable": [], f"smaller than {min_size}px": []}
+    files, unreachable = _files_under(root)
+    skipped: dict[str, list[Path]] = {"not images": [], "unreadable": [], f"smaller than {min_size}px": [],
+                                      "unreachable (broken links, unreadable folders, pipes)": unreachable}
     found = []
     for path in tqdm(files, desc=f"scan {root.name}", unit="file", disable=not progress, leave=False):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
