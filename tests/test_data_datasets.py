@@ -1,6 +1,7 @@
 """Training patches and evaluation frames: shapes, HR/LR alignment, seeding, augmentation, mixing, config."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import cv2
@@ -13,7 +14,7 @@ from training.data.augment import NO_AUGMENT, AugmentConfig, AugmentParams, appl
 from training.data.config import DataConfig, SourceConfig, build_eval_dataset, build_train_dataset
 from training.data.datasets import EpochSampler, FrameDataset, PatchDataset, worker_start_method
 from training.data.degrade import degrade
-from training.data.images import DatasetError, read_image
+from training.data.images import MANIFEST_NAME, DatasetError, read_image
 from training.data.sources import FolderSource, Frame, scene_times
 
 ALL_AUGMENT = AugmentConfig(channel_permute_p=0.5, blend_p=0.5)
@@ -209,6 +210,28 @@ def test_build_datasets_from_config(folder: Path, tmp_path: Path, monkeypatch: p
     _write_images(tmp_path / "shared" / "data" / "cg-dev", 1, (30, 40), seed=9)
     evaluation = build_eval_dataset(cfg, scale=2)  # eval path None: the shared cg-dev folder
     assert len(evaluation) == 1 and evaluation[0]["lr"].shape == (3, 15, 20)
+
+
+def test_training_on_evaluation_data_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cg-dev itself, spelt any way, a folder inside it or holding it, and POV-Ray renders of reserved scenes."""
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("TAKDSR_SHARED", str(shared))
+    cg_dev = _write_images(shared / "data" / "cg-dev", 1, (30, 40), seed=9)
+    (shared / "data" / "reserved-scenes.txt").write_text("povray advanced/abyss.pov\n")
+    _write_images(cg_dev / "sub", 1, (30, 40), seed=1)
+    for path in (cg_dev, cg_dev / ".." / "cg-dev", cg_dev / "sub", shared):
+        cfg = DataConfig([SourceConfig("folder", str(path))], patch_size=24, length=8)
+        with pytest.raises(DatasetError, match="never train on them"):
+            build_train_dataset(cfg, scale=2, progress=False)
+    renders = _write_images(tmp_path / "renders" / "povray", 1, (30, 40), seed=2)
+    manifest = {"scenes": {"advanced/abyss.pov": {}, "advanced/desk/desk.pov": {}}, "failed": {}}
+    (renders / MANIFEST_NAME).write_text(json.dumps(manifest))
+    cfg = DataConfig([SourceConfig("folder", str(tmp_path / "renders"))], patch_size=24, length=8)
+    with pytest.raises(DatasetError, match=r"reserved for evaluation, never render: advanced/abyss\.pov"):
+        build_train_dataset(cfg, scale=2, progress=False)
+    del manifest["scenes"]["advanced/abyss.pov"]
+    (renders / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert build_train_dataset(cfg, scale=2, progress=False)[0]["lr"].shape == (3, 12, 12)  # no reserved scene
 
 
 def test_folder_scan_progress_follows_the_flag(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:

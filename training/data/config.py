@@ -1,15 +1,18 @@
 """The data part of a training config: typed dataclasses, strict parsing, and the dataset factories."""
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
 from training.data.augment import AugmentConfig
 from training.data.datasets import FrameDataset, PatchDataset
-from training.data.images import DatasetError
+from training.data.images import MANIFEST_NAME, DatasetError
 from training.data.paths import default_eval_dir
+from training.data.povray import refuse_reserved
 from training.data.sources import FolderSource, LrKind, SceneSource
 
 __all__ = ["DataConfig", "SourceConfig", "build_eval_dataset", "build_train_dataset", "drop_none",
@@ -118,6 +121,25 @@ def _source(data: Any, where: str) -> SourceConfig:
     return SourceConfig(**fields)
 
 
+def refuse_evaluation_data(folder: Path) -> None:
+    """DatasetError when training on `folder` would train on evaluation data: the cg-dev frames (the folder is
+    cg-dev, inside it, or holds it), or POV-Ray renders of reserved scenes (named by a povray manifest in it)."""
+    resolved, eval_dir = folder.resolve(), default_eval_dir().resolve()
+    if resolved == eval_dir or eval_dir in resolved.parents or resolved in eval_dir.parents:
+        raise DatasetError(f"{folder} is or holds the evaluation frames {eval_dir}: never train on them")
+    for manifest_path in sorted(folder.rglob(MANIFEST_NAME)):
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not a data command's record: its folder's images are scanned like any others
+        scenes = manifest.get("scenes") if isinstance(manifest, dict) and "failed" in manifest else None
+        if isinstance(scenes, dict):  # `python -m training.data povray` output
+            try:
+                refuse_reserved(list(scenes))
+            except ValueError as exc:
+                raise DatasetError(f"{manifest_path.parent} holds renders of scenes {exc}") from None
+
+
 def _build_source(
     cfg: SourceConfig, scale: int, min_size: int, split: Literal["train", "val"], cache_mb: int,
     progress: bool = True,
@@ -125,6 +147,8 @@ def _build_source(
     if cfg.kind == "folder":
         if cfg.path is None:
             raise DatasetError("a training folder source needs a path")
+        if split == "train":
+            refuse_evaluation_data(Path(cfg.path))
         return FolderSource(cfg.path, min_size, cache_mb=cache_mb, progress=progress)
     if min(cfg.width, cfg.height) < min_size:
         raise DatasetError(f"scene frames {cfg.width}x{cfg.height} are smaller than the {min_size}px patch")
