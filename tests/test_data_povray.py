@@ -171,6 +171,28 @@ def test_work_threads_reach_the_command_line() -> None:
     assert refused.returncode == 2 and "--work-threads" in refused.stderr
 
 
+@pytest.mark.parametrize("bad", [
+    ["povray", "--width", "-8"], ["povray", "--height", "0"], ["povray", "--timeout", "-1"],
+    ["povray", "--timeout", "nan"], ["povray", "--jobs", "0"], ["scenes", "--count", "0"],
+    ["scenes", "--count", "1", "--supersample", "0"],
+])  # fmt: skip
+def test_sizes_counts_and_timeouts_must_be_positive(bad: list[str], tmp_path: Path) -> None:
+    """POV-Ray spun at full CPU for the whole timeout on +W-8 (writing a state file of hundreds of MB); +W0 failed
+    every scene one by one; a negative timeout abandoned every scene."""
+    command = [sys.executable, "-m", "training.data", bad[0], "--out", str(tmp_path / "out"), *bad[1:]]
+    refused = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and f"argument {bad[-2]}: must be" in refused.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_error_line(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    command = [sys.executable, "-m", "training.data", "scenes", "--out", str(tmp_path / "a_file" / "sub"), "--count",
+               "1", "--width", "64", "--height", "32"]  # fmt: skip
+    refused = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "Traceback" not in refused.stderr
+
+
 @needs_povray
 @needs_examples
 def test_a_radiosity_scene_renders_the_same_pixels_twice(tmp_path: Path) -> None:

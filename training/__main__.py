@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    except (NonFiniteLossError, CheckpointError, DatasetError, ValueError, FileNotFoundError) as exc:
+    # OSError: a folder or file that cannot be read or written (an unwritable run or cache folder, a full disk)
+    except (NonFiniteLossError, CheckpointError, DatasetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

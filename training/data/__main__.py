@@ -20,6 +20,22 @@ def _antialias(text: str) -> float | None:
     return value
 
 
+def _positive(text: str) -> int:
+    """A whole number >= 1 (sizes, jobs, counts): POV-Ray spins forever on +W-8 and fails every scene on +W0."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
 def _count(text: str) -> int:
     """A whole number >= 0 (POV-Ray's +WT: 0 means its default)."""
     value = int(text)
@@ -34,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
     pov = sub.add_parser("povray", help="render the curated POV-Ray example scenes to PNG")
     pov.add_argument("--out", type=Path, required=True, help="output folder (PNGs + manifest.json)")
-    pov.add_argument("--width", type=int, default=1920)
-    pov.add_argument("--height", type=int, default=1080)
+    pov.add_argument("--width", type=_positive, default=1920)
+    pov.add_argument("--height", type=_positive, default=1080)
     pov.add_argument(
-        "--jobs", type=int, default=os.cpu_count() or 1, help="parallel povray processes (default: one per core)"
+        "--jobs", type=_positive, default=os.cpu_count() or 1, help="parallel povray processes (default: one per core)"
     )
     pov.add_argument(
         "--work-threads",
@@ -46,19 +62,19 @@ def _parser() -> argparse.ArgumentParser:
         help="render threads per povray process (default 1: the same pixels every run; 0: POV-Ray's "
         "default of one per core, whose pixels vary from run to run)",
     )
-    pov.add_argument("--timeout", type=float, default=1800.0, help="seconds per scene before it is abandoned")
+    pov.add_argument("--timeout", type=_seconds, default=1800.0, help="seconds per scene before it is abandoned")
     pov.add_argument("--antialias", type=_antialias, default=0.3, help="threshold for +A, or 'off' (default 0.3)")
     pov.add_argument("--scenes", type=Path, default=SCENE_LIST, help="scene list (default: the curated list)")
     pov.add_argument("--only", nargs="+", metavar="SCENE", help="render only these scenes of the list")
 
     scn = sub.add_parser("scenes", help="render HR/LR frame pairs of the procedural scenes")
     scn.add_argument("--out", type=Path, required=True, help="output folder (hr/, lr_x<s>/, manifest.json)")
-    scn.add_argument("--count", type=int, required=True, help="number of frames (presets in turn)")
-    scn.add_argument("--width", type=int, default=1920)
-    scn.add_argument("--height", type=int, default=1080)
+    scn.add_argument("--count", type=_positive, required=True, help="number of frames (presets in turn)")
+    scn.add_argument("--width", type=_positive, default=1920)
+    scn.add_argument("--height", type=_positive, default=1080)
     scn.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
     scn.add_argument("--lr-kind", choices=("native", "bicubic"), default="native")
-    scn.add_argument("--supersample", type=int, default=2, help="HR rendered with k x k samples per pixel")
+    scn.add_argument("--supersample", type=_positive, default=2, help="HR rendered with k x k samples per pixel")
     scn.add_argument("--split", choices=("train", "val"), default="train")
     scn.add_argument("--presets", nargs="+", help="presets to render (default: all)")
     return parser
@@ -96,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _povray(args) if args.command == "povray" else _scenes(args)
-    except (DatasetError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, ValueError, OSError) as exc:  # OSError: an output folder that cannot be made or written
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
