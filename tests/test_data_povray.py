@@ -2,9 +2,12 @@
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -191,6 +194,73 @@ def test_an_output_folder_that_cannot_be_made_is_one_error_line(tmp_path: Path) 
                "1", "--width", "64", "--height", "32"]  # fmt: skip
     refused = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "Traceback" not in refused.stderr
+
+
+_FAKE_POVRAY = """#!/bin/sh
+# stands in for povray: at width 64 it fails; wtorus "renders" at once (a copy of a PNG); any other scene runs until
+# it is killed
+case "$*" in
+  *+W64*) echo "Parse Error" >&2; exit 1 ;;
+  *wtorus*) cp "$TAKDSR_FAKE_PNG" render.png ;;
+  *) echo "$$" >> "$TAKDSR_FAKE_PIDS"; exec sleep 600 ;;
+esac
+"""
+
+
+def _fake_povray_env(tmp_path: Path) -> dict[str, str]:
+    fake = tmp_path / "bin" / "povray"
+    fake.parent.mkdir()
+    fake.write_text(_FAKE_POVRAY)
+    fake.chmod(0o755)
+    assert cv2.imwrite(str(tmp_path / "frame.png"), np.full((27, 48, 3), 90, np.uint8))
+    (tmp_path / "tmp").mkdir()
+    return {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "tmp"),
+            "TAKDSR_FAKE_PNG": str(tmp_path / "frame.png"), "TAKDSR_FAKE_PIDS": str(tmp_path / "pids")}  # fmt: skip
+
+
+@needs_examples
+def test_a_failed_rerender_drops_the_picture_of_the_earlier_command(tmp_path: Path) -> None:
+    """The old 48x27 picture stayed, listed both as rendered and as failed, and a folder source trained on it."""
+    env, out = _fake_povray_env(tmp_path), tmp_path / "pov"
+    command = [sys.executable, "-m", "training.data", "povray", "--out", str(out), "--height", "27", "--jobs", "1",
+               "--only", FAST_SCENE]  # fmt: skip
+    first = subprocess.run([*command, "--width", "48"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert first.returncode == 0 and (out / "objects__wtorus.png").is_file(), first.stderr
+    again = subprocess.run([*command, "--width", "64"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert again.returncode == 1 and "Parse Error" in again.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scenes"] == {} and list(manifest["failed"]) == [FAST_SCENE]
+    assert not (out / "objects__wtorus.png").exists()
+
+
+@needs_examples
+def test_a_signal_stops_the_renders_and_keeps_what_finished(tmp_path: Path) -> None:
+    """SIGTERM used to orphan the running povray and leave its temporary folder; Ctrl-C ran every queued scene
+    to the end and then lost the manifest. Now: running renders killed, queued ones dropped, finished ones kept."""
+    env = _fake_povray_env(tmp_path)
+    # in this order, two at a time: wtorus and crater start, wtorus ends, diffract starts, bwstripe waits
+    scene_list = tmp_path / "scenes.txt"
+    scene_list.write_text(f"{FAST_SCENE}\nadvanced/crater/crater.pov\nadvanced/diffract.pov\nadvanced/bwstripe.pov\n")
+    out, pids_file = tmp_path / "pov", tmp_path / "pids"
+    command = [sys.executable, "-m", "training.data", "povray", "--out", str(out), "--width", "48", "--height", "27",
+               "--jobs", "2", "--scenes", str(scene_list)]  # fmt: skip
+    run = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pids_file.exists() and len(pids_file.read_text().split()) == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=30)
+    assert run.returncode == 128 + signal.SIGTERM and "stopped by signal" in stderr, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["scenes"]) == [FAST_SCENE] and manifest["failed"] == {}  # a stopped scene did not fail
+    pids = [int(pid) for pid in pids_file.read_text().split()]
+    assert len(pids) == 2  # bwstripe, queued, never started
+    time.sleep(0.2)
+    for pid in pids:  # killed (gone, or a zombie of a parent that has exited: init reaps it)
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert not list((tmp_path / "tmp").iterdir())  # the scenes' temporary copies are gone
 
 
 @needs_povray

@@ -2,8 +2,11 @@
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 
 from training.data.images import DatasetError
 from training.data.povray import SCENE_LIST, canonical_scene, load_scene_list, render_scenes
@@ -88,10 +91,25 @@ def _povray(args: argparse.Namespace) -> int:
         if missing:
             raise DatasetError(f"not in {args.scenes}: {', '.join(missing)}")
         scenes = [s for s in scenes if s in only]
-    manifest = render_scenes(
-        scenes, args.out, args.width, args.height, jobs=args.jobs, timeout=args.timeout, antialias=args.antialias,
-        work_threads=args.work_threads,
-    )  # fmt: skip
+    stop, signals = threading.Event(), []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:  # a flag only: the render loop does the stopping
+        signals.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        manifest = render_scenes(
+            scenes, args.out, args.width, args.height, jobs=args.jobs, timeout=args.timeout, antialias=args.antialias,
+            work_threads=args.work_threads, stop=stop,
+        )  # fmt: skip
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signals:
+        print(f"stopped by signal {signals[0]}: the scenes finished so far are in {args.out / 'manifest.json'}; the "
+              "same command renders the rest", file=sys.stderr)
+        return 128 + signals[0]
     failed = {s: why for s, why in manifest["failed"].items() if s in scenes}
     for scene, why in failed.items():
         print(f"failed: {scene}: {why}", file=sys.stderr)

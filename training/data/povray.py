@@ -17,8 +17,9 @@ import posixpath
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ __all__ = [
     "INCLUDE_DIR",
     "SCENE_LIST",
     "RenderRecord",
+    "RenderStopped",
     "load_scene_list",
     "output_name",
     "pixels_sha256",
@@ -47,6 +49,7 @@ EXAMPLES_DIR = Path("/usr/share/doc/povray/examples")
 INCLUDE_DIR = Path("/usr/share/povray-3.7/include")
 COPYRIGHT_FILE = Path("/usr/share/doc/povray-examples/copyright")
 SCENE_LIST = Path(__file__).with_name("povray_scenes.txt")
+_STOP_POLL_S = 0.2  # how often a running render and the queue look at the stop flag
 # The copyright file names scenes by their path in the upstream source tree.
 _UPSTREAM_PREFIX = "distribution/scenes/"
 
@@ -171,14 +174,18 @@ def render_scene(
     antialias: float | None = 0.3,
     timeout: float = 600.0,
     work_threads: int = 1,
+    stop: threading.Event | None = None,
 ) -> RenderRecord:
-    """Render one scene to `out_dir/output_name(scene)`. Raises RuntimeError on failure or timeout.
+    """Render one scene to `out_dir/output_name(scene)`. Raises RuntimeError on failure or timeout, and
+    RenderStopped when `stop` is set while povray runs (the process is killed).
 
     The PNG appears only once complete (rendered in a temporary folder, then moved), so a killed run never
     leaves a partial image that a later run would skip.
     """
     refuse_reserved([scene])
     scene = canonical_scene(scene)
+    if stop is not None and stop.is_set():
+        raise RenderStopped(scene)
     source = EXAMPLES_DIR / scene
     if not source.is_file():
         raise FileNotFoundError(f"no scene {source} (is Debian's povray-examples installed?)")
@@ -187,14 +194,11 @@ def render_scene(
         workdir = Path(tmp) / "scene"
         shutil.copytree(source.parent, workdir)
         start = time.perf_counter()
-        try:
-            result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"{scene}: timed out after {timeout:g} s") from exc
+        returncode, stderr = _run_povray(command, workdir, scene, timeout, stop or threading.Event())
         seconds = time.perf_counter() - start
         rendered = workdir / "render.png"
-        if result.returncode != 0 or not rendered.is_file():
-            raise RuntimeError(f"{scene}: povray exit {result.returncode}: {result.stderr.strip()[-400:]}")
+        if returncode != 0 or not rendered.is_file():
+            raise RuntimeError(f"{scene}: povray exit {returncode}: {stderr.strip()[-400:]}")
         final = out_dir / output_name(scene)
         shutil.move(rendered, final.with_suffix(".part"))
         os.replace(final.with_suffix(".part"), final)
@@ -202,6 +206,30 @@ def render_scene(
         scene, final.name, command, round(seconds, 2), file_sha256(final), pixels_sha256(final), scene_licence(scene),
         width, height,
     )  # fmt: skip
+
+
+class RenderStopped(Exception):
+    """A render was stopped on request (Ctrl-C, SIGTERM): not a failure of its scene."""
+
+
+def _run_povray(command: list[str], workdir: Path, scene: str, timeout: float,
+                stop: threading.Event) -> tuple[int, str]:
+    """(exit status, stderr) of povray; RuntimeError after `timeout` s, RenderStopped once `stop` is set (killed)."""
+    # its own session: a terminal's Ctrl-C reaches only this command, which then stops povray itself
+    process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, stderr = process.communicate(timeout=_STOP_POLL_S)  # retrying loses no output
+            return process.returncode, stderr
+        except subprocess.TimeoutExpired:
+            if stop.is_set() or time.monotonic() > deadline:
+                process.kill()
+                process.communicate()
+                if stop.is_set():
+                    raise RenderStopped(scene) from None
+                raise RuntimeError(f"{scene}: timed out after {timeout:g} s") from None
 
 
 def _load_manifest(path: Path) -> dict:
@@ -227,10 +255,14 @@ def render_scenes(
     antialias: float | None = 0.3,
     work_threads: int = 1,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> dict:
     """Render `scenes` into `out_dir` with `jobs` parallel povray processes, skipping those already rendered with
     the same command. Updates `out_dir/manifest.json` after every scene and returns it; failures (errors,
-    timeouts) are listed under "failed" and do not stop the others."""
+    timeouts) are listed under "failed" and do not stop the others. Setting `stop` (a signal handler's flag)
+    kills the running renders, drops the queued ones and returns what is done; so does KeyboardInterrupt, which is
+    then raised again."""
+    stop = stop or threading.Event()
     refuse_reserved(scenes)
     scenes = list(dict.fromkeys(canonical_scene(s) for s in scenes))  # one spelling: ./a.pov and a.pov are one scene
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,24 +273,41 @@ def render_scenes(
         return povray_command(scene, width, height, antialias, "render.png", work_threads)
 
     todo = [s for s in scenes if not _is_done(out_dir, manifest["scenes"].get(s), command_of(s))]
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads: the work is in povray processes
-        futures = {
-            pool.submit(
-                render_scene, s, out_dir, width, height, antialias=antialias, timeout=timeout, work_threads=work_threads
-            ): s
-            for s in todo
-        }
-        bar = tqdm(
-            total=len(scenes), initial=len(scenes) - len(todo), desc="povray", unit="scene", disable=not progress
-        )
-        for future in as_completed(futures):
-            scene = futures[future]
-            try:
-                manifest["scenes"][scene] = asdict(future.result())
-                manifest["failed"].pop(scene, None)
-            except (RuntimeError, OSError) as exc:
-                manifest["failed"][scene] = str(exc)
-            write_json_atomic(manifest_path, manifest)
-            bar.update()
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))  # threads: the work is in povray processes
+    bar = tqdm(total=len(scenes), initial=len(scenes) - len(todo), desc="povray", unit="scene", disable=not progress)
+    futures: dict[Future, str] = {}
+    try:
+        for scene in todo:
+            futures[pool.submit(render_scene, scene, out_dir, width, height, antialias=antialias, timeout=timeout,
+                                work_threads=work_threads, stop=stop)] = scene  # fmt: skip
+        pending = set(futures)
+        while pending and not stop.is_set():
+            done, pending = wait(pending, timeout=_STOP_POLL_S, return_when=FIRST_COMPLETED)
+            for future in done:
+                _record(manifest, out_dir, futures[future], future)
+                write_json_atomic(manifest_path, manifest)
+                bar.update()
+    finally:  # stopped by the flag or an exception (KeyboardInterrupt): keep what finished, nothing else runs on
+        unfinished = [future for future in futures if not future.done()]
+        for future in unfinished:
+            future.cancel()  # the queued ones never start
+        if unfinished:
+            stop.set()  # the running ones kill their povray
+        pool.shutdown(wait=True)
         bar.close()
     return manifest
+
+
+def _record(manifest: dict, out_dir: Path, scene: str, future: Future) -> None:
+    """One finished render into the manifest: its record, or why it failed (a stopped render is neither). A failed
+    scene loses the picture of an earlier command too, so a folder never trains on what this command did not make."""
+    try:
+        manifest["scenes"][scene] = asdict(future.result())
+        manifest["failed"].pop(scene, None)
+    except (RuntimeError, OSError) as exc:
+        manifest["failed"][scene] = str(exc)
+        stale = manifest["scenes"].pop(scene, None)
+        if stale is not None:
+            (out_dir / stale["png"]).unlink(missing_ok=True)
+    except RenderStopped:
+        pass
