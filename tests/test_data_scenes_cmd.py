@@ -53,9 +53,9 @@ def test_workers_render_lazily_and_reproducibly() -> None:
     assert torch.equal(torch.stack([item["lr"] for item in serial]), torch.cat([b["lr"] for b in parallel]))
 
 
-def _run_command(out: Path) -> subprocess.CompletedProcess:
+def _run_command(out: Path, split: str = "val") -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "training.data", "scenes", "--out", str(out), "--count", "4", "--width", "64",
-               "--height", "36", "--scale", "2", "--lr-kind", "native", "--supersample", "2", "--split", "val",
+               "--height", "36", "--scale", "2", "--lr-kind", "native", "--supersample", "2", "--split", split,
                "--presets", "city"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     if result.returncode != 0 and NO_EGL in result.stderr:
@@ -86,6 +86,14 @@ def test_scenes_command_writes_aligned_pairs(tmp_path: Path) -> None:
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert _run_command(out).returncode == 0  # everything already there: nothing re-rendered
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == mtimes
+    damaged, pair = out / record["hr"], {out / record["hr"], out / record["lr"]}
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a damaged frame's pair is rendered again, and only that one
+    assert _run_command(out).returncode == 0
+    assert hashlib.sha256(damaged.read_bytes()).hexdigest() == record["hr_sha256"]
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p not in pair}
+    assert kept == {p: t for p, t in mtimes.items() if p not in pair}
+    mixed = _run_command(out, split="train")  # val views would become training data in a folder source
+    assert mixed.returncode == 2 and "holds val frames; train frames need another --out folder" in mixed.stderr
 
 
 def test_scenes_command_refuses_another_commands_folder(tmp_path: Path) -> None:

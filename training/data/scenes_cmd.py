@@ -56,8 +56,12 @@ def frame_plan(presets: list[str], count: int, split: Split) -> list[tuple[str, 
     return [(presets[k % len(presets)], times[presets[k % len(presets)]][k // len(presets)]) for k in range(count)]
 
 
-def _files_exist(out_dir: Path, record: dict) -> bool:
-    return (out_dir / record["hr"]).is_file() and (out_dir / record["lr"]).is_file()
+def _files_intact(out_dir: Path, record: dict) -> bool:
+    """Both PNGs are there and are the ones the manifest hashed (a damaged or replaced one is rendered again)."""
+    return all(
+        (out_dir / record[kind]).is_file() and file_sha256(out_dir / record[kind]) == record[f"{kind}_sha256"]
+        for kind in ("hr", "lr")
+    )
 
 
 def _render_pair(
@@ -97,11 +101,15 @@ def write_scene_frames(
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = read_manifest(manifest_path, ("frames",), "scenes")
+    other_splits = sorted({record.get("split") for record in manifest["frames"].values()} - {split})
+    if other_splits:  # a folder source reads every frame of a folder: val views would become training data
+        raise DatasetError(f"{out_dir} holds {', '.join(map(str, other_splits))} frames; {split} frames need "
+                           "another --out folder (train and val never share one)")
     settings = {"width": width, "height": height, "scale": scale, "lr_kind": lr_kind, "supersample": supersample}
     for preset, t in tqdm(frame_plan(presets, count, split), desc="scenes", unit="frame", disable=not progress):
         name = frame_name(preset, t)
         old = manifest["frames"].get(name)
-        if old and all(old[k] == v for k, v in settings.items()) and _files_exist(out_dir, old):
+        if old and all(old[k] == v for k, v in settings.items()) and _files_intact(out_dir, old):
             continue
         start = time.perf_counter()
         hr, lr = _render_pair(renderer, preset, t, (width, height), scale, supersample, lr_kind)
