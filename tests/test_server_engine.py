@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import os
 import pathlib
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -135,6 +137,45 @@ def test_offline_cli_is_bit_exact(engine: Engine, checkpoint: pathlib.Path, tmp_
     np.testing.assert_array_equal(alpha, engine.run(rgba, "RGBA8"))
     grey = cv2.imread(str(tmp_path / "out" / "grey.png"), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(grey[..., ::-1], engine.run(np.repeat(rgb[..., :1], 3, axis=2)))
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """``jpeg`` with an APP1 Exif segment holding only the orientation tag (0x0112)."""
+    tiff = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+    app1 = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+def test_offline_cli_takes_16_bit_rotated_jpegs_and_any_file_name(engine: Engine, checkpoint: pathlib.Path,
+                                                                   tmp_path: pathlib.Path) -> None:
+    """16-bit PNGs were refused, a phone JPEG came out on its side, and a name that is not UTF-8 crashed OpenCV."""
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    cv2.imwrite(str(src / "deep.png"), (rgb.astype(np.uint16) * 257)[..., ::-1])  # 16-bit: x * 257 is x in 8 bits
+    ok, jpeg = cv2.imencode(".jpg", rgb[..., ::-1])
+    (src / "phone.jpg").write_bytes(_with_exif_orientation(jpeg.tobytes(), 6))  # 6: shown turned 90 degrees
+    latin1 = os.path.join(os.fsencode(src), b"caf\xe9.png")
+    with open(latin1, "wb") as handle:
+        handle.write(cv2.imencode(".png", rgb[..., ::-1])[1].tobytes())
+    cmd = [sys.executable, "-m", "upscaler_server.upscale", "--checkpoint", str(checkpoint), "--device", "cpu",
+           "--threads", "1", str(src), "-o", str(tmp_path / "out")]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ok and run.returncode == 0, run.stderr
+    deep = cv2.imread(str(tmp_path / "out" / "deep.png"), cv2.IMREAD_UNCHANGED)
+    assert deep.dtype == np.uint8
+    np.testing.assert_array_equal(deep[..., ::-1], engine.run(rgb))
+    upright = cv2.imread(str(tmp_path / "out" / "phone.png"))
+    assert upright.shape == (48, 40, 3)  # the 24x20 picture, upright, upscaled
+    written = os.path.join(os.fsencode(tmp_path / "out"), b"caf\xe9.png")
+    with open(written, "rb") as handle:
+        back = cv2.imdecode(np.frombuffer(handle.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(back[..., ::-1], engine.run(rgb))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = subprocess.run([*cmd[:-3], str(empty), "-o", str(tmp_path / "out2")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and f"no image in {empty}" in run.stderr
 
 
 def test_offline_cli_reports_failures(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -2,7 +2,8 @@
 
 The same :class:`~upscaler_server.engine.Engine` as the daemon does the work, so results are bit-identical to the
 daemon's for the same checkpoint, device and precision. Colour images keep their alpha channel (upscaled by nearest
-neighbour); grey images are upscaled as RGB and written as RGB. Exit status: 0 if every image was written, 1 if some
+neighbour); grey images are upscaled as RGB and written as RGB; 16-bit images are rounded to 8 bits and a JPEG is
+turned upright by its EXIF orientation first. Exit status: 0 if every image was written, 1 if some
 failed (each failure is reported), 2 for bad arguments, 3 when the model cannot be loaded.
 """
 
@@ -21,7 +22,7 @@ from upscaler_server.config import CHECKPOINT_HELP, add_backend_arguments, cli_p
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 
-__all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "output_path", "upscale_file"]
+__all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "output_path", "read_8bit", "upscale_file"]
 
 log = logging.getLogger("upscaler_server.upscale")
 
@@ -61,13 +62,32 @@ def check_targets(files: list[pathlib.Path], out_dir: pathlib.Path) -> None:
                               "choose another output folder")
 
 
-def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
-    """Upscale one image file into ``out_dir``/<stem>.png and return the written path."""
-    image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+def read_8bit(src: pathlib.Path) -> np.ndarray:
+    """The image as OpenCV decodes it, 8 bits per channel: 16-bit rounded down to 8, a JPEG turned upright by its
+    EXIF orientation. UpscalerError for anything else."""
+    try:
+        # the bytes, not the name: OpenCV's imread and imwrite crash the process on a name that is not valid UTF-8
+        data = np.fromfile(src, np.uint8)
+    except OSError as exc:
+        raise UpscalerError(f"{src}: cannot read it ({exc.strerror or exc})") from None
+    # a JPEG has no alpha, and IMREAD_COLOR (unlike IMREAD_UNCHANGED) applies its EXIF orientation
+    flags = cv2.IMREAD_COLOR if bytes(data[:2]) == b"\xff\xd8" else cv2.IMREAD_UNCHANGED
+    try:
+        image = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as exc:  # e.g. a header declaring more pixels than OpenCV will allocate
+        raise UpscalerError(f"{src}: OpenCV refused it ({exc.err or exc})") from None
     if image is None:
         raise UpscalerError(f"{src}: not an image OpenCV can read")
+    if image.dtype == np.uint16:  # x * 255 / 65535, rounded: 65535 -> 255, 32768 -> 128
+        image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if image.dtype != np.uint8:
-        raise UpscalerError(f"{src}: {image.dtype} pixels; only 8-bit images are supported")
+        raise UpscalerError(f"{src}: {image.dtype} pixels; only 8- and 16-bit images are supported")
+    return image
+
+
+def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    """Upscale one image file into ``out_dir``/<stem>.png and return the written path."""
+    image = read_8bit(src)
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     fmt = {3: "BGR8", 4: "BGRA8"}.get(image.shape[2])
@@ -78,8 +98,13 @@ def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pa
     except UpscalerError as exc:  # e.g. smaller than the model's minimum: say which file
         raise UpscalerError(f"{src}: {exc}", exc.code) from None
     target = output_path(src, out_dir)
-    if not cv2.imwrite(str(target), hr):
-        raise UpscalerError(f"cannot write {target}")
+    encoded, png = cv2.imencode(".png", hr)
+    try:
+        if not encoded:
+            raise OSError("PNG encoding failed")
+        target.write_bytes(png.tobytes())
+    except OSError as exc:
+        raise UpscalerError(f"cannot write {target}: {exc.strerror or exc}") from None
     return target
 
 
@@ -105,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         files = collect_inputs(args.inputs)
+        if not files:
+            raise ConfigError(f"no image in {', '.join(map(str, args.inputs))} (suffixes {', '.join(IMAGE_SUFFIXES)})")
         check_targets(files, args.output)
         engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
                                precision=args.precision, threads=args.threads, backend=args.backend,
