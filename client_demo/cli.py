@@ -32,6 +32,15 @@ from upscaler_server.config import cli_prog
 __all__ = ["main", "parse_args"]
 
 
+def _utf8_path(text: str) -> pathlib.Path:
+    """A path OpenCV can write under: its PNG and MP4 writers crash the process on a name that is not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8; choose a folder name that is") from None
+    return pathlib.Path(text)
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(part) for part in text.lower().split("x"))
@@ -66,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a frame may wait for the daemon before it is pinged; a frame is given up, and the "
                    "daemon reconnected, after about twice that; keep it above one frame's upscale time "
                    "(default: %(default)s)")
-    p.add_argument("--out", type=pathlib.Path, help="headless: output folder (default: demo_out); "
+    p.add_argument("--out", type=_utf8_path, help="headless: output folder (default: demo_out); "
                    "window: screenshot folder (default: the current one)")
     g = p.add_argument_group("headless mode")
     g.add_argument("--headless", action="store_true", help="no window: write PNGs, an MP4 and stats.json")

@@ -79,7 +79,8 @@ def test_command_line() -> None:
     assert str(named.checkpoint) == "rlfn_s_takdsr_x2"
     for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--frames", "0"], ["--scene", "moon"],
                 ["--spawn-server", "--checkpoint", "no_such_student_x2"],
-                ["--spawn-server", "--checkpoint", "/nonexistent/dir/rlfn_s_takdsr_x2.safetensors"]):
+                ["--spawn-server", "--checkpoint", "/nonexistent/dir/rlfn_s_takdsr_x2.safetensors"],
+                ["--headless", "--out", "demo_\udce9"]):  # not UTF-8: OpenCV's writers would crash the demo
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)
         assert exc.value.code == 2, bad

@@ -181,8 +181,10 @@ def read_image_array(path: str | Path) -> np.ndarray:
 def write_png(path: str | Path, image: torch.Tensor | np.ndarray) -> None:
     """Write (3, H, W) float in [0, 1] or (H, W, 3) uint8 RGB as an 8-bit PNG; raises OSError on failure."""
     rgb = to_uint8(image) if isinstance(image, torch.Tensor) else image
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise OSError(f"could not write {path}")
+    encoded, png = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not encoded:
+        raise OSError(f"could not encode {path} as PNG")
+    Path(path).write_bytes(png.tobytes())  # bytes, not imwrite: OpenCV crashes on a name that is not UTF-8
 
 
 def _skip_message(root: Path, skipped: dict[str, list[Path]]) -> str:

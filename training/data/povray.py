@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
+import numpy as np
 from tqdm import tqdm
 
 from training.data.images import MANIFEST_NAME, file_sha256, read_manifest, write_json_atomic
@@ -157,7 +158,8 @@ def povray_command(
 def pixels_sha256(path: Path) -> str:
     """sha256 of an image's decoded pixels and shape: equal for equal pictures, whatever the file's metadata
     (POV-Ray writes the render date into the PNG) or compression."""
-    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    data = np.fromfile(path, np.uint8)  # the bytes, not imread: OpenCV crashes on a name that is not UTF-8
+    pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if pixels is None:
         raise ValueError(f"{path}: not a readable image")
     digest = hashlib.sha256(f"{pixels.shape} {pixels.dtype}".encode())
