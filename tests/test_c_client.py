@@ -86,6 +86,17 @@ def test_error_reply_is_printed_with_its_code(binary: pathlib.Path, daemon: Daem
     assert "daemon error 14 SIZE_TOO_SMALL" in result.stderr and "minimum" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["out.png", "out.ppm"])
+def test_an_unwritable_output_says_why(binary: pathlib.Path, daemon: Daemon, tmp_path: pathlib.Path,
+                                       name: str) -> None:
+    """Any failed write used to blame the file name's suffix."""
+    target = tmp_path / "missing_folder" / name
+    result = _run([str(binary), "-e", daemon.endpoint, "-p", "20x20", "-o", str(target)])
+    assert result.returncode == 1 and f"cannot write {target}: No such file or directory" in result.stderr
+    wrong = _run([str(binary), "-e", daemon.endpoint, "-p", "20x20", "-o", str(tmp_path / "out.jpg")])
+    assert wrong.returncode == 1 and "out.jpg: the name must end in .png or .ppm" in wrong.stderr
+
+
 @pytest.mark.parametrize("args", [["-p", "5x0"], ["-p", "-5x3"], ["-p", "70000x8"], ["-p", "8x8junk"],
                                   ["-p", "8x8", "-s", "0"], ["-p", "8x8", "-s", "-1"], ["-p", "8x8", "-n", "x"],
                                   ["-p", "8x8", "-t", "-3"]])
@@ -100,6 +111,30 @@ def test_silent_daemon_is_a_timeout(binary: pathlib.Path, tmp_path: pathlib.Path
     endpoint = f"ipc://{tmp_path}/nobody.sock"
     result = _run([str(binary), "-e", endpoint, "-p", "20x20", "-t", "300", "-o", str(tmp_path / "x.ppm")])
     assert result.returncode == 1 and "TIMEOUT" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def signals_program(binary: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """tests/c/signals_during_wait.c built against the example's client (the fixture `binary` checked the tools)."""
+    msgpack = "msgpack-c" if subprocess.run(["pkg-config", "--exists", "msgpack-c"]).returncode == 0 else "msgpack"
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "libzmq", msgpack], capture_output=True, text=True,
+                           check=True).stdout.split()  # fmt: skip
+    program = tmp_path_factory.mktemp("c") / "signals_during_wait"
+    build = subprocess.run(["cc", "-std=c11", "-Wall", "-Werror", "-O1", "-I", str(C_DIR),
+                            str(REPO / "tests" / "c" / "signals_during_wait.c"), str(C_DIR / "takdsr_client.c"),
+                            *flags, "-o", str(program)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    return program
+
+
+def test_waits_survive_signals_and_name_their_own_timeout(signals_program: pathlib.Path, daemon: Daemon) -> None:
+    """An interval timer installed without SA_RESTART interrupted zmq_poll, and takdsr_wait failed with
+    'Interrupted system call'; a 0-ms poll said the client's 10-s default instead of the 0 ms asked for."""
+    run = _run([str(signals_program), daemon.endpoint, "20"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    signals = int(run.stdout.split("signals: ")[1].split()[0])
+    assert signals > 20  # the waits were interrupted, many times
+    assert "poll: no reply from the daemon within 0 ms" in run.stdout
 
 
 def test_no_leak_under_valgrind(binary: pathlib.Path, daemon: Daemon, tmp_path: pathlib.Path) -> None:

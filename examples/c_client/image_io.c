@@ -1,6 +1,7 @@
 /* image_io.c: see image_io.h. PNG through libpng's simplified API (libpng >= 1.6). */
 #include "image_io.h"
 
+#include <errno.h>
 #include <png.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,11 +54,13 @@ static int load_ppm(const char *path, image *img) {
 
 static int save_ppm(const char *path, const image *img) {
     FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    int ok = fprintf(f, "P6\n%u %u\n255\n", img->width, img->height) > 0;
+    int ok = f != NULL && fprintf(f, "P6\n%u %u\n255\n", img->width, img->height) > 0;
     for (size_t i = 0; ok && i < (size_t)img->width * img->height; i++)
         ok = fwrite(img->pixels + i * img->channels, 1, 3, f) == 3;
-    return fclose(f) == 0 && ok ? 0 : -1;
+    int saved_errno = errno;
+    if (f && fclose(f) != 0 && ok) ok = 0, saved_errno = errno;
+    if (!ok) fprintf(stderr, "cannot write %s: %s\n", path, strerror(saved_errno));
+    return ok ? 0 : -1;
 }
 
 static int load_png(const char *path, image *img) {
@@ -83,7 +86,9 @@ static int save_png(const char *path, const image *img) {
     png.version = PNG_IMAGE_VERSION;
     png.width = img->width, png.height = img->height;
     png.format = img->channels == 4 ? PNG_FORMAT_RGBA : PNG_FORMAT_RGB;
-    return png_image_write_to_file(&png, path, 0, img->pixels, 0, NULL) ? 0 : -1;
+    if (png_image_write_to_file(&png, path, 0, img->pixels, 0, NULL)) return 0;
+    fprintf(stderr, "cannot write %s: %s\n", path, png.message); /* libpng says why: a missing folder, ... */
+    return -1;
 }
 
 int image_load(const char *path, image *img) {
@@ -93,9 +98,10 @@ int image_load(const char *path, image *img) {
 }
 
 int image_save(const char *path, const image *img) {
-    int rc = has_suffix(path, ".png") ? save_png(path, img) : has_suffix(path, ".ppm") ? save_ppm(path, img) : -1;
-    if (rc) fprintf(stderr, "cannot write %s (the name must end in .png or .ppm)\n", path);
-    return rc;
+    if (has_suffix(path, ".png")) return save_png(path, img);
+    if (has_suffix(path, ".ppm")) return save_ppm(path, img);
+    fprintf(stderr, "cannot write %s: the name must end in .png or .ppm\n", path);
+    return -1;
 }
 
 int image_pattern(uint32_t width, uint32_t height, uint32_t channels, image *img) {

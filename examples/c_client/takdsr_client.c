@@ -134,9 +134,13 @@ static int msg_send(takdsr_client *c, struct msg *m) {
     int rc = TAKDSR_OK;
     if (m->failed)
         rc = fail(c, TAKDSR_E_SYSTEM, "out of memory while encoding a message");
-    else if (zmq_send(c->sock, m->buf.data, m->buf.size, 0) < 0)
-        rc = fail(c, errno == EAGAIN ? TAKDSR_E_TIMEOUT : TAKDSR_E_SYSTEM, "cannot send to the daemon: %s",
-                  zmq_strerror(errno));
+    else {
+        int sent;
+        while ((sent = zmq_send(c->sock, m->buf.data, m->buf.size, 0)) < 0 && errno == EINTR) continue; /* a signal */
+        if (sent < 0)
+            rc = fail(c, errno == EAGAIN ? TAKDSR_E_TIMEOUT : TAKDSR_E_SYSTEM, "cannot send to the daemon: %s",
+                      zmq_strerror(errno));
+    }
     msgpack_sbuffer_destroy(&m->buf);
     return rc;
 }
@@ -226,16 +230,22 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Receives one reply frame within `deadline` (a now_ms() value) and decodes it into r. */
-static int recv_reply(takdsr_client *c, int64_t deadline, struct reply *r) {
+/* Receives one reply frame within `deadline` (a now_ms() value, `waited_ms` after the wait began) and decodes it
+ * into r. A signal that interrupts the wait (an engine's timer without SA_RESTART) is no error: it waits on. */
+static int recv_reply(takdsr_client *c, int64_t deadline, int waited_ms, struct reply *r) {
     zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
-    int64_t left = deadline - now_ms();
-    int ready = zmq_poll(&item, 1, (long)(left > 0 ? left : 0));
+    int ready;
+    do {
+        int64_t left = deadline - now_ms();
+        ready = zmq_poll(&item, 1, (long)(left > 0 ? left : 0));
+    } while (ready < 0 && errno == EINTR);
     if (ready < 0) return fail(c, TAKDSR_E_SYSTEM, "zmq_poll failed: %s", zmq_strerror(errno));
     if (ready == 0) return fail(c, TAKDSR_E_TIMEOUT, "no reply from the daemon within %d ms; is it running?",
-                                c->timeout_ms);
+                                waited_ms);
     zmq_msg_init(&r->frame);
-    if (zmq_msg_recv(&r->frame, c->sock, 0) < 0) {
+    int received;
+    while ((received = zmq_msg_recv(&r->frame, c->sock, 0)) < 0 && errno == EINTR) continue;
+    if (received < 0) {
         zmq_msg_close(&r->frame);
         return fail(c, TAKDSR_E_SYSTEM, "cannot receive from the daemon: %s", zmq_strerror(errno));
     }
@@ -287,7 +297,7 @@ static bool take_outcome(takdsr_client *c, const struct reply *r) {
 static int request(takdsr_client *c, struct msg *m, uint64_t req, const char *expected, struct reply *r) {
     int rc = msg_send(c, m);
     int64_t deadline = now_ms() + c->timeout_ms;
-    while (rc == TAKDSR_OK && (rc = recv_reply(c, deadline, r)) == TAKDSR_OK) {
+    while (rc == TAKDSR_OK && (rc = recv_reply(c, deadline, c->timeout_ms, r)) == TAKDSR_OK) {
         if (r->req == req) {
             if (strcmp(r->type, expected) == 0) return TAKDSR_OK;
             rc = strcmp(r->type, "error") == 0 ? server_error(c, r->map)
@@ -550,10 +560,11 @@ size_t takdsr_pending(const takdsr_client *c) { return c->n_pending + c->n_ready
 
 int takdsr_wait(takdsr_client *c, int timeout_ms, takdsr_event *ev) {
     if (c->n_ready == 0 && c->n_pending == 0) return fail(c, TAKDSR_E_ARGUMENT, "no frame was submitted");
-    int64_t deadline = now_ms() + (timeout_ms < 0 ? c->timeout_ms : timeout_ms);
+    int wait_ms = timeout_ms < 0 ? c->timeout_ms : timeout_ms;
+    int64_t deadline = now_ms() + wait_ms;
     while (c->n_ready == 0) {
         struct reply r;
-        int rc = recv_reply(c, deadline, &r);
+        int rc = recv_reply(c, deadline, wait_ms, &r);
         if (rc != TAKDSR_OK) return rc;
         take_outcome(c, &r); /* anything else answers a request given up on: drop it */
         reply_free(&r);
