@@ -59,6 +59,7 @@ log = logging.getLogger("upscaler_server")
 
 _POLL_MS = 100  # longest wait before the loop checks flags and leases again
 _BURST = 64  # messages read per poll round before finished frames get their turn
+_ONE_FRAME = "a request is one frame (DEALER) or an empty delimiter frame and one frame (REQ)"
 _HANDSHAKE_MS = 5000  # ZeroMQ's greeting must arrive within this after a connection opens
 _FD_LIMIT = 1 << 16  # open files to ask for when the hard limit is unlimited
 _ALL_CLIENTS_UNREAD = 4  # unread inline results of all clients together: this many times one client's budget
@@ -216,13 +217,15 @@ class Server:
                 frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if len(frames) > 3:  # routing id, [empty delimiter,] request: more is junk, never copied out
+                self._reply([frames[0].bytes], _error(0, ErrorCode.MALFORMED, _ONE_FRAME))
+                continue
             self._handle([f.bytes for f in frames[:-1]], frames[-1].buffer)
 
     def _handle(self, envelope: list[bytes], payload: memoryview) -> None:
         received = time.perf_counter()
         if not (len(envelope) == 1 or (len(envelope) == 2 and envelope[1] == b"")):
-            self._reply(envelope[:1], _error(0, ErrorCode.MALFORMED, "a request is one frame (DEALER) or an empty "
-                                                                     "delimiter frame and one frame (REQ)"))
+            self._reply(envelope[:1], _error(0, ErrorCode.MALFORMED, _ONE_FRAME))
             return
         req = 0
         try:
