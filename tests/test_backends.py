@@ -150,6 +150,27 @@ def test_two_engines_sharing_a_cache_keep_each_others_entries(checkpoint: pathli
     assert sizes == {"16x16", "24x20"}
 
 
+def test_the_cache_keeps_only_the_newest_resolutions(checkpoint: pathlib.Path, tmp_path: pathlib.Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client changing its frame size all the time grew auto.json without end (re-read and rewritten whole each
+    time); the oldest measurements go first."""
+    from upscaler_server.backends import auto
+
+    monkeypatch.setattr(auto, "_MAX_ENTRIES", 3)
+    stamps = iter(f"2026-01-01T00:00:0{i}+00:00" for i in range(9))  # one a second: a clear order
+    real_store = auto._Cache.store
+
+    def store(cache: auto._Cache, key: str, entry: dict) -> None:
+        real_store(cache, key, {**entry, "measured": next(stamps)})
+
+    monkeypatch.setattr(auto._Cache, "store", store)
+    engine = _auto(checkpoint, tmp_path, allowed=("eager",))
+    for width in (16, 17, 18, 19, 20):
+        engine.run(RNG.integers(0, 256, (16, width, 3), dtype=np.uint8))
+    sizes = {key.rsplit("|", 1)[1] for key in json.loads((tmp_path / "auto.json").read_text())["entries"]}
+    assert sizes == {"18x16", "19x16", "20x16"}
+
+
 def test_a_stricter_tolerance_measures_again(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """A choice made under one tolerance is not reused under another: the tolerance is part of the cache key."""
     loose = _auto(checkpoint, tmp_path, allowed=("eager",))

@@ -45,6 +45,9 @@ log = logging.getLogger("upscaler_server.backends.auto")
 CACHE_VERSION = 1
 _REFERENCE = "eager-fp32"
 _BUDGET_S = 3.0  # timing time per candidate and resolution, after one warm-up frame
+# resolutions (times machines and versions) auto.json keeps: a client that changes its frame size all the time must
+# not grow the file, which is read and rewritten whole at every new one
+_MAX_ENTRIES = 256
 _BUILD_ERRORS = (ConfigError, EngineError, ModelLoadError, RuntimeError, ValueError, ImportError, OSError)
 
 
@@ -87,6 +90,14 @@ def _version(package: str) -> str:
         return "none"
 
 
+def _newest(entries: dict[str, dict[str, Any]], keep: int) -> dict[str, dict[str, Any]]:
+    """The ``keep`` most recently measured entries (ISO timestamps sort by time; one without sorts as oldest)."""
+    if len(entries) <= keep:
+        return entries
+    newest = sorted(entries, key=lambda k: str(entries[k].get("measured", "")), reverse=True)[:keep]
+    return {k: entries[k] for k in sorted(newest)}
+
+
 class _Cache:
     """auto.json: ``{"version": 1, "entries": {key: {"choice": label, "candidates": {label: numbers}, ...}}}``."""
 
@@ -116,7 +127,7 @@ class _Cache:
             with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; released when the file closes
                 # merge: another daemon may have stored other resolutions since this one read the file
-                self.entries = {**self._read(warn=False), key: entry}
+                self.entries = _newest({**self._read(warn=False), key: entry}, _MAX_ENTRIES)
                 fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
                 with os.fdopen(fd, "w") as f:
                     json.dump({"version": CACHE_VERSION, "entries": self.entries}, f, indent=1, sort_keys=True)
