@@ -1,0 +1,75 @@
+"""What a new frame size costs the engine's memory for good: each backend upscales frames of many different sizes in
+a fresh process, against the same number of frames cycling four sizes, and the resident memory (RSS) is read as it
+goes. Prints a table and writes JSON.
+
+    python scripts/memory_per_size.py --backends eager,onnxruntime --frames 800 --json memory_per_size.json
+
+The random sizes are 16..128 px a side (the student's minimum is 15), one frame each, as a client that opens a
+session per size would send them; the bundled student runs on the CPU with one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# Runs in a child process per (backend, mode): RSS must start from a process that has seen no other frame.
+_CHILD = """
+import json, random, sys
+import numpy as np
+from upscaler_server.engine import create_engine
+from upscaler_server.protocol import PIXEL_FORMATS
+
+def rss_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS"))
+
+backend, mode, frames, points = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+engine = create_engine(device="cpu", threads=1, backend=backend)
+rgb, rng = PIXEL_FORMATS["RGB8"], random.Random(0)
+fixed = [(64, 64), (96, 54), (128, 72), (80, 80)]
+sizes = [(rng.randint(16, 128), rng.randint(16, 128)) if mode == "random" else fixed[i % 4] for i in range(frames)]
+trace = [(0, rss_mb())]
+for index, (width, height) in enumerate(sizes, 1):
+    out = np.empty(engine.output_shape(height, width, rgb), np.uint8)
+    engine.upscale(np.zeros((height, width, 3), np.uint8), rgb, out)
+    if index % (frames // points) == 0:
+        trace.append((index, rss_mb()))
+print(json.dumps({"sizes": len(set(sizes)), "trace": trace}))
+"""
+
+
+def measure(backend: str, mode: str, frames: int, points: int) -> dict:
+    run = subprocess.run([sys.executable, "-c", _CHILD, backend, mode, str(frames), str(points)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="eager,onnxruntime", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=800, help="frames per run (default: %(default)s)")
+    parser.add_argument("--points", type=int, default=4, help="RSS readings per run after the start (default: 4)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    results = {}
+    print(f"| backend | frame sizes | distinct sizes | RSS MB after 0, {args.frames // args.points} ... {args.frames} "
+          "frames | MB grown after the first reading |")
+    print("|---|---|---|---|---|")
+    for backend in args.backends.split(","):
+        for mode in ("fixed", "random"):
+            result = measure(backend, mode, args.frames, args.points)
+            results[f"{backend}/{mode}"] = result
+            trace = " / ".join(str(round(mb)) for _, mb in result["trace"])
+            grown = result["trace"][-1][1] - result["trace"][1][1]  # past the first reading: warm-up is done
+            print(f"| {backend} | {mode} | {result['sizes']} | {trace} | {grown:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
