@@ -1,0 +1,25 @@
+"""scripts/memory_per_size.py runs, reads memory at the points asked and counts the distinct sizes it sent."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from server_utils import REPO
+
+
+def test_memory_per_size_reports_each_run(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "memory.json"
+    run = subprocess.run([sys.executable, "scripts/memory_per_size.py", "--backends", "eager", "--frames", "8",
+                          "--points", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())
+    assert set(results) == {"eager/fixed", "eager/random"}
+    assert results["eager/fixed"]["sizes"] == 4 and 1 < results["eager/random"]["sizes"] <= 8
+    for result in results.values():
+        assert [index for index, _ in result["trace"]] == [0, 4, 8]
+        assert all(100 < mb < 10_000 for _, mb in result["trace"])  # a torch process: hundreds of MB
+    assert "| eager | random |" in run.stdout
