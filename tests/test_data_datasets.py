@@ -229,8 +229,20 @@ def test_training_on_evaluation_data_is_refused(tmp_path: Path, monkeypatch: pyt
     cfg = DataConfig([SourceConfig("folder", str(tmp_path / "renders"))], patch_size=24, length=8)
     with pytest.raises(DatasetError, match=r"reserved for evaluation, never render: advanced/abyss\.pov"):
         build_train_dataset(cfg, scale=2, progress=False)
+    linked = _write_images(tmp_path / "linked", 1, (30, 40), seed=3)  # the scan follows linked folders: so does this
+    (linked / "eval").symlink_to(cg_dev, target_is_directory=True)
+    cfg = DataConfig([SourceConfig("folder", str(linked))], patch_size=24, length=8)
+    with pytest.raises(DatasetError, match="never train on them"):
+        build_train_dataset(cfg, scale=2, progress=False)
+    (linked / "eval").unlink()
+    (linked / "pov").symlink_to(renders, target_is_directory=True)
+    with pytest.raises(DatasetError, match="reserved for evaluation"):
+        build_train_dataset(cfg, scale=2, progress=False)
     del manifest["scenes"]["advanced/abyss.pov"]
     (renders / MANIFEST_NAME).write_text(json.dumps(manifest))
+    hidden = linked / ".old"  # a hidden folder is not read, so its manifest does not count
+    hidden.mkdir()
+    (hidden / MANIFEST_NAME).write_text(json.dumps({"scenes": {"advanced/abyss.pov": {}}, "failed": {}}))
     assert build_train_dataset(cfg, scale=2, progress=False)[0]["lr"].shape == (3, 12, 12)  # no reserved scene
 
 

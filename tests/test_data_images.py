@@ -2,6 +2,8 @@
 
 import os
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -133,7 +135,7 @@ def _grey_png(width: int, height: int, rows: bytes | None = None) -> bytes:
 
 def test_bombs_non_finite_floats_and_odd_names_are_skipped_with_their_reason(tmp_path: Path) -> None:
     """Each of these once crashed a scan or poisoned training: a name that is not UTF-8 (OpenCV's imread segfaulted),
-    a header OpenCV refuses (cv2.error traceback), a 72-megapixel PNG of 9 KB (GBs per worker), a NaN float TIFF
+    a header OpenCV refuses as too large (cv2.error traceback), a 72-megapixel PNG of 9 KB (GBs per worker), a NaN float TIFF
     (the loss turned NaN at the step that cropped it)."""
     _write_bgr(tmp_path / "good.png", _rgb(40, 48))
     latin1 = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")  # an old Latin-1 name
@@ -153,7 +155,7 @@ def test_bombs_non_finite_floats_and_odd_names_are_skipped_with_their_reason(tmp
         found = scan_images(tmp_path, min_size=32, progress=False)
     assert sorted(info.path.name for info in found) == sorted(["good.png", os.fsdecode(b"caf\xe9.png")])
     message = str(record[0].message)
-    assert "1 larger than 67 megapixels (bomb.png)" in message and "1 unreadable (huge_header.png)" in message
+    assert "2 larger than 67 megapixels (bomb.png, huge_header.png)" in message
     assert "1 with NaN or infinite pixels (nan.tiff)" in message
 
 
@@ -194,6 +196,20 @@ def test_linked_folders_are_followed_once_and_what_cannot_be_reached_is_named(tm
     else:
         assert names == ["own.png", "set1/a.png"]
         assert "3 unreachable (broken links, unreadable folders, pipes) (gone.png, locked, pipe.png)" in message
+
+
+def test_a_bomb_is_refused_from_its_header_in_a_process_that_imports_training(tmp_path: Path) -> None:
+    """training/__init__ sets OPENCV_IO_MAX_IMAGE_PIXELS before OpenCV loads, so a bomb is not decoded (GBs) first;
+    the limit equals MAX_PIXELS."""
+    (tmp_path / "bomb.png").write_bytes(_grey_png(9000, 8000))
+    script = ("from training.data.images import MAX_PIXELS, ImageReadError, read_image\n"
+              "import os; assert os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'] == str(MAX_PIXELS)\n"
+              f"try: read_image({str(tmp_path / 'bomb.png')!r})\n"
+              "except ImageReadError as exc: print(exc.reason, '|', exc)\n")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("larger than 67 megapixels | ") and "OpenCV refused it" in run.stdout, run.stdout
 
 
 def test_write_png_round_trip(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from training.data.augment import AugmentConfig
 from training.data.datasets import FrameDataset, PatchDataset
-from training.data.images import MANIFEST_NAME, DatasetError
+from training.data.images import MANIFEST_NAME, DatasetError, walk_dataset
 from training.data.paths import default_eval_dir
 from training.data.povray import refuse_reserved
 from training.data.sources import FolderSource, LrKind, SceneSource
@@ -123,21 +123,30 @@ def _source(data: Any, where: str) -> SourceConfig:
 
 def refuse_evaluation_data(folder: Path) -> None:
     """DatasetError when training on `folder` would train on evaluation data: the cg-dev frames (the folder is
-    cg-dev, inside it, or holds it), or POV-Ray renders of reserved scenes (named by a povray manifest in it)."""
-    resolved, eval_dir = folder.resolve(), default_eval_dir().resolve()
-    if resolved == eval_dir or eval_dir in resolved.parents or resolved in eval_dir.parents:
-        raise DatasetError(f"{folder} is or holds the evaluation frames {eval_dir}: never train on them")
-    for manifest_path in sorted(folder.rglob(MANIFEST_NAME)):
+    cg-dev, holds it, or reaches into it, also through a linked folder), or POV-Ray renders of reserved scenes
+    (named by a povray manifest in any folder the scan reads). Walks the folder as the scan does."""
+    eval_dir = default_eval_dir().resolve()
+    if folder.resolve() in eval_dir.parents:
+        raise DatasetError(f"{folder} holds the evaluation frames {eval_dir}: never train on them")
+    for reached, real, names in walk_dataset(folder):
+        if real == eval_dir or eval_dir in real.parents:
+            raise DatasetError(f"{reached} is the evaluation frames {eval_dir} or lies in them: never train on them")
+        if MANIFEST_NAME in names:
+            _refuse_reserved_renders(reached / MANIFEST_NAME)
+
+
+def _refuse_reserved_renders(manifest_path: Path) -> None:
+    """DatasetError when `manifest_path` is a povray manifest that lists a reserved scene."""
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a data command's record: its folder's images are scanned like any others
+    scenes = manifest.get("scenes") if isinstance(manifest, dict) and "failed" in manifest else None
+    if isinstance(scenes, dict):  # `python -m training.data povray` output
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # not a data command's record: its folder's images are scanned like any others
-        scenes = manifest.get("scenes") if isinstance(manifest, dict) and "failed" in manifest else None
-        if isinstance(scenes, dict):  # `python -m training.data povray` output
-            try:
-                refuse_reserved(list(scenes))
-            except ValueError as exc:
-                raise DatasetError(f"{manifest_path.parent} holds renders of scenes {exc}") from None
+            refuse_reserved(list(scenes))
+        except ValueError as exc:
+            raise DatasetError(f"{manifest_path.parent} holds renders of scenes {exc}") from None
 
 
 def _build_source(

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ __all__ = [
     "scan_images",
     "to_tensor",
     "to_uint8",
+    "walk_dataset",
     "write_json_atomic",
     "write_png",
 ]
@@ -139,8 +141,9 @@ def _decode(path: Path) -> np.ndarray:
         raise ImageReadError(f"cannot decode {path}: a truncated JPEG (no end-of-image marker)")
     try:
         raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except cv2.error as exc:  # e.g. a header declaring more pixels than OpenCV will allocate
-        raise ImageReadError(f"cannot decode {path}: OpenCV refused it ({exc.err or exc})") from None
+    except cv2.error as exc:  # e.g. a header declaring more pixels than OPENCV_IO_MAX_IMAGE_PIXELS (training/__init__)
+        reason = TOO_LARGE if "validateInputImageSize" in str(exc) else "unreadable"
+        raise ImageReadError(f"cannot decode {path}: OpenCV refused it ({exc.err or exc})", reason) from None
     if raw is None or raw.size == 0:
         raise ImageReadError(f"cannot decode {path} as an image (unreadable, truncated or not an image)")
     if raw.shape[0] * raw.shape[1] > MAX_PIXELS:
@@ -198,16 +201,16 @@ def _skip_message(root: Path, skipped: dict[str, list[Path]]) -> str:
     return f"{root}: skipped {total} file(s): " + "; ".join(parts)
 
 
-def _files_under(root: Path) -> tuple[list[Path], list[Path]]:
-    """(files, unreachable) under `root`, sorted: linked folders are followed (a dataset assembled from links),
-    each real folder once (a link loop ends); broken links and folders that cannot be listed are unreachable.
-    Hidden files and folders (".DS_Store", ".git", half-written ".name.png") are not part of a dataset."""
-    files: list[Path] = []
-    unreachable: list[Path] = []
+def walk_dataset(root: Path, unreachable: list[Path] | None = None) -> Iterator[tuple[Path, Path, list[str]]]:
+    """(folder as reached from `root`, its real path, its file names) for every folder a scan reads: linked folders
+    are followed (a dataset assembled from links), each real folder once (a link loop ends). Hidden files and
+    folders (".DS_Store", ".git", half-written ".name.png") are not part of a dataset. Folders that cannot be listed
+    go to `unreachable`."""
     seen: set[str] = set()
 
     def refused(error: OSError) -> None:
-        unreachable.append(Path(error.filename))
+        if unreachable is not None:
+            unreachable.append(Path(error.filename))
 
     for folder, subfolders, names in os.walk(root, onerror=refused, followlinks=True):
         real = os.path.realpath(folder)
@@ -216,11 +219,19 @@ def _files_under(root: Path) -> tuple[list[Path], list[Path]]:
             continue
         seen.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        yield Path(folder), Path(real), [name for name in names if not name.startswith(".")]
+
+
+def _files_under(root: Path) -> tuple[list[Path], list[Path]]:
+    """(files, unreachable) under `root` as `walk_dataset` reaches them, sorted, without the data commands'
+    top-level manifest; broken links, folders that cannot be listed and pipes are unreachable."""
+    files: list[Path] = []
+    unreachable: list[Path] = []
+    for folder, _, names in walk_dataset(root, unreachable):
         for name in names:
-            path = Path(folder, name)
-            if name.startswith(".") or path == root / MANIFEST_NAME:
-                continue
-            (files if path.is_file() else unreachable).append(path)  # is_file follows links: False when broken
+            path = folder / name
+            if path != root / MANIFEST_NAME:
+                (files if path.is_file() else unreachable).append(path)  # is_file follows links: False when broken
     return sorted(files), sorted(unreachable)
 
 
