@@ -113,28 +113,34 @@ def test_silent_daemon_is_a_timeout(binary: pathlib.Path, tmp_path: pathlib.Path
     assert result.returncode == 1 and "TIMEOUT" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def signals_program(binary: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """tests/c/signals_during_wait.c built against the example's client (the fixture `binary` checked the tools)."""
+def _build_test_program(name: str, folder: pathlib.Path) -> pathlib.Path:
+    """tests/c/NAME.c built against the example's client (the fixture `binary` has checked the tools)."""
     msgpack = "msgpack-c" if subprocess.run(["pkg-config", "--exists", "msgpack-c"]).returncode == 0 else "msgpack"
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "libzmq", msgpack], capture_output=True, text=True,
                            check=True).stdout.split()  # fmt: skip
-    program = tmp_path_factory.mktemp("c") / "signals_during_wait"
     build = subprocess.run(["cc", "-std=c11", "-Wall", "-Werror", "-O1", "-I", str(C_DIR),
-                            str(REPO / "tests" / "c" / "signals_during_wait.c"), str(C_DIR / "takdsr_client.c"),
-                            *flags, "-o", str(program)], capture_output=True, text=True, timeout=300)  # fmt: skip
+                            str(REPO / "tests" / "c" / f"{name}.c"), str(C_DIR / "takdsr_client.c"), *flags,
+                            "-o", str(folder / name)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert build.returncode == 0, build.stderr
-    return program
+    return folder / name
 
 
-def test_waits_survive_signals_and_name_their_own_timeout(signals_program: pathlib.Path, daemon: Daemon) -> None:
+def test_waits_survive_signals_and_name_their_own_timeout(binary: pathlib.Path, daemon: Daemon,
+                                                          tmp_path: pathlib.Path) -> None:
     """An interval timer installed without SA_RESTART interrupted zmq_poll, and takdsr_wait failed with
     'Interrupted system call'; a 0-ms poll said the client's 10-s default instead of the 0 ms asked for."""
-    run = _run([str(signals_program), daemon.endpoint, "20"])
+    run = _run([str(_build_test_program("signals_during_wait", tmp_path)), daemon.endpoint, "20"])
     assert run.returncode == 0, run.stdout + run.stderr
     signals = int(run.stdout.split("signals: ")[1].split()[0])
     assert signals > 20  # the waits were interrupted, many times
     assert "poll: no reply from the daemon within 0 ms" in run.stdout
+
+
+def test_a_blocked_send_keeps_its_timeout_under_signals(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A send waiting for room, retried after each signal, restarted ZMQ_SNDTIMEO every time and never ended."""
+    run = _run([str(_build_test_program("signals_during_send", tmp_path)), f"ipc://{tmp_path}/nobody.sock"])
+    assert run.returncode == 0 and run.stdout.startswith("send: TIMEOUT after "), run.stdout + run.stderr
+    assert int(run.stdout.split(" after ")[1].split()[0]) < 1000  # the client's 5 ms, give or take a busy machine
 
 
 def test_no_leak_under_valgrind(binary: pathlib.Path, daemon: Daemon, tmp_path: pathlib.Path) -> None:

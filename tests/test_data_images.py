@@ -134,9 +134,9 @@ def _grey_png(width: int, height: int, rows: bytes | None = None) -> bytes:
 
 
 def test_bombs_non_finite_floats_and_odd_names_are_skipped_with_their_reason(tmp_path: Path) -> None:
-    """Each of these once crashed a scan or poisoned training: a name that is not UTF-8 (OpenCV's imread segfaulted),
-    a header OpenCV refuses as too large (cv2.error traceback), a 72-megapixel PNG of 9 KB (GBs per worker), a NaN float TIFF
-    (the loss turned NaN at the step that cropped it)."""
+    """Each of these once crashed a scan or poisoned training: a name that is not UTF-8 (OpenCV's imread
+    segfaulted), a header OpenCV refuses as too large (cv2.error traceback), a 72-megapixel PNG of 9 KB (GBs per
+    worker), a NaN float TIFF (the loss turned NaN at the step that cropped it)."""
     _write_bgr(tmp_path / "good.png", _rgb(40, 48))
     latin1 = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")  # an old Latin-1 name
     with open(latin1, "wb") as handle:

@@ -129,18 +129,40 @@ static void msg_begin(struct msg *m, const char *type, uint64_t req, size_t fiel
     pk_uint(m, "req", req);
 }
 
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* zmq_send within the client's timeout. A signal (an engine's timer without SA_RESTART) interrupts a send that
+ * waits for room; it is retried with the time left (ZMQ_SNDTIMEO would restart at every try), then EAGAIN. */
+static int send_by_deadline(takdsr_client *c, const void *data, size_t size) {
+    int64_t deadline = now_ms() + c->timeout_ms;
+    int sent = zmq_send(c->sock, data, size, 0);
+    while (sent < 0 && errno == EINTR) {
+        int left = (int)(deadline - now_ms());
+        if (left <= 0) {
+            errno = EAGAIN;
+            break;
+        }
+        zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &left, sizeof left);
+        sent = zmq_send(c->sock, data, size, 0);
+    }
+    int saved_errno = errno;
+    zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms);
+    errno = saved_errno;
+    return sent;
+}
+
 /* Sends the message and frees its buffer. */
 static int msg_send(takdsr_client *c, struct msg *m) {
     int rc = TAKDSR_OK;
     if (m->failed)
         rc = fail(c, TAKDSR_E_SYSTEM, "out of memory while encoding a message");
-    else {
-        int sent;
-        while ((sent = zmq_send(c->sock, m->buf.data, m->buf.size, 0)) < 0 && errno == EINTR) continue; /* a signal */
-        if (sent < 0)
-            rc = fail(c, errno == EAGAIN ? TAKDSR_E_TIMEOUT : TAKDSR_E_SYSTEM, "cannot send to the daemon: %s",
-                      zmq_strerror(errno));
-    }
+    else if (send_by_deadline(c, m->buf.data, m->buf.size) < 0)
+        rc = fail(c, errno == EAGAIN ? TAKDSR_E_TIMEOUT : TAKDSR_E_SYSTEM, "cannot send to the daemon: %s",
+                  zmq_strerror(errno));
     msgpack_sbuffer_destroy(&m->buf);
     return rc;
 }
@@ -223,12 +245,6 @@ static int server_error(takdsr_client *c, const msgpack_object_map *map) {
 }
 
 /* --- receiving and matching replies (section 1: replies are not in request order) -------------------------------- */
-
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Receives one reply frame within `deadline` (a now_ms() value, `waited_ms` after the wait began) and decodes it
  * into r. A signal that interrupts the wait (an engine's timer without SA_RESTART) is no error: it waits on. */
