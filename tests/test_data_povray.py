@@ -236,9 +236,11 @@ def test_a_failed_rerender_drops_the_picture_of_the_earlier_command(tmp_path: Pa
 
 
 @needs_examples
-def test_a_signal_stops_the_renders_and_keeps_what_finished(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_stops_the_renders_and_keeps_what_finished(tmp_path: Path, sig: signal.Signals) -> None:
     """SIGTERM used to orphan the running povray and leave its temporary folder; Ctrl-C ran every queued scene
-    to the end and then lost the manifest. Now: running renders killed, queued ones dropped, finished ones kept."""
+    to the end and then lost the manifest; a closed terminal (SIGHUP) must not leave povray running in its own
+    session. Now: running renders killed, queued ones dropped, finished ones kept."""
     env = _fake_povray_env(tmp_path)
     # in this order, two at a time: wtorus and crater start, wtorus ends, diffract starts, bwstripe waits
     scene_list = tmp_path / "scenes.txt"
@@ -250,9 +252,9 @@ def test_a_signal_stops_the_renders_and_keeps_what_finished(tmp_path: Path) -> N
     deadline = time.monotonic() + 60
     while not (pids_file.exists() and len(pids_file.read_text().split()) == 2) and time.monotonic() < deadline:
         time.sleep(0.1)
-    run.send_signal(signal.SIGTERM)
+    run.send_signal(sig)
     _, stderr = run.communicate(timeout=30)
-    assert run.returncode == 128 + signal.SIGTERM and "stopped by signal" in stderr, stderr
+    assert run.returncode == 128 + sig and "stopped by signal" in stderr, stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["scenes"]) == [FAST_SCENE] and manifest["failed"] == {}  # a stopped scene did not fail
     pids = [int(pid) for pid in pids_file.read_text().split()]

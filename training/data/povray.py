@@ -278,6 +278,14 @@ def render_scenes(
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))  # threads: the work is in povray processes
     bar = tqdm(total=len(scenes), initial=len(scenes) - len(todo), desc="povray", unit="scene", disable=not progress)
     futures: dict[Future, str] = {}
+    pending: set[Future] = set()
+
+    def record(finished: set[Future]) -> None:
+        for future in finished:
+            _record(manifest, out_dir, futures[future], future)
+            write_json_atomic(manifest_path, manifest)
+            bar.update()
+
     try:
         for scene in todo:
             futures[pool.submit(render_scene, scene, out_dir, width, height, antialias=antialias, timeout=timeout,
@@ -285,10 +293,7 @@ def render_scenes(
         pending = set(futures)
         while pending and not stop.is_set():
             done, pending = wait(pending, timeout=_STOP_POLL_S, return_when=FIRST_COMPLETED)
-            for future in done:
-                _record(manifest, out_dir, futures[future], future)
-                write_json_atomic(manifest_path, manifest)
-                bar.update()
+            record(done)
     finally:  # stopped by the flag or an exception (KeyboardInterrupt): keep what finished, nothing else runs on
         unfinished = [future for future in futures if not future.done()]
         for future in unfinished:
@@ -296,6 +301,7 @@ def render_scenes(
         if unfinished:
             stop.set()  # the running ones kill their povray
         pool.shutdown(wait=True)
+        record({future for future in pending if future.done() and not future.cancelled()})  # finished meanwhile
         bar.close()
     return manifest
 
