@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=4, help="RSS readings per run after the start (default: 4)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if not 1 <= args.points <= args.frames:
+        parser.error(f"--points must be 1 to --frames ({args.frames})")
     results = {}
     print(f"| backend | frame sizes | distinct sizes | RSS MB after 0, {args.frames // args.points} ... {args.frames} "
           "frames | MB grown after the first reading |")

@@ -230,6 +230,9 @@ def test_req_socket_framing(daemon: Daemon) -> None:
         sock.send(msgpack.packb({"v": 1, "type": "ping", "req": 9, "sessions": []}))
         assert sock.poll(10000, zmq.POLLIN), "no reply to a REQ socket"
         assert msgpack.unpackb(sock.recv(), raw=False)["type"] == "pong"
+        sock.send_multipart([b"x", b"y", b"z"])  # bad framing from a REQ socket: its MALFORMED must reach it too
+        assert sock.poll(10000, zmq.POLLIN), "no reply to a REQ socket's malformed message"
+        assert msgpack.unpackb(sock.recv(), raw=False)["name"] == "MALFORMED"
     finally:
         sock.close(linger=0)
         ctx.term()
@@ -416,7 +419,7 @@ def test_busy(peer: Peer) -> None:
     b"\x84" + b"".join(map(msgpack.packb, ["v", 1, "type", "ping", "req", 5, "sessions"]))
     + b"\x91" * 990 + b"\x90",  # arrays nested 990 deep: Python's recursion limit, were it walked recursively
     msgpack.packb({"v": 1, "type": "ping", "req": 5, "sessions": [[{}] * 1000] * 8}),  # thousands of empty maps
-    [b""] * 5000,  # ZeroMQ bounds each frame, not their count: refused before any is copied out
+    [b"x"] * 5000,  # ZeroMQ bounds each frame, not their count: refused before any is copied out
 ], ids=["garbage", "empty", "array", "trailing", "int-key", "bin-key", "two-frames", "deep", "many-maps",
         "many-frames"])
 def test_malformed(peer: Peer, payload: bytes | list[bytes]) -> None:

@@ -118,6 +118,10 @@ def test_cli_refuses_a_ta_and_an_opset_it_cannot_reach(tmp_path: pathlib.Path,
     out = tmp_path / "old.onnx"
     assert export.main(["--model", "rlfn_s", "--height", "17", "--width", "31", "--opset", "13", "-o", str(out)]) == 1
     assert "could not convert the graph to opset 13" in capsys.readouterr().err and not out.exists()
+    good = tmp_path / "ta_lr.onnx"  # a failed export over an existing file leaves that file as it was
+    before = good.read_bytes()
+    assert export.main(["--model", "rlfn_s", "--height", "17", "--width", "31", "--opset", "13", "-o", str(good)]) == 1
+    assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_cli_refuses_teachers_and_a_missing_student(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

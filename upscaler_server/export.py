@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -90,18 +91,29 @@ def export_onnx(network: nn.Module, path: pathlib.Path, *, io: IO = "uint8", hei
                                     input_names=["lr"], output_names=["hr"], dynamic_shapes=shapes, verbose=False)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
-    program.save(str(path), external_data=False)
-    model = onnx.load(str(path))
+    # written beside `path`, moved over it only when complete and checked: a failed export leaves an older file alone
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    props = {"takdsr.io": io, "takdsr.scale": str(int(network.scale)), "takdsr.min_size": str(min_size),
+             **(metadata or {})}
+    try:
+        program.save(str(partial), external_data=False)
+        _finish(onnx.load(str(partial)), partial, opset, props)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _finish(model: Any, path: pathlib.Path, opset: int, props: dict[str, str]) -> None:
+    """Check the exported ``model`` and write it back to ``path`` with its IR version and metadata properties."""
+    import onnx
+
     written = {entry.domain: entry.version for entry in model.opset_import}.get("", opset)
     if written != opset:  # the exporter logs its failed conversion and keeps its own opset
-        path.unlink()
         raise RuntimeError(f"the exporter could not convert the graph to opset {opset} (it stayed at {written}); "
                            f"leave --opset at its default {DEFAULT_OPSET}")
     # the exporter stamps its onnx package's newest IR version (10 with onnx 1.16+), which onnxruntime < 1.16 refuses;
     # the lowest IR version that has these opsets is what every reader of them accepts
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    props = {"takdsr.io": io, "takdsr.scale": str(int(network.scale)), "takdsr.min_size": str(min_size),
-             **(metadata or {})}
     onnx.helper.set_model_props(model, props)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

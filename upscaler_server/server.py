@@ -218,7 +218,8 @@ class Server:
             except zmq.Again:
                 return
             if len(frames) > 3:  # routing id, [empty delimiter,] request: more is junk, never copied out
-                self._reply([frames[0].bytes], _error(0, ErrorCode.MALFORMED, _ONE_FRAME))
+                delimiter = [b""] if len(frames[1]) == 0 else []  # a REQ socket reads a reply only after its own
+                self._reply([frames[0].bytes, *delimiter], _error(0, ErrorCode.MALFORMED, _ONE_FRAME))
                 continue
             self._handle([f.bytes for f in frames[:-1]], frames[-1].buffer)
 
