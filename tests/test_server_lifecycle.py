@@ -236,17 +236,20 @@ def test_slow_frames_after_a_restart_are_awaited_not_lost(short_dir: pathlib.Pat
 
 
 def test_a_frame_given_up_on_keeps_its_slot_until_it_finishes() -> None:
-    """collect() that times out leaves the frame running on the daemon: its slot stays busy (no SLOT_IN_FLIGHT from
-    the daemon on reuse), the next upscale waits for it, and its late reply does not linger in the mailbox."""
+    """collect() that times out leaves the frame running on the daemon: submitting its slot again gets the daemon's
+    SLOT_IN_FLIGHT while it runs (the daemon decides, so a lost late reply cannot block the slot for good), the next
+    upscale waits for it, and its late reply does not linger in the mailbox."""
     with run_server("--model", "rlfn_s", "--threads", "1") as daemon, \
             UpscalerClient(daemon.endpoint, timeout=0.02, retries=0) as client:
         session = client.open_session(200, 150, "RGB8", slots=1)
         session.submit(0)
         with pytest.raises(ServerUnavailableError, match="got no reply"):
             session.collect()
-        with pytest.raises(SessionError, match="still runs a frame whose collect"):
-            session.submit(0)
+        assert session.free_slot() is None  # no late reply yet: the client does not pick the slot by itself
+        session.submit(0)
         client.timeout, client.retries = 30, 2
+        with pytest.raises(SessionError, match="reply before submitting it again"):
+            session.collect()
         assert session.upscale(np.zeros((150, 200, 3), np.uint8)).shape == (300, 400, 3)
         client.timeout, client.retries = 0.02, 0
         with pytest.raises(ServerUnavailableError):  # an inline frame given up on: its late result must not stay

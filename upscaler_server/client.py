@@ -16,9 +16,14 @@ Reliability follows the ZeroMQ guide's Lazy Pirate pattern: a request without a 
 socket, reconnects (same routing id) and retries up to ``retries`` times. Frames are the exception: while the daemon
 answers a ping, the client keeps its socket and waits for the slow frame's reply, since resending would compute the
 frame twice and closing the socket would drop a reply already queued on it. A background thread sends heartbeats
-that keep this client's sessions alive while the caller is busy. A ``collect()`` that gives up leaves its frame running
-on the daemon: the slot stays busy until the late reply comes (``Session.wait_slot`` waits for it). When the daemon
-restarts, the client says hello to the new one (``info`` follows) and ``upscale()`` reopens its session.
+that keep this client's sessions alive while the caller is busy; whether the daemon is alive is asked on a throwaway
+socket, never by reconnecting one that may hold a late reply. A ``collect()`` that gives up leaves its frame running
+on the daemon: the slot counts as busy until the late reply comes (``Session.wait_slot`` waits for it), and
+submitting it again asks the daemon, which answers ``SLOT_IN_FLIGHT`` while it still runs the old frame. When the
+daemon restarts, the client says hello to the new one (``info`` follows) and ``upscale()`` reopens its session.
+
+One client per thread and per process: a second thread using it at the same time, or a forked child, gets an
+UpscalerError saying so. A client dropped without ``close()`` releases itself with a ResourceWarning.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -121,6 +129,10 @@ class _Link:
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
         self._ctx = ctx
         self.endpoint = endpoint
+        self._pid = os.getpid()
+        # held while a thread sends or waits: a second thread at the same time gets an error, not a stolen reply,
+        # a recv() that blocks forever or an aborted process (ZeroMQ sockets are not thread-safe)
+        self._in_use = threading.RLock()
         self._routing_id = b"\x01" + secrets.token_bytes(15)  # ids starting with a zero byte are reserved
         self._socket = self._connect()
         self._ids = itertools.count(1)
@@ -135,29 +147,45 @@ class _Link:
                               "ipc:///path/to/socket or tcp://127.0.0.1:5555)") from None
 
     def reconnect(self) -> None:
-        self._socket.close(linger=0)
-        self._socket = self._connect()
+        with self._owned():
+            self._socket.close(linger=0)
+            self._socket = self._connect()
+
+    @contextlib.contextmanager
+    def _owned(self) -> Iterator[None]:
+        """Raise UpscalerError when the socket is used after a fork or by two threads at once."""
+        if os.getpid() != self._pid:
+            raise UpscalerError("this UpscalerClient was created in another process (before a fork): create a new "
+                                "one in this process")
+        if not self._in_use.acquire(blocking=False):
+            raise UpscalerError("this UpscalerClient is in use by another thread: use one client per thread")
+        try:
+            yield
+        finally:
+            self._in_use.release()
 
     def send(self, msg: Message) -> int:
         """Send ``msg`` with a fresh request id (or its own, if set) and return the id."""
-        if msg.req == 0:
-            msg = dataclasses.replace(msg, req=next(self._ids))
-        self._waiting.add(msg.req)
-        self._socket.send(encode(msg))
-        return msg.req
+        with self._owned():
+            if msg.req == 0:
+                msg = dataclasses.replace(msg, req=next(self._ids))
+            self._waiting.add(msg.req)
+            self._socket.send(encode(msg))
+            return msg.req
 
     def wait(self, req: int, timeout: float) -> Message | None:
         """The reply to ``req``, or None after ``timeout`` seconds; other awaited replies go to the mailbox."""
-        deadline = time.monotonic() + timeout
-        while req not in self._mailbox:
-            left = deadline - time.monotonic()
-            if not self._socket.poll(max(0, int(left * 1000)), zmq.POLLIN):  # 0 when due: only what has arrived
-                return None
-            reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
-            if reply.req in self._waiting:  # anything else answers a request given up on
-                self._mailbox[reply.req] = reply
-        self._waiting.discard(req)
-        return self._mailbox.pop(req)
+        with self._owned():
+            deadline = time.monotonic() + timeout
+            while req not in self._mailbox:
+                left = deadline - time.monotonic()
+                if not self._socket.poll(max(0, int(left * 1000)), zmq.POLLIN):  # 0 when due: what has arrived
+                    return None
+                reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
+                if reply.req in self._waiting:  # anything else answers a request given up on
+                    self._mailbox[reply.req] = reply
+            self._waiting.discard(req)
+            return self._mailbox.pop(req)
 
     def forget(self, req: int) -> None:
         self._waiting.discard(req)
@@ -169,6 +197,18 @@ class _Link:
 
     def close(self) -> None:
         self._socket.close(linger=0)
+
+
+def _release_unclosed(link: _Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbeat: _Heartbeat | None,
+                      endpoint: str) -> None:
+    """What close() would release, for a client that was dropped (or still open at exit) without it."""
+    warnings.warn(f"an UpscalerClient of {endpoint} was not closed; call close() or use it in a with block",
+                  ResourceWarning, stacklevel=2)
+    if heartbeat is not None:
+        heartbeat.stop()
+    link.close()
+    if not ctx.closed:
+        ctx.term()
 
 
 def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, routing_id: bytes | None = None) -> zmq.Socket[bytes]:
@@ -190,7 +230,7 @@ class _Heartbeat(threading.Thread):
     """Pings the daemon every ``interval`` seconds with the ids of the open sessions, on its own socket."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, interval: float,
-                 sessions: Callable[[], list[int]]) -> None:
+                 sessions: weakref.WeakMethod[Callable[[], list[int]]]) -> None:
         super().__init__(name="upscaler-heartbeat", daemon=True)
         self._ctx, self._endpoint, self._interval, self._sessions = ctx, endpoint, interval, sessions
         self._halt = threading.Event()
@@ -199,7 +239,11 @@ class _Heartbeat(threading.Thread):
         sock = _dealer(self._ctx, self._endpoint)  # the link connected to the same endpoint: this cannot fail
         try:
             while not self._halt.wait(self._interval):
-                ids = self._sessions()
+                session_ids = self._sessions()  # weak: a client dropped without close() must not live on here
+                if session_ids is None:
+                    break
+                ids = session_ids()
+                del session_ids
                 if ids:
                     with contextlib.suppress(zmq.Again):  # daemon unreachable and our queue full: next period
                         sock.send(encode(Ping(sessions=ids)), zmq.NOBLOCK)
@@ -216,8 +260,8 @@ class _Heartbeat(threading.Thread):
 
 
 class UpscalerClient:
-    """Connection to the daemon; a context manager that closes its sessions on exit. Not thread-safe: use one
-    client per thread."""
+    """Connection to the daemon; a context manager that closes its sessions on exit. One client per thread: a
+    second thread using it at the same time gets an UpscalerError (and so does a forked child)."""
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 10.0, retries: int = 3,
                  name: str = "python-client", heartbeat: bool = True) -> None:
@@ -252,8 +296,11 @@ class UpscalerClient:
             raise
         if heartbeat:
             self._heartbeat = _Heartbeat(self._ctx, self._link.endpoint, self.info.heartbeat_ms / 1000,
-                                         self._session_ids)
+                                         weakref.WeakMethod(self._session_ids))
             self._heartbeat.start()
+        # a client dropped without close(): its heartbeat stops (the daemon's leases then end its sessions) and its
+        # sockets are released, with a ResourceWarning
+        self._finalizer = weakref.finalize(self, _release_unclosed, self._link, self._ctx, self._heartbeat, endpoint)
 
     # --- properties and lifecycle ------------------------------------------------------------------------------------
 
@@ -284,8 +331,10 @@ class UpscalerClient:
         """Close every session (briefly waiting for the daemon), stop heartbeats and release the sockets."""
         if self.closed:
             return
+        self._finalizer.detach()
+        gone = _nobody_listens(self.endpoint) is not None  # no daemon: telling it of each session is no use
         for session in list(self._sessions.values()):
-            session.close()
+            session.close(notify=not gone)
         self.closed = True
         if self._heartbeat is not None:
             self._heartbeat.stop()
@@ -312,19 +361,22 @@ class UpscalerClient:
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
         req: int | None = None
-        for _ in range(retries + 1):
-            if req is None:
-                req = self._link.send(msg)
-            reply = self._link.wait(req, timeout)
-            if reply is not None:
-                return _expect(reply, expect)
-            if not idempotent and self._same_daemon(timeout):
-                continue
-            self._link.reconnect()
-            self._link.forget(req)
-            req = None
-        if req is not None:  # given up on a request the daemon may still answer: drop its reply when it comes
-            self._link.forget(req)
+        try:
+            for _ in range(retries + 1):
+                if req is None:
+                    req = self._link.send(msg)
+                reply = self._link.wait(req, timeout)
+                if reply is not None:
+                    req = None  # answered: nothing to forget
+                    return _expect(reply, expect)
+                if not idempotent and self._same_daemon(timeout):
+                    continue
+                self._link.reconnect()
+                self._link.forget(req)
+                req = None
+        finally:
+            if req is not None:  # given up on (or interrupted): drop its reply when it comes, never keep it
+                self._link.forget(req)
         raise ServerUnavailableError(f"no reply from the upscaler daemon at {self.endpoint} after {retries + 1} "
                                      f"attempt(s) of {timeout:g} s; is it running (python -m upscaler_server)?")
 
@@ -342,6 +394,19 @@ class UpscalerClient:
             return True
         self.info = self.request(Hello(client=self._name), Welcome)
         return False
+
+    def _probe(self, sessions: list[int], timeout: float) -> Pong | None:
+        """The daemon's pong to a ping about ``sessions`` on a throwaway socket, or None if it stays silent (or no
+        daemon listens on an ipc endpoint). The request socket is left alone: reconnecting it would drop replies
+        queued on it, such as a slow frame's."""
+        if _nobody_listens(self.endpoint) is not None:
+            return None
+        with contextlib.closing(_dealer(self._ctx, self.endpoint)) as sock:
+            sock.send(encode(Ping(req=1, sessions=sessions)))
+            if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+                return None
+            reply = decode(sock.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
+        return reply if isinstance(reply, Pong) else None
 
     def ping(self) -> float:
         """Round-trip time of a ping, seconds."""
@@ -431,6 +496,8 @@ class Session:
         except Exception:
             self._in.close()
             raise
+        # the rings are unmapped (or left to the views still alive) by close(), or when a session is dropped
+        self._unmap = weakref.finalize(self, _close_rings, self._in, self._out)
         self._inputs = [self._in.slot(i) for i in range(self.slots)]
         self._outputs = [self._out.slot(i) for i in range(self.slots)]
         self._outstanding: collections.deque[tuple[int, int, int]] = collections.deque()  # (req, slot, frame)
@@ -491,9 +558,8 @@ class Session:
         self._check_slot(slot)
         if slot in self.in_flight:
             raise SessionError(f"slot {slot} is still in flight; collect it first", ErrorCode.SLOT_IN_FLIGHT)
-        if self._still_running(slot):
-            raise SessionError(f"slot {slot} still runs a frame whose collect() timed out; wait for it with "
-                               "wait_slot() or use another slot", ErrorCode.SLOT_IN_FLIGHT)
+        # A slot whose frame collect() gave up on may be submitted again: if the daemon still runs that frame, this
+        # one's reply is SLOT_IN_FLIGHT; if the old reply was lost, the daemon's answer frees the slot for good.
         frame = self._client.next_frame_id() if frame is None else frame
         req = self._client._link.send(Submit(session=self.id, slot=slot, frame=frame))
         self._outstanding.append((req, slot, frame))
@@ -506,17 +572,24 @@ class Session:
         if not self._outstanding:
             raise SessionError(f"session {self.id} has no frame in flight", ErrorCode.SLOT_OUT_OF_RANGE)
         req, slot, frame = self._outstanding[0]
-        link, timeout = self._client._link, timeout or self._client.timeout
+        link, timeout = self._client._link, _positive_timeout(timeout, self._client.timeout)
         for _ in range(self._client.retries + 1):
             reply = link.wait(req, timeout)
             if reply is not None:
                 self._outstanding.popleft()
-                done = _expect(reply, Done)
+                done = _expect(reply, Done)  # an error reply raises (SLOT_IN_FLIGHT: the old frame still runs)
+                stale = self._abandoned.pop(slot, None)  # a newer frame of the slot is done: the old one is over
+                if stale is not None:
+                    link.forget(stale)
                 return FrameResult(self.id, slot, frame, done.timings, self._outputs[slot])
-            self._check_alive()  # keeps this socket while the daemon answers, so the late reply reaches it
+            try:
+                self._check_alive()  # keeps the request socket while the daemon answers: the late reply comes there
+            except ServerUnavailableError:
+                break  # no daemon: waiting longer is no use
         self._outstanding.popleft()
         self._abandoned[slot] = req  # the daemon holds the slot until it answers; the reply frees it
-        raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; is the daemon overloaded?")
+        raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; is the daemon running, or "
+                                     "overloaded?")
 
     def wait_slot(self, slot: int, timeout: float | None = None) -> None:
         """Wait until the daemon has finished a frame of ``slot`` whose collect() timed out (no-op otherwise);
@@ -524,7 +597,7 @@ class Session:
         req = self._abandoned.get(slot)
         if req is None:
             return
-        if self._client._link.wait(req, timeout or self._client.timeout) is None:
+        if self._client._link.wait(req, _positive_timeout(timeout, self._client.timeout)) is None:
             raise ServerUnavailableError(f"slot {slot} of session {self.id} still runs a frame given up on")
         del self._abandoned[slot]
 
@@ -536,7 +609,11 @@ class Session:
         self._abandoned.clear()
 
     def _check_alive(self) -> None:
-        pong = self._client.request(Ping(sessions=[self.id]), Pong, timeout=max(self._client.timeout, 1.0))
+        """Return if the daemon that has this session answers (it is slow); ServerUnavailableError if none does,
+        SessionLostError if it restarted or dropped the session."""
+        pong = self._client._probe([self.id], max(self._client.timeout, 1.0))  # a busy machine answers slowly
+        if pong is None:
+            raise ServerUnavailableError(f"the upscaler daemon at {self._client.endpoint} does not answer")
         if pong.instance != self.instance:
             self._client._same_instance(pong.instance)  # a restart: the client says hello to the new daemon
         if pong.instance != self.instance or self.id not in pong.sessions:
@@ -550,12 +627,15 @@ class Session:
         if frame.shape != self._inputs[0].shape or frame.dtype != np.uint8:
             raise SessionError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
                                f"{self._inputs[0].shape} uint8", ErrorCode.INVALID_FIELD)
+        if out is not None and (out.shape != self._outputs[0].shape or out.dtype != np.uint8):
+            raise ValueError(f"out must be a {self._outputs[0].shape} uint8 array, got {out.shape} {out.dtype}")
         while self._outstanding:
             self.collect()
         slot = self.free_slot()
-        if slot is None:  # every slot still runs a frame an earlier call gave up on: wait for the oldest
+        if slot is None:  # every slot runs a frame an earlier call gave up on: wait for the oldest's late reply
             slot = next(iter(self._abandoned))
-            self.wait_slot(slot)
+            with contextlib.suppress(ServerUnavailableError):  # that reply may be lost: the daemon decides below
+                self.wait_slot(slot)
         np.copyto(self._inputs[slot], frame)
 
         def attempt() -> FrameResult:
@@ -582,8 +662,12 @@ class Session:
                 self._client.request(Close(session=self.id), Closed, retries=0, timeout=min(self._client.timeout, 1))
         self._inputs.clear()
         self._outputs.clear()
-        self._in.close()
-        self._out.close()
+        self._unmap()
+
+
+def _close_rings(*rings: Ring) -> None:
+    for ring in rings:
+        ring.close()
 
 
 def _expect(reply: Message, expect: type[M]) -> M:
@@ -606,6 +690,16 @@ def _retry_busy(call: Callable[[], Any], timeout: float) -> Any:
                 raise
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _positive_timeout(timeout: float | None, default: float) -> float:
+    """``timeout``, or ``default`` for None. Waits here are liveness limits (a silent daemon is checked, then given
+    up on), not polls: 0 would give up on a frame at once, so it is refused."""
+    if timeout is None:
+        return default
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds (None: the client's {default:g} s), got {timeout}")
+    return timeout
 
 
 def _format_of(frame: np.ndarray, pixel_format: str | None) -> str:

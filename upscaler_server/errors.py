@@ -107,7 +107,8 @@ class ConfigError(UpscalerError):
 
 
 class ServerUnavailableError(UpscalerError):
-    """Client side: no reply from the daemon after every retry (is it running? right endpoint?)."""
+    """Client side: no reply from the daemon after every retry (is it running? right endpoint?), or its
+    ``SHUTTING_DOWN`` reply (the code says which)."""
 
     default_code = ErrorCode.INTERNAL
 
@@ -127,6 +128,7 @@ _CLASS_BY_CODE: dict[ErrorCode, type[UpscalerError]] = {
     ErrorCode.BUSY: BusyError,
     ErrorCode.SHM_ERROR: SharedMemoryError,
     ErrorCode.INFERENCE_ERROR: EngineError,
+    ErrorCode.SHUTTING_DOWN: ServerUnavailableError,  # the daemon is stopping: like one that does not answer
 }
 
 

@@ -1,0 +1,136 @@
+"""The Python client under misuse and trouble: a daemon that stalls or dies mid-frame, a client dropped without
+close(), used after fork or from two threads at once, interrupted, or given a bad ``out=`` or timeout."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import signal
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from upscaler_server.client import UpscalerClient
+from upscaler_server.errors import ServerUnavailableError, UpscalerError
+
+from server_utils import run_server, stop
+
+
+def test_a_daemon_that_stalls_past_every_timeout_leaves_no_slot_blocked() -> None:
+    """SIGSTOP for longer than the client waits: the frame is given up on. Checking the daemon used to reconnect
+    the request socket, losing the late reply, and the slot then stayed busy for good; upscale() never worked again
+    at that size although the daemon answered."""
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=0.5, retries=1, name="pytest") as client:
+        frame = np.zeros((16, 16, 3), np.uint8)
+        assert client.upscale(frame).shape == (32, 32, 3)
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ServerUnavailableError):
+                client.upscale(frame)
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert client.upscale(frame).shape == (32, 32, 3)
+        assert client.upscale(frame).shape == (32, 32, 3)  # and the next ones
+
+
+def test_a_dead_daemon_is_given_up_on_after_one_wait_and_the_frame_dropped() -> None:
+    """SIGKILL: each collect() used to pay five timeouts and leave its frame queued, so every later call paid them
+    again; closing paid one more second per session."""
+    with run_server("--backend", "nearest", check_clean=False) as daemon:
+        client = UpscalerClient(daemon.endpoint, timeout=1.0, retries=3, name="pytest")
+        sessions = [client.open_session(16, 16, "RGB8", slots=2) for _ in range(4)]
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        sessions[0].submit(0)
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailableError):
+            sessions[0].collect()
+        assert time.monotonic() - start < 3.0 and sessions[0].in_flight == []
+        start = time.monotonic()
+        client.close()
+        assert time.monotonic() - start < 2.0
+        stop(daemon.proc)
+
+
+def test_a_client_dropped_without_close_releases_itself_and_warns() -> None:
+    """Its heartbeat thread held it alive: threads, sockets and the daemon's sessions stayed until the daemon's
+    session limit shut out every client."""
+    with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon:
+        before = threading.active_count()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            client = UpscalerClient(daemon.endpoint, timeout=5, name="pytest")
+            client.open_session(16, 16, "RGB8", slots=1)
+            del client
+            gc.collect()
+        assert any(issubclass(w.category, ResourceWarning) and "was not closed" in str(w.message) for w in caught)
+        assert threading.active_count() == before  # the heartbeat thread ended
+        deadline = time.monotonic() + 10
+        while daemon.segments() and time.monotonic() < deadline:  # no heartbeat: the lease ends the session
+            time.sleep(0.1)
+        assert daemon.segments() == []
+
+
+def _use_after_fork(client: UpscalerClient, answer: multiprocessing.Queue) -> None:
+    try:
+        client.ping()
+        answer.put("no error")
+    except UpscalerError as exc:
+        answer.put(str(exc))
+
+
+def test_a_client_used_after_fork_says_so_instead_of_hanging() -> None:
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=2, retries=1, name="pytest") as client:
+        context = multiprocessing.get_context("fork")
+        answer = context.Queue()
+        child = context.Process(target=_use_after_fork, args=(client, answer))
+        child.start()
+        child.join(30)
+        if child.is_alive():  # the hang this test is about: end it, then fail
+            child.kill()
+            child.join(10)
+        assert child.exitcode == 0 and "created in another process" in answer.get(timeout=5)
+        assert client.ping() > 0  # the parent's client is untouched
+
+
+def test_two_threads_on_one_client_get_an_error_not_a_crash() -> None:
+    """Sharing a client could abort the process in libzmq or block a thread forever; now the second thread to use
+    it while the first waits gets a clear UpscalerError."""
+    with run_server("--model", "rlfn_s", "--threads", "1") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=30, name="pytest") as client:
+        errors: list[str] = []
+        big = np.zeros((360, 640, 3), np.uint8)  # long enough on this CPU for the second thread to arrive
+
+        def work() -> None:
+            try:
+                client.upscale(big)
+            except UpscalerError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.2)
+        for thread in threads:
+            thread.join(120)
+        assert not any(thread.is_alive() for thread in threads)
+        assert errors and all("in use by another thread" in e for e in errors), errors
+        assert client.upscale(np.zeros((16, 16, 3), np.uint8)).shape == (32, 32, 3)
+
+
+def test_bad_out_and_timeout_arguments_are_refused_before_anything_is_sent() -> None:
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
+        frame = np.zeros((16, 16, 3), np.uint8)
+        with pytest.raises(ValueError, match="out must be a"):
+            client.upscale(frame, out=np.zeros((32, 32, 3), np.float32))
+        session = client.open_session(16, 16, "RGB8", slots=1)
+        session.submit(0)
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            session.collect(timeout=0)
+        assert session.collect().slot == 0  # the frame was not given up on
