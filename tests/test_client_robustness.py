@@ -134,3 +134,47 @@ def test_bad_out_and_timeout_arguments_are_refused_before_anything_is_sent() -> 
         with pytest.raises(ValueError, match="timeout must be > 0"):
             session.collect(timeout=0)
         assert session.collect().slot == 0  # the frame was not given up on
+
+
+def test_a_dropped_client_collected_on_its_heartbeat_thread_still_ends_it() -> None:
+    """A client with a session is freed by the garbage collector, which may run on the heartbeat thread, even inside
+    its Event.wait(): its finalizer then deadlocked there (setting the Event it waited on) or failed to join itself."""
+    with run_server("--backend", "nearest", "--lease-timeout", "0.4") as daemon:  # heartbeats every 0.1 s
+        before = threading.active_count()
+        thresholds = gc.get_threshold()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            client = UpscalerClient(daemon.endpoint, timeout=5, name="pytest")
+            client.upscale(np.zeros((8, 8, 3), np.uint8))  # a session: client and session now form a cycle
+            gc.set_threshold(1, 1, 1)  # collect at nearly every allocation, so on whichever thread allocates
+            try:
+                del client
+                deadline = time.monotonic() + 10
+                while threading.active_count() > before and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                gc.set_threshold(*thresholds)
+            gc.collect()
+        assert threading.active_count() == before  # the heartbeat thread ended, wherever the collector ran
+
+
+def test_close_from_another_thread_during_a_request_changes_nothing() -> None:
+    """It used to detach the finalizer and clear the sessions before the guard raised: half-closed, leaked, and the
+    owner's collect() crashed with IndexError."""
+    with run_server("--model", "rlfn_s", "--threads", "1") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=30, name="pytest") as client:
+        session = client.open_session(640, 360, "RGB8", slots=1)  # a frame long enough to close during it
+        outcome: list[object] = []
+
+        def owner() -> None:
+            session.submit(0)
+            outcome.append(session.collect())
+
+        worker = threading.Thread(target=owner)
+        worker.start()
+        time.sleep(0.3)
+        with pytest.raises(UpscalerError, match="in use by another thread"):
+            client.close()
+        worker.join(60)
+        assert len(outcome) == 1 and not client.closed and not session.closed
+        assert session.upscale(np.zeros((360, 640, 3), np.uint8)).shape == (720, 1280, 3)

@@ -204,6 +204,9 @@ def _release_unclosed(link: _Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbea
     """What close() would release, for a client that was dropped (or still open at exit) without it."""
     warnings.warn(f"an UpscalerClient of {endpoint} was not closed; call close() or use it in a with block",
                   ResourceWarning, stacklevel=2)
+    if heartbeat is not None and threading.current_thread() is heartbeat:
+        heartbeat.release_at_end = (link, ctx)  # it can neither join itself nor set the Event it may be waiting on
+        return
     if heartbeat is not None:
         heartbeat.stop()
     link.close()
@@ -234,11 +237,14 @@ class _Heartbeat(threading.Thread):
         super().__init__(name="upscaler-heartbeat", daemon=True)
         self._ctx, self._endpoint, self._interval, self._sessions = ctx, endpoint, interval, sessions
         self._halt = threading.Event()
+        # Set (a plain assignment) by a dropped client's finalizer when it runs on this thread, where the garbage
+        # collector may call it even inside _halt.wait(): this thread releases the link and context as it ends.
+        self.release_at_end: tuple[_Link, zmq.Context[zmq.Socket[bytes]]] | None = None
 
     def run(self) -> None:
         sock = _dealer(self._ctx, self._endpoint)  # the link connected to the same endpoint: this cannot fail
         try:
-            while not self._halt.wait(self._interval):
+            while not self._halt.wait(self._interval) and self.release_at_end is None:
                 session_ids = self._sessions()  # weak: a client dropped without close() must not live on here
                 if session_ids is None:
                     break
@@ -253,6 +259,10 @@ class _Heartbeat(threading.Thread):
             pass  # context terminated under us: the client is closing
         finally:
             sock.close(linger=0)
+            if self.release_at_end is not None:
+                link, ctx = self.release_at_end
+                link.close()
+                ctx.term()
 
     def stop(self) -> None:
         self._halt.set()
@@ -331,15 +341,16 @@ class UpscalerClient:
         """Close every session (briefly waiting for the daemon), stop heartbeats and release the sockets."""
         if self.closed:
             return
-        self._finalizer.detach()
-        gone = _nobody_listens(self.endpoint) is not None  # no daemon: telling it of each session is no use
-        for session in list(self._sessions.values()):
-            session.close(notify=not gone)
-        self.closed = True
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-        self._link.close()
+        with self._link._owned():  # another thread in a request: raise before anything is changed
+            self._finalizer.detach()
+            gone = _nobody_listens(self.endpoint) is not None  # no daemon: telling it of each session is no use
+            for session in list(self._sessions.values()):
+                session.close(notify=not gone)
+            self.closed = True
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
+                self._heartbeat = None
+            self._link.close()
         if not self._ctx.closed:
             self._ctx.term()
 
@@ -653,6 +664,10 @@ class Session:
         only while they are referenced. ``notify=False`` skips telling the daemon (it already forgot us)."""
         if self.closed:
             return
+        with self._client._link._owned():  # another thread in a request: raise before anything is changed
+            self._close(notify)
+
+    def _close(self, notify: bool) -> None:
         self.closed = True
         self._client._forget(self)
         self._forget_replies()
