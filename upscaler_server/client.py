@@ -393,10 +393,8 @@ class UpscalerClient:
 
     def _same_daemon(self, timeout: float) -> bool:
         """True when the daemon that said hello answers a ping (it is alive, just slow)."""
-        req = self._link.send(Ping(sessions=[]))
-        reply = self._link.wait(req, max(timeout, 1.0))  # a busy machine may answer a ping slowly
-        self._link.forget(req)
-        return isinstance(reply, Pong) and self._same_instance(reply.instance)
+        pong = self._probe([], max(timeout, 1.0))  # a busy machine may answer a ping slowly
+        return pong is not None and self._same_instance(pong.instance)
 
     def _same_instance(self, instance: str) -> bool:
         """Whether ``instance`` is the daemon that said hello; if not, it restarted: say hello to the new one, so
