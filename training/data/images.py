@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from training import MAX_IMAGE_PIXELS
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MANIFEST_NAME",
@@ -123,9 +125,7 @@ def _to_unit_float(rgb: np.ndarray) -> np.ndarray:
 
 _PIXEL_TYPES = (np.uint8, np.uint16, np.float32, np.float64)  # what _to_unit_float maps to [0, 1]
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"  # the start- and end-of-image markers
-# 8K x 8K: larger is no rendered frame but a decompression bomb (a 48 KB PNG can declare 20000x20000), which would
-# cost GBs per decode and per DataLoader worker's frame cache
-MAX_PIXELS = 1 << 26
+MAX_PIXELS = MAX_IMAGE_PIXELS  # also OpenCV's own limit, set in training/__init__ before cv2 loads
 TOO_LARGE = f"larger than {MAX_PIXELS / 1e6:.0f} megapixels"
 
 

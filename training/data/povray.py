@@ -186,7 +186,8 @@ def render_scene(
     """
     refuse_reserved([scene])
     scene = canonical_scene(scene)
-    if stop is not None and stop.is_set():
+    stop = stop or threading.Event()
+    if stop.is_set():
         raise RenderStopped(scene)
     source = EXAMPLES_DIR / scene
     if not source.is_file():
@@ -196,7 +197,7 @@ def render_scene(
         workdir = Path(tmp) / "scene"
         shutil.copytree(source.parent, workdir)
         start = time.perf_counter()
-        returncode, stderr = _run_povray(command, workdir, scene, timeout, stop or threading.Event())
+        returncode, stderr = _run_povray(command, workdir, scene, timeout, stop)
         seconds = time.perf_counter() - start
         rendered = workdir / "render.png"
         if returncode != 0 or not rendered.is_file():
