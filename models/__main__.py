@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from torch import nn
@@ -79,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        print(info(args.target, *args.input))
+        text = info(args.target, *args.input)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `| head` closed the pipe: what it read is the answer, not an error to trace
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not raise again
+        return 141  # 128 + SIGPIPE, as a shell reports a command the pipe ended
     return 0
 
 

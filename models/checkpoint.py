@@ -88,6 +88,9 @@ def save_checkpoint(
         "training": training or {},
     }
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    broken = _first_non_finite(tensors)
+    if broken is not None:  # every loader refuses such a file: say so now, not when someone tries to use it
+        raise ValueError(f"not writing {path}: tensor {broken!r} holds NaN or infinite values")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -120,8 +123,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(path, f"no '{METADATA_KEY}' metadata: not a checkpoint of this project")
     try:
         metadata = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(path, f"metadata is not valid JSON ({exc})") from exc
+    # ValueError: malformed, or an integer past Python's digit limit; RecursionError: nested thousands deep
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(path, f"metadata is not valid JSON ({type(exc).__name__}: {exc})") from exc
     _validate_metadata(path, metadata)
     return metadata
 
@@ -229,9 +233,19 @@ def _read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     for name, tensor in state.items():  # load_state_dict would cast ints and bools silently, and NaN runs as NaN
         if not tensor.is_floating_point():
             raise CheckpointError(path, f"tensor {name!r} holds {tensor.dtype}, not floating-point weights")
-        if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(path, f"tensor {name!r} holds NaN or infinite values")
+    broken = _first_non_finite(state)
+    if broken is not None:
+        raise CheckpointError(path, f"tensor {broken!r} holds NaN or infinite values (as the float32 the model uses)")
     return state
+
+
+def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor with a NaN or infinite value once in float32, the model's dtype
+    (a float64 1e300 becomes inf there; isfinite has no float8 kernels), else None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.to(torch.float32)).all()):
+            return name
+    return None
 
 
 def _validate_metadata(path: str | os.PathLike[str], metadata: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,15 @@ def test_info_on_a_size_the_model_cannot_read_is_a_clear_error() -> None:
     odd = _info("pan_teacher", "--input", "1921x1080")
     assert odd.returncode == 2 and "must be a multiple of its scale 2" in odd.stderr
     assert "Traceback" not in small.stderr + odd.stderr
+
+
+def test_info_into_a_closed_pipe_ends_without_a_traceback() -> None:
+    """`python -m models info ... | head`: the reader is gone before the metadata is printed."""
+    reader, writer = os.pipe()
+    os.close(reader)  # closed before the child writes: its print meets EPIPE
+    try:
+        result = subprocess.run([sys.executable, "-m", "models", "info", "rlfn_s_takdsr_x2"], cwd=REPO,
+                                stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(writer)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
