@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,7 +19,7 @@ from models import (
     read_metadata,
     resolve_checkpoint,
 )
-from training.config import Config, load_config
+from training.config import Config, differing_keys, load_config
 from training.data import DatasetError
 from training.evaluate import (
     BUILTIN_SETS,
@@ -138,21 +136,13 @@ def _resumed_config(run_dir: Path, config_path: Path | None, overrides: list[str
     config = load_config(saved, overrides)
     if config_path is not None:
         given = load_config(config_path, overrides).to_dict()
-        differ = sorted(_differing_keys(given, config.to_dict()))
+        differ = differing_keys(given, config.to_dict())
         if differ:
             keys = ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else "")
             raise ValueError(f"{config_path} differs from the config {run_dir} was started with ({keys}); resume "
                              f"with --resume {run_dir} alone, and --set KEY=VALUE for a change made on purpose")
     return config
 
-
-def _differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> Iterator[str]:
-    for key in a.keys() | b.keys():
-        left, right = a.get(key), b.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            yield from _differing_keys(left, right, f"{prefix}{key}.")
-        elif left != right:
-            yield f"{prefix}{key}"
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -170,17 +160,17 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    scales = {read_metadata(path)["scale"] for path in args.checkpoint}
+    models = [*args.checkpoint, *([args.teacher] if args.teacher else [])]
+    scales = {read_metadata(path)["scale"] for path in models}  # the teacher too: a TA reads its CF'
     if len(scales) != 1:
-        raise ValueError(f"the checkpoints upscale by different factors {sorted(scales)}: evaluate them separately")
+        raise ValueError(f"the checkpoints (and --teacher) upscale by different factors {sorted(scales)}: evaluate "
+                         "them separately")
     scale = scales.pop()
-    names = args.sets if args.sets is not None else ([] if args.data else ["cg-dev"])
-    eval_config = builtin_sets_config(names, args.data, args.frames)
+    eval_config = builtin_sets_config(args.sets, args.data, args.frames)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictors = dict(baseline_predictors(scale))
     for label, path in unique_labels(args.checkpoint).items():
         predictors[label] = checkpoint_predictor(path, device, args.teacher)
-    models = [*args.checkpoint, *([args.teacher] if args.teacher else [])]
     score_sets(predictors, eval_config, scale, args.json, min_lr_side(models))
     return 0
 

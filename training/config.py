@@ -35,6 +35,7 @@ __all__ = [
     "RuntimeConfig",
     "StageConfig",
     "apply_overrides",
+    "differing_keys",
     "dump_toml",
     "load_config",
 ]
@@ -154,7 +155,10 @@ _SECTIONS = {
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a TOML experiment file, apply `key=value` overrides, validate."""
     with open(path, "rb") as handle:
-        raw = tomllib.load(handle)
+        try:
+            raw = tomllib.load(handle)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # e.g. a run's config.toml cut short
+            raise ValueError(f"{path} is not a valid TOML file ({exc})") from None
     return from_dict(apply_overrides(raw, overrides or []))
 
 
@@ -167,6 +171,18 @@ def from_dict(raw: dict[str, Any]) -> Config:
     config = Config(data=data, **sections)
     _validate(config)
     return config
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts (a key one lacks differs), sorted."""
+    keys = []
+    for key in a.keys() | b.keys():
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(f"{prefix}{key}")
+    return sorted(keys)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -141,9 +141,12 @@ def min_lr_side(paths: list[str | Path]) -> int:
     return max([1, *(min_lr_size(load_checkpoint(path).model) for path in paths)])
 
 
-def builtin_sets_config(names: list[str], folders: list[Path], rendered_frames: int = 2) -> EvalConfig:
-    """The evaluation config that scores the built-in sets `names` (of BUILTIN_SETS) and the image `folders`.
-    Raises ValueError naming any unknown set, so a command can refuse before it does any work."""
+def builtin_sets_config(names: list[str] | None, folders: list[Path], rendered_frames: int = 2) -> EvalConfig:
+    """The evaluation config that scores the built-in sets `names` (of BUILTIN_SETS; None: cg-dev, unless there are
+    `folders`) and the image `folders`. Raises ValueError naming any unknown set, so a command can refuse before it
+    does any work."""
+    if names is None:
+        names = [] if folders else ["cg-dev"]
     unknown = sorted(set(names) - set(BUILTIN_SETS))
     if unknown:
         raise ValueError(f"unknown set(s) {unknown}; built-in sets: {', '.join(BUILTIN_SETS)}")

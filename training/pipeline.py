@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from models import load_model, read_metadata
-from training.config import Config, StageConfig, dump_toml
+from training.config import Config, StageConfig, differing_keys, dump_toml, load_config
 from training.evaluate import (
     baseline_predictors,
     check_eval_folders,
@@ -105,12 +105,51 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
         missing = [p for p in (stage.init_from, *stage.guides) if p and not Path(p).exists()]
         if missing:
             raise FileNotFoundError(f"stage {stage.name} needs {', '.join(missing)}: train those stages first")
-        train_stage(dataclasses.replace(config, stage=stage), stage_dir, resume=(stage_dir / STATE_FILE).exists())
+        stage_config = dataclasses.replace(config, stage=stage)
+        resume = (stage_dir / STATE_FILE).exists()
+        if resume:
+            _check_same_training(stage_config, stage_dir)
+        train_stage(stage_config, stage_dir, resume=resume)
     if stages is not None:
         return None
     results = evaluate_run(config, run_dir)
     write_report(run_dir, results)
     return results
+
+
+# What may change between the segments of a resumed stage: how it runs, not what it trains
+_RUN_ONLY_KEYS = {f"runtime.{key}" for key in ("device", "compile", "workers", "threads", "log_every",
+                                               "checkpoint_every", "snapshot_every", "progress", "channels_last")}
+_RUN_ONLY_KEYS.add("data.cache_mb")
+
+
+def _check_same_training(config: Config, stage_dir: Path) -> None:
+    """An interrupted stage resumes only with the config it was started with (its RUN_DIR/<stage>/config.toml),
+    evaluation and run-only keys aside: another schedule, data or loss would go on silently, and the checkpoint's
+    metadata would then describe a training that never ran."""
+    saved_path = stage_dir / "config.toml"
+    if not saved_path.is_file():  # a state without its config: the trainer's own checks decide
+        return
+    saved, current = (_comparable(c) for c in (load_config(saved_path), config))
+    changed = [key for key in differing_keys(saved, current) if key not in _RUN_ONLY_KEYS]
+    if changed:
+        keys = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+        raise ValueError(
+            f"stage {config.stage.name} in {stage_dir} was started with another config ({keys}): rerun the pipeline "
+            f"as it was started, or continue that stage alone with `python -m training train --resume {stage_dir}` "
+            "(and --set KEY=VALUE for a change made on purpose)"
+        )
+
+
+def _comparable(config: Config) -> dict[str, Any]:
+    """The config as a dict without its evaluation table, its stage's checkpoint paths resolved (the same run
+    folder may be spelt relative or absolute)."""
+    as_dict = config.to_dict()
+    as_dict.pop("eval", None)
+    stage = as_dict["stage"]
+    stage["init_from"] = str(Path(stage["init_from"]).resolve()) if stage.get("init_from") else ""
+    stage["guides"] = [str(Path(path).resolve()) for path in stage.get("guides", [])]
+    return as_dict
 
 
 def _chosen_stages(all_stages: list[StageConfig], names: list[str] | None) -> list[StageConfig]:

@@ -41,25 +41,31 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None) -> d
     unknown = sorted(set(stages or []) - set(SHIPPED))
     if unknown or stages == []:
         raise ValueError(f"cannot ship stage(s) {unknown or stages}; shippable: {', '.join(SHIPPED)}")
-    results = json.loads((run_dir / "results.json").read_text())
-    bicubic = {set_name: data["scores"]["bicubic"]["mean"] for set_name, data in results["sets"].items()}
+    results_path = run_dir / "results.json"
+    results = _read_json_object(results_path, "a pipeline's results.json")
+    try:
+        scores_by_set = {set_name: data["scores"] for set_name, data in results["sets"].items()}
+        models = dict(results["models"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise ValueError(f"{results_path} is not a pipeline's results.json (no sets with scores, or no models): "
+                         "evaluate the run") from None
+    bicubic = _means(scores_by_set, "bicubic", results_path)
     # everything is loaded and looked up first: a missing stage or score fails before any file is replaced
     chosen = [(stage, stem, display) for stage, (stem, display) in SHIPPED.items() if stages is None or stage in stages]
     loaded = []
     for stage, stem, display in chosen:
         checkpoint = load_checkpoint(run_dir / stage / FINAL_FILE)
-        if display not in results["models"] or any(display not in d["scores"] for d in results["sets"].values()):
-            raise ValueError(f"{run_dir / 'results.json'} has no scores for {display} ({stage}): evaluate the run")
-        loaded.append((checkpoint, stem, display))
+        info = models.get(display)
+        if not isinstance(info, dict) or not {"params", "macs"} <= info.keys():
+            raise ValueError(f"{results_path} has no scores for {display} ({stage}): evaluate the run")
+        loaded.append((checkpoint, stem, display, info, _means(scores_by_set, display, results_path)))
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
-    for checkpoint, stem, display in loaded:
+    for checkpoint, stem, display, info, scores in loaded:
         family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
         name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
-        info = results["models"][display]
         index[name] = _ship_file(
-            checkpoint, out_dir / name, report_name=display, run=run_dir.name,
-            scores={set_name: data["scores"][display]["mean"] for set_name, data in results["sets"].items()},
+            checkpoint, out_dir / name, report_name=display, run=run_dir.name, scores=scores,
             bicubic=bicubic, params=info["params"], macs=info["macs"], latency=info.get("latency"),
         )  # fmt: skip
     _write_index(out_dir, index)
@@ -77,20 +83,16 @@ def ship_checkpoint(
         # shipped weights carry how they were trained (config, data, steps, device): refuse before writing anything
         raise ValueError(f"{path} has no training config in its metadata: only checkpoints this trainer wrote "
                          "(a stage's final.safetensors, or python -m training export-state) can be shipped")
-    all_scores = json.loads(scores_path.read_text())
+    all_scores = _read_json_object(scores_path, "the scores of `python -m training evaluate --json`")
     label = label or path.stem
-    missing = [set_name for set_name, scores in all_scores.items() if label not in scores]
-    if missing or not all_scores:
-        raise ValueError(f"{scores_path} has no scores for {label!r} in {missing or 'any set'}")
+    scores, bicubic = _means(all_scores, label, scores_path), _means(all_scores, "bicubic", scores_path)
     file_name = f"{name}.safetensors"
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
     model = checkpoint.model
     index[file_name] = _ship_file(
-        checkpoint, out_dir / file_name, report_name=report_name, run=path.parent.name,
-        scores={set_name: scores[label]["mean"] for set_name, scores in all_scores.items()},
-        bicubic={set_name: scores["bicubic"]["mean"] for set_name, scores in all_scores.items()},
-        params=count_parameters(model), macs=macs_at(model, REPORT_LR_SIZE), latency=None,
+        checkpoint, out_dir / file_name, report_name=report_name, run=path.parent.name, scores=scores,
+        bicubic=bicubic, params=count_parameters(model), macs=macs_at(model, REPORT_LR_SIZE), latency=None,
     )  # fmt: skip
     _write_index(out_dir, index)
     return index[file_name]
@@ -152,9 +154,30 @@ def lr_kinds(config: dict[str, Any]) -> list[str]:
     return sorted({source.get("lr_kind", "bicubic") for source in sources})
 
 
+def _means(scores_by_set: Any, label: str, path: Path) -> dict[str, dict[str, Any]]:
+    """{set: the mean scores of `label`} from {set: {label: {"mean": {...}, ...}}}, every set having them."""
+    try:
+        means = {set_name: scores[label]["mean"] for set_name, scores in scores_by_set.items()}
+    except (KeyError, TypeError, AttributeError):
+        means = {}
+    if not means or not all(isinstance(mean, dict) for mean in means.values()):
+        raise ValueError(f"{path} has no scores for {label!r} in every set (a mean per set)")
+    return means
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:  # also a file that is not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not {what}: not a JSON object")
+    return data
+
+
 def _read_index(out_dir: Path) -> dict[str, Any]:
     index_path = out_dir / "weights.json"
-    return json.loads(index_path.read_text()) if index_path.exists() else {}
+    return _read_json_object(index_path, "a weights index") if index_path.exists() else {}
 
 
 def _write_index(out_dir: Path, index: dict[str, Any]) -> None:

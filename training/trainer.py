@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import select
 import signal
 import threading
@@ -144,6 +145,8 @@ class _Trainer:
         self.steps = stage_steps(config)
         self.network = build_stage_network(config).to(self.device)
         self.guides = [Guide(g.name, g.model.to(self.device), g.mix) for g in load_guides(config.stage.guides)]
+        check_guides_fit(self.network, dict(zip(config.stage.guides, self.guides, strict=True)),
+                         config.experiment.scale)
         networks = [self.network, *(guide.model for guide in self.guides)]
         check_patch_size(config.data.patch_size, config.experiment.scale, networks)
         self.trained = TrainedModel(self.network)
@@ -170,12 +173,15 @@ class _Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, resume: bool) -> StageResult:
+        if not resume:
+            self._refuse_earlier_run()
         start_step = self._load_state() if resume else 0
+        loss_module = self._distillation()
+        loader = self._loader(start_step)  # the data is checked before the run's files change
         self.started = time.perf_counter()
         if self.dist.main:
             self._write_run_files(start_step)
-        loss_module = self._distillation()
-        batches = iter(self._loader(start_step))
+        batches = iter(loader)
         previous_handlers = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
         step, total = start_step, math.nan
         progress = tqdm(
@@ -294,6 +300,16 @@ class _Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def _refuse_earlier_run(self) -> None:
+        """A fresh run never starts over a folder holding another's state or final weights: rerunning the same
+        `train` command after an interruption would otherwise wipe the saved progress without a word."""
+        earlier = [name for name in (STATE_FILE, FINAL_FILE) if (self.run_dir / name).exists()]
+        if earlier:
+            raise FileExistsError(
+                f"{self.run_dir} holds a run already ({', '.join(earlier)}): continue it with `python -m training "
+                f"train --resume {self.run_dir}`, or choose another --run-dir (or delete that folder)"
+            )
+
     def _write_run_files(self, start_step: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(dump_toml(self.config.to_dict()))
@@ -323,14 +339,17 @@ class _Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
         state = read_state(path, self.device, needs=("optimizer", "scheduler", "torch_rng"))
+        mismatch = _state_dict_mismatch(self.trained, state["model"])
         try:
+            if mismatch:
+                raise ValueError(mismatch)
             self.trained.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            torch.set_rng_state(state["torch_rng"].cpu())  # a ByteTensor of the generator's state size
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path} does not hold this config's {self.config.stage.name} training state (was the "
-                             f"config changed since it was saved?): {exc}") from None
-        torch.set_rng_state(state["torch_rng"].cpu())
+                             f"config changed since it was saved?): {_first_line(exc)}") from None
         self.seconds_before = float(state.get("seconds", 0.0))
         self.budget_spent = float(state.get("budget_spent", 0.0))
         return int(state["step"])
@@ -375,14 +394,37 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
     # weights_only: tensors and plain containers only, never arbitrary pickled objects.
     try:
         state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # torch's text for it advises weights_only=False: what this trainer never does
+        raise ValueError(f"{path} is not a training state: not a torch file of tensors and plain containers "
+                         "(another format, damaged, or pickled objects, which are never loaded)") from None
     except Exception as exc:  # weights_only cannot run code, so any failure here just means "not a state file"
-        raise ValueError(f"{path} is not a training state: {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"{path} is not a training state ({type(exc).__name__}: {_first_line(exc)})") from None
     missing = {"step", "model", *needs} - (state.keys() if isinstance(state, dict) else set())
     if missing:
         raise ValueError(f"{path} is not a training state (no {', '.join(sorted(missing))} entries)")
-    if not isinstance(state["model"], dict) or not isinstance(state["step"], int):
-        raise ValueError(f"{path} is not a training state (its model is not a state dict or its step not an int)")
+    step = state["step"]
+    if not isinstance(state["model"], dict) or not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{path} is not a training state (its model is not a state dict or its step not a "
+                         "non-negative int)")
     return state
+
+
+def _state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:
+    """What keeps `saved` from loading into `module`, in one short line ("" when the names and shapes fit):
+    torch's own message lists every key, thousands of characters for a state of another network."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    reshaped = [key for key in sorted(expected.keys() & saved.keys())
+                if getattr(saved[key], "shape", None) != expected[key].shape]
+    problems = [f"{len(keys)} {label} (e.g. {keys[0]})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+                if keys]
+    return "; ".join(problems)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line: torch's messages go on for many lines of advice."""
+    return str(exc).strip().split("\n", 1)[0]
 
 
 def export_state(state_path: Path, config: Config, out: Path) -> Path:
@@ -392,10 +434,15 @@ def export_state(state_path: Path, config: Config, out: Path) -> Path:
     state = read_state(state_path, torch.device("cpu"))
     # the weights come from the state: build the bare network, without loading the teacher it started from
     network = build_stage_network(dataclasses.replace(config, stage=dataclasses.replace(config.stage, init_from="")))
+    trained = TrainedModel(network)
+    mismatch = _state_dict_mismatch(trained, state["model"])
     try:
-        TrainedModel(network).load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"{state_path} does not hold this config's {config.stage.name} network: {exc}") from None
+        if mismatch:
+            raise ValueError(mismatch)
+        trained.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{state_path} does not hold this config's {config.stage.name} network: "
+                         f"{_first_line(exc)}") from None
     summary = _training_summary(config, int(state["step"]), float(state.get("seconds", 0.0)))
     summary["partial_of"] = stage_steps(config)
     return save_checkpoint(network, out, role=config.stage.role, training=summary)
@@ -454,6 +501,8 @@ def build_stage_network(config: Config) -> nn.Module:
         teacher = load_checkpoint(stage.init_from).model
         if not isinstance(teacher, Teacher):
             raise ValueError(f"init_from {stage.init_from} is not a teacher checkpoint")
+        if teacher.scale != exp.scale:
+            raise ValueError(f"init_from {stage.init_from} upscales x{teacher.scale}, the experiment x{exp.scale}")
         return init_from_teacher(teacher, blocks)
     return build_model(exp.family, channels=exp.channels, blocks=blocks, scale=exp.scale, **exp.extra_args)
 
@@ -473,6 +522,19 @@ def load_guides(paths: list[str]) -> list[Guide]:
     if guides and not isinstance(guides[0].model, Teacher):
         raise ValueError("the first guide must be the teacher")
     return guides
+
+
+def check_guides_fit(network: nn.Module, guides: dict[str, Guide], scale: int) -> None:
+    """Refuse, naming the file, a guide that cannot teach `network`: another scale (its images would not match
+    the HR patch) or another feature width (the feature term compares its features with the network's)."""
+    width = network.arch_args().get("channels")
+    for path, guide in guides.items():
+        if guide.model.scale != scale:
+            raise ValueError(f"guide {path} upscales x{guide.model.scale}, the experiment x{scale}")
+        guide_width = guide.model.arch_args().get("channels")
+        if guide_width != width:
+            raise ValueError(f"guide {path} has {guide_width} feature channels and the network it teaches {width}: "
+                             "the feature term compares the two (set experiment.channels, or init_from its teacher)")
 
 
 def _init_distributed(device: str) -> _Dist:
@@ -515,7 +577,19 @@ def _cosine_factor(progress: float, min_ratio: float) -> float:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to the resumed step; a line that is not one (the half-written last line of a crash or a
+    full disk, a hand edit) is dropped with the rest, since the log only reports and resuming needs none of it."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    kept = [line for line in path.read_text(errors="replace").splitlines() if _record_step(line) <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> float:
+    """The step of one metrics.jsonl record; infinity for a line that is not a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf

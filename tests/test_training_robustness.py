@@ -1,0 +1,234 @@
+"""Runs and files a researcher did not make carefully: a rerun over an interrupted run, a pipeline resumed with
+another config, a failed resume, guides that cannot teach the network, tampered states, checkpoints and score
+files. Each must end in one clear error that names the file, with nothing lost."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from training.__main__ import main as training_main
+from training.config import StageConfig, load_config
+from training.pipeline import run_pipeline
+from training.ship import ship_checkpoint, ship_run
+from training.trainer import TrainingInterrupted, _Trainer, read_state, train_stage
+
+from training_utils import make_image_folder, tiny_config
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def _stage_config(folder: Path, role: str, **stage: object):
+    return dataclasses.replace(tiny_config(folder), stage=StageConfig(name=role, role=role, **stage))
+
+
+@pytest.fixture
+def stop_at_step_3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run in the test sets the Ctrl-C flag after its third step, as SIGINT does."""
+    original_step = _Trainer._step
+
+    def step_then_stop(self: _Trainer, loss_module, batch, step):
+        terms = original_step(self, loss_module, batch, step)
+        self.stop_requested = self.stop_requested or step + 1 == 3
+        return terms
+
+    monkeypatch.setattr(_Trainer, "_step", step_then_stop)
+
+
+def test_a_fresh_run_never_starts_over_a_saved_one(image_folder: Path, tmp_path: Path, stop_at_step_3: None) -> None:
+    config, run = _stage_config(image_folder, "teacher"), tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train_stage(config, run)
+    saved = {name: (run / name).read_bytes() for name in ("state.pt", "metrics.jsonl", "config.toml")}
+    with pytest.raises(FileExistsError, match=r"holds a run already \(state\.pt\).*--resume"):
+        train_stage(config, run)  # the same command again, without --resume
+    assert {name: (run / name).read_bytes() for name in saved} == saved  # nothing of the interrupted run changed
+
+
+def test_a_finished_run_is_not_overwritten_by_the_cli(image_folder: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    train_stage(_stage_config(image_folder, "student"), run)
+    final = (run / "final.safetensors").read_bytes()
+    config = tmp_path / "config.toml"
+    config.write_text((run / "config.toml").read_text())
+    assert training_main(["train", "--config", str(config), "--run-dir", str(run)]) == 1
+    assert "holds a run already (final.safetensors)" in capsys.readouterr().err
+    assert (run / "final.safetensors").read_bytes() == final
+
+
+def test_a_failed_resume_keeps_the_runs_config(image_folder: Path, tmp_path: Path, stop_at_step_3: None,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train_stage(_stage_config(image_folder, "student"), run)
+    saved = (run / "config.toml").read_text()
+    missing = tmp_path / "no" / "such" / "folder"
+    code = training_main(["train", "--resume", str(run), "--set",
+                          f'data.sources=[{{kind="folder", path="{missing}"}}]'])  # fmt: skip
+    assert code == 1 and "does not exist" in capsys.readouterr().err
+    assert (run / "config.toml").read_text() == saved  # a plain --resume still works
+    assert load_config(run / "config.toml").data.sources[0].path == str(image_folder)
+
+
+def test_a_pipeline_resumes_a_stage_only_with_the_config_it_started_with(
+    image_folder: Path, tmp_path: Path, stop_at_step_3: None
+) -> None:
+    config = tiny_config(image_folder, experiment={"baselines": True}, optim={"steps": 6})
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        run_pipeline(config, run, ["student_alone"])
+    state = (run / "student_alone" / "state.pt").read_bytes()
+    other = dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=1e-2),
+                                data=dataclasses.replace(config.data, patch_size=64))  # fmt: skip
+    with pytest.raises(ValueError, match=r"student_alone .* another config \(data\.patch_size, optim\.lr\)"):
+        run_pipeline(other, run, ["student_alone"])
+    assert (run / "student_alone" / "state.pt").read_bytes() == state
+    # how it runs may change (here the log interval): the stage goes on from step 3 to its end
+    relaxed = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, log_every=2))
+    run_pipeline(relaxed, run, ["student_alone"])
+    assert load_checkpoint(run / "student_alone" / "final.safetensors").metadata["training"]["steps"] == 6
+
+
+def test_guides_and_teachers_that_cannot_teach_the_network_are_named(image_folder: Path, tmp_path: Path) -> None:
+    teacher = str(save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8),
+                                  tmp_path / "t8.safetensors", role="teacher"))  # fmt: skip
+    teacher_x3 = str(save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8, scale=3),
+                                     tmp_path / "t3.safetensors", role="teacher"))  # fmt: skip
+    wide = _stage_config(image_folder, "student", guides=[teacher])
+    wide = dataclasses.replace(wide, experiment=dataclasses.replace(wide.experiment, channels=16))
+    with pytest.raises(ValueError, match=r"guide .*t8\.safetensors has 8 feature channels and the network .* 16"):
+        train_stage(wide, tmp_path / "wide")
+    with pytest.raises(ValueError, match=r"guide .*t3\.safetensors upscales x3, the experiment x2"):
+        train_stage(_stage_config(image_folder, "student", guides=[teacher_x3]), tmp_path / "x3")
+    with pytest.raises(ValueError, match=r"init_from .*t3\.safetensors upscales x3, the experiment x2"):
+        train_stage(_stage_config(image_folder, "student", init_from=teacher_x3), tmp_path / "init")
+    assert not any((tmp_path / name).exists() for name in ("wide", "x3", "init"))
+
+
+def test_evaluate_refuses_a_teacher_of_another_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ta = save_checkpoint(build_model("rlfn", channels=8, blocks=1), tmp_path / "ta.safetensors", role="ta",
+                         training={"mix": [0.3, 0.7]})  # fmt: skip
+    teacher = save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8, scale=3),
+                              tmp_path / "t3.safetensors", role="teacher")  # fmt: skip
+    code = training_main(["evaluate", "--checkpoint", str(ta), "--teacher", str(teacher), "--data", str(tmp_path)])
+    assert code == 1 and "upscale by different factors [2, 3]" in capsys.readouterr().err
+
+
+def _saved_state(tmp_path: Path, image_folder: Path) -> tuple[Path, dict]:
+    config = _stage_config(image_folder, "teacher")
+    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, checkpoint_every=2))
+    run = tmp_path / "run"
+    train_stage(config, run)
+    (run / "final.safetensors").unlink()  # as if stopped after its last save
+    return run, torch.load(run / "state.pt", weights_only=True)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_tampered_training_states_are_refused_in_one_line(image_folder: Path, tmp_path: Path) -> None:
+    run, state = _saved_state(tmp_path, image_folder)
+    config = load_config(run / "config.toml")
+    cases = {
+        "pickled": {**state, "model": _Exploit()},
+        "negative step": {**state, "step": -4},
+        "bad generator": {**state, "torch_rng": torch.zeros(3)},
+        "another network": {**state, "model": {f"network.other{i}": torch.zeros(2) for i in range(300)}},
+    }
+    for case, tampered in cases.items():
+        torch.save(tampered, run / "state.pt")
+        with pytest.raises(ValueError) as caught:
+            train_stage(config, run, resume=True)
+        message = str(caught.value)
+        assert str(run / "state.pt") in message and "\n" not in message and len(message) < 400, (case, message)
+        assert "weights_only" not in message, case  # torch's advice to unpickle is not passed on
+    torch.save({**state, "step": True}, run / "state.pt")  # a bool is an int to Python, not a step
+    with pytest.raises(ValueError, match="non-negative int"):
+        read_state(run / "state.pt", torch.device("cpu"))
+
+
+def test_a_half_written_metrics_line_does_not_block_a_resume(image_folder: Path, tmp_path: Path) -> None:
+    run, _ = _saved_state(tmp_path, image_folder)
+    records = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(records) + '\n{"step": 7, "lr": 0.00')  # a crash mid-write
+    result = train_stage(load_config(run / "config.toml"), run, resume=True)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, result.steps + 1))
+
+
+def test_a_cut_config_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[experiment]\nta_blocks = [3,\n")
+    with pytest.raises(ValueError, match=rf"{path} is not a valid TOML file"):
+        load_config(path)
+
+
+def _student_file(tmp_path: Path) -> Path:
+    return save_checkpoint(build_model("rlfn", channels=8, blocks=1), tmp_path / "s.safetensors", role="student",
+                           training={"config": {}})  # fmt: skip
+
+
+def _with_tensors(path: Path, out: Path, change) -> Path:
+    tensors = load_file(path)
+    with open(path, "rb") as handle:  # the metadata is kept as it is
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    save_file({name: change(tensor) for name, tensor in tensors.items()}, out, metadata=header["__metadata__"])
+    return out
+
+
+def test_checkpoint_values_are_checked_as_the_models_float32(tmp_path: Path) -> None:
+    path = _student_file(tmp_path)
+    fp8 = _with_tensors(path, tmp_path / "fp8.safetensors", lambda t: t.to(torch.float8_e4m3fn))
+    assert load_checkpoint(fp8).model.conv_1.weight.dtype == torch.float32  # no isfinite for float8: cast first
+    huge = _with_tensors(path, tmp_path / "f64.safetensors", lambda t: t.double().fill_(1e300))  # inf in float32
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_checkpoint(huge)
+
+
+@pytest.mark.parametrize("metadata", ["[" * 100_000 + "]" * 100_000, '{"a": ' + "9" * 5000 + "}"],
+                         ids=["nested 100k deep", "5000-digit int"])
+def test_hostile_metadata_json_is_a_checkpoint_error(tmp_path: Path, metadata: str) -> None:
+    path = tmp_path / "hostile.safetensors"
+    save_file({"x": torch.zeros(1)}, path, metadata={"takdsr": metadata})
+    with pytest.raises(CheckpointError, match="metadata is not valid JSON"):
+        load_checkpoint(path)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
+    model = build_model("rlfn", channels=8, blocks=1)
+    with torch.no_grad():
+        model.conv_1.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        save_checkpoint(model, tmp_path / "nan.safetensors", role="student")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_score_and_index_files_are_named(tmp_path: Path) -> None:
+    path = _student_file(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"results\.json is not a pipeline's results\.json"):
+        ship_run(tmp_path / "run", tmp_path / "weights")
+    (tmp_path / "scores.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"scores\.json is not the scores .*not a JSON object"):
+        ship_checkpoint(path, "x", "x", tmp_path / "scores.json", tmp_path / "weights")
+    (tmp_path / "scores.json").write_text('{"cg-dev": {"s": 3}}')
+    with pytest.raises(ValueError, match=r"scores\.json has no scores for 's'"):
+        ship_checkpoint(path, "x", "x", tmp_path / "scores.json", tmp_path / "weights")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "weights.json").write_text('{"cut": ')
+    (tmp_path / "scores.json").write_text('{"cg-dev": {"s": {"mean": {}}, "bicubic": {"mean": {}}}}')
+    with pytest.raises(ValueError, match=r"weights\.json is not valid JSON"):
+        ship_checkpoint(path, "x", "x", tmp_path / "scores.json", tmp_path / "weights")
