@@ -83,7 +83,8 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scenes.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=Path("scenes_bench.json"), help="where to write the report")
     parser.add_argument("--frames", type=int, default=5, help="timed frames per preset and size")
     parser.add_argument("--anisotropy", type=float, default=None, help="texture anisotropy (default: auto)")

@@ -29,12 +29,14 @@ def keys_bicubic(lr: torch.Tensor, scale: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
-    parser.add_argument("--sets", default="cg-dev", help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)}")
+    parser.add_argument("--sets", help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} (default: cg-dev, "
+                        "unless --data is given, as for `python -m training evaluate`)")
     parser.add_argument("--data", type=Path, action="append", default=[], help="an image folder to score on")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     args = parser.parse_args(argv)
     try:
-        eval_config = builtin_sets_config([name for name in args.sets.split(",") if name], args.data)
+        names = None if args.sets is None else [name for name in args.sets.split(",") if name]
+        eval_config = builtin_sets_config(names, args.data)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     predictors = {**baseline_predictors(args.scale), LABEL: lambda lr, hr: keys_bicubic(lr, args.scale)}

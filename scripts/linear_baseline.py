@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--window", type=int, default=7, help="LR window side, odd (default 7)")
     parser.add_argument("--patches", type=int, default=3000, help="training patches to fit on (default 3000)")
-    parser.add_argument("--sets", default="cg-dev", help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)}")
+    parser.add_argument("--sets", help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} (default: cg-dev, "
+                        "unless --data is given, as for `python -m training evaluate`)")
     parser.add_argument("--data", type=Path, action="append", default=[], help="an image folder to score on")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     return parser.parse_args(argv)
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.set)
     scale = config.experiment.scale
     try:  # refused before the fit, which takes minutes
-        eval_config = builtin_sets_config([name for name in args.sets.split(",") if name], args.data)
+        names = None if args.sets is None else [name for name in args.sets.split(",") if name]
+        eval_config = builtin_sets_config(names, args.data)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     dataset = build_train_dataset(config.data, scale, stage_data_seed(config), progress=False)

@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     pov.add_argument("--timeout", type=_seconds, default=1800.0, help="seconds per scene before it is abandoned")
     pov.add_argument("--antialias", type=_antialias, default=0.3, help="threshold for +A, or 'off' (default 0.3)")
     pov.add_argument("--scenes", type=Path, default=SCENE_LIST, help="scene list (default: the curated list)")
-    pov.add_argument("--only", nargs="+", metavar="SCENE", help="render only these scenes of the list")
+    pov.add_argument("--only", nargs="+", metavar="SCENE",
+                     help="render only these scenes of the list (e.g. incdemo/transforms, with or without .pov)")
 
     scn = sub.add_parser("scenes", help="render HR/LR frame pairs of the procedural scenes")
     scn.add_argument("--out", type=Path, required=True, help="output folder (hr/, lr_x<s>/, manifest.json)")
@@ -86,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 def _povray(args: argparse.Namespace) -> int:
     scenes = load_scene_list(args.scenes)
     if args.only:
-        only = {canonical_scene(s) for s in args.only}
+        # the list's spelling is a path with its suffix; the docs and the manifest's readers name scenes without it
+        only = {canonical_scene(s if s.endswith(".pov") else f"{s}.pov") for s in args.only}
         missing = sorted(only - set(scenes))
         if missing:
             raise DatasetError(f"not in {args.scenes}: {', '.join(missing)}")
