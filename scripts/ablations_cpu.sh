@@ -33,8 +33,10 @@ row_seed() {  # row_base's student again with another seed (other patches and fl
     pipe base_seed1 --stages student_takdsr --set runtime.seed=1
 }
 row_scratch() {  # needs row_base's TA; guided like TAKDSR but randomly initialised
-    [ -f "$ROOT/scratch/student_takdsr/final.safetensors" ] && return 0
-    "$PY" -m training train --config "$CONFIG" --run-dir "$ROOT/scratch/student_takdsr" \
+    local dir="$ROOT/scratch/student_takdsr" resume=()
+    [ -f "$dir/final.safetensors" ] && return 0
+    [ -f "$dir/state.pt" ] && resume=(--resume "$dir")  # interrupted: go on (train never starts over a run)
+    "$PY" -m training train --config "$CONFIG" --run-dir "$dir" "${resume[@]}" \
         --set stage.name=student_takdsr --set stage.role=student --set stage.steps=0 \
         --set "stage.guides=[\"$TEACHER\", \"$ROOT/base/ta1/final.safetensors\"]"
 }

@@ -82,11 +82,12 @@ comparison() {
 # extra_stage FAMILY DIR NAME ROLE STEPS INIT GUIDE...: one stage outside the pipeline in DIR/NAME, the same
 # schedule otherwise; skipped once trained
 extra_stage() {
-    local family=$1 dir=$2 name=$3 role=$4 steps=$5 init=$6 guides
+    local family=$1 dir=$2 name=$3 role=$4 steps=$5 init=$6 guides resume=()
     shift 6
     [ -f "$dir/$name/final.safetensors" ] && return 0
+    [ -f "$dir/$name/state.pt" ] && resume=(--resume "$dir/$name")  # interrupted: go on (train never starts over a run)
     guides=$(printf '"%s", ' "$@")
-    "$PY" -m training train --config "$(config "$family")" --run-dir "$dir/$name" "${SCHEDULE[@]}" \
+    "$PY" -m training train --config "$(config "$family")" --run-dir "$dir/$name" "${resume[@]}" "${SCHEDULE[@]}" \
         --set stage.name="$name" --set stage.role="$role" --set stage.steps="$steps" \
         --set stage.init_from="\"$init\"" --set "stage.guides=[${guides%, }]"
 }
