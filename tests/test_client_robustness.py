@@ -1,5 +1,6 @@
 """The Python client under misuse and trouble: a daemon that stalls or dies mid-frame, a client dropped without
-close(), used after fork or from two threads at once, interrupted, or given a bad ``out=`` or timeout."""
+close(), used after fork or from two threads at once, interrupted (by a signal or by interrupt() from another
+thread), or given a bad ``out=`` or timeout."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from upscaler_server.client import UpscalerClient
-from upscaler_server.errors import ServerUnavailableError, UpscalerError
+from upscaler_server.errors import ClientInterruptedError, ServerUnavailableError, UpscalerError
 
 from server_utils import run_server, stop
 
@@ -178,3 +179,53 @@ def test_close_from_another_thread_during_a_request_changes_nothing() -> None:
         worker.join(60)
         assert len(outcome) == 1 and not client.closed and not session.closed
         assert session.upscale(np.zeros((360, 640, 3), np.uint8)).shape == (720, 1280, 3)
+
+
+def test_interrupt_ends_another_threads_wait_and_close_then_does_not_wait() -> None:
+    """An application shutting down while its render thread waits on a stalled daemon: that wait could last the
+    timeout times the retries (40 s by default), and close() from another thread is refused while it runs."""
+    with run_server("--backend", "nearest") as daemon:
+        client = UpscalerClient(daemon.endpoint, timeout=10, retries=3, name="pytest")
+        session = client.open_session(16, 16, "RGB8", slots=1)
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            session.submit(0)
+            raised: list[BaseException] = []
+            waiter = threading.Thread(target=lambda: raised.extend(_raised(session.collect)))
+            waiter.start()
+            time.sleep(0.3)
+            start = time.monotonic()
+            client.interrupt()
+            waiter.join(5)
+            assert not waiter.is_alive() and time.monotonic() - start < 1.0
+            assert len(raised) == 1 and isinstance(raised[0], ClientInterruptedError)
+            start = time.monotonic()
+            client.close()  # the daemon is still stopped: its lease ends the session
+            assert time.monotonic() - start < 1.0 and client.closed
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+
+
+def _raised(call) -> list[BaseException]:
+    try:
+        call()
+    except BaseException as exc:  # the test inspects whatever it was
+        return [exc]
+    return []
+
+
+def test_has_result_says_when_collect_would_not_wait() -> None:
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
+        session = client.open_session(16, 16, "RGB8", slots=2)
+        assert not session.has_result()  # nothing in flight
+        session.input(0)[...] = 5
+        session.submit(0)
+        deadline = time.monotonic() + 10
+        while not session.has_result():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        start = time.monotonic()
+        result = session.collect()
+        assert time.monotonic() - start < 0.05 and (result.output == 5).all()
+        assert not session.has_result()

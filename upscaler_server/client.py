@@ -50,6 +50,7 @@ import zmq
 from upscaler_server.config import default_endpoint
 from upscaler_server.errors import (
     BusyError,
+    ClientInterruptedError,
     ConfigError,
     ErrorCode,
     ProtocolError,
@@ -100,6 +101,7 @@ class FrameResult:
 
 
 _PROBE_S = 0.5  # longest wait of the ipc probe's connect
+_INTERRUPT_SLICE_S = 0.05  # waits poll in slices this long, so interrupt() from another thread is seen soon
 
 
 def _nobody_listens(endpoint: str) -> str | None:
@@ -138,6 +140,7 @@ class _Link:
         self._ids = itertools.count(1)
         self._mailbox: dict[int, Message] = {}
         self._waiting: set[int] = set()
+        self.interrupted = threading.Event()  # set by UpscalerClient.interrupt(), from any thread
 
     def _connect(self) -> zmq.Socket[bytes]:
         try:
@@ -178,14 +181,23 @@ class _Link:
         with self._owned():
             deadline = time.monotonic() + timeout
             while req not in self._mailbox:
-                left = deadline - time.monotonic()
-                if not self._socket.poll(max(0, int(left * 1000)), zmq.POLLIN):  # 0 when due: what has arrived
+                if not _readable(self._socket, deadline - time.monotonic(), self.interrupted):
                     return None
-                reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
-                if reply.req in self._waiting:  # anything else answers a request given up on
-                    self._mailbox[reply.req] = reply
+                self._receive()
             self._waiting.discard(req)
             return self._mailbox.pop(req)
+
+    def arrived(self, req: int) -> bool:
+        """Whether the reply to ``req`` is here (what the socket holds is read now, without waiting)."""
+        with self._owned():
+            while req not in self._mailbox and self._socket.poll(0, zmq.POLLIN):
+                self._receive()
+            return req in self._mailbox
+
+    def _receive(self) -> None:
+        reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
+        if reply.req in self._waiting:  # anything else answers a request given up on
+            self._mailbox[reply.req] = reply
 
     def forget(self, req: int) -> None:
         self._waiting.discard(req)
@@ -197,6 +209,22 @@ class _Link:
 
     def close(self) -> None:
         self._socket.close(linger=0)
+
+
+def _readable(sock: zmq.Socket[bytes], timeout: float, interrupted: threading.Event) -> bool:
+    """Whether ``sock`` has a message within ``timeout`` s (at once: what has arrived, when it is <= 0). Polls in
+    slices and raises ClientInterruptedError once ``interrupted`` is set: a wait may last a whole timeout times the
+    retries, and an application shutting down must not wait that long for the thread inside it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if interrupted.is_set():
+            raise ClientInterruptedError("interrupted by UpscalerClient.interrupt() from another thread; close the "
+                                         "client")
+        left = deadline - time.monotonic()
+        if sock.poll(max(0, int(min(left, _INTERRUPT_SLICE_S) * 1000)), zmq.POLLIN):
+            return True
+        if left <= _INTERRUPT_SLICE_S:
+            return False
 
 
 def _release_unclosed(link: _Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbeat: _Heartbeat | None,
@@ -343,7 +371,9 @@ class UpscalerClient:
             return
         with self._link._owned():  # another thread in a request: raise before anything is changed
             self._finalizer.detach()
-            gone = _nobody_listens(self.endpoint) is not None  # no daemon: telling it of each session is no use
+            # no daemon, or interrupted (nothing may wait now): telling the daemon of each session is no use; their
+            # leases end them
+            gone = self._link.interrupted.is_set() or _nobody_listens(self.endpoint) is not None
             for session in list(self._sessions.values()):
                 session.close(notify=not gone)
             self.closed = True
@@ -353,6 +383,13 @@ class UpscalerClient:
             self._link.close()
         if not self._ctx.closed:
             self._ctx.term()
+
+    def interrupt(self) -> None:
+        """Thread-safe: the call this client is waiting in (in another thread: a collect, a request) raises
+        ClientInterruptedError within about 50 ms, and so does every later wait; then close the client (from the
+        thread that used it, once its call has returned), which no longer waits for the daemon. For an application
+        that shuts down while its render thread waits for a frame of a stalled daemon."""
+        self._link.interrupted.set()
 
     def _session_ids(self) -> list[int]:
         with self._lock:
@@ -412,7 +449,7 @@ class UpscalerClient:
             return None
         with contextlib.closing(_dealer(self._ctx, self.endpoint)) as sock:
             sock.send(encode(Ping(req=1, sessions=sessions)))
-            if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+            if not _readable(sock, timeout, self._link.interrupted):
                 return None
             reply = decode(sock.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
         return reply if isinstance(reply, Pong) else None
@@ -539,6 +576,12 @@ class Session:
     def in_flight(self) -> list[int]:
         """Slots submitted and not collected yet, oldest first."""
         return [slot for _, slot, _ in self._outstanding]
+
+    def has_result(self) -> bool:
+        """Whether :meth:`collect` would return at once: the daemon's reply for the oldest frame in flight has
+        arrived (False when none is in flight). Lets a loop keep several frames in flight without blocking."""
+        self._check_open()
+        return bool(self._outstanding) and self._client._link.arrived(self._outstanding[0][0])
 
     def _still_running(self, slot: int) -> bool:
         """Whether ``slot`` holds a frame given up on by collect() that the daemon has not finished yet."""

@@ -11,6 +11,7 @@ import enum
 
 __all__ = [
     "BusyError",
+    "ClientInterruptedError",
     "ConfigError",
     "EngineError",
     "ErrorCode",
@@ -109,6 +110,12 @@ class ConfigError(UpscalerError):
 class ServerUnavailableError(UpscalerError):
     """Client side: no reply from the daemon after every retry (is it running? right endpoint?), or its
     ``SHUTTING_DOWN`` reply (the code says which)."""
+
+    default_code = ErrorCode.INTERNAL
+
+
+class ClientInterruptedError(UpscalerError):
+    """Client side: another thread called ``UpscalerClient.interrupt()``; close the client."""
 
     default_code = ErrorCode.INTERNAL
 
