@@ -98,8 +98,18 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     a = p.parse_args(argv)
     if (a.checkpoint is not None or a.device is not None) and not a.spawn_server:
         p.error("--checkpoint and --device configure the daemon that --spawn-server starts")
-    if a.scale < 1 or a.frames < 1 or a.fps <= 0 or a.max_fps <= 0 or a.timeout <= 0:
-        p.error("--scale, --frames, --fps, --max-fps and --timeout must be positive")
+    if a.scale < 1 or a.frames < 1:
+        p.error("--scale and --frames must be positive")
+    for flag, value in (("--exit-after", a.exit_after), ("--screenshot-after", a.screenshot_after)):
+        if value is not None and value < 1:
+            p.error(f"{flag} counts frames: at least 1, got {value}")
+    # inf or nan passes `<= 0`: an MP4 writer at inf fps spins forever, a nan clock fails mid-run
+    for flag, value, low, high in (("--fps", a.fps, 0.1, 1000.0), ("--max-fps", a.max_fps, 0.1, 1000.0),
+                                   ("--timeout", a.timeout, 0.01, 3600.0), ("--start", a.start, -1e6, 1e6)):
+        if not low <= value <= high:
+            p.error(f"{flag} must be a number from {low:g} to {high:g}, got {value}")
+    if a.out is not None and a.out.exists() and not a.out.is_dir():
+        p.error(f"--out {a.out} is a file, not a folder")
     if a.checkpoint is not None and not (a.checkpoint.is_file() or _bundled(a.checkpoint)):
         p.error(f"--checkpoint {a.checkpoint} is not a file or the name of a bundled checkpoint")
     return DemoConfig(endpoint=a.endpoint, spawn_server=a.spawn_server, checkpoint=a.checkpoint,

@@ -21,6 +21,7 @@ import numpy as np
 
 import scenes
 from client_demo.config import (
+    EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_NO_WINDOW,
     EXIT_OK,
@@ -70,6 +71,8 @@ class _Outputs:
     def __init__(self, out: pathlib.Path, size: tuple[int, int], fps: float) -> None:
         self.frames_dir = out / FRAMES_DIR
         self.frames_dir.mkdir(parents=True, exist_ok=True)
+        for old_frame in self.frames_dir.glob("[0-9][0-9][0-9][0-9][0-9].png"):  # a longer earlier run's
+            old_frame.unlink()
         self.video_path = out / VIDEO_NAME
         self._size, self._fps = size, fps
         self._video: cv2.VideoWriter | None = None  # opened with the first frame: a run that never gets one
@@ -191,13 +194,17 @@ class _HeadlessRun:
 def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_stop: Callable[[], bool]) -> int:
     """Render ``cfg.frames`` frames into ``cfg.out``; returns the exit status (see client_demo.config)."""
     out = cfg.out or DEFAULT_OUT
+    try:
+        outputs = _Outputs(out, cfg.hr_size, cfg.fps)
+    except OSError as exc:  # not a folder, or not writable: before anything is rendered
+        print(f"client_demo: cannot write into {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     renderer = scenes.SceneRenderer()  # its own EGL context, released with it
     try:
         gpu = GpuFrames(renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH)
     except scenes.HeadlessContextError as exc:  # no EGL here: one clear line, as window mode gives for no display
         print(f"client_demo: {exc}", file=sys.stderr)
         return EXIT_NO_WINDOW
-    outputs = _Outputs(out, cfg.hr_size, cfg.fps)
     run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop)
     started = time.perf_counter()
     status, error = EXIT_OK, None
@@ -205,12 +212,18 @@ def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_
         run.execute()
     except _Stopped as exc:
         status, error = exc.status, str(exc)
+    except OSError as exc:  # a full disk, a folder removed mid-run: stats.json still says how far it got
+        status, error = EXIT_ERROR, f"cannot write the outputs: {exc}"
     finally:
         outputs.close()
         gpu.release()
         renderer.release()
     stats = _stats(cfg, link, run, time.perf_counter() - started, error)
-    (out / STATS_NAME).write_text(json.dumps(stats, indent=2) + "\n")
+    try:
+        (out / STATS_NAME).write_text(json.dumps(stats, indent=2) + "\n")
+    except OSError as exc:
+        print(f"client_demo: cannot write {out / STATS_NAME}: {exc.strerror or exc}", file=sys.stderr)
+        status = status or EXIT_ERROR
     _report(out, stats)
     return status
 

@@ -34,6 +34,7 @@ CONNECT_TIMEOUT = 2.0  # s for the hello of a local daemon: a dead endpoint is n
 BACKOFF = (0.25, 4.0)  # s between reconnection attempts: first, largest (doubling in between)
 BUSY_PAUSE = 0.005  # s before resubmitting a frame the daemon refused as BUSY
 IDLE_POLL = 0.05  # s the worker waits for a job before checking for shutdown again
+RESULT_POLL = 0.002  # s the worker waits for the next job before looking for a finished frame again
 
 
 class LinkState(enum.Enum):
@@ -49,7 +50,7 @@ class Finished:
 
     slot: int
     frame: int
-    round_trip: float  # s from submit to done, as the worker saw it
+    round_trip: float  # s from the render loop's submit to the daemon's done reaching the worker
     timings: Timings  # the daemon's own measurements
 
 
@@ -79,6 +80,7 @@ class _Job:
     epoch: int
     slot: int
     frame: int
+    submitted: float  # time.perf_counter() of UpscaleLink.submit: the round trip counts the wait in the job queue
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,15 @@ class _Worker(threading.Thread):
         self._endpoint, self._size, self._scale, self._timeout = endpoint, size, scale, timeout
         self._jobs, self._events = jobs, events
         self._backoff = BACKOFF[0]
+        self._client: UpscalerClient | None = None  # the connection's client, for interrupt()
         self.halt = threading.Event()
+
+    def interrupt(self) -> None:
+        """After ``halt`` is set: end a wait for the daemon now (a stalled or dead daemon's frame waits up to the
+        timeout several times over). The worker then closes its client itself: ZeroMQ sockets are not thread-safe."""
+        client = self._client
+        if client is not None:
+            client.interrupt()
 
     def run(self) -> None:
         epoch = 0
@@ -125,6 +135,9 @@ class _Worker(threading.Thread):
         try:
             client = UpscalerClient(self._endpoint, timeout=min(self._timeout, CONNECT_TIMEOUT), retries=0,
                                     name="takdsr-demo")
+            self._client = client  # before halt is read: close() either interrupts it or the check below sees halt
+            if self.halt.is_set():
+                return
             client.timeout, client.retries = self._timeout, 1
             session = self._open(client)
             self._events.put(_Connected(epoch, client.info, [session.input(i) for i in range(session.slots)],
@@ -142,6 +155,7 @@ class _Worker(threading.Thread):
                 self._await_release(epoch)
             if client is not None:
                 client.close()
+            self._client = None
 
     def _open(self, client: UpscalerClient) -> Session:
         if client.scale != self._scale:
@@ -156,9 +170,13 @@ class _Worker(threading.Thread):
             raise
 
     def _serve(self, session: Session, epoch: int) -> None:
-        sent: collections.deque[tuple[int, int, float]] = collections.deque()  # (slot, frame, t), as the session's
+        # (slot, frame, submitted), in the session's order. A frame is collected once its reply is here, when every
+        # slot is in flight, or when it is overdue (collect then asks whether the daemon is alive); meanwhile the
+        # worker takes the next job, so the daemon has the next frame while it finishes this one.
+        sent: collections.deque[tuple[int, int, float]] = collections.deque()
         while not self.halt.is_set():
-            if sent and (len(sent) >= PIPELINE_DEPTH or self._jobs.empty()):
+            if sent and (len(sent) >= PIPELINE_DEPTH or session.has_result()
+                         or time.perf_counter() - sent[0][2] > self._timeout):
                 slot, frame, start = sent.popleft()
                 try:
                     result = session.collect()
@@ -171,11 +189,11 @@ class _Worker(threading.Thread):
                 self._events.put(_Done(epoch, finished))
                 continue
             try:
-                job = self._jobs.get(timeout=IDLE_POLL)
+                job = self._jobs.get(timeout=RESULT_POLL if sent else IDLE_POLL)
             except queue.Empty:
                 continue
             if isinstance(job, _Job) and job.epoch == epoch:
-                sent.append((job.slot, session.submit(job.slot, job.frame), time.perf_counter()))
+                sent.append((job.slot, session.submit(job.slot, job.frame), job.submitted))
 
     def _await_release(self, epoch: int) -> None:
         """Wait (briefly) until the main thread has dropped its views of this connection's shared memory."""
@@ -214,11 +232,14 @@ class UpscaleLink:
     def start(self) -> None:
         self._worker.start()
 
-    def close(self, wait: float = 2.0) -> None:
-        """Stop the worker; its client closes the session. Views of the slots become invalid."""
+    def close(self, wait: float = 5.0) -> None:
+        """Stop the worker; its client closes the session. Views of the slots become invalid. The worker ends within
+        about 0.1 s of an interrupted wait, or after a connection attempt under way (CONNECT_TIMEOUT): it must be
+        gone before the interpreter exits, or the client's sockets are torn down under it."""
         self._drop_views()
         self._drain()  # queued news may hold views too, and the worker is about to unmap
         self._worker.halt.set()
+        self._worker.interrupt()
         if self._worker.is_alive():
             self._worker.join(wait)
         self._drain()
@@ -255,7 +276,7 @@ class UpscaleLink:
         if not self._in_flight:
             self._progress = time.monotonic()
         self._in_flight.add(slot)
-        self._jobs.put(_Job(self._epoch, slot, frame))
+        self._jobs.put(_Job(self._epoch, slot, frame, time.perf_counter()))
 
     def release(self, slot: int) -> None:
         """Give a finished slot back for the next frame."""

@@ -237,7 +237,8 @@ class _WindowDemo:
     def _overlay(self) -> None:
         """Captions of the split halves, or a banner when upscaled frames cannot be shown."""
         if self.ui.view in ("sr", "split") and not self._sr_ok:
-            stalled = self.link.ready and self._stalled()
+            # a daemon known to be gone says so, rather than "waiting" until the link's timeout notices it
+            stalled = self.link.ready and self._stalled() and not self.watch()
             reason = f"waiting for the upscaler: no frame for {self.link.waiting():.0f} s" if stalled else \
                 self._status()[0]
             self.hud.banner(reason + " - showing bilinear")
@@ -282,9 +283,14 @@ class _WindowDemo:
         self.ctx.screen.viewport = (0, 0, fb_w, fb_h)
         pixels = read_rgb(self.ctx.screen)
         folder = self.cfg.out or pathlib.Path.cwd()
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"takdsr-demo-{time.strftime('%Y%m%d-%H%M%S')}-{self.frames:05d}.png"
-        cv2.imwrite(str(path), pixels[..., ::-1])
+        try:  # a screenshot that cannot be written is reported; the demo goes on
+            folder.mkdir(parents=True, exist_ok=True)
+            if not cv2.imwrite(str(path), pixels[..., ::-1]):
+                raise OSError("OpenCV could not write it")
+        except (OSError, cv2.error) as exc:
+            print(f"client_demo: no screenshot: cannot write {path}: {exc}", file=sys.stderr)
+            return
         print(f"client_demo: screenshot {path}")
 
 

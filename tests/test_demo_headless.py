@@ -73,6 +73,23 @@ def test_headless_frames_are_the_upscaled_render(nearest_daemon: Daemon, tmp_pat
         assert record["psnr_bilinear_db"] == pytest.approx(psnr(bilinear, reference), abs=0.5)
 
 
+def test_an_earlier_runs_frames_are_replaced_and_an_unwritable_out_is_refused(nearest_daemon: Daemon,
+                                                                              tmp_path: pathlib.Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("00001.png", "00004.png", "notes.txt"):  # a longer earlier run, and a file of the user's
+        (frames / name).write_bytes(b"old")
+    result = run_demo("--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames", "2",
+                      "--out", str(tmp_path))
+    assert result.returncode == 0, output_of(result)
+    assert sorted(p.name for p in frames.iterdir()) == ["00000.png", "00001.png", "notes.txt"]
+    assert read_png(frames / "00001.png").shape == (HR[1], HR[0], 3)  # this run's frame, not the old bytes
+    unwritable = run_demo("--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames", "2",
+                          "--out", "/proc/takdsr-demo-out")  # fmt: skip
+    assert unwritable.returncode == 2 and "cannot write into /proc/takdsr-demo-out" in unwritable.stderr, \
+        output_of(unwritable)
+
+
 def test_the_split_view_is_captioned_and_a_run_without_frames_leaves_no_video(nearest_daemon: Daemon,
                                                                              tmp_path: pathlib.Path) -> None:
     """Whoever watches demo.mp4 must see which half is the upscaler; a run that gets no frame writes no video."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 
 import numpy as np
 import pytest
 
 from client_demo.link import LinkState, UpscaleLink
+from upscaler_server.client import Session
 
 from server_utils import run_server, short_tmpdir
 
@@ -61,3 +63,68 @@ def test_link_refuses_a_scale_the_daemon_does_not_have() -> None:
             assert link.state is LinkState.FAILED and "--scale 3" in link.reason
         finally:
             link.close()
+
+
+def _collect(link: UpscaleLink, count: int, deadline: float = 30.0) -> list:
+    finished, end = [], time.monotonic() + deadline
+    while len(finished) < count and time.monotonic() < end:
+        for frame in link.poll(0.05):
+            finished.append(frame)
+            link.release(frame.slot)
+    assert len(finished) == count, f"{len(finished)} of {count} frames came back; {link.state}: {link.reason}"
+    return finished
+
+
+def test_a_frame_rendered_while_the_daemon_works_is_sent_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frame 2 is submitted while frame 1 is still at the (here stopped) daemon: the worker used to block in
+    collect() as soon as its queue was empty, so frame 2 waited in the demo and the daemon never had two frames.
+    Frame 2's round trip counts from the render loop's submit, its wait in the demo's queue included."""
+    in_flight_at_submit = []
+    original_submit = Session.submit
+
+    def counting_submit(self: Session, slot: int, frame: int | None = None) -> int:
+        in_flight_at_submit.append(len(self.in_flight))
+        return original_submit(self, slot, frame)
+
+    monkeypatch.setattr(Session, "submit", counting_submit)
+    with run_server("--backend", "nearest") as daemon:
+        link = UpscaleLink(daemon.endpoint, LR, scale=2, timeout=10.0)
+        link.start()
+        try:
+            _round_trip(link, 1)  # connected and warmed up
+            in_flight_at_submit.clear()
+            daemon.proc.send_signal(signal.SIGSTOP)
+            try:
+                first = link.acquire()
+                link.submit(first, 2)
+                time.sleep(0.3)  # the next frame renders
+                second = link.acquire()
+                link.submit(second, 3)
+                time.sleep(0.5)
+            finally:
+                daemon.proc.send_signal(signal.SIGCONT)
+            done = {frame.frame: frame for frame in _collect(link, 2)}
+        finally:
+            link.close()
+    assert in_flight_at_submit == [0, 1]  # frame 3 went out while frame 2 was at the daemon
+    assert done[3].round_trip >= 0.45 and done[2].round_trip >= 0.75
+    assert all(frame.round_trip * 1e6 >= frame.timings.total_us for frame in done.values())
+
+
+def test_closing_the_link_while_the_daemon_stalls_is_prompt() -> None:
+    """The worker waits for a stalled daemon's frame up to the timeout several times over; closing used to give up
+    on it after 2 s and leave it inside the client, whose sockets the interpreter then tore down under it at exit
+    (a hang in zmq_ctx_term, or libzmq aborting the process)."""
+    with run_server("--backend", "nearest") as daemon:
+        link = UpscaleLink(daemon.endpoint, LR, scale=2, timeout=10.0)
+        link.start()
+        _round_trip(link, 1)
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            link.submit(link.acquire(), 2)
+            time.sleep(0.5)  # the worker is now waiting for the frame
+            start = time.monotonic()
+            link.close()
+            assert time.monotonic() - start < 1.5 and not link._worker.is_alive()
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)

@@ -80,7 +80,11 @@ def test_command_line() -> None:
     for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--frames", "0"], ["--scene", "moon"],
                 ["--spawn-server", "--checkpoint", "no_such_student_x2"],
                 ["--spawn-server", "--checkpoint", "/nonexistent/dir/rlfn_s_takdsr_x2.safetensors"],
-                ["--headless", "--out", "demo_\udce9"]):  # not UTF-8: OpenCV's writers would crash the demo
+                ["--headless", "--out", "demo_\udce9"],  # not UTF-8: OpenCV's writers would crash the demo
+                ["--headless", "--out", __file__],  # a file, not a folder
+                # inf and nan pass a `<= 0` check: the MP4 writer spun forever at inf fps, nan failed mid-run
+                ["--fps", "inf"], ["--fps", "nan"], ["--fps", "1e6"], ["--max-fps", "inf"], ["--start", "nan"],
+                ["--timeout", "nan"], ["--timeout", "inf"], ["--exit-after", "0"], ["--screenshot-after", "-1"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)
         assert exc.value.code == 2, bad

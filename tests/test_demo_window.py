@@ -52,3 +52,11 @@ def test_window_stays_responsive_without_a_daemon(tmp_path: pathlib.Path) -> Non
     assert result.returncode == 0, output_of(result)
     assert _counts(result.stdout) == (45, 0)
     assert read_png(_screenshot(tmp_path)).mean() > 10
+
+
+def test_a_screenshot_that_cannot_be_written_is_reported_and_the_demo_goes_on(nearest_daemon: Daemon) -> None:
+    result = run_demo("--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--screenshot-after", "5",
+                      "--exit-after", "10", "--out", "/proc", xvfb=True)  # /proc takes no files, even from root
+    assert result.returncode == 0, output_of(result)
+    assert "no screenshot: cannot write /proc/takdsr-demo-" in result.stderr, output_of(result)
+    assert _counts(result.stdout)[0] == 10
