@@ -11,7 +11,7 @@
 # stages run their steps (the cosine over steps, so stages of equal steps get the same schedule) with
 # no time limit of their own: the caller's Ctrl-C stops them the same way. Exits non-zero if any stage
 # failed. Afterwards `python -m training pipeline --config CONFIG --run-dir RUN_DIR` trains what is
-# left and evaluates everything.
+# left and evaluates everything (a stage stopped early resumes only with the same overrides: rerun its line).
 set -uo pipefail
 
 if [[ $# -lt 4 ]]; then

@@ -34,6 +34,10 @@ def _stage_config(folder: Path, role: str, **stage: object):
 @pytest.fixture
 def stop_at_step_3(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every run in the test sets the Ctrl-C flag after its third step, as SIGINT does."""
+    _stop_at_step_3(monkeypatch)
+
+
+def _stop_at_step_3(monkeypatch: pytest.MonkeyPatch) -> None:
     original_step = _Trainer._step
 
     def step_then_stop(self: _Trainer, loss_module, batch, step):
@@ -49,7 +53,7 @@ def test_a_fresh_run_never_starts_over_a_saved_one(image_folder: Path, tmp_path:
     with pytest.raises(TrainingInterrupted):
         train_stage(config, run)
     saved = {name: (run / name).read_bytes() for name in ("state.pt", "metrics.jsonl", "config.toml")}
-    with pytest.raises(FileExistsError, match=r"holds a run already \(state\.pt\).*--resume"):
+    with pytest.raises(FileExistsError, match=r"holds an interrupted run \(state\.pt\).*--resume"):
         train_stage(config, run)  # the same command again, without --resume
     assert {name: (run / name).read_bytes() for name in saved} == saved  # nothing of the interrupted run changed
 
@@ -62,8 +66,25 @@ def test_a_finished_run_is_not_overwritten_by_the_cli(image_folder: Path, tmp_pa
     config = tmp_path / "config.toml"
     config.write_text((run / "config.toml").read_text())
     assert training_main(["train", "--config", str(config), "--run-dir", str(run)]) == 1
-    assert "holds a run already (final.safetensors)" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "holds a finished run (final.safetensors): choose another --run-dir" in error
+    assert "--resume" not in error  # it has no state.pt (checkpoint_every 1000 > 6 steps): nothing to resume
     assert (run / "final.safetensors").read_bytes() == final
+
+
+def test_resuming_a_finished_run_without_more_steps_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    config = _stage_config(image_folder, "student")
+    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, checkpoint_every=3))
+    run = tmp_path / "run"
+    train_stage(config, run)
+    final = (run / "final.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"finished run .*--resume .* --set optim\.steps=N"):
+        train_stage(config, run)
+    with pytest.raises(ValueError, match=r"finished at step 6 of 6: .*--set optim\.steps=N"):
+        train_stage(config, run, resume=True)  # would only rewrite final.safetensors, with no final loss
+    assert (run / "final.safetensors").read_bytes() == final
+    longer = dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps=8))
+    assert train_stage(longer, run, resume=True).steps == 8  # more steps: it goes on
 
 
 def test_a_failed_resume_keeps_the_runs_config(image_folder: Path, tmp_path: Path, stop_at_step_3: None,
@@ -93,10 +114,47 @@ def test_a_pipeline_resumes_a_stage_only_with_the_config_it_started_with(
     with pytest.raises(ValueError, match=r"student_alone .* another config \(data\.patch_size, optim\.lr\)"):
         run_pipeline(other, run, ["student_alone"])
     assert (run / "student_alone" / "state.pt").read_bytes() == state
-    # how it runs may change (here the log interval): the stage goes on from step 3 to its end
-    relaxed = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, log_every=2))
+    # how it runs may change (here the log interval), and the keys that shape other stages: the stage goes on
+    relaxed = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, log_every=2),
+                                  experiment=dataclasses.replace(config.experiment, full_reference=True))
     run_pipeline(relaxed, run, ["student_alone"])
     assert load_checkpoint(run / "student_alone" / "final.safetensors").metadata["training"]["steps"] == 6
+
+
+def test_a_pipeline_checks_every_interrupted_stage_before_it_trains_any(
+    image_folder: Path, tmp_path: Path, stop_at_step_3: None
+) -> None:
+    """The refusal used to come when the loop reached the stage: after the run's config.toml was replaced and the
+    stages before it were trained under the new config."""
+    config = tiny_config(image_folder, experiment={"baselines": True}, optim={"steps": 6},
+                         eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        run_pipeline(config, run, ["student_alone"])
+    (run / "student_alone" / "config.toml").unlink()  # put back as the GPU scripts bring it: the state alone
+    budgeted = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, time_budget_s=300.0))
+    with pytest.raises(ValueError, match=r"student_alone .* another config \(runtime\.time_budget_s\)"):
+        run_pipeline(budgeted, run)
+    assert sorted(p.name for p in run.iterdir()) == ["student_alone"]  # nothing trained, no config.toml written
+
+
+def test_a_pipeline_resumes_its_stage_from_a_moved_run_folder(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guides' paths are made from the run folder: named from elsewhere, or moved, it is the same run."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 6})
+    monkeypatch.chdir(tmp_path)
+    run_pipeline(config, Path("run"), ["teacher"])  # relative, from tmp_path
+    with monkeypatch.context() as patch:
+        _stop_at_step_3(patch)
+        with pytest.raises(TrainingInterrupted):
+            run_pipeline(config, Path("run"), ["ta1"])
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "run").rename(moved)
+    monkeypatch.chdir(moved)  # where the saved relative paths name nothing
+    run_pipeline(config, moved, ["ta1"])  # absolute now, and the folder moved
+    assert load_checkpoint(moved / "ta1" / "final.safetensors").metadata["training"]["steps"] == 6
 
 
 def test_guides_and_teachers_that_cannot_teach_the_network_are_named(image_folder: Path, tmp_path: Path) -> None:

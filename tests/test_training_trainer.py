@@ -428,6 +428,20 @@ def test_ddp_two_cpu_processes_with_gloo(image_folder: Path, tmp_path: Path) -> 
     assert checkpoint.metadata["training"]["steps"] == 4
 
 
+def test_ddp_pipeline_stages_wait_for_each_others_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    """Only rank 0 writes a stage's checkpoint: rank 1 used to start the next stage before it existed and fail with
+    "stage ta1 needs .../teacher/final.safetensors"."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    config = _write_config(tmp_path, image_folder, steps=2)
+    run_dir = tmp_path / "ddp"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training", "pipeline", "--config",
+               str(config), "--run-dir", str(run_dir), "--stages", "teacher,ta1", "--set", "runtime.threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(run_dir / "ta1" / "final.safetensors").metadata["training"]["world_size"] == 2
+
+
 def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     config = load_config(
         SMOKE_CONFIG,

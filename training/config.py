@@ -35,6 +35,7 @@ __all__ = [
     "RuntimeConfig",
     "StageConfig",
     "apply_overrides",
+    "config_from_toml",
     "differing_keys",
     "dump_toml",
     "load_config",
@@ -155,10 +156,15 @@ _SECTIONS = {
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a TOML experiment file, apply `key=value` overrides, validate."""
     with open(path, "rb") as handle:
-        try:
-            raw = tomllib.load(handle)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # e.g. a run's config.toml cut short
-            raise ValueError(f"{path} is not a valid TOML file ({exc})") from None
+        return config_from_toml(handle.read().decode("utf-8", errors="replace"), path, overrides)
+
+
+def config_from_toml(text: str, source: str | Path, overrides: list[str] | None = None) -> Config:
+    """A config from TOML text (a file's, or the copy a training state keeps), `source` naming it in errors."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # e.g. a run's config.toml cut short
+        raise ValueError(f"{source} is not a valid TOML file ({exc})") from None
     return from_dict(apply_overrides(raw, overrides or []))
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from models import load_model, read_metadata
-from training.config import Config, StageConfig, differing_keys, dump_toml, load_config
+from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml, load_config
 from training.evaluate import (
     baseline_predictors,
     check_eval_folders,
@@ -37,7 +37,7 @@ from training.evaluate import (
 )
 from training.latency import measure_latency
 from training.report import write_report
-from training.trainer import FINAL_FILE, STATE_FILE, train_stage
+from training.trainer import FINAL_FILE, STATE_FILE, read_state, train_stage
 
 __all__ = ["DISPLAY_NAMES", "display_name", "pipeline_stages", "run_pipeline"]
 
@@ -95,6 +95,10 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
     chosen = _chosen_stages(all_stages, stages)
     if stages is None:  # the evaluation after training: its folders are checked before hours of training
         check_eval_folders(config)
+    for stage in chosen:  # every interrupted stage is checked before anything is written or trained
+        stage_dir = run_dir / stage.name
+        if (stage_dir / STATE_FILE).exists() and not (stage_dir / FINAL_FILE).exists():
+            _check_same_training(dataclasses.replace(config, stage=stage), stage_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if stages is None:  # parallel partial runs may differ in their overrides (e.g. time budgets)
         (run_dir / "config.toml").write_text(dump_toml(config.to_dict()))
@@ -105,11 +109,7 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
         missing = [p for p in (stage.init_from, *stage.guides) if p and not Path(p).exists()]
         if missing:
             raise FileNotFoundError(f"stage {stage.name} needs {', '.join(missing)}: train those stages first")
-        stage_config = dataclasses.replace(config, stage=stage)
-        resume = (stage_dir / STATE_FILE).exists()
-        if resume:
-            _check_same_training(stage_config, stage_dir)
-        train_stage(stage_config, stage_dir, resume=resume)
+        train_stage(dataclasses.replace(config, stage=stage), stage_dir, resume=(stage_dir / STATE_FILE).exists())
     if stages is not None:
         return None
     results = evaluate_run(config, run_dir)
@@ -117,38 +117,50 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
     return results
 
 
-# What may change between the segments of a resumed stage: how it runs, not what it trains
-_RUN_ONLY_KEYS = {f"runtime.{key}" for key in ("device", "compile", "workers", "threads", "log_every",
-                                               "checkpoint_every", "snapshot_every", "progress", "channels_last")}
-_RUN_ONLY_KEYS.add("data.cache_mb")
+# What may differ between the segments of a resumed stage: how it runs, and the experiment keys that shape the
+# pipeline's list of stages rather than this stage (its own steps are in its stage table)
+_NOT_COMPARED = {
+    *(f"runtime.{key}" for key in ("device", "compile", "workers", "threads", "log_every", "checkpoint_every",
+                                   "snapshot_every", "progress", "channels_last")),
+    *(f"experiment.{key}" for key in ("name", "teacher_steps", "ta_steps", "student_steps", "baselines",
+                                      "full_reference")),
+    "data.cache_mb",
+}
 
 
 def _check_same_training(config: Config, stage_dir: Path) -> None:
-    """An interrupted stage resumes only with the config it was started with (its RUN_DIR/<stage>/config.toml),
-    evaluation and run-only keys aside: another schedule, data or loss would go on silently, and the checkpoint's
-    metadata would then describe a training that never ran."""
-    saved_path = stage_dir / "config.toml"
-    if not saved_path.is_file():  # a state without its config: the trainer's own checks decide
+    """An interrupted stage resumes only with the config it was started with (its RUN_DIR/<stage>/config.toml, or
+    the copy in its state.pt), evaluation and the keys above aside: another schedule, data or loss would go on
+    silently, and the checkpoint's metadata would then describe a training that never ran."""
+    saved = _started_with(stage_dir)
+    if saved is None:  # a state of an older version, put back without its config.toml: nothing to compare
         return
-    saved, current = (_comparable(c) for c in (load_config(saved_path), config))
-    changed = [key for key in differing_keys(saved, current) if key not in _RUN_ONLY_KEYS]
+    changed = [key for key in differing_keys(_comparable(saved), _comparable(config)) if key not in _NOT_COMPARED]
     if changed:
         keys = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
         raise ValueError(
-            f"stage {config.stage.name} in {stage_dir} was started with another config ({keys}): rerun the pipeline "
-            f"as it was started, or continue that stage alone with `python -m training train --resume {stage_dir}` "
-            "(and --set KEY=VALUE for a change made on purpose)"
+            f"stage {config.stage.name} in {stage_dir} was started with another config ({keys}): run the pipeline "
+            "with the config and --set overrides it was started with (for scripts/train_parallel.sh, the same "
+            f"line), or continue that stage alone with `python -m training train --resume {stage_dir}` (and "
+            "--set KEY=VALUE for a change made on purpose)"
         )
 
 
+def _started_with(stage_dir: Path) -> Config | None:
+    if (stage_dir / "config.toml").is_file():
+        return load_config(stage_dir / "config.toml")
+    saved = read_state(stage_dir / STATE_FILE, torch.device("cpu")).get("config")
+    return config_from_toml(saved, stage_dir / STATE_FILE) if isinstance(saved, str) else None
+
+
 def _comparable(config: Config) -> dict[str, Any]:
-    """The config as a dict without its evaluation table, its stage's checkpoint paths resolved (the same run
-    folder may be spelt relative or absolute)."""
+    """The config as a dict without its evaluation table, its guides and initialisation named by their stage (the
+    pipeline makes those paths from the run folder, which may be spelt otherwise, or moved, since)."""
     as_dict = config.to_dict()
     as_dict.pop("eval", None)
     stage = as_dict["stage"]
-    stage["init_from"] = str(Path(stage["init_from"]).resolve()) if stage.get("init_from") else ""
-    stage["guides"] = [str(Path(path).resolve()) for path in stage.get("guides", [])]
+    stage["init_from"] = Path(stage["init_from"]).parent.name if stage.get("init_from") else ""
+    stage["guides"] = [Path(path).parent.name for path in stage.get("guides", [])]
     return as_dict
 
 

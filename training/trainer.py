@@ -176,6 +176,8 @@ class _Trainer:
         if not resume:
             self._refuse_earlier_run()
         start_step = self._load_state() if resume else 0
+        if resume:
+            self._refuse_finished_resume(start_step)
         loss_module = self._distillation()
         loader = self._loader(start_step)  # the data is checked before the run's files change
         self.started = time.perf_counter()
@@ -215,6 +217,8 @@ class _Trainer:
                 signal.signal(signum, handler)
         seconds = self._elapsed()
         checkpoint = self._save_final(step, seconds, total) if self.dist.main else self.run_dir / FINAL_FILE
+        if self.dist.world > 1:  # a pipeline's next stage reads this checkpoint on every rank: wait until it is there
+            dist.barrier()
         return StageResult(checkpoint, step, seconds, total)
 
     def _step(self, loss_module: Distillation, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
@@ -303,12 +307,28 @@ class _Trainer:
     def _refuse_earlier_run(self) -> None:
         """A fresh run never starts over a folder holding another's state or final weights: rerunning the same
         `train` command after an interruption would otherwise wipe the saved progress without a word."""
-        earlier = [name for name in (STATE_FILE, FINAL_FILE) if (self.run_dir / name).exists()]
-        if earlier:
+        if (self.run_dir / FINAL_FILE).exists():
             raise FileExistsError(
-                f"{self.run_dir} holds a run already ({', '.join(earlier)}): continue it with `python -m training "
-                f"train --resume {self.run_dir}`, or choose another --run-dir (or delete that folder)"
+                f"{self.run_dir} holds a finished run ({FINAL_FILE}): choose another --run-dir (or delete that "
+                "folder)" + (f"; to train it further, `python -m training train --resume {self.run_dir} --set "
+                             f"{self._steps_key()}=N` with more steps" if (self.run_dir / STATE_FILE).exists() else "")
             )
+        if (self.run_dir / STATE_FILE).exists():
+            raise FileExistsError(
+                f"{self.run_dir} holds an interrupted run ({STATE_FILE}): continue it with `python -m training train "
+                f"--resume {self.run_dir}`, or choose another --run-dir (or delete that folder)"
+            )
+
+    def _refuse_finished_resume(self, start_step: int) -> None:
+        """Resuming a finished run with no steps left would only rewrite its final checkpoint (with no final
+        loss); a state at its end without the final checkpoint (stopped while saving it) still writes it."""
+        if self._finished(start_step) and (self.run_dir / FINAL_FILE).exists():
+            raise ValueError(f"{self.run_dir} is finished at step {start_step} of {self.steps}: resume it with "
+                             f"--set {self._steps_key()}=N (more steps) to train it further")
+
+    def _steps_key(self) -> str:
+        """The config key that sets this stage's steps (stage_steps: its own, else the experiment's)."""
+        return "stage.steps" if self.config.stage.steps else "optim.steps"
 
     def _write_run_files(self, start_step: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,6 +349,9 @@ class _Trainer:
             "torch_rng": torch.get_rng_state(),
             "seconds": self._elapsed(),
             "budget_spent": self.budget_spent,
+            # the config it was started with, as text: a state put back without its config.toml (the GPU scripts
+            # bring back state.pt alone) is still resumed only with it
+            "config": dump_toml(self.config.to_dict()),
         }
         tmp = self.run_dir / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
