@@ -4,8 +4,8 @@ The render loop (main thread) owns the session's slots: it takes a free slot, re
 zero-copy shared-memory view, submits it and later gets a :class:`Finished` frame whose output it reads and releases.
 The worker thread owns the :class:`UpscalerClient` (which is not thread-safe): it submits, collects in submission
 order (``PIPELINE_DEPTH`` frames in flight: frame n+1 renders while frame n upscales), retries BUSY replies and,
-when the daemon is gone or restarted, reconnects with exponential backoff. ``Session.collect`` blocks for up to the
-client's timeout and reconnects on silence, which is why it runs here and not in the render loop.
+when the daemon is gone or restarted, reconnects with exponential backoff. Checking a silent daemon blocks for up to
+the client's timeout, which is why it runs here and not in the render loop.
 
 Shared-memory views must not outlive the mapping, so after a lost connection the worker waits until the main thread
 has dropped its views (a ``_Released`` message) before it closes the old session.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from upscaler_server.client import Session, UpscalerClient
-from upscaler_server.errors import BusyError, ErrorCode, SessionError, UpscalerError
+from upscaler_server.errors import BusyError, ErrorCode, ServerUnavailableError, SessionError, UpscalerError
 from upscaler_server.protocol import Timings, Welcome
 
 __all__ = ["PIPELINE_DEPTH", "Finished", "LinkState", "UpscaleLink"]
@@ -34,7 +34,7 @@ CONNECT_TIMEOUT = 2.0  # s for the hello of a local daemon: a dead endpoint is n
 BACKOFF = (0.25, 4.0)  # s between reconnection attempts: first, largest (doubling in between)
 BUSY_PAUSE = 0.005  # s before resubmitting a frame the daemon refused as BUSY
 IDLE_POLL = 0.05  # s the worker waits for a job before checking for shutdown again
-RESULT_POLL = 0.002  # s the worker waits for the next job before looking for a finished frame again
+RESULT_POLL = 0.002  # s the worker waits for a frame's reply before looking for the next job again
 
 
 class LinkState(enum.Enum):
@@ -86,6 +86,17 @@ class _Job:
 @dataclass(frozen=True)
 class _Released:
     epoch: int
+
+
+@dataclass
+class _InFlight:
+    """A frame the worker has submitted: its slot, its frame id, when the render loop submitted it, and whether
+    the daemon has been checked for it (once it is overdue)."""
+
+    slot: int
+    frame: int
+    submitted: float
+    checked: bool = False
 
 
 # Open errors that no retry can fix (others, such as RESOURCE_LIMIT, may clear up when other clients leave).
@@ -170,30 +181,47 @@ class _Worker(threading.Thread):
             raise
 
     def _serve(self, session: Session, epoch: int) -> None:
-        # (slot, frame, submitted), in the session's order. A frame is collected once its reply is here, when every
-        # slot is in flight, or when it is overdue (collect then asks whether the daemon is alive); meanwhile the
-        # worker takes the next job, so the daemon has the next frame while it finishes this one.
-        sent: collections.deque[tuple[int, int, float]] = collections.deque()
+        """Submit jobs and collect their frames in order. The oldest frame's reply is waited for in short slices
+        (a reply ends a slice at once), and the job queue is read between them, so frame n+1 reaches the daemon
+        while it finishes frame n. A frame without a reply after ``timeout`` has the daemon checked (a dead or
+        stalled one ends the connection), and after twice that it is given up, as collect() itself would."""
+        sent: collections.deque[_InFlight] = collections.deque()  # in the session's order
         while not self.halt.is_set():
-            if sent and (len(sent) >= PIPELINE_DEPTH or session.has_result()
-                         or time.perf_counter() - sent[0][2] > self._timeout):
-                slot, frame, start = sent.popleft()
-                try:
-                    result = session.collect()
-                except BusyError:  # not accepted: the slot is free again, so submit it anew (now last in order)
-                    time.sleep(BUSY_PAUSE)
-                    session.submit(slot, frame)
-                    sent.append((slot, frame, start))
+            if sent:
+                full = len(sent) >= PIPELINE_DEPTH  # no job can come: wait longer per slice
+                if session.has_result(IDLE_POLL if full else RESULT_POLL):
+                    self._collect(session, sent, epoch)
                     continue
-                finished = Finished(slot, frame, time.perf_counter() - start, result.timings)
-                self._events.put(_Done(epoch, finished))
-                continue
+                self._check_overdue(session, sent[0])
+                if full:
+                    continue
             try:
-                job = self._jobs.get(timeout=RESULT_POLL if sent else IDLE_POLL)
+                job = self._jobs.get_nowait() if sent else self._jobs.get(timeout=IDLE_POLL)
             except queue.Empty:
                 continue
             if isinstance(job, _Job) and job.epoch == epoch:
-                sent.append((job.slot, session.submit(job.slot, job.frame), job.submitted))
+                sent.append(_InFlight(job.slot, session.submit(job.slot, job.frame), job.submitted))
+
+    def _collect(self, session: Session, sent: collections.deque[_InFlight], epoch: int) -> None:
+        oldest = sent.popleft()
+        try:
+            result = session.collect()
+        except BusyError:  # not accepted: the slot is free again, so submit it anew (now last in order)
+            time.sleep(BUSY_PAUSE)
+            session.submit(oldest.slot, oldest.frame)
+            sent.append(oldest)
+            return
+        finished = Finished(oldest.slot, oldest.frame, time.perf_counter() - oldest.submitted, result.timings)
+        self._events.put(_Done(epoch, finished))
+
+    def _check_overdue(self, session: Session, oldest: _InFlight) -> None:
+        waited = time.perf_counter() - oldest.submitted
+        if waited > 2 * self._timeout:
+            raise ServerUnavailableError(f"frame {oldest.frame} got no reply in {waited:.0f} s although the daemon "
+                                         "answers pings; is it overloaded?")
+        if waited > self._timeout and not oldest.checked:
+            session.check_alive()  # raises for a daemon that is gone or stalled
+            oldest.checked = True
 
     def _await_release(self, epoch: int) -> None:
         """Wait (briefly) until the main thread has dropped its views of this connection's shared memory."""

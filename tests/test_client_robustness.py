@@ -221,11 +221,37 @@ def test_has_result_says_when_collect_would_not_wait() -> None:
         assert not session.has_result()  # nothing in flight
         session.input(0)[...] = 5
         session.submit(0)
-        deadline = time.monotonic() + 10
-        while not session.has_result():
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        start = time.monotonic()
+        assert session.has_result(wait=10)  # returns when the reply lands, not after the wait
+        assert time.monotonic() - start < 2.0
+        assert session.has_result()  # the reply stays for collect()
         start = time.monotonic()
         result = session.collect()
         assert time.monotonic() - start < 0.05 and (result.output == 5).all()
-        assert not session.has_result()
+        assert not session.has_result() and not session.has_result(wait=0.1)
+
+
+def test_an_interrupted_client_closes_without_raising_or_leaking() -> None:
+    """close() after interrupt() sent the session's Close anyway, which raised and left the rings mapped; an
+    interrupt landing while close() waited on a stopped daemon left the client half-closed, its heartbeat running."""
+    with run_server("--backend", "nearest") as daemon:
+        client = UpscalerClient(daemon.endpoint, timeout=5, name="pytest")
+        session = client.open_session(16, 16, "RGB8", slots=2)
+        client.interrupt()
+        session.close()  # the daemon is healthy: it is the interrupt that must not make this raise
+        assert session.closed and session._inputs == [] and not session._unmap.alive
+        client.close()
+        assert client.closed
+
+        before = threading.active_count()
+        client = UpscalerClient(daemon.endpoint, timeout=5, name="pytest")
+        client.open_session(16, 16, "RGB8", slots=2)
+        daemon.proc.send_signal(signal.SIGSTOP)  # close() now waits on the session's Close
+        try:
+            timer = threading.Timer(0.3, client.interrupt)
+            timer.start()
+            client.close()
+            timer.join()
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert client.closed and client._ctx.closed and threading.active_count() == before

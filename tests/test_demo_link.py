@@ -128,3 +128,26 @@ def test_closing_the_link_while_the_daemon_stalls_is_prompt() -> None:
             assert time.monotonic() - start < 1.5 and not link._worker.is_alive()
         finally:
             daemon.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize(("stop_signal", "limit"), [(signal.SIGKILL, 3.2), (signal.SIGSTOP, 5.2)],
+                         ids=["killed", "stopped"])
+def test_a_lost_daemon_is_given_up_on_as_the_timeout_says(stop_signal: int, limit: float) -> None:
+    """--timeout 2: a frame's daemon is checked after 2 s (a dead one answers nothing at once, a stopped one is
+    waited for 2 s more). Waiting for the reply beside the job queue once added a whole timeout to both."""
+    with run_server("--backend", "nearest", check_clean=False) as daemon:
+        link = UpscaleLink(daemon.endpoint, LR, scale=2, timeout=2.0)
+        link.start()
+        try:
+            _round_trip(link, 1)
+            daemon.proc.send_signal(stop_signal)
+            start = time.monotonic()
+            link.submit(link.acquire(), 2)
+            while link.state is LinkState.READY and time.monotonic() - start < 15:
+                link.poll(0.05)
+            elapsed = time.monotonic() - start
+            assert link.state is LinkState.RETRYING and 1.8 < elapsed < limit, (elapsed, link.reason)
+        finally:
+            if stop_signal == signal.SIGSTOP:
+                daemon.proc.send_signal(signal.SIGCONT)
+            link.close()

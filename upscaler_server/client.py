@@ -187,12 +187,16 @@ class _Link:
             self._waiting.discard(req)
             return self._mailbox.pop(req)
 
-    def arrived(self, req: int) -> bool:
-        """Whether the reply to ``req`` is here (what the socket holds is read now, without waiting)."""
+    def arrived(self, req: int, timeout: float = 0.0) -> bool:
+        """Whether the reply to ``req`` is here, waiting up to ``timeout`` s for it (0: what the socket holds is read
+        now); unlike wait(), the reply stays in the mailbox."""
         with self._owned():
-            while req not in self._mailbox and self._socket.poll(0, zmq.POLLIN):
+            deadline = time.monotonic() + timeout
+            while req not in self._mailbox:
+                if not _readable(self._socket, deadline - time.monotonic(), self.interrupted):
+                    return False
                 self._receive()
-            return req in self._mailbox
+            return True
 
     def _receive(self) -> None:
         reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
@@ -577,11 +581,13 @@ class Session:
         """Slots submitted and not collected yet, oldest first."""
         return [slot for _, slot, _ in self._outstanding]
 
-    def has_result(self) -> bool:
+    def has_result(self, wait: float = 0.0) -> bool:
         """Whether :meth:`collect` would return at once: the daemon's reply for the oldest frame in flight has
-        arrived (False when none is in flight). Lets a loop keep several frames in flight without blocking."""
+        arrived, waiting up to ``wait`` s for it (it returns as soon as the reply lands; False when no frame is in
+        flight). Lets a loop keep several frames in flight, doing other work between short waits; such a loop
+        checks the daemon itself (:meth:`check_alive`) when a frame takes too long."""
         self._check_open()
-        return bool(self._outstanding) and self._client._link.arrived(self._outstanding[0][0])
+        return bool(self._outstanding) and self._client._link.arrived(self._outstanding[0][0], wait)
 
     def _still_running(self, slot: int) -> bool:
         """Whether ``slot`` holds a frame given up on by collect() that the daemon has not finished yet."""
@@ -635,7 +641,7 @@ class Session:
                     link.forget(stale)
                 return FrameResult(self.id, slot, frame, done.timings, self._outputs[slot])
             try:
-                self._check_alive()  # keeps the request socket while the daemon answers: the late reply comes there
+                self.check_alive()  # keeps the request socket while the daemon answers: the late reply comes there
             except ServerUnavailableError:
                 break  # no daemon: waiting longer is no use
         self._outstanding.popleft()
@@ -660,9 +666,10 @@ class Session:
         self._outstanding.clear()
         self._abandoned.clear()
 
-    def _check_alive(self) -> None:
-        """Return if the daemon that has this session answers (it is slow); ServerUnavailableError if none does,
-        SessionLostError if it restarted or dropped the session."""
+    def check_alive(self) -> None:
+        """Return if the daemon that has this session answers a ping (it is slow, not gone), asked on a throwaway
+        socket within the client's timeout; ServerUnavailableError if none does, SessionLostError if it restarted or
+        dropped the session."""
         pong = self._client._probe([self.id], max(self._client.timeout, 1.0))  # a busy machine answers slowly
         if pong is None:
             raise ServerUnavailableError(f"the upscaler daemon at {self._client.endpoint} does not answer")
@@ -712,9 +719,10 @@ class Session:
         self.closed = True
         self._client._forget(self)
         self._forget_replies()
-        if notify and not self._client.closed:
-            # Gone already, or the daemon is down: its lease or its restart cleans up.
-            with contextlib.suppress(ServerUnavailableError, SessionError, ProtocolError):
+        if notify and not self._client.closed and not self._client._link.interrupted.is_set():
+            # Gone already, or the daemon is down (or the client interrupted while this waits): its lease or its
+            # restart cleans up. The rings are unmapped below in every case.
+            with contextlib.suppress(ServerUnavailableError, SessionError, ProtocolError, ClientInterruptedError):
                 self._client.request(Close(session=self.id), Closed, retries=0, timeout=min(self._client.timeout, 1))
         self._inputs.clear()
         self._outputs.clear()
