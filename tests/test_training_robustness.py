@@ -68,7 +68,10 @@ def test_a_finished_run_is_not_overwritten_by_the_cli(image_folder: Path, tmp_pa
     assert training_main(["train", "--config", str(config), "--run-dir", str(run)]) == 1
     error = capsys.readouterr().err
     assert "holds a finished run (final.safetensors): choose another --run-dir" in error
-    assert "--resume" not in error  # it has no state.pt (checkpoint_every 1000 > 6 steps): nothing to resume
+    assert f"train --resume {run}` with --set optim.steps=N (more steps)" in error
+    (run / "state.pt").unlink()  # final weights alone (shipped, or copied): nothing to resume, and none suggested
+    assert training_main(["train", "--config", str(config), "--run-dir", str(run)]) == 1
+    assert "--resume" not in capsys.readouterr().err
     assert (run / "final.safetensors").read_bytes() == final
 
 
@@ -85,6 +88,22 @@ def test_resuming_a_finished_run_without_more_steps_is_refused(image_folder: Pat
     assert (run / "final.safetensors").read_bytes() == final
     longer = dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps=8))
     assert train_stage(longer, run, resume=True).steps == 8  # more steps: it goes on
+
+
+def test_a_run_that_ended_between_saves_or_by_its_budget_is_finished(image_folder: Path, tmp_path: Path) -> None:
+    """7 steps, a state every 3: the last state was step 6, so a resume trained step 7 again and rewrote the final
+    checkpoint; a run its time budget ended was told to add steps, which changed nothing."""
+    config = _stage_config(image_folder, "student")
+    odd = dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps=7),
+                              runtime=dataclasses.replace(config.runtime, checkpoint_every=3))  # fmt: skip
+    train_stage(odd, tmp_path / "odd")
+    assert torch.load(tmp_path / "odd" / "state.pt", weights_only=True)["step"] == 7
+    with pytest.raises(ValueError, match="finished at step 7 of 7"):
+        train_stage(odd, tmp_path / "odd", resume=True)
+    budget = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, time_budget_s=1e-6))
+    assert train_stage(budget, tmp_path / "budget").steps == 1
+    with pytest.raises(ValueError, match=r"finished at step 1 of 6: .*runtime\.time_budget_s=S \(more seconds\)"):
+        train_stage(budget, tmp_path / "budget", resume=True)
 
 
 def test_a_failed_resume_keeps_the_runs_config(image_folder: Path, tmp_path: Path, stop_at_step_3: None,

@@ -227,7 +227,8 @@ def test_export_state_rejects_a_missing_or_foreign_state(
     run = tmp_path / "teacher"
     train_stage(_stage_config(image_folder, tmp_path, "teacher"), run)
     out = str(tmp_path / "x.safetensors")
-    assert training_main(["export-state", str(run), "--out", out]) == 1  # checkpoint_every 1000: no state
+    (run / "state.pt").rename(tmp_path / "kept.pt")  # the state saved at the end, put aside
+    assert training_main(["export-state", str(run), "--out", out]) == 1
     assert "no saved state" in capsys.readouterr().err
     torch.save({"step": 2, "model": {"network.other": torch.zeros(1)}}, tmp_path / "foreign.pt")
     assert training_main(["export-state", str(run), "--state", str(tmp_path / "foreign.pt"), "--out", out]) == 1
@@ -430,16 +431,19 @@ def test_ddp_two_cpu_processes_with_gloo(image_folder: Path, tmp_path: Path) -> 
 
 def test_ddp_pipeline_stages_wait_for_each_others_checkpoint(image_folder: Path, tmp_path: Path) -> None:
     """Only rank 0 writes a stage's checkpoint: rank 1 used to start the next stage before it existed and fail with
-    "stage ta1 needs .../teacher/final.safetensors"."""
+    "stage ta1 needs .../teacher/final.safetensors". And one process group serves every stage: a new group per
+    stage sometimes hung both ranks between two stages."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     config = _write_config(tmp_path, image_folder, steps=2)
     run_dir = tmp_path / "ddp"
     command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training", "pipeline", "--config",
-               str(config), "--run-dir", str(run_dir), "--stages", "teacher,ta1", "--set", "runtime.threads=1"]
+               str(config), "--run-dir", str(run_dir), "--stages", "teacher,ta1,student_takdsr", "--set",
+               "runtime.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert load_checkpoint(run_dir / "ta1" / "final.safetensors").metadata["training"]["world_size"] == 2
+    for stage in ("ta1", "student_takdsr"):
+        assert load_checkpoint(run_dir / stage / "final.safetensors").metadata["training"]["world_size"] == 2
 
 
 def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ RUN_DIR/state.pt; `--resume RUN_DIR` continues from it exactly: batches are a pu
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -123,12 +124,7 @@ class StepBatchSampler(Sampler[list[int]]):
 
 def train_stage(config: Config, run_dir: Path, *, resume: bool = False) -> StageResult:
     """Train the stage described by `config.stage`; returns where the final checkpoint is."""
-    dist_info = _init_distributed(config.runtime.device)
-    try:
-        return _Trainer(config, run_dir, dist_info).run(resume)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return _Trainer(config, run_dir, _init_distributed(config.runtime.device)).run(resume)
 
 
 class _Trainer:
@@ -215,6 +211,8 @@ class _Trainer:
             progress.close()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
+        if step % self.config.runtime.checkpoint_every:  # the state at the end too: a resume then knows it is done
+            self._save_state(step)
         seconds = self._elapsed()
         checkpoint = self._save_final(step, seconds, total) if self.dist.main else self.run_dir / FINAL_FILE
         if self.dist.world > 1:  # a pipeline's next stage reads this checkpoint on every rank: wait until it is there
@@ -310,8 +308,8 @@ class _Trainer:
         if (self.run_dir / FINAL_FILE).exists():
             raise FileExistsError(
                 f"{self.run_dir} holds a finished run ({FINAL_FILE}): choose another --run-dir (or delete that "
-                "folder)" + (f"; to train it further, `python -m training train --resume {self.run_dir} --set "
-                             f"{self._steps_key()}=N` with more steps" if (self.run_dir / STATE_FILE).exists() else "")
+                "folder)" + (f"; to train it further, `python -m training train --resume {self.run_dir}` with "
+                             f"{self._extension()}" if (self.run_dir / STATE_FILE).exists() else "")
             )
         if (self.run_dir / STATE_FILE).exists():
             raise FileExistsError(
@@ -324,11 +322,13 @@ class _Trainer:
         loss); a state at its end without the final checkpoint (stopped while saving it) still writes it."""
         if self._finished(start_step) and (self.run_dir / FINAL_FILE).exists():
             raise ValueError(f"{self.run_dir} is finished at step {start_step} of {self.steps}: resume it with "
-                             f"--set {self._steps_key()}=N (more steps) to train it further")
+                             f"{self._extension()} to train it further")
 
-    def _steps_key(self) -> str:
-        """The config key that sets this stage's steps (stage_steps: its own, else the experiment's)."""
-        return "stage.steps" if self.config.stage.steps else "optim.steps"
+    def _extension(self) -> str:
+        """The --set that lets a finished run go on: more steps (the stage's own, else the experiment's), or more
+        seconds when a time budget may have ended it."""
+        steps = f"--set {'stage.steps' if self.config.stage.steps else 'optim.steps'}=N (more steps)"
+        return f"{steps} or --set runtime.time_budget_s=S (more seconds)" if self.budget_s else steps
 
     def _write_run_files(self, start_step: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -566,9 +566,13 @@ def _init_distributed(device: str) -> _Dist:
         return _Dist()
     info = _Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = device != "cpu" and torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
+    # Once per process, for every stage of a pipeline: destroying the group after a stage and making a new one for
+    # the next raced (a rank still leaving the old group's barrier while another joined the new one hung both).
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
     return info
 
 
