@@ -32,6 +32,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "describe",
+    "describe_shape_mismatch",
     "load_checkpoint",
     "load_model",
     "read_metadata",
@@ -213,15 +214,21 @@ def _check_shapes(path: str | os.PathLike[str], metadata: dict[str, Any], model:
             stored = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(path, f"weights are truncated or corrupt ({exc})") from exc
-    if stored == expected:
-        return
+    mismatch = describe_shape_mismatch(expected, stored)
+    if mismatch:
+        raise CheckpointError(path, f"weights do not fit {metadata['arch']!r} {metadata['arch_args']}: {mismatch}")
+
+
+def describe_shape_mismatch(expected: dict[str, list[int]], stored: dict[str, list[int] | None]) -> str:
+    """What keeps tensors of the names and shapes ``stored`` (None: not a tensor) from loading where tensors of
+    ``expected`` go, in one short line ("" when they fit): torch's own message lists every key, thousands of
+    characters for another network."""
     missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
     wrong = [f"{n} {stored[n]} (needs {expected[n]})" for n in sorted(expected.keys() & stored.keys())
              if stored[n] != expected[n]]
     problems = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
                 for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if items]
-    raise CheckpointError(path, f"weights do not fit {metadata['arch']!r} {metadata['arch_args']}: "
-                                f"{'; '.join(problems)}")
+    return "; ".join(problems)
 
 
 def _read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

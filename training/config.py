@@ -156,7 +156,12 @@ _SECTIONS = {
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a TOML experiment file, apply `key=value` overrides, validate."""
     with open(path, "rb") as handle:
-        return config_from_toml(handle.read().decode("utf-8", errors="replace"), path, overrides)
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")  # TOML is UTF-8: a file that is not is refused, as tomllib.load did
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a valid TOML file (not UTF-8: {exc})") from None
+    return config_from_toml(text, path, overrides)
 
 
 def config_from_toml(text: str, source: str | Path, overrides: list[str] | None = None) -> Config:

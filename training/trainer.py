@@ -33,7 +33,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from models import Teacher, build_model, init_from_teacher, load_checkpoint, min_lr_size, save_checkpoint
+from models import (
+    Teacher,
+    build_model,
+    describe_shape_mismatch,
+    init_from_teacher,
+    load_checkpoint,
+    min_lr_size,
+    save_checkpoint,
+)
 from training.config import Config, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.distill import Distillation, Guide, TrainedModel
@@ -433,16 +441,10 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
 
 
 def _state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:
-    """What keeps `saved` from loading into `module`, in one short line ("" when the names and shapes fit):
-    torch's own message lists every key, thousands of characters for a state of another network."""
-    expected = module.state_dict()
-    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
-    reshaped = [key for key in sorted(expected.keys() & saved.keys())
-                if getattr(saved[key], "shape", None) != expected[key].shape]
-    problems = [f"{len(keys)} {label} (e.g. {keys[0]})"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
-                if keys]
-    return "; ".join(problems)
+    """What keeps `saved` from loading into `module`, in one short line ("" when the names and shapes fit)."""
+    expected = {name: list(tensor.shape) for name, tensor in module.state_dict().items()}
+    stored = {name: list(value.shape) if isinstance(value, torch.Tensor) else None for name, value in saved.items()}
+    return describe_shape_mismatch(expected, stored)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -178,12 +178,9 @@ class _Link:
 
     def wait(self, req: int, timeout: float) -> Message | None:
         """The reply to ``req``, or None after ``timeout`` seconds; other awaited replies go to the mailbox."""
-        with self._owned():
-            deadline = time.monotonic() + timeout
-            while req not in self._mailbox:
-                if not _readable(self._socket, deadline - time.monotonic(), self.interrupted):
-                    return None
-                self._receive()
+        with self._owned():  # re-entrant: arrived() takes the same guard
+            if not self.arrived(req, timeout):
+                return None
             self._waiting.discard(req)
             return self._mailbox.pop(req)
 
