@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 
@@ -156,3 +157,21 @@ def exchange(sock: zmq.Socket[bytes], payload: bytes | list[bytes], timeout: flo
 def request(sock: zmq.Socket[bytes], **fields: Any) -> Any:
     """Build a raw request map (``v`` added unless given), exchange it and return the reply map."""
     return exchange(sock, msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True))
+
+
+class ArrayFrame:
+    """An engine's CopiedFrame over plain arrays (the daemon's is a shared-memory slot), counting its copies."""
+
+    def __init__(self, lr: np.ndarray, out_shape: tuple[int, ...]) -> None:
+        self.lr = lr
+        self.out = np.zeros(out_shape, np.uint8)
+        self.height, self.width = lr.shape[:2]
+        self.reads = self.writes = 0
+
+    def read_into(self, lr: np.ndarray) -> None:
+        np.copyto(lr, self.lr)
+        self.reads += 1
+
+    def write_from(self, out: np.ndarray) -> None:
+        np.copyto(self.out, out)
+        self.writes += 1

@@ -23,8 +23,9 @@ from upscaler_server.backends.common import cpu_bf16
 from upscaler_server.client import UpscalerClient
 from upscaler_server.engine import Engine, create_engine, load_network, model_hash
 from upscaler_server.errors import ConfigError
+from upscaler_server.protocol import PIXEL_FORMATS
 
-from server_utils import REPO, make_checkpoint, run_server
+from server_utils import REPO, ArrayFrame, make_checkpoint, run_server
 
 RNG = np.random.default_rng(5)
 ONNXRUNTIME_HINT = "onnxruntime comes with the dev install: bash scripts/setup.sh --dev"
@@ -88,6 +89,10 @@ def test_backend_within_tolerance_of_fp32_eager(backend: str, device: str, preci
     _within(out[..., [2, 1, 0]], expected[..., :3], max_levels)
     np.testing.assert_array_equal(out[..., 3], expected[..., 3])  # alpha: nearest neighbour, never the model
     np.testing.assert_array_equal(engine.run(bgra, "BGRA8"), out)  # deterministic, cached graphs/plans reused
+    copied = ArrayFrame(bgra, out.shape)  # the daemon's path: the frame reached through copies only
+    engine.start_copied(copied, PIXEL_FORMATS["BGRA8"])()
+    np.testing.assert_array_equal(copied.out, out)
+    assert (copied.reads, copied.writes) == (1, 1)
     engine.close()
 
 
@@ -110,7 +115,9 @@ def test_auto_picks_a_valid_backend_and_reuses_its_cache(checkpoint: pathlib.Pat
     (entry,) = entries.values()
     assert entry["choice"] == first.choices[20, 32] and set(entry["candidates"]) == set(first.labels)
     second = _auto(checkpoint, tmp_path)
-    second.run(rgb)
+    copied = ArrayFrame(rgb, (40, 64, 3))  # the daemon's path goes to the chosen backend too
+    second.start_copied(copied, PIXEL_FORMATS["RGB8"])()
+    np.testing.assert_array_equal(copied.out, first.run(rgb))
     assert second.measured == [] and second.choices == first.choices  # read from the cache, not measured again
     other_size = _auto(checkpoint, tmp_path)
     other_size.run(RNG.integers(0, 256, (16, 24, 3), dtype=np.uint8))

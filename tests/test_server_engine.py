@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from upscaler_server.engine import Engine, NearestEngine, create_engine, resolve_device
-from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
+from upscaler_server.errors import ConfigError, EngineError, ModelLoadError, SharedMemoryError
 from upscaler_server.protocol import PIXEL_FORMATS
 
-from server_utils import REPO, make_checkpoint
+from server_utils import REPO, ArrayFrame, make_checkpoint
 
 RNG = np.random.default_rng(7)
 RGB = PIXEL_FORMATS["RGB8"]
@@ -220,12 +220,19 @@ def test_cuda_engine_close_to_cpu(engine: Engine, checkpoint: pathlib.Path, grap
     gpu.close()
 
 
-def _pipelined(engine: Engine, frames: list[np.ndarray]) -> list[np.ndarray]:
-    """Upscale ``frames`` the way the daemon's worker does: the next frame starts before the previous is waited for."""
+def _pipelined(engine: Engine, frames: list[np.ndarray], copied: bool = False) -> list[np.ndarray]:
+    """Upscale ``frames`` the way the daemon's worker does: the next frame starts before the previous is waited for;
+    ``copied``: as the daemon's slots, reached through copies only (Engine.start_copied)."""
     outs, waiting = [], collections.deque()
     for frame in frames:
-        outs.append(np.empty(engine.output_shape(frame.shape[0], frame.shape[1], RGB), np.uint8))
-        waiting.append(engine.start(frame, RGB, outs[-1]))
+        out_shape = engine.output_shape(frame.shape[0], frame.shape[1], RGB)
+        if copied:
+            slot = ArrayFrame(frame, out_shape)
+            outs.append(slot.out)
+            waiting.append(engine.start_copied(slot, RGB))
+        else:
+            outs.append(np.empty(out_shape, np.uint8))
+            waiting.append(engine.start(frame, RGB, outs[-1]))
         if len(waiting) >= engine.max_in_flight:
             waiting.popleft()()
     while waiting:
@@ -233,12 +240,34 @@ def _pipelined(engine: Engine, frames: list[np.ndarray]) -> list[np.ndarray]:
     return outs
 
 
-def test_start_on_cpu_finishes_the_frame_at_once(checkpoint: pathlib.Path) -> None:
+@pytest.mark.parametrize("copied", [False, True], ids=["arrays", "copied"])
+def test_start_on_cpu_finishes_the_frame_at_once(checkpoint: pathlib.Path, copied: bool) -> None:
     cpu = create_engine(checkpoint=checkpoint, device="cpu", precision="fp32", threads=1, overlap=True)
     assert cpu.max_in_flight == 1  # overlap is a CUDA feature: the CPU has no copies to hide
-    frames = [RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(3)]
-    for out, frame in zip(_pipelined(cpu, frames), frames, strict=True):
+    sizes = [(24, 32), (24, 32), (16, 40), (24, 32)]  # two resolutions: staging arrays per resolution
+    frames = [RNG.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    for out, frame in zip(_pipelined(cpu, frames, copied), frames, strict=True):
         np.testing.assert_array_equal(out, cpu.run(frame))
+
+
+def test_a_copied_frame_is_checked_and_its_read_error_passes_through(engine: Engine) -> None:
+    """What the frame's copies raise (the daemon's: SharedMemoryError for a shrunk segment) reaches the caller, and
+    no result is written for a frame that could not be read."""
+    side = engine.min_input_size
+    assert side > 1  # the test model's receptive field needs a minimum size
+    small = ArrayFrame(np.zeros((side - 1, side, 3), np.uint8), (2 * side - 2, 2 * side, 3))
+    with pytest.raises(EngineError, match=f"smaller than the model's minimum {side}x{side}"):
+        engine.start_copied(small, RGB)
+    assert small.reads == 0
+
+    class Gone(ArrayFrame):
+        def read_into(self, lr: np.ndarray) -> None:
+            raise SharedMemoryError("shared memory /x was truncated to 0 bytes")
+
+    gone = Gone(np.zeros((side, side, 3), np.uint8), (2 * side, 2 * side, 3))
+    with pytest.raises(SharedMemoryError, match="truncated"):
+        engine.start_copied(gone, RGB)
+    assert gone.writes == 0
 
 
 @pytest.mark.gpu
@@ -250,8 +279,9 @@ def test_cuda_overlap_gives_the_frames_of_one_at_a_time(checkpoint: pathlib.Path
     sizes = [(64, 96), (64, 96), (48, 80), (64, 96), (64, 96), (48, 80), (48, 80)]  # two plans, interleaved
     frames = [RNG.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     one_at_a_time = [gpu.run(frame) for frame in frames]
-    for pipelined, expected in zip(_pipelined(gpu, frames), one_at_a_time, strict=True):
-        np.testing.assert_array_equal(pipelined, expected)
+    for copied in (False, True):  # arrays, then frames read into and written from the pinned buffers directly
+        for pipelined, expected in zip(_pipelined(gpu, frames, copied), one_at_a_time, strict=True):
+            np.testing.assert_array_equal(pipelined, expected)
     gpu.close()
 
 

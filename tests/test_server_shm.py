@@ -1,18 +1,25 @@
-"""Shared-memory rings: slot views keep their mapping alive after close, and a truncated segment is detected."""
+"""Shared-memory rings: slot views keep their mapping alive after close, a truncated segment is detected, and the
+daemon's copies into and out of slots survive a segment shrunk under them."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
+import msgpack
+import numpy as np
 import pytest
+import zmq
 
+from upscaler_server import protocol
 from upscaler_server.errors import SharedMemoryError
-from upscaler_server.shm import Ring, RingLayout
+from upscaler_server.shm import SHM_DIR, Ring, RingLayout
 
-from server_utils import REPO
+from server_utils import REPO, Daemon, raw_socket, run_server
 
 LAYOUT = RingLayout(32, 24, 3, 2)
 
@@ -96,3 +103,108 @@ def test_slot_indices_and_attach_sizes_are_checked() -> None:
     finally:
         owner.unlink()
         owner.close()
+
+
+def test_slots_are_read_and_written_by_copies_that_survive_a_truncation() -> None:
+    name = f"/takdsr-test-copies-{os.getpid()}"
+    owner = Ring.create(name, LAYOUT)
+    client = Ring.attach(name, LAYOUT)
+    try:
+        frame = np.random.default_rng(1).integers(0, 256, (LAYOUT.height, LAYOUT.width, 3), dtype=np.uint8)
+        client.slot(1)[...] = frame
+        copy = np.zeros_like(frame)
+        owner.read_slot(1, copy)
+        np.testing.assert_array_equal(copy, frame)
+        owner.write_slot(0, frame[::-1].copy())
+        np.testing.assert_array_equal(client.slot(0), frame[::-1])
+        with pytest.raises(ValueError, match="holds 2304 contiguous uint8 bytes"):
+            owner.read_slot(0, np.zeros((2, 2, 3), np.uint8))
+        with pytest.raises(ValueError, match="contiguous"):
+            owner.write_slot(0, np.zeros((LAYOUT.height, 2 * LAYOUT.width, 3), np.uint8)[:, ::2])
+        os.truncate(SHM_DIR / name.lstrip("/"), LAYOUT.slot_stride + 100)  # slot 1 cut short, slot 0 whole
+        with pytest.raises(SharedMemoryError, match=f"was truncated to {LAYOUT.slot_stride + 100} bytes"):
+            owner.read_slot(1, copy)  # a short read; through the mapping it was SIGBUS
+        with pytest.raises(SharedMemoryError, match="was truncated"):
+            owner.write_slot(1, frame)
+        assert os.path.getsize(SHM_DIR / name.lstrip("/")) == LAYOUT.slot_stride + 100  # not grown back
+    finally:
+        client.close()
+        owner.unlink()
+        owner.close()
+
+
+def _send(sock: zmq.Socket[bytes], **fields: object) -> None:
+    sock.send(msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True))
+
+
+def _replies(daemon: Daemon, sock: zmq.Socket[bytes], count: int, timeout: float = 120.0) -> dict[int, dict]:
+    """The next ``count`` replies, by request id; fails at once when the daemon dies, and instead of hanging."""
+    replies = {}
+    deadline = time.monotonic() + timeout
+    while len(replies) < count:
+        if daemon.proc.poll() is not None:
+            code = daemon.proc.returncode
+            pytest.fail(f"the daemon died: {signal.Signals(-code).name if code < 0 else f'exit {code}'}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no reply within {timeout} s; got {replies}")
+        if sock.poll(100, zmq.POLLIN):
+            reply = msgpack.unpackb(sock.recv_multipart()[-1], raw=False)
+            replies[reply["req"]] = reply
+    return replies
+
+
+def test_a_segment_shrunk_while_its_frame_is_computed_is_an_error_not_a_crash() -> None:
+    """The daemon checks a segment's size when a frame is submitted, and then reads and writes its slots with
+    pread/pwrite only. Before, it wrote the result through its mapping: an output segment a client truncated while the
+    network ran (after that check) killed the daemon with SIGBUS. Now that frame gets SHM_ERROR, the daemon lives on,
+    the session works again once the size is back, and nothing is left in /dev/shm (run_server checks that)."""
+    with run_server("--model", "rlfn_s", "--threads", "1") as daemon, raw_socket(daemon.endpoint) as sock:
+        _send(sock, type="open", req=1, width=640, height=360, format="RGB8", slots=1)
+        opened = _replies(daemon, sock, 1)[1]
+        assert opened["type"] == "opened", opened
+        session, output = opened["session"], SHM_DIR / opened["output"]["name"].lstrip("/")
+        _send(sock, type="submit", req=2, session=session, slot=0, frame=1)
+        _send(sock, type="ping", req=3, sessions=[session])  # answered once the submit was checked and queued
+        pong = _replies(daemon, sock, 1)
+        assert pong[3]["type"] == "pong", pong  # the frame (about a second of CPU here) is still being computed
+        os.truncate(output, 0)
+        error = _replies(daemon, sock, 1)[2]
+        assert (error["type"], error.get("name")) == ("error", "SHM_ERROR"), error
+        assert "was truncated to 0 bytes" in error["message"]
+        os.truncate(output, opened["output"]["size"])
+        _send(sock, type="submit", req=4, session=session, slot=0, frame=2)
+        assert _replies(daemon, sock, 1)[4]["type"] == "done"
+        _send(sock, type="close", req=5, session=session)
+        assert _replies(daemon, sock, 1)[5]["type"] == "closed"
+
+
+@pytest.mark.parametrize("mode", [[], ["--map-slots"]], ids=["pread-pwrite", "map-slots"])
+def test_both_slot_modes_serve_frames_and_refuse_a_shrunk_segment(mode: list[str]) -> None:
+    """The default (pread/pwrite) and --map-slots give the same frames; both refuse a segment already shrunk when a
+    frame is submitted, and serve again once its size is back."""
+    with run_server("--backend", "nearest", *mode) as daemon, raw_socket(daemon.endpoint) as sock:
+        assert ("slots=mapped" in daemon.log()) == bool(mode) and ("slots=pread/pwrite" in daemon.log()) != bool(mode)
+        _send(sock, type="open", req=1, width=20, height=12, format="BGRA8", slots=2)
+        opened = _replies(daemon, sock, 1)[1]
+        paths = {kind: SHM_DIR / opened[kind]["name"].lstrip("/") for kind in ("input", "output")}
+        layouts = {"input": RingLayout(20, 12, 4, 2), "output": RingLayout(40, 24, 4, 2)}
+        rings = {kind: Ring.attach(opened[kind]["name"], layouts[kind]) for kind in paths}
+        try:
+            lr = np.random.default_rng(2).integers(0, 256, (12, 20, 4), dtype=np.uint8)
+            rings["input"].slot(1)[...] = lr
+            _send(sock, type="submit", req=2, session=opened["session"], slot=1, frame=1)
+            assert _replies(daemon, sock, 1)[2]["type"] == "done"
+            np.testing.assert_array_equal(rings["output"].slot(1), lr.repeat(2, 0).repeat(2, 1))
+            for kind, path in paths.items():
+                os.truncate(path, opened[kind]["slot_stride"])  # slot 0 whole, slot 1 gone
+                _send(sock, type="submit", req=3, session=opened["session"], slot=1, frame=2)
+                error = _replies(daemon, sock, 1)[3]
+                assert error.get("name") == "SHM_ERROR" and "was truncated" in error["message"], error
+                os.truncate(path, opened[kind]["size"])
+            _send(sock, type="submit", req=4, session=opened["session"], slot=1, frame=3)
+            assert _replies(daemon, sock, 1)[4]["type"] == "done"
+        finally:
+            for ring in rings.values():
+                ring.close()
+        _send(sock, type="close", req=5, session=opened["session"])
+        assert _replies(daemon, sock, 1)[5]["type"] == "closed"

@@ -1,7 +1,8 @@
 """Inference engine: uint8 frames in, uint8 frames out. Knows nothing of ZeroMQ or sessions.
 
-An :class:`Engine` upscales one (H, W, C) uint8 array in a pixel format into a caller-provided (H*s, W*s, C) array
-(typically a shared-memory slot). The uint8 <-> float conversion, channel order and alpha handling happen on the
+An :class:`Engine` upscales one (H, W, C) uint8 array in a pixel format into a caller-provided (H*s, W*s, C) array,
+or a :class:`CopiedFrame`, a frame it may reach through copies only (the daemon's shared-memory slots, which a client
+could shrink under a direct read). The uint8 <-> float conversion, channel order and alpha handling happen on the
 engine's device: ``x = u8 / 255`` in RGB order, ``out = round(clamp(y, 0, 1) * 255)`` written back in the frame's
 channel order, alpha upscaled by nearest neighbour (never through the model). Backends:
 
@@ -31,7 +32,7 @@ import pathlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -41,13 +42,14 @@ from upscaler_server.config import Config
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
-__all__ = ["Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine", "create_engine", "load_network",
-           "model_hash", "resolve_device", "resolve_precision", "usable_cores"]
+__all__ = ["CopiedFrame", "Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine", "create_engine",
+           "load_network", "model_hash", "resolve_device", "resolve_precision", "usable_cores"]
 
 log = logging.getLogger("upscaler_server.engine")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAX_PLANS = 8  # resolutions whose CUDA buffers/graphs stay cached
+_MAX_STAGING = 4  # resolutions whose staging arrays for copied frames stay allocated
 _PlanT = TypeVar("_PlanT")
 
 
@@ -72,6 +74,35 @@ class PlanCache(Generic[_PlanT]):
         self._plans.clear()
 
 
+class CopiedFrame(Protocol):
+    """A frame the engine reaches through copies only: ``read_into`` fills an (H, W, C) uint8 array with the input,
+    ``write_from`` stores an (H*s, W*s, C) uint8 result; both raise UpscalerError when the memory behind is gone."""
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def width(self) -> int: ...
+
+    def read_into(self, lr: np.ndarray) -> None: ...
+
+    def write_from(self, out: np.ndarray) -> None: ...
+
+
+@dataclass
+class _Staging:
+    """Private arrays a copied frame is read into and its result written from: one pair per frame in flight."""
+
+    pairs: list[tuple[np.ndarray, np.ndarray]]  # (lr (H, W, C), out (sH, sW, C)) uint8
+    started: int = 0
+
+    def next_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        # the pair was last used max_in_flight frames ago, which the caller has waited for (Engine.start's contract)
+        pair = self.pairs[self.started % len(self.pairs)]
+        self.started += 1
+        return pair
+
+
 @dataclass(frozen=True)
 class StageTimes:
     """Seconds spent per stage on one frame."""
@@ -92,6 +123,7 @@ class Engine(abc.ABC):
     random_weights: bool  # True when the network was not loaded from a checkpoint
     weights: str  # where the weights came from, for logs
     max_in_flight: int = 1  # frames :meth:`start` may have begun whose result was not yet waited for
+    _staging: PlanCache[_Staging] | None = None  # per resolution, made by the first copied frame
 
     def output_shape(self, height: int, width: int, fmt: PixelFormat) -> tuple[int, int, int]:
         return height * self.scale, width * self.scale, fmt.channels
@@ -110,6 +142,30 @@ class Engine(abc.ABC):
         times = self.upscale(lr, fmt, out)
         return lambda: times
 
+    def start_copied(self, frame: CopiedFrame, fmt: PixelFormat) -> Callable[[], StageTimes]:
+        """:meth:`start` for a frame reached through copies: read it into staging arrays, upscale, and write the
+        result back when waited for (both copies count in the stage times). Backends that stage frames in buffers of
+        their own (pinned memory) override this to read into and write from those, with no extra copy."""
+        self.check_input_size(frame.height, frame.width)
+        if self._staging is None:
+            self._staging = PlanCache(_MAX_STAGING)
+        lr, out = self._staging.get((frame.height, frame.width, fmt.name), lambda: _Staging([
+            (np.empty((frame.height, frame.width, fmt.channels), np.uint8),
+             np.empty(self.output_shape(frame.height, frame.width, fmt), np.uint8))
+            for _ in range(self.max_in_flight)])).next_pair()
+        t0 = time.perf_counter()
+        frame.read_into(lr)
+        read_s = time.perf_counter() - t0
+        wait = self.start(lr, fmt, out)
+
+        def finish() -> StageTimes:
+            times = wait()
+            t1 = time.perf_counter()
+            frame.write_from(out)
+            return StageTimes(read_s + times.copy_in, times.infer, times.copy_out + time.perf_counter() - t1)
+
+        return finish
+
     def run(self, lr: np.ndarray, fmt: PixelFormat | str | None = None) -> np.ndarray:
         """Convenience: upscale into a new array. ``fmt`` defaults to RGB8 / RGBA8 by channel count."""
         fmt = _format_for(lr, fmt)
@@ -124,12 +180,16 @@ class Engine(abc.ABC):
         """Raise EngineError unless ``lr`` and ``out`` have the shapes, dtype and layout this engine needs."""
         if lr.dtype != np.uint8 or lr.ndim != 3 or lr.shape[2] != fmt.channels:
             raise EngineError(f"input must be (H, W, {fmt.channels}) uint8 for {fmt.name}, got {lr.shape} {lr.dtype}")
-        if min(lr.shape[:2]) < self.min_input_size:
-            raise EngineError(f"input {lr.shape[1]}x{lr.shape[0]} is smaller than the model's minimum "
-                              f"{self.min_input_size}x{self.min_input_size}")
+        self.check_input_size(lr.shape[0], lr.shape[1])
         expected = self.output_shape(lr.shape[0], lr.shape[1], fmt)
         if out.dtype != np.uint8 or out.shape != expected or not out.flags.c_contiguous or not out.flags.writeable:
             raise EngineError(f"output must be a writable C-contiguous {expected} uint8 array, got {out.shape}")
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """Raise EngineError when a frame is smaller than the model accepts."""
+        if min(height, width) < self.min_input_size:
+            raise EngineError(f"input {width}x{height} is smaller than the model's minimum "
+                              f"{self.min_input_size}x{self.min_input_size}")
 
 
 def _format_for(lr: np.ndarray, fmt: PixelFormat | str | None) -> PixelFormat:
@@ -245,14 +305,28 @@ class TorchEngine(Engine):
 
     def start(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> Callable[[], StageTimes]:
         self.check(lr, fmt, out)
-        with _engine_errors(lr, fmt), torch.inference_mode():
-            if not self._cuda:
+        if not self._cuda:
+            with _engine_errors(lr.shape[0], lr.shape[1], fmt), torch.inference_mode():
                 times = self._upscale_cpu(lr, fmt, out)
-                return lambda: times
-            finish = self._start_cuda(lr, fmt, out)
+            return lambda: times
+        return self._start_cuda(lr.shape[0], lr.shape[1], fmt, lambda host_in: np.copyto(host_in, lr),
+                                lambda host_out: np.copyto(out, host_out))
+
+    def start_copied(self, frame: CopiedFrame, fmt: PixelFormat) -> Callable[[], StageTimes]:
+        if not self._cuda:
+            return super().start_copied(frame, fmt)
+        self.check_input_size(frame.height, frame.width)
+        # the pinned buffers are the staging: the frame is read straight into them and written straight from them
+        return self._start_cuda(frame.height, frame.width, fmt, frame.read_into, frame.write_from)
+
+    def _start_cuda(self, height: int, width: int, fmt: PixelFormat, fill: Callable[[np.ndarray], None],
+                    drain: Callable[[np.ndarray], None]) -> Callable[[], StageTimes]:
+        """:meth:`_queue_cuda` with backend failures turned into EngineError, at the start and when waited for."""
+        with _engine_errors(height, width, fmt), torch.inference_mode():
+            finish = self._queue_cuda(height, width, fmt, fill, drain)
 
         def wait() -> StageTimes:
-            with _engine_errors(lr, fmt):  # CUDA reports a failed kernel when it is waited for
+            with _engine_errors(height, width, fmt):  # CUDA reports a failed kernel when it is waited for
                 return finish()
 
         return wait
@@ -307,13 +381,16 @@ class TorchEngine(Engine):
                 log.warning("CUDA graph capture failed for %s, running eagerly: %s", tuple(buffers.dev_in.shape), exc)
                 return
 
-    def _start_cuda(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> Callable[[], StageTimes]:
-        """Queue upload -> network -> download of one frame on the streams; returns what waits for it."""
+    def _queue_cuda(self, height: int, width: int, fmt: PixelFormat, fill: Callable[[np.ndarray], None],
+                    drain: Callable[[np.ndarray], None]) -> Callable[[], StageTimes]:
+        """Queue upload -> network -> download of one frame on the streams; returns what waits for it. ``fill``
+        writes the (H, W, C) input into the pinned upload buffer, ``drain`` takes the (sH, sW, C) result from the
+        pinned download buffer."""
         assert self._stream is not None
-        plan = self._plan(lr.shape[0], lr.shape[1], fmt)
+        plan = self._plan(height, width, fmt)
         buffers = plan.next_buffers()
         t0 = time.perf_counter()
-        np.copyto(buffers.host_in.numpy(), lr)  # pageable -> pinned; the set's previous frame was waited for
+        fill(buffers.host_in.numpy())  # pageable -> pinned; the set's previous frame was waited for
         staged = time.perf_counter() - t0
         up_start, up_end, compute_start, compute_end, down_start, down_end = buffers.events
         upload, download = self._upload_stream, self._download_stream
@@ -338,7 +415,7 @@ class TorchEngine(Engine):
         def finish() -> StageTimes:
             down_end.synchronize()
             t1 = time.perf_counter()
-            np.copyto(out, buffers.host_out.numpy())
+            drain(buffers.host_out.numpy())
             unstaged = time.perf_counter() - t1
             return StageTimes(staged + up_start.elapsed_time(up_end) / 1e3,
                               compute_start.elapsed_time(compute_end) / 1e3,
@@ -353,12 +430,12 @@ class TorchEngine(Engine):
 
 
 @contextlib.contextmanager
-def _engine_errors(lr: np.ndarray, fmt: PixelFormat) -> Iterator[None]:
+def _engine_errors(height: int, width: int, fmt: PixelFormat) -> Iterator[None]:
     """Backend failures (CUDA out of memory, a bad kernel) as EngineError, which the daemon sends to the client."""
     try:
         yield
     except (RuntimeError, ValueError) as exc:
-        raise EngineError(f"inference failed on a {lr.shape[1]}x{lr.shape[0]} {fmt.name} frame: {exc}") from exc
+        raise EngineError(f"inference failed on a {width}x{height} {fmt.name} frame: {exc}") from exc
 
 
 def usable_cores() -> int:

@@ -21,6 +21,7 @@ from upscaler_server.engine import Engine, StageTimes
 from upscaler_server.errors import BusyError, ErrorCode, UpscalerError
 from upscaler_server.protocol import PixelFormat
 from upscaler_server.sessions import Session
+from upscaler_server.shm import SlotFrame
 
 __all__ = ["FairQueue", "Job", "Worker"]
 
@@ -38,17 +39,19 @@ class Job:
     height: int
     width: int
     received: float  # perf_counter() when the request arrived
-    lr: np.ndarray | None = None
-    out: np.ndarray | None = None
+    lr: np.ndarray | None = None  # (H, W, C) pixels: an inline frame's, or with --map-slots a view of the slot
+    out: np.ndarray | None = None  # (sH, sW, C): where the result goes
     session: Session | None = None  # None: an inline (process) frame
     slot: int = 0
-    warmup: bool = False  # prepare the engine for this size and format; lr and out are None
+    slot_frame: SlotFrame | None = None  # a session frame's slots, read and written with pread/pwrite (the default)
+    warmup: bool = False  # prepare the engine for this size and format; no pixels
     started: float = 0.0
     times: StageTimes | None = None
-    error: tuple[ErrorCode, str] | None = None  # code and message only: a traceback would pin the slot views
+    error: tuple[ErrorCode, str] | None = None  # code and message only: a traceback would pin its buffers
 
     def drop_buffers(self) -> None:
         self.lr = self.out = None
+        self.slot_frame = None
 
 
 class FairQueue:
@@ -135,17 +138,19 @@ class Worker(threading.Thread):
                 in_flight.append((job, self._start(job)))
             if job is None or len(in_flight) >= self._engine.max_in_flight:
                 self._finish(*in_flight.popleft())
-            del job  # the transport thread drops the slot views; hold none here
+            del job  # the transport thread drops the job's buffers; hold none here
 
     def _start(self, job: Job) -> Callable[[], StageTimes] | None:
         """Begin the job; returns what waits for its frame, or None when it is already done (or failed)."""
         with self._errors_into(job):
             if job.warmup:
                 self._engine.prepare(job.height, job.width, job.fmt)
+            elif job.slot_frame is not None:
+                return self._engine.start_copied(job.slot_frame, job.fmt)
             else:
                 assert job.lr is not None and job.out is not None
-                if job.session is not None:
-                    job.session.check_segments()  # again: a client may truncate a segment while its frame waits
+                if job.session is not None:  # --map-slots: views of the mapping; checked again, as the frame waited
+                    job.session.check_segments()
                 return self._engine.start(job.lr, job.fmt, job.out)
         return None
 

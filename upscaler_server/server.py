@@ -51,7 +51,7 @@ from upscaler_server.protocol import (
 )
 from upscaler_server.scheduler import FairQueue, Job, Worker
 from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
-from upscaler_server.shm import remove_stale_segments
+from upscaler_server.shm import SlotFrame, remove_stale_segments
 
 __all__ = ["Server"]
 
@@ -108,9 +108,10 @@ class Server:
         try:
             self._router = self._bind()
             self._worker.start()
-            log.info("upscaler ready: endpoint=%s model=%s scale=%d device=%s precision=%s weights=%s pid=%d",
+            log.info("upscaler ready: endpoint=%s model=%s scale=%d device=%s precision=%s weights=%s slots=%s pid=%d",
                      self.config.endpoint, self.engine.name, self.engine.scale, self.engine.device,
-                     self.engine.precision, self.engine.weights, os.getpid())
+                     self.engine.precision, self.engine.weights,
+                     "mapped" if self.config.map_slots else "pread/pwrite", os.getpid())
             self._loop(self._router)
         finally:
             self._shutdown()
@@ -276,9 +277,13 @@ class Server:
         if msg.slot in session.in_flight:
             raise SessionError(f"slot {msg.slot} of session {session.id} is still in flight; wait for its done "
                                 "reply before submitting it again", ErrorCode.SLOT_IN_FLIGHT)
-        session.check_segments()
+        session.check_segments()  # pread/pwrite would notice it too; this error comes before the frame is queued
         job = Job(envelope, msg.req, msg.frame, session.fmt, session.height, session.width, received,
-                  lr=session.input.slot(msg.slot), out=session.output.slot(msg.slot), session=session, slot=msg.slot)
+                  session=session, slot=msg.slot)
+        if self.config.map_slots:
+            job.lr, job.out = session.input.slot(msg.slot), session.output.slot(msg.slot)
+        else:
+            job.slot_frame = SlotFrame(session.input, session.output, msg.slot)
         self._queue.put(session.id, job)
         session.in_flight.add(msg.slot)
         session.pending += 1

@@ -19,7 +19,7 @@ import numpy as np
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.protocol import Segment
 
-__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "remove_stale_segments", "segment_name"]
+__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "SlotFrame", "remove_stale_segments", "segment_name"]
 
 log = logging.getLogger("upscaler_server.shm")
 
@@ -121,10 +121,50 @@ class Ring:
         return np.frombuffer(self._shm.buf[start : start + lay.slot_bytes], np.uint8).reshape(
             lay.height, lay.width, lay.channels)
 
+    def read_slot(self, index: int, dst: np.ndarray) -> None:
+        """Copy slot ``index`` into ``dst`` (C-contiguous, ``slot_bytes`` bytes) with pread(2), not through the
+        mapping: a segment that a client shrinks meanwhile gives a short read here (SharedMemoryError), where reading
+        the mapping's lost pages would kill this process with SIGBUS."""
+        fd, start, view = self._io_args(index, dst)
+        done = 0
+        while done < len(view):
+            try:
+                count = os.preadv(fd, [view[done:]], start + done)
+            except OSError as exc:
+                raise SharedMemoryError(f"cannot read slot {index} of {self.name}: {exc}") from exc
+            if count == 0:  # end of file: the segment is shorter than its layout
+                self.check_intact()
+                raise SharedMemoryError(f"shared memory {self.name} ended inside slot {index}")
+            done += count
+
+    def write_slot(self, index: int, src: np.ndarray) -> None:
+        """Copy ``src`` (C-contiguous, ``slot_bytes`` bytes) into slot ``index`` with pwrite(2), not through the
+        mapping (see :meth:`read_slot`). A segment already shrunk is refused; one shrunk during the write grows back
+        to the slot's end, as a write past the end of a file does, which harms no one but that segment's client."""
+        fd, start, view = self._io_args(index, src)
+        self.check_intact()
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwritev(fd, [view[done:]], start + done)
+            except OSError as exc:  # ENOSPC: a shrunk tmpfs segment grown back on a full tmpfs
+                raise SharedMemoryError(f"cannot write slot {index} of {self.name}: {exc}") from exc
+
+    def _io_args(self, index: int, array: np.ndarray) -> tuple[int, int, memoryview]:
+        """Descriptor, byte offset of slot ``index`` and a byte view of ``array``, once both are checked."""
+        if self._shm is None:
+            raise SharedMemoryError(f"shared memory {self.name} is closed")
+        if not 0 <= index < self.layout.slots:
+            raise IndexError(f"slot {index} out of range [0, {self.layout.slots})")
+        if array.dtype != np.uint8 or array.nbytes != self.layout.slot_bytes or not array.flags.c_contiguous:
+            raise ValueError(f"a slot of {self.name} holds {self.layout.slot_bytes} contiguous uint8 bytes, got "
+                             f"{array.shape} {array.dtype}")
+        return self._shm._fd, index * self.layout.slot_stride, memoryview(array).cast("B")
+
     def check_intact(self) -> None:
         """Raise SharedMemoryError when the segment is now smaller than its layout: a client that opened it with
         O_TRUNC or ftruncate()d it to a wrong size. Touching the lost pages would kill this process (SIGBUS), so
-        the daemon checks before each frame it reads or writes there."""
+        the daemon checks when a frame is submitted, and reads and writes slots with pread/pwrite only."""
         if self._shm is None:
             raise SharedMemoryError(f"shared memory {self.name} is closed")
         size = os.fstat(self._shm._fd).st_size  # our own descriptor: the segment we map, even if renamed
@@ -154,6 +194,30 @@ class Ring:
             _leave_mapping_to_views(shm)
             return False
         return True
+
+
+@dataclass(frozen=True)
+class SlotFrame:
+    """Slot ``slot`` of a session's input ring and of its output ring, reached through copies only (the engine's
+    :class:`~upscaler_server.engine.CopiedFrame`): the daemon never touches a client-writable mapping directly."""
+
+    input: Ring
+    output: Ring
+    slot: int
+
+    @property
+    def height(self) -> int:
+        return self.input.layout.height
+
+    @property
+    def width(self) -> int:
+        return self.input.layout.width
+
+    def read_into(self, lr: np.ndarray) -> None:
+        self.input.read_slot(self.slot, lr)
+
+    def write_from(self, out: np.ndarray) -> None:
+        self.output.write_slot(self.slot, out)
 
 
 def _leave_mapping_to_views(shm: shared_memory.SharedMemory) -> None:

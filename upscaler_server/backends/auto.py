@@ -34,7 +34,7 @@ import torch
 
 from upscaler_server.backends.common import TOLERANCE, Settings, Tolerance, cpu_bf16, unavailable
 from upscaler_server.backends.factory import make_backend
-from upscaler_server.engine import Engine, StageTimes, usable_cores
+from upscaler_server.engine import CopiedFrame, Engine, StageTimes, usable_cores
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
@@ -169,6 +169,11 @@ class AutoEngine(Engine):
     def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
         self.check(lr, fmt, out)
         return self._engine(self._choose(lr.shape[0], lr.shape[1])).upscale(lr, fmt, out)
+
+    def start_copied(self, frame: CopiedFrame, fmt: PixelFormat) -> Callable[[], StageTimes]:
+        self.check_input_size(frame.height, frame.width)
+        # the chosen backend's own staging (pinned buffers on CUDA); waited for at once, as max_in_flight is 1 here
+        return self._engine(self._choose(frame.height, frame.width)).start_copied(frame, fmt)
 
     def close(self) -> None:
         for engine in self._engines.values():
