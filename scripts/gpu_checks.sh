@@ -3,7 +3,8 @@
 # docs/results.md; issues 6 and 11). Each part has its own time limit, so one slow part cannot eat the rest.
 #   tests     (120 s) the GPU tests
 #   latency    (60 s) the inference time of every shipped model at 960x540
-#   e2e       (120 s) the daemon end to end at 1920x1080, without and with --overlap
+#   e2e       (120 s) the daemon end to end at 1920x1080: its defaults, then its fastest (--overlap --map-slots;
+#                     the transport table of each run gives the share of --map-slots alone)
 #   backends  (240 s) the backend table at 1920x1080: eager and compiled fp16, each plain, with a CUDA graph per
 #                     resolution, and with the graph and channels padded to 8 (one change per step)
 #   students  (450 s) the three RLFN students retrained side by side at equal steps (scripts/matched_students.sh);
@@ -100,7 +101,8 @@ for name in "${parts[@]}"; do
     e2e)
         part e2e 120 bash -c "$PY -m upscaler_server.bench --device cuda --checkpoint $STUDENT --sizes 1920x1080 \
             --frames 200 --budget 10 --json $OUT/e2e.json && $PY -m upscaler_server.bench --device cuda \
-            --checkpoint $STUDENT --sizes 1920x1080 --frames 200 --budget 10 --overlap --json $OUT/e2e_overlap.json" ;;
+            --checkpoint $STUDENT --sizes 1920x1080 --frames 200 --budget 10 --overlap --map-slots \
+            --json $OUT/e2e_overlap.json" ;;
     backends)
         part backends 240 "$PY" -m upscaler_server.bench --device cuda --checkpoint "$STUDENT" --skip-e2e \
             --sizes 1920x1080 --backends "$BACKEND_ROWS" \

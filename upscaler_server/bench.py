@@ -5,6 +5,7 @@ costs about one write of the output) is timed per round trip for each LR size, R
 
 - ``shm``: ``client.upscale(frame, out=buffer)``: copy into the input slot, submit, wait, copy the output slot out;
 - ``shm zero-copy``: submit + wait only, for integrators who render into / read from the slots directly;
+- ``mapped``: the same against a daemon with ``--map-slots`` (it copies through its mapping, not pread/pwrite);
 - ``inline``: the pixels inside the ZeroMQ messages (``process`` / ``result``);
 - ``memcpy``: one in-process copy of the same input and output bytes, the floor any transport pays once;
 - ``nearest``: the "model" alone, in-process.
@@ -95,24 +96,33 @@ def _nearest_into(lr: np.ndarray, out: np.ndarray) -> None:
 
 def transport(sizes: Sequence[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
     """Round-trip medians (ms) through shared memory, inline messages and a raw memcpy, per LR size."""
-    with _daemon(["--backend", "nearest", "--log-level", "WARNING"]) as endpoint, \
-            UpscalerClient(endpoint, timeout=60) as client:
-        return [_transport_row(client, w, h, repeats) for w, h in sizes]
+    args = ["--backend", "nearest", "--log-level", "WARNING"]
+    with _daemon(args) as endpoint, _daemon([*args, "--map-slots"]) as mapped_endpoint, \
+            UpscalerClient(endpoint, timeout=60) as client, UpscalerClient(mapped_endpoint, timeout=60) as mapped:
+        return [_transport_row(client, mapped, w, h, repeats) for w, h in sizes]
 
 
-def _transport_row(client: UpscalerClient, w: int, h: int, repeats: int) -> dict[str, Any]:
+def _zero_copy(client: UpscalerClient, lr: np.ndarray) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A one-slot session holding ``lr``: (submit and wait, close)."""
+    session = client.open_session(lr.shape[1], lr.shape[0], "RGB8", slots=1)
+    session.input(0)[...] = lr
+
+    def round_trip() -> None:
+        session.submit(0)
+        session.collect()
+
+    return round_trip, session.close
+
+
+def _transport_row(client: UpscalerClient, mapped: UpscalerClient, w: int, h: int,
+                   repeats: int) -> dict[str, Any]:
     lr = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     hr = np.empty((h * 2, w * 2, 3), np.uint8)
     _nearest_into(lr, hr)
-    if not (np.array_equal(client.upscale(lr), hr) and np.array_equal(client.upscale_inline(lr), hr)):
+    if not all(np.array_equal(out, hr) for out in (client.upscale(lr), client.upscale_inline(lr), mapped.upscale(lr))):
         raise RuntimeError("the daemon returned wrong pixels")
-    session = client.open_session(w, h, "RGB8", slots=1)
-    session.input(0)[...] = lr
+    (zero_copy, close), (zero_copy_mapped, close_mapped) = _zero_copy(client, lr), _zero_copy(mapped, lr)
     lr_copy, hr_copy = np.empty_like(lr), np.empty_like(hr)
-
-    def zero_copy() -> None:
-        session.submit(0)
-        session.collect()
 
     def memcpy() -> None:
         np.copyto(lr_copy, lr)
@@ -124,9 +134,11 @@ def _transport_row(client: UpscalerClient, w: int, h: int, repeats: int) -> dict
         "nearest_ms": _median_ms(lambda: _nearest_into(lr, hr_copy), repeats),
         "shm_ms": _median_ms(lambda: client.upscale(lr, out=hr_copy), repeats),
         "shm_zero_copy_ms": _median_ms(zero_copy, repeats),
+        "shm_zero_copy_mapped_ms": _median_ms(zero_copy_mapped, repeats),
         "inline_ms": _median_ms(lambda: client.upscale_inline(lr), repeats),
     }
-    session.close()
+    close()
+    close_mapped()
     row["shm_over_memcpy"] = row["shm_ms"] / row["memcpy_ms"]
     row["inline_over_memcpy"] = row["inline_ms"] / row["memcpy_ms"]
     row["inline_over_shm"] = row["inline_ms"] / row["shm_ms"]
@@ -197,15 +209,16 @@ def _student_args(checkpoint: pathlib.Path | None, device: str, threads: int) ->
 def _print_tables(result: dict[str, Any]) -> None:
     print(f"Transport: nearest-neighbour x2 backend, RGB8, median of {result['transport_repeats']} round trips (ms)")
     print(f"{'LR':>10} {'in MB':>6} {'out MB':>6} {'memcpy':>7} {'nearest':>7} {'shm':>7} {'shm 0cp':>7} "
-          f"{'inline':>7} {'shm/cpy':>7} {'inl/cpy':>7} {'inl/shm':>7}")
+          f"{'mapped':>7} {'inline':>7} {'shm/cpy':>7} {'inl/cpy':>7} {'inl/shm':>7}")
     for r in result["transport"]:
         print(f"{r['lr']:>10} {r['bytes_in'] / 1e6:6.2f} {r['bytes_out'] / 1e6:6.2f} {r['memcpy_ms']:7.2f} "
-              f"{r['nearest_ms']:7.2f} {r['shm_ms']:7.2f} {r['shm_zero_copy_ms']:7.2f} {r['inline_ms']:7.2f} "
+              f"{r['nearest_ms']:7.2f} {r['shm_ms']:7.2f} {r['shm_zero_copy_ms']:7.2f} "
+              f"{r['shm_zero_copy_mapped_ms']:7.2f} {r['inline_ms']:7.2f} "
               f"{r['shm_over_memcpy']:7.1f} {r['inline_over_memcpy']:7.1f} {r['inline_over_shm']:7.2f}")
     e2e = result["end_to_end"]
     print(f"\nEnd to end: {e2e['weights']}; model {e2e['model']} x{e2e['scale']} on {e2e['device']} "
           f"(backend {e2e.get('backend', '-')}, {e2e['precision']}{', overlap' if e2e.get('overlap') else ''}"
-          f"{', CUDA graphs' if e2e.get('cuda_graphs') else ''}), "
+          f"{', CUDA graphs' if e2e.get('cuda_graphs') else ''}{', mapped slots' if e2e.get('map_slots') else ''}), "
           "frames through shared memory: "
           "synchronous, then two in flight")
     print(f"{'LR':>10} {'HR':>10} {'frames':>6} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'infer ms':>8} {'fps x2':>7}")
@@ -235,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the end-to-end daemon's --precision")
     p.add_argument("--overlap", action="store_true", help="end-to-end daemon with --overlap (CUDA)")
     p.add_argument("--cuda-graphs", action="store_true", help="end-to-end daemon with --cuda-graphs (CUDA)")
+    p.add_argument("--map-slots", action="store_true", help="end-to-end daemon with --map-slots (copies through "
+                   "its mapping, not pread/pwrite)")
     p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
     p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
                    help="compare these backends (eager, compile, onnxruntime, tensorrt, auto, each optionally "
@@ -261,9 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon_args += ["--backend", args.backend, "--precision", args.precision]
         daemon_args += ["--overlap"] if args.overlap else []
         daemon_args += ["--cuda-graphs"] if args.cuda_graphs else []
+        daemon_args += ["--map-slots"] if args.map_slots else []
         info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
         result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap,
-                                "cuda_graphs": args.cuda_graphs, **info, "rows": rows}
+                                "cuda_graphs": args.cuda_graphs, "map_slots": args.map_slots, **info, "rows": rows}
     _print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
