@@ -250,6 +250,28 @@ def test_start_on_cpu_finishes_the_frame_at_once(checkpoint: pathlib.Path, copie
         np.testing.assert_array_equal(out, cpu.run(frame))
 
 
+def test_staging_arrays_are_kept_per_size_until_released(checkpoint: pathlib.Path) -> None:
+    """A copied frame's staging arrays are reused for its size, dropped by release() (the daemon: when the last
+    session of that size ends) and by close(); frames after a release are still right."""
+    cpu = create_engine(checkpoint=checkpoint, device="cpu", precision="fp32", threads=1)
+    frames = {size: RNG.integers(0, 256, (*size, 3), dtype=np.uint8) for size in [(24, 32), (16, 40)]}
+
+    def copied(frame: np.ndarray) -> np.ndarray:
+        slot = ArrayFrame(frame, cpu.output_shape(frame.shape[0], frame.shape[1], RGB))
+        cpu.start_copied(slot, RGB)()
+        return slot.out
+
+    for frame in frames.values():
+        copied(frame)
+    assert len(cpu._staging) == 2  # type: ignore[arg-type]
+    cpu.release(24, 32, RGB)
+    cpu.release(24, 32, PIXEL_FORMATS["BGR8"])  # another format: nothing of it is kept
+    assert len(cpu._staging) == 1  # type: ignore[arg-type]
+    np.testing.assert_array_equal(copied(frames[24, 32]), cpu.run(frames[24, 32]))
+    cpu.close()
+    assert len(cpu._staging) == 0  # type: ignore[arg-type]
+
+
 def test_a_copied_frame_is_checked_and_its_read_error_passes_through(engine: Engine) -> None:
     """What the frame's copies raise (the daemon's: SharedMemoryError for a shrunk segment) reaches the caller, and
     no result is written for a frame that could not be read."""

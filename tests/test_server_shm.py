@@ -208,3 +208,69 @@ def test_both_slot_modes_serve_frames_and_refuse_a_shrunk_segment(mode: list[str
                 ring.close()
         _send(sock, type="close", req=5, session=opened["session"])
         assert _replies(daemon, sock, 1)[5]["type"] == "closed"
+
+
+def _anon_rss_mb(pid: int) -> float:
+    """Anonymous resident memory of ``pid`` (the daemon's own arrays, not shared memory), MB."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_staging_memory_goes_with_the_last_session_of_its_size() -> None:
+    """The default daemon copies each frame through an LR and an HR array of its own; they stay while a session of
+    that size is open and are freed with the last one (before: kept for the daemon's life, up to four sizes)."""
+    with run_server("--backend", "nearest") as daemon, raw_socket(daemon.endpoint) as sock:
+        sessions = []
+        for req in (1, 2):  # two sessions of one size, RGBA8: a 2048x1152 frame and its 4096x2304 result, 47 MB
+            _send(sock, type="open", req=req, width=2048, height=1152, format="RGBA8", slots=1)
+            sessions.append(_replies(daemon, sock, 1)[req]["session"])
+            _send(sock, type="submit", req=10 + req, session=sessions[-1], slot=0, frame=1)
+            assert _replies(daemon, sock, 1)[10 + req]["type"] == "done"
+        in_use = _anon_rss_mb(daemon.pid)
+        _send(sock, type="close", req=3, session=sessions[0])
+        assert _replies(daemon, sock, 1)[3]["type"] == "closed"
+        one_left = _anon_rss_mb(daemon.pid)
+        assert in_use - one_left < 20, (in_use, one_left)  # the other session still uses them: kept
+        _send(sock, type="close", req=4, session=sessions[1])
+        assert _replies(daemon, sock, 1)[4]["type"] == "closed"
+        _send(sock, type="ping", req=5, sessions=[])  # answered after the close's release
+        _replies(daemon, sock, 1)
+        assert one_left - _anon_rss_mb(daemon.pid) > 30, (one_left, _anon_rss_mb(daemon.pid))
+
+
+def test_a_segment_name_taken_by_a_folder_is_left_alone_and_the_daemon_lives() -> None:
+    """A client that replaced a segment's name with a folder made the daemon's unlink raise: a close got INTERNAL
+    and left the other segment behind, and a lease expiring that way killed the daemon. Now the folder is left (not
+    the daemon's to remove), the other segment is unlinked, and the daemon serves on. A name a client removed is
+    no error either, and Python's resource tracker is told, so it does not report a leak at exit."""
+    with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon, raw_socket(daemon.endpoint) as sock:
+        folders = []
+        try:
+            opened = []
+            for req in (1, 2):
+                _send(sock, type="open", req=req, width=16, height=16, format="RGB8", slots=1)
+                opened.append(_replies(daemon, sock, 1)[req])
+                folder = SHM_DIR / opened[-1]["input"]["name"].lstrip("/")
+                folder.unlink()
+                folder.mkdir()
+                folders.append(folder)
+            (SHM_DIR / opened[0]["output"]["name"].lstrip("/")).unlink()  # and this name is simply gone
+            _send(sock, type="close", req=3, session=opened[0]["session"])
+            assert _replies(daemon, sock, 1)[3]["type"] == "closed"
+            time.sleep(2.5)  # the second session's lease expires: the daemon removes it on its own
+            _send(sock, type="open", req=4, width=16, height=16, format="RGB8", slots=1)
+            fresh = _replies(daemon, sock, 1)[4]
+            _send(sock, type="submit", req=5, session=fresh["session"], slot=0, frame=1)
+            assert _replies(daemon, sock, 1)[5]["type"] == "done"
+            prefix = f"takdsr-{os.getuid()}-{daemon.pid}-"
+            left = sorted(path.name for path in SHM_DIR.iterdir() if path.name.startswith(prefix))
+            segments = [fresh[kind]["name"].lstrip("/") for kind in ("input", "output")]
+            expected = sorted([*(folder.name for folder in folders), *segments])
+            assert left == expected  # the output segments are gone, the folders left alone
+            assert daemon.log().count("cannot remove shared memory") == 2
+            assert "was already removed by someone else" in daemon.log()
+        # leaving run_server checks the log: no "leaked" report of Python's resource tracker at the daemon's exit
+        finally:
+            for folder in folders:
+                folder.rmdir()

@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,6 +71,12 @@ class PlanCache(Generic[_PlanT]):
         self._plans[key] = plan = build()
         return plan
 
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def drop(self, key: tuple[int, int, str]) -> None:
+        self._plans.pop(key, None)
+
     def clear(self) -> None:
         self._plans.clear()
 
@@ -103,6 +110,36 @@ class _Staging:
         return pair
 
 
+class _StagingCache:
+    """Staging pairs per frame size and format. The engine thread takes pairs; :meth:`Engine.release` may drop a
+    size from another thread (the daemon's transport thread), hence the lock. Dropping frees nothing in use: a frame
+    in flight holds its pair until it is waited for."""
+
+    def __init__(self, pairs_per_size: int) -> None:
+        self._lock = threading.Lock()
+        self._sizes: PlanCache[_Staging] = PlanCache(_MAX_STAGING)
+        self._pairs_per_size = pairs_per_size
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sizes)
+
+    def next_pair(self, lr_shape: tuple[int, int, int], out_shape: tuple[int, int, int],
+                  fmt: PixelFormat) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self._sizes.get((lr_shape[0], lr_shape[1], fmt.name), lambda: _Staging(
+                [(np.empty(lr_shape, np.uint8), np.empty(out_shape, np.uint8)) for _ in range(self._pairs_per_size)]
+            )).next_pair()
+
+    def drop(self, height: int, width: int, fmt: PixelFormat) -> None:
+        with self._lock:
+            self._sizes.drop((height, width, fmt.name))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sizes.clear()
+
+
 @dataclass(frozen=True)
 class StageTimes:
     """Seconds spent per stage on one frame."""
@@ -123,7 +160,7 @@ class Engine(abc.ABC):
     random_weights: bool  # True when the network was not loaded from a checkpoint
     weights: str  # where the weights came from, for logs
     max_in_flight: int = 1  # frames :meth:`start` may have begun whose result was not yet waited for
-    _staging: PlanCache[_Staging] | None = None  # per resolution, made by the first copied frame
+    _staging: _StagingCache | None = None  # made by the first copied frame (engine thread)
 
     def output_shape(self, height: int, width: int, fmt: PixelFormat) -> tuple[int, int, int]:
         return height * self.scale, width * self.scale, fmt.channels
@@ -148,11 +185,9 @@ class Engine(abc.ABC):
         their own (pinned memory) override this to read into and write from those, with no extra copy."""
         self.check_input_size(frame.height, frame.width)
         if self._staging is None:
-            self._staging = PlanCache(_MAX_STAGING)
-        lr, out = self._staging.get((frame.height, frame.width, fmt.name), lambda: _Staging([
-            (np.empty((frame.height, frame.width, fmt.channels), np.uint8),
-             np.empty(self.output_shape(frame.height, frame.width, fmt), np.uint8))
-            for _ in range(self.max_in_flight)])).next_pair()
+            self._staging = _StagingCache(self.max_in_flight)
+        lr, out = self._staging.next_pair((frame.height, frame.width, fmt.channels),
+                                          self.output_shape(frame.height, frame.width, fmt), fmt)
         t0 = time.perf_counter()
         frame.read_into(lr)
         read_s = time.perf_counter() - t0
@@ -173,8 +208,17 @@ class Engine(abc.ABC):
         self.upscale(lr, fmt, out)
         return out
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release device resources."""
+    def release(self, height: int, width: int, fmt: PixelFormat) -> None:
+        """Free what is kept only for frames of this size and format (the staging arrays of copied frames); the
+        daemon calls it, from its transport thread, when the last session of that size ends. Slow-to-build plans
+        (CUDA graphs, TensorRT engines) stay, bounded by their own caches."""
+        if self._staging is not None:
+            self._staging.drop(height, width, fmt)
+
+    def close(self) -> None:
+        """Release device resources and staging arrays; subclasses that hold more call this too."""
+        if self._staging is not None:
+            self._staging.clear()
 
     def check(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> None:
         """Raise EngineError unless ``lr`` and ``out`` have the shapes, dtype and layout this engine needs."""
@@ -424,6 +468,7 @@ class TorchEngine(Engine):
         return finish
 
     def close(self) -> None:
+        super().close()
         self._plans.clear()
         if self._cuda:
             torch.cuda.empty_cache()

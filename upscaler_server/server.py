@@ -337,6 +337,9 @@ class Server:
         for job in self._queue.drop(session.id):
             self._release_job(job)
         log.info("session %d ended: %s", session.id, reason)
+        size = (session.height, session.width, session.fmt.name)
+        if all((other.height, other.width, other.fmt.name) != size for other in self._sessions.all()):
+            self.engine.release(session.height, session.width, session.fmt)  # staging: an LR and an HR frame
         if session.pending == 0:
             session.release()
         else:

@@ -179,8 +179,13 @@ class Ring:
         self._unlinked = True
         try:
             self._shm.unlink()  # also unregisters it from the resource tracker: no second unlink at exit
+            return
         except FileNotFoundError:
             log.warning("shared memory %s was already removed by someone else", self.name)
+        except OSError as exc:  # the name now holds something else (a client's folder): not ours to remove
+            log.warning("cannot remove shared memory %s: %s", self.name, exc)
+        # nor the resource tracker's business: it would try again at exit and report the segment as leaked
+        resource_tracker.unregister(self.name, "shared_memory")  # type: ignore[attr-defined,unused-ignore]
 
     def close(self) -> bool:
         """Unmap, or, while views of a slot are alive, leave the mapping to them: it goes with the last one (each

@@ -175,6 +175,10 @@ class AutoEngine(Engine):
         # the chosen backend's own staging (pinned buffers on CUDA); waited for at once, as max_in_flight is 1 here
         return self._engine(self._choose(frame.height, frame.width)).start_copied(frame, fmt)
 
+    def release(self, height: int, width: int, fmt: PixelFormat) -> None:
+        for engine in list(self._engines.values()):  # a copy: the engine thread may add a backend meanwhile
+            engine.release(height, width, fmt)
+
     def close(self) -> None:
         for engine in self._engines.values():
             engine.close()

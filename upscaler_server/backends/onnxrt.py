@@ -113,6 +113,7 @@ class OnnxRuntimeEngine(Engine):
         return self._scratch[height, width]
 
     def close(self) -> None:
+        super().close()
         self._scratch.clear()
 
 

@@ -176,5 +176,6 @@ class TensorRTEngine(Engine):
             blocks.copy_(alpha[:, None, :, None].expand(h, self.scale, w, self.scale))  # (H, s, W, s)
 
     def close(self) -> None:
+        super().close()
         self._plans.clear()
         torch.cuda.empty_cache()
