@@ -264,8 +264,9 @@ def test_staging_arrays_are_kept_per_size_until_released(checkpoint: pathlib.Pat
     for frame in frames.values():
         copied(frame)
     assert len(cpu._staging) == 2  # type: ignore[arg-type]
+    cpu.release(24, 32, PIXEL_FORMATS["BGR8"])  # another format of that size: nothing of it is kept
+    assert len(cpu._staging) == 2  # type: ignore[arg-type]
     cpu.release(24, 32, RGB)
-    cpu.release(24, 32, PIXEL_FORMATS["BGR8"])  # another format: nothing of it is kept
     assert len(cpu._staging) == 1  # type: ignore[arg-type]
     np.testing.assert_array_equal(copied(frames[24, 32]), cpu.run(frames[24, 32]))
     cpu.close()

@@ -4,10 +4,12 @@ daemon's copies into and out of slots survive a segment shrunk under them."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import msgpack
@@ -19,7 +21,7 @@ from upscaler_server import protocol
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.shm import SHM_DIR, Ring, RingLayout
 
-from server_utils import REPO, Daemon, raw_socket, run_server
+from server_utils import REPO, Daemon, raw_socket, run_server, short_tmpdir
 
 LAYOUT = RingLayout(32, 24, 3, 2)
 
@@ -137,12 +139,13 @@ def _send(sock: zmq.Socket[bytes], **fields: object) -> None:
     sock.send(msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True))
 
 
-def _replies(daemon: Daemon, sock: zmq.Socket[bytes], count: int, timeout: float = 120.0) -> dict[int, dict]:
-    """The next ``count`` replies, by request id; fails at once when the daemon dies, and instead of hanging."""
+def _replies(daemon: Daemon | None, sock: zmq.Socket[bytes], count: int, timeout: float = 120.0) -> dict[int, dict]:
+    """The next ``count`` replies, by request id; fails at once when the daemon (a subprocess; None: in this process)
+    dies, and instead of hanging."""
     replies = {}
     deadline = time.monotonic() + timeout
     while len(replies) < count:
-        if daemon.proc.poll() is not None:
+        if daemon is not None and daemon.proc.poll() is not None:
             code = daemon.proc.returncode
             pytest.fail(f"the daemon died: {signal.Signals(-code).name if code < 0 else f'exit {code}'}")
         if time.monotonic() > deadline:
@@ -274,3 +277,43 @@ def test_a_segment_name_taken_by_a_folder_is_left_alone_and_the_daemon_lives() -
         finally:
             for folder in folders:
                 folder.rmdir()
+
+
+def test_staging_is_released_after_the_frame_a_closed_session_had_running() -> None:
+    """A session closed while the engine thread had already taken up its frame: the frame builds its staging
+    arrays after the close, so they are released when that frame is done, not at the close (which would leave them
+    for the daemon's life: no session of that size remains to release them)."""
+    from upscaler_server.config import Config
+    from upscaler_server.engine import NearestEngine
+    from upscaler_server.server import Server
+
+    class SlowToStart(NearestEngine):
+        """Takes 0.5 s between taking a frame up and touching its staging: the close arrives in between."""
+
+        def start_copied(self, frame, fmt):  # type: ignore[no-untyped-def]
+            time.sleep(0.5)
+            return super().start_copied(frame, fmt)
+
+    tmp = short_tmpdir()
+    engine = SlowToStart()
+    server = Server(Config(endpoint=f"ipc://{tmp}/d.sock"), engine)
+    serving = threading.Thread(target=server.serve)
+    serving.start()
+    try:
+        with raw_socket(f"ipc://{tmp}/d.sock") as sock:
+            _send(sock, type="open", req=1, width=64, height=32, format="RGB8", slots=1)
+            session = _replies(None, sock, 1)[1]["session"]
+            _send(sock, type="submit", req=2, session=session, slot=0, frame=1)
+            time.sleep(0.2)  # the engine thread has the frame
+            _send(sock, type="close", req=3, session=session)
+            assert _replies(None, sock, 1)[3]["type"] == "closed"  # the frame's reply is dropped: session ended
+            deadline = time.monotonic() + 10
+            while (engine._staging is None or len(engine._staging)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine._staging is not None and len(engine._staging) == 0
+    finally:
+        server.request_stop()
+        serving.join(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert not serving.is_alive()
+

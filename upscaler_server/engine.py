@@ -43,8 +43,8 @@ from upscaler_server.config import Config
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
-__all__ = ["CopiedFrame", "Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine", "create_engine",
-           "load_network", "model_hash", "resolve_device", "resolve_precision", "usable_cores"]
+__all__ = ["ArrayFrame", "CopiedFrame", "Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine",
+           "create_engine", "load_network", "model_hash", "resolve_device", "resolve_precision", "usable_cores"]
 
 log = logging.getLogger("upscaler_server.engine")
 
@@ -94,6 +94,29 @@ class CopiedFrame(Protocol):
     def read_into(self, lr: np.ndarray) -> None: ...
 
     def write_from(self, out: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class ArrayFrame:
+    """A :class:`CopiedFrame` over a caller's arrays, for engines whose array path copies through buffers of their
+    own anyway (pinned memory): ``lr`` (H, W, C) is read, ``out`` (H*s, W*s, C) written."""
+
+    lr: np.ndarray
+    out: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return self.lr.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.lr.shape[1]
+
+    def read_into(self, lr: np.ndarray) -> None:
+        np.copyto(lr, self.lr)
+
+    def write_from(self, out: np.ndarray) -> None:
+        np.copyto(self.out, out)
 
 
 @dataclass
@@ -353,24 +376,22 @@ class TorchEngine(Engine):
             with _engine_errors(lr.shape[0], lr.shape[1], fmt), torch.inference_mode():
                 times = self._upscale_cpu(lr, fmt, out)
             return lambda: times
-        return self._start_cuda(lr.shape[0], lr.shape[1], fmt, lambda host_in: np.copyto(host_in, lr),
-                                lambda host_out: np.copyto(out, host_out))
+        return self._start_cuda(ArrayFrame(lr, out), fmt)
 
     def start_copied(self, frame: CopiedFrame, fmt: PixelFormat) -> Callable[[], StageTimes]:
         if not self._cuda:
             return super().start_copied(frame, fmt)
         self.check_input_size(frame.height, frame.width)
         # the pinned buffers are the staging: the frame is read straight into them and written straight from them
-        return self._start_cuda(frame.height, frame.width, fmt, frame.read_into, frame.write_from)
+        return self._start_cuda(frame, fmt)
 
-    def _start_cuda(self, height: int, width: int, fmt: PixelFormat, fill: Callable[[np.ndarray], None],
-                    drain: Callable[[np.ndarray], None]) -> Callable[[], StageTimes]:
+    def _start_cuda(self, frame: CopiedFrame, fmt: PixelFormat) -> Callable[[], StageTimes]:
         """:meth:`_queue_cuda` with backend failures turned into EngineError, at the start and when waited for."""
-        with _engine_errors(height, width, fmt), torch.inference_mode():
-            finish = self._queue_cuda(height, width, fmt, fill, drain)
+        with _engine_errors(frame.height, frame.width, fmt), torch.inference_mode():
+            finish = self._queue_cuda(frame, fmt)
 
         def wait() -> StageTimes:
-            with _engine_errors(height, width, fmt):  # CUDA reports a failed kernel when it is waited for
+            with _engine_errors(frame.height, frame.width, fmt):  # CUDA reports a failed kernel when it is waited for
                 return finish()
 
         return wait
@@ -425,16 +446,15 @@ class TorchEngine(Engine):
                 log.warning("CUDA graph capture failed for %s, running eagerly: %s", tuple(buffers.dev_in.shape), exc)
                 return
 
-    def _queue_cuda(self, height: int, width: int, fmt: PixelFormat, fill: Callable[[np.ndarray], None],
-                    drain: Callable[[np.ndarray], None]) -> Callable[[], StageTimes]:
-        """Queue upload -> network -> download of one frame on the streams; returns what waits for it. ``fill``
-        writes the (H, W, C) input into the pinned upload buffer, ``drain`` takes the (sH, sW, C) result from the
-        pinned download buffer."""
+    def _queue_cuda(self, frame: CopiedFrame, fmt: PixelFormat) -> Callable[[], StageTimes]:
+        """Queue upload -> network -> download of one frame on the streams; returns what waits for it. The frame is
+        read straight into the pinned upload buffer and its result written straight from the pinned download one."""
         assert self._stream is not None
-        plan = self._plan(height, width, fmt)
+        plan = self._plan(frame.height, frame.width, fmt)
         buffers = plan.next_buffers()
         t0 = time.perf_counter()
-        fill(buffers.host_in.numpy())  # pageable -> pinned; the set's previous frame was waited for
+        # an array, or a slot by pread -> pinned; this set's previous frame was waited for
+        frame.read_into(buffers.host_in.numpy())
         staged = time.perf_counter() - t0
         up_start, up_end, compute_start, compute_end, down_start, down_end = buffers.events
         upload, download = self._upload_stream, self._download_stream
@@ -459,7 +479,7 @@ class TorchEngine(Engine):
         def finish() -> StageTimes:
             down_end.synchronize()
             t1 = time.perf_counter()
-            drain(buffers.host_out.numpy())
+            frame.write_from(buffers.host_out.numpy())
             unstaged = time.perf_counter() - t1
             return StageTimes(staged + up_start.elapsed_time(up_end) / 1e3,
                               compute_start.elapsed_time(compute_end) / 1e3,

@@ -337,13 +337,19 @@ class Server:
         for job in self._queue.drop(session.id):
             self._release_job(job)
         log.info("session %d ended: %s", session.id, reason)
-        size = (session.height, session.width, session.fmt.name)
-        if all((other.height, other.width, other.fmt.name) != size for other in self._sessions.all()):
-            self.engine.release(session.height, session.width, session.fmt)  # staging: an LR and an HR frame
         if session.pending == 0:
-            session.release()
+            self._release_session(session)
         else:
             self._draining.add(session)
+
+    def _release_session(self, session: Session) -> None:
+        """Unmap an ended session none of whose frames is queued or running; with it the engine's staging arrays
+        (an LR and an HR frame) of its size, unless another open session has that size. Not earlier: a frame the
+        engine thread has just taken up would build them again for no one."""
+        session.release()
+        size = (session.height, session.width, session.fmt.name)
+        if all((other.height, other.width, other.fmt.name) != size for other in self._sessions.all()):
+            self.engine.release(session.height, session.width, session.fmt)
 
     def _reap(self, now: float) -> None:
         for session in self._sessions.expired(now):
@@ -364,7 +370,7 @@ class Server:
             session.in_flight.discard(job.slot)
         if session.ended and session.pending == 0 and session in self._draining:
             self._draining.discard(session)
-            session.release()
+            self._release_session(session)
 
     def _on_finished(self, job: Job) -> None:
         """Worker thread: hand the job to the transport thread."""

@@ -164,7 +164,8 @@ class Ring:
     def check_intact(self) -> None:
         """Raise SharedMemoryError when the segment is now smaller than its layout: a client that opened it with
         O_TRUNC or ftruncate()d it to a wrong size. Touching the lost pages would kill this process (SIGBUS), so
-        the daemon checks when a frame is submitted, and reads and writes slots with pread/pwrite only."""
+        the daemon checks when a frame is submitted, and then reads and writes slots with pread/pwrite only (or, with
+        --map-slots, checks again when the engine takes the frame up and copies through its mapping)."""
         if self._shm is None:
             raise SharedMemoryError(f"shared memory {self.name} is closed")
         size = os.fstat(self._shm._fd).st_size  # our own descriptor: the segment we map, even if renamed

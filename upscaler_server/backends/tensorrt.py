@@ -24,7 +24,7 @@ import torch
 
 from upscaler_server.backends.common import Settings
 from upscaler_server.backends.onnxrt import onnx_file
-from upscaler_server.engine import CopiedFrame, Engine, PlanCache, StageTimes
+from upscaler_server.engine import ArrayFrame, CopiedFrame, Engine, PlanCache, StageTimes
 from upscaler_server.errors import EngineError, ModelLoadError
 from upscaler_server.protocol import PixelFormat
 
@@ -134,35 +134,32 @@ class TensorRTEngine(Engine):
 
     def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
         self.check(lr, fmt, out)
-        return self._run(lr.shape[0], lr.shape[1], fmt, lambda host_in: np.copyto(host_in, lr),
-                         lambda host_out: np.copyto(out, host_out))
+        return self._run(ArrayFrame(lr, out), fmt)
 
     def start_copied(self, frame: CopiedFrame, fmt: PixelFormat) -> Callable[[], StageTimes]:
         self.check_input_size(frame.height, frame.width)
         # the pinned buffers are the staging: the frame is read straight into them and written straight from them
-        times = self._run(frame.height, frame.width, fmt, frame.read_into, frame.write_from)
+        times = self._run(frame, fmt)
         return lambda: times
 
-    def _run(self, height: int, width: int, fmt: PixelFormat, fill: Callable[[np.ndarray], None],
-             drain: Callable[[np.ndarray], None]) -> StageTimes:
-        """One frame: ``fill`` writes the (H, W, C) input into the pinned upload buffer, ``drain`` takes the
-        (sH, sW, C) result from the pinned download buffer."""
-        plan = self._plan(height, width, fmt)
+    def _run(self, frame: CopiedFrame, fmt: PixelFormat) -> StageTimes:
+        """One frame, read straight into the pinned upload buffer and written straight from the pinned download one."""
+        plan = self._plan(frame.height, frame.width, fmt)
         t0 = time.perf_counter()
-        fill(plan.host_in.numpy())
+        frame.read_into(plan.host_in.numpy())
         with torch.cuda.stream(self._stream):
             plan.dev_in.copy_(plan.host_in, non_blocking=True)
             for c, index in enumerate(fmt.rgb):  # frame order -> RGB, on the GPU
                 plan.rgb_in[0, :, :, c].copy_(plan.dev_in[:, :, index])
             t1 = time.perf_counter()
             if not plan.context.execute_async_v3(self._stream.cuda_stream):
-                raise EngineError(f"TensorRT failed on a {width}x{height} frame")
+                raise EngineError(f"TensorRT failed on a {frame.width}x{frame.height} frame")
             self._stream.synchronize()
             t2 = time.perf_counter()
             self._write(plan, fmt)
             plan.host_out.copy_(plan.dev_out, non_blocking=True)
         self._stream.synchronize()
-        drain(plan.host_out.numpy())
+        frame.write_from(plan.host_out.numpy())
         return StageTimes(t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     def _write(self, plan: _Plan, fmt: PixelFormat) -> None:
