@@ -139,8 +139,9 @@ class Ring:
 
     def write_slot(self, index: int, src: np.ndarray) -> None:
         """Copy ``src`` (C-contiguous, ``slot_bytes`` bytes) into slot ``index`` with pwrite(2), not through the
-        mapping (see :meth:`read_slot`). A segment already shrunk is refused; one shrunk during the write grows back
-        to the slot's end, as a write past the end of a file does, which harms no one but that segment's client."""
+        mapping (see :meth:`read_slot`). A segment already shrunk is refused; one shrunk between that check and the
+        write grows back to the slot's end, as a write past the end of a file does, which harms no one but that
+        segment's client (tmpfs holds the file's lock during the write, so a shrink cannot land inside it)."""
         fd, start, view = self._io_args(index, src)
         self.check_intact()
         done = 0
