@@ -135,6 +135,69 @@ def test_slots_are_read_and_written_by_copies_that_survive_a_truncation() -> Non
         owner.close()
 
 
+
+def test_a_result_written_into_lost_pages_is_an_error_and_the_segment_stays_shrunk() -> None:
+    """write_slot's copy is the kernel's: pages lost to a shrink that lands after the size check end it with EFAULT
+    (SharedMemoryError), where a copy in the daemon's own code dies of SIGBUS, and the segment is not grown back (a
+    pwrite would have extended it). The check is skipped once to reach the copy; in a child, so a SIGBUS would show
+    as its exit status instead of killing the tests."""
+    script = textwrap.dedent("""
+        import os
+        import numpy as np
+        from upscaler_server.errors import SharedMemoryError
+        from upscaler_server.shm import SHM_DIR, Ring, RingLayout
+        lay = RingLayout(64, 64, 3, 2)  # slots of three pages
+        name = f"/takdsr-test-lost-{os.getpid()}"
+        owner = Ring.create(name, lay)
+        try:
+            cut = lay.slot_stride + 100  # slot 1 keeps one page, loses the rest
+            os.truncate(SHM_DIR / name.lstrip("/"), cut)
+            checks = [lambda: None, Ring.check_intact.__get__(owner)]  # the shrink comes just after the first check
+            owner.check_intact = lambda: checks.pop(0)()
+            try:
+                owner.write_slot(1, np.full((64, 64, 3), 9, np.uint8))
+            except SharedMemoryError as exc:
+                print("error:", exc)
+            print("size:", os.path.getsize(SHM_DIR / name.lstrip("/")) == cut)
+        finally:
+            owner.unlink()
+            owner.close()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, (run.returncode, run.stderr)  # -7: SIGBUS
+    assert "was truncated to 12388 bytes" in run.stdout and "size: True" in run.stdout, run.stdout
+
+
+def test_slots_are_written_with_pwrite_where_the_kernel_copy_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where seccomp refuses process_vm_writev (EPERM, or ENOSYS), the first refusal switches to pwrite, which
+    writes the same bytes."""
+    import ctypes
+    import errno
+
+    from upscaler_server import shm
+
+    def refused(*args: object) -> int:
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr(shm, "_PROCESS_VM_WRITEV", refused)
+    monkeypatch.setattr(shm, "_kernel_copy_refused", False)
+    name = f"/takdsr-test-pwrite-{os.getpid()}"
+    owner = Ring.create(name, LAYOUT)
+    try:
+        frame = np.random.default_rng(3).integers(0, 256, (LAYOUT.height, LAYOUT.width, 3), dtype=np.uint8)
+        copy = np.zeros_like(frame)
+        owner.write_slot(1, frame)
+        owner.read_slot(1, copy)
+        np.testing.assert_array_equal(copy, frame)
+        assert shm._kernel_copy_refused
+        owner.write_slot(0, frame[::-1].copy())  # pwrite from the start now
+        owner.read_slot(0, copy)
+        np.testing.assert_array_equal(copy, frame[::-1])
+    finally:
+        owner.unlink()
+        owner.close()
+
 def _send(sock: zmq.Socket[bytes], **fields: object) -> None:
     sock.send(msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True))
 
@@ -157,10 +220,10 @@ def _replies(daemon: Daemon | None, sock: zmq.Socket[bytes], count: int, timeout
 
 
 def test_a_segment_shrunk_while_its_frame_is_computed_is_an_error_not_a_crash() -> None:
-    """The daemon checks a segment's size when a frame is submitted, and then reads and writes its slots with
-    pread/pwrite only. Before, it wrote the result through its mapping: an output segment a client truncated while the
-    network ran (after that check) killed the daemon with SIGBUS. Now that frame gets SHM_ERROR, the daemon lives on,
-    the session works again once the size is back, and nothing is left in /dev/shm (run_server checks that)."""
+    """The daemon checks a segment's size when a frame is submitted, and then has the kernel copy its slots (pread,
+    process_vm_writev). Before, it wrote the result through its mapping: an output segment a client truncated while
+    the network ran (after that check) killed the daemon with SIGBUS. Now that frame gets SHM_ERROR, the daemon lives
+    on, the session works again once the size is back, and nothing is left in /dev/shm (run_server checks that)."""
     with run_server("--model", "rlfn_s", "--threads", "1") as daemon, raw_socket(daemon.endpoint) as sock:
         _send(sock, type="open", req=1, width=640, height=360, format="RGB8", slots=1)
         opened = _replies(daemon, sock, 1)[1]
@@ -181,12 +244,12 @@ def test_a_segment_shrunk_while_its_frame_is_computed_is_an_error_not_a_crash() 
         assert _replies(daemon, sock, 1)[5]["type"] == "closed"
 
 
-@pytest.mark.parametrize("mode", [[], ["--map-slots"]], ids=["pread-pwrite", "map-slots"])
+@pytest.mark.parametrize("mode", [[], ["--map-slots"]], ids=["copied", "map-slots"])
 def test_both_slot_modes_serve_frames_and_refuse_a_shrunk_segment(mode: list[str]) -> None:
-    """The default (pread/pwrite) and --map-slots give the same frames; both refuse a segment already shrunk when a
+    """The default (kernel copies) and --map-slots give the same frames; both refuse a segment already shrunk when a
     frame is submitted, and serve again once its size is back."""
     with run_server("--backend", "nearest", *mode) as daemon, raw_socket(daemon.endpoint) as sock:
-        assert ("slots=mapped" in daemon.log()) == bool(mode) and ("slots=pread/pwrite" in daemon.log()) != bool(mode)
+        assert ("slots=mapped" in daemon.log()) == bool(mode) and ("slots=copied" in daemon.log()) != bool(mode)
         _send(sock, type="open", req=1, width=20, height=12, format="BGRA8", slots=2)
         opened = _replies(daemon, sock, 1)[1]
         paths = {kind: SHM_DIR / opened[kind]["name"].lstrip("/") for kind in ("input", "output")}

@@ -52,10 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action="store_true", help="CUDA, eager/compile: keep two frames in flight so one "
                    "frame's copies overlap the next one's compute (needs clients with several slots in flight)")
     p.add_argument("--map-slots", action="store_true", help="read and write frames through the shared-memory "
-                   "mapping instead of pread/pwrite: faster copies (a 1920x1080 frame and its 4K result: 4.3 ms less "
-                   "on the CPU of docs/performance.md), but a client that shrinks a segment while its frame is copied "
-                   "(or empties it and fills /dev/shm) kills the daemon with SIGBUS; for trusted clients chasing the "
-                   "last milliseconds (docs/protocol.md 6.1)")
+                   "mapping instead of having the kernel copy them: faster (docs/performance.md, Transport), but a "
+                   "client that shrinks a segment while its frame is copied (or empties it and fills /dev/shm) kills "
+                   "the daemon with SIGBUS; for trusted clients chasing the last milliseconds (docs/protocol.md 6.1)")
     p.add_argument("--max-width", type=int, default=defaults.max_width, help="largest input width")
     p.add_argument("--max-height", type=int, default=defaults.max_height, help="largest input height")
     p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest input width*height")

@@ -5,7 +5,7 @@ costs about one write of the output) is timed per round trip for each LR size, R
 
 - ``shm``: ``client.upscale(frame, out=buffer)``: copy into the input slot, submit, wait, copy the output slot out;
 - ``shm zero-copy``: submit + wait only, for integrators who render into / read from the slots directly;
-- ``mapped``: the same against a daemon with ``--map-slots`` (it copies through its mapping, not pread/pwrite);
+- ``mapped``: the same against a daemon with ``--map-slots`` (it copies through its mapping, not through the kernel);
 - ``inline``: the pixels inside the ZeroMQ messages (``process`` / ``result``);
 - ``memcpy``: one in-process copy of the same input and output bytes, the floor any transport pays once;
 - ``nearest``: the "model" alone, in-process.
@@ -43,14 +43,14 @@ from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, Config, cli_prog, parse_size
 from upscaler_server.errors import ConfigError, ServerUnavailableError
 
-__all__ = ["end_to_end", "main", "transport"]
+__all__ = ["end_to_end", "main", "spawn_daemon", "transport"]
 
 SIZES = ((640, 360), (1280, 720), (1920, 1080))
 BACKEND_SIZES = ((320, 180), (640, 360), (1280, 720), (1920, 1080))
 
 
 @contextlib.contextmanager
-def _daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[str]:
+def spawn_daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[str]:
     """A daemon subprocess on a private ipc endpoint; yields the endpoint, always stops it."""
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="ups-bench-", dir="/tmp"))
     endpoint = f"ipc://{tmp}/bench.sock"
@@ -97,7 +97,7 @@ def _nearest_into(lr: np.ndarray, out: np.ndarray) -> None:
 def transport(sizes: Sequence[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
     """Round-trip medians (ms) through shared memory, inline messages and a raw memcpy, per LR size."""
     args = ["--backend", "nearest", "--log-level", "WARNING"]
-    with _daemon(args) as endpoint, _daemon([*args, "--map-slots"]) as mapped_endpoint, \
+    with spawn_daemon(args) as endpoint, spawn_daemon([*args, "--map-slots"]) as mapped_endpoint, \
             UpscalerClient(endpoint, timeout=60) as client, UpscalerClient(mapped_endpoint, timeout=60) as mapped:
         return [_transport_row(client, mapped, w, h, repeats) for w, h in sizes]
 
@@ -150,7 +150,7 @@ def end_to_end(sizes: Sequence[tuple[int, int]], frames: int, budget_s: float,
     """Daemon info and, per LR size, fps and latency percentiles of synchronous frames through shared memory."""
     rows = []
     rng = np.random.default_rng(1)
-    with _daemon([*daemon_args, "--log-level", "WARNING"]) as endpoint, \
+    with spawn_daemon([*daemon_args, "--log-level", "WARNING"]) as endpoint, \
             UpscalerClient(endpoint, timeout=600) as client:
         info = {"model": client.model, "scale": client.scale, "device": client.device,
                 "precision": client.info.precision, "random_weights": client.info.random_weights}
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overlap", action="store_true", help="end-to-end daemon with --overlap (CUDA)")
     p.add_argument("--cuda-graphs", action="store_true", help="end-to-end daemon with --cuda-graphs (CUDA)")
     p.add_argument("--map-slots", action="store_true", help="end-to-end daemon with --map-slots (copies through "
-                   "its mapping, not pread/pwrite)")
+                   "its mapping, not through the kernel)")
     p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
     p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
                    help="compare these backends (eager, compile, onnxruntime, tensorrt, auto, each optionally "

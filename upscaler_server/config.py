@@ -46,8 +46,8 @@ class Config:
     threads: int = 0  # CPU intra-op threads; 0: the cores this process may run on
     cuda_graphs: bool = False  # capture one CUDA graph per resolution after warm-up
     overlap: bool = False  # CUDA: two frames in flight, one's copies overlapping the other's compute (eager/compile)
-    # the engine reads and writes slots through the daemon's mapping instead of pread/pwrite: faster (a 4K result's
-    # copy about 3x), but a client that shrinks a segment while its frame is copied kills the daemon (SIGBUS)
+    # the engine reads and writes slots through the daemon's mapping instead of having the kernel copy them (pread,
+    # process_vm_writev): faster, but a client that shrinks a segment while its frame is copied kills the daemon
     map_slots: bool = False
     pad_channels: int = 0  # > 0: zero-pad an RLFN's feature width to a multiple of this (same output; tensor cores)
     cache_dir: pathlib.Path | None = None  # auto's measurements, ONNX/TensorRT files; None: $TAKDSR_CACHE_DIR or XDG

@@ -43,7 +43,7 @@ class Job:
     out: np.ndarray | None = None  # (sH, sW, C): where the result goes
     session: Session | None = None  # None: an inline (process) frame
     slot: int = 0
-    slot_frame: SlotFrame | None = None  # a session frame's slots, read and written with pread/pwrite (the default)
+    slot_frame: SlotFrame | None = None  # a session frame's slots, which the kernel copies (the default)
     warmup: bool = False  # prepare the engine for this size and format; no pixels
     started: float = 0.0
     times: StageTimes | None = None

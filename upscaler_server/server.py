@@ -111,7 +111,7 @@ class Server:
             log.info("upscaler ready: endpoint=%s model=%s scale=%d device=%s precision=%s weights=%s slots=%s pid=%d",
                      self.config.endpoint, self.engine.name, self.engine.scale, self.engine.device,
                      self.engine.precision, self.engine.weights,
-                     "mapped" if self.config.map_slots else "pread/pwrite", os.getpid())
+                     "mapped" if self.config.map_slots else "copied", os.getpid())
             self._loop(self._router)
         finally:
             self._shutdown()
@@ -277,7 +277,7 @@ class Server:
         if msg.slot in session.in_flight:
             raise SessionError(f"slot {msg.slot} of session {session.id} is still in flight; wait for its done "
                                 "reply before submitting it again", ErrorCode.SLOT_IN_FLIGHT)
-        session.check_segments()  # pread/pwrite would notice it too; this error comes before the frame is queued
+        session.check_segments()  # the copies would notice it too; this error comes before the frame is queued
         job = Job(envelope, msg.req, msg.frame, session.fmt, session.height, session.width, received,
                   session=session, slot=msg.slot)
         if self.config.map_slots:

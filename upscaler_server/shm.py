@@ -6,11 +6,14 @@ the pid of the owning daemon tells a later daemon whether the owner is still ali
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import pathlib
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
@@ -138,16 +141,38 @@ class Ring:
             done += count
 
     def write_slot(self, index: int, src: np.ndarray) -> None:
-        """Copy ``src`` (C-contiguous, ``slot_bytes`` bytes) into slot ``index`` with pwrite(2), not through the
-        mapping (see :meth:`read_slot`). A segment already shrunk is refused; one shrunk between that check and the
-        write grows back to the slot's end, as a write past the end of a file does, which harms no one but that
-        segment's client (tmpfs holds the file's lock during the write, so a shrink cannot land inside it)."""
+        """Copy ``src`` (C-contiguous, ``slot_bytes`` bytes) into slot ``index`` without touching the mapping from
+        this process's own code (see :meth:`read_slot`): the kernel copies into the mapping (process_vm_writev on
+        this very process), so a page lost to a shrink ends the copy with EFAULT, never SIGBUS, and nothing takes the
+        file's lock, which a client resizing its segment would hold for as long as its call runs (tmpfs: ftruncate,
+        fallocate); pwrite(2) where that system call is not allowed (seccomp)."""
         fd, start, view = self._io_args(index, src)
         self.check_intact()
+        if not _kernel_copy_allowed():
+            self._pwrite_slot(index, fd, start, view)
+            return
+        assert self._shm is not None  # _io_args checked
+        slot_address = _buffer_address(self._shm.buf) + start
+        done = 0
+        while done < len(view):
+            copied, error = _kernel_copy(slot_address + done, src.ctypes.data + done, len(view) - done)
+            if copied > 0:
+                done += copied
+            elif not _kernel_copy_allowed():  # refused on its first use: pwrite from here on
+                self._pwrite_slot(index, fd, start + done, view[done:])
+                return
+            else:
+                self.check_intact()  # a shrink: "was truncated to N bytes"
+                raise SharedMemoryError(f"cannot write slot {index} of {self.name}: {os.strerror(error)}")
+
+    def _pwrite_slot(self, index: int, fd: int, offset: int, view: memoryview) -> None:
+        """pwrite(2) fallback of :meth:`write_slot` (``view`` to the file at ``offset``): a segment shrunk between
+        the size check and the write grows back to the slot's end, as a write past the end of a file does; only
+        that segment's client sees it."""
         done = 0
         while done < len(view):
             try:
-                done += os.pwritev(fd, [view[done:]], start + done)
+                done += os.pwritev(fd, [view[done:]], offset + done)
             except OSError as exc:  # ENOSPC: a shrunk tmpfs segment grown back on a full tmpfs
                 raise SharedMemoryError(f"cannot write slot {index} of {self.name}: {exc}") from exc
 
@@ -165,8 +190,8 @@ class Ring:
     def check_intact(self) -> None:
         """Raise SharedMemoryError when the segment is now smaller than its layout: a client that opened it with
         O_TRUNC or ftruncate()d it to a wrong size. Touching the lost pages would kill this process (SIGBUS), so
-        the daemon checks when a frame is submitted, and then reads and writes slots with pread/pwrite only (or, with
-        --map-slots, checks again when the engine takes the frame up and copies through its mapping)."""
+        the daemon checks when a frame is submitted, and then has the kernel copy its slots (read_slot, write_slot),
+        or, with --map-slots, checks again when the engine takes the frame up and copies through its mapping."""
         if self._shm is None:
             raise SharedMemoryError(f"shared memory {self.name} is closed")
         size = os.fstat(self._shm._fd).st_size  # our own descriptor: the segment we map, even if renamed
@@ -225,6 +250,50 @@ class SlotFrame:
 
     def write_from(self, out: np.ndarray) -> None:
         self.output.write_slot(self.slot, out)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+
+def _process_vm_writev() -> Callable[..., int] | None:
+    """libc's process_vm_writev(2), or None where libc lacks it."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).process_vm_writev
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_ssize_t
+    function.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                         ctypes.c_ulong]
+    return function
+
+
+_PROCESS_VM_WRITEV = _process_vm_writev()
+_kernel_copy_refused = False  # set by the first call that seccomp (or an old kernel) refuses
+
+
+def _kernel_copy_allowed() -> bool:
+    return _PROCESS_VM_WRITEV is not None and not _kernel_copy_refused
+
+
+def _kernel_copy(dst_address: int, src_address: int, size: int) -> tuple[int, int]:
+    """memcpy done by the kernel in this process (ctypes releases the GIL): (bytes copied, errno). A destination
+    page that cannot be had (past the end of a shrunk file, or none left on a full tmpfs) ends the copy there:
+    fewer bytes, or -1 with EFAULT/ENOMEM, where a copy in this process's own code would die of SIGBUS."""
+    global _kernel_copy_refused
+    assert _PROCESS_VM_WRITEV is not None
+    local, remote = _IoVec(src_address, size), _IoVec(dst_address, size)
+    copied = _PROCESS_VM_WRITEV(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    error = ctypes.get_errno() if copied < 0 else 0
+    if error in (errno.ENOSYS, errno.EPERM):
+        _kernel_copy_refused = True
+        log.warning("process_vm_writev is not allowed here (%s): slots are written with pwrite", os.strerror(error))
+    return copied, error
+
+
+def _buffer_address(buffer: memoryview) -> int:
+    """Address of a mapping's first byte; the temporary view that tells it is gone at once (no export held)."""
+    return int(np.frombuffer(buffer, np.uint8, count=1).ctypes.data)
 
 
 def _leave_mapping_to_views(shm: shared_memory.SharedMemory) -> None:
