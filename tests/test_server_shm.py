@@ -168,16 +168,18 @@ def test_a_result_written_into_lost_pages_is_an_error_and_the_segment_stays_shru
     assert "was truncated to 12388 bytes" in run.stdout and "size: True" in run.stdout, run.stdout
 
 
-def test_slots_are_written_with_pwrite_where_the_kernel_copy_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where seccomp refuses process_vm_writev (EPERM, or ENOSYS), the first refusal switches to pwrite, which
-    writes the same bytes."""
+@pytest.mark.parametrize("error", ["EPERM", "ENOSYS", "EACCES"])
+def test_slots_are_written_with_pwrite_where_the_kernel_copy_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                                        error: str) -> None:
+    """Where a seccomp filter (or an old kernel) refuses process_vm_writev with any error but a lost page's, the
+    first refusal switches to pwrite, which writes the same bytes."""
     import ctypes
     import errno
 
     from upscaler_server import shm
 
     def refused(*args: object) -> int:
-        ctypes.set_errno(errno.EPERM)
+        ctypes.set_errno(getattr(errno, error))
         return -1
 
     monkeypatch.setattr(shm, "_PROCESS_VM_WRITEV", refused)
@@ -197,6 +199,39 @@ def test_slots_are_written_with_pwrite_where_the_kernel_copy_is_refused(monkeypa
     finally:
         owner.unlink()
         owner.close()
+
+
+@pytest.mark.parametrize(("probe", "reason"), [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSYS)", "its test killed a child process with SIGSYS"),
+    ("import sys; sys.exit('Permission denied')", "Permission denied"),
+    (None, None),  # the real probe: allowed here
+])
+def test_the_kernel_copy_is_probed_in_a_child_before_the_first_frame(monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture,
+                                                                    probe: str | None, reason: str | None) -> None:
+    """A seccomp filter that kills on process_vm_writev (SIGSYS) must not kill the daemon at a client's first
+    frame: the daemon tries the call in a child at start-up and writes with pwrite if the child dies or fails."""
+    from upscaler_server import shm
+
+    monkeypatch.setattr(shm, "_kernel_copy_refused", False)
+    if probe is not None:
+        monkeypatch.setattr(shm, "_PROBE", probe)
+    with caplog.at_level("WARNING", logger="upscaler_server.shm"):
+        shm.probe_kernel_copy()
+    assert shm._kernel_copy_allowed() == (reason is None)
+    if reason is not None:
+        assert f"process_vm_writev is not allowed here ({reason})" in caplog.text
+
+
+def test_a_page_tmpfs_cannot_give_is_named_as_such() -> None:
+    """A full /dev/shm reaches the kernel copy as EFAULT, like a page past the end of the file; with the size
+    intact, the error says how much room is left rather than "Bad address"."""
+    import errno
+
+    from upscaler_server import shm
+
+    assert "bytes free, too few for the pages this segment lacks" in shm._lost_page_cause(errno.EFAULT, 1 << 50)
+    assert shm._lost_page_cause(errno.EFAULT, 1) == os.strerror(errno.EFAULT)
 
 def _send(sock: zmq.Socket[bytes], **fields: object) -> None:
     sock.send(msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True))

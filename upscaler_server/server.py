@@ -51,7 +51,7 @@ from upscaler_server.protocol import (
 )
 from upscaler_server.scheduler import FairQueue, Job, Worker
 from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
-from upscaler_server.shm import SlotFrame, remove_stale_segments
+from upscaler_server.shm import SlotFrame, probe_kernel_copy, remove_stale_segments
 
 __all__ = ["Server"]
 
@@ -102,6 +102,8 @@ class Server:
     def serve(self) -> None:
         """Bind, log the ready line, serve until stopped, then shut down in order. ConfigError if binding fails."""
         _raise_fd_limit()
+        if not self.config.map_slots:
+            probe_kernel_copy()
         removed = remove_stale_segments()
         if removed:
             log.info("removed %d stale shared-memory segment(s) of dead daemons: %s", len(removed), ", ".join(removed))

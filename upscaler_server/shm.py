@@ -12,6 +12,8 @@ import logging
 import os
 import pathlib
 import re
+import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ import numpy as np
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.protocol import Segment
 
-__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "SlotFrame", "remove_stale_segments", "segment_name"]
+__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "SlotFrame", "probe_kernel_copy", "remove_stale_segments",
+           "segment_name"]
 
 log = logging.getLogger("upscaler_server.shm")
 
@@ -163,7 +166,8 @@ class Ring:
                 return
             else:
                 self.check_intact()  # a shrink: "was truncated to N bytes"
-                raise SharedMemoryError(f"cannot write slot {index} of {self.name}: {os.strerror(error)}")
+                cause = _lost_page_cause(error, len(view) - done)
+                raise SharedMemoryError(f"cannot write slot {index} of {self.name}: {cause}")
 
     def _pwrite_slot(self, index: int, fd: int, offset: int, view: memoryview) -> None:
         """pwrite(2) fallback of :meth:`write_slot` (``view`` to the file at ``offset``): a segment shrunk between
@@ -269,26 +273,72 @@ def _process_vm_writev() -> Callable[..., int] | None:
 
 
 _PROCESS_VM_WRITEV = _process_vm_writev()
-_kernel_copy_refused = False  # set by the first call that seccomp (or an old kernel) refuses
+_kernel_copy_refused = False  # set by probe_kernel_copy or by the first call that seccomp (or an old kernel) refuses
+_LOST_PAGE_ERRORS = (errno.EFAULT, errno.ENOMEM)  # a destination page that cannot be had; anything else: refused
+# The probe: a copy of one byte within its own process, exit status 0 when it landed
+_PROBE = """
+import ctypes, os, sys
+class IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+libc = ctypes.CDLL(None, use_errno=True)
+source, target = ctypes.create_string_buffer(b"x", 1), ctypes.create_string_buffer(1)
+copied = libc.process_vm_writev(os.getpid(), ctypes.byref(IoVec(ctypes.addressof(source), 1)), 1,
+                                ctypes.byref(IoVec(ctypes.addressof(target), 1)), 1, 0)
+sys.exit(0 if copied == 1 and target.raw == b"x" else os.strerror(ctypes.get_errno()))
+"""
 
 
 def _kernel_copy_allowed() -> bool:
     return _PROCESS_VM_WRITEV is not None and not _kernel_copy_refused
 
 
+def _refuse_kernel_copy(reason: str) -> None:
+    global _kernel_copy_refused
+    _kernel_copy_refused = True
+    log.warning("process_vm_writev is not allowed here (%s): slots are written with pwrite", reason)
+
+
+def probe_kernel_copy() -> None:
+    """Try process_vm_writev once in a child process (it inherits this one's seccomp filter), so that a filter that
+    kills on it (systemd's SystemCallFilter= without SystemCallErrorNumber=) picks pwrite now instead of killing the
+    daemon at its first frame. The daemon calls it at start-up."""
+    if not _kernel_copy_allowed():
+        return
+    try:
+        probe = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE], capture_output=True, text=True,
+                               timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _refuse_kernel_copy(f"its test in a child process did not run: {exc}")
+        return
+    if probe.returncode < 0:
+        _refuse_kernel_copy(f"its test killed a child process with {signal.Signals(-probe.returncode).name}")
+    elif probe.returncode != 0:
+        _refuse_kernel_copy(probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else
+                            f"its test exited {probe.returncode}")
+
+
 def _kernel_copy(dst_address: int, src_address: int, size: int) -> tuple[int, int]:
     """memcpy done by the kernel in this process (ctypes releases the GIL): (bytes copied, errno). A destination
     page that cannot be had (past the end of a shrunk file, or none left on a full tmpfs) ends the copy there:
     fewer bytes, or -1 with EFAULT/ENOMEM, where a copy in this process's own code would die of SIGBUS."""
-    global _kernel_copy_refused
     assert _PROCESS_VM_WRITEV is not None
     local, remote = _IoVec(src_address, size), _IoVec(dst_address, size)
     copied = _PROCESS_VM_WRITEV(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
     error = ctypes.get_errno() if copied < 0 else 0
-    if error in (errno.ENOSYS, errno.EPERM):
-        _kernel_copy_refused = True
-        log.warning("process_vm_writev is not allowed here (%s): slots are written with pwrite", os.strerror(error))
+    if error and error not in _LOST_PAGE_ERRORS:  # ENOSYS, EPERM, EACCES...: a seccomp filter, an old kernel
+        _refuse_kernel_copy(os.strerror(error))
     return copied, error
+
+
+def _lost_page_cause(error: int, remaining: int) -> str:
+    """Why a page of an intact segment could not be written (``remaining`` bytes were left to copy): tmpfs out of
+    space reaches the copy as EFAULT, as a page past the end of the file would."""
+    if SHM_DIR.is_dir():
+        stats = os.statvfs(SHM_DIR)
+        free = stats.f_bavail * stats.f_frsize
+        if free < remaining:
+            return f"{SHM_DIR} has {free} bytes free, too few for the pages this segment lacks"
+    return os.strerror(error)
 
 
 def _buffer_address(buffer: memoryview) -> int:
