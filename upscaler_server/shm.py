@@ -304,6 +304,9 @@ def probe_kernel_copy() -> None:
     daemon at its first frame. The daemon calls it at start-up."""
     if not _kernel_copy_allowed():
         return
+    if not sys.executable:  # an embedded interpreter: nothing to run the test with
+        _refuse_kernel_copy("no Python executable to test it in a child process")
+        return
     try:
         probe = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE], capture_output=True, text=True,
                                timeout=60)
