@@ -154,9 +154,14 @@ def exchange(sock: zmq.Socket[bytes], payload: bytes | list[bytes], timeout: flo
     return msgpack.unpackb(sock.recv_multipart()[-1], raw=False)
 
 
+def encode_request(**fields: Any) -> bytes:
+    """A raw request map as msgpack, ``v`` added unless given."""
+    return msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True)
+
+
 def request(sock: zmq.Socket[bytes], **fields: Any) -> Any:
     """Build a raw request map (``v`` added unless given), exchange it and return the reply map."""
-    return exchange(sock, msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True))
+    return exchange(sock, encode_request(**fields))
 
 
 class ArrayFrame:

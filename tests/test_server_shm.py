@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import zmq
 
-from upscaler_server import protocol
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.shm import SHM_DIR, Ring, RingLayout
 
-from server_utils import REPO, Daemon, raw_socket, run_server, short_tmpdir
+from server_utils import REPO, Daemon, encode_request, raw_socket, run_server, short_tmpdir
 
 LAYOUT = RingLayout(32, 24, 3, 2)
 
@@ -234,7 +233,8 @@ def test_a_page_tmpfs_cannot_give_is_named_as_such() -> None:
     assert shm._lost_page_cause(errno.EFAULT, 1) == os.strerror(errno.EFAULT)
 
 def _send(sock: zmq.Socket[bytes], **fields: object) -> None:
-    sock.send(msgpack.packb({"v": protocol.VERSION, **fields}, use_bin_type=True))
+    """Send without waiting: these tests collect replies of several requests (``_replies``)."""
+    sock.send(encode_request(**fields))
 
 
 def _replies(daemon: Daemon | None, sock: zmq.Socket[bytes], count: int, timeout: float = 120.0) -> dict[int, dict]:

@@ -118,14 +118,19 @@ class Ring:
     def slot(self, index: int) -> np.ndarray:
         """Zero-copy (height, width, channels) uint8 view of slot ``index``. The view holds an export of the mapping
         (through its own memoryview slice), so the mapping outlives :meth:`close` for as long as the view lives."""
+        start = self._slot_offset(index)
+        assert self._shm is not None  # _slot_offset checked
+        lay = self.layout
+        return np.frombuffer(self._shm.buf[start : start + lay.slot_bytes], np.uint8).reshape(
+            lay.height, lay.width, lay.channels)
+
+    def _slot_offset(self, index: int) -> int:
+        """Byte offset of slot ``index`` in the segment, once the ring is known open and the index in range."""
         if self._shm is None:
             raise SharedMemoryError(f"shared memory {self.name} is closed")
         if not 0 <= index < self.layout.slots:
             raise IndexError(f"slot {index} out of range [0, {self.layout.slots})")
-        lay = self.layout
-        start = index * lay.slot_stride
-        return np.frombuffer(self._shm.buf[start : start + lay.slot_bytes], np.uint8).reshape(
-            lay.height, lay.width, lay.channels)
+        return index * self.layout.slot_stride
 
     def read_slot(self, index: int, dst: np.ndarray) -> None:
         """Copy slot ``index`` into ``dst`` (C-contiguous, ``slot_bytes`` bytes) with pread(2), not through the
@@ -182,14 +187,12 @@ class Ring:
 
     def _io_args(self, index: int, array: np.ndarray) -> tuple[int, int, memoryview]:
         """Descriptor, byte offset of slot ``index`` and a byte view of ``array``, once both are checked."""
-        if self._shm is None:
-            raise SharedMemoryError(f"shared memory {self.name} is closed")
-        if not 0 <= index < self.layout.slots:
-            raise IndexError(f"slot {index} out of range [0, {self.layout.slots})")
+        start = self._slot_offset(index)
+        assert self._shm is not None  # _slot_offset checked
         if array.dtype != np.uint8 or array.nbytes != self.layout.slot_bytes or not array.flags.c_contiguous:
             raise ValueError(f"a slot of {self.name} holds {self.layout.slot_bytes} contiguous uint8 bytes, got "
                              f"{array.shape} {array.dtype}")
-        return self._shm._fd, index * self.layout.slot_stride, memoryview(array).cast("B")
+        return self._shm._fd, start, memoryview(array).cast("B")
 
     def check_intact(self) -> None:
         """Raise SharedMemoryError when the segment is now smaller than its layout: a client that opened it with
