@@ -35,6 +35,7 @@ BACKOFF = (0.25, 4.0)  # s between reconnection attempts: first, largest (doubli
 BUSY_PAUSE = 0.005  # s before resubmitting a frame the daemon refused as BUSY
 IDLE_POLL = 0.05  # s the worker waits for a job before checking for shutdown again
 RESULT_POLL = 0.002  # s the worker waits for a frame's reply before looking for the next job again
+CLOSE_GRACE = 0.5  # s close() lets the worker end by itself (closing its session) before interrupting its waits
 
 
 class LinkState(enum.Enum):
@@ -267,6 +268,10 @@ class UpscaleLink:
         self._drop_views()
         self._drain()  # queued news may hold views too, and the worker is about to unmap
         self._worker.halt.set()
+        if self._worker.is_alive():
+            # a worker that sees halt closes its session with the daemon, which frees the segments at once; an
+            # interrupted one cannot wait for that reply, and the daemon's lease frees them seconds later
+            self._worker.join(CLOSE_GRACE)
         self._worker.interrupt()
         if self._worker.is_alive():
             self._worker.join(wait)

@@ -14,8 +14,9 @@ import warnings
 import numpy as np
 import pytest
 
-from upscaler_server.client import UpscalerClient
+from upscaler_server.client import UpscalerClient, _Link
 from upscaler_server.errors import ClientInterruptedError, ServerUnavailableError, UpscalerError
+from upscaler_server.protocol import Submit
 
 from server_utils import run_server, stop
 
@@ -76,6 +77,35 @@ def test_a_client_dropped_without_close_releases_itself_and_warns() -> None:
         assert daemon.segments() == []
 
 
+def test_a_dropped_client_is_released_at_once_not_by_the_garbage_collector() -> None:
+    """The client held its sessions and each session its client: a cycle, so a client dropped without close() was
+    only released by a garbage collection (which a program that allocates little may not run for a long time), and
+    until then its heartbeat kept the daemon's sessions and segments alive. A session the caller still holds keeps
+    its client."""
+    with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon:
+        before = threading.active_count()
+        gc.disable()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                client = UpscalerClient(daemon.endpoint, timeout=5, name="pytest")
+                client.upscale(np.zeros((8, 8, 3), np.uint8))  # a session the client keeps for upscale()
+                session = client.open_session(16, 16, "RGB8", slots=1)
+                del client
+                assert (session.upscale(np.full((16, 16, 3), 3, np.uint8)) == 3).all()  # its client lives on
+                assert not caught
+                del session
+                assert any(issubclass(w.category, ResourceWarning) and "was not closed" in str(w.message)
+                           for w in caught)
+            assert threading.active_count() == before  # the heartbeat thread ended, no collection needed
+        finally:
+            gc.enable()
+        deadline = time.monotonic() + 10
+        while daemon.segments() and time.monotonic() < deadline:  # no heartbeat: the lease ends the sessions
+            time.sleep(0.1)
+        assert daemon.segments() == []
+
+
 def _use_after_fork(client: UpscalerClient, answer: multiprocessing.Queue) -> None:
     try:
         client.ping()
@@ -124,6 +154,57 @@ def test_two_threads_on_one_client_get_an_error_not_a_crash() -> None:
         assert client.upscale(np.zeros((16, 16, 3), np.uint8)).shape == (32, 32, 3)
 
 
+def test_a_second_thread_is_refused_for_the_whole_of_an_upscale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """upscale() copies in, submits, collects and copies out; the guard covered one send or one wait at a time, so a
+    second thread got in between them on the same session, took the first one's reply, and one of them returned the
+    other's picture. The first thread is held right after its submit is sent."""
+    submitted, go = threading.Event(), threading.Event()
+    original_send = _Link.send
+
+    def send_then_hold(link: _Link, msg: object) -> int:
+        req = original_send(link, msg)
+        if isinstance(msg, Submit) and threading.current_thread() is owner:
+            submitted.set()
+            go.wait(10)
+        return req
+
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
+        client.upscale(np.zeros((16, 16, 3), np.uint8))  # the session for this size is open
+        monkeypatch.setattr(_Link, "send", send_then_hold)
+        results: list[np.ndarray] = []
+        owner = threading.Thread(target=lambda: results.append(client.upscale(np.full((16, 16, 3), 1, np.uint8))))
+        owner.start()
+        try:
+            assert submitted.wait(10)
+            with pytest.raises(UpscalerError, match="in use by another thread"):
+                client.upscale(np.full((16, 16, 3), 2, np.uint8))
+        finally:
+            go.set()
+            owner.join(10)
+        assert len(results) == 1 and (results[0] == 1).all()
+        assert (client.upscale(np.full((16, 16, 3), 2, np.uint8)) == 2).all()
+
+
+def test_closing_many_sessions_on_a_stalled_daemon_waits_once() -> None:
+    """close() waited up to a second for each session's Close in turn: six sessions, six seconds."""
+    with run_server("--backend", "nearest") as daemon:
+        client = UpscalerClient(daemon.endpoint, timeout=5, name="pytest")
+        sessions = [client.open_session(16, 16, "RGB8", slots=1) for _ in range(6)]
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            client.close()
+            took = time.monotonic() - start
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert took < 3.0 and client.closed and all(session.closed for session in sessions), took
+        deadline = time.monotonic() + 30  # the late Closes, or the leases, end them on the daemon
+        while daemon.segments() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert daemon.segments() == []
+
+
 def test_bad_out_and_timeout_arguments_are_refused_before_anything_is_sent() -> None:
     with run_server("--backend", "nearest") as daemon, \
             UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
@@ -135,6 +216,17 @@ def test_bad_out_and_timeout_arguments_are_refused_before_anything_is_sent() -> 
         with pytest.raises(ValueError, match="timeout must be > 0"):
             session.collect(timeout=0)
         assert session.collect().slot == 0  # the frame was not given up on
+        with pytest.raises(ValueError, match="unknown pixel format 'rgb8'"):
+            client.upscale(frame, pixel_format="rgb8")
+        with pytest.raises(TypeError, match="numpy arrays, got list"):
+            client.upscale(frame.tolist())
+        with pytest.raises(TypeError, match="numpy arrays, got list"):
+            session.upscale(frame.tolist())
+    for timeout in (0, -1, float("nan")):  # they used to blame a running daemon for not answering
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            UpscalerClient(daemon.endpoint, timeout=timeout)
+    with pytest.raises(ValueError, match="retries must be an int >= 0"):
+        UpscalerClient(daemon.endpoint, retries=-1)
 
 
 def test_a_dropped_client_collected_on_its_heartbeat_thread_still_ends_it() -> None:
@@ -146,10 +238,12 @@ def test_a_dropped_client_collected_on_its_heartbeat_thread_still_ends_it() -> N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             client = UpscalerClient(daemon.endpoint, timeout=5, name="pytest")
-            client.upscale(np.zeros((8, 8, 3), np.uint8))  # a session: client and session now form a cycle
+            client.upscale(np.zeros((8, 8, 3), np.uint8))  # a session and its heartbeat
+            cycle: list[object] = [client]
+            cycle.append(cycle)  # the caller's own cycle: only the garbage collector frees the client now
             gc.set_threshold(1, 1, 1)  # collect at nearly every allocation, so on whichever thread allocates
             try:
-                del client
+                del client, cycle
                 deadline = time.monotonic() + 10
                 while threading.active_count() > before and time.monotonic() < deadline:
                     time.sleep(0.05)

@@ -111,6 +111,20 @@ def test_a_frame_rendered_while_the_daemon_works_is_sent_at_once(monkeypatch: py
     assert all(frame.round_trip * 1e6 >= frame.timings.total_us for frame in done.values())
 
 
+def test_closing_the_link_closes_its_session_on_the_daemon() -> None:
+    """close() interrupted the worker at once, so its client never told the daemon: the session and its segments
+    stayed until the lease expired (10 s by default), after every demo run."""
+    with run_server("--backend", "nearest", "--lease-timeout", "60") as daemon:
+        link = UpscaleLink(daemon.endpoint, LR, scale=2, timeout=10.0)
+        link.start()
+        _round_trip(link, 1)
+        assert daemon.segments()
+        link.close()
+        assert not link._worker.is_alive()
+        assert daemon.segments() == [], "the session's segments outlived the demo's link"
+        assert "closed by its client" in daemon.log()
+
+
 def test_closing_the_link_while_the_daemon_stalls_is_prompt() -> None:
     """The worker waits for a stalled daemon's frame up to the timeout several times over; closing used to give up
     on it after 2 s and leave it inside the client, whose sockets the interpreter then tore down under it at exit

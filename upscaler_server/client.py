@@ -22,8 +22,9 @@ on the daemon: the slot counts as busy until the late reply comes (``Session.wai
 submitting it again asks the daemon, which answers ``SLOT_IN_FLIGHT`` while it still runs the old frame. When the
 daemon restarts, the client says hello to the new one (``info`` follows) and ``upscale()`` reopens its session.
 
-One client per thread and per process: a second thread using it at the same time, or a forked child, gets an
-UpscalerError saying so. A client dropped without ``close()`` releases itself with a ResourceWarning.
+One client per thread and per process: a second thread using it (or one of its sessions) while a call is under
+way, or a forked child, gets an UpscalerError saying so, when the call starts. A client dropped without ``close()``
+releases itself at once (its sessions refer to it only where the caller holds them) with a ResourceWarning.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import secrets
@@ -42,7 +44,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import zmq
@@ -85,6 +87,7 @@ from upscaler_server.shm import Ring, RingLayout
 __all__ = ["FrameResult", "Session", "UpscalerClient"]
 
 M = TypeVar("M", bound=Message)
+F = TypeVar("F", bound=Callable[..., Any])
 _REPLY_MAX_BYTES = 1 << 31  # inline results carry a whole output frame
 _AUTO_SESSIONS = 4  # sessions upscale() keeps open for recently seen frame sizes
 
@@ -212,6 +215,19 @@ class _Link:
         self._socket.close(linger=0)
 
 
+def _exclusive(method: F) -> F:
+    """Hold the client's socket guard for the whole call, not only around each message: upscale() or collect() is
+    several sends and waits on shared state (a slot, the queue of frames in flight), and a second thread slipping in
+    between them took the first one's reply and gave it the wrong picture. The guard is re-entrant."""
+
+    @functools.wraps(method)
+    def guarded(self: UpscalerClient | Session, *args: Any, **kwargs: Any) -> Any:
+        with self._link._owned():
+            return method(self, *args, **kwargs)
+
+    return cast(F, guarded)
+
+
 def _readable(sock: zmq.Socket[bytes], timeout: float, interrupted: threading.Event) -> bool:
     """Whether ``sock`` has a message within ``timeout`` s (at once: what has arrived, when it is <= 0). Polls in
     slices and raises ClientInterruptedError once ``interrupted`` is set: a wait may last a whole timeout times the
@@ -306,13 +322,18 @@ class UpscalerClient:
                  name: str = "python-client", heartbeat: bool = True) -> None:
         """Connect and say hello. ``timeout``: seconds per attempt; raises ServerUnavailableError after
         ``retries`` + 1 silent attempts, or at once when an ``ipc://`` endpoint has no socket file or a stale one."""
-        self.timeout = timeout
+        self.timeout = _positive_timeout(timeout, 10.0)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         self.retries = retries
         self.closed = False
         self._name = name[:64]
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._lock = threading.Lock()  # guards _sessions against the heartbeat thread
-        self._sessions: dict[int, Session] = {}
+        # weak: a session the caller dropped is ended by the daemon's lease, and one the caller holds refers to this
+        # client, so a strong reference back would make a cycle only the garbage collector frees (and until it runs,
+        # a client dropped without close() would keep its heartbeat, and with it the daemon's sessions, alive)
+        self._sessions: weakref.WeakValueDictionary[int, Session] = weakref.WeakValueDictionary()
         self._auto: collections.OrderedDict[tuple[int, int, str], Session] = collections.OrderedDict()
         self._frames = itertools.count(1)
         self._heartbeat: _Heartbeat | None = None
@@ -375,8 +396,11 @@ class UpscalerClient:
             # no daemon, or interrupted (nothing may wait now): telling the daemon of each session is no use; their
             # leases end them
             gone = self._link.interrupted.is_set() or _nobody_listens(self.endpoint) is not None
-            for session in list(self._sessions.values()):
-                session.close(notify=not gone)
+            sessions = list(self._sessions.values())
+            for session in sessions:
+                session.close(notify=False)
+            if not gone:
+                self._tell_closed([session.id for session in sessions])
             self.closed = True
             if self._heartbeat is not None:
                 self._heartbeat.stop()
@@ -384,6 +408,22 @@ class UpscalerClient:
             self._link.close()
         if not self._ctx.closed:
             self._ctx.term()
+
+    def _tell_closed(self, session_ids: list[int]) -> None:
+        """Tell the daemon these sessions are closed: every Close sent at once, the replies awaited together for at
+        most a second, so a slow daemon costs one wait, not one per session. One that stays silent (or an interrupt)
+        leaves them to the daemon's leases."""
+        reqs = []
+        try:
+            reqs = [self._link.send(Close(session=session_id)) for session_id in session_ids]
+            deadline = time.monotonic() + min(self.timeout, 1.0)
+            for req in reqs:
+                self._link.wait(req, max(0.0, deadline - time.monotonic()))  # an error reply (already gone) is fine
+        except ClientInterruptedError:
+            pass
+        finally:
+            for req in reqs:
+                self._link.forget(req)
 
     def interrupt(self) -> None:
         """Thread-safe: the call this client is waiting in (in another thread: a collect, a request) raises
@@ -398,6 +438,7 @@ class UpscalerClient:
 
     # --- requests ----------------------------------------------------------------------------------------------------
 
+    @_exclusive
     def request(self, msg: Message, expect: type[M], retries: int | None = None, timeout: float | None = None,
                 idempotent: bool = True) -> M:
         """Send ``msg`` and return its reply of type ``expect``; an ``error`` reply raises the matching
@@ -463,9 +504,13 @@ class UpscalerClient:
 
     def open_session(self, width: int, height: int, pixel_format: str = "RGB8", slots: int = 3) -> Session:
         """Open a session for ``width`` x ``height`` frames in ``pixel_format`` with ``slots`` frames in flight."""
+        return self._open_session(width, height, pixel_format, slots, held_by_client=False)
+
+    @_exclusive
+    def _open_session(self, width: int, height: int, pixel_format: str, slots: int, held_by_client: bool) -> Session:
         opened = self.request(Open(width=width, height=height, format=pixel_format, slots=slots), Opened)
         try:
-            session = Session(self, opened)
+            session = Session(self, opened, held_by_client=held_by_client)
         except Exception:
             with contextlib.suppress(UpscalerError):  # the segments failed us; the lease cleans up otherwise
                 self.request(Close(session=opened.session), Closed, retries=0)
@@ -486,6 +531,7 @@ class UpscalerClient:
 
     # --- one-call upscaling ------------------------------------------------------------------------------------------
 
+    @_exclusive
     def upscale(self, frame: np.ndarray, pixel_format: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Upscale one (H, W, 3|4) uint8 frame through shared memory; returns ``out`` or a new (H*s, W*s, C) array.
         ``pixel_format`` defaults to RGB8 / RGBA8 by channel count (say "BGRA8" or "BGR8" for those orders)."""
@@ -508,10 +554,11 @@ class UpscalerClient:
             return self._auto[key]
         if len(self._auto) >= _AUTO_SESSIONS:
             self._auto.popitem(last=False)[1].close()
-        session = self.open_session(key[1], key[0], key[2], slots=1)
+        session = self._open_session(key[1], key[0], key[2], 1, held_by_client=True)
         self._auto[key] = session
         return session
 
+    @_exclusive
     def upscale_inline(self, frame: np.ndarray, pixel_format: str | None = None) -> np.ndarray:
         """Upscale with the pixels inside the messages (no shared memory): for remote or sandboxed clients."""
         fmt = _format_of(frame, pixel_format)
@@ -524,8 +571,11 @@ class UpscalerClient:
 class Session:
     """A daemon session: input and output rings in shared memory, frames submitted by slot."""
 
-    def __init__(self, client: UpscalerClient, opened: Opened) -> None:
-        self._client = client
+    def __init__(self, client: UpscalerClient, opened: Opened, *, held_by_client: bool = False) -> None:
+        """``held_by_client``: a session the client keeps for upscale(), which refers to the client weakly (the
+        client holds it: a strong reference back would be a cycle). One given to the caller keeps its client alive."""
+        self._client_ref = weakref.ref(client)
+        self._owner = None if held_by_client else client
         self.instance = client.info.instance  # the daemon it was opened on, as far as the client knows
         self.id = opened.session
         self.width, self.height = opened.width, opened.height
@@ -553,6 +603,17 @@ class Session:
         self._next_slot = 0
         self.closed = False
 
+    @property
+    def _client(self) -> UpscalerClient:
+        client = self._client_ref()
+        if client is None:  # only a session held by its client refers to it weakly, and then both go together
+            raise UpscalerError(f"the UpscalerClient of session {self.id} is gone", ErrorCode.UNKNOWN_SESSION)
+        return client
+
+    @property
+    def _link(self) -> _Link:
+        return self._client._link
+
     def _check_open(self) -> None:
         if self.closed:
             raise SessionError(f"session {self.id} is closed", ErrorCode.UNKNOWN_SESSION)
@@ -578,6 +639,7 @@ class Session:
         """Slots submitted and not collected yet, oldest first."""
         return [slot for _, slot, _ in self._outstanding]
 
+    @_exclusive
     def has_result(self, wait: float = 0.0) -> bool:
         """Whether :meth:`collect` would return at once: the daemon's reply for the oldest frame in flight has
         arrived, waiting up to ``wait`` s for it (it returns as soon as the reply lands; False when no frame is in
@@ -596,6 +658,7 @@ class Session:
         del self._abandoned[slot]  # its late reply came: the daemon is done with the slot
         return False
 
+    @_exclusive
     def free_slot(self) -> int | None:
         """A slot not in flight (round-robin), or None when all are."""
         busy = set(self.in_flight) | {slot for slot in list(self._abandoned) if self._still_running(slot)}
@@ -606,6 +669,7 @@ class Session:
                 return slot
         return None
 
+    @_exclusive
     def submit(self, slot: int, frame: int | None = None) -> int:
         """Ask the daemon to upscale input slot ``slot`` into output slot ``slot``; returns the frame id.
         Does not wait: :meth:`collect` returns results in submission order."""
@@ -620,6 +684,7 @@ class Session:
         self._outstanding.append((req, slot, frame))
         return frame
 
+    @_exclusive
     def collect(self, timeout: float | None = None) -> FrameResult:
         """Wait for the oldest submitted frame. Raises BusyError if the daemon refused it (resubmit later),
         SessionLostError if the session is gone, ServerUnavailableError if the daemon stays silent."""
@@ -646,6 +711,7 @@ class Session:
         raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; is the daemon running, or "
                                      "overloaded?")
 
+    @_exclusive
     def wait_slot(self, slot: int, timeout: float | None = None) -> None:
         """Wait until the daemon has finished a frame of ``slot`` whose collect() timed out (no-op otherwise);
         ServerUnavailableError if it is still running after ``timeout`` (default: the client's)."""
@@ -663,6 +729,7 @@ class Session:
         self._outstanding.clear()
         self._abandoned.clear()
 
+    @_exclusive
     def check_alive(self) -> None:
         """Return if the daemon that has this session answers a ping (it is slow, not gone), asked on a throwaway
         socket within the client's timeout; ServerUnavailableError if none does, SessionLostError if it restarted or
@@ -676,10 +743,13 @@ class Session:
             self._forget_replies()
             raise SessionLostError(f"session {self.id} is gone (daemon restarted or lease expired)")
 
+    @_exclusive
     def upscale(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Copy ``frame`` into a free slot, upscale it and copy the result into ``out`` (default: a new array);
         BUSY replies are retried for up to the client's timeout."""
         self._check_open()
+        if not isinstance(frame, np.ndarray):
+            raise TypeError(f"frames must be numpy arrays, got {type(frame).__name__}")
         if frame.shape != self._inputs[0].shape or frame.dtype != np.uint8:
             raise SessionError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
                                f"{self._inputs[0].shape} uint8", ErrorCode.INVALID_FIELD)
@@ -764,10 +834,14 @@ def _positive_timeout(timeout: float | None, default: float) -> float:
 
 
 def _format_of(frame: np.ndarray, pixel_format: str | None) -> str:
+    if not isinstance(frame, np.ndarray):
+        raise TypeError(f"frames must be numpy arrays, got {type(frame).__name__}")
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
         raise ValueError(f"frames must be (H, W, 3|4) uint8 arrays, got {frame.shape} {frame.dtype}")
     fmt = pixel_format or ("RGB8" if frame.shape[2] == 3 else "RGBA8")
-    if fmt not in PIXEL_FORMATS or PIXEL_FORMATS[fmt].channels != frame.shape[2]:
+    if fmt not in PIXEL_FORMATS:
+        raise ValueError(f"unknown pixel format {fmt!r}; known: {', '.join(PIXEL_FORMATS)}")
+    if PIXEL_FORMATS[fmt].channels != frame.shape[2]:
         raise ValueError(f"pixel format {fmt!r} does not fit a {frame.shape[2]}-channel frame")
     return fmt
 
