@@ -4,6 +4,7 @@ client's byte for byte, it reports error replies, and valgrind finds no leak or 
 from __future__ import annotations
 
 import pathlib
+import resource
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -105,6 +106,30 @@ def test_bad_arguments_exit_2_before_any_work(binary: pathlib.Path, tmp_path: pa
     run = _run([str(binary), "-e", "ipc:///nonexistent/socket", *args, "-o", str(tmp_path / "out.png")])
     assert run.returncode == 2 and "usage:" in run.stderr, run.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_huge_pattern_is_refused_by_the_daemon_before_it_is_made(binary: pathlib.Path, daemon: Daemon,
+                                                                   tmp_path: pathlib.Path) -> None:
+    """-p made its pattern before asking the daemon: 60000x60000 RGBA is 14 GB, which under a memory limit failed
+    to allocate and exited 1 without a word (and without one would have filled this machine's memory)."""
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    out = tmp_path / "x.png"
+    result = subprocess.run([str(binary), "-e", daemon.endpoint, "-p", "60000x60000", "-f", "RGBA8", "-o", str(out)],
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT, preexec_fn=limit_memory)
+    assert result.returncode == 1 and "SIZE_TOO_LARGE" in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_an_unreadable_input_is_named(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A missing or damaged input file is named, before anything is asked of the daemon."""
+    for bad in (tmp_path / "missing.png", tmp_path / "junk.png"):
+        if bad.name == "junk.png":
+            bad.write_bytes(b"not a png at all")
+        result = _run([str(binary), "-e", "ipc:///nonexistent/socket", "-i", str(bad), "-o", str(tmp_path / "o.png")])
+        assert result.returncode == 1 and f"cannot read {bad}" in result.stderr, result.stderr
 
 
 def test_silent_daemon_is_a_timeout(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -185,20 +185,25 @@ static int run_frames(takdsr_client *c, takdsr_session *s, const options *o, con
     return 0;
 }
 
-static int upscale(takdsr_client *c, const options *o, const image *lr, image *out) {
+/* Upscales the loaded input, or with -p a pattern made only once the daemon has accepted its size (a huge -p would
+ * otherwise fill memory before the daemon could refuse it). */
+static int upscale(takdsr_client *c, const options *o, image *lr, image *out) {
     takdsr_info info;
     if (takdsr_hello(c, "takdsr_upscale (C)", &info) != TAKDSR_OK) return report(c, "hello");
     printf("daemon %s: model %s x%u on %s (%s)%s\n", info.server, info.model, info.scale, info.device, info.precision,
            info.random_weights ? " [RANDOM WEIGHTS: output is noise]" : "");
+    uint32_t width = o->input ? lr->width : o->pattern_w, height = o->input ? lr->height : o->pattern_h;
     takdsr_session *s;
-    if (takdsr_session_open(c, lr->width, lr->height, o->format, o->slots, &s) != TAKDSR_OK)
+    if (takdsr_session_open(c, width, height, o->format, o->slots, &s) != TAKDSR_OK)
         return report(c, "opening a session");
     const takdsr_geometry *g = takdsr_session_geometry(s);
     int rc = 1;
-    if (g->width != lr->width || g->height != lr->height)
+    if (g->width != width || g->height != height)
         fprintf(stderr, "error: the daemon opened a %ux%u session\n", g->width, g->height);
+    else if (!o->input && image_pattern(width, height, g->channels, lr) != 0)
+        fprintf(stderr, "error: out of memory for a %ux%u pattern\n", width, height);
     else if (image_pattern(g->out_width, g->out_height, g->channels, out) != 0)
-        fprintf(stderr, "error: out of memory\n");
+        fprintf(stderr, "error: out of memory for a %ux%u result\n", g->out_width, g->out_height);
     else
         rc = run_frames(c, s, o, lr, out);
     if (takdsr_session_close(s) != TAKDSR_OK && rc == 0) rc = report(c, "closing the session");
@@ -209,9 +214,7 @@ int main(int argc, char **argv) {
     options o;
     if (parse(argc, argv, &o) != 0) return usage(argv[0]);
     image lr = {0}, hr = {0};
-    bool alpha = strchr(o.format, 'A') != NULL;
-    if (o.input ? image_load(o.input, &lr) != 0 : image_pattern(o.pattern_w, o.pattern_h, alpha ? 4 : 3, &lr) != 0)
-        return 1;
+    if (o.input && image_load(o.input, &lr) != 0) return 1; /* image_load says why */
     takdsr_client *c = takdsr_client_new(o.endpoint, o.timeout_ms);
     int rc = c ? upscale(c, &o, &lr, &hr) : 1;
     if (rc == 0) rc = image_save(o.output, &hr) == 0 ? 0 : 1;
