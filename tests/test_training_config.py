@@ -64,6 +64,14 @@ def test_unknown_or_invalid_values_are_errors(raw: dict) -> None:
         ("experiment.channels=0", "experiment.channels must be >= 1"),
         ("eval.rendered_size=[1920]", "eval.rendered_size must be"),
         ("eval.crop=-1", "eval.crop must be >= 0"),
+        # nan passed every range check (nan < 0 is false): a loss of nan, or a term silently ignored
+        ("runtime.time_budget_s=nan", "runtime.time_budget_s must be a finite number"),
+        ("optim.lr=inf", "optim.lr must be a finite number"),
+        ("optim.grad_clip=nan", "optim.grad_clip must be a finite number"),
+        ("loss.output=nan", "loss.output must be a finite number"),
+        ("experiment.mix=[0.3, inf]", r"experiment.mix\[1\] must be a finite number"),
+        ("runtime.seed=99999999999999999999", "runtime.seed must be < 2\\*\\*63"),
+        ("experiment.extra_args={channels=4}", "experiment.extra_args cannot set channels"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(override: str, message: str) -> None:

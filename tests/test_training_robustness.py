@@ -309,3 +309,24 @@ def test_malformed_score_and_index_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "scores.json").write_text('{"cg-dev": {"s": {"mean": {}}, "bicubic": {"mean": {}}}}')
     with pytest.raises(ValueError, match=r"weights\.json is not valid JSON"):
         ship_checkpoint(path, "x", "x", tmp_path / "scores.json", tmp_path / "weights")
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/dir/x", "", ".hidden", "-x"])
+def test_a_shipped_name_is_a_plain_file_name(tmp_path: Path, name: str) -> None:
+    """--name ../escaped wrote out/../escaped.safetensors, outside the weights folder, and indexed it there."""
+    path = _student_file(tmp_path)
+    (tmp_path / "scores.json").write_text('{"cg-dev": {"s": {"mean": {}}, "bicubic": {"mean": {}}}}')
+    with pytest.raises(ValueError, match="plain file name stem"):
+        ship_checkpoint(path, name, "x", tmp_path / "scores.json", tmp_path / "weights", label="s")
+    assert not (tmp_path / "weights").exists() and not (tmp_path / "escaped.safetensors").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--device", "bogus"], "expected cpu, cuda or cuda:N"),
+                                               (["--device", "cuda:99"], "no such CUDA device here"),
+                                               (["--repeats", "0"], "expected an integer >= 1")])
+def test_latency_arguments_are_checked_before_any_work(args: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad device ended in torch's traceback, a missing CUDA in an AssertionError, --repeats 0 in 'no median'."""
+    with pytest.raises(SystemExit) as exit_info:
+        training_main(["latency", "rlfn_s", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -172,6 +172,41 @@ def test_resume_continues_exactly(image_folder: Path, tmp_path: Path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_with_another_lr_and_betas_trains_with_them_and_says_so(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The saved optimizer and schedule kept the lr and betas the run started with: a resume with --set optim.lr
+    trained with the old base lr times the new lr_min/lr ratio (a schedule neither config has), and the old betas,
+    while config.toml recorded the new values."""
+    config = _stage_config(image_folder, tmp_path, "teacher")
+    optim = dataclasses.replace(config.optim, lr=0.01, lr_min=0.005, betas=[0.8, 0.99])
+    changed = dataclasses.replace(config, optim=optim)
+    train_stage(changed, tmp_path / "straight")
+    original_step = _Trainer._step
+
+    def stop_after_three(self: _Trainer, loss_module, batch, step):  # the Ctrl-C flag, as SIGINT sets it
+        terms = original_step(self, loss_module, batch, step)
+        self.stop_requested = step + 1 == 3
+        return terms
+
+    monkeypatch.setattr(_Trainer, "_step", stop_after_three)
+    with pytest.raises(TrainingInterrupted):
+        train_stage(config, tmp_path / "resumed")
+    monkeypatch.setattr(_Trainer, "_step", original_step)
+    capsys.readouterr()
+    train_stage(changed, tmp_path / "resumed", resume=True)
+    assert "optim.betas, optim.lr, optim.lr_min" in capsys.readouterr().out
+
+    def lrs(run_dir: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["lr"] for r in records}
+
+    straight, resumed = lrs(tmp_path / "straight"), lrs(tmp_path / "resumed")
+    assert [resumed[step] for step in (4, 5, 6)] == pytest.approx([straight[step] for step in (4, 5, 6)])
+    state = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
+    assert all(tuple(group["betas"]) == (0.8, 0.99) for group in state["optimizer"]["param_groups"])
+
+
 def test_export_state_checkpoints_a_run_part_way(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

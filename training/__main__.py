@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +47,22 @@ def _size(text: str) -> tuple[int, int]:
     if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT with positive integers, got {text!r}")
     return int(width), int(height)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _device(text: str) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`, and a CUDA device only where one exists."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    device = torch.device(text)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    return device
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,8 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="checkpoint files, bundled checkpoint names or registered model names")
     latency.add_argument("--input", type=_size, default="960x540",
                          help="LR input WxH (a teacher reads the matching HR size)")
-    latency.add_argument("--device", default="cpu")
-    latency.add_argument("--repeats", type=int, default=5)
+    latency.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    latency.add_argument("--repeats", type=_positive_int, default=5)
     latency.add_argument("--json", type=Path, help="also write the timings here")
     return parser
 
@@ -177,7 +194,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _latency(args: argparse.Namespace) -> int:
     width, height = args.input
-    device = torch.device(args.device)
+    device = args.device
     timings = {}
     for target in args.targets:
         model = build_model(target) if target in list_models() else load_model(resolve_checkpoint(target))

@@ -9,6 +9,7 @@ falling back to a plain string). The resolved config is saved beside each run as
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import typing
@@ -249,10 +250,16 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; every check below would let nan through
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str and not isinstance(value, str):
         raise ValueError(f"{key} must be a string, got {value!r}")
     return value
+
+
+# build_model arguments the trainer sets from the experiment itself (training/trainer.py, build_stage_network)
+_SET_BY_EXPERIMENT = {"channels", "blocks", "scale", "encoder_channels", "discrete"}
 
 
 def _at_least(minimum: float, **values: float) -> None:
@@ -284,6 +291,13 @@ def _validate(config: Config) -> None:
               loss__feature=config.loss.feature, loss__output=config.loss.output, runtime__workers=runtime.workers,
               runtime__seed=runtime.seed, runtime__threads=runtime.threads,
               runtime__snapshot_every=runtime.snapshot_every, runtime__time_budget_s=runtime.time_budget_s)
+    if runtime.seed >= 2**63:  # torch's generators take a signed 64-bit seed
+        raise ValueError(f"runtime.seed must be < 2**63, got {runtime.seed}")
+    taken = sorted(_SET_BY_EXPERIMENT & exp.extra_args.keys())
+    if taken:
+        raise ValueError(f"experiment.extra_args cannot set {', '.join(taken)}: the experiment's own keys do "
+                         "(experiment.channels, the blocks keys, experiment.scale, experiment.encoder_channels, "
+                         "stage.discrete)")
     if optim.lr <= 0 or optim.lr_min > optim.lr:
         raise ValueError(f"optim.lr must be > 0 and >= optim.lr_min, got lr {optim.lr}, lr_min {optim.lr_min}")
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):

@@ -12,6 +12,7 @@ run folder as finished stages, so that `pipeline --stages ...` trains new studen
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,9 @@ def ship_checkpoint(
     """Ship one checkpoint as `out_dir/name.safetensors` with the scores of its label (default: the file's
     stem) in `scores_path` (`python -m training evaluate --json`: {set: {label: {"mean": ...}}}); returns
     its weights.json entry."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):  # a file in out_dir, never a path out of it
+        raise ValueError(f"the name must be a plain file name stem (letters, digits, _ . -, not starting with . or "
+                         f"-), got {name!r}")
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.metadata["training"].get("config"), dict):
         # shipped weights carry how they were trained (config, data, steps, device): refuse before writing anything

@@ -42,7 +42,7 @@ from models import (
     min_lr_size,
     save_checkpoint,
 )
-from training.config import Config, dump_toml
+from training.config import Config, config_from_toml, differing_keys, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.distill import Distillation, Guide, TrainedModel
 
@@ -383,7 +383,20 @@ class _Trainer:
                              f"config changed since it was saved?): {_first_line(exc)}") from None
         self.seconds_before = float(state.get("seconds", 0.0))
         self.budget_spent = float(state.get("budget_spent", 0.0))
+        self._follow_config_optim()
+        if self.dist.main:
+            _print_changes(path, state.get("config"), self.config)
         return int(state["step"])
+
+    def _follow_config_optim(self) -> None:
+        """Make the resumed optimizer and schedule this config's. The saved ones carry the lr and betas the run
+        started with: a resume with ``--set optim.lr=...`` trained with the old base lr times the new lr_min/lr
+        ratio, matching neither config, while config.toml recorded the new one."""
+        optim = self.config.optim
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # the cosine at the resumed step
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=optim.lr, lr=optim.lr * factor, betas=tuple(optim.betas))
+        self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
 
     def _snapshot_due(self, step: int) -> bool:
         every = self.config.runtime.snapshot_every
@@ -438,6 +451,22 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
         raise ValueError(f"{path} is not a training state (its model is not a state dict or its step not a "
                          "non-negative int)")
     return state
+
+
+def _print_changes(path: Path, saved: Any, config: Config) -> None:
+    """Say which keys a resumed run now trains with other values than its state was saved with: a change made on
+    purpose (``--set``), or a state.pt put back from another run, which must not pass unnoticed."""
+    if not isinstance(saved, str):  # a state of an older version: it kept no config
+        return
+    try:
+        before = config_from_toml(saved, path).to_dict()
+    except ValueError as exc:  # not valid TOML, or keys of another version
+        print(f"note: the config kept in {path} cannot be read ({_first_line(exc)}); resuming with this run's")
+        return
+    changed = differing_keys(before, config.to_dict())
+    if changed:
+        keys = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+        print(f"note: resuming {path} with values other than it was saved with, for {keys}")
 
 
 def _state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:
