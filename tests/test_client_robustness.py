@@ -106,6 +106,32 @@ def test_a_dropped_client_is_released_at_once_not_by_the_garbage_collector() -> 
         assert daemon.segments() == []
 
 
+def test_sessions_the_caller_dropped_are_closed_on_the_daemon() -> None:
+    """Once the client held its sessions weakly, a session dropped without close() (the one-liner
+    ``client.open_session(...).upscale(frame)``) was never closed on the daemon: its segments stayed until the
+    lease, even after client.close(), and the replies it awaited piled up in the client."""
+    with run_server("--backend", "nearest", "--lease-timeout", "60") as daemon:
+        for end in ("next request", "close"):
+            client = UpscalerClient(daemon.endpoint, timeout=5, name="pytest")
+            session = client.open_session(8, 8, "RGB8", slots=1)
+            session.submit(0)
+            client.open_session(8, 8, "RGB8", slots=1).upscale(np.zeros((8, 8, 3), np.uint8))  # used once
+            del session  # dropped with a frame in flight
+            assert len(daemon.segments()) == 4
+            if end == "next request":
+                client.ping()
+            else:
+                client.close()
+            deadline = time.monotonic() + 5  # far below the lease: the client told the daemon
+            while daemon.segments() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert daemon.segments() == [], end
+            if end == "next request":
+                client.ping()  # the late replies of the dropped sessions arrive and are dropped
+                assert client._link._waiting == set() and client._link._mailbox == {}
+                client.close()
+
+
 def _use_after_fork(client: UpscalerClient, answer: multiprocessing.Queue) -> None:
     try:
         client.ping()
@@ -222,11 +248,17 @@ def test_bad_out_and_timeout_arguments_are_refused_before_anything_is_sent() -> 
             client.upscale(frame.tolist())
         with pytest.raises(TypeError, match="numpy arrays, got list"):
             session.upscale(frame.tolist())
-    for timeout in (0, -1, float("nan")):  # they used to blame a running daemon for not answering
-        with pytest.raises(ValueError, match="timeout must be > 0"):
-            UpscalerClient(daemon.endpoint, timeout=timeout)
-    with pytest.raises(ValueError, match="retries must be an int >= 0"):
-        UpscalerClient(daemon.endpoint, retries=-1)
+        with pytest.raises(TypeError, match="out must be a numpy array, got list"):
+            session.upscale(frame, out=[])
+        for timeout in (0, -1, float("nan")):  # they used to blame a running daemon for not answering
+            with pytest.raises(ValueError, match="timeout must be > 0"):
+                UpscalerClient(daemon.endpoint, timeout=timeout)
+        with pytest.raises(TypeError, match="timeout must be a number of seconds, got '5'"):
+            UpscalerClient(daemon.endpoint, timeout="5")
+        with pytest.raises(ValueError, match="retries must be an int >= 0"):
+            UpscalerClient(daemon.endpoint, retries=-1)
+        with UpscalerClient(daemon.endpoint, timeout=np.float32(5), retries=np.int64(2)) as numpy_numbers:
+            assert numpy_numbers.retries == 2 and numpy_numbers.ping() > 0
 
 
 def test_a_dropped_client_collected_on_its_heartbeat_thread_still_ends_it() -> None:
@@ -333,7 +365,7 @@ def test_an_interrupted_client_closes_without_raising_or_leaking() -> None:
         session = client.open_session(16, 16, "RGB8", slots=2)
         client.interrupt()
         session.close()  # the daemon is healthy: it is the interrupt that must not make this raise
-        assert session.closed and session._inputs == [] and not session._unmap.alive
+        assert session.closed and session._inputs == [] and not session._release.alive
         client.close()
         assert client.closed
 

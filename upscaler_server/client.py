@@ -34,6 +34,8 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import numbers
+import operator
 import os
 import secrets
 import socket
@@ -323,9 +325,7 @@ class UpscalerClient:
         """Connect and say hello. ``timeout``: seconds per attempt; raises ServerUnavailableError after
         ``retries`` + 1 silent attempts, or at once when an ``ipc://`` endpoint has no socket file or a stale one."""
         self.timeout = _positive_timeout(timeout, 10.0)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        self.retries = retries
+        self.retries = _retry_count(retries)
         self.closed = False
         self._name = name[:64]
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -334,6 +334,7 @@ class UpscalerClient:
         # client, so a strong reference back would make a cycle only the garbage collector frees (and until it runs,
         # a client dropped without close() would keep its heartbeat, and with it the daemon's sessions, alive)
         self._sessions: weakref.WeakValueDictionary[int, Session] = weakref.WeakValueDictionary()
+        self._orphans: list[tuple[int, list[int]]] = []  # (id, awaited requests) of sessions dropped without close()
         self._auto: collections.OrderedDict[tuple[int, int, str], Session] = collections.OrderedDict()
         self._frames = itertools.count(1)
         self._heartbeat: _Heartbeat | None = None
@@ -399,8 +400,9 @@ class UpscalerClient:
             sessions = list(self._sessions.values())
             for session in sessions:
                 session.close(notify=False)
+            dropped = self._reap_orphans(notify=False)
             if not gone:
-                self._tell_closed([session.id for session in sessions])
+                self._tell_closed([session.id for session in sessions] + dropped)
             self.closed = True
             if self._heartbeat is not None:
                 self._heartbeat.stop()
@@ -408,6 +410,20 @@ class UpscalerClient:
             self._link.close()
         if not self._ctx.closed:
             self._ctx.term()
+
+    def _reap_orphans(self, notify: bool) -> list[int]:
+        """Forget the replies awaited by sessions the caller dropped without close(), and with ``notify`` tell the
+        daemon they are closed (not waiting for its answers, which are dropped when they come); returns their
+        ids. Without this their segments stayed until the daemon's lease, and their replies piled up here."""
+        dropped = []
+        while self._orphans:
+            session_id, reqs = self._orphans.pop()
+            for req in reqs:
+                self._link.forget(req)
+            if notify:
+                self._link.forget(self._link.send(Close(session=session_id)))
+            dropped.append(session_id)
+        return dropped
 
     def _tell_closed(self, session_ids: list[int]) -> None:
         """Tell the daemon these sessions are closed: every Close sent at once, the replies awaited together for at
@@ -448,6 +464,7 @@ class UpscalerClient:
         be computed twice, and reconnecting could drop the reply: a closed socket loses what it had queued)."""
         if self.closed:
             raise UpscalerError("this UpscalerClient is closed; create a new one", ErrorCode.UNKNOWN_SESSION)
+        self._reap_orphans(notify=True)
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
         req: int | None = None
@@ -593,13 +610,15 @@ class Session:
         except Exception:
             self._in.close()
             raise
-        # the rings are unmapped (or left to the views still alive) by close(), or when a session is dropped
-        self._unmap = weakref.finalize(self, _close_rings, self._in, self._out)
         self._inputs = [self._in.slot(i) for i in range(self.slots)]
         self._outputs = [self._out.slot(i) for i in range(self.slots)]
         self._outstanding: collections.deque[tuple[int, int, int]] = collections.deque()  # (req, slot, frame)
         # slot -> req of a frame whose collect() timed out: the daemon still has the slot until that reply comes
         self._abandoned: dict[int, int] = {}
+        # a session dropped without close(): its rings are unmapped (or left to the views still alive), and the
+        # client is left its id and awaited replies, to tell the daemon and forget them (_reap_orphans)
+        self._release = weakref.finalize(self, _orphan, client._orphans, self.id, self._outstanding, self._abandoned,
+                                         self._in, self._out)
         self._next_slot = 0
         self.closed = False
 
@@ -753,6 +772,8 @@ class Session:
         if frame.shape != self._inputs[0].shape or frame.dtype != np.uint8:
             raise SessionError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
                                f"{self._inputs[0].shape} uint8", ErrorCode.INVALID_FIELD)
+        if out is not None and not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
         if out is not None and (out.shape != self._outputs[0].shape or out.dtype != np.uint8):
             raise ValueError(f"out must be a {self._outputs[0].shape} uint8 array, got {out.shape} {out.dtype}")
         while self._outstanding:
@@ -793,7 +814,17 @@ class Session:
                 self._client.request(Close(session=self.id), Closed, retries=0, timeout=min(self._client.timeout, 1))
         self._inputs.clear()
         self._outputs.clear()
-        self._unmap()
+        self._release.detach()
+        _close_rings(self._in, self._out)
+
+
+def _orphan(orphans: list[tuple[int, list[int]]], session_id: int, outstanding: collections.deque[tuple[int, int, int]],
+            abandoned: dict[int, int], *rings: Ring) -> None:
+    """A session dropped without close(): unmap its rings, and leave its id and the requests it still awaited for
+    its client to close and forget. No lock is taken: the garbage collector may run this on any thread, even while
+    that thread holds the client's locks (list.append is atomic)."""
+    orphans.append((session_id, [req for req, _, _ in outstanding] + list(abandoned.values())))
+    _close_rings(*rings)
 
 
 def _close_rings(*rings: Ring) -> None:
@@ -828,9 +859,22 @@ def _positive_timeout(timeout: float | None, default: float) -> float:
     up on), not polls: 0 would give up on a frame at once, so it is refused."""
     if timeout is None:
         return default
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds (None: the client's {default:g} s), got {timeout}")
-    return timeout
+    return float(timeout)
+
+
+def _retry_count(retries: int) -> int:
+    """``retries`` as an int >= 0 (numpy integers too)."""
+    try:
+        count = operator.index(retries)
+    except TypeError:
+        raise TypeError(f"retries must be an int >= 0, got {retries!r}") from None
+    if isinstance(retries, bool) or count < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    return count
 
 
 def _format_of(frame: np.ndarray, pixel_format: str | None) -> str:
