@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -196,6 +200,52 @@ def test_config_from_dict_rejects_unknown_keys() -> None:
     for data in bad:
         with pytest.raises(ValueError):
             DataConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"sources": [{"kind": "folder", "path": "x", "weight": "a"}]}, "data.sources[0].weight must be a number"),
+    ({"sources": [{"kind": "folder", "path": 5}]}, "data.sources[0].path must be a string"),
+    ({"sources": [{"kind": "scenes", "width": "big"}]}, "data.sources[0].width must be an integer"),
+    ({"sources": [{"kind": "scenes", "presets": "city"}]}, "data.sources[0].presets must be a list"),
+    ({"sources": [{"kind": "folder", "path": "x"}], "augment": {"blend_p": "x"}}, "data.augment.blend_p must be a"),
+    ({"sources": [{"kind": "folder", "path": "x"}], "augment": {"flip": 3}}, "data.augment.flip must be true or"),
+    ({"sources": [{"kind": "folder", "path": "x"}], "eval": {"kind": "folder", "path": 3}}, "data.eval.path must"),
+    ({"sources": [{"kind": "folder", "path": "x"}], "augment": {"blend_alpha": [0.3]}}, "blend_alpha must be a list"),
+])
+def test_config_from_dict_names_a_wrongly_typed_key(data: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DataConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_config_from_dict_refuses_non_finite_numbers(value: float) -> None:
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]\.weight must be a finite number"):
+        DataConfig.from_dict({"sources": [{"kind": "folder", "path": "x", "weight": value}]})
+    with pytest.raises(ValueError, match=r"data\.augment\.blend_alpha\[1\] must be a finite number"):
+        DataConfig.from_dict({"sources": [{"kind": "folder", "path": "x"}], "augment": {"blend_alpha": [0, value]}})
+    with pytest.raises(ValueError, match="weight must be a finite number > 0"):  # built in code, not from a file
+        SourceConfig("folder", "x", weight=value)
+
+
+def test_a_wrongly_typed_data_key_is_one_error_line_from_the_cli(tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "smoke_cpu.toml"
+    command = [sys.executable, "-m", "training", "train", "--config", str(config), "--set",
+               'data.sources=[{kind="folder", path="x", weight="a"}]']  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == "error: data.sources[0].weight must be a number, got 'a'"
+
+
+def test_folder_images_are_named_by_their_path_and_never_merge(tmp_path: Path) -> None:
+    """Two images with one stem in two subfolders, or beside each other in two formats, keep distinct names."""
+    for sub in ("a", "b"):
+        _write_images(tmp_path / "eval" / sub, 1, (20, 20), seed=len(sub))
+    png = tmp_path / "eval" / "b" / "img00.png"
+    cv2.imwrite(str(png.with_suffix(".jpg")), cv2.imread(str(png)))
+    cv2.imwrite(str(png.with_name("img00.png.webp")), cv2.imread(str(png)))
+    source = FolderSource(tmp_path / "eval", 4, progress=False)
+    names = [source.name(i) for i in range(len(source))]
+    assert names == ["a/img00", "b/img00.jpg", "b/img00.png", "b/img00.png.webp"]
 
 
 def test_build_datasets_from_config(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -42,7 +43,9 @@ def test_workers_render_lazily_and_reproducibly() -> None:
     source = _scene_source()
     ds = PatchDataset([source], [1.0], scale=2, patch_size=16, augment=AugmentConfig(blend_p=0.5), seed=1, length=8)
     try:
-        parallel = list(DataLoader(ds, batch_size=4, sampler=EpochSampler(8), num_workers=2, timeout=120))
+        # the trainer's start method: forked workers fail when an earlier test left this process an OpenGL context
+        parallel = list(DataLoader(ds, batch_size=4, sampler=EpochSampler(8), num_workers=2, timeout=120,
+                                   multiprocessing_context=worker_start_method(ds)))
     except RuntimeError as exc:
         if NO_EGL in str(exc):
             pytest.fail(f"no headless OpenGL here: {exc}; {EGL_HINT}")
@@ -141,6 +144,16 @@ def test_disk_cache_is_reused(tmp_path: Path) -> None:
     again = second.frame(0)
     assert second.renderer._renderer is None  # read from disk, not rendered
     assert np.array_equal(frame.hr, again.hr) and np.array_equal(frame.lr, again.lr)
+
+
+def test_a_cached_frame_of_the_wrong_size_is_rendered_again(tmp_path: Path) -> None:
+    """A stale or replaced cache file whose pixels are not the size its name says is treated as damaged."""
+    frame = _scene_source(cache_dir=tmp_path, frames_per_preset=1).frame(0)
+    lr_file = next(tmp_path.rglob("*_32x18_ss1.png"))
+    cv2.imwrite(str(lr_file), np.zeros((20, 200, 3), np.uint8))
+    again = _scene_source(cache_dir=tmp_path, frames_per_preset=1).frame(0)
+    assert again.lr.shape == (18, 32, 3) and np.array_equal(again.lr, frame.lr)
+    assert read_image(lr_file).shape == (3, 18, 32)  # the cache file is repaired too
 
 
 def test_fork_after_rendering_is_refused_and_forkserver_works() -> None:

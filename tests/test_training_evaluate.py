@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -15,7 +16,15 @@ from models import CheckpointError, build_model, count_macs, load_checkpoint, sa
 from training.config import Config, EvalConfig
 from training.data import degrade
 from training.data.images import read_image
-from training.evaluate import eval_sets, unique_labels
+from training.evaluate import (
+    EvalImage,
+    baseline_predictors,
+    builtin_sets_config,
+    eval_sets,
+    evaluate,
+    score_sets,
+    unique_labels,
+)
 from training.metrics import image_metrics
 from training.ship import seed_run, ship_checkpoint
 
@@ -89,6 +98,47 @@ def test_evaluation_folders_keep_their_images_apart_and_skip_what_a_model_cannot
     own_cg_dev = make_image_folder(tmp_path / "cg-dev", count=1)
     clash = _evaluate("--checkpoint", str(model), "--sets", "cg-dev", "--data", str(own_cg_dev))
     assert clash.returncode == 1 and "the name of a built-in set" in clash.stderr
+
+
+def _same_stems_folder(folder: Path) -> Path:
+    """a/frame.png, b/frame.png, x.png and x.jpg: four images, two stems."""
+    for sub in ("a", "b"):
+        make_image_folder(folder / sub, count=1, size=(32, 32), seed=len(sub))
+        (folder / sub / "img0.png").rename(folder / sub / "frame.png")
+    make_image_folder(folder, count=1, size=(32, 32), seed=3)
+    (folder / "img0.png").rename(folder / "x.png")
+    cv2.imwrite(str(folder / "x.jpg"), cv2.imread(str(folder / "a" / "frame.png")))
+    return folder
+
+
+def test_evaluate_scores_every_image_when_file_stems_repeat(tmp_path: Path) -> None:
+    folder = _same_stems_folder(tmp_path / "imgs")
+    output = tmp_path / "scores.json"
+    score_sets(baseline_predictors(2), builtin_sets_config(None, [folder]), 2, output)
+    scores = json.loads(output.read_text())["imgs"]["bicubic"]
+    assert sorted(scores["per_image"]) == ["a/frame", "b/frame", "x.jpg", "x.png"]
+    psnrs = [metrics["psnr_rgb"] for metrics in scores["per_image"].values()]
+    assert scores["mean"]["psnr_rgb"] == pytest.approx(sum(psnrs) / 4)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["imgs", "scores.json"]  # no temporary file left
+    image = EvalImage("frame", torch.zeros(3, 8, 8), torch.zeros(3, 16, 16))
+    with pytest.raises(ValueError, match="two evaluation images are named 'frame'"):  # never a silent merge
+        evaluate(baseline_predictors(2), [image, image], 2)
+
+
+def test_the_scores_file_is_checked_before_any_scoring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = make_image_folder(tmp_path / "images", count=1, size=(48, 64))
+    sets = builtin_sets_config(None, [folder])
+    with monkeypatch.context() as patch:
+        patch.setattr("training.evaluate.eval_sets", lambda *args: pytest.fail("scored before the check"))
+        with pytest.raises(ValueError, match=r"cannot write the scores to .*missing/s\.json: the folder .*missing "
+                                             r"does not exist; create it first"):
+            score_sets(baseline_predictors(2), sets, 2, tmp_path / "missing" / "s.json")
+        with pytest.raises(ValueError, match=r"cannot write the scores to .*images: it is a folder; give a file"):
+            score_sets(baseline_predictors(2), sets, 2, folder)
+    model = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "s.safetensors", role="student")
+    result = _evaluate("--checkpoint", str(model), "--data", str(folder), "--json", str(tmp_path / "no" / "s.json"))
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot write the scores to "), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_ta_needs_a_teacher_and_a_teacher_it_gets(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ falling back to a plain string). The resolved config is saved beside each run as
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 import typing
@@ -20,7 +19,7 @@ from typing import Any
 import tomli_w
 
 from training.data import DataConfig
-from training.data.config import drop_none, known_fields
+from training.data.config import drop_none, known_fields, typed_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -227,35 +226,7 @@ def _parse_value(key: str, text: str) -> Any:
 def _section(cls: type, values: Any, name: str) -> Any:
     fields = known_fields(cls, values, f"[{name}]")
     hints = typing.get_type_hints(cls)
-    return cls(**{key: _typed(value, hints[key], f"{name}.{key}") for key, value in fields.items()})
-
-
-def _typed(value: Any, hint: Any, key: str) -> Any:
-    """`value` checked against the field's annotation (an int where a float is wanted becomes a float), so a
-    wrong type is refused here, naming the key, rather than failing deep inside training."""
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ValueError(f"{key} must be a list, got {value!r}")
-        return [_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a table, got {value!r}")
-        return value
-    if hint is bool and not isinstance(value, bool):
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(value):  # TOML has nan and inf; every check below would let nan through
-            raise ValueError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if hint is str and not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}")
-    return value
+    return cls(**{key: typed_value(value, hints[key], f"{name}.{key}") for key, value in fields.items()})
 
 
 # build_model arguments the trainer sets from the experiment itself (training/trainer.py, build_stage_network)

@@ -8,7 +8,7 @@ Every model is evaluated the way it works: a student on the LR image, a TA on it
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from models import (
 )
 from training.config import Config, EvalConfig
 from training.data import DataConfig, SourceConfig, build_eval_dataset, default_eval_dir, to_tensor, to_uint8
+from training.data.images import write_json_atomic
 from training.data.paths import shared_hint
 from training.distill import mixed_input
 from training.metrics import image_metrics
@@ -41,6 +42,7 @@ __all__ = [
     "Predictor",
     "baseline_predictors",
     "builtin_sets_config",
+    "check_output_file",
     "checkpoint_predictor",
     "eval_sets",
     "evaluate",
@@ -162,7 +164,9 @@ def score_sets(
     min_lr_side: int = 1,
 ) -> dict[str, Any]:
     """Every predictor on every set of `eval_config`: prints each set's means and returns {set: scores} (the
-    layout of `evaluate`), also written to `json_path` when given."""
+    layout of `evaluate`), also written to `json_path` when given (checked first: scoring cg-dev takes minutes)."""
+    if json_path:
+        check_output_file(json_path, "the scores")
     results = {}
     for set_name, images in eval_sets(Config(eval=eval_config), scale, min_lr_side).items():
         scores, _ = evaluate(predictors, images, scale)
@@ -171,8 +175,20 @@ def score_sets(
         for name, result in scores.items():
             print(f"  {name:24s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["mean"].items()))
     if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
+        write_json_atomic(json_path, results, indent=2, sort_keys=False)
     return results
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """ValueError when `what` cannot be written to `path` (a folder, or in a folder that is missing or read-only),
+    so that a command refuses before its work rather than lose it at the end."""
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"cannot write {what} to {path}: it is a folder; give a file name")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {what} to {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {what} to {path}: the folder {folder} is not writable")
 
 
 def _images(
@@ -282,7 +298,9 @@ def evaluate(
     predictors: dict[str, Predictor], images: list[EvalImage], scale: int, keep_crops: int = 0
 ) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     """Scores of every predictor on every image: {model: {"per_image": {name: metrics}, "mean": metrics}},
-    plus uint8 crops (for the side-by-side figure) of the first `keep_crops` images, ground truth under "GT"."""
+    plus uint8 crops (for the side-by-side figure) of the first `keep_crops` images, ground truth under "GT".
+    Image names must be unique (ValueError): per-image scores are keyed by them."""
+    _refuse_repeated_names(images)
     results: dict[str, Any] = {name: {"per_image": {}} for name in predictors}
     crops: dict[str, list[np.ndarray]] = {name: [] for name in [*predictors, "GT"]}
     for index, image in enumerate(tqdm(images, desc="evaluate", unit="image", leave=False)):
@@ -296,9 +314,17 @@ def evaluate(
             if region is not None:
                 crops[name].append(to_uint8(sr[region]))
     for scores in results.values():
-        per_image = scores["per_image"].values()
+        per_image = [scores["per_image"][image.name] for image in images]  # one entry per image scored
         scores["mean"] = {key: float(np.mean([m[key] for m in per_image])) for key in METRIC_KEYS}
     return results, crops
+
+
+def _refuse_repeated_names(images: list[EvalImage]) -> None:
+    seen: set[str] = set()
+    for image in images:
+        if image.name in seen:
+            raise ValueError(f"two evaluation images are named {image.name!r}: their scores would merge")
+        seen.add(image.name)
 
 
 def _detail_region(hr: torch.Tensor, size: int = 96) -> tuple[slice, slice, slice]:

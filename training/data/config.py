@@ -1,7 +1,9 @@
 """The data part of a training config: typed dataclasses, strict parsing, and the dataset factories."""
 
 import dataclasses
-import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -10,13 +12,13 @@ from torch.utils.data import Dataset
 
 from training.data.augment import AugmentConfig
 from training.data.datasets import FrameDataset, PatchDataset
-from training.data.images import MANIFEST_NAME, DatasetError, walk_dataset
+from training.data.guards import refuse_evaluation_data
+from training.data.images import DatasetError
 from training.data.paths import default_eval_dir
-from training.data.povray import refuse_reserved
 from training.data.sources import FolderSource, LrKind, SceneSource
 
 __all__ = ["DataConfig", "SourceConfig", "build_eval_dataset", "build_train_dataset", "drop_none",
-           "known_fields"]
+           "known_fields", "typed_value"]
 
 
 @dataclass
@@ -41,8 +43,8 @@ class SourceConfig:
             raise ValueError(f"lr_kind must be 'bicubic' or 'native', got {self.lr_kind!r}")
         if self.kind == "folder" and self.lr_kind == "native":
             raise ValueError("a folder source has no native LR (only rendered scenes do): use lr_kind 'bicubic'")
-        if self.weight <= 0 or self.supersample < 1 or self.frames_per_preset < 1:
-            raise ValueError("weight must be > 0, supersample and frames_per_preset >= 1")
+        if not 0 < self.weight < math.inf or self.supersample < 1 or self.frames_per_preset < 1:  # `not` for NaN
+            raise ValueError("weight must be a finite number > 0, supersample and frames_per_preset >= 1")
 
 
 @dataclass
@@ -78,15 +80,17 @@ class DataConfig:
         top = known_fields(cls, data, "data")
         if "sources" not in top:
             raise ValueError("data.sources is required (a list of source tables)")
+        if not isinstance(top["sources"], list):
+            raise ValueError(f"data.sources must be a list of source tables, got {top['sources']!r}")
         top["sources"] = [_source(s, f"data.sources[{i}]") for i, s in enumerate(top["sources"])]
         if "eval" in top:
             top["eval"] = _source(top["eval"], "data.eval")
         if "augment" in top:
-            augment = known_fields(AugmentConfig, top["augment"], "data.augment")
-            if "blend_alpha" in augment:
-                augment["blend_alpha"] = tuple(augment["blend_alpha"])
-            top["augment"] = AugmentConfig(**augment)
-        return cls(**top)
+            top["augment"] = AugmentConfig(**_typed_fields(AugmentConfig, top["augment"], "data.augment"))
+        hints = typing.get_type_hints(cls)
+        scalars = {key: typed_value(value, hints[key], f"data.{key}") for key, value in top.items()
+                   if key not in ("sources", "eval", "augment")}  # fmt: skip
+        return cls(**{**top, **scalars})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for saving the resolved config beside a run; None fields are left out (TOML has no null,
@@ -115,38 +119,58 @@ def known_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
 
 
 def _source(data: Any, where: str) -> SourceConfig:
-    fields = known_fields(SourceConfig, data, where)
+    fields = _typed_fields(SourceConfig, data, where)
     if "kind" not in fields:
         raise ValueError(f"{where}.kind is required ('folder' or 'scenes')")
     return SourceConfig(**fields)
 
 
-def refuse_evaluation_data(folder: Path) -> None:
-    """DatasetError when training on `folder` would train on evaluation data: the cg-dev frames (the folder is
-    cg-dev, holds it, or reaches into it, also through a linked folder), or POV-Ray renders of reserved scenes
-    (named by a povray manifest in any folder the scan reads). Walks the folder as the scan does."""
-    eval_dir = default_eval_dir().resolve()
-    if folder.resolve() in eval_dir.parents:
-        raise DatasetError(f"{folder} holds the evaluation frames {eval_dir}: never train on them")
-    for reached, real, names in walk_dataset(folder):
-        if real == eval_dir or eval_dir in real.parents:
-            raise DatasetError(f"{reached} is the evaluation frames {eval_dir} or lies in them: never train on them")
-        if MANIFEST_NAME in names:
-            _refuse_reserved_renders(reached / MANIFEST_NAME)
+def _typed_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """`known_fields`, each value checked against its field's annotation."""
+    hints = typing.get_type_hints(cls)
+    return {key: typed_value(value, hints[key], f"{where}.{key}")
+            for key, value in known_fields(cls, data, where).items()}  # fmt: skip
 
 
-def _refuse_reserved_renders(manifest_path: Path) -> None:
-    """DatasetError when `manifest_path` is a povray manifest that lists a reserved scene."""
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # not a data command's record: its folder's images are scanned like any others
-    scenes = manifest.get("scenes") if isinstance(manifest, dict) and "failed" in manifest else None
-    if isinstance(scenes, dict):  # `python -m training.data povray` output
-        try:
-            refuse_reserved(list(scenes))
-        except ValueError as exc:
-            raise DatasetError(f"{manifest_path.parent} holds renders of scenes {exc}") from None
+def typed_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked against a config field's annotation, naming `key` (an int where a float is wanted becomes a
+    float, a list where a tuple is wanted a tuple), so that a wrong type is refused when the config is read rather
+    than crash in training. Literal values are left to the dataclasses' own checks, which list the choices."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # `str | None`: None, else the other type
+        if value is None:
+            return None
+        (hint,) = [arg for arg in args if arg is not type(None)]
+        return typed_value(value, hint, key)
+    if origin is dict:  # free-form tables (experiment.extra_args): checked where they are used
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a table, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        if origin is tuple and len(value) != len(args):
+            raise ValueError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        items = args if origin is tuple else args * len(value)
+        pairs = enumerate(zip(value, items, strict=True))
+        return origin(typed_value(v, item, f"{key}[{i}]") for i, (v, item) in pairs)
+    return _scalar(value, hint, key)
+
+
+def _scalar(value: Any, hint: Any, key: str) -> Any:
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; a NaN passes every `<` check after this one
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
 
 
 def _build_source(

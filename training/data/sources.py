@@ -11,7 +11,7 @@ that renders: an EGL context cannot cross a fork, so each DataLoader worker make
 
 import functools
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -135,13 +135,16 @@ class FolderSource:
     def __init__(self, root: str | Path, min_size: int, *, cache_mb: int = 256, progress: bool = True) -> None:
         self.root = Path(root)
         self.images = scan_images(self.root, min_size, progress=progress)
+        self._names = _image_names([info.path.relative_to(self.root) for info in self.images])
         self._cache = _FrameCache(cache_mb << 20)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def name(self, index: int) -> str:
-        return self.images[index].path.stem
+        """The image's path in the folder without its suffix (`a/frame`), or with it where two files differ only
+        there (`x.png`, `x.jpg`): unique, so that per-image scores keyed by name never merge two images."""
+        return self._names[index]
 
     def frame(self, index: int) -> Frame:
         frame = self._cache.get(index)
@@ -152,6 +155,20 @@ class FolderSource:
                 raise DatasetError(f"{exc}; it was readable when {self.root} was scanned") from exc
             self._cache.put(index, frame)
         return frame
+
+
+def _image_names(paths: list[Path]) -> list[str]:
+    """Unique names for distinct relative paths: each without its suffix, except those that would then repeat,
+    which keep it. Repeated until unique, as `x.png` kept whole can meet the stripped `x.png.webp`."""
+    whole = [path.as_posix() for path in paths]
+    names = [path.with_suffix("").as_posix() for path in paths]
+    while True:
+        counts = Counter(names)
+        repeated = [i for i, name in enumerate(names) if counts[name] > 1 and name != whole[i]]
+        if not repeated:  # whole paths are distinct, so every repeat involves a stripped name
+            return names
+        for i in repeated:
+            names[i] = whole[i]
 
 
 class SceneSource:
@@ -208,17 +225,27 @@ class SceneSource:
         if self.cache_dir is None:
             return self.renderer.render(preset, t, width, height, supersample)
         path = self.cache_dir / preset / f"{frame_name(preset, t)}_{width}x{height}_ss{supersample}.png"
-        if path.is_file():
-            try:
-                return read_image_array(path)
-            except ImageReadError:
-                pass  # a damaged cache file: render it again
+        cached = _read_cached(path, width, height)
+        if cached is not None:
+            return cached
         rgb = self.renderer.render(preset, t, width, height, supersample)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")  # workers may race on one frame: write, rename
         write_png(tmp, rgb)
         os.replace(tmp, path)
         return rgb
+
+
+def _read_cached(path: Path, width: int, height: int) -> np.ndarray | None:
+    """The cached frame at `path`, or None when it must be rendered: missing, damaged, or (stale or replaced) not
+    the 8-bit width x height frame its name says, which would crash a batch or train on the wrong pixels."""
+    if not path.is_file():
+        return None
+    try:
+        rgb = read_image_array(path)
+    except ImageReadError:
+        return None
+    return rgb if rgb.shape == (height, width, 3) and rgb.dtype == np.uint8 else None
 
 
 # The process that made this module's first OpenGL context. A fork inherits the value, which is how a forked
