@@ -72,3 +72,13 @@ def test_renders_of_reserved_scenes_are_refused_by_name_without_a_manifest(share
     with pytest.raises(DatasetError, match=r"Advanced__Abyss\.jpg is named like a render of advanced/abyss\.pov, a "
                                            r"scene reserved for evaluation"):
         _train(folder)
+
+
+def test_without_a_shared_folder_any_folder_of_images_still_trains(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names with `__` are common in image folders: without the reserved list (no shared folder, as on a
+    researcher's own machine) they are not checked, rather than refused for the missing list."""
+    monkeypatch.setenv("TAKDSR_SHARED", str(tmp_path / "no-shared-folder"))
+    folder = tmp_path / "photos"
+    _write_image(folder / "holiday__beach.png")
+    _train(folder)

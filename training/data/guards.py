@@ -81,10 +81,15 @@ def _refuse_reserved_names(paths: list[Path]) -> None:
     """DatasetError for files named like the render of a reserved POV-Ray scene (`advanced__abyss.png`, any
     suffix or case), manifest or not: a render copied out of its folder is still one. `paths` are the files with
     `__` in their names (how output_name flattens a scene's folders; every scene lies in one), so the reserved
-    list is read only when a folder holds such files."""
+    list is read only when a folder holds such files; without the list (no shared folder) names are not checked,
+    so any folder of images still trains."""
     if not paths:
         return
-    reserved = {Path(output_name(canonical_scene(scene))).stem.lower(): scene for scene in reserved_scenes("povray")}
+    try:
+        scenes = reserved_scenes("povray")
+    except FileNotFoundError:  # no shared folder here: the render command, which refuses without it, made none
+        return
+    reserved = {Path(output_name(canonical_scene(scene))).stem.lower(): scene for scene in scenes}
     hits = [path for path in paths if path.stem.lower() in reserved]
     if hits:
         more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
