@@ -17,7 +17,7 @@ import numpy as np
 
 import scenes
 
-__all__ = ["SOURCES", "GpuFrames", "letterbox", "read_rgb"]
+__all__ = ["SOURCES", "FrameSizeError", "GpuFrames", "letterbox", "read_rgb"]
 
 SOURCES = ("sr", "bilinear", "native")  # what a half of the composed view can show
 
@@ -84,6 +84,10 @@ def read_rgb(fbo: moderngl.Framebuffer) -> np.ndarray:
     return np.ascontiguousarray(np.frombuffer(data, np.uint8).reshape(h, w, 3)[::-1])
 
 
+class FrameSizeError(ValueError):
+    """The frames are larger than this OpenGL can draw (an invalid --lr for this machine)."""
+
+
 class GpuFrames:
     """Offscreen targets and the composing pass on one moderngl context (a window's or a headless one).
 
@@ -94,6 +98,10 @@ class GpuFrames:
         self.ctx = ctx = renderer.ctx
         self.lr_size = lr_size
         self.hr_size = (lr_size[0] * scale, lr_size[1] * scale)
+        limit = min(renderer.max_size(), ctx.info["GL_MAX_TEXTURE_SIZE"])
+        if max(self.hr_size) > limit:  # the targets could not be made: refuse in words, not with a GL error
+            raise FrameSizeError(f"--lr {lr_size[0]}x{lr_size[1]} at x{scale} makes {self.hr_size[0]}x"
+                                 f"{self.hr_size[1]} frames; this OpenGL draws at most {limit} px a side")
         self._objects: list[_GLObject] = []
         self._lr = [self._target(lr_size) for _ in range(lr_targets)]
         self._native = self._target(self.hr_size)

@@ -31,7 +31,7 @@ from client_demo.config import (
     DaemonWatch,
     DemoConfig,
 )
-from client_demo.frames import GpuFrames
+from client_demo.frames import FrameSizeError, GpuFrames
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
 from client_demo.metrics import percentiles, psnr
 
@@ -203,8 +203,13 @@ def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_
     try:
         gpu = GpuFrames(renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH)
     except scenes.HeadlessContextError as exc:  # no EGL here: one clear line, as window mode gives for no display
+        renderer.release()
         print(f"client_demo: {exc}", file=sys.stderr)
         return EXIT_NO_WINDOW
+    except FrameSizeError as exc:
+        renderer.release()
+        print(f"client_demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop)
     started = time.perf_counter()
     status, error = EXIT_OK, None

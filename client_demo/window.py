@@ -12,6 +12,7 @@ from imgui_bundle import imgui  # before glfw: it points the glfw package at img
 
 # isort: split
 import ctypes
+import math
 import pathlib
 import sys
 import time
@@ -24,9 +25,17 @@ import moderngl
 import numpy as np
 
 import scenes
-from client_demo.config import EXIT_INTERRUPTED, EXIT_NO_WINDOW, EXIT_OK, SR_CAPTION, DaemonWatch, DemoConfig
+from client_demo.config import (
+    EXIT_INTERRUPTED,
+    EXIT_NO_WINDOW,
+    EXIT_OK,
+    EXIT_USAGE,
+    SR_CAPTION,
+    DaemonWatch,
+    DemoConfig,
+)
 from client_demo.controls import LOOK_SPEED, MOUSE_LOOK, CameraRig, ViewState
-from client_demo.frames import GpuFrames, letterbox, read_rgb
+from client_demo.frames import FrameSizeError, GpuFrames, letterbox, read_rgb
 from client_demo.hud import Hud, HudInfo
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
 from client_demo.metrics import RollingWindow
@@ -39,6 +48,7 @@ DIVIDER_GRAB = 6.0  # px either side of the split divider that start dragging it
 MAX_DT = 0.1  # s: a longer frame (start-up, a stall) advances the camera path by no more than this
 STALL = 2.0  # s without an upscaled frame (at least) before the window shows bilinear and says it is waiting
 MIN_WINDOW_WIDTH = 1280  # the window opens at least this wide (the picture is scaled to fit, aspect kept)
+MIN_WINDOW_SIDE = 320  # nor narrower or lower than this, whatever the picture's shape: room for the HUD
 _MOVE_KEYS = {imgui.Key.w: (1, 0, 0), imgui.Key.s: (-1, 0, 0), imgui.Key.d: (0, 1, 0), imgui.Key.a: (0, -1, 0),
               imgui.Key.e: (0, 0, 1), imgui.Key.q: (0, 0, -1)}
 _LOOK_KEYS = {imgui.Key.left_arrow: (1, 0), imgui.Key.right_arrow: (-1, 0), imgui.Key.up_arrow: (0, 1),
@@ -59,7 +69,11 @@ class _WindowDemo:
                  watch: DaemonWatch) -> None:
         self.cfg, self.window, self.ctx, self.link, self.watch = cfg, window, ctx, link, watch
         self.renderer = scenes.SceneRenderer(ctx)
-        self.gpu = GpuFrames(self.renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH + 2)
+        try:
+            self.gpu = GpuFrames(self.renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH + 2)
+        except FrameSizeError:
+            self.renderer.release()
+            raise
         self.hud = Hud(ctypes.cast(window, ctypes.c_void_p).value or 0)
         self.rig = CameraRig(cfg.scene, t=cfg.start)
         self.ui = ViewState(view=cfg.view, compare=cfg.compare)
@@ -69,6 +83,8 @@ class _WindowDemo:
         self._native_of: _Pose | None = None  # pose the native target was last rendered for
         self._live = LIVE
         self._sr_ok = False  # upscaled frames can be shown this frame (see _frame)
+        self._why_not_sr = ""  # the status when _sr_ok was decided: the banner's reason when it is False
+        self._titled = cfg.scene  # the preset the window's title names
         self._drag: str | None = None  # "divider" or "look" while the left button is held
         self._viewport = (0, 0, *cfg.hr_size)
         self._times = {name: RollingWindow() for name in ("frame", "render", "round_trip", "infer")}
@@ -105,11 +121,19 @@ class _WindowDemo:
 
     def _frame(self, dt: float, deadline: float) -> None:
         glfw.poll_events()
+        if 0 in glfw.get_framebuffer_size(self.window):  # minimised (0x0 on some platforms): nothing to draw or click
+            self._show(self.link.poll(max(0.0, deadline - time.perf_counter())))  # frames in flight still come back
+            return
         self.hud.new_frame()
         shot = self._input(dt)
         self.rig.advance(dt)
         pose = _Pose(self.rig.preset, self.rig.t, self.rig.pose())
-        self._sr_ok = self._sr_available()  # decided once a frame: what is rendered and what is drawn must agree
+        if pose.preset != self._titled:
+            glfw.set_window_title(self.window, f"TAKDSR upscaler demo - {pose.preset}")
+            self._titled = pose.preset
+        # decided once a frame: what is rendered and what is drawn must agree, and the banner says why at that time
+        self._sr_ok = self._sr_available()
+        self._why_not_sr = "" if self._sr_ok else self._status()[0]
         self._feed(pose)
         self._show(self.link.poll(max(0.0, deadline - time.perf_counter())))
         self._compose(pose)
@@ -147,6 +171,8 @@ class _WindowDemo:
             self._drag = None
             return
         x, _, w, _ = self._viewport_in_window()
+        if w <= 0:  # no picture to point at
+            return
         if self._drag is None:
             if io.want_capture_mouse:
                 return
@@ -240,7 +266,7 @@ class _WindowDemo:
             # a daemon known to be gone says so, rather than "waiting" until the link's timeout notices it
             stalled = self.link.ready and self._stalled() and not self.watch()
             reason = f"waiting for the upscaler: no frame for {self.link.waiting():.0f} s" if stalled else \
-                self._status()[0]
+                self._why_not_sr
             self.hud.banner(reason + " - showing bilinear")
             return
         if self.ui.view == "split":  # captions at the bottom, clear of the HUD, each kept inside its half
@@ -264,8 +290,10 @@ class _WindowDemo:
             return "connecting to the upscaler...", "", False
         if link.state is LinkState.FAILED:
             return "upscaler refused the stream", link.reason, False
-        wait = max(0.0, link.retry_at - time.monotonic())
-        return f"upscaler unavailable - retrying in {wait:.0f} s", link.reason, False
+        wait = link.retry_at - time.monotonic()
+        if wait <= 0:  # the attempt is under way (a hello waits up to its timeout)
+            return "upscaler unavailable - reconnecting...", link.reason, False
+        return f"upscaler unavailable - retrying in {math.ceil(wait)} s", link.reason, False
 
     def _info(self) -> HudInfo:
         now, times, info = time.perf_counter(), self._times, self.link.info
@@ -305,12 +333,21 @@ def _held(keys: dict[imgui.Key, tuple[int, ...]], size: int) -> list[int]:
 
 def window_size(hr_size: tuple[int, int], screen: tuple[int, int] | None) -> tuple[int, int]:
     """The HR picture magnified by a whole factor until it is at least MIN_WINDOW_WIDTH wide, as far as the screen
-    allows: a small HR size (the CPU default, 640x360) would leave the HUD covering most of the picture."""
+    allows: a small HR size (the CPU default, 640x360) would leave the HUD covering most of the picture. A picture
+    larger than the screen gets the largest window of its shape that fits (it is letterboxed into the window), and
+    no side is below MIN_WINDOW_SIDE, so a thin picture still leaves room for the HUD."""
     width, height = hr_size
     factor = -(-MIN_WINDOW_WIDTH // width)
-    if screen is not None:
-        factor = min(factor, screen[0] // width, screen[1] // height)
-    return width * max(1, factor), height * max(1, factor)
+    if screen is None:
+        size = (width * factor, height * factor)
+    elif min(factor, screen[0] // width, screen[1] // height) >= 1:
+        fit = min(factor, screen[0] // width, screen[1] // height)
+        size = (width * fit, height * fit)
+    else:
+        shrink = min(screen[0] / width, screen[1] / height)
+        size = (int(width * shrink), int(height * shrink))
+    width, height = (max(side, MIN_WINDOW_SIDE) for side in size)
+    return (width, height) if screen is None else (min(width, screen[0]), min(height, screen[1]))
 
 
 def _screen_size() -> tuple[int, int] | None:
@@ -344,7 +381,11 @@ def run_window(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_st
               file=sys.stderr)
         return EXIT_NO_WINDOW
     try:
-        demo = _WindowDemo(cfg, window, moderngl.create_context(), link, watch)
+        try:
+            demo = _WindowDemo(cfg, window, moderngl.create_context(), link, watch)
+        except FrameSizeError as exc:
+            print(f"client_demo: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         try:
             return demo.run(should_stop)
         finally:

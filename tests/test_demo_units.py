@@ -119,6 +119,9 @@ def test_the_window_magnifies_small_pictures_within_the_screen() -> None:
 
     assert window_size((640, 360), (1920, 1080)) == (1280, 720)  # the CPU default: the HUD covers a corner only
     assert window_size((1280, 720), (1920, 1080)) == (1280, 720)
-    assert window_size((3840, 2160), (1920, 1080)) == (3840, 2160)  # never below the HR size (it is letterboxed)
+    assert window_size((3840, 2160), (1920, 1080)) == (1920, 1080)  # larger than the screen: fitted, letterboxed
+    assert window_size((2560, 1440), (1280, 720)) == (1280, 720)
+    assert window_size((2, 800), (1280, 720)) == (320, 720)  # thin pictures: room for the HUD
+    assert window_size((4000, 2), (1280, 720)) == (1280, 320)
     assert window_size((192, 108), (1280, 800)) == (1152, 648)  # x7 would not fit the screen
     assert window_size((640, 360), None) == (1280, 720)

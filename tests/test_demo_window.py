@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pathlib
 import re
+import sys
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
-from demo_utils import output_of, read_png, run_demo
+from demo_utils import demo_command, output_of, read_png, run_demo
 from server_utils import Daemon, run_server
 
 LR_ARG = "96x54"
@@ -60,3 +63,66 @@ def test_a_screenshot_that_cannot_be_written_is_reported_and_the_demo_goes_on(ne
     assert result.returncode == 0, output_of(result)
     assert "no screenshot: cannot write /proc/takdsr-demo-" in result.stderr, output_of(result)
     assert _counts(result.stdout)[0] == 10
+
+
+# Runs the demo with glfw reporting a minimised window (0x0, as on Windows) for frames 10-29, the left button held
+# near x=0 from frame 12: the divider drag divided by the picture's width, 0.
+_MINIMISED = """
+import sys
+import glfw
+from imgui_bundle import imgui
+from client_demo import cli, window
+
+count = [0]
+sizes = {name: getattr(glfw, name) for name in ("get_framebuffer_size", "get_window_size")}
+for name, real in sizes.items():
+    setattr(glfw, name, lambda w, real=real: (0, 0) if 10 <= count[0] < 30 else real(w))
+original = window._WindowDemo._frame
+
+def frame(self, dt, deadline):
+    count[0] += 1
+    io = imgui.get_io()
+    io.add_mouse_pos_event(2.0, 2.0)
+    if count[0] >= 12:
+        io.add_mouse_button_event(0, True)
+    original(self, dt, deadline)
+
+window._WindowDemo._frame = frame
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_minimised_window_neither_crashes_nor_stops_the_link(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    script = tmp_path / "minimised.py"
+    script.write_text(_MINIMISED)
+    args = ["--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--view", "split", "--screenshot-after", "20",
+            "--exit-after", "60", "--out", str(tmp_path)]
+    command = [*demo_command(xvfb=True)[:-3], sys.executable, str(script), *args]
+    result = run_demo(command=command)
+    assert result.returncode == 0, output_of(result)
+    shown, upscaled = _counts(result.stdout)
+    assert shown == 60 and upscaled >= 1, output_of(result)
+
+
+@pytest.mark.parametrize("headless", [False, True], ids=["window", "headless"])
+def test_frames_larger_than_opengl_draws_are_refused_in_words(nearest_daemon: Daemon, tmp_path: pathlib.Path,
+                                                              headless: bool) -> None:
+    """--lr 8200x10 at x2 is 16400 px wide, past llvmpipe's 16384: a moderngl traceback and exit 1."""
+    mode = ["--headless", "--frames", "1"] if headless else ["--exit-after", "5"]
+    result = run_demo("--endpoint", nearest_daemon.endpoint, "--lr", "8200x10", *mode, "--out", str(tmp_path),
+                      xvfb=not headless)
+    assert result.returncode == 2, output_of(result)
+    assert "makes 16400x20 frames; this OpenGL draws at most" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_status_says_reconnecting_while_an_attempt_is_under_way() -> None:
+    """It read "retrying in 0 s" for seconds while a hello waited for a stalled daemon."""
+    from client_demo.link import LinkState
+    from client_demo.window import _WindowDemo
+
+    demo = object.__new__(_WindowDemo)
+    demo.watch = lambda: None
+    demo.link = SimpleNamespace(state=LinkState.RETRYING, retry_at=time.monotonic() - 1.0, reason="no reply")
+    assert demo._status()[0] == "upscaler unavailable - reconnecting..."
+    demo.link.retry_at = time.monotonic() + 0.3
+    assert demo._status()[0] == "upscaler unavailable - retrying in 1 s"
