@@ -421,6 +421,16 @@ def test_settings_the_welcome_reply_cannot_carry_are_refused(field: str, largest
             Config(endpoint="ipc:///tmp/x.sock", **{field: bad})
 
 
+def test_thread_counts_past_what_a_process_can_start_are_refused() -> None:
+    """Only threads >= 0 was checked: torch.set_num_threads(50000) and a convolution segfault the process."""
+    from upscaler_server.config import MAX_THREADS, Config
+
+    assert Config(endpoint="ipc:///tmp/x.sock", threads=MAX_THREADS).threads == MAX_THREADS
+    for bad in (-1, MAX_THREADS + 1):
+        with pytest.raises(ConfigError, match=f"0 <= threads <= {MAX_THREADS}"):
+            Config(endpoint="ipc:///tmp/x.sock", threads=bad)
+
+
 def test_endpoint_shapes() -> None:
     from upscaler_server.config import Config
 

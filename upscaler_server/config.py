@@ -79,10 +79,9 @@ class Config:
             bad.append(f"max_width/max_height <= {DIM_MAX}, max_slots <= {SLOTS_MAX}, scale <= {SCALE_MAX}")
         if max(self.max_sessions, self.max_queue) > COUNT_MAX:
             bad.append(f"max_sessions/max_queue <= {COUNT_MAX}")
-        if not 0 <= self.pad_channels <= 64:
-            bad.append("0 <= pad_channels <= 64")
-        if bad or self.threads < 0:
-            raise ConfigError(f"invalid settings {bad}: sizes and counts must be positive, threads >= 0")
+        bad += engine_setting_problems(threads=self.threads, pad_channels=self.pad_channels)
+        if bad:
+            raise ConfigError(f"invalid settings {bad}: sizes and counts must be positive")
         # the lease travels in milliseconds (welcome.lease_ms, an integer >= 1); a day is longer than any frame
         if not (math.isfinite(self.lease_timeout) and 0.001 <= self.lease_timeout <= MAX_LEASE_S):
             raise ConfigError(f"the lease timeout must be 0.001 to {MAX_LEASE_S:.0f} seconds, got {self.lease_timeout}")
@@ -133,6 +132,20 @@ def cli_prog(module: str, console_script: str) -> str:
 
 
 # --checkpoint of the daemon and of the offline CLI
+MAX_THREADS = 1024  # CPU threads a tool may ask for: libgomp fails (or the process segfaults) far beyond the cores
+
+
+def engine_setting_problems(*, threads: int, pad_channels: int) -> list[str]:
+    """What is wrong with an engine's thread count and channel padding (the daemon and the offline tools share
+    these bounds), as short phrases; empty when both are fine."""
+    bad = []
+    if not 0 <= threads <= MAX_THREADS:
+        bad.append(f"0 <= threads <= {MAX_THREADS} (0: the usable cores)")
+    if not 0 <= pad_channels <= 64:
+        bad.append("0 <= pad_channels <= 64")
+    return bad
+
+
 CHECKPOINT_HELP = ("student checkpoint: a .safetensors file or a bundled name such as rlfn_s_native_x2 (default: the "
                    "bundled rlfn_s_takdsr_x2)")
 
