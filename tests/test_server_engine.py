@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from upscaler_server.engine import Engine, NearestEngine, create_engine, resolve_device
-from upscaler_server.errors import ConfigError, EngineError, ModelLoadError, SharedMemoryError
+from upscaler_server.errors import ConfigError, EngineError, ModelLoadError, SharedMemoryError, UpscalerError
 from upscaler_server.protocol import PIXEL_FORMATS
 
 from server_utils import REPO, ArrayFrame, make_checkpoint
@@ -202,6 +202,95 @@ def test_offline_cli_never_overwrites_an_input(checkpoint: pathlib.Path, tmp_pat
                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert run.returncode == 2 and "is an input: writing it would overwrite the original" in run.stderr
         assert source.read_bytes() == before
+
+
+def _offline(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--device", "cpu", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_offline_cli_replaces_an_existing_output_only_when_asked(tmp_path: pathlib.Path) -> None:
+    """It replaced any file of the output's name: photo.jpg upscaled into a folder holding photo.png (another
+    picture, not an input) destroyed it, with exit 0."""
+    cv2.imwrite(str(tmp_path / "photo.jpg"), np.full((20, 24, 3), 50, np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "photo.png").write_bytes(b"someone's own picture")
+    run = _offline("--backend", "nearest", str(tmp_path / "photo.jpg"), "-o", str(out))
+    assert run.returncode == 2 and "photo.png exist(s) already: pass --overwrite" in run.stderr, run.stderr
+    assert (out / "photo.png").read_bytes() == b"someone's own picture"
+    run = _offline("--backend", "nearest", "--overwrite", str(tmp_path / "photo.jpg"), "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    assert cv2.imread(str(out / "photo.png")).shape == (40, 48, 3)
+
+
+def test_offline_cli_writes_each_output_whole_or_not_at_all(tmp_path: pathlib.Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_bytes truncated the target first: a full disk left truncated and empty PNGs that looked finished."""
+    from upscaler_server import upscale
+
+    src = tmp_path / "a.png"
+    cv2.imwrite(str(src), np.full((20, 24, 3), 50, np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"the earlier output")
+    real_write = pathlib.Path.write_bytes
+
+    def full_disk(path: pathlib.Path, data: bytes) -> int:
+        real_write(path, data[: len(data) // 2])  # part of it reached the disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk)
+    with pytest.raises(UpscalerError, match=r"cannot write .*a\.png: No space left on device"):
+        upscale.upscale_file(NearestEngine(2), src, out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # no partial file left beside it
+    assert (out / "a.png").read_bytes() == b"the earlier output"
+
+
+def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C printed a 40-line KeyboardInterrupt traceback and no summary."""
+    from upscaler_server import upscale
+
+    for name in "abc":
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((20, 24, 3), 50, np.uint8))
+    real = upscale.upscale_file
+
+    def interrupted_at_b(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+        if src.stem == "b":
+            raise KeyboardInterrupt
+        return real(engine, src, out_dir)
+
+    monkeypatch.setattr(upscale, "upscale_file", interrupted_at_b)
+    status = upscale.main(["--backend", "nearest", "--device", "cpu", *(str(tmp_path / f"{n}.png") for n in "abc"),
+                           "-o", str(tmp_path / "out")])
+    assert status == 130 and "interrupted: 1 of 3 image(s) written" in caplog.text
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "nearest", "--threads", "-1"], "0 <= threads <= 1024"),
+    (["--backend", "nearest", "--threads", "50000"], "0 <= threads <= 1024"),  # segfaulted in libgomp
+    (["--backend", "nearest", "--scale", "0"], "1 <= --scale <= 16"),
+    (["--backend", "nearest", "--pad-channels", "1000"], "0 <= pad_channels <= 64"),
+    (["--backend", "auto", "--auto-backends", "onnxrutime"], "unknown onnxrutime: use backends"),
+])  # fmt: skip
+def test_offline_cli_refuses_settings_the_daemon_refuses(tmp_path: pathlib.Path, args: list[str],
+                                                         message: str) -> None:
+    """Each ended in a traceback (or a segfault), or was taken in silence, where the daemon says what is wrong."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 24, 3), 50, np.uint8))
+    run = _offline(*args, str(tmp_path / "a.png"), "-o", str(tmp_path / "out"))
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_cli_refuses_tune_sizes_below_the_models_minimum(checkpoint: pathlib.Path,
+                                                                 tmp_path: pathlib.Path) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 24, 3), 50, np.uint8))
+    run = _offline("--checkpoint", str(checkpoint), "--threads", "1", "--backend", "auto", "--tune-sizes", "8x8",
+                   "--cache-dir", str(tmp_path / "cache"), str(tmp_path / "a.png"), "-o", str(tmp_path / "out"))
+    assert run.returncode == 2 and "smaller than the model's minimum" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
 
 
 @pytest.mark.gpu

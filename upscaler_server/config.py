@@ -158,7 +158,7 @@ def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
                    "nearest: nearest-neighbour copy without a model, to measure transport alone")
     p.add_argument("--cache-dir", type=pathlib.Path, help="auto's measurements, ONNX and TensorRT files (default: "
                    "$TAKDSR_CACHE_DIR, else $XDG_CACHE_HOME/takdsr or ~/.cache/takdsr)")
-    p.add_argument("--auto-backends", type=lambda t: [b for b in t.split(",") if b], default=[],
+    p.add_argument("--auto-backends", type=_auto_backend_list, default=[],
                    metavar="B1,B2", help="what auto may pick from: backends (eager,compile,onnxruntime,tensorrt) or "
                    "labels (eager-bf16, compile-fp32); default all available")
     p.add_argument("--tune-sizes", type=parse_size, nargs="*", default=[], metavar="WxH",
@@ -166,6 +166,22 @@ def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--pad-channels", type=int, default=0, metavar="N",
                    help="zero-pad an RLFN student's feature width to a multiple of N (52 -> 56 for N=8): the same "
                    "output, in channel counts fp16 tensor-core convolutions prefer; 0 (default): off")
+
+
+_AUTO_BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")  # what auto measures (not nearest, no aliases)
+_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _auto_backend_list(text: str) -> list[str]:
+    """--auto-backends: backend names or backend-precision labels. A typo used to match nothing and was dropped
+    in silence, leaving auto fewer backends than asked for (onnxrutime: eager only)."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in _AUTO_BACKENDS
+               and not (name.partition("-")[0] in _AUTO_BACKENDS and name.partition("-")[2] in _PRECISIONS)]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}: use backends ({', '.join(_AUTO_BACKENDS)}) "
+                                         f"or labels backend-precision ({', '.join(_PRECISIONS)})")
+    return names
 
 
 def runtime_dir() -> pathlib.Path:

@@ -3,14 +3,17 @@
 The same :class:`~upscaler_server.engine.Engine` as the daemon does the work, so results are bit-identical to the
 daemon's for the same checkpoint, device and precision. Colour images keep their alpha channel (upscaled by nearest
 neighbour); grey images are upscaled as RGB and written as RGB; 16-bit images are rounded to 8 bits and a JPEG is
-turned upright by its EXIF orientation first. Exit status: 0 if every image was written, 1 if some
-failed (each failure is reported), 2 for bad arguments, 3 when the model cannot be loaded.
+turned upright by its EXIF orientation first. An output file that exists already is never replaced without
+``--overwrite`` (an input never), and each output is written whole or not at all (a temporary file renamed). Exit
+status: 0 if every image was written, 1 if some failed (each failure is reported), 2 for bad arguments, 3 when the
+model cannot be loaded, 130 when interrupted (Ctrl-C; the images written so far stay).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import sys
 from collections.abc import Iterable, Sequence
@@ -18,9 +21,10 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
-from upscaler_server.config import CHECKPOINT_HELP, add_backend_arguments, cli_prog
+from upscaler_server.config import CHECKPOINT_HELP, add_backend_arguments, cli_prog, engine_setting_problems
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
+from upscaler_server.protocol import SCALE_MAX
 
 __all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "output_path", "read_8bit", "upscale_file"]
 
@@ -52,14 +56,20 @@ def output_path(src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     return out_dir / f"{src.stem}.png"
 
 
-def check_targets(files: list[pathlib.Path], out_dir: pathlib.Path) -> None:
-    """ConfigError when an output would be one of the inputs (an input PNG inside the output folder): the inputs
-    are never overwritten."""
+def check_targets(files: list[pathlib.Path], out_dir: pathlib.Path, overwrite: bool = False) -> None:
+    """ConfigError when an output would be one of the inputs (an input PNG inside the output folder: never
+    overwritten), or, without ``overwrite``, when outputs exist already (another image of the same stem, or an
+    earlier run's), before anything is written."""
     sources = {f.resolve() for f in files}
     for f in files:
         if output_path(f, out_dir).resolve() in sources:
             raise ConfigError(f"{output_path(f, out_dir)} is an input: writing it would overwrite the original; "
                               "choose another output folder")
+    existing = [output_path(f, out_dir) for f in files if os.path.lexists(output_path(f, out_dir))]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise ConfigError(f"{existing[0]}{more} exist(s) already: pass --overwrite to replace them, or choose another "
+                          "output folder")
 
 
 def read_8bit(src: pathlib.Path) -> np.ndarray:
@@ -102,10 +112,21 @@ def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pa
     try:
         if not encoded:
             raise OSError("PNG encoding failed")
-        target.write_bytes(png.tobytes())
+        _write_whole(target, png.tobytes())
     except OSError as exc:
         raise UpscalerError(f"cannot write {target}: {exc.strerror or exc}") from None
     return target
+
+
+def _write_whole(target: pathlib.Path, data: bytes) -> None:
+    """``data`` into ``target`` through a hidden temporary file renamed over it: a full disk or a Ctrl-C leaves the
+    earlier file (or none), never a truncated PNG that looks finished."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,8 +141,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all usable cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     add_backend_arguments(p, "eager")
     return p
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """The bounds the daemon's settings have (the engine would otherwise fail on them with a traceback)."""
+    bad = engine_setting_problems(threads=args.threads, pad_channels=args.pad_channels)
+    if not 1 <= args.scale <= SCALE_MAX:
+        bad.append(f"1 <= --scale <= {SCALE_MAX}")
+    if bad:
+        raise ConfigError(f"invalid arguments: {', '.join(bad)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,10 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_arguments(args)
         files = collect_inputs(args.inputs)
         if not files:
             raise ConfigError(f"no image in {', '.join(map(str, args.inputs))} (suffixes {', '.join(IMAGE_SUFFIXES)})")
-        check_targets(files, args.output)
+        check_targets(files, args.output, args.overwrite)
         engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
                                precision=args.precision, threads=args.threads, backend=args.backend,
                                cache_dir=args.cache_dir, pad_channels=args.pad_channels,
@@ -142,17 +174,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 3
-    except (ConfigError, OSError) as exc:
+    except (UpscalerError, OSError) as exc:  # bad settings, or --tune-sizes the model cannot take
         log.error("%s", exc)
         return 2
-    failed = 0
-    for src in files:
-        try:
-            log.info("%s -> %s", src, upscale_file(engine, src, args.output))
-        except UpscalerError as exc:
-            log.error("%s", exc)
-            failed += 1
-    log.info("%d of %d image(s) written to %s", len(files) - failed, len(files), args.output)
+    except KeyboardInterrupt:
+        log.error("interrupted before any image was written")
+        return 130
+    written = failed = 0
+    try:
+        for src in files:
+            try:
+                log.info("%s -> %s", src, upscale_file(engine, src, args.output))
+                written += 1
+            except UpscalerError as exc:
+                log.error("%s", exc)
+                failed += 1
+    except KeyboardInterrupt:
+        log.error("interrupted: %d of %d image(s) written to %s", written, len(files), args.output)
+        return 130
+    log.info("%d of %d image(s) written to %s", written, len(files), args.output)
     return 1 if failed else 0
 
 
