@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from training.report import latency_where
+
 METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
 
 
@@ -80,7 +82,7 @@ def _info_cells(entry: dict[str, Any] | None) -> list[str]:
         f"{entry['macs'] / 1e9:.1f}",
         f"{training.get('steps', '-')}",
         f"{training['seconds']:.0f}" if training.get("seconds") is not None else "-",
-        f"{latency['median_ms']:.0f} ({latency['device']})" if latency else "-",
+        f"{latency['median_ms']:.0f} ({latency_where(latency)})" if latency else "-",
     ]
 
 

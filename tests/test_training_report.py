@@ -29,14 +29,36 @@ def test_report_survives_partial_logs_uneven_sets_infinite_scores_and_missing_lo
     (tmp_path / "teacher" / "metrics.jsonl").write_text("\n".join(lines))  # the last line cut by a kill
     results = {
         "scale": 2,
+        "report_lr_size": [960, 540],
         "sets": {"one": _set({"bicubic": 30.0, "TAKDSR": math.inf}), "two": _set({"bicubic": 28.0, "TA": 31.0})},
         "models": {"TAKDSR": {"params": 10, "macs": 1e9, "training": {"steps": 2, "final_loss": None}},
-                   "TA": {"params": 20, "macs": 2e9, "training": {"steps": 2, "final_loss": 0.25}}},
+                   "TA": {"params": 20, "macs": 2e9, "training": {"steps": 2, "final_loss": 0.25},
+                          "latency": {"median_ms": 12.4, "device": "cpu", "threads": 2}}},
     }  # fmt: skip
     report = write_report(tmp_path, results).read_text()
-    assert "| TAKDSR | 2 | None | None | None | - | - |" in report and "| 0.25000 |" in report
+    assert "| TAKDSR | 2 | None | None | None | - | - |" in report and "| 0.25000 | 12 (cpu, 2 threads) |" in report
     for plot in ("loss_curves.png", "psnr_per_model.png"):
         assert (tmp_path / plot).stat().st_size > 1000
+
+
+def test_captions_name_the_sizes_the_numbers_were_taken_at(tmp_path: Path) -> None:
+    """They said "960x540 LR" and "the teacher's 1920x1080 HR input" whatever the scale: at x4 the teacher's MACs
+    were counted at 3840x2160."""
+    results = {"scale": 4, "report_lr_size": [960, 540], "sets": {"one": _set({"bicubic": 30.0})}, "models": {}}
+    report = write_report(tmp_path, results).read_text()
+    assert "inference ms (median; 960x540 LR, teachers 3840x2160 HR)" in report
+    assert "the teachers' for their 3840x2160 HR input" in report and "1920x1080" not in report
+
+
+def test_latency_is_taken_on_a_stated_thread_count_and_puts_torchs_back() -> None:
+    """The pipeline timed with whatever thread count training had left in the process (1 after training a stage
+    with runtime.threads=1, all cores in an evaluation-only rerun) and recorded only the device."""
+    before = latency.torch.get_num_threads()
+    timing = latency.measure_latency(latency.torch.nn.Conv2d(3, 3, 3), 8, 8, latency.torch.device("cpu"), repeats=1,
+                                     threads=1)
+    assert timing["threads"] == 1 and timing["device"] == "cpu" and latency.torch.get_num_threads() == before
+    assert latency.measure_latency(latency.torch.nn.Conv2d(3, 3, 3), 8, 8, latency.torch.device("cpu"),
+                                   repeats=1)["threads"] == latency.usable_cores()
 
 
 def test_p90_stays_within_the_measured_times(monkeypatch: pytest.MonkeyPatch) -> None:

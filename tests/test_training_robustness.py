@@ -323,10 +323,27 @@ def test_a_shipped_name_is_a_plain_file_name(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [(["--device", "bogus"], "expected cpu, cuda or cuda:N"),
                                                (["--device", "cuda:99"], "no such CUDA device here"),
-                                               (["--repeats", "0"], "expected an integer >= 1")])
+                                               (["--repeats", "0"], "expected an integer >= 1"),
+                                               (["--threads", "50000"], "expected 0 (every usable core) to 1024")])
 def test_latency_arguments_are_checked_before_any_work(args: list[str], message: str,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A bad device ended in torch's traceback, a missing CUDA in an AssertionError, --repeats 0 in 'no median'."""
     with pytest.raises(SystemExit) as exit_info:
         training_main(["latency", "rlfn_s", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_checkpoint_named_like_a_baseline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bicubic.safetensors took the bicubic row: the network's scores printed and saved as OpenCV bicubic's."""
+    folder = make_image_folder(tmp_path / "images", count=1, size=(48, 64))
+    named = _student_file(tmp_path).rename(tmp_path / "bicubic.safetensors")
+    code = training_main(["evaluate", "--checkpoint", str(named), "--data", str(folder)])
+    assert code == 1 and "would be labelled 'bicubic', the name of a baseline" in capsys.readouterr().err
+
+
+def test_latency_json_says_where_it_was_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "latency.json"
+    assert training_main(["latency", "rlfn_s", "--input", "32x32", "--repeats", "1", "--threads", "1",
+                          "--json", str(out)]) == 0
+    timing = json.loads(out.read_text())["rlfn_s"]
+    assert timing["device"] == "cpu" and timing["threads"] == 1 and "on cpu, 1 threads" in capsys.readouterr().out

@@ -498,6 +498,7 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     assert {"bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA", "teacher"} <= set(scores)
     assert results["sets"][image_folder.name]["scores"]["bicubic"]["mean"]["psnr_rgb"] > 10
     assert saved["models"]["TAKDSR"]["latency"]["median_ms"] > 0
+    assert saved["models"]["TAKDSR"]["latency"]["threads"] == len(os.sched_getaffinity(0))  # whatever training set
     report = (run_dir / "report.md").read_text()
     assert "TAKDSR" in report and "PISR'" in report
     for plot in ("loss_curves.png", "psnr_per_model.png", f"crops_{image_folder.name}.png"):

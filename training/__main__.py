@@ -55,6 +55,13 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _thread_count(text: str) -> int:
+    """0 (every usable core) to 1024: far more threads than cores fail in libgomp, or crash the process."""
+    if not text.isdigit() or int(text) > 1024:
+        raise argparse.ArgumentTypeError(f"expected 0 (every usable core) to 1024, got {text!r}")
+    return int(text)
+
+
 def _device(text: str) -> torch.device:
     """`cpu`, `cuda` or `cuda:N`, and a CUDA device only where one exists."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
@@ -126,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="LR input WxH (a teacher reads the matching HR size)")
     latency.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     latency.add_argument("--repeats", type=_positive_int, default=5)
+    latency.add_argument("--threads", type=_thread_count, default=0,
+                         help="torch CPU threads (default 0: every usable core)")
     latency.add_argument("--json", type=Path, help="also write the timings here")
     return parser
 
@@ -187,6 +196,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictors = dict(baseline_predictors(scale))
     for label, path in unique_labels(args.checkpoint).items():
+        if label in predictors:  # its scores would replace the baseline's row, under the baseline's name
+            raise ValueError(f"{path} would be labelled {label!r}, the name of a baseline: rename the file")
         predictors[label] = checkpoint_predictor(path, device, args.teacher)
     score_sets(predictors, eval_config, scale, args.json, min_lr_side(models))
     return 0
@@ -201,8 +212,10 @@ def _latency(args: argparse.Namespace) -> int:
         if min(width, height) < min_lr_size(model):
             raise ValueError(f"{target} needs an LR input of at least {min_lr_size(model)} px a side, got "
                              f"{width}x{height}")
-        timings[target] = measure_latency(model, width, height, device, repeats=args.repeats)
-        print(f"{target}: {timings[target]['median_ms']:.1f} ms median at {timings[target]['input']} on {device}")
+        timings[target] = measure_latency(model, width, height, device, repeats=args.repeats, threads=args.threads)
+        threads = timings[target]["threads"]
+        where = f"{device}, {threads} threads" if threads else str(device)
+        print(f"{target}: {timings[target]['median_ms']:.1f} ms median at {timings[target]['input']} on {where}")
     if args.json:
         args.json.write_text(json.dumps(timings, indent=2))
     return 0

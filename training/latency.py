@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,15 +14,42 @@ from torch import nn
 
 from models import Teacher
 
-__all__ = ["measure_latency"]
+__all__ = ["measure_latency", "usable_cores"]
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the block, then put back: training sets them process-wide, so
+    a timing taken after a stage would otherwise run on whatever that stage left."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @torch.inference_mode()
 def measure_latency(
-    model: nn.Module, lr_width: int, lr_height: int, device: torch.device, *, repeats: int = 5, warmup: int = 1
+    model: nn.Module, lr_width: int, lr_height: int, device: torch.device, *, repeats: int = 5, warmup: int = 1,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """Milliseconds per forward pass for an LR frame of lr_width x lr_height: a decoder reads that frame,
-    a teacher the matching HR image (recorded as "input"). Channels-last fp32; CUDA timings synchronised."""
+    a teacher the matching HR image (recorded as "input"). Channels-last fp32; CUDA timings synchronised. On the
+    CPU with ``threads`` torch threads (0: every usable core), recorded as "threads"."""
+    count = threads or usable_cores()
+    with _torch_threads(count):
+        timing = _timed(model, lr_width, lr_height, device, repeats, warmup)
+    return {**timing, "device": str(device), "threads": count if device.type == "cpu" else None}
+
+
+def _timed(model: nn.Module, lr_width: int, lr_height: int, device: torch.device, repeats: int,
+           warmup: int) -> dict[str, Any]:
     factor = model.scale if isinstance(model, Teacher) else 1
     width, height = lr_width * factor, lr_height * factor
     model = model.to(device).eval().to(memory_format=torch.channels_last)

@@ -36,7 +36,7 @@ from training.evaluate import (
     model_info,
 )
 from training.latency import measure_latency
-from training.report import write_report
+from training.report import REPORT_LR_SIZE, write_report
 from training.trainer import FINAL_FILE, STATE_FILE, read_state, train_stage
 
 __all__ = ["DISPLAY_NAMES", "display_name", "pipeline_stages", "run_pipeline"]
@@ -51,7 +51,6 @@ DISPLAY_NAMES = {
     "teacher": "teacher",
     "teacher_continuous": "teacher (continuous)",
 }
-REPORT_LR_SIZE = (960, 540)  # MACs are reported at this LR input size, as in docs/results.md
 
 
 def display_name(stage_name: str) -> str:
@@ -185,7 +184,8 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
         # a TA reads the teacher's CF' mixed with the LR image, so it is scored with the teacher it was trained on
         teacher = run_dir / "teacher" / FINAL_FILE if stage.role == "ta" else None
         predictors[display_name(stage.name)] = checkpoint_predictor(run_dir / stage.name / FINAL_FILE, device, teacher)
-    results: dict[str, Any] = {"scale": scale, "sets": {}, "crops": {}, "models": {}}
+    results: dict[str, Any] = {"scale": scale, "report_lr_size": list(REPORT_LR_SIZE), "sets": {}, "crops": {},
+                               "models": {}}
     for set_name, images in eval_sets(config, scale, min_lr_side(list(checkpoints.values()))).items():
         scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure)
         results["sets"][set_name] = {"images": [image.name for image in images], "scores": scores}
@@ -201,8 +201,7 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
 
 
 def _latency(path: Path, device: torch.device, repeats: int) -> dict[str, Any]:
-    timing = measure_latency(load_model(path), *REPORT_LR_SIZE, device, repeats=repeats)
-    return {**timing, "device": str(device)}
+    return measure_latency(load_model(path), *REPORT_LR_SIZE, device, repeats=repeats)  # every usable core
 
 
 def _training_summary(path: Path) -> dict[str, Any]:

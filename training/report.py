@@ -14,10 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["write_report"]
+__all__ = ["REPORT_LR_SIZE", "latency_where", "write_report"]
 
 MODEL_ORDER = ["bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA", "full backbone", "teacher (continuous)",
                "teacher"]
+
+
+REPORT_LR_SIZE = (960, 540)  # MACs and latency are reported at this LR input size, as in docs/results.md
 
 
 def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
@@ -52,10 +55,12 @@ def _ordered(names: list[str]) -> list[str]:
 def _markdown(run_dir: Path, results: dict[str, Any]) -> str:
     lines = [f"# Results: {run_dir.name} (x{results['scale']})", ""]
     models = results.get("models", {})
+    width, height = results["report_lr_size"]
     for set_name, data in results["sets"].items():
         scores = data["scores"]
         lines += [f"## {set_name} ({len(data['images'])} images)", ""]
-        lines += ["| model | params | MACs (G) at 960x540 | PSNR RGB | SSIM RGB | PSNR Y | SSIM Y |", "|---" * 7 + "|"]
+        lines += [f"| model | params | MACs (G) at {width}x{height} | PSNR RGB | SSIM RGB | PSNR Y | SSIM Y |",
+                  "|---" * 7 + "|"]
         for name in _ordered(list(scores)):
             mean, info = scores[name]["mean"], models.get(name, {})
             params = f"{info['params']:,}" if info else "-"
@@ -72,18 +77,28 @@ def _markdown(run_dir: Path, results: dict[str, Any]) -> str:
                 row = [f"{scores[n]['per_image'][image][metric]:.{digits}f}" for n in names]
                 lines.append(f"| {image} | " + " | ".join(row) + " |")
         lines.append("")
-    header = "| model | steps | batch | device | seconds | final loss | inference ms (median, 960x540 LR) |"
+    scale = results["scale"]
+    hr_size = f"{width * scale}x{height * scale}"
+    header = (f"| model | steps | batch | device | seconds | final loss | inference ms (median; {width}x{height} LR, "
+              f"teachers {hr_size} HR) |")
     lines += ["## Training and inference time", "", header, "|---" * 7 + "|"]
     for name in _ordered(list(models)):
         t, latency = models[name].get("training", {}), models[name].get("latency")
-        timing = f"{latency['median_ms']:.0f} ({latency['device']})" if latency else "-"
+        timing = f"{latency['median_ms']:.0f} ({latency_where(latency)})" if latency else "-"
         final_loss = t.get("final_loss")  # None for a checkpoint exported from a saved state
         loss = f"{final_loss:.5f}" if final_loss is not None else "-"
         lines.append(f"| {name} | {t.get('steps')} | {t.get('batch_size')} | {t.get('device')} "
                      f"| {t.get('seconds')} | {loss} | {timing} |")
-    lines += ["", "MACs: the teacher's are for its 1920x1080 HR input. Plots: loss_curves.png, psnr_per_model.png,",
+    lines += ["", f"MACs at a {width}x{height} LR input; the teachers' for their {hr_size} HR input. Plots: "
+              "loss_curves.png, psnr_per_model.png,",
               "crops_<set>.png (bicubic / X_s / PISR' / TAKDSR / TA / teacher / ground truth).", ""]
     return "\n".join(lines)
+
+
+def latency_where(latency: dict[str, Any]) -> str:
+    """Where a latency was measured: the device, and on a CPU the torch threads."""
+    threads = latency.get("threads")
+    return f"{latency['device']}, {threads} threads" if threads else latency["device"]
 
 
 def _plot_losses(run_dir: Path) -> None:
