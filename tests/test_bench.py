@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import pickle
 import subprocess
 import sys
+import tempfile
+from typing import Any
 
 import pytest
+
+from upscaler_server import bench, engine
 
 from server_utils import REPO
 
@@ -79,3 +85,75 @@ def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
         command = [sys.executable, "-m", "upscaler_server.bench", option, "--device", "cpu", "--skip-e2e"]
         run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and "need CUDA" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(("options", "status", "message"), [
+    (["--frames", "0"], 2, "--frames 0: use at least 3"),
+    (["--backends", "eager", "--frames", "2"], 2, "--frames 2: use at least 3"),
+    (["--repeats", "0"], 2, "--repeats 0: use at least 1"),  # a table of nan and a JSON with NaN tokens
+    (["--threads", "-1"], 2, "--threads -1: needs 0 <= threads <= 1024"),
+    (["--sizes", "0x0"], 2, "--sizes 0x0: width and height must be at least 1"),
+    (["--sizes", "8x8"], 2, "--sizes 8x8 is below the model's minimum input size 15x15"),
+    (["--e2e-sizes", "64x48,8x20"], 2, "--e2e-sizes 8x20 is below the model's minimum input size 15x15"),
+    (["--backends", "eager", "--sizes", "8x8", "--skip-e2e"], 2, "--sizes 8x8 is below the model's minimum"),
+    (["--json", "{tmp}/absent/b.json"], 2, "the folder {tmp}/absent does not exist"),
+    (["--json", "{tmp}"], 2, "--json {tmp} is a folder"),
+    (["--checkpoint", "{tmp}/evil.pt"], 3, "cannot load checkpoint {tmp}/evil.pt"),
+    (["--checkpoint", "{tmp}/absent.safetensors"], 3, "not found"),
+    (["--backends", "eager", "--checkpoint", "rlfn_teacher_takdsr_x2"], 3, "is a Teacher, not an LR -> HR decoder"),
+])  # fmt: skip
+def test_bench_refuses_bad_options_in_one_line_before_measuring(options: list[str], status: int, message: str,
+                                                                tmp_path: pathlib.Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 (bad arguments) or 3 (a checkpoint that is no loadable student, as the daemon) in one line, before
+    any daemon starts: these used to fail with a traceback, often after the transport part had run."""
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(print))
+    monkeypatch.setattr(bench, "spawn_daemon", _must_not_measure)
+    monkeypatch.setattr(engine, "create_engine", _must_not_measure)  # the --backends model-only part
+    argv = ["--device", "cpu", "--sizes", "64x48", *(o.format(tmp=tmp_path) for o in options)]
+    assert bench.main(argv) == status
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
+
+
+def _must_not_measure(*args: object, **kwargs: object) -> None:
+    raise AssertionError("measuring started before the options were checked")
+
+
+def test_bench_says_in_one_line_that_a_daemon_did_not_start(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    def transport(sizes: object, repeats: int) -> None:
+        with bench.spawn_daemon(["--backend", "nearest", "--pad-channels", "-1"]):
+            raise AssertionError("the daemon started")
+
+    monkeypatch.setattr(bench, "transport", transport)
+    assert bench.main(["--device", "cpu", "--sizes", "64x48", "--skip-e2e"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bench: a daemon did not start (exited with status 2): ") and "pad_channels" in err
+    assert err.count("\n") == 1, err
+
+
+def test_bench_ctrl_c_stops_the_daemons_and_says_interrupted(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    daemon_folders: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recorded_mkdtemp(*args: Any, **kwargs: Any) -> str:
+        daemon_folders.append(mkdtemp(*args, **kwargs))
+        return daemon_folders[-1]
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", recorded_mkdtemp)
+    monkeypatch.setattr(bench, "_transport_row", interrupted)  # both transport daemons are running
+    argv = ["--device", "cpu", "--sizes", "64x48", "--skip-e2e", "--json", str(tmp_path / "b.json")]
+    try:
+        status = bench.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main (a traceback)")
+    assert status == 130 and capsys.readouterr().err == "interrupted\n"
+    assert len(daemon_folders) == 2 and not any(map(os.path.exists, daemon_folders))  # removed once stopped
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,9 @@ Tolerances (docs/integration.md): float I/O max abs diff <= 1e-4; uint8 I/O at m
 from __future__ import annotations
 
 import pathlib
+import signal
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -103,10 +105,9 @@ def test_cli_exports_a_checkpoint_with_metadata(tmp_path: pathlib.Path) -> None:
     assert model.ir_version == onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True) < 10
 
 
-def test_cli_refuses_a_ta_and_an_opset_it_cannot_reach(tmp_path: pathlib.Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    """A TA trained on a mixed input would export as an LR -> HR graph worse than the student; an opset the
-    converter cannot reach used to be reported as written while the file kept opset 18."""
+def test_cli_refuses_a_ta_trained_on_a_mixed_input(tmp_path: pathlib.Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A TA trained on a mixed input would export as an LR -> HR graph worse than the student."""
     ta = models.save_checkpoint(models.build_model("rlfn_ta", channels=16), tmp_path / "ta.safetensors", role="ta",
                                 training={"mix": [0.3, 0.7]})  # fmt: skip
     assert export.main(["--checkpoint", str(ta), "-o", str(tmp_path / "ta.onnx")]) == 3
@@ -115,13 +116,89 @@ def test_cli_refuses_a_ta_and_an_opset_it_cannot_reach(tmp_path: pathlib.Path,
                                      role="ta", training={"mix": [0.0, 1.0]})  # fmt: skip
     assert export.main(["--checkpoint", str(lr_only), "--height", "16", "--width", "16",
                         "-o", str(tmp_path / "ta_lr.onnx")]) == 0  # fmt: skip
-    out = tmp_path / "old.onnx"
-    assert export.main(["--model", "rlfn_s", "--height", "17", "--width", "31", "--opset", "13", "-o", str(out)]) == 1
-    assert "could not convert the graph to opset 13" in capsys.readouterr().err and not out.exists()
-    good = tmp_path / "ta_lr.onnx"  # a failed export over an existing file leaves that file as it was
+
+
+def test_an_opset_the_converter_cannot_reach_leaves_an_existing_file_alone(tmp_path: pathlib.Path) -> None:
+    """It used to be reported as written while the file kept opset 18; the CLI refuses such an opset up front."""
+    good = tmp_path / "good.onnx"
+    export.export_onnx(_network("rlfn_s"), good, height=16, width=16)
     before = good.read_bytes()
-    assert export.main(["--model", "rlfn_s", "--height", "17", "--width", "31", "--opset", "13", "-o", str(good)]) == 1
-    assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(RuntimeError, match="could not convert the graph to opset 13"):
+        export.export_onnx(_network("rlfn_s"), good, height=16, width=16, opset=13)
+    assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]
+
+
+def test_cli_exports_the_lowest_opset_without_converter_notices(tmp_path: pathlib.Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "s.onnx"
+    assert export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "--opset", "17",
+                        "-o", str(out)]) == 0  # fmt: skip
+    assert {e.domain: e.version for e in onnx.load(str(out)).opset_import}[""] == 17
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("onnxscript")] == []
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--opset", "0"], "--opset 0: use 17 to"),
+    (["--opset", "13"], "--opset 13: use 17 to"),
+    (["--opset", str(onnx.defs.onnx_opset_version() + 1)], f"to {onnx.defs.onnx_opset_version()}"),
+    (["--benchmark", "2", "--threads", "-1"], "--threads -1: use 0"),
+    (["--threads", "1025"], "--threads 1025: use 0"),
+    (["--seed", str(2**70)], f"--seed {2**70}: use 0 to 2**64 - 1"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--benchmark", "-1"], "--benchmark -1"),
+    (["--height", "0"], "640x0 is below the model's minimum input size 15x15"),
+    (["--height", "-5"], "640x-5 is below"),
+    (["--width", "14", "--height", "16"], "14x16 is below"),
+])  # fmt: skip
+def test_cli_refuses_bad_options_in_one_line_before_exporting(options: list[str], message: str,
+                                                              tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 (bad arguments) in one line, instead of a traceback or exit 1 after (part of) the export."""
+    monkeypatch.setattr(export, "export_onnx", _must_not_export)
+    out = tmp_path / "s.onnx"
+    assert export.main(["--model", "rlfn_s", *options, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def _must_not_export(*args: object, **kwargs: object) -> None:
+    raise AssertionError("exported before the options were checked")
+
+
+def test_cli_never_overwrites_the_checkpoint_and_replaces_a_file_only_when_told(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = models.save_checkpoint(_network("rlfn_s"), tmp_path / "mine.safetensors", role="student")
+    (tmp_path / "link.onnx").symlink_to(ckpt)
+    monkeypatch.setattr(models, "DEFAULT_STUDENT_PATH", ckpt)  # the bundled student, without risking the real one
+    before = ckpt.read_bytes()
+    size = ["--height", "16", "--width", "16"]
+    for argv in (["--checkpoint", str(ckpt), "-o", str(ckpt)], ["-o", str(ckpt)], ["-o", str(tmp_path / "link.onnx")]):
+        for overwrite in ([], ["--overwrite"]):
+            assert export.main([*argv, *size, *overwrite]) == 2
+            assert "is the checkpoint being exported" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+    out = tmp_path / "s.onnx"
+    out.write_bytes(b"older")
+    assert export.main(["-o", str(out), *size]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"older"
+    assert export.main(["-o", str(out), *size, "--overwrite"]) == 0
+    assert onnx.load(str(out)).graph.input[0].name == "lr"
+
+
+def test_cli_ctrl_c_leaves_no_partial_file(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(model: object, path: pathlib.Path, *args: object) -> None:
+        assert path.exists()  # the exporter's temporary file, beside the output
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_finish", interrupted)
+    try:
+        status = export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(tmp_path / "s.onnx")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main (a traceback)")
+    assert status == 130 and capsys.readouterr().err == "interrupted\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_refuses_teachers_and_a_missing_student(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
@@ -135,3 +212,25 @@ def test_cli_refuses_teachers_and_a_missing_student(tmp_path: pathlib.Path, monk
     assert export.main(["--model", "rlfn_s", "-o", str(tmp_path / "a_file" / "s.onnx")]) == 2
     assert "cannot create the folder of" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_cli_ctrl_c_during_the_exporter_lets_it_finish_then_stops(tmp_path: pathlib.Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """torch.onnx.export imports modules as it goes: one interrupted halfway used to fail the export as a long
+    'export failed' report (exit 1). The interrupt now waits for the exporter, then nothing is written."""
+    real_export, finished = torch.onnx.export, []
+
+    def export_interrupted(*args: Any, **kwargs: Any) -> Any:
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the exporter works
+        finished.append(True)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export_interrupted)
+    try:
+        status = export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(tmp_path / "s.onnx")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main (a traceback)")
+    assert finished and status == 130 and capsys.readouterr().err == "interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as usual again

@@ -17,6 +17,10 @@ and the frames per second of a client that keeps two frames in flight (what ``--
 
 Backends (``--backends eager,compile,onnxruntime,...``): instead of the two parts above, a backend x LR size table
 of model-only and end-to-end times, speed-up over fp32 eager and accuracy against it (see ``bench_backends``).
+
+Every option is checked, and the student loaded once, before any daemon starts or anything is measured. Exit status:
+0 measured, 1 a daemon did not start or a measurement failed (one line says why), 2 bad arguments, 3 the checkpoint
+cannot be loaded as a student (as the daemon and the offline CLI), 130 interrupted (Ctrl-C; the daemons are stopped).
 """
 
 from __future__ import annotations
@@ -39,14 +43,20 @@ from typing import Any
 import cv2
 import numpy as np
 
+from upscaler_server.bench_backends import Variant, compare_backends, parse_label, print_backend_table, unavailable_here
 from upscaler_server.client import UpscalerClient
-from upscaler_server.config import BACKEND_CHOICES, Config, cli_prog, parse_size
-from upscaler_server.errors import ConfigError, ServerUnavailableError
+from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
+from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
 
-__all__ = ["end_to_end", "main", "spawn_daemon", "transport"]
+__all__ = ["DaemonStartError", "end_to_end", "main", "spawn_daemon", "transport"]
 
 SIZES = ((640, 360), (1280, 720), (1920, 1080))
 BACKEND_SIZES = ((320, 180), (640, 360), (1280, 720), (1920, 1080))
+EXIT_FAILED, EXIT_ARGS, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class DaemonStartError(RuntimeError):
+    """A daemon the benchmark needs did not start; the message is one line, its log's last."""
 
 
 @contextlib.contextmanager
@@ -61,7 +71,7 @@ def spawn_daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start:\n{(tmp / 'daemon.log').read_text()}")
+                raise DaemonStartError(_start_failure(proc, ready_timeout, tmp / "daemon.log"))
             try:
                 UpscalerClient(endpoint, timeout=0.5, retries=0, heartbeat=False).close()
                 break
@@ -76,6 +86,14 @@ def spawn_daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[
             proc.kill()
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_failure(proc: subprocess.Popen[bytes], ready_timeout: float, log: pathlib.Path) -> str:
+    """Why a daemon did not start, in one line: how it ended and the last line it logged (its error)."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    ended = f"exited with status {proc.returncode}" if proc.returncode is not None else \
+        f"did not answer within {ready_timeout:.0f} s"
+    return f"a daemon did not start ({ended}): {lines[-1] if lines else 'nothing logged'}"
 
 
 def _median_ms(call: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -227,21 +245,22 @@ def _print_tables(result: dict[str, Any]) -> None:
               f"{r['infer_ms']:8.1f} {r['fps_2_in_flight']:7.2f}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point; prints the tables and optionally writes JSON."""
+def _parser() -> argparse.ArgumentParser:
     # no abbreviations: --backend (the end-to-end daemon's) and --backends (the comparison) must never be confused
     p = argparse.ArgumentParser(prog=cli_prog("upscaler_server.bench", "takdsr-bench"),
-                                description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--json", type=pathlib.Path, help="also write the results here")
+                                description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                epilog="exit status: 0 measured, 1 a daemon did not start or a measurement failed, "
+                                "2 bad arguments, 3 the checkpoint cannot be loaded as a student, 130 interrupted")
+    p.add_argument("--json", type=pathlib.Path, help="also write the results here (in an existing folder)")
     p.add_argument("--sizes", type=_sizes, nargs="+", help="LR sizes WxH (space- or comma-separated) for both parts "
                    "(default: 640x360 1280x720 1920x1080; with --backends also 320x180)")
     p.add_argument("--e2e-sizes", type=_sizes, nargs="+", help="LR sizes of the end-to-end part (default: --sizes)")
-    p.add_argument("--repeats", type=int, default=30, help="transport round trips per size")
+    p.add_argument("--repeats", type=int, default=30, help="transport round trips per size (at least 1)")
     p.add_argument("--frames", type=int, default=20, help="end-to-end frames per size (at least 3)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per end-to-end size before stopping early")
     p.add_argument("--checkpoint", type=pathlib.Path, help="student for the end-to-end part")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--threads", type=int, default=0, help="daemon CPU threads (0: all usable cores)")
+    p.add_argument("--threads", type=int, default=0, help=f"daemon CPU threads, 0 (all usable cores) to {MAX_THREADS}")
     p.add_argument("--backend", choices=[c for c in BACKEND_CHOICES if c != "nearest"], default=Config.backend,
                    help="the end-to-end daemon's --backend (to compare several backends, use --backends)")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=Config.precision,
@@ -257,73 +276,179 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "CUDA graph per resolution, e.g. compile-bf16, eager-fp16-pad8-graphs) instead of the transport "
                    "and end-to-end parts")
     p.add_argument("--cache-dir", type=pathlib.Path, help="ONNX/TensorRT cache for --backends")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; prints the tables and optionally writes JSON. Exit status: see the module
+    docstring."""
+    args = _parser().parse_args(argv)
     default_sizes = [list(BACKEND_SIZES if args.backends else SIZES)]
     args.sizes = [s for group in args.sizes or default_sizes for s in group]
     args.e2e_sizes = [s for group in args.e2e_sizes for s in group] if args.e2e_sizes else None
-    if args.backends:
-        return _backends_main(args)
-    if args.cuda_graphs or args.overlap:
-        _require_cuda(p, args.device)
+    try:
+        return _bench(args)
+    except KeyboardInterrupt:  # the daemons were stopped on the way out (spawn_daemon's finally)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Check every option, then measure: a bad option must not cost the minutes of measuring before it is used."""
+    try:
+        _check_options(args)
+        backends = _backend_variants(args) if args.backends else None
+        _check_student(args)
+    except ModelLoadError as exc:  # the daemon's and the offline CLI's exit status for it
+        print(f"bench: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except (ValueError, ConfigError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return EXIT_ARGS
+    try:
+        result = _transport_and_end_to_end(args) if backends is None else _compare(args, *backends)
+    except (DaemonStartError, UpscalerError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    (_print_tables if backends is None else print_backend_table)(result)
+    if args.json:
+        try:
+            _write_json(args.json, result)
+        except OSError as exc:
+            print(f"bench: cannot write --json {args.json}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """ValueError for an option out of its range (counts, thread count, sizes, the --json folder) or, ConfigError,
+    a CUDA-only option without CUDA."""
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats}: use at least 1 round trip per size")
+    if args.frames < 3:
+        raise ValueError(f"--frames {args.frames}: use at least 3 (the p99 and the fps need a few frames)")
+    if problems := engine_setting_problems(threads=args.threads, pad_channels=0):
+        raise ValueError(f"--threads {args.threads}: needs {problems[0]}")
+    for option, sizes in (("--sizes", args.sizes), ("--e2e-sizes", args.e2e_sizes or [])):
+        for w, h in sizes:
+            if min(w, h) < 1:
+                raise ValueError(f"{option} {w}x{h}: width and height must be at least 1")
+    if args.json is not None:
+        _check_json_target(args.json)
+    if not args.backends and (args.cuda_graphs or args.overlap):
+        _require_cuda(args.device)
+
+
+def _check_json_target(path: pathlib.Path) -> None:
+    """ValueError unless ``path`` can be written: a file (not a folder) in an existing, writable folder."""
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; name a file")
+    if not folder.is_dir():
+        raise ValueError(f"--json {path}: the folder {folder} does not exist; create it or choose another")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--json {path}: the folder {folder} is not writable; choose another")
+
+
+def _check_student(args: argparse.Namespace) -> None:
+    """ModelLoadError for a student that cannot be loaded, ValueError for a size below its minimum; nothing to check
+    when no size goes through it."""
+    if model_sizes := _model_sizes(args):
+        min_size = _student_min_size(args.checkpoint, bundled=not args.backends)
+        for option, (w, h) in model_sizes:
+            if min(w, h) < min_size:
+                raise ValueError(f"{option} {w}x{h} is below the model's minimum input size {min_size}x{min_size}; "
+                                 f"use at least {min_size} for each")
+
+
+def _model_sizes(args: argparse.Namespace) -> list[tuple[str, tuple[int, int]]]:
+    """(option, LR size) of every size that goes through the student (the transport part's backend has no minimum)."""
+    sizes = [("--sizes", s) for s in args.sizes] if args.backends else []
+    if not args.skip_e2e:
+        option = "--e2e-sizes" if args.e2e_sizes else "--sizes"
+        sizes += [(option, s) for s in args.e2e_sizes or args.sizes]
+    return sizes
+
+
+def _student_min_size(checkpoint: pathlib.Path | None, bundled: bool) -> int:
+    """The smallest LR side of the student that will be measured: ``checkpoint``, else the bundled student (when
+    ``bundled`` and shipped), else random-init rlfn_s. Loading it (safetensors: nothing unpickled) raises the
+    ModelLoadError the daemon would exit with, before anything is measured."""
+    import models
+    from upscaler_server.engine import load_network
+
+    if checkpoint is None and not (bundled and models.DEFAULT_STUDENT_PATH.exists()):
+        network, _, _ = load_network(None, "rlfn_s", 2)
+    else:
+        network, _, _ = load_network(checkpoint, None, 2)
+    return models.min_lr_size(network)
+
+
+def _transport_and_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                                           "cpus": os.cpu_count()},
                               "transport_repeats": args.repeats, "transport": transport(args.sizes, args.repeats)}
     if args.skip_e2e:
         result["end_to_end"] = {"weights": "skipped", "model": "-", "scale": 0, "device": "-", "precision": "-",
                                 "rows": []}
-    else:
-        daemon_args, weights = _student_args(args.checkpoint, args.device, args.threads)
-        daemon_args += ["--backend", args.backend, "--precision", args.precision]
-        daemon_args += ["--overlap"] if args.overlap else []
-        daemon_args += ["--cuda-graphs"] if args.cuda_graphs else []
-        daemon_args += ["--map-slots"] if args.map_slots else []
-        info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
-        result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap,
-                                "cuda_graphs": args.cuda_graphs, "map_slots": args.map_slots, **info, "rows": rows}
-    _print_tables(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+        return result
+    daemon_args, weights = _student_args(args.checkpoint, args.device, args.threads)
+    daemon_args += ["--backend", args.backend, "--precision", args.precision]
+    daemon_args += ["--overlap"] if args.overlap else []
+    daemon_args += ["--cuda-graphs"] if args.cuda_graphs else []
+    daemon_args += ["--map-slots"] if args.map_slots else []
+    info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
+    result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap,
+                            "cuda_graphs": args.cuda_graphs, "map_slots": args.map_slots, **info, "rows": rows}
+    return result
 
 
-def _require_cuda(parser: argparse.ArgumentParser, device: str) -> None:
-    """--cuda-graphs and --overlap: the daemon would drop them on a CPU, and the table would still name them."""
+def _write_json(path: pathlib.Path, result: dict[str, Any]) -> None:
+    """``result`` as strict JSON (every number finite: repeats and frames are at least 1 and 3), written beside
+    ``path`` and moved over it, so that an interrupted write leaves no half file."""
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _require_cuda(device: str) -> None:
+    """--cuda-graphs and --overlap: the daemon would drop them on a CPU, and the table would still name them.
+    ValueError without CUDA, ConfigError for a device that cannot be resolved."""
     from upscaler_server.engine import resolve_device
 
-    try:
-        resolved = resolve_device(device)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    if not resolved.startswith("cuda"):
-        parser.error("--cuda-graphs and --overlap need CUDA (--device cuda, or auto on a machine with a GPU)")
+    if not resolve_device(device).startswith("cuda"):
+        raise ValueError("--cuda-graphs and --overlap need CUDA (--device cuda, or auto on a machine with a GPU)")
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
     return [parse_size(t) for t in text.split(",") if t]
 
 
-def _backends_main(args: argparse.Namespace) -> int:
-    from upscaler_server.bench_backends import compare_backends, parse_label, print_backend_table, unavailable_here
+def _backend_variants(args: argparse.Namespace) -> tuple[str, list[Variant]]:
+    """The resolved device and the parsed --backends; ValueError or ConfigError for a label that cannot run here."""
     from upscaler_server.engine import resolve_device
 
+    device = resolve_device(args.device)
+    variants = [parse_label(label, device) for label in args.backends]
+    for variant in variants:
+        if (reason := unavailable_here(variant, device)) is not None:
+            raise ValueError(f"{variant.label} cannot run here: {reason}")
+        if problems := engine_setting_problems(threads=args.threads, pad_channels=variant.pad):
+            raise ValueError(f"{variant.label}: needs {problems[0]}")
+    return device, variants
+
+
+def _compare(args: argparse.Namespace, device: str, variants: Sequence[Variant]) -> dict[str, Any]:
     e2e_sizes = [] if args.skip_e2e else (args.e2e_sizes or args.sizes)
-    try:  # a label that cannot run here is refused before anything is measured
-        device = resolve_device(args.device)
-        variants = [parse_label(label, device) for label in args.backends]
-        for variant in variants:
-            if (reason := unavailable_here(variant, device)) is not None:
-                raise ValueError(f"{variant.label} cannot run here: {reason}")
-    except (ValueError, ConfigError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 2
     result = compare_backends(variants, args.sizes, checkpoint=args.checkpoint, device=device, threads=args.threads,
                               frames=args.frames, budget_s=args.budget, e2e_sizes=e2e_sizes, cache_dir=args.cache_dir)
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                          "load": os.getloadavg()}
-    print_backend_table(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

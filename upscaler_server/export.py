@@ -13,24 +13,36 @@ produce. Two I/O layouts (``--io``):
 Static shapes fix H x W to ``--height`` x ``--width``; ``--dynamic-shapes`` makes H and W symbolic (at least the
 model's minimum input size, 15 for RLFN/RFDN). The batch is 1. Exported with the torch.export-based exporter
 (needs ``onnx`` and ``onnxscript``); ``--benchmark N`` also times onnxruntime (CPU) against PyTorch eager.
+
+The output is written through a temporary file beside it, so a failed or interrupted export leaves no partial file.
+An existing output is replaced only with ``--overwrite``, and never when it is the checkpoint being exported.
+
+Exit status: 0 written, 1 export failed, 2 bad arguments (checked before exporting: opset, seed, threads, sizes,
+output), 3 model not loadable (missing, teacher, corrupt), 130 interrupted (Ctrl-C; pressed while torch's exporter
+runs, it takes effect when the exporter returns, or at once when pressed twice).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pathlib
+import signal
 import statistics
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from upscaler_server.config import MAX_THREADS
 from upscaler_server.engine import load_network
 from upscaler_server.errors import ModelLoadError
 
@@ -38,6 +50,9 @@ __all__ = ["Uint8IO", "export_onnx", "main"]
 
 IO = Literal["uint8", "float"]
 DEFAULT_OPSET = 18  # the torch.export-based exporter's own opset; TensorRT 10 and onnxruntime >= 1.14 read it
+# the lowest opset the exporter's graph converts down to: below it onnx has no adapter for its ops (Shape-15)
+MIN_OPSET = 17
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 class Uint8IO(nn.Module):
@@ -63,6 +78,11 @@ def example_input(io: IO, height: int, width: int, seed: int = 0) -> torch.Tenso
     return torch.rand((1, 3, height, width), generator=gen)
 
 
+def _min_size(network: nn.Module) -> int:
+    """The smallest LR height and width ``network`` reads (1 for a network that states none)."""
+    return int(getattr(network, "min_input_size", 1))
+
+
 def wrap(network: nn.Module, io: IO) -> nn.Module:
     """The module that is exported: the decoder itself (float I/O) or wrapped in the uint8 conversion."""
     network = network.eval().requires_grad_(False)
@@ -75,7 +95,7 @@ def export_onnx(network: nn.Module, path: pathlib.Path, *, io: IO = "uint8", hei
     import onnx
 
     module = wrap(network, io)
-    min_size = int(getattr(network, "min_input_size", 1))
+    min_size = _min_size(network)
     if min(height, width) < min_size:
         raise ValueError(f"{width}x{height} is below the model's minimum input size {min_size}x{min_size}")
     axes = (1, 2) if io == "uint8" else (2, 3)
@@ -84,7 +104,7 @@ def export_onnx(network: nn.Module, path: pathlib.Path, *, io: IO = "uint8", hei
         # H and W are symbolic; the minimum keeps ESA's strided conv + 7x7/3 max-pool well-defined.
         dims = (torch.export.Dim("height", min=max(min_size, 2)), torch.export.Dim("width", min=max(min_size, 2)))
         shapes = (dict(zip(axes, dims, strict=True)),)  # one entry per positional input
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _ctrl_c_held():
         # torch's own exporter trips a deprecation inside torch (pytree LeafSpec); nothing a caller can act on.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.onnx.export(module, (example_input(io, height, width),), dynamo=True, opset_version=opset,
@@ -101,6 +121,32 @@ def export_onnx(network: nn.Module, path: pathlib.Path, *, io: IO = "uint8", hei
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C raised when the block ends, not inside it (a second one at once): torch.onnx.export imports modules as
+    it goes, and one interrupted halfway fails the rest of the export as a long, misleading report (exit 1)."""
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    # only Python's default handler raises inside the exporter; a program's own (the daemon's sets a flag) is left
+    # alone, and only the main thread may change handlers
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _finish(model: Any, path: pathlib.Path, opset: int, props: dict[str, str]) -> None:
@@ -160,7 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --model's random weights")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("-o", "--output", type=pathlib.Path, required=True, help="output file, e.g. student.onnx")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never the checkpoint)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} to the installed onnx's newest (default {DEFAULT_OPSET})")
     p.add_argument("--dynamic-shapes", action="store_true", help="symbolic height and width (batch stays 1)")
     p.add_argument("--io", choices=["uint8", "float"], default="uint8",
                    help="uint8: NHWC RGB uint8 in and out; float: NCHW RGB float32 [0, 1] in and out")
@@ -168,21 +216,77 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=640, help="LR width")
     p.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="then time N frames with onnxruntime (CPU) and PyTorch eager at --height x --width")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for --benchmark (0: library default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help=f"CPU threads for --benchmark, 0 (library default) to {MAX_THREADS}")
+    p.epilog = ("exit status: 0 written, 1 export failed, 2 bad arguments, 3 model not loadable, "
+                "130 interrupted (no partial file is left)")
     return p
 
 
+def _option_problem(args: argparse.Namespace, max_opset: int) -> str | None:
+    """What is wrong with the options that need no model, in words, or None."""
+    if not MIN_OPSET <= args.opset <= max_opset:
+        return f"--opset {args.opset}: use {MIN_OPSET} to {max_opset} (the newest this onnx package knows)"
+    if not 0 <= args.seed <= MAX_SEED:
+        return f"--seed {args.seed}: use 0 to 2**64 - 1"
+    if not 0 <= args.threads <= MAX_THREADS:
+        return f"--threads {args.threads}: use 0 (library default) to {MAX_THREADS}"
+    if args.benchmark < 0:
+        return f"--benchmark {args.benchmark}: use a number of frames, or 0 for none"
+    return None
+
+
+def _model_problem(args: argparse.Namespace, network: nn.Module, weights: str | None) -> str | None:
+    """What is wrong with the size and the output for this model and checkpoint, in words, or None."""
+    min_size = _min_size(network)
+    if min(args.height, args.width) < min_size:
+        return (f"--width x --height {args.width}x{args.height} is below the model's minimum input size "
+                f"{min_size}x{min_size}; use at least {min_size} for each")
+    output = args.output
+    if output.is_dir():
+        return f"-o {output} is a folder; name the ONNX file to write"
+    # samefile also catches a link to the checkpoint; an absent output cannot be it
+    if weights is not None and output.exists() and os.path.samefile(output, weights):
+        return f"-o {output} is the checkpoint being exported; write the ONNX file elsewhere"
+    if output.exists() and not args.overwrite:
+        return f"-o {output} exists; pass --overwrite to replace it, or choose another file"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 done, 1 export failed, 2 bad arguments, 3 model not loadable (missing, teacher, corrupt)."""
+    """Exit status: 0 done, 1 export failed, 2 bad arguments, 3 model not loadable (missing, teacher, corrupt),
+    130 interrupted (see the module docstring)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
+    # its version converter logs a traceback for an opset it cannot reach and notices of its fallback; _finish says
+    # in one line that the conversion failed
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    try:
+        return _export(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        import onnx
+    except ImportError as exc:
+        print(f"error: export needs the onnx and onnxscript packages (the 'export' extra): {exc}", file=sys.stderr)
+        return 1
+    if (problem := _option_problem(args, onnx.defs.onnx_opset_version())) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     try:
         network, name, weights = load_network(args.checkpoint, args.model, args.scale)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    if (problem := _model_problem(args, network, weights)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     # the checkpoint's file name, not its path: the ONNX file travels to other machines
     meta = {"takdsr.model": name, "takdsr.weights": pathlib.Path(weights).name if weights else "random"}
     try:
@@ -196,6 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         print(f"error: export failed: {exc}", file=sys.stderr)
         return 1
+    _report(args, network, name)
+    return 0
+
+
+def _report(args: argparse.Namespace, network: nn.Module, name: str) -> None:
+    """What was written and, with --benchmark, how fast it runs."""
     shape = "dynamic HxW" if args.dynamic_shapes else f"{args.width}x{args.height}"
     print(f"wrote {args.output} ({args.output.stat().st_size} bytes): {name}, x{network.scale}, io={args.io}, {shape}, "
           f"opset {args.opset}")
@@ -204,7 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.width}x{args.height}, {args.benchmark} frames, threads={args.threads or 'default'}: "
               f"onnxruntime CPU {times['onnxruntime_cpu_ms']:.1f} ms, PyTorch eager {times['torch_eager_ms']:.1f} ms "
               "(median per frame)")
-    return 0
 
 
 if __name__ == "__main__":
