@@ -124,6 +124,20 @@ def test_decode_rejects_other_field_kinds() -> None:
     assert code_of({**welcome, "random_weights": 1}, "reply") == ErrorCode.INVALID_FIELD  # int where bool is due
 
 
+def test_error_messages_describe_large_values_without_printing_them() -> None:
+    """A message-sized bin inside an array, or as a map key, was printed whole (repr) before the message was cut:
+    0.2 s and 250 MB of the daemon's only message thread per message."""
+    big = bytes(1 << 20)
+    with pytest.raises(ProtocolError, match=r"got \[<1048576 bytes>\]$") as caught:
+        p.decode(msgpack.packb({"v": 1, "type": "open", "req": 5, "width": [big], "height": 1, "format": "RGB8",
+                                "slots": 1}, use_bin_type=True), "request", max_bin=1 << 21)
+    assert caught.value.code is ErrorCode.INVALID_FIELD
+    with pytest.raises(ProtocolError, match=r"map keys must be msgpack str, got bytes <1048576 bytes>$"):
+        p.decode(msgpack.packb({big: 1}, use_bin_type=True), "request", max_bin=1 << 21)
+    assert p.brief({"a": [1, 2, 3, 4], "b": "x" * 100}) == "{'a': [1, 2, 3, ...], 'b': 'xxxxxxxxxxxxxxxxxxxx'...}"
+    assert p.brief(msgpack.ExtType(5, big)) == "<ext type 5, 1048576 bytes>"
+
+
 def test_strings_at_their_length_limits_round_trip() -> None:
     """An empty client name is allowed (minimum 0); so are a 1-character and a 64-character one."""
     for client in ("", "c", "c" * 64):
