@@ -415,3 +415,46 @@ def test_staging_is_released_after_the_frame_a_closed_session_had_running() -> N
         shutil.rmtree(tmp, ignore_errors=True)
     assert not serving.is_alive()
 
+
+
+def test_inline_frames_waiting_for_the_engine_count_against_the_unread_budget() -> None:
+    """Only results already handed to ZeroMQ counted: frames accepted while the engine lagged all passed the check,
+    so the bound held only as long as the engine kept up (a test of it failed once the daemon's timing shifted).
+    Here the engine is held until eight frames are in: with a budget of three results, three are accepted."""
+    from upscaler_server.config import Config
+    from upscaler_server.engine import NearestEngine
+    from upscaler_server.server import Server
+
+    class Held(NearestEngine):
+        def __init__(self) -> None:
+            super().__init__(2)
+            self.gate = threading.Event()
+
+        def upscale(self, lr, fmt, out):  # type: ignore[no-untyped-def]
+            self.gate.wait(30)
+            return super().upscale(lr, fmt, out)
+
+    tmp = short_tmpdir()
+    engine = Held()
+    result_bytes = 32 * 32 * 3  # a 16x16 RGB8 frame at x2
+    server = Server(Config(endpoint=f"ipc://{tmp}/d.sock", max_unread_bytes=3 * result_bytes), engine)
+    serving = threading.Thread(target=server.serve)
+    serving.start()
+    try:
+        with raw_socket(f"ipc://{tmp}/d.sock") as sock:
+            pixels = bytes(16 * 16 * 3)
+            for req in range(1, 9):
+                _send(sock, type="process", req=req, width=16, height=16, format="RGB8", frame=req, pixels=pixels)
+            busy = _replies(None, sock, 5, timeout=10)  # refused at once, while the engine still holds the first
+            assert {reply.get("name") for reply in busy.values()} == {"BUSY"}
+            engine.gate.set()
+            done = _replies(None, sock, 3)
+            assert {reply["type"] for reply in done.values()} == {"result"} and set(done) == {1, 2, 3}
+            _send(sock, type="process", req=9, width=16, height=16, format="RGB8", frame=9, pixels=pixels)
+            assert _replies(None, sock, 1)[9]["type"] == "result"  # read: the budget is free again
+    finally:
+        engine.gate.set()
+        server.request_stop()
+        serving.join(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert not serving.is_alive()

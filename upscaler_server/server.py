@@ -9,6 +9,7 @@ forced, close the socket (linger 0), unlink all shared memory, terminate the con
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -84,6 +85,9 @@ class Server:
         self._worker = Worker(engine, self._queue, self._on_finished)
         # inline results handed to ZeroMQ and not yet written to the client's socket, per client: (tracker, bytes)
         self._unread: dict[bytes, list[tuple[zmq.MessageTracker, int]]] = {}
+        # inline frames accepted and not yet answered, per client: the bytes of their results, counted as unread
+        # (else every frame accepted while the engine lagged passed the check: the bound held only by timing)
+        self._reserved: collections.Counter[bytes] = collections.Counter()
         self._stopping = False
         self._forced = False
         self._handlers: dict[type[Message], Callable[[Message, list[bytes], float], Message | None]] = {
@@ -304,18 +308,20 @@ class Server:
         out = np.empty(out_shape, np.uint8)
         job = Job(envelope, msg.req, msg.frame, fmt, msg.height, msg.width, received, lr=lr, out=out)
         self._queue.put(("inline", envelope[0]), job)
+        self._reserved[envelope[0]] += out.nbytes  # until _release_job (_inline_bytes)
 
     def _check_unread(self, client: bytes, result_bytes: int) -> None:
         """BUSY while the client's earlier inline results still wait in ZeroMQ's queue beyond the budget: each is a
         whole HR frame, so a client that sends and never reads would otherwise grow the daemon without bound."""
         pending = [(tracker, size) for tracker, size in self._unread.pop(client, []) if not tracker.done]
-        unread = sum(size for _, size in pending)
+        unread = sum(size for _, size in pending) + self._reserved[client]
         if pending:
             self._unread[client] = pending
         if unread + result_bytes > max(self.config.max_unread_bytes, 2 * result_bytes):
             raise BusyError(f"{unread >> 20} MiB of your earlier results are still unread; read them, then retry")
         # and all clients together: each connection has its own budget, so many connections could still pile up
         everyone = sum(size for sent in self._unread.values() for tracker, size in sent if not tracker.done)
+        everyone += sum(self._reserved.values())
         if everyone + result_bytes > max(_ALL_CLIENTS_UNREAD * self.config.max_unread_bytes, 2 * result_bytes):
             raise BusyError(f"{everyone >> 20} MiB of results are still unread by this daemon's clients; retry later")
 
@@ -362,6 +368,11 @@ class Server:
 
     def _release_job(self, job: Job) -> None:
         """Forget a job that will never run or whose result was delivered; unmap its session if it was the last."""
+        if job.session is None:  # an inline frame: its result is answered now, or never will be
+            client = job.envelope[0]
+            self._reserved[client] -= self._inline_bytes(job)
+            if self._reserved[client] <= 0:
+                del self._reserved[client]
         job.drop_buffers()
         session = job.session
         if session is None:
@@ -373,6 +384,10 @@ class Server:
         if session.ended and session.pending == 0 and session in self._draining:
             self._draining.discard(session)
             self._release_session(session)
+
+    def _inline_bytes(self, job: Job) -> int:
+        """The size of an inline frame's result, from its request (its buffers may be gone by now)."""
+        return math.prod(self.engine.output_shape(job.height, job.width, job.fmt))
 
     def _on_finished(self, job: Job) -> None:
         """Worker thread: hand the job to the transport thread."""
