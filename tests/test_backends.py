@@ -206,6 +206,17 @@ def test_candidates_follow_device_and_precision() -> None:
     assert "tensorrt-fp16" not in candidate_labels("cpu", "auto")
 
 
+
+def test_an_auto_backend_that_cannot_run_here_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """onnxruntime-fp16 (no table has it) or eager-fp16 on a CPU were dropped in silence: auto ran eager alone."""
+    assert candidate_labels("cpu", "auto", ("onnxruntime-fp16", "eager-fp16")) == ["eager-fp32"]
+    assert "--auto-backends onnxruntime-fp16: nothing auto can measure on cpu" in caplog.text
+    assert "--auto-backends eager-fp16: nothing auto can measure on cpu" in caplog.text
+    caplog.clear()
+    candidate_labels("cpu", "auto", ("eager",))
+    assert "--auto-backends" not in caplog.text
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
 def test_daemon_serves_a_frame(backend: str, checkpoint: pathlib.Path, reference: Engine,
                                tmp_path: pathlib.Path) -> None:

@@ -101,6 +101,10 @@ def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
     (["--checkpoint", "{tmp}/evil.pt"], 3, "cannot load checkpoint {tmp}/evil.pt"),
     (["--checkpoint", "{tmp}/absent.safetensors"], 3, "not found"),
     (["--backends", "eager", "--checkpoint", "rlfn_teacher_takdsr_x2"], 3, "is a Teacher, not an LR -> HR decoder"),
+    # the end-to-end daemon's refusals came only when it started, after the transport part had been measured
+    (["--backend", "tensorrt"], 2, "--backend tensorrt --precision auto on cpu: "),
+    (["--precision", "fp16"], 2, "fp16 needs CUDA"),
+    (["--e2e-sizes", "4000x36"], 2, "--e2e-sizes 4000x36: the daemon takes frames up to 3840x2160"),
 ])  # fmt: skip
 def test_bench_refuses_bad_options_in_one_line_before_measuring(options: list[str], status: int, message: str,
                                                                 tmp_path: pathlib.Path,

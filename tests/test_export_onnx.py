@@ -234,3 +234,25 @@ def test_cli_ctrl_c_during_the_exporter_lets_it_finish_then_stops(tmp_path: path
     assert finished and status == 130 and capsys.readouterr().err == "interrupted\n"
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as usual again
+
+
+def test_cli_ctrl_c_that_breaks_the_exporter_is_still_an_interrupt(tmp_path: pathlib.Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A held Ctrl-C was lost when the exporter then failed: exit 1 with the exporter's error, not 130."""
+
+    def export_interrupted_then_failing(*args: Any, **kwargs: Any) -> Any:
+        signal.raise_signal(signal.SIGINT)
+        raise RuntimeError("the exporter failed after the Ctrl-C")
+
+    monkeypatch.setattr(torch.onnx, "export", export_interrupted_then_failing)
+    status = export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(tmp_path / "s.onnx")])
+    assert status == 130 and capsys.readouterr().err == "interrupted\n"
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_long_output_name_still_fits_its_temporary_file(tmp_path: pathlib.Path) -> None:
+    """The temporary name was the output's plus 15 characters: a 240-character name passed the 255-byte limit."""
+    out = tmp_path / f"{'s' * 240}.onnx"
+    assert export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]

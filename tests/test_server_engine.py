@@ -247,6 +247,27 @@ def test_offline_cli_writes_each_output_whole_or_not_at_all(tmp_path: pathlib.Pa
     assert (out / "a.png").read_bytes() == b"the earlier output"
 
 
+
+def test_offline_cli_writes_long_names_and_never_replaces_a_file_made_during_the_run(tmp_path: pathlib.Path) -> None:
+    """The temporary name (output name plus 15 characters) passed the 255-byte limit for a 240-character name, which
+    was written before; and a file that appeared after the start-up check was replaced without --overwrite."""
+    from upscaler_server import upscale
+
+    src = tmp_path / f"{'a' * 240}.png"
+    cv2.imwrite(str(src), np.full((20, 24, 3), 50, np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert upscale.upscale_file(NearestEngine(2), src, out).name == f"{'a' * 240}.png"
+    late = tmp_path / "late.png"
+    cv2.imwrite(str(late), np.full((20, 24, 3), 50, np.uint8))
+    (out / "late.png").write_bytes(b"made by someone else meanwhile")
+    with pytest.raises(UpscalerError, match="appeared during the run: left as it is"):
+        upscale.upscale_file(NearestEngine(2), late, out)
+    assert (out / "late.png").read_bytes() == b"made by someone else meanwhile"
+    assert upscale.upscale_file(NearestEngine(2), late, out, overwrite=True) == out / "late.png"
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{'a' * 240}.png", "late.png"])
+
+
 def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Ctrl-C printed a 40-line KeyboardInterrupt traceback and no summary."""
@@ -256,10 +277,10 @@ def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, 
         cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((20, 24, 3), 50, np.uint8))
     real = upscale.upscale_file
 
-    def interrupted_at_b(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    def interrupted_at_b(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> pathlib.Path:
         if src.stem == "b":
             raise KeyboardInterrupt
-        return real(engine, src, out_dir)
+        return real(engine, src, out_dir, overwrite)
 
     monkeypatch.setattr(upscale, "upscale_file", interrupted_at_b)
     status = upscale.main(["--backend", "nearest", "--device", "cpu", *(str(tmp_path / f"{n}.png") for n in "abc"),

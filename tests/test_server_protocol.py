@@ -136,6 +136,9 @@ def test_error_messages_describe_large_values_without_printing_them() -> None:
         p.decode(msgpack.packb({big: 1}, use_bin_type=True), "request", max_bin=1 << 21)
     assert p.brief({"a": [1, 2, 3, 4], "b": "x" * 100}) == "{'a': [1, 2, 3, ...], 'b': 'xxxxxxxxxxxxxxxxxxxx'...}"
     assert p.brief(msgpack.ExtType(5, big)) == "<ext type 5, 1048576 bytes>"
+    with pytest.raises(ProtocolError, match=r"unknown key\(s\) \['aaaaaaaaaaaaaaaaaaaa'\.\.\., 'b'\]") as caught:
+        p.decode(msgpack.packb({"v": 1, "type": "ping", "req": 1, "sessions": [], "a" * 4000: 1, "b": 2}), "request")
+    assert len(str(caught.value)) < 120
 
 
 def test_strings_at_their_length_limits_round_trip() -> None:

@@ -47,6 +47,7 @@ from upscaler_server.bench_backends import Variant, compare_backends, parse_labe
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
+from upscaler_server.files import partial_beside, publish
 
 __all__ = ["DaemonStartError", "end_to_end", "main", "spawn_daemon", "transport"]
 
@@ -329,14 +330,33 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--frames {args.frames}: use at least 3 (the p99 and the fps need a few frames)")
     if problems := engine_setting_problems(threads=args.threads, pad_channels=0):
         raise ValueError(f"--threads {args.threads}: needs {problems[0]}")
+    # the daemons run with the default limits, which the benchmark does not change
+    max_width, max_height, max_pixels = Config.max_width, Config.max_height, Config.max_pixels
     for option, sizes in (("--sizes", args.sizes), ("--e2e-sizes", args.e2e_sizes or [])):
         for w, h in sizes:
             if min(w, h) < 1:
                 raise ValueError(f"{option} {w}x{h}: width and height must be at least 1")
+            if w > max_width or h > max_height or w * h > max_pixels:
+                raise ValueError(f"{option} {w}x{h}: the daemon takes frames up to {max_width}x{max_height} "
+                                 f"({max_pixels} pixels)")
     if args.json is not None:
         _check_json_target(args.json)
+    if not args.backends and not args.skip_e2e:
+        _check_end_to_end_daemon(args)
     if not args.backends and (args.cuda_graphs or args.overlap):
         _require_cuda(args.device)
+
+
+def _check_end_to_end_daemon(args: argparse.Namespace) -> None:
+    """ConfigError for a --device the daemon cannot resolve here, ValueError for a --backend / --precision it cannot
+    run on it: found only when that daemon started, after the transport part had been measured."""
+    from upscaler_server.backends import unavailable
+    from upscaler_server.engine import resolve_device
+
+    device = resolve_device(args.device)
+    backend = "eager" if args.backend == "torch" else args.backend
+    if backend != "auto" and (why := unavailable(backend, device, args.precision)) is not None:
+        raise ValueError(f"--backend {args.backend} --precision {args.precision} on {device}: {why}")
 
 
 def _check_json_target(path: pathlib.Path) -> None:
@@ -407,12 +427,9 @@ def _write_json(path: pathlib.Path, result: dict[str, Any]) -> None:
     """``result`` as strict JSON (every number finite: repeats and frames are at least 1 and 3), written beside
     ``path`` and moved over it, so that an interrupted write leaves no half file."""
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with partial_beside(path) as partial:
         partial.write_text(text)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+        publish(partial, path, overwrite=True)  # the results of this run replace an earlier run's
 
 
 def _require_cuda(device: str) -> None:

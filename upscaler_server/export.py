@@ -45,6 +45,7 @@ from torch import nn
 from upscaler_server.config import MAX_THREADS
 from upscaler_server.engine import load_network
 from upscaler_server.errors import ModelLoadError
+from upscaler_server.files import partial_beside, publish
 
 __all__ = ["Uint8IO", "export_onnx", "main"]
 
@@ -90,8 +91,10 @@ def wrap(network: nn.Module, io: IO) -> nn.Module:
 
 
 def export_onnx(network: nn.Module, path: pathlib.Path, *, io: IO = "uint8", height: int = 360, width: int = 640,
-                dynamic: bool = False, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> None:
-    """Write ``network`` (an LR -> HR decoder, [0, 1] floats) to ``path`` as one ONNX file (weights inside)."""
+                dynamic: bool = False, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None,
+                overwrite: bool = True) -> None:
+    """Write ``network`` (an LR -> HR decoder, [0, 1] floats) to ``path`` as one ONNX file (weights inside); an
+    existing file there is replaced only with ``overwrite`` (FileExistsError otherwise)."""
     import onnx
 
     module = wrap(network, io)
@@ -111,16 +114,13 @@ def export_onnx(network: nn.Module, path: pathlib.Path, *, io: IO = "uint8", hei
                                     input_names=["lr"], output_names=["hr"], dynamic_shapes=shapes, verbose=False)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
-    # written beside `path`, moved over it only when complete and checked: a failed export leaves an older file alone
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
     props = {"takdsr.io": io, "takdsr.scale": str(int(network.scale)), "takdsr.min_size": str(min_size),
              **(metadata or {})}
-    try:
+    # written beside `path`, moved onto it only when complete and checked: a failed export leaves an older file alone
+    with partial_beside(path) as partial:
         program.save(str(partial), external_data=False)
         _finish(onnx.load(str(partial)), partial, opset, props)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+        publish(partial, path, overwrite=overwrite)
 
 
 @contextlib.contextmanager
@@ -143,6 +143,10 @@ def _ctrl_c_held() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, hold)
     try:
         yield
+    except Exception as exc:
+        if held:  # the exporter failed after a Ctrl-C (perhaps because of it): the interrupt is what the user did
+            raise KeyboardInterrupt from exc
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
     if held:
@@ -296,7 +300,11 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     try:
         export_onnx(network, args.output, io=args.io, height=args.height, width=args.width,
-                    dynamic=args.dynamic_shapes, opset=args.opset, metadata=meta)
+                    dynamic=args.dynamic_shapes, opset=args.opset, metadata=meta, overwrite=args.overwrite)
+    except FileExistsError:  # made since the check at start-up, by someone else
+        print(f"error: {args.output} appeared during the export: left as it is (--overwrite replaces it)",
+              file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         print(f"error: export failed: {exc}", file=sys.stderr)
         return 1

@@ -209,7 +209,7 @@ def _check_fields(cls: type, raw: dict[Any, Any], prefix: str = "") -> dict[str,
     specs = _specs(cls)
     unknown = sorted(str(k) for k in raw if k not in specs)
     if unknown:
-        raise ProtocolError(f"unknown key(s) {unknown} in {prefix or cls.__name__}", ErrorCode.INVALID_FIELD)
+        raise ProtocolError(f"unknown key(s) {brief(unknown)} in {prefix or cls.__name__}", ErrorCode.INVALID_FIELD)
     missing = sorted(k for k in specs if k not in raw)
     if missing:
         raise ProtocolError(f"missing key(s) {missing} in {prefix or cls.__name__}", ErrorCode.INVALID_FIELD)

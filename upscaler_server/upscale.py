@@ -24,6 +24,7 @@ import numpy as np
 from upscaler_server.config import CHECKPOINT_HELP, add_backend_arguments, cli_prog, engine_setting_problems
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
+from upscaler_server.files import partial_beside, publish
 from upscaler_server.protocol import SCALE_MAX
 
 __all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "output_path", "read_8bit", "upscale_file"]
@@ -95,8 +96,9 @@ def read_8bit(src: pathlib.Path) -> np.ndarray:
     return image
 
 
-def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
-    """Upscale one image file into ``out_dir``/<stem>.png and return the written path."""
+def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+    """Upscale one image file into ``out_dir``/<stem>.png and return the written path; an existing file there is
+    replaced only with ``overwrite`` (UpscalerError otherwise)."""
     image = read_8bit(src)
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
@@ -112,21 +114,14 @@ def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path) -> pa
     try:
         if not encoded:
             raise OSError("PNG encoding failed")
-        _write_whole(target, png.tobytes())
+        with partial_beside(target) as partial:
+            partial.write_bytes(png.tobytes())
+            publish(partial, target, overwrite=overwrite)
+    except FileExistsError:  # made since the start-up check, by someone else
+        raise UpscalerError(f"{target} appeared during the run: left as it is (--overwrite replaces it)") from None
     except OSError as exc:
         raise UpscalerError(f"cannot write {target}: {exc.strerror or exc}") from None
     return target
-
-
-def _write_whole(target: pathlib.Path, data: bytes) -> None:
-    """``data`` into ``target`` through a hidden temporary file renamed over it: a full disk or a Ctrl-C leaves the
-    earlier file (or none), never a truncated PNG that looks finished."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -184,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for src in files:
             try:
-                log.info("%s -> %s", src, upscale_file(engine, src, args.output))
-                written += 1
+                target = upscale_file(engine, src, args.output, args.overwrite)
+                written += 1  # before the log line: an interrupt inside it must not lose the count
+                log.info("%s -> %s", src, target)
             except UpscalerError as exc:
                 log.error("%s", exc)
                 failed += 1

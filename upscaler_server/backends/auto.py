@@ -70,6 +70,10 @@ def candidate_labels(device: str, precision: str, allowed: tuple[str, ...] = ())
     table = [t for t in table if t.partition("-")[2] in wanted
              and (not allowed or t in allowed or t.partition("-")[0] in allowed)]
     table = [t for t in table if unavailable(t.partition("-")[0], device, t.partition("-")[2]) is None]
+    for name in allowed:  # a label no table has here, or only unavailable ones: say so, or auto quietly runs eager
+        if not any(name in (t, t.partition("-")[0]) for t in [_REFERENCE, *table]):
+            log.warning("--auto-backends %s: nothing auto can measure on %s at precision %s here; it picks among %s",
+                        name, device, precision, ", ".join([_REFERENCE, *table]))
     return [_REFERENCE, *table]
 
 
