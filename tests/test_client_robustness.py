@@ -132,6 +132,38 @@ def test_sessions_the_caller_dropped_are_closed_on_the_daemon() -> None:
                 client.close()
 
 
+@pytest.mark.parametrize("call", ["ping", "close"])
+def test_many_dropped_sessions_and_no_daemon_never_hang_the_client(call: str) -> None:
+    """Each dropped session's Close was a blocking send: with no daemon behind the socket, ZeroMQ queues 1000 and
+    the next send waits for good, where interrupt() cannot reach it."""
+    with run_server("--backend", "nearest", check_clean=False) as daemon:
+        client = UpscalerClient(daemon.endpoint, timeout=1, retries=0, name="pytest")
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        client._orphans.extend((1000 + i, []) for i in range(1100))  # as 1100 dropped sessions leave them
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                getattr(client, call)()
+                outcome.append(None)
+            except UpscalerError as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)  # daemon: a hang must not keep pytest from exiting
+        worker.start()
+        worker.join(15)
+        assert not worker.is_alive(), f"client.{call}() hung on the dropped sessions' Close messages"
+        if call == "ping":
+            assert isinstance(outcome[0], ServerUnavailableError)
+            assert 0 < len(client._orphans) < 1100  # a few were sent ahead of the ping; the rest wait
+            start = time.monotonic()
+            client.close()
+            assert time.monotonic() - start < 5
+        assert client._orphans == [] and client.closed
+        stop(daemon.proc)
+
+
 def _use_after_fork(client: UpscalerClient, answer: multiprocessing.Queue) -> None:
     try:
         client.ping()

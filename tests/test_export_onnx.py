@@ -256,3 +256,13 @@ def test_a_long_output_name_still_fits_its_temporary_file(tmp_path: pathlib.Path
     out = tmp_path / f"{'s' * 240}.onnx"
     assert export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_a_dangling_link_as_output_is_refused_before_exporting(tmp_path: pathlib.Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """exists() follows links: a dangling one passed the check, and after the whole export the file could not be
+    published on its name ("appeared during the export")."""
+    link = tmp_path / "out.onnx"
+    link.symlink_to(tmp_path / "missing" / "elsewhere.onnx")
+    assert export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(link)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and link.is_symlink()

@@ -92,6 +92,7 @@ M = TypeVar("M", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])
 _REPLY_MAX_BYTES = 1 << 31  # inline results carry a whole output frame
 _AUTO_SESSIONS = 4  # sessions upscale() keeps open for recently seen frame sizes
+_CLOSES_PER_REQUEST = 64  # Close messages of dropped sessions sent ahead of one request
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,19 @@ class _Link:
                 msg = dataclasses.replace(msg, req=next(self._ids))
             self._waiting.add(msg.req)
             self._socket.send(encode(msg))
+            return msg.req
+
+    def send_courtesy(self, msg: Message) -> int | None:
+        """Send ``msg`` only if ZeroMQ can queue it now; the request id, or None when not sent. For Close messages
+        that need no answer: with no daemon behind the socket, past its queue of 1000 a plain send blocks for good,
+        where interrupt() cannot reach it, and the daemon's leases end those sessions anyway."""
+        with self._owned():
+            msg = dataclasses.replace(msg, req=next(self._ids))
+            try:
+                self._socket.send(encode(msg), zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            self._waiting.add(msg.req)
             return msg.req
 
     def wait(self, req: int, timeout: float) -> Message | None:
@@ -415,13 +429,19 @@ class UpscalerClient:
         """Forget the replies awaited by sessions the caller dropped without close(), and with ``notify`` tell the
         daemon they are closed (not waiting for its answers, which are dropped when they come); returns their
         ids. Without this their segments stayed until the daemon's lease, and their replies piled up here."""
-        dropped = []
-        while self._orphans:
+        dropped: list[int] = []
+        # a few per request: Closes queued for a daemon that is gone must leave room in ZeroMQ's queue for the
+        # request itself (a request that fails reconnects, which empties the queue)
+        while self._orphans and not (notify and len(dropped) >= _CLOSES_PER_REQUEST):
             session_id, reqs = self._orphans.pop()
             for req in reqs:
                 self._link.forget(req)
             if notify:
-                self._link.forget(self._link.send(Close(session=session_id)))
+                req = self._link.send_courtesy(Close(session=session_id))
+                if req is None:  # the queue is full: nothing takes messages now; a later request tries again
+                    self._orphans.append((session_id, []))
+                    break
+                self._link.forget(req)  # its answer is dropped when it comes
             dropped.append(session_id)
         return dropped
 
@@ -429,9 +449,13 @@ class UpscalerClient:
         """Tell the daemon these sessions are closed: every Close sent at once, the replies awaited together for at
         most a second, so a slow daemon costs one wait, not one per session. One that stays silent (or an interrupt)
         leaves them to the daemon's leases."""
-        reqs = []
+        reqs: list[int] = []
         try:
-            reqs = [self._link.send(Close(session=session_id)) for session_id in session_ids]
+            for session_id in session_ids:
+                req = self._link.send_courtesy(Close(session=session_id))
+                if req is None:  # ZeroMQ's queue is full: no daemon takes them; the rest end by lease
+                    break
+                reqs.append(req)
             deadline = time.monotonic() + min(self.timeout, 1.0)
             for req in reqs:
                 self._link.wait(req, max(0.0, deadline - time.monotonic()))  # an error reply (already gone) is fine

@@ -252,7 +252,7 @@ def _model_problem(args: argparse.Namespace, network: nn.Module, weights: str | 
     # samefile also catches a link to the checkpoint; an absent output cannot be it
     if weights is not None and output.exists() and os.path.samefile(output, weights):
         return f"-o {output} is the checkpoint being exported; write the ONNX file elsewhere"
-    if output.exists() and not args.overwrite:
+    if os.path.lexists(output) and not args.overwrite:  # a dangling link too: publishing would fail on its name
         return f"-o {output} exists; pass --overwrite to replace it, or choose another file"
     return None
 
