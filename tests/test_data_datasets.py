@@ -217,6 +217,25 @@ def test_config_from_dict_names_a_wrongly_typed_key(data: dict, message: str) ->
         DataConfig.from_dict(data)
 
 
+_FOLDER = {"kind": "folder", "path": "x"}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"sources": [_FOLDER, {"kind": "scenes", "supersample": 0}]}, "data.sources[1].supersample must be >= 1, got 0"),
+    ({"sources": [_FOLDER, {"kind": "scenes", "frames_per_preset": 0}]}, "data.sources[1].frames_per_preset must be"),
+    ({"sources": [_FOLDER, {"kind": "folder", "weight": 0}]}, "data.sources[1].weight must be a finite number > 0"),
+    ({"sources": [_FOLDER, {"kind": "scene"}]}, "data.sources[1].kind must be 'folder' or 'scenes', got 'scene'"),
+    ({"sources": [_FOLDER, {"kind": "scenes", "lr_kind": "x"}]}, "data.sources[1].lr_kind must be 'bicubic' or"),
+    ({"sources": [_FOLDER], "eval": {"kind": "folder", "lr_kind": "native"}}, "data.eval.lr_kind: a folder source"),
+    ({"sources": [_FOLDER], "augment": {"blend_p": 2}}, "data.augment.blend_p must be in [0, 1], got 2"),
+    ({"sources": [_FOLDER], "augment": {"blend_alpha": [0.7, 0.3]}}, "data.augment.blend_alpha must be 0 <= low"),
+])
+def test_config_from_dict_names_the_key_of_a_value_out_of_range(data: dict, message: str) -> None:
+    """One message covered weight, supersample and frames_per_preset of any source, and augment lacked `data.`."""
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        DataConfig.from_dict(data)
+
+
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_config_from_dict_refuses_non_finite_numbers(value: float) -> None:
     with pytest.raises(ValueError, match=r"data\.sources\[0\]\.weight must be a finite number"):

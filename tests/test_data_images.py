@@ -1,5 +1,6 @@
 """Image reading and folder scanning: formats, conversions, skipped files, empty folders."""
 
+import json
 import os
 import struct
 import subprocess
@@ -21,6 +22,7 @@ from training.data.images import (
     read_image,
     scan_images,
     to_uint8,
+    write_json_atomic,
     write_png,
 )
 
@@ -219,6 +221,33 @@ def test_write_png_round_trip(tmp_path: Path) -> None:
     back = read_image(target)
     assert torch.equal(back, torch.from_numpy(to_uint8(image)).permute(2, 0, 1).float() / 255)
     assert (back - image).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_write_json_atomic_leaves_the_users_files_and_writes_through_links(tmp_path: Path) -> None:
+    """The temporary file was NAME.tmp: it replaced a user's file of that name, and the rename replaced a link
+    (`evaluate --json link.json` made link.json a plain file) instead of writing through it."""
+    (tmp_path / "scores.tmp").write_text("mine")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "scores.json").symlink_to(tmp_path / "runs" / "scores.json")
+    write_json_atomic(tmp_path / "scores.json", {"a": 1})
+    assert (tmp_path / "scores.tmp").read_text() == "mine"
+    assert (tmp_path / "scores.json").is_symlink() and json.loads((tmp_path / "runs" / "scores.json").read_text())
+    os.chmod(tmp_path / "runs" / "scores.json", 0o640)  # a rewrite keeps the file's permissions
+    write_json_atomic(tmp_path / "scores.json", {"a": 2})
+    assert (tmp_path / "runs" / "scores.json").stat().st_mode & 0o777 == 0o640
+    long_name = tmp_path / ("s" * 250 + ".json")  # 255 bytes: a temporary name must not be longer
+    write_json_atomic(long_name, [1])
+    assert json.loads(long_name.read_text()) == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["runs", "scores.json", "scores.tmp", long_name.name])
+
+
+def test_write_json_atomic_removes_its_temporary_file_on_error(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()  # the rename onto a folder fails
+    with pytest.raises(OSError):
+        write_json_atomic(tmp_path / "taken", {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "x.json", {"a": object()})
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and not any((tmp_path / "taken").iterdir())
 
 
 def test_scan_keeps_good_images_and_warns_once(messy_folder: Path) -> None:

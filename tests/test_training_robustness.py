@@ -333,12 +333,15 @@ def test_latency_arguments_are_checked_before_any_work(args: list[str], message:
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_checkpoint_named_like_a_baseline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """bicubic.safetensors took the bicubic row: the network's scores printed and saved as OpenCV bicubic's."""
+@pytest.mark.parametrize("name", ["bicubic", "Lanczos"])
+def test_a_checkpoint_named_like_a_baseline_is_refused(name: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """bicubic.safetensors took the bicubic row: the network's scores printed and saved as OpenCV bicubic's; and
+    Lanczos.safetensors made a row beside lanczos's, two names a reader takes for one."""
     folder = make_image_folder(tmp_path / "images", count=1, size=(48, 64))
-    named = _student_file(tmp_path).rename(tmp_path / "bicubic.safetensors")
+    named = _student_file(tmp_path).rename(tmp_path / f"{name}.safetensors")
     code = training_main(["evaluate", "--checkpoint", str(named), "--data", str(folder)])
-    assert code == 1 and "would be labelled 'bicubic', the name of a baseline" in capsys.readouterr().err
+    assert code == 1 and f"would be labelled {name!r}, the name of a baseline" in capsys.readouterr().err
 
 
 def test_latency_json_says_where_it_was_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

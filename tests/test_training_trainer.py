@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from models import Teacher, build_model, load_checkpoint, load_model
 from training.__main__ import main as training_main
-from training.config import StageConfig, load_config
+from training.config import Config, StageConfig, dump_toml, load_config
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
 from training.ship import ship_run
-from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _Trainer, train_stage
+from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _print_changes, _Trainer, train_stage
 
 from training_utils import SMOKE_CONFIG, make_image_folder, tiny_config
 
@@ -207,6 +207,23 @@ def test_a_resume_with_another_lr_and_betas_trains_with_them_and_says_so(
     assert all(tuple(group["betas"]) == (0.8, 0.99) for group in state["optimizer"]["param_groups"])
 
 
+def test_a_resume_notes_no_change_for_the_run_folder_spelt_otherwise(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pipeline makes a stage's guides and init_from from its run folder: resumed with the folder spelt otherwise
+    (absolute, not relative) it noted changed stage.guides and stage.init_from, which named the same files."""
+    monkeypatch.chdir(tmp_path)
+    final = Path("run") / "teacher" / "final.safetensors"
+
+    def stage(path: Path) -> Config:
+        return _stage_config(image_folder, tmp_path, "ta", init_from=str(path), guides=[str(path)])
+
+    _print_changes(tmp_path / "state.pt", dump_toml(stage(final).to_dict()), stage(tmp_path / final))
+    assert capsys.readouterr().out == ""
+    _print_changes(tmp_path / "state.pt", dump_toml(stage(final).to_dict()), stage(tmp_path / "other" / final))
+    assert "for stage.guides, stage.init_from" in capsys.readouterr().out
+
+
 def test_export_state_checkpoints_a_run_part_way(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -326,6 +343,47 @@ def test_time_budget_ends_the_stage_and_its_cosine(image_folder: Path, tmp_path:
     roomy = dataclasses.replace(spent, runtime=dataclasses.replace(spent.runtime, time_budget_s=1e6))
     assert train_stage(roomy, tmp_path / "roomy").steps == config.optim.steps  # never past the configured steps
     assert min(_lr_at_each_step(tmp_path / "roomy").values()) > 0.99 * config.optim.lr  # a tiny share of the time
+
+
+def _with_budget(config, seconds: float):
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, time_budget_s=seconds))
+
+
+def test_a_run_its_budget_ended_goes_on_with_a_larger_budget(image_folder: Path, tmp_path: Path) -> None:
+    """The share of the old budget was restored and compared with 1 against any new budget: a resume with more
+    seconds said the run was finished and asked for more seconds. The same budget still finds it finished."""
+    config = _stage_config(image_folder, tmp_path, "student")
+    assert train_stage(_with_budget(config, 1e-6), tmp_path / "run").steps == 1
+    with pytest.raises(ValueError, match=r"finished at step 1 of 6: .*--set runtime\.time_budget_s=S"):
+        train_stage(_with_budget(config, 1e-6), tmp_path / "run", resume=True)
+    assert train_stage(_with_budget(config, 1e6), tmp_path / "run", resume=True).steps == config.optim.steps
+    lrs = _lr_at_each_step(tmp_path / "run")
+    assert min(lrs[step] for step in range(2, 7)) > 0.99 * config.optim.lr  # the cosine now spans the new budget
+
+
+def test_a_resume_takes_the_budget_share_as_saved_or_against_a_new_budget(image_folder: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _with_budget(_stage_config(image_folder, tmp_path, "student"), 1e6)
+    original_step = _Trainer._step
+
+    def stop_after_two(self: _Trainer, loss_module, batch, step):  # the Ctrl-C flag, as SIGINT sets it
+        terms = original_step(self, loss_module, batch, step)
+        self.stop_requested = step + 1 == 2
+        return terms
+
+    monkeypatch.setattr(_Trainer, "_step", stop_after_two)
+    with pytest.raises(TrainingInterrupted):
+        train_stage(config, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    same = _Trainer(config, tmp_path / "run", _Dist())
+    same._load_state()
+    assert same.budget_spent == state["budget_spent"] > 0  # the same budget: exactly where it stopped
+    doubled = _Trainer(_with_budget(config, 2e6), tmp_path / "run", _Dist())
+    doubled._load_state()
+    assert doubled.budget_spent == state["seconds"] / 2e6
+    unbudgeted = _Trainer(_with_budget(config, 0), tmp_path / "run", _Dist())
+    unbudgeted._load_state()
+    assert unbudgeted.budget_spent == 0  # no budget: only the steps end the stage
 
 
 def test_the_cosine_runs_over_the_steps_without_a_budget(image_folder: Path, tmp_path: Path) -> None:
@@ -554,7 +612,8 @@ def test_pipeline_checks_its_evaluation_folders_before_training(image_folder: Pa
                                                 r"\$TAKDSR_SHARED=.*no-shared\); .*/gone$"):
         run_pipeline(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing trained
-    assert run_pipeline(config, tmp_path / "run", ["teacher"]) is None  # a stage alone does not evaluate
+    with pytest.warns(UserWarning, match=r"\$TAKDSR_SHARED=.*no-shared does not exist: no evaluation data there"):
+        assert run_pipeline(config, tmp_path / "run", ["teacher"]) is None  # a stage alone does not evaluate
 
 
 def test_pipeline_with_three_tas_trains_and_scores_each(image_folder: Path, tmp_path: Path) -> None:

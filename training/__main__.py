@@ -195,9 +195,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     eval_config = builtin_sets_config(args.sets, args.data, args.frames)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictors = dict(baseline_predictors(scale))
+    baselines = {name.casefold(): name for name in predictors}
     for label, path in unique_labels(args.checkpoint).items():
-        if label in predictors:  # its scores would replace the baseline's row, under the baseline's name
-            raise ValueError(f"{path} would be labelled {label!r}, the name of a baseline: rename the file")
+        # its scores would replace the baseline's row under its name, or sit beside it under one that differs only
+        # by case (Lanczos beside lanczos), as if a baseline were scored twice
+        if label.casefold() in baselines:
+            raise ValueError(f"{path} would be labelled {label!r}, the name of a baseline "
+                             f"({baselines[label.casefold()]}, case aside): rename the file")
         predictors[label] = checkpoint_predictor(path, device, args.teacher)
     score_sets(predictors, eval_config, scale, args.json, min_lr_side(models))
     return 0

@@ -357,6 +357,7 @@ class _Trainer:
             "torch_rng": torch.get_rng_state(),
             "seconds": self._elapsed(),
             "budget_spent": self.budget_spent,
+            "budget_s": self.budget_s,  # what budget_spent is a share of
             # the config it was started with, as text: a state put back without its config.toml (the GPU scripts
             # bring back state.pt alone) is still resumed only with it
             "config": dump_toml(self.config.to_dict()),
@@ -382,11 +383,23 @@ class _Trainer:
             raise ValueError(f"{path} does not hold this config's {self.config.stage.name} training state (was the "
                              f"config changed since it was saved?): {_first_line(exc)}") from None
         self.seconds_before = float(state.get("seconds", 0.0))
-        self.budget_spent = float(state.get("budget_spent", 0.0))
+        self.budget_spent = self._resumed_budget_spent(state)
         self._follow_config_optim()
         if self.dist.main:
             _print_changes(path, state.get("config"), self.config)
         return int(state["step"])
+
+    def _resumed_budget_spent(self, state: dict[str, Any]) -> float:
+        """The share of this config's time budget that the saved segments spent: the saved share itself under the
+        budget it was saved with (a resume goes on exactly where it stopped), else their training seconds over this
+        budget. The saved share alone, taken against another budget, kept a run its budget had ended finished
+        however many seconds `--set runtime.time_budget_s` added; a larger budget now continues it, and the cosine
+        stretches over the new budget."""
+        if not self.budget_s:
+            return 0.0  # no budget: the stage ends at its steps
+        if state.get("budget_s") == self.budget_s:
+            return float(state.get("budget_spent", 0.0))
+        return self.seconds_before / self.budget_s
 
     def _follow_config_optim(self) -> None:
         """Make the resumed optimizer and schedule this config's. The saved ones carry the lr and betas the run
@@ -463,10 +476,19 @@ def _print_changes(path: Path, saved: Any, config: Config) -> None:
     except ValueError as exc:  # not valid TOML, or keys of another version
         print(f"note: the config kept in {path} cannot be read ({_first_line(exc)}); resuming with this run's")
         return
-    changed = differing_keys(before, config.to_dict())
+    changed = differing_keys(_resolved_stage_paths(before), _resolved_stage_paths(config.to_dict()))
     if changed:
         keys = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
         print(f"note: resuming {path} with values other than it was saved with, for {keys}")
+
+
+def _resolved_stage_paths(as_dict: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with its stage's guides and init_from resolved: a pipeline makes them from its run folder,
+    which a resume may spell otherwise (relative, absolute) for the same files."""
+    stage = as_dict["stage"]
+    stage["init_from"] = str(Path(stage["init_from"]).resolve()) if stage.get("init_from") else ""
+    stage["guides"] = [str(Path(path).resolve()) for path in stage.get("guides", [])]
+    return as_dict
 
 
 def _state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:

@@ -33,10 +33,10 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for name in ("channel_permute_p", "blend_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ValueError(f"data.augment.{name} must be in [0, 1], got {getattr(self, name)}")
         low, high = self.blend_alpha
         if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"augment.blend_alpha must be 0 <= low <= high <= 1, got {self.blend_alpha}")
+            raise ValueError(f"data.augment.blend_alpha must be 0 <= low <= high <= 1, got {self.blend_alpha}")
 
 
 NO_AUGMENT = AugmentConfig(flip=False, rotate=False, channel_permute_p=0.0, blend_p=0.0)

@@ -35,16 +35,22 @@ class SourceConfig:
     height: int = 1080
     frames_per_preset: int = 64  # scenes: distinct times t per preset (fixed, see sources.scene_times)
     cache_dir: str | None = None  # scenes: keep rendered frames here as PNG (None: render on the fly)
+    # the source's key in the config ("data.sources[1]"), for messages that name the wrong key; not a field
+    where: dataclasses.InitVar[str] = "source"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, where: str) -> None:
         if self.kind not in ("folder", "scenes"):
-            raise ValueError(f"source kind must be 'folder' or 'scenes', got {self.kind!r}")
+            raise ValueError(f"{where}.kind must be 'folder' or 'scenes', got {self.kind!r}")
         if self.lr_kind not in ("bicubic", "native"):
-            raise ValueError(f"lr_kind must be 'bicubic' or 'native', got {self.lr_kind!r}")
+            raise ValueError(f"{where}.lr_kind must be 'bicubic' or 'native', got {self.lr_kind!r}")
         if self.kind == "folder" and self.lr_kind == "native":
-            raise ValueError("a folder source has no native LR (only rendered scenes do): use lr_kind 'bicubic'")
-        if not 0 < self.weight < math.inf or self.supersample < 1 or self.frames_per_preset < 1:  # `not` for NaN
-            raise ValueError("weight must be a finite number > 0, supersample and frames_per_preset >= 1")
+            raise ValueError(f"{where}.lr_kind: a folder source has no native LR (only rendered scenes do): use "
+                             "'bicubic'")
+        if not 0 < self.weight < math.inf:  # `not` for NaN
+            raise ValueError(f"{where}.weight must be a finite number > 0, got {self.weight!r}")
+        for name in ("supersample", "frames_per_preset"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -122,7 +128,7 @@ def _source(data: Any, where: str) -> SourceConfig:
     fields = _typed_fields(SourceConfig, data, where)
     if "kind" not in fields:
         raise ValueError(f"{where}.kind is required ('folder' or 'scenes')")
-    return SourceConfig(**fields)
+    return SourceConfig(**fields, where=where)
 
 
 def _typed_fields(cls: type, data: Any, where: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "default_eval_dir", "reserved_scenes", "shared_dir", "shared_hint"]
+__all__ = ["REPO_ROOT", "default_eval_dir", "known_shared_dirs", "reserved_scenes", "shared_dir", "shared_hint"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -12,6 +12,13 @@ def shared_dir() -> Path:
     """The shared data folder: $TAKDSR_SHARED, else `<repo>/../shared`."""
     env = os.environ.get("TAKDSR_SHARED")
     return Path(env) if env else REPO_ROOT.parent / "shared"
+
+
+def known_shared_dirs() -> list[Path]:
+    """Every shared data folder the project knows: $TAKDSR_SHARED's, then `<repo>/../shared` (once if the same).
+    The training guard checks them all, so that $TAKDSR_SHARED pointing elsewhere, or at nothing, never lets the
+    default folder's evaluation data be trained on."""
+    return list(dict.fromkeys([shared_dir(), REPO_ROOT.parent / "shared"]))
 
 
 def shared_hint() -> str:
@@ -28,13 +35,14 @@ def default_eval_dir() -> Path:
     return shared_dir() / "data" / "cg-dev"
 
 
-def reserved_scenes(source: str) -> set[str]:
+def reserved_scenes(source: str, shared: Path | None = None) -> set[str]:
     """Scenes of `source` ("povray", "openarena", ...) that must never be rendered or trained on.
 
-    Reads `<shared>/data/reserved-scenes.txt` (lines `<source> <scene>`, `#` comments). A missing file raises
-    FileNotFoundError: without it nothing guarantees that training stays off the evaluation scenes.
+    Reads `<shared>/data/reserved-scenes.txt` (lines `<source> <scene>`, `#` comments; `shared` defaults to
+    `shared_dir()`). A missing file raises FileNotFoundError: without it nothing guarantees that training stays
+    off the evaluation scenes.
     """
-    path = shared_dir() / "data" / "reserved-scenes.txt"
+    path = (shared or shared_dir()) / "data" / "reserved-scenes.txt"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: without it nothing keeps training off the evaluation scenes ({shared_hint()})"

@@ -95,10 +95,11 @@ def canonical_scene(scene: str) -> str:
     return path
 
 
-def refuse_reserved(scenes: list[str]) -> None:
-    """ValueError naming every scene of `scenes` the evaluation reserves, however it is spelt (compared in the
-    canonical spelling, and as resolved files, so a symlink to a reserved scene is caught too)."""
-    reserved = {canonical_scene(s) for s in reserved_scenes("povray")}
+def refuse_reserved(scenes: list[str], reserved_list: set[str] | None = None) -> None:
+    """ValueError naming every scene of `scenes` the evaluation reserves (`reserved_list`, by default the shared
+    folder's), however it is spelt (compared in the canonical spelling, and as resolved files, so a symlink to a
+    reserved scene is caught too)."""
+    reserved = {canonical_scene(s) for s in (reserved_scenes("povray") if reserved_list is None else reserved_list)}
     reserved_files = {(EXAMPLES_DIR / s).resolve() for s in reserved}
     hits = sorted(s for s in scenes if canonical_scene(s) in reserved
                   or (EXAMPLES_DIR / canonical_scene(s)).resolve() in reserved_files)  # fmt: skip
