@@ -17,9 +17,9 @@ from training.__main__ import main as training_main
 from training.config import StageConfig, load_config
 from training.pipeline import run_pipeline
 from training.ship import ship_checkpoint, ship_run
-from training.trainer import TrainingInterrupted, _Trainer, read_state, train_stage
+from training.trainer import TrainingInterrupted, read_state, train_stage
 
-from training_utils import make_image_folder, tiny_config
+from training_utils import make_image_folder, stop_at_step, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +34,7 @@ def _stage_config(folder: Path, role: str, **stage: object):
 @pytest.fixture
 def stop_at_step_3(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every run in the test sets the Ctrl-C flag after its third step, as SIGINT does."""
-    _stop_at_step_3(monkeypatch)
-
-
-def _stop_at_step_3(monkeypatch: pytest.MonkeyPatch) -> None:
-    original_step = _Trainer._step
-
-    def step_then_stop(self: _Trainer, loss_module, batch, step):
-        terms = original_step(self, loss_module, batch, step)
-        self.stop_requested = self.stop_requested or step + 1 == 3
-        return terms
-
-    monkeypatch.setattr(_Trainer, "_step", step_then_stop)
+    stop_at_step(monkeypatch, 3)
 
 
 def test_a_fresh_run_never_starts_over_a_saved_one(image_folder: Path, tmp_path: Path, stop_at_step_3: None) -> None:
@@ -165,7 +154,7 @@ def test_a_pipeline_resumes_its_stage_from_a_moved_run_folder(
     monkeypatch.chdir(tmp_path)
     run_pipeline(config, Path("run"), ["teacher"])  # relative, from tmp_path
     with monkeypatch.context() as patch:
-        _stop_at_step_3(patch)
+        stop_at_step(patch, 3)
         with pytest.raises(TrainingInterrupted):
             run_pipeline(config, Path("run"), ["ta1"])
     moved = tmp_path / "elsewhere" / "run"

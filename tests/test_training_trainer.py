@@ -26,7 +26,7 @@ from training.pipeline import pipeline_stages, run_pipeline
 from training.ship import ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _print_changes, _Trainer, train_stage
 
-from training_utils import SMOKE_CONFIG, make_image_folder, tiny_config
+from training_utils import SMOKE_CONFIG, make_image_folder, stop_at_step, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,18 +149,9 @@ def test_resume_continues_exactly(image_folder: Path, tmp_path: Path, monkeypatc
     train_stage(config, tmp_path / "straight")
     expected = _losses(tmp_path / "straight")
 
-    original_step = _Trainer._step
-
-    def stop_after_three(self: _Trainer, loss_module, batch, step):  # the Ctrl-C flag, as SIGINT sets it
-        terms = original_step(self, loss_module, batch, step)
-        if step + 1 == 3:
-            self.stop_requested = True
-        return terms
-
-    monkeypatch.setattr(_Trainer, "_step", stop_after_three)
-    with pytest.raises(TrainingInterrupted, match="step 3"):
+    with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted, match="step 3"):
+        stop_at_step(patch, 3)
         train_stage(config, tmp_path / "resumed")
-    monkeypatch.setattr(_Trainer, "_step", original_step)
     assert set(_losses(tmp_path / "resumed")) == {1, 2, 3}
     train_stage(config, tmp_path / "resumed", resume=True)
     resumed = _losses(tmp_path / "resumed")
@@ -182,17 +173,9 @@ def test_a_resume_with_another_lr_and_betas_trains_with_them_and_says_so(
     optim = dataclasses.replace(config.optim, lr=0.01, lr_min=0.005, betas=[0.8, 0.99])
     changed = dataclasses.replace(config, optim=optim)
     train_stage(changed, tmp_path / "straight")
-    original_step = _Trainer._step
-
-    def stop_after_three(self: _Trainer, loss_module, batch, step):  # the Ctrl-C flag, as SIGINT sets it
-        terms = original_step(self, loss_module, batch, step)
-        self.stop_requested = step + 1 == 3
-        return terms
-
-    monkeypatch.setattr(_Trainer, "_step", stop_after_three)
-    with pytest.raises(TrainingInterrupted):
+    with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted):
+        stop_at_step(patch, 3)
         train_stage(config, tmp_path / "resumed")
-    monkeypatch.setattr(_Trainer, "_step", original_step)
     capsys.readouterr()
     train_stage(changed, tmp_path / "resumed", resume=True)
     assert "optim.betas, optim.lr, optim.lr_min" in capsys.readouterr().out
@@ -229,18 +212,10 @@ def test_export_state_checkpoints_a_run_part_way(
 ) -> None:
     teacher = train_stage(_stage_config(image_folder, tmp_path, "teacher"), tmp_path / "teacher").checkpoint
     config = _stage_config(image_folder, tmp_path, "student", init_from=str(teacher), guides=[str(teacher)])
-    original_step = _Trainer._step
-
-    def stop_after_three(self: _Trainer, loss_module, batch, step):  # the Ctrl-C flag, as SIGINT sets it
-        terms = original_step(self, loss_module, batch, step)
-        self.stop_requested = step + 1 == 3
-        return terms
-
-    monkeypatch.setattr(_Trainer, "_step", stop_after_three)
     run = tmp_path / "student"
-    with pytest.raises(TrainingInterrupted):
+    with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted):
+        stop_at_step(patch, 3)
         train_stage(config, run)
-    monkeypatch.setattr(_Trainer, "_step", original_step)
     teacher.rename(tmp_path / "moved.safetensors")  # the weights come from the state alone
 
     assert training_main(["export-state", str(run), "--out", str(tmp_path / "step3.safetensors")]) == 0
@@ -364,14 +339,7 @@ def test_a_run_its_budget_ended_goes_on_with_a_larger_budget(image_folder: Path,
 def test_a_resume_takes_the_budget_share_as_saved_or_against_a_new_budget(image_folder: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     config = _with_budget(_stage_config(image_folder, tmp_path, "student"), 1e6)
-    original_step = _Trainer._step
-
-    def stop_after_two(self: _Trainer, loss_module, batch, step):  # the Ctrl-C flag, as SIGINT sets it
-        terms = original_step(self, loss_module, batch, step)
-        self.stop_requested = step + 1 == 2
-        return terms
-
-    monkeypatch.setattr(_Trainer, "_step", stop_after_two)
+    stop_at_step(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
         train_stage(config, tmp_path / "run")
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)

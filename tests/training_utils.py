@@ -8,10 +8,25 @@ from types import ModuleType
 
 import cv2
 import numpy as np
+import pytest
 
 from training.config import Config, from_dict
+from training.trainer import _Trainer
 
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "smoke_cpu.toml"
+
+
+def stop_at_step(monkeypatch: pytest.MonkeyPatch, last_step: int) -> None:
+    """Every run set going while ``monkeypatch`` holds sets the Ctrl-C flag, as SIGINT does, once it has done
+    ``last_step`` steps: it saves its state and raises TrainingInterrupted."""
+    original_step = _Trainer._step
+
+    def step_then_stop(self: _Trainer, loss_module, batch, step):  # type: ignore[no-untyped-def]
+        terms = original_step(self, loss_module, batch, step)
+        self.stop_requested = self.stop_requested or step + 1 == last_step
+        return terms
+
+    monkeypatch.setattr(_Trainer, "_step", step_then_stop)
 
 
 def load_script(path: Path) -> ModuleType:
