@@ -33,6 +33,7 @@ from training.evaluate import (
 )
 from training.latency import measure_latency
 from training.pipeline import run_pipeline
+from training.report import latency_where
 from training.ship import seed_run, ship_checkpoint, ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, export_state, train_stage
 
@@ -217,9 +218,8 @@ def _latency(args: argparse.Namespace) -> int:
             raise ValueError(f"{target} needs an LR input of at least {min_lr_size(model)} px a side, got "
                              f"{width}x{height}")
         timings[target] = measure_latency(model, width, height, device, repeats=args.repeats, threads=args.threads)
-        threads = timings[target]["threads"]
-        where = f"{device}, {threads} threads" if threads else str(device)
-        print(f"{target}: {timings[target]['median_ms']:.1f} ms median at {timings[target]['input']} on {where}")
+        timing = timings[target]
+        print(f"{target}: {timing['median_ms']:.1f} ms median at {timing['input']} on {latency_where(timing)}")
     if args.json:
         args.json.write_text(json.dumps(timings, indent=2))
     return 0

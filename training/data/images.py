@@ -11,8 +11,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import stat
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,31 +84,21 @@ def read_manifest(path: Path, tables: tuple[str, ...], command: str) -> dict:
 
 def write_json_atomic(path: Path, value: object, *, indent: int = 1, sort_keys: bool = True) -> None:
     """Write `value` as JSON through a temporary file and a rename: a killed writer never leaves half a file. A
-    link is written through (its target replaced, the link kept). The temporary file is new, hidden (scans pass
-    over it) and short-named beside the target, so it never replaces a file of the user's (`NAME.tmp` did), and a
-    name near the 255-byte limit still fits; it is removed on any error."""
+    link is written through (its target replaced, the link kept), and a rewrite keeps the file's permissions. The
+    temporary file is new (exclusive create: it never replaces a file of the user's, as `NAME.tmp` did), hidden
+    (scans pass over it), short-named (a name near the 255-byte limit still fits) and removed on any error."""
     target = Path(os.path.realpath(path))
     text = json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n"
-    handle, tmp = tempfile.mkstemp(prefix=".tmp", dir=target.parent)
+    tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+        with open(tmp, "x", encoding="utf-8") as file:  # a new file's usual permissions (the umask's)
             file.write(text)
-        os.chmod(tmp, _file_mode(target))
+        with contextlib.suppress(FileNotFoundError):  # nothing to keep for a new file
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(tmp, target)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
-
-
-def _file_mode(path: Path) -> int:
-    """The permissions a rewrite of `path` keeps: its own, else a new file's (mkstemp's 0600 would hide it)."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0)  # the only way to read it; set straight back
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def file_sha256(path: Path) -> str:
