@@ -791,13 +791,12 @@ class Session:
         """Copy ``frame`` into a free slot, upscale it and copy the result into ``out`` (default: a new array);
         BUSY replies are retried for up to the client's timeout."""
         self._check_open()
-        if not isinstance(frame, np.ndarray):
-            raise TypeError(f"frames must be numpy arrays, got {type(frame).__name__}")
+        _require_array(frame, "frames must be numpy arrays")
         if frame.shape != self._inputs[0].shape or frame.dtype != np.uint8:
             raise SessionError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
                                f"{self._inputs[0].shape} uint8", ErrorCode.INVALID_FIELD)
-        if out is not None and not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+        if out is not None:
+            _require_array(out, "out must be a numpy array")
         if out is not None and (out.shape != self._outputs[0].shape or out.dtype != np.uint8):
             raise ValueError(f"out must be a {self._outputs[0].shape} uint8 array, got {out.shape} {out.dtype}")
         while self._outstanding:
@@ -901,9 +900,15 @@ def _retry_count(retries: int) -> int:
     return count
 
 
+def _require_array(value: Any, rule: str) -> None:
+    """TypeError saying ``rule`` for anything but a numpy array (a list used to fail deep inside with an
+    AttributeError)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{rule}, got {type(value).__name__}")
+
+
 def _format_of(frame: np.ndarray, pixel_format: str | None) -> str:
-    if not isinstance(frame, np.ndarray):
-        raise TypeError(f"frames must be numpy arrays, got {type(frame).__name__}")
+    _require_array(frame, "frames must be numpy arrays")
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
         raise ValueError(f"frames must be (H, W, 3|4) uint8 arrays, got {frame.shape} {frame.dtype}")
     fmt = pixel_format or ("RGB8" if frame.shape[2] == 3 else "RGBA8")
