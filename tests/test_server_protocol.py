@@ -104,6 +104,22 @@ def test_decode_rejects(data: bytes, code: ErrorCode) -> None:
     assert info.value.code == code
 
 
+def _map_with_pairs(pairs: list[tuple[str, object]]) -> bytes:
+    """A msgpack map written pair by pair, so a key can appear twice (packb of a dict cannot do that)."""
+    assert len(pairs) < 16  # fixmap
+    return bytes([0x80 | len(pairs)]) + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in pairs)
+
+
+def test_decode_refuses_a_map_that_repeats_a_key() -> None:
+    # msgpack-python keeps the last copy, other decoders the first: the daemon must not pick one for the client
+    base = [("v", 1), ("type", "ping"), ("req", 8), ("sessions", [])]
+    assert isinstance(p.decode(_map_with_pairs(base)), p.Ping)
+    for repeated in (("req", 9), ("v", 2), ("sessions", [1])):
+        with pytest.raises(ProtocolError, match=f"repeats the key.*{repeated[0]}") as info:
+            p.decode(_map_with_pairs([*base, repeated]))
+        assert info.value.code == ErrorCode.MALFORMED
+
+
 def test_decode_rejects_other_field_kinds() -> None:
     def code_of(body: dict[str, object], side: str = "request") -> ErrorCode:
         with pytest.raises(ProtocolError) as info:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import typing
+from collections import Counter
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -447,7 +448,11 @@ def _unpack(data: bytes, max_bin: int) -> dict[Any, Any]:
         for key, _ in pairs:  # strict_map_key still lets bin (bytes) keys through
             if not isinstance(key, str):
                 raise ProtocolError(f"map keys must be msgpack str, got {type(key).__name__} {brief(key)}")
-        return counted(dict(pairs))
+        as_dict = dict(pairs)
+        if len(as_dict) != len(pairs):  # decoders differ on which copy wins (msgpack-python: the last); refuse both
+            repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+            raise ProtocolError(f"map repeats the key(s) {brief(repeated)}")
+        return counted(as_dict)
 
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, list_hook=counted,
