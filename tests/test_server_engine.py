@@ -8,6 +8,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 
 import cv2
@@ -268,6 +269,56 @@ def test_offline_cli_writes_long_names_and_never_replaces_a_file_made_during_the
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{'a' * 240}.png", "late.png"])
 
 
+def test_offline_cli_refuses_images_over_max_pixels_by_name(tmp_path: pathlib.Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A 420 KB PNG of 12000x12000 ran the model on 144 megapixels, past 6 GB of memory, where the daemon refuses
+    more than 3840x2160."""
+    from upscaler_server import upscale
+
+    cv2.imwrite(str(tmp_path / "big.png"), np.full((20, 30, 3), 50, np.uint8))  # 600 pixels
+    cv2.imwrite(str(tmp_path / "small.png"), np.full((20, 25, 3), 50, np.uint8))  # 500 pixels
+    status = upscale.main(["--backend", "nearest", "--device", "cpu", "--max-pixels", "500", str(tmp_path / "big.png"),
+                           str(tmp_path / "small.png"), "-o", str(tmp_path / "out")])
+    assert status == 1
+    assert "big.png: 30x20 is more than --max-pixels 500 pixels; not upscaled" in caplog.text
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["small.png"]
+    assert upscale.DEFAULT_MAX_PIXELS == 3840 * 2160
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels, holding one row of data (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    one_row = zlib.compress(b"\x00" * (1 + width * 3))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", one_row) + chunk(b"IEND", b"")
+
+
+def test_offline_cli_refuses_a_decompression_bomb_from_its_header(tmp_path: pathlib.Path) -> None:
+    """OpenCV's own limit (2^30 pixels) let a 30000x30000 header through to a 2.7 GB decode; the package lowers it to
+    8K x 8K before cv2 loads, so such a file is refused before any pixel is decoded (a new process: the limit is read
+    when OpenCV loads)."""
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(9000, 9000))  # 81 megapixels declared, a few KB on disk
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    done = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--backend", "nearest", "--device", "cpu",
+                           str(tmp_path / "bomb.png"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "bomb.png: its header declares more than 67108864 pixels; not decoded" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_offline_cli_leaves_hidden_files_of_a_folder_out(tmp_path: pathlib.Path) -> None:
+    """A macOS resource fork (._frame.png) was read as an image and failed the run, where training skips it."""
+    from upscaler_server import upscale
+
+    for name in ("frame.png", ".thumbnail.png", "._frame2.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert upscale.collect_inputs([tmp_path]) == [tmp_path / "frame.png"]
+    assert upscale.collect_inputs([tmp_path / ".thumbnail.png"]) == [tmp_path / ".thumbnail.png"]  # named: read
+
+
 def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Ctrl-C printed a 40-line KeyboardInterrupt traceback and no summary."""
@@ -277,10 +328,10 @@ def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, 
         cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((20, 24, 3), 50, np.uint8))
     real = upscale.upscale_file
 
-    def interrupted_at_b(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> pathlib.Path:
+    def interrupted_at_b(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, *options: object) -> pathlib.Path:
         if src.stem == "b":
             raise KeyboardInterrupt
-        return real(engine, src, out_dir, overwrite)
+        return real(engine, src, out_dir, *options)
 
     monkeypatch.setattr(upscale, "upscale_file", interrupted_at_b)
     status = upscale.main(["--backend", "nearest", "--device", "cpu", *(str(tmp_path / f"{n}.png") for n in "abc"),
@@ -293,6 +344,7 @@ def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, 
     (["--backend", "nearest", "--threads", "-1"], "0 <= threads <= 1024"),
     (["--backend", "nearest", "--threads", "50000"], "0 <= threads <= 1024"),  # segfaulted in libgomp
     (["--backend", "nearest", "--scale", "0"], "1 <= --scale <= 16"),
+    (["--backend", "nearest", "--max-pixels", "0"], "1 <= --max-pixels <= 67108864"),
     (["--backend", "nearest", "--pad-channels", "1000"], "0 <= pad_channels <= 64"),
     (["--backend", "auto", "--auto-backends", "onnxrutime"], "unknown onnxrutime: use backends"),
 ])  # fmt: skip

@@ -1,12 +1,14 @@
 """``python -m upscaler_server.upscale``: upscale image files or folders in-process (no daemon), PNG out.
 
-The same :class:`~upscaler_server.engine.Engine` as the daemon does the work, so results are bit-identical to the
-daemon's for the same checkpoint, device and precision. Colour images keep their alpha channel (upscaled by nearest
-neighbour); grey images are upscaled as RGB and written as RGB; 16-bit images are rounded to 8 bits and a JPEG is
-turned upright by its EXIF orientation first. An output file that exists already is never replaced without
-``--overwrite`` (an input never), and each output is written whole or not at all (a temporary file renamed). Exit
-status: 0 if every image was written, 1 if some failed (each failure is reported), 2 for bad arguments, 3 when the
-model cannot be loaded, 130 when interrupted (Ctrl-C; the images written so far stay).
+Folders are read one level deep, hidden files (``.name``) left out, as in training. An image over ``--max-pixels``
+(by default the daemon's limit, 3840x2160) is refused by name before the model runs, and one whose header declares
+over 8K x 8K before it is decoded. The same :class:`~upscaler_server.engine.Engine` as the daemon does the work, so
+results are bit-identical to the daemon's for the same checkpoint, device and precision. Colour images keep their
+alpha channel (upscaled by nearest neighbour); grey images are upscaled as RGB and written as RGB; 16-bit images are
+rounded to 8 bits and a JPEG is turned upright by its EXIF orientation first. An output file that exists already is
+never replaced without ``--overwrite`` (an input never), and each output is written whole or not at all (a temporary
+file renamed). Exit status: 0 if every image was written, 1 if some failed (each failure is reported), 2 for bad
+arguments, 3 when the model cannot be loaded, 130 when interrupted (Ctrl-C; the images written so far stay).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
-from upscaler_server.config import CHECKPOINT_HELP, add_backend_arguments, cli_prog, engine_setting_problems
+from upscaler_server import IMAGE_DECODE_MAX_PIXELS
+from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, cli_prog, engine_setting_problems
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 from upscaler_server.files import partial_beside, publish
@@ -32,14 +35,17 @@ __all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "output_
 log = logging.getLogger("upscaler_server.upscale")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = Config.max_pixels  # the daemon's default: 3840x2160
 
 
 def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
-    """Image files named directly, plus those directly inside named folders (sorted). ConfigError on clashes."""
+    """Image files named directly, plus those directly inside named folders (sorted; hidden ones, such as macOS's
+    ``._name.png`` resource forks, left out). ConfigError on clashes."""
     files: list[pathlib.Path] = []
     for path in inputs:
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend(sorted(p for p in path.iterdir()
+                                if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
         elif path.is_file():
             files.append(path)
         else:
@@ -85,7 +91,10 @@ def read_8bit(src: pathlib.Path) -> np.ndarray:
     flags = cv2.IMREAD_COLOR if bytes(data[:2]) == b"\xff\xd8" else cv2.IMREAD_UNCHANGED
     try:
         image = cv2.imdecode(data, flags) if data.size else None
-    except cv2.error as exc:  # e.g. a header declaring more pixels than OpenCV will allocate
+    except cv2.error as exc:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):  # refused from its header (upscaler_server/__init__)
+            raise UpscalerError(f"{src}: its header declares more than {_decode_limit()} pixels; not decoded "
+                                "(OPENCV_IO_MAX_IMAGE_PIXELS raises the limit)") from None
         raise UpscalerError(f"{src}: OpenCV refused it ({exc.err or exc})") from None
     if image is None:
         raise UpscalerError(f"{src}: not an image OpenCV can read")
@@ -96,10 +105,18 @@ def read_8bit(src: pathlib.Path) -> np.ndarray:
     return image
 
 
-def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+def _decode_limit() -> str:
+    return os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", str(IMAGE_DECODE_MAX_PIXELS))
+
+
+def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, overwrite: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> pathlib.Path:
     """Upscale one image file into ``out_dir``/<stem>.png and return the written path; an existing file there is
-    replaced only with ``overwrite`` (UpscalerError otherwise)."""
+    replaced only with ``overwrite``, an image of more than ``max_pixels`` is refused (UpscalerError for both)."""
     image = read_8bit(src)
+    height, width = image.shape[:2]
+    if width * height > max_pixels:  # activations grow with it: a 12000x12000 PNG of 420 KB went past 6 GB
+        raise UpscalerError(f"{src}: {width}x{height} is more than --max-pixels {max_pixels} pixels; not upscaled")
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     fmt = {3: "BGR8", 4: "BGRA8"}.get(image.shape[2])
@@ -137,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all usable cores)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse input images of more than N pixels (default {DEFAULT_MAX_PIXELS}, the daemon's "
+                        f"3840x2160; at most {IMAGE_DECODE_MAX_PIXELS})")
     add_backend_arguments(p, "eager")
     return p
 
@@ -146,6 +166,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     bad = engine_setting_problems(threads=args.threads, pad_channels=args.pad_channels)
     if not 1 <= args.scale <= SCALE_MAX:
         bad.append(f"1 <= --scale <= {SCALE_MAX}")
+    if not 1 <= args.max_pixels <= IMAGE_DECODE_MAX_PIXELS:
+        bad.append(f"1 <= --max-pixels <= {IMAGE_DECODE_MAX_PIXELS}")
     if bad:
         raise ConfigError(f"invalid arguments: {', '.join(bad)}")
 
@@ -179,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for src in files:
             try:
-                target = upscale_file(engine, src, args.output, args.overwrite)
+                target = upscale_file(engine, src, args.output, args.overwrite, args.max_pixels)
                 written += 1  # before the log line: an interrupt inside it must not lose the count
                 log.info("%s -> %s", src, target)
             except UpscalerError as exc:
