@@ -5,7 +5,9 @@ files. Each must end in one clear error that names the file, with nothing lost."
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from training.__main__ import main as training_main
 from training.config import StageConfig, load_config
+from training.data.images import DatasetError, SkippedFilesWarning
 from training.pipeline import run_pipeline
+from training.report import write_report
 from training.ship import ship_checkpoint, ship_run
 from training.trainer import TrainingInterrupted, read_state, train_stage
 
@@ -339,3 +343,45 @@ def test_latency_json_says_where_it_was_measured(tmp_path: Path, capsys: pytest.
                           "--json", str(out)]) == 0
     timing = json.loads(out.read_text())["rlfn_s"]
     assert timing["device"] == "cpu" and timing["threads"] == 1 and "on cpu, 1 threads" in capsys.readouterr().out
+
+
+def test_a_pipeline_refuses_an_evaluation_folder_without_a_usable_image_before_training(tmp_path: Path) -> None:
+    """Only the folder's existence was checked first: every stage trained, then the evaluation failed on a folder of
+    junk, or of images too small for the network."""
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "empty.png").write_bytes(b"")
+    (junk / "text.jpg").write_text("not a picture")
+    tiny = make_image_folder(tmp_path / "tiny", count=2, size=(29, 29))  # LR 14x14: below RLFN's 15 px
+    config = tiny_config(make_image_folder(tmp_path / "train"), experiment={"baselines": False})
+    for folder in (junk, tiny):
+        bad = dataclasses.replace(config, eval=dataclasses.replace(config.eval, folders=[str(folder)]))
+        with pytest.raises(DatasetError, match=f"no usable image in {folder}.*min size 30px"), \
+                pytest.warns(SkippedFilesWarning, match="skipped 2 file"):
+            run_pipeline(bad, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_report_takes_image_names_that_are_not_utf8(tmp_path: Path) -> None:
+    """report.md failed to encode a Latin-1 file name from a user's folder, and was left empty on every rerun."""
+    name = b"caf\xe9.png".decode("utf-8", "surrogateescape")  # how Python holds such a name
+    metrics = {"psnr_rgb": 30.0, "ssim_rgb": 0.9, "psnr_y": 30.0, "ssim_y": 0.9}
+    results = {"scale": 2, "report_lr_size": [960, 540], "models": {},
+               "sets": {"mine": {"images": [name], "scores": {"bicubic": {"per_image": {name: metrics},
+                                                                        "mean": metrics}}}}}  # fmt: skip
+    report = write_report(tmp_path, results).read_bytes().decode("utf-8")  # valid UTF-8 throughout
+    assert "caf\\udce9.png" in report
+
+
+def test_evaluate_prints_a_folder_name_that_is_not_utf8_on_a_strict_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every image was scored, then printing the set's name raised UnicodeEncodeError (exit 1, scores lost) where
+    standard output is strict UTF-8, as on a usual en_US.UTF-8 desktop."""
+    folder = tmp_path / b"set_\xff".decode("utf-8", "surrogateescape")
+    make_image_folder(tmp_path / "set", count=1, size=(64, 64)).rename(folder)  # cv2.imwrite dies on such a name
+    console = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", console)
+    assert training_main(["evaluate", "--checkpoint", "rlfn_s_takdsr_x2", "--data", str(folder)]) == 0
+    console.flush()
+    assert "set_\\udcff" in console.buffer.getvalue().decode("utf-8")

@@ -4,6 +4,7 @@ the TAKDSR trainer's command line."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import sys
@@ -255,8 +256,17 @@ def _ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def _escape_unprintable_names() -> None:
+    """A file or folder name that is not valid UTF-8 (held as surrogates) crashed a print on a strict UTF-8 terminal
+    after the scores were computed; it is printed with backslash escapes instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _escape_unprintable_names()
     handlers = {
         "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,
         "ship-checkpoint": _ship_checkpoint, "seed-run": _seed_run, "export-state": _export_state,

@@ -31,7 +31,7 @@ from models import (
 )
 from training.config import Config, EvalConfig
 from training.data import DataConfig, SourceConfig, build_eval_dataset, default_eval_dir, to_tensor, to_uint8
-from training.data.images import write_json_atomic
+from training.data.images import scan_images, write_json_atomic
 from training.data.paths import shared_hint
 from training.distill import mixed_input
 from training.metrics import image_metrics
@@ -99,15 +99,19 @@ def eval_sets(config: Config, scale: int, min_lr_side: int = 1) -> dict[str, lis
     return {name: list(_images(base, source, scale, config, min_lr_side)) for name, source in wanted.items()}
 
 
-def check_eval_folders(config: Config) -> None:
-    """FileNotFoundError naming every image folder the evaluation of ``config`` would read and cannot; the pipeline
-    checks before training, so that a run does not train every stage and then fail on its evaluation."""
+def check_eval_folders(config: Config, min_lr_side: int | None = None) -> None:
+    """FileNotFoundError naming every image folder the evaluation of ``config`` would read and cannot. With
+    ``min_lr_side`` (the pipeline, before training) also DatasetError for a folder of the user's that holds no image
+    the evaluation could score, so that a run does not train every stage and then fail on its evaluation."""
     folders = [(Path(folder), "") for folder in config.eval.folders]
     if config.eval.cg_dev:
         folders.insert(0, (default_eval_dir(), f" (cg-dev; {shared_hint()})"))
     missing = [f"{folder}{hint}" for folder, hint in folders if not folder.is_dir()]
     if missing:
         raise FileNotFoundError(f"evaluation image folder(s) missing: {'; '.join(missing)}")
+    if min_lr_side is not None:  # each image decoded once more; the junk the scan skips is named in its warning
+        for folder in config.eval.folders:
+            scan_images(folder, min_size=config.experiment.scale * max(1, min_lr_side), progress=False)
 
 
 def unique_labels(paths: list[Path], what: str = "checkpoint", *, keep_suffix: bool = False) -> dict[str, Path]:

@@ -18,14 +18,15 @@ and a final plain run evaluates them all.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from models import load_model, read_metadata
+from models.registry import FAMILIES
 from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml, load_config
+from training.data.images import write_json_atomic
 from training.evaluate import (
     baseline_predictors,
     check_eval_folders,
@@ -93,7 +94,7 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
     all_stages = pipeline_stages(config, run_dir)
     chosen = _chosen_stages(all_stages, stages)
     if stages is None:  # the evaluation after training: its folders are checked before hours of training
-        check_eval_folders(config)
+        check_eval_folders(config, FAMILIES[config.experiment.family].decoder.min_input_size)
     for stage in chosen:  # every interrupted stage is checked before anything is written or trained
         stage_dir = run_dir / stage.name
         if (stage_dir / STATE_FILE).exists() and not (stage_dir / FINAL_FILE).exists():
@@ -196,7 +197,7 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
         if config.eval.latency_repeats:
             results["models"][display]["latency"] = _latency(path, device, config.eval.latency_repeats)
     serialisable = {k: v for k, v in results.items() if k != "crops"}
-    (run_dir / "results.json").write_text(json.dumps(serialisable, indent=2))
+    write_json_atomic(run_dir / "results.json", serialisable, indent=2, sort_keys=False)
     return results
 
 

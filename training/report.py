@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from training.data.images import write_text_atomic
+
 __all__ = ["REPORT_LR_SIZE", "latency_where", "write_report"]
 
 MODEL_ORDER = ["bicubic", "lanczos", "X_s", "PISR'", "TAKDSR", "TA", "full backbone", "teacher (continuous)",
@@ -32,7 +34,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
         if crops.get("GT"):
             _plot_crops(run_dir / f"crops_{set_name}.png", crops)
     path = run_dir / "report.md"
-    path.write_text(_markdown(run_dir, results))
+    write_text_atomic(path, _markdown(run_dir, results))  # image names from a user's folder may not be UTF-8
     return path
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "walk_dataset",
     "write_json_atomic",
     "write_png",
+    "write_text_atomic",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -83,15 +84,20 @@ def read_manifest(path: Path, tables: tuple[str, ...], command: str) -> dict:
 
 
 def write_json_atomic(path: Path, value: object, *, indent: int = 1, sort_keys: bool = True) -> None:
-    """Write `value` as JSON through a temporary file and a rename: a killed writer never leaves half a file. A
-    link is written through (its target replaced, the link kept), and a rewrite keeps the file's permissions. The
+    """Write `value` as JSON (ASCII, so any image name fits) whole or not at all: `write_text_atomic`."""
+    write_text_atomic(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` as UTF-8 through a temporary file and a rename: a killed writer never leaves half a file. A name
+    that is not valid UTF-8 (held as surrogates) is written with backslash escapes, so the file stays UTF-8. A link
+    is written through (its target replaced, the link kept), and a rewrite keeps the file's permissions. The
     temporary file is new (exclusive create: it never replaces a file of the user's, as `NAME.tmp` did), hidden
     (scans pass over it), short-named (a name near the 255-byte limit still fits) and removed on any error."""
     target = Path(os.path.realpath(path))
-    text = json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n"
     tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as file:  # a new file's usual permissions (the umask's)
+        with open(tmp, "x", encoding="utf-8", errors="backslashreplace") as file:  # the umask's permissions
             file.write(text)
         with contextlib.suppress(FileNotFoundError):  # nothing to keep for a new file
             os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
