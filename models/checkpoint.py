@@ -43,6 +43,12 @@ __all__ = [
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the bundled checkpoints, installed with the package
 FORMAT_VERSION = 1
 _MAX_ARCH_INT = 4096  # no width, block count or scale of these networks comes near it
+# Even on the meta device each block costs time (4096 blocks: 7-16 s before the file was refused); the full
+# backbones have 6 (RLFN, RFDN) and 16 (PAN).
+_MAX_BLOCKS = 256
+# Each argument within its bound still multiplies out (channels 4096: 621 M parameters, 6 GB, from a sparse file of
+# 8 KB on disk). The largest shipped network has 0.65 M parameters; 50 M is 200 MB of float32.
+_MAX_PARAMETERS = 50_000_000
 METADATA_KEY = "takdsr"
 ROLES = ("teacher", "ta", "student")
 VALUE_RANGE = [0.0, 1.0]
@@ -137,7 +143,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     The network the metadata declares is first built without memory (on the meta device) and its tensor names and
     shapes compared with the file's header, so a small file cannot make the loader allocate a huge network."""
     metadata = read_metadata(path)
-    _check_shapes(path, metadata, _build(path, metadata, torch.device("meta")))
+    declared = _build(path, metadata, torch.device("meta"))
+    parameters = sum(t.numel() for t in declared.state_dict().values())
+    if parameters > _MAX_PARAMETERS:
+        raise CheckpointError(path, f"declares a network of {parameters:,} values, more than this package builds "
+                                    f"({_MAX_PARAMETERS:,})")
+    _check_shapes(path, metadata, declared)
     model = _build(path, metadata, torch.device("cpu"))
     state = _read_tensors(path)
     try:
@@ -185,7 +196,9 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
 
 def _check_file(path: str | os.PathLike[str]) -> None:
     if not os.path.exists(path):
-        raise CheckpointError(path, "file not found")
+        leads_nowhere = os.path.lexists(path)
+        raise CheckpointError(path, "a symbolic link that leads nowhere (broken, or a loop)" if leads_nowhere
+                              else "file not found")
     if not os.path.isfile(path):
         raise CheckpointError(path, "not a regular file")
     try:  # safetensors reports an unreadable file as "No such file or directory"
@@ -196,9 +209,10 @@ def _check_file(path: str | os.PathLike[str]) -> None:
 
 def _build(path: str | os.PathLike[str], metadata: dict[str, Any], device: torch.device) -> nn.Module:
     for key, value in metadata["arch_args"].items():  # even on the meta device, a million blocks take minutes
-        if isinstance(value, int) and not isinstance(value, bool) and value > _MAX_ARCH_INT:
+        bound = _MAX_BLOCKS if key == "blocks" else _MAX_ARCH_INT
+        if isinstance(value, int) and not isinstance(value, bool) and value > bound:
             raise CheckpointError(path, f"arch_args {key}={value} is beyond any network of this package "
-                                        f"(at most {_MAX_ARCH_INT})")
+                                        f"(at most {bound})")
     try:
         with device:
             return build_model(metadata["arch"], **metadata["arch_args"])
@@ -278,5 +292,13 @@ def _validate_training(path: str | os.PathLike[str], training: dict[str, Any]) -
     if stage is not None and not isinstance(stage, str):
         raise CheckpointError(path, f"training.stage {stage!r} is not a string")
     numbers = isinstance(mix, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mix)
-    if mix is not None and not (numbers and len(mix) == 2 and all(math.isfinite(v) for v in mix)):
+    if mix is not None and not (numbers and len(mix) == 2 and all(_finite(v) for v in mix)):
         raise CheckpointError(path, f"training.mix {mix!r} is not two finite numbers (lambda1 CF', lambda2 X)")
+
+
+def _finite(number: float) -> bool:
+    """math.isfinite, False also for an int too large for a float (JSON allows 10**400; isfinite raises)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False

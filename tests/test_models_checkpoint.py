@@ -96,6 +96,13 @@ def test_missing_file(tmp_path: Path) -> None:
     assert "absent.safetensors" in str(info.value)
 
 
+def test_a_link_loop_is_not_called_missing(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(CheckpointError, match="a symbolic link that leads nowhere"):
+        load_checkpoint(loop)
+
+
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a regular file"):
         load_checkpoint(tmp_path)
@@ -168,6 +175,7 @@ def test_metadata_not_json(tmp_path: Path) -> None:
         ({"training": {"mix": 5}}, "training.mix"),
         ({"training": {"mix": [0.5]}}, "training.mix"),
         ({"training": {"mix": [0.3, float("nan")]}}, "training.mix"),
+        ({"training": {"mix": [10**400, 1]}}, "training.mix"),  # JSON's int past any float: isfinite raised
     ],
 )
 def test_bad_metadata_fields(tmp_path: Path, good_file: Path, change: dict, message: str) -> None:
@@ -205,15 +213,25 @@ def test_declared_network_is_checked_against_the_header_before_it_is_built(
         return build_model(name, **args)
 
     monkeypatch.setattr(checkpoint_module, "build_model", spy)
-    wide = {**meta, "arch_args": {**meta["arch_args"], "channels": 1024, "blocks": 6}}
+    wide = {**meta, "arch_args": {**meta["arch_args"], "channels": 256, "blocks": 6}}
     with pytest.raises(CheckpointError, match=r"missing: blocks\.1\..*wrong shape: blocks\.0\.c1_r\.bias \[8\] "
-                                              r"\(needs \[1024\]\)"):
+                                              r"\(needs \[256\]\)"):
         load_checkpoint(_write_with_metadata(tmp_path / "wide.safetensors", tensors, wide))
     assert built_on == ["meta"]
     huge = {**meta, "arch_args": {**meta["arch_args"], "blocks": 10**6}}
     with pytest.raises(CheckpointError, match="blocks=1000000 is beyond any network"):
         load_checkpoint(_write_with_metadata(tmp_path / "huge.safetensors", tensors, huge))
     assert built_on == ["meta"]  # refused before even the meta build
+    deep = {**meta, "arch_args": {**meta["arch_args"], "blocks": 257}}  # 4096 took 7-16 s on the meta device
+    with pytest.raises(CheckpointError, match=r"blocks=257 is beyond any network of this package \(at most 256\)"):
+        load_checkpoint(_write_with_metadata(tmp_path / "deep.safetensors", tensors, deep))
+    assert built_on == ["meta"]
+    # each argument in bounds, together 621 M parameters: a sparse file with a matching header loaded into 6 GB
+    vast = {**meta, "arch_args": {**meta["arch_args"], "channels": 4096}}
+    with pytest.raises(CheckpointError, match=r"declares a network of 6\d\d,\d{3},\d{3} values, more than this "
+                                              r"package builds \(50,000,000\)"):
+        load_checkpoint(_write_with_metadata(tmp_path / "vast.safetensors", tensors, vast))
+    assert built_on == ["meta", "meta"]  # built on the meta device only
 
 
 @pytest.mark.parametrize(("name", "bad", "message"), [

@@ -102,6 +102,13 @@ def test_nearest_engine() -> None:
 def test_missing_and_bad_models(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ModelLoadError, match="not found"):
         create_engine(checkpoint=tmp_path / "nope.safetensors", device="cpu")
+    fifo, loop = tmp_path / "fifo.safetensors", tmp_path / "loop.safetensors"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    with pytest.raises(ModelLoadError, match=r"fifo\.safetensors.: not a regular file"):  # was "not found"
+        create_engine(checkpoint=fifo, device="cpu")
+    with pytest.raises(ModelLoadError, match=r"loop\.safetensors': a symbolic link that leads nowhere"):
+        create_engine(checkpoint=loop, device="cpu")
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 100)
     with pytest.raises(ModelLoadError, match=r"corrupt\.safetensors"):

@@ -385,3 +385,10 @@ def test_evaluate_prints_a_folder_name_that_is_not_utf8_on_a_strict_terminal(
     assert training_main(["evaluate", "--checkpoint", "rlfn_s_takdsr_x2", "--data", str(folder)]) == 0
     console.flush()
     assert "set_\\udcff" in console.buffer.getvalue().decode("utf-8")
+
+
+def test_evaluate_says_a_file_given_as_a_folder_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "frame.png"
+    image.write_bytes(b"")
+    assert training_main(["evaluate", "--checkpoint", "rlfn_s_takdsr_x2", "--data", str(image)]) == 1
+    assert f"evaluation image folder(s) missing: {image} (a file, not a folder)" in capsys.readouterr().err

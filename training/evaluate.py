@@ -106,7 +106,8 @@ def check_eval_folders(config: Config, min_lr_side: int | None = None) -> None:
     folders = [(Path(folder), "") for folder in config.eval.folders]
     if config.eval.cg_dev:
         folders.insert(0, (default_eval_dir(), f" (cg-dev; {shared_hint()})"))
-    missing = [f"{folder}{hint}" for folder, hint in folders if not folder.is_dir()]
+    missing = [f"{folder}{' (a file, not a folder)' if folder.exists() else ''}{hint}"
+               for folder, hint in folders if not folder.is_dir()]
     if missing:
         raise FileNotFoundError(f"evaluation image folder(s) missing: {'; '.join(missing)}")
     if min_lr_side is not None:  # each image decoded once more; the junk the scan skips is named in its warning

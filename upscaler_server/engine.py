@@ -556,7 +556,7 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
     if path.is_dir():
         raise ModelLoadError(f"checkpoint {path} is a folder; pass a .safetensors file or a bundled name "
                              f"({', '.join(sorted(p.stem for p in models.WEIGHTS_DIR.glob('*.safetensors')))})")
-    if not path.is_file():
+    if not os.path.lexists(path):  # anything there (a FIFO, a link loop) is for load_checkpoint to name
         hint = "" if checkpoint is not None else " (the bundled student has not shipped yet)"
         raise ModelLoadError(f"checkpoint {path} not found{hint}; pass --checkpoint PATH or a bundled name, or "
                              "--model NAME to run a registered model with random weights")
