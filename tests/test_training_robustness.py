@@ -208,6 +208,12 @@ class _Exploit:
         return (print, ("this must never run",))
 
 
+def _with_moments(optimizer_state: dict, moment: torch.Tensor) -> dict:
+    """Adam's saved state with every exp_avg replaced by `moment`."""
+    moments = {index: {**entry, "exp_avg": moment} for index, entry in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": moments}
+
+
 def test_tampered_training_states_are_refused_in_one_line(image_folder: Path, tmp_path: Path) -> None:
     run, state = _saved_state(tmp_path, image_folder)
     config = load_config(run / "config.toml")
@@ -216,6 +222,12 @@ def test_tampered_training_states_are_refused_in_one_line(image_folder: Path, tm
         "negative step": {**state, "step": -4},
         "bad generator": {**state, "torch_rng": torch.zeros(3)},
         "another network": {**state, "model": {f"network.other{i}": torch.zeros(2) for i in range(300)}},
+        # each went on, or failed later with no file named: an int64 network was cast to weights, Adam's moments
+        # of another shape failed the next step with a broadcast traceback, seconds failed float() unnamed
+        "integer weights": {**state, "model": {k: v.to(torch.int64) for k, v in state["model"].items()}},
+        "moments of another shape": {**state, "optimizer": _with_moments(state["optimizer"], torch.zeros(3))},
+        "seconds as text": {**state, "seconds": "abc"},
+        "negative budget spent": {**state, "budget_spent": -1.0},
     }
     for case, tampered in cases.items():
         torch.save(tampered, run / "state.pt")

@@ -377,6 +377,8 @@ class _Trainer:
                 raise ValueError(mismatch)
             self.trained.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if moments := _optimizer_state_mismatch(self.optimizer):
+                raise ValueError(moments)
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"].cpu())  # a ByteTensor of the generator's state size
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -463,6 +465,11 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
     if not isinstance(state["model"], dict) or not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"{path} is not a training state (its model is not a state dict or its step not a "
                          "non-negative int)")
+    for key in ("seconds", "budget_spent", "budget_s"):  # read back as floats on a resume
+        value = state.get(key, 0.0)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{path} is not a training state (its {key} {value!r:.40} is not a number of 0 or more)")
     return state
 
 
@@ -492,10 +499,24 @@ def _resolved_stage_paths(as_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:
-    """What keeps `saved` from loading into `module`, in one short line ("" when the names and shapes fit)."""
+    """What keeps `saved` from loading into `module`, in one short line ("" when the names, shapes and kinds fit:
+    load_state_dict would turn integer tensors into weights silently)."""
     expected = {name: list(tensor.shape) for name, tensor in module.state_dict().items()}
     stored = {name: list(value.shape) if isinstance(value, torch.Tensor) else None for name, value in saved.items()}
-    return describe_shape_mismatch(expected, stored)
+    mismatch = describe_shape_mismatch(expected, stored)
+    not_float = [name for name, value in saved.items() if isinstance(value, torch.Tensor)
+                 and not value.is_floating_point()]
+    return mismatch or (f"{not_float[0]} holds {saved[not_float[0]].dtype}, not weights" if not_float else "")
+
+
+def _optimizer_state_mismatch(optimizer: torch.optim.Optimizer) -> str:
+    """A loaded optimizer state whose moment tensors do not fit their parameters, in one line ("" when they do):
+    Adam's load_state_dict takes them as they are, and the next step failed with a broadcast error."""
+    for parameter, moments in optimizer.state.items():
+        for key, value in moments.items():
+            if key != "step" and isinstance(value, torch.Tensor) and value.shape != parameter.shape:
+                return f"optimizer {key} of shape {list(value.shape)} for a parameter of {list(parameter.shape)}"
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:
