@@ -4,9 +4,13 @@ thread), or given a bad ``out=`` or timeout."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import multiprocessing
+import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -15,7 +19,13 @@ import numpy as np
 import pytest
 
 from upscaler_server.client import UpscalerClient, _Link
-from upscaler_server.errors import ClientInterruptedError, ServerUnavailableError, UpscalerError
+from upscaler_server.errors import (
+    ClientInterruptedError,
+    ErrorCode,
+    ServerUnavailableError,
+    SessionError,
+    UpscalerError,
+)
 from upscaler_server.protocol import Submit
 
 from server_utils import run_server, stop
@@ -413,3 +423,104 @@ def test_an_interrupted_client_closes_without_raising_or_leaking() -> None:
         finally:
             daemon.proc.send_signal(signal.SIGCONT)
         assert client.closed and client._ctx.closed and threading.active_count() == before
+
+
+def test_a_client_finds_a_killed_daemon_within_a_second_not_after_every_timeout() -> None:
+    """README says a dead daemon is reported at once; only a new client did so. An existing one paid the timeout
+    times the attempts: 40 s for ping() and open_session(), 10 s for a frame, with the default 10 s x 4."""
+    with run_server("--backend", "nearest", check_clean=False) as daemon:
+        client = UpscalerClient(daemon.endpoint, timeout=10, retries=3, name="pytest")
+        session = client.open_session(16, 16, "RGB8", slots=2)
+        session.submit(0)  # in flight when the daemon dies
+        session.collect()
+        session.submit(1)
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        calls = {"collect": session.collect, "ping": client.ping, "open_session": lambda: client.open_session(8, 8),
+                 "upscale": lambda: client.upscale(np.zeros((20, 20, 3), np.uint8)),
+                 "session.upscale": lambda: session.upscale(np.zeros((16, 16, 3), np.uint8))}  # fmt: skip
+        for name, call in calls.items():
+            start = time.monotonic()
+            with pytest.raises(ServerUnavailableError):
+                call()
+            assert time.monotonic() - start < 3.0, name
+        client.close()
+        stop(daemon.proc)
+
+
+def test_an_inline_frame_over_the_daemons_limits_is_refused_before_it_is_sent() -> None:
+    """Past the message size limit libzmq drops the connection without a reply: upscale_inline waited every
+    attempt out, then blamed the daemon ("is it running?"); upscale() said what was wrong at once."""
+    with run_server("--backend", "nearest", "--max-pixels", "10000") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=3, retries=1, name="pytest") as client:
+        start = time.monotonic()
+        with pytest.raises(SessionError, match=r"frame 200x100 exceeds the daemon's limits .*10000 pixels") as info:
+            client.upscale_inline(np.zeros((100, 200, 4), np.uint8))
+        assert info.value.code == ErrorCode.SIZE_TOO_LARGE and time.monotonic() - start < 1.0
+        assert client.upscale_inline(np.zeros((50, 200, 4), np.uint8)).shape == (100, 400, 4)
+
+
+def test_a_forked_child_leaving_a_with_block_exits_cleanly() -> None:
+    """The child's __exit__ raised "created in another process": exit status 1 and a traceback, for a child that
+    did nothing wrong. Requests in the child are still refused (test_a_client_used_after_fork_...)."""
+    with run_server("--backend", "nearest") as daemon:
+        script = ("import os, sys\nfrom upscaler_server.client import UpscalerClient\n"
+                  f"with UpscalerClient({daemon.endpoint!r}, name='pytest') as client:\n"
+                  "    client.open_session(16, 16)\n"
+                  "    pid = os.fork()\n"
+                  "    if pid == 0:\n"
+                  "        sys.exit(0)\n"
+                  "    _, status = os.waitpid(pid, 0)\n"
+                  "print('child status', os.waitstatus_to_exitcode(status))\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "child status 0" in done.stdout, done.stderr
+        assert done.stderr == "", done.stderr
+
+
+def test_ctrl_c_right_after_a_reply_is_taken_does_not_lose_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt between taking the reply from the mailbox and dropping the frame from the queue lost the
+    reply: the next call waited its whole timeout x attempts, then raised on a healthy daemon."""
+    original_wait = _Link.wait
+    interrupts = [KeyboardInterrupt()]
+
+    def wait_then_interrupt(link: _Link, req: int, timeout: float) -> object:
+        reply = original_wait(link, req, timeout)
+        if reply is not None and interrupts:
+            raise interrupts.pop()  # as a signal would, once the reply is taken
+        return reply
+
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=2, retries=1, name="pytest") as client:
+        session = client.open_session(16, 16, "RGB8", slots=2)
+        monkeypatch.setattr(_Link, "wait", wait_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            session.upscale(np.full((16, 16, 3), 3, np.uint8))
+        start = time.monotonic()
+        assert (session.upscale(np.full((16, 16, 3), 5, np.uint8)) == 5).all()
+        assert time.monotonic() - start < 1.0
+
+
+def test_clients_and_sessions_refuse_to_be_copied_and_take_numpy_integers() -> None:
+    """copy.copy() of a session shared its ring lists, so closing the copy broke the original (IndexError); of a
+    client, its socket (ZMQError). np.int64 sizes, as frame.shape gives them, were refused as "not an integer"."""
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
+        session = client.open_session(np.int64(16), np.int64(8), "RGB8", slots=np.int32(2))
+        for copier in (copy.copy, copy.deepcopy, pickle.dumps):
+            for thing in (client, session):
+                with pytest.raises(TypeError, match="cannot be copied or pickled"):
+                    copier(thing)
+        session.submit(np.int64(1))
+        assert session.collect().slot == 1
+        with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+            session.submit("0")
+        with pytest.raises(ValueError, match="wait must be a number of seconds >= 0"):
+            session.has_result(float("nan"))
+        with pytest.raises(ValueError, match="unknown pixel format ''"):
+            client.upscale(np.zeros((8, 8, 3), np.uint8), pixel_format="")
+        with pytest.raises(TypeError, match="endpoint must be a string or None and name a string"):
+            UpscalerClient(5)
+        session.close()
+        for call in (session.free_slot, session.check_alive):
+            with pytest.raises(SessionError, match="closed"):
+                call()

@@ -108,6 +108,7 @@ class FrameResult:
 
 _PROBE_S = 0.5  # longest wait of the ipc probe's connect
 _INTERRUPT_SLICE_S = 0.05  # waits poll in slices this long, so interrupt() from another thread is seen soon
+_LIVENESS_S = 1.0  # a longer wait looks this often whether an ipc daemon is still there (one connect() each time)
 
 
 def _nobody_listens(endpoint: str) -> str | None:
@@ -137,7 +138,7 @@ class _Link:
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
         self._ctx = ctx
         self.endpoint = endpoint
-        self._pid = os.getpid()
+        self.owner_pid = os.getpid()
         # held while a thread sends or waits: a second thread at the same time gets an error, not a stolen reply,
         # a recv() that blocks forever or an aborted process (ZeroMQ sockets are not thread-safe)
         self._in_use = threading.RLock()
@@ -163,7 +164,7 @@ class _Link:
     @contextlib.contextmanager
     def _owned(self) -> Iterator[None]:
         """Raise UpscalerError when the socket is used after a fork or by two threads at once."""
-        if os.getpid() != self._pid:
+        if os.getpid() != self.owner_pid:
             raise UpscalerError("this UpscalerClient was created in another process (before a fork): create a new "
                                 "one in this process")
         if not self._in_use.acquire(blocking=False):
@@ -196,7 +197,8 @@ class _Link:
             return msg.req
 
     def wait(self, req: int, timeout: float) -> Message | None:
-        """The reply to ``req``, or None after ``timeout`` seconds; other awaited replies go to the mailbox."""
+        """The reply to ``req``, or None after ``timeout`` seconds (sooner when an ipc daemon is found gone); other
+        awaited replies go to the mailbox."""
         with self._owned():  # re-entrant: arrived() takes the same guard
             if not self.arrived(req, timeout):
                 return None
@@ -209,9 +211,11 @@ class _Link:
         with self._owned():
             deadline = time.monotonic() + timeout
             while req not in self._mailbox:
-                if not _readable(self._socket, deadline - time.monotonic(), self.interrupted):
-                    return False
-                self._receive()
+                left = deadline - time.monotonic()
+                if _readable(self._socket, min(left, _LIVENESS_S), self.interrupted):
+                    self._receive()
+                elif left <= _LIVENESS_S or _nobody_listens(self.endpoint) is not None:
+                    return False  # the timeout, or a daemon that died: no use waiting out the rest
             return True
 
     def _receive(self) -> None:
@@ -340,6 +344,9 @@ class UpscalerClient:
         ``retries`` + 1 silent attempts, or at once when an ``ipc://`` endpoint has no socket file or a stale one."""
         self.timeout = _positive_timeout(timeout, 10.0)
         self.retries = _retry_count(retries)
+        if not isinstance(endpoint, (str, type(None))) or not isinstance(name, str):
+            raise TypeError(f"endpoint must be a string or None and name a string, got {type(endpoint).__name__} "
+                            f"and {type(name).__name__}")
         self.closed = False
         self._name = name[:64]
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -398,6 +405,10 @@ class UpscalerClient:
     def __enter__(self) -> UpscalerClient:
         return self
 
+    def __reduce__(self) -> Any:
+        raise TypeError("an UpscalerClient cannot be copied or pickled (it owns a socket and its sessions' shared "
+                        "memory): create one per process or thread")
+
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
@@ -405,6 +416,10 @@ class UpscalerClient:
     def close(self) -> None:
         """Close every session (briefly waiting for the daemon), stop heartbeats and release the sockets."""
         if self.closed:
+            return
+        if os.getpid() != self._link.owner_pid:  # a forked child: the sockets and segments are the parent's
+            self.closed = True
+            self._finalizer.detach()
             return
         with self._link._owned():  # another thread in a request: raise before anything is changed
             self._finalizer.detach()
@@ -500,6 +515,10 @@ class UpscalerClient:
                 if reply is not None:
                     req = None  # answered: nothing to forget
                     return _expect(reply, expect)
+                gone = _nobody_listens(self.endpoint)
+                if gone is not None:  # the daemon died since hello: no attempt can be answered
+                    raise ServerUnavailableError(f"no upscaler daemon at {self.endpoint}: {gone}; start one with "
+                                                 "python -m upscaler_server")
                 if not idempotent and self._same_daemon(timeout):
                     continue
                 self._link.reconnect()
@@ -549,6 +568,8 @@ class UpscalerClient:
 
     @_exclusive
     def _open_session(self, width: int, height: int, pixel_format: str, slots: int, held_by_client: bool) -> Session:
+        # numpy integers too (a frame's shape often comes as np.int64); TypeError for anything that is no integer
+        width, height, slots = operator.index(width), operator.index(height), operator.index(slots)
         opened = self.request(Open(width=width, height=height, format=pixel_format, slots=slots), Opened)
         try:
             session = Session(self, opened, held_by_client=held_by_client)
@@ -603,7 +624,13 @@ class UpscalerClient:
     def upscale_inline(self, frame: np.ndarray, pixel_format: str | None = None) -> np.ndarray:
         """Upscale with the pixels inside the messages (no shared memory): for remote or sandboxed clients."""
         fmt = _format_of(frame, pixel_format)
-        msg = Process(width=frame.shape[1], height=frame.shape[0], format=fmt, frame=self.next_frame_id(),
+        height, width = frame.shape[:2]
+        limits = self.info
+        if width > limits.max_width or height > limits.max_height or width * height > limits.max_pixels:
+            # over the message size limit libzmq drops the connection without a reply: every attempt would time out
+            raise SessionError(f"frame {width}x{height} exceeds the daemon's limits {limits.max_width}x"
+                               f"{limits.max_height}, {limits.max_pixels} pixels", ErrorCode.SIZE_TOO_LARGE)
+        msg = Process(width=width, height=height, format=fmt, frame=self.next_frame_id(),
                       pixels=memoryview(np.ascontiguousarray(frame)).cast("B"))
         result = _retry_busy(lambda: self.request(msg, Result, idempotent=False), self.timeout)
         return np.frombuffer(result.pixels, np.uint8).reshape(result.height, result.width, -1)
@@ -645,6 +672,10 @@ class Session:
                                          self._in, self._out)
         self._next_slot = 0
         self.closed = False
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Session cannot be copied or pickled (it maps its client's shared memory): open one per "
+                        "client")
 
     @property
     def _client(self) -> UpscalerClient:
@@ -689,7 +720,9 @@ class Session:
         flight). Lets a loop keep several frames in flight, doing other work between short waits; such a loop
         checks the daemon itself (:meth:`check_alive`) when a frame takes too long."""
         self._check_open()
-        return bool(self._outstanding) and self._client._link.arrived(self._outstanding[0][0], wait)
+        if isinstance(wait, bool) or not isinstance(wait, numbers.Real) or not wait >= 0:  # NaN is not >= 0
+            raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
+        return bool(self._outstanding) and self._client._link.arrived(self._outstanding[0][0], float(wait))
 
     def _still_running(self, slot: int) -> bool:
         """Whether ``slot`` holds a frame given up on by collect() that the daemon has not finished yet."""
@@ -704,6 +737,7 @@ class Session:
     @_exclusive
     def free_slot(self) -> int | None:
         """A slot not in flight (round-robin), or None when all are."""
+        self._check_open()
         busy = set(self.in_flight) | {slot for slot in list(self._abandoned) if self._still_running(slot)}
         for i in range(self.slots):
             slot = (self._next_slot + i) % self.slots
@@ -717,12 +751,13 @@ class Session:
         """Ask the daemon to upscale input slot ``slot`` into output slot ``slot``; returns the frame id.
         Does not wait: :meth:`collect` returns results in submission order."""
         self._check_open()
+        slot = operator.index(slot)
         self._check_slot(slot)
         if slot in self.in_flight:
             raise SessionError(f"slot {slot} is still in flight; collect it first", ErrorCode.SLOT_IN_FLIGHT)
         # A slot whose frame collect() gave up on may be submitted again: if the daemon still runs that frame, this
         # one's reply is SLOT_IN_FLIGHT; if the old reply was lost, the daemon's answer frees the slot for good.
-        frame = self._client.next_frame_id() if frame is None else frame
+        frame = self._client.next_frame_id() if frame is None else operator.index(frame)
         req = self._client._link.send(Submit(session=self.id, slot=slot, frame=frame))
         self._outstanding.append((req, slot, frame))
         return frame
@@ -737,10 +772,11 @@ class Session:
         req, slot, frame = self._outstanding[0]
         link, timeout = self._client._link, _positive_timeout(timeout, self._client.timeout)
         for _ in range(self._client.retries + 1):
-            reply = link.wait(req, timeout)
-            if reply is not None:
+            if link.arrived(req, timeout):
+                # an interrupt (Ctrl-C) between taking the reply and dropping the frame from the queue lost the reply
+                # and stalled the next call a whole timeout: the frame leaves the queue first
                 self._outstanding.popleft()
-                done = _expect(reply, Done)  # an error reply raises (SLOT_IN_FLIGHT: the old frame still runs)
+                done = _expect(link.take(req), Done)  # an error reply raises (SLOT_IN_FLIGHT: the old frame runs)
                 stale = self._abandoned.pop(slot, None)  # a newer frame of the slot is done: the old one is over
                 if stale is not None:
                     link.forget(stale)
@@ -777,6 +813,7 @@ class Session:
         """Return if the daemon that has this session answers a ping (it is slow, not gone), asked on a throwaway
         socket within the client's timeout; ServerUnavailableError if none does, SessionLostError if it restarted or
         dropped the session."""
+        self._check_open()
         pong = self._client._probe([self.id], max(self._client.timeout, 1.0))  # a busy machine answers slowly
         if pong is None:
             raise ServerUnavailableError(f"the upscaler daemon at {self._client.endpoint} does not answer")
@@ -911,7 +948,7 @@ def _format_of(frame: np.ndarray, pixel_format: str | None) -> str:
     _require_array(frame, "frames must be numpy arrays")
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
         raise ValueError(f"frames must be (H, W, 3|4) uint8 arrays, got {frame.shape} {frame.dtype}")
-    fmt = pixel_format or ("RGB8" if frame.shape[2] == 3 else "RGBA8")
+    fmt = ("RGB8" if frame.shape[2] == 3 else "RGBA8") if pixel_format is None else pixel_format
     if fmt not in PIXEL_FORMATS:
         raise ValueError(f"unknown pixel format {fmt!r}; known: {', '.join(PIXEL_FORMATS)}")
     if PIXEL_FORMATS[fmt].channels != frame.shape[2]:
