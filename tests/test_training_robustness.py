@@ -5,6 +5,7 @@ files. Each must end in one clear error that names the file, with nothing lost."
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import io
 import json
 import sys
@@ -16,12 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from training.__main__ import main as training_main
-from training.config import StageConfig, load_config
+from training.config import StageConfig, dump_toml, load_config
 from training.data.images import DatasetError, SkippedFilesWarning
 from training.pipeline import run_pipeline
 from training.report import write_report
 from training.ship import ship_checkpoint, ship_run
-from training.trainer import TrainingInterrupted, read_state, train_stage
+from training.trainer import LOCK_FILE, TrainingInterrupted, read_state, train_stage
 
 from training_utils import make_image_folder, stop_at_step, tiny_config
 
@@ -404,3 +405,45 @@ def test_evaluate_says_a_file_given_as_a_folder_is_a_file(tmp_path: Path, capsys
     image.write_bytes(b"")
     assert training_main(["evaluate", "--checkpoint", "rlfn_s_takdsr_x2", "--data", str(image)]) == 1
     assert f"evaluation image folder(s) missing: {image} (a file, not a folder)" in capsys.readouterr().err
+
+
+def test_two_trainers_never_train_in_one_stage_folder(image_folder: Path, tmp_path: Path,
+                                                     stop_at_step_3: None) -> None:
+    """Two `pipeline --stages teacher` at once (or train_parallel.sh's `teacher,teacher`) wrote over each other's
+    state.pt, and one failed on the other's temporary file."""
+    config, run = _stage_config(image_folder, "teacher"), tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):  # the lock is released when a run ends, here by an interrupt
+        train_stage(config, run)
+    with open(run / LOCK_FILE, "a") as held:  # what the other trainer holds while it trains
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = (run / "state.pt").read_bytes()
+        with pytest.raises(ValueError, match=f"another trainer is training in {run}"):
+            train_stage(config, run, resume=True)
+        assert (run / "state.pt").read_bytes() == before
+    assert train_stage(config, run, resume=True).steps > 3  # free again: the resume goes on to the end
+
+
+def test_a_finished_stage_is_reported_kept_with_the_values_it_was_trained_with(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pipeline --stages teacher --set optim.steps=400` on a finished teacher printed "trained teacher" and left it
+    at its 2 steps."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 2})
+    run = tmp_path / "run"
+    assert training_main(["pipeline", "--config", str(_toml(config, tmp_path)), "--run-dir", str(run),
+                          "--stages", "teacher"]) == 0
+    capsys.readouterr()
+    final = (run / "teacher" / "final.safetensors").read_bytes()
+    assert training_main(["pipeline", "--config", str(_toml(config, tmp_path)), "--run-dir", str(run),
+                          "--stages", "teacher", "--set", "optim.steps=4", "--set", "optim.lr=5e-3"]) == 0
+    out = capsys.readouterr().out
+    assert (f"teacher: kept, finished before in {run / 'teacher'}; it was trained with other values for optim.lr, "
+            f"optim.steps (to train it with these, remove {run / 'teacher'})") in out
+    assert f"finished teacher in {run}" in out and "trained" not in out.replace("was trained", "")
+    assert (run / "teacher" / "final.safetensors").read_bytes() == final
+
+
+def _toml(config: object, folder: Path) -> Path:
+    path = folder / "config.toml"
+    path.write_text(dump_toml(config.to_dict()))
+    return path

@@ -178,7 +178,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / config.experiment.name
     results = run_pipeline(config, run_dir, args.stages)
     if results is None:
-        print(f"trained {', '.join(args.stages)} in {run_dir}")
+        print(f"finished {', '.join(args.stages)} in {run_dir}")  # trained now, or kept (said above)
         return 0
     for set_name, data in results["sets"].items():
         means = {name: round(s["mean"]["psnr_rgb"], 2) for name, s in data["scores"].items()}

@@ -105,6 +105,7 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
     for stage in chosen:
         stage_dir = run_dir / stage.name
         if (stage_dir / FINAL_FILE).exists():
+            _say_kept(dataclasses.replace(config, stage=stage), stage_dir)
             continue
         missing = [p for p in (stage.init_from, *stage.guides) if p and not Path(p).exists()]
         if missing:
@@ -144,6 +145,22 @@ def _check_same_training(config: Config, stage_dir: Path) -> None:
             f"line), or continue that stage alone with `python -m training train --resume {stage_dir}` (and "
             "--set KEY=VALUE for a change made on purpose)"
         )
+
+
+def _say_kept(config: Config, stage_dir: Path) -> None:
+    """A finished stage is kept, never trained again: say so, naming the keys this config would have trained it with
+    otherwise (a rerun with `--set optim.steps=...` reported the stage as trained and changed nothing)."""
+    try:
+        saved = load_config(stage_dir / "config.toml") if (stage_dir / "config.toml").is_file() else None
+    except ValueError:  # a damaged config.toml: the checkpoint is what counts
+        saved = None
+    changed = [] if saved is None else [key for key in differing_keys(_comparable(saved), _comparable(config))
+                                        if key not in _NOT_COMPARED]
+    other = ""
+    if changed:
+        keys = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+        other = f"; it was trained with other values for {keys} (to train it with these, remove {stage_dir})"
+    print(f"{config.stage.name}: kept, finished before in {stage_dir}{other}")
 
 
 def _started_with(stage_dir: Path) -> Config | None:

@@ -11,7 +11,9 @@ RUN_DIR/state.pt; `--resume RUN_DIR` continues from it exactly: batches are a pu
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
@@ -50,6 +52,7 @@ __all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_s
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.safetensors"
+LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
 SNAPSHOT_DIR = "snapshots"
 
 
@@ -130,6 +133,25 @@ class StepBatchSampler(Sampler[list[int]]):
             step += 1
 
 
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
+    """Hold `run_dir` for one trainer (rank 0 of a DDP run) while it trains: two in one stage folder (the same stage
+    listed twice, or a pipeline started while scripts/train_parallel.sh still trains it) overwrote each other's
+    state.pt, and one failed on the other's temporary file. The lock is the kernel's, so a killed trainer leaves
+    none behind; the empty .trainer.lock file stays."""
+    if not holder:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another trainer is training in {run_dir}: wait for it to end (or stop it) and run this "
+                             "again") from None
+        yield  # closing the file releases the lock
+
+
 def train_stage(config: Config, run_dir: Path, *, resume: bool = False) -> StageResult:
     """Train the stage described by `config.stage`; returns where the final checkpoint is."""
     return _Trainer(config, run_dir, _init_distributed(config.runtime.device)).run(resume)
@@ -184,6 +206,10 @@ class _Trainer:
             self._refuse_finished_resume(start_step)
         loss_module = self._distillation()
         loader = self._loader(start_step)  # the data is checked before the run's files change
+        with _run_dir_lock(self.run_dir, self.dist.main):
+            return self._train(start_step, loss_module, loader)
+
+    def _train(self, start_step: int, loss_module: Distillation, loader: DataLoader) -> StageResult:
         self.started = time.perf_counter()
         if self.dist.main:
             self._write_run_files(start_step)
