@@ -18,9 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import Teacher, build_model, load_checkpoint, load_model
+from models import Teacher, build_model, load_checkpoint, load_model, read_metadata
 from training.__main__ import main as training_main
 from training.config import Config, StageConfig, dump_toml, load_config
+from training.data import file_sha256
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
 from training.ship import ship_run
@@ -254,6 +255,10 @@ def test_export_state_rejects_a_missing_or_foreign_state(
     run = tmp_path / "teacher"
     train_stage(_stage_config(image_folder, tmp_path, "teacher"), run)
     out = str(tmp_path / "x.safetensors")
+    final = (run / "final.safetensors").read_bytes()
+    assert training_main(["export-state", str(run), "--out", str(run / "final.safetensors")]) == 1
+    assert "is the stage's own final checkpoint" in capsys.readouterr().err  # it was replaced, marked partial_of
+    assert (run / "final.safetensors").read_bytes() == final
     (run / "state.pt").rename(tmp_path / "kept.pt")  # the state saved at the end, put aside
     assert training_main(["export-state", str(run), "--out", out]) == 1
     assert "no saved state" in capsys.readouterr().err
@@ -544,6 +549,24 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     assert only_student["rlfn_s_takdsr_x2.safetensors"] == index["rlfn_s_takdsr_x2.safetensors"]
     with pytest.raises(ValueError, match="cannot ship stage"):
         ship_run(run_dir, tmp_path / "students", stages=["student_takdsr", "ta7"])
+
+    # a failed ship keeps weights.json in step with the files: those replaced before the failure are indexed
+    other_run = tmp_path / "smoke2"  # another run name: the shipped files' bytes differ from the first ship's
+    shutil.copytree(run_dir, other_run)
+    (tmp_path / "weights" / "rlfn_s_pisr_x2.safetensors").unlink()
+    (tmp_path / "weights" / "rlfn_s_pisr_x2.safetensors").mkdir()  # its write fails, after three others
+    with pytest.raises(OSError):
+        ship_run(other_run, tmp_path / "weights")
+    index = json.loads((tmp_path / "weights" / "weights.json").read_text())
+    replaced = [name for name in index if (tmp_path / "weights" / name).is_file()
+                and read_metadata(tmp_path / "weights" / name)["training"]["run"] == "smoke2"]
+    assert sorted(replaced) == ["rlfn_s_takdsr_x2.safetensors", "rlfn_ta_takdsr_x2.safetensors",
+                                "rlfn_teacher_takdsr_x2.safetensors"]  # fmt: skip
+    for name, entry in index.items():
+        if (tmp_path / "weights" / name).is_file():
+            assert file_sha256(tmp_path / "weights" / name) == entry["sha256"], name
+    shutil.rmtree(tmp_path / "weights" / "rlfn_s_pisr_x2.safetensors")
+    ship_run(run_dir, tmp_path / "weights")  # as it was, for the checks below
 
     unscored = json.loads((run_dir / "results.json").read_text())
     del unscored["models"]["PISR'"]

@@ -62,14 +62,16 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None) -> d
         loaded.append((checkpoint, stem, display, info, _means(scores_by_set, display, results_path)))
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
-    for checkpoint, stem, display, info, scores in loaded:
-        family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
-        name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
-        index[name] = _ship_file(
-            checkpoint, out_dir / name, report_name=display, run=run_dir.name, scores=scores,
-            bicubic=bicubic, params=info["params"], macs=info["macs"], latency=info.get("latency"),
-        )  # fmt: skip
-    _write_index(out_dir, index)
+    try:
+        for checkpoint, stem, display, info, scores in loaded:
+            family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
+            name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
+            index[name] = _ship_file(
+                checkpoint, out_dir / name, report_name=display, run=run_dir.name, scores=scores,
+                bicubic=bicubic, params=info["params"], macs=info["macs"], latency=info.get("latency"),
+            )  # fmt: skip
+    finally:  # a write that fails (a full disk, Ctrl-C) leaves the files before it replaced: the index says so
+        _write_index(out_dir, index)
     return index
 
 

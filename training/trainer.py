@@ -554,6 +554,8 @@ def export_state(state_path: Path, config: Config, out: Path) -> Path:
     """A checkpoint of the network in a saved training state (RUN_DIR/state.pt, written every
     `checkpoint_every` steps), to evaluate a run part-way; `config` is the run's (RUN_DIR/config.toml).
     Its metadata says `partial_of` the stage's planned steps and the step it was saved at."""
+    if out.resolve() == (state_path.parent / FINAL_FILE).resolve():  # a part-way network in the finished one's place
+        raise ValueError(f"{out} is the stage's own final checkpoint: export the state to another file")
     state = read_state(state_path, torch.device("cpu"))
     # the weights come from the state: build the bare network, without loading the teacher it started from
     network = build_stage_network(dataclasses.replace(config, stage=dataclasses.replace(config.stage, init_from="")))
