@@ -75,9 +75,23 @@ queue_1 >"$ROOT/queue_1.log" 2>&1 &
 first=$!
 queue_2 >"$ROOT/queue_2.log" 2>&1 &
 second=$!
-trap 'kill -INT $first $second 2>/dev/null' INT TERM
+signals=0  # a signal cuts a wait short: the queue is waited for again until it has stopped
+trap 'signals=$((signals + 1)); kill -INT $first $second 2>/dev/null' INT TERM
 status=0
-wait $first || status=$?
-wait $second || status=$?
-[ $status -eq 0 ] && evaluate_rows
+for queue in 1 2; do
+    if ((queue == 1)); then pid=$first; else pid=$second; fi
+    while true; do
+        before=$signals code=0
+        wait $pid || code=$?
+        ((signals != before)) || break
+    done
+    if ((code != 0)); then  # the reason is in the queue's log only: name it on the console
+        status=$code
+        echo "ablations_cpu: queue $queue failed (exit $code); the reason is in $ROOT/queue_$queue.log, which ends:" >&2
+        tail -n 5 "$ROOT/queue_$queue.log" | sed 's/^/    /' >&2
+    fi
+done
+if ((status == 0)); then  # not after &&, where a failing first evaluation would not stop the function
+    evaluate_rows
+fi
 exit $status

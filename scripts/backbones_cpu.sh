@@ -60,11 +60,51 @@ queue() {
     done
 }
 
-# wait_all PID...: wait for every background job PID (Ctrl-C interrupts them all); fails if any failed
+# failed LOG STATUS: say on the console which log holds the reason of a failure, with its last lines
+failed() {
+    echo "backbones_cpu: failed (exit $2); the reason is in $1, which ends:" >&2
+    tail -n 5 "$1" | sed 's/^/    /' >&2
+}
+
+# run_logged LOG FUNCTION ARGS...: FUNCTION ARGS (stopping at its first failing command) with its output in LOG;
+# a failure is named on the console (failed). Call it as a plain command, not in `if` or after && or ||, where
+# bash would not stop FUNCTION at a failing command.
+run_logged() {
+    local log=$1 status
+    shift
+    set +e
+    (
+        set -e
+        "$@"
+    ) >"$log" 2>&1
+    status=$?
+    set -e
+    ((status == 0)) || failed "$log" $status
+    return $status
+}
+
+# wait_all PID LOG [PID LOG...]: wait for every background job PID, whose output goes to LOG (Ctrl-C interrupts
+# them all); fails if any failed, naming the log of each failure on the console. The jobs are in this script's
+# process group, so a Ctrl-C from the terminal reaches their trainers already (a second one would stop them
+# unsaved); SIGTERM, to this script alone, is passed on as SIGINT (to the trainers of `teachers`: a queue's
+# subshell ignores it, as bash has asynchronous commands ignore SIGINT).
 wait_all() {
-    local pid status=0
-    trap "kill -INT $* 2>/dev/null" INT TERM
-    for pid in "$@"; do wait "$pid" || status=$?; done
+    local pids=() logs=() i status=0 code before
+    signals=0
+    while (($#)); do
+        pids+=("$1") logs+=("$2")
+        shift 2
+    done
+    trap 'signals=$((signals + 1))' INT
+    trap "signals=\$((signals + 1)); kill -INT ${pids[*]} 2>/dev/null" TERM
+    for i in "${!pids[@]}"; do
+        while true; do  # a signal cuts a wait short: wait again for the job to stop
+            before=$signals code=0
+            wait "${pids[$i]}" || code=$?
+            ((signals != before)) || break
+        done
+        ((code == 0)) || { failed "${logs[$i]}" $code; status=$code; }
+    done
     return $status
 }
 
@@ -72,11 +112,11 @@ comparison() {
     local pids=()
     mkdir -p "$ROOT"
     queue 0 "$@" >"$ROOT/queue_1.log" 2>&1 &
-    pids+=($!)
+    pids+=($! "$ROOT/queue_1.log")
     queue 1 "$@" >"$ROOT/queue_2.log" 2>&1 &
-    pids+=($!)
+    pids+=($! "$ROOT/queue_2.log")
     wait_all "${pids[@]}" || return $?
-    for family in "$@"; do evaluate "$family" >"$ROOT/evaluate_$family.log" 2>&1; done
+    for family in "$@"; do run_logged "$ROOT/evaluate_$family.log" evaluate "$family"; done
 }
 
 # extra_stage FAMILY DIR NAME ROLE STEPS INIT GUIDE...: one stage outside the pipeline in DIR/NAME, the same
@@ -140,7 +180,7 @@ teachers() {
     for stage in teacher teacher_continuous; do
         "$PY" -m training pipeline --config "$(config "$family")" --run-dir "$dir" --stages "$stage" \
             "${SCHEDULE[@]}" --set experiment.teacher_steps="$steps" >"$dir/$stage.log" 2>&1 &
-        pids+=($!)
+        pids+=($! "$dir/$stage.log")
     done
     wait_all "${pids[@]}" || return $?
     score "$dir" teacher_scores.json teacher teacher_continuous
@@ -152,24 +192,53 @@ per_family() {
     mkdir -p "$ROOT"
     for family in "$@"; do
         "$run" "$family" >"$ROOT/${run}_$family.log" 2>&1 &
-        pids+=($!)
+        pids+=($! "$ROOT/${run}_$family.log")
     done
     wait_all "${pids[@]}"
 }
 
-if [[ "${1:-}" == "cf-ta" ]]; then
+# usage_error MESSAGE: refuse the command line before anything trains
+usage_error() {
+    echo "backbones_cpu: $*" >&2
+    echo "usage: $0 [FAMILY...] | cf-ta FAMILY... | ship FAMILY... | ship-pisr FAMILY... | teachers FAMILY STEPS" >&2
+    exit 2
+}
+# check_families FAMILY...: each a family with its config (training/configs/<family>_x2.toml), each named once
+check_families() {
+    local family seen=" " known=() file
+    for file in training/configs/*_x2.toml; do
+        file=${file##*/}
+        known+=("${file%_x2.toml}")
+    done
+    for family in "$@"; do
+        [[ $family =~ ^[A-Za-z0-9_]+$ && -f training/configs/${family}_x2.toml ]] ||
+            usage_error "unknown family or mode '$family' (families: ${known[*]}; modes: cf-ta ship ship-pisr teachers)"
+        [[ $seen != *" $family "* ]] || usage_error "family '$family' is named twice"
+        seen+="$family "
+    done
+}
+
+mode=${1:-}
+if [[ $mode == cf-ta || $mode == ship || $mode == ship-pisr ]]; then
     shift
-    for family in "$@"; do cf_ta "$family" >"$ROOT/cf_ta_$family.log" 2>&1; done
-elif [[ "${1:-}" == "ship" || "${1:-}" == "ship-pisr" ]]; then
-    mode=$1
-    shift
-    (($#)) || { echo "usage: $0 $mode FAMILY... (e.g. $mode rfdn pan)" >&2; exit 2; }
-    if [[ $mode == ship ]]; then per_family ship_family "$@"; else per_family ship_pisr_family "$@"; fi
-elif [[ "${1:-}" == "teachers" ]]; then
-    (($# == 3)) || { echo "usage: $0 teachers FAMILY STEPS (e.g. teachers rfdn 6000)" >&2; exit 2; }
+    (($#)) || usage_error "$mode needs at least one FAMILY (e.g. $mode rfdn pan)"
+    check_families "$@"
+    if [[ $mode == cf-ta ]]; then
+        mkdir -p "$ROOT"
+        for family in "$@"; do run_logged "$ROOT/cf_ta_$family.log" cf_ta "$family"; done
+    elif [[ $mode == ship ]]; then
+        per_family ship_family "$@"
+    else
+        per_family ship_pisr_family "$@"
+    fi
+elif [[ $mode == teachers ]]; then
+    (($# == 3)) || usage_error "teachers needs FAMILY STEPS (e.g. teachers rfdn 6000)"
+    check_families "$2"
+    [[ $3 =~ ^[1-9][0-9]*$ ]] || usage_error "STEPS must be a whole number of steps > 0, not '$3'"
     teachers "$2" "$3"
 else
     families=("$@")
     ((${#families[@]})) || families=(rfdn pan rlfn)
+    check_families "${families[@]}"
     comparison "${families[@]}"
 fi

@@ -8,6 +8,7 @@ are made with (training.data.degrade). Scored like `python -m training evaluate`
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -26,21 +27,29 @@ def keys_bicubic(lr: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(lr8, scale_factor=scale, mode="bicubic", antialias=True, align_corners=False)
 
 
+def set_names(text: str) -> list[str]:
+    """--sets: comma-separated, empty items ignored; naming no set at all is refused (it scored nothing)."""
+    names = [name for name in text.split(",") if name]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no set; built-in sets: {', '.join(BUILTIN_SETS)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
-    parser.add_argument("--sets", help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} (default: cg-dev, "
-                        "unless --data is given, as for `python -m training evaluate`)")
+    parser.add_argument("--sets", type=set_names, help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} "
+                        "(default: cg-dev, unless --data is given, as for `python -m training evaluate`)")
     parser.add_argument("--data", type=Path, action="append", default=[], help="an image folder to score on")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     args = parser.parse_args(argv)
-    try:
-        names = None if args.sets is None else [name for name in args.sets.split(",") if name]
-        eval_config = builtin_sets_config(names, args.data)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
     predictors = {**baseline_predictors(args.scale), LABEL: lambda lr, hr: keys_bicubic(lr, args.scale)}
-    score_sets(predictors, eval_config, args.scale, args.json)
+    try:  # score_sets checks --json and reads every set before it scores anything
+        score_sets(predictors, builtin_sets_config(args.sets, args.data), args.scale, args.json)
+    # ValueError: an unknown set, an unwritable --json, a folder with no image (DatasetError); OSError: a missing one
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,28 +18,45 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models import Teacher, load_checkpoint
+from models import CheckpointError, Teacher, load_checkpoint, min_lr_size, resolve_checkpoint
 from models.encoder import LEVELS, quantize_8bit
 from training.config import Config, EvalConfig
-from training.evaluate import EvalImage, eval_sets, unique_labels
+from training.evaluate import EvalImage, check_output_file, eval_sets, unique_labels
 from training.metrics import image_metrics, psnr
 
 
-def parse_args() -> argparse.Namespace:
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _thread_count(text: str) -> int:
+    """0 (torch's default) to 1024, as `python -m training latency --threads`: far more threads than cores fail in
+    libgomp, or crash the process."""
+    if not text.isdigit() or int(text) > 1024:
+        raise argparse.ArgumentTypeError(f"expected 0 (torch's default) to 1024, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="teacher checkpoints")
+    # a file, or a bundled name such as rlfn_teacher_takdsr_x2, as for `python -m training evaluate`
+    parser.add_argument("checkpoints", nargs="+", type=resolve_checkpoint,
+                        help="teacher checkpoints: files or bundled names such as rlfn_teacher_takdsr_x2")
     parser.add_argument("--data", type=Path, help="an image folder instead of cg-dev")
-    parser.add_argument("--max-images", type=int, default=0, help="only the first N images (0: all)")
-    parser.add_argument("--crop", type=int, default=0, help="HR centre crop side (0: whole images)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--max-images", type=_count, default=0, help="only the first N images (0: all)")
+    parser.add_argument("--crop", type=_count, default=0, help="HR centre crop side (0: whole images)")
+    parser.add_argument("--threads", type=_thread_count, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def load_teacher(path: Path) -> Teacher:
@@ -86,22 +103,32 @@ def probe(path: Path, images: list[EvalImage], scale: int) -> dict[str, Any]:
     return {"checkpoint": str(path), "discrete": trained_discrete, "images": len(images), "mean": mean}
 
 
-def main() -> int:
-    args = parse_args()
+def scale_and_min_side(paths: list[Path]) -> tuple[int, int]:
+    """(scale, smallest LR side) the teachers in `paths` share; ValueError for teachers of different scales."""
+    teachers = [load_teacher(path) for path in paths]
+    scales = {teacher.scale for teacher in teachers}
+    if len(scales) != 1:
+        raise ValueError(f"the teachers upscale by different factors {sorted(scales)}: probe them separately")
+    return scales.pop(), max(min_lr_size(teacher) for teacher in teachers)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.json:  # checked first: the probe takes minutes
+        check_output_file(args.json, "the numbers")
     if args.threads:
         torch.set_num_threads(args.threads)
-    scales = {load_teacher(path).scale for path in args.checkpoints}
-    if len(scales) != 1:
-        raise SystemExit(f"the teachers upscale by different factors {sorted(scales)}: probe them separately")
-    scale = scales.pop()
+    labels = unique_labels(args.checkpoints)
+    scale, min_side = scale_and_min_side(args.checkpoints)
+    if args.crop and args.crop // scale < min_side:  # the decoder pools a window of min_side LR pixels (ESA)
+        raise ValueError(f"--crop {args.crop} is too small for these teachers: they read an HR crop of at least "
+                         f"{scale * min_side} px ({min_side} px LR at x{scale})")
     folders = [str(args.data)] if args.data else []
     eval_config = EvalConfig(
         cg_dev=not folders, rendered_val=False, folders=folders, max_images=args.max_images, crop=args.crop
     )
-    images = next(iter(eval_sets(Config(eval=eval_config), scale).values()))
-    results = [
-        {"label": label, **probe(path, images, scale)} for label, path in unique_labels(args.checkpoints).items()
-    ]
+    # images too small for the teachers are skipped, with a warning, as by `python -m training evaluate`
+    images = next(iter(eval_sets(Config(eval=eval_config), scale, min_side).values()))
+    results = [{"label": label, **probe(path, images, scale)} for label, path in labels.items()]
     columns = ["teacher", "CF kind", "PSNR as trained", "PSNR, kind switched", "outside [0,1]", "to nearest level",
                "levels/ch", "CF' vs X dB"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
@@ -115,6 +142,17 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    # ValueError: not a teacher, an unwritable --json, a small --crop, a folder with no image (DatasetError);
+    # OSError: a missing folder
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ learned even what a linear filter can; the CPU ablations use it to read their un
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,9 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import load_config
+from training.config import Config, EvalConfig, load_config
 from training.data import build_train_dataset
-from training.evaluate import BUILTIN_SETS, baseline_predictors, builtin_sets_config, score_sets
+from training.evaluate import (
+    BUILTIN_SETS,
+    baseline_predictors,
+    builtin_sets_config,
+    check_eval_folders,
+    check_output_file,
+    score_sets,
+)
 from training.trainer import stage_data_seed
 
 
@@ -82,28 +91,61 @@ def fit_linear_upsampler(
     return LinearUpsampler(weights, window, scale)
 
 
+def _odd_window(text: str) -> int:
+    if not text.isdigit() or int(text) % 2 == 0:
+        raise argparse.ArgumentTypeError(f"expected an odd number of LR pixels (1, 3, 5, ...), got {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def set_names(text: str) -> list[str]:
+    """--sets: comma-separated, empty items ignored; naming no set at all is refused (it scored nothing)."""
+    names = [name for name in text.split(",") if name]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no set; built-in sets: {', '.join(BUILTIN_SETS)}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="a training config: its [data] gives the patches")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--window", type=int, default=7, help="LR window side, odd (default 7)")
-    parser.add_argument("--patches", type=int, default=3000, help="training patches to fit on (default 3000)")
-    parser.add_argument("--sets", help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} (default: cg-dev, "
-                        "unless --data is given, as for `python -m training evaluate`)")
+    parser.add_argument("--window", type=_odd_window, default=7, help="LR window side, odd (default 7)")
+    parser.add_argument("--patches", type=_positive_int, default=3000,
+                        help="training patches to fit on (default 3000)")
+    parser.add_argument("--sets", type=set_names, help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} "
+                        "(default: cg-dev, unless --data is given, as for `python -m training evaluate`)")
     parser.add_argument("--data", type=Path, action="append", default=[], help="an image folder to score on")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def check_before_fit(config: Config, args: argparse.Namespace) -> EvalConfig:
+    """The evaluation config that scores the fitted filter, once everything the fit and the scoring need is known
+    to be there: the fit takes minutes, and a mistake found after it loses them. ValueError (DatasetError for a
+    folder with no usable image) or FileNotFoundError otherwise."""
+    if config.data is None:
+        raise ValueError(f"{args.config} has no [data] table: no training patches to fit on")
+    lr_patch = config.data.patch_size // config.experiment.scale
+    if args.window > lr_patch:
+        raise ValueError(f"--window {args.window} is larger than the config's LR patches ({lr_patch} px a side); "
+                         "use a smaller window or --set data.patch_size=...")
+    scoring = dataclasses.replace(config, eval=builtin_sets_config(args.sets, args.data))
+    if args.json:
+        check_output_file(args.json, "the scores")
+    check_eval_folders(scoring, min_lr_side=1)  # decodes the --data images once more: seconds, not a fit's minutes
+    return scoring.eval
+
+
+def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     scale = config.experiment.scale
-    try:  # refused before the fit, which takes minutes
-        names = None if args.sets is None else [name for name in args.sets.split(",") if name]
-        eval_config = builtin_sets_config(names, args.data)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    eval_config = check_before_fit(config, args)
     dataset = build_train_dataset(config.data, scale, stage_data_seed(config), progress=False)
     count = min(args.patches, len(dataset))
     model = fit_linear_upsampler(((dataset[i]["lr"], dataset[i]["hr"]) for i in range(count)), args.window, scale)
@@ -112,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{label}: least squares over {count} training patches of {args.config}")
     score_sets(predictors, eval_config, scale, args.json)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    # ValueError: a bad config or --set, window, set, --json or image folder (DatasetError); OSError: a missing file
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,21 +25,33 @@ STAGES=student_takdsr,student_pisr,student_alone
 # PYTHON runs the trainers: by default the repository's .venv (scripts/setup.sh) when there is one, else python3
 python=${PYTHON:-.venv/bin/python}
 [[ -n ${PYTHON:-} || -x $python ]] || python=python3
+# OUT_DIR first: hours of training are no use when their checkpoints cannot be copied out
+mkdir -p "$out_dir" && [[ -d $out_dir && -w $out_dir ]] ||
+    { echo "matched_students: cannot write to OUT_DIR '$out_dir' (no folder, or not writable)" >&2; exit 1; }
 # the guides and initialisations the pipeline looks for in RUN_DIR: the shipped teacher, TA and continuous teacher
 "$python" -m training seed-run "$run_dir" --stages teacher,ta1,teacher_continuous || exit 1
-mkdir -p "$out_dir"
 
-trap '' INT # the trainers take the Ctrl-C themselves and save their state; this script stays to copy it
+# The trainers take a Ctrl-C (passed on by train_parallel.sh) and save their state; this script stays to copy it.
+# A trap, not an ignored INT, so that train_parallel.sh can take the signal too.
+trap ':' INT
+status=0
 PYTHON=$python bash scripts/train_parallel.sh "${CONFIG:-training/configs/rlfn_x2.toml}" "$run_dir" 0 "$STAGES" \
     --set "experiment.student_steps=$steps" --set optim.batch_size=32 --set data.cache_mb=2048 \
-    --set runtime.log_every=200 --set runtime.checkpoint_every=500 "$@"
-status=$?
+    --set runtime.log_every=200 --set runtime.checkpoint_every=500 "$@" || status=$?
 
 for stage in ${STAGES//,/ }; do
     if [[ -f $run_dir/$stage/final.safetensors ]]; then
-        cp "$run_dir/$stage/final.safetensors" "$out_dir/$stage.safetensors"
+        from=$run_dir/$stage/final.safetensors to=$out_dir/$stage.safetensors
     elif [[ -f $run_dir/$stage/state.pt ]]; then
-        cp "$run_dir/$stage/state.pt" "$out_dir/$stage.state.pt"
+        from=$run_dir/$stage/state.pt to=$out_dir/$stage.state.pt
+    else
+        echo "matched_students: $stage left no checkpoint or state in $run_dir/$stage to copy" >&2
+        ((status)) || status=1
+        continue
+    fi
+    if ! cp "$from" "$to"; then
+        echo "matched_students: could not copy $from to $to" >&2
+        ((status)) || status=1
     fi
 done
 exit $status

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from upscaler_server.config import BACKEND_CHOICES
 
 # Runs in a child process per (backend, mode): RSS must start from a process that has seen no other frame.
 _CHILD = """
 import json, random, sys
 import numpy as np
 from upscaler_server.engine import create_engine
+from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import PIXEL_FORMATS
 
 def rss_mb():
@@ -28,7 +32,11 @@ def rss_mb():
         return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS"))
 
 backend, mode, frames, points = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-engine = create_engine(device="cpu", threads=1, backend=backend)
+try:
+    engine = create_engine(device="cpu", threads=1, backend=backend)
+except ConfigError as exc:  # the parent checked the name: a backend this machine cannot run (a package missing)
+    print(json.dumps({"unavailable": str(exc)}))
+    sys.exit()
 rgb, rng = PIXEL_FORMATS["RGB8"], random.Random(0)
 fixed = [(64, 64), (96, 54), (128, 72), (80, 80)]
 sizes = [(rng.randint(16, 128), rng.randint(16, 128)) if mode == "random" else fixed[i % 4] for i in range(frames)]
@@ -43,31 +51,65 @@ print(json.dumps({"sizes": len(set(sizes)), "trace": trace}))
 
 
 def measure(backend: str, mode: str, frames: int, points: int) -> dict:
+    """The child's {"sizes", "trace"}, or {"unavailable": why} for a backend it cannot run; RuntimeError with the
+    child's last error line when it fails."""
     run = subprocess.run([sys.executable, "-c", _CHILD, backend, mode, str(frames), str(points)], capture_output=True,
-                         text=True, check=True)  # fmt: skip
+                         text=True)  # fmt: skip
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines() or [f"exited with status {run.returncode}"]
+        raise RuntimeError(f"{backend}/{mode}: {lines[-1]}")
     return json.loads(run.stdout.splitlines()[-1])
+
+
+def backend_names(text: str) -> list[str]:
+    """--backends: comma-separated names the engine knows (checked here: a child would fail only after the others
+    had been measured)."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in BACKEND_CHOICES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; use one of {', '.join(BACKEND_CHOICES)}")
+    return names
+
+
+def measure_all(backends: list[str], frames: int, points: int) -> dict[str, dict]:
+    """Every backend in both modes, printed as a table as it goes; RuntimeError when none could run."""
+    every = frames // points  # a reading every `every` frames: the last one may come before the last frame
+    results = {}
+    print(f"| backend | frame sizes | distinct sizes | RSS MB after 0, {every} ... {frames - frames % every} "
+          "frames | MB grown after the first reading |")
+    print("|---|---|---|---|---|")
+    for backend in backends:
+        for mode in ("fixed", "random"):
+            result = measure(backend, mode, frames, points)
+            if "unavailable" in result:
+                print(f"note: {backend} skipped: {result['unavailable']}", file=sys.stderr)
+                break
+            results[f"{backend}/{mode}"] = result
+            trace = " / ".join(str(round(mb)) for _, mb in result["trace"])
+            grown = result["trace"][-1][1] - result["trace"][1][1]  # past the first reading: warm-up is done
+            print(f"| {backend} | {mode} | {result['sizes']} | {trace} | {grown:.0f} |")
+    if not results:
+        raise RuntimeError(f"none of the backends {', '.join(backends)} can run here")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="eager,onnxruntime", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--backends", type=backend_names, default="eager,onnxruntime",
+                        help="comma-separated (default: %(default)s); one that cannot run here is skipped, with a note")
     parser.add_argument("--frames", type=int, default=800, help="frames per run (default: %(default)s)")
     parser.add_argument("--points", type=int, default=4, help="RSS readings per run after the start (default: 4)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if not 1 <= args.points <= args.frames:
         parser.error(f"--points must be 1 to --frames ({args.frames})")
-    results = {}
-    print(f"| backend | frame sizes | distinct sizes | RSS MB after 0, {args.frames // args.points} ... {args.frames} "
-          "frames | MB grown after the first reading |")
-    print("|---|---|---|---|---|")
-    for backend in args.backends.split(","):
-        for mode in ("fixed", "random"):
-            result = measure(backend, mode, args.frames, args.points)
-            results[f"{backend}/{mode}"] = result
-            trace = " / ".join(str(round(mb)) for _, mb in result["trace"])
-            grown = result["trace"][-1][1] - result["trace"][1][1]  # past the first reading: warm-up is done
-            print(f"| {backend} | {mode} | {result['sizes']} | {trace} | {grown:.0f} |")
+    try:
+        if args.json and (args.json.is_dir() or not os.access(args.json.parent, os.W_OK | os.X_OK)):
+            raise ValueError(f"--json {args.json}: name a file in an existing, writable folder")  # before measuring
+        results = measure_all(args.backends, args.frames, args.points)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -125,15 +125,38 @@ def measure(mode: str, width: int, height: int, frames: int, grow_bytes: int) ->
             "resizing_p50_ms": statistics.median(resized), "resizing_max_ms": max(resized)}
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def check_before_measuring(json_path: pathlib.Path | None, grow_bytes: int) -> None:
+    """ValueError for a --json that cannot be written or a --grow-mb that the shared-memory folder has no room for
+    (the resizer would fail part-way through the first daemon's run)."""
+    if json_path and (json_path.is_dir() or not os.access(json_path.parent, os.W_OK | os.X_OK)):
+        raise ValueError(f"--json {json_path}: name a file in an existing, writable folder")
+    shm = os.statvfs(SHM_DIR)
+    free = shm.f_bavail * shm.f_frsize
+    if grow_bytes > free:
+        raise ValueError(f"--grow-mb {grow_bytes >> 20}: {SHM_DIR} has {free >> 20} MB free to grow a segment into")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=(640, 360), help="LR frame WxH of both sessions")
-    parser.add_argument("--frames", type=int, default=30, help="victim round trips per phase")
-    parser.add_argument("--grow-mb", type=int, default=2048, help="how far the resizer grows its segment, MB")
+    parser.add_argument("--frames", type=_positive_int, default=30, help="victim round trips per phase")
+    parser.add_argument("--grow-mb", type=_positive_int, default=2048, help="how far the resizer grows its segment, MB")
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
     width, height = args.size
-    rows = [measure(mode, width, height, args.frames, args.grow_mb << 20) for mode in MODES]
+    try:
+        check_before_measuring(args.json, args.grow_mb << 20)
+        rows = [measure(mode, width, height, args.frames, args.grow_mb << 20) for mode in MODES]
+    # RuntimeError: a daemon that did not start, a request it refused (a size out of its range), a failed resizer
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"victim round trips at {width}x{height}, {args.frames} frames per phase, resizer grows by {args.grow_mb} MB")
     print(f"{'daemon':>10} {'alone p50':>10} {'alone max':>10} {'resizing p50':>13} {'resizing max':>13}")
     for row in rows:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from training.evaluate import check_output_file
 from training.report import latency_where
 
 METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
@@ -26,35 +28,78 @@ METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
 def merged_scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
     """{set: {label: mean scores}} over several files; a label scored twice on one set is an error."""
     merged: dict[str, dict[str, Any]] = {}
+    found_in: dict[tuple[str, str], Path] = {}
     for path in paths:
         for set_name, by_label in _scores_by_set(path).items():
             for label, result in by_label.items():
                 known = merged.setdefault(set_name, {})
                 if label in known and label not in ("bicubic", "lanczos"):  # the baselines repeat in every file
-                    raise ValueError(f"{label!r} is scored twice on {set_name}")
+                    raise ValueError(_scored_twice(label, set_name, found_in[set_name, label], path))
                 known[label] = result["mean"]
+                found_in[set_name, label] = path
     return merged
+
+
+def _scored_twice(label: str, set_name: str, first: Path, second: Path) -> str:
+    if first.resolve() == second.resolve():
+        return f"{label!r} is scored twice on {set_name}: {second} is given twice"
+    # `evaluate` labels a checkpoint evaluated alone by its file name: every run's final.safetensors is `final`
+    return (f"{label!r} is scored twice on {set_name}, in {first} and in {second}: to tell two checkpoints apart, "
+            "evaluate them together (one `python -m training evaluate` labels them by their folders, a/final and "
+            "b/final) or give them different file (or, for a results.json, run folder) names")
 
 
 def merged_info(paths: list[Path]) -> dict[str, dict[str, Any]]:
     """{label: the model's entry in "models"} of every results.json among `paths` (labels as in merged_scores)."""
     info: dict[str, dict[str, Any]] = {}
     for path in paths:
-        for display, entry in json.loads(path.read_text()).get("models", {}).items():
+        for display, entry in _read_json(path).get("models", {}).items():
             info[f"{path.parent.name}/{display}"] = entry
     return info
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is not a JSON file ({exc})") from None
+
+
 def _scores_by_set(path: Path) -> dict[str, dict[str, Any]]:
-    """{set: {label: {"mean": ...}}}: an evaluate --json file as it is, a results.json with run-prefixed labels."""
-    data = json.loads(path.read_text())
-    if "sets" not in data or "models" not in data:
-        return data
-    return {
-        set_name: {label if label in ("bicubic", "lanczos") else f"{path.parent.name}/{label}": result
-                   for label, result in results["scores"].items()}
-        for set_name, results in data["sets"].items()
-    }  # fmt: skip
+    """{set: {label: {"mean": ...}}}: an evaluate --json file as it is, a results.json with run-prefixed labels.
+    ValueError for a file that is neither, or holds no scores (a table of nothing would look like a result)."""
+    data = _read_json(path)
+    if isinstance(data, dict) and "sets" in data and "models" in data:  # a pipeline's results.json
+        sets = data["sets"]
+        if not isinstance(sets, dict) or not all(isinstance(results, dict) and isinstance(results.get("scores"), dict)
+                                                 for results in sets.values()):  # fmt: skip
+            raise ValueError(f'{path}: a results.json ("sets" and "models") whose sets hold no "scores"')
+        data = {
+            set_name: {label if label in ("bicubic", "lanczos") else f"{path.parent.name}/{label}": result
+                       for label, result in results["scores"].items()}
+            for set_name, results in sets.items()
+        }  # fmt: skip
+    problem = _layout_problem(data)
+    if problem:
+        raise ValueError(f"{path} is neither `python -m training evaluate --json` output nor a pipeline's "
+                         f"results.json: {problem}")
+    if not any(data.values()):
+        raise ValueError(f"{path} holds no scores")
+    return data
+
+
+def _layout_problem(data: Any) -> str | None:
+    """What keeps `data` from being {set: {label: {"mean": {metric: number}}}}, or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object of evaluation sets"
+    for set_name, by_label in data.items():
+        if not isinstance(by_label, dict):
+            return f"{set_name!r} is not an object of scored models"
+        for label, result in by_label.items():
+            mean = result.get("mean") if isinstance(result, dict) else None
+            if not isinstance(mean, dict) or not all(isinstance(mean.get(key), (int, float)) for key in METRICS):
+                return f"{label!r} on {set_name!r} has no mean {', '.join(METRICS)}"
+    return None
 
 
 INFO_COLUMNS = ("params", "GMACs", "steps", "train s", "ms at 960x540")
@@ -97,9 +142,11 @@ def _rows(text: str | None, scores: dict[str, dict[str, Any]]) -> list[tuple[str
         labels = list(dict.fromkeys(label for by_label in scores.values() for label in by_label))
         return [(label, label) for label in labels]
     pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if not pairs:
+        raise ValueError(f"--rows {text!r} names no model")
     unknown = [label for label, *_ in pairs if not any(label in by_label for by_label in scores.values())]
     if unknown:
-        raise SystemExit(f"no scores for {unknown}")
+        raise ValueError(f"no scores for {unknown}")
     return [(label, rest[0] if rest else label) for label, *rest in pairs]
 
 
@@ -126,22 +173,41 @@ def plot(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]], path: P
     plt.close(figure)
 
 
-def main() -> None:
+def check_plot(path: Path, scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]]) -> None:
+    """ValueError unless plot() can draw `rows` into `path`: a suffix matplotlib writes (none: it adds .png), an
+    existing folder, every row scored on every set."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in formats:
+        raise ValueError(f"--plot {path}: matplotlib writes no {path.suffix} files; use one of "
+                         f"{', '.join('.' + name for name in sorted(formats))}")
+    check_output_file(path, "the plot")
+    missing = [label for label, _ in rows if any(label not in by_label for by_label in scores.values())]
+    if missing:
+        raise ValueError(f"--plot needs every row scored on every set; missing: {missing}")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scores", nargs="+", type=Path)
     parser.add_argument("--rows", help="label=Name pairs, comma-separated, in table order")
     parser.add_argument("--plot", type=Path, help="also draw the rows' PSNR RGB as bars into this PNG")
     parser.add_argument("--info", action="store_true", help="add parameters, MACs, steps, seconds, inference ms")
-    args = parser.parse_args()
-    scores = merged_scores(args.scores)
-    rows = _rows(args.rows, scores)
-    print(table(scores, rows, merged_info(args.scores) if args.info else None))
-    if args.plot:
-        missing = [label for label, _ in rows if any(label not in by_label for by_label in scores.values())]
-        if missing:
-            raise SystemExit(f"--plot needs every row scored on every set; missing: {missing}")
-        plot(scores, rows, args.plot)
+    args = parser.parse_args(argv)
+    try:
+        scores = merged_scores(args.scores)
+        rows = _rows(args.rows, scores)
+        if args.plot:  # before the table: a refused plot leaves no half-done output
+            check_plot(args.plot, scores, rows)
+        print(table(scores, rows, merged_info(args.scores) if args.info else None))
+        if args.plot:
+            plot(scores, rows, args.plot)
+    except (ValueError, OSError) as exc:  # OSError: a file that cannot be read, a plot that cannot be written
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

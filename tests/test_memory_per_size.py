@@ -23,3 +23,14 @@ def test_memory_per_size_reports_each_run(tmp_path: pathlib.Path) -> None:
         assert [index for index, _ in result["trace"]] == [0, 4, 8]
         assert all(100 < mb < 10_000 for _, mb in result["trace"])  # a torch process: hundreds of MB
     assert "| eager | random |" in run.stdout
+
+
+def test_the_header_names_the_frames_read_at(tmp_path: pathlib.Path) -> None:
+    """A reading every frames // points frames: with 5 frames and 2 points the last comes after frame 4, not 5."""
+    out = tmp_path / "memory.json"
+    run = subprocess.run([sys.executable, "scripts/memory_per_size.py", "--backends", "eager", "--frames", "5",
+                          "--points", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "| RSS MB after 0, 2 ... 4 frames |" in run.stdout.splitlines()[0]
+    assert [index for index, _ in json.loads(out.read_text())["eager/fixed"]["trace"]] == [0, 2, 4]

@@ -720,7 +720,7 @@ def test_matched_students_stopped_by_ctrl_c_hand_back_their_state(image_folder: 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 1, output
+    assert process.returncode == 130, output  # train_parallel.sh passed the Ctrl-C on and exits 130
     for stage in MATCHED:
         assert f"{stage}: exit 130" in output
         state = torch.load(out_dir / f"{stage}.state.pt", weights_only=True)
