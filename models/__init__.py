@@ -16,6 +16,7 @@ from .checkpoint import (
     read_metadata,
     resolve_checkpoint,
     save_checkpoint,
+    size_problem,
     unwrap,
 )
 from .encoder import CompactEncoder, EncoderConfig, quantize_8bit
@@ -65,5 +66,6 @@ __all__ = [
     "read_metadata",
     "resolve_checkpoint",
     "save_checkpoint",
+    "size_problem",
     "unwrap",
 ]

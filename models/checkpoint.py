@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .registry import arch_name, build_model
+from .teacher import Teacher
 
 __all__ = [
     "Checkpoint",
@@ -38,6 +39,7 @@ __all__ = [
     "read_metadata",
     "resolve_checkpoint",
     "save_checkpoint",
+    "size_problem",
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the bundled checkpoints, installed with the package
@@ -45,10 +47,10 @@ FORMAT_VERSION = 1
 _MAX_ARCH_INT = 4096  # no width, block count or scale of these networks comes near it
 # Even on the meta device each block costs time (4096 blocks: 7-16 s before the file was refused); the full
 # backbones have 6 (RLFN, RFDN) and 16 (PAN).
-_MAX_BLOCKS = 256
+MAX_BLOCKS = 256
 # Each argument within its bound still multiplies out (channels 4096: 621 M parameters, 6 GB, from a sparse file of
 # 8 KB on disk). The largest shipped network has 0.65 M parameters; 50 M is 200 MB of float32.
-_MAX_PARAMETERS = 50_000_000
+MAX_VALUES = 50_000_000
 METADATA_KEY = "takdsr"
 ROLES = ("teacher", "ta", "student")
 VALUE_RANGE = [0.0, 1.0]
@@ -85,6 +87,9 @@ def save_checkpoint(
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     model = unwrap(model)
+    too_large = size_problem(model)
+    if too_large:  # every loader refuses such a file
+        raise ValueError(f"not writing {path}: {too_large}")
     metadata = {
         "format_version": FORMAT_VERSION,
         "arch": arch_name(model),
@@ -144,10 +149,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     shapes compared with the file's header, so a small file cannot make the loader allocate a huge network."""
     metadata = read_metadata(path)
     declared = _build(path, metadata, torch.device("meta"))
-    parameters = sum(t.numel() for t in declared.state_dict().values())
-    if parameters > _MAX_PARAMETERS:
-        raise CheckpointError(path, f"declares a network of {parameters:,} values, more than this package builds "
-                                    f"({_MAX_PARAMETERS:,})")
+    too_large = size_problem(declared)
+    if too_large:
+        raise CheckpointError(path, f"declares {too_large}")
     _check_shapes(path, metadata, declared)
     model = _build(path, metadata, torch.device("cpu"))
     state = _read_tensors(path)
@@ -158,6 +162,20 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     if model.scale != metadata["scale"]:
         raise CheckpointError(path, f"metadata scale {metadata['scale']} != the network's scale {model.scale}")
     return Checkpoint(model.to(device).eval(), metadata)
+
+
+def size_problem(model: nn.Module) -> str | None:
+    """Why a checkpoint of ``model`` would be refused for its size (over MAX_BLOCKS blocks, or MAX_VALUES values:
+    what keeps a small file from making a loader build a huge network), else None. The trainer asks before it
+    trains, and save_checkpoint before it writes."""
+    decoder = model.decoder if isinstance(model, Teacher) else model
+    blocks = getattr(getattr(decoder, "config", None), "blocks", 0)
+    if blocks > MAX_BLOCKS:
+        return f"a network of {blocks} blocks, more than checkpoints of this package may hold ({MAX_BLOCKS})"
+    values = sum(t.numel() for t in model.state_dict().values())
+    if values > MAX_VALUES:
+        return f"a network of {values:,} values, more than checkpoints of this package may hold ({MAX_VALUES:,})"
+    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -209,7 +227,7 @@ def _check_file(path: str | os.PathLike[str]) -> None:
 
 def _build(path: str | os.PathLike[str], metadata: dict[str, Any], device: torch.device) -> nn.Module:
     for key, value in metadata["arch_args"].items():  # even on the meta device, a million blocks take minutes
-        bound = _MAX_BLOCKS if key == "blocks" else _MAX_ARCH_INT
+        bound = MAX_BLOCKS if key == "blocks" else _MAX_ARCH_INT
         if isinstance(value, int) and not isinstance(value, bool) and value > bound:
             raise CheckpointError(path, f"arch_args {key}={value} is beyond any network of this package "
                                         f"(at most {bound})")

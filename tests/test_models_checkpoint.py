@@ -21,8 +21,9 @@ from models import (
     load_checkpoint,
     read_metadata,
     save_checkpoint,
+    size_problem,
 )
-from models.checkpoint import METADATA_KEY
+from models.checkpoint import MAX_BLOCKS, METADATA_KEY
 
 
 def _narrow(name: str) -> torch.nn.Module:
@@ -228,8 +229,8 @@ def test_declared_network_is_checked_against_the_header_before_it_is_built(
     assert built_on == ["meta"]
     # each argument in bounds, together 621 M parameters: a sparse file with a matching header loaded into 6 GB
     vast = {**meta, "arch_args": {**meta["arch_args"], "channels": 4096}}
-    with pytest.raises(CheckpointError, match=r"declares a network of 6\d\d,\d{3},\d{3} values, more than this "
-                                              r"package builds \(50,000,000\)"):
+    with pytest.raises(CheckpointError, match=r"declares a network of 6\d\d,\d{3},\d{3} values, more than "
+                                              r"checkpoints of this package may hold \(50,000,000\)"):
         load_checkpoint(_write_with_metadata(tmp_path / "vast.safetensors", tensors, vast))
     assert built_on == ["meta", "meta"]  # built on the meta device only
 
@@ -340,3 +341,14 @@ def test_the_demo_knows_the_bundled_names_as_the_loader_does() -> None:
         bundled_file = WEIGHTS_DIR / f"{path.name.removesuffix('.safetensors')}.safetensors"
         expected = names_bundled(path) and bundled_file.is_file()
         assert _bundled(path) == expected, text
+
+
+def test_nothing_is_saved_or_trained_that_the_loader_would_refuse(tmp_path: Path) -> None:
+    """A 300-block teacher trained and saved fine, and then no loader took it ("more than this package builds")."""
+    deep = build_model("rlfn_s", channels=4, blocks=MAX_BLOCKS + 1)
+    assert size_problem(deep) == (f"a network of {MAX_BLOCKS + 1} blocks, more than checkpoints of this package may "
+                                  f"hold ({MAX_BLOCKS})")
+    with pytest.raises(ValueError, match=r"not writing .*deep\.safetensors: a network of 257 blocks"):
+        save_checkpoint(deep, tmp_path / "deep.safetensors", role="student")
+    assert not (tmp_path / "deep.safetensors").exists()
+    assert size_problem(build_model("rlfn_teacher")) is None

@@ -8,7 +8,10 @@ import dataclasses
 import fcntl
 import io
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from training.data.images import DatasetError, SkippedFilesWarning
 from training.pipeline import run_pipeline
 from training.report import write_report
 from training.ship import ship_checkpoint, ship_run
-from training.trainer import LOCK_FILE, TrainingInterrupted, read_state, train_stage
+from training.trainer import FORCE_AFTER_S, LOCK_FILE, TrainingInterrupted, _Trainer, read_state, train_stage
 
 from training_utils import make_image_folder, stop_at_step, tiny_config
 
@@ -407,19 +410,26 @@ def test_evaluate_says_a_file_given_as_a_folder_is_a_file(tmp_path: Path, capsys
     assert f"evaluation image folder(s) missing: {image} (a file, not a folder)" in capsys.readouterr().err
 
 
-def test_two_trainers_never_train_in_one_stage_folder(image_folder: Path, tmp_path: Path,
-                                                     stop_at_step_3: None) -> None:
+def test_two_trainers_never_train_in_one_stage_folder(image_folder: Path, tmp_path: Path, stop_at_step_3: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Two `pipeline --stages teacher` at once (or train_parallel.sh's `teacher,teacher`) wrote over each other's
-    state.pt, and one failed on the other's temporary file."""
+    state.pt, and one failed on the other's temporary file. The lock comes first: taken after the state was read
+    and the data scanned, a resume still took up the other's state and wrote over its final checkpoint."""
     config, run = _stage_config(image_folder, "teacher"), tmp_path / "run"
     with pytest.raises(TrainingInterrupted):  # the lock is released when a run ends, here by an interrupt
         train_stage(config, run)
-    with open(run / LOCK_FILE, "a") as held:  # what the other trainer holds while it trains
+    with open(run / LOCK_FILE, "a") as held, monkeypatch.context() as patch:  # the other trainer, while it trains
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        patch.setattr(_Trainer, "_load_state", lambda self: pytest.fail("the state was read before the lock"))
         before = (run / "state.pt").read_bytes()
         with pytest.raises(ValueError, match=f"another trainer is training in {run}"):
             train_stage(config, run, resume=True)
         assert (run / "state.pt").read_bytes() == before
+    bad_data = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, sources=[dataclasses.replace(config.data.sources[0], path=str(tmp_path / "gone"))]))
+    with pytest.raises(DatasetError):  # refused before training: the folder it made for its lock goes again
+        train_stage(bad_data, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
     assert train_stage(config, run, resume=True).steps > 3  # free again: the resume goes on to the end
 
 
@@ -447,3 +457,35 @@ def _toml(config: object, folder: Path) -> Path:
     path = folder / "config.toml"
     path.write_text(dump_toml(config.to_dict()))
     return path
+
+
+def test_one_stop_delivered_twice_at_once_still_saves_the_state(image_folder: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler's SIGTERM to every process of a job and train_parallel.sh passing one on arrive together; the
+    second was taken as "force": KeyboardInterrupt, and no state.pt. A second signal later still forces."""
+    original_step = _Trainer._step
+
+    def step_then_two_signals(self: _Trainer, loss_module, batch, step):  # type: ignore[no-untyped-def]
+        terms = original_step(self, loss_module, batch, step)
+        if step + 1 == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return terms
+
+    monkeypatch.setattr(_Trainer, "_step", step_then_two_signals)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="interrupted by SIGTERM at step 3"):
+        train_stage(_stage_config(image_folder, "teacher"), run)
+    assert read_state(run / "state.pt", torch.device("cpu"))["step"] == 3
+    trainer = _Trainer.__new__(_Trainer)  # the handler alone: a second signal past FORCE_AFTER_S forces the stop
+    trainer.stop_requested, trainer.stop_requested_at = True, time.monotonic() - FORCE_AFTER_S - 1
+    with pytest.raises(KeyboardInterrupt):
+        trainer._on_stop_signal(signal.SIGINT, None)
+
+
+def test_a_stage_too_large_for_any_loader_is_refused_before_it_trains(image_folder: Path, tmp_path: Path) -> None:
+    config = _stage_config(image_folder, "teacher")
+    deep = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, teacher_blocks=300))
+    with pytest.raises(ValueError, match="stage teacher would train a network of 300 blocks, more than checkpoints"):
+        train_stage(deep, tmp_path / "deep")
+    assert not (tmp_path / "deep").exists()

@@ -43,6 +43,7 @@ from models import (
     load_checkpoint,
     min_lr_size,
     save_checkpoint,
+    size_problem,
 )
 from training.config import Config, config_from_toml, differing_keys, dump_toml
 from training.data import build_train_dataset, worker_start_method
@@ -52,6 +53,7 @@ __all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_s
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.safetensors"
+FORCE_AFTER_S = 2.0  # a second stop signal sooner than this after the first is the same stop, delivered twice
 LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
 SNAPSHOT_DIR = "snapshots"
 
@@ -142,14 +144,21 @@ def _run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
     if not holder:
         yield
         return
+    made_here = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another trainer is training in {run_dir}: wait for it to end (or stop it) and run this "
-                             "again") from None
-        yield  # closing the file releases the lock
+    try:
+        with open(run_dir / LOCK_FILE, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another trainer is training in {run_dir}: wait for it to end (or stop it) and run "
+                                 "this again") from None
+            yield  # closing the file releases the lock
+    except BaseException:
+        if made_here and [path.name for path in run_dir.iterdir()] == [LOCK_FILE]:  # refused before it trained
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
+        raise
 
 
 def train_stage(config: Config, run_dir: Path, *, resume: bool = False) -> StageResult:
@@ -170,6 +179,9 @@ class _Trainer:
         torch.manual_seed(config.runtime.seed)
         self.steps = stage_steps(config)
         self.network = build_stage_network(config).to(self.device)
+        too_large = size_problem(self.network)
+        if too_large:  # its checkpoint would be refused by every loader: say so before hours of training
+            raise ValueError(f"stage {config.stage.name} would train {too_large}")
         self.guides = [Guide(g.name, g.model.to(self.device), g.mix) for g in load_guides(config.stage.guides)]
         check_guides_fit(self.network, dict(zip(config.stage.guides, self.guides, strict=True)),
                          config.experiment.scale)
@@ -191,6 +203,7 @@ class _Trainer:
         )
         self.autocast_dtype = _autocast_dtype(config.runtime.amp, self.device)
         self.stop_requested = False
+        self.stop_requested_at = 0.0  # time.monotonic() of the first stop signal
         self.stop_signal = signal.SIGINT  # which signal asked to stop (SIGINT or SIGTERM)
         self.last_log: tuple[int, float] | None = None  # (step, clock) of the last metrics record
         self.started = 0.0
@@ -199,14 +212,14 @@ class _Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, resume: bool) -> StageResult:
-        if not resume:
-            self._refuse_earlier_run()
-        start_step = self._load_state() if resume else 0
-        if resume:
-            self._refuse_finished_resume(start_step)
-        loss_module = self._distillation()
-        loader = self._loader(start_step)  # the data is checked before the run's files change
-        with _run_dir_lock(self.run_dir, self.dist.main):
+        with _run_dir_lock(self.run_dir, self.dist.main):  # before the folder's files are looked at
+            if not resume:
+                self._refuse_earlier_run()
+            start_step = self._load_state() if resume else 0
+            if resume:
+                self._refuse_finished_resume(start_step)
+            loss_module = self._distillation()
+            loader = self._loader(start_step)  # the data is checked before the run's files change
             return self._train(start_step, loss_module, loader)
 
     def _train(self, start_step: int, loss_module: Distillation, loader: DataLoader) -> StageResult:
@@ -286,11 +299,15 @@ class _Trainer:
         return self.seconds_before + time.perf_counter() - self.started
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        """Ctrl-C or SIGTERM (a job scheduler's stop): finish the step, save the state, stop. Only sets flags."""
-        if self.stop_requested:  # a second signal forces
+        """Ctrl-C or SIGTERM (a job scheduler's stop): finish the step, save the state, stop. Only sets flags. A
+        second signal forces the stop, unsaved, but only a while after the first: one stop often comes twice at once
+        (a scheduler's SIGTERM to every process of a job plus the driver script passing one on), and taken as
+        "force" it lost the state."""
+        now = time.monotonic()
+        if self.stop_requested and now - self.stop_requested_at > FORCE_AFTER_S:
             raise KeyboardInterrupt
-        self.stop_requested = True
-        self.stop_signal = signum
+        if not self.stop_requested:
+            self.stop_requested, self.stop_requested_at, self.stop_signal = True, now, signum
 
     # -- pieces ---------------------------------------------------------------------------------
 
