@@ -443,7 +443,7 @@ def test_a_client_finds_a_killed_daemon_within_a_second_not_after_every_timeout(
             start = time.monotonic()
             with pytest.raises(ServerUnavailableError):
                 call()
-            assert time.monotonic() - start < 3.0, name
+            assert time.monotonic() - start < 4.0, name  # about 1 s (a frame) or 2 s (a request); was 10 or 40 s
         client.close()
         stop(daemon.proc)
 

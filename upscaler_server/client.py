@@ -507,6 +507,7 @@ class UpscalerClient:
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
         req: int | None = None
+        found_gone = False
         try:
             for _ in range(retries + 1):
                 if req is None:
@@ -516,9 +517,10 @@ class UpscalerClient:
                     req = None  # answered: nothing to forget
                     return _expect(reply, expect)
                 gone = _nobody_listens(self.endpoint)
-                if gone is not None:  # the daemon died since hello: no attempt can be answered
+                if gone is not None and found_gone:  # twice: no daemon, not one a supervisor is restarting
                     raise ServerUnavailableError(f"no upscaler daemon at {self.endpoint}: {gone}; start one with "
                                                  "python -m upscaler_server")
+                found_gone = found_gone or gone is not None  # one more attempt: it too ends within a second
                 if not idempotent and self._same_daemon(timeout):
                     continue
                 self._link.reconnect()
