@@ -312,8 +312,20 @@ def test_offline_cli_refuses_a_decompression_bomb_from_its_header(tmp_path: path
                            str(tmp_path / "bomb.png"), "-o", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1, done.stderr
-    assert "bomb.png: its header declares more than 67108864 pixels; not decoded" in done.stderr
+    assert "bomb.png: its header declares more than 67108864 pixels, more than this tool decodes" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_client_library_leaves_opencvs_decode_limit_alone() -> None:
+    """The package set it on import, so an application importing the client could no longer cv2.imread a 9000x9000
+    picture of its own; only the offline CLI, which decodes users' files, sets it."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    check = ("import os, upscaler_server.client, upscaler_server.engine\n"
+             "assert 'OPENCV_IO_MAX_IMAGE_PIXELS' not in os.environ\n"
+             "import upscaler_server.upscale\n"
+             "assert os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'] == str(1 << 26)\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_offline_cli_leaves_hidden_files_of_a_folder_out(tmp_path: pathlib.Path) -> None:

@@ -20,10 +20,12 @@ import pathlib
 import sys
 from collections.abc import Iterable, Sequence
 
+from upscaler_server.decode_limit import decode_limit  # first: it sets OpenCV's decode limit before cv2 loads
+
+# isort: split
 import cv2
 import numpy as np
 
-from upscaler_server import IMAGE_DECODE_MAX_PIXELS
 from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, cli_prog, engine_setting_problems
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
@@ -93,8 +95,8 @@ def read_8bit(src: pathlib.Path) -> np.ndarray:
         image = cv2.imdecode(data, flags) if data.size else None
     except cv2.error as exc:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):  # refused from its header (upscaler_server/__init__)
-            raise UpscalerError(f"{src}: its header declares more than {_decode_limit()} pixels; not decoded "
-                                "(OPENCV_IO_MAX_IMAGE_PIXELS raises the limit)") from None
+            raise UpscalerError(f"{src}: its header declares more than {decode_limit()} pixels, more than this tool "
+                                "decodes; not read") from None
         raise UpscalerError(f"{src}: OpenCV refused it ({exc.err or exc})") from None
     if image is None:
         raise UpscalerError(f"{src}: not an image OpenCV can read")
@@ -103,10 +105,6 @@ def read_8bit(src: pathlib.Path) -> np.ndarray:
     if image.dtype != np.uint8:
         raise UpscalerError(f"{src}: {image.dtype} pixels; only 8- and 16-bit images are supported")
     return image
-
-
-def _decode_limit() -> str:
-    return os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", str(IMAGE_DECODE_MAX_PIXELS))
 
 
 def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, overwrite: bool = False,
@@ -156,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse input images of more than N pixels (default {DEFAULT_MAX_PIXELS}, the daemon's "
-                        f"3840x2160; at most {IMAGE_DECODE_MAX_PIXELS})")
+                        f"3840x2160; at most OpenCV's decode limit, {decode_limit()})")
     add_backend_arguments(p, "eager")
     return p
 
@@ -166,8 +164,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     bad = engine_setting_problems(threads=args.threads, pad_channels=args.pad_channels)
     if not 1 <= args.scale <= SCALE_MAX:
         bad.append(f"1 <= --scale <= {SCALE_MAX}")
-    if not 1 <= args.max_pixels <= IMAGE_DECODE_MAX_PIXELS:
-        bad.append(f"1 <= --max-pixels <= {IMAGE_DECODE_MAX_PIXELS}")
+    if not 1 <= args.max_pixels <= decode_limit():  # a larger image would be refused from its header anyway
+        bad.append(f"1 <= --max-pixels <= {decode_limit()} (OpenCV's decode limit, OPENCV_IO_MAX_IMAGE_PIXELS)")
     if bad:
         raise ConfigError(f"invalid arguments: {', '.join(bad)}")
 
