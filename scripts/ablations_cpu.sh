@@ -76,7 +76,11 @@ first=$!
 queue_2 >"$ROOT/queue_2.log" 2>&1 &
 second=$!
 signals=0  # a signal cuts a wait short: the queue is waited for again until it has stopped
-trap 'signals=$((signals + 1)); kill -INT $first $second 2>/dev/null' INT TERM
+# A terminal's Ctrl-C reaches the trainers itself (they share its process group); the queues, background subshells,
+# ignore SIGINT. A SIGTERM to this script alone becomes one SIGINT for each queue's running trainer (its child):
+# it saves its state and stops, and its queue with it.
+trap 'signals=$((signals + 1))' INT
+trap 'signals=$((signals + 1)); pkill -INT -P "$first,$second"' TERM
 status=0
 for queue in 1 2; do
     if ((queue == 1)); then pid=$first; else pid=$second; fi

@@ -16,9 +16,9 @@ cd "$(dirname "$0")/.."
 EXTRAS=""
 [[ "${1:-}" == "--dev" ]] && EXTRAS="[dev]"
 TORCH_VERSION="2.13.0"
-# EGL/llvmpipe: headless rendering; xvfb: the demo window in tests; povray: training data;
-# the rest builds and checks the C client (examples/c_client)
-APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri libgles2 xvfb xauth povray povray-examples
+# EGL/llvmpipe: headless rendering; xvfb: the demo window in tests; povray: training data; procps: pkill, with
+# which scripts/ablations_cpu.sh passes a stop on to its trainers; the rest builds and checks the C client
+APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri libgles2 xvfb xauth povray povray-examples procps
     build-essential pkg-config libzmq3-dev libmsgpack-dev libpng-dev valgrind)
 PIP=(.venv/bin/python -m pip) # not .venv/bin/pip: its first line names the folder the venv was made in
 

@@ -368,3 +368,15 @@ def test_ablations_evaluate_after_both_queues(fake: dict[str, str], tmp_path: Pa
     assert result.returncode == 0, result.stdout + result.stderr
     assert [call["args"][2] for call in events(fake, "start")][-2:] == ["evaluate", "evaluate"]
     assert not result.stderr
+
+
+def test_ablations_pass_a_sigterm_on_to_each_running_trainer(fake: dict[str, str], tmp_path: Path) -> None:
+    """The trap sent SIGINT to the queues, background subshells that ignore it: 30 s after a SIGTERM nothing had
+    stopped, and a queue went on to its next row."""
+    env = {**fake, "FAKE_SLEEP": "6"}
+    with started("ablations_cpu.sh", str(tmp_path / "root"), env=env, calls=2) as process:
+        process.send_signal(signal.SIGTERM)  # the script alone, as `kill PID` does
+        output, _ = process.communicate(timeout=8)
+        assert process.returncode == 130, output
+    assert sorted(event["signum"] for event in events(env, "signal")) == [signal.SIGINT, signal.SIGINT]
+    assert len(events(env, "stopped")) == 2 and len(events(env, "start")) == 2  # no next row, no evaluation
