@@ -78,9 +78,10 @@ second=$!
 signals=0  # a signal cuts a wait short: the queue is waited for again until it has stopped
 # A terminal's Ctrl-C reaches the trainers itself (they share its process group); the queues, background subshells,
 # ignore SIGINT. A SIGTERM to this script alone becomes one SIGINT for each queue's running trainer (its child):
-# it saves its state and stops, and its queue with it.
+# it saves its state and stops, and its queue with it (PYTHON must be python itself, or a wrapper that execs it).
+# `|| true`: pkill fails when it finds no trainer (a queue between two rows), and set -e would end the script here.
 trap 'signals=$((signals + 1))' INT
-trap 'signals=$((signals + 1)); pkill -INT -P "$first,$second"' TERM
+trap 'signals=$((signals + 1)); pkill -INT -P "$first,$second" || true' TERM
 status=0
 for queue in 1 2; do
     if ((queue == 1)); then pid=$first; else pid=$second; fi

@@ -430,6 +430,7 @@ def test_a_client_finds_a_killed_daemon_within_a_second_not_after_every_timeout(
     times the attempts: 40 s for ping() and open_session(), 10 s for a frame, with the default 10 s x 4."""
     with run_server("--backend", "nearest", check_clean=False) as daemon:
         client = UpscalerClient(daemon.endpoint, timeout=10, retries=3, name="pytest")
+        no_retries = UpscalerClient(daemon.endpoint, timeout=10, retries=0, name="pytest")  # as the demo's link
         session = client.open_session(16, 16, "RGB8", slots=2)
         session.submit(0)  # in flight when the daemon dies
         session.collect()
@@ -444,6 +445,9 @@ def test_a_client_finds_a_killed_daemon_within_a_second_not_after_every_timeout(
             with pytest.raises(ServerUnavailableError):
                 call()
             assert time.monotonic() - start < 4.0, name  # about 1 s (a frame) or 2 s (a request); was 10 or 40 s
+        with pytest.raises(ServerUnavailableError, match=r"no upscaler daemon at .*no longer running"):
+            no_retries.ping()  # one attempt, and still the reason, not "no reply after 1 attempt"
+        no_retries.close()
         client.close()
         stop(daemon.proc)
 

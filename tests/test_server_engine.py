@@ -328,6 +328,17 @@ def test_the_client_library_leaves_opencvs_decode_limit_alone() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_a_lower_decode_limit_lowers_the_default_max_pixels(tmp_path: pathlib.Path) -> None:
+    """With OPENCV_IO_MAX_IMAGE_PIXELS below 3840x2160, every plain run was refused for a --max-pixels never given."""
+    cv2.imwrite(str(tmp_path / "small.png"), np.full((20, 24, 3), 50, np.uint8))
+    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "4000000"}
+    done = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--backend", "nearest", "--device", "cpu",
+                           str(tmp_path / "small.png"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "small.png").is_file()
+
+
 def test_offline_cli_leaves_hidden_files_of_a_folder_out(tmp_path: pathlib.Path) -> None:
     """A macOS resource fork (._frame.png) was read as an image and failed the run, where training skips it."""
     from upscaler_server import upscale

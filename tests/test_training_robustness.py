@@ -427,9 +427,13 @@ def test_two_trainers_never_train_in_one_stage_folder(image_folder: Path, tmp_pa
         assert (run / "state.pt").read_bytes() == before
     bad_data = dataclasses.replace(config, data=dataclasses.replace(
         config.data, sources=[dataclasses.replace(config.data.sources[0], path=str(tmp_path / "gone"))]))
+    assert (run / LOCK_FILE).exists()  # the refused one left the other's lock alone
     with pytest.raises(DatasetError):  # refused before training: the folder it made for its lock goes again
         train_stage(bad_data, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):  # a mistyped path: no folder left, at any depth
+        train_stage(config, tmp_path / "typo" / "teacher", resume=True)
+    assert not (tmp_path / "typo").exists()
     assert train_stage(config, run, resume=True).steps > 3  # free again: the resume goes on to the end
 
 

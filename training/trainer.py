@@ -140,25 +140,43 @@ def _run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
     """Hold `run_dir` for one trainer (rank 0 of a DDP run) while it trains: two in one stage folder (the same stage
     listed twice, or a pipeline started while scripts/train_parallel.sh still trains it) overwrote each other's
     state.pt, and one failed on the other's temporary file. The lock is the kernel's, so a killed trainer leaves
-    none behind; the empty .trainer.lock file stays."""
+    none behind; the empty .trainer.lock file stays. Folders made for the lock go again when the run is refused
+    before it trains (a mistyped --resume path leaves nothing behind)."""
     if not holder:
         yield
         return
-    made_here = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
     try:
-        with open(run_dir / LOCK_FILE, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ValueError(f"another trainer is training in {run_dir}: wait for it to end (or stop it) and run "
-                                 "this again") from None
-            yield  # closing the file releases the lock
-    except BaseException:
-        if made_here and [path.name for path in run_dir.iterdir()] == [LOCK_FILE]:  # refused before it trained
-            (run_dir / LOCK_FILE).unlink()
-            run_dir.rmdir()
-        raise
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (closed by the with below)
+    except OSError:  # a read-only run folder: nobody trains there; the checks in the run say what is wrong with it
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # the other trainer's folder and lock: never touched
+            raise ValueError(f"another trainer is training in {run_dir}: wait for it to end (or stop it) and run "
+                             "this again") from None
+        try:
+            yield
+        except BaseException:
+            _remove_if_only_the_lock(run_dir, made)  # while the lock is held: no other trainer is inside
+            raise
+
+
+def _remove_if_only_the_lock(run_dir: Path, made: list[Path]) -> None:
+    """Remove the folders `made` for the lock (deepest first) when the run folder holds nothing else."""
+    if not made or [path.name for path in run_dir.iterdir()] != [LOCK_FILE]:
+        return
+    (run_dir / LOCK_FILE).unlink()
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
+            return
 
 
 def train_stage(config: Config, run_dir: Path, *, resume: bool = False) -> StageResult:

@@ -507,7 +507,7 @@ class UpscalerClient:
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
         req: int | None = None
-        found_gone = False
+        gone: str | None = None  # why no daemon listens, once found
         try:
             for _ in range(retries + 1):
                 if req is None:
@@ -516,11 +516,11 @@ class UpscalerClient:
                 if reply is not None:
                     req = None  # answered: nothing to forget
                     return _expect(reply, expect)
+                found_gone = gone is not None
                 gone = _nobody_listens(self.endpoint)
                 if gone is not None and found_gone:  # twice: no daemon, not one a supervisor is restarting
-                    raise ServerUnavailableError(f"no upscaler daemon at {self.endpoint}: {gone}; start one with "
-                                                 "python -m upscaler_server")
-                found_gone = found_gone or gone is not None  # one more attempt: it too ends within a second
+                    break
+                # else one more attempt (it too ends within a second, if no daemon listens by then)
                 if not idempotent and self._same_daemon(timeout):
                     continue
                 self._link.reconnect()
@@ -529,6 +529,9 @@ class UpscalerClient:
         finally:
             if req is not None:  # given up on (or interrupted): drop its reply when it comes, never keep it
                 self._link.forget(req)
+        if gone is not None:
+            raise ServerUnavailableError(f"no upscaler daemon at {self.endpoint}: {gone}; start one with python -m "
+                                         "upscaler_server")
         raise ServerUnavailableError(f"no reply from the upscaler daemon at {self.endpoint} after {retries + 1} "
                                      f"attempt(s) of {timeout:g} s; is it running (python -m upscaler_server)?")
 

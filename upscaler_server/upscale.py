@@ -94,7 +94,7 @@ def read_8bit(src: pathlib.Path) -> np.ndarray:
     try:
         image = cv2.imdecode(data, flags) if data.size else None
     except cv2.error as exc:
-        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):  # refused from its header (upscaler_server/__init__)
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):  # refused from its header (upscaler_server/decode_limit.py)
             raise UpscalerError(f"{src}: its header declares more than {decode_limit()} pixels, more than this tool "
                                 "decodes; not read") from None
         raise UpscalerError(f"{src}: OpenCV refused it ({exc.err or exc})") from None
@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all usable cores)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+    p.add_argument("--max-pixels", type=int, metavar="N",
                    help=f"refuse input images of more than N pixels (default {DEFAULT_MAX_PIXELS}, the daemon's "
                         f"3840x2160; at most OpenCV's decode limit, {decode_limit()})")
     add_backend_arguments(p, "eager")
@@ -164,7 +164,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
     bad = engine_setting_problems(threads=args.threads, pad_channels=args.pad_channels)
     if not 1 <= args.scale <= SCALE_MAX:
         bad.append(f"1 <= --scale <= {SCALE_MAX}")
-    if not 1 <= args.max_pixels <= decode_limit():  # a larger image would be refused from its header anyway
+    if args.max_pixels is None:  # OPENCV_IO_MAX_IMAGE_PIXELS set lower than the default lowers the default
+        args.max_pixels = min(DEFAULT_MAX_PIXELS, decode_limit())
+    elif not 1 <= args.max_pixels <= decode_limit():  # a larger image would be refused from its header anyway
         bad.append(f"1 <= --max-pixels <= {decode_limit()} (OpenCV's decode limit, OPENCV_IO_MAX_IMAGE_PIXELS)")
     if bad:
         raise ConfigError(f"invalid arguments: {', '.join(bad)}")
