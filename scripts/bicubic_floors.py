@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.evaluate import BUILTIN_SETS, baseline_predictors, builtin_sets_config, score_sets
+from training.evaluate import BUILTIN_SETS, baseline_predictors, builtin_sets_config, parse_set_names, score_sets
 
 LABEL = "bicubic a=-0.5"
 
@@ -27,19 +27,12 @@ def keys_bicubic(lr: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(lr8, scale_factor=scale, mode="bicubic", antialias=True, align_corners=False)
 
 
-def set_names(text: str) -> list[str]:
-    """--sets: comma-separated, empty items ignored; naming no set at all is refused (it scored nothing)."""
-    names = [name for name in text.split(",") if name]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r} names no set; built-in sets: {', '.join(BUILTIN_SETS)}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
-    parser.add_argument("--sets", type=set_names, help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} "
-                        "(default: cg-dev, unless --data is given, as for `python -m training evaluate`)")
+    parser.add_argument("--sets", type=parse_set_names,
+                        help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} (default: cg-dev, unless "
+                             "--data is given, as for `python -m training evaluate`)")
     parser.add_argument("--data", type=Path, action="append", default=[], help="an image folder to score on")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ from training.evaluate import (
     builtin_sets_config,
     check_eval_folders,
     check_output_file,
+    parse_set_names,
     score_sets,
 )
 from training.trainer import stage_data_seed
@@ -103,14 +104,6 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def set_names(text: str) -> list[str]:
-    """--sets: comma-separated, empty items ignored; naming no set at all is refused (it scored nothing)."""
-    names = [name for name in text.split(",") if name]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r} names no set; built-in sets: {', '.join(BUILTIN_SETS)}")
-    return names
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="a training config: its [data] gives the patches")
@@ -118,8 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=_odd_window, default=7, help="LR window side, odd (default 7)")
     parser.add_argument("--patches", type=_positive_int, default=3000,
                         help="training patches to fit on (default 3000)")
-    parser.add_argument("--sets", type=set_names, help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} "
-                        "(default: cg-dev, unless --data is given, as for `python -m training evaluate`)")
+    parser.add_argument("--sets", type=parse_set_names,
+                        help=f"built-in sets, comma-separated: {', '.join(BUILTIN_SETS)} (default: cg-dev, unless "
+                             "--data is given, as for `python -m training evaluate`)")
     parser.add_argument("--data", type=Path, action="append", default=[], help="an image folder to score on")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     return parser.parse_args(argv)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from upscaler_server.bench import check_json_target
 from upscaler_server.config import BACKEND_CHOICES
 
 # Runs in a child process per (backend, mode): RSS must start from a process that has seen no other frame.
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.points <= args.frames:
         parser.error(f"--points must be 1 to --frames ({args.frames})")
     try:
-        if args.json and (args.json.is_dir() or not os.access(args.json.parent, os.W_OK | os.X_OK)):
-            raise ValueError(f"--json {args.json}: name a file in an existing, writable folder")  # before measuring
+        if args.json:
+            check_json_target(args.json)  # before measuring
         results = measure_all(args.backends, args.frames, args.points)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

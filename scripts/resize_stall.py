@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from upscaler_server.bench import spawn_daemon
+from upscaler_server.bench import check_json_target, spawn_daemon
 from upscaler_server.config import parse_size
 from upscaler_server.shm import SHM_DIR
 
@@ -134,8 +134,8 @@ def _positive_int(text: str) -> int:
 def check_before_measuring(json_path: pathlib.Path | None, grow_bytes: int) -> None:
     """ValueError for a --json that cannot be written or a --grow-mb that the shared-memory folder has no room for
     (the resizer would fail part-way through the first daemon's run)."""
-    if json_path and (json_path.is_dir() or not os.access(json_path.parent, os.W_OK | os.X_OK)):
-        raise ValueError(f"--json {json_path}: name a file in an existing, writable folder")
+    if json_path:
+        check_json_target(json_path)
     shm = os.statvfs(SHM_DIR)
     free = shm.f_bavail * shm.f_frsize
     if grow_bytes > free:

@@ -7,6 +7,7 @@ Every model is evaluated the way it works: a student on the LR image, a TA on it
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ __all__ = [
     "evaluate",
     "macs_at",
     "min_lr_side",
+    "parse_set_names",
     "score_sets",
     "unique_labels",
 ]
@@ -146,6 +148,15 @@ def _label(path: Path, depth: int, keep_suffix: bool) -> str:
 def min_lr_side(paths: list[str | Path]) -> int:
     """The smallest LR side every checkpoint in `paths` accepts (RLFN's and RFDN's ESA pool a 15-pixel window)."""
     return max([1, *(min_lr_size(load_checkpoint(path).model) for path in paths)])
+
+
+def parse_set_names(text: str) -> list[str]:
+    """A --sets argument of the scripts: comma-separated, empty items ignored; naming no set at all is refused (it
+    would score nothing). argparse's ArgumentTypeError, so the refusal is a usage error (status 2)."""
+    names = [name for name in text.split(",") if name]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no set; built-in sets: {', '.join(BUILTIN_SETS)}")
+    return names
 
 
 def builtin_sets_config(names: list[str] | None, folders: list[Path], rendered_frames: int = 2) -> EvalConfig:

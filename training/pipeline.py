@@ -136,15 +136,21 @@ def _check_same_training(config: Config, stage_dir: Path) -> None:
     saved = _started_with(stage_dir)
     if saved is None:  # a state of an older version, put back without its config.toml: nothing to compare
         return
-    changed = [key for key in differing_keys(_comparable(saved), _comparable(config)) if key not in _NOT_COMPARED]
-    if changed:
-        keys = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+    keys = _changed_keys(saved, config)
+    if keys:
         raise ValueError(
             f"stage {config.stage.name} in {stage_dir} was started with another config ({keys}): run the pipeline "
             "with the config and --set overrides it was started with (for scripts/train_parallel.sh, the same "
             f"line), or continue that stage alone with `python -m training train --resume {stage_dir}` (and "
             "--set KEY=VALUE for a change made on purpose)"
         )
+
+
+def _changed_keys(saved: Config, config: Config) -> str:
+    """The keys that shape a stage (those of _NOT_COMPARED aside) whose values differ between `saved` and `config`,
+    as a short list ("" when none do)."""
+    changed = [key for key in differing_keys(_comparable(saved), _comparable(config)) if key not in _NOT_COMPARED]
+    return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
 
 
 def _say_kept(config: Config, stage_dir: Path) -> None:
@@ -154,11 +160,9 @@ def _say_kept(config: Config, stage_dir: Path) -> None:
         saved = load_config(stage_dir / "config.toml") if (stage_dir / "config.toml").is_file() else None
     except ValueError:  # a damaged config.toml: the checkpoint is what counts
         saved = None
-    changed = [] if saved is None else [key for key in differing_keys(_comparable(saved), _comparable(config))
-                                        if key not in _NOT_COMPARED]
+    keys = "" if saved is None else _changed_keys(saved, config)
     other = ""
-    if changed:
-        keys = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+    if keys:
         other = f"; it was trained with other values for {keys} (to train it with these, remove {stage_dir})"
     print(f"{config.stage.name}: kept, finished before in {stage_dir}{other}")
 

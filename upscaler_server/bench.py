@@ -49,7 +49,7 @@ from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_pro
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
 from upscaler_server.files import partial_beside, publish
 
-__all__ = ["DaemonStartError", "end_to_end", "main", "spawn_daemon", "transport"]
+__all__ = ["DaemonStartError", "check_json_target", "end_to_end", "main", "spawn_daemon", "transport"]
 
 SIZES = ((640, 360), (1280, 720), (1920, 1080))
 BACKEND_SIZES = ((320, 180), (640, 360), (1280, 720), (1920, 1080))
@@ -340,7 +340,7 @@ def _check_options(args: argparse.Namespace) -> None:
                 raise ValueError(f"{option} {w}x{h}: the daemon takes frames up to {max_width}x{max_height} "
                                  f"({max_pixels} pixels)")
     if args.json is not None:
-        _check_json_target(args.json)
+        check_json_target(args.json)
     if not args.backends and not args.skip_e2e:
         _check_end_to_end_daemon(args)
     if not args.backends and (args.cuda_graphs or args.overlap):
@@ -359,7 +359,7 @@ def _check_end_to_end_daemon(args: argparse.Namespace) -> None:
         raise ValueError(f"--backend {args.backend} --precision {args.precision} on {device}: {why}")
 
 
-def _check_json_target(path: pathlib.Path) -> None:
+def check_json_target(path: pathlib.Path) -> None:
     """ValueError unless ``path`` can be written: a file (not a folder) in an existing, writable folder."""
     folder = path.parent
     if path.is_dir():
