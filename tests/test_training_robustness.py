@@ -232,6 +232,7 @@ def test_tampered_training_states_are_refused_in_one_line(image_folder: Path, tm
         "moments of another shape": {**state, "optimizer": _with_moments(state["optimizer"], torch.zeros(3))},
         "seconds as text": {**state, "seconds": "abc"},
         "negative budget spent": {**state, "budget_spent": -1.0},
+        "seconds past any float": {**state, "seconds": 10**400},  # OverflowError in math.isfinite: a traceback
     }
     for case, tampered in cases.items():
         torch.save(tampered, run / "state.pt")

@@ -21,6 +21,7 @@ import os
 import pickle
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -528,8 +529,9 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
                          "non-negative int)")
     for key in ("seconds", "budget_spent", "budget_s"):  # read back as floats on a resume
         value = state.get(key, 0.0)
+        # a range, not math.isfinite: an int past any float raised OverflowError there (a traceback), or in float()
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and math.isfinite(value) and value >= 0):
+                                      and 0 <= value <= sys.float_info.max):  # NaN fails every comparison
             raise ValueError(f"{path} is not a training state (its {key} {value!r:.40} is not a number of 0 or more)")
     return state
 
