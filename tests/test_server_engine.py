@@ -531,3 +531,20 @@ def test_device_names_resolve_or_fail_clearly() -> None:
         for name in ("cuda", "cuda:0"):
             with pytest.raises(ConfigError, match="no CUDA device"):
                 resolve_device(name)
+
+
+def test_a_checkpoint_whose_finite_weights_overflow_is_refused_at_load(tmp_path: pathlib.Path) -> None:
+    """Weights of 1e20 are finite (the file passes the NaN/inf check) but two such layers give 1e40, past float32:
+    the output is NaN/inf and would be served as black frames; the load refuses it instead."""
+    import models
+
+    network = models.build_model("rlfn_s", scale=2, channels=16)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            if parameter.dim() == 4:
+                parameter.mul_(1e20)
+    path = models.save_checkpoint(network, tmp_path / "overflow.safetensors", role="student")
+    with pytest.raises(ModelLoadError, match=r"overflow\.safetensors: its weights are finite but overflow float32"):
+        create_engine(checkpoint=path, device="cpu")
+    fine = create_engine(checkpoint=make_checkpoint(tmp_path / "fine.safetensors"), device="cpu", threads=1)
+    assert fine.weights.endswith("fine.safetensors")

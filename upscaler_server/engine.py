@@ -566,7 +566,9 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
         raise ModelLoadError(f"cannot load checkpoint {path}: {exc}") from exc
     # value_range needs no check here: load_checkpoint accepts only [0, 1], what the engine feeds
     _refuse_mixed_input(ckpt.metadata, path)
-    return _decoder(ckpt.model, str(path)), models.describe(ckpt.metadata), str(path)
+    network = _decoder(ckpt.model, str(path))
+    _refuse_overflow(network, path)
+    return network, models.describe(ckpt.metadata), str(path)
 
 
 def _refuse_mixed_input(metadata: dict[str, Any], path: pathlib.Path) -> None:
@@ -577,6 +579,23 @@ def _refuse_mixed_input(metadata: dict[str, Any], path: pathlib.Path) -> None:
         raise ModelLoadError(f"{path} is a teacher assistant trained on {mix[0]} * CF' + {mix[1]} * LR; CF' comes "
                              "from the high-resolution frame, which an upscaler does not have. Serve a student "
                              "(e.g. the bundled rlfn_s_takdsr_x2)")
+
+
+def _refuse_overflow(network: torch.nn.Module, path: pathlib.Path) -> None:
+    """Finite weights can still overflow float32 in the forward pass (a tampered or diverged file with 1e30
+    weights); NaN and inf then become black pixels, served without a word. One small fp32 forward of an ordinary
+    frame (a smooth gradient with a fine checkerboard on it, every value in [0, 1]) catches that at load time."""
+    side = max(32, int(getattr(network, "min_input_size", 1)))
+    ramp = torch.linspace(0.0, 1.0, side)
+    checker = (torch.arange(side)[:, None] + torch.arange(side)[None, :]) % 2 * 0.25
+    probe = (0.6 * (ramp[:, None] + ramp[None, :]) / 2 + checker).clamp(0.0, 1.0)  # (side, side)
+    frame = torch.stack([probe, probe.flip(0), probe.flip(1)])[None]  # (1, 3, side, side)
+    with torch.inference_mode():
+        output = network.eval()(frame)
+    if not bool(torch.isfinite(output).all()):
+        raise ModelLoadError(f"checkpoint {path}: its weights are finite but overflow float32 on a test frame (the "
+                             "output holds NaN or infinite values), so every frame would come out black; the file "
+                             "is damaged or its training diverged")
 
 
 def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:
