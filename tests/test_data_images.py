@@ -200,6 +200,23 @@ def test_linked_folders_are_followed_once_and_what_cannot_be_reached_is_named(tm
         assert "3 unreachable (broken links, unreadable folders, pipes) (gone.png, locked, pipe.png)" in message
 
 
+def test_a_file_reached_under_two_names_is_read_once(tmp_path: Path) -> None:
+    """A link to a file of a linked folder, or a hard link, reached the same image twice: it was trained on and
+    scored twice (two rows of the mean). The first name in sorted order is kept; the others are named."""
+    real = tmp_path / "real_set"
+    _write_bgr(real / "a.png", _rgb(40, 48))
+    data = tmp_path / "data"
+    _write_bgr(data / "own.png", _rgb(40, 48, seed=1))
+    (data / "set1").symlink_to(real, target_is_directory=True)
+    (data / "z_link.png").symlink_to(real / "a.png")
+    os.link(data / "own.png", data / "own_hard.png")
+    with pytest.warns(SkippedFilesWarning) as record:
+        found = scan_images(data, min_size=32, progress=False)
+    assert [str(info.path.relative_to(data)) for info in found] == ["own.png", "set1/a.png"]
+    message = str(record[0].message)
+    assert "2 reached again under another name (links to one file) (own_hard.png, z_link.png)" in message
+
+
 def test_a_bomb_is_refused_from_its_header_in_a_process_that_imports_training(tmp_path: Path) -> None:
     """training/__init__ sets OPENCV_IO_MAX_IMAGE_PIXELS before OpenCV loads, so a bomb is not decoded (GBs) first;
     the limit equals MAX_PIXELS."""

@@ -243,9 +243,11 @@ def walk_dataset(root: Path, unreachable: list[Path] | None = None) -> Iterator[
         yield Path(folder), Path(real), [name for name in names if not name.startswith(".")]
 
 
-def _files_under(root: Path) -> tuple[list[Path], list[Path]]:
-    """(files, unreachable) under `root` as `walk_dataset` reaches them, sorted, without the data commands'
-    top-level manifest; broken links, folders that cannot be listed and pipes are unreachable."""
+def _files_under(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """(files, unreachable, repeats) under `root` as `walk_dataset` reaches them, sorted, without the data commands'
+    top-level manifest; broken links, folders that cannot be listed and pipes are unreachable. A file reached
+    under a second name (a link to it, a hard link, a linked folder holding it) is a repeat, left out so that it
+    is not trained on or scored twice; the first name in sorted order is kept."""
     files: list[Path] = []
     unreachable: list[Path] = []
     for folder, _, names in walk_dataset(root, unreachable):
@@ -253,7 +255,19 @@ def _files_under(root: Path) -> tuple[list[Path], list[Path]]:
             path = folder / name
             if path != root / MANIFEST_NAME:
                 (files if path.is_file() else unreachable).append(path)  # is_file follows links: False when broken
-    return sorted(files), sorted(unreachable)
+    unique: list[Path] = []
+    repeats: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for path in sorted(files):
+        try:
+            status = path.stat()
+        except OSError:  # gone since the walk: for the decode to report
+            unique.append(path)
+            continue
+        identity = (status.st_dev, status.st_ino)
+        (repeats if identity in seen else unique).append(path)
+        seen.add(identity)
+    return unique, sorted(unreachable), repeats
 
 
 def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -> list[ImageInfo]:
@@ -266,9 +280,10 @@ def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
-    files, unreachable = _files_under(root)
+    files, unreachable, repeats = _files_under(root)
     skipped: dict[str, list[Path]] = {"not images": [], "unreadable": [], f"smaller than {min_size}px": [],
-                                      "unreachable (broken links, unreadable folders, pipes)": unreachable}
+                                      "unreachable (broken links, unreadable folders, pipes)": unreachable,
+                                      "reached again under another name (links to one file)": repeats}
     found = []
     for path in tqdm(files, desc=f"scan {root.name}", unit="file", disable=not progress, leave=False):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
