@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pathlib
 import signal
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,6 +200,27 @@ def test_cli_ctrl_c_leaves_no_partial_file(tmp_path: pathlib.Path, monkeypatch: 
         pytest.fail("Ctrl-C escaped main (a traceback)")
     assert status == 130 and capsys.readouterr().err == "interrupted\n"
     assert list(tmp_path.iterdir()) == []
+    made = tmp_path / "new" / "deeper" / "s.onnx"  # folders the export made for its file go with the interrupt
+    assert export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(made)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_a_folder_it_cannot_write_into_before_exporting(tmp_path: pathlib.Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """An unwritable folder failed after the export's seconds, exit 1, naming the hidden temporary file."""
+    monkeypatch.setattr(export, "export_onnx", lambda *args, **kwargs: pytest.fail("exported before the check"))
+    real_mkstemp = tempfile.mkstemp
+
+    def refused(*args: Any, dir: str | None = None, **kwargs: Any) -> Any:
+        if dir is not None and pathlib.Path(dir) == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", refused)  # chmod does not stop root, who runs CI
+    assert export.main(["--model", "rlfn_s", "-o", str(tmp_path / "locked" / "s.onnx")]) == 2
+    assert capsys.readouterr().err == f"error: cannot write into {tmp_path / 'locked'}: Permission denied\n"
 
 
 def test_cli_refuses_teachers_and_a_missing_student(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

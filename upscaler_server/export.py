@@ -45,7 +45,7 @@ from torch import nn
 from upscaler_server.config import MAX_THREADS
 from upscaler_server.engine import load_network
 from upscaler_server.errors import ModelLoadError
-from upscaler_server.files import partial_beside, publish
+from upscaler_server.files import FolderError, check_writable, folder_made_for, partial_beside, publish
 
 __all__ = ["Uint8IO", "export_onnx", "main"]
 
@@ -294,16 +294,16 @@ def _export(args: argparse.Namespace) -> int:
     # the checkpoint's file name, not its path: the ONNX file travels to other machines
     meta = {"takdsr.model": name, "takdsr.weights": pathlib.Path(weights).name if weights else "random"}
     try:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"error: cannot create the folder of {args.output}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        export_onnx(network, args.output, io=args.io, height=args.height, width=args.width,
-                    dynamic=args.dynamic_shapes, opset=args.opset, metadata=meta, overwrite=args.overwrite)
+        with folder_made_for(args.output):
+            check_writable(args.output.parent)  # before the export's seconds, and naming the folder
+            export_onnx(network, args.output, io=args.io, height=args.height, width=args.width,
+                        dynamic=args.dynamic_shapes, opset=args.opset, metadata=meta, overwrite=args.overwrite)
     except FileExistsError:  # made since the check at start-up, by someone else
         print(f"error: {args.output} appeared during the export: left as it is (--overwrite replaces it)",
               file=sys.stderr)
+        return 2
+    except FolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         print(f"error: export failed: {exc}", file=sys.stderr)

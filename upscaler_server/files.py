@@ -10,9 +10,14 @@ import contextlib
 import os
 import pathlib
 import secrets
+import tempfile
 from collections.abc import Iterator
 
-__all__ = ["partial_beside", "publish"]
+__all__ = ["FolderError", "check_writable", "folder_made_for", "partial_beside", "publish"]
+
+
+class FolderError(OSError):
+    """An output folder that cannot be made or written into; the message names it."""
 
 
 @contextlib.contextmanager
@@ -42,3 +47,33 @@ def publish(partial: pathlib.Path, target: pathlib.Path, *, overwrite: bool) -> 
         if os.path.lexists(target):
             raise FileExistsError(f"{target} exists") from None
         os.replace(partial, target)
+
+
+def check_writable(folder: pathlib.Path) -> None:
+    """FolderError (naming ``folder``) unless a file can be created in it: checked by creating and removing one, since
+    permission bits do not tell (root, read-only mounts, ACLs), and before the minutes of work whose result would
+    then be lost."""
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.")
+    except OSError as exc:
+        raise FolderError(f"cannot write into {folder}: {exc.strerror or exc}") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+@contextlib.contextmanager
+def folder_made_for(target: pathlib.Path) -> Iterator[None]:
+    """Create ``target``'s folder (and missing parents; FolderError if it cannot) for the block; if the block fails
+    or is interrupted, remove again those it created that are still empty, so a failed run leaves nothing behind."""
+    missing = [folder for folder in [target.parent, *target.parent.parents] if not os.path.lexists(folder)]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only mount
+        raise FolderError(f"cannot create the folder of {target}: {exc.strerror or exc}") from None
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):  # not empty (someone wrote there meanwhile) or gone: left as it is
+                folder.rmdir()
+        raise
