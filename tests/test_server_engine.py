@@ -8,8 +8,10 @@ import pathlib
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -204,11 +206,12 @@ def test_offline_cli_never_overwrites_an_input(checkpoint: pathlib.Path, tmp_pat
     source.parent.mkdir()
     cv2.imwrite(str(source), np.full((20, 24, 3), 9, np.uint8))
     before = source.read_bytes()
-    for inputs in ([source], [source.parent]):
+    for inputs, refusal in (([source], "is an input: writing it would overwrite the original"),
+                            ([source.parent], "is also an input folder: the images written there would be read")):
         run = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--device", "cpu", "--checkpoint",
                               str(checkpoint), "-o", str(source.parent), *map(str, inputs)], cwd=REPO,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert run.returncode == 2 and "is an input: writing it would overwrite the original" in run.stderr
+        assert run.returncode == 2 and refusal in run.stderr, run.stderr
         assert source.read_bytes() == before
 
 
@@ -230,6 +233,42 @@ def test_offline_cli_replaces_an_existing_output_only_when_asked(tmp_path: pathl
     run = _offline("--backend", "nearest", "--overwrite", str(tmp_path / "photo.jpg"), "-o", str(out))
     assert run.returncode == 0, run.stderr
     assert cv2.imread(str(out / "photo.png")).shape == (40, 48, 3)
+
+
+def test_offline_cli_output_folder_checks(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Reproduced in a review: `upscale photos -o photos` wrote b.png beside b.jpg, and every later run failed with a
+    clash ("upscale them apart") even with --overwrite; one file named twice was a clash too; `-o a_file.png` was
+    "[Errno 17] File exists" after the model had loaded; an unwritable folder failed once per image, each after the
+    model had run on it."""
+    from upscaler_server import engine as engine_module
+    from upscaler_server import upscale
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "b.jpg"), np.full((20, 24, 3), 50, np.uint8))
+    monkeypatch.setattr(engine_module, "load_network", lambda *a: pytest.fail("the model loaded before the check"))
+    assert upscale.main(["--model", "rlfn_s", str(photos), "-o", str(photos)]) == 2
+    assert "is also an input folder" in caplog.text and sorted(os.listdir(photos)) == ["b.jpg"]
+    (tmp_path / "a_file.png").write_bytes(b"x")
+    assert upscale.main(["--model", "rlfn_s", str(photos), "-o", str(tmp_path / "a_file.png")]) == 2
+    assert "a_file.png exists and is not a folder; -o names the output folder" in caplog.text
+
+    twice = [str(photos / "b.jpg"), str(photos / ".." / "photos" / "b.jpg"), str(photos)]
+    assert upscale.collect_inputs(map(pathlib.Path, twice)) == [photos / "b.jpg"]
+    real_mkstemp = tempfile.mkstemp
+
+    def refused(*args: Any, dir: str | None = None, **kwargs: Any) -> Any:
+        if dir is not None and pathlib.Path(dir) == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "mkstemp", refused)  # chmod does not stop root, who runs CI
+    monkeypatch.setattr(upscale, "upscale_file", lambda *a: pytest.fail("an image ran before the check"))
+    caplog.clear()
+    assert upscale.main(["--backend", "nearest", *twice, "-o", str(tmp_path / "locked")]) == 2
+    assert f"cannot write into {tmp_path / 'locked'}: Permission denied" in caplog.text
 
 
 def test_offline_cli_writes_each_output_whole_or_not_at_all(tmp_path: pathlib.Path,

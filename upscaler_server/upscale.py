@@ -7,8 +7,10 @@ results are bit-identical to the daemon's for the same checkpoint, device and pr
 alpha channel (upscaled by nearest neighbour); grey images are upscaled as RGB and written as RGB; 16-bit images are
 rounded to 8 bits and a JPEG is turned upright by its EXIF orientation first. An output file that exists already is
 never replaced without ``--overwrite`` (an input never), and each output is written whole or not at all (a temporary
-file renamed). Exit status: 0 if every image was written, 1 if some failed (each failure is reported), 2 for bad
-arguments, 3 when the model cannot be loaded, 130 when interrupted (Ctrl-C; the images written so far stay).
+file renamed). The output folder must not be one of the input folders (the next run would read the outputs as
+inputs), and one that cannot be written into is refused before any image runs. Exit status: 0 if every image was
+written, 1 if some failed (each failure is reported), 2 for bad arguments, 3 when the model cannot be loaded, 130
+when interrupted (Ctrl-C; the images written so far stay).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import numpy as np
 from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, cli_prog, engine_setting_problems
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
-from upscaler_server.files import partial_beside, publish
+from upscaler_server.files import check_writable, partial_beside, publish
 from upscaler_server.protocol import SCALE_MAX
 
-__all__ = ["IMAGE_SUFFIXES", "check_targets", "collect_inputs", "main", "output_path", "read_8bit", "upscale_file"]
+__all__ = ["IMAGE_SUFFIXES", "check_output_folder", "check_targets", "collect_inputs", "main", "output_path",
+           "read_8bit", "upscale_file"]
 
 log = logging.getLogger("upscaler_server.upscale")
 
@@ -42,7 +45,7 @@ DEFAULT_MAX_PIXELS = Config.max_pixels  # the daemon's default: 3840x2160
 
 def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
     """Image files named directly, plus those directly inside named folders (sorted; hidden ones, such as macOS's
-    ``._name.png`` resource forks, left out). ConfigError on clashes."""
+    ``._name.png`` resource forks, left out), each file once however often it is named. ConfigError on clashes."""
     files: list[pathlib.Path] = []
     for path in inputs:
         if path.is_dir():
@@ -52,12 +55,24 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
             files.append(path)
         else:
             raise ConfigError(f"{path} is neither a file nor a folder")
+    unique = list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # the first naming of each file
     stems: dict[str, pathlib.Path] = {}
-    for f in files:
+    for f in unique:
         if f.stem in stems:
-            raise ConfigError(f"{f} and {stems[f.stem]} would both be written as {f.stem}.png; upscale them apart")
+            raise ConfigError(f"{f} and {stems[f.stem]} would both be written as {f.stem}.png; rename one, or "
+                              "upscale them into different output folders")
         stems[f.stem] = f
-    return files
+    return unique
+
+
+def check_output_folder(inputs: Iterable[pathlib.Path], out_dir: pathlib.Path) -> None:
+    """ConfigError when ``out_dir`` is not a folder, or is one of the input folders: the PNGs written there would
+    be read as inputs by the next run (and clash with the images they came from)."""
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise ConfigError(f"-o {out_dir} exists and is not a folder; -o names the output folder")
+    if any(path.is_dir() and path.resolve() == out_dir.resolve() for path in inputs):
+        raise ConfigError(f"-o {out_dir} is also an input folder: the images written there would be read as inputs "
+                          "the next time; choose another output folder")
 
 
 def output_path(src: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
@@ -181,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = collect_inputs(args.inputs)
         if not files:
             raise ConfigError(f"no image in {', '.join(map(str, args.inputs))} (suffixes {', '.join(IMAGE_SUFFIXES)})")
+        check_output_folder(args.inputs, args.output)
         check_targets(files, args.output, args.overwrite)
         engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
                                precision=args.precision, threads=args.threads, backend=args.backend,
@@ -188,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                auto_backends=tuple(args.auto_backends),
                                tune_sizes=tuple(args.tune_sizes))
         args.output.mkdir(parents=True, exist_ok=True)
+        check_writable(args.output)  # else each image failed on its own, after the model had run on it
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 3
