@@ -1,21 +1,33 @@
 """The C client example (examples/c_client) against a live daemon: it builds with make, its output equals the Python
-client's byte for byte, it reports error replies, and valgrind finds no leak or memory error in it."""
+client's byte for byte, it reads PNGs as the Python tools do, it reports error replies and bad names (before any
+work), it exits without a second timeout when the daemon dies or stops, it closes its session on Ctrl-C, it refuses a
+daemon's reply that breaks the protocol, and valgrind finds no leak or memory error in it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
 import resource
 import shutil
+import signal
+import struct
 import subprocess
+import threading
+import time
+import zlib
 from collections.abc import Iterator
 
 import cv2
+import msgpack
 import numpy as np
 import pytest
+import zmq
 
 from upscaler_server.client import UpscalerClient
+from upscaler_server.upscale import read_8bit
 
-from server_utils import REPO, Daemon, make_checkpoint, run_server
+from server_utils import REPO, SHM_DIR, Daemon, make_checkpoint, run_server
 
 C_DIR = REPO / "examples" / "c_client"
 DEBIAN_PACKAGES = "build-essential pkg-config libzmq3-dev libmsgpack-dev libpng-dev valgrind"
@@ -94,8 +106,6 @@ def test_an_unwritable_output_says_why(binary: pathlib.Path, daemon: Daemon, tmp
     target = tmp_path / "missing_folder" / name
     result = _run([str(binary), "-e", daemon.endpoint, "-p", "20x20", "-o", str(target)])
     assert result.returncode == 1 and f"cannot write {target}: No such file or directory" in result.stderr
-    wrong = _run([str(binary), "-e", daemon.endpoint, "-p", "20x20", "-o", str(tmp_path / "out.jpg")])
-    assert wrong.returncode == 1 and "out.jpg: the name must end in .png or .ppm" in wrong.stderr
 
 
 @pytest.mark.parametrize("args", [["-p", "5x0"], ["-p", "-5x3"], ["-p", "70000x8"], ["-p", "8x8junk"],
@@ -177,3 +187,298 @@ def test_no_leak_under_valgrind(binary: pathlib.Path, daemon: Daemon, tmp_path: 
     result = _run(cmd)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "ERROR SUMMARY: 0 errors" in result.stderr, result.stderr[-6000:]
+
+
+# --- PNG inputs: alpha, 16 bits, gAMA (image_io.c, load_png) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nearest() -> Iterator[Daemon]:
+    """A daemon whose x2 output is a plain nearest-neighbour copy: the expected result of any input is known."""
+    with run_server("--backend", "nearest", "--threads", "1") as d:
+        yield d
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _write_png(path: pathlib.Path, samples: np.ndarray, colour_type: int, chunks: tuple[tuple[bytes, bytes], ...] = ()
+               ) -> None:
+    """A PNG written by hand (OpenCV writes neither grey+alpha nor a gAMA chunk): HEIGHT x WIDTH [x CHANNELS] samples,
+    8 or 16 bits by their dtype, `chunks` placed before the image data."""
+    height, width = samples.shape[:2]
+    depth = 16 if samples.dtype == np.uint16 else 8
+    rows = samples.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1)
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) +
+                     b"".join(_png_chunk(kind, data) for kind, data in chunks) +
+                     _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+
+
+def _to_8bit(samples: np.ndarray) -> np.ndarray:
+    """The offline CLI's rule (upscaler_server/upscale.py, read_8bit): 16-bit x -> x * 255 / 65535 rounded."""
+    if samples.dtype == np.uint16:
+        return ((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return samples
+
+
+def _expected_rgb(path: pathlib.Path) -> np.ndarray:
+    """The colour channels as the project's offline CLI reads the file (OpenCV, then its 16 -> 8 bit rule), as RGB."""
+    image = read_8bit(path)
+    return np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., 2::-1]
+
+
+def _run_nearest(binary: pathlib.Path, daemon: Daemon, src: pathlib.Path, out: pathlib.Path) -> np.ndarray:
+    result = _run([str(binary), "-e", daemon.endpoint, "-i", str(src), "-o", str(out)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return cv2.imread(str(out), cv2.IMREAD_UNCHANGED)[..., ::-1]
+
+
+def _nearest_x2(rgb: np.ndarray) -> np.ndarray:
+    return np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1)
+
+
+RNG = np.random.default_rng(11)
+PALETTE = RNG.integers(0, 256, (16, 3), dtype=np.uint8)
+PNG_CASES = {  # name: (samples, PNG colour type, chunks before the image data)
+    "rgba8": (RNG.integers(0, 256, (17, 23, 4), dtype=np.uint8), 6, ()),
+    "grey_alpha8": (RNG.integers(0, 256, (17, 23, 2), dtype=np.uint8), 4, ()),
+    "rgba16": (RNG.integers(0, 65536, (17, 23, 4), dtype=np.uint16), 6, ()),
+    "rgb16": (RNG.integers(0, 65536, (17, 23, 3), dtype=np.uint16), 2, ()),
+    "grey16": (RNG.integers(0, 65536, (17, 23), dtype=np.uint16), 0, ()),
+    "rgb8_gama_1.0": (RNG.integers(0, 256, (17, 23, 3), dtype=np.uint8), 2, ((b"gAMA", struct.pack(">I", 100000)),)),
+    "grey16_gama_1.0": (RNG.integers(0, 65536, (17, 23), dtype=np.uint16), 0, ((b"gAMA", struct.pack(">I", 100000)),)),
+    "palette_trns": (RNG.integers(0, 16, (17, 23), dtype=np.uint8), 3,
+                     ((b"PLTE", PALETTE.tobytes()), (b"tRNS", RNG.integers(0, 256, 16, dtype=np.uint8).tobytes()))),
+}
+
+
+def _colour(samples: np.ndarray, colour_type: int) -> np.ndarray:
+    """The RGB of PNG samples, alpha left out, 8 bits by the CLI's rule."""
+    if colour_type == 3:
+        return PALETTE[samples]
+    rgb = {0: lambda s: np.stack([s] * 3, axis=-1), 2: lambda s: s, 4: lambda s: np.stack([s[..., 0]] * 3, axis=-1),
+           6: lambda s: s[..., :3]}[colour_type](samples)
+    return _to_8bit(rgb)
+
+
+@pytest.mark.parametrize("name", sorted(PNG_CASES))
+def test_png_inputs_arrive_as_their_colour_channels(binary: pathlib.Path, nearest: Daemon, tmp_path: pathlib.Path,
+                                                    name: str) -> None:
+    """libpng's simplified reader blended alpha onto an uninitialised buffer (the frame depended on heap contents),
+    took 16-bit samples as linear light and applied gAMA: the daemon got other values than the Python tools read."""
+    samples, colour_type, chunks = PNG_CASES[name]
+    src = tmp_path / f"{name}.png"
+    _write_png(src, samples, colour_type, chunks)
+    expected = _colour(samples, colour_type)
+    if colour_type != 4:  # OpenCV reads grey+alpha as BGRA with the grey repeated: the same colour
+        np.testing.assert_array_equal(_expected_rgb(src), expected)  # what the offline CLI reads
+    np.testing.assert_array_equal(_run_nearest(binary, nearest, src, tmp_path / "out.ppm"), _nearest_x2(expected))
+
+
+def test_opencv_written_rgba_png_is_read_the_same_whatever_the_heap_holds(binary: pathlib.Path, nearest: Daemon,
+                                                                          tmp_path: pathlib.Path) -> None:
+    bgra = RNG.integers(0, 256, (19, 21, 4), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "in.png"), bgra)
+    expected = _nearest_x2(bgra[..., 2::-1])
+    for perturb in ("0", "85", "170"):
+        result = subprocess.run([str(binary), "-e", nearest.endpoint, "-i", str(tmp_path / "in.png"), "-o",
+                                 str(tmp_path / "out.ppm")], capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                                env={**os.environ, "MALLOC_PERTURB_": perturb})  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out.ppm"))[..., ::-1], expected)
+
+
+def test_rgba_png_under_valgrind(binary: pathlib.Path, nearest: Daemon, tmp_path: pathlib.Path) -> None:
+    if shutil.which("valgrind") is None:
+        pytest.skip(f"valgrind not found: apt-get install {DEBIAN_PACKAGES} (or bash scripts/setup.sh)")
+    cv2.imwrite(str(tmp_path / "in.png"), RNG.integers(0, 256, (16, 16, 4), dtype=np.uint8))
+    result = _run(["nice", "valgrind", "--error-exitcode=1", str(binary), "-e", nearest.endpoint, "-i",
+                   str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png")])  # fmt: skip
+    assert result.returncode == 0 and "ERROR SUMMARY: 0 errors" in result.stderr, result.stderr[-6000:]
+
+
+# --- names: checked before any work, any case -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["co/x.jpg", "out.jpg", "somefolder", "out.png.txt"])
+def test_a_bad_output_name_is_refused_before_connecting(binary: pathlib.Path, tmp_path: pathlib.Path,
+                                                        name: str) -> None:
+    """A bad -o was refused only after every frame had run, with exit status 1."""
+    start = time.monotonic()
+    run = _run([str(binary), "-e", f"ipc://{tmp_path}/nobody.sock", "-p", "20x20", "-t", "5000", "-o", name])
+    assert run.returncode == 2 and "usage:" in run.stderr and "must end in .png or .ppm" in run.stderr, run.stderr
+    assert time.monotonic() - start < 4  # no hello was waited for
+
+
+def test_a_bad_input_name_is_refused_as_an_argument(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    cv2.imwrite(str(tmp_path / "in.jpg"), np.zeros((20, 20, 3), np.uint8))
+    run = _run([str(binary), "-e", f"ipc://{tmp_path}/nobody.sock", "-i", str(tmp_path / "in.jpg"), "-o", "o.png"])
+    assert run.returncode == 2 and "must end in .png or .ppm" in run.stderr, run.stderr
+
+
+def test_suffixes_are_case_insensitive(binary: pathlib.Path, nearest: Daemon, tmp_path: pathlib.Path) -> None:
+    rgb = RNG.integers(0, 256, (16, 18, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), rgb[..., ::-1])
+    (tmp_path / "a.png").rename(tmp_path / "IN.PNG")
+    run = _run([str(binary), "-e", nearest.endpoint, "-i", str(tmp_path / "IN.PNG"), "-o", str(tmp_path / "OUT.Ppm")])
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "OUT.Ppm").read_bytes().startswith(b"P6\n")
+    (tmp_path / "OUT.Ppm").rename(tmp_path / "b.ppm")
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "b.ppm"))[..., ::-1], _nearest_x2(rgb))
+    run = _run([str(binary), "-e", nearest.endpoint, "-i", str(tmp_path / "b.ppm"), "-o", str(tmp_path / "X.PNG")])
+    assert run.returncode == 0 and (tmp_path / "X.PNG").read_bytes().startswith(b"\x89PNG"), run.stderr
+
+
+# --- a daemon that dies or stops: no second timeout -----------------------------------------------------------------
+
+
+def _start_long_run(binary: pathlib.Path, daemon: Daemon, tmp_path: pathlib.Path, timeout_ms: int
+                    ) -> subprocess.Popen[str]:
+    """takdsr_upscale submitting frames for far longer than the test, once its session is open, with four slots: a
+    stopping daemon answers the frames waiting in its queue with SHUTTING_DOWN (frames not yet read from its socket
+    get no reply at all)."""
+    proc = subprocess.Popen([str(binary), "-e", daemon.endpoint, "-p", "96x64", "-s", "4", "-n", "4000000000",
+                             "-t", str(timeout_ms), "-o", str(tmp_path / "out.png")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not daemon.segments() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # frames flowing
+    assert proc.poll() is None and daemon.segments(), proc.communicate()
+    return proc
+
+
+def _seconds_to_exit(proc: subprocess.Popen[str], sig: int, on: subprocess.Popen[str] | subprocess.Popen[bytes]
+                     ) -> tuple[float, str]:
+    """Sends `sig` to `on` (the daemon, or the tool itself) and waits for the tool: seconds taken, its stderr."""
+    start = time.monotonic()
+    on.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return time.monotonic() - start, err
+
+
+def test_a_killed_daemon_costs_one_timeout(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """After the wait for a frame timed out, closing the session waited (and failed) a second whole timeout."""
+    with run_server("--backend", "nearest", "--threads", "1", check_clean=False) as daemon:
+        proc = _start_long_run(binary, daemon, tmp_path, 3000)
+        seconds, err = _seconds_to_exit(proc, signal.SIGKILL, daemon.proc)
+    assert proc.returncode == 1 and "TIMEOUT" in err, err
+    assert 2.5 < seconds < 5.5, f"{seconds:.1f} s after the kill for a 3 s timeout:\n{err}"
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_stopping_daemon_ends_the_run_at_once(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """SHUTTING_DOWN was followed by a close that the stopping daemon never answers: a whole timeout more. A model
+    (slower than the client) keeps frames in the daemon's queue, so SIGTERM answers some with SHUTTING_DOWN."""
+    checkpoint = make_checkpoint(tmp_path / "student.safetensors")
+    with run_server("--checkpoint", str(checkpoint), "--device", "cpu", "--threads", "1") as daemon:
+        proc = _start_long_run(binary, daemon, tmp_path, 4000)
+        seconds, err = _seconds_to_exit(proc, signal.SIGTERM, daemon.proc)
+    assert proc.returncode == 1 and "SHUTTING_DOWN" in err, err
+    assert seconds < 3, f"{seconds:.1f} s after SIGTERM for a 4 s timeout:\n{err}"
+
+
+# --- a daemon that breaks the protocol: slots -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def asan_binary(binary: pathlib.Path) -> pathlib.Path:
+    build = subprocess.run(["nice", "make", "-C", str(C_DIR), "asan"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    return C_DIR / "build" / "asan" / "takdsr_upscale"
+
+
+WELCOME = {"server": "fake/0", "instance": "f", "versions": [1], "model": "fake", "scale": 2, "device": "cpu",
+           "precision": "uint8", "random_weights": False, "formats": ["RGB8"], "min_size": 1, "max_width": 64,
+           "max_height": 64, "max_pixels": 4096, "max_slots": 128, "max_sessions": 1, "max_queue": 128,
+           "lease_ms": 10000, "heartbeat_ms": 2500}
+
+
+@contextlib.contextmanager
+def _fake_daemon(endpoint: str, slots: int) -> Iterator[list[str]]:
+    """A ROUTER that answers hello, open (with `slots` slots, over real segments of that size) and close by the
+    book, and ignores submits; yields the types of the requests it got."""
+    seen: list[str] = []
+    made: list[pathlib.Path] = []
+
+    def segment(kind: str, width: int, height: int) -> dict[str, object]:
+        row = width * 3
+        stride = (row * height + 4095) // 4096 * 4096
+        path = SHM_DIR / f"pytest-cfake-{os.getpid()}-{kind}"
+        with open(path, "wb") as f:
+            f.truncate(stride * slots)
+        made.append(path)
+        return {"name": f"/{path.name}", "size": stride * slots, "slot_stride": stride, "slot_bytes": row * height,
+                "row_stride": row}
+
+    def answer(msg: dict[str, object]) -> dict[str, object] | None:
+        head = {"v": 1, "req": msg["req"]}
+        if msg["type"] == "hello":
+            return {**head, "type": "welcome", **WELCOME}
+        if msg["type"] == "open":
+            w, h = int(msg["width"]), int(msg["height"])  # type: ignore[call-overload]
+            return {**head, "type": "opened", "session": 7, "width": w, "height": h, "out_width": 2 * w,
+                    "out_height": 2 * h, "format": msg["format"], "slots": slots, "input": segment("in", w, h),
+                    "output": segment("out", 2 * w, 2 * h)}
+        if msg["type"] == "close":
+            return {**head, "type": "closed", "session": msg["session"]}
+        return None
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.bind(endpoint)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if sock.poll(50, zmq.POLLIN):
+                peer, payload = sock.recv_multipart()
+                msg = msgpack.unpackb(payload, raw=False)
+                seen.append(msg["type"])
+                reply = answer(msg)
+                if reply is not None:
+                    sock.send_multipart([peer, msgpack.packb(reply, use_bin_type=True)])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close(linger=0)
+        ctx.term()
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
+def test_an_opened_reply_with_other_slots_is_a_protocol_error(asan_binary: pathlib.Path,
+                                                              tmp_path: pathlib.Path) -> None:
+    """slots 100 in `opened` (2 asked for) made the example index its 64-slot busy[] array out of bounds."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    with _fake_daemon(endpoint, 100) as seen:
+        run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-s", "2", "-n", "70", "-t", "3000", "-o",
+                    str(tmp_path / "out.png")])  # fmt: skip
+    assert run.returncode == 1, run.stderr[-4000:]
+    assert "PROTOCOL" in run.stderr and "opened 100 slots where 2 were asked for" in run.stderr, run.stderr[-4000:]
+    assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-4000:]
+    assert "submit" not in seen and seen[-1] == "close", seen  # the session was closed, nothing submitted
+
+
+# --- Ctrl-C and SIGTERM: close the session, exit 128 + signal --------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_closes_its_session(binary: pathlib.Path, nearest: Daemon, tmp_path: pathlib.Path,
+                                               sig: signal.Signals) -> None:
+    """Killed by the signal, the tool left its session (and its segments) until the daemon's lease expired."""
+    proc = _start_long_run(binary, nearest, tmp_path, 5000)
+    seconds, err = _seconds_to_exit(proc, sig, proc)
+    assert proc.returncode == 128 + sig, err
+    assert "interrupted" in err and seconds < 3, f"{seconds:.1f} s: {err}"
+    assert not nearest.segments(), "the session was left open"
+    assert not (tmp_path / "out.png").exists()

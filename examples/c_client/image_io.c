@@ -1,4 +1,5 @@
-/* image_io.c: see image_io.h. PNG through libpng's simplified API (libpng >= 1.6). */
+/* image_io.c: see image_io.h. PNG through libpng's regular API (libpng >= 1.6). */
+#define _DEFAULT_SOURCE /* strcasecmp */
 #include "image_io.h"
 
 #include <errno.h>
@@ -6,11 +7,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
-static int has_suffix(const char *path, const char *suffix) {
+/* Case-insensitive: Windows tools write FRAME.PNG. */
+static bool has_suffix(const char *path, const char *suffix) {
     size_t n = strlen(path), k = strlen(suffix);
-    return n >= k && strcmp(path + n - k, suffix) == 0;
+    return n >= k && strcasecmp(path + n - k, suffix) == 0;
 }
+
+bool image_name_ok(const char *path) { return has_suffix(path, ".png") || has_suffix(path, ".ppm"); }
 
 static int alloc_pixels(image *img, uint32_t width, uint32_t height, uint32_t channels) {
     img->width = width, img->height = height, img->channels = channels;
@@ -63,21 +68,68 @@ static int save_ppm(const char *path, const image *img) {
     return ok ? 0 : -1;
 }
 
-static int load_png(const char *path, image *img) {
-    png_image png;
-    memset(&png, 0, sizeof png);
-    png.version = PNG_IMAGE_VERSION;
-    if (!png_image_begin_read_from_file(&png, path)) return -1;
-    png.format = PNG_FORMAT_RGB;
-    if (alloc_pixels(img, png.width, png.height, 3) != 0) {
-        png_image_free(&png);
-        return -1;
+/* libpng's warnings are about ancillary chunks this reader ignores (colour profiles, text): not worth a word. */
+static void png_quiet(png_structp png, png_const_charp message) { (void)png, (void)message; }
+
+/* libpng's errors name the file and return to read_png's setjmp. */
+static void png_failed(png_structp png, png_const_charp message) {
+    fprintf(stderr, "%s: libpng: %s\n", (const char *)png_get_error_ptr(png), message);
+    png_longjmp(png, 1);
+}
+
+/* 16-bit big-endian samples -> 8 bits in place, x * 255 / 65535 rounded: the rule of the project's Python tools
+ * (upscaler_server/upscale.py, read_8bit), so both send the same frame. */
+static void round_16_to_8(uint8_t *samples, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+        uint32_t x = (uint32_t)samples[2 * i] << 8 | samples[2 * i + 1];
+        samples[i] = (uint8_t)((x * 255 + 32767) / 65535);
     }
-    if (!png_image_finish_read(&png, NULL, img->pixels, 0, NULL)) {
+}
+
+/* Decodes any PNG into RGB with the regular API: the simplified one blends alpha onto the (uninitialised) buffer
+ * and applies gAMA and a linear-light reading of 16-bit samples, where a game's frames are sRGB-coded bytes to take
+ * as they are. No png_set_gamma: the samples pass unchanged. Only *img outlives a longjmp, so nothing else changes
+ * after setjmp but `rows`, which is volatile. */
+static int read_png(png_structp png, png_infop info, FILE *f, image *img) {
+    png_bytep *volatile rows = NULL;
+    if (setjmp(png_jmpbuf(png))) {
+        free(rows);
         image_free(img);
         return -1;
     }
+    png_init_io(png, f);
+    png_set_user_limits(png, 65535, 65535); /* the protocol's limit: refuse a huge header before allocating */
+    png_read_info(png, info);
+    png_set_expand(png);       /* palette -> RGB, grey of 1, 2, 4 bits -> 8, tRNS -> alpha (then stripped) */
+    png_set_strip_alpha(png);  /* alpha is dropped, never blended: the daemon gets the colour channels */
+    png_set_gray_to_rgb(png);
+    png_set_interlace_handling(png);
+    png_read_update_info(png, info);
+    uint32_t width = png_get_image_width(png, info), height = png_get_image_height(png, info);
+    size_t row_bytes = png_get_rowbytes(png, info);
+    int depth = png_get_bit_depth(png, info);
+    if (png_get_channels(png, info) != 3 || (depth != 8 && depth != 16)) png_error(png, "unexpected sample layout");
+    img->width = width, img->height = height, img->channels = 3;
+    img->pixels = malloc(row_bytes * height); /* 16-bit samples take twice the final size until rounded */
+    rows = malloc(height * sizeof *rows);
+    if (!img->pixels || !rows) png_error(png, "out of memory");
+    for (uint32_t y = 0; y < height; y++) rows[y] = img->pixels + y * row_bytes;
+    png_read_image(png, rows);
+    png_read_end(png, NULL);
+    if (depth == 16) round_16_to_8(img->pixels, (size_t)width * height * 3);
+    free(rows);
     return 0;
+}
+
+static int load_png(const char *path, image *img) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, (png_voidp)path, png_failed, png_quiet);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    int rc = info ? read_png(png, info, f, img) : -1;
+    png_destroy_read_struct(&png, &info, NULL);
+    fclose(f);
+    return rc;
 }
 
 static int save_png(const char *path, const image *img) {
@@ -93,7 +145,7 @@ static int save_png(const char *path, const image *img) {
 
 int image_load(const char *path, image *img) {
     int rc = has_suffix(path, ".png") ? load_png(path, img) : has_suffix(path, ".ppm") ? load_ppm(path, img) : -1;
-    if (rc) fprintf(stderr, "cannot read %s: need an existing 8-bit .png or binary .ppm (P6, maxval 255)\n", path);
+    if (rc) fprintf(stderr, "cannot read %s: need an existing .png or binary .ppm (P6, maxval 255)\n", path);
     return rc;
 }
 

@@ -2,6 +2,7 @@
 #ifndef TAKDSR_IMAGE_IO_H
 #define TAKDSR_IMAGE_IO_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 typedef struct image {
@@ -9,7 +10,10 @@ typedef struct image {
     uint8_t *pixels;                  /* rows top first, pixels left to right, no padding */
 } image;
 
-/* Loads a .ppm (P6, maxval 255) or .png file (any PNG, converted to RGB). 0 on success, -1 with a message on stderr. */
+/* Whether the name ends in .png or .ppm, in any case: the only files image_load and image_save handle. */
+bool image_name_ok(const char *path);
+/* Loads a .ppm (P6, maxval 255) or .png file (any PNG: converted to 8-bit RGB, alpha dropped, 16-bit samples rounded
+ * to 8 bits, gAMA ignored). 0 on success, -1 with a message on stderr. */
 int image_load(const char *path, image *img);
 /* Saves as .ppm (RGB only: alpha is dropped) or .png (RGB or RGBA), chosen by the file name's extension. */
 int image_save(const char *path, const image *img);

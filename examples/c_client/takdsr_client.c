@@ -462,12 +462,16 @@ static int map_ring(takdsr_client *c, const msgpack_object_map *seg, uint32_t wi
     return TAKDSR_OK;
 }
 
-static int read_opened(takdsr_client *c, const struct reply *r, takdsr_session *s) {
+static int read_opened(takdsr_client *c, const struct reply *r, uint32_t slots, takdsr_session *s) {
     takdsr_geometry *g = &s->geom;
     if (!get_u32(r->map, "session", &s->id) || !get_u32(r->map, "width", &g->width) ||
         !get_u32(r->map, "height", &g->height) || !get_u32(r->map, "out_width", &g->out_width) ||
         !get_u32(r->map, "out_height", &g->out_height) || !get_u32(r->map, "slots", &g->slots))
         return fail(c, TAKDSR_E_PROTOCOL, "the opened reply lacks a documented key");
+    /* A caller sizes its per-slot state by what it asked for: a daemon's other count would overrun it. */
+    if (g->slots != slots || g->slots > TAKDSR_MAX_SLOTS)
+        return fail(c, TAKDSR_E_PROTOCOL, "the daemon opened %u slots where %u were asked for (at most %d)", g->slots,
+                    slots, TAKDSR_MAX_SLOTS);
     g->in_row_stride = (size_t)g->width * g->channels;
     g->in_slot_bytes = g->in_row_stride * g->height;
     g->out_row_stride = (size_t)g->out_width * g->channels;
@@ -516,7 +520,7 @@ int takdsr_session_open(takdsr_client *c, uint32_t width, uint32_t height, const
         free(s);
         return rc;
     }
-    rc = read_opened(c, &r, s);
+    rc = read_opened(c, &r, slots, s);
     reply_free(&r);
     if (rc != TAKDSR_OK) {
         takdsr_error saved = c->err;
@@ -534,13 +538,18 @@ int takdsr_session_close(takdsr_session *s) {
     takdsr_client *c = s->client;
     int rc = send_close(c, s->id);
     if (rc == TAKDSR_E_SERVER && c->err.code == TAKDSR_UNKNOWN_SESSION) rc = TAKDSR_OK; /* expired already */
+    takdsr_session_drop(s);
+    return rc;
+}
+
+void takdsr_session_drop(takdsr_session *s) {
+    takdsr_client *c = s->client;
     for (size_t i = 0; i < c->n_pending;) /* frames of a closed session get no reply (section 3, close) */
         if (c->pending[i].session == s->id) c->pending[i] = c->pending[--c->n_pending];
         else i++;
     for (size_t i = 0; i < c->n_sessions; i++)
         if (c->sessions[i] == s) c->sessions[i] = c->sessions[--c->n_sessions];
     unmap_session(s);
-    return rc;
 }
 
 uint32_t takdsr_session_id(const takdsr_session *s) { return s->id; }

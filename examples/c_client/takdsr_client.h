@@ -26,6 +26,7 @@ extern "C" {
 #endif
 
 #define TAKDSR_PROTOCOL_VERSION 1
+#define TAKDSR_MAX_SLOTS 64 /* slots per session, at most (section 3, open) */
 
 enum takdsr_status {
     TAKDSR_OK = 0,
@@ -105,12 +106,16 @@ int takdsr_hello(takdsr_client *c, const char *client_name, takdsr_info *info);
 /* Pings `n` session ids (renewing their leases); alive[i] (optional) says whether sessions[i] is open. */
 int takdsr_ping(takdsr_client *c, const uint32_t *sessions, size_t n, bool *alive);
 
-/* Opens a session for width x height LR frames in `format` (RGB8, BGR8, RGBA8, BGRA8) with `slots` slots and maps
- * its rings. */
+/* Opens a session for width x height LR frames in `format` (RGB8, BGR8, RGBA8, BGRA8) with `slots` slots (at most
+ * TAKDSR_MAX_SLOTS) and maps its rings. An opened reply with other slots than asked for is TAKDSR_E_PROTOCOL. */
 int takdsr_session_open(takdsr_client *c, uint32_t width, uint32_t height, const char *format, uint32_t slots,
                         takdsr_session **out);
 /* Sends close, waits for closed, unmaps the rings and frees `s` (also when the daemon already forgot it). */
 int takdsr_session_close(takdsr_session *s);
+/* Unmaps the rings and frees `s` without a word to the daemon: for a daemon that is gone or stopping (after
+ * TAKDSR_E_TIMEOUT or a SHUTTING_DOWN error), where takdsr_session_close would wait a whole timeout in vain. A daemon
+ * that is still there closes the session when its lease expires. */
+void takdsr_session_drop(takdsr_session *s);
 uint32_t takdsr_session_id(const takdsr_session *s);
 const takdsr_geometry *takdsr_session_geometry(const takdsr_session *s);
 /* Input slot `slot` (height rows of in_row_stride bytes, top row first); write it only while the slot is not in

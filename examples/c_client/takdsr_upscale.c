@@ -4,10 +4,11 @@
  *
  * The frame is submitted FRAMES times, pipelined over SLOTS slots (BUSY replies are retried), and the last result is
  * written to OUT (.png or .ppm). Exit status: 0 on success, 1 on any error (printed with the daemon's code and
- * message), 2 for bad arguments. */
-#define _DEFAULT_SOURCE /* nanosleep */
+ * message), 2 for bad arguments, 128 + the signal after SIGINT or SIGTERM (the session closed, nothing written). */
+#define _DEFAULT_SOURCE /* nanosleep, sigaction */
 #include <ctype.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,23 @@ typedef struct options {
     uint32_t pattern_w, pattern_h, slots, frames;
     int timeout_ms;
 } options;
+
+/* The signal (SIGINT, SIGTERM) that asked the run to stop, 0 before. Only set in the handler: the run stops after the
+ * frames in flight and closes its session, where a killed tool would leave it open until the daemon's lease ends. */
+static volatile sig_atomic_t stop_signal = 0;
+
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
+/* No SA_RESTART is needed: the client's waits go on after a signal. SA_RESETHAND: a second Ctrl-C kills at once. */
+static void catch_stop_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
 
 static int usage(const char *argv0) {
     fprintf(stderr,
@@ -53,6 +71,13 @@ static bool parse_size(const char *text, uint32_t *w, uint32_t *h) {
     return parse_uint(text, 1, 65535, w, &end) && *end == 'x' && parse_arg(end + 1, 1, 65535, h);
 }
 
+/* A file the tool cannot read or write is a bad argument, refused before any work (not after every frame has run). */
+static bool name_ok(const char *option, const char *path) {
+    if (!path || image_name_ok(path)) return true;
+    fprintf(stderr, "error: %s %s: the name must end in .png or .ppm (any case)\n", option, path);
+    return false;
+}
+
 static int parse(int argc, char **argv, options *o) {
     *o = (options){.format = "RGB8", .slots = 2, .frames = 1, .timeout_ms = 10000};
     static const struct option longs[] = {
@@ -71,7 +96,7 @@ static int parse(int argc, char **argv, options *o) {
             break;
         case 'f': o->format = optarg; break;
         case 's':
-            if (!parse_arg(optarg, 1, 64, &o->slots)) return -1; /* the protocol allows 64 slots at most */
+            if (!parse_arg(optarg, 1, TAKDSR_MAX_SLOTS, &o->slots)) return -1;
             break;
         case 'n':
             if (!parse_arg(optarg, 1, UINT32_MAX, &o->frames)) return -1;
@@ -87,7 +112,8 @@ static int parse(int argc, char **argv, options *o) {
         }
     }
     bool one_source = (o->input != NULL) != (o->pattern_w > 0);
-    return optind == argc && one_source && o->output && o->slots > 0 && o->frames > 0 ? 0 : -1;
+    if (optind != argc || !one_source || !o->output) return -1;
+    return name_ok("-i", o->input) && name_ok("-o", o->output) ? 0 : -1;
 }
 
 /* Byte index of R, G, B in a pixel of `format`, and whether it has alpha (section 6.3 of docs/protocol.md). */
@@ -123,8 +149,7 @@ static void from_slot(const uint8_t *slot, const takdsr_geometry *g, image *img)
     }
 }
 
-static int report(takdsr_client *c, const char *what) {
-    const takdsr_error *e = takdsr_last_error(c);
+static int print_error(const takdsr_error *e, const char *what) {
     if (e->status == TAKDSR_E_SERVER)
         fprintf(stderr, "error: %s: daemon error %d %s: %s\n", what, e->code, e->name, e->message);
     else
@@ -132,56 +157,78 @@ static int report(takdsr_client *c, const char *what) {
     return 1;
 }
 
+static int report(takdsr_client *c, const char *what) { return print_error(takdsr_last_error(c), what); }
+
+/* A run of frames over one session. */
+typedef struct run {
+    takdsr_client *c;
+    takdsr_session *s;
+    bool busy[TAKDSR_MAX_SLOTS]; /* slots in flight */
+    int last_slot;               /* the slot holding the last frame's result once it is done, else -1 */
+    uint64_t total_us;           /* the daemon's time for the frames done */
+    bool daemon_gone;            /* the run ended on an error that says the daemon is stopping or does not answer */
+} run;
+
+/* Prints `e` and notes whether the daemon is gone: closing the session would then wait a whole timeout in vain. */
+static int run_error(run *r, const takdsr_error *e, const char *what) {
+    r->daemon_gone = e->status == TAKDSR_E_TIMEOUT || (e->status == TAKDSR_E_SERVER && e->code == TAKDSR_SHUTTING_DOWN);
+    return print_error(e, what);
+}
+
 static void pause_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
     nanosleep(&ts, NULL);
 }
 
-/* Waits for one finished frame (a BUSY frame is resubmitted after a growing pause) and frees its slot in busy[];
- * sets *last_slot when frame `last` is done. */
-static int collect(takdsr_client *c, takdsr_session *s, uint64_t last, bool *busy, int *last_slot,
-                   uint64_t *total_us) {
+/* Waits for one finished frame (a BUSY frame is resubmitted after a growing pause) and frees its slot; notes the slot
+ * of frame `last` when it is done. */
+static int collect(run *r, uint64_t last) {
     long pause = 1;
     for (;;) {
         takdsr_event ev;
-        if (takdsr_wait(c, -1, &ev) != TAKDSR_OK) return report(c, "waiting for a frame");
+        if (takdsr_wait(r->c, -1, &ev) != TAKDSR_OK)
+            return run_error(r, takdsr_last_error(r->c), "waiting for a frame");
         if (ev.status == TAKDSR_OK) {
-            *total_us += ev.timings.total_us;
-            if (ev.frame == last) *last_slot = (int)ev.slot;
-            busy[ev.slot] = false;
+            r->total_us += ev.timings.total_us;
+            if (ev.frame == last) r->last_slot = (int)ev.slot;
+            r->busy[ev.slot] = false;
             return 0;
         }
         if (ev.error.code != TAKDSR_BUSY || pause > 1000) {
-            fprintf(stderr, "error: frame %llu: daemon error %d %s: %s\n", (unsigned long long)ev.frame, ev.error.code,
-                    ev.error.name, ev.error.message);
-            return 1;
+            char what[32];
+            snprintf(what, sizeof what, "frame %llu", (unsigned long long)ev.frame);
+            return run_error(r, &ev.error, what);
         }
         pause_ms(pause);
         pause = pause < 50 ? pause * 2 : pause + 50;
-        if (takdsr_submit(s, ev.slot, ev.frame) != TAKDSR_OK) return report(c, "resubmitting a busy frame");
+        if (takdsr_submit(r->s, ev.slot, ev.frame) != TAKDSR_OK)
+            return run_error(r, takdsr_last_error(r->c), "resubmitting a busy frame");
     }
 }
 
-/* Submits the frame o->frames times over the session's slots and copies the last result into out. */
-static int run_frames(takdsr_client *c, takdsr_session *s, const options *o, const image *lr, image *out) {
-    const takdsr_geometry *g = takdsr_session_geometry(s);
-    int last_slot = -1;
-    uint64_t total_us = 0;
-    bool busy[64] = {false}; /* slots in flight; a session has at most 64 */
-    for (uint32_t f = 1; f <= o->frames; f++) {
-        while (takdsr_pending(c) >= g->slots)
-            if (collect(c, s, o->frames, busy, &last_slot, &total_us)) return 1;
+/* Submits the frame o->frames times over the session's slots and copies the last result into out. After SIGINT or
+ * SIGTERM it submits no more and returns 128 + the signal once the frames in flight are back. */
+static int run_frames(run *r, const options *o, const image *lr, image *out) {
+    const takdsr_geometry *g = takdsr_session_geometry(r->s);
+    for (uint32_t f = 1; f <= o->frames && !stop_signal; f++) {
+        while (takdsr_pending(r->c) >= g->slots)
+            if (collect(r, o->frames)) return 1;
         uint32_t slot = 0;
-        while (busy[slot]) slot++;
-        to_slot(lr, g, takdsr_session_input(s, slot));
-        if (takdsr_submit(s, slot, f) != TAKDSR_OK) return report(c, "submitting a frame");
-        busy[slot] = true;
+        while (r->busy[slot]) slot++;
+        to_slot(lr, g, takdsr_session_input(r->s, slot));
+        if (takdsr_submit(r->s, slot, f) != TAKDSR_OK)
+            return run_error(r, takdsr_last_error(r->c), "submitting a frame");
+        r->busy[slot] = true;
     }
-    while (takdsr_pending(c) > 0)
-        if (collect(c, s, o->frames, busy, &last_slot, &total_us)) return 1;
-    from_slot(takdsr_session_output(s, (uint32_t)last_slot), g, out);
+    while (takdsr_pending(r->c) > 0)
+        if (collect(r, o->frames)) return 1;
+    if (stop_signal) {
+        fprintf(stderr, "interrupted by signal %d: closing the session, nothing written\n", (int)stop_signal);
+        return 128 + stop_signal;
+    }
+    from_slot(takdsr_session_output(r->s, (uint32_t)r->last_slot), g, out);
     printf("%u frame(s) %ux%u -> %ux%u %s, mean daemon time %.2f ms\n", o->frames, g->width, g->height,
-           g->out_width, g->out_height, g->format, (double)total_us / 1000.0 / o->frames);
+           g->out_width, g->out_height, g->format, (double)r->total_us / 1000.0 / o->frames);
     return 0;
 }
 
@@ -197,6 +244,7 @@ static int upscale(takdsr_client *c, const options *o, image *lr, image *out) {
     if (takdsr_session_open(c, width, height, o->format, o->slots, &s) != TAKDSR_OK)
         return report(c, "opening a session");
     const takdsr_geometry *g = takdsr_session_geometry(s);
+    run r = {.c = c, .s = s, .last_slot = -1};
     int rc = 1;
     if (g->width != width || g->height != height)
         fprintf(stderr, "error: the daemon opened a %ux%u session\n", g->width, g->height);
@@ -205,14 +253,18 @@ static int upscale(takdsr_client *c, const options *o, image *lr, image *out) {
     else if (image_pattern(g->out_width, g->out_height, g->channels, out) != 0)
         fprintf(stderr, "error: out of memory for a %ux%u result\n", g->out_width, g->out_height);
     else
-        rc = run_frames(c, s, o, lr, out);
-    if (takdsr_session_close(s) != TAKDSR_OK && rc == 0) rc = report(c, "closing the session");
+        rc = run_frames(&r, o, lr, out);
+    if (r.daemon_gone)
+        takdsr_session_drop(s);
+    else if (takdsr_session_close(s) != TAKDSR_OK && rc == 0)
+        rc = report(c, "closing the session");
     return rc;
 }
 
 int main(int argc, char **argv) {
     options o;
     if (parse(argc, argv, &o) != 0) return usage(argv[0]);
+    catch_stop_signals();
     image lr = {0}, hr = {0};
     if (o.input && image_load(o.input, &lr) != 0) return 1; /* image_load says why */
     takdsr_client *c = takdsr_client_new(o.endpoint, o.timeout_ms);
