@@ -17,7 +17,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+import zmq
 
+from upscaler_server import protocol
 from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import BusyError, ConfigError, ServerUnavailableError, SessionError, UpscalerError
 
@@ -25,6 +27,7 @@ from server_utils import (
     REPO,
     SHM_DIR,
     make_checkpoint,
+    raw_socket,
     run_server,
     shm_segments,
     short_tmpdir,
@@ -88,6 +91,25 @@ def test_second_signal_forces_a_clean_exit_during_a_frame() -> None:
         assert time.monotonic() - start < 2.0
         assert daemon.segments() == []
         assert "forced" in daemon.log()
+        session.close(notify=False)
+
+
+def test_requests_sent_while_the_daemon_drains_get_shutting_down_not_silence() -> None:
+    """Requests that reached the socket after the loop stopped (here: while the running frame drains) were dropped
+    unread when the socket closed, and their clients waited out their whole timeouts (10 s for the C client)."""
+    with run_server("--model", "rlfn_s", "--threads", "1", check_clean=False) as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=30) as client, raw_socket(daemon.endpoint) as sock:
+        session = client.open_session(1920, 1080, "RGB8", slots=1)
+        session.submit(0)  # seconds on one CPU thread: the drain waits for it
+        time.sleep(0.3)
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        sock.send(protocol.encode(protocol.Ping(req=7, sessions=[])))
+        assert sock.poll(5000, zmq.POLLIN), "no reply to a request sent during the drain"
+        reply = protocol.decode(sock.recv(), "reply")
+        assert isinstance(reply, protocol.Error) and reply.req == 7 and reply.name == "SHUTTING_DOWN", reply
+        assert daemon.proc.wait(30) == 0, daemon.log()
+        assert daemon.segments() == []
         session.close(notify=False)
 
 

@@ -60,6 +60,8 @@ log = logging.getLogger("upscaler_server")
 
 _POLL_MS = 100  # longest wait before the loop checks flags and leases again
 _BURST = 64  # messages read per poll round before finished frames get their turn
+_UNREAD_MAX = 4096  # requests answered SHUTTING_DOWN at shutdown, at most (a flood must not hold the exit up)
+_FAREWELL_MS = 200  # how long closing the socket may take to send the last replies (linger)
 _ONE_FRAME = "a request is one frame (DEALER) or an empty delimiter frame and one frame (REQ)"
 _HANDSHAKE_MS = 5000  # ZeroMQ's greeting must arrive within this after a connection opens
 _FD_LIMIT = 1 << 16  # open files to ask for when the hard limit is unlimited
@@ -172,9 +174,12 @@ class Server:
         deadline = time.monotonic() + self.config.drain_timeout
         while self._worker.is_alive() and not self._forced and time.monotonic() < deadline:
             self._worker.join(0.05)
+            if self._router is not None:  # answered as they come: the drain may take seconds
+                self._refuse_unread(self._router)
         self._deliver_finished()
         worker_done = not self._worker.is_alive()
         if self._router is not None:
+            self._refuse_unread(self._router)
             self._close_router(self._router)
         for session in self._sessions.all():
             self._sessions.remove(session.id)
@@ -197,8 +202,26 @@ class Server:
         (``os._exit``), since tearing down the interpreter under a running torch kernel aborts."""
         return self._worker.is_alive()
 
+    def _refuse_unread(self, router: zmq.Socket[bytes]) -> None:
+        """Requests that reach the socket after the loop stopped (during the drain, or just before the socket closes)
+        get SHUTTING_DOWN: closing the socket would drop them unread, and their clients would wait out their
+        timeouts."""
+        for _ in range(_UNREAD_MAX):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            envelope = [f.bytes for f in frames[:-1]]
+            if not (len(envelope) == 1 or (len(envelope) == 2 and envelope[1] == b"")):
+                continue  # junk: the MALFORMED answer is for a daemon that stays
+            try:
+                req = decode(frames[-1].buffer, "request", max_bin=self.config.max_message_bytes).req
+            except ProtocolError as exc:
+                req = exc.req
+            self._reply(envelope, _error(req, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down"))
+
     def _close_router(self, router: zmq.Socket[bytes]) -> None:
-        router.close(linger=0)
+        router.close(linger=_FAREWELL_MS)  # the SHUTTING_DOWN replies just sent still go out
         path = _ipc_path(self.config.endpoint)
         if path is not None:  # libzmq leaves the socket file behind
             with contextlib.suppress(OSError):
