@@ -254,8 +254,9 @@ def test_offline_cli_output_folder_checks(tmp_path: pathlib.Path, monkeypatch: p
     assert upscale.main(["--model", "rlfn_s", str(photos), "-o", str(tmp_path / "a_file.png")]) == 2
     assert "a_file.png exists and is not a folder; -o names the output folder" in caplog.text
 
-    twice = [str(photos / "b.jpg"), str(photos / ".." / "photos" / "b.jpg"), str(photos)]
-    assert upscale.collect_inputs(map(pathlib.Path, twice)) == [photos / "b.jpg"]
+    cv2.imwrite(str(tmp_path / "a.jpg"), np.full((20, 24, 3), 60, np.uint8))
+    twice = [str(photos / "b.jpg"), str(tmp_path / "a.jpg"), str(photos / ".." / "photos" / "b.jpg"), str(photos)]
+    assert upscale.collect_inputs(map(pathlib.Path, twice)) == [photos / "b.jpg", tmp_path / "a.jpg"]
     real_mkstemp = tempfile.mkstemp
 
     def refused(*args: Any, dir: str | None = None, **kwargs: Any) -> Any:

@@ -55,7 +55,10 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
             files.append(path)
         else:
             raise ConfigError(f"{path} is neither a file nor a folder")
-    unique = list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # the first naming of each file
+    first_names: dict[pathlib.Path, pathlib.Path] = {}  # real path -> the first name it was given by
+    for f in files:
+        first_names.setdefault(f.resolve(), f)
+    unique = list(first_names.values())
     stems: dict[str, pathlib.Path] = {}
     for f in unique:
         if f.stem in stems:
