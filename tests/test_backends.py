@@ -124,6 +124,18 @@ def test_auto_picks_a_valid_backend_and_reuses_its_cache(checkpoint: pathlib.Pat
     assert other_size.measured == [(16, 24)]
 
 
+def test_auto_runs_on_the_oldest_python_the_package_allows(checkpoint: pathlib.Path, tmp_path: pathlib.Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """datetime.UTC is Python 3.11+, and pyproject allows 3.10: there auto failed every frame of a new size."""
+    import datetime
+
+    monkeypatch.delattr(datetime, "UTC", raising=False)  # as on Python 3.10
+    engine = _auto(checkpoint, tmp_path, allowed=("eager",))
+    engine.run(RNG.integers(0, 256, (20, 32, 3), dtype=np.uint8))
+    (entry,) = json.loads((tmp_path / "auto.json").read_text())["entries"].values()
+    assert entry["measured"].endswith("+00:00")
+
+
 def test_auto_rejects_backends_outside_its_tolerance(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
     if unavailable("eager", "cpu", "bf16") is not None:
         pytest.skip("this CPU has no bf16: nothing inexact to reject")

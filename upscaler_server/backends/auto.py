@@ -206,7 +206,7 @@ class AutoEngine(Engine):
         else:
             label, results = self._measure(height, width)
             self._cache.store(key, {"choice": label, "candidates": results, "tolerance": self.tolerance.__dict__,
-                                    "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+                                    "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         self.choices[height, width] = label
         self._release_unused()
         return label
