@@ -114,3 +114,31 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     saved.write_text(dump_toml(config.to_dict()))
     again = load_config(saved)
     assert again == config
+
+
+def test_bundled_configs_resolve_by_name_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a pip install (no training/configs beside you) `--config training/configs/smoke_cpu.toml`, the README's
+    form, and the bare name were "No such file"; a user's own file of that path still comes first."""
+    from training.config import CONFIGS_DIR, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    for given in ("smoke_cpu", "smoke_cpu.toml", "training/configs/smoke_cpu.toml"):
+        assert resolve_config(given) == CONFIGS_DIR / "smoke_cpu.toml"
+        assert load_config(given).experiment.name == load_config(CONFIGS_DIR / "smoke_cpu.toml").experiment.name
+    own = tmp_path / "training" / "configs" / "smoke_cpu.toml"
+    own.parent.mkdir(parents=True)
+    own.write_text((CONFIGS_DIR / "smoke_cpu.toml").read_text().replace('name = "', 'name = "mine_', 1))
+    assert resolve_config("training/configs/smoke_cpu.toml") == Path("training/configs/smoke_cpu.toml")
+    assert load_config("training/configs/smoke_cpu.toml").experiment.name.startswith("mine_")
+    with pytest.raises(FileNotFoundError, match=r"config nope not found; .* bundled config by name \(.*smoke_cpu"):
+        load_config("nope")
+    assert resolve_config("elsewhere/smoke_cpu.toml") == Path("elsewhere/smoke_cpu.toml")  # not a bundled form
+
+
+def test_seed_run_reads_the_bundled_weights_by_default() -> None:
+    """The default was models/weights relative to the current folder: from a pip install seed-run found nothing."""
+    import models
+    from training.__main__ import _parser
+
+    args = _parser().parse_args(["seed-run", "runs/x", "--stages", "teacher"])
+    assert args.weights == models.WEIGHTS_DIR and args.weights.is_absolute()

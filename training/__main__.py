@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from models import (
+    WEIGHTS_DIR,
     CheckpointError,
     build_model,
     list_models,
@@ -79,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one stage (the [stage] table of the config)")
     pipeline = commands.add_parser("pipeline", help="train and evaluate the paper's whole comparison")
-    pipeline.add_argument("--config", required=True, type=Path, help="a TOML file (see training/configs/)")
-    train.add_argument("--config", type=Path, help="a TOML file (see training/configs/); with --resume, the run's "
+    pipeline.add_argument("--config", required=True, type=Path,
+                          help="a TOML file, or a bundled config by name (smoke_cpu, rlfn_x2, ...: training/configs/)")
+    train.add_argument("--config", type=Path, help="a TOML file or a bundled config by name; with --resume, the run's "
                        "own config.toml is used and a different --config is refused")
     for sub in (train, pipeline):
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
@@ -123,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     seed.add_argument("--family", default="rlfn", help="the architecture family of the shipped files")
     seed.add_argument("--scale", type=int, default=2)
-    seed.add_argument("--weights", type=Path, default=Path("models/weights"), help="the shipped-weights folder")
+    seed.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
+                      help="the shipped-weights folder (default: the bundled one, also in a pip install)")
     export = commands.add_parser("export-state", help="a checkpoint of a run's saved state, to evaluate it part-way")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a stage's run folder (config.toml, state.pt)")
     export.add_argument("--state", type=Path, help="a copy of the state to export (default RUN_DIR/state.pt)")

@@ -39,9 +39,11 @@ __all__ = [
     "differing_keys",
     "dump_toml",
     "load_config",
+    "resolve_config",
 ]
 
 ROLES = ("teacher", "ta", "student")
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the bundled configs (installed with the package)
 
 
 @dataclass
@@ -153,10 +155,30 @@ _SECTIONS = {
 }
 
 
+def resolve_config(path: str | Path) -> Path:
+    """`path` itself when it exists; else a bundled config it names: `smoke_cpu`, with or without `.toml`, or
+    `training/configs/<name>` read from outside a checkout (an installed package has no such folder beside you).
+    Anything else comes back unchanged, for the caller to report as missing."""
+    given = Path(path)
+    bare = given.parent == Path(".")
+    relative_to_checkout = given.parts[-3:-1] == ("training", "configs") and not given.is_absolute()
+    if given.exists() or not (bare or relative_to_checkout):
+        return given
+    bundled = CONFIGS_DIR / f"{given.name.removesuffix('.toml')}.toml"
+    return bundled if bundled.is_file() else given
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a TOML experiment file, apply `key=value` overrides, validate."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+    """Read a TOML experiment file (or a bundled one by name: `resolve_config`), apply `key=value` overrides,
+    validate."""
+    path = resolve_config(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        bundled = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
+        raise FileNotFoundError(f"config {path} not found; a path to a TOML file, or a bundled config by name "
+                                f"({bundled})") from None
     try:
         text = data.decode("utf-8")  # TOML is UTF-8: a file that is not is refused, as tomllib.load did
     except UnicodeDecodeError as exc:
