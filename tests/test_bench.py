@@ -11,6 +11,7 @@ import sys
 import tempfile
 from typing import Any
 
+import numpy as np
 import pytest
 
 from upscaler_server import bench, engine
@@ -137,6 +138,21 @@ def test_bench_says_in_one_line_that_a_daemon_did_not_start(monkeypatch: pytest.
     err = capsys.readouterr().err
     assert err.startswith("bench: a daemon did not start (exited with status 2): ") and "pad_channels" in err
     assert err.count("\n") == 1, err
+
+
+def test_a_daemon_starts_from_a_folder_with_its_own_models_package(tmp_path: pathlib.Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m upscaler_server` put the current folder first on the import path: a research folder with its own
+    `models/` package (common) made the spawned daemon import it and fail (AttributeError, exit 1)."""
+    from upscaler_server.client import UpscalerClient
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('the user\'s own models package')\n")
+    monkeypatch.chdir(tmp_path)
+    with bench.spawn_daemon(["--device", "cpu", "--threads", "1"]) as endpoint, \
+            UpscalerClient(endpoint, timeout=30) as client:
+        frame = np.zeros((24, 32, 3), np.uint8)
+        assert client.upscale(frame).shape == (48, 64, 3)  # the bundled student, from this installation
 
 
 def test_bench_ctrl_c_stops_the_daemons_and_says_interrupted(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

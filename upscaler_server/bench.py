@@ -43,6 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from upscaler_server import daemon_command
 from upscaler_server.bench_backends import Variant, compare_backends, parse_label, print_backend_table, unavailable_here
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
@@ -66,8 +67,7 @@ def spawn_daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="ups-bench-", dir="/tmp"))
     endpoint = f"ipc://{tmp}/bench.sock"
     with open(tmp / "daemon.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "upscaler_server", "--endpoint", endpoint, *args],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(daemon_command(["--endpoint", endpoint, *args]), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + ready_timeout
         while True:

@@ -205,8 +205,9 @@ class AutoEngine(Engine):
                      self._cache.path)
         else:
             label, results = self._measure(height, width)
+            measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             self._cache.store(key, {"choice": label, "candidates": results, "tolerance": self.tolerance.__dict__,
-                                    "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+                                    "measured": measured})
         self.choices[height, width] = label
         self._release_unused()
         return label
