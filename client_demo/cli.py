@@ -2,7 +2,7 @@
 
 Exit status: 0 done; 1 unexpected error; 2 invalid arguments or a stream the daemon refuses; 3 headless: the upscaler
 could not be reached or stopped answering; 4 --spawn-server: the daemon could not start (its log is printed);
-5 no window could be opened; 130 interrupted (Ctrl-C, SIGTERM).
+5 no window could be opened; 130 interrupted (Ctrl-C, SIGTERM, SIGHUP).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import importlib.util
 import pathlib
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -20,11 +21,13 @@ from client_demo.config import (
     EXIT_INTERRUPTED,
     EXIT_NO_WINDOW,
     EXIT_SPAWN,
+    EXIT_USAGE,
     NATIVE_STUDENT_FILE,
     DaemonWatch,
     DemoConfig,
 )
 from client_demo.controls import VIEWS
+from client_demo.headless import DEFAULT_OUT, OutputFolder, OutputFolderError, run_headless
 from client_demo.link import UpscaleLink
 from client_demo.spawn import DaemonStartError, SpawnedDaemon
 from upscaler_server.config import cli_prog
@@ -39,6 +42,14 @@ def _utf8_path(text: str) -> pathlib.Path:
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8; choose a folder name that is") from None
     return pathlib.Path(text)
+
+
+def _endpoint(text: str) -> str:
+    """The forms the daemon binds (upscaler_server.config): anything else could never be reached, and would be
+    reported as an unreachable daemon (status 3) instead of a mistyped argument."""
+    if not text.startswith(("ipc://", "tcp://")) or text in ("ipc://", "tcp://"):
+        raise argparse.ArgumentTypeError(f"expected ipc:///path/to/socket or tcp://127.0.0.1:PORT, got {text!r}")
+    return text
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -57,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Live demo of the TAKDSR upscaler: a game scene "
                                 "rendered at low resolution, upscaled by the daemon, beside bilinear scaling and a "
                                 "native high-resolution render. See docs/demo.md.")
-    p.add_argument("--endpoint", help="daemon endpoint (default: the client's default, or the spawned daemon's)")
+    p.add_argument("--endpoint", type=_endpoint,
+                   help="daemon endpoint (default: the client's default, or the spawned daemon's)")
     p.add_argument("--spawn-server", action="store_true", help="start a daemon for this run and stop it at exit")
     p.add_argument("--checkpoint", type=pathlib.Path, help="student checkpoint for --spawn-server: a file or a "
                    "bundled name such as rlfn_s_takdsr_x2 (default: the bundled student trained on natively "
@@ -72,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["bilinear", "native"], default=d.compare,
                    help="right half of the split view (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=d.timeout,
-                   help="seconds a frame may wait for the daemon before it is pinged; a frame is given up, and the "
-                   "daemon reconnected, after about twice that; keep it above one frame's upscale time "
-                   "(default: %(default)s)")
+                   help="seconds a ping of the daemon may go unanswered (it is pinged about once a second while a "
+                   "frame waits); a frame is given up, and the daemon reconnected, after twice that although the "
+                   "daemon answers; keep it above one frame's upscale time (default: %(default)s)")
     p.add_argument("--out", type=_utf8_path, help="headless: output folder (default: demo_out); "
                    "window: screenshot folder (default: the current one)")
     g = p.add_argument_group("headless mode")
@@ -120,30 +132,32 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
 
 
 class _Signals:
-    """SIGINT/SIGTERM set a flag that the loops check (they then clean up); a second signal interrupts at once."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal or a lost SSH session) set a flag that the loops check (they
+    then clean up); a second signal interrupts at once. Later ones are only counted: the clean-up that the
+    interruption runs (stats.json, stopping the spawned daemon, its temporary folder) must not be cut short in turn."""
 
     def __init__(self) -> None:
         self.requested = 0
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.requested += 1
-        if self.requested > 1:
+        if self.requested == 2:
             raise KeyboardInterrupt
 
     def __call__(self) -> bool:
         return self.requested > 0
 
 
-def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signals) -> int:
+def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signals, folder: OutputFolder | None,
+         started: float) -> int:
+    """The window, or with ``folder`` (held by this run) headless; ``started`` is the demo's start (stats.json)."""
     link = UpscaleLink(endpoint, cfg.lr_size, cfg.scale, cfg.timeout)
     link.start()  # connects while the renderer warms up
     try:
-        if cfg.headless:
-            from client_demo.headless import run_headless
-
-            return run_headless(cfg, link, watch, stop)
+        if folder is not None:
+            return run_headless(cfg, link, watch, stop, folder, started)
         try:
             from client_demo.window import run_window  # glfw and imgui: window mode only
         except ModuleNotFoundError as exc:
@@ -184,20 +198,34 @@ def _native_student() -> pathlib.Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point (``takdsr-demo``); returns the exit status."""
+    started = time.perf_counter()  # stats.json's wall_s: the spawned daemon's start-up included
     cfg = parse_args(argv)
     stop = _Signals()
     try:
-        if not cfg.spawn_server:
-            return _run(cfg, cfg.endpoint, lambda: None, stop)
-        with SpawnedDaemon(cfg.checkpoint or _native_student(), cfg.device, cfg.endpoint) as daemon:
-            print(f"client_demo: starting the upscaler daemon ({daemon.endpoint}) ...", file=sys.stderr)
-            try:
-                daemon.start(stop)
-            except DaemonStartError as exc:
-                print(f"client_demo: {exc}", file=sys.stderr)
-                return EXIT_SPAWN
-            print(f"client_demo: upscaler daemon ready (pid {daemon.pid})", file=sys.stderr)
-            return _run(cfg, daemon.endpoint, daemon.gone, stop)
+        if not cfg.headless:
+            return _with_daemon(cfg, stop, None, started)
+        try:  # before the daemon starts: a second demo writing into the same folder is refused at once
+            folder = OutputFolder(cfg.out or DEFAULT_OUT)
+        except OutputFolderError as exc:
+            print(f"client_demo: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        with folder:
+            return _with_daemon(cfg, stop, folder, started)
     except KeyboardInterrupt:
         print("client_demo: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _with_daemon(cfg: DemoConfig, stop: _Signals, folder: OutputFolder | None, started: float) -> int:
+    """The run against ``--endpoint``, or against a daemon of its own (--spawn-server), stopped in every case."""
+    if not cfg.spawn_server:
+        return _run(cfg, cfg.endpoint, lambda: None, stop, folder, started)
+    with SpawnedDaemon(cfg.checkpoint or _native_student(), cfg.device, cfg.endpoint) as daemon:
+        print(f"client_demo: starting the upscaler daemon ({daemon.endpoint}) ...", file=sys.stderr)
+        try:
+            daemon.start(stop)
+        except DaemonStartError as exc:
+            print(f"client_demo: {exc}", file=sys.stderr)
+            return EXIT_SPAWN
+        print(f"client_demo: upscaler daemon ready (pid {daemon.pid})", file=sys.stderr)
+        return _run(cfg, daemon.endpoint, daemon.gone, stop, folder, started)

@@ -26,7 +26,7 @@ EXIT_USAGE = 2  # invalid arguments, or the daemon refuses this stream (scale, s
 EXIT_UNAVAILABLE = 3  # headless: the upscaler could not be reached, or stopped answering mid-run
 EXIT_SPAWN = 4  # --spawn-server: the daemon could not start (its log is printed)
 EXIT_NO_WINDOW = 5  # no display (window mode) or no OpenGL 3.3 context (either mode)
-EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
+EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP
 
 # The bundled student trained on natively rendered LR (models.NATIVE_STUDENT_PATH's name; the demo does not
 # import `models`, which imports torch): the spawned daemon's default.

@@ -3,12 +3,14 @@
 Outputs in the ``--out`` folder: ``frames/NNNNN.png`` (the chosen view at HR), ``demo.mp4`` (the same frames, mp4v)
 and ``stats.json`` (sizes, upscaler, fps, round-trip percentiles and, per frame, the PSNR of SR and of bilinear
 against the supersampled (aliasing-free) HR render of the same frame). A run that ends early still writes
-stats.json, with ``"completed": false`` and the reason.
+stats.json, with ``"completed": false`` and the reason. The folder is locked for the run (:class:`OutputFolder`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import pathlib
 import sys
 import time
@@ -35,13 +37,60 @@ from client_demo.frames import FrameSizeError, GpuFrames
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
 from client_demo.metrics import percentiles, psnr
 
-__all__ = ["DEFAULT_OUT", "FRAMES_DIR", "STATS_NAME", "VIDEO_NAME", "caption", "run_headless"]
+__all__ = ["DEFAULT_OUT", "FRAMES_DIR", "LOCK_NAME", "STATS_NAME", "VIDEO_NAME", "OutputFolder", "OutputFolderError",
+           "caption", "run_headless"]
 
 DEFAULT_OUT = pathlib.Path("demo_out")
 FRAMES_DIR = "frames"
 VIDEO_NAME = "demo.mp4"
 STATS_NAME = "stats.json"
+# Hidden, and never removed: a lock file unlinked while a second run opens it would give each run its own lock.
+LOCK_NAME = ".takdsr-demo.lock"
+# What stats.json says from the moment the earlier run's outputs are cleared until this run writes its own: a run
+# killed outright (SIGKILL, a power cut) leaves this, never the earlier run's "completed": true beside new frames.
+UNFINISHED = "the run did not finish: it is still running, or it was killed before it could write its stats"
 WAIT_SLICE = 0.1  # s per wait for the upscaler, between checks for Ctrl-C and a dead daemon
+
+
+class OutputFolderError(Exception):
+    """``--out`` cannot be used: it cannot be written, or another demo writes into it (exit status 2)."""
+
+
+class OutputFolder:
+    """The ``--out`` folder, held for one run by an exclusive lock on a hidden file in it, so that a second demo
+    writing into the same folder is refused instead of mixing its frames with ours. The kernel drops the lock when
+    this process ends, however it ends (even SIGKILL): a crashed run never blocks the next one. Nothing in the
+    folder is deleted here; that waits until the run has passed its other checks (run_headless)."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - held (and the lock with it) until release()
+        except OSError as exc:
+            raise OutputFolderError(f"cannot write into {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lock.seek(0)
+            holder = self._lock.read().strip()
+            self._lock.close()
+            if not isinstance(exc, BlockingIOError):
+                raise OutputFolderError(f"cannot lock {path / LOCK_NAME}: {exc.strerror or exc}") from None
+            raise OutputFolderError(f"another demo{f' (pid {holder})' if holder else ''} is writing into {path}; "
+                                    "wait for it to end or pass another --out") from None
+        self._lock.truncate(0)  # the holder's pid, for the message above
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+
+    def release(self) -> None:
+        self._lock.close()
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class _Stopped(Exception):
@@ -71,12 +120,16 @@ class _Outputs:
     def __init__(self, out: pathlib.Path, size: tuple[int, int], fps: float) -> None:
         self.frames_dir = out / FRAMES_DIR
         self.frames_dir.mkdir(parents=True, exist_ok=True)
-        for old_frame in self.frames_dir.glob("[0-9][0-9][0-9][0-9][0-9].png"):  # a longer earlier run's
-            old_frame.unlink()
         self.video_path = out / VIDEO_NAME
         self._size, self._fps = size, fps
         self._video: cv2.VideoWriter | None = None  # opened with the first frame: a run that never gets one
-        self.video_path.unlink(missing_ok=True)  # leaves no unplayable file (nor an older run's video)
+
+    def clear_earlier(self) -> None:
+        """Delete an earlier run's frames (a longer run's would stay beside ours) and video (a run that never gets a
+        frame leaves no unplayable file, nor the older video)."""
+        for old_frame in self.frames_dir.glob("[0-9][0-9][0-9][0-9][0-9].png"):
+            old_frame.unlink()
+        self.video_path.unlink(missing_ok=True)
 
     def write(self, index: int, rgb: np.ndarray) -> None:
         bgr = np.ascontiguousarray(rgb[..., ::-1])
@@ -117,7 +170,9 @@ class _HeadlessRun:
         self.watch, self.should_stop = watch, should_stop
         self.records: list[FrameRecord] = []
         self.done_times: list[float] = []
+        self.reopened = 0  # sessions opened anew after the daemon ended ours (_reopen)
         self._pending: dict[int, tuple[int, float, float]] = {}  # slot -> (index, t, render_ms)
+        self._progress_since_reopen = True
 
     def execute(self) -> None:
         self._warm_up()
@@ -130,7 +185,7 @@ class _HeadlessRun:
                 self._finish(self._next_finished())
                 slot = self.link.acquire()
             self._submit(slot, index)
-        while self.link.in_flight:
+        while self._pending:  # not link.in_flight: frames of a session that ended are sent again (_reopen)
             self._finish(self._next_finished())
 
     def _warm_up(self) -> None:
@@ -146,16 +201,47 @@ class _HeadlessRun:
                 return finished
 
     def _check(self, doing: str) -> None:
-        """Stop on Ctrl-C, a lost upscaler or a dead spawned daemon."""
+        """Stop on Ctrl-C, a dead spawned daemon or a lost upscaler; reopen a session that the daemon ended."""
+        self._check_stop(doing)
+        if self.link.state is LinkState.RETRYING:
+            if not self.link.session_lost:
+                raise _Stopped(f"upscaler unavailable while {doing}: {self.link.reason}", EXIT_UNAVAILABLE)
+            if not self._progress_since_reopen:
+                raise _Stopped(f"the upscaler daemon ended this demo's session again before a frame came back while "
+                               f"{doing}: {self.link.reason}", EXIT_UNAVAILABLE)
+            self._reopen(doing)
+
+    def _check_stop(self, doing: str) -> None:
+        # the dead spawned daemon first: the link, which then loses its connection too, knows less about why
         if self.should_stop():
             raise _Stopped("interrupted", EXIT_INTERRUPTED)
-        if self.link.state is LinkState.FAILED:
-            raise _Stopped(f"the upscaler cannot serve this stream: {self.link.reason}", EXIT_USAGE)
-        if self.link.state is LinkState.RETRYING:
-            raise _Stopped(f"upscaler unavailable while {doing}: {self.link.reason}", EXIT_UNAVAILABLE)
         gone = self.watch()
         if gone:
             raise _Stopped(f"the spawned upscaler daemon {gone} while {doing}", EXIT_UNAVAILABLE)
+        if self.link.state is LinkState.FAILED:
+            raise _Stopped(f"the upscaler cannot serve this stream: {self.link.reason}", EXIT_USAGE)
+
+    def _reopen(self, doing: str) -> None:
+        """The daemon ended this demo's session although it still answers: the session's lease expired while the
+        demo sent nothing (paused by Ctrl-Z, say, for longer than the lease). The link opens a new session on the
+        same daemon by itself; the frames lost with the old one are rendered and sent again (the camera's clock is
+        fixed, so they come out the same and none is missing from the outputs)."""
+        lost = sorted(self._pending.values())
+        self._pending.clear()
+        instance = self.link.info.instance if self.link.info else None
+        while not self.link.ready:
+            self._check_stop(doing)
+            if not self.link.session_lost:  # the new connection failed: the daemon is gone after all
+                raise _Stopped(f"upscaler unavailable while {doing}: {self.link.reason}", EXIT_UNAVAILABLE)
+            self.link.poll(WAIT_SLICE)
+        if self.link.info is None or self.link.info.instance != instance:  # another model, maybe: not one run
+            raise _Stopped(f"the upscaler daemon restarted while {doing}", EXIT_UNAVAILABLE)
+        self.reopened += 1
+        self._progress_since_reopen = False
+        for index, _, _ in lost:
+            slot = self.link.acquire()
+            assert slot is not None, "a new session has a free slot for each frame in flight"
+            self._submit(slot, index)
 
     def _submit(self, slot: int, index: int) -> None:
         t = self.cfg.start + index / self.cfg.fps
@@ -189,18 +275,15 @@ class _HeadlessRun:
                                         psnr(sr, reference), psnr(bilinear, reference)))
         self.link.release(frame.slot)
         self.done_times.append(time.perf_counter())
+        self._progress_since_reopen = True
 
 
-def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_stop: Callable[[], bool]) -> int:
-    """Render ``cfg.frames`` frames into ``cfg.out``; returns the exit status (see client_demo.config)."""
-    out = cfg.out or DEFAULT_OUT
-    try:
-        outputs = _Outputs(out, cfg.hr_size, cfg.fps)
-    except OSError as exc:  # not a folder, or not writable: before anything is rendered
-        print(f"client_demo: cannot write into {out}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_stop: Callable[[], bool],
+                 folder: OutputFolder, started: float) -> int:
+    """Render ``cfg.frames`` frames into ``folder`` (held by this run); returns the exit status (see
+    client_demo.config). ``started``: the demo's time.perf_counter() at start, for stats.json's wall_s."""
     renderer = scenes.SceneRenderer()  # its own EGL context, released with it
-    try:
+    try:  # before anything in the folder is deleted: an --lr this OpenGL cannot draw, or no EGL, changes nothing
         gpu = GpuFrames(renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH)
     except scenes.HeadlessContextError as exc:  # no EGL here: one clear line, as window mode gives for no display
         renderer.release()
@@ -210,27 +293,59 @@ def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_
         renderer.release()
         print(f"client_demo: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop)
-    started = time.perf_counter()
-    status, error = EXIT_OK, None
+    try:
+        return _render(cfg, link, gpu, watch, should_stop, folder.path, started)
+    finally:
+        gpu.release()
+        renderer.release()
+
+
+def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWatch, should_stop: Callable[[], bool],
+            out: pathlib.Path, started: float) -> int:
+    try:
+        outputs = _Outputs(out, cfg.hr_size, cfg.fps)
+        run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop)
+        # stats.json first: the earlier run's "completed": true must not outlive its frames, whatever ends this run
+        _save_stats(out, _stats(cfg, link, run, time.perf_counter() - started, UNFINISHED))
+        outputs.clear_earlier()
+    except OSError as exc:  # not writable: before anything is rendered
+        print(f"client_demo: cannot write into {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    status, error = EXIT_ERROR, "ended by an unexpected error (see the traceback)"  # unless set below
     try:
         run.execute()
+        status, error = EXIT_OK, None
     except _Stopped as exc:
         status, error = exc.status, str(exc)
     except OSError as exc:  # a full disk, a folder removed mid-run: stats.json still says how far it got
         status, error = EXIT_ERROR, f"cannot write the outputs: {exc}"
+    except KeyboardInterrupt:  # a second signal: no more frames, but the files written so far are described
+        error = "interrupted at once (a second Ctrl-C or signal)"
+        raise
     finally:
         outputs.close()
-        gpu.release()
-        renderer.release()
-    stats = _stats(cfg, link, run, time.perf_counter() - started, error)
+        stats = _stats(cfg, link, run, time.perf_counter() - started, error)
+        saved = _try_save_stats(out, stats)
+    if not saved:
+        status = status or EXIT_ERROR
+    _report(out, stats, saved)
+    return status
+
+
+def _save_stats(out: pathlib.Path, stats: dict[str, Any]) -> None:
+    """Write stats.json whole or not at all: a run killed mid-write must not leave half a file behind."""
+    partial = out / f".{STATS_NAME}.partial"
+    partial.write_text(json.dumps(stats, indent=2) + "\n")
+    partial.replace(out / STATS_NAME)
+
+
+def _try_save_stats(out: pathlib.Path, stats: dict[str, Any]) -> bool:
     try:
-        (out / STATS_NAME).write_text(json.dumps(stats, indent=2) + "\n")
+        _save_stats(out, stats)
     except OSError as exc:
         print(f"client_demo: cannot write {out / STATS_NAME}: {exc.strerror or exc}", file=sys.stderr)
-        status = status or EXIT_ERROR
-    _report(out, stats)
-    return status
+        return False
+    return True
 
 
 def _stats(cfg: DemoConfig, link: UpscaleLink, run: _HeadlessRun, wall: float, error: str | None) -> dict[str, Any]:
@@ -263,6 +378,7 @@ def _stats(cfg: DemoConfig, link: UpscaleLink, run: _HeadlessRun, wall: float, e
         },
         "wall_s": wall,
         "fps": fps,
+        "sessions_reopened": run.reopened,
         "round_trip_ms": _summary(r.round_trip_ms for r in records),
         "infer_ms": _summary(r.infer_ms for r in records),
         "render_ms": _summary(r.render_ms for r in records),
@@ -281,7 +397,7 @@ def _summary(values: Any) -> dict[str, float | None]:
     return {**percentiles(data), "mean": float(np.mean(data)) if data else None}
 
 
-def _report(out: pathlib.Path, stats: dict[str, Any]) -> None:
+def _report(out: pathlib.Path, stats: dict[str, Any], saved: bool) -> None:
     rtt, quality = stats["round_trip_ms"], stats["psnr_db"]
     line = f"wrote {stats['frames']}/{stats['frames_requested']} frames to {out}"
     if stats["frames"]:
@@ -290,4 +406,5 @@ def _report(out: pathlib.Path, stats: dict[str, Any]) -> None:
                  f"SR {quality['sr_mean']:.2f} dB, bilinear {quality['bilinear_mean']:.2f} dB")
     print(line)
     if stats["error"]:
-        print(f"client_demo: {stats['error']} (stats.json says completed: false)", file=sys.stderr)
+        said = " (stats.json says completed: false)" if saved else ""  # only if it could be written
+        print(f"client_demo: {stats['error']}{said}", file=sys.stderr)

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from upscaler_server.client import Session, UpscalerClient
-from upscaler_server.errors import BusyError, ErrorCode, ServerUnavailableError, SessionError, UpscalerError
+from upscaler_server.errors import (
+    BusyError,
+    ErrorCode,
+    ServerUnavailableError,
+    SessionError,
+    SessionLostError,
+    UpscalerError,
+)
 from upscaler_server.protocol import Timings, Welcome
 
 __all__ = ["PIPELINE_DEPTH", "Finished", "LinkState", "UpscaleLink"]
@@ -36,6 +43,8 @@ BUSY_PAUSE = 0.005  # s before resubmitting a frame the daemon refused as BUSY
 IDLE_POLL = 0.05  # s the worker waits for a job before checking for shutdown again
 RESULT_POLL = 0.002  # s the worker waits for a frame's reply before looking for the next job again
 CLOSE_GRACE = 0.5  # s close() lets the worker end by itself (closing its session) before interrupting its waits
+LIVENESS = 1.0  # s between pings while a frame is out: a daemon that died or stopped is noticed this soon
+WHY_PROBE = 0.5  # s a new client waits for a hello when a daemon did not answer a ping, to say why (_why_silent)
 
 
 class LinkState(enum.Enum):
@@ -68,6 +77,7 @@ class _Lost:
     epoch: int
     reason: str
     retry_in: float | None  # None: the worker has given up (refused stream)
+    session_lost: bool = False  # the daemon answered, but no longer knows the session (lease expired, restart)
 
 
 @dataclass(frozen=True)
@@ -91,13 +101,15 @@ class _Released:
 
 @dataclass
 class _InFlight:
-    """A frame the worker has submitted: its slot, its frame id, when the render loop submitted it, and whether
-    the daemon has been checked for it (once it is overdue)."""
+    """A frame the worker has submitted: its slot, its frame id, when the render loop submitted it (the round
+    trip), when the worker sent it (how long the daemon has had it: the worker may have waited in between, stopped
+    with the whole demo by Ctrl-Z), and when the daemon was last asked whether it is alive."""
 
     slot: int
     frame: int
     submitted: float
-    checked: bool = False
+    sent: float
+    checked: float
 
 
 # Open errors that no retry can fix (others, such as RESOURCE_LIMIT, may clear up when other clients leave).
@@ -160,7 +172,7 @@ class _Worker(threading.Thread):
             self._events.put(_Lost(epoch, str(exc), None))
             self.halt.set()
         except UpscalerError as exc:
-            self._events.put(_Lost(epoch, str(exc), self._backoff))
+            self._events.put(_Lost(epoch, str(exc), self._backoff, isinstance(exc, SessionLostError)))
             raise
         finally:
             if handed_out and not self.halt.is_set():
@@ -185,7 +197,9 @@ class _Worker(threading.Thread):
         """Submit jobs and collect their frames in order. The oldest frame's reply is waited for in short slices
         (a reply ends a slice at once), and the job queue is read between them, so frame n+1 reaches the daemon
         while it finishes frame n. A frame without a reply after ``timeout`` has the daemon checked (a dead or
-        stalled one ends the connection), and after twice that it is given up, as collect() itself would."""
+        stalled one ends the connection), and after twice that it is given up, as collect() itself would. While a
+        frame waits, the daemon is pinged about once a second: one that died or was stopped ends the connection
+        within about a second, not after the timeout."""
         sent: collections.deque[_InFlight] = collections.deque()  # in the session's order
         while not self.halt.is_set():
             if sent:
@@ -201,7 +215,8 @@ class _Worker(threading.Thread):
             except queue.Empty:
                 continue
             if isinstance(job, _Job) and job.epoch == epoch:
-                sent.append(_InFlight(job.slot, session.submit(job.slot, job.frame), job.submitted))
+                frame, now = session.submit(job.slot, job.frame), time.perf_counter()
+                sent.append(_InFlight(job.slot, frame, job.submitted, now, now))
 
     def _collect(self, session: Session, sent: collections.deque[_InFlight], epoch: int) -> None:
         oldest = sent.popleft()
@@ -216,13 +231,31 @@ class _Worker(threading.Thread):
         self._events.put(_Done(epoch, finished))
 
     def _check_overdue(self, session: Session, oldest: _InFlight) -> None:
-        waited = time.perf_counter() - oldest.submitted
+        now = time.perf_counter()
+        waited = now - oldest.sent
         if waited > 2 * self._timeout:
             raise ServerUnavailableError(f"frame {oldest.frame} got no reply in {waited:.0f} s although the daemon "
                                          "answers pings; is it overloaded?")
-        if waited > self._timeout and not oldest.checked:
-            session.check_alive()  # raises for a daemon that is gone or stalled
-            oldest.checked = True
+        if now - oldest.checked > min(LIVENESS, self._timeout):
+            self._check_alive(session)
+            oldest.checked = time.perf_counter()
+
+    def _check_alive(self, session: Session) -> None:
+        """session.check_alive(): raises for a daemon that is gone, stalled (no pong within the timeout) or that no
+        longer knows the session. Its error says only that the daemon does not answer; a new client says why."""
+        try:
+            session.check_alive()
+        except ServerUnavailableError as exc:
+            raise ServerUnavailableError(self._why_silent(exc), exc.code) from exc
+
+    def _why_silent(self, exc: ServerUnavailableError) -> str:
+        """A new client fails at once, naming the cause, when no daemon listens on an ipc endpoint any more (it
+        exited, or died and left its socket file); on a stalled daemon it waits WHY_PROBE s for its hello."""
+        try:
+            UpscalerClient(self._endpoint, timeout=WHY_PROBE, retries=0, heartbeat=False, name="takdsr-demo").close()
+        except ServerUnavailableError as why:
+            return f"the upscaler daemon stopped answering: {why}"
+        return str(exc)  # a daemon answers again: a restarted one, which the reconnection finds
 
     def _await_release(self, epoch: int) -> None:
         """Wait (briefly) until the main thread has dropped its views of this connection's shared memory."""
@@ -249,6 +282,7 @@ class UpscaleLink:
         self._worker = _Worker(endpoint, lr_size, scale, timeout, self._jobs, self._events)
         self.state = LinkState.CONNECTING
         self.reason = ""  # why the last connection ended
+        self.session_lost = False  # it ended because the daemon, which answered, no longer knew the session
         self.retry_at = 0.0  # time.monotonic() of the next attempt while RETRYING
         self.info: Welcome | None = None
         self._epoch = 0
@@ -333,12 +367,13 @@ class UpscaleLink:
     def _apply(self, event: _Connected | _Lost | _Done, finished: list[Finished]) -> None:
         if isinstance(event, _Connected):
             self._epoch, self.info, self.state, self.reason = event.epoch, event.info, LinkState.READY, ""
+            self.session_lost = False
             self._inputs, self._outputs = event.inputs, event.outputs
             self._free, self._in_flight = set(range(len(event.inputs))), set()
         elif isinstance(event, _Lost):
             self._drop_views()
             finished.clear()  # their slots' views are gone
-            self.reason = event.reason
+            self.reason, self.session_lost = event.reason, event.session_lost
             self.state = LinkState.FAILED if event.retry_in is None else LinkState.RETRYING
             self.retry_at = time.monotonic() + (event.retry_in or 0.0)
             self._jobs.put(_Released(event.epoch))

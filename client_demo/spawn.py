@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
+from upscaler_server import daemon_command
 from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import ConfigError, ServerUnavailableError
 from upscaler_server.shm import SHM_DIR
@@ -51,7 +53,7 @@ class SpawnedDaemon:
         args = ["--endpoint", self.endpoint, "--device", device]
         if checkpoint is not None:
             args += ["--checkpoint", str(checkpoint)]
-        self.command: Sequence[str] = [sys.executable, "-m", "upscaler_server", *args]
+        self.command: Sequence[str] = daemon_command(args)  # this installation's packages, whatever the cwd holds
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,10 +83,23 @@ class SpawnedDaemon:
             if status is not None:
                 raise DaemonStartError(f"the upscaler daemon exited with status {status} before it was ready:\n"
                                        f"{self.log_tail()}")
-            if self._answers(timeout=0.5):
+            if self._logged_ready() and self._answers(timeout=0.5):
                 return
             time.sleep(0.05)  # the client fails at once while the daemon's socket file does not exist yet
         raise DaemonStartError(f"the upscaler daemon did not answer within {timeout:g} s:\n{self.log_tail()}")
+
+    def _logged_ready(self) -> bool:
+        """Whether the answer on the endpoint can be ours. On an --endpoint of the user's it can be another daemon's:
+        one that a second demo started at the same moment, which answers while ours is still starting, and ours then
+        finds the endpoint taken and exits. So there, ours must first have logged that it is ready, with its pid
+        (the daemon's "upscaler ready: ... pid=N" line)."""
+        if not self._shared_endpoint:
+            return True
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return re.search(rf"upscaler ready: .* pid={self.pid}\b", log) is not None
 
     def _answers(self, timeout: float) -> bool:
         """Whether a daemon says hello on the endpoint within ``timeout`` seconds."""
@@ -110,20 +125,29 @@ class SpawnedDaemon:
         return "\n".join("  | " + line for line in text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM, wait, SIGKILL if needed; clear a dead daemon's shared memory; remove the private directory."""
-        proc = self._proc
-        if proc is not None:
+        """SIGTERM, wait, SIGKILL if needed; clear a dead daemon's shared memory; remove the private directory. A
+        KeyboardInterrupt (the demo's second signal) during the wait kills the daemon at once, and the rest is still
+        done before it goes on."""
+        try:
+            if self._proc is not None:
+                self._end(self._proc)
+                self._proc = None
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _end(self, proc: subprocess.Popen[bytes]) -> None:
+        try:
             if proc.poll() is None:
                 proc.terminate()
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass  # killed below
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
             if proc.returncode != 0:
                 self._remove_segments(proc.pid)
-            self._proc = None
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     @staticmethod
     def _remove_segments(pid: int) -> None:

@@ -22,10 +22,20 @@ if [[ -z "${DISPLAY:-}" && -z "${WAYLAND_DISPLAY:-}" ]]; then
     echo "[demo] no display: rendering headless (frames/*.png, demo.mp4, stats.json) into $PWD/demo_out/ unless --out says otherwise" >&2
 fi
 # Without an NVIDIA GPU the student runs on the CPU, which manages a few frames per second at 320x180 LR but
-# not 640x360 (docs/demo.md has the numbers): start small there. A later --lr in "$@" wins.
+# not 640x360 (docs/demo.md has the numbers): start small there, unless "$@" names its own --lr.
+lr=""
+previous=""
+for arg in "$@"; do
+    [[ "$previous" == --lr ]] && lr=$arg
+    [[ "$arg" == --lr=* ]] && lr=${arg#--lr=}
+    previous=$arg
+done
 size=()
 if ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
-    size=(--lr 320x180)
-    echo "[demo] no NVIDIA GPU: the student runs on the CPU; starting at --lr 320x180" >&2
+    if [[ -z "$lr" ]]; then
+        lr=320x180
+        size=(--lr "$lr")
+    fi
+    echo "[demo] no NVIDIA GPU: the student runs on the CPU; starting at --lr $lr" >&2
 fi
 exec "$repo/.venv/bin/python" -m client_demo --spawn-server "${mode[@]}" "${size[@]}" "$@"

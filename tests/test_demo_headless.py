@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from demo_utils import (
     run_demo,
     segments_of,
 )
-from server_utils import Daemon, run_server
+from server_utils import Daemon, run_server, short_tmpdir
 
 LR = (64, 36)
 LR_ARG = f"{LR[0]}x{LR[1]}"
@@ -165,12 +167,14 @@ def test_headless_exits_cleanly_when_the_daemon_is_killed(checkpoint: pathlib.Pa
     assert not process_alive(pid) and not segments_of(pid)
 
 
-def _wait_for_frames(demo: subprocess.Popen[str], log: pathlib.Path, frames_dir: pathlib.Path, count: int) -> int:
+def _wait_for_frames(demo: subprocess.Popen[str], log: pathlib.Path, frames_dir: pathlib.Path, count: int,
+                     spawned: bool = True) -> int:
+    """Wait until the demo has written ``count`` frames; returns its spawned daemon's pid (0 if not ``spawned``)."""
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         assert demo.poll() is None, f"the demo exited early ({demo.returncode}):\n{log.read_text()}"
         if frames_dir.is_dir() and len(list(frames_dir.glob("*.png"))) >= count:
-            return daemon_pid(log.read_text())
+            return daemon_pid(log.read_text()) if spawned else 0
         time.sleep(0.1)
     pytest.fail(f"the demo wrote fewer than {count} frames in 90 s:\n{log.read_text()}")
 
@@ -181,7 +185,30 @@ def test_spawn_server_on_an_endpoint_already_served_refuses(nearest_daemon: Daem
                            "--out", str(tmp_path / "out"))
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 4 and "another upscaler daemon already serves" in run.stderr, run.stderr
-    assert "daemon ready" not in run.stderr and not (tmp_path / "out").exists()
+    assert "daemon ready" not in run.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".takdsr-demo.lock"]  # taken first, nothing written
+
+
+def test_wall_s_includes_the_spawned_daemons_start_up(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """docs/demo.md: "start-up included"; the time the spawned daemon took to start was left out. A stand-in for
+    SpawnedDaemon takes 5 s to start (longer than the rest of this run) and hands the demo the tests' daemon."""
+    code = (
+        "import sys, time\n"
+        "from client_demo import cli\n"
+        "class SlowDaemon:\n"
+        f"    endpoint, pid = {nearest_daemon.endpoint!r}, 0\n"
+        "    def __init__(self, *args): pass\n"
+        "    def __enter__(self): return self\n"
+        "    def __exit__(self, *exc): pass\n"
+        "    def start(self, should_stop): time.sleep(5)\n"
+        "    def gone(self): return None\n"
+        "cli.SpawnedDaemon = SlowDaemon\n"
+        f"sys.exit(cli.main(['--headless', '--spawn-server', '--lr', '{LR_ARG}', '--frames', '1', '--out', "
+        f"{str(tmp_path)!r}]))\n"
+    )
+    result = run_demo(command=[sys.executable, "-c", code])
+    assert result.returncode == 0, output_of(result)
+    assert read_stats(tmp_path)["wall_s"] >= 5
 
 
 def test_demo_never_imports_torch(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
@@ -211,3 +238,248 @@ def test_bundled_student_beats_bilinear(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 0, output_of(result)
     quality = read_stats(tmp_path)["psnr_db"]
     assert quality["sr_mean"] > quality["bilinear_mean"], quality
+
+
+def _start_demo(log: pathlib.Path, *args: str) -> subprocess.Popen[str]:
+    """``python -m client_demo ARGS`` in the background, its stderr in ``log``."""
+    with open(log, "w") as stderr:
+        return subprocess.Popen(demo_command(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
+def _ended(demo: subprocess.Popen[str], timeout: float = 60) -> int:
+    """The demo's exit status; it is killed (and the test fails) if it does not end within ``timeout``."""
+    try:
+        return demo.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        demo.kill()
+        demo.wait()
+        pytest.fail(f"the demo did not end within {timeout} s")
+
+
+def _earlier_run(out: pathlib.Path) -> dict[str, bytes]:
+    """The outputs of an earlier, completed run in ``out``; returns them by name."""
+    (out / "frames").mkdir(parents=True)
+    files = {"frames/00000.png": b"old frame", "demo.mp4": b"old video",
+             "stats.json": b'{"completed": true, "error": null, "frames": 1}'}
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    return files
+
+
+def test_an_invalid_lr_deletes_nothing_of_an_earlier_run(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """An --lr whose HR frames this OpenGL cannot draw is an argument error (status 2): it used to be found only after
+    the earlier run's frames and video were deleted, leaving its stats.json ("completed": true) beside nothing."""
+    files = _earlier_run(tmp_path)
+    result = run_demo("--headless", "--endpoint", nearest_daemon.endpoint, "--lr", "9000x100", "--frames", "2",
+                      "--out", str(tmp_path))
+    assert result.returncode == 2 and "px a side" in result.stderr, output_of(result)
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+
+
+def test_a_second_demo_into_the_same_folder_is_refused(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """Two runs into one --out (scripts/demo.sh always uses ./demo_out) overwrote each other and both exited 0."""
+    out = tmp_path / "out"
+    first = _start_demo(tmp_path / "first.log", "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG,
+                        "--frames", "100000", "--view", "sr", "--out", str(out))
+    try:
+        _wait_for_frames(first, tmp_path / "first.log", out / "frames", count=2, spawned=False)
+        start = time.monotonic()
+        second = run_demo("--headless", "--endpoint", nearest_daemon.endpoint, "--lr", "160x90", "--frames", "1",
+                          "--out", str(out))
+        assert second.returncode == 2, output_of(second)
+        assert f"another demo (pid {first.pid}) is writing into {out}" in second.stderr, output_of(second)
+        assert time.monotonic() - start < 10
+        assert read_png(out / "frames" / "00000.png").shape == (HR[1], HR[0], 3)  # the first run's, untouched
+        first.send_signal(signal.SIGTERM)
+        assert _ended(first) == 130
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert read_stats(out)["error"] == "interrupted"
+
+
+def test_a_second_signal_still_leaves_a_truthful_stats_json(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """A second signal interrupts at once; stats.json was written only at the end, so the earlier run's
+    "completed": true stayed beside this run's frames."""
+    _earlier_run(tmp_path)
+    log = tmp_path / "demo.log"
+    demo = _start_demo(log, "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames", "100000",
+                       "--out", str(tmp_path))
+    try:
+        _wait_for_frames(demo, log, tmp_path / "frames", count=3, spawned=False)
+        demo.send_signal(signal.SIGINT)
+        demo.send_signal(signal.SIGTERM)  # another signal number: never merged with the first
+        assert _ended(demo) == 130, log.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    stats = read_stats(tmp_path)
+    assert stats["completed"] is False and "interrupted" in stats["error"] and stats["frames"] >= 3, stats
+    assert (tmp_path / "frames" / "00000.png").stat().st_size > len(b"old frame")
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_an_external_daemon_that_goes_away_is_noticed_at_once(stop_signal: int, tmp_path: pathlib.Path) -> None:
+    """--endpoint (not --spawn-server), the default --timeout of 10 s: a daemon that died or was stopped used to be
+    noticed only after the timeout, as one that "does not answer"."""
+    log = tmp_path / "demo.log"
+    with run_server("--backend", "nearest", check_clean=False) as daemon:
+        demo = _start_demo(log, "--headless", "--endpoint", daemon.endpoint, "--lr", LR_ARG, "--frames", "100000",
+                           "--out", str(tmp_path / "out"))
+        try:
+            _wait_for_frames(demo, log, tmp_path / "out" / "frames", count=2, spawned=False)
+            daemon.proc.send_signal(stop_signal)
+            start = time.monotonic()
+            status = _ended(demo)
+            elapsed = time.monotonic() - start
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+    stderr = log.read_text()
+    assert status == EXIT_UNAVAILABLE and elapsed < 5, (elapsed, stderr)
+    assert "stopped answering" in stderr or "shutting down" in stderr, stderr
+    assert "does not answer" not in stderr, stderr
+
+
+def test_a_demo_paused_past_its_lease_opens_a_new_session(tmp_path: pathlib.Path) -> None:
+    """Ctrl-Z for longer than the daemon's lease: the daemon ends the session, and the demo used to exit 3 blaming
+    the daemon. It now opens one new session and sends the frames lost with the old one again."""
+    frames = 40
+    log, out = tmp_path / "demo.log", tmp_path / "out"
+    with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon:
+        demo = _start_demo(log, "--headless", "--endpoint", daemon.endpoint, "--lr", LR_ARG, "--frames", str(frames),
+                           "--view", "sr", "--out", str(out))
+        try:
+            _wait_for_frames(demo, log, out / "frames", count=3, spawned=False)
+            demo.send_signal(signal.SIGSTOP)
+            time.sleep(3)  # three leases
+            demo.send_signal(signal.SIGCONT)
+            status = _ended(demo)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+        assert "lease expired" in daemon.log()
+    assert status == 0, log.read_text()
+    stats = read_stats(out)
+    assert stats["completed"] and stats["sessions_reopened"] == 1, stats
+    assert [r["index"] for r in stats["per_frame"]] == list(range(frames))
+    assert len(list((out / "frames").glob("*.png"))) == frames
+
+
+def test_an_output_folder_removed_mid_run_is_reported_without_contradiction(nearest_daemon: Daemon,
+                                                                            tmp_path: pathlib.Path) -> None:
+    """The demo said it could not write stats.json, and then that stats.json said completed: false."""
+    log, out = tmp_path / "demo.log", tmp_path / "out"
+    demo = _start_demo(log, "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames", "100000",
+                       "--out", str(out))
+    try:
+        _wait_for_frames(demo, log, out / "frames", count=2, spawned=False)
+        shutil.rmtree(out)
+        status = _ended(demo)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    stderr = log.read_text()
+    assert status == 1 and "cannot write the outputs" in stderr, stderr
+    assert "stats.json says" not in stderr, stderr
+
+
+def _daemon_folder(stderr: str) -> pathlib.Path:
+    """The spawned daemon's private folder, from "starting the upscaler daemon (ipc://FOLDER/upscaler.sock)"."""
+    match = re.search(r"starting the upscaler daemon \(ipc://(\S+)/upscaler\.sock\)", stderr)
+    assert match, stderr
+    return pathlib.Path(match.group(1))
+
+
+def test_sighup_stops_like_sigterm(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A closed terminal or a lost SSH session: SIGHUP killed the demo outright (status 129), leaving an unplayable
+    demo.mp4, no stats.json and the spawned daemon's temporary folder."""
+    log, out = tmp_path / "demo.log", tmp_path / "out"
+    demo = _start_demo(log, "--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
+                       "--lr", LR_ARG, "--frames", "100000", "--out", str(out))
+    try:
+        pid = _wait_for_frames(demo, log, out / "frames", count=2)
+        demo.send_signal(signal.SIGHUP)
+        status = _ended(demo)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    stderr = log.read_text()
+    assert status == 130, stderr
+    stats = read_stats(out)
+    assert stats["completed"] is False and stats["error"] == "interrupted" and stats["frames"] >= 2
+    video = cv2.VideoCapture(str(out / "demo.mp4"))
+    assert video.isOpened() and int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == stats["frames"]
+    video.release()
+    assert not process_alive(pid) and not segments_of(pid)
+    assert not _daemon_folder(stderr).exists()
+
+
+def _sigterm_pending(pid: int) -> bool:
+    """Whether SIGTERM waits, undelivered, on the (stopped) process ``pid``."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def test_signals_while_the_spawned_daemon_stops_cut_nothing_short(checkpoint: pathlib.Path,
+                                                                  tmp_path: pathlib.Path) -> None:
+    """A second and a third signal while the demo waits for its (here stalled) daemon to stop: the second kills the
+    daemon at once; the third used to raise inside the clean-up too, which printed "interrupted" twice and left the
+    daemon's temporary folder behind."""
+    log, out = tmp_path / "demo.log", tmp_path / "out"
+    demo = _start_demo(log, "--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
+                       "--lr", LR_ARG, "--frames", "100000", "--out", str(out))
+    pid = None
+    try:
+        pid = _wait_for_frames(demo, log, out / "frames", count=2)
+        os.kill(pid, signal.SIGSTOP)  # it cannot stop: the demo waits up to 15 s, then kills it
+        demo.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not _sigterm_pending(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sigterm_pending(pid), f"the demo did not stop its daemon:\n{log.read_text()}"
+        demo.send_signal(signal.SIGINT)
+        demo.send_signal(signal.SIGTERM)
+        status = _ended(demo, timeout=10)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        if pid is not None and process_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    stderr = log.read_text()
+    assert status == 130 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines().count("client_demo: interrupted") == 1, stderr
+    assert not process_alive(pid) and not segments_of(pid)
+    assert not _daemon_folder(stderr).exists()
+
+
+def test_two_demos_spawning_daemons_on_one_endpoint(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """Started at the same moment, both demos find the endpoint free; the daemon that binds second exits 2. Its
+    demo took the first daemon's answer for its own ("ready"), then failed with status 3 and deleted the log that
+    said why: it must say so with status 4, as for any daemon that cannot start."""
+    folder = short_tmpdir()
+    endpoint = f"ipc://{folder}/d.sock"
+    demos = [_start_demo(tmp_path / f"{i}.log", "--headless", "--spawn-server", "--checkpoint", str(checkpoint),
+                         "--device", "cpu", "--endpoint", endpoint, "--lr", LR_ARG, "--frames", "40",
+                         "--out", str(tmp_path / f"out{i}")) for i in range(2)]
+    try:
+        statuses = [_ended(demo) for demo in demos]
+    finally:
+        for demo in demos:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+    logs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
+    assert sorted(statuses) == [0, 4], logs
+    loser = logs[statuses.index(4)]
+    assert "another daemon already serves" in loser and "daemon ready" not in loser, loser

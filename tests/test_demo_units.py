@@ -84,7 +84,9 @@ def test_command_line() -> None:
                 ["--headless", "--out", __file__],  # a file, not a folder
                 # inf and nan pass a `<= 0` check: the MP4 writer spun forever at inf fps, nan failed mid-run
                 ["--fps", "inf"], ["--fps", "nan"], ["--fps", "1e6"], ["--max-fps", "inf"], ["--start", "nan"],
-                ["--timeout", "nan"], ["--timeout", "inf"], ["--exit-after", "0"], ["--screenshot-after", "-1"]):
+                ["--timeout", "nan"], ["--timeout", "inf"], ["--exit-after", "0"], ["--screenshot-after", "-1"],
+                # no daemon can listen there: it was reported as an unreachable daemon (status 3)
+                ["--endpoint", "bogus"], ["--endpoint", "ipc://"], ["--endpoint", "/tmp/upscaler.sock"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)
         assert exc.value.code == 2, bad
@@ -101,7 +103,8 @@ def test_the_demo_finds_the_native_student_without_importing_torch() -> None:
 
 def test_headless_without_opengl_says_so_in_one_line(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """No EGL: exit 5 with the renderer's message, as window mode does for no display; no traceback."""
+    """No EGL: exit 5 with the renderer's message, as window mode does for no display; no traceback. An earlier
+    run's outputs stay as they were (they were deleted first, its stats.json left to describe nothing)."""
     from client_demo import headless
     from client_demo.config import EXIT_NO_WINDOW
 
@@ -109,9 +112,43 @@ def test_headless_without_opengl_says_so_in_one_line(tmp_path: pathlib.Path, mon
         raise scenes.HeadlessContextError("could not create a headless EGL OpenGL 3.3 context; install Mesa's EGL")
 
     monkeypatch.setattr(headless, "GpuFrames", no_gl)
-    cfg = parse_args(["--headless", "--lr", "320x180", "--out", str(tmp_path / "out")])
-    assert headless.run_headless(cfg, link=None, watch=lambda: None, should_stop=lambda: False) == EXIT_NO_WINDOW
+    out = tmp_path / "out"
+    (out / "frames").mkdir(parents=True)
+    earlier = {"frames/00000.png": b"frame", "demo.mp4": b"video", "stats.json": b'{"completed": true}'}
+    for name, content in earlier.items():
+        (out / name).write_bytes(content)
+    cfg = parse_args(["--headless", "--lr", "320x180", "--out", str(out)])
+    with headless.OutputFolder(out) as folder:
+        status = headless.run_headless(cfg, link=None, watch=lambda: None, should_stop=lambda: False, folder=folder,
+                                       started=0.0)
+    assert status == EXIT_NO_WINDOW
     assert "client_demo: could not create a headless EGL" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
+
+
+def test_demo_sh_names_the_size_it_starts_at(tmp_path: pathlib.Path) -> None:
+    """Without a GPU, scripts/demo.sh said "starting at --lr 320x180" even when it was given another --lr. Run here
+    with stand-ins for setup.sh and the venv's python, which prints the demo's arguments."""
+    import shutil
+    import subprocess
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(pathlib.Path(__file__).parents[1] / "scripts" / "demo.sh", tmp_path / "scripts")
+    (tmp_path / "scripts" / "setup.sh").write_text("")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\necho "$@"\n')
+    python.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    for tool in ("bash", "dirname"):
+        (tmp_path / "bin" / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(tmp_path / "bin"), "HOME": str(tmp_path)}  # no nvidia-smi, no display
+    for args, size in (([], "320x180"), (["--lr", "160x90"], "160x90"), (["--lr=200x100"], "200x100")):
+        run = subprocess.run([tmp_path / "bin" / "bash", tmp_path / "scripts" / "demo.sh", *args], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        assert f"starting at --lr {size}\n" in run.stderr, (args, run.stderr)
+        assert run.stdout.count("--lr") == 1, (args, run.stdout)
 
 
 def test_the_window_magnifies_small_pictures_within_the_screen() -> None:
@@ -125,3 +162,19 @@ def test_the_window_magnifies_small_pictures_within_the_screen() -> None:
     assert window_size((4000, 2), (1280, 720)) == (1280, 320)
     assert window_size((192, 108), (1280, 800)) == (1152, 648)  # x7 would not fit the screen
     assert window_size((640, 360), None) == (1280, 720)
+
+
+def test_the_spawned_daemon_imports_this_installation(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m upscaler_server` put the current folder first on the import path: the demo run from a research
+    folder with its own `models/` package spawned a daemon that imported it and failed (exit 4)."""
+    from client_demo.spawn import SpawnedDaemon
+    from upscaler_server.client import UpscalerClient
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('the user\\'s own models package')\n")
+    monkeypatch.chdir(tmp_path)
+    with SpawnedDaemon(pathlib.Path("rlfn_s_native_x2"), "cpu") as daemon:
+        daemon.start()
+        client = UpscalerClient(daemon.endpoint, timeout=30)
+        with client:
+            assert client.upscale(np.zeros((24, 32, 3), np.uint8)).shape == (48, 64, 3)
