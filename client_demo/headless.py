@@ -172,6 +172,7 @@ class _HeadlessRun:
         self.done_times: list[float] = []
         self.reopened = 0  # sessions opened anew after the daemon ended ours (_reopen)
         self._pending: dict[int, tuple[int, float, float]] = {}  # slot -> (index, t, render_ms)
+        self._connection = 0  # the link's connection the frames in _pending were sent on
         self._progress_since_reopen = True
 
     def execute(self) -> None:
@@ -179,6 +180,7 @@ class _HeadlessRun:
         while not self.link.ready:
             self._check("connecting")
             self.link.poll(WAIT_SLICE)
+        self._connection = self.link.connection
         for index in range(self.cfg.frames):
             slot = self.link.acquire()
             while slot is None:  # both slots in flight: finish the older frame while the newer one upscales
@@ -203,9 +205,13 @@ class _HeadlessRun:
     def _check(self, doing: str) -> None:
         """Stop on Ctrl-C, a dead spawned daemon or a lost upscaler; reopen a session that the daemon ended."""
         self._check_stop(doing)
-        if self.link.state is LinkState.RETRYING:
+        # a new connection that opened within one poll() (the main thread was busy longer than the worker's wait for
+        # it) shows no RETRYING: the changed connection number says that the frames in flight were lost all the same
+        reconnected = self.link.ready and self.link.connection != self._connection
+        if self.link.state is LinkState.RETRYING or reconnected:
             if not self.link.session_lost:
-                raise _Stopped(f"upscaler unavailable while {doing}: {self.link.reason}", EXIT_UNAVAILABLE)
+                why = self.link.reason or "the connection was lost (and opened again) with frames in flight"
+                raise _Stopped(f"upscaler unavailable while {doing}: {why}", EXIT_UNAVAILABLE)
             if not self._progress_since_reopen:
                 raise _Stopped(f"the upscaler daemon ended this demo's session again before a frame came back while "
                                f"{doing}: {self.link.reason}", EXIT_UNAVAILABLE)
@@ -237,6 +243,7 @@ class _HeadlessRun:
         if self.link.info is None or self.link.info.instance != instance:  # another model, maybe: not one run
             raise _Stopped(f"the upscaler daemon restarted while {doing}", EXIT_UNAVAILABLE)
         self.reopened += 1
+        self._connection = self.link.connection
         self._progress_since_reopen = False
         for index, _, _ in lost:
             slot = self.link.acquire()

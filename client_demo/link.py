@@ -282,7 +282,9 @@ class UpscaleLink:
         self._worker = _Worker(endpoint, lr_size, scale, timeout, self._jobs, self._events)
         self.state = LinkState.CONNECTING
         self.reason = ""  # why the last connection ended
-        self.session_lost = False  # it ended because the daemon, which answered, no longer knew the session
+        # the last connection ended because the daemon, which answered, no longer knew the session; kept when the next
+        # connection opens, which can happen within one poll() (the caller then sees `connection` change, not RETRYING)
+        self.session_lost = False
         self.retry_at = 0.0  # time.monotonic() of the next attempt while RETRYING
         self.info: Welcome | None = None
         self._epoch = 0
@@ -314,6 +316,12 @@ class UpscaleLink:
     @property
     def ready(self) -> bool:
         return self.state is LinkState.READY
+
+    @property
+    def connection(self) -> int:
+        """The number of the current (or last) connection: it grows with each new one, so frames submitted on an
+        older number are lost with their session."""
+        return self._epoch
 
     @property
     def in_flight(self) -> int:
@@ -367,7 +375,6 @@ class UpscaleLink:
     def _apply(self, event: _Connected | _Lost | _Done, finished: list[Finished]) -> None:
         if isinstance(event, _Connected):
             self._epoch, self.info, self.state, self.reason = event.epoch, event.info, LinkState.READY, ""
-            self.session_lost = False
             self._inputs, self._outputs = event.inputs, event.outputs
             self._free, self._in_flight = set(range(len(event.inputs))), set()
         elif isinstance(event, _Lost):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 
@@ -368,6 +369,45 @@ def test_a_demo_paused_past_its_lease_opens_a_new_session(tmp_path: pathlib.Path
     assert stats["completed"] and stats["sessions_reopened"] == 1, stats
     assert [r["index"] for r in stats["per_frame"]] == list(range(frames))
     assert len(list((out / "frames").glob("*.png"))) == frames
+
+
+def test_a_session_reopened_within_one_poll_still_resends_its_frames(tmp_path: pathlib.Path) -> None:
+    """Reproduced in a review: when the main thread was busy past the worker's wait for it (2 s) plus the backoff,
+    one poll() applied both the loss and the new connection; the demo never saw RETRYING, so the frames lost with
+    the old session were never sent again and it waited for them forever. The main thread is made that slow here
+    by holding back the first loss 3 s before it is applied."""
+    frames = 30
+    log, out = tmp_path / "demo.log", tmp_path / "out"
+    slow_loss = textwrap.dedent("""
+        import sys, time
+        from client_demo import cli, link
+        apply, held = link.UpscaleLink._apply, []
+        def held_back(self, event, finished):
+            if isinstance(event, link._Lost) and not held:
+                held.append(event)
+                time.sleep(3)
+            apply(self, event, finished)
+        link.UpscaleLink._apply = held_back
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon, open(log, "w") as stderr:
+        demo = subprocess.Popen([sys.executable, "-c", slow_loss, "--headless", "--endpoint", daemon.endpoint,
+                                 "--lr", LR_ARG, "--frames", str(frames), "--view", "sr", "--out", str(out)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            _wait_for_frames(demo, log, out / "frames", count=3, spawned=False)
+            demo.send_signal(signal.SIGSTOP)
+            time.sleep(3)  # three leases
+            demo.send_signal(signal.SIGCONT)
+            status = _ended(demo)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+    assert status == 0, log.read_text()
+    stats = read_stats(out)
+    assert stats["completed"] and stats["sessions_reopened"] == 1, stats
+    assert [r["index"] for r in stats["per_frame"]] == list(range(frames))
 
 
 def test_an_output_folder_removed_mid_run_is_reported_without_contradiction(nearest_daemon: Daemon,
