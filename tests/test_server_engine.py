@@ -257,6 +257,8 @@ def test_offline_cli_output_folder_checks(tmp_path: pathlib.Path, monkeypatch: p
     cv2.imwrite(str(tmp_path / "a.jpg"), np.full((20, 24, 3), 60, np.uint8))
     twice = [str(photos / "b.jpg"), str(tmp_path / "a.jpg"), str(photos / ".." / "photos" / "b.jpg"), str(photos)]
     assert upscale.collect_inputs(map(pathlib.Path, twice)) == [photos / "b.jpg", tmp_path / "a.jpg"]
+    (photos / "latest.jpg").symlink_to(photos / "b.jpg")  # another output name: upscaled as itself too
+    assert upscale.collect_inputs([photos]) == [photos / "b.jpg", photos / "latest.jpg"]
     real_mkstemp = tempfile.mkstemp
 
     def refused(*args: Any, dir: str | None = None, **kwargs: Any) -> Any:

@@ -55,9 +55,9 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
             files.append(path)
         else:
             raise ConfigError(f"{path} is neither a file nor a folder")
-    first_names: dict[pathlib.Path, pathlib.Path] = {}  # real path -> the first name it was given by
-    for f in files:
-        first_names.setdefault(f.resolve(), f)
+    first_names: dict[tuple[pathlib.Path, str], pathlib.Path] = {}  # (real path, output stem) -> its first naming
+    for f in files:  # a link of another name is an output of its own (latest.png -> a.png); the same name, a repeat
+        first_names.setdefault((f.resolve(), f.stem), f)
     unique = list(first_names.values())
     stems: dict[str, pathlib.Path] = {}
     for f in unique:
