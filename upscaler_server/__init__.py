@@ -12,9 +12,11 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "daemon_command"]
 
-# `python -m upscaler_server`, with the first entry of the import path (the current folder) replaced by the folder
-# that holds this installation's packages; the folder comes first in argv and is taken out before the daemon parses it
-_BOOTSTRAP = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
+# `python -m upscaler_server`, with the folder that holds this installation's packages first on the import path, in
+# place of the current folder ('' for -c; absent under -P / PYTHONSAFEPATH, when the first entry is a PYTHONPATH one
+# and stays); the folder comes first in argv and is taken out before the daemon parses it
+_BOOTSTRAP = ("import runpy, sys; root = sys.argv.pop(1); "
+              "sys.path[:1] = [root] if sys.path[:1] == [''] else [root, *sys.path[:1]]; "
               "runpy.run_module('upscaler_server', run_name='__main__', alter_sys=True)")
 
 
