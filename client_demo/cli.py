@@ -84,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["bilinear", "native"], default=d.compare,
                    help="right half of the split view (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=d.timeout,
-                   help="seconds a ping of the daemon may go unanswered (it is pinged about once a second while a "
-                   "frame waits); a frame is given up, and the daemon reconnected, after twice that although the "
-                   "daemon answers; keep it above one frame's upscale time (default: %(default)s)")
+                   help="seconds a ping of the daemon may go unanswered, at least 1 (it is pinged about once a "
+                   "second while a frame waits); a frame is given up, and the daemon reconnected, after twice that "
+                   "although the daemon answers; keep it above one frame's upscale time (default: %(default)s)")
     p.add_argument("--out", type=_utf8_path, help="headless: output folder (default: demo_out); "
                    "window: screenshot folder (default: the current one)")
     g = p.add_argument_group("headless mode")

@@ -3,8 +3,9 @@
 One thread (the caller of :meth:`Server.serve`) owns the socket and the sessions; a :class:`Worker` thread runs the
 engine. Finished jobs come back through a queue plus a byte on a pipe that the socket poller also watches. Every
 client mistake becomes an ``error`` reply and the loop carries on. Shutdown (after :meth:`Server.request_stop`, which
-is safe to call from a signal handler): stop reading requests, drop queued frames, finish the running frame unless
-forced, close the socket (linger 0), unlink all shared memory, terminate the context.
+is safe to call from a signal handler): stop serving requests (queued frames, and requests that arrive meanwhile,
+are answered SHUTTING_DOWN), finish the running frame unless forced, close the socket (lingering 200 ms for those
+last replies), unlink all shared memory, terminate the context.
 """
 
 from __future__ import annotations
