@@ -75,6 +75,7 @@ class Hud:
         imgui.set_next_window_pos(ImVec2(8, 8), imgui.Cond_.first_use_ever)
         imgui.set_next_window_bg_alpha(0.75)
         imgui.begin("TAKDSR upscaler", None, imgui.WindowFlags_.always_auto_resize)
+        _keep_title_bar_inside()
         self._numbers(info)
         self._controls(ui, rig)
         self._graph()
@@ -158,3 +159,11 @@ class Hud:
         imgui.backends.glfw_shutdown()
         implot.destroy_context()
         imgui.destroy_context()
+
+
+def _keep_title_bar_inside() -> None:
+    """ImGui pushes the HUD to negative positions while the window is a few pixels small and leaves it there when the
+    window grows again, its title bar (the handle to drag it by) off screen. Call between begin() and end()."""
+    pos = imgui.get_window_pos()
+    if pos.x < 0 or pos.y < 0:
+        imgui.set_window_pos(ImVec2(max(pos.x, 0.0), max(pos.y, 0.0)))

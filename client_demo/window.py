@@ -284,6 +284,8 @@ class _WindowDemo:
         gone, link = self.watch(), self.link
         if gone:
             return "upscaler daemon stopped", f"the spawned daemon {gone}", False
+        if link.state is LinkState.READY and self._stalled():  # as the banner says: frames are overdue
+            return f"connected - no frame for {link.waiting():.0f} s", "the daemon may be stalled or overloaded", False
         if link.state is LinkState.READY:
             return ("connected" if self._shown else "connected - waiting for the first frame"), "", True
         if link.state is LinkState.CONNECTING:
@@ -368,6 +370,8 @@ def _open_window(cfg: DemoConfig) -> glfw._GLFWwindow | None:
     if not window:
         glfw.terminate()
         return None
+    # below a few hundred pixels ImGui pushes the HUD off the window and never brings it back when it grows again
+    glfw.set_window_size_limits(window, MIN_WINDOW_SIDE, MIN_WINDOW_SIDE, glfw.DONT_CARE, glfw.DONT_CARE)
     glfw.make_context_current(window)
     glfw.swap_interval(0)  # the loop paces itself (--max-fps); vsync would add waits we do not measure
     return window

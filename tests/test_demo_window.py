@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import pathlib
 import re
 import sys
@@ -104,6 +105,46 @@ def test_a_minimised_window_neither_crashes_nor_stops_the_link(nearest_daemon: D
     assert shown == 60 and upscaled >= 1, output_of(result)
 
 
+_SHRUNK = """
+import sys
+import glfw
+from imgui_bundle import imgui
+from client_demo import cli, hud, window
+
+count, positions = [0], []
+original_frame, original_numbers = window._WindowDemo._frame, hud.Hud._numbers
+
+def frame(self, dt, deadline):
+    count[0] += 1
+    if count[0] in (10, 12, 14):  # a window shrunk to a few pixels (as a user's drag or xdotool can), then back
+        glfw.set_window_size(self.window, *{10: (3, 3), 12: (5, 900), 14: (1280, 720)}[count[0]])
+    original_frame(self, dt, deadline)
+
+def numbers(self, info):
+    position = imgui.get_window_pos()
+    positions.append((count[0], position.x, position.y))
+    original_numbers(self, info)
+
+window._WindowDemo._frame, hud.Hud._numbers = frame, numbers
+status = cli.main(sys.argv[1:])
+print("hud at", [p for p in positions if p[0] >= 20][-1])
+sys.exit(status)
+"""
+
+
+def test_the_hud_comes_back_inside_after_the_window_was_shrunk_to_a_few_pixels(nearest_daemon: Daemon,
+                                                                                tmp_path: pathlib.Path) -> None:
+    """Reproduced in a review: after the window was made a few pixels small and then large again, the HUD's title
+    bar (its drag handle) stayed off screen for good."""
+    script = tmp_path / "shrunk.py"
+    script.write_text(_SHRUNK)
+    args = ["--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--exit-after", "40", "--out", str(tmp_path)]
+    result = run_demo(command=[*demo_command(xvfb=True)[:-3], sys.executable, str(script), *args])
+    assert result.returncode == 0, output_of(result)
+    _, x, y = ast.literal_eval(result.stdout.split("hud at ")[-1].strip())
+    assert x >= 0 and y >= 0, output_of(result)
+
+
 @pytest.mark.parametrize("headless", [False, True], ids=["window", "headless"])
 def test_frames_larger_than_opengl_draws_are_refused_in_words(nearest_daemon: Daemon, tmp_path: pathlib.Path,
                                                               headless: bool) -> None:
@@ -126,3 +167,18 @@ def test_the_status_says_reconnecting_while_an_attempt_is_under_way() -> None:
     assert demo._status()[0] == "upscaler unavailable - reconnecting..."
     demo.link.retry_at = time.monotonic() + 0.3
     assert demo._status()[0] == "upscaler unavailable - retrying in 1 s"
+
+
+def test_the_status_agrees_with_the_banner_while_frames_are_overdue() -> None:
+    """With the daemon stalled the banner said "waiting for the upscaler: no frame for 8 s" while the HUD's status
+    stayed a green "connected"."""
+    from client_demo.link import LinkState
+    from client_demo.window import _WindowDemo
+
+    demo = object.__new__(_WindowDemo)
+    demo.watch, demo._shown = lambda: None, True
+    demo.link = SimpleNamespace(state=LinkState.READY, waiting=lambda: 8.2)
+    demo._stalled = lambda: True
+    assert demo._status() == ("connected - no frame for 8 s", "the daemon may be stalled or overloaded", False)
+    demo._stalled = lambda: False
+    assert demo._status() == ("connected", "", True)
