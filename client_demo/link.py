@@ -304,10 +304,17 @@ class UpscaleLink:
         self._drop_views()
         self._drain()  # queued news may hold views too, and the worker is about to unmap
         self._worker.halt.set()
-        if self._worker.is_alive():
-            # a worker that sees halt closes its session with the daemon, which frees the segments at once; an
-            # interrupted one cannot wait for that reply, and the daemon's lease frees them seconds later
-            self._worker.join(CLOSE_GRACE)
+        try:
+            if self._worker.is_alive():
+                # a worker that sees halt closes its session with the daemon, which frees the segments at once; an
+                # interrupted one cannot wait for that reply, and the daemon's lease frees them seconds later
+                self._worker.join(CLOSE_GRACE)
+        except KeyboardInterrupt:  # a second Ctrl-C: no waiting for the session's close, but the worker must end
+            self._end_worker(wait)
+            raise
+        self._end_worker(wait)
+
+    def _end_worker(self, wait: float) -> None:
         self._worker.interrupt()
         if self._worker.is_alive():
             self._worker.join(wait)

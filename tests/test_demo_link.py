@@ -125,6 +125,28 @@ def test_closing_the_link_closes_its_session_on_the_daemon() -> None:
         assert "closed by its client" in daemon.log()
 
 
+def test_a_second_ctrl_c_during_close_still_ends_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second Ctrl-C raised in close()'s wait for the worker skipped interrupting and joining it: the worker went
+    on closing its client while the interpreter shut down, and printed a ZMQError traceback."""
+    with run_server("--backend", "nearest") as daemon:
+        link = UpscaleLink(daemon.endpoint, LR, scale=2, timeout=10.0)
+        link.start()
+        _round_trip(link, 1)
+        worker, joins = link._worker, []
+        real_join = type(worker).join
+
+        def interrupted_join(self: object, timeout: float | None = None) -> None:
+            joins.append(timeout)
+            if len(joins) == 1:
+                raise KeyboardInterrupt  # the second signal, during the grace wait
+            real_join(worker, timeout)
+
+        monkeypatch.setattr(type(worker), "join", interrupted_join)
+        with pytest.raises(KeyboardInterrupt):
+            link.close()
+        assert not worker.is_alive() and len(joins) == 2
+
+
 def test_closing_the_link_while_the_daemon_stalls_is_prompt() -> None:
     """The worker waits for a stalled daemon's frame up to the timeout several times over; closing used to give up
     on it after 2 s and leave it inside the client, whose sockets the interpreter then tore down under it at exit
