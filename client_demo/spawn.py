@@ -41,12 +41,40 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+_FOLDER_PREFIX = "takdsr-demo-"
+
+
+def _remove_folders_of_dead_demos() -> None:
+    """A demo that could not clean up (SIGKILL; Xlib ends the process when the X connection is lost) leaves its
+    private folder (the daemon's log and socket; the daemon itself dies with its parent): this user's folders whose
+    demo is gone are removed."""
+    for folder in pathlib.Path("/tmp").glob(f"{_FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(_FOLDER_PREFIX).split("-", 1)[0]
+        with contextlib.suppress(OSError):
+            if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            if not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
 class SpawnedDaemon:
     """``python -m upscaler_server`` started by the demo. Use as a context manager: stopped on any exit."""
 
     def __init__(self, checkpoint: pathlib.Path | None = None, device: str = "auto",
                  endpoint: str | None = None) -> None:
-        self._dir = pathlib.Path(tempfile.mkdtemp(prefix="takdsr-demo-", dir="/tmp"))  # short: ipc paths max ~100
+        _remove_folders_of_dead_demos()
+        # short (ipc paths max ~100), and named by this process, so a later demo can tell it was left behind
+        self._dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-", dir="/tmp"))
         self.endpoint = endpoint or f"ipc://{self._dir / 'upscaler.sock'}"
         self._shared_endpoint = endpoint is not None  # another daemon could already serve it
         self.log_path = self._dir / "daemon.log"

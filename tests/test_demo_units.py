@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 
 import numpy as np
@@ -178,3 +179,26 @@ def test_the_spawned_daemon_imports_this_installation(tmp_path: pathlib.Path, mo
         client = UpscalerClient(daemon.endpoint, timeout=30)
         with client:
             assert client.upscale(np.zeros((24, 32, 3), np.uint8)).shape == (48, 64, 3)
+
+
+def test_folders_of_demos_that_died_are_removed_by_the_next_one() -> None:
+    """A demo ended by Xlib (X connection lost: exit(1) inside glfw) or SIGKILL left /tmp/takdsr-demo-* behind."""
+    import shutil
+    import subprocess
+    import sys
+
+    from client_demo.spawn import SpawnedDaemon
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = pathlib.Path(f"/tmp/takdsr-demo-{int(gone.stdout)}-left")
+    alive = pathlib.Path(f"/tmp/takdsr-demo-{os.getpid()}-mine")
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "daemon.log").write_text("a log\n")
+    try:
+        daemon = SpawnedDaemon(pathlib.Path("rlfn_s_native_x2"), "cpu")
+        daemon.stop()
+        assert not dead.exists() and alive.exists()
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(alive, ignore_errors=True)
