@@ -174,6 +174,24 @@ def test_work_threads_reach_the_command_line() -> None:
     assert refused.returncode == 2 and "--work-threads" in refused.stderr
 
 
+@pytest.mark.parametrize("threshold", ["1", "2.5", "inf", "nan", "-0.1", "x"])
+def test_an_antialias_threshold_povray_refuses_is_an_argument_error(threshold: str, tmp_path: Path) -> None:
+    """POV-Ray 3.7 takes +A with 0 <= threshold < 1 in fixed point: "--antialias 1" (or inf, nan) failed every
+    scene, and a failed scene deletes its earlier render."""
+    command = [sys.executable, "-m", "training.data", "povray", "--out", str(tmp_path / "out"),
+               "--antialias", threshold]
+    refused = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "need 0 <= threshold < 1" in refused.stderr, refused.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_antialias_thresholds_are_written_as_povray_reads_them() -> None:
+    """"+A0" and "+A1e-07" (the :g form) are refused by POV-Ray; 0.3 keeps the form earlier manifests recorded."""
+    assert "+A0.000000" in povray_command("objects/wtorus.pov", 48, 27, 0.0, "out.png")
+    assert "+A0.000000" in povray_command("objects/wtorus.pov", 48, 27, 1e-7, "out.png")
+    assert "+A0.3" in povray_command("objects/wtorus.pov", 48, 27, 0.3, "out.png")
+
+
 @pytest.mark.parametrize("bad", [
     ["povray", "--width", "-8"], ["povray", "--height", "0"], ["povray", "--timeout", "-1"],
     ["povray", "--timeout", "nan"], ["povray", "--jobs", "0"], ["scenes", "--count", "0"],

@@ -1,6 +1,7 @@
 """Command line: `python -m training.data {povray,scenes} ...` (see docs/data.md)."""
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -14,12 +15,17 @@ from training.data.scenes_cmd import write_scene_frames
 
 
 def _antialias(text: str) -> float | None:
-    """`off` or an adaptive antialiasing threshold (POV-Ray's +A<threshold>)."""
+    """`off` or an adaptive antialiasing threshold (POV-Ray's +A<threshold>). POV-Ray 3.7's command line takes
+    0 <= threshold < 1 only: any other value failed every scene, and a failed scene loses its earlier render."""
     if text.lower() == "off":
         return None
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("antialias threshold must be >= 0, or 'off'")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"antialias threshold {text!r}: need 0 <= threshold < 1 (POV-Ray's +A), "
+                                         "or 'off'")
     return value
 
 

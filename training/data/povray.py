@@ -141,6 +141,13 @@ def output_name(scene: str) -> str:
     return scene.removesuffix(".pov").replace("/", "__") + ".png"
 
 
+def _threshold_text(threshold: float) -> str:
+    """POV-Ray refuses "+A0" and exponents ("+A1e-07"): those are written in fixed point. Others keep the short
+    form ("0.3"), which earlier manifests recorded, so their renders still count as done."""
+    text = f"{threshold:g}"
+    return text if "." in text and "e" not in text else f"{threshold:.6f}"
+
+
 def povray_command(
     scene: str, width: int, height: int, antialias: float | None, out_name: str, work_threads: int = 1
 ) -> list[str]:
@@ -149,7 +156,7 @@ def povray_command(
     default (one per core), which is not reproducible."""
     if work_threads < 0:
         raise ValueError(f"work_threads must be >= 0, got {work_threads}")
-    aa = f"+A{antialias:g}" if antialias is not None else "-A"
+    aa = "-A" if antialias is None else f"+A{_threshold_text(antialias)}"
     size = [f"+W{width}", f"+H{height}"]
     threads = [f"+WT{work_threads}"] if work_threads else []
     scene_args = [f"+L{INCLUDE_DIR}", f"+I{Path(scene).name}", f"+O{out_name}"]
