@@ -156,3 +156,25 @@ def test_a_manifest_with_a_byte_order_mark_is_read(shared: Path, tmp_path: Path)
     (folder / MANIFEST_NAME).write_bytes(b"\xef\xbb\xbf" + json.dumps(manifest).encode())
     with pytest.raises(DatasetError, match=r"renders of scenes reserved for evaluation, never render: advanced/abyss"):
         _train(folder)
+
+
+def test_an_older_reserved_list_in_takdsr_shared_lets_no_scene_of_the_default_list_through(
+        shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$TAKDSR_SHARED naming a folder whose list lacks a scene the default folder reserves (an entry added later):
+    that scene was rendered by `training.data povray` and trained on. The lists of all known folders now count."""
+    from training.data.paths import reserved_scenes
+    from training.data.povray import refuse_reserved
+
+    default = tmp_path / "checkout" / ".." / "shared"  # the fixture's REPO_ROOT.parent / "shared"
+    older = tmp_path / "older"
+    (older / "data").mkdir(parents=True)
+    (older / "data" / "reserved-scenes.txt").write_text("# an old copy\n")
+    monkeypatch.setenv("TAKDSR_SHARED", str(older))
+    assert default.resolve() == shared.resolve()
+    assert reserved_scenes("povray") == {"advanced/abyss.pov"}
+    with pytest.raises(ValueError, match=r"reserved for evaluation, never render: advanced/abyss\.pov"):
+        refuse_reserved(["advanced/abyss.pov"])
+    folder = tmp_path / "renders"
+    _write_image(folder / "advanced__abyss.png")
+    with pytest.raises(DatasetError, match="a scene reserved for evaluation"):
+        _train(folder)

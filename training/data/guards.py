@@ -59,11 +59,13 @@ def _evaluation_dirs() -> list[Path]:
 
 
 def _reserved_povray_scenes() -> set[str] | None:
-    """The reserved POV-Ray scenes of the first known shared folder that lists them; None where none does."""
+    """The reserved POV-Ray scenes of every known shared folder that lists them (an older list in one must not let
+    a scene another reserves through); None where none does."""
+    lists = []
     for shared in known_shared_dirs():
         with contextlib.suppress(FileNotFoundError):
-            return reserved_scenes("povray", shared)
-    return None
+            lists.append(reserved_scenes("povray", shared))
+    return set().union(*lists) if lists else None
 
 
 def _refuse_evaluation_folder(reached: Path, real: Path, eval_dirs: list[Path]) -> None:

@@ -1,5 +1,6 @@
 """Where the shared (not committed) project data lives, and the scenes reserved for evaluation."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -38,11 +39,23 @@ def default_eval_dir() -> Path:
 def reserved_scenes(source: str, shared: Path | None = None) -> set[str]:
     """Scenes of `source` ("povray", "openarena", ...) that must never be rendered or trained on.
 
-    Reads `<shared>/data/reserved-scenes.txt` (lines `<source> <scene>`, `#` comments; `shared` defaults to
-    `shared_dir()`). A missing file raises FileNotFoundError: without it nothing guarantees that training stays
+    Reads `<shared>/data/reserved-scenes.txt` (lines `<source> <scene>`, `#` comments). Without `shared`: the list
+    of `shared_dir()`, plus those of the other known shared folders (`known_shared_dirs`), so that $TAKDSR_SHARED
+    naming a folder with an older list never lets a scene the default folder reserves through. A missing file
+    (`shared_dir()`'s, or `shared`'s) raises FileNotFoundError: without it nothing guarantees that training stays
     off the evaluation scenes.
     """
-    path = (shared or shared_dir()) / "data" / "reserved-scenes.txt"
+    if shared is not None:
+        return _reserved_in(source, shared)
+    scenes = _reserved_in(source, shared_dir())
+    for other in known_shared_dirs()[1:]:
+        with contextlib.suppress(FileNotFoundError):
+            scenes |= _reserved_in(source, other)
+    return scenes
+
+
+def _reserved_in(source: str, shared: Path) -> set[str]:
+    path = shared / "data" / "reserved-scenes.txt"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: without it nothing keeps training off the evaluation scenes ({shared_hint()})"
