@@ -7,19 +7,16 @@ before stopping the daemon in order) and, on Linux, a parent-death signal, so it
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-from upscaler_server import daemon_command
+from upscaler_server import daemon_command, die_with_parent
 from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import ConfigError, ServerUnavailableError
 from upscaler_server.shm import SHM_DIR
@@ -28,17 +25,10 @@ __all__ = ["DaemonStartError", "SpawnedDaemon"]
 
 READY_TIMEOUT = 120.0  # s: a cold torch import plus model warm-up on a busy 2-core machine
 STOP_TIMEOUT = 15.0  # s to finish the running frame after SIGTERM before SIGKILL
-_PR_SET_PDEATHSIG = 1
 
 
 class DaemonStartError(RuntimeError):
     """The spawned daemon exited or stayed silent before it was ready; the message holds its log's last lines."""
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: have the kernel send SIGTERM when the demo dies (even by SIGKILL)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 _FOLDER_PREFIX = "takdsr-demo-"
@@ -102,7 +92,7 @@ class SpawnedDaemon:
                                    "use it, or give --spawn-server another --endpoint")
         with open(self.log_path, "wb") as log:  # a file, not a pipe: a chatty daemon must never block on us
             self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                          preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if should_stop():

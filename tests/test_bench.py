@@ -6,9 +6,11 @@ import json
 import os
 import pathlib
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -153,6 +155,40 @@ def test_a_daemon_starts_from_a_folder_with_its_own_models_package(tmp_path: pat
             UpscalerClient(endpoint, timeout=30) as client:
         frame = np.zeros((24, 32, 3), np.uint8)
         assert client.upscale(frame).shape == (48, 64, 3)  # the bundled student, from this installation
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_benchmark_leaves_no_daemon_running(sig: signal.Signals) -> None:
+    """SIGTERM (`timeout`, `kill`, a cancelled CI job) left both transport daemons running for good, and their
+    folders. Now SIGTERM is cleaned up as Ctrl-C is, and the daemons die with the benchmark even on SIGKILL."""
+    bench_run = subprocess.Popen([sys.executable, "-m", "upscaler_server.bench", "--device", "cpu", "--sizes", "64x48",
+                                  "--repeats", "100000", "--skip-e2e"], cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    children = pathlib.Path(f"/proc/{bench_run.pid}/task/{bench_run.pid}/children")
+    daemons: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(daemons) < 2 and time.monotonic() < deadline and bench_run.poll() is None:
+        daemons = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        time.sleep(0.2)
+    assert len(daemons) == 2, "the benchmark did not start its two transport daemons"
+    time.sleep(3)  # both ready, measuring
+    bench_run.send_signal(sig)
+    _, stderr = bench_run.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert bench_run.returncode == 130 and stderr.strip().endswith("interrupted"), stderr
+    deadline = time.monotonic() + 30
+    while any(map(_running, daemons)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_running, daemons)), "a daemon outlived the benchmark"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (an orphan's zombie, which a container's init may never reap, does not)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_bench_ctrl_c_stops_the_daemons_and_says_interrupted(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

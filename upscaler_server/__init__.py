@@ -4,13 +4,17 @@ Importing the package (or :mod:`upscaler_server.client`) loads no torch: the cli
 only. The daemon (``python -m upscaler_server``) loads the engine, which imports torch and ``models``.
 """
 
+import ctypes
 import pathlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "daemon_command"]
+__all__ = ["__version__", "daemon_command", "die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1
 
 # `python -m upscaler_server`, with the folder that holds this installation's packages first on the import path, in
 # place of the current folder ('' for -c; absent under -P / PYTHONSAFEPATH, when the first entry is a PYTHONPATH one
@@ -27,3 +31,15 @@ def daemon_command(args: Sequence[str]) -> list[str]:
     instead, and the daemon failed to start."""
     packages_root = str(pathlib.Path(__file__).resolve().parent.parent)
     return [sys.executable, "-c", _BOOTSTRAP, packages_root, *args]
+
+
+
+def _set_death_signal() -> None:
+    """In the child, between fork and exec: the kernel sends it SIGTERM when its parent dies (even by SIGKILL),
+    and the daemon then stops cleanly (its shared memory unlinked)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """``preexec_fn`` for a daemon that must not outlive the tool that started it (Linux; None elsewhere)."""
+    return _set_death_signal if sys.platform == "linux" else None

@@ -20,7 +20,8 @@ of model-only and end-to-end times, speed-up over fp32 eager and accuracy agains
 
 Every option is checked, and the student loaded once, before any daemon starts or anything is measured. Exit status:
 0 measured, 1 a daemon did not start or a measurement failed (one line says why), 2 bad arguments, 3 the checkpoint
-cannot be loaded as a student (as the daemon and the offline CLI), 130 interrupted (Ctrl-C; the daemons are stopped).
+cannot be loaded as a student (as the daemon and the offline CLI), 130 interrupted (Ctrl-C, SIGTERM or SIGHUP; the
+daemons are stopped; a daemon also dies with the benchmark when it is killed).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from upscaler_server import daemon_command
+from upscaler_server import daemon_command, die_with_parent
 from upscaler_server.bench_backends import Variant, compare_backends, parse_label, print_backend_table, unavailable_here
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
@@ -67,7 +68,9 @@ def spawn_daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="ups-bench-", dir="/tmp"))
     endpoint = f"ipc://{tmp}/bench.sock"
     with open(tmp / "daemon.log", "wb") as log:
-        proc = subprocess.Popen(daemon_command(["--endpoint", endpoint, *args]), stdout=log, stderr=subprocess.STDOUT)
+        # the daemon dies with the benchmark, however that ends (SIGKILL, a CI job cancelled)
+        proc = subprocess.Popen(daemon_command(["--endpoint", endpoint, *args]), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent())
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -287,11 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_sizes = [list(BACKEND_SIZES if args.backends else SIZES)]
     args.sizes = [s for group in args.sizes or default_sizes for s in group]
     args.e2e_sizes = [s for group in args.e2e_sizes for s in group] if args.e2e_sizes else None
+    # `timeout`, `kill`, a closed terminal: cleaned up as Ctrl-C is (they left the daemons and folders behind)
+    previous = {stop: signal.signal(stop, signal.default_int_handler) for stop in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _bench(args)
     except KeyboardInterrupt:  # the daemons were stopped on the way out (spawn_daemon's finally)
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def _bench(args: argparse.Namespace) -> int:
