@@ -46,6 +46,7 @@ from models import (
     save_checkpoint,
     size_problem,
 )
+from models.checkpoint import MAX_BLOCKS
 from training.config import Config, config_from_toml, differing_keys, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.distill import Distillation, Guide, TrainedModel
@@ -195,12 +196,10 @@ class _Trainer:
             torch.set_num_threads(config.runtime.threads)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest conv kernels once
+        refuse_oversized(config)
         torch.manual_seed(config.runtime.seed)
         self.steps = stage_steps(config)
         self.network = build_stage_network(config).to(self.device)
-        too_large = size_problem(self.network)
-        if too_large:  # its checkpoint would be refused by every loader: say so before hours of training
-            raise ValueError(f"stage {config.stage.name} would train {too_large}")
         self.guides = [Guide(g.name, g.model.to(self.device), g.mix) for g in load_guides(config.stage.guides)]
         check_guides_fit(self.network, dict(zip(config.stage.guides, self.guides, strict=True)),
                          config.experiment.scale)
@@ -648,6 +647,23 @@ def check_patch_size(patch_size: int, scale: int, networks: list[nn.Module]) -> 
         if patch_size // scale < minimum:
             raise ValueError(f"data.patch_size {patch_size} is too small for {type(network).__name__}: it needs "
                              f"patches of at least {minimum * scale} px at x{scale}")
+
+
+def refuse_oversized(config: Config) -> None:
+    """ValueError for a stage whose network every loader would refuse for its size (models.size_problem): said
+    before hours of training, and before anything is allocated (a config of huge widths built gigabytes first, or
+    ran out of memory). A fresh network is sized on the meta device; one initialised from a teacher is no larger
+    than that checkpoint, which its loader has sized."""
+    blocks = stage_blocks(config)
+    if blocks > MAX_BLOCKS:  # even on the meta device a million blocks take a minute to build
+        raise ValueError(f"stage {config.stage.name} would train a network of {blocks} blocks, more than checkpoints "
+                         f"of this package may hold ({MAX_BLOCKS})")
+    if config.stage.init_from:
+        return
+    with torch.device("meta"):
+        too_large = size_problem(build_stage_network(config))
+    if too_large:
+        raise ValueError(f"stage {config.stage.name} would train {too_large}")
 
 
 def build_stage_network(config: Config) -> nn.Module:
