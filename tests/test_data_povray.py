@@ -222,7 +222,8 @@ _FAKE_POVRAY = """#!/bin/sh
 case "$*" in
   *+W64*) echo "Parse Error" >&2; exit 1 ;;
   *wtorus*) cp "$TAKDSR_FAKE_PNG" render.png ;;
-  *) echo "$$" >> "$TAKDSR_FAKE_PIDS"; exec sleep 600 ;;
+  *) if [ -n "$TAKDSR_FAKE_WRAPPER" ]; then sleep 600 & echo "$!" >> "$TAKDSR_FAKE_PIDS"; fi
+     echo "$$" >> "$TAKDSR_FAKE_PIDS"; exec sleep 600 ;;
 esac
 """
 
@@ -283,6 +284,22 @@ def test_a_signal_stops_the_renders_and_keeps_what_finished(tmp_path: Path, sig:
     for pid in pids:  # killed (gone, or a zombie of a parent that has exited: init reaps it)
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert not list((tmp_path / "tmp").iterdir())  # the scenes' temporary copies are gone
+
+
+@needs_examples
+def test_a_timed_out_povray_wrapper_is_killed_with_its_children(tmp_path: Path) -> None:
+    """A povray that is a wrapper script (xvfb-run, a site script) leaves a child holding its output pipes: killing
+    only the wrapper left the command waiting on them far past --timeout (600 s for a 2 s timeout)."""
+    env = {**_fake_povray_env(tmp_path), "TAKDSR_FAKE_WRAPPER": "1"}
+    command = [sys.executable, "-m", "training.data", "povray", "--out", str(tmp_path / "pov"), "--width", "48",
+               "--height", "27", "--jobs", "1", "--timeout", "2", "--only", "advanced/crater/crater.pov"]
+    started = time.monotonic()
+    run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "timed out after 2 s" in run.stderr, run.stderr
+    assert time.monotonic() - started < 30
+    time.sleep(0.2)
+    for pid in map(int, (tmp_path / "pids").read_text().split()):  # the wrapper and its child
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
 @needs_povray

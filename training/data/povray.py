@@ -10,11 +10,13 @@ date), the sha256 of its decoded pixels (equal for equal pictures) and its licen
 states it.
 """
 
+import contextlib
 import fnmatch
 import hashlib
 import os
 import posixpath
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -236,7 +238,10 @@ def _run_povray(command: list[str], workdir: Path, scene: str, timeout: float,
             return process.returncode, stderr
         except subprocess.TimeoutExpired:
             if stop.is_set() or time.monotonic() > deadline:
-                process.kill()
+                # the whole session: a povray that is a wrapper script leaves a child holding the pipes, and
+                # communicate() would wait for it however long it runs
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 process.communicate()
                 if stop.is_set():
                     raise RenderStopped(scene) from None
