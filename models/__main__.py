@@ -13,6 +13,8 @@ from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .flops import count_flops, count_parameters
 from .registry import arch_name, build_model, list_models
 
+MAX_SIDE = 1 << 20  # 1,048,576 px: the counts stay far inside PyTorch's 64-bit sizes for any width and scale
+
 
 def _parse_size(text: str) -> tuple[int, int]:
     try:
@@ -21,6 +23,8 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from exc
     if width < 1 or height < 1:
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    if max(width, height) > MAX_SIDE:  # PyTorch's tensor sizes overflow (a traceback) far beyond any image
+        raise argparse.ArgumentTypeError(f"at most {MAX_SIDE} px a side, got {text!r}")
     return width, height
 
 

@@ -46,6 +46,10 @@ def test_info_on_a_size_the_model_cannot_read_is_a_clear_error() -> None:
     odd = _info("pan_teacher", "--input", "1921x1080")
     assert odd.returncode == 2 and "must be a multiple of its scale 2" in odd.stderr
     assert "Traceback" not in small.stderr + odd.stderr
+    huge = _info("rlfn_s", "--input", "1000000000x1000000000")  # was a "Storage size calculation overflowed" traceback
+    assert huge.returncode == 2 and "at most 1048576 px a side" in huge.stderr and "Traceback" not in huge.stderr
+    largest = _info("rlfn_s", "--input", "1048576x15")
+    assert largest.returncode == 0, largest.stderr
 
 
 def test_info_into_a_closed_pipe_ends_without_a_traceback() -> None:
