@@ -347,6 +347,11 @@ def _check_options(args: argparse.Namespace) -> None:
             if w > max_width or h > max_height or w * h > max_pixels:
                 raise ValueError(f"{option} {w}x{h}: the daemon takes frames up to {max_width}x{max_height} "
                                  f"({max_pixels} pixels)")
+    if args.backends and args.e2e_sizes:  # the table has end-to-end columns only beside a model-only row
+        missing = [f"{w}x{h}" for w, h in args.e2e_sizes if (w, h) not in args.sizes]
+        if missing:
+            raise ValueError(f"--e2e-sizes {', '.join(missing)}: not in --sizes; with --backends an end-to-end size "
+                             "must also be measured model-only (it was measured, then left out of the table)")
     if args.json is not None:
         check_json_target(args.json)
     if not args.backends and not args.skip_e2e:

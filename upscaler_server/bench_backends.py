@@ -167,7 +167,7 @@ def compare_backends(variants: Sequence[Variant], sizes: Sequence[tuple[int, int
             for r in rows:
                 match = [e for e in e2e if e["lr"] == r["lr"]]
                 if r["backend"] == variant.label and match:
-                    r.update(e2e_ms=match[0]["p50_ms"], fps=1e3 / match[0]["p50_ms"])
+                    r.update(e2e_ms=match[0]["p50_ms"], e2e_frames=match[0]["frames"], fps=1e3 / match[0]["p50_ms"])
     return {"device": device, "threads": threads, "weights": weights, "rows": rows}
 
 
