@@ -7,8 +7,10 @@ of any OpenGL context, so that the forked DataLoader workers are the first to ma
 import hashlib
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -97,6 +99,43 @@ def test_scenes_command_writes_aligned_pairs(tmp_path: Path) -> None:
     assert kept == {p: t for p, t in mtimes.items() if p not in pair}
     mixed = _run_command(out, split="train")  # val views would become training data in a folder source
     assert mixed.returncode == 2 and "holds val frames; train frames need another --out folder" in mixed.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_scenes_command_says_so_and_leaves_whole_frames(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C printed a KeyboardInterrupt traceback and SIGTERM killed the command with nothing said; a PNG being
+    written was left truncated under its frame's name."""
+    out = tmp_path / "frames"
+    command = [sys.executable, "-m", "training.data", "scenes", "--out", str(out), "--count", "400", "--width",
+               "320", "--height", "180", "--presets", "city"]
+    run = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None and len(list(out.glob("hr/*.png"))) < 2:
+        time.sleep(0.1)
+    run.send_signal(sig)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130 and "stopped: the frames finished so far are in" in stderr, stderr
+    assert "Traceback" not in stderr
+    for png in out.rglob("*.png"):  # whole files only (a temporary one is hidden, and removed)
+        assert cv2.imread(str(png)) is not None, png
+    assert not [p for p in out.rglob(".*") if p.is_file()]
+    frames = json.loads((out / "manifest.json").read_text())["frames"]
+    assert all((out / record["hr"]).is_file() and (out / record["lr"]).is_file() for record in frames.values())
+
+
+def test_write_png_is_whole_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.data.images import write_png
+
+    real_write = Path.write_bytes
+
+    def full_disk(path: Path, data: bytes) -> int:
+        real_write(path, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_png(tmp_path / "frame.png", np.zeros((8, 8, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_scenes_command_refuses_another_commands_folder(tmp_path: Path) -> None:

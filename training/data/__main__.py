@@ -127,10 +127,21 @@ def _povray(args: argparse.Namespace) -> int:
 
 
 def _scenes(args: argparse.Namespace) -> int:
-    manifest = write_scene_frames(
-        args.out, args.count, width=args.width, height=args.height, scale=args.scale, lr_kind=args.lr_kind,
-        supersample=args.supersample, split=args.split, presets=args.presets,
-    )  # fmt: skip
+    # rendering runs in this process: a stop is raised where it lands (the PNGs and the manifest are written whole),
+    # and SIGTERM and SIGHUP stop it as Ctrl-C does (they killed it with nothing said)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        manifest = write_scene_frames(
+            args.out, args.count, width=args.width, height=args.height, scale=args.scale, lr_kind=args.lr_kind,
+            supersample=args.supersample, split=args.split, presets=args.presets,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"stopped: the frames finished so far are in {args.out / 'manifest.json'}; the same command renders "
+              "the rest", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"{len(manifest['frames'])} frame pairs in {args.out} (manifest: {args.out / 'manifest.json'})")
     return 0
 

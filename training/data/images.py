@@ -203,12 +203,21 @@ def read_image_array(path: str | Path) -> np.ndarray:
 
 
 def write_png(path: str | Path, image: torch.Tensor | np.ndarray) -> None:
-    """Write (3, H, W) float in [0, 1] or (H, W, 3) uint8 RGB as an 8-bit PNG; raises OSError on failure."""
+    """Write (3, H, W) float in [0, 1] or (H, W, 3) uint8 RGB as an 8-bit PNG, whole or not at all; raises OSError
+    on failure."""
     rgb = to_uint8(image) if isinstance(image, torch.Tensor) else image
     encoded, png = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
     if not encoded:
         raise OSError(f"could not encode {path} as PNG")
-    Path(path).write_bytes(png.tobytes())  # bytes, not imwrite: OpenCV crashes on a name that is not UTF-8
+    # bytes, not imwrite: OpenCV crashes on a name that is not UTF-8; through a temporary file, so an interrupted
+    # render never leaves a truncated PNG under the frame's name for a scan to find
+    tmp = Path(path).with_name(f".{secrets.token_hex(6)}.tmp")
+    try:
+        tmp.write_bytes(png.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _skip_message(root: Path, skipped: dict[str, list[Path]]) -> str:
