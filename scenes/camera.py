@@ -23,6 +23,14 @@ class Camera:
     pitch: float
     fov_y_degrees: float = 60.0
 
+    def __post_init__(self) -> None:
+        # a NaN or infinite value rendered a flat colour without a word, a field of view of 0 divided by zero
+        if len(self.position) != 3 or not all(math.isfinite(v) for v in (*self.position, self.yaw, self.pitch)):
+            raise ValueError(f"a camera needs a finite 3D position, yaw and pitch, got {self}")
+        if not 0 < self.fov_y_degrees < 180:
+            raise ValueError(f"a camera's field of view must lie strictly between 0 and 180 degrees, got "
+                             f"{self.fov_y_degrees}")
+
     def forward(self) -> np.ndarray:
         """Unit view direction."""
         cp = math.cos(self.pitch)

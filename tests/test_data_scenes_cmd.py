@@ -205,3 +205,11 @@ def test_fork_after_rendering_is_refused_and_forkserver_works() -> None:
         list(DataLoader(fresh, batch_size=4, num_workers=1, timeout=60))
     loader = DataLoader(ds, batch_size=4, num_workers=1, timeout=120, multiprocessing_context=worker_start_method(ds))
     assert torch.equal(next(iter(loader))["hr"], torch.stack([item["hr"] for item in serial]))
+
+
+def test_a_preset_named_twice_still_gives_every_frame_asked_for() -> None:
+    """`--presets city city --count 4` planned each time twice, and the repeats were skipped: 2 pairs, not 4."""
+    from training.data.scenes_cmd import frame_plan
+
+    plan = frame_plan(["city", "city"], 4, "train")
+    assert len(set(plan)) == 4 and plan == frame_plan(["city"], 4, "train")

@@ -172,6 +172,14 @@ def test_bad_camera_and_renderer_arguments() -> None:
         camera_at("city", float("inf"))
     with pytest.raises(ValueError, match="anisotropy"):
         SceneRenderer(anisotropy=0.5)
+    nan = float("nan")  # each rendered a flat colour without a word; a field of view of 0 divided by zero
+    for position, yaw, pitch in (((nan, 1.0, 0.0), 0.0, 0.0), ((0.0, 1.0, 0.0), float("inf"), 0.0),
+                                 ((0.0, 1.0, 0.0), 0.0, nan)):
+        with pytest.raises(ValueError, match="finite 3D position, yaw and pitch"):
+            Camera(position=position, yaw=yaw, pitch=pitch)
+    for fov in (0.0, -60.0, 180.0, nan):
+        with pytest.raises(ValueError, match="strictly between 0 and 180"):
+            Camera(position=(0.0, 1.0, 0.0), yaw=0.0, pitch=0.0, fov_y_degrees=fov)
 
 
 def test_import_and_render_without_torch() -> None:

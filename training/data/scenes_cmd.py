@@ -50,7 +50,9 @@ class FrameRecord:
 
 
 def frame_plan(presets: list[str], count: int, split: Split) -> list[tuple[str, float]]:
-    """`count` (preset, t) pairs: presets in turn, each walking through its split's fixed times."""
+    """`count` (preset, t) pairs: presets in turn, each walking through its split's fixed times. A preset named
+    twice counts once (twice in turn gave each time twice, and the repeats were skipped: half the frames asked)."""
+    presets = list(dict.fromkeys(presets))
     per_preset = math.ceil(count / len(presets))
     times = {p: scene_times(split, per_preset, loop_period(p)) for p in presets}
     return [(presets[k % len(presets)], times[presets[k % len(presets)]][k // len(presets)]) for k in range(count)]
