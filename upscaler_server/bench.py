@@ -417,10 +417,35 @@ def _student_min_size(checkpoint: pathlib.Path | None, bundled: bool) -> int:
     return models.min_lr_size(network)
 
 
+def _machine(args: argparse.Namespace, load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """What a reader needs to reproduce or discount the numbers: the hardware, the versions, the settings, and the
+    load average before the run (after it, it includes the benchmark's own threads)."""
+    cpu_model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                      if line.startswith("model name")), platform.processor())
+    modules = {"torch": "torch", "numpy": "numpy", "pyzmq": "zmq", "opencv": "cv2", "onnxruntime": "onnxruntime"}
+    versions = {name: getattr(sys.modules[module], "__version__", "?") for name, module in modules.items()
+                if module in sys.modules}
+    torch = sys.modules.get("torch")
+    gpu = torch.cuda.get_device_name() if torch is not None and torch.cuda.is_initialized() else None
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "cpu": cpu_model, "gpu": gpu, "versions": versions, "load_before": load_before,
+            "load_after": os.getloadavg(),
+            "settings": {"threads": args.threads or len(os.sched_getaffinity(0)), "repeats": args.repeats,
+                         "frames": args.frames, "budget_s": args.budget, "device": args.device}}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read().splitlines()
+    except OSError:
+        return []
+
+
 def _transport_and_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                                          "cpus": os.cpu_count()},
-                              "transport_repeats": args.repeats, "transport": transport(args.sizes, args.repeats)}
+    load_before = os.getloadavg()
+    result: dict[str, Any] = {"transport_repeats": args.repeats, "transport": transport(args.sizes, args.repeats)}
+    result["machine"] = _machine(args, load_before)
     if args.skip_e2e:
         result["end_to_end"] = {"weights": "skipped", "model": "-", "scale": 0, "device": "-", "precision": "-",
                                 "rows": []}
@@ -431,6 +456,7 @@ def _transport_and_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     daemon_args += ["--cuda-graphs"] if args.cuda_graphs else []
     daemon_args += ["--map-slots"] if args.map_slots else []
     info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
+    result["machine"] = _machine(args, load_before)
     result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap,
                             "cuda_graphs": args.cuda_graphs, "map_slots": args.map_slots, **info, "rows": rows}
     return result
@@ -474,10 +500,10 @@ def _backend_variants(args: argparse.Namespace) -> tuple[str, list[Variant]]:
 
 def _compare(args: argparse.Namespace, device: str, variants: Sequence[Variant]) -> dict[str, Any]:
     e2e_sizes = [] if args.skip_e2e else (args.e2e_sizes or args.sizes)
+    load_before = os.getloadavg()
     result = compare_backends(variants, args.sizes, checkpoint=args.checkpoint, device=device, threads=args.threads,
                               frames=args.frames, budget_s=args.budget, e2e_sizes=e2e_sizes, cache_dir=args.cache_dir)
-    result["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                         "load": os.getloadavg()}
+    result["machine"] = _machine(args, load_before)
     return result
 
 
