@@ -283,8 +283,11 @@ def test_build_datasets_from_config(folder: Path, tmp_path: Path, monkeypatch: p
 
 def test_training_on_evaluation_data_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """cg-dev itself, spelt any way, a folder inside it or holding it, and POV-Ray renders of reserved scenes."""
+    from training.data import paths
+
     shared = tmp_path / "shared"
     monkeypatch.setenv("TAKDSR_SHARED", str(shared))
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "checkout")  # the checkout's own shared folder is not read
     cg_dev = _write_images(shared / "data" / "cg-dev", 1, (30, 40), seed=9)
     (shared / "data" / "reserved-scenes.txt").write_text("povray advanced/abyss.pov\n")
     _write_images(cg_dev / "sub", 1, (30, 40), seed=1)
