@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
@@ -148,18 +149,11 @@ def test_headless_exits_cleanly_when_the_daemon_is_killed(checkpoint: pathlib.Pa
     """Documented: exit status 3, a message, partial outputs with stats.json "completed": false; the killed
     daemon's shared memory is cleared."""
     log = tmp_path / "demo.log"
-    command = demo_command("--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
-                           "--lr", LR_ARG, "--frames", "100000", "--out", str(tmp_path / "out"))
-    with open(log, "w") as stderr:
-        demo = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-    try:
+    with _running_demo(log, "--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
+                       "--lr", LR_ARG, "--frames", "100000", "--out", str(tmp_path / "out")) as demo:
         pid = _wait_for_frames(demo, log, tmp_path / "out" / "frames", count=2)
         os.kill(pid, signal.SIGKILL)
         status = demo.wait(timeout=60)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
     stderr_text = log.read_text()
     assert status == EXIT_UNAVAILABLE, stderr_text
     assert "upscaler daemon exited" in stderr_text, stderr_text
@@ -241,10 +235,20 @@ def test_bundled_student_beats_bilinear(tmp_path: pathlib.Path) -> None:
     assert quality["sr_mean"] > quality["bilinear_mean"], quality
 
 
-def _start_demo(log: pathlib.Path, *args: str) -> subprocess.Popen[str]:
-    """``python -m client_demo ARGS`` in the background, its stderr in ``log``."""
+@contextlib.contextmanager
+def _running_demo(log: pathlib.Path, *args: str,
+                  command: list[str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """``python -m client_demo ARGS`` (or ``command``) in the background, its stderr in ``log``; killed on the way
+    out if it is still running."""
     with open(log, "w") as stderr:
-        return subprocess.Popen(demo_command(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        demo = subprocess.Popen(command or demo_command(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                                text=True)
+    try:
+        yield demo
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
 
 
 def _ended(demo: subprocess.Popen[str], timeout: float = 60) -> int:
@@ -280,9 +284,8 @@ def test_an_invalid_lr_deletes_nothing_of_an_earlier_run(nearest_daemon: Daemon,
 def test_a_second_demo_into_the_same_folder_is_refused(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
     """Two runs into one --out (scripts/demo.sh always uses ./demo_out) overwrote each other and both exited 0."""
     out = tmp_path / "out"
-    first = _start_demo(tmp_path / "first.log", "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG,
-                        "--frames", "100000", "--view", "sr", "--out", str(out))
-    try:
+    with _running_demo(tmp_path / "first.log", "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG,
+                       "--frames", "100000", "--view", "sr", "--out", str(out)) as first:
         _wait_for_frames(first, tmp_path / "first.log", out / "frames", count=2, spawned=False)
         start = time.monotonic()
         second = run_demo("--headless", "--endpoint", nearest_daemon.endpoint, "--lr", "160x90", "--frames", "1",
@@ -293,10 +296,6 @@ def test_a_second_demo_into_the_same_folder_is_refused(nearest_daemon: Daemon, t
         assert read_png(out / "frames" / "00000.png").shape == (HR[1], HR[0], 3)  # the first run's, untouched
         first.send_signal(signal.SIGTERM)
         assert _ended(first) == 130
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert read_stats(out)["error"] == "interrupted"
 
 
@@ -305,17 +304,12 @@ def test_a_second_signal_still_leaves_a_truthful_stats_json(nearest_daemon: Daem
     "completed": true stayed beside this run's frames."""
     _earlier_run(tmp_path)
     log = tmp_path / "demo.log"
-    demo = _start_demo(log, "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames", "100000",
-                       "--out", str(tmp_path))
-    try:
+    with _running_demo(log, "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames",
+                       "100000", "--out", str(tmp_path)) as demo:
         _wait_for_frames(demo, log, tmp_path / "frames", count=3, spawned=False)
         demo.send_signal(signal.SIGINT)
         demo.send_signal(signal.SIGTERM)  # another signal number: never merged with the first
         assert _ended(demo) == 130, log.read_text()
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
     stats = read_stats(tmp_path)
     assert stats["completed"] is False and "interrupted" in stats["error"] and stats["frames"] >= 3, stats
     assert (tmp_path / "frames" / "00000.png").stat().st_size > len(b"old frame")
@@ -326,23 +320,27 @@ def test_an_external_daemon_that_goes_away_is_noticed_at_once(stop_signal: int, 
     """--endpoint (not --spawn-server), the default --timeout of 10 s: a daemon that died or was stopped used to be
     noticed only after the timeout, as one that "does not answer"."""
     log = tmp_path / "demo.log"
-    with run_server("--backend", "nearest", check_clean=False) as daemon:
-        demo = _start_demo(log, "--headless", "--endpoint", daemon.endpoint, "--lr", LR_ARG, "--frames", "100000",
-                           "--out", str(tmp_path / "out"))
-        try:
-            _wait_for_frames(demo, log, tmp_path / "out" / "frames", count=2, spawned=False)
-            daemon.proc.send_signal(stop_signal)
-            start = time.monotonic()
-            status = _ended(demo)
-            elapsed = time.monotonic() - start
-        finally:
-            if demo.poll() is None:
-                demo.kill()
-                demo.wait()
+    with run_server("--backend", "nearest", check_clean=False) as daemon, \
+            _running_demo(log, "--headless", "--endpoint", daemon.endpoint, "--lr", LR_ARG, "--frames", "100000",
+                          "--out", str(tmp_path / "out")) as demo:
+        _wait_for_frames(demo, log, tmp_path / "out" / "frames", count=2, spawned=False)
+        daemon.proc.send_signal(stop_signal)
+        start = time.monotonic()
+        status = _ended(demo)
+        elapsed = time.monotonic() - start
     stderr = log.read_text()
     assert status == EXIT_UNAVAILABLE and elapsed < 5, (elapsed, stderr)
     assert "stopped answering" in stderr or "shutting down" in stderr, stderr
     assert "does not answer" not in stderr, stderr
+
+
+def _paused_past_the_lease(demo: subprocess.Popen[str], log: pathlib.Path, out: pathlib.Path) -> int:
+    """Stop the demo (as Ctrl-Z does) for three leases of 1 s once it has written 3 frames; its exit status."""
+    _wait_for_frames(demo, log, out / "frames", count=3, spawned=False)
+    demo.send_signal(signal.SIGSTOP)
+    time.sleep(3)
+    demo.send_signal(signal.SIGCONT)
+    return _ended(demo)
 
 
 def test_a_demo_paused_past_its_lease_opens_a_new_session(tmp_path: pathlib.Path) -> None:
@@ -351,18 +349,9 @@ def test_a_demo_paused_past_its_lease_opens_a_new_session(tmp_path: pathlib.Path
     frames = 40
     log, out = tmp_path / "demo.log", tmp_path / "out"
     with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon:
-        demo = _start_demo(log, "--headless", "--endpoint", daemon.endpoint, "--lr", LR_ARG, "--frames", str(frames),
-                           "--view", "sr", "--out", str(out))
-        try:
-            _wait_for_frames(demo, log, out / "frames", count=3, spawned=False)
-            demo.send_signal(signal.SIGSTOP)
-            time.sleep(3)  # three leases
-            demo.send_signal(signal.SIGCONT)
-            status = _ended(demo)
-        finally:
-            if demo.poll() is None:
-                demo.kill()
-                demo.wait()
+        with _running_demo(log, "--headless", "--endpoint", daemon.endpoint, "--lr", LR_ARG, "--frames", str(frames),
+                           "--view", "sr", "--out", str(out)) as demo:
+            status = _paused_past_the_lease(demo, log, out)
         assert "lease expired" in daemon.log()
     assert status == 0, log.read_text()
     stats = read_stats(out)
@@ -390,20 +379,11 @@ def test_a_session_reopened_within_one_poll_still_resends_its_frames(tmp_path: p
         link.UpscaleLink._apply = held_back
         sys.exit(cli.main(sys.argv[1:]))
     """)
-    with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon, open(log, "w") as stderr:
-        demo = subprocess.Popen([sys.executable, "-c", slow_loss, "--headless", "--endpoint", daemon.endpoint,
-                                 "--lr", LR_ARG, "--frames", str(frames), "--view", "sr", "--out", str(out)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        try:
-            _wait_for_frames(demo, log, out / "frames", count=3, spawned=False)
-            demo.send_signal(signal.SIGSTOP)
-            time.sleep(3)  # three leases
-            demo.send_signal(signal.SIGCONT)
-            status = _ended(demo)
-        finally:
-            if demo.poll() is None:
-                demo.kill()
-                demo.wait()
+    command = [sys.executable, "-c", slow_loss, "--headless", "--lr", LR_ARG, "--frames", str(frames), "--view", "sr",
+               "--out", str(out)]
+    with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon, \
+            _running_demo(log, command=[*command, "--endpoint", daemon.endpoint]) as demo:
+        status = _paused_past_the_lease(demo, log, out)
     assert status == 0, log.read_text()
     stats = read_stats(out)
     assert stats["completed"] and stats["sessions_reopened"] == 1, stats
@@ -414,16 +394,11 @@ def test_an_output_folder_removed_mid_run_is_reported_without_contradiction(near
                                                                             tmp_path: pathlib.Path) -> None:
     """The demo said it could not write stats.json, and then that stats.json said completed: false."""
     log, out = tmp_path / "demo.log", tmp_path / "out"
-    demo = _start_demo(log, "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames", "100000",
-                       "--out", str(out))
-    try:
+    with _running_demo(log, "--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames",
+                       "100000", "--out", str(out)) as demo:
         _wait_for_frames(demo, log, out / "frames", count=2, spawned=False)
         shutil.rmtree(out)
         status = _ended(demo)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
     stderr = log.read_text()
     assert status == 1 and "cannot write the outputs" in stderr, stderr
     assert "stats.json says" not in stderr, stderr
@@ -440,16 +415,11 @@ def test_sighup_stops_like_sigterm(checkpoint: pathlib.Path, tmp_path: pathlib.P
     """A closed terminal or a lost SSH session: SIGHUP killed the demo outright (status 129), leaving an unplayable
     demo.mp4, no stats.json and the spawned daemon's temporary folder."""
     log, out = tmp_path / "demo.log", tmp_path / "out"
-    demo = _start_demo(log, "--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
-                       "--lr", LR_ARG, "--frames", "100000", "--out", str(out))
-    try:
+    with _running_demo(log, "--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
+                       "--lr", LR_ARG, "--frames", "100000", "--out", str(out)) as demo:
         pid = _wait_for_frames(demo, log, out / "frames", count=2)
         demo.send_signal(signal.SIGHUP)
         status = _ended(demo)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
     stderr = log.read_text()
     assert status == 130, stderr
     stats = read_stats(out)
@@ -475,24 +445,21 @@ def test_signals_while_the_spawned_daemon_stops_cut_nothing_short(checkpoint: pa
     daemon at once; the third used to raise inside the clean-up too, which printed "interrupted" twice and left the
     daemon's temporary folder behind."""
     log, out = tmp_path / "demo.log", tmp_path / "out"
-    demo = _start_demo(log, "--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
-                       "--lr", LR_ARG, "--frames", "100000", "--out", str(out))
     pid = None
     try:
-        pid = _wait_for_frames(demo, log, out / "frames", count=2)
-        os.kill(pid, signal.SIGSTOP)  # it cannot stop: the demo waits up to 15 s, then kills it
-        demo.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while not _sigterm_pending(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _sigterm_pending(pid), f"the demo did not stop its daemon:\n{log.read_text()}"
-        demo.send_signal(signal.SIGINT)
-        demo.send_signal(signal.SIGTERM)
-        status = _ended(demo, timeout=10)
+        with _running_demo(log, "--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
+                           "--lr", LR_ARG, "--frames", "100000", "--out", str(out)) as demo:
+            pid = _wait_for_frames(demo, log, out / "frames", count=2)
+            os.kill(pid, signal.SIGSTOP)  # it cannot stop: the demo waits up to 15 s, then kills it
+            demo.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while not _sigterm_pending(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _sigterm_pending(pid), f"the demo did not stop its daemon:\n{log.read_text()}"
+            demo.send_signal(signal.SIGINT)
+            demo.send_signal(signal.SIGTERM)
+            status = _ended(demo, timeout=10)
     finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
         if pid is not None and process_alive(pid):
             os.kill(pid, signal.SIGKILL)
     stderr = log.read_text()
@@ -508,16 +475,14 @@ def test_two_demos_spawning_daemons_on_one_endpoint(checkpoint: pathlib.Path, tm
     said why: it must say so with status 4, as for any daemon that cannot start."""
     folder = short_tmpdir()
     endpoint = f"ipc://{folder}/d.sock"
-    demos = [_start_demo(tmp_path / f"{i}.log", "--headless", "--spawn-server", "--checkpoint", str(checkpoint),
-                         "--device", "cpu", "--endpoint", endpoint, "--lr", LR_ARG, "--frames", "40",
-                         "--out", str(tmp_path / f"out{i}")) for i in range(2)]
     try:
-        statuses = [_ended(demo) for demo in demos]
+        with contextlib.ExitStack() as running:
+            demos = [running.enter_context(_running_demo(
+                tmp_path / f"{i}.log", "--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device",
+                "cpu", "--endpoint", endpoint, "--lr", LR_ARG, "--frames", "40", "--out", str(tmp_path / f"out{i}")))
+                for i in range(2)]
+            statuses = [_ended(demo) for demo in demos]
     finally:
-        for demo in demos:
-            if demo.poll() is None:
-                demo.kill()
-                demo.wait()
         shutil.rmtree(folder, ignore_errors=True)
     logs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
     assert sorted(statuses) == [0, 4], logs
