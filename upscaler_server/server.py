@@ -213,7 +213,7 @@ class Server:
             except zmq.Again:
                 return
             envelope = [f.bytes for f in frames[:-1]]
-            if not (len(envelope) == 1 or (len(envelope) == 2 and envelope[1] == b"")):
+            if not _well_formed(envelope):
                 continue  # junk: the MALFORMED answer is for a daemon that stays
             try:
                 req = decode(frames[-1].buffer, "request", max_bin=self.config.max_message_bytes).req
@@ -256,7 +256,7 @@ class Server:
 
     def _handle(self, envelope: list[bytes], payload: memoryview) -> None:
         received = time.perf_counter()
-        if not (len(envelope) == 1 or (len(envelope) == 2 and envelope[1] == b"")):
+        if not _well_formed(envelope):
             self._reply(envelope[:1], _error(0, ErrorCode.MALFORMED, _ONE_FRAME))
             return
         req = 0
@@ -463,6 +463,11 @@ class Server:
                 self._router.send_multipart([*envelope, payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or its queue full: its loss, never block the daemon
             log.debug("reply to %s dropped: %s", envelope[0].hex()[:8], exc)
+
+
+def _well_formed(envelope: list[bytes]) -> bool:
+    """A DEALER's routing id alone, or a REQ's routing id and its empty delimiter frame."""
+    return len(envelope) == 1 or (len(envelope) == 2 and envelope[1] == b"")
 
 
 def _error(req: int, code: ErrorCode, message: str) -> Error:
