@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from upscaler_server import daemon_command, die_with_parent
 from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import ConfigError, ServerUnavailableError
-from upscaler_server.shm import SHM_DIR
+from upscaler_server.shm import SHM_DIR, pid_alive
 
 __all__ = ["DaemonStartError", "SpawnedDaemon"]
 
@@ -43,18 +43,8 @@ def _remove_folders_of_dead_demos() -> None:
         with contextlib.suppress(OSError):
             if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
                 continue
-            if not _alive(int(pid)):
+            if not pid_alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: alive
-        return True
-    return True
 
 
 class SpawnedDaemon:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from upscaler_server import bench, engine
+from upscaler_server.shm import pid_alive
 
 from server_utils import REPO
 
@@ -183,18 +184,9 @@ def test_a_stopped_benchmark_leaves_no_daemon_running(sig: signal.Signals) -> No
     if sig == signal.SIGTERM:
         assert bench_run.returncode == 130 and stderr.strip().endswith("interrupted"), stderr
     deadline = time.monotonic() + 30
-    while any(map(_running, daemons)) and time.monotonic() < deadline:
+    while any(map(pid_alive, daemons)) and time.monotonic() < deadline:  # a zombie (init may never reap it) is not
         time.sleep(0.2)
-    assert not any(map(_running, daemons)), "a daemon outlived the benchmark"
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` runs (an orphan's zombie, which a container's init may never reap, does not)."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    assert not any(map(pid_alive, daemons)), "a daemon outlived the benchmark"
 
 
 def test_bench_ctrl_c_stops_the_daemons_and_says_interrupted(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

@@ -24,8 +24,8 @@ import numpy as np
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.protocol import Segment
 
-__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "SlotFrame", "probe_kernel_copy", "remove_stale_segments",
-           "segment_name"]
+__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "SlotFrame", "pid_alive", "probe_kernel_copy",
+           "remove_stale_segments", "segment_name"]
 
 log = logging.getLogger("upscaler_server.shm")
 
@@ -394,7 +394,8 @@ def _reserve(name: str, size: int) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and can still act (another user's counts; an unreaped zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -418,7 +419,7 @@ def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
         if not match:
             continue
         pid = int(match.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         try:
             os.unlink(entry.path)
