@@ -36,6 +36,7 @@ from client_demo.config import (
 from client_demo.frames import FrameSizeError, GpuFrames
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
 from client_demo.metrics import percentiles, psnr
+from upscaler_server.files import replace_whole
 
 __all__ = ["DEFAULT_OUT", "FRAMES_DIR", "LOCK_NAME", "STATS_NAME", "VIDEO_NAME", "OutputFolder", "OutputFolderError",
            "caption", "run_headless"]
@@ -341,9 +342,7 @@ def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWat
 
 def _save_stats(out: pathlib.Path, stats: dict[str, Any]) -> None:
     """Write stats.json whole or not at all: a run killed mid-write must not leave half a file behind."""
-    partial = out / f".{STATS_NAME}.partial"
-    partial.write_text(json.dumps(stats, indent=2) + "\n")
-    partial.replace(out / STATS_NAME)
+    replace_whole(out / STATS_NAME, json.dumps(stats, indent=2) + "\n")
 
 
 def _try_save_stats(out: pathlib.Path, stats: dict[str, Any]) -> bool:

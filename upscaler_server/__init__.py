@@ -4,15 +4,17 @@ Importing the package (or :mod:`upscaler_server.client`) loads no torch: the cli
 only. The daemon (``python -m upscaler_server``) loads the engine, which imports torch and ``models``.
 """
 
+import contextlib
 import ctypes
 import pathlib
+import platform
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "daemon_command", "die_with_parent"]
+__all__ = ["__version__", "cpu_model", "daemon_command", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -33,7 +35,6 @@ def daemon_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", _BOOTSTRAP, packages_root, *args]
 
 
-
 def _set_death_signal() -> None:
     """In the child, between fork and exec: the kernel sends it SIGTERM when its parent dies (even by SIGKILL),
     and the daemon then stops cleanly (its shared memory unlinked)."""
@@ -43,3 +44,12 @@ def _set_death_signal() -> None:
 def die_with_parent() -> Callable[[], None] | None:
     """``preexec_fn`` for a daemon that must not outlive the tool that started it (Linux; None elsewhere)."""
     return _set_death_signal if sys.platform == "linux" else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module knows: for the auto backend's cache key
+    and the benchmark's record."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    return model

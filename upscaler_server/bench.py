@@ -44,12 +44,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from upscaler_server import daemon_command, die_with_parent
+from upscaler_server import cpu_model, daemon_command, die_with_parent
 from upscaler_server.bench_backends import Variant, compare_backends, parse_label, print_backend_table, unavailable_here
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
-from upscaler_server.files import partial_beside, publish
+from upscaler_server.files import replace_whole
 
 __all__ = ["DaemonStartError", "check_json_target", "end_to_end", "main", "spawn_daemon", "transport"]
 
@@ -420,26 +420,16 @@ def _student_min_size(checkpoint: pathlib.Path | None, bundled: bool) -> int:
 def _machine(args: argparse.Namespace, load_before: tuple[float, float, float]) -> dict[str, Any]:
     """What a reader needs to reproduce or discount the numbers: the hardware, the versions, the settings, and the
     load average before the run (after it, it includes the benchmark's own threads)."""
-    cpu_model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
-                      if line.startswith("model name")), platform.processor())
     modules = {"torch": "torch", "numpy": "numpy", "pyzmq": "zmq", "opencv": "cv2", "onnxruntime": "onnxruntime"}
     versions = {name: getattr(sys.modules[module], "__version__", "?") for name, module in modules.items()
                 if module in sys.modules}
     torch = sys.modules.get("torch")
     gpu = torch.cuda.get_device_name() if torch is not None and torch.cuda.is_initialized() else None
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "cpu": cpu_model, "gpu": gpu, "versions": versions, "load_before": load_before,
+            "cpu": cpu_model(), "gpu": gpu, "versions": versions, "load_before": load_before,
             "load_after": os.getloadavg(),
             "settings": {"threads": args.threads or len(os.sched_getaffinity(0)), "repeats": args.repeats,
                          "frames": args.frames, "budget_s": args.budget, "device": args.device}}
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            return file.read().splitlines()
-    except OSError:
-        return []
 
 
 def _transport_and_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
@@ -465,10 +455,7 @@ def _transport_and_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
 def _write_json(path: pathlib.Path, result: dict[str, Any]) -> None:
     """``result`` as strict JSON (every number finite: repeats and frames are at least 1 and 3), written beside
     ``path`` and moved over it, so that an interrupted write leaves no half file."""
-    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    with partial_beside(path) as partial:
-        partial.write_text(text)
-        publish(partial, path, overwrite=True)  # the results of this run replace an earlier run's
+    replace_whole(path, json.dumps(result, indent=2, allow_nan=False) + "\n")  # this run's replace an earlier run's
 
 
 def _require_cuda(device: str) -> None:

@@ -13,7 +13,7 @@ import secrets
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["FolderError", "check_writable", "folder_made_for", "partial_beside", "publish"]
+__all__ = ["FolderError", "check_writable", "folder_made_for", "partial_beside", "publish", "replace_whole"]
 
 
 class FolderError(OSError):
@@ -77,3 +77,11 @@ def folder_made_for(target: pathlib.Path) -> Iterator[None]:
             with contextlib.suppress(OSError):  # not empty (someone wrote there meanwhile) or gone: left as it is
                 folder.rmdir()
         raise
+
+
+def replace_whole(target: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``target`` through a temporary file and a rename, replacing an earlier file: a run killed
+    mid-write leaves the earlier file (or none), never half of this one."""
+    with partial_beside(target) as partial:
+        partial.write_text(text)
+        publish(partial, target, overwrite=True)

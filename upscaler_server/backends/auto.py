@@ -13,7 +13,6 @@ write it (a lock file beside it) and merge what the others wrote, so none loses 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import fcntl
 import importlib.metadata
@@ -22,7 +21,6 @@ import logging
 import math
 import os
 import pathlib
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from upscaler_server import cpu_model
 from upscaler_server.backends.common import TOLERANCE, Settings, Tolerance, cpu_bf16, unavailable
 from upscaler_server.backends.factory import make_backend
 from upscaler_server.engine import CopiedFrame, Engine, StageTimes, usable_cores
@@ -81,10 +80,7 @@ def _hardware(device: str) -> str:
     if device.startswith("cuda"):
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"{model} x{usable_cores()} {'bf16' if cpu_bf16() else 'no-bf16'}"
+    return f"{cpu_model()} x{usable_cores()} {'bf16' if cpu_bf16() else 'no-bf16'}"
 
 
 def _version(package: str) -> str:
