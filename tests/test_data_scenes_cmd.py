@@ -124,15 +124,13 @@ def test_a_stopped_scenes_command_says_so_and_leaves_whole_frames(tmp_path: Path
 
 
 def test_write_png_is_whole_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.data import images
     from training.data.images import write_png
 
-    real_write = Path.write_bytes
-
-    def full_disk(path: Path, data: bytes) -> int:
-        real_write(path, data[: len(data) // 2])
+    def full_disk(source: str, target: str) -> None:  # the temporary file is written; the disk fills before the end
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    monkeypatch.setattr(images.os, "replace", full_disk)
     with pytest.raises(OSError, match="No space left"):
         write_png(tmp_path / "frame.png", np.zeros((8, 8, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []

@@ -40,6 +40,7 @@ __all__ = [
     "to_tensor",
     "to_uint8",
     "walk_dataset",
+    "write_bytes_atomic",
     "write_json_atomic",
     "write_png",
     "write_text_atomic",
@@ -89,16 +90,21 @@ def write_json_atomic(path: Path, value: object, *, indent: int = 1, sort_keys: 
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` as UTF-8 through a temporary file and a rename: a killed writer never leaves half a file. A name
-    that is not valid UTF-8 (held as surrogates) is written with backslash escapes, so the file stays UTF-8. A link
-    is written through (its target replaced, the link kept), and a rewrite keeps the file's permissions. The
-    temporary file is new (exclusive create: it never replaces a file of the user's, as `NAME.tmp` did), hidden
-    (scans pass over it), short-named (a name near the 255-byte limit still fits) and removed on any error."""
+    """Write `text` as UTF-8 (`write_bytes_atomic`). A name that is not valid UTF-8 (held as surrogates) is written
+    with backslash escapes, so the file stays UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8", errors="backslashreplace"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` through a temporary file and a rename: a killed writer never leaves half a file. A link is
+    written through (its target replaced, the link kept), and a rewrite keeps the file's permissions. The temporary
+    file is new (exclusive create: it never replaces a file of the user's, as `NAME.tmp` did), hidden (scans pass
+    over it), short-named (a name near the 255-byte limit still fits) and removed on any error."""
     target = Path(os.path.realpath(path))
     tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8", errors="backslashreplace") as file:  # the umask's permissions
-            file.write(text)
+        with open(tmp, "xb") as file:  # the umask's permissions
+            file.write(data)
         with contextlib.suppress(FileNotFoundError):  # nothing to keep for a new file
             os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(tmp, target)
@@ -209,15 +215,9 @@ def write_png(path: str | Path, image: torch.Tensor | np.ndarray) -> None:
     encoded, png = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
     if not encoded:
         raise OSError(f"could not encode {path} as PNG")
-    # bytes, not imwrite: OpenCV crashes on a name that is not UTF-8; through a temporary file, so an interrupted
-    # render never leaves a truncated PNG under the frame's name for a scan to find
-    tmp = Path(path).with_name(f".{secrets.token_hex(6)}.tmp")
-    try:
-        tmp.write_bytes(png.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # bytes, not imwrite: OpenCV crashes on a name that is not UTF-8; whole, so an interrupted render never leaves a
+    # truncated PNG under the frame's name for a scan to find
+    write_bytes_atomic(Path(path), png.tobytes())
 
 
 def _skip_message(root: Path, skipped: dict[str, list[Path]]) -> str:
