@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import resource
@@ -26,6 +27,7 @@ from upscaler_server.errors import BusyError, ConfigError, ServerUnavailableErro
 from server_utils import (
     REPO,
     SHM_DIR,
+    STOP_TIMEOUT,
     make_checkpoint,
     raw_socket,
     run_server,
@@ -73,6 +75,7 @@ def test_signal_exits_zero_and_unlinks_everything(sig: int) -> None:
         assert status == 0, daemon.log()
         assert daemon.segments() == []
         assert not pathlib.Path(daemon.endpoint[len("ipc://"):]).exists(), "ipc socket file left behind"
+        assert not pathlib.Path(daemon.endpoint[len("ipc://"):] + ".lock").exists(), "endpoint lock file left behind"
         assert "stopped" in daemon.log()
         session.close(notify=False)
         client.close()
@@ -186,6 +189,31 @@ def test_second_daemon_on_the_same_endpoint_refuses() -> None:
         assert status == 2 and "already serves" in log
         with UpscalerClient(daemon.endpoint, timeout=10) as client:  # the first one still owns the endpoint
             client.ping()
+
+
+def test_a_daemon_holding_the_endpoint_lock_is_never_bound_over(short_dir: pathlib.Path) -> None:
+    """Two daemons started at one moment both found the socket free (the ping probe sees no socket file yet) and
+    both bound: the second replaced the first's socket file, and the first served nobody. The lock file closes that
+    window: while another process holds it, a daemon refuses before it binds."""
+    socket_path = short_dir / "d.sock"
+    with open(short_dir / "d.sock.lock", "w") as held:  # what a daemon that is still starting holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        status, log = _exit_of(["--backend", "nearest", "--endpoint", f"ipc://{socket_path}"])
+        assert status == 2 and "already serves" in log, log
+        assert not socket_path.exists(), "bound although another daemon holds the endpoint"
+        assert (short_dir / "d.sock.lock").exists(), "removed a lock file it did not hold"
+
+
+def test_a_lock_file_left_by_a_killed_daemon_does_not_block_the_next(short_dir: pathlib.Path) -> None:
+    endpoint = f"ipc://{short_dir}/d.sock"
+    with run_server("--backend", "nearest", endpoint=endpoint, check_clean=False) as daemon:
+        os.kill(daemon.proc.pid, signal.SIGKILL)
+        daemon.proc.wait(STOP_TIMEOUT)
+    assert (short_dir / "d.sock.lock").exists() and (short_dir / "d.sock").exists()  # what SIGKILL leaves
+    with run_server("--backend", "nearest", endpoint=endpoint) as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=10) as client:
+        client.ping()
+    assert sorted(p.name for p in short_dir.iterdir()) == []
 
 
 def test_busy_reply_when_the_queue_is_full() -> None:

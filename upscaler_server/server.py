@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -78,6 +79,7 @@ class Server:
         self.instance = secrets.token_hex(8)
         self._ctx = zmq.Context()
         self._router: zmq.Socket[bytes] | None = None
+        self._endpoint_lock: int | None = None  # descriptor of the ipc endpoint's lock file while this daemon owns it
         self._sessions = SessionTable(config, engine.scale, engine.min_input_size)
         self._draining: set[Session] = set()  # ended sessions whose frame is still on the engine
         self._queue = FairQueue(config.max_queue)
@@ -129,8 +131,9 @@ class Server:
         endpoint = self.config.endpoint
         ipc_path = _ipc_path(endpoint)
         if ipc_path is not None:
+            self._endpoint_lock = _lock_endpoint(ipc_path, endpoint)
             _check_socket_path(ipc_path)
-            if _ipc_in_use(self._ctx, endpoint):
+            if _ipc_in_use(self._ctx, endpoint):  # a daemon of a version without the lock file
                 raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint")
         router = self._ctx.socket(zmq.ROUTER)
         router.linger = 0
@@ -182,6 +185,7 @@ class Server:
         if self._router is not None:
             self._refuse_unread(self._router)
             self._close_router(self._router)
+        self._release_endpoint_lock()
         for session in self._sessions.all():
             self._sessions.remove(session.id)
             self._draining.add(session)
@@ -228,6 +232,18 @@ class Server:
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()
+
+    def _release_endpoint_lock(self) -> None:
+        """Unlink the lock file, then unlock: a daemon that opened the file just before the unlink sees it is gone
+        once it gets the lock, and tries again on a new file (see :func:`_lock_endpoint`)."""
+        if self._endpoint_lock is None:
+            return
+        path = _ipc_path(self.config.endpoint)
+        assert path is not None
+        with contextlib.suppress(OSError):
+            _lock_path(path).unlink()
+        os.close(self._endpoint_lock)
+        self._endpoint_lock = None
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe already guarantees a wake-up
@@ -485,6 +501,39 @@ def _check_socket_path(path: pathlib.Path) -> None:
         if not stat.S_ISSOCK(mode):
             kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "a file"
             raise ConfigError(f"{path} is {kind}, not a socket: binding would replace it; pass another --endpoint")
+
+
+def _lock_path(socket_path: pathlib.Path) -> pathlib.Path:
+    return socket_path.with_name(socket_path.name + ".lock")
+
+
+def _lock_endpoint(socket_path: pathlib.Path, endpoint: str) -> int:
+    """Hold an exclusive lock on ``<socket>.lock`` for the daemon's life and return its descriptor. Two daemons
+    started at the same moment both found the socket free, both bound, and the second's bind replaced the first's
+    socket file: the first served nobody for good. The kernel drops the lock when its holder dies (SIGKILL too), so
+    a stale lock file never blocks a new daemon. ConfigError when another daemon holds it."""
+    lock_path = _lock_path(socket_path)
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the endpoint's lock file {lock_path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint") from None
+        if _same_file(fd, lock_path):
+            return fd
+        os.close(fd)  # its holder unlinked it on its way out after we opened it: that lock guards nothing now
+
+
+def _same_file(fd: int, path: pathlib.Path) -> bool:
+    try:
+        on_disk, held = path.lstat(), os.fstat(fd)
+    except OSError:
+        return False
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _ipc_path(endpoint: str) -> pathlib.Path | None:
