@@ -158,17 +158,28 @@ def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signa
     try:
         if folder is not None:
             return run_headless(cfg, link, watch, stop, folder, started)
-        try:
-            from client_demo.window import run_window  # glfw and imgui: window mode only
-        except ModuleNotFoundError as exc:
-            if exc.name not in ("imgui_bundle", "glfw"):
-                raise
-            print(f"client_demo: window mode needs {exc.name} (pip install imgui-bundle glfw); or use --headless",
-                  file=sys.stderr)
-            return EXIT_NO_WINDOW
+        from client_demo.window import run_window  # importable: _window_unavailable checked it
+
         return run_window(cfg, link, watch, stop)
     finally:
         link.close()
+
+
+def _window_unavailable() -> int | None:
+    """EXIT_NO_WINDOW, said why, when window mode cannot run here (glfw or imgui missing, no display); else None."""
+    try:
+        from client_demo.window import NO_WINDOW_MESSAGE, display_problem  # glfw and imgui: window mode only
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("imgui_bundle", "glfw"):
+            raise
+        print(f"client_demo: window mode needs {exc.name} (pip install imgui-bundle glfw); or use --headless",
+              file=sys.stderr)
+        return EXIT_NO_WINDOW
+    problem = display_problem()
+    if problem is not None:
+        print(f"{NO_WINDOW_MESSAGE} ({problem})", file=sys.stderr)
+        return EXIT_NO_WINDOW
+    return None
 
 
 def _weights_dir() -> pathlib.Path | None:
@@ -203,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = _Signals()
     try:
         if not cfg.headless:
-            return _with_daemon(cfg, stop, None, started)
+            missing = _window_unavailable()  # before a daemon is started for nothing
+            return missing if missing is not None else _with_daemon(cfg, stop, None, started)
         try:  # before the daemon starts: a second demo writing into the same folder is refused at once
             folder = OutputFolder(cfg.out or DEFAULT_OUT)
         except OutputFolderError as exc:

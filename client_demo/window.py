@@ -16,6 +16,7 @@ import math
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -358,6 +359,21 @@ def _screen_size() -> tuple[int, int] | None:
     return (mode.size.width, mode.size.height) if mode else None
 
 
+NO_WINDOW_MESSAGE = "client_demo: cannot open an OpenGL 3.3 window (is DISPLAY set?); use --headless without a display"
+
+
+def display_problem() -> str | None:
+    """Why glfw cannot reach a display (its own words), or None when it can. Checked before a daemon is spawned,
+    which takes seconds to start and was stopped again at once when no window could open."""
+    with warnings.catch_warnings():  # glfw's error callback warns; the reason goes into our one message instead
+        warnings.simplefilter("ignore", glfw.GLFWError)
+        if glfw.init():
+            glfw.terminate()
+            return None
+        _, description = glfw.get_error()
+    return description.decode(errors="replace") if description else "glfw could not initialise"
+
+
 def _open_window(cfg: DemoConfig) -> glfw._GLFWwindow | None:
     if not glfw.init():
         return None
@@ -381,8 +397,7 @@ def run_window(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_st
     """Open the window and run until Esc, closing it, --exit-after or a signal; returns the exit status."""
     window = _open_window(cfg)
     if window is None:
-        print("client_demo: cannot open an OpenGL 3.3 window (is DISPLAY set?); use --headless without a display",
-              file=sys.stderr)
+        print(NO_WINDOW_MESSAGE, file=sys.stderr)
         return EXIT_NO_WINDOW
     try:
         try:

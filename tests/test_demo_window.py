@@ -58,6 +58,17 @@ def test_window_stays_responsive_without_a_daemon(tmp_path: pathlib.Path) -> Non
     assert read_png(_screenshot(tmp_path)).mean() > 10
 
 
+def test_no_display_exits_5_before_a_daemon_is_spawned(tmp_path: pathlib.Path) -> None:
+    """Window mode without a display used to start the daemon (seconds of start-up), then find it cannot open a
+    window and stop it again: the display is checked first, and glfw's reason goes into the one message."""
+    result = run_demo("--spawn-server", "--device", "cpu", "--endpoint", f"ipc://{tmp_path}/d.sock", "--lr", LR_ARG)
+    assert result.returncode == 5, output_of(result)
+    assert "cannot open an OpenGL 3.3 window" in result.stderr and "DISPLAY" in result.stderr, output_of(result)
+    assert "starting the upscaler daemon" not in result.stderr, output_of(result)
+    assert "GLFWError" not in result.stderr and "Traceback" not in result.stderr, output_of(result)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_screenshot_that_cannot_be_written_is_reported_and_the_demo_goes_on(nearest_daemon: Daemon) -> None:
     result = run_demo("--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--screenshot-after", "5",
                       "--exit-after", "10", "--out", "/proc", xvfb=True)  # /proc takes no files, even from root
