@@ -49,6 +49,83 @@ def test_a_daemon_that_stalls_past_every_timeout_leaves_no_slot_blocked() -> Non
         assert client.upscale(frame).shape == (32, 32, 3)  # and the next ones
 
 
+def test_slots_given_up_on_are_free_again_after_a_request_reconnected_the_socket() -> None:
+    """Frames given up on during a stall, then a request that timed out too (it reconnects the socket): their late
+    replies went with the closed socket, and free_slot() said None and wait_slot() raised for the rest of the
+    session, although the daemon was back and idle (found in a review)."""
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=0.5, retries=1, heartbeat=False, name="pytest") as client:
+        session = client.open_session(32, 20, "RGB8", slots=3)
+        for slot in range(3):
+            session.input(slot)[...] = slot
+            session.submit(slot)
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                with pytest.raises(ServerUnavailableError):
+                    session.collect()
+            with pytest.raises(ServerUnavailableError):
+                client.ping()  # times out and reconnects the request socket
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        client.ping()
+        time.sleep(0.5)  # the daemon finishes the three frames; whether their replies reach the new socket is luck
+        assert sorted(session.free_slot() for _ in range(3)) == [0, 1, 2]
+        for slot in range(3):
+            session.wait_slot(slot)  # returns: nothing left to wait for
+        frame = np.full((20, 32, 3), 9, np.uint8)
+        start = time.monotonic()
+        assert (session.upscale(frame) == 9).all()
+        assert (client.upscale(frame) == 9).all() and time.monotonic() - start < 0.5
+
+
+def test_session_upscale_refuses_to_drop_frames_the_caller_submitted() -> None:
+    """upscale() collected and dropped the caller's frames in flight, then wrote its own result over one of theirs."""
+    with run_server("--backend", "nearest") as daemon, UpscalerClient(daemon.endpoint, name="pytest") as client:
+        session = client.open_session(16, 16, "RGB8", slots=2)
+        session.input(0)[...] = 5
+        frame_id = session.submit(0)
+        with pytest.raises(SessionError, match="collect\\(\\) them before upscale") as refused:
+            session.upscale(np.zeros((16, 16, 3), np.uint8))
+        assert refused.value.code == ErrorCode.SLOT_IN_FLIGHT
+        result = session.collect()
+        assert result.frame == frame_id and (result.output == 5).all()
+        assert (session.upscale(np.full((16, 16, 3), 7, np.uint8)) == 7).all()  # nothing in flight: fine
+
+
+def test_a_read_only_out_is_refused_before_the_frame_is_sent() -> None:
+    with run_server("--backend", "nearest") as daemon, UpscalerClient(daemon.endpoint, name="pytest") as client:
+        frame = np.zeros((16, 16, 3), np.uint8)
+        read_only = np.zeros((32, 32, 3), np.uint8)
+        read_only.flags.writeable = False
+        session = client.open_session(16, 16, "RGB8", slots=1)
+        for call in (lambda: client.upscale(frame, out=read_only), lambda: session.upscale(frame, out=read_only)):
+            with pytest.raises(ValueError, match="out is a read-only array"):
+                call()
+        assert session.in_flight == [] and session.free_slot() == 0
+
+
+def test_exiting_while_another_thread_waits_in_collect_is_quiet() -> None:
+    """At exit the unclosed client was released under the thread polling its socket: a ZMQError traceback."""
+    with run_server("--backend", "nearest") as daemon:
+        script = f"""
+import threading, time
+import numpy as np
+from upscaler_server.client import UpscalerClient
+client = UpscalerClient({daemon.endpoint!r}, name="pytest")
+session = client.open_session(320, 180, "RGB8", slots=2)
+def loop():
+    while True:
+        session.submit(0)
+        session.collect()
+threading.Thread(target=loop, daemon=True).start()
+time.sleep(0.5)
+"""
+        for _ in range(2):
+            run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0 and "Traceback" not in run.stderr and "ZMQError" not in run.stderr, run.stderr
+
+
 def test_a_dead_daemon_is_given_up_on_after_one_wait_and_the_frame_dropped() -> None:
     """SIGKILL: each collect() used to pay five timeouts and leave its frame queued, so every later call paid them
     again; closing paid one more second per session."""

@@ -18,8 +18,9 @@ answers a ping, the client keeps its socket and waits for the slow frame's reply
 frame twice and closing the socket would drop a reply already queued on it. A background thread sends heartbeats
 that keep this client's sessions alive while the caller is busy; whether the daemon is alive is asked on a throwaway
 socket, never by reconnecting one that may hold a late reply. A ``collect()`` that gives up leaves its frame running
-on the daemon: the slot counts as busy until the late reply comes (``Session.wait_slot`` waits for it), and
-submitting it again asks the daemon, which answers ``SLOT_IN_FLIGHT`` while it still runs the old frame. When the
+on the daemon: the slot counts as busy until the late reply comes (``Session.wait_slot`` waits for it) or is lost
+with a socket that a timed-out request reconnected, and submitting it again asks the daemon, which answers
+``SLOT_IN_FLIGHT`` while it still runs the old frame (``Session.upscale`` retries that like ``BUSY``). When the
 daemon restarts, the client says hello to the new one (``info`` follows) and ``upscale()`` reopens its session.
 
 One client per thread and per process: a second thread using it (or one of its sessions) while a call is under
@@ -147,6 +148,9 @@ class _Link:
         self._ids = itertools.count(1)
         self._mailbox: dict[int, Message] = {}
         self._waiting: set[int] = set()
+        # awaited replies that were not in yet when reconnect() closed the socket they would have come on: they are
+        # lost, unless the daemon sends them after the new socket has connected (same routing id, ROUTER_HANDOVER)
+        self._cut_off: set[int] = set()
         self.interrupted = threading.Event()  # set by UpscalerClient.interrupt(), from any thread
 
     def _connect(self) -> zmq.Socket[bytes]:
@@ -158,6 +162,7 @@ class _Link:
 
     def reconnect(self) -> None:
         with self._owned():
+            self._cut_off |= self._waiting - self._mailbox.keys()
             self._socket.close(linger=0)
             self._socket = self._connect()
 
@@ -222,10 +227,16 @@ class _Link:
         reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
         if reply.req in self._waiting:  # anything else answers a request given up on
             self._mailbox[reply.req] = reply
+            self._cut_off.discard(reply.req)
 
     def forget(self, req: int) -> None:
         self._waiting.discard(req)
+        self._cut_off.discard(req)
         self._mailbox.pop(req, None)
+
+    def cut_off(self, req: int) -> bool:
+        """Whether the awaited reply to ``req`` may have been lost with a socket that reconnect() closed."""
+        return req in self._cut_off
 
     def take(self, req: int) -> Message | None:
         """The reply to ``req`` if it has arrived (read from the socket now, without waiting), else None."""
@@ -233,6 +244,13 @@ class _Link:
 
     def close(self) -> None:
         self._socket.close(linger=0)
+
+    def idle(self) -> bool:
+        """Whether no other thread is inside a call on this socket now."""
+        if not self._in_use.acquire(blocking=False):
+            return False
+        self._in_use.release()
+        return True
 
 
 def _exclusive(method: F) -> F:
@@ -274,6 +292,8 @@ def _release_unclosed(link: _Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbea
         return
     if heartbeat is not None:
         heartbeat.stop()
+    if not link.idle():  # at exit, with a daemon thread still inside a call: closing its socket under it is
+        return  # undefined behaviour in libzmq (a traceback in that thread at best); the process exit frees both
     link.close()
     if not ctx.closed:
         ctx.term()
@@ -627,7 +647,8 @@ class UpscalerClient:
 
     @_exclusive
     def upscale_inline(self, frame: np.ndarray, pixel_format: str | None = None) -> np.ndarray:
-        """Upscale with the pixels inside the messages (no shared memory): for remote or sandboxed clients."""
+        """Upscale with the pixels inside the messages (no shared memory): for remote or sandboxed clients. The
+        result is a read-only view of the reply's bytes (no copy); ``np.array(result)`` gives a writable one."""
         fmt = _format_of(frame, pixel_format)
         height, width = frame.shape[:2]
         limits = self.info
@@ -671,6 +692,7 @@ class Session:
         self._outstanding: collections.deque[tuple[int, int, int]] = collections.deque()  # (req, slot, frame)
         # slot -> req of a frame whose collect() timed out: the daemon still has the slot until that reply comes
         self._abandoned: dict[int, int] = {}
+        self._own_frames: set[int] = set()  # reqs of the frames upscale() submitted itself (the rest are the caller's)
         # a session dropped without close(): its rings are unmapped (or left to the views still alive), and the
         # client is left its id and awaited replies, to tell the daemon and forget them (_reap_orphans)
         self._release = weakref.finalize(self, _orphan, client._orphans, self.id, self._outstanding, self._abandoned,
@@ -734,9 +756,13 @@ class Session:
         req = self._abandoned.get(slot)
         if req is None:
             return False
-        if self._client._link.take(req) is None:
+        link = self._client._link
+        if link.take(req) is None and not link.cut_off(req):
             return True
-        del self._abandoned[slot]  # its late reply came: the daemon is done with the slot
+        # its late reply came (the daemon is done with the slot), or it was lost when a request reconnected the
+        # socket: then nothing will tell, and the daemon decides at the next submit (SLOT_IN_FLIGHT while it runs)
+        link.forget(req)
+        del self._abandoned[slot]
         return False
 
     @_exclusive
@@ -770,7 +796,9 @@ class Session:
     @_exclusive
     def collect(self, timeout: float | None = None) -> FrameResult:
         """Wait for the oldest submitted frame. Raises BusyError if the daemon refused it (resubmit later),
-        SessionLostError if the session is gone, ServerUnavailableError if the daemon stays silent."""
+        SessionLostError if the session is gone, ServerUnavailableError if the daemon stays silent. ``timeout``
+        (default: the client's) is per attempt: after each silent one the daemon is pinged, and while it answers
+        (slow, not gone) the wait goes on, up to the client's ``retries`` + 1 attempts."""
         self._check_open()
         if not self._outstanding:
             raise SessionError(f"session {self.id} has no frame in flight", ErrorCode.SLOT_OUT_OF_RANGE)
@@ -798,11 +826,16 @@ class Session:
     @_exclusive
     def wait_slot(self, slot: int, timeout: float | None = None) -> None:
         """Wait until the daemon has finished a frame of ``slot`` whose collect() timed out (no-op otherwise);
-        ServerUnavailableError if it is still running after ``timeout`` (default: the client's)."""
+        ServerUnavailableError if it is still running after ``timeout`` (default: the client's). Returns at once when
+        that frame's reply was lost with a socket a timed-out request reconnected: nothing can say when it ends, and
+        a submit of the slot is answered SLOT_IN_FLIGHT while the daemon still runs it."""
         req = self._abandoned.get(slot)
         if req is None:
             return
-        if self._client._link.wait(req, _positive_timeout(timeout, self._client.timeout)) is None:
+        link = self._client._link
+        if link.cut_off(req) and link.take(req) is None:
+            link.forget(req)
+        elif link.wait(req, _positive_timeout(timeout, self._client.timeout)) is None:
             raise ServerUnavailableError(f"slot {slot} of session {self.id} still runs a frame given up on")
         del self._abandoned[slot]
 
@@ -841,7 +874,12 @@ class Session:
             _require_array(out, "out must be a numpy array")
         if out is not None and (out.shape != self._outputs[0].shape or out.dtype != np.uint8):
             raise ValueError(f"out must be a {self._outputs[0].shape} uint8 array, got {out.shape} {out.dtype}")
-        while self._outstanding:
+        _require_writable(out)
+        if any(req not in self._own_frames for req, _, _ in self._outstanding):
+            raise SessionError(f"session {self.id} has frames submitted and not collected: collect() them before "
+                               "upscale(), which would take and drop their results", ErrorCode.SLOT_IN_FLIGHT)
+        while self._outstanding:  # left by an upscale() that was interrupted (Ctrl-C): their results are nobody's
+            self._own_frames.discard(self._outstanding[0][0])
             self.collect()
         slot = self.free_slot()
         if slot is None:  # every slot runs a frame an earlier call gave up on: wait for the oldest's late reply
@@ -852,7 +890,17 @@ class Session:
 
         def attempt() -> FrameResult:
             self.submit(slot)
-            return self.collect()
+            req = self._outstanding[-1][0]
+            self._own_frames.add(req)
+            try:
+                return self.collect()
+            except SessionError as exc:  # a frame given up on before a reconnect (its reply lost) still runs
+                if exc.code != ErrorCode.SLOT_IN_FLIGHT:
+                    raise
+                raise BusyError(f"slot {slot} of session {self.id} still runs a frame given up on") from exc
+            finally:
+                if all(req != queued for queued, _, _ in self._outstanding):
+                    self._own_frames.discard(req)
 
         result = _retry_busy(attempt, self._client.timeout).output
         if out is None:
@@ -940,6 +988,12 @@ def _retry_count(retries: int) -> int:
     if isinstance(retries, bool) or count < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     return count
+
+
+def _require_writable(out: np.ndarray | None) -> None:
+    """Checked before the frame is sent: numpy's own error came only after the daemon had computed it."""
+    if out is not None and not out.flags.writeable:
+        raise ValueError("out is a read-only array: pass a writable one, or none for a new array")
 
 
 def _require_array(value: Any, rule: str) -> None:
