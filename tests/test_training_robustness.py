@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -515,3 +516,130 @@ def test_a_stage_of_huge_widths_is_refused_before_anything_is_allocated(image_fo
     with pytest.raises(ValueError, match=r"stage student would train a network of [\d,]+ values, more than"):
         train_stage(wide, tmp_path / "wide")
     assert not (tmp_path / "wide").exists()
+
+
+def test_stages_from_a_teacher_trained_again_are_refused_not_mixed(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ta1 stopped half-way, then the teacher trained again (its folder removed, as the `kept` line advises): ta1
+    resumed against the new teacher and a finished student was kept as if it had learnt from it (found in a
+    review). Both are refused before anything trains, naming the folders to remove."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 4})
+    run = tmp_path / "run"
+    run_pipeline(config, run, ["teacher"])
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 2)
+        with pytest.raises(TrainingInterrupted):
+            run_pipeline(config, run, ["ta1"])
+    assert read_state(run / "ta1" / "state.pt", torch.device("cpu"))["inputs_sha256"][0]  # init_from: the teacher
+    state = (run / "ta1" / "state.pt").read_bytes()
+    old_teacher = run / "old_teacher.safetensors"
+    (run / "teacher" / "final.safetensors").rename(old_teacher)
+    for stage_file in (run / "teacher").iterdir():
+        stage_file.unlink()
+    (run / "teacher").rmdir()
+    with pytest.raises(ValueError, match=r"ta1 \(from teacher, which this run trains again\)\. Remove their folders "
+                                         rf"to train them again \({run / 'ta1'}\)"):
+        run_pipeline(config, run, ["teacher", "ta1"])
+    assert not (run / "teacher").exists() and (run / "ta1" / "state.pt").read_bytes() == state
+    # a teacher file replaced by another (trained again elsewhere): ta1's resume is refused, by the pipeline and by
+    # `train --resume` alike
+    (run / "teacher").mkdir()
+    save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8),
+                    run / "teacher" / "final.safetensors", role="teacher", training={"stage": "teacher"})
+    with pytest.raises(ValueError, match=rf"ta1 \(from {run / 'teacher' / 'final.safetensors'}, which has changed"):
+        run_pipeline(config, run, ["ta1"])
+    with pytest.raises(ValueError, match="as it was then, and the file has changed since"):
+        train_stage(load_config(run / "ta1" / "config.toml"), run / "ta1", resume=True)
+    # the old teacher put back: ta1 goes on and finishes, and a later change of the teacher flags the finished ta1
+    old_teacher.replace(run / "teacher" / "final.safetensors")
+    run_pipeline(config, run, ["ta1"])
+    assert load_checkpoint(run / "ta1" / "final.safetensors").metadata["training"]["steps"] == 4
+    save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8),
+                    run / "teacher" / "final.safetensors", role="teacher", training={"stage": "teacher"})
+    with pytest.raises(ValueError, match=r"ta1 \(from .*which has changed since\)"):
+        run_pipeline(config, run, ["student_takdsr"])
+
+
+def test_a_stop_during_the_last_step_stops_the_pipeline(image_folder: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during a stage's last step was dropped (the stage had no step left to stop before), and the pipeline
+    went on to train the next stages."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 3})
+    run = tmp_path / "run"
+    stop_at_step(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted, match="at the last step of teacher"):
+        run_pipeline(config, run, ["teacher", "ta1"])
+    assert (run / "teacher" / "final.safetensors").exists() and not (run / "ta1").exists()
+
+
+def test_a_resume_with_no_step_left_keeps_the_last_loss(image_folder: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the last state save and before final.safetensors: the rerun wrote final_loss NaN (no step ran
+    to give one), which results.json then carried as invalid JSON."""
+    config = _stage_config(image_folder, "teacher")
+    run = tmp_path / "run"
+
+    def killed(self: _Trainer, steps: int, seconds: float) -> Path:
+        raise KeyboardInterrupt  # where a SIGKILL in the final save leaves the run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_Trainer, "_save_final", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_stage(config, run)
+    last_loss = read_state(run / "state.pt", torch.device("cpu"))["last_loss"]
+    assert isinstance(last_loss, float) and last_loss > 0
+    result = train_stage(config, run, resume=True)
+    assert result.final_loss == last_loss
+    assert load_checkpoint(run / "final.safetensors").metadata["training"]["final_loss"] == last_loss
+
+
+def test_a_state_whose_step_disagrees_with_its_schedule_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    """A state.pt claiming 10**30 steps was resumed as finished, and its checkpoint claimed them."""
+    run, state = _saved_state(tmp_path, image_folder)
+    config = load_config(run / "config.toml")
+    for step in (10**30, state["step"] + 1):
+        torch.save({**state, "step": step}, run / "state.pt")
+        with pytest.raises(ValueError, match=r"state\.pt does not hold .* is not the \d+ steps its schedule has run"):
+            train_stage(config, run, resume=True)
+    torch.save({**state, "last_loss": float("nan")}, run / "state.pt")
+    with pytest.raises(ValueError, match="last_loss nan is not a finite number"):
+        read_state(run / "state.pt", torch.device("cpu"))
+
+
+def test_evaluate_and_ship_refuse_a_checkpoint_that_overflows(image_folder: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Finite weights scaled by 1e15: evaluate printed NaN scores and wrote them as invalid JSON, and
+    ship-checkpoint shipped the file with NaN in weights.json."""
+    trained = load_checkpoint(train_stage(_stage_config(image_folder, "student"), tmp_path / "run").checkpoint)
+    with torch.no_grad():
+        for parameter in trained.model.parameters():
+            parameter.mul_(1e15)
+    path = save_checkpoint(trained.model, tmp_path / "big.safetensors", role="student",
+                           training=trained.metadata["training"])
+    images = make_image_folder(tmp_path / "images", count=2, size=(64, 64))
+    scores = tmp_path / "scores.json"
+    assert training_main(["evaluate", "--checkpoint", str(path), "--data", str(images), "--json", str(scores)]) == 1
+    assert "gives NaN or infinite values on" in capsys.readouterr().err and not scores.exists()
+    scores.write_text(json.dumps({"set": {"big": {"mean": {"psnr_rgb": float("nan")}},
+                                          "bicubic": {"mean": {"psnr_rgb": 30.0}}}}))
+    with pytest.raises(ValueError, match="scores of 'big' are not all finite numbers"):
+        ship_checkpoint(path, "big_x2", "Big", scores, tmp_path / "out")
+    assert not (tmp_path / "out" / "weights.json").exists()
+
+
+def test_sigterm_outside_the_training_steps_stops_with_one_line(tmp_path: Path) -> None:
+    """SIGTERM while the data or guides load, between stages or while evaluating killed the process without a
+    word, and Ctrl-C there gave a traceback."""
+    script = ("import os, signal, sys\n"
+              "import training.__main__ as cli\n"
+              "def stopped_while_loading(args):\n"
+              "    os.kill(os.getpid(), signal.{})\n"
+              "    raise AssertionError('the signal did not stop the command')\n"
+              "cli._evaluate = stopped_while_loading\n"
+              "sys.exit(cli.main(['evaluate', '--checkpoint', 'x.safetensors']))\n")
+    for name, status in (("SIGTERM", 143), ("SIGINT", 130)):
+        run = subprocess.run([sys.executable, "-c", script.format(name)], capture_output=True, text=True, timeout=120,
+                             cwd=Path(__file__).resolve().parents[1])
+        assert run.returncode == status and "stopped:" in run.stderr, (name, run.stderr)
+        assert "Traceback" not in run.stderr, (name, run.stderr)

@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -267,9 +268,17 @@ def _escape_unprintable_names() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM outside the training steps (loading data or guides, between stages, evaluating) stops like Ctrl-C,
+    with one line: it killed the process without a word. The training loop has handlers of its own."""
+    raise TrainingInterrupted("stopped by SIGTERM outside the training steps; rerun the same command to go on "
+                              "(finished stages are kept, an interrupted one resumes from its state.pt)", signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _escape_unprintable_names()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     handlers = {
         "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,
         "ship-checkpoint": _ship_checkpoint, "seed-run": _seed_run, "export-state": _export_state,
@@ -279,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (the loop turns its own into TrainingInterrupted)
+        print("stopped: interrupted; rerun the same command to go on (finished stages are kept, an interrupted one "
+              "resumes from its last state.pt)", file=sys.stderr)
+        return 128 + signal.SIGINT
     # OSError: a folder or file that cannot be read or written (an unwritable run or cache folder, a full disk)
     except (NonFiniteLossError, CheckpointError, DatasetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -325,7 +325,11 @@ def evaluate(
         if region is not None:
             crops["GT"].append(to_uint8(image.hr[region]))
         for name, predict in predictors.items():
-            sr = predict(lr, hr).float().clamp(0, 1)[0].cpu()  # (3, H, W)
+            sr = predict(lr, hr).float()[0].cpu()  # (3, H, W)
+            if not bool(torch.isfinite(sr).all()):  # NaN passes clamp and every metric: scores of NaN, invalid JSON
+                raise ValueError(f"{name} gives NaN or infinite values on {image.name}: its weights overflow float32 "
+                                 "(a damaged file, or a training that diverged); nothing was scored")
+            sr = sr.clamp(0, 1)
             results[name]["per_image"][image.name] = image_metrics(sr, image.hr, scale)
             if region is not None:
                 crops[name].append(to_uint8(sr[region]))

@@ -26,7 +26,7 @@ import torch
 from models import load_model, read_metadata
 from models.registry import FAMILIES
 from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml, load_config
-from training.data.images import write_json_atomic
+from training.data.images import file_sha256, write_json_atomic
 from training.evaluate import (
     baseline_predictors,
     check_eval_folders,
@@ -38,7 +38,7 @@ from training.evaluate import (
 )
 from training.latency import measure_latency
 from training.report import REPORT_LR_SIZE, write_report
-from training.trainer import FINAL_FILE, STATE_FILE, read_state, train_stage
+from training.trainer import FINAL_FILE, STATE_FILE, read_state, stage_inputs, train_stage
 
 __all__ = ["DISPLAY_NAMES", "display_name", "pipeline_stages", "run_pipeline"]
 
@@ -99,6 +99,7 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
         stage_dir = run_dir / stage.name
         if (stage_dir / STATE_FILE).exists() and not (stage_dir / FINAL_FILE).exists():
             _check_same_training(dataclasses.replace(config, stage=stage), stage_dir)
+    _refuse_stale_stages(all_stages, chosen, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if stages is None:  # parallel partial runs may differ in their overrides (e.g. time budgets)
         (run_dir / "config.toml").write_text(dump_toml(config.to_dict()))
@@ -165,6 +166,45 @@ def _say_kept(config: Config, stage_dir: Path) -> None:
     if keys:
         other = f"; it was trained with other values for {keys} (to train it with these, remove {stage_dir})"
     print(f"{config.stage.name}: kept, finished before in {stage_dir}{other}")
+
+
+def _refuse_stale_stages(all_stages: list[StageConfig], chosen: list[StageConfig], run_dir: Path) -> None:
+    """Refuse, before anything trains, when a stage (finished or interrupted) was started from or guided by a file
+    that this run would no longer match: one that has changed since, or one whose stage this run trains again. A
+    teacher trained again (its folder removed, as the `kept` line says to) left its TAs and students, finished or
+    half-way, kept or resumed against the new teacher without a word, and scored as if they had learnt from it."""
+    retrained = {stage.name for stage in chosen if not (run_dir / stage.name / FINAL_FILE).exists()}
+    hashes: dict[Path, str] = {}
+    stale: dict[str, str] = {}  # stage -> why
+    for stage in all_stages:
+        recorded = _recorded_inputs(run_dir / stage.name)
+        if recorded is None or len(recorded) != len(stage_inputs(stage)):
+            continue
+        for path_text, old in zip(stage_inputs(stage), recorded, strict=True):
+            path = Path(path_text)
+            if not old:  # no init_from, or a state of an older version
+                continue
+            if not path.exists():
+                if path.parent.name in retrained:
+                    stale.setdefault(stage.name, f"from {path.parent.name}, which this run trains again")
+            elif hashes.setdefault(path, file_sha256(path)) != old:
+                stale.setdefault(stage.name, f"from {path}, which has changed since")
+    if stale:
+        reasons = "; ".join(f"{name} ({why})" for name, why in stale.items())
+        folders = " ".join(str(run_dir / name) for name in stale)
+        raise ValueError(f"stages trained from or with files this run would no longer match: {reasons}. Remove "
+                         f"their folders to train them again ({folders}), or put the old files back")
+
+
+def _recorded_inputs(stage_dir: Path) -> list[Any] | None:
+    """The input hashes a stage recorded (final checkpoint, else state.pt); None where it recorded none."""
+    if (stage_dir / FINAL_FILE).exists():
+        recorded = read_metadata(stage_dir / FINAL_FILE).get("training", {}).get("inputs_sha256")
+    elif (stage_dir / STATE_FILE).exists():
+        recorded = read_state(stage_dir / STATE_FILE, torch.device("cpu")).get("inputs_sha256")
+    else:
+        return None
+    return recorded if isinstance(recorded, list) else None
 
 
 def _started_with(stage_dir: Path) -> Config | None:

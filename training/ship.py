@@ -12,6 +12,7 @@ run folder as finished stages, so that `pipeline --stages ...` trains new studen
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -168,6 +169,9 @@ def _means(scores_by_set: Any, label: str, path: Path) -> dict[str, dict[str, An
         means = {}
     if not means or not all(isinstance(mean, dict) for mean in means.values()):
         raise ValueError(f"{path} has no scores for {label!r} in every set (a mean per set)")
+    for set_name, mean in means.items():  # json reads NaN and Infinity, which weights.json must never carry
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in mean.values()):
+            raise ValueError(f"{path}: the {set_name} scores of {label!r} are not all finite numbers: {mean}")
     return means
 
 

@@ -47,11 +47,15 @@ from models import (
     size_problem,
 )
 from models.checkpoint import MAX_BLOCKS
-from training.config import Config, config_from_toml, differing_keys, dump_toml
+from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml
 from training.data import build_train_dataset, worker_start_method
+from training.data.images import file_sha256, write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
 
-__all__ = ["NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_state", "read_state", "train_stage"]
+__all__ = [
+    "NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_state", "input_hashes", "read_state",
+    "train_stage",
+]  # fmt: skip
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.safetensors"
@@ -108,7 +112,7 @@ class StageResult:
     checkpoint: Path
     steps: int
     seconds: float
-    final_loss: float
+    final_loss: float | None  # None: a resume that had no step left to run, of a state saved without its loss
 
 
 @dataclass
@@ -205,6 +209,7 @@ class _Trainer:
                          config.experiment.scale)
         networks = [self.network, *(guide.model for guide in self.guides)]
         check_patch_size(config.data.patch_size, config.experiment.scale, networks)
+        self.inputs_sha256 = input_hashes(config.stage)  # the files it starts from and learns from, as they are now
         self.trained = TrainedModel(self.network)
         if config.runtime.channels_last:
             self.trained.to(memory_format=torch.channels_last)
@@ -224,6 +229,7 @@ class _Trainer:
         self.stop_requested_at = 0.0  # time.monotonic() of the first stop signal
         self.stop_signal = signal.SIGINT  # which signal asked to stop (SIGINT or SIGTERM)
         self.last_log: tuple[int, float] | None = None  # (step, clock) of the last metrics record
+        self.last_loss: float | None = None  # the total loss of the last step run (kept in state.pt for a resume)
         self.started = 0.0
         self.seconds_before = 0.0  # wall time of the segments before a resume
 
@@ -246,7 +252,7 @@ class _Trainer:
             self._write_run_files(start_step)
         batches = iter(loader)
         previous_handlers = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
-        step, total = start_step, math.nan
+        step = start_step
         progress = tqdm(
             total=self.steps, initial=start_step, desc=self.config.stage.name,
             disable=not (self.dist.main and self.config.runtime.progress), dynamic_ncols=True,
@@ -255,7 +261,7 @@ class _Trainer:
             while not self._finished(step):
                 terms = self._step(loss_module, next(batches), step)
                 step += 1
-                total = terms["total"]
+                self.last_loss = total = terms["total"]
                 if self.budget_s:
                     self._update_budget()
                 self.scheduler.step()  # the lr of the next step, from the progress made
@@ -279,10 +285,14 @@ class _Trainer:
         if step % self.config.runtime.checkpoint_every:  # the state at the end too: a resume then knows it is done
             self._save_state(step)
         seconds = self._elapsed()
-        checkpoint = self._save_final(step, seconds, total) if self.dist.main else self.run_dir / FINAL_FILE
+        checkpoint = self._save_final(step, seconds) if self.dist.main else self.run_dir / FINAL_FILE
         if self.dist.world > 1:  # a pipeline's next stage reads this checkpoint on every rank: wait until it is there
             dist.barrier()
-        return StageResult(checkpoint, step, seconds, total)
+        if self.stop_requested:  # during the last step: the stage is done, but the pipeline must not go on
+            name = signal.Signals(self.stop_signal).name
+            raise TrainingInterrupted(f"interrupted by {name} at the last step of {self.config.stage.name} (its "
+                                      f"{checkpoint.name} is saved); rerun the same command to go on", self.stop_signal)
+        return StageResult(checkpoint, step, seconds, self.last_loss)
 
     def _step(self, loss_module: Distillation, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         lr, hr = (self._to_device(batch[key]) for key in ("lr", "hr"))
@@ -401,7 +411,7 @@ class _Trainer:
 
     def _write_run_files(self, start_step: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(dump_toml(self.config.to_dict()))
+        write_text_atomic(self.run_dir / "config.toml", dump_toml(self.config.to_dict()))  # a kill leaves the old one
         if start_step == 0:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:  # drop records past the resumed step, so metrics.jsonl reads as one run
@@ -419,6 +429,8 @@ class _Trainer:
             "seconds": self._elapsed(),
             "budget_spent": self.budget_spent,
             "budget_s": self.budget_s,  # what budget_spent is a share of
+            "last_loss": self.last_loss,
+            "inputs_sha256": self.inputs_sha256,
             # the config it was started with, as text: a state put back without its config.toml (the GPU scripts
             # bring back state.pt alone) is still resumed only with it
             "config": dump_toml(self.config.to_dict()),
@@ -430,8 +442,10 @@ class _Trainer:
     def _load_state(self) -> int:
         path = self.run_dir / STATE_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+            raise FileNotFoundError(f"nothing to resume: {path} " + (
+                "is not a regular file" if os.path.lexists(path) else "does not exist"))
         state = read_state(path, self.device, needs=("optimizer", "scheduler", "torch_rng"))
+        self._refuse_changed_inputs(path, state.get("inputs_sha256"))
         mismatch = _state_dict_mismatch(self.trained, state["model"])
         try:
             if mismatch:
@@ -442,15 +456,31 @@ class _Trainer:
                 raise ValueError(moments)
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"].cpu())  # a ByteTensor of the generator's state size
+            if self.scheduler.last_epoch != state["step"]:  # the schedule steps once per training step
+                raise ValueError(f"its step {str(state['step'])[:40]} is not the {self.scheduler.last_epoch} steps its "
+                                 "schedule has run")
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path} does not hold this config's {self.config.stage.name} training state (was the "
                              f"config changed since it was saved?): {_first_line(exc)}") from None
         self.seconds_before = float(state.get("seconds", 0.0))
+        self.last_loss = state.get("last_loss")
         self.budget_spent = self._resumed_budget_spent(state)
         self._follow_config_optim()
         if self.dist.main:
             _print_changes(path, state.get("config"), self.config)
         return int(state["step"])
+
+    def _refuse_changed_inputs(self, path: Path, saved: Any) -> None:
+        """A stage goes on only from and with the files it was started from and with: a teacher trained again since
+        (its folder removed and the pipeline rerun) made a TA resume against another guide than the one it began
+        with, without a word. States of older versions recorded no hashes: nothing to compare."""
+        if not isinstance(saved, list):
+            return
+        changed = changed_inputs(self.config.stage, saved, self.inputs_sha256)
+        if changed:
+            raise ValueError(f"{path} was started from or guided by {', '.join(changed)} as it was then, and the "
+                             "file has changed since (trained again?): to train the stage with the new one, remove "
+                             f"{self.run_dir}; or put the old file back to continue")
 
     def _resumed_budget_spent(self, state: dict[str, Any]) -> float:
         """The share of this config's time budget that the saved segments spent: the saved share itself under the
@@ -482,8 +512,9 @@ class _Trainer:
         path = self.run_dir / SNAPSHOT_DIR / f"step_{step}.safetensors"
         self._save_network(path, step, self._elapsed(), partial_of=self.steps)
 
-    def _save_final(self, steps: int, seconds: float, final_loss: float) -> Path:
-        return self._save_network(self.run_dir / FINAL_FILE, steps, seconds, final_loss=final_loss)
+    def _save_final(self, steps: int, seconds: float) -> Path:
+        return self._save_network(self.run_dir / FINAL_FILE, steps, seconds, final_loss=self.last_loss,
+                                  inputs_sha256=self.inputs_sha256)
 
     def _save_network(self, path: Path, steps: int, seconds: float, **extra: Any) -> Path:
         """The network alone as a checkpoint, its metadata saying how it was trained (plus `extra`)."""
@@ -532,6 +563,12 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                       and 0 <= value <= sys.float_info.max):  # NaN fails every comparison
             raise ValueError(f"{path} is not a training state (its {key} {value!r:.40} is not a number of 0 or more)")
+    last_loss = state.get("last_loss")
+    if last_loss is not None and not (isinstance(last_loss, float) and math.isfinite(last_loss)):
+        raise ValueError(f"{path} is not a training state (its last_loss {last_loss!r:.40} is not a finite number)")
+    hashes = state.get("inputs_sha256")
+    if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) for h in hashes)):
+        raise ValueError(f"{path} is not a training state (its inputs_sha256 is not a list of strings)")
     return state
 
 
@@ -683,6 +720,25 @@ def build_stage_network(config: Config) -> nn.Module:
             raise ValueError(f"init_from {stage.init_from} upscales x{teacher.scale}, the experiment x{exp.scale}")
         return init_from_teacher(teacher, blocks)
     return build_model(exp.family, channels=exp.channels, blocks=blocks, scale=exp.scale, **exp.extra_args)
+
+
+def stage_inputs(stage: StageConfig) -> list[str]:
+    """The files a stage starts from and learns from: its init_from ("" for none), then its guides."""
+    return [stage.init_from, *stage.guides]
+
+
+def input_hashes(stage: StageConfig) -> list[str]:
+    """sha256 of each of `stage_inputs` ("" for no init_from): kept in state.pt and in the final checkpoint, so a
+    resume or a pipeline rerun can tell when one of them was trained again or replaced since."""
+    return [file_sha256(Path(path)) if path else "" for path in stage_inputs(stage)]
+
+
+def changed_inputs(stage: StageConfig, saved: list[Any], current: list[str]) -> list[str]:
+    """The input files (of `stage_inputs`) whose hash in `saved` differs from `current` ([] if the lists do not
+    line up: another list of guides, which the config check reports)."""
+    if len(saved) != len(current):
+        return []
+    return [path for path, old, new in zip(stage_inputs(stage), saved, current, strict=True) if old and old != new]
 
 
 def load_guides(paths: list[str]) -> list[Guide]:
