@@ -643,3 +643,18 @@ def test_sigterm_outside_the_training_steps_stops_with_one_line(tmp_path: Path) 
                              cwd=Path(__file__).resolve().parents[1])
         assert run.returncode == status and "stopped:" in run.stderr, (name, run.stderr)
         assert "Traceback" not in run.stderr, (name, run.stderr)
+
+
+def test_temporary_files_of_a_killed_save_are_removed_on_resume(image_folder: Path, tmp_path: Path) -> None:
+    """A SIGKILL inside save_checkpoint (after the temporary file was written, before the rename) left a full-size
+    hidden copy that no later run removed."""
+    run, _ = _saved_state(tmp_path, image_folder)
+    (run / "snapshots").mkdir()
+    leftovers = [run / ".final.safetensors.al_192s0", run / "snapshots" / ".step_4.safetensors.x1y2z3",
+                 run / "state.pt.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"\0" * 1024)
+    keep = run / "notes.txt"
+    keep.write_text("mine")
+    train_stage(load_config(run / "config.toml"), run, resume=True)
+    assert not any(leftover.exists() for leftover in leftovers) and keep.read_text() == "mine"

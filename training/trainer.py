@@ -237,6 +237,8 @@ class _Trainer:
 
     def run(self, resume: bool) -> StageResult:
         with _run_dir_lock(self.run_dir, self.dist.main):  # before the folder's files are looked at
+            if self.dist.main:
+                _remove_leftover_temporaries(self.run_dir)
             if not resume:
                 self._refuse_earlier_run()
             start_step = self._load_state() if resume else 0
@@ -521,6 +523,17 @@ class _Trainer:
         summary = _training_summary(self.config, steps, seconds)
         summary.update(device=_device_name(self.device), world_size=self.dist.world, **extra)
         return save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
+
+
+def _remove_leftover_temporaries(run_dir: Path) -> None:
+    """The temporary files of checkpoint and state writes that a killed trainer left (save_checkpoint's
+    `.<name>.<random>`, `state.pt.tmp`): full-size copies nothing reads. Only called under the folder's lock, so no
+    other trainer is writing them."""
+    for folder, pattern in ((run_dir, f".{FINAL_FILE}.*"), (run_dir / SNAPSHOT_DIR, ".step_*.safetensors.*"),
+                            (run_dir, STATE_FILE + ".tmp")):
+        for leftover in folder.glob(pattern):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def _training_summary(config: Config, steps: int, seconds: float) -> dict[str, Any]:
