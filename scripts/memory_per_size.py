@@ -5,7 +5,9 @@ goes. Prints a table and writes JSON.
     python scripts/memory_per_size.py --backends eager,onnxruntime --frames 800 --json memory_per_size.json
 
 The random sizes are 16..128 px a side (the student's minimum is 15), one frame each, as a client that opens a
-session per size would send them; the bundled student runs on the CPU with one thread.
+session per size would send them; in the `random-closed` mode each size is also released after its frame, as the
+daemon does when the last session of a size ends (it hands freed heap memory back to the system, at most every
+10 s). The bundled student runs on the CPU with one thread.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ except ConfigError as exc:  # the parent checked the name: a backend this machin
     sys.exit()
 rgb, rng = PIXEL_FORMATS["RGB8"], random.Random(0)
 fixed = [(64, 64), (96, 54), (128, 72), (80, 80)]
-sizes = [(rng.randint(16, 128), rng.randint(16, 128)) if mode == "random" else fixed[i % 4] for i in range(frames)]
+sizes = [fixed[i % 4] if mode == "fixed" else (rng.randint(16, 128), rng.randint(16, 128)) for i in range(frames)]
 trace = [(0, rss_mb())]
 for index, (width, height) in enumerate(sizes, 1):
     out = np.empty(engine.output_shape(height, width, rgb), np.uint8)
     engine.upscale(np.zeros((height, width, 3), np.uint8), rgb, out)
+    if mode == "random-closed":
+        engine.release(height, width, rgb)
     if index % (frames // points) == 0:
         trace.append((index, rss_mb()))
 print(json.dumps({"sizes": len(set(sizes)), "trace": trace}))
@@ -79,7 +83,7 @@ def measure_all(backends: list[str], frames: int, points: int) -> dict[str, dict
           "frames | MB grown after the first reading |")
     print("|---|---|---|---|---|")
     for backend in backends:
-        for mode in ("fixed", "random"):
+        for mode in ("fixed", "random", "random-closed"):
             result = measure(backend, mode, frames, points)
             if "unavailable" in result:
                 print(f"note: {backend} skipped: {result['unavailable']}", file=sys.stderr)

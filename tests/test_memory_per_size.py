@@ -23,7 +23,7 @@ def test_memory_per_size_reports_each_run(tmp_path: pathlib.Path) -> None:
     out = tmp_path / "memory.json"
     run = _run_eager(8, out)
     results = json.loads(out.read_text())
-    assert set(results) == {"eager/fixed", "eager/random"}
+    assert set(results) == {"eager/fixed", "eager/random", "eager/random-closed"}
     assert results["eager/fixed"]["sizes"] == 4 and 1 < results["eager/random"]["sizes"] <= 8
     for result in results.values():
         assert [index for index, _ in result["trace"]] == [0, 4, 8]

@@ -507,6 +507,35 @@ def test_staging_arrays_are_kept_per_size_until_released(checkpoint: pathlib.Pat
     assert len(cpu._staging) == 0  # type: ignore[arg-type]
 
 
+def test_releasing_a_size_returns_freed_heap_memory_at_most_every_ten_seconds(
+    checkpoint: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each new size left torch's scratch memory freed but held by glibc's heap; release() now hands it back
+    (malloc_trim), rate-limited since a trim takes milliseconds on the transport thread."""
+    from upscaler_server import engine as engine_module
+
+    trims: list[int] = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(engine_module.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(engine_module, "_last_trim", -engine_module._TRIM_EVERY_S)
+    clock = [1000.0]
+    monkeypatch.setattr(engine_module.time, "monotonic", lambda: clock[0])
+    cpu = create_engine(checkpoint=checkpoint, device="cpu", precision="fp32", threads=1)
+    cpu.release(24, 32, RGB)
+    cpu.release(16, 40, RGB)  # within 10 s of the first: no second trim
+    assert trims == [0]
+    clock[0] += engine_module._TRIM_EVERY_S
+    cpu.release(16, 40, RGB)
+    assert trims == [0, 0]
+    monkeypatch.undo()
+    engine_module._return_freed_memory()  # the real one: glibc's malloc_trim, or nothing where there is none
+
+
 def test_a_copied_frame_is_checked_and_its_read_error_passes_through(engine: Engine) -> None:
     """What the frame's copies raise (the daemon's: SharedMemoryError for a shrunk segment) reaches the caller, and
     no result is written for a frame that could not be read."""

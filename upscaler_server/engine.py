@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -51,6 +52,7 @@ log = logging.getLogger("upscaler_server.engine")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAX_PLANS = 8  # resolutions whose CUDA buffers/graphs stay cached
 _MAX_STAGING = 4  # resolutions whose staging arrays for copied frames stay allocated
+_TRIM_EVERY_S = 10.0  # at most this often, freed heap memory goes back to the system when a frame size is released
 _PlanT = TypeVar("_PlanT")
 
 
@@ -237,6 +239,7 @@ class Engine(abc.ABC):
         (CUDA graphs, TensorRT engines) stay, bounded by their own caches."""
         if self._staging is not None:
             self._staging.drop(height, width, fmt)
+        _return_freed_memory()
 
     def close(self) -> None:
         """Release device resources and staging arrays; subclasses that hold more call this too."""
@@ -596,6 +599,24 @@ def _refuse_overflow(network: torch.nn.Module, path: pathlib.Path) -> None:
         raise ModelLoadError(f"checkpoint {path}: its weights are finite but overflow float32 on a test frame (the "
                              "output holds NaN or infinite values), so every frame would come out black; the file "
                              "is damaged or its training diverged")
+
+
+_last_trim = -_TRIM_EVERY_S
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc's malloc_trim; a no-op elsewhere). Each new frame size
+    leaves torch's CPU convolutions' scratch memory freed but kept by the allocator: a client resizing all the time
+    (dynamic resolution) grew the daemon by ~0.2 MB per size, 487 MB after 1,500 sizes where 360 MB was in use.
+    About 5 ms on such a heap, so at most every _TRIM_EVERY_S."""
+    global _last_trim
+    now = time.monotonic()
+    if now - _last_trim < _TRIM_EVERY_S:
+        return
+    _last_trim = now
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:
