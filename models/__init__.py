@@ -18,6 +18,7 @@ from .checkpoint import (
     save_checkpoint,
     size_problem,
     unwrap,
+    weights_sha256,
 )
 from .encoder import CompactEncoder, EncoderConfig, quantize_8bit
 from .flops import count_flops, count_macs, count_parameters
@@ -68,4 +69,5 @@ __all__ = [
     "save_checkpoint",
     "size_problem",
     "unwrap",
+    "weights_sha256",
 ]

@@ -13,6 +13,7 @@ tensors that do not fit) raises ``CheckpointError`` naming the file and the prob
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint",
     "size_problem",
+    "weights_sha256",
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the bundled checkpoints, installed with the package
@@ -206,6 +208,18 @@ def describe(metadata: dict[str, Any]) -> str:
     text += f" x{blocks} block{'s' if blocks != 1 else ''}"
     stage = metadata.get("training", {}).get("stage")
     return f"{text} ({stage})" if stage else text
+
+
+def weights_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a checkpoint's tensors (each one's name, dtype, shape and bytes, in name order), not of the file: a
+    checkpoint saved again with other metadata (shipping adds its scores) holds the same weights and hashes the
+    same. CheckpointError for a file that is not a readable checkpoint's tensors."""
+    _check_file(path)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_read_tensors(path).items()):
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:

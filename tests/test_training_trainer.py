@@ -24,7 +24,7 @@ from training.config import Config, StageConfig, dump_toml, load_config
 from training.data import file_sha256
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
-from training.ship import ship_run
+from training.ship import seed_run, ship_run
 from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _print_changes, _Trainer, train_stage
 
 from training_utils import SMOKE_CONFIG, make_image_folder, stop_at_step, tiny_config
@@ -553,10 +553,14 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     # a failed ship keeps weights.json in step with the files: those replaced before the failure are indexed
     other_run = tmp_path / "smoke2"  # another run name: the shipped files' bytes differ from the first ship's
     shutil.copytree(run_dir, other_run)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "weights").iterdir()}
+    with pytest.raises(FileExistsError, match="pass --overwrite to replace them"):  # it replaced them without a word
+        ship_run(other_run, tmp_path / "weights")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "weights").iterdir()} == before
     (tmp_path / "weights" / "rlfn_s_pisr_x2.safetensors").unlink()
     (tmp_path / "weights" / "rlfn_s_pisr_x2.safetensors").mkdir()  # its write fails, after three others
     with pytest.raises(OSError):
-        ship_run(other_run, tmp_path / "weights")
+        ship_run(other_run, tmp_path / "weights", overwrite=True)
     index = json.loads((tmp_path / "weights" / "weights.json").read_text())
     replaced = [name for name in index if (tmp_path / "weights" / name).is_file()
                 and read_metadata(tmp_path / "weights" / name)["training"]["run"] == "smoke2"]
@@ -566,14 +570,14 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
         if (tmp_path / "weights" / name).is_file():
             assert file_sha256(tmp_path / "weights" / name) == entry["sha256"], name
     shutil.rmtree(tmp_path / "weights" / "rlfn_s_pisr_x2.safetensors")
-    ship_run(run_dir, tmp_path / "weights")  # as it was, for the checks below
+    ship_run(run_dir, tmp_path / "weights", overwrite=True)  # as it was, for the checks below
 
     unscored = json.loads((run_dir / "results.json").read_text())
     del unscored["models"]["PISR'"]
     (run_dir / "results.json").write_text(json.dumps(unscored))
     before = {p.name: p.read_bytes() for p in (tmp_path / "weights").iterdir()}
     with pytest.raises(ValueError, match="has no scores for PISR'"):
-        ship_run(run_dir, tmp_path / "weights")
+        ship_run(run_dir, tmp_path / "weights", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "weights").iterdir()} == before  # nothing replaced
 
 
@@ -591,6 +595,15 @@ def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_pa
     results = run_pipeline(config, run_dir)  # trains only what is left (the student), then evaluates
     assert load_checkpoint(run_dir / "student_takdsr" / "final.safetensors").metadata["training"]["steps"] == 2
     assert {"TAKDSR", "TA", "teacher"} <= set(results["sets"][image_folder.name]["scores"])
+    # a run without baselines ships the stages it has (it failed on the missing student_pisr), and the shipped guides
+    # seed a new run whose student trains from them: shipping re-saves them with their scores, which must not make
+    # the TA's record of its teacher look stale
+    shipped = ship_run(run_dir, tmp_path / "weights")
+    assert sorted(shipped) == ["rlfn_s_takdsr_x2.safetensors", "rlfn_ta_takdsr_x2.safetensors",
+                               "rlfn_teacher_takdsr_x2.safetensors"]  # fmt: skip
+    seed_run(tmp_path / "seeded", ["teacher", "ta1"], weights_dir=tmp_path / "weights")
+    run_pipeline(config, tmp_path / "seeded", ["student_takdsr"])
+    assert (tmp_path / "seeded" / "student_takdsr" / "final.safetensors").exists()
 
 
 def test_pipeline_checks_its_evaluation_folders_before_training(image_folder: Path, tmp_path: Path,

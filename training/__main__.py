@@ -109,8 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     ship = commands.add_parser("ship", help="copy a pipeline run's checkpoints, with their scores, to a folder")
     ship.add_argument("run_dir", type=Path)
     ship.add_argument("--out", type=Path, default=Path("models/weights"))
+    ship.add_argument("--overwrite", action="store_true", help="replace files of the same name in --out (the "
+                      "bundled weights, by default): without it, shipping over one is refused")
     ship.add_argument(
-        "--stages", type=_comma_list, metavar="NAME,...", help="ship only these stages (e.g. student_takdsr)"
+        "--stages", type=_comma_list, metavar="NAME,...",
+        help="ship only these stages (e.g. student_takdsr; default: every shippable stage the run has)"
     )
     ship_one = commands.add_parser("ship-checkpoint", help="ship one checkpoint with scores from `evaluate --json`")
     ship_one.add_argument("checkpoint", type=Path)
@@ -119,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     ship_one.add_argument("--scores", required=True, type=Path, help="`evaluate --json` output that scored it")
     ship_one.add_argument("--label", help="the checkpoint's label in SCORES (default: the file's stem)")
     ship_one.add_argument("--out", type=Path, default=Path("models/weights"))
+    ship_one.add_argument("--overwrite", action="store_true", help="replace a file of the same name in --out")
     seed = commands.add_parser("seed-run", help="put shipped checkpoints into a run folder as finished stages")
     seed.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a pipeline run folder (created if needed)")
     seed.add_argument(
@@ -242,7 +246,8 @@ def _export_state(args: argparse.Namespace) -> int:
 
 
 def _ship_checkpoint(args: argparse.Namespace) -> int:
-    entry = ship_checkpoint(args.checkpoint, args.name, args.report_name, args.scores, args.out, label=args.label)
+    entry = ship_checkpoint(args.checkpoint, args.name, args.report_name, args.scores, args.out, label=args.label,
+                            overwrite=args.overwrite)
     print(f"{args.out / (args.name + '.safetensors')}: {entry['report_name']}, {entry['params']:,} parameters")
     return 0
 
@@ -255,7 +260,7 @@ def _seed_run(args: argparse.Namespace) -> int:
 
 
 def _ship(args: argparse.Namespace) -> int:
-    for name, entry in ship_run(args.run_dir, args.out, args.stages).items():
+    for name, entry in ship_run(args.run_dir, args.out, args.stages, overwrite=args.overwrite).items():
         print(f"{args.out / name}: {entry['report_name']}, {entry['params']:,} parameters")
     return 0
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from models import load_model, read_metadata
+from models import load_model, read_metadata, weights_sha256
 from models.registry import FAMILIES
 from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml, load_config
-from training.data.images import file_sha256, write_json_atomic
+from training.data.images import write_json_atomic
 from training.evaluate import (
     baseline_predictors,
     check_eval_folders,
@@ -174,7 +174,7 @@ def _refuse_stale_stages(all_stages: list[StageConfig], chosen: list[StageConfig
     teacher trained again (its folder removed, as the `kept` line says to) left its TAs and students, finished or
     half-way, kept or resumed against the new teacher without a word, and scored as if they had learnt from it."""
     retrained = {stage.name for stage in chosen if not (run_dir / stage.name / FINAL_FILE).exists()}
-    hashes: dict[Path, str] = {}
+    hashes: dict[Path, str] = {}  # weights' sha256 by file
     stale: dict[str, str] = {}  # stage -> why
     for stage in all_stages:
         recorded = _recorded_inputs(run_dir / stage.name)
@@ -187,7 +187,7 @@ def _refuse_stale_stages(all_stages: list[StageConfig], chosen: list[StageConfig
             if not path.exists():
                 if path.parent.name in retrained:
                     stale.setdefault(stage.name, f"from {path.parent.name}, which this run trains again")
-            elif hashes.setdefault(path, file_sha256(path)) != old:
+            elif hashes.setdefault(path, weights_sha256(path)) != old:
                 stale.setdefault(stage.name, f"from {path}, which has changed since")
     if stale:
         reasons = "; ".join(f"{name} ({why})" for name, why in stale.items())

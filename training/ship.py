@@ -37,9 +37,10 @@ SHIPPED = {
 }
 
 
-def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None) -> dict[str, Any]:
-    """Write the shipped checkpoints (every stage of SHIPPED, or only `stages`) and weights.json; returns the
-    index written."""
+def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None, *, overwrite: bool = False
+             ) -> dict[str, Any]:
+    """Write the shipped checkpoints (every stage of SHIPPED the run has, or only `stages`) and update weights.json;
+    returns the entries written. A file of the same name in `out_dir` is replaced only with `overwrite`."""
     unknown = sorted(set(stages or []) - set(SHIPPED))
     if unknown or stages == []:
         raise ValueError(f"cannot ship stage(s) {unknown or stages}; shippable: {', '.join(SHIPPED)}")
@@ -52,32 +53,39 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None) -> d
         raise ValueError(f"{results_path} is not a pipeline's results.json (no sets with scores, or no models): "
                          "evaluate the run") from None
     bicubic = _means(scores_by_set, "bicubic", results_path)
+    if stages is None:  # a run without baselines (or TAs) has fewer stages: ship what it has
+        stages = [stage for stage in SHIPPED if (run_dir / stage / FINAL_FILE).exists()]
+        if not stages:
+            raise ValueError(f"{run_dir} has none of the shippable stages ({', '.join(SHIPPED)}) finished")
     # everything is loaded and looked up first: a missing stage or score fails before any file is replaced
-    chosen = [(stage, stem, display) for stage, (stem, display) in SHIPPED.items() if stages is None or stage in stages]
+    chosen = [(stage, stem, display) for stage, (stem, display) in SHIPPED.items() if stage in stages]
     loaded = []
     for stage, stem, display in chosen:
         checkpoint = load_checkpoint(run_dir / stage / FINAL_FILE)
         info = models.get(display)
         if not isinstance(info, dict) or not {"params", "macs"} <= info.keys():
             raise ValueError(f"{results_path} has no scores for {display} ({stage}): evaluate the run")
-        loaded.append((checkpoint, stem, display, info, _means(scores_by_set, display, results_path)))
+        family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
+        name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
+        loaded.append((checkpoint, name, display, info, _means(scores_by_set, display, results_path)))
+    _refuse_replacing(out_dir, [name for _, name, _, _, _ in loaded], overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
+    written = {}
     try:
-        for checkpoint, stem, display, info, scores in loaded:
-            family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
-            name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
-            index[name] = _ship_file(
+        for checkpoint, name, display, info, scores in loaded:
+            index[name] = written[name] = _ship_file(
                 checkpoint, out_dir / name, report_name=display, run=run_dir.name, scores=scores,
                 bicubic=bicubic, params=info["params"], macs=info["macs"], latency=info.get("latency"),
             )  # fmt: skip
     finally:  # a write that fails (a full disk, Ctrl-C) leaves the files before it replaced: the index says so
         _write_index(out_dir, index)
-    return index
+    return written
 
 
 def ship_checkpoint(
-    path: Path, name: str, report_name: str, scores_path: Path, out_dir: Path, *, label: str | None = None
+    path: Path, name: str, report_name: str, scores_path: Path, out_dir: Path, *, label: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Ship one checkpoint as `out_dir/name.safetensors` with the scores of its label (default: the file's
     stem) in `scores_path` (`python -m training evaluate --json`: {set: {label: {"mean": ...}}}); returns
@@ -94,6 +102,7 @@ def ship_checkpoint(
     label = label or path.stem
     scores, bicubic = _means(all_scores, label, scores_path), _means(all_scores, "bicubic", scores_path)
     file_name = f"{name}.safetensors"
+    _refuse_replacing(out_dir, [file_name], overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = _read_index(out_dir)
     model = checkpoint.model
@@ -127,6 +136,15 @@ def seed_run(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     return done
+
+
+def _refuse_replacing(out_dir: Path, names: list[str], overwrite: bool) -> None:
+    """Before anything is written: shipping a new run into the bundled weights (the default --out) replaced the
+    shipped files of its family and scale, whatever their width or training, without a word."""
+    existing = [name for name in names if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}: pass --overwrite to replace them, or "
+                              "ship into another folder with --out")
 
 
 def _ship_file(

@@ -45,11 +45,12 @@ from models import (
     min_lr_size,
     save_checkpoint,
     size_problem,
+    weights_sha256,
 )
 from models.checkpoint import MAX_BLOCKS
 from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml
 from training.data import build_train_dataset, worker_start_method
-from training.data.images import file_sha256, write_text_atomic
+from training.data.images import write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
 
 __all__ = [
@@ -741,9 +742,11 @@ def stage_inputs(stage: StageConfig) -> list[str]:
 
 
 def input_hashes(stage: StageConfig) -> list[str]:
-    """sha256 of each of `stage_inputs` ("" for no init_from): kept in state.pt and in the final checkpoint, so a
-    resume or a pipeline rerun can tell when one of them was trained again or replaced since."""
-    return [file_sha256(Path(path)) if path else "" for path in stage_inputs(stage)]
+    """The weights' sha256 of each of `stage_inputs` ("" for no init_from): kept in state.pt and in the final
+    checkpoint, so a resume or a pipeline rerun can tell when one of them was trained again or replaced since. Of
+    the weights, not the file: a shipped checkpoint (its scores added to the metadata) seeded back into a run is
+    still the guide its TA was trained with."""
+    return [weights_sha256(path) if path else "" for path in stage_inputs(stage)]
 
 
 def changed_inputs(stage: StageConfig, saved: list[Any], current: list[str]) -> list[str]:
