@@ -229,6 +229,8 @@ _FOLDER = {"kind": "folder", "path": "x"}
     ({"sources": [_FOLDER], "eval": {"kind": "folder", "lr_kind": "native"}}, "data.eval.lr_kind: a folder source"),
     ({"sources": [_FOLDER], "augment": {"blend_p": 2}}, "data.augment.blend_p must be in [0, 1], got 2"),
     ({"sources": [_FOLDER], "augment": {"blend_alpha": [0.7, 0.3]}}, "data.augment.blend_alpha must be 0 <= low"),
+    ({"sources": [_FOLDER, {"kind": "scenes", "width": 160, "height": 96}], "scale": 3},
+     "data.sources[1] width x height 160x96 is not a multiple of data.scale 3"),  # was unnamed, at dataset build
 ])
 def test_config_from_dict_names_the_key_of_a_value_out_of_range(data: dict, message: str) -> None:
     """One message covered weight, supersample and frames_per_preset of any source, and augment lacked `data.`."""

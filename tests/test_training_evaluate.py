@@ -338,3 +338,14 @@ def test_cf_probe_switches_the_cf_kind_and_describes_the_cf(tmp_path: Path) -> N
     student = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "student.safetensors", role="student")
     refused = subprocess.run([*script, str(student)], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert refused.returncode != 0 and "is not a teacher checkpoint" in refused.stderr
+
+
+def test_rendered_validation_frames_are_cut_to_a_multiple_of_the_scale() -> None:
+    """1920x1080 is no multiple of 4: an x4 pipeline trained every stage, then failed to render its validation set
+    ("scene frame ... is not a multiple of scale 4"). The frames are rendered at the size cut down, as folder images
+    are cropped."""
+    config = Config(eval=EvalConfig(cg_dev=False, rendered_val=True, rendered_native=True, rendered_size=[70, 42],
+                                    rendered_frames=1, folders=[]))
+    for name, images in eval_sets(config, 4).items():
+        assert images and all(tuple(image.hr.shape[1:]) == (40, 68) for image in images), name
+        assert all(tuple(image.lr.shape[1:]) == (10, 17) for image in images), name

@@ -79,6 +79,10 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be a positive int, got {value!r}")
         if self.patch_size % self.scale:
             raise ValueError(f"data.patch_size {self.patch_size} is not a multiple of data.scale {self.scale}")
+        for index, source in enumerate(self.sources):  # a scene frame is rendered at HR size and cut to LR exactly
+            if source.kind == "scenes" and (source.width % self.scale or source.height % self.scale):
+                raise ValueError(f"data.sources[{index}] width x height {source.width}x{source.height} is not a "
+                                 f"multiple of data.scale {self.scale}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
