@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import pathlib
 import signal
 import sys
@@ -16,8 +17,11 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from safetensors import safe_open
+
 import scenes
 from client_demo.config import (
+    CHECKPOINT_METADATA_KEY,
     EXIT_INTERRUPTED,
     EXIT_NO_WINDOW,
     EXIT_SPAWN,
@@ -79,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scene", choices=scenes.PRESETS, default=d.scene, help="scene preset (default: %(default)s)")
     p.add_argument("--lr", type=_size, default=d.lr_size, metavar="WxH",
                    help=f"rendered (low-resolution) size (default: {d.lr_size[0]}x{d.lr_size[1]})")
-    p.add_argument("--scale", type=int, default=d.scale, help="upscale factor, the daemon's (default: %(default)s)")
+    p.add_argument("--scale", type=int, help="upscale factor, the daemon's (default: the scale of the --spawn-server "
+                   f"checkpoint, else {d.scale})")
     p.add_argument("--view", choices=VIEWS, default=d.view, help="what is shown / written (default: %(default)s)")
     p.add_argument("--compare", choices=["bilinear", "native"], default=d.compare,
                    help="right half of the split view (default: %(default)s)")
@@ -110,7 +115,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     a = p.parse_args(argv)
     if (a.checkpoint is not None or a.device is not None) and not a.spawn_server:
         p.error("--checkpoint and --device configure the daemon that --spawn-server starts")
-    if a.scale < 1 or a.frames < 1:
+    if (a.scale is not None and a.scale < 1) or a.frames < 1:
         p.error("--scale and --frames must be positive")
     for flag, value in (("--exit-after", a.exit_after), ("--screenshot-after", a.screenshot_after)):
         if value is not None and value < 1:
@@ -124,8 +129,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
         p.error(f"--out {a.out} is a file, not a folder")
     if a.checkpoint is not None and not (a.checkpoint.is_file() or _bundled(a.checkpoint)):
         p.error(f"--checkpoint {a.checkpoint} is not a file or the name of a bundled checkpoint")
+    scale = a.scale
+    if scale is None:  # the spawned daemon's: an x3 checkpoint without --scale 3 was refused as "asked for x2"
+        served = (a.checkpoint if a.checkpoint.is_file() else _bundled_path(a.checkpoint)) if a.checkpoint else None
+        scale = (_checkpoint_scale(served) if a.spawn_server and served else None) or DemoConfig.scale
     return DemoConfig(endpoint=a.endpoint, spawn_server=a.spawn_server, checkpoint=a.checkpoint,
-                      device=a.device or "auto", scene=a.scene, lr_size=a.lr, scale=a.scale, view=a.view,
+                      device=a.device or "auto", scene=a.scene, lr_size=a.lr, scale=scale, view=a.view,
                       compare=a.compare, timeout=a.timeout, out=a.out, headless=a.headless, frames=a.frames,
                       fps=a.fps, start=a.start, max_fps=a.max_fps, screenshot_after=a.screenshot_after,
                       exit_after=a.exit_after)
@@ -190,13 +199,30 @@ def _weights_dir() -> pathlib.Path | None:
 
 
 def _bundled(checkpoint: pathlib.Path) -> bool:
-    """Whether the daemon will find ``checkpoint`` among the bundled ones: models.names_bundled's rule (a bare name,
-    or models/weights/NAME relative to a checkout), repeated here because importing `models` imports torch."""
+    """Whether the daemon will find ``checkpoint`` among the bundled ones."""
+    return _bundled_path(checkpoint) is not None
+
+
+def _bundled_path(checkpoint: pathlib.Path) -> pathlib.Path | None:
+    """The bundled file the daemon takes ``checkpoint`` for, or None: models.names_bundled's rule (a bare name, or
+    models/weights/NAME relative to a checkout), repeated here because importing `models` imports torch."""
     weights = _weights_dir()
     named = checkpoint.parent == pathlib.Path(".") or (checkpoint.parts[-3:-1] == ("models", "weights")
                                                         and not checkpoint.is_absolute())
     file_name = f"{checkpoint.name.removesuffix('.safetensors')}.safetensors"
-    return named and weights is not None and (weights / file_name).is_file()
+    found = weights / file_name if named and weights is not None else None
+    return found if found is not None and found.is_file() else None
+
+
+def _checkpoint_scale(path: pathlib.Path) -> int | None:
+    """The scale a checkpoint's metadata declares, read without torch (safetensors' header only); None when it cannot
+    be read: the daemon then says what is wrong with the file."""
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            scale = json.loads((handle.metadata() or {})[CHECKPOINT_METADATA_KEY])["scale"]
+    except Exception:  # any unreadable or foreign file: not this function's to report
+        return None
+    return scale if isinstance(scale, int) and not isinstance(scale, bool) and scale >= 1 else None
 
 
 def _native_student() -> pathlib.Path | None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
+    "CHECKPOINT_METADATA_KEY",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_NO_WINDOW",
@@ -31,6 +32,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP
 # The bundled student trained on natively rendered LR (models.NATIVE_STUDENT_PATH's name; the demo does not
 # import `models`, which imports torch): the spawned daemon's default.
 NATIVE_STUDENT_FILE = "rlfn_s_native_x2.safetensors"
+CHECKPOINT_METADATA_KEY = "takdsr"  # models.checkpoint.METADATA_KEY, repeated: importing models imports torch
 
 # The caption of the upscaled half of the split view (window and headless); the model's name is in the HUD.
 SR_CAPTION = "upscaled (SR)"

@@ -93,6 +93,23 @@ def test_command_line() -> None:
         assert exc.value.code == 2, bad
 
 
+def test_the_scale_defaults_to_the_spawned_checkpoints(tmp_path: pathlib.Path) -> None:
+    """An x3 student spawned without --scale 3 was refused: "the daemon upscales x3 but the demo was asked for x2"."""
+    import models
+    from client_demo.config import CHECKPOINT_METADATA_KEY
+
+    assert models.checkpoint.METADATA_KEY == CHECKPOINT_METADATA_KEY  # the two spellings of one key agree
+    x3 = models.save_checkpoint(models.build_model("rlfn_s", channels=8, scale=3), tmp_path / "x3.safetensors",
+                                role="student")
+    assert parse_args(["--spawn-server", "--checkpoint", str(x3)]).scale == 3
+    assert parse_args(["--spawn-server", "--checkpoint", str(x3), "--scale", "2"]).scale == 2  # said: kept
+    assert parse_args(["--spawn-server", "--checkpoint", "rlfn_s_takdsr_x2"]).scale == 2  # a bundled name
+    assert parse_args([]).scale == 2  # another daemon's: the default
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    assert parse_args(["--spawn-server", "--checkpoint", str(junk)]).scale == 2  # the daemon says what is wrong
+
+
 def test_the_demo_finds_the_native_student_without_importing_torch() -> None:
     import models
     from client_demo.cli import _native_student
