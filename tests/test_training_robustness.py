@@ -658,3 +658,17 @@ def test_temporary_files_of_a_killed_save_are_removed_on_resume(image_folder: Pa
     keep.write_text("mine")
     train_stage(load_config(run / "config.toml"), run, resume=True)
     assert not any(leftover.exists() for leftover in leftovers) and keep.read_text() == "mine"
+
+
+def test_the_kept_line_names_the_stages_trained_from_a_kept_stage(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`remove RUN/teacher` alone led to a refusal on the next run (its TA was trained from it): the line names them."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 2})
+    run = tmp_path / "run"
+    run_pipeline(config, run, ["teacher", "ta1"])
+    capsys.readouterr()
+    longer = dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps=4))
+    run_pipeline(longer, run, ["teacher"])
+    assert (f"(to train it with these, remove {run / 'teacher'} and the stages trained from it, {run / 'ta1'})"
+            in capsys.readouterr().out)

@@ -106,7 +106,7 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
     for stage in chosen:
         stage_dir = run_dir / stage.name
         if (stage_dir / FINAL_FILE).exists():
-            _say_kept(dataclasses.replace(config, stage=stage), stage_dir)
+            _say_kept(dataclasses.replace(config, stage=stage), stage_dir, _trained_from(stage, all_stages, run_dir))
             continue
         missing = [p for p in (stage.init_from, *stage.guides) if p and not Path(p).exists()]
         if missing:
@@ -154,9 +154,17 @@ def _changed_keys(saved: Config, config: Config) -> str:
     return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
 
 
-def _say_kept(config: Config, stage_dir: Path) -> None:
+def _trained_from(stage: StageConfig, all_stages: list[StageConfig], run_dir: Path) -> list[Path]:
+    """The folders of the stages in `run_dir` that start from or learn from `stage`'s checkpoint."""
+    final = run_dir / stage.name / FINAL_FILE
+    return [run_dir / other.name for other in all_stages
+            if (run_dir / other.name).exists() and any(p and Path(p) == final for p in stage_inputs(other))]
+
+
+def _say_kept(config: Config, stage_dir: Path, dependents: list[Path]) -> None:
     """A finished stage is kept, never trained again: say so, naming the keys this config would have trained it with
-    otherwise (a rerun with `--set optim.steps=...` reported the stage as trained and changed nothing)."""
+    otherwise (a rerun with `--set optim.steps=...` reported the stage as trained and changed nothing), and the
+    stages that would have to go with it (a rerun then refuses to keep them: _refuse_stale_stages)."""
     try:
         saved = load_config(stage_dir / "config.toml") if (stage_dir / "config.toml").is_file() else None
     except ValueError:  # a damaged config.toml: the checkpoint is what counts
@@ -164,7 +172,8 @@ def _say_kept(config: Config, stage_dir: Path) -> None:
     keys = "" if saved is None else _changed_keys(saved, config)
     other = ""
     if keys:
-        other = f"; it was trained with other values for {keys} (to train it with these, remove {stage_dir})"
+        also = f" and the stages trained from it, {' '.join(map(str, dependents))}" if dependents else ""
+        other = f"; it was trained with other values for {keys} (to train it with these, remove {stage_dir}{also})"
     print(f"{config.stage.name}: kept, finished before in {stage_dir}{other}")
 
 
