@@ -571,6 +571,10 @@ def test_a_stop_during_the_last_step_stops_the_pipeline(image_folder: Path, tmp_
     with pytest.raises(TrainingInterrupted, match="at the last step of teacher"):
         run_pipeline(config, run, ["teacher", "ta1"])
     assert (run / "teacher" / "final.safetensors").exists() and not (run / "ta1").exists()
+    # a stage alone (`train`, or the last stage a pipeline was given) is simply finished: exit 0, nothing to rerun
+    assert run_pipeline(config, run, ["ta1"]) is None and (run / "ta1" / "final.safetensors").exists()
+    result = train_stage(_stage_config(image_folder, "teacher", steps=3), tmp_path / "alone")
+    assert result.stopped_by == signal.SIGINT and result.checkpoint.exists()
 
 
 def test_a_resume_with_no_step_left_keeps_the_last_loss(image_folder: Path, tmp_path: Path,
@@ -672,3 +676,21 @@ def test_the_kept_line_names_the_stages_trained_from_a_kept_stage(
     run_pipeline(longer, run, ["teacher"])
     assert (f"(to train it with these, remove {run / 'teacher'} and the stages trained from it, {run / 'ta1'})"
             in capsys.readouterr().out)
+
+
+def test_guides_changed_on_purpose_at_a_resume_are_taken(image_folder: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash check refused `train --resume --set stage.guides=[other teacher]` (a change made on purpose, which
+    the resume notes) and `--set stage.init_from=""` once the teacher was gone (a resume takes its weights from the
+    state), saying the file "has changed since" (found in a review)."""
+    teachers = {name: train_stage(_stage_config(image_folder, "teacher"), tmp_path / name).checkpoint
+                for name in ("teacher_a", "teacher_b")}
+    student = _stage_config(image_folder, "student", init_from=str(teachers["teacher_a"]),
+                            guides=[str(teachers["teacher_a"])])
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 2)
+        with pytest.raises(TrainingInterrupted):
+            train_stage(student, tmp_path / "student")
+    other_guide = dataclasses.replace(student, stage=dataclasses.replace(
+        student.stage, init_from="", guides=[str(teachers["teacher_b"])]))  # fmt: skip
+    assert train_stage(other_guide, tmp_path / "student", resume=True).steps == 6

@@ -85,8 +85,8 @@ def eval_sets(config: Config, scale: int, min_lr_side: int = 1) -> dict[str, lis
     wanted: dict[str, SourceConfig] = {}
     if config.eval.cg_dev:
         wanted["cg-dev"] = SourceConfig(kind="folder")
-    # rendered at the size cut to a multiple of the scale, as folder images are cropped: 1920x1080 at x4 is 1920x1076
-    # (the whole size failed after every stage of a pipeline had trained)
+    # rendered at the size cut to a multiple of the scale, as folder images are cropped: 160x96 at x3 is 159x96 (the
+    # whole size failed after every stage of a pipeline had trained)
     width, height = (side - side % scale for side in config.eval.rendered_size)
     rendered = (("rendered-val", config.eval.rendered_val, "bicubic"),
                 ("rendered-val-native", config.eval.rendered_native, "native"))  # fmt: skip

@@ -18,6 +18,7 @@ and a final plain run evaluates them all.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from training.evaluate import (
 )
 from training.latency import measure_latency
 from training.report import REPORT_LR_SIZE, write_report
-from training.trainer import FINAL_FILE, STATE_FILE, read_state, stage_inputs, train_stage
+from training.trainer import FINAL_FILE, STATE_FILE, TrainingInterrupted, read_state, stage_inputs, train_stage
 
 __all__ = ["DISPLAY_NAMES", "display_name", "pipeline_stages", "run_pipeline"]
 
@@ -111,7 +112,13 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
         missing = [p for p in (stage.init_from, *stage.guides) if p and not Path(p).exists()]
         if missing:
             raise FileNotFoundError(f"stage {stage.name} needs {', '.join(missing)}: train those stages first")
-        train_stage(dataclasses.replace(config, stage=stage), stage_dir, resume=(stage_dir / STATE_FILE).exists())
+        result = train_stage(dataclasses.replace(config, stage=stage), stage_dir,
+                             resume=(stage_dir / STATE_FILE).exists())
+        more_to_do = stage is not chosen[-1] or stages is None  # later stages, or the evaluation
+        if result.stopped_by is not None and more_to_do:  # a stop in the stage's last step: done, go no further
+            name = signal.Signals(result.stopped_by).name
+            raise TrainingInterrupted(f"interrupted by {name} at the last step of {stage.name} (its "
+                                      f"{FINAL_FILE} is saved); rerun the same command to go on", result.stopped_by)
     if stages is not None:
         return None
     results = evaluate_run(config, run_dir)

@@ -114,6 +114,8 @@ class StageResult:
     steps: int
     seconds: float
     final_loss: float | None  # None: a resume that had no step left to run, of a state saved without its loss
+    # the stop signal that came during the last step (the stage is finished; a pipeline stops before the next one)
+    stopped_by: int | None = None
 
 
 @dataclass
@@ -291,11 +293,8 @@ class _Trainer:
         checkpoint = self._save_final(step, seconds) if self.dist.main else self.run_dir / FINAL_FILE
         if self.dist.world > 1:  # a pipeline's next stage reads this checkpoint on every rank: wait until it is there
             dist.barrier()
-        if self.stop_requested:  # during the last step: the stage is done, but the pipeline must not go on
-            name = signal.Signals(self.stop_signal).name
-            raise TrainingInterrupted(f"interrupted by {name} at the last step of {self.config.stage.name} (its "
-                                      f"{checkpoint.name} is saved); rerun the same command to go on", self.stop_signal)
-        return StageResult(checkpoint, step, seconds, self.last_loss)
+        stopped_by = self.stop_signal if self.stop_requested else None  # during the last step: the stage is done
+        return StageResult(checkpoint, step, seconds, self.last_loss, stopped_by)
 
     def _step(self, loss_module: Distillation, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         lr, hr = (self._to_device(batch[key]) for key in ("lr", "hr"))
@@ -448,7 +447,7 @@ class _Trainer:
             raise FileNotFoundError(f"nothing to resume: {path} " + (
                 "is not a regular file" if os.path.lexists(path) else "does not exist"))
         state = read_state(path, self.device, needs=("optimizer", "scheduler", "torch_rng"))
-        self._refuse_changed_inputs(path, state.get("inputs_sha256"))
+        self._refuse_changed_inputs(path, state)
         mismatch = _state_dict_mismatch(self.trained, state["model"])
         try:
             if mismatch:
@@ -473,17 +472,23 @@ class _Trainer:
             _print_changes(path, state.get("config"), self.config)
         return int(state["step"])
 
-    def _refuse_changed_inputs(self, path: Path, saved: Any) -> None:
-        """A stage goes on only from and with the files it was started from and with: a teacher trained again since
-        (its folder removed and the pipeline rerun) made a TA resume against another guide than the one it began
-        with, without a word. States of older versions recorded no hashes: nothing to compare."""
-        if not isinstance(saved, list):
+    def _refuse_changed_inputs(self, path: Path, state: dict[str, Any]) -> None:
+        """A stage goes on only with the guides it was started with: a teacher trained again since (its folder
+        removed and the pipeline rerun) made a TA resume against another guide than the one it began with, without
+        a word. A guide named otherwise by `--set` is a change made on purpose (the resume notes it), and init_from
+        does not count: a resume takes its weights from the state. States of older versions kept no hashes."""
+        saved, saved_config = state.get("inputs_sha256"), state.get("config")
+        if not isinstance(saved, list) or not isinstance(saved_config, str):
             return
-        changed = changed_inputs(self.config.stage, saved, self.inputs_sha256)
+        try:
+            started_with = config_from_toml(saved_config, path).stage
+        except ValueError:  # _print_changes says so
+            return
+        changed = changed_guides(started_with, self.config.stage, saved, self.inputs_sha256)
         if changed:
-            raise ValueError(f"{path} was started from or guided by {', '.join(changed)} as it was then, and the "
-                             "file has changed since (trained again?): to train the stage with the new one, remove "
-                             f"{self.run_dir}; or put the old file back to continue")
+            raise ValueError(f"{path} was guided by {', '.join(changed)} as it was then, and the file has changed "
+                             f"since (trained again?): to train the stage with the new one, remove {self.run_dir}; "
+                             "or put the old file back to continue")
 
     def _resumed_budget_spent(self, state: dict[str, Any]) -> float:
         """The share of this config's time budget that the saved segments spent: the saved share itself under the
@@ -749,12 +754,14 @@ def input_hashes(stage: StageConfig) -> list[str]:
     return [weights_sha256(path) if path else "" for path in stage_inputs(stage)]
 
 
-def changed_inputs(stage: StageConfig, saved: list[Any], current: list[str]) -> list[str]:
-    """The input files (of `stage_inputs`) whose hash in `saved` differs from `current` ([] if the lists do not
-    line up: another list of guides, which the config check reports)."""
-    if len(saved) != len(current):
-        return []
-    return [path for path, old, new in zip(stage_inputs(stage), saved, current, strict=True) if old and old != new]
+def changed_guides(started_with: StageConfig, stage: StageConfig, saved: list[Any], current: list[str]) -> list[str]:
+    """The guides that `stage` names as `started_with` did (the same folder and file name: a run folder may have
+    moved) whose weights' hash in `saved` differs from `current` (both lists as input_hashes gives them)."""
+    if len(saved) != len(current) or len(started_with.guides) != len(stage.guides):
+        return []  # another list of guides: a change made on purpose, which the resume notes
+    return [path for before, path, old, new in zip(started_with.guides, stage.guides, saved[1:], current[1:],
+                                                   strict=True)
+            if Path(before).parts[-2:] == Path(path).parts[-2:] and old and old != new]
 
 
 def load_guides(paths: list[str]) -> list[Guide]:
