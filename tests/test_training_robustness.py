@@ -9,6 +9,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -694,3 +695,30 @@ def test_guides_changed_on_purpose_at_a_resume_are_taken(image_folder: Path, tmp
     other_guide = dataclasses.replace(student, stage=dataclasses.replace(
         student.stage, init_from="", guides=[str(teachers["teacher_b"])]))  # fmt: skip
     assert train_stage(other_guide, tmp_path / "student", resume=True).steps == 6
+
+
+def test_sigterm_to_the_whole_process_group_still_saves_the_state(image_folder: Path, tmp_path: Path) -> None:
+    """A job scheduler sends SIGTERM to every process of the job: the data-loader workers died of it, and the
+    trainer failed on its next batch ("DataLoader worker ... killed by signal: Terminated") without saving."""
+    config = tiny_config(image_folder, optim={"steps": 1_000_000}, runtime={"workers": 2})
+    config = dataclasses.replace(config, stage=StageConfig(name="teacher", role="teacher"))
+    run = tmp_path / "run"
+    trainer = subprocess.Popen([sys.executable, "-m", "training", "train", "--config", str(_toml(config, tmp_path)),
+                                "--run-dir", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_lines(run / "metrics.jsonl")) < 3:  # the workers are feeding it
+            time.sleep(0.2)
+        os.killpg(trainer.pid, signal.SIGTERM)
+        _, stderr = trainer.communicate(timeout=60)
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+    assert trainer.returncode == 143 and "Traceback" not in stderr, stderr
+    stopped_at = int(re.search(r"interrupted by SIGTERM at step (\d+)", stderr).group(1))
+    assert read_state(run / "state.pt", torch.device("cpu"))["step"] == stopped_at
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []

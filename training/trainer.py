@@ -83,7 +83,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: end this worker as soon as the trainer process is gone, however it ended
     (SIGKILL included). Torch's own check watches the worker's parent, which under forkserver (scene sources) is
-    the fork server, not the trainer, so without this the workers outlive a killed trainer, memory and all."""
+    the fork server, not the trainer, so without this the workers outlive a killed trainer, memory and all.
+    SIGTERM is ignored here: a job scheduler sends it to the whole process group, and workers that died of it made
+    the trainer fail on its next batch ("DataLoader worker ... killed by signal: Terminated"), unsaved, instead of
+    finishing its step and saving its state. The workers end with the trainer anyway."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_when_gone, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
 
 
