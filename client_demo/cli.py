@@ -127,12 +127,14 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
             p.error(f"{flag} must be a number from {low:g} to {high:g}, got {value}")
     if a.out is not None and a.out.exists() and not a.out.is_dir():
         p.error(f"--out {a.out} is a file, not a folder")
-    if a.checkpoint is not None and not (a.checkpoint.is_file() or _bundled(a.checkpoint)):
-        p.error(f"--checkpoint {a.checkpoint} is not a file or the name of a bundled checkpoint")
+    served = None  # the file the spawned daemon will load
+    if a.checkpoint is not None:
+        served = a.checkpoint if a.checkpoint.is_file() else _bundled_path(a.checkpoint)
+        if served is None:
+            p.error(f"--checkpoint {a.checkpoint} is not a file or the name of a bundled checkpoint")
     scale = a.scale
     if scale is None:  # the spawned daemon's: an x3 checkpoint without --scale 3 was refused as "asked for x2"
-        served = (a.checkpoint if a.checkpoint.is_file() else _bundled_path(a.checkpoint)) if a.checkpoint else None
-        scale = (_checkpoint_scale(served) if a.spawn_server and served else None) or DemoConfig.scale
+        scale = (_checkpoint_scale(served) if served is not None else None) or DemoConfig.scale
     return DemoConfig(endpoint=a.endpoint, spawn_server=a.spawn_server, checkpoint=a.checkpoint,
                       device=a.device or "auto", scene=a.scene, lr_size=a.lr, scale=scale, view=a.view,
                       compare=a.compare, timeout=a.timeout, out=a.out, headless=a.headless, frames=a.frames,
@@ -196,11 +198,6 @@ def _weights_dir() -> pathlib.Path | None:
     (tests/test_demo_headless.py)."""
     spec = importlib.util.find_spec("models")
     return None if spec is None or spec.origin is None else pathlib.Path(spec.origin).parent / "weights"
-
-
-def _bundled(checkpoint: pathlib.Path) -> bool:
-    """Whether the daemon will find ``checkpoint`` among the bundled ones."""
-    return _bundled_path(checkpoint) is not None
 
 
 def _bundled_path(checkpoint: pathlib.Path) -> pathlib.Path | None:

@@ -330,7 +330,7 @@ def test_bundled_checkpoints_resolve_by_name_from_anywhere(tmp_path: Path, monke
 
 def test_the_demo_knows_the_bundled_names_as_the_loader_does() -> None:
     """client_demo checks --checkpoint without importing torch, with its own copy of the loader's rule."""
-    from client_demo.cli import _bundled
+    from client_demo.cli import _bundled_path
     from models import WEIGHTS_DIR
     from models.checkpoint import names_bundled
 
@@ -340,7 +340,7 @@ def test_the_demo_knows_the_bundled_names_as_the_loader_does() -> None:
         path = Path(text)
         bundled_file = WEIGHTS_DIR / f"{path.name.removesuffix('.safetensors')}.safetensors"
         expected = names_bundled(path) and bundled_file.is_file()
-        assert _bundled(path) == expected, text
+        assert (_bundled_path(path) is not None) == expected, text
 
 
 def test_nothing_is_saved_or_trained_that_the_loader_would_refuse(tmp_path: Path) -> None:

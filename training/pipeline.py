@@ -109,7 +109,7 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
         if (stage_dir / FINAL_FILE).exists():
             _say_kept(dataclasses.replace(config, stage=stage), stage_dir, _trained_from(stage, all_stages, run_dir))
             continue
-        missing = [p for p in (stage.init_from, *stage.guides) if p and not Path(p).exists()]
+        missing = [p for p in stage_inputs(stage) if p and not Path(p).exists()]
         if missing:
             raise FileNotFoundError(f"stage {stage.name} needs {', '.join(missing)}: train those stages first")
         result = train_stage(dataclasses.replace(config, stage=stage), stage_dir,

@@ -54,7 +54,7 @@ from training.data.images import write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
 
 __all__ = [
-    "NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_state", "input_hashes", "read_state",
+    "NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_state", "read_state", "stage_inputs",
     "train_stage",
 ]  # fmt: skip
 

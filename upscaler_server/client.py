@@ -829,13 +829,9 @@ class Session:
         ServerUnavailableError if it is still running after ``timeout`` (default: the client's). Returns at once when
         that frame's reply was lost with a socket a timed-out request reconnected: nothing can say when it ends, and
         a submit of the slot is answered SLOT_IN_FLIGHT while the daemon still runs it."""
-        req = self._abandoned.get(slot)
-        if req is None:
+        if not self._still_running(slot):  # none given up on, its reply is here, or it was lost with a socket
             return
-        link = self._client._link
-        if link.cut_off(req) and link.take(req) is None:
-            link.forget(req)
-        elif link.wait(req, _positive_timeout(timeout, self._client.timeout)) is None:
+        if self._client._link.wait(self._abandoned[slot], _positive_timeout(timeout, self._client.timeout)) is None:
             raise ServerUnavailableError(f"slot {slot} of session {self.id} still runs a frame given up on")
         del self._abandoned[slot]
 
