@@ -7,7 +7,9 @@ goes. Prints a table and writes JSON.
 The random sizes are 16..128 px a side (the student's minimum is 15), one frame each, as a client that opens a
 session per size would send them; in the `random-closed` mode each size is also released after its frame, as the
 daemon does when the last session of a size ends (it hands freed heap memory back to the system, at most every
-10 s). The bundled student runs on the CPU with one thread.
+10 s). The last column is read after handing all freed heap memory back (glibc's malloc_trim): what the process
+keeps, where the readings before it also count freed memory the heap holds for reuse. The bundled student runs on
+the CPU with one thread.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from upscaler_server.config import BACKEND_CHOICES
 
 # Runs in a child process per (backend, mode): RSS must start from a process that has seen no other frame.
 _CHILD = """
-import json, random, sys
+import ctypes, gc, json, random, sys
 import numpy as np
 from upscaler_server.engine import create_engine
 from upscaler_server.errors import ConfigError
@@ -50,7 +52,11 @@ for index, (width, height) in enumerate(sizes, 1):
         engine.release(height, width, rgb)
     if index % (frames // points) == 0:
         trace.append((index, rss_mb()))
-print(json.dumps({"sizes": len(set(sizes)), "trace": trace}))
+gc.collect()
+trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: freed heap pages back to the system
+if trim is not None:
+    trim(0)
+print(json.dumps({"sizes": len(set(sizes)), "trace": trace, "trimmed": rss_mb() if trim is not None else None}))
 """
 
 
@@ -80,8 +86,8 @@ def measure_all(backends: list[str], frames: int, points: int) -> dict[str, dict
     every = frames // points  # a reading every `every` frames: the last one may come before the last frame
     results = {}
     print(f"| backend | frame sizes | distinct sizes | RSS MB after 0, {every} ... {frames - frames % every} "
-          "frames | MB grown after the first reading |")
-    print("|---|---|---|---|---|")
+          "frames | MB grown after the first reading | RSS MB kept after a trim at the end |")
+    print("|---|---|---|---|---|---|")
     for backend in backends:
         for mode in ("fixed", "random", "random-closed"):
             result = measure(backend, mode, frames, points)
@@ -91,7 +97,8 @@ def measure_all(backends: list[str], frames: int, points: int) -> dict[str, dict
             results[f"{backend}/{mode}"] = result
             trace = " / ".join(str(round(mb)) for _, mb in result["trace"])
             grown = result["trace"][-1][1] - result["trace"][1][1]  # past the first reading: warm-up is done
-            print(f"| {backend} | {mode} | {result['sizes']} | {trace} | {grown:.0f} |")
+            kept = "n/a (no glibc)" if result["trimmed"] is None else round(result["trimmed"])
+            print(f"| {backend} | {mode} | {result['sizes']} | {trace} | {grown:.0f} | {kept} |")
     if not results:
         raise RuntimeError(f"none of the backends {', '.join(backends)} can run here")
     return results

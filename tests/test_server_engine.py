@@ -536,6 +536,48 @@ def test_releasing_a_size_returns_freed_heap_memory_at_most_every_ten_seconds(
     engine_module._return_freed_memory()  # the real one: glibc's malloc_trim, or nothing where there is none
 
 
+_KERNEL_CACHE_CHILD = """
+import os, sys
+import numpy as np
+from upscaler_server import engine as engine_module
+from upscaler_server.engine import create_engine
+from upscaler_server.protocol import PIXEL_FORMATS
+
+engine_module._ONEDNN_KERNELS = 16  # the engine's caps, lowered so that a few sizes overflow them
+engine = create_engine(checkpoint=sys.argv[1], device="cpu", precision="fp32", threads=1)
+rgb = PIXEL_FORMATS["RGB8"]
+
+def upscale(side):
+    engine.upscale(np.zeros((side, side, 3), np.uint8), rgb, np.empty(engine.output_shape(side, side, rgb), np.uint8))
+
+for side in range(40, 80):  # 40 sizes, 1-2 oneDNN kernels each (torch runs smaller ones without oneDNN)
+    upscale(side)
+print("CAPACITY", os.environ["LRU_CACHE_CAPACITY"], os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], "AGAIN", flush=True)
+upscale(40)
+"""
+
+
+@pytest.mark.parametrize("user_capacity", [None, "1024"], ids=["engine-cap", "user-setting"])
+def test_a_cpu_engine_caps_the_kernel_caches_unless_the_user_set_them(
+    checkpoint: pathlib.Path, user_capacity: str | None
+) -> None:
+    """torch and oneDNN each keep CPU convolution kernels for 1,024 shapes by default: ~90 MB in a daemon seeing ever
+    new frame sizes. The engine caps both (the first size's kernels are built again after 40 other sizes: oneDNN
+    prints a cache miss); a user's own settings win."""
+    variables = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    env = {key: value for key, value in os.environ.items() if key not in variables}
+    env.update({"ONEDNN_VERBOSE": "2"} | ({name: user_capacity for name in variables} if user_capacity else {}))
+    run = subprocess.run([sys.executable, "-c", _KERNEL_CACHE_CHILD, str(checkpoint)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    before, marker, after = run.stdout.partition(" AGAIN\n")
+    assert marker, run.stdout[-2000:]
+    assert before.rsplit("CAPACITY ", 1)[1] == f"{user_capacity or 16} {user_capacity or 16}"
+    assert before.count("create:cache_miss") > 16  # the sizes built more kernels than the cap holds
+    rebuilt = after.count("create:cache_miss")
+    assert (rebuilt > 0) == (user_capacity is None), after[-2000:]
+
+
 def test_a_copied_frame_is_checked_and_its_read_error_passes_through(engine: Engine) -> None:
     """What the frame's copies raise (the daemon's: SharedMemoryError for a shrunk segment) reaches the caller, and
     no result is written for a frame that could not be read."""

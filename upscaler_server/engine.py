@@ -53,6 +53,11 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAX_PLANS = 8  # resolutions whose CUDA buffers/graphs stay cached
 _MAX_STAGING = 4  # resolutions whose staging arrays for copied frames stay allocated
 _TRIM_EVERY_S = 10.0  # at most this often, freed heap memory goes back to the system when a frame size is released
+# CPU convolution kernels kept per cache: torch's (ideep's LRU of oneDNN primitives) and oneDNN's own. The 1-block
+# student builds 2 per frame size of 20 px or more (smaller frames do not use oneDNN), so ~128 sizes stay cached.
+# With both libraries' default, 1,024, a process that had seen 776 frame sizes kept 81 MB more than one seeing four;
+# with 256, 22 MB (scripts/memory_per_size.py, docs/performance.md). Rebuilding a size's kernels costs a few ms once.
+_ONEDNN_KERNELS = 256
 _PlanT = TypeVar("_PlanT")
 
 
@@ -604,6 +609,15 @@ def _refuse_overflow(network: torch.nn.Module, path: pathlib.Path) -> None:
 _last_trim = -_TRIM_EVERY_S
 
 
+def _bound_cpu_kernel_caches() -> None:
+    """Cap both per-shape kernel caches at _ONEDNN_KERNELS, where the user has not set them (LRU_CACHE_CAPACITY:
+    torch's, ONEDNN_PRIMITIVE_CACHE_CAPACITY: oneDNN's). Each library reads its variable when it builds its first
+    kernel, so this works only before the process's first CPU convolution (the daemon, the offline CLI and the
+    benchmarks create their engine first); later it changes nothing."""
+    for variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        os.environ.setdefault(variable, str(_ONEDNN_KERNELS))
+
+
 def _return_freed_memory() -> None:
     """Hand the heap's freed pages back to the system (glibc's malloc_trim; a no-op elsewhere). Each new frame size
     leaves torch's CPU convolutions' scratch memory freed but kept by the allocator: a client resizing all the time
@@ -674,6 +688,8 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     if backend not in backends.BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
     resolved = resolve_device(device)
+    if resolved == "cpu":
+        _bound_cpu_kernel_caches()  # before load_network, whose overflow check runs the first convolution
     network, name, weights = load_network(checkpoint, model, scale)
     identity = model_hash(network, weights)
     if pad_channels:
