@@ -211,3 +211,46 @@ def test_bench_ctrl_c_stops_the_daemons_and_says_interrupted(tmp_path: pathlib.P
     assert status == 130 and capsys.readouterr().err == "interrupted\n"
     assert len(daemon_folders) == 2 and not any(map(os.path.exists, daemon_folders))  # removed once stopped
     assert list(tmp_path.iterdir()) == []
+
+
+class _RecordingEngine:
+    """Stands in for an engine: each upscale call adds its backend's name to the shared ``calls``."""
+
+    def __init__(self, backend: str, calls: list[str], closed: list[str]) -> None:
+        self.backend, self.calls, self.closed = backend, calls, closed
+
+    def run(self, frame: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(frame, 2, axis=0), 2, axis=1)
+
+    def upscale(self, frame: np.ndarray, fmt: object, out: np.ndarray) -> engine.StageTimes:
+        self.calls.append(self.backend)
+        return engine.StageTimes(copy_in=0.0, infer=1e-4, copy_out=0.0)
+
+    def close(self) -> None:
+        self.closed.append(self.backend)
+
+
+def test_backends_are_timed_in_turn_so_a_slow_spell_falls_on_all(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: pathlib.Path) -> None:
+    """A backend's frames used to be timed all together, then the next backend's: a slow spell of the machine
+    (another process) fell on one backend and skewed its speed-up. They now come in five blocks each, in turn."""
+    from upscaler_server import bench_backends
+
+    calls: list[str] = []
+    closed: list[str] = []
+
+    def create(*, backend: str, **settings: object) -> _RecordingEngine:
+        return _RecordingEngine(backend, calls, closed)
+
+    monkeypatch.setattr(engine, "create_engine", create)
+    variants = [bench_backends.parse_label(label, "cpu") for label in ("eager-fp32", "onnxruntime")]
+    rows = bench_backends._model_rows(variants, [(8, 6), (10, 8)], tmp_path / "student.safetensors", "cpu", 1,
+                                      frames=10, budget_s=60.0, cache_dir=None)
+    per_size = ["eager", "eager", "onnxruntime", "onnxruntime"] * 5  # 10 frames each: 5 rounds of 2, in turn
+    assert calls == per_size * 2
+    assert [(r["backend"], r["lr"], r["frames"]) for r in rows] == [
+        ("eager-fp32", "8x6", 10), ("eager-fp32", "10x8", 10), ("onnxruntime-fp32", "8x6", 10),
+        ("onnxruntime-fp32", "10x8", 10)]
+    reference = {r["lr"]: r["model_ms"] for r in rows[:2]}
+    assert all(r["speedup"] == reference[r["lr"]] / r["model_ms"] and r["max_diff"] == 0 for r in rows)
+    assert sorted(closed) == ["eager", "onnxruntime"]

@@ -5,7 +5,9 @@ defaults to the device's; a ``-padN`` suffix runs the network with its channels 
 ``-graphs`` suffix (CUDA, eager and compile) replays one CUDA graph per resolution) and size:
 
 - model-only: ``engine.upscale`` in-process on an RGB8 frame (uint8 conversion and colour order included, as the
-  daemon calls it), median and p99 of the timed frames after one warm-up frame (compilation, autotuning);
+  daemon calls it), median and p99 of the timed frames after one warm-up frame (compilation, autotuning); the
+  backends' frames of a size are timed in five blocks each, taken in turn, so that the machine's slow spells fall
+  on all of them alike;
 - where that time goes, from the engine's own stage times (medians): compute (on CUDA the device time between CUDA
   events around the conversions and the network) and copies (host staging, and on CUDA the upload and download);
 - end to end: a daemon started with that backend, synchronous frames through shared memory (median);
@@ -35,6 +37,7 @@ __all__ = ["Variant", "compare_backends", "parse_label", "print_backend_table", 
 
 _REFERENCE = "eager-fp32"
 _BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "auto")
+_ROUNDS = 5  # each variant's timed frames of a size come in this many blocks, the variants' blocks in turn
 
 
 class Variant(NamedTuple):
@@ -90,12 +93,13 @@ class _Sample(NamedTuple):
 
 
 def _time(engine: Any, frame: np.ndarray, out: np.ndarray, frames: int, budget_s: float) -> list[_Sample]:
+    """Up to ``frames`` timed frames, at least one, no more once ``budget_s`` has passed."""
     from upscaler_server.protocol import PIXEL_FORMATS
 
     rgb = PIXEL_FORMATS["RGB8"]
     samples: list[_Sample] = []
     deadline = time.perf_counter() + budget_s
-    while len(samples) < frames and (len(samples) < 3 or time.perf_counter() < deadline):
+    while len(samples) < frames and (not samples or time.perf_counter() < deadline):
         start = time.perf_counter()
         stages = engine.upscale(frame, rgb, out)
         total = time.perf_counter() - start
@@ -103,39 +107,66 @@ def _time(engine: Any, frame: np.ndarray, out: np.ndarray, frames: int, budget_s
     return samples
 
 
+def _interleaved(engines: Sequence[Any], frame: np.ndarray, outs: Sequence[np.ndarray], frames: int,
+                 budget_s: float) -> list[list[_Sample]]:
+    """Each engine's timed frames of ``frame``, taken in _ROUNDS blocks in turn (A B C A B C ...), so that a slow
+    spell of a noisy machine (another process, a clock change) falls on every engine alike, and their ratios hold.
+    ``frames`` and ``budget_s`` are each engine's, shared out over the rounds."""
+    rounds = min(_ROUNDS, frames)
+    per_round = math.ceil(frames / rounds)
+    samples: list[list[_Sample]] = [[] for _ in engines]
+    for _ in range(rounds):
+        for engine, out, timed in zip(engines, outs, samples, strict=True):
+            timed += _time(engine, frame, out, min(per_round, frames - len(timed)), budget_s / rounds)
+    return samples
+
+
 def _model_rows(variants: Sequence[Variant], sizes: Sequence[tuple[int, int]], checkpoint: pathlib.Path,
                 device: str, threads: int, frames: int, budget_s: float,
                 cache_dir: pathlib.Path | None) -> list[dict[str, Any]]:
-    """Model-only rows, ``variants[0]`` being fp32 eager: the reference of every speed-up."""
-    from upscaler_server.backends.auto import accuracy
+    """Model-only rows, ``variants[0]`` being fp32 eager: the reference of every speed-up. Every variant's engine
+    is built first; then, size by size, they are timed in turn (:func:`_interleaved`)."""
     from upscaler_server.engine import create_engine
 
     rng = np.random.default_rng(3)
     inputs = {s: rng.integers(0, 256, (s[1], s[0], 3), dtype=np.uint8) for s in sizes}
-    rows: list[dict[str, Any]] = []
-    expected: dict[tuple[int, int], np.ndarray] = {}
-    for variant in variants:
-        engine = create_engine(checkpoint=checkpoint, backend=variant.backend, device=device,
-                               precision=variant.precision, threads=threads, cache_dir=cache_dir,
-                               pad_channels=variant.pad, cuda_graphs=variant.graphs)
-        if variant.label == _REFERENCE:  # variants[0]: its frames are what every row is compared with
-            expected = {s: engine.run(inputs[s]) for s in sizes}
-        for (w, h), frame in inputs.items():
-            out = engine.run(frame)  # warm-up: compilation, autotuning, ONNX export, graph capture
-            max_diff, psnr = accuracy(expected[w, h], out)
-            samples = _time(engine, frame, out, frames, budget_s)
-            total = [s.total for s in samples]
-            picked = getattr(engine, "choices", {}).get((h, w), "")  # what auto chose for this size
-            rows.append({"backend": variant.label, "picked": picked, "lr": f"{w}x{h}", "frames": len(samples),
-                         "model_ms": float(np.median(total)), "model_p99_ms": float(np.percentile(total, 99)),
-                         "compute_ms": float(np.median([s.compute for s in samples])),
-                         "copies_ms": float(np.median([s.copies for s in samples])),
-                         "max_diff": max_diff, "psnr": None if math.isinf(psnr) else psnr})
-            print(f"measured {rows[-1]}", file=sys.stderr, flush=True)  # a crash later keeps what was measured
-        engine.close()
-    base: dict[str, float] = {r["lr"]: r["model_ms"] for r in rows if r["backend"] == _REFERENCE}
-    for r in rows:
-        r["speedup"] = base[r["lr"]] / r["model_ms"]
+    rows: dict[tuple[str, tuple[int, int]], dict[str, Any]] = {}
+    engines: list[Any] = []
+    try:
+        for variant in variants:
+            engines.append(create_engine(checkpoint=checkpoint, backend=variant.backend, device=device,
+                                         precision=variant.precision, threads=threads, cache_dir=cache_dir,
+                                         pad_channels=variant.pad, cuda_graphs=variant.graphs))
+        for size, frame in inputs.items():
+            size_rows = _size_rows(variants, engines, size, frame, frames, budget_s)
+            for variant, row in zip(variants, size_rows, strict=True):
+                row["speedup"] = size_rows[0]["model_ms"] / row["model_ms"]
+                rows[variant.label, size] = row
+                print(f"measured {row}", file=sys.stderr, flush=True)  # a crash later keeps what was measured
+    finally:
+        for engine in engines:
+            engine.close()
+    return [rows[variant.label, size] for variant in variants for size in sizes]  # a backend's sizes together
+
+
+def _size_rows(variants: Sequence[Variant], engines: Sequence[Any], size: tuple[int, int], frame: np.ndarray,
+               frames: int, budget_s: float) -> list[dict[str, Any]]:
+    """The rows of one LR ``size``: each engine warmed up (compilation, autotuning, ONNX export, graph capture),
+    compared with the reference's frame (``engines[0]``'s), then timed in turn with the others."""
+    from upscaler_server.backends.auto import accuracy
+
+    outs = [engine.run(frame) for engine in engines]
+    samples = _interleaved(engines, frame, outs, frames, budget_s)
+    rows = []
+    for variant, engine, out, timed in zip(variants, engines, outs, samples, strict=True):
+        max_diff, psnr = accuracy(outs[0], out)
+        total = [s.total for s in timed]
+        picked = getattr(engine, "choices", {}).get((size[1], size[0]), "")  # what auto chose for this size
+        rows.append({"backend": variant.label, "picked": picked, "lr": f"{size[0]}x{size[1]}", "frames": len(timed),
+                     "model_ms": float(np.median(total)), "model_p99_ms": float(np.percentile(total, 99)),
+                     "compute_ms": float(np.median([s.compute for s in timed])),
+                     "copies_ms": float(np.median([s.copies for s in timed])),
+                     "max_diff": max_diff, "psnr": None if math.isinf(psnr) else psnr})
     return rows
 
 
