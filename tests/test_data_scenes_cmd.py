@@ -58,10 +58,10 @@ def test_workers_render_lazily_and_reproducibly() -> None:
     assert torch.equal(torch.stack([item["lr"] for item in serial]), torch.cat([b["lr"] for b in parallel]))
 
 
-def _run_command(out: Path, split: str = "val") -> subprocess.CompletedProcess:
+def _run_command(out: Path, split: str = "val", extra: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "training.data", "scenes", "--out", str(out), "--count", "4", "--width", "64",
                "--height", "36", "--scale", "2", "--lr-kind", "native", "--supersample", "2", "--split", split,
-               "--presets", "city"]  # fmt: skip
+               "--presets", "city", *extra]  # fmt: skip  (a later option wins: extra overrides these)
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     if result.returncode != 0 and NO_EGL in result.stderr:
         pytest.fail(f"no headless OpenGL here; {EGL_HINT}")
@@ -211,3 +211,31 @@ def test_a_preset_named_twice_still_gives_every_frame_asked_for() -> None:
 
     plan = frame_plan(["city", "city"], 4, "train")
     assert len(set(plan)) == 4 and plan == frame_plan(["city"], 4, "train")
+
+
+def test_a_rerun_with_other_settings_is_refused_or_replaces_the_old_frames(tmp_path: Path) -> None:
+    """A rerun with another --scale (or size, LR kind, supersampling) and a smaller --count left the earlier frames
+    in the folder, which a folder source reads whole: a training set of two settings nobody asked for. It is refused
+    now, and --replace removes them, their files and their emptied lr_x<s> folder, before rendering."""
+    out = tmp_path / "frames"
+    assert _run_command(out).returncode == 0  # 4 pairs at x2
+    before = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    refused = _run_command(out, extra=["--scale", "4", "--count", "2"])
+    assert refused.returncode == 2 and "holds 4 frame pairs rendered with other settings (e.g. width 64, height 36, " \
+        "scale 2, lr_kind native, supersample 2)" in refused.stderr and "--replace" in refused.stderr, refused.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == before  # nothing touched
+    manifest = json.loads((out / "manifest.json").read_text())
+    outside = tmp_path / "not_ours.png"
+    outside.write_bytes(b"a file of the user's")
+    last = sorted(manifest["frames"])[-1]  # not among the 2 frames rendered next (they overwrite their names' files)
+    manifest["frames"][last]["hr"] = "../not_ours.png"  # an edited manifest: --replace removes only files inside
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    replaced = _run_command(out, extra=["--scale", "4", "--count", "2", "--replace"])
+    assert replaced.returncode == 0, replaced.stderr
+    assert "removed 4 frame pairs rendered with other settings" in replaced.stdout
+    frames = json.loads((out / "manifest.json").read_text())["frames"]
+    assert len(frames) == 2 and {record["scale"] for record in frames.values()} == {4}
+    assert sorted(p.parent.name for p in out.rglob("*.png")).count("lr_x4") == 2
+    assert not (out / "lr_x2").exists()
+    assert sorted(p.stem for p in (out / "hr").glob("*.png")) == sorted([*frames, last])  # its record named another
+    assert outside.read_bytes() == b"a file of the user's"

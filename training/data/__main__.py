@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     scn.add_argument("--supersample", type=_positive, default=2, help="HR rendered with k x k samples per pixel")
     scn.add_argument("--split", choices=("train", "val"), default="train")
     scn.add_argument("--presets", nargs="+", help="presets to render (default: all)")
+    scn.add_argument("--replace", action="store_true",
+                     help="remove frame pairs the folder holds with other settings (size, scale, LR kind, "
+                          "supersampling) instead of refusing")
     return parser
 
 
@@ -133,7 +136,7 @@ def _scenes(args: argparse.Namespace) -> int:
     try:
         manifest = write_scene_frames(
             args.out, args.count, width=args.width, height=args.height, scale=args.scale, lr_kind=args.lr_kind,
-            supersample=args.supersample, split=args.split, presets=args.presets,
+            supersample=args.supersample, split=args.split, presets=args.presets, replace=args.replace,
         )  # fmt: skip
     except KeyboardInterrupt:
         print(f"stopped: the frames finished so far are in {args.out / 'manifest.json'}; the same command renders "

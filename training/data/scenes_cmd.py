@@ -5,6 +5,7 @@ the native render at LR size, or `degrade` of the HR), `manifest.json`. Frame k 
 `k // P`-th time of the split (see sources.scene_times), so train and val frames never share a time.
 """
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -77,6 +78,43 @@ def _render_pair(
     return hr, to_uint8(degrade(to_tensor(hr), scale))
 
 
+def _remove_other_settings(out_dir: Path, manifest: dict, settings: dict, replace: bool) -> None:
+    """Frames of ``manifest`` rendered with other ``settings`` (another size, scale, LR kind or supersampling):
+    refused (DatasetError) unless ``replace``, then removed with their files, so that the folder, which a folder
+    source reads whole, holds what one command describes; before, a rerun with a smaller --count or another --scale
+    left the earlier frames there, mixed with the new ones."""
+    others = {name: record for name, record in manifest["frames"].items()
+              if not isinstance(record, dict) or any(record.get(key) != value for key, value in settings.items())}
+    if not others:
+        return
+    if not replace:
+        example = next((record for record in others.values() if isinstance(record, dict)), {})
+        described = ", ".join(f"{key} {example.get(key)}" for key in settings)
+        raise DatasetError(f"{out_dir} holds {len(others)} frame pairs rendered with other settings (e.g. "
+                           f"{described}); render into another --out folder, or add --replace to remove them and "
+                           "render these")
+    folders = set()
+    for name, record in others.items():
+        for file in _own_files(out_dir, record):
+            file.unlink(missing_ok=True)
+            folders.add(file.parent)
+        del manifest["frames"][name]
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    for folder in folders:  # an lr_x<s> folder of another scale, now empty
+        with contextlib.suppress(OSError):  # not empty: frames of these settings, or files of the user's
+            folder.rmdir()
+    print(f"removed {len(others)} frame pairs rendered with other settings from {out_dir}")
+
+
+def _own_files(out_dir: Path, record: object) -> list[Path]:
+    """The HR and LR files a manifest record names, where they lie inside ``out_dir`` (an edited manifest could
+    name any path)."""
+    names = [record.get(kind) for kind in ("hr", "lr")] if isinstance(record, dict) else []
+    root = out_dir.resolve()
+    return [out_dir / name for name in names
+            if isinstance(name, str) and (out_dir / name).resolve().is_relative_to(root)]  # fmt: skip
+
+
 def write_scene_frames(
     out_dir: Path,
     count: int,
@@ -89,9 +127,11 @@ def write_scene_frames(
     split: Split = "train",
     presets: list[str] | None = None,
     progress: bool = True,
+    replace: bool = False,
 ) -> dict:
     """Render `count` HR/LR pairs into `out_dir` (skipping pairs the manifest already has with the same settings)
-    and return the manifest, which is also written to `out_dir/manifest.json` after every frame."""
+    and return the manifest, which is also written to `out_dir/manifest.json` after every frame. Pairs of other
+    settings already there are refused (DatasetError), or removed first with `replace`."""
     if count < 1:
         raise DatasetError(f"count must be >= 1, got {count}")
     if width % scale or height % scale:
@@ -99,8 +139,6 @@ def write_scene_frames(
     presets = check_presets(presets)
     renderer = LazyRenderer()
     lr_dir = f"lr_x{scale}"
-    for sub in ("hr", lr_dir):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = read_manifest(manifest_path, ("frames",), "scenes")
     other_splits = sorted({record.get("split") for record in manifest["frames"].values()} - {split})
@@ -108,10 +146,13 @@ def write_scene_frames(
         raise DatasetError(f"{out_dir} holds {', '.join(map(str, other_splits))} frames; {split} frames need "
                            "another --out folder (train and val never share one)")
     settings = {"width": width, "height": height, "scale": scale, "lr_kind": lr_kind, "supersample": supersample}
+    _remove_other_settings(out_dir, manifest, settings, replace)
+    for sub in ("hr", lr_dir):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
     for preset, t in tqdm(frame_plan(presets, count, split), desc="scenes", unit="frame", disable=not progress):
         name = frame_name(preset, t)
         old = manifest["frames"].get(name)
-        if old and all(old[k] == v for k, v in settings.items()) and _files_intact(out_dir, old):
+        if old and _files_intact(out_dir, old):  # with these settings: the others are gone
             continue
         start = time.perf_counter()
         hr, lr = _render_pair(renderer, preset, t, (width, height), scale, supersample, lr_kind)
