@@ -17,8 +17,6 @@ WIREFRAME = Material(specular=0.6, shininess=40.0, alpha_cut=0.5, double_sided=T
 GLOW = Material(specular=0.0, emissive=2.2, double_sided=True)
 CARD = Material(specular=0.2, shininess=24.0, double_sided=True)
 
-rad = np.radians
-
 
 def tree(
     builder: SceneBuilder,
