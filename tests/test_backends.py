@@ -57,6 +57,15 @@ def _within(out: np.ndarray, expected: np.ndarray, max_levels: int, tolerance: T
     assert max_diff <= max_levels and psnr >= tolerance.min_psnr, f"{max_diff} levels, {psnr:.1f} dB"
 
 
+def test_onnxruntime_threads_do_not_spin_between_frames(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """onnxruntime's threads spun after each frame, burning CPU the daemon's neighbours (a game) could use while it
+    waits for the next frame; the same speed without."""
+    engine = create_engine(checkpoint=checkpoint, backend="onnxruntime", device="cpu", threads=1, cache_dir=tmp_path)
+    options = engine._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    engine.close()
+
+
 def test_accuracy_measure() -> None:
     a = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     assert accuracy(a, a) == (0, math.inf)
