@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ import pytest
 from upscaler_server import bench, engine
 from upscaler_server.shm import pid_alive
 
-from server_utils import REPO, make_checkpoint
+from server_utils import REPO
 
 
 def test_bench_measures_transport_and_both_end_to_end_modes(tmp_path: pathlib.Path) -> None:
@@ -211,79 +211,3 @@ def test_bench_ctrl_c_stops_the_daemons_and_says_interrupted(tmp_path: pathlib.P
     assert status == 130 and capsys.readouterr().err == "interrupted\n"
     assert len(daemon_folders) == 2 and not any(map(os.path.exists, daemon_folders))  # removed once stopped
     assert list(tmp_path.iterdir()) == []
-
-
-class _RecordingWorker:
-    """Stands in for a backend's worker process: each timing command adds its backend's name to the shared
-    ``calls``, once per frame asked."""
-
-    calls: ClassVar[list[str]] = []
-    closed: ClassVar[list[str]] = []
-
-    def __init__(self, variant: Any, settings: dict[str, Any]) -> None:
-        self.label, self.backend = variant.label, settings["backend"]
-
-    def ask(self, command: dict[str, Any] | None = None) -> dict[str, Any]:
-        if command is None:
-            return {"ready": True}
-        if "warm" in command:
-            frame = np.load(command["warm"])
-            np.save(command["out"], np.repeat(np.repeat(frame, 2, axis=0), 2, axis=1))
-            return {"picked": ""}
-        self.calls.extend([self.backend] * command["frames"])
-        return {"samples": [[1.0, 0.9, 0.1]] * command["frames"]}
-
-    def close(self) -> None:
-        self.closed.append(self.backend)
-
-
-def test_backends_are_timed_in_turn_so_a_slow_spell_falls_on_all(monkeypatch: pytest.MonkeyPatch,
-                                                                 tmp_path: pathlib.Path) -> None:
-    """A backend's frames used to be timed all together, then the next backend's: a slow spell of the machine
-    (another process) fell on one backend and skewed its speed-up. They now come in five blocks each, in turn."""
-    from upscaler_server import bench_backends
-
-    monkeypatch.setattr(bench_backends, "_Worker", _RecordingWorker)
-    monkeypatch.setattr(_RecordingWorker, "calls", [])
-    monkeypatch.setattr(_RecordingWorker, "closed", [])
-    variants = [bench_backends.parse_label(label, "cpu") for label in ("eager-fp32", "onnxruntime")]
-    rows = bench_backends._model_rows(variants, [(8, 6), (10, 8)], tmp_path / "student.safetensors", "cpu", 1,
-                                      frames=10, budget_s=60.0, cache_dir=None)
-    per_size = ["eager", "eager", "onnxruntime", "onnxruntime"] * 5  # 10 frames each: 5 rounds of 2, in turn
-    assert _RecordingWorker.calls == per_size * 2
-    assert [(r["backend"], r["lr"], r["frames"]) for r in rows] == [
-        ("eager-fp32", "8x6", 10), ("eager-fp32", "10x8", 10), ("onnxruntime-fp32", "8x6", 10),
-        ("onnxruntime-fp32", "10x8", 10)]
-    assert all(r["speedup"] == 1.0 and r["max_diff"] == 0 and r["compute_ms"] == 0.9 for r in rows)
-    assert sorted(_RecordingWorker.closed) == ["eager", "onnxruntime"]
-
-
-def test_each_backend_is_measured_in_a_process_of_its_own(tmp_path: pathlib.Path) -> None:
-    """In one process, onnxruntime's memory arena slowed torch's fp32 eager frames next to it 1.5-2.8x: each backend
-    now runs in its own worker, which answers over a pipe, and a worker's failure names its backend."""
-    from upscaler_server import bench_backends
-    from upscaler_server.errors import EngineError
-
-    checkpoint = make_checkpoint(tmp_path / "student.safetensors")
-    variant = bench_backends.parse_label("eager-fp32", "cpu")
-    settings = {"checkpoint": str(checkpoint), "backend": "eager", "device": "cpu", "precision": "fp32", "threads": 1}
-    worker = bench_backends._Worker(variant, settings)
-    try:
-        assert worker.ask() == {"ready": True}
-        frame = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-        np.save(tmp_path / "lr.npy", frame)
-        assert worker.ask({"warm": str(tmp_path / "lr.npy"), "out": str(tmp_path / "hr.npy")}) == {"picked": ""}
-        expected = engine.create_engine(checkpoint=checkpoint, device="cpu", precision="fp32", threads=1).run(frame)
-        assert np.array_equal(np.load(tmp_path / "hr.npy"), expected)
-        samples = worker.ask({"time": str(tmp_path / "lr.npy"), "frames": 3, "budget_s": 30})["samples"]
-        assert len(samples) == 3 and all(total >= compute > 0 for total, compute, _ in samples)
-        with pytest.raises(EngineError, match="eager-fp32: FileNotFoundError"):
-            worker.ask({"time": str(tmp_path / "missing.npy"), "frames": 1, "budget_s": 1})
-        assert worker.ask({"time": str(tmp_path / "lr.npy"), "frames": 1, "budget_s": 1})["samples"]  # still serving
-    finally:
-        worker.close()
-    assert worker._process.returncode == 0
-    broken = bench_backends._Worker(variant, {**settings, "checkpoint": str(tmp_path / "nope.safetensors")})
-    with pytest.raises(EngineError, match=r"eager-fp32: ModelLoadError: .*nope\.safetensors"):
-        broken.ask()
-    broken.close()

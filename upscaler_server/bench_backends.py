@@ -4,11 +4,8 @@ Per backend label (``eager``, ``compile-bf16``, ``onnxruntime``, ``compile-fp16-
 defaults to the device's; a ``-padN`` suffix runs the network with its channels zero-padded to a multiple of N, a
 ``-graphs`` suffix (CUDA, eager and compile) replays one CUDA graph per resolution) and size:
 
-- model-only: ``engine.upscale`` on an RGB8 frame (uint8 conversion and colour order included, as the daemon calls
-  it), median and p99 of the timed frames after one warm-up frame (compilation, autotuning). Each backend's engine
-  runs in a process of its own (:mod:`upscaler_server.bench_worker`: in one process, onnxruntime's memory arena
-  slowed torch next to it), and the backends' frames of a size are timed in five blocks each, taken in turn, so
-  that the machine's slow spells fall on all of them alike;
+- model-only: ``engine.upscale`` in-process on an RGB8 frame (uint8 conversion and colour order included, as the
+  daemon calls it), median and p99 of the timed frames after one warm-up frame (compilation, autotuning);
 - where that time goes, from the engine's own stage times (medians): compute (on CUDA the device time between CUDA
   events around the conversions and the network) and copies (host staging, and on CUDA the upload and download);
 - end to end: a daemon started with that backend, synchronous frames through shared memory (median);
@@ -24,25 +21,20 @@ and daemon runs the same weights.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import pathlib
-import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from upscaler_server.errors import EngineError
-
 __all__ = ["Variant", "compare_backends", "parse_label", "print_backend_table", "unavailable_here"]
 
 _REFERENCE = "eager-fp32"
 _BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "auto")
-_ROUNDS = 5  # each variant's timed frames of a size come in this many blocks, the variants' blocks in turn
 
 
 class Variant(NamedTuple):
@@ -97,115 +89,53 @@ class _Sample(NamedTuple):
     copies: float  # StageTimes.copy_in + copy_out: host staging and the PCIe upload and download on CUDA
 
 
-class _Worker:
-    """One variant's engine in its own process (:mod:`upscaler_server.bench_worker`), asked over a pipe."""
+def _time(engine: Any, frame: np.ndarray, out: np.ndarray, frames: int, budget_s: float) -> list[_Sample]:
+    from upscaler_server.protocol import PIXEL_FORMATS
 
-    def __init__(self, variant: Variant, settings: dict[str, Any]) -> None:
-        self.label = variant.label
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "upscaler_server.bench_worker", json.dumps(settings)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,  # its stderr is ours: its logs show
-        )  # fmt: skip
-
-    def ask(self, command: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The worker's answer to ``command`` (None: to its start); EngineError when it failed or died."""
-        assert self._process.stdin is not None and self._process.stdout is not None
-        try:
-            if command is not None:
-                self._process.stdin.write(json.dumps(command) + "\n")
-                self._process.stdin.flush()
-            line = self._process.stdout.readline()
-        except BrokenPipeError:
-            line = ""
-        if not line:
-            raise EngineError(f"{self.label}: its benchmark process ended (status {self._process.wait()}); see its "
-                              "messages above")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise EngineError(f"{self.label}: {answer['error']}")
-        return answer
-
-    def close(self) -> None:
-        """End the worker (end of its input closes its engine); killed if it does not end within a minute."""
-        if self._process.stdin is not None:
-            with contextlib.suppress(BrokenPipeError):
-                self._process.stdin.close()
-        try:
-            self._process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-
-def _interleaved(workers: Sequence[_Worker], frame_path: pathlib.Path, frames: int,
-                 budget_s: float) -> list[list[_Sample]]:
-    """Each worker's timed frames of one frame, taken in _ROUNDS blocks in turn (A B C A B C ...), so that a slow
-    spell of a noisy machine (another process, a clock change) falls on every backend alike, and their ratios hold.
-    ``frames`` and ``budget_s`` are each worker's, shared out over the rounds."""
-    rounds = min(_ROUNDS, frames)
-    per_round = math.ceil(frames / rounds)
-    samples: list[list[_Sample]] = [[] for _ in workers]
-    for _ in range(rounds):
-        for worker, timed in zip(workers, samples, strict=True):
-            asked = {"time": str(frame_path), "frames": min(per_round, frames - len(timed)),
-                     "budget_s": budget_s / rounds}
-            timed += [_Sample(*values) for values in worker.ask(asked)["samples"]]
+    rgb = PIXEL_FORMATS["RGB8"]
+    samples: list[_Sample] = []
+    deadline = time.perf_counter() + budget_s
+    while len(samples) < frames and (len(samples) < 3 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        stages = engine.upscale(frame, rgb, out)
+        total = time.perf_counter() - start
+        samples.append(_Sample(total * 1e3, stages.infer * 1e3, (stages.copy_in + stages.copy_out) * 1e3))
     return samples
 
 
 def _model_rows(variants: Sequence[Variant], sizes: Sequence[tuple[int, int]], checkpoint: pathlib.Path,
                 device: str, threads: int, frames: int, budget_s: float,
                 cache_dir: pathlib.Path | None) -> list[dict[str, Any]]:
-    """Model-only rows, ``variants[0]`` being fp32 eager: the reference of every speed-up. Every variant's engine
-    is built first, each in its own process; then, size by size, they are timed in turn (:func:`_interleaved`)."""
-    rng = np.random.default_rng(3)
-    rows: dict[tuple[str, tuple[int, int]], dict[str, Any]] = {}
-    workers: list[_Worker] = []
-    with tempfile.TemporaryDirectory(prefix="ups-bench-frames-") as tmp:
-        try:
-            for variant in variants:
-                settings = {"checkpoint": str(checkpoint), "backend": variant.backend, "device": device,
-                            "precision": variant.precision, "threads": threads, "pad_channels": variant.pad,
-                            "cuda_graphs": variant.graphs, "cache_dir": None if cache_dir is None else str(cache_dir)}
-                workers.append(_Worker(variant, settings))
-            for worker in workers:
-                worker.ask()  # built: the workers start side by side, their engines load in parallel
-            for width, height in sizes:
-                frame_path = pathlib.Path(tmp) / f"lr_{width}x{height}.npy"
-                np.save(frame_path, rng.integers(0, 256, (height, width, 3), dtype=np.uint8), allow_pickle=False)
-                size_rows = _size_rows(variants, workers, frame_path, frames, budget_s)
-                for variant, row in zip(variants, size_rows, strict=True):
-                    row["speedup"] = size_rows[0]["model_ms"] / row["model_ms"]
-                    rows[variant.label, (width, height)] = row
-                    print(f"measured {row}", file=sys.stderr, flush=True)  # a crash later keeps what was measured
-        finally:
-            for worker in workers:
-                worker.close()
-    return [rows[variant.label, size] for variant in variants for size in sizes]  # a backend's sizes together
-
-
-def _size_rows(variants: Sequence[Variant], workers: Sequence[_Worker], frame_path: pathlib.Path, frames: int,
-               budget_s: float) -> list[dict[str, Any]]:
-    """The rows of one LR frame: each worker's warm-up (compilation, autotuning, ONNX export, graph capture) and
-    output, compared with the reference's (``workers[0]``'s), then the workers timed in turn."""
+    """Model-only rows, ``variants[0]`` being fp32 eager: the reference of every speed-up."""
     from upscaler_server.backends.auto import accuracy
+    from upscaler_server.engine import create_engine
 
-    picked, outputs = [], []
-    for index, worker in enumerate(workers):
-        out_path = frame_path.with_name(f"{frame_path.stem}_out{index}.npy")
-        picked.append(worker.ask({"warm": str(frame_path), "out": str(out_path)})["picked"])
-        outputs.append(np.load(out_path, allow_pickle=False))
-    samples = _interleaved(workers, frame_path, frames, budget_s)
-    height, width = np.load(frame_path, mmap_mode="r").shape[:2]
-    rows = []
-    for variant, chosen, out, timed in zip(variants, picked, outputs, samples, strict=True):
-        max_diff, psnr = accuracy(outputs[0], out)
-        total = [s.total for s in timed]
-        rows.append({"backend": variant.label, "picked": chosen, "lr": f"{width}x{height}", "frames": len(timed),
-                     "model_ms": float(np.median(total)), "model_p99_ms": float(np.percentile(total, 99)),
-                     "compute_ms": float(np.median([s.compute for s in timed])),
-                     "copies_ms": float(np.median([s.copies for s in timed])),
-                     "max_diff": max_diff, "psnr": None if math.isinf(psnr) else psnr})
+    rng = np.random.default_rng(3)
+    inputs = {s: rng.integers(0, 256, (s[1], s[0], 3), dtype=np.uint8) for s in sizes}
+    rows: list[dict[str, Any]] = []
+    expected: dict[tuple[int, int], np.ndarray] = {}
+    for variant in variants:
+        engine = create_engine(checkpoint=checkpoint, backend=variant.backend, device=device,
+                               precision=variant.precision, threads=threads, cache_dir=cache_dir,
+                               pad_channels=variant.pad, cuda_graphs=variant.graphs)
+        if variant.label == _REFERENCE:  # variants[0]: its frames are what every row is compared with
+            expected = {s: engine.run(inputs[s]) for s in sizes}
+        for (w, h), frame in inputs.items():
+            out = engine.run(frame)  # warm-up: compilation, autotuning, ONNX export, graph capture
+            max_diff, psnr = accuracy(expected[w, h], out)
+            samples = _time(engine, frame, out, frames, budget_s)
+            total = [s.total for s in samples]
+            picked = getattr(engine, "choices", {}).get((h, w), "")  # what auto chose for this size
+            rows.append({"backend": variant.label, "picked": picked, "lr": f"{w}x{h}", "frames": len(samples),
+                         "model_ms": float(np.median(total)), "model_p99_ms": float(np.percentile(total, 99)),
+                         "compute_ms": float(np.median([s.compute for s in samples])),
+                         "copies_ms": float(np.median([s.copies for s in samples])),
+                         "max_diff": max_diff, "psnr": None if math.isinf(psnr) else psnr})
+            print(f"measured {rows[-1]}", file=sys.stderr, flush=True)  # a crash later keeps what was measured
+        engine.close()
+    base: dict[str, float] = {r["lr"]: r["model_ms"] for r in rows if r["backend"] == _REFERENCE}
+    for r in rows:
+        r["speedup"] = base[r["lr"]] / r["model_ms"]
     return rows
 
 
@@ -253,8 +183,7 @@ def _random_student(path: pathlib.Path) -> pathlib.Path:
 def print_backend_table(result: dict[str, Any]) -> None:
     """The comparison as a Markdown table."""
     print(f"\nBackends on {result['device']} ({result['threads'] or 'all'} threads), {result['weights']}; model-only: "
-          "engine.upscale in a process per backend, backends timed in turn (RGB8, conversions included); e2e: daemon "
-          "round trip through shared memory")
+          "engine.upscale in-process (RGB8, conversions included); e2e: daemon round trip through shared memory")
     print("| backend | LR | frames | model ms (median) | model ms (p99) | of which compute | of which copies | e2e ms "
           "| fps (e2e) | speed-up vs eager fp32 | max diff (levels) | PSNR dB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
