@@ -232,10 +232,39 @@ def test_a_rerun_with_other_settings_is_refused_or_replaces_the_old_frames(tmp_p
     (out / "manifest.json").write_text(json.dumps(manifest))
     replaced = _run_command(out, extra=["--scale", "4", "--count", "2", "--replace"])
     assert replaced.returncode == 0, replaced.stderr
-    assert "removed 4 frame pairs rendered with other settings" in replaced.stdout
+    assert "removed 4 frame pairs this command does not describe" in replaced.stdout
     frames = json.loads((out / "manifest.json").read_text())["frames"]
     assert len(frames) == 2 and {record["scale"] for record in frames.values()} == {4}
     assert sorted(p.parent.name for p in out.rglob("*.png")).count("lr_x4") == 2
     assert not (out / "lr_x2").exists()
     assert sorted(p.stem for p in (out / "hr").glob("*.png")) == sorted([*frames, last])  # its record named another
     assert outside.read_bytes() == b"a file of the user's"
+
+
+def test_replace_keeps_a_folder_to_the_frames_asked_for(tmp_path: Path) -> None:
+    """A smaller --count with the same settings kept the earlier frames without a word; it now says so, and
+    --replace removes them, also from an hr/ folder linked to another disk (its files were taken for outsiders).
+    A manifest record this command does not write is refused by name, not with a traceback."""
+    out, elsewhere = tmp_path / "frames", tmp_path / "other_disk_hr"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "hr").symlink_to(elsewhere)
+    assert _run_command(out).returncode == 0  # 4 pairs
+    kept = _run_command(out, extra=["--count", "2"])
+    assert kept.returncode == 0 and "also holds 2 frame pairs of these settings" in kept.stdout, kept.stdout
+    assert len(list(elsewhere.glob("*.png"))) == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    last = sorted(manifest["frames"])[-1]  # not among the 2 frames asked for
+    manifest["frames"][last]["lr"] = "hr"  # an edited record naming a folder: never removed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    replaced = _run_command(out, extra=["--count", "2", "--replace"])
+    assert replaced.returncode == 0 and "removed 2 frame pairs" in replaced.stdout, replaced.stderr
+    frames = json.loads((out / "manifest.json").read_text())["frames"]
+    assert len(frames) == 2 and sorted(p.stem for p in elsewhere.glob("*.png")) == sorted(frames)
+    assert (out / "hr").is_symlink() and len(list((out / "lr_x2").glob("*.png"))) == 3  # the edited record's LR
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["frames"]["junk"] = "not a record"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    refused = _run_command(out)
+    assert refused.returncode == 2 and "frame 'junk' is not a record this command writes" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -7,6 +7,7 @@ the native render at LR size, or `degrade` of the HR), `manifest.json`. Frame k 
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,41 +79,65 @@ def _render_pair(
     return hr, to_uint8(degrade(to_tensor(hr), scale))
 
 
-def _remove_other_settings(out_dir: Path, manifest: dict, settings: dict, replace: bool) -> None:
-    """Frames of ``manifest`` rendered with other ``settings`` (another size, scale, LR kind or supersampling):
-    refused (DatasetError) unless ``replace``, then removed with their files, so that the folder, which a folder
-    source reads whole, holds what one command describes; before, a rerun with a smaller --count or another --scale
-    left the earlier frames there, mixed with the new ones."""
-    others = {name: record for name, record in manifest["frames"].items()
-              if not isinstance(record, dict) or any(record.get(key) != value for key, value in settings.items())}
-    if not others:
-        return
-    if not replace:
-        example = next((record for record in others.values() if isinstance(record, dict)), {})
+def _check_records(out_dir: Path, manifest: dict) -> None:
+    """DatasetError for a record this command does not write (an object naming its HR and LR files): the manifest
+    was edited, and what the folder holds can no longer be told."""
+    for name, record in manifest["frames"].items():
+        if not (isinstance(record, dict) and all(isinstance(record.get(kind), str) for kind in ("hr", "lr"))):
+            raise DatasetError(f"{out_dir / MANIFEST_NAME}: frame {name!r} is not a record this command writes "
+                               "(was the file edited?); fix it or remove the folder")
+
+
+def _tidy(out_dir: Path, manifest: dict, settings: dict, planned: set[str], replace: bool) -> None:
+    """The pairs the folder holds that this command does not describe (a folder source reads the folder whole):
+    pairs of other settings (size, scale, LR kind, supersampling) are refused (DatasetError), and pairs of these
+    settings outside the plan (from a larger --count, other presets) are named in a note. With ``replace`` both are
+    removed, records and files, so that the folder holds this command's frames alone."""
+    frames = manifest["frames"]
+    other_settings = [name for name, record in frames.items()
+                      if any(record.get(key) != value for key, value in settings.items())]  # fmt: skip
+    unplanned = [name for name in frames if name not in planned and name not in other_settings]
+    if replace:
+        _remove_pairs(out_dir, manifest, other_settings + unplanned)
+    elif other_settings:
+        example = frames[other_settings[0]]
         described = ", ".join(f"{key} {example.get(key)}" for key in settings)
-        raise DatasetError(f"{out_dir} holds {len(others)} frame pairs rendered with other settings (e.g. "
+        raise DatasetError(f"{out_dir} holds {len(other_settings)} frame pairs rendered with other settings (e.g. "
                            f"{described}); render into another --out folder, or add --replace to remove them and "
                            "render these")
+    elif unplanned:
+        print(f"note: {out_dir} also holds {len(unplanned)} frame pairs of these settings that this command does not "
+              "ask for (a larger --count or other presets before); --replace removes them")
+
+
+def _remove_pairs(out_dir: Path, manifest: dict, names: list[str]) -> None:
+    """Remove these pairs' records and files (those inside the folder), and lr_x<s> folders left empty."""
+    if not names:
+        return
     folders = set()
-    for name, record in others.items():
-        for file in _own_files(out_dir, record):
+    for name in names:
+        for file in _own_files(out_dir, manifest["frames"].pop(name)):
             file.unlink(missing_ok=True)
             folders.add(file.parent)
-        del manifest["frames"][name]
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     for folder in folders:  # an lr_x<s> folder of another scale, now empty
         with contextlib.suppress(OSError):  # not empty: frames of these settings, or files of the user's
             folder.rmdir()
-    print(f"removed {len(others)} frame pairs rendered with other settings from {out_dir}")
+    print(f"removed {len(names)} frame pairs this command does not describe from {out_dir}")
 
 
-def _own_files(out_dir: Path, record: object) -> list[Path]:
-    """The HR and LR files a manifest record names, where they lie inside ``out_dir`` (an edited manifest could
-    name any path)."""
-    names = [record.get(kind) for kind in ("hr", "lr")] if isinstance(record, dict) else []
-    root = out_dir.resolve()
-    return [out_dir / name for name in names
-            if isinstance(name, str) and (out_dir / name).resolve().is_relative_to(root)]  # fmt: skip
+def _own_files(out_dir: Path, record: dict) -> list[Path]:
+    """The PNG files a record names inside ``out_dir``, by their path's words (an edited manifest could name
+    ``../x``); a linked hr/ or lr_x<s>/ folder counts as the folder's own. Files (or links) only, never a folder."""
+    files = []
+    for kind in ("hr", "lr"):
+        relative = Path(os.path.normpath(record[kind]))
+        if relative.is_absolute() or relative.parts[:1] == ("..",) or relative.suffix != ".png":
+            continue
+        path = out_dir / relative
+        if path.is_symlink() or path.is_file():
+            files.append(path)
+    return files
 
 
 def write_scene_frames(
@@ -131,7 +156,8 @@ def write_scene_frames(
 ) -> dict:
     """Render `count` HR/LR pairs into `out_dir` (skipping pairs the manifest already has with the same settings)
     and return the manifest, which is also written to `out_dir/manifest.json` after every frame. Pairs of other
-    settings already there are refused (DatasetError), or removed first with `replace`."""
+    settings already there are refused (DatasetError); with `replace` they are removed first, and so are pairs of
+    these settings that this plan does not ask for."""
     if count < 1:
         raise DatasetError(f"count must be >= 1, got {count}")
     if width % scale or height % scale:
@@ -141,15 +167,17 @@ def write_scene_frames(
     lr_dir = f"lr_x{scale}"
     manifest_path = out_dir / MANIFEST_NAME
     manifest = read_manifest(manifest_path, ("frames",), "scenes")
+    _check_records(out_dir, manifest)
     other_splits = sorted({record.get("split") for record in manifest["frames"].values()} - {split})
     if other_splits:  # a folder source reads every frame of a folder: val views would become training data
         raise DatasetError(f"{out_dir} holds {', '.join(map(str, other_splits))} frames; {split} frames need "
                            "another --out folder (train and val never share one)")
     settings = {"width": width, "height": height, "scale": scale, "lr_kind": lr_kind, "supersample": supersample}
-    _remove_other_settings(out_dir, manifest, settings, replace)
+    plan = frame_plan(presets, count, split)
+    _tidy(out_dir, manifest, settings, {frame_name(preset, t) for preset, t in plan}, replace)
     for sub in ("hr", lr_dir):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    for preset, t in tqdm(frame_plan(presets, count, split), desc="scenes", unit="frame", disable=not progress):
+    for preset, t in tqdm(plan, desc="scenes", unit="frame", disable=not progress):
         name = frame_name(preset, t)
         old = manifest["frames"].get(name)
         if old and _files_intact(out_dir, old):  # with these settings: the others are gone
