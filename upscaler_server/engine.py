@@ -54,9 +54,9 @@ _MAX_PLANS = 8  # resolutions whose CUDA buffers/graphs stay cached
 _MAX_STAGING = 4  # resolutions whose staging arrays for copied frames stay allocated
 _TRIM_EVERY_S = 10.0  # at most this often, freed heap memory goes back to the system when a frame size is released
 # CPU convolution kernels kept per cache: torch's (ideep's LRU of oneDNN primitives) and oneDNN's own. The 1-block
-# student builds 2 per frame size of 20 px or more (smaller frames do not use oneDNN), so ~128 sizes stay cached.
+# student builds 8-9 per new frame size at game sizes (2-3 below ~64 px), so ~30 such sizes stay cached.
 # With both libraries' default, 1,024, a process that had seen 776 frame sizes kept 81 MB more than one seeing four;
-# with 256, 22 MB (scripts/memory_per_size.py, docs/performance.md). Rebuilding a size's kernels costs a few ms once.
+# with 256, 22 MB (scripts/memory_per_size.py, docs/performance.md). A size's kernels rebuilt cost a few ms once.
 _ONEDNN_KERNELS = 256
 _PlanT = TypeVar("_PlanT")
 
