@@ -263,8 +263,8 @@ def test_replace_keeps_a_folder_to_the_frames_asked_for(tmp_path: Path) -> None:
     assert len(frames) == 2 and sorted(p.stem for p in elsewhere.glob("*.png")) == sorted(frames)
     assert (out / "hr").is_symlink() and len(list((out / "lr_x2").glob("*.png"))) == 3  # the edited record's LR
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["frames"]["junk"] = "not a record"
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    refused = _run_command(out)
-    assert refused.returncode == 2 and "frame 'junk' is not a record this command writes" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    for junk in ("not a record", {**next(iter(manifest["frames"].values())), "hr_sha256": None}):
+        (out / "manifest.json").write_text(json.dumps({**manifest, "frames": {**manifest["frames"], "junk": junk}}))
+        refused = _run_command(out)
+        assert refused.returncode == 2 and "frame 'junk' is not a record this command writes" in refused.stderr
+        assert "Traceback" not in refused.stderr

@@ -80,10 +80,11 @@ def _render_pair(
 
 
 def _check_records(out_dir: Path, manifest: dict) -> None:
-    """DatasetError for a record this command does not write (an object naming its HR and LR files): the manifest
-    was edited, and what the folder holds can no longer be told."""
+    """DatasetError for a record this command does not write (an object naming its HR and LR files and their
+    hashes): the manifest was edited, and what the folder holds can no longer be told."""
     for name, record in manifest["frames"].items():
-        if not (isinstance(record, dict) and all(isinstance(record.get(kind), str) for kind in ("hr", "lr"))):
+        keys = ("hr", "lr", "hr_sha256", "lr_sha256")
+        if not (isinstance(record, dict) and all(isinstance(record.get(key), str) for key in keys)):
             raise DatasetError(f"{out_dir / MANIFEST_NAME}: frame {name!r} is not a record this command writes "
                                "(was the file edited?); fix it or remove the folder")
 
