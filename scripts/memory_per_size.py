@@ -25,9 +25,9 @@ from upscaler_server.config import BACKEND_CHOICES
 
 # Runs in a child process per (backend, mode): RSS must start from a process that has seen no other frame.
 _CHILD = """
-import ctypes, gc, json, random, sys
+import gc, json, random, sys
 import numpy as np
-from upscaler_server.engine import create_engine
+from upscaler_server.engine import create_engine, trim_heap
 from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import PIXEL_FORMATS
 
@@ -53,10 +53,7 @@ for index, (width, height) in enumerate(sizes, 1):
     if index % (frames // points) == 0:
         trace.append((index, rss_mb()))
 gc.collect()
-trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: freed heap pages back to the system
-if trim is not None:
-    trim(0)
-print(json.dumps({"sizes": len(set(sizes)), "trace": trace, "trimmed": rss_mb() if trim is not None else None}))
+print(json.dumps({"sizes": len(set(sizes)), "trace": trace, "trimmed": rss_mb() if trim_heap() else None}))
 """
 
 

@@ -45,7 +45,8 @@ from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
 __all__ = ["ArrayFrame", "CopiedFrame", "Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine",
-           "create_engine", "load_network", "model_hash", "resolve_device", "resolve_precision", "usable_cores"]
+           "create_engine", "load_network", "model_hash", "resolve_device", "resolve_precision", "trim_heap",
+           "usable_cores"]
 
 log = logging.getLogger("upscaler_server.engine")
 
@@ -628,9 +629,16 @@ def _return_freed_memory() -> None:
     if now - _last_trim < _TRIM_EVERY_S:
         return
     _last_trim = now
+    trim_heap()
+
+
+def trim_heap() -> bool:
+    """Hand all of the heap's freed pages back to the system now (glibc's malloc_trim); False where there is no
+    such call (another C library), which changes nothing."""
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
+    return trim is not None
 
 
 def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:

@@ -95,9 +95,9 @@ def _tidy(out_dir: Path, manifest: dict, settings: dict, planned: set[str], repl
     settings outside the plan (from a larger --count, other presets) are named in a note. With ``replace`` both are
     removed, records and files, so that the folder holds this command's frames alone."""
     frames = manifest["frames"]
-    other_settings = [name for name, record in frames.items()
-                      if any(record.get(key) != value for key, value in settings.items())]  # fmt: skip
-    unplanned = [name for name in frames if name not in planned and name not in other_settings]
+    same = {name: all(record.get(key) == value for key, value in settings.items()) for name, record in frames.items()}
+    other_settings = [name for name, alike in same.items() if not alike]
+    unplanned = [name for name, alike in same.items() if alike and name not in planned]
     if replace:
         _remove_pairs(out_dir, manifest, other_settings + unplanned)
     elif other_settings:
