@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     scn.add_argument("--split", choices=("train", "val"), default="train")
     scn.add_argument("--presets", nargs="+", help="presets to render (default: all)")
     scn.add_argument("--replace", action="store_true",
-                     help="remove frame pairs the folder holds with other settings (size, scale, LR kind, "
-                          "supersampling) instead of refusing")
+                     help="remove the frame pairs the folder holds that this command does not ask for (other "
+                          "size, scale, LR kind or supersampling, instead of refusing; a larger --count before)")
     return parser
 
 
