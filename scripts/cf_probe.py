@@ -7,7 +7,11 @@ For each teacher checkpoint, on cg-dev (or any --data folder), it prints and wri
   does): how much of the teacher's quality depends on information finer than 8 bits;
 - the raw CF's statistics: share of values outside [0, 1] (which the 8-bit CF' clips), mean distance to
   the nearest level in levels (0.25 for values spread evenly between levels), levels used per channel;
-- PSNR of CF' against the bicubic LR image X: how close the teacher's LR-sized input is to an LR image.
+- PSNR of CF' against the bicubic LR image X: how close the teacher's LR-sized input is to an LR image;
+- the teacher's decoder fed X instead of CF' (PSNR/SSIM RGB): how much of its score needs the HR information
+  in the CF, rather than coming from a decoder of the full backbone's size;
+- the entropy of CF' - X in 8-bit levels (bits per LR value): the side information about the HR image the
+  8-bit CF' carries beyond an LR image (0: CF' is X), an upper bound for a code of those differences alone.
 
     python scripts/cf_probe.py models/weights/rlfn_teacher_takdsr_x2.safetensors \
         models/weights/rlfn_teacher_continuous_x2.safetensors --json probe.json
@@ -83,19 +87,30 @@ def cf_statistics(cf: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
         "mean_distance_to_level": to_level,
         "levels_used_per_channel": float(levels_used),
         "psnr_cf_prime_vs_lr": psnr(quantize_8bit(cf)[0], lr[0], shave=0),
+        "side_information_bits": difference_entropy_bits(quantize_8bit(cf), lr),
     }
+
+
+def difference_entropy_bits(cf_prime: torch.Tensor, lr: torch.Tensor) -> float:
+    """Empirical entropy, in bits per value, of CF' - X counted in 8-bit levels. cf_prime, lr: (1, 3, h, w) in [0, 1];
+    both lie on the 8-bit levels (X is stored as 8 bits), so the difference is a whole number of levels."""
+    levels = torch.round((cf_prime - lr) * LEVELS).to(torch.int64).flatten()
+    counts = torch.unique(levels, return_counts=True)[1].double()
+    share = counts / counts.sum()
+    return float(-(share * torch.log2(share)).sum())
 
 
 @torch.no_grad()
 def probe(path: Path, images: list[EvalImage], scale: int) -> dict[str, Any]:
     teacher = load_teacher(path)
     trained_discrete = teacher.discrete
-    rows: dict[str, list[dict[str, float]]] = {"as_trained": [], "switched": [], "cf": []}
+    rows: dict[str, list[dict[str, float]]] = {"as_trained": [], "switched": [], "decoder_on_lr": [], "cf": []}
     for image in images:
         lr, hr = image.lr.unsqueeze(0), image.hr.unsqueeze(0)  # (1, 3, h, w), (1, 3, H, W)
         for kind, discrete in (("as_trained", trained_discrete), ("switched", not trained_discrete)):
             output = with_cf_kind(teacher, discrete)(hr)
             rows[kind].append(image_metrics(output.image.clamp(0, 1)[0], image.hr, scale))
+        rows["decoder_on_lr"].append(image_metrics(teacher.decoder(lr).clamp(0, 1)[0], image.hr, scale))
         rows["cf"].append(cf_statistics(output.cf, lr))
     with_cf_kind(teacher, trained_discrete)
     mean = {kind: {key: float(np.mean([row[key] for row in values])) for key in values[0]}
@@ -130,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     images = next(iter(eval_sets(Config(eval=eval_config), scale, min_side).values()))
     results = [{"label": label, **probe(path, images, scale)} for label, path in labels.items()]
     columns = ["teacher", "CF kind", "PSNR as trained", "PSNR, kind switched", "outside [0,1]", "to nearest level",
-               "levels/ch", "CF' vs X dB"]  # fmt: skip
+               "levels/ch", "CF' vs X dB", "decoder on X", "CF' - X bits"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for result in results:
@@ -138,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {result['label']} | {'discrete' if result['discrete'] else 'continuous'} "
               f"| {mean['as_trained']['psnr_rgb']:.2f} | {mean['switched']['psnr_rgb']:.2f} "
               f"| {mean['cf']['share_outside_0_1']:.2%} | {mean['cf']['mean_distance_to_level']:.3f} "
-              f"| {mean['cf']['levels_used_per_channel']:.0f} | {mean['cf']['psnr_cf_prime_vs_lr']:.2f} |")  # fmt: skip
+              f"| {mean['cf']['levels_used_per_channel']:.0f} | {mean['cf']['psnr_cf_prime_vs_lr']:.2f} "
+              f"| {mean['decoder_on_lr']['psnr_rgb']:.2f} | {mean['cf']['side_information_bits']:.2f} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

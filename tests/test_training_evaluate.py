@@ -28,7 +28,7 @@ from training.evaluate import (
 from training.metrics import image_metrics
 from training.ship import seed_run, ship_checkpoint
 
-from training_utils import make_image_folder
+from training_utils import load_script, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -333,11 +333,24 @@ def test_cf_probe_switches_the_cf_kind_and_describes_the_cf(tmp_path: Path) -> N
         assert mean["as_trained"]["psnr_rgb"] != mean["switched"]["psnr_rgb"]  # the kind did change the input
         assert 0 <= mean["cf"]["share_outside_0_1"] <= 1 and 0 <= mean["cf"]["mean_distance_to_level"] <= 0.5
         assert 1 <= mean["cf"]["levels_used_per_channel"] <= 256
+        assert mean["decoder_on_lr"]["psnr_rgb"] != mean["as_trained"]["psnr_rgb"]  # X, not CF', went in
+        assert 0 < mean["cf"]["side_information_bits"] <= 9  # CF' - X spans at most 511 levels
     assert "| teacher_True | discrete |" in result.stdout
 
     student = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "student.safetensors", role="student")
     refused = subprocess.run([*script, str(student)], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert refused.returncode != 0 and "is not a teacher checkpoint" in refused.stderr
+
+
+def test_cf_side_information_is_the_entropy_of_the_level_differences() -> None:
+    entropy_bits = load_script(REPO / "scripts" / "cf_probe.py").difference_entropy_bits
+    lr = torch.full((1, 3, 4, 4), 100 / 255)
+    assert entropy_bits(lr.clone(), lr) == 0.0  # CF' = X carries nothing more
+    cf_prime = lr.clone()
+    cf_prime[..., :2, :] += 3 / 255  # half the values 3 levels up: one bit per value
+    assert entropy_bits(cf_prime, lr) == pytest.approx(1.0)
+    cf_prime[..., :1, :] -= 4 / 255  # a quarter each at +3 and -1 levels, half at 0: 1.5 bits
+    assert entropy_bits(cf_prime, lr) == pytest.approx(1.5)
 
 
 def test_rendered_validation_frames_are_cut_to_a_multiple_of_the_scale() -> None:
