@@ -1,8 +1,19 @@
-"""Suite-wide settings: tests marked `gpu` are skipped, visibly and with the reason, without CUDA."""
+"""Suite-wide settings: tests marked `gpu` are skipped, visibly and with the reason, without CUDA; Ctrl-C reaches the
+processes the tests start even when the suite itself was started in the background."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A non-interactive shell starts a background command (`bash .ci/run &`) with SIGINT ignored, and every process
+    # the tests start would inherit that: the tests that send Ctrl-C to a trainer, a driver script or the exporter
+    # would see it ignored and fail. Python's own handler here is reset to the default in each child at exec.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
