@@ -82,12 +82,13 @@ def cf_statistics(cf: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
     scaled = cf.clamp(0, 1) * LEVELS
     to_level = (scaled - scaled.round()).abs().mean().item()
     levels_used = np.mean([torch.unique(scaled[0, c].round()).numel() for c in range(cf.shape[1])])
+    cf_prime = quantize_8bit(cf)
     return {
         "share_outside_0_1": outside,
         "mean_distance_to_level": to_level,
         "levels_used_per_channel": float(levels_used),
-        "psnr_cf_prime_vs_lr": psnr(quantize_8bit(cf)[0], lr[0], shave=0),
-        "side_information_bits": difference_entropy_bits(quantize_8bit(cf), lr),
+        "psnr_cf_prime_vs_lr": psnr(cf_prime[0], lr[0], shave=0),
+        "side_information_bits": difference_entropy_bits(cf_prime, lr),
     }
 
 
