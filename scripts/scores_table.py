@@ -2,13 +2,15 @@
 run's results.json (its models are labelled `<run folder>/<model>`, e.g. `rfdn/TAKDSR`).
 
     python scripts/scores_table.py SCORES.json [MORE.json ...] [--rows label=Name,label2=Name2,...] [--plot FILE]
-                                   [--info]
+                                   [--info] [--versus LABEL_A LABEL_B ...]
 
 One row per model (bicubic, Lanczos and every checkpoint label, or the --rows chosen, in that order),
 one column per evaluation set: PSNR RGB / SSIM RGB / PSNR Y / SSIM Y of the mean over its images.
 --plot also draws the rows' mean PSNR RGB as bars, one panel per set, against the first row.
 --info adds what a results.json knows of each model: parameters, MACs at 960x540 LR input, training steps and
 seconds, and the inference time the evaluation measured (median ms at 960x540 on its device).
+--versus A B (repeatable) adds a per-image comparison of two models on every set that scores both: the mean over
+their common images of A's PSNR RGB minus B's, and on how many of those images A is ahead.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
 
 
 def merged_scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
-    """{set: {label: mean scores}} over several files; a label scored twice on one set is an error."""
+    """{set: {label: {"mean": ..., "per_image": ...}}} over several files; a label scored twice on one set is an
+    error."""
     merged: dict[str, dict[str, Any]] = {}
     found_in: dict[tuple[str, str], Path] = {}
     for path in paths:
@@ -35,7 +38,7 @@ def merged_scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
                 known = merged.setdefault(set_name, {})
                 if label in known and label not in ("bicubic", "lanczos"):  # the baselines repeat in every file
                     raise ValueError(_scored_twice(label, set_name, found_in[set_name, label], path))
-                known[label] = result["mean"]
+                known[label] = result
                 found_in[set_name, label] = path
     return merged
 
@@ -111,7 +114,7 @@ def table(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]],
     columns = [*(INFO_COLUMNS if info is not None else ()), *sets]
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label, name in rows:
-        cells = [_cell(scores[set_name].get(label)) for set_name in sets]
+        cells = [_cell(scores[set_name].get(label, {}).get("mean")) for set_name in sets]
         if info is not None:
             cells = [*_info_cells(info.get(label)), *cells]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -144,10 +147,36 @@ def _rows(text: str | None, scores: dict[str, dict[str, Any]]) -> list[tuple[str
     pairs = [item.split("=", 1) for item in text.split(",") if item]
     if not pairs:
         raise ValueError(f"--rows {text!r} names no model")
-    unknown = [label for label, *_ in pairs if not any(label in by_label for by_label in scores.values())]
+    _check_labels([label for label, *_ in pairs], scores)
+    return [(label, rest[0] if rest else label) for label, *rest in pairs]
+
+
+def versus(scores: dict[str, dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
+    """A table of A minus B in PSNR RGB, image by image, for each pair (A, B) on every set that scores both.
+    ValueError for a label with no scores, a pair no set scores both of, or no per-image scores in common."""
+    lines = ["| A | B | set | A minus B, PSNR RGB (mean over images) | A ahead on |", "|---|---|---|---|---|"]
+    for first, second in pairs:
+        _check_labels([first, second], scores)
+        shared_sets = [name for name, by_label in scores.items() if first in by_label and second in by_label]
+        if not shared_sets:
+            raise ValueError(f"--versus {first} {second}: no evaluation set scores both")
+        for set_name in shared_sets:
+            per_image_a = scores[set_name][first].get("per_image") or {}
+            per_image_b = scores[set_name][second].get("per_image") or {}
+            images = [name for name in per_image_a if name in per_image_b]
+            if not images:
+                raise ValueError(f"--versus {first} {second}: no per-image scores of both on {set_name}")
+            differences = [per_image_a[name]["psnr_rgb"] - per_image_b[name]["psnr_rgb"] for name in images]
+            ahead = sum(difference > 0 for difference in differences)
+            lines.append(f"| {first} | {second} | {set_name} | {sum(differences) / len(differences):+.3f} dB | "
+                         f"{ahead} of {len(images)} |")
+    return "\n".join(lines)
+
+
+def _check_labels(labels: list[str], scores: dict[str, dict[str, Any]]) -> None:
+    unknown = [label for label in labels if not any(label in by_label for by_label in scores.values())]
     if unknown:
         raise ValueError(f"no scores for {unknown}")
-    return [(label, rest[0] if rest else label) for label, *rest in pairs]
 
 
 def plot(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]], path: Path) -> None:
@@ -162,7 +191,7 @@ def plot(scores: dict[str, dict[str, Any]], rows: list[tuple[str, str]], path: P
                                 squeeze=False)  # fmt: skip
     names = [name for _, name in rows]
     for ax, set_name in zip(axes[0], sets, strict=True):
-        values = [scores[set_name][label]["psnr_rgb"] for label, _ in rows]
+        values = [scores[set_name][label]["mean"]["psnr_rgb"] for label, _ in rows]
         ax.barh(names, [v - values[0] for v in values], color="tab:blue")
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_title(set_name, fontsize=10)
@@ -194,13 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", help="label=Name pairs, comma-separated, in table order")
     parser.add_argument("--plot", type=Path, help="also draw the rows' PSNR RGB as bars into this PNG")
     parser.add_argument("--info", action="store_true", help="add parameters, MACs, steps, seconds, inference ms")
+    parser.add_argument("--versus", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also compare model A with model B image by image (repeatable)")
     args = parser.parse_args(argv)
     try:
         scores = merged_scores(args.scores)
         rows = _rows(args.rows, scores)
         if args.plot:  # before the table: a refused plot leaves no half-done output
             check_plot(args.plot, scores, rows)
+        comparison = versus(scores, [tuple(pair) for pair in args.versus]) if args.versus else None
         print(table(scores, rows, merged_info(args.scores) if args.info else None))
+        if comparison:
+            print(f"\n{comparison}")
         if args.plot:
             plot(scores, rows, args.plot)
     except (ValueError, OSError) as exc:  # OSError: a file that cannot be read, a plot that cannot be written

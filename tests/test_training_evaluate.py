@@ -362,3 +362,30 @@ def test_rendered_validation_frames_are_cut_to_a_multiple_of_the_scale() -> None
     for name, images in eval_sets(config, 4).items():
         assert images and all(tuple(image.hr.shape[1:]) == (40, 68) for image in images), name
         assert all(tuple(image.lr.shape[1:]) == (10, 17) for image in images), name
+
+
+def test_scores_table_compares_two_models_image_by_image(tmp_path: Path) -> None:
+    def scored(per_image: dict[str, float]) -> dict:
+        psnr = sum(per_image.values()) / len(per_image)
+        return {"mean": {"psnr_rgb": psnr, "ssim_rgb": 0.9, "psnr_y": psnr, "ssim_y": 0.9},
+                "per_image": {name: {"psnr_rgb": value} for name, value in per_image.items()}}  # fmt: skip
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"cg-dev": {"run/a": scored({"x": 31.0, "y": 30.0, "z": 40.0})},
+                                 "val": {"run/a": scored({"v": 20.0})}}))  # fmt: skip
+    # b has one image a lacks (left out of the comparison) and no "val" set (that set is not compared)
+    second.write_text(json.dumps({"cg-dev": {"other/b": scored({"x": 30.0, "y": 30.5, "z": 39.0, "w": 1.0})}}))
+    script = [sys.executable, str(REPO / "scripts" / "scores_table.py"), str(first), str(second)]
+    result = subprocess.run([*script, "--versus", "run/a", "other/b"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    comparison = result.stdout.split("\n\n")[1].splitlines()
+    # differences +1.0, -0.5, +1.0 over the three common images: mean +0.5, a ahead on two
+    assert comparison[2:] == ["| run/a | other/b | cg-dev | +0.500 dB | 2 of 3 |"]
+    unknown = subprocess.run([*script, "--versus", "run/a", "nope"], capture_output=True, text=True)
+    assert unknown.returncode == 1 and "no scores for ['nope']" in unknown.stderr and not unknown.stdout
+    second.write_text(json.dumps({"val": {"other/b": {"mean": scored({"q": 1.0})["mean"]}}}))
+    no_images = subprocess.run([*script, "--versus", "run/a", "other/b"], capture_output=True, text=True)
+    assert no_images.returncode == 1 and "no per-image scores of both on val" in no_images.stderr
+    second.write_text(json.dumps({"other": {"other/b": scored({"v": 1.0})}}))
+    apart = subprocess.run([*script, "--versus", "run/a", "other/b"], capture_output=True, text=True)
+    assert apart.returncode == 1 and "no evaluation set scores both" in apart.stderr
