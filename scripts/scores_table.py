@@ -161,16 +161,29 @@ def versus(scores: dict[str, dict[str, Any]], pairs: list[tuple[str, str]]) -> s
         if not shared_sets:
             raise ValueError(f"--versus {first} {second}: no evaluation set scores both")
         for set_name in shared_sets:
-            per_image_a = scores[set_name][first].get("per_image") or {}
-            per_image_b = scores[set_name][second].get("per_image") or {}
-            images = [name for name in per_image_a if name in per_image_b]
+            psnr_a = _per_image_psnr(scores[set_name][first], first, set_name)
+            psnr_b = _per_image_psnr(scores[set_name][second], second, set_name)
+            images = [name for name in psnr_a if name in psnr_b]
             if not images:
                 raise ValueError(f"--versus {first} {second}: no per-image scores of both on {set_name}")
-            differences = [per_image_a[name]["psnr_rgb"] - per_image_b[name]["psnr_rgb"] for name in images]
+            differences = [psnr_a[name] - psnr_b[name] for name in images]
             ahead = sum(difference > 0 for difference in differences)
             lines.append(f"| {first} | {second} | {set_name} | {sum(differences) / len(differences):+.3f} dB | "
                          f"{ahead} of {len(images)} |")
     return "\n".join(lines)
+
+
+def _per_image_psnr(result: dict[str, Any], label: str, set_name: str) -> dict[str, float]:
+    """{image: PSNR RGB} of one model on one set ({} when the file has no per-image scores); ValueError for
+    per-image scores without a number where PSNR RGB should be."""
+    per_image = result.get("per_image") or {}
+    if not isinstance(per_image, dict):
+        raise ValueError(f"{label!r} on {set_name!r}: per_image is not an object of images")
+    psnr = {name: image.get("psnr_rgb") if isinstance(image, dict) else None for name, image in per_image.items()}
+    broken = [name for name, value in psnr.items() if not isinstance(value, (int, float))]
+    if broken:
+        raise ValueError(f"{label!r} on {set_name!r} has per-image scores without a PSNR RGB: {broken[:3]}")
+    return psnr
 
 
 def _check_labels(labels: list[str], scores: dict[str, dict[str, Any]]) -> None:

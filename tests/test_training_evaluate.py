@@ -389,3 +389,8 @@ def test_scores_table_compares_two_models_image_by_image(tmp_path: Path) -> None
     second.write_text(json.dumps({"other": {"other/b": scored({"v": 1.0})}}))
     apart = subprocess.run([*script, "--versus", "run/a", "other/b"], capture_output=True, text=True)
     assert apart.returncode == 1 and "no evaluation set scores both" in apart.stderr
+    broken = scored({"x": 1.0})
+    broken["per_image"]["x"] = {"ssim_rgb": 0.9}  # a hand-edited file: no PSNR where one is compared
+    second.write_text(json.dumps({"cg-dev": {"other/b": broken}}))
+    no_psnr = subprocess.run([*script, "--versus", "run/a", "other/b"], capture_output=True, text=True)
+    assert no_psnr.returncode == 1 and "per-image scores without a PSNR RGB: ['x']" in no_psnr.stderr
