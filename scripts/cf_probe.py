@@ -80,8 +80,9 @@ def cf_statistics(cf: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
     """cf, lr: (1, 3, h, w) in [0, 1] units."""
     outside = ((cf < 0) | (cf > 1)).float().mean().item()
     scaled = cf.clamp(0, 1) * LEVELS
-    to_level = (scaled - scaled.round()).abs().mean().item()
-    levels_used = np.mean([torch.unique(scaled[0, c].round()).numel() for c in range(cf.shape[1])])
+    nearest_level = scaled.round()
+    to_level = (scaled - nearest_level).abs().mean().item()
+    levels_used = np.mean([torch.unique(nearest_level[0, c]).numel() for c in range(cf.shape[1])])
     cf_prime = quantize_8bit(cf)
     return {
         "share_outside_0_1": outside,
