@@ -283,6 +283,16 @@ def test_build_datasets_from_config(folder: Path, tmp_path: Path, monkeypatch: p
     assert len(evaluation) == 1 and evaluation[0]["lr"].shape == (3, 15, 20)
 
 
+def test_a_missing_training_folder_names_the_command_that_makes_it(tmp_path: Path) -> None:
+    """The first run of a bundled config before its data command: the error says how to make the folder."""
+    for missing in (tmp_path / "data" / "povray", _write_images(tmp_path / "f", 1, (30, 40), seed=4) / "img00.png"):
+        cfg = DataConfig([SourceConfig("folder", str(missing))], patch_size=24, length=8)
+        with pytest.raises(DatasetError) as refused:
+            build_train_dataset(cfg, scale=2, progress=False)
+        assert f"training image folder {missing} does not exist or is not a folder" in str(refused.value)
+        assert f"python -m training.data povray --out {missing}" in str(refused.value)
+
+
 def test_training_on_evaluation_data_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """cg-dev itself, spelt any way, a folder inside it or holding it, and POV-Ray renders of reserved scenes."""
     from training.data import paths

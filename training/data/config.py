@@ -192,6 +192,12 @@ def _build_source(
             raise DatasetError("a training folder source needs a path")
         if split == "train":
             refuse_evaluation_data(Path(cfg.path))
+        if not Path(cfg.path).is_dir():  # the usual first-run mistake: the data command has not been run yet
+            raise DatasetError(
+                f"training image folder {cfg.path} does not exist or is not a folder: render one with `python -m "
+                f"training.data povray --out {cfg.path}` (docs/data.md, 'Making a training set'), or point this "
+                "data.sources entry's path at a folder of HR images"
+            )
         return FolderSource(cfg.path, min_size, cache_mb=cache_mb, progress=progress)
     if min(cfg.width, cfg.height) < min_size:
         raise DatasetError(f"scene frames {cfg.width}x{cfg.height} are smaller than the {min_size}px patch")
