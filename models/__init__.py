@@ -23,7 +23,7 @@ from .checkpoint import (
 from .encoder import CompactEncoder, EncoderConfig, quantize_8bit
 from .flops import count_flops, count_macs, count_parameters
 from .pan import PAN, PANConfig
-from .registry import arch_name, build_model, list_models
+from .registry import arch_name, build_model, list_models, register_family
 from .rfdn import RFDN, RFDNConfig
 from .rlfn import RLFN, RLFNConfig
 from .teacher import Teacher, TeacherOutput, init_from_teacher, min_lr_size
@@ -65,6 +65,7 @@ __all__ = [
     "min_lr_size",
     "quantize_8bit",
     "read_metadata",
+    "register_family",
     "resolve_checkpoint",
     "save_checkpoint",
     "size_problem",

@@ -4,11 +4,13 @@ Per family (rlfn, rfdn, pan): ``<family>`` the full backbone, ``<family>_ta`` ha
 teacher assistant), ``<family>_s`` one block (the student), ``<family>_teacher`` encoder + full
 backbone (pass ``discrete=False`` for the PISR' teacher). Overrides are config fields
 (``channels``, ``blocks``, ``scale``, ...; teachers also ``encoder_channels`` and ``discrete``).
+A new backbone joins with ``register_family`` (docs/architecture.md, "Adding a backbone").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import re
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Any
 
 from torch import nn
@@ -20,7 +22,7 @@ from .rfdn import RFDN, RFDNConfig
 from .rlfn import RLFN, RLFNConfig
 from .teacher import Teacher
 
-__all__ = ["FAMILIES", "arch_name", "build_model", "list_models"]
+__all__ = ["FAMILIES", "arch_name", "build_model", "list_models", "register_family"]
 
 
 @dataclass(frozen=True)
@@ -30,14 +32,46 @@ class _Family:
     full_blocks: int
 
 
-FAMILIES: dict[str, _Family] = {
-    "rlfn": _Family(RLFN, RLFNConfig, 6),
-    "rfdn": _Family(RFDN, RFDNConfig, 6),
-    "pan": _Family(PAN, PANConfig, 16),
-}
+FAMILIES: dict[str, _Family] = {}
 
 # name suffix -> number of blocks as a function of the full backbone's
 _ROLES = {"": lambda full: full, "_ta": lambda full: full // 2, "_s": lambda full: 1}
+# A family name is one word: "_" separates it from the role in "rlfn_ta".
+_FAMILY_NAME = re.compile(r"[a-z][a-z0-9]*")
+
+
+def register_family(decoder: type[SRDecoder], config: type, full_blocks: int) -> None:
+    """Make ``decoder`` (its ``family`` names it) and its four roles buildable by name, as the paper's are.
+
+    `config` is the decoder's config dataclass: int fields ``channels``, ``blocks`` and ``scale`` among others,
+    every field with a default. `full_blocks` is the full backbone's (the teacher's) block count; the TA gets
+    half of it, the student one. Refuses, with the reason, what the rest of the package could not use.
+    """
+    name = getattr(decoder, "family", None)
+    if not (isinstance(decoder, type) and issubclass(decoder, SRDecoder)) or not isinstance(name, str):
+        raise TypeError(f"{decoder!r} is not an SRDecoder subclass with a `family` name")
+    if not _FAMILY_NAME.fullmatch(name):
+        raise ValueError(f"family name {name!r}: lower-case letters and digits, starting with a letter, no '_'")
+    if name in FAMILIES and FAMILIES[name] != _Family(decoder, config, full_blocks):
+        raise ValueError(f"family {name!r} is already registered ({FAMILIES[name].decoder.__name__})")
+    if not (isinstance(config, type) and is_dataclass(config)):
+        raise TypeError(f"{name}: the config must be a dataclass type, got {config!r}")
+    config_fields = {f.name: f for f in fields(config)}
+    missing = sorted({"channels", "blocks", "scale"} - set(config_fields))
+    if missing:
+        raise ValueError(f"{name}: the config {config.__name__} lacks the field(s) {missing}")
+    no_default = sorted(f.name for f in config_fields.values()
+                        if f.default is MISSING and f.default_factory is MISSING)  # fmt: skip
+    if no_default:
+        raise ValueError(f"{name}: every config field needs a default (build_model(name) uses them): {no_default}")
+    if isinstance(full_blocks, bool) or not isinstance(full_blocks, int) or full_blocks < 2:
+        raise ValueError(f"{name}: full_blocks must be an integer >= 2 (the TA gets half), got {full_blocks!r}")
+    FAMILIES[name] = _Family(decoder, config, full_blocks)
+
+
+register_family(RLFN, RLFNConfig, 6)
+register_family(RFDN, RFDNConfig, 6)
+register_family(PAN, PANConfig, 16)
 
 
 def list_models() -> list[str]:

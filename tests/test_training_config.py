@@ -59,6 +59,8 @@ def test_unknown_or_invalid_values_are_errors(raw: dict) -> None:
         ("runtime.threads=-1", "runtime.threads must be >= 0"),
         ("runtime.workers=-2", "runtime.workers must be >= 0"),
         ("runtime.device=gpu", "runtime.device must be auto, cpu, cuda or cuda:N"),
+        # a KeyError traceback from the pipeline before (models.register_family adds families)
+        ('experiment.family="resnet"', "experiment.family must be one of rlfn, rfdn, pan, got 'resnet'"),
         ("loss.feature=-1", "loss.feature must be >= 0"),
         ("experiment.mix=[0, 0]", "experiment.mix must be two weights"),
         ("experiment.channels=0", "experiment.channels must be >= 1"),

@@ -18,6 +18,7 @@ from typing import Any
 
 import tomli_w
 
+from models.registry import FAMILIES
 from training.data import DataConfig
 from training.data.config import drop_none, known_fields, typed_value
 
@@ -49,7 +50,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the bundled configs
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    family: str = "rlfn"  # decoder family: rlfn | rfdn | pan
+    family: str = "rlfn"  # decoder family: rlfn | rfdn | pan, or one added with models.register_family
     scale: int = 2
     channels: int = 52  # decoder width, the same for teacher, TAs and student
     teacher_blocks: int = 6
@@ -266,6 +267,8 @@ def _validate(config: Config) -> None:
     exp, stage, optim, runtime = config.experiment, config.stage, config.optim, config.runtime
     if stage.role not in ROLES:
         raise ValueError(f"stage.role must be one of {ROLES}, got {stage.role!r}")
+    if exp.family not in FAMILIES:
+        raise ValueError(f"experiment.family must be one of {', '.join(FAMILIES)}, got {exp.family!r}")
     if exp.scale not in (2, 3, 4):
         raise ValueError(f"experiment.scale must be 2, 3 or 4, got {exp.scale}")
     if len(exp.mix) != 2 or any(w < 0 for w in exp.mix) or sum(exp.mix) <= 0:
