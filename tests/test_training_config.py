@@ -61,6 +61,10 @@ def test_unknown_or_invalid_values_are_errors(raw: dict) -> None:
         ("runtime.device=gpu", "runtime.device must be auto, cpu, cuda or cuda:N"),
         # a KeyError traceback from the pipeline before (models.register_family adds families)
         ('experiment.family="resnet"', "experiment.family must be one of rlfn, rfdn, pan, got 'resnet'"),
+        # train's default run folder is runs/<experiment.name>/<stage.name>: '' trained into runs/<experiment.name>
+        ('experiment.name=""', "experiment.name must be a plain folder name"),
+        ('experiment.name="../elsewhere"', "experiment.name must be a plain folder name"),
+        ('stage.name=".."', "stage.name must be a plain folder name"),
         ("loss.feature=-1", "loss.feature must be >= 0"),
         ("experiment.mix=[0, 0]", "experiment.mix must be two weights"),
         ("experiment.channels=0", "experiment.channels must be >= 1"),

@@ -620,6 +620,20 @@ def test_pipeline_checks_its_evaluation_folders_before_training(image_folder: Pa
         assert run_pipeline(config, tmp_path / "run", ["teacher"]) is None  # a stage alone does not evaluate
 
 
+@pytest.mark.parametrize(("crop", "scale", "minimum"), [(3, 2, 30), (29, 2, 30), (44, 3, 45)])
+def test_an_evaluation_crop_too_small_for_the_networks_is_refused_before_training(
+    image_folder: Path, tmp_path: Path, crop: int, scale: int, minimum: int
+) -> None:
+    """RLFN needs 15 LR pixels: a smaller eval.crop failed in the evaluation, after every stage had trained."""
+    patch = 48 if scale == 3 else 32
+    config = tiny_config(image_folder, experiment={"baselines": False, "scale": scale}, optim={"steps": 1},
+                         data={"scale": scale, "patch_size": patch}, eval={"crop": crop})  # fmt: skip
+    with pytest.raises(ValueError, match=rf"eval.crop {crop} is too small: the networks need HR crops of at least "
+                                         rf"{minimum} px at x{scale}"):
+        run_pipeline(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing trained
+
+
 def test_pipeline_with_three_tas_trains_and_scores_each(image_folder: Path, tmp_path: Path) -> None:
     """Any number of TAs: each is scored with the teacher's CF' and named TA, TA2, TA3 in the results."""
     config = tiny_config(image_folder, experiment={"baselines": False, "teacher_blocks": 4, "ta_blocks": [3, 2, 1]},

@@ -267,6 +267,9 @@ def _validate(config: Config) -> None:
     exp, stage, optim, runtime = config.experiment, config.stage, config.optim, config.runtime
     if stage.role not in ROLES:
         raise ValueError(f"stage.role must be one of {ROLES}, got {stage.role!r}")
+    for key, name in (("experiment.name", exp.name), ("stage.name", stage.name)):  # train's default: runs/<e>/<s>
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"{key} must be a plain folder name (no '/', not '.' or '..'), got {name!r}")
     if exp.family not in FAMILIES:
         raise ValueError(f"experiment.family must be one of {', '.join(FAMILIES)}, got {exp.family!r}")
     if exp.scale not in (2, 3, 4):

@@ -115,6 +115,7 @@ def check_eval_folders(config: Config, min_lr_side: int | None = None) -> None:
     if missing:
         raise FileNotFoundError(f"evaluation image folder(s) missing: {'; '.join(missing)}")
     if min_lr_side is not None:  # each image decoded once more; the junk the scan skips is named in its warning
+        _check_crop(config.eval.crop, config.experiment.scale, min_lr_side)
         for folder in config.eval.folders:
             scan_images(folder, min_size=config.experiment.scale * max(1, min_lr_side), progress=False)
 
@@ -219,9 +220,17 @@ def _images(
         yield _center_crop(EvalImage(item["name"], item["lr"], item["hr"]), config.eval.crop, scale)
 
 
+def _check_crop(crop: int, scale: int, min_lr_side: int) -> None:
+    """ValueError for an eval.crop whose LR side (crop // scale) is below what the networks take (0: no crop)."""
+    if crop and crop // scale < max(1, min_lr_side):
+        raise ValueError(f"eval.crop {crop} is too small: the networks need HR crops of at least "
+                         f"{scale * max(1, min_lr_side)} px at x{scale} (0 scores whole frames)")
+
+
 def _center_crop(image: EvalImage, crop: int, scale: int) -> EvalImage:
     if not crop:
         return image
+    _check_crop(crop, scale, 1)  # the pipeline checked the networks' minimum before training
     lr_crop = crop // scale
     h, w = image.lr.shape[-2:]
     top, left = max(0, (h - lr_crop) // 2), max(0, (w - lr_crop) // 2)
