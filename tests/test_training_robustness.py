@@ -364,6 +364,39 @@ def test_latency_json_says_where_it_was_measured(tmp_path: Path, capsys: pytest.
     assert timing["device"] == "cpu" and timing["threads"] == 1 and "on cpu, 1 threads" in capsys.readouterr().out
 
 
+def test_latency_checks_its_json_path_first_and_names_a_frame_too_large_for_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing --json folder failed after every model was timed; an input too large for memory ended in torch's
+    allocator traceback."""
+    import training.__main__ as cli
+
+    def not_to_be_called(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("measured before the output path was checked")
+
+    monkeypatch.setattr(cli, "measure_latency", not_to_be_called)
+    for out, message in ((tmp_path / "gone" / "t.json", "the folder .*gone does not exist"), (tmp_path, "a folder")):
+        assert training_main(["latency", "rlfn_s", "--input", "32x32", "--json", str(out)]) == 1
+        assert re.search(f"error: cannot write the timings to .*{message}", capsys.readouterr().err)
+
+    def out_of_memory(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 119997600012 bytes.\nmore lines")
+
+    monkeypatch.setattr(cli, "measure_latency", out_of_memory)
+    assert training_main(["latency", "rlfn_s", "--input", "99999x99999"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: rlfn_s at 99999x99999 does not fit in cpu memory: [enforce fail")
+    assert err.count("\n") == 1  # the first line of torch's message only
+
+    def other_failure(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(cli, "measure_latency", other_failure)
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # not dressed up as a user's mistake
+        training_main(["latency", "rlfn_s", "--input", "32x32"])
+
+
 def test_a_pipeline_refuses_an_evaluation_folder_without_a_usable_image_before_training(tmp_path: Path) -> None:
     """Only the folder's existence was checked first: every stage trained, then the evaluation failed on a folder of
     junk, or of images too small for the network."""

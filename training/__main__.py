@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import re
 import signal
 import sys
@@ -25,10 +24,12 @@ from models import (
 )
 from training.config import Config, differing_keys, load_config
 from training.data import DatasetError
+from training.data.images import write_json_atomic
 from training.evaluate import (
     BUILTIN_SETS,
     baseline_predictors,
     builtin_sets_config,
+    check_output_file,
     checkpoint_predictor,
     min_lr_side,
     score_sets,
@@ -220,17 +221,26 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _latency(args: argparse.Namespace) -> int:
     width, height = args.input
     device = args.device
+    if args.json:
+        check_output_file(args.json, "the timings")
     timings = {}
     for target in args.targets:
         model = build_model(target) if target in list_models() else load_model(resolve_checkpoint(target))
         if min(width, height) < min_lr_size(model):
             raise ValueError(f"{target} needs an LR input of at least {min_lr_size(model)} px a side, got "
                              f"{width}x{height}")
-        timings[target] = measure_latency(model, width, height, device, repeats=args.repeats, threads=args.threads)
+        try:
+            timings[target] = measure_latency(model, width, height, device, repeats=args.repeats,
+                                              threads=args.threads)  # fmt: skip
+        except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) is one too
+            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                raise
+            raise ValueError(f"{target} at {width}x{height} does not fit in {device} memory: "
+                             f"{str(exc).splitlines()[0]}") from None
         timing = timings[target]
         print(f"{target}: {timing['median_ms']:.1f} ms median at {timing['input']} on {latency_where(timing)}")
     if args.json:
-        args.json.write_text(json.dumps(timings, indent=2))
+        write_json_atomic(args.json, timings, indent=2, sort_keys=False)
     return 0
 
 
