@@ -583,6 +583,46 @@ def test_invalid_settings_exit_2() -> None:
     assert status == 2 and "invalid settings" in log
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "nearest", "--tune-sizes", "0x0"], "--tune-sizes 0x0 within 1..max_width"),
+        (["--backend", "nearest", "--max-width", "4000", "--tune-sizes", "64x64", "5000x100"],
+         "--tune-sizes 5000x100 within 1..max_width"),
+        # the engine's own check raised EngineError, which start-up did not catch: a traceback and exit 1
+        (["--model", "rlfn_s", "--backend", "auto", "--auto-backends", "eager", "--threads", "1",
+          "--tune-sizes", "10x10"], "--tune-sizes 10x10: input 10x10 is smaller than the model's minimum 15x15"),
+    ],
+    ids=["zero", "over-max-width", "below-the-model-minimum"],
+)
+def test_tune_sizes_no_frame_could_have_are_refused_at_start(
+    args: list[str], message: str, tmp_path: pathlib.Path
+) -> None:
+    status, log = _exit_of([*args, "--cache-dir", str(tmp_path / "cache")])
+    assert status == 2 and message in log and "Traceback" not in log, log
+
+
+def test_an_engine_failing_at_start_up_is_one_log_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend failing while --tune-sizes are measured raises EngineError: a traceback before."""
+    from upscaler_server import __main__ as daemon_main
+    from upscaler_server import engine as engine_module
+    from upscaler_server.errors import EngineError
+
+    def failing_engine(config):  # type: ignore[no-untyped-def]
+        raise EngineError("onnxruntime failed on the 1920x1080 measurement")
+
+    monkeypatch.setattr(engine_module, "build_engine", failing_engine)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the handlers would outlive this test
+    tmp = short_tmpdir()
+    try:
+        assert daemon_main.main(["--endpoint", f"ipc://{tmp}/d.sock", "--backend", "nearest"]) == 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert "cannot start: onnxruntime failed on the 1920x1080 measurement" in caplog.text
+
+
 @pytest.mark.parametrize("lease", ["0.0005", "nan", "inf", "1e20"])
 def test_a_lease_welcome_cannot_carry_is_refused_at_start(lease: str) -> None:
     """The lease travels as an integer of milliseconds >= 1; a value outside that used to pass the settings and then

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, cli_prog, default_endpoint
-from upscaler_server.errors import ConfigError, ModelLoadError
+from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 
 if TYPE_CHECKING:
     from upscaler_server.server import Server
@@ -26,6 +26,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("upscaler_server")
 
+EXIT_ENGINE = 1  # the engine could not be set up (a backend failing while --tune-sizes are measured)
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
 
@@ -125,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
+    except EngineError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_ENGINE
     signals.attach(server)
     try:
         server.serve()

@@ -80,6 +80,10 @@ class Config:
         if max(self.max_sessions, self.max_queue) > COUNT_MAX:
             bad.append(f"max_sessions/max_queue <= {COUNT_MAX}")
         bad += engine_setting_problems(threads=self.threads, pad_channels=self.pad_channels)
+        # a size measured at start-up that no frame may have would only cost start-up time (minutes on a CPU)
+        bad += [f"--tune-sizes {w}x{h} within 1..max_width x 1..max_height and max_pixels"
+                for w, h in self.tune_sizes
+                if not (1 <= w <= self.max_width and 1 <= h <= self.max_height and w * h <= self.max_pixels)]
         if bad:
             raise ConfigError(f"invalid settings {bad}: sizes and counts must be positive")
         # the lease travels in milliseconds (welcome.lease_ms, an integer >= 1); a day is longer than any frame

@@ -674,7 +674,7 @@ def model_hash(network: torch.nn.Module, weights: str | None) -> str:
 
 
 def build_engine(config: Config) -> Engine:
-    """The engine the daemon's ``config`` asks for; raises ModelLoadError or ConfigError (exit non-zero)."""
+    """The engine the daemon's ``config`` asks for; raises ModelLoadError, ConfigError or EngineError."""
     return create_engine(checkpoint=config.checkpoint, model=config.model, backend=config.backend,
                          scale=config.scale, device=config.device, precision=config.precision, threads=config.threads,
                          cuda_graphs=config.cuda_graphs, overlap=config.overlap, pad_channels=config.pad_channels,

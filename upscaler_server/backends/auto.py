@@ -161,6 +161,10 @@ class AutoEngine(Engine):
                      f"model={settings.model_hash[:24]}|precision={settings.precision}|{','.join(self.labels)}|"
                      f"tol={tolerance.max_levels}lv/{tolerance.min_psnr:g}dB")
         for width, height in tune_sizes:
+            try:
+                self.check_input_size(height, width)
+            except EngineError as exc:  # a setting, not a frame: the daemon exits 2 with it, the offline CLI 1
+                raise ConfigError(f"--tune-sizes {width}x{height}: {exc}") from None
             self.prepare(height, width, PIXEL_FORMATS["RGB8"])
 
     def prepare(self, height: int, width: int, fmt: PixelFormat) -> None:
