@@ -429,6 +429,26 @@ def test_offline_cli_refuses_settings_the_daemon_refuses(tmp_path: pathlib.Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_scale_other_than_the_checkpoints_is_refused_by_every_command(checkpoint: pathlib.Path,
+                                                                        tmp_path: pathlib.Path) -> None:
+    """--scale 3 with an x2 checkpoint upscaled x2 without a word (the offline CLI, the export) or served x2."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 24, 3), 50, np.uint8))
+    said = f"--scale 3: {checkpoint} upscales x2 (--scale is for --model; a checkpoint knows its own)"
+    run = _offline("--checkpoint", str(checkpoint), "--threads", "1", "--scale", "3", str(tmp_path / "a.png"),
+                   "-o", str(tmp_path / "out"))
+    assert run.returncode == 2 and said in run.stderr and not (tmp_path / "out").exists(), run.stderr
+    run = _offline("--checkpoint", str(checkpoint), "--threads", "1", "--scale", "2", str(tmp_path / "a.png"),
+                   "-o", str(tmp_path / "out"))  # its own scale, said again: fine
+    assert run.returncode == 0 and cv2.imread(str(tmp_path / "out" / "a.png")).shape == (40, 48, 3), run.stderr
+    export = subprocess.run([sys.executable, "-m", "upscaler_server.export", "--checkpoint", str(checkpoint),
+                             "--scale", "3", "-o", str(tmp_path / "m.onnx")], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert export.returncode == 2 and said in export.stderr and not (tmp_path / "m.onnx").exists(), export.stderr
+    with pytest.raises(ConfigError, match=r"--scale 3: .* upscales x2"):
+        create_engine(checkpoint=checkpoint, scale=3, device="cpu")
+    assert create_engine(model="rlfn_s", scale=3, device="cpu", threads=1).scale == 3
+
+
 def test_offline_cli_refuses_tune_sizes_below_the_models_minimum(checkpoint: pathlib.Path,
                                                                  tmp_path: pathlib.Path) -> None:
     cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 24, 3), 50, np.uint8))

@@ -592,10 +592,11 @@ def test_invalid_settings_exit_2() -> None:
         # the engine's own check raised EngineError, which start-up did not catch: a traceback and exit 1
         (["--model", "rlfn_s", "--backend", "auto", "--auto-backends", "eager", "--threads", "1",
           "--tune-sizes", "10x10"], "--tune-sizes 10x10: input 10x10 is smaller than the model's minimum 15x15"),
+        (["--scale", "3"], "upscales x2 (--scale is for --model; a checkpoint knows its own)"),  # served x2 before
     ],
-    ids=["zero", "over-max-width", "below-the-model-minimum"],
+    ids=["zero", "over-max-width", "below-the-model-minimum", "scale-of-the-bundled-student"],
 )
-def test_tune_sizes_no_frame_could_have_are_refused_at_start(
+def test_settings_no_frame_could_have_are_refused_at_start(
     args: list[str], message: str, tmp_path: pathlib.Path
 ) -> None:
     status, log = _exit_of([*args, "--cache-dir", str(tmp_path / "cache")])

@@ -40,7 +40,9 @@ class Config:
     # eager (alias torch): PyTorch; compile: torch.compile; onnxruntime; tensorrt (CUDA); auto: the fastest of those
     # within tolerance of fp32 eager, measured per resolution; nearest: nearest-neighbour copy, no model (tests)
     backend: Backend = "eager"
-    scale: int = 2  # upscale factor of the nearest backend and of --model (a checkpoint knows its own)
+    # upscale factor of --model and of the nearest backend (None: 2); with a checkpoint, which knows its own, only a
+    # check: another value is refused rather than served at the checkpoint's factor without a word
+    scale: int | None = None
     device: Device = "auto"  # auto: CUDA when available, else CPU
     precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     threads: int = 0  # CPU intra-op threads; 0: the cores this process may run on
@@ -69,13 +71,15 @@ class Config:
     def __post_init__(self) -> None:
         if self.checkpoint is not None and self.model is not None:
             raise ConfigError("give either --checkpoint or --model, not both")
-        positive = {"scale": self.scale, "max_width": self.max_width, "max_height": self.max_height,
+        positive = {"scale": 2 if self.scale is None else self.scale, "max_width": self.max_width,
+                    "max_height": self.max_height,
                     "max_pixels": self.max_pixels, "max_slots": self.max_slots, "max_sessions": self.max_sessions,
                     "max_shm_bytes": self.max_shm_bytes, "max_queue": self.max_queue,
                     "max_unread_bytes": self.max_unread_bytes}
         bad = [k for k, v in positive.items() if v < 1]
         # the welcome reply carries these, and its schema bounds them
-        if max(self.max_width, self.max_height) > DIM_MAX or self.max_slots > SLOTS_MAX or self.scale > SCALE_MAX:
+        too_large = max(self.max_width, self.max_height) > DIM_MAX or self.max_slots > SLOTS_MAX
+        if too_large or positive["scale"] > SCALE_MAX:
             bad.append(f"max_width/max_height <= {DIM_MAX}, max_slots <= {SLOTS_MAX}, scale <= {SCALE_MAX}")
         if max(self.max_sessions, self.max_queue) > COUNT_MAX:
             bad.append(f"max_sessions/max_queue <= {COUNT_MAX}")

@@ -546,9 +546,10 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def load_network(checkpoint: pathlib.Path | None, model: str | None,
-                 scale: int) -> tuple[torch.nn.Module, str, str | None]:
+                 scale: int | None = None) -> tuple[torch.nn.Module, str, str | None]:
     """(network, architecture name, checkpoint path or None for random weights) from a checkpoint, the bundled
-    student (both None) or a registered model name."""
+    student (both None) or a registered model name. `scale`: the model's (None: 2); a checkpoint's must equal it
+    (ConfigError otherwise), so that asking for x3 never gets the x2 of the file in silence."""
     try:
         import models
     except ImportError as exc:
@@ -557,7 +558,7 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
         if model not in models.list_models():
             raise ModelLoadError(f"unknown model {model!r}; registered: {', '.join(models.list_models())}")
         try:
-            network = models.build_model(model, scale=scale)
+            network = models.build_model(model, scale=2 if scale is None else scale)
         except ValueError as exc:  # e.g. a scale the family does not have
             raise ModelLoadError(f"cannot build {model!r}: {exc}") from exc
         return _decoder(network, model), model, None
@@ -575,6 +576,9 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
         raise ModelLoadError(f"cannot load checkpoint {path}: {exc}") from exc
     # value_range needs no check here: load_checkpoint accepts only [0, 1], what the engine feeds
     _refuse_mixed_input(ckpt.metadata, path)
+    if scale is not None and scale != ckpt.model.scale:
+        raise ConfigError(f"--scale {scale}: {path} upscales x{ckpt.model.scale} (--scale is for --model; a "
+                          "checkpoint knows its own)")
     network = _decoder(ckpt.model, str(path))
     _refuse_overflow(network, path)
     return network, models.describe(ckpt.metadata), str(path)
@@ -683,7 +687,7 @@ def build_engine(config: Config) -> Engine:
 
 
 def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None = None, backend: str = "eager",
-                  scale: int = 2, device: str = "auto", precision: str = "auto", threads: int = 0,
+                  scale: int | None = None, device: str = "auto", precision: str = "auto", threads: int = 0,
                   cuda_graphs: bool = False, overlap: bool = False, pad_channels: int = 0,
                   cache_dir: pathlib.Path | None = None,
                   auto_backends: tuple[str, ...] = (), tune_sizes: tuple[tuple[int, int], ...] = ()) -> Engine:
@@ -692,7 +696,7 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     from upscaler_server import backends  # the backends import this module
 
     if backend == "nearest":
-        return NearestEngine(scale)
+        return NearestEngine(2 if scale is None else scale)
     if backend not in backends.BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
     resolved = resolve_device(device)

@@ -44,7 +44,7 @@ from torch import nn
 
 from upscaler_server.config import MAX_THREADS
 from upscaler_server.engine import load_network
-from upscaler_server.errors import ModelLoadError
+from upscaler_server.errors import ConfigError, ModelLoadError
 from upscaler_server.files import FolderError, check_writable, folder_made_for, partial_beside, publish
 
 __all__ = ["Uint8IO", "export_onnx", "main"]
@@ -206,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=pathlib.Path,
                      help="student checkpoint: a file or a bundled name (default: the bundled student)")
     src.add_argument("--model", help="a registered decoder (e.g. rlfn_s) with RANDOM weights, for benchmarks")
-    p.add_argument("--scale", type=int, default=2, help="scale of --model (a checkpoint knows its own)")
+    p.add_argument("--scale", type=int, help="scale of --model (default 2); with a checkpoint, it must be the "
+                   "checkpoint's own")
     p.add_argument("--seed", type=int, default=0, help="seed of --model's random weights")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("-o", "--output", type=pathlib.Path, required=True, help="output file, e.g. student.onnx")
@@ -288,6 +289,9 @@ def _export(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except ConfigError as exc:  # --scale other than the checkpoint's
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if (problem := _model_problem(args, network, weights)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -165,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=pathlib.Path, help=CHECKPOINT_HELP)
     src.add_argument("--model", help="registered model with RANDOM weights (tests and benchmarks only)")
-    p.add_argument("--scale", type=int, default=2, help="scale of --model")
+    p.add_argument("--scale", type=int, help="scale of --model (default 2); with a checkpoint, it must be the "
+                   "checkpoint's own")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all usable cores)")
@@ -180,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_arguments(args: argparse.Namespace) -> None:
     """The bounds the daemon's settings have (the engine would otherwise fail on them with a traceback)."""
     bad = engine_setting_problems(threads=args.threads, pad_channels=args.pad_channels)
-    if not 1 <= args.scale <= SCALE_MAX:
+    if args.scale is not None and not 1 <= args.scale <= SCALE_MAX:
         bad.append(f"1 <= --scale <= {SCALE_MAX}")
     if args.max_pixels is None:  # OPENCV_IO_MAX_IMAGE_PIXELS set lower than the default lowers the default
         args.max_pixels = min(DEFAULT_MAX_PIXELS, decode_limit())
