@@ -268,3 +268,18 @@ def test_replace_keeps_a_folder_to_the_frames_asked_for(tmp_path: Path) -> None:
         refused = _run_command(out)
         assert refused.returncode == 2 and "frame 'junk' is not a record this command writes" in refused.stderr
         assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("command", ["povray", "scenes"])
+def test_a_frame_larger_than_the_trainer_reads_is_refused_before_rendering(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """POV-Ray rendered a 100000x100000 frame for hours that the trainer would then refuse as a decompression bomb."""
+    from training import MAX_IMAGE_PIXELS
+    from training.data.__main__ import main as data_main
+
+    count = ["--count", "1"] if command == "scenes" else ["--only", "incdemo/transforms"]
+    assert data_main([command, "--out", str(tmp_path / "out"), "--width", "8194", "--height", "8192", *count]) == 2
+    assert 8194 * 8192 > MAX_IMAGE_PIXELS >= 8192 * 8192
+    assert f"8194x8192 is more than {MAX_IMAGE_PIXELS} pixels" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

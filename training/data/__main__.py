@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from training import MAX_IMAGE_PIXELS
 from training.data.images import DatasetError
 from training.data.povray import SCENE_LIST, canonical_scene, load_scene_list, render_scenes
 from training.data.scenes_cmd import write_scene_frames
@@ -151,6 +152,10 @@ def _scenes(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.width * args.height > MAX_IMAGE_PIXELS:  # POV-Ray rendered such a frame for hours, for nothing
+        print(f"error: {args.width}x{args.height} is more than {MAX_IMAGE_PIXELS} pixels, the largest image the "
+              "trainer reads (it refuses larger files as decompression bombs)", file=sys.stderr)
+        return 2
     try:
         return _povray(args) if args.command == "povray" else _scenes(args)
     except (DatasetError, ValueError, OSError) as exc:  # OSError: an output folder that cannot be made or written
