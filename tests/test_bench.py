@@ -99,6 +99,8 @@ def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
     (["--frames", "0"], 2, "--frames 0: use at least 3"),
     (["--backends", "eager", "--frames", "2"], 2, "--frames 2: use at least 3"),
     (["--repeats", "0"], 2, "--repeats 0: use at least 1"),  # a table of nan and a JSON with NaN tokens
+    (["--budget", "nan"], 2, "--budget nan: use a positive number of seconds"),  # a JSON traceback at the end
+    (["--budget", "-1"], 2, "--budget -1.0: use a positive number of seconds"),
     (["--threads", "-1"], 2, "--threads -1: needs 0 <= threads <= 1024"),
     (["--sizes", "0x0"], 2, "--sizes 0x0: width and height must be at least 1"),
     (["--sizes", "8x8"], 2, "--sizes 8x8 is below the model's minimum input size 15x15"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import pathlib
 import platform
@@ -336,6 +337,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--repeats {args.repeats}: use at least 1 round trip per size")
     if args.frames < 3:
         raise ValueError(f"--frames {args.frames}: use at least 3 (the p99 and the fps need a few frames)")
+    if not 0 < args.budget < math.inf:  # NaN too: it failed the JSON at the end, after every measurement
+        raise ValueError(f"--budget {args.budget}: use a positive number of seconds")
     if problems := engine_setting_problems(threads=args.threads, pad_channels=0):
         raise ValueError(f"--threads {args.threads}: needs {problems[0]}")
     # the daemons run with the default limits, which the benchmark does not change
