@@ -47,6 +47,22 @@ def test_bench_measures_transport_and_both_end_to_end_modes(tmp_path: pathlib.Pa
     assert len(machine["load_before"]) == 3 and len(machine["load_after"]) == 3
 
 
+def test_bench_measures_a_student_of_another_scale_at_its_own(tmp_path: pathlib.Path) -> None:
+    """An x3 student was refused with '--scale 2: ... upscales x3', naming an option the benchmark does not have."""
+    import models
+
+    x3 = models.save_checkpoint(models.build_model("rlfn_s", channels=8, scale=3), tmp_path / "x3.safetensors",
+                                role="student")  # fmt: skip
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "upscaler_server.bench", "--checkpoint", str(x3), "--sizes", "32x32",
+               "--repeats", "1", "--frames", "3", "--budget", "5", "--device", "cpu", "--threads", "1",
+               "--json", str(out)]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    e2e = json.loads(out.read_text())["end_to_end"]
+    assert e2e["scale"] == 3 and [row["hr"] for row in e2e["rows"]] == ["96x96"]
+
+
 def test_bench_refuses_an_abbreviated_option() -> None:
     """`--backend` (the end-to-end daemon's) and `--backends` (the comparison) must not be mistaken for each other."""
     command = [sys.executable, "-m", "upscaler_server.bench", "--backe", "eager", "--skip-e2e"]

@@ -1,7 +1,8 @@
 """``python -m upscaler_server`` / ``upscaler-server``: command line -> Config -> engine -> Server.
 
 Exit status: 0 after SIGTERM/SIGINT (a second signal forces a stop without waiting for the running frame),
-2 for invalid settings or an endpoint already served, 3 when the model cannot be loaded.
+1 when the engine cannot be set up (a backend failing while --tune-sizes are measured), 2 for invalid settings or an
+endpoint already served, 3 when the model cannot be loaded.
 """
 
 from __future__ import annotations

@@ -414,9 +414,9 @@ def _student_min_size(checkpoint: pathlib.Path | None, bundled: bool) -> int:
     from upscaler_server.engine import load_network
 
     if checkpoint is None and not (bundled and models.DEFAULT_STUDENT_PATH.exists()):
-        network, _, _ = load_network(None, "rlfn_s", 2)
+        network, _, _ = load_network(None, "rlfn_s")
     else:
-        network, _, _ = load_network(checkpoint, None, 2)
+        network, _, _ = load_network(checkpoint, None)  # at the checkpoint's own scale
     return models.min_lr_size(network)
 
 

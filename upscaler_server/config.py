@@ -89,7 +89,7 @@ class Config:
                 for w, h in self.tune_sizes
                 if not (1 <= w <= self.max_width and 1 <= h <= self.max_height and w * h <= self.max_pixels)]
         if bad:
-            raise ConfigError(f"invalid settings {bad}: sizes and counts must be positive")
+            raise ConfigError(f"invalid settings {bad}: sizes and counts must be positive and within these bounds")
         # the lease travels in milliseconds (welcome.lease_ms, an integer >= 1); a day is longer than any frame
         if not (math.isfinite(self.lease_timeout) and 0.001 <= self.lease_timeout <= MAX_LEASE_S):
             raise ConfigError(f"the lease timeout must be 0.001 to {MAX_LEASE_S:.0f} seconds, got {self.lease_timeout}")

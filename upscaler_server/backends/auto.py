@@ -163,7 +163,7 @@ class AutoEngine(Engine):
         for width, height in tune_sizes:
             try:
                 self.check_input_size(height, width)
-            except EngineError as exc:  # a setting, not a frame: the daemon exits 2 with it, the offline CLI 1
+            except EngineError as exc:  # a setting, not a frame: the daemon and the offline CLI exit 2 with it
                 raise ConfigError(f"--tune-sizes {width}x{height}: {exc}") from None
             self.prepare(height, width, PIXEL_FORMATS["RGB8"])
 
