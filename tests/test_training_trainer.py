@@ -392,6 +392,25 @@ def _write_config(tmp_path: Path, folder: Path, steps: int) -> Path:
     return path
 
 
+def test_a_stage_starts_from_and_learns_from_bundled_checkpoints_by_name(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init_from and guides took file paths only ('checkpoint 'rlfn_teacher_takdsr_x2': file not found'), where every
+    other command takes a bundled checkpoint's name."""
+    from models import WEIGHTS_DIR
+
+    monkeypatch.chdir(tmp_path)  # no file of that name here: the bundled one is meant
+    config = _write_config(tmp_path, image_folder, steps=1)
+    name = "rlfn_teacher_takdsr_x2"
+    assert training_main(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"),
+                          "--set", 'stage.name="student"', "--set", 'stage.role="student"',
+                          "--set", f'stage.init_from="{name}"', "--set", f'stage.guides=["{name}"]',
+                          "--set", "experiment.channels=52", "--set", "eval.cg_dev=false"]) == 0  # fmt: skip
+    training = read_metadata(tmp_path / "run" / "final.safetensors")["training"]
+    assert training["guides"] == [name] and training["init_from"] == name  # not "weights", their folder
+    assert training["config"]["stage"]["guides"] == [str(WEIGHTS_DIR / f"{name}.safetensors")]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_stop_signal_saves_state_and_exits_cleanly(image_folder: Path, tmp_path: Path, signum: int) -> None:
     config = _write_config(tmp_path, image_folder, steps=100_000)

@@ -18,6 +18,7 @@ from typing import Any
 
 import tomli_w
 
+from models.checkpoint import resolve_checkpoint
 from models.registry import FAMILIES
 from training.data import DataConfig
 from training.data.config import drop_none, known_fields, typed_value
@@ -204,6 +205,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
     data = DataConfig.from_dict(raw["data"]) if "data" in raw else None
     config = Config(data=data, **sections)
     _validate(config)
+    # a bundled checkpoint's name (rlfn_teacher_takdsr_x2) as every other command takes it; files stay as named
+    config.stage.init_from = str(resolve_checkpoint(config.stage.init_from)) if config.stage.init_from else ""
+    config.stage.guides = [str(resolve_checkpoint(guide)) for guide in config.stage.guides]
     return config
 
 

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from models import (
+    WEIGHTS_DIR,
     Teacher,
     build_model,
     describe_shape_mismatch,
@@ -555,11 +556,17 @@ def _training_summary(config: Config, steps: int, seconds: float) -> dict[str, A
         "batch_size": config.optim.batch_size,
         "seconds": round(seconds, 1),
         "mix": list(stage_mix(config)) if stage_mix(config) else None,
-        # checkpoints are <run>/<stage>/final.safetensors: name the stages
-        "guides": [Path(p).parent.name for p in stage.guides],
-        "init_from": Path(stage.init_from).parent.name if stage.init_from else None,
+        "guides": [_input_label(p) for p in stage.guides],
+        "init_from": _input_label(stage.init_from) if stage.init_from else None,
         "config": config.to_dict(),
     }
+
+
+def _input_label(path: str) -> str:
+    """A stage's guide or init_from as its metadata names it: the stage of <run>/<stage>/final.safetensors, or a
+    bundled checkpoint's name (its folder, models/weights, would say nothing)."""
+    file = Path(path)
+    return file.stem if file.resolve().parent == WEIGHTS_DIR.resolve() else file.parent.name
 
 
 def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) -> dict[str, Any]:
