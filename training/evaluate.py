@@ -81,6 +81,7 @@ def eval_sets(config: Config, scale: int, min_lr_side: int = 1) -> dict[str, lis
     """The evaluation sets named in config.eval, each a list of whole (or centre-cropped) images; folder images
     whose LR side would be below `min_lr_side` (see `min_lr_side`) are skipped with a warning."""
     check_eval_folders(config)
+    _check_crop(config.eval.crop, scale, 1)  # the pipeline checked the networks' minimum before training
     base = config.data or DataConfig(sources=[SourceConfig(kind="folder", path=".")], scale=scale)
     wanted: dict[str, SourceConfig] = {}
     if config.eval.cg_dev:
@@ -230,7 +231,6 @@ def _check_crop(crop: int, scale: int, min_lr_side: int) -> None:
 def _center_crop(image: EvalImage, crop: int, scale: int) -> EvalImage:
     if not crop:
         return image
-    _check_crop(crop, scale, 1)  # the pipeline checked the networks' minimum before training
     lr_crop = crop // scale
     h, w = image.lr.shape[-2:]
     top, left = max(0, (h - lr_crop) // 2), max(0, (w - lr_crop) // 2)
