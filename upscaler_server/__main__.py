@@ -17,7 +17,14 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, cli_prog, default_endpoint
+from upscaler_server.config import (
+    CHECKPOINT_HELP,
+    SCALE_HELP,
+    Config,
+    add_backend_arguments,
+    cli_prog,
+    default_endpoint,
+)
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -45,8 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=pathlib.Path, help=CHECKPOINT_HELP)
     src.add_argument("--model", help="run this registered model with RANDOM weights (benchmarks and tests only)")
     add_backend_arguments(p, defaults.backend)
-    p.add_argument("--scale", type=int, help="scale of --model and of the nearest backend (default 2); with a "
-                   "checkpoint, it must be the checkpoint's own")
+    p.add_argument("--scale", type=int, help=SCALE_HELP)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=defaults.device)
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=defaults.precision,
                    help="auto: fp16 on CUDA, fp32 on CPU")

@@ -28,6 +28,7 @@ BACKEND_CHOICES: tuple[str, ...] = typing.get_args(Backend)
 
 
 MAX_LEASE_S = 86_400.0
+DEFAULT_SCALE = 2  # --model's and the nearest backend's factor when --scale is not given
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class Config:
     # eager (alias torch): PyTorch; compile: torch.compile; onnxruntime; tensorrt (CUDA); auto: the fastest of those
     # within tolerance of fp32 eager, measured per resolution; nearest: nearest-neighbour copy, no model (tests)
     backend: Backend = "eager"
-    # upscale factor of --model and of the nearest backend (None: 2); with a checkpoint, which knows its own, only a
-    # check: another value is refused rather than served at the checkpoint's factor without a word
+    # upscale factor of --model and of the nearest backend (None: DEFAULT_SCALE); with a checkpoint, which knows its
+    # own, only a check: another value is refused rather than served at the checkpoint's factor without a word
     scale: int | None = None
     device: Device = "auto"  # auto: CUDA when available, else CPU
     precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
@@ -71,7 +72,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.checkpoint is not None and self.model is not None:
             raise ConfigError("give either --checkpoint or --model, not both")
-        positive = {"scale": 2 if self.scale is None else self.scale, "max_width": self.max_width,
+        positive = {"scale": DEFAULT_SCALE if self.scale is None else self.scale, "max_width": self.max_width,
                     "max_height": self.max_height,
                     "max_pixels": self.max_pixels, "max_slots": self.max_slots, "max_sessions": self.max_sessions,
                     "max_shm_bytes": self.max_shm_bytes, "max_queue": self.max_queue,
@@ -154,6 +155,8 @@ def engine_setting_problems(*, threads: int, pad_channels: int) -> list[str]:
     return bad
 
 
+SCALE_HELP = (f"scale of --model and of the nearest backend (default {DEFAULT_SCALE}); with a checkpoint, it must be "
+              "the checkpoint's own")
 CHECKPOINT_HELP = ("student checkpoint: a .safetensors file or a bundled name such as rlfn_s_native_x2 (default: the "
                    "bundled rlfn_s_takdsr_x2)")
 

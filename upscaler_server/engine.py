@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 import torch
 
-from upscaler_server.config import Config
+from upscaler_server.config import DEFAULT_SCALE, Config
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
@@ -548,8 +548,8 @@ def resolve_precision(precision: str, device: str) -> str:
 def load_network(checkpoint: pathlib.Path | None, model: str | None,
                  scale: int | None = None) -> tuple[torch.nn.Module, str, str | None]:
     """(network, architecture name, checkpoint path or None for random weights) from a checkpoint, the bundled
-    student (both None) or a registered model name. `scale`: the model's (None: 2); a checkpoint's must equal it
-    (ConfigError otherwise), so that asking for x3 never gets the x2 of the file in silence."""
+    student (both None) or a registered model name. `scale`: the model's (None: DEFAULT_SCALE); a checkpoint's must
+    equal it (ConfigError otherwise), so that asking for x3 never gets the x2 of the file in silence."""
     try:
         import models
     except ImportError as exc:
@@ -558,7 +558,7 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
         if model not in models.list_models():
             raise ModelLoadError(f"unknown model {model!r}; registered: {', '.join(models.list_models())}")
         try:
-            network = models.build_model(model, scale=2 if scale is None else scale)
+            network = models.build_model(model, scale=DEFAULT_SCALE if scale is None else scale)
         except ValueError as exc:  # e.g. a scale the family does not have
             raise ModelLoadError(f"cannot build {model!r}: {exc}") from exc
         return _decoder(network, model), model, None
@@ -696,7 +696,7 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     from upscaler_server import backends  # the backends import this module
 
     if backend == "nearest":
-        return NearestEngine(2 if scale is None else scale)
+        return NearestEngine(DEFAULT_SCALE if scale is None else scale)
     if backend not in backends.BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
     resolved = resolve_device(device)

@@ -28,7 +28,14 @@ from upscaler_server.decode_limit import decode_limit  # first: it sets OpenCV's
 import cv2
 import numpy as np
 
-from upscaler_server.config import CHECKPOINT_HELP, Config, add_backend_arguments, cli_prog, engine_setting_problems
+from upscaler_server.config import (
+    CHECKPOINT_HELP,
+    SCALE_HELP,
+    Config,
+    add_backend_arguments,
+    cli_prog,
+    engine_setting_problems,
+)
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 from upscaler_server.files import check_writable, partial_beside, publish
@@ -165,8 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=pathlib.Path, help=CHECKPOINT_HELP)
     src.add_argument("--model", help="registered model with RANDOM weights (tests and benchmarks only)")
-    p.add_argument("--scale", type=int, help="scale of --model (default 2); with a checkpoint, it must be the "
-                   "checkpoint's own")
+    p.add_argument("--scale", type=int, help=SCALE_HELP)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all usable cores)")
