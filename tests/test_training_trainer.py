@@ -369,16 +369,20 @@ def test_the_cosine_runs_over_the_steps_without_a_budget(image_folder: Path, tmp
 
 def test_nan_loss_stops_with_the_step(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = _stage_config(image_folder, tmp_path, "student")
-    original_forward = Distillation.forward
-    calls = {"n": 0}
+    original_forward, original_step = Distillation.forward, _Trainer._step
+    steps = {"n": 0}
+
+    def counted(self, loss_module, batch, step):  # the forwards of training steps (not the memory probe's)
+        steps["n"] += 1
+        return original_step(self, loss_module, batch, step)
 
     def poisoned(self, lr, hr):
-        calls["n"] += 1
         terms = original_forward(self, lr, hr)
-        if calls["n"] == 4:
+        if steps["n"] == 4:
             terms["total"] = terms["total"] * float("nan")
         return terms
 
+    monkeypatch.setattr(_Trainer, "_step", counted)
     monkeypatch.setattr(Distillation, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="step 4"):
         train_stage(config, tmp_path / "nan")

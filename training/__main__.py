@@ -36,10 +36,11 @@ from training.evaluate import (
     unique_labels,
 )
 from training.latency import measure_latency
+from training.memory import is_out_of_memory
 from training.pipeline import run_pipeline
 from training.report import latency_where
 from training.ship import seed_run, ship_checkpoint, ship_run
-from training.trainer import NonFiniteLossError, TrainingInterrupted, export_state, train_stage
+from training.trainer import NonFiniteLossError, OutOfMemoryError, TrainingInterrupted, export_state, train_stage
 
 
 def _comma_list(text: str) -> list[str]:
@@ -232,8 +233,8 @@ def _latency(args: argparse.Namespace) -> int:
         try:
             timings[target] = measure_latency(model, width, height, device, repeats=args.repeats,
                                               threads=args.threads)  # fmt: skip
-        except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) is one too
-            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
                 raise
             raise ValueError(f"{target} at {width}x{height} does not fit in {device} memory: "
                              f"{str(exc).splitlines()[0]}") from None
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
               "resumes from its last state.pt)", file=sys.stderr)
         return 128 + signal.SIGINT
     # OSError: a folder or file that cannot be read or written (an unwritable run or cache folder, a full disk)
-    except (NonFiniteLossError, CheckpointError, DatasetError, ValueError, OSError) as exc:
+    except (NonFiniteLossError, OutOfMemoryError, CheckpointError, DatasetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -53,10 +53,11 @@ from training.config import Config, StageConfig, config_from_toml, differing_key
 from training.data import build_train_dataset, worker_start_method
 from training.data.images import write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
+from training.memory import StepMemory, available_memory_bytes, is_out_of_memory, measure_step_memory
 
 __all__ = [
-    "NonFiniteLossError", "StageResult", "TrainingInterrupted", "export_state", "read_state", "stage_inputs",
-    "train_stage",
+    "NonFiniteLossError", "OutOfMemoryError", "StageResult", "TrainingInterrupted", "export_state", "read_state",
+    "stage_inputs", "train_stage",
 ]  # fmt: skip
 
 STATE_FILE = "state.pt"
@@ -68,6 +69,10 @@ SNAPSHOT_DIR = "snapshots"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """A step's batch does not fit in the device's memory: refused before training, or met during a step."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -254,6 +259,7 @@ class _Trainer:
                 self._refuse_finished_resume(start_step)
             loss_module = self._distillation()
             loader = self._loader(start_step)  # the data is checked before the run's files change
+            self._refuse_batch_beyond_memory()  # after the loader: MemAvailable then knows the data cache
             return self._train(start_step, loss_module, loader)
 
     def _train(self, start_step: int, loss_module: Distillation, loader: DataLoader) -> StageResult:
@@ -269,7 +275,7 @@ class _Trainer:
         )  # fmt: skip
         try:
             while not self._finished(step):
-                terms = self._step(loss_module, next(batches), step)
+                terms = self._step_within_memory(loss_module, batches, step)
                 step += 1
                 self.last_loss = total = terms["total"]
                 if self.budget_s:
@@ -315,6 +321,62 @@ class _Trainer:
         self.optimizer.step()
         return {name: value.item() for name, value in terms.items()}
 
+    def _step_within_memory(self, loss_module: Distillation, batches: Iterator[dict[str, torch.Tensor]],
+                            step: int) -> dict[str, float]:
+        """`_step` on the next batch, with running out of memory while making the batch or in the step (CUDA, or a
+        CPU allocator under a ulimit) as one error that says what to change, instead of an allocator traceback."""
+        try:
+            return self._step(loss_module, next(batches), step)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            resume = (f"; `python -m training train --resume {self.run_dir} --set optim.batch_size=N` goes on from "
+                      f"the last saved state" if (self.run_dir / STATE_FILE).exists() else "")
+            raise OutOfMemoryError(
+                f"out of {self.device} memory in step {step + 1} of {self.config.stage.name} (batch "
+                f"{self.config.optim.batch_size} of {self.config.data.patch_size} px patches): "
+                f"{_first_line(exc)}; a smaller optim.batch_size or data.patch_size needs less{resume}"
+            ) from None
+
+    def _refuse_batch_beyond_memory(self) -> None:
+        """OutOfMemoryError before training when a step of this batch needs more memory than the device has free,
+        by a lower bound measured on the network (training.memory); nothing is checked where the free memory is
+        unknown."""
+        available = available_memory_bytes(self.device)
+        if available is None:
+            return
+        step_memory = self._step_memory()
+        batch_size = self.config.optim.batch_size
+        if step_memory.need(batch_size) <= available:
+            return
+        largest = step_memory.largest_batch(available)
+        fits = f"a batch of at most {largest} fits that bound" if largest else "not even a batch of 1 fits"
+        raise OutOfMemoryError(
+            f"optim.batch_size {batch_size} of {self.config.data.patch_size} px patches needs at least "
+            f"{step_memory.need(batch_size) / 2**30:.2f} GiB of {self.device} memory for one step of "
+            f"{self.config.stage.name}, and {available / 2**30:.2f} GiB is free: {fits} (a smaller data.patch_size "
+            f"needs less too)"
+        )
+
+    def _step_memory(self) -> StepMemory:
+        """The memory of a step's forward on the plain network (not compiled, nor DDP-wrapped, whose state a
+        forward without backward would upset), on constant patches: their content does not change the size, and
+        the random generators stay as a resume expects them."""
+        probe = self._loss_module(self.trained)
+        patch, scale = self.config.data.patch_size, self.config.experiment.scale
+
+        def make_batch(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+            lr = torch.full((samples, 3, patch // scale, patch // scale), 0.5)
+            hr = torch.full((samples, 3, patch, patch), 0.5)
+            return self._to_device(lr), self._to_device(hr)
+
+        def forward(lr: torch.Tensor, hr: torch.Tensor) -> object:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                return probe(lr, hr)
+
+        return measure_step_memory(forward, make_batch)
+
     def _finished(self, step: int) -> bool:
         """The stage has run its steps, or spent its time budget."""
         return step >= self.steps or self.budget_spent >= 1.0
@@ -353,6 +415,9 @@ class _Trainer:
         if self.dist.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
+        return self._loss_module(model)
+
+    def _loss_module(self, model: nn.Module) -> Distillation:
         loss = self.config.loss
         return Distillation(
             model, self.guides, mix=stage_mix(self.config),
