@@ -125,6 +125,23 @@ def test_evaluate_scores_every_image_when_file_stems_repeat(tmp_path: Path) -> N
         evaluate(baseline_predictors(2), [image, image], 2)
 
 
+def test_an_image_too_large_for_memory_is_one_error_naming_model_and_image() -> None:
+    """A teacher on a 4000x4000 image under `ulimit -v 5000000` ended in the CPU allocator's traceback."""
+    def out_of_memory(lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3584000000 bytes.\nmore")
+
+    def other_failure(lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("Given groups=1, weight of size [8, 3, 3, 3]")
+
+    image = EvalImage("frame", torch.zeros(3, 8, 12), torch.zeros(3, 16, 24))
+    with pytest.raises(ValueError, match=r"^teacher on frame \(24x16\) does not fit in memory: DefaultCPUAllocator: "
+                                         r"can't allocate memory: you tried to allocate 3584000000 bytes\.; nothing "
+                                         r"was scored \(smaller images need less"):
+        evaluate({"bicubic": baseline_predictors(2)["bicubic"], "teacher": out_of_memory}, [image], 2)
+    with pytest.raises(RuntimeError, match="Given groups=1"):  # not every failure is taken for memory
+        evaluate({"teacher": other_failure}, [image], 2)
+
+
 def test_the_scores_file_is_checked_before_any_scoring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = make_image_folder(tmp_path / "images", count=1, size=(48, 64))
     sets = builtin_sets_config(None, [folder])

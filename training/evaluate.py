@@ -35,6 +35,7 @@ from training.data import DataConfig, SourceConfig, build_eval_dataset, default_
 from training.data.images import scan_images, write_json_atomic
 from training.data.paths import shared_hint
 from training.distill import mixed_input
+from training.memory import is_out_of_memory
 from training.metrics import image_metrics
 
 __all__ = [
@@ -331,12 +332,11 @@ def evaluate(
     results: dict[str, Any] = {name: {"per_image": {}} for name in predictors}
     crops: dict[str, list[np.ndarray]] = {name: [] for name in [*predictors, "GT"]}
     for index, image in enumerate(tqdm(images, desc="evaluate", unit="image", leave=False)):
-        lr, hr = image.lr.unsqueeze(0), image.hr.unsqueeze(0)
         region = _detail_region(image.hr) if index < keep_crops else None
         if region is not None:
             crops["GT"].append(to_uint8(image.hr[region]))
         for name, predict in predictors.items():
-            sr = predict(lr, hr).float()[0].cpu()  # (3, H, W)
+            sr = _predict_within_memory(name, predict, image).float()[0].cpu()  # (3, H, W)
             if not bool(torch.isfinite(sr).all()):  # NaN passes clamp and every metric: scores of NaN, invalid JSON
                 raise ValueError(f"{name} gives NaN or infinite values on {image.name}: its weights overflow float32 "
                                  "(a damaged file, or a training that diverged); nothing was scored")
@@ -348,6 +348,20 @@ def evaluate(
         per_image = [scores["per_image"][image.name] for image in images]  # one entry per image scored
         scores["mean"] = {key: float(np.mean([m[key] for m in per_image])) for key in METRIC_KEYS}
     return results, crops
+
+
+def _predict_within_memory(name: str, predict: Predictor, image: EvalImage) -> torch.Tensor:
+    """predict(lr, hr) of one image (a batch of one), with an image too large for the device's memory as one error
+    naming the model and the image, instead of the allocator's traceback."""
+    try:
+        return predict(image.lr.unsqueeze(0), image.hr.unsqueeze(0))
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        height, width = image.hr.shape[-2:]
+        first_line = str(exc).strip().split("\n", 1)[0]
+        raise ValueError(f"{name} on {image.name} ({width}x{height}) does not fit in memory: {first_line}; nothing "
+                         "was scored (smaller images need less: a pipeline's eval.crop crops them)") from None
 
 
 def _refuse_repeated_names(images: list[EvalImage]) -> None:
