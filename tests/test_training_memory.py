@@ -1,25 +1,30 @@
-"""A batch too large for the machine: refused before training with the largest batch that fits (it was the kernel's
-OOM killer on a CPU, with no word and no state; an allocator traceback on CUDA), and running out of memory in a step
-is one error naming the settings to change."""
+"""A batch too large for the machine: refused before training, with the batch above which it cannot fit (it was
+the kernel's OOM killer on a CPU, with no word and no state; an allocator traceback on CUDA), and running out of
+memory in a step is one error naming the settings to change."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import training.memory as memory
 import training.trainer as trainer_module
 from training.__main__ import main as training_main
 from training.config import StageConfig, dump_toml
-from training.memory import StepMemory, available_memory_bytes, is_out_of_memory, measure_step_memory
+from training.memory import available_memory_bytes, is_out_of_memory, kept_bytes_per_sample
 from training.trainer import OutOfMemoryError, _init_distributed, _Trainer, train_stage
 
 from training_utils import make_image_folder, tiny_config
 
-FLOAT = 4  # bytes
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,35 +32,39 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
-def _teacher_config(folder: Path, **optim: object):
-    config = tiny_config(folder, optim=optim) if optim else tiny_config(folder)
-    return dataclasses.replace(config, stage=StageConfig(name="teacher", role="teacher"))
+def _stage(folder: Path, role: str = "teacher", guides: tuple[str, ...] = (), **sections: dict):
+    return dataclasses.replace(tiny_config(folder, **sections), stage=StageConfig(name=role, role=role,
+                                                                                  guides=list(guides)))
 
 
 def _patches(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(samples, 3, 8, 8), torch.zeros(samples, 3, 16, 16)
 
 
-def test_the_step_memory_is_the_patches_and_what_autograd_saves() -> None:
-    weight = torch.ones(3, 1, 1, requires_grad=True)
+def test_the_count_is_the_patches_and_the_inputs_of_trained_convolutions() -> None:
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+    frozen = nn.Conv2d(3, 5, 1).requires_grad_(False)
 
     def loss(lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-        # mul saves hr for the weight's gradient (counted once, with the inputs); each relu saves its output: one HR
-        # patch a sample, and the weight's size once
-        return torch.relu(hr * weight).sum() + torch.relu(weight).sum() + lr.sum()
+        # hr is the first convolution's input (counted once, with the patches); the relu's output is the second's
+        # input (the relu saves it too: once); the sigmoid's saved output and the frozen convolution's input are not
+        # counted: a compiled backward may recompute the one and never needs the other
+        image = second(torch.relu(first(hr)))
+        return torch.sigmoid(image).mean() + frozen(lr).mean()
 
-    step = measure_step_memory(loss, _patches)
-    patches = 3 * 8 * 8 * FLOAT + 3 * 16 * 16 * FLOAT
-    assert step.per_sample == patches + 3 * 16 * 16 * FLOAT
-    assert step.fixed == weight.nbytes
-    assert step.need(5) == weight.nbytes + 5 * step.per_sample
+    patches = (3 * 8 * 8 + 3 * 16 * 16) * 4
+    assert kept_bytes_per_sample(loss, _patches) == patches + 4 * 16 * 16 * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the convolutions save bf16 copies: 2 bytes a value
+        assert kept_bytes_per_sample(loss, _patches) == patches + (3 * 16 * 16 + 4 * 16 * 16) * 2
 
 
-def test_the_largest_batch_is_the_last_that_fits() -> None:
-    step = StepMemory(fixed=100, per_sample=10)
-    assert step.largest_batch(step.need(7)) == 7
-    assert step.largest_batch(step.need(7) - 1) == 6
-    assert step.largest_batch(50) == 0
+def test_the_trainer_counts_in_the_dtype_it_trains_in(image_folder: Path, tmp_path: Path) -> None:
+    counts = {amp: _Trainer(_stage(image_folder, runtime={"amp": amp}), tmp_path / amp,
+                            _init_distributed("cpu"))._kept_bytes_per_sample() for amp in ("off", "bf16")}
+    patches = (3 * 16 * 16 + 3 * 32 * 32) * 4  # the tiny config's patches: 32 px HR at x2
+    assert counts["off"] > 2 * patches  # the teacher's convolutions' inputs
+    assert counts["bf16"] - patches < 0.55 * (counts["off"] - patches)  # halved, bar the first layer's fp32 input
 
 
 def test_free_cpu_memory_is_the_least_of_meminfo_and_every_cgroup_limit(tmp_path: Path,
@@ -63,13 +72,18 @@ def test_free_cpu_memory_is_the_least_of_meminfo_and_every_cgroup_limit(tmp_path
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       9000 kB\nMemAvailable:   8000 kB\n")
     cgroups = tmp_path / "cgroup"
-    for folder, files in {"game": {"memory.max": "1000000\n", "memory.current": "400000\n"},
-                          "game/trainer": {"memory.max": "max\n", "memory.current": "100000\n"},
-                          "memory/box": {"memory.limit_in_bytes": "9223372036854771712\n",
-                                         "memory.usage_in_bytes": "100\n"},
-                          "memory": {"memory.limit_in_bytes": "700000\n", "memory.usage_in_bytes": "200000\n"}}.items():
+    files = {
+        "game": {"memory.max": "1000000\n", "memory.current": "400000\n", "memory.stat": "inactive_file 50000\n"},
+        "game/trainer": {"memory.max": "max\n", "memory.current": "100000\n"},
+        "memory/box": {"memory.limit_in_bytes": "9223372036854771712\n", "memory.usage_in_bytes": "100\n",
+                       "memory.stat": "total_inactive_file 0\n"},
+        "memory": {"memory.limit_in_bytes": "700000\n", "memory.usage_in_bytes": "200000\n",
+                   "memory.stat": "cache 100000\ntotal_inactive_file 30000\n"},
+        "broken": {"memory.max": "\n", "memory.current": "1\n"},
+    }
+    for folder, contents in files.items():
         (cgroups / folder).mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
+        for name, text in contents.items():
             (cgroups / folder / name).write_text(text)
     own = tmp_path / "self_cgroup"
     monkeypatch.setattr(memory, "MEMINFO", meminfo)
@@ -77,12 +91,13 @@ def test_free_cpu_memory_is_the_least_of_meminfo_and_every_cgroup_limit(tmp_path
     monkeypatch.setattr(memory, "PROC_CGROUP", own)
     cpu = torch.device("cpu")
 
-    own.write_text("0::/game/trainer\n")  # v2: the limit sits on the parent group
-    assert available_memory_bytes(cpu) == 600000
+    own.write_text("0::/game/trainer\n")  # v2: the limit sits on the parent group; its inactive cache is reclaimable
+    assert available_memory_bytes(cpu) == 1000000 - (400000 - 50000)
     own.write_text("4:cpu,memory:/box\n1:cpu:/\nnot a cgroup line\n")  # v1: the limit sits on the root group
-    assert available_memory_bytes(cpu) == 500000
-    own.write_text("0::/\n")  # no limit anywhere: MemAvailable alone
-    assert available_memory_bytes(cpu) == 8000 * 1024
+    assert available_memory_bytes(cpu) == 700000 - (200000 - 30000)
+    for unreadable in ("0::/broken\n", b"0::/\xff\n"):  # an empty limit, a file that is not text: no limit known
+        own.write_bytes(unreadable if isinstance(unreadable, bytes) else unreadable.encode())
+        assert available_memory_bytes(cpu) == 8000 * 1024  # MemAvailable alone
     monkeypatch.setattr(memory, "MEMINFO", tmp_path / "missing")
     assert available_memory_bytes(cpu) is None  # nothing known: nothing is checked
 
@@ -96,24 +111,73 @@ def test_out_of_memory_errors_are_told_from_others() -> None:
 
 def test_a_batch_no_machine_holds_is_refused_before_training(image_folder: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    with pytest.raises(OutOfMemoryError, match=r"optim\.batch_size 10000000 of 32 px patches needs at least "
+    with pytest.raises(OutOfMemoryError, match=r"optim\.batch_size 10000000 of 32 px patches keeps more than "
                                                r"[\d.]+ GiB of cpu memory for one step of teacher, and [\d.]+ GiB "
-                                               r"is free: a batch of at most \d+ fits that bound"):
-        train_stage(_teacher_config(image_folder, batch_size=10_000_000), run)
+                                               r"is free: a batch over \d+ cannot fit"):
+        train_stage(_stage(image_folder, optim={"batch_size": 10_000_000}), run)
     assert not (run / "state.pt").exists() and not (run / "metrics.jsonl").exists()
 
 
-def test_the_refusal_comes_at_the_first_batch_beyond_the_measured_bound(image_folder: Path, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _teacher_config(image_folder, batch_size=3, steps=2)
-    step = _Trainer(config, tmp_path / "probe", _init_distributed("cpu"))._step_memory()
-    assert step.per_sample > 3 * 32 * 32 * FLOAT  # more than the HR patch alone: the network's saved tensors
+@pytest.mark.parametrize("role, guides", [("teacher", ()), ("student", ("teacher",))])
+def test_the_refusal_comes_at_the_first_batch_beyond_the_count(image_folder: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, role: str,
+                                                               guides: tuple[str, ...]) -> None:
+    guide_files = ()
+    if guides:
+        guide_files = (str(train_stage(_stage(image_folder, optim={"steps": 1}), tmp_path / "teacher").checkpoint),)
+    config = _stage(image_folder, role, guide_files, optim={"batch_size": 3, "steps": 2})
+    per_sample = _Trainer(config, tmp_path / "probe", _init_distributed("cpu"))._kept_bytes_per_sample()
 
-    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: step.need(3) - 1)
-    with pytest.raises(OutOfMemoryError, match="a batch of at most 2 fits that bound"):
+    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: 3 * per_sample - 1)
+    with pytest.raises(OutOfMemoryError, match="a batch over 2 cannot fit"):
         train_stage(config, tmp_path / "refused")
-    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: step.need(3))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two CPU ranks on this host share its memory
+    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: 6 * per_sample - 1)
+    with pytest.raises(OutOfMemoryError, match="patches on each of the 2 ranks of this host keeps more than"):
+        train_stage(config, tmp_path / "refused")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: 3 * per_sample)
     assert train_stage(config, tmp_path / "fits").steps == 2
+
+
+def test_the_count_leaves_training_as_it_was(image_folder: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe forwards constant patches and draws nothing from the random generators: the losses are those of a
+    run without it."""
+    config = _stage(image_folder, optim={"steps": 3})
+    train_stage(config, tmp_path / "counted")
+    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: None)  # nothing known: no probe
+    monkeypatch.setattr(_Trainer, "_kept_bytes_per_sample", lambda self: pytest.fail("probed without a limit"))
+    train_stage(config, tmp_path / "plain")
+    assert _losses(tmp_path / "counted") == _losses(tmp_path / "plain")
+
+
+def _losses(run: Path) -> list[str]:
+    return [line.split('"it_per_s"')[0] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_ranks_stop_together_when_one_has_too_little_memory(image_folder: Path, tmp_path: Path) -> None:
+    """Rank 1 refused alone and rank 0 died in its first backward with a traceback (gloo; NCCL would hang)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun comes with torch, next to this python"
+    driver = tmp_path / "driver.py"
+    driver.write_text("import os, sys\nimport training.trainer\nif os.environ['RANK'] == '1':\n"
+                      "    training.trainer.available_memory_bytes = lambda device: 1\n"
+                      "from training.__main__ import main\nsys.exit(main(sys.argv[1:]))\n")
+    config = tmp_path / "config.toml"
+    config.write_text(dump_toml(_stage(image_folder).to_dict()))
+    run = tmp_path / "ddp"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(driver), "train", "--config", str(config),
+               "--run-dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode != 0
+    assert "error: optim.batch_size 2 of 32 px patches on each of the 2 ranks of this host keeps more than" in \
+        result.stderr
+    assert "error: another rank has too little memory free for optim.batch_size 2" in result.stderr
+    assert "training/trainer.py" not in result.stderr, result.stderr[-3000:]  # no traceback of a rank (torchrun
+    # prints its own for any child that exits 1)
+    assert not (run / "state.pt").exists()
 
 
 def test_running_out_of_memory_in_a_step_is_one_error_naming_the_settings(

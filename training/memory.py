@@ -2,11 +2,12 @@
 is refused with a number before training, rather than killed by the kernel's OOM killer without a word (CPU) or
 ended by an allocator traceback in the first step (CUDA).
 
-The need is measured, not modelled: one probe forward of the loss at batch 1 and one at batch 2 count the bytes of
-the tensors autograd keeps for the backward pass (each storage once) plus the input patches. Their difference is
-what one more sample costs; the rest (autocast's weight copies) is fixed. Both are lower bounds on a real step:
-the backward's gradients, the frozen guides' passing activations and the allocator's slack come on top, so a
-refusal is never a false alarm, and a batch that passes may still be close to the limit.
+The need is measured, not modelled, and only its part that any backward pass must keep is counted: the input patches
+and the input of every trained convolution (its weight's gradient needs it), as autograd saved them on one probe
+forward of the loss at batch 1, each storage once and in the dtype autocast gave it. A compiled graph may save fewer
+of the other tensors (activations it recomputes), never fewer of these. So the count is a lower bound of a real
+step whatever runs it: the other saved tensors, the gradients, the frozen guides' passing activations and the
+allocator's slack come on top, and a refusal is never a false alarm, while a batch that passes may still not fit.
 """
 
 from __future__ import annotations
@@ -17,49 +18,39 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["StepMemory", "available_memory_bytes", "is_out_of_memory", "measure_step_memory"]
+__all__ = ["available_memory_bytes", "is_out_of_memory", "kept_bytes_per_sample"]
 
-CGROUP_DIR = Path("/sys/fs/cgroup")  # cgroup v2: a container's limit, which MemAvailable does not know of
+CGROUP_DIR = Path("/sys/fs/cgroup")  # a container's limit, which MemAvailable does not know of
 MEMINFO = Path("/proc/meminfo")
 PROC_CGROUP = Path("/proc/self/cgroup")  # this process's groups, one line per hierarchy
 
 
-@dataclass(frozen=True)
-class StepMemory:
-    """Bytes a training step holds at least: `fixed + batch_size * per_sample`."""
-
-    fixed: int
-    per_sample: int
-
-    def need(self, batch_size: int) -> int:
-        return self.fixed + batch_size * self.per_sample
-
-    def largest_batch(self, available: int) -> int:
-        """The largest batch whose lower bound fits in `available` bytes (0 when not even one sample does)."""
-        return max(0, (available - self.fixed) // self.per_sample) if self.per_sample else 0
-
-
-def measure_step_memory(loss: Callable[[torch.Tensor, torch.Tensor], object],
-                        make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> StepMemory:
-    """`loss(lr, hr)` is the step's forward (the loss module under the step's autocast); `make_batch(n)` gives an
-    (lr, hr) pair of n samples as the step receives them. The graph of each probe is dropped unused."""
-    one, two = (_saved_bytes(loss, *make_batch(n)) for n in (1, 2))
-    per_sample = max(two - one, 0)
-    return StepMemory(fixed=max(one - per_sample, 0), per_sample=per_sample)
-
-
-def _saved_bytes(loss: Callable[[torch.Tensor, torch.Tensor], object], lr: torch.Tensor, hr: torch.Tensor) -> int:
-    storages: dict[int, int] = {lr.untyped_storage().data_ptr(): lr.untyped_storage().nbytes(),
-                                hr.untyped_storage().data_ptr(): hr.untyped_storage().nbytes()}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()  # a view saved twice (or an input) counts once
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        loss(lr, hr)
+def kept_bytes_per_sample(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                          make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes one training sample keeps at least until the backward pass: `loss(lr, hr)` is the step's forward (the
+    loss under the step's autocast, returning the total), `make_batch(n)` an (lr, hr) pair of n samples as the step
+    receives them. Every counted tensor grows with the batch, so one sample's count scales to any batch."""
+    lr, hr = make_batch(1)
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in (lr, hr)}
+    for saved in _convolution_inputs(loss(lr, hr)):
+        storages[saved.untyped_storage().data_ptr()] = saved.untyped_storage().nbytes()  # once, however often saved
     return sum(storages.values())
+
+
+def _convolution_inputs(total: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs that the convolutions of `total`'s autograd graph saved for their weights' gradients."""
+    inputs, seen, pending = [], set(), [total.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name() == "ConvolutionBackward0":
+            saved = getattr(node, "_saved_input", None)
+            if isinstance(saved, torch.Tensor):  # None for a convolution whose weight is frozen
+                inputs.append(saved)
+        pending += [child for child, _index in node.next_functions]
+    return inputs
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
@@ -88,24 +79,43 @@ def _meminfo_available() -> int | None:
 
 def _cgroup_headroom() -> int | None:
     """The least limit - usage over this process's memory cgroup and the groups above it (a limit may sit on any
-    of them; cgroup v2 or v1), or None without a limit."""
+    of them; cgroup v2 or v1), or None without a limit. The usage leaves out the inactive file cache, which counts
+    as used (a training set just read fills it) but which the kernel reclaims before it kills anything."""
     headrooms = []
-    for folder, limit_file, usage_file in _memory_cgroups():
+    for group in _memory_cgroups():
         try:
-            limit = (folder / limit_file).read_text().strip()
-            usage = int((folder / usage_file).read_text())
-        except (OSError, ValueError):
-            continue  # a root group has neither file
-        if limit != "max":  # v1 says "no limit" with a huge number, which the min with MemAvailable passes over
+            limit = (group.folder / group.limit_file).read_text().strip()
+            if limit == "max":  # v2 without a limit (v1 says it with a huge number, which MemAvailable undercuts)
+                continue
+            usage = int((group.folder / group.usage_file).read_text()) - _stat(group.folder, group.cache_key)
             headrooms.append(max(int(limit) - usage, 0))
+        except (OSError, ValueError):  # a root group has none of the files; a file we cannot read is no limit
+            continue
     return min(headrooms) if headrooms else None
 
 
-def _memory_cgroups() -> list[tuple[Path, str, str]]:
-    """(folder, limit file, usage file) of each memory cgroup from this process's own up to the root."""
+def _stat(folder: Path, key: str) -> int:
+    """One value of the group's memory.stat (0 when it is not listed)."""
+    for line in (folder / "memory.stat").read_text().splitlines():
+        name, _space, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+@dataclass(frozen=True)
+class _MemoryGroup:
+    folder: Path
+    limit_file: str
+    usage_file: str
+    cache_key: str  # memory.stat's reclaimable file cache of the group and the groups below it
+
+
+def _memory_cgroups() -> list[_MemoryGroup]:
+    """Each memory cgroup from this process's own up to the root, v2 or v1."""
     try:
         lines = PROC_CGROUP.read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):
         return []
     groups = []
     for line in lines:
@@ -114,13 +124,14 @@ def _memory_cgroups() -> list[tuple[Path, str, str]]:
             continue
         _hierarchy, controllers, path = fields
         if controllers == "":  # v2: one hierarchy for every controller
-            root, files = CGROUP_DIR, ("memory.max", "memory.current")
+            root, files = CGROUP_DIR, ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):  # v1
-            root, files = CGROUP_DIR / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            root, files = CGROUP_DIR / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                  "total_inactive_file")
         else:
             continue
         own = root / path.lstrip("/")
-        groups += [(folder, *files) for folder in (own, *own.parents) if folder.is_relative_to(root)]
+        groups += [_MemoryGroup(folder, *files) for folder in (own, *own.parents) if folder.is_relative_to(root)]
     return groups
 
 

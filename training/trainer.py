@@ -53,7 +53,7 @@ from training.config import Config, StageConfig, config_from_toml, differing_key
 from training.data import build_train_dataset, worker_start_method
 from training.data.images import write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
-from training.memory import StepMemory, available_memory_bytes, is_out_of_memory, measure_step_memory
+from training.memory import available_memory_bytes, is_out_of_memory, kept_bytes_per_sample
 
 __all__ = [
     "NonFiniteLossError", "OutOfMemoryError", "StageResult", "TrainingInterrupted", "export_state", "read_state",
@@ -340,28 +340,36 @@ class _Trainer:
 
     def _refuse_batch_beyond_memory(self) -> None:
         """OutOfMemoryError before training when a step of this batch needs more memory than the device has free,
-        by a lower bound measured on the network (training.memory); nothing is checked where the free memory is
-        unknown."""
+        by a lower bound measured on the networks (training.memory). Under DDP every rank stops when one refuses
+        (the others would wait for it in their first backward), and CPU ranks on one host share its memory."""
         available = available_memory_bytes(self.device)
-        if available is None:
-            return
-        step_memory = self._step_memory()
+        per_sample = self._kept_bytes_per_sample() if available is not None else 0
         batch_size = self.config.optim.batch_size
-        if step_memory.need(batch_size) <= available:
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
+        need = per_sample * batch_size * sharing
+        refused = available is not None and need > available
+        if self.dist.world > 1:
+            flags = torch.tensor([float(refused)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags.item() and not refused:
+                raise OutOfMemoryError(f"another rank has too little memory free for optim.batch_size {batch_size} "
+                                       f"(its error says how much); no rank trained")
+        if not refused:
             return
-        largest = step_memory.largest_batch(available)
-        fits = f"a batch of at most {largest} fits that bound" if largest else "not even a batch of 1 fits"
+        largest = available // (per_sample * sharing)
+        ranks = f" on each of the {sharing} ranks of this host" if sharing > 1 else ""
         raise OutOfMemoryError(
-            f"optim.batch_size {batch_size} of {self.config.data.patch_size} px patches needs at least "
-            f"{step_memory.need(batch_size) / 2**30:.2f} GiB of {self.device} memory for one step of "
-            f"{self.config.stage.name}, and {available / 2**30:.2f} GiB is free: {fits} (a smaller data.patch_size "
+            f"optim.batch_size {batch_size} of {self.config.data.patch_size} px patches{ranks} keeps more than "
+            f"{need / 2**30:.2f} GiB of {self.device} memory for one step of {self.config.stage.name}, and "
+            f"{available / 2**30:.2f} GiB is free: a batch over {largest} cannot fit, and a smaller one may not "
+            f"either (that count is the patches and the convolutions' inputs alone; a smaller data.patch_size "
             f"needs less too)"
         )
 
-    def _step_memory(self) -> StepMemory:
-        """The memory of a step's forward on the plain network (not compiled, nor DDP-wrapped, whose state a
-        forward without backward would upset), on constant patches: their content does not change the size, and
-        the random generators stay as a resume expects them."""
+    def _kept_bytes_per_sample(self) -> int:
+        """training.memory's count on the plain network (not compiled, nor DDP-wrapped, whose state a forward
+        without backward would upset), on constant patches: their content does not change the size, and the random
+        generators stay as a resume expects them."""
         probe = self._loss_module(self.trained)
         patch, scale = self.config.data.patch_size, self.config.experiment.scale
 
@@ -370,12 +378,12 @@ class _Trainer:
             hr = torch.full((samples, 3, patch, patch), 0.5)
             return self._to_device(lr), self._to_device(hr)
 
-        def forward(lr: torch.Tensor, hr: torch.Tensor) -> object:
+        def total_loss(lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                 enabled=self.autocast_dtype is not None):
-                return probe(lr, hr)
+                return probe(lr, hr)["total"]
 
-        return measure_step_memory(forward, make_batch)
+        return kept_bytes_per_sample(total_loss, make_batch)
 
     def _finished(self, step: int) -> bool:
         """The stage has run its steps, or spent its time budget."""
