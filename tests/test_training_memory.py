@@ -73,12 +73,13 @@ def test_free_cpu_memory_is_the_least_of_meminfo_and_every_cgroup_limit(tmp_path
     meminfo.write_text("MemTotal:       9000 kB\nMemAvailable:   8000 kB\n")
     cgroups = tmp_path / "cgroup"
     files = {
-        "game": {"memory.max": "1000000\n", "memory.current": "400000\n", "memory.stat": "inactive_file 50000\n"},
+        "game": {"memory.max": "1000000\n", "memory.current": "400000\n",
+                 "memory.stat": "anon 10\nactive_file 20000\ninactive_file 50000\n"},
         "game/trainer": {"memory.max": "max\n", "memory.current": "100000\n"},
         "memory/box": {"memory.limit_in_bytes": "9223372036854771712\n", "memory.usage_in_bytes": "100\n",
                        "memory.stat": "total_inactive_file 0\n"},
         "memory": {"memory.limit_in_bytes": "700000\n", "memory.usage_in_bytes": "200000\n",
-                   "memory.stat": "cache 100000\ntotal_inactive_file 30000\n"},
+                   "memory.stat": "cache 100000\ntotal_active_file 7000\ntotal_inactive_file 30000\n"},
         "broken": {"memory.max": "\n", "memory.current": "1\n"},
     }
     for folder, contents in files.items():
@@ -91,10 +92,10 @@ def test_free_cpu_memory_is_the_least_of_meminfo_and_every_cgroup_limit(tmp_path
     monkeypatch.setattr(memory, "PROC_CGROUP", own)
     cpu = torch.device("cpu")
 
-    own.write_text("0::/game/trainer\n")  # v2: the limit sits on the parent group; its inactive cache is reclaimable
-    assert available_memory_bytes(cpu) == 1000000 - (400000 - 50000)
+    own.write_text("0::/game/trainer\n")  # v2: the limit sits on the parent group; its file cache is reclaimable
+    assert available_memory_bytes(cpu) == 1000000 - (400000 - 20000 - 50000)
     own.write_text("4:cpu,memory:/box\n1:cpu:/\nnot a cgroup line\n")  # v1: the limit sits on the root group
-    assert available_memory_bytes(cpu) == 700000 - (200000 - 30000)
+    assert available_memory_bytes(cpu) == 700000 - (200000 - 7000 - 30000)
     for unreadable in ("0::/broken\n", b"0::/\xff\n"):  # an empty limit, a file that is not text: no limit known
         own.write_bytes(unreadable if isinstance(unreadable, bytes) else unreadable.encode())
         assert available_memory_bytes(cpu) == 8000 * 1024  # MemAvailable alone
@@ -131,9 +132,14 @@ def test_the_refusal_comes_at_the_first_batch_beyond_the_count(image_folder: Pat
     monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: 3 * per_sample - 1)
     with pytest.raises(OutOfMemoryError, match="a batch over 2 cannot fit"):
         train_stage(config, tmp_path / "refused")
+    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: per_sample - 1)
+    with pytest.raises(OutOfMemoryError, match="is free: even a batch of 1 does not fit"):
+        train_stage(config, tmp_path / "refused")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two CPU ranks on this host share its memory
     monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: 6 * per_sample - 1)
-    with pytest.raises(OutOfMemoryError, match="patches on each of the 2 ranks of this host keeps more than"):
+    both = f"{6 * per_sample / 2**30:.2f} GiB"
+    with pytest.raises(OutOfMemoryError, match=f"patches on each of the 2 ranks of this host together keep more than "
+                                               f"{both} of cpu memory .* a batch over 2 cannot fit"):
         train_stage(config, tmp_path / "refused")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: 3 * per_sample)
@@ -172,7 +178,7 @@ def test_ddp_ranks_stop_together_when_one_has_too_little_memory(image_folder: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode != 0
-    assert "error: optim.batch_size 2 of 32 px patches on each of the 2 ranks of this host keeps more than" in \
+    assert "error: optim.batch_size 2 of 32 px patches on each of the 2 ranks of this host together keep more" in \
         result.stderr
     assert "error: another rank has too little memory free for optim.batch_size 2" in result.stderr
     assert "training/trainer.py" not in result.stderr, result.stderr[-3000:]  # no traceback of a rank (torchrun

@@ -79,28 +79,26 @@ def _meminfo_available() -> int | None:
 
 def _cgroup_headroom() -> int | None:
     """The least limit - usage over this process's memory cgroup and the groups above it (a limit may sit on any
-    of them; cgroup v2 or v1), or None without a limit. The usage leaves out the inactive file cache, which counts
-    as used (a training set just read fills it) but which the kernel reclaims before it kills anything."""
+    of them; cgroup v2 or v1), or None without a limit. The usage leaves out the file cache, active and inactive,
+    which counts as used (a training set read fills it) but which the kernel reclaims before it kills anything, as
+    MemAvailable counts it free."""
     headrooms = []
     for group in _memory_cgroups():
         try:
             limit = (group.folder / group.limit_file).read_text().strip()
             if limit == "max":  # v2 without a limit (v1 says it with a huge number, which MemAvailable undercuts)
                 continue
-            usage = int((group.folder / group.usage_file).read_text()) - _stat(group.folder, group.cache_key)
+            usage = int((group.folder / group.usage_file).read_text()) - _stat(group.folder, group.cache_keys)
             headrooms.append(max(int(limit) - usage, 0))
         except (OSError, ValueError):  # a root group has none of the files; a file we cannot read is no limit
             continue
     return min(headrooms) if headrooms else None
 
 
-def _stat(folder: Path, key: str) -> int:
-    """One value of the group's memory.stat (0 when it is not listed)."""
-    for line in (folder / "memory.stat").read_text().splitlines():
-        name, _space, value = line.partition(" ")
-        if name == key:
-            return int(value)
-    return 0
+def _stat(folder: Path, keys: tuple[str, ...]) -> int:
+    """The sum of some values of the group's memory.stat (a key it does not list counts 0)."""
+    values = dict(line.partition(" ")[::2] for line in (folder / "memory.stat").read_text().splitlines())
+    return sum(int(values.get(key, 0)) for key in keys)
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ class _MemoryGroup:
     folder: Path
     limit_file: str
     usage_file: str
-    cache_key: str  # memory.stat's reclaimable file cache of the group and the groups below it
+    cache_keys: tuple[str, str]  # memory.stat's file cache (of the group and those below it), which can be reclaimed
 
 
 def _memory_cgroups() -> list[_MemoryGroup]:
@@ -124,10 +122,10 @@ def _memory_cgroups() -> list[_MemoryGroup]:
             continue
         _hierarchy, controllers, path = fields
         if controllers == "":  # v2: one hierarchy for every controller
-            root, files = CGROUP_DIR, ("memory.max", "memory.current", "inactive_file")
+            root, files = CGROUP_DIR, ("memory.max", "memory.current", ("active_file", "inactive_file"))
         elif "memory" in controllers.split(","):  # v1
             root, files = CGROUP_DIR / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
-                                                  "total_inactive_file")
+                                                  ("total_active_file", "total_inactive_file"))
         else:
             continue
         own = root / path.lstrip("/")

@@ -354,17 +354,8 @@ class _Trainer:
             if flags.item() and not refused:
                 raise OutOfMemoryError(f"another rank has too little memory free for optim.batch_size {batch_size} "
                                        f"(its error says how much); no rank trained")
-        if not refused:
-            return
-        largest = available // (per_sample * sharing)
-        ranks = f" on each of the {sharing} ranks of this host" if sharing > 1 else ""
-        raise OutOfMemoryError(
-            f"optim.batch_size {batch_size} of {self.config.data.patch_size} px patches{ranks} keeps more than "
-            f"{need / 2**30:.2f} GiB of {self.device} memory for one step of {self.config.stage.name}, and "
-            f"{available / 2**30:.2f} GiB is free: a batch over {largest} cannot fit, and a smaller one may not "
-            f"either (that count is the patches and the convolutions' inputs alone; a smaller data.patch_size "
-            f"needs less too)"
-        )
+        if refused:
+            raise OutOfMemoryError(_beyond_memory(self.config, self.device, per_sample * sharing, available, sharing))
 
     def _kept_bytes_per_sample(self) -> int:
         """training.memory's count on the plain network (not compiled, nor DDP-wrapped, whose state a forward
@@ -607,6 +598,20 @@ class _Trainer:
         summary = _training_summary(self.config, steps, seconds)
         summary.update(device=_device_name(self.device), world_size=self.dist.world, **extra)
         return save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
+
+
+def _beyond_memory(config: Config, device: torch.device, per_sample: int, available: int, ranks: int) -> str:
+    """Why a batch is refused: `per_sample` bytes (of every rank of this host together) times the batch exceed
+    `available`."""
+    batch_size = config.optim.batch_size
+    largest = available // per_sample
+    who = f"on each of the {ranks} ranks of this host together keep" if ranks > 1 else "keeps"
+    fits = (f"a batch over {largest} cannot fit, and a smaller one may not either" if largest
+            else "even a batch of 1 does not fit")
+    return (f"optim.batch_size {batch_size} of {config.data.patch_size} px patches {who} more than "
+            f"{batch_size * per_sample / 2**30:.2f} GiB of {device} memory for one step of {config.stage.name}, and "
+            f"{available / 2**30:.2f} GiB is free: {fits} (that count is the patches and the convolutions' inputs "
+            f"alone; a smaller data.patch_size needs less too)")
 
 
 def _remove_leftover_temporaries(run_dir: Path) -> None:
