@@ -210,3 +210,17 @@ def test_running_out_of_memory_in_a_step_is_one_error_naming_the_settings(
                      f"`python -m training train --resume {run} --set optim.batch_size=N` goes on from the last "
                      f"saved state")
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 2  # the steps before it are kept
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_count_and_the_free_memory_are_the_devices(image_folder: Path, tmp_path: Path) -> None:
+    """CUDA's free memory is the driver's plus torch's cached blocks; the probe runs on the GPU in bf16 (amp auto)
+    and a batch the GPU cannot hold is refused before training, as on the CPU."""
+    device = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    del cached  # back in torch's cache: still free for the next allocation
+    assert free - 64 * 2**20 <= available_memory_bytes(device) <= total  # the 256 MiB cached count as free
+    config = _stage(image_folder, runtime={"device": "cuda"}, optim={"batch_size": 10_000_000})
+    with pytest.raises(OutOfMemoryError, match=r"of cuda(:0)? memory for one step of teacher"):
+        train_stage(config, tmp_path / "run")
