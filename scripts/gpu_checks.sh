@@ -94,7 +94,7 @@ for name in "${parts[@]}"; do
     case $name in
     tests) # only the files that hold GPU tests: the others import what the image lacks (glfw, imgui)
         part tests 120 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_backends.py \
-            tests/test_server_engine.py tests/test_server_lifecycle.py ;;
+            tests/test_server_engine.py tests/test_server_lifecycle.py tests/test_training_memory.py ;;
     latency)
         part latency 60 "$PY" -m training latency models/weights/*.safetensors --device cuda --input 960x540 \
             --repeats 20 --json "$OUT/latency_cuda.json" ;;
