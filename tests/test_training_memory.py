@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import training.memory as memory
 import training.trainer as trainer_module
 from training.__main__ import main as training_main
 from training.config import StageConfig, dump_toml
+from training.data.datasets import PatchDataset
 from training.memory import available_memory_bytes, is_out_of_memory, kept_bytes_per_sample
 from training.trainer import OutOfMemoryError, _init_distributed, _Trainer, train_stage
 
@@ -224,3 +227,38 @@ def test_on_cuda_the_count_and_the_free_memory_are_the_devices(image_folder: Pat
     config = _stage(image_folder, runtime={"device": "cuda"}, optim={"batch_size": 10_000_000})
     with pytest.raises(OutOfMemoryError, match=r"of cuda(:0)? memory for one step of teacher"):
         train_stage(config, tmp_path / "run")
+
+
+def test_a_data_loader_worker_killed_mid_run_is_one_error_and_the_run_resumes(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The OOM killer often picks a data-loader worker: torch's SIGCHLD handler then raised its RuntimeError, a
+    traceback, from wherever the training loop was."""
+    config = tiny_config(image_folder, runtime={"workers": 1, "checkpoint_every": 1}, optim={"steps": 40})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(dump_toml(config.to_dict()))
+    real_item = PatchDataset.__getitem__
+
+    def killed_at_the_sixth_batch(self: PatchDataset, index: int) -> dict[str, torch.Tensor]:
+        if index >= 10:  # batches of 2: the worker (forked, as for every folder source) dies making the sixth
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_item(self, index)
+
+    monkeypatch.setattr(PatchDataset, "__getitem__", killed_at_the_sixth_batch)
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config_file), "--set", "stage.role=teacher", "--set", "stage.name=teacher",
+            "--run-dir", str(run)]
+    assert training_main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: a data-loader worker of teacher died \(DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: "
+        r"Killed|exited unexpectedly)\): "
+        r"the kernel's OOM killer ends one so when memory runs out \(`dmesg` says whether it did\); fewer "
+        r"runtime\.workers, a smaller data\.cache_mb \(each worker has its own\) or optim\.batch_size need less; "
+        rf"`python -m training train --resume {re.escape(str(run))} --set optim\.batch_size=N` goes on from the last "
+        r"saved state", error), error
+    saved = torch.load(run / "state.pt", weights_only=True)["step"]
+    assert 0 < saved <= 5
+    monkeypatch.setattr(PatchDataset, "__getitem__", real_item)
+    assert training_main(["train", "--resume", str(run), "--set", "optim.steps=8"]) == 0
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 8

@@ -40,7 +40,14 @@ from training.memory import is_out_of_memory
 from training.pipeline import run_pipeline
 from training.report import latency_where
 from training.ship import seed_run, ship_checkpoint, ship_run
-from training.trainer import NonFiniteLossError, OutOfMemoryError, TrainingInterrupted, export_state, train_stage
+from training.trainer import (
+    DataWorkerError,
+    NonFiniteLossError,
+    OutOfMemoryError,
+    TrainingInterrupted,
+    export_state,
+    train_stage,
+)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -309,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
               "resumes from its last state.pt)", file=sys.stderr)
         return 128 + signal.SIGINT
     # OSError: a folder or file that cannot be read or written (an unwritable run or cache folder, a full disk)
-    except (NonFiniteLossError, OutOfMemoryError, CheckpointError, DatasetError, ValueError, OSError) as exc:
+    except (NonFiniteLossError, OutOfMemoryError, DataWorkerError, CheckpointError, DatasetError, ValueError,
+            OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -56,8 +56,8 @@ from training.distill import Distillation, Guide, TrainedModel
 from training.memory import available_memory_bytes, is_out_of_memory, kept_bytes_per_sample
 
 __all__ = [
-    "NonFiniteLossError", "OutOfMemoryError", "StageResult", "TrainingInterrupted", "export_state", "read_state",
-    "stage_inputs", "train_stage",
+    "DataWorkerError", "NonFiniteLossError", "OutOfMemoryError", "StageResult", "TrainingInterrupted", "export_state",
+    "read_state", "stage_inputs", "train_stage",
 ]  # fmt: skip
 
 STATE_FILE = "state.pt"
@@ -73,6 +73,10 @@ class NonFiniteLossError(RuntimeError):
 
 class OutOfMemoryError(RuntimeError):
     """A step's batch does not fit in the device's memory: refused before training, or met during a step."""
+
+
+class DataWorkerError(RuntimeError):
+    """A data-loader worker died during training (most often the kernel's OOM killer's choice)."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -260,7 +264,17 @@ class _Trainer:
             loss_module = self._distillation()
             loader = self._loader(start_step)  # the data is checked before the run's files change
             self._refuse_batch_beyond_memory()  # after the loader: MemAvailable then knows the data cache
-            return self._train(start_step, loss_module, loader)
+            try:
+                return self._train(start_step, loss_module, loader)
+            except RuntimeError as exc:  # torch's SIGCHLD handler raises it wherever the loop is
+                if not str(exc).startswith("DataLoader worker (pid"):
+                    raise
+                raise DataWorkerError(
+                    f"a data-loader worker of {self.config.stage.name} died ({_first_line(exc).rstrip('. ')}): the "
+                    f"kernel's OOM killer ends one so when memory runs out (`dmesg` says whether it did); fewer "
+                    f"runtime.workers, a smaller data.cache_mb (each worker has its own) or optim.batch_size need "
+                    f"less{self._resume_hint()}"
+                ) from None
 
     def _train(self, start_step: int, loss_module: Distillation, loader: DataLoader) -> StageResult:
         self.started = time.perf_counter()
@@ -330,13 +344,18 @@ class _Trainer:
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
-            resume = (f"; `python -m training train --resume {self.run_dir} --set optim.batch_size=N` goes on from "
-                      f"the last saved state" if (self.run_dir / STATE_FILE).exists() else "")
             raise OutOfMemoryError(
                 f"out of {self.device} memory in step {step + 1} of {self.config.stage.name} (batch "
                 f"{self.config.optim.batch_size} of {self.config.data.patch_size} px patches): "
-                f"{_first_line(exc)}; a smaller optim.batch_size or data.patch_size needs less{resume}"
+                f"{_first_line(exc)}; a smaller optim.batch_size or data.patch_size needs less{self._resume_hint()}"
             ) from None
+
+    def _resume_hint(self) -> str:
+        """How to go on with less memory, when a state was saved to go on from."""
+        if not (self.run_dir / STATE_FILE).exists():
+            return ""
+        return (f"; `python -m training train --resume {self.run_dir} --set optim.batch_size=N` goes on from the "
+                f"last saved state")
 
     def _refuse_batch_beyond_memory(self) -> None:
         """OutOfMemoryError before training when a step of this batch needs more memory than the device has free,
