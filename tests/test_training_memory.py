@@ -22,7 +22,7 @@ import training.trainer as trainer_module
 from training.__main__ import main as training_main
 from training.config import StageConfig, dump_toml
 from training.data.datasets import PatchDataset
-from training.memory import available_memory_bytes, is_out_of_memory, kept_bytes_per_sample
+from training.memory import available_memory_bytes, kept_bytes_per_sample, out_of_memory_reason
 from training.trainer import OutOfMemoryError, _init_distributed, _Trainer, train_stage
 
 from training_utils import make_image_folder, tiny_config
@@ -107,10 +107,12 @@ def test_free_cpu_memory_is_the_least_of_meminfo_and_every_cgroup_limit(tmp_path
 
 
 def test_out_of_memory_errors_are_told_from_others() -> None:
-    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"))
-    assert not is_out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
-    assert not is_out_of_memory(ValueError("can't allocate memory"))
+    cuda = "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert out_of_memory_reason(torch.OutOfMemoryError(f"{cuda}\nIf reserved but unallocated ...")) == cuda
+    cpu = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"
+    assert out_of_memory_reason(RuntimeError(cpu)) == cpu
+    assert out_of_memory_reason(RuntimeError("Expected all tensors to be on the same device")) is None
+    assert out_of_memory_reason(ValueError("can't allocate memory")) is None
 
 
 def test_a_batch_no_machine_holds_is_refused_before_training(image_folder: Path, tmp_path: Path) -> None:

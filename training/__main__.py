@@ -36,7 +36,7 @@ from training.evaluate import (
     unique_labels,
 )
 from training.latency import measure_latency
-from training.memory import is_out_of_memory
+from training.memory import out_of_memory_reason
 from training.pipeline import run_pipeline
 from training.report import latency_where
 from training.ship import seed_run, ship_checkpoint, ship_run
@@ -241,10 +241,9 @@ def _latency(args: argparse.Namespace) -> int:
             timings[target] = measure_latency(model, width, height, device, repeats=args.repeats,
                                               threads=args.threads)  # fmt: skip
         except RuntimeError as exc:
-            if not is_out_of_memory(exc):
+            if (reason := out_of_memory_reason(exc)) is None:
                 raise
-            raise ValueError(f"{target} at {width}x{height} does not fit in {device} memory: "
-                             f"{str(exc).splitlines()[0]}") from None
+            raise ValueError(f"{target} at {width}x{height} does not fit in {device} memory: {reason}") from None
         timing = timings[target]
         print(f"{target}: {timing['median_ms']:.1f} ms median at {timing['input']} on {latency_where(timing)}")
     if args.json:

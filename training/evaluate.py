@@ -35,7 +35,7 @@ from training.data import DataConfig, SourceConfig, build_eval_dataset, default_
 from training.data.images import scan_images, write_json_atomic
 from training.data.paths import shared_hint
 from training.distill import mixed_input
-from training.memory import is_out_of_memory
+from training.memory import out_of_memory_reason
 from training.metrics import image_metrics
 
 __all__ = [
@@ -356,11 +356,10 @@ def _predict_within_memory(name: str, predict: Predictor, image: EvalImage) -> t
     try:
         return predict(image.lr.unsqueeze(0), image.hr.unsqueeze(0))
     except RuntimeError as exc:
-        if not is_out_of_memory(exc):
+        if (reason := out_of_memory_reason(exc)) is None:
             raise
         height, width = image.hr.shape[-2:]
-        first_line = str(exc).strip().split("\n", 1)[0]
-        raise ValueError(f"{name} on {image.name} ({width}x{height}) does not fit in memory: {first_line}; nothing "
+        raise ValueError(f"{name} on {image.name} ({width}x{height}) does not fit in memory: {reason}; nothing "
                          "was scored (smaller images need less: a pipeline's eval.crop crops them)") from None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available_memory_bytes", "is_out_of_memory", "kept_bytes_per_sample"]
+__all__ = ["available_memory_bytes", "kept_bytes_per_sample", "out_of_memory_reason"]
 
 CGROUP_DIR = Path("/sys/fs/cgroup")  # a container's limit, which MemAvailable does not know of
 MEMINFO = Path("/proc/meminfo")
@@ -133,7 +133,10 @@ def _memory_cgroups() -> list[_MemoryGroup]:
     return groups
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's CUDA OutOfMemoryError, or its CPU allocator refusing (a ulimit or a failed mmap)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
-                                                        and "can't allocate memory" in str(exc))
+def out_of_memory_reason(exc: BaseException) -> str | None:
+    """The first line of torch's message when `exc` is running out of memory (CUDA's OutOfMemoryError, or the CPU
+    allocator refusing under a ulimit or a failed mmap; torch's messages go on with lines of advice), else None."""
+    if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                   and "can't allocate memory" in str(exc)):
+        return str(exc).strip().split("\n", 1)[0]
+    return None

@@ -53,7 +53,7 @@ from training.config import Config, StageConfig, config_from_toml, differing_key
 from training.data import build_train_dataset, worker_start_method
 from training.data.images import write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
-from training.memory import available_memory_bytes, is_out_of_memory, kept_bytes_per_sample
+from training.memory import available_memory_bytes, kept_bytes_per_sample, out_of_memory_reason
 
 __all__ = [
     "DataWorkerError", "NonFiniteLossError", "OutOfMemoryError", "StageResult", "TrainingInterrupted", "export_state",
@@ -342,12 +342,12 @@ class _Trainer:
         try:
             return self._step(loss_module, next(batches), step)
         except RuntimeError as exc:
-            if not is_out_of_memory(exc):
+            if (reason := out_of_memory_reason(exc)) is None:
                 raise
             raise OutOfMemoryError(
                 f"out of {self.device} memory in step {step + 1} of {self.config.stage.name} (batch "
                 f"{self.config.optim.batch_size} of {self.config.data.patch_size} px patches): "
-                f"{_first_line(exc)}; a smaller optim.batch_size or data.patch_size needs less{self._resume_hint()}"
+                f"{reason}; a smaller optim.batch_size or data.patch_size needs less{self._resume_hint()}"
             ) from None
 
     def _resume_hint(self) -> str:
@@ -362,19 +362,19 @@ class _Trainer:
         by a lower bound measured on the networks (training.memory). Under DDP every rank stops when one refuses
         (the others would wait for it in their first backward), and CPU ranks on one host share its memory."""
         available = available_memory_bytes(self.device)
-        per_sample = self._kept_bytes_per_sample() if available is not None else 0
-        batch_size = self.config.optim.batch_size
-        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
-        need = per_sample * batch_size * sharing
-        refused = available is not None and need > available
+        refusal = None
+        if available is not None:
+            ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
+            refusal = _memory_refusal(self.config, self.device, self._kept_bytes_per_sample(), ranks, available)
         if self.dist.world > 1:
-            flags = torch.tensor([float(refused)], device=self.device if self.device.type == "cuda" else "cpu")
+            flags = torch.tensor([float(refusal is not None)],
+                                 device=self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags.item() and not refused:
-                raise OutOfMemoryError(f"another rank has too little memory free for optim.batch_size {batch_size} "
-                                       f"(its error says how much); no rank trained")
-        if refused:
-            raise OutOfMemoryError(_beyond_memory(self.config, self.device, per_sample * sharing, available, sharing))
+            if flags.item() and refusal is None:
+                raise OutOfMemoryError(f"another rank has too little memory free for optim.batch_size "
+                                       f"{self.config.optim.batch_size} (its error says how much); no rank trained")
+        if refusal is not None:
+            raise OutOfMemoryError(refusal)
 
     def _kept_bytes_per_sample(self) -> int:
         """training.memory's count on the plain network (not compiled, nor DDP-wrapped, whose state a forward
@@ -619,16 +619,18 @@ class _Trainer:
         return save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
 
 
-def _beyond_memory(config: Config, device: torch.device, per_sample: int, available: int, ranks: int) -> str:
-    """Why a batch is refused: `per_sample` bytes (of every rank of this host together) times the batch exceed
-    `available`."""
-    batch_size = config.optim.batch_size
-    largest = available // per_sample
+def _memory_refusal(config: Config, device: torch.device, per_sample: int, ranks: int, available: int) -> str | None:
+    """Why the batch is refused, or None when it fits: `per_sample` bytes a sample on each of the `ranks` processes
+    of this host sharing `available` bytes."""
+    batch_size, together = config.optim.batch_size, per_sample * ranks
+    if batch_size * together <= available:
+        return None
+    largest = available // together
     who = f"on each of the {ranks} ranks of this host together keep" if ranks > 1 else "keeps"
     fits = (f"a batch over {largest} cannot fit, and a smaller one may not either" if largest
             else "even a batch of 1 does not fit")
     return (f"optim.batch_size {batch_size} of {config.data.patch_size} px patches {who} more than "
-            f"{batch_size * per_sample / 2**30:.2f} GiB of {device} memory for one step of {config.stage.name}, and "
+            f"{batch_size * together / 2**30:.2f} GiB of {device} memory for one step of {config.stage.name}, and "
             f"{available / 2**30:.2f} GiB is free: {fits} (that count is the patches and the convolutions' inputs "
             f"alone; a smaller data.patch_size needs less too)")
 
