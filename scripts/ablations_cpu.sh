@@ -6,8 +6,13 @@
 #   usage: [CONFIG=FILE] scripts/ablations_cpu.sh [RUN_ROOT]   (default runs/ablations; results: docs/ablations.md)
 # CONFIG (default the CPU ablation config) lets a GPU session rerun every row on a copy with a longer schedule.
 # then RUN_ROOT/scores_*.json hold the scores; scripts/scores_table.py prints them as tables.
+source "$(dirname "$0")/lib/help.sh" "$@"
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if (($# > 1)) || [[ ${1:-} == -* ]]; then  # not a folder named --x, nor a second argument left unread
+    echo "ablations_cpu: usage: [CONFIG=FILE] scripts/ablations_cpu.sh [RUN_ROOT] (--help: what it does)" >&2
+    exit 2
+fi
 ROOT=${1:-runs/ablations}
 PY=${PYTHON:-.venv/bin/python}
 CONFIG=${CONFIG:-training/configs/rlfn_x2_ablation_cpu.toml}

@@ -10,6 +10,20 @@
 #   bash scripts/demo.sh --headless --frames 300 --out my_out
 # Relative paths in the arguments (--out, --checkpoint) are taken from the folder it is run in, like demo_out/.
 # Exit status: the demo's (docs/demo.md); 4 when the daemon cannot start (its log is printed).
+
+# more_help: --help ends with the options the demo takes, once setup.sh has made .venv
+more_help() {
+    local python
+    python="$(dirname "$0")/../.venv/bin/python"
+    echo
+    if [[ -x $python ]]; then
+        echo "The demo's options (python -m client_demo --help):"
+        "$python" -m client_demo --help
+    else
+        echo "The demo's options: run bash scripts/setup.sh, then .venv/bin/python -m client_demo --help"
+    fi
+}
+source "$(dirname "$0")/lib/help.sh" "$@"
 set -euo pipefail
 unset CDPATH # an exported CDPATH would send the cd below elsewhere
 

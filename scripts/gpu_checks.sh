@@ -15,6 +15,7 @@
 #
 #   here, once (needs PyPI, Debian):  bash scripts/gpu_checks.sh --download-wheels  # -> .whl/ and .gl/
 #   on the GPU machine:               bash scripts/gpu_checks.sh [PART...]           # carry .whl (.gl, data/povray)
+source "$(dirname "$0")/lib/help.sh" "$@"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.whl
@@ -58,7 +59,10 @@ fi
 parts=("$@")
 [[ ${#parts[@]} -eq 0 ]] && parts=("${DEFAULT_PARTS[@]}")
 for name in "${parts[@]}"; do
-    [[ $name =~ ^(tests|latency|e2e|backends|students)$ ]] || { echo "gpu_checks: unknown part $name" >&2; exit 2; }
+    [[ $name =~ ^(tests|latency|e2e|backends|students)$ ]] || {
+        echo "gpu_checks: unknown part $name (parts: tests latency e2e backends students; --download-wheels; --help)" >&2
+        exit 2
+    }
 done
 
 PY=${PYTHON:-python3}

@@ -6,6 +6,7 @@
 #
 #   bash scripts/setup.sh          # runtime
 #   bash scripts/setup.sh --dev    # + test tools (pytest, ruff, scikit-image)
+source "$(dirname "$0")/lib/help.sh" "$@"
 set -euo pipefail
 # Ctrl-C must stop the setup: bash would otherwise read an interrupted check (python exits 1 on SIGINT) as
 # "not installed" and go on installing
@@ -14,7 +15,13 @@ unset CDPATH # an exported CDPATH would send the cd below elsewhere
 
 cd "$(dirname "$0")/.."
 EXTRAS=""
-[[ "${1:-}" == "--dev" ]] && EXTRAS="[dev]"
+case "$*" in
+"") ;;
+--dev) EXTRAS="[dev]" ;;
+*) # a typo such as --devv would otherwise set up without the test tools, found only when pytest is missing
+    echo "setup: unknown argument(s) '$*' (nothing, --dev, or --help)" >&2
+    exit 2 ;;
+esac
 TORCH_VERSION="2.13.0"
 # EGL/llvmpipe: headless rendering; xvfb: the demo window in tests; povray: training data; procps: pkill, with
 # which scripts/ablations_cpu.sh passes a stop on to its trainers; the rest builds and checks the C client

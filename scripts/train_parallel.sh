@@ -13,6 +13,7 @@
 # SIGTERM on to every trainer as one SIGINT, then exits 130 or 143). Exits non-zero if any stage failed.
 # Afterwards `python -m training pipeline --config CONFIG --run-dir RUN_DIR` trains what is left and
 # evaluates everything (a stage stopped early resumes only with the same overrides: rerun its line).
+source "$(dirname "$0")/lib/help.sh" "$@"
 set -uo pipefail
 
 if [[ $# -lt 4 ]]; then

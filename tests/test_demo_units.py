@@ -152,6 +152,7 @@ def test_demo_sh_names_the_size_it_starts_at(tmp_path: pathlib.Path) -> None:
 
     (tmp_path / "scripts").mkdir()
     shutil.copy(pathlib.Path(__file__).parents[1] / "scripts" / "demo.sh", tmp_path / "scripts")
+    shutil.copytree(pathlib.Path(__file__).parents[1] / "scripts" / "lib", tmp_path / "scripts" / "lib")
     (tmp_path / "scripts" / "setup.sh").write_text("")
     python = tmp_path / ".venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
@@ -166,6 +167,7 @@ def test_demo_sh_names_the_size_it_starts_at(tmp_path: pathlib.Path) -> None:
                              env=env, capture_output=True, text=True, timeout=30)
         assert run.returncode == 0, run.stderr
         assert f"starting at --lr {size}\n" in run.stderr, (args, run.stderr)
+        assert "No such file" not in run.stderr, run.stderr
         assert run.stdout.count("--lr") == 1, (args, run.stdout)
 
 
