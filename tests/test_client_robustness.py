@@ -219,6 +219,44 @@ def test_sessions_the_caller_dropped_are_closed_on_the_daemon() -> None:
                 client.close()
 
 
+def test_a_dropped_session_is_closed_by_the_next_frame_too() -> None:
+    """Only requests (ping, open, inline, close) told the daemon of dropped sessions; frames go out as submits,
+    so a render loop that only upscaled left a dropped session's segments until its lease (found in a review)."""
+    frame = np.zeros((8, 8, 3), np.uint8)
+    with run_server("--backend", "nearest", "--lease-timeout", "60") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
+        client.upscale(frame)  # the client's own session for 8x8 frames: later frames of this size send submits only
+        dropped = client.open_session(16, 8, "RGB8", slots=1)
+        del dropped
+        gc.collect()
+        assert len(daemon.segments()) == 4
+        client.upscale(frame)
+        deadline = time.monotonic() + 5  # far below the lease: the client told the daemon
+        while len(daemon.segments()) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(daemon.segments()) == 2 and client._orphans == []
+        assert (client.upscale(frame) == 0).all()
+
+
+def test_a_request_on_a_stalled_daemon_waits_timeout_times_attempts_once() -> None:
+    """upscale_inline (a request that is not resent while the daemon answers pings) pinged the daemon for another
+    whole timeout after each silent attempt: a stalled daemon cost twice the documented timeout x (retries + 1)."""
+    frame = np.zeros((8, 8, 3), np.uint8)
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=2, retries=1, heartbeat=False, name="pytest") as client:
+        assert client.upscale_inline(frame).shape == (16, 16, 3)
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            for call in (client.ping, lambda: client.upscale_inline(frame)):
+                start = time.monotonic()
+                with pytest.raises(ServerUnavailableError, match="after 2 attempt"):
+                    call()
+                assert 3.9 < time.monotonic() - start < 6.5  # 2 s x 2 attempts; twice that before the fix
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert client.upscale_inline(frame).shape == (16, 16, 3)
+
+
 @pytest.mark.parametrize("call", ["ping", "close"])
 def test_many_dropped_sessions_and_no_daemon_never_hang_the_client(call: str) -> None:
     """Each dropped session's Close was a blocking send: with no daemon behind the socket, ZeroMQ queues 1000 and
@@ -511,6 +549,7 @@ def test_a_client_finds_a_killed_daemon_within_a_second_not_after_every_timeout(
         session = client.open_session(16, 16, "RGB8", slots=2)
         session.submit(0)  # in flight when the daemon dies
         session.collect()
+        daemon.proc.send_signal(signal.SIGSTOP)  # frame 1 must not be answered before the kill (a fast daemon was)
         session.submit(1)
         daemon.proc.kill()
         daemon.proc.wait(10)
@@ -543,13 +582,15 @@ def test_an_inline_frame_over_the_daemons_limits_is_refused_before_it_is_sent() 
 
 def test_a_forked_child_leaving_a_with_block_exits_cleanly() -> None:
     """The child's __exit__ raised "created in another process": exit status 1 and a traceback, for a child that
-    did nothing wrong. Requests in the child are still refused (test_a_client_used_after_fork_...)."""
+    did nothing wrong; so did a session's close() in the child (found in a review). Requests in the child are still
+    refused (test_a_client_used_after_fork_...)."""
     with run_server("--backend", "nearest") as daemon:
         script = ("import os, sys\nfrom upscaler_server.client import UpscalerClient\n"
                   f"with UpscalerClient({daemon.endpoint!r}, name='pytest') as client:\n"
-                  "    client.open_session(16, 16)\n"
+                  "    session = client.open_session(16, 16)\n"
                   "    pid = os.fork()\n"
                   "    if pid == 0:\n"
+                  "        session.close()\n"  # the parent's rings: only marked closed, as client.close() does
                   "        sys.exit(0)\n"
                   "    _, status = os.waitpid(pid, 0)\n"
                   "print('child status', os.waitstatus_to_exitcode(status))\n")

@@ -528,21 +528,26 @@ class UpscalerClient:
         timeout = self.timeout if timeout is None else timeout
         req: int | None = None
         gone: str | None = None  # why no daemon listens, once found
+        attempts = 0  # waits of `timeout` s: a silent probe of a non-idempotent request is one too
         try:
-            for _ in range(retries + 1):
+            while attempts <= retries:
                 if req is None:
                     req = self._link.send(msg)
                 reply = self._link.wait(req, timeout)
+                attempts += 1
                 if reply is not None:
                     req = None  # answered: nothing to forget
                     return _expect(reply, expect)
                 found_gone = gone is not None
                 gone = _nobody_listens(self.endpoint)
-                if gone is not None and found_gone:  # twice: no daemon, not one a supervisor is restarting
+                if (gone is not None and found_gone) or attempts > retries:  # twice: no daemon, not a restarting one
                     break
                 # else one more attempt (it too ends within a second, if no daemon listens by then)
-                if not idempotent and self._same_daemon(timeout):
-                    continue
+                if not idempotent and gone is None:
+                    pong = self._probe([], max(timeout, 1.0))  # a busy machine may answer a ping slowly
+                    if pong is not None and self._same_instance(pong.instance):
+                        continue  # alive and slow: wait on for the late reply on this socket
+                    attempts += pong is None  # the silent probe took an attempt's wait
                 self._link.reconnect()
                 self._link.forget(req)
                 req = None
@@ -554,11 +559,6 @@ class UpscalerClient:
                                          "upscaler_server")
         raise ServerUnavailableError(f"no reply from the upscaler daemon at {self.endpoint} after {retries + 1} "
                                      f"attempt(s) of {timeout:g} s; is it running (python -m upscaler_server)?")
-
-    def _same_daemon(self, timeout: float) -> bool:
-        """True when the daemon that said hello answers a ping (it is alive, just slow)."""
-        pong = self._probe([], max(timeout, 1.0))  # a busy machine may answer a ping slowly
-        return pong is not None and self._same_instance(pong.instance)
 
     def _same_instance(self, instance: str) -> bool:
         """Whether ``instance`` is the daemon that said hello; if not, it restarted: say hello to the new one, so
@@ -789,6 +789,9 @@ class Session:
         # A slot whose frame collect() gave up on may be submitted again: if the daemon still runs that frame, this
         # one's reply is SLOT_IN_FLIGHT; if the old reply was lost, the daemon's answer frees the slot for good.
         frame = self._client.next_frame_id() if frame is None else operator.index(frame)
+        # frames go out here, not through request(): a render loop that only submits would otherwise never tell the
+        # daemon of the sessions it dropped, whose segments then stayed until their lease
+        self._client._reap_orphans(notify=True)
         req = self._client._link.send(Submit(session=self.id, slot=slot, frame=frame))
         self._outstanding.append((req, slot, frame))
         return frame
@@ -908,6 +911,9 @@ class Session:
         """Close the session (the daemon frees its memory) and unmap the rings; views taken earlier stay valid
         only while they are referenced. ``notify=False`` skips telling the daemon (it already forgot us)."""
         if self.closed:
+            return
+        if os.getpid() != self._link.owner_pid:  # a forked child: the session is the parent's, as client.close() says
+            self.closed = True  # this process's mappings go when the session does (its finalizer), as if dropped
             return
         with self._client._link._owned():  # another thread in a request: raise before anything is changed
             self._close(notify)
