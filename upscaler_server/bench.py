@@ -50,7 +50,7 @@ from upscaler_server.bench_backends import Variant, compare_backends, parse_labe
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
-from upscaler_server.files import replace_whole
+from upscaler_server.files import is_stream, replace_whole, written_file
 
 __all__ = ["DaemonStartError", "check_json_target", "end_to_end", "main", "spawn_daemon", "transport"]
 
@@ -376,8 +376,13 @@ def _check_end_to_end_daemon(args: argparse.Namespace) -> None:
 
 
 def check_json_target(path: pathlib.Path) -> None:
-    """ValueError unless ``path`` can be written: a file (not a folder) in an existing, writable folder."""
-    folder = path.parent
+    """ValueError unless ``path`` can be written: a file (not a folder) in an existing, writable folder (where a
+    link leads), or a stream such as /dev/stdout."""
+    if is_stream(path):
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"--json {path} is not writable; choose another")
+        return
+    folder = written_file(path).parent
     if path.is_dir():
         raise ValueError(f"--json {path} is a folder; name a file")
     if not folder.is_dir():

@@ -1,7 +1,10 @@
 """Writing output files whole: a hidden temporary file beside the target, moved onto it only when complete.
 
 Used by the offline CLI, the ONNX export and the benchmark's JSON, so that a full disk, an error or a Ctrl-C
-leaves the earlier file (or none), never a truncated one that looks finished.
+leaves the earlier file (or none), never a truncated one that looks finished. A target that is a link to a file is
+written where the link leads (the link stays); one that is no file at all, such as /dev/null, /dev/stdout or a FIFO,
+is written into when the output is complete, as a shell's redirection would: moving a file onto it (as root) turned
+/dev/null into a plain file for the whole machine.
 """
 
 from __future__ import annotations
@@ -10,22 +13,43 @@ import contextlib
 import os
 import pathlib
 import secrets
+import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["FolderError", "check_writable", "folder_made_for", "partial_beside", "publish", "replace_whole"]
+__all__ = ["FolderError", "check_writable", "folder_made_for", "is_stream", "partial_beside", "publish",
+           "replace_whole", "written_file"]
 
 
 class FolderError(OSError):
     """An output folder that cannot be made or written into; the message names it."""
 
 
+def is_stream(target: pathlib.Path) -> bool:
+    """Whether ``target`` (or what its links lead to, /proc's too) exists and is neither a file nor a folder: a device
+    such as /dev/null, /dev/stdout on a terminal or a pipe, a FIFO or a socket, written into rather than replaced."""
+    try:
+        mode = os.stat(target).st_mode
+    except (OSError, ValueError):  # absent, a dangling link or a loop, a name with a NUL
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def written_file(target: pathlib.Path) -> pathlib.Path:
+    """The file a write to ``target`` replaces: what a link leads to (kept a link), else ``target`` itself."""
+    return pathlib.Path(os.path.realpath(target)) if os.path.islink(target) else target
+
+
 @contextlib.contextmanager
 def partial_beside(target: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A path for the temporary file beside ``target``, removed when the block ends (published or not). Its name is
-    short (a long target name plus a suffix would pass the 255-byte limit) and random (two runs writing into one
-    folder never share it); the file is created by whoever writes it, with the usual permissions."""
-    partial = target.with_name(f".{target.name[:32]}.{secrets.token_hex(4)}.part")
+    """A path for the temporary file beside the file ``target`` names (written_file), removed when the block ends
+    (published or not); for a stream target, in the temporary folder (/dev is no place for it). Its name is short
+    (a long target name plus a suffix would pass the 255-byte limit) and random (two runs writing into one folder
+    never share it); the file is created by whoever writes it, with the usual permissions."""
+    beside = pathlib.Path(tempfile.gettempdir()) / target.name if is_stream(target) else written_file(target)
+    partial = beside.with_name(f".{beside.name[:32]}.{secrets.token_hex(4)}.part")
     try:
         yield partial
     finally:
@@ -33,9 +57,17 @@ def partial_beside(target: pathlib.Path) -> Iterator[pathlib.Path]:
 
 
 def publish(partial: pathlib.Path, target: pathlib.Path, *, overwrite: bool) -> None:
-    """Move the finished ``partial`` onto ``target``. Without ``overwrite`` a file that appeared at ``target`` since
-    the caller checked is never replaced (FileExistsError): a hard link is made, which fails on an existing name,
-    and the partial is left for partial_beside to remove."""
+    """Move the finished ``partial`` onto ``target`` (the file a link leads to). Without ``overwrite`` a file that
+    appeared at ``target`` since the caller checked is never replaced (FileExistsError): a hard link is made, which
+    fails on an existing name, and the partial is left for partial_beside to remove. A stream target (is_stream) is
+    written into instead, with or without ``overwrite``: nothing is replaced."""
+    if is_stream(target):  # appended after what this process printed before (a table, then the JSON)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(partial, "rb") as source, open(target, "ab") as sink:
+            shutil.copyfileobj(source, sink)
+        return
+    target = written_file(target)
     if overwrite:
         os.replace(partial, target)
         return

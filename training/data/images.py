@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import stat
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "ImageReadError",
     "SkippedFilesWarning",
     "file_sha256",
+    "is_stream",
     "read_image",
     "read_image_array",
     "read_manifest",
@@ -95,11 +97,34 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8", errors="backslashreplace"))
 
 
+def is_stream(path: Path) -> bool:
+    """Whether `path` (or what its links lead to, /proc's too) exists and is neither a file nor a folder: a device
+    such as /dev/null, /dev/stdout on a terminal or a pipe, a FIFO or a socket, written into rather than replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # absent, a dangling link or a loop, a name with a NUL
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def write_into(path: Path, data: bytes) -> None:
+    """Append `data` to a stream (is_stream) after what this process printed before (a table, then the JSON)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(path, "ab") as sink:
+        sink.write(data)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` through a temporary file and a rename: a killed writer never leaves half a file. A link is
     written through (its target replaced, the link kept), and a rewrite keeps the file's permissions. The temporary
     file is new (exclusive create: it never replaces a file of the user's, as `NAME.tmp` did), hidden (scans pass
-    over it), short-named (a name near the 255-byte limit still fits) and removed on any error."""
+    over it), short-named (a name near the 255-byte limit still fits) and removed on any error. What is neither a file
+    nor a folder (/dev/null, /dev/stdout, a FIFO) is written into, as a shell's redirection would: a file moved
+    onto /dev/null (as root) replaced it for the whole machine."""
+    if is_stream(path):
+        write_into(path, data)
+        return
     target = Path(os.path.realpath(path))
     tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
     try:

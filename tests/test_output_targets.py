@@ -1,0 +1,122 @@
+"""Output files named by the user that are not plain files. The writers replace a file whole (a temporary file
+moved onto it), and so, run as root, `export -o /dev/null --overwrite` and `bench --json /dev/null` turned /dev/null
+into a plain file for the whole machine (found in a review). Now what is neither a file nor a folder (a device, a
+FIFO, /dev/stdout on a pipe) is written into, and a link to a file has that file replaced, the link kept. Tested
+with FIFOs, which behave as devices do here and need no privilege (never with /dev/null itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from training.data.images import write_json_atomic
+from training.evaluate import check_output_file
+from upscaler_server import export
+from upscaler_server.bench import check_json_target
+from upscaler_server.files import is_stream, partial_beside, publish, replace_whole
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "out.fifo"
+    os.mkfifo(path)
+    return path
+
+
+def read_while(fifo: Path, write: Callable[[], object]) -> bytes:
+    """What a reader of ``fifo`` receives while ``write()`` runs; the FIFO must still be one afterwards. The reader
+    copies into a file (a pipe back to this process would fill while ``write`` runs, and stall both)."""
+    received = fifo.with_name("received")
+    with open(received, "wb") as sink:
+        reader = subprocess.Popen(["cat", str(fifo)], stdout=sink)
+    try:
+        write()
+        reader.wait(timeout=30)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a file"
+    data = received.read_bytes()
+    received.unlink()
+    return data
+
+
+def test_streams_are_told_apart(tmp_path: Path, fifo: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "to_fifo").symlink_to(fifo)
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    assert is_stream(fifo) and is_stream(tmp_path / "to_fifo") and is_stream(Path("/dev/null"))
+    assert not any(is_stream(tmp_path / name) for name in ("file", "dangling", "missing", "."))
+
+
+def test_replace_whole_writes_into_a_fifo(fifo: Path) -> None:
+    assert read_while(fifo, lambda: replace_whole(fifo, "{}\n")) == b"{}\n"
+    assert [p.name for p in fifo.parent.iterdir()] == [fifo.name]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_publish_through_a_link_replaces_the_file_and_keeps_the_link(tmp_path: Path, overwrite: bool) -> None:
+    real = tmp_path / "real" / "scores.json"
+    real.parent.mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    with partial_beside(link) as partial:
+        assert partial.parent == real.parent  # beside the file it replaces: the move stays on one filesystem
+        partial.write_text("new")
+        publish(partial, link, overwrite=overwrite)
+    assert link.is_symlink() and real.read_text() == "new"
+    with partial_beside(link) as partial:
+        partial.write_text("newer")
+        if overwrite:
+            publish(partial, link, overwrite=True)
+        else:
+            with pytest.raises(FileExistsError):
+                publish(partial, link, overwrite=False)
+    assert link.is_symlink() and real.read_text() == ("newer" if overwrite else "new")
+
+
+def test_export_writes_into_a_fifo_without_overwrite(fifo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing is replaced, so --overwrite is not asked for; the size and --benchmark read a temporary copy (as for
+    `-o /dev/null --benchmark N`, where there is nothing to read back)."""
+    statuses = []
+    received = read_while(fifo, lambda: statuses.append(export.main(
+        ["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(fifo), "--benchmark", "1"])))
+    out = capsys.readouterr().out
+    assert statuses == [0] and f"wrote {fifo} ({len(received)} bytes)" in out and "onnxruntime CPU" in out, out
+    import onnx
+
+    assert onnx.load_from_string(received).graph.input[0].name == "lr"
+    assert [p.name for p in fifo.parent.iterdir()] == [fifo.name]
+
+
+def test_export_through_a_link_replaces_the_file_it_leads_to(tmp_path: Path) -> None:
+    real = tmp_path / "models" / "student.onnx"
+    real.parent.mkdir()
+    real.write_bytes(b"older")
+    link = tmp_path / "current.onnx"
+    link.symlink_to(real)
+    assert export.main(["--model", "rlfn_s", "--height", "16", "--width", "16", "-o", str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and real.read_bytes()[:5] != b"older"
+
+
+def test_json_targets_accept_streams_and_check_where_links_lead(tmp_path: Path, fifo: Path) -> None:
+    check_json_target(fifo)
+    check_output_file(fifo, "the scores")
+    link = tmp_path / "scores.json"
+    link.symlink_to(tmp_path / "missing" / "scores.json")  # the folder the file would be written in is where it leads
+    with pytest.raises(ValueError, match="missing does not exist"):
+        check_json_target(link)
+    with pytest.raises(ValueError, match="missing does not exist"):
+        check_output_file(link, "the scores")
+
+
+def test_training_json_writes_into_a_fifo(fifo: Path) -> None:
+    received = read_while(fifo, lambda: write_json_atomic(fifo, {"psnr": 38.0}))
+    assert json.loads(received) == {"psnr": 38.0}
+    assert [p.name for p in fifo.parent.iterdir()] == [fifo.name]
