@@ -6,6 +6,7 @@ Tolerances (docs/integration.md): float I/O max abs diff <= 1e-4; uint8 I/O at m
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import signal
 import tempfile
@@ -160,6 +161,23 @@ def test_cli_refuses_bad_options_in_one_line_before_exporting(options: list[str]
     assert export.main(["--model", "rlfn_s", *options, "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_cli_refuses_what_fails_only_after_exporting(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """From a review: a 1x1 PAN with dynamic shapes (torch.export declares no size below 2) failed after the export
+    with a long report and exit 1; --benchmark without onnxruntime wrote the file, then ended in a traceback."""
+    monkeypatch.setattr(export, "export_onnx", _must_not_export)
+    out = tmp_path / "s.onnx"
+    assert export.main(["--model", "pan_s", "--height", "1", "--width", "1", "--dynamic-shapes", "-o", str(out)]) == 2
+    assert "1x1 is below the model's minimum input size 2x2" in capsys.readouterr().err
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    size = ["--height", "16", "--width", "16"]
+    assert export.main(["--model", "rlfn_s", *size, "--benchmark", "2", "-o", str(out)]) == 2
+    assert "--benchmark needs the onnxruntime package" in capsys.readouterr().err
     assert not out.exists()
 
 

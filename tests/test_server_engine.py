@@ -119,8 +119,12 @@ def test_missing_and_bad_models(tmp_path: pathlib.Path) -> None:
         create_engine(model="rlfn_teacher", device="cpu")
     with pytest.raises(ModelLoadError, match="unknown model"):
         create_engine(model="no_such_model", device="cpu")
-    with pytest.raises(ModelLoadError, match="need scale in"):  # the nearest backend's scales go higher
+    with pytest.raises(ConfigError, match=r"--scale 5: cannot build 'rlfn_s'.*need scale in"):  # a bad argument
         create_engine(model="rlfn_s", scale=5, device="cpu")
+    with pytest.raises(ConfigError, match="the nearest backend runs no model"):  # it ignored them
+        create_engine(checkpoint=pathlib.Path("rlfn_s_native_x2"), backend="nearest")
+    with pytest.raises(ConfigError, match="the nearest backend runs no model"):
+        create_engine(model="rlfn_s", backend="nearest")
     with pytest.raises(ModelLoadError, match=r"is a folder; pass a \.safetensors file or a bundled name"):
         create_engine(checkpoint=tmp_path, device="cpu")
     named = create_engine(checkpoint=pathlib.Path("rlfn_s_native_x2"), device="cpu", threads=1)  # a bundled name
@@ -253,6 +257,11 @@ def test_offline_cli_output_folder_checks(tmp_path: pathlib.Path, monkeypatch: p
     (tmp_path / "a_file.png").write_bytes(b"x")
     assert upscale.main(["--model", "rlfn_s", str(photos), "-o", str(tmp_path / "a_file.png")]) == 2
     assert "a_file.png exists and is not a folder; -o names the output folder" in caplog.text
+    assert upscale.main(["--model", "rlfn_s", str(photos), "-o", str(tmp_path / "frame_x2.png")]) == 2  # a review
+    assert "frame_x2.png looks like a file name, but -o names the output folder" in caplog.text
+    assert not (tmp_path / "frame_x2.png").exists()  # it became a folder of that name
+    assert upscale.main(["--model", "rlfn_s", str(tmp_path / "none" / "*.png"), "-o", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'none' / '*.png'} does not exist" in caplog.text  # a pattern that matched nothing
 
     cv2.imwrite(str(tmp_path / "a.jpg"), np.full((20, 24, 3), 60, np.uint8))
     twice = [str(photos / "b.jpg"), str(tmp_path / "a.jpg"), str(photos / ".." / "photos" / "b.jpg"), str(photos)]
@@ -370,6 +379,18 @@ def test_the_client_library_leaves_opencvs_decode_limit_alone() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_a_decode_limit_that_is_no_number_is_replaced_not_an_abort(tmp_path: pathlib.Path) -> None:
+    """OpenCV aborted the process as it loaded (std::invalid_argument from stoull, exit 134; found in a review)."""
+    cv2.imwrite(str(tmp_path / "small.png"), np.full((20, 24, 3), 50, np.uint8))
+    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "abc"}
+    done = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--backend", "nearest", "--device", "cpu",
+                           str(tmp_path / "small.png"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "OPENCV_IO_MAX_IMAGE_PIXELS='abc' is not a whole number of pixels; using 67108864" in done.stderr
+    assert (tmp_path / "out" / "small.png").is_file()
+
+
 def test_a_lower_decode_limit_lowers_the_default_max_pixels(tmp_path: pathlib.Path) -> None:
     """With OPENCV_IO_MAX_IMAGE_PIXELS below 3840x2160, every plain run was refused for a --max-pixels never given."""
     cv2.imwrite(str(tmp_path / "small.png"), np.full((20, 24, 3), 50, np.uint8))
@@ -419,6 +440,11 @@ def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, 
     (["--backend", "nearest", "--max-pixels", "0"], "1 <= --max-pixels <= 67108864"),
     (["--backend", "nearest", "--pad-channels", "1000"], "0 <= pad_channels <= 64"),
     (["--backend", "auto", "--auto-backends", "onnxrutime"], "unknown onnxrutime: use backends"),
+    # from a review: exit 3 ("model not loadable") for a bad argument; a checkpoint nearest ignored; fp16 advice on
+    # a CPU for tensorrt, whose --precision fp32 was then refused too
+    (["--model", "rlfn_s", "--scale", "5"], "--scale 5: cannot build 'rlfn_s'"),
+    (["--backend", "nearest", "--checkpoint", "rlfn_s_native_x2"], "the nearest backend runs no model"),
+    (["--backend", "tensorrt", "--device", "cpu"], "backend tensorrt is not available: TensorRT needs CUDA"),
 ])  # fmt: skip
 def test_offline_cli_refuses_settings_the_daemon_refuses(tmp_path: pathlib.Path, args: list[str],
                                                          message: str) -> None:

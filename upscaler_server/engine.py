@@ -559,8 +559,8 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
             raise ModelLoadError(f"unknown model {model!r}; registered: {', '.join(models.list_models())}")
         try:
             network = models.build_model(model, scale=DEFAULT_SCALE if scale is None else scale)
-        except ValueError as exc:  # e.g. a scale the family does not have
-            raise ModelLoadError(f"cannot build {model!r}: {exc}") from exc
+        except ValueError as exc:  # a scale the family does not have: a bad argument (exit 2), not a bad model
+            raise ConfigError(f"--scale {scale}: cannot build {model!r}: {exc}") from exc
         return _decoder(network, model), model, None
     path = models.resolve_checkpoint(checkpoint) if checkpoint is not None else models.DEFAULT_STUDENT_PATH
     if path.is_dir():
@@ -696,6 +696,9 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     from upscaler_server import backends  # the backends import this module
 
     if backend == "nearest":
+        if checkpoint is not None or model is not None:  # it was ignored: a run "with" a checkpoint that used none
+            raise ConfigError("the nearest backend runs no model: leave out --checkpoint and --model (--scale sets "
+                              "its factor)")
         return NearestEngine(DEFAULT_SCALE if scale is None else scale)
     if backend not in backends.BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")

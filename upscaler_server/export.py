@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 import pathlib
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -45,7 +47,15 @@ from torch import nn
 from upscaler_server.config import MAX_THREADS
 from upscaler_server.engine import load_network
 from upscaler_server.errors import ConfigError, ModelLoadError
-from upscaler_server.files import FolderError, check_writable, folder_made_for, partial_beside, publish
+from upscaler_server.files import (
+    FolderError,
+    check_writable,
+    folder_made_for,
+    is_stream,
+    partial_beside,
+    publish,
+    written_file,
+)
 
 __all__ = ["Uint8IO", "export_onnx", "main"]
 
@@ -79,9 +89,10 @@ def example_input(io: IO, height: int, width: int, seed: int = 0) -> torch.Tenso
     return torch.rand((1, 3, height, width), generator=gen)
 
 
-def _min_size(network: nn.Module) -> int:
-    """The smallest LR height and width ``network`` reads (1 for a network that states none)."""
-    return int(getattr(network, "min_input_size", 1))
+def _min_size(network: nn.Module, dynamic: bool = False) -> int:
+    """The smallest LR height and width ``network`` reads (1 for a network that states none); with ``dynamic``
+    shapes at least 2, the smallest symbolic size torch.export takes (1 is specialised as a constant)."""
+    return max(int(getattr(network, "min_input_size", 1)), 2 if dynamic else 1)
 
 
 def wrap(network: nn.Module, io: IO) -> nn.Module:
@@ -98,14 +109,14 @@ def export_onnx(network: nn.Module, path: pathlib.Path, *, io: IO = "uint8", hei
     import onnx
 
     module = wrap(network, io)
-    min_size = _min_size(network)
+    min_size = _min_size(network, dynamic)  # what the file accepts, also written in its metadata
     if min(height, width) < min_size:
         raise ValueError(f"{width}x{height} is below the model's minimum input size {min_size}x{min_size}")
     axes = (1, 2) if io == "uint8" else (2, 3)
     shapes: tuple[dict[int, torch.export.Dim], ...] | None = None
     if dynamic:
         # H and W are symbolic; the minimum keeps ESA's strided conv + 7x7/3 max-pool well-defined.
-        dims = (torch.export.Dim("height", min=max(min_size, 2)), torch.export.Dim("width", min=max(min_size, 2)))
+        dims = (torch.export.Dim("height", min=min_size), torch.export.Dim("width", min=min_size))
         shapes = (dict(zip(axes, dims, strict=True)),)  # one entry per positional input
     with torch.no_grad(), warnings.catch_warnings(), _ctrl_c_held():
         # torch's own exporter trips a deprecation inside torch (pytree LeafSpec); nothing a caller can act on.
@@ -238,12 +249,15 @@ def _option_problem(args: argparse.Namespace, max_opset: int) -> str | None:
         return f"--threads {args.threads}: use 0 (library default) to {MAX_THREADS}"
     if args.benchmark < 0:
         return f"--benchmark {args.benchmark}: use a number of frames, or 0 for none"
+    if args.benchmark and importlib.util.find_spec("onnxruntime") is None:  # else a traceback after the export
+        return "--benchmark needs the onnxruntime package (pip install onnxruntime; the 'export' extra has it)"
     return None
 
 
 def _model_problem(args: argparse.Namespace, network: nn.Module, weights: str | None) -> str | None:
     """What is wrong with the size and the output for this model and checkpoint, in words, or None."""
-    min_size = _min_size(network)
+    # with dynamic shapes export_onnx declares no size below 2: torch.export refused it after a long report
+    min_size = _min_size(network, args.dynamic_shapes)
     if min(args.height, args.width) < min_size:
         return (f"--width x --height {args.width}x{args.height} is below the model's minimum input size "
                 f"{min_size}x{min_size}; use at least {min_size} for each")
@@ -253,7 +267,8 @@ def _model_problem(args: argparse.Namespace, network: nn.Module, weights: str | 
     # samefile also catches a link to the checkpoint; an absent output cannot be it
     if weights is not None and output.exists() and os.path.samefile(output, weights):
         return f"-o {output} is the checkpoint being exported; write the ONNX file elsewhere"
-    if os.path.lexists(output) and not args.overwrite:  # a dangling link too: publishing would fail on its name
+    # a dangling link too (publishing would fail on its name); /dev/null and the like are written into, not replaced
+    if os.path.lexists(output) and not args.overwrite and not is_stream(output):
         return f"-o {output} exists; pass --overwrite to replace it, or choose another file"
     return None
 
@@ -298,10 +313,14 @@ def _export(args: argparse.Namespace) -> int:
     # the checkpoint's file name, not its path: the ONNX file travels to other machines
     meta = {"takdsr.model": name, "takdsr.weights": pathlib.Path(weights).name if weights else "random"}
     try:
-        with folder_made_for(args.output):
-            check_writable(args.output.parent)  # before the export's seconds, and naming the folder
-            export_onnx(network, args.output, io=args.io, height=args.height, width=args.width,
+        with folder_made_for(args.output), _readable_output(args.output) as readable:
+            if readable == args.output:  # before the export's seconds, and naming the folder
+                check_writable(written_file(args.output).parent)
+            export_onnx(network, readable, io=args.io, height=args.height, width=args.width,
                         dynamic=args.dynamic_shapes, opset=args.opset, metadata=meta, overwrite=args.overwrite)
+            if readable != args.output:
+                publish(readable, args.output, overwrite=True)  # written into the stream
+            _report(args, network, name, readable)
     except FileExistsError:  # made since the check at start-up, by someone else
         print(f"error: {args.output} appeared during the export: left as it is (--overwrite replaces it)",
               file=sys.stderr)
@@ -312,17 +331,27 @@ def _export(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         print(f"error: export failed: {exc}", file=sys.stderr)
         return 1
-    _report(args, network, name)
     return 0
 
 
-def _report(args: argparse.Namespace, network: nn.Module, name: str) -> None:
-    """What was written and, with --benchmark, how fast it runs."""
+@contextlib.contextmanager
+def _readable_output(output: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Where the ONNX file is exported to and read back from (its size, --benchmark): ``output`` itself, or for a
+    stream such as /dev/null or a FIFO (is_stream), a temporary file, which the caller writes into it."""
+    if not is_stream(output):
+        yield output
+        return
+    with tempfile.TemporaryDirectory(prefix="takdsr-export-") as folder:
+        yield pathlib.Path(folder) / "model.onnx"
+
+
+def _report(args: argparse.Namespace, network: nn.Module, name: str, readable: pathlib.Path) -> None:
+    """What was written and, with --benchmark, how fast it runs (read from ``readable``: _readable_output)."""
     shape = "dynamic HxW" if args.dynamic_shapes else f"{args.width}x{args.height}"
-    print(f"wrote {args.output} ({args.output.stat().st_size} bytes): {name}, x{network.scale}, io={args.io}, {shape}, "
+    print(f"wrote {args.output} ({readable.stat().st_size} bytes): {name}, x{network.scale}, io={args.io}, {shape}, "
           f"opset {args.opset}")
     if args.benchmark > 0:
-        times = benchmark(network, args.output, args.io, args.height, args.width, args.benchmark, args.threads)
+        times = benchmark(network, readable, args.io, args.height, args.width, args.benchmark, args.threads)
         print(f"{args.width}x{args.height}, {args.benchmark} frames, threads={args.threads or 'default'}: "
               f"onnxruntime CPU {times['onnxruntime_cpu_ms']:.1f} ms, PyTorch eager {times['torch_eager_ms']:.1f} ms "
               "(median per frame)")

@@ -5,10 +5,11 @@ Folders are read one level deep, hidden files (``.name``) left out, as in traini
 over 8K x 8K before it is decoded. The same :class:`~upscaler_server.engine.Engine` as the daemon does the work, so
 results are bit-identical to the daemon's for the same checkpoint, device and precision. Colour images keep their
 alpha channel (upscaled by nearest neighbour); grey images are upscaled as RGB and written as RGB; 16-bit images are
-rounded to 8 bits and a JPEG is turned upright by its EXIF orientation first. An output file that exists already is
-never replaced without ``--overwrite`` (an input never), and each output is written whole or not at all (a temporary
-file renamed). The output folder must not be one of the input folders (the next run would read the outputs as
-inputs), and one that cannot be written into is refused before any image runs. Exit status: 0 if every image was
+rounded to 8 bits and a JPEG is turned upright by its EXIF orientation first. Pixels are taken as sRGB, as the model
+was trained: an ICC colour profile in the input is not carried over to the PNG. An output file that exists already
+is never replaced without ``--overwrite`` (an input never), and each output is written whole or not at all (a
+temporary file renamed). The output folder must not be one of the input folders (the next run would read the outputs
+as inputs), and one that cannot be written into is refused before any image runs. Exit status: 0 if every image was
 written, 1 if some failed (each failure is reported), 2 for bad arguments, 3 when the model cannot be loaded, 130
 when interrupted (Ctrl-C; the images written so far stay).
 """
@@ -60,6 +61,8 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
                                 if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
         elif path.is_file():
             files.append(path)
+        elif not os.path.lexists(path):  # a shell pattern that matched nothing comes here as itself
+            raise ConfigError(f"{path} does not exist")
         else:
             raise ConfigError(f"{path} is neither a file nor a folder")
     first_names: dict[tuple[pathlib.Path, str], pathlib.Path] = {}  # (real path, output stem) -> its first naming
@@ -80,6 +83,9 @@ def check_output_folder(inputs: Iterable[pathlib.Path], out_dir: pathlib.Path) -
     be read as inputs by the next run (and clash with the images they came from)."""
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise ConfigError(f"-o {out_dir} exists and is not a folder; -o names the output folder")
+    if not os.path.lexists(out_dir) and out_dir.suffix.lower() in IMAGE_SUFFIXES:  # it became a folder of that name
+        raise ConfigError(f"-o {out_dir} looks like a file name, but -o names the output folder (each image is "
+                          f"written there as <its name>.png): pass a folder, e.g. -o {out_dir.parent / 'upscaled'}")
     if any(path.is_dir() and path.resolve() == out_dir.resolve() for path in inputs):
         raise ConfigError(f"-o {out_dir} is also an input folder: the images written there would be read as inputs "
                           "the next time; choose another output folder")

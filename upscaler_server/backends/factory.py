@@ -21,6 +21,10 @@ ONLY_PRECISION = {"onnxruntime": "fp32", "tensorrt": "fp16"}  # backends that ru
 
 def make_backend(backend: str, network: torch.nn.Module, settings: Settings) -> Engine:
     """A named backend (not auto or nearest) on its own copy of ``network``; ConfigError if it cannot run here."""
+    # the device first: tensorrt on a CPU was told that "fp16 needs CUDA; use --precision fp32", then refused that
+    reason = unavailable(backend, settings.device, "auto")
+    if reason is not None:
+        raise ConfigError(f"backend {backend} is not available: {reason}")
     asked = ONLY_PRECISION.get(backend, "auto") if settings.precision == "auto" else settings.precision
     precision = resolve_precision(asked, settings.device)
     reason = unavailable(backend, settings.device, precision)
