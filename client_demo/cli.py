@@ -34,7 +34,8 @@ from client_demo.controls import VIEWS
 from client_demo.headless import DEFAULT_OUT, OutputFolder, OutputFolderError, run_headless
 from client_demo.link import UpscaleLink
 from client_demo.spawn import DaemonStartError, SpawnedDaemon
-from upscaler_server.config import cli_prog
+from upscaler_server.config import check_endpoint, cli_prog, default_endpoint
+from upscaler_server.errors import ConfigError
 
 __all__ = ["main", "parse_args"]
 
@@ -49,10 +50,12 @@ def _utf8_path(text: str) -> pathlib.Path:
 
 
 def _endpoint(text: str) -> str:
-    """The forms the daemon binds (upscaler_server.config): anything else could never be reached, and would be
-    reported as an unreachable daemon (status 3) instead of a mistyped argument."""
-    if not text.startswith(("ipc://", "tcp://")) or text in ("ipc://", "tcp://"):
-        raise argparse.ArgumentTypeError(f"expected ipc:///path/to/socket or tcp://127.0.0.1:PORT, got {text!r}")
+    """The forms the daemon binds (upscaler_server.config.check_endpoint; a remote host too): anything else could
+    never be reached, and would be reported as an unreachable daemon (status 3) instead of a mistyped argument."""
+    try:
+        check_endpoint(text, allow_remote=True)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (e.g. ipc:///path/to/socket or tcp://127.0.0.1:PORT)") from None
     return text
 
 
@@ -160,11 +163,16 @@ class _Signals:
     def __call__(self) -> bool:
         return self.requested > 0
 
+    def at_once(self) -> bool:
+        """Whether a second signal asked to stop at once (its KeyboardInterrupt may have been spent elsewhere)."""
+        return self.requested >= 2
+
 
 def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signals, folder: OutputFolder | None,
          started: float) -> int:
     """The window, or with ``folder`` (held by this run) headless; ``started`` is the demo's start (stats.json)."""
-    link = UpscaleLink(endpoint, cfg.lr_size, cfg.scale, cfg.timeout)
+    # the default resolved here, not in the client: stats.json names the endpoint it used ($TAKDSR_UPSCALER_ENDPOINT)
+    link = UpscaleLink(endpoint or default_endpoint(), cfg.lr_size, cfg.scale, cfg.timeout)
     link.start()  # connects while the renderer warms up
     try:
         if folder is not None:
@@ -255,7 +263,7 @@ def _with_daemon(cfg: DemoConfig, stop: _Signals, folder: OutputFolder | None, s
     """The run against ``--endpoint``, or against a daemon of its own (--spawn-server), stopped in every case."""
     if not cfg.spawn_server:
         return _run(cfg, cfg.endpoint, lambda: None, stop, folder, started)
-    with SpawnedDaemon(cfg.checkpoint or _native_student(), cfg.device, cfg.endpoint) as daemon:
+    with SpawnedDaemon(cfg.checkpoint or _native_student(), cfg.device, cfg.endpoint, stop.at_once) as daemon:
         print(f"client_demo: starting the upscaler daemon ({daemon.endpoint}) ...", file=sys.stderr)
         try:
             daemon.start(stop)

@@ -84,6 +84,9 @@ def read_rgb(fbo: moderngl.Framebuffer) -> np.ndarray:
     return np.ascontiguousarray(np.frombuffer(data, np.uint8).reshape(h, w, 3)[::-1])
 
 
+REFERENCE_SUPERSAMPLE = 2  # reference_pixels: each HR pixel the mean of 2x2 rendered ones
+
+
 class FrameSizeError(ValueError):
     """The frames are larger than this OpenGL can draw (an invalid --lr for this machine)."""
 
@@ -91,17 +94,24 @@ class FrameSizeError(ValueError):
 class GpuFrames:
     """Offscreen targets and the composing pass on one moderngl context (a window's or a headless one).
 
-    ``lr_targets`` LR render targets are indexed by the caller (upscaler slots plus any spares it needs)."""
+    ``lr_targets`` LR render targets are indexed by the caller (upscaler slots plus any spares it needs); with
+    ``reference``, frames also have a supersampled reference (reference_pixels), drawn at twice the HR size."""
 
-    def __init__(self, renderer: scenes.SceneRenderer, lr_size: tuple[int, int], scale: int, lr_targets: int) -> None:
+    def __init__(self, renderer: scenes.SceneRenderer, lr_size: tuple[int, int], scale: int, lr_targets: int,
+                 reference: bool = False) -> None:
         self.renderer = renderer
         self.ctx = ctx = renderer.ctx
         self.lr_size = lr_size
         self.hr_size = (lr_size[0] * scale, lr_size[1] * scale)
-        limit = min(renderer.max_size(), ctx.info["GL_MAX_TEXTURE_SIZE"])
+        # the reference is checked here too: its first frame failed with a traceback, after the earlier outputs went
+        rendered = renderer.max_size() // (REFERENCE_SUPERSAMPLE if reference else 1)
+        limit = min(rendered, ctx.info["GL_MAX_TEXTURE_SIZE"])
         if max(self.hr_size) > limit:  # the targets could not be made: refuse in words, not with a GL error
+            drawn = f"; this OpenGL draws at most {limit} px a side"
+            if reference:
+                drawn += f" with their {REFERENCE_SUPERSAMPLE}x{REFERENCE_SUPERSAMPLE}-supersampled reference"
             raise FrameSizeError(f"--lr {lr_size[0]}x{lr_size[1]} at x{scale} makes {self.hr_size[0]}x"
-                                 f"{self.hr_size[1]} frames; this OpenGL draws at most {limit} px a side")
+                                 f"{self.hr_size[1]} frames{drawn}")
         self._objects: list[_GLObject] = []
         self._lr = [self._target(lr_size) for _ in range(lr_targets)]
         self._native = self._target(self.hr_size)
@@ -191,9 +201,9 @@ class GpuFrames:
 
     def reference_pixels(self, preset: str, t: float, camera: scenes.Camera | None = None) -> np.ndarray:
         """The supersampled (2x2) HR render as (H, W, 3) uint8: the aliasing-free ground truth the student was
-        trained to approach, unlike the aliased native render."""
+        trained to approach, unlike the aliased native render (needs ``reference`` at construction)."""
         width, height = self.hr_size
-        return self.renderer.render(preset, t, width, height, supersample=2, camera=camera)
+        return self.renderer.render(preset, t, width, height, supersample=REFERENCE_SUPERSAMPLE, camera=camera)
 
     def native_pixels(self) -> np.ndarray:
         """The last native render as (H, W, 3) uint8, top row first."""

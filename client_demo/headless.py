@@ -120,10 +120,12 @@ class _Outputs:
 
     def __init__(self, out: pathlib.Path, size: tuple[int, int], fps: float) -> None:
         self.frames_dir = out / FRAMES_DIR
-        self.frames_dir.mkdir(parents=True, exist_ok=True)
         self.video_path = out / VIDEO_NAME
         self._size, self._fps = size, fps
         self._video: cv2.VideoWriter | None = None  # opened with the first frame: a run that never gets one
+
+    def make_folder(self) -> None:
+        self.frames_dir.mkdir(parents=True, exist_ok=True)
 
     def clear_earlier(self) -> None:
         """Delete an earlier run's frames (a longer run's would stay beside ours) and video (a run that never gets a
@@ -176,12 +178,17 @@ class _HeadlessRun:
         self._connection = 0  # the link's connection the frames in _pending were sent on
         self._progress_since_reopen = True
 
-    def execute(self) -> None:
+    def connect(self) -> None:
+        """Warm the renderer up and wait for the daemon's session: a daemon that cannot be reached or refuses this
+        stream (_Stopped) must leave an earlier run's outputs as they were, so this runs before they are deleted."""
         self._warm_up()
         while not self.link.ready:
             self._check("connecting")
             self.link.poll(WAIT_SLICE)
         self._connection = self.link.connection
+
+    def execute(self) -> None:
+        """Render, upscale and write every frame (after connect)."""
         for index in range(self.cfg.frames):
             slot = self.link.acquire()
             while slot is None:  # both slots in flight: finish the older frame while the newer one upscales
@@ -292,7 +299,7 @@ def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_
     client_demo.config). ``started``: the demo's time.perf_counter() at start, for stats.json's wall_s."""
     renderer = scenes.SceneRenderer()  # its own EGL context, released with it
     try:  # before anything in the folder is deleted: an --lr this OpenGL cannot draw, or no EGL, changes nothing
-        gpu = GpuFrames(renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH)
+        gpu = GpuFrames(renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH, reference=True)
     except scenes.HeadlessContextError as exc:  # no EGL here: one clear line, as window mode gives for no display
         renderer.release()
         print(f"client_demo: {exc}", file=sys.stderr)
@@ -310,12 +317,18 @@ def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_
 
 def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWatch, should_stop: Callable[[], bool],
             out: pathlib.Path, started: float) -> int:
+    outputs = _Outputs(out, cfg.hr_size, cfg.fps)
+    run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop)
     try:
-        outputs = _Outputs(out, cfg.hr_size, cfg.fps)
-        run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop)
+        run.connect()
+    except _Stopped as exc:  # unreachable, refused or interrupted: nothing of an earlier run was touched
+        print(f"client_demo: {exc}; nothing in {out} was changed", file=sys.stderr)
+        return exc.status
+    try:
         # stats.json first: the earlier run's "completed": true must not outlive its frames, whatever ends this run
         _save_stats(out, _stats(cfg, link, run, time.perf_counter() - started, UNFINISHED))
         outputs.clear_earlier()
+        outputs.make_folder()
     except OSError as exc:  # not writable: before anything is rendered
         print(f"client_demo: cannot write into {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -331,13 +344,24 @@ def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWat
         error = "interrupted at once (a second Ctrl-C or signal)"
         raise
     finally:
-        outputs.close()
-        stats = _stats(cfg, link, run, time.perf_counter() - started, error)
-        saved = _try_save_stats(out, stats)
+        try:
+            stats, saved = _close_outputs(cfg, link, run, started, error, out)
+        except KeyboardInterrupt:  # the second signal came during this: once more (later ones are only counted)
+            stats, saved = _close_outputs(cfg, link, run, started, error, out)
+            _report(out, stats, saved)
+            raise
     if not saved:
         status = status or EXIT_ERROR
     _report(out, stats, saved)
     return status
+
+
+def _close_outputs(cfg: DemoConfig, link: UpscaleLink, run: _HeadlessRun, started: float, error: str | None,
+                   out: pathlib.Path) -> tuple[dict[str, Any], bool]:
+    """Finish the MP4 and write the final stats.json; the stats and whether they could be written."""
+    run.outputs.close()
+    stats = _stats(cfg, link, run, time.perf_counter() - started, error)
+    return stats, _try_save_stats(out, stats)
 
 
 def _save_stats(out: pathlib.Path, stats: dict[str, Any]) -> None:

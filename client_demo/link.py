@@ -185,6 +185,9 @@ class _Worker(threading.Thread):
         if client.scale != self._scale:
             raise _Refused(f"the daemon upscales x{client.scale} but the demo was asked for x{self._scale}; "
                            f"pass --scale {client.scale}")
+        if client.info.max_slots < PIPELINE_DEPTH:  # RESOURCE_LIMIT, which no retry can fix for this daemon
+            raise _Refused(f"the daemon allows {client.info.max_slots} frame(s) in flight per session and the demo "
+                           f"keeps {PIPELINE_DEPTH}; start it with --max-slots {PIPELINE_DEPTH} or more")
         width, height = self._size
         try:
             return client.open_session(width, height, PIXEL_FORMAT, slots=PIPELINE_DEPTH)

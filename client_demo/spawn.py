@@ -25,6 +25,7 @@ __all__ = ["DaemonStartError", "SpawnedDaemon"]
 
 READY_TIMEOUT = 120.0  # s: a cold torch import plus model warm-up on a busy 2-core machine
 STOP_TIMEOUT = 15.0  # s to finish the running frame after SIGTERM before SIGKILL
+_STOP_SLICE = 0.05  # s between looks at the demo's signals while it waits for the daemon to stop
 
 
 class DaemonStartError(RuntimeError):
@@ -51,8 +52,11 @@ class SpawnedDaemon:
     """``python -m upscaler_server`` started by the demo. Use as a context manager: stopped on any exit."""
 
     def __init__(self, checkpoint: pathlib.Path | None = None, device: str = "auto",
-                 endpoint: str | None = None) -> None:
+                 endpoint: str | None = None, hurry: Callable[[], bool] = lambda: False) -> None:
+        """``hurry``: true once the demo was told to stop at once (a second signal); stop() then kills the daemon
+        instead of waiting for it, whenever that second signal came."""
         _remove_folders_of_dead_demos()
+        self._hurry = hurry
         # short (ipc paths max ~100), and named by this process, so a later demo can tell it was left behind
         self._dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-", dir="/tmp"))
         self.endpoint = endpoint or f"ipc://{self._dir / 'upscaler.sock'}"
@@ -145,11 +149,13 @@ class SpawnedDaemon:
 
     def _end(self, proc: subprocess.Popen[bytes]) -> None:
         try:
-            if proc.poll() is None:
+            if proc.poll() is None and not self._hurry():
                 proc.terminate()
-                proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass  # killed below
+                # in slices: a second signal during the wait is only counted when the first came long before
+                deadline = time.monotonic() + STOP_TIMEOUT
+                while proc.poll() is None and time.monotonic() < deadline and not self._hurry():
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(_STOP_SLICE)
         finally:
             if proc.poll() is None:
                 proc.kill()

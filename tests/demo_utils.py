@@ -43,10 +43,11 @@ def demo_command(*args: str, xvfb: bool = False) -> list[str]:
     return [xvfb_run, "-a", "-s", XVFB_SCREEN, *command]
 
 
-def run_demo(*args: str, xvfb: bool = False, timeout: float = DEMO_TIMEOUT,
-             command: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m client_demo ARGS`` (or ``command``) from the repository root; fail, never hang, on timeout."""
-    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}  # a developer's display must not leak in
+def run_demo(*args: str, xvfb: bool = False, timeout: float = DEMO_TIMEOUT, command: Sequence[str] | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m client_demo ARGS`` (or ``command``) from the repository root, with ``env`` added to the
+    environment; fail, never hang, on timeout."""
+    env = {**{k: v for k, v in os.environ.items() if k != "DISPLAY"}, **(env or {})}  # a developer's display: not ours
     try:
         return subprocess.run(command or demo_command(*args, xvfb=xvfb), cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=timeout)

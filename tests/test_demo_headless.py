@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import pathlib
@@ -112,7 +113,7 @@ def test_the_split_view_is_captioned_and_a_run_without_frames_leaves_no_video(ne
                       "--out", str(tmp_path / "none"))
     assert nobody.returncode == 3, output_of(nobody)
     assert not (tmp_path / "none" / "demo.mp4").exists()  # no unplayable 257-byte file
-    assert read_stats(tmp_path / "none")["outputs"]["video"] is None
+    assert not (tmp_path / "none" / "stats.json").exists()  # never connected: nothing in --out was written
 
 
 def test_spawn_server_writes_outputs_and_leaves_nothing(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -281,6 +282,57 @@ def test_an_invalid_lr_deletes_nothing_of_an_earlier_run(nearest_daemon: Daemon,
     assert {name: (tmp_path / name).read_bytes() for name in files} == files
 
 
+@pytest.mark.parametrize(("case", "status", "said"), [
+    ("wrong scale", 2, "the daemon upscales x2 but the demo was asked for x3"),
+    ("no daemon", EXIT_UNAVAILABLE, "upscaler unavailable while connecting"),
+    ("one slot", 2, "the daemon allows 1 frame(s) in flight per session and the demo keeps 2"),
+])
+def test_a_daemon_that_cannot_serve_the_run_deletes_nothing_of_an_earlier_run(
+        case: str, status: int, said: str, nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """From a review: the earlier run's frames and video were deleted before the daemon was reached, so a mistyped
+    --scale or endpoint, or a daemon not started yet, cost the earlier outputs. A daemon with --max-slots 1, which
+    can never serve the demo's two frames in flight, was reported as unreachable (status 3)."""
+    files = _earlier_run(tmp_path / "out")
+    run = functools.partial(run_demo, "--headless", "--lr", LR_ARG, "--frames", "2", "--out", str(tmp_path / "out"))
+    if case == "wrong scale":
+        result = run("--endpoint", nearest_daemon.endpoint, "--scale", "3")
+    elif case == "no daemon":
+        result = run("--endpoint", f"ipc://{tmp_path}/none.sock")
+    else:
+        with run_server("--backend", "nearest", "--max-slots", "1") as one_slot:
+            result = run("--endpoint", one_slot.endpoint)
+    assert result.returncode == status and said in result.stderr, output_of(result)
+    assert f"nothing in {tmp_path / 'out'} was changed" in result.stderr
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in files} == files
+
+
+def test_the_supersampled_reference_is_within_what_opengl_draws(nearest_daemon: Daemon,
+                                                                tmp_path: pathlib.Path) -> None:
+    """Headless frames are scored against a 2x2-supersampled render: HR frames above half the GL limit passed the
+    size check and failed on the first frame with a traceback (exit 1), after the earlier outputs were deleted."""
+    renderer = scenes.SceneRenderer()
+    try:
+        largest = renderer.max_size()
+    finally:
+        renderer.release()
+    files = _earlier_run(tmp_path)
+    lr_width = largest // 4 + 1  # x2: HR within the limit, its reference (2x HR) beyond it
+    result = run_demo("--headless", "--endpoint", nearest_daemon.endpoint, "--lr", f"{lr_width}x4", "--frames", "1",
+                      "--out", str(tmp_path))
+    assert result.returncode == 2, output_of(result)
+    assert "with their 2x2-supersampled reference" in result.stderr and "Traceback" not in result.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+
+
+def test_stats_name_the_default_endpoint_used(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """Without --endpoint the demo connects to the client's default ($TAKDSR_UPSCALER_ENDPOINT); stats.json said
+    null (found in a review)."""
+    result = run_demo("--headless", "--lr", LR_ARG, "--frames", "1", "--out", str(tmp_path),
+                      env={"TAKDSR_UPSCALER_ENDPOINT": nearest_daemon.endpoint})
+    assert result.returncode == 0, output_of(result)
+    assert read_stats(tmp_path)["upscaler"]["endpoint"] == nearest_daemon.endpoint
+
+
 def test_a_second_demo_into_the_same_folder_is_refused(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
     """Two runs into one --out (scripts/demo.sh always uses ./demo_out) overwrote each other and both exited 0."""
     out = tmp_path / "out"
@@ -313,6 +365,42 @@ def test_a_second_signal_still_leaves_a_truthful_stats_json(nearest_daemon: Daem
     stats = read_stats(tmp_path)
     assert stats["completed"] is False and "interrupted" in stats["error"] and stats["frames"] >= 3, stats
     assert (tmp_path / "frames" / "00000.png").stat().st_size > len(b"old frame")
+
+
+def test_a_second_signal_during_the_final_stats_write_still_leaves_them(nearest_daemon: Daemon,
+                                                                        tmp_path: pathlib.Path) -> None:
+    """From a review: a second signal that landed in the final write of stats.json aborted it, which then still
+    said "the run did not finish" and 0 frames beside the frames and a playable MP4. The final write is made slow
+    here (1 s), and the second signal is sent into it."""
+    log = tmp_path / "demo.log"
+    slow_final_write = textwrap.dedent("""
+        import sys, time
+        from client_demo import cli, headless
+        save = headless._save_stats
+        def slow_when_final(out, stats):
+            if stats["error"] != headless.UNFINISHED:
+                print("final stats write", file=sys.stderr, flush=True)
+                time.sleep(1)
+            save(out, stats)
+        headless._save_stats = slow_when_final
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    command = [sys.executable, "-c", slow_final_write, "--headless", "--endpoint", nearest_daemon.endpoint, "--lr",
+               LR_ARG, "--frames", "100000", "--view", "sr", "--out", str(tmp_path)]
+    with _running_demo(log, command=command) as demo:
+        _wait_for_frames(demo, log, tmp_path / "frames", count=3, spawned=False)
+        demo.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while "final stats write" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        demo.send_signal(signal.SIGTERM)
+        assert _ended(demo) == 130, log.read_text()
+    stats = read_stats(tmp_path)
+    frames = len(list((tmp_path / "frames").glob("*.png")))
+    assert stats["error"] == "interrupted" and stats["frames"] == frames >= 3, (stats["error"], log.read_text())
+    assert stats["outputs"]["video"] == "demo.mp4"
+    video = cv2.VideoCapture(str(tmp_path / "demo.mp4"))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == frames
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])

@@ -76,6 +76,7 @@ def test_letterbox_keeps_the_aspect_ratio() -> None:
 def test_command_line() -> None:
     cfg = parse_args(["--lr", "320x180", "--scale", "2", "--view", "native", "--headless"])
     assert cfg.lr_size == (320, 180) and cfg.hr_size == (640, 360) and cfg.view == "native" and cfg.headless
+    assert parse_args(["--endpoint", "tcp://192.168.1.20:5555"]).endpoint == "tcp://192.168.1.20:5555"  # a remote one
     named = parse_args(["--spawn-server", "--checkpoint", "rlfn_s_takdsr_x2"])  # a bundled name: the daemon finds it
     assert str(named.checkpoint) == "rlfn_s_takdsr_x2"
     for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--frames", "0"], ["--scene", "moon"],
@@ -87,7 +88,11 @@ def test_command_line() -> None:
                 ["--fps", "inf"], ["--fps", "nan"], ["--fps", "1e6"], ["--max-fps", "inf"], ["--start", "nan"],
                 ["--timeout", "nan"], ["--timeout", "inf"], ["--exit-after", "0"], ["--screenshot-after", "-1"],
                 # no daemon can listen there: it was reported as an unreachable daemon (status 3)
-                ["--endpoint", "bogus"], ["--endpoint", "ipc://"], ["--endpoint", "/tmp/upscaler.sock"]):
+                ["--endpoint", "bogus"], ["--endpoint", "ipc://"], ["--endpoint", "/tmp/upscaler.sock"],
+                # and (from a review) a tcp endpoint without a port, or with one that is no number, and an ipc path
+                # longer than a Unix socket's
+                ["--endpoint", "tcp://127.0.0.1"], ["--endpoint", "tcp://127.0.0.1:port"],
+                ["--endpoint", "ipc:///tmp/" + "x" * 110]):
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)
         assert exc.value.code == 2, bad
@@ -221,3 +226,34 @@ def test_folders_of_demos_that_died_are_removed_by_the_next_one() -> None:
     finally:
         shutil.rmtree(dead, ignore_errors=True)
         shutil.rmtree(alive, ignore_errors=True)
+
+
+def test_a_spawned_daemon_is_killed_once_the_demo_is_told_to_stop_at_once() -> None:
+    """From a review: a second signal that came before the demo began to stop its daemon (during the run or the
+    link's close) was spent there, and the daemon, stalled, was then waited for the whole 15 s; a third signal was
+    only counted. The wait now looks at the demo's signal count as it goes."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from client_demo.spawn import STOP_TIMEOUT, SpawnedDaemon
+
+    at_once: list[bool] = []
+    ignores_sigterm = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); " \
+                      "time.sleep(60)"
+    for told_before in (True, False):
+        at_once.clear()
+        daemon = SpawnedDaemon(hurry=lambda: bool(at_once))
+        proc = subprocess.Popen([sys.executable, "-c", ignores_sigterm], stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"1\n"  # SIGTERM is ignored from here on
+        daemon._proc = proc
+        if told_before:
+            at_once.append(True)
+        else:
+            threading.Timer(0.3, at_once.append, (True,)).start()
+        start = time.monotonic()
+        daemon.stop()
+        assert time.monotonic() - start < STOP_TIMEOUT / 3, told_before
+        assert proc.poll() is not None
+        proc.stdout.close()

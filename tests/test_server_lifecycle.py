@@ -489,6 +489,12 @@ def test_endpoint_shapes() -> None:
         with pytest.raises(ConfigError, match="needs a host and a port"):
             Config(endpoint=endpoint)
     assert Config(endpoint="tcp://localhost:5555") and Config(endpoint="tcp://0.0.0.0:5555", allow_remote=True)
+    longest = "ipc:///tmp/" + "x" * (107 - len("/tmp/"))  # a Unix socket's path: 107 bytes and its NUL
+    assert Config(endpoint=longest)
+    with pytest.raises(ConfigError, match="an ipc path may be at most 107 bytes long"):
+        Config(endpoint=longest + "x")
+    with pytest.raises(ConfigError, match="must start with ipc:// or tcp://"):
+        Config(endpoint="udp://127.0.0.1:5555")
 
 
 def _ipv6_loopback() -> bool:

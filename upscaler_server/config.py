@@ -15,8 +15,8 @@ from typing import Literal
 from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import COUNT_MAX, DIM_MAX, SCALE_MAX, SLOTS_MAX
 
-__all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "cli_prog", "default_endpoint",
-           "parse_size", "runtime_dir"]
+__all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "check_endpoint", "cli_prog",
+           "default_endpoint", "parse_size", "runtime_dir"]
 
 # Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
 ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
@@ -96,9 +96,7 @@ class Config:
             raise ConfigError(f"the lease timeout must be 0.001 to {MAX_LEASE_S:.0f} seconds, got {self.lease_timeout}")
         if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
             raise ConfigError(f"the drain timeout must be a finite number of seconds >= 0, got {self.drain_timeout}")
-        if not self.endpoint.startswith(("ipc://", "tcp://")):
-            raise ConfigError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
-        _check_endpoint(self.endpoint, self.allow_remote)
+        check_endpoint(self.endpoint, self.allow_remote)
 
     @property
     def max_message_bytes(self) -> int:
@@ -109,13 +107,23 @@ class Config:
 _LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 
 
-def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
-    """ipc: a file path (the socket gets mode 0600, so only this user connects); tcp: loopback unless allowed, since
-    anyone who reaches the port can open, use and close sessions."""
+_IPC_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108 with its NUL)
+
+
+def check_endpoint(endpoint: str, allow_remote: bool) -> None:
+    """ConfigError unless ``endpoint`` is one the daemon can bind. ipc: a file path short enough for a Unix socket
+    (the socket gets mode 0600, so only this user connects); tcp: a host and a numeric port, on loopback unless
+    ``allow_remote``, since anyone who reaches the port can open, use and close sessions. Clients check with
+    ``allow_remote``: a malformed endpoint is a mistyped argument, not a daemon that cannot be reached."""
     kind, _, address = endpoint.partition("://")
+    if kind not in ("ipc", "tcp"):
+        raise ConfigError(f"endpoint {endpoint!r} must start with ipc:// or tcp://")
     if kind == "ipc" and (not address or address.startswith("@") or address == "*"):
         raise ConfigError(f"endpoint {endpoint!r}: an ipc endpoint must be a file path (no abstract @names or "
                           "wildcards: those have no file permissions)")
+    if kind == "ipc" and len(os.fsencode(address)) > _IPC_PATH_MAX:
+        raise ConfigError(f"endpoint {endpoint!r}: an ipc path may be at most {_IPC_PATH_MAX} bytes long (a Unix "
+                          "socket's limit); choose a shorter one")
     if kind == "tcp":
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
