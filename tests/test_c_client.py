@@ -102,15 +102,23 @@ def test_error_reply_is_printed_with_its_code(binary: pathlib.Path, daemon: Daem
 @pytest.mark.parametrize("name", ["out.png", "out.ppm"])
 def test_an_unwritable_output_says_why(binary: pathlib.Path, daemon: Daemon, tmp_path: pathlib.Path,
                                        name: str) -> None:
-    """Any failed write used to blame the file name's suffix."""
+    """Any failed write used to blame the file name's suffix; a missing folder, or a folder named as the output, was
+    found only after every frame had run (from a review): now a bad argument, before connecting."""
     target = tmp_path / "missing_folder" / name
     result = _run([str(binary), "-e", daemon.endpoint, "-p", "20x20", "-o", str(target)])
-    assert result.returncode == 1 and f"cannot write {target}: No such file or directory" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write into {tmp_path / 'missing_folder'}: No such file or directory" in result.stderr
+    (tmp_path / name).mkdir()
+    result = _run([str(binary), "-e", "ipc:///nonexistent/socket", "-p", "20x20", "-o", str(tmp_path / name)])
+    assert result.returncode == 2 and f"-o {tmp_path / name} is a folder" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("args", [["-p", "5x0"], ["-p", "-5x3"], ["-p", "70000x8"], ["-p", "8x8junk"],
                                   ["-p", "8x8", "-s", "0"], ["-p", "8x8", "-s", "-1"], ["-p", "8x8", "-n", "x"],
-                                  ["-p", "8x8", "-t", "-3"]])
+                                  ["-p", "8x8", "-t", "-3"],
+                                  # from a review: an unknown format or endpoint failed after connecting (exit 1)
+                                  ["-p", "8x8", "-f", "rgba8"], ["-p", "8x8", "-e", "bogus"],
+                                  ["-p", "8x8", "-e", "tcp://127.0.0.1"], ["-p", "8x8", "-e", "tcp://host:port"]])
 def test_bad_arguments_exit_2_before_any_work(binary: pathlib.Path, tmp_path: pathlib.Path, args: list[str]) -> None:
     """Sizes and counts are checked whole: a sign or junk is refused, never wrapped to a huge allocation."""
     run = _run([str(binary), "-e", "ipc:///nonexistent/socket", *args, "-o", str(tmp_path / "out.png")])
@@ -398,20 +406,24 @@ WELCOME = {"server": "fake/0", "instance": "f", "versions": [1], "model": "fake"
 
 
 @contextlib.contextmanager
-def _fake_daemon(endpoint: str, slots: int) -> Iterator[list[str]]:
+def _fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
+                 short_input: bool = False) -> Iterator[list[str]]:
     """A ROUTER that answers hello, open (with `slots` slots, over real segments of that size) and close by the
-    book, and ignores submits; yields the types of the requests it got."""
+    book, and ignores submits; yields the types of the requests it got. ``opened`` overrides the opened reply's
+    sizes (width, height, out_width, out_height: the segments follow them, modulo 2^64 as a C client computes them),
+    ``short_input`` makes the input segment half the size the reply says."""
     seen: list[str] = []
     made: list[pathlib.Path] = []
 
     def segment(kind: str, width: int, height: int) -> dict[str, object]:
         row = width * 3
-        stride = (row * height + 4095) // 4096 * 4096
+        slot_bytes = row * height % 2**64
+        stride = (slot_bytes + 4095) // 4096 * 4096
         path = SHM_DIR / f"pytest-cfake-{os.getpid()}-{kind}"
         with open(path, "wb") as f:
-            f.truncate(stride * slots)
+            f.truncate(stride * slots // (2 if short_input and kind == "in" else 1))
         made.append(path)
-        return {"name": f"/{path.name}", "size": stride * slots, "slot_stride": stride, "slot_bytes": row * height,
+        return {"name": f"/{path.name}", "size": stride * slots, "slot_stride": stride, "slot_bytes": slot_bytes,
                 "row_stride": row}
 
     def answer(msg: dict[str, object]) -> dict[str, object] | None:
@@ -420,9 +432,10 @@ def _fake_daemon(endpoint: str, slots: int) -> Iterator[list[str]]:
             return {**head, "type": "welcome", **WELCOME}
         if msg["type"] == "open":
             w, h = int(msg["width"]), int(msg["height"])  # type: ignore[call-overload]
-            return {**head, "type": "opened", "session": 7, "width": w, "height": h, "out_width": 2 * w,
-                    "out_height": 2 * h, "format": msg["format"], "slots": slots, "input": segment("in", w, h),
-                    "output": segment("out", 2 * w, 2 * h)}
+            sizes = {"width": w, "height": h, "out_width": 2 * w, "out_height": 2 * h, **(opened or {})}
+            return {**head, "type": "opened", "session": 7, **sizes, "format": msg["format"], "slots": slots,
+                    "input": segment("in", sizes["width"], sizes["height"]),
+                    "output": segment("out", sizes["out_width"], sizes["out_height"])}
         if msg["type"] == "close":
             return {**head, "type": "closed", "session": msg["session"]}
         return None
@@ -469,7 +482,52 @@ def test_an_opened_reply_with_other_slots_is_a_protocol_error(asan_binary: pathl
     assert "submit" not in seen and seen[-1] == "close", seen  # the session was closed, nothing submitted
 
 
+@pytest.mark.parametrize(("opened", "said"), [
+    ({"width": 64, "height": 64}, "opened 64x64 RGB8 frames where 16x16 RGB8 were asked for"),
+    # out_width * 3 * out_height wraps to a small slot size modulo 2^64: the layout check passed, and the example
+    # wrote far past its pattern buffer (from a review)
+    ({"out_width": 4294902213, "out_height": 1431677460}, "not one whole scale of 1 to 16"),
+    ({"out_width": 48, "out_height": 32}, "not one whole scale"),
+])
+def test_an_opened_reply_with_other_sizes_is_a_protocol_error(asan_binary: pathlib.Path, tmp_path: pathlib.Path,
+                                                              opened: dict[str, int], said: str) -> None:
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    with _fake_daemon(endpoint, 2, opened=opened) as seen:
+        run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
+    assert run.returncode == 1 and "PROTOCOL" in run.stderr and said in run.stderr, run.stderr[-4000:]
+    assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-4000:]
+    assert "submit" not in seen and seen[-1] == "close", seen
+
+
+def test_a_segment_shorter_than_its_reply_says_is_named(asan_binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """It was reported with whatever errno libzmq had left ("Resource temporarily unavailable")."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    with _fake_daemon(endpoint, 2, short_input=True):
+        run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
+    assert run.returncode == 1 and "holds 4096 bytes, the opened reply says 8192" in run.stderr, run.stderr[-4000:]
+
+
+def test_a_closed_sessions_outcomes_are_never_returned(binary: pathlib.Path, nearest: Daemon,
+                                                       tmp_path: pathlib.Path) -> None:
+    """Outcomes that arrived before the close stayed queued, and the next takdsr_wait returned a frame of the session
+    that was gone: an engine changing resolution read an unwritten slot of its new session (from a review)."""
+    run = _run([str(_build_test_program("closed_session_events", tmp_path)), nearest.endpoint])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "pending after close: 0" in run.stdout and "wait: TIMEOUT" in run.stdout, run.stdout
+
+
 # --- Ctrl-C and SIGTERM: close the session, exit 128 + signal --------------------------------------------------------
+
+
+def test_a_signal_before_the_session_is_open_ends_the_tool_at_once(binary: pathlib.Path,
+                                                                    tmp_path: pathlib.Path) -> None:
+    """Its handler, installed first, only set a flag: Ctrl-C while the tool waited for an absent daemon's welcome was
+    ignored until the whole timeout had passed, then it exited 1 (from a review). There is nothing to close yet."""
+    proc = subprocess.Popen([str(binary), "-e", f"ipc://{tmp_path}/nobody.sock", "-p", "20x20", "-t", "20000", "-o",
+                             str(tmp_path / "out.png")], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(0.5)
+    seconds, err = _seconds_to_exit(proc, signal.SIGINT, proc)
+    assert proc.returncode == -signal.SIGINT and seconds < 3, f"{seconds:.1f} s, status {proc.returncode}: {err}"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

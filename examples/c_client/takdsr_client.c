@@ -17,6 +17,8 @@
 #include <zmq.h>
 
 #define SLOT_ALIGN 4096u /* section 6.2: slot starts are page-aligned */
+#define DIM_MAX 65535u   /* section 3: a frame's width and height, at most */
+#define SCALE_MAX 16u    /* section 3: welcome.scale, at most */
 
 struct pending { /* a submit whose outcome has not arrived */
     uint64_t req, frame;
@@ -444,16 +446,27 @@ static int map_ring(takdsr_client *c, const msgpack_object_map *seg, uint32_t wi
         !get_u64(seg, "slot_stride", &stride) || !get_u64(seg, "slot_bytes", &slot_bytes) ||
         !get_u64(seg, "row_stride", &row_stride))
         return fail(c, TAKDSR_E_PROTOCOL, "the opened reply has an incomplete segment map");
+    /* width, height <= DIM_MAX * SCALE_MAX (read_opened) and 4 channels keep every product below 2^62; the total
+     * must still fit this process's address space */
     uint64_t want_row = (uint64_t)width * g->channels, want_bytes = want_row * height;
     uint64_t want_stride = (want_bytes + SLOT_ALIGN - 1) / SLOT_ALIGN * SLOT_ALIGN;
-    if (row_stride != want_row || slot_bytes != want_bytes || stride != want_stride || size != stride * g->slots)
+    if (row_stride != want_row || slot_bytes != want_bytes || stride != want_stride || size != stride * g->slots ||
+        size > SIZE_MAX)
         return fail(c, TAKDSR_E_PROTOCOL, "segment %s has a layout that section 6.2 does not allow", name);
     int fd = shm_open(name, O_RDWR, 0);
     if (fd < 0) return fail(c, TAKDSR_E_SYSTEM, "shm_open(%s): %s", name, strerror(errno));
     struct stat st;
-    void *p = MAP_FAILED;
-    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= size)
-        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (fstat(fd, &st) != 0) {
+        int err = errno;
+        close(fd);
+        return fail(c, TAKDSR_E_SYSTEM, "fstat(%s): %s", name, strerror(err));
+    }
+    if ((uint64_t)st.st_size < size) { /* mapping it would fault on the first access past its end */
+        close(fd);
+        return fail(c, TAKDSR_E_PROTOCOL, "segment %s holds %lld bytes, the opened reply says %llu", name,
+                    (long long)st.st_size, (unsigned long long)size);
+    }
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int err = errno;
     close(fd);
     if (p == MAP_FAILED) return fail(c, TAKDSR_E_SYSTEM, "cannot map %s (%llu bytes): %s", name,
@@ -462,16 +475,29 @@ static int map_ring(takdsr_client *c, const msgpack_object_map *seg, uint32_t wi
     return TAKDSR_OK;
 }
 
-static int read_opened(takdsr_client *c, const struct reply *r, uint32_t slots, takdsr_session *s) {
+/* The opened reply, checked against the request (`width` x `height`, `slots`, s->geom.format): a caller sizes its
+ * frames and per-slot state by what it asked for, so a daemon's other size or count would overrun them. */
+static int read_opened(takdsr_client *c, const struct reply *r, uint32_t width, uint32_t height, uint32_t slots,
+                       takdsr_session *s) {
     takdsr_geometry *g = &s->geom;
+    char format[sizeof g->format];
     if (!get_u32(r->map, "session", &s->id) || !get_u32(r->map, "width", &g->width) ||
         !get_u32(r->map, "height", &g->height) || !get_u32(r->map, "out_width", &g->out_width) ||
-        !get_u32(r->map, "out_height", &g->out_height) || !get_u32(r->map, "slots", &g->slots))
+        !get_u32(r->map, "out_height", &g->out_height) || !get_u32(r->map, "slots", &g->slots) ||
+        !get_str(r->map, "format", format, sizeof format))
         return fail(c, TAKDSR_E_PROTOCOL, "the opened reply lacks a documented key");
-    /* A caller sizes its per-slot state by what it asked for: a daemon's other count would overrun it. */
     if (g->slots != slots || g->slots > TAKDSR_MAX_SLOTS)
         return fail(c, TAKDSR_E_PROTOCOL, "the daemon opened %u slots where %u were asked for (at most %d)", g->slots,
                     slots, TAKDSR_MAX_SLOTS);
+    if (g->width != width || g->height != height || strcmp(format, g->format) != 0)
+        return fail(c, TAKDSR_E_PROTOCOL, "the daemon opened %ux%u %s frames where %ux%u %s were asked for",
+                    g->width, g->height, format, width, height, g->format);
+    /* the output is the input times the daemon's scale, one whole factor of at most 16 (welcome.scale) */
+    uint32_t scale = width ? g->out_width / width : 0;
+    if (width > DIM_MAX || height > DIM_MAX || scale < 1 || scale > SCALE_MAX || g->out_width != width * scale ||
+        g->out_height != height * scale)
+        return fail(c, TAKDSR_E_PROTOCOL, "the daemon opened %ux%u -> %ux%u frames: not one whole scale of 1 to %d",
+                    width, height, g->out_width, g->out_height, SCALE_MAX);
     g->in_row_stride = (size_t)g->width * g->channels;
     g->in_slot_bytes = g->in_row_stride * g->height;
     g->out_row_stride = (size_t)g->out_width * g->channels;
@@ -520,7 +546,7 @@ int takdsr_session_open(takdsr_client *c, uint32_t width, uint32_t height, const
         free(s);
         return rc;
     }
-    rc = read_opened(c, &r, slots, s);
+    rc = read_opened(c, &r, width, height, slots, s);
     reply_free(&r);
     if (rc != TAKDSR_OK) {
         takdsr_error saved = c->err;
@@ -547,6 +573,10 @@ void takdsr_session_drop(takdsr_session *s) {
     for (size_t i = 0; i < c->n_pending;) /* frames of a closed session get no reply (section 3, close) */
         if (c->pending[i].session == s->id) c->pending[i] = c->pending[--c->n_pending];
         else i++;
+    size_t kept = 0; /* and those that came before it closed are nobody's now: a later wait must not return them */
+    for (size_t i = 0; i < c->n_ready; i++)
+        if (c->ready[i].session != s->id) c->ready[kept++] = c->ready[i];
+    c->n_ready = kept;
     for (size_t i = 0; i < c->n_sessions; i++)
         if (c->sessions[i] == s) c->sessions[i] = c->sessions[--c->n_sessions];
     unmap_session(s);

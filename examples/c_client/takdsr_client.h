@@ -107,10 +107,14 @@ int takdsr_hello(takdsr_client *c, const char *client_name, takdsr_info *info);
 int takdsr_ping(takdsr_client *c, const uint32_t *sessions, size_t n, bool *alive);
 
 /* Opens a session for width x height LR frames in `format` (RGB8, BGR8, RGBA8, BGRA8) with `slots` slots (at most
- * TAKDSR_MAX_SLOTS) and maps its rings. An opened reply with other slots than asked for is TAKDSR_E_PROTOCOL. */
+ * TAKDSR_MAX_SLOTS) and maps its rings. An opened reply with another size, format or number of slots than asked for,
+ * an output that is not the input times one whole scale, or segments that do not match is TAKDSR_E_PROTOCOL: the
+ * geometry can be trusted to be what was asked for, times the scale. */
 int takdsr_session_open(takdsr_client *c, uint32_t width, uint32_t height, const char *format, uint32_t slots,
                         takdsr_session **out);
-/* Sends close, waits for closed, unmaps the rings and frees `s` (also when the daemon already forgot it). */
+/* Sends close, waits for closed, unmaps the rings and frees `s` (also when the daemon already forgot it). Outcomes
+ * of its frames that takdsr_wait() has not returned yet are dropped (as with takdsr_session_drop): a later wait never
+ * returns an event of a session that is gone. */
 int takdsr_session_close(takdsr_session *s);
 /* Unmaps the rings and frees `s` without a word to the daemon: for a daemon that is gone or stopping (after
  * TAKDSR_E_TIMEOUT or a SHUTTING_DOWN error), where takdsr_session_close would wait a whole timeout in vain. A daemon

@@ -7,12 +7,15 @@
  * message), 2 for bad arguments, 128 + the signal after SIGINT or SIGTERM (the session closed, nothing written). */
 #define _DEFAULT_SOURCE /* nanosleep, sigaction */
 #include <ctype.h>
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "image_io.h"
 #include "takdsr_client.h"
@@ -78,6 +81,45 @@ static bool name_ok(const char *option, const char *path) {
     return false;
 }
 
+/* The output's folder must exist and be writable, and the output must not be a folder itself. */
+static bool output_ok(const char *path) {
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "error: -o %s is a folder; name the file to write\n", path);
+        return false;
+    }
+    char folder[4096];
+    const char *slash = strrchr(path, '/');
+    if (!slash) snprintf(folder, sizeof folder, ".");
+    else snprintf(folder, sizeof folder, "%.*s", slash == path ? 1 : (int)(slash - path), path);
+    if (access(folder, W_OK | X_OK) != 0) {
+        fprintf(stderr, "error: -o %s: cannot write into %s: %s\n", path, folder, strerror(errno));
+        return false;
+    }
+    return true;
+}
+
+/* One of the four formats of section 6.3, as the daemon spells them. */
+static bool format_ok(const char *format) {
+    static const char *const formats[] = {"RGB8", "BGR8", "RGBA8", "BGRA8"};
+    for (size_t i = 0; i < sizeof formats / sizeof *formats; i++)
+        if (strcmp(format, formats[i]) == 0) return true;
+    fprintf(stderr, "error: -f %s: use RGB8, BGR8, RGBA8 or BGRA8\n", format);
+    return false;
+}
+
+/* ipc://PATH or tcp://HOST:PORT, the forms the daemon binds: anything else could never connect. */
+static bool endpoint_ok(const char *endpoint) {
+    if (!endpoint) return true; /* the default */
+    const char *port = strrchr(endpoint, ':');
+    bool ipc = strncmp(endpoint, "ipc://", 6) == 0 && endpoint[6] != '\0';
+    bool tcp = strncmp(endpoint, "tcp://", 6) == 0 && port > endpoint + 6 && isdigit((unsigned char)port[1]) &&
+               strspn(port + 1, "0123456789") == strlen(port + 1);
+    if (ipc || tcp) return true;
+    fprintf(stderr, "error: -e %s: use ipc:///path/to/socket or tcp://HOST:PORT\n", endpoint);
+    return false;
+}
+
 static int parse(int argc, char **argv, options *o) {
     *o = (options){.format = "RGB8", .slots = 2, .frames = 1, .timeout_ms = 10000};
     static const struct option longs[] = {
@@ -113,7 +155,9 @@ static int parse(int argc, char **argv, options *o) {
     }
     bool one_source = (o->input != NULL) != (o->pattern_w > 0);
     if (optind != argc || !one_source || !o->output) return -1;
-    return name_ok("-i", o->input) && name_ok("-o", o->output) ? 0 : -1;
+    bool ok = name_ok("-i", o->input) && name_ok("-o", o->output) && output_ok(o->output) && format_ok(o->format) &&
+              endpoint_ok(o->endpoint);
+    return ok ? 0 : -1;
 }
 
 /* Byte index of R, G, B in a pixel of `format`, and whether it has alpha (section 6.3 of docs/protocol.md). */
@@ -169,10 +213,12 @@ typedef struct run {
     bool daemon_gone;            /* the run ended on an error that says the daemon is stopping or does not answer */
 } run;
 
-/* Prints `e` and notes whether the daemon is gone: closing the session would then wait a whole timeout in vain. */
+/* Prints `e` and notes whether the daemon is gone: closing the session would then wait a whole timeout in vain. A
+ * run asked to stop (a stalled daemon's wait ended by its timeout, say) still ends with 128 + the signal. */
 static int run_error(run *r, const takdsr_error *e, const char *what) {
     r->daemon_gone = e->status == TAKDSR_E_TIMEOUT || (e->status == TAKDSR_E_SERVER && e->code == TAKDSR_SHUTTING_DOWN);
-    return print_error(e, what);
+    print_error(e, what);
+    return stop_signal ? 128 + stop_signal : 1;
 }
 
 static void pause_ms(long ms) {
@@ -210,7 +256,7 @@ static int collect(run *r, uint64_t last) {
  * SIGTERM it submits no more and returns 128 + the signal once the frames in flight are back. */
 static int run_frames(run *r, const options *o, const image *lr, image *out) {
     const takdsr_geometry *g = takdsr_session_geometry(r->s);
-    for (uint32_t f = 1; f <= o->frames && !stop_signal; f++) {
+    for (uint64_t f = 1; f <= o->frames && !stop_signal; f++) { /* 64 bits: f++ past UINT32_MAX must not wrap */
         while (takdsr_pending(r->c) >= g->slots)
             if (collect(r, o->frames)) return 1;
         uint32_t slot = 0;
@@ -243,12 +289,13 @@ static int upscale(takdsr_client *c, const options *o, image *lr, image *out) {
     takdsr_session *s;
     if (takdsr_session_open(c, width, height, o->format, o->slots, &s) != TAKDSR_OK)
         return report(c, "opening a session");
+    /* from here a signal stops the run and closes the session; before, there is nothing to close, and Ctrl-C ends the
+     * tool at once (not after a wait for an absent daemon) */
+    catch_stop_signals();
     const takdsr_geometry *g = takdsr_session_geometry(s);
     run r = {.c = c, .s = s, .last_slot = -1};
     int rc = 1;
-    if (g->width != width || g->height != height)
-        fprintf(stderr, "error: the daemon opened a %ux%u session\n", g->width, g->height);
-    else if (!o->input && image_pattern(width, height, g->channels, lr) != 0)
+    if (!o->input && image_pattern(width, height, g->channels, lr) != 0) /* the size asked for: takdsr_session_open */
         fprintf(stderr, "error: out of memory for a %ux%u pattern\n", width, height);
     else if (image_pattern(g->out_width, g->out_height, g->channels, out) != 0)
         fprintf(stderr, "error: out of memory for a %ux%u result\n", g->out_width, g->out_height);
@@ -264,7 +311,6 @@ static int upscale(takdsr_client *c, const options *o, image *lr, image *out) {
 int main(int argc, char **argv) {
     options o;
     if (parse(argc, argv, &o) != 0) return usage(argv[0]);
-    catch_stop_signals();
     image lr = {0}, hr = {0};
     if (o.input && image_load(o.input, &lr) != 0) return 1; /* image_load says why */
     takdsr_client *c = takdsr_client_new(o.endpoint, o.timeout_ms);
