@@ -8,10 +8,12 @@ import os
 import pathlib
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,3 +182,13 @@ class ArrayFrame:
     def write_from(self, out: np.ndarray) -> None:
         np.copyto(self.out, out)
         self.writes += 1
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels, holding one row of data (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    one_row = zlib.compress(b"\x00" * (1 + width * 3))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", one_row) + chunk(b"IEND", b"")

@@ -27,7 +27,7 @@ import zmq
 from upscaler_server.client import UpscalerClient
 from upscaler_server.upscale import read_8bit
 
-from server_utils import REPO, SHM_DIR, Daemon, make_checkpoint, run_server
+from server_utils import REPO, SHM_DIR, Daemon, make_checkpoint, png_header_only, run_server
 
 C_DIR = REPO / "examples" / "c_client"
 DEBIAN_PACKAGES = "build-essential pkg-config libzmq3-dev libmsgpack-dev libpng-dev valgrind"
@@ -139,6 +139,17 @@ def test_a_huge_pattern_is_refused_by_the_daemon_before_it_is_made(binary: pathl
                             capture_output=True, text=True, timeout=RUN_TIMEOUT, preexec_fn=limit_memory)
     assert result.returncode == 1 and "SIZE_TOO_LARGE" in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_an_input_the_daemon_refuses_is_never_decoded(binary: pathlib.Path, nearest: Daemon,
+                                                        tmp_path: pathlib.Path) -> None:
+    """A PNG was decoded whole before the daemon could refuse its size: a few KB declaring 20000x20000 took 1.2 GB
+    and seconds first (from a review). Its header is read, the daemon asked, and only then is it decoded."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(20000, 20000))  # one row of data: decoding it would fail, after the allocation
+    run = _run([str(binary), "-e", nearest.endpoint, "-i", str(bomb), "-o", str(tmp_path / "out.png")])
+    assert run.returncode == 1 and "daemon error" in run.stderr and "SIZE_TOO_LARGE" in run.stderr, run.stderr
+    assert "cannot read" not in run.stderr and not nearest.segments()
 
 
 def test_an_unreadable_input_is_named(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:

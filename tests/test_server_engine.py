@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from upscaler_server.engine import Engine, NearestEngine, create_engine, resolve
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError, SharedMemoryError, UpscalerError
 from upscaler_server.protocol import PIXEL_FORMATS
 
-from server_utils import REPO, ArrayFrame, make_checkpoint
+from server_utils import REPO, ArrayFrame, make_checkpoint, png_header_only
 
 RNG = np.random.default_rng(7)
 RGB = PIXEL_FORMATS["RGB8"]
@@ -343,21 +342,11 @@ def test_offline_cli_refuses_images_over_max_pixels_by_name(tmp_path: pathlib.Pa
     assert upscale.DEFAULT_MAX_PIXELS == 3840 * 2160
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height RGB pixels, holding one row of data (a decompression bomb's shape)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    one_row = zlib.compress(b"\x00" * (1 + width * 3))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", one_row) + chunk(b"IEND", b"")
-
-
 def test_offline_cli_refuses_a_decompression_bomb_from_its_header(tmp_path: pathlib.Path) -> None:
     """OpenCV's own limit (2^30 pixels) let a 30000x30000 header through to a 2.7 GB decode; the package lowers it to
     8K x 8K before cv2 loads, so such a file is refused before any pixel is decoded (a new process: the limit is read
     when OpenCV loads)."""
-    (tmp_path / "bomb.png").write_bytes(_png_header_only(9000, 9000))  # 81 megapixels declared, a few KB on disk
+    (tmp_path / "bomb.png").write_bytes(png_header_only(9000, 9000))  # 81 megapixels declared, a few KB on disk
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
     done = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--backend", "nearest", "--device", "cpu",
                            str(tmp_path / "bomb.png"), "-o", str(tmp_path / "out")],

@@ -43,12 +43,18 @@ static int ppm_number(FILE *f, unsigned long *out) {
     return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' ? 0 : -1; /* one white-space byte ends it */
 }
 
+/* The header of a binary PPM: its size, the file left at its first pixel. */
+static bool ppm_header(FILE *f, unsigned long *w, unsigned long *h) {
+    unsigned long maxval;
+    return fgetc(f) == 'P' && fgetc(f) == '6' && ppm_number(f, w) == 0 && ppm_number(f, h) == 0 &&
+           ppm_number(f, &maxval) == 0 && maxval == 255 && *w > 0 && *h > 0;
+}
+
 static int load_ppm(const char *path, image *img) {
     FILE *f = fopen(path, "rb");
     if (!f) return -1;
-    unsigned long w, h, maxval;
-    int ok = fgetc(f) == 'P' && fgetc(f) == '6' && ppm_number(f, &w) == 0 && ppm_number(f, &h) == 0 &&
-             ppm_number(f, &maxval) == 0 && maxval == 255 && w > 0 && h > 0 && alloc_pixels(img, (uint32_t)w, (uint32_t)h, 3) == 0;
+    unsigned long w, h;
+    int ok = ppm_header(f, &w, &h) && alloc_pixels(img, (uint32_t)w, (uint32_t)h, 3) == 0;
     if (ok && fread(img->pixels, 1, (size_t)w * h * 3, f) != (size_t)w * h * 3) {
         image_free(img);
         ok = 0;
@@ -141,6 +147,33 @@ static int save_png(const char *path, const image *img) {
     if (png_image_write_to_file(&png, path, 0, img->pixels, 0, NULL)) return 0;
     fprintf(stderr, "cannot write %s: %s\n", path, png.message); /* libpng says why: a missing folder, ... */
     return -1;
+}
+
+/* The IHDR of a PNG, read without decoding (libpng's errors return to the setjmp). */
+static int png_size(png_structp png, png_infop info, FILE *f, uint32_t *width, uint32_t *height) {
+    if (setjmp(png_jmpbuf(png))) return -1;
+    png_init_io(png, f);
+    png_set_user_limits(png, 65535, 65535);
+    png_read_info(png, info);
+    *width = png_get_image_width(png, info), *height = png_get_image_height(png, info);
+    return 0;
+}
+
+int image_size(const char *path, uint32_t *width, uint32_t *height) {
+    FILE *f = fopen(path, "rb");
+    int rc = -1;
+    if (f && has_suffix(path, ".png")) {
+        png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, (png_voidp)path, png_failed, png_quiet);
+        png_infop info = png ? png_create_info_struct(png) : NULL;
+        rc = info ? png_size(png, info, f, width, height) : -1;
+        png_destroy_read_struct(&png, &info, NULL);
+    } else if (f && has_suffix(path, ".ppm")) {
+        unsigned long w, h;
+        if (ppm_header(f, &w, &h)) *width = (uint32_t)w, *height = (uint32_t)h, rc = 0;
+    }
+    if (f) fclose(f);
+    if (rc) fprintf(stderr, "cannot read %s: need an existing .png or binary .ppm (P6, maxval 255)\n", path);
+    return rc;
 }
 
 int image_load(const char *path, image *img) {

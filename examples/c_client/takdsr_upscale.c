@@ -278,14 +278,14 @@ static int run_frames(run *r, const options *o, const image *lr, image *out) {
     return 0;
 }
 
-/* Upscales the loaded input, or with -p a pattern made only once the daemon has accepted its size (a huge -p would
- * otherwise fill memory before the daemon could refuse it). */
-static int upscale(takdsr_client *c, const options *o, image *lr, image *out) {
+/* Upscales the input (its header says `width` x `height`) or with -p a pattern, decoded or made only once the
+ * daemon has accepted their size: a huge -p, or a small PNG declaring a huge size, would otherwise fill memory
+ * before the daemon could refuse it. */
+static int upscale(takdsr_client *c, const options *o, uint32_t width, uint32_t height, image *lr, image *out) {
     takdsr_info info;
     if (takdsr_hello(c, "takdsr_upscale (C)", &info) != TAKDSR_OK) return report(c, "hello");
     printf("daemon %s: model %s x%u on %s (%s)%s\n", info.server, info.model, info.scale, info.device, info.precision,
            info.random_weights ? " [RANDOM WEIGHTS: output is noise]" : "");
-    uint32_t width = o->input ? lr->width : o->pattern_w, height = o->input ? lr->height : o->pattern_h;
     takdsr_session *s;
     if (takdsr_session_open(c, width, height, o->format, o->slots, &s) != TAKDSR_OK)
         return report(c, "opening a session");
@@ -295,7 +295,9 @@ static int upscale(takdsr_client *c, const options *o, image *lr, image *out) {
     const takdsr_geometry *g = takdsr_session_geometry(s);
     run r = {.c = c, .s = s, .last_slot = -1};
     int rc = 1;
-    if (!o->input && image_pattern(width, height, g->channels, lr) != 0) /* the size asked for: takdsr_session_open */
+    if (o->input && (image_load(o->input, lr) != 0 || lr->width != width || lr->height != height)) {
+        if (lr->pixels) fprintf(stderr, "error: %s changed while it was read\n", o->input); /* else image_load said */
+    } else if (!o->input && image_pattern(width, height, g->channels, lr) != 0) /* takdsr_session_open's size */
         fprintf(stderr, "error: out of memory for a %ux%u pattern\n", width, height);
     else if (image_pattern(g->out_width, g->out_height, g->channels, out) != 0)
         fprintf(stderr, "error: out of memory for a %ux%u result\n", g->out_width, g->out_height);
@@ -312,9 +314,10 @@ int main(int argc, char **argv) {
     options o;
     if (parse(argc, argv, &o) != 0) return usage(argv[0]);
     image lr = {0}, hr = {0};
-    if (o.input && image_load(o.input, &lr) != 0) return 1; /* image_load says why */
+    uint32_t width = o.pattern_w, height = o.pattern_h;
+    if (o.input && image_size(o.input, &width, &height) != 0) return 1; /* an unreadable input: before connecting */
     takdsr_client *c = takdsr_client_new(o.endpoint, o.timeout_ms);
-    int rc = c ? upscale(c, &o, &lr, &hr) : 1;
+    int rc = c ? upscale(c, &o, width, height, &lr, &hr) : 1;
     if (rc == 0) rc = image_save(o.output, &hr) == 0 ? 0 : 1;
     takdsr_client_free(c);
     image_free(&lr);
