@@ -363,7 +363,11 @@ def test_a_second_signal_still_leaves_a_truthful_stats_json(nearest_daemon: Daem
         demo.send_signal(signal.SIGTERM)  # another signal number: never merged with the first
         assert _ended(demo) == 130, log.read_text()
     stats = read_stats(tmp_path)
-    assert stats["completed"] is False and "interrupted" in stats["error"] and stats["frames"] >= 3, stats
+    assert stats["completed"] is False and "interrupted" in stats["error"], stats
+    # "at once" may land between a frame's PNG and its record (CI saw 3 PNGs when the wait ended, 2 records): the
+    # frames counted are those finished, the PNG being written when the signal came at most one more
+    pngs = len(list((tmp_path / "frames").glob("*.png")))
+    assert pngs >= 3 and stats["frames"] in (pngs, pngs - 1), (pngs, stats["frames"])
     assert (tmp_path / "frames" / "00000.png").stat().st_size > len(b"old frame")
 
 
