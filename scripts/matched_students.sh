@@ -17,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    usage_text
     exit 2
 fi
 run_dir=$1 out_dir=$2 steps=$3

@@ -17,7 +17,7 @@ source "$(dirname "$0")/lib/help.sh" "$@"
 set -uo pipefail
 
 if [[ $# -lt 4 ]]; then
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    usage_text
     exit 2
 fi
 config=$1 run_dir=$2 budget=$3 stages=$4

@@ -218,9 +218,10 @@ def test_offline_cli_never_overwrites_an_input(checkpoint: pathlib.Path, tmp_pat
         assert source.read_bytes() == before
 
 
-def _offline(*args: str) -> subprocess.CompletedProcess[str]:
+def _offline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The offline CLI in a process of its own (with ``env`` as its whole environment, if given)."""
     return subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--device", "cpu", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_offline_cli_replaces_an_existing_output_only_when_asked(tmp_path: pathlib.Path) -> None:
@@ -348,9 +349,7 @@ def test_offline_cli_refuses_a_decompression_bomb_from_its_header(tmp_path: path
     when OpenCV loads)."""
     (tmp_path / "bomb.png").write_bytes(png_header_only(9000, 9000))  # 81 megapixels declared, a few KB on disk
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
-    done = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--backend", "nearest", "--device", "cpu",
-                           str(tmp_path / "bomb.png"), "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = _offline("--backend", "nearest", str(tmp_path / "bomb.png"), "-o", str(tmp_path / "out"), env=env)
     assert done.returncode == 1, done.stderr
     assert "bomb.png: its header declares more than 67108864 pixels, more than this tool decodes" in done.stderr
     assert "Traceback" not in done.stderr
@@ -371,10 +370,8 @@ def test_the_client_library_leaves_opencvs_decode_limit_alone() -> None:
 def test_a_decode_limit_that_is_no_number_is_replaced_not_an_abort(tmp_path: pathlib.Path) -> None:
     """OpenCV aborted the process as it loaded (std::invalid_argument from stoull, exit 134; found in a review)."""
     cv2.imwrite(str(tmp_path / "small.png"), np.full((20, 24, 3), 50, np.uint8))
-    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "abc"}
-    done = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--backend", "nearest", "--device", "cpu",
-                           str(tmp_path / "small.png"), "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = _offline("--backend", "nearest", str(tmp_path / "small.png"), "-o", str(tmp_path / "out"),
+                    env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "abc"})
     assert done.returncode == 0, done.stderr
     assert "OPENCV_IO_MAX_IMAGE_PIXELS='abc' is not a whole number of pixels; using 67108864" in done.stderr
     assert (tmp_path / "out" / "small.png").is_file()
@@ -383,10 +380,8 @@ def test_a_decode_limit_that_is_no_number_is_replaced_not_an_abort(tmp_path: pat
 def test_a_lower_decode_limit_lowers_the_default_max_pixels(tmp_path: pathlib.Path) -> None:
     """With OPENCV_IO_MAX_IMAGE_PIXELS below 3840x2160, every plain run was refused for a --max-pixels never given."""
     cv2.imwrite(str(tmp_path / "small.png"), np.full((20, 24, 3), 50, np.uint8))
-    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "4000000"}
-    done = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--backend", "nearest", "--device", "cpu",
-                           str(tmp_path / "small.png"), "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = _offline("--backend", "nearest", str(tmp_path / "small.png"), "-o", str(tmp_path / "out"),
+                    env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "4000000"})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "small.png").is_file()
 
