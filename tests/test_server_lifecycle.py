@@ -63,7 +63,7 @@ def _exit_of(args: list[str], timeout: float = 60) -> tuple[int, str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_exits_zero_and_unlinks_everything(sig: int) -> None:
     with run_server("--backend", "nearest", check_clean=False) as daemon:
         client = UpscalerClient(daemon.endpoint, timeout=10)
@@ -187,6 +187,7 @@ def test_second_daemon_on_the_same_endpoint_refuses() -> None:
     with run_server("--backend", "nearest") as daemon:
         status, log = _exit_of(["--backend", "nearest", "--endpoint", daemon.endpoint])
         assert status == 2 and "already serves" in log
+        assert "stopping" not in log and "stopped" not in log, "a daemon that never served has nothing to stop"
         with UpscalerClient(daemon.endpoint, timeout=10) as client:  # the first one still owns the endpoint
             client.ping()
 
@@ -362,6 +363,59 @@ def test_sigterm_during_start_up_still_exits_zero(short_dir: pathlib.Path, tmp_p
     time.sleep(0.3)  # torch is still loading
     assert stop(proc) == 0, (tmp_path / "log").read_text()
     assert shm_segments(proc.pid) == []
+
+
+def test_a_signal_during_slow_start_up_ends_it_before_anything_is_bound(short_dir: pathlib.Path,
+                                                                          tmp_path: pathlib.Path) -> None:
+    """--tune-sizes measures each size for a while (TensorRT builds take minutes): a stop asked for then must not wait
+    for every size, nor bind the endpoint and log a ready line for a supervisor to believe."""
+    sizes = ["96x64", "112x64", "128x64", "144x64", "160x64", "176x64", "192x64", "208x64"]
+    log_path = tmp_path / "log"
+    proc = spawn(["--endpoint", f"ipc://{short_dir}/d.sock", "--device", "cpu", "--threads", "1", "--backend", "auto",
+                  "--auto-backends", "eager", "--cache-dir", str(tmp_path / "cache"), "--tune-sizes", *sizes], log_path)
+    deadline = time.monotonic() + 120
+    while "auto backend for" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stop(proc, signal.SIGINT) == 0, log_path.read_text()
+    log = log_path.read_text()
+    assert "stopped during start-up (SIGINT): nothing was bound" in log
+    assert log.count("auto backend for") < len(sizes), log
+    assert "upscaler ready" not in log and "Traceback" not in log
+    assert not (short_dir / "d.sock").exists() and not (short_dir / "d.sock.lock").exists()
+
+
+def test_a_stop_asked_for_before_serve_binds_nothing(short_dir: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    from upscaler_server.config import Config
+    from upscaler_server.engine import NearestEngine
+    from upscaler_server.server import Server
+
+    server = Server(Config(endpoint=f"ipc://{short_dir}/d.sock"), NearestEngine())
+    server.request_stop()  # a signal between the engine's set-up and serve()
+    with caplog.at_level("INFO", logger="upscaler_server"):
+        server.serve()
+    assert [r.getMessage() for r in caplog.records] == ["stopped during start-up: nothing was bound"]
+    assert list(short_dir.iterdir()) == []
+
+
+def _children(pid: int) -> list[int]:
+    tasks = pathlib.Path(f"/proc/{pid}/task")
+    return [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
+
+
+def _ignored_signals(pid: int) -> int:
+    """The SigIgn mask of ``pid`` (bit n-1 set: signal n ignored)."""
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+
+
+def test_the_resource_tracker_outlives_a_hang_up_of_the_process_group() -> None:
+    """A closed terminal sends SIGHUP to the whole group: the daemon stops cleanly, but the resource tracker (which
+    unlinks the segments of a daemon killed later, e.g. by SIGKILL during its drain) must not die of it."""
+    with run_server("--backend", "nearest") as daemon:
+        trackers = [child for child in _children(daemon.pid)
+                    if "resource_tracker" in pathlib.Path(f"/proc/{child}/cmdline").read_text()]
+        assert len(trackers) == 1, "the daemon starts its resource tracker before serving"
+        assert _ignored_signals(trackers[0]) & (1 << (signal.SIGHUP - 1))
 
 
 def test_a_client_that_never_reads_cannot_pile_up_results_in_the_daemon() -> None:

@@ -1,6 +1,7 @@
 """``python -m upscaler_server`` / ``upscaler-server``: command line -> Config -> engine -> Server.
 
-Exit status: 0 after SIGTERM/SIGINT (a second signal forces a stop without waiting for the running frame),
+Exit status: 0 after SIGTERM, SIGINT or SIGHUP (a second signal forces a stop without waiting for the running frame;
+during start-up, the first one ends the process before anything is bound),
 1 when the engine cannot be set up (a backend failing while --tune-sizes are measured), 2 for invalid settings or an
 endpoint already served, 3 when the model cannot be loaded.
 """
@@ -14,6 +15,7 @@ import pathlib
 import signal
 import sys
 from collections.abc import Sequence
+from multiprocessing import resource_tracker
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,7 @@ log = logging.getLogger("upscaler_server")
 EXIT_ENGINE = 1  # the engine could not be set up (a backend failing while --tune-sizes are measured)
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,32 +99,45 @@ def _config(args: argparse.Namespace) -> Config:
                   lease_timeout=args.lease_timeout)
 
 
+class _StopDuringStartUp(BaseException):
+    """A stop signal while the daemon starts (torch import, model load, --tune-sizes measurements, TensorRT builds:
+    seconds to minutes): start-up is abandoned at once, as nothing is bound or shared yet. A BaseException, so that
+    start-up code catching Exception cannot swallow it."""
+
+
 class _Signals:
-    """SIGTERM/SIGINT handlers installed before the slow start-up: a stop asked for early still exits 0."""
+    """SIGTERM, SIGINT and SIGHUP (a closed terminal or SSH session) handlers, installed before the slow start-up.
+    Until :meth:`attach`, a signal abandons start-up (:class:`_StopDuringStartUp`); after it, a signal only sets the
+    server's flags and wakes its loop."""
 
     def __init__(self) -> None:
         self.server: Server | None = None
-        self.requested = 0
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        _start_resource_tracker_ignoring_hangups()
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.requested += 1
-        if self.server is not None:
-            self.server.request_stop()  # flags and a wake-up byte only; the loop does the work
+        if self.server is None:
+            raise _StopDuringStartUp(signum)
+        self.server.request_stop()  # flags and a wake-up byte only; the loop does the work
 
     def attach(self, server: Server) -> None:
         self.server = server
-        for _ in range(min(self.requested, 2)):
-            server.request_stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point (``upscaler-server``); returns the exit status."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signals = _Signals()
+def _start_resource_tracker_ignoring_hangups() -> None:
+    """Start Python's resource tracker (it unlinks this daemon's segments if the daemon is killed) with SIGHUP ignored,
+    a disposition kept across exec: a hang-up reaches the whole process group, and the tracker, which ignores only
+    SIGINT and SIGTERM, died of it, so a daemon killed later left its segments behind."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _start(args: argparse.Namespace, signals: _Signals) -> Server | int:
+    """Config -> engine -> Server, attached to ``signals``; the exit status when it cannot start."""
     from upscaler_server.engine import build_engine  # torch loads here, after argument errors are reported
     from upscaler_server.server import Server
 
@@ -138,6 +154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return EXIT_ENGINE
     signals.attach(server)
+    return server
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point (``upscaler-server``); returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        signals = _Signals()
+        started = _start(args, signals)
+    except _StopDuringStartUp as stop:
+        log.info("stopped during start-up (%s): nothing was bound", signal.Signals(stop.args[0]).name)
+        return 0
+    if isinstance(started, int):
+        return started
+    server = started
     try:
         server.serve()
     except ConfigError as exc:

@@ -67,6 +67,7 @@ _FAREWELL_MS = 200  # how long closing the socket may take to send the last repl
 _ONE_FRAME = "a request is one frame (DEALER) or an empty delimiter frame and one frame (REQ)"
 _HANDSHAKE_MS = 5000  # ZeroMQ's greeting must arrive within this after a connection opens
 _FD_LIMIT = 1 << 16  # open files to ask for when the hard limit is unlimited
+_IDLE_WORKER_S = 0.1  # how long a forced stop waits for an idle engine thread to see the queue closed
 _ALL_CLIENTS_UNREAD = 4  # unread inline results of all clients together: this many times one client's budget
 
 
@@ -117,6 +118,9 @@ class Server:
         if removed:
             log.info("removed %d stale shared-memory segment(s) of dead daemons: %s", len(removed), ", ".join(removed))
         try:
+            if self._stopping:  # asked to stop while it started: no endpoint taken, no ready line for a supervisor
+                log.info("stopped during start-up: nothing was bound")
+                return
             self._router = self._bind()
             self._worker.start()
             log.info("upscaler ready: endpoint=%s model=%s scale=%d device=%s precision=%s weights=%s slots=%s pid=%d",
@@ -170,7 +174,9 @@ class Server:
                 next_reap = now + min(0.1, self.config.lease_timeout / 4)
 
     def _shutdown(self) -> None:
-        log.info("stopping: %d session(s), %d queued frame(s)", len(self._sessions), len(self._queue))
+        served = self._router is not None  # else it never bound: nothing to tell of a stop
+        if served:
+            log.info("stopping: %d session(s), %d queued frame(s)", len(self._sessions), len(self._queue))
         for job in self._queue.close():
             self._release_job(job)
             if not job.warmup:
@@ -180,6 +186,8 @@ class Server:
             self._worker.join(0.05)
             if self._router is not None:  # answered as they come: the drain may take seconds
                 self._refuse_unread(self._router)
+        if self._worker.is_alive():  # forced: an idle worker ends as the queue closes; a busy one is left
+            self._worker.join(_IDLE_WORKER_S)
         self._deliver_finished()
         worker_done = not self._worker.is_alive()
         if self._router is not None:
@@ -199,7 +207,8 @@ class Server:
             os.close(self._wake_r)
             os.close(self._wake_w)
         self._ctx.term()
-        log.info("stopped" if worker_done else "stopped without waiting for the running frame (forced)")
+        if served:
+            log.info("stopped" if worker_done else "stopped without waiting for the running frame (forced)")
 
     @property
     def worker_running(self) -> bool:
