@@ -4,6 +4,7 @@ checkpoints between runs and the shipped-weights folder (ship-checkpoint, seed-r
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import cv2
 import pytest
 import torch
 
-from models import CheckpointError, build_model, count_macs, load_checkpoint, save_checkpoint
+from models import CheckpointError, build_model, count_macs, load_checkpoint, save_checkpoint, weights_sha256
+from training.__main__ import main as training_main
 from training.config import Config, EvalConfig
 from training.data import degrade
 from training.data.images import read_image
@@ -187,7 +189,7 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
                            role="student", training=training)  # fmt: skip
     mean = {"psnr_rgb": 30.0, "ssim_rgb": 0.9, "psnr_y": 31.0, "ssim_y": 0.91}
     scores = tmp_path / "scores.json"
-    by_model = {"bicubic": {"mean": mean}, "native_student": {"mean": mean}}
+    by_model = {"bicubic": {"mean": mean}, "native_student": {"mean": mean, "weights_sha256": weights_sha256(path)}}
     scores.write_text(json.dumps({"rendered-val-native": by_model}))
     out = tmp_path / "weights"
     out.mkdir()
@@ -203,6 +205,8 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
 
     other = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "unscored.safetensors", role="student",
                             training=training)  # fmt: skip
+    by_model["native_student"]["weights_sha256"] = weights_sha256(other)  # the same network saved twice: scored
+    scores.write_text(json.dumps({"rendered-val-native": by_model}))
     with pytest.raises(ValueError, match="no scores for 'unscored'"):
         ship_checkpoint(other, "x", "x", scores, out)
     relabelled = ship_checkpoint(other, "x", "x", scores, out, label="native_student")  # scored under another name
@@ -210,6 +214,8 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
 
     teacher = save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8),
                               tmp_path / "native_student.safetensors", role="teacher", training=training)  # fmt: skip
+    by_model["native_student"]["weights_sha256"] = weights_sha256(teacher)
+    scores.write_text(json.dumps({"rendered-val-native": by_model}))
     shipped_teacher = ship_checkpoint(teacher, "t", "t", scores, out)
     assert shipped_teacher["macs_960x540"] == count_macs(load_checkpoint(teacher).model, 1080, 1920)  # HR input
 
@@ -218,6 +224,32 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no training config in its metadata"):
         ship_checkpoint(bare, "bare", "bare", scores, out)
     assert not (out / "bare.safetensors").exists() and json.loads((out / "weights.json").read_text()) == before
+
+
+def test_ship_checkpoint_refuses_scores_of_other_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint trained again after `evaluate --json` scored it (`train --resume` with more steps) shipped with
+    the old scores, matched by its file name alone; scores written without the weights' hash are refused too."""
+    training = {"steps": 3, "config": {"data": {"sources": [{"kind": "folder"}]}}}
+    path = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "final.safetensors", role="student",
+                           training=training)  # fmt: skip
+    folder = make_image_folder(tmp_path / "images", count=1, size=(48, 64))
+    scores = tmp_path / "scores.json"
+    assert training_main(["evaluate", "--checkpoint", str(path), "--data", str(folder), "--json", str(scores)]) == 0
+    assert json.loads(scores.read_text())["images"]["final"]["weights_sha256"] == weights_sha256(path)
+    torch.manual_seed(1)
+    save_checkpoint(build_model("rlfn_s", channels=8), path, role="student", training={**training, "steps": 9})
+    args = ["ship-checkpoint", str(path), "--name", "s", "--report-name", "S", "--scores", str(scores), "--out",
+            str(tmp_path / "out")]  # fmt: skip
+    assert training_main(args) == 1
+    again = rf"evaluate again: python -m training evaluate --checkpoint {path} .* --json {scores}$"
+    assert re.search(rf"error: {path} was trained again after it was scored \({scores} \('final'\) scored other "
+                     rf"weights\); {again}", capsys.readouterr().err.strip())  # fmt: skip
+    older = json.loads(scores.read_text())
+    del older["images"]["final"]["weights_sha256"]
+    scores.write_text(json.dumps(older))
+    assert training_main(args) == 1
+    assert re.search(rf"\('final'\) does not record which weights it scored .*; {again}", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def _weights_folder(folder: Path) -> Path:

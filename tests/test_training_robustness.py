@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from models import CheckpointError, build_model, load_checkpoint, save_checkpoint, weights_sha256
 from training.__main__ import main as training_main
 from training.config import StageConfig, dump_toml, load_config
 from training.data.images import DatasetError, SkippedFilesWarning
@@ -318,7 +318,8 @@ def test_malformed_score_and_index_files_are_named(tmp_path: Path) -> None:
         ship_checkpoint(path, "x", "x", tmp_path / "scores.json", tmp_path / "weights")
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "weights.json").write_text('{"cut": ')
-    (tmp_path / "scores.json").write_text('{"cg-dev": {"s": {"mean": {}}, "bicubic": {"mean": {}}}}')
+    scored = {"cg-dev": {"s": {"mean": {}, "weights_sha256": weights_sha256(path)}, "bicubic": {"mean": {}}}}
+    (tmp_path / "scores.json").write_text(json.dumps(scored))
     with pytest.raises(ValueError, match=r"weights\.json is not valid JSON"):
         ship_checkpoint(path, "x", "x", tmp_path / "scores.json", tmp_path / "weights")
 

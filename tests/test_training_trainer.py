@@ -629,6 +629,36 @@ def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_pa
     assert (tmp_path / "seeded" / "student_takdsr" / "final.safetensors").exists()
 
 
+def test_ship_refuses_scores_of_other_weights(image_folder: Path, tmp_path: Path) -> None:
+    """A stage trained again after the run's evaluation (its folder removed, `pipeline --stages` with other steps)
+    shipped with the old results.json scores, and a run that was never evaluated was an Errno 2 about results.json."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 1},
+                         eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
+    run_dir = tmp_path / "run"
+    run_pipeline(config, run_dir, ["teacher", "ta1", "student_takdsr"])
+    with pytest.raises(FileNotFoundError, match=r"run has not been evaluated \(it has no results\.json\): evaluate "
+                                                r"it: python -m training pipeline --config CONFIG --run-dir .*run \("):
+        ship_run(run_dir, tmp_path / "weights")
+    run_pipeline(config, run_dir)
+    again = rf"evaluate again: python -m training pipeline --config {run_dir}/config\.toml --run-dir {run_dir}$"
+    shutil.rmtree(run_dir / "student_takdsr")
+    run_pipeline(tiny_config(image_folder, experiment={"baselines": False, "student_steps": 2}, optim={"steps": 1}),
+                 run_dir, ["student_takdsr"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"student_takdsr/final\.safetensors was trained again after it was scored "
+                                         rf"\(.*results\.json \(TAKDSR\) scored other weights\); {again}"):
+        ship_run(run_dir, tmp_path / "weights", stages=["student_takdsr"])
+    results = json.loads((run_dir / "results.json").read_text())
+    del results["models"]["TA"]["weights_sha256"]  # a results.json written before the hashes were recorded
+    (run_dir / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=rf"\(TA\) does not record which weights it scored .*; {again}"):
+        ship_run(run_dir, tmp_path / "weights", stages=["ta1"])
+    assert ship_run(run_dir, tmp_path / "weights", stages=["teacher"])  # the teacher scored is the one shipped
+    assert not (tmp_path / "weights" / "rlfn_s_takdsr_x2.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match=r"teacher has not been evaluated .* one stage's `train` folder; score "
+                                                r"it with `python -m training evaluate --checkpoint"):
+        ship_run(run_dir / "teacher", tmp_path / "weights")
+
+
 def test_pipeline_checks_its_evaluation_folders_before_training(image_folder: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing evaluation folder (here cg-dev, with the shared folder elsewhere) fails before any stage trains."""

@@ -21,6 +21,7 @@ from models import (
     min_lr_size,
     read_metadata,
     resolve_checkpoint,
+    weights_sha256,
 )
 from training.config import Config, differing_keys, load_config
 from training.data import DatasetError
@@ -215,14 +216,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictors = dict(baseline_predictors(scale))
     baselines = {name.casefold(): name for name in predictors}
-    for label, path in unique_labels(args.checkpoint).items():
+    labels = unique_labels(args.checkpoint)
+    for label, path in labels.items():
         # its scores would replace the baseline's row under its name, or sit beside it under one that differs only
         # by case (Lanczos beside lanczos), as if a baseline were scored twice
         if label.casefold() in baselines:
             raise ValueError(f"{path} would be labelled {label!r}, the name of a baseline "
                              f"({baselines[label.casefold()]}, case aside): rename the file")
         predictors[label] = checkpoint_predictor(path, device, args.teacher)
-    score_sets(predictors, eval_config, scale, args.json, min_lr_side(models))
+    weights = {label: weights_sha256(path) for label, path in labels.items()}
+    score_sets(predictors, eval_config, scale, args.json, min_lr_side(models), weights)
     return 0
 
 

@@ -182,15 +182,19 @@ def builtin_sets_config(names: list[str] | None, folders: list[Path], rendered_f
 
 def score_sets(
     predictors: dict[str, Predictor], eval_config: EvalConfig, scale: int, json_path: Path | None = None,
-    min_lr_side: int = 1,
+    min_lr_side: int = 1, weights: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every predictor on every set of `eval_config`: prints each set's means and returns {set: scores} (the
-    layout of `evaluate`), also written to `json_path` when given (checked first: scoring cg-dev takes minutes)."""
+    layout of `evaluate`), also written to `json_path` when given (checked first: scoring cg-dev takes minutes).
+    `weights` ({label: weights_sha256 of its checkpoint}) is kept beside each label's scores in every set, so that
+    ship-checkpoint can tell a checkpoint trained again since from the one scored."""
     if json_path:
         check_output_file(json_path, "the scores")
     results = {}
     for set_name, images in eval_sets(Config(eval=eval_config), scale, min_lr_side).items():
         scores, _ = evaluate(predictors, images, scale)
+        for label, digest in (weights or {}).items():
+            scores[label]["weights_sha256"] = digest
         results[set_name] = scores
         print(f"{set_name} ({len(images)} images), mean:")
         for name, result in scores.items():

@@ -271,6 +271,8 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
     for display, path in checkpoints.items():
         results["models"][display] = dataclasses.asdict(model_info(path, REPORT_LR_SIZE))
         results["models"][display]["training"] = _training_summary(path)
+        # what `ship` compares with the file it ships: a stage trained again after this evaluation has other weights
+        results["models"][display]["weights_sha256"] = weights_sha256(path)
         if config.eval.latency_repeats:
             results["models"][display]["latency"] = _latency(path, device, config.eval.latency_repeats)
     serialisable = {k: v for k, v in results.items() if k != "crops"}

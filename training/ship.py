@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from models import Checkpoint, count_parameters, load_checkpoint, read_metadata, save_checkpoint
+from models import Checkpoint, count_parameters, load_checkpoint, read_metadata, save_checkpoint, weights_sha256
 from training.data import file_sha256, write_json_atomic
 from training.evaluate import macs_at
 from training.pipeline import REPORT_LR_SIZE
@@ -45,6 +45,8 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None, *, o
     if unknown or stages == []:
         raise ValueError(f"cannot ship stage(s) {unknown or stages}; shippable: {', '.join(SHIPPED)}")
     results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise FileNotFoundError(_not_evaluated(run_dir))
     results = _read_json_object(results_path, "a pipeline's results.json")
     try:
         scores_by_set = {set_name: data["scores"] for set_name, data in results["sets"].items()}
@@ -65,6 +67,8 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None, *, o
         info = models.get(display)
         if not isinstance(info, dict) or not {"params", "macs"} <= info.keys():
             raise ValueError(f"{results_path} has no scores for {display} ({stage}): evaluate the run")
+        _refuse_other_weights(run_dir / stage / FINAL_FILE, [info.get("weights_sha256")],
+                              f"{results_path} ({display})", _evaluate_run_command(run_dir))
         family = checkpoint.metadata["arch"].split("_")[0]  # "rlfn_teacher" -> "rlfn"
         name = f"{family}_{stem}_x{checkpoint.metadata['scale']}.safetensors"
         loaded.append((checkpoint, name, display, info, _means(scores_by_set, display, results_path)))
@@ -101,6 +105,10 @@ def ship_checkpoint(
     all_scores = _read_json_object(scores_path, "the scores of `python -m training evaluate --json`")
     label = label or path.stem
     scores, bicubic = _means(all_scores, label, scores_path), _means(all_scores, "bicubic", scores_path)
+    recorded = [by_label[label].get("weights_sha256") for by_label in all_scores.values()]  # _means checked them
+    again = (f"python -m training evaluate --checkpoint {path} [--teacher T, for a TA] --sets/--data as before "
+             f"--json {scores_path}")
+    _refuse_other_weights(path, recorded, f"{scores_path} ({label!r})", again)
     file_name = f"{name}.safetensors"
     _refuse_replacing(out_dir, [file_name], overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +144,36 @@ def seed_run(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     return done
+
+
+def _not_evaluated(run_dir: Path) -> str:
+    """Why a folder without results.json cannot be shipped, and how to score it: a pipeline run trained with
+    --stages alone, or one stage's `train` folder."""
+    if (run_dir / FINAL_FILE).exists():
+        return (f"{run_dir} has not been evaluated (it has no results.json): it is one stage's `train` folder; score "
+                f"it with `python -m training evaluate --checkpoint {run_dir / FINAL_FILE} --json SCORES.json` and "
+                "ship it with `python -m training ship-checkpoint`")
+    return f"{run_dir} has not been evaluated (it has no results.json): evaluate it: {_evaluate_run_command(run_dir)}"
+
+
+def _evaluate_run_command(run_dir: Path) -> str:
+    """The command that evaluates a pipeline run (it trains nothing that is finished): with the run's own config when
+    a whole pipeline wrote one there."""
+    if (run_dir / "config.toml").is_file():
+        return f"python -m training pipeline --config {run_dir / 'config.toml'} --run-dir {run_dir}"
+    return (f"python -m training pipeline --config CONFIG --run-dir {run_dir} (the config and --set overrides it was "
+            "trained with, without --stages)")
+
+
+def _refuse_other_weights(path: Path, recorded: list[Any], where: str, evaluate_again: str) -> None:
+    """ValueError unless every hash recorded beside the scores (`where`) is that of `path`'s weights: a checkpoint
+    trained again after its evaluation shipped with the old scores (20 steps beside a 300-step PSNR)."""
+    if not all(isinstance(digest, str) for digest in recorded):
+        raise ValueError(f"{where} does not record which weights it scored (scores written before that was "
+                         f"recorded), so they may not be {path}'s; evaluate again: {evaluate_again}")
+    if set(recorded) != {weights_sha256(path)}:
+        raise ValueError(f"{path} was trained again after it was scored ({where} scored other weights); evaluate "
+                         f"again: {evaluate_again}")
 
 
 def _refuse_replacing(out_dir: Path, names: list[str], overwrite: bool) -> None:
