@@ -78,6 +78,9 @@ def test_unknown_or_invalid_values_are_errors(raw: dict) -> None:
         ("experiment.mix=[0.3, inf]", r"experiment.mix\[1\] must be a finite number"),
         ("runtime.seed=99999999999999999999", "runtime.seed must be < 2\\*\\*63"),
         ("experiment.extra_args={channels=4}", "experiment.extra_args cannot set channels"),
+        # TAs and students start from the teacher's first blocks: the pipeline failed after training the teacher
+        ("experiment.ta_blocks=[7, 2]", r"experiment.ta_blocks must be <= experiment.teacher_blocks \(6\).* got 7"),
+        ("experiment.student_blocks=7", r"experiment.student_blocks must be <= experiment.teacher_blocks \(6\)"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(override: str, message: str) -> None:
@@ -85,6 +88,14 @@ def test_bad_values_are_refused_naming_the_key(override: str, message: str) -> N
     traceback deep inside training (a zero learning rate used to divide by zero in the scheduler)."""
     with pytest.raises(ValueError, match=message):
         from_dict(apply_overrides({}, [override]))
+
+
+def test_a_stage_initialised_from_the_teacher_has_at_most_its_blocks() -> None:
+    """`train` with an init_from teacher and more stage.blocks than experiment.teacher_blocks; without init_from
+    the stage starts from scratch and may be larger."""
+    with pytest.raises(ValueError, match=r"stage.blocks must be <= experiment.teacher_blocks \(6\)"):
+        from_dict(apply_overrides({}, ['stage.init_from="teacher.safetensors"', "stage.blocks=8"]))
+    assert from_dict(apply_overrides({}, ["stage.blocks=8"])).stage.blocks == 8
 
 
 def test_ints_where_floats_are_wanted_become_floats() -> None:

@@ -294,6 +294,7 @@ def _validate(config: Config) -> None:
               loss__feature=config.loss.feature, loss__output=config.loss.output, runtime__workers=runtime.workers,
               runtime__seed=runtime.seed, runtime__threads=runtime.threads,
               runtime__snapshot_every=runtime.snapshot_every, runtime__time_budget_s=runtime.time_budget_s)
+    _check_blocks_within_teacher(exp, stage)
     if runtime.seed >= 2**63:  # torch's generators take a signed 64-bit seed
         raise ValueError(f"runtime.seed must be < 2**63, got {runtime.seed}")
     taken = sorted(_SET_BY_EXPERIMENT & exp.extra_args.keys())
@@ -312,6 +313,18 @@ def _validate(config: Config) -> None:
     _validate_eval(config.eval)
     if config.data is not None and config.data.scale != exp.scale:
         raise ValueError(f"data.scale {config.data.scale} != experiment.scale {exp.scale}")
+
+
+def _check_blocks_within_teacher(exp: ExperimentConfig, stage: StageConfig) -> None:
+    """TAs and students start from the teacher's first blocks, so none may have more than it: a pipeline failed
+    only after its teacher (and TAs) had trained, on the first stage initialised with too many."""
+    counts = {"experiment.ta_blocks": max(exp.ta_blocks), "experiment.student_blocks": exp.student_blocks}
+    if stage.init_from:  # a `train` stage initialised from a teacher; 0 takes the role's count, checked above
+        counts["stage.blocks"] = stage.blocks
+    for key, blocks in counts.items():
+        if blocks > exp.teacher_blocks:
+            raise ValueError(f"{key} must be <= experiment.teacher_blocks ({exp.teacher_blocks}): they are "
+                             f"initialised from the teacher's first blocks, got {blocks}")
 
 
 def _validate_eval(ev: EvalConfig) -> None:
