@@ -25,6 +25,7 @@ from training.data.images import (
     write_json_atomic,
     write_png,
 )
+from training.data.scenes_cmd import write_scene_frames
 
 
 def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -302,6 +303,17 @@ def test_scan_passes_over_the_data_commands_manifest_but_not_a_nested_one(tmp_pa
     (tmp_path / "sub" / MANIFEST_NAME).write_text("{}")
     with pytest.warns(SkippedFilesWarning, match=r"1 not images"):
         scan_images(tmp_path, progress=False)
+
+
+def test_the_output_of_the_scenes_command_is_refused_for_its_hr_folder(tmp_path: Path) -> None:
+    """`evaluate --data sc` or a folder source at sc (not sc/hr) scored or trained on the LR frames (lr_x2/*.png)
+    as if they were HR images: the scan is recursive."""
+    out = tmp_path / "sc"
+    write_scene_frames(out, 1, width=64, height=32, supersample=1, split="val", progress=False)
+    with pytest.raises(DatasetError, match=rf"{out} is the output of `python -m training.data scenes`.*: give its "
+                                           rf"HR frames, {out}/hr, as the image folder"):
+        scan_images(out, progress=False)
+    assert [info.path.parent.name for info in scan_images(out / "hr", progress=False)] == ["hr"]
 
 
 def test_empty_folder_is_a_dataset_error(tmp_path: Path) -> None:

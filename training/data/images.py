@@ -304,9 +304,22 @@ def _files_under(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     return unique, sorted(unreachable), repeats
 
 
+def _refuse_scenes_output(root: Path) -> None:
+    """DatasetError for the output folder of `python -m training.data scenes` (its manifest has a frames table):
+    the recursive scan read its lr_x<s>/ frames as HR images too, and trained or scored on them."""
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or not ours: the folder is scanned as any other
+        return
+    if isinstance(manifest, dict) and isinstance(manifest.get("frames"), dict):
+        raise DatasetError(f"{root} is the output of `python -m training.data scenes`, HR and LR frames side by side: "
+                           f"give its HR frames, {root / 'hr'}, as the image folder")
+
+
 def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -> list[ImageInfo]:
     """Every usable image under `root` (recursive, sorted by path, hidden files and the data commands'
-    top-level manifest.json ignored), each decoded once to validate it.
+    top-level manifest.json ignored), each decoded once to validate it. The output folder of
+    `python -m training.data scenes` is refused (DatasetError): its HR frames are in its hr/ folder.
 
     Files that are not images (by suffix), fail to decode, or are smaller than `min_size` on either side are
     skipped with one SkippedFilesWarning naming a few. Raises DatasetError if nothing usable is left.
@@ -314,6 +327,7 @@ def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
+    _refuse_scenes_output(root)
     files, unreachable, repeats = _files_under(root)
     skipped: dict[str, list[Path]] = {"not images": [], "unreadable": [], f"smaller than {min_size}px": [],
                                       "unreachable (broken links, unreadable folders, pipes)": unreachable,
