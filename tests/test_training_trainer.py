@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import Teacher, build_model, load_checkpoint, load_model, read_metadata
+from models import WEIGHTS_DIR, Teacher, build_model, load_checkpoint, load_model, read_metadata
 from training.__main__ import main as training_main
 from training.config import Config, StageConfig, dump_toml, load_config
 from training.data import file_sha256
@@ -409,7 +409,8 @@ def test_a_stage_starts_from_and_learns_from_bundled_checkpoints_by_name(
     assert training_main(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"),
                           "--set", 'stage.name="student"', "--set", 'stage.role="student"',
                           "--set", f'stage.init_from="{name}"', "--set", f'stage.guides=["{name}"]',
-                          "--set", "experiment.channels=52", "--set", "eval.cg_dev=false"]) == 0  # fmt: skip
+                          "--set", "experiment.channels=52", "--set", "experiment.teacher_blocks=6",
+                          "--set", "experiment.encoder_channels=56", "--set", "eval.cg_dev=false"]) == 0  # fmt: skip
     training = read_metadata(tmp_path / "run" / "final.safetensors")["training"]
     assert training["guides"] == [name] and training["init_from"] == name  # not "weights", their folder
     assert training["config"]["stage"]["guides"] == [str(WEIGHTS_DIR / f"{name}.safetensors")]
@@ -657,6 +658,23 @@ def test_ship_refuses_scores_of_other_weights(image_folder: Path, tmp_path: Path
     with pytest.raises(FileNotFoundError, match=r"teacher has not been evaluated .* one stage's `train` folder; score "
                                                 r"it with `python -m training evaluate --checkpoint"):
         ship_run(run_dir / "teacher", tmp_path / "weights")
+
+
+def test_a_seeded_teacher_of_another_shape_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    """The bundled 52-channel 6-block teacher seeded into a run whose config says 8 channels and 2 blocks gave a
+    52-channel student, and metadata saying 8 channels: the network took the teacher's width without a word."""
+    seed_run(tmp_path / "run", ["teacher", "ta1"], weights_dir=WEIGHTS_DIR)
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 1})
+    teacher = tmp_path / "run" / "teacher" / "final.safetensors"
+    with pytest.raises(ValueError, match=rf"init_from {teacher} is not a teacher of this experiment: "
+                                         r"experiment.channels is 8, the teacher's 52; experiment.teacher_blocks is 2, "
+                                         r"the teacher's 6; experiment.encoder_channels is 8, the teacher's 56\. Set"):
+        run_pipeline(config, tmp_path / "run", ["student_takdsr"])
+    assert not (tmp_path / "run" / "student_takdsr" / "final.safetensors").exists()
+    with pytest.raises(ValueError, match=r"experiment.family is 'rfdn', the teacher's 'rlfn'\."):
+        run_pipeline(tiny_config(image_folder, experiment={"baselines": False, "family": "rfdn", "channels": 52,
+                                                           "teacher_blocks": 6, "encoder_channels": 56}),
+                     tmp_path / "run", ["student_takdsr"])  # fmt: skip
 
 
 def test_pipeline_checks_its_evaluation_folders_before_training(image_folder: Path, tmp_path: Path,

@@ -49,7 +49,7 @@ from models import (
     weights_sha256,
 )
 from models.checkpoint import MAX_BLOCKS
-from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml
+from training.config import Config, ExperimentConfig, StageConfig, config_from_toml, differing_keys, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.data.images import write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
@@ -842,13 +842,34 @@ def build_stage_network(config: Config) -> nn.Module:
             encoder_channels=exp.encoder_channels, discrete=stage.discrete, **exp.extra_args,
         )  # fmt: skip
     if stage.init_from:
-        teacher = load_checkpoint(stage.init_from).model
+        checkpoint = load_checkpoint(stage.init_from)
+        teacher = checkpoint.model
         if not isinstance(teacher, Teacher):
             raise ValueError(f"init_from {stage.init_from} is not a teacher checkpoint")
         if teacher.scale != exp.scale:
             raise ValueError(f"init_from {stage.init_from} upscales x{teacher.scale}, the experiment x{exp.scale}")
+        _check_teacher_is_the_experiments(stage.init_from, checkpoint.metadata["arch"], teacher, exp)
         return init_from_teacher(teacher, blocks)
     return build_model(exp.family, channels=exp.channels, blocks=blocks, scale=exp.scale, **exp.extra_args)
+
+
+def _check_teacher_is_the_experiments(path: str, arch: str, teacher: Teacher, exp: ExperimentConfig) -> None:
+    """ValueError naming the keys for an init_from teacher of another shape than the experiment's: its width and
+    family were taken silently (a seeded 52-channel teacher gave a 52-channel student whose metadata said 8)."""
+    args = teacher.arch_args()
+    found = {"experiment.family": arch.removesuffix("_teacher"), "experiment.channels": args.get("channels"),
+             "experiment.teacher_blocks": args.get("blocks"),
+             "experiment.encoder_channels": args.get("encoder_channels"),
+             **{f"experiment.extra_args.{key}": args[key] for key in exp.extra_args if key in args}}  # fmt: skip
+    wanted = {"experiment.family": exp.family, "experiment.channels": exp.channels,
+              "experiment.teacher_blocks": exp.teacher_blocks, "experiment.encoder_channels": exp.encoder_channels,
+              **{f"experiment.extra_args.{key}": exp.extra_args[key] for key in exp.extra_args if key in args}}
+    differ = [f"{key} is {value!r}, the teacher's {found[key]!r}" for key, value in wanted.items()
+              if value != found[key]]
+    if differ:
+        raise ValueError(f"init_from {path} is not a teacher of this experiment: {'; '.join(differ)}. Set those keys "
+                         "to the teacher's values (`python -m models info FILE` shows them), or start from a teacher "
+                         "of this experiment")
 
 
 def stage_inputs(stage: StageConfig) -> list[str]:
