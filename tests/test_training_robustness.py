@@ -200,6 +200,33 @@ def test_evaluate_refuses_a_teacher_of_another_scale(tmp_path: Path, capsys: pyt
     assert code == 1 and "upscale by different factors [2, 3]" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_a_teacher_the_ta_was_not_trained_with(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluate --checkpoint TA --teacher OTHER` scored quietly with the other teacher's CF' (23.44 dB against 26.27
+    with its own). A TA records its teacher's weights in training.inputs_sha256 (init_from, then the guides)."""
+    images = make_image_folder(tmp_path / "images", count=1, size=(64, 64))
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teachers.append(save_checkpoint(build_model("rlfn_teacher", channels=8, blocks=2, encoder_channels=8),
+                                        tmp_path / f"teacher{seed}.safetensors", role="teacher"))  # fmt: skip
+    own, other = teachers
+    training = {"mix": [0.3, 0.7], "guides": ["teacher"], "inputs_sha256": [weights_sha256(own)] * 2}
+    ta = save_checkpoint(build_model("rlfn", channels=8, blocks=1), tmp_path / "ta.safetensors", role="ta",
+                         training=training)  # fmt: skip
+    args = ["evaluate", "--checkpoint", str(ta), "--data", str(images), "--teacher"]
+    assert training_main([*args, str(other)]) == 1
+    assert re.search(rf"error: {ta} is a TA trained with another teacher \('teacher', weights sha256 "
+                     rf"{weights_sha256(own)[:12]}\.\.\.\) than {other} \(sha256 {weights_sha256(other)[:12]}",
+                     capsys.readouterr().err)  # fmt: skip
+    assert training_main([*args, str(own)]) == 0
+    older = save_checkpoint(build_model("rlfn", channels=8, blocks=1), tmp_path / "older.safetensors", role="ta",
+                            training={"mix": [0.3, 0.7]})  # a TA that recorded no hash: scored as before
+    assert training_main(["evaluate", "--checkpoint", str(older), "--data", str(images), "--teacher", str(other)]) == 0
+    assert training_main(["evaluate", "--checkpoint", str(older), "--data", str(images)]) == 1
+    assert "needs its teacher's checkpoint (--teacher FILE)" in capsys.readouterr().err
+
+
 def _saved_state(tmp_path: Path, image_folder: Path) -> tuple[Path, dict]:
     config = _stage_config(image_folder, "teacher")
     config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, checkpoint_every=2))

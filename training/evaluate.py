@@ -29,6 +29,7 @@ from models import (
     load_checkpoint,
     min_lr_size,
     read_metadata,
+    weights_sha256,
 )
 from training.config import Config, EvalConfig
 from training.data import DataConfig, SourceConfig, build_eval_dataset, default_eval_dir, to_tensor, to_uint8
@@ -311,9 +312,25 @@ def checkpoint_predictor(path: str | Path, device: torch.device, teacher_path: s
     if mix is None:
         return lambda lr, hr: model(_to(lr, device))
     if teacher_path is None:
-        raise ValueError(f"{path} is a TA: evaluating it needs its teacher's checkpoint")
+        raise ValueError(f"{path} is a TA: evaluating it needs its teacher's checkpoint (--teacher FILE)")
+    _refuse_another_teacher(path, metadata["training"], teacher_path)
     teacher = _teacher_run(teacher_path, device)
     return lambda lr, hr: model(mixed_input(teacher(hr).cf_prime, _to(lr, device), tuple(mix)))
+
+
+def _refuse_another_teacher(path: str | Path, training: dict[str, Any], teacher_path: str | Path) -> None:
+    """ValueError when a TA recorded the weights of the teacher it learnt from (training.inputs_sha256: its
+    init_from, then its guides, the teacher first) and `teacher_path` holds others: it was scored quietly with
+    another teacher's CF' (23.44 dB against 26.27 with its own). A TA that recorded none is scored as before."""
+    recorded = training.get("inputs_sha256")
+    if not isinstance(recorded, list) or len(recorded) < 2 or not isinstance(recorded[1], str) or not recorded[1]:
+        return
+    given = weights_sha256(teacher_path)
+    if given != recorded[1]:
+        guide = (training.get("guides") or ["?"])[0]
+        raise ValueError(f"{path} is a TA trained with another teacher ({guide!r}, weights sha256 "
+                         f"{recorded[1][:12]}...) than {teacher_path} (sha256 {given[:12]}...): give the teacher it "
+                         "was trained with as --teacher")
 
 
 def model_info(path: str | Path, lr_size: tuple[int, int]) -> ModelInfo:
