@@ -373,6 +373,14 @@ def test_latency_arguments_are_checked_before_any_work(args: list[str], message:
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_evaluate_frames_is_checked_as_an_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluate --sets rendered-val --frames 0` said 'source.frames_per_preset must be >= 1', a key nobody gave."""
+    with pytest.raises(SystemExit) as exit_info:
+        training_main(["evaluate", "--checkpoint", "rlfn_s_takdsr_x2", "--sets", "rendered-val", "--frames", "0"])
+    assert exit_info.value.code == 2 and "argument --frames: expected an integer >= 1, got '0'" in (
+        capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("name", ["bicubic", "Lanczos"])
 def test_a_checkpoint_named_like_a_baseline_is_refused(name: str, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:

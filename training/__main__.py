@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         "--sets", type=_comma_list, default=None, metavar="NAME,...",
         help=f"built-in sets: {', '.join(BUILTIN_SETS)} (default: cg-dev, unless --data is given)",
     )  # fmt: skip
-    evaluate_cmd.add_argument("--frames", type=int, default=2, help="rendered validation frames per preset")
+    evaluate_cmd.add_argument("--frames", type=_positive_int, default=2, help="rendered validation frames per preset")
     evaluate_cmd.add_argument("--json", type=Path, help="also write the scores here")
     ship = commands.add_parser("ship", help="copy a pipeline run's checkpoints, with their scores, to a folder")
     ship.add_argument("run_dir", type=Path)
