@@ -172,7 +172,12 @@ def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signa
          started: float) -> int:
     """The window, or with ``folder`` (held by this run) headless; ``started`` is the demo's start (stats.json)."""
     # the default resolved here, not in the client: stats.json names the endpoint it used ($TAKDSR_UPSCALER_ENDPOINT)
-    link = UpscaleLink(endpoint or default_endpoint(), cfg.lr_size, cfg.scale, cfg.timeout)
+    try:
+        endpoint = endpoint or default_endpoint()
+    except ConfigError as exc:  # a $TAKDSR_UPSCALER_ENDPOINT that is no endpoint: a mistyped setting, as --endpoint
+        print(f"client_demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    link = UpscaleLink(endpoint, cfg.lr_size, cfg.scale, cfg.timeout)
     link.start()  # connects while the renderer warms up
     try:
         if folder is not None:

@@ -125,6 +125,23 @@ def _umask() -> int:
     return current
 
 
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle (protocol 2 and later)
+
+
+def _pytorch_file_hint(path: str | os.PathLike[str]) -> str:
+    """What to do with a torch.save file (.pt/.pth), which is refused like any other non-safetensors file: unpickling
+    it could run any code the file holds."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        return ""
+    if not head.startswith(_PICKLE_MAGIC):
+        return ""
+    return ("; it looks like a PyTorch .pt/.pth (pickle) file, which is never loaded, as unpickling may run code: save "
+            "the network with models.save_checkpoint, which writes safetensors with the metadata this needs")
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint's metadata, validated, without loading the weights."""
     _check_file(path)
@@ -132,7 +149,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         with safe_open(os.fspath(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(path, f"not a readable safetensors file ({exc})") from exc
+        raise CheckpointError(path, f"not a readable safetensors file ({exc}){_pytorch_file_hint(path)}") from exc
     if raw is None:
         raise CheckpointError(path, f"no '{METADATA_KEY}' metadata: not a checkpoint of this project")
     try:

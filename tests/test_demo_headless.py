@@ -333,6 +333,15 @@ def test_stats_name_the_default_endpoint_used(nearest_daemon: Daemon, tmp_path: 
     assert read_stats(tmp_path)["upscaler"]["endpoint"] == nearest_daemon.endpoint
 
 
+def test_a_default_endpoint_that_is_no_endpoint_is_a_usage_error(tmp_path: pathlib.Path) -> None:
+    """It was reported as a daemon that could not be reached (status 3), quoting a value the user never typed."""
+    result = run_demo("--headless", "--lr", LR_ARG, "--frames", "1", "--out", str(tmp_path / "out"),
+                      env={"TAKDSR_UPSCALER_ENDPOINT": "foo"})
+    assert result.returncode == 2, output_of(result)
+    assert "$TAKDSR_UPSCALER_ENDPOINT: endpoint 'foo' must start with ipc:// or tcp://" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_second_demo_into_the_same_folder_is_refused(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
     """Two runs into one --out (scripts/demo.sh always uses ./demo_out) overwrote each other and both exited 0."""
     out = tmp_path / "out"

@@ -109,6 +109,14 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
 
 
+def test_junk_gets_no_pytorch_hint(tmp_path: Path) -> None:
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "PyTorch" not in str(info.value)
+
+
 def test_truncated_file(tmp_path: Path, good_file: Path) -> None:
     data = good_file.read_bytes()
     for cut in (4, 100, len(data) // 2, len(data) - 10):
@@ -134,11 +142,12 @@ def test_pickle_is_refused_and_never_executed(tmp_path: Path) -> None:
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps(Exploit()))
-    with pytest.raises(CheckpointError):
+    says_what_to_do = r"PyTorch \.pt/\.pth \(pickle\) file, which is never loaded.*models\.save_checkpoint"
+    with pytest.raises(CheckpointError, match=says_what_to_do):
         load_checkpoint(path)
     torch_style = tmp_path / "model.pth"
     torch.save({"w": torch.zeros(2)}, torch_style)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=says_what_to_do):
         load_checkpoint(torch_style)
     assert not marker.exists()
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from upscaler_server.engine import Engine, NearestEngine, create_engine, resolve_device
+from upscaler_server.engine import Engine, NearestEngine, TorchEngine, create_engine, load_network, resolve_device
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError, SharedMemoryError, UpscalerError
 from upscaler_server.protocol import PIXEL_FORMATS
 
@@ -506,7 +506,9 @@ def _pipelined(engine: Engine, frames: list[np.ndarray], copied: bool = False) -
 
 @pytest.mark.parametrize("copied", [False, True], ids=["arrays", "copied"])
 def test_start_on_cpu_finishes_the_frame_at_once(checkpoint: pathlib.Path, copied: bool) -> None:
-    cpu = create_engine(checkpoint=checkpoint, device="cpu", precision="fp32", threads=1, overlap=True)
+    # the engine itself (create_engine refuses --overlap with --device cpu; --device auto on a CPU gets here)
+    network, name, weights = load_network(checkpoint, None)
+    cpu = TorchEngine(network, name=name, device="cpu", precision="fp32", weights=weights, threads=1, overlap=True)
     assert cpu.max_in_flight == 1  # overlap is a CUDA feature: the CPU has no copies to hide
     sizes = [(24, 32), (24, 32), (16, 40), (24, 32)]  # two resolutions: staging arrays per resolution
     frames = [RNG.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]

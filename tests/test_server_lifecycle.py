@@ -646,15 +646,19 @@ def test_invalid_settings_exit_2() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--backend", "nearest", "--tune-sizes", "0x0"], "--tune-sizes 0x0 within 1..max_width"),
-        (["--backend", "nearest", "--max-width", "4000", "--tune-sizes", "64x64", "5000x100"],
+        (["--backend", "auto", "--tune-sizes", "0x0"], "--tune-sizes 0x0 within 1..max_width"),
+        (["--backend", "auto", "--max-width", "4000", "--tune-sizes", "64x64", "5000x100"],
          "--tune-sizes 5000x100 within 1..max_width"),
         # the engine's own check raised EngineError, which start-up did not catch: a traceback and exit 1
         (["--model", "rlfn_s", "--backend", "auto", "--auto-backends", "eager", "--threads", "1",
           "--tune-sizes", "10x10"], "--tune-sizes 10x10: input 10x10 is smaller than the model's minimum 15x15"),
         (["--scale", "3"], "upscales x2 (--scale is for --model; a checkpoint knows its own)"),  # served x2 before
+        # it said "ready", then refused every frame: below the minimum, or over the limits
+        (["--max-width", "14"], "--max-width 14: below the model's minimum input 15x15"),
+        (["--max-height", "3", "--max-pixels", "224"], "--max-height 3, --max-pixels 224: below the model's minimum"),
     ],
-    ids=["zero", "over-max-width", "below-the-model-minimum", "scale-of-the-bundled-student"],
+    ids=["zero", "over-max-width", "below-the-model-minimum", "scale-of-the-bundled-student", "max-width-below-minimum",
+         "max-height-and-pixels-below-minimum"],
 )
 def test_settings_no_frame_could_have_are_refused_at_start(
     args: list[str], message: str, tmp_path: pathlib.Path
@@ -716,3 +720,71 @@ def test_cuda_daemon_serves_fp16_with_graphs(tmp_path: pathlib.Path) -> None:
         first, second = client.upscale(frame, "BGRA8"), client.upscale(frame, "BGRA8")
         np.testing.assert_array_equal(first, second)
         np.testing.assert_array_equal(first[..., 3], np.repeat(np.repeat(frame[..., 3], 2, 0), 2, 1))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "eager", "--tune-sizes", "64x64"], "--tune-sizes (--backend auto only)"),
+        (["--backend", "eager", "--auto-backends", "onnxruntime"], "--auto-backends (--backend auto only)"),
+        (["--backend", "nearest", "--precision", "fp32", "--pad-channels", "8"],
+         "--precision (the nearest backend runs no model), --pad-channels (the nearest backend runs no model)"),
+        (["--device", "cpu", "--cuda-graphs", "--overlap"], "--cuda-graphs (CUDA only), --overlap (CUDA only)"),
+    ],
+    ids=["tune-sizes", "auto-backends", "nearest-model-options", "cuda-options-on-cpu"],
+)
+def test_options_that_would_be_ignored_are_refused(args: list[str], message: str) -> None:
+    """Each was dropped in silence: a daemon "tuned" for sizes it never measured, or "with" CUDA graphs on a CPU."""
+    status, log = _exit_of(args)
+    assert status == 2 and f"these options would be ignored: {message}; leave them out" in log, log
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "65536"])
+def test_a_tcp_port_outside_1_to_65535_is_refused(port: str) -> None:
+    """libzmq binds port 99999 as 34463 (modulo 65536), and port 0 as one nobody is told of."""
+    status, log = _exit_of(["--backend", "nearest", "--endpoint", f"tcp://127.0.0.1:{port}"])
+    assert status == 2 and "a tcp endpoint needs a host and a port 1..65535" in log, log
+
+
+def test_an_endpoint_from_the_environment_is_named_as_such() -> None:
+    env = {**os.environ, "TAKDSR_UPSCALER_ENDPOINT": "foo"}
+    done = subprocess.run([sys.executable, "-m", "upscaler_server", "--backend", "nearest"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "$TAKDSR_UPSCALER_ENDPOINT: endpoint 'foo' must start with ipc:// or tcp://" in done.stderr
+
+
+def test_a_socket_another_program_listens_on_is_left_alone(short_dir: pathlib.Path) -> None:
+    """Binding took the file over (libzmq unlinks it first) and the daemon's exit deleted it: a typo naming another
+    service's socket broke that service."""
+    path = short_dir / "other.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen()
+        status, log = _exit_of(["--backend", "nearest", "--endpoint", f"ipc://{path}"])
+        assert status == 2 and f"{path} is a socket that another program listens on" in log, log
+        assert path.exists() and path.is_socket()
+
+
+def test_an_unwritable_cache_is_a_setting_not_a_model_error(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("onnxruntime")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    status, log = _exit_of(["--backend", "onnxruntime", "--device", "cpu", "--cache-dir", str(not_a_folder)])
+    assert status == 2 and f"cannot write the ONNX cache in {not_a_folder / 'onnx'}" in log, log
+    assert "--cache-dir DIR or set $TAKDSR_CACHE_DIR" in log
+
+
+def test_a_session_over_the_shared_memory_budget_is_told_what_would_fit() -> None:
+    """--max-shm-mb 1: a ring of 160x100 RGBA8 takes 323,584 bytes per slot (input and output pages); a one-slot
+    session was told to use fewer slots too."""
+    with run_server("--backend", "nearest", "--max-shm-mb", "1") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=10) as client:
+        with pytest.raises(UpscalerError, match=r"\(--max-shm-mb\); use fewer slots"):
+            client.open_session(160, 100, "RGBA8", slots=4)
+        with pytest.raises(UpscalerError, match="this frame size needs a daemon started with a larger --max-shm-mb"):
+            client.open_session(400, 300, "RGBA8", slots=1)
+        held = client.open_session(160, 100, "RGBA8", slots=3)
+        with pytest.raises(UpscalerError, match="close other sessions, or start the daemon with a larger --max-shm-mb"):
+            client.open_session(160, 100, "RGBA8", slots=1)
+        held.close()

@@ -107,6 +107,7 @@ class Config:
 _LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 
 
+_PORT_MAX = 65535
 _IPC_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108 with its NUL)
 
 
@@ -126,8 +127,9 @@ def check_endpoint(endpoint: str, allow_remote: bool) -> None:
                           "socket's limit); choose a shorter one")
     if kind == "tcp":
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"endpoint {endpoint!r}: a tcp endpoint needs a host and a port, e.g. "
+        # libzmq takes a port modulo 65536 (99999 bound 34463) and binds port 0 to one nobody is told of
+        if not host or not port.isdigit() or not 1 <= int(port) <= _PORT_MAX:
+            raise ConfigError(f"endpoint {endpoint!r}: a tcp endpoint needs a host and a port 1..{_PORT_MAX}, e.g. "
                               "tcp://127.0.0.1:5555")
         if not (host in _LOOPBACK_HOSTS or host.startswith("127.") or allow_remote):
             raise ConfigError(f"endpoint {endpoint!r} is reachable from other hosts, and the protocol has no "
@@ -219,5 +221,13 @@ def runtime_dir() -> pathlib.Path:
 
 
 def default_endpoint() -> str:
-    """$TAKDSR_UPSCALER_ENDPOINT, else ipc://<runtime_dir()>/upscaler.sock."""
-    return os.environ.get(ENDPOINT_ENV) or f"ipc://{runtime_dir() / 'upscaler.sock'}"
+    """$TAKDSR_UPSCALER_ENDPOINT, else ipc://<runtime_dir()>/upscaler.sock. ConfigError naming the variable when it
+    holds no endpoint: the message would quote a value nobody typed."""
+    from_environment = os.environ.get(ENDPOINT_ENV)
+    if not from_environment:
+        return f"ipc://{runtime_dir() / 'upscaler.sock'}"
+    try:
+        check_endpoint(from_environment, allow_remote=True)  # the daemon checks the host again, without it
+    except ConfigError as exc:
+        raise ConfigError(f"${ENDPOINT_ENV}: {exc}") from None
+    return from_environment

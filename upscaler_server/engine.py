@@ -686,6 +686,25 @@ def build_engine(config: Config) -> Engine:
                          auto_backends=config.auto_backends, tune_sizes=config.tune_sizes)
 
 
+def _refuse_unusable_options(*, backend: str, device: str, precision: str, pad_channels: int, cuda_graphs: bool,
+                             overlap: bool, auto_backends: tuple[str, ...],
+                             tune_sizes: tuple[tuple[int, int], ...]) -> None:
+    """ConfigError naming options that cannot apply to ``backend`` or an explicit ``device``: each was dropped in
+    silence, so a run "with" --tune-sizes measured nothing and one "with" --cuda-graphs on a CPU captured none."""
+    unusable = []
+    if backend != "auto":
+        unusable += [f"{flag} (--backend auto only)" for flag, given in
+                     (("--tune-sizes", tune_sizes), ("--auto-backends", auto_backends)) if given]
+    if backend == "nearest":
+        unusable += [f"{flag} (the nearest backend runs no model)" for flag, given in
+                     (("--precision", precision != "auto"), ("--pad-channels", pad_channels)) if given]
+    if device == "cpu":
+        unusable += [f"{flag} (CUDA only)" for flag, given in
+                     (("--cuda-graphs", cuda_graphs), ("--overlap", overlap)) if given]
+    if unusable:
+        raise ConfigError(f"these options would be ignored: {', '.join(unusable)}; leave them out")
+
+
 def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None = None, backend: str = "eager",
                   scale: int | None = None, device: str = "auto", precision: str = "auto", threads: int = 0,
                   cuda_graphs: bool = False, overlap: bool = False, pad_channels: int = 0,
@@ -695,6 +714,9 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     ``backend``: eager (alias torch), compile, onnxruntime, tensorrt, auto or nearest."""
     from upscaler_server import backends  # the backends import this module
 
+    _refuse_unusable_options(backend=backend, device=device, precision=precision, pad_channels=pad_channels,
+                             cuda_graphs=cuda_graphs, overlap=overlap, auto_backends=auto_backends,
+                             tune_sizes=tune_sizes)
     if backend == "nearest":
         if checkpoint is not None or model is not None:  # it was ignored: a run "with" a checkpoint that used none
             raise ConfigError("the nearest backend runs no model: leave out --checkpoint and --model (--scale sets "
@@ -703,6 +725,8 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     if backend not in backends.BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(backends.BACKENDS)}")
     resolved = resolve_device(device)
+    if resolved == "cpu" and (cuda_graphs or overlap):  # --device auto on a machine without a GPU: said, not refused
+        log.warning("--cuda-graphs and --overlap need CUDA: no GPU here, so they are off")
     if resolved == "cpu":
         _bound_cpu_kernel_caches()  # before load_network, whose overflow check runs the first convolution
     network, name, weights = load_network(checkpoint, model, scale)

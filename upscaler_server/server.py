@@ -20,6 +20,7 @@ import pathlib
 import queue
 import resource
 import secrets
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -66,6 +67,7 @@ _UNREAD_MAX = 4096  # requests answered SHUTTING_DOWN at shutdown, at most (a fl
 _FAREWELL_MS = 200  # how long closing the socket may take to send the last replies (linger)
 _ONE_FRAME = "a request is one frame (DEALER) or an empty delimiter frame and one frame (REQ)"
 _HANDSHAKE_MS = 5000  # ZeroMQ's greeting must arrive within this after a connection opens
+_PROBE_S = 0.5  # longest wait of the connect() that looks whether a socket file has a listener
 _FD_LIMIT = 1 << 16  # open files to ask for when the hard limit is unlimited
 _IDLE_WORKER_S = 0.1  # how long a forced stop waits for an idle engine thread to see the queue closed
 _ALL_CLIENTS_UNREAD = 4  # unread inline results of all clients together: this many times one client's budget
@@ -75,6 +77,7 @@ class Server:
     """Serves ``engine`` on ``config.endpoint`` until :meth:`request_stop`."""
 
     def __init__(self, config: Config, engine: Engine) -> None:
+        _check_limits_admit_a_frame(config, engine.min_input_size)
         self.config = config
         self.engine = engine
         self.instance = secrets.token_hex(8)
@@ -137,8 +140,7 @@ class Server:
         if ipc_path is not None:
             self._endpoint_lock = _lock_endpoint(ipc_path, endpoint)
             _check_socket_path(ipc_path)
-            if _ipc_in_use(self._ctx, endpoint):  # a daemon of a version without the lock file
-                raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint")
+            _refuse_live_socket(self._ctx, endpoint, ipc_path)
         router = self._ctx.socket(zmq.ROUTER)
         router.linger = 0
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its routing id takes over
@@ -490,6 +492,18 @@ class Server:
             log.debug("reply to %s dropped: %s", envelope[0].hex()[:8], exc)
 
 
+def _check_limits_admit_a_frame(config: Config, min_side: int) -> None:
+    """ConfigError when the size limits leave no frame the model can take: such a daemon said "ready" and refused
+    every frame, the small ones as below the model's minimum and the others as over the limits."""
+    too_small = [f"--{flag} {value}" for flag, value in (("max-width", config.max_width),
+                                                         ("max-height", config.max_height)) if value < min_side]
+    if config.max_pixels < min_side * min_side:
+        too_small.append(f"--max-pixels {config.max_pixels}")
+    if too_small:
+        raise ConfigError(f"{', '.join(too_small)}: below the model's minimum input {min_side}x{min_side}, so no "
+                          "frame could be upscaled; raise the limit")
+
+
 def _well_formed(envelope: list[bytes]) -> bool:
     """A DEALER's routing id alone, or a REQ's routing id and its empty delimiter frame."""
     return len(envelope) == 1 or (len(envelope) == 2 and envelope[1] == b"")
@@ -558,6 +572,34 @@ def _raise_fd_limit() -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _refuse_live_socket(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, path: pathlib.Path) -> None:
+    """ConfigError when a process listens on the socket file ``path``: binding would take the file over (libzmq
+    unlinks it first) and this daemon's exit would delete it. A daemon of a version without the lock file answers a
+    ping; any other program (a typo naming /run/docker.sock) does not."""
+    if not _listened_on(path):
+        return
+    if _ipc_in_use(ctx, endpoint):
+        raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint")
+    raise ConfigError(f"{path} is a socket that another program listens on (it does not answer as an upscaler "
+                      "daemon): binding would take it over; pass another --endpoint")
+
+
+def _listened_on(path: pathlib.Path) -> bool:
+    """False when nothing can be listening on ``path``: no file, or one left by a process that is gone (the connection
+    is refused). Anything else (it connects, times out with a full backlog, or is not ours to open) counts as in use."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_PROBE_S)
+    try:
+        probe.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True
 
 
 def _ipc_in_use(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> bool:

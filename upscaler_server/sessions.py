@@ -92,6 +92,16 @@ def check_frame_size(config: Config, min_size: int, width: int, height: int) -> 
                            ErrorCode.SIZE_TOO_SMALL)
 
 
+def _shm_advice(used: int, needed: int, slots: int, budget: int) -> str:
+    """What would let a session that does not fit the shared-memory budget open: fewer slots only when one slot fits
+    (a one-slot session was told to use fewer)."""
+    if slots > 1 and used + needed // slots <= budget:  # each ring is slots equal strides
+        return "use fewer slots"
+    if used:
+        return "close other sessions, or start the daemon with a larger --max-shm-mb"
+    return "this frame size needs a daemon started with a larger --max-shm-mb"
+
+
 class SessionTable:
     """Open sessions of this daemon, their limits and leases."""
 
@@ -134,9 +144,10 @@ class SessionTable:
         lay_in = RingLayout(msg.width, msg.height, fmt.channels, msg.slots)
         lay_out = RingLayout(msg.width * self._scale, msg.height * self._scale, fmt.channels, msg.slots)
         used = sum(s.shm_bytes for s in self._sessions.values())
-        if used + lay_in.size + lay_out.size > self._config.max_shm_bytes:
-            raise SessionError(f"the session needs {lay_in.size + lay_out.size} bytes of shared memory, "
-                               f"{self._config.max_shm_bytes - used} remain (--max-shm-mb); use fewer slots",
+        needed, budget = lay_in.size + lay_out.size, self._config.max_shm_bytes
+        if used + needed > budget:
+            raise SessionError(f"the session needs {needed} bytes of shared memory, {budget - used} remain "
+                               f"(--max-shm-mb); {_shm_advice(used, needed, msg.slots, budget)}",
                                ErrorCode.RESOURCE_LIMIT)
         session_id = self._new_id()
         ring_in = Ring.create(segment_name(os.getpid(), session_id, "in"), lay_in)

@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 import torch
 
-from upscaler_server.backends.common import Settings
+from upscaler_server.backends.common import CACHE_ENV, Settings
 from upscaler_server.engine import Engine, StageTimes, usable_cores
-from upscaler_server.errors import EngineError, ModelLoadError
+from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PixelFormat
 
 __all__ = ["OnnxRuntimeEngine", "onnx_file"]
@@ -38,11 +38,15 @@ def onnx_file(network: torch.nn.Module, settings: Settings) -> pathlib.Path:
     path = folder / f"{settings.model_hash[:24]}-uint8-dynamic.onnx"
     if path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
+    except OSError as exc:  # a read-only HOME in a container, or a file where the folder should be
+        raise ConfigError(f"cannot write the ONNX cache in {folder}: {exc.strerror or exc}; pass --cache-dir DIR or "
+                          f"set ${CACHE_ENV} to a writable folder") from exc
+    os.close(fd)
     log.info("exporting %s to %s (once per model)", settings.name, path)
     size = max(64, int(getattr(network, "min_input_size", 1)))
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
-    os.close(fd)
     try:
         for noisy in ("torch.onnx", "onnxscript", "onnx_ir"):  # per-pass notices, "torchvision is not installed"
             logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "torch.onnx" else logging.ERROR)
@@ -80,8 +84,9 @@ class OnnxRuntimeEngine(Engine):
         providers: list[Any] = ["CPUExecutionProvider"]
         if cuda:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": _device_index(self.device)}))
+        model_file = onnx_file(network, settings)  # its errors name themselves: an unwritable cache is a setting
         try:
-            self._session = ort.InferenceSession(str(onnx_file(network, settings)), options, providers=providers)
+            self._session = ort.InferenceSession(str(model_file), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise ModelLoadError(f"onnxruntime cannot load the exported model: {exc}") from exc
         self._scratch: dict[tuple[int, int], np.ndarray] = {}
