@@ -139,6 +139,40 @@ def test_a_pipeline_resumes_a_stage_only_with_the_config_it_started_with(
     assert load_checkpoint(run / "student_alone" / "final.safetensors").metadata["training"]["steps"] == 6
 
 
+def test_a_pipeline_resume_and_kept_line_ignore_the_keys_the_stage_never_reads(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A teacher stopped by SIGTERM, rerun with `--set experiment.student_blocks=2`, was refused as started with
+    another config, and a finished one was called trained with other values, though neither key reaches it."""
+    config = tiny_config(image_folder, experiment={"baselines": False, "teacher_blocks": 3}, optim={"steps": 6})
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        with pytest.raises(TrainingInterrupted):
+            run_pipeline(config, run, ["teacher"])
+    others = dataclasses.replace(
+        config, experiment=dataclasses.replace(config.experiment, student_blocks=2, ta_blocks=[2], mix=[0.5, 0.5]),
+        loss=dataclasses.replace(config.loss, feature=1e-3, output=0.5))  # fmt: skip
+    imitation = dataclasses.replace(others, loss=dataclasses.replace(others.loss, imitation=0.5))
+    with pytest.raises(ValueError, match=r"teacher .* another config \(loss\.imitation\)"):  # one it reads
+        run_pipeline(imitation, run, ["teacher"])
+    run_pipeline(others, run, ["teacher"])
+    assert load_checkpoint(run / "teacher" / "final.safetensors").metadata["training"]["steps"] == 6
+    capsys.readouterr()
+    run_pipeline(config, run, ["teacher"])  # the keys changed back: the finished teacher is still as good
+    assert f"teacher: kept, finished before in {run / 'teacher'}\n" in capsys.readouterr().out
+    with monkeypatch.context() as patch:  # a TA does not read student_blocks, but reads its mix
+        stop_at_step(patch, 3)
+        with pytest.raises(TrainingInterrupted):
+            run_pipeline(config, run, ["ta1"])
+    mix = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, mix=[0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"ta1 .* another config \(experiment\.mix\)"):
+        run_pipeline(mix, run, ["ta1"])
+    student_blocks = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, student_blocks=2))
+    run_pipeline(student_blocks, run, ["ta1"])
+    assert load_checkpoint(run / "ta1" / "final.safetensors").metadata["training"]["steps"] == 6
+
+
 def test_a_pipeline_checks_every_interrupted_stage_before_it_trains_any(
     image_folder: Path, tmp_path: Path, stop_at_step_3: None
 ) -> None:

@@ -155,10 +155,34 @@ def _check_same_training(config: Config, stage_dir: Path) -> None:
 
 
 def _changed_keys(saved: Config, config: Config) -> str:
-    """The keys that shape a stage (those of _NOT_COMPARED aside) whose values differ between `saved` and `config`,
-    as a short list ("" when none do)."""
-    changed = [key for key in differing_keys(_comparable(saved), _comparable(config)) if key not in _NOT_COMPARED]
+    """The keys that shape a stage (those of _NOT_COMPARED and those it never reads aside) whose values differ
+    between `saved` and `config`, as a short list ("" when none do)."""
+    ignored = _NOT_COMPARED | (_unread_keys(saved.stage) & _unread_keys(config.stage))
+    changed = [key for key in differing_keys(_comparable(saved), _comparable(config)) if key not in ignored]
     return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+
+
+def _unread_keys(stage: StageConfig) -> set[str]:
+    """The experiment and loss keys that never reach `stage`'s network, input or loss (trainer.stage_blocks,
+    build_stage_network, stage_mix, Distillation): every stage's config holds the whole experiment, and a teacher
+    interrupted, then rerun with another `experiment.student_blocks`, was refused, or called stale when finished."""
+    unread = set()
+    if stage.role != "ta":  # the mixed input is a TA's alone
+        unread.add("experiment.mix")
+    if stage.blocks or stage.role != "ta":  # the pipeline gives each TA its count in stage.blocks
+        unread.add("experiment.ta_blocks")
+    if stage.blocks or stage.role != "student":
+        unread.add("experiment.student_blocks")
+    # a stage started from a teacher checks that teacher's shape against these two
+    if (stage.blocks or stage.role != "teacher") and not stage.init_from:
+        unread.add("experiment.teacher_blocks")
+    if stage.role != "teacher" and not stage.init_from:
+        unread.add("experiment.encoder_channels")
+    if stage.role != "teacher":  # |X - CF'|: only a teacher writes CF'
+        unread.add("loss.imitation")
+    if not stage.guides:  # the terms that compare with the guides
+        unread |= {"loss.feature", "loss.output"}
+    return unread
 
 
 def _trained_from(stage: StageConfig, all_stages: list[StageConfig], run_dir: Path) -> list[Path]:
