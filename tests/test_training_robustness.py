@@ -74,6 +74,24 @@ def test_a_finished_run_is_not_overwritten_by_the_cli(image_folder: Path, tmp_pa
     assert (run / "final.safetensors").read_bytes() == final
 
 
+def test_train_refuses_a_pipelines_run_folder(image_folder: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --run-dir runs/p5`, a pipeline's folder, trained there and replaced the config.toml it evaluates with."""
+    config = tiny_config(image_folder, experiment={"baselines": True}, optim={"steps": 2})
+    run = tmp_path / "run"
+    run_pipeline(config, run, ["student_alone"])  # a run trained with --stages: no results.json yet
+    command = ["train", "--config", str(_toml(config, tmp_path)), "--run-dir", str(run)]
+    assert training_main(command) == 1
+    assert (f"{run} holds a pipeline run (student_alone/): choose another --run-dir, or a stage folder in it such as "
+            f"{run / 'stage'}") in capsys.readouterr().err
+    (run / "config.toml").write_text("the pipeline's")
+    (run / "results.json").write_text("{}")
+    assert training_main(command) == 1
+    assert "holds a pipeline run (results.json, student_alone/)" in capsys.readouterr().err
+    assert (run / "config.toml").read_text() == "the pipeline's"
+    assert not (run / "metrics.jsonl").exists()
+
+
 def test_resuming_a_finished_run_without_more_steps_is_refused(image_folder: Path, tmp_path: Path) -> None:
     config = _stage_config(image_folder, "student")
     config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, checkpoint_every=3))

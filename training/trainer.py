@@ -202,6 +202,18 @@ def _remove_if_only_the_lock(run_dir: Path, made: list[Path]) -> None:
             return
 
 
+def _pipeline_files(run_dir: Path) -> list[str]:
+    """What marks `run_dir` as a pipeline's run folder: its results.json, and its stage folders holding a state or
+    final checkpoint (a run trained with --stages, or seeded, has no results.json)."""
+    if not run_dir.is_dir():
+        return []
+    found = sorted(f"{folder.name}/" for folder in run_dir.iterdir() if folder.is_dir()
+                   and ((folder / FINAL_FILE).exists() or (folder / STATE_FILE).exists()))  # fmt: skip
+    if (run_dir / "results.json").exists():
+        found.insert(0, "results.json")
+    return found
+
+
 def train_stage(config: Config, run_dir: Path, *, resume: bool = False) -> StageResult:
     """Train the stage described by `config.stage`; returns where the final checkpoint is."""
     return _Trainer(config, run_dir, _init_distributed(config.runtime.device)).run(resume)
@@ -474,6 +486,12 @@ class _Trainer:
     def _refuse_earlier_run(self) -> None:
         """A fresh run never starts over a folder holding another's state or final weights: rerunning the same
         `train` command after an interruption would otherwise wipe the saved progress without a word."""
+        pipeline_files = _pipeline_files(self.run_dir)
+        if pipeline_files:  # `train --run-dir` on a pipeline's folder replaced the config.toml it evaluates with
+            raise FileExistsError(
+                f"{self.run_dir} holds a pipeline run ({', '.join(pipeline_files)}): choose another --run-dir, or "
+                f"a stage folder in it such as {self.run_dir / self.config.stage.name}"
+            )
         if (self.run_dir / FINAL_FILE).exists():
             raise FileExistsError(
                 f"{self.run_dir} holds a finished run ({FINAL_FILE}): choose another --run-dir (or delete that "
