@@ -217,10 +217,10 @@ def test_an_output_folder_that_cannot_be_made_is_one_error_line(tmp_path: Path) 
 
 
 _FAKE_POVRAY = """#!/bin/sh
-# stands in for povray: at width 64 it fails; wtorus "renders" at once (a copy of a PNG); any other scene runs until
+# stands in for povray: with +A0.5 it fails; wtorus "renders" at once (a copy of a PNG); any other scene runs until
 # it is killed
 case "$*" in
-  *+W64*) echo "Parse Error" >&2; exit 1 ;;
+  *+A0.5*) echo "Parse Error" >&2; exit 1 ;;
   *wtorus*) cp "$TAKDSR_FAKE_PNG" render.png ;;
   *) if [ -n "$TAKDSR_FAKE_WRAPPER" ]; then sleep 600 & echo "$!" >> "$TAKDSR_FAKE_PIDS"; fi
      echo "$$" >> "$TAKDSR_FAKE_PIDS"; exec sleep 600 ;;
@@ -241,19 +241,36 @@ def _fake_povray_env(tmp_path: Path) -> dict[str, str]:
 
 @needs_examples
 def test_a_failed_rerender_drops_the_picture_of_the_earlier_command(tmp_path: Path) -> None:
-    """The old 48x27 picture stayed, listed both as rendered and as failed, and a folder source trained on it."""
+    """The old picture stayed, listed both as rendered and as failed, and a folder source trained on it."""
     env, out = _fake_povray_env(tmp_path), tmp_path / "pov"
-    command = [sys.executable, "-m", "training.data", "povray", "--out", str(out), "--height", "27", "--jobs", "1",
-               "--only", FAST_SCENE]  # fmt: skip
-    first = subprocess.run([*command, "--width", "48"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                           timeout=60)  # fmt: skip
+    command = [sys.executable, "-m", "training.data", "povray", "--out", str(out), "--width", "48", "--height", "27",
+               "--jobs", "1", "--only", FAST_SCENE]  # fmt: skip
+    first = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0 and (out / "objects__wtorus.png").is_file(), first.stderr
-    again = subprocess.run([*command, "--width", "64"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+    again = subprocess.run([*command, "--antialias", "0.5"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                            timeout=60)  # fmt: skip
     assert again.returncode == 1 and "Parse Error" in again.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["scenes"] == {} and list(manifest["failed"]) == [FAST_SCENE]
     assert not (out / "objects__wtorus.png").exists()
+
+
+@needs_examples
+def test_a_rerun_of_another_size_into_the_same_folder_is_refused(tmp_path: Path) -> None:
+    """A rerun with another --width left renders of two sizes in one folder, which a folder source reads whole."""
+    env, out = _fake_povray_env(tmp_path), tmp_path / "pov"
+    command = [sys.executable, "-m", "training.data", "povray", "--out", str(out), "--height", "27", "--jobs", "1",
+               "--only", FAST_SCENE]  # fmt: skip
+    first = subprocess.run([*command, "--width", "48"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    manifest = (out / "manifest.json").read_text()
+    again = subprocess.run([*command, "--width", "96"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert again.returncode == 2
+    assert again.stderr == (f"error: {out} holds renders of another size (1, e.g. {FAST_SCENE} at 48x27): render "
+                            "96x27 into another --out folder, or remove that folder first\n")
+    assert (out / "manifest.json").read_text() == manifest and (out / "objects__wtorus.png").is_file()
 
 
 @needs_examples

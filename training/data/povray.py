@@ -284,6 +284,7 @@ def render_scenes(
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = _load_manifest(manifest_path)
+    _refuse_other_size(out_dir, manifest, width, height)
 
     def command_of(scene: str) -> list[str]:
         return povray_command(scene, width, height, antialias, "render.png", work_threads)
@@ -318,6 +319,18 @@ def render_scenes(
         record({future for future in pending if future.done() and not future.cancelled()})  # finished meanwhile
         bar.close()
     return manifest
+
+
+def _refuse_other_size(out_dir: Path, manifest: dict, width: int, height: int) -> None:
+    """ValueError when the folder holds renders of another size: a folder source reads the folder whole, so a rerun
+    with another --width or --height left pictures of two sizes to train on (`scenes` refuses the same)."""
+    other = {name: record for name, record in manifest["scenes"].items()
+             if (record.get("width"), record.get("height")) != (width, height)}  # fmt: skip
+    if other:
+        name, record = next(iter(other.items()))
+        raise ValueError(f"{out_dir} holds renders of another size ({len(other)}, e.g. {name} at "
+                         f"{record.get('width')}x{record.get('height')}): render {width}x{height} into another --out "
+                         "folder, or remove that folder first")
 
 
 def _record(manifest: dict, out_dir: Path, scene: str, future: Future) -> None:
