@@ -170,6 +170,25 @@ def _listable(folder: Path) -> bool:
     return True
 
 
+def test_damaged_png_headers_are_skipped_without_decoder_lines_on_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """libpng's `libpng error: IHDR: CRC error` and OpenCV's `[ERROR] ... IHDR chunk shall be first` came beside the
+    SkippedFilesWarning on every scan of such a folder (about 10 times a pipeline run)."""
+    png = _grey_png(40, 40)
+    _write_bgr(tmp_path / "good.png", _rgb(40, 48))
+    (tmp_path / "crc.png").write_bytes(png[:29] + bytes(4) + png[33:])  # the IHDR chunk's CRC zeroed
+    (tmp_path / "zero_width.png").write_bytes(_grey_png(0, 40))
+    (tmp_path / "cut_header.png").write_bytes(png[:20])
+    (tmp_path / "cut_pixels.png").write_bytes(png[:40])  # a whole header, then the pixels cut short
+    with pytest.raises(ImageReadError, match=r"crc\.png: a damaged PNG \(its IHDR header fails its CRC\)"):
+        read_image(tmp_path / "crc.png")
+    with pytest.warns(SkippedFilesWarning, match="4 unreadable"):
+        found = scan_images(tmp_path, progress=False)
+    assert [info.path.name for info in found] == ["good.png"]
+    assert capfd.readouterr().err == ""
+
+
 def test_linked_folders_are_followed_once_and_what_cannot_be_reached_is_named(tmp_path: Path) -> None:
     """A dataset assembled from links is read whole (rglob passed over linked folders without a word); a link loop
     ends; broken links, folders that cannot be listed and pipes (which would block a read) are counted."""

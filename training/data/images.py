@@ -13,8 +13,10 @@ import json
 import os
 import secrets
 import stat
+import struct
 import sys
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +179,8 @@ def _to_unit_float(rgb: np.ndarray) -> np.ndarray:
 
 _PIXEL_TYPES = (np.uint8, np.uint16, np.float32, np.float64)  # what _to_unit_float maps to [0, 1]
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"  # the start- and end-of-image markers
+_PNG_START = b"\x89PNG\r\n\x1a\n"  # the signature; the IHDR chunk (length 13) must follow it
+_PNG_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}  # colour type -> bit depths
 MAX_PIXELS = MAX_IMAGE_PIXELS  # also OpenCV's own limit, set in training/__init__ before cv2 loads
 TOO_LARGE = f"larger than {MAX_PIXELS / 1e6:.0f} megapixels"
 
@@ -191,8 +195,11 @@ def _decode(path: Path) -> np.ndarray:
     if bytes(data[:2]) == _JPEG_START and not _jpeg_complete(data):
         # libjpeg decodes a truncated file to grey rows and only prints a warning: refuse it here instead
         raise ImageReadError(f"cannot decode {path}: a truncated JPEG (no end-of-image marker)")
+    if bytes(data[:8]) == _PNG_START and (problem := _png_header_problem(bytes(data[8:33]))):
+        raise ImageReadError(f"cannot decode {path}: a damaged PNG ({problem})")
     try:
-        raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        with _opencv_log_silenced():
+            raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error as exc:  # e.g. a header declaring more pixels than OPENCV_IO_MAX_IMAGE_PIXELS (training/__init__)
         reason = TOO_LARGE if "validateInputImageSize" in str(exc) else "unreadable"
         raise ImageReadError(f"cannot decode {path}: OpenCV refused it ({exc.err or exc})", reason) from None
@@ -205,6 +212,35 @@ def _decode(path: Path) -> np.ndarray:
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # a float TIFF's NaN would turn the loss NaN
         raise ImageReadError(f"{path} has NaN or infinite pixels", "with NaN or infinite pixels")
     return raw
+
+
+@contextlib.contextmanager
+def _opencv_log_silenced() -> Iterator[None]:
+    """OpenCV's own log lines off while it decodes one file ("[ WARN] ... PNG input buffer is incomplete" for a
+    truncated PNG): a file it cannot decode is named by the caller's error or SkippedFilesWarning, and these lines
+    came on every scan beside it. A decode is never threaded here, so the global level is restored safely."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def _png_header_problem(chunk: bytes) -> str | None:
+    """What is wrong with a PNG's first chunk (the 25 bytes after the signature), which must be a valid IHDR; None
+    when nothing is. Checked before OpenCV decodes the file because libpng prints its refusal of such a header to
+    stderr itself ("libpng error: IHDR: CRC error", with OpenCV's own "[ERROR] ... IHDR" lines), on every scan of
+    the folder, beside the scan's SkippedFilesWarning; the rest of the file only libpng checks."""
+    if len(chunk) < 25 or chunk[:8] != b"\x00\x00\x00\x0dIHDR":
+        return "no IHDR header: truncated, or not written as a PNG"
+    if zlib.crc32(chunk[4:21]) != int.from_bytes(chunk[21:25], "big"):
+        return "its IHDR header fails its CRC"
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunk[8:21])
+    sizes_valid = 0 < width < 2**31 and 0 < height < 2**31
+    if not sizes_valid or depth not in _PNG_DEPTHS.get(colour, ()) or compression or filtering or interlace > 1:
+        return "invalid IHDR header values"
+    return None
 
 
 def _jpeg_complete(data: np.ndarray) -> bool:
