@@ -118,7 +118,8 @@ def test_an_unwritable_output_says_why(binary: pathlib.Path, daemon: Daemon, tmp
                                   ["-p", "8x8", "-t", "-3"],
                                   # from a review: an unknown format or endpoint failed after connecting (exit 1)
                                   ["-p", "8x8", "-f", "rgba8"], ["-p", "8x8", "-e", "bogus"],
-                                  ["-p", "8x8", "-e", "tcp://127.0.0.1"], ["-p", "8x8", "-e", "tcp://host:port"]])
+                                  ["-p", "8x8", "-e", "tcp://127.0.0.1"], ["-p", "8x8", "-e", "tcp://host:port"],
+                                  ["-p", "8x8", "-e", "tcp://127.0.0.1:99999"], ["-p", "8x8", "-e", "tcp://127.0.0.1:0"]])
 def test_bad_arguments_exit_2_before_any_work(binary: pathlib.Path, tmp_path: pathlib.Path, args: list[str]) -> None:
     """Sizes and counts are checked whole: a sign or junk is refused, never wrapped to a huge allocation."""
     run = _run([str(binary), "-e", "ipc:///nonexistent/socket", *args, "-o", str(tmp_path / "out.png")])

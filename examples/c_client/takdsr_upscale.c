@@ -108,15 +108,17 @@ static bool format_ok(const char *format) {
     return false;
 }
 
-/* ipc://PATH or tcp://HOST:PORT, the forms the daemon binds: anything else could never connect. */
+/* ipc://PATH or tcp://HOST:PORT with a port of 1..65535, the forms the daemon binds: anything else could never
+   connect (libzmq would take port 99999 modulo 65536, as 34463). */
 static bool endpoint_ok(const char *endpoint) {
     if (!endpoint) return true; /* the default */
     const char *port = strrchr(endpoint, ':');
     bool ipc = strncmp(endpoint, "ipc://", 6) == 0 && endpoint[6] != '\0';
     bool tcp = strncmp(endpoint, "tcp://", 6) == 0 && port > endpoint + 6 && isdigit((unsigned char)port[1]) &&
-               strspn(port + 1, "0123456789") == strlen(port + 1);
+               strspn(port + 1, "0123456789") == strlen(port + 1) && strlen(port + 1) <= 5 &&
+               atol(port + 1) >= 1 && atol(port + 1) <= 65535;
     if (ipc || tcp) return true;
-    fprintf(stderr, "error: -e %s: use ipc:///path/to/socket or tcp://HOST:PORT\n", endpoint);
+    fprintf(stderr, "error: -e %s: use ipc:///path/to/socket or tcp://HOST:PORT (PORT 1..65535)\n", endpoint);
     return false;
 }
 
