@@ -9,7 +9,7 @@ import sys
 
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from .checkpoint import CheckpointError, bundled_names, load_checkpoint, resolve_checkpoint
 from .flops import count_flops, count_parameters
 from .registry import arch_name, build_model, list_models
 
@@ -29,14 +29,20 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _load(target: str) -> tuple[nn.Module, dict | None]:
+    if not target:  # Path("") is ".": the message named the current folder
+        raise ValueError(f"no checkpoint or model named; {_what_may_be_named()}")
     if target in list_models():
         return build_model(target), None
     path = resolve_checkpoint(target)
     if not path.exists() and not target.endswith(".safetensors"):
-        raise CheckpointError(target, f"neither a file, a bundled checkpoint nor a model name "
-                                      f"({', '.join(list_models())})")
+        raise CheckpointError(target, f"neither a file, a bundled checkpoint nor a model name; {_what_may_be_named()}")
     checkpoint = load_checkpoint(path)
     return checkpoint.model, checkpoint.metadata
+
+
+def _what_may_be_named() -> str:
+    return (f"bundled checkpoints: {', '.join(bundled_names())}; models (random weights): "
+            f"{', '.join(list_models())}")
 
 
 def info(target: str, width: int, height: int) -> str:
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     info_parser = commands.add_parser(
         "info", help="describe a registered model, a checkpoint file or a bundled checkpoint by name"
     )
-    info_parser.add_argument("target", metavar="PATH_OR_NAME")
+    info_parser.add_argument("target", metavar="PATH_OR_NAME", help="a .safetensors checkpoint, a bundled one by "
+                             f"name ({', '.join(bundled_names())}), or a registered model (random weights)")
     info_parser.add_argument(
         "--input", type=_parse_size, default=(1920, 1080), help="size WxH of the image the model reads (1920x1080)"
     )
@@ -91,9 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(text, flush=True)
     except BrokenPipeError:  # `| head` closed the pipe: what it read is the answer, not an error to trace
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not raise again
+        _drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a command the pipe ended
+    except OSError as exc:  # e.g. a full disk (> /dev/full): said, not a traceback
+        _drop_stdout()
+        print(f"error: cannot write the answer: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail again on what could not be written."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

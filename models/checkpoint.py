@@ -33,6 +33,7 @@ from .teacher import Teacher
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "bundled_names",
     "describe",
     "describe_shape_mismatch",
     "load_checkpoint",
@@ -209,6 +210,11 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         return given.parent / file_name
     bundled = WEIGHTS_DIR / file_name
     return bundled if bundled.is_file() else given
+
+
+def bundled_names() -> list[str]:
+    """The names of the bundled checkpoints (``rlfn_s_takdsr_x2``, ...), for messages that say what may be given."""
+    return sorted(path.stem for path in WEIGHTS_DIR.glob("*.safetensors"))
 
 
 def names_bundled(path: Path) -> bool:

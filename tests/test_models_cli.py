@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from models import build_model, count_macs, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,3 +64,27 @@ def test_info_into_a_closed_pipe_ends_without_a_traceback() -> None:
     finally:
         os.close(writer)
     assert result.returncode == 141 and result.stderr == "", result.stderr
+
+
+def test_a_name_that_is_nothing_lists_the_bundled_checkpoints_too() -> None:
+    """`rlfn_s_takdsr` (no _x2) listed the registered models alone: nothing told the user the bundled names."""
+    result = _info("rlfn_s_takdsr")
+    assert result.returncode == 2, result.stderr
+    assert "bundled checkpoints: " in result.stderr and "rlfn_s_takdsr_x2" in result.stderr
+    assert "models (random weights): " in result.stderr and "rlfn_s," in result.stderr
+    assert "rlfn_s_takdsr_x2" in _info("--help").stdout
+
+
+def test_an_empty_name_is_not_called_the_current_folder() -> None:
+    result = _info("")
+    assert result.returncode == 2 and "no checkpoint or model named" in result.stderr, result.stderr
+    assert "'.'" not in result.stderr
+
+
+def test_an_answer_that_cannot_be_written_is_an_error_not_a_traceback() -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "models", "info", "rlfn_s"], cwd=REPO, stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == "error: cannot write the answer: No space left on device\n"
