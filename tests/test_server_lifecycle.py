@@ -788,3 +788,48 @@ def test_a_session_over_the_shared_memory_budget_is_told_what_would_fit() -> Non
         with pytest.raises(UpscalerError, match="close other sessions, or start the daemon with a larger --max-shm-mb"):
             client.open_session(160, 100, "RGBA8", slots=1)
         held.close()
+
+
+def _spawn_with_env(args: list[str], log_path: pathlib.Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "upscaler_server", *args], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_a_service_manager_is_told_when_the_endpoint_is_bound_and_when_it_stops(
+        short_dir: pathlib.Path, abstract: bool) -> None:
+    """systemd's Type=notify: READY=1 once the endpoint is bound (units ordered after the daemon start then, not when
+    the process is forked), STOPPING=1 when a stop begins."""
+    address = f"@takdsr-test-{os.getpid()}" if abstract else str(short_dir / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind("\0" + address[1:] if abstract else address)
+        manager.settimeout(60)
+        endpoint = short_dir / "d.sock"
+        proc = _spawn_with_env(["--backend", "nearest", "--endpoint", f"ipc://{endpoint}"], short_dir / "log",
+                               {"NOTIFY_SOCKET": address})
+        try:
+            ready = manager.recv(4096).decode().splitlines()
+            assert ready[:2] == ["READY=1", f"MAINPID={proc.pid}"] and ready[2].startswith("STATUS=serving nearest")
+            assert endpoint.is_socket()  # bound before READY=1
+            UpscalerClient(f"ipc://{endpoint}", timeout=10).close()
+        finally:
+            status = stop(proc)
+        assert status == 0, (short_dir / "log").read_text()
+        assert manager.recv(4096).decode().splitlines()[0] == "STOPPING=1"
+
+
+def test_a_service_manager_that_cannot_be_told_does_not_stop_the_daemon(short_dir: pathlib.Path) -> None:
+    env = {"NOTIFY_SOCKET": str(short_dir / "nobody")}
+    proc = _spawn_with_env(["--backend", "nearest", "--endpoint", f"ipc://{short_dir}/d.sock"], short_dir / "log", env)
+    try:
+        deadline = time.monotonic() + 60
+        while "upscaler ready" not in (short_dir / "log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (short_dir / "log").read_text()
+            time.sleep(0.05)
+        with UpscalerClient(f"ipc://{short_dir}/d.sock", timeout=10) as client:
+            client.ping()
+    finally:
+        assert stop(proc) == 0
+    log = (short_dir / "log").read_text()
+    assert f"cannot notify the service manager at $NOTIFY_SOCKET={short_dir / 'nobody'}" in log

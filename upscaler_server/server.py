@@ -54,6 +54,7 @@ from upscaler_server.protocol import (
     encode,
 )
 from upscaler_server.scheduler import FairQueue, Job, Worker
+from upscaler_server.service import notify
 from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
 from upscaler_server.shm import SlotFrame, probe_kernel_copy, remove_stale_segments
 
@@ -130,6 +131,7 @@ class Server:
                      self.config.endpoint, self.engine.name, self.engine.scale, self.engine.device,
                      self.engine.precision, self.engine.weights,
                      "mapped" if self.config.map_slots else "copied", os.getpid())
+            notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {self.engine.name} on {self.config.endpoint}")
             self._loop(self._router)
         finally:
             self._shutdown()
@@ -179,6 +181,7 @@ class Server:
         served = self._router is not None  # else it never bound: nothing to tell of a stop
         if served:
             log.info("stopping: %d session(s), %d queued frame(s)", len(self._sessions), len(self._queue))
+            notify("STOPPING=1", "STATUS=stopping: finishing the running frame")
         for job in self._queue.close():
             self._release_job(job)
             if not job.warmup:

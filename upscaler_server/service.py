@@ -1,0 +1,33 @@
+"""Readiness for a service manager: systemd's notification protocol (sd_notify(3)) without libsystemd.
+
+Under a unit with ``Type=notify`` systemd sets ``$NOTIFY_SOCKET`` to a datagram socket and waits for ``READY=1``
+before it counts the daemon as started (so units ordered after it, e.g. a game server, start once the endpoint is
+bound, not when the process is forked) and shows ``STATUS=`` in ``systemctl status``. Without the variable nothing
+is sent. A message that cannot be sent is logged, never fatal: serving matters more than the report of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+__all__ = ["NOTIFY_ENV", "notify"]
+
+log = logging.getLogger("upscaler_server")
+
+NOTIFY_ENV = "NOTIFY_SOCKET"
+
+
+def notify(*assignments: str) -> None:
+    """Send ``assignments`` (``"READY=1"``, ``"STATUS=..."``), one per line, to ``$NOTIFY_SOCKET`` when it is set."""
+    address = os.environ.get(NOTIFY_ENV)
+    if not address:
+        return
+    if address.startswith("@"):  # Linux's abstract namespace, written with a leading NUL on the wire
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(assignments).encode(), address)
+    except OSError as exc:  # a path of another kind (systemd's vsock: addresses), or the manager gone
+        log.warning("cannot notify the service manager at $%s=%s: %s", NOTIFY_ENV, os.environ[NOTIFY_ENV], exc)
