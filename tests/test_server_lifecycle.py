@@ -398,8 +398,16 @@ def test_a_stop_asked_for_before_serve_binds_nothing(short_dir: pathlib.Path, ca
 
 
 def _children(pid: int) -> list[int]:
-    tasks = pathlib.Path(f"/proc/{pid}/task")
-    return [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
+    """The processes whose parent is ``pid`` (from /proc/N/stat: /proc/N/task/*/children needs a kernel option)."""
+    children = []
+    for stat_file in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rpartition(")")[2].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat_file.parent.name))
+    return children
 
 
 def _ignored_signals(pid: int) -> int:
@@ -413,7 +421,7 @@ def test_the_resource_tracker_outlives_a_hang_up_of_the_process_group() -> None:
     unlinks the segments of a daemon killed later, e.g. by SIGKILL during its drain) must not die of it."""
     with run_server("--backend", "nearest") as daemon:
         trackers = [child for child in _children(daemon.pid)
-                    if "resource_tracker" in pathlib.Path(f"/proc/{child}/cmdline").read_text()]
+                    if b"resource_tracker" in pathlib.Path(f"/proc/{child}/cmdline").read_bytes()]
         assert len(trackers) == 1, "the daemon starts its resource tracker before serving"
         assert _ignored_signals(trackers[0]) & (1 << (signal.SIGHUP - 1))
 
