@@ -16,7 +16,10 @@ and the frames per second of a client that keeps two frames in flight (what ``--
 ``--backend`` and ``--precision`` are passed to that daemon (default: its own defaults, eager).
 
 Backends (``--backends eager,compile,onnxruntime,...``): instead of the two parts above, a backend x LR size table
-of model-only and end-to-end times, speed-up over fp32 eager and accuracy against it (see ``bench_backends``).
+of model-only and end-to-end times, speed-up over fp32 eager and accuracy against it (see ``bench_backends``). The
+options of those two parts are refused with it (exit 2), not dropped: the labels name the backend, the precision and
+the CUDA graphs (``eager-bf16``, ``compile-fp16-graphs``), ``--frames`` the frames timed per row, and ``--overlap``
+and ``--map-slots`` are measured without ``--backends``.
 
 Every option is checked, and the student loaded once, before any daemon starts or anything is measured. Exit status:
 0 measured, 1 a daemon did not start or a measurement failed (one line says why), 2 bad arguments, 3 the checkpoint
@@ -279,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare these backends (eager, compile, onnxruntime, tensorrt, auto, each optionally "
                    "-fp32/-bf16/-fp16, -padN for channels zero-padded to a multiple of N and, on CUDA, -graphs for a "
                    "CUDA graph per resolution, e.g. compile-bf16, eager-fp16-pad8-graphs) instead of the transport "
-                   "and end-to-end parts")
+                   "and end-to-end parts (whose options it refuses)")
     p.add_argument("--cache-dir", type=pathlib.Path, help="ONNX/TensorRT cache for --backends")
     return p
 
@@ -357,10 +360,33 @@ def _check_options(args: argparse.Namespace) -> None:
                              "must also be measured model-only (it was measured, then left out of the table)")
     if args.json is not None:
         check_json_target(args.json)
+    if args.backends:
+        _refuse_options_ignored_by_backends(args)
     if not args.backends and not args.skip_e2e:
         _check_end_to_end_daemon(args)
     if not args.backends and (args.cuda_graphs or args.overlap):
         _require_cuda(args.device)
+
+
+# the end-to-end daemon's and the transport part's options, which the backend table has no use for (each was dropped
+# in silence, so a table "with" --cuda-graphs had none), and what asks for the same thing there
+_IGNORED_BY_BACKENDS = {
+    "backend": "name the backends in --backends, e.g. --backends eager,compile",
+    "precision": "add it to each label, e.g. --backends eager-bf16",
+    "cuda_graphs": "add -graphs to a label on CUDA, e.g. --backends eager-fp16-graphs",
+    "overlap": "the table times one frame at a time; measure --overlap without --backends",
+    "map_slots": "the table's daemons copy through the kernel; measure --map-slots without --backends",
+    "repeats": "the table times --frames frames per backend and size",
+}
+
+
+def _refuse_options_ignored_by_backends(args: argparse.Namespace) -> None:
+    """ValueError naming every option given a value other than its default that --backends would not use."""
+    defaults = _parser()
+    ignored = [f"--{dest.replace('_', '-')} ({instead})" for dest, instead in _IGNORED_BY_BACKENDS.items()
+               if getattr(args, dest) != defaults.get_default(dest)]
+    if ignored:
+        raise ValueError(f"these options would be ignored with --backends: {', '.join(ignored)}; leave them out")
 
 
 def _check_end_to_end_daemon(args: argparse.Namespace) -> None:
