@@ -133,6 +133,9 @@ def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
     (["--e2e-sizes", "4000x36"], 2, "--e2e-sizes 4000x36: the daemon takes frames up to 3840x2160"),
     # measured (minutes at real sizes), then left out of the backend table without a word
     (["--backends", "eager", "--sizes", "32x32", "--e2e-sizes", "48x48,32x32"], 2, "--e2e-sizes 48x48: not in --sizes"),
+    # the ONNX export found it out after fp32 eager had been measured (exit 1)
+    (["--backends", "onnxruntime", "--cache-dir", "{tmp}/evil.pt/sub"], 2,
+     "--cache-dir {tmp}/evil.pt/sub: {tmp}/evil.pt is not a folder"),
     # the other parts' options, dropped in silence by --backends (--cuda-graphs alone is refused on a CPU)
     *[(["--backends", "eager", *option], 2, f"these options would be ignored with --backends: {option[0]} ({hint}")
       for option, hint in ((["--backend", "compile"], "name the backends in --backends"),

@@ -53,7 +53,7 @@ from upscaler_server.bench_backends import Variant, compare_backends, parse_labe
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
-from upscaler_server.files import is_stream, replace_whole, written_file
+from upscaler_server.files import FolderError, check_writable, is_stream, replace_whole, written_file
 
 __all__ = ["DaemonStartError", "check_json_target", "end_to_end", "main", "spawn_daemon", "transport"]
 
@@ -283,7 +283,8 @@ def _parser() -> argparse.ArgumentParser:
                    "-fp32/-bf16/-fp16, -padN for channels zero-padded to a multiple of N and, on CUDA, -graphs for a "
                    "CUDA graph per resolution, e.g. compile-bf16, eager-fp16-pad8-graphs) instead of the transport "
                    "and end-to-end parts (whose options it refuses)")
-    p.add_argument("--cache-dir", type=pathlib.Path, help="ONNX/TensorRT cache for --backends")
+    p.add_argument("--cache-dir", type=pathlib.Path,
+                   help="ONNX/TensorRT cache for --backends (a folder, created if missing)")
     return p
 
 
@@ -334,8 +335,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    """ValueError for an option out of its range (counts, thread count, sizes, the --json folder) or, ConfigError,
-    a CUDA-only option without CUDA."""
+    """ValueError for an option out of its range (counts, thread count, sizes, the --json and --cache-dir folders),
+    or one --backends would ignore; ConfigError for a CUDA-only option without CUDA."""
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats}: use at least 1 round trip per size")
     if args.frames < 3:
@@ -360,6 +361,8 @@ def _check_options(args: argparse.Namespace) -> None:
                              "must also be measured model-only (it was measured, then left out of the table)")
     if args.json is not None:
         check_json_target(args.json)
+    if args.cache_dir is not None:
+        _check_cache_dir(args.cache_dir)
     if args.backends:
         _refuse_options_ignored_by_backends(args)
     if not args.backends and not args.skip_e2e:
@@ -415,6 +418,18 @@ def check_json_target(path: pathlib.Path) -> None:
         raise ValueError(f"--json {path}: the folder {folder} does not exist; create it or choose another")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--json {path}: the folder {folder} is not writable; choose another")
+
+
+def _check_cache_dir(path: pathlib.Path) -> None:
+    """ValueError unless ``path`` is a writable folder or can be created as one. The ONNX export found out only after
+    fp32 eager had been measured; nothing is created here (its deepest existing folder is probed instead)."""
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise ValueError(f"--cache-dir {path}: {existing} is not a folder; name a folder (it is created if missing)")
+    try:
+        check_writable(existing)
+    except FolderError as exc:
+        raise ValueError(f"--cache-dir {path}: {exc}; choose another") from None
 
 
 def _check_student(args: argparse.Namespace) -> None:
