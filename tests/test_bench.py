@@ -159,6 +159,20 @@ def test_bench_refuses_bad_options_in_one_line_before_measuring(options: list[st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
 
 
+@pytest.mark.parametrize(("option", "value"), [("--sizes", ","), ("--sizes", ""), ("--e2e-sizes", ","),
+                                               ("--backends", ","), ("--backends", "")])
+def test_bench_refuses_an_empty_list(option: str, value: str, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`--sizes ,` started daemons to print empty tables; `--backends ""` counted as no --backends and ran the
+    default benchmark (minutes)."""
+    monkeypatch.setattr(bench, "spawn_daemon", _must_not_measure)
+    monkeypatch.setattr(engine, "create_engine", _must_not_measure)
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--device", "cpu", f"{option}={value}"])
+    what = "backend" if option == "--backends" else "size"
+    assert exited.value.code == 2 and f"argument {option}: {value!r} names no {what}" in capsys.readouterr().err
+
+
 def _must_not_measure(*args: object, **kwargs: object) -> None:
     raise AssertionError("measuring started before the options were checked")
 

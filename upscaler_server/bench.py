@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--map-slots", action="store_true", help="end-to-end daemon with --map-slots (copies through "
                    "its mapping, not through the kernel)")
     p.add_argument("--skip-e2e", action="store_true", help="transport only (with --backends: model-only)")
-    p.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], metavar="B1,B2",
+    p.add_argument("--backends", type=_backend_labels, metavar="B1,B2",
                    help="compare these backends (eager, compile, onnxruntime, tensorrt, auto, each optionally "
                    "-fp32/-bf16/-fp16, -padN for channels zero-padded to a multiple of N and, on CUDA, -graphs for a "
                    "CUDA graph per resolution, e.g. compile-bf16, eager-fp16-pad8-graphs) instead of the transport "
@@ -517,7 +517,19 @@ def _require_cuda(device: str) -> None:
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
-    return [parse_size(t) for t in text.split(",") if t]
+    """--sizes and --e2e-sizes: WxH, comma-separated. Empty (``""``, ``,``), it started daemons for empty tables."""
+    sizes = [parse_size(t) for t in text.split(",") if t]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"{text!r} names no size; give WxH, e.g. 640x360")
+    return sizes
+
+
+def _backend_labels(text: str) -> list[str]:
+    """--backends: labels, comma-separated. Empty, it counted as no --backends: the default minutes-long benchmark."""
+    labels = [label for label in text.split(",") if label]
+    if not labels:
+        raise argparse.ArgumentTypeError(f"{text!r} names no backend; give labels, e.g. eager,compile-bf16")
+    return labels
 
 
 def _backend_variants(args: argparse.Namespace) -> tuple[str, list[Variant]]:
