@@ -462,7 +462,9 @@ def _student_min_size(checkpoint: pathlib.Path | None, bundled: bool) -> int:
     if checkpoint is None and not (bundled and models.DEFAULT_STUDENT_PATH.exists()):
         network, _, _ = load_network(None, "rlfn_s")
     else:
-        network, _, _ = load_network(checkpoint, None)  # at the checkpoint's own scale
+        # at the checkpoint's own scale
+        network, _, _ = load_network(checkpoint, None, instead="--checkpoint PATH or a bundled name, or leave "
+                                     "--checkpoint out to measure the default student")
     return models.min_lr_size(network)
 
 

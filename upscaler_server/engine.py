@@ -545,11 +545,17 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def load_network(checkpoint: pathlib.Path | None, model: str | None,
-                 scale: int | None = None) -> tuple[torch.nn.Module, str, str | None]:
+# the daemon's, the offline CLI's and the export's options (the benchmark has no --model and names its own)
+_INSTEAD_OF_A_MISSING_CHECKPOINT = ("--checkpoint PATH or a bundled name, or --model NAME to run a registered model "
+                                    "with random weights")
+
+
+def load_network(checkpoint: pathlib.Path | None, model: str | None, scale: int | None = None, *,
+                 instead: str = _INSTEAD_OF_A_MISSING_CHECKPOINT) -> tuple[torch.nn.Module, str, str | None]:
     """(network, architecture name, checkpoint path or None for random weights) from a checkpoint, the bundled
     student (both None) or a registered model name. `scale`: the model's (None: DEFAULT_SCALE); a checkpoint's must
-    equal it (ConfigError otherwise), so that asking for x3 never gets the x2 of the file in silence."""
+    equal it (ConfigError otherwise), so that asking for x3 never gets the x2 of the file in silence. `instead`: what
+    the message for a missing checkpoint tells to pass, in the options of the calling tool."""
     try:
         import models
     except ImportError as exc:
@@ -568,8 +574,7 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None,
                              f"({', '.join(sorted(p.stem for p in models.WEIGHTS_DIR.glob('*.safetensors')))})")
     if not os.path.lexists(path):  # anything there (a FIFO, a link loop) is for load_checkpoint to name
         hint = "" if checkpoint is not None else " (the bundled student has not shipped yet)"
-        raise ModelLoadError(f"checkpoint {path} not found{hint}; pass --checkpoint PATH or a bundled name, or "
-                             "--model NAME to run a registered model with random weights")
+        raise ModelLoadError(f"checkpoint {path} not found{hint}; pass {instead}")
     try:
         ckpt = models.load_checkpoint(path, device="cpu")
     except (models.CheckpointError, OSError, ValueError) as exc:
