@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,14 +223,29 @@ def test_a_stopped_benchmark_leaves_no_daemon_running(sig: signal.Signals) -> No
         time.sleep(0.2)
     assert len(daemons) == 2, "the benchmark did not start its two transport daemons"
     time.sleep(3)  # both ready, measuring
-    bench_run.send_signal(sig)
-    _, stderr = bench_run.communicate(timeout=60)
-    if sig == signal.SIGTERM:
-        assert bench_run.returncode == 130 and stderr.strip().endswith("interrupted"), stderr
-    deadline = time.monotonic() + 30
-    while any(map(pid_alive, daemons)) and time.monotonic() < deadline:  # a zombie (init may never reap it) is not
-        time.sleep(0.2)
-    assert not any(map(pid_alive, daemons)), "a daemon outlived the benchmark"
+    folders = [_endpoint_folder(pid) for pid in daemons]
+    try:
+        bench_run.send_signal(sig)
+        _, stderr = bench_run.communicate(timeout=60)
+        if sig == signal.SIGTERM:
+            assert bench_run.returncode == 130 and stderr.strip().endswith("interrupted"), stderr
+        deadline = time.monotonic() + 30
+        while any(map(pid_alive, daemons)) and time.monotonic() < deadline:  # a zombie (init may never reap it) is not
+            time.sleep(0.2)
+        assert not any(map(pid_alive, daemons)), "a daemon outlived the benchmark"
+        if sig == signal.SIGTERM:
+            assert not any(map(os.path.exists, folders)), "the benchmark left a daemon's folder"
+    finally:  # after SIGKILL nothing of the benchmark runs to remove them (the docstring says so): each run left two
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _endpoint_folder(pid: int) -> pathlib.Path:
+    """The private folder of the daemon ``pid``: where its --endpoint ipc socket lies."""
+    argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    endpoint = argv[argv.index("--endpoint") + 1]
+    assert endpoint.startswith("ipc:///tmp/ups-bench-"), endpoint
+    return pathlib.Path(endpoint.removeprefix("ipc://")).parent
 
 
 def test_bench_ctrl_c_stops_the_daemons_and_says_interrupted(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

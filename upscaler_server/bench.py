@@ -24,7 +24,8 @@ and ``--map-slots`` are measured without ``--backends``.
 Every option is checked, and the student loaded once, before any daemon starts or anything is measured. Exit status:
 0 measured, 1 a daemon did not start or a measurement failed (one line says why), 2 bad arguments, 3 the checkpoint
 cannot be loaded as a student (as the daemon and the offline CLI), 130 interrupted (Ctrl-C, SIGTERM or SIGHUP; the
-daemons are stopped; a daemon also dies with the benchmark when it is killed).
+daemons are stopped; a daemon also dies with the benchmark when it is killed, SIGKILL included, but then its folder
+/tmp/ups-bench-* with the daemon's log is left behind, as nothing of the benchmark runs to remove it).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class DaemonStartError(RuntimeError):
 
 @contextlib.contextmanager
 def spawn_daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[str]:
-    """A daemon subprocess on a private ipc endpoint; yields the endpoint, always stops it."""
+    """A daemon subprocess on a private ipc endpoint; yields the endpoint, always stops it and removes its folder
+    (except after SIGKILL of the benchmark: see the module docstring)."""
+    # /tmp, not $TMPDIR (which may be long): an ipc:// path must fit the 107 bytes of a Unix socket address
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="ups-bench-", dir="/tmp"))
     endpoint = f"ipc://{tmp}/bench.sock"
     with open(tmp / "daemon.log", "wb") as log:
