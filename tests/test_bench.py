@@ -176,6 +176,14 @@ def test_bench_refuses_an_empty_list(option: str, value: str, monkeypatch: pytes
     assert exited.value.code == 2 and f"argument {option}: {value!r} names no {what}" in capsys.readouterr().err
 
 
+def test_bench_says_what_a_size_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "invalid _sizes value: 'abc'", naming a function of the benchmark."""
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--sizes", "abc"])
+    assert exited.value.code == 2 and "argument --sizes: 'abc' is not WIDTHxHEIGHT, e.g. 640x360" in \
+        capsys.readouterr().err
+
+
 def _must_not_measure(*args: object, **kwargs: object) -> None:
     raise AssertionError("measuring started before the options were checked")
 

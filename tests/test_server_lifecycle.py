@@ -675,6 +675,12 @@ def test_settings_no_frame_could_have_are_refused_at_start(
     assert status == 2 and message in log and "Traceback" not in log, log
 
 
+def test_a_tune_size_that_is_no_size_says_what_a_size_is() -> None:
+    """It said "invalid parse_size value: 'abc'", naming a function of the daemon."""
+    status, log = _exit_of(["--backend", "auto", "--tune-sizes", "abc"])
+    assert status == 2 and "argument --tune-sizes: 'abc' is not WIDTHxHEIGHT, e.g. 640x360" in log, log
+
+
 def test_an_engine_failing_at_start_up_is_one_log_line_and_exit_1(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -137,10 +137,11 @@ def check_endpoint(endpoint: str, allow_remote: bool) -> None:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``"640x360"`` -> (640, 360); ValueError otherwise (argparse reports it)."""
+    """``"640x360"`` -> (640, 360); argparse.ArgumentTypeError otherwise, whose text argparse shows (for a ValueError
+    it showed "invalid parse_size value: 'abc'")."""
     w, sep, h = text.lower().partition("x")
     if not sep or not w.isdigit() or not h.isdigit():
-        raise ValueError(f"{text!r} is not WIDTHxHEIGHT")
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 640x360")
     return int(w), int(h)
 
 
