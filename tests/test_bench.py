@@ -184,6 +184,18 @@ def test_bench_says_what_a_size_is(capsys: pytest.CaptureFixture[str]) -> None:
         capsys.readouterr().err
 
 
+def test_bench_skip_e2e_prints_no_end_to_end_table(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """It printed the end-to-end header, with "skipped" as the weights, above an empty table."""
+    row = dict.fromkeys(("bytes_in", "bytes_out", "memcpy_ms", "nearest_ms", "shm_ms", "shm_zero_copy_ms",
+                         "shm_zero_copy_mapped_ms", "inline_ms", "shm_over_memcpy", "inline_over_memcpy",
+                         "inline_over_shm"), 1.0)
+    monkeypatch.setattr(bench, "transport", lambda sizes, repeats: [{**row, "lr": "64x48", "hr": "128x96"}])
+    assert bench.main(["--device", "cpu", "--sizes", "64x48", "--skip-e2e"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Transport:") and "64x48" in out and "End to end" not in out, out
+
+
 def _must_not_measure(*args: object, **kwargs: object) -> None:
     raise AssertionError("measuring started before the options were checked")
 

@@ -244,10 +244,14 @@ def _print_tables(result: dict[str, Any]) -> None:
               f"{r['nearest_ms']:7.2f} {r['shm_ms']:7.2f} {r['shm_zero_copy_ms']:7.2f} "
               f"{r['shm_zero_copy_mapped_ms']:7.2f} {r['inline_ms']:7.2f} "
               f"{r['shm_over_memcpy']:7.1f} {r['inline_over_memcpy']:7.1f} {r['inline_over_shm']:7.2f}")
-    e2e = result["end_to_end"]
+    if result["end_to_end"]["rows"]:  # none with --skip-e2e: its header and an empty table said nothing
+        _print_end_to_end(result["end_to_end"])
+
+
+def _print_end_to_end(e2e: dict[str, Any]) -> None:
     print(f"\nEnd to end: {e2e['weights']}; model {e2e['model']} x{e2e['scale']} on {e2e['device']} "
-          f"(backend {e2e.get('backend', '-')}, {e2e['precision']}{', overlap' if e2e.get('overlap') else ''}"
-          f"{', CUDA graphs' if e2e.get('cuda_graphs') else ''}{', mapped slots' if e2e.get('map_slots') else ''}), "
+          f"(backend {e2e['backend']}, {e2e['precision']}{', overlap' if e2e['overlap'] else ''}"
+          f"{', CUDA graphs' if e2e['cuda_graphs'] else ''}{', mapped slots' if e2e['map_slots'] else ''}), "
           "frames through shared memory: "
           "synchronous, then two in flight")
     print(f"{'LR':>10} {'HR':>10} {'frames':>6} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'infer ms':>8} {'fps x2':>7}")
