@@ -125,6 +125,7 @@ def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
     (["--backends", "eager", "--sizes", "8x8", "--skip-e2e"], 2, "--sizes 8x8 is below the model's minimum"),
     (["--json", "{tmp}/absent/b.json"], 2, "the folder {tmp}/absent does not exist"),
     (["--json", "{tmp}"], 2, "--json {tmp} is a folder"),
+    (["--json", "{tmp}/evil.pt/b.json"], 2, "--json {tmp}/evil.pt/b.json: {tmp}/evil.pt is not a folder"),
     (["--checkpoint", "{tmp}/evil.pt"], 3, "cannot load checkpoint {tmp}/evil.pt"),
     # it said "or --model NAME", an option the benchmark does not have
     (["--checkpoint", "{tmp}/absent.safetensors"], 3, "not found; pass --checkpoint PATH or a bundled name, or leave "

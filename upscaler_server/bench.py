@@ -421,6 +421,8 @@ def check_json_target(path: pathlib.Path) -> None:
     folder = written_file(path).parent
     if path.is_dir():
         raise ValueError(f"--json {path} is a folder; name a file")
+    if os.path.lexists(folder) and not folder.is_dir():  # a file there: "does not exist" sent users looking for it
+        raise ValueError(f"--json {path}: {folder} is not a folder; choose another")
     if not folder.is_dir():
         raise ValueError(f"--json {path}: the folder {folder} does not exist; create it or choose another")
     if not os.access(folder, os.W_OK | os.X_OK):
