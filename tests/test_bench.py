@@ -64,6 +64,22 @@ def test_bench_measures_a_student_of_another_scale_at_its_own(tmp_path: pathlib.
     assert e2e["scale"] == 3 and [row["hr"] for row in e2e["rows"]] == ["96x96"]
 
 
+def test_the_end_to_end_daemon_gets_the_cache_folder(tmp_path: pathlib.Path) -> None:
+    """--cache-dir reached the --backends daemons only: the end-to-end daemon exported into the default cache."""
+    pytest.importorskip("onnxruntime")
+    import models
+
+    student = models.save_checkpoint(models.build_model("rlfn_s", channels=8), tmp_path / "s.safetensors",
+                                     role="student")  # fmt: skip
+    command = [sys.executable, "-m", "upscaler_server.bench", "--checkpoint", str(student), "--sizes", "32x32",
+               "--repeats", "1", "--frames", "3", "--budget", "5", "--device", "cpu", "--threads", "1",
+               "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TAKDSR_CACHE_DIR": str(tmp_path / "default-cache")})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx")) and not (tmp_path / "default-cache").exists()
+
+
 def test_bench_refuses_an_abbreviated_option() -> None:
     """`--backend` (the end-to-end daemon's) and `--backends` (the comparison) must not be mistaken for each other."""
     command = [sys.executable, "-m", "upscaler_server.bench", "--backe", "eager", "--skip-e2e"]

@@ -291,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
                    "CUDA graph per resolution, e.g. compile-bf16, eager-fp16-pad8-graphs) instead of the transport "
                    "and end-to-end parts (whose options it refuses)")
     p.add_argument("--cache-dir", type=pathlib.Path,
-                   help="ONNX/TensorRT cache for --backends (a folder, created if missing)")
+                   help="ONNX/TensorRT files and auto's measurements, for --backends and the end-to-end daemon (a "
+                   "folder, created if missing)")
     return p
 
 
@@ -505,6 +506,7 @@ def _transport_and_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     daemon_args += ["--overlap"] if args.overlap else []
     daemon_args += ["--cuda-graphs"] if args.cuda_graphs else []
     daemon_args += ["--map-slots"] if args.map_slots else []
+    daemon_args += ["--cache-dir", str(args.cache_dir)] if args.cache_dir is not None else []  # auto, onnxruntime
     info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
     result["machine"] = _machine(args, load_before)
     result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap,

@@ -571,7 +571,7 @@ def load_network(checkpoint: pathlib.Path | None, model: str | None, scale: int 
     path = models.resolve_checkpoint(checkpoint) if checkpoint is not None else models.DEFAULT_STUDENT_PATH
     if path.is_dir():
         raise ModelLoadError(f"checkpoint {path} is a folder; pass a .safetensors file or a bundled name "
-                             f"({', '.join(sorted(p.stem for p in models.WEIGHTS_DIR.glob('*.safetensors')))})")
+                             f"({', '.join(models.bundled_names())})")
     if not os.path.lexists(path):  # anything there (a FIFO, a link loop) is for load_checkpoint to name
         hint = "" if checkpoint is not None else " (the bundled student has not shipped yet)"
         raise ModelLoadError(f"checkpoint {path} not found{hint}; pass {instead}")
