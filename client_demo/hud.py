@@ -16,9 +16,10 @@ from imgui_bundle import ImVec2, ImVec4, imgui, implot
 import scenes
 from client_demo.controls import VIEWS, CameraRig, ViewState
 
-__all__ = ["Hud", "HudInfo"]
+__all__ = ["Hud", "HudInfo", "banner_top"]
 
 HISTORY = 240  # frames in the frame-time graph
+_WRAP = 360  # px from the HUD's left edge where long lines wrap: about the width of its other lines
 _GOOD = ImVec4(0.45, 0.9, 0.45, 1.0)
 _BAD = ImVec4(1.0, 0.45, 0.35, 1.0)
 _KEYS = (
@@ -64,8 +65,13 @@ class Hud:
         imgui.backends.opengl3_init("#version 330")
         self.frame_ms: collections.deque[float] = collections.deque(maxlen=HISTORY)
         self.round_trip_ms: collections.deque[float] = collections.deque(maxlen=HISTORY)
+        # (left, top, right, bottom) of the HUD window in this frame and the last (None: not drawn, it is hidden)
+        self._hud_rect: tuple[float, float, float, float] | None = None
+        self._last_hud_rect: tuple[float, float, float, float] | None = None
 
     def new_frame(self) -> None:
+        # the banner is drawn before the HUD each frame: it keeps clear of where the HUD was in the last one
+        self._last_hud_rect, self._hud_rect = self._hud_rect, None
         imgui.backends.opengl3_new_frame()
         imgui.backends.glfw_new_frame()
         imgui.new_frame()
@@ -83,18 +89,25 @@ class Hud:
         if imgui.collapsing_header("Keys"):
             for line in _KEYS:
                 imgui.text(line)
+        pos, size = imgui.get_window_pos(), imgui.get_window_size()
+        self._hud_rect = (pos.x, pos.y, pos.x + size.x, pos.y + size.y)
         imgui.end()
         return shot
 
     def _numbers(self, info: HudInfo) -> None:
         imgui.text_colored(_GOOD if info.status_ok else _BAD, info.status)
         if info.detail:
-            imgui.push_text_wrap_pos(360)
+            imgui.push_text_wrap_pos(_WRAP)
             imgui.text_wrapped(info.detail)
             imgui.pop_text_wrap_pos()
         imgui.text(f"{info.fps:5.1f} fps   upscaled {info.upscaled_fps:5.1f} fps")
         imgui.text(f"render {_ms(info.render_ms)}   upscale round trip p50 {_ms(info.round_trip_ms)}")
-        imgui.text(f"inference {_ms(info.infer_ms)}   model {info.model}")
+        imgui.text(f"inference {_ms(info.infer_ms)}")
+        # wrapped: one line, "model rlfn student 52ch x1 block (student_native) x2 (cpu, fp32)", made the HUD about
+        # 600 px wide, over half of the split view's SR half and past the edge of a small window
+        imgui.push_text_wrap_pos(_WRAP)
+        imgui.text_wrapped(f"model {info.model}")
+        imgui.pop_text_wrap_pos()
         if info.random_weights:
             imgui.text_colored(_BAD, "random weights: the upscaled image is noise")
         (lw, lh), (hw, hh) = info.lr_size, info.hr_size
@@ -129,10 +142,13 @@ class Hud:
             implot.end_plot()
 
     def banner(self, text: str) -> None:
-        """A message across the middle of the window (e.g. the upscaler is unavailable)."""
+        """A message across the middle of the window (e.g. the upscaler is unavailable), below the HUD when the HUD
+        reaches the middle."""
         size = imgui.get_io().display_size
         text_size = imgui.calc_text_size(text)
-        pos = ImVec2((size.x - text_size.x) / 2, size.y * 0.5 - text_size.y / 2)
+        x = (size.x - text_size.x) / 2
+        y = banner_top(size.y, (x - 12, x + text_size.x + 12), text_size.y, self._last_hud_rect)
+        pos = ImVec2(x, y)
         draw = imgui.get_foreground_draw_list()
         draw.add_rect_filled(ImVec2(pos.x - 12, pos.y - 8), ImVec2(pos.x + text_size.x + 12, pos.y + text_size.y + 8),
                              imgui.get_color_u32(ImVec4(0.0, 0.0, 0.0, 0.7)))
@@ -159,6 +175,20 @@ class Hud:
         imgui.backends.glfw_shutdown()
         implot.destroy_context()
         imgui.destroy_context()
+
+
+def banner_top(window_height: float, span: tuple[float, float], text_height: float,
+               hud: tuple[float, float, float, float] | None) -> float:
+    """The top of the banner's text: the window's middle, or just below the HUD (``hud``: left, top, right, bottom)
+    when the banner's box (``span``: its left and right, 8 px above and below the text) would cover it there and the
+    window has room below it. A centred banner covered the HUD's bottom rows (its "Keys" header)."""
+    middle = window_height / 2 - text_height / 2
+    if hud is None:
+        return middle
+    left, top, right, bottom = hud
+    covers = span[0] < right and span[1] > left and middle - 8 < bottom and middle + text_height + 8 > top
+    below = bottom + 16
+    return below if covers and below + text_height + 8 <= window_height else middle
 
 
 def _keep_title_bar_inside() -> None:

@@ -49,7 +49,7 @@ DIVIDER_GRAB = 6.0  # px either side of the split divider that start dragging it
 MAX_DT = 0.1  # s: a longer frame (start-up, a stall) advances the camera path by no more than this
 STALL = 2.0  # s without an upscaled frame (at least) before the window shows bilinear and says it is waiting
 MIN_WINDOW_WIDTH = 1280  # the window opens at least this wide (the picture is scaled to fit, aspect kept)
-MIN_WINDOW_SIDE = 320  # nor narrower or lower than this, whatever the picture's shape: room for the HUD
+MIN_WINDOW_SIDE = 320  # nor narrower or lower than this, whatever its shape (the ~370 px HUD may cover it: H hides it)
 _MOVE_KEYS = {imgui.Key.w: (1, 0, 0), imgui.Key.s: (-1, 0, 0), imgui.Key.d: (0, 1, 0), imgui.Key.a: (0, -1, 0),
               imgui.Key.e: (0, 0, 1), imgui.Key.q: (0, 0, -1)}
 _LOOK_KEYS = {imgui.Key.left_arrow: (1, 0), imgui.Key.right_arrow: (-1, 0), imgui.Key.up_arrow: (0, 1),
@@ -87,6 +87,7 @@ class _WindowDemo:
         self._why_not_sr = ""  # the status when _sr_ok was decided: the banner's reason when it is False
         self._titled = cfg.scene  # the preset the window's title names
         self._drag: str | None = None  # "divider" or "look" while the left button is held
+        self._drawing_s = 0.0  # recent time from the link's poll to the swap (compose, HUD, swap): see _frame
         self._viewport = (0, 0, *cfg.hr_size)
         self._times = {name: RollingWindow() for name in ("frame", "render", "round_trip", "infer")}
 
@@ -122,7 +123,7 @@ class _WindowDemo:
 
     def _frame(self, dt: float, deadline: float) -> None:
         glfw.poll_events()
-        if 0 in glfw.get_framebuffer_size(self.window):  # minimised (0x0 on some platforms): nothing to draw or click
+        if self._minimised():  # nothing to draw or click
             self._show(self.link.poll(max(0.0, deadline - time.perf_counter())))  # frames in flight still come back
             return
         self.hud.new_frame()
@@ -136,7 +137,8 @@ class _WindowDemo:
         self._sr_ok = self._sr_available()
         self._why_not_sr = "" if self._sr_ok else self._status()[0]
         self._feed(pose)
-        self._show(self.link.poll(max(0.0, deadline - time.perf_counter())))
+        self._show(self.link.poll(poll_timeout(deadline, time.perf_counter(), self._drawing_s)))
+        drawing_from = time.perf_counter()
         self._compose(pose)
         self._overlay()
         if self.ui.show_hud:
@@ -145,6 +147,12 @@ class _WindowDemo:
         if shot or self.frames + 1 == self.cfg.screenshot_after:
             self._screenshot()
         glfw.swap_buffers(self.window)
+        self._drawing_s = smoothed(self._drawing_s, time.perf_counter() - drawing_from)
+
+    def _minimised(self) -> bool:
+        """Iconified (X11 keeps the framebuffer's size then, so a minimised demo rendered and upscaled on), or a
+        framebuffer of 0x0 (other platforms)."""
+        return bool(glfw.get_window_attrib(self.window, glfw.ICONIFIED)) or 0 in glfw.get_framebuffer_size(self.window)
 
     # --- input ---------------------------------------------------------------------------------------------------
 
@@ -152,7 +160,8 @@ class _WindowDemo:
         """Keys and mouse (unless the HUD has them); returns True when a screenshot was asked for."""
         io = imgui.get_io()
         shot = imgui.is_key_pressed(imgui.Key.f12, False)
-        if io.want_capture_keyboard:
+        # an open popup (the view or scene list) takes the keys: Esc closes it rather than quitting the demo
+        if io.want_capture_keyboard or imgui.is_popup_open("", imgui.PopupFlags_.any_popup_id):
             return shot
         actions = {imgui.Key.escape: lambda: glfw.set_window_should_close(self.window, True),
                    imgui.Key.v: self.ui.cycle_view, imgui.Key.c: self.ui.toggle_compare,
@@ -332,6 +341,18 @@ def _held(keys: dict[imgui.Key, tuple[int, ...]], size: int) -> list[int]:
         if imgui.is_key_down(key):
             total = [a + b for a, b in zip(total, vector, strict=True)]
     return total
+
+
+def poll_timeout(deadline: float, now: float, drawing_s: float) -> float:
+    """How long a frame may wait for an upscaled frame: the rest of its budget less what drawing takes after the
+    wait. Waiting to the deadline put the drawing on top of the budget: 11 fps at --max-fps 15 while no upscaled
+    frame came back (daemon gone, refused or slow)."""
+    return max(0.0, deadline - now - drawing_s)
+
+
+def smoothed(previous: float, sample: float, weight: float = 0.2) -> float:
+    """An exponential moving average of ``sample``s (the first one taken whole): steady, yet it follows a resize."""
+    return sample if previous == 0.0 else previous + weight * (sample - previous)
 
 
 def window_size(hr_size: tuple[int, int], screen: tuple[int, int] | None) -> tuple[int, int]:

@@ -193,3 +193,91 @@ def test_the_status_agrees_with_the_banner_while_frames_are_overdue() -> None:
     assert demo._status() == ("connected - no frame for 8 s", "the daemon may be stalled or overloaded", False)
     demo._stalled = lambda: False
     assert demo._status() == ("connected", "", True)
+
+
+def test_a_frame_waits_for_upscaled_frames_only_as_long_as_drawing_leaves_room() -> None:
+    """Waiting to the deadline and then drawing ran the window at 11 fps for --max-fps 15 whenever no upscaled frame
+    came back (a review)."""
+    from client_demo.window import poll_timeout, smoothed
+
+    assert poll_timeout(deadline=10.0, now=9.95, drawing_s=0.02) == pytest.approx(0.03)
+    assert poll_timeout(deadline=10.0, now=9.99, drawing_s=0.02) == 0.0  # late already: poll without waiting
+    assert smoothed(0.0, 0.02) == 0.02  # the first sample taken whole
+    assert smoothed(0.02, 0.04) == pytest.approx(0.024)
+
+
+def test_the_banner_keeps_clear_of_the_hud() -> None:
+    """Centred in a 1280x720 window, it covered the HUD's bottom rows (its "Keys" header)."""
+    from client_demo.hud import banner_top
+
+    span, text_height = (400.0, 880.0), 13.0
+    assert banner_top(720, span, text_height, None) == pytest.approx(353.5)
+    assert banner_top(720, span, text_height, (8, 8, 600, 430)) == 446  # below the HUD it would cover
+    assert banner_top(720, span, text_height, (8, 8, 360, 430)) == pytest.approx(353.5)  # beside it: clear already
+    assert banner_top(440, span, text_height, (8, 8, 600, 430)) == pytest.approx(213.5)  # no room below: the middle
+
+
+_POPUP_AND_ICONIFIED = """
+import sys
+import glfw
+from imgui_bundle import imgui
+from client_demo import cli, hud, window
+
+count, drawn, widths = [0], [0], []
+real_imgui, real_attrib = window.imgui, glfw.get_window_attrib
+
+
+class _OpenPopup:
+    '''imgui, with a popup (the view or scene list) open from frame 10 on.'''
+
+    def __getattr__(self, name):
+        return getattr(real_imgui, name)
+
+    def is_popup_open(self, *args):
+        return count[0] >= 10
+
+
+def attrib(window_, name):
+    return 1 if name == glfw.ICONIFIED and 20 <= count[0] < 40 else real_attrib(window_, name)
+
+
+original_frame, original_draw = window._WindowDemo._frame, hud.Hud.draw
+
+def frame(self, dt, deadline):
+    count[0] += 1
+    if sys.argv[1] == "popup" and count[0] in (12, 13):  # Esc pressed, then released, while the popup is open
+        real_imgui.get_io().add_key_event(real_imgui.Key.escape, count[0] == 12)
+    original_frame(self, dt, deadline)
+
+def draw(self, info, ui, rig):
+    drawn[0] += 1
+    info.model = "rlfn student 52ch x1 block (student_native) x2 (cpu, fp32), a long model line"
+    shot = original_draw(self, info, ui, rig)
+    widths.append(self._hud_rect[2] - self._hud_rect[0])
+    return shot
+
+if sys.argv[1] == "popup":
+    window.imgui = _OpenPopup()
+else:
+    glfw.get_window_attrib = attrib
+window._WindowDemo._frame, hud.Hud.draw = frame, draw
+status = cli.main(sys.argv[2:])
+print("hud drawn", drawn[0], "widest", max(widths))
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("case", ["popup", "iconified"])
+def test_an_open_popup_takes_esc_and_a_minimised_window_draws_nothing(nearest_daemon: Daemon, tmp_path: pathlib.Path,
+                                                                      case: str) -> None:
+    """From a review: Esc meant to close the scene list quit the demo; on X11 a minimised window keeps its
+    framebuffer size, so it rendered and upscaled on; one long model line made the HUD about 600 px wide."""
+    script = tmp_path / "popup_and_iconified.py"
+    script.write_text(_POPUP_AND_ICONIFIED)
+    args = ["--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--exit-after", "50", "--out", str(tmp_path)]
+    result = run_demo(command=[*demo_command(xvfb=True)[:-3], sys.executable, str(script), case, *args])
+    assert result.returncode == 0, output_of(result)
+    assert _counts(result.stdout)[0] == 50, output_of(result)  # Esc did not end it at frame 12
+    drawn, widest = (float(word) for word in result.stdout.split("hud drawn ")[-1].split(" widest "))
+    assert drawn == (30 if case == "iconified" else 50), output_of(result)
+    assert widest < 420, output_of(result)
