@@ -133,6 +133,8 @@ class _WindowDemo:
         if pose.preset != self._titled:
             glfw.set_window_title(self.window, f"TAKDSR upscaler demo - {pose.preset}")
             self._titled = pose.preset
+        # frames that came back while the last frame drew or slept: their slots are free for this frame's LR
+        self._show(self.link.poll())
         # decided once a frame: what is rendered and what is drawn must agree, and the banner says why at that time
         self._sr_ok = self._sr_available()
         self._why_not_sr = "" if self._sr_ok else self._status()[0]
