@@ -397,6 +397,27 @@ def test_a_stop_asked_for_before_serve_binds_nothing(short_dir: pathlib.Path, ca
     assert list(short_dir.iterdir()) == []
 
 
+def test_a_daemon_started_under_nohup_outlives_a_hang_up(short_dir: pathlib.Path) -> None:
+    """SIGHUP stops the daemon as SIGTERM does, unless it was started with SIGHUP ignored (nohup): that asks for a
+    daemon that outlives its terminal."""
+    log_path = short_dir / "log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "upscaler_server", "--backend", "nearest", "--endpoint",
+                                 f"ipc://{short_dir}/d.sock"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "upscaler ready" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        with UpscalerClient(f"ipc://{short_dir}/d.sock", timeout=10) as client:
+            client.ping()
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0, log_path.read_text()
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc/N/stat: /proc/N/task/*/children needs a kernel option)."""
     children = []

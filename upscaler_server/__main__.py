@@ -112,9 +112,11 @@ class _Signals:
 
     def __init__(self) -> None:
         self.server: Server | None = None
+        hangups_ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # started under nohup: keep it so
         _start_resource_tracker_ignoring_hangups()
         for signum in _STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
+            if not (signum == signal.SIGHUP and hangups_ignored):
+                signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.server is None:
