@@ -39,7 +39,6 @@ import numbers
 import operator
 import os
 import secrets
-import socket
 import threading
 import time
 import warnings
@@ -52,7 +51,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import zmq
 
-from upscaler_server.config import default_endpoint
+from upscaler_server.config import default_endpoint, nobody_listens
 from upscaler_server.errors import (
     BusyError,
     ClientInterruptedError,
@@ -107,30 +106,8 @@ class FrameResult:
     output: np.ndarray
 
 
-_PROBE_S = 0.5  # longest wait of the ipc probe's connect
 _INTERRUPT_SLICE_S = 0.05  # waits poll in slices this long, so interrupt() from another thread is seen soon
 _LIVENESS_S = 1.0  # a longer wait looks this often whether an ipc daemon is still there (one connect() each time)
-
-
-def _nobody_listens(endpoint: str) -> str | None:
-    """Why no daemon can be listening on an ``ipc://`` endpoint (no socket file, or one left by a daemon that is gone),
-    else None. ZeroMQ itself would wait for a listener until the timeout, attempt after attempt."""
-    path = endpoint.removeprefix("ipc://")
-    if path == endpoint or path.startswith("@"):  # tcp://, or Linux's abstract namespace: no file to look at
-        return None
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(_PROBE_S)  # a listener whose backlog is full (a stopped daemon) would block connect forever
-    try:
-        probe.connect(path)  # the daemon's ZeroMQ drops a peer that leaves before its greeting
-    except FileNotFoundError:
-        return f"{path} does not exist"
-    except ConnectionRefusedError:
-        return f"{path} was left by a daemon that is no longer running"
-    except OSError:  # a timeout, no permission, a name too long: ZeroMQ's own attempts report what they find
-        return None
-    finally:
-        probe.close()
-    return None
 
 
 class _Link:
@@ -219,7 +196,7 @@ class _Link:
                 left = deadline - time.monotonic()
                 if _readable(self._socket, min(left, _LIVENESS_S), self.interrupted):
                     self._receive()
-                elif left <= _LIVENESS_S or _nobody_listens(self.endpoint) is not None:
+                elif left <= _LIVENESS_S or nobody_listens(self.endpoint) is not None:
                     return False  # the timeout, or a daemon that died: no use waiting out the rest
             return True
 
@@ -380,7 +357,7 @@ class UpscalerClient:
         self._frames = itertools.count(1)
         self._heartbeat: _Heartbeat | None = None
         endpoint = endpoint or default_endpoint()
-        absent = _nobody_listens(endpoint)
+        absent = nobody_listens(endpoint)
         if absent is not None:
             self._ctx.term()
             raise ServerUnavailableError(f"no upscaler daemon at {endpoint}: {absent}; start one with "
@@ -445,7 +422,7 @@ class UpscalerClient:
             self._finalizer.detach()
             # no daemon, or interrupted (nothing may wait now): telling the daemon of each session is no use; their
             # leases end them
-            gone = self._link.interrupted.is_set() or _nobody_listens(self.endpoint) is not None
+            gone = self._link.interrupted.is_set() or nobody_listens(self.endpoint) is not None
             sessions = list(self._sessions.values())
             for session in sessions:
                 session.close(notify=False)
@@ -539,7 +516,7 @@ class UpscalerClient:
                     req = None  # answered: nothing to forget
                     return _expect(reply, expect)
                 found_gone = gone is not None
-                gone = _nobody_listens(self.endpoint)
+                gone = nobody_listens(self.endpoint)
                 if (gone is not None and found_gone) or attempts > retries:  # twice: no daemon, not a restarting one
                     break
                 # else one more attempt (it too ends within a second, if no daemon listens by then)
@@ -572,7 +549,7 @@ class UpscalerClient:
         """The daemon's pong to a ping about ``sessions`` on a throwaway socket, or None if it stays silent (or no
         daemon listens on an ipc endpoint). The request socket is left alone: reconnecting it would drop replies
         queued on it, such as a slow frame's."""
-        if _nobody_listens(self.endpoint) is not None:
+        if nobody_listens(self.endpoint) is not None:
             return None
         with contextlib.closing(_dealer(self._ctx, self.endpoint)) as sock:
             sock.send(encode(Ping(req=1, sessions=sessions)))

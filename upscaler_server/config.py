@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import pathlib
+import socket
 import stat
 import sys
 import typing
@@ -16,7 +17,7 @@ from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import COUNT_MAX, DIM_MAX, SCALE_MAX, SLOTS_MAX
 
 __all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "check_endpoint", "cli_prog",
-           "default_endpoint", "parse_size", "runtime_dir"]
+           "default_endpoint", "nobody_listens", "parse_size", "runtime_dir"]
 
 # Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
 ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
@@ -108,6 +109,7 @@ _LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 
 
 _PORT_MAX = 65535
+_PROBE_S = 0.5  # longest wait of the ipc probe's connect
 _IPC_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108 with its NUL)
 
 
@@ -232,3 +234,25 @@ def default_endpoint() -> str:
     except ConfigError as exc:
         raise ConfigError(f"${ENDPOINT_ENV}: {exc}") from None
     return from_environment
+
+
+def nobody_listens(endpoint: str) -> str | None:
+    """Why no daemon can be listening on an ``ipc://`` endpoint (no socket file, or one left by a daemon that is gone),
+    else None: also when the probe cannot tell (a timeout, no permission). ZeroMQ itself would wait for a listener until
+    the timeout, attempt after attempt; and the daemon must not bind over a socket that someone listens on."""
+    path = endpoint.removeprefix("ipc://")
+    if path == endpoint or path.startswith("@"):  # tcp://, or Linux's abstract namespace: no file to look at
+        return None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_PROBE_S)  # a listener whose backlog is full (a stopped daemon) would block connect forever
+    try:
+        probe.connect(path)  # the daemon's ZeroMQ drops a peer that leaves before its greeting
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except ConnectionRefusedError:
+        return f"{path} was left by a daemon that is no longer running"
+    except OSError:  # a timeout, no permission, a name too long: ZeroMQ's own attempts report what they find
+        return None
+    finally:
+        probe.close()
+    return None

@@ -20,7 +20,6 @@ import pathlib
 import queue
 import resource
 import secrets
-import socket
 import stat
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import numpy as np
 import zmq
 
 from upscaler_server import __version__
-from upscaler_server.config import Config
+from upscaler_server.config import Config, nobody_listens
 from upscaler_server.engine import Engine
 from upscaler_server.errors import BusyError, ConfigError, ErrorCode, ProtocolError, SessionError, UpscalerError
 from upscaler_server.protocol import (
@@ -68,7 +67,6 @@ _UNREAD_MAX = 4096  # requests answered SHUTTING_DOWN at shutdown, at most (a fl
 _FAREWELL_MS = 200  # how long closing the socket may take to send the last replies (linger)
 _ONE_FRAME = "a request is one frame (DEALER) or an empty delimiter frame and one frame (REQ)"
 _HANDSHAKE_MS = 5000  # ZeroMQ's greeting must arrive within this after a connection opens
-_PROBE_S = 0.5  # longest wait of the connect() that looks whether a socket file has a listener
 _FD_LIMIT = 1 << 16  # open files to ask for when the hard limit is unlimited
 _IDLE_WORKER_S = 0.1  # how long a forced stop waits for an idle engine thread to see the queue closed
 _ALL_CLIENTS_UNREAD = 4  # unread inline results of all clients together: this many times one client's budget
@@ -581,7 +579,7 @@ def _refuse_live_socket(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, path
     """ConfigError when a process listens on the socket file ``path``: binding would take the file over (libzmq
     unlinks it first) and this daemon's exit would delete it. A daemon of a version without the lock file answers a
     ping; any other program (a typo naming /run/docker.sock) does not."""
-    if not _listened_on(path):
+    if nobody_listens(endpoint) is not None:  # no file, or one a dead process left: binding replaces nothing live
         return
     if _ipc_in_use(ctx, endpoint):
         raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint")
@@ -589,27 +587,8 @@ def _refuse_live_socket(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, path
                       "daemon): binding would take it over; pass another --endpoint")
 
 
-def _listened_on(path: pathlib.Path) -> bool:
-    """False when nothing can be listening on ``path``: no file, or one left by a process that is gone (the connection
-    is refused). Anything else (it connects, times out with a full backlog, or is not ours to open) counts as in use."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(_PROBE_S)
-    try:
-        probe.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        return False
-    except OSError:
-        return True
-    finally:
-        probe.close()
-    return True
-
-
 def _ipc_in_use(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> bool:
-    """True when a live daemon answers a ping on ``endpoint`` (binding would steal its socket file)."""
-    path = _ipc_path(endpoint)
-    if path is None or not path.exists():
-        return False
+    """True when a live daemon answers a ping on ``endpoint``, a socket file that something listens on."""
     probe = ctx.socket(zmq.DEALER)
     probe.linger = 0
     try:
