@@ -19,6 +19,7 @@ from client_demo.controls import VIEWS, CameraRig, ViewState
 __all__ = ["Hud", "HudInfo", "banner_top"]
 
 HISTORY = 240  # frames in the frame-time graph
+_BANNER_PAD_X, _BANNER_PAD_Y = 12, 8  # px of the banner's dark box around its text
 _WRAP = 360  # px from the HUD's left edge where long lines wrap: about the width of its other lines
 _GOOD = ImVec4(0.45, 0.9, 0.45, 1.0)
 _BAD = ImVec4(1.0, 0.45, 0.35, 1.0)
@@ -147,10 +148,11 @@ class Hud:
         size = imgui.get_io().display_size
         text_size = imgui.calc_text_size(text)
         x = (size.x - text_size.x) / 2
-        y = banner_top(size.y, (x - 12, x + text_size.x + 12), text_size.y, self._last_hud_rect)
+        y = banner_top(size.y, (x - _BANNER_PAD_X, x + text_size.x + _BANNER_PAD_X), text_size.y, self._last_hud_rect)
         pos = ImVec2(x, y)
         draw = imgui.get_foreground_draw_list()
-        draw.add_rect_filled(ImVec2(pos.x - 12, pos.y - 8), ImVec2(pos.x + text_size.x + 12, pos.y + text_size.y + 8),
+        draw.add_rect_filled(ImVec2(x - _BANNER_PAD_X, y - _BANNER_PAD_Y),
+                             ImVec2(x + text_size.x + _BANNER_PAD_X, y + text_size.y + _BANNER_PAD_Y),
                              imgui.get_color_u32(ImVec4(0.0, 0.0, 0.0, 0.7)))
         draw.add_text(pos, imgui.get_color_u32(_BAD), text)
 
@@ -180,15 +182,16 @@ class Hud:
 def banner_top(window_height: float, span: tuple[float, float], text_height: float,
                hud: tuple[float, float, float, float] | None) -> float:
     """The top of the banner's text: the window's middle, or just below the HUD (``hud``: left, top, right, bottom)
-    when the banner's box (``span``: its left and right, 8 px above and below the text) would cover it there and the
-    window has room below it. A centred banner covered the HUD's bottom rows (its "Keys" header)."""
+    when the banner's box (``span``: its left and right, _BANNER_PAD_Y above and below the text) would cover it there
+    and the window has room below it. A centred banner covered the HUD's bottom rows (its "Keys" header)."""
     middle = window_height / 2 - text_height / 2
     if hud is None:
         return middle
     left, top, right, bottom = hud
-    covers = span[0] < right and span[1] > left and middle - 8 < bottom and middle + text_height + 8 > top
-    below = bottom + 16
-    return below if covers and below + text_height + 8 <= window_height else middle
+    pad = _BANNER_PAD_Y
+    covers = span[0] < right and span[1] > left and middle - pad < bottom and middle + text_height + pad > top
+    below = bottom + 2 * pad  # the box's top edge clear of the HUD by pad
+    return below if covers and below + text_height + pad <= window_height else middle
 
 
 def _keep_title_bar_inside() -> None:
