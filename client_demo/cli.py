@@ -8,13 +8,14 @@ could not be reached or stopped answering; 4 --spawn-server: the daemon could no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import pathlib
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from safetensors import safe_open
@@ -152,12 +153,30 @@ class _Signals:
 
     def __init__(self) -> None:
         self.requested = 0
+        self._holding = False  # inside held(): the "at once" interruption waits for the block's end
+        self._interrupt_held = False
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.requested += 1
         if self.requested == 2:
+            if self._holding:
+                self._interrupt_held = True
+            else:
+                raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A block the second signal does not cut in two (a headless frame's PNG, video frame and stats record):
+        its KeyboardInterrupt is raised once the block has run. A block that fails ends with its own error."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._interrupt_held:
+            self._interrupt_held = False
             raise KeyboardInterrupt
 
     def __call__(self) -> bool:
@@ -181,7 +200,7 @@ def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signa
     link.start()  # connects while the renderer warms up
     try:
         if folder is not None:
-            return run_headless(cfg, link, watch, stop, folder, started)
+            return run_headless(cfg, link, watch, stop, folder, started, stop.held)
         from client_demo.window import run_window  # importable: _window_unavailable checked it
 
         return run_window(cfg, link, watch, stop)

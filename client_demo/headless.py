@@ -8,6 +8,7 @@ stats.json, with ``"completed": false`` and the reason. The folder is locked for
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -15,6 +16,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,6 +52,8 @@ LOCK_NAME = ".takdsr-demo.lock"
 # What stats.json says from the moment the earlier run's outputs are cleared until this run writes its own: a run
 # killed outright (SIGKILL, a power cut) leaves this, never the earlier run's "completed": true beside new frames.
 UNFINISHED = "the run did not finish: it is still running, or it was killed before it could write its stats"
+# A block that an interrupting signal waits for (client_demo.cli's _Signals.held); the default holds nothing.
+SignalHold = Callable[[], AbstractContextManager[None]]
 WAIT_SLICE = 0.1  # s per wait for the upscaler, between checks for Ctrl-C and a dead daemon
 
 
@@ -168,9 +172,9 @@ def caption(rgb: np.ndarray, text: str, x: int, end: int) -> None:
 
 class _HeadlessRun:
     def __init__(self, cfg: DemoConfig, gpu: GpuFrames, link: UpscaleLink, outputs: _Outputs,
-                 watch: DaemonWatch, should_stop: Callable[[], bool]) -> None:
+                 watch: DaemonWatch, should_stop: Callable[[], bool], hold_signals: SignalHold) -> None:
         self.cfg, self.gpu, self.link, self.outputs = cfg, gpu, link, outputs
-        self.watch, self.should_stop = watch, should_stop
+        self.watch, self.should_stop, self.hold_signals = watch, should_stop, hold_signals
         self.records: list[FrameRecord] = []
         self.done_times: list[float] = []
         self.reopened = 0  # sessions opened anew after the daemon ended ours (_reopen)
@@ -285,18 +289,21 @@ class _HeadlessRun:
             middle = shown.shape[1] // 2
             caption(shown, SR_CAPTION, 8, middle)
             caption(shown, cfg.compare, middle + 8, shown.shape[1])
-        self.outputs.write(index, shown)
-        self.records.append(FrameRecord(index, t, render_ms, frame.round_trip * 1e3, frame.timings.infer_us / 1e3,
-                                        psnr(sr, reference), psnr(bilinear, reference)))
+        record = FrameRecord(index, t, render_ms, frame.round_trip * 1e3, frame.timings.infer_us / 1e3,
+                             psnr(sr, reference), psnr(bilinear, reference))
+        with self.hold_signals():  # "at once" must not leave a PNG that stats.json does not count
+            self.outputs.write(index, shown)
+            self.records.append(record)
         self.link.release(frame.slot)
         self.done_times.append(time.perf_counter())
         self._progress_since_reopen = True
 
 
 def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_stop: Callable[[], bool],
-                 folder: OutputFolder, started: float) -> int:
+                 folder: OutputFolder, started: float, hold_signals: SignalHold = contextlib.nullcontext) -> int:
     """Render ``cfg.frames`` frames into ``folder`` (held by this run); returns the exit status (see
-    client_demo.config). ``started``: the demo's time.perf_counter() at start, for stats.json's wall_s."""
+    client_demo.config). ``started``: the demo's time.perf_counter() at start, for stats.json's wall_s;
+    ``hold_signals``: a block that an interrupting signal waits for (each frame's files and record)."""
     renderer = scenes.SceneRenderer()  # its own EGL context, released with it
     try:  # before anything in the folder is deleted: an --lr this OpenGL cannot draw, or no EGL, changes nothing
         gpu = GpuFrames(renderer, cfg.lr_size, cfg.scale, lr_targets=PIPELINE_DEPTH, reference=True)
@@ -309,16 +316,16 @@ def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_
         print(f"client_demo: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _render(cfg, link, gpu, watch, should_stop, folder.path, started)
+        return _render(cfg, link, gpu, watch, should_stop, hold_signals, folder.path, started)
     finally:
         gpu.release()
         renderer.release()
 
 
 def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWatch, should_stop: Callable[[], bool],
-            out: pathlib.Path, started: float) -> int:
+            hold_signals: SignalHold, out: pathlib.Path, started: float) -> int:
     outputs = _Outputs(out, cfg.hr_size, cfg.fps)
-    run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop)
+    run = _HeadlessRun(cfg, gpu, link, outputs, watch, should_stop, hold_signals)
     try:
         run.connect()
     except _Stopped as exc:  # unreachable, refused or interrupted: nothing of an earlier run was touched

@@ -373,10 +373,10 @@ def test_a_second_signal_still_leaves_a_truthful_stats_json(nearest_daemon: Daem
         assert _ended(demo) == 130, log.read_text()
     stats = read_stats(tmp_path)
     assert stats["completed"] is False and "interrupted" in stats["error"], stats
-    # "at once" may land between a frame's PNG and its record (CI saw 3 PNGs when the wait ended, 2 records): the
-    # frames counted are those finished, the PNG being written when the signal came at most one more
+    # "at once" waits while a frame's PNG and record are written (CI once saw 3 PNGs and 2 records before it did;
+    # the test below sends the signal into that gap on purpose)
     pngs = len(list((tmp_path / "frames").glob("*.png")))
-    assert pngs >= 3 and stats["frames"] in (pngs, pngs - 1), (pngs, stats["frames"])
+    assert pngs >= 3 and stats["frames"] == pngs, (pngs, stats["frames"])
     assert (tmp_path / "frames" / "00000.png").stat().st_size > len(b"old frame")
 
 
@@ -414,6 +414,40 @@ def test_a_second_signal_during_the_final_stats_write_still_leaves_them(nearest_
     assert stats["outputs"]["video"] == "demo.mp4"
     video = cv2.VideoCapture(str(tmp_path / "demo.mp4"))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == frames
+
+
+def test_a_second_signal_between_a_frames_png_and_its_record_still_counts_the_frame(nearest_daemon: Daemon,
+                                                                                   tmp_path: pathlib.Path) -> None:
+    """A second signal that lands after a frame's PNG is written but before its record used to leave one more PNG
+    than stats.json counts (CI saw 3 PNGs, 2 records). The frame's files and record are now one step that the
+    second signal waits for. Here each frame's write is followed by a 1 s pause, and the signals are sent into it."""
+    log = tmp_path / "demo.log"
+    slow_frame_write = textwrap.dedent("""
+        import sys, time
+        from client_demo import cli, headless
+        write = headless._Outputs.write
+        def slow_write(self, index, rgb):
+            write(self, index, rgb)
+            if index == 2:
+                print("frame 2 written", file=sys.stderr, flush=True)
+                time.sleep(1)
+        headless._Outputs.write = slow_write
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    command = [sys.executable, "-c", slow_frame_write, "--headless", "--endpoint", nearest_daemon.endpoint, "--lr",
+               LR_ARG, "--frames", "100000", "--view", "sr", "--out", str(tmp_path)]
+    with _running_demo(log, command=command) as demo:
+        deadline = time.monotonic() + 60
+        while "frame 2 written" not in log.read_text() and time.monotonic() < deadline and demo.poll() is None:
+            time.sleep(0.02)
+        demo.send_signal(signal.SIGINT)
+        demo.send_signal(signal.SIGTERM)  # "at once", while frame 2 has its PNG and not yet its record
+        assert _ended(demo) == 130, log.read_text()
+    stats = read_stats(tmp_path)
+    pngs = sorted(path.name for path in (tmp_path / "frames").glob("*.png"))
+    assert stats["completed"] is False and "interrupted" in stats["error"], stats
+    assert pngs == ["00000.png", "00001.png", "00002.png"], pngs
+    assert stats["frames"] == 3 and [record["index"] for record in stats["per_frame"]] == [0, 1, 2], stats["frames"]
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
