@@ -170,20 +170,33 @@ def _listable(folder: Path) -> bool:
     return True
 
 
-def test_damaged_png_headers_are_skipped_without_decoder_lines_on_stderr(
+def test_damaged_pngs_are_skipped_without_decoder_lines_on_stderr(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """libpng's `libpng error: IHDR: CRC error` and OpenCV's `[ERROR] ... IHDR chunk shall be first` came beside the
-    SkippedFilesWarning on every scan of such a folder (about 10 times a pipeline run)."""
+    """libpng's `libpng error: IHDR: CRC error` (`IDAT: CRC error`, `PNG input buffer is incomplete`) and OpenCV's
+    `[ERROR] ... IHDR chunk shall be first` came beside the SkippedFilesWarning on every scan of such a folder (about
+    10 times a pipeline run). A bad CRC in an ancillary chunk leaves the pixels usable: that file is kept."""
     png = _grey_png(40, 40)
+    idat_crc_at = len(png) - 12 - 4  # the IDAT chunk's CRC: just before the 12-byte IEND chunk
     _write_bgr(tmp_path / "good.png", _rgb(40, 48))
     (tmp_path / "crc.png").write_bytes(png[:29] + bytes(4) + png[33:])  # the IHDR chunk's CRC zeroed
+    (tmp_path / "idat_crc.png").write_bytes(png[:idat_crc_at] + bytes(4) + png[idat_crc_at + 4 :])
+    (tmp_path / "no_iend.png").write_bytes(png[:-12])  # the pixels whole, the end chunk cut off
     (tmp_path / "zero_width.png").write_bytes(_grey_png(0, 40))
     (tmp_path / "cut_header.png").write_bytes(png[:20])
     (tmp_path / "cut_pixels.png").write_bytes(png[:40])  # a whole header, then the pixels cut short
+    bad_text = struct.pack(">I", 5) + b"tEXtA\x00bcd" + bytes(4)  # an ancillary chunk with a zeroed CRC
+    (tmp_path / "text_crc.png").write_bytes(png[:33] + bad_text + png[33:])
     with pytest.raises(ImageReadError, match=r"crc\.png: a damaged PNG \(its IHDR header fails its CRC\)"):
         read_image(tmp_path / "crc.png")
-    with pytest.warns(SkippedFilesWarning, match="4 unreadable"):
+    with pytest.raises(ImageReadError, match=r"idat_crc\.png: a damaged PNG \(its IDAT chunk fails its CRC\)"):
+        read_image(tmp_path / "idat_crc.png")
+    with pytest.raises(ImageReadError, match=r"no_iend\.png: a damaged PNG \(cut short: no IEND chunk\)"):
+        read_image(tmp_path / "no_iend.png")
+    assert read_image(tmp_path / "text_crc.png").shape == (3, 40, 40)
+    capfd.readouterr()  # libpng's warning for the ancillary chunk (read, not refused)
+    (tmp_path / "text_crc.png").unlink()
+    with pytest.warns(SkippedFilesWarning, match="6 unreadable"):
         found = scan_images(tmp_path, progress=False)
     assert [info.path.name for info in found] == ["good.png"]
     assert capfd.readouterr().err == ""

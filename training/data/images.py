@@ -195,7 +195,7 @@ def _decode(path: Path) -> np.ndarray:
     if bytes(data[:2]) == _JPEG_START and not _jpeg_complete(data):
         # libjpeg decodes a truncated file to grey rows and only prints a warning: refuse it here instead
         raise ImageReadError(f"cannot decode {path}: a truncated JPEG (no end-of-image marker)")
-    if bytes(data[:8]) == _PNG_START and (problem := _png_header_problem(bytes(data[8:33]))):
+    if bytes(data[:8]) == _PNG_START and (problem := _png_problem(memoryview(data))):
         raise ImageReadError(f"cannot decode {path}: a damaged PNG ({problem})")
     try:
         with _opencv_log_silenced():
@@ -227,12 +227,37 @@ def _opencv_log_silenced() -> Iterator[None]:
         cv2.utils.logging.setLogLevel(level)
 
 
-def _png_header_problem(chunk: bytes) -> str | None:
-    """What is wrong with a PNG's first chunk (the 25 bytes after the signature), which must be a valid IHDR; None
-    when nothing is. Checked before OpenCV decodes the file because libpng prints its refusal of such a header to
-    stderr itself ("libpng error: IHDR: CRC error", with OpenCV's own "[ERROR] ... IHDR" lines), on every scan of
-    the folder, beside the scan's SkippedFilesWarning; the rest of the file only libpng checks."""
-    if len(chunk) < 25 or chunk[:8] != b"\x00\x00\x00\x0dIHDR":
+def _png_problem(data: memoryview) -> str | None:
+    """What is wrong with a PNG file's chunks (``data``: the whole file, signature included); None when nothing is.
+    Checked before OpenCV decodes the file because libpng prints its refusal of a damaged file to stderr itself
+    ("libpng error: IHDR: CRC error", "IDAT: CRC error", "PNG input buffer is incomplete"), on every scan of the
+    folder, beside the scan's SkippedFilesWarning. Checked: the first chunk is a valid IHDR, every critical chunk
+    (IHDR, PLTE, IDAT, IEND) is whole and passes its CRC, and the file reaches its IEND. Left to libpng: an ancillary
+    chunk that fails its CRC (it warns and drops the chunk; the pixels are fine) and compressed data that is wrong
+    under a valid CRC (only a program that wrote it so makes that)."""
+    offset = len(_PNG_START)
+    while offset + 12 <= len(data):  # length (4), type (4), data (length), CRC (4)
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        kind = bytes(data[offset + 4 : offset + 8])
+        end = offset + 12 + length
+        if offset == len(_PNG_START) and (problem := _ihdr_problem(kind, bytes(data[offset : offset + 25]))):
+            return problem
+        if end > len(data):
+            return f"cut short in its {kind.decode('latin-1')} chunk"
+        critical = not kind[0] & 0x20  # an upper-case first letter
+        if critical and zlib.crc32(data[offset + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            return f"its {kind.decode('latin-1')} chunk fails its CRC"
+        if kind == b"IEND":
+            return None
+        offset = end
+    if offset == len(_PNG_START):
+        return "no IHDR header: truncated, or not written as a PNG"
+    return "cut short: no IEND chunk"
+
+
+def _ihdr_problem(kind: bytes, chunk: bytes) -> str | None:
+    """What is wrong with a PNG's first chunk (``chunk``: its 25 bytes), which must be a valid IHDR; None if not."""
+    if kind != b"IHDR" or len(chunk) < 25 or chunk[:4] != b"\x00\x00\x00\x0d":
         return "no IHDR header: truncated, or not written as a PNG"
     if zlib.crc32(chunk[4:21]) != int.from_bytes(chunk[21:25], "big"):
         return "its IHDR header fails its CRC"
