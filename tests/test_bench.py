@@ -272,9 +272,42 @@ def test_a_stopped_benchmark_leaves_no_daemon_running(sig: signal.Signals) -> No
         assert not any(map(pid_alive, daemons)), "a daemon outlived the benchmark"
         if sig == signal.SIGTERM:
             assert not any(map(os.path.exists, folders)), "the benchmark left a daemon's folder"
-    finally:  # after SIGKILL nothing of the benchmark runs to remove them (the docstring says so): each run left two
+        else:  # nothing of the benchmark ran to remove them: the next benchmark does
+            assert all(map(os.path.exists, folders))
+            assert set(folders) <= set(bench.remove_stale_folders())
+            assert not any(map(os.path.exists, folders))
+    finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_next_benchmark_removes_the_folders_of_a_killed_one_and_only_those(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGKILLed benchmark left /tmp/ups-bench-* folders (daemon logs) for good. Its folders name its pid; a
+    later benchmark removes those whose benchmark has ended, and nothing else."""
+    monkeypatch.setattr(bench, "BENCH_TMP", tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_path / f"ups-bench-{dead.pid}-abc123"
+    (killed / "sub").mkdir(parents=True)
+    (killed / "daemon.log").write_text("log")
+    running = bench.bench_folder()  # this process's: still running
+    other_name = tmp_path / "ups-bench-notapid"
+    other_name.mkdir()
+    link = tmp_path / f"ups-bench-{dead.pid}-link"
+    link.symlink_to(other_name)
+    assert running.parent == tmp_path and running.name.startswith(f"ups-bench-{os.getpid()}-")
+    assert bench.remove_stale_folders() == [killed]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([running.name, other_name.name, link.name])
+    (tmp_path / f"ups-bench-{dead.pid}-def456").mkdir()
+    assert bench.main(["--device", "cpu", "--sizes", "0x0"]) == 2  # refused options: nothing removed
+    assert (tmp_path / f"ups-bench-{dead.pid}-def456").exists()
+    monkeypatch.setattr(bench, "_transport_and_end_to_end", lambda args: {})
+    monkeypatch.setattr(bench, "_print_tables", lambda result: None)
+    assert bench.main(["--device", "cpu", "--sizes", "64x48", "--skip-e2e"]) == 0
+    assert not (tmp_path / f"ups-bench-{dead.pid}-def456").exists()
+    err = capsys.readouterr().err
+    assert f"bench: removed {tmp_path / f'ups-bench-{dead.pid}-def456'}, left by a benchmark that was killed" in err
 
 
 def _endpoint_folder(pid: int) -> pathlib.Path:

@@ -25,7 +25,8 @@ Every option is checked, and the student loaded once, before any daemon starts o
 0 measured, 1 a daemon did not start or a measurement failed (one line says why), 2 bad arguments, 3 the checkpoint
 cannot be loaded as a student (as the daemon and the offline CLI), 130 interrupted (Ctrl-C, SIGTERM or SIGHUP; the
 daemons are stopped; a daemon also dies with the benchmark when it is killed, SIGKILL included, but then its folder
-/tmp/ups-bench-* with the daemon's log is left behind, as nothing of the benchmark runs to remove it).
+/tmp/ups-bench-PID-* with the daemon's log is left behind, as nothing of the benchmark runs to remove it: the next
+benchmark removes this user's folders whose benchmark PID has ended, and says so).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ import math
 import os
 import pathlib
 import platform
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -55,12 +58,41 @@ from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
 from upscaler_server.files import FolderError, check_writable, is_stream, replace_whole, written_file
+from upscaler_server.shm import pid_alive
 
-__all__ = ["DaemonStartError", "check_json_target", "end_to_end", "main", "spawn_daemon", "transport"]
+__all__ = ["DaemonStartError", "bench_folder", "check_json_target", "end_to_end", "main", "remove_stale_folders",
+           "spawn_daemon", "transport"]
 
 SIZES = ((640, 360), (1280, 720), (1920, 1080))
 BACKEND_SIZES = ((320, 180), (640, 360), (1280, 720), (1920, 1080))
 EXIT_FAILED, EXIT_ARGS, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+# /tmp, not $TMPDIR (which may be long): an ipc:// path in such a folder must fit the 107 bytes of a Unix socket address
+BENCH_TMP = pathlib.Path("/tmp")
+_FOLDER_PREFIX = "ups-bench-"
+
+
+def bench_folder() -> pathlib.Path:
+    """A new private folder /tmp/ups-bench-PID-XXXXXXXX for the caller to remove; PID (this benchmark's) lets a later
+    benchmark remove it when this one is killed with SIGKILL (:func:`remove_stale_folders`)."""
+    return pathlib.Path(tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-", dir=BENCH_TMP))
+
+
+def remove_stale_folders() -> list[pathlib.Path]:
+    """Remove this user's benchmark folders whose benchmark has ended (killed: nothing of it ran to remove them);
+    returns them. A folder of a benchmark still running, another user's, or a name not made by bench_folder stays."""
+    removed = []
+    for folder in sorted(BENCH_TMP.glob(f"{_FOLDER_PREFIX}*")):
+        owner = re.fullmatch(rf"{_FOLDER_PREFIX}(\d+)-\w+", folder.name)
+        try:
+            info = folder.lstat()  # a link is never followed into
+        except OSError:
+            continue
+        if owner and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not pid_alive(int(owner[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 class DaemonStartError(RuntimeError):
@@ -71,8 +103,7 @@ class DaemonStartError(RuntimeError):
 def spawn_daemon(args: Sequence[str], ready_timeout: float = 180.0) -> Iterator[str]:
     """A daemon subprocess on a private ipc endpoint; yields the endpoint, always stops it and removes its folder
     (except after SIGKILL of the benchmark: see the module docstring)."""
-    # /tmp, not $TMPDIR (which may be long): an ipc:// path must fit the 107 bytes of a Unix socket address
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ups-bench-", dir="/tmp"))
+    tmp = bench_folder()
     endpoint = f"ipc://{tmp}/bench.sock"
     with open(tmp / "daemon.log", "wb") as log:
         # the daemon dies with the benchmark, however that ends (SIGKILL, a CI job cancelled)
@@ -327,6 +358,8 @@ def _bench(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return EXIT_ARGS
+    for folder in remove_stale_folders():
+        print(f"bench: removed {folder}, left by a benchmark that was killed", file=sys.stderr)
     try:
         result = _transport_and_end_to_end(args) if backends is None else _compare(args, *backends)
     except (DaemonStartError, UpscalerError) as exc:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import pathlib
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -153,13 +153,14 @@ def compare_backends(variants: Sequence[Variant], sizes: Sequence[tuple[int, int
                      e2e_sizes: Sequence[tuple[int, int]], cache_dir: pathlib.Path | None) -> dict[str, Any]:
     """Rows (dicts) of the comparison of ``variants`` (see :func:`parse_label`) on the resolved ``device``;
     end-to-end fields only for ``e2e_sizes``."""
-    from upscaler_server.bench import end_to_end
+    from upscaler_server.bench import bench_folder, end_to_end
 
     # fp32 eager first (every speed-up is over it), then each other variant once, in the order given
     variants = list({v.label: v for v in [parse_label(_REFERENCE, device), *variants]}.values())
-    with tempfile.TemporaryDirectory(prefix="ups-bench-") as tmp:
+    tmp = bench_folder()  # a killed benchmark's is removed by the next one
+    try:
         weights = f"checkpoint {checkpoint}" if checkpoint else "random-init rlfn_s, seed 0 (same cost as trained)"
-        checkpoint = checkpoint or _random_student(pathlib.Path(tmp) / "rlfn_s_random.safetensors")
+        checkpoint = checkpoint or _random_student(tmp / "rlfn_s_random.safetensors")
         rows = _model_rows(variants, sizes, checkpoint, device, threads, frames, budget_s, cache_dir)
         for variant in variants if e2e_sizes else ():
             _, e2e = end_to_end(e2e_sizes, frames, budget_s, _daemon_args(variant, checkpoint, device, threads,
@@ -168,6 +169,8 @@ def compare_backends(variants: Sequence[Variant], sizes: Sequence[tuple[int, int
                 match = [e for e in e2e if e["lr"] == r["lr"]]
                 if r["backend"] == variant.label and match:
                     r.update(e2e_ms=match[0]["p50_ms"], e2e_frames=match[0]["frames"], fps=1e3 / match[0]["p50_ms"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"device": device, "threads": threads, "weights": weights, "rows": rows}
 
 
