@@ -1,4 +1,5 @@
-"""``python -m models info PATH_OR_NAME [--input WxH]``: architecture, parameters, MACs and FLOPs."""
+"""``python -m models info PATH_OR_NAME [--input WxH]``: architecture, parameters, MACs and FLOPs; for a checkpoint
+also its weights' sha256 (what results.json and `evaluate --json` record) and its metadata."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import CheckpointError, bundled_names, load_checkpoint, resolve_checkpoint
+from .checkpoint import CheckpointError, bundled_names, load_checkpoint, resolve_checkpoint, weights_sha256
 from .flops import count_flops, count_parameters
 from .registry import arch_name, build_model, list_models
 
@@ -28,16 +30,17 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _load(target: str) -> tuple[nn.Module, dict | None]:
+def _load(target: str) -> tuple[nn.Module, Path | None, dict | None]:
+    """The model named by ``target``, with its checkpoint file and metadata (None, None for a registered model)."""
     if not target:  # Path("") is ".": the message named the current folder
         raise ValueError(f"no checkpoint or model named; {_what_may_be_named()}")
     if target in list_models():
-        return build_model(target), None
+        return build_model(target), None, None
     path = resolve_checkpoint(target)
     if not path.exists() and not target.endswith(".safetensors"):
         raise CheckpointError(target, f"neither a file, a bundled checkpoint nor a model name; {_what_may_be_named()}")
     checkpoint = load_checkpoint(path)
-    return checkpoint.model, checkpoint.metadata
+    return checkpoint.model, path, checkpoint.metadata
 
 
 def _what_may_be_named() -> str:
@@ -46,7 +49,7 @@ def _what_may_be_named() -> str:
 
 
 def info(target: str, width: int, height: int) -> str:
-    model, metadata = _load(target)
+    model, path, metadata = _load(target)
     _check_input(model, width, height)
     flops = count_flops(model, height, width)
     if arch_name(model).endswith("_teacher"):
@@ -62,6 +65,8 @@ def info(target: str, width: int, height: int) -> str:
         f"MACs         {flops / 2 / 1e9:.3f} G at {width}x{height} input",
         f"FLOPs        {flops / 1e9:.3f} G at {width}x{height} input",
     ]
+    if path is not None:  # what results.json and `evaluate --json` record as the weights they scored
+        lines.append(f"weights      sha256 {weights_sha256(path)} (the tensors, not the metadata)")
     if metadata is not None:
         lines.append("metadata     " + json.dumps(metadata, indent=2, sort_keys=True).replace("\n", "\n             "))
     return "\n".join(lines)

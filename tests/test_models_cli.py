@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from models import build_model, count_macs, save_checkpoint
+from models import build_model, count_macs, save_checkpoint, weights_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,9 @@ def test_info_on_a_checkpoint_prints_its_metadata(tmp_path: Path) -> None:
     result = _info(str(path), "--input", "32x32")
     assert result.returncode == 0, result.stderr
     assert '"steps": 42' in result.stdout and '"role": "student"' in result.stdout
+    # the hash results.json and `evaluate --json` record, so scores can be matched to a file without Python
+    assert f"weights      sha256 {weights_sha256(path)} " in result.stdout
+    assert "sha256" not in _info("pan_s", "--input", "32x32").stdout  # a registered name has no file
 
 
 def test_info_on_a_bad_target_is_a_clear_error(tmp_path: Path) -> None:
