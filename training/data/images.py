@@ -152,6 +152,7 @@ class ImageInfo:
     path: Path
     height: int
     width: int
+    sha256: str  # of the file's bytes, as scanned (a folder source's fingerprint is made of them)
 
 
 def _to_rgb(raw: np.ndarray) -> np.ndarray:
@@ -187,11 +188,20 @@ TOO_LARGE = f"larger than {MAX_PIXELS / 1e6:.0f} megapixels"
 
 def _decode(path: Path) -> np.ndarray:
     """The file's pixels as OpenCV reads them; ImageReadError naming the file for anything we cannot use."""
+    return _decode_bytes(path, _file_bytes(path))
+
+
+def _file_bytes(path: Path) -> np.ndarray:
+    """The file's bytes (uint8); ImageReadError naming it when it cannot be read."""
     try:
         # the bytes, not the name: OpenCV's imread crashes the process on a name that is not valid UTF-8
-        data = np.fromfile(path, np.uint8)
+        return np.fromfile(path, np.uint8)
     except OSError as exc:
         raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _decode_bytes(path: Path, data: np.ndarray) -> np.ndarray:
+    """:func:`_decode` of the bytes ``data`` read from ``path`` (named in errors)."""
     if bytes(data[:2]) == _JPEG_START and not _jpeg_complete(data):
         # libjpeg decodes a truncated file to grey rows and only prints a warning: refuse it here instead
         raise ImageReadError(f"cannot decode {path}: a truncated JPEG (no end-of-image marker)")
@@ -201,8 +211,9 @@ def _decode(path: Path) -> np.ndarray:
         with _opencv_log_silenced():
             raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error as exc:  # e.g. a header declaring more pixels than OPENCV_IO_MAX_IMAGE_PIXELS (training/__init__)
-        reason = TOO_LARGE if "validateInputImageSize" in str(exc) else "unreadable"
-        raise ImageReadError(f"cannot decode {path}: OpenCV refused it ({exc.err or exc})", reason) from None
+        if "validateInputImageSize" in str(exc):
+            raise ImageReadError(f"cannot decode {path}: its header declares a frame {TOO_LARGE}", TOO_LARGE) from None
+        raise ImageReadError(f"cannot decode {path}: OpenCV refused it ({exc.err or exc})", "unreadable") from None
     if raw is None or raw.size == 0:
         raise ImageReadError(f"cannot decode {path} as an image (unreadable, truncated or not an image)")
     if raw.shape[0] * raw.shape[1] > MAX_PIXELS:
@@ -399,14 +410,15 @@ def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -
             skipped["not images"].append(path)
             continue
         try:
-            height, width = _to_rgb(_decode(path)).shape[:2]
+            data = _file_bytes(path)
+            height, width = _to_rgb(_decode_bytes(path, data)).shape[:2]
         except ImageReadError as exc:
             skipped.setdefault(exc.reason, []).append(path)
             continue
         if min(height, width) < min_size:
             skipped[f"smaller than {min_size}px"].append(path)
             continue
-        found.append(ImageInfo(path, height, width))
+        found.append(ImageInfo(path, height, width, hashlib.sha256(data).hexdigest()))
     if any(skipped.values()):
         warnings.warn(_skip_message(root, skipped), SkippedFilesWarning, stacklevel=2)
     if not found:
