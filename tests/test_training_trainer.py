@@ -164,6 +164,64 @@ def test_resume_continues_exactly(image_folder: Path, tmp_path: Path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_records_what_the_run_depended_on(image_folder: Path, tmp_path: Path) -> None:
+    """From a reproducibility review: nothing recorded the library versions, the commit, where the steps ran or which
+    files a folder source held (a changed image gave other weights and metadata differing only in final_loss)."""
+    config = _stage_config(image_folder, tmp_path, "teacher")
+    train_stage(config, tmp_path / "run")
+    training = read_metadata(tmp_path / "run" / "final.safetensors")["training"]
+    assert training["environment"]["torch"] == torch.__version__
+    assert set(training["environment"]) >= {"python", "numpy", "opencv", "takdsr-upscaler", "git_commit"}
+    [segment] = training["arithmetic"]
+    assert segment["from_step"] == 0 and segment["arithmetic"].startswith("cpu: ")
+    assert segment["arithmetic"].endswith(f"{torch.get_num_threads()} threads; 1 rank(s); torch {torch.__version__}")
+    [folder] = training["data_sources"]
+    assert folder["kind"] == "folder" and folder["path"] == str(image_folder.resolve()) and folder["images"] == 6
+
+    changed = tmp_path / "changed"
+    shutil.copytree(image_folder, changed)
+    first = sorted(changed.glob("*.png"))[0]
+    first.write_bytes(sorted(image_folder.glob("*.png"))[1].read_bytes())  # one image replaced by another
+    same_files = _Trainer(_stage_config(image_folder, tmp_path, "teacher"), tmp_path / "a", _Dist())
+    same_files._loader(0)
+    other_files = _Trainer(dataclasses.replace(config, data=_folder_data(config, changed)), tmp_path / "b", _Dist())
+    other_files._loader(0)
+    assert same_files.data_sources == [folder]
+    assert other_files.data_sources[0]["images"] == 6 and other_files.data_sources[0]["sha256"] != folder["sha256"]
+
+
+def _folder_data(config: Config, folder: Path):
+    source = dataclasses.replace(config.data.sources[0], path=str(folder))
+    return dataclasses.replace(config.data, sources=[source])
+
+
+def test_a_resume_on_other_arithmetic_or_data_says_so_and_records_both(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resume with another thread count (the default `threads = 0` follows the cores a node gives) went on without
+    a word, its steps no longer bit-identical to an uninterrupted run's, and the metadata named only the last
+    segment's device. Files changed in the data folder also passed unnoticed."""
+    config = _stage_config(image_folder, tmp_path, "teacher")
+    with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted, match="step 3"):
+        stop_at_step(patch, 3)
+        train_stage(config, tmp_path / "run")
+    capsys.readouterr()
+    changed = tmp_path / "changed"
+    shutil.copytree(image_folder, changed)
+    sorted(changed.glob("*.png"))[0].unlink()
+    import training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "arithmetic", lambda device, ranks: "cpu: elsewhere, 7 threads")
+    train_stage(dataclasses.replace(config, data=_folder_data(config, changed)), tmp_path / "run", resume=True)
+    out = capsys.readouterr().out
+    assert "on other arithmetic than its last steps ran on (cpu: elsewhere, 7 threads; before: cpu: " in out
+    assert "not bit-identical" in out
+    assert "note: the training data differ from what the resumed steps read" in out and ": 5 images" in out
+    history = read_metadata(tmp_path / "run" / "final.safetensors")["training"]["arithmetic"]
+    assert [segment["from_step"] for segment in history] == [0, 3]
+    assert history[1]["arithmetic"] == "cpu: elsewhere, 7 threads" and history[0]["arithmetic"].startswith("cpu: ")
+
+
 def test_a_resume_with_another_lr_and_betas_trains_with_them_and_says_so(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -554,6 +612,7 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     assert results["sets"][image_folder.name]["scores"]["bicubic"]["mean"]["psnr_rgb"] > 10
     assert saved["models"]["TAKDSR"]["latency"]["median_ms"] > 0
     assert saved["models"]["TAKDSR"]["latency"]["threads"] == len(os.sched_getaffinity(0))  # whatever training set
+    assert saved["environment"]["torch"] == torch.__version__ and saved["environment"]["evaluated_on"].startswith("cpu")
     report = (run_dir / "report.md").read_text()
     assert "TAKDSR" in report and "PISR'" in report
     for plot in ("loss_curves.png", "psnr_per_model.png", f"crops_{image_folder.name}.png"):

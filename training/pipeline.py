@@ -28,6 +28,7 @@ from models import load_model, read_metadata, weights_sha256
 from models.registry import FAMILIES
 from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml, load_config
 from training.data.images import write_json_atomic
+from training.environment import arithmetic, environment
 from training.evaluate import (
     baseline_predictors,
     check_eval_folders,
@@ -287,7 +288,7 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
         teacher = run_dir / "teacher" / FINAL_FILE if stage.role == "ta" else None
         predictors[display_name(stage.name)] = checkpoint_predictor(run_dir / stage.name / FINAL_FILE, device, teacher)
     results: dict[str, Any] = {"scale": scale, "report_lr_size": list(REPORT_LR_SIZE), "sets": {}, "crops": {},
-                               "models": {}}
+                               "models": {}, "environment": {**environment(), "evaluated_on": arithmetic(device, 1)}}
     for set_name, images in eval_sets(config, scale, min_lr_side(list(checkpoints.values()))).items():
         scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure)
         results["sets"][set_name] = {"images": [image.name for image in images], "scores": scores}

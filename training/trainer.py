@@ -53,6 +53,7 @@ from training.config import Config, ExperimentConfig, StageConfig, config_from_t
 from training.data import build_train_dataset, worker_start_method
 from training.data.images import write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
+from training.environment import arithmetic, environment
 from training.memory import available_memory_bytes, kept_bytes_per_sample, out_of_memory_reason
 
 __all__ = [
@@ -239,6 +240,10 @@ class _Trainer:
         networks = [self.network, *(guide.model for guide in self.guides)]
         check_patch_size(config.data.patch_size, config.experiment.scale, networks)
         self.inputs_sha256 = input_hashes(config.stage)  # the files it starts from and learns from, as they are now
+        # where each segment's steps ran ({"from_step", "arithmetic"}): a resume elsewhere adds one
+        self.arithmetic_history = [{"from_step": 0, "arithmetic": arithmetic(self.device, dist_info.world)}]
+        self.data_sources: list[dict[str, Any]] = []  # what the loader reads (its folders' fingerprints), once built
+        self.saved_data_sources: Any = None  # what a resumed state's steps read (None: not resumed, or an old state)
         self.trained = TrainedModel(self.network)
         if config.runtime.channels_last:
             self.trained.to(memory_format=torch.channels_last)
@@ -459,6 +464,10 @@ class _Trainer:
             self.config.data, self.config.experiment.scale, stage_data_seed(self.config),
             progress=self.dist.main and self.config.runtime.progress,
         )  # fmt: skip
+        self.data_sources = [source.fingerprint() for source in dataset.sources]
+        if self.saved_data_sources not in (None, self.data_sources) and self.dist.main:
+            print(f"note: the training data differ from what the resumed steps read (files added, removed or "
+                  f"changed): now {_sources_line(self.data_sources)}; before: {_sources_line(self.saved_data_sources)}")
         sampler = StepBatchSampler(self.config.optim.batch_size, start_step, self.dist)
         workers = self.config.runtime.workers
         # Scene sources render with OpenGL: their workers must not be forked from a process holding a context.
@@ -539,6 +548,8 @@ class _Trainer:
             "budget_s": self.budget_s,  # what budget_spent is a share of
             "last_loss": self.last_loss,
             "inputs_sha256": self.inputs_sha256,
+            "arithmetic_history": self.arithmetic_history,
+            "data_sources": self.data_sources,
             # the config it was started with, as text: a state put back without its config.toml (the GPU scripts
             # bring back state.pt alone) is still resumed only with it
             "config": dump_toml(self.config.to_dict()),
@@ -574,9 +585,29 @@ class _Trainer:
         self.last_loss = state.get("last_loss")
         self.budget_spent = self._resumed_budget_spent(state)
         self._follow_config_optim()
+        step = int(state["step"])
+        self.saved_data_sources = state.get("data_sources")
+        self._continue_arithmetic_history(path, state.get("arithmetic_history"), step)
         if self.dist.main:
             _print_changes(path, state.get("config"), self.config)
-        return int(state["step"])
+        return step
+
+    def _continue_arithmetic_history(self, path: Path, saved: Any, step: int) -> None:
+        """Keep the saved segments' arithmetic and add this one's if it differs, saying so: the steps from here then
+        differ in their last bits from those an uninterrupted run takes (another thread count, CPU, GPU or torch),
+        and the metadata must not say the whole run ran here. States of older versions kept none."""
+        now = self.arithmetic_history[0]["arithmetic"]
+        if not (isinstance(saved, list) and saved and all(_is_segment(segment) for segment in saved)):
+            self.arithmetic_history = [{"from_step": step, "arithmetic": now}] if step else self.arithmetic_history
+            return
+        self.arithmetic_history = [dict(segment) for segment in saved]
+        before = saved[-1]["arithmetic"]
+        if before != now:
+            self.arithmetic_history.append({"from_step": step, "arithmetic": now})
+            if self.dist.main:
+                print(f"note: resuming {path} on other arithmetic than its last steps ran on ({now}; before: "
+                      f"{before}): the run goes on correctly, but its steps from here are not bit-identical to an "
+                      "uninterrupted run's; the checkpoint records both")
 
     def _refuse_changed_inputs(self, path: Path, state: dict[str, Any]) -> None:
         """A stage goes on only with the guides it was started with: a teacher trained again since (its folder
@@ -633,8 +664,24 @@ class _Trainer:
     def _save_network(self, path: Path, steps: int, seconds: float, **extra: Any) -> Path:
         """The network alone as a checkpoint, its metadata saying how it was trained (plus `extra`)."""
         summary = _training_summary(self.config, steps, seconds)
-        summary.update(device=_device_name(self.device), world_size=self.dist.world, **extra)
+        summary.update(device=_device_name(self.device), world_size=self.dist.world,
+                       arithmetic=self.arithmetic_history, data_sources=self.data_sources, environment=environment(),
+                       **extra)  # fmt: skip
         return save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
+
+
+def _sources_line(sources: Any) -> str:
+    """Data sources' fingerprints in a line: a folder's image count and hash, a scene source's frame count."""
+    if not isinstance(sources, list):
+        return "not recorded"
+    return "; ".join(f"{s.get('path', s.get('kind'))}: {s.get('images', s.get('frames'))} images, "
+                     f"sha256 {str(s.get('sha256'))[:12]}" if isinstance(s, dict) else "?" for s in sources)
+
+
+def _is_segment(segment: Any) -> bool:
+    """Whether a state's arithmetic_history entry has the shape this trainer writes."""
+    return (isinstance(segment, dict) and isinstance(segment.get("arithmetic"), str)
+            and isinstance(segment.get("from_step"), int) and not isinstance(segment.get("from_step"), bool))
 
 
 def _memory_refusal(config: Config, device: torch.device, per_sample: int, ranks: int, available: int) -> str | None:

@@ -12,7 +12,7 @@ exactly `degrade(hr, s)` (after augmentation), for a native source it is the ali
 """
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ class Source(Protocol):
     def name(self, index: int) -> str: ...
 
     def frame(self, index: int) -> Frame: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
 
 
 class PatchDataset(Dataset):

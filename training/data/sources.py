@@ -10,6 +10,7 @@ that renders: an EGL context cannot cross a fork, so each DataLoader worker make
 """
 
 import functools
+import hashlib
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -141,6 +142,13 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records of the folder: its absolute path, its usable images' count and one sha256 over
+        their paths (relative, sorted) and bytes, so that two runs can tell whether they read the same files."""
+        listing = "".join(f"{info.path.relative_to(self.root).as_posix()}\t{info.sha256}\n" for info in self.images)
+        return {"kind": "folder", "path": str(self.root.resolve()), "images": len(self.images),
+                "sha256": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()}
+
     def name(self, index: int) -> str:
         """The image's path in the folder without its suffix (`a/frame`), or with it where two files differ only
         there (`x.png`, `x.jpg`): unique, so that per-image scores keyed by name never merge two images."""
@@ -205,6 +213,11 @@ class SceneSource:
 
     def __len__(self) -> int:
         return len(self.pool)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records of the source beyond its config: the number of (preset, t) frames. Their pixels
+        depend on the OpenGL driver that renders them (docs/scenes.md), which only the workers meet."""
+        return {"kind": "scenes", "frames": len(self.pool)}
 
     def name(self, index: int) -> str:
         return frame_name(*self.pool[index])
