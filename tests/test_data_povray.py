@@ -139,6 +139,8 @@ def test_render_one_scene_through_the_command(tmp_path: Path) -> None:
     assert record["sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
     assert record["pixels_sha256"] == pixels_sha256(png)
     assert record["licence"] == "CC-BY-3.0" and record["png"] == png.name and record["seconds"] > 0
+    version = subprocess.run(["povray", "--version"], capture_output=True, text=True, timeout=30).stderr
+    assert record["povray_version"][0].isdigit() and record["povray_version"] in version  # builds round otherwise
     assert record["command"][0] == "povray" and "+W48" in record["command"] and "+A0.3" in record["command"]
     assert "+WT1" in record["command"]
     assert manifest["failed"] == {}

@@ -82,6 +82,8 @@ def test_scenes_command_writes_aligned_pairs(tmp_path: Path) -> None:
         hr, lr = read_image(out / record["hr"]), read_image(out / record["lr"])
         assert hr.shape == (3, 36, 64) and lr.shape == (3, 18, 32)
         assert record["hr_sha256"] == hashlib.sha256((out / record["hr"]).read_bytes()).hexdigest()
+        # the driver, since pixels differ between drivers (here Mesa's llvmpipe, or a GPU's): "<renderer>, <version>"
+        assert ", " in record["renderer"] and any(word in record["renderer"] for word in ("Mesa", "NVIDIA", "OpenGL"))
         pairs.append((hr, lr))
     # Same camera: each HR, degraded, is closer to its own native LR than to the LR of any other time.
     for i, (hr, _) in enumerate(pairs):

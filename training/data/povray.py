@@ -15,6 +15,7 @@ import fnmatch
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import signal
 import subprocess
@@ -70,6 +71,7 @@ class RenderRecord:
     licence: str
     width: int
     height: int
+    povray_version: str = ""  # other builds may round differently (docs/data.md); "" in older manifests
 
 
 def load_scene_list(path: Path = SCENE_LIST) -> list[str]:
@@ -217,8 +219,15 @@ def render_scene(
         os.replace(final.with_suffix(".part"), final)
     return RenderRecord(
         scene, final.name, command, round(seconds, 2), file_sha256(final), pixels_sha256(final), scene_licence(scene),
-        width, height,
+        width, height, povray_version(stderr),
     )  # fmt: skip
+
+
+def povray_version(banner: str) -> str:
+    """POV-Ray's version as a render's banner on stderr gives it ("Ray Tracer Version 3.7.0.10.unofficial"), or
+    "unknown" (a wrapper script that prints no banner)."""
+    found = re.search(r"Ray Tracer Version (\d\S*)", banner)
+    return found[1] if found else "unknown"
 
 
 class RenderStopped(Exception):

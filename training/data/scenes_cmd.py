@@ -49,6 +49,7 @@ class FrameRecord:
     seconds: float
     hr_sha256: str
     lr_sha256: str
+    renderer: str = ""  # the OpenGL driver, GL version: pixels differ between drivers; "" in older manifests
 
 
 def frame_plan(presets: list[str], count: int, split: Split) -> list[tuple[str, float]]:
@@ -191,7 +192,7 @@ def write_scene_frames(
         write_png(lr_path, lr)
         record = FrameRecord(
             name, preset, t, split, f"hr/{name}.png", f"{lr_dir}/{name}.png", width, height, scale, lr_kind,
-            supersample, round(seconds, 3), file_sha256(hr_path), file_sha256(lr_path),
+            supersample, round(seconds, 3), file_sha256(hr_path), file_sha256(lr_path), renderer.description() or "",
         )  # fmt: skip
         manifest["frames"][name] = asdict(record)
         write_json_atomic(manifest_path, manifest)

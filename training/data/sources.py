@@ -294,6 +294,14 @@ class LazyRenderer:
             return frame
         return self._renderer.render(preset, t, width, height, supersample=supersample)
 
+    def description(self) -> str | None:
+        """The OpenGL driver this process rendered with (`llvmpipe (LLVM 15.0.6, 256 bits), 4.5 (Core Profile) Mesa
+        22.3.6`): a frame's pixels depend on it (docs/scenes.md). None before this process has rendered."""
+        if self._renderer is None or self._pid != os.getpid():
+            return None
+        info = self._renderer.ctx.info
+        return f"{info['GL_RENDERER']}, {info['GL_VERSION']}"
+
     def __getstate__(self) -> dict[str, Any]:
         return {}
 
