@@ -126,6 +126,7 @@ def _umask() -> int:
     return current
 
 
+TRAINING_STATE_NAME = "state.pt"  # what a training run folder keeps to resume (named here for the hint alone)
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle (protocol 2 and later)
 
 
@@ -139,8 +140,12 @@ def _pytorch_file_hint(path: str | os.PathLike[str]) -> str:
         return ""
     if not head.startswith(_PICKLE_MAGIC):
         return ""
-    return ("; it looks like a PyTorch .pt/.pth (pickle) file, which is never loaded, as unpickling may run code: save "
+    hint = ("; it looks like a PyTorch .pt/.pth (pickle) file, which is never loaded, as unpickling may run code: save "
             "the network with models.save_checkpoint, which writes safetensors with the metadata this needs")
+    if Path(path).name == TRAINING_STATE_NAME:  # the name the trainer gives its resumable state
+        hint += (f" (for a training run's {TRAINING_STATE_NAME}: `python -m training export-state RUN_DIR --out "
+                 "FILE.safetensors` writes its network so)")
+    return hint
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

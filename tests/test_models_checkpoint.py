@@ -150,6 +150,10 @@ def test_pickle_is_refused_and_never_executed(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=says_what_to_do):
         load_checkpoint(torch_style)
     assert not marker.exists()
+    state = tmp_path / "state.pt"  # a training run's state: its network is one command away
+    torch.save({"step": 3, "model": {"w": torch.zeros(2)}}, state)
+    with pytest.raises(CheckpointError, match=r"python -m training export-state RUN_DIR --out FILE\.safetensors"):
+        load_checkpoint(state)
 
 
 def test_safetensors_without_our_metadata(tmp_path: Path) -> None:

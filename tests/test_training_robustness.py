@@ -327,6 +327,18 @@ def test_tampered_training_states_are_refused_in_one_line(image_folder: Path, tm
         read_state(run / "state.pt", torch.device("cpu"))
 
 
+def test_a_state_of_the_trainer_before_time_budgets_is_named_as_such(image_folder: Path, tmp_path: Path) -> None:
+    """From the upgrade review: a state saved before 2026-11-25 kept a CosineAnnealingLR (T_max, eta_min), and its
+    resume was refused as "was the config changed since it was saved?: 'lr_lambdas'", which it had not been."""
+    run, state = _saved_state(tmp_path, image_folder)
+    older = {"T_max": 12, "eta_min": 1e-4, "base_lrs": [1e-3], "last_epoch": state["step"], "_step_count": 5,
+             "_get_lr_called_within_step": False, "_last_lr": [5e-4]}
+    torch.save({**state, "scheduler": older}, run / "state.pt")
+    with pytest.raises(ValueError, match=rf"{run / 'state.pt'} was saved by an older version of this trainer .*"
+                                         rf"python -m training export-state {run} --out FILE\.safetensors"):
+        train_stage(load_config(run / "config.toml"), run, resume=True)
+
+
 def test_a_half_written_metrics_line_does_not_block_a_resume(image_folder: Path, tmp_path: Path) -> None:
     run, _ = _saved_state(tmp_path, image_folder)
     records = (run / "metrics.jsonl").read_text().splitlines()

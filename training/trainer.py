@@ -48,7 +48,7 @@ from models import (
     size_problem,
     weights_sha256,
 )
-from models.checkpoint import MAX_BLOCKS
+from models.checkpoint import MAX_BLOCKS, TRAINING_STATE_NAME
 from training.config import Config, ExperimentConfig, StageConfig, config_from_toml, differing_keys, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.data.images import write_text_atomic
@@ -61,7 +61,7 @@ __all__ = [
     "read_state", "stage_inputs", "train_stage",
 ]  # fmt: skip
 
-STATE_FILE = "state.pt"
+STATE_FILE = TRAINING_STATE_NAME  # the name models.checkpoint gives a hint for
 FINAL_FILE = "final.safetensors"
 FORCE_AFTER_S = 2.0  # a second stop signal sooner than this after the first is the same stop, delivered twice
 LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
@@ -564,6 +564,7 @@ class _Trainer:
             raise FileNotFoundError(f"nothing to resume: {path} " + (
                 "is not a regular file" if os.path.lexists(path) else "does not exist"))
         state = read_state(path, self.device, needs=("optimizer", "scheduler", "torch_rng"))
+        _refuse_older_schedule(path, state["scheduler"], self.run_dir)
         self._refuse_changed_inputs(path, state)
         mismatch = _state_dict_mismatch(self.trained, state["model"])
         try:
@@ -668,6 +669,15 @@ class _Trainer:
                        arithmetic=self.arithmetic_history, data_sources=self.data_sources, environment=environment(),
                        **extra)  # fmt: skip
         return save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
+
+
+def _refuse_older_schedule(path: Path, scheduler: Any, run_dir: Path) -> None:
+    """ValueError for a state saved by a trainer before time budgets (before 2026-11-25), whose scheduler was a
+    CosineAnnealingLR (T_max, eta_min): it was refused as if the config had changed, which it had not."""
+    if isinstance(scheduler, dict) and "T_max" in scheduler and "lr_lambdas" not in scheduler:
+        raise ValueError(f"{path} was saved by an older version of this trainer (its learning-rate schedule is kept "
+                         f"in another form) and cannot be resumed; its network can: `python -m training export-state "
+                         f"{run_dir} --out FILE.safetensors`, or remove {run_dir} to train the stage again")
 
 
 def _sources_line(sources: Any) -> str:
