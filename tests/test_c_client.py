@@ -419,11 +419,11 @@ WELCOME = {"server": "fake/0", "instance": "f", "versions": [1], "model": "fake"
 
 @contextlib.contextmanager
 def _fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
-                 short_input: bool = False) -> Iterator[list[str]]:
+                 short_input: bool = False, version: int = 1) -> Iterator[list[str]]:
     """A ROUTER that answers hello, open (with `slots` slots, over real segments of that size) and close by the
     book, and ignores submits; yields the types of the requests it got. ``opened`` overrides the opened reply's
     sizes (width, height, out_width, out_height: the segments follow them, modulo 2^64 as a C client computes them),
-    ``short_input`` makes the input segment half the size the reply says."""
+    ``short_input`` makes the input segment half the size the reply says, ``version`` is the replies' `v`."""
     seen: list[str] = []
     made: list[pathlib.Path] = []
 
@@ -439,7 +439,7 @@ def _fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None
                 "row_stride": row}
 
     def answer(msg: dict[str, object]) -> dict[str, object] | None:
-        head = {"v": 1, "req": msg["req"]}
+        head = {"v": version, "req": msg["req"]}
         if msg["type"] == "hello":
             return {**head, "type": "welcome", **WELCOME}
         if msg["type"] == "open":
@@ -509,6 +509,16 @@ def test_an_opened_reply_with_other_sizes_is_a_protocol_error(asan_binary: pathl
     assert run.returncode == 1 and "PROTOCOL" in run.stderr and said in run.stderr, run.stderr[-4000:]
     assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-4000:]
     assert "submit" not in seen and seen[-1] == "close", seen
+
+
+def test_a_daemon_of_another_protocol_version_is_named_as_such(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """From the upgrade review: a newer daemon's welcome (v 2) was "the daemon's reply lacks a valid v/type/req
+    header", with no version named."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    with _fake_daemon(endpoint, 2, version=2):
+        run = _run([str(binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
+    assert run.returncode == 1, run.stderr
+    assert "the daemon answered in protocol version 2; this client speaks 1" in run.stderr, run.stderr
 
 
 def test_a_segment_shorter_than_its_reply_says_is_named(asan_binary: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -32,3 +32,16 @@ def test_usage_names_the_console_script(script: str, module: str) -> None:
 @pytest.mark.parametrize(("script", "module"), COMMANDS)
 def test_usage_names_python_dash_m(script: str, module: str) -> None:
     assert _usage_line([sys.executable, "-m", module, "--help"]).startswith(f"usage: python -m {module} ")
+
+
+def test_the_daemon_reports_the_packages_version_and_the_changelog_describes_it() -> None:
+    """welcome.server tells a client which rules a daemon applies (docs/protocol.md, section 10): it must follow the
+    package's version, which stayed 0.1.0 while the protocol's rules were tightened (from an upgrade review)."""
+    import tomllib
+
+    from upscaler_server import __version__
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    declared = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["version"]
+    assert __version__ == declared
+    assert f"\n## {declared} (" in (repo / "CHANGELOG.md").read_text()

@@ -33,7 +33,7 @@ EXAMPLES: list[p.Message] = [
     p.Process(req=4, width=2, height=1, format="RGB8", frame=0, pixels=b"\x00\x01\x02\x03\x04\x05"),
     p.Close(req=5, session=7),
     p.Ping(req=6, sessions=[7, 8]),
-    p.Welcome(req=1, server="takdsr-upscaler/0.1.0", instance="ab", versions=[1], model="rlfn", scale=2,
+    p.Welcome(req=1, server="takdsr-upscaler/0.2.0", instance="ab", versions=[1], model="rlfn", scale=2,
               device="cpu", precision="fp32", random_weights=False, formats=["RGB8"], min_size=15, max_width=3840,
               max_height=2160, max_pixels=3840 * 2160, max_slots=8, max_sessions=64, max_queue=16, lease_ms=10000,
               heartbeat_ms=2500),
@@ -102,6 +102,17 @@ def test_decode_rejects(data: bytes, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as info:
         p.decode(data)
     assert info.value.code == code
+
+
+def test_a_version_mismatch_names_whose_version_is_whose() -> None:
+    """From the upgrade review: a newer daemon's reply told the client "this daemon speaks 1", the client's own
+    version, as if the daemon were the older one."""
+    with pytest.raises(ProtocolError, match="protocol version 2 is not supported; this daemon speaks 1"):
+        p.decode(_raw(v=2))
+    reply = msgpack.packb({"v": 2, "type": "pong", "req": 3, "sessions": []})
+    with pytest.raises(ProtocolError, match="the daemon answered in protocol version 2; this client speaks 1") as info:
+        p.decode(reply, side="reply")
+    assert info.value.code == ErrorCode.VERSION_MISMATCH
 
 
 def _map_with_pairs(pairs: list[tuple[str, object]]) -> bytes:

@@ -423,14 +423,22 @@ def decode(data: bytes, side: Literal["request", "reply"] = "request", max_bin: 
         if isinstance(version, bool) or not isinstance(version, int):
             raise ProtocolError(f"key 'v' must be the protocol version integer {VERSION}", ErrorCode.INVALID_FIELD)
         if version != VERSION:
-            raise ProtocolError(f"protocol version {version} is not supported; this daemon speaks {VERSION}",
-                                ErrorCode.VERSION_MISMATCH)
+            raise ProtocolError(_version_mismatch(version, side), ErrorCode.VERSION_MISMATCH)
         cls = _message_class(raw.get("type"), side)
         fields = {k: v for k, v in raw.items() if k not in ("v", "type")}
         return cls(**_check_fields(cls, fields))
     except ProtocolError as exc:
         exc.req = req
         raise
+
+
+def _version_mismatch(version: int, side: Literal["request", "reply"]) -> str:
+    """Whose version is not whose: a daemon reads requests, a client replies (a newer daemon's reply said "this
+    daemon speaks 1" to the client that spoke 1)."""
+    if side == "request":
+        return f"protocol version {version} is not supported; this daemon speaks {VERSION}"
+    return (f"the daemon answered in protocol version {version}; this client speaks {VERSION}: use a client of the "
+            "daemon's version")
 
 
 def _unpack(data: bytes, max_bin: int) -> dict[Any, Any]:
