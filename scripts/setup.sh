@@ -2,7 +2,8 @@
 # Set up everything this project needs on a fresh Debian 12 machine, idempotently:
 # Debian packages (Mesa EGL/llvmpipe for headless rendering, Xvfb, POV-Ray and its examples),
 # a virtual environment in .venv, PyTorch (the CPU build unless an NVIDIA GPU is present) and the
-# project with its Python dependencies. A second run only checks and returns in seconds.
+# project with its Python dependencies. A second run only checks and returns in seconds; a .venv that came with a
+# moved or copied project folder (its scripts name the old folder) is rebuilt.
 #
 #   bash scripts/setup.sh          # runtime
 #   bash scripts/setup.sh --dev    # + test tools (pytest, ruff, scikit-image)
@@ -61,6 +62,18 @@ venv_works() {
     [[ -x .venv/bin/python ]] && .venv/bin/python -m pip --version >/dev/null 2>&1
 }
 
+# The folder a venv was made for. A venv moved or copied with the project still runs, but its scripts' first lines
+# and the project's editable install name the old folder: the copy ran the original's code, the moved one found no
+# project. Recorded in .venv/.made-for; a venv of an earlier setup.sh is judged by where it imports the project from.
+venv_made_for() {
+    if [[ -f .venv/.made-for ]]; then
+        cat .venv/.made-for
+    else
+        (cd / && "$here/.venv/bin/python" -c 'import pathlib, upscaler_server
+print(pathlib.Path(upscaler_server.__file__).resolve().parent.parent)' 2>/dev/null) || echo "$here"
+    fi
+}
+
 has_nvidia_gpu() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
 
 install_torch() {
@@ -95,11 +108,17 @@ install_project() {
 }
 
 install_debian_packages
+here=$(pwd -P)
+if venv_works && [[ "$(venv_made_for)" != "$here" ]]; then
+    log ".venv was made for $(venv_made_for), not this folder (moved or copied): rebuilding it"
+    rm -f .venv/bin/python # not venv_works any more: rebuilt whole below
+fi
 if ! venv_works; then
     log "creating .venv"
     "$(pick_python)" -m venv --clear .venv # --clear: a broken venv (its Python gone or moved) is rebuilt whole
     "${PIP[@]}" install -q --upgrade pip
 fi
+printf '%s\n' "$here" >.venv/.made-for
 install_torch
 install_project
 summary=$(.venv/bin/python -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")')
