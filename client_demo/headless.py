@@ -69,6 +69,8 @@ class OutputFolder:
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
+        # the folders this run creates, deepest first: removed again by release() if the run writes nothing there
+        self._made = [folder for folder in [path, *path.parents] if not os.path.lexists(folder)]
         try:
             path.mkdir(parents=True, exist_ok=True)
             self._lock = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - held (and the lock with it) until release()
@@ -89,13 +91,30 @@ class OutputFolder:
         self._lock.flush()
 
     def release(self) -> None:
-        self._lock.close()
+        """Unlock. A folder this run created and left holding only the lock file (no daemon reached, none started)
+        is removed again, with the parents it created: a failed first run left `--out` and its lock behind. The
+        lock file goes while it is still locked; in a folder that existed before, it stays (see LOCK_NAME)."""
+        try:
+            if self._made and _holds_only_the_lock(self.path):
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+                for folder in self._made:
+                    with contextlib.suppress(OSError):  # not empty: someone wrote there meanwhile
+                        folder.rmdir()
+        finally:
+            self._lock.close()
 
     def __enter__(self) -> OutputFolder:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _holds_only_the_lock(folder: pathlib.Path) -> bool:
+    try:
+        return [entry.name for entry in folder.iterdir()] == [LOCK_NAME]
+    except OSError:  # removed or unreadable meanwhile: nothing to tidy
+        return False
 
 
 class _Stopped(Exception):

@@ -306,6 +306,22 @@ def test_a_daemon_that_cannot_serve_the_run_deletes_nothing_of_an_earlier_run(
     assert {name: (tmp_path / "out" / name).read_bytes() for name in files} == files
 
 
+def test_a_run_that_writes_nothing_removes_the_folders_it_created(tmp_path: pathlib.Path) -> None:
+    """From a paths review: a first run with no daemon to reach created --out (and its missing parents) and left them
+    holding only the lock file. A folder that existed keeps its lock file, as before."""
+    out = tmp_path / "new" / "deeper" / "out"
+    result = run_demo("--headless", "--lr", LR_ARG, "--frames", "2", "--out", str(out), "--endpoint",
+                      f"ipc://{tmp_path}/none.sock")
+    assert result.returncode == 3 and "nothing in" in result.stderr, output_of(result)
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    result = run_demo("--headless", "--lr", LR_ARG, "--frames", "2", "--out", str(existing), "--endpoint",
+                      f"ipc://{tmp_path}/none.sock")
+    assert result.returncode == 3, output_of(result)
+    assert [path.name for path in existing.iterdir()] == [".takdsr-demo.lock"]
+
+
 def test_the_supersampled_reference_is_within_what_opengl_draws(nearest_daemon: Daemon,
                                                                 tmp_path: pathlib.Path) -> None:
     """Headless frames are scored against a 2x2-supersampled render: HR frames above half the GL limit passed the
