@@ -10,6 +10,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from training.data.images import write_json_atomic
 from training.evaluate import check_output_file
 from upscaler_server import export
 from upscaler_server.bench import check_json_target
-from upscaler_server.files import is_stream, partial_beside, publish, replace_whole
+from upscaler_server.files import is_stream, partial_beside, planted_link, publish, replace_whole
 
 
 @pytest.fixture
@@ -120,3 +121,44 @@ def test_training_json_writes_into_a_fifo(fifo: Path) -> None:
     received = read_while(fifo, lambda: write_json_atomic(fifo, {"psnr": 38.0}))
     assert json.loads(received) == {"psnr": 38.0}
     assert [p.name for p in fifo.parent.iterdir()] == [fifo.name]
+
+
+def _stat(mode: int, uid: int) -> os.stat_result:
+    return os.stat_result((mode, 0, 0, 1, uid, uid, 0, 0, 0, 0))
+
+
+@pytest.mark.parametrize(("folder_mode", "folder_uid", "link_uid", "planted"), [
+    (0o41777, 0, 1002, True),  # /tmp: sticky, world-writable, root's; bob's link, alice writes
+    (0o41777, 0, 1001, False),  # alice's own link in /tmp
+    (0o41777, 1002, 1002, False),  # a link of the folder's owner
+    (0o40777, 0, 1002, False),  # world-writable, not sticky: the kernel follows it too
+    (0o41755, 0, 1002, False),  # sticky, not world-writable
+])
+def test_a_link_is_followed_as_the_kernel_would(folder_mode: int, folder_uid: int, link_uid: int,
+                                                planted: bool) -> None:
+    """fs.protected_symlinks' rule, which a write to a link's realpath bypassed (from a two-users review: bob's link
+    /tmp/alice-bench.json -> ~alice/notes.txt had `bench --json` replace alice's notes)."""
+    assert planted_link(_stat(stat.S_IFLNK | 0o777, link_uid), _stat(folder_mode, folder_uid), 1001) is planted
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a link another owner (lchown)")
+def test_a_link_another_user_planted_in_a_shared_folder_is_not_written_through(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    planted = shared / "bench.json"
+    planted.symlink_to(precious)
+    os.lchown(planted, 12345, 12345)
+    with pytest.raises(ValueError, match=r"is a link of another user \(uid 12345\) in the shared folder"):
+        check_json_target(planted)
+    with pytest.raises(PermissionError), partial_beside(planted) as partial:
+        partial.write_text("{}")
+    onnx = shared / "m.onnx"
+    onnx.symlink_to(precious)
+    os.lchown(onnx, 12345, 12345)
+    run = subprocess.run([sys.executable, "-m", "upscaler_server.export", "-o", str(onnx), "--overwrite"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "is a link of another user" in run.stderr, run.stderr
+    assert precious.read_text() == "mine"

@@ -452,7 +452,10 @@ def check_json_target(path: pathlib.Path) -> None:
         if not os.access(path, os.W_OK):
             raise ValueError(f"--json {path} is not writable; choose another")
         return
-    folder = written_file(path).parent
+    try:
+        folder = written_file(path).parent
+    except PermissionError as exc:  # a link another user planted in /tmp
+        raise ValueError(f"--json {exc}") from None
     if path.is_dir():
         raise ValueError(f"--json {path} is a folder; name a file")
     if os.path.lexists(folder) and not folder.is_dir():  # a file there: "does not exist" sent users looking for it

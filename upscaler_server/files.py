@@ -2,9 +2,10 @@
 
 Used by the offline CLI, the ONNX export and the benchmark's JSON, so that a full disk, an error or a Ctrl-C
 leaves the earlier file (or none), never a truncated one that looks finished. A target that is a link to a file is
-written where the link leads (the link stays); one that is no file at all, such as /dev/null, /dev/stdout or a FIFO,
-is written into when the output is complete, as a shell's redirection would: moving a file onto it (as root) turned
-/dev/null into a plain file for the whole machine.
+written where the link leads (the link stays), unless another user planted it in a shared folder such as /tmp (the
+kernel's protected_symlinks rule, which writing to the link's target would bypass); one that is no file at all,
+such as /dev/null, /dev/stdout or a FIFO, is written into when the output is complete, as a shell's redirection
+would: moving a file onto it (as root) turned /dev/null into a plain file for the whole machine.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["FolderError", "check_writable", "folder_made_for", "is_stream", "partial_beside", "publish",
-           "replace_whole", "written_file"]
+__all__ = ["FolderError", "check_writable", "folder_made_for", "is_stream", "partial_beside", "planted_link",
+           "publish", "replace_whole", "written_file"]
 
 
 class FolderError(OSError):
@@ -38,8 +39,27 @@ def is_stream(target: pathlib.Path) -> bool:
 
 
 def written_file(target: pathlib.Path) -> pathlib.Path:
-    """The file a write to ``target`` replaces: what a link leads to (kept a link), else ``target`` itself."""
-    return pathlib.Path(os.path.realpath(target)) if os.path.islink(target) else target
+    """The file a write to ``target`` replaces: what a link leads to (kept a link), else ``target`` itself.
+    PermissionError for a link another user planted in a shared folder such as /tmp (see planted_link)."""
+    if not os.path.islink(target):
+        return target
+    try:
+        link, folder = os.lstat(target), os.stat(target.parent)
+    except OSError:  # gone meanwhile: the write reports it
+        return target
+    if planted_link(link, folder, os.geteuid()):
+        raise PermissionError(f"{target} is a link of another user (uid {link.st_uid}) in the shared folder "
+                              f"{target.parent}: not written through (the kernel does not follow such links "
+                              "either); remove it or write elsewhere")
+    return pathlib.Path(os.path.realpath(target))
+
+
+def planted_link(link: os.stat_result, folder: os.stat_result, euid: int) -> bool:
+    """The kernel's rule for following a link (fs.protected_symlinks), which a write to the link's realpath would
+    bypass: a link in a sticky, world-writable folder (/tmp) is followed only by its owner, or when the folder's
+    owner owns it too. Otherwise another user could make our output overwrite any file of ours it names."""
+    shared = folder.st_mode & stat.S_ISVTX and folder.st_mode & stat.S_IWOTH
+    return bool(shared) and link.st_uid not in (euid, folder.st_uid)
 
 
 @contextlib.contextmanager
