@@ -231,6 +231,27 @@ def test_on_cuda_the_count_and_the_free_memory_are_the_devices(image_folder: Pat
         train_stage(config, tmp_path / "run")
 
 
+def test_a_worker_killed_while_handing_a_batch_over_is_the_same_error(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker killed while the trainer took a batch's shared memory from it reset that connection before torch's
+    SIGCHLD handler spoke: "error: [Errno 104] Connection reset by peer" (seen once in CI, under load)."""
+    config = tiny_config(image_folder, runtime={"workers": 1, "checkpoint_every": 1}, optim={"steps": 4})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(dump_toml(config.to_dict()))
+
+    def reset(*args: object) -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(_Trainer, "_step_within_memory", reset)
+    argv = ["train", "--config", str(config_file), "--set", "stage.role=teacher", "--set", "stage.name=teacher",
+            "--run-dir", str(tmp_path / "run")]
+    assert training_main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: a data-loader worker of teacher died (its connection was reset while it handed a "
+                            "batch over: Connection reset by peer): the kernel's OOM killer"), error
+
+
 def test_a_data_loader_worker_killed_mid_run_is_one_error_and_the_run_resumes(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -253,8 +274,8 @@ def test_a_data_loader_worker_killed_mid_run_is_one_error_and_the_run_resumes(
     assert training_main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(
-        r"error: a data-loader worker of teacher died \(DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: "
-        r"Killed|exited unexpectedly)\): "
+        r"error: a data-loader worker of teacher died \((DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: "
+        r"Killed|exited unexpectedly)|its connection was reset while it handed a batch over: .*)\): "
         r"the kernel's OOM killer ends one so when memory runs out \(`dmesg` says whether it did\); fewer "
         r"runtime\.workers, a smaller data\.cache_mb \(each worker has its own\) or optim\.batch_size need less; "
         rf"`python -m training train --resume {re.escape(str(run))} --set optim\.batch_size=N` goes on from the last "

@@ -286,12 +286,19 @@ class _Trainer:
             except RuntimeError as exc:  # torch's SIGCHLD handler raises it wherever the loop is
                 if not str(exc).startswith("DataLoader worker (pid"):
                     raise
-                raise DataWorkerError(
-                    f"a data-loader worker of {self.config.stage.name} died ({_first_line(exc).rstrip('. ')}): the "
-                    f"kernel's OOM killer ends one so when memory runs out (`dmesg` says whether it did); fewer "
-                    f"runtime.workers, a smaller data.cache_mb (each worker has its own) or optim.batch_size need "
-                    f"less{self._resume_hint()}"
-                ) from None
+                raise self._worker_died(_first_line(exc).rstrip(". ")) from None
+            except ConnectionError as exc:  # killed while handing a batch's shared memory over, before SIGCHLD came
+                if not self.config.runtime.workers:
+                    raise
+                raise self._worker_died(f"its connection was reset while it handed a batch over: "
+                                        f"{exc.strerror or exc}") from None
+
+    def _worker_died(self, how: str) -> DataWorkerError:
+        return DataWorkerError(
+            f"a data-loader worker of {self.config.stage.name} died ({how}): the kernel's OOM killer ends one so "
+            f"when memory runs out (`dmesg` says whether it did); fewer runtime.workers, a smaller data.cache_mb "
+            f"(each worker has its own) or optim.batch_size need less{self._resume_hint()}"
+        )
 
     def _train(self, start_step: int, loss_module: Distillation, loader: DataLoader) -> StageResult:
         self.started = time.perf_counter()
