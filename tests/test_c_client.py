@@ -27,7 +27,7 @@ import zmq
 from upscaler_server.client import UpscalerClient
 from upscaler_server.upscale import read_8bit
 
-from server_utils import REPO, SHM_DIR, Daemon, make_checkpoint, png_header_only, run_server
+from server_utils import REPO, SHM_DIR, Daemon, make_checkpoint, png_header_only, run_server, short_tmpdir
 
 C_DIR = REPO / "examples" / "c_client"
 DEBIAN_PACKAGES = "build-essential pkg-config libzmq3-dev libmsgpack-dev libpng-dev valgrind"
@@ -562,3 +562,73 @@ def test_an_interrupted_run_closes_its_session(binary: pathlib.Path, nearest: Da
     assert "interrupted" in err and seconds < 3, f"{seconds:.1f} s: {err}"
     assert not nearest.segments(), "the session was left open"
     assert not (tmp_path / "out.png").exists()
+
+
+# --- the default endpoint: its folder must be this user's, mode 0700 -------------------------------------------------
+
+
+def _default_endpoint_env(xdg: pathlib.Path | None, endpoint: str | None = None) -> dict[str, str]:
+    """This process's environment with XDG_RUNTIME_DIR set to ``xdg`` and $TAKDSR_UPSCALER_ENDPOINT to ``endpoint``
+    (each left out when None)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "TAKDSR_UPSCALER_ENDPOINT")}
+    return {**env, **({"XDG_RUNTIME_DIR": str(xdg)} if xdg else {}),
+            **({"TAKDSR_UPSCALER_ENDPOINT": endpoint} if endpoint else {})}
+
+
+@pytest.fixture
+def xdg() -> Iterator[pathlib.Path]:
+    """A short folder for $XDG_RUNTIME_DIR (socket paths stay under 107 bytes), removed afterwards."""
+    folder = short_tmpdir()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("made", ["mode 0755", "symbolic link", "file"])
+def test_a_default_endpoint_folder_that_is_not_private_is_refused(binary: pathlib.Path, xdg: pathlib.Path,
+                                                                   tmp_path: pathlib.Path, made: str) -> None:
+    """From a review: the default endpoint's folder was never checked. Another user could make
+    /tmp/takdsr-<this uid> (mode 0755), serve a 0777 socket in it, and get this user's frames. The folder must be a
+    directory (not a link), this user's, mode 0700, as the daemon's runtime_dir() requires. Tests cannot switch users:
+    a folder of this user's with mode 0755 (or a link, or a file) fails the same check."""
+    folder = xdg / "takdsr"
+    if made == "mode 0755":
+        folder.mkdir(mode=0o700)
+        folder.chmod(0o755)
+        kind = "a directory"
+    elif made == "symbolic link":
+        (xdg / "real").mkdir(mode=0o700)  # private itself: the link is what is refused
+        folder.symlink_to(xdg / "real")
+        kind = "a symbolic link"
+    else:
+        folder.write_bytes(b"")
+        kind = "no directory"
+    endpoint = f"ipc://{folder}/upscaler.sock"
+    listens = made == "mode 0755"  # a daemon there: the client must not say a word to it
+    with _fake_daemon(endpoint, 2) if listens else contextlib.nullcontext([]) as seen:
+        run = subprocess.run([str(binary), "-p", "16x16", "-t", "2000", "-o", str(tmp_path / "out.png")],
+                             capture_output=True, text=True, timeout=RUN_TIMEOUT, env=_default_endpoint_env(xdg))
+    assert run.returncode == 1, run.stderr
+    mode = folder.lstat().st_mode & 0o7777
+    assert (f"{folder} must be a directory owned by uid {os.geteuid()} with mode 0700, but it is {kind} owned by uid "
+            f"{os.geteuid()} with mode {mode:04o}; remove it") in run.stderr, run.stderr
+    assert seen == [], seen
+    if listens:  # an endpoint the user names is theirs to choose: -e or $TAKDSR_UPSCALER_ENDPOINT reach that daemon
+        for args, env in (["-e", endpoint], _default_endpoint_env(xdg)), ([], _default_endpoint_env(xdg, endpoint)):
+            with _fake_daemon(endpoint, 2) as seen:
+                subprocess.run([str(binary), *args, "-p", "16x16", "-t", "300", "-o", str(tmp_path / "out.png")],
+                               capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
+            assert seen[:2] == ["hello", "open"], seen
+
+
+def test_the_default_endpoint_in_a_private_folder_is_used(binary: pathlib.Path, xdg: pathlib.Path,
+                                                          tmp_path: pathlib.Path) -> None:
+    """A missing folder is created 0700 (nobody else can make it meanwhile); an existing 0700 one of this user's
+    serves."""
+    run = subprocess.run([str(binary), "-p", "16x16", "-t", "300", "-o", str(tmp_path / "out.png")],
+                         capture_output=True, text=True, timeout=RUN_TIMEOUT, env=_default_endpoint_env(xdg))
+    assert run.returncode == 1 and "TIMEOUT" in run.stderr, run.stderr  # no daemon yet
+    assert (xdg / "takdsr").lstat().st_mode & 0o7777 == 0o700
+    with run_server("--backend", "nearest", "--threads", "1", endpoint=f"ipc://{xdg}/takdsr/upscaler.sock"):
+        run = subprocess.run([str(binary), "-p", "16x16", "-o", str(tmp_path / "out.png")], capture_output=True,
+                             text=True, timeout=RUN_TIMEOUT, env=_default_endpoint_env(xdg))
+    assert run.returncode == 0, run.stderr

@@ -336,20 +336,61 @@ static int request(takdsr_client *c, struct msg *m, uint64_t req, const char *ex
 
 /* --- client ------------------------------------------------------------------------------------------------------ */
 
-static void default_endpoint(char *dst, size_t cap) { /* section 1 */
+/* Whether the default endpoint's folder ($XDG_RUNTIME_DIR/takdsr or /tmp/takdsr-$UID) is private: a directory, not
+ * a link, owned by this process's effective uid, with mode 0700 (no group or other bits), as the daemon requires of it
+ * (upscaler_server/config.py, runtime_dir). Anyone may make /tmp/takdsr-<another user's uid> first and serve a socket
+ * in it, which would then get that user's frames. A missing folder is created 0700, so nobody else can make it while
+ * the client waits for a daemon. Says why on stderr when it is not private. */
+static bool private_folder(const char *path) {
+    struct stat st;
+    if (mkdir(path, 0700) != 0 && errno != EEXIST) {
+        fprintf(stderr, "takdsr: cannot create the runtime directory %s: %s\n", path, strerror(errno));
+        return false;
+    }
+    if (lstat(path, &st) != 0) {
+        fprintf(stderr, "takdsr: cannot look at the runtime directory %s: %s\n", path, strerror(errno));
+        return false;
+    }
+    unsigned uid = (unsigned)geteuid();
+    if (S_ISDIR(st.st_mode) && st.st_uid == uid && (st.st_mode & 077) == 0) return true;
+    const char *kind = S_ISDIR(st.st_mode) ? "a directory" : S_ISLNK(st.st_mode) ? "a symbolic link" : "no directory";
+    bool ours = st.st_uid == uid;
+    fprintf(stderr, "takdsr: %s must be a directory owned by uid %u with mode 0700, but it is %s owned by uid %u with "
+            "mode %04o; %s\n", path, uid, kind, (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777),
+            ours ? "remove it, or set XDG_RUNTIME_DIR"
+                 : "another user made it and only they (or an administrator) can remove it: do not use a daemon "
+                   "there; set XDG_RUNTIME_DIR to a private folder of yours or TAKDSR_UPSCALER_ENDPOINT to an endpoint "
+                   "of your own, or pass one (-e)");
+    return false;
+}
+
+/* The default endpoint of section 1 into dst. The folder of the per-user socket is checked (private_folder); an
+ * endpoint from $TAKDSR_UPSCALER_ENDPOINT, chosen by the user, is taken as it is. False after saying why on stderr. */
+static bool default_endpoint(char *dst, size_t cap) {
     const char *env = getenv("TAKDSR_UPSCALER_ENDPOINT");
     const char *xdg = getenv("XDG_RUNTIME_DIR");
-    if (env && *env)
+    char folder[1024];
+    if (env && *env) {
         snprintf(dst, cap, "%s", env);
-    else if (xdg && *xdg)
-        snprintf(dst, cap, "ipc://%s/takdsr/upscaler.sock", xdg);
-    else
-        snprintf(dst, cap, "ipc:///tmp/takdsr-%u/upscaler.sock", (unsigned)getuid());
+        return true;
+    }
+    int n = xdg && *xdg ? snprintf(folder, sizeof folder, "%s/takdsr", xdg)
+                        : snprintf(folder, sizeof folder, "/tmp/takdsr-%u", (unsigned)getuid());
+    if (n < 0 || (size_t)n >= sizeof folder) {
+        fprintf(stderr, "takdsr: $XDG_RUNTIME_DIR is too long for a socket path\n");
+        return false;
+    }
+    if (!private_folder(folder)) return false;
+    n = snprintf(dst, cap, "ipc://%s/upscaler.sock", folder);
+    return n >= 0 && (size_t)n < cap;
 }
 
 takdsr_client *takdsr_client_new(const char *endpoint, int timeout_ms) {
     char where[1024];
-    default_endpoint(where, sizeof where);
+    if (!endpoint) {
+        if (!default_endpoint(where, sizeof where)) return NULL;
+        endpoint = where;
+    }
     takdsr_client *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 10000;
@@ -364,8 +405,8 @@ takdsr_client *takdsr_client_new(const char *endpoint, int timeout_ms) {
         zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
         zmq_setsockopt(c->sock, ZMQ_IPV6, &ipv6, sizeof ipv6) != 0 ||
         zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms) != 0 ||
-        zmq_connect(c->sock, endpoint ? endpoint : where) != 0) {
-        fprintf(stderr, "takdsr: cannot connect to %s: %s\n", endpoint ? endpoint : where, zmq_strerror(errno));
+        zmq_connect(c->sock, endpoint) != 0) {
+        fprintf(stderr, "takdsr: cannot connect to %s: %s\n", endpoint, zmq_strerror(errno));
         takdsr_client_free(c);
         return NULL;
     }
