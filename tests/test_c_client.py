@@ -419,11 +419,13 @@ WELCOME = {"server": "fake/0", "instance": "f", "versions": [1], "model": "fake"
 
 @contextlib.contextmanager
 def _fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
-                 short_input: bool = False, version: int = 1) -> Iterator[list[str]]:
+                 short_input: bool = False, version: int = 1, mode: int = 0o600, owner: int | None = None
+                 ) -> Iterator[list[str]]:
     """A ROUTER that answers hello, open (with `slots` slots, over real segments of that size) and close by the
     book, and ignores submits; yields the types of the requests it got. ``opened`` overrides the opened reply's
     sizes (width, height, out_width, out_height: the segments follow them, modulo 2^64 as a C client computes them),
-    ``short_input`` makes the input segment half the size the reply says, ``version`` is the replies' `v`."""
+    ``short_input`` makes the input segment half the size the reply says, ``version`` is the replies' `v`. The
+    segments have ``mode`` (0600, as the daemon makes them) and belong to uid ``owner`` (None: this process's)."""
     seen: list[str] = []
     made: list[pathlib.Path] = []
 
@@ -432,9 +434,15 @@ def _fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None
         slot_bytes = row * height % 2**64
         stride = (slot_bytes + 4095) // 4096 * 4096
         path = SHM_DIR / f"pytest-cfake-{os.getpid()}-{kind}"
-        with open(path, "wb") as f:
-            f.truncate(stride * slots // (2 if short_input and kind == "in" else 1))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
         made.append(path)
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            if owner is not None:
+                os.fchown(fd, owner, -1)
+            os.ftruncate(fd, stride * slots // (2 if short_input and kind == "in" else 1))
+        finally:
+            os.close(fd)
         return {"name": f"/{path.name}", "size": stride * slots, "slot_stride": stride, "slot_bytes": slot_bytes,
                 "row_stride": row}
 
@@ -527,6 +535,25 @@ def test_a_segment_shorter_than_its_reply_says_is_named(asan_binary: pathlib.Pat
     with _fake_daemon(endpoint, 2, short_input=True):
         run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
     assert run.returncode == 1 and "holds 4096 bytes, the opened reply says 8192" in run.stderr, run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("other", ["mode 0644", "another user's"])
+def test_a_segment_not_private_to_this_user_is_refused(asan_binary: pathlib.Path, tmp_path: pathlib.Path,
+                                                       other: str) -> None:
+    """From the security review: the client mapped whatever segment the opened reply named. The daemon makes them
+    0600 as its own user, so only that user's clients can map them, except root: a root engine mapped another user's
+    segments and handed that user's daemon its frames. Now a segment must be this user's with no group or other bits
+    (as the Python client checks too)."""
+    if other == "another user's" and os.geteuid() != 0:
+        pytest.skip("only root can give a segment to another user, and only root could then map it")
+    mode, owner = (0o644, os.geteuid()) if other == "mode 0644" else (0o600, 65534)
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    with _fake_daemon(endpoint, 2, mode=mode, owner=owner) as seen:
+        run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
+    assert run.returncode == 1 and "PROTOCOL" in run.stderr, run.stderr[-4000:]
+    assert (f"belongs to uid {owner} with mode {mode:04o}, and this client runs as uid {os.geteuid()}: a daemon serves "
+            "only its own user's clients") in run.stderr, run.stderr[-4000:]
+    assert "submit" not in seen and seen[-1] == "close", seen  # nothing written there; the session closed
 
 
 def test_a_closed_sessions_outcomes_are_never_returned(binary: pathlib.Path, nearest: Daemon,

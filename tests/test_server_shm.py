@@ -106,6 +106,46 @@ def test_slot_indices_and_attach_sizes_are_checked() -> None:
         owner.close()
 
 
+def test_a_client_attaches_only_segments_private_to_its_own_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the security review: a client mapped any segment it could open. The daemon makes them 0600 as its own
+    user, so only that user's clients can, except root, which mapped other users' segments and handed their daemons
+    its frames. Another user is faked through os.geteuid (and, as root, with a segment given to uid 65534)."""
+    name = f"/takdsr-test-owner-{os.getpid()}"
+    path = SHM_DIR / name.lstrip("/")
+    real = os.geteuid()
+    owner = Ring.create(name, LAYOUT)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "geteuid", lambda: real + 1)
+            with pytest.raises(SharedMemoryError, match=f"shared memory {name} belongs to uid {real} with mode 0600, "
+                               f"and this process runs as uid {real + 1}: a daemon serves only its own user's "
+                               "clients"):
+                Ring.attach(name, LAYOUT)
+            frame = np.full((LAYOUT.height, LAYOUT.width, 3), 9, np.uint8)  # the daemon's own use: unaffected
+            owner.write_slot(1, frame)
+            copy = np.zeros_like(frame)
+            owner.read_slot(1, copy)
+            assert int(copy.min()) == 9
+        os.chmod(path, 0o640)
+        with pytest.raises(SharedMemoryError, match=f"belongs to uid {real} with mode 0640"):
+            Ring.attach(name, LAYOUT)
+        if real == 0:
+            os.chown(path, 65534, -1)
+            os.chmod(path, 0o600)
+            with pytest.raises(SharedMemoryError, match="belongs to uid 65534 with mode 0600, and this process runs "
+                               "as uid 0"):
+                Ring.attach(name, LAYOUT)
+            os.chown(path, 0, -1)
+        assert _mappings(name) == 1  # the owner's: a refused segment is unmapped at once
+        os.chmod(path, 0o600)
+        client = Ring.attach(name, LAYOUT)  # this user's, private: mapped
+        assert int(client.slot(1).min()) == 9
+        client.close()
+    finally:
+        owner.unlink()
+        owner.close()
+
+
 def test_slots_are_read_and_written_by_copies_that_survive_a_truncation() -> None:
     name = f"/takdsr-test-copies-{os.getpid()}"
     owner = Ring.create(name, LAYOUT)

@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -104,12 +105,18 @@ class Ring:
 
     @classmethod
     def attach(cls, name: str, layout: RingLayout) -> Ring:
-        """Map an existing segment without letting Python's resource tracker unlink it at our exit."""
+        """Map an existing segment without letting Python's resource tracker unlink it at our exit; only one of this
+        process's effective user's, private to that user (SharedMemoryError otherwise)."""
         try:
             shm = _attach_untracked(name.lstrip("/"))
         except OSError as exc:
             raise SharedMemoryError(f"cannot attach shared memory {name}: {exc}; is the daemon still running?") \
                 from exc
+        try:
+            _check_private(name, os.fstat(shm._fd))
+        except SharedMemoryError:
+            shm.close()
+            raise
         if shm.size < layout.size:
             shm.close()
             raise SharedMemoryError(f"shared memory {name} has {shm.size} bytes, expected {layout.size}")
@@ -359,6 +366,18 @@ def _leave_mapping_to_views(shm: shared_memory.SharedMemory) -> None:
     if shm._fd >= 0:
         os.close(shm._fd)
         shm._fd = -1
+
+
+def _check_private(name: str, info: os.stat_result) -> None:
+    """SharedMemoryError unless segment ``name`` (``info``: its fstat) is this process's effective user's with no group
+    or other permission bits, as the daemon makes them (docs/protocol.md, section 6.1). Only a client of the daemon's
+    user can then map them, except root, which maps any user's: it would give its frames to another user's daemon."""
+    euid, mode = os.geteuid(), stat.S_IMODE(info.st_mode)
+    if info.st_uid != euid or mode & 0o077:
+        raise SharedMemoryError(f"shared memory {name} belongs to uid {info.st_uid} with mode {mode:04o}, and this "
+                                f"process runs as uid {euid}: a daemon serves only its own user's clients (through "
+                                "segments of mode 0600); run the client as the daemon's user, or start a daemon of "
+                                "your own")
 
 
 def _attach_untracked(name: str) -> shared_memory.SharedMemory:

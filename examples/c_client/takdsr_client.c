@@ -508,6 +508,15 @@ static int map_ring(takdsr_client *c, const msgpack_object_map *seg, uint32_t wi
         close(fd);
         return fail(c, TAKDSR_E_SYSTEM, "fstat(%s): %s", name, strerror(err));
     }
+    /* section 6.1: the daemon makes its segments 0600, as its own user, so only clients of that user map them; root
+     * could map any user's, and would then hand its frames to another user's daemon */
+    if (st.st_uid != geteuid() || (st.st_mode & 077) != 0) {
+        close(fd);
+        return fail(c, TAKDSR_E_PROTOCOL, "segment %s belongs to uid %u with mode %04o, and this client runs as uid %u: "
+                    "a daemon serves only its own user's clients (through segments of mode 0600); run the client as "
+                    "the daemon's user, or start a daemon of your own", name, (unsigned)st.st_uid,
+                    (unsigned)(st.st_mode & 07777), (unsigned)geteuid());
+    }
     if ((uint64_t)st.st_size < size) { /* mapping it would fault on the first access past its end */
         close(fd);
         return fail(c, TAKDSR_E_PROTOCOL, "segment %s holds %lld bytes, the opened reply says %llu", name,
