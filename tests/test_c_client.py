@@ -11,12 +11,14 @@ import pathlib
 import resource
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import threading
 import time
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import cv2
 import msgpack
@@ -554,6 +556,54 @@ def test_a_segment_not_private_to_this_user_is_refused(asan_binary: pathlib.Path
     assert (f"belongs to uid {owner} with mode {mode:04o}, and this client runs as uid {os.geteuid()}: a daemon serves "
             "only its own user's clients") in run.stderr, run.stderr[-4000:]
     assert "submit" not in seen and seen[-1] == "close", seen  # nothing written there; the session closed
+
+
+def test_another_users_socket_and_segments_are_named_at_once(binary: pathlib.Path, nearest: Daemon,
+                                                             tmp_path: pathlib.Path) -> None:
+    """A socket this user may not connect to (another user's daemon: 0600, in a 0700 folder) was retried by libzmq
+    until the timeout ran out, then "TIMEOUT ... is it running?"; a segment it may not open said only "Permission
+    denied". As root the tool runs as uid 65534 against this user's daemon; otherwise a socket of mode 0000 refuses
+    this user."""
+    if os.geteuid() == 0:
+        shared = short_tmpdir()  # the tool's output folder, and the fake daemon's, open to the other user
+        shared.chmod(0o777)
+        as_other: dict[str, Any] = {"user": 65534, "cwd": shared}
+        refused = nearest.endpoint.removeprefix("ipc://")
+        owner = f"its folder {pathlib.Path(refused).parent} belongs to uid 0 (mode 0700)"  # run_server's 0700 folder
+        uid = 65534
+    else:
+        shared, as_other = tmp_path, {}
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        refused = str(tmp_path / "private.sock")
+        listener.bind(refused)
+        listener.listen()
+        os.chmod(refused, 0)
+        owner, uid = f"it belongs to uid {os.geteuid()} (mode 0000)", os.geteuid()
+    try:
+        start = time.monotonic()
+        run = _run_as(as_other, [str(binary), "-e", f"ipc://{refused}", "-p", "16x16", "-t", "3000", "-o",
+                                 str(shared / "out.png")])  # fmt: skip
+        assert run.returncode == 1 and time.monotonic() - start < 2.5, run.stderr
+        assert (f"permission denied on {refused}: {owner} and this process runs as uid {uid}; a daemon serves only "
+                "its own user's clients") in run.stderr, run.stderr
+        if os.geteuid() == 0:  # a daemon whose socket is open to all, but whose segments are its user's (0600)
+            endpoint = f"ipc://{shared}/fake.sock"
+            with _fake_daemon(endpoint, 2) as seen:
+                os.chmod(shared / "fake.sock", 0o777)
+                run = _run_as(as_other, [str(binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o",
+                                         str(shared / "out.png")])  # fmt: skip
+            assert run.returncode == 1 and "Permission denied: the segment is another user's, and a daemon serves " \
+                "only its own user's clients" in run.stderr, run.stderr
+            assert "submit" not in seen and seen[-1] == "close", seen
+    finally:
+        if os.geteuid() == 0:
+            shutil.rmtree(shared, ignore_errors=True)
+        else:
+            listener.close()
+
+
+def _run_as(how: dict[str, Any], cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, **how)
 
 
 def test_a_closed_sessions_outcomes_are_never_returned(binary: pathlib.Path, nearest: Daemon,

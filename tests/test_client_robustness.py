@@ -5,10 +5,14 @@ thread), or given a bad ``out=`` or timeout."""
 from __future__ import annotations
 
 import copy
+import errno
 import gc
 import multiprocessing
+import os
+import pathlib
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +22,7 @@ import warnings
 import numpy as np
 import pytest
 
+from upscaler_server import config
 from upscaler_server.client import UpscalerClient, _Link
 from upscaler_server.errors import (
     ClientInterruptedError,
@@ -646,3 +651,51 @@ def test_clients_and_sessions_refuse_to_be_copied_and_take_numpy_integers() -> N
         for call in (session.free_slot, session.check_alive):
             with pytest.raises(SessionError, match="closed"):
                 call()
+
+
+class _RefusedSocket:
+    """A socket.socket whose connect fails as one to another user's private socket does (root is never refused)."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def settimeout(self, timeout: float) -> None:
+        pass
+
+    def connect(self, path: str) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("how", ["faked", "real"])
+def test_a_socket_this_user_may_not_connect_to_is_refused_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: pathlib.Path, how: str) -> None:
+    """From the security review: the probe of an ipc socket ignored PermissionError (ZeroMQ does not report it), so
+    a client pointed at another user's daemon waited every attempt's timeout (40 s) and then asked whether it was
+    running. Tests cannot switch users: connect is made to fail as it would ("faked"); not as root, a socket of mode
+    0000 refuses this user for real."""
+    if how == "real" and os.geteuid() == 0:
+        pytest.skip("root may connect to any socket")
+    path = tmp_path / "d.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    mode = 0o600 if how == "faked" else 0
+    path.chmod(mode)
+    if how == "faked":
+        monkeypatch.setattr(config, "socket", type("FakeSocketModule", (), {
+            "socket": _RefusedSocket, "AF_UNIX": socket.AF_UNIX, "SOCK_STREAM": socket.SOCK_STREAM}))
+    start = time.monotonic()
+    try:
+        with pytest.raises(ServerUnavailableError) as raised:
+            UpscalerClient(f"ipc://{path}", timeout=2, retries=1)
+    finally:
+        listener.close()
+    said = str(raised.value)
+    assert time.monotonic() - start < 1.5, said
+    assert (f"cannot use the upscaler daemon at ipc://{path}: permission denied on {path}: it belongs to uid "
+            f"{os.geteuid()} (mode {mode:04o}) and this process runs as uid {os.geteuid()}; a daemon serves only its "
+            "own user's clients") in said, said
+    assert "is it running" not in said

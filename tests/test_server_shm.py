@@ -3,6 +3,7 @@ daemon's copies into and out of slots survive a segment shrunk under them."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import zmq
 
+from upscaler_server import shm
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.shm import SHM_DIR, Ring, RingLayout
 
@@ -144,6 +146,29 @@ def test_a_client_attaches_only_segments_private_to_its_own_user(monkeypatch: py
     finally:
         owner.unlink()
         owner.close()
+
+
+def test_a_segment_that_may_not_be_opened_is_named_as_another_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EACCES was reported as "is the daemon still running?": a segment of another user's (which a client other than
+    root cannot open) is named as such. Faked: root opens any segment."""
+    name = f"/takdsr-test-eacces-{os.getpid()}"
+    owner = Ring.create(name, LAYOUT)
+    try:
+        def refused(shm_name: str) -> None:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), shm_name)
+
+        monkeypatch.setattr(shm, "_attach_untracked", refused)
+        with pytest.raises(SharedMemoryError) as raised:
+            Ring.attach(name, LAYOUT)
+        assert str(raised.value) == (f"cannot attach shared memory {name}: permission denied: it belongs to uid "
+                                     f"{os.geteuid()} with mode 0600, and this process runs as uid {os.geteuid()}; a "
+                                     "daemon serves only its own user's clients")
+    finally:
+        owner.unlink()
+        owner.close()
+    monkeypatch.undo()
+    with pytest.raises(SharedMemoryError, match=r"No such file.*is the daemon still running"):
+        Ring.attach(name, LAYOUT)  # gone: that question is still asked
 
 
 def test_slots_are_read_and_written_by_copies_that_survive_a_truncation() -> None:

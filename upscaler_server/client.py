@@ -51,7 +51,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import zmq
 
-from upscaler_server.config import default_endpoint, nobody_listens
+from upscaler_server.config import default_endpoint, nobody_listens, unreachable
 from upscaler_server.errors import (
     BusyError,
     ClientInterruptedError,
@@ -338,7 +338,8 @@ class UpscalerClient:
     def __init__(self, endpoint: str | None = None, *, timeout: float = 10.0, retries: int = 3,
                  name: str = "python-client", heartbeat: bool = True) -> None:
         """Connect and say hello. ``timeout``: seconds per attempt; raises ServerUnavailableError after
-        ``retries`` + 1 silent attempts, or at once when an ``ipc://`` endpoint has no socket file or a stale one."""
+        ``retries`` + 1 silent attempts, or at once when an ``ipc://`` endpoint has no socket file or a stale one, or
+        one this process may not connect to (another user's daemon)."""
         self.timeout = _positive_timeout(timeout, 10.0)
         self.retries = _retry_count(retries)
         if not isinstance(endpoint, (str, type(None))) or not isinstance(name, str):
@@ -357,11 +358,13 @@ class UpscalerClient:
         self._frames = itertools.count(1)
         self._heartbeat: _Heartbeat | None = None
         endpoint = endpoint or default_endpoint()
-        absent = nobody_listens(endpoint)
-        if absent is not None:
+        found = unreachable(endpoint)
+        if found is not None:
             self._ctx.term()
-            raise ServerUnavailableError(f"no upscaler daemon at {endpoint}: {absent}; start one with "
-                                         "python -m upscaler_server")
+            kind, why = found
+            raise ServerUnavailableError(f"cannot use the upscaler daemon at {endpoint}: {why}" if kind == "denied"
+                                         else f"no upscaler daemon at {endpoint}: {why}; start one with python -m "
+                                         "upscaler_server")
         try:
             self._link = _Link(self._ctx, endpoint)
         except BaseException:

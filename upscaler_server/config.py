@@ -17,7 +17,7 @@ from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import COUNT_MAX, DIM_MAX, SCALE_MAX, SLOTS_MAX
 
 __all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "check_endpoint", "cli_prog",
-           "default_endpoint", "nobody_listens", "parse_size", "runtime_dir"]
+           "default_endpoint", "nobody_listens", "parse_size", "runtime_dir", "unreachable"]
 
 # Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
 ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
@@ -238,8 +238,18 @@ def default_endpoint() -> str:
 
 def nobody_listens(endpoint: str) -> str | None:
     """Why no daemon can be listening on an ``ipc://`` endpoint (no socket file, or one left by a daemon that is gone),
-    else None: also when the probe cannot tell (a timeout, no permission). ZeroMQ itself would wait for a listener until
-    the timeout, attempt after attempt; and the daemon must not bind over a socket that someone listens on."""
+    else None: also when the probe cannot tell (a timeout, a name too long) and when this process may not connect to
+    the socket (see :func:`unreachable`). ZeroMQ itself would wait for a listener until the timeout, attempt after
+    attempt; and the daemon must not bind over a socket that someone listens on."""
+    found = unreachable(endpoint)
+    return found[1] if found is not None and found[0] == "absent" else None
+
+
+def unreachable(endpoint: str) -> tuple[Literal["absent", "denied"], str] | None:
+    """Why this process cannot reach a daemon on an ``ipc://`` endpoint, or None (also when the probe cannot tell):
+    ("absent", why) when nobody listens (:func:`nobody_listens`), ("denied", why) when the socket file, or a folder
+    above it, does not let this process connect: another user's daemon, which serves only its own user (its socket is
+    0600 in a 0700 folder). libzmq would retry such a connect in silence until every attempt's timeout had passed."""
     path = endpoint.removeprefix("ipc://")
     if path == endpoint or path.startswith("@"):  # tcp://, or Linux's abstract namespace: no file to look at
         return None
@@ -248,11 +258,29 @@ def nobody_listens(endpoint: str) -> str | None:
     try:
         probe.connect(path)  # the daemon's ZeroMQ drops a peer that leaves before its greeting
     except FileNotFoundError:
-        return f"{path} does not exist"
+        return "absent", f"{path} does not exist"
     except ConnectionRefusedError:
-        return f"{path} was left by a daemon that is no longer running"
-    except OSError:  # a timeout, no permission, a name too long: ZeroMQ's own attempts report what they find
+        return "absent", f"{path} was left by a daemon that is no longer running"
+    except PermissionError:
+        return "denied", _permission_denied(path)
+    except OSError:  # a timeout, a name too long: ZeroMQ's own attempts report what they find
         return None
     finally:
         probe.close()
     return None
+
+
+def _permission_denied(path: str) -> str:
+    """What refused a connect to socket ``path``: the file itself or the first folder above it that this process
+    cannot enter (the last one it can look at), with its owner and mode."""
+    target = pathlib.Path(path)
+    for candidate in (target, *target.parents):
+        try:
+            info = candidate.lstat()
+        except OSError:  # inside a folder this process cannot enter: look at that folder
+            continue
+        whose = "it" if candidate == target else f"its folder {candidate}"
+        return (f"permission denied on {path}: {whose} belongs to uid {info.st_uid} (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}) and this process runs as uid {os.geteuid()}; a daemon serves only "
+                "its own user's clients: start one of your own, or run as the daemon's user")
+    return f"permission denied on {path}; a daemon serves only its own user's clients"

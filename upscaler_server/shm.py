@@ -109,6 +109,8 @@ class Ring:
         process's effective user's, private to that user (SharedMemoryError otherwise)."""
         try:
             shm = _attach_untracked(name.lstrip("/"))
+        except PermissionError as exc:  # not gone: another user's (a daemon serves only its own user's clients)
+            raise SharedMemoryError(f"cannot attach shared memory {name}: {_whose(name)}") from exc
         except OSError as exc:
             raise SharedMemoryError(f"cannot attach shared memory {name}: {exc}; is the daemon still running?") \
                 from exc
@@ -366,6 +368,18 @@ def _leave_mapping_to_views(shm: shared_memory.SharedMemory) -> None:
     if shm._fd >= 0:
         os.close(shm._fd)
         shm._fd = -1
+
+
+def _whose(name: str) -> str:
+    """Why segment ``name`` may not be opened: whose it is and its mode, when /dev/shm tells."""
+    try:
+        info = (SHM_DIR / name.lstrip("/")).stat()
+    except OSError:
+        owner = "it belongs to another user"
+    else:
+        owner = f"it belongs to uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):04o}"
+    return (f"permission denied: {owner}, and this process runs as uid {os.geteuid()}; a daemon serves only its own "
+            "user's clients")
 
 
 def _check_private(name: str, info: os.stat_result) -> None:

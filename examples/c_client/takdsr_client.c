@@ -12,7 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -385,12 +387,52 @@ static bool default_endpoint(char *dst, size_t cap) {
     return n >= 0 && (size_t)n < cap;
 }
 
+/* Whose `path` is, or the first folder above it that this process cannot enter, with its mode, into dst. */
+static void describe_owner(const char *path, char *dst, size_t cap) {
+    char at[sizeof ((struct sockaddr_un *)NULL)->sun_path];
+    snprintf(at, sizeof at, "%s", path);
+    struct stat st;
+    for (bool whole = true;; whole = false) {
+        if (lstat(at, &st) == 0) {
+            snprintf(dst, cap, "%s%s belongs to uid %u (mode %04o)", whole ? "it" : "its folder ", whole ? "" : at,
+                     (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
+            return;
+        }
+        char *slash = strrchr(at, '/');
+        if (!slash || slash == at) break;
+        *slash = '\0';
+    }
+    snprintf(dst, cap, "it belongs to another user");
+}
+
+/* Whether this process may connect to an ipc endpoint's socket file. Another user's (0600, in a 0700 folder) refuses
+ * it with EACCES, which libzmq keeps retrying in silence until the reply timeout runs out: here it fails at once,
+ * naming the owner. Anything else (no file yet, a full backlog) is left to libzmq. Says why on stderr. */
+static bool ipc_permitted(const char *endpoint) {
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    const char *path = endpoint + 6;
+    if (strncmp(endpoint, "ipc://", 6) != 0 || path[0] == '@' || strlen(path) >= sizeof addr.sun_path) return true;
+    memcpy(addr.sun_path, path, strlen(path) + 1);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return true;
+    bool denied = connect(fd, (const struct sockaddr *)&addr, sizeof addr) != 0 && errno == EACCES;
+    close(fd); /* a daemon drops a peer that leaves before its greeting */
+    if (!denied) return true;
+    char owner[sizeof addr.sun_path + 64];
+    describe_owner(path, owner, sizeof owner);
+    fprintf(stderr, "takdsr: permission denied on %s: %s and this process runs as uid %u; a daemon serves only its "
+            "own user's clients: start one of your own, or run as the daemon's user\n", path, owner,
+            (unsigned)geteuid());
+    return false;
+}
+
 takdsr_client *takdsr_client_new(const char *endpoint, int timeout_ms) {
     char where[1024];
     if (!endpoint) {
         if (!default_endpoint(where, sizeof where)) return NULL;
         endpoint = where;
     }
+    if (!ipc_permitted(endpoint)) return NULL;
     takdsr_client *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 10000;
@@ -501,7 +543,12 @@ static int map_ring(takdsr_client *c, const msgpack_object_map *seg, uint32_t wi
         size > SIZE_MAX)
         return fail(c, TAKDSR_E_PROTOCOL, "segment %s has a layout that section 6.2 does not allow", name);
     int fd = shm_open(name, O_RDWR, 0);
-    if (fd < 0) return fail(c, TAKDSR_E_SYSTEM, "shm_open(%s): %s", name, strerror(errno));
+    if (fd < 0) {
+        int err = errno;
+        return fail(c, TAKDSR_E_SYSTEM, "shm_open(%s): %s%s", name, strerror(err),
+                    err == EACCES ? ": the segment is another user's, and a daemon serves only its own user's clients"
+                                  : "");
+    }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int err = errno;
