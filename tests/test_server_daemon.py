@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -17,8 +18,9 @@ import zmq
 
 from upscaler_server import protocol
 from upscaler_server.client import UpscalerClient
+from upscaler_server.config import ENDPOINT_ENV, default_endpoint, runtime_dir
 from upscaler_server.engine import Engine, create_engine
-from upscaler_server.errors import ErrorCode, SessionError
+from upscaler_server.errors import ConfigError, ErrorCode, SessionError
 
 from server_utils import REPO, Daemon, exchange, make_checkpoint, raw_socket, request, run_server
 
@@ -233,3 +235,39 @@ def test_client_side_misuse_is_caught(client: UpscalerClient) -> None:
         session.collect()
     with pytest.raises(ValueError):
         client.upscale(np.zeros((16, 16, 2), np.uint8))
+
+
+# --- the default endpoint's folder ----------------------------------------------------------------------------------
+
+
+def test_a_runtime_dir_that_is_not_private_names_its_owner_and_mode(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: pathlib.Path) -> None:
+    """It said only "must be a directory owned by uid N with mode 0700; remove it or set XDG_RUNTIME_DIR", also when
+    another user had made it, whose folder this user cannot remove from sticky /tmp (from the security review).
+    Another user is faked through os.geteuid (tests cannot switch users)."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    folder = tmp_path / "takdsr"
+    folder.mkdir(mode=0o700)
+    folder.chmod(0o755)
+    real = os.geteuid()
+    with pytest.raises(ConfigError) as raised:
+        default_endpoint()
+    assert str(raised.value) == (f"{folder} must be a directory owned by uid {real} with mode 0700, but it is a "
+                                 f"directory owned by uid {real} with mode 0755; remove it or set XDG_RUNTIME_DIR")
+    folder.chmod(0o700)
+    assert runtime_dir() == folder
+    with monkeypatch.context() as patch, pytest.raises(ConfigError) as raised:
+        patch.setattr(os, "geteuid", lambda: real + 1)
+        runtime_dir()
+    said = str(raised.value)
+    assert said.startswith(f"{folder} must be a directory owned by uid {real + 1} with mode 0700, but it is a "
+                           f"directory owned by uid {real} with mode 0700; another user made it and only they (or an "
+                           "administrator) can remove it"), said
+    assert "set XDG_RUNTIME_DIR to a private folder of yours, or $TAKDSR_UPSCALER_ENDPOINT" in said
+    assert "remove it or" not in said
+    folder.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    folder.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="but it is a symbolic link owned by uid"):
+        runtime_dir()

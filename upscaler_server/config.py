@@ -209,7 +209,9 @@ def _auto_backend_list(text: str) -> list[str]:
 
 
 def runtime_dir() -> pathlib.Path:
-    """A directory only this user can enter: $XDG_RUNTIME_DIR/takdsr or /tmp/takdsr-$UID (created 0700)."""
+    """A directory only this user can enter: $XDG_RUNTIME_DIR/takdsr or /tmp/takdsr-$UID (created 0700). Anything
+    else there (not a directory, a link, another user's, group or other bits) is refused: another user could make
+    /tmp/takdsr-<this uid> first and serve a socket in it."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     path = pathlib.Path(base) / "takdsr" if base else pathlib.Path(f"/tmp/takdsr-{os.getuid()}")
     try:
@@ -217,9 +219,17 @@ def runtime_dir() -> pathlib.Path:
         info = path.lstat()
     except OSError as exc:
         raise ConfigError(f"cannot create the runtime directory {path}: {exc}") from exc
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise ConfigError(f"{path} must be a directory owned by uid {os.getuid()} with mode 0700; "
-                          "remove it or set XDG_RUNTIME_DIR")
+    euid, mode = os.geteuid(), stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != euid or mode & 0o077:
+        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else
+                "a symbolic link" if stat.S_ISLNK(info.st_mode) else "no directory")
+        # another user's cannot be removed by this one (/tmp is sticky): naming another endpoint is what helps
+        advice = ("remove it or set XDG_RUNTIME_DIR" if info.st_uid == euid else
+                  "another user made it and only they (or an administrator) can remove it: do not use a daemon there; "
+                  f"set XDG_RUNTIME_DIR to a private folder of yours, or ${ENDPOINT_ENV} (the daemon's --endpoint) "
+                  "to an endpoint of your own")
+        raise ConfigError(f"{path} must be a directory owned by uid {euid} with mode 0700, but it is {kind} owned by "
+                          f"uid {info.st_uid} with mode {mode:04o}; {advice}")
     return path
 
 
