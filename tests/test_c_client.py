@@ -709,3 +709,19 @@ def test_the_default_endpoint_in_a_private_folder_is_used(binary: pathlib.Path, 
         run = subprocess.run([str(binary), "-p", "16x16", "-o", str(tmp_path / "out.png")], capture_output=True,
                              text=True, timeout=RUN_TIMEOUT, env=_default_endpoint_env(xdg))
     assert run.returncode == 0, run.stderr
+
+
+def test_a_long_xdg_runtime_dir_is_named_when_the_socket_path_would_be_too_long(binary: pathlib.Path,
+                                                                                 xdg: pathlib.Path) -> None:
+    """The socket path made from a long $XDG_RUNTIME_DIR was handed to libzmq, which said "File name too long" of a
+    path nobody chose (from the security review): the variable and the ways round it are named instead."""
+    long = xdg / ("x" * 100)
+    long.mkdir()
+    socket_path = long / "takdsr" / "upscaler.sock"
+    run = subprocess.run([str(binary), "-p", "16x16", "-o", str(xdg / "out.png")], capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT, env=_default_endpoint_env(long))
+    assert run.returncode == 1, run.stderr
+    assert (f"the default socket path {socket_path} is {len(str(socket_path))} bytes long, more than a Unix socket's "
+            "107, because $XDG_RUNTIME_DIR is long: set TAKDSR_UPSCALER_ENDPOINT to a shorter ipc:// path (or pass "
+            "one, -e), or use a shorter XDG_RUNTIME_DIR") in run.stderr, run.stderr
+    assert not (long / "takdsr").exists()

@@ -271,3 +271,26 @@ def test_a_runtime_dir_that_is_not_private_names_its_owner_and_mode(monkeypatch:
     folder.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match="but it is a symbolic link owned by uid"):
         runtime_dir()
+
+
+def test_a_long_xdg_runtime_dir_is_named_when_the_socket_path_would_be_too_long(monkeypatch: pytest.MonkeyPatch,
+                                                                                 tmp_path: pathlib.Path) -> None:
+    """A long $XDG_RUNTIME_DIR made the default socket path longer than a Unix socket's 107 bytes: the daemon said
+    "an ipc path may be at most 107 bytes long...; choose a shorter one" of a path nobody chose, and the client "File
+    name too long" (from the security review). Now both name the variable and the ways round it."""
+    xdg = tmp_path / ("x" * 100)
+    xdg.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    socket_path = xdg / "takdsr" / "upscaler.sock"
+    expected = (f"the default socket path {socket_path} is {len(str(socket_path))} bytes long, more than a Unix "
+                "socket's 107, because $XDG_RUNTIME_DIR is long: set $TAKDSR_UPSCALER_ENDPOINT to a shorter ipc:// "
+                "path (or pass one with --endpoint), or use a shorter XDG_RUNTIME_DIR")
+    for call in (default_endpoint, UpscalerClient):
+        with pytest.raises(ConfigError) as raised:
+            call()
+        assert str(raised.value) == expected
+    assert not (xdg / "takdsr").exists()  # nothing made for it
+    daemon = subprocess.run([sys.executable, "-m", "upscaler_server", "--backend", "nearest"], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert daemon.returncode == 2 and expected in daemon.stderr, daemon.stderr

@@ -208,12 +208,17 @@ def _auto_backend_list(text: str) -> list[str]:
     return names
 
 
+def _runtime_path() -> pathlib.Path:
+    """Where runtime_dir() is, without making or checking it."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return pathlib.Path(base) / "takdsr" if base else pathlib.Path(f"/tmp/takdsr-{os.getuid()}")
+
+
 def runtime_dir() -> pathlib.Path:
     """A directory only this user can enter: $XDG_RUNTIME_DIR/takdsr or /tmp/takdsr-$UID (created 0700). Anything
     else there (not a directory, a link, another user's, group or other bits) is refused: another user could make
     /tmp/takdsr-<this uid> first and serve a socket in it."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = pathlib.Path(base) / "takdsr" if base else pathlib.Path(f"/tmp/takdsr-{os.getuid()}")
+    path = _runtime_path()
     try:
         path.mkdir(mode=0o700, exist_ok=True)
         info = path.lstat()
@@ -235,9 +240,16 @@ def runtime_dir() -> pathlib.Path:
 
 def default_endpoint() -> str:
     """$TAKDSR_UPSCALER_ENDPOINT, else ipc://<runtime_dir()>/upscaler.sock. ConfigError naming the variable when it
-    holds no endpoint: the message would quote a value nobody typed."""
+    holds no endpoint, and naming $XDG_RUNTIME_DIR when that makes the socket path too long: the message would quote
+    a value nobody typed."""
     from_environment = os.environ.get(ENDPOINT_ENV)
     if not from_environment:
+        socket_path = _runtime_path() / "upscaler.sock"
+        length = len(os.fsencode(socket_path))
+        if length > _IPC_PATH_MAX:  # only a long $XDG_RUNTIME_DIR makes it so: name that, not a path nobody typed
+            raise ConfigError(f"the default socket path {socket_path} is {length} bytes long, more than a Unix "
+                              f"socket's {_IPC_PATH_MAX}, because $XDG_RUNTIME_DIR is long: set ${ENDPOINT_ENV} to "
+                              "a shorter ipc:// path (or pass one with --endpoint), or use a shorter XDG_RUNTIME_DIR")
         return f"ipc://{runtime_dir() / 'upscaler.sock'}"
     try:
         check_endpoint(from_environment, allow_remote=True)  # the daemon checks the host again, without it

@@ -22,6 +22,7 @@
 #define SLOT_ALIGN 4096u /* section 6.2: slot starts are page-aligned */
 #define DIM_MAX 65535u   /* section 3: a frame's width and height, at most */
 #define SCALE_MAX 16u    /* section 3: welcome.scale, at most */
+#define IPC_PATH_MAX 107 /* bytes of a Unix socket's path (sun_path holds 108 with its NUL) */
 
 struct pending { /* a submit whose outcome has not arrived */
     uint64_t req, frame;
@@ -371,20 +372,23 @@ static bool private_folder(const char *path) {
 static bool default_endpoint(char *dst, size_t cap) {
     const char *env = getenv("TAKDSR_UPSCALER_ENDPOINT");
     const char *xdg = getenv("XDG_RUNTIME_DIR");
-    char folder[1024];
+    char folder[IPC_PATH_MAX + 1]; /* longer ones are refused below */
     if (env && *env) {
         snprintf(dst, cap, "%s", env);
         return true;
     }
     int n = xdg && *xdg ? snprintf(folder, sizeof folder, "%s/takdsr", xdg)
                         : snprintf(folder, sizeof folder, "/tmp/takdsr-%u", (unsigned)getuid());
-    if (n < 0 || (size_t)n >= sizeof folder) {
-        fprintf(stderr, "takdsr: $XDG_RUNTIME_DIR is too long for a socket path\n");
+    size_t length = n < 0 ? SIZE_MAX : (size_t)n + strlen("/upscaler.sock");
+    if (length > IPC_PATH_MAX) { /* only a long $XDG_RUNTIME_DIR makes it so: name that, not a path nobody typed */
+        fprintf(stderr, "takdsr: the default socket path %s/takdsr/upscaler.sock is %zu bytes long, more than a Unix "
+                "socket's %d, because $XDG_RUNTIME_DIR is long: set TAKDSR_UPSCALER_ENDPOINT to a shorter ipc:// "
+                "path (or pass one, -e), or use a shorter XDG_RUNTIME_DIR\n", xdg ? xdg : "", length, IPC_PATH_MAX);
         return false;
     }
     if (!private_folder(folder)) return false;
-    n = snprintf(dst, cap, "ipc://%s/upscaler.sock", folder);
-    return n >= 0 && (size_t)n < cap;
+    snprintf(dst, cap, "ipc://%s/upscaler.sock", folder); /* fits: its path is at most IPC_PATH_MAX bytes */
+    return true;
 }
 
 /* Whose `path` is, or the first folder above it that this process cannot enter, with its mode, into dst. */
