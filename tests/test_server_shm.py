@@ -4,7 +4,9 @@ daemon's copies into and out of slots survive a segment shrunk under them."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -20,7 +22,7 @@ import zmq
 
 from upscaler_server import shm
 from upscaler_server.errors import SharedMemoryError
-from upscaler_server.shm import SHM_DIR, Ring, RingLayout
+from upscaler_server.shm import SHM_DIR, Ring, RingLayout, remove_stale_segments
 
 from server_utils import REPO, Daemon, encode_request, raw_socket, run_server, short_tmpdir
 
@@ -169,6 +171,30 @@ def test_a_segment_that_may_not_be_opened_is_named_as_another_users(monkeypatch:
     monkeypatch.undo()
     with pytest.raises(SharedMemoryError, match=r"No such file.*is the daemon still running"):
         Ring.attach(name, LAYOUT)  # gone: that question is still asked
+
+
+def test_stale_segments_of_another_user_are_left_alone_in_silence(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: pathlib.Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Files named like this user's segments of a dead daemon but owned by another user (planted in /dev/shm) were
+    unlinked, or, where the sticky folder refused, warned of at every daemon start (from the security review). Files
+    of this user's are faked as another user's through os.geteuid; as root, one is also given to uid 65534."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = [f"takdsr-{os.getuid()}-{dead.pid}-0000abcd-{kind}" for kind in ("in", "out")]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    real = os.geteuid()
+    with caplog.at_level(logging.WARNING, logger="upscaler_server.shm"), monkeypatch.context() as patch:
+        patch.setattr(os, "geteuid", lambda: real + 1)
+        assert remove_stale_segments(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == names and not caplog.records
+    if real == 0:
+        os.chown(tmp_path / names[0], 65534, -1)  # planted by another user
+        assert remove_stale_segments(tmp_path) == [names[1]]  # this user's own stale segment still goes
+        assert [p.name for p in tmp_path.iterdir()] == [names[0]] and not caplog.records
+    else:
+        assert sorted(remove_stale_segments(tmp_path)) == names
 
 
 def test_slots_are_read_and_written_by_copies_that_survive_a_truncation() -> None:

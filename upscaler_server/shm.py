@@ -442,7 +442,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
-    """Unlink this user's daemon segments whose owner pid is dead (or is this very process, which owns none yet)."""
+    """Unlink this user's daemon segments whose owner pid is dead (or is this very process, which owns none yet). A
+    file named like one but owned by another user (planted: anyone may create names in /dev/shm) is left alone,
+    silently: this user cannot remove it from the sticky folder, and it is no segment of this user's daemons."""
     if not shm_dir.is_dir():
         return []
     pattern = re.compile(rf"^{_PREFIX}-{os.getuid()}-(\d+)-[0-9a-f]{{8}}-(in|out)$")
@@ -450,6 +452,11 @@ def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
     for entry in os.scandir(shm_dir):
         match = pattern.match(entry.name)
         if not match:
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                continue
+        except OSError:  # gone meanwhile
             continue
         pid = int(match.group(1))
         if pid != os.getpid() and pid_alive(pid):
