@@ -294,3 +294,13 @@ def test_a_long_xdg_runtime_dir_is_named_when_the_socket_path_would_be_too_long(
     daemon = subprocess.run([sys.executable, "-m", "upscaler_server", "--backend", "nearest"], capture_output=True,
                             text=True, timeout=120, cwd=REPO)
     assert daemon.returncode == 2 and expected in daemon.stderr, daemon.stderr
+
+
+def test_the_protocol_doc_says_a_loopback_port_is_open_to_every_local_user() -> None:
+    """Section 1 said only that anyone who reaches a tcp port can "open, use and close sessions": not that on a shared
+    machine every local user reaches a loopback port, and others cannot close a session, which belongs to its
+    connection (from the security review)."""
+    section = (REPO / "docs" / "protocol.md").read_text().split("## 1. Transport")[1].split("## 2.")[0]
+    assert "any local user can connect to a loopback port" in section
+    assert "Only an `ipc://` endpoint in a 0700 folder is private to its user" in section
+    assert "close sessions" not in section and "cannot submit to it or close it" in section

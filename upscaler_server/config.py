@@ -116,8 +116,9 @@ _IPC_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108 with it
 def check_endpoint(endpoint: str, allow_remote: bool) -> None:
     """ConfigError unless ``endpoint`` is one the daemon can bind. ipc: a file path short enough for a Unix socket
     (the socket gets mode 0600, so only this user connects); tcp: a host and a numeric port, on loopback unless
-    ``allow_remote``, since anyone who reaches the port can open, use and close sessions. Clients check with
-    ``allow_remote``: a malformed endpoint is a mistyped argument, not a daemon that cannot be reached."""
+    ``allow_remote``, since anyone who reaches the port can open and use sessions (on loopback: any local user).
+    Clients check with ``allow_remote``: a malformed endpoint is a mistyped argument, not a daemon that cannot be
+    reached."""
     kind, _, address = endpoint.partition("://")
     if kind not in ("ipc", "tcp"):
         raise ConfigError(f"endpoint {endpoint!r} must start with ipc:// or tcp://")
