@@ -170,6 +170,27 @@ def test_corrupt_cache_is_ignored_with_a_warning(checkpoint: pathlib.Path, tmp_p
     assert data["version"] == 1 and len(data["entries"]) == 1
 
 
+def test_an_unreadable_cache_is_called_unreadable_not_corrupt(checkpoint: pathlib.Path, tmp_path: pathlib.Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A PermissionError reading auto.json (another user's file in a shared cache folder) was reported as "ignoring
+    the corrupt auto-backend cache": the file may be fine, this process cannot read it."""
+    (tmp_path / "auto.json").write_text('{"version": 1, "entries": {}}')
+    read_text = pathlib.Path.read_text
+
+    def refuse(path: pathlib.Path, *args: object, **kwargs: object) -> str:
+        if path.name == "auto.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pathlib.Path, "read_text", refuse)
+    with caplog.at_level(logging.WARNING, logger="upscaler_server.backends.auto"):
+        _auto(checkpoint, tmp_path, allowed=("eager",))
+    (message,) = [r.getMessage() for r in caplog.records if "auto-backend cache" in r.getMessage()]
+    assert "cannot read the auto-backend cache" in message and "Permission denied" in message
+    assert "corrupt" not in message
+
+
 def test_two_engines_sharing_a_cache_keep_each_others_entries(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
     first, second = _auto(checkpoint, tmp_path, allowed=("eager",)), _auto(checkpoint, tmp_path, allowed=("eager",))
     first.run(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
@@ -236,6 +257,121 @@ def test_an_auto_backend_that_cannot_run_here_is_named(caplog: pytest.LogCapture
     caplog.clear()
     candidate_labels("cpu", "auto", ("eager",))
     assert "--auto-backends" not in caplog.text
+
+
+def _settings(checkpoint: pathlib.Path, cache: pathlib.Path) -> tuple[torch.nn.Module, Settings]:
+    network, name, weights = load_network(checkpoint, None, 2)
+    return network, Settings(name=name, device="cpu", precision="fp32", weights=weights, threads=1,
+                             cuda_graphs=False, cache_dir=cache, model_hash=model_hash(network, weights))
+
+
+def test_a_cached_onnx_export_of_another_model_is_not_served(checkpoint: pathlib.Path, reference: Engine,
+                                                              tmp_path: pathlib.Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The cached ONNX file was trusted by its name alone: another user's export of another checkpoint copied onto the
+    name this model's export has (a cache folder shared through $TAKDSR_CACHE_DIR) was served without a word (max
+    diff 143 levels against eager). Its takdsr.sha256 metadata is checked: the model is exported again."""
+    import onnx
+
+    assert unavailable("onnxruntime", "cpu", "fp32") is None, ONNXRUNTIME_HINT
+    other = make_checkpoint(tmp_path / "other.safetensors", seed=7)
+    create_engine(checkpoint=other, backend="onnxruntime", device="cpu", threads=1, cache_dir=tmp_path).close()
+    (foreign,) = (tmp_path / "onnx").iterdir()
+    _, settings = _settings(checkpoint, tmp_path)
+    ours = tmp_path / "onnx" / f"{settings.model_hash[:24]}-uint8-dynamic.onnx"
+    ours.write_bytes(foreign.read_bytes())
+    ours.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="upscaler_server.backends.onnxrt"):
+        engine = create_engine(checkpoint=checkpoint, backend="onnxruntime", device="cpu", threads=1,
+                               cache_dir=tmp_path)
+    assert f"not using the cached ONNX file {ours}: it is the export of another model" in caplog.text
+    rgb = RNG.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    _within(engine.run(rgb), reference.run(rgb), FP32_MAX_LEVELS)
+    engine.close()
+    props = {p.key: p.value for p in onnx.load(str(ours)).metadata_props}
+    assert props["takdsr.sha256"] == settings.model_hash  # replaced by this model's export
+    assert ours.stat().st_mode & 0o777 == 0o600 and not list(tmp_path.glob("onnx/tmp*"))  # private, no leftovers
+
+
+def _export_with_hash(sha256: str | None) -> bytes:
+    """A (tiny, empty) ONNX model whose metadata records ``sha256``: what the cache check reads."""
+    import onnx
+
+    model = onnx.ModelProto()
+    if sha256 is not None:
+        onnx.helper.set_model_props(model, {"takdsr.sha256": sha256})
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("case", ["trusted", "another model", "no hash", "not onnx", "another user",
+                                  "writable by others", "symbolic link", "folder"])
+def test_a_cached_onnx_file_is_used_only_when_trusted(case: str, checkpoint: pathlib.Path, tmp_path: pathlib.Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """What onnx_model checks before it uses a cached export (the export itself is faked here: the test above runs a
+    real one); every refusal is a warning naming why, then a fresh export."""
+    from upscaler_server.backends import onnxrt
+
+    network, settings = _settings(checkpoint, tmp_path)
+    path = tmp_path / "onnx" / f"{settings.model_hash[:24]}-uint8-dynamic.onnx"
+    path.parent.mkdir()
+    good = _export_with_hash(settings.model_hash)
+    contents = {"another model": _export_with_hash("0" * 64), "no hash": _export_with_hash(None),
+                "not onnx": b"\xff\xff\xff\xff not protobuf"}
+    if case == "symbolic link":
+        (tmp_path / "elsewhere.onnx").write_bytes(good)
+        path.symlink_to(tmp_path / "elsewhere.onnx")
+    elif case == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(contents.get(case, good))
+        path.chmod(0o664 if case == "writable by others" else 0o600)
+    if case == "another user":
+        monkeypatch.setattr(onnxrt.os, "geteuid", lambda: path.stat().st_uid + 1)
+    exports: list[pathlib.Path] = []
+    monkeypatch.setattr(onnxrt, "_export", lambda net, s, target: exports.append(target) or b"exported")
+    with caplog.at_level(logging.WARNING, logger="upscaler_server.backends.onnxrt"):
+        data = onnxrt.onnx_model(network, settings)
+    if case == "trusted":
+        assert data == good and exports == [] and caplog.text == ""
+        return
+    why = {"another model": "it is the export of another model", "no hash": "it records no model hash",
+           "not onnx": "it is not a readable ONNX file", "another user": "it belongs to another user",
+           "writable by others": "other users may write it (mode 664)", "symbolic link": "it cannot be opened",
+           "folder": "it is not a regular file"}[case]
+    assert data == b"exported" and exports == [path]
+    assert f"not using the cached ONNX file {path}: {why}" in caplog.text
+
+
+def test_a_cached_tensorrt_engine_of_another_user_is_built_again(tmp_path: pathlib.Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A TensorRT plan is code for the GPU, and records no model hash: one in the cache folder that another user owns
+    (or may write) is not deserialised but built again and stored privately. Runs without tensorrt or a GPU: the
+    build and the runtime are stand-ins."""
+    from upscaler_server.backends import onnxrt, tensorrt
+
+    path = tmp_path / "tensorrt" / "model-trt10-GPU-64x32-fp16.plan"
+    engine = object.__new__(tensorrt.TensorRTEngine)  # no __init__: it imports tensorrt and needs CUDA
+    built: list[tuple[int, int]] = []
+    monkeypatch.setattr(engine, "_engine_path", lambda height, width: path, raising=False)
+    monkeypatch.setattr(engine, "_build", lambda height, width: built.append((height, width)) or b"built plan",
+                        raising=False)
+
+    class Runtime:
+        def deserialize_cuda_engine(self, data: bytes) -> bytes:
+            return data
+
+    engine._runtime = Runtime()
+    assert engine._load_or_build(32, 64) == b"built plan" and built == [(32, 64)]
+    assert path.read_bytes() == b"built plan" and path.stat().st_mode & 0o777 == 0o600
+    assert engine._load_or_build(32, 64) == b"built plan" and len(built) == 1  # its own cached plan: not built again
+    path.write_bytes(b"someone else's plan")
+    monkeypatch.setattr(onnxrt.os, "geteuid", lambda: path.stat().st_uid + 1)
+    with caplog.at_level(logging.WARNING, logger="upscaler_server.backends.tensorrt"):
+        assert engine._load_or_build(32, 64) == b"built plan" and len(built) == 2
+    assert f"not using the cached TensorRT engine {path}: it belongs to another user" in caplog.text
+    assert path.read_bytes() == b"built plan"
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "auto"])

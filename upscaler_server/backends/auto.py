@@ -7,8 +7,9 @@ or that fails to build, is rejected; the others are timed (median of a few runs 
 wins. The choice and every candidate's numbers are written to ``auto.json`` in the cache folder under a key made of
 the hardware (CPU model, flags and usable cores, or GPU name), torch / onnxruntime / TensorRT versions, the model's
 SHA-256, the thread count, the tolerance and the resolution: the next start with the same key does not measure again.
-An unreadable or malformed file is ignored with a warning and rewritten. Daemons sharing the folder take turns to
-write it (a lock file beside it) and merge what the others wrote, so none loses another's measurements.
+A file that cannot be read (permissions) or is malformed is ignored with a warning that says which, and rewritten.
+Daemons sharing the folder take turns to write it (a lock file beside it) and merge what the others wrote, so none
+loses another's measurements.
 """
 
 from __future__ import annotations
@@ -115,7 +116,12 @@ class _Cache:
                     isinstance(v, dict) and isinstance(v.get("choice"), str) for v in data["entries"].values()):
                 raise ValueError(f"not a version {CACHE_VERSION} auto-backend cache")
             return data["entries"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except OSError as exc:  # a permission, an I/O error: the file may be fine, this process cannot read it
+            if warn:
+                log.warning("cannot read the auto-backend cache %s (%s); measuring again, and it will be rewritten",
+                            self.path, exc.strerror or exc)
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             if warn:
                 log.warning("ignoring the corrupt auto-backend cache %s (%s); it will be rewritten", self.path, exc)
             return {}

@@ -2,9 +2,11 @@
 
 The graph takes (1, H, W, 3) uint8 RGB and returns (1, sH, sW, 3) uint8 RGB: the float conversion, clamp and rounding
 run inside onnxruntime, fused with the first and last convolutions where its optimiser can. H and W are symbolic, so
-one file serves every resolution; it is exported once per model (keyed by its hash) into the cache folder. RGB8
-frames are bound directly (no copy in or out); other formats reorder channels with NumPy around the call and upscale
-alpha by nearest neighbour, as every backend does.
+one file serves every resolution; it is exported once per model (keyed by its hash) into the cache folder, and a cached
+file is used only if this user owns it, no other user may write it and its metadata records this model's hash
+(``onnx_model``; else it is exported again, with a warning that says why). RGB8 frames are bound directly (no copy
+in or out); other formats reorder channels with NumPy around the call and upscale alpha by nearest neighbour, as every
+backend does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import stat
 import tempfile
 import time
 from typing import Any
@@ -25,19 +28,50 @@ from upscaler_server.engine import Engine, StageTimes, usable_cores
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.protocol import PixelFormat
 
-__all__ = ["OnnxRuntimeEngine", "onnx_file"]
+__all__ = ["OnnxRuntimeEngine", "onnx_model", "read_private", "replace_private"]
 
 log = logging.getLogger("upscaler_server.backends.onnxrt")
 
 
-def onnx_file(network: torch.nn.Module, settings: Settings) -> pathlib.Path:
-    """The cached uint8-I/O, dynamic-shape ONNX file of ``network``; exported (a few seconds) when missing."""
-    from upscaler_server.export import export_onnx
-
+def onnx_model(network: torch.nn.Module, settings: Settings) -> bytes:
+    """The uint8-I/O, dynamic-shape ONNX export of ``network``, read from the cache folder when the file there can be
+    trusted (:func:`read_private`, and its ``takdsr.sha256`` metadata is ``settings.model_hash``), else exported again
+    (a few seconds) to a private temporary file that then replaces it. The bytes are returned, not the path: what was
+    checked is what runs, whatever happens to the file afterwards."""
     folder = settings.cache_dir / "onnx"
     path = folder / f"{settings.model_hash[:24]}-uint8-dynamic.onnx"
-    if path.is_file():
-        return path
+    data, problem = read_private(path)
+    if data is not None:
+        problem = _hash_problem(data, settings.model_hash)
+        if problem is None:
+            return data
+    if problem:  # a missing file is exported without a word beyond the info line below
+        log.warning("not using the cached ONNX file %s: %s; exporting the model again", path, problem)
+    return _export(network, settings, path)
+
+
+def _hash_problem(data: bytes, model_hash: str) -> str | None:
+    """Why the ONNX file ``data`` is not the export of the model whose SHA-256 is ``model_hash``, or None when it is."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        props = {p.key: p.value for p in onnx.load_model_from_string(data).metadata_props}
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        return f"it is not a readable ONNX file ({exc})"
+    recorded = props.get("takdsr.sha256")
+    if recorded is None:
+        return "it records no model hash (takdsr.sha256): not an export this cache wrote"
+    if recorded != model_hash:
+        return f"it is the export of another model (sha256 {recorded[:24]}, not {model_hash[:24]})"
+    return None
+
+
+def _export(network: torch.nn.Module, settings: Settings, path: pathlib.Path) -> bytes:
+    """Export ``network`` to a private temporary file beside ``path``, read it, move it onto ``path``."""
+    from upscaler_server.export import export_onnx
+
+    folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
@@ -52,12 +86,52 @@ def onnx_file(network: torch.nn.Module, settings: Settings) -> pathlib.Path:
             logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "torch.onnx" else logging.ERROR)
         export_onnx(network.float().cpu(), pathlib.Path(tmp), io="uint8", height=size, width=size, dynamic=True,
                     metadata={"takdsr.model": settings.name, "takdsr.sha256": settings.model_hash})
-        os.replace(tmp, path)  # atomic: a concurrent daemon never reads half a file
+        data = pathlib.Path(tmp).read_bytes()
+        replace_private(pathlib.Path(tmp), path)
     except (RuntimeError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot export {settings.name} to ONNX for onnxruntime/TensorRT: {exc}") from exc
     finally:
         pathlib.Path(tmp).unlink(missing_ok=True)
-    return path
+    return data
+
+
+def read_private(path: pathlib.Path) -> tuple[bytes | None, str]:
+    """The bytes of the cached file ``path`` and "" when it is a regular file that this user owns and no other user
+    may write; else None and why not ("" when there is no file). A cache folder shared between users let another
+    one put a file under the name this process looks for (an export of another network, served without a word). The
+    checks are made on the open file, so they hold for the bytes read."""
+    try:  # no link followed (it would lead wherever its maker chose); nonblocking: a FIFO there must not hang us
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"it cannot be opened ({exc.strerror or exc}; a symbolic link is never followed)"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None, "it is not a regular file"
+        if info.st_uid != os.geteuid():
+            return None, (f"it belongs to another user (uid {info.st_uid}, this process runs as {os.geteuid()}); "
+                          "a cache folder should be private to one user")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return None, f"other users may write it (mode {stat.S_IMODE(info.st_mode):o})"
+        with open(fd, "rb", closefd=False) as file:
+            return file.read(), ""
+    except OSError as exc:
+        return None, f"it cannot be read ({exc.strerror or exc})"
+    finally:
+        os.close(fd)
+
+
+def replace_private(tmp: pathlib.Path, path: pathlib.Path) -> None:
+    """Move the finished ``tmp`` onto ``path`` (atomic: a concurrent daemon never reads half a file), readable and
+    writable by this user alone; a warning when it cannot (the caller holds the bytes and uses them this run)."""
+    try:
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:  # e.g. another user's file in a sticky folder: it cannot be replaced
+        log.warning("cannot store %s in the cache (%s); it is used for this run only, so the next start makes it "
+                    "again", path, exc.strerror or exc)
 
 
 class OnnxRuntimeEngine(Engine):
@@ -84,9 +158,9 @@ class OnnxRuntimeEngine(Engine):
         providers: list[Any] = ["CPUExecutionProvider"]
         if cuda:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": _device_index(self.device)}))
-        model_file = onnx_file(network, settings)  # its errors name themselves: an unwritable cache is a setting
-        try:
-            self._session = ort.InferenceSession(str(model_file), options, providers=providers)
+        model = onnx_model(network, settings)  # its errors name themselves: an unwritable cache is a setting
+        try:  # the bytes checked, not the file's name (which may also not be valid UTF-8: onnxruntime refuses that)
+            self._session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise ModelLoadError(f"onnxruntime cannot load the exported model: {exc}") from exc
         self._scratch: dict[tuple[int, int], np.ndarray] = {}

@@ -2,8 +2,10 @@
 
 One engine per resolution (an optimisation profile with min = opt = max, TensorRT's fastest tactics for exactly that
 shape), serialised into the cache folder keyed by the model hash, TensorRT version, GPU name and resolution, so a
-restart deserialises in milliseconds instead of building for a minute. Frames go through pinned staging buffers on
-the engine's own stream; the channel order and alpha are handled on the GPU with PyTorch around the TensorRT call.
+restart deserialises in milliseconds instead of building for a minute. A cached engine is used only if this user owns
+it and no other user may write it (a plan records no model hash to check; its name holds it); else it is built again.
+Frames go through pinned staging buffers on the engine's own stream; the channel order and alpha are handled on the GPU
+with PyTorch around the TensorRT call.
 
 Untested where this was written (no GPU, no ``tensorrt`` package): tests/test_backends.py runs it where both exist.
 """
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from upscaler_server.backends.common import Settings
-from upscaler_server.backends.onnxrt import onnx_file
+from upscaler_server.backends.onnxrt import onnx_model, read_private, replace_private
 from upscaler_server.engine import ArrayFrame, CopiedFrame, Engine, PlanCache, StageTimes
 from upscaler_server.errors import EngineError, ModelLoadError
 from upscaler_server.protocol import PixelFormat
@@ -62,7 +64,7 @@ class TensorRTEngine(Engine):
         self.scale = int(network.scale)
         self.min_input_size = int(getattr(network, "min_input_size", 1))
         self._settings = settings
-        self._onnx = onnx_file(network, settings)
+        self._onnx = onnx_model(network, settings)  # the checked bytes
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._stream = torch.cuda.Stream(device=self.device)
@@ -78,14 +80,21 @@ class TensorRTEngine(Engine):
 
     def _load_or_build(self, height: int, width: int) -> Any:
         path = self._engine_path(height, width)
-        if not path.is_file():
+        data, problem = read_private(path)  # another user's plan in a shared cache folder is not run
+        if data is None:
+            if problem:
+                log.warning("not using the cached TensorRT engine %s: %s; building it again", path, problem)
             path.parent.mkdir(parents=True, exist_ok=True)
             log.info("building a TensorRT engine for %dx%d (once per model, GPU and size): %s", width, height, path)
-            fd, tmp = tempfile.mkstemp(suffix=".plan", dir=path.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._build(height, width))
-            os.replace(tmp, path)
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            data = self._build(height, width)
+            fd, tmp = tempfile.mkstemp(suffix=".plan", dir=path.parent)  # private (0600) until it replaces `path`
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                replace_private(pathlib.Path(tmp), path)
+            finally:
+                pathlib.Path(tmp).unlink(missing_ok=True)
+        engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:  # e.g. written by another TensorRT build: rebuild once
             path.unlink(missing_ok=True)
             raise ModelLoadError(f"TensorRT could not load {path}; it was removed, try again")
@@ -97,9 +106,9 @@ class TensorRTEngine(Engine):
         explicit_batch = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)  # the default from TensorRT 10
         network = builder.create_network(0 if int(trt.__version__.split(".")[0]) >= 10 else explicit_batch)
         parser = trt.OnnxParser(network, self._logger)
-        if not parser.parse(self._onnx.read_bytes()):
+        if not parser.parse(self._onnx):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ModelLoadError(f"TensorRT cannot parse {self._onnx}: {errors}")
+            raise ModelLoadError(f"TensorRT cannot parse the ONNX export of {self.name}: {errors}")
         config = builder.create_builder_config()
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, _WORKSPACE)
