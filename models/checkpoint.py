@@ -13,11 +13,13 @@ tensors that do not fit) raises ``CheckpointError`` naming the file and the prob
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,11 +150,34 @@ def _pytorch_file_hint(path: str | os.PathLike[str]) -> str:
     return hint
 
 
+_FD_FOLDER = "/proc/self/fd"
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """safe_open on ``path``, which Python opens first: safetensors takes a file name as UTF-8 text only, so a name that
+    is not valid UTF-8 (a Latin-1 folder from an old archive, held by Python as surrogates) failed as "not valid UTF-8"
+    and a checkpoint the trainer wrote there could never be loaded. Where Linux names open files (/proc/self/fd),
+    safetensors is handed that name of the file already open: any path works, and what is read is the file that was
+    opened. Elsewhere, the name itself. Nothing is unpickled either way: safe_open reads safetensors only."""
+    with open(path, "rb") as file:
+        name = os.path.join(_FD_FOLDER, str(file.fileno()))
+        if not os.path.exists(name):
+            name = os.fspath(path)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # safetensors' own message called such a file "not a readable safetensors file"
+                raise CheckpointError(path, f"its name is not valid UTF-8, which the safetensors library cannot open "
+                                            f"here (no {_FD_FOLDER}); rename the file or its folder") from None
+        with safe_open(name, framework="pt") as handle:
+            yield handle
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint's metadata, validated, without loading the weights."""
     _check_file(path)
     try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
+        with _open_safetensors(path) as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(path, f"not a readable safetensors file ({exc}){_pytorch_file_hint(path)}") from exc
@@ -284,7 +309,7 @@ def _check_shapes(path: str | os.PathLike[str], metadata: dict[str, Any], model:
     """The declared network's tensors against the file's header (names and shapes; nothing is read)."""
     expected = {name: list(t.shape) for name, t in model.state_dict().items()}
     try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
+        with _open_safetensors(path) as handle:
             stored = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(path, f"weights are truncated or corrupt ({exc})") from exc
@@ -307,7 +332,7 @@ def describe_shape_mismatch(expected: dict[str, list[int]], stored: dict[str, li
 
 def _read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
+        with _open_safetensors(path) as handle:
             state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(path, f"weights are truncated or corrupt ({exc})") from exc

@@ -1,0 +1,57 @@
+"""File and folder names that are not valid UTF-8 (Latin-1 names from old archives, which Python holds as surrogate
+escapes: b'r\\xe9un' is 'r\\udce9un'): every tool reads and writes them as it does any other name."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models import CheckpointError, build_model, load_checkpoint, read_metadata, save_checkpoint, weights_sha256
+from models import checkpoint as checkpoint_module
+from models.checkpoint import METADATA_KEY
+
+LATIN1 = os.fsdecode(b"r\xe9un")  # 'r\udce9un': what Python makes of a Latin-1 name on a UTF-8 system
+
+
+@pytest.fixture
+def odd_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / LATIN1
+    with pytest.raises(UnicodeEncodeError):
+        str(folder).encode("utf-8")  # the point of these tests: safetensors, onnxruntime and print refuse this name
+    return folder
+
+
+def test_a_checkpoint_under_a_name_that_is_not_utf8_loads(odd_folder: Path) -> None:
+    """safetensors takes a file name as UTF-8 only: a checkpoint saved under such a folder (the trainer's --run-dir)
+    was "not a readable safetensors file (Path ... is not valid UTF-8)" to every loader."""
+    torch.manual_seed(3)
+    model = build_model("rlfn_s", channels=8)
+    path = save_checkpoint(model, odd_folder / f"{LATIN1}.safetensors", role="student")
+    assert read_metadata(path)["arch"] == "rlfn"
+    loaded = load_checkpoint(path).model
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert len(weights_sha256(path)) == 64
+    metadata = read_metadata(path)
+    metadata["arch_args"]["channels"] = 16  # the header check still runs on such a file: 8-channel tensors
+    tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(metadata)})
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_checkpoint(path)
+
+def test_without_proc_such_a_name_is_called_so_not_unreadable(odd_folder: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where /proc/self/fd is missing, safetensors gets the name itself: a name it cannot take is said to be the
+    problem, not the file."""
+    path = save_checkpoint(build_model("rlfn_s", channels=8), odd_folder / "s.safetensors", role="student")
+    monkeypatch.setattr(checkpoint_module, "_FD_FOLDER", str(odd_folder.parent / "no-proc"))
+    with pytest.raises(CheckpointError, match="its name is not valid UTF-8") as info:
+        read_metadata(path)
+    assert "not a readable" not in str(info.value)
+    plain = save_checkpoint(build_model("rlfn_s", channels=8), odd_folder.parent / "s.safetensors", role="student")
+    assert read_metadata(plain)["role"] == "student"  # a UTF-8 name still opens by its name there
