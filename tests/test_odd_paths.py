@@ -55,3 +55,31 @@ def test_without_proc_such_a_name_is_called_so_not_unreadable(odd_folder: Path,
     assert "not a readable" not in str(info.value)
     plain = save_checkpoint(build_model("rlfn_s", channels=8), odd_folder.parent / "s.safetensors", role="student")
     assert read_metadata(plain)["role"] == "student"  # a UTF-8 name still opens by its name there
+
+
+def test_the_export_benchmark_reads_such_a_file(odd_folder: Path) -> None:
+    """onnxruntime takes a file name as UTF-8 text only: `python -m upscaler_server.export --benchmark N` failed with
+    a TypeError traceback (exit 1) after the file had been written under such a name. The session now reads the
+    file's bytes. (The command itself, printing the name, is test_console_*.)"""
+    from upscaler_server import export
+
+    torch.manual_seed(0)
+    network = build_model("rlfn_s", channels=8)
+    out = odd_folder / f"m{LATIN1}.onnx"
+    odd_folder.mkdir()
+    export.export_onnx(network, out, height=16, width=16)
+    times = export.benchmark(network, out, "uint8", 16, 16, repeats=1, threads=1)
+    assert times["onnxruntime_cpu_ms"] > 0
+
+
+def test_the_onnxruntime_backend_takes_a_cache_folder_of_such_a_name(odd_folder: Path) -> None:
+    """The onnxruntime backend handed onnxruntime the cached file's name: a cache folder (--cache-dir,
+    $TAKDSR_CACHE_DIR) of such a name failed to start it ("onnxruntime cannot load the exported model")."""
+    import numpy as np
+
+    from upscaler_server.engine import create_engine
+
+    engine = create_engine(model="rlfn_s", backend="onnxruntime", device="cpu", threads=1, cache_dir=odd_folder)
+    assert engine.run(np.zeros((16, 24, 3), np.uint8)).shape == (32, 48, 3)
+    engine.close()
+    assert len(list((odd_folder / "onnx").glob("*.onnx"))) == 1

@@ -198,7 +198,9 @@ def benchmark(network: nn.Module, path: pathlib.Path, io: IO, height: int, width
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # the bytes, not the name: onnxruntime takes a name as UTF-8 text only, and one that is not (a Latin-1 folder,
+    # held as surrogates) failed with a TypeError after the file had been written
+    session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
     x = example_input(io, height, width)
     feed = {"lr": x.numpy()}
     if threads:
