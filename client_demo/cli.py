@@ -36,6 +36,7 @@ from client_demo.headless import DEFAULT_OUT, OutputFolder, OutputFolderError, r
 from client_demo.link import UpscaleLink
 from client_demo.spawn import DaemonStartError, SpawnedDaemon
 from upscaler_server.config import check_endpoint, cli_prog, default_endpoint
+from upscaler_server.console import escape_unprintable_names
 from upscaler_server.errors import ConfigError
 
 __all__ = ["main", "parse_args"]
@@ -265,6 +266,7 @@ def _native_student() -> pathlib.Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point (``takdsr-demo``); returns the exit status."""
     started = time.perf_counter()  # stats.json's wall_s: the spawned daemon's start-up included
+    escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     cfg = parse_args(argv)
     stop = _Signals()
     try:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
+from upscaler_server.console import escape_unprintable_names  # standard library only (docs/architecture.md)
+
 from .checkpoint import CheckpointError, bundled_names, load_checkpoint, resolve_checkpoint, weights_sha256
 from .flops import count_flops, count_parameters
 from .registry import arch_name, build_model, list_models
@@ -84,6 +86,7 @@ def _check_input(model: nn.Module, width: int, height: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info_parser = commands.add_parser(

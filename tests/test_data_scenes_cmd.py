@@ -285,3 +285,22 @@ def test_a_frame_larger_than_the_trainer_reads_is_refused_before_rendering(
     assert 8194 * 8192 > MAX_IMAGE_PIXELS >= 8192 * 8192
     assert f"8194x8192 is more than {MAX_IMAGE_PIXELS} pixels" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_name_that_is_not_utf8_is_printed_on_a_strict_console(tmp_path: Path) -> None:
+    """`scenes --out $'bad/s\\xe9'` under a strict UTF-8 locale (Python then encodes stdout and stderr strictly)
+    wrote every frame, then printing the folder's name failed ("'utf-8' codec can't encode character '\\udce9'",
+    exit 2). The name is printed with backslash escapes."""
+    import os
+
+    out = tmp_path / os.fsdecode(b"s\xe9")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    command = [sys.executable, "-m", "training.data", "scenes", "--out", str(out), "--count", "2", "--width", "64",
+               "--height", "32", "--presets", "city"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, env=env, timeout=180)
+    stdout, stderr = (stream.decode("utf-8") for stream in (result.stdout, result.stderr))  # ASCII escapes: valid
+    if result.returncode != 0 and NO_EGL in stderr:
+        pytest.fail(f"no headless OpenGL here; {EGL_HINT}")
+    assert result.returncode == 0, stderr
+    assert f"2 frame pairs in {tmp_path}/s\\udce9" in stdout
+    assert len(json.loads((out / "manifest.json").read_text())["frames"]) == 2

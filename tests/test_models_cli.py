@@ -91,3 +91,16 @@ def test_an_answer_that_cannot_be_written_is_an_error_not_a_traceback() -> None:
         result = subprocess.run([sys.executable, "-m", "models", "info", "rlfn_s"], cwd=REPO, stdout=full,
                                 stderr=subprocess.PIPE, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr == "error: cannot write the answer: No space left on device\n"
+
+
+def test_info_on_a_checkpoint_whose_name_is_not_utf8_on_a_strict_console(tmp_path: Path) -> None:
+    """A Latin-1 folder name (held by Python as surrogates): the checkpoint was "not a readable safetensors file", and
+    printing its name crashed under a strict UTF-8 locale. Both are fine now: the name is printed escaped."""
+    folder = tmp_path / os.fsdecode(b"r\xe9un")
+    path = save_checkpoint(build_model("rlfn_s", channels=8), folder / "s.safetensors", role="student")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    result = subprocess.run([sys.executable, "-m", "models", "info", str(path), "--input", "64x48"], cwd=REPO,
+                            capture_output=True, env=env)
+    stdout, stderr = (stream.decode("utf-8") for stream in (result.stdout, result.stderr))  # ASCII escapes: valid
+    assert result.returncode == 0, stderr
+    assert f"model        {tmp_path}/r\\udce9un/s.safetensors" in stdout and f"sha256 {weights_sha256(path)}" in stdout

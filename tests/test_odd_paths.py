@@ -83,3 +83,58 @@ def test_the_onnxruntime_backend_takes_a_cache_folder_of_such_a_name(odd_folder:
     assert engine.run(np.zeros((16, 24, 3), np.uint8)).shape == (32, 48, 3)
     engine.close()
     assert len(list((odd_folder / "onnx").glob("*.onnx"))) == 1
+
+
+ENTRY_POINTS = ["upscaler_server.__main__", "upscaler_server.upscale", "upscaler_server.export",
+                "upscaler_server.bench", "client_demo.cli", "models.__main__", "training.__main__",
+                "training.data.__main__"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_console_every_entry_point_escapes_what_its_console_cannot_print(module: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command (pyproject's [project.scripts] and every `python -m`) sets stdout and stderr to backslash-escape
+    what they cannot encode, before it parses its arguments (argparse's errors print names too): under a strict UTF-8
+    locale a name that is not valid UTF-8 crashed the print after the work was done."""
+    import importlib
+    import io
+    import sys
+
+    consoles = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict") for _ in range(2)]
+    monkeypatch.setattr(sys, "stdout", consoles[0])
+    monkeypatch.setattr(sys, "stderr", consoles[1])
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--help"])
+    assert done.value.code == 0
+    assert [console.errors for console in consoles] == ["backslashreplace", "backslashreplace"]
+
+
+def test_console_helper_imports_the_standard_library_only() -> None:
+    """Every entry point imports upscaler_server.console, the demo's and `python -m models`' included: it must load
+    neither torch (the demo never does) nor the daemon (docs/architecture.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, upscaler_server.console; "
+            "sys.exit(sorted(m for m in ('torch', 'numpy', 'models', 'zmq', 'upscaler_server.engine') "
+            "if m in sys.modules) or None)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+
+
+def test_console_the_export_prints_such_a_name_on_a_strict_console(odd_folder: Path) -> None:
+    """`python -m upscaler_server.export -o $'bad/m\\xe9.onnx'` under a strict UTF-8 locale wrote the file, then said
+    "error: export failed: 'utf-8' codec can't encode character '\\udce9'" (exit 1)."""
+    import subprocess
+    import sys
+
+    out = odd_folder / f"m{LATIN1}.onnx"
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    command = [sys.executable, "-m", "upscaler_server.export", "--model", "rlfn_s", "--height", "16", "--width", "16",
+               "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, env=env, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    stdout, stderr = (stream.decode("utf-8") for stream in (result.stdout, result.stderr))  # ASCII escapes: valid
+    assert result.returncode == 0, stderr
+    assert f"wrote {odd_folder.parent}/r\\udce9un/mr\\udce9un.onnx (" in stdout and out.stat().st_size > 0

@@ -4,7 +4,6 @@ the TAKDSR trainer's command line."""
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import signal
 import sys
@@ -49,6 +48,7 @@ from training.trainer import (
     export_state,
     train_stage,
 )
+from upscaler_server.console import escape_unprintable_names  # standard library only (docs/architecture.md)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -285,14 +285,6 @@ def _ship(args: argparse.Namespace) -> int:
     return 0
 
 
-def _escape_unprintable_names() -> None:
-    """A file or folder name that is not valid UTF-8 (held as surrogates) crashed a print on a strict UTF-8 terminal
-    after the scores were computed; it is printed with backslash escapes instead."""
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
-
-
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM outside the training steps (loading data or guides, between stages, evaluating) stops like Ctrl-C,
     with one line: it killed the process without a word. The training loop has handlers of its own."""
@@ -301,8 +293,8 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     args = _parser().parse_args(argv)
-    _escape_unprintable_names()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     handlers = {
         "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,

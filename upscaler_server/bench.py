@@ -56,6 +56,7 @@ from upscaler_server import cpu_model, daemon_command, die_with_parent
 from upscaler_server.bench_backends import Variant, compare_backends, parse_label, print_backend_table, unavailable_here
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
+from upscaler_server.console import escape_unprintable_names
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
 from upscaler_server.files import FolderError, check_writable, is_stream, replace_whole, written_file
 from upscaler_server.shm import pid_alive
@@ -330,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; prints the tables and optionally writes JSON. Exit status: see the module
     docstring."""
+    escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     args = _parser().parse_args(argv)
     default_sizes = [list(BACKEND_SIZES if args.backends else SIZES)]
     args.sizes = [s for group in args.sizes or default_sizes for s in group]

@@ -37,6 +37,7 @@ from upscaler_server.config import (
     cli_prog,
     engine_setting_problems,
 )
+from upscaler_server.console import escape_unprintable_names
 from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 from upscaler_server.files import check_writable, partial_beside, publish
@@ -205,6 +206,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
+    escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -13,6 +13,7 @@ from training import MAX_IMAGE_PIXELS
 from training.data.images import DatasetError
 from training.data.povray import SCENE_LIST, canonical_scene, load_scene_list, render_scenes
 from training.data.scenes_cmd import write_scene_frames
+from upscaler_server.console import escape_unprintable_names  # standard library only (docs/architecture.md)
 
 
 def _antialias(text: str) -> float | None:
@@ -151,6 +152,7 @@ def _scenes(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     args = _parser().parse_args(argv)
     if args.width * args.height > MAX_IMAGE_PIXELS:  # POV-Ray rendered such a frame for hours, for nothing
         print(f"error: {args.width}x{args.height} is more than {MAX_IMAGE_PIXELS} pixels, the largest image the "
