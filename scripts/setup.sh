@@ -64,14 +64,15 @@ venv_works() {
 
 # The folder a venv was made for. A venv moved or copied with the project still runs, but its scripts' first lines
 # and the project's editable install name the old folder: the copy ran the original's code, the moved one found no
-# project. Recorded in .venv/.made-for; a venv of an earlier setup.sh is judged by where it imports the project from.
+# project. Recorded in .venv/.made-for; for a venv of an earlier setup.sh, the folder its activate script names.
 venv_made_for() {
     if [[ -f .venv/.made-for ]]; then
         cat .venv/.made-for
-    else
-        (cd / && "$here/.venv/bin/python" -c 'import pathlib, upscaler_server
-print(pathlib.Path(upscaler_server.__file__).resolve().parent.parent)' 2>/dev/null) || echo "$here"
+        return
     fi
+    local venv
+    venv=$(sed -n 's/^ *VIRTUAL_ENV="\(.*\)\/\.venv"$/\1/p' .venv/bin/activate 2>/dev/null | head -n 1)
+    if [[ -n "$venv" ]]; then realpath -m -- "$venv"; else echo "$here"; fi # -m: the old folder may be gone
 }
 
 has_nvidia_gpu() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }

@@ -194,8 +194,11 @@ def test_damaged_pngs_are_skipped_without_decoder_lines_on_stderr(
     with pytest.raises(ImageReadError, match=r"no_iend\.png: a damaged PNG \(cut short: no IEND chunk\)"):
         read_image(tmp_path / "no_iend.png")
     assert read_image(tmp_path / "text_crc.png").shape == (3, 40, 40)
-    capfd.readouterr()  # libpng's warning for the ancillary chunk (read, not refused)
+    (tmp_path / "iend_crc.png").write_bytes(png[:-4] + bytes(4))  # the empty IEND's CRC: the pixels are whole
+    assert read_image(tmp_path / "iend_crc.png").shape == (3, 40, 40)
+    capfd.readouterr()  # libpng's warnings for the ancillary chunk and the IEND (read, not refused)
     (tmp_path / "text_crc.png").unlink()
+    (tmp_path / "iend_crc.png").unlink()
     with pytest.warns(SkippedFilesWarning, match="6 unreadable"):
         found = scan_images(tmp_path, progress=False)
     assert [info.path.name for info in found] == ["good.png"]

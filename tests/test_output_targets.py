@@ -155,6 +155,10 @@ def test_a_link_another_user_planted_in_a_shared_folder_is_not_written_through(t
         check_json_target(planted)
     with pytest.raises(PermissionError), partial_beside(planted) as partial:
         partial.write_text("{}")
+    own = tmp_path / "latest.json"  # the user's own link, leading to the planted one (from the diff review)
+    own.symlink_to(planted)
+    with pytest.raises(PermissionError, match=r"bench\.json is a link of another user"):
+        replace_whole(own, "{}")
     onnx = shared / "m.onnx"
     onnx.symlink_to(precious)
     os.lchown(onnx, 12345, 12345)

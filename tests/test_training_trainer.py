@@ -222,6 +222,21 @@ def test_a_resume_on_other_arithmetic_or_data_says_so_and_records_both(
     assert history[1]["arithmetic"] == "cpu: elsewhere, 7 threads" and history[0]["arithmetic"].startswith("cpu: ")
 
 
+def test_a_resume_from_the_same_files_in_a_moved_folder_notes_no_change(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From the diff review: the fingerprint's path made a moved data folder read as changed data."""
+    config = _stage_config(image_folder, tmp_path, "teacher")
+    with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted):
+        stop_at_step(patch, 3)
+        train_stage(config, tmp_path / "run")
+    moved = tmp_path / "moved"
+    shutil.copytree(image_folder, moved)
+    capsys.readouterr()
+    train_stage(dataclasses.replace(config, data=_folder_data(config, moved)), tmp_path / "run", resume=True)
+    assert "training data differ" not in capsys.readouterr().out
+
+
 def test_a_resume_with_another_lr_and_betas_trains_with_them_and_says_so(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

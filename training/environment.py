@@ -10,6 +10,7 @@ segment's arithmetic.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import re
 import subprocess
@@ -77,6 +78,8 @@ def _git_commit() -> str | None:
 
 
 def _git(*args: str) -> str:
+    # GIT_OPTIONAL_LOCKS=0: `git status` would refresh .git/index under index.lock, and a `git commit` of the user's
+    # at that moment failed ("index.lock: File exists")
     done = subprocess.run(["git", "-C", str(_SOURCE_ROOT), *args], capture_output=True, text=True, timeout=10,
-                          check=True)
+                          check=True, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
     return done.stdout.strip()

@@ -472,7 +472,8 @@ class _Trainer:
             progress=self.dist.main and self.config.runtime.progress,
         )  # fmt: skip
         self.data_sources = [source.fingerprint() for source in dataset.sources]
-        if self.saved_data_sources not in (None, self.data_sources) and self.dist.main:
+        if self.saved_data_sources is not None and _contents(self.saved_data_sources) != _contents(self.data_sources) \
+                and self.dist.main:  # the same files in a moved folder are the same data
             print(f"note: the training data differ from what the resumed steps read (files added, removed or "
                   f"changed): now {_sources_line(self.data_sources)}; before: {_sources_line(self.saved_data_sources)}")
         sampler = StepBatchSampler(self.config.optim.batch_size, start_step, self.dist)
@@ -687,12 +688,24 @@ def _refuse_older_schedule(path: Path, scheduler: Any, run_dir: Path) -> None:
                          f"{run_dir} --out FILE.safetensors`, or remove {run_dir} to train the stage again")
 
 
+def _contents(sources: Any) -> Any:
+    """Data sources' fingerprints without the folders' paths: what was read, wherever it lies."""
+    if not isinstance(sources, list):
+        return sources
+    return [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in sources]
+
+
 def _sources_line(sources: Any) -> str:
     """Data sources' fingerprints in a line: a folder's image count and hash, a scene source's frame count."""
     if not isinstance(sources, list):
         return "not recorded"
-    return "; ".join(f"{s.get('path', s.get('kind'))}: {s.get('images', s.get('frames'))} images, "
-                     f"sha256 {str(s.get('sha256'))[:12]}" if isinstance(s, dict) else "?" for s in sources)
+    return "; ".join(_source_words(s) if isinstance(s, dict) else "?" for s in sources)
+
+
+def _source_words(source: dict[str, Any]) -> str:
+    if source.get("kind") == "scenes":
+        return f"scenes: {source.get('frames')} frames"
+    return f"{source.get('path')}: {source.get('images')} images, sha256 {str(source.get('sha256'))[:12]}"
 
 
 def _is_segment(segment: Any) -> bool:

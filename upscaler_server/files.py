@@ -11,6 +11,7 @@ would: moving a file onto it (as root) turned /dev/null into a plain file for th
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pathlib
 import secrets
@@ -22,6 +23,9 @@ from collections.abc import Iterator
 
 __all__ = ["FolderError", "check_writable", "folder_made_for", "is_stream", "partial_beside", "planted_link",
            "publish", "replace_whole", "written_file"]
+
+
+_MAX_LINKS = 40  # as the kernel's limit on links followed in one lookup
 
 
 class FolderError(OSError):
@@ -40,18 +44,23 @@ def is_stream(target: pathlib.Path) -> bool:
 
 def written_file(target: pathlib.Path) -> pathlib.Path:
     """The file a write to ``target`` replaces: what a link leads to (kept a link), else ``target`` itself.
-    PermissionError for a link another user planted in a shared folder such as /tmp (see planted_link)."""
-    if not os.path.islink(target):
-        return target
-    try:
-        link, folder = os.lstat(target), os.stat(target.parent)
-    except OSError:  # gone meanwhile: the write reports it
-        return target
-    if planted_link(link, folder, os.geteuid()):
-        raise PermissionError(f"{target} is a link of another user (uid {link.st_uid}) in the shared folder "
-                              f"{target.parent}: not written through (the kernel does not follow such links "
-                              "either); remove it or write elsewhere")
-    return pathlib.Path(os.path.realpath(target))
+    PermissionError for a link another user planted in a shared folder such as /tmp (see planted_link), wherever it
+    is in a chain of links. Links among the folders on the way are left to the kernel, which checks them when the
+    file is opened: the path returned is not resolved further."""
+    path = target
+    for _ in range(_MAX_LINKS):
+        if not os.path.islink(path):
+            return path
+        try:
+            link, folder = os.lstat(path), os.stat(path.parent)
+        except OSError:  # gone meanwhile: the write reports it
+            return path
+        if planted_link(link, folder, os.geteuid()):
+            raise PermissionError(f"{path} is a link of another user (uid {link.st_uid}) in the shared folder "
+                                  f"{path.parent}: not written through (the kernel does not follow such links "
+                                  "either); remove it or write elsewhere")
+        path = path.parent / os.readlink(path)  # an absolute link replaces the folder
+    raise OSError(errno.ELOOP, f"{target}: more than {_MAX_LINKS} links in a row")
 
 
 def planted_link(link: os.stat_result, folder: os.stat_result, euid: int) -> bool:

@@ -243,9 +243,9 @@ def _png_problem(data: memoryview) -> str | None:
     Checked before OpenCV decodes the file because libpng prints its refusal of a damaged file to stderr itself
     ("libpng error: IHDR: CRC error", "IDAT: CRC error", "PNG input buffer is incomplete"), on every scan of the
     folder, beside the scan's SkippedFilesWarning. Checked: the first chunk is a valid IHDR, every critical chunk
-    (IHDR, PLTE, IDAT, IEND) is whole and passes its CRC, and the file reaches its IEND. Left to libpng: an ancillary
-    chunk that fails its CRC (it warns and drops the chunk; the pixels are fine) and compressed data that is wrong
-    under a valid CRC (only a program that wrote it so makes that)."""
+    (IHDR, PLTE, IDAT) is whole and passes its CRC, and the file reaches its IEND. Left to libpng: an ancillary
+    chunk or the IEND failing its CRC (it warns; the pixels are fine) and compressed data that is wrong under a valid
+    CRC (only a program that wrote it so makes that)."""
     offset = len(_PNG_START)
     while offset + 12 <= len(data):  # length (4), type (4), data (length), CRC (4)
         length = int.from_bytes(data[offset : offset + 4], "big")
@@ -255,7 +255,7 @@ def _png_problem(data: memoryview) -> str | None:
             return problem
         if end > len(data):
             return f"cut short in its {kind.decode('latin-1')} chunk"
-        critical = not kind[0] & 0x20  # an upper-case first letter
+        critical = not kind[0] & 0x20 and kind != b"IEND"  # upper-case first letter; IEND holds no data to damage
         if critical and zlib.crc32(data[offset + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
             return f"its {kind.decode('latin-1')} chunk fails its CRC"
         if kind == b"IEND":
