@@ -9,6 +9,7 @@ segment's arithmetic.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -28,7 +29,14 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or site-p
 
 def environment() -> dict[str, str | None]:
     """Versions of Python and of the libraries the numbers go through, this package's, and the git commit of the
-    checkout it runs from (``-dirty`` when tracked files differ from it; None outside a git checkout)."""
+    checkout it runs from (``-dirty`` when tracked files differ from it; None outside a git checkout). Found once per
+    process: the code that runs is the code imported, whatever is edited later, and every checkpoint a trainer saves
+    (each snapshot too) would otherwise run git twice."""
+    return dict(_environment_once())
+
+
+@functools.cache
+def _environment_once() -> dict[str, str | None]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -49,11 +49,12 @@ def written_file(target: pathlib.Path) -> pathlib.Path:
     file is opened: the path returned is not resolved further."""
     path = target
     for _ in range(_MAX_LINKS):
-        if not os.path.islink(path):
-            return path
         try:
-            link, folder = os.lstat(path), os.stat(path.parent)
-        except OSError:  # gone meanwhile: the write reports it
+            link = os.lstat(path)
+            if not stat.S_ISLNK(link.st_mode):
+                return path
+            folder = os.stat(path.parent)
+        except OSError:  # absent (a new file), or gone meanwhile: the write reports what it finds
             return path
         if planted_link(link, folder, os.geteuid()):
             raise PermissionError(f"{path} is a link of another user (uid {link.st_uid}) in the shared folder "

@@ -231,12 +231,13 @@ static int decode_reply(takdsr_client *c, struct reply *r) {
         return fail(c, TAKDSR_E_PROTOCOL, "the daemon sent a reply that is not one msgpack map (%zu bytes)", size);
     }
     r->map = &r->up.data.via.map;
-    if (get_u64(r->map, "v", &version) && version != TAKDSR_PROTOCOL_VERSION) {
+    bool versioned = get_u64(r->map, "v", &version);
+    if (versioned && version != TAKDSR_PROTOCOL_VERSION) {
         msgpack_unpacked_destroy(&r->up);
         return fail(c, TAKDSR_E_PROTOCOL, "the daemon answered in protocol version %" PRIu64 "; this client speaks %d: "
                     "use a client of the daemon's version", version, TAKDSR_PROTOCOL_VERSION);
     }
-    if (!get_u64(r->map, "v", &version) || !get_u64(r->map, "req", &r->req) ||
+    if (!versioned || !get_u64(r->map, "req", &r->req) ||
         !get_str(r->map, "type", r->type, sizeof r->type)) {
         msgpack_unpacked_destroy(&r->up);
         return fail(c, TAKDSR_E_PROTOCOL, "the daemon's reply lacks a valid v/type/req header");
