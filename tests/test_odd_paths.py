@@ -109,13 +109,15 @@ def test_console_every_entry_point_escapes_what_its_console_cannot_print(module:
     assert [console.errors for console in consoles] == ["backslashreplace", "backslashreplace"]
 
 
-def test_console_helper_imports_the_standard_library_only() -> None:
-    """Every entry point imports upscaler_server.console, the demo's and `python -m models`' included: it must load
-    neither torch (the demo never does) nor the daemon (docs/architecture.md)."""
+@pytest.mark.parametrize("module", ["upscaler_server", "upscaler_server.console", "upscaler_server.files"])
+def test_helpers_training_imports_load_the_standard_library_only(module: str) -> None:
+    """Every entry point imports upscaler_server.console, the demo's and `python -m models`' included, and training
+    imports `cpu_model` and the output-file rules (upscaler_server.files): they must load neither torch (the demo never
+    does) nor the daemon (docs/architecture.md)."""
     import subprocess
     import sys
 
-    code = ("import sys, upscaler_server.console; "
+    code = (f"import sys, {module}; "
             "sys.exit(sorted(m for m in ('torch', 'numpy', 'models', 'zmq', 'upscaler_server.engine') "
             "if m in sys.modules) or None)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

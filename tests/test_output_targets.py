@@ -155,6 +155,10 @@ def test_a_link_another_user_planted_in_a_shared_folder_is_not_written_through(t
         check_json_target(planted)
     with pytest.raises(PermissionError), partial_beside(planted) as partial:
         partial.write_text("{}")
+    with pytest.raises(ValueError, match=r"cannot write the scores: .*is a link of another user \(uid 12345\)"):
+        check_output_file(planted, "the scores")  # the trainer's and evaluate's writers (from the leftovers)
+    with pytest.raises(PermissionError, match=r"is a link of another user"):
+        write_json_atomic(planted, {"psnr": 38.0})
     own = tmp_path / "latest.json"  # the user's own link, leading to the planted one (from the diff review)
     own.symlink_to(planted)
     with pytest.raises(PermissionError, match=r"bench\.json is a link of another user"):

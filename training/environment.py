@@ -13,13 +13,14 @@ import functools
 import importlib.metadata
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+
+from upscaler_server import cpu_model  # standard library only (docs/architecture.md)
 
 __all__ = ["arithmetic", "environment"]
 
@@ -53,18 +54,8 @@ def arithmetic(device: torch.device, ranks: int) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+        where = f"{cpu_model()}, {torch.get_num_threads()} threads"
     return f"{device.type}: {where}; {ranks} rank(s); torch {torch.__version__}"
-
-
-def _cpu_name() -> str:
-    """The CPU's model name as the kernel reports it, else the machine type (training imports nothing of the server,
-    whose `cpu_model` says the same for the benchmark)."""
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(errors="replace"), re.M)
-    except OSError:
-        found = None
-    return found[1].strip() if found else platform.machine()
 
 
 def _package_version() -> str | None:

@@ -33,11 +33,12 @@ from models import (
 )
 from training.config import Config, EvalConfig
 from training.data import DataConfig, SourceConfig, build_eval_dataset, default_eval_dir, to_tensor, to_uint8
-from training.data.images import is_stream, scan_images, write_json_atomic
+from training.data.images import scan_images, write_json_atomic
 from training.data.paths import shared_hint
 from training.distill import mixed_input
 from training.memory import out_of_memory_reason
 from training.metrics import image_metrics
+from upscaler_server.files import is_stream, written_file  # standard library only (docs/architecture.md)
 
 __all__ = [
     "BUILTIN_SETS",
@@ -208,12 +209,16 @@ def score_sets(
 def check_output_file(path: Path, what: str) -> None:
     """ValueError when `what` cannot be written to `path` (a folder, or in a folder that is missing or read-only),
     so that a command refuses before its work rather than lose it at the end. A link counts by the folder it leads
-    to; /dev/stdout, /dev/null or a FIFO needs only to be writable itself (written into: write_bytes_atomic)."""
+    to, unless another user planted it in a shared folder such as /tmp (not written through: write_bytes_atomic);
+    /dev/stdout, /dev/null or a FIFO needs only to be writable itself (written into)."""
     if is_stream(path):
         if not os.access(path, os.W_OK):
             raise ValueError(f"cannot write {what} to {path}: it is not writable")
         return
-    folder = Path(os.path.realpath(path)).parent
+    try:
+        folder = written_file(path).parent
+    except PermissionError as exc:
+        raise ValueError(f"cannot write {what}: {exc}") from None
     if path.is_dir():
         raise ValueError(f"cannot write {what} to {path}: it is a folder; give a file name")
     if not folder.is_dir():

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from training import MAX_IMAGE_PIXELS
+from upscaler_server.files import is_stream, written_file  # standard library only (docs/architecture.md)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -36,7 +37,6 @@ __all__ = [
     "ImageReadError",
     "SkippedFilesWarning",
     "file_sha256",
-    "is_stream",
     "read_image",
     "read_image_array",
     "read_manifest",
@@ -99,16 +99,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8", errors="backslashreplace"))
 
 
-def is_stream(path: Path) -> bool:
-    """Whether `path` (or what its links lead to, /proc's too) exists and is neither a file nor a folder: a device
-    such as /dev/null, /dev/stdout on a terminal or a pipe, a FIFO or a socket, written into rather than replaced."""
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):  # absent, a dangling link or a loop, a name with a NUL
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
 def write_into(path: Path, data: bytes) -> None:
     """Append `data` to a stream (is_stream) after what this process printed before (a table, then the JSON)."""
     sys.stdout.flush()
@@ -123,11 +113,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     file is new (exclusive create: it never replaces a file of the user's, as `NAME.tmp` did), hidden (scans pass
     over it), short-named (a name near the 255-byte limit still fits) and removed on any error. What is neither a file
     nor a folder (/dev/null, /dev/stdout, a FIFO) is written into, as a shell's redirection would: a file moved
-    onto /dev/null (as root) replaced it for the whole machine."""
+    onto /dev/null (as root) replaced it for the whole machine. A link another user planted in a shared folder such
+    as /tmp is not written through (PermissionError: upscaler_server.files.written_file)."""
     if is_stream(path):
         write_into(path, data)
         return
-    target = Path(os.path.realpath(path))
+    target = written_file(path)
     tmp = target.with_name(f".{secrets.token_hex(6)}.tmp")
     try:
         with open(tmp, "xb") as file:  # the umask's permissions
