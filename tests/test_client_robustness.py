@@ -31,7 +31,7 @@ from upscaler_server.errors import (
     SessionError,
     UpscalerError,
 )
-from upscaler_server.protocol import Submit
+from upscaler_server.protocol import Ping, Pong, Submit
 
 from server_utils import run_server, stop
 
@@ -639,10 +639,30 @@ def test_clients_and_sessions_refuse_to_be_copied_and_take_numpy_integers() -> N
                     copier(thing)
         session.submit(np.int64(1))
         assert session.collect().slot == 1
-        with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+        with pytest.raises(TypeError, match="slot must be an int, got '0'"):
             session.submit("0")
+        assert session.output(np.int64(1)).shape == (16, 32, 3)  # 16 wide, 8 high, x2
+        # the views check their slot as submit does (from the static review: input(1.5) raised a list's own
+        # TypeError, input(True) returned slot 1's view)
+        for slot in (1.5, True, "0"):
+            for view in (session.input, session.output, session.submit):
+                with pytest.raises(TypeError, match="slot must be an int"):
+                    view(slot)
+        with pytest.raises(SessionError, match=r"slot 2 is out of range \[0, 2\)"):
+            session.input(2)
         with pytest.raises(ValueError, match="wait must be a number of seconds >= 0"):
             session.has_result(float("nan"))
+        for wait in ("1", None):  # a TypeError, as collect's and the client's timeouts give
+            with pytest.raises(TypeError, match="wait must be a number of seconds >= 0"):
+                session.has_result(wait)
+        # request's own retries/timeout are checked as the constructor's are (retries=-1 sent nothing and
+        # reported "no reply after 0 attempt(s)"; timeout=0 gave up at once)
+        ping = Ping(sessions=[])
+        with pytest.raises(ValueError, match="retries must be an int >= 0"):
+            client.request(ping, Pong, retries=-1)
+        with pytest.raises(ValueError, match="timeout must be > 0 seconds"):
+            client.request(ping, Pong, timeout=0)
+        assert isinstance(client.request(ping, Pong, retries=0, timeout=5), Pong)
         with pytest.raises(ValueError, match="unknown pixel format ''"):
             client.upscale(np.zeros((8, 8, 3), np.uint8), pixel_format="")
         with pytest.raises(TypeError, match="endpoint must be a string or None and name a string"):

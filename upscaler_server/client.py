@@ -335,7 +335,7 @@ class UpscalerClient:
     """Connection to the daemon; a context manager that closes its sessions on exit. One client per thread: a
     second thread using it at the same time gets an UpscalerError (and so does a forked child)."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float = 10.0, retries: int = 3,
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 10.0, retries: int = 3,
                  name: str = "python-client", heartbeat: bool = True) -> None:
         """Connect and say hello. ``timeout``: seconds per attempt; raises ServerUnavailableError after
         ``retries`` + 1 silent attempts, or at once when an ``ipc://`` endpoint has no socket file or a stale one, or
@@ -504,8 +504,8 @@ class UpscalerClient:
         if self.closed:
             raise UpscalerError("this UpscalerClient is closed; create a new one", ErrorCode.UNKNOWN_SESSION)
         self._reap_orphans(notify=True)
-        retries = self.retries if retries is None else retries
-        timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else _retry_count(retries)
+        timeout = _positive_timeout(timeout, self.timeout)
         req: int | None = None
         gone: str | None = None  # why no daemon listens, once found
         attempts = 0  # waits of `timeout` s: a silent probe of a non-idempotent request is one too
@@ -702,18 +702,27 @@ class Session:
     def input(self, slot: int) -> np.ndarray:
         """Writable (height, width, channels) view of input slot ``slot``: put the frame here, then submit."""
         self._check_open()
-        self._check_slot(slot)
+        slot = self._check_slot(slot)
         return self._inputs[slot]
 
     def output(self, slot: int) -> np.ndarray:
         """(out_height, out_width, channels) view of output slot ``slot``; read it after its frame is collected."""
         self._check_open()
-        self._check_slot(slot)
+        slot = self._check_slot(slot)
         return self._outputs[slot]
 
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.slots:
-            raise SessionError(f"slot {slot} is out of range [0, {self.slots})", ErrorCode.SLOT_OUT_OF_RANGE)
+    def _check_slot(self, slot: int) -> int:
+        """``slot`` as an int (numpy integers too) in [0, slots); TypeError for 1.5 or True (a list index would take
+        True as slot 1), SessionError SLOT_OUT_OF_RANGE for one out of range."""
+        if isinstance(slot, bool):
+            raise TypeError(f"slot must be an int, got {slot!r}")
+        try:
+            index = operator.index(slot)
+        except TypeError:
+            raise TypeError(f"slot must be an int, got {slot!r}") from None
+        if not 0 <= index < self.slots:
+            raise SessionError(f"slot {index} is out of range [0, {self.slots})", ErrorCode.SLOT_OUT_OF_RANGE)
+        return index
 
     @property
     def in_flight(self) -> list[int]:
@@ -727,7 +736,9 @@ class Session:
         flight). Lets a loop keep several frames in flight, doing other work between short waits; such a loop
         checks the daemon itself (:meth:`check_alive`) when a frame takes too long."""
         self._check_open()
-        if isinstance(wait, bool) or not isinstance(wait, numbers.Real) or not wait >= 0:  # NaN is not >= 0
+        if isinstance(wait, bool) or not isinstance(wait, numbers.Real):
+            raise TypeError(f"wait must be a number of seconds >= 0, got {wait!r}")
+        if not wait >= 0:  # NaN is not >= 0
             raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
         return bool(self._outstanding) and self._client._link.arrived(self._outstanding[0][0], float(wait))
 
@@ -762,8 +773,7 @@ class Session:
         """Ask the daemon to upscale input slot ``slot`` into output slot ``slot``; returns the frame id.
         Does not wait: :meth:`collect` returns results in submission order."""
         self._check_open()
-        slot = operator.index(slot)
-        self._check_slot(slot)
+        slot = self._check_slot(slot)
         if slot in self.in_flight:
             raise SessionError(f"slot {slot} is still in flight; collect it first", ErrorCode.SLOT_IN_FLIGHT)
         # A slot whose frame collect() gave up on may be submitted again: if the daemon still runs that frame, this

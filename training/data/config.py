@@ -62,7 +62,9 @@ class DataConfig:
     scale: int = 2
     seed: int | None = None
     patch_size: int = 192  # HR patch side; the LR patch is patch_size / scale
-    length: int = 16000  # patches per epoch (the dataset's virtual length; see EpochSampler)
+    # the dataset's virtual length (len(), EpochSampler's epoch). `train` ignores it: each step draws new patches
+    # (StepBatchSampler), and a run's length is optim.steps
+    length: int = 16000
     patches_per_image: int = 4  # consecutive patches cropped from one frame (fewer decodes and renders)
     cache_mb: int = 256  # per-process cache of decoded or rendered frames, per source
     augment: AugmentConfig = field(default_factory=AugmentConfig)
