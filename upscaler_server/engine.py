@@ -43,7 +43,7 @@ import torch
 
 from upscaler_server.config import DEFAULT_SCALE, Config
 from upscaler_server.errors import ConfigError, EngineError
-from upscaler_server.loading import _widened, load_network, model_hash
+from upscaler_server.loading import load_network, model_hash, widened
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
 __all__ = ["ArrayFrame", "CopiedFrame", "Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine",
@@ -636,7 +636,7 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     network, name, weights = load_network(checkpoint, model, scale)
     identity = model_hash(network, weights)
     if pad_channels:
-        network, name = _widened(network, name, pad_channels)
+        network, name = widened(network, name, pad_channels)
         identity = hashlib.sha256(f"{identity} widened to a multiple of {pad_channels}".encode()).hexdigest()
     if weights is None:
         log.warning("model %s runs with RANDOM weights: output is noise, for benchmarks and tests only", name)

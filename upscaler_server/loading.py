@@ -17,7 +17,7 @@ import torch
 from upscaler_server.config import DEFAULT_SCALE
 from upscaler_server.errors import ConfigError, ModelLoadError
 
-__all__ = ["load_network", "model_hash"]
+__all__ = ["load_network", "model_hash", "widened"]
 
 # the daemon's, the offline CLI's and the export's options (the benchmark has no --model and names its own)
 _INSTEAD_OF_A_MISSING_CHECKPOINT = ("--checkpoint PATH or a bundled name, or --model NAME to run a registered model "
@@ -99,7 +99,7 @@ def _decoder(network: torch.nn.Module, source: str) -> torch.nn.Module:
     return network
 
 
-def _widened(network: torch.nn.Module, name: str, multiple: int) -> tuple[torch.nn.Module, str]:
+def widened(network: torch.nn.Module, name: str, multiple: int) -> tuple[torch.nn.Module, str]:
     """``network`` with its feature width padded to a multiple of ``multiple`` (same function), and its new name."""
     if not hasattr(network, "widened"):
         raise ConfigError(f"--pad-channels needs an RLFN network; {name} is {type(network).__name__}")
