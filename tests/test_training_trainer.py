@@ -25,7 +25,8 @@ from training.data import file_sha256
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
 from training.ship import seed_run, ship_run
-from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _print_changes, _Trainer, train_stage
+from training.state import _print_changes
+from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _Trainer, train_stage
 
 from training_utils import SMOKE_CONFIG, make_image_folder, stop_at_step, tiny_config
 

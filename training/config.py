@@ -256,7 +256,7 @@ def _section(cls: type, values: Any, name: str) -> Any:
     return cls(**{key: typed_value(value, hints[key], f"{name}.{key}") for key, value in fields.items()})
 
 
-# build_model arguments the trainer sets from the experiment itself (training/trainer.py, build_stage_network)
+# build_model arguments the trainer sets from the experiment itself (training/stages.py, build_stage_network)
 _SET_BY_EXPERIMENT = {"channels", "blocks", "scale", "encoder_channels", "discrete"}
 
 

@@ -164,7 +164,7 @@ def _changed_keys(saved: Config, config: Config) -> str:
 
 
 def _unread_keys(stage: StageConfig) -> set[str]:
-    """The experiment and loss keys that never reach `stage`'s network, input or loss (trainer.stage_blocks,
+    """The experiment and loss keys that never reach `stage`'s network, input or loss (stages.stage_blocks,
     build_stage_network, stage_mix, Distillation): every stage's config holds the whole experiment, and a teacher
     interrupted, then rerun with another `experiment.student_blocks`, was refused, or called stale when finished."""
     unread = set()

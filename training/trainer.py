@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import fcntl
 import functools
 import json
 import math
 import os
-import pickle
 import select
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,33 +33,48 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from models import (
-    WEIGHTS_DIR,
-    Teacher,
-    build_model,
-    describe_shape_mismatch,
-    init_from_teacher,
-    load_checkpoint,
-    min_lr_size,
-    save_checkpoint,
-    size_problem,
-    weights_sha256,
-)
-from models.checkpoint import MAX_BLOCKS, TRAINING_STATE_NAME
-from training.config import Config, ExperimentConfig, StageConfig, config_from_toml, differing_keys, dump_toml
+from models import save_checkpoint
+from training.config import Config, config_from_toml, dump_toml
 from training.data import build_train_dataset, worker_start_method
 from training.data.images import write_text_atomic
 from training.distill import Distillation, Guide, TrainedModel
 from training.environment import arithmetic, environment
 from training.memory import available_memory_bytes, kept_bytes_per_sample, out_of_memory_reason
+from training.stages import (
+    _training_summary,
+    build_stage_network,
+    changed_guides,
+    check_guides_fit,
+    check_patch_size,
+    input_hashes,
+    load_guides,
+    refuse_oversized,
+    stage_blocks,
+    stage_data_seed,
+    stage_inputs,
+    stage_mix,
+    stage_steps,
+)
+from training.state import (
+    FINAL_FILE,
+    STATE_FILE,
+    _contents,
+    _first_line,
+    _is_segment,
+    _optimizer_state_mismatch,
+    _print_changes,
+    _refuse_older_schedule,
+    _sources_line,
+    _state_dict_mismatch,
+    export_state,
+    read_state,
+)
 
 __all__ = [
     "DataWorkerError", "NonFiniteLossError", "OutOfMemoryError", "StageResult", "TrainingInterrupted", "export_state",
-    "read_state", "stage_inputs", "train_stage",
+    "read_state", "stage_blocks", "stage_inputs", "train_stage",
 ]  # fmt: skip
 
-STATE_FILE = TRAINING_STATE_NAME  # the name models.checkpoint gives a hint for
-FINAL_FILE = "final.safetensors"
 FORCE_AFTER_S = 2.0  # a second stop signal sooner than this after the first is the same stop, delivered twice
 LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
 SNAPSHOT_DIR = "snapshots"
@@ -679,41 +691,6 @@ class _Trainer:
         return save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
 
 
-def _refuse_older_schedule(path: Path, scheduler: Any, run_dir: Path) -> None:
-    """ValueError for a state saved by a trainer before time budgets (before 2026-11-25), whose scheduler was a
-    CosineAnnealingLR (T_max, eta_min): it was refused as if the config had changed, which it had not."""
-    if isinstance(scheduler, dict) and "T_max" in scheduler and "lr_lambdas" not in scheduler:
-        raise ValueError(f"{path} was saved by an older version of this trainer (its learning-rate schedule is kept "
-                         f"in another form) and cannot be resumed; its network can: `python -m training export-state "
-                         f"{run_dir} --out FILE.safetensors`, or remove {run_dir} to train the stage again")
-
-
-def _contents(sources: Any) -> Any:
-    """Data sources' fingerprints without the folders' paths: what was read, wherever it lies."""
-    if not isinstance(sources, list):
-        return sources
-    return [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in sources]
-
-
-def _sources_line(sources: Any) -> str:
-    """Data sources' fingerprints in a line: a folder's image count and hash, a scene source's frame count."""
-    if not isinstance(sources, list):
-        return "not recorded"
-    return "; ".join(_source_words(s) if isinstance(s, dict) else "?" for s in sources)
-
-
-def _source_words(source: dict[str, Any]) -> str:
-    if source.get("kind") == "scenes":
-        return f"scenes: {source.get('frames')} frames"
-    return f"{source.get('path')}: {source.get('images')} images, sha256 {str(source.get('sha256'))[:12]}"
-
-
-def _is_segment(segment: Any) -> bool:
-    """Whether a state's arithmetic_history entry has the shape this trainer writes."""
-    return (isinstance(segment, dict) and isinstance(segment.get("arithmetic"), str)
-            and isinstance(segment.get("from_step"), int) and not isinstance(segment.get("from_step"), bool))
-
-
 def _memory_refusal(config: Config, device: torch.device, per_sample: int, ranks: int, available: int) -> str | None:
     """Why the batch is refused, or None when it fits: `per_sample` bytes a sample on each of the `ranks` processes
     of this host sharing `available` bytes."""
@@ -739,285 +716,6 @@ def _remove_leftover_temporaries(run_dir: Path) -> None:
         for leftover in folder.glob(pattern):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-
-
-def _training_summary(config: Config, steps: int, seconds: float) -> dict[str, Any]:
-    """What a checkpoint's metadata says of the stage that trained it."""
-    stage = config.stage
-    return {
-        "stage": stage.name,
-        "steps": steps,
-        "batch_size": config.optim.batch_size,
-        "seconds": round(seconds, 1),
-        "mix": list(stage_mix(config)) if stage_mix(config) else None,
-        "guides": [_input_label(p) for p in stage.guides],
-        "init_from": _input_label(stage.init_from) if stage.init_from else None,
-        "config": config.to_dict(),
-    }
-
-
-def _input_label(path: str) -> str:
-    """A stage's guide or init_from as its metadata names it: the stage of <run>/<stage>/final.safetensors, or a
-    bundled checkpoint's name (its folder, models/weights, would say nothing)."""
-    file = Path(path)
-    return file.stem if file.resolve().parent == WEIGHTS_DIR.resolve() else file.parent.name
-
-
-def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A saved training state (RUN_DIR/state.pt) with at least `step`, `model` and `needs`; anything else
-    (not a torch file, truncated, other contents) is a ValueError naming the file."""
-    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:  # torch's text for it advises weights_only=False: what this trainer never does
-        raise ValueError(f"{path} is not a training state: not a torch file of tensors and plain containers "
-                         "(another format, damaged, or pickled objects, which are never loaded)") from None
-    except Exception as exc:  # weights_only cannot run code, so any failure here just means "not a state file"
-        raise ValueError(f"{path} is not a training state ({type(exc).__name__}: {_first_line(exc)})") from None
-    missing = {"step", "model", *needs} - (state.keys() if isinstance(state, dict) else set())
-    if missing:
-        raise ValueError(f"{path} is not a training state (no {', '.join(sorted(missing))} entries)")
-    step = state["step"]
-    if not isinstance(state["model"], dict) or not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"{path} is not a training state (its model is not a state dict or its step not a "
-                         "non-negative int)")
-    for key in ("seconds", "budget_spent", "budget_s"):  # read back as floats on a resume
-        value = state.get(key, 0.0)
-        # a range, not math.isfinite: an int past any float raised OverflowError there (a traceback), or in float()
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and 0 <= value <= sys.float_info.max):  # NaN fails every comparison
-            raise ValueError(f"{path} is not a training state (its {key} {value!r:.40} is not a number of 0 or more)")
-    last_loss = state.get("last_loss")
-    if last_loss is not None and not (isinstance(last_loss, float) and math.isfinite(last_loss)):
-        raise ValueError(f"{path} is not a training state (its last_loss {last_loss!r:.40} is not a finite number)")
-    hashes = state.get("inputs_sha256")
-    if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) for h in hashes)):
-        raise ValueError(f"{path} is not a training state (its inputs_sha256 is not a list of strings)")
-    return state
-
-
-def _print_changes(path: Path, saved: Any, config: Config) -> None:
-    """Say which keys a resumed run now trains with other values than its state was saved with: a change made on
-    purpose (``--set``), or a state.pt put back from another run, which must not pass unnoticed."""
-    if not isinstance(saved, str):  # a state of an older version: it kept no config
-        return
-    try:
-        before = config_from_toml(saved, path).to_dict()
-    except ValueError as exc:  # not valid TOML, or keys of another version
-        print(f"note: the config kept in {path} cannot be read ({_first_line(exc)}); resuming with this run's")
-        return
-    changed = differing_keys(_resolved_stage_paths(before), _resolved_stage_paths(config.to_dict()))
-    if changed:
-        keys = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
-        print(f"note: resuming {path} with values other than it was saved with, for {keys}")
-
-
-def _resolved_stage_paths(as_dict: dict[str, Any]) -> dict[str, Any]:
-    """A config dict with its stage's guides and init_from resolved: a pipeline makes them from its run folder,
-    which a resume may spell otherwise (relative, absolute) for the same files."""
-    stage = as_dict["stage"]
-    stage["init_from"] = str(Path(stage["init_from"]).resolve()) if stage.get("init_from") else ""
-    stage["guides"] = [str(Path(path).resolve()) for path in stage.get("guides", [])]
-    return as_dict
-
-
-def _state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:
-    """What keeps `saved` from loading into `module`, in one short line ("" when the names, shapes and kinds fit:
-    load_state_dict would turn integer tensors into weights silently)."""
-    expected = {name: list(tensor.shape) for name, tensor in module.state_dict().items()}
-    stored = {name: list(value.shape) if isinstance(value, torch.Tensor) else None for name, value in saved.items()}
-    mismatch = describe_shape_mismatch(expected, stored)
-    not_float = [name for name, value in saved.items() if isinstance(value, torch.Tensor)
-                 and not value.is_floating_point()]
-    return mismatch or (f"{not_float[0]} holds {saved[not_float[0]].dtype}, not weights" if not_float else "")
-
-
-def _optimizer_state_mismatch(optimizer: torch.optim.Optimizer) -> str:
-    """A loaded optimizer state whose moment tensors do not fit their parameters, in one line ("" when they do):
-    Adam's load_state_dict takes them as they are, and the next step failed with a broadcast error."""
-    for parameter, moments in optimizer.state.items():
-        for key, value in moments.items():
-            if key != "step" and isinstance(value, torch.Tensor) and value.shape != parameter.shape:
-                return f"optimizer {key} of shape {list(value.shape)} for a parameter of {list(parameter.shape)}"
-    return ""
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's first line: torch's messages go on for many lines of advice."""
-    return str(exc).strip().split("\n", 1)[0]
-
-
-def export_state(state_path: Path, config: Config, out: Path) -> Path:
-    """A checkpoint of the network in a saved training state (RUN_DIR/state.pt, written every
-    `checkpoint_every` steps), to evaluate a run part-way; `config` is the run's (RUN_DIR/config.toml).
-    Its metadata says `partial_of` the stage's planned steps and the step it was saved at."""
-    if out.resolve() == (state_path.parent / FINAL_FILE).resolve():  # a part-way network in the finished one's place
-        raise ValueError(f"{out} is the stage's own final checkpoint: export the state to another file")
-    state = read_state(state_path, torch.device("cpu"))
-    # the weights come from the state: build the bare network, without loading the teacher it started from
-    network = build_stage_network(dataclasses.replace(config, stage=dataclasses.replace(config.stage, init_from="")))
-    trained = TrainedModel(network)
-    mismatch = _state_dict_mismatch(trained, state["model"])
-    try:
-        if mismatch:
-            raise ValueError(mismatch)
-        trained.load_state_dict(state["model"])
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ValueError(f"{state_path} does not hold this config's {config.stage.name} network: "
-                         f"{_first_line(exc)}") from None
-    summary = _training_summary(config, int(state["step"]), float(state.get("seconds", 0.0)))
-    summary["partial_of"] = stage_steps(config)
-    return save_checkpoint(network, out, role=config.stage.role, training=summary)
-
-
-# -- stage construction (also used by the pipeline and the tests) -----------------------------------
-
-
-def stage_mix(config: Config) -> tuple[float, float] | None:
-    """The TA's input mix; None for teachers and students."""
-    return tuple(config.experiment.mix) if config.stage.role == "ta" else None
-
-
-def stage_steps(config: Config) -> int:
-    """The steps the stage is planned for: its own, else the experiment's."""
-    return config.stage.steps or config.optim.steps
-
-
-def stage_data_seed(config: Config) -> int:
-    """The seed of the stage's training patches: data.seed where the config sets it, else the run's seed. So
-    `runtime.seed` alone changes the initialisation and the patches together, and a fixed `data.seed` keeps the
-    patches while `runtime.seed` varies the initialisation (to tell the two apart)."""
-    return config.runtime.seed if config.data.seed is None else config.data.seed
-
-
-def stage_blocks(config: Config) -> int:
-    exp, stage = config.experiment, config.stage
-    if stage.blocks:
-        return stage.blocks
-    if stage.role == "ta":
-        return exp.ta_blocks[0]
-    return exp.teacher_blocks if stage.role == "teacher" else exp.student_blocks
-
-
-def check_patch_size(patch_size: int, scale: int, networks: list[nn.Module]) -> None:
-    """Refuse training patches too small for a network (RLFN's and RFDN's ESA pool a 15-pixel LR window), with the
-    smallest that works, rather than failing inside a pooling layer (a teacher reads the HR patch, the others the
-    LR one: either way the LR side patch_size / scale is what must reach the minimum)."""
-    for network in networks:
-        minimum = min_lr_size(network)
-        if patch_size // scale < minimum:
-            raise ValueError(f"data.patch_size {patch_size} is too small for {type(network).__name__}: it needs "
-                             f"patches of at least {minimum * scale} px at x{scale}")
-
-
-def refuse_oversized(config: Config) -> None:
-    """ValueError for a stage whose network every loader would refuse for its size (models.size_problem): said
-    before hours of training, and before anything is allocated (a config of huge widths built gigabytes first, or
-    ran out of memory). A fresh network is sized on the meta device; one initialised from a teacher is no larger
-    than that checkpoint, which its loader has sized."""
-    blocks = stage_blocks(config)
-    if blocks > MAX_BLOCKS:  # even on the meta device a million blocks take a minute to build
-        raise ValueError(f"stage {config.stage.name} would train a network of {blocks} blocks, more than checkpoints "
-                         f"of this package may hold ({MAX_BLOCKS})")
-    if config.stage.init_from:
-        return
-    with torch.device("meta"):
-        too_large = size_problem(build_stage_network(config))
-    if too_large:
-        raise ValueError(f"stage {config.stage.name} would train {too_large}")
-
-
-def build_stage_network(config: Config) -> nn.Module:
-    """The network the stage trains: a fresh teacher, or a decoder initialised from a teacher."""
-    exp, stage = config.experiment, config.stage
-    blocks = stage_blocks(config)
-    if stage.role == "teacher":
-        return build_model(
-            f"{exp.family}_teacher", channels=exp.channels, blocks=blocks, scale=exp.scale,
-            encoder_channels=exp.encoder_channels, discrete=stage.discrete, **exp.extra_args,
-        )  # fmt: skip
-    if stage.init_from:
-        checkpoint = load_checkpoint(stage.init_from)
-        teacher = checkpoint.model
-        if not isinstance(teacher, Teacher):
-            raise ValueError(f"init_from {stage.init_from} is not a teacher checkpoint")
-        if teacher.scale != exp.scale:
-            raise ValueError(f"init_from {stage.init_from} upscales x{teacher.scale}, the experiment x{exp.scale}")
-        _check_teacher_is_the_experiments(stage.init_from, checkpoint.metadata["arch"], teacher, exp)
-        return init_from_teacher(teacher, blocks)
-    return build_model(exp.family, channels=exp.channels, blocks=blocks, scale=exp.scale, **exp.extra_args)
-
-
-def _check_teacher_is_the_experiments(path: str, arch: str, teacher: Teacher, exp: ExperimentConfig) -> None:
-    """ValueError naming the keys for an init_from teacher of another shape than the experiment's: its width and
-    family were taken silently (a seeded 52-channel teacher gave a 52-channel student whose metadata said 8)."""
-    args = teacher.arch_args()
-    found = {"experiment.family": arch.removesuffix("_teacher"), "experiment.channels": args.get("channels"),
-             "experiment.teacher_blocks": args.get("blocks"),
-             "experiment.encoder_channels": args.get("encoder_channels"),
-             **{f"experiment.extra_args.{key}": args[key] for key in exp.extra_args if key in args}}  # fmt: skip
-    wanted = {"experiment.family": exp.family, "experiment.channels": exp.channels,
-              "experiment.teacher_blocks": exp.teacher_blocks, "experiment.encoder_channels": exp.encoder_channels,
-              **{f"experiment.extra_args.{key}": exp.extra_args[key] for key in exp.extra_args if key in args}}
-    differ = [f"{key} is {value!r}, the teacher's {found[key]!r}" for key, value in wanted.items()
-              if value != found[key]]
-    if differ:
-        raise ValueError(f"init_from {path} is not a teacher of this experiment: {'; '.join(differ)}. Set those keys "
-                         "to the teacher's values (`python -m models info FILE` shows them), or start from a teacher "
-                         "of this experiment")
-
-
-def stage_inputs(stage: StageConfig) -> list[str]:
-    """The files a stage starts from and learns from: its init_from ("" for none), then its guides."""
-    return [stage.init_from, *stage.guides]
-
-
-def input_hashes(stage: StageConfig) -> list[str]:
-    """The weights' sha256 of each of `stage_inputs` ("" for no init_from): kept in state.pt and in the final
-    checkpoint, so a resume or a pipeline rerun can tell when one of them was trained again or replaced since. Of
-    the weights, not the file: a shipped checkpoint (its scores added to the metadata) seeded back into a run is
-    still the guide its TA was trained with."""
-    return [weights_sha256(path) if path else "" for path in stage_inputs(stage)]
-
-
-def changed_guides(started_with: StageConfig, stage: StageConfig, saved: list[Any], current: list[str]) -> list[str]:
-    """The guides that `stage` names as `started_with` did (the same folder and file name: a run folder may have
-    moved) whose weights' hash in `saved` differs from `current` (both lists as input_hashes gives them)."""
-    if len(saved) != len(current) or len(started_with.guides) != len(stage.guides):
-        return []  # another list of guides: a change made on purpose, which the resume notes
-    return [path for before, path, old, new in zip(started_with.guides, stage.guides, saved[1:], current[1:],
-                                                   strict=True)
-            if Path(before).parts[-2:] == Path(path).parts[-2:] and old and old != new]
-
-
-def load_guides(paths: list[str]) -> list[Guide]:
-    """Frozen higher models, named by their stage; a TA guide keeps the mix it was trained with."""
-    guides = []
-    for path in paths:
-        checkpoint = load_checkpoint(path)
-        training = checkpoint.metadata.get("training", {})
-        mix = training.get("mix") if checkpoint.metadata["role"] == "ta" else None
-        name = training.get("stage") or checkpoint.metadata["role"]
-        if name in {guide.name for guide in guides}:  # the loss terms are keyed by name: one would vanish silently
-            raise ValueError(f"two guides are named {name!r} (their stage): {path} and an earlier one; guides "
-                             "must come from different stages")
-        guides.append(Guide(name, checkpoint.model, tuple(mix) if mix else None))
-    if guides and not isinstance(guides[0].model, Teacher):
-        raise ValueError("the first guide must be the teacher")
-    return guides
-
-
-def check_guides_fit(network: nn.Module, guides: dict[str, Guide], scale: int) -> None:
-    """Refuse, naming the file, a guide that cannot teach `network`: another scale (its images would not match
-    the HR patch) or another feature width (the feature term compares its features with the network's)."""
-    width = network.arch_args().get("channels")
-    for path, guide in guides.items():
-        if guide.model.scale != scale:
-            raise ValueError(f"guide {path} upscales x{guide.model.scale}, the experiment x{scale}")
-        guide_width = guide.model.arch_args().get("channels")
-        if guide_width != width:
-            raise ValueError(f"guide {path} has {guide_width} feature channels and the network it teaches {width}: "
-                             "the feature term compares the two (set experiment.channels, or init_from its teacher)")
 
 
 def _init_distributed(device: str) -> _Dist:
