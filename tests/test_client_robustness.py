@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from upscaler_server import config
-from upscaler_server.client import UpscalerClient, _Link
+from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import (
     ClientInterruptedError,
     ErrorCode,
@@ -32,6 +32,7 @@ from upscaler_server.errors import (
     UpscalerError,
 )
 from upscaler_server.protocol import Ping, Pong, Submit
+from upscaler_server.transport import _Link
 
 from server_utils import run_server, stop
 

@@ -221,7 +221,8 @@ def test_doc_lists_every_code_type_and_key() -> None:
         assert f"`{fmt}`" in doc
 
 
-@pytest.mark.parametrize("module", ["client", "protocol", "shm", "errors", "config"])
+@pytest.mark.parametrize("module", ["client", "client_session", "transport", "protocol", "shm", "errors",
+                                    "config"])
 def test_client_side_never_imports_torch(module: str) -> None:
     code = f"import sys, upscaler_server.{module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=DOC.parents[1]).returncode == 0, \
