@@ -32,7 +32,7 @@ from upscaler_server.errors import (
     UpscalerError,
 )
 from upscaler_server.protocol import Ping, Pong, Submit
-from upscaler_server.transport import _Link
+from upscaler_server.transport import Link
 
 from server_utils import run_server, stop
 
@@ -348,9 +348,9 @@ def test_a_second_thread_is_refused_for_the_whole_of_an_upscale(monkeypatch: pyt
     second thread got in between them on the same session, took the first one's reply, and one of them returned the
     other's picture. The first thread is held right after its submit is sent."""
     submitted, go = threading.Event(), threading.Event()
-    original_send = _Link.send
+    original_send = Link.send
 
-    def send_then_hold(link: _Link, msg: object) -> int:
+    def send_then_hold(link: Link, msg: object) -> int:
         req = original_send(link, msg)
         if isinstance(msg, Submit) and threading.current_thread() is owner:
             submitted.set()
@@ -360,7 +360,7 @@ def test_a_second_thread_is_refused_for_the_whole_of_an_upscale(monkeypatch: pyt
     with run_server("--backend", "nearest") as daemon, \
             UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
         client.upscale(np.zeros((16, 16, 3), np.uint8))  # the session for this size is open
-        monkeypatch.setattr(_Link, "send", send_then_hold)
+        monkeypatch.setattr(Link, "send", send_then_hold)
         results: list[np.ndarray] = []
         owner = threading.Thread(target=lambda: results.append(client.upscale(np.full((16, 16, 3), 1, np.uint8))))
         owner.start()
@@ -608,10 +608,10 @@ def test_a_forked_child_leaving_a_with_block_exits_cleanly() -> None:
 def test_ctrl_c_right_after_a_reply_is_taken_does_not_lose_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """A KeyboardInterrupt between taking the reply from the mailbox and dropping the frame from the queue lost the
     reply: the next call waited its whole timeout x attempts, then raised on a healthy daemon."""
-    original_wait = _Link.wait
+    original_wait = Link.wait
     interrupts = [KeyboardInterrupt()]
 
-    def wait_then_interrupt(link: _Link, req: int, timeout: float) -> object:
+    def wait_then_interrupt(link: Link, req: int, timeout: float) -> object:
         reply = original_wait(link, req, timeout)
         if reply is not None and interrupts:
             raise interrupts.pop()  # as a signal would, once the reply is taken
@@ -620,7 +620,7 @@ def test_ctrl_c_right_after_a_reply_is_taken_does_not_lose_it(monkeypatch: pytes
     with run_server("--backend", "nearest") as daemon, \
             UpscalerClient(daemon.endpoint, timeout=2, retries=1, name="pytest") as client:
         session = client.open_session(16, 16, "RGB8", slots=2)
-        monkeypatch.setattr(_Link, "wait", wait_then_interrupt)
+        monkeypatch.setattr(Link, "wait", wait_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
             session.upscale(np.full((16, 16, 3), 3, np.uint8))
         start = time.monotonic()

@@ -48,11 +48,11 @@ import zmq
 from upscaler_server.client_session import (
     FrameResult,
     Session,
-    _exclusive,
-    _expect,
-    _positive_timeout,
-    _require_array,
-    _retry_busy,
+    exclusive,
+    expect_reply,
+    positive_timeout,
+    require_array,
+    retry_busy,
 )
 from upscaler_server.config import default_endpoint, nobody_listens, unreachable
 from upscaler_server.errors import (
@@ -79,7 +79,7 @@ from upscaler_server.protocol import (
     decode,
     encode,
 )
-from upscaler_server.transport import _REPLY_MAX_BYTES, _dealer, _Heartbeat, _Link, _readable
+from upscaler_server.transport import REPLY_MAX_BYTES, Heartbeat, Link, dealer, readable
 
 __all__ = ["FrameResult", "Session", "UpscalerClient"]
 
@@ -88,7 +88,7 @@ _AUTO_SESSIONS = 4  # sessions upscale() keeps open for recently seen frame size
 _CLOSES_PER_REQUEST = 64  # Close messages of dropped sessions sent ahead of one request
 
 
-def _release_unclosed(link: _Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbeat: _Heartbeat | None,
+def _release_unclosed(link: Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbeat: Heartbeat | None,
                       endpoint: str) -> None:
     """What close() would release, for a client that was dropped (or still open at exit) without it."""
     warnings.warn(f"an UpscalerClient of {endpoint} was not closed; call close() or use it in a with block",
@@ -114,7 +114,7 @@ class UpscalerClient:
         """Connect and say hello. ``timeout``: seconds per attempt; raises ServerUnavailableError after
         ``retries`` + 1 silent attempts, or at once when an ``ipc://`` endpoint has no socket file or a stale one, or
         one this process may not connect to (another user's daemon)."""
-        self.timeout = _positive_timeout(timeout, 10.0)
+        self.timeout = positive_timeout(timeout, 10.0)
         self.retries = _retry_count(retries)
         if not isinstance(endpoint, (str, type(None))) or not isinstance(name, str):
             raise TypeError(f"endpoint must be a string or None and name a string, got {type(endpoint).__name__} "
@@ -130,7 +130,7 @@ class UpscalerClient:
         self._orphans: list[tuple[int, list[int]]] = []  # (id, awaited requests) of sessions dropped without close()
         self._auto: collections.OrderedDict[tuple[int, int, str], Session] = collections.OrderedDict()
         self._frames = itertools.count(1)
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
         endpoint = endpoint or default_endpoint()
         found = unreachable(endpoint)
         if found is not None:
@@ -140,7 +140,7 @@ class UpscalerClient:
                                          else f"no upscaler daemon at {endpoint}: {why}; start one with python -m "
                                          "upscaler_server")
         try:
-            self._link = _Link(self._ctx, endpoint)
+            self._link = Link(self._ctx, endpoint)
         except BaseException:
             self._ctx.term()
             raise
@@ -151,7 +151,7 @@ class UpscalerClient:
             self._ctx.term()
             raise
         if heartbeat:
-            self._heartbeat = _Heartbeat(self._ctx, self._link.endpoint, self.info.heartbeat_ms / 1000,
+            self._heartbeat = Heartbeat(self._ctx, self._link.endpoint, self.info.heartbeat_ms / 1000,
                                          weakref.WeakMethod(self._session_ids))
             self._heartbeat.start()
         # a client dropped without close(): its heartbeat stops (the daemon's leases then end its sessions) and its
@@ -267,7 +267,7 @@ class UpscalerClient:
 
     # --- requests ----------------------------------------------------------------------------------------------------
 
-    @_exclusive
+    @exclusive
     def request(self, msg: Message, expect: type[M], retries: int | None = None, timeout: float | None = None,
                 idempotent: bool = True) -> M:
         """Send ``msg`` and return its reply of type ``expect``; an ``error`` reply raises the matching
@@ -279,7 +279,7 @@ class UpscalerClient:
             raise UpscalerError("this UpscalerClient is closed; create a new one", ErrorCode.UNKNOWN_SESSION)
         self._reap_orphans(notify=True)
         retries = self.retries if retries is None else _retry_count(retries)
-        timeout = _positive_timeout(timeout, self.timeout)
+        timeout = positive_timeout(timeout, self.timeout)
         req: int | None = None
         gone: str | None = None  # why no daemon listens, once found
         attempts = 0  # waits of `timeout` s: a silent probe of a non-idempotent request is one too
@@ -291,7 +291,7 @@ class UpscalerClient:
                 attempts += 1
                 if reply is not None:
                     req = None  # answered: nothing to forget
-                    return _expect(reply, expect)
+                    return expect_reply(reply, expect)
                 found_gone = gone is not None
                 gone = nobody_listens(self.endpoint)
                 if (gone is not None and found_gone) or attempts > retries:  # twice: no daemon, not a restarting one
@@ -328,11 +328,11 @@ class UpscalerClient:
         queued on it, such as a slow frame's."""
         if nobody_listens(self.endpoint) is not None:
             return None
-        with contextlib.closing(_dealer(self._ctx, self.endpoint)) as sock:
+        with contextlib.closing(dealer(self._ctx, self.endpoint)) as sock:
             sock.send(encode(Ping(req=1, sessions=sessions)))
-            if not _readable(sock, timeout, self._link.interrupted):
+            if not readable(sock, timeout, self._link.interrupted):
                 return None
-            reply = decode(sock.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
+            reply = decode(sock.recv(), "reply", max_bin=REPLY_MAX_BYTES)
         return reply if isinstance(reply, Pong) else None
 
     def ping(self) -> float:
@@ -345,7 +345,7 @@ class UpscalerClient:
         """Open a session for ``width`` x ``height`` frames in ``pixel_format`` with ``slots`` frames in flight."""
         return self._open_session(width, height, pixel_format, slots, held_by_client=False)
 
-    @_exclusive
+    @exclusive
     def _open_session(self, width: int, height: int, pixel_format: str, slots: int, held_by_client: bool) -> Session:
         # numpy integers too (a frame's shape often comes as np.int64); TypeError for anything that is no integer
         width, height, slots = operator.index(width), operator.index(height), operator.index(slots)
@@ -372,7 +372,7 @@ class UpscalerClient:
 
     # --- one-call upscaling ------------------------------------------------------------------------------------------
 
-    @_exclusive
+    @exclusive
     def upscale(self, frame: np.ndarray, pixel_format: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Upscale one (H, W, 3|4) uint8 frame through shared memory; returns ``out`` or a new (H*s, W*s, C) array.
         ``pixel_format`` defaults to RGB8 / RGBA8 by channel count (say "BGRA8" or "BGR8" for those orders)."""
@@ -399,7 +399,7 @@ class UpscalerClient:
         self._auto[key] = session
         return session
 
-    @_exclusive
+    @exclusive
     def upscale_inline(self, frame: np.ndarray, pixel_format: str | None = None) -> np.ndarray:
         """Upscale with the pixels inside the messages (no shared memory): for remote or sandboxed clients. The
         result is a read-only view of the reply's bytes (no copy); ``np.array(result)`` gives a writable one."""
@@ -412,7 +412,7 @@ class UpscalerClient:
                                f"{limits.max_height}, {limits.max_pixels} pixels", ErrorCode.SIZE_TOO_LARGE)
         msg = Process(width=width, height=height, format=fmt, frame=self.next_frame_id(),
                       pixels=memoryview(np.ascontiguousarray(frame)).cast("B"))
-        result = _retry_busy(lambda: self.request(msg, Result, idempotent=False), self.timeout)
+        result = retry_busy(lambda: self.request(msg, Result, idempotent=False), self.timeout)
         return np.frombuffer(result.pixels, np.uint8).reshape(result.height, result.width, -1)
 
 
@@ -428,7 +428,7 @@ def _retry_count(retries: int) -> int:
 
 
 def _format_of(frame: np.ndarray, pixel_format: str | None) -> str:
-    _require_array(frame, "frames must be numpy arrays")
+    require_array(frame, "frames must be numpy arrays")
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
         raise ValueError(f"frames must be (H, W, 3|4) uint8 arrays, got {frame.shape} {frame.dtype}")
     fmt = ("RGB8" if frame.shape[2] == 3 else "RGBA8") if pixel_format is None else pixel_format

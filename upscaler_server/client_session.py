@@ -39,7 +39,7 @@ from upscaler_server.shm import Ring, RingLayout
 
 if TYPE_CHECKING:
     from upscaler_server.client import UpscalerClient
-    from upscaler_server.transport import _Link
+    from upscaler_server.transport import Link
 
 __all__ = ["FrameResult", "Session"]
 
@@ -58,7 +58,7 @@ class FrameResult:
     output: np.ndarray
 
 
-def _exclusive(method: F) -> F:
+def exclusive(method: F) -> F:
     """Hold the client's socket guard for the whole call, not only around each message: upscale() or collect() is
     several sends and waits on shared state (a slot, the queue of frames in flight), and a second thread slipping in
     between them took the first one's reply and gave it the wrong picture. The guard is re-entrant."""
@@ -121,7 +121,7 @@ class Session:
         return client
 
     @property
-    def _link(self) -> _Link:
+    def _link(self) -> Link:
         return self._client._link
 
     def _check_open(self) -> None:
@@ -158,7 +158,7 @@ class Session:
         """Slots submitted and not collected yet, oldest first."""
         return [slot for _, slot, _ in self._outstanding]
 
-    @_exclusive
+    @exclusive
     def has_result(self, wait: float = 0.0) -> bool:
         """Whether :meth:`collect` would return at once: the daemon's reply for the oldest frame in flight has
         arrived, waiting up to ``wait`` s for it (it returns as soon as the reply lands; False when no frame is in
@@ -185,7 +185,7 @@ class Session:
         del self._abandoned[slot]
         return False
 
-    @_exclusive
+    @exclusive
     def free_slot(self) -> int | None:
         """A slot not in flight (round-robin), or None when all are."""
         self._check_open()
@@ -197,7 +197,7 @@ class Session:
                 return slot
         return None
 
-    @_exclusive
+    @exclusive
     def submit(self, slot: int, frame: int | None = None) -> int:
         """Ask the daemon to upscale input slot ``slot`` into output slot ``slot``; returns the frame id.
         Does not wait: :meth:`collect` returns results in submission order."""
@@ -215,7 +215,7 @@ class Session:
         self._outstanding.append((req, slot, frame))
         return frame
 
-    @_exclusive
+    @exclusive
     def collect(self, timeout: float | None = None) -> FrameResult:
         """Wait for the oldest submitted frame. Raises BusyError if the daemon refused it (resubmit later),
         SessionLostError if the session is gone, ServerUnavailableError if the daemon stays silent. ``timeout``
@@ -225,13 +225,13 @@ class Session:
         if not self._outstanding:
             raise SessionError(f"session {self.id} has no frame in flight", ErrorCode.SLOT_OUT_OF_RANGE)
         req, slot, frame = self._outstanding[0]
-        link, timeout = self._client._link, _positive_timeout(timeout, self._client.timeout)
+        link, timeout = self._client._link, positive_timeout(timeout, self._client.timeout)
         for _ in range(self._client.retries + 1):
             if link.arrived(req, timeout):
                 # an interrupt (Ctrl-C) between taking the reply and dropping the frame from the queue lost the reply
                 # and stalled the next call a whole timeout: the frame leaves the queue first
                 self._outstanding.popleft()
-                done = _expect(link.take(req), Done)  # an error reply raises (SLOT_IN_FLIGHT: the old frame runs)
+                done = expect_reply(link.take(req), Done)  # an error reply raises (SLOT_IN_FLIGHT: the old frame runs)
                 stale = self._abandoned.pop(slot, None)  # a newer frame of the slot is done: the old one is over
                 if stale is not None:
                     link.forget(stale)
@@ -245,7 +245,7 @@ class Session:
         raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; is the daemon running, or "
                                      "overloaded?")
 
-    @_exclusive
+    @exclusive
     def wait_slot(self, slot: int, timeout: float | None = None) -> None:
         """Wait until the daemon has finished a frame of ``slot`` whose collect() timed out (no-op otherwise);
         ServerUnavailableError if it is still running after ``timeout`` (default: the client's). Returns at once when
@@ -253,7 +253,7 @@ class Session:
         a submit of the slot is answered SLOT_IN_FLIGHT while the daemon still runs it."""
         if not self._still_running(slot):  # none given up on, its reply is here, or it was lost with a socket
             return
-        if self._client._link.wait(self._abandoned[slot], _positive_timeout(timeout, self._client.timeout)) is None:
+        if self._client._link.wait(self._abandoned[slot], positive_timeout(timeout, self._client.timeout)) is None:
             raise ServerUnavailableError(f"slot {slot} of session {self.id} still runs a frame given up on")
         del self._abandoned[slot]
 
@@ -264,7 +264,7 @@ class Session:
         self._outstanding.clear()
         self._abandoned.clear()
 
-    @_exclusive
+    @exclusive
     def check_alive(self) -> None:
         """Return if the daemon that has this session answers a ping (it is slow, not gone), asked on a throwaway
         socket within the client's timeout; ServerUnavailableError if none does, SessionLostError if it restarted or
@@ -279,17 +279,17 @@ class Session:
             self._forget_replies()
             raise SessionLostError(f"session {self.id} is gone (daemon restarted or lease expired)")
 
-    @_exclusive
+    @exclusive
     def upscale(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Copy ``frame`` into a free slot, upscale it and copy the result into ``out`` (default: a new array);
         BUSY replies are retried for up to the client's timeout."""
         self._check_open()
-        _require_array(frame, "frames must be numpy arrays")
+        require_array(frame, "frames must be numpy arrays")
         if frame.shape != self._inputs[0].shape or frame.dtype != np.uint8:
             raise SessionError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
                                f"{self._inputs[0].shape} uint8", ErrorCode.INVALID_FIELD)
         if out is not None:
-            _require_array(out, "out must be a numpy array")
+            require_array(out, "out must be a numpy array")
         if out is not None and (out.shape != self._outputs[0].shape or out.dtype != np.uint8):
             raise ValueError(f"out must be a {self._outputs[0].shape} uint8 array, got {out.shape} {out.dtype}")
         _require_writable(out)
@@ -320,7 +320,7 @@ class Session:
                 if all(req != queued for queued, _, _ in self._outstanding):
                     self._own_frames.discard(req)
 
-        result = _retry_busy(attempt, self._client.timeout).output
+        result = retry_busy(attempt, self._client.timeout).output
         if out is None:
             return np.array(result)
         np.copyto(out, result)
@@ -366,7 +366,7 @@ def _close_rings(*rings: Ring) -> None:
         ring.close()
 
 
-def _expect(reply: Message, expect: type[M]) -> M:
+def expect_reply(reply: Message, expect: type[M]) -> M:
     if isinstance(reply, Error):
         raise error_for_code(reply.code, reply.message)
     if not isinstance(reply, expect):
@@ -374,7 +374,7 @@ def _expect(reply: Message, expect: type[M]) -> M:
     return reply
 
 
-def _retry_busy(call: Callable[[], Any], timeout: float) -> Any:
+def retry_busy(call: Callable[[], Any], timeout: float) -> Any:
     """``call()``, retried with a growing pause while the daemon answers BUSY, for up to ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     pause = 0.001
@@ -388,7 +388,7 @@ def _retry_busy(call: Callable[[], Any], timeout: float) -> Any:
             pause = min(pause * 2, 0.05)
 
 
-def _positive_timeout(timeout: float | None, default: float) -> float:
+def positive_timeout(timeout: float | None, default: float) -> float:
     """``timeout``, or ``default`` for None. Waits here are liveness limits (a silent daemon is checked, then given
     up on), not polls: 0 would give up on a frame at once, so it is refused."""
     if timeout is None:
@@ -406,7 +406,7 @@ def _require_writable(out: np.ndarray | None) -> None:
         raise ValueError("out is a read-only array: pass a writable one, or none for a new array")
 
 
-def _require_array(value: Any, rule: str) -> None:
+def require_array(value: Any, rule: str) -> None:
     """TypeError saying ``rule`` for anything but a numpy array (a list used to fail deep inside with an
     AttributeError)."""
     if not isinstance(value, np.ndarray):

@@ -1,4 +1,4 @@
-"""The client's ZeroMQ transport: the request socket (:class:`_Link`: a DEALER with a fixed routing id, a mailbox of
+"""The client's ZeroMQ transport: the request socket (:class:`Link`: a DEALER with a fixed routing id, a mailbox of
 replies keyed by request id, reconnect and the one-thread guard), the heartbeat thread, and the sliced polls that
 ``UpscalerClient.interrupt()`` cuts short.
 
@@ -25,14 +25,14 @@ from upscaler_server.config import nobody_listens
 from upscaler_server.errors import ClientInterruptedError, ConfigError, UpscalerError
 from upscaler_server.protocol import Message, Ping, decode, encode
 
-__all__ = ["_REPLY_MAX_BYTES", "_Heartbeat", "_Link", "_dealer", "_readable"]
+__all__ = ["REPLY_MAX_BYTES", "Heartbeat", "Link", "dealer", "readable"]
 
-_REPLY_MAX_BYTES = 1 << 31  # inline results carry a whole output frame
+REPLY_MAX_BYTES = 1 << 31  # inline results carry a whole output frame
 _INTERRUPT_SLICE_S = 0.05  # waits poll in slices this long, so interrupt() from another thread is seen soon
 _LIVENESS_S = 1.0  # a longer wait looks this often whether an ipc daemon is still there (one connect() each time)
 
 
-class _Link:
+class Link:
     """A DEALER socket with a fixed routing id, a mailbox of replies keyed by request id, and reconnect."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
@@ -54,7 +54,7 @@ class _Link:
 
     def _connect(self) -> zmq.Socket[bytes]:
         try:
-            return _dealer(self._ctx, self.endpoint, self._routing_id)
+            return dealer(self._ctx, self.endpoint, self._routing_id)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot connect to {self.endpoint!r}: {exc} (endpoints look like "
                               "ipc:///path/to/socket or tcp://127.0.0.1:5555)") from None
@@ -116,14 +116,14 @@ class _Link:
             deadline = time.monotonic() + timeout
             while req not in self._mailbox:
                 left = deadline - time.monotonic()
-                if _readable(self._socket, min(left, _LIVENESS_S), self.interrupted):
+                if readable(self._socket, min(left, _LIVENESS_S), self.interrupted):
                     self._receive()
                 elif left <= _LIVENESS_S or nobody_listens(self.endpoint) is not None:
                     return False  # the timeout, or a daemon that died: no use waiting out the rest
             return True
 
     def _receive(self) -> None:
-        reply = decode(self._socket.recv(), "reply", max_bin=_REPLY_MAX_BYTES)
+        reply = decode(self._socket.recv(), "reply", max_bin=REPLY_MAX_BYTES)
         if reply.req in self._waiting:  # anything else answers a request given up on
             self._mailbox[reply.req] = reply
             self._cut_off.discard(reply.req)
@@ -152,7 +152,7 @@ class _Link:
         return True
 
 
-def _readable(sock: zmq.Socket[bytes], timeout: float, interrupted: threading.Event) -> bool:
+def readable(sock: zmq.Socket[bytes], timeout: float, interrupted: threading.Event) -> bool:
     """Whether ``sock`` has a message within ``timeout`` s (at once: what has arrived, when it is <= 0). Polls in
     slices and raises ClientInterruptedError once ``interrupted`` is set: a wait may last a whole timeout times the
     retries, and an application shutting down must not wait that long for the thread inside it."""
@@ -168,7 +168,7 @@ def _readable(sock: zmq.Socket[bytes], timeout: float, interrupted: threading.Ev
             return False
 
 
-def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, routing_id: bytes | None = None) -> zmq.Socket[bytes]:
+def dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, routing_id: bytes | None = None) -> zmq.Socket[bytes]:
     """A DEALER connected to the daemon, set up alike for requests and heartbeats (ZMQError if it cannot connect)."""
     sock = ctx.socket(zmq.DEALER)
     try:
@@ -183,7 +183,7 @@ def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, routing_id: byte
     return sock
 
 
-class _Heartbeat(threading.Thread):
+class Heartbeat(threading.Thread):
     """Pings the daemon every ``interval`` seconds with the ids of the open sessions, on its own socket."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, interval: float,
@@ -193,10 +193,10 @@ class _Heartbeat(threading.Thread):
         self._halt = threading.Event()
         # Set (a plain assignment) by a dropped client's finalizer when it runs on this thread, where the garbage
         # collector may call it even inside _halt.wait(): this thread releases the link and context as it ends.
-        self.release_at_end: tuple[_Link, zmq.Context[zmq.Socket[bytes]]] | None = None
+        self.release_at_end: tuple[Link, zmq.Context[zmq.Socket[bytes]]] | None = None
 
     def run(self) -> None:
-        sock = _dealer(self._ctx, self._endpoint)  # the link connected to the same endpoint: this cannot fail
+        sock = dealer(self._ctx, self._endpoint)  # the link connected to the same endpoint: this cannot fail
         try:
             while not self._halt.wait(self._interval) and self.release_at_end is None:
                 session_ids = self._sessions()  # weak: a client dropped without close() must not live on here
