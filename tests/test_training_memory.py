@@ -22,8 +22,9 @@ import training.trainer as trainer_module
 from training.__main__ import main as training_main
 from training.config import StageConfig, dump_toml
 from training.data.datasets import PatchDataset
+from training.devices import init_distributed
 from training.memory import available_memory_bytes, kept_bytes_per_sample, out_of_memory_reason
-from training.trainer import OutOfMemoryError, _init_distributed, _Trainer, train_stage
+from training.trainer import OutOfMemoryError, _Trainer, train_stage
 
 from training_utils import make_image_folder, tiny_config
 
@@ -64,7 +65,7 @@ def test_the_count_is_the_patches_and_the_inputs_of_trained_convolutions() -> No
 
 def test_the_trainer_counts_in_the_dtype_it_trains_in(image_folder: Path, tmp_path: Path) -> None:
     counts = {amp: _Trainer(_stage(image_folder, runtime={"amp": amp}), tmp_path / amp,
-                            _init_distributed("cpu"))._kept_bytes_per_sample() for amp in ("off", "bf16")}
+                            init_distributed("cpu"))._kept_bytes_per_sample() for amp in ("off", "bf16")}
     patches = (3 * 16 * 16 + 3 * 32 * 32) * 4  # the tiny config's patches: 32 px HR at x2
     assert counts["off"] > 2 * patches  # the teacher's convolutions' inputs
     assert counts["bf16"] - patches < 0.55 * (counts["off"] - patches)  # halved, bar the first layer's fp32 input
@@ -132,7 +133,7 @@ def test_the_refusal_comes_at_the_first_batch_beyond_the_count(image_folder: Pat
     if guides:
         guide_files = (str(train_stage(_stage(image_folder, optim={"steps": 1}), tmp_path / "teacher").checkpoint),)
     config = _stage(image_folder, role, guide_files, optim={"batch_size": 3, "steps": 2})
-    per_sample = _Trainer(config, tmp_path / "probe", _init_distributed("cpu"))._kept_bytes_per_sample()
+    per_sample = _Trainer(config, tmp_path / "probe", init_distributed("cpu"))._kept_bytes_per_sample()
 
     monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device: 3 * per_sample - 1)
     with pytest.raises(OutOfMemoryError, match="a batch over 2 cannot fit"):

@@ -22,11 +22,12 @@ from models import WEIGHTS_DIR, Teacher, build_model, load_checkpoint, load_mode
 from training.__main__ import main as training_main
 from training.config import Config, StageConfig, dump_toml, load_config
 from training.data import file_sha256
+from training.devices import Dist
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
 from training.ship import seed_run, ship_run
 from training.state import _print_changes
-from training.trainer import NonFiniteLossError, TrainingInterrupted, _Dist, _Trainer, train_stage
+from training.trainer import NonFiniteLossError, TrainingInterrupted, _Trainer, train_stage
 
 from training_utils import SMOKE_CONFIG, make_image_folder, stop_at_step, tiny_config
 
@@ -104,7 +105,7 @@ def test_patches_follow_data_seed_else_the_run_seed(
         data=dataclasses.replace(config.data, seed=data_seed),
         runtime=dataclasses.replace(config.runtime, seed=runtime_seed),
     )
-    assert _Trainer(config, tmp_path / "run", _Dist())._loader(0).dataset.seed == patch_seed
+    assert _Trainer(config, tmp_path / "run", Dist())._loader(0).dataset.seed == patch_seed
 
 
 def test_frozen_guides_do_not_change_and_student_does(image_folder: Path, tmp_path: Path) -> None:
@@ -114,7 +115,7 @@ def test_frozen_guides_do_not_change_and_student_does(image_folder: Path, tmp_pa
     student_config = _stage_config(
         image_folder, tmp_path, "student", init_from=str(teacher_path), guides=[str(teacher_path)]
     )
-    trainer = _Trainer(student_config, tmp_path / "student", _Dist())
+    trainer = _Trainer(student_config, tmp_path / "student", Dist())
     initial_student = {k: v.clone() for k, v in trainer.network.state_dict().items()}
     trainer.run(resume=False)
     guide = trainer.guides[0].model
@@ -183,9 +184,9 @@ def test_a_checkpoint_records_what_the_run_depended_on(image_folder: Path, tmp_p
     shutil.copytree(image_folder, changed)
     first = sorted(changed.glob("*.png"))[0]
     first.write_bytes(sorted(image_folder.glob("*.png"))[1].read_bytes())  # one image replaced by another
-    same_files = _Trainer(_stage_config(image_folder, tmp_path, "teacher"), tmp_path / "a", _Dist())
+    same_files = _Trainer(_stage_config(image_folder, tmp_path, "teacher"), tmp_path / "a", Dist())
     same_files._loader(0)
-    other_files = _Trainer(dataclasses.replace(config, data=_folder_data(config, changed)), tmp_path / "b", _Dist())
+    other_files = _Trainer(dataclasses.replace(config, data=_folder_data(config, changed)), tmp_path / "b", Dist())
     other_files._loader(0)
     assert same_files.data_sources == [folder]
     assert other_files.data_sources[0]["images"] == 6 and other_files.data_sources[0]["sha256"] != folder["sha256"]
@@ -422,13 +423,13 @@ def test_a_resume_takes_the_budget_share_as_saved_or_against_a_new_budget(image_
     with pytest.raises(TrainingInterrupted):
         train_stage(config, tmp_path / "run")
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
-    same = _Trainer(config, tmp_path / "run", _Dist())
+    same = _Trainer(config, tmp_path / "run", Dist())
     same._load_state()
     assert same.budget_spent == state["budget_spent"] > 0  # the same budget: exactly where it stopped
-    doubled = _Trainer(_with_budget(config, 2e6), tmp_path / "run", _Dist())
+    doubled = _Trainer(_with_budget(config, 2e6), tmp_path / "run", Dist())
     doubled._load_state()
     assert doubled.budget_spent == state["seconds"] / 2e6
-    unbudgeted = _Trainer(_with_budget(config, 0), tmp_path / "run", _Dist())
+    unbudgeted = _Trainer(_with_budget(config, 0), tmp_path / "run", Dist())
     unbudgeted._load_state()
     assert unbudgeted.budget_spent == 0  # no budget: only the steps end the stage
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["available_memory_bytes", "kept_bytes_per_sample", "out_of_memory_reason"]
+if TYPE_CHECKING:
+    from training.config import Config
+
+__all__ = ["available_memory_bytes", "kept_bytes_per_sample", "memory_refusal", "out_of_memory_reason"]
 
 CGROUP_DIR = Path("/sys/fs/cgroup")  # a container's limit, which MemAvailable does not know of
 MEMINFO = Path("/proc/meminfo")
@@ -140,3 +144,19 @@ def out_of_memory_reason(exc: BaseException) -> str | None:
                                                    and "can't allocate memory" in str(exc)):
         return str(exc).strip().split("\n", 1)[0]
     return None
+
+
+def memory_refusal(config: Config, device: torch.device, per_sample: int, ranks: int, available: int) -> str | None:
+    """Why the batch is refused, or None when it fits: `per_sample` bytes a sample on each of the `ranks` processes
+    of this host sharing `available` bytes."""
+    batch_size, together = config.optim.batch_size, per_sample * ranks
+    if batch_size * together <= available:
+        return None
+    largest = available // together
+    who = f"on each of the {ranks} ranks of this host together keep" if ranks > 1 else "keeps"
+    fits = (f"a batch over {largest} cannot fit, and a smaller one may not either" if largest
+            else "even a batch of 1 does not fit")
+    return (f"optim.batch_size {batch_size} of {config.data.patch_size} px patches {who} more than "
+            f"{batch_size * together / 2**30:.2f} GiB of {device} memory for one step of {config.stage.name}, and "
+            f"{available / 2**30:.2f} GiB is free: {fits} (that count is the patches and the convolutions' inputs "
+            f"alone; a smaller data.patch_size needs less too)")

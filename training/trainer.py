@@ -10,16 +10,11 @@ RUN_DIR/state.pt; `--resume RUN_DIR` continues from it exactly: batches are a pu
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import fcntl
 import functools
 import json
 import math
 import os
-import select
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,11 +30,20 @@ from tqdm import tqdm
 
 from models import save_checkpoint
 from training.config import Config, config_from_toml, dump_toml
-from training.data import build_train_dataset, worker_start_method
+from training.data import build_train_dataset, exit_with_trainer, worker_start_method
 from training.data.images import write_text_atomic
+from training.devices import Dist, autocast_dtype, device, device_name, init_distributed
 from training.distill import Distillation, Guide, TrainedModel
 from training.environment import arithmetic, environment
-from training.memory import available_memory_bytes, kept_bytes_per_sample, out_of_memory_reason
+from training.memory import available_memory_bytes, kept_bytes_per_sample, memory_refusal, out_of_memory_reason
+from training.run_folder import (
+    LOCK_FILE,
+    SNAPSHOT_DIR,
+    pipeline_files,
+    remove_leftover_temporaries,
+    run_dir_lock,
+    truncate_metrics,
+)
 from training.stages import (
     _training_summary,
     build_stage_network,
@@ -71,13 +75,11 @@ from training.state import (
 )
 
 __all__ = [
-    "DataWorkerError", "NonFiniteLossError", "OutOfMemoryError", "StageResult", "TrainingInterrupted", "export_state",
-    "read_state", "stage_blocks", "stage_inputs", "train_stage",
+    "LOCK_FILE", "DataWorkerError", "NonFiniteLossError", "OutOfMemoryError", "StageResult", "TrainingInterrupted",
+    "export_state", "read_state", "stage_blocks", "stage_inputs", "train_stage",
 ]  # fmt: skip
 
 FORCE_AFTER_S = 2.0  # a second stop signal sooner than this after the first is the same stop, delivered twice
-LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
-SNAPSHOT_DIR = "snapshots"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,38 +105,6 @@ class TrainingInterrupted(RuntimeError):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: end this worker as soon as the trainer process is gone, however it ended
-    (SIGKILL included). Torch's own check watches the worker's parent, which under forkserver (scene sources) is
-    the fork server, not the trainer, so without this the workers outlive a killed trainer, memory and all.
-    SIGTERM is ignored here: a job scheduler sends it to the whole process group, and workers that died of it made
-    the trainer fail on its next batch ("DataLoader worker ... killed by signal: Terminated"), unsaved, instead of
-    finishing its step and saving its state. The workers end with the trainer anyway."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_gone, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
-
-
-def _exit_when_gone(pid: int) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+), or the trainer is gone already
-        while _alive(pid):
-            time.sleep(1.0)
-    else:
-        select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
-    os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, but is not ours to signal
-        pass
-    return True
-
-
 @dataclass
 class StageResult:
     checkpoint: Path
@@ -145,22 +115,11 @@ class StageResult:
     stopped_by: int | None = None
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 class StepBatchSampler(Sampler[list[int]]):
     """Batch k of rank r holds dataset indices ((k * world + r) * B, ... + B): a pure function of
     the step, so resuming at step k needs no sampler state. Endless; the loop stops it."""
 
-    def __init__(self, batch_size: int, start_step: int, dist_info: _Dist) -> None:
+    def __init__(self, batch_size: int, start_step: int, dist_info: Dist) -> None:
         self.batch_size, self.start_step, self.dist = batch_size, start_step, dist_info
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -171,73 +130,17 @@ class StepBatchSampler(Sampler[list[int]]):
             step += 1
 
 
-@contextlib.contextmanager
-def _run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
-    """Hold `run_dir` for one trainer (rank 0 of a DDP run) while it trains: two in one stage folder (the same stage
-    listed twice, or a pipeline started while scripts/train_parallel.sh still trains it) overwrote each other's
-    state.pt, and one failed on the other's temporary file. The lock is the kernel's, so a killed trainer leaves
-    none behind; the empty .trainer.lock file stays. Folders made for the lock go again when the run is refused
-    before it trains (a mistyped --resume path leaves nothing behind)."""
-    if not holder:
-        yield
-        return
-    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (closed by the with below)
-    except OSError:  # a read-only run folder: nobody trains there; the checks in the run say what is wrong with it
-        lock = None
-    if lock is None:
-        yield
-        return
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # the other trainer's folder and lock: never touched
-            raise ValueError(f"another trainer is training in {run_dir}: wait for it to end (or stop it) and run "
-                             "this again") from None
-        try:
-            yield
-        except BaseException:
-            _remove_if_only_the_lock(run_dir, made)  # while the lock is held: no other trainer is inside
-            raise
-
-
-def _remove_if_only_the_lock(run_dir: Path, made: list[Path]) -> None:
-    """Remove the folders `made` for the lock (deepest first) when the run folder holds nothing else."""
-    if not made or [path.name for path in run_dir.iterdir()] != [LOCK_FILE]:
-        return
-    (run_dir / LOCK_FILE).unlink()
-    for folder in made:
-        try:
-            folder.rmdir()
-        except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
-            return
-
-
-def _pipeline_files(run_dir: Path) -> list[str]:
-    """What marks `run_dir` as a pipeline's run folder: its results.json, and its stage folders holding a state or
-    final checkpoint (a run trained with --stages, or seeded, has no results.json)."""
-    if not run_dir.is_dir():
-        return []
-    found = sorted(f"{folder.name}/" for folder in run_dir.iterdir() if folder.is_dir()
-                   and ((folder / FINAL_FILE).exists() or (folder / STATE_FILE).exists()))  # fmt: skip
-    if (run_dir / "results.json").exists():
-        found.insert(0, "results.json")
-    return found
-
-
 def train_stage(config: Config, run_dir: Path, *, resume: bool = False) -> StageResult:
     """Train the stage described by `config.stage`; returns where the final checkpoint is."""
-    return _Trainer(config, run_dir, _init_distributed(config.runtime.device)).run(resume)
+    return _Trainer(config, run_dir, init_distributed(config.runtime.device)).run(resume)
 
 
 class _Trainer:
-    def __init__(self, config: Config, run_dir: Path, dist_info: _Dist) -> None:
+    def __init__(self, config: Config, run_dir: Path, dist_info: Dist) -> None:
         if config.data is None:
             raise ValueError("the config has no [data] section")
         self.config, self.run_dir, self.dist = config, Path(run_dir), dist_info
-        self.device = _device(config.runtime.device, dist_info)
+        self.device = device(config.runtime.device, dist_info)
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         if self.device.type == "cuda":
@@ -270,7 +173,7 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _cosine_factor(self._progress(step), lr_ratio)
         )
-        self.autocast_dtype = _autocast_dtype(config.runtime.amp, self.device)
+        self.autocast_dtype = autocast_dtype(config.runtime.amp, self.device)
         self.stop_requested = False
         self.stop_requested_at = 0.0  # time.monotonic() of the first stop signal
         self.stop_signal = signal.SIGINT  # which signal asked to stop (SIGINT or SIGTERM)
@@ -282,9 +185,9 @@ class _Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, resume: bool) -> StageResult:
-        with _run_dir_lock(self.run_dir, self.dist.main):  # before the folder's files are looked at
+        with run_dir_lock(self.run_dir, self.dist.main):  # before the folder's files are looked at
             if self.dist.main:
-                _remove_leftover_temporaries(self.run_dir)
+                remove_leftover_temporaries(self.run_dir)
             if not resume:
                 self._refuse_earlier_run()
             start_step = self._load_state() if resume else 0
@@ -401,7 +304,7 @@ class _Trainer:
         refusal = None
         if available is not None:
             ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
-            refusal = _memory_refusal(self.config, self.device, self._kept_bytes_per_sample(), ranks, available)
+            refusal = memory_refusal(self.config, self.device, self._kept_bytes_per_sample(), ranks, available)
         if self.dist.world > 1:
             flags = torch.tensor([float(refusal is not None)],
                                  device=self.device if self.device.type == "cuda" else "cpu")
@@ -515,10 +418,10 @@ class _Trainer:
     def _refuse_earlier_run(self) -> None:
         """A fresh run never starts over a folder holding another's state or final weights: rerunning the same
         `train` command after an interruption would otherwise wipe the saved progress without a word."""
-        pipeline_files = _pipeline_files(self.run_dir)
-        if pipeline_files:  # `train --run-dir` on a pipeline's folder replaced the config.toml it evaluates with
+        marks = pipeline_files(self.run_dir)
+        if marks:  # `train --run-dir` on a pipeline's folder replaced the config.toml it evaluates with
             raise FileExistsError(
-                f"{self.run_dir} holds a pipeline run ({', '.join(pipeline_files)}): choose another --run-dir, or "
+                f"{self.run_dir} holds a pipeline run ({', '.join(marks)}): choose another --run-dir, or "
                 f"a stage folder in it such as {self.run_dir / self.config.stage.name}"
             )
         if (self.run_dir / FINAL_FILE).exists():
@@ -552,7 +455,7 @@ class _Trainer:
         if start_step == 0:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:  # drop records past the resumed step, so metrics.jsonl reads as one run
-            _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
+            truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
 
     def _save_state(self, step: int) -> None:
         if not self.dist.main:
@@ -685,96 +588,13 @@ class _Trainer:
     def _save_network(self, path: Path, steps: int, seconds: float, **extra: Any) -> Path:
         """The network alone as a checkpoint, its metadata saying how it was trained (plus `extra`)."""
         summary = _training_summary(self.config, steps, seconds)
-        summary.update(device=_device_name(self.device), world_size=self.dist.world,
+        summary.update(device=device_name(self.device), world_size=self.dist.world,
                        arithmetic=self.arithmetic_history, data_sources=self.data_sources, environment=environment(),
                        **extra)  # fmt: skip
         return save_checkpoint(self.network, path, role=self.config.stage.role, training=summary)
-
-
-def _memory_refusal(config: Config, device: torch.device, per_sample: int, ranks: int, available: int) -> str | None:
-    """Why the batch is refused, or None when it fits: `per_sample` bytes a sample on each of the `ranks` processes
-    of this host sharing `available` bytes."""
-    batch_size, together = config.optim.batch_size, per_sample * ranks
-    if batch_size * together <= available:
-        return None
-    largest = available // together
-    who = f"on each of the {ranks} ranks of this host together keep" if ranks > 1 else "keeps"
-    fits = (f"a batch over {largest} cannot fit, and a smaller one may not either" if largest
-            else "even a batch of 1 does not fit")
-    return (f"optim.batch_size {batch_size} of {config.data.patch_size} px patches {who} more than "
-            f"{batch_size * together / 2**30:.2f} GiB of {device} memory for one step of {config.stage.name}, and "
-            f"{available / 2**30:.2f} GiB is free: {fits} (that count is the patches and the convolutions' inputs "
-            f"alone; a smaller data.patch_size needs less too)")
-
-
-def _remove_leftover_temporaries(run_dir: Path) -> None:
-    """The temporary files of checkpoint and state writes that a killed trainer left (save_checkpoint's
-    `.<name>.<random>`, `state.pt.tmp`): full-size copies nothing reads. Only called under the folder's lock, so no
-    other trainer is writing them."""
-    for folder, pattern in ((run_dir, f".{FINAL_FILE}.*"), (run_dir / SNAPSHOT_DIR, ".step_*.safetensors.*"),
-                            (run_dir, STATE_FILE + ".tmp")):
-        for leftover in folder.glob(pattern):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-
-
-def _init_distributed(device: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    info = _Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-    # Once per process, for every stage of a pipeline: destroying the group after a stage and making a new one for
-    # the next raced (a rank still leaving the old group's barrier while another joined the new one hung both).
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
-    return info
-
-
-def _device(name: str, dist_info: _Dist) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("runtime.device asks for CUDA but no GPU is available")
-    return device
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads of {os.cpu_count()} cores)"  # the threads the times were taken on
-
-
-def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
 
 
 def _cosine_factor(progress: float, min_ratio: float) -> float:
     """The learning rate as a fraction of the peak: cosine from 1 at progress 0 to min_ratio at 1."""
     progress = min(max(progress, 0.0), 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the records up to the resumed step; a line that is not one (the half-written last line of a crash or a
-    full disk, a hand edit) is dropped with the rest, since the log only reports and resuming needs none of it."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(errors="replace").splitlines() if _record_step(line) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _record_step(line: str) -> float:
-    """The step of one metrics.jsonl record; infinity for a line that is not a record."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return math.inf
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf

@@ -5,7 +5,7 @@ Values are float32 RGB in [0, 1], (3, H, W); uint8 only in files. See docs/data.
 
 from training.data.augment import AugmentConfig, AugmentParams, apply_geometry, blend, sample_augment
 from training.data.config import DataConfig, SourceConfig, build_eval_dataset, build_train_dataset
-from training.data.datasets import EpochSampler, FrameDataset, PatchDataset, worker_start_method
+from training.data.datasets import EpochSampler, FrameDataset, PatchDataset, exit_with_trainer, worker_start_method
 from training.data.degrade import degrade, downscale_bicubic, quantize_8bit
 from training.data.images import (
     DatasetError,
@@ -44,6 +44,7 @@ __all__ = [
     "default_eval_dir",
     "degrade",
     "downscale_bicubic",
+    "exit_with_trainer",
     "file_sha256",
     "load_scene_list",
     "loop_period",

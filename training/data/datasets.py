@@ -9,8 +9,16 @@ renders a few frames rather than one per patch.
 
 Each item is `{"hr": (3, P, P) float32, "lr": (3, P/s, P/s) float32}` in [0, 1]; for a bicubic source the LR is
 exactly `degrade(hr, s)` (after augmentation), for a native source it is the aligned crop of the LR render.
+
+With them, what their DataLoader workers need: the start method (`worker_start_method`), and an end with the
+trainer's process however it ends (`exit_with_trainer`).
 """
 
+import os
+import select
+import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -23,7 +31,7 @@ from training.data.degrade import degrade
 from training.data.images import DatasetError, to_tensor
 from training.data.sources import Frame, SceneSource
 
-__all__ = ["EpochSampler", "FrameDataset", "PatchDataset", "Source", "worker_start_method"]
+__all__ = ["EpochSampler", "FrameDataset", "PatchDataset", "Source", "exit_with_trainer", "worker_start_method"]
 
 
 class Source(Protocol):
@@ -149,3 +157,35 @@ def worker_start_method(dataset: PatchDataset | FrameDataset) -> str | None:
     hangs making its own; else None, the default fork, which starts fastest."""
     sources = dataset.sources if isinstance(dataset, PatchDataset) else [dataset.source]
     return "forkserver" if any(isinstance(source, SceneSource) for source in sources) else None
+
+
+def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: end this worker as soon as the trainer process is gone, however it ended
+    (SIGKILL included). Torch's own check watches the worker's parent, which under forkserver (scene sources) is
+    the fork server, not the trainer, so without this the workers outlive a killed trainer, memory and all.
+    SIGTERM is ignored here: a job scheduler sends it to the whole process group, and workers that died of it made
+    the trainer fail on its next batch ("DataLoader worker ... killed by signal: Terminated"), unsaved, instead of
+    finishing its step and saving its state. The workers end with the trainer anyway."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_gone, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+), or the trainer is gone already
+        while _alive(pid):
+            time.sleep(1.0)
+    else:
+        select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but is not ours to signal
+        pass
+    return True

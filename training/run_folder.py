@@ -1,0 +1,109 @@
+"""A stage folder's files besides its saved state: the lock one trainer holds on it while it trains, what marks a
+pipeline's run folder, the temporary files a killed trainer left, and metrics.jsonl cut back to a resumed step.
+
+Apart from the loop (training/trainer.py) because it is bookkeeping of the folder, not training: the loop takes the
+lock and calls these before its first step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+from training.state import FINAL_FILE, STATE_FILE
+
+__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "pipeline_files", "remove_leftover_temporaries", "run_dir_lock",
+           "truncate_metrics"]
+
+LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
+SNAPSHOT_DIR = "snapshots"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
+    """Hold `run_dir` for one trainer (rank 0 of a DDP run) while it trains: two in one stage folder (the same stage
+    listed twice, or a pipeline started while scripts/train_parallel.sh still trains it) overwrote each other's
+    state.pt, and one failed on the other's temporary file. The lock is the kernel's, so a killed trainer leaves
+    none behind; the empty .trainer.lock file stays. Folders made for the lock go again when the run is refused
+    before it trains (a mistyped --resume path leaves nothing behind)."""
+    if not holder:
+        yield
+        return
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (closed by the with below)
+    except OSError:  # a read-only run folder: nobody trains there; the checks in the run say what is wrong with it
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # the other trainer's folder and lock: never touched
+            raise ValueError(f"another trainer is training in {run_dir}: wait for it to end (or stop it) and run "
+                             "this again") from None
+        try:
+            yield
+        except BaseException:
+            _remove_if_only_the_lock(run_dir, made)  # while the lock is held: no other trainer is inside
+            raise
+
+
+def _remove_if_only_the_lock(run_dir: Path, made: list[Path]) -> None:
+    """Remove the folders `made` for the lock (deepest first) when the run folder holds nothing else."""
+    if not made or [path.name for path in run_dir.iterdir()] != [LOCK_FILE]:
+        return
+    (run_dir / LOCK_FILE).unlink()
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
+            return
+
+
+def pipeline_files(run_dir: Path) -> list[str]:
+    """What marks `run_dir` as a pipeline's run folder: its results.json, and its stage folders holding a state or
+    final checkpoint (a run trained with --stages, or seeded, has no results.json)."""
+    if not run_dir.is_dir():
+        return []
+    found = sorted(f"{folder.name}/" for folder in run_dir.iterdir() if folder.is_dir()
+                   and ((folder / FINAL_FILE).exists() or (folder / STATE_FILE).exists()))  # fmt: skip
+    if (run_dir / "results.json").exists():
+        found.insert(0, "results.json")
+    return found
+
+
+def remove_leftover_temporaries(run_dir: Path) -> None:
+    """The temporary files of checkpoint and state writes that a killed trainer left (save_checkpoint's
+    `.<name>.<random>`, `state.pt.tmp`): full-size copies nothing reads. Only called under the folder's lock, so no
+    other trainer is writing them."""
+    for folder, pattern in ((run_dir, f".{FINAL_FILE}.*"), (run_dir / SNAPSHOT_DIR, ".step_*.safetensors.*"),
+                            (run_dir, STATE_FILE + ".tmp")):
+        for leftover in folder.glob(pattern):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to the resumed step; a line that is not one (the half-written last line of a crash or a
+    full disk, a hand edit) is dropped with the rest, since the log only reports and resuming needs none of it."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(errors="replace").splitlines() if _record_step(line) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> float:
+    """The step of one metrics.jsonl record; infinity for a line that is not a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
