@@ -26,7 +26,7 @@ from training.devices import Dist
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
 from training.ship import seed_run, ship_run
-from training.state import _print_changes
+from training.state import print_changes
 from training.trainer import NonFiniteLossError, TrainingInterrupted, _Trainer, train_stage
 
 from training_utils import SMOKE_CONFIG, make_image_folder, stop_at_step, tiny_config
@@ -277,9 +277,9 @@ def test_a_resume_notes_no_change_for_the_run_folder_spelt_otherwise(
     def stage(path: Path) -> Config:
         return _stage_config(image_folder, tmp_path, "ta", init_from=str(path), guides=[str(path)])
 
-    _print_changes(tmp_path / "state.pt", dump_toml(stage(final).to_dict()), stage(tmp_path / final))
+    print_changes(tmp_path / "state.pt", dump_toml(stage(final).to_dict()), stage(tmp_path / final))
     assert capsys.readouterr().out == ""
-    _print_changes(tmp_path / "state.pt", dump_toml(stage(final).to_dict()), stage(tmp_path / "other" / final))
+    print_changes(tmp_path / "state.pt", dump_toml(stage(final).to_dict()), stage(tmp_path / "other" / final))
     assert "for stage.guides, stage.init_from" in capsys.readouterr().out
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "autocast_dtype", "device", "device_name", "init_distributed"]
+__all__ = ["Dist", "autocast_dtype", "device_name", "init_distributed", "stage_device"]
 
 
 @dataclass
@@ -44,7 +44,7 @@ def init_distributed(device: str) -> Dist:
     return info
 
 
-def device(name: str, dist_info: Dist) -> torch.device:
+def stage_device(name: str, dist_info: Dist) -> torch.device:
     if name == "auto":
         return torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)

@@ -181,7 +181,7 @@ def check_guides_fit(network: nn.Module, guides: dict[str, Guide], scale: int) -
                              "the feature term compares the two (set experiment.channels, or init_from its teacher)")
 
 
-def _training_summary(config: Config, steps: int, seconds: float) -> dict[str, Any]:
+def training_summary(config: Config, steps: int, seconds: float) -> dict[str, Any]:
     """What a checkpoint's metadata says of the stage that trained it."""
     stage = config.stage
     return {

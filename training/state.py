@@ -22,7 +22,7 @@ from models import describe_shape_mismatch, save_checkpoint
 from models.checkpoint import TRAINING_STATE_NAME
 from training.config import Config, config_from_toml, differing_keys
 from training.distill import TrainedModel
-from training.stages import _training_summary, build_stage_network, stage_steps
+from training.stages import build_stage_network, stage_steps, training_summary
 
 __all__ = ["FINAL_FILE", "STATE_FILE", "export_state", "read_state"]
 
@@ -40,7 +40,7 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
         raise ValueError(f"{path} is not a training state: not a torch file of tensors and plain containers "
                          "(another format, damaged, or pickled objects, which are never loaded)") from None
     except Exception as exc:  # weights_only cannot run code, so any failure here just means "not a state file"
-        raise ValueError(f"{path} is not a training state ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise ValueError(f"{path} is not a training state ({type(exc).__name__}: {first_line(exc)})") from None
     missing = {"step", "model", *needs} - (state.keys() if isinstance(state, dict) else set())
     if missing:
         raise ValueError(f"{path} is not a training state (no {', '.join(sorted(missing))} entries)")
@@ -63,7 +63,7 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
     return state
 
 
-def _print_changes(path: Path, saved: Any, config: Config) -> None:
+def print_changes(path: Path, saved: Any, config: Config) -> None:
     """Say which keys a resumed run now trains with other values than its state was saved with: a change made on
     purpose (``--set``), or a state.pt put back from another run, which must not pass unnoticed."""
     if not isinstance(saved, str):  # a state of an older version: it kept no config
@@ -71,7 +71,7 @@ def _print_changes(path: Path, saved: Any, config: Config) -> None:
     try:
         before = config_from_toml(saved, path).to_dict()
     except ValueError as exc:  # not valid TOML, or keys of another version
-        print(f"note: the config kept in {path} cannot be read ({_first_line(exc)}); resuming with this run's")
+        print(f"note: the config kept in {path} cannot be read ({first_line(exc)}); resuming with this run's")
         return
     changed = differing_keys(_resolved_stage_paths(before), _resolved_stage_paths(config.to_dict()))
     if changed:
@@ -88,7 +88,7 @@ def _resolved_stage_paths(as_dict: dict[str, Any]) -> dict[str, Any]:
     return as_dict
 
 
-def _state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:
+def state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:
     """What keeps `saved` from loading into `module`, in one short line ("" when the names, shapes and kinds fit:
     load_state_dict would turn integer tensors into weights silently)."""
     expected = {name: list(tensor.shape) for name, tensor in module.state_dict().items()}
@@ -99,7 +99,7 @@ def _state_dict_mismatch(module: nn.Module, saved: dict[str, Any]) -> str:
     return mismatch or (f"{not_float[0]} holds {saved[not_float[0]].dtype}, not weights" if not_float else "")
 
 
-def _optimizer_state_mismatch(optimizer: torch.optim.Optimizer) -> str:
+def optimizer_state_mismatch(optimizer: torch.optim.Optimizer) -> str:
     """A loaded optimizer state whose moment tensors do not fit their parameters, in one line ("" when they do):
     Adam's load_state_dict takes them as they are, and the next step failed with a broadcast error."""
     for parameter, moments in optimizer.state.items():
@@ -109,7 +109,7 @@ def _optimizer_state_mismatch(optimizer: torch.optim.Optimizer) -> str:
     return ""
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """An exception's first line: torch's messages go on for many lines of advice."""
     return str(exc).strip().split("\n", 1)[0]
 
@@ -124,20 +124,20 @@ def export_state(state_path: Path, config: Config, out: Path) -> Path:
     # the weights come from the state: build the bare network, without loading the teacher it started from
     network = build_stage_network(dataclasses.replace(config, stage=dataclasses.replace(config.stage, init_from="")))
     trained = TrainedModel(network)
-    mismatch = _state_dict_mismatch(trained, state["model"])
+    mismatch = state_dict_mismatch(trained, state["model"])
     try:
         if mismatch:
             raise ValueError(mismatch)
         trained.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ValueError(f"{state_path} does not hold this config's {config.stage.name} network: "
-                         f"{_first_line(exc)}") from None
-    summary = _training_summary(config, int(state["step"]), float(state.get("seconds", 0.0)))
+                         f"{first_line(exc)}") from None
+    summary = training_summary(config, int(state["step"]), float(state.get("seconds", 0.0)))
     summary["partial_of"] = stage_steps(config)
     return save_checkpoint(network, out, role=config.stage.role, training=summary)
 
 
-def _refuse_older_schedule(path: Path, scheduler: Any, run_dir: Path) -> None:
+def refuse_older_schedule(path: Path, scheduler: Any, run_dir: Path) -> None:
     """ValueError for a state saved by a trainer before time budgets (before 2026-11-25), whose scheduler was a
     CosineAnnealingLR (T_max, eta_min): it was refused as if the config had changed, which it had not."""
     if isinstance(scheduler, dict) and "T_max" in scheduler and "lr_lambdas" not in scheduler:
@@ -146,14 +146,14 @@ def _refuse_older_schedule(path: Path, scheduler: Any, run_dir: Path) -> None:
                          f"{run_dir} --out FILE.safetensors`, or remove {run_dir} to train the stage again")
 
 
-def _contents(sources: Any) -> Any:
+def data_contents(sources: Any) -> Any:
     """Data sources' fingerprints without the folders' paths: what was read, wherever it lies."""
     if not isinstance(sources, list):
         return sources
     return [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in sources]
 
 
-def _sources_line(sources: Any) -> str:
+def sources_line(sources: Any) -> str:
     """Data sources' fingerprints in a line: a folder's image count and hash, a scene source's frame count."""
     if not isinstance(sources, list):
         return "not recorded"
@@ -166,7 +166,7 @@ def _source_words(source: dict[str, Any]) -> str:
     return f"{source.get('path')}: {source.get('images')} images, sha256 {str(source.get('sha256'))[:12]}"
 
 
-def _is_segment(segment: Any) -> bool:
+def is_arithmetic_segment(segment: Any) -> bool:
     """Whether a state's arithmetic_history entry has the shape this trainer writes."""
     return (isinstance(segment, dict) and isinstance(segment.get("arithmetic"), str)
             and isinstance(segment.get("from_step"), int) and not isinstance(segment.get("from_step"), bool))

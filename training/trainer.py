@@ -32,7 +32,7 @@ from models import save_checkpoint
 from training.config import Config, config_from_toml, dump_toml
 from training.data import build_train_dataset, exit_with_trainer, worker_start_method
 from training.data.images import write_text_atomic
-from training.devices import Dist, autocast_dtype, device, device_name, init_distributed
+from training.devices import Dist, autocast_dtype, device_name, init_distributed, stage_device
 from training.distill import Distillation, Guide, TrainedModel
 from training.environment import arithmetic, environment
 from training.memory import available_memory_bytes, kept_bytes_per_sample, memory_refusal, out_of_memory_reason
@@ -45,7 +45,6 @@ from training.run_folder import (
     truncate_metrics,
 )
 from training.stages import (
-    _training_summary,
     build_stage_network,
     changed_guides,
     check_guides_fit,
@@ -58,20 +57,21 @@ from training.stages import (
     stage_inputs,
     stage_mix,
     stage_steps,
+    training_summary,
 )
 from training.state import (
     FINAL_FILE,
     STATE_FILE,
-    _contents,
-    _first_line,
-    _is_segment,
-    _optimizer_state_mismatch,
-    _print_changes,
-    _refuse_older_schedule,
-    _sources_line,
-    _state_dict_mismatch,
+    data_contents,
     export_state,
+    first_line,
+    is_arithmetic_segment,
+    optimizer_state_mismatch,
+    print_changes,
     read_state,
+    refuse_older_schedule,
+    sources_line,
+    state_dict_mismatch,
 )
 
 __all__ = [
@@ -140,7 +140,7 @@ class _Trainer:
         if config.data is None:
             raise ValueError("the config has no [data] section")
         self.config, self.run_dir, self.dist = config, Path(run_dir), dist_info
-        self.device = device(config.runtime.device, dist_info)
+        self.device = stage_device(config.runtime.device, dist_info)
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         if self.device.type == "cuda":
@@ -201,7 +201,7 @@ class _Trainer:
             except RuntimeError as exc:  # torch's SIGCHLD handler raises it wherever the loop is
                 if not str(exc).startswith("DataLoader worker (pid"):
                     raise
-                raise self._worker_died(_first_line(exc).rstrip(". ")) from None
+                raise self._worker_died(first_line(exc).rstrip(". ")) from None
             except ConnectionError as exc:  # killed while handing a batch's shared memory over, before SIGCHLD came
                 if not self.config.runtime.workers:
                     raise
@@ -387,10 +387,11 @@ class _Trainer:
             progress=self.dist.main and self.config.runtime.progress,
         )  # fmt: skip
         self.data_sources = [source.fingerprint() for source in dataset.sources]
-        if self.saved_data_sources is not None and _contents(self.saved_data_sources) != _contents(self.data_sources) \
+        saved, now = self.saved_data_sources, self.data_sources
+        if saved is not None and data_contents(saved) != data_contents(now) \
                 and self.dist.main:  # the same files in a moved folder are the same data
             print(f"note: the training data differ from what the resumed steps read (files added, removed or "
-                  f"changed): now {_sources_line(self.data_sources)}; before: {_sources_line(self.saved_data_sources)}")
+                  f"changed): now {sources_line(now)}; before: {sources_line(saved)}")
         sampler = StepBatchSampler(self.config.optim.batch_size, start_step, self.dist)
         workers = self.config.runtime.workers
         # Scene sources render with OpenGL: their workers must not be forked from a process holding a context.
@@ -487,15 +488,15 @@ class _Trainer:
             raise FileNotFoundError(f"nothing to resume: {path} " + (
                 "is not a regular file" if os.path.lexists(path) else "does not exist"))
         state = read_state(path, self.device, needs=("optimizer", "scheduler", "torch_rng"))
-        _refuse_older_schedule(path, state["scheduler"], self.run_dir)
+        refuse_older_schedule(path, state["scheduler"], self.run_dir)
         self._refuse_changed_inputs(path, state)
-        mismatch = _state_dict_mismatch(self.trained, state["model"])
+        mismatch = state_dict_mismatch(self.trained, state["model"])
         try:
             if mismatch:
                 raise ValueError(mismatch)
             self.trained.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            if moments := _optimizer_state_mismatch(self.optimizer):
+            if moments := optimizer_state_mismatch(self.optimizer):
                 raise ValueError(moments)
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"].cpu())  # a ByteTensor of the generator's state size
@@ -504,7 +505,7 @@ class _Trainer:
                                  "schedule has run")
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path} does not hold this config's {self.config.stage.name} training state (was the "
-                             f"config changed since it was saved?): {_first_line(exc)}") from None
+                             f"config changed since it was saved?): {first_line(exc)}") from None
         self.seconds_before = float(state.get("seconds", 0.0))
         self.last_loss = state.get("last_loss")
         self.budget_spent = self._resumed_budget_spent(state)
@@ -513,7 +514,7 @@ class _Trainer:
         self.saved_data_sources = state.get("data_sources")
         self._continue_arithmetic_history(path, state.get("arithmetic_history"), step)
         if self.dist.main:
-            _print_changes(path, state.get("config"), self.config)
+            print_changes(path, state.get("config"), self.config)
         return step
 
     def _continue_arithmetic_history(self, path: Path, saved: Any, step: int) -> None:
@@ -521,7 +522,7 @@ class _Trainer:
         differ in their last bits from those an uninterrupted run takes (another thread count, CPU, GPU or torch),
         and the metadata must not say the whole run ran here. States of older versions kept none."""
         now = self.arithmetic_history[0]["arithmetic"]
-        if not (isinstance(saved, list) and saved and all(_is_segment(segment) for segment in saved)):
+        if not (isinstance(saved, list) and saved and all(is_arithmetic_segment(segment) for segment in saved)):
             self.arithmetic_history = [{"from_step": step, "arithmetic": now}] if step else self.arithmetic_history
             return
         self.arithmetic_history = [dict(segment) for segment in saved]
@@ -543,7 +544,7 @@ class _Trainer:
             return
         try:
             started_with = config_from_toml(saved_config, path).stage
-        except ValueError:  # _print_changes says so
+        except ValueError:  # print_changes says so
             return
         changed = changed_guides(started_with, self.config.stage, saved, self.inputs_sha256)
         if changed:
@@ -587,7 +588,7 @@ class _Trainer:
 
     def _save_network(self, path: Path, steps: int, seconds: float, **extra: Any) -> Path:
         """The network alone as a checkpoint, its metadata saying how it was trained (plus `extra`)."""
-        summary = _training_summary(self.config, steps, seconds)
+        summary = training_summary(self.config, steps, seconds)
         summary.update(device=device_name(self.device), world_size=self.dist.world,
                        arithmetic=self.arithmetic_history, data_sources=self.data_sources, environment=environment(),
                        **extra)  # fmt: skip
