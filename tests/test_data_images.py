@@ -267,6 +267,15 @@ def test_a_bomb_is_refused_from_its_header_in_a_process_that_imports_training(tm
     assert run.stdout.startswith("larger than 67 megapixels | ") and "its header declares" in run.stdout, run.stdout
 
 
+def test_a_decode_limit_opencv_would_abort_on_does_not_abort_training() -> None:
+    """`OPENCV_IO_MAX_IMAGE_PIXELS=" 5000"` aborted any process importing training once cv2 loaded (exit 134, from the
+    coverage review): training now takes the offline CLI's guard, which writes the number back without blanks."""
+    script = "import training, cv2, os; print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": " 5000"})
+    assert run.returncode == 0 and run.stdout == "5000\n", run.stderr
+
+
 def test_write_png_round_trip(tmp_path: Path) -> None:
     image = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(0))
     target = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"w\xe9.png"))  # not UTF-8: imwrite segfaulted

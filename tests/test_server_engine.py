@@ -367,13 +367,19 @@ def test_the_client_library_leaves_opencvs_decode_limit_alone() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_a_decode_limit_that_is_no_number_is_replaced_not_an_abort(tmp_path: pathlib.Path) -> None:
-    """OpenCV aborted the process as it loaded (std::invalid_argument from stoull, exit 134; found in a review)."""
+@pytest.mark.parametrize(("given", "warned"), [("abc", True), ("2GB", True), (" 5000", False), ("5000 ", False),
+                                               (str(1 << 64), False), ("64MB", False)])
+def test_a_decode_limit_opencv_would_abort_on_is_replaced_not_an_abort(tmp_path: pathlib.Path, given: str,
+                                                                      warned: bool) -> None:
+    """OpenCV aborted the process as it loaded (std::invalid_argument from stoull, exit 134; found in a review): on no
+    number, and (from the coverage review) on blanks around one and on one past 2^64 - 1, which are forgiven; its own
+    KB and MB suffixes are kept."""
     cv2.imwrite(str(tmp_path / "small.png"), np.full((20, 24, 3), 50, np.uint8))
     done = _offline("--backend", "nearest", str(tmp_path / "small.png"), "-o", str(tmp_path / "out"),
-                    env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "abc"})
+                    env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": given})
     assert done.returncode == 0, done.stderr
-    assert "OPENCV_IO_MAX_IMAGE_PIXELS='abc' is not a whole number of pixels; using 67108864" in done.stderr
+    warning = f"OPENCV_IO_MAX_IMAGE_PIXELS={given!r} is not a number of pixels (digits, optionally followed by KB"
+    assert (warning in done.stderr) is warned, done.stderr
     assert (tmp_path / "out" / "small.png").is_file()
 
 
