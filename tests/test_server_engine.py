@@ -402,6 +402,26 @@ def test_offline_cli_leaves_hidden_files_of_a_folder_out(tmp_path: pathlib.Path)
     assert upscale.collect_inputs([tmp_path / ".thumbnail.png"]) == [tmp_path / ".thumbnail.png"]  # named: read
 
 
+def test_offline_cli_interrupted_while_torch_loads_exits_cleanly(tmp_path: pathlib.Path) -> None:
+    """Ctrl-C in the CLI's first second, while torch was being imported at the module's top, printed a traceback
+    from inside torch and died of SIGINT (from the coverage review). The interrupt is delivered here where the
+    Ctrl-C would land, by an import hook raising KeyboardInterrupt when torch is imported: deterministic, no timing."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 24, 3), 50, np.uint8))
+    script = ("import sys\n"
+              "class Interrupt:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'torch':\n"
+              "            raise KeyboardInterrupt\n"
+              "sys.meta_path.insert(0, Interrupt())\n"
+              "from upscaler_server import upscale\n"
+              f"sys.exit(upscale.main(['--device', 'cpu', {str(tmp_path / 'a.png')!r}, '-o', "
+              f"{str(tmp_path / 'out')!r}]))\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted before any image was written" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Ctrl-C printed a 40-line KeyboardInterrupt traceback and no summary."""

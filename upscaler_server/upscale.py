@@ -22,6 +22,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from upscaler_server.decode_limit import decode_limit  # first: it sets OpenCV's decode limit before cv2 loads
 
@@ -38,10 +39,12 @@ from upscaler_server.config import (
     engine_setting_problems,
 )
 from upscaler_server.console import escape_unprintable_names
-from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 from upscaler_server.files import check_writable, partial_beside, publish
 from upscaler_server.protocol import SCALE_MAX
+
+if TYPE_CHECKING:
+    from upscaler_server.engine import Engine
 
 __all__ = ["IMAGE_SUFFIXES", "check_output_folder", "check_targets", "collect_inputs", "main", "output_path",
            "read_8bit", "upscale_file"]
@@ -216,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"no image in {', '.join(map(str, args.inputs))} (suffixes {', '.join(IMAGE_SUFFIXES)})")
         check_output_folder(args.inputs, args.output)
         check_targets(files, args.output, args.overwrite)
+        # imported here, within the try: torch takes a second or more to load, and a Ctrl-C meanwhile is a clean
+        # "interrupted" (130) like one a moment later, not a traceback from inside torch's import
+        from upscaler_server.engine import create_engine
+
         engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
                                precision=args.precision, threads=args.threads, backend=args.backend,
                                cache_dir=args.cache_dir, pad_channels=args.pad_channels,
