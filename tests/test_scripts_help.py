@@ -68,8 +68,8 @@ def test_shell_script_help_prints_its_header_and_does_nothing(scripts_copy: Path
 
 def test_demo_help_lists_the_demo_options_once_set_up() -> None:
     """In a set-up checkout --help goes on with the options that pass through to the demo (without setting up)."""
-    if not (REPO / ".venv" / "bin" / "python").exists():
-        pytest.fail("no .venv: run `bash scripts/setup.sh --dev`")
+    if not (REPO / ".venv" / "bin" / "python").exists():  # a checkout tested with another interpreter
+        pytest.skip("no .venv in this checkout, so nothing to pass through to: run `bash scripts/setup.sh --dev`")
     result = run_script(REPO, "demo.sh", "--help")
     assert result.returncode == 0, result.stderr
     assert "The demo's options (python -m client_demo --help):\nusage: python -m client_demo" in result.stdout
