@@ -402,6 +402,40 @@ def test_offline_cli_leaves_hidden_files_of_a_folder_out(tmp_path: pathlib.Path)
     assert upscale.collect_inputs([tmp_path / ".thumbnail.png"]) == [tmp_path / ".thumbnail.png"]  # named: read
 
 
+def test_offline_cli_names_each_unreadable_file_and_still_writes_the_others(tmp_path: pathlib.Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """From the coverage review (no test reached these refusals): junk, an empty file and float pixels are each
+    named with the reason, the run goes on with the rest and exits 1."""
+    from upscaler_server import upscale
+
+    cv2.imwrite(str(tmp_path / "good.png"), np.full((20, 24, 3), 50, np.uint8))
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    (tmp_path / "empty.png").write_bytes(b"")
+    cv2.imwrite(str(tmp_path / "f32.tiff"), np.full((20, 24, 3), 0.5, np.float32))
+    caplog.set_level("INFO", logger="upscaler_server.upscale")  # the summary line
+    status = upscale.main(["--backend", "nearest", "--device", "cpu", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert status == 1
+    assert f"{tmp_path / 'junk.png'}: not an image OpenCV can read" in caplog.text
+    assert f"{tmp_path / 'empty.png'}: not an image OpenCV can read" in caplog.text
+    assert f"{tmp_path / 'f32.tiff'}: float32 pixels; only 8- and 16-bit images are supported" in caplog.text
+    assert "1 of 4 image(s) written" in caplog.text
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.png"]
+
+
+def test_offline_cli_refuses_two_inputs_with_one_output_name_before_anything(tmp_path: pathlib.Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """a.png and a.jpg would both become a.png: refused (exit 2) before the model loads or the output folder is made."""
+    from upscaler_server import upscale
+
+    for name in ("a.png", "a.jpg"):
+        cv2.imwrite(str(tmp_path / name), np.full((20, 24, 3), 50, np.uint8))
+    status = upscale.main(["--backend", "nearest", "--device", "cpu", str(tmp_path / "a.png"), str(tmp_path / "a.jpg"),
+                           "-o", str(tmp_path / "out")])
+    assert status == 2
+    assert "would both be written as a.png; rename one" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
 def test_offline_cli_interrupted_while_torch_loads_exits_cleanly(tmp_path: pathlib.Path) -> None:
     """Ctrl-C in the CLI's first second, while torch was being imported at the module's top, printed a traceback
     from inside torch and died of SIGINT (from the coverage review). The interrupt is delivered here where the

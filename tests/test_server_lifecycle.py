@@ -540,6 +540,19 @@ def test_endpoints_without_access_control_are_refused(endpoint: str, message: st
     assert status == 2 and message in log, log
 
 
+def test_a_tcp_port_another_program_holds_is_refused_with_its_endpoint() -> None:
+    """From the coverage review (no test reached it): the daemon names the endpoint it could not bind, exits 2 before
+    it says it is ready, and leaves the port's holder alone."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        status, log = _exit_of(["--backend", "nearest", "--endpoint", f"tcp://127.0.0.1:{port}"])
+        assert status == 2 and f"cannot bind tcp://127.0.0.1:{port}: Address already in use" in log, log
+        assert "upscaler ready" not in log and "Traceback" not in log, log
+        assert holder.getsockname()[1] == port
+
+
 @pytest.mark.parametrize(("field", "largest"), [
     ("max_width", 65535), ("max_height", 65535), ("max_slots", 64), ("scale", 16), ("max_sessions", 1 << 20),
     ("max_queue", 1 << 20),
