@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.frames < 1:
         parser.error("--frames must be at least 1")
+    if not args.json.parent.is_dir() or args.json.is_dir():  # said now, not after a minute of rendering
+        parser.error(f"--json {args.json}: name a file in an existing folder")
     report = run(args.frames, args.anisotropy, tuple(args.presets))
     print(format_table(report))
     args.json.write_text(json.dumps(report, indent=2) + "\n")

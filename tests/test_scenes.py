@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
 import subprocess
 import sys
@@ -186,3 +187,20 @@ def test_import_and_render_without_torch() -> None:
     code = "import scenes, sys; scenes.render('city', 0, 64, 36); assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_renderer_benchmark_prints_its_table_and_writes_its_json(tmp_path: Path) -> None:
+    """`python -m scenes.bench` (docs/scenes.md) was run by no test (from the coverage review): one frame per size of
+    one preset, its table and report; a --json it cannot write is refused before the rendering."""
+    preset = next(iter(PRESETS))
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "scenes.bench", "--frames", "1", "--presets", preset, "--json",
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert [(row["width"], row["height"]) for row in report["results"]] == [(640, 360), (1280, 720), (1920, 1080)]
+    assert all(row["preset"] == preset and row["fps"] > 0 for row in report["results"])
+    assert "1920x1080" in done.stdout and f"wrote {out}" in done.stdout
+    refused = subprocess.run([sys.executable, "-m", "scenes.bench", "--json", str(tmp_path / "missing" / "b.json")],
+                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert refused.returncode == 2 and "name a file in an existing folder" in refused.stderr, refused.stderr
