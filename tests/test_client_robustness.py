@@ -23,15 +23,19 @@ import numpy as np
 import pytest
 
 from upscaler_server import config
-from upscaler_server.client import UpscalerClient
+from upscaler_server.client import _AUTO_SESSIONS, UpscalerClient
+from upscaler_server.client_session import retry_busy
 from upscaler_server.errors import (
+    BusyError,
     ClientInterruptedError,
     ErrorCode,
     ServerUnavailableError,
     SessionError,
+    SharedMemoryError,
     UpscalerError,
 )
-from upscaler_server.protocol import Ping, Pong, Submit
+from upscaler_server.protocol import Message, Ping, Pong, Submit
+from upscaler_server.shm import SHM_DIR, Ring, RingLayout
 from upscaler_server.transport import Link
 
 from server_utils import run_server, stop
@@ -720,3 +724,123 @@ def test_a_socket_this_user_may_not_connect_to_is_refused_at_once(monkeypatch: p
             f"{os.geteuid()} (mode {mode:04o}) and this process runs as uid {os.geteuid()}; a daemon serves only its "
             "own user's clients") in said, said
     assert "is it running" not in said
+
+
+def _count_submits(monkeypatch: pytest.MonkeyPatch) -> list[Submit]:
+    """Every Submit the client sends from now on (a frame the daemon would compute), in a list that grows."""
+    sent: list[Submit] = []
+    original_send = Link.send
+
+    def send(link: Link, msg: Message) -> int:
+        if isinstance(msg, Submit):
+            sent.append(msg)
+        return original_send(link, msg)
+
+    monkeypatch.setattr(Link, "send", send)
+    return sent
+
+
+def test_upscale_into_out_returns_out_holding_the_frame_and_a_wrong_shape_is_refused_unsent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """out= is filled and returned itself (no new array), for UpscalerClient.upscale and Session.upscale alike (no
+    test ran that path). An out of the wrong shape is a ValueError before the frame is submitted: left to numpy, the
+    error would come only after the daemon had computed the frame."""
+    frame = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    expected = frame.repeat(2, 0).repeat(2, 1)  # the nearest backend's x2
+    submits = _count_submits(monkeypatch)
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
+        session = client.open_session(20, 12, "RGB8", slots=2)
+        for name, upscale in (("client", client.upscale), ("session", session.upscale)):
+            buf = np.zeros((24, 40, 3), np.uint8)
+            assert upscale(frame, out=buf) is buf, name
+            assert np.array_equal(buf, expected), name
+            sent = len(submits)
+            for wrong in (np.zeros((40, 24, 3), np.uint8), np.zeros((24, 40, 4), np.uint8)):
+                with pytest.raises(ValueError, match=r"out must be a \(24, 40, 3\) uint8 array"):
+                    upscale(frame, out=wrong)
+                assert not wrong.any(), name  # nothing written into it either
+            assert len(submits) == sent, f"{name}: a frame was submitted for an out that was refused"
+            buf = np.zeros((24, 40, 3), np.uint8)
+            assert upscale(frame, out=buf) is buf and np.array_equal(buf, expected), name  # still works
+        assert session.in_flight == [] and len(submits) == 4
+
+
+def test_retry_busy_retries_busy_replies_and_re_raises_the_last_when_time_is_up() -> None:
+    """Session.upscale and upscale_inline rely on it: a BUSY daemon (its queue full) is asked again after a short
+    pause until it accepts, and a daemon that stays busy is reported as such (BusyError), not waited on forever nor
+    given up on at the first BUSY."""
+    calls: list[int] = []
+
+    def busy_twice() -> str:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise BusyError("queue full")
+        return "done"
+
+    assert retry_busy(busy_twice, 5.0) == "done" and len(calls) == 3
+
+    raised: list[BusyError] = []
+
+    def always_busy() -> str:
+        raised.append(BusyError(f"queue full {len(raised)}"))
+        raise raised[-1]
+
+    with pytest.raises(BusyError) as info:
+        retry_busy(always_busy, 0.2)
+    assert len(raised) > 1 and info.value is raised[-1]  # retried, then the last BusyError itself
+
+
+def test_a_ring_the_client_cannot_attach_is_closed_on_the_daemon_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attaching the output ring failed after the daemon had opened the session: without a Close its segments stayed
+    in /dev/shm until the lease ran out (10 s by default), and the input ring stayed mapped here. Both the explicit
+    open_session() and upscale()'s own session are covered; once attaching works again, so does upscale()."""
+    original_attach = Ring.attach
+    refused: list[str] = []
+
+    def attach(name: str, layout: RingLayout) -> Ring:
+        if name.endswith("-out"):
+            refused.append(name)
+            raise SharedMemoryError(f"cannot attach shared memory {name}: refused by the test")
+        return original_attach(name, layout)
+
+    frame = np.full((16, 16, 3), 6, np.uint8)
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
+        monkeypatch.setattr(Ring, "attach", staticmethod(attach))
+        for call in (lambda: client.open_session(16, 16, "RGB8", slots=2), lambda: client.upscale(frame)):
+            with pytest.raises(SharedMemoryError, match="refused by the test") as info:
+                call()
+            assert daemon.segments() == [], f"the session of {refused[-1]} is still open on the daemon"
+            input_name = refused[-1].removesuffix("-out") + "-in"
+            with open("/proc/self/maps") as maps:  # unmapped at once, not when the garbage (the traceback) goes
+                assert input_name.lstrip("/") not in maps.read(), "the input ring is still mapped"
+            del info
+        assert len(refused) == 2 and not any((SHM_DIR / name.lstrip("/")).exists() for name in refused)
+        monkeypatch.undo()
+        assert (client.upscale(frame) == 6).all()
+
+
+def test_upscale_keeps_a_few_sessions_by_size_and_closes_the_ones_it_evicts() -> None:
+    """upscale() opens a session per frame size it sees: a caller whose frame size keeps changing (a resized
+    window) must not pile up sessions, and with them shared memory, on the daemon. The oldest is closed, on the
+    daemon too, when a size past the last _AUTO_SESSIONS comes."""
+    sizes = [(16 + 2 * i, 10 + i) for i in range(_AUTO_SESSIONS + 2)]  # (width, height), all distinct
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client:
+        segments: dict[tuple[int, int], set[str]] = {}
+        sessions = {}
+        for width, height in sizes:
+            before = set(daemon.segments())
+            frame = np.full((height, width, 3), width, np.uint8)
+            assert (client.upscale(frame) == width).all()
+            segments[width, height] = set(daemon.segments()) - before  # this size's session's two segments
+            sessions[width, height] = client._auto[height, width, "RGB8"]
+            assert len(client._auto) <= _AUTO_SESSIONS
+        evicted, kept = sizes[:2], sizes[2:]
+        assert all(len(segments[size]) == 2 for size in sizes), segments
+        assert all(sessions[size].closed for size in evicted) and not any(sessions[size].closed for size in kept)
+        assert set(daemon.segments()) == set().union(*(segments[size] for size in kept))
+        width, height = kept[0]
+        assert (client.upscale(np.full((height, width, 3), 1, np.uint8)) == 1).all()  # a kept size: no new session
+        assert set(daemon.segments()) == set().union(*(segments[size] for size in kept))

@@ -474,6 +474,18 @@ def test_invalid_field(peer: Peer, fields: dict[str, Any]) -> None:
     expect_error(peer.call(**fields), 4, "INVALID_FIELD")
 
 
+def test_inline_pixels_of_the_wrong_length_are_named_with_the_size_needed(peer: Peer) -> None:
+    """Section 4, process: pixels must be exactly height * width * channels bytes; the error says how many came and
+    how many the frame needs (a client sending a padded or cropped buffer learns which), and the daemon serves on."""
+    for sent, fmt in ((10, "RGB8"), (32 * 32 * 3, "RGBA8")):  # too few; an RGB frame sent as RGBA
+        reply = peer.call(type="process", width=32, height=32, format=fmt, frame=1, pixels=bytes(sent))
+        expect_error(reply, 4, "INVALID_FIELD")
+        needed = 32 * 32 * CHANNELS[fmt]
+        assert f"pixels has {sent} bytes; 32x32 {fmt} needs {needed}" in reply["message"], reply
+    pixels = frame(32, 32, "RGB8", seed=6)
+    assert len(process(peer, 32, 32, "RGB8", pixels)) == 64 * 64 * 3
+
+
 @pytest.mark.parametrize("req", [-1, "7", 1.5])
 def test_unreadable_req_is_answered_with_req_0(peer: Peer, req: Any) -> None:
     peer.send_raw(msgpack.packb({"v": 1, "type": "ping", "req": req, "sessions": []}))

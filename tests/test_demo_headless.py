@@ -35,7 +35,7 @@ from demo_utils import (
     run_demo,
     segments_of,
 )
-from server_utils import Daemon, run_server, short_tmpdir
+from server_utils import Daemon, run_server, shm_segments, short_tmpdir
 
 LR = (64, 36)
 LR_ARG = f"{LR[0]}x{LR[1]}"
@@ -183,6 +183,33 @@ def test_spawn_server_on_an_endpoint_already_served_refuses(nearest_daemon: Daem
     assert run.returncode == 4 and "another upscaler daemon already serves" in run.stderr, run.stderr
     assert "daemon ready" not in run.stderr
     assert not (tmp_path / "out").exists()  # locked first, nothing written: the folder it made is removed again
+
+
+def test_a_spawned_daemon_that_cannot_load_its_checkpoint_is_reported_and_leaves_nothing(
+        tmp_path: pathlib.Path) -> None:
+    """docs/demo.md: a daemon that cannot start (a file that is not a checkpoint) is reported with its message, and
+    the demo exits with status 4. Its private folder (log, socket), the --out folder it made, and any shared memory
+    go with it: nothing is left of a run that never served a frame."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    out = tmp_path / "out"
+    segments_before = set(shm_segments())
+    result = run_demo("--headless", "--spawn-server", "--checkpoint", str(junk), "--device", "cpu", "--lr", LR_ARG,
+                      "--frames", "2", "--out", str(out))
+    assert result.returncode == 4, output_of(result)
+    assert "the upscaler daemon exited with status" in result.stderr and "before it was ready" in result.stderr, \
+        output_of(result)
+    tail = [line for line in result.stderr.splitlines() if line.startswith("  | ")]  # the daemon's log, quoted
+    assert any(f"cannot load checkpoint {junk}" in line for line in tail), output_of(result)
+    assert "daemon ready" not in result.stderr
+    assert not out.exists(), list(out.rglob("*"))
+    started = re.search(r"starting the upscaler daemon \(ipc://(/tmp/takdsr-demo-(\d+)-[^/]+)/", result.stderr)
+    assert started, output_of(result)
+    assert not pathlib.Path(started.group(1)).exists(), f"the demo left its daemon's folder {started.group(1)}"
+    assert not list(pathlib.Path("/tmp").glob(f"takdsr-demo-{started.group(2)}-*"))
+    # the daemon is gone: a segment of its would be one of a process no longer alive (other daemons may run)
+    left = [name for name in set(shm_segments()) - segments_before if not process_alive(int(name.split("-")[2]))]
+    assert left == [], f"shared memory left behind: {left}"
 
 
 def test_wall_s_includes_the_spawned_daemons_start_up(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:

@@ -24,7 +24,7 @@ from upscaler_server import shm
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.shm import SHM_DIR, Ring, RingLayout, remove_stale_segments
 
-from server_utils import REPO, Daemon, encode_request, raw_socket, run_server, short_tmpdir
+from server_utils import REPO, Daemon, encode_request, raw_socket, run_server, shm_segments, short_tmpdir
 
 LAYOUT = RingLayout(32, 24, 3, 2)
 
@@ -549,3 +549,46 @@ def test_inline_frames_waiting_for_the_engine_count_against_the_unread_budget() 
         serving.join(30)
         shutil.rmtree(tmp, ignore_errors=True)
     assert not serving.is_alive()
+
+
+def test_a_session_whose_output_ring_cannot_be_made_leaves_no_segment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SessionTable.open creates the input ring, then the output ring: when the second fails (tmpfs full, found when
+    its pages are reserved), the first must go too, and the half-made output ring with it; otherwise both stayed in
+    /dev/shm and mapped in the daemon for its whole life, since no session names them. The table stays empty."""
+    from upscaler_server.config import Config
+    from upscaler_server.protocol import Open
+    from upscaler_server.sessions import SessionTable
+
+    original_reserve = shm._reserve
+    reserved: list[str] = []
+
+    def reserve(name: str, size: int) -> None:
+        reserved.append(name)
+        if name.endswith("-out"):
+            raise SharedMemoryError(f"cannot reserve {size} bytes for {name}: tmpfs full (faked)")
+        original_reserve(name, size)
+
+    table = SessionTable(Config(endpoint="ipc:///tmp/takdsr-never-bound.sock"), scale=2, min_size=1)  # no daemon
+    request = Open(width=32, height=24, format="RGB8", slots=2)
+    before = shm_segments(os.getpid())  # this process's daemon-named segments (an in-process Server's): none now
+    monkeypatch.setattr(shm, "_reserve", reserve)
+    try:
+        with pytest.raises(SharedMemoryError, match="tmpfs full") as info:
+            table.open(request, owner=b"client")
+        assert [name.rsplit("-", 1)[1] for name in reserved] == ["in", "out"]  # the second ring is the one that failed
+        assert shm_segments(os.getpid()) == before, "a ring of the failed session is left in /dev/shm"
+        # unmapped at once, not only when the garbage goes (the traceback, kept here, refers to both rings)
+        assert all(_mappings(name) == 0 for name in reserved), "a ring of the failed session is still mapped"
+        del info
+        assert len(table) == 0 and table.all() == []
+        monkeypatch.undo()
+        session = table.open(request, owner=b"client")  # nothing left over in the way: the next open works
+        try:
+            assert len(table) == 1 and len(shm_segments(os.getpid())) == len(before) + 2
+        finally:
+            table.remove(session.id)
+            session.release()
+        assert shm_segments(os.getpid()) == before
+    finally:
+        for name in reserved:  # never litter /dev/shm, even when failing
+            (SHM_DIR / name.lstrip("/")).unlink(missing_ok=True)
