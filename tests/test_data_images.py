@@ -267,13 +267,16 @@ def test_a_bomb_is_refused_from_its_header_in_a_process_that_imports_training(tm
     assert run.stdout.startswith("larger than 67 megapixels | ") and "its header declares" in run.stdout, run.stdout
 
 
-def test_a_decode_limit_opencv_would_abort_on_does_not_abort_training() -> None:
+@pytest.mark.parametrize(("given", "written"), [(" 5000", "5000"), ("9" * 4301, str((1 << 63) - 1))],
+                         ids=["blank", "4301-digits"])
+def test_a_decode_limit_opencv_would_abort_on_does_not_abort_training(given: str, written: str) -> None:
     """`OPENCV_IO_MAX_IMAGE_PIXELS=" 5000"` aborted any process importing training once cv2 loaded (exit 134, from the
-    coverage review): training now takes the offline CLI's guard, which writes the number back without blanks."""
+    coverage review): training now takes the offline CLI's guard, which writes the number back without blanks, and
+    clamps a huge one (past 4,300 digits int() itself refused it: from the diff review)."""
     script = "import training, cv2, os; print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])"
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": " 5000"})
-    assert run.returncode == 0 and run.stdout == "5000\n", run.stderr
+                         env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": given})
+    assert run.returncode == 0 and run.stdout == f"{written}\n", run.stderr
 
 
 def test_write_png_round_trip(tmp_path: Path) -> None:

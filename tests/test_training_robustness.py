@@ -636,6 +636,7 @@ def test_a_stage_of_huge_widths_is_refused_before_anything_is_allocated(image_fo
     """channels 5000 built 926 M parameters (3.7 GB) before size_problem refused them; 100000 ran out of memory
     with an allocator error that named no setting. The stage is now sized on the meta device first."""
     import training.stages as stages_module  # where refuse_oversized looks build_stage_network up
+    import training.trainer as trainer_module  # and where the trainer does
 
     config = _stage_config(image_folder, "student")
     wide = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, channels=100_000))
@@ -646,7 +647,8 @@ def test_a_stage_of_huge_widths_is_refused_before_anything_is_allocated(image_fo
         assert all(p.is_meta for p in network.parameters()), "built with real memory before the size check"
         return network
 
-    monkeypatch.setattr(stages_module, "build_stage_network", only_on_meta)
+    for module in (stages_module, trainer_module):
+        monkeypatch.setattr(module, "build_stage_network", only_on_meta)
     with pytest.raises(ValueError, match=r"stage student would train a network of [\d,]+ values, more than"):
         train_stage(wide, tmp_path / "wide")
     assert not (tmp_path / "wide").exists()

@@ -31,6 +31,7 @@ from training.distill import Guide
 __all__ = [
     "build_stage_network", "changed_guides", "check_guides_fit", "check_patch_size", "input_hashes", "load_guides",
     "refuse_oversized", "stage_blocks", "stage_data_seed", "stage_inputs", "stage_mix", "stage_steps",
+    "training_summary",
 ]  # fmt: skip
 
 

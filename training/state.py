@@ -24,7 +24,11 @@ from training.config import Config, config_from_toml, differing_keys
 from training.distill import TrainedModel
 from training.stages import build_stage_network, stage_steps, training_summary
 
-__all__ = ["FINAL_FILE", "STATE_FILE", "export_state", "read_state"]
+__all__ = [
+    "FINAL_FILE", "STATE_FILE", "data_contents", "export_state", "first_line", "is_arithmetic_segment",
+    "optimizer_state_mismatch", "print_changes", "read_state", "refuse_older_schedule", "sources_line",
+    "state_dict_mismatch",
+]  # fmt: skip
 
 STATE_FILE = TRAINING_STATE_NAME  # the name models.checkpoint gives a hint for
 FINAL_FILE = "final.safetensors"

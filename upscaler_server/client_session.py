@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from upscaler_server.client import UpscalerClient
     from upscaler_server.transport import Link
 
-__all__ = ["FrameResult", "Session"]
+# FrameResult and Session are the public ones (re-exported by upscaler_server.client); the helpers are shared with
+# client.py, which this module cannot import at run time
+__all__ = ["FrameResult", "Session", "exclusive", "expect_reply", "positive_timeout", "require_array", "retry_busy"]
 
 M = TypeVar("M", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])

@@ -26,7 +26,10 @@ def _pixels(given: str) -> int | None:
     found = re.fullmatch(r"\s*(\d+)\s*(KB|Kb|kb|MB|Mb|mb)?\s*", given)
     if found is None:
         return None
-    return min(int(found[1]) * _UNITS[(found[2] or "").upper()], _LARGEST)
+    digits = found[1].lstrip("0") or "0"
+    if len(digits) > len(str(_LARGEST)):  # int() refuses past 4,300 digits, and anything this long is past _LARGEST
+        return _LARGEST
+    return min(int(digits) * _UNITS[(found[2] or "").upper()], _LARGEST)
 
 
 _given = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")

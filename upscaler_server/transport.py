@@ -2,9 +2,9 @@
 replies keyed by request id, reconnect and the one-thread guard), the heartbeat thread, and the sliced polls that
 ``UpscalerClient.interrupt()`` cuts short.
 
-Apart from ``client.py`` (requests, sessions, upscaling) so that sockets and poll timeouts sit in one place, as the
-daemon's do in ``server.py``. Private to the client library, which re-exports nothing from here; pyzmq and msgpack
-only: importing it never loads torch.
+Apart from ``client.py`` (requests, upscaling) and ``client_session.py`` (sessions) so that sockets and poll timeouts
+sit in one place, as the daemon's do in ``server.py``. Private to the client library, which re-exports nothing from
+here; pyzmq and msgpack only: importing it never loads torch.
 """
 
 from __future__ import annotations
