@@ -42,8 +42,5 @@ os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(_limit)
 
 
 def decode_limit() -> int:
-    """The most pixels OpenCV decodes in this process (the variable as it was when cv2 loaded, after this module)."""
-    try:
-        return int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])
-    except (KeyError, ValueError):  # unset since, or not a number: OpenCV then keeps its own default
-        return DEFAULT_DECODE_LIMIT
+    """The most pixels OpenCV decodes in this process: the limit this module set before cv2 loaded."""
+    return _limit
