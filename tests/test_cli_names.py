@@ -8,6 +8,11 @@ import sys
 
 import pytest
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (pyproject: requires-python >=3.10) has tomli instead
+    import tomli as tomllib
+
 # (console script from pyproject.toml, the module that `python -m` runs)
 COMMANDS = [
     ("upscaler-server", "upscaler_server"),
@@ -37,8 +42,6 @@ def test_usage_names_python_dash_m(script: str, module: str) -> None:
 def test_the_daemon_reports_the_packages_version_and_the_changelog_describes_it() -> None:
     """welcome.server tells a client which rules a daemon applies (docs/protocol.md, section 10): it must follow the
     package's version, which stayed 0.1.0 while the protocol's rules were tightened (from an upgrade review)."""
-    import tomllib
-
     from upscaler_server import __version__
 
     repo = pathlib.Path(__file__).resolve().parent.parent
