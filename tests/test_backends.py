@@ -21,8 +21,10 @@ from upscaler_server.backends import TOLERANCE, AutoEngine, Settings, Tolerance,
 from upscaler_server.backends.auto import accuracy, candidate_labels
 from upscaler_server.backends.common import cpu_bf16
 from upscaler_server.client import UpscalerClient
-from upscaler_server.engine import Engine, create_engine, load_network, model_hash
+from upscaler_server.config import DEFAULT_EDGE_PAD
+from upscaler_server.engine import Engine, create_engine
 from upscaler_server.errors import ConfigError
+from upscaler_server.loading import served_network
 from upscaler_server.protocol import PIXEL_FORMATS
 
 from server_utils import REPO, ArrayFrame, make_checkpoint, run_server
@@ -107,9 +109,9 @@ def test_backend_within_tolerance_of_fp32_eager(backend: str, device: str, preci
 
 def _auto(checkpoint: pathlib.Path, cache: pathlib.Path, allowed: tuple[str, ...] = ("eager", "onnxruntime"),
           tolerance: Tolerance = TOLERANCE) -> AutoEngine:
-    network, name, weights = load_network(checkpoint, None, 2)
+    network, name, weights, identity = served_network(checkpoint, None, 2, edge_pad=DEFAULT_EDGE_PAD)
     settings = Settings(name=name, device="cpu", precision="auto", weights=weights, threads=1, cuda_graphs=False,
-                        cache_dir=cache, model_hash=model_hash(network, weights))
+                        cache_dir=cache, model_hash=identity)
     return AutoEngine(network, settings, candidates=allowed, tolerance=tolerance, budget_s=0.2)
 
 
@@ -260,9 +262,9 @@ def test_an_auto_backend_that_cannot_run_here_is_named(caplog: pytest.LogCapture
 
 
 def _settings(checkpoint: pathlib.Path, cache: pathlib.Path) -> tuple[torch.nn.Module, Settings]:
-    network, name, weights = load_network(checkpoint, None, 2)
+    network, name, weights, identity = served_network(checkpoint, None, 2, edge_pad=DEFAULT_EDGE_PAD)
     return network, Settings(name=name, device="cpu", precision="fp32", weights=weights, threads=1,
-                             cuda_graphs=False, cache_dir=cache, model_hash=model_hash(network, weights))
+                             cuda_graphs=False, cache_dir=cache, model_hash=identity)
 
 
 def test_a_cached_onnx_export_of_another_model_is_not_served(checkpoint: pathlib.Path, reference: Engine,
@@ -425,7 +427,8 @@ def test_pad_channels_gives_the_same_frames(tmp_path: pathlib.Path) -> None:
     path = models.save_checkpoint(models.build_model("rlfn_s", scale=2), tmp_path / "s52.safetensors", role="student")
     plain = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1)
     padded = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1, pad_channels=8)
-    assert padded._net.config.channels == 56 and "zero-padded to 56" in padded.name  # type: ignore[attr-defined]
+    widened = padded._net.network  # type: ignore[attr-defined]  # inside the edge padding
+    assert widened.config.channels == 56 and "zero-padded to 56" in padded.name
     rgb = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     _within(padded.run(rgb), plain.run(rgb), FP32_MAX_LEVELS)
     with pytest.raises(ConfigError, match="needs an RLFN network"):

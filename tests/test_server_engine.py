@@ -483,6 +483,8 @@ def test_offline_cli_stops_on_ctrl_c_with_what_it_wrote(tmp_path: pathlib.Path, 
     (["--backend", "nearest", "--scale", "0"], "1 <= --scale <= 16"),
     (["--backend", "nearest", "--max-pixels", "0"], "1 <= --max-pixels <= 67108864"),
     (["--backend", "nearest", "--pad-channels", "1000"], "0 <= pad_channels <= 64"),
+    (["--edge-pad", "-1"], "0 <= edge_pad <= 64"),
+    (["--backend", "nearest", "--edge-pad", "2"], "--edge-pad (the nearest backend runs no model)"),
     (["--backend", "auto", "--auto-backends", "onnxrutime"], "unknown onnxrutime: use backends"),
     # from a review: exit 3 ("model not loadable") for a bad argument; a checkpoint nearest ignored; fp16 advice on
     # a CPU for tensorrt, whose --precision fp32 was then refused too

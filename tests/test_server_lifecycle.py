@@ -775,8 +775,9 @@ def test_cuda_daemon_serves_fp16_with_graphs(tmp_path: pathlib.Path) -> None:
     [
         (["--backend", "eager", "--tune-sizes", "64x64"], "--tune-sizes (--backend auto only)"),
         (["--backend", "eager", "--auto-backends", "onnxruntime"], "--auto-backends (--backend auto only)"),
-        (["--backend", "nearest", "--precision", "fp32", "--pad-channels", "8"],
-         "--precision (the nearest backend runs no model), --pad-channels (the nearest backend runs no model)"),
+        (["--backend", "nearest", "--precision", "fp32", "--pad-channels", "8", "--edge-pad", "4"],
+         "--precision (the nearest backend runs no model), --pad-channels (the nearest backend runs no model), "
+         "--edge-pad (the nearest backend runs no model)"),
         (["--device", "cpu", "--cuda-graphs", "--overlap"], "--cuda-graphs (CUDA only), --overlap (CUDA only)"),
     ],
     ids=["tune-sizes", "auto-backends", "nearest-model-options", "cuda-options-on-cpu"],

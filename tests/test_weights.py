@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import DEFAULT_STUDENT_PATH, NATIVE_STUDENT_PATH, WEIGHTS_DIR, Teacher, load_checkpoint
 from training.config import Config, EvalConfig
@@ -17,6 +18,7 @@ from training.data import default_eval_dir, degrade, file_sha256, read_image
 from training.distill import mixed_input
 from training.evaluate import baseline_predictors, eval_sets
 from training.metrics import psnr
+from upscaler_server.config import DEFAULT_EDGE_PAD
 from upscaler_server.engine import create_engine
 
 INDEX = WEIGHTS_DIR / "weights.json"
@@ -98,16 +100,22 @@ def test_shipped_checkpoint_beats_bicubic(path: Path, request: pytest.FixtureReq
 @pytest.mark.parametrize("path", STUDENTS, ids=[p.stem for p in STUDENTS])
 @torch.no_grad()
 def test_the_daemon_engine_serves_every_shipped_student(path: Path) -> None:
-    """`--checkpoint FILE` works for every student family: the engine's uint8 frame is the network's own output,
-    clamped and rounded (within one level: the two runs use different thread counts, so sums round apart)."""
+    """`--checkpoint FILE` works for every student family: the engine's uint8 frame is the network's own output on
+    the frame with its edges repeated (--edge-pad, default 4; with 0, on the frame itself), cropped, clamped and
+    rounded (within one level: the two runs use different thread counts, so sums round apart)."""
     rgb = torch.randint(0, 256, (36, 52, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
-    threads = torch.get_num_threads()
-    try:
-        served = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1).run(rgb.numpy())
-    finally:
-        torch.set_num_threads(threads)  # the engine sets the process-wide count
     lr = (rgb.permute(2, 0, 1)[None].float() / 255).contiguous(memory_format=torch.channels_last)
-    expected = (load_checkpoint(path).model.eval()(lr)[0].clamp(0, 1) * 255).round().to(torch.uint8)
-    assert served.shape == (72, 104, 3)
-    difference = (torch.from_numpy(served).permute(2, 0, 1).int() - expected.int()).abs()
-    assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3, f"max {difference.max()}"
+    network = load_checkpoint(path).model.eval()
+    for edge_pad in (DEFAULT_EDGE_PAD, 0):
+        threads = torch.get_num_threads()
+        try:
+            engine = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1, edge_pad=edge_pad)
+            served = engine.run(rgb.numpy())
+        finally:
+            torch.set_num_threads(threads)  # the engine sets the process-wide count
+        crop = 2 * edge_pad
+        output = network(F.pad(lr, (edge_pad,) * 4, mode="replicate"))[0, :, crop : 72 + crop, crop : 104 + crop]
+        expected = (output.clamp(0, 1) * 255).round().to(torch.uint8)  # (3, 72, 104)
+        assert served.shape == (72, 104, 3)
+        difference = (torch.from_numpy(served).permute(2, 0, 1).int() - expected.int()).abs()
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3, f"max {difference.max()}"

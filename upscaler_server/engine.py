@@ -27,7 +27,6 @@ import abc
 import collections
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import pathlib
@@ -41,9 +40,9 @@ import cv2
 import numpy as np
 import torch
 
-from upscaler_server.config import DEFAULT_SCALE, Config
+from upscaler_server.config import DEFAULT_EDGE_PAD, DEFAULT_SCALE, MAX_EDGE_PAD, Config
 from upscaler_server.errors import ConfigError, EngineError
-from upscaler_server.loading import load_network, model_hash, widened
+from upscaler_server.loading import load_network, model_hash, served_network
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
 __all__ = ["ArrayFrame", "CopiedFrame", "Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine",
@@ -586,12 +585,12 @@ def build_engine(config: Config) -> Engine:
     return create_engine(checkpoint=config.checkpoint, model=config.model, backend=config.backend,
                          scale=config.scale, device=config.device, precision=config.precision, threads=config.threads,
                          cuda_graphs=config.cuda_graphs, overlap=config.overlap, pad_channels=config.pad_channels,
-                         cache_dir=config.cache_dir,
+                         edge_pad=config.edge_pad, cache_dir=config.cache_dir,
                          auto_backends=config.auto_backends, tune_sizes=config.tune_sizes)
 
 
-def _refuse_unusable_options(*, backend: str, device: str, precision: str, pad_channels: int, cuda_graphs: bool,
-                             overlap: bool, auto_backends: tuple[str, ...],
+def _refuse_unusable_options(*, backend: str, device: str, precision: str, pad_channels: int,
+                             edge_pad: int | None, cuda_graphs: bool, overlap: bool, auto_backends: tuple[str, ...],
                              tune_sizes: tuple[tuple[int, int], ...]) -> None:
     """ConfigError naming options that cannot apply to ``backend`` or an explicit ``device``: each was dropped in
     silence, so a run "with" --tune-sizes measured nothing and one "with" --cuda-graphs on a CPU captured none."""
@@ -601,7 +600,8 @@ def _refuse_unusable_options(*, backend: str, device: str, precision: str, pad_c
                      (("--tune-sizes", tune_sizes), ("--auto-backends", auto_backends)) if given]
     if backend == "nearest":
         unusable += [f"{flag} (the nearest backend runs no model)" for flag, given in
-                     (("--precision", precision != "auto"), ("--pad-channels", pad_channels)) if given]
+                     (("--precision", precision != "auto"), ("--pad-channels", pad_channels),
+                      ("--edge-pad", edge_pad is not None)) if given]
     if device == "cpu":
         unusable += [f"{flag} (CUDA only)" for flag, given in
                      (("--cuda-graphs", cuda_graphs), ("--overlap", overlap)) if given]
@@ -612,15 +612,18 @@ def _refuse_unusable_options(*, backend: str, device: str, precision: str, pad_c
 def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None = None, backend: str = "eager",
                   scale: int | None = None, device: str = "auto", precision: str = "auto", threads: int = 0,
                   cuda_graphs: bool = False, overlap: bool = False, pad_channels: int = 0,
-                  cache_dir: pathlib.Path | None = None,
+                  edge_pad: int | None = None, cache_dir: pathlib.Path | None = None,
                   auto_backends: tuple[str, ...] = (), tune_sizes: tuple[tuple[int, int], ...] = ()) -> Engine:
     """An engine from explicit settings (the offline CLI and tests use this; see Config for their meaning).
-    ``backend``: eager (alias torch), compile, onnxruntime, tensorrt, auto or nearest."""
+    ``backend``: eager (alias torch), compile, onnxruntime, tensorrt, auto or nearest; ``edge_pad`` None:
+    DEFAULT_EDGE_PAD."""
     from upscaler_server import backends  # the backends import this module
 
     _refuse_unusable_options(backend=backend, device=device, precision=precision, pad_channels=pad_channels,
-                             cuda_graphs=cuda_graphs, overlap=overlap, auto_backends=auto_backends,
+                             edge_pad=edge_pad, cuda_graphs=cuda_graphs, overlap=overlap, auto_backends=auto_backends,
                              tune_sizes=tune_sizes)
+    if edge_pad is not None and not 0 <= edge_pad <= MAX_EDGE_PAD:
+        raise ConfigError(f"--edge-pad {edge_pad}: use 0 (off) to {MAX_EDGE_PAD} pixels")
     if backend == "nearest":
         if checkpoint is not None or model is not None:  # it was ignored: a run "with" a checkpoint that used none
             raise ConfigError("the nearest backend runs no model: leave out --checkpoint and --model (--scale sets "
@@ -633,11 +636,9 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
         log.warning("--cuda-graphs and --overlap need CUDA: no GPU here, so they are off")
     if resolved == "cpu":
         _bound_cpu_kernel_caches()  # before load_network, whose overflow check runs the first convolution
-    network, name, weights = load_network(checkpoint, model, scale)
-    identity = model_hash(network, weights)
-    if pad_channels:
-        network, name = widened(network, name, pad_channels)
-        identity = hashlib.sha256(f"{identity} widened to a multiple of {pad_channels}".encode()).hexdigest()
+    edge_pixels = DEFAULT_EDGE_PAD if edge_pad is None else edge_pad
+    network, name, weights, identity = served_network(checkpoint, model, scale, pad_channels=pad_channels,
+                                                      edge_pad=edge_pixels)
     if weights is None:
         log.warning("model %s runs with RANDOM weights: output is noise, for benchmarks and tests only", name)
     settings = backends.Settings(name=name, device=resolved, precision=precision, weights=weights, threads=threads,
@@ -646,5 +647,6 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     if backend == "auto":
         return backends.AutoEngine(network, settings, candidates=auto_backends, tune_sizes=tune_sizes)
     engine = backends.make_backend(backend, network, settings)
-    log.info("backend %s on %s, %s", backend, engine.device, engine.precision)
+    log.info("backend %s on %s, %s, frame edges repeated %d px (--edge-pad)", backend, engine.device,
+             engine.precision, edge_pixels)
     return engine

@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from upscaler_server.config import MAX_THREADS
+from upscaler_server.config import DEFAULT_EDGE_PAD, MAX_EDGE_PAD, MAX_THREADS
 from upscaler_server.console import escape_unprintable_names
 from upscaler_server.engine import load_network
 from upscaler_server.errors import ConfigError, ModelLoadError
@@ -57,6 +57,7 @@ from upscaler_server.files import (
     publish,
     written_file,
 )
+from upscaler_server.loading import edge_padded
 
 __all__ = ["Uint8IO", "export_onnx", "main"]
 
@@ -231,6 +232,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-shapes", action="store_true", help="symbolic height and width (batch stays 1)")
     p.add_argument("--io", choices=["uint8", "float"], default="uint8",
                    help="uint8: NHWC RGB uint8 in and out; float: NCHW RGB float32 [0, 1] in and out")
+    p.add_argument("--edge-pad", type=int, default=DEFAULT_EDGE_PAD, metavar="N",
+                   help="repeat the frame's edge pixels N times on every side inside the graph and crop its output, "
+                   "as the daemon does (the network's zero padding otherwise darkens and tints the outermost "
+                   f"pixels); 0: the bare network (default {DEFAULT_EDGE_PAD})")
     p.add_argument("--height", type=int, default=360, help="LR height (static shape, or the example for tracing)")
     p.add_argument("--width", type=int, default=640, help="LR width")
     p.add_argument("--benchmark", type=int, default=0, metavar="N",
@@ -250,6 +255,8 @@ def _option_problem(args: argparse.Namespace, max_opset: int) -> str | None:
         return f"--seed {args.seed}: use 0 to 2**64 - 1"
     if not 0 <= args.threads <= MAX_THREADS:
         return f"--threads {args.threads}: use 0 (library default) to {MAX_THREADS}"
+    if not 0 <= args.edge_pad <= MAX_EDGE_PAD:
+        return f"--edge-pad {args.edge_pad}: use 0 (off) to {MAX_EDGE_PAD} pixels"
     if args.benchmark < 0:
         return f"--benchmark {args.benchmark}: use a number of frames, or 0 for none"
     if args.benchmark and importlib.util.find_spec("onnxruntime") is None:  # else a traceback after the export
@@ -314,8 +321,10 @@ def _export(args: argparse.Namespace) -> int:
     if (problem := _model_problem(args, network, weights)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    network = edge_padded(network, args.edge_pad)
     # the checkpoint's file name, not its path: the ONNX file travels to other machines
-    meta = {"takdsr.model": name, "takdsr.weights": pathlib.Path(weights).name if weights else "random"}
+    meta = {"takdsr.model": name, "takdsr.weights": pathlib.Path(weights).name if weights else "random",
+            "takdsr.edge_pad": str(args.edge_pad)}
     try:
         with folder_made_for(args.output), _readable_output(args.output) as readable:
             if readable == args.output:  # before the export's seconds, and naming the folder

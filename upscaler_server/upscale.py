@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """The bounds the daemon's settings have (the engine would otherwise fail on them with a traceback)."""
-    bad = engine_setting_problems(threads=args.threads, pad_channels=args.pad_channels)
+    bad = engine_setting_problems(threads=args.threads, pad_channels=args.pad_channels, edge_pad=args.edge_pad)
     if args.scale is not None and not 1 <= args.scale <= SCALE_MAX:
         bad.append(f"1 <= --scale <= {SCALE_MAX}")
     if args.max_pixels is None:  # OPENCV_IO_MAX_IMAGE_PIXELS set lower than the default lowers the default
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         engine = create_engine(checkpoint=args.checkpoint, model=args.model, scale=args.scale, device=args.device,
                                precision=args.precision, threads=args.threads, backend=args.backend,
-                               cache_dir=args.cache_dir, pad_channels=args.pad_channels,
+                               cache_dir=args.cache_dir, pad_channels=args.pad_channels, edge_pad=args.edge_pad,
                                auto_backends=tuple(args.auto_backends),
                                tune_sizes=tuple(args.tune_sizes))
         args.output.mkdir(parents=True, exist_ok=True)
