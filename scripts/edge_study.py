@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,8 @@ from training.config import Config
 from training.data import to_uint8
 from training.data.images import write_json_atomic
 from training.evaluate import BUILTIN_SETS, baseline_predictors, builtin_sets_config, check_output_file, eval_sets
-from upscaler_server.config import MAX_EDGE_PAD
-from upscaler_server.engine import Engine, create_engine
+from upscaler_server.config import MAX_EDGE_PAD, MAX_THREADS
+from upscaler_server.engine import Engine, create_engine, load_network
 from upscaler_server.errors import ModelLoadError
 
 RINGS = (2, 8)  # outer pixels scored alone
@@ -87,10 +88,7 @@ def score_checkpoint(checkpoint: str, pads: list[int], images: list[Any], thread
     for pad in pads:
         engine = create_engine(checkpoint=Path(checkpoint), device="cpu", precision="fp32", threads=threads,
                                edge_pad=pad)
-        scale = engine.scale
-        if scale != SCALE:
-            raise ValueError(f"{checkpoint} upscales x{scale}; this study scores x{SCALE} students")
-        per_image = [image_scores(engine.run(to_uint8(image.lr)), to_uint8(image.hr), scale) for image in images]
+        per_image = [image_scores(engine.run(to_uint8(image.lr)), to_uint8(image.hr), SCALE) for image in images]
         results[str(pad)] = {**_mean_scores(per_image), **flat_frame_errors(engine)}
         engine.close()
         print(f"{checkpoint} edge pad {pad}: {_row(results[str(pad)])}", file=sys.stderr, flush=True)
@@ -138,6 +136,27 @@ def _row(scores: dict[str, float]) -> str:
                      for key, value in scores.items())
 
 
+def check_checkpoints(checkpoints: list[str]) -> None:
+    """ModelLoadError or ValueError for a checkpoint that cannot be scored, before minutes of scoring the others."""
+    for checkpoint in checkpoints:
+        network, _, _ = load_network(Path(checkpoint), None, instead="--checkpoint FILE or a bundled name")
+        if network.scale != SCALE:
+            raise ValueError(f"{checkpoint} upscales x{network.scale}; this study scores x{SCALE} students")
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"use a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
 def _pads(text: str) -> list[int]:
     pads = [int(part) for part in text.split(",")]
     if not pads or any(not 0 <= pad <= MAX_EDGE_PAD for pad in pads):
@@ -153,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pads", type=_pads, default=[0, 4], help="edge paddings to compare, the first being the "
                         "reference of the time ratios (default 0,4)")
     parser.add_argument("--set", choices=BUILTIN_SETS, default="cg-dev", help="the images scored (default cg-dev)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each engine (default 1)")
-    parser.add_argument("--timed-frames", type=int, default=10,
+    parser.add_argument("--threads", type=_count(1, MAX_THREADS), default=1,
+                        help="CPU threads of each engine (default 1)")
+    parser.add_argument("--timed-frames", type=_count(0, 10_000), default=10,
                         help="frames timed per padding and size (0: no timing; default 10)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -162,27 +182,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.json:
             check_output_file(args.json, "the results")
+        check_checkpoints(checkpoints)
         images = eval_sets(Config(eval=builtin_sets_config([args.set], [])), SCALE)[args.set]
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"set": args.set, "images": len(images), "pads": args.pads, "threads": args.threads,
                                "torch": torch.__version__, "bicubic": score_bicubic(images, SCALE), "checkpoints": {}}
-    try:
-        for checkpoint in checkpoints:
-            results["checkpoints"][checkpoint] = score_checkpoint(checkpoint, args.pads, images, args.threads)
-    except (ValueError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    for checkpoint in checkpoints:
+        results["checkpoints"][checkpoint] = score_checkpoint(checkpoint, args.pads, images, args.threads)
+    if args.json:  # now, and again with the timing: the scores took minutes
+        write_json_atomic(args.json, results)
     if args.timed_frames:
         results["timing"] = time_pads(checkpoints[0], args.pads, args.threads, args.timed_frames)
+        if args.json:
+            write_json_atomic(args.json, results)
     print(f"{args.set}, {len(images)} images; bicubic: {_row(results['bicubic'])}")
     for checkpoint, by_pad in results["checkpoints"].items():
         for pad, scores in by_pad.items():
             print(f"{checkpoint:20s} edge pad {pad:>2s}: {_row(scores)}")
-    if args.json:
-        write_json_atomic(args.json, results)
     return 0
 
 

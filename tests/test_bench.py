@@ -43,7 +43,8 @@ def test_bench_measures_transport_and_both_end_to_end_modes(tmp_path: pathlib.Pa
     assert row["fps"] > 0 and row["fps_2_in_flight"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
     assert "fps x2" in run.stdout and "mapped slots" in run.stdout  # the two-in-flight column, the slot mode
     machine = result["machine"]  # what a reader needs to reproduce the numbers (--threads was recorded nowhere)
-    assert machine["settings"] == {"threads": 1, "repeats": 3, "frames": 3, "budget_s": 5.0, "device": "cpu"}
+    assert machine["settings"] == {"threads": 1, "repeats": 3, "frames": 3, "budget_s": 5.0, "device": "cpu",
+                                   "edge_pad": 4}
     assert {"numpy", "pyzmq", "opencv"} <= set(machine["versions"]) and machine["cpu"]
     assert len(machine["load_before"]) == 3 and len(machine["load_after"]) == 3
 

@@ -123,6 +123,13 @@ def test_an_edge_pad_out_of_range_is_refused(pixels: int, tmp_path: pathlib.Path
     assert not (tmp_path / "s.onnx").exists()
 
 
+def test_the_nearest_backend_takes_edge_pad_0_as_off_and_refuses_more() -> None:
+    """As --pad-channels 0: a script that always passes --edge-pad 0 works with every backend."""
+    assert create_engine(backend="nearest", edge_pad=0).run(np.zeros((4, 6, 3), np.uint8)).shape == (8, 12, 3)
+    with pytest.raises(ConfigError, match=r"--edge-pad \(the nearest backend runs no model\)"):
+        create_engine(backend="nearest", edge_pad=1)
+
+
 def test_the_edge_pad_is_part_of_the_cache_key() -> None:
     """The backends' cached files (auto's choices, ONNX and TensorRT engines) must not serve another padding."""
     keys = {served_network(None, None, edge_pad=pixels)[3] for pixels in (0, 1, DEFAULT_EDGE_PAD)}

@@ -274,3 +274,18 @@ def test_memory_per_size_refuses_a_json_it_cannot_write_before_measuring(tmp_pat
                tmp_path / "none" / "memory.json")  # fmt: skip
     _refused(run, 1, "--json")
     assert run.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "status", "fragment"), [
+    (["--threads", "0"], 2, "from 1 to 1024"),
+    (["--timed-frames", "-1"], 2, "from 0 to 10000"),
+    (["--pads", "0,65"], 2, "each 0 to 64"),
+    (["--checkpoint", "rlfn_s_takdsr_x2", "--checkpoint", "absent.safetensors"], 1, "absent.safetensors not found"),
+    (["--checkpoint", "rlfn_teacher_takdsr_x2"], 1, "not an LR -> HR decoder"),
+])  # fmt: skip
+def test_edge_study_refuses_before_it_scores(args: list[str], status: int, fragment: str) -> None:
+    """A bad count crashed after the scoring (minutes on cg-dev, and the results were lost), a second checkpoint
+    that did not exist after the first had been scored."""
+    run = _run("edge_study.py", *args, "--set", "rendered-val")
+    _refused(run, status, fragment)
+    assert run.stdout == ""

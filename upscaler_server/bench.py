@@ -55,7 +55,15 @@ import numpy as np
 from upscaler_server import cpu_model, daemon_command, die_with_parent
 from upscaler_server.bench_backends import Variant, compare_backends, parse_label, print_backend_table, unavailable_here
 from upscaler_server.client import UpscalerClient
-from upscaler_server.config import BACKEND_CHOICES, MAX_THREADS, Config, cli_prog, engine_setting_problems, parse_size
+from upscaler_server.config import (
+    BACKEND_CHOICES,
+    DEFAULT_EDGE_PAD,
+    MAX_THREADS,
+    Config,
+    cli_prog,
+    engine_setting_problems,
+    parse_size,
+)
 from upscaler_server.console import escape_unprintable_names
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
 from upscaler_server.files import FolderError, check_writable, is_stream, replace_whole, written_file
@@ -528,7 +536,8 @@ def _machine(args: argparse.Namespace, load_before: tuple[float, float, float]) 
             "cpu": cpu_model(), "gpu": gpu, "versions": versions, "load_before": load_before,
             "load_after": os.getloadavg(),
             "settings": {"threads": args.threads or len(os.sched_getaffinity(0)), "repeats": args.repeats,
-                         "frames": args.frames, "budget_s": args.budget, "device": args.device}}
+                         "frames": args.frames, "budget_s": args.budget, "device": args.device,
+                         "edge_pad": DEFAULT_EDGE_PAD}}  # the engines' and daemons' (no option here): docs/results.md
 
 
 def _transport_and_end_to_end(args: argparse.Namespace) -> dict[str, Any]:

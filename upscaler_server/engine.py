@@ -601,7 +601,7 @@ def _refuse_unusable_options(*, backend: str, device: str, precision: str, pad_c
     if backend == "nearest":
         unusable += [f"{flag} (the nearest backend runs no model)" for flag, given in
                      (("--precision", precision != "auto"), ("--pad-channels", pad_channels),
-                      ("--edge-pad", edge_pad is not None)) if given]
+                      ("--edge-pad", edge_pad)) if given]  # 0, as --pad-channels 0, is "off": nothing ignored
     if device == "cpu":
         unusable += [f"{flag} (CUDA only)" for flag, given in
                      (("--cuda-graphs", cuda_graphs), ("--overlap", overlap)) if given]

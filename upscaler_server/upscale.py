@@ -3,15 +3,16 @@
 Folders are read one level deep, hidden files (``.name``) left out, as in training. An image over ``--max-pixels``
 (by default the daemon's limit, 3840x2160) is refused by name before the model runs, and one whose header declares
 over 8K x 8K before it is decoded. The same :class:`~upscaler_server.engine.Engine` as the daemon does the work, so
-results are bit-identical to the daemon's for the same checkpoint, device and precision. Colour images keep their
-alpha channel (upscaled by nearest neighbour); grey images are upscaled as RGB and written as RGB; 16-bit images are
-rounded to 8 bits and a JPEG is turned upright by its EXIF orientation first. Pixels are taken as sRGB, as the model
-was trained: an ICC colour profile in the input is not carried over to the PNG. An output file that exists already
-is never replaced without ``--overwrite`` (an input never), and each output is written whole or not at all (a
-temporary file renamed). The output folder must not be one of the input folders (the next run would read the outputs
-as inputs), and one that cannot be written into is refused before any image runs. Exit status: 0 if every image was
-written, 1 if some failed (each failure is reported), 2 for bad arguments, 3 when the model cannot be loaded, 130
-when interrupted (Ctrl-C; the images written so far stay).
+results are bit-identical to the daemon's for the same checkpoint, device, precision, backend and padding
+(``--edge-pad``, ``--pad-channels``). Colour images keep their alpha channel (upscaled by nearest neighbour); grey
+images are upscaled as RGB and written as RGB; 16-bit images are rounded to 8 bits and a JPEG is turned upright by
+its EXIF orientation first. Pixels are taken as sRGB, as the model was trained: an ICC colour profile in the input
+is not carried over to the PNG. An output file that exists already is never replaced without ``--overwrite`` (an
+input never), and each output is written whole or not at all (a temporary file renamed). The output folder must not
+be one of the input folders (the next run would read the outputs as inputs), and one that cannot be written into is
+refused before any image runs. Exit status: 0 if every image was written, 1 if some failed (each failure is
+reported), 2 for bad arguments, 3 when the model cannot be loaded, 130 when interrupted (Ctrl-C; the images written
+so far stay).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ through fp32 eager (the reference) and every candidate; a candidate whose output
 or that fails to build, is rejected; the others are timed (median of a few runs within a time budget) and the fastest
 wins. The choice and every candidate's numbers are written to ``auto.json`` in the cache folder under a key made of
 the hardware (CPU model, flags and usable cores, or GPU name), torch / onnxruntime / TensorRT versions, the model's
-SHA-256, the thread count, the tolerance and the resolution: the next start with the same key does not measure again.
+SHA-256 (with its channel and edge padding), the thread count, the tolerance and the resolution: the next start
+with the same key does not measure again.
 A file that cannot be read (permissions) or is malformed is ignored with a warning that says which, and rewritten.
 Daemons sharing the folder take turns to write it (a lock file beside it) and merge what the others wrote, so none
 loses another's measurements.

@@ -29,7 +29,8 @@ class Settings:
     threads: int  # CPU intra-op threads; 0: the usable cores
     cuda_graphs: bool  # eager/compile on CUDA: one graph per resolution
     cache_dir: pathlib.Path  # auto's measurements, exported ONNX files, TensorRT engines
-    model_hash: str  # SHA-256 of the checkpoint (or of random weights): keys every cached file
+    # SHA-256 of the checkpoint (or of random weights) with --pad-channels and --edge-pad: keys every cached file
+    model_hash: str
     overlap: bool = False  # eager/compile on CUDA: two frames in flight on separate copy and compute streams
 
 
