@@ -110,7 +110,7 @@ def widened(network: torch.nn.Module, name: str, multiple: int) -> tuple[torch.n
 class EdgePadded(torch.nn.Module):
     """``network`` run on the frame with its outermost pixels repeated ``pixels`` times on every side, and its output
     cropped back to the frame: (B, 3, H, W) -> (B, 3, sH, sW), as ``network`` itself. A convolution pads with zeros,
-    which at a frame's edge reads as a black border next to it: the shipped students turned a flat white 640x360
+    which at a frame's edge reads as a black border next to it: the bundled student turned a flat white 640x360
     frame's corner pixel into (191, 249, 230), and scored 36.8 dB on cg-dev's outermost 2 pixels, against 39.1 for
     bicubic. With 4 pixels repeated the corner is within 2 levels and that ring scores 39.5 dB (docs/results.md, "The
     frame's edges"). The evaluation's PSNR shaves those pixels (the paper's protocol), so it barely moves."""
@@ -130,8 +130,8 @@ class EdgePadded(torch.nn.Module):
 
 def _repeat_edges(x: torch.Tensor, pixels: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H+2p, W+2p), the outermost rows and columns repeated: F.pad's "replicate", written as
-    slices and concatenations, which the ONNX export converts down to opset 17 (its Pad-18 did not) and which every
-    ONNX runtime and TensorRT run."""
+    slices and concatenations, which the ONNX export converts down to opset 17 (its Pad-18 did not). TensorRT parses
+    these ops too (Slice, Expand, Concat), but no GPU here has run it."""
     rows = torch.cat([x[..., :1, :].expand(-1, -1, pixels, -1), x, x[..., -1:, :].expand(-1, -1, pixels, -1)], dim=-2)
     return torch.cat([rows[..., :1].expand(-1, -1, -1, pixels), rows, rows[..., -1:].expand(-1, -1, -1, pixels)],
                      dim=-1)
