@@ -1,11 +1,24 @@
 """Suite-wide settings: tests marked `gpu` are skipped, visibly and with the reason, without CUDA; Ctrl-C reaches the
-processes the tests start even when the suite itself was started in the background."""
+processes the tests start even when the suite itself was started in the background. Also the `one_thread` fixture,
+for modules that compare runs of small networks (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 
 import pytest
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test, then the count it had: engines set the process-wide count."""
+    import torch  # here, not at the top: most test modules never load torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -31,6 +31,20 @@ READY_TIMEOUT = 60.0  # a cold torch import on a loaded 2-core machine can take 
 STOP_TIMEOUT = 20.0
 
 
+# one small network per student family: the export and edge-padding tests run all three in seconds
+SMALL_DECODERS = {"rlfn_s": {"channels": 16}, "rfdn_s": {"channels": 16}, "pan_s": {"channels": 16, "up_channels": 8}}
+
+
+def small_decoder(name: str) -> Any:
+    """The SMALL_DECODERS network ``name``, randomly initialised with seed 0, in eval mode."""
+    import torch
+
+    import models
+
+    torch.manual_seed(0)
+    return models.build_model(name, **SMALL_DECODERS[name]).eval()
+
+
 def make_checkpoint(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """A small random rlfn_s student (16 channels) saved as a real checkpoint."""
     import torch

@@ -6,7 +6,6 @@ padding did not (a white frame's corner came out (191, 249, 230))."""
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -22,29 +21,17 @@ from upscaler_server.engine import create_engine
 from upscaler_server.errors import ConfigError
 from upscaler_server.loading import EdgePadded, served_network
 
+from server_utils import SMALL_DECODERS, small_decoder
 from training_utils import load_script
 
-SMALL = {"rlfn_s": {"channels": 16}, "rfdn_s": {"channels": 16}, "pan_s": {"channels": 16, "up_channels": 8}}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 RNG = np.random.default_rng(11)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _network(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return models.build_model(name, **SMALL[name]).eval()
-
-
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", sorted(SMALL_DECODERS))
 @pytest.mark.parametrize("pixels", [1, DEFAULT_EDGE_PAD])
 def test_the_wrapper_is_the_network_on_a_replicate_padded_frame(name: str, pixels: int) -> None:
-    network = _network(name)
+    network = small_decoder(name)
     padded = EdgePadded(network, pixels)
     assert padded.scale == network.scale and padded.min_input_size == network.min_input_size
     for h, w in [(17, 23), (24, 32)]:  # odd sizes too: ESA pools with stride 3
@@ -75,7 +62,7 @@ def test_the_bundled_student_keeps_a_flat_frame_flat_to_its_corners() -> None:
 
 @pytest.mark.parametrize(("backend", "precision"), [("compile", "fp32"), ("onnxruntime", "fp32")])
 def test_every_backend_pads_the_edges(tmp_path: pathlib.Path, backend: str, precision: str) -> None:
-    path = models.save_checkpoint(_network("rlfn_s"), tmp_path / "s.safetensors", role="student")
+    path = models.save_checkpoint(small_decoder("rlfn_s"), tmp_path / "s.safetensors", role="student")
     rgb = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     eager = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1)
     bare = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1, edge_pad=0)
@@ -89,7 +76,7 @@ def test_every_backend_pads_the_edges(tmp_path: pathlib.Path, backend: str, prec
 
 
 def test_the_export_pads_the_edges_and_says_so(tmp_path: pathlib.Path) -> None:
-    path = models.save_checkpoint(_network("rlfn_s"), tmp_path / "s.safetensors", role="student")
+    path = models.save_checkpoint(small_decoder("rlfn_s"), tmp_path / "s.safetensors", role="student")
     out = tmp_path / "s.onnx"
     # opset 17: the padding is written as slices and concatenations, which convert down (F.pad's Pad-18 did not)
     argv = ["--checkpoint", str(path), "--dynamic-shapes", "--opset", "17", "--height", "16", "--width", "16",

@@ -10,7 +10,6 @@ import importlib.util
 import pathlib
 import signal
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,29 +17,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 import models
 from upscaler_server import export
 from upscaler_server.engine import TorchEngine
 
+from server_utils import SMALL_DECODERS, small_decoder
+
 FLOAT_TOL = 1e-4
 UINT8_MAX_FRACTION = 1e-3  # bytes that may differ by one level (a float landing on the other side of .5)
 SIZES = [(20, 24), (37, 51)]  # (H, W); RLFN/RFDN need >= 15; odd sizes exercise ESA's pooling and interpolation
-SMALL = {"rlfn_s": {"channels": 16}, "rfdn_s": {"channels": 16}, "pan_s": {"channels": 16, "up_channels": 8}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _network(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    return models.build_model(name, **SMALL[name]).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _session(path: pathlib.Path) -> ort.InferenceSession:
@@ -53,10 +40,10 @@ def _run(session: ort.InferenceSession, x: torch.Tensor) -> np.ndarray:
     return session.run(["hr"], {"lr": x.numpy()})[0]
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", sorted(SMALL_DECODERS))
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_float_io_matches_pytorch(name: str, dynamic: bool, tmp_path: pathlib.Path) -> None:
-    network = _network(name)
+    network = small_decoder(name)
     path = tmp_path / f"{name}.onnx"
     export.export_onnx(network, path, io="float", height=SIZES[0][0], width=SIZES[0][1], dynamic=dynamic)
     session = _session(path)
@@ -69,9 +56,9 @@ def test_float_io_matches_pytorch(name: str, dynamic: bool, tmp_path: pathlib.Pa
         assert np.abs(got - expected).max() <= FLOAT_TOL
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", sorted(SMALL_DECODERS))
 def test_uint8_io_matches_the_daemon_conversion(name: str, tmp_path: pathlib.Path) -> None:
-    network = _network(name)
+    network = small_decoder(name)
     path = tmp_path / f"{name}_u8.onnx"
     export.export_onnx(network, path, io="uint8", height=SIZES[0][0], width=SIZES[0][1], dynamic=True)
     session = _session(path)
@@ -87,15 +74,15 @@ def test_uint8_io_matches_the_daemon_conversion(name: str, tmp_path: pathlib.Pat
 
 def test_static_export_fixes_the_size(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "static.onnx"
-    export.export_onnx(_network("rlfn_s"), path, io="uint8", height=16, width=18)
+    export.export_onnx(small_decoder("rlfn_s"), path, io="uint8", height=16, width=18)
     shape = onnx.load(str(path)).graph.input[0].type.tensor_type.shape
     assert [d.dim_value for d in shape.dim] == [1, 16, 18, 3]
     with pytest.raises(ValueError, match="minimum input size"):
-        export.export_onnx(_network("rlfn_s"), tmp_path / "tiny.onnx", height=14, width=18)
+        export.export_onnx(small_decoder("rlfn_s"), tmp_path / "tiny.onnx", height=14, width=18)
 
 
 def test_cli_exports_a_checkpoint_with_metadata(tmp_path: pathlib.Path) -> None:
-    ckpt = models.save_checkpoint(_network("rfdn_s"), tmp_path / "student.safetensors", role="student")
+    ckpt = models.save_checkpoint(small_decoder("rfdn_s"), tmp_path / "student.safetensors", role="student")
     out = tmp_path / "new" / "folder" / "student.onnx"  # folders that do not exist yet are created
     argv = ["--checkpoint", str(ckpt), "--io", "float", "--height", "16", "--width", "20", "-o", str(out)]
     assert export.main(argv) == 0
@@ -123,10 +110,10 @@ def test_cli_refuses_a_ta_trained_on_a_mixed_input(tmp_path: pathlib.Path,
 def test_an_opset_the_converter_cannot_reach_leaves_an_existing_file_alone(tmp_path: pathlib.Path) -> None:
     """It used to be reported as written while the file kept opset 18; the CLI refuses such an opset up front."""
     good = tmp_path / "good.onnx"
-    export.export_onnx(_network("rlfn_s"), good, height=16, width=16)
+    export.export_onnx(small_decoder("rlfn_s"), good, height=16, width=16)
     before = good.read_bytes()
     with pytest.raises(RuntimeError, match="could not convert the graph to opset 13"):
-        export.export_onnx(_network("rlfn_s"), good, height=16, width=16, opset=13)
+        export.export_onnx(small_decoder("rlfn_s"), good, height=16, width=16, opset=13)
     assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]
 
 
@@ -187,7 +174,7 @@ def _must_not_export(*args: object, **kwargs: object) -> None:
 
 def test_cli_never_overwrites_the_checkpoint_and_replaces_a_file_only_when_told(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    ckpt = models.save_checkpoint(_network("rlfn_s"), tmp_path / "mine.safetensors", role="student")
+    ckpt = models.save_checkpoint(small_decoder("rlfn_s"), tmp_path / "mine.safetensors", role="student")
     (tmp_path / "link.onnx").symlink_to(ckpt)
     monkeypatch.setattr(models, "DEFAULT_STUDENT_PATH", ckpt)  # the bundled student, without risking the real one
     before = ckpt.read_bytes()

@@ -176,6 +176,11 @@ def engine_setting_problems(*, threads: int, pad_channels: int, edge_pad: int | 
     return bad
 
 
+def edge_pad_problem(pixels: int) -> str | None:
+    """What is wrong with ``--edge-pad pixels``, in the words of the engine and the export, or None."""
+    return None if 0 <= pixels <= MAX_EDGE_PAD else f"--edge-pad {pixels}: use 0 (off) to {MAX_EDGE_PAD} pixels"
+
+
 SCALE_HELP = (f"scale of --model and of the nearest backend (default {DEFAULT_SCALE}); with a checkpoint, it must be "
               "the checkpoint's own")
 CHECKPOINT_HELP = ("student checkpoint: a .safetensors file or a bundled name such as rlfn_s_native_x2 (default: the "

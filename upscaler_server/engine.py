@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 import torch
 
-from upscaler_server.config import DEFAULT_EDGE_PAD, DEFAULT_SCALE, MAX_EDGE_PAD, Config
+from upscaler_server.config import DEFAULT_EDGE_PAD, DEFAULT_SCALE, Config, edge_pad_problem
 from upscaler_server.errors import ConfigError, EngineError
 from upscaler_server.loading import load_network, model_hash, served_network
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
@@ -622,8 +622,8 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     _refuse_unusable_options(backend=backend, device=device, precision=precision, pad_channels=pad_channels,
                              edge_pad=edge_pad, cuda_graphs=cuda_graphs, overlap=overlap, auto_backends=auto_backends,
                              tune_sizes=tune_sizes)
-    if edge_pad is not None and not 0 <= edge_pad <= MAX_EDGE_PAD:
-        raise ConfigError(f"--edge-pad {edge_pad}: use 0 (off) to {MAX_EDGE_PAD} pixels")
+    if edge_pad is not None and (problem := edge_pad_problem(edge_pad)) is not None:
+        raise ConfigError(problem)
     if backend == "nearest":
         if checkpoint is not None or model is not None:  # it was ignored: a run "with" a checkpoint that used none
             raise ConfigError("the nearest backend runs no model: leave out --checkpoint and --model (--scale sets "

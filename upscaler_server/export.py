@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from upscaler_server.config import DEFAULT_EDGE_PAD, MAX_EDGE_PAD, MAX_THREADS
+from upscaler_server.config import DEFAULT_EDGE_PAD, MAX_THREADS, edge_pad_problem
 from upscaler_server.console import escape_unprintable_names
 from upscaler_server.engine import load_network
 from upscaler_server.errors import ConfigError, ModelLoadError
@@ -255,8 +255,8 @@ def _option_problem(args: argparse.Namespace, max_opset: int) -> str | None:
         return f"--seed {args.seed}: use 0 to 2**64 - 1"
     if not 0 <= args.threads <= MAX_THREADS:
         return f"--threads {args.threads}: use 0 (library default) to {MAX_THREADS}"
-    if not 0 <= args.edge_pad <= MAX_EDGE_PAD:
-        return f"--edge-pad {args.edge_pad}: use 0 (off) to {MAX_EDGE_PAD} pixels"
+    if (problem := edge_pad_problem(args.edge_pad)) is not None:
+        return problem
     if args.benchmark < 0:
         return f"--benchmark {args.benchmark}: use a number of frames, or 0 for none"
     if args.benchmark and importlib.util.find_spec("onnxruntime") is None:  # else a traceback after the export
