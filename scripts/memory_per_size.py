@@ -27,7 +27,8 @@ from upscaler_server.config import BACKEND_CHOICES
 _CHILD = """
 import gc, json, random, sys
 import numpy as np
-from upscaler_server.engine import create_engine, trim_heap
+from upscaler_server.engine import create_engine
+from upscaler_server.host import trim_heap
 from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import PIXEL_FORMATS
 

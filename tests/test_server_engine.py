@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from upscaler_server.engine import Engine, NearestEngine, TorchEngine, create_engine, load_network, resolve_device
+from upscaler_server.engine import Engine, NearestEngine, TorchEngine, create_engine, load_network
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError, SharedMemoryError, UpscalerError
+from upscaler_server.host import resolve_device
 from upscaler_server.protocol import PIXEL_FORMATS
 
 from server_utils import REPO, ArrayFrame, make_checkpoint, png_header_only
@@ -606,7 +607,7 @@ def test_releasing_a_size_returns_freed_heap_memory_at_most_every_ten_seconds(
 ) -> None:
     """Each new size left torch's scratch memory freed but held by glibc's heap; release() now hands it back
     (malloc_trim), rate-limited since a trim takes milliseconds on the transport thread."""
-    from upscaler_server import engine as engine_module
+    from upscaler_server import host
 
     trims: list[int] = []
 
@@ -615,29 +616,29 @@ def test_releasing_a_size_returns_freed_heap_memory_at_most_every_ten_seconds(
             trims.append(pad)
             return 1
 
-    monkeypatch.setattr(engine_module.ctypes, "CDLL", lambda name: FakeLibc())
-    monkeypatch.setattr(engine_module, "_last_trim", -engine_module._TRIM_EVERY_S)
+    monkeypatch.setattr(host.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(host, "_last_trim", -host._TRIM_EVERY_S)
     clock = [1000.0]
-    monkeypatch.setattr(engine_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(host.time, "monotonic", lambda: clock[0])
     cpu = create_engine(checkpoint=checkpoint, device="cpu", precision="fp32", threads=1)
     cpu.release(24, 32, RGB)
     cpu.release(16, 40, RGB)  # within 10 s of the first: no second trim
     assert trims == [0]
-    clock[0] += engine_module._TRIM_EVERY_S
+    clock[0] += host._TRIM_EVERY_S
     cpu.release(16, 40, RGB)
     assert trims == [0, 0]
     monkeypatch.undo()
-    engine_module._return_freed_memory()  # the real one: glibc's malloc_trim, or nothing where there is none
+    host.return_freed_memory()  # the real one: glibc's malloc_trim, or nothing where there is none
 
 
 _KERNEL_CACHE_CHILD = """
 import os, sys
 import numpy as np
-from upscaler_server import engine as engine_module
+from upscaler_server import host
 from upscaler_server.engine import create_engine
 from upscaler_server.protocol import PIXEL_FORMATS
 
-engine_module._ONEDNN_KERNELS = 16  # the engine's caps, lowered so that a few sizes overflow them
+host._ONEDNN_KERNELS = 16  # the engine's caps, lowered so that a few sizes overflow them
 engine = create_engine(checkpoint=sys.argv[1], device="cpu", precision="fp32", threads=1)
 rgb = PIXEL_FORMATS["RGB8"]
 

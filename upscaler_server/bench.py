@@ -447,7 +447,7 @@ def _check_end_to_end_daemon(args: argparse.Namespace) -> None:
     """ConfigError for a --device the daemon cannot resolve here, ValueError for a --backend / --precision it cannot
     run on it: found only when that daemon started, after the transport part had been measured."""
     from upscaler_server.backends import unavailable
-    from upscaler_server.engine import resolve_device
+    from upscaler_server.host import resolve_device
 
     device = resolve_device(args.device)
     backend = "eager" if args.backend == "torch" else args.backend
@@ -570,7 +570,7 @@ def _write_json(path: pathlib.Path, result: dict[str, Any]) -> None:
 def _require_cuda(device: str) -> None:
     """--cuda-graphs and --overlap: the daemon would drop them on a CPU, and the table would still name them.
     ValueError without CUDA, ConfigError for a device that cannot be resolved."""
-    from upscaler_server.engine import resolve_device
+    from upscaler_server.host import resolve_device
 
     if not resolve_device(device).startswith("cuda"):
         raise ValueError("--cuda-graphs and --overlap need CUDA (--device cuda, or auto on a machine with a GPU)")
@@ -594,7 +594,7 @@ def _backend_labels(text: str) -> list[str]:
 
 def _backend_variants(args: argparse.Namespace) -> tuple[str, list[Variant]]:
     """The resolved device and the parsed --backends; ValueError or ConfigError for a label that cannot run here."""
-    from upscaler_server.engine import resolve_device
+    from upscaler_server.host import resolve_device
 
     device = resolve_device(args.device)
     variants = [parse_label(label, device) for label in args.backends]

@@ -26,9 +26,7 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
-import ctypes
 import logging
-import os
 import pathlib
 import threading
 import time
@@ -42,24 +40,18 @@ import torch
 
 from upscaler_server.config import DEFAULT_EDGE_PAD, DEFAULT_SCALE, Config, edge_pad_problem
 from upscaler_server.errors import ConfigError, EngineError
+from upscaler_server.host import bound_cpu_kernel_caches, resolve_device, return_freed_memory, usable_cores
 from upscaler_server.loading import load_network, model_hash, served_network
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
 __all__ = ["ArrayFrame", "CopiedFrame", "Engine", "NearestEngine", "StageTimes", "TorchEngine", "build_engine",
-           "create_engine", "load_network", "model_hash", "resolve_device", "resolve_precision", "trim_heap",
-           "usable_cores"]
+           "create_engine", "load_network", "model_hash"]
 
 log = logging.getLogger("upscaler_server.engine")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAX_PLANS = 8  # resolutions whose CUDA buffers/graphs stay cached
 _MAX_STAGING = 4  # resolutions whose staging arrays for copied frames stay allocated
-_TRIM_EVERY_S = 10.0  # at most this often, freed heap memory goes back to the system when a frame size is released
-# CPU convolution kernels kept per cache: torch's (ideep's LRU of oneDNN primitives) and oneDNN's own. The 1-block
-# student builds 8-9 per new frame size at game sizes (2-3 below ~64 px), so ~30 such sizes stay cached.
-# With both libraries' default, 1,024, a process that had seen 776 frame sizes kept 81 MB more than one seeing four;
-# with 256, 22 MB (scripts/memory_per_size.py, docs/performance.md). A size's kernels rebuilt cost a few ms once.
-_ONEDNN_KERNELS = 256
 _PlanT = TypeVar("_PlanT")
 
 
@@ -246,7 +238,7 @@ class Engine(abc.ABC):
         (CUDA graphs, TensorRT engines) stay, bounded by their own caches."""
         if self._staging is not None:
             self._staging.drop(height, width, fmt)
-        _return_freed_memory()
+        return_freed_memory()
 
     def close(self) -> None:
         """Release device resources and staging arrays; subclasses that hold more call this too."""
@@ -513,73 +505,6 @@ def _engine_errors(height: int, width: int, fmt: PixelFormat) -> Iterator[None]:
         raise EngineError(f"inference failed on a {width}x{height} {fmt.name} frame: {exc}") from exc
 
 
-def usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def resolve_device(device: str) -> str:
-    """"auto", "cpu", "cuda" or "cuda:N" -> "cpu" or "cuda:N" (also when given an already resolved name)."""
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not (index or "0").isdigit():
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if int(index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
-    return f"cuda:{int(index or 0)}"
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    if precision == "auto":
-        return "fp16" if device.startswith("cuda") else "fp32"
-    if precision == "fp16" and device == "cpu":
-        raise ConfigError("fp16 needs CUDA; use --precision fp32 or bf16 on CPU")
-    if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not support bf16; use --precision fp16")
-    return precision
-
-
-_last_trim = -_TRIM_EVERY_S
-
-
-def _bound_cpu_kernel_caches() -> None:
-    """Cap both per-shape kernel caches at _ONEDNN_KERNELS, where the user has not set them (LRU_CACHE_CAPACITY:
-    torch's, ONEDNN_PRIMITIVE_CACHE_CAPACITY: oneDNN's). Each library reads its variable when it builds its first
-    kernel, so this works only before the process's first CPU convolution (the daemon, the offline CLI and the
-    benchmarks create their engine first); later it changes nothing."""
-    for variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
-        os.environ.setdefault(variable, str(_ONEDNN_KERNELS))
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap's freed pages back to the system (glibc's malloc_trim; a no-op elsewhere). Each new frame size
-    leaves torch's CPU convolutions' scratch memory freed but kept by the allocator: a client resizing all the time
-    (dynamic resolution) grew the daemon by ~0.2 MB per size, 487 MB after 1,500 sizes where 360 MB was in use.
-    About 5 ms on such a heap, so at most every _TRIM_EVERY_S."""
-    global _last_trim
-    now = time.monotonic()
-    if now - _last_trim < _TRIM_EVERY_S:
-        return
-    _last_trim = now
-    trim_heap()
-
-
-def trim_heap() -> bool:
-    """Hand all of the heap's freed pages back to the system now (glibc's malloc_trim); False where there is no
-    such call (another C library), which changes nothing."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-    return trim is not None
-
-
 def build_engine(config: Config) -> Engine:
     """The engine the daemon's ``config`` asks for; raises ModelLoadError, ConfigError or EngineError."""
     return create_engine(checkpoint=config.checkpoint, model=config.model, backend=config.backend,
@@ -635,7 +560,7 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
     if resolved == "cpu" and (cuda_graphs or overlap):  # --device auto on a machine without a GPU: said, not refused
         log.warning("--cuda-graphs and --overlap need CUDA: no GPU here, so they are off")
     if resolved == "cpu":
-        _bound_cpu_kernel_caches()  # before load_network, whose overflow check runs the first convolution
+        bound_cpu_kernel_caches()  # before load_network, whose overflow check runs the first convolution
     edge_pixels = DEFAULT_EDGE_PAD if edge_pad is None else edge_pad
     network, name, weights, identity = served_network(checkpoint, model, scale, pad_channels=pad_channels,
                                                       edge_pad=edge_pixels)

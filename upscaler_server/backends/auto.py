@@ -35,8 +35,9 @@ import torch
 from upscaler_server import cpu_model
 from upscaler_server.backends.common import TOLERANCE, Settings, Tolerance, cpu_bf16, unavailable
 from upscaler_server.backends.factory import make_backend
-from upscaler_server.engine import CopiedFrame, Engine, StageTimes, usable_cores
+from upscaler_server.engine import CopiedFrame, Engine, StageTimes
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
+from upscaler_server.host import usable_cores
 from upscaler_server.protocol import PIXEL_FORMATS, PixelFormat
 
 __all__ = ["CACHE_VERSION", "AutoEngine", "accuracy", "candidate_labels"]

@@ -11,8 +11,9 @@ from upscaler_server.backends.common import BACKENDS, Settings, unavailable
 from upscaler_server.backends.compile import CompiledEngine
 from upscaler_server.backends.onnxrt import OnnxRuntimeEngine
 from upscaler_server.backends.tensorrt import TensorRTEngine
-from upscaler_server.engine import Engine, TorchEngine, resolve_precision
+from upscaler_server.engine import Engine, TorchEngine
 from upscaler_server.errors import ConfigError
+from upscaler_server.host import resolve_precision
 
 __all__ = ["ONLY_PRECISION", "make_backend"]
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from upscaler_server.backends.common import CACHE_ENV, Settings
-from upscaler_server.engine import Engine, StageTimes, usable_cores
+from upscaler_server.engine import Engine, StageTimes
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
+from upscaler_server.host import usable_cores
 from upscaler_server.protocol import PixelFormat
 
 __all__ = ["OnnxRuntimeEngine", "onnx_model", "read_private", "replace_private"]
