@@ -169,5 +169,5 @@ class SpawnedDaemon:
         (named /takdsr-<uid>-<pid>-..., docs/protocol.md 6.1). Other daemons' segments are left alone."""
         if not SHM_DIR.is_dir():
             return
-        for path in SHM_DIR.glob(f"takdsr-{os.getuid()}-{pid}-*"):
+        for path in SHM_DIR.glob(f"takdsr-{os.geteuid()}-{pid}-*"):
             path.unlink(missing_ok=True)

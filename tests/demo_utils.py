@@ -77,7 +77,7 @@ def process_alive(pid: int) -> bool:
 
 def segments_of(pid: int) -> list[str]:
     """Shared-memory segments of daemon ``pid`` (named /takdsr-<uid>-<pid>-..., docs/protocol.md)."""
-    return sorted(p.name for p in SHM_DIR.glob(f"takdsr-{os.getuid()}-{pid}-*")) if SHM_DIR.is_dir() else []
+    return sorted(p.name for p in SHM_DIR.glob(f"takdsr-{os.geteuid()}-{pid}-*")) if SHM_DIR.is_dir() else []
 
 
 def read_stats(out: pathlib.Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -57,7 +58,7 @@ def make_checkpoint(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
 
 def shm_segments(pid: int | None = None) -> list[str]:
     """This user's daemon segments in /dev/shm, of daemon ``pid`` or of any daemon."""
-    prefix = f"takdsr-{os.getuid()}-" + (f"{pid}-" if pid is not None else "")
+    prefix = f"takdsr-{os.geteuid()}-" + (f"{pid}-" if pid is not None else "")
     return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix)) if SHM_DIR.is_dir() else []
 
 
@@ -215,3 +216,107 @@ def png_header_only(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     one_row = zlib.compress(b"\x00" * (1 + width * 3))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", one_row) + chunk(b"IEND", b"")
+
+
+FAKE_SESSION = 7
+FAKE_FILL = 0x5A  # what the fake daemon's segments hold: a client that wrote into one changed it
+FAKE_WELCOME = {"server": "fake/0", "instance": "f", "versions": [1], "model": "fake", "scale": 2, "device": "cpu",
+                "precision": "uint8", "random_weights": False, "formats": ["RGB8"], "min_size": 1, "max_width": 64,
+                "max_height": 64, "max_pixels": 4096, "max_slots": 64, "max_sessions": 1, "max_queue": 128,
+                "lease_ms": 10000, "heartbeat_ms": 2500}
+
+
+@contextlib.contextmanager
+def fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None, short_input: bool = False,
+                version: int = 1, mode: int = 0o600, owner: int | None = None, names: dict[str, str] | None = None
+                ) -> Iterator[list[str]]:
+    """A ROUTER that answers hello, open (with `slots` slots, over real segments of that size) and close by the
+    book, and ignores submits; yields the types of the requests it got. ``opened`` overrides the opened reply's
+    sizes (width, height, out_width, out_height: the segments follow them, modulo 2^64 as a C client computes them),
+    ``short_input`` makes the input segment half the size the reply says, ``version`` is the replies' `v`. The
+    segments have ``mode`` (0600, as the daemon makes them), belong to uid ``owner`` (None: this process's), hold
+    FAKE_FILL bytes, and are named as a daemon of this process's uid and pid names session FAKE_SESSION's, or
+    ``names[kind]`` for kind "in" and "out"."""
+    seen: list[str] = []
+    made: list[pathlib.Path] = []
+
+    def segment(kind: str, width: int, height: int) -> dict[str, object]:
+        row = width * 3
+        slot_bytes = row * height % 2**64
+        stride = (slot_bytes + 4095) // 4096 * 4096
+        name = (names or {}).get(kind, f"/takdsr-{os.geteuid()}-{os.getpid()}-{FAKE_SESSION:08x}-{kind}")
+        path = SHM_DIR / name.lstrip("/")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
+        made.append(path)
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            if owner is not None:
+                os.fchown(fd, owner, -1)
+            os.write(fd, bytes([FAKE_FILL]) * (stride * slots // (2 if short_input and kind == "in" else 1)))
+        finally:
+            os.close(fd)
+        return {"name": name, "size": stride * slots, "slot_stride": stride, "slot_bytes": slot_bytes,
+                "row_stride": row}
+
+    def answer(msg: dict[str, object]) -> dict[str, object] | None:
+        head = {"v": version, "req": msg["req"]}
+        if msg["type"] == "hello":
+            return {**head, "type": "welcome", **FAKE_WELCOME}
+        if msg["type"] == "open":
+            w, h = int(msg["width"]), int(msg["height"])  # type: ignore[call-overload]
+            sizes = {"width": w, "height": h, "out_width": 2 * w, "out_height": 2 * h, **(opened or {})}
+            return {**head, "type": "opened", "session": FAKE_SESSION, **sizes, "format": msg["format"], "slots": slots,
+                    "input": segment("in", sizes["width"], sizes["height"]),
+                    "output": segment("out", sizes["out_width"], sizes["out_height"])}
+        if msg["type"] == "close":
+            return {**head, "type": "closed", "session": msg["session"]}
+        return None
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.bind(endpoint)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if sock.poll(50, zmq.POLLIN):
+                peer, payload = sock.recv_multipart()
+                msg = msgpack.unpackb(payload, raw=False)
+                seen.append(msg["type"])
+                reply = answer(msg)
+                if reply is not None:
+                    sock.send_multipart([peer, msgpack.packb(reply, use_bin_type=True)])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close(linger=0)
+        ctx.term()
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
+def foreign_segment_names(which: str) -> dict[str, str]:
+    """Segment names an opened reply may not give for session FAKE_SESSION's rings."""
+    pid, uid = os.getpid(), os.geteuid()
+    if which == "another application's":
+        return {kind: f"/pytest-victim-{pid}-{kind}" for kind in ("in", "out")}
+    if which == "another session's":
+        return {kind: f"/takdsr-{uid}-{pid}-{FAKE_SESSION + 1:08x}-{kind}" for kind in ("in", "out")}
+    if which == "in and out swapped":
+        ours = f"/takdsr-{uid}-{pid}-{FAKE_SESSION:08x}"
+        return {"in": f"{ours}-out", "out": f"{ours}-in"}
+    return {kind: f"/takdsr-{uid + 1}-{pid}-{FAKE_SESSION:08x}-{kind}" for kind in ("in", "out")}  # another user's
+
+
+FOREIGN_SEGMENTS = ["another application's", "another session's", "in and out swapped", "named for another uid"]
+
+
+def untouched_segments(names: dict[str, str]) -> bool:
+    """Whether the fake daemon's segments ``names`` still hold nothing but FAKE_FILL."""
+    return all(set((SHM_DIR / name.lstrip("/")).read_bytes()) == {FAKE_FILL} for name in names.values())

@@ -14,22 +14,31 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import cv2
-import msgpack
 import numpy as np
 import pytest
-import zmq
 
 from upscaler_server.client import UpscalerClient
 from upscaler_server.upscale import read_8bit
 
-from server_utils import REPO, SHM_DIR, Daemon, make_checkpoint, png_header_only, run_server, short_tmpdir
+from server_utils import (
+    FAKE_SESSION,
+    FOREIGN_SEGMENTS,
+    REPO,
+    Daemon,
+    fake_daemon,
+    foreign_segment_names,
+    make_checkpoint,
+    png_header_only,
+    run_server,
+    short_tmpdir,
+    untouched_segments,
+)
 
 C_DIR = REPO / "examples" / "c_client"
 DEBIAN_PACKAGES = "build-essential pkg-config libzmq3-dev libmsgpack-dev libpng-dev valgrind"
@@ -413,89 +422,11 @@ def asan_binary(binary: pathlib.Path) -> pathlib.Path:
     return C_DIR / "build" / "asan" / "takdsr_upscale"
 
 
-WELCOME = {"server": "fake/0", "instance": "f", "versions": [1], "model": "fake", "scale": 2, "device": "cpu",
-           "precision": "uint8", "random_weights": False, "formats": ["RGB8"], "min_size": 1, "max_width": 64,
-           "max_height": 64, "max_pixels": 4096, "max_slots": 128, "max_sessions": 1, "max_queue": 128,
-           "lease_ms": 10000, "heartbeat_ms": 2500}
-
-
-@contextlib.contextmanager
-def _fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
-                 short_input: bool = False, version: int = 1, mode: int = 0o600, owner: int | None = None
-                 ) -> Iterator[list[str]]:
-    """A ROUTER that answers hello, open (with `slots` slots, over real segments of that size) and close by the
-    book, and ignores submits; yields the types of the requests it got. ``opened`` overrides the opened reply's
-    sizes (width, height, out_width, out_height: the segments follow them, modulo 2^64 as a C client computes them),
-    ``short_input`` makes the input segment half the size the reply says, ``version`` is the replies' `v`. The
-    segments have ``mode`` (0600, as the daemon makes them) and belong to uid ``owner`` (None: this process's)."""
-    seen: list[str] = []
-    made: list[pathlib.Path] = []
-
-    def segment(kind: str, width: int, height: int) -> dict[str, object]:
-        row = width * 3
-        slot_bytes = row * height % 2**64
-        stride = (slot_bytes + 4095) // 4096 * 4096
-        path = SHM_DIR / f"pytest-cfake-{os.getpid()}-{kind}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
-        made.append(path)
-        try:
-            os.fchmod(fd, mode)  # whatever the umask
-            if owner is not None:
-                os.fchown(fd, owner, -1)
-            os.ftruncate(fd, stride * slots // (2 if short_input and kind == "in" else 1))
-        finally:
-            os.close(fd)
-        return {"name": f"/{path.name}", "size": stride * slots, "slot_stride": stride, "slot_bytes": slot_bytes,
-                "row_stride": row}
-
-    def answer(msg: dict[str, object]) -> dict[str, object] | None:
-        head = {"v": version, "req": msg["req"]}
-        if msg["type"] == "hello":
-            return {**head, "type": "welcome", **WELCOME}
-        if msg["type"] == "open":
-            w, h = int(msg["width"]), int(msg["height"])  # type: ignore[call-overload]
-            sizes = {"width": w, "height": h, "out_width": 2 * w, "out_height": 2 * h, **(opened or {})}
-            return {**head, "type": "opened", "session": 7, **sizes, "format": msg["format"], "slots": slots,
-                    "input": segment("in", sizes["width"], sizes["height"]),
-                    "output": segment("out", sizes["out_width"], sizes["out_height"])}
-        if msg["type"] == "close":
-            return {**head, "type": "closed", "session": msg["session"]}
-        return None
-
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.linger = 0
-    sock.bind(endpoint)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            if sock.poll(50, zmq.POLLIN):
-                peer, payload = sock.recv_multipart()
-                msg = msgpack.unpackb(payload, raw=False)
-                seen.append(msg["type"])
-                reply = answer(msg)
-                if reply is not None:
-                    sock.send_multipart([peer, msgpack.packb(reply, use_bin_type=True)])
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield seen
-    finally:
-        stop.set()
-        thread.join(5)
-        sock.close(linger=0)
-        ctx.term()
-        for path in made:
-            path.unlink(missing_ok=True)
-
-
 def test_an_opened_reply_with_other_slots_is_a_protocol_error(asan_binary: pathlib.Path,
                                                               tmp_path: pathlib.Path) -> None:
     """slots 100 in `opened` (2 asked for) made the example index its 64-slot busy[] array out of bounds."""
     endpoint = f"ipc://{tmp_path}/fake.sock"
-    with _fake_daemon(endpoint, 100) as seen:
+    with fake_daemon(endpoint, 100) as seen:
         run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-s", "2", "-n", "70", "-t", "3000", "-o",
                     str(tmp_path / "out.png")])  # fmt: skip
     assert run.returncode == 1, run.stderr[-4000:]
@@ -514,7 +445,7 @@ def test_an_opened_reply_with_other_slots_is_a_protocol_error(asan_binary: pathl
 def test_an_opened_reply_with_other_sizes_is_a_protocol_error(asan_binary: pathlib.Path, tmp_path: pathlib.Path,
                                                               opened: dict[str, int], said: str) -> None:
     endpoint = f"ipc://{tmp_path}/fake.sock"
-    with _fake_daemon(endpoint, 2, opened=opened) as seen:
+    with fake_daemon(endpoint, 2, opened=opened) as seen:
         run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
     assert run.returncode == 1 and "PROTOCOL" in run.stderr and said in run.stderr, run.stderr[-4000:]
     assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-4000:]
@@ -525,7 +456,7 @@ def test_a_daemon_of_another_protocol_version_is_named_as_such(binary: pathlib.P
     """From the upgrade review: a newer daemon's welcome (v 2) was "the daemon's reply lacks a valid v/type/req
     header", with no version named."""
     endpoint = f"ipc://{tmp_path}/fake.sock"
-    with _fake_daemon(endpoint, 2, version=2):
+    with fake_daemon(endpoint, 2, version=2):
         run = _run([str(binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
     assert run.returncode == 1, run.stderr
     assert "the daemon answered in protocol version 2; this client speaks 1" in run.stderr, run.stderr
@@ -534,9 +465,29 @@ def test_a_daemon_of_another_protocol_version_is_named_as_such(binary: pathlib.P
 def test_a_segment_shorter_than_its_reply_says_is_named(asan_binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """It was reported with whatever errno libzmq had left ("Resource temporarily unavailable")."""
     endpoint = f"ipc://{tmp_path}/fake.sock"
-    with _fake_daemon(endpoint, 2, short_input=True):
+    with fake_daemon(endpoint, 2, short_input=True):
         run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
     assert run.returncode == 1 and "holds 4096 bytes, the opened reply says 8192" in run.stderr, run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("which", FOREIGN_SEGMENTS)
+def test_a_segment_the_daemon_would_not_name_so_is_refused(asan_binary: pathlib.Path, tmp_path: pathlib.Path,
+                                                           which: str) -> None:
+    """From the second security review: the client mapped whatever segment of its user the opened reply named, so a
+    process answering in the daemon's place (one that took a tcp port first) had it write frames into another
+    application's private segment, and read that one's bytes back as the result. Now the name must be the one a
+    daemon of this user gives this session's input or output (docs/protocol.md, section 6.1)."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    names = foreign_segment_names(which)
+    with fake_daemon(endpoint, 2, names=names) as seen:
+        run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
+        assert untouched_segments(names)
+    assert run.returncode == 1 and "PROTOCOL" in run.stderr, run.stderr[-4000:]
+    assert (f"the daemon named {names['in']} as session {FAKE_SESSION}'s input segment, where a daemon of this user "
+            f"(uid {os.geteuid()}) names it /takdsr-{os.geteuid()}-<daemon pid>-{FAKE_SESSION:08x}-in: refused"
+            ) in run.stderr, run.stderr[-4000:]
+    assert "submit" not in seen and seen[-1] == "close", seen
+    assert not (tmp_path / "out.png").exists()
 
 
 @pytest.mark.parametrize("other", ["mode 0644", "another user's"])
@@ -550,7 +501,7 @@ def test_a_segment_not_private_to_this_user_is_refused(asan_binary: pathlib.Path
         pytest.skip("only root can give a segment to another user, and only root could then map it")
     mode, owner = (0o644, os.geteuid()) if other == "mode 0644" else (0o600, 65534)
     endpoint = f"ipc://{tmp_path}/fake.sock"
-    with _fake_daemon(endpoint, 2, mode=mode, owner=owner) as seen:
+    with fake_daemon(endpoint, 2, mode=mode, owner=owner) as seen:
         run = _run([str(asan_binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o", str(tmp_path / "out.png")])
     assert run.returncode == 1 and "PROTOCOL" in run.stderr, run.stderr[-4000:]
     assert (f"belongs to uid {owner} with mode {mode:04o}, and this client runs as uid {os.geteuid()}: a daemon serves "
@@ -588,7 +539,8 @@ def test_another_users_socket_and_segments_are_named_at_once(binary: pathlib.Pat
                 "its own user's clients") in run.stderr, run.stderr
         if os.geteuid() == 0:  # a daemon whose socket is open to all, but whose segments are its user's (0600)
             endpoint = f"ipc://{shared}/fake.sock"
-            with _fake_daemon(endpoint, 2) as seen:
+            names = {kind: f"/takdsr-65534-{os.getpid()}-{FAKE_SESSION:08x}-{kind}" for kind in ("in", "out")}
+            with fake_daemon(endpoint, 2, names=names) as seen:  # named for the client's uid: its check passes
                 os.chmod(shared / "fake.sock", 0o777)
                 run = _run_as(as_other, [str(binary), "-e", endpoint, "-p", "16x16", "-t", "3000", "-o",
                                          str(shared / "out.png")])  # fmt: skip
@@ -681,7 +633,7 @@ def test_a_default_endpoint_folder_that_is_not_private_is_refused(binary: pathli
         kind = "no directory"
     endpoint = f"ipc://{folder}/upscaler.sock"
     listens = made == "mode 0755"  # a daemon there: the client must not say a word to it
-    with _fake_daemon(endpoint, 2) if listens else contextlib.nullcontext([]) as seen:
+    with fake_daemon(endpoint, 2) if listens else contextlib.nullcontext([]) as seen:
         run = subprocess.run([str(binary), "-p", "16x16", "-t", "2000", "-o", str(tmp_path / "out.png")],
                              capture_output=True, text=True, timeout=RUN_TIMEOUT, env=_default_endpoint_env(xdg))
     assert run.returncode == 1, run.stderr
@@ -691,7 +643,7 @@ def test_a_default_endpoint_folder_that_is_not_private_is_refused(binary: pathli
     assert seen == [], seen
     if listens:  # an endpoint the user names is theirs to choose: -e or $TAKDSR_UPSCALER_ENDPOINT reach that daemon
         for args, env in (["-e", endpoint], _default_endpoint_env(xdg)), ([], _default_endpoint_env(xdg, endpoint)):
-            with _fake_daemon(endpoint, 2) as seen:
+            with fake_daemon(endpoint, 2) as seen:
                 subprocess.run([str(binary), *args, "-p", "16x16", "-t", "300", "-o", str(tmp_path / "out.png")],
                                capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
             assert seen[:2] == ["hello", "open"], seen

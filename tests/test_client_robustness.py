@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import pathlib
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -38,7 +39,7 @@ from upscaler_server.protocol import Message, Ping, Pong, Submit
 from upscaler_server.shm import SHM_DIR, Ring, RingLayout
 from upscaler_server.transport import Link
 
-from server_utils import run_server, stop
+from server_utils import FOREIGN_SEGMENTS, fake_daemon, foreign_segment_names, run_server, stop, untouched_segments
 
 
 def test_a_daemon_that_stalls_past_every_timeout_leaves_no_slot_blocked() -> None:
@@ -844,3 +845,20 @@ def test_upscale_keeps_a_few_sessions_by_size_and_closes_the_ones_it_evicts() ->
         width, height = kept[0]
         assert (client.upscale(np.full((height, width, 3), 1, np.uint8)) == 1).all()  # a kept size: no new session
         assert set(daemon.segments()) == set().union(*(segments[size] for size in kept))
+
+
+@pytest.mark.parametrize("which", FOREIGN_SEGMENTS)
+def test_a_segment_the_daemon_would_not_name_so_is_refused(tmp_path: pathlib.Path, which: str) -> None:
+    """From the second security review: the client mapped whatever segment of its user the opened reply named (if
+    private, as the daemon's are), so a process answering in the daemon's place (one that took a tcp port first) had
+    it write frames into another application's segment and return that one's bytes as the result. Now the name must
+    be the one a daemon of this user gives this session's input or output (docs/protocol.md, section 6.1)."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    names = foreign_segment_names(which)
+    said = (f"is named for uid {os.geteuid() + 1}, and this process runs as uid {os.geteuid()}"
+            if which == "named for another uid" else f"the daemon named '{names['in']}' as session 7's input segment")
+    with fake_daemon(endpoint, 2, names=names) as seen, UpscalerClient(endpoint, timeout=3, name="pytest") as client:
+        with pytest.raises(SharedMemoryError, match=re.escape(said)):
+            client.upscale(np.full((16, 16, 3), 1, np.uint8))
+        assert untouched_segments(names)
+    assert "submit" not in seen and seen[-1] == "close", seen

@@ -247,7 +247,7 @@ def test_session_lifecycle(peer: Peer, daemon: Daemon) -> None:
     assert (opened["format"], opened["slots"]) == (fmt, slots)
     for kind, suffix, (w, h) in (("input", "in", (40, 30)), ("output", "out", (80, 60))):
         seg = opened[kind]
-        assert seg["name"] == f"/takdsr-{os.getuid()}-{daemon.pid}-{sid:08x}-{suffix}"
+        assert seg["name"] == f"/takdsr-{os.geteuid()}-{daemon.pid}-{sid:08x}-{suffix}"
         assert seg["row_stride"] == w * 4 and seg["slot_bytes"] == h * w * 4
         assert seg["slot_stride"] == -(-seg["slot_bytes"] // 4096) * 4096 and seg["size"] == slots * seg["slot_stride"]
         info = _shm_path(seg).stat()

@@ -147,7 +147,7 @@ def test_killed_client_is_cleaned_up_after_its_lease() -> None:
 def test_stale_segments_of_dead_daemons_are_removed_at_start() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    uid = os.getuid()
+    uid = os.geteuid()
     stale = [SHM_DIR / f"takdsr-{uid}-{dead.pid}-0000abcd-{kind}" for kind in ("in", "out")]
     alive = SHM_DIR / f"takdsr-{uid}-{os.getpid()}-0000abcd-in"  # this test process is alive: keep its segment
     for path in (*stale, alive):

@@ -181,7 +181,7 @@ def test_stale_segments_of_another_user_are_left_alone_in_silence(monkeypatch: p
     of this user's are faked as another user's through os.geteuid; as root, one is also given to uid 65534."""
     dead = subprocess.Popen(["true"])
     dead.wait()
-    names = [f"takdsr-{os.getuid()}-{dead.pid}-0000abcd-{kind}" for kind in ("in", "out")]
+    names = [f"takdsr-{os.geteuid()}-{dead.pid}-0000abcd-{kind}" for kind in ("in", "out")]
     for name in names:
         (tmp_path / name).write_bytes(b"")
     real = os.geteuid()
@@ -455,7 +455,7 @@ def test_a_segment_name_taken_by_a_folder_is_left_alone_and_the_daemon_lives() -
             fresh = _replies(daemon, sock, 1)[4]
             _send(sock, type="submit", req=5, session=fresh["session"], slot=0, frame=1)
             assert _replies(daemon, sock, 1)[5]["type"] == "done"
-            prefix = f"takdsr-{os.getuid()}-{daemon.pid}-"
+            prefix = f"takdsr-{os.geteuid()}-{daemon.pid}-"
             left = sorted(path.name for path in SHM_DIR.iterdir() if path.name.startswith(prefix))
             segments = [fresh[kind]["name"].lstrip("/") for kind in ("input", "output")]
             expected = sorted([*(folder.name for folder in folders), *segments])

@@ -35,7 +35,7 @@ from upscaler_server.errors import (
     error_for_code,
 )
 from upscaler_server.protocol import PIXEL_FORMATS, Close, Closed, Done, Error, Message, Opened, Submit, Timings
-from upscaler_server.shm import Ring, RingLayout
+from upscaler_server.shm import Ring, RingLayout, check_segment_name
 
 if TYPE_CHECKING:
     from upscaler_server.client import UpscalerClient
@@ -92,6 +92,8 @@ class Session:
         lay_out = RingLayout(opened.out_width, opened.out_height, channels, opened.slots)
         lay_in.check(opened.input)
         lay_out.check(opened.output)
+        check_segment_name(opened.input.name, opened.session, "in")
+        check_segment_name(opened.output.name, opened.session, "out")
         self._in = Ring.attach(opened.input.name, lay_in)
         try:
             self._out = Ring.attach(opened.output.name, lay_out)

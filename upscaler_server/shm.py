@@ -25,14 +25,15 @@ import numpy as np
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.protocol import Segment
 
-__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "SlotFrame", "pid_alive", "probe_kernel_copy",
-           "remove_stale_segments", "segment_name"]
+__all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "SlotFrame", "check_segment_name", "pid_alive",
+           "probe_kernel_copy", "remove_stale_segments", "segment_name"]
 
 log = logging.getLogger("upscaler_server.shm")
 
 SLOT_ALIGN = 4096  # slot starts are page-aligned so a slot can be mapped, DMA'd or pinned on its own
 SHM_DIR = pathlib.Path("/dev/shm")  # where Linux exposes POSIX shared memory; absent elsewhere (no stale scan)
 _PREFIX = "takdsr"
+_NAME = re.compile(rf"/{_PREFIX}-(\d+)-\d+-([0-9a-f]{{8}})-(in|out)")  # uid, pid, session, kind
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,23 @@ class RingLayout:
 
 def segment_name(pid: int, session: int, kind: str) -> str:
     """Wire name (leading slash) of a session's ``kind`` ("in" or "out") segment owned by daemon ``pid``."""
-    return f"/{_PREFIX}-{os.getuid()}-{pid}-{session:08x}-{kind}"
+    return f"/{_PREFIX}-{os.geteuid()}-{pid}-{session:08x}-{kind}"
+
+
+def check_segment_name(name: str, session: int, kind: str) -> None:
+    """SharedMemoryError unless ``name`` is what a daemon of this process's user calls session ``session``'s ``kind``
+    segment. Checked before mapping it: a process that answers in the daemon's place (one that took a tcp port
+    first) could otherwise name another application's segment of this user, private as the daemon's are, and the
+    client would write its frames into it and read that application's bytes back as a result."""
+    match = _NAME.fullmatch(name)
+    if match is None or int(match.group(2), 16) != session or match.group(3) != kind:
+        expected = f"/{_PREFIX}-{os.geteuid()}-<daemon pid>-{session:08x}-{kind}"
+        raise SharedMemoryError(f"the daemon named {name!r} as session {session}'s {kind}put segment, where a daemon "
+                                f"names it {expected}: refused, as whatever answered may be no upscaler daemon")
+    if int(match.group(1)) != os.geteuid():
+        raise SharedMemoryError(f"shared memory {name} is named for uid {match.group(1)}, and this process runs as uid "
+                                f"{os.geteuid()}: a daemon serves only its own user's clients; run the client as the "
+                                "daemon's user, or start a daemon of your own")
 
 
 class Ring:
@@ -447,7 +464,7 @@ def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
     silently: this user cannot remove it from the sticky folder, and it is no segment of this user's daemons."""
     if not shm_dir.is_dir():
         return []
-    pattern = re.compile(rf"^{_PREFIX}-{os.getuid()}-(\d+)-[0-9a-f]{{8}}-(in|out)$")
+    pattern = re.compile(rf"^{_PREFIX}-{os.geteuid()}-(\d+)-[0-9a-f]{{8}}-(in|out)$")
     removed = []
     for entry in os.scandir(shm_dir):
         match = pattern.match(entry.name)

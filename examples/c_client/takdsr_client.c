@@ -531,15 +531,35 @@ int takdsr_ping(takdsr_client *c, const uint32_t *sessions, size_t n, bool *aliv
 
 /* --- sessions ---------------------------------------------------------------------------------------------------- */
 
-/* Checks a segment map against the layout of section 6.2 and maps it (section 6.1). */
-static int map_ring(takdsr_client *c, const msgpack_object_map *seg, uint32_t width, uint32_t height,
-                    const takdsr_geometry *g, struct ring *ring) {
+/* Whether `name` is what a daemon of this user calls session `session`'s `kind` segment (section 6.1):
+ * /takdsr-<uid>-<daemon pid>-<session as 8 hex digits>-<kind>. Checked before mapping it: a process that answers in
+ * the daemon's place (one that took a tcp port first) could otherwise name another application's segment of this
+ * user, private as the daemon's are, and the client would write its frames into it. */
+static bool daemon_segment_name(const char *name, uint32_t session, const char *kind) {
+    char head[32], tail[32];
+    snprintf(head, sizeof head, "/takdsr-%u-", (unsigned)geteuid());
+    snprintf(tail, sizeof tail, "-%08x-%s", (unsigned)session, kind);
+    size_t n = strlen(name), n_head = strlen(head), n_tail = strlen(tail);
+    if (n <= n_head + n_tail || strncmp(name, head, n_head) != 0 || strcmp(name + n - n_tail, tail) != 0) return false;
+    for (size_t i = n_head; i < n - n_tail; i++)
+        if (name[i] < '0' || name[i] > '9') return false;
+    return true;
+}
+
+/* Checks a segment map against the naming of section 6.1 and the layout of section 6.2, and maps it. */
+static int map_ring(takdsr_client *c, const msgpack_object_map *seg, uint32_t session, const char *kind,
+                    uint32_t width, uint32_t height, const takdsr_geometry *g, struct ring *ring) {
     char name[256];
     uint64_t size, stride, slot_bytes, row_stride;
     if (!seg || !get_str(seg, "name", name, sizeof name) || !get_u64(seg, "size", &size) ||
         !get_u64(seg, "slot_stride", &stride) || !get_u64(seg, "slot_bytes", &slot_bytes) ||
         !get_u64(seg, "row_stride", &row_stride))
         return fail(c, TAKDSR_E_PROTOCOL, "the opened reply has an incomplete segment map");
+    if (!daemon_segment_name(name, session, kind))
+        return fail(c, TAKDSR_E_PROTOCOL, "the daemon named %s as session %u's %sput segment, where a daemon of this "
+                    "user (uid %u) names it /takdsr-%u-<daemon pid>-%08x-%s: refused, as whatever answered may be no "
+                    "upscaler daemon, or another user's", name, (unsigned)session, kind, (unsigned)geteuid(),
+                    (unsigned)geteuid(), (unsigned)session, kind);
     /* width, height <= DIM_MAX * SCALE_MAX (read_opened) and 4 channels keep every product below 2^62; the total
      * must still fit this process's address space */
     uint64_t want_row = (uint64_t)width * g->channels, want_bytes = want_row * height;
@@ -610,8 +630,8 @@ static int read_opened(takdsr_client *c, const struct reply *r, uint32_t width, 
     g->in_slot_bytes = g->in_row_stride * g->height;
     g->out_row_stride = (size_t)g->out_width * g->channels;
     g->out_slot_bytes = g->out_row_stride * g->out_height;
-    int rc = map_ring(c, get_map(r->map, "input"), g->width, g->height, g, &s->in);
-    return rc ? rc : map_ring(c, get_map(r->map, "output"), g->out_width, g->out_height, g, &s->out);
+    int rc = map_ring(c, get_map(r->map, "input"), s->id, "in", g->width, g->height, g, &s->in);
+    return rc ? rc : map_ring(c, get_map(r->map, "output"), s->id, "out", g->out_width, g->out_height, g, &s->out);
 }
 
 static int send_close(takdsr_client *c, uint32_t session) {
