@@ -9,6 +9,7 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,7 @@ from server_utils import (
     STOP_TIMEOUT,
     make_checkpoint,
     raw_socket,
+    request,
     run_server,
     shm_segments,
     short_tmpdir,
@@ -882,3 +884,37 @@ def test_a_service_manager_that_cannot_be_told_does_not_stop_the_daemon(short_di
         assert stop(proc) == 0
     log = (short_dir / "log").read_text()
     assert f"cannot notify the service manager at $NOTIFY_SOCKET={short_dir / 'nobody'}" in log
+
+
+def _zmtp_dealer(path: str) -> socket.socket:
+    """A raw connection to the ipc socket ``path`` that says what libzmq's DEALER says first (ZMTP 3.0: the
+    greeting with the NULL mechanism, then READY), so that what it sends next is read as messages."""
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(path)
+    greeting = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+    ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+    peer.sendall(greeting + b"\x04" + bytes([len(ready)]) + ready)  # 0x04: a short command frame
+    return peer
+
+
+def test_a_connection_that_stops_midway_through_a_message_is_closed_after_a_lease() -> None:
+    """From the second security review: a connection that declared a large message (up to the daemon's message
+    limit, 31 MiB by default), sent part of it and went quiet was kept for ever, the part held in the daemon's
+    memory; 16 of them grew it by 500 MB. Now ZeroMQ's heartbeat closes a connection with neither traffic nor an
+    answer to its PING for a lease (1 s here, the least). A client silent as long is kept: libzmq answers for it."""
+    with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon, raw_socket(daemon.endpoint) as idle:
+        assert request(idle, type="hello", req=1, client="pytest")["type"] == "welcome"
+        dropped = idle.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:  # closed whatever happens: the context's term() waits for every socket
+            with _zmtp_dealer(daemon.endpoint.removeprefix("ipc://")) as stalled:
+                stalled.sendall(b"\x02" + struct.pack(">Q", 1 << 20) + bytes(1 << 19))  # half of a 1 MiB message
+                stalled.settimeout(10)
+                start = time.monotonic()
+                while stalled.recv(4096):  # the daemon's greeting, READY and PINGs, then the end of the stream
+                    pass
+                assert time.monotonic() - start < 4, "closed, but later than a lease and a ping after its last bytes"
+            assert not dropped.poll(0), "the idle client's connection was closed too"
+            assert request(idle, type="ping", req=2, sessions=[])["type"] == "pong"
+        finally:
+            idle.disable_monitor()
+            dropped.close(linger=0)

@@ -67,6 +67,8 @@ _UNREAD_MAX = 4096  # requests answered SHUTTING_DOWN at shutdown, at most (a fl
 _FAREWELL_MS = 200  # how long closing the socket may take to send the last replies (linger)
 _ONE_FRAME = "a request is one frame (DEALER) or an empty delimiter frame and one frame (REQ)"
 _HANDSHAKE_MS = 5000  # ZeroMQ's greeting must arrive within this after a connection opens
+_PING_MS = 1000  # ZeroMQ PINGs each connection this often (libzmq answers them in its I/O thread)
+_MIN_SILENCE_MS = 1000  # a connection silent for a lease, but at least this long, is closed
 _FD_LIMIT = 1 << 16  # open files to ask for when the hard limit is unlimited
 _IDLE_WORKER_S = 0.1  # how long a forced stop waits for an idle engine thread to see the queue closed
 _ALL_CLIENTS_UNREAD = 4  # unread inline results of all clients together: this many times one client's budget
@@ -147,6 +149,10 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         # a connection that never sends ZeroMQ's greeting holds a descriptor: drop it after 5 s, not the default 30
         router.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
+        # a connection with neither traffic nor an answer to ZeroMQ's PING for a lease is closed: its sessions expire
+        # at the same time anyway, and it may hold a message it stopped sending midway (up to MAXMSGSIZE of memory)
+        router.setsockopt(zmq.HEARTBEAT_IVL, _PING_MS)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(_MIN_SILENCE_MS, round(self.config.lease_timeout * 1000)))
         router.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT binds only with it; IPv4 addresses work either way
         umask = os.umask(0o177)  # the socket file is created with mode 0600: no moment where others may connect
         try:
