@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize_tensors
 from torch import nn
 
 from .registry import arch_name, build_model
@@ -112,10 +112,14 @@ def save_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
+    # serialised in memory and written by Python: safetensors' own writer reports a full disk as a SafetensorError
+    serialized = serialize_tensors(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     try:
-        save_file(tensors, tmp_name, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        Path(tmp_name).write_bytes(serialized)
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp_name, target)
+    except OSError as exc:  # a full disk, most likely: name the file, which the error alone does not
+        raise OSError(exc.errno, f"cannot write the checkpoint ({exc.strerror})", str(target)) from None
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -857,3 +858,112 @@ def test_sigterm_to_the_whole_process_group_still_saves_the_state(image_folder: 
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+def _file_size_limit(limit: int):  # type: ignore[no-untyped-def]
+    """preexec_fn for a child whose writes past ``limit`` bytes fail (EFBIG) as they would on a full disk, without
+    the privileges a small tmpfs needs."""
+
+    def limit_in_child() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_in_child
+
+
+def test_a_state_save_on_a_full_disk_is_one_line_and_keeps_the_state_saved_before(image_folder: Path,
+                                                                                  tmp_path: Path) -> None:
+    """From the failure-injection review: torch's writer reported a full disk as a traceback of "[enforce fail at
+    inline_container.cc] unexpected pos", naming neither the disk nor the file."""
+    run, saved = _saved_state(tmp_path, image_folder)  # a state of step 6
+    limit = (run / "state.pt").stat().st_size // 2
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--resume", str(run), "--set",
+                             "optim.steps=8"], capture_output=True, text=True, timeout=300,
+                            preexec_fn=_file_size_limit(limit), cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: [Errno 27] cannot save the training state (File too large); the one saved before is kept: "
+        f"'{run / 'state.pt'}'")
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == saved["step"] == 6
+    assert not (run / "state.pt.tmp").exists()
+
+
+_SAVE_A_CHECKPOINT = """
+import sys
+from models import build_model, save_checkpoint
+save_checkpoint(build_model("rlfn_s", channels=8), sys.argv[1], role="student")
+"""
+
+
+def test_a_checkpoint_save_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path: Path) -> None:
+    """safetensors' writer raised its own SafetensorError ("I/O error: No space left on device"), which the command
+    lines did not take for a disk problem: a traceback."""
+    target = tmp_path / "out" / "student.safetensors"
+    result = subprocess.run([sys.executable, "-c", _SAVE_A_CHECKPOINT, str(target)], capture_output=True, text=True,
+                            timeout=120, preexec_fn=_file_size_limit(4096), cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1, result.stderr
+    assert (f"OSError: [Errno 27] cannot write the checkpoint (File too large): '{target}'"
+            in result.stderr.splitlines()), result.stderr
+    assert list(target.parent.iterdir()) == []
+
+
+_DELETING_TRAINER = """
+import pathlib, sys
+import training.trainer as trainer
+from training.__main__ import main
+
+scanned = trainer.build_train_dataset
+
+def build_then_delete(*args, **kwargs):  # the folder loses its images after the scan, as to a clean-up or a sync
+    dataset = scanned(*args, **kwargs)
+    for image in pathlib.Path(sys.argv[1]).glob("*.png"):
+        image.unlink()
+    return dataset
+
+trainer.build_train_dataset = build_then_delete
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_images_gone_after_the_scan_end_a_run_in_one_line_with_its_state_saved(image_folder: Path, tmp_path: Path,
+                                                                              workers: int) -> None:
+    """From the failure-injection review: with data-loader workers (every shipped config but the smoke one), an
+    image deleted after the scan printed torch's "Caught DatasetError in DataLoader worker process 0." and the
+    worker's traceback, and then the trainer never exited: multiprocessing's exit hook sent the worker SIGTERM,
+    which workers ignore, and waited for it. Now one line names the file and how to go on from the state it saved,
+    and the process ends at once."""
+    folder = make_image_folder(tmp_path / "images", count=3)
+    config = tiny_config(folder, optim={"steps": 1000}, runtime={"workers": workers})
+    config = dataclasses.replace(config, stage=StageConfig(name="teacher", role="teacher"))
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", _DELETING_TRAINER, str(folder), "train", "--config",
+                             str(_toml(config, tmp_path)), "--run-dir", str(run)], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    said = re.fullmatch(rf"error: cannot read {re.escape(str(folder))}/img\d\.png: .*; it was readable when .* was "
+                        r"scanned \(for step (\d+) of teacher\); with the folder mended, `python -m training train "
+                        rf"--resume {re.escape(str(run))}` \(or the same pipeline command\) goes on from step (\d+)",
+                        last)
+    assert said is not None, last
+    assert int(said[1]) == int(said[2]) + 1
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == int(said[2])
+
+
+_WRITE_A_FIGURE = """
+import sys
+from pathlib import Path
+from training.data.images import write_bytes_atomic
+write_bytes_atomic(Path(sys.argv[1]), bytes(100_000))
+"""
+
+
+def test_an_atomic_write_on_a_full_disk_names_the_file_and_leaves_no_part(tmp_path: Path) -> None:
+    """The report's figures were written in place: a full disk left a cut crops_*.png that no viewer opens, and
+    `error: [Errno 28] No space left on device` named no file (results.json's error neither)."""
+    target = tmp_path / "crops_cg-dev.png"
+    result = subprocess.run([sys.executable, "-c", _WRITE_A_FIGURE, str(target)], capture_output=True, text=True,
+                            timeout=120, preexec_fn=_file_size_limit(4096), cwd=Path(__file__).resolve().parents[1])
+    assert f"OSError: [Errno 27] File too large: '{target}'" in result.stderr.splitlines(), result.stderr
+    assert list(tmp_path.iterdir()) == []

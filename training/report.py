@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -13,8 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
-from training.data.images import write_text_atomic
+from training.data.images import write_bytes_atomic, write_text_atomic
 
 __all__ = ["REPORT_LR_SIZE", "latency_where", "write_report"]
 
@@ -114,8 +116,7 @@ def _plot_losses(run_dir: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(run_dir / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, run_dir / "loss_curves.png")
 
 
 def _loss_records(path: Path) -> list[dict[str, Any]]:
@@ -150,8 +151,7 @@ def _plot_psnr(run_dir: Path, results: dict[str, Any]) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "psnr_per_model.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, run_dir / "psnr_per_model.png")
 
 
 def _plot_crops(path: Path, crops: dict[str, list[np.ndarray]]) -> None:
@@ -166,5 +166,15 @@ def _plot_crops(path: Path, crops: dict[str, list[np.ndarray]]) -> None:
             if row == 0:
                 axes[row][col].set_title(name, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    """Write ``fig`` as a PNG whole or not at all (a full disk left a cut crops_*.png that no viewer opens), and
+    close it."""
+    encoded = io.BytesIO()
+    try:
+        fig.savefig(encoded, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    write_bytes_atomic(path, encoded.getvalue())

@@ -11,6 +11,7 @@ RUN_DIR/state.pt; `--resume RUN_DIR` continues from it exactly: batches are a pu
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -30,8 +31,8 @@ from tqdm import tqdm
 
 from models import save_checkpoint
 from training.config import Config, config_from_toml, dump_toml
-from training.data import build_train_dataset, exit_with_trainer, worker_start_method
-from training.data.images import write_text_atomic
+from training.data import build_train_dataset, end_workers_at_exit, exit_with_trainer, worker_start_method
+from training.data.images import DatasetError, write_text_atomic
 from training.devices import Dist, autocast_dtype, device_name, init_distributed, stage_device
 from training.distill import Distillation, Guide, TrainedModel
 from training.environment import arithmetic, environment
@@ -279,7 +280,7 @@ class _Trainer:
         """`_step` on the next batch, with running out of memory while making the batch or in the step (CUDA, or a
         CPU allocator under a ulimit) as one error that says what to change, instead of an allocator traceback."""
         try:
-            return self._step(loss_module, next(batches), step)
+            return self._step(loss_module, self._next_batch(batches, step), step)
         except RuntimeError as exc:
             if (reason := out_of_memory_reason(exc)) is None:
                 raise
@@ -287,6 +288,21 @@ class _Trainer:
                 f"out of {self.device} memory in step {step + 1} of {self.config.stage.name} (batch "
                 f"{self.config.optim.batch_size} of {self.config.data.patch_size} px patches): "
                 f"{reason}; a smaller optim.batch_size or data.patch_size needs less{self._resume_hint()}"
+            ) from None
+
+    def _next_batch(self, batches: Iterator[dict[str, torch.Tensor]], step: int) -> dict[str, torch.Tensor]:
+        """The next batch. A training image that cannot be read any more (deleted, cut short or replaced since the
+        scan) saves the state reached, so that a resume goes on from this step once the folder is mended, and is
+        said in one line: from a worker it came as torch's "Caught DatasetError in DataLoader worker process N"
+        followed by the worker's traceback."""
+        try:
+            return next(batches)
+        except DatasetError as exc:
+            self._save_state(step)
+            cause = str(exc).rstrip().splitlines()[-1].partition("DatasetError: ")[2] or str(exc)
+            raise DatasetError(
+                f"{cause} (for step {step + 1} of {self.config.stage.name}); with the folder mended, `python -m "
+                f"training train --resume {self.run_dir}` (or the same pipeline command) goes on from step {step}"
             ) from None
 
     def _resume_hint(self) -> str:
@@ -394,6 +410,8 @@ class _Trainer:
                   f"changed): now {sources_line(now)}; before: {sources_line(saved)}")
         sampler = StepBatchSampler(self.config.optim.batch_size, start_step, self.dist)
         workers = self.config.runtime.workers
+        if workers:
+            end_workers_at_exit()
         # Scene sources render with OpenGL: their workers must not be forked from a process holding a context.
         return DataLoader(
             dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
@@ -478,9 +496,17 @@ class _Trainer:
             # bring back state.pt alone) is still resumed only with it
             "config": dump_toml(self.config.to_dict()),
         }
+        serialized = io.BytesIO()
+        torch.save(state, serialized)  # in memory first: torch's file writer calls a full disk "unexpected pos"
+        path = self.run_dir / STATE_FILE
         tmp = self.run_dir / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.run_dir / STATE_FILE)
+        try:
+            tmp.write_bytes(serialized.getbuffer())
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk, most likely: the state saved before stays as it was
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, f"cannot save the training state ({exc.strerror}); the one saved before is "
+                                     "kept", str(path)) from None
 
     def _load_state(self) -> int:
         path = self.run_dir / STATE_FILE

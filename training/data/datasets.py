@@ -11,9 +11,12 @@ Each item is `{"hr": (3, P, P) float32, "lr": (3, P/s, P/s) float32}` in [0, 1];
 exactly `degrade(hr, s)` (after augmentation), for a native source it is the aligned crop of the LR render.
 
 With them, what their DataLoader workers need: the start method (`worker_start_method`), and an end with the
-trainer's process however it ends (`exit_with_trainer`).
+trainer's process however it ends (`exit_with_trainer`, `end_workers_at_exit`).
 """
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit hook now, so end_workers_at_exit's runs before it
 import os
 import select
 import signal
@@ -31,7 +34,8 @@ from training.data.degrade import degrade
 from training.data.images import DatasetError, to_tensor
 from training.data.sources import Frame, SceneSource
 
-__all__ = ["EpochSampler", "FrameDataset", "PatchDataset", "Source", "exit_with_trainer", "worker_start_method"]
+__all__ = ["EpochSampler", "FrameDataset", "PatchDataset", "Source", "end_workers_at_exit", "exit_with_trainer",
+           "worker_start_method"]
 
 
 class Source(Protocol):
@@ -168,6 +172,25 @@ def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
     finishing its step and saving its state. The workers end with the trainer anyway."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_when_gone, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
+
+
+def end_workers_at_exit() -> None:
+    """Have this process's data-loader workers killed when it exits, before multiprocessing's own exit hook runs:
+    that hook sends them SIGTERM, which they ignore (exit_with_trainer), and waits for them. After an error whose
+    traceback still held the loader's iterator, so that its workers were never told to stop, the trainer printed
+    the error and then waited for ever. Registered anew on each call: atexit runs the hook registered last first,
+    and each one once."""
+    atexit.unregister(_kill_workers)
+    atexit.register(_kill_workers)
+
+
+def _kill_workers() -> None:
+    """Kill the children this process started through multiprocessing: in a trainer, only its data-loader workers,
+    which hold nothing to save. Torch's SIGCHLD handler, which raises when a worker dies, is put back first."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)
 
 
 def _exit_when_gone(pid: int) -> None:

@@ -126,8 +126,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):  # nothing to keep for a new file
             os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):  # a full disk says no name: say which file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
 
 
