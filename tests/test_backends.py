@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import cv2
@@ -172,25 +174,55 @@ def test_corrupt_cache_is_ignored_with_a_warning(checkpoint: pathlib.Path, tmp_p
     assert data["version"] == 1 and len(data["entries"]) == 1
 
 
-def test_an_unreadable_cache_is_called_unreadable_not_corrupt(checkpoint: pathlib.Path, tmp_path: pathlib.Path,
-                                                               monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
-    """A PermissionError reading auto.json (another user's file in a shared cache folder) was reported as "ignoring
-    the corrupt auto-backend cache": the file may be fine, this process cannot read it."""
-    (tmp_path / "auto.json").write_text('{"version": 1, "entries": {}}')
-    read_text = pathlib.Path.read_text
+_UNTRUSTED_CACHES = {
+    "unreadable": "it cannot be opened (Permission denied",
+    "a FIFO": "it is not a regular file",
+    "a link to /dev/zero": "it cannot be opened (Too many levels of symbolic links; a symbolic link is never followed)",
+    "group-writable": "other users may write it (mode 664)",
+}
 
-    def refuse(path: pathlib.Path, *args: object, **kwargs: object) -> str:
-        if path.name == "auto.json":
-            raise PermissionError(13, "Permission denied", str(path))
-        return read_text(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pathlib.Path, "read_text", refuse)
+@pytest.mark.parametrize("kind", list(_UNTRUSTED_CACHES))
+def test_a_cache_file_that_cannot_be_read_or_trusted_is_named_and_measured_again(
+    checkpoint: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """auto.json was read with a plain read_text: a FIFO there hung the daemon's start, a link to /dev/zero filled its
+    memory (security review), and a file other users may write chose the backend of this user's daemon; an unreadable
+    one was once called corrupt. Now it is read as the ONNX and TensorRT files are, and measured again."""
+    path = tmp_path / "auto.json"
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.write_text('{"version": 1, "entries": {}}')
+        path.chmod(0o664 if kind == "group-writable" else 0o600)
+    if kind == "unreadable":  # the kernel's refusal (root reads any file)
+        real_open = os.open
+
+        def refuse(name: object, *args: object, **kwargs: object) -> int:
+            if pathlib.Path(name) == path:  # type: ignore[arg-type]
+                raise PermissionError(13, "Permission denied", str(name))
+            return real_open(name, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", refuse)
+    built: list[AutoEngine] = []
     with caplog.at_level(logging.WARNING, logger="upscaler_server.backends.auto"):
-        _auto(checkpoint, tmp_path, allowed=("eager",))
+        reader = threading.Thread(target=lambda: built.append(_auto(checkpoint, tmp_path, allowed=("eager",))))
+        reader.start()
+        reader.join(30)
+        if reader.is_alive():  # blocked opening the FIFO: give it a writer, then fail
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join(10)
+            pytest.fail("reading the cache blocked on a FIFO")
+    monkeypatch.undo()
     (message,) = [r.getMessage() for r in caplog.records if "auto-backend cache" in r.getMessage()]
-    assert "cannot read the auto-backend cache" in message and "Permission denied" in message
+    assert f"not using the auto-backend cache {path}: {_UNTRUSTED_CACHES[kind]}" in message, message
     assert "corrupt" not in message
+    built[0].run(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert built[0].measured == [(16, 16)]
+    assert not path.is_symlink() and json.loads(path.read_text())["version"] == 1  # replaced, not written through
 
 
 def test_two_engines_sharing_a_cache_keep_each_others_entries(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:

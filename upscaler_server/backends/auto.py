@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from upscaler_server import cpu_model
-from upscaler_server.backends.common import TOLERANCE, Settings, Tolerance, cpu_bf16, unavailable
+from upscaler_server.backends.common import TOLERANCE, Settings, Tolerance, cpu_bf16, read_private, unavailable
 from upscaler_server.backends.factory import make_backend
 from upscaler_server.engine import CopiedFrame, Engine, StageTimes
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
@@ -109,20 +109,21 @@ class _Cache:
         self.entries: dict[str, dict[str, Any]] = self._read(warn=True)
 
     def _read(self, *, warn: bool) -> dict[str, dict[str, Any]]:
-        """The file's entries; {} when it is missing or malformed (with a warning when ``warn``)."""
-        if not self.path.exists():
+        """The file's entries; {} when it is missing, malformed or not to be trusted (with a warning when ``warn``).
+        Read as the ONNX and TensorRT files are (read_private): a FIFO there hung the daemon's start, a link to
+        /dev/zero filled its memory, and another user's file chose for this user's daemon."""
+        raw, problem = read_private(self.path)
+        if raw is None:
+            if problem and warn:
+                log.warning("not using the auto-backend cache %s: %s; measuring again, and it will be rewritten",
+                            self.path, problem)
             return {}
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(raw)
             if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not all(
                     isinstance(v, dict) and isinstance(v.get("choice"), str) for v in data["entries"].values()):
                 raise ValueError(f"not a version {CACHE_VERSION} auto-backend cache")
             return data["entries"]
-        except OSError as exc:  # a permission, an I/O error: the file may be fine, this process cannot read it
-            if warn:
-                log.warning("cannot read the auto-backend cache %s (%s); measuring again, and it will be rewritten",
-                            self.path, exc.strerror or exc)
-            return {}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             if warn:
                 log.warning("ignoring the corrupt auto-backend cache %s (%s); it will be rewritten", self.path, exc)
@@ -132,7 +133,9 @@ class _Cache:
         self.entries[key] = entry
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            lock_fd = os.open(self.path.with_name(self.path.name + ".lock"),  # a link there is not followed
+                              os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(lock_fd, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; released when the file closes
                 # merge: another daemon may have stored other resolutions since this one read the file
                 self.entries = _newest({**self._read(warn=False), key: entry}, _MAX_ENTRIES)

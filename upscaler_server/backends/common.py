@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import pathlib
 import shutil
+import stat
 from dataclasses import dataclass
 
 import torch
 
 from upscaler_server.config import BACKEND_CHOICES
 
-__all__ = ["BACKENDS", "CACHE_ENV", "TOLERANCE", "Settings", "Tolerance", "cache_dir", "cpu_bf16", "unavailable"]
+__all__ = ["BACKENDS", "CACHE_ENV", "TOLERANCE", "Settings", "Tolerance", "cache_dir", "cpu_bf16", "read_private",
+           "replace_private", "unavailable"]
+
+log = logging.getLogger("upscaler_server.backends")
 
 BACKENDS = BACKEND_CHOICES
 CACHE_ENV = "TAKDSR_CACHE_DIR"  # overrides $XDG_CACHE_HOME/takdsr (~/.cache/takdsr)
@@ -96,3 +101,42 @@ def _onnxruntime_missing(cuda: bool, precision: str) -> str | None:
     if cuda and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         return "this onnxruntime build has no CUDA provider (pip install onnxruntime-gpu)"
     return None
+
+
+def read_private(path: pathlib.Path) -> tuple[bytes | None, str]:
+    """The bytes of the cached file ``path`` and "" when it is a regular file that this user owns and no other user
+    may write; else None and why not ("" when there is no file). A cache folder shared between users let another
+    one put a file under the name this process looks for (an export of another network, served without a word). The
+    checks are made on the open file, so they hold for the bytes read."""
+    try:  # no link followed (it would lead wherever its maker chose); nonblocking: a FIFO there must not hang us
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"it cannot be opened ({exc.strerror or exc}; a symbolic link is never followed)"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None, "it is not a regular file"
+        if info.st_uid != os.geteuid():
+            return None, (f"it belongs to another user (uid {info.st_uid}, this process runs as {os.geteuid()}); "
+                          "a cache folder should be private to one user")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return None, f"other users may write it (mode {stat.S_IMODE(info.st_mode):o})"
+        with open(fd, "rb", closefd=False) as file:
+            return file.read(), ""
+    except OSError as exc:
+        return None, f"it cannot be read ({exc.strerror or exc})"
+    finally:
+        os.close(fd)
+
+
+def replace_private(tmp: pathlib.Path, path: pathlib.Path) -> None:
+    """Move the finished ``tmp`` onto ``path`` (atomic: a concurrent daemon never reads half a file), readable and
+    writable by this user alone; a warning when it cannot (the caller holds the bytes and uses them this run)."""
+    try:
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:  # e.g. another user's file in a sticky folder: it cannot be replaced
+        log.warning("cannot store %s in the cache (%s); it is used for this run only, so the next start makes it "
+                    "again", path, exc.strerror or exc)

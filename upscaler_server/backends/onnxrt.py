@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import stat
 import tempfile
 import time
 from typing import Any
@@ -23,13 +22,13 @@ import cv2
 import numpy as np
 import torch
 
-from upscaler_server.backends.common import CACHE_ENV, Settings
+from upscaler_server.backends.common import CACHE_ENV, Settings, read_private, replace_private
 from upscaler_server.engine import Engine, StageTimes
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 from upscaler_server.host import usable_cores
 from upscaler_server.protocol import PixelFormat
 
-__all__ = ["OnnxRuntimeEngine", "onnx_model", "read_private", "replace_private"]
+__all__ = ["OnnxRuntimeEngine", "onnx_model"]
 
 log = logging.getLogger("upscaler_server.backends.onnxrt")
 
@@ -94,45 +93,6 @@ def _export(network: torch.nn.Module, settings: Settings, path: pathlib.Path) ->
     finally:
         pathlib.Path(tmp).unlink(missing_ok=True)
     return data
-
-
-def read_private(path: pathlib.Path) -> tuple[bytes | None, str]:
-    """The bytes of the cached file ``path`` and "" when it is a regular file that this user owns and no other user
-    may write; else None and why not ("" when there is no file). A cache folder shared between users let another
-    one put a file under the name this process looks for (an export of another network, served without a word). The
-    checks are made on the open file, so they hold for the bytes read."""
-    try:  # no link followed (it would lead wherever its maker chose); nonblocking: a FIFO there must not hang us
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return None, ""
-    except OSError as exc:
-        return None, f"it cannot be opened ({exc.strerror or exc}; a symbolic link is never followed)"
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None, "it is not a regular file"
-        if info.st_uid != os.geteuid():
-            return None, (f"it belongs to another user (uid {info.st_uid}, this process runs as {os.geteuid()}); "
-                          "a cache folder should be private to one user")
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return None, f"other users may write it (mode {stat.S_IMODE(info.st_mode):o})"
-        with open(fd, "rb", closefd=False) as file:
-            return file.read(), ""
-    except OSError as exc:
-        return None, f"it cannot be read ({exc.strerror or exc})"
-    finally:
-        os.close(fd)
-
-
-def replace_private(tmp: pathlib.Path, path: pathlib.Path) -> None:
-    """Move the finished ``tmp`` onto ``path`` (atomic: a concurrent daemon never reads half a file), readable and
-    writable by this user alone; a warning when it cannot (the caller holds the bytes and uses them this run)."""
-    try:
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except OSError as exc:  # e.g. another user's file in a sticky folder: it cannot be replaced
-        log.warning("cannot store %s in the cache (%s); it is used for this run only, so the next start makes it "
-                    "again", path, exc.strerror or exc)
 
 
 class OnnxRuntimeEngine(Engine):

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from upscaler_server.backends.common import Settings
-from upscaler_server.backends.onnxrt import onnx_model, read_private, replace_private
+from upscaler_server.backends.common import Settings, read_private, replace_private
+from upscaler_server.backends.onnxrt import onnx_model
 from upscaler_server.engine import ArrayFrame, CopiedFrame, Engine, PlanCache, StageTimes
 from upscaler_server.errors import EngineError, ModelLoadError
 from upscaler_server.protocol import PixelFormat
