@@ -912,7 +912,7 @@ def test_a_connection_that_stops_midway_through_a_message_is_closed_after_a_leas
                 start = time.monotonic()
                 while stalled.recv(4096):  # the daemon's greeting, READY and PINGs, then the end of the stream
                     pass
-                assert time.monotonic() - start < 4, "closed, but later than a lease and a ping after its last bytes"
+                assert time.monotonic() - start < 8, "closed, but long after a lease and a ping"
             assert not dropped.poll(0), "the idle client's connection was closed too"
             assert request(idle, type="ping", req=2, sessions=[])["type"] == "pong"
         finally:
