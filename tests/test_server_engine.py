@@ -240,6 +240,29 @@ def test_offline_cli_replaces_an_existing_output_only_when_asked(tmp_path: pathl
     assert cv2.imread(str(out / "photo.png")).shape == (40, 48, 3)
 
 
+def test_offline_cli_skip_existing_goes_on_with_the_images_not_yet_written(tmp_path: pathlib.Path) -> None:
+    """From the failure-injection review: a batch that was stopped could not be continued: the rerun was refused
+    ("exist(s) already") and --overwrite did every image again. --skip-existing leaves out the images whose output
+    exists (outputs are written whole, so an existing one is finished) and never touches those outputs."""
+    for index in range(3):
+        cv2.imwrite(str(tmp_path / f"frame{index}.png"), np.full((8, 10, 3), 40 * index, np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "frame1.png").write_bytes(b"written by the run that was stopped")
+    run = _offline("--backend", "nearest", "--skip-existing", *(str(tmp_path / f"frame{i}.png") for i in range(3)),
+                   "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "skipping 1 of 3 image(s) whose output exists already (--skip-existing)" in run.stderr, run.stderr
+    assert "2 of 2 image(s) written" in run.stderr, run.stderr
+    assert (out / "frame1.png").read_bytes() == b"written by the run that was stopped"
+    assert [cv2.imread(str(out / f"frame{i}.png"))[0, 0, 0] for i in (0, 2)] == [0, 80]
+    again = _offline("--backend", "nearest", "--skip-existing", str(tmp_path / "frame0.png"), "-o", str(out))
+    assert again.returncode == 0 and "skipping 1 of 1" in again.stderr, again.stderr  # nothing left: nothing to do
+    both = _offline("--backend", "nearest", "--skip-existing", "--overwrite", str(tmp_path / "frame0.png"), "-o",
+                    str(out))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
+
+
 def test_offline_cli_output_folder_checks(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
                                           caplog: pytest.LogCaptureFixture) -> None:
     """Reproduced in a review: `upscale photos -o photos` wrote b.png beside b.jpg, and every later run failed with a

@@ -8,11 +8,12 @@ results are bit-identical to the daemon's for the same checkpoint, device, preci
 images are upscaled as RGB and written as RGB; 16-bit images are rounded to 8 bits and a JPEG is turned upright by
 its EXIF orientation first. Pixels are taken as sRGB, as the model was trained: an ICC colour profile in the input
 is not carried over to the PNG. An output file that exists already is never replaced without ``--overwrite`` (an
-input never), and each output is written whole or not at all (a temporary file renamed). The output folder must not
-be one of the input folders (the next run would read the outputs as inputs), and one that cannot be written into is
-refused before any image runs. Exit status: 0 if every image was written, 1 if some failed (each failure is
-reported), 2 for bad arguments, 3 when the model cannot be loaded, 130 when interrupted (Ctrl-C; the images written
-so far stay).
+input never); ``--skip-existing`` leaves those images out instead, so that a batch that was stopped goes on with the
+rest. Each output is written whole or not at all (a temporary file renamed), so an output that exists is complete.
+The output folder must not be one of the input folders (the next run would read the outputs as inputs), and one that
+cannot be written into is refused before any image runs. Exit status: 0 if every image was written, 1 if some
+failed (each failure is reported), 2 for bad arguments, 3 when the model cannot be loaded, 130 when interrupted
+(Ctrl-C; the images written so far stay).
 """
 
 from __future__ import annotations
@@ -113,8 +114,14 @@ def check_targets(files: list[pathlib.Path], out_dir: pathlib.Path, overwrite: b
     existing = [output_path(f, out_dir) for f in files if os.path.lexists(output_path(f, out_dir))]
     if existing and not overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise ConfigError(f"{existing[0]}{more} exist(s) already: pass --overwrite to replace them, or choose another "
-                          "output folder")
+        raise ConfigError(f"{existing[0]}{more} exist(s) already: pass --overwrite to replace them, --skip-existing "
+                          "to leave them and upscale the rest, or choose another output folder")
+
+
+def not_done(files: list[pathlib.Path], out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The ``files`` whose output does not exist yet (--skip-existing). Outputs are written whole or not at all, so
+    one that exists is a finished image of an earlier run, not half of one."""
+    return [f for f in files if not os.path.lexists(output_path(f, out_dir))]
 
 
 def read_8bit(src: pathlib.Path) -> np.ndarray:
@@ -187,7 +194,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all usable cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="leave out the images whose output file exists already (to go on with a batch that "
+                               "was stopped)")
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help=f"refuse input images of more than N pixels (default {DEFAULT_MAX_PIXELS}, the daemon's "
                         f"3840x2160; at most OpenCV's decode limit, {decode_limit()})")
@@ -219,7 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not files:
             raise ConfigError(f"no image in {', '.join(map(str, args.inputs))} (suffixes {', '.join(IMAGE_SUFFIXES)})")
         check_output_folder(args.inputs, args.output)
-        check_targets(files, args.output, args.overwrite)
+        check_targets(files, args.output, args.overwrite or args.skip_existing)
+        if args.skip_existing:
+            remaining = not_done(files, args.output)
+            if len(remaining) < len(files):
+                log.info("skipping %d of %d image(s) whose output exists already (--skip-existing)",
+                         len(files) - len(remaining), len(files))
+            if not remaining:
+                return 0
+            files = remaining
         # imported here, within the try: torch takes a second or more to load, and a Ctrl-C meanwhile is a clean
         # "interrupted" (130) like one a moment later, not a traceback from inside torch's import
         from upscaler_server.engine import create_engine
@@ -251,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.error("%s", exc)
                 failed += 1
     except KeyboardInterrupt:
-        log.error("interrupted: %d of %d image(s) written to %s", written, len(files), args.output)
+        log.error("interrupted: %d of %d image(s) written to %s; the same command with --skip-existing goes on with "
+                  "the rest", written, len(files), args.output)
         return 130
     log.info("%d of %d image(s) written to %s", written, len(files), args.output)
     return 1 if failed else 0
