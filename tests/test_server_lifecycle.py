@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 
@@ -384,6 +385,46 @@ def test_a_signal_during_slow_start_up_ends_it_before_anything_is_bound(short_di
     assert log.count("auto backend for") < len(sizes), log
     assert "upscaler ready" not in log and "Traceback" not in log
     assert not (short_dir / "d.sock").exists() and not (short_dir / "d.sock.lock").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_signal_after_the_shutdown_leaves_the_exit_status_zero(sig: int) -> None:
+    """From the concurrency review: after "stopped" the interpreter still takes a moment to exit (torch's teardown),
+    and Python puts the default handlers back for it, so a second Ctrl-C or `kill` then killed the daemon by that
+    signal (143, 130), its work all done. Signals after "stopped" are sent until it exits."""
+    with run_server("--backend", "nearest", check_clean=False) as daemon:
+        daemon.proc.send_signal(sig)
+        deadline = time.monotonic() + 20
+        while "stopped" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        while daemon.proc.poll() is None and time.monotonic() < deadline:
+            daemon.proc.send_signal(sig)
+            time.sleep(0.005)
+        assert daemon.proc.wait(5) == 0, daemon.log()
+
+
+def test_request_stop_after_serve_returned_writes_into_no_file(short_dir: pathlib.Path) -> None:
+    """From the concurrency review: the wake-up pipe was closed at shutdown but its numbers kept, so a later
+    request_stop() (a late signal, an embedding program's own stop) wrote a NUL byte into whatever file had been
+    opened under that number since."""
+    from upscaler_server.config import Config
+    from upscaler_server.engine import NearestEngine
+    from upscaler_server.server import Server
+
+    server = Server(Config(endpoint=f"ipc://{short_dir}/d.sock"), NearestEngine())
+    wake_w = server._wake_w
+    threading.Timer(0.5, server.request_stop).start()  # served for real: bound, then stopped
+    server.serve()
+    reused = os.open(short_dir / "reused", os.O_RDWR | os.O_CREAT)
+    try:
+        if reused != wake_w:
+            os.dup2(reused, wake_w)  # the number the pipe had, now a file of ours
+        server.request_stop()
+        assert (short_dir / "reused").read_bytes() == b""
+    finally:
+        os.close(reused)
+        if reused != wake_w:
+            os.close(wake_w)
 
 
 def test_a_stop_asked_for_before_serve_binds_nothing(short_dir: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -180,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
+    finally:  # all is released: a stop signal now (a second Ctrl-C) must not kill the exit, whose teardown takes a
+        for signum in _STOP_SIGNALS:  # moment, by the default action Python puts back before it (status 143, 130)
+            signal.signal(signum, signal.SIG_IGN)
     if server.worker_running:  # forced stop: sockets and shared memory are already released
         logging.shutdown()
         os._exit(0)

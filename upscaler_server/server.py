@@ -90,6 +90,7 @@ class Server:
         self._queue = FairQueue(config.max_queue)
         self._finished: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
+        self._pipe_closed = False
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._worker = Worker(engine, self._queue, self._on_finished)
@@ -213,6 +214,7 @@ class Server:
         self._draining.clear()
         if worker_done:  # a running worker may still use the engine and the pipe: leave them to process exit
             self.engine.close()
+            self._pipe_closed = True  # a later request_stop() must not write into whatever file reuses the number
             os.close(self._wake_r)
             os.close(self._wake_w)
         self._ctx.term()
@@ -264,6 +266,8 @@ class Server:
         self._endpoint_lock = None
 
     def _wake(self) -> None:
+        if self._pipe_closed:  # served and shut down: nothing to wake
+            return
         with contextlib.suppress(OSError):  # a full pipe already guarantees a wake-up
             os.write(self._wake_w, b"\0")
 
