@@ -674,6 +674,40 @@ def test_heartbeats_keep_an_idle_session_past_its_lease(kind: str) -> None:
         assert "lease expired" not in daemon.log()
 
 
+def test_the_heartbeat_follows_a_restarted_daemons_shorter_lease(short_dir: pathlib.Path) -> None:
+    """From the concurrency review: the client said hello to a restarted daemon but its heartbeat kept the first
+    daemon's period (2.5 s), so idle sessions on a daemon with a 1 s lease expired."""
+    endpoint = f"ipc://{short_dir}/d.sock"
+    frame = np.zeros((16, 16, 3), np.uint8)
+    with run_server("--backend", "nearest", "--lease-timeout", "10", endpoint=endpoint):
+        client = UpscalerClient(endpoint, timeout=5, retries=2, name="pytest")
+        client.upscale(frame)
+    try:
+        with run_server("--backend", "nearest", "--lease-timeout", "0.6", endpoint=endpoint) as second:
+            client.upscale(frame)  # its session is gone: reopened, after a hello to the new daemon
+            assert client.info.heartbeat_ms < 600
+            session = client.open_session(16, 16, "RGB8", slots=1)
+            time.sleep(2.0)  # over three leases without a request: only the pings keep it
+            assert session.upscale(frame).shape == (32, 32, 3)
+            assert "lease expired" not in second.log()
+    finally:
+        client.close()
+
+
+def test_the_heartbeat_keeps_more_sessions_than_one_ping_names(short_dir: pathlib.Path) -> None:
+    """From the concurrency review: with more than 256 sessions (a ping's most) the heartbeat thread died of a
+    ProtocolError, and every session expired; the ids now go in as many pings as they need."""
+    with run_server("--backend", "nearest", "--lease-timeout", "0.6", "--max-sessions", "300") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=10, name="pytest") as client:
+        sessions = [client.open_session(8, 8, "RGB8", slots=1) for _ in range(257)]
+        time.sleep(2.0)
+        for session in (sessions[0], sessions[-1]):
+            assert session.upscale(np.zeros((8, 8, 3), np.uint8)).shape == (16, 16, 3)
+        assert "lease expired" not in daemon.log()
+        for session in sessions:
+            session.close()
+
+
 def test_the_client_does_not_hang_on_a_listener_that_never_accepts(short_dir: pathlib.Path) -> None:
     """A stopped daemon's socket with a full backlog: the client's probe gives up, then its attempts time out."""
     script = textwrap.dedent(f"""

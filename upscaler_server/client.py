@@ -320,6 +320,8 @@ class UpscalerClient:
         if instance == self.info.instance:
             return True
         self.info = self.request(Hello(client=self._name), Welcome)
+        if self._heartbeat is not None:  # the new daemon's lease may be shorter
+            self._heartbeat.retime(self.info.heartbeat_ms / 1000)
         return False
 
     def _probe(self, sessions: list[int], timeout: float) -> Pong | None:

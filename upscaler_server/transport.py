@@ -23,7 +23,7 @@ import zmq
 
 from upscaler_server.config import nobody_listens
 from upscaler_server.errors import ClientInterruptedError, ConfigError, UpscalerError
-from upscaler_server.protocol import Message, Ping, decode, encode
+from upscaler_server.protocol import PING_SESSIONS_MAX, Message, Ping, decode, encode
 
 __all__ = ["REPLY_MAX_BYTES", "Heartbeat", "Link", "dealer", "readable"]
 
@@ -189,24 +189,30 @@ class Heartbeat(threading.Thread):
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, interval: float,
                  sessions: weakref.WeakMethod[Callable[[], list[int]]]) -> None:
         super().__init__(name="upscaler-heartbeat", daemon=True)
-        self._ctx, self._endpoint, self._interval, self._sessions = ctx, endpoint, interval, sessions
-        self._halt = threading.Event()
+        self._ctx, self._endpoint, self._sessions = ctx, endpoint, sessions
+        self._interval = interval
+        self._wake = threading.Event()  # set by retime() and stop()
+        self._stopped = False
         # Set (a plain assignment) by a dropped client's finalizer when it runs on this thread, where the garbage
-        # collector may call it even inside _halt.wait(): this thread releases the link and context as it ends.
+        # collector may call it even inside _wake.wait(): this thread releases the link and context as it ends.
         self.release_at_end: tuple[Link, zmq.Context[zmq.Socket[bytes]]] | None = None
 
     def run(self) -> None:
         sock = dealer(self._ctx, self._endpoint)  # the link connected to the same endpoint: this cannot fail
         try:
-            while not self._halt.wait(self._interval) and self.release_at_end is None:
+            while True:
+                self._wake.wait(self._interval)
+                self._wake.clear()  # before the checks: a stop() from now on ends the next wait at once
+                if self._stopped or self.release_at_end is not None:
+                    break
                 session_ids = self._sessions()  # weak: a client dropped without close() must not live on here
                 if session_ids is None:
                     break
                 ids = session_ids()
                 del session_ids
-                if ids:
+                for start in range(0, len(ids), PING_SESSIONS_MAX):  # a ping names at most that many
                     with contextlib.suppress(zmq.Again):  # daemon unreachable and our queue full: next period
-                        sock.send(encode(Ping(sessions=ids)), zmq.NOBLOCK)
+                        sock.send(encode(Ping(sessions=ids[start:start + PING_SESSIONS_MAX])), zmq.NOBLOCK)
                 while sock.poll(0, zmq.POLLIN):
                     sock.recv()  # pongs only prove liveness; a lost session surfaces on its next submit
         except zmq.ZMQError:
@@ -218,6 +224,13 @@ class Heartbeat(threading.Thread):
                 link.close()
                 ctx.term()
 
+    def retime(self, interval: float) -> None:
+        """Ping every ``interval`` seconds from now on, starting at once (a restarted daemon with a shorter lease
+        must hear of the sessions opened on it before the old period runs out)."""
+        self._interval = interval
+        self._wake.set()
+
     def stop(self) -> None:
-        self._halt.set()
+        self._stopped = True
+        self._wake.set()
         self.join(timeout=5)
