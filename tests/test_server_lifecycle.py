@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -30,6 +31,7 @@ from server_utils import (
     REPO,
     SHM_DIR,
     STOP_TIMEOUT,
+    Daemon,
     make_checkpoint,
     raw_socket,
     request,
@@ -38,6 +40,7 @@ from server_utils import (
     short_tmpdir,
     spawn,
     stop,
+    wait_ready,
 )
 
 RNG = np.random.default_rng(5)
@@ -425,6 +428,29 @@ def test_request_stop_after_serve_returned_writes_into_no_file(short_dir: pathli
         os.close(reused)
         if reused != wake_w:
             os.close(wake_w)
+
+
+def test_the_daemon_and_the_offline_cli_start_from_a_folder_holding_a_models_folder(short_dir: pathlib.Path) -> None:
+    """From the operations review: `python -m` puts the working folder first on sys.path, so a `models` folder there
+    ($HOME, where systemd runs user units) was imported instead of the project's, and the daemon failed to start
+    with a traceback ("module 'models' has no attribute 'DEFAULT_STUDENT_PATH'"), over and over under
+    Restart=on-failure."""
+    (short_dir / "models").mkdir()
+    (short_dir / "models" / "notes.txt").write_text("a user's own folder")
+    cv2.imwrite(str(short_dir / "frame.png"), np.full((20, 24, 3), 90, np.uint8))
+    offline = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--device", "cpu", "--threads", "1",
+                              "frame.png", "-o", "out"], cwd=short_dir, capture_output=True, text=True, timeout=120)
+    assert offline.returncode == 0, offline.stderr
+    assert cv2.imread(str(short_dir / "out" / "frame.png")).shape == (40, 48, 3)
+    with open(short_dir / "log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "upscaler_server", "--threads", "1", "--endpoint",
+                                 f"ipc://{short_dir}/d.sock"], stdout=log, stderr=subprocess.STDOUT, cwd=short_dir)
+    daemon = Daemon(proc, f"ipc://{short_dir}/d.sock", short_dir / "log")
+    try:
+        wait_ready(daemon)
+        assert "weights=" in daemon.log() and "RANDOM" not in daemon.log()  # the bundled student
+    finally:
+        assert stop(proc) == 0, daemon.log()
 
 
 def test_a_stop_asked_for_before_serve_binds_nothing(short_dir: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:

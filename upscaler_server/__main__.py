@@ -27,7 +27,7 @@ from upscaler_server.config import (
     cli_prog,
     default_endpoint,
 )
-from upscaler_server.console import escape_unprintable_names
+from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -163,6 +163,7 @@ def _start(args: argparse.Namespace, signals: _Signals) -> Server | int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point (``upscaler-server``); returns the exit status."""
     escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
+    ignore_the_working_folder()  # before `models` loads: a service runs wherever its supervisor starts it
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

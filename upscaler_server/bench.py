@@ -64,7 +64,7 @@ from upscaler_server.config import (
     engine_setting_problems,
     parse_size,
 )
-from upscaler_server.console import escape_unprintable_names
+from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
 from upscaler_server.files import FolderError, check_writable, is_stream, replace_whole, written_file
 from upscaler_server.shm import pid_alive
@@ -340,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; prints the tables and optionally writes JSON. Exit status: see the module
     docstring."""
     escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
+    ignore_the_working_folder()  # before `models` loads: run from any folder
     args = _parser().parse_args(argv)
     default_sizes = [list(BACKEND_SIZES if args.backends else SIZES)]
     args.sizes = [s for group in args.sizes or default_sizes for s in group]

@@ -8,9 +8,13 @@ loading the daemon, torch-free clients (the demo) without loading torch (docs/ar
 from __future__ import annotations
 
 import io
+import os
+import pathlib
 import sys
 
-__all__ = ["escape_unprintable_names"]
+__all__ = ["escape_unprintable_names", "ignore_the_working_folder"]
+
+_PROJECT = pathlib.Path(__file__).resolve().parents[1]  # the checkout (or site-packages) holding our packages
 
 
 def escape_unprintable_names() -> None:
@@ -24,3 +28,16 @@ def escape_unprintable_names() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
+
+
+def ignore_the_working_folder() -> None:
+    """Take the working folder off the front of sys.path, where ``python -m`` put it, unless the project's packages
+    are there (a checkout run from its root). Its folders otherwise hide ours: a ``models`` folder in $HOME, where
+    systemd runs user units, was imported instead of the project's, and the daemon failed to start ("module 'models'
+    has no attribute 'DEFAULT_STUDENT_PATH'"). What ``python -P`` does (3.11+), for every supported Python; called
+    before the project's other packages are imported."""
+    if not sys.path:
+        return
+    first = pathlib.Path(sys.path[0] or os.curdir).resolve()
+    if first == pathlib.Path.cwd().resolve() and first != _PROJECT:
+        del sys.path[0]

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from upscaler_server.config import DEFAULT_EDGE_PAD, MAX_THREADS, edge_pad_problem
-from upscaler_server.console import escape_unprintable_names
+from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.engine import load_network
 from upscaler_server.errors import ConfigError, ModelLoadError
 from upscaler_server.files import (
@@ -287,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done, 1 export failed, 2 bad arguments, 3 model not loadable (missing, teacher, corrupt),
     130 interrupted (see the module docstring)."""
     escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
+    ignore_the_working_folder()  # before `models` loads: run from any folder
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices

@@ -40,7 +40,7 @@ from upscaler_server.config import (
     cli_prog,
     engine_setting_problems,
 )
-from upscaler_server.console import escape_unprintable_names
+from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 from upscaler_server.files import check_writable, partial_beside, publish
 from upscaler_server.protocol import SCALE_MAX
@@ -222,6 +222,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
     escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
+    ignore_the_working_folder()  # before `models` loads: run from any folder
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
