@@ -114,7 +114,7 @@ def test_a_frame_rendered_while_the_daemon_works_is_sent_at_once(monkeypatch: py
 def test_closing_the_link_closes_its_session_on_the_daemon() -> None:
     """close() interrupted the worker at once, so its client never told the daemon: the session and its segments
     stayed until the lease expired (10 s by default), after every demo run."""
-    with run_server("--backend", "nearest", "--lease-timeout", "60") as daemon:
+    with run_server("--backend", "nearest", "--lease-timeout", "60", "--log-level", "DEBUG") as daemon:
         link = UpscaleLink(daemon.endpoint, LR, scale=2, timeout=10.0)
         link.start()
         _round_trip(link, 1)

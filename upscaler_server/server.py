@@ -28,6 +28,7 @@ import numpy as np
 import zmq
 
 from upscaler_server import __version__
+from upscaler_server.activity import Activity
 from upscaler_server.config import Config, nobody_listens
 from upscaler_server.engine import Engine
 from upscaler_server.errors import BusyError, ConfigError, ErrorCode, ProtocolError, SessionError, UpscalerError
@@ -91,6 +92,7 @@ class Server:
         self._finished: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         self._pipe_closed = False
+        self._activity = Activity()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._worker = Worker(engine, self._queue, self._on_finished)
@@ -180,11 +182,13 @@ class Server:
             now = time.monotonic()
             if now >= next_reap:
                 self._reap(now)
+                self._activity.report_if_due()
                 next_reap = now + min(0.1, self.config.lease_timeout / 4)
 
     def _shutdown(self) -> None:
         served = self._router is not None  # else it never bound: nothing to tell of a stop
         if served:
+            self._activity.report()  # the last period's counts
             log.info("stopping: %d session(s), %d queued frame(s)", len(self._sessions), len(self._queue))
             notify("STOPPING=1", "STATUS=stopping: finishing the running frame")
         for job in self._queue.close():
@@ -331,8 +335,9 @@ class Server:
         self._queue.put(session.id, Job(envelope, msg.req, 0, session.fmt, msg.height, msg.width, received,
                                         session=session, warmup=True))
         session.pending += 1
-        log.info("session %d opened by %s: %dx%d %s, %d slot(s)", session.id, session.client, msg.width, msg.height,
-                 msg.format, msg.slots)
+        self._activity.session_opened()  # one line a minute counts them (activity.py): a line each flooded the log
+        log.debug("session %d opened by %s: %dx%d %s, %d slot(s)", session.id, session.client, msg.width, msg.height,
+                  msg.format, msg.slots)
         return session.opened(msg.req)
 
     def _on_submit(self, msg: Message, envelope: list[bytes], received: float) -> None:
@@ -402,11 +407,13 @@ class Server:
 
     # --- sessions and finished frames --------------------------------------------------------------------------------
 
-    def _end_session(self, session: Session, reason: str) -> None:
+    def _end_session(self, session: Session, reason: str, level: int = logging.DEBUG) -> None:
+        """``level``: of its log line; a lease that expired (a client gone without a word) is worth INFO."""
         self._sessions.remove(session.id)
         for job in self._queue.drop(session.id):
             self._release_job(job)
-        log.info("session %d ended: %s", session.id, reason)
+        self._activity.session_ended()
+        log.log(level, "session %d ended: %s", session.id, reason)
         if session.pending == 0:
             self._release_session(session)
         else:
@@ -423,7 +430,7 @@ class Server:
 
     def _reap(self, now: float) -> None:
         for session in self._sessions.expired(now):
-            self._end_session(session, f"lease expired (no message for {self.config.lease_timeout:g} s)")
+            self._end_session(session, f"lease expired (no message for {self.config.lease_timeout:g} s)", logging.INFO)
         for client, sent in list(self._unread.items()):  # forget clients whose results are all written out
             if all(tracker.done for tracker, _ in sent):
                 del self._unread[client]
@@ -487,6 +494,7 @@ class Server:
     def _reply(self, envelope: list[bytes], reply: Message) -> None:
         if self._router is None or self._router.closed:
             return
+        self._activity.replied(reply)
         try:
             payload = encode(reply)
         except ProtocolError as exc:  # a daemon bug (a reply outside the schema): say so, keep serving

@@ -96,6 +96,8 @@ def check_segment_name(name: str, session: int, kind: str) -> None:
 class Ring:
     """A mapped segment holding a ring of frame slots; ``owner`` rings were created here and may be unlinked."""
 
+    _removed_by_others = False  # whether an owned segment was found removed already (this process warned of it)
+
     def __init__(self, shm: shared_memory.SharedMemory, layout: RingLayout, owner: bool) -> None:
         self._shm: shared_memory.SharedMemory | None = shm
         self.layout = layout
@@ -240,8 +242,11 @@ class Ring:
         try:
             self._shm.unlink()  # also unregisters it from the resource tracker: no second unlink at exit
             return
-        except FileNotFoundError:
-            log.warning("shared memory %s was already removed by someone else", self.name)
+        except FileNotFoundError:  # a client that unlinks its segments does it for every one: warned of once
+            level = logging.DEBUG if Ring._removed_by_others else logging.WARNING
+            Ring._removed_by_others = True
+            log.log(level, "shared memory %s was already removed by someone else (a client must not unlink the "
+                    "daemon's segments; further ones are logged at DEBUG)", self.name)
         except OSError as exc:  # the name now holds something else (a client's folder): not ours to remove
             log.warning("cannot remove shared memory %s: %s", self.name, exc)
         # nor the resource tracker's business: it would try again at exit and report the segment as leaked
