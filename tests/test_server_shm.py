@@ -197,6 +197,42 @@ def test_stale_segments_of_another_user_are_left_alone_in_silence(monkeypatch: p
         assert sorted(remove_stale_segments(tmp_path)) == names
 
 
+_OWNER_IN_ANOTHER_NAMESPACE = """
+import sys
+from multiprocessing import resource_tracker
+from upscaler_server.shm import Ring, RingLayout
+rings = [Ring.create(name, RingLayout(8, 8, 3, 1)) for name in sys.argv[1:]]
+for name in sys.argv[1:]:  # killed, it leaves them to the next daemon alone (its resource tracker would race it)
+    resource_tracker.unregister(name, "shared_memory")
+print("created", flush=True)
+sys.stdin.read()  # until the test closes the pipe
+for ring in rings:
+    ring.unlink()
+    ring.close()
+"""
+
+
+def test_segments_a_live_daemon_holds_are_not_stale_whatever_their_pid_says() -> None:
+    """From the operations review: two containers of a pod share /dev/shm but not their pids. A daemon judged
+    segments by their pid alone, so another namespace's live daemon (its pid dead here, or equal to this very
+    process's) lost its sessions' segments when this one started. The owner's lock now tells."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = [f"/takdsr-{os.geteuid()}-{pid}-0000abcd-in" for pid in (dead.pid, os.getpid())]
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER_IN_ANOTHER_NAMESPACE, *names], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "created\n"
+        removed = remove_stale_segments()
+        assert not set(removed) & {name.lstrip("/") for name in names}
+        assert all((SHM_DIR / name.lstrip("/")).exists() for name in names)
+    finally:
+        owner.kill()  # as a daemon killed: the kernel drops its locks, and the segments are stale now
+        owner.wait()
+    assert sorted(set(remove_stale_segments()) & {name.lstrip("/") for name in names}) == sorted(
+        name.lstrip("/") for name in names)
+
+
 def test_slots_are_read_and_written_by_copies_that_survive_a_truncation() -> None:
     name = f"/takdsr-test-copies-{os.getpid()}"
     owner = Ring.create(name, LAYOUT)

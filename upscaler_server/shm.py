@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import pathlib
@@ -113,6 +114,9 @@ class Ring:
             shm = shared_memory.SharedMemory(name=name.lstrip("/"), create=True, size=layout.size)
         except OSError as exc:
             raise SharedMemoryError(f"cannot create shared memory {name} ({layout.size} bytes): {exc}") from exc
+        # a shared lock for as long as the descriptor is open (the kernel drops it however this process ends): what
+        # tells another daemon that the segment's owner lives, where pids cannot (remove_stale_segments)
+        fcntl.flock(shm._fd, fcntl.LOCK_SH)  # type: ignore[attr-defined]
         ring = cls(shm, layout, owner=True)
         try:
             _reserve(name, layout.size)
@@ -463,6 +467,24 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def _held(path: str) -> bool:
+    """Whether a live daemon holds segment ``path`` (the shared lock Ring.create takes). Pids do not tell across pid
+    namespaces that share /dev/shm (two containers of a pod): there a live daemon's pid looks dead, or like this very
+    process, and its sessions' segments were removed under it. A daemon older than the lock holds none: the pid
+    check alone then decides, as before."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone meanwhile, or a link planted under the name: no daemon's segment
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
     """Unlink this user's daemon segments whose owner pid is dead (or is this very process, which owns none yet). A
     file named like one but owned by another user (planted: anyone may create names in /dev/shm) is left alone,
@@ -481,7 +503,7 @@ def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
         except OSError:  # gone meanwhile
             continue
         pid = int(match.group(1))
-        if pid != os.getpid() and pid_alive(pid):
+        if (pid != os.getpid() and pid_alive(pid)) or _held(entry.path):
             continue
         try:
             os.unlink(entry.path)
