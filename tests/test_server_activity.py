@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import ErrorCode
 from upscaler_server.protocol import Done, Error, Timings
 
-from server_utils import run_server, stop
+from server_utils import REPO, run_server, stop
 
 TIMINGS = Timings(queue_us=0, copy_in_us=0, infer_us=0, copy_out_us=0, total_us=0)
 
@@ -67,3 +70,22 @@ def test_a_client_opening_a_session_per_frame_does_not_flood_the_log() -> None:
     summary = re.search(r"activity in the last \d+ s: (\d+) session\(s\) opened; (\d+) frame\(s\) done; (\d+) "
                         r"session\(s\) ended", log)
     assert summary is not None and [int(n) for n in summary.groups()] == [100, 100, 100], log
+
+
+def test_the_version_and_the_limits_defaults_are_told() -> None:
+    """From the operations review: no --version, no version in the ready line, and --help gave no default for the
+    limits, the lease or the log level, which no document listed either."""
+    from upscaler_server import __version__
+    from upscaler_server.config import Config
+
+    version = subprocess.run([sys.executable, "-m", "upscaler_server", "--version"], capture_output=True, text=True,
+                             cwd=REPO, timeout=60)
+    assert version.returncode == 0 and version.stdout == f"takdsr-upscaler {__version__}\n", version.stderr
+    usage = subprocess.run([sys.executable, "-m", "upscaler_server", "--help"], capture_output=True, text=True,
+                           cwd=REPO, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    defaults = Config(endpoint="ipc://unused")
+    for option, value in (("--max-sessions", defaults.max_sessions), ("--max-queue", defaults.max_queue),
+                          ("--lease-timeout", defaults.lease_timeout), ("--log-level", "INFO")):
+        assert re.search(rf"{option} \S+\s+.*default {value}", usage.stdout), (option, usage.stdout)
+    with run_server("--backend", "nearest") as daemon:
+        assert re.search(rf"upscaler ready: .* version={re.escape(__version__)} pid={daemon.pid}\n", daemon.log())

@@ -19,6 +19,7 @@ from multiprocessing import resource_tracker
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from upscaler_server import __version__
 from upscaler_server.config import (
     CHECKPOINT_HELP,
     SCALE_HELP,
@@ -57,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="run this registered model with RANDOM weights (benchmarks and tests only)")
     add_backend_arguments(p, defaults.backend)
     p.add_argument("--scale", type=int, help=SCALE_HELP)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=defaults.device)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=defaults.device, help="default %(default)s")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=defaults.precision,
-                   help="auto: fp16 on CUDA, fp32 on CPU")
+                   help="auto (default): fp16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (0: all usable cores)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture a CUDA graph per resolution")
     p.add_argument("--overlap", action="store_true", help="CUDA, eager/compile: keep two frames in flight so one "
@@ -68,22 +69,30 @@ def _parser() -> argparse.ArgumentParser:
                    "mapping instead of having the kernel copy them: faster (docs/performance.md, Transport), but a "
                    "client that shrinks a segment while its frame is copied (or empties it and fills /dev/shm) kills "
                    "the daemon with SIGBUS; for trusted clients chasing the last milliseconds (docs/protocol.md 6.1)")
-    p.add_argument("--max-width", type=int, default=defaults.max_width, help="largest input width")
-    p.add_argument("--max-height", type=int, default=defaults.max_height, help="largest input height")
-    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest input width*height")
-    p.add_argument("--max-slots", type=int, default=defaults.max_slots, help="most slots per session")
-    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="most open sessions")
+    p.add_argument("--max-width", type=int, default=defaults.max_width,
+                   help="largest input width (default %(default)s)")
+    p.add_argument("--max-height", type=int, default=defaults.max_height,
+                   help="largest input height (default %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                   help="largest input width*height (default %(default)s)")
+    p.add_argument("--max-slots", type=int, default=defaults.max_slots,
+                   help="most slots per session (default %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
+                   help="most open sessions (default %(default)s)")
     p.add_argument("--max-shm-mb", type=int, default=defaults.max_shm_bytes >> 20,
-                   help="shared memory all sessions may hold, MiB")
+                   help="shared memory all sessions may hold, MiB (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                   help="frames waiting for the engine before clients get BUSY")
+                   help="frames waiting for the engine before clients get BUSY (default %(default)s)")
     p.add_argument("--max-unread-mb", type=int, default=defaults.max_unread_bytes >> 20,
                    help="inline results a client may leave unread, MiB, before its next process gets BUSY "
                         "(at least two of that frame's results are always allowed; all clients together: four times "
-                        "this)")
+                        "this; default %(default)s)")
     p.add_argument("--lease-timeout", type=float, default=defaults.lease_timeout,
-                   help="seconds without a message before a session is closed and its memory freed")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                   help="seconds without a message before a session is closed and its memory freed (default "
+                        "%(default)s)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="default %(default)s, which the ready line needs; DEBUG adds a line per session")
+    p.add_argument("--version", action="version", version=f"takdsr-upscaler {__version__}")
     return p
 
 

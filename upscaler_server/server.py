@@ -130,10 +130,11 @@ class Server:
                 return
             self._router = self._bind()
             self._worker.start()
-            log.info("upscaler ready: endpoint=%s model=%s scale=%d device=%s precision=%s weights=%s slots=%s pid=%d",
+            log.info("upscaler ready: endpoint=%s model=%s scale=%d device=%s precision=%s weights=%s slots=%s "
+                     "version=%s pid=%d",
                      self.config.endpoint, self.engine.name, self.engine.scale, self.engine.device,
                      self.engine.precision, self.engine.weights,
-                     "mapped" if self.config.map_slots else "copied", os.getpid())
+                     "mapped" if self.config.map_slots else "copied", __version__, os.getpid())
             notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {self.engine.name} on {self.config.endpoint}")
             self._loop(self._router)
         finally:
