@@ -6,25 +6,25 @@ Values are float32 RGB in [0, 1], (3, H, W); uint8 only in files. See docs/data.
 from training.data.augment import AugmentConfig, AugmentParams, apply_geometry, blend, sample_augment
 from training.data.config import DataConfig, SourceConfig, build_eval_dataset, build_train_dataset
 from training.data.datasets import (
-                                    EpochSampler,
-                                    FrameDataset,
-                                    PatchDataset,
-                                    end_workers_at_exit,
-                                    exit_with_trainer,
-                                    worker_start_method,
+    EpochSampler,
+    FrameDataset,
+    PatchDataset,
+    end_workers_at_exit,
+    exit_with_trainer,
+    worker_start_method,
 )
 from training.data.degrade import degrade, downscale_bicubic, quantize_8bit
 from training.data.images import (
-                                    DatasetError,
-                                    ImageReadError,
-                                    SkippedFilesWarning,
-                                    file_sha256,
-                                    read_image,
-                                    scan_images,
-                                    to_tensor,
-                                    to_uint8,
-                                    write_json_atomic,
-                                    write_png,
+    DatasetError,
+    ImageReadError,
+    SkippedFilesWarning,
+    file_sha256,
+    read_image,
+    scan_images,
+    to_tensor,
+    to_uint8,
+    write_json_atomic,
+    write_png,
 )
 from training.data.paths import default_eval_dir, reserved_scenes, shared_dir
 from training.data.povray import load_scene_list, render_scenes

@@ -14,14 +14,14 @@ on CPUs with bf16 instructions. onnxruntime runs fp32 only.
 
 from upscaler_server.backends.auto import AutoEngine
 from upscaler_server.backends.common import (
-                                             BACKENDS,
-                                             CACHE_ENV,
-                                             TOLERANCE,
-                                             Settings,
-                                             Tolerance,
-                                             cache_dir,
-                                             cpu_bf16,
-                                             unavailable,
+    BACKENDS,
+    CACHE_ENV,
+    TOLERANCE,
+    Settings,
+    Tolerance,
+    cache_dir,
+    cpu_bf16,
+    unavailable,
 )
 from upscaler_server.backends.compile import CompiledEngine
 from upscaler_server.backends.factory import make_backend
