@@ -34,7 +34,7 @@ log = logging.getLogger("upscaler_server.shm")
 SLOT_ALIGN = 4096  # slot starts are page-aligned so a slot can be mapped, DMA'd or pinned on its own
 SHM_DIR = pathlib.Path("/dev/shm")  # where Linux exposes POSIX shared memory; absent elsewhere (no stale scan)
 _PREFIX = "takdsr"
-_NAME = re.compile(rf"/{_PREFIX}-(\d+)-\d+-([0-9a-f]{{8}})-(in|out)")  # uid, pid, session, kind
+_NAME = re.compile(rf"/{_PREFIX}-(\d+)-(\d+)-([0-9a-f]{{8}})-(in|out)")  # segment_name's: uid, pid, session, kind
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def check_segment_name(name: str, session: int, kind: str) -> None:
     first) could otherwise name another application's segment of this user, private as the daemon's are, and the
     client would write its frames into it and read that application's bytes back as a result."""
     match = _NAME.fullmatch(name)
-    if match is None or int(match.group(2), 16) != session or match.group(3) != kind:
+    if match is None or int(match.group(3), 16) != session or match.group(4) != kind:
         expected = f"/{_PREFIX}-{os.geteuid()}-<daemon pid>-{session:08x}-{kind}"
         raise SharedMemoryError(f"the daemon named {name!r} as session {session}'s {kind}put segment, where a daemon "
                                 f"names it {expected}: refused, as whatever answered may be no upscaler daemon")
@@ -491,18 +491,17 @@ def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
     silently: this user cannot remove it from the sticky folder, and it is no segment of this user's daemons."""
     if not shm_dir.is_dir():
         return []
-    pattern = re.compile(rf"^{_PREFIX}-{os.geteuid()}-(\d+)-[0-9a-f]{{8}}-(in|out)$")
     removed = []
     for entry in os.scandir(shm_dir):
-        match = pattern.match(entry.name)
-        if not match:
+        match = _NAME.fullmatch("/" + entry.name)
+        if not match or match.group(1) != str(os.geteuid()):
             continue
         try:
             if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
                 continue
         except OSError:  # gone meanwhile
             continue
-        pid = int(match.group(1))
+        pid = int(match.group(2))
         if (pid != os.getpid() and pid_alive(pid)) or _held(entry.path):
             continue
         try:
