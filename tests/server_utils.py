@@ -25,6 +25,7 @@ import pytest
 import zmq
 
 from upscaler_server import protocol
+from upscaler_server.shm import segment_name
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHM_DIR = pathlib.Path("/dev/shm")
@@ -235,8 +236,9 @@ def fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
     sizes (width, height, out_width, out_height: the segments follow them, modulo 2^64 as a C client computes them),
     ``short_input`` makes the input segment half the size the reply says, ``version`` is the replies' `v`. The
     segments have ``mode`` (0600, as the daemon makes them), belong to uid ``owner`` (None: this process's), hold
-    FAKE_FILL bytes, and are named as a daemon of this process's uid and pid names session FAKE_SESSION's, or
-    ``names[kind]`` for kind "in" and "out"."""
+    FAKE_FILL bytes, and are named as a daemon of this process's uid and pid names session FAKE_SESSION's (the
+    daemon's own segment_name: a client must accept what the daemon writes), or ``names[kind]`` for kind "in" and
+    "out"."""
     seen: list[str] = []
     made: list[pathlib.Path] = []
 
@@ -244,7 +246,7 @@ def fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
         row = width * 3
         slot_bytes = row * height % 2**64
         stride = (slot_bytes + 4095) // 4096 * 4096
-        name = (names or {}).get(kind, f"/takdsr-{os.geteuid()}-{os.getpid()}-{FAKE_SESSION:08x}-{kind}")
+        name = (names or {}).get(kind, segment_name(os.getpid(), FAKE_SESSION, kind))
         path = SHM_DIR / name.lstrip("/")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
         made.append(path)
@@ -303,15 +305,14 @@ def fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
 
 def foreign_segment_names(which: str) -> dict[str, str]:
     """Segment names an opened reply may not give for session FAKE_SESSION's rings."""
-    pid, uid = os.getpid(), os.geteuid()
+    pid = os.getpid()
     if which == "another application's":
         return {kind: f"/pytest-victim-{pid}-{kind}" for kind in ("in", "out")}
     if which == "another session's":
-        return {kind: f"/takdsr-{uid}-{pid}-{FAKE_SESSION + 1:08x}-{kind}" for kind in ("in", "out")}
+        return {kind: segment_name(pid, FAKE_SESSION + 1, kind) for kind in ("in", "out")}
     if which == "in and out swapped":
-        ours = f"/takdsr-{uid}-{pid}-{FAKE_SESSION:08x}"
-        return {"in": f"{ours}-out", "out": f"{ours}-in"}
-    return {kind: f"/takdsr-{uid + 1}-{pid}-{FAKE_SESSION:08x}-{kind}" for kind in ("in", "out")}  # another user's
+        return {"in": segment_name(pid, FAKE_SESSION, "out"), "out": segment_name(pid, FAKE_SESSION, "in")}
+    return {kind: f"/takdsr-{os.geteuid() + 1}-{pid}-{FAKE_SESSION:08x}-{kind}" for kind in ("in", "out")}  # another's
 
 
 FOREIGN_SEGMENTS = ["another application's", "another session's", "in and out swapped", "named for another uid"]
