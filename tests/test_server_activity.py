@@ -56,9 +56,9 @@ def test_events_are_counted_into_one_line_a_period_and_failures_warned_of_once(
 
 
 def test_a_client_opening_a_session_per_frame_does_not_flood_the_log() -> None:
-    """From the operations review: a line per session opened and ended, 2,500 lines a second from an open/close loop,
-    and two a frame from a game whose resolution keeps changing (upscale() keeps 4 sessions); journald's default
-    allowance then ran out in seconds and dropped the daemon's errors with the rest."""
+    """From the operations review: a line per session opened and ended, about 2,400 lines a second from an open/close
+    loop, and two a frame from a game whose resolution keeps changing (upscale() keeps 4 sessions); journald's
+    default allowance then ran out in seconds and dropped the daemon's errors with the rest."""
     with run_server("--backend", "nearest", check_clean=False) as daemon, \
             UpscalerClient(daemon.endpoint, timeout=10, name="pytest") as client:
         for height in [8, 10, 12, 14, 16] * 20:  # five sizes round and round: a session opened and closed each frame

@@ -1001,7 +1001,7 @@ def _zmtp_dealer(path: str) -> socket.socket:
 def test_a_connection_that_stops_midway_through_a_message_is_closed_after_a_lease() -> None:
     """From the second security review: a connection that declared a large message (up to the daemon's message
     limit, 31 MiB by default), sent part of it and went quiet was kept for ever, the part held in the daemon's
-    memory; 16 of them grew it by 500 MB. Now ZeroMQ's heartbeat closes a connection with neither traffic nor an
+    memory; 16 of them grew it by about 500 MB. Now ZeroMQ's heartbeat closes a connection with neither traffic nor an
     answer to its PING for a lease (1 s here, the least). A client silent as long is kept: libzmq answers for it."""
     with run_server("--backend", "nearest", "--lease-timeout", "1") as daemon, raw_socket(daemon.endpoint) as idle:
         assert request(idle, type="hello", req=1, client="pytest")["type"] == "welcome"
