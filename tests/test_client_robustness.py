@@ -116,12 +116,14 @@ def test_a_read_only_out_is_refused_before_the_frame_is_sent() -> None:
         assert session.in_flight == [] and session.free_slot() == 0
 
 
-def test_exiting_while_another_thread_waits_in_collect_is_quiet() -> None:
-    """At exit the unclosed client was released under the thread polling its socket: a ZMQError traceback."""
+@pytest.mark.parametrize("pause", [0.0, 0.001], ids=["inside-a-call", "between-calls"])
+def test_exiting_while_another_thread_uses_the_session_is_quiet(pause: float) -> None:
+    """At exit the unclosed client was released under the thread polling its socket: a ZMQError traceback. Later,
+    with the thread between two calls: the exit closed its socket all the same (ZMQError), or the session's exit
+    finalizer gave the session up, and the thread's next call closed it at the daemon (SessionLostError)."""
     with run_server("--backend", "nearest") as daemon:
         script = f"""
 import threading, time
-import numpy as np
 from upscaler_server.client import UpscalerClient
 client = UpscalerClient({daemon.endpoint!r}, name="pytest")
 session = client.open_session(320, 180, "RGB8", slots=2)
@@ -129,12 +131,31 @@ def loop():
     while True:
         session.submit(0)
         session.collect()
+        time.sleep({pause})
 threading.Thread(target=loop, daemon=True).start()
 time.sleep(0.5)
 """
-        for _ in range(2):
+        for _ in range(4):  # each exit is a race with the thread: a regression shows in about one exit in five
             run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-            assert run.returncode == 0 and "Traceback" not in run.stderr and "ZMQError" not in run.stderr, run.stderr
+            assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
+def test_exiting_with_an_unclosed_session_and_its_views_alive_is_quiet() -> None:
+    """The rings are left to the exit (not closed by a finalizer, for the sake of a thread still using them): their
+    garbage collection at teardown, under the slot views, printed BufferError from SharedMemory.__del__."""
+    with run_server("--backend", "nearest") as daemon:
+        script = f"""
+import numpy as np
+from upscaler_server.client import UpscalerClient
+client = UpscalerClient({daemon.endpoint!r}, name="pytest")
+session = client.open_session(32, 16, "RGB8", slots=2)
+views = [session.input(0), session.output(1)]
+out = session.upscale(np.zeros((16, 32, 3), np.uint8))
+"""
+        run = subprocess.run([sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert "Exception ignored" not in run.stderr and "Error" not in run.stderr, run.stderr
 
 
 def test_a_dead_daemon_is_given_up_on_after_one_wait_and_the_frame_dropped() -> None:

@@ -98,8 +98,12 @@ def _release_unclosed(link: Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbeat
         return
     if heartbeat is not None:
         heartbeat.stop()
-    if not link.idle():  # at exit, with a daemon thread still inside a call: closing its socket under it is
-        return  # undefined behaviour in libzmq (a traceback in that thread at best); the process exit frees both
+    # Not under another thread inside a call on the socket, nor at exit (the main thread has ended), where a daemon
+    # thread may make its next call at any moment: closing the socket under that thread is undefined behaviour in
+    # libzmq (a traceback in that thread at best). The socket then goes with that thread's last reference, or with
+    # the process.
+    if not link.idle() or not threading.main_thread().is_alive():
+        return
     link.close()
     if not ctx.closed:
         ctx.term()

@@ -110,6 +110,9 @@ class Session:
         # client is left its id and awaited replies, to tell the daemon and forget them (_reap_orphans)
         self._release = weakref.finalize(self, _orphan, client._orphans, self.id, self._outstanding, self._abandoned,
                                          self._in, self._out)
+        # not at exit: a daemon thread may still be using the session, which would then find itself closed (the
+        # exit unmaps the rings anyway; their leases end the daemon's sessions, as for a client that was killed)
+        self._release.atexit = False
         self._next_slot = 0
         self.closed = False
 

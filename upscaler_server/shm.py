@@ -111,7 +111,7 @@ class Ring:
         """Create a new 0600 segment (fails if the name exists) with its pages reserved up front."""
         _check_space(layout.size)
         try:
-            shm = shared_memory.SharedMemory(name=name.lstrip("/"), create=True, size=layout.size)
+            shm = _Mapping(name=name.lstrip("/"), create=True, size=layout.size)
         except OSError as exc:
             raise SharedMemoryError(f"cannot create shared memory {name} ({layout.size} bytes): {exc}") from exc
         # a shared lock for as long as the descriptor is open (the kernel drops it however this process ends): what
@@ -387,6 +387,20 @@ def _buffer_address(buffer: memoryview) -> int:
     return int(np.frombuffer(buffer, np.uint8, count=1).ctypes.data)
 
 
+class _Mapping(shared_memory.SharedMemory):
+    """A SharedMemory whose garbage collection never raises. A client's rings are not closed for it at exit (a
+    daemon thread may still use them), so the interpreter's teardown collects them, maybe before their slot views:
+    SharedMemory.__del__ then printed a BufferError."""
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except BufferError:  # views remain: they keep the mapping, which goes with the last of them
+            _leave_mapping_to_views(self)
+        except OSError:
+            pass
+
+
 def _leave_mapping_to_views(shm: shared_memory.SharedMemory) -> None:
     """Close ``shm``'s descriptor and drop its own reference to the mmap, which the views' exports keep mapped and
     which unmaps itself when the last goes; SharedMemory.__del__ then has nothing left to close (no BufferError)."""
@@ -422,8 +436,8 @@ def _check_private(name: str, info: os.stat_result) -> None:
 
 def _attach_untracked(name: str) -> shared_memory.SharedMemory:
     if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
-    shm = shared_memory.SharedMemory(name=name)
+        return _Mapping(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
+    shm = _Mapping(name=name)
     # Python < 3.13 registers attached segments too and would unlink the daemon's segment when this process exits.
     resource_tracker.unregister("/" + name, "shared_memory")  # type: ignore[attr-defined,unused-ignore]
     return shm
