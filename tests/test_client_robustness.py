@@ -329,6 +329,8 @@ def _use_after_fork(client: UpscalerClient, answer: multiprocessing.Queue) -> No
         answer.put(str(exc))
 
 
+# Python 3.12+ warns of any fork in a process with threads (the client's heartbeat): forking one is what is tested
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_client_used_after_fork_says_so_instead_of_hanging() -> None:
     with run_server("--backend", "nearest") as daemon, \
             UpscalerClient(daemon.endpoint, timeout=2, retries=1, name="pytest") as client:
@@ -617,7 +619,9 @@ def test_a_forked_child_leaving_a_with_block_exits_cleanly() -> None:
     did nothing wrong; so did a session's close() in the child (found in a review). Requests in the child are still
     refused (test_a_client_used_after_fork_...)."""
     with run_server("--backend", "nearest") as daemon:
-        script = ("import os, sys\nfrom upscaler_server.client import UpscalerClient\n"
+        script = ("import os, sys, warnings\nfrom upscaler_server.client import UpscalerClient\n"
+                  # Python 3.12+ warns of any fork in a process with threads (the client's heartbeat)
+                  "warnings.filterwarnings('ignore', 'This process .* is multi-threaded', DeprecationWarning)\n"
                   f"with UpscalerClient({daemon.endpoint!r}, name='pytest') as client:\n"
                   "    session = client.open_session(16, 16)\n"
                   "    pid = os.fork()\n"
