@@ -158,6 +158,30 @@ out = session.upscale(np.zeros((16, 32, 3), np.uint8))
         assert "Exception ignored" not in run.stderr and "Error" not in run.stderr, run.stderr
 
 
+def test_a_client_dropped_by_a_thread_that_outlives_the_main_thread_is_released() -> None:
+    """Past the main thread's end a program's worker threads still run: a client one of them drops is released
+    there as anywhere, not left to the process's end as at exit (what the exit rule first did)."""
+    with run_server("--backend", "nearest") as daemon:
+        script = f"""
+import gc, threading, warnings
+from upscaler_server.client import UpscalerClient
+def worker():
+    threading.main_thread().join()
+    client = UpscalerClient({daemon.endpoint!r}, name="pytest")
+    client.open_session(16, 16, "RGB8", slots=1)
+    context = client._ctx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del client
+        gc.collect()
+    print("context closed:", context.closed)
+threading.Thread(target=worker).start()
+"""
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and run.stderr == "", run.stderr
+        assert run.stdout == "context closed: True\n"
+
+
 def test_a_dead_daemon_is_given_up_on_after_one_wait_and_the_frame_dropped() -> None:
     """SIGKILL: each collect() used to pay five timeouts and leave its frame queued, so every later call paid them
     again; closing paid one more second per session."""

@@ -98,15 +98,22 @@ def _release_unclosed(link: Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbeat
         return
     if heartbeat is not None:
         heartbeat.stop()
-    # Not under another thread inside a call on the socket, nor at exit (the main thread has ended), where a daemon
-    # thread may make its next call at any moment: closing the socket under that thread is undefined behaviour in
-    # libzmq (a traceback in that thread at best). The socket then goes with that thread's last reference, or with
-    # the process.
-    if not link.idle() or not threading.main_thread().is_alive():
+    # Not under another thread inside a call on the socket, nor at exit, where a daemon thread may make its next call
+    # at any moment: closing the socket under that thread is undefined behaviour in libzmq (a traceback in that
+    # thread at best). The socket then goes with that thread's last reference, or with the process.
+    if not link.idle() or _exiting():
         return
     link.close()
     if not ctx.closed:
         ctx.term()
+
+
+def _exiting() -> bool:
+    """Whether the interpreter is exiting (its atexit hooks run): the main thread has ended and no other thread
+    that it waits for is alive (a program's worker threads may go on after the main thread, and are not exiting)."""
+    main = threading.main_thread()
+    return not main.is_alive() and not any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+                                           if thread is not main)
 
 
 class UpscalerClient:
