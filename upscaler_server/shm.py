@@ -6,6 +6,7 @@ the pid of the owning daemon tells a later daemon whether the owner is still ali
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -99,8 +100,8 @@ class Ring:
 
     _removed_by_others = False  # whether an owned segment was found removed already (this process warned of it)
 
-    def __init__(self, shm: shared_memory.SharedMemory, layout: RingLayout, owner: bool) -> None:
-        self._shm: shared_memory.SharedMemory | None = shm
+    def __init__(self, shm: _Mapping, layout: RingLayout, owner: bool) -> None:
+        self._shm: _Mapping | None = shm
         self.layout = layout
         self.owner = owner
         self.name = "/" + shm.name.lstrip("/")
@@ -257,17 +258,9 @@ class Ring:
         resource_tracker.unregister(self.name, "shared_memory")  # type: ignore[attr-defined,unused-ignore]
 
     def close(self) -> bool:
-        """Unmap, or, while views of a slot are alive, leave the mapping to them: it goes with the last one (each
-        holds an export of it; unmapping under them would crash the reader). Returns False in that case."""
+        """Unmap, or leave the mapping to the slot views still alive (False then: _Mapping.unmap_or_leave)."""
         shm, self._shm = self._shm, None
-        if shm is None:
-            return True
-        try:
-            shm.close()
-        except BufferError:  # raised by mmap.close(): exports (views) remain
-            _leave_mapping_to_views(shm)
-            return False
-        return True
+        return True if shm is None else shm.unmap_or_leave()
 
 
 @dataclass(frozen=True)
@@ -388,26 +381,26 @@ def _buffer_address(buffer: memoryview) -> int:
 
 
 class _Mapping(shared_memory.SharedMemory):
-    """A SharedMemory whose garbage collection never raises. A client's rings are not closed for it at exit (a
-    daemon thread may still use them), so the interpreter's teardown collects them, maybe before their slot views:
-    SharedMemory.__del__ then printed a BufferError."""
+    """A SharedMemory that is never closed under live views, by Ring.close() or by its garbage collection. A
+    client's rings are not closed for it at exit (a daemon thread may still use them), so the interpreter's teardown
+    collects them, maybe before their slot views: SharedMemory.__del__ then printed a BufferError."""
 
-    def __del__(self) -> None:
+    def unmap_or_leave(self) -> bool:
+        """Unmap, or, while views are alive, leave the mapping to them: it goes with the last one (each holds an
+        export of it; unmapping under them would crash the reader). Returns False in that case."""
         try:
             self.close()
-        except BufferError:  # views remain: they keep the mapping, which goes with the last of them
-            _leave_mapping_to_views(self)
-        except OSError:
-            pass
+        except BufferError:  # raised by mmap.close(): exports (views) remain
+            self._mmap = None  # type: ignore[attr-defined]  # the views' exports keep it mapped
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            return False
+        return True
 
-
-def _leave_mapping_to_views(shm: shared_memory.SharedMemory) -> None:
-    """Close ``shm``'s descriptor and drop its own reference to the mmap, which the views' exports keep mapped and
-    which unmaps itself when the last goes; SharedMemory.__del__ then has nothing left to close (no BufferError)."""
-    shm._mmap = None  # type: ignore[attr-defined]
-    if shm._fd >= 0:
-        os.close(shm._fd)
-        shm._fd = -1
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.unmap_or_leave()
 
 
 def _whose(name: str) -> str:
@@ -434,7 +427,7 @@ def _check_private(name: str, info: os.stat_result) -> None:
                                 "your own")
 
 
-def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+def _attach_untracked(name: str) -> _Mapping:
     if sys.version_info >= (3, 13):
         return _Mapping(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
     shm = _Mapping(name=name)
