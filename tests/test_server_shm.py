@@ -22,7 +22,7 @@ import zmq
 
 from upscaler_server import shm
 from upscaler_server.errors import SharedMemoryError
-from upscaler_server.shm import SHM_DIR, Ring, RingLayout, remove_stale_segments
+from upscaler_server.shm import SHM_DIR, Ring, RingLayout, remove_stale_segments, segment_name
 
 from server_utils import REPO, Daemon, encode_request, raw_socket, run_server, shm_segments, short_tmpdir
 
@@ -218,7 +218,7 @@ def test_segments_a_live_daemon_holds_are_not_stale_whatever_their_pid_says() ->
     process's) lost its sessions' segments when this one started. The owner's lock now tells."""
     dead = subprocess.Popen(["true"])
     dead.wait()
-    names = [f"/takdsr-{os.geteuid()}-{pid}-0000abcd-in" for pid in (dead.pid, os.getpid())]
+    names = [segment_name(pid, 0xABCD, "in") for pid in (dead.pid, os.getpid())]
     owner = subprocess.Popen([sys.executable, "-c", _OWNER_IN_ANOTHER_NAMESPACE, *names], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
