@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -174,3 +175,53 @@ def test_worker_reports_a_frame_that_fails_when_waited_for_and_goes_on() -> None
     failed = finished[1]
     assert failed.error == (ErrorCode.INFERENCE_ERROR, "the device failed") and failed.times is None
     assert all(job.error is None for job in finished if job is not failed)
+
+
+class _Held(NearestEngine):
+    """Runs a frame only once ``gate`` is set: a frame the daemon's stop cannot wait for."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.gate = threading.Event()
+        self.running = threading.Event()
+
+    def upscale(self, lr: np.ndarray, fmt: PixelFormat, out: np.ndarray) -> StageTimes:
+        self.running.set()
+        self.gate.wait(30)
+        return super().upscale(lr, fmt, out)
+
+
+def test_an_abandoned_frame_is_returned_once_and_never_handed_back() -> None:
+    """A stop that does not wait for the running frame answers it itself: abandon() gives it to the caller, and the
+    worker, finishing it later, must not hand it back too (its client would get two replies to one request)."""
+    engine, q, finished = _Held(), FairQueue(capacity=5), []
+    worker = Worker(engine, q, finished.append)
+    worker.start()
+    running = _job(1, _frame(1))
+    q.put("a", running)
+    q.put("a", _job(2, _frame(2)))
+    assert engine.running.wait(10)
+    assert [job.frame for job in q.close()] == [2]  # the queued one goes back to the caller as before
+    assert worker.abandon() == [running]
+    assert worker.abandon() == []  # once only
+    engine.gate.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert finished == []
+
+
+def test_abandoning_a_worker_that_handed_everything_back_returns_nothing() -> None:
+    engine, q, finished = _Held(), FairQueue(capacity=5), []
+    engine.gate.set()
+    worker = Worker(engine, q, finished.append)
+    worker.start()
+    q.put("a", _job(1, _frame(1)))
+    q.put("a", _job(0))  # a warm-up
+    deadline = time.monotonic() + 10
+    while len(finished) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    q.close()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert worker.abandon() == []
+    assert [job.frame for job in finished] == [1, 0]

@@ -587,6 +587,64 @@ def test_inline_frames_waiting_for_the_engine_count_against_the_unread_budget() 
     assert not serving.is_alive()
 
 
+def test_frames_the_stop_cannot_wait_for_are_answered_shutting_down() -> None:
+    """A frame still running when the drain timeout ran out got no reply: the daemon closed its socket without a
+    word, and the client waited out its whole timeout (then a ping nobody answered). Here the engine holds a session
+    frame and an inline frame past a 0.3 s drain: both are answered SHUTTING_DOWN as the daemon stops."""
+    from upscaler_server.config import Config
+    from upscaler_server.engine import NearestEngine
+    from upscaler_server.server import Server
+
+    class Held(NearestEngine):
+        max_in_flight = 2  # the worker takes both frames up: two running frames to answer
+
+        def __init__(self) -> None:
+            super().__init__(2)
+            self.gate, self.both_started, self.calls = threading.Event(), threading.Event(), 0
+
+        def start(self, lr, fmt, out):  # type: ignore[no-untyped-def]  (session frames come here too)
+            self.calls += 1
+            deadline = time.monotonic() + 10
+            while self.calls == 1 and not len(server._queue) and time.monotonic() < deadline:
+                time.sleep(0.01)  # the first frame waits for the second to be queued, so the worker takes both up
+            if self.calls == 2:
+                self.both_started.set()
+            return lambda: self.upscale(lr, fmt, out)
+
+        def upscale(self, lr, fmt, out):  # type: ignore[no-untyped-def]
+            self.gate.wait(30)
+            return super().upscale(lr, fmt, out)
+
+    tmp = short_tmpdir()
+    engine = Held()
+    server = Server(Config(endpoint=f"ipc://{tmp}/d.sock", drain_timeout=0.3), engine)
+    serving = threading.Thread(target=server.serve)
+    serving.start()
+    try:
+        with raw_socket(f"ipc://{tmp}/d.sock") as sock:
+            _send(sock, type="open", req=1, width=16, height=16, format="RGB8", slots=1)
+            session = _replies(None, sock, 1)[1]["session"]
+            _send(sock, type="submit", req=2, session=session, slot=0, frame=1)
+            _send(sock, type="process", req=3, width=16, height=16, format="RGB8", frame=2, pixels=bytes(16 * 16 * 3))
+            assert engine.both_started.wait(10)
+            stop_asked = time.monotonic()
+            server.request_stop()
+            replies = _replies(None, sock, 2, timeout=10)
+            assert time.monotonic() - stop_asked < 5
+            assert {req: (reply["type"], reply.get("name")) for req, reply in replies.items()} == {
+                2: ("error", "SHUTTING_DOWN"), 3: ("error", "SHUTTING_DOWN")}
+            assert "did not wait for this frame" in replies[2]["message"]
+            serving.join(10)
+            assert not serving.is_alive()
+            assert server.worker_running  # the engine still holds the frames: the daemon's process would _exit
+    finally:
+        engine.gate.set()
+        server.request_stop()
+        serving.join(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert not serving.is_alive()
+
+
 def test_a_session_whose_output_ring_cannot_be_made_leaves_no_segment(monkeypatch: pytest.MonkeyPatch) -> None:
     """SessionTable.open creates the input ring, then the output ring: when the second fails (tmpfs full, found when
     its pages are reserved), the first must go too, and the half-made output ring with it; otherwise both stayed in

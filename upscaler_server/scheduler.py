@@ -126,11 +126,28 @@ class Worker(threading.Thread):
         self._engine = engine
         self._queue = queue
         self._finished = finished
+        self._lock = threading.Lock()  # orders taking and handing back jobs against abandon()
+        self._taken: list[Job] = []  # jobs taken from the queue and not handed back yet (at most max_in_flight)
+        self._abandoned = False
+
+    def abandon(self) -> list[Job]:
+        """For a stop that will not wait for the running frames (forced, or the drain ran out), once the queue is
+        closed: returns the jobs taken and not handed back yet, and from now on none is handed back, so the caller
+        answers each of them itself, exactly once. Empty when the worker has ended."""
+        with self._lock:
+            self._abandoned = True
+            taken, self._taken = self._taken, []
+            return taken
 
     def run(self) -> None:
         in_flight: collections.deque[tuple[Job, Callable[[], StageTimes] | None]] = collections.deque()
         while True:
-            job = self._queue.get(block=not in_flight)
+            # taken and listed in one step: abandon() comes after the queue's close, which ends a blocked get() at
+            # once, so it never finds a job taken but not listed (that job would get no answer at all)
+            with self._lock:
+                job = self._queue.get(block=not in_flight)
+                if job is not None:
+                    self._taken.append(job)
             if job is None and not in_flight:
                 return  # closed, and every frame taken is finished
             if job is not None:
@@ -158,7 +175,11 @@ class Worker(threading.Thread):
         if wait is not None:
             with self._errors_into(job):
                 job.times = wait()
-        self._finished(job)
+        with self._lock:
+            if self._abandoned:  # answered already by whoever abandoned it
+                return
+            self._taken.remove(job)
+            self._finished(job)
 
     @contextlib.contextmanager
     def _errors_into(self, job: Job) -> Iterator[None]:

@@ -4,8 +4,9 @@ One thread (the caller of :meth:`Server.serve`) owns the socket and the sessions
 engine. Finished jobs come back through a queue plus a byte on a pipe that the socket poller also watches. Every
 client mistake becomes an ``error`` reply and the loop carries on. Shutdown (after :meth:`Server.request_stop`, which
 is safe to call from a signal handler): stop serving requests (queued frames, and requests that arrive meanwhile,
-are answered SHUTTING_DOWN), finish the running frame unless forced, close the socket (lingering 200 ms for those
-last replies), unlink all shared memory, terminate the context.
+are answered SHUTTING_DOWN), finish the running frame unless forced or it outlasts the drain timeout (then it is
+answered SHUTTING_DOWN too), close the socket (lingering 200 ms for those last replies), unlink all shared memory,
+terminate the context.
 """
 
 from __future__ import annotations
@@ -203,7 +204,12 @@ class Server:
                 self._refuse_unread(self._router)
         if self._worker.is_alive():  # forced: an idle worker ends as the queue closes; a busy one is left
             self._worker.join(_IDLE_WORKER_S)
+        running = self._worker.abandon()  # empty when the worker ended: then every frame was handed back
         self._deliver_finished()
+        for job in running:  # not waited for: its client hears so now, not after its whole timeout
+            if self._wants_reply(job):
+                self._reply(job.envelope, _error(job.req, ErrorCode.SHUTTING_DOWN,
+                                                 "the daemon is shutting down and did not wait for this frame"))
         worker_done = not self._worker.is_alive()
         if self._router is not None:
             self._refuse_unread(self._router)
@@ -472,11 +478,15 @@ class Server:
                 return
             if job.warmup and job.error is not None:
                 log.warning("warm-up failed for %dx%d %s: %s", job.width, job.height, job.fmt.name, job.error[1])
-            wanted = not job.warmup and not (job.session is not None and job.session.ended)
-            reply = self._result_reply(job) if wanted else None
+            reply = self._result_reply(job) if self._wants_reply(job) else None
             self._release_job(job)
             if reply is not None:
                 self._reply(job.envelope, reply)
+
+    @staticmethod
+    def _wants_reply(job: Job) -> bool:
+        """A warm-up has no requester, and a frame of an ended session none that waits for it."""
+        return not job.warmup and not (job.session is not None and job.session.ended)
 
     def _result_reply(self, job: Job) -> Message:
         if job.error is not None:
