@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pathlib
@@ -989,6 +990,105 @@ def test_a_service_manager_that_cannot_be_told_does_not_stop_the_daemon(short_di
         assert stop(proc) == 0
     log = (short_dir / "log").read_text()
     assert f"cannot notify the service manager at $NOTIFY_SOCKET={short_dir / 'nobody'}" in log
+
+
+def test_the_watchdog_setting_is_read_as_systemd_sets_it(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from upscaler_server.service import watchdog_timeout
+
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/nowhere")
+    monkeypatch.setenv("WATCHDOG_USEC", "2500000")
+    assert watchdog_timeout() == 2.5
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_timeout() == 2.5
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # a child that inherited its parent's variables
+    assert watchdog_timeout() is None
+    monkeypatch.delenv("WATCHDOG_PID")
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert watchdog_timeout() is None  # nowhere to send the pings
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/nowhere")
+    for bad in ("0", "-5", "1e6", "soon"):
+        monkeypatch.setenv("WATCHDOG_USEC", bad)
+        with caplog.at_level("WARNING", logger="upscaler_server"):
+            assert watchdog_timeout() is None
+        assert f"ignoring $WATCHDOG_USEC={bad}: not a positive number of microseconds" in caplog.text
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert watchdog_timeout() is None
+
+
+def test_a_serving_daemon_tells_the_service_managers_watchdog_it_is_alive(short_dir: pathlib.Path) -> None:
+    """systemd's WatchdogSec=: with $WATCHDOG_USEC set (0.4 s here) the daemon sends WATCHDOG=1 every half of it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(short_dir / "notify"))
+        manager.settimeout(60)
+        proc = _spawn_with_env(["--backend", "nearest", "--endpoint", f"ipc://{short_dir}/d.sock"], short_dir / "log",
+                               {"NOTIFY_SOCKET": str(short_dir / "notify"), "WATCHDOG_USEC": "400000"})
+        try:
+            assert manager.recv(4096).decode().startswith("READY=1\n")
+            manager.settimeout(5)  # ten times the period: a daemon that sent one and stopped fails here
+            pings = [manager.recv(4096).decode() for _ in range(4)]
+        finally:
+            status = stop(proc)
+        assert pings == ["WATCHDOG=1"] * 4
+        assert status == 0, (short_dir / "log").read_text()
+
+
+def test_an_engine_stuck_on_a_frame_stops_the_watchdog_pings(short_dir: pathlib.Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung engine (a GPU driver that never returns, say) left the daemon answering pings and queueing frames for
+    ever: its socket is served by another thread. Now a frame running longer than the watchdog's timeout stops the
+    WATCHDOG=1 pings, so systemd restarts the daemon; once the frame ends they come again."""
+    from upscaler_server.config import Config
+    from upscaler_server.engine import NearestEngine
+    from upscaler_server.server import Server
+
+    class Held(NearestEngine):
+        def __init__(self) -> None:
+            super().__init__(2)
+            self.gate, self.running = threading.Event(), threading.Event()
+
+        def upscale(self, lr, fmt, out):  # type: ignore[no-untyped-def]
+            self.running.set()
+            self.gate.wait(30)
+            return super().upscale(lr, fmt, out)
+
+    timeout_s = 0.3
+    monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", str(int(timeout_s * 1e6)))
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    engine = Held()
+    server = Server(Config(endpoint=f"ipc://{short_dir}/d.sock"), engine)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(short_dir / "notify"))
+        manager.settimeout(10)
+        serving = threading.Thread(target=server.serve)
+        serving.start()
+        try:
+            assert manager.recv(4096).decode().startswith("READY=1\n")
+            assert manager.recv(4096) == b"WATCHDOG=1"  # idle: alive
+            with raw_socket(f"ipc://{short_dir}/d.sock") as sock:
+                sock.send(protocol.encode(protocol.Process(req=1, width=8, height=8, format="RGB8", frame=1,
+                                                           pixels=bytes(8 * 8 * 3))))
+                assert engine.running.wait(10)
+                time.sleep(timeout_s + 0.2)  # the frame has now run longer than the timeout
+                manager.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        manager.recv(4096)  # pings sent before that
+                manager.settimeout(4 * timeout_s)  # eight periods of a healthy daemon
+                with pytest.raises(TimeoutError):
+                    manager.recv(4096)
+                engine.gate.set()
+                manager.settimeout(10)
+                assert manager.recv(4096) == b"WATCHDOG=1"  # the frame is done: alive again
+                assert sock.poll(10_000, zmq.POLLIN)
+                assert isinstance(protocol.decode(sock.recv(), "reply"), protocol.Result)
+        finally:
+            engine.gate.set()
+            server.request_stop()
+            serving.join(30)
+    assert not serving.is_alive()
 
 
 def _zmtp_dealer(path: str) -> socket.socket:

@@ -64,7 +64,7 @@ def test_drop_and_close() -> None:
         q.put("c", _job(9, lr))
     assert [j.frame for j in q.close()] == [3, 5, 6, 7, 8]
     assert q.get() is None
-    assert q.get(block=False) is None
+    assert not q.wait()  # closed: returns at once
     with pytest.raises(UpscalerError) as info:
         q.put("a", _job(4))
     assert info.value.code == ErrorCode.SHUTTING_DOWN
@@ -97,11 +97,23 @@ def test_worker_runs_jobs_and_reports_failures() -> None:
     assert bad.error is not None and bad.error[0] == ErrorCode.INFERENCE_ERROR
 
 
-def test_get_without_blocking() -> None:
+def test_get_never_blocks_and_wait_does_until_a_job_or_the_close() -> None:
     q = FairQueue(capacity=2)
-    assert q.get(block=False) is None  # empty: returns at once
+    assert q.get() is None  # empty: returns at once
+    waited: list[bool] = []
+    waiter = threading.Thread(target=lambda: waited.append(q.wait()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # nothing queued yet
     q.put("a", _job(1))
-    assert q.get(block=False).frame == 1  # type: ignore[union-attr]
+    waiter.join(10)
+    assert waited == [True]
+    assert q.get().frame == 1  # type: ignore[union-attr]
+    waiter = threading.Thread(target=lambda: waited.append(q.wait()))
+    waiter.start()
+    q.close()
+    waiter.join(10)
+    assert waited == [True, False]
 
 
 class _TwoInFlight(NearestEngine):

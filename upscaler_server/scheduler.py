@@ -82,11 +82,16 @@ class FairQueue:
             self._count += not job.warmup
             self._cond.notify()
 
-    def get(self, block: bool = True) -> Job | None:
-        """Next job; None once the queue is closed, or at once when ``block`` is False and nothing waits."""
+    def wait(self) -> bool:
+        """Block until a job waits (True) or the queue is closed (False)."""
         with self._cond:
-            while block and not self._fifos and not self._closed:
+            while not self._fifos and not self._closed:
                 self._cond.wait()
+            return not self._closed
+
+    def get(self) -> Job | None:
+        """Next job, or None at once when none waits (always, once the queue is closed)."""
+        with self._cond:
             if self._closed or not self._fifos:
                 return None
             key, fifo = next(iter(self._fifos.items()))
@@ -139,23 +144,32 @@ class Worker(threading.Thread):
             taken, self._taken = self._taken, []
             return taken
 
+    def busy_since(self) -> float | None:
+        """``perf_counter()`` when the engine took up the oldest frame (or warm-up) it has not finished, or None when
+        it has none: how long the engine has been on one job, for the service manager's watchdog."""
+        with self._lock:
+            return self._taken[0].started if self._taken else None
+
     def run(self) -> None:
         in_flight: collections.deque[tuple[Job, Callable[[], StageTimes] | None]] = collections.deque()
         while True:
-            # taken and listed in one step: abandon() comes after the queue's close, which ends a blocked get() at
-            # once, so it never finds a job taken but not listed (that job would get no answer at all)
-            with self._lock:
-                job = self._queue.get(block=not in_flight)
-                if job is not None:
-                    self._taken.append(job)
-            if job is None and not in_flight:
+            if not in_flight and not self._queue.wait():
                 return  # closed, and every frame taken is finished
+            job = self._take()  # None: nothing queued (with frames in flight), or a session's frames were dropped
             if job is not None:
-                job.started = time.perf_counter()
                 in_flight.append((job, self._start(job)))
-            if job is None or len(in_flight) >= self._engine.max_in_flight:
+            if in_flight and (job is None or len(in_flight) >= self._engine.max_in_flight):
                 self._finish(*in_flight.popleft())
             del job  # the transport thread drops the job's buffers; hold none here
+
+    def _take(self) -> Job | None:
+        # taken and listed in one step, so abandon() never finds a job taken but not listed (it would get no answer)
+        with self._lock:
+            job = self._queue.get()
+            if job is not None:
+                job.started = time.perf_counter()
+                self._taken.append(job)
+            return job
 
     def _start(self, job: Job) -> Callable[[], StageTimes] | None:
         """Begin the job; returns what waits for its frame, or None when it is already done (or failed)."""

@@ -55,7 +55,7 @@ from upscaler_server.protocol import (
     encode,
 )
 from upscaler_server.scheduler import FairQueue, Job, Worker
-from upscaler_server.service import notify
+from upscaler_server.service import notify, watchdog_timeout
 from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
 from upscaler_server.shm import SlotFrame, probe_kernel_copy, remove_stale_segments
 
@@ -173,7 +173,8 @@ class Server:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        next_reap = 0.0
+        next_reap = next_watchdog = 0.0
+        watchdog_s = watchdog_timeout()
         while not self._stopping:
             events = dict(poller.poll(_POLL_MS))
             if router in events:
@@ -186,6 +187,17 @@ class Server:
                 self._reap(now)
                 self._activity.report_if_due()
                 next_reap = now + min(0.1, self.config.lease_timeout / 4)
+            if watchdog_s is not None and now >= next_watchdog:
+                self._tell_watchdog(watchdog_s)
+                next_watchdog = now + watchdog_s / 2  # sd_watchdog_enabled(3): every half timeout
+
+    def _tell_watchdog(self, timeout_s: float) -> None:
+        """``WATCHDOG=1`` unless the engine has been on one frame (or warm-up) for longer than the watchdog's
+        ``timeout_s``: a hung engine (a stuck GPU driver, say) then gets the daemon killed and restarted, though its
+        socket still answers; this loop itself stuck sends nothing either."""
+        busy_since = self._worker.busy_since()
+        if busy_since is None or time.perf_counter() - busy_since <= timeout_s:
+            notify("WATCHDOG=1")
 
     def _shutdown(self) -> None:
         served = self._router is not None  # else it never bound: nothing to tell of a stop

@@ -4,6 +4,10 @@ Under a unit with ``Type=notify`` systemd sets ``$NOTIFY_SOCKET`` to a datagram 
 before it counts the daemon as started (so units ordered after it, e.g. a game server, start once the endpoint is
 bound, not when the process is forked) and shows ``STATUS=`` in ``systemctl status``. Without the variable nothing
 is sent. A message that cannot be sent is logged, never fatal: serving matters more than the report of it.
+
+With ``WatchdogSec=`` in the unit, systemd also sets ``$WATCHDOG_USEC`` (and ``$WATCHDOG_PID``) and expects
+``WATCHDOG=1`` more often than that; when none comes it kills the daemon (SIGABRT), and ``Restart=on-failure`` starts
+a new one. :func:`watchdog_timeout` reads that setting; the server decides when the daemon counts as alive.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import os
 import socket
 
-__all__ = ["NOTIFY_ENV", "notify"]
+__all__ = ["NOTIFY_ENV", "notify", "watchdog_timeout"]
 
 log = logging.getLogger("upscaler_server")
 
@@ -31,3 +35,20 @@ def notify(*assignments: str) -> None:
             sock.sendto("\n".join(assignments).encode(), address)
     except OSError as exc:  # a path of another kind (systemd's vsock: addresses), or the manager gone
         log.warning("cannot notify the service manager at $%s=%s: %s", NOTIFY_ENV, os.environ[NOTIFY_ENV], exc)
+
+
+def watchdog_timeout() -> float | None:
+    """The service manager's watchdog timeout in seconds (``$WATCHDOG_USEC``), or None when there is none, when
+    ``$WATCHDOG_PID`` names another process (a child that inherited the variables), or when the value is no positive
+    number of microseconds (logged: the unit's watchdog would then kill a healthy daemon)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not os.environ.get(NOTIFY_ENV):
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    if not (usec.isascii() and usec.isdigit()) or int(usec) == 0:
+        log.warning("ignoring $WATCHDOG_USEC=%s: not a positive number of microseconds; no watchdog pings are sent",
+                    usec[:40])
+        return None
+    return int(usec) / 1e6
