@@ -41,6 +41,8 @@ REPLY_KEYS = {
     "result": {"frame", "width", "height", "format", "pixels", "timings"},
     "closed": {"session"},
     "pong": {"sessions", "instance"},
+    "statistics": {"instance", "uptime_ms", "sessions", "queued", "frames_done", "frames_failed", "frames_busy",
+                   "recent_frames", "total_us_p50", "total_us_p99", "infer_us_p50", "infer_us_p99"},
     "error": {"code", "name", "message"},
 }
 SEGMENT_KEYS = {"name", "size", "slot_stride", "slot_bytes", "row_stride"}
@@ -113,6 +115,9 @@ def _check_reply(reply: Any) -> None:
         assert isinstance(reply["pixels"], bytes)  # msgpack bin, not str
     if reply["type"] == "opened":
         assert set(reply["input"]) == set(reply["output"]) == SEGMENT_KEYS
+    if reply["type"] == "statistics":
+        assert all(isinstance(v, int) and v >= 0 for k, v in reply.items() if k not in ("type", "instance"))
+        assert reply["total_us_p50"] <= reply["total_us_p99"] and reply["infer_us_p50"] <= reply["infer_us_p99"]
 
 
 def expect_error(reply: dict[str, Any], code: int, name: str, req: int | None = None) -> None:
@@ -395,7 +400,9 @@ def test_resource_limits(peer: Peer) -> None:
 
 
 def test_busy(peer: Peer) -> None:
-    """Section 5: beyond max_queue waiting frames, process/submit get BUSY at once; every request gets one reply."""
+    """Section 5: beyond max_queue waiting frames, process/submit get BUSY at once; every request gets one reply.
+    Section 4, statistics: the frames done and refused are counted."""
+    before = peer.call(type="stats")
     pixels = frame(160, 100, "RGB8", seed=3)
     reqs = {peer.send(type="process", width=160, height=100, format="RGB8", frame=i, pixels=pixels)
             for i in range(20)}
@@ -406,6 +413,12 @@ def test_busy(peer: Peer) -> None:
         kinds.append(reply["type"] if reply["type"] != "error" else reply["name"])
     assert not reqs and set(kinds) == {"result", "BUSY"} and kinds.count("result") >= LIMITS["max_queue"]
     assert peer.silent(0.2)
+    after = peer.call(type="stats")
+    assert after["frames_done"] - before["frames_done"] == kinds.count("result")
+    assert after["frames_busy"] - before["frames_busy"] == kinds.count("BUSY")
+    assert after["frames_failed"] == before["frames_failed"] and after["queued"] == 0
+    assert after["recent_frames"] == min(1024, before["recent_frames"] + kinds.count("result"))
+    assert after["uptime_ms"] >= before["uptime_ms"] and after["instance"] == before["instance"]
 
 
 @pytest.mark.parametrize("payload", [

@@ -33,6 +33,7 @@ EXAMPLES: list[p.Message] = [
     p.Process(req=4, width=2, height=1, format="RGB8", frame=0, pixels=b"\x00\x01\x02\x03\x04\x05"),
     p.Close(req=5, session=7),
     p.Ping(req=6, sessions=[7, 8]),
+    p.Stats(req=8),
     p.Welcome(req=1, server="takdsr-upscaler/0.2.0", instance="ab", versions=[1], model="rlfn", scale=2,
               device="cpu", precision="fp32", random_weights=False, formats=["RGB8"], min_size=15, max_width=3840,
               max_height=2160, max_pixels=3840 * 2160, max_slots=8, max_sessions=64, max_queue=16, lease_ms=10000,
@@ -43,6 +44,9 @@ EXAMPLES: list[p.Message] = [
     p.Result(req=4, frame=0, width=4, height=2, format="RGB8", pixels=bytes(24), timings=TIMINGS),
     p.Closed(req=5, session=7),
     p.Pong(req=6, sessions=[7], instance="ab"),
+    p.Statistics(req=8, instance="ab", uptime_ms=12345, sessions=2, queued=1, frames_done=2**40, frames_failed=3,
+                 frames_busy=4, recent_frames=1024, total_us_p50=900, total_us_p99=4000, infer_us_p50=700,
+                 infer_us_p99=3000),
     p.Error(req=7, code=20, name="BUSY", message="queue full"),
 ]
 
@@ -147,7 +151,7 @@ def test_decode_rejects_other_field_kinds() -> None:
     done = {"type": "done", "session": 1, "slot": 0, "frame": 0}
     assert code_of({**done, "timings": [1, 2]}, "reply") == ErrorCode.INVALID_FIELD  # array where map is due
     assert code_of({**done, "timings": {"queue_us": 1}}, "reply") == ErrorCode.INVALID_FIELD  # nested key missing
-    welcome = msgpack.unpackb(p.encode(EXAMPLES[6]), raw=False)
+    welcome = msgpack.unpackb(p.encode(next(m for m in EXAMPLES if isinstance(m, p.Welcome))), raw=False)
     assert code_of({**welcome, "random_weights": 1}, "reply") == ErrorCode.INVALID_FIELD  # int where bool is due
 
 

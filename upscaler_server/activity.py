@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from upscaler_server.errors import ErrorCode
+from upscaler_server.errors import DAEMON_FAILURES
 from upscaler_server.protocol import Done, Error, Message, Result
 
 __all__ = ["REPORT_EVERY_S", "Activity"]
@@ -27,7 +27,6 @@ __all__ = ["REPORT_EVERY_S", "Activity"]
 log = logging.getLogger("upscaler_server")
 
 REPORT_EVERY_S = 60.0
-_DAEMON_FAILURES = {ErrorCode.INFERENCE_ERROR.name, ErrorCode.INTERNAL.name, ErrorCode.SHM_ERROR.name}
 
 
 class Activity:
@@ -50,7 +49,7 @@ class Activity:
         if isinstance(reply, (Done, Result)):
             self._counts["frame(s) done"] += 1
         elif isinstance(reply, Error):
-            if reply.name in _DAEMON_FAILURES and not self._errors[reply.name]:
+            if reply.code in DAEMON_FAILURES and not self._errors[reply.name]:
                 log.warning("a frame failed (%s): %s (further ones in this minute are only counted)", reply.name,
                             reply.message)
             self._errors[reply.name] += 1

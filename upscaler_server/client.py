@@ -75,6 +75,8 @@ from upscaler_server.protocol import (
     Pong,
     Process,
     Result,
+    Statistics,
+    Stats,
     Welcome,
     decode,
     encode,
@@ -353,6 +355,12 @@ class UpscalerClient:
         start = time.perf_counter()
         self.request(Ping(sessions=[]), Pong)
         return time.perf_counter() - start
+
+    def stats(self) -> Statistics:
+        """What the daemon has done since it started (frames done, failed, refused BUSY), what it holds now (sessions,
+        queued frames) and the median and 99th percentile of its latest frames' times (docs/protocol.md, ``stats``).
+        A daemon older than the request answers UNKNOWN_TYPE, raised as ProtocolError."""
+        return self.request(Stats(), Statistics)
 
     def open_session(self, width: int, height: int, pixel_format: str = "RGB8", slots: int = 3) -> Session:
         """Open a session for ``width`` x ``height`` frames in ``pixel_format`` with ``slots`` frames in flight."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "DAEMON_FAILURES",
     "BusyError",
     "ClientInterruptedError",
     "ConfigError",
@@ -45,6 +46,10 @@ class ErrorCode(enum.IntEnum):
     SHM_ERROR = 30  # shared memory could not be created or used
     INFERENCE_ERROR = 31  # the engine failed on this frame
     INTERNAL = 99  # a bug in the daemon
+
+
+# the daemon's own failures, not the client's: an operator wants to hear of these
+DAEMON_FAILURES = frozenset({ErrorCode.SHM_ERROR, ErrorCode.INFERENCE_ERROR, ErrorCode.INTERNAL})
 
 
 class UpscalerError(Exception):

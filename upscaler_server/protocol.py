@@ -23,6 +23,7 @@ from upscaler_server.errors import ErrorCode, ProtocolError
 __all__ = [
     "MODEL_NAME_MAX",
     "PIXEL_FORMATS",
+    "RECENT_FRAMES_MAX",
     "VERSION",
     "Close",
     "Closed",
@@ -42,6 +43,8 @@ __all__ = [
     "Request",
     "Result",
     "Segment",
+    "Statistics",
+    "Stats",
     "Submit",
     "Timings",
     "Welcome",
@@ -57,6 +60,7 @@ SLOTS_MAX = 64
 SCALE_MAX = 16  # welcome.scale
 COUNT_MAX = 1 << 20  # welcome.max_sessions and max_queue
 PING_SESSIONS_MAX = 256
+RECENT_FRAMES_MAX = 1024  # statistics: the latest frames whose times make the percentiles
 MODEL_NAME_MAX = 128  # characters of welcome.model
 MAX_CONTAINERS = 64  # maps and arrays in one message, all depths together (welcome and opened have 3)
 # msgpack decodes bin as bytes; senders may pass any buffer (a client hands over its frame's memoryview, no copy)
@@ -319,6 +323,14 @@ class Ping(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Stats(Message):
+    """Ask what the daemon has done and how long its latest frames took; answered by :class:`Statistics`. Renews no
+    lease."""
+
+    TYPE: ClassVar[str] = "stats"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Welcome(Message):
     """Daemon capabilities and limits."""
 
@@ -391,6 +403,25 @@ class Pong(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Statistics(Message):
+    """Counts since the daemon started, and percentiles of its latest frames' times (0 while it has done none)."""
+
+    TYPE: ClassVar[str] = "statistics"
+    instance: Annotated[str, _Str(64)]  # as in welcome
+    uptime_ms: U64  # since the daemon's start-up finished (its model loaded)
+    sessions: Annotated[int, _Int(0, COUNT_MAX)]  # open now
+    queued: Annotated[int, _Int(0, COUNT_MAX)]  # frames waiting for the engine now
+    frames_done: U64  # done and result replies
+    frames_failed: U64  # frames the daemon failed: INFERENCE_ERROR, INTERNAL and SHM_ERROR replies
+    frames_busy: U64  # frames refused because the queue was full: BUSY replies
+    recent_frames: Annotated[int, _Int(0, RECENT_FRAMES_MAX)]  # the latest frames done, that the percentiles are of
+    total_us_p50: U64  # request received -> reply sent (timings.total_us), median
+    total_us_p99: U64
+    infer_us_p50: U64  # model forward (timings.infer_us), median
+    infer_us_p99: U64
+
+
+@dataclass(frozen=True, kw_only=True)
 class Error(Message):
     TYPE: ClassVar[str] = "error"
     code: Annotated[int, _Int(0, 65535)]
@@ -398,10 +429,11 @@ class Error(Message):
     message: Annotated[str, _Str(1024)]  # human-readable, says what to do
 
 
-Request = Hello | Open | Submit | Process | Close | Ping
-Reply = Welcome | Opened | Done | Result | Closed | Pong | Error
-REQUESTS: dict[str, type[Message]] = {c.TYPE: c for c in (Hello, Open, Submit, Process, Close, Ping)}
-REPLIES: dict[str, type[Message]] = {c.TYPE: c for c in (Welcome, Opened, Done, Result, Closed, Pong, Error)}
+Request = Hello | Open | Submit | Process | Close | Ping | Stats
+Reply = Welcome | Opened | Done | Result | Closed | Pong | Statistics | Error
+REQUESTS: dict[str, type[Message]] = {c.TYPE: c for c in (Hello, Open, Submit, Process, Close, Ping, Stats)}
+REPLIES: dict[str, type[Message]] = {c.TYPE: c for c in (Welcome, Opened, Done, Result, Closed, Pong, Statistics,
+                                                         Error)}
 
 
 # --- encode / decode -------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from upscaler_server.protocol import (
     Pong,
     Process,
     Result,
+    Stats,
     Submit,
     Timings,
     Welcome,
@@ -58,6 +59,7 @@ from upscaler_server.scheduler import FairQueue, Job, Worker
 from upscaler_server.service import notify, watchdog_timeout
 from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
 from upscaler_server.shm import SlotFrame, probe_kernel_copy, remove_stale_segments
+from upscaler_server.stats import DaemonStats
 
 __all__ = ["Server"]
 
@@ -94,6 +96,7 @@ class Server:
         self._wake_r, self._wake_w = os.pipe()
         self._pipe_closed = False
         self._activity = Activity()
+        self._stats = DaemonStats()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._worker = Worker(engine, self._queue, self._on_finished)
@@ -106,7 +109,7 @@ class Server:
         self._forced = False
         self._handlers: dict[type[Message], Callable[[Message, list[bytes], float], Message | None]] = {
             Hello: self._on_hello, Open: self._on_open, Submit: self._on_submit, Process: self._on_process,
-            Close: self._on_close, Ping: self._on_ping,
+            Close: self._on_close, Ping: self._on_ping, Stats: self._on_stats,
         }
 
     # --- lifecycle ---------------------------------------------------------------------------------------------------
@@ -424,6 +427,9 @@ class Server:
             self._sessions.get(session_id).touch(now)
         return Pong(req=msg.req, sessions=alive, instance=self.instance)
 
+    def _on_stats(self, msg: Message, envelope: list[bytes], received: float) -> Message:
+        return self._stats.statistics(msg.req, self.instance, sessions=len(self._sessions), queued=len(self._queue))
+
     # --- sessions and finished frames --------------------------------------------------------------------------------
 
     def _end_session(self, session: Session, reason: str, level: int = logging.DEBUG) -> None:
@@ -518,6 +524,7 @@ class Server:
         if self._router is None or self._router.closed:
             return
         self._activity.replied(reply)
+        self._stats.replied(reply)
         try:
             payload = encode(reply)
         except ProtocolError as exc:  # a daemon bug (a reply outside the schema): say so, keep serving
