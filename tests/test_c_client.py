@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import re
 import resource
 import shutil
 import signal
@@ -214,10 +215,30 @@ def test_no_leak_under_valgrind(binary: pathlib.Path, daemon: Daemon, tmp_path: 
         pytest.fail(f"valgrind not found: apt-get install {DEBIAN_PACKAGES} (or bash scripts/setup.sh)")
     cmd = ["nice", "valgrind", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect,possible",
            "--error-exitcode=1", str(binary), "-e", daemon.endpoint, "-p", "32x24", "-f", "RGBA8", "-s", "2",
-           "-n", "3", "-o", str(tmp_path / "out.png")]
+           "-n", "3", "-S", "-o", str(tmp_path / "out.png")]  # -S: takdsr_stats too
     result = _run(cmd)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "ERROR SUMMARY: 0 errors" in result.stderr, result.stderr[-6000:]
+    assert "daemon statistics: " in result.stdout
+
+
+def test_the_daemons_statistics_are_printed_as_the_python_client_reads_them(binary: pathlib.Path,
+                                                                            tmp_path: pathlib.Path) -> None:
+    with run_server("--backend", "nearest", "--threads", "1") as fresh:  # its own daemon: counts from zero
+        result = _run([str(binary), "-e", fresh.endpoint, "-p", "40x30", "-s", "2", "-n", "7", "-S", "-o",
+                       str(tmp_path / "out.png")])
+        assert result.returncode == 0, result.stdout + result.stderr
+        with UpscalerClient(fresh.endpoint, timeout=10) as client:
+            stats = client.stats()
+    printed = re.search(r"daemon statistics: (\d+) frame\(s\) done, (\d+) failed, (\d+) refused BUSY in [\d.]+ s; "
+                        r"(\d+) session\(s\) open, (\d+) frame\(s\) queued; the latest (\d+) frame\(s\): total "
+                        r"p50 ([\d.]+) ms p99 ([\d.]+) ms, model p50 ([\d.]+) ms p99 ([\d.]+) ms", result.stdout)
+    assert printed is not None, result.stdout
+    counts = [int(n) for n in printed.groups()[:6]]
+    assert counts == [7, 0, 0, 0, 0, 7] == [stats.frames_done, stats.frames_failed, stats.frames_busy, stats.sessions,
+                                            stats.queued, stats.recent_frames]
+    times = [stats.total_us_p50, stats.total_us_p99, stats.infer_us_p50, stats.infer_us_p99]
+    assert printed.groups()[6:] == tuple(f"{us / 1000:.2f}" for us in times)
 
 
 # --- PNG inputs: alpha, 16 bits, gAMA (image_io.c, load_png) ------------------------------------------------------

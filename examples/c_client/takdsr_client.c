@@ -529,6 +529,28 @@ int takdsr_ping(takdsr_client *c, const uint32_t *sessions, size_t n, bool *aliv
     return rc;
 }
 
+int takdsr_stats(takdsr_client *c, takdsr_statistics *stats) {
+    struct msg m;
+    struct reply r;
+    uint64_t req = c->next_req++;
+    msg_begin(&m, "stats", req, 0);
+    int rc = request(c, &m, req, "statistics", &r);
+    if (rc != TAKDSR_OK) return rc;
+    memset(stats, 0, sizeof *stats);
+    bool ok = get_str(r.map, "instance", stats->instance, sizeof stats->instance) &&
+              get_u64(r.map, "uptime_ms", &stats->uptime_ms) && get_u32(r.map, "sessions", &stats->sessions) &&
+              get_u32(r.map, "queued", &stats->queued) && get_u64(r.map, "frames_done", &stats->frames_done) &&
+              get_u64(r.map, "frames_failed", &stats->frames_failed) &&
+              get_u64(r.map, "frames_busy", &stats->frames_busy) &&
+              get_u32(r.map, "recent_frames", &stats->recent_frames) &&
+              get_u64(r.map, "total_us_p50", &stats->total_us_p50) &&
+              get_u64(r.map, "total_us_p99", &stats->total_us_p99) &&
+              get_u64(r.map, "infer_us_p50", &stats->infer_us_p50) &&
+              get_u64(r.map, "infer_us_p99", &stats->infer_us_p99);
+    reply_free(&r);
+    return ok ? TAKDSR_OK : fail(c, TAKDSR_E_PROTOCOL, "the statistics reply lacks a documented key");
+}
+
 /* --- sessions ---------------------------------------------------------------------------------------------------- */
 
 /* Whether `name` is what a daemon of this user calls session `session`'s `kind` segment (section 6.1):

@@ -72,6 +72,13 @@ typedef struct takdsr_info { /* the welcome reply */
     uint64_t max_pixels, lease_ms, heartbeat_ms;
 } takdsr_info;
 
+typedef struct takdsr_statistics { /* the statistics reply: counts since the daemon started, its latest frames' times */
+    char instance[65];
+    uint64_t uptime_ms, frames_done, frames_failed, frames_busy;
+    uint32_t sessions, queued, recent_frames;
+    uint64_t total_us_p50, total_us_p99, infer_us_p50, infer_us_p99;
+} takdsr_statistics;
+
 typedef struct takdsr_timings {
     uint64_t queue_us, copy_in_us, infer_us, copy_out_us, total_us;
 } takdsr_timings;
@@ -105,6 +112,9 @@ const char *takdsr_status_name(int status);
 int takdsr_hello(takdsr_client *c, const char *client_name, takdsr_info *info);
 /* Pings `n` session ids (renewing their leases); alive[i] (optional) says whether sessions[i] is open. */
 int takdsr_ping(takdsr_client *c, const uint32_t *sessions, size_t n, bool *alive);
+/* What the daemon has done since it started and how long its latest frames took (docs/protocol.md, stats). A daemon
+ * older than the request answers UNKNOWN_TYPE: TAKDSR_E_SERVER. */
+int takdsr_stats(takdsr_client *c, takdsr_statistics *stats);
 
 /* Opens a session for width x height LR frames in `format` (RGB8, BGR8, RGBA8, BGRA8) with `slots` slots (at most
  * TAKDSR_MAX_SLOTS) and maps its rings. An opened reply with another size, format or number of slots than asked for,

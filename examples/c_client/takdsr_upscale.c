@@ -1,9 +1,9 @@
 /* takdsr_upscale: upscale one frame (a .ppm/.png file or a generated pattern) through the daemon's shared memory.
  *
- *   takdsr_upscale [-e ENDPOINT] (-i IN.png|IN.ppm | -p WxH) [-f FORMAT] [-s SLOTS] [-n FRAMES] [-t MS] -o OUT
+ *   takdsr_upscale [-e ENDPOINT] (-i IN.png|IN.ppm | -p WxH) [-f FORMAT] [-s SLOTS] [-n FRAMES] [-t MS] [-S] -o OUT
  *
  * The frame is submitted FRAMES times, pipelined over SLOTS slots (BUSY replies are retried), and the last result is
- * written to OUT (.png or .ppm). Exit status: 0 on success, 1 on any error (printed with the daemon's code and
+ * written to OUT (.png or .ppm). -S then prints the daemon's statistics. Exit status: 0 on success, 1 on any error (printed with the daemon's code and
  * message), 2 for bad arguments, 128 + the signal after SIGINT or SIGTERM (the session closed, nothing written). */
 #define _DEFAULT_SOURCE /* nanosleep, sigaction */
 #include <ctype.h>
@@ -24,6 +24,7 @@ typedef struct options {
     const char *endpoint, *input, *output, *format;
     uint32_t pattern_w, pattern_h, slots, frames;
     int timeout_ms;
+    bool stats; /* -S: print the daemon's statistics after the run */
 } options;
 
 /* The signal (SIGINT, SIGTERM) that asked the run to stop, 0 before. Only set in the handler: the run stops after the
@@ -46,7 +47,7 @@ static void catch_stop_signals(void) {
 static int usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s [-e ENDPOINT] (-i IN.png|IN.ppm | -p WxH) [-f RGB8|BGR8|RGBA8|BGRA8] [-s SLOTS] [-n FRAMES]\n"
-            "          [-t TIMEOUT_MS] -o OUT.png|OUT.ppm\n",
+            "          [-t TIMEOUT_MS] [-S] -o OUT.png|OUT.ppm\n",
             argv0);
     return 2;
 }
@@ -129,9 +130,9 @@ static int parse(int argc, char **argv, options *o) {
         {"pattern", required_argument, NULL, 'p'},  {"format", required_argument, NULL, 'f'},
         {"slots", required_argument, NULL, 's'},    {"frames", required_argument, NULL, 'n'},
         {"timeout", required_argument, NULL, 't'},  {"output", required_argument, NULL, 'o'},
-        {NULL, 0, NULL, 0}};
+        {"stats", no_argument, NULL, 'S'},          {NULL, 0, NULL, 0}};
     int opt;
-    while ((opt = getopt_long(argc, argv, "e:i:p:f:s:n:t:o:", longs, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "e:i:p:f:s:n:t:o:S", longs, NULL)) != -1) {
         switch (opt) {
         case 'e': o->endpoint = optarg; break;
         case 'i': o->input = optarg; break;
@@ -152,6 +153,7 @@ static int parse(int argc, char **argv, options *o) {
             break;
         }
         case 'o': o->output = optarg; break;
+        case 'S': o->stats = true; break;
         default: return -1;
         }
     }
@@ -204,6 +206,19 @@ static int print_error(const takdsr_error *e, const char *what) {
 }
 
 static int report(takdsr_client *c, const char *what) { return print_error(takdsr_last_error(c), what); }
+
+/* The daemon's statistics, after the run (so the session of this run is closed and its frames are counted). */
+static int print_statistics(takdsr_client *c) {
+    takdsr_statistics st;
+    if (takdsr_stats(c, &st) != TAKDSR_OK) return report(c, "asking the daemon's statistics");
+    printf("daemon statistics: %llu frame(s) done, %llu failed, %llu refused BUSY in %.1f s; %u session(s) open, "
+           "%u frame(s) queued; the latest %u frame(s): total p50 %.2f ms p99 %.2f ms, model p50 %.2f ms p99 %.2f ms\n",
+           (unsigned long long)st.frames_done, (unsigned long long)st.frames_failed,
+           (unsigned long long)st.frames_busy, (double)st.uptime_ms / 1000.0, st.sessions, st.queued,
+           st.recent_frames, (double)st.total_us_p50 / 1000.0, (double)st.total_us_p99 / 1000.0,
+           (double)st.infer_us_p50 / 1000.0, (double)st.infer_us_p99 / 1000.0);
+    return 0;
+}
 
 /* A run of frames over one session. */
 typedef struct run {
@@ -309,7 +324,7 @@ static int upscale(takdsr_client *c, const options *o, uint32_t width, uint32_t 
         takdsr_session_drop(s);
     else if (takdsr_session_close(s) != TAKDSR_OK && rc == 0)
         rc = report(c, "closing the session");
-    return rc;
+    return rc == 0 && o->stats ? print_statistics(c) : rc;
 }
 
 int main(int argc, char **argv) {
