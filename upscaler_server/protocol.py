@@ -412,7 +412,7 @@ class Statistics(Message):
     sessions: Annotated[int, _Int(0, COUNT_MAX)]  # open now
     queued: Annotated[int, _Int(0, COUNT_MAX)]  # frames waiting for the engine now
     frames_done: U64  # done and result replies
-    frames_failed: U64  # frames the daemon failed: INFERENCE_ERROR, INTERNAL and SHM_ERROR replies
+    frames_failed: U64  # INFERENCE_ERROR, INTERNAL and SHM_ERROR replies (SHM_ERROR: an open's, too)
     frames_busy: U64  # frames refused because the queue was full: BUSY replies
     recent_frames: Annotated[int, _Int(0, RECENT_FRAMES_MAX)]  # the latest frames done, that the percentiles are of
     total_us_p50: U64  # request received -> reply sent (timings.total_us), median
