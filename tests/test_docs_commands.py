@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "models" / "weights").glob("*.md")),
         *sorted((REPO / "examples").glob("*/README.md"))]
 CONSOLE_SCRIPTS = {"upscaler-server": "upscaler_server", "takdsr-upscale": "upscaler_server.upscale",
-                   "takdsr-bench": "upscaler_server.bench", "takdsr-demo": "client_demo"}
+                   "takdsr-bench": "upscaler_server.bench", "takdsr-status": "upscaler_server.status",
+                   "takdsr-demo": "client_demo"}
 FENCED_BLOCK = re.compile(r"^```[\w-]*\n(.*?)^```", re.S | re.M)
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
 PYTHON = re.compile(r"(\S*/)?python3?(\.\d+)?$")

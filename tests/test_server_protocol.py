@@ -226,7 +226,7 @@ def test_doc_lists_every_code_type_and_key() -> None:
 
 
 @pytest.mark.parametrize("module", ["client", "client_session", "transport", "protocol", "shm", "errors",
-                                    "config"])
+                                    "config", "status"])
 def test_client_side_never_imports_torch(module: str) -> None:
     code = f"import sys, upscaler_server.{module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=DOC.parents[1]).returncode == 0, \
