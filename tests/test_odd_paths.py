@@ -86,8 +86,8 @@ def test_the_onnxruntime_backend_takes_a_cache_folder_of_such_a_name(odd_folder:
 
 
 ENTRY_POINTS = ["upscaler_server.__main__", "upscaler_server.upscale", "upscaler_server.export",
-                "upscaler_server.bench", "client_demo.cli", "models.__main__", "training.__main__",
-                "training.data.__main__"]
+                "upscaler_server.bench", "upscaler_server.status", "client_demo.cli", "models.__main__",
+                "training.__main__", "training.data.__main__"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -1,5 +1,6 @@
 """The console set-up every command-line entry point of the project runs first (the daemon, the offline CLI, the
-export, the benchmark, the demo, ``python -m models``, ``python -m training`` and ``python -m training.data``).
+export, the benchmark, the status command, the demo, ``python -m models``, ``python -m training`` and
+``python -m training.data``).
 
 Standard library only, and so is ``upscaler_server/__init__``: the trainer and ``python -m models`` import it without
 loading the daemon, torch-free clients (the demo) without loading torch (docs/architecture.md).
