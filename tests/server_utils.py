@@ -154,6 +154,36 @@ def run_server(*args: str, endpoint: str | None = None, check_clean: bool = True
             assert "Traceback" not in log and "leaked" not in log, f"daemon logged an internal error:\n{log}"
 
 
+@dataclass
+class ServedHere:
+    """A daemon served by a thread of the test's own process (a test that reaches into its engine or state)."""
+
+    server: Any  # upscaler_server.server.Server: imported on use, as it loads torch
+    endpoint: str
+    thread: threading.Thread
+
+
+@contextlib.contextmanager
+def serve_here(engine: Any, **settings: Any) -> Iterator[ServedHere]:
+    """Serve ``engine`` with ``Config(**settings)`` on a private ipc endpoint from a thread of this process; asked to
+    stop and joined on exit (an engine a test holds must be let go first: the stop waits for its frame)."""
+    from upscaler_server.config import Config
+    from upscaler_server.server import Server
+
+    tmp = short_tmpdir()
+    endpoint = f"ipc://{tmp}/d.sock"
+    server = Server(Config(endpoint=endpoint, **settings), engine)
+    served = ServedHere(server, endpoint, threading.Thread(target=server.serve))
+    served.thread.start()
+    try:
+        yield served
+    finally:
+        served.server.request_stop()
+        served.thread.join(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert not served.thread.is_alive(), "the daemon's thread did not end"
+
+
 @contextlib.contextmanager
 def raw_socket(endpoint: str) -> Iterator[zmq.Socket[bytes]]:
     """A DEALER socket (linger 0) on a private context, closed and terminated on exit."""

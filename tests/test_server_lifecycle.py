@@ -37,6 +37,7 @@ from server_utils import (
     raw_socket,
     request,
     run_server,
+    serve_here,
     shm_segments,
     short_tmpdir,
     spawn,
@@ -1039,9 +1040,7 @@ def test_an_engine_stuck_on_a_frame_stops_the_watchdog_pings(short_dir: pathlib.
     """A hung engine (a GPU driver that never returns, say) left the daemon answering pings and queueing frames for
     ever: its socket is served by another thread. Now a frame running longer than the watchdog's timeout stops the
     WATCHDOG=1 pings, so systemd restarts the daemon; once the frame ends they come again."""
-    from upscaler_server.config import Config
     from upscaler_server.engine import NearestEngine
-    from upscaler_server.server import Server
 
     class Held(NearestEngine):
         def __init__(self) -> None:
@@ -1058,16 +1057,13 @@ def test_an_engine_stuck_on_a_frame_stops_the_watchdog_pings(short_dir: pathlib.
     monkeypatch.setenv("WATCHDOG_USEC", str(int(timeout_s * 1e6)))
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     engine = Held()
-    server = Server(Config(endpoint=f"ipc://{short_dir}/d.sock"), engine)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(str(short_dir / "notify"))
         manager.settimeout(10)
-        serving = threading.Thread(target=server.serve)
-        serving.start()
-        try:
-            assert manager.recv(4096).decode().startswith("READY=1\n")
-            assert manager.recv(4096) == b"WATCHDOG=1"  # idle: alive
-            with raw_socket(f"ipc://{short_dir}/d.sock") as sock:
+        with serve_here(engine) as daemon, raw_socket(daemon.endpoint) as sock:
+            try:
+                assert manager.recv(4096).decode().startswith("READY=1\n")
+                assert manager.recv(4096) == b"WATCHDOG=1"  # idle: alive
                 sock.send(protocol.encode(protocol.Process(req=1, width=8, height=8, format="RGB8", frame=1,
                                                            pixels=bytes(8 * 8 * 3))))
                 assert engine.running.wait(10)
@@ -1084,11 +1080,8 @@ def test_an_engine_stuck_on_a_frame_stops_the_watchdog_pings(short_dir: pathlib.
                 assert manager.recv(4096) == b"WATCHDOG=1"  # the frame is done: alive again
                 assert sock.poll(10_000, zmq.POLLIN)
                 assert isinstance(protocol.decode(sock.recv(), "reply"), protocol.Result)
-        finally:
-            engine.gate.set()
-            server.request_stop()
-            serving.join(30)
-    assert not serving.is_alive()
+            finally:
+                engine.gate.set()
 
 
 def _zmtp_dealer(path: str) -> socket.socket:

@@ -7,7 +7,6 @@ import errno
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from upscaler_server import shm
 from upscaler_server.errors import SharedMemoryError
 from upscaler_server.shm import SHM_DIR, Ring, RingLayout, remove_stale_segments, segment_name
 
-from server_utils import REPO, Daemon, encode_request, raw_socket, run_server, shm_segments, short_tmpdir
+from server_utils import REPO, Daemon, encode_request, raw_socket, run_server, serve_here, shm_segments
 
 LAYOUT = RingLayout(32, 24, 3, 2)
 
@@ -508,9 +507,7 @@ def test_staging_is_released_after_the_frame_a_closed_session_had_running() -> N
     """A session closed while the engine thread had already taken up its frame: the frame builds its staging
     arrays after the close, so they are released when that frame is done, not at the close (which would leave them
     for the daemon's life: no session of that size remains to release them)."""
-    from upscaler_server.config import Config
     from upscaler_server.engine import NearestEngine
-    from upscaler_server.server import Server
 
     class SlowToStart(NearestEngine):
         """Takes 0.5 s between taking a frame up and touching its staging: the close arrives in between."""
@@ -519,28 +516,18 @@ def test_staging_is_released_after_the_frame_a_closed_session_had_running() -> N
             time.sleep(0.5)
             return super().start_copied(frame, fmt)
 
-    tmp = short_tmpdir()
     engine = SlowToStart()
-    server = Server(Config(endpoint=f"ipc://{tmp}/d.sock"), engine)
-    serving = threading.Thread(target=server.serve)
-    serving.start()
-    try:
-        with raw_socket(f"ipc://{tmp}/d.sock") as sock:
-            _send(sock, type="open", req=1, width=64, height=32, format="RGB8", slots=1)
-            session = _replies(None, sock, 1)[1]["session"]
-            _send(sock, type="submit", req=2, session=session, slot=0, frame=1)
-            time.sleep(0.2)  # the engine thread has the frame
-            _send(sock, type="close", req=3, session=session)
-            assert _replies(None, sock, 1)[3]["type"] == "closed"  # the frame's reply is dropped: session ended
-            deadline = time.monotonic() + 10
-            while (engine._staging is None or len(engine._staging)) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert engine._staging is not None and len(engine._staging) == 0
-    finally:
-        server.request_stop()
-        serving.join(30)
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert not serving.is_alive()
+    with serve_here(engine) as daemon, raw_socket(daemon.endpoint) as sock:
+        _send(sock, type="open", req=1, width=64, height=32, format="RGB8", slots=1)
+        session = _replies(None, sock, 1)[1]["session"]
+        _send(sock, type="submit", req=2, session=session, slot=0, frame=1)
+        time.sleep(0.2)  # the engine thread has the frame
+        _send(sock, type="close", req=3, session=session)
+        assert _replies(None, sock, 1)[3]["type"] == "closed"  # the frame's reply is dropped: session ended
+        deadline = time.monotonic() + 10
+        while (engine._staging is None or len(engine._staging)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine._staging is not None and len(engine._staging) == 0
 
 
 
@@ -548,9 +535,7 @@ def test_inline_frames_waiting_for_the_engine_count_against_the_unread_budget() 
     """Only results already handed to ZeroMQ counted: frames accepted while the engine lagged all passed the check,
     so the bound held only as long as the engine kept up (a test of it failed once the daemon's timing shifted).
     Here the engine is held until eight frames are in: with a budget of three results, three are accepted."""
-    from upscaler_server.config import Config
     from upscaler_server.engine import NearestEngine
-    from upscaler_server.server import Server
 
     class Held(NearestEngine):
         def __init__(self) -> None:
@@ -561,14 +546,10 @@ def test_inline_frames_waiting_for_the_engine_count_against_the_unread_budget() 
             self.gate.wait(30)
             return super().upscale(lr, fmt, out)
 
-    tmp = short_tmpdir()
     engine = Held()
     result_bytes = 32 * 32 * 3  # a 16x16 RGB8 frame at x2
-    server = Server(Config(endpoint=f"ipc://{tmp}/d.sock", max_unread_bytes=3 * result_bytes), engine)
-    serving = threading.Thread(target=server.serve)
-    serving.start()
-    try:
-        with raw_socket(f"ipc://{tmp}/d.sock") as sock:
+    with serve_here(engine, max_unread_bytes=3 * result_bytes) as daemon, raw_socket(daemon.endpoint) as sock:
+        try:
             pixels = bytes(16 * 16 * 3)
             for req in range(1, 9):
                 _send(sock, type="process", req=req, width=16, height=16, format="RGB8", frame=req, pixels=pixels)
@@ -579,21 +560,15 @@ def test_inline_frames_waiting_for_the_engine_count_against_the_unread_budget() 
             assert {reply["type"] for reply in done.values()} == {"result"} and set(done) == {1, 2, 3}
             _send(sock, type="process", req=9, width=16, height=16, format="RGB8", frame=9, pixels=pixels)
             assert _replies(None, sock, 1)[9]["type"] == "result"  # read: the budget is free again
-    finally:
-        engine.gate.set()
-        server.request_stop()
-        serving.join(30)
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert not serving.is_alive()
+        finally:
+            engine.gate.set()
 
 
 def test_frames_the_stop_cannot_wait_for_are_answered_shutting_down() -> None:
     """A frame still running when the drain timeout ran out got no reply: the daemon closed its socket without a
     word, and the client waited out its whole timeout (then a ping nobody answered). Here the engine holds a session
     frame and an inline frame past a 0.3 s drain: both are answered SHUTTING_DOWN as the daemon stops."""
-    from upscaler_server.config import Config
     from upscaler_server.engine import NearestEngine
-    from upscaler_server.server import Server
 
     class Held(NearestEngine):
         max_in_flight = 2  # the worker takes both frames up: two running frames to answer
@@ -615,13 +590,10 @@ def test_frames_the_stop_cannot_wait_for_are_answered_shutting_down() -> None:
             self.gate.wait(30)
             return super().upscale(lr, fmt, out)
 
-    tmp = short_tmpdir()
     engine = Held()
-    server = Server(Config(endpoint=f"ipc://{tmp}/d.sock", drain_timeout=0.3), engine)
-    serving = threading.Thread(target=server.serve)
-    serving.start()
-    try:
-        with raw_socket(f"ipc://{tmp}/d.sock") as sock:
+    with serve_here(engine, drain_timeout=0.3) as daemon, raw_socket(daemon.endpoint) as sock:
+        server = daemon.server
+        try:
             _send(sock, type="open", req=1, width=16, height=16, format="RGB8", slots=1)
             session = _replies(None, sock, 1)[1]["session"]
             _send(sock, type="submit", req=2, session=session, slot=0, frame=1)
@@ -634,15 +606,11 @@ def test_frames_the_stop_cannot_wait_for_are_answered_shutting_down() -> None:
             assert {req: (reply["type"], reply.get("name")) for req, reply in replies.items()} == {
                 2: ("error", "SHUTTING_DOWN"), 3: ("error", "SHUTTING_DOWN")}
             assert "did not wait for this frame" in replies[2]["message"]
-            serving.join(10)
-            assert not serving.is_alive()
+            daemon.thread.join(10)
+            assert not daemon.thread.is_alive()
             assert server.worker_running  # the engine still holds the frames: the daemon's process would _exit
-    finally:
-        engine.gate.set()
-        server.request_stop()
-        serving.join(30)
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert not serving.is_alive()
+        finally:
+            engine.gate.set()
 
 
 def test_a_session_whose_output_ring_cannot_be_made_leaves_no_segment(monkeypatch: pytest.MonkeyPatch) -> None:
