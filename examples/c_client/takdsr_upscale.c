@@ -3,8 +3,9 @@
  *   takdsr_upscale [-e ENDPOINT] (-i IN.png|IN.ppm | -p WxH) [-f FORMAT] [-s SLOTS] [-n FRAMES] [-t MS] [-S] -o OUT
  *
  * The frame is submitted FRAMES times, pipelined over SLOTS slots (BUSY replies are retried), and the last result is
- * written to OUT (.png or .ppm). -S then prints the daemon's statistics. Exit status: 0 on success, 1 on any error (printed with the daemon's code and
- * message), 2 for bad arguments, 128 + the signal after SIGINT or SIGTERM (the session closed, nothing written). */
+ * written to OUT (.png or .ppm). -S then prints the daemon's statistics. Exit status: 0 on success, 1 on any error
+ * (printed with the daemon's code and message), 2 for bad arguments, 128 + the signal after SIGINT or SIGTERM (the
+ * session closed, nothing written). */
 #define _DEFAULT_SOURCE /* nanosleep, sigaction */
 #include <ctype.h>
 #include <errno.h>
