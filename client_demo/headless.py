@@ -35,10 +35,13 @@ from client_demo.config import (
     DaemonWatch,
     DemoConfig,
 )
+from client_demo.daemon_stats import describe_statistics, served_statistics
 from client_demo.frames import FrameSizeError, GpuFrames
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
 from client_demo.metrics import percentiles, psnr
 from upscaler_server.files import replace_whole
+from upscaler_server.protocol import Statistics
+from upscaler_server.status import reply_fields
 
 __all__ = ["DEFAULT_OUT", "FRAMES_DIR", "LOCK_NAME", "STATS_NAME", "VIDEO_NAME", "OutputFolder", "OutputFolderError",
            "caption", "run_headless"]
@@ -352,16 +355,18 @@ def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWat
         return exc.status
     try:
         # stats.json first: the earlier run's "completed": true must not outlive its frames, whatever ends this run
-        _save_stats(out, _stats(cfg, link, run, time.perf_counter() - started, UNFINISHED))
+        _save_stats(out, _stats(cfg, link, run, time.perf_counter() - started, UNFINISHED, None))
         outputs.clear_earlier()
         outputs.make_folder()
     except OSError as exc:  # not writable: before anything is rendered
         print(f"client_demo: cannot write into {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     status, error = EXIT_ERROR, "ended by an unexpected error (see the traceback)"  # unless set below
+    daemon: Statistics | None = None  # asked for once every frame is done: a run cut short ends without waiting
     try:
         run.execute()
         status, error = EXIT_OK, None
+        daemon = served_statistics(link)
     except _Stopped as exc:
         status, error = exc.status, str(exc)
     except OSError as exc:  # a full disk, a folder removed mid-run: stats.json still says how far it got
@@ -371,22 +376,22 @@ def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWat
         raise
     finally:
         try:
-            stats, saved = _close_outputs(cfg, link, run, started, error, out)
+            stats, saved = _close_outputs(cfg, link, run, started, error, daemon, out)
         except KeyboardInterrupt:  # the second signal came during this: once more (later ones are only counted)
-            stats, saved = _close_outputs(cfg, link, run, started, error, out)
-            _report(out, stats, saved)
+            stats, saved = _close_outputs(cfg, link, run, started, error, daemon, out)
+            _report(out, stats, saved, daemon)
             raise
     if not saved:
         status = status or EXIT_ERROR
-    _report(out, stats, saved)
+    _report(out, stats, saved, daemon)
     return status
 
 
 def _close_outputs(cfg: DemoConfig, link: UpscaleLink, run: _HeadlessRun, started: float, error: str | None,
-                   out: pathlib.Path) -> tuple[dict[str, Any], bool]:
+                   daemon: Statistics | None, out: pathlib.Path) -> tuple[dict[str, Any], bool]:
     """Finish the MP4 and write the final stats.json; the stats and whether they could be written."""
     run.outputs.close()
-    stats = _stats(cfg, link, run, time.perf_counter() - started, error)
+    stats = _stats(cfg, link, run, time.perf_counter() - started, error, daemon)
     return stats, _try_save_stats(out, stats)
 
 
@@ -404,7 +409,8 @@ def _try_save_stats(out: pathlib.Path, stats: dict[str, Any]) -> bool:
     return True
 
 
-def _stats(cfg: DemoConfig, link: UpscaleLink, run: _HeadlessRun, wall: float, error: str | None) -> dict[str, Any]:
+def _stats(cfg: DemoConfig, link: UpscaleLink, run: _HeadlessRun, wall: float, error: str | None,
+           daemon: Statistics | None) -> dict[str, Any]:
     records, done = run.records, run.done_times
     # Steady state: from the first finished frame to the last (the first pays the daemon's per-size warm-up).
     fps = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else None
@@ -443,6 +449,7 @@ def _stats(cfg: DemoConfig, link: UpscaleLink, run: _HeadlessRun, wall: float, e
             "bilinear_mean": float(np.mean(psnr_bilinear)) if records else None,
             "sr_minus_bilinear": float(np.mean(psnr_sr) - np.mean(psnr_bilinear)) if records else None,
         },
+        "daemon_statistics": None if daemon is None else reply_fields(daemon),
         "outputs": {"frames_dir": FRAMES_DIR, "video": VIDEO_NAME if run.outputs.wrote_video else None},
         "per_frame": [asdict(r) for r in records],
     }
@@ -453,7 +460,7 @@ def _summary(values: Any) -> dict[str, float | None]:
     return {**percentiles(data), "mean": float(np.mean(data)) if data else None}
 
 
-def _report(out: pathlib.Path, stats: dict[str, Any], saved: bool) -> None:
+def _report(out: pathlib.Path, stats: dict[str, Any], saved: bool, daemon: Statistics | None) -> None:
     rtt, quality = stats["round_trip_ms"], stats["psnr_db"]
     line = f"wrote {stats['frames']}/{stats['frames_requested']} frames to {out}"
     if stats["frames"]:
@@ -461,6 +468,8 @@ def _report(out: pathlib.Path, stats: dict[str, Any], saved: bool) -> None:
         line += (f": {fps} fps, upscale round trip p50 {rtt['p50']:.1f} ms, PSNR vs the supersampled render: "
                  f"SR {quality['sr_mean']:.2f} dB, bilinear {quality['bilinear_mean']:.2f} dB")
     print(line)
+    if daemon is not None:
+        print(describe_statistics(daemon))
     if stats["error"]:
         said = " (stats.json says completed: false)" if saved else ""  # only if it could be written
         print(f"client_demo: {stats['error']}{said}", file=sys.stderr)

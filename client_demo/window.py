@@ -36,6 +36,7 @@ from client_demo.config import (
     DemoConfig,
 )
 from client_demo.controls import LOOK_SPEED, MOUSE_LOOK, CameraRig, ViewState
+from client_demo.daemon_stats import describe_statistics, served_statistics
 from client_demo.frames import FrameSizeError, GpuFrames, letterbox, read_rgb
 from client_demo.hud import Hud, HudInfo
 from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
@@ -120,6 +121,9 @@ class _WindowDemo:
         rate = f" in {seconds:.1f} s ({(self.frames - 1) / seconds:.1f} fps)" if seconds > 0 and self.frames > 1 else ""
         print(f"client_demo: {self.frames} frames shown{rate}, {self.upscaled} upscaled"
               + (f" (round trip p50 {rtt:.1f} ms)" if rtt is not None else ""))
+        daemon = served_statistics(self.link)
+        if daemon is not None:
+            print(f"client_demo: {describe_statistics(daemon)}")
 
     def _frame(self, dt: float, deadline: float) -> None:
         glfw.poll_events()

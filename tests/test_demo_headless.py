@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 import scenes
+from client_demo.daemon_stats import STATS_TIMEOUT, daemon_statistics
 from client_demo.metrics import psnr
+from upscaler_server.client import UpscalerClient
 
 from demo_utils import (
     REPO,
@@ -144,6 +146,12 @@ def test_spawn_server_writes_outputs_and_leaves_nothing(checkpoint: pathlib.Path
     for record in stats["per_frame"]:
         assert all(math.isfinite(record[k]) and 0 < record[k] <= 100 for k in ("psnr_sr_db", "psnr_bilinear_db"))
     assert stats["psnr_db"]["bilinear_mean"] > 15, "bilinear should resemble the native render"
+    # the daemon's own account: it served this run alone, so its counts are the run's, and its model times the replies'
+    daemon = stats["daemon_statistics"]
+    assert (daemon["frames_done"], daemon["frames_failed"], daemon["recent_frames"]) == (frames, 0, frames), daemon
+    infer_us = sorted(record["infer_ms"] * 1000 for record in stats["per_frame"])
+    assert infer_us[0] - 1 <= daemon["infer_us_p50"] <= daemon["infer_us_p99"] <= infer_us[-1] + 1, (daemon, infer_us)
+    assert f"the daemon since it started: {frames} frame(s) done, 0 failed" in result.stdout, output_of(result)
 
 
 def test_headless_exits_cleanly_when_the_daemon_is_killed(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -160,6 +168,7 @@ def test_headless_exits_cleanly_when_the_daemon_is_killed(checkpoint: pathlib.Pa
     assert "upscaler daemon exited" in stderr_text, stderr_text
     stats = read_stats(tmp_path / "out")
     assert stats["completed"] is False and "exited" in stats["error"] and stats["frames"] >= 2
+    assert stats["daemon_statistics"] is None  # not asked for: nobody answers
     assert not process_alive(pid) and not segments_of(pid)
 
 
@@ -173,6 +182,19 @@ def _wait_for_frames(demo: subprocess.Popen[str], log: pathlib.Path, frames_dir:
             return daemon_pid(log.read_text()) if spawned else 0
         time.sleep(0.1)
     pytest.fail(f"the demo wrote fewer than {count} frames in 90 s:\n{log.read_text()}")
+
+
+def test_the_daemons_statistics_are_asked_of_the_daemon_that_served(nearest_daemon: Daemon,
+                                                                    tmp_path: pathlib.Path) -> None:
+    """Counts of another daemon instance (the served one restarted) would be another run's; none answering is None."""
+    with UpscalerClient(nearest_daemon.endpoint) as client:
+        instance = client.info.instance
+    served = daemon_statistics(nearest_daemon.endpoint, instance)
+    assert served is not None and served.instance == instance
+    assert daemon_statistics(nearest_daemon.endpoint, instance + "-restarted") is None
+    started = time.monotonic()
+    assert daemon_statistics(f"ipc://{tmp_path}/nobody.sock", instance) is None
+    assert time.monotonic() - started < STATS_TIMEOUT  # no socket file: known at once, not after the timeout
 
 
 def test_spawn_server_on_an_endpoint_already_served_refuses(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:

@@ -43,6 +43,8 @@ def test_window_shows_upscaled_frames_and_saves_a_screenshot(nearest_daemon: Dae
     assert result.returncode == 0, output_of(result)
     shown, upscaled = _counts(result.stdout)
     assert shown == 60 and upscaled >= 1, output_of(result)
+    done = re.search(r"client_demo: the daemon since it started: (\d+) frame\(s\) done, 0 failed", result.stdout)
+    assert done and int(done.group(1)) >= upscaled, output_of(result)  # the module's daemon: earlier tests' too
     image = read_png(_screenshot(tmp_path))
     assert image.shape == (WINDOW[1], WINDOW[0], 3)
     assert image.mean() > 10 and image.std() > 5, "the screenshot should show the scene and the HUD, not black"
@@ -55,6 +57,7 @@ def test_window_stays_responsive_without_a_daemon(tmp_path: pathlib.Path) -> Non
                       "--out", str(tmp_path), xvfb=True)
     assert result.returncode == 0, output_of(result)
     assert _counts(result.stdout) == (45, 0)
+    assert "the daemon since it started" not in result.stdout
     assert read_png(_screenshot(tmp_path)).mean() > 10
 
 
@@ -114,6 +117,8 @@ def test_a_minimised_window_neither_crashes_nor_stops_the_link(nearest_daemon: D
     assert result.returncode == 0, output_of(result)
     shown, upscaled = _counts(result.stdout)
     assert shown == 60 and upscaled >= 1, output_of(result)
+    done = re.search(r"client_demo: the daemon since it started: (\d+) frame\(s\) done, 0 failed", result.stdout)
+    assert done and int(done.group(1)) >= upscaled, output_of(result)  # the module's daemon: earlier tests' too
 
 
 _SHRUNK = """

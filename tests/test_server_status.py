@@ -70,9 +70,9 @@ def test_a_daemon_older_than_the_stats_request_is_still_described() -> None:
         def stats(self) -> Statistics:
             raise ProtocolError("the reply broke the schema", ErrorCode.INVALID_FIELD)
 
-    assert status._statistics(OldDaemonClient()) is None  # type: ignore[arg-type]
+    assert status.statistics_or_none(OldDaemonClient()) is None  # type: ignore[arg-type]
     with pytest.raises(ProtocolError):
-        status._statistics(BrokenDaemonClient())  # type: ignore[arg-type]
+        status.statistics_or_none(BrokenDaemonClient())  # type: ignore[arg-type]
     text = status.describe("tcp://127.0.0.1:5555", WELCOME, None)
     assert text.splitlines() == [
         "daemon at tcp://127.0.0.1:5555: takdsr-upscaler/9.9.9, instance ab12",

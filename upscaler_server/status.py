@@ -22,7 +22,7 @@ from upscaler_server.console import escape_unprintable_names, ignore_the_working
 from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, UpscalerError
 from upscaler_server.protocol import Statistics, Welcome
 
-__all__ = ["describe", "main"]
+__all__ = ["describe", "main", "reply_fields", "statistics_or_none"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with UpscalerClient(args.endpoint, timeout=args.timeout, retries=0, name="takdsr-status",
                             heartbeat=False) as client:
-            endpoint, info, stats = client.endpoint, client.info, _statistics(client)
+            endpoint, info, stats = client.endpoint, client.info, statistics_or_none(client)
     except ConfigError as exc:  # an endpoint that is none
         print(f"takdsr-status: {exc}", file=sys.stderr)
         return 2
@@ -61,14 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("takdsr-status: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps({"endpoint": endpoint, "welcome": _fields(info),
-                          "statistics": None if stats is None else _fields(stats)}, indent=2))
+        print(json.dumps({"endpoint": endpoint, "welcome": reply_fields(info),
+                          "statistics": None if stats is None else reply_fields(stats)}, indent=2))
     else:
         print(describe(endpoint, info, stats))
     return 0
 
 
-def _statistics(client: UpscalerClient) -> Statistics | None:
+def statistics_or_none(client: UpscalerClient) -> Statistics | None:
     """The daemon's statistics; None from a daemon older than the ``stats`` request."""
     try:
         return client.stats()
@@ -78,7 +78,8 @@ def _statistics(client: UpscalerClient) -> Statistics | None:
         return None
 
 
-def _fields(reply: Welcome | Statistics) -> dict[str, Any]:
+def reply_fields(reply: Welcome | Statistics) -> dict[str, Any]:
+    """A reply's fields for JSON, without the request number it answered."""
     return {key: value for key, value in dataclasses.asdict(reply).items() if key != "req"}
 
 
