@@ -36,7 +36,7 @@ from client_demo.headless import DEFAULT_OUT, OutputFolder, OutputFolderError, r
 from client_demo.link import UpscaleLink
 from client_demo.spawn import DaemonStartError, SpawnedDaemon
 from upscaler_server.config import check_endpoint, cli_prog, default_endpoint
-from upscaler_server.console import escape_unprintable_names
+from upscaler_server.console import add_version_option, escape_unprintable_names
 from upscaler_server.errors import ConfigError
 
 __all__ = ["main", "parse_args"]
@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Live demo of the TAKDSR upscaler: a game scene "
                                 "rendered at low resolution, upscaled by the daemon, beside bilinear scaling and a "
                                 "native high-resolution render. See docs/demo.md.")
+    add_version_option(p)
     p.add_argument("--endpoint", type=_endpoint,
                    help="daemon endpoint (default: the client's default, or the spawned daemon's)")
     p.add_argument("--spawn-server", action="store_true", help="start a daemon for this run and stop it at exit")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from upscaler_server.console import escape_unprintable_names  # standard library only (docs/architecture.md)
+from upscaler_server.console import add_version_option, escape_unprintable_names  # standard library only
 
 from .checkpoint import CheckpointError, bundled_names, load_checkpoint, resolve_checkpoint, weights_sha256
 from .flops import count_flops, count_parameters
@@ -88,6 +88,7 @@ def _check_input(model: nn.Module, width: int, height: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     info_parser = commands.add_parser(
         "info", help="describe a registered model, a checkpoint file or a bundled checkpoint by name"

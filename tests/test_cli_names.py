@@ -19,7 +19,11 @@ COMMANDS = [
     ("takdsr-upscale", "upscaler_server.upscale"),
     ("takdsr-bench", "upscaler_server.bench"),
     ("takdsr-demo", "client_demo"),
+    ("takdsr-status", "upscaler_server.status"),
 ]
+# the commands without a console script, run as `python -m` only
+PYTHON_M_ONLY = ["upscaler_server.export", "models", "training", "training.data"]
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _usage_line(command: list[str]) -> str:
@@ -44,7 +48,22 @@ def test_the_daemon_reports_the_packages_version_and_the_changelog_describes_it(
     package's version, which stayed 0.1.0 while the protocol's rules were tightened (from an upgrade review)."""
     from upscaler_server import __version__
 
-    repo = pathlib.Path(__file__).resolve().parent.parent
-    declared = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["version"]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert __version__ == declared
-    assert f"\n## {declared} (" in (repo / "CHANGELOG.md").read_text()
+    assert f"\n## {declared} (" in (REPO / "CHANGELOG.md").read_text()
+
+
+def _every_command() -> list[list[str]]:
+    """Each console script of pyproject.toml as installed, and each `python -m` command that has none."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    installed = [[str(pathlib.Path(sys.executable).parent / script)] for script in sorted(scripts)]
+    return installed + [[sys.executable, "-m", module] for module in PYTHON_M_ONLY]
+
+
+@pytest.mark.parametrize("command", _every_command(), ids=lambda command: command[-1].rsplit("/", 1)[-1])
+def test_every_command_tells_the_packages_version(command: list[str]) -> None:
+    """A bug report should say which version it is about: every command answers --version alike."""
+    from upscaler_server import __version__
+
+    done = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert (done.returncode, done.stdout) == (0, f"takdsr-upscaler {__version__}\n"), done.stderr

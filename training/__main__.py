@@ -48,7 +48,7 @@ from training.trainer import (
     export_state,
     train_stage,
 )
-from upscaler_server.console import escape_unprintable_names  # standard library only (docs/architecture.md)
+from upscaler_server.console import add_version_option, escape_unprintable_names  # standard library only
 
 
 def _comma_list(text: str) -> list[str]:
@@ -88,6 +88,7 @@ def _device(text: str) -> torch.device:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one stage (the [stage] table of the config)")
     pipeline = commands.add_parser("pipeline", help="train and evaluate the paper's whole comparison")

@@ -19,7 +19,6 @@ from multiprocessing import resource_tracker
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from upscaler_server import __version__
 from upscaler_server.config import (
     CHECKPOINT_HELP,
     SCALE_HELP,
@@ -28,7 +27,7 @@ from upscaler_server.config import (
     cli_prog,
     default_endpoint,
 )
-from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
+from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -49,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=cli_prog("upscaler_server", "upscaler-server"),
                                 description="Real-time neural upscaling daemon (ZeroMQ control messages, pixels in "
                                 "shared memory; see docs/protocol.md).")
+    add_version_option(p)
     p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT (default: $TAKDSR_UPSCALER_ENDPOINT or "
                    "ipc://$XDG_RUNTIME_DIR/takdsr/upscaler.sock, else ipc:///tmp/takdsr-$UID/upscaler.sock)")
     p.add_argument("--allow-remote", action="store_true", help="allow a tcp:// endpoint on a non-loopback address "
@@ -92,7 +92,6 @@ def _parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="default %(default)s, which the ready line needs; DEBUG adds a line per session")
-    p.add_argument("--version", action="version", version=f"takdsr-upscaler {__version__}")
     return p
 
 

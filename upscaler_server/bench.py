@@ -64,7 +64,7 @@ from upscaler_server.config import (
     engine_setting_problems,
     parse_size,
 )
-from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
+from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, ModelLoadError, ServerUnavailableError, UpscalerError
 from upscaler_server.files import FolderError, check_writable, is_stream, replace_whole, written_file
 from upscaler_server.shm import pid_alive
@@ -306,6 +306,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="exit status: 0 measured, 1 a daemon did not start or a measurement failed, "
                                 "2 bad arguments, 3 the checkpoint cannot be loaded as a student, 130 interrupted")
+    add_version_option(p)
     p.add_argument("--json", type=pathlib.Path, help="also write the results here (in an existing folder)")
     p.add_argument("--sizes", type=_sizes, nargs="+", help="LR sizes WxH (space- or comma-separated) for both parts "
                    "(default: 640x360 1280x720 1920x1080; with --backends also 320x180)")

@@ -8,14 +8,23 @@ loading the daemon, torch-free clients (the demo) without loading torch (docs/ar
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import pathlib
 import sys
 
-__all__ = ["escape_unprintable_names", "ignore_the_working_folder"]
+from upscaler_server import __version__
+
+__all__ = ["add_version_option", "escape_unprintable_names", "ignore_the_working_folder"]
 
 _PROJECT = pathlib.Path(__file__).resolve().parents[1]  # the checkout (or site-packages) holding our packages
+
+
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the package's name and version, the same for every command (one distribution ships them all,
+    and a bug report needs it)."""
+    parser.add_argument("--version", action="version", version=f"takdsr-upscaler {__version__}")
 
 
 def escape_unprintable_names() -> None:

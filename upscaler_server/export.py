@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from upscaler_server.config import DEFAULT_EDGE_PAD, MAX_THREADS, edge_pad_problem
-from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
+from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.engine import load_network
 from upscaler_server.errors import ConfigError, ModelLoadError
 from upscaler_server.files import (
@@ -217,6 +217,7 @@ def benchmark(network: nn.Module, path: pathlib.Path, io: IO, height: int, width
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m upscaler_server.export", description="Export a deployable decoder "
                                 "(default: the bundled student) for engines; see docs/integration.md.")
+    add_version_option(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=pathlib.Path,
                      help="student checkpoint: a file or a bundled name (default: the bundled student)")

@@ -18,7 +18,7 @@ from typing import Any
 
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import cli_prog
-from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
+from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, UpscalerError
 from upscaler_server.protocol import Statistics, Welcome
 
@@ -28,6 +28,7 @@ __all__ = ["describe", "main", "reply_fields", "statistics_or_none"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=cli_prog("upscaler_server.status", "takdsr-status"),
                                 description="Ask the upscaler daemon what it serves and what it has done.")
+    add_version_option(p)
     p.add_argument("--endpoint", default=None,
                    help="the daemon's endpoint (default: $TAKDSR_UPSCALER_ENDPOINT, else the per-user ipc socket)")
     p.add_argument("--timeout", type=_seconds, default=2.0, help="seconds to wait for the daemon (default: 2)")

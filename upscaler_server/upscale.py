@@ -40,7 +40,7 @@ from upscaler_server.config import (
     cli_prog,
     engine_setting_problems,
 )
-from upscaler_server.console import escape_unprintable_names, ignore_the_working_folder
+from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 from upscaler_server.files import check_writable, partial_beside, publish
 from upscaler_server.protocol import SCALE_MAX
@@ -185,6 +185,7 @@ def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, overw
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=cli_prog("upscaler_server.upscale", "takdsr-upscale"),
                                 description="Upscale images in-process with the daemon's engine (PNG out).")
+    add_version_option(p)
     p.add_argument("inputs", nargs="+", type=pathlib.Path, metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="OUTDIR", help="output folder")
     src = p.add_mutually_exclusive_group()

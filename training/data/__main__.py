@@ -13,7 +13,7 @@ from training import MAX_IMAGE_PIXELS
 from training.data.images import DatasetError
 from training.data.povray import SCENE_LIST, canonical_scene, load_scene_list, render_scenes
 from training.data.scenes_cmd import write_scene_frames
-from upscaler_server.console import escape_unprintable_names  # standard library only (docs/architecture.md)
+from upscaler_server.console import add_version_option, escape_unprintable_names  # standard library only
 
 
 def _antialias(text: str) -> float | None:
@@ -57,6 +57,7 @@ def _count(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.data", description=__doc__)
+    add_version_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     pov = sub.add_parser("povray", help="render the curated POV-Ray example scenes to PNG")
