@@ -4,6 +4,11 @@ what it serves, and what it has done since it started (its ``welcome`` and ``sta
 Exit status 0 when the daemon answered, 1 when none did (or it broke the protocol), 2 for bad arguments (an
 endpoint that is none included), 130 after Ctrl-C: a health check for a script or a supervisor. It opens no
 session, and needs neither torch nor a GPU.
+
+With ``--watch SECONDS`` it then asks again every SECONDS and prints a line each time (with ``--json``, one JSON
+object per line): the frames per second done over that interval, the failures and BUSY refusals in it, and the
+daemon's state now. It ends after ``--count`` lines, or with status 0 at Ctrl-C (how a watch is ended), or with 1
+when the daemon stops answering or is another one (restarted: its counts start again).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from upscaler_server.client import UpscalerClient
@@ -22,7 +29,7 @@ from upscaler_server.console import add_version_option, escape_unprintable_names
 from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, UpscalerError
 from upscaler_server.protocol import Statistics, Welcome
 
-__all__ = ["describe", "main", "reply_fields", "statistics_or_none"]
+__all__ = ["Interval", "describe", "describe_interval", "interval", "main", "reply_fields", "statistics_or_none"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,13 +40,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="the daemon's endpoint (default: $TAKDSR_UPSCALER_ENDPOINT, else the per-user ipc socket)")
     p.add_argument("--timeout", type=_seconds, default=2.0, help="seconds to wait for the daemon (default: 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines for a reader")
+    p.add_argument("--watch", type=_seconds, metavar="SECONDS",
+                   help="then ask again every SECONDS and print the frames per second, failures and BUSY refusals of "
+                   "each interval, until Ctrl-C (exit 0) or the daemon stops answering (exit 1)")
+    p.add_argument("--count", type=_positive_count, metavar="N", help="with --watch: stop after N lines")
     return p
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of seconds > 0, got {text}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"a number of seconds > 0, got {text}")
+    return value
+
+
+def _positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a count >= 1, got {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a count >= 1, got {text}")
     return value
 
 
@@ -47,11 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
     escape_unprintable_names()
     ignore_the_working_folder()
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.count is not None and args.watch is None:
+        parser.error("--count needs --watch")
     try:
         with UpscalerClient(args.endpoint, timeout=args.timeout, retries=0, name="takdsr-status",
                             heartbeat=False) as client:
             endpoint, info, stats = client.endpoint, client.info, statistics_or_none(client)
+            _print_once(endpoint, info, stats, args.json, one_line=args.watch is not None)
+            if args.watch is not None:
+                return _watch(client, info, stats, args.watch, args.count, args.json)
     except ConfigError as exc:  # an endpoint that is none
         print(f"takdsr-status: {exc}", file=sys.stderr)
         return 2
@@ -59,14 +89,82 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"takdsr-status: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if args.watch is not None:  # the way a watch is ended
+            return 0
         print("takdsr-status: interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps({"endpoint": endpoint, "welcome": reply_fields(info),
-                          "statistics": None if stats is None else reply_fields(stats)}, indent=2))
-    else:
-        print(describe(endpoint, info, stats))
     return 0
+
+
+def _print_once(endpoint: str, info: Welcome, stats: Statistics | None, as_json: bool, one_line: bool) -> None:
+    """The daemon and its counts; as JSON on one line when the watch's JSON lines follow."""
+    if as_json:
+        report = {"endpoint": endpoint, "welcome": reply_fields(info),
+                  "statistics": None if stats is None else reply_fields(stats)}
+        print(json.dumps(report, indent=None if one_line else 2), flush=True)
+    else:
+        print(describe(endpoint, info, stats), flush=True)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """What a daemon did between two of its statistics replies, ``seconds`` apart."""
+
+    seconds: float
+    frames_done: int
+    frames_failed: int
+    frames_busy: int
+    now: Statistics  # the later reply: sessions, queue and the latest frames' times
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames_done / self.seconds if self.seconds > 0 else 0.0
+
+
+def interval(earlier: Statistics, later: Statistics, seconds: float) -> Interval:
+    """The counts of ``later`` less those of ``earlier`` (of the same daemon instance)."""
+    return Interval(seconds, later.frames_done - earlier.frames_done, later.frames_failed - earlier.frames_failed,
+                    later.frames_busy - earlier.frames_busy, later)
+
+
+def _watch(client: UpscalerClient, info: Welcome, first: Statistics | None, every: float, count: int | None,
+           as_json: bool) -> int:
+    """Ask every ``every`` seconds and print each interval, ``count`` times (None: until Ctrl-C); the exit status."""
+    if first is None:
+        print("takdsr-status: this daemon does not offer statistics to watch (older than the stats request)",
+              file=sys.stderr)
+        return 1
+    earlier, asked = first, time.monotonic()
+    printed = 0
+    while count is None or printed < count:
+        time.sleep(max(0.0, asked + every - time.monotonic()))  # on a fixed beat: a slow reply does not drift it
+        later = client.stats()
+        now = time.monotonic()
+        if later.instance != info.instance:
+            print(f"takdsr-status: the daemon at {client.endpoint} restarted (instance {info.instance} is now "
+                  f"{later.instance}); its counts started again", file=sys.stderr)
+            return 1
+        print(_interval_json(interval(earlier, later, now - asked)) if as_json
+              else describe_interval(interval(earlier, later, now - asked)), flush=True)
+        earlier, asked, printed = later, now, printed + 1
+    return 0
+
+
+def describe_interval(span: Interval) -> str:
+    """One line: the interval's frame rate, failures and refusals, then the daemon's state and latest times."""
+    now = span.now
+    line = (f"{time.strftime('%H:%M:%S')}  {span.frames_per_second:.1f} frames/s, {span.frames_failed} failed, "
+            f"{span.frames_busy} refused BUSY; {now.sessions} session(s), {now.queued} queued")
+    if now.recent_frames:
+        line += (f"; latest {now.recent_frames}: total p50 {now.total_us_p50 / 1000:.2f} ms, p99 "
+                 f"{now.total_us_p99 / 1000:.2f} ms, model p50 {now.infer_us_p50 / 1000:.2f} ms")
+    return line
+
+
+def _interval_json(span: Interval) -> str:
+    return json.dumps({"time": time.time(), "seconds": span.seconds, "frames_done": span.frames_done,
+                       "frames_failed": span.frames_failed, "frames_busy": span.frames_busy,
+                       "frames_per_second": span.frames_per_second, "statistics": reply_fields(span.now)})
 
 
 def statistics_or_none(client: UpscalerClient) -> Statistics | None:
