@@ -137,15 +137,15 @@ def _watch(client: UpscalerClient, info: Welcome, first: Statistics | None, ever
     earlier, asked = first, time.monotonic()
     printed = 0
     while count is None or printed < count:
-        time.sleep(max(0.0, asked + every - time.monotonic()))  # on a fixed beat: a slow reply does not drift it
+        time.sleep(max(0.0, asked + every - time.monotonic()))
         later = client.stats()
-        now = time.monotonic()
+        now = time.monotonic()  # the rate is over the time between the replies, a slow one included
         if later.instance != info.instance:
             print(f"takdsr-status: the daemon at {client.endpoint} restarted (instance {info.instance} is now "
                   f"{later.instance}); its counts started again", file=sys.stderr)
             return 1
-        print(_interval_json(interval(earlier, later, now - asked)) if as_json
-              else describe_interval(interval(earlier, later, now - asked)), flush=True)
+        span = interval(earlier, later, now - asked)
+        print(_interval_json(span) if as_json else describe_interval(span), flush=True)
         earlier, asked, printed = later, now, printed + 1
     return 0
 
