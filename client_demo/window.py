@@ -113,15 +113,17 @@ class _WindowDemo:
             if self.cfg.exit_after is not None and self.frames >= self.cfg.exit_after:
                 break
             time.sleep(max(0.0, deadline - time.perf_counter()))
-        self._summary(time.perf_counter() - began)
-        return EXIT_INTERRUPTED if should_stop() else EXIT_OK
+        interrupted = should_stop()
+        self._summary(time.perf_counter() - began, ask_daemon=not interrupted)
+        return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
-    def _summary(self, seconds: float) -> None:
+    def _summary(self, seconds: float, ask_daemon: bool) -> None:
+        """The run's counts; the daemon's too, unless a signal stopped the run (which then ends without waiting)."""
         rtt = float(np.median(self.hud.round_trip_ms)) if self.hud.round_trip_ms else None
         rate = f" in {seconds:.1f} s ({(self.frames - 1) / seconds:.1f} fps)" if seconds > 0 and self.frames > 1 else ""
         print(f"client_demo: {self.frames} frames shown{rate}, {self.upscaled} upscaled"
               + (f" (round trip p50 {rtt:.1f} ms)" if rtt is not None else ""))
-        daemon = served_statistics(self.link)
+        daemon = served_statistics(self.link) if ask_daemon else None
         if daemon is not None:
             print(f"client_demo: {describe_statistics(daemon)}")
 

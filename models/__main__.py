@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from torch import nn
 
-from upscaler_server.console import add_version_option, escape_unprintable_names  # standard library only
+from upscaler_server.console import add_version_option, drop_stdout, escape_unprintable_names  # stdlib only
 
 from .checkpoint import CheckpointError, bundled_names, load_checkpoint, resolve_checkpoint, weights_sha256
 from .flops import count_flops, count_parameters
@@ -107,18 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(text, flush=True)
     except BrokenPipeError:  # `| head` closed the pipe: what it read is the answer, not an error to trace
-        _drop_stdout()
+        drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a command the pipe ended
     except OSError as exc:  # e.g. a full disk (> /dev/full): said, not a traceback
-        _drop_stdout()
+        drop_stdout()
         print(f"error: cannot write the answer: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null, so that the flush at exit does not fail again on what could not be written."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -117,8 +117,6 @@ def test_a_minimised_window_neither_crashes_nor_stops_the_link(nearest_daemon: D
     assert result.returncode == 0, output_of(result)
     shown, upscaled = _counts(result.stdout)
     assert shown == 60 and upscaled >= 1, output_of(result)
-    done = re.search(r"client_demo: the daemon since it started: (\d+) frame\(s\) done, 0 failed", result.stdout)
-    assert done and int(done.group(1)) >= upscaled, output_of(result)  # the module's daemon: earlier tests' too
 
 
 _SHRUNK = """
@@ -286,3 +284,27 @@ def test_an_open_popup_takes_esc_and_a_minimised_window_draws_nothing(nearest_da
     drawn, widest = (float(word) for word in result.stdout.split("hud drawn ")[-1].split(" widest "))
     assert drawn == (30 if case == "iconified" else 50), output_of(result)
     assert widest < 420, output_of(result)
+
+
+@pytest.mark.parametrize("stopped_by_signal", [False, True], ids=["closed", "signal"])
+def test_the_daemons_statistics_are_asked_for_unless_a_signal_ended_the_run(monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str],
+                                                                          stopped_by_signal: bool) -> None:
+    """A run a signal ended must end without waiting for a daemon that may be stalled (reproduced in a review: a
+    stopped daemon held the exit for the 2 s of the request)."""
+    from client_demo import window
+    from upscaler_server.protocol import Statistics
+
+    stats = Statistics(instance="ab12", uptime_ms=1, sessions=1, queued=0, frames_done=7, frames_failed=0,
+                       frames_busy=2, recent_frames=0, total_us_p50=0, total_us_p99=0, infer_us_p50=0, infer_us_p99=0)
+    asked: list[object] = []
+    monkeypatch.setattr(window, "served_statistics", lambda link: asked.append(link) or stats)
+    monkeypatch.setattr(window.glfw, "window_should_close", lambda handle: not stopped_by_signal)
+    demo = object.__new__(window._WindowDemo)
+    demo.window, demo.link, demo.frames, demo.upscaled = None, "the link", 0, 0
+    demo.hud = SimpleNamespace(round_trip_ms=[])
+    status = demo.run(lambda: stopped_by_signal)
+    said = capsys.readouterr().out
+    assert status == (130 if stopped_by_signal else 0)
+    assert asked == ([] if stopped_by_signal else ["the link"])
+    assert ("7 frame(s) done, 0 failed, 2 refused BUSY" in said) is not stopped_by_signal, said

@@ -4,12 +4,17 @@ exit status when there is none."""
 from __future__ import annotations
 
 import json
+import os
+import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from typing import IO
 
 import numpy as np
 import pytest
@@ -19,7 +24,7 @@ from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import ErrorCode, ProtocolError
 from upscaler_server.protocol import Statistics, Welcome
 
-from server_utils import REPO, run_server, short_tmpdir
+from server_utils import REPO, Daemon, run_server, short_tmpdir
 
 WELCOME = Welcome(server="takdsr-upscaler/9.9.9", instance="ab12", versions=[1], model="rlfn_s", scale=2,
                   device="cuda:0", precision="fp16", random_weights=True, formats=["RGB8"], min_size=15,
@@ -138,50 +143,117 @@ def test_a_watch_ends_when_the_daemon_is_another_or_offers_no_statistics(capsys:
     assert "does not offer statistics to watch" in capsys.readouterr().err
 
 
-def test_a_live_daemon_is_watched_in_json_lines_until_it_stops() -> None:
-    """Every frame is counted in exactly one interval; Ctrl-C ends a watch with 0, a daemon that goes away with 1."""
+@pytest.fixture(scope="module")
+def watched() -> Iterator[Daemon]:
     with run_server("--backend", "nearest", "--threads", "1") as daemon:
-        sending = threading.Event()
+        yield daemon
 
-        def send_frames() -> None:
-            with UpscalerClient(daemon.endpoint, timeout=10) as client:
-                while sending.is_set():
-                    client.upscale(np.zeros((18, 32, 3), np.uint8))
-                    time.sleep(0.005)
 
-        sending.set()
-        sender = threading.Thread(target=send_frames)
-        sender.start()
-        try:
-            watched = _status("--endpoint", daemon.endpoint, "--watch", "0.2", "--count", "5", "--json")
-        finally:
-            sending.clear()
-            sender.join()
-        interrupted = subprocess.Popen([sys.executable, "-m", "upscaler_server.status", "--endpoint", daemon.endpoint,
-                                        "--watch", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                       cwd=REPO)
-        _wait_for_lines(interrupted, 2)
-        interrupted.send_signal(signal.SIGINT)
-        assert interrupted.wait(timeout=30) == 0, interrupted.stderr.read() if interrupted.stderr else ""
-        outlived = subprocess.Popen([sys.executable, "-m", "upscaler_server.status", "--endpoint", daemon.endpoint,
-                                     "--watch", "0.1", "--timeout", "1"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=REPO)
-        _wait_for_lines(outlived, 5)
-    _, err = outlived.communicate(timeout=30)
-    assert outlived.returncode == 1 and "takdsr-status: " in err, err
-    assert watched.returncode == 0, watched.stderr
-    first, *spans = [json.loads(line) for line in watched.stdout.splitlines()]
+def test_a_watch_counts_every_frame_once_in_json_lines(watched: Daemon) -> None:
+    """Each interval's counts are its two replies' difference, and the frames a client sent meanwhile all show."""
+    sending, sent = threading.Event(), []
+
+    def send_frames() -> None:
+        with UpscalerClient(watched.endpoint, timeout=10) as client:
+            while sending.is_set():
+                client.upscale(np.zeros((18, 32, 3), np.uint8))
+                sent.append(1)
+                time.sleep(0.005)
+
+    sending.set()
+    sender = threading.Thread(target=send_frames)
+    sender.start()
+    try:
+        run = _status("--endpoint", watched.endpoint, "--watch", "0.2", "--count", "5", "--json")
+    finally:
+        sending.clear()
+        sender.join()
+    assert run.returncode == 0, run.stderr
+    first, *spans = [json.loads(line) for line in run.stdout.splitlines()]
     assert len(spans) == 5 and first["welcome"]["model"] == "nearest"
-    counted = first["statistics"]["frames_done"] + sum(span["frames_done"] for span in spans)
-    assert counted == spans[-1]["statistics"]["frames_done"] and sum(span["frames_done"] for span in spans) > 0
+    before = first["statistics"]
     for span in spans:
+        now = span["statistics"]
+        assert now["instance"] == first["welcome"]["instance"]
+        assert [span[k] for k in ("frames_done", "frames_failed", "frames_busy")] == [
+            now[k] - before[k] for k in ("frames_done", "frames_failed", "frames_busy")]
         assert span["frames_per_second"] == pytest.approx(span["frames_done"] / span["seconds"])
-        assert span["statistics"]["instance"] == first["welcome"]["instance"]
-    assert _status("--count", "2").returncode == 2 and _status("--watch", "0").returncode == 2
+        assert 0.2 <= span["seconds"] < 5
+        before = now
+    assert 0 < spans[-1]["statistics"]["frames_done"] <= len(sent)  # frames of this client alone (a new daemon)
+    assert sum(span["frames_done"] for span in spans) > 0
 
 
-def _wait_for_lines(process: subprocess.Popen[str], count: int) -> None:
-    """Read ``count`` lines of ``process``'s output (a watch's header and intervals), failing if it ends first."""
-    assert process.stdout is not None
-    for _ in range(count):
-        assert process.stdout.readline(), f"the watch ended early: {process.wait(timeout=30)}"
+def test_ctrl_c_ends_a_watch_with_0_and_before_any_answer_with_130(watched: Daemon) -> None:
+    """Ctrl-C is how a watch ends; before the daemon answered it is an interruption, as without --watch."""
+    watch = _start_watch(watched.endpoint, "--json")
+    lines = _Lines(watch)
+    json.loads(lines.next())  # the daemon described: the watch has begun
+    json.loads(lines.next())  # and one interval
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(timeout=30) == 0, lines.rest()
+    os.kill(watched.pid, signal.SIGSTOP)  # a daemon that does not answer (yet)
+    try:
+        early = _start_watch(watched.endpoint, "--timeout", "30")
+        time.sleep(1.0)
+        early.send_signal(signal.SIGINT)
+        said, _ = early.communicate(timeout=30)  # stderr is in stdout
+    finally:
+        os.kill(watched.pid, signal.SIGCONT)
+    assert early.returncode == 130 and "takdsr-status: interrupted" in said, said
+
+
+def test_a_watch_into_a_closed_pipe_ends_quietly(watched: Daemon) -> None:
+    """`takdsr-status --watch 1 | head` is how a watch is sampled: no traceback when head has what it wanted."""
+    command = (f"{shlex.quote(sys.executable)} -m upscaler_server.status --endpoint {watched.endpoint} "
+               "--watch 0.05 --json | head -n 2 >/dev/null; echo ${PIPESTATUS[0]}")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.stdout == "141\n" and done.stderr == "", done
+
+
+def test_a_watch_ends_with_1_when_the_daemon_goes_away() -> None:
+    with run_server("--backend", "nearest", "--threads", "1") as daemon:
+        watch = _start_watch(daemon.endpoint, "--json", "--timeout", "1")
+        lines = _Lines(watch)
+        json.loads(lines.next())
+        json.loads(lines.next())
+    assert watch.wait(timeout=30) == 1
+    assert "takdsr-status: no upscaler daemon at" in lines.rest(), "the reason should be said"
+
+
+def test_watch_arguments_out_of_range_are_usage_errors() -> None:
+    for args in (["--count", "2"], ["--watch", "0"], ["--watch", "1e10"], ["--watch", "nan"], ["--watch", "x"],
+                 ["--watch", "1", "--count", "0"], ["--timeout", "1e300"]):
+        run = _status(*args)
+        assert run.returncode == 2 and "usage:" in run.stderr, (args, run.stderr)
+
+
+def _start_watch(endpoint: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "upscaler_server.status", "--endpoint", endpoint, "--watch", "0.1",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+class _Lines:
+    """A process's output read by a thread, so that waiting for a line can time out instead of hanging the suite."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        assert process.stdout is not None
+        threading.Thread(target=self._read, args=(process.stdout,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self, timeout: float = 30) -> str:
+        line = self._lines.get(timeout=timeout)
+        assert line is not None, "the watch ended early"
+        return line
+
+    def rest(self, timeout: float = 30) -> str:
+        """What the process writes until it ends."""
+        text = []
+        while (line := self._lines.get(timeout=timeout)) is not None:
+            text.append(line)
+        return "".join(text)

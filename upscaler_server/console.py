@@ -16,7 +16,7 @@ import sys
 
 from upscaler_server import __version__
 
-__all__ = ["add_version_option", "escape_unprintable_names", "ignore_the_working_folder"]
+__all__ = ["add_version_option", "drop_stdout", "escape_unprintable_names", "ignore_the_working_folder"]
 
 _PROJECT = pathlib.Path(__file__).resolve().parents[1]  # the checkout (or site-packages) holding our packages
 
@@ -25,6 +25,12 @@ def add_version_option(parser: argparse.ArgumentParser) -> None:
     """``--version``: the package's name and version, the same for every command (one distribution ships them all,
     and a bug report needs it)."""
     parser.add_argument("--version", action="version", version=f"takdsr-upscaler {__version__}")
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null after a write to it failed (``| head`` closed the pipe, a full disk), so that the flush
+    at exit does not fail again on what could not be written."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def escape_unprintable_names() -> None:

@@ -25,11 +25,18 @@ from typing import Any
 
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import cli_prog
-from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
+from upscaler_server.console import (
+    add_version_option,
+    drop_stdout,
+    escape_unprintable_names,
+    ignore_the_working_folder,
+)
 from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, UpscalerError
 from upscaler_server.protocol import Statistics, Welcome
 
 __all__ = ["Interval", "describe", "describe_interval", "interval", "main", "reply_fields", "statistics_or_none"]
+
+MAX_SECONDS = 86400  # --timeout and --watch: a day
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=_seconds, metavar="SECONDS",
                    help="then ask again every SECONDS and print the frames per second, failures and BUSY refusals of "
                    "each interval, until Ctrl-C (exit 0) or the daemon stops answering (exit 1)")
-    p.add_argument("--count", type=_positive_count, metavar="N", help="with --watch: stop after N lines")
+    p.add_argument("--count", type=_positive_count, metavar="N", help="with --watch: stop after N intervals")
     return p
 
 
@@ -51,9 +58,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a number of seconds > 0, got {text}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"a number of seconds > 0, got {text}")
+        value = math.nan
+    if not 0 < value <= MAX_SECONDS:  # nan and inf fail too; beyond a day, time.sleep overflows somewhere
+        raise argparse.ArgumentTypeError(f"a number of seconds > 0 and at most {MAX_SECONDS}, got {text}")
     return value
 
 
@@ -88,11 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UpscalerError as exc:  # no daemon (ServerUnavailableError), or one that broke the protocol
         print(f"takdsr-status: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        if args.watch is not None:  # the way a watch is ended
-            return 0
+    except KeyboardInterrupt:  # before the daemon answered (a watch that has begun ends with 0)
         print("takdsr-status: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `| head` closed the pipe: what it read is the answer, not an error to trace
+        drop_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a command the pipe ended
     return 0
 
 
@@ -129,11 +137,20 @@ def interval(earlier: Statistics, later: Statistics, seconds: float) -> Interval
 
 def _watch(client: UpscalerClient, info: Welcome, first: Statistics | None, every: float, count: int | None,
            as_json: bool) -> int:
-    """Ask every ``every`` seconds and print each interval, ``count`` times (None: until Ctrl-C); the exit status."""
+    """Ask every ``every`` seconds and print each interval, ``count`` times (None: until Ctrl-C, status 0); the exit
+    status."""
     if first is None:
         print("takdsr-status: this daemon does not offer statistics to watch (older than the stats request)",
               file=sys.stderr)
         return 1
+    try:
+        return _watch_intervals(client, info, first, every, count, as_json)
+    except KeyboardInterrupt:  # the way a watch is ended
+        return 0
+
+
+def _watch_intervals(client: UpscalerClient, info: Welcome, first: Statistics, every: float, count: int | None,
+                     as_json: bool) -> int:
     earlier, asked = first, time.monotonic()
     printed = 0
     while count is None or printed < count:
