@@ -2,7 +2,8 @@
 what it serves, and what it has done since it started (its ``welcome`` and ``statistics`` replies).
 
 Exit status 0 when the daemon answered, 1 when none did (or it broke the protocol), 2 for bad arguments (an
-endpoint that is none included), 130 after Ctrl-C: a health check for a script or a supervisor. It opens no
+endpoint that is none included), 130 after Ctrl-C, 141 when the reader closed the pipe (``| head``): a health check
+for a script or a supervisor. It opens no
 session, and needs neither torch nor a GPU.
 
 With ``--watch SECONDS`` it then asks again every SECONDS and prints a line each time (with ``--json``, one JSON
