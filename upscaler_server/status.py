@@ -3,12 +3,11 @@ what it serves, and what it has done since it started (its ``welcome`` and ``sta
 
 Exit status 0 when the daemon answered, 1 when none did (or it broke the protocol), 2 for bad arguments (an
 endpoint that is none included), 130 after Ctrl-C, 141 when the reader closed the pipe (``| head``): a health check
-for a script or a supervisor. It opens no
-session, and needs neither torch nor a GPU.
+for a script or a supervisor. It opens no session, and needs neither torch nor a GPU.
 
 With ``--watch SECONDS`` it then asks again every SECONDS and prints a line each time (with ``--json``, one JSON
 object per line): the frames per second done over that interval, the failures and BUSY refusals in it, and the
-daemon's state now. It ends after ``--count`` lines, or with status 0 at Ctrl-C (how a watch is ended), or with 1
+daemon's state now. It ends after ``--count`` intervals, or with status 0 at Ctrl-C (how a watch is ended), or with 1
 when the daemon stops answering or is another one (restarted: its counts start again).
 """
 
