@@ -11,7 +11,7 @@ from client_demo.link import UpscaleLink
 from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import UpscalerError
 from upscaler_server.protocol import Statistics
-from upscaler_server.status import statistics_or_none
+from upscaler_server.status import latest_times, statistics_or_none
 
 __all__ = ["STATS_TIMEOUT", "daemon_statistics", "describe_statistics", "served_statistics"]
 
@@ -39,10 +39,7 @@ def served_statistics(link: UpscaleLink) -> Statistics | None:
 
 
 def describe_statistics(stats: Statistics) -> str:
-    """One line for the end of a run: the daemon's counts and, when it has done frames, its model time."""
+    """One line for the end of a run: the daemon's counts and, when it has done frames, their times."""
     line = (f"the daemon since it started: {stats.frames_done} frame(s) done, {stats.frames_failed} "
             f"failed, {stats.frames_busy} refused BUSY (sent again)")
-    if stats.recent_frames:
-        line += (f"; model p50 {stats.infer_us_p50 / 1000:.1f} ms, p99 {stats.infer_us_p99 / 1000:.1f} ms over its "
-                 f"latest {stats.recent_frames}")
-    return line
+    return f"{line}; {latest_times(stats)}" if stats.recent_frames else line

@@ -120,7 +120,8 @@ def test_an_interval_is_the_difference_of_two_replies_and_one_line() -> None:
     assert (span.frames_done, span.frames_failed, span.frames_busy, span.frames_per_second) == (60, 2, 0, 120.0)
     line = status.describe_interval(span)
     assert re.fullmatch(r"\d\d:\d\d:\d\d  120\.0 frames/s, 2 failed, 0 refused BUSY; 1 session\(s\), 2 queued; "
-                        r"latest 160: total p50 2\.10 ms, p99 3\.40 ms, model p50 1\.20 ms", line), line
+                        r"latest 160 frame\(s\): total p50 2\.10 ms, p99 3\.40 ms; model p50 1\.20 ms, p99 0\.00 ms",
+                        line), line
     assert "latest" not in status.describe_interval(status.interval(earlier, _statistics(frames_done=100), 1.0))
 
 

@@ -34,7 +34,8 @@ from upscaler_server.console import (
 from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, UpscalerError
 from upscaler_server.protocol import Statistics, Welcome
 
-__all__ = ["Interval", "describe", "describe_interval", "interval", "main", "reply_fields", "statistics_or_none"]
+__all__ = ["Interval", "describe", "describe_interval", "interval", "latest_times", "main", "reply_fields",
+           "statistics_or_none"]
 
 MAX_SECONDS = 86400  # --timeout and --watch: a day
 
@@ -172,10 +173,7 @@ def describe_interval(span: Interval) -> str:
     now = span.now
     line = (f"{time.strftime('%H:%M:%S')}  {span.frames_per_second:.1f} frames/s, {span.frames_failed} failed, "
             f"{span.frames_busy} refused BUSY; {now.sessions} session(s), {now.queued} queued")
-    if now.recent_frames:
-        line += (f"; latest {now.recent_frames}: total p50 {now.total_us_p50 / 1000:.2f} ms, p99 "
-                 f"{now.total_us_p99 / 1000:.2f} ms, model p50 {now.infer_us_p50 / 1000:.2f} ms")
-    return line
+    return f"{line}; {latest_times(now)}" if now.recent_frames else line
 
 
 def _interval_json(span: Interval) -> str:
@@ -211,10 +209,15 @@ def describe(endpoint: str, info: Welcome, stats: Statistics | None) -> str:
               f" {stats.queued} frame(s) queued (BUSY at {info.max_queue})",
               f"frames: {stats.frames_done} done, {stats.frames_failed} failed, {stats.frames_busy} refused BUSY"]
     if stats.recent_frames:
-        lines.append(f"latest {stats.recent_frames} frame(s): total p50 {stats.total_us_p50 / 1000:.2f} ms, "
-                     f"p99 {stats.total_us_p99 / 1000:.2f} ms; model p50 {stats.infer_us_p50 / 1000:.2f} ms, "
-                     f"p99 {stats.infer_us_p99 / 1000:.2f} ms")
+        lines.append(latest_times(stats))
     return "\n".join(lines)
+
+
+def latest_times(stats: Statistics) -> str:
+    """The percentiles of the daemon's latest frames (it has done at least one), whole and model alone."""
+    return (f"latest {stats.recent_frames} frame(s): total p50 {stats.total_us_p50 / 1000:.2f} ms, "
+            f"p99 {stats.total_us_p99 / 1000:.2f} ms; model p50 {stats.infer_us_p50 / 1000:.2f} ms, "
+            f"p99 {stats.infer_us_p99 / 1000:.2f} ms")
 
 
 def _duration(seconds: float) -> str:
