@@ -37,6 +37,12 @@ def _status(*args: str) -> subprocess.CompletedProcess[str]:
                           cwd=REPO, timeout=60)
 
 
+def _statistics(instance: str = "ab12", **counts: int) -> Statistics:
+    fields = dict(uptime_ms=1000, sessions=0, queued=0, frames_done=0, frames_failed=0, frames_busy=0,
+                  recent_frames=0, total_us_p50=0, total_us_p99=0, infer_us_p50=0, infer_us_p99=0)
+    return Statistics(instance=instance, **{**fields, **counts})
+
+
 def test_a_live_daemon_is_described_in_lines_and_in_json() -> None:
     with run_server("--backend", "nearest", "--threads", "1") as daemon:
         with UpscalerClient(daemon.endpoint, timeout=10) as client:
@@ -99,17 +105,10 @@ def test_counts_and_times_are_written_for_a_reader() -> None:
         "frames: 12 done, 1 failed, 4 refused BUSY",
         "latest 12 frame(s): total p50 8.12 ms, p99 12.40 ms; model p50 6.90 ms, p99 10.02 ms",
     ]
-    idle = Statistics(instance="ab12", uptime_ms=999, sessions=0, queued=0, frames_done=0, frames_failed=0,
-                      frames_busy=0, recent_frames=0, total_us_p50=0, total_us_p99=0, infer_us_p50=0, infer_us_p99=0)
+    idle = _statistics(uptime_ms=999)
     assert "latest" not in status.describe("ipc:///x", WELCOME, idle)  # no frame yet: no times to give
     assert [status._duration(s) for s in (0.4, 59, 65, 3600, 86400 * 2 + 7 * 3600 + 5)] == [
         "0 s", "59 s", "1 min 05 s", "1 h 00 min", "2 d 07 h"]
-
-
-def _statistics(instance: str = "ab12", **counts: int) -> Statistics:
-    fields = dict(uptime_ms=1000, sessions=0, queued=0, frames_done=0, frames_failed=0, frames_busy=0,
-                  recent_frames=0, total_us_p50=0, total_us_p99=0, infer_us_p50=0, infer_us_p99=0)
-    return Statistics(instance=instance, **{**fields, **counts})
 
 
 def test_an_interval_is_the_difference_of_two_replies_and_one_line() -> None:

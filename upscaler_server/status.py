@@ -69,7 +69,7 @@ def _positive_count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a count >= 1, got {text}") from None
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"a count >= 1, got {text}")
     return value
