@@ -23,6 +23,7 @@ from safetensors import safe_open
 import scenes
 from client_demo.config import (
     CHECKPOINT_METADATA_KEY,
+    DEFAULT_AUTO_BACKENDS,
     EXIT_INTERRUPTED,
     EXIT_NO_WINDOW,
     EXIT_SPAWN,
@@ -35,7 +36,7 @@ from client_demo.controls import VIEWS
 from client_demo.headless import DEFAULT_OUT, OutputFolder, OutputFolderError, run_headless
 from client_demo.link import UpscaleLink
 from client_demo.spawn import DaemonStartError, SpawnedDaemon
-from upscaler_server.config import check_endpoint, cli_prog, default_endpoint
+from upscaler_server.config import BACKEND_CHOICES, check_endpoint, cli_prog, default_endpoint, parse_auto_backends
 from upscaler_server.console import add_version_option, escape_unprintable_names
 from upscaler_server.errors import ConfigError
 
@@ -86,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
                    "rendered LR, as the demo renders it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the --spawn-server daemon "
                    "(default: auto)")
+    p.add_argument("--backend", choices=[c for c in BACKEND_CHOICES if c != "nearest"],
+                   help="--backend of the --spawn-server daemon (default: auto, which picks the faster of what "
+                   "--auto-backends names within 2 levels / 50 dB of fp32 eager, measured before the first frame of a "
+                   "size and cached; docs/performance.md)")
+    p.add_argument("--auto-backends", type=parse_auto_backends, metavar="B1,B2",
+                   help="what the --spawn-server daemon's --backend auto may pick from (default: "
+                   f"{','.join(DEFAULT_AUTO_BACKENDS)}: fp32, or bf16 on a CPU with bf16 instructions, fp16 on CUDA; "
+                   "compile's candidates cost tens of seconds of compilation on a CPU)")
     p.add_argument("--scene", choices=scenes.PRESETS, default=d.scene, help="scene preset (default: %(default)s)")
     p.add_argument("--lr", type=_size, default=d.lr_size, metavar="WxH",
                    help=f"rendered (low-resolution) size (default: {d.lr_size[0]}x{d.lr_size[1]})")
@@ -119,8 +128,15 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     """DemoConfig from the command line; exits with status 2 (argparse) on invalid arguments."""
     p = _parser()
     a = p.parse_args(argv)
-    if (a.checkpoint is not None or a.device is not None) and not a.spawn_server:
-        p.error("--checkpoint and --device configure the daemon that --spawn-server starts")
+    daemon_options = (a.checkpoint, a.device, a.backend, a.auto_backends)
+    if any(option is not None for option in daemon_options) and not a.spawn_server:
+        p.error("--checkpoint, --device, --backend and --auto-backends configure the daemon that --spawn-server "
+                "starts")
+    backend = a.backend or DemoConfig.backend
+    if a.auto_backends is not None and backend != "auto":
+        p.error(f"--auto-backends narrows --backend auto, not --backend {backend}")
+    if a.auto_backends == []:  # the daemon's empty list means every available backend, compile's too
+        p.error("--auto-backends names at least one backend or label, e.g. eager,onnxruntime")
     if (a.scale is not None and a.scale < 1) or a.frames < 1:
         p.error("--scale and --frames must be positive")
     for flag, value in (("--exit-after", a.exit_after), ("--screenshot-after", a.screenshot_after)):
@@ -142,10 +158,11 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     if scale is None:  # the spawned daemon's: an x3 checkpoint without --scale 3 was refused as "asked for x2"
         scale = (_checkpoint_scale(served) if served is not None else None) or DemoConfig.scale
     return DemoConfig(endpoint=a.endpoint, spawn_server=a.spawn_server, checkpoint=a.checkpoint,
-                      device=a.device or "auto", scene=a.scene, lr_size=a.lr, scale=scale, view=a.view,
-                      compare=a.compare, timeout=a.timeout, out=a.out, headless=a.headless, frames=a.frames,
-                      fps=a.fps, start=a.start, max_fps=a.max_fps, screenshot_after=a.screenshot_after,
-                      exit_after=a.exit_after)
+                      device=a.device or "auto", backend=backend,
+                      auto_backends=DEFAULT_AUTO_BACKENDS if a.auto_backends is None else tuple(a.auto_backends),
+                      scene=a.scene, lr_size=a.lr, scale=scale, view=a.view, compare=a.compare, timeout=a.timeout,
+                      out=a.out, headless=a.headless, frames=a.frames, fps=a.fps, start=a.start,
+                      max_fps=a.max_fps, screenshot_after=a.screenshot_after, exit_after=a.exit_after)
 
 
 class _Signals:
@@ -290,7 +307,8 @@ def _with_daemon(cfg: DemoConfig, stop: _Signals, folder: OutputFolder | None, s
     """The run against ``--endpoint``, or against a daemon of its own (--spawn-server), stopped in every case."""
     if not cfg.spawn_server:
         return _run(cfg, cfg.endpoint, lambda: None, stop, folder, started)
-    with SpawnedDaemon(cfg.checkpoint or _native_student(), cfg.device, cfg.endpoint, stop.at_once) as daemon:
+    with SpawnedDaemon(cfg.checkpoint or _native_student(), cfg.device, cfg.endpoint, stop.at_once,
+                       backend=cfg.backend, auto_backends=cfg.auto_backends) as daemon:
         print(f"client_demo: starting the upscaler daemon ({daemon.endpoint}) ...", file=sys.stderr)
         try:
             daemon.start(stop)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CHECKPOINT_METADATA_KEY",
+    "DEFAULT_AUTO_BACKENDS",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_NO_WINDOW",
@@ -34,6 +35,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP
 NATIVE_STUDENT_FILE = "rlfn_s_native_x2.safetensors"
 CHECKPOINT_METADATA_KEY = "takdsr"  # models.checkpoint.METADATA_KEY, repeated: importing models imports torch
 
+# What the spawned daemon's `--backend auto` may pick from unless --auto-backends says otherwise: eager PyTorch in
+# fp32, or in bf16 (a CPU with bf16 instructions) / fp16 (CUDA) when that is faster and within auto's tolerance.
+# Measuring these costs a few seconds before the first frame of a size (then cached on disk); compile's candidates
+# would cost tens of seconds of compilation on a CPU before the first upscaled frame.
+DEFAULT_AUTO_BACKENDS = ("eager",)
+
 # The caption of the upscaled half of the split view (window and headless); the model's name is in the HUD.
 SR_CAPTION = "upscaled (SR)"
 
@@ -49,6 +56,8 @@ class DemoConfig:
     spawn_server: bool = False  # start (and stop) a daemon of our own
     checkpoint: pathlib.Path | None = None  # for the spawned daemon; None: the bundled native-LR student
     device: str = "auto"  # for the spawned daemon
+    backend: str = "auto"  # for the spawned daemon: its --backend (not nearest, which runs no checkpoint)
+    auto_backends: tuple[str, ...] = DEFAULT_AUTO_BACKENDS  # for the spawned daemon's --backend auto
     scene: str = "city"  # scenes preset
     lr_size: tuple[int, int] = (640, 360)  # rendered (low-resolution) size
     scale: int = 2  # the daemon's factor; HR = LR * scale

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
+from client_demo.config import DEFAULT_AUTO_BACKENDS
 from upscaler_server import daemon_command, die_with_parent
 from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import ConfigError, ServerUnavailableError
@@ -52,9 +53,11 @@ class SpawnedDaemon:
     """``python -m upscaler_server`` started by the demo. Use as a context manager: stopped on any exit."""
 
     def __init__(self, checkpoint: pathlib.Path | None = None, device: str = "auto",
-                 endpoint: str | None = None, hurry: Callable[[], bool] = lambda: False) -> None:
+                 endpoint: str | None = None, hurry: Callable[[], bool] = lambda: False, *, backend: str = "auto",
+                 auto_backends: Sequence[str] = DEFAULT_AUTO_BACKENDS) -> None:
         """``hurry``: true once the demo was told to stop at once (a second signal); stop() then kills the daemon
-        instead of waiting for it, whenever that second signal came."""
+        instead of waiting for it, whenever that second signal came. ``backend`` and, with auto, ``auto_backends``:
+        the daemon's --backend and --auto-backends."""
         _remove_folders_of_dead_demos()
         self._hurry = hurry
         # short (ipc paths max ~100), and named by this process, so a later demo can tell it was left behind
@@ -62,7 +65,9 @@ class SpawnedDaemon:
         self.endpoint = endpoint or f"ipc://{self._dir / 'upscaler.sock'}"
         self._shared_endpoint = endpoint is not None  # another daemon could already serve it
         self.log_path = self._dir / "daemon.log"
-        args = ["--endpoint", self.endpoint, "--device", device]
+        args = ["--endpoint", self.endpoint, "--device", device, "--backend", backend]
+        if backend == "auto":
+            args += ["--auto-backends", ",".join(auto_backends)]
         if checkpoint is not None:
             args += ["--checkpoint", str(checkpoint)]
         self.command: Sequence[str] = daemon_command(args)  # this installation's packages, whatever the cwd holds

@@ -2,7 +2,8 @@
 # The main job in one command, on a fresh Debian 12 machine or an installed one:
 #   1. bash scripts/setup.sh (idempotent: Debian packages, .venv, PyTorch, the project);
 #   2. the live demo with a daemon of its own (--spawn-server: the bundled student trained on natively rendered
-#      LR, on the GPU if there is one, else on the CPU), stopped cleanly when the demo ends (Esc, Ctrl-C, SIGTERM or an error).
+#      LR, on the GPU if there is one, else on the CPU; in bf16 or fp16 where that is faster, measured once and cached:
+#      the demo's --backend auto), stopped cleanly when the demo ends (Esc, Ctrl-C, SIGTERM or an error).
 # With a display ($DISPLAY, or $WAYLAND_DISPLAY through XWayland) the demo opens a window; without one it renders
 # headless into demo_out/ (frames/*.png, demo.mp4, stats.json). Extra arguments pass through to the demo:
 #   bash scripts/demo.sh --scene garden --lr 320x180

@@ -1,9 +1,11 @@
 """Suite-wide settings: tests marked `gpu` are skipped, visibly and with the reason, without CUDA; Ctrl-C reaches the
-processes the tests start even when the suite itself was started in the background. Also the `one_thread` fixture,
-for modules that compare runs of small networks (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+processes the tests start even when the suite itself was started in the background; daemons the tests start keep
+their backend cache in a folder of the session's. Also the `one_thread` fixture, for modules that compare runs of
+small networks (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 
@@ -19,6 +21,19 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_backend_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """$TAKDSR_CACHE_DIR for the session: the demo's daemons run --backend auto, whose measurements would otherwise
+    land in the user's ~/.cache/takdsr (and a developer's cached choices would spare the tests the measuring)."""
+    before = os.environ.get("TAKDSR_CACHE_DIR")
+    os.environ["TAKDSR_CACHE_DIR"] = str(tmp_path_factory.mktemp("takdsr-cache"))
+    yield
+    if before is None:
+        del os.environ["TAKDSR_CACHE_DIR"]
+    else:
+        os.environ["TAKDSR_CACHE_DIR"] = before
 
 
 def pytest_configure(config: pytest.Config) -> None:

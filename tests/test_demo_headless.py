@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import pathlib
@@ -120,9 +121,18 @@ def test_the_split_view_is_captioned_and_a_run_without_frames_leaves_no_video(ne
 
 def test_spawn_server_writes_outputs_and_leaves_nothing(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
     frames = 4
+    cache = tmp_path / "cache"
     result = run_demo("--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
-                      "--lr", LR_ARG, "--frames", str(frames), "--scene", "city", "--out", str(tmp_path))
+                      "--lr", LR_ARG, "--frames", str(frames), "--scene", "city", "--out", str(tmp_path),
+                      env={"TAKDSR_CACHE_DIR": str(cache)})
     assert result.returncode == 0, output_of(result)
+    # its --backend auto measured eager fp32 against eager bf16 (where this CPU has it) for the demo's size, and
+    # nothing else: compile's candidates would have cost tens of seconds before the first frame
+    measured = json.loads((cache / "auto.json").read_text())["entries"]
+    assert [key.rsplit("|", 1)[1] for key in measured] == [LR_ARG], measured
+    (entry,) = measured.values()
+    assert set(entry["candidates"]) <= {"eager-fp32", "eager-bf16"} and "eager-fp32" in entry["candidates"], entry
+    assert entry["choice"] in entry["candidates"]
     pid = daemon_pid(result.stderr)
     assert not process_alive(pid), f"the spawned daemon {pid} is still running"
     assert not segments_of(pid), f"the spawned daemon left shared memory: {segments_of(pid)}"
@@ -139,6 +149,7 @@ def test_spawn_server_writes_outputs_and_leaves_nothing(checkpoint: pathlib.Path
     assert stats["completed"] and stats["error"] is None and stats["frames"] == frames
     assert stats["lr_size"] == list(LR) and stats["hr_size"] == list(HR) and stats["scale"] == 2
     assert stats["upscaler"]["model"].startswith("rlfn") and stats["upscaler"]["device"] == "cpu"
+    assert stats["upscaler"]["precision"] == "auto"  # chosen per size: the daemon's log and auto.json say which
     assert stats["fps"] > 0 and stats["wall_s"] > 0
     rtt = stats["round_trip_ms"]
     assert 0 < rtt["p50"] <= rtt["p90"] <= rtt["p99"]
@@ -242,7 +253,7 @@ def test_wall_s_includes_the_spawned_daemons_start_up(nearest_daemon: Daemon, tm
         "from client_demo import cli\n"
         "class SlowDaemon:\n"
         f"    endpoint, pid = {nearest_daemon.endpoint!r}, 0\n"
-        "    def __init__(self, *args): pass\n"
+        "    def __init__(self, *args, **kwargs): pass\n"
         "    def __enter__(self): return self\n"
         "    def __exit__(self, *exc): pass\n"
         "    def start(self, should_stop): time.sleep(5)\n"

@@ -98,6 +98,40 @@ def test_command_line() -> None:
         assert exc.value.code == 2, bad
 
 
+def test_the_spawned_daemons_backend_and_what_auto_may_pick(capsys: pytest.CaptureFixture[str]) -> None:
+    """The spawned daemon runs --backend auto among eager fp32 and eager bf16/fp16 unless told otherwise: fp32 eager,
+    the daemon's own default, ran the demo's network at half the speed this CPU's bf16 allows."""
+    from client_demo.spawn import SpawnedDaemon
+
+    default = parse_args(["--spawn-server"])
+    assert (default.backend, default.auto_backends) == ("auto", ("eager",))
+    narrowed = parse_args(["--spawn-server", "--auto-backends", "eager-fp32,onnxruntime"])
+    assert narrowed.auto_backends == ("eager-fp32", "onnxruntime")
+    assert parse_args(["--spawn-server", "--backend", "compile"]).backend == "compile"
+
+    def daemon_args(**kwargs: object) -> list[str]:
+        daemon = SpawnedDaemon(pathlib.Path("rlfn_s_native_x2"), "cpu", **kwargs)  # type: ignore[arg-type]
+        daemon.stop()  # never started: this removes its folder
+        return list(daemon.command[daemon.command.index("--device"):])
+
+    assert daemon_args() == ["--device", "cpu", "--backend", "auto", "--auto-backends", "eager",
+                             "--checkpoint", "rlfn_s_native_x2"]
+    assert daemon_args(auto_backends=("eager-fp32", "onnxruntime"))[2:6] == ["--backend", "auto", "--auto-backends",
+                                                                            "eager-fp32,onnxruntime"]
+    assert "--auto-backends" not in daemon_args(backend="eager")
+    for bad, said in ((["--backend", "eager"], "configure the daemon that --spawn-server starts"),
+                      (["--auto-backends", "eager"], "configure the daemon that --spawn-server starts"),
+                      (["--spawn-server", "--backend", "eager", "--auto-backends", "eager"],
+                       "--auto-backends narrows --backend auto, not --backend eager"),
+                      (["--spawn-server", "--auto-backends", ""], "names at least one backend"),
+                      (["--spawn-server", "--auto-backends", "egaer"], "unknown egaer"),
+                      # the nearest backend runs no checkpoint, and the demo always gives its daemon one
+                      (["--spawn-server", "--backend", "nearest"], "invalid choice: 'nearest'")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(bad)
+        assert exc.value.code == 2 and said in capsys.readouterr().err, bad
+
+
 def test_the_scale_defaults_to_the_spawned_checkpoints(tmp_path: pathlib.Path) -> None:
     """An x3 student spawned without --scale 3 was refused: "the daemon upscales x3 but the demo was asked for x2"."""
     import models

@@ -17,7 +17,7 @@ from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import COUNT_MAX, DIM_MAX, SCALE_MAX, SLOTS_MAX
 
 __all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "check_endpoint", "cli_prog",
-           "default_endpoint", "nobody_listens", "parse_size", "runtime_dir", "unreachable"]
+           "default_endpoint", "nobody_listens", "parse_auto_backends", "parse_size", "runtime_dir", "unreachable"]
 
 # Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
 ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
@@ -195,7 +195,7 @@ def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
                    "nearest: nearest-neighbour copy without a model, to measure transport alone")
     p.add_argument("--cache-dir", type=pathlib.Path, help="auto's measurements, ONNX and TensorRT files (default: "
                    "$TAKDSR_CACHE_DIR, else $XDG_CACHE_HOME/takdsr or ~/.cache/takdsr)")
-    p.add_argument("--auto-backends", type=_auto_backend_list, default=[],
+    p.add_argument("--auto-backends", type=parse_auto_backends, default=[],
                    metavar="B1,B2", help="what auto may pick from: backends (eager,compile,onnxruntime,tensorrt) or "
                    "labels (eager-bf16, compile-fp32); default all available")
     p.add_argument("--tune-sizes", type=parse_size, nargs="*", default=[], metavar="WxH",
@@ -213,7 +213,7 @@ _AUTO_BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")  # what auto me
 _PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def _auto_backend_list(text: str) -> list[str]:
+def parse_auto_backends(text: str) -> list[str]:
     """--auto-backends: backend names or backend-precision labels. A typo used to match nothing and was dropped
     in silence, leaving auto fewer backends than asked for (onnxrutime: eager only)."""
     names = [name for name in text.split(",") if name]
