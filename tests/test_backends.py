@@ -109,6 +109,21 @@ def test_backend_within_tolerance_of_fp32_eager(backend: str, device: str, preci
     engine.close()
 
 
+@pytest.fixture
+def eager_bf16_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto lists eager bf16 on any CPU: with fp32 eager alone it has nothing to measure, and the tests that read its
+    measurements would find none on a CPU without bf16 instructions (there the bf16 engine then fails to build, and
+    the measurement records it so)."""
+    from upscaler_server.backends import auto
+
+    real = auto.unavailable
+
+    def listed(backend: str, device: str, precision: str) -> str | None:
+        return None if (backend, device, precision) == ("eager", "cpu", "bf16") else real(backend, device, precision)
+
+    monkeypatch.setattr(auto, "unavailable", listed)
+
+
 def _auto(checkpoint: pathlib.Path, cache: pathlib.Path, allowed: tuple[str, ...] = ("eager", "onnxruntime"),
           tolerance: Tolerance = TOLERANCE) -> AutoEngine:
     network, name, weights, identity = served_network(checkpoint, None, 2, edge_pad=DEFAULT_EDGE_PAD)
@@ -137,6 +152,21 @@ def test_auto_picks_a_valid_backend_and_reuses_its_cache(checkpoint: pathlib.Pat
     assert other_size.measured == [(16, 24)]
 
 
+def test_auto_with_one_candidate_measures_nothing(checkpoint: pathlib.Path, reference: Engine, tmp_path: pathlib.Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """fp32 eager alone (--auto-backends eager, the demo's, on a CPU without bf16): auto ran it about eight times over
+    on the session's first frame (4.7 s at 640x360 here) to choose what it had to choose."""
+    engine = _auto(checkpoint, tmp_path, allowed=("eager-fp32",))
+    assert engine.labels == ["eager-fp32"]
+    rgb = RNG.integers(0, 256, (20, 32, 3), dtype=np.uint8)
+    with caplog.at_level(logging.INFO, logger="upscaler_server.backends.auto"):
+        _within(engine.run(rgb), reference.run(rgb), max_levels=1)  # fp32 on other thread counts: rounding
+    assert engine.measured == [] and engine.choices == {(20, 32): "eager-fp32"}
+    assert not (tmp_path / "auto.json").exists()
+    assert any("eager-fp32, the only candidate here (not measured)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.usefixtures("eager_bf16_listed")
 def test_auto_runs_on_the_oldest_python_the_package_allows(checkpoint: pathlib.Path, tmp_path: pathlib.Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """datetime.UTC is Python 3.11+, and pyproject allows 3.10: there auto failed every frame of a new size."""
@@ -161,6 +191,7 @@ def test_auto_rejects_backends_outside_its_tolerance(checkpoint: pathlib.Path, t
     assert entry["candidates"]["eager-bf16"]["ok"] is False and "ms" not in entry["candidates"]["eager-bf16"]
 
 
+@pytest.mark.usefixtures("eager_bf16_listed")
 @pytest.mark.parametrize("content", ["{not json", '{"version": 1, "entries": [1, 2]}', '{"version": 99}'])
 def test_corrupt_cache_is_ignored_with_a_warning(checkpoint: pathlib.Path, tmp_path: pathlib.Path, content: str,
                                                  caplog: pytest.LogCaptureFixture) -> None:
@@ -182,6 +213,7 @@ _UNTRUSTED_CACHES = {
 }
 
 
+@pytest.mark.usefixtures("eager_bf16_listed")
 @pytest.mark.parametrize("kind", list(_UNTRUSTED_CACHES))
 def test_a_cache_file_that_cannot_be_read_or_trusted_is_named_and_measured_again(
     checkpoint: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
@@ -225,6 +257,7 @@ def test_a_cache_file_that_cannot_be_read_or_trusted_is_named_and_measured_again
     assert not path.is_symlink() and json.loads(path.read_text())["version"] == 1  # replaced, not written through
 
 
+@pytest.mark.usefixtures("eager_bf16_listed")
 def test_two_engines_sharing_a_cache_keep_each_others_entries(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
     first, second = _auto(checkpoint, tmp_path, allowed=("eager",)), _auto(checkpoint, tmp_path, allowed=("eager",))
     first.run(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
@@ -233,6 +266,7 @@ def test_two_engines_sharing_a_cache_keep_each_others_entries(checkpoint: pathli
     assert sizes == {"16x16", "24x20"}
 
 
+@pytest.mark.usefixtures("eager_bf16_listed")
 def test_the_cache_keeps_only_the_newest_resolutions(checkpoint: pathlib.Path, tmp_path: pathlib.Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A client changing its frame size all the time grew auto.json without end (re-read and rewritten whole each
@@ -254,6 +288,7 @@ def test_the_cache_keeps_only_the_newest_resolutions(checkpoint: pathlib.Path, t
     assert sizes == {"18x16", "19x16", "20x16"}
 
 
+@pytest.mark.usefixtures("eager_bf16_listed")
 def test_a_stricter_tolerance_measures_again(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """A choice made under one tolerance is not reused under another: the tolerance is part of the cache key."""
     loose = _auto(checkpoint, tmp_path, allowed=("eager",))

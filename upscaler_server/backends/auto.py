@@ -214,6 +214,10 @@ class AutoEngine(Engine):
             label = cached["choice"]
             log.info("auto backend for %dx%d on %s: %s (cached in %s)", width, height, self.device, label,
                      self._cache.path)
+        elif self.labels == [_REFERENCE]:  # nothing to choose between: measuring would only cost frames
+            label = _REFERENCE
+            log.info("auto backend for %dx%d on %s: %s, the only candidate here (not measured)", width, height,
+                     self.device, label)
         else:
             label, results = self._measure(height, width)
             measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -241,7 +245,7 @@ class AutoEngine(Engine):
         try:
             engine = self._engine(label)
             engine.prepare(frame.shape[0], frame.shape[1], rgb)
-            out = engine.run(frame, rgb)
+            out = reference if label == _REFERENCE else engine.run(frame, rgb)  # the reference ran: its warm-up
         except _BUILD_ERRORS as exc:
             log.warning("auto: %s cannot run here, skipped: %s", label, exc)
             self._engines.pop(label, None)

@@ -71,14 +71,7 @@ def cpu_bf16() -> bool:
 def unavailable(backend: str, device: str, precision: str) -> str | None:
     """Why ``backend`` cannot run at ``precision`` on ``device`` here, or None when it can."""
     cuda = device.startswith("cuda")
-    if precision == "bf16" and not cuda and not cpu_bf16():
-        return "this CPU has no bf16 instructions (avx512_bf16 / amx_bf16)"
-    if precision == "fp16" and not cuda:
-        return "fp16 needs CUDA"
-    if backend == "compile" and not cuda and not (shutil.which("gcc") or shutil.which("cc")):
-        return "torch.compile on CPU needs a C++ compiler (gcc)"
-    if backend == "compile" and cuda and importlib.util.find_spec("triton") is None:
-        return "torch.compile on CUDA needs triton"
+    # the single-precision backends first: "runs fp32 only" holds on any machine, the CPU's bf16 flag aside
     if backend == "onnxruntime":
         return _onnxruntime_missing(cuda, precision)
     if backend == "tensorrt":
@@ -88,6 +81,15 @@ def unavailable(backend: str, device: str, precision: str) -> str | None:
             return "the tensorrt backend builds fp16 engines only"
         if importlib.util.find_spec("tensorrt") is None:
             return "the tensorrt package is not installed (pip install tensorrt)"
+        return None
+    if precision == "bf16" and not cuda and not cpu_bf16():
+        return "this CPU has no bf16 instructions (avx512_bf16 / amx_bf16)"
+    if precision == "fp16" and not cuda:
+        return "fp16 needs CUDA"
+    if backend == "compile" and not cuda and not (shutil.which("gcc") or shutil.which("cc")):
+        return "torch.compile on CPU needs a C++ compiler (gcc)"
+    if backend == "compile" and cuda and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs triton"
     return None
 
 
