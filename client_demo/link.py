@@ -45,6 +45,9 @@ RESULT_POLL = 0.002  # s the worker waits for a frame's reply before looking for
 CLOSE_GRACE = 0.5  # s close() lets the worker end by itself (closing its session) before interrupting its waits
 LIVENESS = 1.0  # s between pings while a frame is out: a daemon that died or stopped is noticed this soon
 WHY_PROBE = 0.5  # s a new client waits for a hello when a daemon did not answer a ping, to say why (_why_silent)
+# s a session's frames may take, while the daemon answers pings, until its first one is answered: they wait behind
+# the daemon's warm-up of the session's size (auto's measuring, compile's compilation: tens of seconds on a CPU)
+FIRST_FRAME_GRACE = 120.0
 
 
 class LinkState(enum.Enum):
@@ -200,17 +203,20 @@ class _Worker(threading.Thread):
         """Submit jobs and collect their frames in order. The oldest frame's reply is waited for in short slices
         (a reply ends a slice at once), and the job queue is read between them, so frame n+1 reaches the daemon
         while it finishes frame n. A frame without a reply after ``timeout`` has the daemon checked (a dead or
-        stalled one ends the connection), and after twice that it is given up, as collect() itself would. While a
-        frame waits, the daemon is pinged about once a second: one that died or was stopped ends the connection
-        within about a second, not after the timeout."""
+        stalled one ends the connection), and after twice that it is given up, as collect() itself would; until the
+        session's first frame is answered, after FIRST_FRAME_GRACE at least (the daemon's warm-up of the size comes
+        first). While a frame waits, the daemon is pinged about once a second: one that died or was stopped ends the
+        connection within about a second, not after the timeout."""
         sent: collections.deque[_InFlight] = collections.deque()  # in the session's order
+        give_up_after = max(2 * self._timeout, FIRST_FRAME_GRACE)
         while not self.halt.is_set():
             if sent:
                 full = len(sent) >= PIPELINE_DEPTH  # no job can come: wait longer per slice
                 if session.has_result(IDLE_POLL if full else RESULT_POLL):
-                    self._collect(session, sent, epoch)
+                    if self._collect(session, sent, epoch):
+                        give_up_after = 2 * self._timeout
                     continue
-                self._check_overdue(session, sent[0])
+                self._check_overdue(session, sent[0], give_up_after)
                 if full:
                     continue
             try:
@@ -221,7 +227,8 @@ class _Worker(threading.Thread):
                 frame, now = session.submit(job.slot, job.frame), time.perf_counter()
                 sent.append(_InFlight(job.slot, frame, job.submitted, now, now))
 
-    def _collect(self, session: Session, sent: collections.deque[_InFlight], epoch: int) -> None:
+    def _collect(self, session: Session, sent: collections.deque[_InFlight], epoch: int) -> bool:
+        """The oldest frame's reply; False when it was BUSY (the frame is submitted again)."""
         oldest = sent.popleft()
         try:
             result = session.collect()
@@ -229,14 +236,15 @@ class _Worker(threading.Thread):
             time.sleep(BUSY_PAUSE)
             session.submit(oldest.slot, oldest.frame)
             sent.append(oldest)
-            return
+            return False
         finished = Finished(oldest.slot, oldest.frame, time.perf_counter() - oldest.submitted, result.timings)
         self._events.put(_Done(epoch, finished))
+        return True
 
-    def _check_overdue(self, session: Session, oldest: _InFlight) -> None:
+    def _check_overdue(self, session: Session, oldest: _InFlight, give_up_after: float) -> None:
         now = time.perf_counter()
         waited = now - oldest.sent
-        if waited > 2 * self._timeout:
+        if waited > give_up_after:
             raise ServerUnavailableError(f"frame {oldest.frame} got no reply in {waited:.0f} s although the daemon "
                                          "answers pings; is it overloaded?")
         if now - oldest.checked > min(LIVENESS, self._timeout):
