@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=d.timeout,
                    help="seconds a ping of the daemon may go unanswered, at least 1 (it is pinged about once a "
                    "second while a frame waits); a frame is given up, and the daemon reconnected, after twice that "
-                   "although the daemon answers; keep it above one frame's upscale time (default: %(default)s)")
+                   "although the daemon answers (a session's first frames: after 120 s at least, as they wait for the "
+                   "daemon's warm-up of their size); keep it above one frame's upscale time (default: %(default)s)")
     p.add_argument("--out", type=_utf8_path, help="headless: output folder (default: demo_out); "
                    "window: screenshot folder (default: the current one)")
     g = p.add_argument_group("headless mode")
@@ -316,4 +317,7 @@ def _with_daemon(cfg: DemoConfig, stop: _Signals, folder: OutputFolder | None, s
             print(f"client_demo: {exc}", file=sys.stderr)
             return EXIT_SPAWN
         print(f"client_demo: upscaler daemon ready (pid {daemon.pid})", file=sys.stderr)
-        return _run(cfg, daemon.endpoint, daemon.gone, stop, folder, started)
+        status = _run(cfg, daemon.endpoint, daemon.gone, stop, folder, started)
+        for line in daemon.auto_backend_lines():  # the HUD and stats.json say only "auto"; its log goes with it
+            print(f"client_demo: from the daemon's log: {line}", file=sys.stderr)
+        return status

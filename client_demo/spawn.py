@@ -34,6 +34,7 @@ class DaemonStartError(RuntimeError):
 
 
 _FOLDER_PREFIX = "takdsr-demo-"
+_AUTO_LOGGER = "upscaler_server.backends.auto"  # the daemon's logger of --backend auto's choices and warnings
 
 
 def _remove_folders_of_dead_demos() -> None:
@@ -140,6 +141,16 @@ class SpawnedDaemon:
         except OSError:
             return "(no daemon log)"
         return "\n".join("  | " + line for line in text.splitlines()[-lines:])
+
+    def auto_backend_lines(self) -> list[str]:
+        """What the daemon's --backend auto logged: its choice for each size ("auto backend for 320x180 on cpu:
+        eager-bf16 (measured: ...)") and its warnings (a cache it cannot write, a candidate that cannot run)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        marker = f" {_AUTO_LOGGER}: "  # the daemon's log lines: "<time> <LEVEL> <logger>: <message>"
+        return [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
 
     def stop(self) -> None:
         """SIGTERM, wait, SIGKILL if needed; clear a dead daemon's shared memory; remove the private directory. A

@@ -122,6 +122,8 @@ def test_the_split_view_is_captioned_and_a_run_without_frames_leaves_no_video(ne
 def test_spawn_server_writes_outputs_and_leaves_nothing(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
     frames = 4
     cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "auto.json").write_text("{not json")  # its daemon's warning is shown: its log goes with its folder
     result = run_demo("--headless", "--spawn-server", "--checkpoint", str(checkpoint), "--device", "cpu",
                       "--lr", LR_ARG, "--frames", str(frames), "--scene", "city", "--out", str(tmp_path),
                       env={"TAKDSR_CACHE_DIR": str(cache)})
@@ -133,6 +135,11 @@ def test_spawn_server_writes_outputs_and_leaves_nothing(checkpoint: pathlib.Path
     (entry,) = measured.values()
     assert set(entry["candidates"]) <= {"eager-fp32", "eager-bf16"} and "eager-fp32" in entry["candidates"], entry
     assert entry["choice"] in entry["candidates"]
+    prefix = "client_demo: from the daemon's log: "
+    said = [line.removeprefix(prefix) for line in result.stderr.splitlines() if line.startswith(prefix)]
+    assert len(said) == 2, output_of(result)
+    assert said[0].startswith(f"ignoring the corrupt auto-backend cache {cache}")
+    assert said[1].startswith(f"auto backend for {LR_ARG} on cpu: {entry['choice']} (measured: eager-fp32 ")
     pid = daemon_pid(result.stderr)
     assert not process_alive(pid), f"the spawned daemon {pid} is still running"
     assert not segments_of(pid), f"the spawned daemon left shared memory: {segments_of(pid)}"
@@ -258,6 +265,7 @@ def test_wall_s_includes_the_spawned_daemons_start_up(nearest_daemon: Daemon, tm
         "    def __exit__(self, *exc): pass\n"
         "    def start(self, should_stop): time.sleep(5)\n"
         "    def gone(self): return None\n"
+        "    def auto_backend_lines(self): return []\n"
         "cli.SpawnedDaemon = SlowDaemon\n"
         f"sys.exit(cli.main(['--headless', '--spawn-server', '--lr', '{LR_ARG}', '--frames', '1', '--out', "
         f"{str(tmp_path)!r}]))\n"

@@ -100,7 +100,7 @@ def test_command_line() -> None:
 
 def test_the_spawned_daemons_backend_and_what_auto_may_pick(capsys: pytest.CaptureFixture[str]) -> None:
     """The spawned daemon runs --backend auto among eager fp32 and eager bf16/fp16 unless told otherwise: fp32 eager,
-    the daemon's own default, ran the demo's network at half the speed this CPU's bf16 allows."""
+    the daemon's own default on a CPU, ran the demo's network at half the speed this CPU's bf16 allows."""
     from client_demo.spawn import SpawnedDaemon
 
     default = parse_args(["--spawn-server"])
