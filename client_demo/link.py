@@ -205,16 +205,18 @@ class _Worker(threading.Thread):
         while it finishes frame n. A frame without a reply after ``timeout`` has the daemon checked (a dead or
         stalled one ends the connection), and after twice that it is given up, as collect() itself would; until the
         session's first frame is answered, after FIRST_FRAME_GRACE at least (the daemon's warm-up of the size comes
-        first). While a frame waits, the daemon is pinged about once a second: one that died or was stopped ends the
-        connection within about a second, not after the timeout."""
+        first), and the frames sent meanwhile count their wait from that answer. While a frame waits, the daemon is
+        pinged about once a second: one that died or was stopped ends the connection within about a second, not
+        after the timeout."""
         sent: collections.deque[_InFlight] = collections.deque()  # in the session's order
         give_up_after = max(2 * self._timeout, FIRST_FRAME_GRACE)
         while not self.halt.is_set():
             if sent:
                 full = len(sent) >= PIPELINE_DEPTH  # no job can come: wait longer per slice
                 if session.has_result(IDLE_POLL if full else RESULT_POLL):
-                    if self._collect(session, sent, epoch):
+                    if self._collect(session, sent, epoch) and give_up_after > 2 * self._timeout:
                         give_up_after = 2 * self._timeout
+                        _warm_up_over(sent, time.perf_counter())
                     continue
                 self._check_overdue(session, sent[0], give_up_after)
                 if full:
@@ -278,6 +280,13 @@ class _Worker(threading.Thread):
                 continue
             if isinstance(message, _Released) and message.epoch == epoch:
                 return
+
+
+def _warm_up_over(sent: collections.deque[_InFlight], now: float) -> None:
+    """The session's first frame is answered: the frames sent behind it waited for the warm-up too, and their own
+    wait (given up after twice the timeout) begins now."""
+    for frame in sent:
+        frame.sent = max(frame.sent, now)
 
 
 class UpscaleLink:

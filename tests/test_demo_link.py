@@ -194,8 +194,9 @@ def test_a_lost_daemon_is_given_up_on_as_the_timeout_says(stop_signal: int, low:
 def test_a_sessions_first_frame_waits_out_the_daemons_warm_up_and_later_ones_do_not() -> None:
     """A daemon warms a session's size up before its first frame (auto measures its candidates, compile compiles):
     with the demo's --backend auto, a first run at 1280x720 on this CPU took 18 s, and the link gave frames up after
-    twice --timeout (20 s), then reconnected into the same wait. Here the warm-up takes 3 s and --timeout is 0.5 s;
-    a frame that hangs after the first one is still given up after 1 s."""
+    twice --timeout (20 s), then reconnected into the same wait. Here the warm-up takes 3 s and --timeout is 0.5 s:
+    the two frames sent during it come back (the second, sent behind the first, was given up as soon as the first was
+    answered), and a frame that hangs after them is still given up after 1 s."""
     from upscaler_server.engine import NearestEngine
 
     class SlowEngine(NearestEngine):
@@ -203,8 +204,7 @@ def test_a_sessions_first_frame_waits_out_the_daemons_warm_up_and_later_ones_do_
             time.sleep(3.0)  # on the engine thread: the daemon answers pings meanwhile
 
         def upscale(self, lr: np.ndarray, fmt: Any, out: np.ndarray) -> Any:
-            if lr[0, 0, 0] == 99:
-                time.sleep(4.0)  # a frame that hangs while the daemon answers pings
+            time.sleep(4.0 if lr[0, 0, 0] == 99 else 0.2)  # 99: a frame that hangs while the daemon answers pings
             return super().upscale(lr, fmt, out)
 
     with serve_here(SlowEngine(2)) as daemon:
@@ -212,7 +212,14 @@ def test_a_sessions_first_frame_waits_out_the_daemons_warm_up_and_later_ones_do_
         link.start()
         try:
             start = time.monotonic()
-            _round_trip(link, 1, deadline=20.0)
+            for frame in (1, 2):  # both sent during the warm-up; the second waits 0.2 s behind the first's answer
+                slot = link.acquire()
+                while slot is None:  # connecting
+                    link.poll(0.05)
+                    slot = link.acquire()
+                link.input(slot)[...] = frame
+                link.submit(slot, frame)
+            assert sorted(frame.frame for frame in _collect(link, 2, deadline=20.0)) == [1, 2]
             assert time.monotonic() - start >= 3.0 and link.state is LinkState.READY and link.reason == ""
             slot = link.acquire()
             link.input(slot)[...] = 99
