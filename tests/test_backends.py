@@ -156,14 +156,16 @@ def test_auto_with_one_candidate_measures_nothing(checkpoint: pathlib.Path, refe
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """fp32 eager alone (--auto-backends eager, the demo's, on a CPU without bf16): auto ran it about eight times over
     on the session's first frame (4.7 s at 640x360 here) to choose what it had to choose."""
-    engine = _auto(checkpoint, tmp_path, allowed=("eager-fp32",))
-    assert engine.labels == ["eager-fp32"]
+    (tmp_path / "auto.json").write_text("{not json")  # neither read (a warning said "it will be rewritten") nor written
     rgb = RNG.integers(0, 256, (20, 32, 3), dtype=np.uint8)
     with caplog.at_level(logging.INFO, logger="upscaler_server.backends.auto"):
+        engine = _auto(checkpoint, tmp_path, allowed=("eager-fp32",))
         _within(engine.run(rgb), reference.run(rgb), max_levels=1)  # fp32 on other thread counts: rounding
+    assert engine.labels == ["eager-fp32"]
     assert engine.measured == [] and engine.choices == {(20, 32): "eager-fp32"}
-    assert not (tmp_path / "auto.json").exists()
-    assert any("eager-fp32, the only candidate here (not measured)" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "auto.json").read_text() == "{not json"
+    assert [r.getMessage() for r in caplog.records] == [
+        "auto backend for 32x20 on cpu: eager-fp32, the only candidate here (not measured)"]
 
 
 @pytest.mark.usefixtures("eager_bf16_listed")

@@ -165,7 +165,8 @@ class AutoEngine(Engine):
         self.choices: dict[tuple[int, int], str] = {}  # (height, width) -> label
         self.measured: list[tuple[int, int]] = []  # resolutions measured by this engine (not read from the cache)
         self._engines: dict[str, Engine] = {}
-        self._cache = _Cache(settings.cache_dir / "auto.json")
+        # fp32 eager alone is chosen without measuring: its cache is neither read nor written (nor warned about)
+        self._cache = _Cache(settings.cache_dir / "auto.json") if self.labels != [_REFERENCE] else None
         threads = settings.threads or usable_cores()
         self._key = (f"{_hardware(settings.device)}|{settings.device.partition(':')[0]}|threads={threads}|"
                      f"torch={torch.__version__}|ort={_version('onnxruntime')}|trt={_version('tensorrt')}|"
@@ -208,23 +209,25 @@ class AutoEngine(Engine):
     def _choose(self, height: int, width: int) -> str:
         if (height, width) in self.choices:
             return self.choices[height, width]
+        self.choices[height, width] = label = self._look_up_or_measure(height, width)
+        self._release_unused()
+        return label
+
+    def _look_up_or_measure(self, height: int, width: int) -> str:
+        if self._cache is None:  # nothing to choose between: measuring would only cost frames
+            log.info("auto backend for %dx%d on %s: %s, the only candidate here (not measured)", width, height,
+                     self.device, _REFERENCE)
+            return _REFERENCE
         key = f"{self._key}|{width}x{height}"
         cached = self._cache.entries.get(key)
         if cached is not None and cached["choice"] in self.labels:
-            label = cached["choice"]
-            log.info("auto backend for %dx%d on %s: %s (cached in %s)", width, height, self.device, label,
+            log.info("auto backend for %dx%d on %s: %s (cached in %s)", width, height, self.device, cached["choice"],
                      self._cache.path)
-        elif self.labels == [_REFERENCE]:  # nothing to choose between: measuring would only cost frames
-            label = _REFERENCE
-            log.info("auto backend for %dx%d on %s: %s, the only candidate here (not measured)", width, height,
-                     self.device, label)
-        else:
-            label, results = self._measure(height, width)
-            measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            self._cache.store(key, {"choice": label, "candidates": results, "tolerance": self.tolerance.__dict__,
-                                    "measured": measured})
-        self.choices[height, width] = label
-        self._release_unused()
+            return str(cached["choice"])
+        label, results = self._measure(height, width)
+        measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self._cache.store(key, {"choice": label, "candidates": results, "tolerance": self.tolerance.__dict__,
+                                "measured": measured})
         return label
 
     def _measure(self, height: int, width: int) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -245,7 +248,8 @@ class AutoEngine(Engine):
         try:
             engine = self._engine(label)
             engine.prepare(frame.shape[0], frame.shape[1], rgb)
-            out = reference if label == _REFERENCE else engine.run(frame, rgb)  # the reference ran: its warm-up
+            # the reference's own run was its warm-up; its timing below writes into a copy, not the reference
+            out = reference.copy() if label == _REFERENCE else engine.run(frame, rgb)
         except _BUILD_ERRORS as exc:
             log.warning("auto: %s cannot run here, skipped: %s", label, exc)
             self._engines.pop(label, None)
