@@ -35,6 +35,9 @@ class DaemonStartError(RuntimeError):
 
 _FOLDER_PREFIX = "takdsr-demo-"
 _AUTO_LOGGER = "upscaler_server.backends.auto"  # the daemon's logger of --backend auto's choices and warnings
+_AUTO_LINE_MAX = 600  # characters of one of its messages shown: a compiler's error runs to pages
+# a record of the daemon's log: "<date> <time>,<ms> <LEVEL> <logger>: <message>" (upscaler_server.__main__)
+_LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (?P<logger>\S+): (?P<message>.*)")
 
 
 def _remove_folders_of_dead_demos() -> None:
@@ -149,8 +152,17 @@ class SpawnedDaemon:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return []
-        marker = f" {_AUTO_LOGGER}: "  # the daemon's log lines: "<time> <LEVEL> <logger>: <message>"
-        return [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
+        messages: list[str] = []
+        ours = False  # whether the record the lines belong to is auto's
+        for line in text.splitlines():
+            record = _LOG_RECORD.match(line)
+            if record is not None:
+                ours = record["logger"] == _AUTO_LOGGER
+                if ours:
+                    messages.append(record["message"])
+            elif ours and line.strip():  # a message of several lines (a compiler's error): kept on one
+                messages[-1] += " | " + line.strip()
+        return [m if len(m) <= _AUTO_LINE_MAX else m[:_AUTO_LINE_MAX - 4] + " ..." for m in messages]
 
     def stop(self) -> None:
         """SIGTERM, wait, SIGKILL if needed; clear a dead daemon's shared memory; remove the private directory. A

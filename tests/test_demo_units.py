@@ -132,6 +132,31 @@ def test_the_spawned_daemons_backend_and_what_auto_may_pick(capsys: pytest.Captu
         assert exc.value.code == 2 and said in capsys.readouterr().err, bad
 
 
+def test_the_daemons_auto_lines_are_read_from_its_log() -> None:
+    """The demo prints what its daemon's auto logged: whole messages (a compiler's error runs over several lines; only
+    its first was kept), of that logger only, shortened, whatever bytes the log holds."""
+    from client_demo.spawn import SpawnedDaemon
+
+    daemon = SpawnedDaemon(pathlib.Path("rlfn_s_native_x2"), "cpu")
+    try:
+        auto = b"upscaler_server.backends.auto"
+        daemon.log_path.write_bytes(
+            b"2026-12-07 11:16:28,735 INFO upscaler_server: upscaler ready: pid=1\n"
+            b"2026-12-07 11:16:30,001 WARNING " + auto + b": auto: compile-fp32 cannot run here, skipped: raised:\n"
+            b"CppCompileError: C++ compile error\n"
+            b"\n"
+            b"2026-12-07 11:16:31,988 INFO " + auto + b": auto backend for 320x180 on cpu: eager-bf16 (measured)\n"
+            b"2026-12-07 11:16:32,000 INFO upscaler_server.server: a line of another logger \xff\n"
+            b"Traceback of another logger's message\n"
+            b"2026-12-07 11:16:33,000 WARNING " + auto + b": \xff" + b"x" * 2000 + b"\n")
+        lines = daemon.auto_backend_lines()
+    finally:
+        daemon.stop()
+    assert lines[:2] == ["auto: compile-fp32 cannot run here, skipped: raised: | CppCompileError: C++ compile error",
+                         "auto backend for 320x180 on cpu: eager-bf16 (measured)"]
+    assert len(lines) == 3 and len(lines[2]) == 600 and lines[2].startswith("\ufffdxxx") and lines[2].endswith(" ...")
+
+
 def test_the_scale_defaults_to_the_spawned_checkpoints(tmp_path: pathlib.Path) -> None:
     """An x3 student spawned without --scale 3 was refused: "the daemon upscales x3 but the demo was asked for x2"."""
     import models
