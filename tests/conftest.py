@@ -5,7 +5,6 @@ small networks (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterator
 
@@ -27,13 +26,9 @@ def one_thread() -> Iterator[None]:
 def private_backend_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """$TAKDSR_CACHE_DIR for the session: the demo's daemons run --backend auto, whose measurements would otherwise
     land in the user's ~/.cache/takdsr (and a developer's cached choices would spare the tests the measuring)."""
-    before = os.environ.get("TAKDSR_CACHE_DIR")
-    os.environ["TAKDSR_CACHE_DIR"] = str(tmp_path_factory.mktemp("takdsr-cache"))
-    yield
-    if before is None:
-        del os.environ["TAKDSR_CACHE_DIR"]
-    else:
-        os.environ["TAKDSR_CACHE_DIR"] = before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TAKDSR_CACHE_DIR", str(tmp_path_factory.mktemp("takdsr-cache")))
+        yield
 
 
 def pytest_configure(config: pytest.Config) -> None:
