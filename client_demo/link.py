@@ -33,7 +33,7 @@ from upscaler_server.errors import (
 )
 from upscaler_server.protocol import Timings, Welcome
 
-__all__ = ["PIPELINE_DEPTH", "Finished", "LinkState", "UpscaleLink"]
+__all__ = ["PIPELINE_DEPTH", "Finished", "LinkState", "UpscaleLink", "first_reply_limit"]
 
 PIPELINE_DEPTH = 2  # frames in flight (and slots): one upscaling while the next renders
 PIXEL_FORMAT = "RGB8"  # what scenes renders; the daemon maps other orders itself
@@ -209,7 +209,7 @@ class _Worker(threading.Thread):
         pinged about once a second: one that died or was stopped ends the connection within about a second, not
         after the timeout."""
         sent: collections.deque[_InFlight] = collections.deque()  # in the session's order
-        give_up_after = max(2 * self._timeout, FIRST_FRAME_GRACE)
+        give_up_after = first_reply_limit(self._timeout)
         while not self.halt.is_set():
             if sent:
                 full = len(sent) >= PIPELINE_DEPTH  # no job can come: wait longer per slice
@@ -280,6 +280,11 @@ class _Worker(threading.Thread):
                 continue
             if isinstance(message, _Released) and message.epoch == epoch:
                 return
+
+
+def first_reply_limit(timeout: float) -> float:
+    """Seconds after which a session's frames are given up until its first one is answered (later: 2 x timeout)."""
+    return max(2 * timeout, FIRST_FRAME_GRACE)
 
 
 def _warm_up_over(sent: collections.deque[_InFlight], now: float) -> None:

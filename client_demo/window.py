@@ -39,7 +39,7 @@ from client_demo.controls import LOOK_SPEED, MOUSE_LOOK, CameraRig, ViewState
 from client_demo.daemon_stats import describe_statistics, served_statistics
 from client_demo.frames import FrameSizeError, GpuFrames, letterbox, read_rgb
 from client_demo.hud import Hud, HudInfo
-from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink
+from client_demo.link import PIPELINE_DEPTH, Finished, LinkState, UpscaleLink, first_reply_limit
 from client_demo.metrics import RollingWindow
 
 __all__ = ["run_window", "window_size"]
@@ -283,9 +283,7 @@ class _WindowDemo:
         if self.ui.view in ("sr", "split") and not self._sr_ok:
             # a daemon known to be gone says so, rather than "waiting" until the link's timeout notices it
             stalled = self.link.ready and self._stalled() and not self.watch()
-            reason = f"waiting for the upscaler: no frame for {self.link.waiting():.0f} s" if stalled else \
-                self._why_not_sr
-            self.hud.banner(reason + " - showing bilinear")
+            self.hud.banner((self._waiting_for() if stalled else self._why_not_sr) + " - showing bilinear")
             return
         if self.ui.view == "split":  # captions at the bottom, clear of the HUD, each kept inside its half
             x, y, w, h = self._viewport_in_window()
@@ -295,6 +293,14 @@ class _WindowDemo:
             if w - divider > self.hud.text_width(self.ui.compare) + 24:
                 self.hud.label(x + divider + 8, y + h - 24, self.ui.compare)
 
+    def _waiting_for(self) -> str:
+        """The banner's words for overdue frames. A connection's first frame waits behind the daemon's warm-up of
+        its size (auto's measuring, compile's compilation: tens of seconds on a CPU), which is not a stall."""
+        waited = self.link.waiting()
+        if self._shown is None:
+            return f"waiting for the upscaler's first frame: {waited:.0f} s (the daemon prepares this size)"
+        return f"waiting for the upscaler: no frame for {waited:.0f} s"
+
     # --- HUD -----------------------------------------------------------------------------------------------------
 
     def _status(self) -> tuple[str, str, bool]:
@@ -302,6 +308,9 @@ class _WindowDemo:
         gone, link = self.watch(), self.link
         if gone:
             return "upscaler daemon stopped", f"the spawned daemon {gone}", False
+        if link.state is LinkState.READY and self._stalled() and self._shown is None:  # the daemon's warm-up
+            return (f"connected - waiting for the first frame ({link.waiting():.0f} s)",
+                    f"a new size is prepared first; given up after {first_reply_limit(self.cfg.timeout):.0f} s", True)
         if link.state is LinkState.READY and self._stalled():  # as the banner says: frames are overdue
             return f"connected - no frame for {link.waiting():.0f} s", "the daemon may be stalled or overloaded", False
         if link.state is LinkState.READY:

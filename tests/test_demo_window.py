@@ -198,6 +198,27 @@ def test_the_status_agrees_with_the_banner_while_frames_are_overdue() -> None:
     assert demo._status() == ("connected", "", True)
 
 
+def test_the_first_frame_of_a_connection_is_awaited_not_called_a_stall() -> None:
+    """While a new size warmed up in the daemon (auto's measuring: 18 s at 1280x720 on a CPU), the banner said "no
+    frame for N s" and the HUD, in red, "the daemon may be stalled or overloaded", although the link waits for
+    that first frame up to 120 s (or twice --timeout, if longer) before it gives it up."""
+    from client_demo.link import LinkState
+    from client_demo.window import _WindowDemo
+
+    demo = object.__new__(_WindowDemo)
+    demo.watch, demo._shown, demo._stalled = (lambda: None), None, (lambda: True)
+    demo.cfg = SimpleNamespace(timeout=10.0)
+    demo.link = SimpleNamespace(state=LinkState.READY, waiting=lambda: 17.6)
+    assert demo._status() == ("connected - waiting for the first frame (18 s)",
+                              "a new size is prepared first; given up after 120 s", True)
+    assert demo._waiting_for() == "waiting for the upscaler's first frame: 18 s (the daemon prepares this size)"
+    demo.cfg.timeout = 90.0
+    assert demo._status()[1] == "a new size is prepared first; given up after 180 s"
+    demo._shown = True  # a frame has come back on this connection: a wait now is a stall
+    assert demo._status() == ("connected - no frame for 18 s", "the daemon may be stalled or overloaded", False)
+    assert demo._waiting_for() == "waiting for the upscaler: no frame for 18 s"
+
+
 def test_a_frame_waits_for_upscaled_frames_only_as_long_as_drawing_leaves_room() -> None:
     """Waiting to the deadline and then drawing ran the window at 11 fps for --max-fps 15 whenever no upscaled frame
     came back (a review)."""
