@@ -22,6 +22,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 import scenes
 from client_demo.config import (
@@ -58,6 +59,10 @@ UNFINISHED = "the run did not finish: it is still running, or it was killed befo
 # A block that an interrupting signal waits for (client_demo.cli's _Signals.held); the default holds nothing.
 SignalHold = Callable[[], AbstractContextManager[None]]
 WAIT_SLICE = 0.1  # s per wait for the upscaler, between checks for Ctrl-C and a dead daemon
+# The progress bar's words until the first frame is back: it waits behind the daemon's warm-up of the size (auto's
+# measuring, compile's compilation), which can take tens of seconds on a CPU.
+FIRST_FRAME_NOTE = "waiting for the first frame (the daemon prepares this size)"
+BAR_REFRESH = 1.0  # s between redraws of the progress bar while no frame comes back (its elapsed time moves on)
 
 
 class OutputFolderError(Exception):
@@ -203,6 +208,7 @@ class _HeadlessRun:
         self._pending: dict[int, tuple[int, float, float]] = {}  # slot -> (index, t, render_ms)
         self._connection = 0  # the link's connection the frames in _pending were sent on
         self._progress_since_reopen = True
+        self._bar: tqdm | None = None  # the progress bar while execute() runs
 
     def connect(self) -> None:
         """Warm the renderer up and wait for the daemon's session: a daemon that cannot be reached or refuses this
@@ -214,15 +220,18 @@ class _HeadlessRun:
         self._connection = self.link.connection
 
     def execute(self) -> None:
-        """Render, upscale and write every frame (after connect)."""
-        for index in range(self.cfg.frames):
-            slot = self.link.acquire()
-            while slot is None:  # both slots in flight: finish the older frame while the newer one upscales
-                self._finish(self._next_finished())
+        """Render, upscale and write every frame (after connect), with a progress bar when stderr is a terminal
+        (disable=None: none in a log or a pipe), which it clears when the run ends."""
+        with tqdm(total=self.cfg.frames, desc="client_demo", unit="frame", disable=None, leave=False,
+                  dynamic_ncols=True, postfix=FIRST_FRAME_NOTE) as self._bar:
+            for index in range(self.cfg.frames):
                 slot = self.link.acquire()
-            self._submit(slot, index)
-        while self._pending:  # not link.in_flight: frames of a session that ended are sent again (_reopen)
-            self._finish(self._next_finished())
+                while slot is None:  # both slots in flight: finish the older frame while the newer one upscales
+                    self._finish(self._next_finished())
+                    slot = self.link.acquire()
+                self._submit(slot, index)
+            while self._pending:  # not link.in_flight: frames of a session that ended are sent again (_reopen)
+                self._finish(self._next_finished())
 
     def _warm_up(self) -> None:
         """Pay the renderer's one-off costs (textures, shaders, shadow maps) before anything is timed."""
@@ -230,11 +239,15 @@ class _HeadlessRun:
         self.gpu.render_native(self.cfg.scene, self.cfg.start)
 
     def _next_finished(self) -> list[Finished]:
+        redrawn = time.monotonic()
         while True:
             self._check("upscaling")
             finished = self.link.poll(WAIT_SLICE)
             if finished:
                 return finished
+            if self._bar is not None and time.monotonic() - redrawn > BAR_REFRESH:
+                self._bar.refresh()  # its elapsed time, while a frame is awaited (a daemon's warm-up: seconds)
+                redrawn = time.monotonic()
 
     def _check(self, doing: str) -> None:
         """Stop on Ctrl-C, a dead spawned daemon or a lost upscaler; reopen a session that the daemon ended."""
@@ -319,6 +332,10 @@ class _HeadlessRun:
         self.link.release(frame.slot)
         self.done_times.append(time.perf_counter())
         self._progress_since_reopen = True
+        if self._bar is not None:
+            if len(self.records) == 1:  # the first frame is back: the warm-up is over
+                self._bar.set_postfix_str("", refresh=False)
+            self._bar.update(1)
 
 
 def run_headless(cfg: DemoConfig, link: UpscaleLink, watch: DaemonWatch, should_stop: Callable[[], bool],

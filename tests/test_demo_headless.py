@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import math
 import os
 import pathlib
+import pty
 import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,7 +44,7 @@ from demo_utils import (
     run_demo,
     segments_of,
 )
-from server_utils import Daemon, run_server, shm_segments, short_tmpdir
+from server_utils import Daemon, run_server, serve_here, shm_segments, short_tmpdir
 
 LR = (64, 36)
 LR_ARG = f"{LR[0]}x{LR[1]}"
@@ -712,3 +718,67 @@ def test_two_demos_spawning_daemons_on_one_endpoint(checkpoint: pathlib.Path, tm
     assert sorted(statuses) == [0, 4], logs
     loser = logs[statuses.index(4)]
     assert "another daemon already serves" in loser and "daemon ready" not in loser, loser
+
+
+def _run_on_a_terminal(command: list[str], timeout: float = 120.0) -> tuple[int, str, str]:
+    """Run ``command`` with its stderr on a pseudo-terminal 120 columns wide and stdout on a pipe; (exit status,
+    stdout, everything the terminal received)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    try:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    received, deadline = bytearray(), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer of the terminal has closed it
+                    break
+                if not data:
+                    break
+                received += data
+        else:
+            process.kill()
+            pytest.fail(f"the demo did not finish within {timeout} s:\n{received.decode(errors='replace')}")
+        stdout = process.stdout.read() if process.stdout else b""
+        status = process.wait(timeout=30)
+    finally:
+        os.close(master)
+        if process.stdout:
+            process.stdout.close()
+    return status, stdout.decode(), received.decode(errors="replace")
+
+
+def test_a_terminal_shows_the_runs_progress_and_a_log_does_not(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """A headless run printed nothing until it ended: minutes at 1280x720 on a CPU, and its first frame alone waits
+    behind the daemon's warm-up of the size (auto's measuring: 18 s). On a terminal a progress bar now says so while
+    its clock runs; in a log or a pipe nothing is added."""
+    from client_demo.headless import FIRST_FRAME_NOTE
+    from upscaler_server.engine import NearestEngine
+
+    class SlowFirstFrame(NearestEngine):
+        """The first frame waits 2.5 s, as behind a warm-up (which itself may end during the renderer's start-up)."""
+
+        def upscale(self, lr: np.ndarray, fmt: Any, out: np.ndarray) -> Any:
+            if not getattr(self, "warm", False):
+                self.warm = True
+                time.sleep(2.5)  # on the engine thread: the daemon answers pings meanwhile
+            return super().upscale(lr, fmt, out)
+
+    with serve_here(SlowFirstFrame(2)) as daemon:
+        status, stdout, terminal = _run_on_a_terminal(demo_command(
+            "--headless", "--endpoint", daemon.endpoint, "--lr", LR_ARG, "--frames", "3", "--out", str(tmp_path)))
+    assert status == 0, f"{stdout}\n{terminal}"
+    assert "wrote 3/3 frames" in stdout and "wrote" not in terminal, f"{stdout}\n{terminal}"
+    shown = [line for line in re.split(r"[\r\n]", terminal) if line.startswith("client_demo:") and "frame" in line]
+    waiting = [line for line in shown if " 0/3 " in line and FIRST_FRAME_NOTE in line]
+    assert re.search(r"00:0[123]", "".join(waiting)), f"the bar's clock did not run during the wait:\n{terminal}"
+    assert any(" 3/3 " in line or " 2/3 " in line or " 1/3 " in line for line in shown), terminal
+    result = run_demo("--headless", "--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--frames", "3",
+                      "--out", str(tmp_path / "piped"))
+    assert result.returncode == 0, output_of(result)
+    assert FIRST_FRAME_NOTE not in result.stderr and "0/3" not in result.stderr, output_of(result)
