@@ -23,6 +23,13 @@
 #define DIM_MAX 65535u   /* section 3: a frame's width and height, at most */
 #define SCALE_MAX 16u    /* section 3: welcome.scale, at most */
 #define IPC_PATH_MAX 107 /* bytes of a Unix socket's path (sun_path holds 108 with its NUL) */
+#define CLIENT_NAME_MAX 64 /* section 3, hello: characters (Unicode code points) of the client's name */
+#define PROBE_EVERY_MS 1000 /* a wait on an ipc endpoint checks this often whether a daemon still listens there */
+
+/* ZMQ_ROUTING_ID is libzmq 4.2.3's name for the option ZMQ_IDENTITY (the same number) of older releases. */
+#ifndef ZMQ_ROUTING_ID
+#define ZMQ_ROUTING_ID ZMQ_IDENTITY
+#endif
 
 struct pending { /* a submit whose outcome has not arrived */
     uint64_t req, frame;
@@ -44,6 +51,7 @@ struct takdsr_session {
 struct takdsr_client {
     void *ctx, *sock;
     int timeout_ms;
+    char ipc_path[IPC_PATH_MAX + 1]; /* the socket file of an ipc:// endpoint (not an abstract one), else "" */
     uint64_t next_req;
     takdsr_error err;
     struct pending *pending; /* submits awaiting their done/error reply */
@@ -91,6 +99,7 @@ const char *takdsr_status_name(int status) {
     case TAKDSR_E_PROTOCOL: return "PROTOCOL";
     case TAKDSR_E_SERVER: return "SERVER";
     case TAKDSR_E_ARGUMENT: return "ARGUMENT";
+    case TAKDSR_E_UNAVAILABLE: return "UNAVAILABLE";
     default: return "UNKNOWN";
     }
 }
@@ -258,15 +267,42 @@ static int server_error(takdsr_client *c, const msgpack_object_map *map) {
 
 /* --- receiving and matching replies (section 1: replies are not in request order) -------------------------------- */
 
+/* Whether a daemon listens on the client's ipc:// socket file; TAKDSR_E_UNAVAILABLE (saying why) when the file does
+ * not exist, or was left by a daemon that is no longer running (it refuses connections), where libzmq would retry in
+ * silence until the timeout. TAKDSR_OK otherwise, also when the probe cannot tell (a tcp:// endpoint, a full backlog):
+ * the wait goes on. A connect costs the daemon little (it drops a peer that leaves before its greeting). */
+static int probe_listener(takdsr_client *c) {
+    if (!c->ipc_path[0]) return TAKDSR_OK;
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    memcpy(addr.sun_path, c->ipc_path, strlen(c->ipc_path) + 1);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return TAKDSR_OK;
+    int why = connect(fd, (const struct sockaddr *)&addr, sizeof addr) == 0 ? 0 : errno;
+    close(fd);
+    if (why == ENOENT)
+        return fail(c, TAKDSR_E_UNAVAILABLE, "no daemon at %s: the socket file does not exist; start the daemon "
+                    "(python -m upscaler_server) or check the endpoint", c->ipc_path);
+    if (why == ECONNREFUSED)
+        return fail(c, TAKDSR_E_UNAVAILABLE, "no daemon at %s: the socket file was left by a daemon that is no longer "
+                    "running; start it again", c->ipc_path);
+    return TAKDSR_OK;
+}
+
 /* Receives one reply frame within `deadline` (a now_ms() value, `waited_ms` after the wait began) and decodes it
- * into r. A signal that interrupts the wait (an engine's timer without SA_RESTART) is no error: it waits on. */
+ * into r. A signal that interrupts the wait (an engine's timer without SA_RESTART) is no error: it waits on. On an
+ * ipc:// endpoint, each PROBE_EVERY_MS of silence checks that a daemon still listens (a killed daemon is noticed
+ * within about a second, not after the timeout); shorter waits (a game loop polling with 0 ms) never probe. */
 static int recv_reply(takdsr_client *c, int64_t deadline, int waited_ms, struct reply *r) {
     zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
     int ready;
-    do {
+    for (;;) {
         int64_t left = deadline - now_ms();
-        ready = zmq_poll(&item, 1, (long)(left > 0 ? left : 0));
-    } while (ready < 0 && errno == EINTR);
+        int64_t slice = left > PROBE_EVERY_MS ? PROBE_EVERY_MS : left > 0 ? left : 0;
+        ready = zmq_poll(&item, 1, (long)slice);
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready != 0 || slice < PROBE_EVERY_MS) break;
+        if (probe_listener(c) != TAKDSR_OK) return c->err.status;
+    }
     if (ready < 0) return fail(c, TAKDSR_E_SYSTEM, "zmq_poll failed: %s", zmq_strerror(errno));
     if (ready == 0) return fail(c, TAKDSR_E_TIMEOUT, "no reply from the daemon within %d ms; is it running?",
                                 waited_ms);
@@ -326,7 +362,9 @@ static int request(takdsr_client *c, struct msg *m, uint64_t req, const char *ex
     int rc = msg_send(c, m);
     int64_t deadline = now_ms() + c->timeout_ms;
     while (rc == TAKDSR_OK && (rc = recv_reply(c, deadline, c->timeout_ms, r)) == TAKDSR_OK) {
-        if (r->req == req) {
+        /* An error with req 0 answers a message whose req the daemon could not read (MALFORMED, section 1): this
+         * one, the only request waiting; submits, sent without waiting, are well formed by construction. */
+        if (r->req == req || (r->req == 0 && strcmp(r->type, "error") == 0)) {
             if (strcmp(r->type, expected) == 0) return TAKDSR_OK;
             rc = strcmp(r->type, "error") == 0 ? server_error(c, r->map)
                                                 : fail(c, TAKDSR_E_PROTOCOL, "expected %s, got %s", expected, r->type);
@@ -442,6 +480,8 @@ takdsr_client *takdsr_client_new(const char *endpoint, int timeout_ms) {
     if (!c) return NULL;
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 10000;
     c->next_req = 1;
+    if (strncmp(endpoint, "ipc://", 6) == 0 && endpoint[6] != '@' && strlen(endpoint + 6) <= IPC_PATH_MAX)
+        snprintf(c->ipc_path, sizeof c->ipc_path, "%s", endpoint + 6);
     c->ctx = zmq_ctx_new();
     c->sock = c->ctx ? zmq_socket(c->ctx, ZMQ_DEALER) : NULL;
     /* A fixed routing id (first byte not 0) lets a reopened socket receive late replies (section 1). */
@@ -477,7 +517,37 @@ void takdsr_client_free(takdsr_client *c) {
     free(c);
 }
 
+/* The number of code points of `text` when it is UTF-8 as the daemon's decoder takes it (no overlong forms, no
+ * surrogates, nothing past U+10FFFF), else -1. */
+static long utf8_length(const char *text) {
+    const unsigned char *u = (const unsigned char *)text;
+    long count = 0;
+    while (*u) {
+        unsigned lead = *u++;
+        int more = lead < 0x80             ? 0
+                   : (lead & 0xE0) == 0xC0 ? 1
+                   : (lead & 0xF0) == 0xE0 ? 2
+                   : (lead & 0xF8) == 0xF0 ? 3
+                                           : -1;
+        if (more < 0) return -1;
+        uint32_t point = more == 0 ? lead : lead & (0x3Fu >> more);
+        for (int i = 0; i < more; i++, u++) {
+            if ((*u & 0xC0) != 0x80) return -1;
+            point = point << 6 | (*u & 0x3Fu);
+        }
+        static const uint32_t least[] = {0, 0x80, 0x800, 0x10000};
+        if (point < least[more] || point > 0x10FFFF || (point >= 0xD800 && point <= 0xDFFF)) return -1;
+        count++;
+    }
+    return count;
+}
+
 int takdsr_hello(takdsr_client *c, const char *client_name, takdsr_info *info) {
+    long name_length = client_name ? utf8_length(client_name) : -1;
+    if (name_length < 0 || name_length > CLIENT_NAME_MAX)
+        return fail(c, TAKDSR_E_ARGUMENT, "the client name must be UTF-8 text of at most %d characters%s",
+                    CLIENT_NAME_MAX, client_name ? "" : " (not NULL)");
+    if (probe_listener(c) != TAKDSR_OK) return c->err.status; /* at once, not after the timeout */
     struct msg m;
     struct reply r;
     uint64_t req = c->next_req++;

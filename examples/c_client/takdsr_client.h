@@ -35,6 +35,8 @@ enum takdsr_status {
     TAKDSR_E_PROTOCOL = -3, /* the daemon's reply breaks docs/protocol.md (a bug on one side) */
     TAKDSR_E_SERVER = -4,   /* the daemon answered with an error reply: see takdsr_error.code */
     TAKDSR_E_ARGUMENT = -5, /* a bad argument (slot out of range, unknown format, ...) caught locally */
+    TAKDSR_E_UNAVAILABLE = -6, /* no daemon listens on the ipc:// endpoint: its socket file is missing, or was left
+                                  by a daemon that is no longer running (found at once, or within a second of a wait) */
 };
 
 /* Error codes of the daemon's error replies (docs/protocol.md section 7). Unknown codes mean INTERNAL. */
@@ -94,7 +96,8 @@ typedef struct takdsr_event { /* the outcome of one submit */
     uint64_t frame, req;
     int status;        /* TAKDSR_OK: output slot `slot` holds the frame; TAKDSR_E_SERVER: see error */
     takdsr_timings timings;
-    takdsr_error error; /* status != TAKDSR_OK: e.g. BUSY (the slot is free again: resubmit later) */
+    takdsr_error error; /* status != TAKDSR_OK: e.g. BUSY (the slot is free again: resubmit later), or SLOT_IN_FLIGHT
+                           (the slot's earlier frame still runs: wait for its outcome before using the slot) */
 } takdsr_event;
 
 typedef struct takdsr_client takdsr_client;
@@ -102,13 +105,16 @@ typedef struct takdsr_session takdsr_session;
 
 /* A client for `endpoint` (NULL: $TAKDSR_UPSCALER_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/takdsr/upscaler.sock, else
  * ipc:///tmp/takdsr-<uid>/upscaler.sock). `timeout_ms`: the longest wait for a reply. NULL only when out of memory
- * or when libzmq fails (a message goes to stderr). Connecting is asynchronous: a missing daemon shows as a timeout. */
+ * or when libzmq fails (a message goes to stderr). Connecting is asynchronous: takdsr_hello says at once when no daemon
+ * listens on an ipc:// endpoint (TAKDSR_E_UNAVAILABLE); on tcp:// a missing daemon shows as a timeout. */
 takdsr_client *takdsr_client_new(const char *endpoint, int timeout_ms);
 /* Unmaps and frees every session still open (without telling the daemon: their leases expire), closes the socket. */
 void takdsr_client_free(takdsr_client *c);
 const takdsr_error *takdsr_last_error(const takdsr_client *c);
 const char *takdsr_status_name(int status);
 
+/* Asks for the daemon's welcome (its model, scale and limits) into *info. `client_name`, for the daemon's log: UTF-8
+ * of at most 64 characters, else TAKDSR_E_ARGUMENT. */
 int takdsr_hello(takdsr_client *c, const char *client_name, takdsr_info *info);
 /* Pings `n` session ids (renewing their leases); alive[i] (optional) says whether sessions[i] is open. */
 int takdsr_ping(takdsr_client *c, const uint32_t *sessions, size_t n, bool *alive);

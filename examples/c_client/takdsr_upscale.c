@@ -1,6 +1,7 @@
 /* takdsr_upscale: upscale one frame (a .ppm/.png file or a generated pattern) through the daemon's shared memory.
  *
  *   takdsr_upscale [-e ENDPOINT] (-i IN.png|IN.ppm | -p WxH) [-f FORMAT] [-s SLOTS] [-n FRAMES] [-t MS] [-S] -o OUT
+ *   takdsr_upscale -h
  *
  * The frame is submitted FRAMES times, pipelined over SLOTS slots (BUSY replies are retried), and the last result is
  * written to OUT (.png or .ppm). -S then prints the daemon's statistics. Exit status: 0 on success, 1 on any error
@@ -11,6 +12,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,12 +47,41 @@ static void catch_stop_signals(void) {
     sigaction(SIGTERM, &sa, NULL);
 }
 
-static int usage(const char *argv0) {
-    fprintf(stderr,
+static void usage(FILE *to, const char *argv0) {
+    fprintf(to,
             "usage: %s [-e ENDPOINT] (-i IN.png|IN.ppm | -p WxH) [-f RGB8|BGR8|RGBA8|BGRA8] [-s SLOTS] [-n FRAMES]\n"
             "          [-t TIMEOUT_MS] [-S] -o OUT.png|OUT.ppm\n",
             argv0);
-    return 2;
+}
+
+static void help(const char *argv0) {
+    usage(stdout, argv0);
+    printf("\nUpscale one frame through the TAKDSR daemon's shared memory (examples/c_client/README.md).\n"
+           "  -e, --endpoint ENDPOINT  the daemon's ipc:// or tcp:// endpoint (default: $TAKDSR_UPSCALER_ENDPOINT, else\n"
+           "                           the per-user socket the daemon binds by default)\n"
+           "  -i, --input FILE         a .png (8 or 16 bit, grey, RGB or RGBA) or .ppm frame\n"
+           "  -p, --pattern WxH        a generated test pattern instead of an input (1..65535 a side)\n"
+           "  -f, --format FORMAT      the pixel format of the session (default RGB8)\n"
+           "  -s, --slots SLOTS        frames in flight, 1..%d (default 2)\n"
+           "  -n, --frames FRAMES      times the frame is upscaled, pipelined over the slots (default 1)\n"
+           "  -t, --timeout MS         the longest wait for a reply, 1..3600000 (default 10000)\n"
+           "  -S, --stats              print the daemon's statistics after the run\n"
+           "  -o, --output FILE        where the last result is written (.png or .ppm)\n"
+           "  -h, --help               this help\n"
+           "Exit status: 0 done, 1 an error (with the daemon's code and message), 2 bad arguments, 128 + the signal\n"
+           "after SIGINT or SIGTERM (the session closed, nothing written).\n",
+           TAKDSR_MAX_SLOTS);
+}
+
+/* Says what is wrong with an argument; -1, parse()'s "bad arguments". */
+__attribute__((format(printf, 1, 2))) static int bad(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return -1;
 }
 
 /* Decimal digits only (no sign, no blanks), min <= value <= max; the end of the number goes to *end. */
@@ -124,6 +155,7 @@ static bool endpoint_ok(const char *endpoint) {
     return false;
 }
 
+/* 0: run; 1: help was asked for (printed); -1: bad arguments (said why, or getopt did). */
 static int parse(int argc, char **argv, options *o) {
     *o = (options){.format = "RGB8", .slots = 2, .frames = 1, .timeout_ms = 10000};
     static const struct option longs[] = {
@@ -131,35 +163,42 @@ static int parse(int argc, char **argv, options *o) {
         {"pattern", required_argument, NULL, 'p'},  {"format", required_argument, NULL, 'f'},
         {"slots", required_argument, NULL, 's'},    {"frames", required_argument, NULL, 'n'},
         {"timeout", required_argument, NULL, 't'},  {"output", required_argument, NULL, 'o'},
-        {"stats", no_argument, NULL, 'S'},          {NULL, 0, NULL, 0}};
+        {"stats", no_argument, NULL, 'S'},          {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
     int opt;
-    while ((opt = getopt_long(argc, argv, "e:i:p:f:s:n:t:o:S", longs, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "e:i:p:f:s:n:t:o:Sh", longs, NULL)) != -1) {
         switch (opt) {
         case 'e': o->endpoint = optarg; break;
         case 'i': o->input = optarg; break;
         case 'p':
-            if (!parse_size(optarg, &o->pattern_w, &o->pattern_h)) return -1;
+            if (!parse_size(optarg, &o->pattern_w, &o->pattern_h))
+                return bad("-p %s: give WIDTHxHEIGHT, each 1..65535 (e.g. 320x180)", optarg);
             break;
         case 'f': o->format = optarg; break;
         case 's':
-            if (!parse_arg(optarg, 1, TAKDSR_MAX_SLOTS, &o->slots)) return -1;
+            if (!parse_arg(optarg, 1, TAKDSR_MAX_SLOTS, &o->slots))
+                return bad("-s %s: SLOTS must be a whole number from 1 to %d", optarg, TAKDSR_MAX_SLOTS);
             break;
         case 'n':
-            if (!parse_arg(optarg, 1, UINT32_MAX, &o->frames)) return -1;
+            if (!parse_arg(optarg, 1, UINT32_MAX, &o->frames))
+                return bad("-n %s: FRAMES must be a whole number from 1 to 4294967295", optarg);
             break;
         case 't': {
             uint32_t ms;
-            if (!parse_arg(optarg, 1, 3600000, &ms)) return -1;
+            if (!parse_arg(optarg, 1, 3600000, &ms))
+                return bad("-t %s: TIMEOUT_MS must be a whole number of milliseconds from 1 to 3600000", optarg);
             o->timeout_ms = (int)ms;
             break;
         }
         case 'o': o->output = optarg; break;
         case 'S': o->stats = true; break;
-        default: return -1;
+        case 'h': help(argv[0]); return 1;
+        default: return -1; /* getopt has said which option */
         }
     }
-    bool one_source = (o->input != NULL) != (o->pattern_w > 0);
-    if (optind != argc || !one_source || !o->output) return -1;
+    if (optind != argc) return bad("%s: an argument this tool does not take (options only)", argv[optind]);
+    if ((o->input != NULL) == (o->pattern_w > 0)) return bad("%s", "give one frame: -i FILE or -p WxH");
+    if (!o->output) return bad("%s", "-o OUT.png|OUT.ppm is required: where to write the result");
     bool ok = name_ok("-i", o->input) && name_ok("-o", o->output) && output_ok(o->output) && format_ok(o->format) &&
               endpoint_ok(o->endpoint);
     return ok ? 0 : -1;
@@ -234,7 +273,8 @@ typedef struct run {
 /* Prints `e` and notes whether the daemon is gone: closing the session would then wait a whole timeout in vain. A
  * run asked to stop (a stalled daemon's wait ended by its timeout, say) still ends with 128 + the signal. */
 static int run_error(run *r, const takdsr_error *e, const char *what) {
-    r->daemon_gone = e->status == TAKDSR_E_TIMEOUT || (e->status == TAKDSR_E_SERVER && e->code == TAKDSR_SHUTTING_DOWN);
+    r->daemon_gone = e->status == TAKDSR_E_TIMEOUT || e->status == TAKDSR_E_UNAVAILABLE ||
+                     (e->status == TAKDSR_E_SERVER && e->code == TAKDSR_SHUTTING_DOWN);
     print_error(e, what);
     return stop_signal ? 128 + stop_signal : 1;
 }
@@ -330,7 +370,12 @@ static int upscale(takdsr_client *c, const options *o, uint32_t width, uint32_t 
 
 int main(int argc, char **argv) {
     options o;
-    if (parse(argc, argv, &o) != 0) return usage(argv[0]);
+    int parsed = parse(argc, argv, &o);
+    if (parsed > 0) return 0; /* --help */
+    if (parsed < 0) {
+        usage(stderr, argv[0]);
+        return 2;
+    }
     image lr = {0}, hr = {0};
     uint32_t width = o.pattern_w, height = o.pattern_h;
     if (o.input && image_size(o.input, &width, &height) != 0) return 1; /* an unreadable input: before connecting */
