@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # torch sets its loggers up (WARNING, or what TORCH_LOGS asks) at the end of its import; a stop signal during that
+    # import cut it short, and its exit handlers then logged statistics at INFO into the daemon's log
+    logging.getLogger("torch").setLevel(logging.WARNING)
     try:
         signals = _Signals()
         started = _start(args, signals)

@@ -192,7 +192,7 @@ def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=default,
                    help="eager (alias torch): PyTorch; compile: torch.compile; onnxruntime; tensorrt (CUDA); auto: the "
                    "fastest of those within 2 levels / 50 dB of fp32 eager, measured per resolution and cached; "
-                   "nearest: nearest-neighbour copy without a model, to measure transport alone")
+                   "nearest: nearest-neighbour copy without a model, to measure transport alone (default: %(default)s)")
     p.add_argument("--cache-dir", type=pathlib.Path, help="auto's measurements, ONNX and TensorRT files (default: "
                    "$TAKDSR_CACHE_DIR, else $XDG_CACHE_HOME/takdsr or ~/.cache/takdsr)")
     p.add_argument("--auto-backends", type=parse_auto_backends, default=[],

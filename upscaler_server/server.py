@@ -407,12 +407,12 @@ class Server:
         if pending:
             self._unread[client] = pending
         if unread + result_bytes > max(self.config.max_unread_bytes, 2 * result_bytes):
-            raise BusyError(f"{unread >> 20} MiB of your earlier results are still unread; read them, then retry")
+            raise BusyError(f"{_mib(unread)} of your earlier results are still unread; read them, then retry")
         # and all clients together: each connection has its own budget, so many connections could still pile up
         everyone = sum(size for sent in self._unread.values() for tracker, size in sent if not tracker.done)
         everyone += sum(self._reserved.values())
         if everyone + result_bytes > max(_ALL_CLIENTS_UNREAD * self.config.max_unread_bytes, 2 * result_bytes):
-            raise BusyError(f"{everyone >> 20} MiB of results are still unread by this daemon's clients; retry later")
+            raise BusyError(f"{_mib(everyone)} of results are still unread by this daemon's clients; retry later")
 
     def _on_close(self, msg: Message, envelope: list[bytes], received: float) -> Message:
         assert isinstance(msg, Close)
@@ -560,6 +560,11 @@ def _well_formed(envelope: list[bytes]) -> bool:
 
 def _error(req: int, code: ErrorCode, message: str) -> Error:
     return Error(req=req, code=int(code), name=code.name, message=message[:1024])
+
+
+def _mib(size: int) -> str:
+    """A byte count in MiB for an error message, one decimal: a budget of 1 MiB said "0 MiB" of it was unread."""
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _us(seconds: float) -> int:
