@@ -189,7 +189,9 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
                            role="student", training=training)  # fmt: skip
     mean = {"psnr_rgb": 30.0, "ssim_rgb": 0.9, "psnr_y": 31.0, "ssim_y": 0.91}
     scores = tmp_path / "scores.json"
-    by_model = {"bicubic": {"mean": mean}, "native_student": {"mean": mean, "weights_sha256": weights_sha256(path)}}
+    per_image = {"a.png": mean, "b.png": mean, "c.png": mean}
+    by_model = {"bicubic": {"mean": mean}, "native_student": {"mean": mean, "per_image": per_image,
+                                                              "weights_sha256": weights_sha256(path)}}
     scores.write_text(json.dumps({"rendered-val-native": by_model}))
     out = tmp_path / "weights"
     out.mkdir()
@@ -202,6 +204,8 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
     assert entry["lr_kinds"] == ["native"] and entry["metrics"] == {"rendered-val-native": mean}
     shipped = load_checkpoint(out / "rlfn_s_native_x2.safetensors")
     assert shipped.metadata["training"]["metrics"] == entry["metrics"] and shipped.metadata["training"]["steps"] == 3
+    whole = {"rendered-val-native": {"images": 3, "crop": 0, "max_images": 0}}  # `evaluate` scores whole images
+    assert entry["evaluation"] == whole == shipped.metadata["training"]["evaluation"]
 
     other = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "unscored.safetensors", role="student",
                             training=training)  # fmt: skip

@@ -416,6 +416,18 @@ def test_malformed_score_and_index_files_are_named(tmp_path: Path) -> None:
         ship_checkpoint(path, "x", "x", tmp_path / "scores.json", tmp_path / "weights")
 
 
+@pytest.mark.parametrize("command", [["ship", "runs/x"], ["ship-checkpoint", "x.safetensors", "--name", "x",
+                                                           "--report-name", "x", "--scores", "s.json"]])
+def test_ship_writes_into_the_bundled_weights_folder_wherever_it_runs(command: list[str]) -> None:
+    """The default --out was models/weights of the current folder: run elsewhere, it made a ./models folder, which
+    then shadowed the models package for every later `python -m training` there (an ImportError)."""
+    from models import WEIGHTS_DIR
+    from training.__main__ import _parser
+
+    out = _parser().parse_args(command).out
+    assert out == WEIGHTS_DIR and out.is_absolute()
+
+
 @pytest.mark.parametrize("name", ["../escaped", "sub/dir/x", "", ".hidden", "-x"])
 def test_a_shipped_name_is_a_plain_file_name(tmp_path: Path, name: str) -> None:
     """--name ../escaped wrote out/../escaped.safetensors, outside the weights folder, and indexed it there."""

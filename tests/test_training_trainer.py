@@ -25,7 +25,7 @@ from training.data import file_sha256
 from training.devices import Dist
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
-from training.ship import seed_run, ship_run
+from training.ship import cut_down_evaluation, seed_run, ship_run
 from training.state import print_changes
 from training.trainer import NonFiniteLossError, TrainingInterrupted, _Trainer, train_stage
 
@@ -642,6 +642,12 @@ def test_smoke_pipeline_end_to_end(image_folder: Path, tmp_path: Path) -> None:
     student = load_checkpoint(tmp_path / "weights" / "rlfn_s_takdsr_x2.safetensors")
     expected_psnr = scores["TAKDSR"]["mean"]["psnr_rgb"]
     assert student.metadata["training"]["metrics"][image_folder.name]["psnr_rgb"] == expected_psnr
+    # smoke_cpu scores 2 images cropped to 96 px: the shipped scores say so (they passed for whole-set ones)
+    covered = {image_folder.name: {"images": 2, "crop": 96, "max_images": 2}}
+    assert saved["sets"][image_folder.name]["crop"] == 96 and saved["sets"][image_folder.name]["max_images"] == 2
+    assert student.metadata["training"]["evaluation"] == covered == index["rlfn_s_takdsr_x2.safetensors"]["evaluation"]
+    assert cut_down_evaluation(index["rlfn_s_takdsr_x2.safetensors"]) == f"{image_folder.name}: 2 image(s) cropped " \
+                                                                           "to 96 px"
 
     only_student = ship_run(run_dir, tmp_path / "students", stages=["student_takdsr"])
     assert list(only_student) == ["rlfn_s_takdsr_x2.safetensors"] == [p.name for p in

@@ -39,7 +39,7 @@ from training.latency import measure_latency
 from training.memory import out_of_memory_reason
 from training.pipeline import run_pipeline
 from training.report import latency_where
-from training.ship import seed_run, ship_checkpoint, ship_run
+from training.ship import cut_down_evaluation, seed_run, ship_checkpoint, ship_run
 from training.trainer import (
     DataWorkerError,
     NonFiniteLossError,
@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--json", type=Path, help="also write the scores here")
     ship = commands.add_parser("ship", help="copy a pipeline run's checkpoints, with their scores, to a folder")
     ship.add_argument("run_dir", type=Path)
-    ship.add_argument("--out", type=Path, default=Path("models/weights"))
+    ship.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="the weights folder (default: the bundled one, "
+                      "%(default)s, wherever the command runs)")
     ship.add_argument("--overwrite", action="store_true", help="replace files of the same name in --out (the "
                       "bundled weights, by default): without it, shipping over one is refused")
     ship.add_argument(
@@ -132,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     ship_one.add_argument("--report-name", required=True, help="the model's name in reports")
     ship_one.add_argument("--scores", required=True, type=Path, help="`evaluate --json` output that scored it")
     ship_one.add_argument("--label", help="the checkpoint's label in SCORES (default: the file's stem)")
-    ship_one.add_argument("--out", type=Path, default=Path("models/weights"))
+    ship_one.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="the weights folder (default: the bundled "
+                          "one, %(default)s, wherever the command runs)")
     ship_one.add_argument("--overwrite", action="store_true", help="replace a file of the same name in --out")
     seed = commands.add_parser("seed-run", help="put shipped checkpoints into a run folder as finished stages")
     seed.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a pipeline run folder (created if needed)")
@@ -283,6 +285,10 @@ def _seed_run(args: argparse.Namespace) -> int:
 def _ship(args: argparse.Namespace) -> int:
     for name, entry in ship_run(args.run_dir, args.out, args.stages, overwrite=args.overwrite).items():
         print(f"{args.out / name}: {entry['report_name']}, {entry['params']:,} parameters")
+        cut = cut_down_evaluation(entry)
+        if cut:  # a smoke config's scores: recorded as such (weights.json "evaluation"), and said here
+            print(f"warning: {name} was scored on a cut-down evaluation ({cut}; eval.crop / eval.max_images): its "
+                  "scores do not compare with whole-set ones", file=sys.stderr)
     return 0
 
 

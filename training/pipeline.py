@@ -291,7 +291,10 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
                                "models": {}, "environment": {**environment(), "evaluated_on": arithmetic(device, 1)}}
     for set_name, images in eval_sets(config, scale, min_lr_side(list(checkpoints.values()))).items():
         scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure)
-        results["sets"][set_name] = {"images": [image.name for image in images], "scores": scores}
+        # eval.crop and eval.max_images travel with the scores: `ship` must not pass a smoke run's cut-down scores off
+        # as whole-set ones
+        results["sets"][set_name] = {"images": [image.name for image in images], "crop": config.eval.crop,
+                                     "max_images": config.eval.max_images, "scores": scores}
         results["crops"][set_name] = crops
     for display, path in checkpoints.items():
         results["models"][display] = dataclasses.asdict(model_info(path, REPORT_LR_SIZE))

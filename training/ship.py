@@ -24,7 +24,7 @@ from training.evaluate import macs_at
 from training.pipeline import REPORT_LR_SIZE
 from training.trainer import FINAL_FILE
 
-__all__ = ["SHIPPED", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
+__all__ = ["SHIPPED", "cut_down_evaluation", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
 
 # pipeline stage -> (file name stem in models/weights, the name used in reports)
 SHIPPED = {
@@ -50,6 +50,9 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None, *, o
     results = _read_json_object(results_path, "a pipeline's results.json")
     try:
         scores_by_set = {set_name: data["scores"] for set_name, data in results["sets"].items()}
+        # what each set's scores cover (crop and max_images: None in a results.json written before they were kept)
+        evaluation = {set_name: {"images": len(data["images"]), "crop": data.get("crop"),
+                                 "max_images": data.get("max_images")} for set_name, data in results["sets"].items()}
         models = dict(results["models"])
     except (KeyError, TypeError, AttributeError, ValueError):
         raise ValueError(f"{results_path} is not a pipeline's results.json (no sets with scores, or no models): "
@@ -80,7 +83,8 @@ def ship_run(run_dir: Path, out_dir: Path, stages: list[str] | None = None, *, o
         for checkpoint, name, display, info, scores in loaded:
             index[name] = written[name] = _ship_file(
                 checkpoint, out_dir / name, report_name=display, run=run_dir.name, scores=scores,
-                bicubic=bicubic, params=info["params"], macs=info["macs"], latency=info.get("latency"),
+                evaluation=evaluation, bicubic=bicubic, params=info["params"], macs=info["macs"],
+                latency=info.get("latency"),
             )  # fmt: skip
     finally:  # a write that fails (a full disk, Ctrl-C) leaves the files before it replaced: the index says so
         _write_index(out_dir, index)
@@ -106,6 +110,9 @@ def ship_checkpoint(
     label = label or path.stem
     scores, bicubic = _means(all_scores, label, scores_path), _means(all_scores, "bicubic", scores_path)
     recorded = [by_label[label].get("weights_sha256") for by_label in all_scores.values()]  # _means checked them
+    # `evaluate` scores whole images, every one of a set
+    evaluation = {set_name: {"images": _count(by_label[label].get("per_image")), "crop": 0, "max_images": 0}
+                  for set_name, by_label in all_scores.items()}
     again = (f"python -m training evaluate --checkpoint {path} [--teacher T, for a TA] --sets/--data as before "
              f"--json {scores_path}")
     _refuse_other_weights(path, recorded, f"{scores_path} ({label!r})", again)
@@ -116,7 +123,8 @@ def ship_checkpoint(
     model = checkpoint.model
     index[file_name] = _ship_file(
         checkpoint, out_dir / file_name, report_name=report_name, run=path.parent.name, scores=scores,
-        bicubic=bicubic, params=count_parameters(model), macs=macs_at(model, REPORT_LR_SIZE), latency=None,
+        evaluation=evaluation, bicubic=bicubic, params=count_parameters(model), macs=macs_at(model, REPORT_LR_SIZE),
+        latency=None,
     )  # fmt: skip
     _write_index(out_dir, index)
     return index[file_name]
@@ -187,11 +195,12 @@ def _refuse_replacing(out_dir: Path, names: list[str], overwrite: bool) -> None:
 
 def _ship_file(
     checkpoint: Checkpoint, path: Path, *, report_name: str, run: str, scores: dict[str, Any],
-    bicubic: dict[str, Any], params: int, macs: int, latency: dict[str, Any] | None,
+    evaluation: dict[str, Any], bicubic: dict[str, Any], params: int, macs: int, latency: dict[str, Any] | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Save `checkpoint` at `path` with its scores in the metadata; returns its weights.json entry."""
+    """Save `checkpoint` at `path` with its scores (and what they cover: `evaluation`) in the metadata; returns its
+    weights.json entry."""
     metadata = checkpoint.metadata
-    training = {**metadata["training"], "metrics": scores, "run": run}
+    training = {**metadata["training"], "metrics": scores, "evaluation": evaluation, "run": run}
     entry = {
         "stage": training.get("stage"),
         "report_name": report_name,
@@ -202,6 +211,7 @@ def _ship_file(
         "macs_960x540": macs,
         "training": {k: training.get(k) for k in ("steps", "batch_size", "device", "seconds", "mix", "init_from")},
         "metrics": scores,
+        "evaluation": evaluation,
         "bicubic": bicubic,
         "latency": latency,
         "lr_kinds": lr_kinds(training["config"]),
@@ -209,6 +219,17 @@ def _ship_file(
     save_checkpoint(checkpoint.model, path, role=metadata["role"], training=training)
     entry["sha256"] = file_sha256(path)  # the test of the shipped weights checks it: no file swaps its tensors
     return entry
+
+
+def cut_down_evaluation(entry: dict[str, Any]) -> str | None:
+    """What makes a shipped entry's scores less than whole-set ones (eval.crop, eval.max_images), or None."""
+    cut = [f"{set_name}: {cover['images']} image(s)" + (f" cropped to {cover['crop']} px" if cover["crop"] else "")
+           for set_name, cover in entry["evaluation"].items() if cover["crop"] or cover["max_images"]]
+    return "; ".join(cut) or None
+
+
+def _count(per_image: Any) -> int | None:
+    return len(per_image) if isinstance(per_image, dict) else None
 
 
 def lr_kinds(config: dict[str, Any]) -> list[str]:
