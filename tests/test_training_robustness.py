@@ -108,6 +108,25 @@ def test_resuming_a_finished_run_without_more_steps_is_refused(image_folder: Pat
     assert train_stage(longer, run, resume=True).steps == 8  # more steps: it goes on
 
 
+def test_resuming_an_unfinished_run_with_fewer_steps_than_it_did_is_refused(image_folder: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped at step 4 of 6, resumed with optim.steps=2: it "finished" at once, with the final checkpoint taken
+    mid-schedule (lr not decayed) and no word about it (a review)."""
+    config = _stage_config(image_folder, "student")
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 4)
+        with pytest.raises(TrainingInterrupted):
+            train_stage(config, run)
+    state = (run / "state.pt").read_bytes()
+    fewer = dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps=2))
+    with pytest.raises(ValueError, match=rf"{run} is at step 4, past the 2 steps this config gives it \(optim\.steps\):"
+                                         r" .* give it more than 4 steps, or .* export-state"):
+        train_stage(fewer, run, resume=True)
+    assert (run / "state.pt").read_bytes() == state and not (run / "final.safetensors").exists()
+    assert train_stage(config, run, resume=True).steps == 6  # its own steps: it goes on
+
+
 def test_a_run_that_ended_between_saves_or_by_its_budget_is_finished(image_folder: Path, tmp_path: Path) -> None:
     """7 steps, a state every 3: the last state was step 6, so a resume trained step 7 again and rewrote the final
     checkpoint; a run its time budget ended was told to add steps, which changed nothing."""

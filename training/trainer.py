@@ -194,6 +194,7 @@ class _Trainer:
             start_step = self._load_state() if resume else 0
             if resume:
                 self._refuse_finished_resume(start_step)
+                self._refuse_fewer_steps(start_step)
             loss_module = self._distillation()
             loader = self._loader(start_step)  # the data is checked before the run's files change
             self._refuse_batch_beyond_memory()  # after the loader: MemAvailable then knows the data cache
@@ -461,6 +462,16 @@ class _Trainer:
         if self._finished(start_step) and (self.run_dir / FINAL_FILE).exists():
             raise ValueError(f"{self.run_dir} is finished at step {start_step} of {self.steps}: resume it with "
                              f"{self._extension()} to train it further")
+
+    def _refuse_fewer_steps(self, start_step: int) -> None:
+        """A resume whose step count is below the step the state reached would end the run at once: its final
+        checkpoint would then hold weights from the middle of the schedule it was saved with, lr not yet decayed."""
+        if start_step > self.steps:
+            key = "stage.steps" if self.config.stage.steps else "optim.steps"
+            raise ValueError(f"{self.run_dir} is at step {start_step}, past the {self.steps} steps this config gives "
+                             f"it ({key}): resuming would end it at once, mid-schedule; give it more than "
+                             f"{start_step} steps, or take its weights as they are with python -m training "
+                             f"export-state {self.run_dir} --out FILE.safetensors")
 
     def _extension(self) -> str:
         """The --set that lets a finished run go on: more steps (the stage's own, else the experiment's), or more
