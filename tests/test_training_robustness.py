@@ -11,6 +11,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -623,6 +624,44 @@ def test_a_finished_stage_is_reported_kept_with_the_values_it_was_trained_with(
             f"optim.steps (to train it with these, remove {run / 'teacher'})") in out
     assert f"finished teacher in {run}" in out and "trained" not in out.replace("was trained", "")
     assert (run / "teacher" / "final.safetensors").read_bytes() == final
+
+
+def test_a_rerun_whose_kept_stages_differ_leaves_the_runs_config_and_data_eval_is_said_to_be_unread(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished run rerun with other data.sources kept every stage (rightly) and rewrote the run's config.toml
+    with the new sources, which then named data no stage was trained on. data.eval, which nothing in training
+    reads, was accepted without a word (a config setting it expected it scored), and changing it made every
+    stage "trained with other values for data.eval.path"."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 1},
+                         eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
+    run, toml = tmp_path / "run", _toml(config, tmp_path)
+    assert training_main(["pipeline", "--config", str(toml), "--run-dir", str(run)]) == 0
+    written = (run / "config.toml").read_text()
+    capsys.readouterr()
+    other_data = image_folder.parent / "other"
+    shutil.copytree(image_folder, other_data)
+    assert training_main(["pipeline", "--config", str(toml), "--run-dir", str(run), "--set",
+                          f'data.sources=[{{kind="folder", path="{other_data}"}}]']) == 0
+    out = capsys.readouterr().out
+    assert f"{run / 'config.toml'} is left as it was" in out and "other values for data.sources" in out, out
+    assert (run / "config.toml").read_text() == written
+    assert training_main(["pipeline", "--config", str(toml), "--run-dir", str(run), "--set",
+                          f'data.eval={{kind="folder", path="{other_data}"}}']) == 0
+    captured = capsys.readouterr()
+    assert f"data.eval (folder {other_data}) is not read by the trainer or the pipeline" in captured.err
+    assert "other values" not in captured.out and "left as it was" not in captured.out, captured.out
+
+
+def test_a_pipeline_with_no_set_to_score_is_refused_before_training(image_folder: Path, tmp_path: Path) -> None:
+    """eval.cg_dev and eval.rendered_val false and no eval.folders: every stage trained, then a report without a
+    score."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 1},
+                         eval={"folders": [], "cg_dev": False, "rendered_val": False})  # fmt: skip
+    with pytest.raises(ValueError, match=r"the evaluation has no set to score: .* --stages\)"):
+        run_pipeline(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert run_pipeline(config, tmp_path / "run", ["teacher"]) is None  # training alone needs no set
 
 
 def _toml(config: object, folder: Path) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from models import load_model, read_metadata, weights_sha256
 from models.registry import FAMILIES
 from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml, load_config
+from training.data import SourceConfig
 from training.data.images import write_json_atomic
 from training.environment import arithmetic, environment
 from training.evaluate import (
@@ -96,19 +98,30 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
     all_stages = pipeline_stages(config, run_dir)
     chosen = _chosen_stages(all_stages, stages)
     if stages is None:  # the evaluation after training: its folders are checked before hours of training
+        _refuse_evaluating_nothing(config)
         check_eval_folders(config, FAMILIES[config.experiment.family].decoder.min_input_size)
+    _say_data_eval_unread(config)
     for stage in chosen:  # every interrupted stage is checked before anything is written or trained
         stage_dir = run_dir / stage.name
         if (stage_dir / STATE_FILE).exists() and not (stage_dir / FINAL_FILE).exists():
             _check_same_training(dataclasses.replace(config, stage=stage), stage_dir)
     _refuse_stale_stages(all_stages, chosen, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if stages is None:  # parallel partial runs may differ in their overrides (e.g. time budgets)
-        (run_dir / "config.toml").write_text(dump_toml(config.to_dict()))
+    kept_with_other_values = {stage.name: _kept_changes(dataclasses.replace(config, stage=stage), run_dir / stage.name)
+                              for stage in chosen if (run_dir / stage.name / FINAL_FILE).exists()}
+    # parallel partial runs may differ in their overrides (e.g. time budgets); and a run whose kept stages were trained
+    # with other values keeps the config.toml that says so: this config did not train them
+    run_config = run_dir / "config.toml"
+    if stages is None and (not any(kept_with_other_values.values()) or not run_config.exists()):
+        run_config.write_text(dump_toml(config.to_dict()))
+    elif stages is None:
+        print(f"{run_config} is left as it was: kept stages were trained with other values than this "
+              "config's (below)")
     for stage in chosen:
         stage_dir = run_dir / stage.name
-        if (stage_dir / FINAL_FILE).exists():
-            _say_kept(dataclasses.replace(config, stage=stage), stage_dir, _trained_from(stage, all_stages, run_dir))
+        if stage.name in kept_with_other_values:
+            _say_kept(stage.name, stage_dir, kept_with_other_values[stage.name],
+                      _trained_from(stage, all_stages, run_dir))
             continue
         missing = [p for p in stage_inputs(stage) if p and not Path(p).exists()]
         if missing:
@@ -138,6 +151,26 @@ _NOT_COMPARED = {
 }
 
 
+def _refuse_evaluating_nothing(config: Config) -> None:
+    """A pipeline that evaluates needs a set to score: with none it trained every stage, then wrote a report without
+    a score."""
+    scored = config.eval
+    if not (scored.cg_dev or scored.rendered_val or scored.rendered_native or scored.folders):
+        raise ValueError("the evaluation has no set to score: set eval.cg_dev, eval.rendered_val or "
+                         "eval.rendered_native to true, or give eval.folders (to train without evaluating, name the "
+                         "stages: --stages)")
+
+
+def _say_data_eval_unread(config: Config) -> None:
+    """`[data.eval]` is the data library's (build_eval_dataset); the pipeline scores the sets of `[eval]`. A config
+    that sets it expects it to be scored, and nothing said it was not."""
+    if config.data is not None and config.data.eval != SourceConfig(kind="folder"):  # DataConfig's default
+        print(f"note: data.eval ({config.data.eval.kind} {config.data.eval.path or ''}) is not read by the trainer or "
+              "the pipeline: they score the sets of [eval] (eval.cg_dev, eval.rendered_val, eval.rendered_native, "
+              "eval.folders)",
+              file=sys.stderr)
+
+
 def _check_same_training(config: Config, stage_dir: Path) -> None:
     """An interrupted stage resumes only with the config it was started with (its RUN_DIR/<stage>/config.toml, or
     the copy in its state.pt), evaluation and the keys above aside: another schedule, data or loss would go on
@@ -159,7 +192,8 @@ def _changed_keys(saved: Config, config: Config) -> str:
     """The keys that shape a stage (those of _NOT_COMPARED and those it never reads aside) whose values differ
     between `saved` and `config`, as a short list ("" when none do)."""
     ignored = _NOT_COMPARED | (_unread_keys(saved.stage) & _unread_keys(config.stage))
-    changed = [key for key in differing_keys(_comparable(saved), _comparable(config)) if key not in ignored]
+    changed = [key for key in differing_keys(_comparable(saved), _comparable(config))
+               if key not in ignored and not key.startswith("data.eval.")]  # no stage reads data.eval
     return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
 
 
@@ -193,20 +227,25 @@ def _trained_from(stage: StageConfig, all_stages: list[StageConfig], run_dir: Pa
             if (run_dir / other.name).exists() and any(p and Path(p) == final for p in stage_inputs(other))]
 
 
-def _say_kept(config: Config, stage_dir: Path, dependents: list[Path]) -> None:
+def _kept_changes(config: Config, stage_dir: Path) -> str:
+    """The keys this config would have trained a finished stage with otherwise ("" when none, or when its config.toml
+    is missing or damaged: the checkpoint is what counts)."""
+    try:
+        saved = load_config(stage_dir / "config.toml") if (stage_dir / "config.toml").is_file() else None
+    except ValueError:
+        saved = None
+    return "" if saved is None else _changed_keys(saved, config)
+
+
+def _say_kept(name: str, stage_dir: Path, keys: str, dependents: list[Path]) -> None:
     """A finished stage is kept, never trained again: say so, naming the keys this config would have trained it with
     otherwise (a rerun with `--set optim.steps=...` reported the stage as trained and changed nothing), and the
     stages that would have to go with it (a rerun then refuses to keep them: _refuse_stale_stages)."""
-    try:
-        saved = load_config(stage_dir / "config.toml") if (stage_dir / "config.toml").is_file() else None
-    except ValueError:  # a damaged config.toml: the checkpoint is what counts
-        saved = None
-    keys = "" if saved is None else _changed_keys(saved, config)
     other = ""
     if keys:
         also = f" and the stages trained from it, {' '.join(map(str, dependents))}" if dependents else ""
         other = f"; it was trained with other values for {keys} (to train it with these, remove {stage_dir}{also})"
-    print(f"{config.stage.name}: kept, finished before in {stage_dir}{other}")
+    print(f"{name}: kept, finished before in {stage_dir}{other}")
 
 
 def _refuse_stale_stages(all_stages: list[StageConfig], chosen: list[StageConfig], run_dir: Path) -> None:
