@@ -6,6 +6,7 @@
 #   usage: [CONFIG=FILE] scripts/ablations_cpu.sh [RUN_ROOT]   (default runs/ablations; results: docs/ablations.md)
 # CONFIG (default the CPU ablation config) lets a GPU session rerun every row on a copy with a longer schedule.
 # then RUN_ROOT/scores_*.json hold the scores; scripts/scores_table.py prints them as tables.
+# It runs from the checkout (cd below): relative paths given to it are the checkout's.
 source "$(dirname "$0")/lib/help.sh" "$@"
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,6 +21,7 @@
 #                                               the gap between the CF kinds close with the teacher's schedule?
 # RUN_ROOT (default runs/backbones) holds a folder per family: results.json and report.md of the comparison,
 # cf_ta_scores.json of the corners; <family>_ship/ the shipped set (docs/ablations.md has the tables).
+# It runs from the checkout (cd below): relative paths given to it are the checkout's.
 source "$(dirname "$0")/lib/help.sh" "$@"
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,6 +12,7 @@
 # with a saved state resumes), then copies each stage's final checkpoint to OUT_DIR/<stage>.safetensors, or,
 # for a stage stopped early, its saved state to OUT_DIR/<stage>.state.pt (put back as RUN_DIR/<stage>/state.pt,
 # a later run resumes it). Ctrl-C stops the trainers, which save their state; this script still copies it.
+# It runs from the checkout (cd below): relative paths given to it are the checkout's.
 source "$(dirname "$0")/lib/help.sh" "$@"
 set -uo pipefail
 cd "$(dirname "$0")/.."
