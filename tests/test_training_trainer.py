@@ -333,6 +333,8 @@ def test_export_state_rejects_a_missing_or_foreign_state(
     final = (run / "final.safetensors").read_bytes()
     assert training_main(["export-state", str(run), "--out", str(run / "final.safetensors")]) == 1
     assert "is the stage's own final checkpoint" in capsys.readouterr().err  # it was replaced, marked partial_of
+    assert training_main(["export-state", str(run), "--out", str(tmp_path / "x.onnx")]) == 1  # safetensors bytes
+    assert "a checkpoint is a .safetensors file" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
     assert (run / "final.safetensors").read_bytes() == final
     (run / "state.pt").rename(tmp_path / "kept.pt")  # the state saved at the end, put aside
     assert training_main(["export-state", str(run), "--out", out]) == 1

@@ -122,6 +122,9 @@ def export_state(state_path: Path, config: Config, out: Path) -> Path:
     """A checkpoint of the network in a saved training state (RUN_DIR/state.pt, written every
     `checkpoint_every` steps), to evaluate a run part-way; `config` is the run's (RUN_DIR/config.toml).
     Its metadata says `partial_of` the stage's planned steps and the step it was saved at."""
+    if out.suffix.lower() != ".safetensors":  # every loader takes the file by that name; x.onnx would be no ONNX
+        raise ValueError(f"--out {out}: a checkpoint is a .safetensors file; name it so (for ONNX, export the "
+                         "checkpoint with python -m upscaler_server.export)")
     if out.resolve() == (state_path.parent / FINAL_FILE).resolve():  # a part-way network in the finished one's place
         raise ValueError(f"{out} is the stage's own final checkpoint: export the state to another file")
     state = read_state(state_path, torch.device("cpu"))
