@@ -352,6 +352,24 @@ def test_scan_passes_over_the_data_commands_manifest_but_not_a_nested_one(tmp_pa
         scan_images(tmp_path, progress=False)
 
 
+def test_a_folders_own_documentation_is_passed_over_but_other_text_is_junk(tmp_path: Path) -> None:
+    """cg-dev's MANIFEST.md was warned of as a skipped file at every evaluation of cg-dev."""
+    _write_bgr(tmp_path / "x.png", _rgb(4, 4))
+    for name in ("MANIFEST.md", "README", "readme.txt", "LICENSE", "COPYING.txt"):
+        (tmp_path / name).write_text("about these images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [info.path.name for info in scan_images(tmp_path, progress=False)] == ["x.png"]
+    (tmp_path / "notes.txt").write_text("junk")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "README.md").write_text("below the top: a stray file")
+    _write_bgr(tmp_path / "readme.png", _rgb(4, 4))  # an image named so is an image
+    with pytest.warns(SkippedFilesWarning, match=r"2 not images \((notes\.txt, sub/README\.md|sub/README\.md, "
+                                                 r"notes\.txt)\)"):
+        found = scan_images(tmp_path, progress=False)
+    assert [info.path.name for info in found] == ["readme.png", "x.png"]
+
+
 def test_the_output_of_the_scenes_command_is_refused_for_its_hr_folder(tmp_path: Path) -> None:
     """`evaluate --data sc` or a folder source at sc (not sc/hr) scored or trained on the LR frames (lr_x2/*.png)
     as if they were HR images: the scan is recursive."""

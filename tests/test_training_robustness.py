@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from models import CheckpointError, build_model, load_checkpoint, save_checkpoint, weights_sha256
 from training.__main__ import main as training_main
 from training.config import StageConfig, dump_toml, load_config
-from training.data.images import DatasetError, SkippedFilesWarning
+from training.data.images import DatasetError, SkippedFilesWarning, scan_images
 from training.pipeline import run_pipeline
 from training.report import write_report
 from training.ship import ship_checkpoint, ship_run
@@ -545,6 +545,25 @@ def test_a_pipeline_refuses_an_evaluation_folder_without_a_usable_image_before_t
                 pytest.warns(SkippedFilesWarning, match="skipped 2 file"):
             run_pipeline(bad, tmp_path / "run")
         assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_says_skipped_files_once_in_one_line(image_folder: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A pipeline's folder is scanned by the check before training, by each stage and by the evaluation: the same
+    SkippedFilesWarning came two or three times, each with Python's echo of the line that scanned."""
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    (folder / "notes.txt").write_text("junk")
+    config = tiny_config(folder, experiment={"baselines": False}, optim={"steps": 1},
+                         eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
+    command = ["pipeline", "--config", str(_toml(config, tmp_path)), "--run-dir", str(tmp_path / "run")]
+    assert training_main(command) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "notes.txt" in line]
+    assert lines == [f"warning: {folder}: skipped 1 file(s): 1 not images (notes.txt)"], err
+    assert "SkippedFilesWarning" not in err and "scan_images(" not in err, err
+    with pytest.warns(SkippedFilesWarning):  # outside the command, the warning is an ordinary warning again
+        scan_images(folder, progress=False)
 
 
 def test_a_report_takes_image_names_that_are_not_utf8(tmp_path: Path) -> None:

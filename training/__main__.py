@@ -7,7 +7,9 @@ import argparse
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -23,7 +25,7 @@ from models import (
     weights_sha256,
 )
 from training.config import Config, differing_keys, load_config
-from training.data import DatasetError
+from training.data import DatasetError, SkippedFilesWarning
 from training.data.images import write_json_atomic
 from training.evaluate import (
     BUILTIN_SETS,
@@ -299,10 +301,37 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
                               "(finished stages are kept, an interrupted one resumes from its state.pt)", signum)
 
 
+class _SkippedFilesOnce:
+    """warnings.showwarning for the command line: a SkippedFilesWarning as one "warning: ..." line, each message once
+    (a folder is scanned by the check before training, by every stage and by the evaluation: the same warning came
+    two or three times, each with Python's echo of the source line that scanned); other warnings as Python shows
+    them."""
+
+    def __init__(self) -> None:
+        self.shown: set[str] = set()
+        self.default = warnings.showwarning
+
+    def __call__(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+        if not issubclass(category, SkippedFilesWarning):
+            self.default(message, category, filename, lineno, file, line)
+        elif str(message) not in self.shown:
+            self.shown.add(str(message))
+            print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    shown_before, warnings.showwarning = warnings.showwarning, _SkippedFilesOnce()
+    try:
+        return _run(args)
+    finally:  # main() called from a program (or a test) gives the hook back
+        warnings.showwarning = shown_before
+
+
+def _run(args: argparse.Namespace) -> int:
     handlers = {
         "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,
         "ship-checkpoint": _ship_checkpoint, "seed-run": _seed_run, "export-state": _export_state,

@@ -55,6 +55,7 @@ _NAMED_IN_WARNING = 5
 # The record our data commands (`python -m training.data povray|scenes`) write at the top of their output
 # folder: part of the dataset's provenance, not junk, so a scan passes over it without a warning.
 MANIFEST_NAME = "manifest.json"
+_FOLDER_DOCUMENTS = {"README", "MANIFEST", "LICENSE", "LICENCE", "COPYING"}  # names (any suffix) _describes_the_folder
 
 
 class DatasetError(ValueError):
@@ -342,17 +343,23 @@ def walk_dataset(root: Path, unreachable: list[Path] | None = None) -> Iterator[
         yield Path(folder), Path(real), [name for name in names if not name.startswith(".")]
 
 
+def _describes_the_folder(name: str) -> bool:
+    """A dataset's own documentation at its top level (README.md, MANIFEST.md, LICENSE, COPYING.txt), left out of
+    the scan without a warning: cg-dev's MANIFEST.md was warned of as junk at every evaluation."""
+    return name.split(".")[0].upper() in _FOLDER_DOCUMENTS and Path(name).suffix.lower() not in IMAGE_SUFFIXES
+
+
 def _files_under(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """(files, unreachable, repeats) under `root` as `walk_dataset` reaches them, sorted, without the data commands'
-    top-level manifest; broken links, folders that cannot be listed and pipes are unreachable. A file reached
-    under a second name (a link to it, a hard link, a linked folder holding it) is a repeat, left out so that it
-    is not trained on or scored twice; the first name in sorted order is kept."""
+    top-level manifest and the folder's documentation; broken links, folders that cannot be listed and pipes are
+    unreachable. A file reached under a second name (a link to it, a hard link, a linked folder holding it) is a
+    repeat, left out so that it is not trained on or scored twice; the first name in sorted order is kept."""
     files: list[Path] = []
     unreachable: list[Path] = []
     for folder, _, names in walk_dataset(root, unreachable):
         for name in names:
             path = folder / name
-            if path != root / MANIFEST_NAME:
+            if path != root / MANIFEST_NAME and not (folder == root and _describes_the_folder(name)):
                 (files if path.is_file() else unreachable).append(path)  # is_file follows links: False when broken
     unique: list[Path] = []
     repeats: list[Path] = []
@@ -382,9 +389,10 @@ def _refuse_scenes_output(root: Path) -> None:
 
 
 def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -> list[ImageInfo]:
-    """Every usable image under `root` (recursive, sorted by path, hidden files and the data commands'
-    top-level manifest.json ignored), each decoded once to validate it. The output folder of
-    `python -m training.data scenes` is refused (DatasetError): its HR frames are in its hr/ folder.
+    """Every usable image under `root` (recursive, sorted by path, hidden files, the data commands' top-level
+    manifest.json and top-level README/MANIFEST/LICENSE/COPYING files ignored), each decoded once to validate it.
+    The output folder of `python -m training.data scenes` is refused (DatasetError): its HR frames are in its hr/
+    folder.
 
     Files that are not images (by suffix), fail to decode, or are smaller than `min_size` on either side are
     skipped with one SkippedFilesWarning naming a few. Raises DatasetError if nothing usable is left.
