@@ -695,7 +695,8 @@ def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_pa
     run_dir = tmp_path / "run"
     with pytest.raises(ValueError, match="unknown stage"):
         run_pipeline(config, run_dir, ["teacher", "student_pisr"])  # no baselines in this experiment
-    with pytest.raises(FileNotFoundError, match="train those stages first"):
+    teacher = run_dir / "teacher" / "final.safetensors"  # a TA starts from it and learns from it: named once
+    with pytest.raises(FileNotFoundError, match=rf"^stage ta1 needs {teacher}: train those stages first$"):
         run_pipeline(config, run_dir, ["ta1"])
     assert run_pipeline(config, run_dir, ["teacher"]) is None
     assert (run_dir / "teacher" / "final.safetensors").exists() and not (run_dir / "ta1").exists()

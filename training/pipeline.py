@@ -123,7 +123,7 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
             _say_kept(stage.name, stage_dir, kept_with_other_values[stage.name],
                       _trained_from(stage, all_stages, run_dir))
             continue
-        missing = [p for p in stage_inputs(stage) if p and not Path(p).exists()]
+        missing = list(dict.fromkeys(p for p in stage_inputs(stage) if p and not Path(p).exists()))  # once each
         if missing:
             raise FileNotFoundError(f"stage {stage.name} needs {', '.join(missing)}: train those stages first")
         result = train_stage(dataclasses.replace(config, stage=stage), stage_dir,

@@ -247,7 +247,7 @@ class _Trainer:
                     name = signal.Signals(self.stop_signal).name
                     raise TrainingInterrupted(
                         f"interrupted by {name} at step {step}; resume with `python -m training train --resume "
-                        f"{self.run_dir}` (or rerun the same pipeline command)", self.stop_signal
+                        f"{self.run_dir}` (for a pipeline's stage: rerun the same pipeline command)", self.stop_signal
                     )
         finally:
             progress.close()
