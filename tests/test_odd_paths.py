@@ -110,10 +110,11 @@ def test_console_every_entry_point_escapes_what_its_console_cannot_print(module:
 
 
 @pytest.mark.parametrize("module", ["upscaler_server", "upscaler_server.console", "upscaler_server.files",
-                                    "upscaler_server.decode_limit"])
+                                    "upscaler_server.decode_limit", "upscaler_server.image_bytes"])
 def test_helpers_training_imports_load_the_standard_library_only(module: str) -> None:
     """Every entry point imports upscaler_server.console, the demo's and `python -m models`' included, and training
-    imports `cpu_model`, the output-file rules (upscaler_server.files) and the decode limit: they must load neither
+    imports `cpu_model`, the output-file rules (upscaler_server.files), the decode limit and the damaged-file checks
+    (upscaler_server.image_bytes): they must load neither
     torch (the demo never does) nor the daemon (docs/architecture.md)."""
     import subprocess
     import sys

@@ -446,6 +446,30 @@ def test_offline_cli_names_each_unreadable_file_and_still_writes_the_others(tmp_
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.png"]
 
 
+def test_offline_cli_refuses_damaged_files_in_its_own_words_and_says_subfolders_are_not_searched(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """A truncated PNG let libpng's own "libpng error: PNG input buffer is incomplete" through to stderr, a JPEG cut
+    short was upscaled with grey rows, and a subfolder was passed over without a word (training scans folders
+    whole)."""
+    from upscaler_server import upscale
+
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # no tiny compressed IDAT
+    cv2.imwrite(str(tmp_path / "good.png"), noise)
+    whole = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    assert cv2.imwrite(str(tmp_path / "photo.jpg"), noise)
+    jpeg = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "photo.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    (tmp_path / "more").mkdir()
+    caplog.set_level("INFO", logger="upscaler_server.upscale")
+    status = upscale.main(["--backend", "nearest", "--device", "cpu", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert status == 1 and "libpng" not in capfd.readouterr().err
+    assert f"{tmp_path / 'cut.png'}: a damaged PNG (cut short in its IDAT chunk); not read" in caplog.text
+    assert f"{tmp_path / 'photo.jpg'}: a truncated JPEG (no end-of-image marker); not read" in caplog.text
+    assert f"{tmp_path}: its subfolders are not searched (more); name them as inputs of their own" in caplog.text
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.png"]
+
+
 def test_offline_cli_refuses_two_inputs_with_one_output_name_before_anything(tmp_path: pathlib.Path,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
     """a.png and a.jpg would both become a.png: refused (exit 2) before the model loads or the output folder is made."""

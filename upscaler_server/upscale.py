@@ -43,6 +43,7 @@ from upscaler_server.config import (
 from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 from upscaler_server.files import check_writable, partial_beside, publish
+from upscaler_server.image_bytes import damage
 from upscaler_server.protocol import SCALE_MAX
 
 if TYPE_CHECKING:
@@ -63,8 +64,12 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
     files: list[pathlib.Path] = []
     for path in inputs:
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir()
-                                if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            visible = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+            files.extend(p for p in visible if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            inner = [p.name for p in visible if p.is_dir()]
+            if inner:  # training scans folders whole: say that this does not
+                log.info("%s: its subfolders are not searched (%s); name them as inputs of their own", path,
+                         ", ".join(inner[:3]) + (", ..." if len(inner) > 3 else ""))
         elif path.is_file():
             files.append(path)
         elif not os.path.lexists(path):  # a shell pattern that matched nothing comes here as itself
@@ -132,6 +137,9 @@ def read_8bit(src: pathlib.Path) -> np.ndarray:
         data = np.fromfile(src, np.uint8)
     except OSError as exc:
         raise UpscalerError(f"{src}: cannot read it ({exc.strerror or exc})") from None
+    problem = damage(data)  # libpng's own "libpng error: ..." line on stderr, or libjpeg's grey rows, otherwise
+    if problem:
+        raise UpscalerError(f"{src}: {problem}; not read")
     # a JPEG has no alpha, and IMREAD_COLOR (unlike IMREAD_UNCHANGED) applies its EXIF orientation
     flags = cv2.IMREAD_COLOR if bytes(data[:2]) == b"\xff\xd8" else cv2.IMREAD_UNCHANGED
     try:

@@ -13,10 +13,8 @@ import json
 import os
 import secrets
 import stat
-import struct
 import sys
 import warnings
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from tqdm import tqdm
 
 from training import MAX_IMAGE_PIXELS
 from upscaler_server.files import is_stream, written_file  # standard library only (docs/architecture.md)
+from upscaler_server.image_bytes import damage  # standard library only
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -173,9 +172,6 @@ def _to_unit_float(rgb: np.ndarray) -> np.ndarray:
 
 
 _PIXEL_TYPES = (np.uint8, np.uint16, np.float32, np.float64)  # what _to_unit_float maps to [0, 1]
-_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"  # the start- and end-of-image markers
-_PNG_START = b"\x89PNG\r\n\x1a\n"  # the signature; the IHDR chunk (length 13) must follow it
-_PNG_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}  # colour type -> bit depths
 MAX_PIXELS = MAX_IMAGE_PIXELS  # also OpenCV's own limit, set in training/__init__ before cv2 loads
 TOO_LARGE = f"larger than {MAX_PIXELS / 1e6:.0f} megapixels"
 
@@ -196,11 +192,9 @@ def _file_bytes(path: Path) -> np.ndarray:
 
 def _decode_bytes(path: Path, data: np.ndarray) -> np.ndarray:
     """:func:`_decode` of the bytes ``data`` read from ``path`` (named in errors)."""
-    if bytes(data[:2]) == _JPEG_START and not _jpeg_complete(data):
-        # libjpeg decodes a truncated file to grey rows and only prints a warning: refuse it here instead
-        raise ImageReadError(f"cannot decode {path}: a truncated JPEG (no end-of-image marker)")
-    if bytes(data[:8]) == _PNG_START and (problem := _png_problem(memoryview(data))):
-        raise ImageReadError(f"cannot decode {path}: a damaged PNG ({problem})")
+    problem = damage(data)  # libjpeg's grey rows, libpng's own stderr lines: refused here instead
+    if problem:
+        raise ImageReadError(f"cannot decode {path}: {problem}")
     try:
         with _opencv_log_silenced():
             raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -230,52 +224,6 @@ def _opencv_log_silenced() -> Iterator[None]:
         yield
     finally:
         cv2.utils.logging.setLogLevel(level)
-
-
-def _png_problem(data: memoryview) -> str | None:
-    """What is wrong with a PNG file's chunks (``data``: the whole file, signature included); None when nothing is.
-    Checked before OpenCV decodes the file because libpng prints its refusal of a damaged file to stderr itself
-    ("libpng error: IHDR: CRC error", "IDAT: CRC error", "PNG input buffer is incomplete"), on every scan of the
-    folder, beside the scan's SkippedFilesWarning. Checked: the first chunk is a valid IHDR, every critical chunk
-    (IHDR, PLTE, IDAT) is whole and passes its CRC, and the file reaches its IEND. Left to libpng: an ancillary
-    chunk or the IEND failing its CRC (it warns; the pixels are fine) and compressed data that is wrong under a valid
-    CRC (only a program that wrote it so makes that)."""
-    offset = len(_PNG_START)
-    while offset + 12 <= len(data):  # length (4), type (4), data (length), CRC (4)
-        length = int.from_bytes(data[offset : offset + 4], "big")
-        kind = bytes(data[offset + 4 : offset + 8])
-        end = offset + 12 + length
-        if offset == len(_PNG_START) and (problem := _ihdr_problem(kind, bytes(data[offset : offset + 25]))):
-            return problem
-        if end > len(data):
-            return f"cut short in its {kind.decode('latin-1')} chunk"
-        critical = not kind[0] & 0x20 and kind != b"IEND"  # upper-case first letter; IEND holds no data to damage
-        if critical and zlib.crc32(data[offset + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
-            return f"its {kind.decode('latin-1')} chunk fails its CRC"
-        if kind == b"IEND":
-            return None
-        offset = end
-    if offset == len(_PNG_START):
-        return "no IHDR header: truncated, or not written as a PNG"
-    return "cut short: no IEND chunk"
-
-
-def _ihdr_problem(kind: bytes, chunk: bytes) -> str | None:
-    """What is wrong with a PNG's first chunk (``chunk``: its 25 bytes), which must be a valid IHDR; None if not."""
-    if kind != b"IHDR" or len(chunk) < 25 or chunk[:4] != b"\x00\x00\x00\x0d":
-        return "no IHDR header: truncated, or not written as a PNG"
-    if zlib.crc32(chunk[4:21]) != int.from_bytes(chunk[21:25], "big"):
-        return "its IHDR header fails its CRC"
-    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunk[8:21])
-    sizes_valid = 0 < width < 2**31 and 0 < height < 2**31
-    if not sizes_valid or depth not in _PNG_DEPTHS.get(colour, ()) or compression or filtering or interlace > 1:
-        return "invalid IHDR header values"
-    return None
-
-
-def _jpeg_complete(data: np.ndarray) -> bool:
-    """Whether a JPEG file's bytes end with its end-of-image marker (trailing zero padding allowed)."""
-    return bytes(data[-4096:]).rstrip(b"\x00").endswith(_JPEG_END)
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
