@@ -558,7 +558,9 @@ def test_the_command_line_says_skipped_files_once_in_one_line(image_folder: Path
                          eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
     command = ["pipeline", "--config", str(_toml(config, tmp_path)), "--run-dir", str(tmp_path / "run")]
     assert training_main(command) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    # and a line per stage as it ends (with runtime.progress off, as here, nothing said how far the run was)
+    assert "teacher: 1 steps in " in out and f" -> {tmp_path / 'run' / 'ta1' / 'final.safetensors'}\n" in out, out
     lines = [line for line in err.splitlines() if "notes.txt" in line]
     assert lines == [f"warning: {folder}: skipped 1 file(s): 1 not images (notes.txt)"], err
     assert "SkippedFilesWarning" not in err and "scan_images(" not in err, err

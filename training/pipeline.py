@@ -128,6 +128,8 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
             raise FileNotFoundError(f"stage {stage.name} needs {', '.join(missing)}: train those stages first")
         result = train_stage(dataclasses.replace(config, stage=stage), stage_dir,
                              resume=(stage_dir / STATE_FILE).exists())
+        # a line per stage as it ends, as `train` prints: with runtime.progress off nothing else said how far it was
+        print(f"{stage.name}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}", flush=True)
         more_to_do = stage is not chosen[-1] or stages is None  # later stages, or the evaluation
         if result.stopped_by is not None and more_to_do:  # a stop in the stage's last step: done, go no further
             name = signal.Signals(result.stopped_by).name
