@@ -211,7 +211,8 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
                             training=training)  # fmt: skip
     by_model["native_student"]["weights_sha256"] = weights_sha256(other)  # the same network saved twice: scored
     scores.write_text(json.dumps({"rendered-val-native": by_model}))
-    with pytest.raises(ValueError, match="no scores for 'unscored'"):
+    with pytest.raises(ValueError, match=r"no scores for 'unscored' .*; it has scores for 'bicubic', "
+                                         r"'native_student'$"):
         ship_checkpoint(other, "x", "x", scores, out)
     relabelled = ship_checkpoint(other, "x", "x", scores, out, label="native_student")  # scored under another name
     assert relabelled["metrics"] == {"rendered-val-native": mean}

@@ -245,7 +245,10 @@ def _means(scores_by_set: Any, label: str, path: Path) -> dict[str, dict[str, An
     except (KeyError, TypeError, AttributeError):
         means = {}
     if not means or not all(isinstance(mean, dict) for mean in means.values()):
-        raise ValueError(f"{path} has no scores for {label!r} in every set (a mean per set)")
+        labels = sorted({name for scores in scores_by_set.values() if isinstance(scores, dict) for name in scores}
+                        if isinstance(scores_by_set, dict) else ())
+        known = f"; it has scores for {', '.join(map(repr, labels[:12]))}" if labels else ""
+        raise ValueError(f"{path} has no scores for {label!r} in every set (a mean per set){known}")
     for set_name, mean in means.items():  # json reads NaN and Infinity, which weights.json must never carry
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in mean.values()):
             raise ValueError(f"{path}: the {set_name} scores of {label!r} are not all finite numbers: {mean}")
