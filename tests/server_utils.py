@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,6 +304,22 @@ def fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
             return {**head, "type": "closed", "session": msg["session"]}
         return None
 
+    def typed_answer(msg: dict[str, Any]) -> dict[str, Any] | None:
+        seen.append(msg["type"])
+        return answer(msg)
+
+    try:
+        with scripted_daemon(endpoint, typed_answer):
+            yield seen
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scripted_daemon(endpoint: str, answer: Callable[[dict[str, Any]], dict[str, Any] | None]) -> Iterator[None]:
+    """A ROUTER on ``endpoint``, served from a thread, that answers each request map with ``answer(request)``
+    (None: no reply at all)."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
@@ -314,23 +330,19 @@ def fake_daemon(endpoint: str, slots: int, opened: dict[str, int] | None = None,
         while not stop.is_set():
             if sock.poll(50, zmq.POLLIN):
                 peer, payload = sock.recv_multipart()
-                msg = msgpack.unpackb(payload, raw=False)
-                seen.append(msg["type"])
-                reply = answer(msg)
+                reply = answer(msgpack.unpackb(payload, raw=False))
                 if reply is not None:
                     sock.send_multipart([peer, msgpack.packb(reply, use_bin_type=True)])
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield seen
+        yield
     finally:
         stop.set()
         thread.join(5)
         sock.close(linger=0)
         ctx.term()
-        for path in made:
-            path.unlink(missing_ok=True)
 
 
 def foreign_segment_names(which: str) -> dict[str, str]:

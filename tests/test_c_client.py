@@ -15,7 +15,6 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from server_utils import (
     make_checkpoint,
     png_header_only,
     run_server,
+    scripted_daemon,
     short_tmpdir,
     untouched_segments,
 )
@@ -197,45 +197,13 @@ def test_an_unreadable_input_is_named(binary: pathlib.Path, tmp_path: pathlib.Pa
         assert result.returncode == 1 and f"cannot read {bad}" in result.stderr, result.stderr
 
 
-@contextlib.contextmanager
-def _scripted_daemon(endpoint: str, reply: dict[str, Any] | None) -> Iterator[list[dict[str, Any]]]:
-    """A ROUTER on ``endpoint`` that answers every message with ``reply`` (None: never answers); yields the messages
-    it got."""
-    import msgpack
-    import zmq
-
-    got: list[dict[str, Any]] = []
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.linger = 0
-    sock.bind(endpoint)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            if sock.poll(50, zmq.POLLIN):
-                peer, payload = sock.recv_multipart()
-                got.append(msgpack.unpackb(payload, raw=False))
-                if reply is not None:
-                    sock.send_multipart([peer, msgpack.packb(reply, use_bin_type=True)])
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield got
-    finally:
-        stop.set()
-        thread.join(5)
-        sock.close(linger=0)
-        ctx.term()
-
-
 def test_silent_daemon_is_a_timeout(binary: pathlib.Path, tmp_path: pathlib.Path) -> None:
     endpoint = f"ipc://{tmp_path}/silent.sock"
-    with _scripted_daemon(endpoint, None) as got:
+    got: list[str] = []
+    with scripted_daemon(endpoint, lambda request: got.append(request["type"])):  # never answers
         result = _run([str(binary), "-e", endpoint, "-p", "20x20", "-t", "1500", "-o", str(tmp_path / "x.ppm")])
     assert result.returncode == 1 and "TIMEOUT" in result.stderr and "within 1500 ms" in result.stderr, result.stderr
-    assert [message["type"] for message in got] == ["hello"]
+    assert got == ["hello"]
 
 
 @pytest.mark.parametrize("left", ["no file", "a dead daemon's file"])
@@ -262,7 +230,7 @@ def test_a_reply_to_a_message_the_daemon_could_not_read_ends_the_wait(binary: pa
     endpoint = f"ipc://{tmp_path}/d.sock"
     malformed = {"v": 1, "type": "error", "req": 0, "code": 1, "name": "MALFORMED", "message": "not msgpack"}
     start = time.monotonic()
-    with _scripted_daemon(endpoint, malformed):
+    with scripted_daemon(endpoint, lambda request: malformed):
         result = _run([str(binary), "-e", endpoint, "-p", "20x20", "-t", "10000", "-o", str(tmp_path / "x.ppm")])
     seconds = time.monotonic() - start
     assert result.returncode == 1 and "hello: daemon error 1 MALFORMED: not msgpack" in result.stderr, result.stderr
@@ -697,7 +665,7 @@ def test_a_signal_before_the_session_is_open_ends_the_tool_at_once(binary: pathl
     ignored until the whole timeout had passed, then it exited 1 (from a review). There is nothing to close yet. (A
     daemon that does not answer: with no socket file at all the hello now fails at once.)"""
     endpoint = f"ipc://{tmp_path}/silent.sock"
-    with _scripted_daemon(endpoint, None):
+    with scripted_daemon(endpoint, lambda request: None):
         proc = subprocess.Popen([str(binary), "-e", endpoint, "-p", "20x20", "-t", "20000", "-o",
                                  str(tmp_path / "out.png")], stderr=subprocess.PIPE, text=True)  # fmt: skip
         time.sleep(0.5)
