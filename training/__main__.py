@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -307,9 +308,9 @@ class _SkippedFilesOnce:
     two or three times, each with Python's echo of the source line that scanned); other warnings as Python shows
     them."""
 
-    def __init__(self) -> None:
+    def __init__(self, default: Callable[..., None]) -> None:
         self.shown: set[str] = set()
-        self.default = warnings.showwarning
+        self.default = default  # how every other warning is shown
 
     def __call__(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: TextIO | None = None, line: str | None = None) -> None:
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    shown_before, warnings.showwarning = warnings.showwarning, _SkippedFilesOnce()
+    shown_before = warnings.showwarning
+    warnings.showwarning = _SkippedFilesOnce(shown_before)
     try:
         return _run(args)
     finally:  # main() called from a program (or a test) gives the hook back

@@ -467,16 +467,19 @@ class _Trainer:
         """A resume whose step count is below the step the state reached would end the run at once: its final
         checkpoint would then hold weights from the middle of the schedule it was saved with, lr not yet decayed."""
         if start_step > self.steps:
-            key = "stage.steps" if self.config.stage.steps else "optim.steps"
             raise ValueError(f"{self.run_dir} is at step {start_step}, past the {self.steps} steps this config gives "
-                             f"it ({key}): resuming would end it at once, mid-schedule; give it more than "
-                             f"{start_step} steps, or take its weights as they are with python -m training "
+                             f"it ({self._steps_key()}): resuming would end it at once, mid-schedule; give it more "
+                             f"than {start_step} steps, or take its weights as they are with python -m training "
                              f"export-state {self.run_dir} --out FILE.safetensors")
+
+    def _steps_key(self) -> str:
+        """The key that gives this stage its steps: its own, else the experiment's."""
+        return "stage.steps" if self.config.stage.steps else "optim.steps"
 
     def _extension(self) -> str:
         """The --set that lets a finished run go on: more steps (the stage's own, else the experiment's), or more
         seconds when a time budget may have ended it."""
-        steps = f"--set {'stage.steps' if self.config.stage.steps else 'optim.steps'}=N (more steps)"
+        steps = f"--set {self._steps_key()}=N (more steps)"
         return f"{steps} or --set runtime.time_budget_s=S (more seconds)" if self.budget_s else steps
 
     def _write_run_files(self, start_step: int) -> None:

@@ -267,18 +267,33 @@ static int server_error(takdsr_client *c, const msgpack_object_map *map) {
 
 /* --- receiving and matching replies (section 1: replies are not in request order) -------------------------------- */
 
+/* The socket file of an ipc:// endpoint, or NULL: another transport, Linux's abstract namespace (ipc://@name), or a
+ * path longer than a Unix socket takes. */
+static const char *ipc_socket_path(const char *endpoint) {
+    if (strncmp(endpoint, "ipc://", 6) != 0) return NULL;
+    const char *path = endpoint + 6;
+    return path[0] != '@' && strlen(path) <= IPC_PATH_MAX ? path : NULL;
+}
+
+/* The errno of a non-blocking connect to the Unix socket file `path`: 0 when it connected, or when no socket could be
+ * made to try. A probe costs a daemon little: it drops a peer that leaves before its greeting. */
+static int connect_error(const char *path) {
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    memcpy(addr.sun_path, path, strlen(path) + 1);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return 0;
+    int why = connect(fd, (const struct sockaddr *)&addr, sizeof addr) == 0 ? 0 : errno;
+    close(fd);
+    return why;
+}
+
 /* Whether a daemon listens on the client's ipc:// socket file; TAKDSR_E_UNAVAILABLE (saying why) when the file does
  * not exist, or was left by a daemon that is no longer running (it refuses connections), where libzmq would retry in
  * silence until the timeout. TAKDSR_OK otherwise, also when the probe cannot tell (a tcp:// endpoint, a full backlog):
- * the wait goes on. A connect costs the daemon little (it drops a peer that leaves before its greeting). */
+ * the wait goes on. */
 static int probe_listener(takdsr_client *c) {
     if (!c->ipc_path[0]) return TAKDSR_OK;
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    memcpy(addr.sun_path, c->ipc_path, strlen(c->ipc_path) + 1);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return TAKDSR_OK;
-    int why = connect(fd, (const struct sockaddr *)&addr, sizeof addr) == 0 ? 0 : errno;
-    close(fd);
+    int why = connect_error(c->ipc_path);
     if (why == ENOENT)
         return fail(c, TAKDSR_E_UNAVAILABLE, "no daemon at %s: the socket file does not exist; start the daemon "
                     "(python -m upscaler_server) or check the endpoint", c->ipc_path);
@@ -452,16 +467,9 @@ static void describe_owner(const char *path, char *dst, size_t cap) {
  * it with EACCES, which libzmq keeps retrying in silence until the reply timeout runs out: here it fails at once,
  * naming the owner. Anything else (no file yet, a full backlog) is left to libzmq. Says why on stderr. */
 static bool ipc_permitted(const char *endpoint) {
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    const char *path = endpoint + 6;
-    if (strncmp(endpoint, "ipc://", 6) != 0 || path[0] == '@' || strlen(path) >= sizeof addr.sun_path) return true;
-    memcpy(addr.sun_path, path, strlen(path) + 1);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return true;
-    bool denied = connect(fd, (const struct sockaddr *)&addr, sizeof addr) != 0 && errno == EACCES;
-    close(fd); /* a daemon drops a peer that leaves before its greeting */
-    if (!denied) return true;
-    char owner[sizeof addr.sun_path + 64];
+    const char *path = ipc_socket_path(endpoint);
+    if (!path || connect_error(path) != EACCES) return true;
+    char owner[IPC_PATH_MAX + 65];
     describe_owner(path, owner, sizeof owner);
     fprintf(stderr, "takdsr: permission denied on %s: %s and this process runs as uid %u; a daemon serves only its "
             "own user's clients: start one of your own, or run as the daemon's user\n", path, owner,
@@ -480,8 +488,8 @@ takdsr_client *takdsr_client_new(const char *endpoint, int timeout_ms) {
     if (!c) return NULL;
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 10000;
     c->next_req = 1;
-    if (strncmp(endpoint, "ipc://", 6) == 0 && endpoint[6] != '@' && strlen(endpoint + 6) <= IPC_PATH_MAX)
-        snprintf(c->ipc_path, sizeof c->ipc_path, "%s", endpoint + 6);
+    const char *path = ipc_socket_path(endpoint);
+    if (path) snprintf(c->ipc_path, sizeof c->ipc_path, "%s", path);
     c->ctx = zmq_ctx_new();
     c->sock = c->ctx ? zmq_socket(c->ctx, ZMQ_DEALER) : NULL;
     /* A fixed routing id (first byte not 0) lets a reopened socket receive late replies (section 1). */
