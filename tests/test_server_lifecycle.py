@@ -218,6 +218,46 @@ def test_a_daemon_holding_the_endpoint_lock_is_never_bound_over(short_dir: pathl
         assert (short_dir / "d.sock.lock").exists(), "removed a lock file it did not hold"
 
 
+def test_a_taken_endpoint_is_refused_before_the_model_loads(tmp_path: pathlib.Path, short_dir: pathlib.Path) -> None:
+    """A second daemon loaded its model and measured its backends (27 s with --tune-sizes on this 2-core CPU) only to
+    be refused at bind. The endpoint is checked first now: with a checkpoint that does not exist, the refusal is for
+    the endpoint (2), not for the checkpoint (3)."""
+    absent = ["--checkpoint", str(tmp_path / "absent.safetensors")]
+    with run_server("--backend", "nearest") as daemon:
+        status, log = _exit_of([*absent, "--endpoint", daemon.endpoint])
+        assert status == 2 and "already serves" in log and "not found" not in log, log
+    with open(short_dir / "d.sock.lock", "w") as held:  # a daemon still starting holds the lock, with no socket yet
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        status, log = _exit_of([*absent, "--endpoint", f"ipc://{short_dir}/d.sock"])
+        assert status == 2 and "already serves" in log and "not found" not in log, log
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        endpoint = f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+        status, log = _exit_of([*absent, "--endpoint", endpoint])
+        assert status == 2 and f"cannot bind {endpoint}: Address already in use" in log, log
+        assert "not found" not in log, log
+
+
+def test_a_daemon_that_cannot_start_leaves_nothing_at_its_endpoint(tmp_path: pathlib.Path,
+                                                                    short_dir: pathlib.Path) -> None:
+    """The early endpoint check takes nothing: no lock file, no socket file after a failed start."""
+    status, log = _exit_of(["--checkpoint", str(tmp_path / "absent.safetensors"),
+                            "--endpoint", f"ipc://{short_dir}/d.sock"])
+    assert status == 3 and "not found" in log, log
+    assert list(short_dir.iterdir()) == []
+
+
+def test_the_early_tcp_check_leaves_the_port_free_for_the_daemon() -> None:
+    """The check binds the port and lets it go; the daemon, which binds it a moment later, must still get it."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{free.getsockname()[1]}"
+    with run_server("--backend", "nearest", endpoint=endpoint) as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=10, name="pytest") as client:
+        client.ping()
+
+
 def test_a_lock_file_left_by_a_killed_daemon_does_not_block_the_next(short_dir: pathlib.Path) -> None:
     endpoint = f"ipc://{short_dir}/d.sock"
     with run_server("--backend", "nearest", endpoint=endpoint, check_clean=False) as daemon:

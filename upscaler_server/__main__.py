@@ -28,6 +28,7 @@ from upscaler_server.config import (
     default_endpoint,
 )
 from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
+from upscaler_server.endpoint import refuse_served
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -149,11 +150,16 @@ def _start_resource_tracker_ignoring_hangups() -> None:
 
 def _start(args: argparse.Namespace, signals: _Signals) -> Server | int:
     """Config -> engine -> Server, attached to ``signals``; the exit status when it cannot start."""
+    try:
+        config = _config(args)
+        refuse_served(config.endpoint)  # before torch, the model load and the backend measurements (seconds to minutes)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
     from upscaler_server.engine import build_engine  # torch loads here, after argument errors are reported
     from upscaler_server.server import Server
 
     try:
-        config = _config(args)
         server = Server(config, build_engine(config))
     except ModelLoadError as exc:
         log.error("cannot start: %s", exc)

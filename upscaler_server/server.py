@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import logging
 import math
 import os
-import pathlib
 import queue
 import resource
 import secrets
@@ -30,7 +28,8 @@ import zmq
 
 from upscaler_server import __version__
 from upscaler_server.activity import Activity
-from upscaler_server.config import Config, nobody_listens
+from upscaler_server.config import Config
+from upscaler_server.endpoint import claim, ipc_path, release
 from upscaler_server.engine import Engine
 from upscaler_server.errors import BusyError, ConfigError, ErrorCode, ProtocolError, SessionError, UpscalerError
 from upscaler_server.protocol import (
@@ -146,11 +145,7 @@ class Server:
 
     def _bind(self) -> zmq.Socket[bytes]:
         endpoint = self.config.endpoint
-        ipc_path = _ipc_path(endpoint)
-        if ipc_path is not None:
-            self._endpoint_lock = _lock_endpoint(ipc_path, endpoint)
-            _check_socket_path(ipc_path)
-            _refuse_live_socket(self._ctx, endpoint, ipc_path)
+        self._endpoint_lock = claim(self._ctx, endpoint)
         router = self._ctx.socket(zmq.ROUTER)
         router.linger = 0
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its routing id takes over
@@ -273,23 +268,16 @@ class Server:
 
     def _close_router(self, router: zmq.Socket[bytes]) -> None:
         router.close(linger=_FAREWELL_MS)  # the SHUTTING_DOWN replies just sent still go out
-        path = _ipc_path(self.config.endpoint)
+        path = ipc_path(self.config.endpoint)
         if path is not None:  # libzmq leaves the socket file behind
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()
 
     def _release_endpoint_lock(self) -> None:
-        """Unlink the lock file, then unlock: a daemon that opened the file just before the unlink sees it is gone
-        once it gets the lock, and tries again on a new file (see :func:`_lock_endpoint`)."""
-        if self._endpoint_lock is None:
-            return
-        path = _ipc_path(self.config.endpoint)
-        assert path is not None
-        with contextlib.suppress(OSError):
-            _lock_path(path).unlink()
-        os.close(self._endpoint_lock)
-        self._endpoint_lock = None
+        if self._endpoint_lock is not None:
+            release(self.config.endpoint, self._endpoint_lock)
+            self._endpoint_lock = None
 
     def _wake(self) -> None:
         if self._pipe_closed:  # served and shut down: nothing to wake
@@ -571,53 +559,6 @@ def _us(seconds: float) -> int:
     return max(0, round(seconds * 1e6))
 
 
-def _check_socket_path(path: pathlib.Path) -> None:
-    """Refuse to bind where binding would delete something that is not a socket (ZeroMQ unlinks the path first)."""
-    with contextlib.suppress(FileNotFoundError):
-        mode = os.lstat(path).st_mode
-        if not stat.S_ISSOCK(mode):
-            kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "a file"
-            raise ConfigError(f"{path} is {kind}, not a socket: binding would replace it; pass another --endpoint")
-
-
-def _lock_path(socket_path: pathlib.Path) -> pathlib.Path:
-    return socket_path.with_name(socket_path.name + ".lock")
-
-
-def _lock_endpoint(socket_path: pathlib.Path, endpoint: str) -> int:
-    """Hold an exclusive lock on ``<socket>.lock`` for the daemon's life and return its descriptor. Two daemons
-    started at the same moment both found the socket free, both bound, and the second's bind replaced the first's
-    socket file: the first served nobody for good. The kernel drops the lock when its holder dies (SIGKILL too), so
-    a stale lock file never blocks a new daemon. ConfigError when another daemon holds it."""
-    lock_path = _lock_path(socket_path)
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"cannot open the endpoint's lock file {lock_path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint") from None
-        if _same_file(fd, lock_path):
-            return fd
-        os.close(fd)  # its holder unlinked it on its way out after we opened it: that lock guards nothing now
-
-
-def _same_file(fd: int, path: pathlib.Path) -> bool:
-    try:
-        on_disk, held = path.lstat(), os.fstat(fd)
-    except OSError:
-        return False
-    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _ipc_path(endpoint: str) -> pathlib.Path | None:
-    """The socket file of an ``ipc://`` endpoint; None for any other transport."""
-    return pathlib.Path(endpoint.removeprefix("ipc://")) if endpoint.startswith("ipc://") else None
-
-
 def _raise_fd_limit() -> None:
     """Soft limit of open files up to the hard one: each connection costs the daemon a descriptor, and libzmq aborts
     the process when it cannot accept one (EMFILE) instead of refusing that connection."""
@@ -626,27 +567,3 @@ def _raise_fd_limit() -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
-def _refuse_live_socket(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, path: pathlib.Path) -> None:
-    """ConfigError when a process listens on the socket file ``path``: binding would take the file over (libzmq
-    unlinks it first) and this daemon's exit would delete it. A daemon of a version without the lock file answers a
-    ping; any other program (a typo naming /run/docker.sock) does not."""
-    if nobody_listens(endpoint) is not None:  # no file, or one a dead process left: binding replaces nothing live
-        return
-    if _ipc_in_use(ctx, endpoint):
-        raise ConfigError(f"another daemon already serves {endpoint}; stop it or pass another --endpoint")
-    raise ConfigError(f"{path} is a socket that another program listens on (it does not answer as an upscaler "
-                      "daemon): binding would take it over; pass another --endpoint")
-
-
-def _ipc_in_use(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> bool:
-    """True when a live daemon answers a ping on ``endpoint``, a socket file that something listens on."""
-    probe = ctx.socket(zmq.DEALER)
-    probe.linger = 0
-    try:
-        probe.connect(endpoint)
-        probe.send(encode(Ping(req=0, sessions=[])))
-        return bool(probe.poll(500, zmq.POLLIN))
-    finally:
-        probe.close(linger=0)
