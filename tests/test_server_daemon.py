@@ -273,6 +273,23 @@ def test_a_runtime_dir_that_is_not_private_names_its_owner_and_mode(monkeypatch:
         runtime_dir()
 
 
+def test_an_xdg_runtime_dir_that_does_not_exist_is_named(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: pathlib.Path) -> None:
+    """$XDG_RUNTIME_DIR kept from another login (su, a tmux server) names a folder that is gone: the message said only
+    "No such file or directory" of <it>/takdsr, a path nobody typed. Now it names the variable and the ways round it."""
+    gone = tmp_path / "run-user-4242"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(gone))
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    with pytest.raises(ConfigError) as raised:
+        default_endpoint()
+    said = str(raised.value)
+    assert said.startswith(f"cannot create the runtime directory {gone / 'takdsr'}: $XDG_RUNTIME_DIR ({gone}) does "
+                           "not exist; unset it or set it to a folder of yours, or set $TAKDSR_UPSCALER_ENDPOINT"), said
+    assert not gone.exists()  # nothing made for it
+    gone.mkdir(mode=0o700)
+    assert runtime_dir() == gone / "takdsr"
+
+
 def test_a_long_xdg_runtime_dir_is_named_when_the_socket_path_would_be_too_long(monkeypatch: pytest.MonkeyPatch,
                                                                                  tmp_path: pathlib.Path) -> None:
     """A long $XDG_RUNTIME_DIR made the default socket path longer than a Unix socket's 107 bytes: the daemon said

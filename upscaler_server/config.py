@@ -240,7 +240,7 @@ def runtime_dir() -> pathlib.Path:
         path.mkdir(mode=0o700, exist_ok=True)
         info = path.lstat()
     except OSError as exc:
-        raise ConfigError(f"cannot create the runtime directory {path}: {exc}") from exc
+        raise ConfigError(f"cannot create the runtime directory {path}: {_not_created(path, exc)}") from exc
     euid, mode = os.geteuid(), stat.S_IMODE(info.st_mode)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != euid or mode & 0o077:
         kind = ("a directory" if stat.S_ISDIR(info.st_mode) else
@@ -253,6 +253,15 @@ def runtime_dir() -> pathlib.Path:
         raise ConfigError(f"{path} must be a directory owned by uid {euid} with mode 0700, but it is {kind} owned by "
                           f"uid {info.st_uid} with mode {mode:04o}; {advice}")
     return path
+
+
+def _not_created(path: pathlib.Path, exc: OSError) -> str:
+    """Why runtime_dir() could not make ``path``; what to do when $XDG_RUNTIME_DIR itself is gone (a variable kept
+    from another login, through su or a tmux server)."""
+    if isinstance(exc, FileNotFoundError) and not path.parent.is_dir():
+        return (f"$XDG_RUNTIME_DIR ({path.parent}) does not exist; unset it or set it to a folder of yours, or set "
+                f"${ENDPOINT_ENV} (the daemon's --endpoint) to an endpoint of your own")
+    return str(exc)
 
 
 def default_endpoint() -> str:
