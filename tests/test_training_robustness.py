@@ -212,6 +212,34 @@ def test_a_pipeline_resume_and_kept_line_ignore_the_keys_the_stage_never_reads(
     assert load_checkpoint(run / "ta1" / "final.safetensors").metadata["training"]["steps"] == 6
 
 
+def test_a_pipeline_names_the_keys_that_set_a_stages_steps_and_blocks(image_folder: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A teacher stopped at step 4, rerun with experiment.teacher_steps=2, was refused as started with another config
+    "(stage.steps)": a key that no pipeline config or --set holds (a review). A TA's blocks, the same. And the same
+    schedule spelt the other way (optim.steps=6 for teacher_steps=6) was refused too."""
+    config = tiny_config(image_folder, experiment={"baselines": False, "teacher_steps": 6, "ta_blocks": [2]},
+                         optim={"steps": 5})  # fmt: skip
+    run = tmp_path / "run"
+    other = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, teacher_steps=2,
+                                                                       ta_blocks=[1]))  # fmt: skip
+    spelt_otherwise = dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, teacher_steps=0),
+                                          optim=dataclasses.replace(config.optim, steps=6))  # fmt: skip
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 4)
+        with pytest.raises(TrainingInterrupted):
+            run_pipeline(config, run, ["teacher"])
+    with pytest.raises(ValueError, match=r"stage teacher .* another config \(experiment\.teacher_steps\)"):
+        run_pipeline(other, run, ["teacher"])
+    run_pipeline(spelt_otherwise, run, ["teacher"])
+    assert load_checkpoint(run / "teacher" / "final.safetensors").metadata["training"]["steps"] == 6
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 4)
+        with pytest.raises(TrainingInterrupted):
+            run_pipeline(config, run, ["ta1"])
+    with pytest.raises(ValueError, match=r"stage ta1 .* another config \(experiment\.ta_blocks\)"):
+        run_pipeline(other, run, ["ta1"])
+
+
 def test_a_pipeline_checks_every_interrupted_stage_before_it_trains_any(
     image_folder: Path, tmp_path: Path, stop_at_step_3: None
 ) -> None:

@@ -194,9 +194,21 @@ def _changed_keys(saved: Config, config: Config) -> str:
     """The keys that shape a stage (those of _NOT_COMPARED and those it never reads aside) whose values differ
     between `saved` and `config`, as a short list ("" when none do)."""
     ignored = _NOT_COMPARED | (_unread_keys(saved.stage) & _unread_keys(config.stage))
-    changed = [key for key in differing_keys(_comparable(saved), _comparable(config))
+    changed = [_setting_key(key, saved, config) for key in differing_keys(_comparable(saved), _comparable(config))
                if key not in ignored and not key.startswith("data.eval.")]  # no stage reads data.eval
     return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+
+
+def _setting_key(key: str, saved: Config, config: Config) -> str:
+    """The key a user sets for ``key``: pipeline_stages fills a stage's steps and blocks from the experiment, and a
+    message naming stage.steps named a key that no config or --set of a pipeline holds."""
+    stage = config.stage
+    role = "teacher" if stage.name == "full_alone" else stage.role  # the whole decoder, on the teacher's schedule
+    if key == "stage.steps":
+        return f"experiment.{role}_steps" if saved.stage.steps or stage.steps else "optim.steps"
+    if key == "stage.blocks" and role in ("teacher", "ta"):
+        return f"experiment.{role}_blocks"
+    return key
 
 
 def _unread_keys(stage: StageConfig) -> set[str]:
@@ -304,6 +316,10 @@ def _comparable(config: Config) -> dict[str, Any]:
     stage = as_dict["stage"]
     stage["init_from"] = Path(stage["init_from"]).parent.name if stage.get("init_from") else ""
     stage["guides"] = [Path(path).parent.name for path in stage.get("guides", [])]
+    # the schedule's length, as one number: experiment.<role>_steps fills stage.steps, and 0 there means optim.steps
+    # (which no stage reads otherwise), so teacher_steps=6 and optim.steps=6 with teacher_steps=0 are the same stage
+    stage["steps"] = config.stage.steps or config.optim.steps
+    as_dict["optim"].pop("steps")
     return as_dict
 
 
