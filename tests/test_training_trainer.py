@@ -308,6 +308,37 @@ def test_export_state_checkpoints_a_run_part_way(
     assert any(not torch.equal(final[k], v) for k, v in exported.model.state_dict().items())
 
 
+def test_export_state_says_what_a_folder_without_a_state_holds(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """export-state on a seeded run folder said "config RUN/config.toml not found; a path to a TOML file, or a bundled
+    config by name (...)": a pipeline's run folder, which holds no state of its own, was taken for a missing config
+    (a review). A state put back without its config.toml (as the GPU scripts bring it) was refused the same way."""
+    run = tmp_path / "run"
+    teacher = run / "teacher"
+    train_stage(_stage_config(image_folder, tmp_path, "teacher"), teacher)
+    (teacher / "state.pt").rename(tmp_path / "teacher_state.pt")
+    out = str(tmp_path / "x.safetensors")
+    assert training_main(["export-state", str(teacher), "--out", out]) == 1
+    assert (f"no saved state: {teacher / 'state.pt'} does not exist; {teacher} holds a finished stage: its checkpoint "
+            f"is {teacher / 'final.safetensors'}") in capsys.readouterr().err
+    assert training_main(["export-state", str(run), "--out", out]) == 1
+    assert (f"{run} is a pipeline's run folder whose stages (teacher) are finished: their checkpoints are "
+            f"{run}/<stage>/final.safetensors") in capsys.readouterr().err
+    student = run / "student"
+    with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted):
+        stop_at_step(patch, 3)
+        train_stage(_stage_config(image_folder, tmp_path, "student"), student)
+    assert training_main(["export-state", str(run), "--out", out]) == 1
+    assert f"{run} is a pipeline's run folder: name the folder of a stage with a state, {student}" in \
+        capsys.readouterr().err
+    (student / "config.toml").unlink()  # the state alone: it keeps a copy of its config
+    assert training_main(["export-state", str(student), "--out", out]) == 0
+    assert "student at step 3 of 6" in capsys.readouterr().out
+    assert training_main(["export-state", str(tmp_path / "absent"), "--out", out]) == 1
+    assert f"{tmp_path / 'absent'} is not a folder" in capsys.readouterr().err
+
+
 def test_snapshots_keep_the_network_part_way(image_folder: Path, tmp_path: Path) -> None:
     config = _stage_config(image_folder, tmp_path, "teacher")
     config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, snapshot_every=2))

@@ -42,7 +42,9 @@ from training.latency import measure_latency
 from training.memory import out_of_memory_reason
 from training.pipeline import run_pipeline
 from training.report import latency_where
+from training.run_folder import held_instead_of_a_state
 from training.ship import cut_down_evaluation, seed_run, ship_checkpoint, ship_run
+from training.state import STATE_FILE, started_with
 from training.trainer import (
     DataWorkerError,
     NonFiniteLossError,
@@ -261,14 +263,23 @@ def _latency(args: argparse.Namespace) -> int:
 
 
 def _export_state(args: argparse.Namespace) -> int:
-    config = load_config(args.run_dir / "config.toml")
-    state = args.state or args.run_dir / "state.pt"
+    state = args.state or args.run_dir / STATE_FILE
     if not state.is_file():
-        raise FileNotFoundError(f"no saved state: {state} does not exist")
+        instead = held_instead_of_a_state(args.run_dir) if args.state is None else ""
+        raise FileNotFoundError(f"no saved state: {state} does not exist" + (f"; {instead}" if instead else ""))
+    config = _stage_config(args.run_dir, state)
     path = export_state(state, config, args.out)
     training = read_metadata(path)["training"]
     print(f"{path}: {config.stage.name} at step {training['steps']} of {training['partial_of']}")
     return 0
+
+
+def _stage_config(run_dir: Path, state: Path) -> Config:
+    config = started_with(run_dir, state)
+    if config is None:
+        raise FileNotFoundError(f"{run_dir / 'config.toml'} does not exist, and {state} keeps no copy of the config "
+                                "(an older version's state): put the stage's config.toml back")
+    return config
 
 
 def _ship_checkpoint(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ import torch
 
 from models import load_model, read_metadata, weights_sha256
 from models.registry import FAMILIES
-from training.config import Config, StageConfig, config_from_toml, differing_keys, dump_toml, load_config
+from training.config import Config, StageConfig, differing_keys, dump_toml, load_config
 from training.data import SourceConfig
 from training.data.images import write_json_atomic
 from training.environment import arithmetic, environment
@@ -42,6 +42,7 @@ from training.evaluate import (
 )
 from training.latency import measure_latency
 from training.report import REPORT_LR_SIZE, write_report
+from training.state import started_with
 from training.trainer import FINAL_FILE, STATE_FILE, TrainingInterrupted, read_state, stage_inputs, train_stage
 
 __all__ = ["DISPLAY_NAMES", "display_name", "pipeline_stages", "run_pipeline"]
@@ -177,7 +178,7 @@ def _check_same_training(config: Config, stage_dir: Path) -> None:
     """An interrupted stage resumes only with the config it was started with (its RUN_DIR/<stage>/config.toml, or
     the copy in its state.pt), evaluation and the keys above aside: another schedule, data or loss would go on
     silently, and the checkpoint's metadata would then describe a training that never ran."""
-    saved = _started_with(stage_dir)
+    saved = started_with(stage_dir)
     if saved is None:  # a state of an older version, put back without its config.toml: nothing to compare
         return
     keys = _changed_keys(saved, config)
@@ -299,13 +300,6 @@ def _recorded_inputs(stage_dir: Path) -> list[Any] | None:
     else:
         return None
     return recorded if isinstance(recorded, list) else None
-
-
-def _started_with(stage_dir: Path) -> Config | None:
-    if (stage_dir / "config.toml").is_file():
-        return load_config(stage_dir / "config.toml")
-    saved = read_state(stage_dir / STATE_FILE, torch.device("cpu")).get("config")
-    return config_from_toml(saved, stage_dir / STATE_FILE) if isinstance(saved, str) else None
 
 
 def _comparable(config: Config) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from training.state import FINAL_FILE, STATE_FILE
 
-__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "pipeline_files", "remove_leftover_temporaries", "run_dir_lock",
-           "truncate_metrics"]
+__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "held_instead_of_a_state", "pipeline_files", "remove_leftover_temporaries",
+           "run_dir_lock", "truncate_metrics"]
 
 LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
 SNAPSHOT_DIR = "snapshots"
@@ -77,6 +77,25 @@ def pipeline_files(run_dir: Path) -> list[str]:
     if (run_dir / "results.json").exists():
         found.insert(0, "results.json")
     return found
+
+
+def held_instead_of_a_state(run_dir: Path) -> str:
+    """What `run_dir`, which has no saved state, holds instead, for the refusal of a command that needs one
+    (export-state): a finished stage, or a pipeline's run folder (seeded ones have no config.toml, and the message
+    was about a missing config and the bundled configs' names). "" when it is none of these."""
+    if not run_dir.is_dir():
+        return f"{run_dir} is not a folder"
+    if (run_dir / FINAL_FILE).is_file():
+        return f"{run_dir} holds a finished stage: its checkpoint is {run_dir / FINAL_FILE}"
+    stages = [folder.rstrip("/") for folder in pipeline_files(run_dir) if folder.endswith("/")]
+    saved = [run_dir / stage for stage in stages if (run_dir / stage / STATE_FILE).is_file()]
+    if saved:
+        return (f"{run_dir} is a pipeline's run folder: name the folder of a stage with a state, "
+                f"{', '.join(map(str, saved))}")
+    if stages:
+        return (f"{run_dir} is a pipeline's run folder whose stages ({', '.join(stages)}) are finished: their "
+                f"checkpoints are {run_dir}/<stage>/{FINAL_FILE}")
+    return ""
 
 
 def remove_leftover_temporaries(run_dir: Path) -> None:

@@ -20,14 +20,14 @@ from torch import nn
 
 from models import describe_shape_mismatch, save_checkpoint
 from models.checkpoint import TRAINING_STATE_NAME
-from training.config import Config, config_from_toml, differing_keys
+from training.config import Config, config_from_toml, differing_keys, load_config
 from training.distill import TrainedModel
 from training.stages import build_stage_network, stage_steps, training_summary
 
 __all__ = [
     "FINAL_FILE", "STATE_FILE", "data_contents", "export_state", "first_line", "is_arithmetic_segment",
     "optimizer_state_mismatch", "print_changes", "read_state", "refuse_older_schedule", "sources_line",
-    "state_dict_mismatch",
+    "started_with", "state_dict_mismatch",
 ]  # fmt: skip
 
 STATE_FILE = TRAINING_STATE_NAME  # the name models.checkpoint gives a hint for
@@ -65,6 +65,17 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
     if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) for h in hashes)):
         raise ValueError(f"{path} is not a training state (its inputs_sha256 is not a list of strings)")
     return state
+
+
+def started_with(stage_dir: Path, state_path: Path | None = None) -> Config | None:
+    """The config a stage was started with: its config.toml, else the copy its state (``state_path``, by default
+    the folder's) keeps, for a state put back alone as the GPU scripts bring it back; None when that state is an
+    older version's, without a copy."""
+    if (stage_dir / "config.toml").is_file():
+        return load_config(stage_dir / "config.toml")
+    state_path = state_path or stage_dir / STATE_FILE
+    saved = read_state(state_path, torch.device("cpu")).get("config")
+    return config_from_toml(saved, state_path) if isinstance(saved, str) else None
 
 
 def print_changes(path: Path, saved: Any, config: Config) -> None:
