@@ -26,6 +26,7 @@ from training.data.datasets import EpochSampler, PatchDataset, worker_start_meth
 from training.data.degrade import degrade
 from training.data.images import read_image
 from training.data.paths import REPO_ROOT
+from training.data.scenes_cmd import frame_pairs
 from training.data.sources import SceneSource, frame_name, loop_period
 
 NO_EGL = "could not create a headless EGL"
@@ -304,3 +305,8 @@ def test_a_folder_name_that_is_not_utf8_is_printed_on_a_strict_console(tmp_path:
     assert result.returncode == 0, stderr
     assert f"2 frame pairs in {tmp_path}/s\\udce9" in stdout
     assert len(json.loads((out / "manifest.json").read_text())["frames"]) == 2
+
+
+def test_one_frame_pair_is_said_in_the_singular() -> None:
+    """A --count 1 render ended with "1 frame pairs in ..." (a review)."""
+    assert [frame_pairs(n) for n in (0, 1, 2)] == ["0 frame pairs", "1 frame pair", "2 frame pairs"]

@@ -12,7 +12,7 @@ from types import FrameType
 from training import MAX_IMAGE_PIXELS
 from training.data.images import DatasetError
 from training.data.povray import SCENE_LIST, canonical_scene, load_scene_list, render_scenes
-from training.data.scenes_cmd import write_scene_frames
+from training.data.scenes_cmd import frame_pairs, write_scene_frames
 from upscaler_server.console import add_version_option, escape_unprintable_names  # standard library only
 
 
@@ -148,7 +148,7 @@ def _scenes(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print(f"{len(manifest['frames'])} frame pairs in {args.out} (manifest: {args.out / 'manifest.json'})")
+    print(f"{frame_pairs(len(manifest['frames']))} in {args.out} (manifest: {args.out / 'manifest.json'})")
     return 0
 
 

@@ -28,7 +28,7 @@ from training.data.images import (
 )
 from training.data.sources import LazyRenderer, LrKind, Split, check_presets, frame_name, loop_period, scene_times
 
-__all__ = ["FrameRecord", "frame_plan", "write_scene_frames"]
+__all__ = ["FrameRecord", "frame_pairs", "frame_plan", "write_scene_frames"]
 
 
 @dataclass
@@ -104,12 +104,17 @@ def _tidy(out_dir: Path, manifest: dict, settings: dict, planned: set[str], repl
     elif other_settings:
         example = frames[other_settings[0]]
         described = ", ".join(f"{key} {example.get(key)}" for key in settings)
-        raise DatasetError(f"{out_dir} holds {len(other_settings)} frame pairs rendered with other settings (e.g. "
+        raise DatasetError(f"{out_dir} holds {frame_pairs(len(other_settings))} rendered with other settings (e.g. "
                            f"{described}); render into another --out folder, or add --replace to remove them and "
                            "render these")
     elif unplanned:
-        print(f"note: {out_dir} also holds {len(unplanned)} frame pairs of these settings that this command does not "
+        print(f"note: {out_dir} also holds {frame_pairs(len(unplanned))} of these settings that this command does not "
               "ask for (a larger --count or other presets before); --replace removes them")
+
+
+def frame_pairs(count: int) -> str:
+    """``count`` with the noun, singular for one: "1 frame pairs" in the command's lines."""
+    return f"{count} frame pair" + ("" if count == 1 else "s")
 
 
 def _remove_pairs(out_dir: Path, manifest: dict, names: list[str]) -> None:
@@ -125,7 +130,7 @@ def _remove_pairs(out_dir: Path, manifest: dict, names: list[str]) -> None:
     for folder in folders:  # an lr_x<s> folder of another scale, now empty
         with contextlib.suppress(OSError):  # not empty: frames of these settings, or files of the user's
             folder.rmdir()
-    print(f"removed {len(names)} frame pairs this command does not describe from {out_dir}")
+    print(f"removed {frame_pairs(len(names))} this command does not describe from {out_dir}")
 
 
 def _own_files(out_dir: Path, record: dict) -> list[Path]:
