@@ -240,6 +240,27 @@ def test_a_pipeline_names_the_keys_that_set_a_stages_steps_and_blocks(image_fold
         run_pipeline(other, run, ["ta1"])
 
 
+def test_a_pipeline_that_fails_before_training_leaves_no_run_folder(image_folder: Path, tmp_path: Path) -> None:
+    """A pipeline on a folder with no usable image stopped with a clear error, but left RUN_DIR/config.toml (and
+    the folders made for it) behind, a run folder with nothing trained (a review); `train` left none."""
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not an image")
+    config = tiny_config(image_folder, data={"sources": [{"kind": "folder", "path": str(junk)}]},
+                         eval={"folders": [str(image_folder)]})  # fmt: skip
+    run = tmp_path / "new" / "run"
+    with pytest.warns(SkippedFilesWarning), pytest.raises(DatasetError, match="no usable image"):
+        run_pipeline(config, run)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(FileNotFoundError, match="train those stages first"):  # a partial run: no config.toml
+        run_pipeline(config, run, ["ta1"])
+    assert not (tmp_path / "new").exists()
+    run.mkdir(parents=True)  # a folder of the user's stays, with what they put there
+    with pytest.warns(SkippedFilesWarning), pytest.raises(DatasetError):
+        run_pipeline(config, run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+
+
 def test_a_pipeline_checks_every_interrupted_stage_before_it_trains_any(
     image_folder: Path, tmp_path: Path, stop_at_step_3: None
 ) -> None:

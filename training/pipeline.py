@@ -42,10 +42,13 @@ from training.evaluate import (
 )
 from training.latency import measure_latency
 from training.report import REPORT_LR_SIZE, write_report
+from training.run_folder import folders_to_make, remove_if_only
 from training.state import started_with
 from training.trainer import FINAL_FILE, STATE_FILE, TrainingInterrupted, read_state, stage_inputs, train_stage
 
 __all__ = ["DISPLAY_NAMES", "display_name", "pipeline_stages", "run_pipeline"]
+
+RUN_CONFIG = "config.toml"  # the run folder's record of the config it was trained with
 
 # stage name -> the name in the paper's tables
 DISPLAY_NAMES = {
@@ -107,15 +110,31 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
         if (stage_dir / STATE_FILE).exists() and not (stage_dir / FINAL_FILE).exists():
             _check_same_training(dataclasses.replace(config, stage=stage), stage_dir)
     _refuse_stale_stages(all_stages, chosen, run_dir)
+    made = folders_to_make(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _train_stages(config, run_dir, all_stages, chosen, evaluate=stages is None)
+    except BaseException:  # refused or stopped before a stage had anything to keep: no run folder with a config alone
+        remove_if_only(run_dir, {RUN_CONFIG}, made)
+        raise
+    if stages is not None:
+        return None
+    results = evaluate_run(config, run_dir)
+    write_report(run_dir, results)
+    return results
+
+
+def _train_stages(config: Config, run_dir: Path, all_stages: list[StageConfig], chosen: list[StageConfig],
+                  evaluate: bool) -> None:
+    """Write the run's config.toml (a whole run's, `evaluate`) and train the `chosen` stages that are not finished."""
     kept_with_other_values = {stage.name: _kept_changes(dataclasses.replace(config, stage=stage), run_dir / stage.name)
                               for stage in chosen if (run_dir / stage.name / FINAL_FILE).exists()}
     # parallel partial runs may differ in their overrides (e.g. time budgets); and a run whose kept stages were trained
     # with other values keeps the config.toml that says so: this config did not train them
-    run_config = run_dir / "config.toml"
-    if stages is None and (not any(kept_with_other_values.values()) or not run_config.exists()):
+    run_config = run_dir / RUN_CONFIG
+    if evaluate and (not any(kept_with_other_values.values()) or not run_config.exists()):
         run_config.write_text(dump_toml(config.to_dict()))
-    elif stages is None:
+    elif evaluate:
         print(f"{run_config} is left as it was: kept stages were trained with other values than this "
               "config's (below)")
     for stage in chosen:
@@ -131,16 +150,11 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
                              resume=(stage_dir / STATE_FILE).exists())
         # a line per stage as it ends, as `train` prints: with runtime.progress off nothing else said how far it was
         print(f"{stage.name}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}", flush=True)
-        more_to_do = stage is not chosen[-1] or stages is None  # later stages, or the evaluation
+        more_to_do = stage is not chosen[-1] or evaluate  # later stages, or the evaluation
         if result.stopped_by is not None and more_to_do:  # a stop in the stage's last step: done, go no further
             name = signal.Signals(result.stopped_by).name
             raise TrainingInterrupted(f"interrupted by {name} at the last step of {stage.name} (its "
                                       f"{FINAL_FILE} is saved); rerun the same command to go on", result.stopped_by)
-    if stages is not None:
-        return None
-    results = evaluate_run(config, run_dir)
-    write_report(run_dir, results)
-    return results
 
 
 # What may differ between the segments of a resumed stage: how it runs, and the experiment keys that shape the

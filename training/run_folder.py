@@ -16,8 +16,8 @@ from pathlib import Path
 
 from training.state import FINAL_FILE, STATE_FILE
 
-__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "held_instead_of_a_state", "pipeline_files", "remove_leftover_temporaries",
-           "run_dir_lock", "truncate_metrics"]
+__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "folders_to_make", "held_instead_of_a_state", "pipeline_files",
+           "remove_if_only", "remove_leftover_temporaries", "run_dir_lock", "truncate_metrics"]
 
 LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
 SNAPSHOT_DIR = "snapshots"
@@ -33,7 +33,7 @@ def run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
     if not holder:
         yield
         return
-    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
+    made = folders_to_make(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (closed by the with below)
@@ -51,15 +51,22 @@ def run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            _remove_if_only_the_lock(run_dir, made)  # while the lock is held: no other trainer is inside
+            remove_if_only(run_dir, {LOCK_FILE}, made)  # while the lock is held: no other trainer is inside
             raise
 
 
-def _remove_if_only_the_lock(run_dir: Path, made: list[Path]) -> None:
-    """Remove the folders `made` for the lock (deepest first) when the run folder holds nothing else."""
-    if not made or [path.name for path in run_dir.iterdir()] != [LOCK_FILE]:
+def folders_to_make(folder: Path) -> list[Path]:
+    """`folder` and the folders above it that do not exist yet, deepest first: what a failed start removes again."""
+    return [made for made in (folder, *folder.parents) if not made.exists()]
+
+
+def remove_if_only(run_dir: Path, names: set[str], made: list[Path]) -> None:
+    """Remove the folders `made` (deepest first, from folders_to_make) when the run folder holds nothing but files
+    of these `names`, which go too: a run refused or stopped before it trained leaves no folder behind."""
+    if not made or not {path.name for path in run_dir.iterdir()} <= names:
         return
-    (run_dir / LOCK_FILE).unlink()
+    for name in names:
+        (run_dir / name).unlink(missing_ok=True)
     for folder in made:
         try:
             folder.rmdir()
