@@ -8,6 +8,7 @@ imgui-bundle arranges when it is imported first (see window.py).
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,17 +116,16 @@ class Hud:
         imgui.text(f"LR {lw}x{lh} -> HR {hw}x{hh}")
 
     def _controls(self, ui: ViewState, rig: CameraRig) -> None:
-        _, index = imgui.combo("view", VIEWS.index(ui.view), list(VIEWS))
-        ui.view = VIEWS[index]
+        ui.view = _choice("view", VIEWS, ui.view)
         if ui.view == "split":
             if imgui.radio_button("SR | bilinear", ui.compare == "bilinear"):
                 ui.compare = "bilinear"
             imgui.same_line()
             if imgui.radio_button("SR | native", ui.compare == "native"):
                 ui.compare = "native"
-        changed, index = imgui.combo("scene", scenes.PRESETS.index(rig.preset), list(scenes.PRESETS))
-        if changed:
-            rig.set_preset(scenes.PRESETS[index])
+        preset = _choice("scene", scenes.PRESETS, rig.preset)
+        if preset != rig.preset:
+            rig.set_preset(preset)
         _, rig.paused = imgui.checkbox("pause (P)", rig.paused)
         imgui.same_line()
         imgui.text("camera: free" if rig.free is not None else f"camera: path t={rig.t:.1f} s")
@@ -177,6 +177,21 @@ class Hud:
         imgui.backends.glfw_shutdown()
         implot.destroy_context()
         imgui.destroy_context()
+
+
+def _choice(label: str, items: Sequence[str], current: str) -> str:
+    """A drop-down list of ``items``; the one picked, else ``current``. Esc closes the open list: Dear ImGui closes a
+    popup on Esc only with keyboard navigation on, which would take the movement keys from the demo whenever the
+    HUD has focus. The window ignores keys while a list is open, so that Esc does not quit the demo as well."""
+    chosen = current
+    if imgui.begin_combo(label, current):
+        if imgui.is_key_pressed(imgui.Key.escape, False):
+            imgui.close_current_popup()
+        for item in items:
+            if imgui.selectable(item, item == current)[0]:
+                chosen = item
+        imgui.end_combo()
+    return chosen
 
 
 def banner_top(window_height: float, span: tuple[float, float], text_height: float,

@@ -307,6 +307,79 @@ def test_an_open_popup_takes_esc_and_a_minimised_window_draws_nothing(nearest_da
     assert widest < 420, output_of(result)
 
 
+_ESC_CLOSES_A_LIST = """
+import sys
+import scenes
+from client_demo import cli, hud, window
+
+count, combos, seen = [0], {}, []
+real_imgui = hud.imgui
+
+
+class _Recording:
+    '''imgui, noting where the HUD's drop-down lists are (window coordinates, as the mouse's).'''
+
+    def __getattr__(self, name):
+        return getattr(real_imgui, name)
+
+    def begin_combo(self, label, preview, flags=0):
+        opened = real_imgui.begin_combo(label, preview, flags)
+        low, high = real_imgui.get_item_rect_min(), real_imgui.get_item_rect_max()
+        combos[label] = ((low.x + high.x) / 2, (low.y + high.y) / 2)
+        return opened
+
+    def selectable(self, label, selected, *args):
+        picked = real_imgui.selectable(label, selected, *args)
+        low, high = real_imgui.get_item_rect_min(), real_imgui.get_item_rect_max()
+        combos[label] = ((low.x + high.x) / 2, (low.y + high.y) / 2)
+        return picked
+
+
+original_frame = window._WindowDemo._frame
+
+def frame(self, dt, deadline):
+    count[0] += 1
+    io = real_imgui.get_io()
+    if count[0] == 10:  # a click on the scene list opens it
+        io.add_mouse_pos_event(*combos["scene"])
+        io.add_mouse_button_event(0, True)
+    elif count[0] == 11:
+        io.add_mouse_button_event(0, False)
+    elif count[0] in (20, 21):  # Esc pressed, then released
+        io.add_key_event(real_imgui.Key.escape, count[0] == 20)
+    elif count[0] in (30, 34):  # open it again, and pick the last scene
+        io.add_mouse_pos_event(*combos["scene" if count[0] == 30 else scenes.PRESETS[-1]])
+        io.add_mouse_button_event(0, True)
+    elif count[0] in (31, 35):
+        io.add_mouse_button_event(0, False)
+    original_frame(self, dt, deadline)
+    if count[0] in (18, 28):
+        seen.append(real_imgui.is_popup_open("", real_imgui.PopupFlags_.any_popup_id))
+    if count[0] == 38:
+        seen.append(self.rig.preset == scenes.PRESETS[-1])
+
+hud.imgui = _Recording()
+window._WindowDemo._frame = frame
+status = cli.main(sys.argv[1:])
+print("list open before and after Esc, then the last scene picked:", seen)
+sys.exit(status)
+"""
+
+
+def test_esc_closes_an_open_list_of_the_hud_and_does_not_quit(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """From a review: with the view or scene list open, Esc neither closed it (Dear ImGui closes a popup on Esc only
+    with keyboard navigation on) nor quit the demo, so only a click outside it got the keys back. A click on an
+    item still picks it."""
+    script = tmp_path / "esc_list.py"
+    script.write_text(_ESC_CLOSES_A_LIST)
+    args = ["--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--exit-after", "40", "--out", str(tmp_path)]
+    result = run_demo(command=[*demo_command(xvfb=True)[:-3], sys.executable, str(script), *args])
+    assert result.returncode == 0, output_of(result)
+    assert "list open before and after Esc, then the last scene picked: [True, False, True]" in result.stdout, \
+        output_of(result)
+    assert _counts(result.stdout)[0] == 40, output_of(result)  # the Esc that closed the list did not quit
+
+
 @pytest.mark.parametrize("stopped_by_signal", [False, True], ids=["closed", "signal"])
 def test_the_daemons_statistics_are_asked_for_unless_a_signal_ended_the_run(monkeypatch: pytest.MonkeyPatch,
                                                                           capsys: pytest.CaptureFixture[str],
