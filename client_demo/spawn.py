@@ -38,6 +38,9 @@ _AUTO_LOGGER = "upscaler_server.backends.auto"  # the daemon's logger of --backe
 _AUTO_LINE_MAX = 600  # characters of one of its messages shown: a compiler's error runs to pages
 # a record of the daemon's log: "<date> <time>,<ms> <LEVEL> <logger>: <message>" (upscaler_server.__main__)
 _LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (?P<logger>\S+): (?P<message>.*)")
+# what Python's warnings module writes straight to stderr, outside the log's records: the resource tracker's
+# "UserWarning: ... leaked shared_memory objects" when the daemon was killed (it removes those segments itself)
+_PYTHON_WARNING = re.compile(r"\S+:\d+: \w*Warning: ")
 
 
 def _remove_folders_of_dead_demos() -> None:
@@ -156,7 +159,9 @@ class SpawnedDaemon:
         ours = False  # whether the record the lines belong to is auto's
         for line in text.splitlines():
             record = _LOG_RECORD.match(line)
-            if record is not None:
+            if record is None and _PYTHON_WARNING.match(line):
+                ours = False
+            elif record is not None:
                 ours = record["logger"] == _AUTO_LOGGER
                 if ours:
                     messages.append(record["message"])
