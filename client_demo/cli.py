@@ -104,10 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["bilinear", "native"], default=d.compare,
                    help="right half of the split view (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=d.timeout,
-                   help="seconds a ping of the daemon may go unanswered, at least 1 (it is pinged about once a "
-                   "second while a frame waits); a frame is given up, and the daemon reconnected, after twice that "
+                   help="seconds a ping of the daemon may go unanswered (a ping waits at least 1 s whatever this is; "
+                   "the daemon is pinged about once a second while a frame waits); a frame is given up, and the daemon reconnected, after twice that "
                    "although the daemon answers (a session's first frames: after 120 s at least, as they wait for the "
                    "daemon's warm-up of their size); keep it above one frame's upscale time (default: %(default)s)")
+    p.add_argument("--start", type=float, default=d.start,
+                   help="seconds on the camera path of the first frame (default: %(default)s)")
     p.add_argument("--out", type=_utf8_path, help="headless: output folder (default: demo_out); "
                    "window: screenshot folder (default: the current one)")
     g = p.add_argument_group("headless mode")
@@ -115,8 +117,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, default=d.frames, help="frames to render (default: %(default)s)")
     g.add_argument("--fps", type=float, default=d.fps,
                    help="camera-path clock and MP4 frame rate (default: %(default)s)")
-    g.add_argument("--start", type=float, default=d.start,
-                   help="seconds on the camera path of the first frame (default: %(default)s)")
     w = p.add_argument_group("window mode")
     w.add_argument("--max-fps", type=float, default=d.max_fps,
                    help="frame-rate cap of the window loop (default: %(default)s)")

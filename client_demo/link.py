@@ -247,8 +247,9 @@ class _Worker(threading.Thread):
         now = time.perf_counter()
         waited = now - oldest.sent
         if waited > give_up_after:
-            raise ServerUnavailableError(f"frame {oldest.frame} got no reply in {waited:.0f} s although the daemon "
-                                         "answers pings; is it overloaded?")
+            raise ServerUnavailableError(f"frame {oldest.frame} got no reply in {waited:.1f} s although the daemon "
+                                         "answers pings; is it overloaded? (a frame is given up after twice "
+                                         "--timeout: raise it above one frame's upscale time)")
         if now - oldest.checked > min(LIVENESS, self._timeout):
             self._check_alive(session)
             oldest.checked = time.perf_counter()

@@ -385,6 +385,18 @@ def test_a_daemon_that_cannot_serve_the_run_deletes_nothing_of_an_earlier_run(
     assert {name: (tmp_path / "out" / name).read_bytes() for name in files} == files
 
 
+def test_a_frame_given_up_says_how_long_it_waited_and_which_option_to_raise(tmp_path: pathlib.Path) -> None:
+    """From a review: with --timeout 0.05 the run ended "frame 1 got no reply in 0 s although the daemon answers
+    pings; is it overloaded?", a wait of 0.1 s shown as 0, and no word of --timeout."""
+    with run_server("--model", "rlfn_s", "--threads", "1") as slow:  # random weights: 0.1 s or more a frame here
+        result = run_demo("--headless", "--lr", "320x180", "--frames", "6", "--timeout", "0.05", "--endpoint",
+                          slow.endpoint, "--out", str(tmp_path / "out"))
+    assert result.returncode == 3, output_of(result)
+    assert re.search(r"frame \d+ got no reply in \d+\.\d s although the daemon answers pings; is it overloaded\? "
+                     r"\(a frame is given up after twice --timeout: raise it above one frame's upscale time\)",
+                     result.stderr), output_of(result)
+
+
 def test_a_run_that_writes_nothing_removes_the_folders_it_created(tmp_path: pathlib.Path) -> None:
     """From a paths review: a first run with no daemon to reach created --out (and its missing parents) and left them
     holding only the lock file. A folder that existed keeps its lock file, as before."""
