@@ -104,22 +104,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["bilinear", "native"], default=d.compare,
                    help="right half of the split view (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=d.timeout,
-                   help="seconds a ping of the daemon may go unanswered (a ping waits at least 1 s whatever this is; "
-                   "the daemon is pinged about once a second while a frame waits); a frame is given up, and the daemon reconnected, after twice that "
-                   "although the daemon answers (a session's first frames: after 120 s at least, as they wait for the "
-                   "daemon's warm-up of their size); keep it above one frame's upscale time (default: %(default)s)")
+                   help="seconds a ping of the daemon may go unanswered (a ping waits at least 1 s whatever this "
+                   "is; the daemon is pinged about once a second while a frame waits); a frame is given up, and the "
+                   "daemon reconnected, after twice that although the daemon answers (a session's first frames: "
+                   "after 120 s at least, as they wait for the daemon's warm-up of their size); keep it above one "
+                   "frame's upscale time (default: %(default)s)")
     p.add_argument("--start", type=float, default=d.start,
                    help="seconds on the camera path of the first frame (default: %(default)s)")
     p.add_argument("--out", type=_utf8_path, help="headless: output folder (default: demo_out); "
                    "window: screenshot folder (default: the current one)")
     g = p.add_argument_group("headless mode")
     g.add_argument("--headless", action="store_true", help="no window: write PNGs, an MP4 and stats.json")
-    g.add_argument("--frames", type=int, default=d.frames, help="frames to render (default: %(default)s)")
-    g.add_argument("--fps", type=float, default=d.fps,
-                   help="camera-path clock and MP4 frame rate (default: %(default)s)")
+    # the modes' own options default to None here, so that one given for the other mode is refused, not ignored
+    g.add_argument("--frames", type=int, help=f"frames to render (default: {d.frames})")
+    g.add_argument("--fps", type=float, help=f"camera-path clock and MP4 frame rate (default: {d.fps})")
     w = p.add_argument_group("window mode")
-    w.add_argument("--max-fps", type=float, default=d.max_fps,
-                   help="frame-rate cap of the window loop (default: %(default)s)")
+    w.add_argument("--max-fps", type=float, help=f"frame-rate cap of the window loop (default: {d.max_fps})")
     w.add_argument("--screenshot-after", type=int, metavar="N", help="save a screenshot after N frames")
     w.add_argument("--exit-after", type=int, metavar="N", help="quit after N frames")
     return p
@@ -138,6 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
         p.error(f"--auto-backends narrows --backend auto, not --backend {backend}")
     if a.auto_backends == []:  # the daemon's empty list means every available backend, compile's too
         p.error("--auto-backends names at least one backend or label, e.g. eager,onnxruntime")
+    _refuse_the_other_modes_options(p, a)
+    a.frames = DemoConfig.frames if a.frames is None else a.frames
+    a.fps = DemoConfig.fps if a.fps is None else a.fps
+    a.max_fps = DemoConfig.max_fps if a.max_fps is None else a.max_fps
     if (a.scale is not None and a.scale < 1) or a.frames < 1:
         p.error("--scale and --frames must be positive")
     for flag, value in (("--exit-after", a.exit_after), ("--screenshot-after", a.screenshot_after)):
@@ -164,6 +168,17 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
                       scene=a.scene, lr_size=a.lr, scale=scale, view=a.view, compare=a.compare, timeout=a.timeout,
                       out=a.out, headless=a.headless, frames=a.frames, fps=a.fps, start=a.start,
                       max_fps=a.max_fps, screenshot_after=a.screenshot_after, exit_after=a.exit_after)
+
+
+def _refuse_the_other_modes_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """A headless option in window mode, or a window option with --headless, did nothing at all (exit 0): refused,
+    as --checkpoint without --spawn-server is."""
+    headless = {"--frames": a.frames, "--fps": a.fps}
+    window = {"--max-fps": a.max_fps, "--screenshot-after": a.screenshot_after, "--exit-after": a.exit_after}
+    given = [flag for flag, value in (window if a.headless else headless).items() if value is not None]
+    if given:
+        mode = "--headless runs" if not a.headless else "the window (runs without --headless)"
+        p.error(f"{', '.join(given)} would be ignored: {'they are' if len(given) > 1 else 'it is'} for {mode}")
 
 
 class _Signals:

@@ -11,6 +11,7 @@ import pytest
 
 import scenes
 from client_demo.cli import parse_args
+from client_demo.config import DemoConfig
 from client_demo.controls import VIEWS, CameraRig, ViewState
 from client_demo.frames import letterbox
 from client_demo.metrics import PSNR_CAP_DB, RollingWindow, percentiles, psnr
@@ -79,13 +80,15 @@ def test_command_line() -> None:
     assert parse_args(["--endpoint", "tcp://192.168.1.20:5555"]).endpoint == "tcp://192.168.1.20:5555"  # a remote one
     named = parse_args(["--spawn-server", "--checkpoint", "rlfn_s_takdsr_x2"])  # a bundled name: the daemon finds it
     assert str(named.checkpoint) == "rlfn_s_takdsr_x2"
-    for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--frames", "0"], ["--scene", "moon"],
+    for bad in (["--lr", "320"], ["--checkpoint", "x.safetensors"], ["--headless", "--frames", "0"],
+                ["--scene", "moon"],
                 ["--spawn-server", "--checkpoint", "no_such_student_x2"],
                 ["--spawn-server", "--checkpoint", "/nonexistent/dir/rlfn_s_takdsr_x2.safetensors"],
                 ["--headless", "--out", "demo_\udce9"],  # not UTF-8: OpenCV's writers would crash the demo
                 ["--headless", "--out", __file__],  # a file, not a folder
                 # inf and nan pass a `<= 0` check: the MP4 writer spun forever at inf fps, nan failed mid-run
-                ["--fps", "inf"], ["--fps", "nan"], ["--fps", "1e6"], ["--max-fps", "inf"], ["--start", "nan"],
+                ["--headless", "--fps", "inf"], ["--headless", "--fps", "nan"], ["--headless", "--fps", "1e6"],
+                ["--max-fps", "inf"], ["--start", "nan"],
                 ["--timeout", "nan"], ["--timeout", "inf"], ["--exit-after", "0"], ["--screenshot-after", "-1"],
                 # no daemon can listen there: it was reported as an unreachable daemon (status 3)
                 ["--endpoint", "bogus"], ["--endpoint", "ipc://"], ["--endpoint", "/tmp/upscaler.sock"],
@@ -96,6 +99,23 @@ def test_command_line() -> None:
         with pytest.raises(SystemExit) as exc:
             parse_args(bad)
         assert exc.value.code == 2, bad
+
+
+def test_an_option_of_the_other_mode_is_refused_not_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+    """From a review: --frames or --fps in window mode, and --exit-after, --max-fps or --screenshot-after with
+    --headless, did nothing and the run ended with status 0."""
+    for bad, said in ((["--frames", "3"], "--frames would be ignored: it is for --headless runs"),
+                      (["--fps", "10", "--frames", "3"], "--frames, --fps would be ignored: they are for --headless"),
+                      (["--headless", "--exit-after", "3"], "--exit-after would be ignored: it is for the window"),
+                      (["--headless", "--max-fps", "5", "--screenshot-after", "2"],
+                       "--max-fps, --screenshot-after would be ignored: they are for the window")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(bad)
+        assert exc.value.code == 2 and said in capsys.readouterr().err, bad
+    headless = parse_args(["--headless", "--frames", "3", "--fps", "10", "--start", "2"])
+    assert (headless.frames, headless.fps, headless.start, headless.max_fps) == (3, 10.0, 2.0, DemoConfig.max_fps)
+    window = parse_args(["--max-fps", "5", "--exit-after", "4", "--start", "2"])
+    assert (window.max_fps, window.exit_after, window.start, window.frames) == (5.0, 4, 2.0, DemoConfig.frames)
 
 
 def test_the_spawned_daemons_backend_and_what_auto_may_pick(capsys: pytest.CaptureFixture[str]) -> None:
