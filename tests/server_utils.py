@@ -185,11 +185,14 @@ def serve_here(engine: Any, **settings: Any) -> Iterator[ServedHere]:
 
 
 @contextlib.contextmanager
-def raw_socket(endpoint: str) -> Iterator[zmq.Socket[bytes]]:
-    """A DEALER socket (linger 0) on a private context, closed and terminated on exit."""
+def raw_socket(endpoint: str, routing_id: bytes | None = None) -> Iterator[zmq.Socket[bytes]]:
+    """A DEALER socket (linger 0, with ``routing_id`` if given) on a private context, closed and terminated on
+    exit."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.ipv6 = True  # a daemon on tcp://[::1]:PORT; IPv4 and ipc work either way
     sock.connect(endpoint)
     try:

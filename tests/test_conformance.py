@@ -284,6 +284,26 @@ def test_a_session_belongs_to_the_connection_that_opened_it(peer: Peer, daemon: 
     assert peer.call(type="submit", session=sid, slot=0, frame=2)["type"] == "done"
 
 
+def test_a_done_lost_with_a_closed_socket_is_recovered_by_submitting_again(daemon: Daemon) -> None:
+    """Section 8, from a review that followed it to the letter: after a reconnect, a session that `pong` lists may
+    have had its `done` sent while no socket was connected, and "keep waiting" waited for ever. Submitting the same
+    slot again answers: here `done`, the frame computed again (`SLOT_IN_FLIGHT` while the old one still runs)."""
+    routing_id = b"\x01" + os.urandom(15)
+    with raw_socket(daemon.endpoint, routing_id) as sock:
+        first = Peer(sock)
+        sid = open_session(first, 20, 16)["session"]
+        first.send(type="submit", session=sid, slot=0, frame=1)
+    time.sleep(1.0)  # the frame is done, and its reply sent, while no socket has the routing id
+    with raw_socket(daemon.endpoint, routing_id) as sock:
+        again = Peer(sock)
+        again.opened.append(sid)
+        assert again.call(type="ping", sessions=[sid])["sessions"] == [sid]  # listed, the same instance
+        assert again.silent(1.0), "the first done reached the new socket: section 8 says it is lost"
+        reply = again.call(type="submit", session=sid, slot=0, frame=1)
+        assert reply["type"] == "done" and (reply["session"], reply["slot"], reply["frame"]) == (sid, 0, 1), reply
+        again.close_opened()
+
+
 def test_truncated_segment(peer: Peer) -> None:
     """Section 6: a segment a client truncated (opened with O_TRUNC, or ftruncate()d) is refused with SHM_ERROR
     instead of killing the daemon with SIGBUS; once its size is back, the session works again."""
