@@ -154,14 +154,18 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
             p.error(f"{flag} must be a number from {low:g} to {high:g}, got {value}")
     if a.out is not None and a.out.exists() and not a.out.is_dir():
         p.error(f"--out {a.out} is a file, not a folder")
-    served = None  # the file the spawned daemon will load
+    served = _native_student() if a.spawn_server else None  # the file the spawned daemon will load
     if a.checkpoint is not None:
         served = a.checkpoint if a.checkpoint.is_file() else _bundled_path(a.checkpoint)
         if served is None:
             p.error(f"--checkpoint {a.checkpoint} is not a file or the name of a bundled checkpoint")
+    served_scale = _checkpoint_scale(served) if served is not None else None
     scale = a.scale
     if scale is None:  # the spawned daemon's: an x3 checkpoint without --scale 3 was refused as "asked for x2"
-        scale = (_checkpoint_scale(served) if served is not None else None) or DemoConfig.scale
+        scale = served_scale or DemoConfig.scale
+    elif served is not None and served_scale is not None and scale != served_scale:  # before the daemon starts
+        p.error(f"--scale {scale}, but the --spawn-server checkpoint {served.name} upscales x{served_scale}: leave "
+                f"--scale out, or pass --scale {served_scale}")
     return DemoConfig(endpoint=a.endpoint, spawn_server=a.spawn_server, checkpoint=a.checkpoint,
                       device=a.device or "auto", backend=backend,
                       auto_backends=DEFAULT_AUTO_BACKENDS if a.auto_backends is None else tuple(a.auto_backends),

@@ -184,8 +184,11 @@ def test_the_daemons_auto_lines_are_read_from_its_log() -> None:
     assert lines[3] == "auto backend for 640x360 on cpu: eager-bf16"
 
 
-def test_the_scale_defaults_to_the_spawned_checkpoints(tmp_path: pathlib.Path) -> None:
-    """An x3 student spawned without --scale 3 was refused: "the daemon upscales x3 but the demo was asked for x2"."""
+def test_the_scale_defaults_to_the_spawned_checkpoints(tmp_path: pathlib.Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """An x3 student spawned without --scale 3 was refused: "the daemon upscales x3 but the demo was asked for x2".
+    Another --scale than the spawned checkpoint's was refused only once the daemon had started (a review): now at
+    once."""
     import models
     from client_demo.config import CHECKPOINT_METADATA_KEY
 
@@ -193,7 +196,14 @@ def test_the_scale_defaults_to_the_spawned_checkpoints(tmp_path: pathlib.Path) -
     x3 = models.save_checkpoint(models.build_model("rlfn_s", channels=8, scale=3), tmp_path / "x3.safetensors",
                                 role="student")
     assert parse_args(["--spawn-server", "--checkpoint", str(x3)]).scale == 3
-    assert parse_args(["--spawn-server", "--checkpoint", str(x3), "--scale", "2"]).scale == 2  # said: kept
+    assert parse_args(["--spawn-server", "--checkpoint", str(x3), "--scale", "3"]).scale == 3
+    for args, said in (([str(x3), "--scale", "2"], "--scale 2, but the --spawn-server checkpoint x3.safetensors "
+                                                  "upscales x3: leave --scale out, or pass --scale 3"),
+                       (["--scale", "4"], "checkpoint rlfn_s_native_x2.safetensors upscales x2")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--spawn-server", *(["--checkpoint"] if args[0] == str(x3) else []), *args])
+        assert exc.value.code == 2 and said in capsys.readouterr().err, args
+    assert parse_args(["--scale", "4"]).scale == 4  # another daemon's: it says, once reached
     assert parse_args(["--spawn-server", "--checkpoint", "rlfn_s_takdsr_x2"]).scale == 2  # a bundled name
     assert parse_args([]).scale == 2  # another daemon's: the default
     junk = tmp_path / "junk.safetensors"
