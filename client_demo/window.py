@@ -118,12 +118,17 @@ class _WindowDemo:
         return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
     def _summary(self, seconds: float, ask_daemon: bool) -> None:
-        """The run's counts; the daemon's too, unless a signal stopped the run (which then ends without waiting)."""
+        """The run's counts; the daemon's too, unless a signal stopped the run (which then ends without waiting) or
+        the spawned daemon is gone, which is said: the window went on without it, and the summary said nothing."""
         rtt = float(np.median(self.hud.round_trip_ms)) if self.hud.round_trip_ms else None
         rate = f" in {seconds:.1f} s ({(self.frames - 1) / seconds:.1f} fps)" if seconds > 0 and self.frames > 1 else ""
         print(f"client_demo: {self.frames} frames shown{rate}, {self.upscaled} upscaled"
               + (f" (round trip p50 {rtt:.1f} ms)" if rtt is not None else ""))
-        daemon = served_statistics(self.link) if ask_daemon else None
+        gone = self.watch()
+        if gone:
+            print(f"client_demo: the spawned upscaler daemon {gone} during the run: the frames after that were "
+                  "shown without upscaling", file=sys.stderr)
+        daemon = served_statistics(self.link) if ask_daemon and not gone else None
         if daemon is not None:
             print(f"client_demo: {describe_statistics(daemon)}")
 

@@ -380,12 +380,15 @@ def test_esc_closes_an_open_list_of_the_hud_and_does_not_quit(nearest_daemon: Da
     assert _counts(result.stdout)[0] == 40, output_of(result)  # the Esc that closed the list did not quit
 
 
-@pytest.mark.parametrize("stopped_by_signal", [False, True], ids=["closed", "signal"])
+@pytest.mark.parametrize(("stopped_by_signal", "daemon_gone"), [(False, False), (True, False), (False, True)],
+                         ids=["closed", "signal", "daemon gone"])
 def test_the_daemons_statistics_are_asked_for_unless_a_signal_ended_the_run(monkeypatch: pytest.MonkeyPatch,
                                                                           capsys: pytest.CaptureFixture[str],
-                                                                          stopped_by_signal: bool) -> None:
+                                                                          stopped_by_signal: bool,
+                                                                          daemon_gone: bool) -> None:
     """A run a signal ended must end without waiting for a daemon that may be stalled (reproduced in a review: a
-    stopped daemon held the exit for the 2 s of the request)."""
+    stopped daemon held the exit for the 2 s of the request). A spawned daemon that died during the run is said in
+    the summary (a review: the window went on without it, and its summary did not say so)."""
     from client_demo import window
     from upscaler_server.protocol import Statistics
 
@@ -397,8 +400,11 @@ def test_the_daemons_statistics_are_asked_for_unless_a_signal_ended_the_run(monk
     demo = object.__new__(window._WindowDemo)
     demo.window, demo.link, demo.frames, demo.upscaled = None, "the link", 0, 0
     demo.hud = SimpleNamespace(round_trip_ms=[])
+    demo.watch = lambda: "exited with status -9" if daemon_gone else None
     status = demo.run(lambda: stopped_by_signal)
-    said = capsys.readouterr().out
+    said = capsys.readouterr()
     assert status == (130 if stopped_by_signal else 0)
-    assert asked == ([] if stopped_by_signal else ["the link"])
-    assert ("7 frame(s) done, 0 failed, 2 refused BUSY" in said) is not stopped_by_signal, said
+    assert asked == ([] if stopped_by_signal or daemon_gone else ["the link"])
+    assert ("7 frame(s) done, 0 failed, 2 refused BUSY" in said.out) is not (stopped_by_signal or daemon_gone), said
+    assert ("the spawned upscaler daemon exited with status -9 during the run: the frames after that were shown "
+            "without upscaling") in said.err if daemon_gone else said.err == "", said
