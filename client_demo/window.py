@@ -226,11 +226,13 @@ class _WindowDemo:
         return self.link.waiting() > max(STALL, 3 * typical)
 
     def _feed(self, pose: _Pose) -> None:
-        """Render this frame's LR into a free slot and submit it; else render it for the views that need it."""
+        """Render this frame's LR into a free slot and submit it; else render it for the views that need it. The
+        bilinear and native views show no SR, and submit nothing: a daemon on the same CPU took its time from the
+        renderer for frames nobody saw."""
         if not self.link.ready:  # frames in flight are lost; a stale SR frame must not reappear on reconnection
             self._pending.clear()
             self._shown = None
-        slot = self.link.acquire()
+        slot = None if self.ui.view in ("bilinear", "native") else self.link.acquire()
         if slot is None:
             if self.ui.view == "bilinear" or (self.ui.view != "native" and not self._sr_ok):
                 self.gpu.render_lr(LIVE, pose.preset, pose.t, pose.camera)

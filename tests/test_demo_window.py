@@ -380,6 +380,49 @@ def test_esc_closes_an_open_list_of_the_hud_and_does_not_quit(nearest_daemon: Da
     assert _counts(result.stdout)[0] == 40, output_of(result)  # the Esc that closed the list did not quit
 
 
+_VIEWS_WITHOUT_SR = """
+import sys
+from imgui_bundle import imgui
+from client_demo import cli, link, window
+
+count, submitted = [0], []
+original_frame, original_submit = window._WindowDemo._frame, link.UpscaleLink.submit
+
+def frame(self, dt, deadline):
+    count[0] += 1
+    if count[0] in (20, 21):  # V pressed, then released: native -> split
+        imgui.get_io().add_key_event(imgui.Key.v, count[0] == 20)
+    original_frame(self, dt, deadline)
+
+def submit(self, slot, frame_number):
+    submitted.append(count[0])
+    original_submit(self, slot, frame_number)
+
+window._WindowDemo._frame, link.UpscaleLink.submit = frame, submit
+status = cli.main(sys.argv[1:])
+print("first submitted at frame", submitted[0] if submitted else None)
+sys.exit(status)
+"""
+
+
+def test_the_views_without_sr_send_nothing_to_the_daemon(nearest_daemon: Daemon, tmp_path: pathlib.Path) -> None:
+    """From a review: the native and bilinear views sent every frame to the daemon, whose work took the renderer's
+    CPU for frames nobody saw (here, against a spawned CPU daemon at 320x180: native 14.9 fps before, 31.3 after).
+    Back in a view with SR, frames go to the daemon again."""
+    script = tmp_path / "views.py"
+    script.write_text(_VIEWS_WITHOUT_SR)
+    args = ["--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--view", "native", "--exit-after", "60",
+            "--out", str(tmp_path)]
+    result = run_demo(command=[*demo_command(xvfb=True)[:-3], sys.executable, str(script), *args])
+    assert result.returncode == 0, output_of(result)
+    first = result.stdout.split("first submitted at frame ")[-1].split()[0]
+    assert first != "None" and int(first) >= 20, output_of(result)  # none while the native view was shown
+    assert _counts(result.stdout)[1] >= 1, output_of(result)
+    bilinear = run_demo("--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--view", "bilinear", "--exit-after",
+                        "30", "--out", str(tmp_path), xvfb=True)
+    assert bilinear.returncode == 0 and _counts(bilinear.stdout) == (30, 0), output_of(bilinear)
+
+
 @pytest.mark.parametrize(("stopped_by_signal", "daemon_gone"), [(False, False), (True, False), (False, True)],
                          ids=["closed", "signal", "daemon gone"])
 def test_the_daemons_statistics_are_asked_for_unless_a_signal_ended_the_run(monkeypatch: pytest.MonkeyPatch,
