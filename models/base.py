@@ -33,8 +33,9 @@ class SRDecoder(nn.Module):
     """Base class: LR image (B, 3, h, w) -> HR image (B, 3, h*s, w*s), plus the distillation feature.
 
     Subclasses set ``family`` and ``min_input_size`` and implement ``extract_features`` and
-    ``reconstruct``. The decoder's blocks live in ``self.blocks`` (an ``nn.ModuleList``) so that
-    ``models.teacher.init_from_teacher`` can keep the first ones.
+    ``reconstruct``. The decoder's blocks live in an ``nn.ModuleList`` (``self.blocks`` in the three of the paper):
+    ``models.teacher.init_from_teacher`` copies every tensor a smaller decoder of the family has by its name, so
+    blocks numbered by position keep the teacher's first ones.
     """
 
     family: ClassVar[str]

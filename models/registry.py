@@ -64,14 +64,12 @@ def register_family(decoder: type[SRDecoder], config: type, full_blocks: int) ->
                         if f.default is MISSING and f.default_factory is MISSING)  # fmt: skip
     if no_default:
         raise ValueError(f"{name}: every config field needs a default (build_model(name) uses them): {no_default}")
+    # the checks build_model makes of every value, made of the defaults too: an int field defaulting to 0 built and
+    # saved a teacher whose checkpoint no loader could rebuild (its arch_args hold that 0)
+    _typed_config(config, _defaults(config), f"{name} (the defaults of {config.__name__})")
     if isinstance(full_blocks, bool) or not isinstance(full_blocks, int) or full_blocks < 2:
         raise ValueError(f"{name}: full_blocks must be an integer >= 2 (the TA gets half), got {full_blocks!r}")
     FAMILIES[name] = _Family(decoder, config, full_blocks)
-
-
-register_family(RLFN, RLFNConfig, 6)
-register_family(RFDN, RFDNConfig, 6)
-register_family(PAN, PANConfig, 16)
 
 
 def list_models() -> list[str]:
@@ -102,13 +100,20 @@ def arch_name(model: nn.Module) -> str:
 
 
 def _build_teacher(family: _Family, overrides: dict[str, Any]) -> Teacher:
+    """Encoder + the full backbone: ``full_blocks`` blocks unless ``blocks`` is given (the config's own default
+    may differ from the registered count)."""
     name = f"{family.decoder.family}_teacher"
     encoder_values = {"channels": overrides.pop("encoder_channels", EncoderConfig.channels)}
     if "discrete" in overrides:
         encoder_values["discrete"] = overrides.pop("discrete")
-    decoder = family.decoder(_make_config(family.config, overrides, name))
+    decoder = family.decoder(_make_config(family.config, {"blocks": family.full_blocks, **overrides}, name))
     encoder_values["scale"] = decoder.scale
     return Teacher(CompactEncoder(_typed_config(EncoderConfig, encoder_values, f"{name} encoder")), decoder)
+
+
+def _defaults(config_type: type) -> dict[str, Any]:
+    return {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            for f in fields(config_type)}
 
 
 def _make_config(config_type: type, values: dict[str, Any], name: str) -> Any:
@@ -131,3 +136,9 @@ def _typed_config(config_type: type, values: dict[str, Any], name: str) -> Any:
         if hints[key] in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name}: {key} must be an integer >= 1, got {value!r}")
     return config_type(**values)
+
+
+# the paper's three (after the helpers above: registering checks a config with them)
+register_family(RLFN, RLFNConfig, 6)
+register_family(RFDN, RFDNConfig, 6)
+register_family(PAN, PANConfig, 16)

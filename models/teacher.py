@@ -85,5 +85,11 @@ def init_from_teacher(teacher: Teacher | SRDecoder, blocks: int) -> SRDecoder:
     teacher_state = source.state_dict()
     with torch.no_grad():
         for name, tensor in small.state_dict().items():
-            tensor.copy_(small.adapt_teacher_tensor(name, teacher_state[name]))
+            adapted = small.adapt_teacher_tensor(name, teacher_state[name])
+            if adapted.shape != tensor.shape:  # copy_ said only "the size of tensor a (8) must match ... (32)"
+                raise ValueError(
+                    f"{type(small).__name__}: the teacher's {name} is {tuple(adapted.shape)}, a {blocks}-block "
+                    f"decoder's {tuple(tensor.shape)}: a layer outside the blocks whose shape follows the block "
+                    "count needs adapt_teacher_tensor (docs/architecture.md, Adding a backbone)")
+            tensor.copy_(adapted)
     return small

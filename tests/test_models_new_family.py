@@ -149,6 +149,14 @@ class NoDefaultConfig:
     scale: int = 2
 
 
+@dataclass(frozen=True)
+class ZeroDefaultConfig:
+    channels: int = 8
+    blocks: int = 2
+    scale: int = 2
+    attention: int = 0  # build_model refuses it as a value; as a default it was registered, trained and saved
+
+
 class Underscored(PlainNet):
     family = "plain_net"
 
@@ -166,6 +174,8 @@ class Rival(PlainNet):
         (PlainNet, dict, 4, TypeError, "must be a dataclass"),
         (PlainNet, NoBlocksConfig, 4, ValueError, r"lacks the field\(s\) \['blocks'\]"),
         (PlainNet, NoDefaultConfig, 4, ValueError, r"needs a default.*\['channels'\]"),
+        (PlainNet, ZeroDefaultConfig, 4, ValueError, r"the defaults of ZeroDefaultConfig\): attention must be an "
+                                                     r"integer >= 1, got 0"),
         (PlainNet, PlainConfig, 1, ValueError, "full_blocks must be an integer >= 2"),
         (PlainNet, PlainConfig, True, ValueError, "full_blocks must be an integer >= 2"),
     ],
@@ -185,3 +195,44 @@ def test_registering_the_same_family_again_changes_nothing(plain_family: None) -
     assert dict(FAMILIES) == before
     with pytest.raises(ValueError, match="'plain' is already registered"):
         register_family(PlainNet, PlainConfig, 6)
+
+
+class PlainSix(PlainNet):
+    family = "plainsix"
+
+
+class Fused(PlainNet):
+    """Its tail reads every block's output, so its shape follows the block count (as RFDN's fusion conv), and it does
+    not say how to cut the teacher's down (no adapt_teacher_tensor)."""
+
+    family = "fused"
+
+    def __init__(self, config: PlainConfig) -> None:
+        super().__init__(config)
+        self.tail = conv(config.channels * config.blocks, config.channels, 1)
+
+    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
+        shallow, outputs = self.head(x), []
+        deep = shallow
+        for block in self.blocks:
+            deep = block(deep)
+            outputs.append(deep)
+        return self.tail(torch.cat(outputs, dim=1)) + shallow  # (B, C * blocks, h, w) -> (B, C, h, w)
+
+
+def test_the_teacher_has_the_registered_blocks_and_a_shape_mismatch_is_named() -> None:
+    """From a researcher's review: `<family>_teacher` took its config's default blocks (4 here), not the full_blocks
+    it was registered with (6), which the other three roles follow; and a decoder whose tail follows the block count
+    failed init_from_teacher with "The size of tensor a (8) must match the size of tensor b (32)"."""
+    register_family(PlainSix, PlainConfig, 6)
+    register_family(Fused, PlainConfig, 4)
+    try:
+        assert [build_model(name).config.blocks for name in ("plainsix", "plainsix_ta", "plainsix_s")] == [6, 3, 1]
+        assert build_model("plainsix_teacher").decoder.config.blocks == 6
+        assert build_model("plainsix_teacher", blocks=2).decoder.config.blocks == 2
+        with pytest.raises(ValueError, match=r"Fused: the teacher's tail.weight is \(8, 32, 1, 1\), a 1-block "
+                                             r"decoder's \(8, 8, 1, 1\): .* needs adapt_teacher_tensor"):
+            init_from_teacher(build_model("fused_teacher", channels=8), 1)
+    finally:
+        FAMILIES.pop("plainsix")
+        FAMILIES.pop("fused")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from models.registry import FAMILIES
 from training.config import apply_overrides, dump_toml, from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.toml"))
@@ -60,7 +61,9 @@ def test_unknown_or_invalid_values_are_errors(raw: dict) -> None:
         ("runtime.workers=-2", "runtime.workers must be >= 0"),
         ("runtime.device=gpu", "runtime.device must be auto, cpu, cuda or cuda:N"),
         # a KeyError traceback from the pipeline before (models.register_family adds families)
-        ('experiment.family="resnet"', "experiment.family must be one of rlfn, rfdn, pan, got 'resnet'"),
+        # (the list is the registry's: a family added to models/ joins it; "nosuchfamily" is none)
+        ('experiment.family="nosuchfamily"', f"experiment.family must be one of {', '.join(FAMILIES)}, got "
+                                             "'nosuchfamily'"),
         # train's default run folder is runs/<experiment.name>/<stage.name>: '' trained into runs/<experiment.name>
         ('experiment.name=""', "experiment.name must be a plain folder name"),
         ('experiment.name="../elsewhere"', "experiment.name must be a plain folder name"),
