@@ -1107,3 +1107,14 @@ def test_an_atomic_write_on_a_full_disk_names_the_file_and_leaves_no_part(tmp_pa
                             timeout=120, preexec_fn=_file_size_limit(4096), cwd=Path(__file__).resolve().parents[1])
     assert f"OSError: [Errno 27] File too large: '{target}'" in result.stderr.splitlines(), result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_off_silences_the_evaluation_bars_too(image_folder: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """runtime.progress = false silenced the training bars only: the evaluation's folder scan ("scan <folder>") and
+    its per-image bar ("evaluate") still wrote to stderr (a researcher's review)."""
+    config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 2},
+                         eval={"latency_repeats": 0, "crops_for_figure": 0})  # fmt: skip
+    run_pipeline(config, tmp_path / "run")
+    said = capsys.readouterr().err
+    assert "scan " not in said and "evaluate" not in said, said

@@ -230,7 +230,8 @@ def check_output_file(path: Path, what: str) -> None:
 def _images(
     base: DataConfig, source: SourceConfig, scale: int, config: Config, min_lr_side: int
 ) -> Iterator[EvalImage]:
-    dataset = build_eval_dataset(dataclasses.replace(base, eval=source, scale=scale), scale, min_lr_side)
+    dataset = build_eval_dataset(dataclasses.replace(base, eval=source, scale=scale), scale, min_lr_side,
+                                 progress=config.runtime.progress)
     count = len(dataset) if not config.eval.max_images else min(len(dataset), config.eval.max_images)
     for index in range(count):
         item = dataset[index]
@@ -354,7 +355,7 @@ def macs_at(model: nn.Module, lr_size: tuple[int, int]) -> int:
 
 @torch.no_grad()
 def evaluate(
-    predictors: dict[str, Predictor], images: list[EvalImage], scale: int, keep_crops: int = 0
+    predictors: dict[str, Predictor], images: list[EvalImage], scale: int, keep_crops: int = 0, progress: bool = True
 ) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     """Scores of every predictor on every image: {model: {"per_image": {name: metrics}, "mean": metrics}},
     plus uint8 crops (for the side-by-side figure) of the first `keep_crops` images, ground truth under "GT".
@@ -362,7 +363,7 @@ def evaluate(
     _refuse_repeated_names(images)
     results: dict[str, Any] = {name: {"per_image": {}} for name in predictors}
     crops: dict[str, list[np.ndarray]] = {name: [] for name in [*predictors, "GT"]}
-    for index, image in enumerate(tqdm(images, desc="evaluate", unit="image", leave=False)):
+    for index, image in enumerate(tqdm(images, desc="evaluate", unit="image", leave=False, disable=not progress)):
         region = _detail_region(image.hr) if index < keep_crops else None
         if region is not None:
             crops["GT"].append(to_uint8(image.hr[region]))

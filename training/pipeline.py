@@ -355,7 +355,8 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
     results: dict[str, Any] = {"scale": scale, "report_lr_size": list(REPORT_LR_SIZE), "sets": {}, "crops": {},
                                "models": {}, "environment": {**environment(), "evaluated_on": arithmetic(device, 1)}}
     for set_name, images in eval_sets(config, scale, min_lr_side(list(checkpoints.values()))).items():
-        scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure)
+        scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure,
+                                 progress=config.runtime.progress)
         # eval.crop and eval.max_images travel with the scores: `ship` must not pass a smoke run's cut-down scores off
         # as whole-set ones
         results["sets"][set_name] = {"images": [image.name for image in images], "crop": config.eval.crop,

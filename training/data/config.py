@@ -223,12 +223,15 @@ def build_train_dataset(
     )  # fmt: skip
 
 
-def build_eval_dataset(cfg: DataConfig, scale: int | None = None, min_lr_side: int = 1) -> Dataset:
+def build_eval_dataset(cfg: DataConfig, scale: int | None = None, min_lr_side: int = 1, *,
+                       progress: bool = True) -> Dataset:
     """Whole evaluation frames of `cfg.eval`: a folder (default: the cg-dev frames) or the scenes' validation
     times, which are disjoint from the training times. Folder images whose LR image would be smaller than
-    `min_lr_side` (what the models to be scored accept) are skipped with a warning, like other unusable files."""
+    `min_lr_side` (what the models to be scored accept) are skipped with a warning, like other unusable files;
+    `progress` shows a folder scan's progress bar."""
     scale = cfg.scale if scale is None else scale
     source_cfg = cfg.eval
     if source_cfg.kind == "folder" and source_cfg.path is None:
         source_cfg = dataclasses.replace(source_cfg, path=str(default_eval_dir()))
-    return FrameDataset(_build_source(source_cfg, scale, scale * max(1, min_lr_side), "val", cfg.cache_mb), scale)
+    source = _build_source(source_cfg, scale, scale * max(1, min_lr_side), "val", cfg.cache_mb, progress)
+    return FrameDataset(source, scale)
