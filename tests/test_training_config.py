@@ -93,6 +93,14 @@ def test_bad_values_are_refused_naming_the_key(override: str, message: str) -> N
         from_dict(apply_overrides({}, [override]))
 
 
+def test_a_scale_set_for_the_networks_alone_says_to_set_the_datas_too() -> None:
+    """`--set experiment.scale=4` on a bundled config said only "data.scale 2 != experiment.scale 4" (a review)."""
+    raw = {"data": {"scale": 2, "sources": [{"kind": "folder", "path": "x"}]}}
+    with pytest.raises(ValueError, match=r"data.scale 2 != experiment.scale 4: .* set both \(--set "
+                                         r"experiment.scale=N --set data.scale=N\)"):
+        from_dict(apply_overrides(raw, ["experiment.scale=4"]))
+
+
 def test_a_stage_initialised_from_the_teacher_has_at_most_its_blocks() -> None:
     """`train` with an init_from teacher and more stage.blocks than experiment.teacher_blocks; without init_from
     the stage starts from scratch and may be larger."""

@@ -284,7 +284,9 @@ def test_seed_run_refuses_unknown_missing_or_foreign_files(tmp_path: Path) -> No
         seed_run(run, ["teacher", "ta9"], weights_dir=weights)
     with pytest.raises(FileNotFoundError, match="no shipped teacher_continuous for rlfn x2"):
         seed_run(run, ["teacher", "teacher_continuous"], weights_dir=weights)
-    with pytest.raises(FileNotFoundError, match="no shipped teacher for pan x2"):
+    # (a researcher seeding a family of their own was not told of --weights)
+    with pytest.raises(FileNotFoundError, match=r"no shipped teacher for pan x2: .* does not exist \(the bundled "
+                                                r"weights are RLFN x2; for others, --weights names a folder"):
         seed_run(run, ["teacher"], weights_dir=weights, family="pan")
     (weights / "rlfn_ta_takdsr_x2.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):

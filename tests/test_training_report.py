@@ -46,6 +46,10 @@ def test_captions_name_the_sizes_the_numbers_were_taken_at(tmp_path: Path) -> No
     were counted at 3840x2160."""
     results = {"scale": 4, "report_lr_size": [960, 540], "sets": {"one": _set({"bicubic": 30.0})}, "models": {}}
     report = write_report(tmp_path, results).read_text()
+    assert report.startswith(f"# Results: {tmp_path.name} (x4)\n")  # a results.json without its family
+    assert write_report(tmp_path, {**results, "family": "pan"}).read_text().startswith(
+        f"# Results: {tmp_path.name} (pan x4)\n")  # the title said x4 alone, whatever the backbone (a review)
+    report = write_report(tmp_path, results).read_text()
     assert "inference ms (median; 960x540 LR, teachers 3840x2160 HR)" in report
     assert "the teachers' for their 3840x2160 HR input" in report and "1920x1080" not in report
 

@@ -312,7 +312,8 @@ def _validate(config: Config) -> None:
         raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, got {runtime.device!r}")
     _validate_eval(config.eval)
     if config.data is not None and config.data.scale != exp.scale:
-        raise ValueError(f"data.scale {config.data.scale} != experiment.scale {exp.scale}")
+        raise ValueError(f"data.scale {config.data.scale} != experiment.scale {exp.scale}: the data's LR and the "
+                         "networks are made for one scale; set both (--set experiment.scale=N --set data.scale=N)")
 
 
 def _check_blocks_within_teacher(exp: ExperimentConfig, stage: StageConfig) -> None:

@@ -352,7 +352,8 @@ def evaluate_run(config: Config, run_dir: Path, device: torch.device | None = No
         # a TA reads the teacher's CF' mixed with the LR image, so it is scored with the teacher it was trained on
         teacher = run_dir / "teacher" / FINAL_FILE if stage.role == "ta" else None
         predictors[display_name(stage.name)] = checkpoint_predictor(run_dir / stage.name / FINAL_FILE, device, teacher)
-    results: dict[str, Any] = {"scale": scale, "report_lr_size": list(REPORT_LR_SIZE), "sets": {}, "crops": {},
+    results: dict[str, Any] = {"family": config.experiment.family, "scale": scale,
+                               "report_lr_size": list(REPORT_LR_SIZE), "sets": {}, "crops": {},
                                "models": {}, "environment": {**environment(), "evaluated_on": arithmetic(device, 1)}}
     for set_name, images in eval_sets(config, scale, min_lr_side(list(checkpoints.values()))).items():
         scores, crops = evaluate(predictors, images, scale, keep_crops=config.eval.crops_for_figure,

@@ -57,7 +57,8 @@ def _ordered(names: list[str]) -> list[str]:
 
 
 def _markdown(run_dir: Path, results: dict[str, Any]) -> str:
-    lines = [f"# Results: {run_dir.name} (x{results['scale']})", ""]
+    family = results.get("family")  # results.json written before it was recorded: the scale alone
+    lines = [f"# Results: {run_dir.name} ({family + ' ' if family else ''}x{results['scale']})", ""]
     models = results.get("models", {})
     width, height = results["report_lr_size"]
     for set_name, data in results["sets"].items():

@@ -142,7 +142,9 @@ def seed_run(
     sources = {stage: weights_dir / f"{family}_{SHIPPED[stage][0]}_x{scale}.safetensors" for stage in stages}
     for stage, source in sources.items():
         if not source.is_file():
-            raise FileNotFoundError(f"no shipped {stage} for {family} x{scale}: {source} does not exist")
+            raise FileNotFoundError(f"no shipped {stage} for {family} x{scale}: {source} does not exist (the "
+                                    "bundled weights are RLFN x2; for others, --weights names a folder that `ship "
+                                    "--out` wrote)")
         read_metadata(source)  # a truncated or foreign file fails here, before anything is copied
     done = {}
     for stage, source in sources.items():
