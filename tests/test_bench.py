@@ -122,9 +122,10 @@ def test_bench_backends_refuses_what_cannot_run_here_before_measuring(tmp_path: 
 
 
 def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
-    """The daemon would drop --cuda-graphs and --overlap on a CPU while the table still named them."""
+    """The daemon would drop --cuda-graphs and --overlap on a CPU while the table still named them. (Refused before
+    anything is measured; with --skip-e2e they are refused as options of the part it leaves out.)"""
     for option in ("--cuda-graphs", "--overlap"):
-        command = [sys.executable, "-m", "upscaler_server.bench", option, "--device", "cpu", "--skip-e2e"]
+        command = [sys.executable, "-m", "upscaler_server.bench", option, "--device", "cpu", "--sizes", "64x48"]
         run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and "need CUDA" in run.stderr, run.stderr
 
@@ -163,6 +164,10 @@ def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
                            (["--precision", "bf16"], "add it to each label"), (["--cuda-graphs"], "add -graphs"),
                            (["--overlap"], "the table times one frame"), (["--map-slots"], "the table's daemons"),
                            (["--repeats", "1"], "the table times --frames frames"))],
+    # and the end-to-end part's, dropped in silence by a transport-only run (an operator's review)
+    (["--skip-e2e", "--frames", "5", "--map-slots", "--checkpoint", "rlfn_s_native_x2"], 2,
+     "these options would be ignored with --skip-e2e (they set up the end-to-end part): --checkpoint, --map-slots, "
+     "--frames; leave them out"),
 ])  # fmt: skip
 def test_bench_refuses_bad_options_in_one_line_before_measuring(options: list[str], status: int, message: str,
                                                                 tmp_path: pathlib.Path,

@@ -132,6 +132,8 @@ def test_cli_exports_the_lowest_opset_without_converter_notices(tmp_path: pathli
     (["--opset", str(onnx.defs.onnx_opset_version() + 1)], f"to {onnx.defs.onnx_opset_version()}"),
     (["--benchmark", "2", "--threads", "-1"], "--threads -1: use 0"),
     (["--threads", "1025"], "--threads 1025: use 0"),
+    # taken in silence before (exit 0), from an operator's review
+    (["--threads", "2"], "--threads 2 would be ignored: it sets the threads of --benchmark, which is not asked for"),
     (["--seed", str(2**70)], f"--seed {2**70}: use 0 to 2**64 - 1"),
     (["--seed", "-1"], "--seed -1"),
     (["--benchmark", "-1"], "--benchmark -1"),
@@ -149,6 +151,14 @@ def test_cli_refuses_bad_options_in_one_line_before_exporting(options: list[str]
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_cli_refuses_a_seed_for_a_checkpoint(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """--seed seeds --model's random weights: with the default checkpoint it was taken in silence (exit 0)."""
+    monkeypatch.setattr(export, "export_onnx", _must_not_export)
+    assert export.main(["--seed", "5", "-o", str(tmp_path / "s.onnx")]) == 2
+    assert "--seed 5 would be ignored: it seeds --model's random weights" in capsys.readouterr().err
 
 
 def test_cli_refuses_what_fails_only_after_exporting(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

@@ -417,7 +417,9 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.cache_dir is not None:
         _check_cache_dir(args.cache_dir)
     if args.backends:
-        _refuse_options_ignored_by_backends(args)
+        _refuse_options_ignored(args, _IGNORED_BY_BACKENDS, "--backends")
+    elif args.skip_e2e:
+        _refuse_options_ignored(args, _IGNORED_BY_SKIP_E2E, "--skip-e2e (they set up the end-to-end part)")
     if not args.backends and not args.skip_e2e:
         _check_end_to_end_daemon(args)
     if not args.backends and (args.cuda_graphs or args.overlap):
@@ -436,13 +438,19 @@ _IGNORED_BY_BACKENDS = {
 }
 
 
-def _refuse_options_ignored_by_backends(args: argparse.Namespace) -> None:
-    """ValueError naming every option given a value other than its default that --backends would not use."""
+# the end-to-end part's options, which a transport-only run (--skip-e2e without --backends) has no use for
+_IGNORED_BY_SKIP_E2E = {dest: "" for dest in (
+    "checkpoint", "threads", "backend", "precision", "overlap", "cuda_graphs", "map_slots", "frames", "budget",
+    "e2e_sizes", "cache_dir")}
+
+
+def _refuse_options_ignored(args: argparse.Namespace, ignored_here: dict[str, str], mode: str) -> None:
+    """ValueError naming every option given a value other than its default that ``mode`` would not use."""
     defaults = _parser()
-    ignored = [f"--{dest.replace('_', '-')} ({instead})" for dest, instead in _IGNORED_BY_BACKENDS.items()
-               if getattr(args, dest) != defaults.get_default(dest)]
+    ignored = [f"--{dest.replace('_', '-')}" + (f" ({instead})" if instead else "")
+               for dest, instead in ignored_here.items() if getattr(args, dest) != defaults.get_default(dest)]
     if ignored:
-        raise ValueError(f"these options would be ignored with --backends: {', '.join(ignored)}; leave them out")
+        raise ValueError(f"these options would be ignored with {mode}: {', '.join(ignored)}; leave them out")
 
 
 def _check_end_to_end_daemon(args: argparse.Namespace) -> None:

@@ -260,6 +260,11 @@ def _option_problem(args: argparse.Namespace, max_opset: int) -> str | None:
         return problem
     if args.benchmark < 0:
         return f"--benchmark {args.benchmark}: use a number of frames, or 0 for none"
+    # options that would be ignored were taken in silence (exit 0), as other commands refuse them
+    if args.seed and args.model is None:
+        return f"--seed {args.seed} would be ignored: it seeds --model's random weights, and a checkpoint has its own"
+    if args.threads and not args.benchmark:
+        return f"--threads {args.threads} would be ignored: it sets the threads of --benchmark, which is not asked for"
     if args.benchmark and importlib.util.find_spec("onnxruntime") is None:  # else a traceback after the export
         return "--benchmark needs the onnxruntime package (pip install onnxruntime; the 'export' extra has it)"
     return None
