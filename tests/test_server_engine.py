@@ -307,6 +307,28 @@ def test_offline_cli_output_folder_checks(tmp_path: pathlib.Path, monkeypatch: p
     assert f"cannot write into {tmp_path / 'locked'}: Permission denied" in caplog.text
 
 
+def test_offline_cli_checks_the_output_folder_before_the_model_and_removes_one_it_left_empty(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """From an operator's review: an -o that could not be created was reported after the model had loaded, as a
+    bare errno ("[Errno 2] No such file or directory: '/proc/takdsr_out'"), and a run that wrote no image left the
+    output folder it had made, empty."""
+    from upscaler_server import engine, upscale
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 30, 3), 50, np.uint8))  # 600 pixels
+    real_create = engine.create_engine
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "create_engine", lambda **kw: pytest.fail("the model loaded before -o was checked"))
+        assert upscale.main(["--backend", "nearest", str(tmp_path / "a.png"), "-o", "/proc/takdsr_out"]) == 2
+    assert "cannot create the output folder /proc/takdsr_out: No such file or directory" in caplog.text
+    out = tmp_path / "new" / "deeper"
+    assert upscale.main(["--backend", "nearest", "--device", "cpu", "--max-pixels", "500", str(tmp_path / "a.png"),
+                         "-o", str(out)]) == 1  # its one image refused: nothing written
+    assert not (tmp_path / "new").exists()
+    assert engine.create_engine is real_create
+    assert upscale.main(["--backend", "nearest", "--device", "cpu", str(tmp_path / "a.png"), "-o", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == ["a.png"]
+
+
 def test_offline_cli_writes_each_output_whole_or_not_at_all(tmp_path: pathlib.Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """write_bytes truncated the target first: a full disk left truncated and empty PNGs that looked finished."""

@@ -21,8 +21,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["FolderError", "check_writable", "folder_made_for", "is_stream", "partial_beside", "planted_link",
-           "publish", "replace_whole", "written_file"]
+__all__ = ["FolderError", "check_writable", "folder_made_for", "is_stream", "make_folder", "partial_beside",
+           "planted_link", "publish", "remove_empty", "replace_whole", "written_file"]
 
 
 _MAX_LINKS = 40  # as the kernel's limit on links followed in one lookup
@@ -123,21 +123,33 @@ def check_writable(folder: pathlib.Path) -> None:
     os.unlink(probe)
 
 
+def make_folder(folder: pathlib.Path, described: str) -> list[pathlib.Path]:
+    """Create ``folder`` and its missing parents; return those created, deepest first (for :func:`remove_empty`).
+    FolderError, saying "cannot create ``described``" and why, when it cannot."""
+    missing = [made for made in [folder, *folder.parents] if not os.path.lexists(made)]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only mount
+        raise FolderError(f"cannot create {described}: {exc.strerror or exc}") from None
+    return missing
+
+
+def remove_empty(folders: list[pathlib.Path]) -> None:
+    """Remove ``folders`` (deepest first) that are still empty: what a failed run made, so it leaves nothing."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (someone wrote there meanwhile) or gone: left as it is
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def folder_made_for(target: pathlib.Path) -> Iterator[None]:
     """Create ``target``'s folder (and missing parents; FolderError if it cannot) for the block; if the block fails
     or is interrupted, remove again those it created that are still empty, so a failed run leaves nothing behind."""
-    missing = [folder for folder in [target.parent, *target.parent.parents] if not os.path.lexists(folder)]
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file where a folder should be, no permission, a read-only mount
-        raise FolderError(f"cannot create the folder of {target}: {exc.strerror or exc}") from None
+    missing = make_folder(target.parent, f"the folder of {target}")
     try:
         yield
     except BaseException:
-        for folder in missing:  # deepest first
-            with contextlib.suppress(OSError):  # not empty (someone wrote there meanwhile) or gone: left as it is
-                folder.rmdir()
+        remove_empty(missing)
         raise
 
 

@@ -42,7 +42,7 @@ from upscaler_server.config import (
 )
 from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
-from upscaler_server.files import check_writable, partial_beside, publish
+from upscaler_server.files import check_writable, make_folder, partial_beside, publish, remove_empty
 from upscaler_server.image_bytes import damage
 from upscaler_server.protocol import SCALE_MAX
 
@@ -192,7 +192,10 @@ def upscale_file(engine: Engine, src: pathlib.Path, out_dir: pathlib.Path, overw
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=cli_prog("upscaler_server.upscale", "takdsr-upscale"),
-                                description="Upscale images in-process with the daemon's engine (PNG out).")
+                                description="Upscale images in-process with the daemon's engine (PNG out).",
+                                epilog="exit status: 0 every image written, 1 some failed (each is named), 2 bad "
+                                "arguments or output folder, 3 model not loadable, 130 interrupted (the images "
+                                "written so far stay)")
     add_version_option(p)
     p.add_argument("inputs", nargs="+", type=pathlib.Path, metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="OUTDIR", help="output folder")
@@ -234,6 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ignore_the_working_folder()  # before `models` loads: run from any folder
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    made: list[pathlib.Path] = []  # output folders this run created: removed again if it wrote no image there
+    try:
+        return _run(args, made)
+    finally:
+        remove_empty(made)  # those holding images are not empty, and stay
+
+
+def _run(args: argparse.Namespace, made: list[pathlib.Path]) -> int:
+    """Check, load the model, upscale; the exit status. The folders it creates for the output go into ``made``."""
     try:
         _check_arguments(args)
         files = collect_inputs(args.inputs)
@@ -249,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not remaining:
                 return 0
             files = remaining
+        # before the model loads (seconds): else each image failed on its own, after the model had run on it
+        made += make_folder(args.output, f"the output folder {args.output}")
+        check_writable(args.output)
         # imported here, within the try: torch takes a second or more to load, and a Ctrl-C meanwhile is a clean
         # "interrupted" (130) like one a moment later, not a traceback from inside torch's import
         from upscaler_server.engine import create_engine
@@ -258,8 +273,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                cache_dir=args.cache_dir, pad_channels=args.pad_channels, edge_pad=args.edge_pad,
                                auto_backends=tuple(args.auto_backends),
                                tune_sizes=tuple(args.tune_sizes))
-        args.output.mkdir(parents=True, exist_ok=True)
-        check_writable(args.output)  # else each image failed on its own, after the model had run on it
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 3
