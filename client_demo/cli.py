@@ -77,7 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=cli_prog("client_demo", "takdsr-demo"),
                                 description="Live demo of the TAKDSR upscaler: a game scene "
                                 "rendered at low resolution, upscaled by the daemon, beside bilinear scaling and a "
-                                "native high-resolution render. See docs/demo.md.")
+                                "native high-resolution render. See docs/demo.md.",
+                                epilog="exit status: 0 done, 1 unexpected error, 2 invalid arguments or a stream the "
+                                "daemon refuses, 3 headless: the upscaler could not be reached or stopped answering, "
+                                "4 --spawn-server: the daemon could not start, 5 no window could be opened, 130 "
+                                "interrupted")
     add_version_option(p)
     p.add_argument("--endpoint", type=_endpoint,
                    help="daemon endpoint (default: the client's default, or the spawned daemon's)")

@@ -43,6 +43,16 @@ def test_usage_names_python_dash_m(script: str, module: str) -> None:
     assert _usage_line([sys.executable, "-m", module, "--help"]).startswith(f"usage: python -m {module} ")
 
 
+@pytest.mark.parametrize("module", [module for _, module in COMMANDS] + ["upscaler_server.export"])
+def test_help_ends_with_the_exit_statuses(module: str) -> None:
+    """The offline CLI's statuses were in its module docstring only, and the daemon's and the demo's in docs (an
+    operator's review); the export and the benchmark ended their help with them."""
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                          check=True)
+    epilog = " ".join(done.stdout.rsplit("\n\n", 1)[-1].split())  # argparse wraps it
+    assert epilog.startswith("exit status: 0 ") and " 2 " in epilog, done.stdout
+
+
 def test_the_daemon_reports_the_packages_version_and_the_changelog_describes_it() -> None:
     """welcome.server tells a client which rules a daemon applies (docs/protocol.md, section 10): it must follow the
     package's version, which stayed 0.1.0 while the protocol's rules were tightened (from an upgrade review)."""

@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     defaults = Config(endpoint="ipc://unused")
     p = argparse.ArgumentParser(prog=cli_prog("upscaler_server", "upscaler-server"),
                                 description="Real-time neural upscaling daemon (ZeroMQ control messages, pixels in "
-                                "shared memory; see docs/protocol.md).")
+                                "shared memory; see docs/protocol.md).",
+                                epilog=f"exit status: 0 stopped by SIGTERM, SIGINT or SIGHUP, {EXIT_ENGINE} the engine "
+                                f"could not be set up, {EXIT_CONFIG} invalid settings or an endpoint already served, "
+                                f"{EXIT_MODEL} the model cannot be loaded")
     add_version_option(p)
     p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT (default: $TAKDSR_UPSCALER_ENDPOINT or "
                    "ipc://$XDG_RUNTIME_DIR/takdsr/upscaler.sock, else ipc:///tmp/takdsr-$UID/upscaler.sock)")

@@ -42,7 +42,9 @@ MAX_SECONDS = 86400  # --timeout and --watch: a day
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=cli_prog("upscaler_server.status", "takdsr-status"),
-                                description="Ask the upscaler daemon what it serves and what it has done.")
+                                description="Ask the upscaler daemon what it serves and what it has done.",
+                                epilog="exit status: 0 answered, 1 no daemon answers (or it broke the protocol), 2 an "
+                                "endpoint that is none, 130 interrupted, 141 the output pipe was closed")
     add_version_option(p)
     p.add_argument("--endpoint", default=None,
                    help="the daemon's endpoint (default: $TAKDSR_UPSCALER_ENDPOINT, else the per-user ipc socket)")
