@@ -16,6 +16,7 @@ import zmq
 
 from upscaler_server.config import nobody_listens
 from upscaler_server.errors import ConfigError
+from upscaler_server.locks import held
 from upscaler_server.protocol import Ping, encode
 
 __all__ = ["claim", "ipc_path", "refuse_served", "release"]
@@ -37,7 +38,7 @@ def refuse_served(endpoint: str) -> None:
         if path is None:
             _refuse_taken_address(ctx, endpoint)
             return
-        if _lock_held(path):
+        if held(_lock_path(path)):  # not created: a daemon that then fails to start leaves nothing
             raise ConfigError(_already_served(endpoint))
         _check_socket_path(path)
         _refuse_live_socket(ctx, endpoint, path)
@@ -110,28 +111,12 @@ def _lock_endpoint(socket_path: pathlib.Path, endpoint: str) -> int:
         os.close(fd)  # its holder unlinked it on its way out after we opened it: that lock guards nothing now
 
 
-def _lock_held(socket_path: pathlib.Path) -> bool:
-    """True when a live process holds the endpoint's lock file. The file is not created: a daemon that then fails to
-    start (a missing checkpoint) leaves nothing behind. Cannot open it: False, and :func:`claim` says why."""
-    try:
-        fd = os.open(_lock_path(socket_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the lock if this probe got it
-    return False
-
-
 def _same_file(fd: int, path: pathlib.Path) -> bool:
     try:
-        on_disk, held = path.lstat(), os.fstat(fd)
+        on_disk, opened = path.lstat(), os.fstat(fd)
     except OSError:
         return False
-    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+    return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _refuse_live_socket(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, path: pathlib.Path) -> None:

@@ -25,6 +25,7 @@ from multiprocessing import resource_tracker, shared_memory
 import numpy as np
 
 from upscaler_server.errors import SharedMemoryError
+from upscaler_server.locks import held
 from upscaler_server.protocol import Segment
 
 __all__ = ["SHM_DIR", "SLOT_ALIGN", "Ring", "RingLayout", "SlotFrame", "check_segment_name", "pid_alive",
@@ -474,24 +475,6 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def _held(path: str) -> bool:
-    """Whether a live daemon holds segment ``path`` (the shared lock Ring.create takes). Pids do not tell across pid
-    namespaces that share /dev/shm (two containers of a pod): there a live daemon's pid looks dead, or like this very
-    process, and its sessions' segments were removed under it. A daemon older than the lock holds none: the pid
-    check alone then decides, as before."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:  # gone meanwhile, or a link planted under the name: no daemon's segment
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
     """Unlink this user's daemon segments whose owner pid is dead (or is this very process, which owns none yet). A
     file named like one but owned by another user (planted: anyone may create names in /dev/shm) is left alone,
@@ -509,7 +492,9 @@ def remove_stale_segments(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
         except OSError:  # gone meanwhile
             continue
         pid = int(match.group(2))
-        if (pid != os.getpid() and pid_alive(pid)) or _held(entry.path):
+        # a held lock (Ring.create's) is a live daemon whose pid looks dead, or like this process, from another pid
+        # namespace that shares /dev/shm; a daemon older than the lock holds none, and its pid alone decides
+        if (pid != os.getpid() and pid_alive(pid)) or held(entry.path):
             continue
         try:
             os.unlink(entry.path)
