@@ -313,6 +313,25 @@ def test_a_request_on_a_stalled_daemon_waits_timeout_times_attempts_once() -> No
         assert client.upscale_inline(frame).shape == (16, 16, 3)
 
 
+def test_sessions_opened_for_an_open_given_up_on_are_closed() -> None:
+    """From an integrator's review: with the daemon stopped (SIGSTOP), open_session(timeout=0.5, retries=2) sent
+    `open` three times and raised; once the daemon went on, it opened three sessions nobody held, whose shared
+    memory stayed until their leases ended. Their late `opened` replies now get a Close."""
+    with run_server("--backend", "nearest") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=0.5, retries=2, heartbeat=False, name="pytest") as client:
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ServerUnavailableError):
+                client.open_session(16, 16, "RGB8", slots=1)
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        client.timeout = 10.0
+        client.ping()  # its reply comes after the late `opened`s, which are read on the way
+        assert client.stats().sessions == 0  # the Closes went first, on the same socket
+        session = client.open_session(16, 16, "RGB8", slots=1)  # and a session the caller holds is left alone
+        assert client.stats().sessions == 1 and session.upscale(np.zeros((16, 16, 3), np.uint8)).shape == (32, 32, 3)
+
+
 @pytest.mark.parametrize("call", ["ping", "close"])
 def test_many_dropped_sessions_and_no_daemon_never_hang_the_client(call: str) -> None:
     """Each dropped session's Close was a blocking send: with no daemon behind the socket, ZeroMQ queues 1000 and

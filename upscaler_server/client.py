@@ -25,7 +25,9 @@ daemon restarts, the client says hello to the new one (``info`` follows) and ``u
 
 One client per thread and per process: a second thread using it (or one of its sessions) while a call is under
 way, or a forked child, gets an UpscalerError saying so, when the call starts. A client dropped without ``close()``
-releases itself at once (its sessions refer to it only where the caller holds them) with a ResourceWarning.
+releases itself at once (its sessions refer to it only where the caller holds them) with a ResourceWarning; the
+daemon then ends its sessions when their lease runs out (``close()`` ends them at once). An ``open_session`` given
+up on may still open a session once the daemon goes on: its late reply is answered with a Close.
 """
 
 from __future__ import annotations
@@ -230,8 +232,11 @@ class UpscalerClient:
     def _reap_orphans(self, notify: bool) -> list[int]:
         """Forget the replies awaited by sessions the caller dropped without close(), and with ``notify`` tell the
         daemon they are closed (not waiting for its answers, which are dropped when they come); returns their
-        ids. Without this their segments stayed until the daemon's lease, and their replies piled up here."""
+        ids. Without this their segments stayed until the daemon's lease, and their replies piled up here. Sessions
+        opened for an `open` given up on (a late `opened`) are closed the same way."""
         dropped: list[int] = []
+        self._orphans.extend((session_id, []) for session_id in self._link.unclaimed_sessions)  # late `opened`s
+        self._link.unclaimed_sessions.clear()
         # a few per request: Closes queued for a daemon that is gone must leave room in ZeroMQ's queue for the
         # request itself (a request that fails reconnects, which empties the queue)
         while self._orphans and not (notify and len(dropped) >= _CLOSES_PER_REQUEST):

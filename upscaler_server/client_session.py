@@ -225,9 +225,10 @@ class Session:
     @exclusive
     def collect(self, timeout: float | None = None) -> FrameResult:
         """Wait for the oldest submitted frame. Raises BusyError if the daemon refused it (resubmit later),
-        SessionLostError if the session is gone, ServerUnavailableError if the daemon stays silent. ``timeout``
-        (default: the client's) is per attempt: after each silent one the daemon is pinged, and while it answers
-        (slow, not gone) the wait goes on, up to the client's ``retries`` + 1 attempts."""
+        SessionLostError if the session is gone, ServerUnavailableError if the daemon stays silent, and also when a
+        live daemon's frame takes longer than ``timeout`` x (``retries`` + 1): ``timeout`` (default: the client's)
+        is per attempt; after each silent one the daemon is pinged, and while it answers (slow, not gone) the wait
+        goes on, up to the client's ``retries`` + 1 attempts. Give a slow device a timeout that covers a frame."""
         self._check_open()
         if not self._outstanding:
             raise SessionError(f"session {self.id} has no frame in flight", ErrorCode.SLOT_OUT_OF_RANGE)

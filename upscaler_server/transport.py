@@ -23,7 +23,7 @@ import zmq
 
 from upscaler_server.config import nobody_listens
 from upscaler_server.errors import ClientInterruptedError, ConfigError, UpscalerError
-from upscaler_server.protocol import PING_SESSIONS_MAX, Message, Ping, decode, encode
+from upscaler_server.protocol import PING_SESSIONS_MAX, Message, Opened, Ping, decode, encode
 
 __all__ = ["REPLY_MAX_BYTES", "Heartbeat", "Link", "dealer", "readable"]
 
@@ -50,6 +50,9 @@ class Link:
         # awaited replies that were not in yet when reconnect() closed the socket they would have come on: they are
         # lost, unless the daemon sends them after the new socket has connected (same routing id, ROUTER_HANDOVER)
         self._cut_off: set[int] = set()
+        # sessions the daemon opened for an `open` given up on (its `opened` came late, or the request was resent):
+        # nobody holds them, and the client closes them (each held shared memory until its lease ended)
+        self.unclaimed_sessions: list[int] = []
         self.interrupted = threading.Event()  # set by UpscalerClient.interrupt(), from any thread
 
     def _connect(self) -> zmq.Socket[bytes]:
@@ -127,6 +130,8 @@ class Link:
         if reply.req in self._waiting:  # anything else answers a request given up on
             self._mailbox[reply.req] = reply
             self._cut_off.discard(reply.req)
+        elif isinstance(reply, Opened):
+            self.unclaimed_sessions.append(reply.session)
 
     def forget(self, req: int) -> None:
         self._waiting.discard(req)
