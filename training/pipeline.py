@@ -42,9 +42,10 @@ from training.evaluate import (
 )
 from training.latency import measure_latency
 from training.report import REPORT_LR_SIZE, write_report
-from training.run_folder import folders_to_make, remove_if_only
+from training.run_folder import remove_if_only
 from training.state import started_with
 from training.trainer import FINAL_FILE, STATE_FILE, TrainingInterrupted, read_state, stage_inputs, train_stage
+from upscaler_server.files import missing_folders  # standard library only
 
 __all__ = ["DISPLAY_NAMES", "display_name", "pipeline_stages", "run_pipeline"]
 
@@ -110,7 +111,7 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
         if (stage_dir / STATE_FILE).exists() and not (stage_dir / FINAL_FILE).exists():
             _check_same_training(dataclasses.replace(config, stage=stage), stage_dir)
     _refuse_stale_stages(all_stages, chosen, run_dir)
-    made = folders_to_make(run_dir)
+    made = missing_folders(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         _train_stages(config, run_dir, all_stages, chosen, evaluate=stages is None)

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from training.state import FINAL_FILE, STATE_FILE
+from upscaler_server.files import missing_folders, remove_empty  # standard library only
 
-__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "folders_to_make", "held_instead_of_a_state", "pipeline_files",
-           "remove_if_only", "remove_leftover_temporaries", "run_dir_lock", "truncate_metrics"]
+__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "held_instead_of_a_state", "pipeline_files", "remove_if_only",
+           "remove_leftover_temporaries", "run_dir_lock", "truncate_metrics"]
 
 LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
 SNAPSHOT_DIR = "snapshots"
@@ -33,7 +34,7 @@ def run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
     if not holder:
         yield
         return
-    made = folders_to_make(run_dir)
+    made = missing_folders(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (closed by the with below)
@@ -55,23 +56,15 @@ def run_dir_lock(run_dir: Path, holder: bool) -> Iterator[None]:
             raise
 
 
-def folders_to_make(folder: Path) -> list[Path]:
-    """`folder` and the folders above it that do not exist yet, deepest first: what a failed start removes again."""
-    return [made for made in (folder, *folder.parents) if not made.exists()]
-
-
 def remove_if_only(run_dir: Path, names: set[str], made: list[Path]) -> None:
-    """Remove the folders `made` (deepest first, from folders_to_make) when the run folder holds nothing but files
-    of these `names`, which go too: a run refused or stopped before it trained leaves no folder behind."""
+    """Remove the folders `made` (deepest first, from upscaler_server.files.missing_folders) when the run folder
+    holds nothing but files of these `names`, which go too: a run refused or stopped before it trained leaves no
+    folder behind."""
     if not made or not {path.name for path in run_dir.iterdir()} <= names:
         return
     for name in names:
         (run_dir / name).unlink(missing_ok=True)
-    for folder in made:
-        try:
-            folder.rmdir()
-        except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
-            return
+    remove_empty(made)  # one that something was put into meanwhile stays, and so do the folders above it
 
 
 def pipeline_files(run_dir: Path) -> list[str]:

@@ -21,8 +21,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["FolderError", "check_writable", "folder_made_for", "is_stream", "make_folder", "partial_beside",
-           "planted_link", "publish", "remove_empty", "replace_whole", "written_file"]
+__all__ = ["FolderError", "check_writable", "folder_made_for", "is_stream", "make_folder", "missing_folders",
+           "partial_beside", "planted_link", "publish", "remove_empty", "replace_whole", "written_file"]
 
 
 _MAX_LINKS = 40  # as the kernel's limit on links followed in one lookup
@@ -123,10 +123,16 @@ def check_writable(folder: pathlib.Path) -> None:
     os.unlink(probe)
 
 
+def missing_folders(folder: pathlib.Path) -> list[pathlib.Path]:
+    """``folder`` and the folders above it that do not exist yet, deepest first: what making it creates, and what a
+    failed run removes again (:func:`remove_empty`)."""
+    return [made for made in [folder, *folder.parents] if not os.path.lexists(made)]
+
+
 def make_folder(folder: pathlib.Path, described: str) -> list[pathlib.Path]:
     """Create ``folder`` and its missing parents; return those created, deepest first (for :func:`remove_empty`).
     FolderError, saying "cannot create ``described``" and why, when it cannot."""
-    missing = [made for made in [folder, *folder.parents] if not os.path.lexists(made)]
+    missing = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where a folder should be, no permission, a read-only mount
