@@ -231,10 +231,14 @@ def test_client_side_misuse_is_caught(client: UpscalerClient) -> None:
     with pytest.raises(SessionError) as info:
         session.submit(1)
     assert info.value.code == ErrorCode.SLOT_OUT_OF_RANGE
-    with pytest.raises(SessionError):
+    with pytest.raises(SessionError, match="no frame in flight") as info:
         session.collect()
-    with pytest.raises(ValueError):
+    assert info.value.code == ErrorCode.INTERNAL  # no slot was named: SLOT_OUT_OF_RANGE would mislead
+    # a frame of the wrong shape is an argument wrong in itself: ValueError from the client and from a session alike
+    with pytest.raises(ValueError, match="uint8 arrays"):
         client.upscale(np.zeros((16, 16, 2), np.uint8))
+    with pytest.raises(ValueError, match="does not match session"):
+        session.upscale(np.zeros((16, 8, 3), np.uint8))
 
 
 # --- the default endpoint's folder ----------------------------------------------------------------------------------

@@ -27,7 +27,14 @@ import zmq
 
 from upscaler_server import protocol
 from upscaler_server.client import UpscalerClient
-from upscaler_server.errors import BusyError, ConfigError, ServerUnavailableError, SessionError, UpscalerError
+from upscaler_server.errors import (
+    BusyError,
+    ConfigError,
+    ErrorCode,
+    ServerUnavailableError,
+    SessionError,
+    UpscalerError,
+)
 
 from server_utils import (
     REPO,
@@ -373,8 +380,9 @@ def test_closed_sessions_and_clients_say_so() -> None:
             with pytest.raises(SessionError, match="is closed"):
                 call()
         client.close()
-        with pytest.raises(UpscalerError, match="UpscalerClient is closed"):
+        with pytest.raises(UpscalerError, match="UpscalerClient is closed") as info:
             client.ping()
+        assert info.value.code == ErrorCode.INTERNAL  # the client's own error: no daemon reply has this code
         with pytest.raises(UpscalerError, match="UpscalerClient is closed"):
             client.upscale(np.zeros((24, 32, 3), np.uint8))
 

@@ -294,7 +294,7 @@ class UpscalerClient:
         the same daemon answers a ping on this socket, its late reply is awaited on it instead (a slow frame must not
         be computed twice, and reconnecting could drop the reply: a closed socket loses what it had queued)."""
         if self.closed:
-            raise UpscalerError("this UpscalerClient is closed; create a new one", ErrorCode.UNKNOWN_SESSION)
+            raise UpscalerError("this UpscalerClient is closed; create a new one")
         self._reap_orphans(notify=True)
         retries = self.retries if retries is None else _retry_count(retries)
         timeout = positive_timeout(timeout, self.timeout)

@@ -124,7 +124,7 @@ class Session:
     def _client(self) -> UpscalerClient:
         client = self._client_ref()
         if client is None:  # only a session held by its client refers to it weakly, and then both go together
-            raise UpscalerError(f"the UpscalerClient of session {self.id} is gone", ErrorCode.UNKNOWN_SESSION)
+            raise UpscalerError(f"the UpscalerClient of session {self.id} is gone")
         return client
 
     @property
@@ -231,7 +231,8 @@ class Session:
         goes on, up to the client's ``retries`` + 1 attempts. Give a slow device a timeout that covers a frame."""
         self._check_open()
         if not self._outstanding:
-            raise SessionError(f"session {self.id} has no frame in flight", ErrorCode.SLOT_OUT_OF_RANGE)
+            # no daemon error fits (no slot was named): the code is INTERNAL, as for the client's other own errors
+            raise SessionError(f"session {self.id} has no frame in flight: submit() one first", ErrorCode.INTERNAL)
         req, slot, frame = self._outstanding[0]
         link, timeout = self._client._link, positive_timeout(timeout, self._client.timeout)
         for _ in range(self._client.retries + 1):
@@ -294,8 +295,8 @@ class Session:
         self._check_open()
         require_array(frame, "frames must be numpy arrays")
         if frame.shape != self._inputs[0].shape or frame.dtype != np.uint8:
-            raise SessionError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
-                               f"{self._inputs[0].shape} uint8", ErrorCode.INVALID_FIELD)
+            raise ValueError(f"frame {frame.shape} {frame.dtype} does not match session {self.id}: "
+                             f"{self._inputs[0].shape} uint8")
         if out is not None:
             require_array(out, "out must be a numpy array")
         if out is not None and (out.shape != self._outputs[0].shape or out.dtype != np.uint8):

@@ -3,6 +3,12 @@
 Every exception carries an :class:`ErrorCode`; the daemon turns any :class:`UpscalerError` raised while handling a
 message into an ``error`` reply with that code and carries on. The client turns an ``error`` reply back into the
 matching exception class with :func:`error_for_code`. This module imports nothing heavy (no torch, no zmq).
+
+The client's own errors, raised before anything is sent, follow one rule: an argument wrong in itself (its type, a
+frame's shape or dtype, a negative timeout) is a TypeError or ValueError, as in the rest of Python; a request the
+daemon would refuse (a closed session, a slot out of range or in flight) raises what the daemon's reply would, with
+its code; everything else the client raises itself (no reply, a closed or interrupted client, one used by two
+threads, collect() with nothing in flight) has the code INTERNAL, which no reply of the daemon's shares but for a bug.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 21  # the daemon is stopping
     SHM_ERROR = 30  # shared memory could not be created or used
     INFERENCE_ERROR = 31  # the engine failed on this frame
-    INTERNAL = 99  # a bug in the daemon
+    INTERNAL = 99  # a bug in the daemon (and the client's own errors that no reply matches: module docstring)
 
 
 # the daemon's own failures, not the client's: an operator wants to hear of these
