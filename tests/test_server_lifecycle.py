@@ -1039,6 +1039,41 @@ def test_a_service_manager_is_told_when_the_endpoint_is_bound_and_when_it_stops(
         assert manager.recv(4096).decode().splitlines()[0] == "STOPPING=1"
 
 
+def test_a_service_manager_is_asked_for_time_before_each_backend_measured_at_start_up(
+        short_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """--tune-sizes measures backends for minutes (TensorRT builds), past systemd's 90 s start timeout: the unit
+    needed TimeoutStartSec=, or the start was cut short, counted a failure and restarted, again and again. Each
+    measurement now extends the timeout (EXTEND_TIMEOUT_USEC) and says what it measures; a size first met while
+    serving is the watchdog's business, and asks for nothing."""
+    address = str(short_dir / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(address)
+        manager.settimeout(120)
+        endpoint = short_dir / "d.sock"
+        proc = _spawn_with_env(["--endpoint", f"ipc://{endpoint}", "--device", "cpu", "--threads", "1", "--backend",
+                                "auto", "--auto-backends", "eager,onnxruntime", "--cache-dir", str(tmp_path / "cache"),
+                                "--tune-sizes", "32x32", "48x32"], short_dir / "log", {"NOTIFY_SOCKET": address})
+        try:
+            messages = []
+            while not messages or messages[-1][0] != "READY=1":
+                messages.append(manager.recv(4096).decode().splitlines())
+            steps = [lines[1] for lines in messages[:-1]]
+            assert all(lines[0] == "EXTEND_TIMEOUT_USEC=600000000" for lines in messages[:-1]), messages
+            count = int(steps[0].rpartition(" of ")[2])  # eager-fp32, onnxruntime-fp32, eager-bf16 where it runs
+            assert count >= 2 and steps[0] == f"STATUS=starting: measuring backend eager-fp32 at 32x32, 1 of {count}"
+            assert len(steps) == 2 * count and steps[-1].startswith("STATUS=starting: measuring backend ")
+            assert steps[-1].endswith(f" at 48x32, {count} of {count}"), steps
+            with UpscalerClient(f"ipc://{endpoint}", timeout=60) as client:
+                client.upscale(np.zeros((32, 64, 3), np.uint8))  # measured now, while serving
+            manager.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                manager.recv(4096)
+        finally:
+            status = stop(proc)
+        assert status == 0, (short_dir / "log").read_text()
+        assert "auto backend for 64x32 on cpu: " in (short_dir / "log").read_text()
+
+
 def test_a_service_manager_that_cannot_be_told_does_not_stop_the_daemon(short_dir: pathlib.Path) -> None:
     env = {"NOTIFY_SOCKET": str(short_dir / "nobody")}
     proc = _spawn_with_env(["--backend", "nearest", "--endpoint", f"ipc://{short_dir}/d.sock"], short_dir / "log", env)

@@ -30,6 +30,7 @@ from upscaler_server.config import (
 from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.endpoint import refuse_served
 from upscaler_server.errors import ConfigError, EngineError, ModelLoadError
+from upscaler_server.service import still_starting
 
 if TYPE_CHECKING:
     from upscaler_server.server import Server
@@ -163,7 +164,7 @@ def _start(args: argparse.Namespace, signals: _Signals) -> Server | int:
     from upscaler_server.server import Server
 
     try:
-        server = Server(config, build_engine(config))
+        server = Server(config, build_engine(config, on_tune=still_starting))
     except ModelLoadError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_MODEL

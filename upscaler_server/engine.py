@@ -505,13 +505,14 @@ def _engine_errors(height: int, width: int, fmt: PixelFormat) -> Iterator[None]:
         raise EngineError(f"inference failed on a {width}x{height} {fmt.name} frame: {exc}") from exc
 
 
-def build_engine(config: Config) -> Engine:
-    """The engine the daemon's ``config`` asks for; raises ModelLoadError, ConfigError or EngineError."""
+def build_engine(config: Config, on_tune: Callable[[str], None] | None = None) -> Engine:
+    """The engine the daemon's ``config`` asks for; raises ModelLoadError, ConfigError or EngineError. ``on_tune``:
+    see create_engine."""
     return create_engine(checkpoint=config.checkpoint, model=config.model, backend=config.backend,
                          scale=config.scale, device=config.device, precision=config.precision, threads=config.threads,
                          cuda_graphs=config.cuda_graphs, overlap=config.overlap, pad_channels=config.pad_channels,
                          edge_pad=config.edge_pad, cache_dir=config.cache_dir,
-                         auto_backends=config.auto_backends, tune_sizes=config.tune_sizes)
+                         auto_backends=config.auto_backends, tune_sizes=config.tune_sizes, on_tune=on_tune)
 
 
 def _refuse_unusable_options(*, backend: str, device: str, precision: str, pad_channels: int,
@@ -538,10 +539,11 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
                   scale: int | None = None, device: str = "auto", precision: str = "auto", threads: int = 0,
                   cuda_graphs: bool = False, overlap: bool = False, pad_channels: int = 0,
                   edge_pad: int | None = None, cache_dir: pathlib.Path | None = None,
-                  auto_backends: tuple[str, ...] = (), tune_sizes: tuple[tuple[int, int], ...] = ()) -> Engine:
+                  auto_backends: tuple[str, ...] = (), tune_sizes: tuple[tuple[int, int], ...] = (),
+                  on_tune: Callable[[str], None] | None = None) -> Engine:
     """An engine from explicit settings (the offline CLI and tests use this; see Config for their meaning).
     ``backend``: eager (alias torch), compile, onnxruntime, tensorrt, auto or nearest; ``edge_pad`` None:
-    DEFAULT_EDGE_PAD."""
+    DEFAULT_EDGE_PAD; ``on_tune(what)``: called before each backend that auto measures for ``tune_sizes``."""
     from upscaler_server import backends  # the backends import this module
 
     _refuse_unusable_options(backend=backend, device=device, precision=precision, pad_channels=pad_channels,
@@ -570,7 +572,8 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
                                  cuda_graphs=cuda_graphs, overlap=overlap, cache_dir=backends.cache_dir(cache_dir),
                                  model_hash=identity)
     if backend == "auto":
-        return backends.AutoEngine(network, settings, candidates=auto_backends, tune_sizes=tune_sizes)
+        return backends.AutoEngine(network, settings, candidates=auto_backends, tune_sizes=tune_sizes,
+                                   on_tune=on_tune)
     engine = backends.make_backend(backend, network, settings)
     log.info("backend %s on %s, %s, frame edges repeated %d px (--edge-pad)", backend, engine.device,
              engine.precision, edge_pixels)

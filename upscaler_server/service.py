@@ -8,6 +8,9 @@ is sent. A message that cannot be sent is logged, never fatal: serving matters m
 With ``WatchdogSec=`` in the unit, systemd also sets ``$WATCHDOG_USEC`` (and ``$WATCHDOG_PID``) and expects
 ``WATCHDOG=1`` more often than that; when none comes it kills the daemon (SIGABRT), and ``Restart=on-failure`` starts
 a new one. :func:`watchdog_timeout` reads that setting; the server decides when the daemon counts as alive.
+
+A start that measures backends (``--tune-sizes``) may take minutes, past systemd's start timeout (90 s by default):
+:func:`still_starting` asks for more time before each measurement, so the unit needs no ``TimeoutStartSec=``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import logging
 import os
 import socket
 
-__all__ = ["NOTIFY_ENV", "notify", "watchdog_timeout"]
+__all__ = ["NOTIFY_ENV", "START_STEP_S", "notify", "still_starting", "watchdog_timeout"]
 
 log = logging.getLogger("upscaler_server")
 
 NOTIFY_ENV = "NOTIFY_SOCKET"
+# what one backend measured at start-up may take (a TensorRT engine build takes minutes); a step that hangs longer
+# than this is stopped by systemd, as a start past TimeoutStartSec= is
+START_STEP_S = 600
 
 
 def notify(*assignments: str) -> None:
@@ -35,6 +41,13 @@ def notify(*assignments: str) -> None:
             sock.sendto("\n".join(assignments).encode(), address)
     except OSError as exc:  # a path of another kind (systemd's vsock: addresses), or the manager gone
         log.warning("cannot notify the service manager at $%s=%s: %s", NOTIFY_ENV, os.environ[NOTIFY_ENV], exc)
+
+
+def still_starting(what: str) -> None:
+    """Tell the service manager the start goes on with ``what`` (``"eager-bf16 at 640x360, 2 of 3"``): it then waits
+    START_STEP_S more for the next message (``EXTEND_TIMEOUT_USEC``, systemd 236 and newer), and ``systemctl
+    status`` shows the step. Nothing is sent without ``$NOTIFY_SOCKET``."""
+    notify(f"EXTEND_TIMEOUT_USEC={START_STEP_S * 1_000_000}", f"STATUS=starting: measuring backend {what}")
 
 
 def watchdog_timeout() -> float | None:

@@ -153,7 +153,9 @@ class AutoEngine(Engine):
 
     def __init__(self, network: torch.nn.Module, settings: Settings, *, candidates: tuple[str, ...] = (),
                  tune_sizes: tuple[tuple[int, int], ...] = (), tolerance: Tolerance = TOLERANCE,
-                 budget_s: float = _BUDGET_S) -> None:
+                 budget_s: float = _BUDGET_S, on_tune: Callable[[str], None] | None = None) -> None:
+        """``on_tune(what)`` is called before each candidate is built and measured for ``tune_sizes`` (``"eager-bf16
+        at 640x360, 2 of 3"``): the daemon tells systemd it is still starting, a step at a time."""
         self.name, self.device, self.precision = settings.name, settings.device, "auto"
         self.random_weights = settings.weights is None
         self.weights = settings.weights or "RANDOM (benchmarks only: output is noise)"
@@ -172,12 +174,14 @@ class AutoEngine(Engine):
                      f"torch={torch.__version__}|ort={_version('onnxruntime')}|trt={_version('tensorrt')}|"
                      f"model={settings.model_hash[:24]}|precision={settings.precision}|{','.join(self.labels)}|"
                      f"tol={tolerance.max_levels}lv/{tolerance.min_psnr:g}dB")
+        self._on_measure = on_tune
         for width, height in tune_sizes:
             try:
                 self.check_input_size(height, width)
             except EngineError as exc:  # a setting, not a frame: the daemon and the offline CLI exit 2 with it
                 raise ConfigError(f"--tune-sizes {width}x{height}: {exc}") from None
             self.prepare(height, width, PIXEL_FORMATS["RGB8"])
+        self._on_measure = None  # a new size's first frame is measured while serving: the watchdog's business
 
     def prepare(self, height: int, width: int, fmt: PixelFormat) -> None:
         self._engine(self._choose(height, width)).prepare(height, width, fmt)
@@ -234,7 +238,11 @@ class AutoEngine(Engine):
         rgb = PIXEL_FORMATS["RGB8"]
         frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
         reference = self._engine(_REFERENCE).run(frame, rgb)
-        results = {label: self._try(label, frame, reference) for label in self.labels}
+        results = {}
+        for number, label in enumerate(self.labels, 1):
+            if self._on_measure is not None:
+                self._on_measure(f"{label} at {width}x{height}, {number} of {len(self.labels)}")
+            results[label] = self._try(label, frame, reference)
         accepted = {label: r["ms"] for label, r in results.items() if r["ok"]}
         label = min(accepted, key=accepted.__getitem__)
         self.measured.append((height, width))
