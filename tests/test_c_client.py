@@ -132,7 +132,9 @@ def test_an_unwritable_output_says_why(binary: pathlib.Path, daemon: Daemon, tmp
                                   # from a review: an unknown format or endpoint failed after connecting (exit 1)
                                   ["-p", "8x8", "-f", "rgba8"], ["-p", "8x8", "-e", "bogus"],
                                   ["-p", "8x8", "-e", "tcp://127.0.0.1"], ["-p", "8x8", "-e", "tcp://host:port"],
-                                  ["-p", "8x8", "-e", "tcp://127.0.0.1:99999"], ["-p", "8x8", "-e", "tcp://127.0.0.1:0"]])
+                                  ["-p", "8x8", "-e", "tcp://127.0.0.1:99999"], ["-p", "8x8", "-e", "tcp://127.0.0.1:0"],
+                                  # an abstract socket, which the daemon never serves: it waited out the timeout
+                                  ["-p", "8x8", "-e", "ipc://@abc"]])
 def test_bad_arguments_exit_2_before_any_work(binary: pathlib.Path, tmp_path: pathlib.Path, args: list[str]) -> None:
     """Sizes and counts are checked whole: a sign or junk is refused, never wrapped to a huge allocation."""
     run = _run([str(binary), "-e", "ipc:///nonexistent/socket", *args, "-o", str(tmp_path / "out.png")])
@@ -682,6 +684,24 @@ def test_an_interrupted_run_closes_its_session(binary: pathlib.Path, nearest: Da
     assert proc.returncode == 128 + sig, err
     assert "interrupted" in err and seconds < 3, f"{seconds:.1f} s: {err}"
     assert not nearest.segments(), "the session was left open"
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_run_interrupted_while_its_frames_time_out_still_exits_128_plus_the_signal(binary: pathlib.Path,
+                                                                                     tmp_path: pathlib.Path) -> None:
+    """From an integrator's walkthrough: Ctrl-C while the daemon was stalled (SIGSTOP here; a hung driver) ended the
+    wait for the frames in flight with TIMEOUT, and the tool exited 1: run_frames() dropped collect()'s 128 + signal,
+    which the README promises (130 after Ctrl-C)."""
+    with run_server("--backend", "nearest", "--threads", "1", check_clean=False) as daemon:
+        proc = _start_long_run(binary, daemon, tmp_path, 1500)
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(0.2)  # the frames in flight stay unanswered
+            seconds, err = _seconds_to_exit(proc, signal.SIGINT, proc)
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+    assert proc.returncode == 128 + signal.SIGINT, f"status {proc.returncode}: {err}"
+    assert "TIMEOUT" in err and seconds < 6, f"{seconds:.1f} s: {err}"
     assert not (tmp_path / "out.png").exists()
 
 

@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,28 @@ def test_no_daemon_is_exit_1_and_a_bad_endpoint_exit_2() -> None:
     bad = _status("--endpoint", "bogus")
     assert bad.returncode == 2 and "endpoints look like" in bad.stderr, bad.stderr
     assert _status("--timeout", "0").returncode == 2
+
+
+def test_wait_asks_until_a_daemon_answers_and_gives_up_when_none_does() -> None:
+    """A script that starts a daemon in the background and at once runs a client failed: the model takes seconds to
+    load (found following the C client's README). `--wait` asks again until the daemon serves."""
+    folder = short_tmpdir()
+    endpoint = f"ipc://{folder}/d.sock"
+    try:
+        started = time.monotonic()
+        none = _status("--endpoint", endpoint, "--wait", "0.7")
+        took = time.monotonic() - started
+        waiting = subprocess.Popen([sys.executable, "-m", "upscaler_server.status", "--endpoint", endpoint, "--wait",
+                                    "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        time.sleep(1.0)  # it asks before the daemon exists
+        assert waiting.poll() is None, waiting.communicate()
+        with run_server("--backend", "nearest", "--threads", "1", endpoint=endpoint):
+            out, err = waiting.communicate(timeout=60)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert none.returncode == 1 and "no upscaler daemon at" in none.stderr and "(asked for 0.7 s)" in none.stderr
+    assert took >= 0.5, f"gave up after {took:.2f} s"
+    assert waiting.returncode == 0 and f"daemon at {endpoint}: takdsr-upscaler/" in out, err
 
 
 def test_a_daemon_older_than_the_stats_request_is_still_described() -> None:
@@ -223,7 +246,7 @@ def test_a_watch_ends_with_1_when_the_daemon_goes_away() -> None:
 
 def test_watch_arguments_out_of_range_are_usage_errors() -> None:
     for args in (["--count", "2"], ["--watch", "0"], ["--watch", "1e10"], ["--watch", "nan"], ["--watch", "x"],
-                 ["--watch", "1", "--count", "0"], ["--timeout", "1e300"]):
+                 ["--watch", "1", "--count", "0"], ["--timeout", "1e300"], ["--wait", "0"], ["--wait", "-1"]):
         run = _status(*args)
         assert run.returncode == 2 and "usage:" in run.stderr, (args, run.stderr)
 

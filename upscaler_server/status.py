@@ -5,6 +5,9 @@ Exit status 0 when the daemon answered, 1 when none did (or it broke the protoco
 endpoint that is none included), 130 after Ctrl-C, 141 when the reader closed the pipe (``| head``): a health check
 for a script or a supervisor. It opens no session, and needs neither torch nor a GPU.
 
+With ``--wait SECONDS`` it asks again until a daemon answers, for up to SECONDS: a script that has just started
+one waits with it until the daemon serves (its model loads in seconds).
+
 With ``--watch SECONDS`` it then asks again every SECONDS and prints a line each time (with ``--json``, one JSON
 object per line): the frames per second done over that interval, the failures and BUSY refusals in it, and the
 daemon's state now. It ends after ``--count`` intervals, or with status 0 at Ctrl-C (how a watch is ended), or with 1
@@ -31,13 +34,14 @@ from upscaler_server.console import (
     escape_unprintable_names,
     ignore_the_working_folder,
 )
-from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, UpscalerError
+from upscaler_server.errors import ConfigError, ErrorCode, ProtocolError, ServerUnavailableError, UpscalerError
 from upscaler_server.protocol import Statistics, Welcome
 
 __all__ = ["Interval", "describe", "describe_interval", "interval", "latest_times", "main", "reply_fields",
            "statistics_or_none"]
 
-MAX_SECONDS = 86400  # --timeout and --watch: a day
+MAX_SECONDS = 86400  # --timeout, --wait and --watch: a day
+_WAIT_PAUSE_S = 0.2  # --wait: between attempts (one at a missing socket file fails at once)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None,
                    help="the daemon's endpoint (default: $TAKDSR_UPSCALER_ENDPOINT, else the per-user ipc socket)")
     p.add_argument("--timeout", type=_seconds, default=2.0, help="seconds to wait for the daemon (default: 2)")
+    p.add_argument("--wait", type=_seconds, metavar="SECONDS",
+                   help="ask again until a daemon answers, for up to SECONDS (a script that has just started one); "
+                   "exit 1 if none has by then")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines for a reader")
     p.add_argument("--watch", type=_seconds, metavar="SECONDS",
                    help="then ask again every SECONDS and print the frames per second, failures and BUSY refusals of "
@@ -86,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.count is not None and args.watch is None:
         parser.error("--count needs --watch")
     try:
-        with UpscalerClient(args.endpoint, timeout=args.timeout, retries=0, name="takdsr-status",
-                            heartbeat=False) as client:
+        with _connect(args.endpoint, args.timeout, args.wait) as client:
             endpoint, info, stats = client.endpoint, client.info, statistics_or_none(client)
             _print_once(endpoint, info, stats, args.json, one_line=args.watch is not None)
             if args.watch is not None:
@@ -105,6 +111,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a command the pipe ended
     return 0
+
+
+def _connect(endpoint: str | None, timeout: float, wait: float | None) -> UpscalerClient:
+    """A client of the daemon at ``endpoint``; with ``wait``, tries again every 0.2 s for that long while none answers
+    (no socket file yet, a daemon still loading its model, or one stopping before a restart)."""
+    deadline = time.monotonic() + (wait or 0.0)
+    while True:
+        try:
+            return UpscalerClient(endpoint, timeout=timeout, retries=0, name="takdsr-status", heartbeat=False)
+        except ServerUnavailableError as exc:
+            if time.monotonic() + _WAIT_PAUSE_S > deadline:
+                raise exc if wait is None else ServerUnavailableError(f"{exc} (asked for {wait:g} s)") from None
+            time.sleep(_WAIT_PAUSE_S)
 
 
 def _print_once(endpoint: str, info: Welcome, stats: Statistics | None, as_json: bool, one_line: bool) -> None:

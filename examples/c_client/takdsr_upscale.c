@@ -142,16 +142,17 @@ static bool format_ok(const char *format) {
 }
 
 /* ipc://PATH or tcp://HOST:PORT with a port of 1..65535, the forms the daemon binds: anything else could never
-   connect (libzmq would take port 99999 modulo 65536, as 34463). */
+   connect (libzmq would take port 99999 modulo 65536, as 34463; the daemon refuses abstract sockets, ipc://@name). */
 static bool endpoint_ok(const char *endpoint) {
     if (!endpoint) return true; /* the default */
     const char *port = strrchr(endpoint, ':');
-    bool ipc = strncmp(endpoint, "ipc://", 6) == 0 && endpoint[6] != '\0';
+    bool ipc = strncmp(endpoint, "ipc://", 6) == 0 && endpoint[6] != '\0' && endpoint[6] != '@';
     bool tcp = strncmp(endpoint, "tcp://", 6) == 0 && port > endpoint + 6 && isdigit((unsigned char)port[1]) &&
                strspn(port + 1, "0123456789") == strlen(port + 1) && strlen(port + 1) <= 5 &&
                atol(port + 1) >= 1 && atol(port + 1) <= 65535;
     if (ipc || tcp) return true;
-    fprintf(stderr, "error: -e %s: use ipc:///path/to/socket or tcp://HOST:PORT (PORT 1..65535)\n", endpoint);
+    fprintf(stderr, "error: -e %s: use ipc:///path/to/socket (a file: the daemon serves no abstract ipc://@name) or "
+                    "tcp://HOST:PORT (PORT 1..65535)\n", endpoint);
     return false;
 }
 
@@ -314,9 +315,10 @@ static int collect(run *r, uint64_t last) {
  * SIGTERM it submits no more and returns 128 + the signal once the frames in flight are back. */
 static int run_frames(run *r, const options *o, const image *lr, image *out) {
     const takdsr_geometry *g = takdsr_session_geometry(r->s);
+    int status;
     for (uint64_t f = 1; f <= o->frames && !stop_signal; f++) { /* 64 bits: f++ past UINT32_MAX must not wrap */
         while (takdsr_pending(r->c) >= g->slots)
-            if (collect(r, o->frames)) return 1;
+            if ((status = collect(r, o->frames)) != 0) return status; /* 1, or 128 + a signal that came meanwhile */
         uint32_t slot = 0;
         while (r->busy[slot]) slot++;
         to_slot(lr, g, takdsr_session_input(r->s, slot));
@@ -325,7 +327,7 @@ static int run_frames(run *r, const options *o, const image *lr, image *out) {
         r->busy[slot] = true;
     }
     while (takdsr_pending(r->c) > 0)
-        if (collect(r, o->frames)) return 1;
+        if ((status = collect(r, o->frames)) != 0) return status;
     if (stop_signal) {
         fprintf(stderr, "interrupted by signal %d: closing the session, nothing written\n", (int)stop_signal);
         return 128 + stop_signal;
