@@ -178,3 +178,23 @@ def test_an_older_reserved_list_in_takdsr_shared_lets_no_scene_of_the_default_li
     _write_image(folder / "advanced__abyss.png")
     with pytest.raises(DatasetError, match="a scene reserved for evaluation"):
         _train(folder)
+
+
+@pytest.mark.parametrize("command", [["povray", "--only", "objects/wtorus"], ["scenes", "--count", "1"]],
+                         ids=["povray", "scenes"])
+def test_the_data_commands_never_write_into_the_evaluation_frames(shared: Path, tmp_path: Path, command: list[str],
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """From a researcher's walkthrough: `povray --out <cg-dev>` put a render and a manifest beside the frames, and
+    the next evaluation scored 16 images instead of 15; `scenes` added hr/ and lr_x2/, and evaluation then refused the
+    folder. Refused now however --out is spelt, before anything is made."""
+    from training.data.__main__ import main as data_main
+
+    cg_dev = shared / "data" / "cg-dev"
+    (tmp_path / "link").symlink_to(cg_dev)
+    before = sorted(cg_dev.rglob("*"))
+    for out in (cg_dev, cg_dev / "new", tmp_path / "link", shared / "data" / "x" / ".." / "cg-dev"):
+        assert data_main([command[0], "--out", str(out), "--width", "64", "--height", "32", *command[1:]]) == 2
+        said = capsys.readouterr().err
+        assert said.startswith(f"error: --out {out} is the evaluation frames {cg_dev.resolve()} or lies in them: "
+                               "never render into them"), said
+    assert sorted(cg_dev.rglob("*")) == before and not (shared / "data" / "x").exists()

@@ -253,6 +253,55 @@ def test_a_file_reached_under_two_names_is_read_once(tmp_path: Path) -> None:
     assert "2 reached again under another name (links to one file) (own_hard.png, z_link.png)" in message
 
 
+def test_a_linked_folder_is_read_under_its_first_name_in_sorted_order(tmp_path: Path) -> None:
+    """data.md's rule, which the walk did not keep (a researcher's walkthrough): it read a folder under the name the
+    directory listing gave first, and the files of its second name were not counted in the warning."""
+    data = tmp_path / "data"
+    _write_bgr(data / "nested" / "deeper" / "a.png", _rgb(40, 48))
+    (data / "aaa_link").symlink_to(data / "nested" / "deeper", target_is_directory=True)
+    with pytest.warns(SkippedFilesWarning) as record:
+        found = scan_images(data, min_size=32, progress=False)
+    assert [str(info.path.relative_to(data)) for info in found] == ["aaa_link/a.png"]
+    assert "1 reached again under another name (links to one file) (nested/deeper/a.png)" in str(record[0].message)
+
+
+def test_a_scenes_output_inside_an_image_folder_gives_its_hr_frames_only(tmp_path: Path) -> None:
+    """A folder source at data/, holding povray/ and a scenes output scenes-x2/, trained on scenes-x2/lr_x2/*.png as
+    HR images (a researcher's walkthrough; only the folder itself was refused). Its manifest names the LR frames: they
+    are left out and counted, and the manifest is no stray file."""
+    data = tmp_path / "data"
+    _write_bgr(data / "povray" / "own.png", _rgb(40, 48))
+    (data / "povray" / MANIFEST_NAME).write_text(json.dumps({"scenes": {}, "failed": {}}))
+    write_scene_frames(data / "scenes-x2", 2, width=64, height=32, supersample=1, split="val", progress=False)
+    with pytest.warns(SkippedFilesWarning) as record:
+        found = scan_images(data, progress=False)
+    names = [str(info.path.relative_to(data)) for info in found]
+    assert names[0] == "povray/own.png" and len(names) == 3, names
+    assert all(name.startswith("scenes-x2/hr/") for name in names[1:]), names
+    message = str(record[0].message)
+    assert "2 LR frames of a training.data scenes output (its manifest.json names them) (scenes-x2/lr_x2/" in message
+    assert "not images" not in message, message
+
+
+def test_a_scenes_cache_is_left_out_of_an_image_folder_and_refused_as_one(tmp_path: Path) -> None:
+    """A scenes source's cache_dir holds HR (ss2) and native LR (ss1) renders side by side: inside an image folder
+    both were trained on as HR images. The source marks the folder; a scan leaves it out, or refuses it as the root."""
+    from training.data.sources import SceneSource
+
+    data, cache = tmp_path / "data", tmp_path / "data" / "scenes-cache"
+    _write_bgr(data / "own.png", _rgb(40, 48))
+    _write_bgr(cache / "city" / "city_t0001.0000_64x32_ss2.png", _rgb(32, 64))
+    _write_bgr(cache / "city" / "city_t0001.0000_32x16_ss1.png", _rgb(16, 32))
+    assert len(scan_images(data, progress=False)) == 3  # before the mark, the cache was read as images
+    SceneSource(["city"], "train", width=64, height=32, scale=2, lr_kind="native", cache_dir=cache)  # marks it
+    with pytest.warns(SkippedFilesWarning) as record:
+        found = scan_images(data, progress=False)
+    assert [info.path.name for info in found] == ["own.png"]
+    assert "1 scenes caches (a cache_dir: HR and LR renders), folder(s) (scenes-cache)" in str(record[0].message)
+    with pytest.raises(DatasetError, match=f"{cache} is the cache_dir of a scenes source"):
+        scan_images(cache, progress=False)
+
+
 def test_a_bomb_is_refused_from_its_header_in_a_process_that_imports_training(tmp_path: Path) -> None:
     """training/__init__ sets OPENCV_IO_MAX_IMAGE_PIXELS before OpenCV loads, so a bomb is not decoded (GBs) first;
     the limit equals MAX_PIXELS."""

@@ -332,3 +332,19 @@ def test_a_radiosity_scene_renders_the_same_pixels_twice(tmp_path: Path) -> None
     second = render_scenes([scene], tmp_path / "b", 160, 90, timeout=120, progress=False)["scenes"][scene]
     assert "+WT1" in first["command"]
     assert first["pixels_sha256"] == second["pixels_sha256"]
+
+
+def test_a_stopped_render_is_neither_recorded_nor_counted_as_done(tmp_path: Path) -> None:
+    """The progress bar counted a render stopped by Ctrl-C as done (it ended on 1/3 with no scene in the manifest):
+    _record now says whether it recorded anything."""
+    from concurrent.futures import Future
+
+    from training.data.povray import RenderStopped, _record
+
+    stopped: Future = Future()
+    stopped.set_exception(RenderStopped())
+    failed: Future = Future()
+    failed.set_exception(RuntimeError("Parse Error"))
+    manifest: dict = {"scenes": {}, "failed": {}}
+    assert _record(manifest, tmp_path, FAST_SCENE, stopped) is False and manifest == {"scenes": {}, "failed": {}}
+    assert _record(manifest, tmp_path, FAST_SCENE, failed) is True and manifest["failed"] == {FAST_SCENE: "Parse Error"}

@@ -121,7 +121,7 @@ def test_a_stopped_scenes_command_says_so_and_leaves_whole_frames(tmp_path: Path
     assert "Traceback" not in stderr
     for png in out.rglob("*.png"):  # whole files only (a temporary one is hidden, and removed)
         assert cv2.imread(str(png)) is not None, png
-    assert not [p for p in out.rglob(".*") if p.is_file()]
+    assert [p.name for p in out.rglob(".*") if p.is_file()] == [".training-data.lock"]  # no temporary file left
     frames = json.loads((out / "manifest.json").read_text())["frames"]
     assert all((out / record["hr"]).is_file() and (out / record["lr"]).is_file() for record in frames.values())
 
@@ -310,3 +310,33 @@ def test_a_folder_name_that_is_not_utf8_is_printed_on_a_strict_console(tmp_path:
 def test_one_frame_pair_is_said_in_the_singular() -> None:
     """A --count 1 render ended with "1 frame pairs in ..." (a review)."""
     assert [frame_pairs(n) for n in (0, 1, 2)] == ["0 frame pairs", "1 frame pair", "2 frame pairs"]
+
+
+def test_a_folder_another_data_command_writes_into_is_refused(tmp_path: Path) -> None:
+    """From a researcher's walkthrough: two commands into one folder each rewrote the manifest from their own copy,
+    and each lost the other's records (two `povray` runs: 4 renders, 2 in the manifest). The second now stops at once;
+    the folder is as the first left it."""
+    import fcntl
+
+    out = tmp_path / "frames"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    with open(out / ".training-data.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running command holds it
+        refused = _run_command(out)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (f"error: another python -m training.data command writes into {out}: wait for it to end, "
+                              "or choose another --out\n")
+    assert sorted(path.name for path in out.iterdir()) == [".training-data.lock", "mine.txt"]
+    done = _run_command(out, extra=["--count", "1"])  # once it has ended
+    assert done.returncode == 0 and (out / "manifest.json").is_file(), done.stderr
+
+
+def test_a_failed_scenes_command_leaves_no_empty_folders(tmp_path: Path) -> None:
+    """A frame larger than the GL limit failed after hr/ and lr_x2/ were made, and left them (and --out) empty."""
+    for out in (tmp_path / "new" / "frames", tmp_path / "existing"):
+        (tmp_path / "existing").mkdir(exist_ok=True)
+        failed = _run_command(out, extra=["--count", "1", "--width", "9000", "--height", "100"])
+        assert failed.returncode == 2 and "exceeds the GL limit" in failed.stderr, failed.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["existing"]  # made by the test, not the command
+    assert [path.name for path in (tmp_path / "existing").iterdir()] == [".training-data.lock"]

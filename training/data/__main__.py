@@ -11,6 +11,7 @@ from types import FrameType
 
 from training import MAX_IMAGE_PIXELS
 from training.data.images import DatasetError
+from training.data.output import claimed_output
 from training.data.povray import SCENE_LIST, canonical_scene, load_scene_list, render_scenes
 from training.data.scenes_cmd import frame_pairs, write_scene_frames
 from upscaler_server.console import add_version_option, escape_unprintable_names  # standard library only
@@ -33,26 +34,37 @@ def _antialias(text: str) -> float | None:
 
 def _positive(text: str) -> int:
     """A whole number >= 1 (sizes, jobs, counts): POV-Ray spins forever on +W-8 and fails every scene on +W0."""
-    value = int(text)
+    value = _whole(text, "a whole number >= 1")
     if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
 
 
 def _seconds(text: str) -> float:
     """A positive, finite number of seconds."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
 
 
 def _count(text: str) -> int:
     """A whole number >= 0 (POV-Ray's +WT: 0 means its default)."""
-    value = int(text)
+    value = _whole(text, "a whole number >= 0")
     if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
+
+
+def _whole(text: str, wanted: str) -> int:
+    """`text` as an int; argparse's own message named the function ("invalid _positive value: 'abc'")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pov = sub.add_parser("povray", help="render the curated POV-Ray example scenes to PNG")
     pov.add_argument("--out", type=Path, required=True, help="output folder (PNGs + manifest.json)")
-    pov.add_argument("--width", type=_positive, default=1920)
-    pov.add_argument("--height", type=_positive, default=1080)
+    pov.add_argument("--width", type=_positive, default=1920, help="render width in pixels (default 1920)")
+    pov.add_argument("--height", type=_positive, default=1080, help="render height in pixels (default 1080)")
     pov.add_argument(
         "--jobs", type=_positive, default=os.cpu_count() or 1, help="parallel povray processes (default: one per core)"
     )
@@ -83,12 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     scn = sub.add_parser("scenes", help="render HR/LR frame pairs of the procedural scenes")
     scn.add_argument("--out", type=Path, required=True, help="output folder (hr/, lr_x<s>/, manifest.json)")
     scn.add_argument("--count", type=_positive, required=True, help="number of frames (presets in turn)")
-    scn.add_argument("--width", type=_positive, default=1920)
-    scn.add_argument("--height", type=_positive, default=1080)
-    scn.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
-    scn.add_argument("--lr-kind", choices=("native", "bicubic"), default="native")
-    scn.add_argument("--supersample", type=_positive, default=2, help="HR rendered with k x k samples per pixel")
-    scn.add_argument("--split", choices=("train", "val"), default="train")
+    scn.add_argument("--width", type=_positive, default=1920, help="HR width in pixels (default 1920)")
+    scn.add_argument("--height", type=_positive, default=1080, help="HR height in pixels (default 1080)")
+    scn.add_argument("--scale", type=int, default=2, choices=(2, 3, 4), help="HR / LR size (default 2)")
+    scn.add_argument("--lr-kind", choices=("native", "bicubic"), default="native",
+                     help="LR rendered at its own size, one sample per pixel (native, the default), or the HR "
+                     "frame downscaled (bicubic)")
+    scn.add_argument("--supersample", type=_positive, default=2,
+                     help="HR rendered with k x k samples per pixel (default 2)")
+    scn.add_argument("--split", choices=("train", "val"), default="train",
+                     help="train (the default) or val: other times of the scenes, for validation (in its own --out "
+                     "folder)")
     scn.add_argument("--presets", nargs="+", help="presets to render (default: all)")
     scn.add_argument("--replace", action="store_true",
                      help="remove the frame pairs the folder holds that this command does not ask for (other "
@@ -114,10 +131,11 @@ def _povray(args: argparse.Namespace) -> int:
     # SIGHUP too: povray runs in its own session, so a closed terminal reaches only this process
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        manifest = render_scenes(
-            scenes, args.out, args.width, args.height, jobs=args.jobs, timeout=args.timeout, antialias=args.antialias,
-            work_threads=args.work_threads, stop=stop,
-        )  # fmt: skip
+        with claimed_output(args.out):
+            manifest = render_scenes(
+                scenes, args.out, args.width, args.height, jobs=args.jobs, timeout=args.timeout,
+                antialias=args.antialias, work_threads=args.work_threads, stop=stop,
+            )  # fmt: skip
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -137,10 +155,11 @@ def _scenes(args: argparse.Namespace) -> int:
     # and SIGTERM and SIGHUP stop it as Ctrl-C does (they killed it with nothing said)
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        manifest = write_scene_frames(
-            args.out, args.count, width=args.width, height=args.height, scale=args.scale, lr_kind=args.lr_kind,
-            supersample=args.supersample, split=args.split, presets=args.presets, replace=args.replace,
-        )  # fmt: skip
+        with claimed_output(args.out):
+            manifest = write_scene_frames(
+                args.out, args.count, width=args.width, height=args.height, scale=args.scale, lr_kind=args.lr_kind,
+                supersample=args.supersample, split=args.split, presets=args.presets, replace=args.replace,
+            )  # fmt: skip
     except KeyboardInterrupt:
         print(f"stopped: the frames finished so far are in {args.out / 'manifest.json'}; the same command renders "
               "the rest", file=sys.stderr)

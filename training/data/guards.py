@@ -19,7 +19,7 @@ from training.data.images import MANIFEST_NAME, DatasetError, walk_dataset
 from training.data.paths import known_shared_dirs, reserved_scenes
 from training.data.povray import canonical_scene, output_name, refuse_reserved
 
-__all__ = ["refuse_evaluation_data"]
+__all__ = ["refuse_evaluation_data", "refuse_evaluation_output"]
 
 FileId = tuple[int, int]  # (st_dev, st_ino): one file, whatever name or link reaches it
 
@@ -43,6 +43,17 @@ def refuse_evaluation_data(folder: Path) -> None:
         povray_like += [reached / name for name in names if "__" in name]
     if reserved is not None:
         _refuse_reserved_names(povray_like, reserved)
+
+
+def refuse_evaluation_output(folder: Path) -> None:
+    """DatasetError when a data command writing into `folder` would change evaluation data: `folder` is a cg-dev
+    folder or lies in one, however it is spelt (a link, `..`). Its renders went in beside the frames, and the next
+    evaluation scored them too."""
+    real = folder.resolve()  # also for a folder that does not exist yet: its existing part is resolved
+    for eval_dir in _evaluation_dirs():
+        if real == eval_dir or eval_dir in real.parents:
+            raise DatasetError(f"--out {folder} is the evaluation frames {eval_dir} or lies in them: never render "
+                               "into them (the next evaluation would score the renders too); choose another folder")
 
 
 def _evaluation_dirs() -> list[Path]:

@@ -31,6 +31,7 @@ from upscaler_server.image_bytes import damage  # standard library only
 __all__ = [
     "IMAGE_SUFFIXES",
     "MANIFEST_NAME",
+    "SCENES_CACHE_MARKER",
     "DatasetError",
     "ImageInfo",
     "ImageReadError",
@@ -54,6 +55,9 @@ _NAMED_IN_WARNING = 5
 # The record our data commands (`python -m training.data povray|scenes`) write at the top of their output
 # folder: part of the dataset's provenance, not junk, so a scan passes over it without a warning.
 MANIFEST_NAME = "manifest.json"
+# The empty file a scenes source puts into its cache_dir: HR and native LR renders lie there side by side, so a
+# folder scan leaves the folder out (a cache_dir inside an image folder trained its LR renders as HR images)
+SCENES_CACHE_MARKER = ".scenes-cache"
 _FOLDER_DOCUMENTS = {"README", "MANIFEST", "LICENSE", "LICENCE", "COPYING"}  # names (any suffix) _describes_the_folder
 
 
@@ -270,11 +274,13 @@ def _skip_message(root: Path, skipped: dict[str, list[Path]]) -> str:
     return f"{root}: skipped {total} file(s): " + "; ".join(parts)
 
 
-def walk_dataset(root: Path, unreachable: list[Path] | None = None) -> Iterator[tuple[Path, Path, list[str]]]:
-    """(folder as reached from `root`, its real path, its file names) for every folder a scan reads: linked folders
-    are followed (a dataset assembled from links), each real folder once (a link loop ends). Hidden files and
-    folders (".DS_Store", ".git", half-written ".name.png") are not part of a dataset. Folders that cannot be listed
-    go to `unreachable`."""
+def walk_dataset(root: Path, unreachable: list[Path] | None = None, repeated: list[Path] | None = None,
+                 caches: list[Path] | None = None) -> Iterator[tuple[Path, Path, list[str]]]:
+    """(folder as reached from `root`, its real path, its file names) for every folder a scan reads, in sorted
+    order: linked folders are followed (a dataset assembled from links), each real folder once, under its first name
+    (a link loop ends); the files of a folder reached again go to `repeated`. Hidden files and folders (".DS_Store",
+    ".git", half-written ".name.png") are not part of a dataset, nor is a scenes source's cache_dir (below `root`:
+    it goes to `caches`). Folders that cannot be listed go to `unreachable`."""
     seen: set[str] = set()
 
     def refused(error: OSError) -> None:
@@ -283,12 +289,16 @@ def walk_dataset(root: Path, unreachable: list[Path] | None = None) -> Iterator[
 
     for folder, subfolders, names in os.walk(root, onerror=refused, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:
+        visible = sorted(name for name in names if not name.startswith("."))
+        if real in seen or (SCENES_CACHE_MARKER in names and folder != str(root)):
             subfolders.clear()
+            skipped = repeated if real in seen else caches
+            if skipped is not None:
+                skipped += [Path(folder, name) for name in visible] if real in seen else [Path(folder)]
             continue
         seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        yield Path(folder), Path(real), [name for name in names if not name.startswith(".")]
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))  # the first name: sorted
+        yield Path(folder), Path(real), visible
 
 
 def _describes_the_folder(name: str) -> bool:
@@ -297,41 +307,75 @@ def _describes_the_folder(name: str) -> bool:
     return name.split(".")[0].upper() in _FOLDER_DOCUMENTS and Path(name).suffix.lower() not in IMAGE_SUFFIXES
 
 
-def _files_under(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """(files, unreachable, repeats) under `root` as `walk_dataset` reaches them, sorted, without the data commands'
-    top-level manifest and the folder's documentation; broken links, folders that cannot be listed and pipes are
-    unreachable. A file reached under a second name (a link to it, a hard link, a linked folder holding it) is a
-    repeat, left out so that it is not trained on or scored twice; the first name in sorted order is kept."""
+@dataclass
+class _Found:
+    """What a scan of a folder finds (`_files_under`), sorted: the files to read, and those left out by reason."""
+
+    files: list[Path]
+    unreachable: list[Path]  # broken links, folders that cannot be listed, pipes
+    repeats: list[Path]  # files reached again under another name
+    lr_frames: list[Path]  # the LR frames of a `scenes` output folder below the root
+    caches: list[Path]  # scenes sources' cache_dir folders below the root
+
+
+def _files_under(root: Path) -> _Found:
+    """The files under `root` as `walk_dataset` reaches them, without the data commands' manifests and the folder's
+    documentation. A file reached under a second name (a link to it, a hard link, a linked folder holding it) is a
+    repeat, left out so that it is not trained on or scored twice; the first name in sorted order is kept. The LR
+    frames of a `scenes` output folder below `root` (its manifest names them) are left out: they are no HR images."""
+    found = _Found([], [], [], [], [])
     files: list[Path] = []
-    unreachable: list[Path] = []
-    for folder, _, names in walk_dataset(root, unreachable):
+    lr_named: set[Path] = set()
+    for folder, _, names in walk_dataset(root, found.unreachable, found.repeats, found.caches):
+        manifest = _data_command_manifest(folder / MANIFEST_NAME) if MANIFEST_NAME in names else None
+        if manifest is not None:  # the root's is refused before the scan when it is a scenes output
+            lr_named |= {folder / record["lr"] for record in manifest.get("frames", {}).values()
+                         if isinstance(record, dict) and isinstance(record.get("lr"), str)}
         for name in names:
             path = folder / name
-            if path != root / MANIFEST_NAME and not (folder == root and _describes_the_folder(name)):
-                (files if path.is_file() else unreachable).append(path)  # is_file follows links: False when broken
-    unique: list[Path] = []
-    repeats: list[Path] = []
+            if (name == MANIFEST_NAME and (folder == root or manifest is not None)) or (
+                    folder == root and _describes_the_folder(name)):
+                continue
+            (files if path.is_file() else found.unreachable).append(path)  # is_file follows links: False when broken
     seen: set[tuple[int, int]] = set()
     for path in sorted(files):
+        if path in lr_named:
+            found.lr_frames.append(path)
+            continue
         try:
             status = path.stat()
         except OSError:  # gone since the walk: for the decode to report
-            unique.append(path)
+            found.files.append(path)
             continue
         identity = (status.st_dev, status.st_ino)
-        (repeats if identity in seen else unique).append(path)
+        (found.repeats if identity in seen else found.files).append(path)
         seen.add(identity)
-    return unique, sorted(unreachable), repeats
+    for listed in (found.unreachable, found.repeats, found.caches):
+        listed.sort()
+    return found
+
+
+def _data_command_manifest(path: Path) -> dict | None:
+    """The manifest `python -m training.data povray|scenes` wrote at `path` (a "frames" or a "scenes" table), else
+    None (not JSON, not ours, unreadable: then it is a stray file of the folder)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(manifest, dict) and any(isinstance(manifest.get(table), dict) for table in ("frames", "scenes")):
+        return manifest
+    return None
 
 
 def _refuse_scenes_output(root: Path) -> None:
-    """DatasetError for the output folder of `python -m training.data scenes` (its manifest has a frames table):
-    the recursive scan read its lr_x<s>/ frames as HR images too, and trained or scored on them."""
-    try:
-        manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none, or not ours: the folder is scanned as any other
-        return
-    if isinstance(manifest, dict) and isinstance(manifest.get("frames"), dict):
+    """DatasetError for the output folder of `python -m training.data scenes` (its manifest has a frames table) and
+    for a scenes source's cache_dir: the recursive scan read their LR frames as HR images too, and trained or scored
+    on them."""
+    if (root / SCENES_CACHE_MARKER).exists():
+        raise DatasetError(f"{root} is the cache_dir of a scenes source, HR and native LR renders side by side: train "
+                           "on it with that scenes source (its cache_dir), not as an image folder")
+    manifest = _data_command_manifest(root / MANIFEST_NAME)
+    if manifest is not None and isinstance(manifest.get("frames"), dict):
         raise DatasetError(f"{root} is the output of `python -m training.data scenes`, HR and LR frames side by side: "
                            f"give its HR frames, {root / 'hr'}, as the image folder")
 
@@ -349,12 +393,15 @@ def scan_images(root: str | Path, min_size: int = 1, *, progress: bool = True) -
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
     _refuse_scenes_output(root)
-    files, unreachable, repeats = _files_under(root)
+    under = _files_under(root)
     skipped: dict[str, list[Path]] = {"not images": [], "unreadable": [], f"smaller than {min_size}px": [],
-                                      "unreachable (broken links, unreadable folders, pipes)": unreachable,
-                                      "reached again under another name (links to one file)": repeats}
+                                      "unreachable (broken links, unreadable folders, pipes)": under.unreachable,
+                                      "reached again under another name (links to one file)": under.repeats,
+                                      "LR frames of a training.data scenes output (its manifest.json names them)":
+                                          under.lr_frames,
+                                      "scenes caches (a cache_dir: HR and LR renders), folder(s)": under.caches}
     found = []
-    for path in tqdm(files, desc=f"scan {root.name}", unit="file", disable=not progress, leave=False):
+    for path in tqdm(under.files, desc=f"scan {root.name}", unit="file", disable=not progress, leave=False):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped["not images"].append(path)
             continue

@@ -306,9 +306,9 @@ def render_scenes(
 
     def record(finished: set[Future]) -> None:
         for future in finished:
-            _record(manifest, out_dir, futures[future], future)
-            write_json_atomic(manifest_path, manifest)
-            bar.update()
+            if _record(manifest, out_dir, futures[future], future):
+                write_json_atomic(manifest_path, manifest)
+                bar.update()  # a stopped render is not counted: the bar ended on 1/3 with no scene done
 
     try:
         for scene in todo:
@@ -342,9 +342,10 @@ def _refuse_other_size(out_dir: Path, manifest: dict, width: int, height: int) -
                          "folder, or remove that folder first")
 
 
-def _record(manifest: dict, out_dir: Path, scene: str, future: Future) -> None:
-    """One finished render into the manifest: its record, or why it failed (a stopped render is neither). A failed
-    scene loses the picture of an earlier command too, so a folder never trains on what this command did not make."""
+def _record(manifest: dict, out_dir: Path, scene: str, future: Future) -> bool:
+    """One finished render into the manifest: its record, or why it failed; False for a stopped render, which is
+    neither. A failed scene loses the picture of an earlier command too, so a folder never trains on what this
+    command did not make."""
     try:
         manifest["scenes"][scene] = asdict(future.result())
         manifest["failed"].pop(scene, None)
@@ -354,4 +355,5 @@ def _record(manifest: dict, out_dir: Path, scene: str, future: Future) -> None:
         if stale is not None:
             (out_dir / stale["png"]).unlink(missing_ok=True)
     except RenderStopped:
-        pass
+        return False
+    return True

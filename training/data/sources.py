@@ -19,7 +19,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.data.images import DatasetError, ImageReadError, read_image_array, scan_images, write_png
+from training.data.images import (
+    SCENES_CACHE_MARKER,
+    DatasetError,
+    ImageReadError,
+    read_image_array,
+    scan_images,
+    write_png,
+)
 
 __all__ = [
     "FolderSource",
@@ -208,6 +215,8 @@ class SceneSource:
         self.supersample = supersample
         self.pool = [(p, t) for p in self.presets for t in scene_times(split, frames_per_preset, loop_period(p))]
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir is not None and self.cache_dir.is_dir():
+            _mark_as_cache(self.cache_dir)  # one made before the marker was: a folder scan must leave it out too
         self._cache = _FrameCache(cache_mb << 20)
         self.renderer = LazyRenderer()
 
@@ -243,10 +252,19 @@ class SceneSource:
             return cached
         rgb = self.renderer.render(preset, t, width, height, supersample)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _mark_as_cache(self.cache_dir)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")  # workers may race on one frame: write, rename
         write_png(tmp, rgb)
         os.replace(tmp, path)
         return rgb
+
+
+def _mark_as_cache(folder: Path) -> None:
+    """Put the marker into a cache_dir: a folder scan (an image folder holding it) then leaves its HR and native LR
+    renders out instead of training on both as HR images."""
+    marker = folder / SCENES_CACHE_MARKER
+    if not marker.exists():
+        marker.touch()  # workers may race here: touching twice is harmless
 
 
 def _read_cached(path: Path, width: int, height: int) -> np.ndarray | None:
