@@ -62,6 +62,11 @@ def test_evaluate_compares_several_checkpoints(tmp_path: Path) -> None:
 
     bad = _evaluate("--checkpoint", str(paths[0]), "--sets", "cg-dev,nonsense")
     assert bad.returncode == 1 and "unknown set(s) ['nonsense']" in bad.stderr
+    # empty items are passed over, as by the scripts' --sets ("cg-dev," was "unknown set(s) ['']"); none is a usage error
+    none = _evaluate("--checkpoint", str(paths[0]), "--sets", ",")
+    assert none.returncode == 2 and "',' names no set; built-in sets: cg-dev" in none.stderr, none.stderr
+    trailing = _evaluate("--checkpoint", str(paths[0]), "--sets", "nonsense,")
+    assert trailing.returncode == 1 and "unknown set(s) ['nonsense']" in trailing.stderr, trailing.stderr
 
 
 def test_evaluate_and_latency_take_bundled_names(tmp_path: Path) -> None:
@@ -247,8 +252,9 @@ def test_ship_checkpoint_refuses_scores_of_other_weights(tmp_path: Path, capsys:
             str(tmp_path / "out")]  # fmt: skip
     assert training_main(args) == 1
     again = rf"evaluate again: python -m training evaluate --checkpoint {path} .* --json {scores}$"
-    assert re.search(rf"error: {path} was trained again after it was scored \({scores} \('final'\) scored other "
-                     rf"weights\); {again}", capsys.readouterr().err.strip())  # fmt: skip
+    assert re.search(rf"error: {scores} \('final'\) scored other weights than {path} holds: another checkpoint "
+                     rf"scored under that label, or this one trained again since; {again}",
+                     capsys.readouterr().err.strip())  # fmt: skip
     older = json.loads(scores.read_text())
     del older["images"]["final"]["weights_sha256"]
     scores.write_text(json.dumps(older))

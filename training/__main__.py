@@ -35,6 +35,7 @@ from training.evaluate import (
     check_output_file,
     checkpoint_predictor,
     min_lr_side,
+    parse_set_names,
     score_sets,
     unique_labels,
 )
@@ -117,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                               "a TA): a file or a bundled name")
     evaluate_cmd.add_argument("--data", type=Path, action="append", default=[], help="an image folder (repeatable)")
     evaluate_cmd.add_argument(
-        "--sets", type=_comma_list, default=None, metavar="NAME,...",
+        "--sets", type=parse_set_names, default=None, metavar="NAME,...",
         help=f"built-in sets: {', '.join(BUILTIN_SETS)} (default: cg-dev, unless --data is given)",
     )  # fmt: skip
     evaluate_cmd.add_argument("--frames", type=_positive_int, default=2, help="rendered validation frames per preset")

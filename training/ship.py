@@ -182,8 +182,9 @@ def _refuse_other_weights(path: Path, recorded: list[Any], where: str, evaluate_
         raise ValueError(f"{where} does not record which weights it scored (scores written before that was "
                          f"recorded), so they may not be {path}'s; evaluate again: {evaluate_again}")
     if set(recorded) != {weights_sha256(path)}:
-        raise ValueError(f"{path} was trained again after it was scored ({where} scored other weights); evaluate "
-                         f"again: {evaluate_again}")
+        # which of the two cannot be told from a hash: say both (a wrong --label read as "trained again")
+        raise ValueError(f"{where} scored other weights than {path} holds: another checkpoint scored under that "
+                         f"label, or this one trained again since; evaluate again: {evaluate_again}")
 
 
 def _refuse_replacing(out_dir: Path, names: list[str], overwrite: bool) -> None:
