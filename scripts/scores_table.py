@@ -27,20 +27,42 @@ from training.report import latency_where
 METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
 
 
+BASELINES = ("bicubic", "lanczos")
+SAME_BASELINE_DB = 0.005  # the baselines of one set scored twice: equal but for float rounding across machines
+
+
 def merged_scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
     """{set: {label: {"mean": ..., "per_image": ...}}} over several files; a label scored twice on one set is an
-    error."""
+    error, and so are files whose baselines differ on a set (they scored other images: see _other_images)."""
     merged: dict[str, dict[str, Any]] = {}
     found_in: dict[tuple[str, str], Path] = {}
     for path in paths:
         for set_name, by_label in _scores_by_set(path).items():
             for label, result in by_label.items():
                 known = merged.setdefault(set_name, {})
-                if label in known and label not in ("bicubic", "lanczos"):  # the baselines repeat in every file
+                if label in known and label not in BASELINES:
                     raise ValueError(_scored_twice(label, set_name, found_in[set_name, label], path))
+                if label in known:  # the baselines repeat in every file: the same, or the images were not
+                    _refuse_other_images(set_name, label, known[label], result, found_in[set_name, label], path)
                 known[label] = result
                 found_in[set_name, label] = path
     return merged
+
+
+def _refuse_other_images(set_name: str, label: str, first: dict[str, Any], second: dict[str, Any], first_path: Path,
+                         second_path: Path) -> None:
+    """ValueError when two files' scores of a baseline on one set differ: they scored other images under the set's
+    name (a cut-down evaluation, such as a smoke run's crops of 2 images, another folder, or another scale), and a
+    table of both showed one file's baselines beside the other's models, and --versus paired 96 px crops with whole
+    frames of the same name."""
+    first_db, second_db = first["mean"]["psnr_rgb"], second["mean"]["psnr_rgb"]
+    same_names = set(first.get("per_image") or {}) == set(second.get("per_image") or {})
+    if same_names and abs(first_db - second_db) <= SAME_BASELINE_DB:
+        return
+    raise ValueError(f"{first_path} and {second_path} scored other images as {set_name!r}: {label} scores "
+                     f"{first_db:.2f} dB in one and {second_db:.2f} dB in the other (a cut-down evaluation, such as a "
+                     "smoke run's crops, another folder or another scale); compare scores of the same images: "
+                     "evaluate the checkpoints together, or each on the same --sets/--data without crops")
 
 
 def _scored_twice(label: str, set_name: str, first: Path, second: Path) -> str:
@@ -78,7 +100,7 @@ def _scores_by_set(path: Path) -> dict[str, dict[str, Any]]:
                                                  for results in sets.values()):  # fmt: skip
             raise ValueError(f'{path}: a results.json ("sets" and "models") whose sets hold no "scores"')
         data = {
-            set_name: {label if label in ("bicubic", "lanczos") else f"{path.parent.name}/{label}": result
+            set_name: {label if label in BASELINES else f"{path.parent.name}/{label}": result
                        for label, result in results["scores"].items()}
             for set_name, results in sets.items()
         }  # fmt: skip

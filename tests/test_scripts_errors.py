@@ -85,6 +85,26 @@ def test_scores_table_says_how_to_tell_two_final_checkpoints_apart(tmp_path: Pat
              "evaluate them together")  # fmt: skip
 
 
+@pytest.mark.parametrize("other_bicubic", [{**_mean(44.37), "per_image": {"a": {}, "b": {}}},
+                                           {**_mean(30), "per_image": {"a": {}}}], ids=["crops", "fewer images"])
+def test_scores_table_refuses_files_that_scored_other_images_under_one_name(tmp_path: Path,
+                                                                          other_bicubic: dict) -> None:
+    """From a researcher's walkthrough: a smoke run's results (2 cg-dev images cropped to 96 px) beside the shipped
+    scores made one table, with the last file's bicubic row (44.37 dB instead of 35.17), and --versus paired each
+    crop with the whole frame of its name (-20.27 dB). Files whose baselines differ scored other images."""
+    shipped, smoke = tmp_path / "shipped.json", tmp_path / "smoke.json"
+    shipped.write_text(json.dumps({"cg-dev": {"bicubic": {**_mean(30), "per_image": {"a": {}, "b": {}}},
+                                              "shipped": _mean(31)}}))  # fmt: skip
+    smoke.write_text(json.dumps({"cg-dev": {"bicubic": other_bicubic, "smoke": _mean(45)}}))
+    said = f"{shipped} and {smoke} scored other images as 'cg-dev': bicubic scores 30.00 dB in one and"
+    _refused(_run("scores_table.py", shipped, smoke), 1, said, "compare scores of the same images")
+    same = tmp_path / "same.json"  # the same images, scored on another machine: rounding apart
+    same.write_text(json.dumps({"cg-dev": {"bicubic": {**_mean(30.001), "per_image": {"b": {}, "a": {}}},
+                                           "mine": _mean(32)}}))  # fmt: skip
+    merged = _run("scores_table.py", shipped, same)
+    assert merged.returncode == 0 and "| mine | 32.00 /" in merged.stdout, merged.stderr
+
+
 def test_scores_table_refuses_rows_that_name_no_model(scores: Path) -> None:
     _refused(_run("scores_table.py", scores, "--rows", ","), 1, "names no model")
 
