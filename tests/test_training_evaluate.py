@@ -13,7 +13,15 @@ import cv2
 import pytest
 import torch
 
-from models import CheckpointError, build_model, count_macs, load_checkpoint, save_checkpoint, weights_sha256
+from models import (
+    CheckpointError,
+    build_model,
+    count_macs,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    weights_sha256,
+)
 from training.__main__ import main as training_main
 from training.config import Config, EvalConfig
 from training.data import degrade
@@ -62,7 +70,7 @@ def test_evaluate_compares_several_checkpoints(tmp_path: Path) -> None:
 
     bad = _evaluate("--checkpoint", str(paths[0]), "--sets", "cg-dev,nonsense")
     assert bad.returncode == 1 and "unknown set(s) ['nonsense']" in bad.stderr
-    # empty items are passed over, as by the scripts' --sets ("cg-dev," was "unknown set(s) ['']"); none is a usage error
+    # empty items are passed over, as by the scripts' --sets ("cg-dev," was "unknown set(s) ['']"); none is refused
     none = _evaluate("--checkpoint", str(paths[0]), "--sets", ",")
     assert none.returncode == 2 and "',' names no set; built-in sets: cg-dev" in none.stderr, none.stderr
     trailing = _evaluate("--checkpoint", str(paths[0]), "--sets", "nonsense,")
@@ -174,6 +182,32 @@ def test_a_ta_needs_a_teacher_and_a_teacher_it_gets(tmp_path: Path) -> None:
     assert alone.returncode == 1 and "is a TA: evaluating it needs its teacher's checkpoint" in alone.stderr
     wrong = _evaluate("--checkpoint", str(ta), "--teacher", str(student), "--data", str(folder))
     assert wrong.returncode == 1 and "s.safetensors is not a teacher checkpoint (it is a student, rlfn)" in wrong.stderr
+
+
+def test_a_ta_without_weight_hashes_is_refused_a_teacher_of_another_run_or_stage(tmp_path: Path) -> None:
+    """From a researcher's walkthrough: the bundled TA records no training.inputs_sha256 (it predates them), so
+    `--teacher rlfn_teacher_continuous_x2` scored it with the wrong CF' and exit 0. Its run and guide stage name
+    its teacher; a teacher that records neither is still taken on trust."""
+    from training.evaluate import checkpoint_predictor
+
+    bundled_ta = resolve_checkpoint("rlfn_ta_takdsr_x2")
+    with pytest.raises(ValueError, match=r"rlfn_ta_takdsr_x2\.safetensors is a TA trained with another teacher "
+                                         r"\(stage 'teacher' of run 'rlfn_x2'\) than .*rlfn_teacher_continuous_x2"
+                                         r"\.safetensors \(stage 'teacher_continuous' of run 'rlfn_x2'\)"):
+        checkpoint_predictor(bundled_ta, torch.device("cpu"), resolve_checkpoint("rlfn_teacher_continuous_x2"))
+    checkpoint_predictor(bundled_ta, torch.device("cpu"), resolve_checkpoint("rlfn_teacher_takdsr_x2"))
+    ta = save_checkpoint(build_model("rlfn_ta", channels=8), tmp_path / "ta.safetensors", role="ta",
+                         training={"mix": [0.3, 0.7], "run": "mine", "guides": ["teacher"]})  # fmt: skip
+    for training, refused in (({"run": "smoke", "stage": "teacher"}, True), ({}, False),
+                              ({"run": "mine", "stage": "teacher"}, False)):
+        teacher = save_checkpoint(build_model("rlfn_teacher", channels=8), tmp_path / "t.safetensors",
+                                  role="teacher", training=training)  # fmt: skip
+        if refused:
+            with pytest.raises(ValueError, match=r"\(stage 'teacher' of run 'mine'\) than .*t\.safetensors \(stage "
+                                                 r"'teacher' of run 'smoke'\)"):
+                checkpoint_predictor(ta, torch.device("cpu"), teacher)
+        else:
+            checkpoint_predictor(ta, torch.device("cpu"), teacher)
 
 
 def test_native_validation_frames_differ_from_bicubic_ones() -> None:

@@ -327,9 +327,11 @@ def checkpoint_predictor(path: str | Path, device: torch.device, teacher_path: s
 def _refuse_another_teacher(path: str | Path, training: dict[str, Any], teacher_path: str | Path) -> None:
     """ValueError when a TA recorded the weights of the teacher it learnt from (training.inputs_sha256: its
     init_from, then its guides, the teacher first) and `teacher_path` holds others: it was scored quietly with
-    another teacher's CF' (23.44 dB against 26.27 with its own). A TA that recorded none is scored as before."""
+    another teacher's CF' (23.44 dB against 26.27 with its own). A TA that recorded none (the bundled one among
+    them) is checked by the names both record: its run and guide stage against the teacher's run and stage."""
     recorded = training.get("inputs_sha256")
     if not isinstance(recorded, list) or len(recorded) < 2 or not isinstance(recorded[1], str) or not recorded[1]:
+        _refuse_another_teacher_by_name(path, training, teacher_path)
         return
     given = weights_sha256(teacher_path)
     if given != recorded[1]:
@@ -337,6 +339,20 @@ def _refuse_another_teacher(path: str | Path, training: dict[str, Any], teacher_
         raise ValueError(f"{path} is a TA trained with another teacher ({guide!r}, weights sha256 "
                          f"{recorded[1][:12]}...) than {teacher_path} (sha256 {given[:12]}...): give the teacher it "
                          "was trained with as --teacher")
+
+
+def _refuse_another_teacher_by_name(path: str | Path, ta_training: dict[str, Any], teacher_path: str | Path) -> None:
+    """For a TA without weight hashes: ValueError when the teacher records another run or stage than the TA's run
+    and first guide (`--teacher rlfn_teacher_continuous_x2` for the bundled TA: stage teacher_continuous of its run,
+    not teacher). A teacher that records neither is taken on trust, as before."""
+    teacher_training = read_metadata(teacher_path)["training"]
+    wanted = (ta_training.get("run"), (ta_training.get("guides") or [None])[0])
+    given = (teacher_training.get("run"), teacher_training.get("stage"))
+    if None in wanted or None in given or wanted == given:
+        return
+    raise ValueError(f"{path} is a TA trained with another teacher (stage {wanted[1]!r} of run {wanted[0]!r}) than "
+                     f"{teacher_path} (stage {given[1]!r} of run {given[0]!r}): give the teacher it was trained with "
+                     "as --teacher")
 
 
 def model_info(path: str | Path, lr_size: tuple[int, int]) -> ModelInfo:
