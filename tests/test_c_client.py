@@ -658,6 +658,16 @@ def test_a_closed_sessions_outcomes_are_never_returned(binary: pathlib.Path, nea
     assert "pending after close: 0" in run.stdout and "wait: TIMEOUT" in run.stdout, run.stdout
 
 
+def test_a_session_opened_for_an_open_given_up_on_is_closed(tmp_path: pathlib.Path) -> None:
+    """From a C integrator's walkthrough: with the daemon stalled, takdsr_session_open timed out; the daemon then
+    opened the session all the same, its late `opened` was dropped, and 9 MB of segments stayed until its lease
+    ended (the Python client closes such sessions). The C client now closes it too."""
+    with run_server("--backend", "nearest", "--threads", "1") as daemon:
+        run = _run([str(_build_test_program("late_opened", tmp_path)), daemon.endpoint, str(daemon.proc.pid)])
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "open: TIMEOUT" in run.stdout and "sessions open: 0" in run.stdout, run.stdout
+
+
 # --- Ctrl-C and SIGTERM: close the session, exit 128 + signal --------------------------------------------------------
 
 

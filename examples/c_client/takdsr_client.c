@@ -371,6 +371,20 @@ static bool take_outcome(takdsr_client *c, const struct reply *r) {
     return true;
 }
 
+/* A reply no call waits for (one given up on) that is not a frame's outcome. A late `opened` (a takdsr_session_open
+ * that timed out while the daemon stalled) is a session nobody holds, which kept its shared memory until its lease
+ * ended: it is closed, without waiting (its `closed` is dropped in turn). Anything else is dropped. */
+static void drop_reply(takdsr_client *c, const struct reply *r) {
+    uint64_t session;
+    if (strcmp(r->type, "opened") != 0 || !get_u64(r->map, "session", &session) || session > UINT32_MAX) return;
+    struct msg m;
+    takdsr_error saved = c->err;
+    msg_begin(&m, "close", c->next_req++, 1);
+    pk_uint(&m, "session", session);
+    msg_send(c, &m); /* best effort: its lease ends it otherwise */
+    c->err = saved;
+}
+
 /* Sends m (request id req) and waits for the reply of type `expected`; other replies are kept or dropped. On
  * TAKDSR_OK the caller owns r and must reply_free(r). */
 static int request(takdsr_client *c, struct msg *m, uint64_t req, const char *expected, struct reply *r) {
@@ -383,8 +397,8 @@ static int request(takdsr_client *c, struct msg *m, uint64_t req, const char *ex
             if (strcmp(r->type, expected) == 0) return TAKDSR_OK;
             rc = strcmp(r->type, "error") == 0 ? server_error(c, r->map)
                                                 : fail(c, TAKDSR_E_PROTOCOL, "expected %s, got %s", expected, r->type);
-        } else {
-            take_outcome(c, r); /* a done for a submit, or a late reply to a request given up on */
+        } else if (!take_outcome(c, r)) { /* a done for a submit, or else a late reply to a request given up on */
+            drop_reply(c, r);
         }
         reply_free(r);
     }
@@ -849,7 +863,7 @@ int takdsr_wait(takdsr_client *c, int timeout_ms, takdsr_event *ev) {
         struct reply r;
         int rc = recv_reply(c, deadline, wait_ms, &r);
         if (rc != TAKDSR_OK) return rc;
-        take_outcome(c, &r); /* anything else answers a request given up on: drop it */
+        if (!take_outcome(c, &r)) drop_reply(c, &r); /* anything else answers a request given up on */
         reply_free(&r);
     }
     *ev = c->ready[0];
