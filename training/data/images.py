@@ -328,8 +328,9 @@ def _files_under(root: Path) -> _Found:
     lr_named: set[Path] = set()
     for folder, _, names in walk_dataset(root, found.unreachable, found.repeats, found.caches):
         manifest = _data_command_manifest(folder / MANIFEST_NAME) if MANIFEST_NAME in names else None
-        if manifest is not None:  # the root's is refused before the scan when it is a scenes output
-            lr_named |= {folder / record["lr"] for record in manifest.get("frames", {}).values()
+        frames = manifest.get("frames") if manifest is not None else None  # a scenes output's (the root's is refused)
+        if isinstance(frames, dict):
+            lr_named |= {folder / record["lr"] for record in frames.values()
                          if isinstance(record, dict) and isinstance(record.get("lr"), str)}
         for name in names:
             path = folder / name

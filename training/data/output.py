@@ -3,7 +3,7 @@
 Checked first, so that minutes of rendering are not lost: it must not be evaluation data (guards.py), it is made
 and must take a file (an unwritable folder failed only after the first render), and one command at a time writes
 into it (two `povray` commands into one folder each rewrote the manifest from their own copy, and each lost the
-other's records). A command that fails or is stopped removes what it made and left empty.
+other's records). A command that fails or is stopped removes the folders it made and left empty.
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ def claimed_output(out: Path) -> Iterator[None]:
                                "or choose another --out") from None
         try:
             yield
-        except BaseException:
-            _remove_left_empty(out, before, made)  # while the lock is held: no other command is inside
-            raise
+        finally:  # a failure, or a stop before anything was written; while the lock is held: no other command is in
+            _remove_left_empty(out, before, made)
 
 
 def _entries(folder: Path) -> list[str]:
