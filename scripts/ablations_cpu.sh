@@ -6,15 +6,17 @@
 #   usage: [CONFIG=FILE] scripts/ablations_cpu.sh [RUN_ROOT]   (default runs/ablations; results: docs/ablations.md)
 # CONFIG (default the CPU ablation config) lets a GPU session rerun every row on a copy with a longer schedule.
 # then RUN_ROOT/scores_*.json hold the scores; scripts/scores_table.py prints them as tables.
-# It runs from the checkout (cd below): relative paths given to it are the checkout's.
+# It runs from the checkout (cd below); RUN_ROOT, CONFIG and PYTHON are taken from where it is started.
 source "$(dirname "$0")/lib/help.sh" "$@"
+source "$(dirname "$0")/lib/paths.sh"
 set -euo pipefail
+GIVEN_ROOT=$(from_here "${1:-}") CONFIG=$(from_here "${CONFIG:-}") PYTHON=$(command_from_here "${PYTHON:-}")
 cd "$(dirname "$0")/.."
 if (($# > 1)) || [[ ${1:-} == -* ]]; then  # not a folder named --x, nor a second argument left unread
     echo "ablations_cpu: usage: [CONFIG=FILE] scripts/ablations_cpu.sh [RUN_ROOT] (--help: what it does)" >&2
     exit 2
 fi
-ROOT=${1:-runs/ablations}
+ROOT=${GIVEN_ROOT:-runs/ablations}
 PY=${PYTHON:-.venv/bin/python}
 CONFIG=${CONFIG:-training/configs/rlfn_x2_ablation_cpu.toml}
 TEACHER=models/weights/rlfn_teacher_takdsr_x2.safetensors

@@ -21,9 +21,11 @@
 #                                               the gap between the CF kinds close with the teacher's schedule?
 # RUN_ROOT (default runs/backbones) holds a folder per family: results.json and report.md of the comparison,
 # cf_ta_scores.json of the corners; <family>_ship/ the shipped set (docs/ablations.md has the tables).
-# It runs from the checkout (cd below): relative paths given to it are the checkout's.
+# It runs from the checkout (cd below); RUN_ROOT and PYTHON are taken from where it is started.
 source "$(dirname "$0")/lib/help.sh" "$@"
+source "$(dirname "$0")/lib/paths.sh"
 set -euo pipefail
+RUN_ROOT=$(from_here "${RUN_ROOT:-}") PYTHON=$(command_from_here "${PYTHON:-}")
 cd "$(dirname "$0")/.."
 ROOT=${RUN_ROOT:-runs/backbones}
 PY=${PYTHON:-.venv/bin/python}

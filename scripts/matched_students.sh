@@ -12,16 +12,18 @@
 # with a saved state resumes), then copies each stage's final checkpoint to OUT_DIR/<stage>.safetensors, or,
 # for a stage stopped early, its saved state to OUT_DIR/<stage>.state.pt (put back as RUN_DIR/<stage>/state.pt,
 # a later run resumes it). Ctrl-C stops the trainers, which save their state; this script still copies it.
-# It runs from the checkout (cd below): relative paths given to it are the checkout's.
+# It runs from the checkout (cd below); RUN_DIR, OUT_DIR, CONFIG and PYTHON are taken from where it is started (the
+# --set values, such as data paths, are the checkout's, as the trainer reads them there).
 source "$(dirname "$0")/lib/help.sh" "$@"
+source "$(dirname "$0")/lib/paths.sh"
 set -uo pipefail
-cd "$(dirname "$0")/.."
-
 if [[ $# -lt 3 ]]; then
     usage_text
     exit 2
 fi
-run_dir=$1 out_dir=$2 steps=$3
+run_dir=$(from_here "$1") out_dir=$(from_here "$2") steps=$3
+CONFIG=$(from_here "${CONFIG:-}") PYTHON=$(command_from_here "${PYTHON:-}")
+cd "$(dirname "$0")/.."
 shift 3
 STAGES=student_takdsr,student_pisr,student_alone
 # PYTHON runs the trainers: by default the repository's .venv (scripts/setup.sh) when there is one, else python3

@@ -380,3 +380,33 @@ def test_ablations_pass_a_sigterm_on_to_each_running_trainer(fake: dict[str, str
         assert process.returncode == 130, output
     assert sorted(event["signum"] for event in events(env, "signal")) == [signal.SIGINT, signal.SIGINT]
     assert len(events(env, "stopped")) == 2 and len(events(env, "start")) == 2  # no next row, no evaluation
+
+
+# -- relative paths: from where the driver is started, not the checkout it cds into ----------------------------------
+
+
+def test_relative_paths_are_taken_from_where_a_driver_is_started(fake: dict[str, str], tmp_path: Path) -> None:
+    """`cd /data && bash <checkout>/scripts/ablations_cpu.sh runs` wrote into <checkout>/runs: the drivers cd into the
+    checkout, and relative RUN_ROOT, RUN_DIR, OUT_DIR, CONFIG and PYTHON were read from there."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "bin").mkdir()
+    os.symlink(fake["PYTHON"], here / "bin" / "python")  # PYTHON=bin/python: a path, from here
+    env = {**fake, "FAKE_FINAL": "1", "PYTHON": "bin/python"}
+
+    def started_here(script: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(SCRIPTS / script), *args], cwd=here, env={**env, **extra},
+                              capture_output=True, text=True, timeout=20)  # fmt: skip
+
+    ablations = started_here("ablations_cpu.sh", "abl")
+    assert ablations.returncode == 0, ablations.stdout + ablations.stderr
+    assert (here / "abl" / "base").is_dir() and not (REPO / "abl").exists()
+    matched = started_here("matched_students.sh", "run", "out", "10", CONFIG="my.toml")
+    assert not (REPO / "run").exists() and not (REPO / "out").exists()
+    assert (here / "out").is_dir(), matched.stderr
+    configs = {arg(call, "--config") for call in events(fake, "start") if "--config" in call["args"]}
+    assert str(here / "my.toml") in configs, configs  # the fake fails on a missing config, as the trainer does
+    backbones = started_here("backbones_cpu.sh", "teachers", "rfdn", "10", RUN_ROOT="bb")
+    assert not (REPO / "bb").exists()
+    assert any(arg(call, "--run-dir").startswith(f"{here}/bb/") for call in events(fake, "start")
+               if "--run-dir" in call["args"]), backbones.stdout + backbones.stderr
