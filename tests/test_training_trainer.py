@@ -801,7 +801,9 @@ def test_pipeline_checks_its_evaluation_folders_before_training(image_folder: Pa
     config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 1},
                          eval={"cg_dev": True, "folders": [str(image_folder), str(tmp_path / "gone")]})  # fmt: skip
     with pytest.raises(FileNotFoundError, match=r"no-shared/data/cg-dev \(cg-dev; the shared data folder is "
-                                                r"\$TAKDSR_SHARED=.*no-shared\); .*/gone$"):
+                                                r"\$TAKDSR_SHARED=.*no-shared; or score without it: --set "
+                                                r"eval.cg_dev=false for a config, --sets or --data for evaluate\); "
+                                                r".*/gone$"):
         run_pipeline(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing trained
     with pytest.warns(UserWarning, match=r"\$TAKDSR_SHARED=.*no-shared does not exist: no evaluation data there"):

@@ -113,7 +113,9 @@ def check_eval_folders(config: Config, min_lr_side: int | None = None) -> None:
     the evaluation could score, so that a run does not train every stage and then fail on its evaluation."""
     folders = [(Path(folder), "") for folder in config.eval.folders]
     if config.eval.cg_dev:
-        folders.insert(0, (default_eval_dir(), f" (cg-dev; {shared_hint()})"))
+        # a pip user has no shared folder: say how to score without cg-dev too (smoke_cpu failed with no way round)
+        folders.insert(0, (default_eval_dir(), f" (cg-dev; {shared_hint()}; or score without it: --set "
+                                               "eval.cg_dev=false for a config, --sets or --data for evaluate)"))
     missing = [f"{folder}{' (a file, not a folder)' if folder.exists() else ''}{hint}"
                for folder, hint in folders if not folder.is_dir()]
     if missing:
