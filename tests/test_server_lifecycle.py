@@ -894,7 +894,7 @@ def test_an_engine_failing_at_start_up_is_one_log_line_and_exit_1(
     from upscaler_server import engine as engine_module
     from upscaler_server.errors import EngineError
 
-    def failing_engine(config):  # type: ignore[no-untyped-def]
+    def failing_engine(config, on_tune=None):  # type: ignore[no-untyped-def]
         raise EngineError("onnxruntime failed on the 1920x1080 measurement")
 
     monkeypatch.setattr(engine_module, "build_engine", failing_engine)
@@ -1190,6 +1190,64 @@ def _zmtp_dealer(path: str) -> socket.socket:
     ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
     peer.sendall(greeting + b"\x04" + bytes([len(ready)]) + ready)  # 0x04: a short command frame
     return peer
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x01", b"\x01\x00\x06\x00hello", b"\xff" + bytes(8) + b"\x7f\x01\x05"],
+                         ids=["zmtp1-one-byte", "zmtp1-message", "zmtp2-greeting"])
+def test_a_peer_of_an_older_zeromq_protocol_is_dropped_at_once(first_bytes: bytes) -> None:
+    """From a hostile-client review: libzmq also speaks ZMTP 1.0 and 2.0, whose peers neither the 5 s greeting
+    timer nor the heartbeat ever drops (both are ZMTP 3's): one byte that was not ZMTP 3's signature held a
+    descriptor for ever (110 of them locked every client out at a 128-descriptor limit), and a part of a 30 MiB
+    message its memory. Such peers are refused now; ZMTP 3 clients are served as before."""
+    with run_server("--backend", "nearest") as daemon:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+            peer.connect(daemon.endpoint.removeprefix("ipc://"))
+            peer.sendall(first_bytes)
+            peer.settimeout(3)
+            start = time.monotonic()
+            while peer.recv(4096):  # the daemon's greeting, if any, then the end of the stream
+                pass
+            assert time.monotonic() - start < 2, "dropped only by a timer, not at once"
+        with UpscalerClient(daemon.endpoint, timeout=10) as client:
+            client.ping()
+
+
+def test_one_connection_queues_a_bounded_number_of_messages_while_the_loop_is_busy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a hostile-client review: while the daemon's loop was busy (reserving a large session's pages), libzmq
+    read up to 1000 messages of one connection into memory, so 30 MiB messages grew the daemon past a gigabyte. It
+    now reads 8 (a session's slots) and then leaves the rest to the client's side until the loop catches up: here
+    11 messages of 1 MiB went out before the client's sends blocked, against all 200 tried before."""
+    from upscaler_server.engine import NearestEngine
+    from upscaler_server.server import Server
+
+    gate = threading.Event()
+    read_requests = Server._read_requests
+
+    def busy_loop(self: Server, router: zmq.Socket[bytes]) -> None:
+        gate.wait(30)
+        read_requests(self, router)
+
+    monkeypatch.setattr(Server, "_read_requests", busy_loop)
+    with serve_here(NearestEngine(2)) as daemon:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        sender = ctx.socket(zmq.DEALER)
+        sender.linger = 0
+        sender.setsockopt(zmq.SNDHWM, 1)  # the client's own queue: one message
+        sender.connect(daemon.endpoint)
+        try:
+            sent, last_sent = 0, time.monotonic()
+            while time.monotonic() - last_sent < 1.5 and sent < 200:
+                try:
+                    sender.send(bytes(1 << 20), zmq.NOBLOCK)
+                    sent, last_sent = sent + 1, time.monotonic()
+                except zmq.Again:
+                    time.sleep(0.01)
+            assert sent <= 16, f"{sent} messages of 1 MiB taken while the loop was busy"
+        finally:
+            gate.set()
+            sender.close(linger=0)
+            ctx.term()
 
 
 def test_a_connection_that_stops_midway_through_a_message_is_closed_after_a_lease() -> None:

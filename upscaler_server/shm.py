@@ -100,6 +100,7 @@ class Ring:
     """A mapped segment holding a ring of frame slots; ``owner`` rings were created here and may be unlinked."""
 
     _removed_by_others = False  # whether an owned segment was found removed already (this process warned of it)
+    _replaced_by_others = False  # whether an owned segment's name was found holding something else (warned of)
 
     def __init__(self, shm: _Mapping, layout: RingLayout, owner: bool) -> None:
         self._shm: _Mapping | None = shm
@@ -116,15 +117,17 @@ class Ring:
             shm = _Mapping(name=name.lstrip("/"), create=True, size=layout.size)
         except OSError as exc:
             raise SharedMemoryError(f"cannot create shared memory {name} ({layout.size} bytes): {exc}") from exc
-        # a shared lock for as long as the descriptor is open (the kernel drops it however this process ends): what
-        # tells another daemon that the segment's owner lives, where pids cannot (remove_stale_segments)
-        fcntl.flock(shm._fd, fcntl.LOCK_SH)  # type: ignore[attr-defined]
         ring = cls(shm, layout, owner=True)
         try:
-            _reserve(name, layout.size)
-        except SharedMemoryError:
+            # a shared lock for as long as the descriptor is open (the kernel drops it however this process ends):
+            # what tells another daemon that the segment's owner lives, where pids cannot (remove_stale_segments)
+            fcntl.flock(shm._fd, fcntl.LOCK_SH)  # type: ignore[attr-defined]
+            _reserve(shm._fd, name, layout.size)  # type: ignore[attr-defined]
+        except BaseException as exc:  # whatever failed, the segment goes: it was left behind with no session
             ring.unlink()
             ring.close()
+            if isinstance(exc, OSError) and not isinstance(exc, SharedMemoryError):  # an INTERNAL reply before
+                raise SharedMemoryError(f"cannot set up shared memory {name} ({layout.size} bytes): {exc}") from exc
             raise
         return ring
 
@@ -254,7 +257,11 @@ class Ring:
             log.log(level, "shared memory %s was already removed by someone else (a client must not unlink the "
                     "daemon's segments; further ones are logged at DEBUG)", self.name)
         except OSError as exc:  # the name now holds something else (a client's folder): not ours to remove
-            log.warning("cannot remove shared memory %s: %s", self.name, exc)
+            # warned of once too: a client doing it to every session wrote 2 lines per session, 9,900 in 5 s
+            level = logging.DEBUG if Ring._replaced_by_others else logging.WARNING
+            Ring._replaced_by_others = True
+            log.log(level, "cannot remove shared memory %s: %s (a client must not replace the daemon's segments; "
+                    "further ones are logged at DEBUG)", self.name, exc)
         # nor the resource tracker's business: it would try again at exit and report the segment as leaked
         resource_tracker.unregister(self.name, "shared_memory")  # type: ignore[attr-defined,unused-ignore]
 
@@ -447,18 +454,16 @@ def _check_space(size: int) -> None:
                                 "fewer slots or a smaller frame, or enlarge the tmpfs")
 
 
-def _reserve(name: str, size: int) -> None:
-    """Allocate the pages now: tmpfs would otherwise fail later with SIGBUS when the daemon first writes."""
-    path = SHM_DIR / name.lstrip("/")
-    if not hasattr(os, "posix_fallocate") or not path.exists():
+def _reserve(fd: int, name: str, size: int) -> None:
+    """Allocate the pages of segment ``name`` (open as ``fd``) now: tmpfs would otherwise fail later with SIGBUS when
+    the daemon first writes. Through the segment's own descriptor: opening it again failed near the open-file limit
+    (EMFILE), as an INTERNAL reply that left the segment behind."""
+    if not hasattr(os, "posix_fallocate") or not (SHM_DIR / name.lstrip("/")).exists():
         return
-    fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         raise SharedMemoryError(f"cannot reserve {size} bytes for {name}: {exc}") from exc
-    finally:
-        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:
