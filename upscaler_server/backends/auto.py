@@ -174,14 +174,14 @@ class AutoEngine(Engine):
                      f"torch={torch.__version__}|ort={_version('onnxruntime')}|trt={_version('tensorrt')}|"
                      f"model={settings.model_hash[:24]}|precision={settings.precision}|{','.join(self.labels)}|"
                      f"tol={tolerance.max_levels}lv/{tolerance.min_psnr:g}dB")
-        self._on_measure = on_tune
+        self._on_tune = on_tune
         for width, height in tune_sizes:
             try:
                 self.check_input_size(height, width)
             except EngineError as exc:  # a setting, not a frame: the daemon and the offline CLI exit 2 with it
                 raise ConfigError(f"--tune-sizes {width}x{height}: {exc}") from None
             self.prepare(height, width, PIXEL_FORMATS["RGB8"])
-        self._on_measure = None  # a new size's first frame is measured while serving: the watchdog's business
+        self._on_tune = None  # a new size's first frame is measured while serving: the watchdog's business
 
     def prepare(self, height: int, width: int, fmt: PixelFormat) -> None:
         self._engine(self._choose(height, width)).prepare(height, width, fmt)
@@ -240,8 +240,8 @@ class AutoEngine(Engine):
         reference = self._engine(_REFERENCE).run(frame, rgb)
         results = {}
         for number, label in enumerate(self.labels, 1):
-            if self._on_measure is not None:
-                self._on_measure(f"{label} at {width}x{height}, {number} of {len(self.labels)}")
+            if self._on_tune is not None:
+                self._on_tune(f"{label} at {width}x{height}, {number} of {len(self.labels)}")
             results[label] = self._try(label, frame, reference)
         accepted = {label: r["ms"] for label, r in results.items() if r["ok"]}
         label = min(accepted, key=accepted.__getitem__)
