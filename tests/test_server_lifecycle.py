@@ -1192,26 +1192,6 @@ def _zmtp_dealer(path: str) -> socket.socket:
     return peer
 
 
-@pytest.mark.parametrize("first_bytes", [b"\x01", b"\x01\x00\x06\x00hello", b"\xff" + bytes(8) + b"\x7f\x01\x05"],
-                         ids=["zmtp1-one-byte", "zmtp1-message", "zmtp2-greeting"])
-def test_a_peer_of_an_older_zeromq_protocol_is_dropped_at_once(first_bytes: bytes) -> None:
-    """From a hostile-client review: libzmq also speaks ZMTP 1.0 and 2.0, whose peers neither the 5 s greeting
-    timer nor the heartbeat ever drops (both are ZMTP 3's): one byte that was not ZMTP 3's signature held a
-    descriptor for ever (110 of them locked every client out at a 128-descriptor limit), and a part of a 30 MiB
-    message its memory. Such peers are refused now; ZMTP 3 clients are served as before."""
-    with run_server("--backend", "nearest") as daemon:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
-            peer.connect(daemon.endpoint.removeprefix("ipc://"))
-            peer.sendall(first_bytes)
-            peer.settimeout(3)
-            start = time.monotonic()
-            while peer.recv(4096):  # the daemon's greeting, if any, then the end of the stream
-                pass
-            assert time.monotonic() - start < 2, "dropped only by a timer, not at once"
-        with UpscalerClient(daemon.endpoint, timeout=10) as client:
-            client.ping()
-
-
 def test_one_connection_queues_a_bounded_number_of_messages_while_the_loop_is_busy(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """From a hostile-client review: while the daemon's loop was busy (reserving a large session's pages), libzmq

@@ -71,7 +71,6 @@ _FAREWELL_MS = 200  # how long closing the socket may take to send the last repl
 _ONE_FRAME = "a request is one frame (DEALER) or an empty delimiter frame and one frame (REQ)"
 _HANDSHAKE_MS = 5000  # ZeroMQ's greeting must arrive within this after a connection opens
 _PING_MS = 1000  # ZeroMQ PINGs each connection this often (libzmq answers them in its I/O thread)
-_ZAP_DOMAIN = b"takdsr"  # set only so that libzmq refuses ZMTP 1.0 and 2.0 peers (see _bind)
 _QUEUED_PER_CONNECTION = 8  # messages libzmq holds for one connection before it stops reading it (a session's slots)
 _MIN_SILENCE_MS = 1000  # a connection silent for a lease, but at least this long, is closed
 _FD_LIMIT = 1 << 16  # open files to ask for when the hard limit is unlimited
@@ -158,11 +157,6 @@ class Server:
         # at the same time anyway, and it may hold a message it stopped sending midway (up to MAXMSGSIZE of memory)
         router.setsockopt(zmq.HEARTBEAT_IVL, _PING_MS)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(_MIN_SILENCE_MS, round(self.config.lease_timeout * 1000)))
-        # Those two timers exist only in ZMTP 3, and libzmq also accepts the older ZMTP 1.0 and 2.0, whose peers no
-        # timer ever drops: one byte that is not ZMTP 3's signature held a descriptor, and a part of a message its
-        # memory, for ever. A ZAP domain makes libzmq refuse those versions (no ZAP handler is bound, so ZMTP 3
-        # peers are let in as before: the domain is not enforced).
-        router.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
         # ZeroMQ queues up to RCVHWM messages per connection while the loop is busy (the fallocate of a large open):
         # 1000 by default, which let one connection of 30 MiB messages hold a gigabyte. Past the mark it stops
         # reading that connection until the loop catches up (nothing is dropped)
