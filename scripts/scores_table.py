@@ -33,7 +33,7 @@ SAME_BASELINE_DB = 0.005  # the baselines of one set scored twice: equal but for
 
 def merged_scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
     """{set: {label: {"mean": ..., "per_image": ...}}} over several files; a label scored twice on one set is an
-    error, and so are files whose baselines differ on a set (they scored other images: see _other_images)."""
+    error, and so are files whose baselines differ on a set (they scored other images: _refuse_other_images)."""
     merged: dict[str, dict[str, Any]] = {}
     found_in: dict[tuple[str, str], Path] = {}
     for path in paths:

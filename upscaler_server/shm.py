@@ -37,6 +37,7 @@ SLOT_ALIGN = 4096  # slot starts are page-aligned so a slot can be mapped, DMA'd
 SHM_DIR = pathlib.Path("/dev/shm")  # where Linux exposes POSIX shared memory; absent elsewhere (no stale scan)
 _PREFIX = "takdsr"
 _NAME = re.compile(rf"/{_PREFIX}-(\d+)-(\d+)-([0-9a-f]{{8}})-(in|out)")  # segment_name's: uid, pid, session, kind
+_WARNED_OF: set[str] = set()  # kinds of tampering with owned segments this process warned of (_first_warning)
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,6 @@ def check_segment_name(name: str, session: int, kind: str) -> None:
 
 class Ring:
     """A mapped segment holding a ring of frame slots; ``owner`` rings were created here and may be unlinked."""
-
-    _removed_by_others = False  # whether an owned segment was found removed already (this process warned of it)
-    _replaced_by_others = False  # whether an owned segment's name was found holding something else (warned of)
 
     def __init__(self, shm: _Mapping, layout: RingLayout, owner: bool) -> None:
         self._shm: _Mapping | None = shm
@@ -251,17 +249,12 @@ class Ring:
         try:
             self._shm.unlink()  # also unregisters it from the resource tracker: no second unlink at exit
             return
-        except FileNotFoundError:  # a client that unlinks its segments does it for every one: warned of once
-            level = logging.DEBUG if Ring._removed_by_others else logging.WARNING
-            Ring._removed_by_others = True
-            log.log(level, "shared memory %s was already removed by someone else (a client must not unlink the "
-                    "daemon's segments; further ones are logged at DEBUG)", self.name)
+        except FileNotFoundError:  # a client that unlinks its segments does it for every one
+            log.log(_first_warning("removed"), "shared memory %s was already removed by someone else (a client must "
+                    "not unlink the daemon's segments; further ones are logged at DEBUG)", self.name)
         except OSError as exc:  # the name now holds something else (a client's folder): not ours to remove
-            # warned of once too: a client doing it to every session wrote 2 lines per session, 9,900 in 5 s
-            level = logging.DEBUG if Ring._replaced_by_others else logging.WARNING
-            Ring._replaced_by_others = True
-            log.log(level, "cannot remove shared memory %s: %s (a client must not replace the daemon's segments; "
-                    "further ones are logged at DEBUG)", self.name, exc)
+            log.log(_first_warning("replaced"), "cannot remove shared memory %s: %s (a client must not replace the "
+                    "daemon's segments; further ones are logged at DEBUG)", self.name, exc)
         # nor the resource tracker's business: it would try again at exit and report the segment as leaked
         resource_tracker.unregister(self.name, "shared_memory")  # type: ignore[attr-defined,unused-ignore]
 
@@ -452,6 +445,14 @@ def _check_space(size: int) -> None:
     if size > free:
         raise SharedMemoryError(f"{SHM_DIR} has {free} bytes free, a session needs {size}: close sessions, use "
                                 "fewer slots or a smaller frame, or enlarge the tmpfs")
+
+
+def _first_warning(kind: str) -> int:
+    """WARNING the first time this process meets this ``kind`` of tampering with its segments, DEBUG after (a client
+    doing it to every session wrote 2 lines per session, 9,900 in 5 s)."""
+    level = logging.DEBUG if kind in _WARNED_OF else logging.WARNING
+    _WARNED_OF.add(kind)
+    return level
 
 
 def _reserve(fd: int, name: str, size: int) -> None:

@@ -49,11 +49,16 @@ def refuse_evaluation_output(folder: Path) -> None:
     """DatasetError when a data command writing into `folder` would change evaluation data: `folder` is a cg-dev
     folder or lies in one, however it is spelt (a link, `..`). Its renders went in beside the frames, and the next
     evaluation scored them too."""
-    real = folder.resolve()  # also for a folder that does not exist yet: its existing part is resolved
-    for eval_dir in _evaluation_dirs():
-        if real == eval_dir or eval_dir in real.parents:
-            raise DatasetError(f"--out {folder} is the evaluation frames {eval_dir} or lies in them: never render "
-                               "into them (the next evaluation would score the renders too); choose another folder")
+    # resolved also for a folder that does not exist yet: its existing part is
+    eval_dir = _evaluation_dir_of(folder.resolve(), _evaluation_dirs())
+    if eval_dir is not None:
+        raise DatasetError(f"--out {folder} is the evaluation frames {eval_dir} or lies in them: never render "
+                           "into them (the next evaluation would score the renders too); choose another folder")
+
+
+def _evaluation_dir_of(real: Path, eval_dirs: list[Path]) -> Path | None:
+    """The folder of `eval_dirs` that `real` (a resolved path) is or lies in, else None."""
+    return next((eval_dir for eval_dir in eval_dirs if real == eval_dir or eval_dir in real.parents), None)
 
 
 def _evaluation_dirs() -> list[Path]:
@@ -81,9 +86,9 @@ def _reserved_povray_scenes() -> set[str] | None:
 
 def _refuse_evaluation_folder(reached: Path, real: Path, eval_dirs: list[Path]) -> None:
     """DatasetError when the scanned folder `reached` (really `real`) is a cg-dev folder or lies in one."""
-    for eval_dir in eval_dirs:
-        if real == eval_dir or eval_dir in real.parents:
-            raise DatasetError(f"{reached} is the evaluation frames {eval_dir} or lies in them: never train on them")
+    eval_dir = _evaluation_dir_of(real, eval_dirs)
+    if eval_dir is not None:
+        raise DatasetError(f"{reached} is the evaluation frames {eval_dir} or lies in them: never train on them")
 
 
 def _file_ids(eval_dirs: list[Path]) -> dict[FileId, Path]:
@@ -119,8 +124,7 @@ def _refuse_evaluation_files(folder: Path, names: list[str], eval_dirs: list[Pat
             continue  # a broken link: the scan skips it as unreachable
         eval_dir = eval_files.get((found.st_dev, found.st_ino))
         if eval_dir is None and is_link:
-            real = Path(os.path.realpath(path))
-            eval_dir = next((eval_dir for eval_dir in eval_dirs if eval_dir in real.parents), None)
+            eval_dir = _evaluation_dir_of(Path(os.path.realpath(path)), eval_dirs)  # a file: never a folder itself
         if eval_dir is not None:
             raise DatasetError(f"{path} is a link to a frame of the evaluation frames {eval_dir}: never train on them")
 
