@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,16 @@ def merged_info(paths: list[Path]) -> dict[str, dict[str, Any]]:
 
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON, with a null PSNR read as infinite: evaluate writes an image reproduced exactly so (a mean
+    over images including one is infinite too), as JSON has no Infinity."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_hook=_null_psnr_as_infinite)
     except ValueError as exc:  # not JSON, or not UTF-8
         raise ValueError(f"{path} is not a JSON file ({exc})") from None
+
+
+def _null_psnr_as_infinite(obj: dict[str, Any]) -> dict[str, Any]:
+    return {key: math.inf if value is None and key.startswith("psnr") else value for key, value in obj.items()}
 
 
 def _scores_by_set(path: Path) -> dict[str, dict[str, Any]]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,33 @@ def test_evaluate_compares_several_checkpoints(tmp_path: Path) -> None:
     assert none.returncode == 2 and "',' names no set; built-in sets: cg-dev" in none.stderr, none.stderr
     trailing = _evaluate("--checkpoint", str(paths[0]), "--sets", "nonsense,")
     assert trailing.returncode == 1 and "unknown set(s) ['nonsense']" in trailing.stderr, trailing.stderr
+
+
+def _strict_json(text: str) -> object:
+    """JSON as jq or JavaScript read it: Infinity and NaN are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_image_reproduced_exactly_is_scored_infinite_and_written_as_json(tmp_path: Path) -> None:
+    folder = make_image_folder(tmp_path / "images", count=1, size=(48, 64))
+    cv2.imwrite(str(folder / "flat.png"), np.full((48, 64, 3), 90, np.uint8))  # bicubic gives it back exactly
+    model = build_model("rlfn_s", channels=8)
+    checkpoint = save_checkpoint(model, tmp_path / "final.safetensors", role="student")
+    output = tmp_path / "scores.json"
+    result = _evaluate("--checkpoint", str(checkpoint), "--data", str(folder), "--json", str(output))
+    assert result.returncode == 0, result.stderr
+    bicubic = _strict_json(output.read_text())["images"]["bicubic"]  # json wrote Infinity before
+    assert bicubic["per_image"]["flat"]["psnr_rgb"] is None and bicubic["mean"]["psnr_y"] is None
+    assert bicubic["per_image"]["flat"]["ssim_rgb"] == pytest.approx(1.0)
+    assert isinstance(bicubic["per_image"]["img0"]["psnr_rgb"], float)
+    table = subprocess.run([sys.executable, str(REPO / "scripts" / "scores_table.py"), str(output)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "| bicubic | inf / " in table.stdout
 
 
 def test_evaluate_and_latency_take_bundled_names(tmp_path: Path) -> None:

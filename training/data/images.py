@@ -10,6 +10,7 @@ back buffer's alpha is often 0 or junk), and compositing over a background would
 import contextlib
 import hashlib
 import json
+import math
 import os
 import secrets
 import stat
@@ -93,8 +94,21 @@ def read_manifest(path: Path, tables: tuple[str, ...], command: str) -> dict:
 
 
 def write_json_atomic(path: Path, value: object, *, indent: int = 1, sort_keys: bool = True) -> None:
-    """Write `value` as JSON (ASCII, so any image name fits) whole or not at all: `write_text_atomic`."""
-    write_text_atomic(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
+    """Write `value` as JSON (ASCII, so any image name fits) whole or not at all: `write_text_atomic`. A float that
+    is not finite (the PSNR of an image reproduced exactly is infinite) is written as null: json's own Infinity and
+    NaN are not JSON, and jq, JavaScript and most other readers refuse the whole file."""
+    text = json.dumps(_non_finite_as_null(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    write_text_atomic(path, text + "\n")
+
+
+def _non_finite_as_null(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _non_finite_as_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_non_finite_as_null(item) for item in value]
+    return value
 
 
 def write_text_atomic(path: Path, text: str) -> None:
