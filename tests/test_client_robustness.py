@@ -25,7 +25,7 @@ import pytest
 
 from upscaler_server import config
 from upscaler_server.client import _AUTO_SESSIONS, UpscalerClient
-from upscaler_server.client_session import retry_busy
+from upscaler_server.client_session import Session, retry_busy
 from upscaler_server.errors import (
     BusyError,
     ClientInterruptedError,
@@ -370,12 +370,14 @@ def test_many_dropped_sessions_and_no_daemon_never_hang_the_client(call: str) ->
         stop(daemon.proc)
 
 
-def _use_after_fork(client: UpscalerClient, answer: multiprocessing.Queue) -> None:
-    try:
-        client.ping()
-        answer.put("no error")
-    except UpscalerError as exc:
-        answer.put(str(exc))
+def _use_after_fork(client: UpscalerClient, session: Session, answer: multiprocessing.Queue) -> None:
+    """Each call's error in the child, or "no error": input() and output() returned views of the parent's slots."""
+    for call in (client.ping, lambda: session.input(0), lambda: session.output(0)):
+        try:
+            call()
+            answer.put("no error")
+        except UpscalerError as exc:
+            answer.put(str(exc))
 
 
 # Python 3.12+ warns of any fork in a process with threads (the client's heartbeat): forking one is what is tested
@@ -385,13 +387,16 @@ def test_a_client_used_after_fork_says_so_instead_of_hanging() -> None:
             UpscalerClient(daemon.endpoint, timeout=2, retries=1, name="pytest") as client:
         context = multiprocessing.get_context("fork")
         answer = context.Queue()
-        child = context.Process(target=_use_after_fork, args=(client, answer))
+        session = client.open_session(16, 16, "RGB8", slots=1)
+        child = context.Process(target=_use_after_fork, args=(client, session, answer))
         child.start()
         child.join(30)
         if child.is_alive():  # the hang this test is about: end it, then fail
             child.kill()
             child.join(10)
-        assert child.exitcode == 0 and "created in another process" in answer.get(timeout=5)
+        assert child.exitcode == 0
+        for call in ("ping", "input", "output"):
+            assert "created in another process" in answer.get(timeout=5), call
         assert client.ping() > 0  # the parent's client is untouched
 
 
@@ -641,7 +646,7 @@ def test_a_client_finds_a_killed_daemon_within_a_second_not_after_every_timeout(
                  "session.upscale": lambda: session.upscale(np.zeros((16, 16, 3), np.uint8))}  # fmt: skip
         for name, call in calls.items():
             start = time.monotonic()
-            with pytest.raises(ServerUnavailableError):
+            with pytest.raises(ServerUnavailableError, match="no longer running"):  # a frame's said "is it running?"
                 call()
             assert time.monotonic() - start < 4.0, name  # about 1 s (a frame) or 2 s (a request); was 10 or 40 s
         with pytest.raises(ServerUnavailableError, match=r"no upscaler daemon at .*no longer running"):
@@ -682,6 +687,18 @@ def test_a_forked_child_leaving_a_with_block_exits_cleanly() -> None:
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "child status 0" in done.stdout, done.stderr
         assert done.stderr == "", done.stderr
+        # a child that exits without a with block: the parent's client, still open, is not the child's to close
+        # (the child's exit warned "an UpscalerClient ... was not closed; call close()")
+        script = ("import os, sys, warnings\nfrom upscaler_server.client import UpscalerClient\n"
+                  "warnings.filterwarnings('ignore', 'This process .* is multi-threaded', DeprecationWarning)\n"
+                  f"client = UpscalerClient({daemon.endpoint!r}, name='pytest')\n"
+                  "if os.fork() == 0:\n"
+                  "    sys.exit(0)\n"
+                  "os.wait()\n"
+                  "client.close()\n")
+        warned = [sys.executable, "-W", "default::ResourceWarning", "-c", script]  # the warning's category
+        done = subprocess.run(warned, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "was not closed" not in done.stderr, done.stderr
 
 
 def test_ctrl_c_right_after_a_reply_is_taken_does_not_lose_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -730,6 +747,12 @@ def test_clients_and_sessions_refuse_to_be_copied_and_take_numpy_integers() -> N
                     view(slot)
         with pytest.raises(SessionError, match=r"slot 2 is out of range \[0, 2\)"):
             session.input(2)
+        # a bool is no int in the protocol: open_session(True, 8) opened a 1 px wide session, frame=True was sent
+        bools = {"width": lambda: client.open_session(True, 8), "slots": lambda: client.open_session(8, 8, slots=False),
+                 "frame": lambda: session.submit(0, frame=True)}  # fmt: skip
+        for name, call in bools.items():
+            with pytest.raises(TypeError, match=f"{name} must be an int, got"):
+                call()
         with pytest.raises(ValueError, match="wait must be a number of seconds >= 0"):
             session.has_result(float("nan"))
         for wait in ("1", None):  # a TypeError, as collect's and the client's timeouts give

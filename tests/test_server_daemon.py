@@ -237,6 +237,9 @@ def test_client_side_misuse_is_caught(client: UpscalerClient) -> None:
     # a frame of the wrong shape is an argument wrong in itself: ValueError from the client and from a session alike
     with pytest.raises(ValueError, match="uint8 arrays"):
         client.upscale(np.zeros((16, 16, 2), np.uint8))
+    for empty in ((0, 64, 3), (64, 0, 4)):  # were ProtocolError, as if the daemon had refused them
+        with pytest.raises(ValueError, match="with H, W > 0"):
+            client.upscale(np.zeros(empty, np.uint8))
     with pytest.raises(ValueError, match="does not match session"):
         session.upscale(np.zeros((16, 8, 3), np.uint8))
 

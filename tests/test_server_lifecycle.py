@@ -33,6 +33,7 @@ from upscaler_server.errors import (
     ErrorCode,
     ServerUnavailableError,
     SessionError,
+    SessionLostError,
     UpscalerError,
 )
 
@@ -328,6 +329,36 @@ def test_client_recovers_when_the_daemon_restarts(short_dir: pathlib.Path) -> No
         client.close()
 
 
+def test_a_frame_lost_with_a_killed_daemon_costs_no_timeout_once_it_is_restarted(short_dir: pathlib.Path) -> None:
+    """A frame in flight when the daemon was killed (what a supervisor's Restart=on-failure restarts) stalled the next
+    call a whole timeout once a new daemon listened: the client only looked whether anyone listened, and a new daemon
+    never answers what was sent to the old one. The end of the connection now tells the client at once."""
+    endpoint = f"ipc://{short_dir}/d.sock"
+    frame = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    expected = np.repeat(np.repeat(frame, 2, 0), 2, 1)
+    client: UpscalerClient | None = None
+    try:
+        with run_server("--backend", "nearest", endpoint=endpoint, check_clean=False) as first:
+            client = UpscalerClient(endpoint, timeout=30, retries=1)
+            np.testing.assert_array_equal(client.upscale(frame), expected)  # its auto session: one slot
+            session = client.open_session(16, 16, "RGB8", slots=1)
+            first.proc.send_signal(signal.SIGSTOP)  # neither frame is answered before the kill
+            session.submit(0)
+            threading.Timer(0.5, first.proc.kill).start()
+            with pytest.raises(ServerUnavailableError):
+                client.upscale(frame)  # the auto session's slot now holds a frame given up on
+            first.proc.wait(10)
+        with run_server("--backend", "nearest", endpoint=endpoint):  # nobody waited while no daemon listened
+            start = time.monotonic()
+            with pytest.raises(SessionLostError):
+                session.collect()
+            np.testing.assert_array_equal(client.upscale(frame), expected)  # waited for its slot's lost frame
+            assert time.monotonic() - start < 10  # about 1 s; was 30 s for each
+    finally:
+        if client is not None:
+            client.close()
+
+
 def test_slow_frames_after_a_restart_are_awaited_not_lost(short_dir: pathlib.Path) -> None:
     """After a restart, a frame slower than the client's timeout still comes back: the client compares the ping's
     daemon with the new one, not with the one it first said hello to."""
@@ -377,8 +408,9 @@ def test_closed_sessions_and_clients_say_so() -> None:
         session.close()
         for call in (lambda: session.input(0), lambda: session.output(0), session.collect,
                      lambda: session.upscale(np.zeros((24, 32, 3), np.uint8))):  # fmt: skip
-            with pytest.raises(SessionError, match="is closed"):
+            with pytest.raises(SessionLostError, match="is closed") as info:  # what the daemon's reply raises
                 call()
+            assert info.value.code == ErrorCode.UNKNOWN_SESSION
         client.close()
         with pytest.raises(UpscalerError, match="UpscalerClient is closed") as info:
             client.ping()
@@ -412,7 +444,10 @@ def test_no_daemon_behind_an_ipc_path_is_reported_at_once(short_dir: pathlib.Pat
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(stale))
     listener.close()  # the file stays, nobody listens: what SIGKILL leaves
-    for path, why in ((short_dir / "nobody.sock", "does not exist"), (stale, "no longer running")):
+    plain_file = short_dir / "passwd"  # was "left by a daemon that is no longer running" too
+    plain_file.write_text("root:x:0:0\n")
+    for path, why in ((short_dir / "nobody.sock", "does not exist"), (stale, "no longer running"),
+                      (plain_file, "is not a socket: check the endpoint")):  # fmt: skip
         start = time.monotonic()
         with pytest.raises(ServerUnavailableError, match=f"no upscaler daemon at ipc://{path}: .*{why}"):
             UpscalerClient(f"ipc://{path}", timeout=5, retries=1)

@@ -52,6 +52,7 @@ from upscaler_server.client_session import (
     Session,
     exclusive,
     expect_reply,
+    int_argument,
     positive_timeout,
     require_array,
     retry_busy,
@@ -95,6 +96,8 @@ _CLOSES_PER_REQUEST = 64  # Close messages of dropped sessions sent ahead of one
 def _release_unclosed(link: Link, ctx: zmq.Context[zmq.Socket[bytes]], heartbeat: Heartbeat | None,
                       endpoint: str) -> None:
     """What close() would release, for a client that was dropped (or still open at exit) without it."""
+    if os.getpid() != link.owner_pid:  # a forked child's copy: the client and its sockets are the parent's
+        return
     warnings.warn(f"an UpscalerClient of {endpoint} was not closed; call close() or use it in a with block",
                   ResourceWarning, stacklevel=2)
     if heartbeat is not None and threading.current_thread() is heartbeat:
@@ -373,8 +376,8 @@ class UpscalerClient:
 
     @exclusive
     def _open_session(self, width: int, height: int, pixel_format: str, slots: int, held_by_client: bool) -> Session:
-        # numpy integers too (a frame's shape often comes as np.int64); TypeError for anything that is no integer
-        width, height, slots = operator.index(width), operator.index(height), operator.index(slots)
+        width, height = int_argument(width, "width"), int_argument(height, "height")
+        slots = int_argument(slots, "slots")
         opened = self.request(Open(width=width, height=height, format=pixel_format, slots=slots), Opened)
         try:
             session = Session(self, opened, held_by_client=held_by_client)
@@ -455,8 +458,8 @@ def _retry_count(retries: int) -> int:
 
 def _format_of(frame: np.ndarray, pixel_format: str | None) -> str:
     require_array(frame, "frames must be numpy arrays")
-    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
-        raise ValueError(f"frames must be (H, W, 3|4) uint8 arrays, got {frame.shape} {frame.dtype}")
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4) or frame.size == 0:
+        raise ValueError(f"frames must be (H, W, 3|4) uint8 arrays with H, W > 0, got {frame.shape} {frame.dtype}")
     fmt = ("RGB8" if frame.shape[2] == 3 else "RGBA8") if pixel_format is None else pixel_format
     if fmt not in PIXEL_FORMATS:
         raise ValueError(f"unknown pixel format {fmt!r}; known: {', '.join(PIXEL_FORMATS)}")

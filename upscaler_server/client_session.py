@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
+from upscaler_server.config import nobody_listens
 from upscaler_server.errors import (
     BusyError,
     ClientInterruptedError,
@@ -43,7 +44,16 @@ if TYPE_CHECKING:
 
 # FrameResult and Session are the public ones (re-exported by upscaler_server.client); the helpers are shared with
 # client.py, which this module cannot import at run time
-__all__ = ["FrameResult", "Session", "exclusive", "expect_reply", "positive_timeout", "require_array", "retry_busy"]
+__all__ = [
+    "FrameResult",
+    "Session",
+    "exclusive",
+    "expect_reply",
+    "int_argument",
+    "positive_timeout",
+    "require_array",
+    "retry_busy",
+]
 
 M = TypeVar("M", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -132,8 +142,9 @@ class Session:
         return self._client._link
 
     def _check_open(self) -> None:
-        if self.closed:
-            raise SessionError(f"session {self.id} is closed", ErrorCode.UNKNOWN_SESSION)
+        if self.closed:  # what the daemon's UNKNOWN_SESSION reply would raise
+            raise SessionLostError(f"session {self.id} is closed", ErrorCode.UNKNOWN_SESSION)
+        self._link.check_process()  # input() and output(), which hold no guard: a forked child wrote the parent's slots
 
     def input(self, slot: int) -> np.ndarray:
         """Writable (height, width, channels) view of input slot ``slot``: put the frame here, then submit."""
@@ -148,14 +159,8 @@ class Session:
         return self._outputs[slot]
 
     def _check_slot(self, slot: int) -> int:
-        """``slot`` as an int (numpy integers too) in [0, slots); TypeError for 1.5 or True (a list index would take
-        True as slot 1), SessionError SLOT_OUT_OF_RANGE for one out of range."""
-        if isinstance(slot, bool):
-            raise TypeError(f"slot must be an int, got {slot!r}")
-        try:
-            index = operator.index(slot)
-        except TypeError:
-            raise TypeError(f"slot must be an int, got {slot!r}") from None
+        """``slot`` as an int in [0, slots) (int_argument), SessionError SLOT_OUT_OF_RANGE for one out of range."""
+        index = int_argument(slot, "slot")
         if not 0 <= index < self.slots:
             raise SessionError(f"slot {index} is out of range [0, {self.slots})", ErrorCode.SLOT_OUT_OF_RANGE)
         return index
@@ -214,7 +219,7 @@ class Session:
             raise SessionError(f"slot {slot} is still in flight; collect it first", ErrorCode.SLOT_IN_FLIGHT)
         # A slot whose frame collect() gave up on may be submitted again: if the daemon still runs that frame, this
         # one's reply is SLOT_IN_FLIGHT; if the old reply was lost, the daemon's answer frees the slot for good.
-        frame = self._client.next_frame_id() if frame is None else operator.index(frame)
+        frame = self._client.next_frame_id() if frame is None else int_argument(frame, "frame")
         # frames go out here, not through request(): a render loop that only submits would otherwise never tell the
         # daemon of the sessions it dropped, whose segments then stayed until their lease
         self._client._reap_orphans(notify=True)
@@ -235,6 +240,7 @@ class Session:
             raise SessionError(f"session {self.id} has no frame in flight: submit() one first", ErrorCode.INTERNAL)
         req, slot, frame = self._outstanding[0]
         link, timeout = self._client._link, positive_timeout(timeout, self._client.timeout)
+        why = "is the daemon running, or overloaded?"
         for _ in range(self._client.retries + 1):
             if link.arrived(req, timeout):
                 # an interrupt (Ctrl-C) between taking the reply and dropping the frame from the queue lost the reply
@@ -247,12 +253,12 @@ class Session:
                 return FrameResult(self.id, slot, frame, done.timings, self._outputs[slot])
             try:
                 self.check_alive()  # keeps the request socket while the daemon answers: the late reply comes there
-            except ServerUnavailableError:
+            except ServerUnavailableError as exc:
+                why = str(exc)
                 break  # no daemon: waiting longer is no use
         self._outstanding.popleft()
         self._abandoned[slot] = req  # the daemon holds the slot until it answers; the reply frees it
-        raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; is the daemon running, or "
-                                     "overloaded?")
+        raise ServerUnavailableError(f"frame {frame} of session {self.id} got no reply; {why}")
 
     @exclusive
     def wait_slot(self, slot: int, timeout: float | None = None) -> None:
@@ -281,7 +287,9 @@ class Session:
         self._check_open()
         pong = self._client._probe([self.id], max(self._client.timeout, 1.0))  # a busy machine answers slowly
         if pong is None:
-            raise ServerUnavailableError(f"the upscaler daemon at {self._client.endpoint} does not answer")
+            gone = nobody_listens(self._client.endpoint)
+            raise ServerUnavailableError(f"no upscaler daemon at {self._client.endpoint}: {gone}" if gone else
+                                         f"the upscaler daemon at {self._client.endpoint} does not answer")
         if pong.instance != self.instance:
             self._client._same_instance(pong.instance)  # a restart: the client says hello to the new daemon
         if pong.instance != self.instance or self.id not in pong.sessions:
@@ -407,6 +415,17 @@ def positive_timeout(timeout: float | None, default: float) -> float:
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds (None: the client's {default:g} s), got {timeout}")
     return float(timeout)
+
+
+def int_argument(value: Any, name: str) -> int:
+    """``value`` as an int (numpy integers too: a frame's shape often comes as np.int64); TypeError for 1.5 or True,
+    which operator.index takes as 1 (the protocol takes no bool for an int: a width of True opened a 1 px session)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
 
 
 def _require_writable(out: np.ndarray | None) -> None:

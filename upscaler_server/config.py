@@ -293,6 +293,13 @@ def nobody_listens(endpoint: str) -> str | None:
     return found[1] if found is not None and found[0] == "absent" else None
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:  # gone meanwhile: it was a daemon's socket, removed as it stopped
+        return True
+
+
 def unreachable(endpoint: str) -> tuple[Literal["absent", "denied"], str] | None:
     """Why this process cannot reach a daemon on an ``ipc://`` endpoint, or None (also when the probe cannot tell):
     ("absent", why) when nobody listens (:func:`nobody_listens`), ("denied", why) when the socket file, or a folder
@@ -308,6 +315,8 @@ def unreachable(endpoint: str) -> tuple[Literal["absent", "denied"], str] | None
     except FileNotFoundError:
         return "absent", f"{path} does not exist"
     except ConnectionRefusedError:
+        if not _is_socket(path):  # a regular file or a FIFO: no daemon ever listened there
+            return "absent", f"{path} is not a socket: check the endpoint"
         return "absent", f"{path} was left by a daemon that is no longer running"
     except PermissionError:
         return "denied", _permission_denied(path)

@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable, Iterator
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from upscaler_server.config import nobody_listens
 from upscaler_server.errors import ClientInterruptedError, ConfigError, UpscalerError
@@ -43,43 +44,73 @@ class Link:
         # a recv() that blocks forever or an aborted process (ZeroMQ sockets are not thread-safe)
         self._in_use = threading.RLock()
         self._routing_id = b"\x01" + secrets.token_bytes(15)  # ids starting with a zero byte are reserved
-        self._socket = self._connect()
+        self._socket, self._ends = self._connect()
         self._ids = itertools.count(1)
         self._mailbox: dict[int, Message] = {}
         self._waiting: set[int] = set()
         # awaited replies that were not in yet when reconnect() closed the socket they would have come on: they are
         # lost, unless the daemon sends them after the new socket has connected (same routing id, ROUTER_HANDOVER)
         self._cut_off: set[int] = set()
+        # awaited replies whose connection ended before they came (a daemon killed, maybe restarted since): the
+        # next wait for one returns at once, so that the caller asks who answers now (a restarted daemon never
+        # answers what was sent to the old one, and a wait for it lasted a whole timeout)
+        self._unanswered: set[int] = set()
         # sessions the daemon opened for an `open` given up on (its `opened` came late, or the request was resent):
         # nobody holds them, and the client closes them (each held shared memory until its lease ended)
         self.unclaimed_sessions: list[int] = []
         self.interrupted = threading.Event()  # set by UpscalerClient.interrupt(), from any thread
 
-    def _connect(self) -> zmq.Socket[bytes]:
+    def _connect(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        """The request socket, and the socket on which libzmq reports its connections' ends (a monitor)."""
         try:
-            return dealer(self._ctx, self.endpoint, self._routing_id)
+            sock = dealer(self._ctx, self.endpoint, self._routing_id)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot connect to {self.endpoint!r}: {exc} (endpoints look like "
                               "ipc:///path/to/socket or tcp://127.0.0.1:5555)") from None
+        return sock, sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def reconnect(self) -> None:
         with self._owned():
             self._cut_off |= self._waiting - self._mailbox.keys()
-            self._socket.close(linger=0)
-            self._socket = self._connect()
+            self._close_sockets()
+            self._socket, self._ends = self._connect()
+
+    def _close_sockets(self) -> None:
+        self._socket.disable_monitor()
+        self._ends.close(linger=0)
+        self._socket.close(linger=0)
+
+    def _note_ended_connections(self) -> None:
+        """When a connection to the daemon has ended, the replies still awaited were lost with it: what it sent
+        before it ended is read first (libzmq queues it before it reports the end)."""
+        ended = False
+        while self._ends.poll(0, zmq.POLLIN):
+            ended |= recv_monitor_message(self._ends)["event"] == zmq.EVENT_DISCONNECTED
+        if not ended:
+            return
+        while self._socket.poll(0, zmq.POLLIN):
+            self._receive()
+        lost = self._waiting - self._mailbox.keys()
+        self._cut_off |= lost
+        self._unanswered |= lost
 
     @contextlib.contextmanager
     def _owned(self) -> Iterator[None]:
         """Raise UpscalerError when the socket is used after a fork or by two threads at once."""
-        if os.getpid() != self.owner_pid:
-            raise UpscalerError("this UpscalerClient was created in another process (before a fork): create a new "
-                                "one in this process")
+        self.check_process()
         if not self._in_use.acquire(blocking=False):
             raise UpscalerError("this UpscalerClient is in use by another thread: use one client per thread")
         try:
             yield
         finally:
             self._in_use.release()
+
+    def check_process(self) -> None:
+        """Raise UpscalerError in a process forked after the client was created: its sockets and shared memory are
+        the parent's."""
+        if os.getpid() != self.owner_pid:
+            raise UpscalerError("this UpscalerClient was created in another process (before a fork): create a new "
+                                "one in this process")
 
     def send(self, msg: Message) -> int:
         """Send ``msg`` with a fresh request id (or its own, if set) and return the id."""
@@ -117,25 +148,32 @@ class Link:
         now); unlike wait(), the reply stays in the mailbox."""
         with self._owned():
             deadline = time.monotonic() + timeout
-            while req not in self._mailbox:
+            while True:
+                self._note_ended_connections()
+                if req in self._mailbox:
+                    return True
+                if req in self._unanswered:  # once: a caller that finds the same daemon answering waits again
+                    self._unanswered.discard(req)
+                    return False
                 left = deadline - time.monotonic()
                 if readable(self._socket, min(left, _LIVENESS_S), self.interrupted):
                     self._receive()
                 elif left <= _LIVENESS_S or nobody_listens(self.endpoint) is not None:
                     return False  # the timeout, or a daemon that died: no use waiting out the rest
-            return True
 
     def _receive(self) -> None:
         reply = decode(self._socket.recv(), "reply", max_bin=REPLY_MAX_BYTES)
         if reply.req in self._waiting:  # anything else answers a request given up on
             self._mailbox[reply.req] = reply
             self._cut_off.discard(reply.req)
+            self._unanswered.discard(reply.req)
         elif isinstance(reply, Opened):
             self.unclaimed_sessions.append(reply.session)
 
     def forget(self, req: int) -> None:
         self._waiting.discard(req)
         self._cut_off.discard(req)
+        self._unanswered.discard(req)
         self._mailbox.pop(req, None)
 
     def cut_off(self, req: int) -> bool:
@@ -147,7 +185,7 @@ class Link:
         return self.wait(req, 0.0) if req in self._waiting or req in self._mailbox else None
 
     def close(self) -> None:
-        self._socket.close(linger=0)
+        self._close_sockets()
 
     def idle(self) -> bool:
         """Whether no other thread is inside a call on this socket now."""
