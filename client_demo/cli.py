@@ -44,7 +44,10 @@ __all__ = ["main", "parse_args"]
 
 
 def _utf8_path(text: str) -> pathlib.Path:
-    """A path OpenCV can write under: its PNG and MP4 writers crash the process on a name that is not UTF-8."""
+    """A path OpenCV can write under: its PNG and MP4 writers crash the process on a name that is not UTF-8. Not an
+    empty one, which pathlib reads as the current folder (`--out ""` wrote the frames into the checkout)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; name a folder or file")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -146,11 +149,15 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     a.frames = DemoConfig.frames if a.frames is None else a.frames
     a.fps = DemoConfig.fps if a.fps is None else a.fps
     a.max_fps = DemoConfig.max_fps if a.max_fps is None else a.max_fps
-    if (a.scale is not None and a.scale < 1) or a.frames < 1:
-        p.error("--scale and --frames must be positive")
+    for flag, value in (("--scale", a.scale), ("--frames", a.frames)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be positive, got {value}")
     for flag, value in (("--exit-after", a.exit_after), ("--screenshot-after", a.screenshot_after)):
         if value is not None and value < 1:
             p.error(f"{flag} counts frames: at least 1, got {value}")
+    if a.exit_after is not None and a.screenshot_after is not None and a.screenshot_after > a.exit_after:
+        p.error(f"--screenshot-after {a.screenshot_after} comes after --exit-after {a.exit_after}: no screenshot would "
+                "be taken")
     # inf or nan passes `<= 0`: an MP4 writer at inf fps spins forever, a nan clock fails mid-run
     for flag, value, low, high in (("--fps", a.fps, 0.1, 1000.0), ("--max-fps", a.max_fps, 0.1, 1000.0),
                                    ("--timeout", a.timeout, 0.01, 3600.0), ("--start", a.start, -1e6, 1e6)):

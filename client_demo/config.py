@@ -44,7 +44,8 @@ DEFAULT_AUTO_BACKENDS = ("eager",)
 # The caption of the upscaled half of the split view (window and headless); the model's name is in the HUD.
 SR_CAPTION = "upscaled (SR)"
 
-# Returns why the spawned daemon is gone (e.g. "exited with status -9"), or None while it runs or when not spawned.
+# Returns why the spawned daemon is gone (e.g. "was killed by signal 9 (SIGKILL)"), or None while it runs or when
+# not spawned.
 DaemonWatch = Callable[[], str | None]
 
 

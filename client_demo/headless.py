@@ -56,6 +56,7 @@ LOCK_NAME = ".takdsr-demo.lock"
 # What stats.json says from the moment the earlier run's outputs are cleared until this run writes its own: a run
 # killed outright (SIGKILL, a power cut) leaves this, never the earlier run's "completed": true beside new frames.
 UNFINISHED = "the run did not finish: it is still running, or it was killed before it could write its stats"
+INTERRUPTED_AT_ONCE = "interrupted at once (a second Ctrl-C or signal)"  # stats.json's error then
 # A block that an interrupting signal waits for (client_demo.cli's _Signals.held); the default holds nothing.
 SignalHold = Callable[[], AbstractContextManager[None]]
 WAIT_SLICE = 0.1  # s per wait for the upscaler, between checks for Ctrl-C and a dead daemon
@@ -389,7 +390,7 @@ def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWat
     except OSError as exc:  # a full disk, a folder removed mid-run: stats.json still says how far it got
         status, error = EXIT_ERROR, f"cannot write the outputs: {exc}"
     except KeyboardInterrupt:  # a second signal: no more frames, but the files written so far are described
-        error = "interrupted at once (a second Ctrl-C or signal)"
+        error = INTERRUPTED_AT_ONCE
         raise
     finally:
         try:
@@ -398,6 +399,8 @@ def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWat
             stats, saved = _close_outputs(cfg, link, run, started, error, daemon, out)
             _report(out, stats, saved, daemon)
             raise
+        if error == INTERRUPTED_AT_ONCE:  # how far it got (the "wrote N/M frames" line), before the interrupt goes on
+            _report(out, stats, saved, daemon)
     if not saved:
         status = status or EXIT_ERROR
     _report(out, stats, saved, daemon)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from upscaler_server.client import Session, UpscalerClient
+from upscaler_server.config import nobody_listens
 from upscaler_server.errors import (
     BusyError,
     ErrorCode,
@@ -263,12 +264,19 @@ class _Worker(threading.Thread):
             raise ServerUnavailableError(self._why_silent(exc), exc.code) from exc
 
     def _why_silent(self, exc: ServerUnavailableError) -> str:
-        """A new client fails at once, naming the cause, when no daemon listens on an ipc endpoint any more (it
-        exited, or died and left its socket file); on a stalled daemon it waits WHY_PROBE s for its hello."""
+        """Why the daemon did not answer: none listens on an ipc endpoint any more (it exited, or died and left its
+        socket file), or, when a new client's hello gets no answer within WHY_PROBE s either, it is silent (stopped,
+        hung, overloaded, or gone from a tcp endpoint). The new client's own error named its WHY_PROBE s wait and
+        asked whether the daemon runs, also of one that a SIGSTOP had stopped."""
+        gone = nobody_listens(self._endpoint)
+        if gone is not None:
+            return f"the upscaler daemon stopped answering: no upscaler daemon at {self._endpoint}: {gone}"
         try:
             UpscalerClient(self._endpoint, timeout=WHY_PROBE, retries=0, heartbeat=False, name="takdsr-demo").close()
-        except ServerUnavailableError as why:
-            return f"the upscaler daemon stopped answering: {why}"
+        except ServerUnavailableError:
+            return (f"the upscaler daemon at {self._endpoint} stopped answering: no reply to a ping within "
+                    f"{max(self._timeout, 1.0):g} s nor to a new connection within {WHY_PROBE:g} s (is it stopped, "
+                    "hung or overloaded?)")
         return str(exc)  # a daemon answers again: a restarted one, which the reconnection finds
 
     def _await_release(self, epoch: int) -> None:

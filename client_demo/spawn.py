@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -22,7 +23,7 @@ from upscaler_server.client import UpscalerClient
 from upscaler_server.errors import ConfigError, ServerUnavailableError
 from upscaler_server.shm import SHM_DIR, pid_alive
 
-__all__ = ["DaemonStartError", "SpawnedDaemon"]
+__all__ = ["DaemonStartError", "SpawnedDaemon", "how_it_ended"]
 
 READY_TIMEOUT = 120.0  # s: a cold torch import plus model warm-up on a busy 2-core machine
 STOP_TIMEOUT = 15.0  # s to finish the running frame after SIGTERM before SIGKILL
@@ -105,7 +106,7 @@ class SpawnedDaemon:
                 raise KeyboardInterrupt
             status = self.exit_status()
             if status is not None:
-                raise DaemonStartError(f"the upscaler daemon exited with status {status} before it was ready:\n"
+                raise DaemonStartError(f"the upscaler daemon {how_it_ended(status)} before it was ready:\n"
                                        f"{self.log_tail()}")
             if self._logged_ready() and self._answers(timeout=0.5):
                 return
@@ -137,9 +138,9 @@ class SpawnedDaemon:
         return self._proc.poll() if self._proc is not None else None
 
     def gone(self) -> str | None:
-        """Why the daemon is no longer running ("exited with status -9"), or None while it runs."""
+        """Why the daemon is no longer running ("was killed by signal 9 (SIGKILL)"), or None while it runs."""
         status = self.exit_status()
-        return None if status is None else f"exited with status {status}"
+        return None if status is None else how_it_ended(status)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -204,3 +205,14 @@ class SpawnedDaemon:
             return
         for path in SHM_DIR.glob(f"takdsr-{os.geteuid()}-{pid}-*"):
             path.unlink(missing_ok=True)
+
+
+def how_it_ended(status: int) -> str:
+    """A process's end from Popen's returncode, whose negative values are signals ("exited with status -9")."""
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        return f"was killed by signal {-status}"
+    return f"was killed by signal {-status} ({name})"

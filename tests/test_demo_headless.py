@@ -194,9 +194,9 @@ def test_headless_exits_cleanly_when_the_daemon_is_killed(checkpoint: pathlib.Pa
         status = demo.wait(timeout=60)
     stderr_text = log.read_text()
     assert status == EXIT_UNAVAILABLE, stderr_text
-    assert "upscaler daemon exited" in stderr_text, stderr_text
+    assert "upscaler daemon was killed by signal 9 (SIGKILL)" in stderr_text, stderr_text
     stats = read_stats(tmp_path / "out")
-    assert stats["completed"] is False and "exited" in stats["error"] and stats["frames"] >= 2
+    assert stats["completed"] is False and "killed by signal 9" in stats["error"] and stats["frames"] >= 2
     assert stats["daemon_statistics"] is None  # not asked for: nobody answers
     assert not process_alive(pid) and not segments_of(pid)
 
@@ -318,17 +318,20 @@ def test_bundled_student_beats_bilinear(tmp_path: pathlib.Path) -> None:
 @contextlib.contextmanager
 def _running_demo(log: pathlib.Path, *args: str,
                   command: list[str] | None = None) -> Iterator[subprocess.Popen[str]]:
-    """``python -m client_demo ARGS`` (or ``command``) in the background, its stderr in ``log``; killed on the way
-    out if it is still running."""
-    with open(log, "w") as stderr:
-        demo = subprocess.Popen(command or demo_command(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
-                                text=True)
+    """``python -m client_demo ARGS`` (or ``command``) in the background, its stderr in ``log`` and its stdout beside
+    it (_stdout_of); killed on the way out if it is still running."""
+    with open(log, "w") as stderr, open(_stdout_of(log), "w") as stdout:
+        demo = subprocess.Popen(command or demo_command(*args), cwd=REPO, stdout=stdout, stderr=stderr, text=True)
     try:
         yield demo
     finally:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def _stdout_of(log: pathlib.Path) -> pathlib.Path:
+    return log.with_name(log.name + ".stdout")
 
 
 def _ended(demo: subprocess.Popen[str], timeout: float = 60) -> int:
@@ -480,6 +483,9 @@ def test_a_second_signal_still_leaves_a_truthful_stats_json(nearest_daemon: Daem
         assert _ended(demo) == 130, log.read_text()
     stats = read_stats(tmp_path)
     assert stats["completed"] is False and "interrupted" in stats["error"], stats
+    # and the run says how far it got (a second signal that landed in a frame printed only "interrupted")
+    said = _stdout_of(log).read_text()
+    assert f"wrote {stats['frames']}/100000 frames to {tmp_path}" in said, (said, log.read_text())
     # "at once" waits while a frame's PNG and record are written (CI once saw 3 PNGs and 2 records before it did;
     # the test below sends the signal into that gap on purpose)
     pngs = len(list((tmp_path / "frames").glob("*.png")))

@@ -185,6 +185,9 @@ def test_a_lost_daemon_is_given_up_on_as_the_timeout_says(stop_signal: int, low:
                 link.poll(0.05)
             elapsed = time.monotonic() - start
             assert link.state is LinkState.RETRYING and low < elapsed < high, (elapsed, link.reason)
+            # a stopped daemon's reason named the new client's 0.5 s wait and asked whether the daemon runs
+            why = "no longer running" if stop_signal == signal.SIGKILL else "no reply to a ping within 2 s nor to"
+            assert why in link.reason, link.reason
         finally:
             if stop_signal == signal.SIGSTOP:
                 daemon.proc.send_signal(signal.SIGCONT)

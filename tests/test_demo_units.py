@@ -101,6 +101,28 @@ def test_command_line() -> None:
         assert exc.value.code == 2, bad
 
 
+def test_refusals_name_the_option_at_fault(capsys: pytest.CaptureFixture[str]) -> None:
+    """From a walkthrough: `--out ""` wrote the frames into the current folder (pathlib reads "" as "."); --frames 0
+    was "--scale and --frames must be positive"; a screenshot after the last frame was never taken, with status 0."""
+    for bad, said in ((["--headless", "--out", ""], "argument --out: an empty path"),
+                      (["--headless", "--frames", "0"], "--frames must be positive, got 0"),
+                      (["--scale", "0"], "--scale must be positive, got 0"),
+                      (["--screenshot-after", "10", "--exit-after", "5"],
+                       "--screenshot-after 10 comes after --exit-after 5")):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            parse_args(bad)
+        assert exc.value.code == 2 and said in capsys.readouterr().err, bad
+    assert parse_args(["--screenshot-after", "5", "--exit-after", "5"]).screenshot_after == 5
+
+
+def test_a_daemon_killed_by_a_signal_is_said_so() -> None:
+    from client_demo.spawn import how_it_ended
+
+    assert how_it_ended(-9) == "was killed by signal 9 (SIGKILL)"  # it said "exited with status -9"
+    assert how_it_ended(3) == "exited with status 3" and how_it_ended(0) == "exited with status 0"
+    assert how_it_ended(-200) == "was killed by signal 200"
+
+
 def test_an_option_of_the_other_mode_is_refused_not_ignored(capsys: pytest.CaptureFixture[str]) -> None:
     """From a review: --frames or --fps in window mode, and --exit-after, --max-fps or --screenshot-after with
     --headless, did nothing and the run ended with status 0."""
