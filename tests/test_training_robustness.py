@@ -28,7 +28,7 @@ from training.config import StageConfig, dump_toml, load_config
 from training.data.images import DatasetError, SkippedFilesWarning, scan_images
 from training.pipeline import run_pipeline
 from training.report import write_report
-from training.ship import ship_checkpoint, ship_run
+from training.ship import seed_run, ship_checkpoint, ship_run
 from training.trainer import FORCE_AFTER_S, LOCK_FILE, TrainingInterrupted, _Trainer, read_state, train_stage
 
 from training_utils import make_image_folder, stop_at_step, tiny_config
@@ -92,6 +92,48 @@ def test_train_refuses_a_pipelines_run_folder(image_folder: Path, tmp_path: Path
     assert "holds a pipeline run (results.json, student_alone/)" in capsys.readouterr().err
     assert (run / "config.toml").read_text() == "the pipeline's"
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_a_pipeline_and_seed_run_refuse_a_stage_folder(image_folder: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """From a researcher's walkthrough: `pipeline --run-dir` on a `train` folder wrote its config.toml over the
+    stage's, which then could be neither resumed nor exported; `seed-run` put stage folders into it."""
+    run = tmp_path / "stage"
+    config = _stage_config(image_folder, "student")
+    train_stage(config, run)
+    stage_config = (run / "config.toml").read_text()
+    pipeline = tiny_config(image_folder, optim={"steps": 2})
+    bundled = Path(__file__).parents[1] / "models" / "weights"
+    calls = (lambda: run_pipeline(pipeline, run, ["student_alone"]), lambda: run_pipeline(pipeline, run),
+             lambda: seed_run(run, ["teacher"], weights_dir=bundled))  # fmt: skip
+    for call in calls:
+        with pytest.raises(FileExistsError, match=rf"{run} is one stage's folder \(it holds state.pt, "
+                                                  r"final.safetensors\), not a pipeline's run folder"):
+            call()
+    assert (run / "config.toml").read_text() == stage_config and not (run / "teacher").exists()
+    (run / "final.safetensors").unlink()  # interrupted: the state alone
+    assert training_main(["pipeline", "--config", str(_toml(pipeline, tmp_path)), "--run-dir", str(run)]) == 1
+    assert "is one stage's folder (it holds state.pt)" in capsys.readouterr().err
+    train_stage(dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps=8)), run, resume=True)
+
+
+def test_train_resume_takes_the_config_kept_in_the_state_when_config_toml_is_gone(
+        image_folder: Path, tmp_path: Path, stop_at_step_3: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """From a researcher's walkthrough: the pipeline and export-state read the copy a state.pt keeps, and the
+    pipeline's refusal named `train --resume`, which said "nothing to resume: .../config.toml does not exist"."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train_stage(_stage_config(image_folder, "student"), run)
+    (run / "config.toml").unlink()
+    assert training_main(["train", "--resume", str(run), "--set", "optim.steps=5"]) == 0
+    said = capsys.readouterr().out
+    assert f"note: {run / 'config.toml'} does not exist: resuming with the config kept in {run / 'state.pt'}" in said
+    assert read_state(run / "state.pt", torch.device("cpu"))["step"] == 5
+    assert (run / "config.toml").is_file()  # written again, as every resume writes it
+    (run / "config.toml").unlink()
+    (run / "state.pt").unlink()
+    assert training_main(["train", "--resume", str(run)]) == 1
+    assert "nothing to resume: " in capsys.readouterr().err
 
 
 def test_resuming_a_finished_run_without_more_steps_is_refused(image_folder: Path, tmp_path: Path) -> None:
@@ -501,6 +543,18 @@ def test_a_shipped_name_is_a_plain_file_name(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="plain file name stem"):
         ship_checkpoint(path, name, "x", tmp_path / "scores.json", tmp_path / "weights", label="s")
     assert not (tmp_path / "weights").exists() and not (tmp_path / "escaped.safetensors").exists()
+
+
+def test_a_shipped_name_with_its_suffix_and_a_missing_run_are_named_as_such(tmp_path: Path) -> None:
+    """From a researcher's walkthrough: --name foo.safetensors wrote foo.safetensors.safetensors; `ship` of a run
+    folder that does not exist said it "has not been evaluated"."""
+    path = _student_file(tmp_path)
+    (tmp_path / "scores.json").write_text('{"cg-dev": {"s": {"mean": {}}, "bicubic": {"mean": {}}}}')
+    with pytest.raises(ValueError, match=r"a file name stem, without \.safetensors: --name foo$"):
+        ship_checkpoint(path, "foo.safetensors", "x", tmp_path / "scores.json", tmp_path / "weights", label="s")
+    assert not (tmp_path / "weights").exists()
+    with pytest.raises(FileNotFoundError, match=r"runs/typo is not a folder: name a pipeline's run folder"):
+        ship_run(tmp_path / "runs" / "typo", tmp_path / "weights")
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--device", "bogus"], "expected cpu, cuda or cuda:N"),
@@ -990,6 +1044,36 @@ def test_sigterm_to_the_whole_process_group_still_saves_the_state(image_folder: 
     assert trainer.returncode == 143 and "Traceback" not in stderr, stderr
     stopped_at = int(re.search(r"interrupted by SIGTERM at step (\d+)", stderr).group(1))
     assert read_state(run / "state.pt", torch.device("cpu"))["step"] == stopped_at
+
+
+def test_a_second_signal_during_the_exit_after_a_stop_leaves_the_status_128_plus_the_first(image_folder: Path,
+                                                                                          tmp_path: Path) -> None:
+    """From a researcher's walkthrough: a second Ctrl-C within FORCE_AFTER_S (the same stop, delivered twice) that
+    landed after "stopped: ..." while the interpreter and torch tore down (about a second) killed the trainer by
+    SIGINT: status -2 to a Python caller, not the documented 130."""
+    config = tiny_config(image_folder, optim={"steps": 1_000_000})
+    config = dataclasses.replace(config, stage=StageConfig(name="teacher", role="teacher"))
+    run = tmp_path / "run"
+    trainer = subprocess.Popen([sys.executable, "-m", "training", "train", "--config", str(_toml(config, tmp_path)),
+                                "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_lines(run / "metrics.jsonl")) < 2:
+            time.sleep(0.1)
+        trainer.send_signal(signal.SIGINT)
+        assert trainer.stderr is not None
+        said = [trainer.stderr.readline()]
+        while said[-1] and not said[-1].startswith("stopped: "):
+            said.append(trainer.stderr.readline())
+        trainer.send_signal(signal.SIGINT)  # into the exit that follows that line
+        said.append(trainer.stderr.read())
+        trainer.wait(60)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+    assert trainer.returncode == 130 and "Traceback" not in "".join(said), (trainer.returncode, said)
 
 
 def _lines(path: Path) -> list[str]:

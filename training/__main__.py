@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import torch
 
@@ -25,7 +25,7 @@ from models import (
     resolve_checkpoint,
     weights_sha256,
 )
-from training.config import Config, differing_keys, load_config
+from training.config import Config, config_from_toml, differing_keys, load_config
 from training.data import DatasetError, SkippedFilesWarning
 from training.data.images import write_json_atomic
 from training.evaluate import (
@@ -45,7 +45,7 @@ from training.pipeline import run_pipeline
 from training.report import latency_where
 from training.run_folder import held_instead_of_a_state
 from training.ship import cut_down_evaluation, seed_run, ship_checkpoint, ship_run
-from training.state import STATE_FILE, started_with
+from training.state import STATE_FILE, read_state, started_with
 from training.trainer import (
     DataWorkerError,
     NonFiniteLossError,
@@ -186,9 +186,7 @@ def _resumed_config(run_dir: Path, config_path: Path | None, overrides: list[str
     differs from it is refused: continuing with another data source, network or schedule would quietly change the
     run (or end it at once) and overwrite what it was started with."""
     saved = run_dir / "config.toml"
-    if not saved.is_file():
-        raise FileNotFoundError(f"nothing to resume: {saved} does not exist")
-    config = load_config(saved, overrides)
+    config = load_config(saved, overrides) if saved.is_file() else _config_kept_in_state(run_dir, overrides)
     if config_path is not None:
         given = load_config(config_path, overrides).to_dict()
         differ = differing_keys(given, config.to_dict())
@@ -198,6 +196,21 @@ def _resumed_config(run_dir: Path, config_path: Path | None, overrides: list[str
                              f"with --resume {run_dir} alone, and --set KEY=VALUE for a change made on purpose")
     return config
 
+
+
+def _config_kept_in_state(run_dir: Path, overrides: list[str]) -> Config:
+    """A stage folder's config from the copy its state.pt keeps, when its config.toml is gone (a state put back
+    alone, as the GPU scripts bring one back): the pipeline and export-state took that copy, and the pipeline's
+    refusal named this `train --resume`, which said "nothing to resume"."""
+    state = run_dir / STATE_FILE
+    if not state.is_file():
+        raise FileNotFoundError(f"nothing to resume: {run_dir / 'config.toml'} and {state} do not exist")
+    kept = read_state(state, torch.device("cpu")).get("config")
+    if not isinstance(kept, str):
+        raise FileNotFoundError(f"{run_dir / 'config.toml'} does not exist, and {state} keeps no copy of the config "
+                                "(an older version's state): put the stage's config.toml back")
+    print(f"note: {run_dir / 'config.toml'} does not exist: resuming with the config kept in {state}")
+    return config_from_toml(kept, state, overrides)
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -366,5 +379,15 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
+def exit_with(status: int) -> NoReturn:
+    """Exit with `status`. After a stop (128 + the signal), stop signals are ignored while the interpreter and torch
+    tear down (about a second): a second signal within FORCE_AFTER_S of the first is the same stop delivered twice,
+    and one landing here killed the process by that signal (status -2 to a Python caller), after "stopped: ..."."""
+    if status > 128:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

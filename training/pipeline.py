@@ -42,7 +42,7 @@ from training.evaluate import (
 )
 from training.latency import measure_latency
 from training.report import REPORT_LR_SIZE, write_report
-from training.run_folder import remove_if_only
+from training.run_folder import refuse_a_stage_folder, remove_if_only
 from training.state import started_with
 from training.trainer import FINAL_FILE, STATE_FILE, TrainingInterrupted, read_state, stage_inputs, train_stage
 from upscaler_server.files import missing_folders  # standard library only
@@ -100,6 +100,7 @@ def pipeline_stages(config: Config, run_dir: Path) -> list[StageConfig]:
 
 def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None) -> dict[str, Any] | None:
     """Train every unfinished stage and evaluate (returns the results), or train only `stages` (returns None)."""
+    refuse_a_stage_folder(run_dir, "python -m training pipeline")
     all_stages = pipeline_stages(config, run_dir)
     chosen = _chosen_stages(all_stages, stages)
     if stages is None:  # the evaluation after training: its folders are checked before hours of training

@@ -17,8 +17,8 @@ from pathlib import Path
 from training.state import FINAL_FILE, STATE_FILE
 from upscaler_server.files import missing_folders, remove_empty  # standard library only
 
-__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "held_instead_of_a_state", "pipeline_files", "remove_if_only",
-           "remove_leftover_temporaries", "run_dir_lock", "truncate_metrics"]
+__all__ = ["LOCK_FILE", "SNAPSHOT_DIR", "held_instead_of_a_state", "pipeline_files", "refuse_a_stage_folder",
+           "remove_if_only", "remove_leftover_temporaries", "run_dir_lock", "truncate_metrics"]
 
 LOCK_FILE = ".trainer.lock"  # held by the trainer of a stage folder (hidden: image scans pass over it)
 SNAPSHOT_DIR = "snapshots"
@@ -77,6 +77,17 @@ def pipeline_files(run_dir: Path) -> list[str]:
     if (run_dir / "results.json").exists():
         found.insert(0, "results.json")
     return found
+
+
+def refuse_a_stage_folder(run_dir: Path, command: str) -> None:
+    """FileExistsError when `run_dir` is one stage's folder (a `train` run, or a stage of a pipeline run), which
+    `command` would make a pipeline's run folder of: the pipeline wrote its config.toml over the stage's, and that
+    stage could be neither resumed nor exported any more."""
+    held = [name for name in (STATE_FILE, FINAL_FILE) if (run_dir / name).is_file()]
+    if held:
+        raise FileExistsError(f"{run_dir} is one stage's folder (it holds {', '.join(held)}), not a pipeline's run "
+                              f"folder, which holds a folder per stage: give `{command}` another run folder (a stage's "
+                              "folder is trained further with `python -m training train --resume`)")
 
 
 def held_instead_of_a_state(run_dir: Path) -> str:

@@ -22,6 +22,7 @@ from models import Checkpoint, count_parameters, load_checkpoint, read_metadata,
 from training.data import file_sha256, write_json_atomic
 from training.evaluate import macs_at
 from training.pipeline import REPORT_LR_SIZE
+from training.run_folder import refuse_a_stage_folder
 from training.trainer import FINAL_FILE
 
 __all__ = ["SHIPPED", "cut_down_evaluation", "lr_kinds", "seed_run", "ship_checkpoint", "ship_run"]
@@ -98,6 +99,9 @@ def ship_checkpoint(
     """Ship one checkpoint as `out_dir/name.safetensors` with the scores of its label (default: the file's
     stem) in `scores_path` (`python -m training evaluate --json`: {set: {label: {"mean": ...}}}); returns
     its weights.json entry."""
+    if name.endswith(".safetensors"):  # the stem: it wrote NAME.safetensors.safetensors
+        stem = name.removesuffix(".safetensors")
+        raise ValueError(f"the name is a file name stem, without .safetensors: --name {stem}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):  # a file in out_dir, never a path out of it
         raise ValueError(f"the name must be a plain file name stem (letters, digits, _ . -, not starting with . or "
                          f"-), got {name!r}")
@@ -136,6 +140,7 @@ def seed_run(
     """Copy the shipped checkpoint of each stage into `run_dir/<stage>/final.safetensors`, where the pipeline
     takes it as a finished stage (a guide or an initialisation). A stage the run already has is kept: a run
     folder is never overwritten. Returns {stage: "copied" | "kept"}."""
+    refuse_a_stage_folder(run_dir, "python -m training seed-run")
     unknown = sorted(set(stages) - set(SHIPPED))
     if unknown or not stages:
         raise ValueError(f"cannot seed stage(s) {unknown or stages}; shipped stages: {', '.join(SHIPPED)}")
@@ -159,6 +164,8 @@ def seed_run(
 def _not_evaluated(run_dir: Path) -> str:
     """Why a folder without results.json cannot be shipped, and how to score it: a pipeline run trained with
     --stages alone, or one stage's `train` folder."""
+    if not run_dir.is_dir():
+        return f"{run_dir} is not a folder: name a pipeline's run folder"
     if (run_dir / FINAL_FILE).exists():
         return (f"{run_dir} has not been evaluated (it has no results.json): it is one stage's `train` folder; score "
                 f"it with `python -m training evaluate --checkpoint {run_dir / FINAL_FILE} --json SCORES.json` and "
