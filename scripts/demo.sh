@@ -34,7 +34,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 mode=()
 if [[ -z "${DISPLAY:-}" && -z "${WAYLAND_DISPLAY:-}" ]]; then
     mode=(--headless --out demo_out)
-    echo "[demo] no display: rendering headless (frames/*.png, demo.mp4, stats.json) into $PWD/demo_out/ unless --out says otherwise" >&2
+    echo "[demo] no display: rendering headless (frames/*.png, demo.mp4, stats.json) into $PWD/demo_out/ unless --out says otherwise; the window's options (--exit-after, --max-fps, --screenshot-after) do not apply" >&2
 fi
 # Without an NVIDIA GPU the student runs on the CPU, which manages a few frames per second at 320x180 LR but
 # not 640x360 (docs/demo.md has the numbers): start small there, unless "$@" names its own --lr.

@@ -136,6 +136,26 @@ def test_train_resume_takes_the_config_kept_in_the_state_when_config_toml_is_gon
     assert "nothing to resume: " in capsys.readouterr().err
 
 
+def test_options_the_command_would_ignore_are_refused(image_folder: Path, tmp_path: Path, stop_at_step_3: None,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """From a researcher's walkthrough: `train --resume A --run-dir B` went on in A without a word, and `pipeline
+    --set stage.steps=3` trained every stage for optim.steps."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train_stage(_stage_config(image_folder, "student"), run)
+    state = (run / "state.pt").read_bytes()
+    assert training_main(["train", "--resume", str(run), "--run-dir", str(tmp_path / "branch")]) == 1
+    assert f"--run-dir {tmp_path / 'branch'} does not apply" in capsys.readouterr().err
+    assert (run / "state.pt").read_bytes() == state and not (tmp_path / "branch").exists()
+    config = _toml(tiny_config(image_folder), tmp_path)
+    assert training_main(["pipeline", "--config", str(config), "--run-dir", str(tmp_path / "p"), "--stages", "teacher",
+                          "--set", "stage.steps=3", "--set", "stage.role=student"]) == 1  # fmt: skip
+    assert "--set stage.steps, stage.role: the [stage] table is for `train`" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    # the drivers pass the same folder as both (scripts/ablations_cpu.sh): that goes on
+    assert training_main(["train", "--resume", str(run), "--run-dir", str(run), "--set", "optim.steps=5"]) == 0
+
+
 def test_resuming_a_finished_run_without_more_steps_is_refused(image_folder: Path, tmp_path: Path) -> None:
     config = _stage_config(image_folder, "student")
     config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, checkpoint_every=3))

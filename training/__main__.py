@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.resume is not None and args.run_dir is not None and args.run_dir.resolve() != args.resume.resolve():
+        raise ValueError(f"--resume {args.resume} goes on in that folder; --run-dir {args.run_dir} does not apply (it "
+                         "was ignored): to continue a copy, copy the folder and resume the copy")
     if args.resume is not None:
         config = _resumed_config(args.resume, args.config, args.set)
     elif args.config is None:
@@ -214,6 +217,11 @@ def _config_kept_in_state(run_dir: Path, overrides: list[str]) -> Config:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    stage_keys = [item.split("=", 1)[0] for item in args.set if item.startswith("stage.")]
+    if stage_keys:  # each stage's table comes from [experiment]: they were ignored without a word
+        raise ValueError(f"--set {', '.join(stage_keys)}: the [stage] table is for `train`; the pipeline makes each "
+                         "stage's from [experiment] (e.g. experiment.teacher_steps, ta_steps, student_steps) and "
+                         "[optim] (optim.steps)")
     config = load_config(args.config, args.set)
     run_dir = args.run_dir or Path("runs") / config.experiment.name
     results = run_pipeline(config, run_dir, args.stages)
