@@ -223,6 +223,7 @@ _FOLDER = {"kind": "folder", "path": "x"}
 @pytest.mark.parametrize(("data", "message"), [
     ({"sources": [_FOLDER, {"kind": "scenes", "supersample": 0}]}, "data.sources[1].supersample must be >= 1, got 0"),
     ({"sources": [_FOLDER, {"kind": "scenes", "frames_per_preset": 0}]}, "data.sources[1].frames_per_preset must be"),
+    ({"sources": [{"kind": "scenes", "width": -160}]}, "data.sources[0].width must be >= 1, got -160"),
     ({"sources": [_FOLDER, {"kind": "folder", "weight": 0}]}, "data.sources[1].weight must be a finite number > 0"),
     ({"sources": [_FOLDER, {"kind": "scene"}]}, "data.sources[1].kind must be 'folder' or 'scenes', got 'scene'"),
     ({"sources": [_FOLDER, {"kind": "scenes", "lr_kind": "x"}]}, "data.sources[1].lr_kind must be 'bicubic' or"),

@@ -154,6 +154,47 @@ def test_options_the_command_would_ignore_are_refused(image_folder: Path, tmp_pa
     assert not (tmp_path / "p").exists()
     # the drivers pass the same folder as both (scripts/ablations_cpu.sh): that goes on
     assert training_main(["train", "--resume", str(run), "--run-dir", str(run), "--set", "optim.steps=5"]) == 0
+    capsys.readouterr()
+    # a stage named twice is trained once, and said once (it said "finished teacher, teacher")
+    assert training_main(["pipeline", "--config", str(config), "--run-dir", str(tmp_path / "p"), "--stages",
+                          "teacher,teacher", "--set", "optim.steps=2"]) == 0  # before the fixture's stop at 3
+    assert f"finished teacher in {tmp_path / 'p'}" in capsys.readouterr().out
+
+
+def test_more_threads_than_cores_are_noted(image_folder: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """From a researcher's walkthrough: runtime.threads=100 on 2 cores was taken without a word (12 steps: 100 s)."""
+    config = _stage_config(image_folder, "student")
+    too_many = len(os.sched_getaffinity(0)) + 1
+    threads_before = torch.get_num_threads()
+    try:
+        train_stage(dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, threads=too_many)),
+                    tmp_path / "many")  # fmt: skip
+        assert f"note: runtime.threads={too_many} is more than the" in capsys.readouterr().out
+        train_stage(config, tmp_path / "one")  # threads = 1
+        assert "runtime.threads" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def test_shipping_a_stage_part_way_says_so(image_folder: Path, tmp_path: Path, stop_at_step_3: None,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """From a researcher's walkthrough: ship-checkpoint of a snapshot or an exported state shipped it without a word,
+    and weights.json left out that it was a stage part-way (the file's own metadata has partial_of)."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train_stage(_stage_config(image_folder, "student"), run)
+    part = tmp_path / "part.safetensors"
+    assert training_main(["export-state", str(run), "--out", str(part)]) == 0
+    scores = tmp_path / "scores.json"
+    assert training_main(["evaluate", "--checkpoint", str(part), "--data", str(image_folder), "--json",
+                          str(scores)]) == 0  # fmt: skip
+    capsys.readouterr()
+    out = tmp_path / "weights"
+    assert training_main(["ship-checkpoint", str(part), "--name", "part", "--report-name", "Part", "--scores",
+                          str(scores), "--out", str(out)]) == 0  # fmt: skip
+    assert f"warning: {part} is a stage part-way, at step 3 of 6" in capsys.readouterr().err
+    assert json.loads((out / "weights.json").read_text())["part.safetensors"]["training"]["partial_of"] == 6
 
 
 def test_resuming_a_finished_run_without_more_steps_is_refused(image_folder: Path, tmp_path: Path) -> None:
@@ -1126,6 +1167,15 @@ def test_a_state_save_on_a_full_disk_is_one_line_and_keeps_the_state_saved_befor
         f"'{run / 'state.pt'}'")
     assert torch.load(run / "state.pt", weights_only=True)["step"] == saved["step"] == 6
     assert not (run / "state.pt.tmp").exists()
+    # a fresh run's first save: there is none before it to keep (it said "the one saved before is kept")
+    fresh = tmp_path / "fresh"
+    config = _toml(_stage_config(image_folder, "teacher"), tmp_path)
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--config", str(config), "--run-dir",
+                             str(fresh)], capture_output=True, text=True, timeout=300,
+                            preexec_fn=_file_size_limit(limit), cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: [Errno 27] cannot save the training state (File too large); none was saved before: "
+        f"'{fresh / 'state.pt'}'"), result.stderr
 
 
 _SAVE_A_CHECKPOINT = """

@@ -25,7 +25,7 @@ from training.data import file_sha256
 from training.devices import Dist
 from training.distill import Distillation, Guide, TrainedModel
 from training.pipeline import pipeline_stages, run_pipeline
-from training.ship import cut_down_evaluation, seed_run, ship_run
+from training.ship import SHIPPED, cut_down_evaluation, seed_run, ship_run
 from training.state import print_changes
 from training.trainer import NonFiniteLossError, TrainingInterrupted, _Trainer, train_stage
 
@@ -746,7 +746,8 @@ def test_pipeline_stages_run_separately_then_evaluate(image_folder: Path, tmp_pa
     assert (tmp_path / "seeded" / "student_takdsr" / "final.safetensors").exists()
 
 
-def test_ship_refuses_scores_of_other_weights(image_folder: Path, tmp_path: Path) -> None:
+def test_ship_refuses_scores_of_other_weights(image_folder: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     """A stage trained again after the run's evaluation (its folder removed, `pipeline --stages` with other steps)
     shipped with the old results.json scores, and a run that was never evaluated was an Errno 2 about results.json."""
     config = tiny_config(image_folder, experiment={"baselines": False}, optim={"steps": 1},
@@ -757,6 +758,14 @@ def test_ship_refuses_scores_of_other_weights(image_folder: Path, tmp_path: Path
                                                 r"it: python -m training pipeline --config CONFIG --run-dir .*run \("):
         ship_run(run_dir, tmp_path / "weights")
     run_pipeline(config, run_dir)
+    # a stage ship does not take (a second TA here) is named, not left out without a word
+    (run_dir / "ta2").mkdir()
+    shutil.copyfile(run_dir / "ta1" / "final.safetensors", run_dir / "ta2" / "final.safetensors")
+    capsys.readouterr()
+    assert training_main(["ship", str(run_dir), "--out", str(tmp_path / "all")]) == 0
+    assert (f"note: not shipped, as ship takes only {', '.join(SHIPPED)}: ta2 (in {run_dir})"
+            in capsys.readouterr().err)  # fmt: skip
+    shutil.rmtree(run_dir / "ta2")
     again = rf"evaluate again: python -m training pipeline --config {run_dir}/config\.toml --run-dir {run_dir}$"
     shutil.rmtree(run_dir / "student_takdsr")
     run_pipeline(tiny_config(image_folder, experiment={"baselines": False, "student_steps": 2}, optim={"steps": 1}),

@@ -44,8 +44,8 @@ from training.memory import out_of_memory_reason
 from training.pipeline import run_pipeline
 from training.report import latency_where
 from training.run_folder import held_instead_of_a_state
-from training.ship import cut_down_evaluation, seed_run, ship_checkpoint, ship_run
-from training.state import STATE_FILE, read_state, started_with
+from training.ship import SHIPPED, cut_down_evaluation, seed_run, ship_checkpoint, ship_run
+from training.state import FINAL_FILE, STATE_FILE, read_state, started_with
 from training.trainer import (
     DataWorkerError,
     NonFiniteLossError,
@@ -58,7 +58,8 @@ from upscaler_server.console import add_version_option, escape_unprintable_names
 
 
 def _comma_list(text: str) -> list[str]:
-    return text.split(",")
+    """Each name once, in order: `--stages teacher,teacher` trained one and said "finished teacher, teacher"."""
+    return list(dict.fromkeys(text.split(",")))
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -308,6 +309,10 @@ def _ship_checkpoint(args: argparse.Namespace) -> int:
     entry = ship_checkpoint(args.checkpoint, args.name, args.report_name, args.scores, args.out, label=args.label,
                             overwrite=args.overwrite)
     print(f"{args.out / (args.name + '.safetensors')}: {entry['report_name']}, {entry['params']:,} parameters")
+    partial_of = entry["training"].get("partial_of")
+    if partial_of:  # a snapshot or an exported state: weights.json says so too
+        print(f"warning: {args.checkpoint} is a stage part-way, at step {entry['training']['steps']} of {partial_of}",
+              file=sys.stderr)
     return 0
 
 
@@ -325,6 +330,11 @@ def _ship(args: argparse.Namespace) -> int:
         if cut:  # a smoke config's scores: recorded as such (weights.json "evaluation"), and said here
             print(f"warning: {name} was scored on a cut-down evaluation ({cut}; eval.crop / eval.max_images): its "
                   "scores do not compare with whole-set ones", file=sys.stderr)
+    others = sorted(folder.name for folder in args.run_dir.iterdir() if folder.name not in SHIPPED
+                    and (folder / FINAL_FILE).is_file())  # fmt: skip
+    if others and args.stages is None:  # a second TA, the full backbone: left out without a word
+        print(f"note: not shipped, as ship takes only {', '.join(SHIPPED)}: {', '.join(others)} (in {args.run_dir})",
+              file=sys.stderr)
     return 0
 
 

@@ -219,7 +219,8 @@ def _ship_file(
         "arch_args": metadata["arch_args"],
         "params": params,
         "macs_960x540": macs,
-        "training": {k: training.get(k) for k in ("steps", "batch_size", "device", "seconds", "mix", "init_from")},
+        "training": {k: training.get(k) for k in ("steps", "batch_size", "device", "seconds", "mix", "init_from")}
+        | ({"partial_of": training["partial_of"]} if training.get("partial_of") else {}),  # a snapshot's: step of N
         "metrics": scores,
         "evaluation": evaluation,
         "bicubic": bicubic,

@@ -144,6 +144,10 @@ class _Trainer:
         self.device = stage_device(config.runtime.device, dist_info)
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
+            cores = len(os.sched_getaffinity(0))
+            if config.runtime.threads > cores and self.dist.main:  # 100 on 2 cores made 12 steps take 100 s, not 3
+                print(f"note: runtime.threads={config.runtime.threads} is more than the {cores} CPU cores this "
+                      "process may use: the threads take turns, which is slower than one per core")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest conv kernels once
         refuse_oversized(config)
@@ -519,8 +523,8 @@ class _Trainer:
             os.replace(tmp, path)
         except OSError as exc:  # a full disk, most likely: the state saved before stays as it was
             tmp.unlink(missing_ok=True)
-            raise OSError(exc.errno, f"cannot save the training state ({exc.strerror}); the one saved before is "
-                                     "kept", str(path)) from None
+            kept = "the one saved before is kept" if path.is_file() else "none was saved before"
+            raise OSError(exc.errno, f"cannot save the training state ({exc.strerror}); {kept}", str(path)) from None
 
     def _load_state(self) -> int:
         path = self.run_dir / STATE_FILE

@@ -48,7 +48,7 @@ class SourceConfig:
                              "'bicubic'")
         if not 0 < self.weight < math.inf:  # `not` for NaN
             raise ValueError(f"{where}.weight must be a finite number > 0, got {self.weight!r}")
-        for name in ("supersample", "frames_per_preset"):
+        for name in ("supersample", "frames_per_preset", "width", "height"):  # width -160: "smaller than the patch"
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)!r}")
 
