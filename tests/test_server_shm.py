@@ -639,6 +639,40 @@ def test_a_ring_whose_set_up_fails_with_an_os_error_is_removed_and_said_as_shm_e
         (SHM_DIR / name.lstrip("/")).unlink(missing_ok=True)
 
 
+def test_a_segment_that_cannot_be_mapped_is_removed_if_new_and_kept_if_attached() -> None:
+    """From a hostile-client review: near the open-file limit mmap failed with EMFILE, and CPython unregistered the
+    new segment from the resource tracker, which had not been told of it: the tracker printed a KeyError traceback
+    into the daemon's log (the client correctly got SHM_ERROR). And a client whose mapping of the daemon's segment
+    failed so unlinked that segment. Run apart: the tracker writes to the process's stderr when it reads a message."""
+    script = textwrap.dedent("""
+        import errno, os
+        from multiprocessing import shared_memory
+        from upscaler_server import shm
+        from upscaler_server.errors import SharedMemoryError
+
+        def no_more_files(*args, **kwargs):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        layout = shm.RingLayout(16, 16, 3, 2)
+        created, attached = (shm.segment_name(os.getpid(), session, "in") for session in (5, 6))
+        daemons = shm.Ring.create(attached, layout)
+        real_mmap, shared_memory.mmap.mmap = shared_memory.mmap.mmap, no_more_files
+        for call in (lambda: shm.Ring.create(created, layout), lambda: shm.Ring.attach(attached, layout)):
+            try:
+                call()
+            except SharedMemoryError as exc:
+                print(exc.code.name)
+        shared_memory.mmap.mmap = real_mmap
+        print(*(os.path.exists(str(shm.SHM_DIR / name.lstrip("/"))) for name in (created, attached)))
+        daemons.unlink()
+        daemons.close()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    # the new segment is gone, the daemon's is still there, and nothing of the tracker's is in the log
+    assert done.returncode == 0 and done.stdout.split() == ["SHM_ERROR", "SHM_ERROR", "False", "True"], done
+    assert done.stderr == "", done.stderr
+
+
 def test_a_session_whose_output_ring_cannot_be_made_leaves_no_segment(monkeypatch: pytest.MonkeyPatch) -> None:
     """SessionTable.open creates the input ring, then the output ring: when the second fails (tmpfs full, found when
     its pages are reserved), the first must go too, and the half-made output ring with it; otherwise both stayed in

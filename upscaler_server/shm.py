@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
+from typing import Any
 
 import numpy as np
 
@@ -385,6 +386,23 @@ class _Mapping(shared_memory.SharedMemory):
     """A SharedMemory that is never closed under live views, by Ring.close() or by its garbage collection. A
     client's rings are not closed for it at exit (a daemon thread may still use them), so the interpreter's teardown
     collects them, maybe before their slot views: SharedMemory.__del__ then printed a BufferError."""
+
+    _made = False  # SharedMemory.__init__ has returned: only then may unlink() tell the resource tracker
+
+    def __init__(self, name: str, create: bool = False, size: int = 0, **options: Any) -> None:
+        self._creating = create
+        super().__init__(name, create, size, **options)
+        self._made = True
+
+    def unlink(self) -> None:
+        """SharedMemory's, but for its own call when a mapping fails (EMFILE near the descriptor limit, ENOMEM): then
+        a new segment goes without a word to the resource tracker, which had not been told of it yet and printed a
+        KeyError traceback into the daemon's log; and an existing segment (a client attaching the daemon's) stays:
+        it is not this process's to remove."""
+        if self._made:
+            super().unlink()
+        elif self._creating:
+            shared_memory._posixshmem.shm_unlink(self._name)  # type: ignore[attr-defined]
 
     def unmap_or_leave(self) -> bool:
         """Unmap, or, while views are alive, leave the mapping to them: it goes with the last one (each holds an
