@@ -359,6 +359,29 @@ def test_a_frame_lost_with_a_killed_daemon_costs_no_timeout_once_it_is_restarted
             client.close()
 
 
+def test_a_request_sent_after_an_unnoticed_restart_is_not_taken_for_lost(short_dir: pathlib.Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what was in flight when the connection ended is lost with it. An open sent to the restarted daemon before
+    the client had looked was taken for lost too: the client reconnected and sent it again, and the daemon opened a
+    session for each (the client closes the first when its late `opened` comes)."""
+    endpoint = f"ipc://{short_dir}/d.sock"
+    client: UpscalerClient | None = None
+    try:
+        with run_server("--backend", "nearest", endpoint=endpoint, check_clean=False) as first:
+            client = UpscalerClient(endpoint, timeout=30, retries=1)
+            first.proc.kill()
+            first.proc.wait(10)
+        with run_server("--backend", "nearest", endpoint=endpoint):
+            reconnects: list[int] = []
+            original_reconnect = client._link.reconnect
+            monkeypatch.setattr(client._link, "reconnect", lambda: reconnects.append(1) or original_reconnect())
+            session = client.open_session(16, 16, "RGB8", slots=1)  # held: a dropped one is closed at the next call
+            assert reconnects == [] and client.stats().sessions == 1 and not session.closed
+    finally:
+        if client is not None:
+            client.close()
+
+
 def test_slow_frames_after_a_restart_are_awaited_not_lost(short_dir: pathlib.Path) -> None:
     """After a restart, a frame slower than the client's timeout still comes back: the client compares the ping's
     daemon with the new one, not with the one it first said hello to."""

@@ -115,6 +115,7 @@ class Link:
     def send(self, msg: Message) -> int:
         """Send ``msg`` with a fresh request id (or its own, if set) and return the id."""
         with self._owned():
+            self._note_ended_connections()  # before: a connection that ended earlier did not lose this request
             if msg.req == 0:
                 msg = dataclasses.replace(msg, req=next(self._ids))
             self._waiting.add(msg.req)
