@@ -61,6 +61,23 @@ def test_replace_whole_writes_into_a_fifo(fifo: Path) -> None:
     assert [p.name for p in fifo.parent.iterdir()] == [fifo.name]  # no temporary file left beside it
 
 
+@pytest.mark.parametrize("mode", ["a", "w"])
+def test_stdout_led_to_a_file_by_a_redirection_is_written_into_not_replaced(tmp_path: Path, mode: str) -> None:
+    """From a review: `bench --json /dev/stdout >> log` replaced log with a file of the JSON alone (/dev/stdout led to
+    a plain file), losing what log held and the table printed before; `>` lost the table."""
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\n")
+    inode = log.stat().st_ino
+    script = ("from pathlib import Path\nfrom upscaler_server.files import replace_whole\n"
+              "from training.data.images import write_json_atomic\n"
+              "print('table', flush=True)\nreplace_whole(Path('/dev/stdout'), 'json\\n')\n"
+              "write_json_atomic(Path('/dev/fd/1'), {'a': 1}, indent=None)\n")
+    with open(log, mode) as out:  # a shell's `>>`, then `>`
+        subprocess.run([sys.executable, "-c", script], stdout=out, check=True, cwd=Path(__file__).parents[1])
+    kept = "earlier\n" if mode == "a" else ""
+    assert log.read_text() == kept + 'table\njson\n{"a": 1}\n' and log.stat().st_ino == inode
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_publish_through_a_link_replaces_the_file_and_keeps_the_link(tmp_path: Path, overwrite: bool) -> None:
     real = tmp_path / "real" / "scores.json"

@@ -571,6 +571,16 @@ def test_offline_cli_refuses_settings_the_daemon_refuses(tmp_path: pathlib.Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_offline_cli_refuses_an_empty_output_name(tmp_path: pathlib.Path) -> None:
+    """From a walkthrough: `-o ""` (an unset $OUTDIR) wrote the images into the current folder."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 24, 3), 50, np.uint8))
+    run = subprocess.run([sys.executable, "-m", "upscaler_server.upscale", "--backend", "nearest", "a.png", "-o", ""],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert run.returncode == 2 and "argument -o/--output: an empty name" in run.stderr, run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
 def test_a_scale_other_than_the_checkpoints_is_refused_by_every_command(checkpoint: pathlib.Path,
                                                                         tmp_path: pathlib.Path) -> None:
     """--scale 3 with an x2 checkpoint upscaled x2 without a word (the offline CLI, the export) or served x2."""
@@ -598,6 +608,10 @@ def test_offline_cli_refuses_tune_sizes_below_the_models_minimum(checkpoint: pat
                    "--cache-dir", str(tmp_path / "cache"), str(tmp_path / "a.png"), "-o", str(tmp_path / "out"))
     assert run.returncode == 2 and "smaller than the model's minimum" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
+    # and above the largest input it takes (99999x99999 was a MemoryError traceback while auto measured it)
+    run = _offline("--checkpoint", str(checkpoint), "--backend", "auto", "--tune-sizes", "99999x99999", "--max-pixels",
+                   "100000", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"))  # fmt: skip
+    assert run.returncode == 2 and "--tune-sizes 99999x99999 within --max-pixels 100000" in run.stderr, run.stderr
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import pathlib
+import re
 import secrets
 import shutil
 import stat
@@ -34,12 +35,20 @@ class FolderError(OSError):
 
 def is_stream(target: pathlib.Path) -> bool:
     """Whether ``target`` (or what its links lead to, /proc's too) exists and is neither a file nor a folder: a device
-    such as /dev/null, /dev/stdout on a terminal or a pipe, a FIFO or a socket, written into rather than replaced."""
+    such as /dev/null, /dev/stdout on a terminal or a pipe, a FIFO or a socket, written into rather than replaced.
+    A name of a process's descriptor (/dev/stdout, /dev/fd/N, /proc/self/fd/N) is one whatever it leads to: after a
+    shell's `> log` or `>> log` it leads to a file, and replacing that file lost what `>>` kept in it and what the
+    process had printed before (a benchmark's table)."""
     try:
         mode = os.stat(target).st_mode
     except (OSError, ValueError):  # absent, a dangling link or a loop, a name with a NUL
         return False
+    if _DESCRIPTOR_NAME.fullmatch(os.path.abspath(target)):
+        return not stat.S_ISDIR(mode)
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+_DESCRIPTOR_NAME = re.compile(r"/dev/(stdout|stderr|fd/\d+)|/proc/(self|thread-self|\d+)/fd/\d+")
 
 
 def written_file(target: pathlib.Path) -> pathlib.Path:

@@ -130,8 +130,8 @@ def not_done(files: list[pathlib.Path], out_dir: pathlib.Path) -> list[pathlib.P
 
 
 def read_8bit(src: pathlib.Path) -> np.ndarray:
-    """The image as OpenCV decodes it, 8 bits per channel: 16-bit rounded down to 8, a JPEG turned upright by its
-    EXIF orientation. UpscalerError for anything else."""
+    """The image as OpenCV decodes it, 8 bits per channel: 16-bit rounded to the nearest 8-bit level, a JPEG turned
+    upright by its EXIF orientation. UpscalerError for anything else."""
     try:
         # the bytes, not the name: OpenCV's imread and imwrite crash the process on a name that is not valid UTF-8
         data = np.fromfile(src, np.uint8)
@@ -198,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "written so far stay)")
     add_version_option(p)
     p.add_argument("inputs", nargs="+", type=pathlib.Path, metavar="INPUT", help="image files or folders")
-    p.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("-o", "--output", type=_named_folder, required=True, metavar="OUTDIR", help="output folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=pathlib.Path, help=CHECKPOINT_HELP)
     src.add_argument("--model", help="registered model with RANDOM weights (tests and benchmarks only)")
@@ -218,6 +218,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _named_folder(text: str) -> pathlib.Path:
+    """Not an empty name, which pathlib reads as the current folder: an unset $OUTDIR wrote the images there."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty name; name the output folder (. for the current one)")
+    return pathlib.Path(text)
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
     """The bounds the daemon's settings have (the engine would otherwise fail on them with a traceback)."""
     bad = engine_setting_problems(threads=args.threads, pad_channels=args.pad_channels, edge_pad=args.edge_pad)
@@ -227,6 +234,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         args.max_pixels = min(DEFAULT_MAX_PIXELS, decode_limit())
     elif not 1 <= args.max_pixels <= decode_limit():  # a larger image would be refused from its header anyway
         bad.append(f"1 <= --max-pixels <= {decode_limit()} (OpenCV's decode limit, OPENCV_IO_MAX_IMAGE_PIXELS)")
+    # a size no input may have (99999x99999 ended in numpy's MemoryError traceback while auto measured it)
+    bad += [f"--tune-sizes {width}x{height} within --max-pixels {args.max_pixels}"
+            for width, height in args.tune_sizes or () if width * height > args.max_pixels]
     if bad:
         raise ConfigError(f"invalid arguments: {', '.join(bad)}")
 
