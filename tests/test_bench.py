@@ -110,6 +110,16 @@ def test_bench_backends_table_has_stage_times_speedups_and_end_to_end(tmp_path: 
     assert "| of which compute | of which copies |" in run.stdout
 
 
+def test_bench_json_on_stdout_puts_the_tables_on_stderr() -> None:
+    """From a walkthrough: `bench --json /dev/stdout | jq .` failed, the table and the JSON mixed on stdout."""
+    command = [sys.executable, "-m", "upscaler_server.bench", "--sizes", "64x48", "--repeats", "1", "--skip-e2e",
+               "--json", "/dev/stdout"]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["transport"][0]["lr"] == "64x48"  # the JSON alone
+    assert "Transport: nearest-neighbour x2 backend" in run.stderr
+
+
 @pytest.mark.parametrize(("labels", "message"), [("eager,eager-graphs", "eager-graphs: -graphs needs CUDA"),
                                                  ("eager,eager-fp16", "eager-fp16 cannot run here: fp16 needs CUDA")])
 def test_bench_backends_refuses_what_cannot_run_here_before_measuring(tmp_path: pathlib.Path, labels: str,

@@ -307,7 +307,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="exit status: 0 measured, 1 a daemon did not start or a measurement failed, "
                                 "2 bad arguments, 3 the checkpoint cannot be loaded as a student, 130 interrupted")
     add_version_option(p)
-    p.add_argument("--json", type=pathlib.Path, help="also write the results here (in an existing folder)")
+    p.add_argument("--json", type=pathlib.Path, help="also write the results here (in an existing folder; "
+                   "/dev/stdout puts the tables on stderr)")
     p.add_argument("--sizes", type=_sizes, nargs="+", help="LR sizes WxH (space- or comma-separated) for both parts "
                    "(default: 640x360 1280x720 1920x1080; with --backends also 320x180)")
     p.add_argument("--e2e-sizes", type=_sizes, nargs="+", help="LR sizes of the end-to-end part (default: --sizes)")
@@ -377,7 +378,10 @@ def _bench(args: argparse.Namespace) -> int:
     except (DaemonStartError, UpscalerError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    (_print_tables if backends is None else print_backend_table)(result)
+    # with the JSON on stdout (`--json /dev/stdout | jq`), the tables go to stderr: mixed in, they broke the JSON
+    tables_to = sys.stderr if args.json and _is_stdout(args.json) else sys.stdout
+    with contextlib.redirect_stdout(tables_to):
+        (_print_tables if backends is None else print_backend_table)(result)
     if args.json:
         try:
             _write_json(args.json, result)
@@ -463,6 +467,15 @@ def _check_end_to_end_daemon(args: argparse.Namespace) -> None:
     backend = "eager" if args.backend == "torch" else args.backend
     if backend != "auto" and (why := unavailable(backend, device, args.precision)) is not None:
         raise ValueError(f"--backend {args.backend} --precision {args.precision} on {device}: {why}")
+
+
+def _is_stdout(path: pathlib.Path) -> bool:
+    """Whether ``path`` is (or leads to) what this process's standard output writes to: a pipe, a file, a tty."""
+    try:
+        target, stdout = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):  # absent (a new file), or stdout closed or replaced by an object without a descriptor
+        return False
+    return (target.st_dev, target.st_ino) == (stdout.st_dev, stdout.st_ino)
 
 
 def check_json_target(path: pathlib.Path) -> None:
