@@ -25,7 +25,7 @@ from models import (
     resolve_checkpoint,
     weights_sha256,
 )
-from training.config import Config, config_from_toml, differing_keys, load_config
+from training.config import Config, differing_keys, load_config
 from training.data import DatasetError, SkippedFilesWarning
 from training.data.images import write_json_atomic
 from training.evaluate import (
@@ -45,7 +45,7 @@ from training.pipeline import run_pipeline
 from training.report import latency_where
 from training.run_folder import held_instead_of_a_state
 from training.ship import SHIPPED, cut_down_evaluation, seed_run, ship_checkpoint, ship_run
-from training.state import FINAL_FILE, STATE_FILE, read_state, started_with
+from training.state import FINAL_FILE, STATE_FILE, started_with
 from training.trainer import (
     DataWorkerError,
     NonFiniteLossError,
@@ -189,8 +189,12 @@ def _resumed_config(run_dir: Path, config_path: Path | None, overrides: list[str
     """The config a run continues with: the one it saved, plus ``--set`` changes made on purpose. A ``--config`` that
     differs from it is refused: continuing with another data source, network or schedule would quietly change the
     run (or end it at once) and overwrite what it was started with."""
-    saved = run_dir / "config.toml"
-    config = load_config(saved, overrides) if saved.is_file() else _config_kept_in_state(run_dir, overrides)
+    saved, state = run_dir / "config.toml", run_dir / STATE_FILE
+    if not saved.is_file():  # the copy the state keeps, as the pipeline and export-state take it
+        if not state.is_file():
+            raise FileNotFoundError(f"nothing to resume: {saved} and {state} do not exist")
+        print(f"note: {saved} does not exist: resuming with the config kept in {state}")
+    config = _stage_config(run_dir, state, overrides)
     if config_path is not None:
         given = load_config(config_path, overrides).to_dict()
         differ = differing_keys(given, config.to_dict())
@@ -199,22 +203,6 @@ def _resumed_config(run_dir: Path, config_path: Path | None, overrides: list[str
             raise ValueError(f"{config_path} differs from the config {run_dir} was started with ({keys}); resume "
                              f"with --resume {run_dir} alone, and --set KEY=VALUE for a change made on purpose")
     return config
-
-
-
-def _config_kept_in_state(run_dir: Path, overrides: list[str]) -> Config:
-    """A stage folder's config from the copy its state.pt keeps, when its config.toml is gone (a state put back
-    alone, as the GPU scripts bring one back): the pipeline and export-state took that copy, and the pipeline's
-    refusal named this `train --resume`, which said "nothing to resume"."""
-    state = run_dir / STATE_FILE
-    if not state.is_file():
-        raise FileNotFoundError(f"nothing to resume: {run_dir / 'config.toml'} and {state} do not exist")
-    kept = read_state(state, torch.device("cpu")).get("config")
-    if not isinstance(kept, str):
-        raise FileNotFoundError(f"{run_dir / 'config.toml'} does not exist, and {state} keeps no copy of the config "
-                                "(an older version's state): put the stage's config.toml back")
-    print(f"note: {run_dir / 'config.toml'} does not exist: resuming with the config kept in {state}")
-    return config_from_toml(kept, state, overrides)
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -297,8 +285,8 @@ def _export_state(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_config(run_dir: Path, state: Path) -> Config:
-    config = started_with(run_dir, state)
+def _stage_config(run_dir: Path, state: Path, overrides: list[str] | None = None) -> Config:
+    config = started_with(run_dir, state, overrides)
     if config is None:
         raise FileNotFoundError(f"{run_dir / 'config.toml'} does not exist, and {state} keeps no copy of the config "
                                 "(an older version's state): put the stage's config.toml back")

@@ -67,15 +67,16 @@ def read_state(path: Path, device: torch.device, needs: tuple[str, ...] = ()) ->
     return state
 
 
-def started_with(stage_dir: Path, state_path: Path | None = None) -> Config | None:
+def started_with(stage_dir: Path, state_path: Path | None = None, overrides: list[str] | None = None
+                 ) -> Config | None:
     """The config a stage was started with: its config.toml, else the copy its state (``state_path``, by default
     the folder's) keeps, for a state put back alone as the GPU scripts bring it back; None when that state is an
-    older version's, without a copy."""
+    older version's, without a copy. ``overrides``: `key=value` changes made on purpose (--set)."""
     if (stage_dir / "config.toml").is_file():
-        return load_config(stage_dir / "config.toml")
+        return load_config(stage_dir / "config.toml", overrides)
     state_path = state_path or stage_dir / STATE_FILE
     saved = read_state(state_path, torch.device("cpu")).get("config")
-    return config_from_toml(saved, state_path) if isinstance(saved, str) else None
+    return config_from_toml(saved, state_path, overrides) if isinstance(saved, str) else None
 
 
 def print_changes(path: Path, saved: Any, config: Config) -> None:

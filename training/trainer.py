@@ -36,6 +36,7 @@ from training.data.images import DatasetError, write_text_atomic
 from training.devices import Dist, autocast_dtype, device_name, init_distributed, stage_device
 from training.distill import Distillation, Guide, TrainedModel
 from training.environment import arithmetic, environment
+from training.latency import usable_cores
 from training.memory import available_memory_bytes, kept_bytes_per_sample, memory_refusal, out_of_memory_reason
 from training.run_folder import (
     LOCK_FILE,
@@ -144,7 +145,7 @@ class _Trainer:
         self.device = stage_device(config.runtime.device, dist_info)
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
-            cores = len(os.sched_getaffinity(0))
+            cores = usable_cores()
             if config.runtime.threads > cores and self.dist.main:  # 100 on 2 cores made 12 steps take 100 s, not 3
                 print(f"note: runtime.threads={config.runtime.threads} is more than the {cores} CPU cores this "
                       "process may use: the threads take turns, which is slower than one per core")
