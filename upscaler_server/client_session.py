@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import math
 import numbers
 import operator
 import os
@@ -412,8 +413,9 @@ def positive_timeout(timeout: float | None, default: float) -> float:
         return default
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds (None: the client's {default:g} s), got {timeout}")
+    if not 0 < timeout < math.inf:  # inf would hang the caller on a stopped (SIGSTOP) daemon, never checked
+        raise ValueError(f"timeout must be a finite number of seconds > 0 (None: the client's {default:g} s), "
+                         f"got {timeout}")
     return float(timeout)
 
 
