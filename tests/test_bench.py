@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -108,6 +109,9 @@ def test_bench_backends_table_has_stage_times_speedups_and_end_to_end(tmp_path: 
         assert r["compute_ms"] + r["copies_ms"] <= r["model_p99_ms"] * 1.1
         assert r["e2e_ms"] > 0 and r["fps"] == pytest.approx(1e3 / r["e2e_ms"]) and r["e2e_frames"] >= 3
     assert "| of which compute | of which copies |" in run.stdout
+    # each row as it is measured, in words (a dict's repr was printed)
+    assert re.search(r"^measured eager-fp32-pad8 at LR 64x48: [\d.]+ ms median, [\d.]+ ms p99 over \d+ frames; "
+                     r"against fp32 eager: max diff [01] levels, ", run.stderr, re.M), run.stderr
 
 
 def test_bench_json_on_stdout_puts_the_tables_on_stderr() -> None:
@@ -168,6 +172,11 @@ def test_bench_refuses_cuda_only_daemon_options_on_the_cpu() -> None:
     # the ONNX export found it out after fp32 eager had been measured (exit 1)
     (["--backends", "onnxruntime", "--cache-dir", "{tmp}/evil.pt/sub"], 2,
      "--cache-dir {tmp}/evil.pt/sub: {tmp}/evil.pt is not a folder"),
+    # a cache no measured backend keeps files in was accepted and left empty
+    (["--backends", "eager,compile-bf16", "--cache-dir", "{tmp}/cache"], 2,
+     "--cache-dir would be ignored: none of eager, compile-bf16 keeps files there"),
+    (["--backend", "compile", "--cache-dir", "{tmp}/cache"], 2,
+     "--cache-dir would be ignored: the end-to-end daemon's --backend compile keeps no files"),
     # the other parts' options, dropped in silence by --backends (--cuda-graphs alone is refused on a CPU)
     *[(["--backends", "eager", *option], 2, f"these options would be ignored with --backends: {option[0]} ({hint}")
       for option, hint in ((["--backend", "compile"], "name the backends in --backends"),

@@ -67,7 +67,7 @@ def test_every_backend_pads_the_edges(tmp_path: pathlib.Path, backend: str, prec
     eager = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1)
     bare = create_engine(checkpoint=path, device="cpu", precision="fp32", threads=1, edge_pad=0)
     other = create_engine(checkpoint=path, backend=backend, device="cpu", precision=precision, threads=1,
-                          cache_dir=tmp_path)
+                          cache_dir=tmp_path if backend == "onnxruntime" else None)
     expected, out = eager.run(rgb).astype(int), other.run(rgb).astype(int)
     assert np.abs(out - expected).max() <= 1  # fp32 sums in another order: one level at a rounding boundary
     assert np.abs(out - bare.run(rgb).astype(int)).max() > 1  # the padding changed the frame's edge

@@ -934,7 +934,8 @@ def test_invalid_settings_exit_2() -> None:
 def test_settings_no_frame_could_have_are_refused_at_start(
     args: list[str], message: str, tmp_path: pathlib.Path
 ) -> None:
-    status, log = _exit_of([*args, "--cache-dir", str(tmp_path / "cache")])
+    cache = ["--cache-dir", str(tmp_path / "cache")] if "auto" in args else []  # auto's measurements, not ~/.cache's
+    status, log = _exit_of([*args, *cache])
     assert status == 2 and message in log and "Traceback" not in log, log
 
 
@@ -1008,8 +1009,10 @@ def test_cuda_daemon_serves_fp16_with_graphs(tmp_path: pathlib.Path) -> None:
          "--precision (the nearest backend runs no model), --pad-channels (the nearest backend runs no model), "
          "--edge-pad (the nearest backend runs no model)"),
         (["--device", "cpu", "--cuda-graphs", "--overlap"], "--cuda-graphs (CUDA only), --overlap (CUDA only)"),
+        (["--backend", "compile", "--cache-dir", "/tmp"],
+         "--cache-dir (the compile backend keeps no files: auto, onnxruntime, tensorrt do)"),
     ],
-    ids=["tune-sizes", "auto-backends", "nearest-model-options", "cuda-options-on-cpu"],
+    ids=["tune-sizes", "auto-backends", "nearest-model-options", "cuda-options-on-cpu", "cache-dir-unused"],
 )
 def test_options_that_would_be_ignored_are_refused(args: list[str], message: str) -> None:
     """Each was dropped in silence: a daemon "tuned" for sizes it never measured, or "with" CUDA graphs on a CPU."""

@@ -57,6 +57,7 @@ from upscaler_server.bench_backends import Variant, compare_backends, parse_labe
 from upscaler_server.client import UpscalerClient
 from upscaler_server.config import (
     BACKEND_CHOICES,
+    CACHING_BACKENDS,
     DEFAULT_EDGE_PAD,
     MAX_THREADS,
     Config,
@@ -467,6 +468,9 @@ def _check_end_to_end_daemon(args: argparse.Namespace) -> None:
     backend = "eager" if args.backend == "torch" else args.backend
     if backend != "auto" and (why := unavailable(backend, device, args.precision)) is not None:
         raise ValueError(f"--backend {args.backend} --precision {args.precision} on {device}: {why}")
+    if args.cache_dir is not None and backend not in CACHING_BACKENDS:  # that daemon would refuse it, after transport
+        raise ValueError(f"--cache-dir would be ignored: the end-to-end daemon's --backend {args.backend} keeps no "
+                         f"files (only {', '.join(CACHING_BACKENDS)} do); leave it out")
 
 
 def _is_stdout(path: pathlib.Path) -> bool:
@@ -576,7 +580,7 @@ def _transport_and_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     daemon_args += ["--overlap"] if args.overlap else []
     daemon_args += ["--cuda-graphs"] if args.cuda_graphs else []
     daemon_args += ["--map-slots"] if args.map_slots else []
-    daemon_args += ["--cache-dir", str(args.cache_dir)] if args.cache_dir is not None else []  # auto, onnxruntime
+    daemon_args += ["--cache-dir", str(args.cache_dir)] if args.cache_dir is not None else []
     info, rows = end_to_end(args.e2e_sizes or args.sizes, args.frames, args.budget, daemon_args)
     result["machine"] = _machine(args, load_before)
     result["end_to_end"] = {"weights": weights, "backend": args.backend, "overlap": args.overlap,
@@ -626,6 +630,9 @@ def _backend_variants(args: argparse.Namespace) -> tuple[str, list[Variant]]:
             raise ValueError(f"{variant.label} cannot run here: {reason}")
         if problems := engine_setting_problems(threads=args.threads, pad_channels=variant.pad):
             raise ValueError(f"{variant.label}: needs {problems[0]}")
+    if args.cache_dir is not None and not any(v.backend in CACHING_BACKENDS for v in variants):
+        raise ValueError(f"--cache-dir would be ignored: none of {', '.join(args.backends)} keeps files there (only "
+                         f"{', '.join(CACHING_BACKENDS)} do); leave it out")
     return device, variants
 
 

@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from upscaler_server.config import CACHING_BACKENDS
+
 __all__ = ["Variant", "compare_backends", "parse_label", "print_backend_table", "unavailable_here"]
 
 _REFERENCE = "eager-fp32"
@@ -116,7 +118,7 @@ def _model_rows(variants: Sequence[Variant], sizes: Sequence[tuple[int, int]], c
     expected: dict[tuple[int, int], np.ndarray] = {}
     for variant in variants:
         engine = create_engine(checkpoint=checkpoint, backend=variant.backend, device=device,
-                               precision=variant.precision, threads=threads, cache_dir=cache_dir,
+                               precision=variant.precision, threads=threads, cache_dir=_cache_for(variant, cache_dir),
                                pad_channels=variant.pad, cuda_graphs=variant.graphs)
         if variant.label == _REFERENCE:  # variants[0]: its frames are what every row is compared with
             expected = {s: engine.run(inputs[s]) for s in sizes}
@@ -131,12 +133,20 @@ def _model_rows(variants: Sequence[Variant], sizes: Sequence[tuple[int, int]], c
                          "compute_ms": float(np.median([s.compute for s in samples])),
                          "copies_ms": float(np.median([s.copies for s in samples])),
                          "max_diff": max_diff, "psnr": None if math.isinf(psnr) else psnr})
-            print(f"measured {rows[-1]}", file=sys.stderr, flush=True)  # a crash later keeps what was measured
+            print(_progress_line(rows[-1]), file=sys.stderr, flush=True)  # a crash later keeps what was measured
         engine.close()
     base: dict[str, float] = {r["lr"]: r["model_ms"] for r in rows if r["backend"] == _REFERENCE}
     for r in rows:
         r["speedup"] = base[r["lr"]] / r["model_ms"]
     return rows
+
+
+def _progress_line(row: dict[str, Any]) -> str:
+    """One model-only row as a sentence, while the others are still measured (a dict's repr was printed)."""
+    name = f"{row['backend']} (auto picked {row['picked']})" if row["picked"] else row["backend"]
+    psnr = "identical" if row["psnr"] is None else f"{row['psnr']:.1f} dB PSNR"
+    return (f"measured {name} at LR {row['lr']}: {row['model_ms']:.1f} ms median, {row['model_p99_ms']:.1f} ms p99 "
+            f"over {row['frames']} frames; against fp32 eager: max diff {row['max_diff']} levels, {psnr}")
 
 
 def _daemon_args(variant: Variant, checkpoint: pathlib.Path, device: str, threads: int,
@@ -145,7 +155,13 @@ def _daemon_args(variant: Variant, checkpoint: pathlib.Path, device: str, thread
     args = ["--checkpoint", str(checkpoint), "--backend", variant.backend, "--precision", variant.precision,
             "--device", device.partition(":")[0], "--threads", str(threads), "--pad-channels", str(variant.pad)]
     args += ["--cuda-graphs"] if variant.graphs else []
-    return args + (["--cache-dir", str(cache_dir)] if cache_dir is not None else [])
+    cache = _cache_for(variant, cache_dir)
+    return args + (["--cache-dir", str(cache)] if cache is not None else [])
+
+
+def _cache_for(variant: Variant, cache_dir: pathlib.Path | None) -> pathlib.Path | None:
+    """``cache_dir`` for a backend that keeps files there; None for the others, which refuse one."""
+    return cache_dir if variant.backend in CACHING_BACKENDS else None
 
 
 def compare_backends(variants: Sequence[Variant], sizes: Sequence[tuple[int, int]], *,

@@ -16,8 +16,9 @@ from typing import Literal
 from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import COUNT_MAX, DIM_MAX, SCALE_MAX, SLOTS_MAX
 
-__all__ = ["BACKEND_CHOICES", "ENDPOINT_ENV", "Config", "add_backend_arguments", "check_endpoint", "cli_prog",
-           "default_endpoint", "nobody_listens", "parse_auto_backends", "parse_size", "runtime_dir", "unreachable"]
+__all__ = ["BACKEND_CHOICES", "CACHING_BACKENDS", "ENDPOINT_ENV", "Config", "add_backend_arguments", "check_endpoint",
+           "cli_prog", "default_endpoint", "nobody_listens", "parse_auto_backends", "parse_size", "runtime_dir",
+           "unreachable"]
 
 # Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
 ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
@@ -26,6 +27,7 @@ Device = Literal["auto", "cuda", "cpu"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Backend = Literal["auto", "eager", "torch", "compile", "onnxruntime", "tensorrt", "nearest"]
 BACKEND_CHOICES: tuple[str, ...] = typing.get_args(Backend)
+CACHING_BACKENDS = ("auto", "onnxruntime", "tensorrt")  # what keeps files in --cache-dir: measurements, ONNX, engines
 
 
 MAX_LEASE_S = 86_400.0

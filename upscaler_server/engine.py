@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import torch
 
-from upscaler_server.config import DEFAULT_EDGE_PAD, DEFAULT_SCALE, Config, edge_pad_problem
+from upscaler_server.config import CACHING_BACKENDS, DEFAULT_EDGE_PAD, DEFAULT_SCALE, Config, edge_pad_problem
 from upscaler_server.errors import ConfigError, EngineError
 from upscaler_server.host import bound_cpu_kernel_caches, resolve_device, return_freed_memory, usable_cores
 from upscaler_server.loading import load_network, model_hash, served_network
@@ -517,13 +517,15 @@ def build_engine(config: Config, on_tune: Callable[[str], None] | None = None) -
 
 def _refuse_unusable_options(*, backend: str, device: str, precision: str, pad_channels: int,
                              edge_pad: int | None, cuda_graphs: bool, overlap: bool, auto_backends: tuple[str, ...],
-                             tune_sizes: tuple[tuple[int, int], ...]) -> None:
+                             tune_sizes: tuple[tuple[int, int], ...], cache_dir: pathlib.Path | None) -> None:
     """ConfigError naming options that cannot apply to ``backend`` or an explicit ``device``: each was dropped in
     silence, so a run "with" --tune-sizes measured nothing and one "with" --cuda-graphs on a CPU captured none."""
     unusable = []
     if backend != "auto":
         unusable += [f"{flag} (--backend auto only)" for flag, given in
                      (("--tune-sizes", tune_sizes), ("--auto-backends", auto_backends)) if given]
+    if backend not in CACHING_BACKENDS and cache_dir is not None:
+        unusable.append(f"--cache-dir (the {backend} backend keeps no files: {', '.join(CACHING_BACKENDS)} do)")
     if backend == "nearest":
         unusable += [f"{flag} (the nearest backend runs no model)" for flag, given in
                      (("--precision", precision != "auto"), ("--pad-channels", pad_channels),
@@ -548,7 +550,7 @@ def create_engine(*, checkpoint: pathlib.Path | None = None, model: str | None =
 
     _refuse_unusable_options(backend=backend, device=device, precision=precision, pad_channels=pad_channels,
                              edge_pad=edge_pad, cuda_graphs=cuda_graphs, overlap=overlap, auto_backends=auto_backends,
-                             tune_sizes=tune_sizes)
+                             tune_sizes=tune_sizes, cache_dir=cache_dir)
     if edge_pad is not None and (problem := edge_pad_problem(edge_pad)) is not None:
         raise ConfigError(problem)
     if backend == "nearest":
