@@ -482,13 +482,25 @@ def test_offline_cli_refuses_damaged_files_in_its_own_words_and_says_subfolders_
     assert cv2.imwrite(str(tmp_path / "photo.jpg"), noise)
     jpeg = (tmp_path / "photo.jpg").read_bytes()
     (tmp_path / "photo.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    for suffix in (".bmp", ".tif"):  # OpenCV's own [ERROR] and TIFF_Error lines came beside the tool's
+        assert cv2.imwrite(str(tmp_path / f"whole{suffix}"), noise)
+        data = (tmp_path / f"whole{suffix}").read_bytes()
+        (tmp_path / f"whole{suffix}").unlink()
+        (tmp_path / f"cut{suffix[1:]}{suffix}").write_bytes(data[: len(data) // 2])
+    (tmp_path / "anim.gif").write_bytes(b"GIF89a")  # left out in silence
+    (tmp_path / "notes.txt").write_text("frames of level 3")
     (tmp_path / "more").mkdir()
     caplog.set_level("INFO", logger="upscaler_server.upscale")
     status = upscale.main(["--backend", "nearest", "--device", "cpu", str(tmp_path), "-o", str(tmp_path / "out")])
-    assert status == 1 and "libpng" not in capfd.readouterr().err
+    stderr = capfd.readouterr().err
+    assert status == 1 and "libpng" not in stderr and "ERROR" not in stderr and "TIFF" not in stderr, stderr
     assert f"{tmp_path / 'cut.png'}: a damaged PNG (cut short in its IDAT chunk); not read" in caplog.text
     assert f"{tmp_path / 'photo.jpg'}: a truncated JPEG (no end-of-image marker); not read" in caplog.text
+    for name in ("cutbmp.bmp", "cuttif.tif"):
+        assert f"{tmp_path / name}: not an image OpenCV can read" in caplog.text
     assert f"{tmp_path}: its subfolders are not searched (more); name them as inputs of their own" in caplog.text
+    assert f"{tmp_path}: 2 file(s) left out, not named as an image this tool reads (" in caplog.text
+    assert "): anim.gif, notes.txt" in caplog.text
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.png"]
 
 

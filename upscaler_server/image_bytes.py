@@ -3,13 +3,16 @@
 libpng prints its refusal of a damaged PNG to stderr itself ("libpng error: IHDR: CRC error", "IDAT: CRC error",
 "PNG input buffer is incomplete"), beside the caller's own error, and libjpeg decodes a truncated JPEG to grey rows
 with only a warning. The offline CLI and training look here first, so such a file is refused in one clear line.
-Standard library only: training imports it (docs/architecture.md).
+Standard library only: training imports it (docs/architecture.md); :func:`opencv_log_silenced` imports OpenCV
+when it is called.
 """
 
+import contextlib
 import struct
 import zlib
+from collections.abc import Iterator
 
-__all__ = ["damage"]
+__all__ = ["damage", "opencv_log_silenced"]
 
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"  # the start- and end-of-image markers
 _PNG_START = b"\x89PNG\r\n\x1a\n"  # the signature; the IHDR chunk (length 13) must follow it
@@ -69,3 +72,19 @@ def _ihdr_problem(kind: bytes, chunk: bytes) -> str | None:
 def _jpeg_complete(data: memoryview) -> bool:
     """Whether a JPEG file's bytes end with its end-of-image marker (trailing zero padding allowed)."""
     return bytes(data[-4096:]).rstrip(b"\x00").endswith(_JPEG_END)
+
+
+@contextlib.contextmanager
+def opencv_log_silenced() -> Iterator[None]:
+    """OpenCV's own log lines off while it decodes one file ("[ERROR] ... Unexpected end of input stream" for a cut
+    BMP, TIFF_Error lines for a cut TIFF, "[ WARN] ... PNG input buffer is incomplete"): a file it cannot decode is
+    named by the caller's own error, and these lines came beside it. Decodes are never threaded in the callers, so
+    the global level is restored safely."""
+    import cv2  # here, not above: importing this module stays standard library only
+
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)

@@ -43,7 +43,7 @@ from upscaler_server.config import (
 from upscaler_server.console import add_version_option, escape_unprintable_names, ignore_the_working_folder
 from upscaler_server.errors import ConfigError, ModelLoadError, UpscalerError
 from upscaler_server.files import check_writable, make_folder, partial_beside, publish, remove_empty
-from upscaler_server.image_bytes import damage
+from upscaler_server.image_bytes import damage, opencv_log_silenced
 from upscaler_server.protocol import SCALE_MAX
 
 if TYPE_CHECKING:
@@ -66,10 +66,14 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
         if path.is_dir():
             visible = sorted(p for p in path.iterdir() if not p.name.startswith("."))
             files.extend(p for p in visible if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            others = [p.name for p in visible if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+            if others:  # a .gif or .exr among the frames was left out without a word
+                log.info("%s: %d file(s) left out, not named as an image this tool reads (%s): %s", path, len(others),
+                         " ".join(IMAGE_SUFFIXES), _few(others))
             inner = [p.name for p in visible if p.is_dir()]
             if inner:  # training scans folders whole: say that this does not
                 log.info("%s: its subfolders are not searched (%s); name them as inputs of their own", path,
-                         ", ".join(inner[:3]) + (", ..." if len(inner) > 3 else ""))
+                         _few(inner))
         elif path.is_file():
             files.append(path)
         elif not os.path.lexists(path):  # a shell pattern that matched nothing comes here as itself
@@ -87,6 +91,11 @@ def collect_inputs(inputs: Iterable[pathlib.Path]) -> list[pathlib.Path]:
                               "upscale them into different output folders")
         stems[f.stem] = f
     return unique
+
+
+def _few(names: list[str]) -> str:
+    """The first three of ``names``, comma-separated, then "..." if there are more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def check_output_folder(inputs: Iterable[pathlib.Path], out_dir: pathlib.Path) -> None:
@@ -143,7 +152,8 @@ def read_8bit(src: pathlib.Path) -> np.ndarray:
     # a JPEG has no alpha, and IMREAD_COLOR (unlike IMREAD_UNCHANGED) applies its EXIF orientation
     flags = cv2.IMREAD_COLOR if bytes(data[:2]) == b"\xff\xd8" else cv2.IMREAD_UNCHANGED
     try:
-        image = cv2.imdecode(data, flags) if data.size else None
+        with opencv_log_silenced():
+            image = cv2.imdecode(data, flags) if data.size else None
     except cv2.error as exc:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):  # refused from its header (upscaler_server/decode_limit.py)
             raise UpscalerError(f"{src}: its header declares more than {decode_limit()} pixels, more than this tool "

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from training import MAX_IMAGE_PIXELS
 from upscaler_server.files import is_stream, written_file  # standard library only (docs/architecture.md)
-from upscaler_server.image_bytes import damage  # standard library only
+from upscaler_server.image_bytes import damage, opencv_log_silenced  # standard library only (cv2 once called)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -214,7 +214,7 @@ def _decode_bytes(path: Path, data: np.ndarray) -> np.ndarray:
     if problem:
         raise ImageReadError(f"cannot decode {path}: {problem}")
     try:
-        with _opencv_log_silenced():
+        with opencv_log_silenced():
             raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error as exc:  # e.g. a header declaring more pixels than OPENCV_IO_MAX_IMAGE_PIXELS (training/__init__)
         if "validateInputImageSize" in str(exc):
@@ -229,19 +229,6 @@ def _decode_bytes(path: Path, data: np.ndarray) -> np.ndarray:
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # a float TIFF's NaN would turn the loss NaN
         raise ImageReadError(f"{path} has NaN or infinite pixels", "with NaN or infinite pixels")
     return raw
-
-
-@contextlib.contextmanager
-def _opencv_log_silenced() -> Iterator[None]:
-    """OpenCV's own log lines off while it decodes one file ("[ WARN] ... PNG input buffer is incomplete" for a
-    truncated PNG): a file it cannot decode is named by the caller's error or SkippedFilesWarning, and these lines
-    came on every scan beside it. A decode is never threaded here, so the global level is restored safely."""
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    try:
-        yield
-    finally:
-        cv2.utils.logging.setLogLevel(level)
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
