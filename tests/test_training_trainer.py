@@ -450,7 +450,8 @@ def test_a_run_its_budget_ended_goes_on_with_a_larger_budget(image_folder: Path,
 
 
 def test_a_resume_takes_the_budget_share_as_saved_or_against_a_new_budget(image_folder: Path, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     config = _with_budget(_stage_config(image_folder, tmp_path, "student"), 1e6)
     stop_at_step(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
@@ -462,9 +463,14 @@ def test_a_resume_takes_the_budget_share_as_saved_or_against_a_new_budget(image_
     doubled = _Trainer(_with_budget(config, 2e6), tmp_path / "run", Dist())
     doubled._load_state()
     assert doubled.budget_spent == state["seconds"] / 2e6
+    assert "time budget" not in capsys.readouterr().out
     unbudgeted = _Trainer(_with_budget(config, 0), tmp_path / "run", Dist())
     unbudgeted._load_state()
     assert unbudgeted.budget_spent == 0  # no budget: only the steps end the stage
+    # ... and its cosine jumps back to the steps' share: said, since it looked like a restarted schedule
+    assert (f"note: {tmp_path / 'run' / 'state.pt'} ran under a time budget of 1e+06 s (0% spent); without one "
+            "(runtime.time_budget_s = 0) the stage ends at its 6 steps, so its learning-rate cosine now follows the "
+            "steps: 33% of the way, not 0%") in capsys.readouterr().out
 
 
 def test_the_cosine_runs_over_the_steps_without_a_budget(image_folder: Path, tmp_path: Path) -> None:

@@ -556,6 +556,7 @@ class _Trainer:
         self.budget_spent = self._resumed_budget_spent(state)
         self._follow_config_optim()
         step = int(state["step"])
+        self._note_budget_dropped(path, state, step)
         self.saved_data_sources = state.get("data_sources")
         self._continue_arithmetic_history(path, state.get("arithmetic_history"), step)
         if self.dist.main:
@@ -608,6 +609,19 @@ class _Trainer:
         if state.get("budget_s") == self.budget_s:
             return float(state.get("budget_spent", 0.0))
         return self.seconds_before / self.budget_s
+
+    def _note_budget_dropped(self, path: Path, state: dict[str, Any], step: int) -> None:
+        """Say so when a stage that ran under a time budget resumes without one: its cosine jumps from the budget's
+        share to the steps' (from 95 % of the way back to 2 %, the lr near its peak again), which is right for a run
+        that now ends at its steps, but looked like a restarted schedule."""
+        saved_budget = state.get("budget_s")
+        if self.budget_s or not isinstance(saved_budget, (int, float)) or not saved_budget > 0 or not self.dist.main:
+            return
+        spent = float(state.get("budget_spent", 0.0))
+        print(f"note: {path} ran under a time budget of {saved_budget:g} s ({spent:.0%} spent); without one "
+              f"(runtime.time_budget_s = 0) the stage ends at its {self.steps} steps, so its learning-rate cosine now "
+              f"follows the steps: {step / max(self.steps, 1):.0%} of the way, not {min(spent, 1.0):.0%}; keep a "
+              "budget with --set runtime.time_budget_s=S")
 
     def _follow_config_optim(self) -> None:
         """Make the resumed optimizer and schedule this config's. The saved ones carry the lr and betas the run
