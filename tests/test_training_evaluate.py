@@ -290,6 +290,14 @@ def test_ship_checkpoint_merges_into_the_index(tmp_path: Path) -> None:
     scores.write_text(json.dumps({"rendered-val-native": by_model}))
     shipped_teacher = ship_checkpoint(teacher, "t", "t", scores, out)
     assert shipped_teacher["macs_960x540"] == count_macs(load_checkpoint(teacher).model, 1080, 1920)  # HR input
+    # a name saying another family or scale (seed-run and users take the file for what its name says)
+    for name, says in (("rfdn_teacher_new_x2", "starts with the family rfdn"), ("rlfn_teacher_x3", "scale x3")):
+        with pytest.raises(ValueError, match=rf"--name {name}: it .*{says}, but .* holds a rlfn_teacher network x2; "
+                                             r"name it after what it is, e.g. rlfn_\.\.\._x2"):
+            ship_checkpoint(teacher, name, "t", scores, out)
+        assert not (out / f"{name}.safetensors").exists()
+    ship_checkpoint(teacher, "rlfn_teacher_new_x2", "t", scores, out)
+    assert load_checkpoint(out / "rlfn_teacher_new_x2.safetensors").metadata["arch"] == "rlfn_teacher"
 
     bare = save_checkpoint(build_model("rlfn_s", channels=8), tmp_path / "native_student.safetensors", role="student")
     before = json.loads((out / "weights.json").read_text())

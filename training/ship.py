@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from models import Checkpoint, count_parameters, load_checkpoint, read_metadata, save_checkpoint, weights_sha256
+from models.registry import FAMILIES
 from training.data import file_sha256, write_json_atomic
 from training.evaluate import macs_at
 from training.pipeline import REPORT_LR_SIZE
@@ -106,6 +107,10 @@ def ship_checkpoint(
         raise ValueError(f"the name must be a plain file name stem (letters, digits, _ . -, not starting with . or "
                          f"-), got {name!r}")
     checkpoint = load_checkpoint(path)
+    if contradiction := _name_contradiction(name, checkpoint.metadata):
+        raise ValueError(f"--name {name}: {contradiction}, but {path} holds a {checkpoint.metadata['arch']} network "
+                         f"x{checkpoint.metadata['scale']}; name it after what it is, e.g. "
+                         f"{_family_of(checkpoint.metadata)}_..._x{checkpoint.metadata['scale']}")
     if not isinstance(checkpoint.metadata["training"].get("config"), dict):
         # shipped weights carry how they were trained (config, data, steps, device): refuse before writing anything
         raise ValueError(f"{path} has no training config in its metadata: only checkpoints this trainer wrote "
@@ -132,6 +137,24 @@ def ship_checkpoint(
     )  # fmt: skip
     _write_index(out_dir, index)
     return index[file_name]
+
+
+def _family_of(metadata: dict[str, Any]) -> str:
+    """The registry family of a checkpoint's network (``rlfn`` for ``rlfn_teacher``)."""
+    return str(metadata["arch"]).removesuffix("_teacher")
+
+
+def _name_contradiction(name: str, metadata: dict[str, Any]) -> str | None:
+    """What a bundled name (``rlfn_s_takdsr_x2``: family first, scale last) says that the checkpoint is not. Users pick
+    a ``--checkpoint`` by it, and seed-run finds guides by ``{family}_..._x{scale}``: an RFDN x3 shipped as
+    ``rlfn_s_new_x2`` was taken for what its name said. Names outside that pattern say nothing and pass."""
+    first = name.split("_")[0]
+    if first in FAMILIES and first != _family_of(metadata):
+        return f"it starts with the family {first}"
+    named_scale = re.search(r"_x(\d+)$", name)
+    if named_scale and int(named_scale.group(1)) != metadata["scale"]:
+        return f"it ends with the scale x{named_scale.group(1)}"
+    return None
 
 
 def seed_run(
