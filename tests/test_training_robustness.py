@@ -1037,6 +1037,26 @@ def test_sigterm_outside_the_training_steps_stops_with_one_line(tmp_path: Path) 
         assert "Traceback" not in run.stderr, (name, run.stderr)
 
 
+def test_ctrl_c_while_torch_loads_ends_the_command_without_a_traceback(tmp_path: Path) -> None:
+    """`python -m training` spends seconds importing torch; a Ctrl-C there printed a KeyboardInterrupt traceback. A
+    stand-in torch that blocks on import makes the moment certain."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import pathlib, time\n"
+                                      f"pathlib.Path({str(tmp_path / 'loading')!r}).touch()\n"
+                                      "time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])}
+    process = subprocess.Popen([sys.executable, "-m", "training", "--help"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "loading").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGINT and "Traceback" not in err, err  # died by the signal, as a shell tool
+
+
 def test_temporary_files_of_a_killed_save_are_removed_on_resume(image_folder: Path, tmp_path: Path) -> None:
     """A SIGKILL inside save_checkpoint (after the temporary file was written, before the rename) left a full-size
     hidden copy that no later run removed."""

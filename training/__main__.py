@@ -3,9 +3,13 @@ the TAKDSR trainer's command line."""
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds) ended in a KeyboardInterrupt traceback: die by the
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # signal, as a shell command does; main's caller puts Python's back
+
 import argparse
 import re
-import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -396,4 +400,5 @@ def exit_with(status: int) -> NoReturn:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt again
     exit_with(main())
