@@ -39,6 +39,7 @@ from client_demo.spawn import DaemonStartError, SpawnedDaemon
 from upscaler_server.config import BACKEND_CHOICES, check_endpoint, cli_prog, default_endpoint, parse_auto_backends
 from upscaler_server.console import add_version_option, escape_unprintable_names
 from upscaler_server.errors import ConfigError
+from upscaler_server.files import FolderError, check_writable
 
 __all__ = ["main", "parse_args"]
 
@@ -258,6 +259,22 @@ def _run(cfg: DemoConfig, endpoint: str | None, watch: DaemonWatch, stop: _Signa
         link.close()
 
 
+def _screenshot_folder_problem(cfg: DemoConfig) -> str | None:
+    """Why the window's screenshots could not be written into --out (or, with --screenshot-after, the current
+    folder): it was found at the first screenshot, after the daemon had started and frames had run. A screenshot
+    asked for by a key alone is reported when it fails, and the demo goes on."""
+    if cfg.out is None and cfg.screenshot_after is None:
+        return None
+    folder = (cfg.out or pathlib.Path.cwd()).absolute()
+    existing = next(p for p in [folder, *folder.parents] if p.exists())  # the screenshot makes the rest
+    try:
+        check_writable(existing)
+    except FolderError as exc:
+        option = "--out" if cfg.out is not None else "--screenshot-after (into the current folder, without --out)"
+        return f"{option}: no screenshot could be saved: {exc}"
+    return None
+
+
 def _window_unavailable() -> int | None:
     """EXIT_NO_WINDOW, said why, when window mode cannot run here (glfw or imgui missing, no display); else None."""
     try:
@@ -320,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = _Signals()
     try:
         if not cfg.headless:
+            if (problem := _screenshot_folder_problem(cfg)) is not None:
+                print(f"client_demo: {problem}", file=sys.stderr)
+                return EXIT_USAGE
             missing = _window_unavailable()  # before a daemon is started for nothing
             return missing if missing is not None else _with_daemon(cfg, stop, None, started)
         try:  # before the daemon starts: a second demo writing into the same folder is refused at once

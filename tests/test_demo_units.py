@@ -115,6 +115,26 @@ def test_refusals_name_the_option_at_fault(capsys: pytest.CaptureFixture[str]) -
     assert parse_args(["--screenshot-after", "5", "--exit-after", "5"]).screenshot_after == 5
 
 
+def test_a_screenshot_folder_that_cannot_be_written_is_refused_before_the_window(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """From a walkthrough: the window's --out was found unwritable only at the first screenshot, after the daemon had
+    started and the frames had run (a file where a folder is: root, who runs the tests, may write anywhere else)."""
+    from client_demo import cli
+    from client_demo.config import EXIT_USAGE
+
+    def no_window() -> int:
+        raise AssertionError("the window was opened")
+
+    monkeypatch.setattr(cli, "_window_unavailable", no_window)
+    (tmp_path / "file").write_text("")
+    assert cli.main(["--out", str(tmp_path / "file" / "shots"), "--exit-after", "3"]) == EXIT_USAGE
+    assert f"client_demo: --out: no screenshot could be saved: cannot write into {tmp_path / 'file'}: Not a directory" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(pathlib.Path, "cwd", staticmethod(lambda: tmp_path / "file"))  # no chdir into a file
+    assert cli.main(["--screenshot-after", "2"]) == EXIT_USAGE
+    assert "--screenshot-after (into the current folder, without --out): no screenshot" in capsys.readouterr().err
+
+
 def test_a_daemon_killed_by_a_signal_is_said_so() -> None:
     from client_demo.spawn import how_it_ended
 
