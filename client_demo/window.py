@@ -128,6 +128,10 @@ class _WindowDemo:
         if gone:
             print(f"client_demo: the spawned upscaler daemon {gone} during the run: the frames after that were "
                   "shown without upscaling", file=sys.stderr)
+        elif self.upscaled == 0 and self.frames > 0:  # "0 upscaled" alone: the banner's reason went with the window
+            status, detail, _ = self._status()
+            print(f"client_demo: no frame was upscaled; the upscaler's state at the end: {status}"
+                  + (f" ({detail})" if detail else ""), file=sys.stderr)
         daemon = served_statistics(self.link) if ask_daemon and not gone else None
         if daemon is not None:
             print(f"client_demo: {describe_statistics(daemon)}")

@@ -451,3 +451,20 @@ def test_the_daemons_statistics_are_asked_for_unless_a_signal_ended_the_run(monk
     assert ("7 frame(s) done, 0 failed, 2 refused BUSY" in said.out) is not (stopped_by_signal or daemon_gone), said
     assert ("the spawned upscaler daemon exited with status -9 during the run: the frames after that were shown "
             "without upscaling") in said.err if daemon_gone else said.err == "", said
+
+
+def test_a_run_that_upscaled_nothing_says_why_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """From a walkthrough: "120 frames shown, 0 upscaled" and nothing else; the banner's reason closed with the
+    window."""
+    from client_demo import window
+
+    demo = object.__new__(window._WindowDemo)
+    demo.link, demo.frames, demo.hud, demo.watch = None, 120, SimpleNamespace(round_trip_ms=[]), lambda: None
+    demo._status = lambda: ("upscaler unavailable - retrying in 2 s", "no upscaler daemon at ipc:///x.sock", False)
+    for upscaled, said in ((0, "client_demo: no frame was upscaled; the upscaler's state at the end: upscaler "
+                               "unavailable - retrying in 2 s (no upscaler daemon at ipc:///x.sock)\n"), (3, "")):
+        demo.upscaled = upscaled
+        demo._summary(10.0, ask_daemon=False)
+        printed = capsys.readouterr()
+        assert f"120 frames shown in 10.0 s (11.9 fps), {upscaled} upscaled" in printed.out
+        assert printed.err == said
