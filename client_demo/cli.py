@@ -33,7 +33,7 @@ from client_demo.config import (
     DemoConfig,
 )
 from client_demo.controls import VIEWS
-from client_demo.headless import DEFAULT_OUT, OutputFolder, OutputFolderError, run_headless
+from client_demo.headless import DEFAULT_OUT, InterruptReported, OutputFolder, OutputFolderError, run_headless
 from client_demo.link import UpscaleLink
 from client_demo.spawn import DaemonStartError, SpawnedDaemon
 from upscaler_server.config import BACKEND_CHOICES, check_endpoint, cli_prog, default_endpoint, parse_auto_backends
@@ -349,8 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         with folder:
             return _with_daemon(cfg, stop, folder, started)
-    except KeyboardInterrupt:
-        print("client_demo: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, InterruptReported):
+            print("client_demo: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -44,8 +44,8 @@ from upscaler_server.files import replace_whole
 from upscaler_server.protocol import Statistics
 from upscaler_server.status import reply_fields
 
-__all__ = ["DEFAULT_OUT", "FRAMES_DIR", "LOCK_NAME", "STATS_NAME", "VIDEO_NAME", "OutputFolder", "OutputFolderError",
-           "caption", "run_headless"]
+__all__ = ["DEFAULT_OUT", "FRAMES_DIR", "LOCK_NAME", "STATS_NAME", "VIDEO_NAME", "InterruptReported", "OutputFolder",
+           "OutputFolderError", "caption", "run_headless"]
 
 DEFAULT_OUT = pathlib.Path("demo_out")
 FRAMES_DIR = "frames"
@@ -57,6 +57,11 @@ LOCK_NAME = ".takdsr-demo.lock"
 # killed outright (SIGKILL, a power cut) leaves this, never the earlier run's "completed": true beside new frames.
 UNFINISHED = "the run did not finish: it is still running, or it was killed before it could write its stats"
 INTERRUPTED_AT_ONCE = "interrupted at once (a second Ctrl-C or signal)"  # stats.json's error then
+
+
+class InterruptReported(KeyboardInterrupt):
+    """A second signal's interruption, once the run has said how far it got (the caller adds no line of its own:
+    "client_demo: interrupted" came after "interrupted at once ...")."""
 # A block that an interrupting signal waits for (client_demo.cli's _Signals.held); the default holds nothing.
 SignalHold = Callable[[], AbstractContextManager[None]]
 WAIT_SLICE = 0.1  # s per wait for the upscaler, between checks for Ctrl-C and a dead daemon
@@ -398,9 +403,10 @@ def _render(cfg: DemoConfig, link: UpscaleLink, gpu: GpuFrames, watch: DaemonWat
         except KeyboardInterrupt:  # the second signal came during this: once more (later ones are only counted)
             stats, saved = _close_outputs(cfg, link, run, started, error, daemon, out)
             _report(out, stats, saved, daemon)
-            raise
+            raise InterruptReported from None
         if error == INTERRUPTED_AT_ONCE:  # how far it got (the "wrote N/M frames" line), before the interrupt goes on
             _report(out, stats, saved, daemon)
+            raise InterruptReported from None  # replaces the KeyboardInterrupt under way
     if not saved:
         status = status or EXIT_ERROR
     _report(out, stats, saved, daemon)

@@ -486,6 +486,8 @@ def test_a_second_signal_still_leaves_a_truthful_stats_json(nearest_daemon: Daem
     # and the run says how far it got (a second signal that landed in a frame printed only "interrupted")
     said = _stdout_of(log).read_text()
     assert f"wrote {stats['frames']}/100000 frames to {tmp_path}" in said, (said, log.read_text())
+    # in one line: "client_demo: interrupted" came after "client_demo: interrupted at once ..."
+    assert len(_interrupted_lines(log)) == 1, log.read_text()
     # "at once" waits while a frame's PNG and record are written (CI once saw 3 PNGs and 2 records before it did;
     # the test below sends the signal into that gap on purpose)
     pngs = len(list((tmp_path / "frames").glob("*.png")))
@@ -527,6 +529,11 @@ def test_a_second_signal_during_the_final_stats_write_still_leaves_them(nearest_
     assert stats["outputs"]["video"] == "demo.mp4"
     video = cv2.VideoCapture(str(tmp_path / "demo.mp4"))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == frames
+    assert len(_interrupted_lines(log)) == 1, log.read_text()
+
+
+def _interrupted_lines(log: pathlib.Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("client_demo: interrupted")]
 
 
 def test_a_second_signal_between_a_frames_png_and_its_record_still_counts_the_frame(nearest_daemon: Daemon,
