@@ -126,6 +126,40 @@ def test_a_stopped_scenes_command_says_so_and_leaves_whole_frames(tmp_path: Path
     assert all((out / record["hr"]).is_file() and (out / record["lr"]).is_file() for record in frames.values())
 
 
+def test_a_pair_whose_lr_cannot_be_written_leaves_no_hr_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a walkthrough: a full disk at the LR PNG left its HR frame beside no LR and no manifest record, where a
+    folder source on hr/ read it."""
+    from training.data import scenes_cmd
+
+    written = scenes_cmd.write_png
+
+    def full_at_lr(path: Path, image: np.ndarray) -> None:
+        if path.parent.name.startswith("lr_"):
+            raise OSError(28, "No space left on device")
+        written(path, image)
+
+    monkeypatch.setattr(scenes_cmd, "write_png", full_at_lr)
+    with pytest.raises(OSError, match="No space left"):
+        scenes_cmd.write_scene_frames(tmp_path, 1, width=64, height=36, presets=["city"], progress=False)
+    assert list(tmp_path.rglob("*.png")) == [] and not (tmp_path / "manifest.json").exists()
+
+
+def test_a_stop_before_the_first_frame_says_nothing_was_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The stop's line named --out's manifest.json when none had been written, and the folder made for it was gone."""
+    from training.data import __main__ as data_cli
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_cli, "write_scene_frames", stopped)
+    out = tmp_path / "frames"
+    assert data_cli.main(["scenes", "--out", str(out), "--count", "1", "--width", "64", "--height", "36"]) == 130
+    assert "stopped: no frame was finished, so nothing was kept; the same command starts again" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_write_png_is_whole_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from training.data import images
     from training.data.images import write_png

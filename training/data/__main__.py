@@ -140,14 +140,22 @@ def _povray(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if signals:
-        print(f"stopped by signal {signals[0]}: the scenes finished so far are in {args.out / 'manifest.json'}; the "
-              "same command renders the rest", file=sys.stderr)
+        print(f"stopped by signal {signals[0]}: {_what_was_kept(args.out, 'scene')}", file=sys.stderr)
         return 128 + signals[0]
     failed = {s: why for s, why in manifest["failed"].items() if s in scenes}
     for scene, why in failed.items():
         print(f"failed: {scene}: {why}", file=sys.stderr)
     print(f"{len(scenes) - len(failed)}/{len(scenes)} scenes in {args.out} (manifest: {args.out / 'manifest.json'})")
     return 1 if failed else 0
+
+
+def _what_was_kept(out: Path, thing: str) -> str:
+    """The end of a stop's line: where the finished ``thing``s are, or that there is none (the folders made for them
+    were removed: the line named a manifest that did not exist)."""
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        return f"the {thing}s finished so far are in {manifest}; the same command renders the rest"
+    return f"no {thing} was finished, so nothing was kept; the same command starts again"
 
 
 def _scenes(args: argparse.Namespace) -> int:
@@ -161,8 +169,7 @@ def _scenes(args: argparse.Namespace) -> int:
                 supersample=args.supersample, split=args.split, presets=args.presets, replace=args.replace,
             )  # fmt: skip
     except KeyboardInterrupt:
-        print(f"stopped: the frames finished so far are in {args.out / 'manifest.json'}; the same command renders "
-              "the rest", file=sys.stderr)
+        print(f"stopped: {_what_was_kept(args.out, 'frame')}", file=sys.stderr)
         return 130
     finally:
         for sig, handler in previous.items():

@@ -193,8 +193,12 @@ def write_scene_frames(
         hr, lr = _render_pair(renderer, preset, t, (width, height), scale, supersample, lr_kind)
         seconds = time.perf_counter() - start
         hr_path, lr_path = out_dir / "hr" / f"{name}.png", out_dir / lr_dir / f"{name}.png"
-        write_png(hr_path, hr)
-        write_png(lr_path, lr)
+        try:
+            write_png(hr_path, hr)
+            write_png(lr_path, lr)
+        except BaseException:  # a full disk or a stop between the two: no HR frame without its LR and its record
+            hr_path.unlink(missing_ok=True)
+            raise
         record = FrameRecord(
             name, preset, t, split, f"hr/{name}.png", f"{lr_dir}/{name}.png", width, height, scale, lr_kind,
             supersample, round(seconds, 3), file_sha256(hr_path), file_sha256(lr_path), renderer.description() or "",
