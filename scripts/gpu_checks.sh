@@ -70,6 +70,11 @@ export PYTHON=$PY # the students part's scripts start their trainers with it
 OUT=${OUT:-gpu_out}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # first: the carried wheels are for the GPU image's python and may not install anywhere else
+if ! "$PY" -c "import torch" 2>/dev/null; then # a wrong interpreter was reported as "no CUDA device"
+    echo "gpu_checks: $PY cannot import torch (on this project's machine set PYTHON=.venv/bin/python; on the GPU" \
+        "machine its python3 has torch)" >&2
+    exit 2
+fi
 if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "gpu_checks: no CUDA device visible to $PY" >&2
     exit 2

@@ -5,6 +5,7 @@ empty folder, so anything it started to do (a venv, a run folder, an install) wo
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,22 @@ def test_shell_script_refuses_arguments_it_does_not_take(scripts_copy: Path, scr
     assert result.returncode == 2
     assert message in result.stderr
     assert files_under(scripts_copy) == before
+
+
+def test_gpu_checks_tells_an_interpreter_without_torch_from_a_machine_without_a_gpu(scripts_copy: Path) -> None:
+    """From a walkthrough: a PYTHON that cannot import torch (python3 outside the venv, a typo) was reported as "no
+    CUDA device visible"."""
+    import torch
+
+    for python, said in (("/no/such/python", "gpu_checks: /no/such/python cannot import torch (on this project's "
+                                             "machine set PYTHON=.venv/bin/python"),
+                         (sys.executable, f"gpu_checks: no CUDA device visible to {sys.executable}")):
+        if python == sys.executable and torch.cuda.is_available():
+            continue  # it would run the checks
+        result = subprocess.run(["bash", str(scripts_copy / "scripts" / "gpu_checks.sh"), "latency"], cwd=scripts_copy,
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": python})
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "No such file" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("script", PYTHON_SCRIPTS)
