@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.frames < 1:
         parser.error("--frames must be at least 1")
+    if args.anisotropy is not None and not 1 <= args.anisotropy < float("inf"):  # the renderer's traceback before
+        parser.error(f"--anisotropy must be a number >= 1 (1: off; leave it out for automatic), got {args.anisotropy}")
     if not args.json.parent.is_dir() or args.json.is_dir():  # said now, not after a minute of rendering
         parser.error(f"--json {args.json}: name a file in an existing folder")
     report = run(args.frames, args.anisotropy, tuple(args.presets))

@@ -5,7 +5,7 @@
 # A finished stage is skipped and an interrupted one resumed, so rerunning continues where it stopped.
 #   usage: [CONFIG=FILE] scripts/ablations_cpu.sh [RUN_ROOT]   (default runs/ablations; results: docs/ablations.md)
 # CONFIG (default the CPU ablation config) lets a GPU session rerun every row on a copy with a longer schedule.
-# then RUN_ROOT/scores_*.json hold the scores; scripts/scores_table.py prints them as tables.
+# When it ends, RUN_ROOT/scores_*.json hold the scores; scripts/scores_table.py prints them as tables.
 # It runs from the checkout (cd below); RUN_ROOT, CONFIG and PYTHON are taken from where it is started.
 source "$(dirname "$0")/lib/help.sh" "$@"
 source "$(dirname "$0")/lib/paths.sh"

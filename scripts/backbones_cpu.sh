@@ -19,8 +19,10 @@
 #   scripts/backbones_cpu.sh teachers FAMILY STEPS  the discrete- and the continuous-CF teacher of FAMILY at
 #                                               STEPS steps (two parallel 1-thread processes), scored: does
 #                                               the gap between the CF kinds close with the teacher's schedule?
-# RUN_ROOT (default runs/backbones) holds a folder per family: results.json and report.md of the comparison,
-# cf_ta_scores.json of the corners; <family>_ship/ the shipped set (docs/ablations.md has the tables).
+# The environment variable RUN_ROOT (RUN_ROOT=runs/mine scripts/backbones_cpu.sh ...; default runs/backbones; an
+# argument, as ablations_cpu.sh takes it, is read as a family) holds a folder per family: results.json and
+# report.md of the comparison, cf_ta_scores.json of the corners; <family>_ship/ the shipped set (docs/ablations.md
+# has the tables).
 # It runs from the checkout (cd below); RUN_ROOT and PYTHON are taken from where it is started.
 source "$(dirname "$0")/lib/help.sh" "$@"
 source "$(dirname "$0")/lib/paths.sh"

@@ -13,7 +13,7 @@ For each teacher checkpoint, on cg-dev (or any --data folder), it prints and wri
 - the entropy of CF' - X in 8-bit levels (bits per LR value): the side information about the HR image the
   8-bit CF' carries beyond an LR image (0: CF' is X), an upper bound for a code of those differences alone.
 
-    python scripts/cf_probe.py models/weights/rlfn_teacher_takdsr_x2.safetensors \
+    python scripts/cf_probe.py models/weights/rlfn_teacher_takdsr_x2.safetensors \\
         models/weights/rlfn_teacher_continuous_x2.safetensors --json probe.json
 """
 

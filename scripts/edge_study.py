@@ -9,7 +9,7 @@ pixel, in levels, and of a flat white and a flat mid-grey frame anywhere. Bicubi
 is scored the same way. Then the time per frame of each padding against none, interleaved in one run. Prints a
 table and writes everything as JSON.
 
-    python scripts/edge_study.py --checkpoint rlfn_s_takdsr_x2 --checkpoint rlfn_s_native_x2 \
+    python scripts/edge_study.py --checkpoint rlfn_s_takdsr_x2 --checkpoint rlfn_s_native_x2 \\
         --pads 0,2,4,8 --json edge_study.json
 """
 
@@ -158,10 +158,11 @@ def _count(low: int, high: int) -> Callable[[str], int]:
 
 
 def _pads(text: str) -> list[int]:
-    pads = [int(part) for part in text.split(",")]
-    if not pads or any(not 0 <= pad <= MAX_EDGE_PAD for pad in pads):
-        raise argparse.ArgumentTypeError(f"comma-separated pixel counts, each 0 to {MAX_EDGE_PAD}")
-    return pads
+    parts = text.split(",")
+    # a ValueError of int() was shown as "invalid _pads value", naming this function
+    if not all(part.strip().isdigit() for part in parts) or any(not 0 <= int(p) <= MAX_EDGE_PAD for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated pixel counts, each 0 to {MAX_EDGE_PAD}")
+    return [int(part) for part in parts]
 
 
 def main(argv: list[str] | None = None) -> int:

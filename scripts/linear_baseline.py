@@ -7,7 +7,7 @@ learned even what a linear filter can; the CPU ablations use it to read their un
 (docs/results.md). Prints mean PSNR/SSIM beside bicubic and Lanczos and writes them as JSON in the layout of
 `python -m training evaluate --json`.
 
-    python scripts/linear_baseline.py --config training/configs/rlfn_x2_ablation_cpu.toml --window 7 \
+    python scripts/linear_baseline.py --config training/configs/rlfn_x2_ablation_cpu.toml --window 7 \\
         --patches 3000 --sets cg-dev,rendered-val --json linear.json
 """
 

@@ -18,10 +18,13 @@ source "$(dirname "$0")/lib/help.sh" "$@"
 source "$(dirname "$0")/lib/paths.sh"
 set -uo pipefail
 if [[ $# -lt 3 ]]; then
-    usage_text
+    echo "matched_students: usage: [CONFIG=...] scripts/matched_students.sh RUN_DIR OUT_DIR STEPS [--set KEY=VALUE ...]" \
+        "(--help for more)" >&2
     exit 2
 fi
 run_dir=$(from_here "$1") out_dir=$(from_here "$2") steps=$3
+# checked before the guides are copied and three trainers each refuse it
+[[ $steps =~ ^[1-9][0-9]*$ ]] || { echo "matched_students: STEPS must be a whole number >= 1, got '$steps'" >&2; exit 2; }
 CONFIG=$(from_here "${CONFIG:-}") PYTHON=$(command_from_here "${PYTHON:-}")
 cd "$(dirname "$0")/.."
 shift 3

@@ -102,11 +102,18 @@ def measure_all(backends: list[str], frames: int, points: int) -> dict[str, dict
     return results
 
 
+def _at_least_one(text: str) -> int:
+    """--frames: 0 was blamed on --points ("--points must be 1 to --frames (0)")."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, at least 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", type=backend_names, default="eager,onnxruntime",
                         help="comma-separated (default: %(default)s); one that cannot run here is skipped, with a note")
-    parser.add_argument("--frames", type=int, default=800, help="frames per run (default: %(default)s)")
+    parser.add_argument("--frames", type=_at_least_one, default=800, help="frames per run (default: %(default)s)")
     parser.add_argument("--points", type=int, default=4, help="RSS readings per run after the start (default: 4)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

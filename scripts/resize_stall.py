@@ -27,7 +27,7 @@ import msgpack
 import zmq
 
 from upscaler_server.bench import check_json_target, spawn_daemon
-from upscaler_server.config import parse_size
+from upscaler_server.config import Config, parse_size
 from upscaler_server.shm import SHM_DIR
 
 MODES = {"default": [], "map-slots": ["--map-slots"]}
@@ -131,6 +131,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _frame_size(text: str) -> tuple[int, int]:
+    """--size: WxH within the spawned daemon's default limits (0x0 was refused by the daemon, after it had started)."""
+    width, height = parse_size(text)
+    fits = 1 <= width <= Config.max_width and 1 <= height <= Config.max_height
+    if not fits or width * height > Config.max_pixels:
+        raise argparse.ArgumentTypeError(f"{text}: the daemon takes frames from 1x1 up to {Config.max_width}x"
+                                         f"{Config.max_height} ({Config.max_pixels} pixels)")
+    return width, height
+
+
 def check_before_measuring(json_path: pathlib.Path | None, grow_bytes: int) -> None:
     """ValueError for a --json that cannot be written or a --grow-mb that the shared-memory folder has no room for
     (the resizer would fail part-way through the first daemon's run)."""
@@ -144,10 +154,12 @@ def check_before_measuring(json_path: pathlib.Path | None, grow_bytes: int) -> N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=parse_size, default=(640, 360), help="LR frame WxH of both sessions")
-    parser.add_argument("--frames", type=_positive_int, default=30, help="victim round trips per phase")
-    parser.add_argument("--grow-mb", type=_positive_int, default=2048, help="how far the resizer grows its segment, MB")
-    parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--size", type=_frame_size, default=(640, 360),
+                        help="LR frame WxH of both sessions (default: 640x360)")
+    parser.add_argument("--frames", type=_positive_int, default=30, help="victim round trips per phase (default: 30)")
+    parser.add_argument("--grow-mb", type=_positive_int, default=2048,
+                        help="how far the resizer grows its segment, MB (default: 2048)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = parser.parse_args(argv)
     width, height = args.size
     try:

@@ -204,3 +204,7 @@ def test_the_renderer_benchmark_prints_its_table_and_writes_its_json(tmp_path: P
     refused = subprocess.run([sys.executable, "-m", "scenes.bench", "--json", str(tmp_path / "missing" / "b.json")],
                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert refused.returncode == 2 and "name a file in an existing folder" in refused.stderr, refused.stderr
+    # the renderer's ValueError came out as a traceback (from a walkthrough)
+    refused = subprocess.run([sys.executable, "-m", "scenes.bench", "--anisotropy", "0", "--json", str(out)],
+                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert refused.returncode == 2 and "--anisotropy must be a number >= 1" in refused.stderr, refused.stderr

@@ -250,8 +250,11 @@ def test_cf_probe_takes_bundled_checkpoint_names(probe_inputs: tuple) -> None:
     assert "| rlfn_teacher_takdsr_x2 | discrete |" in run.stdout
 
 
-@pytest.mark.parametrize(("args", "fragment"), [(["--frames", "0"], "--frames"), (["--grow-mb", "0"], "--grow-mb"),
-                                                (["--grow-mb", "-1"], "--grow-mb")])  # fmt: skip
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--frames", "0"], "--frames"), (["--grow-mb", "0"], "--grow-mb"), (["--grow-mb", "-1"], "--grow-mb"),
+    # the daemon refused these, once it had started (a walkthrough)
+    (["--size", "0x0"], "0x0: the daemon takes frames from 1x1 up to"),
+    (["--size", "100000x100000"], "the daemon takes frames from 1x1")])  # fmt: skip
 def test_resize_stall_refuses_bad_numbers_as_arguments(args: list[str], fragment: str) -> None:
     _refused(_run("resize_stall.py", "--size", "16x16", "--frames", "1", "--grow-mb", "1", *args), 2, fragment)
 
@@ -261,6 +264,10 @@ def test_resize_stall_refuses_a_json_it_cannot_write_before_measuring(tmp_path: 
                tmp_path / "none" / "stall.json")  # fmt: skip
     _refused(run, 1, "--json")
     assert run.stdout == ""
+
+
+def test_memory_per_size_blames_frames_0_on_frames() -> None:
+    _refused(_run("memory_per_size.py", "--frames", "0"), 2, "argument --frames: '0': a whole number, at least 1")
 
 
 def test_memory_per_size_refuses_an_unknown_backend() -> None:
@@ -300,6 +307,7 @@ def test_memory_per_size_refuses_a_json_it_cannot_write_before_measuring(tmp_pat
     (["--threads", "0"], 2, "from 1 to 1024"),
     (["--timed-frames", "-1"], 2, "from 0 to 10000"),
     (["--pads", "0,65"], 2, "each 0 to 64"),
+    (["--pads", "abc"], 2, "argument --pads: 'abc': comma-separated pixel counts"),  # "invalid _pads value" before
     (["--checkpoint", "rlfn_s_takdsr_x2", "--checkpoint", "absent.safetensors"], 1, "absent.safetensors not found"),
     (["--checkpoint", "rlfn_teacher_takdsr_x2"], 1, "not an LR -> HR decoder"),
 ])  # fmt: skip

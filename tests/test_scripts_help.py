@@ -83,6 +83,10 @@ def test_demo_help_lists_the_demo_options_once_set_up() -> None:
     ("ablations_cpu.sh", ["--run-root"], "ablations_cpu: usage: [CONFIG=FILE] scripts/ablations_cpu.sh [RUN_ROOT]"),
     ("ablations_cpu.sh", ["runs/a", "runs/b"], "ablations_cpu: usage:"),
     ("gpu_checks.sh", ["--tests"], "gpu_checks: unknown part --tests (parts: tests latency e2e backends students"),
+    # the whole --help came for two arguments, and STEPS abc seeded the run, then failed in three trainers
+    ("matched_students.sh", ["runs/a", "out"], "matched_students: usage: [CONFIG=...] scripts/matched_students.sh "
+                                               "RUN_DIR OUT_DIR STEPS"),
+    ("matched_students.sh", ["runs/a", "out", "abc"], "matched_students: STEPS must be a whole number >= 1, got 'abc'"),
 ])
 def test_shell_script_refuses_arguments_it_does_not_take(scripts_copy: Path, script: str, args: list[str],
                                                          message: str) -> None:
