@@ -160,6 +160,22 @@ def test_a_stop_before_the_first_frame_says_nothing_was_kept(tmp_path: Path, mon
     assert not out.exists()
 
 
+def test_more_frames_than_distinct_names_or_a_huge_count_is_refused_at_once(tmp_path: Path) -> None:
+    """From a walkthrough: names keep 4 decimals of t, so at large counts times merged and fewer frames were written
+    without a word; and --count 1000000000 computed its plan for minutes in silence before the first frame."""
+    from training.data.images import DatasetError
+    from training.data.sources import MAX_TIMES_PER_PRESET, scene_times
+
+    with pytest.raises(DatasetError, match=r"40000 times of the val part of a 24 s loop: only \d+ of them differ"):
+        scene_times("val", 40_000, loop_period("arena"))
+    assert len(set(scene_times("val", 20_000, loop_period("arena")))) == 20_000
+    with pytest.raises(DatasetError, match=f"at most {MAX_TIMES_PER_PRESET}"):
+        scene_times("train", MAX_TIMES_PER_PRESET + 1, loop_period("city"))
+    huge = _run_command(tmp_path / "out", extra=["--count", "1000000000"])  # refused before the plan is computed
+    assert huge.returncode == 2 and "times per preset asked for; at most" in huge.stderr, huge.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_write_png_is_whole_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from training.data import images
     from training.data.images import write_png

@@ -87,6 +87,9 @@ def _van_der_corput(k: int) -> float:
     return value
 
 
+MAX_TIMES_PER_PRESET = 100_000  # about 290 GB of 1080p pairs per preset: past any training set
+
+
 def scene_times(split: Split, count: int, period: float) -> list[float]:
     """`count` fixed times of a split within its part of a loop of `period` seconds.
 
@@ -94,8 +97,15 @@ def scene_times(split: Split, count: int, period: float) -> list[float]:
     the count, so asking for more frames keeps (and reuses from disk) the ones already rendered. Seed-free, so
     disk caches are shared between runs.
     """
+    if count > MAX_TIMES_PER_PRESET:  # a billion took minutes of silence before the first frame
+        raise DatasetError(f"{count} times per preset asked for; at most {MAX_TIMES_PER_PRESET}")
     start, end = _SPLIT_PHASES[split]
-    return [round(period * (start + (end - start) * _van_der_corput(k)), 4) for k in range(count)]
+    times = [round(period * (start + (end - start) * _van_der_corput(k)), 4) for k in range(count)]
+    distinct = len(set(times))
+    if distinct < count:  # the frames' names (4 decimals of t) would repeat: fewer frames, said nowhere
+        raise DatasetError(f"{count} times of the {split} part of a {period:g} s loop: only {distinct} of them differ "
+                           "in their 4 decimals (the frames' names); ask for fewer frames per preset")
+    return times
 
 
 @dataclass
