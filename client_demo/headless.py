@@ -57,11 +57,6 @@ LOCK_NAME = ".takdsr-demo.lock"
 # killed outright (SIGKILL, a power cut) leaves this, never the earlier run's "completed": true beside new frames.
 UNFINISHED = "the run did not finish: it is still running, or it was killed before it could write its stats"
 INTERRUPTED_AT_ONCE = "interrupted at once (a second Ctrl-C or signal)"  # stats.json's error then
-
-
-class InterruptReported(KeyboardInterrupt):
-    """A second signal's interruption, once the run has said how far it got (the caller adds no line of its own:
-    "client_demo: interrupted" came after "interrupted at once ...")."""
 # A block that an interrupting signal waits for (client_demo.cli's _Signals.held); the default holds nothing.
 SignalHold = Callable[[], AbstractContextManager[None]]
 WAIT_SLICE = 0.1  # s per wait for the upscaler, between checks for Ctrl-C and a dead daemon
@@ -69,6 +64,11 @@ WAIT_SLICE = 0.1  # s per wait for the upscaler, between checks for Ctrl-C and a
 # measuring, compile's compilation), which can take tens of seconds on a CPU.
 FIRST_FRAME_NOTE = "waiting for the first frame (the daemon prepares this size)"
 BAR_REFRESH = 1.0  # s between redraws of the progress bar while no frame comes back (its elapsed time moves on)
+
+
+class InterruptReported(KeyboardInterrupt):
+    """A second signal's interruption, once the run has said how far it got (the caller adds no line of its own:
+    "client_demo: interrupted" came after "interrupted at once ...")."""
 
 
 class OutputFolderError(Exception):
