@@ -945,6 +945,23 @@ def test_upscale_keeps_a_few_sessions_by_size_and_closes_the_ones_it_evicts() ->
         assert set(daemon.segments()) == set().union(*(segments[size] for size in kept))
 
 
+def test_upscale_gives_up_its_older_sizes_sessions_when_the_daemon_has_no_room() -> None:
+    """From a walkthrough: each client's upscale() kept up to 4 sessions, so 16 clients filled a daemon's 64 and the
+    next was refused, told to "close unused sessions" it had never opened. A client now closes its own older sizes'
+    sessions when the daemon is full, and the refusal says how many sessions the connection holds."""
+    with run_server("--backend", "nearest", "--max-sessions", "3") as daemon, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="pytest") as client, \
+            UpscalerClient(daemon.endpoint, timeout=5, name="other") as other:
+        held = other.open_session(8, 8, "RGB8", slots=1)
+        for width in (16, 18, 20):  # the third size finds the daemon full (3 sessions)
+            assert (client.upscale(np.full((10, width, 3), width, np.uint8)) == width).all()
+        assert [key[1] for key in client._auto] == [18, 20] and other.stats().sessions == 3
+        with pytest.raises(SessionError, match=r"3 sessions are open \(1 of them on this connection\), the limit is 3; "
+                                               r"close unused sessions \(a client library may hold some of its own"):
+            other.open_session(8, 8, "RGB8", slots=1)
+        held.close()
+
+
 @pytest.mark.parametrize("which", FOREIGN_SEGMENTS)
 def test_a_segment_the_daemon_would_not_name_so_is_refused(tmp_path: pathlib.Path, which: str) -> None:
     """From the second security review: the client mapped whatever segment of its user the opened reply named (if

@@ -909,6 +909,41 @@ def test_an_ipc_socket_is_private_and_the_fd_limit_raised(short_dir: pathlib.Pat
         assert stop(proc) == 0
 
 
+def test_sessions_leave_open_files_for_connections(short_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """From a walkthrough: with a low open-file limit the sessions took every descriptor, and the next connections
+    made libzmq abort the daemon (SIGABRT). Sessions now stop short of a reserve kept for connections, and the
+    start-up says when --max-sessions cannot fit the limit."""
+    endpoint = f"ipc://{short_dir}/fds.sock"
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)); "
+              "from upscaler_server.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--backend", "nearest", "--endpoint", endpoint],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=(tmp_path / "log").open("wb"))
+    context = zmq.Context()
+    connections: list[zmq.Socket[bytes]] = []
+    try:
+        wait_ready(Daemon(proc, endpoint, tmp_path / "log"))
+        assert "--max-sessions 64 needs about" in (tmp_path / "log").read_text()
+        with UpscalerClient(endpoint, name="pytest") as client:
+            held, refusals = [], []  # held: a session dropped is closed, and its descriptors with it
+            while not refusals:
+                try:
+                    held.append(client.open_session(16, 16, "RGB8", slots=1))
+                except SessionError as exc:
+                    refusals.append(exc)
+                assert len(held) < 64, "every session of --max-sessions was opened under a limit of 200 open files"
+            assert refusals[0].code is ErrorCode.RESOURCE_LIMIT and "keeps 64 for connections" in str(refusals[0])
+            for _ in range(60):  # libzmq accepts each: one descriptor apiece
+                connections.append(context.socket(zmq.DEALER))
+                connections[-1].connect(endpoint)
+            time.sleep(1)
+            assert client.stats().sessions == len(held) and proc.poll() is None
+    finally:
+        for connection in connections:
+            connection.close(0)
+        context.term()
+        assert stop(proc) == 0, (tmp_path / "log").read_text()
+
+
 def test_invalid_settings_exit_2() -> None:
     status, log = _exit_of(["--backend", "nearest", "--max-queue", "0"])
     assert status == 2 and "invalid settings" in log

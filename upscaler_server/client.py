@@ -90,6 +90,7 @@ __all__ = ["FrameResult", "Session", "UpscalerClient"]
 
 M = TypeVar("M", bound=Message)
 _AUTO_SESSIONS = 4  # sessions upscale() keeps open for recently seen frame sizes
+_LIMIT_CODES = (ErrorCode.RESOURCE_LIMIT, ErrorCode.SHM_ERROR)  # an open that closing another session may let through
 _CLOSES_PER_REQUEST = 64  # Close messages of dropped sessions sent ahead of one request
 
 
@@ -424,7 +425,16 @@ class UpscalerClient:
             return self._auto[key]
         if len(self._auto) >= _AUTO_SESSIONS:
             self._auto.popitem(last=False)[1].close()
-        session = self._open_session(key[1], key[0], key[2], 1, held_by_client=True)
+        while True:
+            try:
+                session = self._open_session(key[1], key[0], key[2], 1, held_by_client=True)
+                break
+            except UpscalerError as exc:
+                # the daemon's session, memory or open-file limit: this client's other frame sizes give theirs up
+                # first (each client held up to 4 sessions, and 16 clients filled a daemon's 64)
+                if exc.code not in _LIMIT_CODES or not self._auto:
+                    raise
+                self._auto.popitem(last=False)[1].close()
         self._auto[key] = session
         return session
 

@@ -56,7 +56,14 @@ from upscaler_server.protocol import (
 )
 from upscaler_server.scheduler import FairQueue, Job, Worker
 from upscaler_server.service import notify, watchdog_timeout
-from upscaler_server.sessions import Session, SessionTable, check_frame_size, pixel_format
+from upscaler_server.sessions import (
+    FDS_PER_SESSION,
+    Session,
+    SessionTable,
+    check_frame_size,
+    connection_reserve,
+    pixel_format,
+)
 from upscaler_server.shm import SlotFrame, probe_kernel_copy, remove_stale_segments
 from upscaler_server.stats import DaemonStats
 
@@ -123,6 +130,7 @@ class Server:
     def serve(self) -> None:
         """Bind, log the ready line, serve until stopped, then shut down in order. ConfigError if binding fails."""
         _raise_fd_limit()
+        _warn_of_too_few_open_files(self.config.max_sessions)
         if not self.config.map_slots:
             probe_kernel_copy()
         removed = remove_stale_segments()
@@ -562,6 +570,25 @@ def _mib(size: int) -> str:
 
 def _us(seconds: float) -> int:
     return max(0, round(seconds * 1e6))
+
+
+def _warn_of_too_few_open_files(max_sessions: int) -> None:
+    """Said at start: --max-sessions sessions need more descriptors than the limit leaves, so the later ones will be
+    refused (RESOURCE_LIMIT), although the daemon accepts them by its settings."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return
+    if soft == resource.RLIM_INFINITY:
+        return
+    room = (soft - open_now - connection_reserve(soft)) // FDS_PER_SESSION
+    if room < max_sessions:
+        log.warning("--max-sessions %d needs about %d open files (%d a session, %d kept for connections), but the "
+                    "limit is %d: sessions past about %d will be refused; raise it (ulimit -n, LimitNOFILE= in a "
+                    "systemd unit) or lower --max-sessions", max_sessions,
+                    open_now + max_sessions * FDS_PER_SESSION + connection_reserve(soft), FDS_PER_SESSION,
+                    connection_reserve(soft), soft, max(room, 0))
 
 
 def _raise_fd_limit() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from upscaler_server.errors import ErrorCode, SessionError
 from upscaler_server.protocol import PIXEL_FORMATS, SESSION_MAX, Open, Opened, PixelFormat
 from upscaler_server.shm import Ring, RingLayout, segment_name
 
-__all__ = ["Session", "SessionTable", "check_frame_size", "pixel_format"]
+__all__ = ["FDS_PER_SESSION", "Session", "SessionTable", "check_frame_size", "connection_reserve",
+           "open_files_shortage", "pixel_format"]
 
 log = logging.getLogger("upscaler_server.sessions")
 
@@ -102,6 +104,30 @@ def _shm_advice(used: int, needed: int, slots: int, budget: int) -> str:
     return "this frame size needs a daemon started with a larger --max-shm-mb"
 
 
+FDS_PER_SESSION = 4  # two segments, each with its descriptor and the one its mapping holds
+
+
+def connection_reserve(limit: int) -> int:
+    """Open files kept free of sessions for new connections: libzmq aborts the daemon (SIGABRT) when it cannot accept
+    one, instead of refusing it, and sessions could otherwise take every descriptor."""
+    return max(64, limit // 8)
+
+
+def open_files_shortage() -> str | None:
+    """Why one more session would eat into the descriptors kept for connections; None when it fits, or where this
+    cannot be told (no /proc, an unlimited limit)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+    if soft == resource.RLIM_INFINITY or open_now + FDS_PER_SESSION + connection_reserve(soft) <= soft:
+        return None
+    return (f"the daemon holds {open_now} open files of its limit of {soft}, and keeps "
+            f"{connection_reserve(soft)} for connections; close unused sessions, or give the daemon a higher limit "
+            "(ulimit -n, or LimitNOFILE= in its systemd unit)")
+
+
 class SessionTable:
     """Open sessions of this daemon, their limits and leases."""
 
@@ -139,8 +165,13 @@ class SessionTable:
         if msg.slots > self._config.max_slots:
             raise SessionError(f"{msg.slots} slots asked, at most {self._config.max_slots}", ErrorCode.RESOURCE_LIMIT)
         if len(self._sessions) >= self._config.max_sessions:
-            raise SessionError(f"{len(self._sessions)} sessions are open, the limit is {self._config.max_sessions}; "
-                               "close unused sessions", ErrorCode.RESOURCE_LIMIT)
+            own = sum(1 for session in self._sessions.values() if session.owner == owner)
+            raise SessionError(f"{len(self._sessions)} sessions are open ({own} of them on this connection), the limit "
+                               f"is {self._config.max_sessions}; close unused sessions (a client library may hold "
+                               "some of its own: the Python client's upscale() keeps one per recent frame size, up "
+                               "to 4, until the client is closed)", ErrorCode.RESOURCE_LIMIT)
+        if (shortage := open_files_shortage()) is not None:
+            raise SessionError(shortage, ErrorCode.RESOURCE_LIMIT)
         lay_in = RingLayout(msg.width, msg.height, fmt.channels, msg.slots)
         lay_out = RingLayout(msg.width * self._scale, msg.height * self._scale, fmt.channels, msg.slots)
         used = sum(s.shm_bytes for s in self._sessions.values())
