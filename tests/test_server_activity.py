@@ -49,10 +49,10 @@ def test_events_are_counted_into_one_line_a_period_and_failures_warned_of_once(
         activity.replied(_error(ErrorCode.INFERENCE_ERROR, "out of memory again"))  # a new period warns again
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert lines == [
-        ("WARNING", "a frame failed (INFERENCE_ERROR): out of memory (further ones in this minute are only counted)"),
+        ("WARNING", "a request failed (INFERENCE_ERROR): out of memory (further ones in this minute are only counted)"),
         ("INFO", "activity in the last 60 s: 3 session(s) opened; 3 frame(s) done; 1 session(s) ended; error "
                  "replies: BUSY 3, INFERENCE_ERROR 3"),
-        ("WARNING", "a frame failed (INFERENCE_ERROR): out of memory again (further ones in this minute are only "
+        ("WARNING", "a request failed (INFERENCE_ERROR): out of memory again (further ones in this minute are only "
                     "counted)"),
     ]
 

@@ -45,12 +45,13 @@ class Activity:
         self._counts["session(s) ended"] += 1
 
     def replied(self, reply: Message) -> None:
-        """Count a reply the daemon sends; the first failure of the daemon's own per code and period is a warning."""
+        """Count a reply the daemon sends; the first failure of the daemon's own per code and period is a warning
+        ("a request": an open's SHM_ERROR was called a frame's)."""
         if isinstance(reply, (Done, Result)):
             self._counts["frame(s) done"] += 1
         elif isinstance(reply, Error):
             if reply.code in DAEMON_FAILURES and not self._errors[reply.name]:
-                log.warning("a frame failed (%s): %s (further ones in this minute are only counted)", reply.name,
+                log.warning("a request failed (%s): %s (further ones in this minute are only counted)", reply.name,
                             reply.message)
             self._errors[reply.name] += 1
 
