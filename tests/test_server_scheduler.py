@@ -50,6 +50,26 @@ def test_capacity_counts_frames_not_warm_ups() -> None:
     assert len(q) == 2
 
 
+def test_a_full_queue_still_takes_the_first_frame_of_a_session_with_none_waiting() -> None:
+    """From a walkthrough: a client with 24 frames in flight kept the queue full, and a 1-slot client won only the
+    places it happened to find free (about 70 % of its share)."""
+    frame = np.zeros((4, 4, 3), np.uint8)
+    greedy, polite = [_job(n, frame) for n in (1, 2, 3)], [_job(n, frame) for n in (10, 11)]
+    for job in greedy + polite:
+        job.session = object()  # type: ignore[assignment]  (session frames: their pixels wait in their slots)
+    q = FairQueue(capacity=2)
+    q.put("greedy", greedy[0])
+    q.put("greedy", greedy[1])
+    with pytest.raises(BusyError):
+        q.put("greedy", greedy[2])
+    q.put("polite", polite[0])  # none of its own waits: admitted past the capacity
+    with pytest.raises(BusyError):
+        q.put("polite", polite[1])  # its second is not
+    with pytest.raises(BusyError):
+        q.put("inline", _job(20, frame))  # nor an inline frame, whose pixels the job itself holds
+    assert len(q) == 3 and [q.get().frame for _ in range(3)] == [1, 10, 2]  # type: ignore[union-attr]
+
+
 def test_drop_and_close() -> None:
     lr = np.zeros((4, 4, 3), np.uint8)
     q = FairQueue(capacity=5)
