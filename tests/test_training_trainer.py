@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -631,6 +632,61 @@ def test_ddp_two_cpu_processes_with_gloo(image_folder: Path, tmp_path: Path) -> 
     checkpoint = load_checkpoint(run_dir / "final.safetensors")
     assert checkpoint.metadata["training"]["world_size"] == 2
     assert checkpoint.metadata["training"]["steps"] == 4
+
+
+def test_ddp_ranks_stop_together_when_one_alone_gets_the_signal(image_folder: Path, tmp_path: Path) -> None:
+    """From a walkthrough: a SIGTERM to rank 1 alone (a worker's own kill; torchrun passes one to each worker in
+    turn) stopped rank 1, which printed a resume command, while rank 0 died in its next step's collective with a
+    gloo traceback and saved nothing. Rank 1 here takes the signal's flag after its second step, as its handler
+    would; both ranks now stop after that step, and rank 0 saves the state the resume command names."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun comes with torch, next to this python"
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from training.trainer import _Trainer
+        step_of = _Trainer._step
+        def step_then_signalled(self, loss_module, batch, step):
+            terms = step_of(self, loss_module, batch, step)
+            if os.environ["RANK"] == "1" and step + 1 == 2:
+                self.stop_requested, self.stop_signal = True, signal.SIGTERM
+            return terms
+        _Trainer._step = step_then_signalled
+        from training.__main__ import main
+        sys.exit(main(sys.argv[1:]))
+    """))
+    config = _write_config(tmp_path, image_folder, steps=6)
+    run_dir = tmp_path / "ddp"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(driver), "train", "--config", str(config),
+               "--run-dir", str(run_dir), "--set", "runtime.threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert result.stderr.count("stopped: interrupted by SIGTERM at step 2;") == 1, result.stderr[-3000:]  # rank 0's
+    assert "Connection closed by peer" not in result.stderr and "training/trainer.py" not in result.stderr
+    assert torch.load(run_dir / "state.pt", weights_only=True)["step"] == 2  # what `--resume` goes on from
+
+
+def test_under_torchrun_only_rank_0_evaluates_and_commands_of_one_process_are_refused(image_folder: Path,
+                                                                                        tmp_path: Path) -> None:
+    """From a walkthrough: every rank ran the pipeline's whole evaluation and wrote its report, and `ship` ran in each
+    rank, racing for the same files (one rank then failed the job although the files were shipped)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun comes with torch, next to this python"
+    config = _write_config(tmp_path, image_folder, steps=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pipeline = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training", "pipeline", "--config",
+                str(config), "--run-dir", str(tmp_path / "run"), "--set", "runtime.threads=1", "--set",
+                "experiment.baselines=false", "--set", "eval.rendered_val=false", "--set", "eval.cg_dev=false",
+                "--set", f'eval.folders=["{image_folder}"]', "--set", "eval.latency_repeats=1"]
+    result = subprocess.run(pipeline, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("report: ") == 1 and result.stdout.count("teacher: 2 steps in") == 1, result.stdout
+    ship = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training", "ship", str(tmp_path / "run"),
+            "--out", str(tmp_path / "weights")]
+    result = subprocess.run(ship, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode != 0 and result.stderr.count("error: ship runs in one process; run it without "
+                                                          "torchrun (only train and pipeline") == 1, result.stderr
+    assert not (tmp_path / "weights").exists()
 
 
 def test_ddp_pipeline_stages_wait_for_each_others_checkpoint(image_folder: Path, tmp_path: Path) -> None:

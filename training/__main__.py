@@ -9,6 +9,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds) ended in a Keyb
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # signal, as a shell command does; main's caller puts Python's back
 
 import argparse
+import os
 import re
 import sys
 import warnings
@@ -32,6 +33,7 @@ from models import (
 from training.config import Config, differing_keys, load_config
 from training.data import DatasetError, SkippedFilesWarning
 from training.data.images import write_json_atomic
+from training.devices import is_main_process
 from training.evaluate import (
     BUILTIN_SETS,
     baseline_predictors,
@@ -185,7 +187,8 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
     run_dir = args.resume or args.run_dir or Path("runs") / config.experiment.name / config.stage.name
     result = train_stage(config, run_dir, resume=args.resume is not None)
-    print(f"{config.stage.name}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
+    if is_main_process():  # once under torchrun
+        print(f"{config.stage.name}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
     return 0
 
 
@@ -218,8 +221,9 @@ def _pipeline(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     run_dir = args.run_dir or Path("runs") / config.experiment.name
     results = run_pipeline(config, run_dir, args.stages)
-    if results is None:
-        print(f"finished {', '.join(args.stages)} in {run_dir}")  # trained now, or kept (said above)
+    if results is None:  # --stages, or a rank other than 0 under torchrun (rank 0 evaluates and reports)
+        if args.stages and is_main_process():
+            print(f"finished {', '.join(args.stages)} in {run_dir}")  # trained now, or kept (said above)
         return 0
     for set_name, data in results["sets"].items():
         means = {name: round(s["mean"]["psnr_rgb"], 2) for name, s in data["scores"].items()}
@@ -368,15 +372,25 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = shown_before
 
 
+_DISTRIBUTED_COMMANDS = ("train", "pipeline")  # what torchrun's ranks share; the others run whole in each
+
+
 def _run(args: argparse.Namespace) -> int:
     handlers = {
         "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,
         "ship-checkpoint": _ship_checkpoint, "seed-run": _seed_run, "export-state": _export_state,
     }  # fmt: skip
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in _DISTRIBUTED_COMMANDS:
+        # each rank ran the whole command: two evaluations, and two ships racing for the same files (one failed)
+        if is_main_process():
+            print(f"error: {args.command} runs in one process; run it without torchrun (only "
+                  f"{' and '.join(_DISTRIBUTED_COMMANDS)} train on several)", file=sys.stderr)
+        return 2
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
+        if is_main_process():  # every rank stops at the same step: one line says so
+            print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (the loop turns its own into TrainingInterrupted)
         print("stopped: interrupted; rerun the same command to go on (finished stages are kept, an interrupted one "

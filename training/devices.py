@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "autocast_dtype", "device_name", "init_distributed", "stage_device"]
+__all__ = ["Dist", "autocast_dtype", "device_name", "init_distributed", "is_main_process", "stage_device"]
 
 
 @dataclass
@@ -26,6 +26,11 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process on its own: the one that evaluates, reports and prints summaries."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_distributed(device: str) -> Dist:

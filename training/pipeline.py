@@ -30,6 +30,7 @@ from models.registry import FAMILIES
 from training.config import Config, StageConfig, differing_keys, dump_toml, load_config
 from training.data import SourceConfig
 from training.data.images import write_json_atomic
+from training.devices import is_main_process
 from training.environment import arithmetic, environment
 from training.evaluate import (
     baseline_predictors,
@@ -119,8 +120,8 @@ def run_pipeline(config: Config, run_dir: Path, stages: list[str] | None = None)
     except BaseException:  # refused or stopped before a stage had anything to keep: no run folder with a config alone
         remove_if_only(run_dir, {RUN_CONFIG}, made)
         raise
-    if stages is not None:
-        return None
+    if stages is not None or not is_main_process():  # under torchrun rank 0 alone evaluates and reports: every
+        return None  # rank scored the whole evaluation and wrote the same files
     results = evaluate_run(config, run_dir)
     write_report(run_dir, results)
     return results
@@ -151,7 +152,8 @@ def _train_stages(config: Config, run_dir: Path, all_stages: list[StageConfig], 
         result = train_stage(dataclasses.replace(config, stage=stage), stage_dir,
                              resume=(stage_dir / STATE_FILE).exists())
         # a line per stage as it ends, as `train` prints: with runtime.progress off nothing else said how far it was
-        print(f"{stage.name}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}", flush=True)
+        if is_main_process():  # once under torchrun
+            print(f"{stage.name}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}", flush=True)
         more_to_do = stage is not chosen[-1] or evaluate  # later stages, or the evaluation
         if result.stopped_by is not None and more_to_do:  # a stop in the stage's last step: done, go no further
             name = signal.Signals(result.stopped_by).name

@@ -233,6 +233,7 @@ class _Trainer:
             total=self.steps, initial=start_step, desc=self.config.stage.name,
             disable=not (self.dist.main and self.config.runtime.progress), dynamic_ncols=True,
         )  # fmt: skip
+        stop = False  # a stop every rank agreed on after the last step
         try:
             while not self._finished(step):
                 terms = self._step_within_memory(loss_module, batches, step)
@@ -244,11 +245,12 @@ class _Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{total:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self._log(step, terms)
-                if step % self.config.runtime.checkpoint_every == 0 or self.stop_requested:
+                stop = self._stop_agreed()
+                if step % self.config.runtime.checkpoint_every == 0 or stop:
                     self._save_state(step)
                 if self._snapshot_due(step):
                     self._save_snapshot(step)
-                if self.stop_requested and not self._finished(step):
+                if stop and not self._finished(step):
                     name = signal.Signals(self.stop_signal).name
                     raise TrainingInterrupted(
                         f"interrupted by {name} at step {step}; resume with `python -m training train --resume "
@@ -264,7 +266,7 @@ class _Trainer:
         checkpoint = self._save_final(step, seconds) if self.dist.main else self.run_dir / FINAL_FILE
         if self.dist.world > 1:  # a pipeline's next stage reads this checkpoint on every rank: wait until it is there
             dist.barrier()
-        stopped_by = self.stop_signal if self.stop_requested else None  # during the last step: the stage is done
+        stopped_by = self.stop_signal if stop else None  # during the last step: the stage is done
         return StageResult(checkpoint, step, seconds, self.last_loss, stopped_by)
 
     def _step(self, loss_module: Distillation, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
@@ -365,10 +367,28 @@ class _Trainer:
         return self.budget_spent if self.budget_s else step / max(self.steps, 1)
 
     def _update_budget(self) -> None:
-        spent = torch.tensor(self._elapsed() / self.budget_s)
+        spent = torch.tensor(self._elapsed() / self.budget_s, device=self._collective_device())
         if self.dist.world > 1:  # every rank follows rank 0's clock: the same lr, the same last step
             dist.broadcast(spent, src=0)
         self.budget_spent = float(spent)
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop after this step, the same on every rank. A signal may reach one rank only (a worker's own
+        kill, or torchrun's SIGTERM passed to each worker in turn): that rank stopped alone, the others died in their
+        next step's collective ("Connection closed by peer"), and rank 0, which saves, often saved nothing while
+        rank 1 printed a resume command. A late signal counts at the next step, on every rank."""
+        if self.dist.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([int(self.stop_signal) if self.stop_requested else 0], device=self._collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+        if signum and not self.stop_requested:  # another rank's signal: this rank stops with it, as if signalled
+            self.stop_requested, self.stop_requested_at, self.stop_signal = True, time.monotonic(), signum
+        return bool(signum)
+
+    def _collective_device(self) -> torch.device:
+        """Where tensors of a collective live: NCCL takes CUDA tensors only, gloo CPU ones."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def _elapsed(self) -> float:
         """Training wall time, summed over every segment of a resumed run."""
