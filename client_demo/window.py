@@ -408,7 +408,8 @@ def _screen_size() -> tuple[int, int] | None:
     return (mode.size.width, mode.size.height) if mode else None
 
 
-NO_WINDOW_MESSAGE = "client_demo: cannot open an OpenGL 3.3 window (is DISPLAY set?); use --headless without a display"
+NO_WINDOW_MESSAGE = ("client_demo: cannot open an OpenGL 3.3 window (no display reachable through DISPLAY or "
+                     "WAYLAND_DISPLAY?); use --headless without a display")
 
 
 def display_problem() -> str | None:

@@ -4,7 +4,8 @@
 #   2. the live demo with a daemon of its own (--spawn-server: the bundled student trained on natively rendered
 #      LR, on the GPU if there is one, else on the CPU; in bf16 or fp16 where that is faster, measured once and cached:
 #      the demo's --backend auto), stopped cleanly when the demo ends (Esc, Ctrl-C, SIGTERM or an error).
-# With a display ($DISPLAY, or $WAYLAND_DISPLAY through XWayland) the demo opens a window; without one it renders
+# With a display that answers ($DISPLAY, or $WAYLAND_DISPLAY through XWayland) the demo opens a window; without one
+# (or when the variable names a display gone, as after a dropped ssh -X) it renders
 # headless into demo_out/ (frames/*.png, demo.mp4, stats.json). Extra arguments pass through to the demo:
 #   bash scripts/demo.sh --scene garden --lr 320x180
 #   bash scripts/demo.sh --checkpoint runs/my_run/student.safetensors --device cpu
@@ -32,9 +33,26 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 (cd "$repo" && bash scripts/setup.sh)
 
 mode=()
-if [[ -z "${DISPLAY:-}" && -z "${WAYLAND_DISPLAY:-}" ]]; then
+why_headless="no display"
+if [[ -n "${DISPLAY:-}" || -n "${WAYLAND_DISPLAY:-}" ]]; then
+    # a display variable left from a dropped ssh -X session (or a container) names no display: the window then
+    # failed (status 5) where the demo should run headless; glfw's own probe, before any daemon starts
+    if problem=$("$repo/.venv/bin/python" -c 'import sys
+try:
+    from client_demo.window import display_problem
+    problem = display_problem()
+except Exception as exc:  # glfw or imgui missing, or no library for a window
+    problem = str(exc)
+print(problem or "", end="")
+sys.exit(1 if problem else 0)' 2>/dev/null); then
+        why_headless=""
+    else
+        why_headless="DISPLAY=${DISPLAY:-} WAYLAND_DISPLAY=${WAYLAND_DISPLAY:-} reach no display (${problem:-no reason given})"
+    fi
+fi
+if [[ -n "$why_headless" ]]; then
     mode=(--headless --out demo_out)
-    echo "[demo] no display: rendering headless (frames/*.png, demo.mp4, stats.json) into $PWD/demo_out/ unless --out says otherwise; the window's options (--exit-after, --max-fps, --screenshot-after) do not apply" >&2
+    echo "[demo] $why_headless: rendering headless (frames/*.png, demo.mp4, stats.json) into $PWD/demo_out/ unless --out says otherwise; the window's options (--exit-after, --max-fps, --screenshot-after) do not apply" >&2
 fi
 # Without an NVIDIA GPU the student runs on the CPU, which manages a few frames per second at 320x180 LR but
 # not 640x360 (docs/demo.md has the numbers): start small there, unless "$@" names its own --lr.

@@ -314,6 +314,34 @@ def test_demo_sh_names_the_size_it_starts_at(tmp_path: pathlib.Path) -> None:
         assert run.stdout.count("--lr") == 1, (args, run.stdout)
 
 
+def test_demo_sh_runs_headless_when_display_names_no_display(tmp_path: pathlib.Path) -> None:
+    """From a walkthrough: a DISPLAY left from a dropped ssh -X session made demo.sh try a window, which failed with
+    status 5, where the README promises headless output without a display. The stand-in python runs glfw's probe
+    (``-c``) for real and prints the demo's arguments otherwise."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).parents[1]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(repo / "scripts" / "demo.sh", tmp_path / "scripts")
+    shutil.copytree(repo / "scripts" / "lib", tmp_path / "scripts" / "lib")
+    (tmp_path / "scripts" / "setup.sh").write_text("")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\necho "$@"\n')
+    python.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    for tool in ("bash", "dirname"):
+        (tmp_path / "bin" / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(tmp_path / "bin"), "HOME": str(tmp_path), "PYTHONPATH": str(repo), "DISPLAY": ":9876"}
+    run = subprocess.run([tmp_path / "bin" / "bash", tmp_path / "scripts" / "demo.sh"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "[demo] DISPLAY=:9876 WAYLAND_DISPLAY= reach no display (" in run.stderr, run.stderr
+    assert "--headless --out demo_out" in run.stdout, run.stdout
+
+
 def test_the_window_magnifies_small_pictures_within_the_screen() -> None:
     from client_demo.window import window_size
 
