@@ -72,9 +72,20 @@ def test_no_display_exits_5_before_a_daemon_is_spawned(tmp_path: pathlib.Path) -
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_screenshot_that_cannot_be_written_is_reported_and_the_demo_goes_on(nearest_daemon: Daemon) -> None:
-    result = run_demo("--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--screenshot-after", "5",
-                      "--exit-after", "10", "--out", "/proc", xvfb=True)  # /proc takes no files, even from root
+def test_a_screenshot_that_cannot_be_written_is_reported_and_the_demo_goes_on(nearest_daemon: Daemon,
+                                                                              tmp_path: pathlib.Path) -> None:
+    """An --out where no file can be made is refused at the start (status 2, before any window or daemon). One that
+    stops taking files during the run (the start's check passed over here) is reported at the screenshot, and the
+    demo goes on."""
+    args = ["--endpoint", nearest_daemon.endpoint, "--lr", LR_ARG, "--screenshot-after", "5", "--exit-after", "10",
+            "--out", "/proc"]  # /proc takes no files, even from root
+    refused = run_demo(*args, xvfb=True)
+    assert refused.returncode == 2, output_of(refused)
+    assert "client_demo: --out: no screenshot could be saved: cannot write into /proc" in refused.stderr
+    script = tmp_path / "unchecked.py"
+    script.write_text("import sys\nfrom client_demo import cli\ncli._screenshot_folder_problem = lambda cfg: None\n"
+                      "sys.exit(cli.main(sys.argv[1:]))\n")
+    result = run_demo(command=[*demo_command(xvfb=True)[:-3], sys.executable, str(script), *args])
     assert result.returncode == 0, output_of(result)
     assert "no screenshot: cannot write /proc/takdsr-demo-" in result.stderr, output_of(result)
     assert _counts(result.stdout)[0] == 10
