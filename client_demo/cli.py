@@ -334,12 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()  # stats.json's wall_s: the spawned daemon's start-up included
     escape_unprintable_names()  # before anything prints, argparse's errors included: a name may not be UTF-8
     cfg = parse_args(argv)
+    if not cfg.headless and (problem := _screenshot_folder_problem(cfg)) is not None:
+        print(f"client_demo: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     stop = _Signals()
     try:
         if not cfg.headless:
-            if (problem := _screenshot_folder_problem(cfg)) is not None:
-                print(f"client_demo: {problem}", file=sys.stderr)
-                return EXIT_USAGE
             missing = _window_unavailable()  # before a daemon is started for nothing
             return missing if missing is not None else _with_daemon(cfg, stop, None, started)
         try:  # before the daemon starts: a second demo writing into the same folder is refused at once

@@ -126,6 +126,7 @@ def test_a_screenshot_folder_that_cannot_be_written_is_refused_before_the_window
         raise AssertionError("the window was opened")
 
     monkeypatch.setattr(cli, "_window_unavailable", no_window)
+    monkeypatch.setattr(cli, "_Signals", no_window)  # refused before the demo's handlers take this process's signals
     (tmp_path / "file").write_text("")
     assert cli.main(["--out", str(tmp_path / "file" / "shots"), "--exit-after", "3"]) == EXIT_USAGE
     assert f"client_demo: --out: no screenshot could be saved: cannot write into {tmp_path / 'file'}: Not a directory" \
