@@ -62,6 +62,7 @@ from upscaler_server.sessions import (
     SessionTable,
     check_frame_size,
     connection_reserve,
+    open_files,
     pixel_format,
 )
 from upscaler_server.shm import SlotFrame, probe_kernel_copy, remove_stale_segments
@@ -575,13 +576,9 @@ def _us(seconds: float) -> int:
 def _warn_of_too_few_open_files(max_sessions: int) -> None:
     """Said at start: --max-sessions sessions need more descriptors than the limit leaves, so the later ones will be
     refused (RESOURCE_LIMIT), although the daemon accepts them by its settings."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        open_now = len(os.listdir("/proc/self/fd"))
-    except OSError:
+    if (counts := open_files()) is None:
         return
-    if soft == resource.RLIM_INFINITY:
-        return
+    open_now, soft = counts
     room = (soft - open_now - connection_reserve(soft)) // FDS_PER_SESSION
     if room < max_sessions:
         log.warning("--max-sessions %d needs about %d open files (%d a session, %d kept for connections), but the "

@@ -18,7 +18,7 @@ from upscaler_server.errors import ErrorCode, SessionError
 from upscaler_server.protocol import PIXEL_FORMATS, SESSION_MAX, Open, Opened, PixelFormat
 from upscaler_server.shm import Ring, RingLayout, segment_name
 
-__all__ = ["FDS_PER_SESSION", "Session", "SessionTable", "check_frame_size", "connection_reserve",
+__all__ = ["FDS_PER_SESSION", "Session", "SessionTable", "check_frame_size", "connection_reserve", "open_files",
            "open_files_shortage", "pixel_format"]
 
 log = logging.getLogger("upscaler_server.sessions")
@@ -113,15 +113,23 @@ def connection_reserve(limit: int) -> int:
     return max(64, limit // 8)
 
 
-def open_files_shortage() -> str | None:
-    """Why one more session would eat into the descriptors kept for connections; None when it fits, or where this
-    cannot be told (no /proc, an unlimited limit)."""
+def open_files() -> tuple[int, int] | None:
+    """(descriptors open now, the soft limit); None where that cannot be told (no /proc, an unlimited limit)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         open_now = len(os.listdir("/proc/self/fd"))
     except OSError:
         return None
-    if soft == resource.RLIM_INFINITY or open_now + FDS_PER_SESSION + connection_reserve(soft) <= soft:
+    return None if soft == resource.RLIM_INFINITY else (open_now, soft)
+
+
+def open_files_shortage() -> str | None:
+    """Why one more session would eat into the descriptors kept for connections; None when it fits, or where this
+    cannot be told."""
+    if (counts := open_files()) is None:
+        return None
+    open_now, soft = counts
+    if open_now + FDS_PER_SESSION + connection_reserve(soft) <= soft:
         return None
     return (f"the daemon holds {open_now} open files of its limit of {soft}, and keeps "
             f"{connection_reserve(soft)} for connections; close unused sessions, or give the daemon a higher limit "
