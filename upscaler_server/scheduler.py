@@ -79,14 +79,16 @@ class FairQueue:
         with self._cond:
             if self._closed:
                 raise UpscalerError("the daemon is shutting down", ErrorCode.SHUTTING_DOWN)
-            first_of_its_session = job.session is not None and not any(
-                not queued.warmup for queued in self._fifos.get(key, ()))
-            if self._count >= self._capacity and not job.warmup and not first_of_its_session:
+            if self._count >= self._capacity and not job.warmup and not self._first_of_its_session(key, job):
                 raise BusyError(f"{self._count} frames are queued (limit {self._capacity}); retry in a few ms or "
                                 "keep fewer frames in flight")
             self._fifos.setdefault(key, collections.deque()).append(job)
             self._count += not job.warmup
             self._cond.notify()
+
+    def _first_of_its_session(self, key: Hashable, job: Job) -> bool:
+        """A session's frame while no other frame of that session waits (warm-ups aside)."""
+        return job.session is not None and not any(not queued.warmup for queued in self._fifos.get(key, ()))
 
     def wait(self) -> bool:
         """Block until a job waits (True) or the queue is closed (False)."""
