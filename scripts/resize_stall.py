@@ -27,7 +27,7 @@ import msgpack
 import zmq
 
 from upscaler_server.bench import check_json_target, spawn_daemon
-from upscaler_server.config import Config, parse_size
+from upscaler_server.config import default_size_problem, parse_size
 from upscaler_server.shm import SHM_DIR
 
 MODES = {"default": [], "map-slots": ["--map-slots"]}
@@ -134,10 +134,8 @@ def _positive_int(text: str) -> int:
 def _frame_size(text: str) -> tuple[int, int]:
     """--size: WxH within the spawned daemon's default limits (0x0 was refused by the daemon, after it had started)."""
     width, height = parse_size(text)
-    fits = 1 <= width <= Config.max_width and 1 <= height <= Config.max_height
-    if not fits or width * height > Config.max_pixels:
-        raise argparse.ArgumentTypeError(f"{text}: the daemon takes frames from 1x1 up to {Config.max_width}x"
-                                         f"{Config.max_height} ({Config.max_pixels} pixels)")
+    if (problem := default_size_problem(width, height)) is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
     return width, height
 
 

@@ -253,8 +253,8 @@ def test_cf_probe_takes_bundled_checkpoint_names(probe_inputs: tuple) -> None:
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--frames", "0"], "--frames"), (["--grow-mb", "0"], "--grow-mb"), (["--grow-mb", "-1"], "--grow-mb"),
     # the daemon refused these, once it had started (a walkthrough)
-    (["--size", "0x0"], "0x0: the daemon takes frames from 1x1 up to"),
-    (["--size", "100000x100000"], "the daemon takes frames from 1x1")])  # fmt: skip
+    (["--size", "0x0"], "0x0: width and height must be at least 1"),
+    (["--size", "100000x100000"], "100000x100000: the daemon takes frames up to 3840x2160")])  # fmt: skip
 def test_resize_stall_refuses_bad_numbers_as_arguments(args: list[str], fragment: str) -> None:
     _refused(_run("resize_stall.py", "--size", "16x16", "--frames", "1", "--grow-mb", "1", *args), 2, fragment)
 

@@ -62,6 +62,7 @@ from upscaler_server.config import (
     MAX_THREADS,
     Config,
     cli_prog,
+    default_size_problem,
     engine_setting_problems,
     parse_size,
 )
@@ -404,14 +405,10 @@ def _check_options(args: argparse.Namespace) -> None:
     if problems := engine_setting_problems(threads=args.threads, pad_channels=0):
         raise ValueError(f"--threads {args.threads}: needs {problems[0]}")
     # the daemons run with the default limits, which the benchmark does not change
-    max_width, max_height, max_pixels = Config.max_width, Config.max_height, Config.max_pixels
     for option, sizes in (("--sizes", args.sizes), ("--e2e-sizes", args.e2e_sizes or [])):
         for w, h in sizes:
-            if min(w, h) < 1:
-                raise ValueError(f"{option} {w}x{h}: width and height must be at least 1")
-            if w > max_width or h > max_height or w * h > max_pixels:
-                raise ValueError(f"{option} {w}x{h}: the daemon takes frames up to {max_width}x{max_height} "
-                                 f"({max_pixels} pixels)")
+            if (problem := default_size_problem(w, h)) is not None:
+                raise ValueError(f"{option} {w}x{h}: {problem}")
     if args.backends and args.e2e_sizes:  # the table has end-to-end columns only beside a model-only row
         missing = [f"{w}x{h}" for w, h in args.e2e_sizes if (w, h) not in args.sizes]
         if missing:

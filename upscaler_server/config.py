@@ -17,8 +17,8 @@ from upscaler_server.errors import ConfigError
 from upscaler_server.protocol import COUNT_MAX, DIM_MAX, SCALE_MAX, SLOTS_MAX
 
 __all__ = ["BACKEND_CHOICES", "CACHING_BACKENDS", "ENDPOINT_ENV", "Config", "add_backend_arguments", "check_endpoint",
-           "cli_prog", "default_endpoint", "nobody_listens", "parse_auto_backends", "parse_size", "runtime_dir",
-           "unreachable"]
+           "cli_prog", "default_endpoint", "default_size_problem", "nobody_listens", "parse_auto_backends",
+           "parse_size", "runtime_dir", "unreachable"]
 
 # Overrides the default endpoint for both the daemon and the client (tests, several daemons per user).
 ENDPOINT_ENV = "TAKDSR_UPSCALER_ENDPOINT"
@@ -153,6 +153,16 @@ def parse_size(text: str) -> tuple[int, int]:
     if not sep or not w.isdigit() or not h.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 640x360")
     return int(w), int(h)
+
+
+def default_size_problem(width: int, height: int) -> str | None:
+    """Why a daemon with the default limits (the ones the benchmark and the study scripts spawn) refuses a WxH frame;
+    None when it takes it. Said before such a daemon starts, not by its refusal once it runs."""
+    if min(width, height) < 1:
+        return "width and height must be at least 1"
+    if width > Config.max_width or height > Config.max_height or width * height > Config.max_pixels:
+        return f"the daemon takes frames up to {Config.max_width}x{Config.max_height} ({Config.max_pixels} pixels)"
+    return None
 
 
 def cli_prog(module: str, console_script: str) -> str:
