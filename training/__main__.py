@@ -9,7 +9,6 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds) ended in a Keyb
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # signal, as a shell command does; main's caller puts Python's back
 
 import argparse
-import os
 import re
 import sys
 import warnings
@@ -33,7 +32,7 @@ from models import (
 from training.config import Config, differing_keys, load_config
 from training.data import DatasetError, SkippedFilesWarning
 from training.data.images import write_json_atomic
-from training.devices import is_main_process
+from training.devices import is_main_process, world_size
 from training.evaluate import (
     BUILTIN_SETS,
     baseline_predictors,
@@ -380,7 +379,7 @@ def _run(args: argparse.Namespace) -> int:
         "train": _train, "pipeline": _pipeline, "evaluate": _evaluate, "latency": _latency, "ship": _ship,
         "ship-checkpoint": _ship_checkpoint, "seed-run": _seed_run, "export-state": _export_state,
     }  # fmt: skip
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in _DISTRIBUTED_COMMANDS:
+    if world_size() > 1 and args.command not in _DISTRIBUTED_COMMANDS:
         # each rank ran the whole command: two evaluations, and two ships racing for the same files (one failed)
         if is_main_process():
             print(f"error: {args.command} runs in one process; run it without torchrun (only "

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "autocast_dtype", "device_name", "init_distributed", "is_main_process", "stage_device"]
+__all__ = ["Dist", "autocast_dtype", "device_name", "init_distributed", "is_main_process", "stage_device",
+           "world_size"]
 
 
 @dataclass
@@ -28,13 +29,18 @@ class Dist:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """Processes of this torchrun job (1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a process on its own: the one that evaluates, reports and prints summaries."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_distributed(device: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return Dist()
     info = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
